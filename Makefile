@@ -1,0 +1,32 @@
+# flowdsl — developer entry points. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint goldens bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,llm]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check flowdsl tests examples benchmarks
+
+test: lint
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(BIN)/python -m pytest
+
+# Regenerate every golden file (plans, diagnostics, diagrams) from the current code.
+goldens: $(STAMP)
+	$(BIN)/python -m pytest --update-goldens -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build dist .flowdsl

@@ -1,0 +1,1 @@
+"""flowdsl — a declarative workflow language with automatic saga compensation."""

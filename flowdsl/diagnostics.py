@@ -1,0 +1,176 @@
+"""Diagnostics: the one error type for everything a spec can get wrong.
+
+Stage: shared by every front-end stage (loader, text syntax, schema, checks,
+compiler). Imports nothing from flowdsl. Checks *collect* diagnostics instead
+of stopping at the first; each diagnostic knows its file, line, column and the
+JSON pointer of the spec element it is about. The catalogue of codes lives in
+``CODES`` and is documented, with an example each, in docs/diagnostics.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+Severity = Literal["error", "warning"]
+
+#: code -> (severity, short title). Codes are stable: never renumber one.
+CODES: dict[str, tuple[Severity, str]] = {
+    # FD1xx: reading the file
+    "FD101": ("error", "file cannot be read"),
+    "FD102": ("error", "file too large"),
+    "FD103": ("error", "YAML syntax error"),
+    "FD104": ("error", "duplicate key"),
+    "FD105": ("error", "forbidden YAML tag"),
+    "FD106": ("error", "too many aliases or nodes"),
+    "FD107": ("error", "nesting too deep"),
+    "FD108": ("error", "text syntax error"),
+    "FD109": ("error", "document is not a mapping"),
+    "FD110": ("error", "invalid characters"),
+    # FD2xx: shape of the document, workers
+    "FD201": ("error", "schema violation"),
+    "FD202": ("error", "unknown field"),
+    "FD203": ("error", "unsupported language version"),
+    "FD204": ("error", "unknown worker"),
+    "FD205": ("error", "worker module cannot be imported"),
+    "FD206": ("error", "invalid input schema"),
+    # FD3xx: structure
+    "FD301": ("error", "duplicate id"),
+    "FD302": ("error", "invalid id"),
+    "FD303": ("error", "unknown step reference"),
+    "FD304": ("error", "dependency cycle"),
+    "FD305": ("error", "needs names a node outside its list"),
+    "FD306": ("warning", "unreachable step"),
+    "FD307": ("error", "conflicting outputs of concurrent nodes"),
+    "FD308": ("error", "sub-flow cannot be loaded"),
+    "FD309": ("error", "option not allowed here"),
+    # FD4xx: policies
+    "FD401": ("error", "invalid duration"),
+    "FD402": ("error", "invalid retry policy"),
+    # FD5xx: expressions
+    "FD501": ("error", "expression syntax error"),
+    "FD502": ("error", "undefined variable"),
+    "FD503": ("error", "non-deterministic function"),
+    "FD504": ("error", "reference to a step that is not an ancestor"),
+    # FD6xx: LLM steps
+    "FD601": ("error", "malformed LLM signature"),
+    "FD602": ("error", "unknown LLM field type"),
+    "FD603": ("error", "LLM demo does not match the signature"),
+}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem found in a spec, located in the file and in the document."""
+
+    code: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+    path: str = ""
+    severity: Severity = "error"
+
+    def location(self) -> str:
+        """``file:line:col`` (the parts that are known)."""
+        parts = [self.file or "<spec>"]
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.column is not None:
+                parts.append(str(self.column))
+        return ":".join(parts)
+
+    def format(self) -> str:
+        """The compiler-style line: ``orders.yaml:14:7: error FD204: ...``."""
+        where = f" (at {self.path})" if self.path and self.line is None else ""
+        return f"{self.location()}: {self.severity} {self.code}: {self.message}{where}"
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    def sort_key(self) -> tuple[str, int, int, str, str]:
+        return (self.file or "", self.line or 0, self.column or 0, self.code, self.message)
+
+
+def make(code: str, message: str, path: str = "", **where: object) -> Diagnostic:
+    """A diagnostic with the catalogue's severity for ``code``."""
+    severity = CODES[code][0]
+    return Diagnostic(code=code, message=message, path=path, severity=severity, **where)  # type: ignore[arg-type]
+
+
+def sort_diagnostics(diags: Iterable[Diagnostic]) -> list[Diagnostic]:
+    """Sorted by file, line, column, code; exact duplicates removed."""
+    return sorted(set(diags), key=Diagnostic.sort_key)
+
+
+def has_errors(diags: Iterable[Diagnostic]) -> bool:
+    return any(d.severity == "error" for d in diags)
+
+
+def to_json_text(diags: Iterable[Diagnostic]) -> str:
+    return json.dumps([d.to_json() for d in sort_diagnostics(diags)], indent=2, ensure_ascii=False)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` when a candidate is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class SpecError(Exception):
+    """Raised by the public API when a spec has errors; carries every diagnostic."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]):
+        self.diagnostics = sort_diagnostics(diagnostics)
+        first = next((d for d in self.diagnostics if d.severity == "error"), None)
+        super().__init__(first.format() if first else "invalid spec")
+
+
+@dataclass
+class Positions:
+    """JSON pointer -> (line, column) for one source file, both 1-based.
+
+    ``key_positions`` holds where a mapping *key* was written (for errors about
+    the key itself, such as an unknown field); ``positions`` where the value is.
+    """
+
+    file: str | None
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    key_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def find(self, pointer: str, *, key: bool = False) -> tuple[int | None, int | None]:
+        """Position of ``pointer``, or of its nearest ancestor that has one."""
+        table = self.key_positions if key else self.positions
+        p = pointer
+        while True:
+            if p in table:
+                return table[p]
+            if key and p in self.positions:
+                return self.positions[p]
+            if not p:
+                return (None, None)
+            p = p.rsplit("/", 1)[0]
+
+    def locate(self, diag: Diagnostic, *, key: bool = False) -> Diagnostic:
+        """``diag`` with file, line and column filled in from its JSON path."""
+        if diag.line is not None:
+            return diag if diag.file else replace(diag, file=self.file)
+        line, col = self.find(diag.path, key=key)
+        return replace(diag, file=self.file, line=line, column=col)
+
+
+def pointer(*parts: object) -> str:
+    """A JSON pointer from path parts (RFC 6901 escaping)."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def join(base: str, *parts: object) -> str:
+    return base + pointer(*parts)
+
+
+def split_pointer(ptr: str) -> Iterator[str]:
+    for part in ptr.split("/")[1:]:
+        yield part.replace("~1", "/").replace("~0", "~")
