@@ -317,3 +317,27 @@ def _stringify(value: Any) -> str:
     if isinstance(value, int | float):
         return str(value)
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+_DATA_NODE_TYPES = frozenset({"path", "name", "variable", "wildcard", "descendant", "parent", "function",
+                              "partial", "lambda", "apply", "bind", "regex", "transform"})
+
+
+def is_constant(source: str) -> bool:
+    """True when the expression reads no data, variable or function (its value never changes)."""
+    stack, seen = [_parse(source.strip()).ast], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if getattr(node, "type", None) in _DATA_NODE_TYPES:
+            return False
+        for key, value in vars(node).items():
+            if key.startswith("_"):
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                for inner in item if isinstance(item, list | tuple) else [item]:
+                    if hasattr(inner, "type") and hasattr(inner, "value"):
+                        stack.append(inner)
+    return True

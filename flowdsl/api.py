@@ -1,0 +1,157 @@
+"""The public Python API: one function per stage (load, validate, compile).
+
+Stage: facade over the front ends, checks and compiler. Imports those stages;
+nothing imports this module but ``flowdsl/__init__`` and the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowdsl.diagnostics import Diagnostic, Positions, SpecError, has_errors, make, sort_diagnostics
+from flowdsl.source import LoadedDoc
+
+YAML_SUFFIXES = (".yaml", ".yml")
+TEXT_SUFFIXES = (".flow",)
+#: codes placed at the key written in the file rather than at its value
+_KEY_CODES = {"FD202", "FD302", "FD104"}
+
+
+def load_text(text: str, filename: str = "spec.yaml") -> LoadedDoc:
+    """Parse spec text (YAML, or the text syntax when ``filename`` ends in ``.flow``) into data with positions."""
+    if filename.endswith(TEXT_SUFFIXES):
+        from flowdsl.textsyntax import parse_flow
+
+        return parse_flow(text, filename)
+    from flowdsl.source import load_yaml
+
+    return load_yaml(text, filename)
+
+
+def load(path: str) -> LoadedDoc:
+    """Read and parse a spec file (``.yaml``/``.yml`` or ``.flow``)."""
+    from flowdsl.source import read_source
+
+    if not path.endswith(YAML_SUFFIXES + TEXT_SUFFIXES):
+        return LoadedDoc(None, Positions(path), [make(
+            "FD101", "unknown file type; expected a .yaml, .yml or .flow file", file=path)])
+    text, diags = read_source(path)
+    if text is None:
+        return LoadedDoc(None, Positions(path), diags)
+    return load_text(text, path)
+
+
+@dataclass
+class CompileResult:
+    """A compiled plan (None when the spec has errors), its source map and every diagnostic."""
+
+    plan: dict[str, Any] | None
+    source_map: dict[str, dict[str, Any]] = field(default_factory=dict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.plan is not None and not has_errors(self.diagnostics)
+
+
+class _Session:
+    """One compilation: the files read so far and their positions, sub-flow recursion guard."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str | None, Positions] = {}
+        self.diags: list[Diagnostic] = []
+        self.stack: list[str] = []
+
+    def model(self, doc: LoadedDoc, file: str | None) -> Any:
+        from flowdsl.model import build_flow
+        from flowdsl.schema import check_schema
+
+        self.positions[file] = doc.positions
+        if doc.data is None:
+            self.diags.extend(doc.diagnostics)
+            return None
+        schema_diags = [_with_file(d, file) for d in check_schema(doc.data)]
+        self.diags.extend(doc.diagnostics + schema_diags)
+        if has_errors(schema_diags):
+            return None
+        if file:
+            self.stack.append(os.path.abspath(file))
+        try:
+            flow, diags = build_flow(doc.data, file, self.load_subflow)
+        finally:
+            if file:
+                self.stack.pop()
+        self.diags.extend(diags)
+        return flow
+
+    def load_subflow(self, rel: str, loc: Any) -> Any:
+        base = os.path.dirname(os.path.abspath(loc.file)) if loc.file else os.getcwd()
+        path = os.path.normpath(os.path.join(base, rel))
+        if path in self.stack:
+            chain = " → ".join(os.path.basename(p) for p in [*self.stack, path])
+            self.diags.append(make("FD308", f"sub-flow '{rel}' includes itself: {chain}", loc.path, file=loc.file))
+            return None
+        doc = load(path)
+        before = len(self.diags)
+        flow = self.model(doc, path)
+        if flow is None:
+            why = "; ".join(d.message for d in (self.diags[before:] or doc.diagnostics)[:1])
+            self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {why}", loc.path, file=loc.file))
+        return flow
+
+    def locate(self, diags: list[Diagnostic]) -> list[Diagnostic]:
+        out = []
+        for d in diags:
+            pos = self.positions.get(d.file)
+            out.append(pos.locate(d, key=d.code in _KEY_CODES) if pos else d)
+        return sort_diagnostics(out)
+
+
+def _with_file(d: Diagnostic, file: str | None) -> Diagnostic:
+    from dataclasses import replace
+
+    return replace(d, file=file)
+
+
+def _compile_doc(doc: LoadedDoc, file: str | None, check_workers: bool, search_path: str | None) -> CompileResult:
+    from flowdsl.compiler import compile_flow
+
+    session = _Session()
+    flow = session.model(doc, file)
+    if flow is None or has_errors(session.diags):
+        return CompileResult(None, {}, session.locate(session.diags))
+    compiled = compile_flow(flow, check_workers=check_workers, search_path=search_path, extra=session.diags)
+    diags = session.locate(compiled.diagnostics)
+    source_map: dict[str, dict[str, Any]] = {}
+    for key, (f, spec_path) in compiled.origins.items():
+        line, col = session.positions[f].find(spec_path) if f in session.positions else (None, None)
+        source_map[key] = {"file": f, "line": line, "column": col, "spec_path": spec_path}
+    plan = compiled.plan if not has_errors(diags) else None
+    return CompileResult(plan, source_map, diags)
+
+
+def compile_spec(path: str, *, check_workers: bool = False, search_path: str | None = None) -> CompileResult:
+    """Load, check and compile a spec file. ``check_workers`` imports the worker modules and checks the names."""
+    return _compile_doc(load(path), path, check_workers, search_path)
+
+
+def validate(path: str, *, check_workers: bool = True, search_path: str | None = None) -> list[Diagnostic]:
+    """Every diagnostic for a spec file, sorted (an empty list when it is valid)."""
+    return compile_spec(path, check_workers=check_workers, search_path=search_path).diagnostics
+
+
+def compile_text(text: str, *, filename: str = "spec.yaml", check_workers: bool = False) -> dict[str, Any]:
+    """Compile spec text to a plan; raises :class:`SpecError` with every diagnostic when it has errors."""
+    result = _compile_doc(load_text(text, filename), filename, check_workers, None)
+    if result.plan is None:
+        raise SpecError(result.diagnostics)
+    return result.plan
+
+
+def plan_bytes(plan: dict[str, Any]) -> bytes:
+    """Canonical bytes of a plan (sorted keys): identical for equivalent specs."""
+    from flowdsl.compiler import plan_bytes as _pb
+
+    return _pb(plan)

@@ -1,0 +1,192 @@
+"""Semantic checks over a built model: ids, expressions, workers, the input schema.
+
+Stage: checks. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
+``flowdsl.expr`` and ``flowdsl.workers``. Checks *yield* diagnostics; nothing
+stops at the first. Graph checks (references, cycles, concurrent writers)
+belong to the compiler, which owns the dependency graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from flowdsl import expr
+from flowdsl.diagnostics import Diagnostic, did_you_mean, join, make
+from flowdsl.model import Flow, Node, walk
+
+#: variables every expression may read
+BASE_VARIABLES = frozenset({"input", "steps", "run"})
+#: what fail_when and output mappings may read in addition
+RESULT_VARIABLES = frozenset({"context"})
+
+
+def check_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None) -> list[Diagnostic]:
+    """Every diagnostic the model's nodes give on their own (ids, expressions, workers, input schema)."""
+    diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow)]
+    if check_workers:
+        diags.extend(check_worker_names(flow, search_path))
+    return diags
+
+
+def _err(node_or_file: Node | Flow, code: str, message: str, path: str) -> Diagnostic:
+    file = node_or_file.loc.file if isinstance(node_or_file, Node) else node_or_file.file
+    return make(code, message, path, file=file)
+
+
+def check_ids(flow: Flow) -> Iterator[Diagnostic]:
+    seen: dict[str, Node] = {}
+    for node in walk(flow.steps):
+        first = seen.get(node.id)
+        if first is not None:
+            yield _err(node, "FD301", f"duplicate id '{node.id}' (first used at {first.loc.path}); "
+                       "give one of them another id (for a step: '<id>: {worker: ...}')", node.loc.path)
+        else:
+            seen[node.id] = node
+
+
+# --- expressions -------------------------------------------------------------
+
+
+def expression_fields(node: Node, path: str) -> Iterator[tuple[str, str, str, bool]]:
+    """(field, expression source, JSON pointer, reads-a-result) for every expression of ``node``."""
+    if node.when is not None:
+        yield "when", node.when, join(path, "when"), False
+    if node.fail_when is not None:
+        yield "fail_when", node.fail_when, join(path, "fail_when"), True
+    if node.items is not None:
+        yield "items", node.items, join(path, "items"), False
+    if node.on is not None:
+        yield "on", node.on, join(path, "on"), False
+    for key, source in node.output.map:
+        yield f"output.{key}", source, join(path, "output", key), True
+    yield from _template_fields(node.with_, join(path, "with"), "with")
+    if node.compensate is not None:
+        yield from _template_fields(node.compensate.with_, join(node.compensate.loc.path, "with"),
+                                    "compensate.with", result=True)
+
+
+def _template_fields(value: Any, path: str, name: str, result: bool = False) -> Iterator[tuple[str, str, str, bool]]:
+    if isinstance(value, str):
+        yield name, value, path, result
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _template_fields(v, join(path, k), f"{name}.{k}", result)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _template_fields(v, join(path, i), f"{name}[{i}]", result)
+
+
+def expression_slots(text: str) -> list[str]:
+    """The expression sources inside one template string (raises ExpressionError when unclosed)."""
+    return [p.source for p in expr.split_template(text) if isinstance(p, expr.Slot)]
+
+
+def check_expressions(flow: Flow) -> Iterator[Diagnostic]:
+    builtins = expr.builtin_functions()
+    yield from _check_nodes(flow, flow.steps, frozenset(), builtins)
+
+
+def _check_nodes(flow: Flow, nodes: tuple[Node, ...], loop_vars: frozenset[str],
+                 builtins: frozenset[str]) -> Iterator[Diagnostic]:
+    for node in nodes:
+        for fname, text, path, reads_result in expression_fields(node, node.opts):
+            bare = fname in ("when", "fail_when", "items", "on") or fname.startswith("output.")
+            yield from _check_one(node, fname, text, path, bare, loop_vars | (RESULT_VARIABLES if reads_result
+                                                                                 else frozenset()), builtins)
+        inner = loop_vars | {node.as_, "index"} if node.kind == "for_each" else loop_vars
+        for _, kids in node.child_lists():
+            if node.kind != "flow":
+                yield from _check_nodes(flow, kids, inner, builtins)
+
+
+def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_vars: frozenset[str],
+               builtins: frozenset[str]) -> Iterator[Diagnostic]:
+    """Check one expression field: conditions must be exactly one ``${ }``; templates may interpolate."""
+    try:
+        if bare:
+            source = expr.single_expression(text)
+            if source is None:
+                yield _err(node, "FD501", f"'{fname}' must be one expression written as \"${{ ... }}\", "
+                           f"found {text!r}", path)
+                return
+            sources = [source]
+        else:
+            sources = expression_slots(text)
+    except expr.ExpressionError as exc:
+        yield _err(node, "FD501", f"in '{fname}': {exc.message}", path)
+        return
+    for source in sources:
+        try:
+            analysis = expr.analyse(source)
+        except expr.ExpressionError as exc:
+            at = f" at character {exc.position}" if exc.position is not None else ""
+            yield _err(node, "FD501", f"in '{fname}': {exc.message}{at} of '{source.strip()}'", path)
+            continue
+        allowed = BASE_VARIABLES | extra_vars
+        for var in sorted(analysis.variables - allowed - builtins):
+            yield _err(node, "FD502", f"in '{fname}': undefined variable '${var}'"
+                       f"{did_you_mean(var, allowed | builtins)}; expected one of "
+                       f"{', '.join('$' + v for v in sorted(allowed))} or a variable bound in the expression", path)
+        for fn in sorted(analysis.functions & expr.NONDETERMINISTIC):
+            yield _err(node, "FD503", f"in '{fname}': '${fn}' is not allowed: its value depends on the clock or "
+                       "chance, which would break deterministic replay; pass such values in the run input", path)
+        for fn in sorted(analysis.functions - builtins - allowed - expr.NONDETERMINISTIC):
+            yield _err(node, "FD502", f"in '{fname}': unknown function '${fn}'{did_you_mean(fn, builtins)}", path)
+
+
+# --- the input schema ----------------------------------------------------------
+
+
+def check_input_schema(flow: Flow) -> Iterator[Diagnostic]:
+    if flow.input_schema is None or isinstance(flow.input_schema, bool):
+        return
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(flow.input_schema)
+    except SchemaError as exc:
+        where = join("/input", *exc.path)
+        yield _err(flow, "FD206", f"the input schema is not a valid JSON Schema: {exc.message}", where)
+
+
+# --- workers --------------------------------------------------------------------
+
+
+def worker_references(flow: Flow) -> Iterator[tuple[Node, str, str, str]]:
+    """(node, role, worker name, JSON pointer) for every worker a flow names (sub-flows excluded)."""
+    for node in walk(flow.steps):
+        if node.kind == "task" and node.worker:
+            explicit = not node.opts.endswith("/" + node.worker.replace("/", "~1"))
+            yield node, "step", node.worker, join(node.opts, "worker") if explicit else node.loc.path
+        if node.fallback:
+            yield node, "fallback", node.fallback, join(node.opts, "fallback")
+        if node.compensate is not None:
+            yield node, "compensation", node.compensate.worker, node.compensate.loc.path
+
+
+def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnostic]:
+    """Import the worker modules, then check that every named worker is registered."""
+    from flowdsl.workers import WorkerImportError, import_worker_modules, registry
+
+    spec_dir = os.path.dirname(os.path.abspath(flow.file)) if flow.file else None
+    for i, module in enumerate(flow.workers):
+        try:
+            import_worker_modules([module], search_path or os.getcwd())
+        except WorkerImportError as exc:
+            if spec_dir:
+                try:
+                    import_worker_modules([module], spec_dir)
+                    continue
+                except WorkerImportError:
+                    pass
+            yield _err(flow, "FD205", f"{exc} (searched {search_path or os.getcwd()}; use --no-import to "
+                       "check without importing)", join("/workers", i))
+    known = registry.names()
+    for node, role, name, path in worker_references(flow):
+        if name not in known:
+            where = "by the modules in 'workers:'" if flow.workers else "('workers:' lists no modules)"
+            yield _err(node, "FD204", f"{role} '{name}' is not a known worker: none is registered under that name "
+                       f"{where}{did_you_mean(name, known)}", path)

@@ -1,0 +1,499 @@
+"""Compiler: a checked model to the execution plan (docs/plan.md).
+
+Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
+``flowdsl.expr``, ``flowdsl.checks`` and networkx — networkx lives here and
+only here. The compiler owns the dependency graph, so the graph checks are made
+here: references in ``needs`` and ``$steps``, cycles, and outputs written by
+nodes that may run concurrently.
+
+The graph: each step is a vertex; each group ``g`` is two vertices ``g:start``
+and ``g:end`` with its children wired between them; the whole flow sits
+between ``:start`` and ``:end``. Stages and the critical path are longest-path
+computations over it where each step weighs 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from flowdsl import expr
+from flowdsl.checks import check_flow
+from flowdsl.diagnostics import Diagnostic, did_you_mean, join, make
+from flowdsl.model import Compensation, Flow, Node, Retry
+
+PLAN_VERSION = 1
+
+STEP_RETRY = Retry(attempts=1, backoff="exponential", initial_ms=1000, max_ms=30_000, multiplier=2.0,
+                   jitter="none", on=None, not_on=())
+COMPENSATION_RETRY = Retry(attempts=5, backoff="exponential", initial_ms=100, max_ms=10_000, multiplier=2.0,
+                           jitter="none", on=None, not_on=())
+
+
+def plan_bytes(plan: dict[str, Any]) -> bytes:
+    """The canonical serialisation of a plan: sorted keys, two-space indent, final newline."""
+    return (json.dumps(plan, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+@dataclass
+class Compiled:
+    """What the compiler produced: the plan, where each node came from, and diagnostics."""
+
+    plan: dict[str, Any] | None
+    origins: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # key -> (file, spec_path)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    key: str
+    node: Node
+    flow: Flow
+    parent: str | None
+    scope: str | None
+    order: int
+    deps: list[str] = field(default_factory=list)
+
+
+def _retry(*layers: Retry | None) -> dict[str, Any]:
+    """Field-by-field merge, later layers winning, over the first (a complete built-in)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        for name in ("attempts", "backoff", "initial_ms", "max_ms", "multiplier", "jitter", "on", "not_on"):
+            value = getattr(layer, name)
+            if value is not None:
+                out[name] = list(value) if isinstance(value, tuple) else value
+    out.setdefault("on", None)
+    out["multiplier"] = float(out["multiplier"])
+    out["not_on"] = sorted(out["not_on"])
+    if out["on"] is not None:
+        out["on"] = sorted(out["on"])
+    return out
+
+
+class _Compiler:
+    def __init__(self, root: Flow):
+        self.root = root
+        self.entries: dict[str, _Entry] = {}
+        self.diags: list[Diagnostic] = []
+        self.exprs: dict[str, dict[str, Any]] = {}
+        self.graph = nx.DiGraph()
+        self.flows_workers: list[str] = list(root.workers)
+
+    # --- keys, parents, deps ---------------------------------------------------
+
+    def collect(self, nodes: tuple[Node, ...], flow: Flow, prefix: str, parent: str | None,
+                scope: str | None) -> None:
+        for node in nodes:
+            key = prefix + node.id
+            if key in self.entries:
+                continue  # FD301 reported by the checks
+            self.entries[key] = _Entry(key, node, flow, parent, scope, len(self.entries))
+            if node.kind == "flow":
+                if node.subflow is not None:
+                    self.flows_workers.extend(w for w in node.subflow.workers if w not in self.flows_workers)
+                    self.collect(node.subflow.steps, node.subflow, key + "/", key, key)
+            else:
+                inner_scope = key if node.kind == "for_each" else scope
+                for _, kids in node.child_lists():
+                    self.collect(kids, flow, prefix, key, inner_scope)
+
+    def key_of(self, node: Node, prefix: str) -> str:
+        return prefix + node.id
+
+    def lists(self, nodes: tuple[Node, ...], prefix: str) -> Iterator[tuple[str | None, tuple[Node, ...], str]]:
+        """Every sibling list of a flow: (owning group key, nodes, key prefix)."""
+        yield None, nodes, prefix
+        yield from self._lists_below(nodes, prefix)
+
+    def _lists_below(self, nodes: tuple[Node, ...], prefix: str) -> Iterator[tuple[str | None, tuple[Node, ...], str]]:
+        for node in nodes:
+            key = prefix + node.id
+            if node.kind == "flow":
+                if node.subflow is not None:
+                    yield key, node.subflow.steps, key + "/"
+                    yield from self._lists_below(node.subflow.steps, key + "/")
+                continue
+            for _, kids in node.child_lists():
+                yield key, kids, prefix
+                yield from self._lists_below(kids, prefix)
+
+    def resolve_deps(self) -> None:
+        ids_anywhere = {e.node.id for e in self.entries.values()}
+        for owner, nodes, prefix in self.lists(self.root.steps, ""):
+            local = {n.id: n for n in nodes}
+            sub = nx.DiGraph()
+            for i, node in enumerate(nodes):
+                key = prefix + node.id
+                entry = self.entries.get(key)
+                if entry is None or entry.node is not node:
+                    continue
+                sub.add_node(key)
+                if node.needs is None:
+                    is_branch = owner is not None and self.entries[owner].node.kind == "parallel"
+                    entry.deps = [prefix + nodes[i - 1].id] if i > 0 and not is_branch else []
+                else:
+                    for j, name in enumerate(node.needs):
+                        path = join(node.opts, "needs", j)
+                        if name in local:
+                            entry.deps.append(prefix + name)
+                        elif name in ids_anywhere:
+                            self.err(node, "FD305", f"'{node.id}' needs '{name}', which is not in the same list; "
+                                     "needs names nodes of the same list (use the enclosing group's id instead)",
+                                     path)
+                        else:
+                            self.err(node, "FD303", f"'{node.id}' needs '{name}', which is not a step or group"
+                                     f"{did_you_mean(name, local)}", path)
+                    entry.deps = sorted(set(entry.deps))
+                sub.add_edges_from((d, key) for d in entry.deps)
+            for cycle in _cycles(sub):
+                first = self.entries[cycle[0]].node
+                names = " → ".join(self.entries[k].node.id for k in [*cycle, cycle[0]])
+                self.err(first, "FD304", f"dependency cycle: {names}", join(first.opts, "needs"))
+
+    def err(self, node: Node, code: str, message: str, path: str) -> None:
+        self.diags.append(make(code, message, path, file=node.loc.file))
+
+    # --- the graph -------------------------------------------------------------
+
+    def wire(self, keys: list[str], start: str, end: str) -> None:
+        for key in keys:
+            e = self.entries[key]
+            if e.deps:
+                self.graph.add_edges_from((self.exit(d), self.entry(key)) for d in e.deps)
+            else:
+                self.graph.add_edge(start, self.entry(key))
+            self.graph.add_edge(self.exit(key), end)
+            if not e.node.is_step:
+                for kids in self.child_keys(key):
+                    self.wire(kids, key + ":start", key + ":end")
+                if e.node.kind == "switch":
+                    self.graph.add_edge(key + ":start", key + ":end")
+
+    def entry(self, key: str) -> str:
+        return key if self.entries[key].node.is_step else key + ":start"
+
+    def exit(self, key: str) -> str:
+        return key if self.entries[key].node.is_step else key + ":end"
+
+    def child_keys(self, key: str) -> list[list[str]]:
+        node = self.entries[key].node
+        prefix = key + "/" if node.kind == "flow" else key[: len(key) - len(node.id)]
+        if node.kind == "flow":
+            return [[prefix + n.id for n in node.subflow.steps]] if node.subflow else []
+        return [[prefix + n.id for n in kids] for _, kids in node.child_lists()]
+
+    def longest_paths(self) -> tuple[dict[str, int], list[str]]:
+        order = {k: e.order for k, e in self.entries.items()}
+        dist: dict[str, int] = {}
+        best_pred: dict[str, str | None] = {}
+
+        def weight(v: str) -> int:
+            return 1 if v in self.entries and self.entries[v].node.is_step else 0
+
+        for v in nx.topological_sort(self.graph):
+            preds = sorted(self.graph.predecessors(v), key=lambda p: (-(dist[p] + weight(p)), _rank(p, order)))
+            if preds:
+                dist[v], best_pred[v] = dist[preds[0]] + weight(preds[0]), preds[0]
+            else:
+                dist[v], best_pred[v] = 0, None
+        path: list[str] = []
+        v: str | None = ":end"
+        while v is not None:
+            if weight(v):
+                path.append(v)
+            v = best_pred.get(v)
+        return {k: dist[k] for k in self.entries if self.entries[k].node.is_step}, path[::-1]
+
+    def before(self, a: str, b: str) -> bool:
+        """True when ``a`` has finished whenever ``b`` starts."""
+        return bool(nx.has_path(self.graph, self.exit(a), self.entry(b)))
+
+    # --- expressions and templates ---------------------------------------------
+
+    def expression(self, source: str) -> str:
+        source = source.strip()
+        xid = expr.expression_id(source)
+        if xid not in self.exprs:
+            try:
+                a = expr.analyse(source)
+                info = {"source": source, "vars": sorted(a.variables), "steps": sorted(a.step_refs)}
+            except expr.ExpressionError:
+                info = {"source": source, "vars": [], "steps": []}
+            self.exprs[xid] = info
+        return xid
+
+    def bare(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        source = expr.single_expression(text)
+        return self.expression(source if source is not None else text)
+
+    def template(self, value: Any) -> Any:
+        if isinstance(value, str):
+            if not expr.is_expression(value):
+                return value.replace("$${", "${")
+            single = expr.single_expression(value)
+            if single is not None:
+                return {"$expr": self.expression(single)}
+            parts = expr.split_template(value)
+            return {"$format": [p if isinstance(p, str) else {"$expr": self.expression(p.source)} for p in parts]}
+        if isinstance(value, dict):
+            if any(k.startswith("$") for k in value):
+                return {"$literal": value}
+            return {k: self.template(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.template(v) for v in value]
+        return value
+
+    # --- nodes -----------------------------------------------------------------
+
+    def node_json(self, e: _Entry, stages: dict[str, int]) -> dict[str, Any]:
+        n = e.node
+        out: dict[str, Any] = {
+            "key": e.key, "id": n.id, "kind": n.kind, "parent": e.parent, "deps": e.deps, "order": e.order,
+            "scope": e.scope, "when": self.bare(n.when), "description": n.description, "spec_path": n.loc.path,
+        }
+        d = e.flow.defaults
+        if n.is_step:
+            out.update({
+                "with": self.template(n.with_) if n.with_ is not None else None,
+                "output": self.output(n),
+                "writes": self.writes(n),
+                "fail_when": self.bare(n.fail_when),
+                "retry": _retry(STEP_RETRY, d.retry, n.retry),
+                "timeout_ms": n.timeout_ms if n.timeout_ms is not None else d.timeout_ms,
+                "compensate": self.compensation(n.compensate, e.flow),
+                "stage": stages.get(e.key, 0),
+            })
+            if n.kind == "task":
+                out["worker"] = n.worker
+            else:
+                assert n.llm is not None
+                out["fallback"] = n.fallback
+                out["llm"] = {
+                    "signature": {"inputs": [_field(f) for f in n.llm.inputs],
+                                  "outputs": [_field(f) for f in n.llm.outputs]},
+                    "instructions": n.llm.instructions,
+                    "module": n.llm.module or d.llm_module or "predict",
+                    "lm": n.llm.lm or d.llm_lm,
+                    "demos": list(n.llm.demos),
+                }
+        elif n.kind == "switch":
+            prefix = e.key[: len(e.key) - len(n.id)]
+            out["on"] = self.bare(n.on)
+            out["cases"] = [{"match": label, "children": [prefix + c.id for c in kids]} for label, kids in n.cases]
+            out["default"] = [prefix + c.id for c in n.default] if n.default is not None else None
+        else:
+            out["children"] = self.child_keys(e.key)[0] if n.kind != "parallel" else [
+                k for kids in self.child_keys(e.key) for k in kids]
+            if n.kind == "for_each":
+                out.update({"items": self.bare(n.items), "as": n.as_, "concurrency": n.concurrency,
+                            "output": self.output(n)})
+            elif n.kind == "flow":
+                sub = n.subflow
+                out.update({"path": n.path, "flow_name": sub.name if sub else None,
+                            "input_schema": sub.input_schema if sub else None,
+                            "with": self.template(n.with_) if n.with_ is not None else None,
+                            "output": self.output(n)})
+        return out
+
+    def output(self, n: Node) -> dict[str, Any]:
+        if n.output.mode == "name":
+            return {"mode": "name", "name": n.output.name}
+        if n.output.mode == "map":
+            return {"mode": "map", "map": {k: self.bare(v) for k, v in n.output.map}}
+        return {"mode": "merge"}
+
+    def writes(self, n: Node) -> list[str] | None:
+        if n.output.mode == "name":
+            return [n.output.name] if n.output.name else []
+        if n.output.mode == "map":
+            return sorted(k for k, _ in n.output.map)
+        if n.kind == "llm" and n.llm is not None and n.fallback is None:
+            return sorted(f.name for f in n.llm.outputs)
+        return None
+
+    def compensation(self, c: Compensation | None, flow: Flow) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        d = flow.defaults
+        return {"worker": c.worker, "with": self.template(c.with_) if c.with_ is not None else None,
+                "retry": _retry(COMPENSATION_RETRY, d.compensate_retry, c.retry),
+                "timeout_ms": c.timeout_ms if c.timeout_ms is not None else d.compensate_timeout_ms}
+
+    # --- graph checks ------------------------------------------------------------
+
+    def check_step_refs(self) -> None:
+        by_id: dict[tuple[str, str], str] = {}
+        for key, e in self.entries.items():
+            by_id[(self.namespace(key), e.node.id)] = key
+        for key, e in self.entries.items():
+            n = e.node
+            for fname, text, path, _ in _expressions(n):
+                for ref in sorted(_step_refs(text)):
+                    target = by_id.get((self.namespace(key), ref))
+                    if target is None:
+                        ids = [i for (ns, i) in by_id if ns == self.namespace(key)]
+                        self.err(n, "FD303", f"in '{fname}': '$steps.{ref}' names no step{did_you_mean(ref, ids)}",
+                                 path)
+                    elif target != key and not self.before(target, key) and not self.encloses(target, key):
+                        self.err(n, "FD504", f"in '{fname}': '$steps.{ref}' reads step '{ref}', which does not "
+                                 f"always finish before '{n.id}' starts; add it to 'needs' or move it earlier", path)
+                    elif target == key and fname not in ("fail_when",) and not fname.startswith("output."):
+                        self.err(n, "FD504", f"in '{fname}': '{n.id}' cannot read its own result here", path)
+
+    def namespace(self, key: str) -> str:
+        return key.rsplit("/", 1)[0] if "/" in key else ""
+
+    def encloses(self, group: str, key: str) -> bool:
+        p = self.entries[key].parent
+        while p is not None:
+            if p == group:
+                return True
+            p = self.entries[p].parent
+        return False
+
+    def check_conflicts(self) -> None:
+        writers: dict[tuple[str | None, str], list[str]] = {}
+        for key, e in self.entries.items():
+            if e.node.is_step:
+                written = self.writes(e.node) or []
+            else:
+                written = [e.node.output.name] if e.node.kind in ("for_each", "flow") and e.node.output.name else []
+            for k in written:
+                writers.setdefault((e.scope, k), []).append(key)
+        for (_, name), keys in sorted(writers.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+            for i, a in enumerate(keys):
+                for b in keys[i + 1:]:
+                    if not self.before(a, b) and not self.before(b, a) and not self.exclusive(a, b):
+                        nb = self.entries[b].node
+                        self.err(nb, "FD307", f"'{nb.id}' and '{self.entries[a].node.id}' may run at the same time "
+                                 f"and both write '{name}'; give one of them another output name", nb.opts)
+
+    def exclusive(self, a: str, b: str) -> bool:
+        """True when ``a`` and ``b`` sit in different cases of one switch (never both run)."""
+        chain_a = self.ancestors(a)
+        return any(anc in chain_a and self.entries[anc].node.kind == "switch" for anc in self.ancestors(b))
+
+    def ancestors(self, key: str) -> list[str]:
+        out, p = [], self.entries[key].parent
+        while p is not None:
+            out.append(p)
+            p = self.entries[p].parent
+        return out
+
+    def check_unreachable(self) -> None:
+        for e in self.entries.values():
+            if e.node.when is None:
+                continue
+            source = expr.single_expression(e.node.when)
+            if source is None:
+                continue
+            try:
+                if expr.is_constant(source) and not expr.truthy(expr.compile_expression(source).evaluate(None)):
+                    self.err(e.node, "FD306", f"'{e.node.id}' never runs: its 'when' is always false",
+                             join(e.node.opts, "when"))
+            except expr.ExpressionError:
+                continue
+
+    # --- the whole plan ------------------------------------------------------------
+
+    def run(self) -> Compiled:
+        self.collect(self.root.steps, self.root, "", None, None)
+        self.resolve_deps()
+        if any(d.code in ("FD304", "FD303", "FD305") for d in self.diags):
+            return Compiled(None, self.origins(), self.diags)
+        root_keys = [n.id for n in self.root.steps if n.id in self.entries]
+        self.graph.add_node(":start")
+        self.wire(root_keys, ":start", ":end")
+        stage_of, critical = self.longest_paths()
+        self.check_step_refs()
+        self.check_conflicts()
+        self.check_unreachable()
+        nodes = {k: self.node_json(e, stage_of) for k, e in self.entries.items()}
+        n_stages = max(stage_of.values(), default=-1) + 1
+        stages: list[list[str]] = [[] for _ in range(n_stages)]
+        for key in sorted(stage_of, key=lambda k: self.entries[k].order):
+            stages[stage_of[key]].append(key)
+        f = self.root
+        plan = {
+            "plan_version": PLAN_VERSION,
+            "flow": {"name": f.name, "version": f.version, "description": f.description,
+                     "workers": self.flows_workers, "input_schema": f.input_schema, "timeout_ms": f.timeout_ms},
+            "root": root_keys,
+            "nodes": nodes,
+            "expressions": self.exprs,
+            "stages": stages,
+            "critical_path": critical,
+        }
+        return Compiled(plan, self.origins(), self.diags)
+
+    def origins(self) -> dict[str, tuple[str | None, str]]:
+        return {k: (e.node.loc.file, e.node.loc.path) for k, e in self.entries.items()}
+
+
+def _rank(v: str, order: dict[str, int]) -> tuple[int, str]:
+    base = v.split(":", 1)[0]
+    return (order.get(base, -1), v)
+
+
+def _field(f: Any) -> dict[str, Any]:
+    return {"name": f.name, "type": f.type, "desc": f.desc, "enum": list(f.enum) if f.enum is not None else None}
+
+
+def _cycles(g: nx.DiGraph) -> Iterator[list[str]]:
+    """One cycle per strongly connected component that has one, starting at its first node."""
+    for comp in sorted(nx.strongly_connected_components(g), key=lambda c: min(c)):
+        if len(comp) > 1 or any(g.has_edge(n, n) for n in comp):
+            cycle = [u for u, _ in nx.find_cycle(g.subgraph(comp))]
+            start = cycle.index(min(cycle))
+            yield cycle[start:] + cycle[:start]
+
+
+def _expressions(n: Node) -> Iterator[tuple[str, str, str, bool]]:
+    from flowdsl.checks import expression_fields
+
+    yield from expression_fields(n, n.opts)
+
+
+def _step_refs(text: str) -> set[str]:
+    refs: set[str] = set()
+    try:
+        for part in expr.split_template(text):
+            if isinstance(part, expr.Slot):
+                refs |= expr.analyse(part.source).step_refs
+    except expr.ExpressionError:
+        pass
+    return refs
+
+
+def compile_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None,
+                 extra: list[Diagnostic] | None = None) -> Compiled:
+    """Check ``flow`` and, when it has no errors, compile it into a plan."""
+    diags = list(extra or [])
+    diags.extend(check_flow(flow, check_workers=check_workers, search_path=search_path))
+    for node in _flow_nodes(flow):
+        if node.subflow is not None:
+            diags.extend(check_flow(node.subflow, check_workers=check_workers, search_path=search_path))
+    result = _Compiler(flow).run()
+    result.diagnostics = diags + result.diagnostics
+    if any(d.severity == "error" for d in result.diagnostics):
+        result.plan = None
+    return result
+
+
+def _flow_nodes(flow: Flow) -> Iterator[Node]:
+    from flowdsl.model import walk
+
+    for node in walk(flow.steps):
+        if node.kind == "flow":
+            yield node
+            if node.subflow is not None:
+                yield from _flow_nodes(node.subflow)

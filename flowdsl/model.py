@@ -1,0 +1,377 @@
+"""The spec model: frozen dataclasses built from schema-valid spec data.
+
+Stage: model. Imports ``flowdsl.diagnostics`` only (plus ``flowdsl.llm``'s
+signature parser, which never imports dspy). ``build_flow`` turns the plain
+data of one spec file into a :class:`Flow`, collecting the diagnostics that
+need only the node at hand (ids, durations, retry policies, LLM signatures,
+options that do not apply). Cross-node checks (references, cycles, expression
+names, workers) come later, in ``checks`` and ``compiler``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowdsl.diagnostics import Diagnostic, join, make
+
+ID_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+MAX_DURATION_MS = 30 * 24 * 3_600_000
+
+
+def parse_duration(value: Any) -> int:
+    """Milliseconds for ``250ms``, ``10s``, ``1m30s``, ``2h`` or a number of seconds.
+
+    Raises ValueError with a message saying what was expected.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 10s, found {value!r}")
+    if isinstance(value, int | float):
+        ms = round(value * 1000)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        pos, ms = 0, 0.0
+        for m in _DURATION_RE.finditer(text):
+            if m.start() != pos:
+                break
+            ms += float(m.group(1)) * _UNIT_MS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ValueError(f"'{value}' is not a duration; expected a number with a unit: 250ms, 10s, 5m, 2h, 1m30s")
+        ms = round(ms)
+    else:
+        raise ValueError(f"expected a duration like 10s, found {type(value).__name__}")
+    if ms <= 0:
+        raise ValueError(f"a duration must be positive, found '{value}'")
+    if ms > MAX_DURATION_MS:
+        raise ValueError(f"'{value}' is longer than the maximum of 30 days")
+    return int(ms)
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a model element came from: its JSON pointer and its file."""
+
+    path: str
+    file: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retry policy as written; unset fields are None and are resolved by the compiler."""
+
+    attempts: int | None = None
+    backoff: str | None = None
+    initial_ms: int | None = None
+    max_ms: int | None = None
+    multiplier: float | None = None
+    jitter: str | None = None
+    on: tuple[str, ...] | None = None
+    not_on: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Compensation:
+    worker: str
+    loc: Loc
+    with_: Any = None
+    retry: Retry | None = None
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    mode: str  # merge | name | map
+    name: str | None = None
+    map: tuple[tuple[str, str], ...] = ()  # (key, expression source), sorted by key
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str = "str"
+    desc: str | None = None
+    enum: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LlmSpec:
+    inputs: tuple[Field, ...]
+    outputs: tuple[Field, ...]
+    instructions: str | None
+    module: str | None
+    lm: str | None
+    demos: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Node:
+    """A step (``task``/``llm``) or a group. Fields that do not apply to a kind stay at their default."""
+
+    kind: str
+    id: str
+    loc: Loc
+    opts: str = ""  # JSON pointer of the options mapping (the value under a step's name; a group's own path)
+    needs: tuple[str, ...] | None = None
+    when: str | None = None
+    description: str | None = None
+    # steps
+    worker: str | None = None
+    llm: LlmSpec | None = None
+    fallback: str | None = None
+    compensate: Compensation | None = None
+    with_: Any = None
+    output: Output = Output("merge")
+    fail_when: str | None = None
+    retry: Retry | None = None
+    timeout_ms: int | None = None
+    # groups
+    children: tuple[Node, ...] = ()
+    items: str | None = None
+    as_: str = "item"
+    concurrency: int | None = None
+    on: str | None = None
+    cases: tuple[tuple[str, tuple[Node, ...]], ...] = ()
+    default: tuple[Node, ...] | None = None
+    path: str | None = None
+    subflow: Flow | None = None
+
+    @property
+    def is_step(self) -> bool:
+        return self.kind in ("task", "llm")
+
+    def child_lists(self) -> Iterator[tuple[str, tuple[Node, ...]]]:
+        """Each list of sibling nodes under this node, with its JSON-pointer suffix."""
+        if self.kind == "switch":
+            for label, nodes in self.cases:
+                yield join("/cases", label), nodes
+            if self.default is not None:
+                yield "/default", self.default
+        elif self.kind == "flow":
+            if self.subflow is not None:
+                yield "/steps", self.subflow.steps
+        elif self.kind == "parallel":
+            # branches are not a sequence: each one is its own list of one
+            for i, child in enumerate(self.children):
+                yield f"/branches/{i}", (child,)
+        elif self.children:
+            yield "/steps", self.children
+
+
+@dataclass(frozen=True)
+class Defaults:
+    retry: Retry | None = None
+    timeout_ms: int | None = None
+    compensate_retry: Retry | None = None
+    compensate_timeout_ms: int | None = None
+    llm_lm: str | None = None
+    llm_module: str | None = None
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One spec file."""
+
+    name: str
+    steps: tuple[Node, ...]
+    file: str | None = None
+    version: str | None = None
+    description: str | None = None
+    workers: tuple[str, ...] = ()
+    input_schema: Any = None
+    timeout_ms: int | None = None
+    defaults: Defaults = field(default_factory=Defaults)
+
+
+def walk(nodes: tuple[Node, ...]) -> Iterator[Node]:
+    """Every node, depth first in spec order (sub-flow contents excluded)."""
+    for node in nodes:
+        yield node
+        for _, kids in node.child_lists():
+            if node.kind != "flow":
+                yield from walk(kids)
+
+
+SubflowLoader = Callable[[str, Loc], "Flow | None"]
+
+
+class _Builder:
+    def __init__(self, file: str | None, load_subflow: SubflowLoader | None):
+        self.file = file
+        self.load_subflow = load_subflow
+        self.diags: list[Diagnostic] = []
+
+    def err(self, code: str, message: str, path: str) -> None:
+        self.diags.append(make(code, message, path, file=self.file))
+
+    def loc(self, path: str) -> Loc:
+        return Loc(path, self.file)
+
+    def duration(self, value: Any, path: str) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.err("FD401", str(exc), path)
+            return None
+
+    def retry(self, value: Any, path: str) -> Retry | None:
+        if value is None:
+            return None
+        if isinstance(value, int):
+            return Retry(attempts=value)
+        initial = self.duration(value.get("initial"), join(path, "initial"))
+        maximum = self.duration(value.get("max"), join(path, "max"))
+        on = tuple(value["on"]) if "on" in value else None
+        not_on = tuple(value["not_on"]) if "not_on" in value else None
+        if initial is not None and maximum is not None and initial > maximum:
+            self.err("FD402", f"retry 'initial' ({value['initial']}) is longer than 'max' ({value['max']})",
+                     join(path, "initial"))
+        both = sorted(set(on or ()) & set(not_on or ()))
+        if both:
+            self.err("FD402", f"error type(s) {', '.join(both)} are both retried ('on') and not ('not_on')",
+                     join(path, "not_on"))
+        if "multiplier" in value and value.get("backoff", "exponential") != "exponential":
+            self.err("FD402", f"'multiplier' applies to exponential backoff only, not '{value['backoff']}'",
+                     join(path, "multiplier"))
+        return Retry(value.get("attempts"), value.get("backoff"), initial, maximum, value.get("multiplier"),
+                     value.get("jitter"), on, not_on)
+
+    def output(self, value: Any, path: str) -> Output:
+        if value is None:
+            return Output("merge")
+        if isinstance(value, str):
+            return Output("name", name=value)
+        for key in value:
+            if not ID_RE.match(key):
+                self.err("FD302", f"invalid output name '{key}'", join(path, key))
+        return Output("map", map=tuple(sorted(value.items())))
+
+    def compensation(self, value: Any, path: str) -> Compensation | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return Compensation(value, self.loc(path))
+        return Compensation(
+            value["worker"], self.loc(path), value.get("with"), self.retry(value.get("retry"), join(path, "retry")),
+            self.duration(value.get("timeout"), join(path, "timeout")))
+
+    def llm(self, value: dict[str, Any], path: str) -> LlmSpec | None:
+        from flowdsl.llm_signature import SignatureError, normalize_fields, parse_signature
+
+        sig = value["signature"]
+        try:
+            norm = parse_signature(sig) if isinstance(sig, str) else normalize_fields(sig)
+        except SignatureError as exc:
+            at = f" (at character {exc.offset})" if exc.offset is not None else ""
+            self.err(exc.code, f"malformed signature: {exc.message}{at}", join(path, "signature") + exc.path)
+            return None
+
+        def fields(items: list[dict[str, Any]]) -> tuple[Field, ...]:
+            return tuple(Field(f["name"], f.get("type") or "str", f.get("desc"),
+                               tuple(f["enum"]) if f.get("enum") is not None else None) for f in items)
+
+        spec = LlmSpec(fields(norm["inputs"]), fields(norm["outputs"]), value.get("instructions"),
+                       value.get("module"), value.get("lm"), tuple(value.get("demos") or ()))
+        names = {f.name for f in spec.inputs + spec.outputs}
+        for i, demo in enumerate(spec.demos):
+            extra = sorted(set(demo) - names)
+            missing = sorted(names - set(demo))
+            if extra or missing:
+                parts = ([f"unknown field(s) {', '.join(extra)}"] if extra else []) + (
+                    [f"missing field(s) {', '.join(missing)}"] if missing else [])
+                self.err("FD603", f"demo {i + 1} does not match the signature: {'; '.join(parts)}",
+                         join(path, "demos", i))
+        return spec
+
+    def node(self, data: Any, path: str) -> Node | None:
+        if isinstance(data, str):
+            return self.step(data, {}, path, path)
+        kw = next((k for k in GROUP_KINDS if k in data), None)
+        if kw is not None:
+            return self.group(kw, data, path)
+        ((key, options),) = data.items()
+        return self.step(key, options or {}, path, join(path, key))
+
+    def common(self, data: dict[str, Any]) -> dict[str, Any]:
+        needs = data.get("needs")
+        return {"needs": tuple(needs) if needs is not None else None, "when": data.get("when"),
+                "description": data.get("description")}
+
+    def step(self, key: str, opts: dict[str, Any], node_path: str, opt_path: str) -> Node | None:
+        if "worker" in opts:
+            worker, node_id = opts["worker"], key
+            if not ID_RE.match(key):
+                self.err("FD302", f"'{key}' is used as a step id (the step names its worker), but ids cannot "
+                         "contain dots; write the worker name as the key or pick a plain id", opt_path)
+        else:
+            worker, node_id = key, key.rsplit(".", 1)[-1]
+        llm = None
+        if "llm" in opts:
+            if "worker" in opts:
+                self.err("FD309", "an LLM step has no worker; use 'fallback' for the worker to use when the model "
+                         "cannot answer", join(opt_path, "worker"))
+            llm = self.llm(opts["llm"], join(opt_path, "llm"))
+        elif "fallback" in opts:
+            self.err("FD309", "'fallback' applies to LLM steps only (steps with an 'llm' block)",
+                     join(opt_path, "fallback"))
+        return Node(
+            kind="llm" if "llm" in opts else "task", id=node_id, loc=self.loc(node_path), opts=opt_path,
+            **self.common(opts),
+            worker=None if "llm" in opts else worker, llm=llm, fallback=opts.get("fallback"),
+            compensate=self.compensation(opts.get("compensate"), join(opt_path, "compensate")),
+            with_=opts.get("with"), output=self.output(opts.get("output"), join(opt_path, "output")),
+            fail_when=opts.get("fail_when"), retry=self.retry(opts.get("retry"), join(opt_path, "retry")),
+            timeout_ms=self.duration(opts.get("timeout"), join(opt_path, "timeout")))
+
+    def nodes(self, items: list[Any], path: str) -> tuple[Node, ...]:
+        built = (self.node(item, join(path, i)) for i, item in enumerate(items))
+        return tuple(n for n in built if n is not None)
+
+    def group(self, kw: str, data: dict[str, Any], path: str) -> Node:
+        base = {"kind": kw, "id": data[kw], "loc": self.loc(path), "opts": path, **self.common(data)}
+        if kw == "sequence":
+            return Node(**base, children=self.nodes(data["steps"], join(path, "steps")))
+        if kw == "parallel":
+            return Node(**base, children=self.nodes(data["branches"], join(path, "branches")))
+        if kw == "for_each":
+            return Node(**base, children=self.nodes(data["steps"], join(path, "steps")), items=data["items"],
+                        as_=data.get("as", "item"), concurrency=data.get("concurrency"),
+                        output=Output("name", name=data.get("output", data[kw])))
+        if kw == "switch":
+            cases = tuple((label, self.nodes(nodes, join(path, "cases", label)))
+                          for label, nodes in sorted(data["cases"].items()))
+            default = self.nodes(data["default"], join(path, "default")) if "default" in data else None
+            return Node(**base, on=data["on"], cases=cases, default=default)
+        sub = self.load_subflow(data["path"], self.loc(join(path, "path"))) if self.load_subflow else None
+        return Node(**base, path=data["path"], subflow=sub, with_=data.get("with"),
+                    output=Output("name", name=data.get("output", data[kw])))
+
+
+def build_flow(data: dict[str, Any], file: str | None = None,
+               load_subflow: SubflowLoader | None = None) -> tuple[Flow, list[Diagnostic]]:
+    """The model of one schema-valid spec, and the diagnostics found building it."""
+    b = _Builder(file, load_subflow)
+    d = data.get("defaults") or {}
+    comp = d.get("compensate") or {}
+    llm = d.get("llm") or {}
+    defaults = Defaults(
+        retry=b.retry(d.get("retry"), "/defaults/retry"),
+        timeout_ms=b.duration(d.get("timeout"), "/defaults/timeout"),
+        compensate_retry=b.retry(comp.get("retry"), "/defaults/compensate/retry"),
+        compensate_timeout_ms=b.duration(comp.get("timeout"), "/defaults/compensate/timeout"),
+        llm_lm=llm.get("lm"), llm_module=llm.get("module"))
+    version = data.get("version")
+    flow = Flow(
+        name=data["name"], steps=b.nodes(data["steps"], "/steps"), file=file,
+        version=str(version) if version is not None else None, description=data.get("description"),
+        workers=tuple(data.get("workers") or ()), input_schema=data.get("input"),
+        timeout_ms=b.duration(data.get("timeout"), "/timeout"), defaults=defaults)
+    return flow, b.diags

@@ -1,0 +1,183 @@
+"""Schema check: the spec data against specs/flowdsl.schema.json.
+
+Stage: checks. Imports ``flowdsl.diagnostics`` and jsonschema. The schema file
+ships inside the wheel (``flowdsl/_data``); in a source checkout it is read from
+``specs/``. Each jsonschema error becomes a diagnostic with the JSON path of the
+offending element; ``oneOf`` failures are reduced to their most relevant
+branch with ``best_match`` (the schema is written with type-conditional keywords and
+``if``/``then`` chains instead, so that each error names one expectation).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from flowdsl.diagnostics import Diagnostic, did_you_mean, join, make, pointer
+
+_ID_HINT = "ids are letters, digits and '_', starting with a letter or '_', at most 64 characters"
+_WORKER_HINT = "worker names are ids joined by dots, like 'payments.refund'"
+
+
+def data_file(name: str, repo_dir: str) -> Path:
+    """A data file shipped in the wheel (``flowdsl/_data/NAME``), else from the source checkout."""
+    packaged = resources.files("flowdsl").joinpath("_data", name)
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / repo_dir / name
+
+
+@functools.lru_cache(maxsize=1)
+def spec_schema() -> dict[str, Any]:
+    """The JSON Schema of a flowdsl spec (version 1)."""
+    return json.loads(data_file("flowdsl.schema.json", "specs").read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(spec_schema())
+
+
+def check_schema(data: Any) -> list[Diagnostic]:
+    """Every schema violation of ``data``, as diagnostics with JSON paths (positions added later)."""
+    diags: list[Diagnostic] = []
+    for error in _validator().iter_errors(data):
+        diags.extend(_convert(error))
+    # a mis-indented step explains every error inside it: keep only that one
+    misplaced = [d.path for d in diags if d.message.startswith("a step is a mapping with one key")]
+    return [d for d in diags if not any(d.path.startswith(m + "/") for m in misplaced)]
+
+
+def _path(error: Any) -> str:
+    return pointer(*error.absolute_path)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+               "number": "a number", "boolean": "true or false", "null": "nothing"}
+
+
+def _found(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return f"'{str(value).lower()}'"
+    if value is None:
+        return "nothing"
+    return _show(value)
+
+
+def _what(schema: Any) -> str:
+    """A phrase for what a schema expects, from its description, ref or type."""
+    if not isinstance(schema, dict):
+        return "a valid value"
+    if "description" in schema:
+        return str(schema["description"])
+    ref = schema.get("$ref", "")
+    if ref.endswith("/id"):
+        return "an id"
+    if ref.endswith("/worker"):
+        return "a worker name"
+    if "enum" in schema:
+        return "one of " + ", ".join(_show(v) for v in schema["enum"])
+    t = schema.get("type")
+    if isinstance(t, str):
+        return _TYPE_NAMES.get(t, t)
+    return "a valid value"
+
+
+def _convert(error: Any) -> Iterator[Diagnostic]:
+    from jsonschema.exceptions import best_match
+
+    path = _path(error)
+    v = error.validator
+    inst = error.instance
+    if v in ("oneOf", "anyOf") and error.context:
+        yield from _convert(best_match(error.context))
+    elif v == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        for key in sorted(set(inst) - set(allowed)):
+            where = _where(error.absolute_path)
+            yield make("FD202", f"unknown field '{key}'{where}{did_you_mean(key, allowed)}; "
+                       f"expected one of: {', '.join(allowed)}", join(path, key))
+    elif v == "required":
+        for key in error.validator_value:
+            if key not in inst:
+                yield make("FD201", f"missing required field '{key}'{_where(error.absolute_path)}", path)
+    elif v == "const" and list(error.absolute_path) == ["flowdsl"]:
+        yield make("FD203", f"unsupported language version {_show(inst)}; this flowdsl reads version 1", path)
+    elif v == "pattern" or (v == "propertyNames" and error.context):
+        yield from _pattern(error, path)
+    elif v == "maxProperties" and _is_step_mapping(error):
+        yield _misindented_step(inst, path)
+    elif v == "type":
+        yield make("FD201", f"expected {_what(error.schema)}, found {_found(inst)}", path)
+    elif v == "enum":
+        yield make("FD201", f"expected one of {', '.join(_show(x) for x in error.validator_value)}, "
+                   f"found {_found(inst)}{did_you_mean(str(inst), map(str, error.validator_value))}", path)
+    elif v == "minItems":
+        yield make("FD201", f"expected at least {error.validator_value} item(s), found an empty list", path)
+    elif v == "minProperties":
+        yield make("FD201", f"expected at least {error.validator_value} entry, found an empty mapping", path)
+    elif v in ("minimum", "exclusiveMinimum"):
+        op = ">=" if v == "minimum" else ">"
+        yield make("FD201", f"expected a number {op} {error.validator_value}, found {_show(inst)}", path)
+    elif v == "uniqueItems":
+        yield make("FD201", f"list has repeated entries: {_show(inst)}", path)
+    else:
+        yield make("FD201", error.message, path)
+
+
+def _where(path: Any) -> str:
+    parts = list(path)
+    if not parts:
+        return " at the top level"
+    if parts[-1] in ("retry",):
+        return " in the retry policy"
+    if parts[-1] in ("llm",):
+        return " in the llm block"
+    if parts[-1] == "defaults":
+        return " in defaults"
+    return ""
+
+
+def _is_step_mapping(error: Any) -> bool:
+    return isinstance(error.instance, dict) and error.schema.get("maxProperties") == 1
+
+
+def _misindented_step(inst: dict[str, Any], path: str) -> Diagnostic:
+    keys = list(inst)
+    name = next((k for k in keys if inst[k] is None), keys[0])
+    others = [k for k in keys if k != name]
+    return make(
+        "FD201",
+        f"a step is a mapping with one key, its name; found {len(keys)} keys ({', '.join(keys)}). "
+        f"If {', '.join(repr(k) for k in others)} {'is an option' if len(others) == 1 else 'are options'} "
+        f"of step '{name}', indent {'it' if len(others) == 1 else 'them'} under it",
+        path,
+    )
+
+
+def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
+    if error.validator == "propertyNames":
+        bad = [e.instance for e in error.context]
+        for name in bad:
+            hint = _WORKER_HINT if "\\." in error.validator_value.get("pattern", "") else _ID_HINT
+            yield make("FD302", f"invalid name {_show(name)}: {hint}", join(path, name))
+        return
+    value = error.instance
+    hint = _WORKER_HINT if "\\." in error.validator_value else _ID_HINT
+    kind = "worker name" if hint is _WORKER_HINT else "id"
+    yield make("FD302", f"invalid {kind} {_show(value)}: {hint}", path)
