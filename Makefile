@@ -17,6 +17,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check flowdsl tests examples benchmarks
+	$(BIN)/mypy
 
 test: lint
 	LITELLM_LOCAL_MODEL_COST_MAP=True $(BIN)/python -m pytest

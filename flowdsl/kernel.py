@@ -1,0 +1,186 @@
+"""The saga kernel: every run semantic, as a pure deterministic state machine.
+
+Stage: kernel — pure; imports ``flowdsl.expr`` and jsonschema only (through
+the ``kernel_*`` modules it is split into); no I/O, no clock, no global
+randomness. Runtimes (local asyncio, Redis) are thin shells that feed it input
+events and carry out the commands it returns::
+
+    d = start_run(plan, "r1", {"order": {...}}, at=now_ms())
+    while d.state["status"] not in END_STATES:
+        ...carry out d.commands, wait for the next input event...
+        d = apply(plan, d.state, {"type": "task_succeeded", "task_id": tid, "at": now_ms(), "result": {...}})
+
+``(plan, state, event) -> (state, commands, events)``; the state is plain JSON
+data and a run is fully determined by its input events (:func:`replay`).
+docs/kernel.md is the reference: state, input events, commands, emitted
+events, compensation order, end states, idempotency keys.
+
+Module map: ``kernel_program`` (per-plan indexes, retry arithmetic),
+``kernel_core`` (data rules, emission), ``kernel_engine`` (starting nodes,
+attempts), ``kernel_saga`` (abort, compensation, finishing).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flowdsl.kernel_core import RunState
+from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
+from flowdsl.kernel_program import Program, prepare, retry_delay
+from flowdsl.kernel_saga import END_STATES
+
+__all__ = [
+    "END_STATES", "INPUT_EVENTS", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "Program", "apply",
+    "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
+]
+
+#: version of the run-state layout (``state["kernel"]``)
+STATE_VERSION = 1
+#: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
+INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
+                "cancel_requested")
+
+Plan = dict[str, Any] | Program
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one transition: the new state, commands to carry out, events that happened."""
+
+    state: dict[str, Any]
+    commands: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+
+    @property
+    def finished(self) -> bool:
+        return self.state["status"] in END_STATES
+
+
+def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float,
+              seed: int | None = None) -> Decision:
+    """Start a run: check its input, schedule its run timeout, dispatch its first steps.
+
+    ``at`` is the caller's clock in integer milliseconds since the Unix epoch;
+    ``seed`` drives retry jitter (default: derived from ``run_id``). A run
+    input that is not an object or does not match the flow's input schema ends
+    the run ``failed`` at once with error type ``InputInvalid``.
+    """
+    program = prepare(plan)
+    at = _time(at)
+    if seed is None:
+        seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big")
+    state = RunState({
+        "kernel": STATE_VERSION, "run_id": run_id, "flow": program.flow.get("name"), "seed": seed,
+        "input": input, "status": "running", "started_at": at, "finished_at": None, "error": None,
+        "failed_step": None, "abort": None, "clock": 0, "seq": 0, "remaining": 0,
+        "nodes": {}, "iterations": {}, "tasks": {}, "timers": {},
+        "saga": None, "compensations": {}, "compensated": [], "intervention": None, "context": None,
+    })
+    machine = Machine(program, state, at)
+    machine.start()
+    return Decision(state, machine.commands, machine.events)
+
+
+def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
+    """Apply one input event (docs/kernel.md, "Input events") to a run state.
+
+    The state is updated **in place** and returned as ``Decision.state`` (copy
+    it first to keep the old one: ``copy.deepcopy`` or a JSON round trip).
+    Commands and events share data with the state: treat them as read-only.
+    A result for a task that is not in flight (a stale attempt, a run already
+    over) is rejected with a ``result_rejected`` event and changes nothing
+    else; a timer that is no longer armed is ignored.
+    """
+    program = prepare(plan)
+    machine = Machine(program, state, _time(event.get("at")))
+    machine.handle(event)
+    return Decision(state, machine.commands, machine.events)
+
+
+def start_event(run_id: str, input: dict[str, Any], *, at: int | float, seed: int | None = None) -> dict[str, Any]:
+    """The ``start`` input event a runtime records so that :func:`replay` can restart the run."""
+    return {"type": "start", "run_id": run_id, "input": input, "at": at, "seed": seed}
+
+
+def replay(plan: Plan, input_events: Iterable[dict[str, Any]]
+           ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Re-run recorded input events (a ``start`` event first) and return the final state and every
+    command and event, in order — identical to what the original run produced."""
+    events = iter(input_events)
+    first = next(events, None)
+    if first is None or first.get("type") != "start":
+        raise ValueError("replay needs the run's 'start' event first")
+    d = start_run(plan, first["run_id"], copy.deepcopy(first["input"]), at=first["at"], seed=first.get("seed"))
+    commands, emitted = list(d.commands), list(d.events)
+    state = d.state
+    for event in events:
+        d = apply(plan, state, event)
+        commands.extend(d.commands)
+        emitted.extend(d.events)
+    return state, commands, emitted
+
+
+def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
+    """What a person (or the CLI) wants to know about a run.
+
+    ``steps`` maps every node instance (groups included; nodes never reached
+    outside for_each bodies as ``pending``) to its kind, status, attempts,
+    start and finish times and last error, in plan order; ``compensated`` lists
+    the steps undone, in the order they were undone.
+    """
+    program = prepare(plan)
+    nodes: dict[str, dict[str, Any]] = state["nodes"]
+    comps: dict[str, dict[str, Any]] = state["compensations"]
+    rows: list[tuple[list[int], str, dict[str, Any]]] = []
+    for ikey, rec in nodes.items():
+        row = {"node": rec["node"], "kind": program.kind[rec["node"]], "status": rec["status"],
+               "attempts": rec.get("attempts", 0), "started_at": rec["started_at"],
+               "finished_at": rec["finished_at"], "error": rec["error"]}
+        if ikey in comps:
+            c = comps[ikey]
+            row["compensation"] = {"status": c["status"], "attempts": c["attempt"], "error": c["error"]}
+        rows.append((_sort_key(program, state, ikey), ikey, row))
+    reached = {rec["node"] for rec in nodes.values()}
+    for key in program.nodes:
+        if key not in reached and not _in_loop(program, key):
+            rows.append(([program.order[key]], key, {"node": key, "kind": program.kind[key], "status": "pending",
+                                                     "attempts": 0, "started_at": None, "finished_at": None,
+                                                     "error": None}))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return {
+        "run_id": state["run_id"], "flow": state["flow"], "status": state["status"],
+        "started_at": state["started_at"], "finished_at": state["finished_at"], "error": state["error"],
+        "failed_step": state["failed_step"], "steps": {ikey: row for _, ikey, row in rows},
+        "compensated": list(state["compensated"]), "intervention": state["intervention"],
+        "context": state["context"],
+    }
+
+
+def _sort_key(program: Program, state: dict[str, Any], ikey: str) -> list[int]:
+    rec = state["nodes"][ikey]
+    tail = [program.order[rec["node"]]]
+    iteration = rec["iter"]
+    while iteration:
+        it = state["iterations"][iteration]
+        tail = [program.order[state["nodes"][it["fe"]]["node"]], it["index"], *tail]
+        iteration = it["iter"]
+    return tail
+
+
+def _in_loop(program: Program, key: str) -> bool:
+    scope = program.scope[key]
+    while scope is not None:
+        if program.kind[scope] == "for_each":
+            return True
+        scope = program.scope[scope]
+    return False
+
+
+def _time(at: Any) -> int | float:
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        raise ValueError(f"'at' must be milliseconds since the Unix epoch (a number), found {at!r}")
+    return at

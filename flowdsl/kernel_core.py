@@ -1,0 +1,320 @@
+"""Kernel, shared machinery: one decision's working set over the run state.
+
+Stage: kernel — pure; imports ``flowdsl.expr`` and the other ``kernel_*``
+modules only; no I/O, no clock. A :class:`Core` lives for the handling of one
+input event: it mutates the run state in place and collects the commands and
+events of the decision. This module holds what every transition needs —
+emitting, timers, instance records, and the data rules: the context a node
+sees, contributions, expression bindings (docs/kernel.md, "Data").
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict, deque
+from typing import Any
+
+from flowdsl.expr import evaluate_template
+from flowdsl.kernel_program import STEP_KINDS, Json, Program
+
+Record = dict[str, Any]
+#: statuses of a node instance that count as "done" for its dependents
+DONE = ("succeeded", "skipped")
+#: contexts kept per run state: the most recently used, and checkpoints left by long rebuilds
+_RECENT = 64
+_CHECKPOINTS = 128
+_CHECKPOINT_EVERY = 32
+
+
+class ContextCache:
+    """Contexts derived for one run (they never change once their node has started)."""
+
+    __slots__ = ("checkpoints", "recent")
+
+    def __init__(self) -> None:
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.checkpoints: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def get(self, ikey: str) -> dict[str, Any] | None:
+        hit = self.recent.get(ikey)
+        if hit is not None:
+            self.recent.move_to_end(ikey)
+            return hit
+        return self.checkpoints.get(ikey)
+
+    def put(self, ikey: str, ctx: dict[str, Any], *, checkpoint: bool = False) -> None:
+        store, size = (self.checkpoints, _CHECKPOINTS) if checkpoint else (self.recent, _RECENT)
+        store[ikey] = ctx
+        if len(store) > size:
+            store.popitem(last=False)
+
+
+class RunState(dict[str, Any]):
+    """A run state: a plain dict as far as JSON, equality and the docs are concerned.
+
+    It also carries, as an attribute that is never serialised, a cache of the
+    contexts recently derived for it; a state rebuilt from JSON works the same
+    and starts with an empty cache. Copies and pickles drop the cache.
+    """
+
+    __slots__ = ("contexts",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.contexts = ContextCache()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RunState, (dict(self),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RunState:
+        import copy
+
+        return RunState(copy.deepcopy(dict(self), memo))
+
+
+class Core:
+    """The run state, the plan's program and the output of the decision being made."""
+
+    def __init__(self, program: Program, state: dict[str, Any], at: int | float):
+        self.p = program
+        self.s = state
+        self.at = at
+        self.run_id: str = state["run_id"]
+        self.nodes: dict[str, Record] = state["nodes"]
+        self.iters: dict[str, Record] = state["iterations"]
+        self.tasks: dict[str, Record] = state["tasks"]
+        self.timers: dict[str, Record] = state["timers"]
+        self.commands: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.queue: deque[tuple[str, str | None]] = deque()
+        cache = getattr(state, "contexts", None)
+        self._ctx: ContextCache = cache if isinstance(cache, ContextCache) else ContextCache()
+
+    # --- output ----------------------------------------------------------------
+
+    def emit(self, type_: str, step: str | None = None, *, attempt: int | None = None,
+             task_id: str | None = None, error: dict[str, Any] | None = None, **extra: Any) -> None:
+        rec = self.nodes.get(step) if step is not None else None
+        node = rec["node"] if rec is not None else None
+        event = {"type": type_, "at": self.at, "seq": self.s["seq"], "run_id": self.run_id, "step": step,
+                 "node": node, "kind": self.p.kind[node] if node is not None else None,
+                 "attempt": attempt, "task_id": task_id, "error": error}
+        event.update(extra)
+        self.s["seq"] += 1
+        self.events.append(event)
+
+    def command(self, op: str, **fields: Any) -> None:
+        self.commands.append({"op": op, "run_id": self.run_id, **fields})
+
+    def tick(self) -> int:
+        self.s["clock"] += 1
+        clock: int = self.s["clock"]
+        return clock
+
+    def schedule(self, timer_id: str, delay_ms: int, purpose: str, step: str | None, **info: Any) -> None:
+        self.timers[timer_id] = {"purpose": purpose, "step": step, **info}
+        self.command("schedule_timer", timer_id=timer_id, delay_ms=delay_ms, due_at=self.at + delay_ms,
+                     purpose=purpose, step=step)
+
+    def cancel_timer(self, timer_id: str | None) -> None:
+        if timer_id is not None and self.timers.pop(timer_id, None) is not None:
+            self.command("cancel_timer", timer_id=timer_id)
+
+    def idempotency_key(self, ikey: str) -> str:
+        return f"{self.run_id}/{ikey}"
+
+    # --- instances ---------------------------------------------------------------
+
+    @staticmethod
+    def prefix(iteration: str | None) -> str:
+        return iteration + "/" if iteration else ""
+
+    def lineage(self, container: str | None) -> tuple[str | None, str | None]:
+        """(innermost iteration, innermost sub-flow instance) of a container's children."""
+        if container is None:
+            return None, None
+        if container in self.iters:
+            return container, self.iters[container]["flow"]
+        rec = self.nodes[container]
+        return rec["iter"], container if self.p.kind[rec["node"]] == "flow" else rec["flow"]
+
+    def new_record(self, key: str, container: str | None, status: str) -> str:
+        iteration, flow = self.lineage(container)
+        ikey = self.prefix(iteration) + key
+        self.nodes[ikey] = {"node": key, "parent": container, "iter": iteration, "flow": flow, "status": status,
+                            "started_at": self.at, "finished_at": None, "error": None}
+        return ikey
+
+    def is_done(self, ikey: str) -> bool:
+        rec = self.nodes.get(ikey)
+        return rec is not None and rec["status"] in DONE
+
+    # --- data ----------------------------------------------------------------------
+
+    def scope_input(self, rec: Record) -> dict[str, Json]:
+        scope = self.p.scope[rec["node"]]
+        if scope is None:
+            base: dict[str, Json] = self.s["input"]
+        elif self.p.kind[scope] == "for_each":
+            base = self.nodes[self.iters[rec["iter"]]["fe"]]["scope_input"]
+        else:
+            base = self.nodes[rec["flow"]]["scope_input"]
+        return base
+
+    def context(self, ikey: str) -> dict[str, Json]:
+        """The context node instance ``ikey`` sees: its scope's input plus its dependencies' contributions.
+
+        Follows the program's derivations back to a known context (cached, a
+        scope input, or one recomputed from the closure), then rebuilds forward,
+        keeping every ``_CHECKPOINT_EVERY``-th context and the one asked for.
+        Read-only: callers copy before changing.
+        """
+        cache = self._ctx
+        hit = cache.get(ikey)
+        if hit is not None:
+            return hit
+        chain: list[tuple[str, str]] = []
+        current = ikey
+        while True:
+            hit = cache.get(current)
+            if hit is not None:
+                base = hit
+                break
+            rec = self.nodes[current]
+            how = self.p.derive[rec["node"]]
+            if how == "parent":
+                chain.append((current, ""))
+                current = rec["parent"]
+            elif how == "dep":
+                dep = self.prefix(rec["iter"]) + self.p.deps[rec["node"]][0]
+                chain.append((current, dep))
+                current = dep
+            else:
+                base = self._compute(current, rec, how)
+                if how == "full" and chain:
+                    cache.put(current, base)
+                break
+        owned = False  # True while ``base`` is a fresh dict nobody else holds
+        for i, (key, dep) in enumerate(reversed(chain)):
+            if dep:
+                pre = self.prefix(self.nodes[dep]["iter"])
+                for atom in self.p.atoms_inside[self.nodes[dep]["node"]]:
+                    done = self.nodes.get(pre + atom)
+                    if done is not None and done["status"] == "succeeded":
+                        if not owned:
+                            base, owned = dict(base), True
+                        base.update(self.contribution(done))
+            last = i == len(chain) - 1
+            if owned and (last or i % _CHECKPOINT_EVERY == _CHECKPOINT_EVERY - 1):
+                cache.put(key, base, checkpoint=not last)
+                owned = False
+        if not chain:
+            cache.put(ikey, base)
+        return base
+
+    def _compute(self, ikey: str, rec: Record, how: str) -> dict[str, Json]:
+        if how == "scope":
+            return self.scope_input(rec)
+        pre = self.prefix(rec["iter"])
+        ctx = dict(self.scope_input(rec))
+        for atom in self.p.atoms_before(rec["node"]):
+            dep = self.nodes.get(pre + atom)
+            if dep is not None and dep["status"] == "succeeded":
+                ctx.update(self.contribution(dep))
+        return ctx
+
+    def contribution(self, rec: Record) -> dict[str, Json]:
+        """What a succeeded atom adds to its scope's context, by its output rule."""
+        if "out" in rec:
+            out: dict[str, Json] = rec["out"]
+            return out
+        node = self.p.nodes[rec["node"]]
+        rule = node.get("output") or ({"mode": "name", "name": node["id"]} if node["kind"] == "for_each"
+                                      else {"mode": "merge"})
+        result = rec.get("result")
+        if rule["mode"] == "name":
+            return {rule["name"]: result}
+        return result if isinstance(result, dict) else {}
+
+    def scope_result(self, scope: str, prefix: str, base: dict[str, Json] | None) -> dict[str, Json]:
+        """``base`` (or nothing) plus every succeeded atom of one scope instance, in plan order."""
+        out = dict(base) if base is not None else {}
+        for atom in self.p.scope_atoms.get(scope, ()):
+            rec = self.nodes.get(prefix + atom)
+            if rec is not None and rec["status"] == "succeeded":
+                out.update(self.contribution(rec))
+        return out
+
+    def final_context(self) -> dict[str, Json]:
+        return self.scope_result("", "", self.s["input"])
+
+    def bindings(self, ikey: str, eids: frozenset[str], *, context: dict[str, Json] | None = None,
+                 own: Json = None) -> dict[str, Json]:
+        """Variables for expressions ``eids`` evaluated for ``ikey`` (``own``: its result, as ``$steps.<id>``)."""
+        need = self.p.vars_of(eids)
+        rec = self.nodes[ikey]
+        out: dict[str, Json] = {"run": {"id": self.run_id}}
+        if "input" in need:
+            out["input"] = self.nodes[rec["flow"]]["scope_input"] if rec["flow"] else self.s["input"]
+        chain: list[tuple[str, Json, int]] = []
+        iteration = rec["iter"]
+        while iteration:
+            it = self.iters[iteration]
+            fe = self.nodes[it["fe"]]
+            chain.append((self.p.nodes[fe["node"]].get("as") or "item", fe["items"][it["index"]], it["index"]))
+            iteration = it["iter"]
+        for name, item, _ in reversed(chain):
+            out[name] = item
+        if chain:
+            out["index"] = chain[0][2]
+        if "steps" in need:
+            out["steps"] = self.steps_binding(ikey, self.p.steps_of(eids))
+            if own is not None:
+                out["steps"][self.p.nodes[rec["node"]]["id"]] = own
+        if context is not None:
+            out["context"] = context
+        return out
+
+    def steps_binding(self, ikey: str, ids: frozenset[str] | None) -> dict[str, Json]:
+        rec = self.nodes[ikey]
+        out: dict[str, Json] = {}
+        for key, levels in self.p.steps_before(rec["node"], ids):
+            iteration = rec["iter"]
+            for _ in range(levels):
+                iteration = self.iters[iteration]["iter"]
+            dep = self.nodes.get(self.prefix(iteration) + key)
+            if dep is not None and dep["status"] == "succeeded":
+                out[self.p.nodes[key]["id"]] = dep.get("result")
+        return out
+
+    def evaluate(self, ikey: str, eid: str, data: Json, *, context: dict[str, Json] | None = None,
+                 own: Json = None) -> Json:
+        bindings = self.bindings(ikey, frozenset((eid,)), context=context, own=own)
+        return self.p.expression(eid).evaluate(data, bindings)
+
+    def render(self, ikey: str, template: Json, data: Json, *, context: dict[str, Json] | None = None,
+               own: Json = None) -> Json:
+        bindings = self.bindings(ikey, self.p.template_exprs(template), context=context, own=own)
+        return evaluate_template(template, self.p.expressions, data, bindings)
+
+    def step_input(self, ikey: str) -> Json:
+        """A step's worker input: its ``with`` template over its context, or the whole context."""
+        template = self.p.nodes[self.nodes[ikey]["node"]].get("with")
+        ctx = self.context(ikey)
+        return dict(ctx) if template is None else self.render(ikey, template, ctx)
+
+    def is_step(self, key: str) -> bool:
+        return self.p.kind[key] in STEP_KINDS
+
+
+def error(type_: str, message: str) -> dict[str, str]:
+    return {"type": type_, "message": message}
+
+
+def switch_label(value: Json) -> str:
+    """The case label a switch value selects: strings as they are, anything else by its JSON text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,434 @@
+"""Kernel, forward half: starting nodes, dispatching attempts, judging their outcomes.
+
+Stage: kernel — pure; imports ``flowdsl.expr`` and the other ``kernel_*``
+modules only; no I/O, no clock. :class:`Machine` handles one input event
+(docs/kernel.md, "Input events") over the run state, in place. Nodes that
+become ready are queued and started in FIFO order, so a long chain of skipped
+or empty nodes never recurses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowdsl.expr import ExpressionError, truthy
+from flowdsl.kernel_core import error, switch_label
+from flowdsl.kernel_program import Json, retry_delay, retryable
+from flowdsl.kernel_saga import END_STATES, Saga
+
+#: the error type of an LLM call made with no model configured: never retried, goes to the fallback
+LLM_NOT_CONFIGURED = "LLMNotConfigured"
+_RESULT_EVENTS = ("task_succeeded", "task_failed", "task_cancelled")
+
+
+class Machine(Saga):
+    """One decision: the start of a run, or one input event applied to its state."""
+
+    # --- entry points ------------------------------------------------------------
+
+    def start(self) -> None:
+        flow = self.p.flow
+        self.emit("run_started", flow=flow.get("name"), seed=self.s["seed"])
+        problem = "it is not a JSON object" if not isinstance(self.s["input"], dict) else \
+            self.p.schema_error(flow.get("input_schema"), self.s["input"])
+        if problem is not None:
+            self.s["error"] = error("InputInvalid", f"the run input does not match the flow's input schema: "
+                                    f"{problem}")
+            self.s["input"] = self.s["input"] if isinstance(self.s["input"], dict) else {}
+            self.finish("failed")
+            return
+        if flow.get("timeout_ms"):
+            self.schedule(f"{self.run_id}@timeout", flow["timeout_ms"], "run_timeout", None)
+        self.s["remaining"] = len(self.p.root)
+        if not self.p.root:
+            self.finish("completed")
+            return
+        self._start_list(self.p.root, None)
+        self._pump()
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in _RESULT_EVENTS or kind == "task_started":
+            task_id = event.get("task_id")
+            if not isinstance(task_id, str):
+                raise ValueError(f"event {kind!r} needs a 'task_id' string")
+            task = self.tasks.get(task_id)
+            if task is None:
+                if kind != "task_started":
+                    reason = "run finished" if self.s["status"] in END_STATES else "stale or unknown task"
+                    self.emit("result_rejected", task_id=task_id, reason=reason, result_type=kind)
+                return
+            if kind == "task_started":
+                self.emit("attempt_started", task["step"], attempt=task["attempt"], task_id=task_id)
+            elif kind == "task_succeeded":
+                self._task_succeeded(task_id, event.get("result"))
+            elif kind == "task_failed":
+                self._task_failed(task_id, _error_of(event.get("error")))
+            else:
+                self._task_cancelled(task_id)
+        elif kind == "timer_fired":
+            timer_id = event.get("timer_id")
+            if not isinstance(timer_id, str):
+                raise ValueError("event 'timer_fired' needs a 'timer_id' string")
+            self._timer_fired(timer_id)
+        elif kind == "cancel_requested":
+            reason = event.get("reason") or "cancel requested"
+            self.abort("cancelled", error("Cancelled", str(reason)), None)
+        else:
+            raise ValueError(f"unknown input event type {kind!r}")
+        self._pump()
+
+    # --- starting nodes -------------------------------------------------------------
+
+    def _pump(self) -> None:
+        while self.queue and self.s["status"] == "running":
+            key, container = self.queue.popleft()
+            self._begin(key, container)
+
+    def _start_list(self, keys: list[str], container: str | None) -> None:
+        self.queue.extend((k, container) for k in keys if not self.p.deps[k])
+
+    def _begin(self, key: str, container: str | None) -> None:
+        if self.prefix(self.lineage(container)[0]) + key in self.nodes:
+            return
+        ikey = self.new_record(key, container, "running")
+        node = self.p.nodes[key]
+        try:
+            if node.get("when") and not truthy(self.evaluate(ikey, node["when"], self.context(ikey))):
+                self._skip(ikey, "when")
+                self._node_done(ikey)
+                return
+            kind = node["kind"]
+            if kind in ("task", "llm"):
+                self.nodes[ikey].update(attempt=0, attempts=0, phase="main", task=None, t0=self.tick())
+                self.emit("step_started", ikey)
+                self._dispatch(ikey)
+            elif kind in ("sequence", "parallel"):
+                self._open_group(ikey, node["children"])
+            elif kind == "switch":
+                self._begin_switch(ikey, node)
+            elif kind == "for_each":
+                self._begin_for_each(ikey, node)
+            else:
+                self._begin_flow(ikey, node)
+        except ExpressionError as exc:
+            self._node_failed(ikey, error("ExpressionError", exc.message))
+
+    def _open_group(self, ikey: str, children: list[str], **info: Any) -> None:
+        self.nodes[ikey]["remaining"] = len(children)
+        self.emit("step_started", ikey, **info)
+        if children:
+            self._start_list(children, ikey)
+        else:
+            self._group_done(ikey)
+
+    def _begin_switch(self, ikey: str, node: dict[str, Any]) -> None:
+        label = switch_label(self.evaluate(ikey, node["on"], self.context(ikey)))
+        chosen: list[str] | None = None
+        for case in node.get("cases") or ():
+            if case["match"] == label:
+                chosen = case["children"]
+                break
+        default = chosen is None and node.get("default") is not None
+        if default:
+            chosen = node["default"]
+        self.nodes[ikey].update(case=label if chosen is not None and not default else None, default=default)
+        for kids in self.p.child_lists(node["key"]):
+            if kids != chosen:
+                for kid in kids:
+                    self._skip(self.new_record(kid, ikey, "skipped"), "switch")
+        self._open_group(ikey, chosen or [], value=label, case=self.nodes[ikey]["case"], default=default)
+
+    def _begin_for_each(self, ikey: str, node: dict[str, Any]) -> None:
+        ctx = self.context(ikey)
+        items = self.evaluate(ikey, node["items"], ctx)
+        items = [] if items is None else items if isinstance(items, list) else [items]
+        rec = self.nodes[ikey]
+        rec.update(items=items, results=[None] * len(items), next=0, running=0, remaining=len(items),
+                   scope_input=ctx)
+        self.emit("step_started", ikey, items=len(items))
+        if items:
+            self._launch_iterations(ikey)
+        else:
+            self._atom_succeeded(ikey, rec.pop("results"))
+
+    def _launch_iterations(self, ikey: str) -> None:
+        rec = self.nodes[ikey]
+        node = self.p.nodes[rec["node"]]
+        cap = node.get("concurrency") or len(rec["items"])
+        while rec["next"] < len(rec["items"]) and rec["running"] < cap:
+            index = rec["next"]
+            rec["next"] += 1
+            rec["running"] += 1
+            it_key = f"{ikey}[{index}]"
+            self.iters[it_key] = {"fe": ikey, "index": index, "iter": rec["iter"], "flow": rec["flow"],
+                                  "remaining": len(node["children"]), "status": "running"}
+            self._start_list(node["children"], it_key)
+
+    def _begin_flow(self, ikey: str, node: dict[str, Any]) -> None:
+        ctx = self.context(ikey)
+        template = node.get("with")
+        data = dict(ctx) if template is None else self.render(ikey, template, ctx)
+        problem = "it is not a JSON object" if not isinstance(data, dict) else \
+            self.p.schema_error(node.get("input_schema"), data)
+        if problem is not None:
+            self._node_failed(ikey, error("InputInvalid", f"the input of sub-flow '{node['id']}' does not match "
+                                          f"its input schema: {problem}"))
+            return
+        self.nodes[ikey]["scope_input"] = data
+        self._open_group(ikey, node["children"], flow_name=node.get("flow_name"))
+
+    def _skip(self, ikey: str, reason: str) -> None:
+        """Mark an instance and its whole subtree skipped (a for_each body has no instances to skip)."""
+        stack = [(ikey, reason)]
+        while stack:
+            current, why = stack.pop()
+            rec = self.nodes[current]
+            rec.update(status="skipped", started_at=None, finished_at=self.at)
+            self.emit("step_skipped", current, reason=why)
+            if self.p.kind[rec["node"]] == "for_each":
+                continue
+            lists = self.p.child_lists(rec["node"])
+            for kid in reversed([k for kids in lists for k in kids]):
+                stack.append((self.new_record(kid, current, "skipped"), "parent"))
+
+    # --- finishing nodes ---------------------------------------------------------------
+
+    def _node_done(self, ikey: str) -> None:
+        """A node succeeded or was skipped: start the siblings waiting for it, tell its container."""
+        if self.s["status"] != "running":
+            return
+        rec = self.nodes[ikey]
+        pre = self.prefix(rec["iter"])
+        for dependent in self.p.dependents[rec["node"]]:
+            if all(self.is_done(pre + dep) for dep in self.p.deps[dependent]):
+                self.queue.append((dependent, rec["parent"]))
+        container = rec["parent"]
+        if container is None:
+            self.s["remaining"] -= 1
+            if self.s["remaining"] == 0:
+                self.finish("completed")
+        elif container in self.iters:
+            it = self.iters[container]
+            it["remaining"] -= 1
+            if it["remaining"] == 0:
+                self._iteration_done(container)
+        else:
+            group = self.nodes[container]
+            group["remaining"] -= 1
+            if group["remaining"] == 0:
+                self._group_done(container)
+
+    def _group_done(self, ikey: str) -> None:
+        rec = self.nodes[ikey]
+        if self.p.kind[rec["node"]] == "flow":
+            self._atom_succeeded(ikey, self.scope_result(rec["node"], self.prefix(rec["iter"]), rec["scope_input"]))
+            return
+        rec.update(status="succeeded", finished_at=self.at)
+        self.emit("step_succeeded", ikey)
+        self._node_done(ikey)
+
+    def _iteration_done(self, it_key: str) -> None:
+        it = self.iters[it_key]
+        it["status"] = "succeeded"
+        fe = self.nodes[it["fe"]]
+        fe["results"][it["index"]] = self.scope_result(fe["node"], it_key + "/", None)
+        fe["running"] -= 1
+        fe["remaining"] -= 1
+        if fe["remaining"] == 0:
+            self._atom_succeeded(it["fe"], fe.pop("results"))
+        else:
+            self._launch_iterations(it["fe"])
+
+    def _atom_succeeded(self, ikey: str, result: Json) -> None:
+        """A for_each or sub-flow finished: apply its output rule and record its result."""
+        rec = self.nodes[ikey]
+        try:
+            out = self._mapped_output(ikey, result)
+        except ExpressionError as exc:
+            self._node_failed(ikey, error("ExpressionError", exc.message))
+            return
+        rec.update(status="succeeded", finished_at=self.at, result=result)
+        if out is not None:
+            rec["out"] = out
+        self.emit("step_succeeded", ikey)
+        self._node_done(ikey)
+
+    def _mapped_output(self, ikey: str, result: Json) -> dict[str, Json] | None:
+        rule = self.p.nodes[self.nodes[ikey]["node"]].get("output") or {}
+        if rule.get("mode") != "map":
+            return None
+        ctx = self.context(ikey)
+        return {name: self.evaluate(ikey, eid, result, context=ctx, own=result) for name, eid in rule["map"].items()}
+
+    def _node_failed(self, ikey: str, err: dict[str, Any]) -> None:
+        """A node failed for good: record it and abort the run."""
+        rec = self.nodes[ikey]
+        rec.update(status="failed", finished_at=self.at, error=err)
+        self.emit("step_failed", ikey, attempt=rec.get("attempt"), error=err)
+        self.abort("failed", err, ikey)
+
+    # --- attempts ------------------------------------------------------------------------
+
+    def _dispatch(self, ikey: str) -> None:
+        rec = self.nodes[ikey]
+        node = self.p.nodes[rec["node"]]
+        try:
+            data = self.step_input(ikey)
+        except ExpressionError as exc:
+            self._node_failed(ikey, error("ExpressionError", exc.message))
+            return
+        rec["attempt"] += 1
+        rec["attempts"] += 1
+        attempt: int = rec["attempt"]
+        idem = self.idempotency_key(ikey)
+        if rec["phase"] == "fallback":
+            kind, worker, task_id = "fallback", node["fallback"], f"{idem}#f{attempt}"
+        else:
+            kind, worker, task_id = node["kind"], node.get("worker"), f"{idem}#{attempt}"
+        timeout: int | None = node.get("timeout_ms")
+        self.tasks[task_id] = {"step": ikey, "kind": kind, "attempt": attempt,
+                               "timer": task_id + "@timeout" if timeout else None}
+        rec.update(status="running", task=task_id)
+        self.command("dispatch", task_id=task_id, kind=kind, step=ikey, node=rec["node"], worker=worker,
+                     input=data, attempt=attempt, idempotency_key=idem, timeout_ms=timeout,
+                     llm=node.get("llm") if kind == "llm" else None)
+        if timeout:
+            self.schedule(task_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=task_id)
+        self.emit("step_scheduled", ikey, attempt=attempt, task_id=task_id, worker=worker, task_kind=kind,
+                  idempotency_key=idem)
+
+    def _task_succeeded(self, task_id: str, result: Json) -> None:
+        task = self.tasks.pop(task_id)
+        self.cancel_timer(task["timer"])
+        ikey = task["step"]
+        if task["kind"] == "compensate":
+            self.compensation_succeeded(ikey, task_id)
+            return
+        rec = self.nodes[ikey]
+        node = self.p.nodes[rec["node"]]
+        result = {} if result is None else result
+        if not isinstance(result, dict):
+            self._attempt_failed(ikey, task_id, error("OutputInvalid", f"the worker returned "
+                                                      f"{type(result).__name__}, expected a JSON object"))
+            return
+        try:
+            if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result,
+                                                              context=self.context(ikey), own=result)):
+                source = self.p.expressions[node["fail_when"]]["source"]
+                self._attempt_failed(ikey, task_id, error("FailWhen", f"fail_when holds: {source}"))
+                return
+            out = self._mapped_output(ikey, result)
+        except ExpressionError as exc:
+            self._attempt_failed(ikey, task_id, error("ExpressionError", exc.message))
+            return
+        rec.update(status="succeeded", finished_at=self.at, task=None, result=result, error=None, t1=self.tick())
+        if out is not None:
+            rec["out"] = out
+        self.emit("step_succeeded", ikey, attempt=task["attempt"], task_id=task_id)
+        if self.s["status"] == "running":
+            self._node_done(ikey)
+        else:
+            self.maybe_compensate()
+
+    def _task_failed(self, task_id: str, err: dict[str, Any]) -> None:
+        task = self.tasks.pop(task_id)
+        self.cancel_timer(task["timer"])
+        if task["kind"] == "compensate":
+            self.compensation_attempt_failed(task["step"], task_id, err)
+        else:
+            self._attempt_failed(task["step"], task_id, err)
+
+    def _task_cancelled(self, task_id: str) -> None:
+        task = self.tasks.pop(task_id)
+        self.cancel_timer(task["timer"])
+        err = error("TaskCancelled", "the runtime cancelled the attempt")
+        if task["kind"] == "compensate":
+            self.compensation_attempt_failed(task["step"], task_id, err)
+        elif self.nodes[task["step"]]["status"] == "cancelling":
+            self._cancelled(task["step"], task_id, None)
+        else:
+            self._attempt_failed(task["step"], task_id, err)
+
+    def _cancelled(self, ikey: str, task_id: str, err: dict[str, Any] | None) -> None:
+        rec = self.nodes[ikey]
+        rec.update(status="cancelled", finished_at=self.at, task=None)
+        if err is not None:
+            rec["error"] = err
+        reason = "the runtime confirmed the cancellation" if err is None else \
+            "the attempt timed out while being cancelled"
+        self.emit("step_cancelled", ikey, attempt=rec["attempt"], task_id=task_id, error=err, reason=reason)
+        self.maybe_compensate()
+
+    def _attempt_failed(self, ikey: str, task_id: str, err: dict[str, Any]) -> None:
+        """An attempt failed: retry it, switch to the fallback, or fail the step for good."""
+        rec = self.nodes[ikey]
+        node = self.p.nodes[rec["node"]]
+        rec.update(error=err, task=None)
+        if self.s["status"] != "running":
+            rec.update(status="failed", finished_at=self.at)
+            self.emit("step_failed", ikey, attempt=rec["attempt"], task_id=task_id, error=err)
+            self.maybe_compensate()
+            return
+        policy = node.get("retry") or {"attempts": 1}
+        attempt: int = rec["attempt"]
+        main_llm = node["kind"] == "llm" and rec["phase"] == "main"
+        if (attempt < policy["attempts"] and retryable(policy, err["type"])
+                and not (main_llm and err["type"] == LLM_NOT_CONFIGURED)):
+            fallback = rec["phase"] == "fallback"
+            delay = retry_delay(policy, attempt, self.s["seed"], ikey + ("/fallback" if fallback else ""))
+            rec["status"] = "retrying"
+            self.emit("step_retrying", ikey, attempt=attempt, task_id=task_id, error=err, delay_ms=delay,
+                      next_attempt=attempt + 1)
+            marker = "f" if fallback else ""
+            self.schedule(f"{self.idempotency_key(ikey)}#{marker}{attempt + 1}@retry", delay, "retry", ikey)
+            return
+        if main_llm and node.get("fallback"):
+            rec.update(phase="fallback", attempt=0)
+            self.emit("fallback_started", ikey, attempt=attempt, task_id=task_id, error=err,
+                      worker=node["fallback"],
+                      reason=f"the LLM step failed for good ({err['type']}: {err['message']}); running its "
+                             f"fallback worker '{node['fallback']}' instead")
+            self._dispatch(ikey)
+            return
+        self._node_failed(ikey, err)
+
+    def _timer_fired(self, timer_id: str) -> None:
+        timer = self.timers.pop(timer_id, None)
+        if timer is None:
+            return
+        purpose = timer["purpose"]
+        ikey = timer["step"]
+        if purpose == "run_timeout":
+            ms = self.p.flow.get("timeout_ms")
+            self.abort("timeout", error("RunTimeout", f"the run did not finish within {ms} ms"), None)
+        elif purpose == "retry":
+            if timer.get("compensation"):
+                self.retry_compensation(ikey)
+            elif self.s["status"] == "running" and self.nodes[ikey]["status"] == "retrying":
+                self._dispatch(ikey)
+        else:
+            task_id = timer["task_id"]
+            task = self.tasks.pop(task_id, None)
+            if task is None:
+                return
+            self.command("cancel_task", task_id=task_id, step=ikey)
+            err = error("StepTimeout", f"the attempt did not finish within {self._timeout_of(task)} ms")
+            if task["kind"] == "compensate":
+                self.compensation_attempt_failed(ikey, task_id, err)
+            elif self.nodes[ikey]["status"] == "cancelling":
+                self._cancelled(ikey, task_id, err)
+            else:
+                self.emit("step_timed_out", ikey, attempt=task["attempt"], task_id=task_id, error=err)
+                self._attempt_failed(ikey, task_id, err)
+
+    def _timeout_of(self, task: dict[str, Any]) -> Any:
+        node = self.p.nodes[self.nodes[task["step"]]["node"]]
+        return (node.get("compensate") or {}).get("timeout_ms") if task["kind"] == "compensate" \
+            else node.get("timeout_ms")
+
+
+def _error_of(value: Json) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {"type": str(value.get("type") or "Error"), "message": str(value.get("message") or "")}
+    return {"type": "Error", "message": "" if value is None else str(value)}

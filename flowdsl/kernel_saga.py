@@ -1,0 +1,233 @@
+"""Kernel, saga half: aborting a run, undoing what completed, finishing.
+
+Stage: kernel — pure; imports ``flowdsl.expr`` and the other ``kernel_*``
+modules only; no I/O, no clock.
+
+The compensation order (docs/kernel.md, "Failure, cancellation and compensation"): A *precedes* B
+when A completed before B started, in the kernel's own event order (the
+logical ``clock`` stamped at each step start ``t0`` and completion ``t1``).
+Every plan dependency is such a precedence, and in a sequence it is the
+completion order. A's compensation may start once every compensation of a step
+it precedes has succeeded; compensations with no precedence between them run
+concurrently (dispatched in reverse completion order). One that fails for good
+blocks exactly the compensations that had to wait for it; all others still run,
+and the run ends ``needs_intervention`` with the blocked and failed ones listed.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from flowdsl.expr import ExpressionError
+from flowdsl.kernel_core import Core, error
+from flowdsl.kernel_program import Json, retry_delay, retryable
+
+#: the states in which a run is over
+END_STATES = frozenset({"completed", "failed", "compensated", "needs_intervention", "cancelled"})
+
+
+class Saga(Core):
+    """Abort, cancellation of in-flight work, compensation and the end of a run."""
+
+    # --- abort --------------------------------------------------------------------
+
+    def abort(self, reason: str, err: dict[str, Any], step: str | None) -> None:
+        """Stop a running run: cancel what is in flight, then compensate (``reason``: failed|cancelled|timeout)."""
+        if self.s["status"] != "running":
+            return
+        self.s.update(status="aborting", abort=reason, error=err, failed_step=step)
+        self.queue.clear()
+        if step is not None:
+            self._fail_ancestors(self.nodes[step]["parent"])
+        for timer_id, timer in list(self.timers.items()):
+            if timer["purpose"] == "run_timeout":
+                self.cancel_timer(timer_id)
+            elif timer["purpose"] == "retry":
+                self.cancel_timer(timer_id)
+                rec = self.nodes[timer["step"]]
+                rec.update(status="cancelled", finished_at=self.at)
+                self.emit("step_cancelled", timer["step"], attempt=rec["attempt"], error=rec["error"],
+                          reason="the run was aborted while the step waited to retry")
+        for task_id, task in self.tasks.items():
+            self.nodes[task["step"]]["status"] = "cancelling"
+            self.command("cancel_task", task_id=task_id, step=task["step"])
+        self.maybe_compensate()
+
+    def _fail_ancestors(self, container: str | None) -> None:
+        while container is not None:
+            if container in self.iters:
+                it = self.iters[container]
+                it["status"] = "failed"
+                container = it["fe"]
+                continue
+            rec = self.nodes[container]
+            if rec["status"] == "running":
+                rec.update(status="failed", finished_at=self.at)
+            container = rec["parent"]
+
+    def maybe_compensate(self) -> None:
+        """Begin compensating once nothing of the aborted run is in flight."""
+        if self.s["status"] == "aborting" and not self.tasks:
+            self._start_saga()
+
+    # --- compensation ---------------------------------------------------------------
+
+    def _start_saga(self) -> None:
+        done = [(rec["t1"], ikey) for ikey, rec in self.nodes.items()
+                if rec["status"] == "succeeded" and self.is_step(rec["node"])
+                and self.p.nodes[rec["node"]].get("compensate")]
+        if not done:
+            self.finish("cancelled" if self.s["abort"] == "cancelled" else "failed")
+            return
+        done.sort(reverse=True)
+        waiting = [[-self.nodes[ikey]["t0"], ikey] for _, ikey in done]
+        heapq.heapify(waiting)
+        self.s.update(status="compensating", saga={"order": [ikey for _, ikey in done], "next": 0,
+                                                   "waiting": waiting, "active": 0})
+        self.s["compensations"] = {ikey: {"status": "pending", "attempt": 0, "task": None, "error": None,
+                                          "started_at": None, "finished_at": None} for _, ikey in done}
+        self.advance_saga()
+
+    def advance_saga(self) -> None:
+        """Dispatch every compensation whose successors are undone; finish when nothing can move.
+
+        ``order`` lists the steps by completion, latest first; ``waiting`` is a
+        heap of the start marks of the compensations not yet succeeded. Every
+        step that completed after the latest such start may be undone now.
+        """
+        saga = self.s["saga"]
+        comps: dict[str, dict[str, Any]] = self.s["compensations"]
+        waiting: list[list[Any]] = saga["waiting"]
+        while waiting and comps[waiting[0][1]]["status"] == "done":
+            heapq.heappop(waiting)
+        horizon = -waiting[0][0] if waiting else -1
+        order: list[str] = saga["order"]
+        while saga["next"] < len(order) and self.nodes[order[saga["next"]]]["t1"] > horizon:
+            ikey = order[saga["next"]]
+            saga["next"] += 1
+            self._dispatch_compensation(ikey)
+        if saga["active"] == 0:
+            self._end_saga()
+
+    def compensation_input(self, ikey: str) -> Json:
+        """The context the step saw plus its contribution, or its compensation's ``with`` over that."""
+        rec = self.nodes[ikey]
+        ctx = self.context(ikey)
+        data = {**ctx, **self.contribution(rec)}
+        template = self.p.nodes[rec["node"]]["compensate"].get("with")
+        if template is None:
+            return data
+        return self.render(ikey, template, data, context=ctx, own=rec.get("result"))
+
+    def _dispatch_compensation(self, ikey: str) -> None:
+        comp = self.s["compensations"][ikey]
+        spec = self.p.nodes[self.nodes[ikey]["node"]]["compensate"]
+        try:
+            data = self.compensation_input(ikey)
+        except ExpressionError as exc:
+            comp.update(status="failed", error=error("ExpressionError", exc.message), finished_at=self.at)
+            self.emit("compensation_failed", ikey, attempt=comp["attempt"], error=comp["error"],
+                      worker=spec["worker"])
+            if comp["attempt"]:
+                self.s["saga"]["active"] -= 1
+            return
+        if comp["status"] == "pending":
+            self.s["saga"]["active"] += 1
+        comp["attempt"] += 1
+        attempt: int = comp["attempt"]
+        idem = self.idempotency_key(ikey)
+        task_id = f"{idem}#c{attempt}"
+        timeout: int | None = spec.get("timeout_ms")
+        self.tasks[task_id] = {"step": ikey, "kind": "compensate", "attempt": attempt,
+                               "timer": task_id + "@timeout" if timeout else None}
+        comp.update(status="running", task=task_id)
+        if comp["started_at"] is None:
+            comp["started_at"] = self.at
+        self.command("dispatch", task_id=task_id, kind="compensate", step=ikey, node=self.nodes[ikey]["node"],
+                     worker=spec["worker"], input=data, attempt=attempt,
+                     idempotency_key=idem + "/compensate", timeout_ms=timeout, llm=None)
+        if timeout:
+            self.schedule(task_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=task_id)
+        self.emit("compensation_started", ikey, attempt=attempt, task_id=task_id, worker=spec["worker"],
+                  idempotency_key=idem + "/compensate")
+
+    def compensation_succeeded(self, ikey: str, task_id: str) -> None:
+        comp = self.s["compensations"][ikey]
+        comp.update(status="done", task=None, finished_at=self.at)
+        self.s["saga"]["active"] -= 1
+        self.s["compensated"].append(ikey)
+        self.emit("compensation_succeeded", ikey, attempt=comp["attempt"], task_id=task_id)
+        self.advance_saga()
+
+    def compensation_attempt_failed(self, ikey: str, task_id: str, err: dict[str, Any]) -> None:
+        comp = self.s["compensations"][ikey]
+        spec = self.p.nodes[self.nodes[ikey]["node"]]["compensate"]
+        policy = spec.get("retry") or {"attempts": 1}
+        attempt: int = comp["attempt"]
+        comp.update(error=err, task=None)
+        if attempt < policy["attempts"] and retryable(policy, err["type"]):
+            delay = retry_delay(policy, attempt, self.s["seed"], ikey + "/compensate")
+            comp["status"] = "retrying"
+            self.emit("compensation_retrying", ikey, attempt=attempt, task_id=task_id, error=err,
+                      delay_ms=delay, next_attempt=attempt + 1)
+            self.schedule(f"{self.idempotency_key(ikey)}#c{attempt + 1}@retry", delay, "retry", ikey,
+                          compensation=True)
+            return
+        comp.update(status="failed", finished_at=self.at)
+        self.s["saga"]["active"] -= 1
+        self.emit("compensation_failed", ikey, attempt=attempt, task_id=task_id, error=err,
+                  worker=spec["worker"])
+        self.advance_saga()
+
+    def retry_compensation(self, ikey: str) -> None:
+        comp = self.s["compensations"][ikey]
+        if self.s["status"] == "compensating" and comp["status"] == "retrying":
+            self._dispatch_compensation(ikey)
+            if comp["status"] == "failed":
+                self.advance_saga()
+
+    def _end_saga(self) -> None:
+        comps: dict[str, dict[str, Any]] = self.s["compensations"]
+        left = [k for k in self.s["saga"]["order"] if comps[k]["status"] != "done"]
+        if left:
+            self.s["intervention"] = {"steps": [self._left_to_undo(k) for k in left]}
+            self.finish("needs_intervention")
+        else:
+            self.finish("cancelled" if self.s["abort"] == "cancelled" else "compensated")
+
+    def _left_to_undo(self, ikey: str) -> dict[str, Any]:
+        comp = self.s["compensations"][ikey]
+        rec = self.nodes[ikey]
+        idem = self.idempotency_key(ikey)
+        last = comp["error"]
+        data: Json = None
+        try:
+            data = self.compensation_input(ikey)
+        except ExpressionError as exc:
+            last = last or error("ExpressionError", exc.message)
+        return {"step": ikey, "node": rec["node"], "worker": self.p.nodes[rec["node"]]["compensate"]["worker"],
+                "status": "failed" if comp["status"] == "failed" else "not_attempted",
+                "input": data, "idempotency_key": idem + "/compensate",
+                "step_idempotency_key": idem, "attempts": comp["attempt"], "last_error": last,
+                "step_result": rec.get("result")}
+
+    # --- the end --------------------------------------------------------------------------
+
+    def finish(self, status: str) -> None:
+        """End the run: settle leftover records and timers, record the final context, say so."""
+        self.s.update(status=status, finished_at=self.at)
+        self.queue.clear()
+        for timer_id in list(self.timers):
+            self.cancel_timer(timer_id)
+        for rec in self.nodes.values():
+            if rec["status"] == "running":
+                rec.update(status="cancelled", finished_at=self.at)
+        for it in self.iters.values():
+            if it["status"] == "running":
+                it["status"] = "cancelled"
+        self.s["context"] = self.final_context()
+        err = self.s["error"]
+        self.emit("run_finished", self.s["failed_step"], error=err, status=status,
+                  compensated=list(self.s["compensated"]))
+        self.command("finish", status=status, error=err)
