@@ -1,0 +1,438 @@
+"""LLM steps: calling a language model through DSPy for an ``llm:`` step.
+
+Stage: llm steps — runtime-side, imported lazily by runtimes; imports
+flowdsl.expr-free stdlib (and ``flowdsl.llm_signature``) at import time, and
+dspy lazily, inside the functions that need it (importing it costs ~1.5 s).
+Nothing global is set at import, and nothing global is set by a call: each
+step's LM, adapter and recorder are bound with ``dspy.context`` for that call
+only, so concurrent steps (asyncio tasks or threads) never see each other's
+model, and ``dspy.configure`` (which refuses other threads) is never used.
+
+The runtime resolves the step's LM with :func:`resolve_lm`, takes the step's
+inputs from the context (or its ``with:``), and awaits :func:`run_llm_step`
+with the plan node's ``llm`` block. The result's ``outputs`` are checked and
+converted to the signature's types; a malformed answer raises
+:class:`OutputInvalid`, a missing LM :class:`LLMNotConfigured` — both step
+failures whose class names retry filters match. See docs/llm.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowdsl.llm_signature import (
+    MODULES,
+    REASONING_FIELD,
+    TYPES,
+    SignatureError,
+    check_llm_block,
+    coerce_value,
+    describe_type,
+    normalize_fields,
+    normalize_signature,
+    parse_signature,
+)
+
+__all__ = [
+    "LLM_ENV",
+    "MODULES",
+    "TYPES",
+    "InputInvalid",
+    "LLMNotConfigured",
+    "LlmResult",
+    "OutputInvalid",
+    "SignatureError",
+    "check_llm_block",
+    "coerce_value",
+    "normalize_fields",
+    "normalize_signature",
+    "parse_signature",
+    "resolve_lm",
+    "run_llm_step",
+]
+
+#: the environment variable naming the LM used when nothing else does
+LLM_ENV = "FLOWDSL_LM"
+REDACTED = "***"
+
+_HOW_TO_CONFIGURE = (
+    "name one with 'lm:' in the step's llm block, 'defaults: {llm: {lm: ...}}' in the spec, "
+    f"'--lm MODEL' on the command line, or the {LLM_ENV} environment variable "
+    f"(e.g. {LLM_ENV}=openai/gpt-4o-mini); API keys are read from the environment (e.g. OPENAI_API_KEY)"
+)
+_HEADER = re.compile(r"^\s*\[\[ ## (\w+) ## \]\]\s*(.*)$")
+
+
+class LLMNotConfigured(Exception):
+    """No usable language model for an LLM step (none named, its API key missing, or DSPy not installed)."""
+
+
+class OutputInvalid(Exception):
+    """The model's answer does not fit the step's signature (a field missing, a value of the wrong type).
+
+    ``field`` names the first offending output field when one is known;
+    ``prompt`` and ``raw`` are what was sent and received (redacted).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, prompt: list[dict[str, Any]] | None = None,
+                 raw: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.prompt = prompt or []
+        self.raw = raw
+
+
+class InputInvalid(Exception):
+    """An input field of the step has no value, or a value that does not fit its declared type."""
+
+
+@dataclass(frozen=True)
+class LlmResult:
+    """What one LLM step call produced.
+
+    ``outputs`` holds every output field of the signature, converted to its
+    type (JSON-serializable). ``prompt`` is the list of chat messages
+    (``{"role", "content"}``) of the model call whose answer was used, and
+    ``raw`` its reply text; in both, the values of the inputs named in
+    ``redact`` are replaced by ``***``. ``reasoning`` is the ChainOfThought
+    rationale (None for ``predict``); ``model`` the LM's model name.
+    """
+
+    outputs: dict[str, Any]
+    prompt: list[dict[str, Any]] = field(default_factory=list)
+    raw: str = ""
+    reasoning: str | None = None
+    model: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON data, for event logs."""
+        return {"outputs": self.outputs, "prompt": self.prompt, "raw": self.raw,
+                "reasoning": self.reasoning, "model": self.model}
+
+
+def resolve_lm(step_lm: str | None, default_lm: str | None, cli_lm: str | None,
+               env: Mapping[str, str]) -> str | None:
+    """The model string an LLM step uses, or None when none is configured.
+
+    Precedence, first set wins: the step's ``llm.lm`` > the CLI's ``--lm`` >
+    the spec's ``defaults.llm.lm`` > the environment's ``FLOWDSL_LM``. Empty or
+    blank values count as unset.
+    """
+    for value in (step_lm, cli_lm, default_lm, env.get(LLM_ENV)):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+async def run_llm_step(
+    llm: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    *,
+    lm: object | str | None,
+    step_key: str = "",
+    redact: Iterable[str] = (),
+    adapter: object | None = None,
+) -> LlmResult:
+    """Run one LLM step: build its DSPy program, call the model once, check the answer.
+
+    ``llm`` is the plan node's ``llm`` block (``signature`` may also be given
+    in either source form). ``inputs`` maps input field names to values;
+    other keys are ignored. ``lm`` is the LM resolved by :func:`resolve_lm`
+    (a model string, made into ``dspy.LM(model, cache=False)`` with keys from
+    the environment) or a ``dspy.BaseLM`` instance; when None, the block's own
+    ``lm`` is used. ``adapter`` overrides DSPy's adapter for this call (default:
+    the one in ``dspy.settings``, else ``ChatAdapter``).
+
+    Raises :class:`LLMNotConfigured`, :class:`InputInvalid`,
+    :class:`OutputInvalid`; provider failures (``LMRateLimitError``,
+    ``LMTimeoutError``, ...) propagate unchanged.
+    """
+    where = f"LLM step '{step_key}'" if step_key else "LLM step"
+    signature = normalize_signature(llm["signature"])
+    module_name = llm.get("module") or "predict"
+    problems = [m for code, _, m in check_llm_block({**llm, "signature": signature}) if code != "FD603"]
+    if problems:
+        raise ValueError(f"{where}: {problems[0]}")
+    model = lm if lm is not None else llm.get("lm")
+    if model is None or (isinstance(model, str) and not model.strip()):
+        raise LLMNotConfigured(f"{where} has no language model configured: {_HOW_TO_CONFIGURE}")
+    values = _prepare_inputs(signature, inputs, where)
+    dspy = await _import_dspy(where)
+    lm_obj = _make_lm(dspy, model.strip() if isinstance(model, str) else model, where)
+    program = _build_program(dspy, signature, llm.get("instructions"), module_name, llm.get("demos") or [])
+    secrets = _secrets(values, inputs, redact)
+    recorder = _recorder_class(dspy)()
+    callbacks = [*(dspy.settings.get("callbacks") or []), recorder]
+    # History off: the recorder keeps what the event log needs, and DSPy's in-memory
+    # history would otherwise grow with every call of a long-running worker.
+    overrides: dict[str, Any] = {"lm": lm_obj, "callbacks": callbacks, "disable_history": True}
+    if adapter is not None:
+        overrides["adapter"] = adapter
+    from dspy.utils.exceptions import AdapterParseError, LMNotConfiguredError
+
+    try:
+        with dspy.context(**overrides):
+            prediction = await program.acall(**values)
+    except AdapterParseError as exc:
+        raw = _redact(recorder.raw or str(exc.lm_response or ""), secrets)
+        prompt = _redact_prompt(recorder.prompt, secrets)
+        fields = signature["outputs"]
+        if module_name == "chain_of_thought":
+            fields = [{"name": REASONING_FIELD, "type": "str", "desc": None, "enum": None}, *fields]
+        message, bad = _diagnose(fields, raw, str(exc))
+        raise OutputInvalid(f"{where}: {message}", field=bad, prompt=prompt, raw=raw) from None
+    except LMNotConfiguredError as exc:
+        reason = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secrets)
+        raise LLMNotConfigured(f"{where}: the LM {_model_name(lm_obj)!r} cannot be used: {reason} "
+                               "(flowdsl passes no keys itself: set the provider's API key in the "
+                               "environment of the process that runs the step)") from None
+    prompt = _redact_prompt(recorder.prompt, secrets)
+    raw = _redact(recorder.raw, secrets)
+    data = prediction.toDict()
+    outputs: dict[str, Any] = {}
+    for f in signature["outputs"]:
+        if f["name"] not in data or data[f["name"]] is None:
+            raise OutputInvalid(f"{where}: the model's answer has no value for the output field "
+                                f"'{f['name']}' (expected {_expected(signature['outputs'])})",
+                                field=f["name"], prompt=prompt, raw=raw)
+        try:
+            outputs[f["name"]] = coerce_value(f, data[f["name"]])
+        except ValueError as exc:
+            message = f"{where}: output field '{f['name']}' ({describe_type(f)}): {exc}"
+            raise OutputInvalid(_redact(message, secrets), field=f["name"], prompt=prompt, raw=raw) from None
+    reasoning = data.get(REASONING_FIELD) if module_name == "chain_of_thought" else None
+    return LlmResult(outputs=outputs, prompt=prompt, raw=raw,
+                     reasoning=_redact(str(reasoning), secrets) if reasoning is not None else None,
+                     model=_model_name(lm_obj))
+
+
+# --- building the DSPy program ------------------------------------------------------------------
+
+
+async def _import_dspy(where: str) -> Any:
+    loaded = sys.modules.get("dspy")
+    if loaded is not None and not getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+        return loaded
+    try:  # the first import takes ~1.5 s: keep the event loop (heartbeats, leases) running meanwhile
+        return await asyncio.to_thread(importlib.import_module, "dspy")
+    except ImportError as exc:
+        raise LLMNotConfigured(f"{where} needs DSPy, which is not installed ({exc}); "
+                               "install it with: pip install 'flowdsl[llm]'") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _lm_for(model: str) -> Any:
+    import dspy
+
+    # No response cache: a retried step must ask the model again, not replay the answer that failed.
+    return dspy.LM(model, cache=False)
+
+
+def _make_lm(dspy: Any, model: object, where: str) -> Any:
+    if isinstance(model, str):
+        try:
+            return _lm_for(model)
+        except (ValueError, TypeError, dspy.LMError) as exc:
+            raise LLMNotConfigured(f"{where}: the LM '{model}' cannot be used: {exc}") from None
+    if isinstance(model, dspy.BaseLM) or getattr(model, "supports_decision_requests", False) is True:
+        return model
+    raise LLMNotConfigured(f"{where}: the LM must be a model string or a dspy.BaseLM, found "
+                           f"{type(model).__name__}")
+
+
+def _annotation(f: Mapping[str, Any]) -> Any:
+    from typing import Literal
+
+    if f.get("enum") is not None:
+        return Literal.__getitem__(tuple(f["enum"]))
+    return {"str": str, "int": int, "float": float, "bool": bool, "list[str]": list[str],
+            "list[int]": list[int], "list[float]": list[float], "dict": dict[str, Any]}[f["type"]]
+
+
+def _build_program(dspy: Any, signature: Mapping[str, Any], instructions: str | None, module: str,
+                   demos: list[Mapping[str, Any]]) -> Any:
+    fields: dict[str, tuple[Any, Any]] = {}
+    for side, make in (("inputs", dspy.InputField), ("outputs", dspy.OutputField)):
+        for f in signature[side]:
+            fields[f["name"]] = (_annotation(f), make(desc=f["desc"]) if f.get("desc") else make())
+    sig = dspy.Signature(fields, instructions or None)
+    program = dspy.ChainOfThought(sig) if module == "chain_of_thought" else dspy.Predict(sig)
+    examples = [dspy.Example(**dict(d)) for d in demos]
+    for predictor in program.predictors():
+        predictor.demos = list(examples)
+    return program
+
+
+def _prepare_inputs(signature: Mapping[str, Any], inputs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for f in signature["inputs"]:
+        name = f["name"]
+        if name not in inputs:
+            have = ", ".join(sorted(map(str, inputs))) or "nothing"
+            raise InputInvalid(f"{where}: the input field '{name}' has no value (the step was given: "
+                               f"{have}); put it in the context or map it with 'with:'")
+        value = inputs[name]
+        try:
+            values[name] = value if value is None else coerce_value(f, value)
+        except ValueError as exc:
+            raise InputInvalid(f"{where}: input field '{name}' ({describe_type(f)}): {exc}") from None
+    return values
+
+
+@functools.cache
+def _recorder_class(dspy: Any) -> type:
+    class _Recorder(dspy.utils.callback.BaseCallback):
+        """Keeps the messages and the reply of the LM calls made in this step's context."""
+
+        def __init__(self) -> None:
+            self.prompt: list[dict[str, Any]] = []
+            self.raw = ""
+
+        def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+            messages = inputs.get("messages")
+            if messages is None and isinstance(inputs.get("prompt"), str):
+                messages = [{"role": "user", "content": inputs["prompt"]}]
+            self.prompt = [{"role": str(m.get("role", "")), "content": _jsonable(m.get("content"))}
+                           for m in messages or [] if isinstance(m, Mapping)]
+            self.raw = ""
+
+        def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+            first = outputs[0] if isinstance(outputs, list) and outputs else outputs
+            if isinstance(first, Mapping):
+                first = first.get("text")
+            self.raw = first if isinstance(first, str) else ("" if first is None else str(first))
+
+    return _Recorder
+
+
+# --- checking answers, recording ------------------------------------------------------------------
+
+
+def _sections(raw: str) -> dict[str, str] | None:
+    """The field texts of a reply: ChatAdapter ``[[ ## name ## ]]`` sections, else a JSON object."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in raw.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            current = sections.setdefault(m.group(1), []) if m.group(1) not in sections else None
+            if current is not None and m.group(2):
+                current.append(m.group(2))
+        elif current is not None:
+            current.append(line)
+    if sections:
+        return {k: "\n".join(v).strip() for k, v in sections.items()}
+    try:
+        data = json.loads(raw.strip().removeprefix("```json").removesuffix("```"))
+    except ValueError:
+        return None
+    return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
+
+
+def _diagnose(fields: list[Mapping[str, Any]], raw: str, adapter_message: str) -> tuple[str, str | None]:
+    """Say what is wrong with an answer the adapter could not parse; returns (message, first bad field)."""
+    expected = _expected(fields)
+    sections = _sections(raw)
+    if not raw.strip():
+        return f"the model's answer is empty (expected {expected})", None
+    if sections is None:
+        return (f"the model's answer is not in the expected format; it has none of the output fields "
+                f"(expected {expected})"), None
+    problems: list[str] = []
+    bad: str | None = None
+    missing = [f["name"] for f in fields if f["name"] not in sections]
+    if missing:
+        problems.append("the answer has no " + ", ".join(f"'{n}'" for n in missing)
+                        + (" field" if len(missing) == 1 else " fields"))
+        bad = missing[0]
+    for f in fields:
+        if f["name"] in sections:
+            try:
+                coerce_value(f, sections[f["name"]])
+            except ValueError as exc:
+                problems.append(f"output field '{f['name']}' ({describe_type(f)}): {exc}")
+                bad = bad or f["name"]
+    if not problems:
+        first = adapter_message.strip().splitlines()[0] if adapter_message.strip() else "unknown reason"
+        problems.append(f"the answer could not be parsed ({first})")
+    return f"the model's answer is malformed: {'; '.join(problems)} (expected {expected})", bad
+
+
+def _expected(fields: Iterable[Mapping[str, Any]]) -> str:
+    return "; ".join(f"{f['name']}: {describe_type(f)}" for f in fields)
+
+
+def _secrets(values: Mapping[str, Any], inputs: Mapping[str, Any], redact: Iterable[str]) -> list[str]:
+    """Every text form the redacted inputs may take in a prompt, longest first."""
+    forms: set[str] = set()
+    for name in set(redact):
+        for value in (values.get(name), inputs.get(name)):
+            if value is None:
+                continue
+            if isinstance(value, str):
+                forms.add(value)
+                continue
+            forms.add(str(value))
+            for kw in ({}, {"ensure_ascii": False}, {"ensure_ascii": False, "sort_keys": True}):
+                with contextlib.suppress(TypeError, ValueError):
+                    forms.add(json.dumps(value, **kw))  # type: ignore[arg-type]
+            forms.update(s for s in _leaves(value) if len(s) >= 4)
+    return sorted((s for s in forms if s.strip()), key=len, reverse=True)
+
+
+def _leaves(value: Any) -> Iterable[str]:
+    if isinstance(value, Mapping):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _leaves(v)
+    elif value is not None:
+        yield value if isinstance(value, str) else json.dumps(value)
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact_prompt(prompt: list[dict[str, Any]], secrets: list[str]) -> list[dict[str, Any]]:
+    if not secrets:
+        return prompt
+    return [{**m, "content": _redact_value(m.get("content"), secrets)} for m in prompt]
+
+
+def _redact_value(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return _redact(value, secrets)
+    if isinstance(value, list):
+        return [_redact_value(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_value(v, secrets) for k, v in value.items()}
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def _model_name(lm: Any) -> str | None:
+    model = getattr(lm, "model", None)
+    return model if isinstance(model, str) else None

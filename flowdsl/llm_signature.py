@@ -1,0 +1,531 @@
+"""LLM step signatures: parsing, normalizing and checking the fields of an ``llm:`` block.
+
+Stage: shared by the compiler (which normalizes signatures into the plan) and
+the LLM step engine (``flowdsl.llm``, which checks values against them).
+Imports the standard library only — never dspy — so the compiler stays fast.
+
+A normalized signature is plain JSON, the form the plan holds (docs/plan.md)::
+
+    {"inputs":  [{"name": "customer_name", "type": "str", "desc": None, "enum": None}, ...],
+     "outputs": [{"name": "tone", "type": "str", "desc": None, "enum": ["formal", "friendly"]}, ...]}
+
+Two source forms produce it: the DSPy signature string
+(``"customer_name, total: float -> greeting, next_steps: list[str]"``, parsed by
+:func:`parse_signature`) and the typed-fields mapping of the YAML form
+(:func:`normalize_fields`). :func:`coerce_value` converts a value to a field's
+declared type or says why it cannot; the engine uses it on model answers and
+run inputs, the checks use it on demos (:func:`check_llm_block`).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+#: the field types a signature may declare
+TYPES: tuple[str, ...] = ("str", "int", "float", "bool", "list[str]", "list[int]", "list[float]", "dict")
+#: the modules an llm step may use
+MODULES: tuple[str, ...] = ("predict", "chain_of_thought")
+#: the output field ChainOfThought adds; a chain_of_thought step may not declare it
+REASONING_FIELD = "reasoning"
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+_MAX_NAME = 64
+_ENUM_TYPES = ("str", "int", "float", "bool")
+_FIELD_KEYS = ("type", "desc", "enum")
+# Names DSPy signatures (pydantic models) cannot hold as fields, or that shadow their methods.
+_RESERVED = frozenset(
+    {
+        "instructions", "signature", "fields", "input_fields", "output_fields", "append", "prepend",
+        "insert", "delete", "equals", "with_instructions", "with_updated_fields", "append_instructions",
+        "dump_state", "load_state", "construct", "copy", "dict", "json", "schema", "schema_json",
+        "validate", "from_orm", "parse_obj", "parse_raw", "parse_file", "update_forward_refs",
+    }
+)
+_TYPE_HINTS = {
+    "string": "str", "text": "str", "integer": "int", "number": "float", "double": "float",
+    "boolean": "bool", "list": "list[str]", "array": "list[str]", "object": "dict", "List[str]": "list[str]",
+    "List[int]": "list[int]", "List[float]": "list[float]", "Dict": "dict", "dict[str, Any]": "dict",
+}
+
+
+class SignatureError(ValueError):
+    """A malformed LLM signature.
+
+    ``offset`` is the 0-based character offset in the signature string (None for
+    the mapping form); ``path`` is a JSON pointer inside the signature mapping
+    (``/outputs/tone/enum``, empty for the string form); ``code`` is the
+    diagnostic code the compiler reports (FD601 malformed, FD602 unknown type).
+    """
+
+    def __init__(self, message: str, offset: int | None = None, *, path: str = "", code: str = "FD601"):
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.path = path
+        self.code = code
+
+
+def parse_signature(text: str) -> dict[str, list[dict[str, Any]]]:
+    """Parse a DSPy-style signature string into the normalized ``{"inputs", "outputs"}`` form.
+
+    Each side of ``->`` is a comma-separated list of ``name`` or ``name: type``
+    (type ``str`` when omitted). Types: see :data:`TYPES`, plus
+    ``Literal["a", "b"]`` for an enum. Raises :class:`SignatureError`.
+    """
+    if not isinstance(text, str):
+        raise SignatureError(f"a signature string was expected, found {type(text).__name__}", 0)
+    arrows = [i for i, ch in _top_level(text) if text.startswith("->", i)]
+    if not arrows:
+        raise SignatureError(
+            f"found no '->' in {text.strip()!r}; expected 'inputs -> outputs', e.g. 'question -> answer'",
+            len(text),
+        )
+    if len(arrows) > 1:
+        raise SignatureError("found a second '->'; expected exactly one, between the inputs and the outputs",
+                             arrows[1])
+    arrow = arrows[0]
+    inputs = _parse_side(text, 0, arrow, "inputs")
+    outputs = _parse_side(text, arrow + 2, len(text), "outputs")
+    seen = {f["name"]: off for f, off in inputs}
+    for f, off in outputs:
+        if f["name"] in seen:
+            raise SignatureError(
+                f"found '{f['name']}' both among the inputs and the outputs; expected each field on one side only",
+                off
+            )
+    return {"inputs": [f for f, _ in inputs], "outputs": [f for f, _ in outputs]}
+
+
+def normalize_fields(mapping_form: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Normalize the typed-fields form ``{"inputs": {name: spec}, "outputs": {name: spec}}``.
+
+    A field spec is a type string (``"list[str]"``), ``None`` (``str``), or a
+    mapping with ``type``, ``desc`` and ``enum`` (each optional; with ``enum``
+    and no ``type`` the type follows the values). Field order is kept as written.
+    Raises :class:`SignatureError` with ``path`` set.
+    """
+    if not isinstance(mapping_form, Mapping):
+        raise SignatureError(f"a signature mapping with 'inputs' and 'outputs' was expected, "
+                             f"found {_kind(mapping_form)}")
+    for key in mapping_form:
+        if key not in ("inputs", "outputs"):
+            raise SignatureError(f"unknown key '{key}' in the signature; expected 'inputs' and 'outputs'"
+                                 + _did_you_mean(str(key), ("inputs", "outputs")), path=f"/{_esc(key)}")
+    result: dict[str, list[dict[str, Any]]] = {}
+    names: dict[str, str] = {}
+    for side in ("inputs", "outputs"):
+        fields = mapping_form.get(side)
+        if not isinstance(fields, Mapping) or not fields:
+            found = "nothing" if fields is None else ("an empty mapping" if not fields else _kind(fields))
+            raise SignatureError(f"the signature's '{side}' must map at least one field name to its type; "
+                                 f"found {found}", path=f"/{side}")
+        result[side] = []
+        for name, spec in fields.items():
+            path = f"/{side}/{_esc(name)}"
+            problem = _name_problem(name)
+            if problem:
+                raise SignatureError(problem, path=path)
+            if name in names:
+                raise SignatureError(
+                    f"found '{name}' both among the inputs and the outputs; expected each field on one side only",
+                    path=path,
+                )
+            names[name] = side
+            result[side].append(_field_from_spec(name, spec, path))
+    return result
+
+
+def normalize_signature(signature: str | Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Normalize either source form; an already normalized signature is checked and returned as is."""
+    if isinstance(signature, str):
+        return parse_signature(signature)
+    sides = ("inputs", "outputs")
+    if isinstance(signature, Mapping) and all(isinstance(signature.get(s), list) for s in sides):
+        for side in ("inputs", "outputs"):
+            for i, f in enumerate(signature[side]):
+                if not isinstance(f, Mapping) or f.get("type") not in TYPES or _name_problem(f.get("name")):
+                    raise SignatureError(f"not a normalized field: {f!r}", path=f"/{side}/{i}")
+        return {s: [dict(f) for f in signature[s]] for s in ("inputs", "outputs")}
+    return normalize_fields(signature)
+
+
+def coerce_value(field: Mapping[str, Any], value: Any) -> Any:
+    """Convert ``value`` to ``field``'s declared type, or raise ``ValueError`` saying why not.
+
+    Lenient where a model's answer is plain text: ``"3"`` is an int, ``"true"``
+    a bool, ``'["a", "b"]'`` a list. The result is JSON-serializable; enum
+    values must match one of the field's ``enum`` exactly (after trimming).
+    """
+    ftype = field.get("type") or "str"
+    converted = _coerce(ftype, value)
+    enum = field.get("enum")
+    if enum is not None:
+        if isinstance(converted, str):
+            converted = _unquote(converted.strip())
+        if not any(_same(converted, e) for e in enum):
+            raise ValueError(f"{_show(value)} is not one of: {', '.join(_show(e) for e in enum)}")
+        converted = next(e for e in enum if _same(converted, e))
+    return converted
+
+
+def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Problems of a normalized ``llm`` block beyond its signature: ``(code, pointer, message)``.
+
+    Checks the module name, a ``reasoning`` output under ``chain_of_thought``,
+    and that each demo gives every field of the signature a value of its type
+    (FD603). Pointers are relative to the ``llm`` block.
+    """
+    problems: list[tuple[str, str, str]] = []
+    signature = llm.get("signature") or {}
+    module = llm.get("module") or "predict"
+    if module not in MODULES:
+        problems.append(("FD601", "/module", f"unknown module '{module}'; expected one of: "
+                         f"{', '.join(MODULES)}{_did_you_mean(str(module), MODULES)}"))
+    fields = [*signature.get("inputs", []), *signature.get("outputs", [])]
+    outputs = signature.get("outputs", [])
+    if module == "chain_of_thought" and any(f["name"] == REASONING_FIELD for f in outputs):
+        problems.append(("FD601", "/signature", "chain_of_thought adds its own 'reasoning' output; "
+                         "rename the output field 'reasoning'"))
+    demos = llm.get("demos") or []
+    if not isinstance(demos, list):
+        return [*problems, ("FD603", "/demos", f"demos must be a list of examples, found {_kind(demos)}")]
+    known = {f["name"] for f in fields}
+    if module == "chain_of_thought":
+        known.add(REASONING_FIELD)  # a demo may show its reasoning
+    for i, demo in enumerate(demos):
+        if not isinstance(demo, Mapping):
+            problems.append(("FD603", f"/demos/{i}",
+                             f"a demo must be a mapping of field values, found {_kind(demo)}"))
+            continue
+        missing = [f["name"] for f in fields if f["name"] not in demo]
+        if missing:
+            problems.append(("FD603", f"/demos/{i}", f"demo {i + 1} gives no value for {_names(missing)}; "
+                             "a demo gives every field of the signature"))
+        for key in demo:
+            if key not in known:
+                problems.append(("FD603", f"/demos/{i}/{_esc(key)}", f"demo {i + 1} has '{key}', which is "
+                                 "not a field of the signature" + _did_you_mean(str(key), sorted(known))))
+        for f in fields:
+            if f["name"] in demo:
+                try:
+                    coerce_value(f, demo[f["name"]])
+                except ValueError as exc:
+                    problems.append(("FD603", f"/demos/{i}/{_esc(f['name'])}",
+                                     f"demo {i + 1}, field '{f['name']}' ({describe_type(f)}): {exc}"))
+    return problems
+
+
+def describe_type(field: Mapping[str, Any]) -> str:
+    """A field's type as a person reads it: ``int``, ``list[str]``, ``one of formal, friendly``."""
+    if field.get("enum") is not None:
+        return "one of " + ", ".join(_show(e) for e in field["enum"])
+    return str(field.get("type") or "str")
+
+
+# --- the string form ----------------------------------------------------------------------------
+
+
+def _top_level(text: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, str]]:
+    """Characters outside quotes and brackets, with their offsets."""
+    depth, quote, i, stop = 0, "", start, len(text) if end is None else end
+    while i < stop:
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif depth <= 0:
+            yield i, ch
+        i += 1
+
+
+def _parse_side(text: str, start: int, end: int, side: str) -> list[tuple[dict[str, Any], int]]:
+    if not text[start:end].strip():
+        where = "before" if side == "inputs" else "after"
+        raise SignatureError(f"found no {side} {where} '->'; expected at least one field name", start)
+    cuts = [i for i, ch in _top_level(text, start, end) if ch == ","]
+    fields: list[tuple[dict[str, Any], int]] = []
+    seen: set[str] = set()
+    for a, b in zip([start, *[c + 1 for c in cuts]], [*cuts, end], strict=True):
+        chunk = text[a:b]
+        off = a + len(chunk) - len(chunk.lstrip())
+        if not chunk.strip():
+            raise SignatureError(f"found an empty field among the {side} (two commas, or a comma at the "
+                                 "end); expected a field name", off)
+        colon = next((i for i, ch in _top_level(text, a, b) if ch == ":"), None)
+        name = text[a:colon if colon is not None else b].strip()
+        problem = _name_problem(name)
+        if problem:
+            raise SignatureError(problem, off)
+        if name in seen:
+            raise SignatureError(f"found field '{name}' twice among the {side}; expected each field once", off)
+        seen.add(name)
+        field = {"name": name, "type": "str", "desc": None, "enum": None}
+        if colon is not None:
+            type_text = text[colon + 1:b]
+            type_off = colon + 1 + len(type_text) - len(type_text.lstrip())
+            field["type"], field["enum"] = _parse_type(type_text.strip(), name, type_off)
+        fields.append((field, off))
+    return fields
+
+
+def _parse_type(text: str, name: str, offset: int | None, path: str = "") -> tuple[str, list[Any] | None]:
+    compact = re.sub(r"\s+", "", text)
+    if compact in TYPES:
+        return compact, None
+    m = re.fullmatch(r"Literal\s*\[(.*)\]", text, re.S)
+    if m and not m.group(1).strip():
+        raise SignatureError(f"found no values in Literal[] of field '{name}'; expected at least one",
+                             offset, path=path)
+    if m:
+        values = []
+        inner_start = text.index("[") + 1
+        cuts = [i for i, ch in _top_level(m.group(1)) if ch == ","]
+        for a, b in zip([0, *[c + 1 for c in cuts]], [*cuts, len(m.group(1))], strict=True):
+            piece = m.group(1)[a:b].strip()
+            try:
+                value = ast.literal_eval(piece) if piece else None
+            except (ValueError, SyntaxError):
+                # a bare word: Literal[formal, friendly]
+                value = piece if re.fullmatch(r"[A-Za-z_][\w-]*", piece) else None
+            if not isinstance(value, str | int | float | bool):
+                where = None if offset is None else offset + inner_start + a
+                raise SignatureError(f"found {piece or 'nothing'!r}, not a valid Literal value of field "
+                                     f"'{name}'; expected quoted strings, numbers, True or False",
+                                     where, path=path)
+            values.append(value)
+        return _enum_type(values, name, offset, path), _check_enum(values, name, offset, path)
+    if not text:
+        raise SignatureError(f"found no type after ':' for field '{name}'; expected one of "
+                             f"{', '.join(TYPES)}", offset, path=path, code="FD602")
+    hint = _TYPE_HINTS.get(compact) or next(iter(difflib.get_close_matches(compact, TYPES, n=1)), None)
+    raise SignatureError(
+        f"found unknown type '{text}' for field '{name}'; expected one of {', '.join(TYPES)} or Literal[...]"
+        + (f" (did you mean '{hint}'?)" if hint else ""), offset, path=path, code="FD602",
+    )
+
+
+# --- the mapping form ---------------------------------------------------------------------------
+
+
+def _field_from_spec(name: str, spec: Any, path: str) -> dict[str, Any]:
+    field: dict[str, Any] = {"name": name, "type": "str", "desc": None, "enum": None}
+    if spec is None:
+        return field
+    if isinstance(spec, str):
+        field["type"], field["enum"] = _parse_type(spec.strip(), name, None, path)
+        return field
+    if not isinstance(spec, Mapping):
+        raise SignatureError(f"field '{name}' must be given a type string or a mapping with type, desc, "
+                             f"enum; found {_kind(spec)}", path=path)
+    for key in spec:
+        if key not in _FIELD_KEYS:
+            raise SignatureError(f"unknown key '{key}' in field '{name}'; expected type, desc or enum"
+                                 + _did_you_mean(str(key), _FIELD_KEYS), path=f"{path}/{_esc(key)}")
+    desc = spec.get("desc")
+    if desc is not None and not isinstance(desc, str):
+        raise SignatureError(f"the desc of field '{name}' must be text, found {_kind(desc)}",
+                             path=f"{path}/desc")
+    field["desc"] = desc
+    ftype, enum = spec.get("type"), spec.get("enum")
+    if ftype is not None:
+        if not isinstance(ftype, str):
+            raise SignatureError(f"the type of field '{name}' must be a type name, found {_kind(ftype)}",
+                                 path=f"{path}/type", code="FD602")
+        field["type"], field["enum"] = _parse_type(ftype.strip(), name, None, f"{path}/type")
+    if enum is not None:
+        if field["enum"] is not None:
+            raise SignatureError(f"field '{name}' gives its values twice (a Literal type and enum); keep one",
+                                 path=f"{path}/enum")
+        if not isinstance(enum, list) or not enum:
+            raise SignatureError(f"the enum of field '{name}' must be a non-empty list of values, "
+                                 f"found {_kind(enum)}", path=f"{path}/enum")
+        if ftype is None:
+            field["type"] = _enum_type(enum, name, None, f"{path}/enum")
+        elif field["type"] not in _ENUM_TYPES:
+            raise SignatureError(f"field '{name}' of type {field['type']} cannot have an enum; "
+                                 f"expected one of the types {', '.join(_ENUM_TYPES)}", path=f"{path}/enum")
+        for i, value in enumerate(enum):
+            if not _is_scalar(value) or not _fits(field["type"], value):
+                raise SignatureError(f"enum value {_show(value)} of field '{name}' is not a {field['type']}",
+                                     path=f"{path}/enum/{i}")
+        field["enum"] = _check_enum(list(enum), name, None, f"{path}/enum")
+    return field
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+def _coerce(ftype: str, value: Any) -> Any:
+    if ftype == "str":
+        if isinstance(value, str):
+            return value
+        if value is None:
+            raise ValueError("expected text, found nothing (null)")
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if ftype in ("int", "float", "bool"):
+        return _scalar(ftype, value)
+    if ftype.startswith("list["):
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list, found {_show(value)}")
+        item = ftype[5:-1]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(item, v))
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        return out
+    if ftype == "dict":
+        if isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"expected an object (a mapping with text keys), found {_show(value)}")
+        try:
+            return json.loads(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a JSON object, found {_show(value)}") from None
+    raise ValueError(f"unknown type {ftype}")
+
+
+def _scalar(ftype: str, value: Any) -> Any:
+    text = _unquote(value.strip()) if isinstance(value, str) else None
+    if ftype == "bool":
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in ("true", "yes", "false", "no"):
+            return text.lower() in ("true", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected true or false, found {_show(value)}")
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, found {_show(value)}")
+    number: int | float | None = value if isinstance(value, int | float) else None
+    if text is not None:
+        if re.fullmatch(r"[+-]?\d+", text):
+            number = int(text)
+        elif re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+            number = float(text)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"expected {'an integer' if ftype == 'int' else 'a number'}, found {_show(value)}")
+    if ftype == "float":
+        return float(number)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ValueError(f"expected an integer, found {_show(value)}")
+        return int(number)
+    return number
+
+
+def _parse_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _name_problem(name: Any) -> str | None:
+    if not isinstance(name, str):
+        return f"a field name must be text, found {_kind(name)}"
+    if not _NAME.match(name) or len(name) > _MAX_NAME:
+        shown = name if name else "nothing"
+        return (f"found '{shown}', which is not a valid field name; expected a letter followed by letters, "
+                f"digits or '_' "
+                f"(at most {_MAX_NAME} characters)")
+    if name in _RESERVED or name.startswith("model_"):
+        return f"found '{name}', a name reserved by DSPy signatures; expected another field name"
+    return None
+
+
+def _enum_type(values: list[Any], name: str, offset: int | None, path: str) -> str:
+    if all(isinstance(v, bool) for v in values):
+        return "bool"
+    if all(isinstance(v, str) for v in values):
+        return "str"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return "int"
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return "float"
+    raise SignatureError(f"found values of field '{name}' that mix types ({', '.join(_show(v) for v in values)}); "
+                         "expected all text, all numbers or all booleans", offset, path=path)
+
+
+def _check_enum(values: list[Any], name: str, offset: int | None, path: str) -> list[Any]:
+    if not values:
+        raise SignatureError(f"found no allowed values for field '{name}'; expected at least one", offset,
+                             path=path)
+    for i, v in enumerate(values):
+        if any(_same(v, w) for w in values[:i]):
+            raise SignatureError(f"found value {_show(v)} of field '{name}' twice; expected each value once", offset,
+                                 path=path)
+    return values
+
+
+def _fits(ftype: str, value: Any) -> bool:
+    try:
+        return _same(_scalar(ftype, value), value) if ftype != "str" else isinstance(value, str)
+    except ValueError:
+        return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _unquote(text: str) -> str:
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    try:
+        shown = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", type(None): "nothing"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _did_you_mean(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _esc(key: Any) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
