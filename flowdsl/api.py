@@ -22,9 +22,11 @@ _KEY_CODES = {"FD202", "FD302", "FD104"}
 def load_text(text: str, filename: str = "spec.yaml") -> LoadedDoc:
     """Parse spec text (YAML, or the text syntax when ``filename`` ends in ``.flow``) into data with positions."""
     if filename.endswith(TEXT_SUFFIXES):
+        from flowdsl.source import check_size
         from flowdsl.textsyntax import parse_flow
 
-        return parse_flow(text, filename)
+        too_large = check_size(text, filename)
+        return LoadedDoc(None, Positions(filename), too_large) if too_large else parse_flow(text, filename)
     from flowdsl.source import load_yaml
 
     return load_yaml(text, filename)
@@ -94,6 +96,11 @@ class _Session:
             self.diags.append(make("FD308", f"sub-flow '{rel}' includes itself: {chain}", loc.path, file=loc.file))
             return None
         doc = load(path)
+        if doc.data is None and doc.diagnostics and all(d.code == "FD101" for d in doc.diagnostics):
+            # an unreadable sub-flow is the including spec's error (FD308), not a usage error (FD101)
+            self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {doc.diagnostics[0].message}",
+                                   loc.path, file=loc.file))
+            return None
         before = len(self.diags)
         flow = self.model(doc, path)
         if flow is None:
@@ -116,11 +123,20 @@ def _with_file(d: Diagnostic, file: str | None) -> Diagnostic:
 
 
 def _compile_doc(doc: LoadedDoc, file: str | None, check_workers: bool, search_path: str | None) -> CompileResult:
+    try:
+        return _compile_checked(doc, file, check_workers, search_path)
+    except RecursionError:
+        # the front ends bound nesting (FD107); this is the net under the checks that walk the data recursively
+        return CompileResult(None, {}, [make("FD107", "nesting too deep: the spec nests its steps or values too "
+                                             "deeply to be checked", file=file)])
+
+
+def _compile_checked(doc: LoadedDoc, file: str | None, check_workers: bool, search_path: str | None) -> CompileResult:
     from flowdsl.compiler import compile_flow
 
     session = _Session()
     flow = session.model(doc, file)
-    if flow is None or has_errors(session.diags):
+    if flow is None:  # model-level errors do not hide the checks: compile_flow collects them all
         return CompileResult(None, {}, session.locate(session.diags))
     compiled = compile_flow(flow, check_workers=check_workers, search_path=search_path, extra=session.diags)
     diags = session.locate(compiled.diagnostics)

@@ -85,24 +85,25 @@ def expression_slots(text: str) -> list[str]:
 
 def check_expressions(flow: Flow) -> Iterator[Diagnostic]:
     builtins = expr.builtin_functions()
-    yield from _check_nodes(flow, flow.steps, frozenset(), builtins)
+    loops = {v: n.id for n in reversed(list(walk(flow.steps))) if n.kind == "for_each" for v in (n.as_, "index")}
+    yield from _check_nodes(flow, flow.steps, frozenset(), builtins, loops)
 
 
 def _check_nodes(flow: Flow, nodes: tuple[Node, ...], loop_vars: frozenset[str],
-                 builtins: frozenset[str]) -> Iterator[Diagnostic]:
+                 builtins: frozenset[str], loops: dict[str, str]) -> Iterator[Diagnostic]:
     for node in nodes:
         for fname, text, path, reads_result in expression_fields(node, node.opts):
             bare = fname in ("when", "fail_when", "items", "on") or fname.startswith("output.")
             yield from _check_one(node, fname, text, path, bare, loop_vars | (RESULT_VARIABLES if reads_result
-                                                                                 else frozenset()), builtins)
+                                                                                 else frozenset()), builtins, loops)
         inner = loop_vars | {node.as_, "index"} if node.kind == "for_each" else loop_vars
         for _, kids in node.child_lists():
             if node.kind != "flow":
-                yield from _check_nodes(flow, kids, inner, builtins)
+                yield from _check_nodes(flow, kids, inner, builtins, loops)
 
 
 def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_vars: frozenset[str],
-               builtins: frozenset[str]) -> Iterator[Diagnostic]:
+               builtins: frozenset[str], loops: dict[str, str]) -> Iterator[Diagnostic]:
     """Check one expression field: conditions must be exactly one ``${ }``; templates may interpolate."""
     try:
         if bare:
@@ -126,14 +127,20 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
             continue
         allowed = BASE_VARIABLES | extra_vars
         for var in sorted(analysis.variables - allowed - builtins):
-            yield _err(node, "FD502", f"in '{fname}': undefined variable '${var}'"
-                       f"{did_you_mean(var, allowed | builtins)}; expected one of "
+            if var in loops:
+                hint = f" (it is defined only inside for_each '{loops[var]}')"
+            elif var in RESULT_VARIABLES:
+                hint = " (it is defined only where a step's result is read: fail_when, output, compensate.with)"
+            else:
+                hint = did_you_mean("$" + var, {"$" + v for v in allowed})
+            yield _err(node, "FD502", f"in '{fname}': undefined variable '${var}'{hint}; expected one of "
                        f"{', '.join('$' + v for v in sorted(allowed))} or a variable bound in the expression", path)
         for fn in sorted(analysis.functions & expr.NONDETERMINISTIC):
             yield _err(node, "FD503", f"in '{fname}': '${fn}' is not allowed: its value depends on the clock or "
                        "chance, which would break deterministic replay; pass such values in the run input", path)
         for fn in sorted(analysis.functions - builtins - allowed - expr.NONDETERMINISTIC):
-            yield _err(node, "FD502", f"in '{fname}': unknown function '${fn}'{did_you_mean(fn, builtins)}", path)
+            yield _err(node, "FD502", f"in '{fname}': unknown function '${fn}'"
+                       f"{did_you_mean('$' + fn, {'$' + b for b in builtins})}", path)
 
 
 # --- the input schema ----------------------------------------------------------
@@ -159,7 +166,7 @@ def worker_references(flow: Flow) -> Iterator[tuple[Node, str, str, str]]:
     """(node, role, worker name, JSON pointer) for every worker a flow names (sub-flows excluded)."""
     for node in walk(flow.steps):
         if node.kind == "task" and node.worker:
-            explicit = not node.opts.endswith("/" + node.worker.replace("/", "~1"))
+            explicit = node.opts != node.loc.path and not node.opts.endswith("/" + node.worker)
             yield node, "step", node.worker, join(node.opts, "worker") if explicit else node.loc.path
         if node.fallback:
             yield node, "fallback", node.fallback, join(node.opts, "fallback")
@@ -172,6 +179,7 @@ def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnost
     from flowdsl.workers import WorkerImportError, import_worker_modules, registry
 
     spec_dir = os.path.dirname(os.path.abspath(flow.file)) if flow.file else None
+    failed = False
     for i, module in enumerate(flow.workers):
         try:
             import_worker_modules([module], search_path or os.getcwd())
@@ -182,8 +190,11 @@ def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnost
                     continue
                 except WorkerImportError:
                     pass
+            failed = True
             yield _err(flow, "FD205", f"{exc} (searched {search_path or os.getcwd()}; use --no-import to "
                        "check without importing)", join("/workers", i))
+    if failed:
+        return  # the names the missing module would register are unknown: no FD204 guesses
     known = registry.names()
     for node, role, name, path in worker_references(flow):
         if name not in known:

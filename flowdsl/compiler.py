@@ -85,6 +85,7 @@ class _Compiler:
         self.exprs: dict[str, dict[str, Any]] = {}
         self.graph = nx.DiGraph()
         self.flows_workers: list[str] = list(root.workers)
+        self.duplicates = False
 
     # --- keys, parents, deps ---------------------------------------------------
 
@@ -93,7 +94,8 @@ class _Compiler:
         for node in nodes:
             key = prefix + node.id
             if key in self.entries:
-                continue  # FD301 reported by the checks
+                self.duplicates = True  # FD301, reported by the checks
+                continue
             self.entries[key] = _Entry(key, node, flow, parent, scope, len(self.entries))
             if node.kind == "flow":
                 if node.subflow is not None:
@@ -145,7 +147,7 @@ class _Compiler:
                             entry.deps.append(prefix + name)
                         elif name in ids_anywhere:
                             self.err(node, "FD305", f"'{node.id}' needs '{name}', which is not in the same list; "
-                                     "needs names nodes of the same list (use the enclosing group's id instead)",
+                                     f"'needs' names nodes of the same list{self.needs_hint(key, prefix + name)}",
                                      path)
                         else:
                             self.err(node, "FD303", f"'{node.id}' needs '{name}', which is not a step or group"
@@ -156,6 +158,20 @@ class _Compiler:
                 first = self.entries[cycle[0]].node
                 names = " → ".join(self.entries[k].node.id for k in [*cycle, cycle[0]])
                 self.err(first, "FD304", f"dependency cycle: {names}", join(first.opts, "needs"))
+
+    def needs_hint(self, key: str, target: str) -> str:
+        """Which enclosing group of ``key`` sits in ``target``'s list (where the ``needs`` belongs)."""
+        if target not in self.entries:
+            return ""
+        home, name = self.entries[target].parent, self.entries[target].node.id
+        p = self.entries[key].parent
+        while p is not None:
+            if p == target:
+                return f" ('{name}' is a group that encloses it)"
+            if self.entries[p].parent == home:
+                return f" (put it on '{self.entries[p].node.id}', the enclosing group in the same list as '{name}')"
+            p = self.entries[p].parent
+        return ""
 
     def err(self, node: Node, code: str, message: str, path: str) -> None:
         self.diags.append(make(code, message, path, file=node.loc.file))
@@ -210,6 +226,10 @@ class _Compiler:
                 path.append(v)
             v = best_pred.get(v)
         return {k: dist[k] for k in self.entries if self.entries[k].node.is_step}, path[::-1]
+
+    def flow_edges(self) -> list[list[str]]:
+        """The flow graph (docs/plan.md ``edges``): steps and group boundaries, linear in the plan's size."""
+        return sorted([a, b] for a, b in self.graph.edges)
 
     def before(self, a: str, b: str) -> bool:
         """True when ``a`` has finished whenever ``b`` starts."""
@@ -282,7 +302,8 @@ class _Compiler:
                                   "outputs": [_field(f) for f in n.llm.outputs]},
                     "instructions": n.llm.instructions,
                     "module": n.llm.module or d.llm_module or "predict",
-                    "lm": n.llm.lm or d.llm_lm,
+                    "lm": n.llm.lm,
+                    "default_lm": d.llm_lm,
                     "demos": list(n.llm.demos),
                 }
         elif n.kind == "switch":
@@ -346,8 +367,21 @@ class _Compiler:
                     elif target != key and not self.before(target, key) and not self.encloses(target, key):
                         self.err(n, "FD504", f"in '{fname}': '$steps.{ref}' reads step '{ref}', which does not "
                                  f"always finish before '{n.id}' starts; add it to 'needs' or move it earlier", path)
-                    elif target == key and fname not in ("fail_when",) and not fname.startswith("output."):
+                    elif target == key and fname != "fail_when" and not fname.startswith(("output.", "compensate.")):
                         self.err(n, "FD504", f"in '{fname}': '{n.id}' cannot read its own result here", path)
+                    elif (loop := self.inner_loop(target, key)) is not None:
+                        self.err(n, "FD504", f"in '{fname}': '$steps.{ref}' reads step '{ref}', which runs once per "
+                                 f"item of for_each '{loop}'; read the loop's output instead", path)
+
+    def inner_loop(self, target: str, key: str) -> str | None:
+        """The id of a ``for_each`` that runs ``target`` once per item but does not enclose ``key``."""
+        scope = self.entries[target].scope
+        while scope is not None:
+            e = self.entries[scope]
+            if e.node.kind == "for_each" and scope != key and not self.encloses(scope, key):
+                return e.node.id
+            scope = e.scope
+        return None
 
     def namespace(self, key: str) -> str:
         return key.rsplit("/", 1)[0] if "/" in key else ""
@@ -393,11 +427,10 @@ class _Compiler:
         for e in self.entries.values():
             if e.node.when is None:
                 continue
-            source = expr.single_expression(e.node.when)
-            if source is None:
-                continue
-            try:
-                if expr.is_constant(source) and not expr.truthy(expr.compile_expression(source).evaluate(None)):
+            try:  # a malformed 'when' is FD501, reported by the checks
+                source = expr.single_expression(e.node.when)
+                if (source is not None and expr.is_constant(source)
+                        and not expr.truthy(expr.compile_expression(source).evaluate(None))):
                     self.err(e.node, "FD306", f"'{e.node.id}' never runs: its 'when' is always false",
                              join(e.node.opts, "when"))
             except expr.ExpressionError:
@@ -405,10 +438,11 @@ class _Compiler:
 
     # --- the whole plan ------------------------------------------------------------
 
-    def run(self) -> Compiled:
+    def run(self, build: bool = True) -> Compiled:
+        """Graph checks, then (when ``build`` and they found no error) the plan."""
         self.collect(self.root.steps, self.root, "", None, None)
         self.resolve_deps()
-        if any(d.code in ("FD304", "FD303", "FD305") for d in self.diags):
+        if self.duplicates or any(d.code in ("FD304", "FD303", "FD305") for d in self.diags):
             return Compiled(None, self.origins(), self.diags)
         root_keys = [n.id for n in self.root.steps if n.id in self.entries]
         self.graph.add_node(":start")
@@ -417,6 +451,8 @@ class _Compiler:
         self.check_step_refs()
         self.check_conflicts()
         self.check_unreachable()
+        if not build or any(d.severity == "error" for d in self.diags):
+            return Compiled(None, self.origins(), self.diags)
         nodes = {k: self.node_json(e, stage_of) for k, e in self.entries.items()}
         n_stages = max(stage_of.values(), default=-1) + 1
         stages: list[list[str]] = [[] for _ in range(n_stages)]
@@ -430,6 +466,7 @@ class _Compiler:
             "root": root_keys,
             "nodes": nodes,
             "expressions": self.exprs,
+            "edges": self.flow_edges(),
             "stages": stages,
             "critical_path": critical,
         }
@@ -482,7 +519,7 @@ def compile_flow(flow: Flow, *, check_workers: bool = False, search_path: str | 
     for node in _flow_nodes(flow):
         if node.subflow is not None:
             diags.extend(check_flow(node.subflow, check_workers=check_workers, search_path=search_path))
-    result = _Compiler(flow).run()
+    result = _Compiler(flow).run(build=not any(d.severity == "error" for d in diags))
     result.diagnostics = diags + result.diagnostics
     if any(d.severity == "error" for d in result.diagnostics):
         result.plan = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Severity = Literal["error", "warning"]
@@ -89,7 +89,9 @@ class Diagnostic:
         return f"{self.location()}: {self.severity} {self.code}: {self.message}{where}"
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields in the documented order: code, severity, message, file, line, column, path."""
+        return {"code": self.code, "severity": self.severity, "message": self.message, "file": self.file,
+                "line": self.line, "column": self.column, "path": self.path}
 
     def sort_key(self) -> tuple[str, int, int, str, str]:
         return (self.file or "", self.line or 0, self.column or 0, self.code, self.message)

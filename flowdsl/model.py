@@ -236,7 +236,8 @@ class _Builder:
                      join(path, "initial"))
         both = sorted(set(on or ()) & set(not_on or ()))
         if both:
-            self.err("FD402", f"error type(s) {', '.join(both)} are both retried ('on') and not ('not_on')",
+            listed = f"error type {both[0]} is" if len(both) == 1 else f"error types {', '.join(both)} are"
+            self.err("FD402", f"{listed} listed both in 'on' (retry) and in 'not_on' (never retry); keep one",
                      join(path, "not_on"))
         if "multiplier" in value and value.get("backoff", "exponential") != "exponential":
             self.err("FD402", f"'multiplier' applies to exponential backoff only, not '{value['backoff']}'",
@@ -264,14 +265,15 @@ class _Builder:
             self.duration(value.get("timeout"), join(path, "timeout")))
 
     def llm(self, value: dict[str, Any], path: str) -> LlmSpec | None:
-        from flowdsl.llm_signature import SignatureError, normalize_fields, parse_signature
+        from flowdsl.llm_signature import SignatureError, check_llm_block, normalize_fields, parse_signature
 
         sig = value["signature"]
         try:
             norm = parse_signature(sig) if isinstance(sig, str) else normalize_fields(sig)
         except SignatureError as exc:
             at = f" (at character {exc.offset})" if exc.offset is not None else ""
-            self.err(exc.code, f"malformed signature: {exc.message}{at}", join(path, "signature") + exc.path)
+            what = "malformed signature: " if exc.code == "FD601" else "in the signature: "
+            self.err(exc.code, f"{what}{exc.message}{at}", join(path, "signature") + exc.path)
             return None
 
         def fields(items: list[dict[str, Any]]) -> tuple[Field, ...]:
@@ -280,15 +282,8 @@ class _Builder:
 
         spec = LlmSpec(fields(norm["inputs"]), fields(norm["outputs"]), value.get("instructions"),
                        value.get("module"), value.get("lm"), tuple(value.get("demos") or ()))
-        names = {f.name for f in spec.inputs + spec.outputs}
-        for i, demo in enumerate(spec.demos):
-            extra = sorted(set(demo) - names)
-            missing = sorted(names - set(demo))
-            if extra or missing:
-                parts = ([f"unknown field(s) {', '.join(extra)}"] if extra else []) + (
-                    [f"missing field(s) {', '.join(missing)}"] if missing else [])
-                self.err("FD603", f"demo {i + 1} does not match the signature: {'; '.join(parts)}",
-                         join(path, "demos", i))
+        for code, where, message in check_llm_block({**value, "signature": norm}):
+            self.err(code, message, path + where)
         return spec
 
     def node(self, data: Any, path: str) -> Node | None:

@@ -115,7 +115,7 @@ def _convert(error: Any) -> Iterator[Diagnostic]:
     elif v == "required":
         for key in error.validator_value:
             if key not in inst:
-                yield make("FD201", f"missing required field '{key}'{_where(error.absolute_path)}", path)
+                yield make("FD201", f"missing required field '{key}'{_where(error.absolute_path, inst)}", path)
     elif v == "const" and list(error.absolute_path) == ["flowdsl"]:
         yield make("FD203", f"unsupported language version {_show(inst)}; this flowdsl reads version 1", path)
     elif v == "pattern" or (v == "propertyNames" and error.context):
@@ -133,17 +133,25 @@ def _convert(error: Any) -> Iterator[Diagnostic]:
         yield make("FD201", f"expected at least {error.validator_value} entry, found an empty mapping", path)
     elif v in ("minimum", "exclusiveMinimum"):
         op = ">=" if v == "minimum" else ">"
-        yield make("FD201", f"expected a number {op} {error.validator_value}, found {_show(inst)}", path)
+        parts = list(error.absolute_path)
+        name = f" for '{parts[-1]}'" if parts and isinstance(parts[-1], str) else ""
+        yield make("FD201", f"expected a number {op} {error.validator_value}{name}, found {_show(inst)}", path)
     elif v == "uniqueItems":
         yield make("FD201", f"list has repeated entries: {_show(inst)}", path)
     else:
         yield make("FD201", error.message, path)
 
 
-def _where(path: Any) -> str:
+def _where(path: Any, inst: Any = None) -> str:
     parts = list(path)
     if not parts:
         return " at the top level"
+    if isinstance(inst, dict):
+        kw = next((k for k in ("sequence", "parallel", "for_each", "switch", "flow") if k in inst), None)
+        if kw is not None and isinstance(inst[kw], str):
+            return f" in {kw} '{inst[kw]}'"
+    if parts[-1] == "compensate":
+        return " in the compensation"
     if parts[-1] in ("retry",):
         return " in the retry policy"
     if parts[-1] in ("llm",):
@@ -175,9 +183,10 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
         bad = [e.instance for e in error.context]
         for name in bad:
             hint = _WORKER_HINT if "\\." in error.validator_value.get("pattern", "") else _ID_HINT
-            yield make("FD302", f"invalid name {_show(name)}: {hint}", join(path, name))
+            yield make("FD302", f"invalid name '{name}': {hint}", join(path, name))
         return
     value = error.instance
     hint = _WORKER_HINT if "\\." in error.validator_value else _ID_HINT
     kind = "worker name" if hint is _WORKER_HINT else "id"
-    yield make("FD302", f"invalid {kind} {_show(value)}: {hint}", path)
+    shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
+    yield make("FD302", f"invalid {kind} {shown}: {hint}", path)

@@ -1,14 +1,24 @@
 """Front end: reading YAML spec files with source positions, safely.
 
-Stage: front end. Imports ``flowdsl.diagnostics`` only.
+Stage: front end. Imports ``flowdsl.diagnostics`` only (and PyYAML, lazily).
+
+The document is built straight from the YAML parser's event stream, by a loop
+with an explicit stack, never by PyYAML's composer: libyaml's parser is a state
+machine that is safe at any depth, but composing (C or Python) recurses once per
+nesting level, and the C composer overflows the stack and crashes the process
+past ~40,000 levels. Bounds are applied while the events arrive, before any
+node beyond them is built: depth (FD107), nodes after alias expansion (FD106,
+so a billion-laughs document stops after at most ``MAX_NODES`` units of work),
+and size (FD102) before the parser sees the text at all.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, Positions
+from flowdsl.diagnostics import Diagnostic, Positions, join, make
 
 
 @dataclass
@@ -25,28 +35,46 @@ class LoadedDoc:
 
 # --- limits -----------------------------------------------------------------
 
-MAX_BYTES = 4 * 1024 * 1024  # a spec file larger than this is refused (FD102)
+MAX_BYTES = 4 * 1024 * 1024  # a spec larger than this is refused (FD102)
 MAX_NODES = 500_000  # YAML nodes after alias expansion (FD106)
-MAX_FLOW_DEPTH = 100  # [ { nesting (FD107), checked before any YAML parser runs
-MAX_INDENT = 1000  # columns of block indentation (FD107), idem
+MAX_DEPTH = 100  # nested mappings and lists (FD107); a real spec nests a few dozen levels at most
 
-_ALLOWED_TAGS = {
-    "tag:yaml.org,2002:str",
-    "tag:yaml.org,2002:int",
-    "tag:yaml.org,2002:float",
-    "tag:yaml.org,2002:bool",
-    "tag:yaml.org,2002:null",
-    "tag:yaml.org,2002:timestamp",
-    "tag:yaml.org,2002:seq",
-    "tag:yaml.org,2002:map",
-}
+_CORE = "tag:yaml.org,2002:"
+_STR, _MAP, _SEQ = _CORE + "str", _CORE + "map", _CORE + "seq"
+#: scalar tags that are kept as the text written (a spec is JSON: no dates, no '=' values)
+_TEXT_TAGS = {_STR, _CORE + "timestamp", _CORE + "value", _CORE + "merge"}
+_VALUE_TAGS = {_CORE + "int", _CORE + "float", _CORE + "bool", _CORE + "null"}
+#: control characters: never in a spec's text, nor in a string written with escapes ("\x07");
+#: tab, newline and carriage return are allowed in values, but not in keys
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_KEY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: what the text of a spec may not hold: control characters, lone surrogates, non-characters
+_BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+class _Stop(Exception):
+    """A problem after which the rest of the document is not read."""
+
+    def __init__(self, diag: Diagnostic):
+        super().__init__(diag.message)
+        self.diag = diag
+
+
+def _child(path: str, key: str | int) -> str:
+    """``join(path, key)`` for one part, without the escaping work when there is nothing to escape."""
+    if type(key) is str and ("~" in key or "/" in key):
+        return join(path, key)
+    return f"{path}/{key}"
+
+
+def _where(text: str, index: int) -> tuple[int, int]:
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
 
 
 def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
     """The text of a spec file, or diagnostics FD101 (unreadable), FD102 (too large), FD110 (not UTF-8)."""
     import os
-
-    from flowdsl.diagnostics import make
 
     try:
         size = os.path.getsize(path)
@@ -67,94 +95,67 @@ def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
                            file=path, line=line, column=col)]
 
 
+def check_size(text: str | bytes, file: str | None) -> list[Diagnostic]:
+    """FD102 when ``text`` is more than ``MAX_BYTES`` bytes (UTF-8) long, else nothing."""
+    if len(text) <= MAX_BYTES // 4 or (isinstance(text, bytes) and len(text) <= MAX_BYTES):
+        return []
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_BYTES:
+        return [make("FD102", f"the spec is {size} bytes; the limit is {MAX_BYTES} bytes", file=file)]
+    return []
+
+
 def check_text(text: str, file: str | None) -> list[Diagnostic]:
-    """Checks made before any parser sees the text: control characters, nesting depth.
-
-    libyaml's C parser crashes on very deep nesting, and the Python one
-    recurses, so depth is bounded here, on the raw text, first.
-    """
-    from flowdsl.diagnostics import make
-
-    diags: list[Diagnostic] = []
-    depth = 0
-    quote = ""
-    for lineno, line in enumerate(text.split("\n"), 1):
-        stripped = line.lstrip(" -?")
-        indent = len(line) - len(stripped)
-        if indent > MAX_INDENT:
-            diags.append(make("FD107", f"nesting too deep: indentation of {indent} columns (the limit is {MAX_INDENT})",
-                              file=file, line=lineno, column=1))
-            return diags
-        for col, ch in enumerate(line, 1):
-            if (ch < " " and ch not in "\t\r") or ch == "\x7f" or "\x80" <= ch <= "\x9f":
-                diags.append(make("FD110", f"control character U+{ord(ch):04X} is not allowed in a spec",
-                                  file=file, line=lineno, column=col))
-                return diags
-            if quote:
-                if ch == quote:
-                    quote = ""
-            elif ch in "\"'":
-                quote = ch
-            elif ch == "#" and (col == 1 or line[col - 2] in " \t"):
-                break
-            elif ch in "[{":
-                depth += 1
-                if depth > MAX_FLOW_DEPTH:
-                    diags.append(make("FD107", f"nesting too deep: more than {MAX_FLOW_DEPTH} levels of brackets",
-                                      file=file, line=lineno, column=col))
-                    return diags
-            elif ch in "]}":
-                depth = max(0, depth - 1)
-        quote = ""  # a quoted scalar spanning lines is rare; only depth needs to be conservative
-    return diags
+    """Checks made before any parser sees the text: its size (FD102) and control characters (FD110)."""
+    too_large = check_size(text, file)
+    if too_large:
+        return too_large
+    bad = _BAD_TEXT.search(text)
+    if bad:
+        line, col = _where(text, bad.start())
+        code = ord(bad.group())
+        what = "invalid character (not UTF-8)" if 0xD800 <= code <= 0xDFFF else "control character"
+        return [make("FD110", f"{what} U+{code:04X} is not allowed in a spec", file=file, line=line, column=col)]
+    return []
 
 
 def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
     """Parse YAML text into plain JSON-like data with a position for every element.
 
     Safe by construction: only the core tags are accepted (no ``!!python/``),
-    aliases are expanded under a node budget, nesting is bounded before parsing,
-    duplicate keys are reported, and the result holds only dict, list, str, int,
-    float, bool and None.
+    aliases are expanded under a node budget, nesting depth and size are
+    bounded, duplicate keys are reported, and the result holds only dict, list,
+    str, int, float, bool and None. Mapping keys are the text written.
     """
     import yaml
-
-    from flowdsl.diagnostics import make
 
     positions = Positions(file)
     pre = check_text(text, file)
     if pre:
         return LoadedDoc(None, positions, pre)
-    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
-        nodes = list(yaml.compose_all(text, Loader=loader_cls))
+        builder = _Builder(loader, file, positions)
+        data = builder.run()
+    except _Stop as stop:
+        return LoadedDoc(None, positions, [stop.diag])
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
         where = {"line": mark.line + 1, "column": mark.column + 1} if mark else {}
         ctx = f" ({exc.context})" if exc.context and exc.problem else ""
+        if ctx and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            ctx = f" ({exc.context} started on line {exc.context_mark.line + 1})"
         return LoadedDoc(None, positions, [make("FD103", f"{problem}{ctx}", file=file, **where)])
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         return LoadedDoc(None, positions, [make("FD103", f"invalid YAML: {exc}", file=file)])
-    nodes = [n for n in nodes if n is not None]
-    if not nodes:
-        empty = "the document is empty; expected a mapping with 'flowdsl', 'name' and 'steps'"
-        return LoadedDoc(None, positions, [make("FD109", empty, file=file, line=1, column=1)])
-    if len(nodes) > 1:
-        m = nodes[1].start_mark
-        return LoadedDoc(None, positions, [make("FD103", "expected a single YAML document, found another one here",
-                                                file=file, line=m.line + 1, column=m.column + 1)])
-    builder = _Builder(file, positions)
-    try:
-        if builder.size(nodes[0]) > MAX_NODES:
-            return LoadedDoc(None, positions, [make(
-                "FD106", f"the document expands to more than {MAX_NODES} nodes once its aliases are expanded",
-                file=file, line=1, column=1)])
-        data = builder.build(nodes[0], "")
-    except RecursionError:
-        return LoadedDoc(None, positions, [make("FD107", "nesting too deep", file=file, line=1, column=1)])
+    finally:
+        loader.dispose()
     if builder.diagnostics:
         return LoadedDoc(None, positions, builder.diagnostics)
+    if not builder.documents:
+        empty = "the document is empty; expected a mapping with 'flowdsl', 'name' and 'steps'"
+        return LoadedDoc(None, positions, [make("FD109", empty, file=file, line=1, column=1)])
     if not isinstance(data, dict):
         return LoadedDoc(None, positions, [make(
             "FD109", f"the document is a {_kind(data)}; expected a mapping with 'flowdsl', 'name' and 'steps'",
@@ -167,77 +168,232 @@ def _kind(value: Any) -> str:
         type(value), "number")
 
 
-class _Builder:
-    """Turns a composed YAML node graph into plain data, recording positions."""
+#: a mapping entry whose value is read and dropped (its key was a duplicate or not a string)
+_DROP = object()
 
-    def __init__(self, file: str | None, positions: Positions):
+
+class _Frame:
+    """A mapping or list being built: its data, JSON pointer, nodes below it, and the pending key."""
+
+    __slots__ = ("anchor", "data", "key", "keys", "ok", "path", "size")
+
+    def __init__(self, data: Any, path: str, anchor: str | None, ok: bool):
+        self.data = data
+        self.path = path
+        self.anchor = anchor
+        self.ok = ok  # False: an error was reported here; the finished value is dropped
+        self.size = 1
+        self.key: Any = None  # mapping: the key awaiting its value (None: next scalar is a key)
+        self.keys: dict[str, int] = {}  # mapping: key -> line it was first written on
+
+
+class _Builder:
+    """Turns the parser's events into plain data, recording positions; no recursion."""
+
+    def __init__(self, loader: Any, file: str | None, positions: Positions):
         import yaml
 
+        self.loader = loader
         self.file = file
         self.positions = positions
         self.diagnostics: list[Diagnostic] = []
-        self._scalars = yaml.constructor.SafeConstructor()
-        self._sizes: dict[int, int] = {}
+        self.documents = 0
+        self.total = 0
+        self.anchors: dict[str, tuple[Any, int] | None] = {}  # None while the anchored node is open
+        self.resolvers = loader.yaml_implicit_resolvers
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.scalar_node = yaml.ScalarNode
+        self.events = yaml.events
 
-    def size(self, node: Any) -> int:
-        """Node count after alias expansion, memoised so a billion-laughs document costs nothing to measure."""
-        import yaml
+    # --- reporting --------------------------------------------------------------
 
-        key = id(node)
-        if key in self._sizes:
-            return self._sizes[key]
-        self._sizes[key] = MAX_NODES + 1  # a cycle through aliases counts as too large
-        if isinstance(node, yaml.MappingNode):
-            total = 1 + sum(self.size(k) + self.size(v) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            total = 1 + sum(self.size(v) for v in node.value)
+    def _diag(self, code: str, message: str, mark: Any, path: str) -> Diagnostic:
+        return make(code, message, path, file=self.file, line=mark.line + 1, column=mark.column + 1)
+
+    def error(self, code: str, message: str, mark: Any, path: str) -> None:
+        self.diagnostics.append(self._diag(code, message, mark, path))
+
+    def stop(self, code: str, message: str, mark: Any, path: str = "") -> _Stop:
+        return _Stop(self._diag(code, message, mark, path))
+
+    def count(self, n: int, mark: Any) -> None:
+        self.total += n
+        if self.total > MAX_NODES:
+            raise self.stop("FD106", f"the document expands to more than {MAX_NODES} nodes once its aliases are "
+                            "expanded", mark)
+
+    # --- the event loop -----------------------------------------------------------
+
+    def run(self) -> Any:
+        ev = self.events
+        scalar_ev, alias_ev, map_ev, seq_ev = ev.ScalarEvent, ev.AliasEvent, ev.MappingStartEvent, ev.SequenceStartEvent
+        ends = (ev.MappingEndEvent, ev.SequenceEndEvent)
+        get = self.loader.get_event
+        stack: list[_Frame] = []
+        root: Any = None
+        while True:
+            event = get()
+            kind = type(event)
+            top = stack[-1] if stack else None
+            if kind is scalar_ev or kind is alias_ev:
+                if top is not None and top.key is None and type(top.data) is dict:
+                    self.key(top, event)
+                    continue
+                path = self.child_path(top)
+                if kind is scalar_ev:
+                    self.total += 1
+                    if self.total > MAX_NODES:
+                        self.count(0, event.start_mark)
+                    value, size, ok = self.scalar(event, path)
+                else:
+                    value, size, ok = self.alias(event, path)
+                if top is None:
+                    root = value
+                else:
+                    top.size += size
+                    self.place(top, value if ok else None)
+            elif kind is map_ev or kind is seq_ev:
+                mark = event.start_mark
+                if len(stack) >= MAX_DEPTH:
+                    raise self.stop("FD107", f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists",
+                                    mark, self.child_path(top))
+                self.count(1, mark)
+                ok = True
+                if top is not None and top.key is None and type(top.data) is dict:
+                    self.error("FD201", "mapping keys must be plain strings", mark, top.path)
+                    top.key = _DROP
+                    ok = False
+                path = self.child_path(top)
+                self.positions.positions[path] = (mark.line + 1, mark.column + 1)
+                tag = event.tag
+                if tag is not None and tag != "!" and tag != (_MAP if kind is map_ev else _SEQ):
+                    self.bad_tag(tag, mark, path)
+                    ok = False
+                if event.anchor is not None:
+                    self.anchors[event.anchor] = None
+                stack.append(_Frame({} if kind is map_ev else [], path, event.anchor, ok))
+            elif kind in ends:
+                frame = stack.pop()
+                value = frame.data if frame.ok else None
+                if frame.anchor is not None:
+                    self.anchors[frame.anchor] = (value, frame.size)
+                if not stack:
+                    root = value
+                else:
+                    stack[-1].size += frame.size
+                    self.place(stack[-1], value)
+            elif kind is ev.DocumentStartEvent:
+                self.documents += 1
+                if self.documents > 1:
+                    raise self.stop("FD103", "expected a single YAML document, found another one here",
+                                    event.start_mark)
+                self.anchors = {}
+            elif kind is ev.StreamEndEvent:
+                return root
+
+    def child_path(self, top: _Frame | None) -> str:
+        if top is None:
+            return ""
+        if type(top.data) is list:
+            return _child(top.path, len(top.data))
+        return top.path if top.key is _DROP else _child(top.path, top.key)
+
+    def place(self, frame: _Frame, value: Any) -> None:
+        if type(frame.data) is list:
+            frame.data.append(value)
         else:
-            total = 1
-        self._sizes[key] = min(total, MAX_NODES + 1)
-        return self._sizes[key]
+            if frame.key is not _DROP:
+                frame.data[frame.key] = value
+            frame.key = None
 
-    def _error(self, code: str, message: str, node: Any, path: str) -> None:
-        from flowdsl.diagnostics import make
+    def key(self, frame: _Frame, event: Any) -> None:
+        mark = event.start_mark
+        if type(event) is self.events.AliasEvent:
+            value, _, ok = self.alias(event, frame.path)
+            if not ok or not isinstance(value, str):
+                self.error("FD201", "mapping keys must be plain strings", mark, frame.path)
+                frame.key = _DROP
+                return
+            key = value
+        else:
+            self.total += 1
+            key = event.value
+            tag = event.tag
+            if tag is not None and tag != "!" and tag not in _TEXT_TAGS and tag not in _VALUE_TAGS:
+                self.bad_tag(tag, mark, frame.path)
+                frame.key = _DROP
+                return
+            if key == "<<" and event.implicit[0]:
+                self.error("FD105", "YAML merge keys ('<<') are not supported; use 'defaults:'", mark, frame.path)
+                frame.key = _DROP
+                return
+            if event.anchor is not None:
+                self.anchors[event.anchor] = (key, 1)
+        sub = _child(frame.path, key)
+        bad = _KEY_CONTROL.search(key)
+        if bad:
+            self.error("FD110", f"control character U+{ord(bad.group()):04X} is not allowed in a key", mark, sub)
+            frame.key = _DROP
+            return
+        first = frame.keys.get(key)
+        if first is not None:
+            self.error("FD104", f"duplicate key '{key}' (first written on line {first})", mark, sub)
+            frame.key = _DROP
+            return
+        frame.keys[key] = mark.line + 1
+        frame.key = key
+        self.positions.key_positions[sub] = (mark.line + 1, mark.column + 1)
 
-        m = node.start_mark
-        self.diagnostics.append(make(code, message, path, file=self.file, line=m.line + 1, column=m.column + 1))
+    def alias(self, event: Any, path: str) -> tuple[Any, int, bool]:
+        mark = event.start_mark
+        self.positions.positions[path] = (mark.line + 1, mark.column + 1)
+        if event.anchor not in self.anchors:
+            raise self.stop("FD103", f"found undefined alias '{event.anchor}'", mark, path)
+        target = self.anchors[event.anchor]
+        if target is None:
+            raise self.stop("FD106", f"alias '{event.anchor}' refers to a node that contains it (an endless "
+                            "document)", mark, path)
+        value, size = target
+        self.count(size, mark)
+        return value, size, True
 
-    def build(self, node: Any, path: str) -> Any:
-        import yaml
+    def bad_tag(self, tag: str, mark: Any, path: str) -> None:
+        shown = tag.replace(_CORE, "!!")
+        self.error("FD105", f"the YAML tag '{shown}' is not allowed (flowdsl loads plain data only)", mark, path)
 
-        from flowdsl.diagnostics import join
-
-        m = node.start_mark
-        self.positions.positions[path] = (m.line + 1, m.column + 1)
-        if node.tag not in _ALLOWED_TAGS:
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            self._error("FD105", f"the YAML tag '{tag}' is not allowed (flowdsl loads plain data only)", node, path)
-            return None
-        if isinstance(node, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            first: dict[str, int] = {}
-            for knode, vnode in node.value:
-                if not isinstance(knode, yaml.ScalarNode):
-                    self._error("FD201", "mapping keys must be plain strings", knode, path)
-                    continue
-                if knode.tag == "tag:yaml.org,2002:merge" or (knode.value == "<<" and not knode.style):
-                    self._error("FD105", "YAML merge keys ('<<') are not supported; use 'defaults:'", knode, path)
-                    continue
-                key = knode.value
-                sub = join(path, key)
-                if key in first:
-                    self._error("FD104", f"duplicate key '{key}' (first written on line {first[key]})", knode, sub)
-                    continue
-                first[key] = knode.start_mark.line + 1
-                self.positions.key_positions[sub] = (knode.start_mark.line + 1, knode.start_mark.column + 1)
-                out[key] = self.build(vnode, sub)
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(v, join(path, i)) for i, v in enumerate(node.value)]
-        value = self._scalars.construct_object(node, deep=True)
-        if node.tag == "tag:yaml.org,2002:timestamp":
-            return node.value  # dates stay the text written: the spec model is JSON
-        if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
-            self._error("FD201", f"'{node.value}' is not a finite number", node, path)
-            return None
-        return value
+    def scalar(self, event: Any, path: str) -> tuple[Any, int, bool]:
+        mark = event.start_mark
+        self.positions.positions[path] = (mark.line + 1, mark.column + 1)
+        text = event.value
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = _STR
+            if event.implicit[0]:
+                for candidate, regexp in self.resolvers.get(text[:1], ()):
+                    if regexp.match(text):
+                        tag = candidate
+                        break
+        if tag in _TEXT_TAGS:
+            value: Any = text
+        elif tag in _VALUE_TAGS:
+            node = self.scalar_node(tag, text, mark, event.end_mark)
+            try:
+                value = self.constructor.yaml_constructors[tag](self.constructor, node)
+            except ValueError:
+                self.error("FD201", f"the number '{text[:40]}' is too large", mark, path)
+                return None, 1, False
+            if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+                self.error("FD201", f"'{text}' is not a finite number", mark, path)
+                return None, 1, False
+        else:
+            self.bad_tag(tag, mark, path)
+            return None, 1, False
+        if type(value) is str:
+            bad = _CONTROL.search(value)
+            if bad:
+                self.error("FD110", f"control character U+{ord(bad.group()):04X} is not allowed in a spec",
+                           mark, path)
+                return None, 1, False
+        if event.anchor is not None:
+            self.anchors[event.anchor] = (value, 1)
+        return value, 1, True

@@ -1,0 +1,794 @@
+"""Unit tests of the front end's model, checks and compiler (docs/language.md, docs/plan.md).
+
+Each test compiles a small spec written here; the conformance cases in specs/conformance/ cover
+the same ground end to end with golden files (tests/test_conformance.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowdsl.api import CompileResult, compile_spec, compile_text, plan_bytes
+from flowdsl.diagnostics import SpecError
+from flowdsl.model import MAX_DURATION_MS, parse_duration
+
+Spec = Callable[..., CompileResult]
+
+
+HEAD = "flowdsl: 1\nname: t\n"
+
+
+def source(text: str) -> str:
+    """``text`` dedented (after the HEAD lines, when it starts with them)."""
+    if text.startswith(HEAD):
+        return HEAD + textwrap.dedent(text[len(HEAD):])
+    return textwrap.dedent(text)
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Spec:
+    """Write YAML (dedented) to ``<tmp>/<name>`` and compile it."""
+
+    def run(text: str, name: str = "spec.yaml", **kwargs: Any) -> CompileResult:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source(text), encoding="utf-8")
+        return compile_spec(str(path), **kwargs)
+
+    return run
+
+
+def plan(text: str) -> dict[str, Any]:
+    return compile_text(source(text))
+
+
+def errors(text: str) -> list[tuple[str, int | None, str]]:
+    """(code, line, message) of every diagnostic of a spec that does not compile."""
+    with pytest.raises(SpecError) as info:
+        compile_text(source(text))
+    return [(d.code, d.line, d.message) for d in info.value.diagnostics]
+
+
+def only(text: str, code: str) -> str:
+    """The message of the one diagnostic the spec gives, which must have ``code``."""
+    diags = errors(text)
+    assert [c for c, _, _ in diags] == [code], diags
+    return diags[0][2]
+
+
+# --- durations and the model -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "ms"), [
+    ("250ms", 250), ("10s", 10_000), ("5m", 300_000), ("2h", 7_200_000), ("1m30s", 90_000),
+    ("1h 2m", 3_720_000), ("1.5s", 1500), ("2.5ms", 2), (45, 45_000), (2.5, 2500),
+])
+def test_parse_duration(text: Any, ms: int) -> None:
+    assert parse_duration(text) == ms
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("10 minutes", "'10 minutes' is not a duration; expected a number with a unit"),
+    ("10", "'10' is not a duration"),
+    ("s", "'s' is not a duration"),
+    ("", "is not a duration"),
+    ("0s", "a duration must be positive, found '0s'"),
+    ("0.4ms", "a duration must be positive, found '0.4ms'"),
+    (-3, "a duration must be positive, found '-3'"),
+    (True, "expected a duration like 10s, found True"),
+    ("31d", "is not a duration"),
+    (f"{MAX_DURATION_MS // 3_600_000 + 1}h", "longer than the maximum of 30 days"),
+])
+def test_parse_duration_rejects(text: Any, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_duration(text)
+    assert message in str(info.value)
+
+
+def test_step_ids_come_from_the_worker_name_or_the_key() -> None:
+    p = plan(HEAD + """\
+        steps:
+          - orders.checkout.validate_items
+          - charge_deposit: {worker: payments.charge}
+          - charge_rest: {worker: payments.charge}
+          - plain
+        """)
+    assert p["root"] == ["validate_items", "charge_deposit", "charge_rest", "plain"]
+    workers = {k: n["worker"] for k, n in p["nodes"].items()}
+    assert workers == {"validate_items": "orders.checkout.validate_items", "charge_deposit": "payments.charge",
+                       "charge_rest": "payments.charge", "plain": "plain"}
+
+
+def test_a_dotted_key_with_an_explicit_worker_is_not_an_id() -> None:
+    message = only(HEAD + "steps:\n  - payments.charge: {worker: payments.charge}\n", "FD302")
+    assert "'payments.charge' is used as a step id" in message and "ids cannot contain dots" in message
+
+
+# --- keys, parents, deps, order, scope ---------------------------------------------------------
+
+
+NESTED = HEAD + """\
+    steps:
+      - start
+      - parallel: both
+        branches:
+          - sequence: left
+            steps: [l1, l2]
+          - right
+      - for_each: each
+        items: "${ xs }"
+        steps: [body1, body2]
+      - switch: pick
+        on: "${ kind }"
+        cases:
+          b: [case_b]
+          a: [case_a1, case_a2]
+        default: [other]
+      - finish
+    """
+
+
+def test_parents_deps_order_and_scope() -> None:
+    nodes = plan(NESTED)["nodes"]
+    summary = {k: (n["parent"], n["deps"], n["order"], n["scope"], n["spec_path"]) for k, n in nodes.items()}
+    assert summary == {
+        "start": (None, [], 0, None, "/steps/0"),
+        "both": (None, ["start"], 1, None, "/steps/1"),
+        "left": ("both", [], 2, None, "/steps/1/branches/0"),
+        "l1": ("left", [], 3, None, "/steps/1/branches/0/steps/0"),
+        "l2": ("left", ["l1"], 4, None, "/steps/1/branches/0/steps/1"),
+        "right": ("both", [], 5, None, "/steps/1/branches/1"),
+        "each": (None, ["both"], 6, None, "/steps/2"),
+        "body1": ("each", [], 7, "each", "/steps/2/steps/0"),
+        "body2": ("each", ["body1"], 8, "each", "/steps/2/steps/1"),
+        "pick": (None, ["each"], 9, None, "/steps/3"),
+        "case_a1": ("pick", [], 10, None, "/steps/3/cases/a/0"),
+        "case_a2": ("pick", ["case_a1"], 11, None, "/steps/3/cases/a/1"),
+        "case_b": ("pick", [], 12, None, "/steps/3/cases/b/0"),
+        "other": ("pick", [], 13, None, "/steps/3/default/0"),
+        "finish": (None, ["pick"], 14, None, "/steps/4"),
+    }
+    assert all(n["key"] == k for k, n in nodes.items())
+
+
+def test_group_fields() -> None:
+    nodes = plan(NESTED)["nodes"]
+    assert nodes["both"]["children"] == ["left", "right"]
+    assert nodes["left"]["children"] == ["l1", "l2"]
+    assert (nodes["each"]["children"], nodes["each"]["as"], nodes["each"]["concurrency"]) == (
+        ["body1", "body2"], "item", None)
+    assert nodes["each"]["output"] == {"mode": "name", "name": "each"}
+    assert nodes["pick"]["cases"] == [{"match": "a", "children": ["case_a1", "case_a2"]},
+                                      {"match": "b", "children": ["case_b"]}]
+    assert nodes["pick"]["default"] == ["other"]
+    assert {k for k, n in nodes.items() if n["kind"] == "task"} == {
+        "start", "l1", "l2", "right", "body1", "body2", "case_a1", "case_a2", "case_b", "other", "finish"}
+
+
+def test_needs_replaces_the_previous_node() -> None:
+    nodes = plan(HEAD + """\
+        steps:
+          - a
+          - b: {needs: [a]}
+          - c: {needs: []}
+          - d: {needs: [c, b]}
+          - e
+        """)["nodes"]
+    assert {k: n["deps"] for k, n in nodes.items()} == {"a": [], "b": ["a"], "c": [], "d": ["b", "c"], "e": ["d"]}
+
+
+def test_switch_labels_are_strings_as_written() -> None:
+    nodes = plan(HEAD + """\
+        steps:
+          - switch: s
+            on: "${ n }"
+            cases:
+              10: [ten]
+              2: [two]
+              true: [yes_]
+              off: [no_]
+        """)["nodes"]
+    assert [c["match"] for c in nodes["s"]["cases"]] == ["10", "2", "off", "true"]
+    assert nodes["s"]["default"] is None
+
+
+# --- sub-flows ------------------------------------------------------------------------------------
+
+
+SUB = """\
+    flowdsl: 1
+    name: wrap_gift
+    workers: [gifts.workers]
+    input: {type: object, required: [items]}
+    steps:
+      - choose_paper
+      - wrap:
+          needs: [choose_paper]
+          with: {paper: "${ $steps.choose_paper.paper }"}
+      - finish
+    """
+
+
+def test_sub_flow_keys_scope_and_fields(spec: Spec) -> None:
+    spec(SUB, "lib/wrap.yaml")
+    result = spec(HEAD + """\
+        workers: [shop.workers]
+        steps:
+          - finish
+          - flow: gift
+            path: lib/wrap.yaml
+            with: {items: "${ cart }"}
+          - flow: gift2
+            path: lib/wrap.yaml
+            output: second
+        """)
+    assert result.diagnostics == []
+    p = result.plan
+    assert p["root"] == ["finish", "gift", "gift2"]
+    gift = p["nodes"]["gift"]
+    assert gift["children"] == ["gift/choose_paper", "gift/wrap", "gift/finish"]
+    assert (gift["flow_name"], gift["path"], gift["input_schema"]) == (
+        "wrap_gift", "lib/wrap.yaml", {"type": "object", "required": ["items"]})
+    assert gift["output"] == {"mode": "name", "name": "gift"}
+    assert p["nodes"]["gift2"]["output"] == {"mode": "name", "name": "second"}
+    inner = p["nodes"]["gift/wrap"]
+    assert (inner["id"], inner["parent"], inner["scope"], inner["deps"]) == (
+        "wrap", "gift", "gift", ["gift/choose_paper"])
+    assert p["nodes"]["gift2/finish"]["deps"] == ["gift2/wrap"]
+    assert p["flow"]["workers"] == ["shop.workers", "gifts.workers"]
+    # the sub-flow's ids are its own: 'finish' in both files is no duplicate
+    assert {"finish", "gift/finish", "gift2/finish"} <= set(p["nodes"])
+    assert result.source_map["gift/wrap"]["file"].endswith("lib/wrap.yaml")
+    assert result.source_map["gift/wrap"]["line"] == 7
+
+
+def test_errors_inside_a_sub_flow_are_reported_in_its_file(spec: Spec) -> None:
+    spec(HEAD + "steps:\n  - a:\n      timeout: soon\n", "lib/bad.yaml")
+    result = spec(HEAD + "steps:\n  - flow: f\n    path: lib/bad.yaml\n")
+    assert [(Path(d.file or "").name, d.code, d.line) for d in result.diagnostics] == [("bad.yaml", "FD401", 5)]
+    assert result.plan is None
+
+
+def test_sub_flow_with_a_schema_error_is_fd308_too(spec: Spec) -> None:
+    spec("flowdsl: 1\nsteps: [a]\n", "lib/noname.yaml")
+    result = spec(HEAD + "steps:\n  - flow: f\n    path: lib/noname.yaml\n")
+    codes = sorted((Path(d.file or "").name, d.code) for d in result.diagnostics)
+    assert codes == [("noname.yaml", "FD201"), ("spec.yaml", "FD308")]
+    fd308 = next(d for d in result.diagnostics if d.code == "FD308")
+    assert "sub-flow 'lib/noname.yaml' cannot be loaded: missing required field 'name'" in fd308.message
+
+
+def test_missing_sub_flow_is_fd308_not_a_usage_error(spec: Spec) -> None:
+    result = spec(HEAD + "steps:\n  - flow: f\n    path: nowhere.yaml\n")
+    assert [(d.code, d.line) for d in result.diagnostics] == [("FD308", 5)]
+    assert "cannot read file" in result.diagnostics[0].message
+
+
+def test_sub_flow_including_itself(spec: Spec) -> None:
+    result = spec(HEAD + "steps:\n  - flow: again\n    path: spec.yaml\n")
+    (d,) = result.diagnostics
+    assert d.code == "FD308" and d.message == "sub-flow 'spec.yaml' includes itself: spec.yaml → spec.yaml"
+
+
+def test_steps_of_a_sub_flow_are_not_visible_to_the_parent(spec: Spec) -> None:
+    spec(SUB, "lib/wrap.yaml")
+    result = spec(HEAD + """\
+        steps:
+          - flow: gift
+            path: lib/wrap.yaml
+          - after:
+              with: {paper: "${ $steps.choose_paper.paper }"}
+        """)
+    assert [d.code for d in result.diagnostics] == ["FD303"]
+
+
+# --- retry, timeouts, compensation, defaults ----------------------------------------------------
+
+
+BUILTIN_STEP = {"attempts": 1, "backoff": "exponential", "initial_ms": 1000, "max_ms": 30000, "multiplier": 2.0,
+                "jitter": "none", "on": None, "not_on": []}
+BUILTIN_COMP = {"attempts": 5, "backoff": "exponential", "initial_ms": 100, "max_ms": 10000, "multiplier": 2.0,
+                "jitter": "none", "on": None, "not_on": []}
+
+
+def test_retry_built_ins_and_shorthand() -> None:
+    nodes = plan(HEAD + "steps:\n  - a\n  - b: {retry: 4, compensate: undo_b}\n")["nodes"]
+    assert nodes["a"]["retry"] == BUILTIN_STEP
+    assert nodes["b"]["retry"] == {**BUILTIN_STEP, "attempts": 4}
+    assert nodes["b"]["compensate"] == {"worker": "undo_b", "with": None, "retry": BUILTIN_COMP, "timeout_ms": None}
+    assert nodes["a"]["timeout_ms"] is None and nodes["a"]["compensate"] is None
+
+
+def test_retry_layers_merge_field_by_field() -> None:
+    nodes = plan(HEAD + """\
+        defaults:
+          retry: {attempts: 3, backoff: linear, initial: 300ms, not_on: [Zeta, Alpha]}
+          timeout: 20s
+          compensate:
+            retry: {attempts: 9, jitter: equal}
+            timeout: 1m
+        steps:
+          - a
+          - b:
+              retry: {initial: 1s, max: 4s, "on": [Timeout, Busy]}
+              timeout: 2s
+              compensate:
+                worker: undo_b
+                retry: {max: 1m}
+                timeout: 5s
+          - c:
+              compensate: undo_c
+              retry: {backoff: exponential, multiplier: 3, jitter: full}
+        """)["nodes"]
+    assert nodes["a"]["retry"] == {**BUILTIN_STEP, "attempts": 3, "backoff": "linear", "initial_ms": 300,
+                                   "not_on": ["Alpha", "Zeta"]}
+    assert nodes["b"]["retry"] == {**BUILTIN_STEP, "attempts": 3, "backoff": "linear", "initial_ms": 1000,
+                                   "max_ms": 4000, "on": ["Busy", "Timeout"], "not_on": ["Alpha", "Zeta"]}
+    assert nodes["c"]["retry"]["multiplier"] == 3.0 and nodes["c"]["retry"]["jitter"] == "full"
+    assert nodes["c"]["retry"]["backoff"] == "exponential"
+    assert (nodes["a"]["timeout_ms"], nodes["b"]["timeout_ms"]) == (20_000, 2000)
+    assert nodes["b"]["compensate"]["retry"] == {**BUILTIN_COMP, "attempts": 9, "jitter": "equal", "max_ms": 60_000}
+    assert nodes["b"]["compensate"]["timeout_ms"] == 5000
+    assert nodes["c"]["compensate"] == {"worker": "undo_c", "with": None, "timeout_ms": 60_000,
+                                        "retry": {**BUILTIN_COMP, "attempts": 9, "jitter": "equal"}}
+
+
+def test_run_timeout_and_flow_fields() -> None:
+    p = plan("flowdsl: 1\nname: t\nversion: 2.5\ndescription: d\ntimeout: 1m30s\nworkers: [m.w, a.w]\n"
+             "input: {type: object}\nsteps: [a]\n")
+    assert p["flow"] == {"name": "t", "version": "2.5", "description": "d", "workers": ["m.w", "a.w"],
+                         "input_schema": {"type": "object"}, "timeout_ms": 90_000}
+    assert p["plan_version"] == 1
+
+
+def test_compensation_with_is_a_template_that_may_read_the_step_itself() -> None:
+    nodes = plan(HEAD + """\
+        steps:
+          - charge:
+              compensate:
+                worker: refund
+                with: {charge: "${ $steps.charge.id }", note: "undo ${ charge_id }"}
+        """)["nodes"]
+    template = nodes["charge"]["compensate"]["with"]
+    assert set(template) == {"charge", "note"} and "$expr" in template["charge"]
+    assert template["note"]["$format"][0] == "undo "
+
+
+def test_llm_step_fields_and_module_default() -> None:
+    nodes = plan(HEAD + """\
+        defaults:
+          llm: {module: chain_of_thought}
+        steps:
+          - write:
+              llm:
+                signature: "name, total: float -> greeting, tips: list[str]"
+                instructions: Be brief.
+          - classify:
+              llm:
+                signature:
+                  inputs: {text: {type: str, desc: the message}}
+                  outputs: {label: {enum: [a, b]}}
+                module: predict
+                lm: openai/gpt-4o-mini
+                demos: [{text: hi, label: a}]
+              fallback: rules.classify
+        """)["nodes"]
+    w, c = nodes["write"], nodes["classify"]
+    assert (w["kind"], w["fallback"], "worker" in w) == ("llm", None, False)
+    assert w["llm"]["signature"] == {
+        "inputs": [{"name": "name", "type": "str", "desc": None, "enum": None},
+                   {"name": "total", "type": "float", "desc": None, "enum": None}],
+        "outputs": [{"name": "greeting", "type": "str", "desc": None, "enum": None},
+                    {"name": "tips", "type": "list[str]", "desc": None, "enum": None}]}
+    assert (w["llm"]["module"], w["llm"]["instructions"], w["llm"]["demos"]) == ("chain_of_thought", "Be brief.", [])
+    assert w["writes"] == ["greeting", "tips"]
+    assert c["llm"]["signature"]["inputs"] == [{"name": "text", "type": "str", "desc": "the message", "enum": None}]
+    assert c["llm"]["signature"]["outputs"][0]["enum"] == ["a", "b"]
+    assert (c["llm"]["module"], c["llm"]["lm"], c["fallback"]) == ("predict", "openai/gpt-4o-mini", "rules.classify")
+    assert c["llm"]["demos"] == [{"text": "hi", "label": "a"}]
+    assert c["writes"] is None  # a fallback worker may write anything
+
+
+# --- data: with, output, expressions -----------------------------------------------------------
+
+
+def test_templates() -> None:
+    nodes = plan(HEAD + """\
+        steps:
+          - a:
+              with:
+                whole: "${ order.id }"
+                text: "Order ${ order.id } costs ${ total }"
+                escaped: "$${ not an expression }"
+                mixed: "$${x} and ${ y }"
+                plain: hello
+                number: 3
+                nested: [{k: "${ z }"}, [1, "${ z }"]]
+                lit: {$gt: 5}
+        """)["nodes"]
+    w = nodes["a"]["with"]
+    order_id = "x" + hashlib.sha256(b"order.id").hexdigest()[:12]
+    assert w["whole"] == {"$expr": order_id}
+    assert w["text"]["$format"][0::2] == ["Order ", " costs "]
+    assert w["text"]["$format"][1] == {"$expr": order_id}
+    assert w["escaped"] == "${ not an expression }"
+    assert w["mixed"]["$format"][0] == "${x} and "
+    assert (w["plain"], w["number"]) == ("hello", 3)
+    assert w["nested"][0]["k"] == w["nested"][1][1] and "$expr" in w["nested"][1][1]
+    assert w["lit"] == {"$literal": {"$gt": 5}}
+
+
+def test_expressions_table() -> None:
+    p = plan(HEAD + """\
+        steps:
+          - a
+          - b:
+              when: "${ $steps.a.ok and $input.flag }"
+              with: {x: "${  order.id  }", y: "${ order.id }"}
+        """)
+    exprs = p["expressions"]
+    assert len(exprs) == 2  # the same source (trimmed) is one expression
+    when = exprs[p["nodes"]["b"]["when"]]
+    assert when == {"source": "$steps.a.ok and $input.flag", "vars": ["input", "steps"], "steps": ["a"]}
+    assert all(k == "x" + hashlib.sha256(v["source"].encode()).hexdigest()[:12] for k, v in exprs.items())
+
+
+def test_outputs_and_writes() -> None:
+    nodes = plan(HEAD + """\
+        steps:
+          - merged
+          - named: {output: result}
+          - mapped:
+              output: {total: "${ sum + $context.tax }", n: "${ $count(items) }"}
+        """)["nodes"]
+    assert (nodes["merged"]["output"], nodes["merged"]["writes"]) == ({"mode": "merge"}, None)
+    assert (nodes["named"]["output"], nodes["named"]["writes"]) == ({"mode": "name", "name": "result"}, ["result"])
+    assert nodes["mapped"]["output"]["mode"] == "map" and sorted(nodes["mapped"]["output"]["map"]) == ["n", "total"]
+    assert nodes["mapped"]["writes"] == ["n", "total"]
+
+
+# --- stages, edges, critical path -----------------------------------------------------------------
+
+
+def test_stages_edges_and_critical_path_of_a_diamond() -> None:
+    p = plan(HEAD + """\
+        steps:
+          - fetch
+          - fraud: {needs: [fetch]}
+          - stock: {needs: [fetch]}
+          - sequence: slow
+            needs: [fetch]
+            steps: [s1, s2]
+          - accept: {needs: [fraud, stock, slow]}
+          - audit: {needs: []}
+        """)
+    assert p["stages"] == [["fetch", "audit"], ["fraud", "stock", "s1"], ["s2"], ["accept"]]
+    assert p["critical_path"] == ["fetch", "s1", "s2", "accept"]
+    edges = {tuple(e) for e in p["edges"]}
+    assert {("fetch", "fraud"), ("fetch", "stock"), ("fetch", "slow:start"), ("slow:start", "s1"), ("s1", "s2"),
+            ("s2", "slow:end"), ("slow:end", "accept"), ("fraud", "accept"), ("stock", "accept"),
+            (":start", "audit"), ("accept", ":end"), ("audit", ":end")} <= edges
+    assert {k: n["stage"] for k, n in p["nodes"].items() if "stage" in n} == {
+        "fetch": 0, "audit": 0, "fraud": 1, "stock": 1, "s1": 1, "s2": 2, "accept": 3}
+
+
+def test_critical_path_ties_go_to_plan_order() -> None:
+    p = plan(HEAD + "steps:\n  - parallel: p\n    branches: [b, a, c]\n  - z\n")
+    assert p["critical_path"] == ["b", "z"]
+    assert p["stages"] == [["b", "a", "c"], ["z"]]
+
+
+def test_edges_stay_linear_for_wide_parallel_groups_in_a_row() -> None:
+    width = 300
+    branches = "".join(f"      - a{i}\n" for i in range(width))
+    other = "".join(f"      - b{i}\n" for i in range(width))
+    p = plan(HEAD + f"steps:\n  - parallel: p1\n    branches:\n{branches}  - parallel: p2\n    branches:\n{other}")
+    # 2 edges per branch, plus :start→p1, p1→p2, p1→:end, p2→:end — not width * width step-to-step edges
+    assert len(p["edges"]) == 4 * width + 4
+    assert ["p1:end", "p2:start"] in p["edges"]
+    assert p["critical_path"] == ["a0", "b0"]
+
+
+def test_for_each_body_is_one_stage_per_step_and_switch_cases_share_stages() -> None:
+    p = plan(NESTED)
+    stage = {k: n["stage"] for k, n in p["nodes"].items() if "stage" in n}
+    assert stage["body1"] == stage["l2"] + 1 and stage["body2"] == stage["body1"] + 1
+    assert stage["case_a1"] == stage["case_b"] == stage["other"] == stage["body2"] + 1
+    assert stage["finish"] == stage["case_a2"] + 1
+    assert p["critical_path"] == ["start", "l1", "l2", "body1", "body2", "case_a1", "case_a2", "finish"]
+
+
+# --- the plan's bytes ------------------------------------------------------------------------------
+
+
+def test_plan_bytes_are_sorted_indented_json_with_a_final_newline() -> None:
+    p = plan(HEAD + "steps: [b, a]\n")
+    data = plan_bytes(p)
+    assert data.endswith(b"}\n") and not data.endswith(b"\n\n")
+    assert data == (json.dumps(json.loads(data), sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+    assert list(json.loads(data)) == sorted(p)
+    assert b"spec.yaml" not in data  # no file names in a plan
+
+
+# --- checks: one test per code with its message -----------------------------------------------------
+
+
+def test_fd301_duplicate_ids_anywhere_in_the_flow() -> None:
+    message = only(HEAD + "steps:\n  - a\n  - sequence: s\n    steps: [b, a]\n", "FD301")
+    assert message.startswith("duplicate id 'a' (first used at /steps/0)")
+
+
+def test_fd302_output_names_and_groups() -> None:
+    assert "invalid id 'my-loop'" in only(HEAD + "steps:\n  - for_each: my-loop\n    items: '${ x }'\n"
+                                          "    steps: [a]\n", "FD302")
+    assert "invalid id 'bad-key'" in only(HEAD + "steps:\n  - a: {output: {bad-key: '${ x }'}}\n", "FD302")
+
+
+def test_fd303_needs_did_you_mean() -> None:
+    assert only(HEAD + "steps:\n  - prepare\n  - ship: {needs: [prepar]}\n", "FD303") == (
+        "'ship' needs 'prepar', which is not a step or group (did you mean 'prepare'?)")
+
+
+def test_fd304_names_the_cycle_once() -> None:
+    diags = errors(HEAD + "steps:\n  - a: {needs: [c]}\n  - b: {needs: [a]}\n  - c: {needs: [b]}\n"
+                   "  - d: {needs: [d]}\n")
+    assert [(c, m) for c, _, m in diags] == [("FD304", "dependency cycle: a → b → c → a"),
+                                             ("FD304", "dependency cycle: d → d")]
+
+
+def test_fd305_hint_names_the_group_to_put_needs_on() -> None:
+    message = only(HEAD + """\
+        steps:
+          - a
+          - sequence: outer
+            steps:
+              - sequence: inner
+                steps:
+                  - b: {needs: [a]}
+        """, "FD305")
+    assert message.endswith("(put it on 'outer', the enclosing group in the same list as 'a')")
+    message = only(HEAD + "steps:\n  - sequence: g\n    steps:\n      - b: {needs: [g]}\n", "FD305")
+    assert message.endswith("('g' is a group that encloses it)")
+
+
+def test_fd306_only_for_a_constant_false_condition(spec: Spec) -> None:
+    result = spec(HEAD + """\
+        steps:
+          - a: {when: "${ false }"}
+          - b: {when: "${ 2 > 1 }"}
+          - c: {when: "${ flag = false }"}
+          - sequence: g
+            when: "${ 'yes' = 'no' }"
+            steps: [d]
+        """)
+    assert [(d.code, d.severity, d.line) for d in result.diagnostics] == [("FD306", "warning", 4),
+                                                                          ("FD306", "warning", 8)]
+    assert result.plan is not None  # a warning does not stop the plan
+
+
+def test_fd307_conflicts_and_non_conflicts() -> None:
+    assert plan(HEAD + """\
+        steps:
+          - a: {output: r}
+          - b: {output: r}
+          - switch: s
+            on: "${ k }"
+            cases:
+              x: [c: {output: q}]
+              y: [d: {output: q}]
+          - for_each: loop
+            items: "${ xs }"
+            steps: [e: {output: r}]
+        """)["nodes"]["b"]["writes"] == ["r"]
+    message = only(HEAD + """\
+        steps:
+          - parallel: p
+            branches:
+              - for_each: loop
+                items: "${ xs }"
+                output: lines
+                steps: [a]
+              - b: {output: {lines: "${ l }"}}
+        """, "FD307")
+    assert message == "'b' and 'loop' may run at the same time and both write 'lines'; give one of them another " \
+                      "output name"
+    message = only(HEAD + """\
+        steps:
+          - a: {llm: {signature: "q -> answer"}}
+          - b: {needs: [], llm: {signature: "q -> answer, score: int"}}
+        """, "FD307")
+    assert "'b' and 'a' may run at the same time and both write 'answer'" in message
+
+
+def test_fd309_worker_on_an_llm_step() -> None:
+    message = only(HEAD + "steps:\n  - a: {worker: w, llm: {signature: 'q -> a'}}\n", "FD309")
+    assert "an LLM step has no worker; use 'fallback'" in message
+
+
+def test_fd401_and_fd402_everywhere_a_policy_is_written() -> None:
+    diags = errors(HEAD + """\
+        timeout: forever
+        defaults:
+          timeout: 0
+          retry: {initial: 5s, max: 1s}
+          compensate: {timeout: 1 day, retry: {backoff: constant, multiplier: 2}}
+        steps:
+          - a: {compensate: {worker: u, timeout: -1s}}
+        """)
+    assert [(c, line) for c, line, _ in diags] == [("FD401", 3), ("FD401", 5), ("FD402", 6), ("FD401", 7),
+                                                   ("FD402", 7), ("FD401", 9)]
+
+
+def test_fd501_positions_and_forms() -> None:
+    diags = errors(HEAD + """\
+        steps:
+          - for_each: loop
+            items: "order.items"
+            steps: [a]
+          - switch: s
+            on: "${ kind }  ${ other }"
+            cases: {x: [b]}
+          - c: {fail_when: "${ status = }"}
+          - d: {output: {x: "${ (a }"}}
+        """)
+    assert [(c, line) for c, line, _ in diags] == [("FD501", 5), ("FD501", 8), ("FD501", 10), ("FD501", 11)]
+    assert diags[0][2] == "'items' must be one expression written as \"${ ... }\", found 'order.items'"
+    assert diags[2][2].startswith("in 'fail_when': ")
+
+
+def test_fd502_scopes_of_variables() -> None:
+    assert plan(HEAD + """\
+        steps:
+          - for_each: outer
+            items: "${ xs }"
+            as: x
+            steps:
+              - for_each: inner
+                items: "${ $x.parts }"
+                steps:
+                  - a: {with: {p: "${ $item }", i: "${ $index }", o: "${ $x.id }", r: "${ $run.id }"}}
+          - b:
+              fail_when: "${ $context.limit < total }"
+              output: {t: "${ ($f := function($v) { $v * 2 }; $f(total)) }"}
+              with: {all: "${ $input }"}
+        """)["nodes"]["a"]["scope"] == "inner"
+    message = only(HEAD + "steps:\n  - a: {with: {x: \"${ $context.y }\"}}\n", "FD502")
+    assert message.startswith("in 'with.x': undefined variable '$context' (it is defined only where a step's "
+                              "result is read: fail_when, output, compensate.with); expected one of $input, $run")
+    assert "(it is defined only inside for_each 'loop')" in only(HEAD + """\
+        steps:
+          - for_each: loop
+            items: "${ xs }"
+            steps: [a]
+          - b: {when: "${ $index > 0 }"}
+        """, "FD502")
+
+
+def test_fd503_lists_each_forbidden_function() -> None:
+    diags = errors(HEAD + "steps:\n  - a: {when: \"${ $millis() > 0 and $count($shuffle([1])) = 1 }\"}\n")
+    assert [m.split(":")[1].strip() for _, _, m in diags] == ["'$millis' is not allowed", "'$shuffle' is not allowed"]
+
+
+def test_fd504_reading_results() -> None:
+    assert only(HEAD + "steps:\n  - a: {with: {x: \"${ $steps.a.y }\"}}\n", "FD504") == (
+        "in 'with.x': 'a' cannot read its own result here")
+    assert "which does not always finish before 'a' starts" in only(
+        HEAD + "steps:\n  - a: {with: {x: \"${ $steps.b.y }\"}}\n  - b\n", "FD504")
+    assert only(HEAD + """\
+        steps:
+          - for_each: loop
+            items: "${ xs }"
+            steps: [line]
+          - total: {with: {x: "${ $steps.line.amount }"}}
+        """, "FD504") == ("in 'with.x': '$steps.line' reads step 'line', which runs once per item of for_each "
+                          "'loop'; read the loop's output instead")
+    # allowed: an earlier step, a needs dependency, a step of the same iteration, the loop's own result after it
+    allowed = plan(HEAD + """\
+        steps:
+          - a
+          - for_each: loop
+            items: "${ $steps.a.xs }"
+            steps:
+              - line
+              - check: {with: {x: "${ $steps.line.ok }"}}
+          - b: {needs: [loop], with: {x: "${ $steps.loop }", y: "${ $steps.a }"}}
+        """)
+    assert sorted(s for e in allowed["expressions"].values() for s in e["steps"]) == ["a", "a", "line", "loop"]
+
+
+def test_fd601_to_fd603_from_the_signature_checker() -> None:
+    assert only(HEAD + "steps:\n  - a: {llm: {signature: 'q -> a -> b'}}\n", "FD601").startswith(
+        "malformed signature: found a second '->'")
+    message = only(HEAD + "steps:\n  - a: {llm: {signature: {inputs: {q: integer}, outputs: {a: str}}}}\n",
+                   "FD602")
+    assert "found unknown type 'integer' for field 'q'" in message and "(did you mean 'int'?)" in message
+    assert "demo 1" in only(HEAD + "steps:\n  - a: {llm: {signature: 'q -> n: int', demos: [{q: x, n: many}]}}\n",
+                            "FD603")
+
+
+def test_errors_stop_the_plan_but_every_diagnostic_is_collected(spec: Spec) -> None:
+    result = spec(HEAD + """\
+        steps:
+          - a: {timeout: 0s, with: {x: "${ $nope }"}}
+          - a
+          - b: {with: {y: "${ unclosed"}}
+        """)
+    assert result.plan is None
+    assert sorted(d.code for d in result.diagnostics) == ["FD301", "FD401", "FD501", "FD502"]
+
+
+# --- workers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A worker module ``shop_workers_t`` importable from tmp_path, in a fresh registry."""
+    from flowdsl.workers import registry
+
+    monkeypatch.setattr(registry, "_workers", {})
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "shop_workers_t", raising=False)
+    (tmp_path / "shop_workers_t.py").write_text(textwrap.dedent("""\
+        from flowdsl.workers import worker
+
+        @worker("reserve_stock")
+        def reserve_stock(data, ctx):
+            return {}
+
+        @worker("release_stock")
+        def release_stock(data, ctx):
+            return None
+
+        @worker("shop.rules.classify")
+        def classify(data, ctx):
+            return {"label": "a"}
+        """), encoding="utf-8")
+    return str(tmp_path)
+
+
+def test_workers_known_and_unknown(spec: Spec, worker_module: str) -> None:
+    result = spec(HEAD + """\
+        workers: [shop_workers_t]
+        steps:
+          - reserve_stock: {compensate: {worker: relase_stock}}
+          - label:
+              llm: {signature: "q -> label"}
+              fallback: shop.rules.clasify
+          - ship: {worker: shop.ship}
+        """, check_workers=True, search_path=worker_module)
+    got = [(d.code, d.line, d.path, d.message.split(":")[0]) for d in result.diagnostics]
+    assert got == [
+        ("FD204", 5, "/steps/0/reserve_stock/compensate", "compensation 'relase_stock' is not a known worker"),
+        ("FD204", 8, "/steps/1/label/fallback", "fallback 'shop.rules.clasify' is not a known worker"),
+        ("FD204", 9, "/steps/2/ship/worker", "step 'shop.ship' is not a known worker"),
+    ]
+    assert "(did you mean 'release_stock'?)" in result.diagnostics[0].message
+    assert "(did you mean 'shop.rules.classify'?)" in result.diagnostics[1].message
+
+
+def test_worker_module_found_beside_the_spec(spec: Spec, worker_module: str, tmp_path: Path) -> None:
+    result = spec(HEAD + "workers: [shop_workers_t]\nsteps: [reserve_stock]\n", check_workers=True,
+                  search_path=str(tmp_path / "elsewhere"))
+    assert result.diagnostics == [] and result.plan is not None
+
+
+def test_a_failed_import_reports_fd205_and_no_guesses(spec: Spec, worker_module: str) -> None:
+    (Path(worker_module) / "broken_workers_t.py").write_text("raise RuntimeError('no config')\n")
+    result = spec(HEAD + "workers: [shop_workers_t, broken_workers_t]\nsteps: [reserve_stock, unknown_one]\n",
+                  check_workers=True, search_path=worker_module)
+    (d,) = result.diagnostics
+    assert d.code == "FD205" and d.path == "/workers/1"
+    assert "cannot import worker module 'broken_workers_t': RuntimeError: no config" in d.message
+
+
+def test_no_import_skips_the_worker_checks(spec: Spec) -> None:
+    result = spec(HEAD + "workers: [no_such_module_t]\nsteps: [anything]\n", check_workers=False)
+    assert result.diagnostics == [] and result.plan is not None
