@@ -8,7 +8,9 @@ The public API, one function per stage::
     result = flowdsl.compile_spec("flow.yaml")      # compiler: plan + source map + diagnostics
     plan = flowdsl.compile_text(yaml_text)          # the same from text; raises SpecError
 
-and ``@flowdsl.worker("name")`` to register workers. Heavy modules load lazily.
+and ``@flowdsl.worker("name")`` to register workers; ``flowdsl.run(plan, input)`` (or
+``await flowdsl.run_flow(...)``) runs a plan in-process and returns a ``RunResult``.
+Heavy modules load lazily.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ _EXPORTS = {
     "worker": "flowdsl.workers",
     "StepContext": "flowdsl.workers",
     "registry": "flowdsl.workers",
+    "run": "flowdsl.runtime.local",
+    "run_flow": "flowdsl.runtime.local",
+    "LocalRun": "flowdsl.runtime.local",
+    "RunResult": "flowdsl.runtime.report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,6 +37,16 @@ class SyntaxName(StrEnum):
     flow = "flow"
 
 
+class Backend(StrEnum):
+    local = "local"
+    redis = "redis"
+
+
+RedisUrlOpt = Annotated[str | None, typer.Option(
+    "--redis-url", help="redis://, rediss:// (TLS) or unix:// URL, with user:password if needed "
+    "[default: $FLOWDSL_REDIS_URL or redis://localhost:6379/0]", metavar="URL")]
+PrefixOpt = Annotated[str | None, typer.Option(
+    "--prefix", help="key prefix of the deployment [default: $FLOWDSL_REDIS_PREFIX or flowdsl]")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text for people, json for programs")]
 NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
 
@@ -56,7 +66,8 @@ def _print_diagnostics(diags: list[Any], fmt: OutputFormat) -> None:
     console = _stderr()
     for d in diags:
         style = "red" if d.severity == "error" else "yellow"
-        console.print(f"[bold]{d.location()}[/]: [{style}]{d.severity} {d.code}[/]: {d.message}", markup=True)
+        console.print(f"[bold]{_escape(d.location())}[/]: [{style}]{d.severity} {d.code}[/]: {_escape(d.message)}",
+                      markup=True)
 
 
 def _escape(text: str) -> str:
@@ -146,6 +157,231 @@ def convert(
         output.write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+
+
+EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    _stderr().print(f"[red]error[/]: {_escape(message)}")
+    return typer.Exit(code)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="spec file", show_default=False)],
+    input_file: Annotated[str | None, typer.Option(
+        "--input", "-i", help="run input: a JSON file, or - for stdin", metavar="FILE")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="override one input value: key=value (dotted keys; the value is JSON, else a string); "
+        "repeatable", metavar="KEY=VALUE")] = None,
+    fmt: FormatOpt = OutputFormat.text,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="the run's id [default: generated]")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", help="where run records go [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]")] = None,
+    no_record: Annotated[bool, typer.Option("--no-record", help="do not write a run record")] = False,
+    lm: Annotated[str | None, typer.Option(
+        "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="seed of the retry jitter")] = None,
+    backend: Annotated[Backend, typer.Option(
+        "--backend", help="local: in this process; redis: durable, on `flowdsl worker` processes")] = Backend.local,
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", help="(redis) print the run id and return at once")] = False,
+    schedule_timeout: Annotated[float | None, typer.Option(
+        "--schedule-timeout", help="(redis) seconds an attempt may wait for a worker before it fails with "
+        "ScheduleToStartTimeout [default: the workers' setting]", metavar="SECONDS")] = None,
+    retention: Annotated[float | None, typer.Option(
+        "--retention", help="(redis) seconds the finished run is kept [default: the workers' setting]",
+        metavar="SECONDS")] = None,
+) -> None:
+    """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
+
+    Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
+    usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C
+    (with --backend redis: stopped following; the run goes on).
+    """
+    from flowdsl.runtime.inputs import InputError, check_input, read_input
+
+    remote = backend is Backend.redis
+    if not remote and (detach or redis_url or schedule_timeout is not None or retention is not None):
+        raise _fail("--detach, --redis-url, --schedule-timeout and --retention need --backend redis")
+    result = _compile(file, no_import=remote)  # with redis, the worker processes import the workers
+    if result.plan is None:
+        _print_diagnostics(result.diagnostics, fmt)
+        raise typer.Exit(EXIT_USAGE)
+    if result.diagnostics:
+        _print_diagnostics(result.diagnostics, OutputFormat.text)
+    try:
+        data = read_input(input_file, overrides or ())
+        check_input(result.plan, data)
+    except InputError as exc:
+        raise _fail(str(exc)) from None
+    if remote:
+        from flowdsl.runtime.redis.commands import run_command
+
+        if lm or runs_dir or no_record:
+            _stderr().print("[yellow]note[/]: --lm, --runs-dir and --no-record apply to the local backend "
+                            "(give --lm to `flowdsl worker`; Redis keeps the run's journal)")
+        raise typer.Exit(run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
+                                     detach=detach, as_json=fmt is OutputFormat.json,
+                                     schedule_timeout_s=schedule_timeout, retention_s=retention,
+                                     console=_stderr()))
+
+    from flowdsl.runtime.local import LocalRun, RunAborted, WorkersMissing
+    from flowdsl.runtime.report import LiveView, print_summary
+    from flowdsl.workers import WorkerImportError
+
+    view = LiveView(result.plan, mode="off" if fmt is OutputFormat.json else "auto", console=_stderr())
+    try:
+        local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
+                         on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True)
+    except (WorkersMissing, WorkerImportError, FileExistsError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    import asyncio
+
+    try:
+        with view:
+            outcome = asyncio.run(local.run())
+    except RunAborted as exc:
+        raise _fail(str(exc), EXIT_ABORTED) from None
+    except (OSError, RuntimeError) as exc:
+        raise _fail(f"the run stopped: {exc}", EXIT_DIAGNOSTICS) from None
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
+    else:
+        print_summary(outcome, _stderr())
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)",
+                                          metavar="RUN_ID", show_default=False)],
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", help="where run records are [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]")] = None,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
+    from flowdsl.runtime.record import read_record, record_path
+    from flowdsl.runtime.report import print_timeline, result_from_record
+
+    path = Path(run_id)
+    if not (run_id.endswith(".jsonl") and path.is_file()):
+        try:
+            path = record_path(run_id, runs_dir)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        if not path.is_file():
+            raise _fail(f"no recorded run '{run_id}': {path} does not exist (see --runs-dir)")
+    try:
+        header, lines = read_record(path)
+        outcome = result_from_record(header, lines, path)
+    except Exception as exc:  # an unreadable, truncated or foreign record: say so, never a traceback
+        raise _fail(f"cannot read the run record {path}: {exc}") from None
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
+    else:
+        print_timeline(outcome, lines, _stderr())
+
+
+# --- the Redis runtime: worker processes and remote runs ------------------------------------------------
+
+
+@app.command()
+def worker(
+    modules: Annotated[list[str] | None, typer.Option(
+        "-w", "--workers", help="a module whose @worker functions to serve (repeatable)", metavar="MODULE")] = None,
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="steps run at once")] = 32,
+    burst: Annotated[bool, typer.Option("--burst", help="drain the queues, then exit")] = False,
+    lease: Annotated[float, typer.Option(
+        "--lease", min=0.1, help="seconds without a heartbeat after which a step is reclaimed by another "
+        "process", metavar="SECONDS")] = 30.0,
+    schedule_timeout: Annotated[float | None, typer.Option(
+        "--schedule-timeout", help="default for runs that set none: seconds an attempt may wait for a worker "
+        "before it fails with ScheduleToStartTimeout [default: no limit]", metavar="SECONDS")] = None,
+    retention: Annotated[float, typer.Option(
+        "--retention", help="default for runs that set none: seconds a finished run is kept",
+        metavar="SECONDS")] = 7 * 24 * 3600.0,
+    grace: Annotated[float, typer.Option(
+        "--grace", help="on SIGTERM: seconds in-flight steps may take before they are handed back",
+        metavar="SECONDS")] = 10.0,
+    lm: Annotated[str | None, typer.Option("--lm", help="language model for LLM steps that name none")] = None,
+    no_llm: Annotated[bool, typer.Option("--no-llm", help="do not run LLM steps in this process")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    """Serve workers from Redis: run their steps and advance runs, on any number of machines.
+
+    SIGTERM (or Ctrl-C) stops gracefully: in-flight steps finish or are handed
+    back; a second signal stops at once. Exit 0 when stopped, 2 on a bad URL or module.
+    """
+    from flowdsl.runtime.redis.commands import worker_command
+    from flowdsl.runtime.redis.worker import WorkerOptions
+
+    options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease, schedule_timeout_s=schedule_timeout,
+                            retention_s=retention, grace_s=grace, lm=lm, llm=not no_llm)
+    raise typer.Exit(worker_command(url=redis_url, prefix=prefix, modules=list(modules or ()), options=options,
+                                    console=_stderr(), verbose=verbose))
+
+
+@app.command()
+def status(
+    run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Show a Redis run: its timeline and summary (--format json: the `run --format json` object).
+
+    Exit 0 when the run exists (whatever its state), 2 when it does not or Redis cannot be reached.
+    """
+    from flowdsl.runtime.redis.commands import status_command
+
+    raise typer.Exit(status_command(run_id, url=redis_url, prefix=prefix, as_json=fmt is OutputFormat.json,
+                                    console=_stderr()))
+
+
+@app.command()
+def runs(
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    status_filter: Annotated[str | None, typer.Option(
+        "--status", help="only runs in this state (running, completed, compensated, ...)")] = None,
+    flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="at most this many")] = 20,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """List recent Redis runs with their states, newest first."""
+    from flowdsl.runtime.redis.commands import runs_command
+
+    raise typer.Exit(runs_command(url=redis_url, prefix=prefix, limit=limit, status=status_filter, flow=flow,
+                                  as_json=fmt is OutputFormat.json, console=_stderr()))
+
+
+@app.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    reason: Annotated[str, typer.Option("--reason", help="recorded with the cancellation")] = "cancel requested",
+    wait: Annotated[bool, typer.Option("--wait", help="wait until the run has ended")] = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """Cancel a Redis run: in-flight steps are stopped and completed steps compensated.
+
+    Exit 0 when the cancel was requested, 1 when the run was already over, 2 when there is no such run.
+    """
+    from flowdsl.runtime.redis.commands import cancel_command
+
+    raise typer.Exit(cancel_command(run_id, url=redis_url, prefix=prefix, reason=reason, wait=wait,
+                                    as_json=fmt is OutputFormat.json, console=_stderr()))
+
+
+from flowdsl.render.command import diagram as _diagram  # noqa: E402  (typer + stdlib only)
+
+app.command(name="diagram")(_diagram)
 
 
 def main() -> None:

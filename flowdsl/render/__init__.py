@@ -1,0 +1,60 @@
+"""Renderers: draw an execution plan as Mermaid, ASCII art or Graphviz (DOT, SVG, PNG).
+
+Stage: renderer. Reads the plan (docs/plan.md) and, for run states, a run's
+recorded events — nothing upstream of the plan; imports stdlib, and the
+``graphviz`` package lazily for SVG and PNG. One module per format
+(:mod:`.mermaid`, :mod:`.ascii`, :mod:`.dot`) over a shared reading of the
+plan (:mod:`.view`, :mod:`.graph`); :mod:`.runstate` turns a run's events
+into per-step states; :mod:`.command` is the ``flowdsl diagram`` command.
+
+    from flowdsl.render import render
+    text = render(plan, "mermaid")                       # str
+    svg = render(plan, "svg", run_states={"charge": "failed"})   # bytes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flowdsl.render.runstate import RunStates
+from flowdsl.render.view import STATES, RenderError
+
+#: every format and whether it is text (str) or binary (bytes)
+FORMATS = {"mermaid": "text", "ascii": "text", "dot": "text", "svg": "text", "png": "binary"}
+#: file extension of each format's golden/output file
+EXTENSIONS = {"mermaid": ".mmd", "ascii": ".ascii.txt", "dot": ".dot", "svg": ".svg", "png": ".png"}
+
+__all__ = ["EXTENSIONS", "FORMATS", "STATES", "RenderError", "RunStates", "render"]
+
+
+def render(plan: Mapping[str, Any], fmt: str, *, run_states: RunStates | Mapping[str, str] | None = None,
+           ascii_only: bool = False, markdown: bool = False, width: int = 80) -> str | bytes:
+    """Draw ``plan`` in ``fmt`` (mermaid, ascii, dot, svg, png); ``png`` is bytes, the rest text.
+
+    ``run_states`` colours (or, in ASCII, marks) each step by its state in a run:
+    a :class:`RunStates` from :func:`flowdsl.render.runstate.derive_states`, or a plain
+    ``{node key: state}`` mapping. ``ascii_only`` restricts the ASCII form to
+    7-bit characters; ``markdown`` wraps Mermaid in a fenced block; ``width`` is
+    the ASCII form's target width. Raises :class:`RenderError` for an unknown
+    format, a plan that cannot be drawn, or a missing Graphviz.
+    """
+    states = RunStates.of(run_states)
+    plan = dict(plan)
+    if fmt == "mermaid":
+        from flowdsl.render.mermaid import render_mermaid
+
+        return render_mermaid(plan, run_states=states, markdown=markdown)
+    if fmt == "ascii":
+        from flowdsl.render.ascii import render_ascii
+
+        return render_ascii(plan, run_states=states, ascii_only=ascii_only, width=width)
+    if fmt in ("dot", "svg", "png"):
+        from flowdsl.render.dot import render_dot, render_image
+
+        dot_text = render_dot(plan, run_states=states)
+        if fmt == "dot":
+            return dot_text
+        data = render_image(dot_text, fmt)
+        return data.decode("utf-8") if fmt == "svg" else data
+    raise RenderError(f"unknown diagram format '{fmt}'; expected one of {', '.join(FORMATS)}")

@@ -1,0 +1,150 @@
+"""The ``flowdsl diagram`` command: compile a spec and draw its plan, optionally with a run's states.
+
+Stage: CLI. Imports typer and stdlib at module level (the CLI starts fast);
+the compiler, the renderers and rich are imported inside the command.
+Registered in :mod:`flowdsl.cli`. Exit codes: 0 drawn; 1 the spec has errors;
+2 usage error (bad option combination, missing run, unreadable record,
+Graphviz missing).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
+
+
+class DiagramFormat(StrEnum):
+    mermaid = "mermaid"
+    ascii = "ascii"
+    dot = "dot"
+    svg = "svg"
+    png = "png"
+
+
+#: the format an output file's name implies when --format is not given
+SUFFIX_FORMATS = {".mmd": "mermaid", ".mermaid": "mermaid", ".md": "mermaid", ".txt": "ascii",
+                  ".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
+_FENCES = {"mermaid": "mermaid", "ascii": "text", "dot": "dot"}
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    from rich.markup import escape
+
+    _console().print(f"[red]error[/]: {escape(message)}")
+    return typer.Exit(code)
+
+
+def _pick_format(fmt: DiagramFormat | None, output: Path | None) -> str:
+    if fmt is not None:
+        return fmt.value
+    if output is not None:
+        return SUFFIX_FORMATS.get(output.suffix.lower(), "ascii")
+    return "ascii"
+
+
+def _run_events(run: str | None, events: Path | None, runs_dir: Path | None) -> tuple[Path | None, str | None]:
+    """The record file to read (or None) and its run id as given."""
+    if run is not None and events is not None:
+        raise _fail("--run and --events both name a run; give one of them")
+    if events is not None:
+        return events, None
+    if run is None:
+        return None, None
+    from flowdsl.runtime.record import record_path
+
+    try:
+        path = record_path(run, runs_dir)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if not path.is_file():
+        raise _fail(f"no recorded run '{run}': {path} does not exist (see --runs-dir)")
+    return path, run
+
+
+def diagram(
+    file: Annotated[Path, typer.Argument(help="spec file (.yaml, .yml, .flow)", show_default=False)],
+    fmt: Annotated[DiagramFormat | None, typer.Option(
+        "--format", "-f", help="mermaid, ascii, dot, svg or png [default: from -o's suffix, else ascii]",
+        show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write the diagram here")] = None,
+    markdown: Annotated[bool, typer.Option(
+        "--markdown", help="wrap a text diagram in a fenced Markdown block (```mermaid for Mermaid)")] = False,
+    ascii_only: Annotated[bool, typer.Option(
+        "--ascii-only", help="ASCII form: 7-bit characters only, no Unicode box drawing")] = False,
+    run: Annotated[str | None, typer.Option(
+        "--run", help="colour each step by its state in this recorded run", metavar="RUN_ID")] = None,
+    events: Annotated[Path | None, typer.Option(
+        "--events", help="colour each step by its state in this event log (JSON lines)",
+        metavar="FILE.jsonl")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", help="where --run looks for records [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]",
+        show_default=False)] = None,
+    width: Annotated[int, typer.Option("--width", help="ASCII form: target width in columns", min=40)] = 80,
+) -> None:
+    """Draw a spec's execution plan as Mermaid, ASCII art, DOT, SVG or PNG, optionally with a run's states."""
+    kind = _pick_format(fmt, output)
+    if fmt is None and output is not None and output.suffix.lower() == ".md":
+        markdown = True  # a Markdown file gets a fenced block GitHub renders
+    if ascii_only and kind != "ascii":
+        raise _fail("--ascii-only applies to the ascii format")
+    if markdown and kind not in _FENCES:
+        raise _fail(f"--markdown wraps text diagrams; {kind} is an image")
+    if kind == "png" and output is None and sys.stdout.isatty():
+        raise _fail("png is binary: write it to a file with -o FILE.png")
+    record, run_id = _run_events(run, events, runs_dir)
+
+    from flowdsl.api import compile_spec
+    from flowdsl.cli import OutputFormat, _exit_for, _print_diagnostics
+
+    result = compile_spec(str(file), check_workers=False)
+    if result.plan is None:
+        _print_diagnostics(result.diagnostics, OutputFormat.text)
+        raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
+    if result.diagnostics:
+        _print_diagnostics(result.diagnostics, OutputFormat.text)
+    plan = result.plan
+
+    from flowdsl.render import RenderError, render
+    from flowdsl.render.runstate import RunLogError, derive_states, read_events, record_plan
+
+    states = None
+    if record is not None:
+        try:
+            log = read_events(record)
+        except RunLogError as exc:
+            raise _fail(str(exc)) from None
+        recorded = record_plan(record)
+        if recorded is not None and recorded != plan:
+            _console().print(f"[yellow]warning[/]: the spec has changed since run "
+                             f"{run_id or record.stem} was recorded; drawing the current plan")
+        states = derive_states(plan, log)
+        if run_id and states.run_id is None:
+            states = type(states)(states.steps, states.undos, run_id, states.status, states.iterations)
+    try:
+        drawn = render(plan, kind, run_states=states, ascii_only=ascii_only, width=width)
+    except RenderError as exc:
+        raise _fail(str(exc)) from None
+    if markdown and isinstance(drawn, str):
+        drawn = f"```{_FENCES[kind]}\n{drawn}```\n"
+    data = drawn.encode("utf-8") if isinstance(drawn, str) else drawn
+    if output is not None:
+        try:
+            output.write_bytes(data)
+        except OSError as exc:
+            raise _fail(f"cannot write {output}: {exc.strerror or exc}") from None
+        _console().print(f"[green]wrote[/] {output} ({kind})")
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()

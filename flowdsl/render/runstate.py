@@ -1,0 +1,196 @@
+"""Run states for diagrams: each plan node's state in one run, derived from the run's events.
+
+Stage: renderer. Reads the plan and a run's recorded events (JSON lines as the
+kernel emits them, see docs/kernel.md); imports stdlib only.
+
+An event is a flat JSON object with a ``type``, the ``step`` it concerns (an
+instance key: the node key, prefixed by ``<for_each instance key>[<i>]/`` for
+each enclosing iteration) and, when the kernel knows it, the plan ``node`` key.
+Records also hold the input events fed to the kernel (``task_succeeded``, ...,
+without a ``step``) and may end with a ``runtime_aborted`` line; both are
+understood or ignored. A step's state is its last event's: an attempt that
+failed and is retried is running again.
+Iterations of a for_each body step aggregate onto the body step's node: the
+worst state wins (failed, then cancelled, running, compensated, succeeded,
+skipped, pending).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowdsl.render.view import STATES, PlanView
+
+#: event type -> the state of the step instance it leaves behind
+STEP_EVENTS = {
+    "step_scheduled": "running", "step_started": "running", "attempt_started": "running", "step_retrying": "running",
+    "fallback_started": "running", "step_succeeded": "succeeded", "step_failed": "failed",
+    "step_timed_out": "failed", "step_skipped": "skipped", "step_cancelled": "cancelled",
+}
+#: event type -> the state of the instance's compensation
+COMPENSATION_EVENTS = {
+    "compensation_started": "running", "compensation_retrying": "running",
+    "compensation_succeeded": "compensated", "compensation_failed": "failed",
+}
+#: aggregation order over iterations: the first state present wins
+_PRIORITY = ("failed", "cancelled", "running", "compensated", "succeeded", "skipped", "pending")
+_ITERATION = re.compile(r"\[\d+\]")
+
+
+class RunLogError(ValueError):
+    """A run record cannot be read (missing file, a line that is not JSON)."""
+
+
+@dataclass(frozen=True)
+class RunStates:
+    """The state of every node of a plan in one run.
+
+    ``steps`` maps each node key to one of :data:`flowdsl.render.view.STATES`;
+    ``undos`` maps a compensated step's key to the state of its compensation
+    (running, compensated when it succeeded, failed); ``status`` is the run's end status (or
+    ``running``), ``iterations`` counts for_each instances per node.
+    """
+
+    steps: dict[str, str]
+    undos: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    status: str | None = None
+    iterations: dict[str, int] = field(default_factory=dict)
+
+    def caption(self) -> str:
+        """``run r-1: compensated`` — the legend's title."""
+        name = f"run {self.run_id}" if self.run_id else "run"
+        return f"{name}: {self.status}" if self.status else name
+
+    @classmethod
+    def of(cls, value: RunStates | Mapping[str, str] | None) -> RunStates | None:
+        """Accept either a RunStates or a plain ``{node key: state}`` mapping."""
+        if value is None or isinstance(value, RunStates):
+            return value
+        bad = sorted({str(s) for s in value.values() if s not in STATES})
+        if bad:
+            raise ValueError(f"unknown run state(s) {', '.join(bad)}; expected one of {', '.join(STATES)}")
+        return cls(steps=dict(value))
+
+
+def node_of(step: str, keys: Iterable[str] | Mapping[str, Any]) -> str | None:
+    """The plan node key of an instance key: ``charge_lines[2]/charge_line`` -> ``charge_line``."""
+    known = keys if isinstance(keys, Mapping) else set(keys)
+    if step in known:
+        return step
+    bare = _ITERATION.sub("", step)
+    if bare in known:
+        return bare
+    parts = bare.split("/")
+    for i in range(1, len(parts)):
+        candidate = "/".join(parts[i:])
+        if candidate in known:
+            return candidate
+    return None
+
+
+def derive_states(plan: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) -> RunStates:
+    """Each node's state after ``events`` (in the order recorded); nodes without events are pending."""
+    view = PlanView(plan)
+    keys = set(view.nodes)
+    instances: dict[str, dict[str, str]] = {}  # node key -> instance key -> state
+    undo_instances: dict[str, dict[str, str]] = {}
+    run_id: str | None = None
+    status: str | None = None
+    for ev in events:
+        kind = ev.get("type")
+        if run_id is None and ev.get("run_id"):
+            run_id = str(ev["run_id"])
+        if kind == "run_started":
+            status = "running"
+        elif kind == "run_finished":
+            status = str(ev.get("status") or "finished")
+        elif kind == "runtime_aborted":  # the local runtime stopped without finishing the run
+            status = "aborted"
+        step = ev.get("step")
+        if not isinstance(step, str):
+            continue
+        node = ev.get("node") if ev.get("node") in keys else node_of(step, keys)
+        if node is None:
+            continue
+        if kind in STEP_EVENTS:
+            instances.setdefault(node, {})[step] = STEP_EVENTS[kind]
+        elif kind in COMPENSATION_EVENTS:
+            undo_instances.setdefault(node, {})[step] = COMPENSATION_EVENTS[kind]
+            if kind == "compensation_succeeded":
+                instances.setdefault(node, {})[step] = "compensated"
+    if status not in (None, "running"):  # the kernel settles what was still running as cancelled
+        for states in instances.values():
+            for inst, state in states.items():
+                if state == "running":
+                    states[inst] = "cancelled"
+    steps: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for key in view.all_keys():
+        states = instances.get(key, {})
+        steps[key] = _worst(states.values())
+        if view.node(key).get("scope") is not None and len(states) > 1:
+            counts[key] = len(states)
+    for key in view.all_keys():  # groups without events of their own take their children's
+        if key not in instances and not view.is_step(key):
+            kids = [steps[k] for k in view.children(key)]
+            steps[key] = _worst(kids) if any(s != "pending" for s in kids) else "pending"
+    undos = {key: _undo_worst(states.values()) for key, states in sorted(undo_instances.items())}
+    return RunStates(steps=steps, undos=undos, run_id=run_id, status=status, iterations=counts)
+
+
+def _worst(states: Iterable[str]) -> str:
+    present = set(states)
+    for state in _PRIORITY:
+        if state in present:
+            return state
+    return "pending"
+
+
+def _undo_worst(states: Iterable[str]) -> str:
+    present = set(states)
+    for state in ("failed", "running", "compensated"):
+        if state in present:
+            return state
+    return "running"
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events of a run record (``.jsonl``): one JSON object a line; the header line is skipped."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise RunLogError(f"no run record at {p}") from None
+    except OSError as exc:
+        raise RunLogError(f"cannot read run record {p}: {exc.strerror or exc}") from None
+    events: list[dict[str, Any]] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunLogError(f"{p}:{lineno}: not a JSON line: {exc.msg}") from None
+        if not isinstance(item, dict):
+            raise RunLogError(f"{p}:{lineno}: expected a JSON object, found {type(item).__name__}")
+        if item.get("type") != "record":
+            events.append(item)
+    return events
+
+
+def record_plan(path: str | Path) -> dict[str, Any] | None:
+    """The plan stored in a run record's header line, when it has one."""
+    try:
+        with Path(path).open(encoding="utf-8") as fh:
+            first = fh.readline()
+        item = json.loads(first) if first.strip() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    plan = item.get("plan") if isinstance(item, dict) and item.get("type") == "record" else None
+    return plan if isinstance(plan, dict) else None

@@ -1,0 +1,288 @@
+"""Carrying out one ``dispatch`` command: call the worker (or the model) and answer the kernel.
+
+Stage: runtime (shared by every backend: the local asyncio runtime and the
+Redis worker processes). Imports ``flowdsl.workers`` and stdlib at import
+time; ``flowdsl.llm`` (and through it DSPy) only when an LLM step runs. It
+decides nothing about the run: no retries, no timeouts (the kernel's timers
+enforce them), no ordering. A backend awaits :func:`execute` with a dispatch
+command and feeds the input event it returns to the kernel, adding ``at``::
+
+    event = await execute(command, lm=cli_lm)
+    event["at"] = now_ms()
+    decision = kernel.apply(plan, state, event)
+
+What :func:`execute` does:
+
+- kinds ``task``, ``compensate`` and ``fallback`` look up ``command["worker"]``
+  in the registry and call it with a private copy of ``command["input"]`` and a
+  :class:`~flowdsl.workers.StepContext`; async workers are awaited, sync ones
+  run in a (daemon) thread so the event loop keeps going;
+- kind ``llm`` runs :func:`flowdsl.llm.run_llm_step` with the model chosen by
+  :func:`flowdsl.llm.resolve_lm` (the step's ``lm``, then the caller's ``lm``,
+  then the flow's ``defaults.llm.lm``, then ``$FLOWDSL_LM``); the prompt and the
+  raw reply go into the answer's ``llm`` field (the kernel ignores it; runtimes
+  record it beside the step's events);
+- an exception becomes ``task_failed`` with ``{"type": class name, "message":
+  str(exc)}`` (plus a ``traceback`` field for the record); a result that is not
+  a JSON object (``None`` counts as ``{}``) becomes ``task_failed`` of type
+  ``OutputInvalid``;
+- cancellation (``asyncio.CancelledError``) propagates: the caller answers
+  ``task_cancelled``. A sync worker cannot be interrupted: cancelling stops
+  the wait, not the thread (see :func:`cancellable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import math
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from flowdsl.workers import StepContext, WorkerRegistry
+from flowdsl.workers import registry as default_registry
+
+__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "cancellable", "copy_json", "execute", "json_problem", "missing_workers",
+           "worker_references"]
+
+#: dispatch kinds that run a registered worker (``llm`` runs a model)
+WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
+#: the error type of a dispatch whose worker is not registered in this process
+WORKER_NOT_FOUND = "WorkerNotFound"
+_TRACEBACK_LIMIT = 4000
+_loggers: dict[str, logging.Logger] = {}
+
+
+async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None = None,
+                  lm: object | str | None = None, env: Mapping[str, str] | None = None,
+                  adapter: object | None = None) -> dict[str, Any]:
+    """Run one ``dispatch`` command; return the kernel input event that answers it (without ``at``).
+
+    ``registry`` defaults to the process-wide one; ``lm`` is the caller's model
+    (``--lm``: a model string, or a ``dspy.BaseLM`` for tests) and ``adapter``
+    a DSPy adapter for LLM steps; ``env`` defaults to ``os.environ``. The event
+    is ``task_succeeded`` (``result``) or ``task_failed`` (``error``), with an
+    ``llm`` field for LLM steps. Raises only ``asyncio.CancelledError``.
+    """
+    task_id = command["task_id"]
+    kind = command["kind"]
+    try:
+        if kind == "llm":
+            return await _execute_llm(command, lm, env, adapter)
+        found = (registry or default_registry).get(command["worker"] or "")
+        if found is None:
+            return _failed(task_id, WORKER_NOT_FOUND, f"no worker is registered under the name "
+                           f"'{command['worker']}' in this process (are the spec's worker modules imported?)")
+        ctx = StepContext(command["run_id"], command["node"], command["attempt"], command["idempotency_key"],
+                          kind == "compensate", _logger(found.name))
+        data = copy_json(command["input"])
+        if found.is_async:
+            result = await found.fn(data, ctx)
+        else:
+            result = await _in_thread(found.fn, data, ctx)
+            if inspect.isawaitable(result):
+                result = await result
+    except Exception as exc:  # the worker's (or the model's) failure, whatever it is
+        return _exception_event(task_id, exc)
+    return _answer(task_id, result)
+
+
+def cancellable(command: Mapping[str, Any], registry: WorkerRegistry | None = None) -> bool:
+    """Whether cancelling the coroutine of :func:`execute` stops the work itself.
+
+    False for sync workers: their thread runs to its end whatever the caller
+    does, so a runtime aborting a run should wait for their result (the step may
+    have completed and need undoing) rather than report them cancelled.
+    """
+    if command["kind"] not in WORKER_KINDS:
+        return True
+    found = (registry or default_registry).get(command["worker"] or "")
+    return found is None or found.is_async
+
+
+def _answer(task_id: str, result: Any) -> dict[str, Any]:
+    if result is None:
+        result = {}
+    if not isinstance(result, dict):
+        return _failed(task_id, "OutputInvalid", f"the worker returned {type(result).__name__}, "
+                       "expected a JSON object (a dict) or None")
+    problem = json_problem(result)
+    if problem is not None:
+        return _failed(task_id, "OutputInvalid", f"the worker's result is not JSON: {problem}")
+    return {"type": "task_succeeded", "task_id": task_id, "result": result}
+
+
+def _failed(task_id: str, type_: str, message: str) -> dict[str, Any]:
+    return {"type": "task_failed", "task_id": task_id, "error": {"type": type_, "message": message}}
+
+
+def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
+    event = _failed(task_id, type(exc).__name__, str(exc))
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    event["traceback"] = text if len(text) <= _TRACEBACK_LIMIT else "…" + text[-_TRACEBACK_LIMIT:]
+    return event
+
+
+def _logger(worker_name: str) -> logging.Logger:
+    found = _loggers.get(worker_name)
+    if found is None:
+        found = _loggers[worker_name] = logging.getLogger(f"flowdsl.worker.{worker_name}")
+    return found
+
+
+# --- LLM steps ------------------------------------------------------------------
+
+
+async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env: Mapping[str, str] | None,
+                       adapter: object | None) -> dict[str, Any]:
+    from flowdsl.llm import OutputInvalid, resolve_lm, run_llm_step
+
+    block = command["llm"] or {}
+    step_lm = block.get("lm")
+    if isinstance(step_lm, str) and step_lm.strip():
+        model: object | str | None = step_lm
+    elif lm is not None and not isinstance(lm, str):
+        model = lm  # an LM object handed to the runtime (tests, notebooks)
+    else:
+        model = resolve_lm(None, block.get("default_lm"), lm, os.environ if env is None else env)
+    data = command["input"] if isinstance(command["input"], dict) else {}
+    task_id = command["task_id"]
+    try:
+        result = await run_llm_step(block, data, lm=model, step_key=command["step"], adapter=adapter)
+    except OutputInvalid as exc:
+        event = _exception_event(task_id, exc)
+        event["llm"] = {"prompt": exc.prompt, "raw": exc.raw, "field": exc.field}
+        return event
+    answer = _answer(task_id, result.outputs)
+    answer["llm"] = {"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
+                     "model": result.model}
+    return answer
+
+
+# --- JSON data --------------------------------------------------------------------
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of JSON data (dicts, lists, scalars): a worker may mutate its input freely."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) if isinstance(v, dict | list) else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_json(v) if isinstance(v, dict | list) else v for v in value]
+    return value
+
+
+def json_problem(value: Any, path: str = "") -> str | None:
+    """Where and why ``value`` is not plain JSON data (None when it is).
+
+    Accepted: dicts with string keys, lists, strings, booleans, None, ints and
+    finite floats — what survives a JSON round trip unchanged, so that a
+    recorded run replays to the same state and the Redis runtime can store it.
+    """
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"at {path or '/'}: the key {k!r} is not a string"
+            if not (v is None or type(v) in _SCALARS):
+                problem = json_problem(v, f"{path}/{k}")
+                if problem is not None:
+                    return problem
+        return None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if not (v is None or type(v) in _SCALARS):
+                problem = json_problem(v, f"{path}/{i}")
+                if problem is not None:
+                    return problem
+        return None
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"at {path or '/'}: {value} is not a JSON number"
+    return f"at {path or '/'}: a {type(value).__name__} is not JSON (use dicts, lists, strings, numbers, booleans)"
+
+
+_SCALARS = frozenset({str, int, bool})
+
+
+# --- checking a plan's workers -----------------------------------------------------
+
+
+def worker_references(plan: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """``(node key, role, worker name)`` for every worker a plan names: step, fallback, compensation."""
+    for key, node in plan["nodes"].items():
+        if node["kind"] == "task" and node.get("worker"):
+            yield key, "step", node["worker"]
+        if node.get("fallback"):
+            yield key, "fallback", node["fallback"]
+        if node.get("compensate"):
+            yield key, "compensation", node["compensate"]["worker"]
+
+
+def missing_workers(plan: Mapping[str, Any], registry: WorkerRegistry | None = None) -> list[str]:
+    """One line per worker the plan names that is not registered (empty when all are)."""
+    reg = registry or default_registry
+    return [f"{role} '{name}' of step '{key}' is not a registered worker"
+            for key, role, name in worker_references(plan) if name not in reg]
+
+
+# --- sync workers ------------------------------------------------------------------
+
+
+class _DaemonThreads:
+    """A thread pool of daemon threads, growing on demand up to ``limit``.
+
+    Unlike ``asyncio.to_thread`` (the loop's default executor, joined at exit),
+    a sync worker stuck in a thread after its attempt timed out or its run was
+    cancelled cannot keep the process from exiting.
+    """
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._pending = 0
+
+    def submit(self, call: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            self._pending += 1
+            if self._pending > self._idle and self._threads < self.limit:
+                self._threads += 1
+                threading.Thread(target=self._serve, name=f"flowdsl-worker-{self._threads}", daemon=True).start()
+            self._jobs.put((future, call))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            future, call = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                self._pending -= 1
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call()
+            except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
+_threads = _DaemonThreads()
+
+
+async def _in_thread(fn: Callable[..., Any], data: Any, ctx: StepContext) -> Any:
+    context = contextvars.copy_context()
+    return await asyncio.wrap_future(_threads.submit(lambda: context.run(fn, data, ctx)))
+

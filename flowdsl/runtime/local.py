@@ -1,0 +1,506 @@
+"""The local runtime: one run, in-process, on asyncio — a thin I/O shell around the kernel.
+
+Stage: runtime backend. Imports the kernel, ``flowdsl.runtime.execute`` (to
+carry out dispatches), ``.record`` (run records), ``.report`` (the result
+object; no rich at import) and ``flowdsl.workers``. It decides nothing about
+the run: every decision is the kernel's (docs/kernel.md); this module turns
+its commands into asyncio work and the outcomes back into input events::
+
+    dispatch        -> an asyncio task awaiting execute(); its answer is fed back
+    schedule_timer  -> loop.call_later(...) feeding timer_fired
+    cancel_timer    -> the handle is cancelled
+    cancel_task     -> task.cancel(), answered by task_cancelled (or by the real
+                       result when the work finished anyway; a sync worker's
+                       thread cannot be stopped, so a run being aborted waits for it)
+    finish          -> the run is over
+
+Input events carry ``at`` = the wall clock in integer milliseconds (a
+monotonic clock anchored at the run's start). Every input event and every
+emitted event goes to the run record (``.flowdsl/runs/<run_id>.jsonl``, after
+a header with the plan and the input), so ``kernel.replay`` over the recorded
+input events reproduces the run's decisions exactly.
+
+Cancelling: :meth:`LocalRun.cancel` (and, with ``handle_sigint``, the first
+Ctrl-C) feeds ``cancel_requested``: in-flight steps are cancelled and every
+completed step with a compensation is undone, then the run ends ``cancelled``.
+:meth:`LocalRun.abort` (the second Ctrl-C, or cancelling the task awaiting
+the run) stops at once, compensating nothing; the record then ends with a
+``runtime_aborted`` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flowdsl.kernel import INPUT_EVENTS, Decision, apply, start_event, start_run
+from flowdsl.runtime.execute import cancellable, copy_json, execute, json_problem, missing_workers
+from flowdsl.runtime.record import RunRecorder, record_path
+from flowdsl.runtime.report import RunResult
+from flowdsl.workers import WorkerRegistry, import_worker_modules
+
+__all__ = ["RECORDED_INPUTS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id", "run", "run_flow"]
+
+#: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
+RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
+
+EventHook = Callable[[dict[str, Any]], None]
+NoticeHook = Callable[[str], None]
+
+
+class RunAborted(Exception):
+    """The run was stopped at once (a second Ctrl-C, :meth:`LocalRun.abort`): nothing was compensated."""
+
+    def __init__(self, run_id: str, status: str, record: Path | None):
+        where = f"; its record ends at {record}" if record else ""
+        super().__init__(f"run {run_id} was aborted while {status}: steps in flight were abandoned and "
+                         f"nothing more was compensated{where}")
+        self.run_id = run_id
+        self.status = status
+        self.record = record
+
+
+class WorkersMissing(ValueError):
+    """The plan names workers that are not registered: the run does not start."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("the run cannot start: " + "; ".join(problems))
+        self.problems = problems
+
+
+#: input events applied in a row before the runtime lets the event loop run other callbacks
+_BURST = 64
+
+
+def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` up to its first real wait now, then continue it as a task (None: it already finished).
+
+    A worker that answers without waiting costs no turn of the event loop. Python
+    3.12+ does this itself (``eager_start``); on 3.11 the first step runs here, in
+    a fresh context that the task then keeps, as a task's own steps would.
+    """
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    context = contextvars.copy_context()
+    try:
+        pending = context.run(coro.send, None)
+    except StopIteration:
+        return None
+    return loop.create_task(_resume(coro, pending), context=context)
+
+
+class _Resumed:
+    """Awaitable continuing a coroutine that has already yielded ``pending`` to its (absent) task."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any):
+        self.coro = coro
+        self.pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.pending
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # a cancellation (or close) of the task: hand it on
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
+    return await _Resumed(coro, pending)
+
+
+class _Attempt:
+    """A dispatched attempt: its command and the task running it (None once it answered eagerly)."""
+
+    __slots__ = ("command", "task")
+
+    def __init__(self, command: dict[str, Any]):
+        self.command = command
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Recorder(RunRecorder):
+    """A :class:`RunRecorder` that writes one decision's lines (the input event and the events it
+    caused) with one write and one flush, in the same line format."""
+
+    def write_batch(self, items: Iterable[dict[str, Any]]) -> None:
+        fh = self._fh
+        if fh is None:
+            return
+        fh.write("".join([_encode(item) + "\n" for item in items]))
+        fh.flush()
+
+
+#: the record line format of ``RunRecorder.write`` (one encoder, not one per line as ``json.dumps`` makes)
+_encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
+
+
+def new_run_id(plan: Mapping[str, Any]) -> str:
+    """A fresh run id: ``<flow name>-<UTC yyyymmddThhmmss>-<6 hex digits>``."""
+    name = str((plan.get("flow") or {}).get("name") or "run")[:48]
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class LocalRun:
+    """One run of a plan on the running event loop. Create it, then ``await run.run()`` once.
+
+    Parameters are those of :func:`run_flow`. Raises :class:`WorkersMissing`
+    when a worker the plan names is not registered, ``ValueError`` for a run
+    input that is not JSON or a bad run id, ``FileExistsError`` when a record
+    for ``run_id`` already exists, and ``WorkerImportError`` when
+    ``import_workers`` is true and a worker module of the plan cannot be imported.
+    """
+
+    def __init__(self, plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
+                 lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
+                 on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
+                 seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
+                 handle_sigint: bool = False, import_workers: bool = True):
+        if import_workers:
+            import_worker_modules((plan.get("flow") or {}).get("workers") or (), os.getcwd())
+        problems = missing_workers(plan, registry)
+        if problems:
+            raise WorkersMissing(problems)
+        problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
+        if problem is not None:
+            raise ValueError(f"the run input is not a JSON object: {problem}")
+        self.plan = plan
+        self.run_input: dict[str, Any] = copy_json(run_input)
+        self.run_id = run_id or new_run_id(plan)
+        self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
+        if self.record_path is not None and self.record_path.exists():
+            raise FileExistsError(f"a record of run '{self.run_id}' already exists: {self.record_path}")
+        if not record:
+            record_path(self.run_id)  # still check the id's shape
+        self.runs_dir = runs_dir
+        self.lm = lm
+        self.seed = seed
+        self.registry = registry
+        self.adapter = adapter
+        self.handle_sigint = handle_sigint
+        self.on_event = on_event
+        self.on_notice = on_notice
+        self.state: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.llm_calls: dict[str, list[dict[str, Any]]] = {}
+        self._tasks: dict[str, _Attempt] = {}
+        self._inbox: deque[dict[str, Any]] = deque()
+        self._draining = False
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._recorder: _Recorder | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = False
+        self._started = False
+        self._interrupts = 0
+        self._sigint_installed = False
+        self._perf0 = 0.0
+        self._wall0 = 0.0
+
+    # --- the public face ----------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        """Run to an end state and return the result. Raises :class:`RunAborted` after :meth:`abort`."""
+        if self._started:
+            raise RuntimeError("a LocalRun runs once")
+        self._started = True
+        loop = self._loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
+        if self.record_path is not None:
+            self._recorder = _Recorder(self.run_id, self.runs_dir)
+            self._recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
+                                  started_at=int(self._wall0))
+        try:
+            at = self._now()
+            start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
+            self._write(start)
+            self._install_sigint()
+            self._draining = True
+            try:
+                self._absorb(start_run(self.plan, self.run_id, copy_json(self.run_input), at=at, seed=self.seed))
+            finally:
+                self._draining = False
+            self._drain()
+            try:
+                await self._done
+            except asyncio.CancelledError:
+                if not self._finished:
+                    self._stop("the task running it was cancelled")
+                raise
+            wall_ms = (time.perf_counter() - self._perf0) * 1000.0
+        finally:
+            self._remove_sigint()
+            if self._recorder is not None:
+                self._recorder.close()
+        return RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
+                                    record_path=self.record_path, llm_calls=self.llm_calls)
+
+    def cancel(self, reason: str = "cancel requested") -> None:
+        """Cancel the run: stop what is in flight, undo what completed, end ``cancelled``.
+
+        Ignored when the run is already being aborted or compensated, or is over.
+        """
+        if self._started and not self._finished:
+            self._feed({"type": "cancel_requested", "reason": reason})
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Stop at once: abandon what is in flight and compensate nothing; :meth:`run` raises RunAborted."""
+        if self._started and not self._finished:
+            self._stop(reason)
+            assert self._done is not None
+            if not self._done.done():
+                self._done.set_exception(RunAborted(self.run_id, self.state.get("status", "starting"),
+                                                    self.record_path))
+
+    @property
+    def status(self) -> str:
+        return str(self.state.get("status", "starting"))
+
+    # --- feeding the kernel ---------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._wall0 + (time.perf_counter() - self._perf0) * 1000.0)
+
+    def _write(self, item: dict[str, Any]) -> None:
+        if self._recorder is not None:
+            self._recorder.write_batch((item,))
+
+    def _feed(self, event: dict[str, Any]) -> None:
+        """Queue one input event; apply it now unless a decision is being carried out (then after it)."""
+        self._inbox.append(event)
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Apply queued input events one at a time, in order; yield to the loop after a burst."""
+        self._draining = True
+        try:
+            burst = 0
+            while self._inbox and not self._finished:
+                if burst == _BURST:  # a long chain of steps that never wait: let timers and signals in
+                    assert self._loop is not None
+                    self._loop.call_soon(self._drain)
+                    return
+                burst += 1
+                self._apply(self._inbox.popleft())
+        finally:
+            self._draining = False
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        """Apply one input event and carry out what the kernel decided."""
+        event["at"] = self._now()
+        try:
+            decision = apply(self.plan, self.state, event)
+        except Exception as exc:  # a kernel bug: stop the run loudly rather than hang
+            self._write(event)
+            self._fail_hard(exc)
+            return
+        self._absorb(decision, event)
+
+    def _absorb(self, decision: Decision, cause: dict[str, Any] | None = None) -> None:
+        self.state = decision.state
+        events = decision.events
+        if self._recorder is not None:  # the input event, then what it caused: one write, one flush
+            self._recorder.write_batch((cause, *events) if cause is not None else events)
+        self.events.extend(events)
+        hook = self.on_event
+        if hook is not None:
+            for event in events:
+                try:
+                    hook(event)
+                except Exception:  # a broken observer must not break the run
+                    self.on_event = None
+                    self._notice("the on_event hook raised; it is no longer called")
+                    break
+        for command in decision.commands:
+            op = command["op"]
+            if op == "dispatch":
+                self._dispatch(command)
+            elif op == "schedule_timer":
+                self._schedule(command)
+            elif op == "cancel_timer":
+                handle = self._timers.pop(command["timer_id"], None)
+                if handle is not None:
+                    handle.cancel()
+            elif op == "cancel_task":
+                self._cancel_task(command["task_id"])
+            elif op == "finish":
+                self._finish()
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def _dispatch(self, command: dict[str, Any]) -> None:
+        assert self._loop is not None
+        attempt = _Attempt(command)
+        self._tasks[command["task_id"]] = attempt
+        attempt.task = _eager_task(self._loop, self._attempt(attempt))
+
+    async def _attempt(self, attempt: _Attempt) -> None:
+        """One dispatch, answered from inside its own task (no extra turn of the loop)."""
+        command = attempt.command
+        try:
+            event = await execute(command, registry=self.registry, lm=self.lm, adapter=self.adapter)
+        except asyncio.CancelledError:
+            self._answer(attempt, {"type": "task_cancelled", "task_id": command["task_id"]})
+            return
+        except Exception as exc:  # execute() answers worker failures itself; this is the net under it
+            event = {"type": "task_failed", "task_id": command["task_id"],
+                     "error": {"type": type(exc).__name__, "message": str(exc)}}
+        self._answer(attempt, event)
+
+    def _answer(self, attempt: _Attempt, event: dict[str, Any]) -> None:
+        command = attempt.command
+        task_id = command["task_id"]
+        self._tasks.pop(task_id, None)
+        if self._finished:
+            return
+        if event["type"] == "task_cancelled" and task_id not in self.state["tasks"]:
+            return  # an attempt the kernel already gave up on (it timed out): nothing to say
+        meta = event.get("llm")
+        if meta is not None:
+            self.llm_calls.setdefault(command["step"], []).append(
+                {"task_id": task_id, "attempt": command["attempt"], "outcome": event["type"], **meta})
+        self._feed(event)
+
+    def _cancel_task(self, task_id: str) -> None:
+        attempt = self._tasks.get(task_id)
+        if attempt is None or attempt.task is None:
+            return  # already answered
+        if task_id in self.state["tasks"] and not cancellable(attempt.command, self.registry):
+            return  # a sync worker's thread cannot be stopped: wait for its real outcome
+        attempt.task.cancel()  # its coroutine has started (eagerly), so it answers task_cancelled itself
+
+    def _schedule(self, command: dict[str, Any]) -> None:
+        assert self._loop is not None
+        delay = max(0.0, (command["due_at"] - self._now()) / 1000.0)
+        timer_id = command["timer_id"]
+        old = self._timers.pop(timer_id, None)
+        if old is not None:
+            old.cancel()
+        self._timers[timer_id] = self._loop.call_later(delay, self._fire, timer_id)
+
+    def _fire(self, timer_id: str) -> None:
+        if self._timers.pop(timer_id, None) is not None:
+            self._feed({"type": "timer_fired", "timer_id": timer_id})
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._release()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _release(self) -> None:
+        """Cancel every timer and every task still running (attempts the kernel gave up on)."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for attempt in self._tasks.values():
+            if attempt.task is not None:
+                attempt.task.cancel()
+
+    def _stop(self, reason: str) -> None:
+        self._finished = True
+        self._release()
+        self._write({"type": "runtime_aborted", "at": self._now(), "run_id": self.run_id, "reason": reason,
+                     "status": self.state.get("status")})
+
+    def _fail_hard(self, exc: Exception) -> None:
+        self._stop(f"internal error: {type(exc).__name__}: {exc}")
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(RuntimeError(f"the kernel rejected an event of run {self.run_id}: "
+                                                  f"{type(exc).__name__}: {exc}"))
+
+    # --- Ctrl-C -------------------------------------------------------------------------------
+
+    def _install_sigint(self) -> None:
+        if not self.handle_sigint or threading.current_thread() is not threading.main_thread():
+            return
+        assert self._loop is not None
+        try:
+            self._loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return  # no signal support here (Windows loops, nested loops): Ctrl-C raises as usual
+        self._sigint_installed = True
+
+    def _remove_sigint(self) -> None:
+        if self._sigint_installed and self._loop is not None:
+            self._sigint_installed = False
+            self._loop.remove_signal_handler(signal.SIGINT)
+
+    def _on_sigint(self) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:
+            self._notice("interrupted again: stopping at once, nothing more is compensated")
+            self.abort("interrupted twice (Ctrl-C)")
+            return
+        if self.status == "running":
+            self._notice("interrupted: cancelling the run and undoing the steps that completed "
+                         "(press Ctrl-C again to stop at once)")
+        else:
+            self._notice(f"interrupted: the run is already {self.status}; letting it finish "
+                         "(press Ctrl-C again to stop at once)")
+        self.cancel("interrupted (Ctrl-C)")
+
+    def _notice(self, text: str) -> None:
+        if self.on_notice is not None:
+            try:
+                self.on_notice(text)
+            except Exception:
+                self.on_notice = None
+
+
+async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
+                   lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
+                   on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
+                   seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
+                   handle_sigint: bool = False, import_workers: bool = True) -> RunResult:
+    """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
+
+    - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
+    - ``lm``: the model for LLM steps that name none (``--lm``): a model string
+      or a ``dspy.BaseLM``; ``adapter``: a DSPy adapter for them.
+    - ``record``: write ``<runs_dir>/<run_id>.jsonl`` (``runs_dir`` default:
+      ``$FLOWDSL_RUNS_DIR`` or ``.flowdsl/runs``).
+    - ``on_event``: called with every event the kernel emits, in order;
+      ``on_notice``: called with a sentence when the runtime has something to say
+      (Ctrl-C handling).
+    - ``seed``: retry jitter seed (default: derived from the run id).
+    - ``registry``: where workers are looked up (default: the process-wide one);
+      ``import_workers``: import the plan's worker modules first.
+    - ``handle_sigint``: Ctrl-C cancels the run (and compensates); a second one aborts.
+
+    Cancelling the task that awaits this aborts the run at once (nothing is
+    compensated) and re-raises ``CancelledError``; use :class:`LocalRun` and its
+    ``cancel()`` for a graceful, compensating cancel.
+    """
+    return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
+                          on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
+                          handle_sigint=handle_sigint, import_workers=import_workers).run()
+
+
+def run(plan: dict[str, Any], run_input: dict[str, Any], **options: Any) -> RunResult:
+    """:func:`run_flow` on a new event loop (``asyncio.run``); Ctrl-C handling is on in the main thread."""
+    options.setdefault("handle_sigint", threading.current_thread() is threading.main_thread())
+    return asyncio.run(run_flow(plan, run_input, **options))

@@ -1,0 +1,79 @@
+"""Run records: every run's events as JSON lines in ``.flowdsl/runs/<run_id>.jsonl``.
+
+Stage: runtime (shared). Imports stdlib only. The first line of a record is a
+header ``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run
+can be replayed through the kernel and drawn without its spec; every other line
+is one event, as the kernel emitted it or as it was fed to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+DEFAULT_RUNS_DIR = ".flowdsl/runs"
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+
+
+def runs_dir(explicit: str | None = None) -> Path:
+    """The directory of run records: ``explicit``, else ``$FLOWDSL_RUNS_DIR``, else ``.flowdsl/runs``."""
+    return Path(explicit or os.environ.get("FLOWDSL_RUNS_DIR") or DEFAULT_RUNS_DIR)
+
+
+def record_path(run_id: str, directory: str | Path | None = None) -> Path:
+    if not _RUN_ID_RE.match(run_id):
+        raise ValueError(f"invalid run id '{run_id}'")
+    return runs_dir(str(directory) if directory else None) / f"{run_id}.jsonl"
+
+
+class RunRecorder:
+    """Appends a run's header and events to its record file, flushing each line."""
+
+    def __init__(self, run_id: str, directory: str | Path | None = None):
+        self.path = record_path(run_id, directory)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: TextIO | None = self.path.open("a", encoding="utf-8")
+
+    def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
+        self.write({"type": "record", "plan": plan, "input": run_input, **extra})
+
+    def write(self, item: dict[str, Any]) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(item, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The header (or None) and the events of a record file. Raises OSError / ValueError with the line."""
+    header: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON line: {exc.msg}") from None
+            if item.get("type") == "record" and header is None:
+                header = item
+            else:
+                events.append(item)
+    return header, events
+
+
+def list_records(directory: str | Path | None = None) -> Iterator[Path]:
+    """Record files, newest first."""
+    d = runs_dir(str(directory) if directory else None)
+    if d.is_dir():
+        yield from sorted(d.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)

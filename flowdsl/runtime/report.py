@@ -1,0 +1,578 @@
+"""A run's outcome for people and programs: the result object, the live view, the summary, timelines.
+
+Stage: runtime (shared by every backend and the CLI). Imports the kernel's
+``summary``/``replay`` and stdlib at import time; rich only inside the
+functions that draw (so ``flowdsl --help`` and library use stay light).
+
+- :class:`RunResult` — what a runtime returns (and what ``--format json`` prints,
+  via :meth:`RunResult.to_json`); :func:`result_from_record` rebuilds one from a
+  run record by replaying its input events through the kernel.
+- :class:`LiveView` — the progress shown while a run goes: a rich ``Live`` table on
+  stderr when stderr is a terminal, plain progress lines otherwise.
+- :func:`print_summary` — the end summary: per-step status, attempts and duration,
+  what was compensated in which order, wall time against the sum of step times,
+  and the measured critical path.
+- :func:`print_timeline` — ``flowdsl show``: a recorded run, event by event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowdsl.kernel import INPUT_EVENTS, replay, summary
+
+__all__ = ["EXIT_CODES", "LiveView", "RunResult", "critical_path", "exit_code", "print_summary",
+           "print_timeline", "result_from_record", "timing"]
+
+#: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
+EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
+STEP_KINDS = ("task", "llm")
+_STYLE = {"completed": "green", "succeeded": "green", "compensated": "yellow", "cancelled": "yellow",
+          "failed": "red", "needs_intervention": "bold red", "running": "cyan", "retrying": "cyan",
+          "cancelling": "yellow", "skipped": "dim", "pending": "dim", "aborting": "yellow",
+          "compensating": "yellow", "done": "yellow"}
+_MARK = {"succeeded": "✓", "failed": "✗", "skipped": "–", "cancelled": "⊘", "running": "…", "retrying": "↻",
+         "pending": "·", "cancelling": "⊘"}
+_MAX_ROWS = 40
+
+
+def exit_code(status: str) -> int:
+    """0 completed; 1 failed, compensated or cancelled; 4 needs_intervention (anything else: 1)."""
+    return EXIT_CODES.get(status, 1)
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run.
+
+    ``steps`` maps every node instance (groups too; see ``kernel.summary``) to
+    ``{node, kind, status, attempts, started_at, finished_at, error}`` plus
+    ``compensation`` for the steps that were undone or tried to be; times are
+    milliseconds since the epoch. ``compensated`` lists the instances undone, in
+    the order they were undone. ``events`` is every event the kernel emitted.
+    ``llm_calls`` maps an LLM step's instance key to its calls (prompt, raw reply,
+    model, per attempt). ``wall_ms`` is the runtime's own measure of the run.
+    """
+
+    run_id: str
+    flow: str | None
+    status: str
+    context: dict[str, Any]
+    steps: dict[str, dict[str, Any]]
+    compensated: list[str]
+    events: list[dict[str, Any]]
+    error: dict[str, Any] | None = None
+    failed_step: str | None = None
+    intervention: dict[str, Any] | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    wall_ms: float | None = None
+    record_path: Path | None = None
+    llm_calls: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict, repr=False)
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_state(cls, plan: dict[str, Any], state: dict[str, Any], events: list[dict[str, Any]], *,
+                   wall_ms: float | None = None, record_path: Path | None = None,
+                   llm_calls: dict[str, list[dict[str, Any]]] | None = None) -> RunResult:
+        s = summary(plan, state)
+        return cls(run_id=s["run_id"], flow=s["flow"], status=s["status"], context=s["context"] or {},
+                   steps=s["steps"], compensated=s["compensated"], events=events, error=s["error"],
+                   failed_step=s["failed_step"], intervention=s["intervention"], started_at=s["started_at"],
+                   finished_at=s["finished_at"], wall_ms=wall_ms, record_path=record_path,
+                   llm_calls=llm_calls or {}, plan=plan, state=state)
+
+    def __repr__(self) -> str:
+        # short on purpose: asyncio formats a finished task's result (signal.getsignal does, on every
+        # asyncio.run in Python 3.11), and the full events list of a large run takes milliseconds
+        return (f"RunResult(run_id={self.run_id!r}, status={self.status!r}, steps={len(self.steps)}, "
+                f"events={len(self.events)})")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.status)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--format json`` object: ``run_id``, ``status``, ``context``, ``steps``, ``compensated``,
+        ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, times and ``timing``."""
+        steps = {}
+        for key, row in self.steps.items():
+            item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
+                    "finished_at": row["finished_at"], "error": row["error"], "kind": row["kind"],
+                    "node": row["node"]}
+            if "compensation" in row:
+                item["compensation"] = row["compensation"]
+            if key in self.llm_calls:
+                item["llm"] = self.llm_calls[key]
+            steps[key] = item
+        return {
+            "run_id": self.run_id, "flow": self.flow, "status": self.status, "error": self.error,
+            "failed_step": self.failed_step, "context": self.context, "steps": steps,
+            "compensated": self.compensated, "intervention": self.intervention,
+            "started_at": self.started_at, "finished_at": self.finished_at, "timing": timing(self),
+            "record": str(self.record_path) if self.record_path else None, "events": self.events,
+        }
+
+
+def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, Any]],
+                       path: Path | None = None) -> RunResult:
+    """Rebuild a run's result from its record: replay the recorded input events through the kernel.
+
+    The emitted events are the recorded ones. A record without a plan in its
+    header, or without its ``start`` line, raises ``ValueError``.
+    """
+    if header is None or not isinstance(header.get("plan"), dict):
+        raise ValueError("the record has no header with the run's plan")
+    plan = dict(header["plan"])
+    inputs = [e for e in lines if e.get("type") in ("start", *INPUT_EVENTS)]
+    if not inputs or inputs[0].get("type") != "start":
+        raise ValueError("the record has no 'start' event")
+    state, _, _ = replay(plan, inputs)
+    emitted = [e for e in lines if "seq" in e]
+    llm: dict[str, list[dict[str, Any]]] = {}
+    tasks = {e["task_id"]: e for e in emitted if e.get("type") in ("step_scheduled", "compensation_started")}
+    for e in inputs:
+        if "llm" in e and e.get("task_id") in tasks:
+            sched = tasks[e["task_id"]]
+            llm.setdefault(sched["step"], []).append(
+                {"task_id": e["task_id"], "attempt": sched["attempt"], "outcome": e["type"], **e["llm"]})
+    wall = None
+    if state.get("finished_at") is not None:
+        wall = float(state["finished_at"] - state["started_at"])
+    return RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path, llm_calls=llm)
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+def _span(row: Mapping[str, Any]) -> int | None:
+    if row["started_at"] is None or row["finished_at"] is None:
+        return None
+    return int(row["finished_at"] - row["started_at"])
+
+
+def critical_path(plan: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], int]:
+    """The chain of steps through the plan's edges that took longest in this run, and its milliseconds.
+
+    A step's weight is the span of its instances (first start to last finish);
+    steps that did not run weigh nothing and are left out of the chain.
+    """
+    weight: dict[str, int] = {}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for row in steps.values():
+        if row["kind"] in STEP_KINDS and _span(row) is not None:
+            node = row["node"]
+            first[node] = min(first.get(node, row["started_at"]), row["started_at"])
+            last[node] = max(last.get(node, row["finished_at"]), row["finished_at"])
+    for node in first:
+        weight[node] = last[node] - first[node]
+    # the plan's edges are the flow graph: steps plus weightless group-boundary vertices ("g:start", "g:end")
+    preds: dict[str, list[str]] = {}
+    succs: dict[str, list[str]] = {}
+    for a, b in plan.get("edges") or ():
+        for v in (a, b):
+            preds.setdefault(v, [])
+            succs.setdefault(v, [])
+        preds[b].append(a)
+        succs[a].append(b)
+
+    def rank(v: str) -> int:
+        return plan["nodes"][v]["order"] if v in plan["nodes"] else -1
+
+    waiting = {k: len(preds[k]) for k in preds}
+    ready = sorted((k for k in preds if waiting[k] == 0), key=rank)
+    best: dict[str, tuple[int, str | None]] = {}
+    while ready:
+        key = ready.pop(0)
+        top = max(((best[p][0], p) for p in preds[key]), default=(0, None), key=lambda t: t[0])
+        best[key] = (top[0] + weight.get(key, 0), top[1])
+        for nxt in succs[key]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                ready.append(nxt)
+    if not best:
+        return [], 0
+    end = max(best, key=lambda k: (best[k][0], -rank(k)))
+    total = best[end][0]
+    chain: list[str] = []
+    cur: str | None = end
+    while cur is not None:
+        if cur in weight:
+            chain.append(cur)
+        cur = best[cur][1]
+    return list(reversed(chain)), total
+
+
+def timing(result: RunResult) -> dict[str, Any]:
+    """Wall time, the sum of step times, the saving from parallelism and the measured critical path (ms)."""
+    spans = [s for row in result.steps.values() if row["kind"] in STEP_KINDS and (s := _span(row)) is not None]
+    wall = None
+    if result.finished_at is not None and result.started_at is not None:
+        wall = int(result.finished_at - result.started_at)
+    chain, chain_ms = critical_path(result.plan, result.steps) if result.plan else ([], 0)
+    total = sum(spans)
+    return {"wall_ms": wall, "step_time_sum_ms": total,
+            "parallel_saving_ms": max(0, total - wall) if wall is not None else None,
+            "critical_path": chain, "critical_path_ms": chain_ms, "runtime_wall_ms": result.wall_ms}
+
+
+def _seconds(ms: float | None) -> str:
+    if ms is None:
+        return "—"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+# --- the end summary ----------------------------------------------------------------------
+
+
+def _console(console: Any = None) -> Any:
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _esc(text: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def _status(status: str) -> str:
+    return f"[{_STYLE.get(status, 'white')}]{_esc(status)}[/]"
+
+
+def _error_text(err: Mapping[str, Any] | None) -> str:
+    if not err:
+        return ""
+    message = str(err.get("message") or "")
+    return f"{err.get('type')}: {message}" if message else str(err.get("type"))
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def print_summary(result: RunResult, console: Any = None) -> None:
+    """The end summary of a run, on stderr (rich)."""
+    from rich.table import Table
+
+    con = _console(console)
+    rows = [(k, r) for k, r in result.steps.items() if r["kind"] in STEP_KINDS]
+    shown = rows
+    hidden = 0
+    if len(rows) > _MAX_ROWS:
+        shown = [(k, r) for k, r in rows if r["status"] != "succeeded" or "compensation" in r][:_MAX_ROWS]
+        hidden = len(rows) - len(shown)
+    order = {k: i + 1 for i, k in enumerate(result.compensated)}
+    table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("step", no_wrap=True, min_width=max((len(k) for k, _ in shown), default=4))
+    table.add_column("status", no_wrap=True, min_width=18)
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True, min_width=8)
+    table.add_column("undo", no_wrap=True, min_width=12)
+    errors: list[str] = []
+    for key, row in shown:
+        comp = row.get("compensation")
+        undo = ""
+        if comp is not None:
+            status = comp["status"]
+            if key in order:
+                undo = f"[yellow]undone #{order[key]}[/]"
+            elif status == "failed":
+                undo = f"[red]undo failed[/] ×{comp['attempts']}"
+            elif status in ("running", "retrying"):
+                undo = f"[yellow]undoing[/] #{comp['attempts']}"
+            else:
+                undo = "[red]not undone[/]"
+            if comp.get("error") and key not in order:
+                errors.append(f"  {_esc(key)} (undo): {_esc(_clip(_error_text(comp['error']), 200))}")
+        if row["error"]:
+            errors.append(f"  {_esc(key)}: {_esc(_clip(_error_text(row['error']), 200))}")
+        table.add_row(_esc(key), _status(row["status"]), str(row["attempts"] or ""), _seconds(_span(row)), undo)
+    con.print()
+    con.print(table)
+    if hidden:
+        con.print(f"[dim]… and {hidden} more steps that succeeded[/]")
+    if errors:
+        con.print("errors:")
+        for line in errors:
+            con.print(line)
+    for e in result.events:
+        if e["type"] == "fallback_started":
+            con.print(f"[yellow]⤷[/] {_esc(e['step'])}: the model gave no usable answer "
+                      f"({_esc((e.get('error') or {}).get('type'))}); its fallback {_esc(e['worker'])} ran instead")
+    con.print()
+    headline = f"[bold]{_esc(result.flow or '')}[/] {_esc(result.run_id)}: {_status(result.status)}"
+    if result.error:
+        where = f" at {_esc(result.failed_step)}" if result.failed_step else ""
+        headline += f"{where} — {_esc(_error_text(result.error))}"
+    con.print(headline)
+    if result.compensated:
+        undone = [f"{_esc(k)} ({_esc(_undo_worker(result, k))})" for k in result.compensated]
+        con.print("compensated, in this order: " + " → ".join(undone))
+    elif result.status in ("failed", "cancelled"):
+        con.print("nothing needed undoing")
+    if result.intervention:
+        con.print("[bold red]left to undo by hand[/] (in this order):")
+        for item in result.intervention["steps"]:
+            con.print(f"  {_esc(item['step'])}: {_esc(item['worker'])} {_esc(item['status'])}"
+                      f"{' — ' + _esc(_error_text(item['last_error'])) if item['last_error'] else ''}"
+                      f" [dim](idempotency key {_esc(item['idempotency_key'])})[/]")
+    t = timing(result)
+    line = f"wall {_seconds(t['wall_ms'])} · sum of step times {_seconds(t['step_time_sum_ms'])}"
+    if t["wall_ms"] is not None and t["step_time_sum_ms"] > t["wall_ms"] > 0:
+        line += (f" · parallelism saved {_seconds(t['parallel_saving_ms'])} "
+                 f"(×{t['step_time_sum_ms'] / t['wall_ms']:.1f})")
+    con.print(line)
+    if t["critical_path"]:
+        path = " → ".join(_esc(k) for k in t["critical_path"])
+        con.print(f"critical path {_seconds(t['critical_path_ms'])}: {path}")
+    if result.record_path is not None:
+        con.print(f"[dim]record: {_esc(result.record_path)}  (flowdsl show {_esc(result.run_id)})[/]")
+
+
+def _undo_worker(result: RunResult, key: str) -> str:
+    node = result.steps.get(key, {}).get("node", key)
+    comp = (result.plan.get("nodes", {}).get(node) or {}).get("compensate") or {}
+    return str(comp.get("worker", "?"))
+
+
+# --- the live view --------------------------------------------------------------------------
+
+
+class LiveView:
+    """Progress while a run goes, on stderr: a rich ``Live`` table on a terminal, plain lines otherwise.
+
+    Use as a context manager around the run and pass :meth:`on_event` and
+    :meth:`notice` to the runtime. ``mode``: ``auto`` (live on a terminal, lines
+    otherwise), ``live``, ``lines`` or ``off``.
+    """
+
+    def __init__(self, plan: Mapping[str, Any], *, mode: str = "auto", console: Any = None):
+        self.console = _console(console)
+        if mode == "auto":
+            mode = "live" if self.console.is_terminal else "lines"
+        self.mode = mode
+        self.plan = plan
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.undo: dict[str, str] = {}
+        self.status = "starting"
+        self.run_id = ""
+        self.t0: int | None = None
+        self._t0_clock = time.monotonic()
+        self._live: Any = None
+        for key, node in plan["nodes"].items():
+            if node["kind"] in STEP_KINDS and not _in_loop(plan, key):
+                self.rows[key] = {"status": "pending", "attempt": 0, "start": None, "end": None}
+
+    def __enter__(self) -> LiveView:
+        if self.mode == "live":
+            from rich.live import Live
+
+            self._live = Live(console=self.console, get_renderable=self._render, refresh_per_second=8,
+                              transient=True, redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def notice(self, text: str) -> None:
+        self.console.print(f"[yellow]{_esc(text)}[/]")
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "run_started":
+            self.run_id, self.t0, self.status = event["run_id"], event["at"], "running"
+            if self.mode == "lines":
+                self.console.print(f"[bold]{_esc(event.get('flow') or '')}[/] run {_esc(event['run_id'])} started")
+            return
+        if kind == "run_finished":
+            self.status = event["status"]
+            return
+        step = event["step"]
+        if step is None or event["kind"] not in STEP_KINDS:
+            return
+        row = self.rows.setdefault(step, {"status": "pending", "attempt": 0, "start": None, "end": None})
+        if kind == "step_scheduled":
+            row.update(status="running", attempt=event["attempt"])
+            if row["start"] is None:
+                row["start"] = event["at"]
+        elif kind in ("step_succeeded", "step_failed", "step_cancelled", "step_skipped"):
+            row.update(status=kind.removeprefix("step_"), end=event["at"])
+        elif kind == "step_retrying":
+            row["status"] = "retrying"
+        elif kind.startswith("compensation_"):
+            self.undo[step] = kind.removeprefix("compensation_")
+            if kind == "compensation_started":
+                self.status = "compensating"
+        if self.mode == "lines":
+            self._line(event, row)
+
+    def _line(self, event: dict[str, Any], row: dict[str, Any]) -> None:
+        kind, step = event["type"], _esc(event["step"])
+        at = f"[dim]+{(event['at'] - (self.t0 or event['at'])) / 1000:7.3f}s[/]"
+        err = _esc(_clip(_error_text(event.get("error")), 160))
+        if kind == "step_succeeded":
+            took = _seconds(row["end"] - row["start"]) if row["start"] is not None else ""
+            self.console.print(f"{at} [green]✓[/] {step} [dim]{took}[/]")
+        elif kind == "step_failed":
+            self.console.print(f"{at} [red]✗ {step}[/] — {err}")
+        elif kind == "step_retrying":
+            self.console.print(f"{at} [cyan]↻ {step}[/] attempt {event['attempt']} failed ({err}); "
+                               f"retrying in {_seconds(event['delay_ms'])}")
+        elif kind == "step_timed_out":
+            self.console.print(f"{at} [yellow]⏱ {step}[/] timed out on attempt {event['attempt']}")
+        elif kind == "step_skipped" and event.get("reason") != "parent":
+            self.console.print(f"{at} [dim]– {step} skipped ({_esc(event.get('reason'))})[/]")
+        elif kind == "step_cancelled":
+            self.console.print(f"{at} [yellow]⊘ {step}[/] cancelled")
+        elif kind == "fallback_started":
+            self.console.print(f"{at} [yellow]⤷ {step}[/] falling back to {_esc(event['worker'])} ({err})")
+        elif kind == "compensation_started" and event["attempt"] == 1:
+            self.console.print(f"{at} [yellow]↶ undoing {step}[/] with {_esc(event['worker'])}")
+        elif kind == "compensation_succeeded":
+            self.console.print(f"{at} [yellow]↶ {step} undone[/]")
+        elif kind == "compensation_retrying":
+            self.console.print(f"{at} [yellow]↶ {step}[/] undo attempt {event['attempt']} failed ({err}); retrying")
+        elif kind == "compensation_failed":
+            self.console.print(f"{at} [red]↶ undoing {step} failed for good[/] — {err}")
+
+    def _render(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        elapsed = time.monotonic() - self._t0_clock
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        head = Text.from_markup(f"[bold]{_esc(self.plan['flow'].get('name') or '')}[/] {_esc(self.run_id)} "
+                                f"{_status(self.status)} [dim]{elapsed:.1f}s · "
+                                + " · ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "[/]")
+        height = max(5, self.console.size.height - 4)
+        items = list(self.rows.items())
+        if len(items) > height:  # keep what is happening in view
+            busy = [(k, r) for k, r in items if r["status"] not in ("succeeded", "pending", "skipped")]
+            done = [(k, r) for k, r in items if r["status"] in ("succeeded", "skipped")][-max(0, height - len(busy)):]
+            items = (busy + done)[:height]
+        table = Table(show_edge=False, box=None, pad_edge=False, show_header=False)
+        for _ in range(4):
+            table.add_column()
+        now = (self.t0 or 0) + elapsed * 1000
+        for key, row in items:
+            took = ""
+            if row["start"] is not None:
+                took = _seconds((row["end"] if row["end"] is not None else now) - row["start"])
+            undo = self.undo.get(key)
+            table.add_row(f"{_MARK.get(row['status'], ' ')} {_esc(key)}", _status(row["status"]),
+                          f"#{row['attempt']}" if row["attempt"] > 1 else "", took
+                          + (f"  [yellow]undo: {_esc(undo)}[/]" if undo else ""))
+        from rich.console import Group
+
+        return Group(head, table)
+
+
+def _in_loop(plan: Mapping[str, Any], key: str) -> bool:
+    scope = plan["nodes"][key].get("scope")
+    while scope is not None:
+        if plan["nodes"][scope]["kind"] == "for_each":
+            return True
+        scope = plan["nodes"][scope].get("scope")
+    return False
+
+
+# --- a recorded run's timeline ----------------------------------------------------------------
+
+
+def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: Any = None) -> None:
+    """``flowdsl show``: every recorded event with its time from the start, then the summary."""
+    con = _console(console)
+    items = list(lines)
+    t0 = result.started_at if result.started_at is not None else next((e.get("at") for e in items), 0)
+    con.print(f"[bold]{_esc(result.flow or '')}[/] run {_esc(result.run_id)}")
+    for event in items:
+        text = _timeline_text(event)
+        if text is None:
+            continue
+        at = event.get("at")
+        stamp = f"+{(at - t0) / 1000:8.3f}s" if isinstance(at, int | float) and t0 is not None else " " * 10
+        con.print(f"[dim]{stamp}[/] {text}")
+    finished = any(e.get("type") == "run_finished" for e in items)
+    if not finished:
+        aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
+        why = f" ({_esc(aborted.get('reason'))})" if aborted else " (the process stopped, or it is still running)"
+        con.print(f"[yellow]the record ends before the run finished{why}; state when it ended: "
+                  f"{_esc(result.status)}[/]")
+    print_summary(result, con)
+
+
+def _timeline_text(e: Mapping[str, Any]) -> str | None:
+    kind = e.get("type")
+    step = _esc(e.get("step") or "")
+    err = _esc(_error_text(e.get("error")))
+    group = e.get("kind") not in STEP_KINDS
+    if kind == "run_started":
+        return f"[bold]run started[/] (flow {_esc(e.get('flow'))}, seed {e.get('seed')})"
+    if kind == "run_finished":
+        tail = f" — {err}" if err else ""
+        return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
+    if kind == "runtime_aborted":
+        return f"[red]aborted by the runtime[/]: {_esc(e.get('reason'))}"
+    if kind in ("task_succeeded", "task_failed") and isinstance(e.get("llm"), Mapping):
+        meta = e["llm"]
+        raw = " ".join(str(meta.get("raw") or "").split())
+        return (f"  [dim]llm {_esc(e.get('task_id'))}: model {_esc(meta.get('model') or '?')}, "
+                f"{len(meta.get('prompt') or [])} message(s) sent, reply: {_esc(raw[:120])}"
+                f"{'…' if len(raw) > 120 else ''}[/]")
+    if kind == "cancel_requested":
+        return f"[yellow]cancel requested[/]: {_esc(e.get('reason') or '')}"
+    if kind in INPUT_EVENTS or kind == "start":
+        return None
+    if kind == "step_started":
+        return f"[dim]{step} started ({_esc(e.get('kind'))})[/]" if group else None
+    if kind == "step_scheduled":
+        who = e.get("worker") or "llm"
+        return f"{step}: attempt {e.get('attempt')} → {_esc(e.get('task_kind'))} {_esc(who)}"
+    if kind == "attempt_started":
+        return f"{step}: attempt {e.get('attempt')} picked up"
+    if kind == "step_succeeded":
+        return f"[dim]{step} done[/]" if group else f"[green]✓ {step}[/] succeeded (attempt {e.get('attempt')})"
+    if kind == "step_failed":
+        return f"[red]✗ {step} failed[/] — {err}"
+    if kind == "step_retrying":
+        return (f"[cyan]↻ {step}[/] attempt {e.get('attempt')} failed ({err}); attempt {e.get('next_attempt')} "
+                f"in {_seconds(e.get('delay_ms'))}")
+    if kind == "step_timed_out":
+        return f"[yellow]⏱ {step}[/] attempt {e.get('attempt')} timed out"
+    if kind == "step_skipped":
+        return None if e.get("reason") == "parent" else f"[dim]– {step} skipped ({_esc(e.get('reason'))})[/]"
+    if kind == "step_cancelled":
+        return f"[yellow]⊘ {step} cancelled[/] — {_esc(e.get('reason') or '')}"
+    if kind == "fallback_started":
+        return f"[yellow]⤷ {step}[/] {_esc(e.get('reason') or '')}"
+    if kind == "compensation_started":
+        return f"[yellow]↶ {step}[/]: undo attempt {e.get('attempt')} → {_esc(e.get('worker'))}"
+    if kind == "compensation_succeeded":
+        return f"[yellow]↶ {step} undone[/]"
+    if kind == "compensation_retrying":
+        return f"[yellow]↶ {step}[/] undo attempt {e.get('attempt')} failed ({err}); retrying"
+    if kind == "compensation_failed":
+        return f"[red]↶ undoing {step} failed for good[/] — {err}"
+    if kind == "result_rejected":
+        return (f"[dim]late {_esc(e.get('result_type'))} for {_esc(e.get('task_id'))} ignored "
+                f"({_esc(e.get('reason'))})[/]")
+    return f"[dim]{_esc(kind)} {step}[/]"

@@ -1,0 +1,130 @@
+"""The ``flowdsl diagram`` command: formats, files, run states, and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flowdsl.cli import app
+from tests.render.cases import EXAMPLES, compile_plan, simulate
+
+ECOMMERCE = str(EXAMPLES / "ecommerce_order" / "flow.yaml")
+HAS_DOT = shutil.which("dot") is not None
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["diagram", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_ascii_to_stdout_by_default() -> None:
+    code, out, _ = run(ECOMMERCE)
+    assert code == 0
+    assert out.startswith("ecommerce_order v1.0") and "┌" in out and "◉ end" in out
+
+
+def test_ascii_only() -> None:
+    code, out, _ = run(ECOMMERCE, "--format", "ascii", "--ascii-only")
+    assert code == 0 and out.isascii() and "+---" in out
+
+
+def test_mermaid_markdown() -> None:
+    code, out, _ = run(ECOMMERCE, "-f", "mermaid", "--markdown")
+    assert code == 0 and out.startswith("```mermaid\nflowchart TD\n") and out.endswith("```\n")
+
+
+def test_format_from_output_suffix(tmp_path: Path) -> None:
+    target = tmp_path / "flow.dot"
+    code, out, err = run(ECOMMERCE, "-o", str(target))
+    assert code == 0 and out == ""
+    assert target.read_text(encoding="utf-8").startswith("digraph flowdsl {")
+    assert "wrote" in err
+    readme = tmp_path / "flow.md"
+    assert run(ECOMMERCE, "-o", str(readme))[0] == 0
+    assert readme.read_text(encoding="utf-8").startswith("```mermaid\nflowchart TD\n")
+
+
+@pytest.mark.skipif(not HAS_DOT, reason="Graphviz 'dot' is not installed")
+def test_svg_and_png_files(tmp_path: Path) -> None:
+    for name, magic in (("flow.svg", b"<?xml"), ("flow.png", b"\x89PNG")):
+        code, _, _ = run(ECOMMERCE, "-o", str(tmp_path / name))
+        assert code == 0 and (tmp_path / name).read_bytes().startswith(magic)
+
+
+def test_missing_dot_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    code, _, err = run(ECOMMERCE, "-f", "svg", "-o", str(tmp_path / "x.svg"))
+    assert code == 2
+    assert "'dot' program" in err and "graphviz" in err and "apt-get install graphviz" in err
+    assert not (tmp_path / "x.svg").exists()
+
+
+def test_run_states_from_a_recorded_run(tmp_path: Path) -> None:
+    plan = compile_plan(Path(ECOMMERCE))
+    run_input = {"order": {"id": "o", "customer_id": "c", "items": [], "total_amount": 1.0}}
+    _, events = simulate(plan, fail={"process_payment"}, run_input=run_input, run_id="r-42")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    header = {"type": "record", "plan": plan, "input": run_input}
+    (runs / "r-42.jsonl").write_text("\n".join(json.dumps(x) for x in [header, *events]) + "\n", encoding="utf-8")
+    code, out, err = run(ECOMMERCE, "-f", "mermaid", "--run", "r-42", "--runs-dir", str(runs))
+    assert code == 0, err
+    assert "st_failed" in out and "run r-42: compensated" in out and "warning" not in err
+    code, out, _ = run(ECOMMERCE, "--events", str(runs / "r-42.jsonl"), "--ascii-only")
+    assert code == 0 and "[FAILED] process_payment" in out
+    header["plan"] = {**plan, "root": plan["root"][:1]}
+    (runs / "r-43.jsonl").write_text("\n".join(json.dumps(x) for x in [header, *events]) + "\n", encoding="utf-8")
+    code, _, err = run(ECOMMERCE, "--run", "r-43", "--runs-dir", str(runs))
+    assert code == 0 and "has changed since run r-43" in err
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    code, _, err = run(ECOMMERCE, "--run", "r-nope", "--runs-dir", str(tmp_path))
+    assert code == 2 and "no recorded run 'r-nope'" in err
+    code, _, err = run(ECOMMERCE, "--run", "../etc/passwd")
+    assert code == 2 and "invalid run id" in err
+    code, _, err = run(ECOMMERCE, "--run", "a", "--events", str(tmp_path / "e.jsonl"))
+    assert code == 2 and "give one of them" in err
+    code, _, err = run(ECOMMERCE, "-f", "mermaid", "--ascii-only")
+    assert code == 2 and "--ascii-only applies to the ascii format" in err
+    code, _, err = run(ECOMMERCE, "-f", "png", "--markdown", "-o", str(tmp_path / "x.png"))
+    assert code == 2 and "--markdown" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n", encoding="utf-8")
+    code, _, err = run(ECOMMERCE, "--events", str(bad))
+    assert code == 2 and "bad.jsonl:1" in err
+
+
+def test_spec_errors_print_like_validate(tmp_path: Path) -> None:
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("flowdsl: 1\nname: broken\nsteps:\n  - a: {needs: [zzz]}\n", encoding="utf-8")
+    code, out, err = run(str(spec))
+    assert code == 1 and out == ""
+    assert "broken.yaml:" in err and "error FD" in err
+    code, _, err = run(str(tmp_path / "missing.yaml"))
+    assert code == 2 and "FD101" in err
+
+
+def test_width_option_degrades_instead_of_breaking() -> None:
+    spec = str(EXAMPLES / "order_management" / "flow.yaml")
+    code, out, _ = run(spec, "--width", "50")
+    assert code == 0
+    assert "╟─▶" in out  # lanes too wide for 50 columns hang one under another off a rail
+    assert max(len(line) for line in out.splitlines()) <= 60
+
+
+def test_a_run_recorded_by_the_local_runtime(tmp_path: Path) -> None:
+    from flowdsl.runtime.local import run as run_locally
+
+    plan = compile_plan(Path(ECOMMERCE))
+    declined = json.loads((EXAMPLES / "ecommerce_order" / "inputs" / "payment_declined.json").read_text())
+    result = run_locally(plan, declined, run_id="r-declined", runs_dir=tmp_path, seed=1)
+    assert result.status == "compensated"
+    code, out, err = run(ECOMMERCE, "--run", "r-declined", "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    assert "✓ validate_order" in out and "↺ check_inventory" in out and "✗ process_payment" in out
+    assert "↺ ↶ release_inventory" in out and "run r-declined: compensated" in out
