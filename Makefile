@@ -26,8 +26,9 @@ test: lint
 goldens: $(STAMP)
 	$(BIN)/python -m pytest --update-goldens -q
 
+# Every benchmark script in turn; each prints its figures (recorded by hand in benchmarks/RESULTS.md).
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	for b in benchmarks/bench_*.py; do $(BIN)/python -m benchmarks.$$(basename $$b .py) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist .flowdsl

@@ -117,13 +117,14 @@ def diagram(
     plan = result.plan
 
     from flowdsl.render import RenderError, render
-    from flowdsl.render.runstate import RunLogError, derive_states, read_events, record_plan
+    from flowdsl.render.runstate import derive_states, read_events, record_plan
+    from flowdsl.runtime.record import RecordError
 
     states = None
     if record is not None:
         try:
             log = read_events(record)
-        except RunLogError as exc:
+        except RecordError as exc:
             raise _fail(str(exc)) from None
         recorded = record_plan(record)
         if recorded is not None and recorded != plan:

@@ -1,7 +1,8 @@
 """Run states for diagrams: each plan node's state in one run, derived from the run's events.
 
 Stage: renderer. Reads the plan and a run's recorded events (JSON lines as the
-kernel emits them, see docs/kernel.md); imports stdlib only.
+kernel emits them, see docs/kernel.md); imports stdlib and the record reader
+``flowdsl.runtime.record`` (stdlib only itself), which owns the record format.
 
 An event is a flat JSON object with a ``type``, the ``step`` it concerns (an
 instance key: the node key, prefixed by ``<for_each instance key>[<i>]/`` for
@@ -17,7 +18,6 @@ skipped, pending).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.render.view import STATES, PlanView
+from flowdsl.runtime.record import RecordError, read_record
 
 #: event type -> the state of the step instance it leaves behind
 STEP_EVENTS = {
@@ -40,10 +41,6 @@ COMPENSATION_EVENTS = {
 #: aggregation order over iterations: the first state present wins
 _PRIORITY = ("failed", "cancelled", "running", "compensated", "succeeded", "skipped", "pending")
 _ITERATION = re.compile(r"\[\d+\]")
-
-
-class RunLogError(ValueError):
-    """A run record cannot be read (missing file, a line that is not JSON)."""
 
 
 @dataclass(frozen=True)
@@ -161,36 +158,15 @@ def _undo_worst(states: Iterable[str]) -> str:
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """The events of a run record (``.jsonl``): one JSON object a line; the header line is skipped."""
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise RunLogError(f"no run record at {p}") from None
-    except OSError as exc:
-        raise RunLogError(f"cannot read run record {p}: {exc.strerror or exc}") from None
-    events: list[dict[str, Any]] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RunLogError(f"{p}:{lineno}: not a JSON line: {exc.msg}") from None
-        if not isinstance(item, dict):
-            raise RunLogError(f"{p}:{lineno}: expected a JSON object, found {type(item).__name__}")
-        if item.get("type") != "record":
-            events.append(item)
-    return events
+    """The events of a run record (``.jsonl``), its header line left out."""
+    return read_record(path)[1]
 
 
 def record_plan(path: str | Path) -> dict[str, Any] | None:
     """The plan stored in a run record's header line, when it has one."""
     try:
-        with Path(path).open(encoding="utf-8") as fh:
-            first = fh.readline()
-        item = json.loads(first) if first.strip() else None
-    except (OSError, json.JSONDecodeError):
+        header = read_record(path)[0]
+    except RecordError:
         return None
-    plan = item.get("plan") if isinstance(item, dict) and item.get("type") == "record" else None
+    plan = header.get("plan") if header else None
     return plan if isinstance(plan, dict) else None

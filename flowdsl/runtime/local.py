@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import os
 import secrets
 import signal
@@ -40,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,22 +139,6 @@ class _Attempt:
         self.task: asyncio.Task[None] | None = None
 
 
-class _Recorder(RunRecorder):
-    """A :class:`RunRecorder` that writes one decision's lines (the input event and the events it
-    caused) with one write and one flush, in the same line format."""
-
-    def write_batch(self, items: Iterable[dict[str, Any]]) -> None:
-        fh = self._fh
-        if fh is None:
-            return
-        fh.write("".join([_encode(item) + "\n" for item in items]))
-        fh.flush()
-
-
-#: the record line format of ``RunRecorder.write`` (one encoder, not one per line as ``json.dumps`` makes)
-_encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
-
-
 def new_run_id(plan: Mapping[str, Any]) -> str:
     """A fresh run id: ``<flow name>-<UTC yyyymmddThhmmss>-<6 hex digits>``."""
     name = str((plan.get("flow") or {}).get("name") or "run")[:48]
@@ -208,7 +191,7 @@ class LocalRun:
         self._inbox: deque[dict[str, Any]] = deque()
         self._draining = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._recorder: _Recorder | None = None
+        self._recorder: RunRecorder | None = None
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
@@ -229,7 +212,7 @@ class LocalRun:
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
         if self.record_path is not None:
-            self._recorder = _Recorder(self.run_id, self.runs_dir)
+            self._recorder = RunRecorder(self.run_id, self.runs_dir)
             self._recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
                                   started_at=int(self._wall0))
         try:
@@ -285,7 +268,7 @@ class LocalRun:
 
     def _write(self, item: dict[str, Any]) -> None:
         if self._recorder is not None:
-            self._recorder.write_batch((item,))
+            self._recorder.write_many((item,))
 
     def _feed(self, event: dict[str, Any]) -> None:
         """Queue one input event; apply it now unless a decision is being carried out (then after it)."""
@@ -323,7 +306,7 @@ class LocalRun:
         self.state = decision.state
         events = decision.events
         if self._recorder is not None:  # the input event, then what it caused: one write, one flush
-            self._recorder.write_batch((cause, *events) if cause is not None else events)
+            self._recorder.write_many((cause, *events) if cause is not None else events)
         self.events.extend(events)
         hook = self.on_event
         if hook is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,8 +30,16 @@ def record_path(run_id: str, directory: str | Path | None = None) -> Path:
     return runs_dir(str(directory) if directory else None) / f"{run_id}.jsonl"
 
 
+#: the one line encoder of records (sorted keys, so records diff well)
+_encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
+
+
+class RecordError(ValueError):
+    """A run record is missing, unreadable or not JSON lines; the message names the file (and line)."""
+
+
 class RunRecorder:
-    """Appends a run's header and events to its record file, flushing each line."""
+    """Appends a run's header and events to its record file, flushing after each batch."""
 
     def __init__(self, run_id: str, directory: str | Path | None = None):
         self.path = record_path(run_id, directory)
@@ -42,9 +50,13 @@ class RunRecorder:
         self.write({"type": "record", "plan": plan, "input": run_input, **extra})
 
     def write(self, item: dict[str, Any]) -> None:
+        self.write_many((item,))
+
+    def write_many(self, items: Iterable[dict[str, Any]]) -> None:
+        """Write several lines with one write and one flush (a decision's input event and its events)."""
         if self._fh is None:
             return
-        self._fh.write(json.dumps(item, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+        self._fh.write("".join([_encode(item) + "\n" for item in items]))
         self._fh.flush()
 
     def close(self) -> None:
@@ -54,21 +66,29 @@ class RunRecorder:
 
 
 def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The header (or None) and the events of a record file. Raises OSError / ValueError with the line."""
+    """The header (or None) and the events of a record file; :class:`RecordError` says what is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecordError(f"no run record at {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecordError(f"cannot read run record {p}: {getattr(exc, 'strerror', None) or exc}") from None
     header: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON line: {exc.msg}") from None
-            if item.get("type") == "record" and header is None:
-                header = item
-            else:
-                events.append(item)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{p}:{lineno}: not a JSON line: {exc.msg}") from None
+        if not isinstance(item, dict):
+            raise RecordError(f"{p}:{lineno}: expected a JSON object, found {type(item).__name__}")
+        if item.get("type") == "record" and header is None:
+            header = item
+        else:
+            events.append(item)
     return header, events
 
 

@@ -1,10 +1,7 @@
 """The canonical examples: their specs, worker bodies, simulated services and inputs.
 
-Workers are called directly with a ``StepContext``. Until ``flowdsl run``
-exists, ``_drive`` walks the e-commerce saga (a plain sequence of steps) the
-way docs/language.md describes — ``with:``, ``when``, ``fail_when``,
-``output``, retry filters, reverse-order compensation — to check that the
-spec's expressions, the workers and the scenario inputs fit together.
+Workers are called directly with a ``StepContext``; whole runs of the
+scenarios through the real runtime are in test_scenarios.py.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +21,7 @@ from jsonschema import Draft202012Validator
 from examples.ecommerce_order import services as svc
 from examples.ecommerce_order import workers as ew
 from examples.order_management import workers as om
-from flowdsl.expr import compile_expression, single_expression, truthy
+from flowdsl.expr import compile_expression, single_expression
 from flowdsl.workers import StepContext, import_worker_modules, registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -333,160 +329,6 @@ def test_invariant_helpers_report_held_stock_and_unrefunded_charges():
     assert json.loads(json.dumps(svc.STATE.snapshot()))["refunds"][0]["charge_id"] == charge_id
 
 
-# --- the saga, walked step by step ----------------------------------------------------
-
-
-class FailWhen(Exception):
-    pass
-
-
-@dataclass
-class Outcome:
-    status: str
-    context: dict[str, Any]
-    failed_step: str | None = None
-    error_type: str | None = None
-    attempts: dict[str, int] = field(default_factory=dict)
-    compensated: list[str] = field(default_factory=list)
-
-
-def _eval(value: Any, data: Any, bindings: dict[str, Any]) -> Any:
-    if isinstance(value, str) and "${" in value:
-        return compile_expression(single_expression(value)).evaluate(data, bindings)
-    if isinstance(value, dict):
-        return {k: _eval(v, data, bindings) for k, v in value.items()}
-    return value
-
-
-def _drive(doc: dict[str, Any], run_input: dict[str, Any], run_id: str = "r-1",
-           override: dict[str, Callable[..., Any]] | None = None) -> Outcome:
-    """Run a flow whose steps form one plain sequence, as docs/language.md specifies."""
-    import_worker_modules(doc["workers"])
-    context, results, done = copy.deepcopy(run_input), {}, []
-    out = Outcome("completed", context)
-    for name, opts in _nodes(doc["steps"]):
-        sid = name.split(".")[-1]
-        bindings = {"input": run_input, "steps": results, "run": {"id": run_id}}
-        if "when" in opts and not truthy(_eval(opts["when"], context, bindings)):
-            continue
-        data = _eval(opts["with"], context, bindings) if "with" in opts else copy.deepcopy(context)
-        wname = opts["fallback"] if "llm" in opts else opts.get("worker", name)
-        retry = dict(doc.get("defaults", {}).get("retry", {}))
-        retry.update({"attempts": opts["retry"]} if isinstance(opts.get("retry"), int) else opts.get("retry", {}))
-        fn = (override or {}).get(wname) or registry.get(wname).fn
-        for attempt in range(1, retry.get("attempts", 1) + 1):
-            out.attempts[sid] = attempt
-            try:
-                step_ctx = StepContext(run_id, sid, attempt, f"{run_id}/{sid}")
-                result = asyncio.run(fn(copy.deepcopy(data), step_ctx)) or {}
-                if "fail_when" in opts and truthy(_eval(opts["fail_when"], result, {**bindings, "context": context})):
-                    raise FailWhen(sid)
-                break
-            except Exception as exc:
-                etype = type(exc).__name__
-                retried = etype not in retry.get("not_on", []) and etype in retry.get("on", [etype])
-                if attempt < retry.get("attempts", 1) and retried:
-                    continue
-                out.status, out.failed_step, out.error_type = "failed", sid, etype
-                for cid, copts, seen, res in reversed(done):
-                    comp = copts["compensate"]
-                    comp = {"worker": comp} if isinstance(comp, str) else comp
-                    cdata = _eval(comp.get("with"), {**seen, **res}, bindings) if comp.get("with") else {**seen, **res}
-                    cctx = StepContext(run_id, cid, 1, f"{run_id}/{cid}/compensate", compensating=True)
-                    asyncio.run(registry.get(comp["worker"]).fn(cdata, cctx))
-                    out.compensated.append(cid)
-                    out.status = "compensated"
-                return out
-        results[sid] = result
-        output = opts.get("output")
-        if output:
-            context[output] = result
-        else:
-            context.update(result)
-        if "compensate" in opts:
-            done.append((sid, opts, copy.deepcopy(context), result))
-    return out
-
-
-def test_scenario_success_completes_with_one_of_each_effect():
-    out = _drive(spec("ecommerce_order"), order_input("success"))
-    assert out.status == "completed", out
-    assert [e["op"] for e in svc.STATE.effects] == ["reserve", "charge", "ship", "send"]
-    assert out.context["confirmation"]["greeting"] == "Hi Ada Lovelace, thank you for your order!"
-    assert out.context["notification"]["recipient"] == "ada@example.com"
-    note = next(iter(svc.STATE.outbox.sent.values()))
-    assert out.context["shipment"]["tracking_number"] in note.body
-    assert svc.STATE.invariant_violations() == []
-
-
-def test_scenario_success_is_deterministic_and_a_replayed_run_has_no_second_effect():
-    first = _drive(spec("ecommerce_order"), order_input("success"))
-    snapshot = svc.STATE.snapshot()
-    again = _drive(spec("ecommerce_order"), order_input("success"))  # the same run id, so the same keys
-    assert again.context == first.context and svc.STATE.snapshot() == snapshot
-    svc.STATE.reset()
-    assert _drive(spec("ecommerce_order"), order_input("success")).context == first.context
-
-
-def test_scenario_invalid_order_fails_at_validation_with_nothing_to_undo():
-    out = _drive(spec("ecommerce_order"), order_input("invalid_order"))
-    assert (out.status, out.failed_step, out.error_type) == ("failed", "validate_order", "ValidationError")
-    assert out.attempts == {"validate_order": 1} and svc.STATE.effects == []
-
-
-def test_scenario_out_of_stock_fails_at_inventory_and_releases_nothing():
-    out = _drive(spec("ecommerce_order"), order_input("out_of_stock"))
-    assert (out.status, out.failed_step, out.error_type) == ("failed", "check_inventory", "FailWhen")
-    assert out.attempts["check_inventory"] == 1 and out.compensated == []
-    assert svc.STATE.effects == [] and svc.STATE.calls["inventory.release"] == 0
-
-
-def test_scenario_payment_declined_releases_the_inventory_exactly_once():
-    out = _drive(spec("ecommerce_order"), order_input("payment_declined"))
-    assert (out.status, out.failed_step, out.error_type) == ("compensated", "process_payment", "FailWhen")
-    assert out.attempts["process_payment"] == 1 and out.compensated == ["check_inventory"]
-    assert [e["op"] for e in svc.STATE.effects] == ["reserve", "release"]
-    assert svc.STATE.inventory.available("LAPTOP-PRO-15") == 10_000
-    assert svc.STATE.invariant_violations() == []
-
-
-def test_scenario_gateway_timeout_is_retried_and_charges_once():
-    out = _drive(spec("ecommerce_order"), order_input("gateway_timeout"))
-    assert out.status == "completed" and out.attempts["process_payment"] == 2
-    assert len(svc.STATE.effects_of("charge")) == 1 and svc.STATE.calls["gateway.charge"] == 2
-    assert svc.STATE.invariant_violations() == []
-
-
-def test_gateway_that_never_answers_spends_the_retries_and_compensates():
-    data = order_input("gateway_timeout")
-    data["order"]["simulate"] = {"gateway_timeouts": 9}
-    out = _drive(spec("ecommerce_order"), data)
-    assert (out.status, out.error_type, out.attempts["process_payment"]) == ("compensated", "PaymentGatewayTimeout", 4)
-    assert svc.STATE.invariant_violations() == []
-    svc.STATE.reset()
-    data["order"]["simulate"]["timeout_after_charge"] = True  # the lost answer: the saga cannot see this charge
-    assert _drive(spec("ecommerce_order"), data).status == "compensated"
-    assert len(svc.STATE.orphan_charges()) == 1 and svc.STATE.leaked_reservations() == []
-
-
-def test_failure_after_payment_refunds_then_releases():
-    async def carrier_down(data, ctx):
-        raise ConnectionError("carrier API unreachable")
-
-    out = _drive(spec("ecommerce_order"), order_input("success"), override={"fulfill_order": carrier_down})
-    assert (out.status, out.failed_step, out.attempts["fulfill_order"]) == ("compensated", "fulfill_order", 3)
-    assert out.compensated == ["process_payment", "check_inventory"]
-    assert [e["op"] for e in svc.STATE.effects] == ["reserve", "charge", "refund", "release"]
-    assert svc.STATE.invariant_violations() == []
-
-
-def test_notify_false_skips_the_notification():
-    data = order_input("success")
-    data["order"]["notify"] = False
-    out = _drive(spec("ecommerce_order"), data)
-    assert out.status == "completed" and "notification" not in out.context and svc.STATE.outbox.sent == {}
-
-
 # --- order management -------------------------------------------------------------------
 
 
@@ -509,39 +351,6 @@ def test_order_management_shape_critical_path_6_of_11():
     ids = [name.split(".")[-1] for name, _ in _nodes(doc["steps"])]
     assert ids == ["validate_items", "validate_payment", "calculate_shipping", "reserve_items", "pick_items",
                    "pack_items", "ship_items", "update_customer", "charge", "confirm", "verify"]
-
-
-async def _walk(node: Any, context: dict[str, Any]) -> dict[str, Any]:
-    """Run sequences in order and parallel branches concurrently; returns the node's contribution."""
-    if isinstance(node, list):
-        added: dict[str, Any] = {}
-        for child in node:
-            added.update(await _walk(child, {**context, **added}))
-        return added
-    if isinstance(node, dict) and "parallel" in node:
-        added = {}
-        for part in await asyncio.gather(*(_walk(b, context) for b in node["branches"])):
-            added.update(part)
-        return added
-    if isinstance(node, dict) and "sequence" in node:
-        return await _walk(node["steps"], context)
-    name = node if isinstance(node, str) else next(iter(node))
-    sid = name.split(".")[-1]
-    return await registry.get(name).fn(dict(context), StepContext("r-om", sid, 1, f"r-om/{sid}")) or {}
-
-
-def test_order_management_runs_in_about_the_critical_path():
-    doc = spec("order_management")
-    import_worker_modules(doc["workers"])
-    data = json.loads((ORDERS / "inputs" / "order.json").read_text())
-    data["durations"] = {"default": 0.05}
-    start = time.perf_counter()
-    result = asyncio.run(_walk(doc["steps"], data))
-    elapsed = time.perf_counter() - start
-    assert 0.29 <= elapsed < 0.5, elapsed  # 6 units of 0.05 s, not 11
-    assert result["charged_amount"] == 46.97 and result["shipping_zone"] == "zone-9"
-    assert result["customer_notified"] and result["reconciled"]
-    assert om.LEDGER.dangling() == [] and om.LEDGER.log[0][0] in {"reserve", "charge"}
 
 
 def test_order_management_durations_and_faults():

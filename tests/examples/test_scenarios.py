@@ -143,3 +143,55 @@ def test_a_carrier_failure_undoes_both_branches(tmp_path: Path) -> None:
     assert r.steps["update_customer"]["status"] == "pending"
     assert om.LEDGER.dangling() == []
     assert sorted(op for op, _ in om.LEDGER.log) == ["charge", "refund", "release", "reserve", "verify"]
+
+
+def test_the_same_run_again_has_no_second_effect(tmp_path: Path) -> None:
+    """A run repeated with its run id (as after a crash) reuses its idempotency keys: no second effect."""
+    run_input = json.loads((ECOM / "inputs" / "success.json").read_text())
+    first = asyncio.run(run_flow(_plan(ECOM), run_input, run_id="r-again", record=False))
+    books = svc.STATE.snapshot()
+    again = asyncio.run(run_flow(_plan(ECOM), run_input, run_id="r-again", record=False))
+    assert first.status == again.status == "completed"
+    assert again.context == first.context
+    assert svc.STATE.snapshot() == books
+
+
+def test_a_failure_after_payment_refunds_then_releases(tmp_path: Path) -> None:
+    from flowdsl.workers import registry
+
+    async def carrier_down(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        raise ConnectionError("carrier API unreachable")
+
+    plan = _plan(ECOM)  # imports the workers before one is swapped
+    original = registry.get("fulfill_order")
+    assert original is not None
+    registry.unregister("fulfill_order")
+    registry.register("fulfill_order", carrier_down)
+    try:
+        run_input = json.loads((ECOM / "inputs" / "success.json").read_text())
+        r = asyncio.run(run_flow(plan, run_input, runs_dir=tmp_path))
+    finally:
+        registry.unregister("fulfill_order")
+        registry.register("fulfill_order", original.fn)
+    assert (r.status, r.failed_step, r.steps["fulfill_order"]["attempts"]) == ("compensated", "fulfill_order", 3)
+    assert r.compensated == ["process_payment", "check_inventory"]
+    assert ops("ORD-1001") == ["inventory.reserve", "gateway.charge", "gateway.refund", "inventory.release"]
+    assert svc.STATE.invariant_violations() == []
+
+
+def test_notify_false_skips_the_notification(tmp_path: Path) -> None:
+    run_input = json.loads((ECOM / "inputs" / "success.json").read_text())
+    run_input["order"]["notify"] = False
+    r = asyncio.run(run_flow(_plan(ECOM), run_input, runs_dir=tmp_path))
+    assert r.status == "completed" and r.steps["notify_customer"]["status"] == "skipped"
+    assert "notification" not in r.context and svc.STATE.outbox.sent == {}
+
+
+def test_a_charge_whose_answer_was_lost_is_reported_not_hidden(tmp_path: Path) -> None:
+    """The gateway takes the money and every answer is lost: the saga cannot see that charge, and the
+    services' books say so (see examples/ecommerce_order/README.md)."""
+    run_input = json.loads((ECOM / "inputs" / "gateway_timeout.json").read_text())
+    run_input["order"]["simulate"] = {"gateway_timeouts": 9, "timeout_after_charge": True}
+    r = asyncio.run(run_flow(_plan(ECOM), run_input, runs_dir=tmp_path))
+    assert r.status == "compensated"
+    assert len(svc.STATE.orphan_charges()) == 1 and svc.STATE.leaked_reservations() == []

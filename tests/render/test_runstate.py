@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flowdsl.render import RunStates, render
-from flowdsl.render.runstate import RunLogError, derive_states, node_of, read_events, record_plan
+from flowdsl.render.runstate import derive_states, node_of, read_events, record_plan
+from flowdsl.runtime.record import RecordError
 from tests.render.cases import CONFORMANCE, EXAMPLES, compile_plan, simulate
 
 ECOMMERCE = EXAMPLES / "ecommerce_order" / "flow.yaml"
@@ -139,10 +140,10 @@ def test_read_events_skips_the_header_and_reports_bad_lines(tmp_path: Path) -> N
     assert [e["type"] for e in read_events(record)] == ["run_started", "step_succeeded"]
     assert record_plan(record) == plan
     record.write_text(json.dumps(ev("run_started")) + "\n{oops\n", encoding="utf-8")
-    with pytest.raises(RunLogError, match=r"r-1.jsonl:2: not a JSON line"):
+    with pytest.raises(RecordError, match=r"r-1.jsonl:2: not a JSON line"):
         read_events(record)
     assert record_plan(record) is None
-    with pytest.raises(RunLogError, match="no run record"):
+    with pytest.raises(RecordError, match="no run record"):
         read_events(tmp_path / "missing.jsonl")
 
 
