@@ -305,6 +305,7 @@ class _Compiler:
                     "lm": n.llm.lm,
                     "default_lm": d.llm_lm,
                     "demos": list(n.llm.demos),
+                    "redact": list(n.llm.redact),
                 }
         elif n.kind == "switch":
             prefix = e.key[: len(e.key) - len(n.id)]

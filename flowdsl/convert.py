@@ -26,6 +26,7 @@ from flowdsl.textsyntax import (
     JSON_NUMBER_RE,
     KEYWORDS,
     LLM_KEYS,
+    NAME_LISTS,
     NUMBER_RE,
     OPTION_KEYS,
     WORD_RE,
@@ -301,7 +302,7 @@ def _pairs(opts: dict[Any, Any], where: str, undo: str = "undo") -> list[tuple[s
 
 
 def _render(key: str, value: Any, where: str, indent: int, column: int) -> str:
-    if key == "needs":
+    if key in NAME_LISTS:
         return _names(value, where)
     if key in ("description", "instructions") and isinstance(value, str):
         return _quote(value)

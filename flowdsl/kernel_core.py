@@ -87,6 +87,8 @@ class Core:
         self.commands: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.queue: deque[tuple[str, str | None]] = deque()
+        #: (task id, meta) of the answer being handled: ``meta`` goes into the events about that task
+        self.answer: tuple[str, dict[str, Any]] | None = None
         cache = getattr(state, "contexts", None)
         self._ctx: ContextCache = cache if isinstance(cache, ContextCache) else ContextCache()
 
@@ -100,6 +102,8 @@ class Core:
                  "node": node, "kind": self.p.kind[node] if node is not None else None,
                  "attempt": attempt, "task_id": task_id, "error": error}
         event.update(extra)
+        if self.answer is not None and task_id == self.answer[0]:
+            event["meta"] = self.answer[1]
         self.s["seq"] += 1
         self.events.append(event)
 

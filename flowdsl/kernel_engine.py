@@ -52,6 +52,11 @@ class Machine(Saga):
             task_id = event.get("task_id")
             if not isinstance(task_id, str):
                 raise ValueError(f"event {kind!r} needs a 'task_id' string")
+            meta = event.get("meta")
+            if meta is not None and kind in ("task_succeeded", "task_failed"):
+                if not isinstance(meta, dict):
+                    raise ValueError(f"event {kind!r}: 'meta' must be an object, found {type(meta).__name__}")
+                self.answer = (task_id, meta)
             task = self.tasks.get(task_id)
             if task is None:
                 if kind != "task_started":
@@ -261,11 +266,11 @@ class Machine(Saga):
         ctx = self.context(ikey)
         return {name: self.evaluate(ikey, eid, result, context=ctx, own=result) for name, eid in rule["map"].items()}
 
-    def _node_failed(self, ikey: str, err: dict[str, Any]) -> None:
-        """A node failed for good: record it and abort the run."""
+    def _node_failed(self, ikey: str, err: dict[str, Any], task_id: str | None = None) -> None:
+        """A node failed for good (``task_id``: by the outcome of that attempt): record it and abort the run."""
         rec = self.nodes[ikey]
         rec.update(status="failed", finished_at=self.at, error=err)
-        self.emit("step_failed", ikey, attempt=rec.get("attempt"), error=err)
+        self.emit("step_failed", ikey, attempt=rec.get("attempt"), task_id=task_id, error=err)
         self.abort("failed", err, ikey)
 
     # --- attempts ------------------------------------------------------------------------
@@ -385,13 +390,13 @@ class Machine(Saga):
             return
         if main_llm and node.get("fallback"):
             rec.update(phase="fallback", attempt=0)
+            why = "no LM configured" if err["type"] == LLM_NOT_CONFIGURED else \
+                f"the LLM call failed for good ({err['type']})"
             self.emit("fallback_started", ikey, attempt=attempt, task_id=task_id, error=err,
-                      worker=node["fallback"],
-                      reason=f"the LLM step failed for good ({err['type']}: {err['message']}); running its "
-                             f"fallback worker '{node['fallback']}' instead")
+                      worker=node["fallback"], reason=f"{why} — using the fallback worker '{node['fallback']}'")
             self._dispatch(ikey)
             return
-        self._node_failed(ikey, err)
+        self._node_failed(ikey, err, task_id)
 
     def _timer_fired(self, timer_id: str) -> None:
         timer = self.timers.pop(timer_id, None)

@@ -151,7 +151,10 @@ async def run_llm_step(
     (a model string, made into ``dspy.LM(model, cache=False)`` with keys from
     the environment) or a ``dspy.BaseLM`` instance; when None, the block's own
     ``lm`` is used. ``adapter`` overrides DSPy's adapter for this call (default:
-    the one in ``dspy.settings``, else ``ChatAdapter``).
+    the one in ``dspy.settings``, else ``ChatAdapter``). ``redact`` names input
+    fields (runtimes pass the block's ``redact``) whose values are sent as they
+    are but masked (``***``) in the prompt, reply, reasoning and error messages
+    returned or raised.
 
     Raises :class:`LLMNotConfigured`, :class:`InputInvalid`,
     :class:`OutputInvalid`; provider failures (``LMRateLimitError``,

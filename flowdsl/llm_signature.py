@@ -178,8 +178,9 @@ def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """Problems of a normalized ``llm`` block beyond its signature: ``(code, pointer, message)``.
 
     Checks the module name, a ``reasoning`` output under ``chain_of_thought``,
-    and that each demo gives every field of the signature a value of its type
-    (FD603). Pointers are relative to the ``llm`` block.
+    that ``redact`` names input fields, and that each demo gives every field of
+    the signature a value of its type (FD603). Pointers are relative to the
+    ``llm`` block.
     """
     problems: list[tuple[str, str, str]] = []
     signature = llm.get("signature") or {}
@@ -192,6 +193,13 @@ def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     if module == "chain_of_thought" and any(f["name"] == REASONING_FIELD for f in outputs):
         problems.append(("FD601", "/signature", "chain_of_thought adds its own 'reasoning' output; "
                          "rename the output field 'reasoning'"))
+    inputs = [f["name"] for f in signature.get("inputs", [])]
+    redact = llm.get("redact") or []
+    for i, name in enumerate(redact if isinstance(redact, list | tuple) else ()):
+        if name not in inputs:
+            what = "an output field" if any(f["name"] == name for f in outputs) else "not a field of the signature"
+            problems.append(("FD601", f"/redact/{i}", f"redact names '{name}', which is {what}; expected an "
+                             f"input field: {', '.join(inputs)}{_did_you_mean(str(name), inputs)}"))
     demos = llm.get("demos") or []
     if not isinstance(demos, list):
         return [*problems, ("FD603", "/demos", f"demos must be a list of examples, found {_kind(demos)}")]

@@ -108,6 +108,7 @@ class LlmSpec:
     module: str | None
     lm: str | None
     demos: tuple[Any, ...] = ()
+    redact: tuple[str, ...] = ()  # input fields masked in what is recorded of a call
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,8 @@ class _Builder:
                                tuple(f["enum"]) if f.get("enum") is not None else None) for f in items)
 
         spec = LlmSpec(fields(norm["inputs"]), fields(norm["outputs"]), value.get("instructions"),
-                       value.get("module"), value.get("lm"), tuple(value.get("demos") or ()))
+                       value.get("module"), value.get("lm"), tuple(value.get("demos") or ()),
+                       tuple(value.get("redact") or ()))
         for code, where, message in check_llm_block({**value, "signature": norm}):
             self.err(code, message, path + where)
         return spec

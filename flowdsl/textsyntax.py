@@ -36,13 +36,15 @@ MAX_DEPTH = 100
 #: (``undo`` is the text syntax's word for ``compensate``)
 OPTION_KEYS = (
     "worker", "compensate", "with", "output", "when", "fail_when", "needs", "retry", "timeout",
-    "fallback", "description", "llm", "signature", "instructions", "module", "lm", "demos",
+    "fallback", "description", "llm", "signature", "instructions", "module", "lm", "demos", "redact",
     "items", "as", "concurrency", "on", "path",
 )  # fmt: skip
 #: header statements written ``keyword value``
 TOP_KEYS = ("flowdsl", "version", "description", "input", "timeout")
 #: keys of an ``llm:`` mapping; in an ``llm`` statement these options go there
-LLM_KEYS = ("signature", "instructions", "module", "lm", "demos")
+LLM_KEYS = ("signature", "instructions", "module", "lm", "demos", "redact")
+#: options whose value is a list of names (``needs a, b`` or ``needs [a, b]``)
+NAME_LISTS = ("needs", "redact")
 #: group keyword -> the key holding its nodes (a switch has cases, a sub-flow none)
 BODIES = {"sequence": "steps", "parallel": "branches", "for_each": "steps"}
 NODE_KEYWORDS = ("step", "llm", "sequence", "parallel", "for_each", "switch", "flow")
@@ -460,7 +462,7 @@ class _Builder:
             if llm and key in LLM_KEYS:
                 where, at = target["llm"], base + "/llm"
             if (ptr := self.put(where, at, key, ktok, "option")) is not None:
-                where[key] = self.names(v, ptr) if key == "needs" else self.value(v, ptr)
+                where[key] = self.names(v, ptr) if key in NAME_LISTS else self.value(v, ptr)
         return target
 
     def node(self, tree: _Node, ptr: str) -> Any:

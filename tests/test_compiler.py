@@ -712,6 +712,11 @@ def test_fd601_to_fd603_from_the_signature_checker() -> None:
     assert "found unknown type 'integer' for field 'q'" in message and "(did you mean 'int'?)" in message
     assert "demo 1" in only(HEAD + "steps:\n  - a: {llm: {signature: 'q -> n: int', demos: [{q: x, n: many}]}}\n",
                             "FD603")
+    assert only(HEAD + "steps:\n  - a: {llm: {signature: 'card, q -> a', redact: [crad]}}\n", "FD601") == (
+        "redact names 'crad', which is not a field of the signature; expected an input field: card, q "
+        "(did you mean 'card'?)")
+    assert "'a', which is an output field" in only(
+        HEAD + "steps:\n  - a: {llm: {signature: 'q -> a', redact: [a]}}\n", "FD601")
 
 
 def test_errors_stop_the_plan_but_every_diagnostic_is_collected(spec: Spec) -> None:

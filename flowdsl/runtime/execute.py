@@ -19,9 +19,11 @@ What :func:`execute` does:
   run in a (daemon) thread so the event loop keeps going;
 - kind ``llm`` runs :func:`flowdsl.llm.run_llm_step` with the model chosen by
   :func:`flowdsl.llm.resolve_lm` (the step's ``lm``, then the caller's ``lm``,
-  then the flow's ``defaults.llm.lm``, then ``$FLOWDSL_LM``); the prompt and the
-  raw reply go into the answer's ``llm`` field (the kernel ignores it; runtimes
-  record it beside the step's events);
+  then the flow's ``defaults.llm.lm``, then ``$FLOWDSL_LM``; a name the caller
+  binds in ``lms`` becomes that LM object) and masks the inputs the block's
+  ``redact`` names; the prompt, the raw reply and the model
+  go into the answer's ``meta`` as ``{"llm": {...}}``, which the kernel copies
+  into the event it emits about that attempt (docs/kernel.md);
 - an exception becomes ``task_failed`` with ``{"type": class name, "message":
   str(exc)}`` (plus a ``traceback`` field for the record); a result that is not
   a JSON object (``None`` counts as ``{}``) becomes ``task_failed`` of type
@@ -62,20 +64,22 @@ _loggers: dict[str, logging.Logger] = {}
 
 async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None = None,
                   lm: object | str | None = None, env: Mapping[str, str] | None = None,
-                  adapter: object | None = None) -> dict[str, Any]:
+                  adapter: object | None = None, lms: Mapping[str, object] | None = None) -> dict[str, Any]:
     """Run one ``dispatch`` command; return the kernel input event that answers it (without ``at``).
 
     ``registry`` defaults to the process-wide one; ``lm`` is the caller's model
     (``--lm``: a model string, or a ``dspy.BaseLM`` for tests) and ``adapter``
-    a DSPy adapter for LLM steps; ``env`` defaults to ``os.environ``. The event
-    is ``task_succeeded`` (``result``) or ``task_failed`` (``error``), with an
-    ``llm`` field for LLM steps. Raises only ``asyncio.CancelledError``.
+    a DSPy adapter for LLM steps; ``lms`` maps model names to LM objects used
+    instead of ``dspy.LM(name)``; ``env`` defaults to ``os.environ``. The event
+    is ``task_succeeded`` (``result``) or ``task_failed`` (``error``), with
+    ``meta: {"llm": {...}}`` for LLM steps that asked a model. Raises only
+    ``asyncio.CancelledError``.
     """
     task_id = command["task_id"]
     kind = command["kind"]
     try:
         if kind == "llm":
-            return await _execute_llm(command, lm, env, adapter)
+            return await _execute_llm(command, lm, env, adapter, lms)
         found = (registry or default_registry).get(command["worker"] or "")
         if found is None:
             return _failed(task_id, WORKER_NOT_FOUND, f"no worker is registered under the name "
@@ -141,28 +145,36 @@ def _logger(worker_name: str) -> logging.Logger:
 
 
 async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env: Mapping[str, str] | None,
-                       adapter: object | None) -> dict[str, Any]:
-    from flowdsl.llm import OutputInvalid, resolve_lm, run_llm_step
+                       adapter: object | None, lms: Mapping[str, object] | None) -> dict[str, Any]:
+    from flowdsl.llm import InputInvalid, LLMNotConfigured, OutputInvalid, resolve_lm, run_llm_step
 
     block = command["llm"] or {}
     step_lm = block.get("lm")
     if isinstance(step_lm, str) and step_lm.strip():
-        model: object | str | None = step_lm
+        model: object | str | None = step_lm.strip()
     elif lm is not None and not isinstance(lm, str):
         model = lm  # an LM object handed to the runtime (tests, notebooks)
     else:
         model = resolve_lm(None, block.get("default_lm"), lm, os.environ if env is None else env)
+    if lms and isinstance(model, str) and model in lms:
+        model = lms[model]  # a name the caller binds to an LM object of its own (a custom engine)
     data = command["input"] if isinstance(command["input"], dict) else {}
     task_id = command["task_id"]
     try:
-        result = await run_llm_step(block, data, lm=model, step_key=command["step"], adapter=adapter)
-    except OutputInvalid as exc:
+        result = await run_llm_step(block, data, lm=model, step_key=command["step"], adapter=adapter,
+                                    redact=block.get("redact") or ())
+    except Exception as exc:  # as for a worker: the attempt failed with this error type
         event = _exception_event(task_id, exc)
-        event["llm"] = {"prompt": exc.prompt, "raw": exc.raw, "field": exc.field}
+        name = model if isinstance(model, str) else getattr(model, "model", None)
+        name = name if isinstance(name, str) else None
+        if isinstance(exc, OutputInvalid):
+            event["meta"] = {"llm": {"prompt": exc.prompt, "raw": exc.raw, "field": exc.field, "model": name}}
+        elif not isinstance(exc, LLMNotConfigured | InputInvalid):  # the provider failed: say which model
+            event["meta"] = {"llm": {"model": name}}
         return event
     answer = _answer(task_id, result.outputs)
-    answer["llm"] = {"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
-                     "model": result.model}
+    answer["meta"] = {"llm": {"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
+                              "model": result.model}}
     return answer
 
 

@@ -159,7 +159,7 @@ class LocalRun:
                  lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
                  on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
-                 handle_sigint: bool = False, import_workers: bool = True):
+                 handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None):
         if import_workers:
             import_worker_modules((plan.get("flow") or {}).get("workers") or (), os.getcwd())
         problems = missing_workers(plan, registry)
@@ -178,6 +178,7 @@ class LocalRun:
             record_path(self.run_id)  # still check the id's shape
         self.runs_dir = runs_dir
         self.lm = lm
+        self.lms = lms
         self.seed = seed
         self.registry = registry
         self.adapter = adapter
@@ -186,7 +187,6 @@ class LocalRun:
         self.on_notice = on_notice
         self.state: dict[str, Any] = {}
         self.events: list[dict[str, Any]] = []
-        self.llm_calls: dict[str, list[dict[str, Any]]] = {}
         self._tasks: dict[str, _Attempt] = {}
         self._inbox: deque[dict[str, Any]] = deque()
         self._draining = False
@@ -238,7 +238,7 @@ class LocalRun:
             if self._recorder is not None:
                 self._recorder.close()
         return RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
-                                    record_path=self.record_path, llm_calls=self.llm_calls)
+                                    record_path=self.record_path)
 
     def cancel(self, reason: str = "cancel requested") -> None:
         """Cancel the run: stop what is in flight, undo what completed, end ``cancelled``.
@@ -344,7 +344,7 @@ class LocalRun:
         """One dispatch, answered from inside its own task (no extra turn of the loop)."""
         command = attempt.command
         try:
-            event = await execute(command, registry=self.registry, lm=self.lm, adapter=self.adapter)
+            event = await execute(command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)
         except asyncio.CancelledError:
             self._answer(attempt, {"type": "task_cancelled", "task_id": command["task_id"]})
             return
@@ -361,10 +361,6 @@ class LocalRun:
             return
         if event["type"] == "task_cancelled" and task_id not in self.state["tasks"]:
             return  # an attempt the kernel already gave up on (it timed out): nothing to say
-        meta = event.get("llm")
-        if meta is not None:
-            self.llm_calls.setdefault(command["step"], []).append(
-                {"task_id": task_id, "attempt": command["attempt"], "outcome": event["type"], **meta})
         self._feed(event)
 
     def _cancel_task(self, task_id: str) -> None:
@@ -458,12 +454,16 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
                    lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
                    on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                    seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
-                   handle_sigint: bool = False, import_workers: bool = True) -> RunResult:
+                   handle_sigint: bool = False, import_workers: bool = True,
+                   lms: Mapping[str, object] | None = None) -> RunResult:
     """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
 
     - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
     - ``lm``: the model for LLM steps that name none (``--lm``): a model string
       or a ``dspy.BaseLM``; ``adapter``: a DSPy adapter for them.
+    - ``lms``: LM objects by model name: a step whose model (its ``llm.lm``,
+      ``lm``, ``defaults.llm.lm`` or ``$FLOWDSL_LM``) is a key uses that object
+      instead of ``dspy.LM(name)`` — custom engines, test models.
     - ``record``: write ``<runs_dir>/<run_id>.jsonl`` (``runs_dir`` default:
       ``$FLOWDSL_RUNS_DIR`` or ``.flowdsl/runs``).
     - ``on_event``: called with every event the kernel emits, in order;
@@ -480,7 +480,7 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
     """
     return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
-                          handle_sigint=handle_sigint, import_workers=import_workers).run()
+                          handle_sigint=handle_sigint, import_workers=import_workers, lms=lms).run()
 
 
 def run(plan: dict[str, Any], run_input: dict[str, Any], **options: Any) -> RunResult:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowdsl.kernel import INPUT_EVENTS, replay, summary
+from flowdsl.kernel import INPUT_EVENTS, LLM_NOT_CONFIGURED, replay, summary
 
-__all__ = ["EXIT_CODES", "LiveView", "RunResult", "critical_path", "exit_code", "print_summary",
-           "print_timeline", "result_from_record", "timing"]
+__all__ = ["EXIT_CODES", "LiveView", "RunResult", "critical_path", "exit_code", "fallback_text", "llm_calls_of",
+           "print_summary", "print_timeline", "result_from_record", "timing"]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
@@ -54,8 +54,9 @@ class RunResult:
     ``compensation`` for the steps that were undone or tried to be; times are
     milliseconds since the epoch. ``compensated`` lists the instances undone, in
     the order they were undone. ``events`` is every event the kernel emitted.
-    ``llm_calls`` maps an LLM step's instance key to its calls (prompt, raw reply,
-    model, per attempt). ``wall_ms`` is the runtime's own measure of the run.
+    ``llm_calls`` maps an LLM step's instance key to its model calls, in order,
+    gathered from the events' ``meta.llm`` (see :func:`llm_calls_of`). ``wall_ms``
+    is the runtime's own measure of the run.
     """
 
     run_id: str
@@ -81,11 +82,12 @@ class RunResult:
                    wall_ms: float | None = None, record_path: Path | None = None,
                    llm_calls: dict[str, list[dict[str, Any]]] | None = None) -> RunResult:
         s = summary(plan, state)
+        llm_calls = llm_calls or llm_calls_of(events)
         return cls(run_id=s["run_id"], flow=s["flow"], status=s["status"], context=s["context"] or {},
                    steps=s["steps"], compensated=s["compensated"], events=events, error=s["error"],
                    failed_step=s["failed_step"], intervention=s["intervention"], started_at=s["started_at"],
                    finished_at=s["finished_at"], wall_ms=wall_ms, record_path=record_path,
-                   llm_calls=llm_calls or {}, plan=plan, state=state)
+                   llm_calls=llm_calls, plan=plan, state=state)
 
     def __repr__(self) -> str:
         # short on purpose: asyncio formats a finished task's result (signal.getsignal does, on every
@@ -111,8 +113,6 @@ class RunResult:
                     "node": row["node"]}
             if "compensation" in row:
                 item["compensation"] = row["compensation"]
-            if key in self.llm_calls:
-                item["llm"] = self.llm_calls[key]
             steps[key] = item
         return {
             "run_id": self.run_id, "flow": self.flow, "status": self.status, "error": self.error,
@@ -138,17 +138,30 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         raise ValueError("the record has no 'start' event")
     state, _, _ = replay(plan, inputs)
     emitted = [e for e in lines if "seq" in e]
-    llm: dict[str, list[dict[str, Any]]] = {}
-    tasks = {e["task_id"]: e for e in emitted if e.get("type") in ("step_scheduled", "compensation_started")}
-    for e in inputs:
-        if "llm" in e and e.get("task_id") in tasks:
-            sched = tasks[e["task_id"]]
-            llm.setdefault(sched["step"], []).append(
-                {"task_id": e["task_id"], "attempt": sched["attempt"], "outcome": e["type"], **e["llm"]})
     wall = None
     if state.get("finished_at") is not None:
         wall = float(state["finished_at"] - state["started_at"])
-    return RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path, llm_calls=llm)
+    return RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
+
+
+def llm_calls_of(events: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The model calls of a run, by step instance, in order: one per event carrying ``meta.llm``.
+
+    Each call is ``{"task_id", "attempt", "outcome", "error"}`` plus the
+    ``meta.llm`` fields (``prompt``, ``raw``, ``model``, ``reasoning`` or
+    ``field``); ``outcome`` is the type of the event the attempt's answer led to:
+    ``step_succeeded``, ``step_retrying``, ``fallback_started`` or ``step_failed``,
+    and ``error`` its error. Late answers (``result_rejected``) name no step and
+    are left out.
+    """
+    calls: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        meta = e.get("meta")
+        llm = meta.get("llm") if isinstance(meta, Mapping) else None
+        if isinstance(llm, Mapping) and e.get("step") is not None:
+            calls.setdefault(e["step"], []).append({"task_id": e["task_id"], "attempt": e["attempt"],
+                                                    "outcome": e["type"], "error": e["error"], **llm})
+    return calls
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -276,6 +289,7 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         shown = [(k, r) for k, r in rows if r["status"] != "succeeded" or "compensation" in r][:_MAX_ROWS]
         hidden = len(rows) - len(shown)
     order = {k: i + 1 for i, k in enumerate(result.compensated)}
+    fell_back = {e["step"] for e in result.events if e["type"] == "fallback_started"}
     table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
     table.add_column("step", no_wrap=True, min_width=max((len(k) for k, _ in shown), default=4))
     table.add_column("status", no_wrap=True, min_width=18)
@@ -300,7 +314,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
                 errors.append(f"  {_esc(key)} (undo): {_esc(_clip(_error_text(comp['error']), 200))}")
         if row["error"]:
             errors.append(f"  {_esc(key)}: {_esc(_clip(_error_text(row['error']), 200))}")
-        table.add_row(_esc(key), _status(row["status"]), str(row["attempts"] or ""), _seconds(_span(row)), undo)
+        cell = _status(row["status"]) + (" [yellow](fallback)[/]" if key in fell_back else "")
+        table.add_row(_esc(key), cell, str(row["attempts"] or ""), _seconds(_span(row)), undo)
     con.print()
     con.print(table)
     if hidden:
@@ -311,8 +326,10 @@ def print_summary(result: RunResult, console: Any = None) -> None:
             con.print(line)
     for e in result.events:
         if e["type"] == "fallback_started":
-            con.print(f"[yellow]⤷[/] {_esc(e['step'])}: the model gave no usable answer "
-                      f"({_esc((e.get('error') or {}).get('type'))}); its fallback {_esc(e['worker'])} ran instead")
+            line, detail = fallback_text(e, result.steps.get(e["step"], {}).get("status"))
+            con.print(f"[yellow]⤷[/] {_esc(line)}")
+            if detail:
+                con.print(f"  [dim]{_esc(_clip(detail, 600))}[/]")
     con.print()
     headline = f"[bold]{_esc(result.flow or '')}[/] {_esc(result.run_id)}: {_status(result.status)}"
     if result.error:
@@ -341,6 +358,20 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         con.print(f"critical path {_seconds(t['critical_path_ms'])}: {path}")
     if result.record_path is not None:
         con.print(f"[dim]record: {_esc(result.record_path)}  (flowdsl show {_esc(result.run_id)})[/]")
+
+
+def fallback_text(event: Mapping[str, Any], status: str | None) -> tuple[str, str]:
+    """What a ``fallback_started`` event means, plainly, given the step's final status; and the error behind it.
+
+    ``generate_confirmation: no LM configured — used fallback template_confirmation``
+    """
+    err = event.get("error") or {}
+    why = "no LM configured" if err.get("type") == LLM_NOT_CONFIGURED else \
+        f"the LLM call failed for good ({err.get('type')})"
+    worker = event.get("worker")
+    done = {"succeeded": f"used fallback {worker}", "failed": f"its fallback {worker} failed too"}.get(
+        str(status), f"fallback {worker} {status or 'started'}")
+    return f"{event.get('step')}: {why} — {done}", _error_text(err)
 
 
 def _undo_worker(result: RunResult, key: str) -> str:
@@ -416,6 +447,8 @@ class LiveView:
             row.update(status=kind.removeprefix("step_"), end=event["at"])
         elif kind == "step_retrying":
             row["status"] = "retrying"
+        elif kind == "fallback_started":
+            row["fallback"] = event["worker"]
         elif kind.startswith("compensation_"):
             self.undo[step] = kind.removeprefix("compensation_")
             if kind == "compensation_started":
@@ -442,7 +475,7 @@ class LiveView:
         elif kind == "step_cancelled":
             self.console.print(f"{at} [yellow]⊘ {step}[/] cancelled")
         elif kind == "fallback_started":
-            self.console.print(f"{at} [yellow]⤷ {step}[/] falling back to {_esc(event['worker'])} ({err})")
+            self.console.print(f"{at} [yellow]⤷ {step}[/]: {_esc(event.get('reason') or '')}")
         elif kind == "compensation_started" and event["attempt"] == 1:
             self.console.print(f"{at} [yellow]↶ undoing {step}[/] with {_esc(event['worker'])}")
         elif kind == "compensation_succeeded":
@@ -478,8 +511,10 @@ class LiveView:
             if row["start"] is not None:
                 took = _seconds((row["end"] if row["end"] is not None else now) - row["start"])
             undo = self.undo.get(key)
+            fallback = row.get("fallback")
             table.add_row(f"{_MARK.get(row['status'], ' ')} {_esc(key)}", _status(row["status"]),
                           f"#{row['attempt']}" if row["attempt"] > 1 else "", took
+                          + (f"  [yellow]fallback: {_esc(fallback)}[/]" if fallback else "")
                           + (f"  [yellow]undo: {_esc(undo)}[/]" if undo else ""))
         from rich.console import Group
 
@@ -511,6 +546,9 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
         at = event.get("at")
         stamp = f"+{(at - t0) / 1000:8.3f}s" if isinstance(at, int | float) and t0 is not None else " " * 10
         con.print(f"[dim]{stamp}[/] {text}")
+        meta = event.get("meta")
+        if isinstance(meta, Mapping) and isinstance(meta.get("llm"), Mapping):
+            con.print(" " * 10 + f"   [dim]{_llm_text(meta['llm'])}[/]")
     finished = any(e.get("type") == "run_finished" for e in items)
     if not finished:
         aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
@@ -518,6 +556,14 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
         con.print(f"[yellow]the record ends before the run finished{why}; state when it ended: "
                   f"{_esc(result.status)}[/]")
     print_summary(result, con)
+
+
+def _llm_text(call: Mapping[str, Any]) -> str:
+    """One line about a model call: the model, what was sent, the start of the reply."""
+    raw = " ".join(str(call.get("raw") or "").split())
+    sent = f", {len(call['prompt'])} message(s) sent" if isinstance(call.get("prompt"), list) else ""
+    reply = f", reply: {_esc(raw[:120])}{'…' if len(raw) > 120 else ''}" if "raw" in call else ""
+    return f"llm: model {_esc(call.get('model') or '?')}{sent}{reply}"
 
 
 def _timeline_text(e: Mapping[str, Any]) -> str | None:
@@ -532,12 +578,6 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
     if kind == "runtime_aborted":
         return f"[red]aborted by the runtime[/]: {_esc(e.get('reason'))}"
-    if kind in ("task_succeeded", "task_failed") and isinstance(e.get("llm"), Mapping):
-        meta = e["llm"]
-        raw = " ".join(str(meta.get("raw") or "").split())
-        return (f"  [dim]llm {_esc(e.get('task_id'))}: model {_esc(meta.get('model') or '?')}, "
-                f"{len(meta.get('prompt') or [])} message(s) sent, reply: {_esc(raw[:120])}"
-                f"{'…' if len(raw) > 120 else ''}[/]")
     if kind == "cancel_requested":
         return f"[yellow]cancel requested[/]: {_esc(e.get('reason') or '')}"
     if kind in INPUT_EVENTS or kind == "start":
@@ -545,8 +585,8 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "step_started":
         return f"[dim]{step} started ({_esc(e.get('kind'))})[/]" if group else None
     if kind == "step_scheduled":
-        who = e.get("worker") or "llm"
-        return f"{step}: attempt {e.get('attempt')} → {_esc(e.get('task_kind'))} {_esc(who)}"
+        who = f" {_esc(e['worker'])}" if e.get("worker") else ""
+        return f"{step}: attempt {e.get('attempt')} → {_esc(e.get('task_kind'))}{who}"
     if kind == "attempt_started":
         return f"{step}: attempt {e.get('attempt')} picked up"
     if kind == "step_succeeded":
@@ -563,7 +603,7 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "step_cancelled":
         return f"[yellow]⊘ {step} cancelled[/] — {_esc(e.get('reason') or '')}"
     if kind == "fallback_started":
-        return f"[yellow]⤷ {step}[/] {_esc(e.get('reason') or '')}"
+        return f"[yellow]⤷ {step}[/]: {_esc(e.get('reason') or '')}"
     if kind == "compensation_started":
         return f"[yellow]↶ {step}[/]: undo attempt {e.get('attempt')} → {_esc(e.get('worker'))}"
     if kind == "compensation_succeeded":

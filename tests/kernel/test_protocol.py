@@ -140,6 +140,65 @@ def test_bad_input_events_are_refused():
         start_run(plan, "r2", {}, at="2026-01-01T00:00:00Z")  # type: ignore[arg-type]
 
 
+def _answer(plan: dict, state: dict, event: dict) -> list[dict]:
+    return apply(plan, state, {"at": 1, **event}).events
+
+
+def test_meta_of_an_answer_goes_into_the_events_about_that_attempt_only():
+    plan = plan_of([{"a": {"retry": {"attempts": 2, "initial": "10ms"}, "compensate": "undo"}},
+                    {"g": {"llm": {"signature": "x -> y"}, "fallback": "fb", "retry": 2}}, "b"])
+    state = start_run(plan, "r1", {"x": 1}, at=0).state
+    m = {n: {"n": n} for n in range(8)}
+    retrying = _answer(plan, state, {"type": "task_failed", "task_id": "r1/a#1", "error": {"type": "E"}, "meta": m[0]})
+    assert [(e["type"], e.get("meta")) for e in retrying] == [("step_retrying", m[0])]
+    apply(plan, state, {"type": "timer_fired", "timer_id": "r1/a#2@retry", "at": 20})
+    done = _answer(plan, state, {"type": "task_succeeded", "task_id": "r1/a#2", "result": {}, "meta": m[1]})
+    assert [(e["type"], e.get("meta")) for e in done] == [("step_succeeded", m[1]), ("step_started", None),
+                                                          ("step_scheduled", None)]
+    late = _answer(plan, state, {"type": "task_succeeded", "task_id": "r1/a#1", "result": {}, "meta": m[2]})
+    assert [(e["type"], e.get("meta")) for e in late] == [("result_rejected", m[2])]
+    invalid = {"type": "task_failed", "task_id": "r1/g#1", "error": {"type": "OutputInvalid"}}
+    assert [e["type"] for e in _answer(plan, state, {**invalid, "meta": m[3]})] == ["step_retrying"]
+    apply(plan, state, {"type": "timer_fired", "timer_id": next(iter(state["timers"])), "at": 30})
+    fallback = _answer(plan, state, {**invalid, "task_id": "r1/g#2", "meta": m[4]})
+    assert [(e["type"], e.get("meta")) for e in fallback] == [("fallback_started", m[4]), ("step_scheduled", None)]
+    assert fallback[0]["reason"] == "the LLM call failed for good (OutputInvalid) — using the fallback worker 'fb'"
+    apply(plan, state, {"type": "task_succeeded", "task_id": "r1/g#f1", "at": 40, "result": {"y": 2}})
+    failed = _answer(plan, state, {"type": "task_failed", "task_id": "r1/b#1", "error": {"type": "E"}, "meta": m[5]})
+    assert [(e["type"], e["task_id"], e.get("meta")) for e in failed][:2] == [
+        ("step_failed", "r1/b#1", m[5]), ("compensation_started", "r1/a#c1", None)]
+    undone = _answer(plan, state, {"type": "task_succeeded", "task_id": "r1/a#c1", "result": {}, "meta": m[6]})
+    assert [(e["type"], e.get("meta")) for e in undone] == [("compensation_succeeded", m[6]), ("run_finished", None)]
+    assert "meta" not in json.dumps(state)  # meta lives in the events, never in the run state
+
+
+def test_replay_reproduces_the_meta_of_the_recorded_answers():
+    plan = plan_of([{"g": {"llm": {"signature": "x -> y"}, "fallback": "fb"}}])
+    d = start_run(plan, "r1", {"x": 1}, at=0)
+    meta = {"llm": {"prompt": [{"role": "user", "content": "x"}], "raw": "", "model": None}}
+    inputs = [{"type": "start", "run_id": "r1", "input": {"x": 1}, "at": 0, "seed": d.state["seed"]},
+              {"type": "task_failed", "task_id": "r1/g#1", "at": 1, "meta": meta,
+               "error": {"type": "LLMNotConfigured", "message": "no model"}},
+              {"type": "task_succeeded", "task_id": "r1/g#f1", "at": 2, "result": {"y": 1}, "meta": {"by": "fb"}}]
+    emitted = d.events + apply(plan, d.state, inputs[1]).events + apply(plan, d.state, inputs[2]).events
+    _, _, events = replay(plan, json.loads(json.dumps(inputs)))
+    assert events == emitted
+    (started,) = [e for e in events if e["type"] == "fallback_started"]
+    assert started["meta"] == meta and started["reason"] == "no LM configured — using the fallback worker 'fb'"
+    assert [e["meta"] for e in events if e["type"] == "step_succeeded"] == [{"by": "fb"}]
+
+
+def test_meta_must_be_an_object_and_a_bad_one_changes_nothing():
+    plan = plan_of(["a"])
+    d = start_run(plan, "r1", {}, at=0)
+    before = json.loads(json.dumps(d.state))
+    with pytest.raises(ValueError, match="'meta' must be an object"):
+        apply(plan, d.state, {"type": "task_succeeded", "task_id": "r1/a#1", "at": 1, "result": {}, "meta": [1]})
+    assert json.loads(json.dumps(d.state)) == before
+    started = apply(plan, d.state, {"type": "task_started", "task_id": "r1/a#1", "at": 1, "meta": {"ignored": 1}})
+    assert "meta" not in started.events[0]
+
+
 def test_the_run_state_copies_and_pickles_as_plain_data():
     sim = Sim(plan_of(BUSY), busy_script(True), input={"lines": [1], "name": "A"}).run()
     assert copy.deepcopy(sim.state) == sim.state

@@ -243,12 +243,15 @@ def test_an_llm_step_records_its_prompt_and_reply(tmp_path: Path) -> None:
     r = asyncio.run(run_flow(p, {"name": "Ann"}, lm=lm, adapter=adapter, run_id="llm1", runs_dir=tmp_path))
     assert (r.status, r.context["greeting"]) == ("completed", "Hi Ann!")
     (call,) = r.llm_calls["g"]
-    assert call["outcome"] == "task_succeeded" and "Hi Ann!" in call["raw"]
+    assert call["outcome"] == "step_succeeded" and "Hi Ann!" in call["raw"] and call["model"] == "dummy"
     assert any("Ann" in str(m["content"]) for m in call["prompt"])
-    _, lines = read_record(tmp_path / "llm1.jsonl")
+    (done,) = [e for e in r.events if e["type"] == "step_succeeded"]
+    assert done["meta"]["llm"] == {k: call[k] for k in ("prompt", "raw", "reasoning", "model")}
+    header, lines = read_record(tmp_path / "llm1.jsonl")
     (answer,) = [e for e in lines if e["type"] == "task_succeeded"]
-    assert answer["llm"]["raw"] == call["raw"]
-    assert r.to_json()["steps"]["g"]["llm"] == [call]
+    assert answer["meta"] == done["meta"]  # recorded with the input event, so replay reproduces it
+    again = result_from_record(header, lines)
+    assert again.llm_calls == r.llm_calls and "llm" not in r.to_json()["steps"]["g"]
 
 
 # --- the CLI -------------------------------------------------------------------------------------------

@@ -1,0 +1,408 @@
+"""LLM steps through the local runtime: typed outputs feeding later steps, retry, fallback and
+compensation of malformed answers, no model at all, per-step models side by side, the e-commerce
+saga with a test model, and what the events, the record and the summary say about each call.
+
+Offline: the models are ``dspy.LM(..., engine=..., async_engine=...)`` with a deterministic custom
+engine (below) that reads the fields of the prompt and answers from them. DSPy's cache is off, so
+every attempt reaches the engine; ``LITELLM_LOCAL_MODEL_COST_MAP`` spares the cost-map download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from examples.ecommerce_order import services as svc
+from flowdsl import compile_spec, compile_text
+from flowdsl.cli import app
+from flowdsl.render import render
+from flowdsl.render.runstate import derive_states
+from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.record import read_record
+from flowdsl.runtime.report import RunResult, print_summary, result_from_record
+from flowdsl.workers import StepContext, WorkerRegistry
+
+pytestmark = pytest.mark.llm
+ROOT = Path(__file__).resolve().parents[1]
+ECOM = ROOT / "examples" / "ecommerce_order"
+CARD = "4111222233334444"
+
+#: ``reply(inputs, outputs, n)``: the answer to the n-th call (from 1) — output field texts, or a raw reply
+Reply = Callable[[dict[str, str], list[str], int], "dict[str, Any] | str"]
+
+
+@pytest.fixture(scope="module")
+def dspy() -> Any:
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before DSPy (and LiteLLM) is imported
+    module = pytest.importorskip("dspy")
+    module.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    return module
+
+
+@pytest.fixture
+def adapter(dspy: Any) -> Any:
+    return dspy.ChatAdapter(use_json_adapter_fallback=False)  # a bad answer fails at once, clearly
+
+
+@pytest.fixture(autouse=True)
+def _no_model_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FLOWDSL_LM", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class Engine:
+    """A deterministic model: parses the ChatAdapter prompt and answers with ``reply``."""
+
+    def __init__(self, name: str, reply: Reply, delay: float = 0.0):
+        self.name, self.reply, self.delay = name, reply, delay
+        self.seen: list[tuple[dict[str, str], list[str]]] = []  # (inputs, outputs asked for) of each call
+
+    def complete(self, request: Any) -> Any:
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        text = request.messages[-1].text or ""
+        body, _, tail = text.partition("\n\nRespond with")
+        parts = re.split(r"\[\[ ## (\w+) ## \]\]\n", body)
+        inputs = {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+        outputs = [n for n in re.findall(r"`\[\[ ## (\w+) ## \]\]`", tail) if n != "completed"]
+        self.seen.append((inputs, outputs))
+        answer = self.reply(inputs, outputs, len(self.seen))
+        if not isinstance(answer, str):
+            answer = "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in answer.items()) + "[[ ## completed ## ]]"
+        return Response(id=None, model=self.name, message=Message.assistant([TextPart(answer)]),
+                        finish_reason="stop", usage=Usage(input_tokens=0, output_tokens=0, total_tokens=0))
+
+
+class AsyncEngine:
+    def __init__(self, sync: Engine):
+        self.sync = sync
+
+    async def complete(self, request: Any) -> Any:
+        await asyncio.sleep(self.sync.delay)  # lets concurrent steps interleave
+        return self.sync.complete(request)
+
+
+def model(dspy: Any, name: str, reply: Reply, delay: float = 0.0) -> tuple[Any, Engine]:
+    engine = Engine(name, reply, delay)
+    return dspy.LM(f"custom/{name}", engine=engine, async_engine=AsyncEngine(engine), cache=False), engine
+
+
+def recording(calls: list[dict[str, Any]], result: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    async def work(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        calls.append(data)
+        return result(data) if result is not None else {}
+
+    return work
+
+
+def go(steps: str, run_input: dict[str, Any], workers: dict[str, Any] | None = None, **options: Any) -> RunResult:
+    plan = compile_text("flowdsl: 1\nname: t\n" + steps)
+    registry = WorkerRegistry()
+    for name, fn in (workers or {}).items():
+        registry.register(name, fn)
+    options.setdefault("record", False)
+    return asyncio.run(run_flow(plan, run_input, registry=registry, import_workers=False, **options))
+
+
+def of(result: RunResult, type_: str, step: str) -> list[dict[str, Any]]:
+    return [e for e in result.events if e["type"] == type_ and e["step"] == step]
+
+
+def summary_text(result: RunResult) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    print_summary(result, Console(file=out, width=250, highlight=False, soft_wrap=True))
+    return out.getvalue()
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def test_typed_outputs_are_converted_and_feed_a_later_step_through_with(dspy: Any, adapter: Any) -> None:
+    lm, engine = model(dspy, "triage", lambda i, o, n: {
+        "category": "billing", "urgency": "3", "score": "0.75", "urgent": "yes", "tags": '["refund", "card"]'})
+    routed: list[dict[str, Any]] = []
+    r = go("""
+steps:
+  - triage:
+      llm:
+        signature:
+          inputs: {ticket: str}
+          outputs:
+            category: {enum: [billing, bug, other]}
+            urgency: {type: int, desc: 1 (low) to 3 (high)}
+            score: float
+            urgent: bool
+            tags: list[str]
+        instructions: Triage the support ticket.
+  - route:
+      with: {team: "${ category }", level: "${ urgency + 1 }", score: "${ score }", urgent: "${ urgent }",
+             first_tag: "${ tags[0] }"}
+""", {"ticket": "I was charged twice"}, {"route": recording(routed)}, lm=lm, adapter=adapter)
+    assert r.status == "completed", r.error
+    assert routed == [{"team": "billing", "level": 4, "score": 0.75, "urgent": True, "first_tag": "refund"}]
+    assert {k: r.context[k] for k in ("category", "urgency", "score", "urgent", "tags")} == {
+        "category": "billing", "urgency": 3, "score": 0.75, "urgent": True, "tags": ["refund", "card"]}
+    assert engine.seen == [({"ticket": "I was charged twice"}, ["category", "urgency", "score", "urgent", "tags"])]
+    (done,) = of(r, "step_succeeded", "triage")
+    call = done["meta"]["llm"]
+    assert call["model"] == "custom/triage" and call["reasoning"] is None
+    assert "[[ ## urgency ## ]]\n3" in call["raw"]
+    assert "Triage the support ticket." in call["prompt"][0]["content"]
+    assert "I was charged twice" in call["prompt"][-1]["content"]
+    assert [c["outcome"] for c in r.llm_calls["triage"]] == ["step_succeeded"]
+    assert json.loads(json.dumps(r.to_json()))["events"] == json.loads(json.dumps(r.events))
+
+
+# --- malformed answers: retry, fallback, compensation ------------------------------------------------
+
+
+def test_a_malformed_answer_is_retried_and_the_next_answer_is_used(dspy: Any, adapter: Any) -> None:
+    def reply(inputs: dict[str, str], outputs: list[str], n: int) -> dict[str, Any]:
+        return {"summary": "two words"} if n == 1 else {"summary": "two words", "words": "2"}
+
+    lm, engine = model(dspy, "flaky", reply)
+    r = go("""
+steps:
+  - summarize:
+      llm: {signature: "text -> summary, words: int"}
+      retry: {attempts: 3, "on": [OutputInvalid], initial: 1ms}
+""", {"text": "a long text"}, lm=lm, adapter=adapter)
+    assert (r.status, r.context["words"], r.steps["summarize"]["attempts"]) == ("completed", 2, 2)
+    assert len(engine.seen) == 2  # asked again, not served from a cache
+    (retrying,) = of(r, "step_retrying", "summarize")
+    assert retrying["error"]["type"] == "OutputInvalid"
+    assert "the answer has no 'words' field" in retrying["error"]["message"]
+    assert retrying["meta"]["llm"]["field"] == "words"
+    assert "[[ ## summary ## ]]\ntwo words" in retrying["meta"]["llm"]["raw"]
+    assert [(c["attempt"], c["outcome"]) for c in r.llm_calls["summarize"]] == [(1, "step_retrying"),
+                                                                                (2, "step_succeeded")]
+
+
+def test_a_malformed_answer_falls_back_when_retries_are_spent(dspy: Any, adapter: Any) -> None:
+    lm, engine = model(dspy, "mumble", lambda i, o, n: "I would rather not say.")
+    fallen: list[dict[str, Any]] = []
+    r = go("""
+steps:
+  - summarize:
+      llm: {signature: "text -> summary, words: int"}
+      retry: {attempts: 2, initial: 1ms}
+      fallback: first_words
+""", {"text": "a long text"}, {"first_words": recording(fallen, lambda d: {"summary": d["text"][:6], "words": 2})},
+        lm=lm, adapter=adapter)
+    assert (r.status, r.context["summary"], r.context["words"]) == ("completed", "a long", 2)
+    assert len(engine.seen) == 2 and fallen == [{"text": "a long text"}]  # the fallback gets the step's input
+    (started,) = of(r, "fallback_started", "summarize")
+    assert started["reason"] == "the LLM call failed for good (OutputInvalid) — using the fallback worker 'first_words'"
+    assert started["meta"]["llm"]["raw"] == "I would rather not say."
+    assert "not in the expected format" in started["error"]["message"]
+    assert "summarize: the LLM call failed for good (OutputInvalid) — used fallback first_words" in summary_text(r)
+
+
+def test_an_llm_step_failing_for_good_compensates_the_steps_before_it(dspy: Any, adapter: Any) -> None:
+    lm, _ = model(dspy, "wrong", lambda i, o, n: {"message": "ok", "priority": "soon"})
+    released: list[dict[str, Any]] = []
+    r = go("""
+steps:
+  - reserve: {compensate: release}
+  - confirm:
+      llm: {signature: "order -> message, priority: int"}
+      retry: {attempts: 2, initial: 1ms}
+""", {"order": "o-1"}, {"reserve": recording([], lambda d: {"reservation": "R-1"}), "release": recording(released)},
+        lm=lm, adapter=adapter)
+    assert (r.status, r.failed_step, r.error["type"], r.compensated) == ("compensated", "confirm", "OutputInvalid",
+                                                                          ["reserve"])
+    assert "output field 'priority' (int)" in r.error["message"]
+    assert released == [{"order": "o-1", "reservation": "R-1"}]
+    (failed,) = of(r, "step_failed", "confirm")
+    assert failed["attempt"] == 2 and "[[ ## priority ## ]]\nsoon" in failed["meta"]["llm"]["raw"]
+
+
+# --- no model --------------------------------------------------------------------------------------
+
+
+def test_without_a_model_the_fallback_runs_and_the_events_and_summary_say_so() -> None:
+    greeted: list[dict[str, Any]] = []
+    r = go("""
+steps:
+  - greet:
+      llm: {signature: "name -> greeting"}
+      fallback: template
+""", {"name": "Ann"}, {"template": recording(greeted, lambda d: {"greeting": f"Hello {d['name']}"})})
+    assert (r.status, r.context["greeting"]) == ("completed", "Hello Ann")
+    (started,) = of(r, "fallback_started", "greet")
+    assert started["reason"] == "no LM configured — using the fallback worker 'template'"
+    assert started["error"]["type"] == "LLMNotConfigured" and "FLOWDSL_LM" in started["error"]["message"]
+    assert "meta" not in started and r.llm_calls == {}  # no model was asked
+    text = summary_text(r)
+    assert "greet: no LM configured — used fallback template" in text
+    assert "succeeded (fallback)" in text and "--lm MODEL" in text  # and how to configure one
+
+
+def test_the_cli_says_plainly_that_the_fallback_ran(tmp_path: Path) -> None:
+    spec = tmp_path / "fb.yaml"
+    spec.write_text("flowdsl: 1\nname: fb\nworkers: [tests.runtime.workers]\n"
+                    "steps:\n  - g:\n      llm: {signature: 'name -> greeting'}\n      fallback: fallback.g\n")
+    script = json.dumps({"g/fallback": {"result": {"greeting": "Hello Ann"}}})
+    r = cli("run", str(spec), "--set", "name=Ann", "--set", f"script={script}", "--runs-dir", str(tmp_path),
+            "--run-id", "fb1")
+    assert r.exit_code == 0, r.output
+    assert "⤷ g: no LM configured — using the fallback worker 'fallback.g'" in r.stderr  # the progress line
+    assert "g: no LM configured — used fallback fallback.g" in r.stderr  # the summary
+    shown = cli("show", "fb1", "--runs-dir", str(tmp_path))
+    assert "no LM configured — using the fallback worker 'fallback.g'" in shown.stderr
+
+
+NO_FALLBACK = "flowdsl: 1\nname: ask\n{defaults}steps:\n  - ask:\n      llm: {{signature: 'q -> a'{lm}}}\n"
+
+
+@pytest.mark.parametrize(("defaults", "step_lm", "args", "env", "says"), [
+    (None, None, [], None, "LLM step 'ask' has no language model configured"),
+    (None, None, ["--lm", "openai/from-cli"], None, "the LM 'openai/from-cli' cannot be used"),
+    (None, None, [], "anthropic/from-env", "the LM 'anthropic/from-env' cannot be used"),
+    ("openai/from-defaults", None, [], "anthropic/from-env", "the LM 'openai/from-defaults' cannot be used"),
+    ("openai/from-defaults", None, ["--lm", "openai/from-cli"], None, "the LM 'openai/from-cli' cannot be used"),
+    ("openai/from-defaults", "openai/from-step", ["--lm", "openai/from-cli"], "anthropic/from-env",
+     "the LM 'openai/from-step' cannot be used"),
+])
+def test_without_a_fallback_a_missing_model_fails_the_run_saying_how_to_configure_one(
+        dspy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defaults: str | None, step_lm: str | None,
+        args: list[str], env: str | None, says: str) -> None:
+    spec = tmp_path / "ask.yaml"
+    spec.write_text(NO_FALLBACK.format(defaults=f"defaults: {{llm: {{lm: {defaults}}}}}\n" if defaults else "",
+                                       lm=f", lm: {step_lm}" if step_lm else ""))
+    if env:
+        monkeypatch.setenv("FLOWDSL_LM", env)
+    r = cli("run", str(spec), "--set", "q=hi", "--no-record", *args)
+    assert r.exit_code == 1, r.output
+    assert "failed at ask — LLMNotConfigured" in r.stderr and says in r.stderr
+    if args or env or defaults:  # a model was named, but its API key is not in the environment
+        assert "_API_KEY" in r.stderr
+    else:
+        assert all(how in r.stderr for how in ("'lm:'", "defaults: {llm: {lm: ...}}", "--lm MODEL", "FLOWDSL_LM"))
+    out = cli("run", str(spec), "--set", "q=hi", "--no-record", "--format", "json", *args)
+    result = json.loads(out.stdout)
+    assert (out.exit_code, result["status"], result["error"]["type"]) == (1, "failed", "LLMNotConfigured")
+    assert result["steps"]["ask"]["attempts"] == 1  # never retried: it would fail the same way
+
+
+# --- models side by side ------------------------------------------------------------------------------
+
+
+def test_per_step_models_in_parallel_branches_do_not_interfere(dspy: Any, adapter: Any) -> None:
+    en, en_engine = model(dspy, "en", lambda i, o, n: {o[0]: f"Hello {i['name']}"}, delay=0.2)
+    fr, fr_engine = model(dspy, "fr", lambda i, o, n: {o[0]: f"Bonjour {i['name']}"}, delay=0.0)
+    default, default_engine = model(dspy, "default", lambda i, o, n: {o[0]: "wrong model"})
+    r = go("""
+steps:
+  - parallel: greetings
+    branches:
+      - greet_en:
+          llm: {signature: "name -> greeting", lm: openai/gpt-4o-mini}
+          with: {name: "${ en_name }"}
+      - greet_fr:
+          llm: {signature: "name -> salutation", lm: anthropic/claude-sonnet-4-6}
+          with: {name: "${ fr_name }"}
+      - greet_any:
+          llm: {signature: "name -> hi"}
+          with: {name: "${ en_name }"}
+""", {"en_name": "Ann", "fr_name": "Zoé"}, lm=default, adapter=adapter,
+        lms={"openai/gpt-4o-mini": en, "anthropic/claude-sonnet-4-6": fr})
+    assert r.status == "completed", r.error
+    assert (r.context["greeting"], r.context["salutation"], r.context["hi"]) == ("Hello Ann", "Bonjour Zoé",
+                                                                                "wrong model")
+    assert en_engine.seen == [({"name": "Ann"}, ["greeting"])]
+    assert fr_engine.seen == [({"name": "Zoé"}, ["salutation"])]
+    assert default_engine.seen == [({"name": "Ann"}, ["hi"])]  # the runtime's model, for the step naming none
+    order = [(e["type"], e["step"]) for e in r.events if e["type"] in ("step_scheduled", "step_succeeded")]
+    assert order.index(("step_succeeded", "greet_fr")) < order.index(("step_succeeded", "greet_en"))
+    assert order.index(("step_scheduled", "greet_en")) < order.index(("step_succeeded", "greet_fr"))  # overlapped
+    models = {e["step"]: e["meta"]["llm"]["model"] for e in r.events if e["type"] == "step_succeeded" and "meta" in e}
+    assert models == {"greet_en": "custom/en", "greet_fr": "custom/fr", "greet_any": "custom/default"}
+
+
+# --- the e-commerce saga -------------------------------------------------------------------------------
+
+
+def test_the_ecommerce_saga_confirms_with_the_test_model_and_notifies_with_its_words(dspy: Any, adapter: Any
+                                                                                      ) -> None:
+    def confirm(inputs: dict[str, str], outputs: list[str], n: int) -> dict[str, Any]:
+        return {"greeting": f"Dear {inputs['customer_name']}, your order is in!",
+                "order_summary": f"{inputs['order_details'].count('x')} line(s), {inputs['total_amount']} in total",
+                "next_steps": "We pack it today and email you the tracking number."}
+
+    lm, engine = model(dspy, "shop", confirm)
+    result = compile_spec(str(ECOM / "flow.yaml"), check_workers=True)
+    assert result.plan is not None, result.diagnostics
+    plan = result.plan
+    svc.STATE.reset()
+    try:
+        run_input = json.loads((ECOM / "inputs" / "success.json").read_text())
+        r = asyncio.run(run_flow(plan, run_input, lm=lm, adapter=adapter, record=False))
+        assert r.status == "completed", r.error
+        assert not of(r, "fallback_started", "generate_confirmation")  # the model answered: no template
+        confirmation = r.context["confirmation"]
+        assert confirmation["greeting"] == "Dear Ada Lovelace, your order is in!"
+        assert confirmation["order_summary"].endswith("1099.97 in total")
+        ((inputs, outputs),) = engine.seen
+        assert outputs == ["greeting", "order_summary", "next_steps"] and "Laptop Pro 15" in inputs["order_details"]
+        (note,) = svc.STATE.outbox.sent.values()  # notify_customer sent the model's words
+        assert note.body.startswith("Dear Ada Lovelace, your order is in!\n\n")
+        assert "We pack it today" in note.body and "Tracking number: " in note.body
+        assert svc.STATE.invariant_violations() == []
+    finally:
+        svc.STATE.reset()
+    (done,) = of(r, "step_succeeded", "generate_confirmation")
+    assert done["meta"]["llm"]["model"] == "custom/shop"
+    assert "Write a short, warm order confirmation" in done["meta"]["llm"]["prompt"][0]["content"]
+    # the plan and the diagrams show the LLM step, drawn with its run state
+    assert plan["nodes"]["generate_confirmation"]["kind"] == "llm"
+    drawn = render(plan, "mermaid", run_states=derive_states(plan, r.events))
+    assert 'l_generate__confirmation{{"<b>✦ LLM generate_confirmation</b>' in drawn  # drawn as an LLM step
+    assert re.search(r"class [\w,]*\bl_generate__confirmation\b[\w,]* st_succeeded", drawn)
+
+
+# --- what is recorded ------------------------------------------------------------------------------------
+
+
+def test_prompt_and_reply_are_in_the_events_and_the_record_with_redacted_inputs_masked(
+        dspy: Any, adapter: Any, tmp_path: Path) -> None:
+    lm, engine = model(dspy, "echo", lambda i, o, n: {"verdict": "ok", "note": f"card {i['card']} of {i['holder']}"})
+    r = go("""
+steps:
+  - check:
+      llm:
+        signature: "card, holder -> verdict: Literal['ok', 'suspicious'], note"
+        redact: [card]
+""", {"card": CARD, "holder": "Ann"}, lm=lm, adapter=adapter, record=True, runs_dir=tmp_path, run_id="red1")
+    assert r.status == "completed", r.error
+    assert engine.seen[0][0]["card"] == CARD  # the model is sent the real value ...
+    (done,) = of(r, "step_succeeded", "check")
+    call = done["meta"]["llm"]
+    assert CARD not in json.dumps(call)  # ... but what is recorded of the call masks it
+    assert "[[ ## card ## ]]\n***" in call["prompt"][-1]["content"] and "Ann" in call["prompt"][-1]["content"]
+    assert "card *** of Ann" in call["raw"]
+    header, lines = read_record(tmp_path / "red1.jsonl")
+    with_meta = [e for e in lines if "meta" in e]
+    assert [e["type"] for e in with_meta] == ["task_succeeded", "step_succeeded"]  # the answer, and its event
+    assert all(CARD not in json.dumps(e["meta"]) for e in with_meta)
+    again = result_from_record(header, lines)
+    assert again.llm_calls == r.llm_calls and again.llm_calls["check"][0]["raw"] == call["raw"]
+    shown = cli("show", "red1", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 0
+    assert "llm: model custom/echo, 2 message(s) sent, reply: [[ ## verdict ## ]] ok [[ ## note ## ]] card *** of Ann" \
+        in shown.stderr
