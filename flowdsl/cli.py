@@ -90,6 +90,14 @@ def _compile(file: Path, no_import: bool) -> Any:
     return compile_spec(str(file), check_workers=not no_import)
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Write an output file; a path that cannot be written is a usage error (exit 2), not a traceback."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 @app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="spec files (.yaml, .yml, .flow)", show_default=False)],
@@ -130,11 +138,11 @@ def plan(
         _print_diagnostics(result.diagnostics, OutputFormat.text)
     data = plan_bytes(result.plan)
     if output is not None:
-        output.write_bytes(data)
+        _write(output, data)
     else:
         sys.stdout.write(data.decode("utf-8"))
     if source_map is not None:
-        source_map.write_text(json.dumps(result.source_map, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _write(source_map, (json.dumps(result.source_map, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 @app.command()
@@ -154,7 +162,7 @@ def convert(
         raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
     text = convert_text(load(str(file)).data, to.value)
     if output is not None:
-        output.write_text(text, encoding="utf-8")
+        _write(output, text.encode("utf-8"))
     else:
         sys.stdout.write(text)
 
@@ -263,17 +271,13 @@ def show(
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
-    from flowdsl.runtime.record import read_record, record_path
+    from flowdsl.runtime.record import RecordError, find_record, read_record
     from flowdsl.runtime.report import print_timeline, result_from_record
 
-    path = Path(run_id)
-    if not (run_id.endswith(".jsonl") and path.is_file()):
-        try:
-            path = record_path(run_id, runs_dir)
-        except ValueError as exc:
-            raise _fail(str(exc)) from None
-        if not path.is_file():
-            raise _fail(f"no recorded run '{run_id}': {path} does not exist (see --runs-dir)")
+    try:
+        path = find_record(run_id, runs_dir)
+    except RecordError as exc:
+        raise _fail(str(exc)) from None
     try:
         header, lines = read_record(path)
         outcome = result_from_record(header, lines, path)

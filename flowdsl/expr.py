@@ -149,8 +149,9 @@ def truthy(value: Any) -> bool:
 # --- static analysis --------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def analyse(source: str) -> Analysis:
-    """Free variables, called functions and ``$steps.<id>`` references."""
+    """Free variables, called functions and ``$steps.<id>`` references (cached: a pure function of the source)."""
     root = _parse(source.strip()).ast
     seen: set[int] = set()
     bound: set[str] = set()

@@ -170,6 +170,8 @@ def _kind(value: Any) -> str:
 
 #: a mapping entry whose value is read and dropped (its key was a duplicate or not a string)
 _DROP = object()
+#: a mapping key that is a mapping or a list, being read (and dropped): its value comes next
+_DROP_KEY = object()
 
 
 class _Frame:
@@ -261,7 +263,7 @@ class _Builder:
                 ok = True
                 if top is not None and top.key is None and type(top.data) is dict:
                     self.error("FD201", "mapping keys must be plain strings", mark, top.path)
-                    top.key = _DROP
+                    top.key = _DROP_KEY
                     ok = False
                 path = self.child_path(top)
                 self.positions.positions[path] = (mark.line + 1, mark.column + 1)
@@ -296,11 +298,13 @@ class _Builder:
             return ""
         if type(top.data) is list:
             return _child(top.path, len(top.data))
-        return top.path if top.key is _DROP else _child(top.path, top.key)
+        return top.path if top.key is _DROP or top.key is _DROP_KEY else _child(top.path, top.key)
 
     def place(self, frame: _Frame, value: Any) -> None:
         if type(frame.data) is list:
             frame.data.append(value)
+        elif frame.key is _DROP_KEY:
+            frame.key = _DROP  # the key was read; its value is next
         else:
             if frame.key is not _DROP:
                 frame.data[frame.key] = value

@@ -62,15 +62,12 @@ def _run_events(run: str | None, events: Path | None, runs_dir: Path | None) -> 
         return events, None
     if run is None:
         return None, None
-    from flowdsl.runtime.record import record_path
+    from flowdsl.runtime.record import RecordError, find_record
 
     try:
-        path = record_path(run, runs_dir)
-    except ValueError as exc:
+        return find_record(run, runs_dir), run
+    except RecordError as exc:
         raise _fail(str(exc)) from None
-    if not path.is_file():
-        raise _fail(f"no recorded run '{run}': {path} does not exist (see --runs-dir)")
-    return path, run
 
 
 def diagram(

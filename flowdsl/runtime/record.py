@@ -65,6 +65,23 @@ class RunRecorder:
             self._fh = None
 
 
+def find_record(run: str, directory: str | Path | None = None) -> Path:
+    """The record file of run ``run`` (or ``run`` itself when it is a path to a ``.jsonl`` file).
+
+    Raises :class:`RecordError` naming the file looked for when there is none.
+    """
+    given = Path(run)
+    if run.endswith(".jsonl") and given.is_file():
+        return given
+    try:
+        path = record_path(run, directory)
+    except ValueError as exc:
+        raise RecordError(str(exc)) from None
+    if not path.is_file():
+        raise RecordError(f"no recorded run '{run}': {path} does not exist (see --runs-dir)")
+    return path
+
+
 def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The header (or None) and the events of a record file; :class:`RecordError` says what is wrong."""
     p = Path(path)

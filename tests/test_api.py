@@ -1,0 +1,187 @@
+"""The public Python API: load, validate, compile — one function per stage, mirroring the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flowdsl
+from flowdsl.api import CompileResult
+from flowdsl.diagnostics import Diagnostic, SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "ecommerce_order" / "flow.yaml"
+
+SPEC = """\
+flowdsl: 1
+name: orders
+steps:
+  - validate_order
+  - charge:
+      worker: payments.charge
+      compensate: payments.refund
+      retry: {attempts: 3, initial: 100ms, max: 1s}
+  - parallel: fulfil
+    branches:
+      - ship
+      - notify:
+          when: "${ order.notify }"
+"""
+BAD = """\
+flowdsl: 1
+name: orders
+steps:
+  - charge:
+      timeout: soon
+      compensate: refund
+  - charge
+"""
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "orders.yaml"
+    path.write_text(SPEC, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def bad_file(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD, encoding="utf-8")
+    return path
+
+
+def test_the_package_exports_one_function_per_stage() -> None:
+    for name in ("load", "load_text", "validate", "compile_spec", "compile_text", "plan_bytes", "CompileResult",
+                 "Diagnostic", "SpecError", "worker"):
+        assert name in flowdsl.__all__ and callable(getattr(flowdsl, name)), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = flowdsl.nothing  # type: ignore[attr-defined]
+
+
+def test_importing_flowdsl_is_light() -> None:
+    code = ("import sys, flowdsl; heavy = ['yaml', 'jsonschema', 'networkx', 'jsonata', 'lark', 'typer', 'rich', "
+            "'dspy', 'redis']; print([m for m in heavy if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert json.loads(out.replace("'", '"')) == []
+
+
+def test_load_gives_data_positions_and_no_diagnostics(spec_file: Path) -> None:
+    doc = flowdsl.load(str(spec_file))
+    assert doc.diagnostics == []
+    assert doc.data["steps"][1]["charge"]["worker"] == "payments.charge"
+    assert doc.positions.find("/steps/1/charge/retry/initial") == (8, 37)
+    assert doc.positions.find("/steps/1/charge/retry/initial", key=True) == (8, 28)
+    assert doc.positions.find("/steps/1/charge/retry", key=True) == (8, 7)
+    assert doc.positions.find("/steps/2/branches/1/notify/when/deeper/than/the/data") == (13, 17)
+
+
+def test_load_text_and_load_agree(spec_file: Path) -> None:
+    assert flowdsl.load_text(SPEC, str(spec_file)).data == flowdsl.load(str(spec_file)).data
+
+
+def test_load_reports_instead_of_raising(tmp_path: Path) -> None:
+    doc = flowdsl.load(str(tmp_path / "missing.yaml"))
+    assert doc.data is None and [d.code for d in doc.diagnostics] == ["FD101"]
+    assert [d.code for d in flowdsl.load_text("a: [").diagnostics] == ["FD103"]
+
+
+def test_compile_spec_gives_a_plan_and_a_source_map(spec_file: Path) -> None:
+    result = flowdsl.compile_spec(str(spec_file))
+    assert isinstance(result, CompileResult) and result.ok and result.diagnostics == []
+    plan = result.plan
+    assert plan["plan_version"] == 1 and plan["root"] == ["validate_order", "charge", "fulfil"]
+    assert plan["nodes"]["charge"]["compensate"]["worker"] == "payments.refund"
+    assert plan["nodes"]["ship"]["parent"] == "fulfil"
+    assert set(result.source_map) == set(plan["nodes"])
+    assert result.source_map["charge"] == {"file": str(spec_file), "line": 5, "column": 5, "spec_path": "/steps/1"}
+    assert result.source_map["notify"]["line"] == 12
+
+
+def test_compile_spec_with_errors_has_no_plan_and_every_diagnostic(bad_file: Path) -> None:
+    result = flowdsl.compile_spec(str(bad_file))
+    assert not result.ok and result.plan is None
+    assert [(d.code, d.line) for d in result.diagnostics] == [("FD401", 5), ("FD301", 7)]
+    assert all(d.file == str(bad_file) for d in result.diagnostics)
+
+
+def test_validate_checks_worker_names_unless_told_not_to(spec_file: Path) -> None:
+    found = flowdsl.validate(str(spec_file))
+    assert {d.code for d in found} == {"FD204"}
+    assert found == sorted(found, key=Diagnostic.sort_key)
+    assert flowdsl.validate(str(spec_file), check_workers=False) == []
+
+
+def test_validate_imports_the_workers_of_a_real_example() -> None:
+    assert flowdsl.validate(str(EXAMPLE), search_path=str(ROOT)) == []
+
+
+def test_compile_text_raises_spec_error_with_every_diagnostic() -> None:
+    with pytest.raises(SpecError) as caught:
+        flowdsl.compile_text(BAD, filename="bad.yaml")
+    err = caught.value
+    assert [d.code for d in err.diagnostics] == ["FD401", "FD301"]
+    assert str(err) == err.diagnostics[0].format()
+    assert str(err).startswith("bad.yaml:5:16: error FD401: ")
+    assert isinstance(err, Exception)
+
+
+def test_spec_error_sorts_and_deduplicates() -> None:
+    a = Diagnostic("FD301", "second", file="f.yaml", line=9, column=1)
+    b = Diagnostic("FD401", "first", file="f.yaml", line=2, column=3)
+    err = SpecError([a, b, a])
+    assert err.diagnostics == [b, a] and str(err) == "f.yaml:2:3: error FD401: first"
+    assert str(SpecError([])) == "invalid spec"
+
+
+def test_plan_bytes_is_canonical_and_deterministic(spec_file: Path) -> None:
+    plan = flowdsl.compile_text(SPEC)
+    data = flowdsl.plan_bytes(plan)
+    assert data == (json.dumps(plan, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+    assert flowdsl.plan_bytes(flowdsl.compile_text(SPEC)) == data
+    assert flowdsl.plan_bytes(flowdsl.compile_spec(str(spec_file)).plan) == data  # no file names in the plan
+    reordered = SPEC.replace("retry: {attempts: 3, initial: 100ms, max: 1s}", "retry: {max: 1s, initial: 100ms, "
+                             "attempts: 3}").replace("      worker: payments.charge\n      compensate: payments.refund",
+                                                     "      compensate: payments.refund\n      worker: payments.charge")
+    assert reordered != SPEC and flowdsl.plan_bytes(flowdsl.compile_text(reordered)) == data
+
+
+def test_the_text_syntax_compiles_to_the_same_plan() -> None:
+    from flowdsl.convert import convert_text
+
+    flow_text = convert_text(flowdsl.load_text(SPEC).data, "flow")
+    assert flowdsl.plan_bytes(flowdsl.compile_text(flow_text, filename="orders.flow")) == flowdsl.plan_bytes(
+        flowdsl.compile_text(SPEC))
+
+
+def test_sub_flows_are_loaded_relative_to_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "wrap.yaml").write_text("flowdsl: 1\nname: wrap\nsteps: [pick, wrap_items]\n")
+    main = tmp_path / "main.yaml"
+    main.write_text("flowdsl: 1\nname: main\nsteps:\n  - start\n  - flow: gift\n    path: lib/wrap.yaml\n")
+    result = flowdsl.compile_spec(str(main))
+    assert result.ok, [d.format() for d in result.diagnostics]
+    assert result.plan["nodes"]["gift"]["children"] == ["gift/pick", "gift/wrap_items"]
+    assert result.source_map["gift/pick"]["file"] == str(tmp_path / "lib" / "wrap.yaml")
+
+
+def test_diagnostics_format_like_a_compiler_and_serialise_in_order() -> None:
+    d = Diagnostic("FD204", "compensation 'x' is not a known worker", file="o.yaml", line=14, column=7,
+                   path="/steps/1/a/compensate")
+    assert d.format() == "o.yaml:14:7: error FD204: compensation 'x' is not a known worker"
+    assert list(d.to_json()) == ["code", "severity", "message", "file", "line", "column", "path"]
+    assert Diagnostic("FD201", "m", path="/steps").format() == "<spec>: error FD201: m (at /steps)"
+
+
+def test_the_api_and_the_cli_report_the_same_diagnostics(bad_file: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flowdsl.cli import app
+
+    result = CliRunner().invoke(app, ["validate", "--no-import", "--format", "json", str(bad_file)])
+    assert json.loads(result.stdout) == [d.to_json() for d in flowdsl.validate(str(bad_file), check_workers=False)]
