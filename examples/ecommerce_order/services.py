@@ -89,6 +89,15 @@ class _Journal:
         self.calls: Counter[str] = Counter()  # "service.op" -> calls made, repeats included
         self._memo: dict[tuple[str, str], tuple[str, Any]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the lock guards this process only; a saved state (a test sharing the books between
+        # worker processes) is restored with a fresh one
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+
     def record(self, service: str, op: str, obj_id: str, order_id: str, **extra: Any) -> None:
         self.effects.append(
             {"seq": len(self.effects) + 1, "service": service, "op": op, "id": obj_id, "order_id": order_id, **extra}

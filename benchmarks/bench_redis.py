@@ -1,0 +1,369 @@
+"""Redis runtime benchmark: flowdsl on Redis (1 and 2 worker processes) against a Celery 6-task chain and a
+bare Redis Streams round trip (the floor), side by side on one private Redis.
+
+Run it with ``.venv/bin/python -m benchmarks.bench_redis`` (``--runs 200`` for a
+smoke run, ``--profile`` to print a cProfile of an in-process flowdsl worker).
+Celery comes from the ``bench`` extra (``pip install -e '.[bench]'``); without it
+the Celery rows are skipped with a message. It is a measurement, not a test:
+nothing here asserts a time. Results and what the profile showed are recorded in
+``benchmarks/RESULTS.md`` under "Redis runtime".
+
+The workload: ``--runs`` (2,000) six-step runs whose steps do nothing (each
+returns ``{}``), so what is measured is the machinery. Throughput is steps per
+second from the first submission to the last run's end (all runs submitted at
+once); latency is the median wall time of one six-step run submitted alone on an
+idle system (submit, execute, see the end), over ``--latency-runs`` (40) runs.
+
+- **flowdsl**: ``flowdsl worker`` processes; the client submits with
+  ``RedisClient.submit`` and waits for the run's end.
+- **Celery**: ``chain(step.s(), … ×6)`` on a Celery app with this Redis as broker
+  and result backend, a ``celery worker`` with the prefork pool and as many
+  processes as the flowdsl row it is compared to.
+- **floor**: a worker process that ``XREADGROUP``s a message, ``XADD``s the next
+  step's message and ``XACK``s, in batches (pipelined) — the least any engine that
+  keeps its queue in Redis Streams does per step, with no state at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import os
+import platform
+import pstats
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flowdsl.workers import worker
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+PREFIX = "bench"
+SPEC = "flowdsl: 1\nname: bench6\nworkers: [benchmarks.bench_redis]\nsteps:\n" + "".join(
+    f"  - s{i}: {{worker: bench.step}}\n" for i in range(1, STEPS + 1))
+
+
+@worker("bench.step")
+async def bench_step(data: dict[str, Any], ctx: Any) -> None:
+    return None
+
+
+# --- a private redis-server ------------------------------------------------------------
+
+
+class Server:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="fdb-", dir="/tmp"))
+        self.socket = self.dir / "redis.sock"
+        self.url = f"unix://{self.socket}?db=0"
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(self.socket),
+             "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--logfile", str(self.dir / "log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import redis
+
+        for _ in range(500):
+            if self.socket.exists():
+                try:
+                    info = redis.Redis(unix_socket_path=str(self.socket)).info("server")
+                    if int(info["process_id"]) == self.proc.pid:
+                        self.version = info["redis_version"]
+                        return
+                except redis.ConnectionError:
+                    pass
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(unix_socket_path=str(self.socket)).flushall()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FLOWDSL_LM", None)
+    return env
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+# --- flowdsl -------------------------------------------------------------------------------------
+
+
+def bench_flowdsl(server: Server, workers: int, runs: int, latency_runs: int) -> dict[str, float]:
+    from flowdsl import compile_text
+    from flowdsl.runtime.redis import RedisClient
+
+    server.flush()
+    procs = [_spawn([sys.executable, "-c", "from flowdsl.cli import main; main()", "worker", "--redis-url",
+                     server.url, "--prefix", PREFIX, "-w", "benchmarks.bench_redis", "--concurrency", "256",
+                     "--no-llm"]) for _ in range(workers)]
+    plan = compile_text(SPEC)
+
+    async def main() -> dict[str, float]:
+        async with RedisClient(server.url, prefix=PREFIX) as client:
+            while len(await client.workers()) < workers:
+                await asyncio.sleep(0.05)
+            await client.follow((await client.submit(plan, {}, run_id="warm")).run_id)  # warm-up
+            lat = []
+            for i in range(latency_runs):
+                t = time.perf_counter()
+                await client.follow((await client.submit(plan, {}, run_id=f"lat{i}")).run_id)
+                lat.append(time.perf_counter() - t)
+            t0 = time.perf_counter()
+            ids = []
+            for i in range(0, runs, 250):
+                subs = await asyncio.gather(*(client.submit(plan, {}, run_id=f"r{j}")
+                                              for j in range(i, min(runs, i + 250))))
+                ids += [s.run_id for s in subs]
+            left = ids
+            while left:
+                await asyncio.sleep(0.02)
+                states = await asyncio.gather(*(client.store.call("HGET", client.keys.run(r), "status") for r in left))
+                left = [r for r, s in zip(left, states, strict=True) if s != b"completed"]
+            took = time.perf_counter() - t0
+        return {"steps_per_s": runs * STEPS / took, "latency_ms": statistics.median(lat) * 1000, "seconds": took}
+
+    try:
+        return asyncio.run(main())
+    finally:
+        _stop(procs)
+
+
+def profile_flowdsl(server: Server, runs: int) -> str:
+    """cProfile of one in-process worker draining ``runs`` submitted runs (burst)."""
+    from flowdsl import compile_text
+    from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
+
+    server.flush()
+    plan = compile_text(SPEC)
+
+    async def main() -> str:
+        async with RedisClient(server.url, prefix=PREFIX) as client:
+            for i in range(0, runs, 250):
+                await asyncio.gather(*(client.submit(plan, {}, run_id=f"p{j}") for j in range(i, min(runs, i + 250))))
+        w = RedisWorker(server.url, prefix=PREFIX,
+                        options=WorkerOptions(burst=True, concurrency=256, llm=False, handle_signals=False))
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        await w.serve()
+        prof.disable()
+        took = time.perf_counter() - t
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+        return f"{runs * STEPS / took:.0f} steps/s under the profiler\n" + out.getvalue()
+
+    return asyncio.run(main())
+
+
+# --- the floor: bare Redis Streams ---------------------------------------------------------------------
+
+
+def floor_worker(url: str) -> None:
+    """The floor's worker process: read a step, queue the next one, acknowledge — in pipelined batches."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    with contextlib.suppress(redis.ResponseError):
+        r.xgroup_create("floor:q", "g", id="0", mkstream=True)
+    while True:
+        reply = r.xreadgroup("g", "w", {"floor:q": ">"}, count=256, block=1000)
+        if not reply:
+            continue
+        pipe = r.pipeline(transaction=False)
+        for entry_id, fields in reply[0][1]:
+            step = int(fields[b"s"])
+            if step < STEPS:
+                pipe.xadd("floor:q", {b"r": fields[b"r"], b"s": str(step + 1)})
+            else:
+                pipe.xadd("floor:done", {b"r": fields[b"r"]})
+            pipe.xack("floor:q", "g", entry_id)
+            pipe.xdel("floor:q", entry_id)
+        pipe.execute()
+
+
+def bench_floor(server: Server, runs: int, latency_runs: int) -> dict[str, float]:
+    import redis
+
+    server.flush()
+    r = redis.Redis.from_url(server.url)
+    r.xgroup_create("floor:q", "g", id="0", mkstream=True)
+    code = f"from benchmarks.bench_redis import floor_worker; floor_worker({server.url!r})"
+    proc = _spawn([sys.executable, "-c", code])
+    try:
+        last = "0-0"
+
+        def wait_done(n: int) -> None:
+            nonlocal last
+            seen = 0
+            while seen < n:
+                reply = r.xread({"floor:done": last}, count=1000, block=1000)
+                for _, entries in reply or ():
+                    seen += len(entries)
+                    last = entries[-1][0]
+
+        r.xadd("floor:q", {"r": "warm", "s": "1"})
+        wait_done(1)
+        lat = []
+        for i in range(latency_runs):
+            t = time.perf_counter()
+            r.xadd("floor:q", {"r": f"l{i}", "s": "1"})
+            wait_done(1)
+            lat.append(time.perf_counter() - t)
+        t0 = time.perf_counter()
+        pipe = r.pipeline(transaction=False)
+        for i in range(runs):
+            pipe.xadd("floor:q", {"r": f"r{i}", "s": "1"})
+        pipe.execute()
+        wait_done(runs)
+        took = time.perf_counter() - t0
+        return {"steps_per_s": runs * STEPS / took, "latency_ms": statistics.median(lat) * 1000, "seconds": took}
+    finally:
+        _stop([proc])
+
+
+# --- Celery ---------------------------------------------------------------------------------------------
+
+
+def celery_app(url: str | None = None) -> Any:
+    from celery import Celery
+
+    broker = (url or os.environ["FLOWDSL_BENCH_REDIS"]).replace("unix://", "redis+socket://")
+    app = Celery("bench", broker=broker, backend=broker)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True,
+                    worker_hijack_root_logger=False)
+
+    @app.task(name="bench.celery_step")
+    def step(previous: Any = None) -> dict[str, Any]:
+        return {}
+
+    return app
+
+
+if os.environ.get("FLOWDSL_BENCH_REDIS"):  # a `celery worker` importing this module
+    app = celery_app()
+
+
+def bench_celery(server: Server, workers: int, runs: int, latency_runs: int) -> dict[str, float] | None:
+    try:
+        import celery  # noqa: F401
+    except ImportError:
+        print("Celery is not installed: skipping it (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    from celery import chain
+
+    server.flush()
+    env = {"FLOWDSL_BENCH_REDIS": server.url}
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "benchmarks.bench_redis", "worker",
+                             "--pool", "prefork", "--concurrency", str(workers), "--loglevel", "WARNING"],
+                            cwd=ROOT, env={**_env(), **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    app = celery_app(server.url)
+    step = app.tasks["bench.celery_step"]
+    try:
+        def one() -> Any:
+            return chain(*[step.s() for _ in range(STEPS)]).apply_async()
+
+        one().get(timeout=60)  # warm-up (and waits for the worker)
+        lat = []
+        for _ in range(latency_runs):
+            t = time.perf_counter()
+            one().get(timeout=60)
+            lat.append(time.perf_counter() - t)
+        import redis
+
+        r = redis.Redis.from_url(server.url)
+        t0 = time.perf_counter()
+        left = [one().id for _ in range(runs)]
+        while left:  # AsyncResult.get() on 2,000 pending results hangs in Celery 5.x: watch the result keys
+            time.sleep(0.02)
+            pipe = r.pipeline(transaction=False)
+            for task_id in left:
+                pipe.exists(f"celery-task-meta-{task_id}")
+            left = [t for t, done in zip(left, pipe.execute(), strict=True) if not done]
+        took = time.perf_counter() - t0
+        return {"steps_per_s": runs * STEPS / took, "latency_ms": statistics.median(lat) * 1000, "seconds": took}
+    finally:
+        _stop([proc])
+
+
+# --- the report ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--latency-runs", type=int, default=40)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of an in-process worker")
+    args = parser.parse_args(argv)
+    server = Server()
+    rows: dict[str, dict[str, float] | None] = {}
+    try:
+        if args.profile:
+            print(profile_flowdsl(server, min(args.runs, 1000)))
+            return
+        rows["floor (bare Redis Streams, 1 process)"] = bench_floor(server, args.runs, args.latency_runs)
+        rows["flowdsl, 1 worker process"] = bench_flowdsl(server, 1, args.runs, args.latency_runs)
+        rows["flowdsl, 2 worker processes"] = bench_flowdsl(server, 2, args.runs, args.latency_runs)
+        rows["Celery chain, prefork 1 process"] = bench_celery(server, 1, args.runs, args.latency_runs)
+        rows["Celery chain, prefork 2 processes"] = bench_celery(server, 2, args.runs, args.latency_runs)
+    finally:
+        server.stop()
+    import redis
+
+    print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"Redis {server.version}, redis-py {redis.__version__}, {args.runs} runs × {STEPS} steps")
+    print(f"{'':36s} {'steps/s':>9s} {'median run':>11s}")
+    for name, row in rows.items():
+        if row is None:
+            print(f"{name:36s} {'skipped':>9s}")
+        else:
+            print(f"{name:36s} {row['steps_per_s']:9.0f} {row['latency_ms']:9.1f} ms")
+    floor = rows["floor (bare Redis Streams, 1 process)"]
+    for n in (1, 2):
+        fd = rows[f"flowdsl, {n} worker process{'es' if n > 1 else ''}"]
+        cel = rows[f"Celery chain, prefork {n} process{'es' if n > 1 else ''}"]
+        assert fd is not None and floor is not None
+        line = f"flowdsl ({n}): {fd['steps_per_s'] / floor['steps_per_s']:.0%} of the floor's throughput"
+        if cel is not None:
+            line += (f", {fd['steps_per_s'] / cel['steps_per_s']:.1f}× Celery's throughput, latency "
+                     f"{fd['latency_ms'] / cel['latency_ms']:.2f}× Celery's")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The Redis runtime: durable, distributed runs — state, journal, task queues and timers in Redis.
+
+Stage: runtime: redis. A thin I/O shell around ``flowdsl.kernel``: worker
+processes (:class:`RedisWorker`, ``flowdsl worker``) run steps with
+``flowdsl.runtime.execute`` and apply their outcomes through the kernel in
+atomic transitions; clients (:class:`RedisClient`, ``flowdsl run --backend
+redis``, ``status``, ``runs``, ``cancel``) submit and watch runs.
+docs/runtime.md ("Redis runtime") states the guarantees and the data model.
+
+Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
+``scripts`` (the Lua transitions, auto-pipelining), ``store`` (reads and
+writes), ``advance`` (kernel in, atomic write out), ``worker`` (the process
+loop), ``client`` (submit and watch).
+"""
+
+from __future__ import annotations
+
+from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound, Submission
+from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
+from flowdsl.runtime.redis.keys import Keys
+from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, WorkerStats
+
+__all__ = ["Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunInfo", "RunNotFound", "Submission",
+           "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]

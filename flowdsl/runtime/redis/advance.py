@@ -1,0 +1,352 @@
+"""Advancing runs: feed one input event to the kernel and write the outcome atomically, then relay it.
+
+Stage: runtime: redis. Imports ``flowdsl.kernel``, ``.store``, ``.keys`` and
+stdlib. Every decision is the kernel's; this module only turns a
+:class:`~flowdsl.kernel.Decision` into one atomic write (state, journal
+entry, task leases, outbox) and carries the outbox out::
+
+    dispatch        -> a message on the worker's task stream (lease "q"), plus a
+                       schedule-to-start deadline when the run has one
+    schedule_timer  -> a member of the timer set, due at the command's due_at
+    cancel_timer    -> the member is removed
+    cancel_task     -> the lease is marked cancelled (q -> xq, r:tok -> xr:tok) and the
+                       task id is published; a task no worker has picked up yet is
+                       answered task_cancelled at once (nobody else would answer it)
+    finish          -> the run's keys get their retention TTL
+
+Within one process the events of a run are applied one at a time (a lock per
+run); across processes the version check of the transition script serialises
+them (a conflict re-reads the state and applies the event again). A process
+keeps recently used states in memory, so a run whose steps follow one another
+on the same worker costs no state read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from flowdsl.kernel import Decision, apply, start_event, start_run
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
+from flowdsl.runtime.redis.keys import Keys, TimerMember
+from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult, dumps, loads
+
+__all__ = ["SCHEDULE_TO_START_TIMEOUT", "Advancer", "Outcome"]
+
+#: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
+SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
+_MAX_CONFLICTS = 64
+log = logging.getLogger("flowdsl.redis")
+
+
+class Outcome:
+    """What happened to an input event: applied, rejected by a guard, or not applicable."""
+
+    APPLIED = "applied"  # written (the kernel may still have rejected a stale result: result_rejected)
+    REJECTED = "rejected"  # a guard failed (a lost lease, a task picked up meanwhile)
+    SKIPPED = "skipped"  # nothing to do (a timer no longer armed, a run already started)
+    MISSING = "missing"  # no such run (never started, or expired)
+    INVALID = "invalid"  # the kernel refused the event (ValueError); logged
+
+
+class Advancer:
+    """Applies input events to runs through the kernel, atomically, and relays the outcome.
+
+    ``schedule_timeout_ms`` and ``retention_ms`` are the defaults written into a
+    run when it starts, if its submission set none. ``on_timer`` is called with
+    a due time (ms) whenever this process arms a timer (the worker's timer loop
+    wakes up for it).
+    """
+
+    def __init__(self, store: Store, clock: Clock, *, schedule_timeout_ms: int | None = None,
+                 retention_ms: int = 7 * 24 * 3600 * 1000, cache_size: int = 4096,
+                 on_timer: Callable[[int], None] | None = None):
+        self.store = store
+        self.keys: Keys = store.keys
+        self.clock = clock
+        self.schedule_timeout_ms = schedule_timeout_ms
+        self.retention_ms = retention_ms
+        self.cache_size = cache_size
+        self.on_timer = on_timer
+        self._cache: OrderedDict[str, RunRecord] = OrderedDict()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.transitions = 0
+        self.conflicts = 0
+
+    # --- the one way in ---------------------------------------------------------------
+
+    async def apply_event(self, run_id: str, event: dict[str, Any], *, guard: tuple[str, str, str] | None = None,
+                          note: dict[str, Any] | None = None, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                          precheck: Callable[[dict[str, Any]], bool] | None = None,
+                          recover: bool = False) -> str:
+        """Apply ``event`` (``at`` is set here) to run ``run_id`` and relay what the kernel decided.
+
+        ``guard`` is checked atomically with the write (see ``Store.transition``);
+        ``ack`` are the commands that acknowledge the trigger, sent after the
+        relay — or at once when the event is skipped, the run is missing, or the
+        kernel refuses the event; never when a guard failed because another
+        holder has the task (the trigger is then theirs). ``precheck(state)``
+        false skips the event. ``recover`` (the trigger was taken over from a
+        process that may have died) re-reads the state and relays the run's
+        outbox first. Returns an :class:`Outcome` value.
+        """
+        followups: tuple[str, ...] = ()
+        async with self._lock(run_id):
+            if recover:
+                self._cache.pop(run_id, None)
+                followups = await self._flush(run_id)
+            try:
+                outcome, relay, acked = await self._apply_locked(run_id, event, guard, note, precheck)
+            except BaseException:
+                self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
+                raise
+        await self._tail(run_id, relay, followups, list(ack) if acked else [])
+        return outcome
+
+    async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                    recover: bool = False) -> str:
+        """Start a submitted run (the kernel's ``start_run``); a run already started is left alone."""
+        followups: tuple[str, ...] = ()
+        relay = None
+        async with self._lock(run_id):
+            if recover:
+                followups = await self._flush(run_id)
+            sub = await self.store.submission(run_id)
+            if sub is None or sub["started"]:
+                outcome = Outcome.MISSING if sub is None else Outcome.SKIPPED
+            else:
+                at = self.clock.now()
+                decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"])
+                start = start_event(run_id, sub["input"], at=at, seed=decision.state["seed"])
+                sts = sub["sts"] if sub["sts"] is not None else self.schedule_timeout_ms
+                record = RunRecord(run_id, decision.state, 0, sub["plan"], sts)
+                meta: list[tuple[str, Any]] = [("started", at)]
+                if sub["ret"] is None:
+                    meta.append(("ret", self.retention_ms))
+                if sts is not None and sub["sts"] is None:
+                    meta.append(("sts", sts))
+                result, ops = await self._commit(record, start, decision, set(), None, None, meta=meta)
+                outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
+                if result.applied:
+                    relay = (result.version, ops, result.cancelled_queued)
+        if outcome == Outcome.APPLIED and sub is not None and sub["cancel"] is not None:
+            await self._tail(run_id, relay, followups, [])  # cancelled before it started: cancel it now
+            await self.apply_event(run_id, {"type": "cancel_requested", "reason": sub["cancel"]}, ack=list(ack))
+            return outcome
+        await self._tail(run_id, relay, followups, list(ack))
+        return outcome
+
+    async def recover(self, run_id: str) -> None:
+        """Relay what a process that died left in the run's outbox (before taking over its trigger)."""
+        async with self._lock(run_id):
+            self._cache.pop(run_id, None)
+            followups = await self._flush(run_id)
+        await self._tail(run_id, None, followups, [])
+
+    async def fire(self, member: TimerMember, *, recover: bool = False) -> str:
+        """Fire one claimed timer: a kernel timer (``timer_fired``) or a schedule-to-start deadline."""
+        done = [self.store.timer_done_op(member.encode())]
+        if member.kind == "t":
+            timer_id = member.ident
+            outcome = await self.apply_event(member.run_id, {"type": "timer_fired", "timer_id": timer_id}, ack=done,
+                                             precheck=lambda state: timer_id in state["timers"], recover=recover)
+            log.debug("timer %s fired: %s", member.encode(), outcome)
+            return outcome
+        error = {"type": SCHEDULE_TO_START_TIMEOUT,
+                 "message": "no worker picked up the attempt before the run's schedule-to-start deadline "
+                            "(is a worker process serving this worker running?)"}
+        outcome = await self.apply_event(member.run_id, {"type": "task_failed", "task_id": member.ident,
+                                                         "error": error},
+                                         guard=(member.ident, "eq", "q"), ack=done, recover=recover)
+        if outcome == Outcome.REJECTED:
+            await self.relay(None, None, done)  # picked up in time: the deadline is moot
+        return outcome
+
+    # --- internals ---------------------------------------------------------------------------------
+
+    async def _record(self, run_id: str) -> RunRecord | None:
+        record = self._cache.get(run_id)
+        if record is not None:
+            self._cache.move_to_end(run_id)
+            return record
+        record = await self.store.load(run_id)
+        if record is not None:
+            self._remember(record)
+        return record
+
+    def _remember(self, record: RunRecord) -> None:
+        self._cache[record.run_id] = record
+        self._cache.move_to_end(record.run_id)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _commit(self, record: RunRecord, event: dict[str, Any], decision: Decision, before: set[str],
+                      guard: tuple[str, str, str] | None, note: dict[str, Any] | None,
+                      meta: list[tuple[str, Any]] | None = None) -> tuple[TransitionResult, list[dict[str, Any]]]:
+        state = decision.state
+        run_id = record.run_id
+        ops: list[dict[str, Any]] = []
+        task_ops: list[tuple[str, str, str]] = []
+        at = event["at"]
+        for command in decision.commands:
+            op = command["op"]
+            if op == "dispatch":
+                ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": record.version + 1})
+                if record.sts_ms:
+                    ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
+                                "d": at + record.sts_ms})
+            elif op == "schedule_timer":
+                ops.append({"o": "timer", "k": Keys.kernel_timer(run_id, command["timer_id"]),
+                            "d": command["due_at"]})
+            elif op == "cancel_timer":
+                ops.append({"o": "untimer", "k": Keys.kernel_timer(run_id, command["timer_id"])})
+            elif op == "cancel_task":
+                ops.append({"o": "cancel", "t": command["task_id"]})
+                task_ops.append(("x", command["task_id"], ""))
+        after = set(state["tasks"])
+        task_ops.extend(("s", t, "q") for t in after - before)
+        task_ops.extend(("d", t, "") for t in before - after)
+        for task_id in before - after:
+            if record.sts_ms:
+                ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
+        finished = decision.finished
+        meta = list(meta or ())
+        if finished:
+            meta.append(("finished", at))
+        payload = dict(state=dumps(state), token=secrets.token_hex(8), input_event=dumps(event),
+                       events=dumps(decision.events), status=state["status"],
+                       outbox=dumps(ops) if ops else None, guard=guard,
+                       note=dumps({**note, "at": at}) if note else None, finished=finished, task_ops=task_ops,
+                       meta=meta)
+        backoff = Backoff()
+        while True:  # the same payload (and token) until Redis answers: an unknown outcome is never applied twice
+            try:
+                result = await self.store.transition(run_id, expected=record.version, **payload)  # type: ignore[arg-type]
+                break
+            except TRANSIENT as exc:
+                log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)
+                await backoff.wait()
+        if result.applied:
+            self.transitions += 1
+            record.version = result.version
+            if finished:
+                self._cache.pop(run_id, None)
+            else:
+                self._remember(record)
+        return result, ops
+
+    async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
+                            note: dict[str, Any] | None, precheck: Callable[[dict[str, Any]], bool] | None
+                            ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
+        """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
+        for _ in range(_MAX_CONFLICTS):
+            record = await self._record(run_id)
+            if record is None:
+                return Outcome.MISSING, None, True
+            if precheck is not None and not precheck(record.state):
+                if run_id in self._cache:  # a cached state may be behind another process's writes: re-read
+                    self._cache.pop(run_id, None)
+                    continue
+                return Outcome.SKIPPED, None, True
+            event["at"] = self.clock.now()
+            before = set(record.state["tasks"])
+            try:
+                decision = apply(record.plan, record.state, event)
+            except Exception as exc:  # a malformed event (ValueError) or a kernel bug: never crash the worker
+                self._cache.pop(run_id, None)
+                log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
+                return Outcome.INVALID, None, True
+            result, ops = await self._commit(record, event, decision, before, guard, note)
+            log.debug("run %s: %s %s -> %s v%s", run_id, event["type"], event.get("task_id") or event.get("timer_id"),
+                      result.code, result.version)
+            if result.applied:
+                return Outcome.APPLIED, (result.version, ops, result.cancelled_queued), True
+            self._cache.pop(run_id, None)
+            if result.code == 2:
+                self.conflicts += 1
+                if result.state is not None:
+                    record.state, record.version = loads(result.state), result.version
+                    self._remember(record)
+                continue
+            if result.code == 3:
+                # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
+                return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"
+            return Outcome.MISSING, None, True
+        raise RuntimeError(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
+
+    async def _flush(self, run_id: str) -> tuple[str, ...]:
+        """Relay every outbox entry of the run a dead process may have left behind; return the task ids
+        whose cancellation may still need answering. Duplicate task messages are harmless: a message
+        whose task is no longer ``q`` is dropped at pickup."""
+        cancelled: list[str] = []
+        for version, ops in await self.store.outbox(run_id):
+            log.debug("run %s: relaying outbox entry %s left behind: %s", run_id, version, ops)
+            await self.relay(run_id, version, ops)
+            self._timers_armed(ops)
+            cancelled.extend(op["t"] for op in ops if op["o"] == "cancel")
+        return tuple(cancelled)
+
+    async def _tail(self, run_id: str, relay: tuple[int, list[dict[str, Any]], tuple[str, ...]] | None,
+                    followups: tuple[str, ...], ack: list[dict[str, Any]]) -> None:
+        """Relay a transition, answer cancellations nobody else will answer, then acknowledge the trigger."""
+        if relay is not None:
+            version, ops, cancelled = relay
+            followups = cancelled + followups
+            self._timers_armed(ops)
+            if not followups:
+                await self.relay(run_id, version, ops + ack)  # the usual case: one script, trigger included
+                return
+            await self.relay(run_id, version, ops)
+        for task_id in dict.fromkeys(followups):
+            await self.apply_event(run_id, {"type": "task_cancelled", "task_id": task_id},
+                                   guard=(task_id, "eq", "xq"))
+        await self.relay(None, None, ack)
+
+    def _timers_armed(self, ops: list[dict[str, Any]]) -> None:
+        if self.on_timer is not None:
+            for op in ops:
+                if op["o"] == "timer":
+                    self.on_timer(op["d"])
+
+    async def relay(self, run_id: str | None, version: int | None, ops: list[dict[str, Any]]) -> None:
+        """Carry out relay operations (outbox commands, acknowledgements), retrying with backoff while Redis
+        is unreachable (each is idempotent, or harmless when repeated)."""
+        if not ops and version is None:
+            return
+        backoff = Backoff()
+        while True:
+            try:
+                await self.store.relay(run_id, version, ops)
+                return
+            except TRANSIENT as exc:
+                if backoff.failures == 0:
+                    log.warning("Redis unreachable while relaying (%s); retrying", exc)
+                await backoff.wait()
+
+    def _lock(self, run_id: str) -> _RunLock:
+        return _RunLock(self._locks, run_id)
+
+
+class _RunLock:
+    """A per-run asyncio lock that disappears when nobody holds or waits for it."""
+
+    def __init__(self, table: dict[str, tuple[asyncio.Lock, int]], run_id: str):
+        self.table = table
+        self.run_id = run_id
+
+    async def __aenter__(self) -> None:
+        lock, users = self.table.get(self.run_id) or (asyncio.Lock(), 0)
+        self.table[self.run_id] = (lock, users + 1)
+        await lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock, users = self.table[self.run_id]
+        lock.release()
+        if users <= 1:
+            del self.table[self.run_id]
+        else:
+            self.table[self.run_id] = (lock, users - 1)

@@ -1,0 +1,294 @@
+"""Submitting runs to the Redis runtime and watching them: submit, follow, status, list, cancel.
+
+Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (end states),
+``flowdsl.runtime.report`` (:class:`RunResult`, the object ``--format json``
+prints), ``flowdsl.runtime.execute`` (JSON checks) and this package. The
+client never advances a run: it records a submission or a cancel request and
+leaves a message on the control stream, which a worker process carries out::
+
+    async with RedisClient("redis://localhost:6379/0") as client:
+        sub = await client.submit(plan, {"order": {...}}, run_id="order-1042")
+        result = await client.follow(sub.run_id, on_event=print)   # a RunResult, as the local runtime's
+
+Submitting is idempotent by run id: a second submission of a run id already
+used starts nothing (``created`` is False); if that run had not been started
+yet (the first submitter died between its two writes), its start request is
+sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from flowdsl.kernel import END_STATES
+from flowdsl.runtime.execute import json_problem
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix
+from flowdsl.runtime.redis.keys import Keys, check_run_id
+from flowdsl.runtime.redis.scripts import SUBMIT, Script
+from flowdsl.runtime.redis.store import Store, dumps, loads, plan_id
+from flowdsl.runtime.report import RunResult
+
+__all__ = ["RedisClient", "RunInfo", "RunNotFound", "Submission"]
+
+_SUBMIT = Script("submit", SUBMIT)
+EventHook = Callable[[dict[str, Any]], None]
+NoticeHook = Callable[[str], None]
+
+
+class RunNotFound(LookupError):
+    """No run with this id under this prefix (never submitted, or past its retention)."""
+
+    def __init__(self, run_id: str, prefix: str):
+        super().__init__(f"no run '{run_id}' in Redis under the prefix '{prefix}' (never submitted, "
+                         "or finished longer ago than its retention)")
+        self.run_id = run_id
+
+
+@dataclass(frozen=True)
+class Submission:
+    run_id: str
+    created: bool  # False: the run id was taken (nothing new started)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One line of ``flowdsl runs``: times are milliseconds since the epoch (None when not reached)."""
+
+    run_id: str
+    flow: str | None
+    status: str
+    submitted_at: int | None
+    started_at: int | None
+    finished_at: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "flow": self.flow, "status": self.status, "submitted_at": self.submitted_at,
+                "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+@dataclass
+class Journal:
+    """A run's journal read so far: kernel events, input events and runtime notes, in order."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    last_id: str = "0-0"
+    finished: bool = False
+
+    def add(self, entry_id: bytes | str, fields: dict[bytes, bytes], hook: EventHook | None = None) -> None:
+        self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        if b"note" in fields:
+            self.notes.append(loads(fields[b"note"]))
+            return
+        if fields.get(b"in"):
+            self.inputs.append(loads(fields[b"in"]))
+        for event in loads(fields.get(b"ev") or b"[]"):
+            self.events.append(event)
+            if event["type"] == "run_finished":
+                self.finished = True
+            if hook is not None:
+                try:
+                    hook(event)
+                except Exception:  # a broken observer must not break following
+                    hook = None
+
+    def llm_calls(self) -> dict[str, list[dict[str, Any]]]:
+        scheduled = {e["task_id"]: e for e in self.events if e["type"] in ("step_scheduled", "compensation_started")}
+        calls: dict[str, list[dict[str, Any]]] = {}
+        for event in self.inputs:
+            sched = scheduled.get(event.get("task_id"))
+            if "llm" in event and sched is not None:
+                call = {"task_id": event["task_id"], "attempt": sched["attempt"], "outcome": event["type"]}
+                calls.setdefault(sched["step"], []).append({**call, **event["llm"]})
+        return calls
+
+
+class RedisClient:
+    """Submit runs to, and read runs from, one deployment (a Redis URL and a key prefix)."""
+
+    def __init__(self, url: str | None = None, *, prefix: str | None = None, client: aioredis.Redis | None = None):
+        self.keys = Keys(resolve_prefix(prefix))
+        self.redis = client or connect(url, client_name="flowdsl-client")
+        self._own = client is None
+        self.store = Store(self.redis, self.keys)
+
+    async def __aenter__(self) -> RedisClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own:
+            await self.redis.aclose()
+
+    # --- submitting ---------------------------------------------------------------------
+
+    async def submit(self, plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
+                     seed: int | None = None, retention_s: float | None = None,
+                     schedule_timeout_s: float | None = None) -> Submission:
+        """Record a run and ask a worker to start it. Idempotent by ``run_id`` (see the module doc).
+
+        ``retention_s``: how long the finished run is kept (default: the
+        worker's ``--retention``); ``schedule_timeout_s``: how long a dispatched
+        attempt may wait for a worker before it fails with
+        ``ScheduleToStartTimeout`` (default: the worker's ``--schedule-timeout``,
+        else no limit). Raises ``ValueError`` for a bad run id or an input that
+        is not a JSON object.
+        """
+        problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
+        if problem is not None:
+            raise ValueError(f"the run input is not a JSON object: {problem}")
+        if run_id is None:
+            name = str((plan.get("flow") or {}).get("name") or "run")[:48]
+            run_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        check_run_id(run_id)
+        now = int(time.time() * 1000)
+        args = [now, dumps(plan), plan_id(plan), dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
+                "" if seed is None else seed, "" if retention_s is None else int(retention_s * 1000),
+                "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000)]
+        reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
+        created = int(reply[0]) == 1
+        if created:
+            await self.store.call("ZADD", self.keys.runs, "NX", now, run_id)
+        if created or not reply[1]:  # new, or never started: (re)send the start request
+            await self.store.call("XADD", self.keys.control, "*", "c", dumps({"type": "start", "run_id": run_id}))
+        return Submission(run_id, created)
+
+    async def cancel(self, run_id: str, reason: str = "cancel requested") -> str:
+        """Ask for a run to be cancelled: ``requested``, ``finished`` (already over) or raises RunNotFound."""
+        info = await self.info(run_id)
+        if info.status in END_STATES:
+            return "finished"
+        await self.store.call("HSET", self.keys.run(run_id), "cancel", reason)  # seen by a start still to come
+        await self.store.call("XADD", self.keys.control, "*", "c",
+                              dumps({"type": "cancel", "run_id": run_id, "reason": reason}))
+        return "requested"
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def info(self, run_id: str) -> RunInfo:
+        """Status and times of one run; raises :class:`RunNotFound`."""
+        check_run_id(run_id)
+        got = await self.store.call("HMGET", self.keys.run(run_id), "status", "flow", "submitted", "started",
+                                    "finished")
+        if got[0] is None and got[2] is None:
+            raise RunNotFound(run_id, self.keys.prefix)
+        return _info(run_id, got)
+
+    async def result(self, run_id: str) -> tuple[RunResult | None, Journal]:
+        """The run's result as it stands (None while it has not started) and its journal."""
+        check_run_id(run_id)
+        await self.info(run_id)
+        journal = Journal()
+        for entry_id, fields in await self.store.call("XRANGE", self.keys.journal(run_id), "-", "+"):
+            journal.add(entry_id, fields)
+        return await self._result(run_id, journal), journal
+
+    async def follow(self, run_id: str, *, on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
+                     timeout_s: float | None = None, hint_after_s: float = 3.0) -> RunResult:
+        """Wait for the run's end, calling ``on_event`` with every kernel event as it is journaled.
+
+        Survives lost connections (retries with backoff). ``on_notice`` gets a
+        sentence when the run has not started after ``hint_after_s`` (no worker
+        running?). Raises :class:`RunNotFound`, or ``TimeoutError`` after ``timeout_s``.
+        """
+        check_run_id(run_id)
+        await self.info(run_id)
+        journal = Journal()
+        key = self.keys.journal(run_id)
+        t0 = time.monotonic()
+        hinted = False
+        backoff = Backoff()
+        while not journal.finished:
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+            try:
+                reply = await self.redis.xread({key: journal.last_id}, count=1000, block=500)
+                backoff.reset()
+            except TRANSIENT as exc:
+                if backoff.failures == 0 and on_notice is not None:
+                    on_notice(f"lost the connection to Redis ({exc}); reconnecting")
+                await backoff.wait()
+                continue
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    journal.add(entry_id, fields, on_event)
+            if not journal.inputs and not hinted and time.monotonic() - t0 > hint_after_s:
+                hinted = True
+                if on_notice is not None:
+                    live = await self.workers()
+                    on_notice("the run has not started yet: " + (
+                        "no worker process is connected to this Redis under this prefix; start one with "
+                        "`flowdsl worker`" if not live else f"{len(live)} worker process(es) are busy or not serving "
+                        "this run's steps"))
+        result = await self._result(run_id, journal)
+        assert result is not None
+        return result
+
+    async def runs(self, *, limit: int = 20, status: str | None = None, flow: str | None = None) -> list[RunInfo]:
+        """Recent runs, newest first, optionally only those with ``status`` or of ``flow``."""
+        found: list[RunInfo] = []
+        start = 0
+        page = max(50, limit * 2)
+        while len(found) < limit:
+            ids = await self.store.call("ZREVRANGE", self.keys.runs, start, start + page - 1)
+            if not ids:
+                break
+            start += page
+            rows = await asyncio.gather(*(self.store.call("HMGET", self.keys.run(r.decode()), "status", "flow",
+                                                          "submitted", "started", "finished") for r in ids))
+            gone = []
+            for raw, got in zip(ids, rows, strict=True):
+                if got[0] is None and got[2] is None:
+                    gone.append(raw)  # expired: drop it from the index
+                    continue
+                item = _info(raw.decode(), got)
+                if (status is None or item.status == status) and (flow is None or item.flow == flow):
+                    found.append(item)
+            if gone:
+                await self.store.call("ZREM", self.keys.runs, *gone)
+                start -= len(gone)
+        return found[:limit]
+
+    async def workers(self, *, max_age_ms: int | None = None) -> list[dict[str, Any]]:
+        """Worker processes seen recently (within three leases, unless ``max_age_ms``): their liveness records."""
+        raw = await self.store.call("HGETALL", self.keys.workers)
+        items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        secs, micros = await self.redis.time()
+        now = secs * 1000 + micros // 1000
+        live = []
+        for name, value in items:
+            record = loads(value)
+            if now - int(record.get("seen", 0)) <= (max_age_ms or 3 * int(record.get("lease_ms", 30000)) + 5000):
+                live.append({"name": name.decode(), **record})
+        return live
+
+    async def _result(self, run_id: str, journal: Journal) -> RunResult | None:
+        state_raw, plan_raw = await self.store.call("HMGET", self.keys.run(run_id), "state", "plan")
+        if state_raw is None or plan_raw is None:
+            return None
+        state = loads(state_raw)
+        wall = None
+        if state.get("finished_at") is not None:
+            wall = float(state["finished_at"] - state["started_at"])
+        return RunResult.from_state(loads(plan_raw), state, journal.events, wall_ms=wall,
+                                    llm_calls=journal.llm_calls())
+
+
+def _int(raw: bytes | None) -> int | None:
+    return int(raw) if raw else None
+
+
+def _info(run_id: str, got: list[bytes | None]) -> RunInfo:
+    status, flow = got[0], got[1]
+    return RunInfo(run_id, flow.decode() if flow else None, status.decode() if status else "submitted",
+                   _int(got[2]), _int(got[3]), _int(got[4]))

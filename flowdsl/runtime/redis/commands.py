@@ -1,0 +1,253 @@
+"""The CLI's Redis commands: ``run --backend redis``, ``worker``, ``status``, ``runs``, ``cancel``.
+
+Stage: CLI support for runtime: redis. Imports this package,
+``flowdsl.runtime.report`` and ``flowdsl.workers``; rich only through the
+report module's printers and the console the CLI hands in. ``flowdsl.cli``
+imports this module inside its command functions only, so ``flowdsl --help``
+stays light. Every function returns the exit code; no traceback reaches the
+user (a Redis that cannot be reached, a bad URL or an unknown run is one line
+on stderr, exit 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound
+from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, resolve_url
+from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions
+from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
+
+__all__ = ["EXIT_USAGE", "cancel_command", "run_command", "runs_command", "status_command", "worker_command"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+T = TypeVar("T")
+
+
+class _Failure(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def _say(console: Any, text: str, style: str = "red", label: str = "error") -> None:
+    from rich.markup import escape
+
+    console.print(f"[{style}]{label}[/]: {escape(text)}")
+
+
+def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]]) -> int:
+    """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2."""
+    try:
+        resolved = resolve_url(url)
+    except RedisConfigError as exc:
+        _say(console, str(exc))
+        return EXIT_USAGE
+    try:
+        return asyncio.run(body())
+    except _Failure as exc:
+        _say(console, str(exc))
+        return exc.code
+    except (RedisConfigError, RunNotFound, ValueError) as exc:
+        _say(console, str(exc))
+        return EXIT_USAGE
+    except TRANSIENT as exc:
+        _say(console, f"cannot reach Redis at {describe_url(resolved)}: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _json_out(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
+
+
+# --- flowdsl run --backend redis ----------------------------------------------------------
+
+
+def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, prefix: str | None,
+                run_id: str | None, seed: int | None, detach: bool, as_json: bool,
+                schedule_timeout_s: float | None, retention_s: float | None, console: Any) -> int:
+    """Submit a run; unless ``detach``, follow it live and print the same summary / JSON as the local runtime."""
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, data, run_id=run_id, seed=seed, retention_s=retention_s,
+                                      schedule_timeout_s=schedule_timeout_s)
+            if not sub.created:
+                _say(console, f"run '{sub.run_id}' was already submitted: nothing new started"
+                     + ("" if detach else "; following it"), "yellow", "note")
+            if detach:
+                if as_json:
+                    _json_out({"run_id": sub.run_id, "created": sub.created})
+                else:
+                    sys.stdout.write(sub.run_id + "\n")
+                    console.print(f"[dim]submitted; follow it with `flowdsl status {sub.run_id}`[/]")
+                return 0
+            view = LiveView(plan, mode="off" if as_json else "auto", console=console)
+            try:
+                with view:
+                    result = await client.follow(sub.run_id, on_event=view.on_event, on_notice=view.notice)
+            except asyncio.CancelledError:
+                raise KeyboardInterrupt from None
+            if as_json:
+                _json_out(result.to_json())
+            else:
+                print_summary(result, console)
+            return result.exit_code
+
+    code = _guarded(console, url, body)
+    if code == EXIT_INTERRUPTED:
+        _say(console, "stopped following; the run goes on in the worker processes "
+             "(`flowdsl status RUN_ID`, `flowdsl cancel RUN_ID`)", "yellow", "interrupted")
+    return code
+
+
+# --- flowdsl worker --------------------------------------------------------------------------
+
+
+def worker_command(*, url: str | None, prefix: str | None, modules: list[str], options: WorkerOptions,
+                   console: Any, verbose: bool = False) -> int:
+    """Serve the registered workers (and advance runs) until SIGTERM, or until drained with ``burst``."""
+    import os
+
+    from flowdsl.runtime.redis.connection import resolve_prefix
+    from flowdsl.workers import WorkerImportError, import_worker_modules
+    from flowdsl.workers import registry as default_registry
+
+    try:
+        import_worker_modules(modules, os.getcwd())
+    except WorkerImportError as exc:
+        _say(console, str(exc))
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if not default_registry.names() and not options.llm:
+        _say(console, "no worker is registered (give modules with -w) and --no-llm is set: nothing to serve")
+        return EXIT_USAGE
+
+    async def body() -> int:
+        worker = RedisWorker(url, prefix=resolve_prefix(prefix), options=options)
+        console.print(f"[bold]flowdsl worker[/] {worker.name}: {len(default_registry.names())} worker(s) "
+                      f"from {', '.join(modules) or 'no module'}; Redis {describe_url(resolve_url(url))}, "
+                      f"prefix {worker.keys.prefix!r}" + (" (burst)" if options.burst else ""))
+        stats = await worker.serve()
+        console.print(f"[dim]worker {stats.name} stopped: {stats.tasks} step(s) run, {stats.runs_started} run(s) "
+                      f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
+                      f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected[/]")
+        return 0
+
+    return _guarded(console, url, body)
+
+
+# --- flowdsl status / runs / cancel -------------------------------------------------------------
+
+
+def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json: bool, console: Any) -> int:
+    """Print a run's timeline and summary (JSON: the ``run --format json`` object). Exit 0 when found."""
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            info = await client.info(run_id)
+            result, journal = await client.result(run_id)
+        if result is None:
+            if as_json:
+                _json_out({"run_id": run_id, "status": info.status, "submitted_at": info.submitted_at})
+            else:
+                console.print(f"run {run_id}: {info.status} — waiting for a worker process to start it")
+            return 0
+        if as_json:
+            out = result.to_json()
+            out["rejected_late_results"] = journal.notes
+            _json_out(out)
+            return 0
+        print_timeline(result, _timeline(journal), console)
+        for note in journal.notes:
+            _say(console, f"late {note.get('result_type')} for {note.get('task_id')} from {note.get('worker')} "
+                 "rejected: its lease had expired and another worker held the task", "dim", "note")
+        if result.status not in EXIT_CODES:
+            console.print(f"[cyan]still {result.status}[/]")
+        return 0
+
+    return _guarded(console, url, body)
+
+
+def _timeline(journal: Any) -> list[dict[str, Any]]:
+    """Input and emitted events interleaved in the order they happened (what ``print_timeline`` reads)."""
+    out: list[dict[str, Any]] = []
+    emitted = iter(journal.events)
+    pending = next(emitted, None)
+    for event in journal.inputs:
+        out.append(event)
+        while pending is not None and pending.get("at", 0) <= event.get("at", 0):
+            out.append(pending)
+            pending = next(emitted, None)
+    while pending is not None:
+        out.append(pending)
+        pending = next(emitted, None)
+    return out
+
+
+def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str | None, flow: str | None,
+                 as_json: bool, console: Any) -> int:
+    """List recent runs with their states, newest first."""
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            items = await client.runs(limit=limit, status=status, flow=flow)
+        if as_json:
+            _json_out([i.to_json() for i in items])
+            return 0
+        _print_runs(items, console)
+        return 0
+
+    return _guarded(console, url, body)
+
+
+def _print_runs(items: list[RunInfo], console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not items:
+        console.print("no runs")
+        return
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("run", "flow", "status", "submitted", "took"):
+        table.add_column(column, no_wrap=True)
+    for i in items:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.submitted_at / 1000)) if i.submitted_at else ""
+        took = ""
+        if i.started_at is not None and i.finished_at is not None:
+            ms = i.finished_at - i.started_at
+            took = f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+        table.add_row(escape(i.run_id), escape(i.flow or ""), escape(i.status), when, took)
+    console.print(table)
+
+
+def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: str, wait: bool, as_json: bool,
+                   console: Any) -> int:
+    """Ask for a run's cancellation (its completed steps are compensated). Exit 0 requested, 1 already over."""
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            outcome = await client.cancel(run_id, reason)
+            status = (await client.info(run_id)).status
+            if outcome == "requested" and wait:
+                result = await client.follow(run_id)
+                status = result.status
+        if as_json:
+            _json_out({"run_id": run_id, "cancel": outcome, "status": status})
+        elif outcome == "finished":
+            _say(console, f"run {run_id} is already over ({status}): nothing to cancel", "yellow", "note")
+        else:
+            console.print(f"cancel of run {run_id} requested" + (f"; it ended {status}" if wait else ""))
+        return 1 if outcome == "finished" else 0
+
+    return _guarded(console, url, body)

@@ -1,0 +1,142 @@
+"""Connecting to Redis by URL: ``redis://``, ``rediss://`` (TLS), ``unix://``, with a password or ACL user.
+
+Stage: runtime: redis. Imports redis (redis-py) and stdlib. The URL comes from
+the caller (``--redis-url``), else ``$FLOWDSL_REDIS_URL``, else
+``redis://localhost:6379/0``; the key prefix from ``--prefix``, else
+``$FLOWDSL_REDIS_PREFIX``, else ``flowdsl``. Examples::
+
+    redis://localhost:6379/0
+    redis://alice:s3cret@redis.internal:6379/2        # ACL user and password
+    redis://:s3cret@redis.internal                    # password only (requirepass)
+    rediss://redis.example.com:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem
+    unix:///run/redis/redis.sock?db=0
+    unix://alice:s3cret@/run/redis/redis.sock?db=1
+
+Connections are made lazily by redis-py; every process loop of the runtime
+survives a lost connection by retrying with exponential backoff
+(:class:`Backoff`), so a Redis restart is an outage, not a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+__all__ = ["DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "connect", "connect_sync", "describe_url",
+           "resolve_prefix", "resolve_url"]
+
+DEFAULT_URL = "redis://localhost:6379/0"
+_SCHEMES = ("redis", "rediss", "unix")
+#: errors that mean "Redis is unreachable or restarting right now": retry later, never crash
+TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                                              ConnectionError, TimeoutError, OSError)
+
+
+class RedisConfigError(ValueError):
+    """The Redis URL or prefix is unusable; the message says why (never a traceback for users)."""
+
+
+def resolve_url(url: str | None = None) -> str:
+    """``url``, else ``$FLOWDSL_REDIS_URL``, else :data:`DEFAULT_URL`; raises :class:`RedisConfigError` if bad."""
+    chosen = url or os.environ.get("FLOWDSL_REDIS_URL") or DEFAULT_URL
+    parts = urlsplit(chosen)
+    if parts.scheme not in _SCHEMES:
+        raise RedisConfigError(f"unsupported Redis URL {describe_url(chosen)!r}: it must start with "
+                               "redis://, rediss:// (TLS) or unix://")
+    if parts.scheme == "unix" and not parts.path:
+        raise RedisConfigError(f"the unix:// URL {describe_url(chosen)!r} names no socket path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise RedisConfigError(f"the Redis URL {describe_url(chosen)!r} names no host")
+    return chosen
+
+
+def resolve_prefix(prefix: str | None = None) -> str:
+    """``prefix``, else ``$FLOWDSL_REDIS_PREFIX``, else ``flowdsl``."""
+    return prefix or os.environ.get("FLOWDSL_REDIS_PREFIX") or "flowdsl"
+
+
+def describe_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _options(url: str, client_name: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 15,
+        "health_check_interval": 30,
+        "client_name": client_name,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.02), 2),
+    }
+    if not url.startswith("unix:"):
+        options["socket_keepalive"] = True  # TCP only
+    return options
+
+
+def connect(url: str | None = None, *, client_name: str | None = None,
+            max_connections: int | None = None) -> aioredis.Redis:
+    """An asyncio client for ``url`` (see :func:`resolve_url`); raises :class:`RedisConfigError` if bad."""
+    chosen = resolve_url(url)
+    options = _options(chosen, client_name)
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    try:
+        return aioredis.Redis.from_url(chosen, **options)
+    except (ValueError, TypeError) as exc:
+        raise RedisConfigError(f"cannot use the Redis URL {describe_url(chosen)!r}: {exc}") from None
+
+
+def connect_sync(url: str | None = None, *, client_name: str | None = None) -> redis.Redis:
+    """A blocking client for ``url`` (the CLI's one-shot commands and the tests)."""
+    chosen = resolve_url(url)
+    options = _options(chosen, client_name)
+    try:
+        return redis.Redis.from_url(chosen, **options)
+    except (ValueError, TypeError) as exc:
+        raise RedisConfigError(f"cannot use the Redis URL {describe_url(chosen)!r}: {exc}") from None
+
+
+class Backoff:
+    """Exponential backoff with full jitter for the loops that retry after a lost connection.
+
+    ``await backoff.wait()`` sleeps 0..min(cap, base·2ⁿ) seconds and counts the
+    failure; ``reset()`` after a success. ``failing_since`` is when the current
+    run of failures began (for "Redis unreachable for N s" messages).
+    """
+
+    def __init__(self, base: float = 0.05, cap: float = 2.0):
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+        self.failing_since: float | None = None
+
+    def delay(self) -> float:
+        return random.uniform(0, min(self.cap, self.base * (2 ** min(self.failures, 16))))
+
+    async def wait(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.failures += 1
+        await asyncio.sleep(self.delay() + 0.01)
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.failing_since = None

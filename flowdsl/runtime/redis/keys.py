@@ -1,0 +1,142 @@
+"""Every Redis key, channel and member name the Redis runtime uses, in one place.
+
+Stage: runtime: redis. Imports stdlib only. Nothing else in the package
+spells a key: it asks a :class:`Keys` for it. The layout (docs/runtime.md,
+"The Redis data model"):
+
+Per run — all under the run's ``{run_id}`` hash tag, so one run lives in one
+Redis Cluster slot and every transition script touches a single slot::
+
+    <prefix>:run:{<run_id>}            hash    state (kernel state JSON), v (version), lt (last
+                                               transition token), status, flow, plan, pid (plan id),
+                                               started, finished, ret (retention ms), sts
+                                               (schedule-to-start ms), submitted
+    <prefix>:run:{<run_id>}:journal    stream  one entry per transition: v, in (the input event),
+                                               ev (the emitted events), or note (a runtime record)
+    <prefix>:run:{<run_id>}:tasks      hash    task id -> lease: q | r:<token> | xq | xr:<token>
+    <prefix>:run:{<run_id>}:outbox     hash    version -> the commands of that transition not yet
+                                               carried out (JSON)
+
+Shared — under the ``{<prefix>}`` hash tag (one slot, so one XREADGROUP can
+block on every queue and one script can move timers between the two sets)::
+
+    {<prefix>}:control                 stream  start and cancel requests (consumer group)
+    {<prefix>}:task:<worker>           stream  dispatched attempts for one worker (consumer group):
+                                               m (the dispatch command, JSON), v (its outbox version)
+    {<prefix>}:llm                     stream  dispatched LLM attempts (consumer group)
+    {<prefix>}:timers                  zset    member -> due (ms, Redis server clock)
+    {<prefix>}:timers:claimed          zset    member -> lease expiry of a timer being fired
+    {<prefix>}:runs                    zset    run id -> started (ms): the listing index
+    {<prefix>}:workers                 hash    consumer name -> its liveness record (JSON)
+    <prefix>:cancel                    pub/sub task ids whose cancellation was requested
+
+Timer members are ``t|<run_id>|<timer id>`` (a kernel timer) and
+``s|<run_id>|<task id>`` (a schedule-to-start deadline); a run id never
+contains ``|``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "Keys", "TimerMember", "check_run_id"]
+
+#: the key prefix unless configured (``--prefix``, ``$FLOWDSL_REDIS_PREFIX``)
+DEFAULT_PREFIX = "flowdsl"
+#: the consumer group every worker process joins, on every stream
+GROUP = "flowdsl"
+#: what a run id may contain (the same rule as run records): no ``{``, ``}``, ``|`` or ``/``
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id``, or raise ``ValueError`` when it is not a valid run id."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r}: use 1-128 letters, digits and _ . : -")
+    return run_id
+
+
+@dataclass(frozen=True)
+class TimerMember:
+    """A parsed member of the timer set: ``kind`` is ``t`` (kernel timer) or ``s`` (schedule-to-start)."""
+
+    kind: str
+    run_id: str
+    ident: str  # the timer id (kind t) or the task id (kind s)
+
+    def encode(self) -> str:
+        return f"{self.kind}|{self.run_id}|{self.ident}"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> TimerMember | None:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        kind, sep, rest = text.partition("|")
+        run_id, sep2, ident = rest.partition("|")
+        if not (sep and sep2 and kind in ("t", "s") and run_id and ident):
+            return None
+        return cls(kind, run_id, ident)
+
+
+class Keys:
+    """The names of one deployment's keys: everything under ``prefix``."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"invalid key prefix {prefix!r}: use 1-64 letters, digits and _ . : -")
+        self.prefix = prefix
+        tag = "{" + prefix + "}"
+        self.control = f"{tag}:control"
+        self.llm = f"{tag}:llm"
+        self.timers = f"{tag}:timers"
+        self.timers_claimed = f"{tag}:timers:claimed"
+        self.runs = f"{tag}:runs"
+        self.workers = f"{tag}:workers"
+        self.cancel_channel = f"{prefix}:cancel"
+        self._task_prefix = f"{tag}:task:"
+
+    # --- one run ---------------------------------------------------------------------
+
+    def run(self, run_id: str) -> str:
+        """The run's hash (state, version, plan, status and times)."""
+        return f"{self.prefix}:run:{{{run_id}}}"
+
+    def journal(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:journal"
+
+    def tasks(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:tasks"
+
+    def outbox(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{{{run_id}}}:outbox"
+
+    def run_keys(self, run_id: str) -> list[str]:
+        """``[run, journal, tasks, outbox]``: the KEYS of every per-run script, in that order."""
+        base = f"{self.prefix}:run:{{{run_id}}}"
+        return [base, base + ":journal", base + ":tasks", base + ":outbox"]
+
+    # --- queues ------------------------------------------------------------------------
+
+    def queue(self, worker: str | None) -> str:
+        """The task stream of ``worker`` (``None``: the LLM stream, for ``llm`` dispatches)."""
+        return self.llm if worker is None else self._task_prefix + worker
+
+    def queue_of(self, command: dict[str, object]) -> str:
+        """The stream a dispatch command goes to."""
+        worker = command.get("worker")
+        return self.queue(None if command.get("kind") == "llm" or not worker else str(worker))
+
+    def worker_of(self, stream: str) -> str | None:
+        """The worker name a task stream serves (``None`` for the LLM and control streams)."""
+        return stream[len(self._task_prefix):] if stream.startswith(self._task_prefix) else None
+
+    # --- timers ------------------------------------------------------------------------
+
+    @staticmethod
+    def kernel_timer(run_id: str, timer_id: str) -> str:
+        return TimerMember("t", run_id, timer_id).encode()
+
+    @staticmethod
+    def start_deadline(run_id: str, task_id: str) -> str:
+        return TimerMember("s", run_id, task_id).encode()

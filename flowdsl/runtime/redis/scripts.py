@@ -1,0 +1,297 @@
+"""The Lua scripts that make every state change atomic, and the pipeline batcher that sends them.
+
+Stage: runtime: redis. Imports redis (redis-py) and stdlib.
+
+Why Lua rather than WATCH/MULTI: a transition must check the run's version, the
+lease of the task whose result it applies, and the token of the last
+transition, then write the state, the journal entry, the outbox and the task
+leases — all or nothing. One script does that in one round trip; WATCH/MULTI
+would need two round trips and a retry on every concurrent touch of the run's
+keys. Every per-run script touches only the four keys of one run (one
+``{run_id}`` hash tag, one Cluster slot); the timer script touches the two
+timer sets (one ``{prefix}`` hash tag).
+
+Scripts are sent with EVALSHA; after a Redis restart (``NOSCRIPT``) they are
+loaded again and the call is repeated. :class:`Batcher` sends every command
+issued in the same event-loop tick as one pipeline, so a worker that handles
+many tasks at once pays one round trip per tick, not one per command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+__all__ = ["CLAIM_TIMERS", "PICKUP", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher", "Script"]
+
+#: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`.
+#: Returns {1, new version, {task ids cancelled while queued}} | {2, version, state} (version conflict)
+#: | {3, version, lease} (guard failed) | {4, version} (this token was applied already) | {5} (no such run)
+#: | {6, version} (the run exists: creation refused).
+TRANSITION = r"""
+local run, journal, tasks, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local expected = tonumber(ARGV[1])
+local meta = redis.call('HMGET', run, 'v', 'lt')
+local curv = tonumber(meta[1]) or 0
+if expected == 0 then
+  if curv ~= 0 then return {6, curv} end
+else
+  if curv == 0 then return {5} end
+  if meta[2] == ARGV[3] then return {4, curv} end
+  if curv ~= expected then return {2, curv, redis.call('HGET', run, 'state')} end
+end
+local gid = ARGV[8]
+if gid ~= '' then
+  local mode, want = ARGV[9], ARGV[10]
+  local val = redis.call('HGET', tasks, gid)
+  local ok
+  if mode == 'eq' then
+    ok = (val == want)
+  else
+    ok = (val == 'r:' .. want) or (val == 'xr:' .. want) or (mode == 'lease' and not val)
+  end
+  if not ok then
+    if mode == 'lease' and ARGV[11] ~= '' then
+      redis.call('XADD', journal, '*', 'note', ARGV[11])
+    end
+    return {3, curv, val or ''}
+  end
+end
+local newv = curv + 1
+redis.call('HSET', run, 'state', ARGV[2], 'v', newv, 'lt', ARGV[3], 'status', ARGV[6])
+redis.call('XADD', journal, '*', 'v', newv, 'in', ARGV[4], 'ev', ARGV[5])
+if ARGV[7] ~= '' then redis.call('HSET', outbox, newv, ARGV[7]) end
+local cancelled = {}
+local i = 14
+for _ = 1, tonumber(ARGV[13]) do
+  local op, tid = ARGV[i], ARGV[i + 1]
+  if op == 's' then
+    redis.call('HSET', tasks, tid, ARGV[i + 2])
+  elseif op == 'd' then
+    redis.call('HDEL', tasks, tid)
+  else
+    local cur = redis.call('HGET', tasks, tid)
+    if cur == 'q' then
+      redis.call('HSET', tasks, tid, 'xq')
+      table.insert(cancelled, tid)
+    elseif cur and string.sub(cur, 1, 2) == 'r:' then
+      redis.call('HSET', tasks, tid, 'x' .. cur)
+    end
+  end
+  i = i + 3
+end
+local nmeta = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nmeta do
+  redis.call('HSET', run, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if ARGV[12] == '1' then
+  local ttl = tonumber(redis.call('HGET', run, 'ret') or '0') or 0
+  if ttl > 0 then
+    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+  end
+end
+return {1, newv, cancelled}
+"""
+
+#: KEYS: tasks, outbox (one run). ARGV: task id, stream entry id, lease token (``<entry id>|<consumer>|<nonce>``),
+#: the outbox version that dispatched the task ('' if unknown): its relay is done (the message exists), so that
+#: outbox entry is dropped. Returns {0} gone (not in flight) | {1} run it | {2} answer task_cancelled (cancel
+#: requested before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery).
+PICKUP = r"""
+if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return {0} end
+if v == 'q' then
+  redis.call('HSET', KEYS[1], ARGV[1], 'r:' .. ARGV[3])
+  return {1}
+end
+if v == 'xq' then
+  redis.call('HSET', KEYS[1], ARGV[1], 'xr:' .. ARGV[3])
+  return {2}
+end
+local pre = 'r:'
+if string.sub(v, 1, 3) == 'xr:' then pre = 'xr:' end
+local held = string.sub(v, #pre + 1)
+if string.match(held, '^([^|]*)') == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], pre .. ARGV[3])
+  if pre == 'xr:' then return {2} end
+  return {1}
+end
+return {3, v}
+"""
+
+#: KEYS: the shared keys it touches (task streams, timer sets: one ``{prefix}`` slot). ARGV: the consumer group,
+#: then operations: ``x <key#> <message> <outbox version>`` (XADD a task), ``z <key#> <due> <member>`` (ZADD),
+#: ``r <key#> <member>`` (ZREM), ``a <key#> <entry id>`` (XACK + XDEL: the trigger is done), ``p <channel>
+#: <message>`` (PUBLISH). Carries out a transition's outbox and acknowledges its trigger, all or nothing.
+RELAY = r"""
+local group = ARGV[1]
+local i = 2
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'x' then
+    redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'm', ARGV[i + 2], 'v', ARGV[i + 3])
+    i = i + 4
+  elseif op == 'z' then
+    redis.call('ZADD', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  elseif op == 'r' then
+    redis.call('ZREM', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
+    i = i + 3
+  elseif op == 'a' then
+    local key = KEYS[tonumber(ARGV[i + 1])]
+    redis.call('XACK', key, group, ARGV[i + 2])
+    redis.call('XDEL', key, ARGV[i + 2])
+    i = i + 3
+  else
+    redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2])
+    i = i + 3
+  end
+end
+return 1
+"""
+
+#: KEYS: tasks. ARGV: task id, lease token. Hands a held task back (``q`` again). Returns 1, or 0 if not held.
+RELEASE = r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v == 'r:' .. ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], 'q')
+  return 1
+elseif v == 'xr:' .. ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], 'xq')
+  return 1
+end
+return 0
+"""
+
+#: KEYS: run. ARGV: submitted ms, plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for
+#: none). Records a submission unless the run id is taken. Returns {1} | {0, version or ''} (taken; '' = not
+#: started yet, so the start request may be sent again).
+SUBMIT = r"""
+if redis.call('HEXISTS', KEYS[1], 'submitted') == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'v') or ''}
+end
+redis.call('HSET', KEYS[1], 'submitted', ARGV[1], 'plan', ARGV[2], 'pid', ARGV[3], 'input', ARGV[4],
+           'flow', ARGV[5], 'status', 'submitted')
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'seed', ARGV[6]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ret', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'sts', ARGV[8]) end
+return {1}
+"""
+
+#: KEYS: timers, timers:claimed. ARGV: lease ms, limit. Moves due timers to the claimed set (score = lease
+#: expiry, Redis server clock) and re-claims timers whose firing process died. Returns
+#: {now ms, {due members}, {re-claimed members}, next due ms or ''}.
+CLAIM_TIMERS = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZADD', KEYS[2], now + lease, m)
+end
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+local again = {}
+for _, m in ipairs(stale) do
+  if redis.call('ZSCORE', KEYS[2], m) then
+    redis.call('ZADD', KEYS[2], now + lease, m)
+    table.insert(again, m)
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {now, due, again, nxt[2] or ''}
+"""
+
+
+class Script:
+    """A Lua script called by SHA-1 (EVALSHA), loaded again when the server has forgotten it."""
+
+    def __init__(self, name: str, source: str):
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, batcher: Batcher, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await batcher.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            await batcher.call("SCRIPT", "LOAD", self.source)
+            return await batcher.call("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+class Batcher:
+    """Sends the commands issued during one event-loop tick as one pipeline (auto-pipelining).
+
+    ``await batcher.call(*args)`` returns the command's reply or raises its
+    error (a ``ResponseError`` of that command alone, or the connection error
+    that failed the whole pipeline). At most ``parallel`` pipelines are in
+    flight at once; each holds at most ``max_batch`` commands.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, max_batch: int = 256, parallel: int = 2, wire: Any = None):
+        self.client = client
+        self.wire = wire  # a WireConnection: the lean path (raw RESP2 replies); else redis-py pipelines
+        self.max_batch = max_batch
+        self.parallel = parallel
+        self._queue: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._inflight = 0
+        self._scheduled = False
+        self.pipelines = 0
+        self.commands = 0
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the returned future resolves with its reply."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
+        if not self._scheduled and self._inflight < self.parallel:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
+    def _start(self) -> None:
+        self._scheduled = False
+        while self._queue and self._inflight < self.parallel:
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            self._inflight += 1
+            asyncio.get_running_loop().create_task(self._send(batch))
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            self.pipelines += 1
+            self.commands += len(batch)
+            try:
+                if self.wire is not None:
+                    replies = await self.wire.execute([args for args, _ in batch])
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for args, _ in batch:
+                        pipe.execute_command(*args)
+                    replies = await pipe.execute(raise_on_error=False)
+            except BaseException as exc:  # the connection failed: every command in the batch failed with it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        finally:
+            self._inflight -= 1
+            if self._queue and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._start)

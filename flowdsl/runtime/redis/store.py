@@ -1,0 +1,299 @@
+"""Reading and writing runs in Redis: load, atomic transition, task pickup, outbox relay, timers.
+
+Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys`` and
+stdlib; orjson when it is installed (a faster JSON codec; stdlib json else).
+It knows the data model (docs/runtime.md, "The Redis data model") but nothing
+of the kernel's semantics: :mod:`.advance` decides what to write.
+
+The outbox is what makes a transition atomic on one Cluster slot: the
+commands a transition decides (tasks to queue, timers to set or clear,
+cancellations to announce) are written into the run's own ``outbox`` hash by
+the same script that writes the state and the journal entry, then *relayed*
+to the shared streams and timer set, and only then is the trigger of the
+transition (a task's stream entry, a timer claim, a control request)
+acknowledged. A process that dies in between leaves the trigger pending; whoever
+takes it over relays the outbox first (:meth:`Store.outbox`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from flowdsl.runtime.redis.keys import GROUP, Keys
+from flowdsl.runtime.redis.scripts import CLAIM_TIMERS, PICKUP, RELAY, RELEASE, TRANSITION, Batcher, Script
+
+try:  # an optional, faster codec for the state and messages; the bytes are JSON either way
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
+__all__ = ["Clock", "RunRecord", "Store", "TransitionResult", "dumps", "loads", "plan_id"]
+
+_TRANSITION = Script("transition", TRANSITION)
+_PICKUP = Script("pickup", PICKUP)
+_RELEASE = Script("release", RELEASE)
+_RELAY = Script("relay", RELAY)
+_CLAIM = Script("claim_timers", CLAIM_TIMERS)
+
+
+def dumps(value: Any) -> bytes:
+    """JSON bytes (UTF-8, compact); task messages, states and journal entries are all JSON."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(value)
+        except TypeError:  # e.g. an int beyond 64 bits: stdlib json takes it
+            pass
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def loads(raw: bytes | str) -> Any:
+    if _orjson is not None:
+        return _orjson.loads(raw)
+    return json.loads(raw)
+
+
+def plan_id(plan: dict[str, Any]) -> str:
+    """A content id of a plan (SHA-256 of its canonical JSON, 16 hex digits): workers cache plans by it."""
+    canon = json.dumps(plan, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+class Clock:
+    """Milliseconds since the epoch on the Redis server's clock: one clock for every machine.
+
+    The offset between this process's clock and the server's ``TIME`` is
+    measured at start and every :attr:`resync_s` seconds (halving the round
+    trip), so ``now()`` costs no round trip. Timer due times are compared with
+    ``TIME`` inside the claim script itself.
+    """
+
+    resync_s = 30.0
+
+    def __init__(self) -> None:
+        self.offset_ms = 0.0
+        self.synced_at: float | None = None
+
+    def now(self) -> int:
+        return int(time.time() * 1000.0 + self.offset_ms)
+
+    async def sync(self, client: aioredis.Redis) -> None:
+        best: tuple[float, float] | None = None
+        for _ in range(3):
+            t0 = time.time()
+            secs, micros = await client.time()
+            t1 = time.time()
+            sample = (t1 - t0, secs * 1000.0 + micros / 1000.0 - (t0 + t1) * 500.0)
+            if best is None or sample[0] < best[0]:
+                best = sample
+        assert best is not None
+        self.offset_ms = best[1]
+        self.synced_at = time.monotonic()
+
+    def stale(self) -> bool:
+        return self.synced_at is None or time.monotonic() - self.synced_at > self.resync_s
+
+
+@dataclass
+class RunRecord:
+    """A run as a process holds it: the kernel state, its version, the plan and per-run settings."""
+
+    run_id: str
+    state: dict[str, Any]
+    version: int
+    plan: dict[str, Any]
+    sts_ms: int | None
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """What the transition script said: ``code`` 1 applied, 2 version conflict, 3 guard failed,
+    4 already applied (same token), 5 no such run, 6 the run exists (creation refused)."""
+
+    code: int
+    version: int = 0
+    state: bytes | None = None  # the current state, on a version conflict
+    lease: str = ""  # the task's lease value, when the guard failed
+    cancelled_queued: tuple[str, ...] = ()  # task ids cancelled before any worker picked them up
+
+    @property
+    def applied(self) -> bool:
+        return self.code in (1, 4)
+
+
+class Store:
+    """The run store of one deployment (one key prefix) on one Redis client.
+
+    Every call goes through a :class:`~flowdsl.runtime.redis.scripts.Batcher`,
+    so calls made concurrently share pipelines. Plans are cached by plan id.
+    """
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, batcher: Batcher | None = None):
+        self.client = client
+        self.keys = keys
+        self.batcher = batcher or Batcher(client)
+        self.plans: dict[str, dict[str, Any]] = {}
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        return self.batcher.call(*args)
+
+    # --- runs --------------------------------------------------------------------------
+
+    async def plan(self, run_id: str, pid: str) -> dict[str, Any] | None:
+        """The plan of a run, from the cache or the run's hash (the same dict object for a plan id)."""
+        found = self.plans.get(pid)
+        if found is None:
+            raw = await self.call("HGET", self.keys.run(run_id), "plan")
+            if raw is None:
+                return None
+            found = self.plans.setdefault(pid, loads(raw))
+        return found
+
+    async def load(self, run_id: str) -> RunRecord | None:
+        """The run's current state and version, or None when it has not started (or has expired)."""
+        state, version, pid, sts = await self.call("HMGET", self.keys.run(run_id), "state", "v", "pid", "sts")
+        if version is None or state is None or pid is None:
+            return None
+        plan = await self.plan(run_id, pid.decode())
+        if plan is None:
+            return None
+        return RunRecord(run_id, loads(state), int(version), plan, int(sts) if sts else None)
+
+    async def submission(self, run_id: str) -> dict[str, Any] | None:
+        """The submitted start request of a run (plan, input, settings), or None."""
+        names = ("submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel")
+        values = await self.call("HMGET", self.keys.run(run_id), *names)
+        got = dict(zip(names, values, strict=True))
+        if got["submitted"] is None or got["pid"] is None or got["input"] is None:
+            return None
+        plan = await self.plan(run_id, got["pid"].decode())
+        if plan is None:
+            return None
+        return {"plan": plan, "pid": got["pid"].decode(), "input": loads(got["input"]),
+                "seed": int(got["seed"]) if got["seed"] else None, "ret": int(got["ret"]) if got["ret"] else None,
+                "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
+                "cancel": got["cancel"].decode() if got["cancel"] is not None else None}
+
+    async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, input_event: bytes,
+                         events: bytes, status: str, outbox: bytes | None = None,
+                         guard: tuple[str, str, str] | None = None, note: bytes | None = None,
+                         finished: bool = False, task_ops: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+                         meta: list[tuple[str, Any]] = ()) -> TransitionResult:  # type: ignore[assignment]
+        """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
+
+        ``expected`` is the version the state was computed from (0: create the
+        run); ``guard`` is ``(task id, mode, value)`` with mode ``lease`` (the
+        task must be held under lease token ``value``, or no longer be in
+        flight), ``strict`` (held under ``value``) or ``eq`` (its lease value
+        equals ``value``); ``note`` is journaled when a ``lease`` guard fails;
+        ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark cancelled.
+        """
+        gid, mode, want = guard or ("", "", "")
+        args: list[Any] = [expected, state, token, input_event, events, status, outbox or b"", gid, mode, want,
+                           note or b"", "1" if finished else "0", len(task_ops)]
+        for op in task_ops:
+            args.extend(op)
+        args.append(len(meta))
+        for name, value in meta:
+            args.extend((name, value))
+        reply = await _TRANSITION(self.batcher, self.keys.run_keys(run_id), args)
+        code = int(reply[0])
+        if code == 1:
+            return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in reply[2]))
+        if code == 2:
+            return TransitionResult(2, int(reply[1]), state=reply[2])
+        if code == 3:
+            return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
+        if code in (4, 6):
+            return TransitionResult(code, int(reply[1]))
+        return TransitionResult(code)
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    async def pickup(self, run_id: str, task_id: str, entry_id: str, token: str,
+                     outbox_version: str = "") -> tuple[int, str]:
+        """Take a task's lease: (0 gone | 1 run | 2 answer cancelled | 3 duplicate, lease value).
+
+        ``outbox_version`` (the message's ``v``) names the outbox entry that
+        dispatched the task: the message exists, so that entry's relay is done and
+        it is dropped here — a chain of steps pays no separate outbox cleanup.
+        """
+        reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id)],
+                              [task_id, entry_id, token, outbox_version])
+        return int(reply[0]), (reply[1].decode() if len(reply) > 1 and reply[1] else "")
+
+    async def leases(self, held: list[tuple[str, str]]) -> list[str]:
+        """The lease values of ``(run id, task id)`` pairs ('' for tasks no longer in flight)."""
+        replies = await asyncio.gather(*(self.call("HGET", self.keys.tasks(r), t) for r, t in held))
+        return [(v or b"").decode() for v in replies]
+
+    async def release(self, run_id: str, task_id: str, token: str) -> bool:
+        """Hand a held task back (its lease becomes ``q`` again). False when it was not held under ``token``."""
+        return bool(await _RELEASE(self.batcher, [self.keys.tasks(run_id)], [task_id, token]))
+
+    @staticmethod
+    def ack_op(stream: str, entry_id: str) -> dict[str, Any]:
+        """The relay operation that acknowledges and deletes a stream entry (no trimming ever: an entry
+        leaves its stream only once acknowledged)."""
+        return {"o": "ack", "s": stream, "i": entry_id}
+
+    @staticmethod
+    def timer_done_op(member: str) -> dict[str, Any]:
+        """The relay operation that ends a timer claim."""
+        return {"o": "done", "k": member}
+
+    async def relay(self, run_id: str | None, version: int | None, ops: list[dict[str, Any]]) -> None:
+        """Carry out outbox ``ops`` (and acknowledgements) in one RELAY script; drop the outbox entry unless a
+        task it dispatched will (at pickup)."""
+        keys: list[str] = []
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)
+            return index[name]
+
+        args: list[Any] = [GROUP]
+        tasks = False
+        for op in ops:
+            kind = op["o"]
+            if kind == "task":
+                tasks = True
+                args += ["x", key(op["q"]), op.get("raw") or dumps(op["m"]), op.get("v", "")]
+            elif kind == "timer":
+                args += ["z", key(self.keys.timers), op["d"], op["k"]]
+            elif kind == "untimer":
+                args += ["r", key(self.keys.timers), op["k"]]
+            elif kind == "cancel":
+                args += ["p", self.keys.cancel_channel, op["t"]]
+            elif kind == "ack":
+                args += ["a", key(op["s"]), op["i"]]
+            elif kind == "done":
+                args += ["r", key(self.keys.timers_claimed), op["k"]]
+        if len(args) > 1:
+            await _RELAY(self.batcher, keys, args)
+        if run_id is not None and version is not None and not tasks:  # only once the relay is done
+            await self.call("HDEL", self.keys.outbox(run_id), version)
+
+    async def outbox(self, run_id: str) -> list[tuple[int, list[dict[str, Any]]]]:
+        """The run's outbox entries not yet relayed, oldest first."""
+        raw = await self.call("HGETALL", self.keys.outbox(run_id))
+        items = [(int(k), loads(v)) for k, v in (raw or {}).items()] if isinstance(raw, dict) else \
+            [(int(raw[i]), loads(raw[i + 1])) for i in range(0, len(raw or []), 2)]
+        return sorted(items, key=lambda kv: kv[0])
+
+    # --- timers --------------------------------------------------------------------------------
+
+    async def claim_timers(self, lease_ms: int, limit: int = 100) -> tuple[int, list[str], list[str], int | None]:
+        """Claim due timers: (server now, due members, re-claimed members of dead firers, next due or None)."""
+        reply = await _CLAIM(self.batcher, [self.keys.timers, self.keys.timers_claimed], [lease_ms, limit])
+        nxt = reply[3]
+        return (int(reply[0]), [m.decode() for m in reply[1]], [m.decode() for m in reply[2]],
+                int(float(nxt)) if nxt else None)

@@ -1,0 +1,216 @@
+"""A lean asyncio Redis connection for the worker's hot path: pipelined commands on one socket.
+
+Stage: runtime: redis. Imports redis (for its URL parser and error classes)
+and stdlib; hiredis when it is installed (its C reply parser and command
+packer; a pure-Python RESP2 parser and packer otherwise).
+
+Why: redis-py's asyncio client spends ~200 µs of CPU per round trip and packs
+every argument in Python; a worker makes three round trips per step. This
+connection writes a whole batch of commands with one ``write`` and matches the
+replies, in order, to futures — the :class:`~flowdsl.runtime.redis.scripts.Batcher`
+uses it for every command of a worker. Replies are raw RESP2 (bulk strings as
+bytes, arrays as lists, errors as ``redis.ResponseError`` instances).
+Connection loss fails the commands in flight with ``ConnectionError``; the
+next batch reconnects. TLS (``rediss://``) is not handled here: the
+:class:`~flowdsl.runtime.redis.scripts.Batcher` then uses redis-py pipelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+import redis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import NoScriptError, ResponseError
+
+try:
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - depends on the environment
+    _hiredis = None
+
+__all__ = ["WireConnection", "supported"]
+
+
+def supported(url: str) -> bool:
+    """Whether this connection can serve ``url`` (plain TCP or a unix socket; TLS goes through redis-py)."""
+    return url.startswith(("redis://", "unix://"))
+
+
+def _error(message: str) -> ResponseError:
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+def _encode(arg: Any) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, bool):
+        raise TypeError("booleans are not Redis arguments")
+    if isinstance(arg, int | float):
+        return repr(arg).encode()
+    raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
+
+
+def pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…``."""
+    if _hiredis is not None:
+        return _hiredis.pack_command(tuple(_encode(a) for a in args))
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = _encode(arg)
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _PyReader:
+    """A RESP2 reply parser (used when hiredis is not installed)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+
+    def feed(self, data: bytes) -> None:
+        if self.pos:
+            del self.buf[:self.pos]
+            self.pos = 0
+        self.buf += data
+
+    def gets(self) -> Any:
+        start = self.pos
+        try:
+            value = self._read()
+        except IndexError:
+            self.pos = start
+            return False
+        return value
+
+    def _line(self) -> bytes:
+        end = self.buf.find(b"\r\n", self.pos)
+        if end < 0:
+            raise IndexError
+        line = bytes(self.buf[self.pos:end])
+        self.pos = end + 2
+        return line
+
+    def _read(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return _error(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            if len(self.buf) < self.pos + n + 2:
+                raise IndexError
+            data = bytes(self.buf[self.pos:self.pos + n])
+            self.pos += n + 2
+            return data
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise redis.ConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader: Any = _hiredis.Reader(replyError=_error) if _hiredis is not None else _PyReader()
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if self.waiting:
+                future = self.waiting.popleft()
+                if not future.done():
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = redis.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+
+
+class WireConnection:
+    """One pipelined connection to the Redis of ``url`` (``redis://`` or ``unix://``), opened on first use."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, client_name: str | None = None):
+        self.options = parse_url(url)
+        self.connect_timeout = connect_timeout
+        self.client_name = client_name
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connect(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._protocol is not None and self._protocol.lost is None:
+                return self._protocol
+            loop = asyncio.get_running_loop()
+            opts = self.options
+            try:
+                if "path" in opts:
+                    coro = loop.create_unix_connection(_Protocol, opts["path"])
+                else:
+                    coro = loop.create_connection(_Protocol, opts.get("host", "localhost"), opts.get("port", 6379))
+                _, protocol = await asyncio.wait_for(coro, self.connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from None
+            hello: list[tuple[Any, ...]] = []
+            if opts.get("password"):
+                hello.append(("AUTH", opts["username"], opts["password"]) if opts.get("username")
+                             else ("AUTH", opts["password"]))
+            if opts.get("db"):
+                hello.append(("SELECT", int(opts["db"])))
+            if self.client_name:
+                hello.append(("CLIENT", "SETNAME", self.client_name))
+            if hello:
+                for reply in await self._send(protocol, hello):
+                    if isinstance(reply, Exception):
+                        assert protocol.transport is not None
+                        protocol.transport.close()
+                        raise redis.AuthenticationError(str(reply)) if "AUTH" in str(reply).upper() or \
+                            "WRONGPASS" in str(reply) else reply
+            self._protocol = protocol
+            return protocol
+
+    @staticmethod
+    async def _send(protocol: _Protocol, commands: list[tuple[Any, ...]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        protocol.waiting.extend(futures)
+        assert protocol.transport is not None
+        protocol.transport.write(b"".join(pack(c) for c in commands))
+        return list(await asyncio.gather(*futures))
+
+    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, in order (errors as ResponseError instances)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            protocol = await self._connect()
+        return await self._send(protocol, commands)
+
+    async def aclose(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None

@@ -1,0 +1,612 @@
+"""The worker process: serve task streams, run steps, advance runs, fire timers, survive everything.
+
+Stage: runtime: redis. Imports redis, ``flowdsl.runtime.execute`` (to run
+steps), ``flowdsl.workers`` (the registry) and this package. One
+:class:`RedisWorker` is one process's loop (``flowdsl worker``); any number
+of them, on any number of machines, share the work through consumer groups:
+
+- **reader** — ``XREADGROUP`` over the control stream, the LLM stream and the
+  task stream of every registered worker; each message gets a handler.
+- **task handler** — takes the task's lease (``PICKUP``: dropped when the task
+  is no longer in flight or another delivery holds it), runs it with
+  :func:`flowdsl.runtime.execute.execute`, and applies the answer through the
+  kernel with a lease guard, so a result from a worker that lost its lease is
+  rejected and journaled; the stream entry is acknowledged (and deleted) only
+  after the transition and its relay are written.
+- **heartbeat** — every lease/3: renews the stream lease of every entry this
+  process holds (``XCLAIM … JUSTID`` resets the idle time) while its task lease
+  is still ours; notices cancellations it missed; records liveness.
+- **reclaimer** — ``XAUTOCLAIM`` of entries idle longer than the lease (their
+  holder died, hung or lost its network): they run again here, with the same
+  task id and idempotency key, after the run's outbox is relayed.
+- **timers** — claims due timers (server clock) and fires them; a claim whose
+  firer died is re-claimed after the lease.
+- **cancel listener** — pub/sub of cancelled task ids: stops the coroutine of
+  an async worker at once (a sync worker's thread runs to its end and its real
+  result is reported, as in the local runtime).
+
+SIGTERM/SIGINT stop gracefully: no new work, in-flight steps get ``grace``
+seconds to finish, the rest are handed back (lease released, message queued
+again) so another process picks them up at once; a second signal exits at
+once (the entries are reclaimed after the lease). ``burst`` drains the
+streams and exits. A lost connection is retried with backoff in every loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from flowdsl.runtime.execute import cancellable, execute
+from flowdsl.runtime.redis.advance import Advancer, Outcome
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
+from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
+from flowdsl.runtime.redis.scripts import Batcher
+from flowdsl.runtime.redis.store import Clock, Store, dumps, loads
+from flowdsl.runtime.redis.wire import WireConnection
+from flowdsl.runtime.redis.wire import supported as wire_supported
+from flowdsl.workers import WorkerRegistry
+from flowdsl.workers import registry as default_registry
+
+__all__ = ["RedisWorker", "WorkerOptions", "WorkerStats"]
+
+log = logging.getLogger("flowdsl.redis")
+
+
+@dataclass
+class WorkerOptions:
+    """How a worker process behaves (the ``flowdsl worker`` options)."""
+
+    concurrency: int = 32  # steps executing at once in this process
+    burst: bool = False  # drain the streams, then exit
+    lease_s: float = 30.0  # a held message idle this long is reclaimed by another process
+    schedule_timeout_s: float | None = None  # default schedule-to-start deadline of runs that set none
+    retention_s: float = 7 * 24 * 3600.0  # default retention of finished runs that set none
+    grace_s: float = 10.0  # on SIGTERM: how long in-flight steps may take before they are handed back
+    llm: bool = True  # also serve the LLM stream
+    lm: object | str | None = None  # the model of LLM steps that name none (--lm)
+    block_ms: int = 1000  # XREADGROUP BLOCK
+    timer_poll_s: float = 0.05  # how often timers armed by other processes are looked for
+    burst_horizon_s: float = 2.0  # burst: keep going while a timer is due within this
+    name: str | None = None  # consumer name (default host:pid:random)
+    handle_signals: bool = True
+
+
+@dataclass
+class WorkerStats:
+    """What a worker process did (returned by :meth:`RedisWorker.serve`)."""
+
+    name: str = ""
+    tasks: int = 0  # steps executed
+    reclaimed: int = 0  # messages taken over from other processes
+    dropped: int = 0  # deliveries of tasks no longer in flight (or held by another delivery)
+    rejected: int = 0  # results refused because the lease was lost
+    timers: int = 0
+    runs_started: int = 0
+    handed_back: int = 0
+    transitions: int = 0
+    conflicts: int = 0
+
+
+@dataclass
+class _Held:
+    stream: str
+    entry_id: str
+    run_id: str
+    task_id: str
+    token: str
+    command: dict[str, Any]
+    raw: bytes
+    outbox_version: str
+    picked: bool = False
+    cancel: bool = False
+    hand_back: bool = False
+    lost: bool = False
+    exec_task: asyncio.Future[dict[str, Any]] | None = field(default=None, repr=False)
+
+
+class RedisWorker:
+    """One worker process. ``await RedisWorker(url, prefix=...).serve()`` runs until stopped.
+
+    ``registry`` (default: the process-wide one) decides which task streams are
+    served: one per registered worker name.
+    """
+
+    def __init__(self, url: str | None = None, *, prefix: str = "flowdsl", registry: WorkerRegistry | None = None,
+                 options: WorkerOptions | None = None):
+        self.url = url
+        self.keys = Keys(prefix)
+        self.registry = registry or default_registry
+        self.options = options or WorkerOptions()
+        self.name = self.options.name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.stats = WorkerStats(name=self.name)
+        self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
+            [self.keys.queue(w) for w in sorted(self.registry.names())]
+        self.lease_ms = max(100, int(self.options.lease_s * 1000))
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._by_task: dict[str, _Held] = {}
+        self._active: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._stopped: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._room: asyncio.Event | None = None
+        self._timer_wake: asyncio.Event | None = None
+        self._next_timer: float = 0.0
+        self._signals = 0
+        self.client: aioredis.Redis | None = None
+        self.started_at = time.time()
+
+    # --- the public face -------------------------------------------------------------
+
+    async def serve(self) -> WorkerStats:
+        """Serve until stopped (a signal, :meth:`stop`, or an idle burst); returns what was done."""
+        self._stopped = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.options.concurrency)
+        self._room = asyncio.Event()
+        self._timer_wake = asyncio.Event()
+        self.client = connect(self.url, client_name=f"flowdsl-worker:{self.name}")
+        reader = connect(self.url, client_name=f"flowdsl-reader:{self.name}")
+        url = resolve_url(self.url)
+        self.wire = WireConnection(url, client_name=f"flowdsl-worker:{self.name}") if wire_supported(url) else None
+        self.store = Store(self.client, self.keys, batcher=Batcher(self.client, wire=self.wire))
+        self.clock = Clock()
+        schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
+        self.advancer = Advancer(self.store, self.clock, schedule_timeout_ms=schedule_ms,
+                                 retention_ms=int(self.options.retention_s * 1000), on_timer=self._timer_armed)
+        self._install_signals()
+        loops: list[asyncio.Task[None]] = []
+        try:
+            await self._retrying("connecting", self._setup)
+            loops = [asyncio.create_task(self._reader(reader), name="reader"),
+                     asyncio.create_task(self._timers(), name="timers"),
+                     asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                     asyncio.create_task(self._reclaimer(), name="reclaimer"),
+                     asyncio.create_task(self._cancel_listener(), name="cancels")]
+            log.info("worker %s serving %d stream(s) under prefix %r", self.name, len(self.streams),
+                     self.keys.prefix)
+            await self._stopped.wait()
+            await self._shutdown(loops)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            self._remove_signals()
+            with contextlib.suppress(Exception):
+                await self.client.hdel(self.keys.workers, self.name)
+            await reader.aclose()
+            await self.client.aclose()
+            if self.wire is not None:
+                await self.wire.aclose()
+        self.stats.transitions = self.advancer.transitions
+        self.stats.conflicts = self.advancer.conflicts
+        return self.stats
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop serving: gracefully (finish or hand back in-flight steps) or at once."""
+        self._stopping = True
+        if not graceful:
+            for task in list(self._active):
+                task.cancel()
+        if self._stopped is not None:
+            self._stopped.set()
+        if self._room is not None:
+            self._room.set()
+
+    # --- setup, signals -----------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        assert self.client is not None
+        await self.clock.sync(self.client)
+        for stream in self.streams:
+            try:
+                await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        await self._liveness()
+
+    def _install_signals(self) -> None:
+        if not self.options.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _remove_signals(self) -> None:
+        if not self.options.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("worker %s: %s received, finishing in-flight steps (up to %.0f s; again to stop at once)",
+                     self.name, signal.Signals(sig).name, self.options.grace_s)
+            self.stop(graceful=True)
+        else:
+            log.info("worker %s: stopping at once; its messages will be reclaimed after the lease", self.name)
+            self.stop(graceful=False)
+
+    async def _retrying(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        backoff = Backoff()
+        while True:
+            try:
+                result = await fn()
+                if backoff.failures:
+                    log.info("worker %s: Redis reachable again (%s)", self.name, what)
+                return result
+            except TRANSIENT as exc:
+                if backoff.failures == 0:
+                    log.warning("worker %s: Redis unreachable while %s (%s); retrying with backoff",
+                                self.name, what, exc)
+                if self._stopping and what != "connecting":
+                    raise
+                await backoff.wait()
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def _reader(self, reader: aioredis.Redis) -> None:
+        assert self._room is not None
+        backoff = Backoff()
+        block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
+        while not self._stopping:
+            free = self.options.concurrency - len(self._held)
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                reply = await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=free,
+                                                block=block)
+                backoff.reset()
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): make the groups again
+                    await self._retrying("creating consumer groups", self._setup)
+                    continue
+                raise
+            except TRANSIENT as exc:
+                if backoff.failures == 0:
+                    log.warning("worker %s: Redis unreachable (%s); reconnecting with backoff", self.name, exc)
+                await backoff.wait()
+                continue
+            if not reply:
+                if self.options.burst and await self._idle():
+                    log.info("worker %s: burst: nothing left to do", self.name)
+                    self.stop(graceful=True)
+                continue
+            for stream, entries in reply:
+                name = stream.decode()
+                for entry_id, fields in entries:
+                    self._spawn(name, entry_id.decode(), fields or {}, recover=False)
+
+    def _spawn(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
+        if stream == self.keys.control:
+            coro: Awaitable[None] = self._control(entry_id, fields, recover)
+        else:
+            raw = fields.get(b"m")
+            if raw is None:  # not a task message: drop it
+                coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id)])
+            else:
+                command = loads(raw)
+                held = _Held(stream, entry_id, command["run_id"], command["task_id"],
+                             f"{entry_id}|{self.name}|{secrets.token_hex(3)}", command, raw,
+                             (fields.get(b"v") or b"").decode())
+                self._held[(stream, entry_id)] = held
+                self._by_task[held.task_id] = held
+                coro = self._task(held, recover)
+        self._track(coro)
+
+    def _track(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._active.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._active.discard(task)
+        if self._room is not None:
+            self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("worker %s: a handler failed: %s: %s", self.name, type(exc).__name__, exc)
+
+    # --- handlers -------------------------------------------------------------------------
+
+    async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
+        ack = [self.store.ack_op(self.keys.control, entry_id)]
+        try:
+            msg = loads(fields[b"c"])
+            run_id = msg["run_id"]
+        except (KeyError, ValueError, TypeError):
+            await self.advancer.relay(None, None, ack)
+            return
+        while True:
+            try:
+                if msg.get("type") == "start":
+                    if await self.advancer.start(run_id, ack=ack, recover=recover) == Outcome.APPLIED:
+                        self.stats.runs_started += 1
+                elif msg.get("type") == "cancel":
+                    event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
+                    await self.advancer.apply_event(run_id, event, ack=ack, recover=recover)
+                else:
+                    await self.advancer.relay(None, None, ack)
+                return
+            except TRANSIENT:
+                if self._stopping:
+                    return  # the entry stays pending: reclaimed after the lease
+                recover = True
+                await Backoff().wait()
+
+    async def _task(self, held: _Held, recover: bool) -> None:
+        assert self._slots is not None
+        key = (held.stream, held.entry_id)
+        try:
+            async with self._slots:
+                if self._stopping:
+                    await self._hand_back(held)
+                    return
+                await self._run_task(held, recover)
+        except TRANSIENT:
+            pass  # Redis went away mid-way and we are stopping: the entry is reclaimed after the lease
+        finally:
+            self._held.pop(key, None)
+            if self._by_task.get(held.task_id) is held:
+                del self._by_task[held.task_id]
+
+    async def _run_task(self, held: _Held, recover: bool) -> None:
+        ack = [self.store.ack_op(held.stream, held.entry_id)]
+        if recover:
+            self.stats.reclaimed += 1
+        while True:
+            try:
+                if recover:
+                    await self.advancer.recover(held.run_id)
+                code, _ = await self.store.pickup(held.run_id, held.task_id, held.entry_id, held.token,
+                                                  held.outbox_version)
+                break
+            except TRANSIENT:
+                if self._stopping:
+                    raise
+                recover = True
+                await Backoff().wait()
+        log.debug("pickup %s entry %s recover=%s: %s", held.task_id, held.entry_id, recover, code)
+        if code in (0, 3):
+            self.stats.dropped += 1
+            await self.advancer.relay(None, None, ack)
+            return
+        held.picked = True
+        if code == 2 or held.cancel:
+            event: dict[str, Any] = {"type": "task_cancelled", "task_id": held.task_id}
+        else:
+            self.stats.tasks += 1
+            held.exec_task = asyncio.ensure_future(execute(held.command, registry=self.registry, lm=self.options.lm))
+            if held.cancel and cancellable(held.command, self.registry):
+                held.exec_task.cancel()
+            try:
+                event = await held.exec_task
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                if held.hand_back:
+                    await self._hand_back(held)
+                    return
+                event = {"type": "task_cancelled", "task_id": held.task_id}
+        mode = "strict" if event["type"] == "task_cancelled" else "lease"
+        note = {"type": "result_rejected", "reason": "lease_lost", "run_id": held.run_id, "task_id": held.task_id,
+                "result_type": event["type"], "worker": self.name,
+                "message": "the result came from a worker whose lease had expired; another worker holds the task"}
+        backoff = Backoff()
+        while True:  # report until Redis takes it (the heartbeat keeps the lease meanwhile)
+            try:
+                outcome = await self.advancer.apply_event(held.run_id, dict(event),
+                                                          guard=(held.task_id, mode, held.token),
+                                                          note=note if mode == "lease" else None, ack=ack,
+                                                          recover=backoff.failures > 0)
+                break
+            except TRANSIENT:
+                await backoff.wait()
+        if outcome == Outcome.REJECTED and mode == "lease":
+            self.stats.rejected += 1
+            log.warning("worker %s: result of %s rejected: its lease had been lost", self.name, held.task_id)
+
+    async def _hand_back(self, held: _Held) -> None:
+        """Give a task back: release its lease, queue its message again, acknowledge this delivery."""
+        if held.picked:
+            await self.store.release(held.run_id, held.task_id, held.token)
+        await self.advancer.relay(None, None, [{"o": "task", "q": held.stream, "raw": held.raw,
+                                                "v": held.outbox_version},
+                                               self.store.ack_op(held.stream, held.entry_id)])
+        self.stats.handed_back += 1
+
+    def _cancel_requested(self, held: _Held) -> None:
+        held.cancel = True
+        if held.exec_task is not None and not held.exec_task.done() and cancellable(held.command, self.registry):
+            held.exec_task.cancel()
+
+    # --- background loops ---------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        interval = max(0.05, self.options.lease_s / 3)
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
+                await self._liveness()
+                if self.clock.stale():
+                    assert self.client is not None
+                    await self.clock.sync(self.client)
+            except TRANSIENT as exc:
+                log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
+
+    async def _renew(self) -> None:
+        held = list(self._held.values())
+        picked = [h for h in held if h.picked]
+        values = await self.store.leases([(h.run_id, h.task_id) for h in picked]) if picked else []
+        renew: dict[str, list[str]] = defaultdict(list)
+        for h, value in zip(picked, values, strict=True):
+            if value == "r:" + h.token:
+                renew[h.stream].append(h.entry_id)
+            elif value == "xr:" + h.token:
+                renew[h.stream].append(h.entry_id)
+                if not h.cancel:
+                    self._cancel_requested(h)  # a cancellation whose notice was missed
+            elif value and not h.lost:
+                h.lost = True  # reclaimed by another process: stop renewing; our result will be rejected
+                log.warning("worker %s: lease of %s lost; its result will be rejected", self.name, h.task_id)
+            # no value: no longer in flight (its result is being written, or the kernel gave up on it)
+        for h in held:
+            if not h.picked:
+                renew[h.stream].append(h.entry_id)
+        assert self.client is not None
+        for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
+            await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
+
+    async def _liveness(self) -> None:
+        assert self.client is not None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": int(self.started_at * 1000),
+                  "seen": self.clock.now(), "lease_ms": self.lease_ms, "concurrency": self.options.concurrency,
+                  "workers": sorted(self.registry.names()), "llm": self.options.llm}
+        await self.store.call("HSET", self.keys.workers, self.name, dumps(record))
+
+    async def _reclaimer(self) -> None:
+        interval = max(0.05, self.options.lease_s / 4)
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            free = self.options.concurrency - len(self._held)
+            if free <= 0 or self._stopping:
+                continue
+            try:
+                for stream in self.streams:
+                    start = "0-0"
+                    while free > 0 and not self._stopping:
+                        reply = await self.store.call("XAUTOCLAIM", stream, GROUP, self.name, self.lease_ms,
+                                                      start, "COUNT", free)
+                        start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                        for entry_id, fields in reply[1]:
+                            eid = entry_id.decode()
+                            if (stream, eid) in self._held:
+                                continue
+                            free -= 1
+                            pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) \
+                                else (fields or {})
+                            self._spawn(stream, eid, pairs, recover=True)
+                        if start == "0-0":
+                            break
+            except TRANSIENT as exc:
+                log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
+
+    def _timer_armed(self, due: int) -> None:
+        if self._timer_wake is not None and due < self._next_timer:
+            self._timer_wake.set()
+
+    async def _timers(self) -> None:
+        assert self._timer_wake is not None
+        backoff = Backoff()
+        while not self._stopping:
+            try:
+                now, due, again, nxt = await self.store.claim_timers(self.lease_ms)
+                backoff.reset()
+            except TRANSIENT:
+                await backoff.wait()
+                continue
+            for raw, recover in [(m, False) for m in due] + [(m, True) for m in again]:
+                member = TimerMember.decode(raw)
+                if member is None:
+                    await self.advancer.relay(None, None, [self.store.timer_done_op(raw)])
+                    continue
+                self.stats.timers += 1
+                self._track(self._fire(member, recover))
+            if due or again:
+                continue
+            wait = self.options.timer_poll_s
+            if nxt is not None:
+                wait = min(wait, max(0.0, (nxt - now) / 1000.0))
+            self._next_timer = self.clock.now() + wait * 1000.0
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
+
+    async def _fire(self, member: TimerMember, recover: bool) -> None:
+        while True:
+            try:
+                await self.advancer.fire(member, recover=recover)
+                return
+            except TRANSIENT:
+                if self._stopping:
+                    return  # the claim expires and another process fires it
+                recover = True
+                await Backoff().wait()
+
+    async def _cancel_listener(self) -> None:
+        assert self.client is not None
+        backoff = Backoff()
+        while not self._stopping:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.cancel_channel)
+                backoff.reset()
+                while not self._stopping:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message and message.get("type") == "message":
+                        held = self._by_task.get(message["data"].decode())
+                        if held is not None:
+                            self._cancel_requested(held)
+            except TRANSIENT:
+                await backoff.wait()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _idle(self) -> bool:
+        """Burst mode: nothing here, nothing in any stream served, no timer due soon."""
+        if self._active or self._held:
+            return False
+        lengths = await asyncio.gather(*(self.store.call("XLEN", s) for s in self.streams))
+        if any(lengths):
+            return False
+        if await self.store.call("ZCARD", self.keys.timers_claimed):
+            return False
+        first = await self.store.call("ZRANGE", self.keys.timers, 0, 0, "WITHSCORES")
+        if first:
+            due = float(first[1])
+            if due - self.clock.now() < self.options.burst_horizon_s * 1000:
+                return False
+        return not self._active
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
+        reader, timers, _, reclaimer, _ = loops
+        for task in (reader, timers, reclaimer):
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=self.options.block_ms / 1000 + 1)
+        if self._active:
+            await asyncio.wait(set(self._active), timeout=self.options.grace_s)
+        if self._active:
+            for held in list(self._held.values()):
+                held.hand_back = True
+                if held.exec_task is not None and not held.exec_task.done():
+                    held.exec_task.cancel()
+            await asyncio.wait(set(self._active), timeout=5.0)
+        for task in list(self._active):
+            task.cancel()
+        if self._active:
+            await asyncio.wait(set(self._active), timeout=1.0)

@@ -1,0 +1,244 @@
+"""Fault tests of the Redis runtime: processes killed, paused and restarted while runs go on.
+
+Every test starts its own ``flowdsl worker`` processes (and, for the Redis
+crash, its own redis-server), kills only those, by PID, and stops them in a
+``finally``. Each is bounded by timeouts. The workers of
+``tests.redis.fault_workers`` keep a ledger: the checks are that every run
+reaches its end state, that each step's side effect was applied exactly once
+under its one idempotency key, and that no step began again once it was
+recorded as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowdsl import compile_text
+from flowdsl.runtime.redis import RedisClient
+from flowdsl.runtime.report import RunResult
+from tests.redis.fault_workers import make_ledger, read_ledger
+from tests.redis.procs import WorkerProcs
+from tests.redis.server import RedisServer
+
+SEQUENCE = """flowdsl: 1
+name: faults
+workers: [tests.redis.fault_workers]
+steps:
+  - s1: {worker: fault.step, retry: {attempts: 3, initial: 20ms}}
+  - s2: {worker: fault.step, retry: {attempts: 3, initial: 20ms}}
+  - s3: {worker: fault.step, retry: {attempts: 3, initial: 20ms}}
+  - s4: {worker: fault.step, retry: {attempts: 3, initial: 20ms}}
+"""
+STEPS = ("s1", "s2", "s3", "s4")
+
+
+async def _submit(url: str, prefix: str, spec: str, inputs: list[dict[str, Any]]) -> list[str]:
+    plan = compile_text(spec)
+    async with RedisClient(url, prefix=prefix) as client:
+        return [(await client.submit(plan, data, run_id=f"{prefix}-r{i}")).run_id for i, data in enumerate(inputs)]
+
+
+async def _results(url: str, prefix: str, run_ids: list[str], timeout: float) -> list[RunResult]:
+    async with RedisClient(url, prefix=prefix) as client:
+        return list(await asyncio.wait_for(asyncio.gather(*(client.follow(r) for r in run_ids)), timeout))
+
+
+def _check_ledger(ledger: str, results: list[RunResult], steps: tuple[str, ...] = STEPS) -> dict[str, int]:
+    """The exactly-once-effect and never-again-after-done checks; returns executions per idempotency key."""
+    lines = read_ledger(ledger)
+    begins: dict[str, list[float]] = defaultdict(list)
+    applied: dict[str, int] = defaultdict(int)
+    for line in lines:
+        if line["ev"] == "begin":
+            begins[line["key"]].append(line["t"])
+        elif line["ev"] == "effect" and line["applied"]:
+            applied[line["key"]] += 1
+    for result in results:
+        assert result.status == "completed", (result.run_id, result.status, result.error)
+        done_at = {e["step"]: e["at"] for e in result.events if e["type"] == "step_succeeded"}
+        for step in steps:
+            key = f"{result.run_id}/{step}"
+            assert applied[key] == 1, f"{key}: side effect applied {applied[key]} times"
+            late = [t for t in begins[key] if t * 1000 > done_at[step] + 50]
+            assert not late, f"{key} began again after it was recorded as done"
+    known = {f"{r.run_id}/{s}" for r in results for s in steps}
+    assert set(begins) <= known, f"executions under unexpected keys: {set(begins) - known}"
+    return {k: len(v) for k, v in begins.items()}
+
+
+def _open_steps(ledger: str) -> dict[int, int]:
+    """pid -> number of steps it has begun and not finished (per the ledger)."""
+    count: dict[int, int] = defaultdict(int)
+    for line in read_ledger(ledger):
+        count[line["pid"]] += 1 if line["ev"] == "begin" else -1
+    return count
+
+
+def test_sigkill_workers_in_the_middle_of_steps(url: str, prefix: str, tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
+    try:
+        procs.start(2)
+        runs = asyncio.run(_submit(url, prefix, SEQUENCE, [{"ledger": ledger, "step_sleep": 0.25}] * 6))
+        rng = random.Random(7)
+        kills = 0
+        deadline = time.monotonic() + 15
+        while kills < 5 and time.monotonic() < deadline:
+            busy = _open_steps(ledger)
+            victims = [p for p in procs.alive() if busy.get(p.pid, 0) > 0]
+            if victims:
+                procs.kill(rng.choice(victims))  # mid-step: it has begun a step and not finished it
+                kills += 1
+                procs.start(1, wait=False)
+                time.sleep(rng.uniform(0.2, 0.5))
+            else:
+                time.sleep(0.02)
+        assert kills == 5
+        results = asyncio.run(_results(url, prefix, runs, timeout=45))
+        executions = _check_ledger(ledger, results)
+        assert max(executions.values()) >= 2  # the kills did interrupt steps, which ran again with the same key
+    finally:
+        procs.stop_all()
+
+
+def test_sigkill_the_processes_advancing_runs_at_varied_moments(url: str, prefix: str, tmp_path: Path) -> None:
+    """Kill right after a step's effect (its worker is then applying the result and relaying the outcome)
+    and kill a process that only starts runs and fires timers, at random moments."""
+    ledger = make_ledger(tmp_path)
+    workers = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
+    advancers = WorkerProcs(url, prefix, [], lease=1.0)
+    try:
+        workers.start(2)
+        advancers.start(1)
+        data = {"ledger": ledger, "step_sleep": 0.05, "flaky": ["s2", "s4"]}  # retries go through timers
+        runs = asyncio.run(_submit(url, prefix, SEQUENCE, [data] * 6))
+        rng = random.Random(11)
+        seen = 0
+        kills = 0
+        deadline = time.monotonic() + 15
+        while kills < 8 and time.monotonic() < deadline:
+            lines = read_ledger(ledger)
+            effects = [line for line in lines[seen:] if line["ev"] == "effect"]
+            seen = len(lines)
+            if effects and kills % 2 == 0:
+                victim = next((p for p in workers.alive() if p.pid == effects[-1]["pid"]), None)
+                if victim is not None:
+                    time.sleep(rng.choice([0, 0.001, 0.002, 0.005, 0.01]))
+                    workers.kill(victim)
+                    workers.start(1, wait=False)
+                    kills += 1
+            elif kills % 2 == 1 and advancers.alive():
+                time.sleep(rng.uniform(0.0, 0.05))
+                advancers.kill(advancers.alive()[0])
+                advancers.start(1, wait=False)
+                kills += 1
+            time.sleep(0.005)
+        assert kills >= 4
+        results = asyncio.run(_results(url, prefix, runs, timeout=45))
+        _check_ledger(ledger, results)
+    finally:
+        workers.stop_all()
+        advancers.stop_all()
+
+
+def test_sigkill_redis_under_load_then_restart(tmp_path: Path) -> None:
+    """AOF on, appendfsync everysec: a killed and restarted server loses nothing it acknowledged."""
+    server = RedisServer().start()
+    ledger = make_ledger(tmp_path)
+    procs = WorkerProcs(server.url, "crash", ["tests.redis.fault_workers"], lease=3.0, concurrency=16)
+    try:
+        procs.start(2)
+        runs = asyncio.run(_submit(server.url, "crash", SEQUENCE, [{"ledger": ledger, "step_sleep": 0.3}] * 10))
+        time.sleep(0.5)  # steps are running everywhere
+        server.kill()
+        effects = sum(line["ev"] == "effect" for line in read_ledger(ledger))
+        assert 0 < effects < 10 * len(STEPS)  # killed under load: some steps done, most still to come
+        time.sleep(1.0)
+        server.start()
+        results = asyncio.run(_results(server.url, "crash", runs, timeout=45))
+        _check_ledger(ledger, results)
+        assert all(p.poll() is None for p in procs.procs)  # the workers survived the outage
+    finally:
+        procs.stop_all()
+        server.cleanup()
+
+
+def test_a_paused_worker_loses_its_lease_and_its_late_result_is_rejected(url: str, prefix: str,
+                                                                        tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    spec = "flowdsl: 1\nname: paused\nsteps:\n  - slow: {worker: fault.slow_once}\n"
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0)
+    paused = None
+    try:
+        first, second = procs.start(2)
+        (run_id,) = asyncio.run(_submit(url, prefix, spec, [{"ledger": ledger, "first_sleep": 3.0}]))
+        deadline = time.monotonic() + 10
+        while paused is None and time.monotonic() < deadline:
+            begun = [line["pid"] for line in read_ledger(ledger) if line["ev"] == "begin"]
+            if begun:
+                paused = first if begun[0] == first.pid else second
+            time.sleep(0.01)
+        assert paused is not None
+        procs.signal(paused, signal.SIGSTOP)
+        (result,) = asyncio.run(_results(url, prefix, [run_id], timeout=20))
+        other = second if paused is first else first
+        assert result.status == "completed" and result.context["by"] == other.pid
+        procs.signal(paused, signal.SIGCONT)
+
+        async def rejection() -> list[dict[str, Any]]:
+            async with RedisClient(url, prefix=prefix) as client:
+                while True:
+                    _, journal = await client.result(run_id)
+                    late = [e for e in journal.events if e["type"] == "result_rejected"] + journal.notes
+                    if late:
+                        return late
+                    await asyncio.sleep(0.05)
+
+        late = asyncio.run(asyncio.wait_for(rejection(), 15))
+        assert late[0]["task_id"] == f"{run_id}/slow#1"
+        assert late[0]["result_type"] == "task_succeeded"
+        effects = [line for line in read_ledger(ledger) if line["ev"] == "effect"]
+        assert sorted(line["pid"] for line in effects) == sorted([paused.pid, other.pid])  # both ran it ...
+        assert [line["applied"] for line in effects if line["pid"] == other.pid] == [True]  # ... once for real
+        _, journal = asyncio.run(_journal(url, prefix, run_id))
+        assert [e["type"] for e in journal.events].count("step_succeeded") == 1
+    finally:
+        if paused is not None:
+            procs.signal(paused, signal.SIGCONT)
+        procs.stop_all()
+
+
+async def _journal(url: str, prefix: str, run_id: str) -> Any:
+    async with RedisClient(url, prefix=prefix) as client:
+        return await client.result(run_id)
+
+
+@pytest.mark.parametrize("grace", [0.3])
+def test_sigterm_hands_back_an_unfinished_step_at_once(url: str, prefix: str, tmp_path: Path, grace: float) -> None:
+    """A worker stopped with SIGTERM gives its in-flight step back: another runs it long before the lease."""
+    ledger = make_ledger(tmp_path)
+    spec = "flowdsl: 1\nname: handback\nsteps:\n  - slow: {worker: fault.slow_once}\n"
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=30.0,
+                        extra_args=["--grace", str(grace)])
+    try:
+        (first,) = procs.start(1)
+        (run_id,) = asyncio.run(_submit(url, prefix, spec, [{"ledger": ledger, "first_sleep": 20.0}]))
+        deadline = time.monotonic() + 10
+        while not read_ledger(ledger) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        procs.signal(first, signal.SIGTERM)
+        assert first.wait(timeout=10) == 0
+        procs.start(1)
+        t0 = time.monotonic()
+        (result,) = asyncio.run(_results(url, prefix, [run_id], timeout=15))
+        assert result.status == "completed" and time.monotonic() - t0 < 10  # not after the 30 s lease
+    finally:
+        procs.stop_all()

@@ -1,0 +1,237 @@
+"""The Redis data model and its atomic transitions: key layout, JSON messages, idempotent submission,
+version checks, lease guards, no trimming of pending work, retention, connection URLs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
+from flowdsl import compile_text
+from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
+from flowdsl.runtime.redis.connection import RedisConfigError, connect, describe_url, resolve_url
+from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember, check_run_id
+from flowdsl.runtime.redis.store import Store, dumps, loads
+from tests.redis.server import RedisServer
+
+SPEC = "flowdsl: 1\nname: m\nworkers: [tests.runtime.workers]\nsteps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
+
+
+def _plan(spec: str = SPEC) -> dict[str, Any]:
+    return compile_text(spec)
+
+
+async def _burst(url: str, prefix: str, **options: Any) -> Any:
+    worker = RedisWorker(url, prefix=prefix, options=WorkerOptions(burst=True, handle_signals=False, lease_s=5,
+                                                                   **options))
+    return await asyncio.wait_for(worker.serve(), 30)
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+def test_every_key_of_a_run_shares_one_cluster_slot_and_shared_keys_share_another() -> None:
+    keys = Keys("acme")
+    per_run = keys.run_keys("order-7")
+    assert per_run[0] == "acme:run:{order-7}" and all(k.startswith("acme:run:{order-7}") for k in per_run)
+    assert len({key_slot(k.encode()) for k in per_run}) == 1
+    shared = [keys.control, keys.llm, keys.timers, keys.timers_claimed, keys.runs, keys.workers,
+              keys.queue("payments.charge")]
+    assert len({key_slot(k.encode()) for k in shared}) == 1
+    assert all(k.startswith("{acme}:") for k in shared)
+    assert keys.worker_of(keys.queue("payments.charge")) == "payments.charge"
+    assert keys.queue_of({"kind": "llm", "worker": None}) == keys.llm
+
+
+def test_timer_members_and_run_ids() -> None:
+    member = TimerMember.decode(Keys.kernel_timer("r1", "r1/a#1@timeout"))
+    assert member == TimerMember("t", "r1", "r1/a#1@timeout")
+    assert TimerMember.decode("x|r1|y") is None and TimerMember.decode("t|r1") is None
+    assert check_run_id("order-1042.v2") == "order-1042.v2"
+    for bad in ("a/b", "a{b}", "a|b", "", "x" * 129):
+        with pytest.raises(ValueError):
+            check_run_id(bad)
+    with pytest.raises(ValueError):
+        Keys("bad prefix")
+
+
+# --- connection URLs ---------------------------------------------------------------------------
+
+
+def test_urls_from_the_option_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_url(None) == "redis://localhost:6379/0"
+    monkeypatch.setenv("FLOWDSL_REDIS_URL", "unix:///run/redis.sock?db=2")
+    assert resolve_url(None) == "unix:///run/redis.sock?db=2"
+    assert resolve_url("rediss://u:p@h:6380/1") == "rediss://u:p@h:6380/1"
+    for bad in ("http://h", "unix://", "redis://"):
+        with pytest.raises(RedisConfigError):
+            resolve_url(bad)
+    assert describe_url("redis://alice:s3cret@h:1/0") == "redis://alice:***@h:1/0"
+    tls = connect("rediss://h:6380/0")
+    assert tls.connection_pool.connection_class.__name__ == "SSLConnection"
+
+
+def test_a_unix_socket_with_an_acl_user_and_password(server: RedisServer) -> None:
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "flowuser", "on", ">s3cret", "~*", "&*", "+@all")
+    try:
+        async def ping(user: str) -> Any:
+            client = connect(f"unix://{user}@{server.socket}?db=1")
+            try:
+                return await client.ping()
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(ping("flowuser:s3cret")) is True
+        with pytest.raises((redis.AuthenticationError, redis.ConnectionError), match="username-password"):
+            asyncio.run(ping("flowuser:wrong"))
+    finally:
+        admin.execute_command("ACL", "DELUSER", "flowuser")
+        admin.close()
+
+
+# --- submitting ------------------------------------------------------------------------------------
+
+
+def test_submitting_a_run_id_twice_starts_one_run(url: str, prefix: str, server: RedisServer) -> None:
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            first = await client.submit(_plan(), {"script": {}}, run_id="twice")
+            second = await client.submit(_plan(), {"script": {"a": {"raise": "Other"}}}, run_id="twice")
+            await _burst(url, prefix)
+            third = await client.submit(_plan(), {"script": {}}, run_id="twice")
+            result, journal = await client.result("twice")
+            return first, second, third, result, journal
+
+    first, second, third, result, journal = asyncio.run(main())
+    assert (first.created, second.created, third.created) == (True, False, False)
+    assert result.status == "completed"  # the first submission's input, not the second's
+    assert [e["type"] for e in journal.inputs].count("start") == 1
+    client = server.client()
+    assert client.xlen(Keys(prefix).control) == 0 and client.zcard(Keys(prefix).runs) == 1
+
+
+def test_messages_are_json(url: str, prefix: str, server: RedisServer) -> None:
+    async def main() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(_plan(), {"script": {}, "n": 1}, run_id="js")
+
+    asyncio.run(main())
+    client = server.client()
+    keys = Keys(prefix)
+    ((_, fields),) = client.xrange(keys.control)
+    assert loads(fields[b"c"]) == {"type": "start", "run_id": "js"}
+    assert loads(client.hget(keys.run("js"), "input")) == {"script": {}, "n": 1}
+    # a worker that serves no task stream starts the run: the first task waits in its stream, as JSON
+    asyncio.run(_burst_registry(url, prefix))
+    ((_, fields),) = client.xrange(keys.queue("conf.a"))
+    message = loads(fields[b"m"])
+    assert (message["op"], message["task_id"], message["idempotency_key"]) == ("dispatch", "js/a#1", "js/a")
+    assert client.hgetall(keys.tasks("js")) == {b"js/a#1": b"q"}
+
+
+async def _burst_registry(url: str, prefix: str) -> None:
+    from flowdsl.workers import WorkerRegistry
+
+    worker = RedisWorker(url, prefix=prefix, registry=WorkerRegistry(),
+                         options=WorkerOptions(burst=True, handle_signals=False, llm=False, burst_horizon_s=0))
+    await asyncio.wait_for(worker.serve(), 30)
+
+
+# --- transitions -------------------------------------------------------------------------------------
+
+
+def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, prefix: str) -> None:
+    async def main() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(_plan(), {"script": {}}, run_id="tx")
+        await _burst_registry(url, prefix)
+        store = Store(connect(url), Keys(prefix))
+        record = await store.load("tx")
+        assert record is not None and record.version == 1
+        base = dict(state=dumps(record.state), input_event=b"{}", events=b"[]", status="running")
+        stale = await store.transition("tx", expected=0 + 7, token="t1", **base)
+        assert stale.code == 2 and stale.version == 1 and loads(stale.state) == record.state
+        # the task is queued ("q"): a result guarded by a lease nobody holds is refused and journaled
+        refused = await store.transition("tx", expected=1, token="t2", guard=("tx/a#1", "lease", "tok"),
+                                         note=b'{"type": "result_rejected"}', **base)
+        assert refused.code == 3 and refused.lease == "q"
+        assert await store.pickup("tx", "tx/a#1", "1-0", "1-0|w|n") == (1, "")
+        assert (await store.pickup("tx", "tx/a#1", "2-0", "2-0|w2|n"))[0] == 3  # another delivery: a duplicate
+        applied = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0|w|n"),
+                                         **base)
+        assert applied.code == 1 and applied.version == 2
+        again = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0|w|n"),
+                                       **base)
+        assert again.code == 4  # the same transition sent twice (an unknown outcome retried) is applied once
+        journal = await store.call("XRANGE", Keys(prefix).journal("tx"), "-", "+")
+        assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"ev", b"in", b"v"]]
+        await store.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_streams_are_never_trimmed_pending_entries_stay_and_acked_ones_go(url: str, prefix: str,
+                                                                          server: RedisServer) -> None:
+    client = server.client()
+    keys = Keys(prefix)
+
+    async def main() -> None:
+        async with RedisClient(url, prefix=prefix) as c:
+            await c.submit(_plan("flowdsl: 1\nname: h\nsteps:\n  - conf.a\n  - nobody.b\n"), {"script": {}},
+                           run_id="h")
+        await _burst(url, prefix, burst_horizon_s=0)
+
+    asyncio.run(main())
+    assert client.xlen(keys.queue("conf.a")) == 0  # done, acknowledged, deleted
+    assert client.xlen(keys.queue("nobody.b")) == 1  # waiting for a worker that serves it: kept
+    assert client.hget(keys.run("h"), "status") == b"running"
+
+
+def test_finished_runs_expire_after_their_retention(url: str, prefix: str, server: RedisServer) -> None:
+    async def main() -> None:
+        async with RedisClient(url, prefix=prefix) as c:
+            await c.submit(_plan(), {"script": {}}, run_id="kept", retention_s=60)
+            await c.submit(_plan(), {"script": {}}, run_id="default")
+            await c.submit(_plan("flowdsl: 1\nname: h\nsteps: [nobody.z]\n"), {}, run_id="open")
+        await _burst(url, prefix, retention_s=3600, burst_horizon_s=0)
+
+    asyncio.run(main())
+    client = server.client()
+    keys = Keys(prefix)
+    assert 55_000 < client.pttl(keys.run("kept")) <= 60_000
+    assert 55_000 < client.pttl(keys.journal("kept")) <= 60_000
+    assert 3_500_000 < client.pttl(keys.run("default")) <= 3_600_000
+    assert client.pttl(keys.run("open")) == -1 and client.pttl(keys.journal("open")) == -1
+    assert client.xpending(keys.queue("conf.a"), GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("use_hiredis", [True, False])
+def test_the_lean_worker_connection_with_and_without_hiredis(server: RedisServer, prefix: str,
+                                                            monkeypatch: pytest.MonkeyPatch, use_hiredis: bool) -> None:
+    from flowdsl.runtime.redis import wire
+
+    if use_hiredis and wire._hiredis is None:
+        pytest.skip("hiredis is not installed")
+    if not use_hiredis:
+        monkeypatch.setattr(wire, "_hiredis", None)
+
+    async def main() -> list[Any]:
+        conn = wire.WireConnection(server.url)
+        try:
+            key = f"{prefix}:wire"
+            return await conn.execute([("PING",), ("HSET", key, "a", "1", "b", b"\xff\x00"), ("HGETALL", key),
+                                       ("XADD", key + ":s", "*", "m", "x" * 70000), ("XRANGE", key + ":s", "-", "+"),
+                                       ("EVALSHA", "0" * 40, 0), ("HGET", key, "missing"),
+                                       ("INCRBYFLOAT", key + ":n", 1.5)])
+        finally:
+            await conn.aclose()
+
+    pong, added, pairs, _, entries, missing_script, nothing, incr = asyncio.run(main())
+    assert (pong, added, pairs, nothing, incr) == (b"PONG", 2, [b"a", b"1", b"b", b"\xff\x00"], None, b"1.5")
+    assert entries[0][1] == [b"m", b"x" * 70000]
+    assert isinstance(missing_script, redis.exceptions.NoScriptError)

@@ -1,0 +1,207 @@
+"""Worker behaviour (burst, schedule-to-start deadlines, heartbeats, cancelling) and the CLI commands of
+the Redis runtime: ``run --backend redis`` (live and ``--detach``), ``worker``, ``status``, ``runs``,
+``cancel``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
+from flowdsl import compile_text
+from flowdsl.cli import app
+from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
+from flowdsl.workers import WorkerRegistry
+from tests.redis.procs import WorkerProcs
+from tests.runtime.conformance import HEADER
+
+SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
+
+
+def _worker(url: str, prefix: str, registry: WorkerRegistry | None = None, **options: Any) -> RedisWorker:
+    options.setdefault("handle_signals", False)
+    return RedisWorker(url, prefix=prefix, registry=registry, options=WorkerOptions(**options))
+
+
+async def _with_workers(workers: list[RedisWorker], body: Any) -> Any:
+    tasks = [asyncio.create_task(w.serve()) for w in workers]
+    try:
+        return await asyncio.wait_for(body(), 30)
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*tasks)
+
+
+def test_burst_drains_the_queues_and_exits(url: str, prefix: str) -> None:
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            ids = [(await client.submit(compile_text(SAGA), {"script": {}})).run_id for _ in range(3)]
+            stats = await asyncio.wait_for(_worker(url, prefix, burst=True).serve(), 30)
+            return stats, [(await client.info(r)).status for r in ids]
+
+    stats, statuses = asyncio.run(main())
+    assert statuses == ["completed"] * 3
+    assert (stats.runs_started, stats.tasks, stats.reclaimed) == (3, 6, 0)
+
+
+def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_the_run_compensates(
+        url: str, prefix: str) -> None:
+    spec = HEADER.format(name="sts") + "steps:\n  - conf.a: {compensate: undo.a}\n  - nobody.b\n"
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {"script": {}}, schedule_timeout_s=0.3)
+            return await _with_workers([_worker(url, prefix)], lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
+    assert result.error["type"] == "ScheduleToStartTimeout"
+
+
+def test_heartbeats_keep_a_long_step_from_being_reclaimed(url: str, prefix: str) -> None:
+    calls: list[str] = []
+    registry = WorkerRegistry()
+
+    async def long_step(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.idempotency_key)
+        await asyncio.sleep(1.5)
+        return {"done": True}
+
+    registry.register("long", long_step)
+    spec = "flowdsl: 1\nname: hb\nsteps: [long]\n"
+
+    async def main() -> Any:
+        workers = [_worker(url, prefix, registry, lease_s=0.4), _worker(url, prefix, registry, lease_s=0.4)]
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {})
+            result = await _with_workers(workers, lambda: client.follow(sub.run_id))
+        return result, workers
+
+    result, workers = asyncio.run(main())
+    assert result.status == "completed" and len(calls) == 1  # four leases long, never run twice
+    assert sum(w.stats.reclaimed for w in workers) == 0
+
+
+def test_cancel_stops_the_run_and_undoes_what_completed(url: str, prefix: str) -> None:
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(SAGA), {"script": {"b": {"hang": True}}})
+
+            async def body() -> Any:
+                seen = asyncio.Event()
+
+                def watch(event: dict[str, Any]) -> None:
+                    if event["type"] == "step_scheduled" and event["step"] == "b":
+                        seen.set()
+
+                follow = asyncio.create_task(client.follow(sub.run_id, on_event=watch))
+                await seen.wait()
+                assert await client.cancel(sub.run_id, "enough") == "requested"
+                return await follow
+
+            result = await _with_workers([_worker(url, prefix)], body)
+            return result, await client.cancel(sub.run_id)
+
+    result, again = asyncio.run(main())
+    assert (result.status, result.compensated, result.error["type"]) == ("cancelled", ["a"], "Cancelled")
+    assert again == "finished"
+
+
+def test_a_run_cancelled_before_any_worker_started_it_ends_cancelled(url: str, prefix: str) -> None:
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(SAGA), {"script": {}})
+            assert (await client.info(sub.run_id)).status == "submitted"
+            assert await client.cancel(sub.run_id) == "requested"
+            return await _with_workers([_worker(url, prefix)], lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert result.status == "cancelled" and result.steps["b"]["status"] in ("pending", "cancelled")
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp_path: Path) -> None:
+    spec = tmp_path / "saga.yaml"
+    spec.write_text(SAGA)
+    script = json.dumps({"b": {"raise": "Boom"}})
+    common = ["--redis-url", url, "--prefix", prefix]
+    procs = WorkerProcs(url, prefix, ["tests.runtime.workers"])
+    try:
+        procs.start(1)
+        r = cli("run", str(spec), "--backend", "redis", *common, "--set", f"script={script}", "--format", "json",
+                "--run-id", "cli-1")
+        assert r.exit_code == 1, r.output
+        remote = json.loads(r.stdout)
+        local = asyncio.run(run_flow(compile_text(SAGA), {"script": {"b": {"raise": "Boom"}}}, run_id="cli-1",
+                                     record=False)).to_json()
+        assert set(remote) == set(local)
+        for key in ("run_id", "status", "compensated", "context", "error", "failed_step"):
+            assert remote[key] == local[key], key
+        assert {k: (v["status"], v["attempts"]) for k, v in remote["steps"].items()} == \
+               {k: (v["status"], v["attempts"]) for k, v in local["steps"].items()}
+        assert [e["type"] for e in remote["events"]] == [e["type"] for e in local["events"]]
+
+        r = cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"hang": true}}',
+                "--detach", "--run-id", "cli-2")
+        assert r.exit_code == 0 and r.stdout.strip() == "cli-2"
+        again = cli("run", str(spec), "--backend", "redis", *common, "--detach", "--run-id", "cli-2")
+        assert again.exit_code == 0 and "already submitted" in again.stderr
+
+        listed = cli("runs", *common, "--format", "json")
+        assert [i["run_id"] for i in json.loads(listed.stdout)] == ["cli-2", "cli-1"]
+        only = cli("runs", *common, "--status", "compensated", "--format", "json")
+        assert [i["run_id"] for i in json.loads(only.stdout)] == ["cli-1"]
+        assert "cli-1" in cli("runs", *common).stderr
+
+        shown = cli("status", "cli-1", *common, "--format", "json")
+        assert shown.exit_code == 0 and json.loads(shown.stdout)["events"] == remote["events"]
+        text = cli("status", "cli-1", *common)
+        assert text.exit_code == 0 and "↶ a undone" in text.stderr
+
+        cancelled = cli("cancel", "cli-2", *common, "--wait", "--format", "json")
+        assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
+        assert cli("cancel", "cli-2", *common).exit_code == 1
+        missing = cli("status", "nope", *common)
+        assert missing.exit_code == 2 and "no run 'nope'" in missing.stderr and "Traceback" not in missing.output
+    finally:
+        procs.stop_all()
+
+
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
+    spec = tmp_path / "saga.yaml"
+    spec.write_text(SAGA)
+    for args, message in [
+        (["runs", "--redis-url", "http://nope"], "unsupported Redis URL"),
+        (["status", "x", "--redis-url", f"unix://{tmp_path}/none.sock"], "cannot reach Redis"),
+        (["run", str(spec), "--detach"], "need --backend redis"),
+        (["run", str(spec), "--backend", "redis", "--redis-url", f"unix://{tmp_path}/none.sock"], "cannot reach"),
+        (["worker", "-w", "no_such_module_x", "--redis-url", f"unix://{tmp_path}/none.sock"], "cannot import"),
+    ]:
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr and "Traceback" not in r.output
+
+
+def test_the_worker_command_in_burst_mode(url: str, prefix: str) -> None:
+    async def submit() -> str:
+        async with RedisClient(url, prefix=prefix) as client:
+            return (await client.submit(compile_text(SAGA), {"script": {}})).run_id
+
+    run_id = asyncio.run(submit())
+    r = cli("worker", "--redis-url", url, "--prefix", prefix, "-w", "tests.runtime.workers", "--burst")
+    assert r.exit_code == 0, r.output
+    assert "2 step(s) run, 1 run(s) started" in r.stderr
+    assert json.loads(cli("status", run_id, "--redis-url", url, "--prefix", prefix, "-f", "json").stdout)[
+        "status"] == "completed"
