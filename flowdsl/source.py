@@ -72,6 +72,25 @@ def _where(text: str, index: int) -> tuple[int, int]:
     return line, index - (text.rfind("\n", 0, index) + 1) + 1
 
 
+def too_deep(data: Any, limit: int = MAX_DEPTH) -> str | None:
+    """The JSON pointer of the first element nested deeper than ``limit`` mappings/lists, else None.
+
+    The YAML loader enforces the limit while it parses; front ends that build data another way
+    (the text syntax) check their result with this, so both syntaxes accept the same nesting.
+    """
+    from flowdsl.diagnostics import join
+
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        value, depth, ptr = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= limit:
+                return ptr
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((v, depth + 1, join(ptr, k)) for k, v in items)
+    return None
+
+
 def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
     """The text of a spec file, or diagnostics FD101 (unreadable), FD102 (too large), FD110 (not UTF-8)."""
     import os

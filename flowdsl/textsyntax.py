@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, join, make
-from flowdsl.source import LoadedDoc
+from flowdsl.source import LoadedDoc, too_deep
 
 #: deepest nesting of JSON values and of blocks (FD107 beyond)
 MAX_DEPTH = 100
@@ -338,6 +338,11 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
             gc.enable()
     if builder.diagnostics:
         return LoadedDoc(None, positions, builder.diagnostics)
+    deep = too_deep(data)
+    if deep is not None:
+        line, col = positions.find(deep)
+        message = f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists once read as data"
+        return LoadedDoc(None, positions, [make("FD107", message, file=file, line=line, column=col)])
     return LoadedDoc(data, positions, [])
 
 
