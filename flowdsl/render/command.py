@@ -89,6 +89,11 @@ def diagram(
         "--runs-dir", help="where --run looks for records [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]",
         show_default=False)] = None,
     width: Annotated[int, typer.Option("--width", help="ASCII form: target width in columns", min=40)] = 80,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", help="read the --run from this Redis deployment's journal instead of a local record",
+        metavar="URL")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="with --redis-url: the deployment's key prefix")]
+    = None,
 ) -> None:
     """Draw a spec's execution plan as Mermaid, ASCII art, DOT, SVG or PNG, optionally with a run's states."""
     kind = _pick_format(fmt, output)
@@ -100,7 +105,9 @@ def diagram(
         raise _fail(f"--markdown wraps text diagrams; {kind} is an image")
     if kind == "png" and output is None and sys.stdout.isatty():
         raise _fail("png is binary: write it to a file with -o FILE.png")
-    record, run_id = _run_events(run, events, runs_dir)
+    if redis_url is not None and run is None:
+        raise _fail("--redis-url reads a run: give its id with --run")
+    record, run_id = _run_events(run, events, runs_dir) if redis_url is None else (None, run)
 
     from flowdsl.api import compile_spec
     from flowdsl.cli import OutputFormat, _exit_for, _print_diagnostics
@@ -118,6 +125,13 @@ def diagram(
     from flowdsl.runtime.record import RecordError
 
     states = None
+    if redis_url is not None and run_id is not None:
+        from flowdsl.runtime.redis.commands import run_events
+
+        journaled = run_events(run_id, url=redis_url, prefix=prefix, console=_console())
+        if journaled is None:
+            raise typer.Exit(2)
+        states = derive_states(plan, journaled)
     if record is not None:
         try:
             log = read_events(record)

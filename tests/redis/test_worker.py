@@ -170,6 +170,17 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         text = cli("status", "cli-1", *common)
         assert text.exit_code == 0 and "↶ a undone" in text.stderr
 
+        # the Redis run drawn with its states: exactly what the same run recorded locally draws
+        from flowdsl.render import render
+        from flowdsl.render.runstate import derive_states
+
+        drawn = cli("diagram", str(spec), "--format", "mermaid", "--run", "cli-1", *common)
+        assert drawn.exit_code == 0, drawn.output
+        plan = compile_text(SAGA)
+        assert drawn.stdout == render(plan, "mermaid", run_states=derive_states(plan, local["events"]))
+        assert "compensated" in drawn.stdout and "failed" in drawn.stdout
+        assert cli("diagram", str(spec), "--run", "nope", *common).exit_code == 2
+
         cancelled = cli("cancel", "cli-2", *common, "--wait", "--format", "json")
         assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
         assert cli("cancel", "cli-2", *common).exit_code == 1

@@ -24,7 +24,8 @@ from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, descri
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions
 from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
 
-__all__ = ["EXIT_USAGE", "cancel_command", "run_command", "runs_command", "status_command", "worker_command"]
+__all__ = ["EXIT_USAGE", "cancel_command", "run_command", "run_events", "runs_command", "status_command",
+           "worker_command"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -108,6 +109,22 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
         _say(console, "stopped following; the run goes on in the worker processes "
              "(`flowdsl status RUN_ID`, `flowdsl cancel RUN_ID`)", "yellow", "interrupted")
     return code
+
+
+# --- flowdsl diagram --run RUN_ID --redis-url URL -----------------------------------------------
+
+
+def run_events(run_id: str, *, url: str | None, prefix: str | None, console: Any) -> list[dict[str, Any]] | None:
+    """A Redis run's kernel events as journaled so far (for drawing its states), or None after saying why."""
+    events: list[dict[str, Any]] = []
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            _, journal = await client.result(run_id)
+            events.extend(journal.events)
+        return 0
+
+    return events if _guarded(console, url, body) == 0 else None
 
 
 # --- flowdsl worker --------------------------------------------------------------------------
