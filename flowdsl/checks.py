@@ -61,8 +61,9 @@ def expression_fields(node: Node, path: str) -> Iterator[tuple[str, str, str, bo
         yield "on", node.on, join(path, "on"), False
     for key, source in node.output.map:
         yield f"output.{key}", source, join(path, "output", key), True
-    yield from _template_fields(node.with_, join(path, "with"), "with")
-    if node.compensate is not None:
+    if node.with_ is not None:
+        yield from _template_fields(node.with_, join(path, "with"), "with")
+    if node.compensate is not None and node.compensate.with_ is not None:
         yield from _template_fields(node.compensate.with_, join(node.compensate.loc.path, "with"),
                                     "compensate.with", result=True)
 
@@ -146,9 +147,30 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
 # --- the input schema ----------------------------------------------------------
 
 
+#: keywords whose values the 2020-12 meta-schema checks with a ``format`` (regex, uri, uri-reference), which
+#: python-jsonschema's check_schema applies and jsonschema-rs does not, or that make jsonschema-rs pick
+#: another meta-schema; a schema holding one anywhere is checked by python-jsonschema only
+_FORMAT_CHECKED = frozenset({"pattern", "patternProperties", "$schema", "$id", "$ref", "$dynamicRef", "$vocabulary"})
+
+
+def _without_format_checked(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return _FORMAT_CHECKED.isdisjoint(schema) and all(_without_format_checked(v) for v in schema.values())
+    if isinstance(schema, list):
+        return all(_without_format_checked(v) for v in schema)
+    return True
+
+
 def check_input_schema(flow: Flow) -> Iterator[Diagnostic]:
     if flow.input_schema is None or isinstance(flow.input_schema, bool):
         return
+    if _without_format_checked(flow.input_schema):
+        import jsonschema_rs
+
+        # without format-checked keywords both check the same meta-schema rules; jsonschema-rs is
+        # compiled and light to import, and python-jsonschema (below) is needed only to explain an error
+        if jsonschema_rs.meta.is_valid(flow.input_schema):
+            return
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 

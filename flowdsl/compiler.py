@@ -1,30 +1,35 @@
 """Compiler: a checked model to the execution plan (docs/plan.md).
 
 Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
-``flowdsl.expr``, ``flowdsl.checks`` and networkx — networkx lives here and
-only here. The compiler owns the dependency graph, so the graph checks are made
-here: references in ``needs`` and ``$steps``, cycles, and outputs written by
-nodes that may run concurrently.
+``flowdsl.expr``, ``flowdsl.checks`` and, only to name a dependency cycle,
+networkx — networkx lives here and only here. The compiler owns the dependency
+graph, so the graph checks are made here: references in ``needs`` and
+``$steps``, cycles, and outputs written by nodes that may run concurrently.
 
 The graph: each step is a vertex; each group ``g`` is two vertices ``g:start``
 and ``g:end`` with its children wired between them; the whole flow sits
 between ``:start`` and ``:end``. Stages and the critical path are longest-path
-computations over it where each step weighs 1.
+computations over it where each step weighs 1. The graph is plain adjacency
+dicts (vertex -> successors/predecessors, insertion-ordered, no duplicate
+edges): building and walking it is linear, and networkx is imported only when a
+``needs`` cycle has to be reported.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import networkx as nx
+from typing import TYPE_CHECKING, Any
 
 from flowdsl import expr
 from flowdsl.checks import check_flow
 from flowdsl.diagnostics import Diagnostic, did_you_mean, join, make
 from flowdsl.model import Compensation, Flow, Node, Retry
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 PLAN_VERSION = 1
 
@@ -61,6 +66,11 @@ class _Entry:
 
 def _retry(*layers: Retry | None) -> dict[str, Any]:
     """Field-by-field merge, later layers winning, over the first (a complete built-in)."""
+    return dict(_merged_retry(layers))
+
+
+@functools.lru_cache(maxsize=1024)
+def _merged_retry(layers: tuple[Retry | None, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for layer in layers:
         if layer is None:
@@ -83,7 +93,9 @@ class _Compiler:
         self.entries: dict[str, _Entry] = {}
         self.diags: list[Diagnostic] = []
         self.exprs: dict[str, dict[str, Any]] = {}
-        self.graph = nx.DiGraph()
+        # the flow graph: vertex -> {successor: None} and vertex -> {predecessor: None}
+        self.succ: dict[str, dict[str, None]] = {}
+        self.pred: dict[str, dict[str, None]] = {}
         self.flows_workers: list[str] = list(root.workers)
         self.duplicates = False
 
@@ -130,13 +142,12 @@ class _Compiler:
         ids_anywhere = {e.node.id for e in self.entries.values()}
         for owner, nodes, prefix in self.lists(self.root.steps, ""):
             local = {n.id: n for n in nodes}
-            sub = nx.DiGraph()
+            sub: dict[str, list[str]] = {}  # key -> its deps, within this list
             for i, node in enumerate(nodes):
                 key = prefix + node.id
                 entry = self.entries.get(key)
                 if entry is None or entry.node is not node:
                     continue
-                sub.add_node(key)
                 if node.needs is None:
                     is_branch = owner is not None and self.entries[owner].node.kind == "parallel"
                     entry.deps = [prefix + nodes[i - 1].id] if i > 0 and not is_branch else []
@@ -153,8 +164,10 @@ class _Compiler:
                             self.err(node, "FD303", f"'{node.id}' needs '{name}', which is not a step or group"
                                      f"{did_you_mean(name, local)}", path)
                     entry.deps = sorted(set(entry.deps))
-                sub.add_edges_from((d, key) for d in entry.deps)
-            for cycle in _cycles(sub):
+                sub[key] = entry.deps
+            if not _has_cycle(sub):
+                continue
+            for cycle in _cycles(_digraph(sub)):
                 first = self.entries[cycle[0]].node
                 names = " → ".join(self.entries[k].node.id for k in [*cycle, cycle[0]])
                 self.err(first, "FD304", f"dependency cycle: {names}", join(first.opts, "needs"))
@@ -178,19 +191,32 @@ class _Compiler:
 
     # --- the graph -------------------------------------------------------------
 
+    def add_vertex(self, v: str) -> None:
+        if v not in self.succ:
+            self.succ[v] = {}
+            self.pred[v] = {}
+
+    def add_edge(self, a: str, b: str) -> None:
+        self.add_vertex(a)
+        self.add_vertex(b)
+        self.succ[a][b] = None
+        self.pred[b][a] = None
+
     def wire(self, keys: list[str], start: str, end: str) -> None:
         for key in keys:
             e = self.entries[key]
+            entry = self.entry(key)
             if e.deps:
-                self.graph.add_edges_from((self.exit(d), self.entry(key)) for d in e.deps)
+                for d in e.deps:
+                    self.add_edge(self.exit(d), entry)
             else:
-                self.graph.add_edge(start, self.entry(key))
-            self.graph.add_edge(self.exit(key), end)
+                self.add_edge(start, entry)
+            self.add_edge(self.exit(key), end)
             if not e.node.is_step:
                 for kids in self.child_keys(key):
                     self.wire(kids, key + ":start", key + ":end")
                 if e.node.kind == "switch":
-                    self.graph.add_edge(key + ":start", key + ":end")
+                    self.add_edge(key + ":start", key + ":end")
 
     def entry(self, key: str) -> str:
         return key if self.entries[key].node.is_step else key + ":start"
@@ -205,35 +231,64 @@ class _Compiler:
             return [[prefix + n.id for n in node.subflow.steps]] if node.subflow else []
         return [[prefix + n.id for n in kids] for _, kids in node.child_lists()]
 
+    def topological_order(self) -> list[str]:
+        """The graph's vertices, each after all its predecessors (Kahn's algorithm; the graph is acyclic)."""
+        waiting = {v: len(p) for v, p in self.pred.items()}
+        order = [v for v, n in waiting.items() if n == 0]
+        for v in order:  # grows while it is walked
+            for w in self.succ[v]:
+                waiting[w] -= 1
+                if waiting[w] == 0:
+                    order.append(w)
+        if len(order) != len(self.succ):
+            raise RuntimeError("the flow graph has a cycle")  # needs cycles stop the compiler before wiring
+        return order
+
     def longest_paths(self) -> tuple[dict[str, int], list[str]]:
+        """Each step's stage (the most steps on a path before it) and the critical path.
+
+        Ties between equally long paths go to the predecessor written first (then by name).
+        """
         order = {k: e.order for k, e in self.entries.items()}
+        weight = {v: 1 if v in self.entries and self.entries[v].node.is_step else 0 for v in self.succ}
         dist: dict[str, int] = {}
         best_pred: dict[str, str | None] = {}
-
-        def weight(v: str) -> int:
-            return 1 if v in self.entries and self.entries[v].node.is_step else 0
-
-        for v in nx.topological_sort(self.graph):
-            preds = sorted(self.graph.predecessors(v), key=lambda p: (-(dist[p] + weight(p)), _rank(p, order)))
-            if preds:
-                dist[v], best_pred[v] = dist[preds[0]] + weight(preds[0]), preds[0]
-            else:
+        for v in self.topological_order():
+            preds = self.pred[v]
+            if not preds:
                 dist[v], best_pred[v] = 0, None
+                continue
+            best = min(preds, key=lambda p: (-(dist[p] + weight[p]), _rank(p, order))) if len(preds) > 1 \
+                else next(iter(preds))
+            dist[v], best_pred[v] = dist[best] + weight[best], best
         path: list[str] = []
         v: str | None = ":end"
         while v is not None:
-            if weight(v):
+            if weight.get(v):
                 path.append(v)
             v = best_pred.get(v)
-        return {k: dist[k] for k in self.entries if self.entries[k].node.is_step}, path[::-1]
+        return {k: dist[k] for k, e in self.entries.items() if e.node.is_step}, path[::-1]
 
     def flow_edges(self) -> list[list[str]]:
         """The flow graph (docs/plan.md ``edges``): steps and group boundaries, linear in the plan's size."""
-        return sorted([a, b] for a, b in self.graph.edges)
+        return sorted([a, b] for a, succ in self.succ.items() for b in succ)
 
     def before(self, a: str, b: str) -> bool:
-        """True when ``a`` has finished whenever ``b`` starts."""
-        return bool(nx.has_path(self.graph, self.exit(a), self.entry(b)))
+        """True when ``a`` has finished whenever ``b`` starts (a path leads from ``a``'s exit to ``b``'s entry)."""
+        source, target = self.exit(a), self.entry(b)
+        if source not in self.succ or target not in self.succ:
+            raise KeyError(source if source not in self.succ else target)
+        seen = {source}
+        todo = [source]
+        while todo:
+            v = todo.pop()
+            if v == target:
+                return True
+            for w in self.succ[v]:
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+        return False
 
     # --- expressions and templates ---------------------------------------------
 
@@ -446,7 +501,7 @@ class _Compiler:
         if self.duplicates or any(d.code in ("FD304", "FD303", "FD305") for d in self.diags):
             return Compiled(None, self.origins(), self.diags)
         root_keys = [n.id for n in self.root.steps if n.id in self.entries]
-        self.graph.add_node(":start")
+        self.add_vertex(":start")
         self.wire(root_keys, ":start", ":end")
         stage_of, critical = self.longest_paths()
         self.check_step_refs()
@@ -486,8 +541,42 @@ def _field(f: Any) -> dict[str, Any]:
     return {"name": f.name, "type": f.type, "desc": f.desc, "enum": list(f.enum) if f.enum is not None else None}
 
 
+def _has_cycle(deps: dict[str, list[str]]) -> bool:
+    """True when following deps (vertex -> the vertices it depends on) can lead back to a vertex."""
+    dependents: dict[str, list[str]] = {v: [] for v in deps}
+    waiting = {v: 0 for v in deps}
+    for v, ds in deps.items():
+        for d in ds:
+            if d in dependents:
+                dependents[d].append(v)
+                waiting[v] += 1
+    ready = [v for v, n in waiting.items() if n == 0]
+    done = 0
+    while ready:
+        v = ready.pop()
+        done += 1
+        for w in dependents[v]:
+            waiting[w] -= 1
+            if waiting[w] == 0:
+                ready.append(w)
+    return done != len(deps)
+
+
+def _digraph(deps: dict[str, list[str]]) -> nx.DiGraph:
+    """deps (vertex -> the vertices it depends on) as a networkx graph with edges dep -> vertex."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for key, ds in deps.items():
+        g.add_node(key)
+        g.add_edges_from((d, key) for d in ds)
+    return g
+
+
 def _cycles(g: nx.DiGraph) -> Iterator[list[str]]:
     """One cycle per strongly connected component that has one, starting at its first node."""
+    import networkx as nx
+
     for comp in sorted(nx.strongly_connected_components(g), key=lambda c: min(c)):
         if len(comp) > 1 or any(g.has_edge(n, n) for n in comp):
             cycle = [u for u, _ in nx.find_cycle(g.subgraph(comp))]

@@ -164,13 +164,23 @@ class Positions:
         return replace(diag, file=self.file, line=line, column=col)
 
 
+def _token(part: object) -> str:
+    """One reference token of a JSON pointer, with its leading '/' (RFC 6901 escaping)."""
+    text = part if type(part) is str else str(part)
+    if "~" in text or "/" in text:
+        text = text.replace("~", "~0").replace("/", "~1")
+    return "/" + text
+
+
 def pointer(*parts: object) -> str:
     """A JSON pointer from path parts (RFC 6901 escaping)."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+    return "".join([_token(p) for p in parts])
 
 
 def join(base: str, *parts: object) -> str:
-    return base + pointer(*parts)
+    if len(parts) == 1:  # the usual case: one key or index below ``base``
+        return base + _token(parts[0])
+    return base + "".join([_token(p) for p in parts])
 
 
 def split_pointer(ptr: str) -> Iterator[str]:

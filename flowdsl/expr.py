@@ -222,6 +222,12 @@ class Slot:
 
 
 def split_template(text: str) -> list[str | Slot]:
+    """Split a string into literal parts and expression slots (a fresh list; see ``_split``)."""
+    return list(_split(text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _split(text: str) -> tuple[str | Slot, ...]:
     """Split a string into literal parts and expression slots.
 
     Raises ExpressionError (with the offset) for an unclosed ``${``.
@@ -266,7 +272,7 @@ def split_template(text: str) -> list[str | Slot]:
         i += 1
     if buf:
         parts.append("".join(buf))
-    return parts
+    return tuple(parts)
 
 
 def is_expression(text: str) -> bool:
@@ -324,8 +330,10 @@ _DATA_NODE_TYPES = frozenset({"path", "name", "variable", "wildcard", "descendan
                               "partial", "lambda", "apply", "bind", "regex", "transform"})
 
 
+@functools.lru_cache(maxsize=8192)
 def is_constant(source: str) -> bool:
-    """True when the expression reads no data, variable or function (its value never changes)."""
+    """True when the expression reads no data, variable or function (its value never changes); cached like
+    ``_parse``, being a pure function of the source."""
     stack, seen = [_parse(source.strip()).ast], set()
     while stack:
         node = stack.pop()

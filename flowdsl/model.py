@@ -319,14 +319,18 @@ class _Builder:
         elif "fallback" in opts:
             self.err("FD309", "'fallback' applies to LLM steps only (steps with an 'llm' block)",
                      join(opt_path, "fallback"))
+        # the paths of options are built only for the options written (most steps write few)
+        compensate, output, retry, timeout = (opts.get(k) for k in ("compensate", "output", "retry", "timeout"))
         return Node(
             kind="llm" if "llm" in opts else "task", id=node_id, loc=self.loc(node_path), opts=opt_path,
             **self.common(opts),
             worker=None if "llm" in opts else worker, llm=llm, fallback=opts.get("fallback"),
-            compensate=self.compensation(opts.get("compensate"), join(opt_path, "compensate")),
-            with_=opts.get("with"), output=self.output(opts.get("output"), join(opt_path, "output")),
-            fail_when=opts.get("fail_when"), retry=self.retry(opts.get("retry"), join(opt_path, "retry")),
-            timeout_ms=self.duration(opts.get("timeout"), join(opt_path, "timeout")))
+            compensate=None if compensate is None else self.compensation(compensate, join(opt_path, "compensate")),
+            with_=opts.get("with"),
+            output=Output("merge") if output is None else self.output(output, join(opt_path, "output")),
+            fail_when=opts.get("fail_when"),
+            retry=None if retry is None else self.retry(retry, join(opt_path, "retry")),
+            timeout_ms=None if timeout is None else self.duration(timeout, join(opt_path, "timeout")))
 
     def nodes(self, items: list[Any], path: str) -> tuple[Node, ...]:
         built = (self.node(item, join(path, i)) for i, item in enumerate(items))
