@@ -55,6 +55,11 @@ class Decision:
     commands: list[dict[str, Any]]
     events: list[dict[str, Any]]
 
+    def __init__(self, state: dict[str, Any], commands: list[dict[str, Any]], events: list[dict[str, Any]]):
+        # one per input event: filled in directly (the generated frozen __init__ costs a setattr call per field)
+        fields = self.__dict__
+        fields["state"], fields["commands"], fields["events"] = state, commands, events
+
     @property
     def finished(self) -> bool:
         return self.state["status"] in END_STATES
@@ -181,6 +186,6 @@ def _in_loop(program: Program, key: str) -> bool:
 
 
 def _time(at: Any) -> int | float:
-    if isinstance(at, bool) or not isinstance(at, int | float):
+    if isinstance(at, bool) or not isinstance(at, (int, float)):
         raise ValueError(f"'at' must be milliseconds since the Unix epoch (a number), found {at!r}")
     return at

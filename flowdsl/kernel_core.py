@@ -75,6 +75,9 @@ class RunState(dict[str, Any]):
 class Core:
     """The run state, the plan's program and the output of the decision being made."""
 
+    __slots__ = ("_ctx", "answer", "at", "commands", "events", "iters", "nodes", "p", "queue", "run_id", "s",
+                 "tasks", "timers")
+
     def __init__(self, program: Program, state: dict[str, Any], at: int | float):
         self.p = program
         self.s = state
@@ -96,15 +99,22 @@ class Core:
 
     def emit(self, type_: str, step: str | None = None, *, attempt: int | None = None,
              task_id: str | None = None, error: dict[str, Any] | None = None, **extra: Any) -> None:
-        rec = self.nodes.get(step) if step is not None else None
-        node = rec["node"] if rec is not None else None
-        event = {"type": type_, "at": self.at, "seq": self.s["seq"], "run_id": self.run_id, "step": step,
-                 "node": node, "kind": self.p.kind[node] if node is not None else None,
+        node = None
+        if step is not None:
+            rec = self.nodes.get(step)
+            if rec is not None:
+                node = rec["node"]
+        state = self.s
+        seq = state["seq"]
+        event = {"type": type_, "at": self.at, "seq": seq, "run_id": self.run_id, "step": step,
+                 "node": node, "kind": None if node is None else self.p.kind[node],
                  "attempt": attempt, "task_id": task_id, "error": error}
-        event.update(extra)
-        if self.answer is not None and task_id == self.answer[0]:
-            event["meta"] = self.answer[1]
-        self.s["seq"] += 1
+        if extra:
+            event.update(extra)
+        answer = self.answer
+        if answer is not None and task_id == answer[0]:
+            event["meta"] = answer[1]
+        state["seq"] = seq + 1
         self.events.append(event)
 
     def command(self, op: str, **fields: Any) -> None:
@@ -142,9 +152,11 @@ class Core:
         rec = self.nodes[container]
         return rec["iter"], container if self.p.kind[rec["node"]] == "flow" else rec["flow"]
 
-    def new_record(self, key: str, container: str | None, status: str) -> str:
-        iteration, flow = self.lineage(container)
-        ikey = self.prefix(iteration) + key
+    def new_record(self, key: str, container: str | None, status: str,
+                   lineage: tuple[str | None, str | None] | None = None) -> str:
+        """Record a new instance of ``key`` in ``container`` (``lineage``: the container's, if known)."""
+        iteration, flow = self.lineage(container) if lineage is None else lineage
+        ikey = iteration + "/" + key if iteration else key
         self.nodes[ikey] = {"node": key, "parent": container, "iter": iteration, "flow": flow, "status": status,
                             "started_at": self.at, "finished_at": None, "error": None}
         return ikey
@@ -177,10 +189,13 @@ class Core:
         hit = cache.get(ikey)
         if hit is not None:
             return hit
+        fast = self._context_step(ikey)
+        if fast is not None:
+            return fast
         chain: list[tuple[str, str]] = []
         current = ikey
         while True:
-            hit = cache.get(current)
+            hit = cache.get(current) if chain else None  # ``ikey`` itself was just looked up
             if hit is not None:
                 base = hit
                 break
@@ -216,6 +231,42 @@ class Core:
             cache.put(ikey, base)
         return base
 
+    def _context_step(self, ikey: str) -> dict[str, Json] | None:
+        """``context(ikey)`` in one step when it derives from a cached context (the common case), else None.
+
+        The same result and cache effects as the general walk over a chain of one.
+        """
+        nodes = self.nodes
+        rec = nodes[ikey]
+        key = rec["node"]
+        how = self.p.derive[key]
+        cache = self._ctx
+        if how == "parent":  # the group's context, shared as it is (the general walk does not cache it either)
+            group = rec["parent"]
+            base = cache.get(group)
+            if base is None and self.p.derive[nodes[group]["node"]] == "scope":
+                base = self.scope_input(nodes[group])
+            return base
+        if how != "dep":
+            return None
+        iteration = rec["iter"]
+        dep = (iteration + "/" if iteration else "") + self.p.deps[key][0]
+        base = cache.get(dep)
+        if base is None:
+            return None
+        iteration = nodes[dep]["iter"]
+        pre = iteration + "/" if iteration else ""
+        owned = False
+        for atom in self.p.atoms_inside[nodes[dep]["node"]]:
+            done = nodes.get(pre + atom)
+            if done is not None and done["status"] == "succeeded":
+                if not owned:
+                    base, owned = dict(base), True
+                base.update(self.contribution(done))
+        if owned:
+            cache.put(ikey, base)
+        return base
+
     def _compute(self, ikey: str, rec: Record, how: str) -> dict[str, Json]:
         if how == "scope":
             return self.scope_input(rec)
@@ -232,6 +283,9 @@ class Core:
         if "out" in rec:
             out: dict[str, Json] = rec["out"]
             return out
+        if rec["node"] in self.p.merges:
+            result = rec.get("result")
+            return result if isinstance(result, dict) else {}
         node = self.p.nodes[rec["node"]]
         rule = node.get("output") or ({"mode": "name", "name": node["id"]} if node["kind"] == "for_each"
                                       else {"mode": "merge"})

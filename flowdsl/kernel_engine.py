@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowdsl.expr import ExpressionError, truthy
-from flowdsl.kernel_core import error, switch_label
+from flowdsl.kernel_core import DONE, error, switch_label
 from flowdsl.kernel_program import Json, retry_delay, retryable
 from flowdsl.kernel_saga import END_STATES, Saga
 
@@ -94,9 +94,10 @@ class Machine(Saga):
         self.queue.extend((k, container) for k in keys if not self.p.deps[k])
 
     def _begin(self, key: str, container: str | None) -> None:
-        if self.prefix(self.lineage(container)[0]) + key in self.nodes:
+        lineage = self.lineage(container)
+        if self.prefix(lineage[0]) + key in self.nodes:
             return
-        ikey = self.new_record(key, container, "running")
+        ikey = self.new_record(key, container, "running", lineage)
         node = self.p.nodes[key]
         try:
             if node.get("when") and not truthy(self.evaluate(ikey, node["when"], self.context(ikey))):
@@ -203,10 +204,16 @@ class Machine(Saga):
         """A node succeeded or was skipped: start the siblings waiting for it, tell its container."""
         if self.s["status"] != "running":
             return
-        rec = self.nodes[ikey]
+        nodes = self.nodes
+        rec = nodes[ikey]
         pre = self.prefix(rec["iter"])
+        deps = self.p.deps
         for dependent in self.p.dependents[rec["node"]]:
-            if all(self.is_done(pre + dep) for dep in self.p.deps[dependent]):
+            for dep in deps[dependent]:
+                other = nodes.get(pre + dep)
+                if other is None or other["status"] not in DONE:
+                    break
+            else:
                 self.queue.append((dependent, rec["parent"]))
         container = rec["parent"]
         if container is None:
@@ -260,6 +267,8 @@ class Machine(Saga):
         self._node_done(ikey)
 
     def _mapped_output(self, ikey: str, result: Json) -> dict[str, Json] | None:
+        if self.nodes[ikey]["node"] not in self.p.maps:
+            return None
         rule = self.p.nodes[self.nodes[ikey]["node"]].get("output") or {}
         if rule.get("mode") != "map":
             return None
@@ -283,9 +292,9 @@ class Machine(Saga):
         except ExpressionError as exc:
             self._node_failed(ikey, error("ExpressionError", exc.message))
             return
-        rec["attempt"] += 1
+        attempt: int = rec["attempt"] + 1
+        rec["attempt"] = attempt
         rec["attempts"] += 1
-        attempt: int = rec["attempt"]
         idem = self.idempotency_key(ikey)
         if rec["phase"] == "fallback":
             kind, worker, task_id = "fallback", node["fallback"], f"{idem}#f{attempt}"
@@ -294,10 +303,12 @@ class Machine(Saga):
         timeout: int | None = node.get("timeout_ms")
         self.tasks[task_id] = {"step": ikey, "kind": kind, "attempt": attempt,
                                "timer": task_id + "@timeout" if timeout else None}
-        rec.update(status="running", task=task_id)
-        self.command("dispatch", task_id=task_id, kind=kind, step=ikey, node=rec["node"], worker=worker,
-                     input=data, attempt=attempt, idempotency_key=idem, timeout_ms=timeout,
-                     llm=node.get("llm") if kind == "llm" else None)
+        rec["status"] = "running"
+        rec["task"] = task_id
+        self.commands.append({"op": "dispatch", "run_id": self.run_id, "task_id": task_id, "kind": kind,
+                              "step": ikey, "node": rec["node"], "worker": worker, "input": data,
+                              "attempt": attempt, "idempotency_key": idem, "timeout_ms": timeout,
+                              "llm": node.get("llm") if kind == "llm" else None})
         if timeout:
             self.schedule(task_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=task_id)
         self.emit("step_scheduled", ikey, attempt=attempt, task_id=task_id, worker=worker, task_kind=kind,

@@ -65,6 +65,11 @@ class Program:
         self.scope_atoms = {s: tuple(sorted(v, key=self.order.__getitem__)) for s, v in scope_atoms.items()}
         self.derive: dict[str, str] = {}
         self._derivations()
+        #: nodes whose result merges into their scope's context, and nodes with an output ``map``
+        #: (read on every step, so decided once here; ``Core.contribution`` handles the rest)
+        self.merges: frozenset[str] = frozenset(k for k, n in self.nodes.items() if _merges(n))
+        self.maps: frozenset[str] = frozenset(k for k, n in self.nodes.items()
+                                              if (n.get("output") or {}).get("mode") == "map")
         self.expr_vars: dict[str, frozenset[str]] = {}
         self.expr_steps: dict[str, frozenset[str] | None] = {}
         for eid, info in self.expressions.items():
@@ -205,6 +210,14 @@ class Program:
             return None
         where = "/".join(str(p) for p in error.absolute_path)
         return f"{error.message} (at /{where})" if where else error.message
+
+
+def _merges(node: Node) -> bool:
+    """Whether a node's output rule (``Core.contribution``) is certainly a merge of its result."""
+    rule = node.get("output")
+    if not rule:
+        return bool(node["kind"] != "for_each")
+    return "mode" in rule and rule["mode"] != "name"
 
 
 def _topological(keys: list[str], deps: dict[str, tuple[str, ...]]) -> list[str]:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-import statistics
-import time
 
 import pytest
 
-from flowdsl.kernel import END_STATES, apply, replay, start_run, summary
+from flowdsl.kernel import apply, replay, start_run, summary
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -244,10 +242,10 @@ def test_a_hanging_task_during_cancellation_is_bounded_by_its_attempt_timeout():
     assert cancelled["step"] == "slow" and cancelled["error"]["type"] == "StepTimeout"
 
 
-def _drive(plan: dict, failing: str | None) -> list[float]:
+def _drive(plan: dict, failing: str | None) -> dict:
+    """Answer every dispatch at once (``failing`` fails for good); the final state."""
     d = start_run(plan, "r", {"x": 1}, at=0)
     todo = [c for c in d.commands if c["op"] == "dispatch"]
-    costs: list[float] = []
     n = 0
     while todo:
         c = todo.pop(0)
@@ -256,20 +254,20 @@ def _drive(plan: dict, failing: str | None) -> list[float]:
             event = {"type": "task_failed", "task_id": c["task_id"], "at": n, "error": {"type": "E"}}
         else:
             event = {"type": "task_succeeded", "task_id": c["task_id"], "at": n, "result": {c["node"]: n}}
-        t = time.perf_counter()
         d = apply(plan, d.state, event)
-        costs.append(time.perf_counter() - t)
         todo += [c for c in d.commands if c["op"] == "dispatch"]
-    assert d.state["status"] in END_STATES
-    return costs
+    return d.state
 
 
 @pytest.mark.parametrize("shape", ["sequence", "parallel"])
-def test_a_thousand_steps_cost_little_per_event(shape):
+def test_a_thousand_steps_complete_and_a_late_failure_undoes_all_of_them(shape):
+    # what each event costs is measured by benchmarks/bench_local.py, not asserted here
     steps = [{f"s{i}": {"compensate": "undo"}} for i in range(1000)]
     plan = plan_of([*steps, "last"]) if shape == "sequence" else plan_of(
         [{"parallel": "p", "branches": steps}, "last"])
-    for failing in (None, "last"):
-        costs = _drive(plan, failing)
-        assert statistics.median(costs) < 0.0005, statistics.median(costs)
-        assert sum(costs) < 2.0
+    assert _drive(plan, None)["status"] == "completed"
+    undone = _drive(plan, "last")
+    assert undone["status"] == "compensated"
+    assert sorted(undone["compensated"]) == sorted(f"s{i}" for i in range(1000))
+    if shape == "sequence":
+        assert undone["compensated"] == [f"s{i}" for i in reversed(range(1000))]
