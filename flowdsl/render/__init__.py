@@ -14,11 +14,12 @@ into per-step states; :mod:`.command` is the ``flowdsl diagram`` command.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowdsl.render.runstate import RunStates
-from flowdsl.render.view import STATES, RenderError
+if TYPE_CHECKING:
+    from flowdsl.render.runstate import RunStates
 
 #: every format and whether it is text (str) or binary (bytes)
 FORMATS = {"mermaid": "text", "ascii": "text", "dot": "text", "svg": "text", "png": "binary"}
@@ -26,6 +27,16 @@ FORMATS = {"mermaid": "text", "ascii": "text", "dot": "text", "svg": "text", "pn
 EXTENSIONS = {"mermaid": ".mmd", "ascii": ".ascii.txt", "dot": ".dot", "svg": ".svg", "png": ".png"}
 
 __all__ = ["EXTENSIONS", "FORMATS", "STATES", "RenderError", "RunStates", "render"]
+
+#: re-exports loaded on first use, so that `flowdsl --help` (which registers the diagram command) stays light
+_LAZY = {"STATES": "flowdsl.render.view", "RenderError": "flowdsl.render.view", "RunStates": "flowdsl.render.runstate"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowdsl.render' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def render(plan: Mapping[str, Any], fmt: str, *, run_states: RunStates | Mapping[str, str] | None = None,
@@ -39,6 +50,9 @@ def render(plan: Mapping[str, Any], fmt: str, *, run_states: RunStates | Mapping
     the ASCII form's target width. Raises :class:`RenderError` for an unknown
     format, a plan that cannot be drawn, or a missing Graphviz.
     """
+    from flowdsl.render.runstate import RunStates
+    from flowdsl.render.view import RenderError
+
     states = RunStates.of(run_states)
     plan = dict(plan)
     if fmt == "mermaid":
