@@ -31,15 +31,6 @@ FLOWS = {"ecommerce_order": ECOM / "flow.yaml", "order_management": ORDERS / "fl
 SCHEMA = json.loads((ROOT / "specs" / "flowdsl.schema.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    svc.STATE.reset()
-    om.LEDGER.reset()
-    yield
-    svc.STATE.reset()
-    om.LEDGER.reset()
-
-
 def spec(name: str) -> dict[str, Any]:
     return yaml.safe_load(FLOWS[name].read_text())
 

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from examples.ecommerce_order import services as svc
 from examples.order_management import workers as om
 from flowdsl import compile_spec
@@ -24,16 +22,6 @@ from flowdsl.runtime.report import timing
 ROOT = Path(__file__).resolve().parents[2]
 ECOM = ROOT / "examples" / "ecommerce_order"
 ORDERS = ROOT / "examples" / "order_management"
-
-
-@pytest.fixture(autouse=True)
-def clean_books(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.delenv("FLOWDSL_LM", raising=False)
-    svc.STATE.reset()
-    om.LEDGER.reset()
-    yield
-    svc.STATE.reset()
-    om.LEDGER.reset()
 
 
 def _plan(example: Path) -> dict[str, Any]:
