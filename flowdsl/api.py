@@ -121,14 +121,14 @@ class _Session:
             chain = " → ".join(os.path.basename(p) for p in [*self.stack, path])
             self.diags.append(make("FD308", f"sub-flow '{rel}' includes itself: {chain}", loc.path, file=loc.file))
             return None
-        doc = load(path)
+        doc = load(_shown(path))
         if doc.data is None and doc.diagnostics and all(d.code == "FD101" for d in doc.diagnostics):
             # an unreadable sub-flow is the including spec's error (FD308), not a usage error (FD101)
             self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {doc.diagnostics[0].message}",
                                    loc.path, file=loc.file))
             return None
         before = len(self.diags)
-        flow = self.model(doc, path)
+        flow = self.model(doc, _shown(path))
         if flow is None:
             why = "; ".join(d.message for d in (self.diags[before:] or doc.diagnostics)[:1])
             self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {why}", loc.path, file=loc.file))
@@ -140,6 +140,12 @@ class _Session:
             pos = self.positions.get(d.file)
             out.append(pos.locate(d, key=d.code in _KEY_CODES) if pos else d)
         return sort_diagnostics(out)
+
+
+def _shown(path: str) -> str:
+    """``path`` as diagnostics show it: relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _with_file(d: Diagnostic, file: str | None) -> Diagnostic:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,12 @@ def test_the_api_and_the_cli_report_the_same_diagnostics(bad_file: Path) -> None
 
     result = CliRunner().invoke(app, ["validate", "--no-import", "--format", "json", str(bad_file)])
     assert json.loads(result.stdout) == [d.to_json() for d in flowdsl.validate(str(bad_file), check_workers=False)]
+
+
+def test_diagnostics_in_a_sub_flow_name_it_as_the_user_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "main.yaml").write_text("flowdsl: 1\nname: main\nsteps:\n  - flow: sub\n    path: lib/sub.yaml\n")
+    (tmp_path / "lib" / "sub.yaml").write_text("flowdsl: 1\nname: sub\nsteps:\n  - a: {timeout: 5x}\n")
+    monkeypatch.chdir(tmp_path)
+    (diag,) = flowdsl.validate("main.yaml", check_workers=False)
+    assert (diag.code, diag.file, diag.line) == ("FD401", os.path.join("lib", "sub.yaml"), 4)
