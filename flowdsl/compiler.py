@@ -420,7 +420,11 @@ class _Compiler:
                         ids = [i for (ns, i) in by_id if ns == self.namespace(key)]
                         self.err(n, "FD303", f"in '{fname}': '$steps.{ref}' names no step{did_you_mean(ref, ids)}",
                                  path)
-                    elif target != key and not self.before(target, key) and not self.encloses(target, key):
+                    elif self.entries[target].node.kind in ("sequence", "parallel", "switch"):
+                        kind = self.entries[target].node.kind
+                        self.err(n, "FD303", f"in '{fname}': '$steps.{ref}' names a {kind}, which has no result of "
+                                 "its own; read one of its steps (or the context its steps wrote)", path)
+                    elif target != key and not self.before(target, key):
                         self.err(n, "FD504", f"in '{fname}': '$steps.{ref}' reads step '{ref}', which does not "
                                  f"always finish before '{n.id}' starts; add it to 'needs' or move it earlier", path)
                     elif target == key and fname != "fail_when" and not fname.startswith(("output.", "compensate.")):

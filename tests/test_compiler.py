@@ -290,6 +290,29 @@ def test_steps_of_a_sub_flow_are_not_visible_to_the_parent(spec: Spec) -> None:
     assert [d.code for d in result.diagnostics] == ["FD303"]
 
 
+@pytest.mark.parametrize("kind", ["sequence", "parallel"])
+def test_a_group_without_a_result_cannot_be_read_through_steps(kind: str) -> None:
+    children = "steps" if kind == "sequence" else "branches"
+    message = only(HEAD + f"""\
+        steps:
+          - {kind}: g
+            {children}: [a, b]
+          - c: {{when: "${{ $steps.g.x }}"}}
+        """, "FD303")
+    assert f"names a {kind}, which has no result of its own" in message
+
+
+def test_a_step_cannot_read_the_for_each_that_encloses_it() -> None:
+    message = only(HEAD + """\
+        steps:
+          - for_each: lines
+            items: "${ [1, 2] }"
+            steps:
+              - a: {when: "${ $steps.lines }"}
+        """, "FD504")
+    assert "'$steps.lines' reads step 'lines', which does not always finish before 'a' starts" in message
+
+
 # --- retry, timeouts, compensation, defaults ----------------------------------------------------
 
 
