@@ -107,7 +107,7 @@ class _Session:
         if file:
             self.stack.append(os.path.abspath(file))
         try:
-            flow, diags = build_flow(doc.data, file, self.load_subflow)
+            flow, diags = build_flow(doc.data, file, self.load_subflow, doc.positions)
         finally:
             if file:
                 self.stack.pop()

@@ -40,7 +40,7 @@ def check_ids(flow: Flow) -> Iterator[Diagnostic]:
     for node in walk(flow.steps):
         first = seen.get(node.id)
         if first is not None:
-            yield _err(node, "FD301", f"duplicate id '{node.id}' (first used at {first.loc.path}); "
+            yield _err(node, "FD301", f"duplicate id '{node.id}' (first used on {first.loc.describe()}); "
                        "give one of them another id (for a step: '<id>: {worker: ...}')", node.loc.path)
         else:
             seen[node.id] = node

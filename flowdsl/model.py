@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, join, make
+from flowdsl.diagnostics import Diagnostic, Positions, join, make
 
 ID_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
@@ -56,10 +56,15 @@ def parse_duration(value: Any) -> int:
 
 @dataclass(frozen=True)
 class Loc:
-    """Where a model element came from: its JSON pointer and its file."""
+    """Where a model element came from: its JSON pointer, its file and (when known) its line."""
 
     path: str
     file: str | None = None
+    line: int | None = None
+
+    def describe(self) -> str:
+        """``line N`` when the line is known, else the JSON pointer (for messages citing another place)."""
+        return f"line {self.line}" if self.line is not None else self.path
 
 
 @dataclass(frozen=True)
@@ -203,16 +208,18 @@ SubflowLoader = Callable[[str, Loc], "Flow | None"]
 
 
 class _Builder:
-    def __init__(self, file: str | None, load_subflow: SubflowLoader | None):
+    def __init__(self, file: str | None, load_subflow: SubflowLoader | None, positions: Positions | None):
         self.file = file
         self.load_subflow = load_subflow
+        self.positions = positions
         self.diags: list[Diagnostic] = []
 
     def err(self, code: str, message: str, path: str) -> None:
         self.diags.append(make(code, message, path, file=self.file))
 
     def loc(self, path: str) -> Loc:
-        return Loc(path, self.file)
+        line = self.positions.find(path)[0] if self.positions is not None else None
+        return Loc(path, self.file, line)
 
     def duration(self, value: Any, path: str) -> int | None:
         if value is None:
@@ -356,10 +363,13 @@ class _Builder:
                     output=Output("name", name=data.get("output", data[kw])))
 
 
-def build_flow(data: dict[str, Any], file: str | None = None,
-               load_subflow: SubflowLoader | None = None) -> tuple[Flow, list[Diagnostic]]:
-    """The model of one schema-valid spec, and the diagnostics found building it."""
-    b = _Builder(file, load_subflow)
+def build_flow(data: dict[str, Any], file: str | None = None, load_subflow: SubflowLoader | None = None,
+               positions: Positions | None = None) -> tuple[Flow, list[Diagnostic]]:
+    """The model of one schema-valid spec, and the diagnostics found building it.
+
+    ``positions`` (from the front end) gives every location its line, for messages that cite another place.
+    """
+    b = _Builder(file, load_subflow, positions)
     d = data.get("defaults") or {}
     comp = d.get("compensate") or {}
     llm = d.get("llm") or {}

@@ -546,7 +546,7 @@ def test_plan_bytes_are_sorted_indented_json_with_a_final_newline() -> None:
 
 def test_fd301_duplicate_ids_anywhere_in_the_flow() -> None:
     message = only(HEAD + "steps:\n  - a\n  - sequence: s\n    steps: [b, a]\n", "FD301")
-    assert message.startswith("duplicate id 'a' (first used at /steps/0)")
+    assert message.startswith("duplicate id 'a' (first used on line 4)")
 
 
 def test_fd302_output_names_and_groups() -> None:
