@@ -141,9 +141,9 @@ def generate_yaml(n_steps: int, seed: int = 7) -> str:
 
 
 def _front_end(text: str, filename: str) -> Any:
-    from flowdsl.api import _compile_doc, load_text
+    from flowdsl.api import compile_loaded, load_text
 
-    return _compile_doc(load_text(text, filename), filename, False, None)
+    return compile_loaded(load_text(text, filename), filename)
 
 
 PHASES = ("load", "schema", "model", "checks", "compile", "serialise")

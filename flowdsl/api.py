@@ -154,7 +154,9 @@ def _with_file(d: Diagnostic, file: str | None) -> Diagnostic:
     return replace(d, file=file)
 
 
-def _compile_doc(doc: LoadedDoc, file: str | None, check_workers: bool, search_path: str | None) -> CompileResult:
+def compile_loaded(doc: LoadedDoc, file: str | None, *, check_workers: bool = False,
+                   search_path: str | None = None) -> CompileResult:
+    """Check and compile a document already read (:func:`load` / :func:`load_text`)."""
     try:
         with _gc_paused():
             return _compile_checked(doc, file, check_workers, search_path)
@@ -183,7 +185,7 @@ def _compile_checked(doc: LoadedDoc, file: str | None, check_workers: bool, sear
 
 def compile_spec(path: str, *, check_workers: bool = False, search_path: str | None = None) -> CompileResult:
     """Load, check and compile a spec file. ``check_workers`` imports the worker modules and checks the names."""
-    return _compile_doc(load(path), path, check_workers, search_path)
+    return compile_loaded(load(path), path, check_workers=check_workers, search_path=search_path)
 
 
 def validate(path: str, *, check_workers: bool = True, search_path: str | None = None) -> list[Diagnostic]:
@@ -193,7 +195,7 @@ def validate(path: str, *, check_workers: bool = True, search_path: str | None =
 
 def compile_text(text: str, *, filename: str = "spec.yaml", check_workers: bool = False) -> dict[str, Any]:
     """Compile spec text to a plan; raises :class:`SpecError` with every diagnostic when it has errors."""
-    result = _compile_doc(load_text(text, filename), filename, check_workers, None)
+    result = compile_loaded(load_text(text, filename), filename, check_workers=check_workers)
     if result.plan is None:
         raise SpecError(result.diagnostics)
     return result.plan

@@ -153,14 +153,15 @@ def convert(
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Turn a spec from YAML into the text syntax or back. The spec is checked first."""
-    from flowdsl.api import compile_spec, load
+    from flowdsl.api import compile_loaded, load
     from flowdsl.convert import convert_text
 
-    result = compile_spec(str(file), check_workers=False)
+    doc = load(str(file))
+    result = compile_loaded(doc, str(file))
     if result.plan is None:
         _print_diagnostics(result.diagnostics, fmt)
         raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
-    text = convert_text(load(str(file)).data, to.value)
+    text = convert_text(doc.data, to.value)
     if output is not None:
         _write(output, text.encode("utf-8"))
     else:

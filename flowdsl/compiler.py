@@ -118,9 +118,6 @@ class _Compiler:
                 for _, kids in node.child_lists():
                     self.collect(kids, flow, prefix, key, inner_scope)
 
-    def key_of(self, node: Node, prefix: str) -> str:
-        return prefix + node.id
-
     def lists(self, nodes: tuple[Node, ...], prefix: str) -> Iterator[tuple[str | None, tuple[Node, ...], str]]:
         """Every sibling list of a flow: (owning group key, nodes, key prefix)."""
         yield None, nodes, prefix

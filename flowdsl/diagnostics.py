@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -181,8 +181,3 @@ def join(base: str, *parts: object) -> str:
     if len(parts) == 1:  # the usual case: one key or index below ``base``
         return base + _token(parts[0])
     return base + "".join([_token(p) for p in parts])
-
-
-def split_pointer(ptr: str) -> Iterator[str]:
-    for part in ptr.split("/")[1:]:
-        yield part.replace("~1", "/").replace("~0", "~")

@@ -161,10 +161,6 @@ class Core:
                             "started_at": self.at, "finished_at": None, "error": None}
         return ikey
 
-    def is_done(self, ikey: str) -> bool:
-        rec = self.nodes.get(ikey)
-        return rec is not None and rec["status"] in DONE
-
     # --- data ----------------------------------------------------------------------
 
     def scope_input(self, rec: Record) -> dict[str, Json]:

@@ -30,8 +30,6 @@ from flowdsl.render.view import Glyphs, PlanView
 VertexId = tuple[str, str]
 #: vertex roles that stand for a step (coloured by the step's run state)
 STEP_ROLES = ("step", "llm")
-#: vertex roles that only structure the flow
-CONTROL_ROLES = ("start", "end", "join", "fanout", "gather", "decision", "merge", "empty")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -107,10 +107,3 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str,
         else:
             events.append(item)
     return header, events
-
-
-def list_records(directory: str | Path | None = None) -> Iterator[Path]:
-    """Record files, newest first."""
-    d = runs_dir(str(directory) if directory else None)
-    if d.is_dir():
-        yield from sorted(d.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)

@@ -43,7 +43,6 @@ def test_every_key_of_a_run_shares_one_cluster_slot_and_shared_keys_share_anothe
               keys.queue("payments.charge")]
     assert len({key_slot(k.encode()) for k in shared}) == 1
     assert all(k.startswith("{acme}:") for k in shared)
-    assert keys.worker_of(keys.queue("payments.charge")) == "payments.charge"
     assert keys.queue_of({"kind": "llm", "worker": None}) == keys.llm
 
 

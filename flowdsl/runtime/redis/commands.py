@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, resolve_url
@@ -29,7 +29,6 @@ __all__ = ["EXIT_USAGE", "cancel_command", "run_command", "run_events", "runs_co
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-T = TypeVar("T")
 
 
 class _Failure(Exception):

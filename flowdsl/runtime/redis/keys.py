@@ -127,10 +127,6 @@ class Keys:
         worker = command.get("worker")
         return self.queue(None if command.get("kind") == "llm" or not worker else str(worker))
 
-    def worker_of(self, stream: str) -> str | None:
-        """The worker name a task stream serves (``None`` for the LLM and control streams)."""
-        return stream[len(self._task_prefix):] if stream.startswith(self._task_prefix) else None
-
     # --- timers ------------------------------------------------------------------------
 
     @staticmethod

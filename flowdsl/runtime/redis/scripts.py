@@ -244,8 +244,6 @@ class Batcher:
         self._queue: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
         self._inflight = 0
         self._scheduled = False
-        self.pipelines = 0
-        self.commands = 0
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the returned future resolves with its reply."""
@@ -266,8 +264,6 @@ class Batcher:
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            self.pipelines += 1
-            self.commands += len(batch)
             try:
                 if self.wire is not None:
                     replies = await self.wire.execute([args for args, _ in batch])
