@@ -38,6 +38,7 @@ class LoadedDoc:
 MAX_BYTES = 4 * 1024 * 1024  # a spec larger than this is refused (FD102)
 MAX_NODES = 500_000  # YAML nodes after alias expansion (FD106)
 MAX_DEPTH = 100  # nested mappings and lists (FD107); a real spec nests a few dozen levels at most
+TOO_DEEP = f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists"
 
 _CORE = "tag:yaml.org,2002:"
 _STR, _MAP, _SEQ = _CORE + "str", _CORE + "map", _CORE + "seq"
@@ -162,6 +163,8 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
         where = {"line": mark.line + 1, "column": mark.column + 1} if mark else {}
+        if problem.startswith("exceeded maximum nesting depth"):  # libyaml's own bound (PyYAML >= 6.0.4)
+            return LoadedDoc(None, positions, [make("FD107", TOO_DEEP, file=file, **where)])
         ctx = f" ({exc.context})" if exc.context and exc.problem else ""
         if ctx and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
             ctx = f" ({exc.context} started on line {exc.context_mark.line + 1})"
@@ -276,8 +279,7 @@ class _Builder:
             elif kind is map_ev or kind is seq_ev:
                 mark = event.start_mark
                 if len(stack) >= MAX_DEPTH:
-                    raise self.stop("FD107", f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists",
-                                    mark, self.child_path(top))
+                    raise self.stop("FD107", TOO_DEEP, mark, self.child_path(top))
                 self.count(1, mark)
                 ok = True
                 if top is not None and top.key is None and type(top.data) is dict:
