@@ -66,7 +66,8 @@ class Machine(Saga):
             if kind == "task_started":
                 self.emit("attempt_started", task["step"], attempt=task["attempt"], task_id=task_id)
             elif kind == "task_succeeded":
-                self._task_succeeded(task_id, event.get("result"))
+                if not self._chain_step(task_id, task, event.get("result")):
+                    self._task_succeeded(task_id, event.get("result"))
             elif kind == "task_failed":
                 self._task_failed(task_id, _error_of(event.get("error")))
             else:
@@ -346,6 +347,82 @@ class Machine(Saga):
             self._node_done(ikey)
         else:
             self.maybe_compensate()
+
+    def _chain_step(self, task_id: str, task: dict[str, Any], result: Json) -> bool:
+        """A plain step succeeded and starts the plain step after it: decided in one straight line.
+
+        Makes exactly the decision of ``_task_succeeded`` → ``_node_done`` →
+        ``_begin`` → ``_dispatch`` (the same state, commands and events, byte
+        for byte: tests/kernel/test_chain.py compares them) in the case that
+        dominates long sequences, ``Program.chain``: a task with no
+        ``fail_when`` or output map whose one dependent waits for it alone and
+        is a task with no ``when`` or ``with``; and its container stays open.
+        Returns False, having changed nothing, when the case does not apply.
+        """
+        s = self.s
+        nodes = self.nodes
+        step = task["step"]
+        rec = nodes[step]
+        nxt = self.p.chain.get(rec["node"])
+        if nxt is None or task["kind"] != "task" or s["status"] != "running":
+            return False
+        if result is None:
+            result = {}
+        elif not isinstance(result, dict):
+            return False
+        container = rec["parent"]
+        holder = s if container is None else self.iters.get(container) or nodes[container]
+        iteration = rec["iter"]
+        ikey = iteration + "/" + nxt if iteration else nxt
+        if holder["remaining"] <= 1 or ikey in nodes:
+            return False
+        # the step that succeeded
+        del self.tasks[task_id]
+        self.cancel_timer(task["timer"])
+        at = self.at
+        run_id = self.run_id
+        clock = s["clock"] + 2
+        s["clock"] = clock
+        rec.update(status="succeeded", finished_at=at, task=None, result=result, error=None, t1=clock - 1)
+        holder["remaining"] -= 1
+        seq = s["seq"]
+        s["seq"] = seq + 3
+        done = {"type": "step_succeeded", "at": at, "seq": seq, "run_id": run_id, "step": step, "node": rec["node"],
+                "kind": "task", "attempt": task["attempt"], "task_id": task_id, "error": None}
+        answer = self.answer
+        if answer is not None and answer[0] == task_id:
+            done["meta"] = answer[1]
+        # the step it starts, and that step's first attempt
+        node = self.p.nodes[nxt]
+        idem = f"{run_id}/{ikey}"
+        attempt_id = idem + "#1"
+        worker = node.get("worker")
+        timeout: int | None = node.get("timeout_ms")
+        timer = attempt_id + "@timeout" if timeout else None
+        nodes[ikey] = {"node": nxt, "parent": container, "iter": iteration, "flow": rec["flow"],
+                       "status": "running", "started_at": at, "finished_at": None, "error": None,
+                       "attempt": 1, "attempts": 1, "phase": "main", "task": attempt_id, "t0": clock}
+        self.tasks[attempt_id] = {"step": ikey, "kind": "task", "attempt": 1, "timer": timer}
+        cache = self._ctx
+        ctx = cache.get(step)  # derive "dep": the step's own context plus its contribution
+        if ctx is None:
+            ctx = self.context(ikey)
+        else:
+            ctx = dict(ctx)
+            ctx.update(self.contribution(rec))
+            cache.put(ikey, ctx)
+        self.commands.append({"op": "dispatch", "run_id": run_id, "task_id": attempt_id, "kind": "task",
+                              "step": ikey, "node": nxt, "worker": worker, "input": dict(ctx),
+                              "attempt": 1, "idempotency_key": idem, "timeout_ms": timeout, "llm": None})
+        if timeout:
+            self.schedule(attempt_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=attempt_id)
+        self.events += (done,
+                        {"type": "step_started", "at": at, "seq": seq + 1, "run_id": run_id, "step": ikey,
+                         "node": nxt, "kind": "task", "attempt": None, "task_id": None, "error": None},
+                        {"type": "step_scheduled", "at": at, "seq": seq + 2, "run_id": run_id, "step": ikey,
+                         "node": nxt, "kind": "task", "attempt": 1, "task_id": attempt_id, "error": None,
+                         "worker": worker, "task_kind": "task", "idempotency_key": idem})
+        return True
 
     def _task_failed(self, task_id: str, err: dict[str, Any]) -> None:
         task = self.tasks.pop(task_id)

@@ -70,6 +70,15 @@ class Program:
         self.merges: frozenset[str] = frozenset(k for k, n in self.nodes.items() if _merges(n))
         self.maps: frozenset[str] = frozenset(k for k, n in self.nodes.items()
                                               if (n.get("output") or {}).get("mode") == "map")
+        #: step -> the step it alone starts, both plain (``Machine._chain_step`` decides that in one line)
+        self.chain: dict[str, str] = {}
+        for key, node in self.nodes.items():
+            after = self.dependents[key]
+            if node["kind"] == "task" and not node.get("fail_when") and key not in self.maps and len(after) == 1:
+                nxt = self.nodes[after[0]]
+                if (nxt["kind"] == "task" and self.deps[after[0]] == (key,) and not nxt.get("when")
+                        and nxt.get("with") is None and self.derive[after[0]] == "dep"):
+                    self.chain[key] = after[0]
         self.expr_vars: dict[str, frozenset[str]] = {}
         self.expr_steps: dict[str, frozenset[str] | None] = {}
         for eid, info in self.expressions.items():

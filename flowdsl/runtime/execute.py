@@ -44,15 +44,15 @@ import os
 import queue
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from flowdsl.workers import StepContext, WorkerRegistry
+from flowdsl.workers import StepContext, Worker, WorkerRegistry
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "cancellable", "copy_json", "execute", "json_problem", "missing_workers",
-           "worker_references"]
+__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "Suspended", "cancellable", "copy_json", "execute", "json_problem",
+           "missing_workers", "resume", "start", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -76,17 +76,13 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
     ``asyncio.CancelledError``.
     """
     task_id = command["task_id"]
-    kind = command["kind"]
     try:
-        if kind == "llm":
+        if command["kind"] == "llm":
             return await _execute_llm(command, lm, env, adapter, lms)
-        found = (registry or default_registry).get(command["worker"] or "")
-        if found is None:
-            return _failed(task_id, WORKER_NOT_FOUND, f"no worker is registered under the name "
-                           f"'{command['worker']}' in this process (are the spec's worker modules imported?)")
-        ctx = StepContext(command["run_id"], command["node"], command["attempt"], command["idempotency_key"],
-                          kind == "compensate", _logger(found.name))
-        data = copy_json(command["input"])
+        call = _call(command, registry)
+        if isinstance(call, dict):
+            return call
+        found, data, ctx = call
         if found.is_async:
             result = await found.fn(data, ctx)
         else:
@@ -96,6 +92,105 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
     except Exception as exc:  # the worker's (or the model's) failure, whatever it is
         return _exception_event(task_id, exc)
     return _answer(task_id, result)
+
+
+class Suspended:
+    """An async worker started by :func:`start` that is waiting: await :meth:`finish` in a task.
+
+    Create the task with ``context=`` :attr:`context` (the copy the worker's
+    first step ran in), as a task of its own would have.
+    """
+
+    __slots__ = ("context", "coro", "pending", "task_id")
+
+    def __init__(self, task_id: str, coro: Coroutine[Any, Any, Any], pending: Any, context: contextvars.Context):
+        self.task_id = task_id
+        self.coro = coro
+        self.pending = pending
+        self.context = context
+
+    async def finish(self) -> dict[str, Any]:
+        """The answer event, as :func:`execute` gives it; raises only ``asyncio.CancelledError``."""
+        try:
+            result = await resume(self.coro, self.pending)
+        except Exception as exc:
+            return _exception_event(self.task_id, exc)
+        return _answer(self.task_id, result)
+
+
+def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) -> dict[str, Any] | Suspended | None:
+    """Start a dispatch of an async worker at once, up to its first real wait, without a task.
+
+    Returns the answer event (as :func:`execute` gives it) when the worker
+    finished without waiting — the common case of quick workers costs no turn
+    of the event loop — or a :class:`Suspended` to finish in a task, or None
+    for what it does not start this way (LLM steps, sync workers: use
+    :func:`execute`). The first step runs in a copy of the current context, as
+    a task's would (Python 3.12's ``eager_start``). Raises only
+    ``asyncio.CancelledError`` (the worker cancelled itself).
+    """
+    if command["kind"] not in WORKER_KINDS:
+        return None
+    task_id = command["task_id"]
+    context = contextvars.copy_context()
+    try:
+        call = _call(command, registry)
+        if isinstance(call, dict):
+            return call
+        found, data, ctx = call
+        if not found.is_async:
+            return None
+        coro = found.fn(data, ctx)
+        pending = context.run(coro.send, None)
+    except StopIteration as stop:
+        return _answer(task_id, stop.value)
+    except Exception as exc:
+        return _exception_event(task_id, exc)
+    return Suspended(task_id, coro, pending, context)
+
+
+async def resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
+    """Continue, inside a task, a coroutine started by hand that has yielded ``pending``; its return value."""
+    return await _Resumed(coro, pending)
+
+
+class _Resumed:
+    """Awaitable continuing a coroutine that has already yielded ``pending`` to its (absent) task."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any):
+        self.coro = coro
+        self.pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.pending
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # a cancellation (or close) of the task: hand it on
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+def _call(command: Mapping[str, Any], registry: WorkerRegistry | None) -> tuple[Worker, Any, StepContext] | \
+        dict[str, Any]:
+    """The worker of a task/compensate/fallback dispatch with its arguments, or the failure event."""
+    found = (registry or default_registry).get(command["worker"] or "")
+    if found is None:
+        return _failed(command["task_id"], WORKER_NOT_FOUND, f"no worker is registered under the name "
+                       f"'{command['worker']}' in this process (are the spec's worker modules imported?)")
+    kind = command["kind"]
+    ctx = StepContext(command["run_id"], command["node"], command["attempt"], command["idempotency_key"],
+                      kind == "compensate", _logger(found.name))
+    return found, copy_json(command["input"]), ctx
 
 
 def cancellable(command: Mapping[str, Any], registry: WorkerRegistry | None = None) -> bool:

@@ -39,12 +39,21 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from flowdsl.kernel import INPUT_EVENTS, Decision, apply, start_event, start_run
-from flowdsl.runtime.execute import cancellable, copy_json, execute, json_problem, missing_workers
+from flowdsl.runtime.execute import (
+    Suspended,
+    cancellable,
+    copy_json,
+    execute,
+    json_problem,
+    missing_workers,
+    resume,
+    start,
+)
 from flowdsl.runtime.record import RunRecorder, record_path
 from flowdsl.runtime.report import RunResult
 from flowdsl.workers import WorkerRegistry, import_worker_modules
@@ -96,37 +105,7 @@ def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
         pending = context.run(coro.send, None)
     except StopIteration:
         return None
-    return loop.create_task(_resume(coro, pending), context=context)
-
-
-class _Resumed:
-    """Awaitable continuing a coroutine that has already yielded ``pending`` to its (absent) task."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any):
-        self.coro = coro
-        self.pending = pending
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self.coro, self.pending
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # a cancellation (or close) of the task: hand it on
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
-    return await _Resumed(coro, pending)
+    return loop.create_task(resume(coro, pending), context=context)
 
 
 class _Attempt:
@@ -336,27 +315,35 @@ class LocalRun:
 
     def _dispatch(self, command: dict[str, Any]) -> None:
         assert self._loop is not None
+        try:
+            started = start(command, self.registry)
+        except asyncio.CancelledError:
+            started = {"type": "task_cancelled", "task_id": command["task_id"]}
+        if isinstance(started, dict):  # answered without waiting: no task, no turn of the loop
+            self._answer(command["task_id"], started)
+            return
         attempt = _Attempt(command)
         self._tasks[command["task_id"]] = attempt
-        attempt.task = _eager_task(self._loop, self._attempt(attempt))
+        if isinstance(started, Suspended):
+            attempt.task = self._loop.create_task(self._attempt(attempt, started.finish()), context=started.context)
+        else:
+            attempt.task = _eager_task(self._loop, self._attempt(attempt, execute(
+                command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)))
 
-    async def _attempt(self, attempt: _Attempt) -> None:
+    async def _attempt(self, attempt: _Attempt, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
         """One dispatch, answered from inside its own task (no extra turn of the loop)."""
-        command = attempt.command
+        task_id = attempt.command["task_id"]
         try:
-            event = await execute(command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)
+            event = await work
         except asyncio.CancelledError:
-            self._answer(attempt, {"type": "task_cancelled", "task_id": command["task_id"]})
-            return
+            event = {"type": "task_cancelled", "task_id": task_id}
         except Exception as exc:  # execute() answers worker failures itself; this is the net under it
-            event = {"type": "task_failed", "task_id": command["task_id"],
+            event = {"type": "task_failed", "task_id": task_id,
                      "error": {"type": type(exc).__name__, "message": str(exc)}}
-        self._answer(attempt, event)
-
-    def _answer(self, attempt: _Attempt, event: dict[str, Any]) -> None:
-        command = attempt.command
-        task_id = command["task_id"]
         self._tasks.pop(task_id, None)
+        self._answer(task_id, event)
+
+    def _answer(self, task_id: str, event: dict[str, Any]) -> None:
         if self._finished:
             return
         if event["type"] == "task_cancelled" and task_id not in self.state["tasks"]:

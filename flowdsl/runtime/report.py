@@ -157,6 +157,8 @@ def llm_calls_of(events: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str
     calls: dict[str, list[dict[str, Any]]] = {}
     for e in events:
         meta = e.get("meta")
+        if meta is None:  # nearly every event: skip the (slow, ABC) Mapping check
+            continue
         llm = meta.get("llm") if isinstance(meta, Mapping) else None
         if isinstance(llm, Mapping) and e.get("step") is not None:
             calls.setdefault(e["step"], []).append({"task_id": e["task_id"], "attempt": e["attempt"],
