@@ -349,15 +349,16 @@ class Machine(Saga):
             self.maybe_compensate()
 
     def _chain_step(self, task_id: str, task: dict[str, Any], result: Json) -> bool:
-        """A plain step succeeded and starts the plain step after it: decided in one straight line.
+        """A plain step succeeded: decided in one straight line, with the plain step it starts, if any.
 
         Makes exactly the decision of ``_task_succeeded`` → ``_node_done`` →
         ``_begin`` → ``_dispatch`` (the same state, commands and events, byte
-        for byte: tests/kernel/test_chain.py compares them) in the case that
-        dominates long sequences, ``Program.chain``: a task with no
-        ``fail_when`` or output map whose one dependent waits for it alone and
-        is a task with no ``when`` or ``with``; and its container stays open.
-        Returns False, having changed nothing, when the case does not apply.
+        for byte: tests/kernel/test_chain.py compares them) in the cases that
+        dominate long sequences and wide groups, ``Program.chain``: a task with
+        no ``fail_when`` or output map that nothing waits for, or whose one
+        dependent waits for it alone and is a task with no ``when`` or
+        ``with``; and its container stays open. Returns False, having changed
+        nothing, when the case does not apply.
         """
         s = self.s
         nodes = self.nodes
@@ -373,7 +374,7 @@ class Machine(Saga):
         container = rec["parent"]
         holder = s if container is None else self.iters.get(container) or nodes[container]
         iteration = rec["iter"]
-        ikey = iteration + "/" + nxt if iteration else nxt
+        ikey = (iteration + "/" + nxt if iteration else nxt) if nxt else ""
         if holder["remaining"] <= 1 or ikey in nodes:
             return False
         # the step that succeeded
@@ -381,28 +382,33 @@ class Machine(Saga):
         self.cancel_timer(task["timer"])
         at = self.at
         run_id = self.run_id
-        clock = s["clock"] + 2
+        clock = s["clock"] + 1
         s["clock"] = clock
-        rec.update(status="succeeded", finished_at=at, task=None, result=result, error=None, t1=clock - 1)
+        rec.update(status="succeeded", finished_at=at, task=None, result=result, error=None, t1=clock)
         holder["remaining"] -= 1
         seq = s["seq"]
-        s["seq"] = seq + 3
         done = {"type": "step_succeeded", "at": at, "seq": seq, "run_id": run_id, "step": step, "node": rec["node"],
                 "kind": "task", "attempt": task["attempt"], "task_id": task_id, "error": None}
         answer = self.answer
         if answer is not None and answer[0] == task_id:
             done["meta"] = answer[1]
+        if not nxt:
+            s["seq"] = seq + 1
+            self.events.append(done)
+            return True
         # the step it starts, and that step's first attempt
+        s["clock"] = clock = clock + 1
+        s["seq"] = seq + 3
         node = self.p.nodes[nxt]
         idem = f"{run_id}/{ikey}"
         attempt_id = idem + "#1"
         worker = node.get("worker")
         timeout: int | None = node.get("timeout_ms")
-        timer = attempt_id + "@timeout" if timeout else None
         nodes[ikey] = {"node": nxt, "parent": container, "iter": iteration, "flow": rec["flow"],
                        "status": "running", "started_at": at, "finished_at": None, "error": None,
                        "attempt": 1, "attempts": 1, "phase": "main", "task": attempt_id, "t0": clock}
-        self.tasks[attempt_id] = {"step": ikey, "kind": "task", "attempt": 1, "timer": timer}
+        self.tasks[attempt_id] = {"step": ikey, "kind": "task", "attempt": 1,
+                                  "timer": attempt_id + "@timeout" if timeout else None}
         cache = self._ctx
         ctx = cache.get(step)  # derive "dep": the step's own context plus its contribution
         if ctx is None:

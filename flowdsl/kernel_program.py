@@ -70,11 +70,15 @@ class Program:
         self.merges: frozenset[str] = frozenset(k for k, n in self.nodes.items() if _merges(n))
         self.maps: frozenset[str] = frozenset(k for k, n in self.nodes.items()
                                               if (n.get("output") or {}).get("mode") == "map")
-        #: step -> the step it alone starts, both plain (``Machine._chain_step`` decides that in one line)
+        #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``Machine._chain_step``)
         self.chain: dict[str, str] = {}
         for key, node in self.nodes.items():
+            if node["kind"] != "task" or node.get("fail_when") or key in self.maps:
+                continue
             after = self.dependents[key]
-            if node["kind"] == "task" and not node.get("fail_when") and key not in self.maps and len(after) == 1:
+            if not after:
+                self.chain[key] = ""
+            elif len(after) == 1:
                 nxt = self.nodes[after[0]]
                 if (nxt["kind"] == "task" and self.deps[after[0]] == (key,) and not nxt.get("when")
                         and nxt.get("with") is None and self.derive[after[0]] == "dep"):

@@ -248,6 +248,7 @@ class LocalRun:
     def _write(self, item: dict[str, Any]) -> None:
         if self._recorder is not None:
             self._recorder.write_many((item,))
+            self._recorder.flush()
 
     def _feed(self, event: dict[str, Any]) -> None:
         """Queue one input event; apply it now unless a decision is being carried out (then after it)."""
@@ -269,6 +270,8 @@ class LocalRun:
                 self._apply(self._inbox.popleft())
         finally:
             self._draining = False
+            if self._recorder is not None:
+                self._recorder.flush()
 
     def _apply(self, event: dict[str, Any]) -> None:
         """Apply one input event and carry out what the kernel decided."""
@@ -284,7 +287,7 @@ class LocalRun:
     def _absorb(self, decision: Decision, cause: dict[str, Any] | None = None) -> None:
         self.state = decision.state
         events = decision.events
-        if self._recorder is not None:  # the input event, then what it caused: one write, one flush
+        if self._recorder is not None:  # the input event, then what it caused (flushed after the burst)
             self._recorder.write_many((cause, *events) if cause is not None else events)
         self.events.extend(events)
         hook = self.on_event

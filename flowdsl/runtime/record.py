@@ -1,6 +1,6 @@
 """Run records: every run's events as JSON lines in ``.flowdsl/runs/<run_id>.jsonl``.
 
-Stage: runtime (shared). Imports stdlib only. The first line of a record is a
+Stage: runtime (shared). Imports stdlib and orjson only. The first line of a record is a
 header ``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run
 can be replayed through the kernel and drawn without its spec; every other line
 is one event, as the kernel emitted it or as it was fed to it.
@@ -13,7 +13,9 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
+
+import orjson
 
 DEFAULT_RUNS_DIR = ".flowdsl/runs"
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
@@ -30,8 +32,17 @@ def record_path(run_id: str, directory: str | Path | None = None) -> Path:
     return runs_dir(str(directory) if directory else None) / f"{run_id}.jsonl"
 
 
-#: the one line encoder of records (sorted keys, so records diff well)
-_encode = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str).encode
+_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
+#: the stdlib encoder, for what orjson refuses (integers beyond 64 bits)
+_encode_wide = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":")).encode
+
+
+def encode_line(item: dict[str, Any]) -> bytes:
+    """One record line: compact JSON with sorted keys (so records diff well) and a newline."""
+    try:
+        return orjson.dumps(item, default=str, option=_OPTIONS)
+    except TypeError:
+        return (_encode_wide(item) + "\n").encode()
 
 
 class RecordError(ValueError):
@@ -39,25 +50,30 @@ class RecordError(ValueError):
 
 
 class RunRecorder:
-    """Appends a run's header and events to its record file, flushing after each batch."""
+    """Appends a run's header and events to its record file.
+
+    Lines are buffered until :meth:`flush`; the local runtime flushes after
+    every burst of decisions it makes without waiting (so a record is on disk
+    whenever the run waits for a worker or a timer) and on :meth:`close`.
+    """
 
     def __init__(self, run_id: str, directory: str | Path | None = None):
         self.path = record_path(run_id, directory)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: TextIO | None = self.path.open("a", encoding="utf-8")
+        self._fh: BinaryIO | None = self.path.open("ab")
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
-        self.write({"type": "record", "plan": plan, "input": run_input, **extra})
-
-    def write(self, item: dict[str, Any]) -> None:
-        self.write_many((item,))
+        self.write_many(({"type": "record", "plan": plan, "input": run_input, **extra},))
+        self.flush()
 
     def write_many(self, items: Iterable[dict[str, Any]]) -> None:
-        """Write several lines with one write and one flush (a decision's input event and its events)."""
-        if self._fh is None:
-            return
-        self._fh.write("".join([_encode(item) + "\n" for item in items]))
-        self._fh.flush()
+        """Buffer lines: a decision's input event and the events it caused."""
+        if self._fh is not None:
+            self._fh.write(b"".join([encode_line(item) for item in items]))
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
