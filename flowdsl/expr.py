@@ -14,6 +14,7 @@ slot evaluates to the expression's value; otherwise the slots are interpolated.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -94,6 +95,11 @@ class Expression:
         for name, value in (bindings or {}).items():
             frame.bind(name, value)
         frame.set_runtime_bounds(TIME_LIMIT_MS, DEPTH_LIMIT)
+        # the bound is wall time: a cyclic collection landing in the evaluation (~150 ms in a process with
+        # DSPy loaded) must not fail an ordinary expression, so the collector waits until it is done
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
         try:
             result = self._compiled.evaluate(data, frame)
         except jsonata.JException as exc:
@@ -102,6 +108,9 @@ class Expression:
             raise ExpressionError("expression recursed too deeply") from None
         except (ValueError, TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError) as exc:
             raise ExpressionError(f"evaluation failed: {exc}") from None
+        finally:
+            if collecting:
+                gc.enable()
         return to_json_value(result)
 
     def analyse(self) -> Analysis:

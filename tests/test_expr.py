@@ -1,0 +1,34 @@
+"""Expressions: bounded evaluation that does not depend on what else the process is doing."""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+import pytest
+
+from flowdsl.expr import ExpressionError, compile_expression
+
+
+def test_a_collector_pause_does_not_time_an_expression_out() -> None:
+    """A full collection in a process with DSPy loaded takes ~150 ms here, more than the 100 ms bound:
+    it must not turn an ordinary ``with:`` mapping into a random ExpressionError."""
+    def slow_collector(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            time.sleep(0.15)
+
+    expression = compile_expression('[1..3000].{"n": $}')  # thousands of new objects: collections are due
+    gc.callbacks.append(slow_collector)
+    try:
+        value = expression.evaluate({})
+    finally:
+        gc.callbacks.remove(slow_collector)
+    assert isinstance(value, list) and len(value) == 3000
+    assert gc.isenabled()
+
+
+def test_a_runaway_expression_is_still_stopped() -> None:
+    with pytest.raises(ExpressionError, match="timeout after 100 milliseconds"):
+        compile_expression("[1..9000000].($ * 2)").evaluate({})
+    assert gc.isenabled()
