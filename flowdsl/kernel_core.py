@@ -117,6 +117,18 @@ class Core:
         state["seq"] = seq + 1
         self.events.append(event)
 
+    def step_event(self, type_: str, ikey: str, node: str, attempt: int | None = None,
+                   task_id: str | None = None) -> dict[str, Any]:
+        """Emit an event about step instance ``ikey`` of plan node ``node`` with no error and no ``meta``
+        (:meth:`emit` without its lookups, for the hot paths); returns it for extra fields to be added."""
+        state = self.s
+        seq = state["seq"]
+        state["seq"] = seq + 1
+        event = {"type": type_, "at": self.at, "seq": seq, "run_id": self.run_id, "step": ikey, "node": node,
+                 "kind": self.p.kind[node], "attempt": attempt, "task_id": task_id, "error": None}
+        self.events.append(event)
+        return event
+
     def command(self, op: str, **fields: Any) -> None:
         self.commands.append({"op": op, "run_id": self.run_id, **fields})
 

@@ -108,7 +108,7 @@ class Machine(Saga):
             kind = node["kind"]
             if kind in ("task", "llm"):
                 self.nodes[ikey].update(attempt=0, attempts=0, phase="main", task=None, t0=self.tick())
-                self.emit("step_started", ikey)
+                self.step_event("step_started", ikey, key)
                 self._dispatch(ikey)
             elif kind in ("sequence", "parallel"):
                 self._open_group(ikey, node["children"])
@@ -296,7 +296,7 @@ class Machine(Saga):
         attempt: int = rec["attempt"] + 1
         rec["attempt"] = attempt
         rec["attempts"] += 1
-        idem = self.idempotency_key(ikey)
+        idem = f"{self.run_id}/{ikey}"
         if rec["phase"] == "fallback":
             kind, worker, task_id = "fallback", node["fallback"], f"{idem}#f{attempt}"
         else:
@@ -312,8 +312,8 @@ class Machine(Saga):
                               "llm": node.get("llm") if kind == "llm" else None})
         if timeout:
             self.schedule(task_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=task_id)
-        self.emit("step_scheduled", ikey, attempt=attempt, task_id=task_id, worker=worker, task_kind=kind,
-                  idempotency_key=idem)
+        self.step_event("step_scheduled", ikey, rec["node"], attempt, task_id).update(
+            worker=worker, task_kind=kind, idempotency_key=idem)
 
     def _task_succeeded(self, task_id: str, result: Json) -> None:
         task = self.tasks.pop(task_id)
