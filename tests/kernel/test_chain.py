@@ -16,7 +16,7 @@ from flowdsl.kernel import Program, apply, start_run
 from flowdsl.kernel_engine import Machine
 from tests.kernel.plans import plan_files, plan_of, plan_yaml
 from tests.kernel.sim import Sim, fail, hang, ok
-from tests.kernel.test_properties import Tree, build, comp_outcome, step_outcome, trees
+from tests.kernel.test_properties import Tree, build, draw_script, trees
 
 
 def programs(plan: dict[str, Any]) -> tuple[Program, Program]:
@@ -45,15 +45,8 @@ def test_random_flows_decide_the_same_with_and_without_the_straight_line(tree: T
     tasks: dict[str, bool] = {}
     _, root = build(tree, itertools.count(), tasks)
     plan = plan_of([root])
-    script: dict[str, Any] = {}
-    for step in tasks:
-        how, after, cancellable = data.draw(step_outcome, label=step)
-        result = data.draw(st.sampled_from([None, {step: after}, {"shared": step}]), label=f"{step}/result")
-        script[step] = {"ok": ok(result, after, cancellable),
-                        "flaky": [fail("Flaky", after=after), ok(result, after, cancellable)],
-                        "fail": fail("Broken", after=after, cancellable=cancellable)}[how]
-        script[step + "/compensate"] = {"ok": ok(after=3), "flaky": [fail("Busy", after=2), ok(after=3)],
-                                        "broken": fail("Down", after=2)}[data.draw(comp_outcome)]
+    results = [None, {"shared": "x"}, "not an object"]
+    script = draw_script(tasks, data, lambda step, after: results[after % 3] if after % 4 else {step: after})
     cancel_at = data.draw(st.one_of(st.none(), st.integers(1000, 1100)), label="cancel_at")
     sim = same_decisions(plan, script, cancel_at=cancel_at, reload_state=data.draw(st.booleans()))
     event(f"straight-line steps in the plan: {'some' if Program(plan).chain else 'none'}; {sim.status}")

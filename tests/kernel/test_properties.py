@@ -4,6 +4,7 @@ failures, compensation failures and cancellation."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
@@ -88,6 +89,22 @@ def _with_needs(child_id: str, node: Any, needs: list[str]) -> Any:
     return {child_id: {**node[child_id], "needs": needs}}
 
 
+def draw_script(tasks: dict[str, bool], data: st.DataObject, result_of: Callable[[str, int], Any]
+                ) -> dict[str, Any]:
+    """A random outcome for every step (ok, flaky, failing) and its compensation (ok, flaky, broken)."""
+    script: dict[str, Any] = {}
+    for step in tasks:
+        how, after, cancellable = data.draw(step_outcome, label=step)
+        result = result_of(step, after)
+        script[step] = {"ok": ok(result, after, cancellable),
+                        "flaky": [fail("Flaky", after=after), ok(result, after, cancellable)],
+                        "fail": fail("Broken", after=after, cancellable=cancellable)}[how]
+        comp = data.draw(comp_outcome, label=f"{step}/compensate")
+        script[step + "/compensate"] = {"ok": ok(after=3), "flaky": [fail("Busy", after=2), ok(after=3)],
+                                        "broken": fail("Down", after=2)}[comp]
+    return script
+
+
 step_outcome = st.tuples(st.sampled_from(["ok", "ok", "ok", "flaky", "fail"]), st.integers(1, 40), st.booleans())
 comp_outcome = st.sampled_from(["ok", "ok", "ok", "flaky", "broken"])
 
@@ -98,16 +115,7 @@ def test_random_flows_end_right_and_undo_exactly_what_completed(tree: Tree, data
     tasks: dict[str, bool] = {}
     _, root = build(tree, itertools.count(), tasks)
     plan = plan_of([root])
-    script: dict[str, Any] = {}
-    for step in tasks:
-        how, after, cancellable = data.draw(step_outcome, label=step)
-        result = {step: after, "shared": step}
-        script[step] = {"ok": ok(result, after, cancellable),
-                        "flaky": [fail("Flaky", after=after), ok(result, after, cancellable)],
-                        "fail": fail("Broken", after=after, cancellable=cancellable)}[how]
-        comp = data.draw(comp_outcome, label=f"{step}/compensate")
-        script[step + "/compensate"] = {"ok": ok(after=3), "flaky": [fail("Busy", after=2), ok(after=3)],
-                                        "broken": fail("Down", after=2)}[comp]
+    script = draw_script(tasks, data, lambda step, after: {step: after, "shared": step})
     cancel_at = data.draw(st.one_of(st.none(), st.integers(1000, 1100)), label="cancel_at")
     sim = Sim(plan, script, cancel_at=cancel_at).run()
 
