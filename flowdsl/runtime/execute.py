@@ -31,6 +31,11 @@ What :func:`execute` does:
 - cancellation (``asyncio.CancelledError``) propagates: the caller answers
   ``task_cancelled``. A sync worker cannot be interrupted: cancelling stops
   the wait, not the thread (see :func:`cancellable`).
+
+:func:`start` is the eager form for async workers: it runs the worker up to
+its first real wait right away and returns the same answer event when it
+finished without waiting (no task, no turn of the event loop — most quick
+steps), else a :class:`Suspended` to finish in a task.
 """
 
 from __future__ import annotations

@@ -1,0 +1,110 @@
+"""Carrying out a dispatch: ``execute`` and the eager ``start`` answer the same way, whatever the worker does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from typing import Any
+
+import pytest
+
+from flowdsl.runtime.execute import WORKER_NOT_FOUND, Suspended, execute, start
+from flowdsl.workers import StepContext, WorkerRegistry
+
+REG = WorkerRegistry()
+SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="outside")
+
+
+async def quick(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    SEEN.set("inside")  # a worker's context changes stay in its own copy, as in a task
+    data["mutated"] = True  # its input is a private copy
+    return {"echo": data["x"], "key": ctx.idempotency_key, "compensating": ctx.compensating}
+
+
+async def slow(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    SEEN.set("inside")
+    await asyncio.sleep(0.01)
+    return {"after": SEEN.get()}
+
+
+async def broken(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    raise KeyError("sku")
+
+
+async def not_an_object(data: dict[str, Any], ctx: StepContext) -> Any:
+    return [1, 2]
+
+
+def blocking(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    return {"sync": True}
+
+
+for name, fn in {"quick": quick, "slow": slow, "broken": broken, "not_an_object": not_an_object,
+                 "blocking": blocking}.items():
+    REG.register(name, fn)
+
+
+def command(worker: str, kind: str = "task") -> dict[str, Any]:
+    return {"op": "dispatch", "run_id": "r", "task_id": f"r/{worker}#1", "kind": kind, "step": worker,
+            "node": worker, "worker": worker, "input": {"x": 7}, "attempt": 1, "idempotency_key": f"r/{worker}",
+            "timeout_ms": None, "llm": None}
+
+
+def both(cmd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The answer of ``execute`` and of ``start`` (finished in a task when it waits) for one command."""
+    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        slow_way = await asyncio.get_running_loop().create_task(execute(cmd, registry=REG))
+        started = start(cmd, REG)
+        if isinstance(started, Suspended):
+            started = await asyncio.get_running_loop().create_task(started.finish(), context=started.context)
+        assert isinstance(started, dict)
+        assert SEEN.get() == "outside"
+        return slow_way, started
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("worker,kind", [("quick", "task"), ("quick", "compensate"), ("slow", "task"),
+                                         ("broken", "task"), ("not_an_object", "fallback"), ("missing", "task")])
+def test_start_answers_as_execute_does(worker: str, kind: str) -> None:
+    cmd = command(worker, kind)
+    slow_way, eager = both(cmd)
+    slow_way.pop("traceback", None)
+    eager.pop("traceback", None)
+    assert eager == slow_way
+    assert cmd["input"] == {"x": 7}
+
+
+def test_what_each_worker_answers() -> None:
+    assert both(command("quick", "compensate"))[1] == {
+        "type": "task_succeeded", "task_id": "r/quick#1",
+        "result": {"echo": 7, "key": "r/quick", "compensating": True}}
+    assert both(command("slow"))[1]["result"] == {"after": "inside"}
+    assert both(command("broken"))[1]["error"] == {"type": "KeyError", "message": "'sku'"}
+    assert both(command("not_an_object"))[1]["error"]["type"] == "OutputInvalid"
+    assert both(command("missing"))[1]["error"]["type"] == WORKER_NOT_FOUND
+
+
+def test_a_quick_worker_is_answered_without_a_task_and_the_others_are_left_to_execute() -> None:
+    async def go() -> None:
+        assert isinstance(start(command("quick"), REG), dict)  # no await: it answered at once
+        waiting = start(command("slow"), REG)
+        assert isinstance(waiting, Suspended)
+        await asyncio.get_running_loop().create_task(waiting.finish(), context=waiting.context)
+        assert start(command("blocking"), REG) is None  # sync workers run in a thread: execute()
+        assert start({**command("quick"), "kind": "llm"}, REG) is None
+
+    asyncio.run(go())
+
+
+def test_a_suspended_worker_can_be_cancelled() -> None:
+    async def go() -> None:
+        waiting = start(command("slow"), REG)
+        assert isinstance(waiting, Suspended)
+        task = asyncio.get_running_loop().create_task(waiting.finish(), context=waiting.context)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
