@@ -16,6 +16,11 @@ Cases, each measured in the same process, interleaved, min and median of the rep
 - the same sequence with sync workers (each call hops to a thread);
 - three 200 ms steps in parallel, then a join step: the wall time.
 
+``--instructions`` counts instructions instead of timing (each case run under
+``valgrind --tool=callgrind`` once and six times; the difference / 5,000 is
+the cost of one step): the same figures whatever else the machine is doing,
+which timings on a shared 2-core machine are not.
+
 Overhead per step = (runtime − hand-written) / steps; it is split into the
 kernel's share (the same plan driven by ``kernel.apply`` alone, every dispatch
 answered at once) and the runtime's own. Goals (issue): ≤ 30 µs
@@ -31,7 +36,10 @@ import io
 import os
 import platform
 import pstats
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -195,12 +203,67 @@ def profile(plan: dict[str, Any]) -> None:
     print(out.getvalue())
 
 
+def case_runner(case: str, n: int, runs_dir: str) -> Callable[[], Awaitable[Any]]:
+    """One benchmark case by name: ``<hand|kernel|runtime|recorded>-<sequence|group>``."""
+    what, shape = case.split("-")
+    plan = sequence_plan(n) if shape == "sequence" else parallel_plan(n)
+    if what == "hand":
+        return (lambda: hand_sequence(n, noop)) if shape == "sequence" else (lambda: hand_parallel(n))
+    if what == "kernel":
+        return kernel_alone(plan)
+    return run_plan(plan, runs_dir if what == "recorded" else None)
+
+
+def run_case(case: str, n: int, times: int) -> None:
+    """Run one case ``times`` times in this process (what ``--instructions`` counts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make = case_runner(case, n, tmp)
+
+        async def go() -> None:
+            for _ in range(times):
+                await make()
+
+        asyncio.run(go())
+
+
+def instructions(n: int) -> None:
+    """Instructions per step of every case, counted by callgrind (needs valgrind)."""
+    if shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind (apt-get install valgrind)")
+
+    def count(case: str, times: int) -> int:
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                              "-m", "benchmarks.bench_local", "--run-case", case, "--times", str(times),
+                              "--steps", str(n)], capture_output=True, text=True, check=True).stderr
+        found = re.search(r"Collected : (\d+)", out)
+        assert found is not None, out
+        return int(found.group(1))
+
+    for shape in ("sequence", "group"):
+        per_step = {what: (count(f"{what}-{shape}", 6) - count(f"{what}-{shape}", 1)) / (5 * n)
+                    for what in ("hand", "kernel", "runtime", "recorded")}
+        hand = per_step["hand"]
+        print(f"{shape} of {n}: " + ", ".join(f"{what} {v / 1e3:.1f}k" for what, v in per_step.items())
+              + f" instructions per step; runtime ×{per_step['runtime'] / hand:.2f}, "
+              f"recorded ×{per_step['recorded'] / hand:.2f} the hand-written program", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 steps, 3 repeats")
     parser.add_argument("--profile", action="store_true", help="cProfile the 1,000-step sequence")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--instructions", action="store_true", help="count instructions (callgrind), not time")
+    parser.add_argument("--run-case", help=argparse.SUPPRESS)
+    parser.add_argument("--times", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_case:
+        run_case(args.run_case, args.steps, args.times)
+        return
+    if args.instructions:
+        instructions(100 if args.quick else 1000)
+        return
     n = 100 if args.quick else 1000
     repeats = 3 if args.quick else args.repeats
     print(f"Python {platform.python_version()} on {platform.machine()} {platform.system()}, "
