@@ -109,6 +109,37 @@ def test_sigkill_workers_in_the_middle_of_steps(url: str, prefix: str, tmp_path:
         procs.stop_all()
 
 
+def test_sigkill_a_worker_running_steps_it_dispatched_to_itself(url: str, prefix: str, tmp_path: Path) -> None:
+    """One worker process runs each run's steps one after the other without queueing them (self-dispatch:
+    each is held under the stream entry that started the chain). Killed while such steps run, it leaves
+    only pending entries; the next process takes them over, queues the held steps again and finishes."""
+    ledger = make_ledger(tmp_path)
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
+    try:
+        (first,) = procs.start(1)
+        runs = asyncio.run(_submit(url, prefix, SEQUENCE, [{"ledger": ledger, "step_sleep": 0.3}] * 3))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # until s3 is running somewhere: two chained steps in
+            lines = read_ledger(ledger)
+            done = {line["key"] for line in lines if line["ev"] == "effect"}
+            if any(line["ev"] == "begin" and line["key"].endswith("/s3") and line["key"] not in done
+                   for line in lines):
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)  # the runs go in step: every one is now well inside a step's sleep, none at its effect
+        procs.kill(first)
+        interrupted = {line["key"] for line in read_ledger(ledger) if line["ev"] == "begin"} - \
+            {line["key"] for line in read_ledger(ledger) if line["ev"] == "effect"}
+        assert any(key.endswith("/s3") for key in interrupted)
+        assert all(line["pid"] == first.pid for line in read_ledger(ledger))  # every step so far ran here
+        procs.start(1)
+        results = asyncio.run(_results(url, prefix, runs, timeout=30))
+        executions = _check_ledger(ledger, results)
+        assert all(executions[key] == 2 for key in interrupted)  # ran again, with the same key
+    finally:
+        procs.stop_all()
+
+
 def test_sigkill_the_processes_advancing_runs_at_varied_moments(url: str, prefix: str, tmp_path: Path) -> None:
     """Kill right after a step's effect (its worker is then applying the result and relaying the outcome)
     and kill a process that only starts runs and fires timers, at random moments."""

@@ -12,13 +12,18 @@ of them, on any number of machines, share the work through consumer groups:
   :func:`flowdsl.runtime.execute.execute`, and applies the answer through the
   kernel with a lease guard, so a result from a worker that lost its lease is
   rejected and journaled; the stream entry is acknowledged (and deleted) only
-  after the transition and its relay are written.
+  after the transition and its relay are written. When that transition
+  dispatches a task this process serves, the task is held here at once
+  (self-dispatch, :class:`~flowdsl.runtime.redis.advance.Chain`) and run next,
+  under the same pending entry; a run's start request does the same with its
+  first step.
 - **heartbeat** — every lease/3: renews the stream lease of every entry this
   process holds (``XCLAIM … JUSTID`` resets the idle time) while its task lease
   is still ours; notices cancellations it missed; records liveness.
 - **reclaimer** — ``XAUTOCLAIM`` of entries idle longer than the lease (their
   holder died, hung or lost its network): they run again here, with the same
-  task id and idempotency key, after the run's outbox is relayed.
+  task id and idempotency key, after the tasks held under the entry are queued
+  again and the run's outbox is relayed.
 - **timers** — claims due timers (server clock) and fires them; a claim whose
   firer died is re-claimed after the lease.
 - **cancel listener** — pub/sub of cancelled task ids: stops the coroutine of
@@ -52,7 +57,7 @@ import redis
 import redis.asyncio as aioredis
 
 from flowdsl.runtime.execute import cancellable, execute
-from flowdsl.runtime.redis.advance import Advancer, Outcome
+from flowdsl.runtime.redis.advance import Advancer, Chain, Outcome
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
 from flowdsl.runtime.redis.scripts import Batcher
@@ -100,18 +105,23 @@ class WorkerStats:
     handed_back: int = 0
     transitions: int = 0
     conflicts: int = 0
+    chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
 
 
 @dataclass
 class _Held:
+    """A stream entry this process holds, and the task it runs under it (the entry's own, or one it
+    dispatched to itself since: a chain of steps of one run under one trigger)."""
+
     stream: str
     entry_id: str
     run_id: str
     task_id: str
     token: str
     command: dict[str, Any]
-    raw: bytes
+    raw: bytes | None  # the task's message as delivered (None for a self-dispatched task)
     outbox_version: str
+    trigger: str = ""
     picked: bool = False
     cancel: bool = False
     hand_back: bool = False
@@ -136,6 +146,7 @@ class RedisWorker:
         self.stats = WorkerStats(name=self.name)
         self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
             [self.keys.queue(w) for w in sorted(self.registry.names())]
+        self._task_streams = frozenset(self.streams[1:])
         self.lease_ms = max(100, int(self.options.lease_s * 1000))
         self._held: dict[tuple[str, str], _Held] = {}
         self._by_task: dict[str, _Held] = {}
@@ -305,14 +316,27 @@ class RedisWorker:
             if raw is None:  # not a task message: drop it
                 coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id)])
             else:
-                command = loads(raw)
-                held = _Held(stream, entry_id, command["run_id"], command["task_id"],
-                             f"{entry_id}|{self.name}|{secrets.token_hex(3)}", command, raw,
-                             (fields.get(b"v") or b"").decode())
-                self._held[(stream, entry_id)] = held
-                self._by_task[held.task_id] = held
+                held = self._hold(stream, entry_id, loads(raw), raw, (fields.get(b"v") or b"").decode())
                 coro = self._task(held, recover)
         self._track(coro)
+
+    def _hold(self, stream: str, entry_id: str, command: dict[str, Any], raw: bytes | None,
+              outbox_version: str) -> _Held:
+        trigger = Keys.trigger(stream, entry_id)
+        held = _Held(stream, entry_id, command["run_id"], command["task_id"],
+                     f"{trigger}|{self.name}|{secrets.token_hex(3)}", command, raw, outbox_version, trigger)
+        self._held[(stream, entry_id)] = held
+        self._by_task[held.task_id] = held
+        return held
+
+    def _unhold(self, held: _Held) -> None:
+        self._held.pop((held.stream, held.entry_id), None)
+        if self._by_task.get(held.task_id) is held:
+            del self._by_task[held.task_id]
+
+    def _serves(self, command: dict[str, Any]) -> bool:
+        """Whether this process runs a dispatched task itself (self-dispatch) rather than queue it."""
+        return not self._stopping and self.keys.queue_of(command) in self._task_streams
 
     def _track(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -337,14 +361,14 @@ class RedisWorker:
         except (KeyError, ValueError, TypeError):
             await self.advancer.relay(None, None, ack)
             return
+        trigger = Keys.trigger(self.keys.control, entry_id)
         while True:
             try:
                 if msg.get("type") == "start":
-                    if await self.advancer.start(run_id, ack=ack, recover=recover) == Outcome.APPLIED:
-                        self.stats.runs_started += 1
+                    await self._start(run_id, entry_id, trigger, ack, recover)
                 elif msg.get("type") == "cancel":
                     event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
-                    await self.advancer.apply_event(run_id, event, ack=ack, recover=recover)
+                    await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
                 else:
                     await self.advancer.relay(None, None, ack)
                 return
@@ -354,9 +378,35 @@ class RedisWorker:
                 recover = True
                 await Backoff().wait()
 
+    async def _start(self, run_id: str, entry_id: str, trigger: str, ack: list[dict[str, Any]],
+                     recover: bool) -> None:
+        """Start a run; with a free slot, run its first step here at once, under the control entry."""
+        assert self._slots is not None
+        chain = None
+        if not self._slots.locked() and not self._stopping:
+            await self._slots.acquire()  # free: returns at once
+            chain = Chain(f"{trigger}|{self.name}|{secrets.token_hex(3)}", self._serves)
+        try:
+            if await self.advancer.start(run_id, ack=ack, recover=recover, trigger=trigger,
+                                         chain=chain) == Outcome.APPLIED:
+                self.stats.runs_started += 1
+            if chain is None or chain.command is None:
+                return
+            self.stats.chained += 1
+            held = self._hold(self.keys.control, entry_id, chain.command, None, "")
+            held.token = chain.token
+            try:
+                await self._serve(held, ack, 1)
+            except TRANSIENT:
+                pass  # Redis went away mid-way and we are stopping: the entry is reclaimed after the lease
+            finally:
+                self._unhold(held)
+        finally:
+            if chain is not None:
+                self._slots.release()
+
     async def _task(self, held: _Held, recover: bool) -> None:
         assert self._slots is not None
-        key = (held.stream, held.entry_id)
         try:
             async with self._slots:
                 if self._stopping:
@@ -366,9 +416,7 @@ class RedisWorker:
         except TRANSIENT:
             pass  # Redis went away mid-way and we are stopping: the entry is reclaimed after the lease
         finally:
-            self._held.pop(key, None)
-            if self._by_task.get(held.task_id) is held:
-                del self._by_task[held.task_id]
+            self._unhold(held)
 
     async def _run_task(self, held: _Held, recover: bool) -> None:
         ack = [self.store.ack_op(held.stream, held.entry_id)]
@@ -377,8 +425,8 @@ class RedisWorker:
         while True:
             try:
                 if recover:
-                    await self.advancer.recover(held.run_id)
-                code, _ = await self.store.pickup(held.run_id, held.task_id, held.entry_id, held.token,
+                    await self.advancer.recover(held.run_id, held.trigger)
+                code, _ = await self.store.pickup(held.run_id, held.task_id, held.trigger, held.token,
                                                   held.outbox_version)
                 break
             except TRANSIENT:
@@ -391,24 +439,47 @@ class RedisWorker:
             self.stats.dropped += 1
             await self.advancer.relay(None, None, ack)
             return
+        await self._serve(held, ack, code)
+
+    async def _serve(self, held: _Held, ack: list[dict[str, Any]], code: int) -> None:
+        """Run the held task (``code`` 2: answer it cancelled) and report its outcome; while the transition
+        hands this process the run's next task (self-dispatch), run that one too, under the same entry."""
         held.picked = True
-        if code == 2 or held.cancel:
-            event: dict[str, Any] = {"type": "task_cancelled", "task_id": held.task_id}
-        else:
-            self.stats.tasks += 1
-            held.exec_task = asyncio.ensure_future(execute(held.command, registry=self.registry, lm=self.options.lm))
-            if held.cancel and cancellable(held.command, self.registry):
-                held.exec_task.cancel()
-            try:
-                event = await held.exec_task
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                if held.hand_back:
-                    await self._hand_back(held)
-                    return
-                event = {"type": "task_cancelled", "task_id": held.task_id}
+        while True:
+            event = await self._execute(held, code == 2)
+            if event is None:
+                return  # handed back
+            chain = None if self._stopping else Chain(held.token, self._serves)
+            await self._report(held, event, ack, chain)
+            if chain is None or chain.command is None:
+                return  # the entry was acknowledged with the transition's relay
+            self.stats.chained += 1
+            if self._by_task.get(held.task_id) is held:
+                del self._by_task[held.task_id]
+            held.task_id, held.command, held.raw, held.outbox_version = chain.command["task_id"], chain.command, \
+                None, ""
+            held.cancel, held.exec_task, code = False, None, 1
+            self._by_task[held.task_id] = held
+
+    async def _execute(self, held: _Held, cancelled: bool) -> dict[str, Any] | None:
+        """The input event answering the held task, or None when it was handed back (graceful stop)."""
+        if cancelled or held.cancel:
+            return {"type": "task_cancelled", "task_id": held.task_id}
+        self.stats.tasks += 1
+        held.exec_task = asyncio.ensure_future(execute(held.command, registry=self.registry, lm=self.options.lm))
+        try:
+            return await held.exec_task
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            if held.hand_back:
+                await self._hand_back(held)
+                return None
+            return {"type": "task_cancelled", "task_id": held.task_id}
+
+    async def _report(self, held: _Held, event: dict[str, Any], ack: list[dict[str, Any]],
+                      chain: Chain | None) -> None:
         mode = "strict" if event["type"] == "task_cancelled" else "lease"
         note = {"type": "result_rejected", "reason": "lease_lost", "run_id": held.run_id, "task_id": held.task_id,
                 "result_type": event["type"], "worker": self.name,
@@ -419,7 +490,7 @@ class RedisWorker:
                 outcome = await self.advancer.apply_event(held.run_id, dict(event),
                                                           guard=(held.task_id, mode, held.token),
                                                           note=note if mode == "lease" else None, ack=ack,
-                                                          recover=backoff.failures > 0)
+                                                          recover=backoff.failures > 0, chain=chain)
                 break
             except TRANSIENT:
                 await backoff.wait()
@@ -431,7 +502,8 @@ class RedisWorker:
         """Give a task back: release its lease, queue its message again, acknowledge this delivery."""
         if held.picked:
             await self.store.release(held.run_id, held.task_id, held.token)
-        await self.advancer.relay(None, None, [{"o": "task", "q": held.stream, "raw": held.raw,
+        raw = held.raw if held.raw is not None else dumps(held.command)
+        await self.advancer.relay(None, None, [{"o": "task", "q": self.keys.queue_of(held.command), "raw": raw,
                                                 "v": held.outbox_version},
                                                self.store.ack_op(held.stream, held.entry_id)])
         self.stats.handed_back += 1
@@ -458,11 +530,13 @@ class RedisWorker:
 
     async def _renew(self) -> None:
         held = list(self._held.values())
-        picked = [h for h in held if h.picked]
-        values = await self.store.leases([(h.run_id, h.task_id) for h in picked]) if picked else []
+        picked = [(h, h.task_id) for h in held if h.picked]
+        values = await self.store.leases([(h.run_id, t) for h, t in picked]) if picked else []
         renew: dict[str, list[str]] = defaultdict(list)
-        for h, value in zip(picked, values, strict=True):
-            if value == "r:" + h.token:
+        for (h, task_id), value in zip(picked, values, strict=True):
+            if h.task_id != task_id and not h.lost:
+                renew[h.stream].append(h.entry_id)  # it has moved on to the run's next task: still ours
+            elif value == "r:" + h.token:
                 renew[h.stream].append(h.entry_id)
             elif value == "xr:" + h.token:
                 renew[h.stream].append(h.entry_id)
