@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -92,7 +92,7 @@ class Advancer:
         self.cache_size = cache_size
         self.on_timer = on_timer
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[str, deque[asyncio.Future[None]]] = {}
         self.transitions = 0
         self.conflicts = 0
 
@@ -369,21 +369,39 @@ class Advancer:
 
 
 class _RunLock:
-    """A per-run asyncio lock that disappears when nobody holds or waits for it."""
+    """A per-run lock that exists only while held: uncontended (the usual case) it costs a dict entry and no
+    future; waiters queue in FIFO order and are handed the lock directly."""
 
-    def __init__(self, table: dict[str, tuple[asyncio.Lock, int]], run_id: str):
+    __slots__ = ("run_id", "table")
+
+    def __init__(self, table: dict[str, deque[asyncio.Future[None]]], run_id: str):
         self.table = table
         self.run_id = run_id
 
     async def __aenter__(self) -> None:
-        lock, users = self.table.get(self.run_id) or (asyncio.Lock(), 0)
-        self.table[self.run_id] = (lock, users + 1)
-        await lock.acquire()
+        waiters = self.table.get(self.run_id)
+        if waiters is None:
+            self.table[self.run_id] = deque()
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed the lock as we were cancelled: pass it on
+            elif waiter in waiters:  # (a release may have dropped it already)
+                waiters.remove(waiter)
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        lock, users = self.table[self.run_id]
-        lock.release()
-        if users <= 1:
-            del self.table[self.run_id]
-        else:
-            self.table[self.run_id] = (lock, users - 1)
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self.table[self.run_id]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the lock passes to it
+                return
+        del self.table[self.run_id]

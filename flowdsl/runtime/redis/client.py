@@ -157,10 +157,11 @@ class RedisClient:
                 "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000)]
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
         created = int(reply[0]) == 1
-        if created:
-            await self.store.call("ZADD", self.keys.runs, "NX", now, run_id)
+        writes = [self.store.call("ZADD", self.keys.runs, "NX", now, run_id)] if created else []
         if created or not reply[1]:  # new, or never started: (re)send the start request
-            await self.store.call("XADD", self.keys.control, "*", "c", dumps({"type": "start", "run_id": run_id}))
+            writes.append(self.store.call("XADD", self.keys.control, "*", "c",
+                                          dumps({"type": "start", "run_id": run_id})))
+        await asyncio.gather(*writes)  # one pipeline
         return Submission(run_id, created)
 
     async def cancel(self, run_id: str, reason: str = "cancel requested") -> str:

@@ -263,6 +263,10 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
+    async def load(self, batcher: Batcher) -> None:
+        """Load the script into the server's script cache (so that the first calls find it)."""
+        await batcher.call("SCRIPT", "LOAD", self.source)
+
     async def __call__(self, batcher: Batcher, keys: list[str], args: list[Any]) -> Any:
         try:
             return await batcher.call("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -303,6 +307,8 @@ class Batcher:
         self._scheduled = False
         while self._queue and self._inflight < self.parallel:
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            if self.wire is not None and self.wire.send([args for args, _ in batch], [f for _, f in batch]):
+                continue  # written: the connection resolves the futures as the replies arrive
             self._inflight += 1
             asyncio.get_running_loop().create_task(self._send(batch))
 

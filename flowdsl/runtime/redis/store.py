@@ -144,6 +144,12 @@ class Store:
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self.batcher.call(*args)
 
+    async def load_scripts(self) -> None:
+        """Load every script a worker runs into the server's cache (after a restart they are loaded again
+        on first use: ``NOSCRIPT``)."""
+        await asyncio.gather(*(s.load(self.batcher) for s in (_TRANSITION, _PICKUP, _RELEASE, _RELAY, _RECOVER,
+                                                               _CLAIM)))
+
     # --- runs --------------------------------------------------------------------------
 
     async def plan(self, run_id: str, pid: str) -> dict[str, Any] | None:

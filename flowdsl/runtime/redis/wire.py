@@ -55,9 +55,9 @@ def _encode(arg: Any) -> bytes:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…``."""
+    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…`` (bytes, str, int and float arguments)."""
     if _hiredis is not None:
-        return _hiredis.pack_command(tuple(_encode(a) for a in args))
+        return _hiredis.pack_command(args)  # encodes str (UTF-8), int and float itself, as _encode does
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _encode(arg)
@@ -124,7 +124,8 @@ class _PyReader:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader: Any = _hiredis.Reader(replyError=_error) if _hiredis is not None else _PyReader()
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        # a future per command sent, in order; True: an error reply is raised by it, else it is its result
+        self.waiting: deque[tuple[asyncio.Future[Any], bool]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
 
@@ -138,14 +139,18 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 return
             if self.waiting:
-                future = self.waiting.popleft()
-                if not future.done():
+                future, raises = self.waiting.popleft()
+                if future.done():
+                    continue
+                if raises and isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
                     future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = redis.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(self.lost)
 
@@ -198,7 +203,7 @@ class WireConnection:
     async def _send(protocol: _Protocol, commands: list[tuple[Any, ...]]) -> list[Any]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
-        protocol.waiting.extend(futures)
+        protocol.waiting.extend((f, False) for f in futures)
         assert protocol.transport is not None
         protocol.transport.write(b"".join(pack(c) for c in commands))
         return list(await asyncio.gather(*futures))
@@ -209,6 +214,18 @@ class WireConnection:
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
         return await self._send(protocol, commands)
+
+    def send(self, commands: list[tuple[Any, ...]], futures: list[asyncio.Future[Any]]) -> bool:
+        """Write ``commands`` now, in one write, if connected: each future gets its reply (an error reply is
+        raised by it; a lost connection fails every one). False, with nothing sent, when not connected:
+        use :meth:`execute` (which connects). No task and no extra future per command: the hot path."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or protocol.transport is None or \
+                protocol.transport.is_closing():
+            return False
+        protocol.waiting.extend((f, True) for f in futures)
+        protocol.transport.write(b"".join([pack(c) for c in commands]))
+        return True
 
     async def aclose(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

@@ -108,6 +108,13 @@ class WorkerStats:
     chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
 
 
+def _fields(raw: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict (raw replies give a flat list; a deleted entry gives nothing)."""
+    if isinstance(raw, list):
+        return dict(zip(raw[::2], raw[1::2], strict=True))
+    return raw or {}
+
+
 @dataclass
 class _Held:
     """A stream entry this process holds, and the task it runs under it (the entry's own, or one it
@@ -126,7 +133,8 @@ class _Held:
     cancel: bool = False
     hand_back: bool = False
     lost: bool = False
-    exec_task: asyncio.Future[dict[str, Any]] | None = field(default=None, repr=False)
+    handler: asyncio.Task[Any] | None = field(default=None, repr=False)  # the task running it, while it runs
+    interrupted: bool = False  # we cancelled the handler to stop the worker (cancel request, hand-back)
 
 
 class RedisWorker:
@@ -173,6 +181,8 @@ class RedisWorker:
         reader = connect(self.url, client_name=f"flowdsl-reader:{self.name}")
         url = resolve_url(self.url)
         self.wire = WireConnection(url, client_name=f"flowdsl-worker:{self.name}") if wire_supported(url) else None
+        # the blocking XREADGROUP gets a lean connection of its own (a blocked connection serves nothing else)
+        reader_wire = WireConnection(url, client_name=f"flowdsl-reader:{self.name}") if self.wire else None
         self.store = Store(self.client, self.keys, batcher=Batcher(self.client, wire=self.wire))
         self.clock = Clock()
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
@@ -182,7 +192,7 @@ class RedisWorker:
         loops: list[asyncio.Task[None]] = []
         try:
             await self._retrying("connecting", self._setup)
-            loops = [asyncio.create_task(self._reader(reader), name="reader"),
+            loops = [asyncio.create_task(self._reader(reader, reader_wire), name="reader"),
                      asyncio.create_task(self._timers(), name="timers"),
                      asyncio.create_task(self._heartbeat(), name="heartbeat"),
                      asyncio.create_task(self._reclaimer(), name="reclaimer"),
@@ -200,8 +210,9 @@ class RedisWorker:
                 await self.client.hdel(self.keys.workers, self.name)
             await reader.aclose()
             await self.client.aclose()
-            if self.wire is not None:
-                await self.wire.aclose()
+            for wire in (self.wire, reader_wire):
+                if wire is not None:
+                    await wire.aclose()
         self.stats.transitions = self.advancer.transitions
         self.stats.conflicts = self.advancer.conflicts
         return self.stats
@@ -222,6 +233,7 @@ class RedisWorker:
     async def _setup(self) -> None:
         assert self.client is not None
         await self.clock.sync(self.client)
+        await self.store.load_scripts()
         for stream in self.streams:
             try:
                 await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -274,7 +286,25 @@ class RedisWorker:
 
     # --- reading ------------------------------------------------------------------------
 
-    async def _reader(self, reader: aioredis.Redis) -> None:
+    async def _read(self, reader: aioredis.Redis, wire: WireConnection | None, count: int,
+                    block: int) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """One ``XREADGROUP`` of new entries on every stream served: [(stream, [(entry id, fields)])]."""
+        if wire is None:
+            return await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
+                                           block=block) or []
+        command = ("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK", block, "STREAMS",
+                   *self.streams, *[">"] * len(self.streams))
+        try:  # the server answers within the block time; a connection silent far longer than that is dead
+            (reply,) = await asyncio.wait_for(wire.execute([command]), block / 1000 + 15)
+        except TimeoutError:
+            await wire.aclose()
+            raise redis.TimeoutError("no answer from Redis to XREADGROUP") from None
+        if isinstance(reply, Exception):
+            raise reply
+        return [(stream, [(entry_id, _fields(fields)) for entry_id, fields in entries]) for stream, entries in
+                reply or ()]
+
+    async def _reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
         assert self._room is not None
         backoff = Backoff()
         block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
@@ -285,8 +315,7 @@ class RedisWorker:
                 await self._room.wait()
                 continue
             try:
-                reply = await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=free,
-                                                block=block)
+                reply = await self._read(reader, wire, free, block)
                 backoff.reset()
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): make the groups again
@@ -458,7 +487,7 @@ class RedisWorker:
                 del self._by_task[held.task_id]
             held.task_id, held.command, held.raw, held.outbox_version = chain.command["task_id"], chain.command, \
                 None, ""
-            held.cancel, held.exec_task, code = False, None, 1
+            held.cancel, code = False, 1
             self._by_task[held.task_id] = held
 
     async def _execute(self, held: _Held, cancelled: bool) -> dict[str, Any] | None:
@@ -466,17 +495,22 @@ class RedisWorker:
         if cancelled or held.cancel:
             return {"type": "task_cancelled", "task_id": held.task_id}
         self.stats.tasks += 1
-        held.exec_task = asyncio.ensure_future(execute(held.command, registry=self.registry, lm=self.options.lm))
+        # the worker runs in this handler's own task (no task of its own: no extra turns of the loop); to stop
+        # it, _interrupt cancels the handler while it is here, and the cancellation is taken back below
+        held.handler = asyncio.current_task()
         try:
-            return await held.exec_task
+            return await execute(held.command, registry=self.registry, lm=self.options.lm)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
+            handler, held.handler = held.handler, None  # from here on, nothing more to interrupt
+            if not held.interrupted or handler is None or handler.uncancel() > 0:
+                raise  # cancelled from outside (stopping at once)
+            held.interrupted = False
             if held.hand_back:
                 await self._hand_back(held)
                 return None
             return {"type": "task_cancelled", "task_id": held.task_id}
+        finally:
+            held.handler = None
 
     async def _report(self, held: _Held, event: dict[str, Any], ack: list[dict[str, Any]],
                       chain: Chain | None) -> None:
@@ -510,15 +544,28 @@ class RedisWorker:
 
     def _cancel_requested(self, held: _Held) -> None:
         held.cancel = True
-        if held.exec_task is not None and not held.exec_task.done() and cancellable(held.command, self.registry):
-            held.exec_task.cancel()
+        if cancellable(held.command, self.registry):
+            self._interrupt(held)
+
+    @staticmethod
+    def _interrupt(held: _Held) -> None:
+        """Stop the worker the held task is running, if it is running one (its handler then answers)."""
+        if held.handler is not None and not held.interrupted:
+            held.interrupted = True
+            held.handler.cancel()
 
     # --- background loops ---------------------------------------------------------------------
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop)."""
+        assert self._stopped is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.options.lease_s / 3)
         while not self._stopping:
-            await asyncio.sleep(interval)
+            await self._pause(interval)
             try:
                 await self._renew()
                 await self._liveness()
@@ -563,7 +610,7 @@ class RedisWorker:
     async def _reclaimer(self) -> None:
         interval = max(0.05, self.options.lease_s / 4)
         while not self._stopping:
-            await asyncio.sleep(interval)
+            await self._pause(interval)
             free = self.options.concurrency - len(self._held)
             if free <= 0 or self._stopping:
                 continue
@@ -579,9 +626,7 @@ class RedisWorker:
                             if (stream, eid) in self._held:
                                 continue
                             free -= 1
-                            pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) \
-                                else (fields or {})
-                            self._spawn(stream, eid, pairs, recover=True)
+                            self._spawn(stream, eid, _fields(fields), recover=True)
                         if start == "0-0":
                             break
             except TRANSIENT as exc:
@@ -677,8 +722,7 @@ class RedisWorker:
         if self._active:
             for held in list(self._held.values()):
                 held.hand_back = True
-                if held.exec_task is not None and not held.exec_task.done():
-                    held.exec_task.cancel()
+                self._interrupt(held)
             await asyncio.wait(set(self._active), timeout=5.0)
         for task in list(self._active):
             task.cancel()
