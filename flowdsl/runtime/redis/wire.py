@@ -30,12 +30,25 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     _hiredis = None
 
-__all__ = ["WireConnection", "supported"]
+__all__ = ["WireConnection", "entry_fields", "stream_entries", "supported"]
 
 
 def supported(url: str) -> bool:
     """Whether this connection can serve ``url`` (plain TCP or a unix socket; TLS goes through redis-py)."""
     return url.startswith(("redis://", "unix://"))
+
+
+def entry_fields(raw: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict (raw replies give a flat list; a deleted entry gives nothing)."""
+    if isinstance(raw, list):
+        return dict(zip(raw[::2], raw[1::2], strict=True))
+    return raw or {}
+
+
+def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """An ``XREAD``/``XREADGROUP`` reply as ``[(stream, [(entry id, fields)])]`` (nothing on a timeout)."""
+    return [(stream, [(entry_id, entry_fields(fields)) for entry_id, fields in entries])
+            for stream, entries in reply or ()]
 
 
 def _error(message: str) -> ResponseError:
@@ -214,6 +227,18 @@ class WireConnection:
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
         return await self._send(protocol, commands)
+
+    async def blocking(self, command: tuple[Any, ...], block_ms: int) -> Any:
+        """Run one blocking command (``XREAD … BLOCK``) on this connection, which it holds meanwhile: its
+        reply, or its error raised. A connection silent 15 s past the block time is closed as dead."""
+        try:
+            (reply,) = await asyncio.wait_for(self.execute([command]), block_ms / 1000 + 15)
+        except TimeoutError:
+            await self.aclose()
+            raise redis.TimeoutError(f"no answer from Redis to {command[0]}") from None
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def send(self, commands: list[tuple[Any, ...]], futures: list[asyncio.Future[Any]]) -> bool:
         """Write ``commands`` now, in one write, if connected: each future gets its reply (an error reply is

@@ -62,7 +62,7 @@ from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolv
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
 from flowdsl.runtime.redis.scripts import Batcher
 from flowdsl.runtime.redis.store import Clock, Store, dumps, loads
-from flowdsl.runtime.redis.wire import WireConnection
+from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.workers import WorkerRegistry
 from flowdsl.workers import registry as default_registry
@@ -106,13 +106,6 @@ class WorkerStats:
     transitions: int = 0
     conflicts: int = 0
     chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
-
-
-def _fields(raw: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes]:
-    """A stream entry's fields as a dict (raw replies give a flat list; a deleted entry gives nothing)."""
-    if isinstance(raw, list):
-        return dict(zip(raw[::2], raw[1::2], strict=True))
-    return raw or {}
 
 
 @dataclass
@@ -292,17 +285,9 @@ class RedisWorker:
         if wire is None:
             return await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
                                            block=block) or []
-        command = ("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK", block, "STREAMS",
-                   *self.streams, *[">"] * len(self.streams))
-        try:  # the server answers within the block time; a connection silent far longer than that is dead
-            (reply,) = await asyncio.wait_for(wire.execute([command]), block / 1000 + 15)
-        except TimeoutError:
-            await wire.aclose()
-            raise redis.TimeoutError("no answer from Redis to XREADGROUP") from None
-        if isinstance(reply, Exception):
-            raise reply
-        return [(stream, [(entry_id, _fields(fields)) for entry_id, fields in entries]) for stream, entries in
-                reply or ()]
+        return stream_entries(await wire.blocking(("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK",
+                                                   block, "STREAMS", *self.streams, *[">"] * len(self.streams)),
+                                                  block))
 
     async def _reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
         assert self._room is not None
@@ -489,6 +474,9 @@ class RedisWorker:
                 None, ""
             held.cancel, code = False, 1
             self._by_task[held.task_id] = held
+            if self._stopping:
+                await self._hand_back(held)  # held already: give it to another process at once
+                return
 
     async def _execute(self, held: _Held, cancelled: bool) -> dict[str, Any] | None:
         """The input event answering the held task, or None when it was handed back (graceful stop)."""
@@ -626,7 +614,7 @@ class RedisWorker:
                             if (stream, eid) in self._held:
                                 continue
                             free -= 1
-                            self._spawn(stream, eid, _fields(fields), recover=True)
+                            self._spawn(stream, eid, entry_fields(fields), recover=True)
                         if start == "0-0":
                             break
             except TRANSIENT as exc:
