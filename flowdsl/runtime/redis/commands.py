@@ -21,7 +21,7 @@ from typing import Any
 
 from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, resolve_url
-from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions
+from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
 
 __all__ = ["EXIT_USAGE", "cancel_command", "run_command", "run_events", "runs_command", "status_command",
@@ -132,7 +132,6 @@ def run_events(run_id: str, *, url: str | None, prefix: str | None, console: Any
 def worker_command(*, url: str | None, prefix: str | None, modules: list[str], options: WorkerOptions,
                    console: Any, verbose: bool = False) -> int:
     """Serve the registered workers (and advance runs) until SIGTERM, or until drained with ``burst``."""
-    import gc
     import os
 
     from flowdsl.runtime.redis.connection import resolve_prefix
@@ -161,17 +160,8 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected[/]")
         return 0
 
-    # While it serves, collect cyclic garbage less often (a step allocates a few hundred objects, nearly all
-    # freed by reference counting; the default thresholds cost ~15 % of a busy worker's CPU, most of it full
-    # collections walking its cache of run states), and never walk what the imports made.
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
-    try:
+    with serving_gc():
         return _guarded(console, url, body)
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 # --- flowdsl status / runs / cancel -------------------------------------------------------------

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -49,7 +50,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +68,27 @@ from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.workers import WorkerRegistry
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["RedisWorker", "WorkerOptions", "WorkerStats"]
+__all__ = ["RedisWorker", "WorkerOptions", "WorkerStats", "serving_gc"]
 
 log = logging.getLogger("flowdsl.redis")
+
+
+@contextlib.contextmanager
+def serving_gc() -> Iterator[None]:
+    """Collect cyclic garbage less often while a worker process serves (``flowdsl worker`` does this).
+
+    A step allocates a few hundred objects, nearly all freed by reference counting; with the default
+    thresholds the collector took ~15 % of a busy worker's CPU, most of it full collections walking its cache
+    of run states. Inside: what exists now (the imports) is frozen, never walked again, and collections run
+    about 15 times less often. The previous settings are restored on exit."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 @dataclass
