@@ -12,7 +12,10 @@ the same script that writes the state and the journal entry, then *relayed*
 to the shared streams and timer set, and only then is the trigger of the
 transition (a task's stream entry, a timer claim, a control request)
 acknowledged. A process that dies in between leaves the trigger pending; whoever
-takes it over relays the outbox first (:meth:`Store.outbox`).
+takes it over relays the outbox first (:meth:`Store.outbox`). A task the
+transition gives to the calling process itself (self-dispatch) is not relayed:
+its message is kept in the outbox (``s:<task id>``) while it is in flight, and
+relayed only if the trigger it was held under is taken over.
 """
 
 from __future__ import annotations

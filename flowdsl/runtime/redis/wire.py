@@ -1,14 +1,16 @@
-"""A lean asyncio Redis connection for the worker's hot path: pipelined commands on one socket.
+"""A lean asyncio Redis connection for the runtime's hot path: pipelined commands on one socket.
 
 Stage: runtime: redis. Imports redis (for its URL parser and error classes)
 and stdlib; hiredis when it is installed (its C reply parser and command
 packer; a pure-Python RESP2 parser and packer otherwise).
 
 Why: redis-py's asyncio client spends ~200 µs of CPU per round trip and packs
-every argument in Python; a worker makes three round trips per step. This
-connection writes a whole batch of commands with one ``write`` and matches the
-replies, in order, to futures — the :class:`~flowdsl.runtime.redis.scripts.Batcher`
-uses it for every command of a worker. Replies are raw RESP2 (bulk strings as
+every argument in Python. This connection writes a whole batch of commands with
+one ``write`` and hands each reply, in order, to its future —
+the :class:`~flowdsl.runtime.redis.scripts.Batcher` of workers and clients uses
+it for every command (:meth:`WireConnection.send`: no task or extra future per
+command), and blocking reads (``XREADGROUP``, ``XREAD``) get one of their own
+(:meth:`WireConnection.blocking`). Replies are raw RESP2 (bulk strings as
 bytes, arrays as lists, errors as ``redis.ResponseError`` instances).
 Connection loss fails the commands in flight with ``ConnectionError``; the
 next batch reconnects. TLS (``rediss://``) is not handled here: the
