@@ -161,6 +161,11 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         assert refused.code == 3 and refused.lease == "q"
         assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
         assert (await store.pickup("tx", "tx/a#1", "2-0@s", "2-0@s|w2|n"))[0] == 3  # another delivery: a duplicate
+        assert (await store.pickup("tx", "tx/a#1", "1-0@t", "1-0@t|w3|n"))[0] == 3  # same id, another stream
+        # a lease in the format of the previous version (no stream in the trigger), left by a process that died,
+        # is taken over by a new delivery of its entry
+        await store.call("HSET", Keys(prefix).tasks("tx"), "tx/a#1", "r:1-0|old|n")
+        assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
         applied = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0@s|w|n"),
                                          **base)
         assert applied.code == 1 and applied.version == 2

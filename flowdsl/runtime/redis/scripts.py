@@ -112,7 +112,8 @@ return {1, newv, cancelled}
 #: delivery), lease token (``<trigger>|<consumer>|<nonce>``),
 #: the outbox version that dispatched the task ('' if unknown): its relay is done (the message exists), so that
 #: outbox entry is dropped. Returns {0} gone (not in flight) | {1} run it | {2} answer task_cancelled (cancel
-#: requested before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery).
+#: requested before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery). A lease
+#: taken under the same trigger (the delivery was taken over) is taken over.
 PICKUP = r"""
 if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -127,8 +128,9 @@ if v == 'xq' then
 end
 local pre = 'r:'
 if string.sub(v, 1, 3) == 'xr:' then pre = 'xr:' end
-local held = string.sub(v, #pre + 1)
-if string.match(held, '^([^|]*)') == ARGV[2] then
+local first = string.match(string.sub(v, #pre + 1), '^([^|]*)')
+-- held under this trigger; or under its bare entry id (the token of a version before triggers named streams)
+if first == ARGV[2] or string.sub(ARGV[2], 1, #first + 1) == first .. '@' then
   redis.call('HSET', KEYS[1], ARGV[1], pre .. ARGV[3])
   if pre == 'xr:' then return {2} end
   return {1}
