@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from flowdsl import compile_text
-from flowdsl.runtime.redis import RedisClient
+from flowdsl.runtime.redis import Keys, RedisClient
 from flowdsl.runtime.report import RunResult
 from tests.redis.fault_workers import make_ledger, read_ledger
 from tests.redis.procs import WorkerProcs
@@ -224,6 +225,11 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result_is_rejected(url: st
             time.sleep(0.01)
         assert paused is not None
         procs.signal(paused, signal.SIGSTOP)
+        # the step never went through its stream: the start request's transition gave it to the process that
+        # started the run (self-dispatch), so it is found again through that request, reclaimed after the lease
+        redis_client = redis.Redis.from_url(url)
+        assert redis_client.xlen(Keys(prefix).queue("fault.slow_once")) == 0
+        redis_client.close()
         (result,) = asyncio.run(_results(url, prefix, [run_id], timeout=20))
         other = second if paused is first else first
         assert result.status == "completed" and result.context["by"] == other.pid
