@@ -12,6 +12,7 @@ recorded as done.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from flowdsl import compile_text
-from flowdsl.runtime.redis import RedisClient
+from flowdsl.runtime.redis import Keys, RedisClient
 from flowdsl.runtime.report import RunResult
 from tests.redis.fault_workers import make_ledger, read_ledger
 from tests.redis.procs import WorkerProcs
@@ -61,12 +63,16 @@ def _check_ledger(ledger: str, results: list[RunResult], steps: tuple[str, ...] 
             begins[line["key"]].append(line["t"])
         elif line["ev"] == "effect" and line["applied"]:
             applied[line["key"]] += 1
+    # the effect files are the effects (O_EXCL: at most one per key); a process killed between making one
+    # and writing its ledger line leaves the file without the line, so the files are counted, not the lines
+    made = set(os.listdir(os.path.join(ledger, "effects")))
     for result in results:
         assert result.status == "completed", (result.run_id, result.status, result.error)
         done_at = {e["step"]: e["at"] for e in result.events if e["type"] == "step_succeeded"}
         for step in steps:
             key = f"{result.run_id}/{step}"
-            assert applied[key] == 1, f"{key}: side effect applied {applied[key]} times"
+            assert key.replace("/", "__") in made, f"{key}: recorded as done, but its side effect was never made"
+            assert applied[key] <= 1, f"{key}: side effect applied {applied[key]} times"
             late = [t for t in begins[key] if t * 1000 > done_at[step] + 50]
             assert not late, f"{key} began again after it was recorded as done"
     known = {f"{r.run_id}/{s}" for r in results for s in steps}
@@ -105,6 +111,37 @@ def test_sigkill_workers_in_the_middle_of_steps(url: str, prefix: str, tmp_path:
         results = asyncio.run(_results(url, prefix, runs, timeout=45))
         executions = _check_ledger(ledger, results)
         assert max(executions.values()) >= 2  # the kills did interrupt steps, which ran again with the same key
+    finally:
+        procs.stop_all()
+
+
+def test_sigkill_a_worker_running_steps_it_dispatched_to_itself(url: str, prefix: str, tmp_path: Path) -> None:
+    """One worker process runs each run's steps one after the other without queueing them (self-dispatch:
+    each is held under the stream entry that started the chain). Killed while such steps run, it leaves
+    only pending entries; the next process takes them over, queues the held steps again and finishes."""
+    ledger = make_ledger(tmp_path)
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
+    try:
+        (first,) = procs.start(1)
+        runs = asyncio.run(_submit(url, prefix, SEQUENCE, [{"ledger": ledger, "step_sleep": 0.3}] * 3))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # until s3 is running somewhere: two chained steps in
+            lines = read_ledger(ledger)
+            done = {line["key"] for line in lines if line["ev"] == "effect"}
+            if any(line["ev"] == "begin" and line["key"].endswith("/s3") and line["key"] not in done
+                   for line in lines):
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)  # the runs go in step: every one is now well inside a step's sleep, none at its effect
+        procs.kill(first)
+        interrupted = {line["key"] for line in read_ledger(ledger) if line["ev"] == "begin"} - \
+            {line["key"] for line in read_ledger(ledger) if line["ev"] == "effect"}
+        assert any(key.endswith("/s3") for key in interrupted)
+        assert all(line["pid"] == first.pid for line in read_ledger(ledger))  # every step so far ran here
+        procs.start(1)
+        results = asyncio.run(_results(url, prefix, runs, timeout=30))
+        executions = _check_ledger(ledger, results)
+        assert all(executions[key] == 2 for key in interrupted)  # ran again, with the same key
     finally:
         procs.stop_all()
 
@@ -188,6 +225,11 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result_is_rejected(url: st
             time.sleep(0.01)
         assert paused is not None
         procs.signal(paused, signal.SIGSTOP)
+        # the step never went through its stream: the start request's transition gave it to the process that
+        # started the run (self-dispatch), so it is found again through that request, reclaimed after the lease
+        redis_client = redis.Redis.from_url(url)
+        assert redis_client.xlen(Keys(prefix).queue("fault.slow_once")) == 0
+        redis_client.close()
         (result,) = asyncio.run(_results(url, prefix, [run_id], timeout=20))
         other = second if paused is first else first
         assert result.status == "completed" and result.context["by"] == other.pid

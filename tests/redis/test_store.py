@@ -159,16 +159,62 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         refused = await store.transition("tx", expected=1, token="t2", guard=("tx/a#1", "lease", "tok"),
                                          note=b'{"type": "result_rejected"}', **base)
         assert refused.code == 3 and refused.lease == "q"
-        assert await store.pickup("tx", "tx/a#1", "1-0", "1-0|w|n") == (1, "")
-        assert (await store.pickup("tx", "tx/a#1", "2-0", "2-0|w2|n"))[0] == 3  # another delivery: a duplicate
-        applied = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0|w|n"),
+        assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
+        assert (await store.pickup("tx", "tx/a#1", "2-0@s", "2-0@s|w2|n"))[0] == 3  # another delivery: a duplicate
+        assert (await store.pickup("tx", "tx/a#1", "1-0@t", "1-0@t|w3|n"))[0] == 3  # same id, another stream
+        # a lease in the format of the previous version (no stream in the trigger), left by a process that died,
+        # is taken over by a new delivery of its entry
+        await store.call("HSET", Keys(prefix).tasks("tx"), "tx/a#1", "r:1-0|old|n")
+        assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
+        applied = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0@s|w|n"),
                                          **base)
         assert applied.code == 1 and applied.version == 2
-        again = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0|w|n"),
+        again = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0@s|w|n"),
                                        **base)
         assert again.code == 4  # the same transition sent twice (an unknown outcome retried) is applied once
         journal = await store.call("XRANGE", Keys(prefix).journal("tx"), "-", "+")
         assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"ev", b"in", b"v"]]
+        await store.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_self_dispatched_task_is_held_at_once_and_queued_again_when_its_trigger_is_taken_over(
+        url: str, prefix: str) -> None:
+    """The transition that dispatches a task to the calling process holds it under the caller's trigger and
+    keeps its message; taking that trigger over queues the task again and hands its message to the relay."""
+    keys = Keys(prefix)
+    trigger = Keys.trigger(keys.control, "5-0")
+    token = f"{trigger}|w1|n1"
+
+    async def main() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(_plan(), {"script": {}}, run_id="sd")
+        await _burst_registry(url, prefix)
+        store = Store(connect(url), keys)
+        record = await store.load("sd")
+        assert record is not None
+        message = dumps({"op": "dispatch", "run_id": "sd", "task_id": "sd/b#1", "kind": "task", "worker": "conf.b"})
+        base = dict(state=dumps(record.state), input_event=b"{}", events=b"[]", status="running")
+        done = await store.transition("sd", expected=1, token="t1", task_ops=[
+            ("d", "sd/a#1", ""), ("c", "sd/b#1", "r:" + token, message)], **base)
+        assert done.applied
+        lease, kept, fields = await asyncio.gather(store.call("HGET", keys.tasks("sd"), "sd/b#1"),
+                                                   store.call("HGET", keys.outbox("sd"), "s:sd/b#1"),
+                                                   store.call("HLEN", keys.tasks("sd")))
+        assert (lease, kept, fields) == (b"r:" + token.encode(), message, 1)
+        # another trigger's takeover leaves it alone: its holder is alive as far as anyone knows
+        first = (await store.outbox("sd"))[0]  # the start's entry: task a, never picked up by a worker here
+        assert first[0] == 1 and first[1][0]["m"]["task_id"] == "sd/a#1"
+        assert await store.outbox("sd", Keys.trigger(keys.queue("conf.b"), "5-0")) == [first]
+        assert await store.call("HGET", keys.tasks("sd"), "sd/b#1") == b"r:" + token.encode()
+        # taking its trigger over: queued again, its message to be relayed to its worker's stream
+        assert await store.outbox("sd", trigger) == [first, (None, [{"o": "task", "q": keys.queue("conf.b"),
+                                                                       "raw": message, "v": ""}])]
+        assert await store.call("HGET", keys.tasks("sd"), "sd/b#1") == b"q"
+        # once it is no longer in flight, its kept message goes with its lease
+        gone = await store.transition("sd", expected=2, token="t2", task_ops=[("d", "sd/b#1", "")], **base)
+        assert gone.applied and await store.outbox("sd") == [first]
         await store.client.aclose()
 
     asyncio.run(main())

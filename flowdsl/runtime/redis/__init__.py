@@ -10,7 +10,8 @@ docs/runtime.md ("Redis runtime") states the guarantees and the data model.
 Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
 ``scripts`` (the Lua transitions, auto-pipelining), ``store`` (reads and
 writes), ``advance`` (kernel in, atomic write out), ``worker`` (the process
-loop), ``client`` (submit and watch).
+loop) and ``upkeep`` (its background loops), ``client`` (submit and watch),
+``wire`` (the lean connection), ``commands`` (the CLI's Redis commands).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ stdlib. Every decision is the kernel's; this module only turns a
 entry, task leases, outbox) and carries the outbox out::
 
     dispatch        -> a message on the worker's task stream (lease "q"), plus a
-                       schedule-to-start deadline when the run has one
+                       schedule-to-start deadline when the run has one; or, for one
+                       task the calling process serves, held by it at once (a
+                       :class:`Chain`: lease "r:<token>", message kept in the outbox)
     schedule_timer  -> a member of the timer set, due at the command's due_at
     cancel_timer    -> the member is removed
     cancel_task     -> the lease is marked cancelled (q -> xq, r:tok -> xr:tok) and the
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +37,7 @@ from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
 from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult, dumps, loads
 
-__all__ = ["SCHEDULE_TO_START_TIMEOUT", "Advancer", "Outcome"]
+__all__ = ["SCHEDULE_TO_START_TIMEOUT", "Advancer", "Chain", "Outcome"]
 
 #: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
@@ -51,6 +53,23 @@ class Outcome:
     SKIPPED = "skipped"  # nothing to do (a timer no longer armed, a run already started)
     MISSING = "missing"  # no such run (never started, or expired)
     INVALID = "invalid"  # the kernel refused the event (ValueError); logged
+
+
+class Chain:
+    """An offer to run, in the calling process, the next task a transition dispatches (self-dispatch).
+
+    The transition that dispatches a task ``serves(command)`` accepts takes the task's lease at once under
+    ``token`` (``<trigger>|<consumer>|<nonce>``: the stream entry that triggered it stays pending, so the
+    task is found again if the process dies) and keeps its message in the run's outbox instead of queueing
+    it; ``command`` is then a fresh copy of that dispatch command, and the trigger is not acknowledged.
+    """
+
+    __slots__ = ("command", "serves", "token")
+
+    def __init__(self, token: str, serves: Callable[[dict[str, Any]], bool]):
+        self.token = token
+        self.serves = serves
+        self.command: dict[str, Any] | None = None
 
 
 class Advancer:
@@ -73,7 +92,7 @@ class Advancer:
         self.cache_size = cache_size
         self.on_timer = on_timer
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[str, deque[asyncio.Future[None]]] = {}
         self.transitions = 0
         self.conflicts = 0
 
@@ -82,7 +101,7 @@ class Advancer:
     async def apply_event(self, run_id: str, event: dict[str, Any], *, guard: tuple[str, str, str] | None = None,
                           note: dict[str, Any] | None = None, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
                           precheck: Callable[[dict[str, Any]], bool] | None = None,
-                          recover: bool = False) -> str:
+                          recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
         """Apply ``event`` (``at`` is set here) to run ``run_id`` and relay what the kernel decided.
 
         ``guard`` is checked atomically with the write (see ``Store.transition``);
@@ -92,29 +111,33 @@ class Advancer:
         holder has the task (the trigger is then theirs). ``precheck(state)``
         false skips the event. ``recover`` (the trigger was taken over from a
         process that may have died) re-reads the state and relays the run's
-        outbox first. Returns an :class:`Outcome` value.
+        outbox first, after queueing again the tasks held under ``trigger``.
+        ``chain``: see :class:`Chain` (when it takes a task, ``ack`` is not
+        sent). Returns an :class:`Outcome` value.
         """
         followups: tuple[str, ...] = ()
         async with self._lock(run_id):
             if recover:
                 self._cache.pop(run_id, None)
-                followups = await self._flush(run_id)
+                followups = await self._flush(run_id, trigger)
             try:
-                outcome, relay, acked = await self._apply_locked(run_id, event, guard, note, precheck)
+                outcome, relay, acked = await self._apply_locked(run_id, event, guard, note, precheck, chain)
             except BaseException:
                 self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
                 raise
-        await self._tail(run_id, relay, followups, list(ack) if acked else [])
+        chained = chain is not None and chain.command is not None
+        await self._tail(run_id, relay, followups, list(ack) if acked and not chained else [])
         return outcome
 
     async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
-                    recover: bool = False) -> str:
-        """Start a submitted run (the kernel's ``start_run``); a run already started is left alone."""
+                    recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
+        """Start a submitted run (the kernel's ``start_run``); a run already started is left alone.
+        ``recover``, ``trigger`` and ``chain`` as for :meth:`apply_event`."""
         followups: tuple[str, ...] = ()
         relay = None
         async with self._lock(run_id):
             if recover:
-                followups = await self._flush(run_id)
+                followups = await self._flush(run_id, trigger)
             sub = await self.store.submission(run_id)
             if sub is None or sub["started"]:
                 outcome = Outcome.MISSING if sub is None else Outcome.SKIPPED
@@ -129,7 +152,9 @@ class Advancer:
                     meta.append(("ret", self.retention_ms))
                 if sts is not None and sub["sts"] is None:
                     meta.append(("sts", sts))
-                result, ops = await self._commit(record, start, decision, set(), None, None, meta=meta)
+                if sub["cancel"] is not None:
+                    chain = None  # cancelled before it started: nothing to run here
+                result, ops = await self._commit(record, start, decision, set(), None, None, meta=meta, chain=chain)
                 outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
@@ -137,14 +162,15 @@ class Advancer:
             await self._tail(run_id, relay, followups, [])  # cancelled before it started: cancel it now
             await self.apply_event(run_id, {"type": "cancel_requested", "reason": sub["cancel"]}, ack=list(ack))
             return outcome
-        await self._tail(run_id, relay, followups, list(ack))
+        await self._tail(run_id, relay, followups, [] if chain is not None and chain.command else list(ack))
         return outcome
 
-    async def recover(self, run_id: str) -> None:
-        """Relay what a process that died left in the run's outbox (before taking over its trigger)."""
+    async def recover(self, run_id: str, trigger: str = "") -> None:
+        """Relay what a process that died left in the run's outbox (before taking over its trigger ``trigger``:
+        the tasks it held under it are queued again first)."""
         async with self._lock(run_id):
             self._cache.pop(run_id, None)
-            followups = await self._flush(run_id)
+            followups = await self._flush(run_id, trigger)
         await self._tail(run_id, None, followups, [])
 
     async def fire(self, member: TimerMember, *, recover: bool = False) -> str:
@@ -186,15 +212,21 @@ class Advancer:
 
     async def _commit(self, record: RunRecord, event: dict[str, Any], decision: Decision, before: set[str],
                       guard: tuple[str, str, str] | None, note: dict[str, Any] | None,
-                      meta: list[tuple[str, Any]] | None = None) -> tuple[TransitionResult, list[dict[str, Any]]]:
+                      meta: list[tuple[str, Any]] | None = None, chain: Chain | None = None
+                      ) -> tuple[TransitionResult, list[dict[str, Any]]]:
         state = decision.state
         run_id = record.run_id
         ops: list[dict[str, Any]] = []
-        task_ops: list[tuple[str, str, str]] = []
+        task_ops: list[tuple[str, ...]] = []
         at = event["at"]
+        held: str | None = None  # the task this process runs itself
+        held_raw = b""
         for command in decision.commands:
             op = command["op"]
-            if op == "dispatch":
+            if op == "dispatch" and held is None and chain is not None and chain.serves(command):
+                held, held_raw = command["task_id"], dumps(command)
+                task_ops.append(("c", held, "r:" + chain.token, held_raw))
+            elif op == "dispatch":
                 ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": record.version + 1})
                 if record.sts_ms:
                     ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
@@ -208,7 +240,7 @@ class Advancer:
                 ops.append({"o": "cancel", "t": command["task_id"]})
                 task_ops.append(("x", command["task_id"], ""))
         after = set(state["tasks"])
-        task_ops.extend(("s", t, "q") for t in after - before)
+        task_ops.extend(("s", t, "q") for t in after - before if t != held)
         task_ops.extend(("d", t, "") for t in before - after)
         for task_id in before - after:
             if record.sts_ms:
@@ -232,6 +264,8 @@ class Advancer:
                 await backoff.wait()
         if result.applied:
             self.transitions += 1
+            if chain is not None and held is not None:
+                chain.command = loads(held_raw)  # its own copy: the kernel shares data with the cached state
             record.version = result.version
             if finished:
                 self._cache.pop(run_id, None)
@@ -240,7 +274,8 @@ class Advancer:
         return result, ops
 
     async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
-                            note: dict[str, Any] | None, precheck: Callable[[dict[str, Any]], bool] | None
+                            note: dict[str, Any] | None, precheck: Callable[[dict[str, Any]], bool] | None,
+                            chain: Chain | None = None
                             ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
         """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
         for _ in range(_MAX_CONFLICTS):
@@ -260,7 +295,7 @@ class Advancer:
                 self._cache.pop(run_id, None)
                 log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
                 return Outcome.INVALID, None, True
-            result, ops = await self._commit(record, event, decision, before, guard, note)
+            result, ops = await self._commit(record, event, decision, before, guard, note, chain=chain)
             log.debug("run %s: %s %s -> %s v%s", run_id, event["type"], event.get("task_id") or event.get("timer_id"),
                       result.code, result.version)
             if result.applied:
@@ -278,12 +313,13 @@ class Advancer:
             return Outcome.MISSING, None, True
         raise RuntimeError(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
 
-    async def _flush(self, run_id: str) -> tuple[str, ...]:
-        """Relay every outbox entry of the run a dead process may have left behind; return the task ids
-        whose cancellation may still need answering. Duplicate task messages are harmless: a message
-        whose task is no longer ``q`` is dropped at pickup."""
+    async def _flush(self, run_id: str, trigger: str = "") -> tuple[str, ...]:
+        """Relay every outbox entry of the run a dead process may have left behind (after queueing again
+        the tasks it held under ``trigger``); return the task ids whose cancellation may still need
+        answering. Duplicate task messages are harmless: a message whose task is no longer ``q`` is dropped
+        at pickup."""
         cancelled: list[str] = []
-        for version, ops in await self.store.outbox(run_id):
+        for version, ops in await self.store.outbox(run_id, trigger):
             log.debug("run %s: relaying outbox entry %s left behind: %s", run_id, version, ops)
             await self.relay(run_id, version, ops)
             self._timers_armed(ops)
@@ -297,10 +333,11 @@ class Advancer:
             version, ops, cancelled = relay
             followups = cancelled + followups
             self._timers_armed(ops)
+            outbox = version if ops else None  # the transition wrote an outbox entry only if it had ops
             if not followups:
-                await self.relay(run_id, version, ops + ack)  # the usual case: one script, trigger included
+                await self.relay(run_id, outbox, ops + ack)  # the usual case: one script, trigger included
                 return
-            await self.relay(run_id, version, ops)
+            await self.relay(run_id, outbox, ops)
         for task_id in dict.fromkeys(followups):
             await self.apply_event(run_id, {"type": "task_cancelled", "task_id": task_id},
                                    guard=(task_id, "eq", "xq"))
@@ -315,7 +352,7 @@ class Advancer:
     async def relay(self, run_id: str | None, version: int | None, ops: list[dict[str, Any]]) -> None:
         """Carry out relay operations (outbox commands, acknowledgements), retrying with backoff while Redis
         is unreachable (each is idempotent, or harmless when repeated)."""
-        if not ops and version is None:
+        if not ops:
             return
         backoff = Backoff()
         while True:
@@ -332,21 +369,39 @@ class Advancer:
 
 
 class _RunLock:
-    """A per-run asyncio lock that disappears when nobody holds or waits for it."""
+    """A per-run lock that exists only while held: uncontended (the usual case) it costs a dict entry and no
+    future; waiters queue in FIFO order and are handed the lock directly."""
 
-    def __init__(self, table: dict[str, tuple[asyncio.Lock, int]], run_id: str):
+    __slots__ = ("run_id", "table")
+
+    def __init__(self, table: dict[str, deque[asyncio.Future[None]]], run_id: str):
         self.table = table
         self.run_id = run_id
 
     async def __aenter__(self) -> None:
-        lock, users = self.table.get(self.run_id) or (asyncio.Lock(), 0)
-        self.table[self.run_id] = (lock, users + 1)
-        await lock.acquire()
+        waiters = self.table.get(self.run_id)
+        if waiters is None:
+            self.table[self.run_id] = deque()
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed the lock as we were cancelled: pass it on
+            elif waiter in waiters:  # (a release may have dropped it already)
+                waiters.remove(waiter)
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        lock, users = self.table[self.run_id]
-        lock.release()
-        if users <= 1:
-            del self.table[self.run_id]
-        else:
-            self.table[self.run_id] = (lock, users - 1)
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self.table[self.run_id]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the lock passes to it
+                return
+        del self.table[self.run_id]

@@ -29,10 +29,12 @@ import redis.asyncio as aioredis
 
 from flowdsl.kernel import END_STATES
 from flowdsl.runtime.execute import json_problem
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
-from flowdsl.runtime.redis.scripts import SUBMIT, Script
+from flowdsl.runtime.redis.scripts import SUBMIT, Batcher, Script
 from flowdsl.runtime.redis.store import Store, dumps, loads, plan_id
+from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
+from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import RunResult
 
 __all__ = ["RedisClient", "RunInfo", "RunNotFound", "Submission"]
@@ -118,7 +120,11 @@ class RedisClient:
         self.keys = Keys(resolve_prefix(prefix))
         self.redis = client or connect(url, client_name="flowdsl-client")
         self._own = client is None
-        self.store = Store(self.redis, self.keys)
+        # lean connections when the URL allows (see .wire): one for every command, idle ones for follow's XREAD
+        self._url = resolve_url(url) if self._own and wire_supported(resolve_url(url)) else None
+        self.wire = WireConnection(self._url, client_name="flowdsl-client") if self._url else None
+        self._readers: list[WireConnection] = []
+        self.store = Store(self.redis, self.keys, batcher=Batcher(self.redis, wire=self.wire))
 
     async def __aenter__(self) -> RedisClient:
         return self
@@ -129,6 +135,10 @@ class RedisClient:
     async def aclose(self) -> None:
         if self._own:
             await self.redis.aclose()
+        for wire in [self.wire, *self._readers]:
+            if wire is not None:
+                await wire.aclose()
+        self._readers.clear()
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -157,10 +167,11 @@ class RedisClient:
                 "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000)]
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
         created = int(reply[0]) == 1
-        if created:
-            await self.store.call("ZADD", self.keys.runs, "NX", now, run_id)
+        writes = [self.store.call("ZADD", self.keys.runs, "NX", now, run_id)] if created else []
         if created or not reply[1]:  # new, or never started: (re)send the start request
-            await self.store.call("XADD", self.keys.control, "*", "c", dumps({"type": "start", "run_id": run_id}))
+            writes.append(self.store.call("XADD", self.keys.control, "*", "c",
+                                          dumps({"type": "start", "run_id": run_id})))
+        await asyncio.gather(*writes)  # one pipeline
         return Submission(run_id, created)
 
     async def cancel(self, run_id: str, reason: str = "cancel requested") -> str:
@@ -190,7 +201,7 @@ class RedisClient:
         await self.info(run_id)
         journal = Journal()
         for entry_id, fields in await self.store.call("XRANGE", self.keys.journal(run_id), "-", "+"):
-            journal.add(entry_id, fields)
+            journal.add(entry_id, entry_fields(fields))
         return await self._result(run_id, journal), journal
 
     async def follow(self, run_id: str, *, on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
@@ -204,6 +215,20 @@ class RedisClient:
         check_run_id(run_id)
         await self.info(run_id)
         journal = Journal()
+        reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
+            if self._url else None
+        try:
+            await self._follow(run_id, journal, reader, on_event, on_notice, timeout_s, hint_after_s)
+        finally:
+            if reader is not None:
+                self._readers.append(reader)
+        result = await self._result(run_id, journal)
+        assert result is not None
+        return result
+
+    async def _follow(self, run_id: str, journal: Journal, reader: WireConnection | None,
+                      on_event: EventHook | None, on_notice: NoticeHook | None, timeout_s: float | None,
+                      hint_after_s: float) -> None:
         key = self.keys.journal(run_id)
         t0 = time.monotonic()
         hinted = False
@@ -212,7 +237,11 @@ class RedisClient:
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s")
             try:
-                reply = await self.redis.xread({key: journal.last_id}, count=1000, block=500)
+                if reader is None:
+                    reply = await self.redis.xread({key: journal.last_id}, count=1000, block=500)
+                else:
+                    reply = stream_entries(await reader.blocking(
+                        ("XREAD", "COUNT", 1000, "BLOCK", 500, "STREAMS", key, journal.last_id), 500))
                 backoff.reset()
             except TRANSIENT as exc:
                 if backoff.failures == 0 and on_notice is not None:
@@ -230,9 +259,6 @@ class RedisClient:
                         "no worker process is connected to this Redis under this prefix; start one with "
                         "`flowdsl worker`" if not live else f"{len(live)} worker process(es) are busy or not serving "
                         "this run's steps"))
-        result = await self._result(run_id, journal)
-        assert result is not None
-        return result
 
     async def runs(self, *, limit: int = 20, status: str | None = None, flow: str | None = None) -> list[RunInfo]:
         """Recent runs, newest first, optionally only those with ``status`` or of ``flow``."""
@@ -273,15 +299,15 @@ class RedisClient:
         return live
 
     async def _result(self, run_id: str, journal: Journal) -> RunResult | None:
-        state_raw, plan_raw = await self.store.call("HMGET", self.keys.run(run_id), "state", "plan")
-        if state_raw is None or plan_raw is None:
+        state_raw, pid = await self.store.call("HMGET", self.keys.run(run_id), "state", "pid")
+        plan = None if state_raw is None or pid is None else await self.store.plan(run_id, pid.decode())
+        if state_raw is None or plan is None:
             return None
         state = loads(state_raw)
         wall = None
         if state.get("finished_at") is not None:
             wall = float(state["finished_at"] - state["started_at"])
-        return RunResult.from_state(loads(plan_raw), state, journal.events, wall_ms=wall,
-                                    llm_calls=journal.llm_calls())
+        return RunResult.from_state(plan, state, journal.events, wall_ms=wall, llm_calls=journal.llm_calls())
 
 
 def _int(raw: bytes | None) -> int | None:

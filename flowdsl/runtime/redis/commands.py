@@ -21,7 +21,7 @@ from typing import Any
 
 from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, resolve_url
-from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions
+from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
 
 __all__ = ["EXIT_USAGE", "cancel_command", "run_command", "run_events", "runs_command", "status_command",
@@ -160,7 +160,8 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected[/]")
         return 0
 
-    return _guarded(console, url, body)
+    with serving_gc():
+        return _guarded(console, url, body)
 
 
 # --- flowdsl status / runs / cancel -------------------------------------------------------------

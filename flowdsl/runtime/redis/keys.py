@@ -15,7 +15,8 @@ Redis Cluster slot and every transition script touches a single slot::
                                                ev (the emitted events), or note (a runtime record)
     <prefix>:run:{<run_id>}:tasks      hash    task id -> lease: q | r:<token> | xq | xr:<token>
     <prefix>:run:{<run_id>}:outbox     hash    version -> the commands of that transition not yet
-                                               carried out (JSON)
+                                               carried out (JSON); s:<task id> -> the dispatch message
+                                               of a task its dispatching process runs itself
 
 Shared — under the ``{<prefix>}`` hash tag (one slot, so one XREADGROUP can
 block on every queue and one script can move timers between the two sets)::
@@ -38,6 +39,7 @@ contains ``|``.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 __all__ = ["DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "Keys", "TimerMember", "check_run_id"]
@@ -126,6 +128,14 @@ class Keys:
         """The stream a dispatch command goes to."""
         worker = command.get("worker")
         return self.queue(None if command.get("kind") == "llm" or not worker else str(worker))
+
+    @staticmethod
+    def trigger(stream: str, entry_id: str) -> str:
+        """The name of one stream entry as a trigger: ``<entry id>@<crc32 of the stream>``.
+
+        It begins every lease token taken under that entry (``<trigger>|<consumer>|<nonce>``), so whoever takes
+        the entry over finds the tasks held under it; entry ids alone can repeat across streams."""
+        return f"{entry_id}@{zlib.crc32(stream.encode()):08x}"
 
     # --- timers ------------------------------------------------------------------------
 

@@ -27,9 +27,12 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CLAIM_TIMERS", "PICKUP", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher", "Script"]
+__all__ = ["CLAIM_TIMERS", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher", "Script"]
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`.
+#: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease> <message>`` (a task the calling process runs
+#: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
+#: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled).
 #: Returns {1, new version, {task ids cancelled while queued}} | {2, version, state} (version conflict)
 #: | {3, version, lease} (guard failed) | {4, version} (this token was applied already) | {5} (no such run)
 #: | {6, version} (the run exists: creation refused).
@@ -72,8 +75,13 @@ for _ = 1, tonumber(ARGV[13]) do
   local op, tid = ARGV[i], ARGV[i + 1]
   if op == 's' then
     redis.call('HSET', tasks, tid, ARGV[i + 2])
+  elseif op == 'c' then
+    redis.call('HSET', tasks, tid, ARGV[i + 2])
+    redis.call('HSET', outbox, 's:' .. tid, ARGV[i + 3])
+    i = i + 1
   elseif op == 'd' then
     redis.call('HDEL', tasks, tid)
+    redis.call('HDEL', outbox, 's:' .. tid)
   else
     local cur = redis.call('HGET', tasks, tid)
     if cur == 'q' then
@@ -100,10 +108,12 @@ end
 return {1, newv, cancelled}
 """
 
-#: KEYS: tasks, outbox (one run). ARGV: task id, stream entry id, lease token (``<entry id>|<consumer>|<nonce>``),
+#: KEYS: tasks, outbox (one run). ARGV: task id, trigger (:meth:`~flowdsl.runtime.redis.keys.Keys.trigger` of the
+#: delivery), lease token (``<trigger>|<consumer>|<nonce>``),
 #: the outbox version that dispatched the task ('' if unknown): its relay is done (the message exists), so that
 #: outbox entry is dropped. Returns {0} gone (not in flight) | {1} run it | {2} answer task_cancelled (cancel
-#: requested before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery).
+#: requested before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery). A lease
+#: taken under the same trigger (the delivery was taken over) is taken over.
 PICKUP = r"""
 if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
@@ -118,8 +128,9 @@ if v == 'xq' then
 end
 local pre = 'r:'
 if string.sub(v, 1, 3) == 'xr:' then pre = 'xr:' end
-local held = string.sub(v, #pre + 1)
-if string.match(held, '^([^|]*)') == ARGV[2] then
+local first = string.match(string.sub(v, #pre + 1), '^([^|]*)')
+-- held under this trigger; or under its bare entry id (the token of a version before triggers named streams)
+if first == ARGV[2] or string.sub(ARGV[2], 1, #first + 1) == first .. '@' then
   redis.call('HSET', KEYS[1], ARGV[1], pre .. ARGV[3])
   if pre == 'xr:' then return {2} end
   return {1}
@@ -156,6 +167,41 @@ while i <= #ARGV do
   end
 end
 return 1
+"""
+
+#: KEYS: tasks, outbox (one run). ARGV: the trigger being taken over ('' for none). Every task held under that
+#: trigger (a lease ``r:<trigger>|…``, its holder presumed dead) is queued again (``q``; ``xq`` if its
+#: cancellation was requested). Returns the outbox to relay as ``{field, value, …}``: every transition's entry
+#: (field = version) and the kept message of every self-run task now queued (field ``s:<task>``).
+RECOVER = r"""
+local tasks, outbox, trigger = KEYS[1], KEYS[2], ARGV[1]
+if trigger ~= '' then
+  local held, xheld = 'r:' .. trigger .. '|', 'xr:' .. trigger .. '|'
+  local all = redis.call('HGETALL', tasks)
+  for i = 1, #all, 2 do
+    local v = all[i + 1]
+    if string.sub(v, 1, #held) == held then
+      redis.call('HSET', tasks, all[i], 'q')
+    elseif string.sub(v, 1, #xheld) == xheld then
+      redis.call('HSET', tasks, all[i], 'xq')
+    end
+  end
+end
+local out = {}
+local entries = redis.call('HGETALL', outbox)
+for i = 1, #entries, 2 do
+  local f = entries[i]
+  local keep = true
+  if string.sub(f, 1, 2) == 's:' then
+    local v = redis.call('HGET', tasks, string.sub(f, 3))
+    keep = (v == 'q' or v == 'xq')
+  end
+  if keep then
+    table.insert(out, f)
+    table.insert(out, entries[i + 1])
+  end
+end
+return out
 """
 
 #: KEYS: tasks. ARGV: task id, lease token. Hands a held task back (``q`` again). Returns 1, or 0 if not held.
@@ -219,6 +265,10 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
+    async def load(self, batcher: Batcher) -> None:
+        """Load the script into the server's script cache (so that the first calls find it)."""
+        await batcher.call("SCRIPT", "LOAD", self.source)
+
     async def __call__(self, batcher: Batcher, keys: list[str], args: list[Any]) -> Any:
         try:
             return await batcher.call("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -259,6 +309,8 @@ class Batcher:
         self._scheduled = False
         while self._queue and self._inflight < self.parallel:
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            if self.wire is not None and self.wire.send([args for args, _ in batch], [f for _, f in batch]):
+                continue  # written: the connection resolves the futures as the replies arrive
             self._inflight += 1
             asyncio.get_running_loop().create_task(self._send(batch))
 

@@ -12,7 +12,10 @@ the same script that writes the state and the journal entry, then *relayed*
 to the shared streams and timer set, and only then is the trigger of the
 transition (a task's stream entry, a timer claim, a control request)
 acknowledged. A process that dies in between leaves the trigger pending; whoever
-takes it over relays the outbox first (:meth:`Store.outbox`).
+takes it over relays the outbox first (:meth:`Store.outbox`). A task the
+transition gives to the calling process itself (self-dispatch) is not relayed:
+its message is kept in the outbox (``s:<task id>``) while it is in flight, and
+relayed only if the trigger it was held under is taken over.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flowdsl.runtime.redis.keys import GROUP, Keys
-from flowdsl.runtime.redis.scripts import CLAIM_TIMERS, PICKUP, RELAY, RELEASE, TRANSITION, Batcher, Script
+from flowdsl.runtime.redis.scripts import CLAIM_TIMERS, PICKUP, RECOVER, RELAY, RELEASE, TRANSITION, Batcher, Script
 
 try:  # an optional, faster codec for the state and messages; the bytes are JSON either way
     import orjson as _orjson
@@ -40,6 +43,7 @@ _TRANSITION = Script("transition", TRANSITION)
 _PICKUP = Script("pickup", PICKUP)
 _RELEASE = Script("release", RELEASE)
 _RELAY = Script("relay", RELAY)
+_RECOVER = Script("recover", RECOVER)
 _CLAIM = Script("claim_timers", CLAIM_TIMERS)
 
 
@@ -143,6 +147,12 @@ class Store:
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self.batcher.call(*args)
 
+    async def load_scripts(self) -> None:
+        """Load every script a worker runs into the server's cache (after a restart they are loaded again
+        on first use: ``NOSCRIPT``)."""
+        await asyncio.gather(*(s.load(self.batcher) for s in (_TRANSITION, _PICKUP, _RELEASE, _RELAY, _RECOVER,
+                                                               _CLAIM)))
+
     # --- runs --------------------------------------------------------------------------
 
     async def plan(self, run_id: str, pid: str) -> dict[str, Any] | None:
@@ -192,7 +202,8 @@ class Store:
         task must be held under lease token ``value``, or no longer be in
         flight), ``strict`` (held under ``value``) or ``eq`` (its lease value
         equals ``value``); ``note`` is journaled when a ``lease`` guard fails;
-        ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark cancelled.
+        ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark cancelled; or ``(c, task id, lease,
+        message)``: a task the caller runs itself, held at once, its message kept for recovery.
         """
         gid, mode, want = guard or ("", "", "")
         args: list[Any] = [expected, state, token, input_event, events, status, outbox or b"", gid, mode, want,
@@ -216,16 +227,19 @@ class Store:
 
     # --- tasks ---------------------------------------------------------------------------
 
-    async def pickup(self, run_id: str, task_id: str, entry_id: str, token: str,
+    async def pickup(self, run_id: str, task_id: str, trigger: str, token: str,
                      outbox_version: str = "") -> tuple[int, str]:
         """Take a task's lease: (0 gone | 1 run | 2 answer cancelled | 3 duplicate, lease value).
+
+        ``trigger`` names the delivery (:meth:`Keys.trigger`); a lease taken under the same trigger (the
+        delivery was taken over from its dead holder) is taken over.
 
         ``outbox_version`` (the message's ``v``) names the outbox entry that
         dispatched the task: the message exists, so that entry's relay is done and
         it is dropped here — a chain of steps pays no separate outbox cleanup.
         """
         reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id)],
-                              [task_id, entry_id, token, outbox_version])
+                              [task_id, trigger, token, outbox_version])
         return int(reply[0]), (reply[1].decode() if len(reply) > 1 and reply[1] else "")
 
     async def leases(self, held: list[tuple[str, str]]) -> list[str]:
@@ -282,12 +296,21 @@ class Store:
         if run_id is not None and version is not None and not tasks:  # only once the relay is done
             await self.call("HDEL", self.keys.outbox(run_id), version)
 
-    async def outbox(self, run_id: str) -> list[tuple[int, list[dict[str, Any]]]]:
-        """The run's outbox entries not yet relayed, oldest first."""
-        raw = await self.call("HGETALL", self.keys.outbox(run_id))
-        items = [(int(k), loads(v)) for k, v in (raw or {}).items()] if isinstance(raw, dict) else \
-            [(int(raw[i]), loads(raw[i + 1])) for i in range(0, len(raw or []), 2)]
-        return sorted(items, key=lambda kv: kv[0])
+    async def outbox(self, run_id: str, trigger: str = "") -> list[tuple[int | None, list[dict[str, Any]]]]:
+        """What a process that died left to relay for the run: its outbox entries, oldest first, then the
+        messages of self-run tasks queued again. ``trigger`` (a delivery being taken over) first queues
+        again every task held under it (the RECOVER script); its messages are then among those returned."""
+        raw = await _RECOVER(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id)], [trigger])
+        entries: list[tuple[int, list[dict[str, Any]]]] = []
+        queued: list[dict[str, Any]] = []
+        for i in range(0, len(raw), 2):
+            field, value = raw[i].decode(), raw[i + 1]
+            if field.startswith("s:"):
+                queued.append({"o": "task", "q": self.keys.queue_of(loads(value)), "raw": value, "v": ""})
+            else:
+                entries.append((int(field), loads(value)))
+        entries.sort(key=lambda kv: kv[0])
+        return [*entries, *((None, [op]) for op in queued)]
 
     # --- timers --------------------------------------------------------------------------------
 

@@ -1,14 +1,16 @@
-"""A lean asyncio Redis connection for the worker's hot path: pipelined commands on one socket.
+"""A lean asyncio Redis connection for the runtime's hot path: pipelined commands on one socket.
 
 Stage: runtime: redis. Imports redis (for its URL parser and error classes)
 and stdlib; hiredis when it is installed (its C reply parser and command
 packer; a pure-Python RESP2 parser and packer otherwise).
 
 Why: redis-py's asyncio client spends ~200 µs of CPU per round trip and packs
-every argument in Python; a worker makes three round trips per step. This
-connection writes a whole batch of commands with one ``write`` and matches the
-replies, in order, to futures — the :class:`~flowdsl.runtime.redis.scripts.Batcher`
-uses it for every command of a worker. Replies are raw RESP2 (bulk strings as
+every argument in Python. This connection writes a whole batch of commands with
+one ``write`` and hands each reply, in order, to its future —
+the :class:`~flowdsl.runtime.redis.scripts.Batcher` of workers and clients uses
+it for every command (:meth:`WireConnection.send`: no task or extra future per
+command), and blocking reads (``XREADGROUP``, ``XREAD``) get one of their own
+(:meth:`WireConnection.blocking`). Replies are raw RESP2 (bulk strings as
 bytes, arrays as lists, errors as ``redis.ResponseError`` instances).
 Connection loss fails the commands in flight with ``ConnectionError``; the
 next batch reconnects. TLS (``rediss://``) is not handled here: the
@@ -30,12 +32,25 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     _hiredis = None
 
-__all__ = ["WireConnection", "supported"]
+__all__ = ["WireConnection", "entry_fields", "stream_entries", "supported"]
 
 
 def supported(url: str) -> bool:
     """Whether this connection can serve ``url`` (plain TCP or a unix socket; TLS goes through redis-py)."""
     return url.startswith(("redis://", "unix://"))
+
+
+def entry_fields(raw: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict (raw replies give a flat list; a deleted entry gives nothing)."""
+    if isinstance(raw, list):
+        return dict(zip(raw[::2], raw[1::2], strict=True))
+    return raw or {}
+
+
+def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """An ``XREAD``/``XREADGROUP`` reply as ``[(stream, [(entry id, fields)])]`` (nothing on a timeout)."""
+    return [(stream, [(entry_id, entry_fields(fields)) for entry_id, fields in entries])
+            for stream, entries in reply or ()]
 
 
 def _error(message: str) -> ResponseError:
@@ -55,9 +70,9 @@ def _encode(arg: Any) -> bytes:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…``."""
+    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…`` (bytes, str, int and float arguments)."""
     if _hiredis is not None:
-        return _hiredis.pack_command(tuple(_encode(a) for a in args))
+        return _hiredis.pack_command(args)  # encodes str (UTF-8), int and float itself, as _encode does
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _encode(arg)
@@ -124,7 +139,8 @@ class _PyReader:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader: Any = _hiredis.Reader(replyError=_error) if _hiredis is not None else _PyReader()
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        # a future per command sent, in order; True: an error reply is raised by it, else it is its result
+        self.waiting: deque[tuple[asyncio.Future[Any], bool]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
 
@@ -138,14 +154,18 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 return
             if self.waiting:
-                future = self.waiting.popleft()
-                if not future.done():
+                future, raises = self.waiting.popleft()
+                if future.done():
+                    continue
+                if raises and isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
                     future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = redis.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(self.lost)
 
@@ -198,7 +218,7 @@ class WireConnection:
     async def _send(protocol: _Protocol, commands: list[tuple[Any, ...]]) -> list[Any]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
-        protocol.waiting.extend(futures)
+        protocol.waiting.extend((f, False) for f in futures)
         assert protocol.transport is not None
         protocol.transport.write(b"".join(pack(c) for c in commands))
         return list(await asyncio.gather(*futures))
@@ -209,6 +229,30 @@ class WireConnection:
         if protocol is None or protocol.lost is not None:
             protocol = await self._connect()
         return await self._send(protocol, commands)
+
+    async def blocking(self, command: tuple[Any, ...], block_ms: int) -> Any:
+        """Run one blocking command (``XREAD … BLOCK``) on this connection, which it holds meanwhile: its
+        reply, or its error raised. A connection silent 15 s past the block time is closed as dead."""
+        try:
+            (reply,) = await asyncio.wait_for(self.execute([command]), block_ms / 1000 + 15)
+        except TimeoutError:
+            await self.aclose()
+            raise redis.TimeoutError(f"no answer from Redis to {command[0]}") from None
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def send(self, commands: list[tuple[Any, ...]], futures: list[asyncio.Future[Any]]) -> bool:
+        """Write ``commands`` now, in one write, if connected: each future gets its reply (an error reply is
+        raised by it; a lost connection fails every one). False, with nothing sent, when not connected:
+        use :meth:`execute` (which connects). No task and no extra future per command: the hot path."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or protocol.transport is None or \
+                protocol.transport.is_closing():
+            return False
+        protocol.waiting.extend((f, True) for f in futures)
+        protocol.transport.write(b"".join([pack(c) for c in commands]))
+        return True
 
     async def aclose(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

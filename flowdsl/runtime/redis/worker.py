@@ -12,17 +12,17 @@ of them, on any number of machines, share the work through consumer groups:
   :func:`flowdsl.runtime.execute.execute`, and applies the answer through the
   kernel with a lease guard, so a result from a worker that lost its lease is
   rejected and journaled; the stream entry is acknowledged (and deleted) only
-  after the transition and its relay are written.
-- **heartbeat** — every lease/3: renews the stream lease of every entry this
-  process holds (``XCLAIM … JUSTID`` resets the idle time) while its task lease
-  is still ours; notices cancellations it missed; records liveness.
-- **reclaimer** — ``XAUTOCLAIM`` of entries idle longer than the lease (their
-  holder died, hung or lost its network): they run again here, with the same
-  task id and idempotency key, after the run's outbox is relayed.
-- **timers** — claims due timers (server clock) and fires them; a claim whose
-  firer died is re-claimed after the lease.
-- **cancel listener** — pub/sub of cancelled task ids: stops the coroutine of
-  an async worker at once (a sync worker's thread runs to its end and its real
+  after the transition and its relay are written. When that transition
+  dispatches a task this process serves, the task is held here at once
+  (self-dispatch, :class:`~flowdsl.runtime.redis.advance.Chain`) and run next,
+  under the same pending entry; a run's start request does the same with its
+  first step.
+- **background loops** (:mod:`.upkeep`) — heartbeats (lease renewal,
+  liveness), the reclaimer (``XAUTOCLAIM`` of entries idle longer than the
+  lease: they run again here, with the same task id and idempotency key, after
+  the tasks held under the entry are queued again and the run's outbox is
+  relayed), timers, and the cancel listener, which stops the coroutine of an
+  async worker at once (a sync worker's thread runs to its end and its real
   result is reported, as in the local runtime).
 
 SIGTERM/SIGINT stop gracefully: no new work, in-flight steps get ``grace``
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -43,8 +44,7 @@ import signal
 import socket
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,19 +52,38 @@ import redis
 import redis.asyncio as aioredis
 
 from flowdsl.runtime.execute import cancellable, execute
-from flowdsl.runtime.redis.advance import Advancer, Outcome
+from flowdsl.runtime.redis.advance import Advancer, Chain, Outcome
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
-from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
+from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import Batcher
 from flowdsl.runtime.redis.store import Clock, Store, dumps, loads
-from flowdsl.runtime.redis.wire import WireConnection
+from flowdsl.runtime.redis.upkeep import Upkeep
+from flowdsl.runtime.redis.wire import WireConnection, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.workers import WorkerRegistry
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["RedisWorker", "WorkerOptions", "WorkerStats"]
+__all__ = ["RedisWorker", "WorkerOptions", "WorkerStats", "serving_gc"]
 
 log = logging.getLogger("flowdsl.redis")
+
+
+@contextlib.contextmanager
+def serving_gc() -> Iterator[None]:
+    """Collect cyclic garbage less often while a worker process serves (``flowdsl worker`` does this).
+
+    A step allocates a few hundred objects, nearly all freed by reference counting; with the default
+    thresholds the collector took ~15 % of a busy worker's CPU, most of it full collections walking its cache
+    of run states. Inside: what exists now (the imports) is frozen, never walked again, and collections run
+    about 15 times less often. The previous settings are restored on exit."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 @dataclass
@@ -100,26 +119,32 @@ class WorkerStats:
     handed_back: int = 0
     transitions: int = 0
     conflicts: int = 0
+    chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
 
 
 @dataclass
 class _Held:
+    """A stream entry this process holds, and the task it runs under it (the entry's own, or one it
+    dispatched to itself since: a chain of steps of one run under one trigger)."""
+
     stream: str
     entry_id: str
     run_id: str
     task_id: str
     token: str
     command: dict[str, Any]
-    raw: bytes
+    raw: bytes | None  # the task's message as delivered (None for a self-dispatched task)
     outbox_version: str
+    trigger: str = ""
     picked: bool = False
     cancel: bool = False
     hand_back: bool = False
     lost: bool = False
-    exec_task: asyncio.Future[dict[str, Any]] | None = field(default=None, repr=False)
+    handler: asyncio.Task[Any] | None = field(default=None, repr=False)  # the task running it, while it runs
+    interrupted: bool = False  # we cancelled the handler to stop the worker (cancel request, hand-back)
 
 
-class RedisWorker:
+class RedisWorker(Upkeep):
     """One worker process. ``await RedisWorker(url, prefix=...).serve()`` runs until stopped.
 
     ``registry`` (default: the process-wide one) decides which task streams are
@@ -136,6 +161,7 @@ class RedisWorker:
         self.stats = WorkerStats(name=self.name)
         self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
             [self.keys.queue(w) for w in sorted(self.registry.names())]
+        self._task_streams = frozenset(self.streams[1:])
         self.lease_ms = max(100, int(self.options.lease_s * 1000))
         self._held: dict[tuple[str, str], _Held] = {}
         self._by_task: dict[str, _Held] = {}
@@ -162,6 +188,8 @@ class RedisWorker:
         reader = connect(self.url, client_name=f"flowdsl-reader:{self.name}")
         url = resolve_url(self.url)
         self.wire = WireConnection(url, client_name=f"flowdsl-worker:{self.name}") if wire_supported(url) else None
+        # the blocking XREADGROUP gets a lean connection of its own (a blocked connection serves nothing else)
+        reader_wire = WireConnection(url, client_name=f"flowdsl-reader:{self.name}") if self.wire else None
         self.store = Store(self.client, self.keys, batcher=Batcher(self.client, wire=self.wire))
         self.clock = Clock()
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
@@ -171,7 +199,7 @@ class RedisWorker:
         loops: list[asyncio.Task[None]] = []
         try:
             await self._retrying("connecting", self._setup)
-            loops = [asyncio.create_task(self._reader(reader), name="reader"),
+            loops = [asyncio.create_task(self._reader(reader, reader_wire), name="reader"),
                      asyncio.create_task(self._timers(), name="timers"),
                      asyncio.create_task(self._heartbeat(), name="heartbeat"),
                      asyncio.create_task(self._reclaimer(), name="reclaimer"),
@@ -189,8 +217,9 @@ class RedisWorker:
                 await self.client.hdel(self.keys.workers, self.name)
             await reader.aclose()
             await self.client.aclose()
-            if self.wire is not None:
-                await self.wire.aclose()
+            for wire in (self.wire, reader_wire):
+                if wire is not None:
+                    await wire.aclose()
         self.stats.transitions = self.advancer.transitions
         self.stats.conflicts = self.advancer.conflicts
         return self.stats
@@ -211,6 +240,7 @@ class RedisWorker:
     async def _setup(self) -> None:
         assert self.client is not None
         await self.clock.sync(self.client)
+        await self.store.load_scripts()
         for stream in self.streams:
             try:
                 await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -263,7 +293,17 @@ class RedisWorker:
 
     # --- reading ------------------------------------------------------------------------
 
-    async def _reader(self, reader: aioredis.Redis) -> None:
+    async def _read(self, reader: aioredis.Redis, wire: WireConnection | None, count: int,
+                    block: int) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """One ``XREADGROUP`` of new entries on every stream served: [(stream, [(entry id, fields)])]."""
+        if wire is None:
+            return await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
+                                           block=block) or []
+        return stream_entries(await wire.blocking(("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK",
+                                                   block, "STREAMS", *self.streams, *[">"] * len(self.streams)),
+                                                  block))
+
+    async def _reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
         assert self._room is not None
         backoff = Backoff()
         block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
@@ -274,8 +314,7 @@ class RedisWorker:
                 await self._room.wait()
                 continue
             try:
-                reply = await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=free,
-                                                block=block)
+                reply = await self._read(reader, wire, free, block)
                 backoff.reset()
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): make the groups again
@@ -305,14 +344,27 @@ class RedisWorker:
             if raw is None:  # not a task message: drop it
                 coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id)])
             else:
-                command = loads(raw)
-                held = _Held(stream, entry_id, command["run_id"], command["task_id"],
-                             f"{entry_id}|{self.name}|{secrets.token_hex(3)}", command, raw,
-                             (fields.get(b"v") or b"").decode())
-                self._held[(stream, entry_id)] = held
-                self._by_task[held.task_id] = held
+                held = self._hold(stream, entry_id, loads(raw), raw, (fields.get(b"v") or b"").decode())
                 coro = self._task(held, recover)
         self._track(coro)
+
+    def _hold(self, stream: str, entry_id: str, command: dict[str, Any], raw: bytes | None,
+              outbox_version: str) -> _Held:
+        trigger = Keys.trigger(stream, entry_id)
+        held = _Held(stream, entry_id, command["run_id"], command["task_id"],
+                     f"{trigger}|{self.name}|{secrets.token_hex(3)}", command, raw, outbox_version, trigger)
+        self._held[(stream, entry_id)] = held
+        self._by_task[held.task_id] = held
+        return held
+
+    def _unhold(self, held: _Held) -> None:
+        self._held.pop((held.stream, held.entry_id), None)
+        if self._by_task.get(held.task_id) is held:
+            del self._by_task[held.task_id]
+
+    def _serves(self, command: dict[str, Any]) -> bool:
+        """Whether this process runs a dispatched task itself (self-dispatch) rather than queue it."""
+        return not self._stopping and self.keys.queue_of(command) in self._task_streams
 
     def _track(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -337,14 +389,14 @@ class RedisWorker:
         except (KeyError, ValueError, TypeError):
             await self.advancer.relay(None, None, ack)
             return
+        trigger = Keys.trigger(self.keys.control, entry_id)
         while True:
             try:
                 if msg.get("type") == "start":
-                    if await self.advancer.start(run_id, ack=ack, recover=recover) == Outcome.APPLIED:
-                        self.stats.runs_started += 1
+                    await self._start(run_id, entry_id, trigger, ack, recover)
                 elif msg.get("type") == "cancel":
                     event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
-                    await self.advancer.apply_event(run_id, event, ack=ack, recover=recover)
+                    await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
                 else:
                     await self.advancer.relay(None, None, ack)
                 return
@@ -354,9 +406,35 @@ class RedisWorker:
                 recover = True
                 await Backoff().wait()
 
+    async def _start(self, run_id: str, entry_id: str, trigger: str, ack: list[dict[str, Any]],
+                     recover: bool) -> None:
+        """Start a run; with a free slot, run its first step here at once, under the control entry."""
+        assert self._slots is not None
+        chain = None
+        if not self._slots.locked() and not self._stopping:
+            await self._slots.acquire()  # free: returns at once
+            chain = Chain(f"{trigger}|{self.name}|{secrets.token_hex(3)}", self._serves)
+        try:
+            if await self.advancer.start(run_id, ack=ack, recover=recover, trigger=trigger,
+                                         chain=chain) == Outcome.APPLIED:
+                self.stats.runs_started += 1
+            if chain is None or chain.command is None:
+                return
+            self.stats.chained += 1
+            held = self._hold(self.keys.control, entry_id, chain.command, None, "")
+            held.token = chain.token
+            try:
+                await self._serve(held, ack, 1)
+            except TRANSIENT:
+                pass  # Redis went away mid-way and we are stopping: the entry is reclaimed after the lease
+            finally:
+                self._unhold(held)
+        finally:
+            if chain is not None:
+                self._slots.release()
+
     async def _task(self, held: _Held, recover: bool) -> None:
         assert self._slots is not None
-        key = (held.stream, held.entry_id)
         try:
             async with self._slots:
                 if self._stopping:
@@ -366,9 +444,7 @@ class RedisWorker:
         except TRANSIENT:
             pass  # Redis went away mid-way and we are stopping: the entry is reclaimed after the lease
         finally:
-            self._held.pop(key, None)
-            if self._by_task.get(held.task_id) is held:
-                del self._by_task[held.task_id]
+            self._unhold(held)
 
     async def _run_task(self, held: _Held, recover: bool) -> None:
         ack = [self.store.ack_op(held.stream, held.entry_id)]
@@ -377,8 +453,8 @@ class RedisWorker:
         while True:
             try:
                 if recover:
-                    await self.advancer.recover(held.run_id)
-                code, _ = await self.store.pickup(held.run_id, held.task_id, held.entry_id, held.token,
+                    await self.advancer.recover(held.run_id, held.trigger)
+                code, _ = await self.store.pickup(held.run_id, held.task_id, held.trigger, held.token,
                                                   held.outbox_version)
                 break
             except TRANSIENT:
@@ -391,24 +467,55 @@ class RedisWorker:
             self.stats.dropped += 1
             await self.advancer.relay(None, None, ack)
             return
+        await self._serve(held, ack, code)
+
+    async def _serve(self, held: _Held, ack: list[dict[str, Any]], code: int) -> None:
+        """Run the held task (``code`` 2: answer it cancelled) and report its outcome; while the transition
+        hands this process the run's next task (self-dispatch), run that one too, under the same entry."""
         held.picked = True
-        if code == 2 or held.cancel:
-            event: dict[str, Any] = {"type": "task_cancelled", "task_id": held.task_id}
-        else:
-            self.stats.tasks += 1
-            held.exec_task = asyncio.ensure_future(execute(held.command, registry=self.registry, lm=self.options.lm))
-            if held.cancel and cancellable(held.command, self.registry):
-                held.exec_task.cancel()
-            try:
-                event = await held.exec_task
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                if held.hand_back:
-                    await self._hand_back(held)
-                    return
-                event = {"type": "task_cancelled", "task_id": held.task_id}
+        while True:
+            event = await self._execute(held, code == 2)
+            if event is None:
+                return  # handed back
+            chain = None if self._stopping else Chain(held.token, self._serves)
+            await self._report(held, event, ack, chain)
+            if chain is None or chain.command is None:
+                return  # the entry was acknowledged with the transition's relay
+            self.stats.chained += 1
+            if self._by_task.get(held.task_id) is held:
+                del self._by_task[held.task_id]
+            held.task_id, held.command, held.raw, held.outbox_version = chain.command["task_id"], chain.command, \
+                None, ""
+            held.cancel, code = False, 1
+            self._by_task[held.task_id] = held
+            if self._stopping:
+                await self._hand_back(held)  # held already: give it to another process at once
+                return
+
+    async def _execute(self, held: _Held, cancelled: bool) -> dict[str, Any] | None:
+        """The input event answering the held task, or None when it was handed back (graceful stop)."""
+        if cancelled or held.cancel:
+            return {"type": "task_cancelled", "task_id": held.task_id}
+        self.stats.tasks += 1
+        # the worker runs in this handler's own task (no task of its own: no extra turns of the loop); to stop
+        # it, _interrupt cancels the handler while it is here, and the cancellation is taken back below
+        held.handler = asyncio.current_task()
+        try:
+            return await execute(held.command, registry=self.registry, lm=self.options.lm)
+        except asyncio.CancelledError:
+            handler, held.handler = held.handler, None  # from here on, nothing more to interrupt
+            if not held.interrupted or handler is None or handler.uncancel() > 0:
+                raise  # cancelled from outside (stopping at once)
+            held.interrupted = False
+            if held.hand_back:
+                await self._hand_back(held)
+                return None
+            return {"type": "task_cancelled", "task_id": held.task_id}
+        finally:
+            held.handler = None
+
+    async def _report(self, held: _Held, event: dict[str, Any], ack: list[dict[str, Any]],
+                      chain: Chain | None) -> None:
         mode = "strict" if event["type"] == "task_cancelled" else "lease"
         note = {"type": "result_rejected", "reason": "lease_lost", "run_id": held.run_id, "task_id": held.task_id,
                 "result_type": event["type"], "worker": self.name,
@@ -419,7 +526,7 @@ class RedisWorker:
                 outcome = await self.advancer.apply_event(held.run_id, dict(event),
                                                           guard=(held.task_id, mode, held.token),
                                                           note=note if mode == "lease" else None, ack=ack,
-                                                          recover=backoff.failures > 0)
+                                                          recover=backoff.failures > 0, chain=chain)
                 break
             except TRANSIENT:
                 await backoff.wait()
@@ -431,165 +538,23 @@ class RedisWorker:
         """Give a task back: release its lease, queue its message again, acknowledge this delivery."""
         if held.picked:
             await self.store.release(held.run_id, held.task_id, held.token)
-        await self.advancer.relay(None, None, [{"o": "task", "q": held.stream, "raw": held.raw,
+        raw = held.raw if held.raw is not None else dumps(held.command)
+        await self.advancer.relay(None, None, [{"o": "task", "q": self.keys.queue_of(held.command), "raw": raw,
                                                 "v": held.outbox_version},
                                                self.store.ack_op(held.stream, held.entry_id)])
         self.stats.handed_back += 1
 
     def _cancel_requested(self, held: _Held) -> None:
         held.cancel = True
-        if held.exec_task is not None and not held.exec_task.done() and cancellable(held.command, self.registry):
-            held.exec_task.cancel()
+        if cancellable(held.command, self.registry):
+            self._interrupt(held)
 
-    # --- background loops ---------------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        interval = max(0.05, self.options.lease_s / 3)
-        while not self._stopping:
-            await asyncio.sleep(interval)
-            try:
-                await self._renew()
-                await self._liveness()
-                if self.clock.stale():
-                    assert self.client is not None
-                    await self.clock.sync(self.client)
-            except TRANSIENT as exc:
-                log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
-
-    async def _renew(self) -> None:
-        held = list(self._held.values())
-        picked = [h for h in held if h.picked]
-        values = await self.store.leases([(h.run_id, h.task_id) for h in picked]) if picked else []
-        renew: dict[str, list[str]] = defaultdict(list)
-        for h, value in zip(picked, values, strict=True):
-            if value == "r:" + h.token:
-                renew[h.stream].append(h.entry_id)
-            elif value == "xr:" + h.token:
-                renew[h.stream].append(h.entry_id)
-                if not h.cancel:
-                    self._cancel_requested(h)  # a cancellation whose notice was missed
-            elif value and not h.lost:
-                h.lost = True  # reclaimed by another process: stop renewing; our result will be rejected
-                log.warning("worker %s: lease of %s lost; its result will be rejected", self.name, h.task_id)
-            # no value: no longer in flight (its result is being written, or the kernel gave up on it)
-        for h in held:
-            if not h.picked:
-                renew[h.stream].append(h.entry_id)
-        assert self.client is not None
-        for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
-            await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
-
-    async def _liveness(self) -> None:
-        assert self.client is not None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": int(self.started_at * 1000),
-                  "seen": self.clock.now(), "lease_ms": self.lease_ms, "concurrency": self.options.concurrency,
-                  "workers": sorted(self.registry.names()), "llm": self.options.llm}
-        await self.store.call("HSET", self.keys.workers, self.name, dumps(record))
-
-    async def _reclaimer(self) -> None:
-        interval = max(0.05, self.options.lease_s / 4)
-        while not self._stopping:
-            await asyncio.sleep(interval)
-            free = self.options.concurrency - len(self._held)
-            if free <= 0 or self._stopping:
-                continue
-            try:
-                for stream in self.streams:
-                    start = "0-0"
-                    while free > 0 and not self._stopping:
-                        reply = await self.store.call("XAUTOCLAIM", stream, GROUP, self.name, self.lease_ms,
-                                                      start, "COUNT", free)
-                        start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-                        for entry_id, fields in reply[1]:
-                            eid = entry_id.decode()
-                            if (stream, eid) in self._held:
-                                continue
-                            free -= 1
-                            pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) \
-                                else (fields or {})
-                            self._spawn(stream, eid, pairs, recover=True)
-                        if start == "0-0":
-                            break
-            except TRANSIENT as exc:
-                log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
-
-    def _timer_armed(self, due: int) -> None:
-        if self._timer_wake is not None and due < self._next_timer:
-            self._timer_wake.set()
-
-    async def _timers(self) -> None:
-        assert self._timer_wake is not None
-        backoff = Backoff()
-        while not self._stopping:
-            try:
-                now, due, again, nxt = await self.store.claim_timers(self.lease_ms)
-                backoff.reset()
-            except TRANSIENT:
-                await backoff.wait()
-                continue
-            for raw, recover in [(m, False) for m in due] + [(m, True) for m in again]:
-                member = TimerMember.decode(raw)
-                if member is None:
-                    await self.advancer.relay(None, None, [self.store.timer_done_op(raw)])
-                    continue
-                self.stats.timers += 1
-                self._track(self._fire(member, recover))
-            if due or again:
-                continue
-            wait = self.options.timer_poll_s
-            if nxt is not None:
-                wait = min(wait, max(0.0, (nxt - now) / 1000.0))
-            self._next_timer = self.clock.now() + wait * 1000.0
-            self._timer_wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
-
-    async def _fire(self, member: TimerMember, recover: bool) -> None:
-        while True:
-            try:
-                await self.advancer.fire(member, recover=recover)
-                return
-            except TRANSIENT:
-                if self._stopping:
-                    return  # the claim expires and another process fires it
-                recover = True
-                await Backoff().wait()
-
-    async def _cancel_listener(self) -> None:
-        assert self.client is not None
-        backoff = Backoff()
-        while not self._stopping:
-            pubsub = self.client.pubsub()
-            try:
-                await pubsub.subscribe(self.keys.cancel_channel)
-                backoff.reset()
-                while not self._stopping:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-                    if message and message.get("type") == "message":
-                        held = self._by_task.get(message["data"].decode())
-                        if held is not None:
-                            self._cancel_requested(held)
-            except TRANSIENT:
-                await backoff.wait()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-
-    async def _idle(self) -> bool:
-        """Burst mode: nothing here, nothing in any stream served, no timer due soon."""
-        if self._active or self._held:
-            return False
-        lengths = await asyncio.gather(*(self.store.call("XLEN", s) for s in self.streams))
-        if any(lengths):
-            return False
-        if await self.store.call("ZCARD", self.keys.timers_claimed):
-            return False
-        first = await self.store.call("ZRANGE", self.keys.timers, 0, 0, "WITHSCORES")
-        if first:
-            due = float(first[1])
-            if due - self.clock.now() < self.options.burst_horizon_s * 1000:
-                return False
-        return not self._active
+    @staticmethod
+    def _interrupt(held: _Held) -> None:
+        """Stop the worker the held task is running, if it is running one (its handler then answers)."""
+        if held.handler is not None and not held.interrupted:
+            held.interrupted = True
+            held.handler.cancel()
 
     # --- stopping ------------------------------------------------------------------------------
 
@@ -603,8 +568,7 @@ class RedisWorker:
         if self._active:
             for held in list(self._held.values()):
                 held.hand_back = True
-                if held.exec_task is not None and not held.exec_task.done():
-                    held.exec_task.cancel()
+                self._interrupt(held)
             await asyncio.wait(set(self._active), timeout=5.0)
         for task in list(self._active):
             task.cancel()

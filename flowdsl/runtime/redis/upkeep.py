@@ -1,0 +1,228 @@
+"""The worker process's background loops: heartbeats, reclaiming, timers, cancellations, burst idleness.
+
+Stage: runtime: redis. Imports redis (through the worker's client), this
+package's ``connection``, ``keys``, ``store`` and ``wire``, and stdlib.
+:class:`Upkeep` is mixed into :class:`~flowdsl.runtime.redis.worker.RedisWorker`
+(whose attributes it uses); each loop runs as its own task while the worker
+serves and ends soon after it stops:
+
+- **heartbeat** — every lease/3: renews the stream lease of every entry the
+  process holds (``XCLAIM … JUSTID`` resets the idle time) while its task lease
+  is still its own (or it has moved on to the next task of its chain);
+  notices cancellations it missed; records liveness; resyncs the clock.
+- **reclaimer** — ``XAUTOCLAIM`` of entries idle longer than the lease: they
+  are handled here again, as taken over (``recover``).
+- **timers** — claims due timers (server clock) and fires them; a claim whose
+  firer died is re-claimed after the lease.
+- **cancel listener** — pub/sub of cancelled task ids: interrupts the held task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
+from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
+from flowdsl.runtime.redis.store import dumps
+from flowdsl.runtime.redis.wire import entry_fields
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from flowdsl.runtime.redis.advance import Advancer
+    from flowdsl.runtime.redis.store import Clock, Store
+    from flowdsl.runtime.redis.worker import WorkerOptions, WorkerStats, _Held
+    from flowdsl.workers import WorkerRegistry
+
+__all__ = ["Upkeep"]
+
+log = logging.getLogger("flowdsl.redis")
+
+
+class Upkeep:
+    """The background loops of a worker process (see the module doc); a mixin of ``RedisWorker``."""
+
+    # what the worker provides
+    name: str
+    keys: Keys
+    options: WorkerOptions
+    stats: WorkerStats
+    registry: WorkerRegistry
+    streams: list[str]
+    lease_ms: int
+    started_at: float
+    client: aioredis.Redis | None
+    store: Store
+    clock: Clock
+    advancer: Advancer
+    _held: dict[tuple[str, str], _Held]
+    _by_task: dict[str, _Held]
+    _active: set[asyncio.Task[None]]
+    _stopping: bool
+    _stopped: asyncio.Event | None
+    _timer_wake: asyncio.Event | None
+    _next_timer: float
+    _spawn: Callable[[str, str, dict[bytes, bytes], bool], None]
+    _track: Callable[[Awaitable[Any]], None]
+    _cancel_requested: Callable[[_Held], None]
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop)."""
+        assert self._stopped is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
+
+    async def _heartbeat(self) -> None:
+        interval = max(0.05, self.options.lease_s / 3)
+        while not self._stopping:
+            await self._pause(interval)
+            try:
+                await self._renew()
+                await self._liveness()
+                if self.clock.stale():
+                    assert self.client is not None
+                    await self.clock.sync(self.client)
+            except TRANSIENT as exc:
+                log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
+
+    async def _renew(self) -> None:
+        held = list(self._held.values())
+        picked = [(h, h.task_id) for h in held if h.picked]
+        values = await self.store.leases([(h.run_id, t) for h, t in picked]) if picked else []
+        renew: dict[str, list[str]] = defaultdict(list)
+        for (h, task_id), value in zip(picked, values, strict=True):
+            if h.task_id != task_id and not h.lost:
+                renew[h.stream].append(h.entry_id)  # it has moved on to the run's next task: still ours
+            elif value == "r:" + h.token:
+                renew[h.stream].append(h.entry_id)
+            elif value == "xr:" + h.token:
+                renew[h.stream].append(h.entry_id)
+                if not h.cancel:
+                    self._cancel_requested(h)  # a cancellation whose notice was missed
+            elif value and not h.lost:
+                h.lost = True  # reclaimed by another process: stop renewing; our result will be rejected
+                log.warning("worker %s: lease of %s lost; its result will be rejected", self.name, h.task_id)
+            # no value: no longer in flight (its result is being written, or the kernel gave up on it)
+        for h in held:
+            if not h.picked:
+                renew[h.stream].append(h.entry_id)
+        assert self.client is not None
+        for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
+            await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
+
+    async def _liveness(self) -> None:
+        assert self.client is not None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": int(self.started_at * 1000),
+                  "seen": self.clock.now(), "lease_ms": self.lease_ms, "concurrency": self.options.concurrency,
+                  "workers": sorted(self.registry.names()), "llm": self.options.llm}
+        await self.store.call("HSET", self.keys.workers, self.name, dumps(record))
+
+    async def _reclaimer(self) -> None:
+        interval = max(0.05, self.options.lease_s / 4)
+        while not self._stopping:
+            await self._pause(interval)
+            free = self.options.concurrency - len(self._held)
+            if free <= 0 or self._stopping:
+                continue
+            try:
+                for stream in self.streams:
+                    start = "0-0"
+                    while free > 0 and not self._stopping:
+                        reply = await self.store.call("XAUTOCLAIM", stream, GROUP, self.name, self.lease_ms,
+                                                      start, "COUNT", free)
+                        start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+                        for entry_id, fields in reply[1]:
+                            eid = entry_id.decode()
+                            if (stream, eid) in self._held:
+                                continue
+                            free -= 1
+                            self._spawn(stream, eid, entry_fields(fields), True)
+                        if start == "0-0":
+                            break
+            except TRANSIENT as exc:
+                log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
+
+    def _timer_armed(self, due: int) -> None:
+        if self._timer_wake is not None and due < self._next_timer:
+            self._timer_wake.set()
+
+    async def _timers(self) -> None:
+        assert self._timer_wake is not None
+        backoff = Backoff()
+        while not self._stopping:
+            try:
+                now, due, again, nxt = await self.store.claim_timers(self.lease_ms)
+                backoff.reset()
+            except TRANSIENT:
+                await backoff.wait()
+                continue
+            for raw, recover in [(m, False) for m in due] + [(m, True) for m in again]:
+                member = TimerMember.decode(raw)
+                if member is None:
+                    await self.advancer.relay(None, None, [self.store.timer_done_op(raw)])
+                    continue
+                self.stats.timers += 1
+                self._track(self._fire(member, recover))
+            if due or again:
+                continue
+            wait = self.options.timer_poll_s
+            if nxt is not None:
+                wait = min(wait, max(0.0, (nxt - now) / 1000.0))
+            self._next_timer = self.clock.now() + wait * 1000.0
+            self._timer_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
+
+    async def _fire(self, member: TimerMember, recover: bool) -> None:
+        while True:
+            try:
+                await self.advancer.fire(member, recover=recover)
+                return
+            except TRANSIENT:
+                if self._stopping:
+                    return  # the claim expires and another process fires it
+                recover = True
+                await Backoff().wait()
+
+    async def _cancel_listener(self) -> None:
+        assert self.client is not None
+        backoff = Backoff()
+        while not self._stopping:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.cancel_channel)
+                backoff.reset()
+                while not self._stopping:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message and message.get("type") == "message":
+                        held = self._by_task.get(message["data"].decode())
+                        if held is not None:
+                            self._cancel_requested(held)
+            except TRANSIENT:
+                await backoff.wait()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _idle(self) -> bool:
+        """Burst mode: nothing here, nothing in any stream served, no timer due soon."""
+        if self._active or self._held:
+            return False
+        lengths = await asyncio.gather(*(self.store.call("XLEN", s) for s in self.streams))
+        if any(lengths):
+            return False
+        if await self.store.call("ZCARD", self.keys.timers_claimed):
+            return False
+        first = await self.store.call("ZRANGE", self.keys.timers, 0, 0, "WITHSCORES")
+        if first:
+            due = float(first[1])
+            if due - self.clock.now() < self.options.burst_horizon_s * 1000:
+                return False
+        return not self._active
