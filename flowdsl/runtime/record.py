@@ -1,6 +1,6 @@
 """Run records: every run's events as JSON lines in ``.flowdsl/runs/<run_id>.jsonl``.
 
-Stage: runtime (shared). Imports stdlib and orjson only. The first line of a record is a
+Stage: runtime (shared). Imports stdlib and ``.codec`` only. The first line of a record is a
 header ``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run
 can be replayed through the kernel and drawn without its spec; every other line
 is one event, as the kernel emitted it or as it was fed to it.
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import orjson
+from flowdsl.runtime.codec import dumps
 
 DEFAULT_RUNS_DIR = ".flowdsl/runs"
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
@@ -32,17 +32,9 @@ def record_path(run_id: str, directory: str | Path | None = None) -> Path:
     return runs_dir(str(directory) if directory else None) / f"{run_id}.jsonl"
 
 
-_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
-#: the stdlib encoder, for what orjson refuses (integers beyond 64 bits)
-_encode_wide = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":")).encode
-
-
 def encode_line(item: dict[str, Any]) -> bytes:
     """One record line: compact JSON with sorted keys (so records diff well) and a newline."""
-    try:
-        return orjson.dumps(item, default=str, option=_OPTIONS)
-    except TypeError:
-        return (_encode_wide(item) + "\n").encode()
+    return dumps(item, sort_keys=True, default=str) + b"\n"
 
 
 class RecordError(ValueError):

@@ -12,10 +12,11 @@ from redis.crc import key_slot
 
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
 from flowdsl import compile_text
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.runtime.redis.connection import RedisConfigError, connect, describe_url, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember, check_run_id
-from flowdsl.runtime.redis.store import Store, dumps, loads
+from flowdsl.runtime.redis.store import Store
 from tests.redis.server import RedisServer
 
 SPEC = "flowdsl: 1\nname: m\nworkers: [tests.runtime.workers]\nsteps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"

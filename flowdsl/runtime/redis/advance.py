@@ -33,9 +33,10 @@ from collections.abc import Callable
 from typing import Any
 
 from flowdsl.kernel import Decision, apply, start_event, start_run
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
-from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult, dumps, loads
+from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult
 
 __all__ = ["SCHEDULE_TO_START_TIMEOUT", "Advancer", "Chain", "Outcome"]
 

@@ -28,11 +28,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flowdsl.kernel import END_STATES
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import SUBMIT, Batcher, Script
-from flowdsl.runtime.redis.store import Store, dumps, loads, plan_id
+from flowdsl.runtime.redis.store import Store, plan_id
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import RunResult

@@ -1,7 +1,7 @@
 """Reading and writing runs in Redis: load, atomic transition, task pickup, outbox relay, timers.
 
-Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys`` and
-stdlib; orjson when it is installed (a faster JSON codec; stdlib json else).
+Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys``,
+``flowdsl.runtime.codec`` (JSON bytes) and stdlib.
 It knows the data model (docs/runtime.md, "The Redis data model") but nothing
 of the kernel's semantics: :mod:`.advance` decides what to write.
 
@@ -29,15 +29,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import CLAIM_TIMERS, PICKUP, RECOVER, RELAY, RELEASE, TRANSITION, Batcher, Script
 
-try:  # an optional, faster codec for the state and messages; the bytes are JSON either way
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
-
-__all__ = ["Clock", "RunRecord", "Store", "TransitionResult", "dumps", "loads", "plan_id"]
+__all__ = ["Clock", "RunRecord", "Store", "TransitionResult", "plan_id"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _PICKUP = Script("pickup", PICKUP)
@@ -45,22 +41,6 @@ _RELEASE = Script("release", RELEASE)
 _RELAY = Script("relay", RELAY)
 _RECOVER = Script("recover", RECOVER)
 _CLAIM = Script("claim_timers", CLAIM_TIMERS)
-
-
-def dumps(value: Any) -> bytes:
-    """JSON bytes (UTF-8, compact); task messages, states and journal entries are all JSON."""
-    if _orjson is not None:
-        try:
-            return _orjson.dumps(value)
-        except TypeError:  # e.g. an int beyond 64 bits: stdlib json takes it
-            pass
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def loads(raw: bytes | str) -> Any:
-    if _orjson is not None:
-        return _orjson.loads(raw)
-    return json.loads(raw)
 
 
 def plan_id(plan: dict[str, Any]) -> str:

@@ -28,9 +28,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
-from flowdsl.runtime.redis.store import dumps
 from flowdsl.runtime.redis.wire import entry_fields
 
 if TYPE_CHECKING:

@@ -51,12 +51,13 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
 from flowdsl.runtime.redis.advance import Advancer, Chain, Outcome
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import Batcher
-from flowdsl.runtime.redis.store import Clock, Store, dumps, loads
+from flowdsl.runtime.redis.store import Clock, Store
 from flowdsl.runtime.redis.upkeep import Upkeep
 from flowdsl.runtime.redis.wire import WireConnection, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported

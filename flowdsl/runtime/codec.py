@@ -1,0 +1,32 @@
+"""JSON bytes for the runtimes: run records, Redis states, messages and journal entries.
+
+Stage: runtime (shared). Imports orjson and stdlib only. orjson is the codec;
+stdlib json takes what orjson refuses (integers beyond 64 bits, which a worker
+may return and ``json_problem`` accepts), so every JSON value round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+__all__ = ["dumps", "loads"]
+
+_SORTED = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def dumps(value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] | None = None) -> bytes:
+    """Compact UTF-8 JSON, keys sorted with ``sort_keys``; ``default`` turns what is not JSON into JSON
+    (without it, such a value raises ``TypeError``)."""
+    try:
+        return orjson.dumps(value, default=default, option=_SORTED if sort_keys else None)
+    except TypeError:  # an integer beyond 64 bits (or, without ``default``, a value that is not JSON)
+        return json.dumps(value, sort_keys=sort_keys, ensure_ascii=False, separators=(",", ":"),
+                          default=default).encode()
+
+
+def loads(raw: bytes | str) -> Any:
+    return orjson.loads(raw)
