@@ -158,6 +158,7 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         assert r.exit_code == 0 and r.stdout.strip() == "cli-2"
         again = cli("run", str(spec), "--backend", "redis", *common, "--detach", "--run-id", "cli-2")
         assert again.exit_code == 0 and "already submitted" in again.stderr
+        assert "no live worker" not in r.stderr + again.stderr  # the worker process serves every step
 
         listed = cli("runs", *common, "--format", "json")
         assert [i["run_id"] for i in json.loads(listed.stdout)] == ["cli-2", "cli-1"]
@@ -186,6 +187,26 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         assert cli("cancel", "cli-2", *common).exit_code == 1
         missing = cli("status", "nope", *common)
         assert missing.exit_code == 2 and "no run 'nope'" in missing.stderr and "Traceback" not in missing.output
+    finally:
+        procs.stop_all()
+
+
+def test_run_warns_of_steps_no_live_worker_process_serves(url: str, prefix: str, tmp_path: Path) -> None:
+    spec = tmp_path / "other.yaml"
+    spec.write_text(HEADER.format(name="other") + "steps:\n  - conf.a: {compensate: nobody.undo}\n  - nobody.b\n")
+    common = ["--redis-url", url, "--prefix", prefix]
+    args = ["run", str(spec), "--backend", "redis", *common, "--detach"]
+    alone = cli(*args, "--run-id", "w-1")  # no worker process at all: everything is unserved
+    assert alone.exit_code == 0 and alone.stdout.strip() == "w-1"
+    assert "step 'conf.a' of step 'a'" in " ".join(alone.stderr.split())
+    procs = WorkerProcs(url, prefix, ["tests.runtime.workers"])
+    try:
+        procs.start(1)
+        r = cli(*args, "--run-id", "w-2", "--schedule-timeout", "0.2")
+        assert r.exit_code == 0 and r.stdout.strip() == "w-2"
+        assert ("warning: no live worker process serves compensation 'nobody.undo' of step 'a'; step 'nobody.b' "
+                "of step 'b': the step fails after 0.2 s (--schedule-timeout)") in " ".join(r.stderr.split())
+        assert "conf.a' of step 'a'" not in r.stderr  # a live process serves it
     finally:
         procs.stop_all()
 

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from flowdsl.kernel import END_STATES
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.execute import json_problem
+from flowdsl.runtime.execute import json_problem, worker_references
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import SUBMIT, Batcher, Script
@@ -298,6 +298,17 @@ class RedisClient:
             if now - int(record.get("seen", 0)) <= (max_age_ms or 3 * int(record.get("lease_ms", 30000)) + 5000):
                 live.append({"name": name.decode(), **record})
         return live
+
+    async def unserved(self, plan: dict[str, Any]) -> list[str]:
+        """What the plan needs that no live worker process serves now: one phrase per worker (step,
+        fallback or compensation) no live process has registered, and per LLM step when none serves LLM steps."""
+        live = await self.workers()
+        served = {name for record in live for name in record.get("workers") or ()}
+        missing = [f"{role} '{name}' of step '{key}'" for key, role, name in worker_references(plan)
+                   if name not in served]
+        if not any(record.get("llm") for record in live):
+            missing += [f"LLM step '{key}'" for key, node in plan["nodes"].items() if node["kind"] == "llm"]
+        return missing
 
     async def _result(self, run_id: str, journal: Journal) -> RunResult | None:
         state_raw, pid = await self.store.call("HMGET", self.keys.run(run_id), "state", "pid")

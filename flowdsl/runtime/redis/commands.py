@@ -79,6 +79,12 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
+            missing = await client.unserved(plan)
+            if missing:
+                then = f"fails after {schedule_timeout_s:g} s (--schedule-timeout)" if schedule_timeout_s else \
+                    "waits until one does (start `flowdsl worker -w MODULE`, or set --schedule-timeout)"
+                _say(console, f"no live worker process serves {'; '.join(missing)}: the step {then}", "yellow",
+                     "warning")
             sub = await client.submit(plan, data, run_id=run_id, seed=seed, retention_s=retention_s,
                                       schedule_timeout_s=schedule_timeout_s)
             if not sub.created:
