@@ -16,6 +16,9 @@ import orjson
 __all__ = ["dumps", "loads"]
 
 _SORTED = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# what stdlib json encodes (integers beyond 64 bits, which orjson would read back as floats) starts with
+# this JSON whitespace, so that ``loads`` knows, without scanning, which reader keeps it exact
+_EXACT = b" "
 
 
 def dumps(value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] | None = None) -> bytes:
@@ -24,9 +27,12 @@ def dumps(value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] 
     try:
         return orjson.dumps(value, default=default, option=_SORTED if sort_keys else None)
     except TypeError:  # an integer beyond 64 bits (or, without ``default``, a value that is not JSON)
-        return json.dumps(value, sort_keys=sort_keys, ensure_ascii=False, separators=(",", ":"),
-                          default=default).encode()
+        return _EXACT + json.dumps(value, sort_keys=sort_keys, ensure_ascii=False, separators=(",", ":"),
+                                   default=default).encode()
 
 
 def loads(raw: bytes | str) -> Any:
+    """The JSON value of what :func:`dumps` wrote; integers of any size stay integers."""
+    if raw[:1] in (_EXACT, " "):
+        return json.loads(raw)
     return orjson.loads(raw)

@@ -9,10 +9,15 @@ from flowdsl.runtime.record import encode_line
 
 
 def test_json_values_round_trip_including_integers_beyond_64_bits() -> None:
-    value = {"b": [1, 2.5, None, True, "é"], "a": {"wide": 2**70, "neg": -(2**65)}}
+    value = {"b": [1, 2.5, None, True, "é", "12345678901234567890"], "a": {"wide": 2**70 + 1, "neg": -(2**65) - 3},
+             "edge": [2**63 - 1, -(2**63), 2**64 - 1, 2**64, 1e300, -0.0]}
     for sort_keys in (False, True):
-        assert loads(dumps(value, sort_keys=sort_keys)) == value
-    assert dumps({"b": 1, "a": 2**70}, sort_keys=True) == b'{"a":1180591620717411303424,"b":1}'
+        back = loads(dumps(value, sort_keys=sort_keys))
+        assert back == value
+        assert [type(v) for v in back["edge"]] == [int, int, int, int, float, float]
+        assert type(back["a"]["wide"]) is int
+    assert loads(dumps(value).decode()) == value
+    assert dumps({"b": 1, "a": 2**70}, sort_keys=True) == b' {"a":1180591620717411303424,"b":1}'
 
 
 def test_what_is_not_json_is_refused_unless_a_default_says_how() -> None:
