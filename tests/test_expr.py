@@ -32,3 +32,23 @@ def test_a_runaway_expression_is_still_stopped() -> None:
     with pytest.raises(ExpressionError, match="timeout after 100 milliseconds"):
         compile_expression("[1..9000000].($ * 2)").evaluate({})
     assert gc.isenabled()
+
+
+class _Watched(list[int]):
+    """A list that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self) -> Any:
+        _Watched.walks += 1
+        return super().__iter__()
+
+
+def test_an_expression_does_not_walk_context_data_it_does_not_read() -> None:
+    """Inside a for_each over n items every step's context holds the n items: an evaluation that walked them
+    (the engine's own input check) made each step O(n) and the run O(n²)."""
+    data = {"items": _Watched(range(1000)), "order": {"total": 5}}
+    assert compile_expression("order.total + $n").evaluate(data, {"n": 1}) == 6
+    assert compile_expression("$item").evaluate(data, {"item": {"sku": "a"}}) == {"sku": "a"}
+    assert _Watched.walks == 0
+    assert compile_expression("$count(items)").evaluate(data) == 1000

@@ -1,7 +1,7 @@
 """Carrying out one ``dispatch`` command: call the worker (or the model) and answer the kernel.
 
 Stage: runtime (shared by every backend: the local asyncio runtime and the
-Redis worker processes). Imports ``flowdsl.workers`` and stdlib at import
+Redis worker processes). Imports ``flowdsl.workers``, ``.codec`` and stdlib at import
 time; ``flowdsl.llm`` (and through it DSPy) only when an LLM step runs. It
 decides nothing about the run: no retries, no timeouts (the kernel's timers
 enforce them), no ordering. A backend awaits :func:`execute` with a dispatch
@@ -53,6 +53,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.workers import StepContext, Worker, WorkerRegistry
 from flowdsl.workers import registry as default_registry
 
@@ -282,11 +283,12 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
 
 
 def copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts, lists, scalars): a worker may mutate its input freely."""
-    if isinstance(value, dict):
-        return {k: copy_json(v) if isinstance(v, dict | list) else v for k, v in value.items()}
-    if isinstance(value, list):
-        return [copy_json(v) if isinstance(v, dict | list) else v for v in value]
+    """A deep copy of JSON data (dicts, lists, scalars): a worker may mutate its input freely.
+
+    Through the JSON codec: in C, several times faster than walking the data in Python, which matters
+    because a step's input is its whole context (inside a for_each over n items, the n items)."""
+    if isinstance(value, dict | list):
+        return loads(dumps(value))
     return value
 
 

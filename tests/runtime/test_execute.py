@@ -17,7 +17,9 @@ SEEN: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="outs
 
 async def quick(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     SEEN.set("inside")  # a worker's context changes stay in its own copy, as in a task
-    data["mutated"] = True  # its input is a private copy
+    data["mutated"] = True  # its input is a private copy, nested data included
+    data["lines"][0]["qty"] += 1
+    data["lines"].append({"qty": 0})
     return {"echo": data["x"], "key": ctx.idempotency_key, "compensating": ctx.compensating}
 
 
@@ -46,8 +48,8 @@ for name, fn in {"quick": quick, "slow": slow, "broken": broken, "not_an_object"
 
 def command(worker: str, kind: str = "task") -> dict[str, Any]:
     return {"op": "dispatch", "run_id": "r", "task_id": f"r/{worker}#1", "kind": kind, "step": worker,
-            "node": worker, "worker": worker, "input": {"x": 7}, "attempt": 1, "idempotency_key": f"r/{worker}",
-            "timeout_ms": None, "llm": None}
+            "node": worker, "worker": worker, "input": {"x": 7, "lines": [{"qty": 2**70 + 1}]}, "attempt": 1,
+            "idempotency_key": f"r/{worker}", "timeout_ms": None, "llm": None}
 
 
 def both(cmd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -72,7 +74,7 @@ def test_start_answers_as_execute_does(worker: str, kind: str) -> None:
     slow_way.pop("traceback", None)
     eager.pop("traceback", None)
     assert eager == slow_way
-    assert cmd["input"] == {"x": 7}
+    assert cmd["input"] == {"x": 7, "lines": [{"qty": 2**70 + 1}]}
 
 
 def test_what_each_worker_answers() -> None:
