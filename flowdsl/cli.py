@@ -315,6 +315,9 @@ def worker(
         metavar="SECONDS")] = 10.0,
     lm: Annotated[str | None, typer.Option("--lm", help="language model for LLM steps that name none")] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="do not run LLM steps in this process")] = False,
+    snapshot_kb: Annotated[int, typer.Option(
+        "--snapshot-kb", min=0, help="write a run's whole state once per this many KiB of it (0: at its start and "
+        "end only); the steps between are replayed from the run's journal when it is loaded", metavar="KIB")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Serve workers from Redis: run their steps and advance runs, on any number of machines.
@@ -326,7 +329,8 @@ def worker(
     from flowdsl.runtime.redis.worker import WorkerOptions
 
     options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease, schedule_timeout_s=schedule_timeout,
-                            retention_s=retention, grace_s=grace, lm=lm, llm=not no_llm)
+                            retention_s=retention, grace_s=grace, lm=lm, llm=not no_llm,
+                            snapshot_bytes=snapshot_kb * 1024)
     raise typer.Exit(worker_command(url=redis_url, prefix=prefix, modules=list(modules or ()), options=options,
                                     console=_stderr(), verbose=verbose))
 

@@ -1,7 +1,8 @@
 """The Redis runtime as a participant of the runtime conformance suite (tests/runtime/test_conformance.py).
 
 One private redis-server per test session and two ``flowdsl worker``
-processes serving ``tests.runtime.workers``, started on first use and stopped
+processes serving ``tests.runtime.workers`` (states rebuilt from the journal:
+``--snapshot-kb 0``), started on first use and stopped
 by PID when the session ends. Each case is submitted as a run and followed to
 its end, exactly as ``flowdsl run --backend redis`` does.
 """
@@ -38,7 +39,10 @@ def redis_runtime(request: pytest.FixtureRequest) -> RedisRuntime:
     """The factory the conformance suite's ``RUNTIMES`` table calls."""
     server = session_server(request.config)
     if "procs" not in _POOL:
-        procs = WorkerProcs(server.url, PREFIX, ["tests.runtime.workers"], lease=10.0, concurrency=64)
+        # --snapshot-kb 0: a state is written whole only at a run's start and end, so whenever the other
+        # process takes a run up it rebuilds the state by replaying the run's journal
+        procs = WorkerProcs(server.url, PREFIX, ["tests.runtime.workers"], lease=10.0, concurrency=64,
+                            extra_args=["--snapshot-kb", "0"])
         _POOL["procs"] = procs
         request.config.add_cleanup(lambda: _POOL.pop("procs").stop_all())
         procs.start(2)

@@ -90,7 +90,9 @@ def _open_steps(ledger: str) -> dict[int, int]:
 
 def test_sigkill_workers_in_the_middle_of_steps(url: str, prefix: str, tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
-    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
+    # states are written at a run's start and end only: a process taking over rebuilds them from the journal
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8,
+                        extra_args=["--snapshot-kb", "0"])
     try:
         procs.start(2)
         runs = asyncio.run(_submit(url, prefix, SEQUENCE, [{"ledger": ledger, "step_sleep": 0.25}] * 6))
@@ -150,8 +152,9 @@ def test_sigkill_the_processes_advancing_runs_at_varied_moments(url: str, prefix
     """Kill right after a step's effect (its worker is then applying the result and relaying the outcome)
     and kill a process that only starts runs and fires timers, at random moments."""
     ledger = make_ledger(tmp_path)
-    workers = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
-    advancers = WorkerProcs(url, prefix, [], lease=1.0)
+    replaying = ["--snapshot-kb", "0"]  # states rebuilt from the journal by whoever takes a run up
+    workers = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8, extra_args=replaying)
+    advancers = WorkerProcs(url, prefix, [], lease=1.0, extra_args=replaying)
     try:
         workers.start(2)
         advancers.start(1)

@@ -155,7 +155,7 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         assert record is not None and record.version == 1
         base = dict(state=dumps(record.state), input_event=b"{}", events=b"[]", status="running")
         stale = await store.transition("tx", expected=0 + 7, token="t1", **base)
-        assert stale.code == 2 and stale.version == 1 and loads(stale.state) == record.state
+        assert stale.code == 2 and stale.version == 1  # the caller loads the run again
         # the task is queued ("q"): a result guarded by a lease nobody holds is refused and journaled
         refused = await store.transition("tx", expected=1, token="t2", guard=("tx/a#1", "lease", "tok"),
                                          note=b'{"type": "result_rejected"}', **base)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
@@ -62,6 +63,62 @@ def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_t
     result = asyncio.run(main())
     assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
     assert result.error["type"] == "ScheduleToStartTimeout"
+
+
+LONG = """flowdsl: 1
+name: long
+steps:
+  - prepare: {worker: long.prepare}
+  - for_each: each
+    items: "${ $.items }"
+    concurrency: 1
+    steps:
+      - one: {worker: long.item, with: {x: "${ $item }", base: "${ $.base }"}}
+"""
+
+
+@pytest.mark.parametrize("snapshot_bytes", [0, 512])
+def test_a_long_run_writes_its_state_in_snapshots_and_a_load_replays_the_journal_after_the_last(
+        url: str, prefix: str, snapshot_bytes: int) -> None:
+    """A for_each over 300 items: the state is written whole only now and then (at the start and end only with
+    0), yet loading the run from Redis at any step gives exactly the state the worker holds, and the run ends
+    as it does on the local runtime."""
+    registry = WorkerRegistry()
+    checked: list[int] = []  # per check: how many transitions the load replayed
+    local_run = False
+
+    async def prepare(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {"base": 1000}
+
+    async def item(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        if data["x"] % 60 == 59 and not local_run:
+            loaded, held = await worker.store.load(ctx.run_id), worker.advancer._cache[ctx.run_id]
+            assert loaded is not None
+            assert (loaded.version, loaded.state) == (held.version, held.state)
+            checked.append(loaded.since)
+        return {"sum": data["base"] + data["x"]}
+
+    registry.register("long.prepare", prepare)
+    registry.register("long.item", item)
+    worker = _worker(url, prefix, registry, snapshot_bytes=snapshot_bytes)
+    plan, run_input = compile_text(LONG), {"items": list(range(300))}
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, run_input)
+            return await _with_workers([worker], lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    local_run = True
+    local = asyncio.run(run_flow(plan, run_input, record=False, registry=registry, import_workers=False))
+    assert result.status == local.status == "completed"
+    assert result.context == local.context and result.context["each"][299] == {"sum": 1299}
+    transitions, snapshots = worker.advancer.transitions, worker.advancer.snapshots
+    assert transitions == 302 and len(checked) == 5  # start, prepare, one per item
+    if snapshot_bytes == 0:
+        assert snapshots == 2 and checked == [60, 120, 180, 240, 300]  # all replayed from the start
+    else:
+        assert 2 < snapshots < transitions / 10 and any(checked)
 
 
 def test_heartbeats_keep_a_long_step_from_being_reclaimed(url: str, prefix: str) -> None:

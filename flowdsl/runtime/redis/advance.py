@@ -16,6 +16,13 @@ entry, task leases, outbox) and carries the outbox out::
                        answered task_cancelled at once (nobody else would answer it)
     finish          -> the run's keys get their retention TTL
 
+The state is written whole (a snapshot) only while that is cheap: a state of
+S bytes is written once every ⌈S / snapshot_bytes⌉ transitions (every
+transition while it is under ``snapshot_bytes``), and always at a run's start
+and end; the transitions in between are replayed from the journal when a
+process loads the run (``Store.load``). A long run (a for_each over thousands
+of items) so writes O(one step's change) per transition, not O(its state).
+
 Within one process the events of a run are applied one at a time (a lock per
 run); across processes the version check of the transition script serialises
 them (a conflict re-reads the state and applies the event again). A process
@@ -38,10 +45,12 @@ from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
 from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult
 
-__all__ = ["SCHEDULE_TO_START_TIMEOUT", "Advancer", "Chain", "Outcome"]
+__all__ = ["SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain", "Outcome"]
 
 #: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
+#: a state is written whole every transition while under this size, every ⌈size / this⌉ transitions above it
+SNAPSHOT_BYTES = 16 * 1024
 _MAX_CONFLICTS = 64
 log = logging.getLogger("flowdsl.redis")
 
@@ -79,12 +88,13 @@ class Advancer:
     ``schedule_timeout_ms`` and ``retention_ms`` are the defaults written into a
     run when it starts, if its submission set none. ``on_timer`` is called with
     a due time (ms) whenever this process arms a timer (the worker's timer loop
-    wakes up for it).
+    wakes up for it). ``snapshot_bytes``: see the module's docstring (0: write
+    the state at a run's start and end only, and replay everything between).
     """
 
     def __init__(self, store: Store, clock: Clock, *, schedule_timeout_ms: int | None = None,
                  retention_ms: int = 7 * 24 * 3600 * 1000, cache_size: int = 4096,
-                 on_timer: Callable[[int], None] | None = None):
+                 on_timer: Callable[[int], None] | None = None, snapshot_bytes: int = SNAPSHOT_BYTES):
         self.store = store
         self.keys: Keys = store.keys
         self.clock = clock
@@ -92,9 +102,11 @@ class Advancer:
         self.retention_ms = retention_ms
         self.cache_size = cache_size
         self.on_timer = on_timer
+        self.snapshot_bytes = snapshot_bytes
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
         self._locks: dict[str, deque[asyncio.Future[None]]] = {}
         self.transitions = 0
+        self.snapshots = 0
         self.conflicts = 0
 
     # --- the one way in ---------------------------------------------------------------
@@ -250,7 +262,10 @@ class Advancer:
         meta = list(meta or ())
         if finished:
             meta.append(("finished", at))
-        payload = dict(state=dumps(state), token=secrets.token_hex(8), input_event=dumps(event),
+        every = self.snapshot_bytes
+        snapshot = finished or record.version == 0 or (every > 0 and (record.since + 1) * every >= record.snapshot_size)
+        state_raw = dumps(state) if snapshot else b""
+        payload = dict(state=state_raw, token=secrets.token_hex(8), input_event=dumps(event),
                        events=dumps(decision.events), status=state["status"],
                        outbox=dumps(ops) if ops else None, guard=guard,
                        note=dumps({**note, "at": at}) if note else None, finished=finished, task_ops=task_ops,
@@ -265,6 +280,11 @@ class Advancer:
                 await backoff.wait()
         if result.applied:
             self.transitions += 1
+            if snapshot:
+                self.snapshots += 1
+                record.snapshot_size, record.since = len(state_raw), 0
+            else:
+                record.since += 1
             if chain is not None and held is not None:
                 chain.command = loads(held_raw)  # its own copy: the kernel shares data with the cached state
             record.version = result.version
@@ -304,10 +324,7 @@ class Advancer:
             self._cache.pop(run_id, None)
             if result.code == 2:
                 self.conflicts += 1
-                if result.state is not None:
-                    record.state, record.version = loads(result.state), result.version
-                    self._remember(record)
-                continue
+                continue  # another process wrote meanwhile: load the run again (above) and re-apply
             if result.code == 3:
                 # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
                 return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"

@@ -311,11 +311,10 @@ class RedisClient:
         return missing
 
     async def _result(self, run_id: str, journal: Journal) -> RunResult | None:
-        state_raw, pid = await self.store.call("HMGET", self.keys.run(run_id), "state", "pid")
-        plan = None if state_raw is None or pid is None else await self.store.plan(run_id, pid.decode())
-        if state_raw is None or plan is None:
+        record = await self.store.load(run_id)
+        if record is None:
             return None
-        state = loads(state_raw)
+        plan, state = record.plan, record.state
         wall = None
         if state.get("finished_at") is not None:
             wall = float(state["finished_at"] - state["started_at"])

@@ -7,9 +7,10 @@ spells a key: it asks a :class:`Keys` for it. The layout (docs/runtime.md,
 Per run — all under the run's ``{run_id}`` hash tag, so one run lives in one
 Redis Cluster slot and every transition script touches a single slot::
 
-    <prefix>:run:{<run_id>}            hash    state (kernel state JSON), v (version), lt (last
-                                               transition token), status, flow, plan, pid (plan id),
-                                               started, finished, ret (retention ms), sts
+    <prefix>:run:{<run_id>}            hash    state (kernel state JSON as of version sv, written by
+                                               the journal entry sj: a snapshot), v (version), lt
+                                               (last transition token), status, flow, plan, pid (plan
+                                               id), started, finished, ret (retention ms), sts
                                                (schedule-to-start ms), submitted
     <prefix>:run:{<run_id>}:journal    stream  one entry per transition: v, in (the input event),
                                                ev (the emitted events), or note (a runtime record)

@@ -27,7 +27,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CLAIM_TIMERS", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher", "Script"]
+__all__ = ["CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher",
+           "Script"]
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`.
 #: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease> <message>`` (a task the calling process runs
@@ -35,7 +36,9 @@ __all__ = ["CLAIM_TIMERS", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "T
 #: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled).
 #: Returns {1, new version, {task ids cancelled while queued}} | {2, version, state} (version conflict)
 #: | {3, version, lease} (guard failed) | {4, version} (this token was applied already) | {5} (no such run)
-#: | {6, version} (the run exists: creation refused).
+#: | {6, version} (the run exists: creation refused). An empty state (ARGV[2]) writes no snapshot: the
+#: state is then what the snapshot (``state`` at version ``sv``, journal entry ``sj``) and the journal's
+#: input events after it give (:data:`LOAD`).
 TRANSITION = r"""
 local run, journal, tasks, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected = tonumber(ARGV[1])
@@ -46,7 +49,7 @@ if expected == 0 then
 else
   if curv == 0 then return {5} end
   if meta[2] == ARGV[3] then return {4, curv} end
-  if curv ~= expected then return {2, curv, redis.call('HGET', run, 'state')} end
+  if curv ~= expected then return {2, curv} end
 end
 local gid = ARGV[8]
 if gid ~= '' then
@@ -66,8 +69,12 @@ if gid ~= '' then
   end
 end
 local newv = curv + 1
-redis.call('HSET', run, 'state', ARGV[2], 'v', newv, 'lt', ARGV[3], 'status', ARGV[6])
-redis.call('XADD', journal, '*', 'v', newv, 'in', ARGV[4], 'ev', ARGV[5])
+local entry = redis.call('XADD', journal, '*', 'v', newv, 'in', ARGV[4], 'ev', ARGV[5])
+if ARGV[2] ~= '' then
+  redis.call('HSET', run, 'state', ARGV[2], 'sv', newv, 'sj', entry, 'v', newv, 'lt', ARGV[3], 'status', ARGV[6])
+else
+  redis.call('HSET', run, 'v', newv, 'lt', ARGV[3], 'status', ARGV[6])
+end
 if ARGV[7] ~= '' then redis.call('HSET', outbox, newv, ARGV[7]) end
 local cancelled = {}
 local i = 14
@@ -106,6 +113,18 @@ if ARGV[12] == '1' then
   end
 end
 return {1, newv, cancelled}
+"""
+
+#: KEYS: run, journal (one run). The run's snapshot and what follows it: {state, v, pid, sts, sv, {journal
+#: entries after the snapshot's entry}} (no entries when the snapshot is the current version; a run written
+#: before snapshots had a version of their own has no ``sv``: its state is current).
+LOAD = r"""
+local m = redis.call('HMGET', KEYS[1], 'state', 'v', 'pid', 'sts', 'sv', 'sj')
+local tail = {}
+if m[5] and m[6] and m[5] ~= m[2] then
+  tail = redis.call('XRANGE', KEYS[2], '(' .. m[6], '+')
+end
+return {m[1], m[2], m[3], m[4], m[5], tail}
 """
 
 #: KEYS: tasks, outbox (one run). ARGV: task id, trigger (:meth:`~flowdsl.runtime.redis.keys.Keys.trigger` of the

@@ -1,9 +1,17 @@
 """Reading and writing runs in Redis: load, atomic transition, task pickup, outbox relay, timers.
 
 Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys``,
-``flowdsl.runtime.codec`` (JSON bytes) and stdlib.
-It knows the data model (docs/runtime.md, "The Redis data model") but nothing
-of the kernel's semantics: :mod:`.advance` decides what to write.
+``flowdsl.runtime.codec`` (JSON bytes), ``flowdsl.kernel`` (to replay a
+journal tail) and stdlib. It knows the data model (docs/runtime.md, "The Redis
+data model") but nothing of the kernel's semantics: :mod:`.advance` decides
+what to write.
+
+A run's state is not written whole by every transition: a transition writes
+its journal entry (the input event, the events) and, when :mod:`.advance`
+says so, a snapshot of the state. :meth:`Store.load` reads the snapshot and
+replays the input events journaled after it through the kernel, which gives
+the current state exactly (the kernel is deterministic). So a long run costs
+each transition O(its own change), not O(the whole state).
 
 The outbox is what makes a transition atomic on one Cluster slot: the
 commands a transition decides (tasks to queue, timers to set or clear,
@@ -29,13 +37,25 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from flowdsl.kernel import apply
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.keys import GROUP, Keys
-from flowdsl.runtime.redis.scripts import CLAIM_TIMERS, PICKUP, RECOVER, RELAY, RELEASE, TRANSITION, Batcher, Script
+from flowdsl.runtime.redis.scripts import (
+    CLAIM_TIMERS,
+    LOAD,
+    PICKUP,
+    RECOVER,
+    RELAY,
+    RELEASE,
+    TRANSITION,
+    Batcher,
+    Script,
+)
 
 __all__ = ["Clock", "RunRecord", "Store", "TransitionResult", "plan_id"]
 
 _TRANSITION = Script("transition", TRANSITION)
+_LOAD = Script("load", LOAD)
 _PICKUP = Script("pickup", PICKUP)
 _RELEASE = Script("release", RELEASE)
 _RELAY = Script("relay", RELAY)
@@ -86,13 +106,16 @@ class Clock:
 
 @dataclass
 class RunRecord:
-    """A run as a process holds it: the kernel state, its version, the plan and per-run settings."""
+    """A run as a process holds it: the kernel state, its version, the plan and per-run settings; and how
+    far its stored snapshot is behind (``snapshot_size`` bytes, written ``since`` transitions ago)."""
 
     run_id: str
     state: dict[str, Any]
     version: int
     plan: dict[str, Any]
     sts_ms: int | None
+    snapshot_size: int = 0
+    since: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +125,6 @@ class TransitionResult:
 
     code: int
     version: int = 0
-    state: bytes | None = None  # the current state, on a version conflict
     lease: str = ""  # the task's lease value, when the guard failed
     cancelled_queued: tuple[str, ...] = ()  # task ids cancelled before any worker picked them up
 
@@ -130,8 +152,8 @@ class Store:
     async def load_scripts(self) -> None:
         """Load every script a worker runs into the server's cache (after a restart they are loaded again
         on first use: ``NOSCRIPT``)."""
-        await asyncio.gather(*(s.load(self.batcher) for s in (_TRANSITION, _PICKUP, _RELEASE, _RELAY, _RECOVER,
-                                                               _CLAIM)))
+        await asyncio.gather(*(s.load(self.batcher) for s in (_TRANSITION, _LOAD, _PICKUP, _RELEASE, _RELAY,
+                                                               _RECOVER, _CLAIM)))
 
     # --- runs --------------------------------------------------------------------------
 
@@ -147,13 +169,22 @@ class Store:
 
     async def load(self, run_id: str) -> RunRecord | None:
         """The run's current state and version, or None when it has not started (or has expired)."""
-        state, version, pid, sts = await self.call("HMGET", self.keys.run(run_id), "state", "v", "pid", "sts")
-        if version is None or state is None or pid is None:
+        raw, version, pid, sts, snapshot_version, tail = await _LOAD(self.batcher, self.keys.run_keys(run_id)[:2], [])
+        if version is None or raw is None or pid is None:
             return None
         plan = await self.plan(run_id, pid.decode())
         if plan is None:
             return None
-        return RunRecord(run_id, loads(state), int(version), plan, int(sts) if sts else None)
+        state, current = loads(raw), int(version)
+        at = snapshot = int(snapshot_version) if snapshot_version is not None else current
+        for _, fields in tail:  # the input events journaled after the snapshot, in order (notes are skipped)
+            entry = dict(zip(fields[::2], fields[1::2], strict=True))
+            if b"in" in entry and at < int(entry[b"v"]) <= current:
+                apply(plan, state, loads(entry[b"in"]))
+                at = int(entry[b"v"])
+        if at != current:
+            raise RuntimeError(f"run {run_id}: its journal ends at version {at}, its state is at {current}")
+        return RunRecord(run_id, state, current, plan, int(sts) if sts else None, len(raw), current - snapshot)
 
     async def submission(self, run_id: str) -> dict[str, Any] | None:
         """The submitted start request of a run (plan, input, settings), or None."""
@@ -178,10 +209,12 @@ class Store:
         """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
 
         ``expected`` is the version the state was computed from (0: create the
-        run); ``guard`` is ``(task id, mode, value)`` with mode ``lease`` (the
-        task must be held under lease token ``value``, or no longer be in
-        flight), ``strict`` (held under ``value``) or ``eq`` (its lease value
-        equals ``value``); ``note`` is journaled when a ``lease`` guard fails;
+        run); ``state`` is written as the run's snapshot, or nothing when empty
+        (:meth:`load` then replays this transition's ``input_event``);
+        ``guard`` is ``(task id, mode, value)`` with mode ``lease`` (the task
+        must be held under lease token ``value``, or no longer be in flight),
+        ``strict`` (held under ``value``) or ``eq`` (its lease value equals
+        ``value``); ``note`` is journaled when a ``lease`` guard fails;
         ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark cancelled; or ``(c, task id, lease,
         message)``: a task the caller runs itself, held at once, its message kept for recovery.
         """
@@ -197,11 +230,9 @@ class Store:
         code = int(reply[0])
         if code == 1:
             return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in reply[2]))
-        if code == 2:
-            return TransitionResult(2, int(reply[1]), state=reply[2])
         if code == 3:
             return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
-        if code in (4, 6):
+        if code in (2, 4, 6):
             return TransitionResult(code, int(reply[1]))
         return TransitionResult(code)
 

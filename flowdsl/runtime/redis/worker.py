@@ -53,7 +53,7 @@ import redis.asyncio as aioredis
 
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
-from flowdsl.runtime.redis.advance import Advancer, Chain, Outcome
+from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Outcome
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import Batcher
@@ -104,6 +104,8 @@ class WorkerOptions:
     burst_horizon_s: float = 2.0  # burst: keep going while a timer is due within this
     name: str | None = None  # consumer name (default host:pid:random)
     handle_signals: bool = True
+    snapshot_bytes: int = SNAPSHOT_BYTES  # a run's state is written whole once per this many bytes of it (0: at
+    # its start and end only); the transitions between are replayed from the journal on load
 
 
 @dataclass
@@ -195,7 +197,8 @@ class RedisWorker(Upkeep):
         self.clock = Clock()
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
         self.advancer = Advancer(self.store, self.clock, schedule_timeout_ms=schedule_ms,
-                                 retention_ms=int(self.options.retention_s * 1000), on_timer=self._timer_armed)
+                                 retention_ms=int(self.options.retention_s * 1000), on_timer=self._timer_armed,
+                                 snapshot_bytes=self.options.snapshot_bytes)
         self._install_signals()
         loops: list[asyncio.Task[None]] = []
         try:
