@@ -54,7 +54,7 @@ from flowdsl.runtime.execute import (
     resume,
     start,
 )
-from flowdsl.runtime.record import RunRecorder, record_path
+from flowdsl.runtime.record import RunRecorder, check_records_dir, record_path
 from flowdsl.runtime.report import RunResult
 from flowdsl.workers import WorkerRegistry, import_worker_modules
 
@@ -151,8 +151,10 @@ class LocalRun:
         self.run_input: dict[str, Any] = copy_json(run_input)
         self.run_id = run_id or new_run_id(plan)
         self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
-        if self.record_path is not None and self.record_path.exists():
-            raise FileExistsError(f"a record of run '{self.run_id}' already exists: {self.record_path}")
+        if self.record_path is not None:
+            if self.record_path.exists():
+                raise FileExistsError(f"a record of run '{self.run_id}' already exists: {self.record_path}")
+            check_records_dir(self.record_path)
         if not record:
             record_path(self.run_id)  # still check the id's shape
         self.runs_dir = runs_dir

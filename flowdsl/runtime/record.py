@@ -28,7 +28,7 @@ def runs_dir(explicit: str | None = None) -> Path:
 
 def record_path(run_id: str, directory: str | Path | None = None) -> Path:
     if not _RUN_ID_RE.match(run_id):
-        raise ValueError(f"invalid run id '{run_id}'")
+        raise ValueError(f"invalid run id '{run_id}': use 1-128 letters, digits and _ . : -")
     return runs_dir(str(directory) if directory else None) / f"{run_id}.jsonl"
 
 
@@ -39,6 +39,20 @@ def encode_line(item: dict[str, Any]) -> bytes:
 
 class RecordError(ValueError):
     """A run record is missing, unreadable or not JSON lines; the message names the file (and line)."""
+
+
+def check_records_dir(path: Path) -> None:
+    """Create the directory of the record ``path`` if needed; a ``RecordError`` saying why when records
+    cannot be written there (checked before a run starts, so that no step runs unrecorded)."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecordError(f"cannot keep run records in '{directory}': {exc.strerror or exc} "
+                          "(choose another --runs-dir, or --no-record)") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise RecordError(f"cannot keep run records in '{directory}': it is not writable "
+                          "(choose another --runs-dir, or --no-record)")
 
 
 class RunRecorder:

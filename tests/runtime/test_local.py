@@ -325,7 +325,9 @@ def test_no_record_writes_nothing(tmp_path: Path) -> None:
      "does not match the spec's input schema"),
     (lambda t: ["run", _spec(t, "ok"), "--input", str(t / "missing.json")], "cannot read input file"),
     (lambda t: ["run", _spec(t, "ok"), "--set", "novalue"], "--set expects key=value"),
-    (lambda t: ["run", _spec(t, "ok"), "--run-id", "bad/id"], "invalid run id"),
+    (lambda t: ["run", _spec(t, "ok"), "--run-id", "bad/id"], "invalid run id 'bad/id': use 1-128 letters"),
+    (lambda t: ["run", _spec(t, "ok"), "--runs-dir", _spec(t, "ok")],
+     "cannot keep run records in '"),  # a file, not a directory: refused before any step runs
     (lambda t: ["show", "nothing-here", "--runs-dir", str(t)], "no recorded run 'nothing-here'"),
 ])
 def test_rejected_specs_inputs_and_usage_exit_2_without_a_traceback(tmp_path: Path, make: Any, message: str) -> None:
