@@ -121,6 +121,31 @@ def test_a_long_run_writes_its_state_in_snapshots_and_a_load_replays_the_journal
         assert 2 < snapshots < transitions / 10 and any(checked)
 
 
+def test_two_processes_sharing_one_wide_run_both_get_their_results_in(url: str, prefix: str) -> None:
+    """Two worker processes serve one run's 600 iterations, 16 at a time: their transitions conflict, and the
+    one that loses backs off and tries again instead of giving up after a few dozen conflicts in a row and
+    leaving its step to wait for the lease (30 s)."""
+    registry = WorkerRegistry()
+
+    async def item(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {"y": data["x"]}
+
+    registry.register("long.item", item)
+    spec = LONG.replace("concurrency: 1", "concurrency: 16").replace("  - prepare: {worker: long.prepare}\n", "")
+    workers = [_worker(url, prefix, registry, concurrency=8) for _ in range(2)]  # 16 at a time: both hold steps
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {"items": list(range(600))})
+            return await _with_workers(workers, lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert result.status == "completed" and len(result.context["each"]) == 600
+    assert [w.stats.reclaimed for w in workers] == [0, 0]  # no step waited for its lease to expire
+    assert sum(w.advancer.conflicts for w in workers) > 0  # (they did contend)
+    assert all(w.stats.transitions > 0 for w in workers)
+
+
 def test_heartbeats_keep_a_long_step_from_being_reclaimed(url: str, prefix: str) -> None:
     calls: list[str] = []
     registry = WorkerRegistry()

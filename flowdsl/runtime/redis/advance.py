@@ -33,6 +33,7 @@ on the same worker costs no state read.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 from collections import OrderedDict, deque
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flowdsl.kernel import Decision, apply, start_event, start_run
-from flowdsl.runtime.codec import dumps, loads
+from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
 from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult
@@ -51,7 +52,10 @@ __all__ = ["SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain", "
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
 #: a state is written whole every transition while under this size, every ⌈size / this⌉ transitions above it
 SNAPSHOT_BYTES = 16 * 1024
-_MAX_CONFLICTS = 64
+#: version conflicts in a row after which an event is left to its trigger's next holder (after the lease);
+#: between conflicts the process backs off (0-50 ms, jittered) so that one process hammering a run with its
+#: cached state cannot starve another one's result
+_MAX_CONFLICTS = 1000
 log = logging.getLogger("flowdsl.redis")
 
 
@@ -105,6 +109,8 @@ class Advancer:
         self.snapshot_bytes = snapshot_bytes
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
         self._locks: dict[str, deque[asyncio.Future[None]]] = {}
+        # transition tokens: unique per process (random) and per transition (counter), with no system call each
+        self._tokens = (f"{secrets.token_hex(6)}.{n:x}" for n in itertools.count())
         self.transitions = 0
         self.snapshots = 0
         self.conflicts = 0
@@ -233,12 +239,12 @@ class Advancer:
         task_ops: list[tuple[str, ...]] = []
         at = event["at"]
         held: str | None = None  # the task this process runs itself
-        held_raw = b""
+        held_command: dict[str, Any] | None = None
         for command in decision.commands:
             op = command["op"]
             if op == "dispatch" and held is None and chain is not None and chain.serves(command):
-                held, held_raw = command["task_id"], dumps(command)
-                task_ops.append(("c", held, "r:" + chain.token, held_raw))
+                held, held_command = command["task_id"], command
+                task_ops.append(("c", held, "r:" + chain.token, dumps(command)))
             elif op == "dispatch":
                 ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": record.version + 1})
                 if record.sts_ms:
@@ -265,7 +271,7 @@ class Advancer:
         every = self.snapshot_bytes
         snapshot = finished or record.version == 0 or (every > 0 and (record.since + 1) * every >= record.snapshot_size)
         state_raw = dumps(state) if snapshot else b""
-        payload = dict(state=state_raw, token=secrets.token_hex(8), input_event=dumps(event),
+        payload = dict(state=state_raw, token=next(self._tokens), input_event=dumps(event),
                        events=dumps(decision.events), status=state["status"],
                        outbox=dumps(ops) if ops else None, guard=guard,
                        note=dumps({**note, "at": at}) if note else None, finished=finished, task_ops=task_ops,
@@ -285,8 +291,10 @@ class Advancer:
                 record.snapshot_size, record.since = len(state_raw), 0
             else:
                 record.since += 1
-            if chain is not None and held is not None:
-                chain.command = loads(held_raw)  # its own copy: the kernel shares data with the cached state
+            if chain is not None:
+                # the kernel's own command (read-only: it shares data with the cached state; the worker gets
+                # a copy of its input from execute)
+                chain.command = held_command
             record.version = result.version
             if finished:
                 self._cache.pop(run_id, None)
@@ -299,6 +307,7 @@ class Advancer:
                             chain: Chain | None = None
                             ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
         """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
+        backoff: Backoff | None = None
         for _ in range(_MAX_CONFLICTS):
             record = await self._record(run_id)
             if record is None:
@@ -322,9 +331,11 @@ class Advancer:
             if result.applied:
                 return Outcome.APPLIED, (result.version, ops, result.cancelled_queued), True
             self._cache.pop(run_id, None)
-            if result.code == 2:
+            if result.code == 2:  # another process wrote meanwhile: let it go on, then load the run and re-apply
                 self.conflicts += 1
-                continue  # another process wrote meanwhile: load the run again (above) and re-apply
+                backoff = backoff or Backoff(base=0.001, cap=0.05, floor=0.0)
+                await backoff.wait()
+                continue
             if result.code == 3:
                 # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
                 return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"

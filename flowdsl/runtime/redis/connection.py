@@ -122,9 +122,10 @@ class Backoff:
     run of failures began (for "Redis unreachable for N s" messages).
     """
 
-    def __init__(self, base: float = 0.05, cap: float = 2.0):
+    def __init__(self, base: float = 0.05, cap: float = 2.0, floor: float = 0.01):
         self.base = base
         self.cap = cap
+        self.floor = floor  # added to every wait (a lost connection is not retried in a busy loop)
         self.failures = 0
         self.failing_since: float | None = None
 
@@ -135,7 +136,7 @@ class Backoff:
         if self.failing_since is None:
             self.failing_since = time.monotonic()
         self.failures += 1
-        await asyncio.sleep(self.delay() + 0.01)
+        await asyncio.sleep(self.delay() + self.floor)
 
     def reset(self) -> None:
         self.failures = 0

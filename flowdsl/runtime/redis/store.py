@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -64,9 +63,8 @@ _CLAIM = Script("claim_timers", CLAIM_TIMERS)
 
 
 def plan_id(plan: dict[str, Any]) -> str:
-    """A content id of a plan (SHA-256 of its canonical JSON, 16 hex digits): workers cache plans by it."""
-    canon = json.dumps(plan, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+    """A content id of a plan (SHA-256 of its JSON with sorted keys, 16 hex digits): workers cache plans by it."""
+    return hashlib.sha256(dumps(plan, sort_keys=True)).hexdigest()[:16]
 
 
 class Clock:
@@ -118,8 +116,7 @@ class RunRecord:
     since: int = 0
 
 
-@dataclass(frozen=True)
-class TransitionResult:
+class TransitionResult(NamedTuple):
     """What the transition script said: ``code`` 1 applied, 2 version conflict, 3 guard failed,
     4 already applied (same token), 5 no such run, 6 the run exists (creation refused)."""
 
