@@ -1,0 +1,110 @@
+"""Long runs: does the cost of one step stay flat as a run grows? A for_each over n items, n doubling, on the
+local runtime and on Redis (one worker process in this process; and two ``flowdsl worker`` processes sharing
+the one run).
+
+Run it with ``.venv/bin/python -m benchmarks.bench_scale`` (``--quick`` for smaller n). It prints the time
+per item for each n and the growth from one n to the next: ~1.0× per doubling is linear, ~2× quadratic.
+It is a measurement, not a test: nothing here asserts a time. Results are recorded in
+``benchmarks/RESULTS.md`` under "Long runs".
+
+The flow: ``for_each`` over ``items`` (16 at a time), one step per item whose input is mapped to the item
+(``with: {x: "${ $item }"}``), the step doing nothing (``bench.step`` of bench_redis); the run input holds
+the n items, so the state, the context and the for_each's result all grow with n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from benchmarks.bench_redis import PREFIX, Server, _spawn, _stop
+
+SPEC = """flowdsl: 1
+name: scale
+workers: [benchmarks.bench_redis]
+steps:
+  - for_each: each
+    items: "${ $.items }"
+    concurrency: 16
+    steps:
+      - one: {worker: bench.step, with: {x: "${ $item }"}}
+"""
+
+
+def local_seconds(plan: dict[str, Any], n: int) -> float:
+    from flowdsl.runtime.local import run_flow
+
+    t = time.perf_counter()
+    result = asyncio.run(run_flow(plan, {"items": list(range(n))}, record=False))
+    took = time.perf_counter() - t
+    assert result.status == "completed", result.error
+    return took
+
+
+def redis_seconds(server: Server, plan: dict[str, Any], n: int, processes: int) -> float:
+    """One run of n items on Redis: 0 processes = one worker in this process, else ``flowdsl worker``s."""
+    from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
+
+    server.flush()
+    procs = [_spawn([sys.executable, "-c", "from flowdsl.cli import main; main()", "worker", "--redis-url",
+                     server.url, "--prefix", PREFIX, "-w", "benchmarks.bench_redis", "--concurrency", "64",
+                     "--no-llm"]) for _ in range(processes)]
+
+    async def main() -> float:
+        async with RedisClient(server.url, prefix=PREFIX) as client:
+            while len(await client.workers()) < processes:
+                await asyncio.sleep(0.05)
+            t = time.perf_counter()
+            sub = await client.submit(plan, {"items": list(range(n))})
+            if processes == 0:
+                options = WorkerOptions(burst=True, concurrency=64, llm=False, handle_signals=False)
+                await RedisWorker(server.url, prefix=PREFIX, options=options).serve()
+            result = await client.follow(sub.run_id)
+            took = time.perf_counter() - t
+            assert result.status == "completed", result.error
+            return took
+
+    try:
+        return asyncio.run(main())
+    finally:
+        _stop(procs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="n up to 2,000 instead of 8,000")
+    args = parser.parse_args(argv)
+    from flowdsl import compile_text
+
+    plan = compile_text(SPEC)
+    sizes = (500, 1000, 2000) if args.quick else (1000, 2000, 4000, 8000)
+    print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs; "
+          "µs per item of a for_each over n items (growth per doubling of n)")
+    server = Server()
+    try:
+        columns: dict[str, Any] = {
+            "local": lambda n: local_seconds(plan, n),
+            "Redis, 1 process": lambda n: redis_seconds(server, plan, n, 0),
+            "Redis, 2 processes": lambda n: redis_seconds(server, plan, n, 2),
+        }
+        print(f"{'n':>6s}" + "".join(f"{name:>26s}" for name in columns))
+        last: dict[str, float] = {}
+        for n in sizes:
+            cells = []
+            for name, measure in columns.items():
+                per_item = measure(n) / n * 1e6
+                growth = f"(×{per_item / last[name]:.2f})" if name in last else ""
+                cells.append(f"{per_item:8.0f} µs {growth:>9s}")
+                last[name] = per_item
+            print(f"{n:6d}" + "".join(f"{cell:>26s}" for cell in cells), flush=True)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
