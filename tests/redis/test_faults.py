@@ -193,7 +193,9 @@ def test_sigkill_redis_under_load_then_restart(tmp_path: Path) -> None:
     """AOF on, appendfsync everysec: a killed and restarted server loses nothing it acknowledged."""
     server = RedisServer().start()
     ledger = make_ledger(tmp_path)
-    procs = WorkerProcs(server.url, "crash", ["tests.redis.fault_workers"], lease=3.0, concurrency=16)
+    # states rebuilt from the journal after the restart (the LOAD script, loaded again after NOSCRIPT)
+    procs = WorkerProcs(server.url, "crash", ["tests.redis.fault_workers"], lease=3.0, concurrency=16,
+                        extra_args=["--snapshot-kb", "0"])
     try:
         procs.start(2)
         runs = asyncio.run(_submit(server.url, "crash", SEQUENCE, [{"ledger": ledger, "step_sleep": 0.3}] * 10))
