@@ -34,7 +34,7 @@ __all__ = ["CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUB
 #: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease> <message>`` (a task the calling process runs
 #: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
 #: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled).
-#: Returns {1, new version, {task ids cancelled while queued}} | {2, version, state} (version conflict)
+#: Returns {1, new version, {task ids cancelled while queued}} | {2, version} (version conflict)
 #: | {3, version, lease} (guard failed) | {4, version} (this token was applied already) | {5} (no such run)
 #: | {6, version} (the run exists: creation refused). An empty state (ARGV[2]) writes no snapshot: the
 #: state is then what the snapshot (``state`` at version ``sv``, journal entry ``sj``) and the journal's
