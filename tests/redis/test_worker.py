@@ -146,6 +146,23 @@ def test_two_processes_sharing_one_wide_run_both_get_their_results_in(url: str, 
     assert all(w.stats.transitions > 0 for w in workers)
 
 
+def test_integers_beyond_64_bits_come_back_from_redis_as_they_were(url: str, prefix: str) -> None:
+    """A wide integer in the run input and in a result goes through messages, journal and state: it is the same
+    integer at the end (orjson alone would read it back as a float, and 2**70 + 1 would lose its last bit)."""
+    wide = 2**70 + 1
+    script = {"a": {"result": {"big": wide, "neg": -(2**64) - 3}}}
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(SAGA), {"script": script, "given": [wide]})
+            return await _with_workers([_worker(url, prefix)], lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert result.status == "completed"
+    assert (result.context["big"], result.context["neg"], result.context["given"]) == (wide, -(2**64) - 3, [wide])
+    assert type(result.context["big"]) is int
+
+
 def test_heartbeats_keep_a_long_step_from_being_reclaimed(url: str, prefix: str) -> None:
     calls: list[str] = []
     registry = WorkerRegistry()
