@@ -152,6 +152,14 @@ def test_exit_codes_and_streams_of_the_real_command(files: dict[str, Path], tmp_
     assert usage.returncode == 2 and "Missing argument" in usage.stderr
 
 
+def test_python_dash_m_flowdsl_is_the_same_command(files: dict[str, Path]) -> None:
+    bad = subprocess.run([sys.executable, "-m", "flowdsl", "validate", "--no-import", str(files["invalid.yaml"])],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and all(LINE.match(line) for line in bad.stderr.splitlines())
+    usage = subprocess.run([sys.executable, "-m", "flowdsl", "validate"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+
+
 # --- plan ---------------------------------------------------------------------------------
 
 

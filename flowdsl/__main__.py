@@ -1,0 +1,5 @@
+"""``python -m flowdsl``: the ``flowdsl`` command, for environments where its script is not on PATH."""
+
+from flowdsl.cli import main
+
+main()
