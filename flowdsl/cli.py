@@ -27,6 +27,20 @@ app = typer.Typer(
 EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from flowdsl import __version__
+
+        typer.echo(f"flowdsl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="print the version and exit")] = False) -> None:
+    """flowdsl: declarative workflows with automatic saga compensation."""
+
+
 class OutputFormat(StrEnum):
     text = "text"
     json = "json"

@@ -152,6 +152,17 @@ def test_exit_codes_and_streams_of_the_real_command(files: dict[str, Path], tmp_
     assert usage.returncode == 2 and "Missing argument" in usage.stderr
 
 
+def test_version_is_the_package_version() -> None:
+    import tomllib
+
+    import flowdsl
+
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert flowdsl.__version__ == declared
+    shown = subprocess.run([FLOWDSL, "--version"], capture_output=True, text=True)
+    assert (shown.returncode, shown.stdout) == (0, f"flowdsl {declared}\n")
+
+
 def test_python_dash_m_flowdsl_is_the_same_command(files: dict[str, Path]) -> None:
     bad = subprocess.run([sys.executable, "-m", "flowdsl", "validate", "--no-import", str(files["invalid.yaml"])],
                          capture_output=True, text=True)
