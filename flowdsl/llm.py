@@ -337,7 +337,7 @@ def _sections(raw: str) -> dict[str, str] | None:
         return {k: "\n".join(v).strip() for k, v in sections.items()}
     try:
         data = json.loads(raw.strip().removeprefix("```json").removesuffix("```"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
 

@@ -443,7 +443,7 @@ def _scalar(ftype: str, value: Any) -> Any:
 def _parse_text(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(text.strip())

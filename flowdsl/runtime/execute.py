@@ -229,7 +229,11 @@ def _failed(task_id: str, type_: str, message: str) -> dict[str, Any]:
 
 
 def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
-    event = _failed(task_id, type(exc).__name__, str(exc))
+    try:
+        message = str(exc)
+    except Exception as broken:  # an exception whose __str__ fails must not take the run down with it
+        message = f"(its message could not be read: {type(broken).__name__}: {broken})"
+    event = _failed(task_id, type(exc).__name__, message)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     event["traceback"] = text if len(text) <= _TRACEBACK_LIMIT else "…" + text[-_TRACEBACK_LIMIT:]
     return event
@@ -302,26 +306,35 @@ def copy_json(value: Any) -> Any:
 _SMALL = 16  # entries up to which copy_json copies a container in Python
 
 
-def json_problem(value: Any, path: str = "") -> str | None:
+#: how deep data passed to and from workers may nest (the run input, results): deeper data is refused, so
+#: that every copy, encoding and record of it stays well inside the encoders' and interpreter's bounds
+MAX_JSON_DEPTH = 200
+
+
+def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
     """Where and why ``value`` is not plain JSON data (None when it is).
 
     Accepted: dicts with string keys, lists, strings, booleans, None, ints and
-    finite floats — what survives a JSON round trip unchanged, so that a
-    recorded run replays to the same state and the Redis runtime can store it.
+    finite floats, nested at most :data:`MAX_JSON_DEPTH` levels — what survives
+    a JSON round trip unchanged, so that a recorded run replays to the same
+    state and the Redis runtime can store it.
     """
+    if isinstance(value, dict | list) and depth >= MAX_JSON_DEPTH:
+        shown = "/".join(path.split("/")[:6])
+        return f"at {shown}/…: the data nests deeper than {MAX_JSON_DEPTH} levels"
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 return f"at {path or '/'}: the key {k!r} is not a string"
             if not (v is None or type(v) in _SCALARS):
-                problem = json_problem(v, f"{path}/{k}")
+                problem = json_problem(v, f"{path}/{k}", depth + 1)
                 if problem is not None:
                     return problem
         return None
     if isinstance(value, list):
         for i, v in enumerate(value):
             if not (v is None or type(v) in _SCALARS):
-                problem = json_problem(v, f"{path}/{i}")
+                problem = json_problem(v, f"{path}/{i}", depth + 1)
                 if problem is not None:
                     return problem
         return None

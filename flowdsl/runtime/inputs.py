@@ -1,6 +1,7 @@
 """Run input: read it (file, stdin, ``--set`` overrides) and check it against the plan's input schema.
 
-Stage: runtime (shared by every backend and the CLI). Imports stdlib and jsonschema.
+Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema and
+``.execute`` (for the depth bound of run data).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import json
 import sys
 from collections.abc import Iterable
 from typing import Any
+
+from flowdsl.runtime.execute import MAX_JSON_DEPTH
 
 
 class InputError(Exception):
@@ -31,11 +34,14 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
                     text = fh.read()
         except OSError as exc:
             raise InputError(f"cannot read input file '{source}': {exc.strerror or exc}") from None
+        name = "stdin" if source == "-" else source
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            name = "stdin" if source == "-" else source
             raise InputError(f"{name}:{exc.lineno}:{exc.colno}: input is not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise InputError(f"{name}: the input nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
+                             "are accepted)") from None
     if not isinstance(data, dict):
         raise InputError(f"the run input must be a JSON object, found {type(data).__name__}")
     for item in overrides:
@@ -46,6 +52,9 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        except RecursionError:
+            raise InputError(f"--set {key}: the value nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
+                             "are accepted)") from None
         _assign(data, key.split("."), value, item)
     return data
 

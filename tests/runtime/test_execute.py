@@ -41,8 +41,25 @@ def blocking(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"sync": True}
 
 
+async def too_deep(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    inner = result
+    for _ in range(5000):
+        inner["x"] = inner = {}
+    return result
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message here")
+
+
+async def unprintable(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    raise Unprintable()
+
+
 for name, fn in {"quick": quick, "slow": slow, "broken": broken, "not_an_object": not_an_object,
-                 "blocking": blocking}.items():
+                 "blocking": blocking, "too_deep": too_deep, "unprintable": unprintable}.items():
     REG.register(name, fn)
 
 
@@ -85,6 +102,11 @@ def test_what_each_worker_answers() -> None:
     assert both(command("broken"))[1]["error"] == {"type": "KeyError", "message": "'sku'"}
     assert both(command("not_an_object"))[1]["error"]["type"] == "OutputInvalid"
     assert both(command("missing"))[1]["error"]["type"] == WORKER_NOT_FOUND
+    deep = both(command("too_deep"))[1]["error"]  # refused, not copied, encoded or recorded out of bounds
+    assert deep == {"type": "OutputInvalid", "message": "the worker's result is not JSON: at /x/x/x/x/x/…: "
+                                                        "the data nests deeper than 200 levels"}
+    assert both(command("unprintable"))[1]["error"] == {  # the step fails, the run goes on
+        "type": "Unprintable", "message": "(its message could not be read: RuntimeError: no message here)"}
 
 
 def test_a_quick_worker_is_answered_without_a_task_and_the_others_are_left_to_execute() -> None:

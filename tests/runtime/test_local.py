@@ -271,6 +271,11 @@ def _spec(tmp_path: Path, name: str, text: str | None = None) -> str:
     return str(path)
 
 
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 def cli(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
 
@@ -328,6 +333,12 @@ def test_no_record_writes_nothing(tmp_path: Path) -> None:
     (lambda t: ["run", _spec(t, "ok"), "--run-id", "bad/id"], "invalid run id 'bad/id': use 1-128 letters"),
     (lambda t: ["run", _spec(t, "ok"), "--runs-dir", _spec(t, "ok")],
      "cannot keep run records in '"),  # a file, not a directory: refused before any step runs
+    (lambda t: ["run", _spec(t, "ok"), "--input", _write(t / "deep.json", "[" * 100_000 + "]" * 100_000)],
+     "deep.json: the input nests too deeply to read"),
+    (lambda t: ["run", _spec(t, "ok"), "--set", "a=" + "[" * 20_000 + "]" * 20_000],
+     "--set a: the value nests too deeply to read"),
+    (lambda t: ["run", _spec(t, "ok"), "--input", _write(t / "d300.json", '{"a":' * 300 + "1" + "}" * 300)],
+     "the data nests deeper than 200 levels"),
     (lambda t: ["show", "nothing-here", "--runs-dir", str(t)], "no recorded run 'nothing-here'"),
 ])
 def test_rejected_specs_inputs_and_usage_exit_2_without_a_traceback(tmp_path: Path, make: Any, message: str) -> None:
