@@ -25,7 +25,8 @@ What :func:`execute` does:
   go into the answer's ``meta`` as ``{"llm": {...}}``, which the kernel copies
   into the event it emits about that attempt (docs/kernel.md);
 - an exception becomes ``task_failed`` with ``{"type": class name, "message":
-  str(exc)}`` (plus a ``traceback`` field for the record); a result that is not
+  str(exc)}`` (plus a ``traceback`` field for the record), and so does a
+  ``sys.exit()`` in a worker (type ``SystemExit``); a result that is not
   a JSON object (``None`` counts as ``{}``) becomes ``task_failed`` of type
   ``OutputInvalid``;
 - cancellation (``asyncio.CancelledError``) propagates: the caller answers
@@ -95,7 +96,7 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
             result = await _in_thread(found.fn, data, ctx)
             if inspect.isawaitable(result):
                 result = await result
-    except Exception as exc:  # the worker's (or the model's) failure, whatever it is
+    except _FAILURES as exc:  # the worker's (or the model's) failure, whatever it is
         return _exception_event(task_id, exc)
     return _answer(task_id, result)
 
@@ -119,7 +120,7 @@ class Suspended:
         """The answer event, as :func:`execute` gives it; raises only ``asyncio.CancelledError``."""
         try:
             result = await resume(self.coro, self.pending)
-        except Exception as exc:
+        except _FAILURES as exc:
             return _exception_event(self.task_id, exc)
         return _answer(self.task_id, result)
 
@@ -150,7 +151,7 @@ def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) ->
         pending = context.run(coro.send, None)
     except StopIteration as stop:
         return _answer(task_id, stop.value)
-    except Exception as exc:
+    except _FAILURES as exc:
         return _exception_event(task_id, exc)
     return Suspended(task_id, coro, pending, context)
 
@@ -228,9 +229,15 @@ def _failed(task_id: str, type_: str, message: str) -> dict[str, Any]:
     return {"type": "task_failed", "task_id": task_id, "error": {"type": type_, "message": message}}
 
 
+#: what a worker (or a model call) raises that is the attempt's failure: every Exception, and SystemExit — a
+#: worker calling sys.exit() must end neither the run nor the worker process (on Redis, the step would then
+#: be taken over and end the next process too, one after the other)
+_FAILURES = (Exception, SystemExit)
+
+
 def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
     try:
-        message = str(exc)
+        message = f"the worker called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else str(exc)
     except Exception as broken:  # an exception whose __str__ fails must not take the run down with it
         message = f"(its message could not be read: {type(broken).__name__}: {broken})"
     event = _failed(task_id, type(exc).__name__, message)
@@ -268,7 +275,7 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
     try:
         result = await run_llm_step(block, data, lm=model, step_key=command["step"], adapter=adapter,
                                     redact=block.get("redact") or ())
-    except Exception as exc:  # as for a worker: the attempt failed with this error type
+    except _FAILURES as exc:  # as for a worker: the attempt failed with this error type
         event = _exception_event(task_id, exc)
         name = model if isinstance(model, str) else getattr(model, "model", None)
         name = name if isinstance(name, str) else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from flowdsl.cli import app
 from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.workers import WorkerRegistry
-from tests.redis.procs import WorkerProcs
+from tests.redis.procs import ROOT, WorkerProcs
 from tests.runtime.conformance import HEADER
 
 SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
@@ -63,6 +64,32 @@ def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_t
     result = asyncio.run(main())
     assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
     assert result.error["type"] == "ScheduleToStartTimeout"
+
+
+def test_a_worker_process_survives_a_step_that_calls_sys_exit(tmp_path: Path, url: str, prefix: str) -> None:
+    """sys.exit() in a step fails that step (the run compensates); the process keeps serving — else the step
+    would be taken over by the next process after the lease and end that one too."""
+    module = tmp_path / "exiting_workers.py"
+    module.write_text("import sys\nfrom flowdsl import worker\n\n\n@worker('exiting.quit')\n"
+                      "async def quit_(data, ctx):\n    sys.exit(3)\n")
+    spec = ("flowdsl: 1\nname: exiting\nworkers: [tests.runtime.workers]\n"
+            "steps:\n  - conf.a: {compensate: undo.a}\n  - q: {worker: exiting.quit}\n")
+    procs = WorkerProcs(url, prefix, ["tests.runtime.workers", "exiting_workers"],
+                        env={"PYTHONPATH": os.pathsep.join((str(ROOT), str(tmp_path)))})
+    try:
+        procs.start(1)
+
+        async def main() -> Any:
+            async with RedisClient(url, prefix=prefix) as client:
+                first = await client.submit(compile_text(spec), {"script": {}})
+                second = await client.submit(compile_text(SAGA), {"script": {}})
+                return [await asyncio.wait_for(client.follow(s.run_id), 30) for s in (first, second)]
+
+        failed, after = asyncio.run(main())
+        assert (failed.status, failed.compensated, failed.error["type"]) == ("compensated", ["a"], "SystemExit")
+        assert after.status == "completed" and procs.alive() == procs.procs  # the same process served both
+    finally:
+        procs.stop_all()
 
 
 LONG = """flowdsl: 1

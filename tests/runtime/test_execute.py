@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 from typing import Any
 
 import pytest
@@ -58,8 +59,17 @@ async def unprintable(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     raise Unprintable()
 
 
+async def exits(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    sys.exit(3)
+
+
+def exits_in_a_thread(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    sys.exit("bye")
+
+
 for name, fn in {"quick": quick, "slow": slow, "broken": broken, "not_an_object": not_an_object,
-                 "blocking": blocking, "too_deep": too_deep, "unprintable": unprintable}.items():
+                 "blocking": blocking, "too_deep": too_deep, "unprintable": unprintable, "exits": exits,
+                 "exits_in_a_thread": exits_in_a_thread}.items():
     REG.register(name, fn)
 
 
@@ -107,6 +117,11 @@ def test_what_each_worker_answers() -> None:
                                                         "the data nests deeper than 200 levels"}
     assert both(command("unprintable"))[1]["error"] == {  # the step fails, the run goes on
         "type": "Unprintable", "message": "(its message could not be read: RuntimeError: no message here)"}
+    # sys.exit() in a worker fails its step; it ends neither the run nor the process (nor, on Redis, every
+    # process that would take the step over after it)
+    assert both(command("exits"))[1]["error"] == {"type": "SystemExit", "message": "the worker called sys.exit(3)"}
+    in_thread = asyncio.run(execute(command("exits_in_a_thread"), registry=REG))
+    assert in_thread["error"] == {"type": "SystemExit", "message": "the worker called sys.exit('bye')"}
 
 
 def test_a_quick_worker_is_answered_without_a_task_and_the_others_are_left_to_execute() -> None:
