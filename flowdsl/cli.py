@@ -8,6 +8,7 @@ Human output goes to stderr (rich), machine output to stdout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import StrEnum
@@ -98,10 +99,17 @@ def _exit_for(diags: list[Any]) -> int:
     return EXIT_DIAGNOSTICS if has_errors(diags) else EXIT_OK
 
 
+def _user_code() -> contextlib.AbstractContextManager[Any]:
+    """While user code runs (worker modules imported, workers called), what it prints goes to stderr: stdout
+    carries this command's own output alone (the object of ``--format json``, a plan, a converted spec)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _compile(file: Path, no_import: bool) -> Any:
     from flowdsl.api import compile_spec
 
-    return compile_spec(str(file), check_workers=not no_import)
+    with _user_code():
+        return compile_spec(str(file), check_workers=not no_import)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -170,8 +178,9 @@ def convert(
     from flowdsl.api import compile_loaded, load
     from flowdsl.convert import convert_text
 
-    doc = load(str(file))
-    result = compile_loaded(doc, str(file))
+    with _user_code():
+        doc = load(str(file))
+        result = compile_loaded(doc, str(file))
     if result.plan is None:
         _print_diagnostics(result.diagnostics, fmt)
         raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
@@ -257,14 +266,15 @@ def run(
 
     view = LiveView(result.plan, mode="off" if fmt is OutputFormat.json else "auto", console=_stderr())
     try:
-        local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
-                         on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True)
+        with _user_code():
+            local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
+                             on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True)
     except (WorkersMissing, WorkerImportError, FileExistsError, ValueError) as exc:
         raise _fail(str(exc)) from None
     import asyncio
 
     try:
-        with view:
+        with view, _user_code():
             outcome = asyncio.run(local.run())
     except RunAborted as exc:
         raise _fail(str(exc), EXIT_ABORTED) from None

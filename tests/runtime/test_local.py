@@ -349,6 +349,23 @@ def test_rejected_specs_inputs_and_usage_exit_2_without_a_traceback(tmp_path: Pa
     assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
 
 
+def test_what_workers_print_goes_to_stderr_and_stdout_stays_machine_output(tmp_path: Path) -> None:
+    """A worker module that prints when imported, and workers (async, and sync in a thread) that print: with
+    --format json, stdout is still exactly one JSON object; the prints are on stderr. The same for `plan`."""
+    (tmp_path / "noisy_cli_workers.py").write_text(
+        "from flowdsl import worker\nprint('importing noisy workers')\n\n\n@worker('noisy.step')\n"
+        "async def step(data, ctx):\n    print('hello from the step')\n    return {'ok': True}\n\n\n"
+        "@worker('noisy.sync')\ndef sync(data, ctx):\n    print('hello from a thread')\n    return {}\n")
+    spec = _spec(tmp_path, "noisy", "flowdsl: 1\nname: noisy\nworkers: [noisy_cli_workers]\n"
+                                    "steps:\n  - s: {worker: noisy.step}\n  - t: {worker: noisy.sync}\n")
+    r = cli("run", spec, "--format", "json", "--no-record")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["status"] == "completed"
+    assert r.stderr.splitlines()[-2:] == ["hello from the step", "hello from a thread"]
+    plan = cli("plan", spec)
+    assert plan.exit_code == 0 and json.loads(plan.stdout)["flow"]["name"] == "noisy"
+
+
 def test_an_existing_run_id_is_refused(tmp_path: Path) -> None:
     args = ["run", _spec(tmp_path, "ok"), "--runs-dir", str(tmp_path), "--run-id", "same", "--format", "json"]
     assert cli(*args).exit_code == 0
