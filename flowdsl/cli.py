@@ -278,6 +278,8 @@ def run(
             outcome = asyncio.run(local.run())
     except RunAborted as exc:
         raise _fail(str(exc), EXIT_ABORTED) from None
+    except FileExistsError as exc:  # another run took the run id between the check and the start: nothing ran
+        raise _fail(str(exc)) from None
     except (OSError, RuntimeError) as exc:
         raise _fail(f"the run stopped: {exc}", EXIT_DIAGNOSTICS) from None
     if fmt is OutputFormat.json:

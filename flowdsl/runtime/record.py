@@ -56,7 +56,7 @@ def check_records_dir(path: Path) -> None:
 
 
 class RunRecorder:
-    """Appends a run's header and events to its record file.
+    """Writes a run's header and events to its record file, which it creates (it must not exist).
 
     Lines are buffered until :meth:`flush`; the local runtime flushes after
     every burst of decisions it makes without waiting (so a record is on disk
@@ -66,7 +66,10 @@ class RunRecorder:
     def __init__(self, run_id: str, directory: str | Path | None = None):
         self.path = record_path(run_id, directory)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: BinaryIO | None = self.path.open("ab")
+        try:  # exclusive: two runs started at once with one run id must not write one record
+            self._fh: BinaryIO | None = self.path.open("xb")
+        except FileExistsError:
+            raise FileExistsError(f"a record of run '{run_id}' already exists: {self.path}") from None
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
         self.write_many(({"type": "record", "plan": plan, "input": run_input, **extra},))

@@ -366,6 +366,18 @@ def test_what_workers_print_goes_to_stderr_and_stdout_stays_machine_output(tmp_p
     assert plan.exit_code == 0 and json.loads(plan.stdout)["flow"]["name"] == "noisy"
 
 
+def test_a_record_made_by_another_run_meanwhile_stops_this_one_before_any_step(tmp_path: Path) -> None:
+    """Two runs started at once with one run id: the second to create the record does not write into the
+    first's (the record is created exclusively) and runs nothing."""
+    plan = compile_text(HEADER.format(name="race") + "steps: [conf.a]\n")
+    run = LocalRun(plan, {"script": {"a": {"raise": "ShouldNotRun"}}}, run_id="race", runs_dir=tmp_path)
+    (tmp_path / "race.jsonl").write_text("the other run's record\n")
+    with pytest.raises(FileExistsError, match="a record of run 'race' already exists"):
+        asyncio.run(run.run())
+    assert (tmp_path / "race.jsonl").read_text() == "the other run's record\n"
+    assert run.events == []
+
+
 def test_an_existing_run_id_is_refused(tmp_path: Path) -> None:
     args = ["run", _spec(tmp_path, "ok"), "--runs-dir", str(tmp_path), "--run-id", "same", "--format", "json"]
     assert cli(*args).exit_code == 0
