@@ -298,7 +298,8 @@ def show(
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
-    from flowdsl.runtime.record import RecordError, find_record, read_record
+    from flowdsl.kernel import END_STATES
+    from flowdsl.runtime.record import RecordError, ends_mid_line, find_record, read_record
     from flowdsl.runtime.report import print_timeline, result_from_record
 
     try:
@@ -314,6 +315,12 @@ def show(
         sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
     else:
         print_timeline(outcome, lines, _stderr())
+    if ends_mid_line(path):
+        _stderr().print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
+                        "it); the run is shown as it stood at the line before")
+    if outcome.status not in END_STATES:
+        _stderr().print(f"[yellow]note[/]: the record ends before the run did: the run is still going, or its "
+                        f"process stopped without finishing it (status as recorded: {outcome.status})")
 
 
 # --- the Redis runtime: worker processes and remote runs ------------------------------------------------

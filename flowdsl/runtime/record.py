@@ -107,8 +107,20 @@ def find_record(run: str, directory: str | Path | None = None) -> Path:
     return path
 
 
+def ends_mid_line(path: str | Path) -> bool:
+    """Whether a record file's last line is incomplete (its process stopped while writing it)."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
 def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The header (or None) and the events of a record file; :class:`RecordError` says what is wrong."""
+    """The header (or None) and the events of a record file; :class:`RecordError` says what is wrong.
+
+    A last line cut short (a process killed while writing it, see :func:`ends_mid_line`) is left out: the
+    record then reads as it was before that line."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -118,12 +130,15 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str,
         raise RecordError(f"cannot read run record {p}: {getattr(exc, 'strerror', None) or exc}") from None
     header: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
+            if lineno == len(lines) and not text.endswith("\n"):
+                break  # the last line was cut short (its process stopped while writing it): the record ends before
             raise RecordError(f"{p}:{lineno}: not a JSON line: {exc.msg}") from None
         if not isinstance(item, dict):
             raise RecordError(f"{p}:{lineno}: expected a JSON object, found {type(item).__name__}")

@@ -313,6 +313,25 @@ def test_run_text_output_summarises_and_show_prints_the_timeline(tmp_path: Path)
     assert cli("show", str(tmp_path / "txt1.jsonl")).exit_code == 0
 
 
+def test_show_reads_a_record_cut_short_by_a_killed_process(tmp_path: Path) -> None:
+    """A process killed while writing leaves a partial last line, or no end at all: `show` prints what was
+    recorded up to there and says so, instead of refusing the record."""
+    assert cli("run", _spec(tmp_path, "ok"), "--runs-dir", str(tmp_path), "--run-id", "cut1").exit_code == 0
+    record = tmp_path / "cut1.jsonl"
+    lines = record.read_bytes().splitlines(keepends=True)
+    record.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])  # the last line half written
+    shown = cli("show", "cut1", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 0, shown.stderr
+    assert "the record's last line is incomplete" in shown.stderr
+    record.write_bytes(b"".join(lines[:4]))  # the process died early: the run has no end in the record
+    shown = cli("show", "cut1", "--runs-dir", str(tmp_path), "--format", "json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["status"] == "running"
+    assert "the record ends before the run did" in shown.stderr
+    record.write_bytes(b"".join(lines[:2]) + b"{not json\n" + b"".join(lines[2:]))  # damage inside: refused
+    damaged = cli("show", "cut1", "--runs-dir", str(tmp_path))
+    assert damaged.exit_code == 2 and "cut1.jsonl:3: not a JSON line" in damaged.stderr
+
+
 def test_no_record_writes_nothing(tmp_path: Path) -> None:
     r = cli("run", _spec(tmp_path, "ok"), "--no-record", "--runs-dir", str(tmp_path / "runs"), "--format", "json")
     assert r.exit_code == 0
