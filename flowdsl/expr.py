@@ -18,6 +18,7 @@ import gc
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,15 +87,24 @@ def _message(exc: BaseException) -> str:
     return text[0].lower() + text[1:] if text else text
 
 
+#: an expression that is one variable reference (``$item``): evaluated without the engine when it is bound
+_BARE_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)\Z")
+
+
 class Expression:
     """A compiled expression: parse once, evaluate many times with bounds."""
 
     def __init__(self, source: str):
         self.source = source.strip()
         self._compiled = _parse(self.source)
+        bare = _BARE_VARIABLE.match(self.source)
+        self._variable = bare.group(1) if bare else None
 
     def evaluate(self, data: Any, bindings: Mapping[str, Any] | None = None) -> Any:
         """Evaluate over ``data`` with ``bindings`` (names without ``$``)."""
+        if self._variable is not None and bindings and self._variable in bindings:
+            # `$item` and the like (the usual for_each mapping): the engine would return the binding itself
+            return to_json_value(bindings[self._variable])
         jsonata = _jsonata()
         frame = self._compiled.create_frame()
         for name, value in (bindings or {}).items():

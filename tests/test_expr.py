@@ -52,3 +52,25 @@ def test_an_expression_does_not_walk_context_data_it_does_not_read() -> None:
     assert compile_expression("$item").evaluate(data, {"item": {"sku": "a"}}) == {"sku": "a"}
     assert _Watched.walks == 0
     assert compile_expression("$count(items)").evaluate(data) == 1000
+
+
+@pytest.mark.parametrize("value", [[5], [], {"a": [1]}, None, 1.5, 2.0, "s", [[1], [2, [3]]], True, 10**30])
+def test_a_bare_variable_gives_what_the_engine_gives(value: Any) -> None:
+    bare, through_the_engine = compile_expression("$item"), compile_expression("($item)")
+    assert bare.evaluate({}, {"item": value}) == through_the_engine.evaluate({}, {"item": value})
+    assert type(bare.evaluate({}, {"item": value})) is type(through_the_engine.evaluate({}, {"item": value}))
+
+
+def test_a_bound_bare_variable_is_read_without_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`with: {line: "${ $item }"}` is the usual for_each mapping: it costs a lookup, not an evaluation."""
+    import flowdsl.expr as expr
+
+    bare, unbound = compile_expression("$line"), compile_expression("$nothing_bound")
+
+    def no_engine() -> Any:
+        raise AssertionError("the engine was used")
+
+    monkeypatch.setattr(expr, "_jsonata", no_engine)
+    assert bare.evaluate({"big": list(range(10))}, {"line": {"sku": "a"}}) == {"sku": "a"}
+    with pytest.raises(AssertionError):  # not bound: the engine decides (undefined, or a function's name)
+        unbound.evaluate({}, {"line": 1})
