@@ -324,14 +324,15 @@ def test_run_warns_of_steps_no_live_worker_process_serves(url: str, prefix: str,
     args = ["run", str(spec), "--backend", "redis", *common, "--detach"]
     alone = cli(*args, "--run-id", "w-1")  # no worker process at all: everything is unserved
     assert alone.exit_code == 0 and alone.stdout.strip() == "w-1"
-    assert "step 'conf.a' of step 'a'" in " ".join(alone.stderr.split())
+    assert "the step worker 'conf.a' of step 'a'" in " ".join(alone.stderr.split())
     procs = WorkerProcs(url, prefix, ["tests.runtime.workers"])
     try:
         procs.start(1)
         r = cli(*args, "--run-id", "w-2", "--schedule-timeout", "0.2")
         assert r.exit_code == 0 and r.stdout.strip() == "w-2"
-        assert ("warning: no live worker process serves compensation 'nobody.undo' of step 'a'; step 'nobody.b' "
-                "of step 'b': the step fails after 0.2 s (--schedule-timeout)") in " ".join(r.stderr.split())
+        assert ("warning: no live worker process serves the compensation worker 'nobody.undo' of step 'a'; the step "
+                "worker 'nobody.b' of step 'b': the step fails after 0.2 s (--schedule-timeout)") in " ".join(
+                    r.stderr.split())
         assert "conf.a' of step 'a'" not in r.stderr  # a live process serves it
     finally:
         procs.stop_all()

@@ -304,7 +304,7 @@ class RedisClient:
         fallback or compensation) no live process has registered, and per LLM step when none serves LLM steps."""
         live = await self.workers()
         served = {name for record in live for name in record.get("workers") or ()}
-        missing = [f"{role} '{name}' of step '{key}'" for key, role, name in worker_references(plan)
+        missing = [f"the {role} worker '{name}' of step '{key}'" for key, role, name in worker_references(plan)
                    if name not in served]
         if not any(record.get("llm") for record in live):
             missing += [f"LLM step '{key}'" for key, node in plan["nodes"].items() if node["kind"] == "llm"]
