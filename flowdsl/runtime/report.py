@@ -175,6 +175,9 @@ def _span(row: Mapping[str, Any]) -> int | None:
     return int(row["finished_at"] - row["started_at"])
 
 
+_PATH_SHOWN = 12  # steps of the critical path the summary names (the JSON object has them all)
+
+
 def critical_path(plan: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], int]:
     """The chain of steps through the plan's edges that took longest in this run, and its milliseconds.
 
@@ -206,25 +209,27 @@ def critical_path(plan: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]
 
     waiting = {k: len(preds[k]) for k in preds}
     ready = sorted((k for k in preds if waiting[k] == 0), key=rank)
-    best: dict[str, tuple[int, str | None]] = {}
+    # per vertex: (longest time to it, steps on that chain, the predecessor it came through); among chains of
+    # equal time the one with more steps wins, so steps that took 0 ms still extend the path they are on
+    best: dict[str, tuple[int, int, str | None]] = {}
     while ready:
         key = ready.pop(0)
-        top = max(((best[p][0], p) for p in preds[key]), default=(0, None), key=lambda t: t[0])
-        best[key] = (top[0] + weight.get(key, 0), top[1])
+        top = max(((best[p][0], best[p][1], p) for p in preds[key]), default=(0, 0, None), key=lambda t: t[:2])
+        best[key] = (top[0] + weight.get(key, 0), top[1] + (key in weight), top[2])
         for nxt in succs[key]:
             waiting[nxt] -= 1
             if waiting[nxt] == 0:
                 ready.append(nxt)
     if not best:
         return [], 0
-    end = max(best, key=lambda k: (best[k][0], -rank(k)))
+    end = max(best, key=lambda k: (best[k][0], best[k][1], -rank(k)))
     total = best[end][0]
     chain: list[str] = []
     cur: str | None = end
     while cur is not None:
         if cur in weight:
             chain.append(cur)
-        cur = best[cur][1]
+        cur = best[cur][2]
     return list(reversed(chain)), total
 
 
@@ -356,7 +361,11 @@ def print_summary(result: RunResult, console: Any = None) -> None:
                  f"(×{t['step_time_sum_ms'] / t['wall_ms']:.1f})")
     con.print(line)
     if t["critical_path"]:
-        path = " → ".join(_esc(k) for k in t["critical_path"])
+        chain = t["critical_path"]
+        if len(chain) > _PATH_SHOWN:  # a long chain: its ends, and how many steps between
+            half = _PATH_SHOWN // 2
+            chain = [*chain[:half], f"… {len(chain) - 2 * half} more …", *chain[-half:]]
+        path = " → ".join(_esc(k) for k in chain)
         con.print(f"critical path {_seconds(t['critical_path_ms'])}: {path}")
     if result.record_path is not None:
         con.print(f"[dim]record: {_esc(result.record_path)}  (flowdsl show {_esc(result.run_id)})[/]")

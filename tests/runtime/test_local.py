@@ -332,6 +332,23 @@ def test_show_reads_a_record_cut_short_by_a_killed_process(tmp_path: Path) -> No
     assert damaged.exit_code == 2 and "cut1.jsonl:3: not a JSON line" in damaged.stderr
 
 
+def test_the_critical_path_runs_through_steps_that_took_no_time_and_a_long_one_is_shortened(tmp_path: Path) -> None:
+    """A sequence of quick steps (most under a millisecond): its critical path is the whole sequence, not the
+    part up to the last step that took a measurable time; the summary names a long path's ends only."""
+    from flowdsl.runtime.report import critical_path
+
+    plan = compile_text(HEADER.format(name="quick") + "steps: [" + ", ".join(f"conf.{i}" for i in "abcdefgpqrsuvw")
+                        + "]\n")
+    rows = {k: {"node": k, "kind": "task", "started_at": 100 + (i if i < 3 else 3), "finished_at": 100 + (
+        i + 1 if i < 3 else 3)} for i, k in enumerate(plan["root"])}  # 1 ms each for three steps, then 0 ms
+    assert critical_path(plan, rows) == (plan["root"], 3)
+    r = cli("run", _spec(tmp_path, "quick", HEADER.format(name="quick") + "steps: [" + ", ".join(
+        f"conf.{i}" for i in "abcdefgpqrsuvw") + "]\n"), "--no-record")
+    assert r.exit_code == 0
+    line = next(x for x in r.stderr.splitlines() if x.startswith("critical path"))
+    assert line.endswith(": a → b → c → d → e → f → … 2 more … → q → r → s → u → v → w")
+
+
 def test_no_record_writes_nothing(tmp_path: Path) -> None:
     r = cli("run", _spec(tmp_path, "ok"), "--no-record", "--runs-dir", str(tmp_path / "runs"), "--format", "json")
     assert r.exit_code == 0
