@@ -65,7 +65,7 @@ class RunRecorder:
 
     def __init__(self, run_id: str, directory: str | Path | None = None):
         self.path = record_path(run_id, directory)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_records_dir(self.path)
         try:  # exclusive: two runs started at once with one run id must not write one record
             self._fh: BinaryIO | None = self.path.open("xb")
         except FileExistsError:
