@@ -148,6 +148,50 @@ def test_a_long_run_writes_its_state_in_snapshots_and_a_load_replays_the_journal
         assert 2 < snapshots < transitions / 10 and any(checked)
 
 
+@pytest.mark.parametrize("alternate", [False, True])
+def test_a_chain_kept_by_its_process_writes_its_small_state_every_16_transitions_else_every_transition(
+        url: str, prefix: str, alternate: bool) -> None:
+    """40 steps in a row. Served by one process, each step's transition hands it the next (a chain): nobody
+    else is about to load the run, so its state (small) is written at the start, every 16 transitions and at
+    the end only. Alternating between two processes, each transition queues the next step for the other one,
+    which then loads the run: the state is written every transition. Either way a load gives exactly the state
+    the serving process holds."""
+    names = ["chain.a", "chain.b"] if alternate else ["chain.a"]
+    registries = [WorkerRegistry() for _ in names]
+    since: list[int] = []  # per step: how many transitions a load replayed
+    workers: list[RedisWorker] = []
+
+    def step(index: int) -> Any:
+        async def run(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            loaded = await workers[index].store.load(ctx.run_id)
+            held = max((r for w in workers if (r := w.advancer._cache.get(ctx.run_id))), key=lambda r: r.version)
+            assert loaded is not None and (loaded.version, loaded.state) == (held.version, held.state)
+            since.append(loaded.since)
+            return {ctx.step_id: True}
+        return run
+
+    for index, (name, registry) in enumerate(zip(names, registries, strict=True)):
+        registry.register(name, step(index))
+        workers.append(_worker(url, prefix, registry))
+    spec = "flowdsl: 1\nname: chain\nsteps:\n" + "".join(
+        f"  - s{i}: {{worker: {names[i % len(names)]}}}\n" for i in range(40))
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {})
+            return await _with_workers(workers, lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert result.status == "completed" and len(result.context) == 40 and len(since) == 40
+    transitions = sum(w.advancer.transitions for w in workers)
+    snapshots = sum(w.advancer.snapshots for w in workers)
+    assert transitions == 41  # the start, then one per step
+    if alternate:
+        assert snapshots == 41 and set(since) == {0}
+    else:
+        assert snapshots == 4 and since == list(range(16)) * 2 + list(range(8))  # v1, v17, v33, v41
+
+
 def test_two_processes_sharing_one_wide_run_both_get_their_results_in(url: str, prefix: str) -> None:
     """Two worker processes serve one run's 600 iterations, 16 at a time: their transitions conflict, and the
     one that loses backs off and tries again instead of giving up after a few dozen conflicts in a row and

@@ -20,7 +20,9 @@ The state is written whole (a snapshot) only while that is cheap: a state of
 S bytes is written once every ⌈S / snapshot_bytes⌉ transitions (every
 transition while it is under ``snapshot_bytes``), and always at a run's start
 and end; the transitions in between are replayed from the journal when a
-process loads the run (``Store.load``). A long run (a for_each over thousands
+process loads the run (``Store.load``). While a run is a chain whose one task
+in flight this process runs itself, nobody else is about to load it: its
+snapshot then waits for ``CHAIN_REPLAY`` transitions. A long run (a for_each over thousands
 of items) so writes O(one step's change) per transition, not O(its state).
 
 Within one process the events of a run are applied one at a time (a lock per
@@ -46,12 +48,15 @@ from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
 from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult
 
-__all__ = ["SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain", "Outcome"]
+__all__ = ["CHAIN_REPLAY", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain", "Outcome"]
 
 #: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
 #: a state is written whole every transition while under this size, every ⌈size / this⌉ transitions above it
 SNAPSHOT_BYTES = 16 * 1024
+#: a chain (the run's one task in flight runs in the process that dispatched it) writes the state whole
+#: at most once per this many transitions: the process has it cached, and a taker replays at most these
+CHAIN_REPLAY = 16
 #: version conflicts in a row after which an event is left to its trigger's next holder (after the lease);
 #: between conflicts the process backs off (0-50 ms, jittered) so that one process hammering a run with its
 #: cached state cannot starve another one's result
@@ -268,8 +273,7 @@ class Advancer:
         meta = list(meta or ())
         if finished:
             meta.append(("finished", at))
-        every = self.snapshot_bytes
-        snapshot = finished or record.version == 0 or (every > 0 and (record.since + 1) * every >= record.snapshot_size)
+        snapshot = finished or record.version == 0 or self._snapshot_due(record, held is not None and len(after) == 1)
         state_raw = dumps(state) if snapshot else b""
         payload = dict(state=state_raw, token=next(self._tokens), input_event=dumps(event),
                        events=dumps(decision.events), status=state["status"],
@@ -301,6 +305,20 @@ class Advancer:
             else:
                 self._remember(record)
         return result, ops
+
+    def _snapshot_due(self, record: RunRecord, kept: bool) -> bool:
+        """Whether a transition (neither a run's first nor its last) writes the state whole.
+
+        ``kept``: the run's only task in flight is the one this process runs itself (a chain), so nobody
+        else is about to load the run; its snapshot can wait until ``CHAIN_REPLAY`` transitions wait to be
+        replayed (a process that takes the chain over after a crash replays them). Otherwise a state of S
+        bytes is written every ⌈S / snapshot_bytes⌉ transitions.
+        """
+        every = self.snapshot_bytes
+        if every <= 0:
+            return False
+        since = record.since + 1
+        return since * every >= record.snapshot_size and (not kept or since >= CHAIN_REPLAY)
 
     async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
                             note: dict[str, Any] | None, precheck: Callable[[dict[str, Any]], bool] | None,
