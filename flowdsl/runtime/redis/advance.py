@@ -264,29 +264,31 @@ class Advancer:
                 ops.append({"o": "cancel", "t": command["task_id"]})
                 task_ops.append(("x", command["task_id"], ""))
         after = set(state["tasks"])
-        task_ops.extend(("s", t, "q") for t in after - before if t != held)
-        task_ops.extend(("d", t, "") for t in before - after)
-        for task_id in before - after:
-            if record.sts_ms:
-                ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
+        if after != before:
+            task_ops.extend(("s", t, "q") for t in after - before if t != held)
+            for task_id in before - after:
+                task_ops.append(("d", task_id, ""))
+                if record.sts_ms:
+                    ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
         finished = decision.finished
-        meta = list(meta or ())
         if finished:
-            meta.append(("finished", at))
+            meta = [*(meta or ()), ("finished", at)]
         snapshot = finished or record.version == 0 or self._snapshot_due(record, held is not None and len(after) == 1)
         state_raw = dumps(state) if snapshot else b""
-        payload = dict(state=state_raw, token=next(self._tokens), input_event=dumps(event),
-                       events=dumps(decision.events), status=state["status"],
-                       outbox=dumps(ops) if ops else None, guard=guard,
-                       note=dumps({**note, "at": at}) if note else None, finished=finished, task_ops=task_ops,
-                       meta=meta)
-        backoff = Backoff()
+        token, input_event, events = next(self._tokens), dumps(event), dumps(decision.events)
+        outbox = dumps(ops) if ops else None
+        note_raw = dumps({**note, "at": at}) if note else None
+        backoff: Backoff | None = None
         while True:  # the same payload (and token) until Redis answers: an unknown outcome is never applied twice
             try:
-                result = await self.store.transition(run_id, expected=record.version, **payload)  # type: ignore[arg-type]
+                result = await self.store.transition(
+                    run_id, expected=record.version, state=state_raw, token=token, input_event=input_event,
+                    events=events, status=state["status"], outbox=outbox, guard=guard, note=note_raw,
+                    finished=finished, task_ops=task_ops, meta=meta or ())
                 break
             except TRANSIENT as exc:
                 log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)
+                backoff = backoff or Backoff()
                 await backoff.wait()
         if result.applied:
             self.transitions += 1
@@ -327,7 +329,11 @@ class Advancer:
         """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
         backoff: Backoff | None = None
         for _ in range(_MAX_CONFLICTS):
-            record = await self._record(run_id)
+            record = self._cache.get(run_id)
+            if record is not None:
+                self._cache.move_to_end(run_id)
+            else:
+                record = await self._record(run_id)
             if record is None:
                 return Outcome.MISSING, None, True
             if precheck is not None and not precheck(record.state):
@@ -344,8 +350,9 @@ class Advancer:
                 log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
                 return Outcome.INVALID, None, True
             result, ops = await self._commit(record, event, decision, before, guard, note, chain=chain)
-            log.debug("run %s: %s %s -> %s v%s", run_id, event["type"], event.get("task_id") or event.get("timer_id"),
-                      result.code, result.version)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("run %s: %s %s -> %s v%s", run_id, event["type"],
+                          event.get("task_id") or event.get("timer_id"), result.code, result.version)
             if result.applied:
                 return Outcome.APPLIED, (result.version, ops, result.cancelled_queued), True
             self._cache.pop(run_id, None)

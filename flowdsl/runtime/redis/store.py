@@ -226,7 +226,9 @@ class Store:
         reply = await _TRANSITION(self.batcher, self.keys.run_keys(run_id), args)
         code = int(reply[0])
         if code == 1:
-            return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in reply[2]))
+            cancelled = reply[2]
+            return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in cancelled)
+                                    if cancelled else ())
         if code == 3:
             return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
         if code in (2, 4, 6):
