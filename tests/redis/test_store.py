@@ -4,6 +4,7 @@ version checks, lease guards, no trimming of pending work, retention, connection
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this p
 from flowdsl import compile_text
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
+from flowdsl.runtime.redis.advance import nonces
 from flowdsl.runtime.redis.connection import RedisConfigError, connect, describe_url, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember, check_run_id
 from flowdsl.runtime.redis.store import Store
@@ -60,6 +62,19 @@ def test_timer_members_and_run_ids() -> None:
 
 
 # --- connection URLs ---------------------------------------------------------------------------
+
+
+def test_tokens_are_unique_per_draw_and_per_process_and_draw_randomness_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transition and lease tokens: a random prefix drawn once per generator (one system call per process, not
+    one per transition), a counter after it."""
+    calls: list[int] = []
+    real = secrets.token_hex
+    monkeypatch.setattr(secrets, "token_hex", lambda n: calls.append(n) or real(n))
+    first, second = nonces(6), nonces(6)
+    a = [next(first) for _ in range(1000)]
+    b = [next(second) for _ in range(3)]
+    assert calls == [6, 6] and len(set(a + b)) == 1003
+    assert {t.split(".")[0] for t in a} != {t.split(".")[0] for t in b} and len(a[0].split(".")[0]) == 12
 
 
 def test_urls_from_the_option_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,7 +39,7 @@ import itertools
 import logging
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flowdsl.kernel import Decision, apply, start_event, start_run
@@ -72,6 +72,12 @@ class Outcome:
     SKIPPED = "skipped"  # nothing to do (a timer no longer armed, a run already started)
     MISSING = "missing"  # no such run (never started, or expired)
     INVALID = "invalid"  # the kernel refused the event (ValueError); logged
+
+
+def nonces(random_bytes: int) -> Iterator[str]:
+    """Strings unique to this process (a random prefix, drawn once) and to each draw (a counter after it)."""
+    prefix = secrets.token_hex(random_bytes)
+    return (f"{prefix}.{n:x}" for n in itertools.count())
 
 
 class Chain:
@@ -115,7 +121,7 @@ class Advancer:
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
         self._locks: dict[str, deque[asyncio.Future[None]]] = {}
         # transition tokens: unique per process (random) and per transition (counter), with no system call each
-        self._tokens = (f"{secrets.token_hex(6)}.{n:x}" for n in itertools.count())
+        self._tokens = nonces(6)
         self.transitions = 0
         self.snapshots = 0
         self.conflicts = 0

@@ -53,7 +53,7 @@ import redis.asyncio as aioredis
 
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
-from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Outcome
+from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Outcome, nonces
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import Batcher
@@ -162,6 +162,7 @@ class RedisWorker(Upkeep):
         self.options = options or WorkerOptions()
         self.name = self.options.name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.stats = WorkerStats(name=self.name)
+        self._nonces = nonces(3)  # the last part of lease tokens (a delivery can come back to the same process)
         self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
             [self.keys.queue(w) for w in sorted(self.registry.names())]
         self._task_streams = frozenset(self.streams[1:])
@@ -356,7 +357,7 @@ class RedisWorker(Upkeep):
               outbox_version: str) -> _Held:
         trigger = Keys.trigger(stream, entry_id)
         held = _Held(stream, entry_id, command["run_id"], command["task_id"],
-                     f"{trigger}|{self.name}|{secrets.token_hex(3)}", command, raw, outbox_version, trigger)
+                     f"{trigger}|{self.name}|{next(self._nonces)}", command, raw, outbox_version, trigger)
         self._held[(stream, entry_id)] = held
         self._by_task[held.task_id] = held
         return held
@@ -417,7 +418,7 @@ class RedisWorker(Upkeep):
         chain = None
         if not self._slots.locked() and not self._stopping:
             await self._slots.acquire()  # free: returns at once
-            chain = Chain(f"{trigger}|{self.name}|{secrets.token_hex(3)}", self._serves)
+            chain = Chain(f"{trigger}|{self.name}|{next(self._nonces)}", self._serves)
         try:
             if await self.advancer.start(run_id, ack=ack, recover=recover, trigger=trigger,
                                          chain=chain) == Outcome.APPLIED:
