@@ -52,6 +52,21 @@ def test_burst_drains_the_queues_and_exits(url: str, prefix: str) -> None:
     assert (stats.runs_started, stats.tasks, stats.reclaimed) == (3, 6, 0)
 
 
+def test_runs_beyond_the_concurrency_still_run_their_first_step_where_they_start(url: str, prefix: str) -> None:
+    """40 runs submitted at once to a worker with 4 slots: the worker reads no more start requests than it has
+    free slots, so every run's first step (and so every step) runs in the process that started the run, none
+    through its stream (a detour of a stream entry, a PICKUP and an acknowledgement per run)."""
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            ids = [(await client.submit(compile_text(SAGA), {"script": {}})).run_id for _ in range(40)]
+            stats = await asyncio.wait_for(_worker(url, prefix, burst=True, concurrency=4).serve(), 30)
+            return stats, [(await client.info(r)).status for r in ids]
+
+    stats, statuses = asyncio.run(main())
+    assert statuses == ["completed"] * 40
+    assert (stats.runs_started, stats.tasks, stats.chained) == (40, 80, 80)
+
+
 def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_the_run_compensates(
         url: str, prefix: str) -> None:
     spec = HEADER.format(name="sts") + "steps:\n  - conf.a: {compensate: undo.a}\n  - nobody.b\n"

@@ -169,6 +169,8 @@ class RedisWorker(Upkeep):
         self.lease_ms = max(100, int(self.options.lease_s * 1000))
         self._held: dict[tuple[str, str], _Held] = {}
         self._by_task: dict[str, _Held] = {}
+        #: control entries being handled that are not (yet) in ``_held``: the reader counts them as taken slots
+        self._starting: set[str] = set()
         self._active: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._stopped: asyncio.Event | None = None
@@ -313,7 +315,7 @@ class RedisWorker(Upkeep):
         backoff = Backoff()
         block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
         while not self._stopping:
-            free = self.options.concurrency - len(self._held)
+            free = self.options.concurrency - len(self._held) - len(self._starting)
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -343,6 +345,7 @@ class RedisWorker(Upkeep):
 
     def _spawn(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
         if stream == self.keys.control:
+            self._starting.add(entry_id)
             coro: Awaitable[None] = self._control(entry_id, fields, recover)
         else:
             raw = fields.get(b"m")
@@ -387,38 +390,46 @@ class RedisWorker(Upkeep):
     # --- handlers -------------------------------------------------------------------------
 
     async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
-        ack = [self.store.ack_op(self.keys.control, entry_id)]
         try:
-            msg = loads(fields[b"c"])
-            run_id = msg["run_id"]
-        except (KeyError, ValueError, TypeError):
-            await self.advancer.relay(None, None, ack)
-            return
-        trigger = Keys.trigger(self.keys.control, entry_id)
-        while True:
+            ack = [self.store.ack_op(self.keys.control, entry_id)]
             try:
-                if msg.get("type") == "start":
-                    await self._start(run_id, entry_id, trigger, ack, recover)
-                elif msg.get("type") == "cancel":
-                    event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
-                    await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
-                else:
-                    await self.advancer.relay(None, None, ack)
+                msg = loads(fields[b"c"])
+                run_id = msg["run_id"]
+            except (KeyError, ValueError, TypeError):
+                await self.advancer.relay(None, None, ack)
                 return
-            except TRANSIENT:
-                if self._stopping:
-                    return  # the entry stays pending: reclaimed after the lease
-                recover = True
-                await Backoff().wait()
+            trigger = Keys.trigger(self.keys.control, entry_id)
+            while True:
+                try:
+                    if msg.get("type") == "start":
+                        await self._start(run_id, entry_id, trigger, ack, recover)
+                    elif msg.get("type") == "cancel":
+                        event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
+                        await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
+                    else:
+                        await self.advancer.relay(None, None, ack)
+                    return
+                except TRANSIENT:
+                    if self._stopping:
+                        return  # the entry stays pending: reclaimed after the lease
+                    recover = True
+                    await Backoff().wait()
+        finally:
+            self._starting.discard(entry_id)
 
     async def _start(self, run_id: str, entry_id: str, trigger: str, ack: list[dict[str, Any]],
                      recover: bool) -> None:
         """Start a run; with a free slot, run its first step here at once, under the control entry."""
         assert self._slots is not None
         chain = None
-        if not self._slots.locked() and not self._stopping:
-            await self._slots.acquire()  # free: returns at once
-            chain = Chain(f"{trigger}|{self.name}|{next(self._nonces)}", self._serves)
+        if not self._stopping:
+            # the reader reads no more entries than there are free slots, so this wait is short; with the slot,
+            # the run's first step runs here at once instead of going through its stream
+            await self._slots.acquire()
+            if self._stopping:
+                self._slots.release()
+            else:
+                chain = Chain(f"{trigger}|{self.name}|{next(self._nonces)}", self._serves)
         try:
             if await self.advancer.start(run_id, ack=ack, recover=recover, trigger=trigger,
                                          chain=chain) == Outcome.APPLIED:
@@ -427,6 +438,7 @@ class RedisWorker(Upkeep):
                 return
             self.stats.chained += 1
             held = self._hold(self.keys.control, entry_id, chain.command, None, "")
+            self._starting.discard(entry_id)  # counted in _held from here on
             held.token = chain.token
             try:
                 await self._serve(held, ack, 1)
