@@ -64,6 +64,7 @@ class Upkeep:
     advancer: Advancer
     _held: dict[tuple[str, str], _Held]
     _by_task: dict[str, _Held]
+    _starting: set[str]
     _active: set[asyncio.Task[None]]
     _stopping: bool
     _stopped: asyncio.Event | None
@@ -113,6 +114,7 @@ class Upkeep:
         for h in held:
             if not h.picked:
                 renew[h.stream].append(h.entry_id)
+        renew[self.keys.control].extend(self._starting)  # start requests being handled (or waiting for a slot)
         assert self.client is not None
         for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
             await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
@@ -128,7 +130,7 @@ class Upkeep:
         interval = max(0.05, self.options.lease_s / 4)
         while not self._stopping:
             await self._pause(interval)
-            free = self.options.concurrency - len(self._held)
+            free = self.options.concurrency - len(self._held) - len(self._starting)
             if free <= 0 or self._stopping:
                 continue
             try:
@@ -140,8 +142,8 @@ class Upkeep:
                         start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
                         for entry_id, fields in reply[1]:
                             eid = entry_id.decode()
-                            if (stream, eid) in self._held:
-                                continue
+                            if (stream, eid) in self._held or (stream == self.keys.control and eid in self._starting):
+                                continue  # ours already
                             free -= 1
                             self._spawn(stream, eid, entry_fields(fields), True)
                         if start == "0-0":
