@@ -537,15 +537,16 @@ class RedisWorker(Upkeep):
         note = {"type": "result_rejected", "reason": "lease_lost", "run_id": held.run_id, "task_id": held.task_id,
                 "result_type": event["type"], "worker": self.name,
                 "message": "the result came from a worker whose lease had expired; another worker holds the task"}
-        backoff = Backoff()
+        backoff: Backoff | None = None
         while True:  # report until Redis takes it (the heartbeat keeps the lease meanwhile)
             try:
                 outcome = await self.advancer.apply_event(held.run_id, dict(event),
                                                           guard=(held.task_id, mode, held.token),
                                                           note=note if mode == "lease" else None, ack=ack,
-                                                          recover=backoff.failures > 0, chain=chain)
+                                                          recover=backoff is not None, chain=chain)
                 break
             except TRANSIENT:
+                backoff = backoff or Backoff()
                 await backoff.wait()
         if outcome == Outcome.REJECTED and mode == "lease":
             self.stats.rejected += 1
