@@ -370,46 +370,92 @@ def bench_celery(server: Server, workers: int, runs: int, latency_runs: int,
 # --- the report ------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--latency-runs", type=int, default=40)
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of an in-process worker")
-    args = parser.parse_args(argv)
-    server = Server()
-    rows: dict[str, dict[str, float] | None] = {}
-    try:
-        if args.profile:
-            print(profile_flowdsl(server, min(args.runs, 1000)))
-            return
-        rows["floor (bare Redis Streams, 1 process)"] = bench_floor(server, args.runs, args.latency_runs)
-        rows["flowdsl, 1 worker process"] = bench_flowdsl(server, 1, args.runs, args.latency_runs)
-        rows["flowdsl, 2 worker processes"] = bench_flowdsl(server, 2, args.runs, args.latency_runs)
-        for n in (1, 2):
-            for pool in ("prefork", "solo"):
-                rows[_celery_row(pool, n)] = bench_celery(server, n, args.runs, args.latency_runs, pool)
-    finally:
-        server.stop()
-    import redis
+Row = dict[str, float] | None
+FLOOR = "floor (bare Redis Streams, 1 process)"
 
-    print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"Redis {server.version}, redis-py {redis.__version__}, {args.runs} runs × {STEPS} steps")
+
+def measure_round(server: Server, runs: int, latency_runs: int) -> dict[str, Row]:
+    """Every row once, one after the other: the floor, flowdsl with 1 and 2 processes, Celery's four shapes."""
+    rows: dict[str, Row] = {FLOOR: bench_floor(server, runs, latency_runs)}
+    for n in (1, 2):
+        rows[_flowdsl_row(n)] = bench_flowdsl(server, n, runs, latency_runs)
+    for n in (1, 2):
+        for pool in ("prefork", "solo"):
+            rows[_celery_row(pool, n)] = bench_celery(server, n, runs, latency_runs, pool)
+    return rows
+
+
+def ratios(rows: dict[str, Row]) -> dict[int, dict[str, float]]:
+    """Per flowdsl row (1, 2 processes): its share of the floor's throughput and, against Celery's better
+    figure of its two pools with as many processes, its throughput and latency ratios."""
+    out: dict[int, dict[str, float]] = {}
+    floor = rows[FLOOR]
+    for n in (1, 2):
+        fd = rows[_flowdsl_row(n)]
+        assert fd is not None and floor is not None
+        out[n] = {"floor": fd["steps_per_s"] / floor["steps_per_s"]}
+        celery = [row for pool in ("prefork", "solo") if (row := rows[_celery_row(pool, n)]) is not None]
+        if celery:
+            out[n]["celery"] = fd["steps_per_s"] / max(c["steps_per_s"] for c in celery)
+            out[n]["latency"] = fd["latency_ms"] / min(c["latency_ms"] for c in celery)
+    return out
+
+
+def print_round(rows: dict[str, Row]) -> None:
     print(f"{'':36s} {'steps/s':>9s} {'median run':>11s}")
     for name, row in rows.items():
         if row is None:
             print(f"{name:36s} {'skipped':>9s}")
         else:
             print(f"{name:36s} {row['steps_per_s']:9.0f} {row['latency_ms']:9.1f} ms")
-    floor = rows["floor (bare Redis Streams, 1 process)"]
-    for n in (1, 2):
-        fd = rows[f"flowdsl, {n} worker process{'es' if n > 1 else ''}"]
-        assert fd is not None and floor is not None
-        line = f"flowdsl ({n}): {fd['steps_per_s'] / floor['steps_per_s']:.0%} of the floor's throughput"
-        celery = [row for pool in ("prefork", "solo") if (row := rows[_celery_row(pool, n)]) is not None]
-        if celery:  # against Celery's better figure of its two pools
-            line += (f", {fd['steps_per_s'] / max(c['steps_per_s'] for c in celery):.1f}× Celery's throughput, "
-                     f"latency {fd['latency_ms'] / min(c['latency_ms'] for c in celery):.2f}× Celery's")
-        print(line)
+    for n, r in ratios(rows).items():
+        print(_ratio_line(n, r))
+
+
+def _ratio_line(n: int, r: dict[str, float]) -> str:
+    line = f"flowdsl ({n}): {r['floor']:.0%} of the floor's throughput"
+    if "celery" in r:
+        line += f", {r['celery']:.1f}× Celery's throughput, latency {r['latency']:.2f}× Celery's"
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--latency-runs", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every row this many times, one round after another; print each round and "
+                             "the median of each ratio over the rounds")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of an in-process worker")
+    args = parser.parse_args(argv)
+    server = Server()
+    rounds: list[dict[str, Row]] = []
+    try:
+        if args.profile:
+            print(profile_flowdsl(server, min(args.runs, 1000)))
+            return
+        import redis
+
+        print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+              f"Redis {server.version}, redis-py {redis.__version__}, {args.runs} runs × {STEPS} steps", flush=True)
+        for i in range(args.rounds):
+            rounds.append(measure_round(server, args.runs, args.latency_runs))
+            if args.rounds > 1:
+                print(f"round {i + 1} of {args.rounds}")
+            print_round(rounds[-1])
+            sys.stdout.flush()
+    finally:
+        server.stop()
+    if len(rounds) > 1:  # each round's ratios compare rows measured minutes apart at most; their median
+        print(f"median over {len(rounds)} rounds of each round's ratios")
+        per = [ratios(rows) for rows in rounds]
+        for n in (1, 2):
+            keys = per[0][n].keys()
+            print(_ratio_line(n, {k: statistics.median(r[n][k] for r in per) for k in keys}))
+
+
+def _flowdsl_row(n: int) -> str:
+    return f"flowdsl, {n} worker process{'es' if n > 1 else ''}"
 
 
 def _celery_row(pool: str, n: int) -> str:
