@@ -22,8 +22,9 @@ transition while it is under ``snapshot_bytes``), and always at a run's start
 and end; the transitions in between are replayed from the journal when a
 process loads the run (``Store.load``). While a run is a chain whose one task
 in flight this process runs itself, nobody else is about to load it: its
-snapshot then waits for ``CHAIN_REPLAY`` transitions. A long run (a for_each over thousands
-of items) so writes O(one step's change) per transition, not O(its state).
+snapshot then waits for ``CHAIN_REPLAY`` transitions. A long run (a for_each
+over thousands of items) so writes O(one step's change) per transition, not
+O(its state).
 
 Within one process the events of a run are applied one at a time (a lock per
 run); across processes the version check of the transition script serialises
