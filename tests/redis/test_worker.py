@@ -376,6 +376,31 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         procs.stop_all()
 
 
+@pytest.mark.parametrize("width", [80, 60])
+def test_runs_shows_whole_run_ids_and_states_in_a_narrow_terminal(width: int) -> None:
+    """`flowdsl runs` in an 80-column terminal (or a pipe): run ids are what `status` and `cancel` take, so they
+    are never cut short, nor are states; a long flow name is shortened instead."""
+    import io
+
+    from rich.console import Console
+
+    from flowdsl.runtime.redis.client import RunInfo
+    from flowdsl.runtime.redis.commands import _print_runs
+
+    items = [RunInfo("ecommerce_order-20261203T113921-c20310", "ecommerce_order", "needs_intervention",
+                     1764761961000, 1764761961000, 1764761961007),
+             RunInfo("ecommerce_order-20261203T113913-dd2003", "ecommerce_order", "compensated",
+                     1764761953000, 1764761953000, 1764761954500)]
+    out = io.StringIO()
+    _print_runs(items, Console(file=out, width=width, highlight=False))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    for item, line in zip(items, lines[1:], strict=True):
+        assert line.split()[0] == item.run_id and item.status in line.split() and "12-03" in line
+    assert lines[1].rstrip().endswith("7 ms") and lines[2].rstrip().endswith("1.5 s")
+    assert "ecommerc" in lines[1]  # the flow's name, shortened
+
+
 def test_run_warns_of_steps_no_live_worker_process_serves(url: str, prefix: str, tmp_path: Path) -> None:
     spec = tmp_path / "other.yaml"
     spec.write_text(HEADER.format(name="other") + "steps:\n  - conf.a: {compensate: nobody.undo}\n  - nobody.b\n")

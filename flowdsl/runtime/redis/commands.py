@@ -241,17 +241,27 @@ def _print_runs(items: list[RunInfo], console: Any) -> None:
     if not items:
         console.print("no runs")
         return
-    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
-    for column in ("run", "flow", "status", "submitted", "took"):
-        table.add_column(column, no_wrap=True)
+    rows = []
     for i in items:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.submitted_at / 1000)) if i.submitted_at else ""
+        when = time.strftime("%m-%d %H:%M:%S", time.localtime(i.submitted_at / 1000)) if i.submitted_at else ""
         took = ""
         if i.started_at is not None and i.finished_at is not None:
             ms = i.finished_at - i.started_at
             took = f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
-        table.add_row(escape(i.run_id), escape(i.flow or ""), escape(i.status), when, took)
-    console.print(table)
+        rows.append((i.run_id, i.flow or "", i.status, when, took))
+    columns = ("run", "flow", "status", "submitted", "took")
+    widest = [max(len(column), *(len(row[n]) for row in rows)) for n, column in enumerate(columns)]
+    # in a narrow terminal only the flow's name is shortened (to 8 at least): a run id is what the other commands
+    # take, and a state is the point; when even that does not fit, the lines are longer than the terminal
+    needed = sum(widest) - widest[1] + min(widest[1], 8) + 2 * (len(columns) - 1)
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold",
+                  width=needed if needed > console.width else None)
+    for n, column in enumerate(columns):
+        table.add_column(column, no_wrap=True, min_width=None if column == "flow" else widest[n],
+                         justify="right" if column == "took" else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    console.print(table, crop=False)
 
 
 def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: str, wait: bool, as_json: bool,
