@@ -2,7 +2,9 @@
 bare Redis Streams round trip (the floor), side by side on one private Redis.
 
 Run it with ``.venv/bin/python -m benchmarks.bench_redis`` (``--runs 200`` for a
-smoke run, ``--profile`` to print a cProfile of an in-process flowdsl worker).
+smoke run, ``--rounds 3`` to measure every row three times, round after round,
+and print the median of each round's ratios — steadier on a shared machine —
+``--profile`` to print a cProfile of an in-process flowdsl worker).
 Celery comes from the ``bench`` extra (``pip install -e '.[bench]'``); without it
 the Celery rows are skipped with a message. It is a measurement, not a test:
 nothing here asserts a time. Results and what the profile showed are recorded in
