@@ -59,7 +59,9 @@ def test_runs_beyond_the_concurrency_still_run_their_first_step_where_they_start
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             ids = [(await client.submit(compile_text(SAGA), {"script": {}})).run_id for _ in range(40)]
-            stats = await asyncio.wait_for(_worker(url, prefix, burst=True, concurrency=4).serve(), 30)
+            worker = _worker(url, prefix, burst=True, concurrency=4)
+            stats = await asyncio.wait_for(worker.serve(), 30)
+            assert not worker._starting and not worker._held  # nothing left counted as taken
             return stats, [(await client.info(r)).status for r in ids]
 
     stats, statuses = asyncio.run(main())
