@@ -112,6 +112,28 @@ def test_a_unix_socket_with_an_acl_user_and_password(server: RedisServer) -> Non
 # --- submitting ------------------------------------------------------------------------------------
 
 
+def test_a_client_encodes_a_plan_once_for_all_the_runs_it_submits_of_it(url: str, prefix: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import flowdsl.runtime.redis.client as client_module
+
+    hashed: list[str] = []
+    real = client_module.plan_id
+    monkeypatch.setattr(client_module, "plan_id", lambda plan: hashed.append(plan["flow"]["name"]) or real(plan))
+    plan, other = _plan(), _plan(SPEC.replace("name: m", "name: other"))
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            for i in range(3):
+                await client.submit(plan, {"script": {}}, run_id=f"same-{i}")
+            await client.submit(other, {"script": {}}, run_id="other")
+            await client.submit(_plan(), {"script": {}}, run_id="equal")  # an equal plan, another object
+            await _burst(url, prefix)
+            return [(await client.info(r)).flow for r in ("same-0", "same-2", "other", "equal")]
+
+    assert asyncio.run(main()) == ["m", "m", "other", "m"]
+    assert hashed == ["m", "other", "m"]
+
+
 def test_submitting_a_run_id_twice_starts_one_run(url: str, prefix: str, server: RedisServer) -> None:
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:

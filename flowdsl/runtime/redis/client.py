@@ -126,6 +126,8 @@ class RedisClient:
         self.wire = WireConnection(self._url, client_name="flowdsl-client") if self._url else None
         self._readers: list[WireConnection] = []
         self.store = Store(self.redis, self.keys, batcher=Batcher(self.redis, wire=self.wire))
+        #: id(plan) -> (plan, its JSON, its content id): a service submits runs of a few plans, many times each
+        self._plans: dict[int, tuple[dict[str, Any], bytes, str]] = {}
 
     async def __aenter__(self) -> RedisClient:
         return self
@@ -153,7 +155,9 @@ class RedisClient:
         attempt may wait for a worker before it fails with
         ``ScheduleToStartTimeout`` (default: the worker's ``--schedule-timeout``,
         else no limit). Raises ``ValueError`` for a bad run id or an input that
-        is not a JSON object.
+        is not a JSON object. A plan is read as unchanging once compiled: its
+        encoding is kept by the plan object's identity (as the kernel keeps
+        its indexes), so change a plan by compiling a new one.
         """
         problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
         if problem is not None:
@@ -163,7 +167,8 @@ class RedisClient:
             run_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         check_run_id(run_id)
         now = int(time.time() * 1000)
-        args = [now, dumps(plan), plan_id(plan), dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
+        raw_plan, pid = self._encoded(plan)
+        args = [now, raw_plan, pid, dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
                 "" if seed is None else seed, "" if retention_s is None else int(retention_s * 1000),
                 "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000)]
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
@@ -174,6 +179,16 @@ class RedisClient:
                                           dumps({"type": "start", "run_id": run_id})))
         await asyncio.gather(*writes)  # one pipeline
         return Submission(run_id, created)
+
+    def _encoded(self, plan: dict[str, Any]) -> tuple[bytes, str]:
+        hit = self._plans.get(id(plan))
+        if hit is not None and hit[0] is plan:
+            return hit[1], hit[2]
+        raw, pid = dumps(plan), plan_id(plan)
+        if len(self._plans) >= 64:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[id(plan)] = (plan, raw, pid)
+        return raw, pid
 
     async def cancel(self, run_id: str, reason: str = "cancel requested") -> str:
         """Ask for a run to be cancelled: ``requested``, ``finished`` (already over) or raises RunNotFound."""
