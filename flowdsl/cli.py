@@ -374,15 +374,18 @@ def status(
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
     fmt: FormatOpt = OutputFormat.text,
+    follow: Annotated[bool, typer.Option("--follow", help="show the run live until it ends, as `run` does, "
+                                         "and exit as `run` does")] = False,
 ) -> None:
     """Show a Redis run: its timeline and summary (--format json: the `run --format json` object).
 
-    Exit 0 when the run exists (whatever its state), 2 when it does not or Redis cannot be reached.
+    Exit 0 when the run exists (whatever its state), 2 when it does not or Redis cannot be reached. With
+    --follow: 0 completed, 1 failed, compensated or cancelled, 4 needs_intervention, as `flowdsl run`.
     """
     from flowdsl.runtime.redis.commands import status_command
 
     raise typer.Exit(status_command(run_id, url=redis_url, prefix=prefix, as_json=fmt is OutputFormat.json,
-                                    console=_stderr()))
+                                    console=_stderr(), follow=follow))
 
 
 @app.command()

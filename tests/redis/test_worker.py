@@ -378,6 +378,31 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         procs.stop_all()
 
 
+def test_status_follow_shows_a_run_to_its_end_and_exits_by_its_end_state(url: str, prefix: str,
+                                                                         tmp_path: Path) -> None:
+    spec = tmp_path / "saga.yaml"
+    spec.write_text(SAGA)
+    common = ["--redis-url", url, "--prefix", prefix]
+    procs = WorkerProcs(url, prefix, ["tests.runtime.workers"])
+    try:
+        procs.start(1)
+        slow = cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"sleep": 0.5}}',
+                   "--detach", "--run-id", "follow-1")
+        assert slow.exit_code == 0 and "flowdsl status follow-1 --follow" in slow.stderr
+        followed = cli("status", "follow-1", "--follow", "--format", "json", *common)
+        assert followed.exit_code == 0, followed.output
+        assert json.loads(followed.stdout)["status"] == "completed"  # it waited for the end
+        cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"raise": "Boom"}}',
+            "--detach", "--run-id", "follow-2")
+        text = cli("status", "follow-2", "--follow", *common)
+        assert text.exit_code == 1 and "compensated" in text.stderr and "↶" in text.stderr
+        assert cli("status", "follow-2", *common).exit_code == 0  # without --follow: 0 when the run exists
+        missing = cli("status", "nope", "--follow", *common)
+        assert missing.exit_code == 2 and "no run 'nope'" in missing.stderr
+    finally:
+        procs.stop_all()
+
+
 @pytest.mark.parametrize("width", [80, 60])
 def test_runs_shows_whole_run_ids_and_states_in_a_narrow_terminal(width: int) -> None:
     """`flowdsl runs` in an 80-column terminal (or a pipe): run ids are what `status` and `cancel` take, so they

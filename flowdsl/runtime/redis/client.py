@@ -220,6 +220,15 @@ class RedisClient:
             journal.add(entry_id, entry_fields(fields))
         return await self._result(run_id, journal), journal
 
+    async def plan_of(self, run_id: str) -> dict[str, Any]:
+        """The plan a run was submitted with; raises :class:`RunNotFound`."""
+        check_run_id(run_id)
+        pid = await self.store.call("HGET", self.keys.run(run_id), "pid")
+        plan = await self.store.plan(run_id, pid.decode()) if pid is not None else None
+        if plan is None:
+            raise RunNotFound(run_id, self.keys.prefix)
+        return plan
+
     async def follow(self, run_id: str, *, on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                      timeout_s: float | None = None, hint_after_s: float = 3.0) -> RunResult:
         """Wait for the run's end, calling ``on_event`` with every kernel event as it is journaled.

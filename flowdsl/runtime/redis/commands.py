@@ -95,24 +95,32 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                     _json_out({"run_id": sub.run_id, "created": sub.created})
                 else:
                     sys.stdout.write(sub.run_id + "\n")
-                    console.print(f"[dim]submitted; follow it with `flowdsl status {sub.run_id}`[/]")
+                    console.print(f"[dim]submitted; follow it with `flowdsl status {sub.run_id} --follow`[/]")
                 return 0
-            view = LiveView(plan, mode="off" if as_json else "auto", console=console)
-            try:
-                with view:
-                    result = await client.follow(sub.run_id, on_event=view.on_event, on_notice=view.notice)
-            except asyncio.CancelledError:
-                raise KeyboardInterrupt from None
-            if as_json:
-                _json_out(result.to_json())
-            else:
-                print_summary(result, console)
-            return result.exit_code
+            return await _follow(client, plan, sub.run_id, as_json, console)
 
-    code = _guarded(console, url, body)
+    return _interrupted(_guarded(console, url, body), console)
+
+
+async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any) -> int:
+    """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code."""
+    view = LiveView(plan, mode="off" if as_json else "auto", console=console)
+    try:
+        with view:
+            result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice)
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    if as_json:
+        _json_out(result.to_json())
+    else:
+        print_summary(result, console)
+    return result.exit_code
+
+
+def _interrupted(code: int, console: Any) -> int:
     if code == EXIT_INTERRUPTED:
         _say(console, "stopped following; the run goes on in the worker processes "
-             "(`flowdsl status RUN_ID`, `flowdsl cancel RUN_ID`)", "yellow", "interrupted")
+             "(`flowdsl status RUN_ID --follow`, `flowdsl cancel RUN_ID`)", "yellow", "interrupted")
     return code
 
 
@@ -173,11 +181,17 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
 # --- flowdsl status / runs / cancel -------------------------------------------------------------
 
 
-def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json: bool, console: Any) -> int:
-    """Print a run's timeline and summary (JSON: the ``run --format json`` object). Exit 0 when found."""
+def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json: bool, console: Any,
+                   follow: bool = False) -> int:
+    """Print a run's timeline and summary (JSON: the ``run --format json`` object). Exit 0 when found.
+
+    ``follow``: show the run live until it ends, as ``run`` does, and exit as ``run`` does (by its end state).
+    """
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
+            if follow:
+                return await _follow(client, await client.plan_of(run_id), run_id, as_json, console)
             info = await client.info(run_id)
             result, journal = await client.result(run_id)
         if result is None:
@@ -196,10 +210,10 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             _say(console, f"late {note.get('result_type')} for {note.get('task_id')} from {note.get('worker')} "
                  "rejected: its lease had expired and another worker held the task", "dim", "note")
         if result.status not in EXIT_CODES:
-            console.print(f"[cyan]still {result.status}[/]")
+            console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 
-    return _guarded(console, url, body)
+    return _interrupted(_guarded(console, url, body), console) if follow else _guarded(console, url, body)
 
 
 def _timeline(journal: Any) -> list[dict[str, Any]]:
