@@ -391,7 +391,9 @@ def test_status_follow_shows_a_run_to_its_end_and_exits_by_its_end_state(url: st
         assert slow.exit_code == 0 and "flowdsl status follow-1 --follow" in slow.stderr
         followed = cli("status", "follow-1", "--follow", "--format", "json", *common)
         assert followed.exit_code == 0, followed.output
-        assert json.loads(followed.stdout)["status"] == "completed"  # it waited for the end
+        out = json.loads(followed.stdout)
+        assert out["status"] == "completed" and out["rejected_late_results"] == []  # it waited for the end
+        assert set(out) == set(json.loads(cli("status", "follow-1", "--format", "json", *common).stdout))
         cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"raise": "Boom"}}',
             "--detach", "--run-id", "follow-2")
         text = cli("status", "follow-2", "--follow", *common)

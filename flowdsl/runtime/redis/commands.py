@@ -102,8 +102,10 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
     return _interrupted(_guarded(console, url, body), console)
 
 
-async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any) -> int:
-    """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code."""
+async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any,
+                  notes: bool = False) -> int:
+    """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code.
+    ``notes``: the JSON also lists the late results rejected (``rejected_late_results``), as ``status`` does."""
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
     try:
         with view:
@@ -111,7 +113,10 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
     if as_json:
-        _json_out(result.to_json())
+        out = result.to_json()
+        if notes:
+            out["rejected_late_results"] = (await client.result(run_id))[1].notes
+        _json_out(out)
     else:
         print_summary(result, console)
     return result.exit_code
@@ -191,7 +196,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
             if follow:
-                return await _follow(client, await client.plan_of(run_id), run_id, as_json, console)
+                return await _follow(client, await client.plan_of(run_id), run_id, as_json, console, notes=True)
             info = await client.info(run_id)
             result, journal = await client.result(run_id)
         if result is None:
