@@ -230,16 +230,19 @@ class RedisClient:
         return plan
 
     async def follow(self, run_id: str, *, on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
-                     timeout_s: float | None = None, hint_after_s: float = 3.0) -> RunResult:
+                     timeout_s: float | None = None, hint_after_s: float = 3.0,
+                     journal: Journal | None = None) -> RunResult:
         """Wait for the run's end, calling ``on_event`` with every kernel event as it is journaled.
 
         Survives lost connections (retries with backoff). ``on_notice`` gets a
         sentence when the run has not started after ``hint_after_s`` (no worker
-        running?). Raises :class:`RunNotFound`, or ``TimeoutError`` after ``timeout_s``.
+        running?). ``journal`` (empty): filled with the run's journal as read, for
+        what the result does not carry (rejected late results). Raises
+        :class:`RunNotFound`, or ``TimeoutError`` after ``timeout_s``.
         """
         check_run_id(run_id)
         await self.info(run_id)
-        journal = Journal()
+        journal = journal if journal is not None else Journal()
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None
         try:

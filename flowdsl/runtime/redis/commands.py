@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound
+from flowdsl.runtime.redis.client import Journal, RedisClient, RunInfo, RunNotFound
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, resolve_url
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
@@ -107,15 +107,16 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code.
     ``notes``: the JSON also lists the late results rejected (``rejected_late_results``), as ``status`` does."""
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
+    journal = Journal()
     try:
         with view:
-            result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice)
+            result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice, journal=journal)
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
     if as_json:
         out = result.to_json()
         if notes:
-            out["rejected_late_results"] = (await client.result(run_id))[1].notes
+            out["rejected_late_results"] = journal.notes
         _json_out(out)
     else:
         print_summary(result, console)
