@@ -195,7 +195,8 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         assert stale.code == 2 and stale.version == 1  # the caller loads the run again
         # the task is queued ("q"): a result guarded by a lease nobody holds is refused and journaled
         refused = await store.transition("tx", expected=1, token="t2", guard=("tx/a#1", "lease", "tok"),
-                                         note=b'{"type": "result_rejected"}', **base)
+                                         reporter="w9", **{**base, "input_event": b'{"type":"task_succeeded",'
+                                                                     b'"task_id":"tx/a#1","at":1764770000123}'})
         assert refused.code == 3 and refused.lease == "q"
         assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
         assert (await store.pickup("tx", "tx/a#1", "2-0@s", "2-0@s|w2|n"))[0] == 3  # another delivery: a duplicate
@@ -212,6 +213,10 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         assert again.code == 4  # the same transition sent twice (an unknown outcome retried) is applied once
         journal = await store.call("XRANGE", Keys(prefix).journal("tx"), "-", "+")
         assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"ev", b"in", b"v"]]
+        assert loads(journal[1][1][b"note"]) == {  # the refused result's note, built by the script
+            "type": "result_rejected", "reason": "lease_lost", "run_id": "tx", "task_id": "tx/a#1",
+            "result_type": "task_succeeded", "at": 1764770000123, "worker": "w9",
+            "message": "the result came from a worker whose lease had expired; another worker holds the task"}
         await store.client.aclose()
 
     asyncio.run(main())

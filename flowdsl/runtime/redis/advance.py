@@ -130,13 +130,14 @@ class Advancer:
     # --- the one way in ---------------------------------------------------------------
 
     async def apply_event(self, run_id: str, event: dict[str, Any], *, guard: tuple[str, str, str] | None = None,
-                          note: dict[str, Any] | None = None, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                          reporter: str = "", ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
                           precheck: Callable[[dict[str, Any]], bool] | None = None,
                           recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
         """Apply ``event`` (``at`` is set here) to run ``run_id`` and relay what the kernel decided.
 
-        ``guard`` is checked atomically with the write (see ``Store.transition``);
-        ``ack`` are the commands that acknowledge the trigger, sent after the
+        ``guard`` is checked atomically with the write (see ``Store.transition``;
+        ``reporter``, a worker's name, has a failed ``lease`` guard journaled as a
+        late result rejected); ``ack`` are the commands that acknowledge the trigger, sent after the
         relay — or at once when the event is skipped, the run is missing, or the
         kernel refuses the event; never when a guard failed because another
         holder has the task (the trigger is then theirs). ``precheck(state)``
@@ -152,12 +153,15 @@ class Advancer:
                 self._cache.pop(run_id, None)
                 followups = await self._flush(run_id, trigger)
             try:
-                outcome, relay, acked = await self._apply_locked(run_id, event, guard, note, precheck, chain)
+                outcome, relay, acked = await self._apply_locked(run_id, event, guard, reporter, precheck, chain)
             except BaseException:
                 self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
                 raise
         chained = chain is not None and chain.command is not None
-        await self._tail(run_id, relay, followups, list(ack) if acked and not chained else [])
+        done = list(ack) if acked and not chained else []
+        if relay is not None and not relay[1] and not relay[2] and not followups and not done:
+            return outcome  # nothing to carry out (a step of a chain): no relay at all
+        await self._tail(run_id, relay, followups, done)
         return outcome
 
     async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
@@ -185,7 +189,7 @@ class Advancer:
                     meta.append(("sts", sts))
                 if sub["cancel"] is not None:
                     chain = None  # cancelled before it started: nothing to run here
-                result, ops = await self._commit(record, start, decision, set(), None, None, meta=meta, chain=chain)
+                result, ops = await self._commit(record, start, decision, set(), None, "", meta=meta, chain=chain)
                 outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
@@ -242,7 +246,7 @@ class Advancer:
             self._cache.popitem(last=False)
 
     async def _commit(self, record: RunRecord, event: dict[str, Any], decision: Decision, before: set[str],
-                      guard: tuple[str, str, str] | None, note: dict[str, Any] | None,
+                      guard: tuple[str, str, str] | None, reporter: str,
                       meta: list[tuple[str, Any]] | None = None, chain: Chain | None = None
                       ) -> tuple[TransitionResult, list[dict[str, Any]]]:
         state = decision.state
@@ -284,13 +288,12 @@ class Advancer:
         state_raw = dumps(state) if snapshot else b""
         token, input_event, events = next(self._tokens), dumps(event), dumps(decision.events)
         outbox = dumps(ops) if ops else None
-        note_raw = dumps({**note, "at": at}) if note else None
         backoff: Backoff | None = None
         while True:  # the same payload (and token) until Redis answers: an unknown outcome is never applied twice
             try:
                 result = await self.store.transition(
                     run_id, expected=record.version, state=state_raw, token=token, input_event=input_event,
-                    events=events, status=state["status"], outbox=outbox, guard=guard, note=note_raw,
+                    events=events, status=state["status"], outbox=outbox, guard=guard, reporter=reporter,
                     finished=finished, task_ops=task_ops, meta=meta or ())
                 break
             except TRANSIENT as exc:
@@ -330,7 +333,7 @@ class Advancer:
         return since * every >= record.snapshot_size and (not kept or since >= CHAIN_REPLAY)
 
     async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
-                            note: dict[str, Any] | None, precheck: Callable[[dict[str, Any]], bool] | None,
+                            reporter: str, precheck: Callable[[dict[str, Any]], bool] | None,
                             chain: Chain | None = None
                             ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
         """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
@@ -356,7 +359,7 @@ class Advancer:
                 self._cache.pop(run_id, None)
                 log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
                 return Outcome.INVALID, None, True
-            result, ops = await self._commit(record, event, decision, before, guard, note, chain=chain)
+            result, ops = await self._commit(record, event, decision, before, guard, reporter, chain=chain)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("run %s: %s %s -> %s v%s", run_id, event["type"],
                           event.get("task_id") or event.get("timer_id"), result.code, result.version)

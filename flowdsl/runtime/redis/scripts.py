@@ -63,7 +63,12 @@ if gid ~= '' then
   end
   if not ok then
     if mode == 'lease' and ARGV[11] ~= '' then
-      redis.call('XADD', journal, '*', 'note', ARGV[11])
+      -- a late result (its reporter's lease expired): journal a note, from the input event it carried
+      local ev = cjson.decode(ARGV[4])
+      redis.call('XADD', journal, '*', 'note', cjson.encode({
+        type = 'result_rejected', reason = 'lease_lost', run_id = string.match(run, '{(.*)}$'), task_id = gid,
+        result_type = ev['type'], at = ev['at'], worker = ARGV[11],
+        message = 'the result came from a worker whose lease had expired; another worker holds the task'}))
     end
     return {3, curv, val or ''}
   end

@@ -200,7 +200,7 @@ class Store:
 
     async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, input_event: bytes,
                          events: bytes, status: str, outbox: bytes | None = None,
-                         guard: tuple[str, str, str] | None = None, note: bytes | None = None,
+                         guard: tuple[str, str, str] | None = None, reporter: str = "",
                          finished: bool = False, task_ops: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
                          meta: list[tuple[str, Any]] = ()) -> TransitionResult:  # type: ignore[assignment]
         """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
@@ -211,13 +211,14 @@ class Store:
         ``guard`` is ``(task id, mode, value)`` with mode ``lease`` (the task
         must be held under lease token ``value``, or no longer be in flight),
         ``strict`` (held under ``value``) or ``eq`` (its lease value equals
-        ``value``); ``note`` is journaled when a ``lease`` guard fails;
+        ``value``); when a ``lease`` guard fails and ``reporter`` (a worker's name) is given, a
+        ``result_rejected`` note (reason ``lease_lost``) is journaled, built from ``input_event``;
         ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark cancelled; or ``(c, task id, lease,
         message)``: a task the caller runs itself, held at once, its message kept for recovery.
         """
         gid, mode, want = guard or ("", "", "")
         args: list[Any] = [expected, state, token, input_event, events, status, outbox or b"", gid, mode, want,
-                           note or b"", "1" if finished else "0", len(task_ops)]
+                           reporter, "1" if finished else "0", len(task_ops)]
         for op in task_ops:
             args.extend(op)
         args.append(len(meta))

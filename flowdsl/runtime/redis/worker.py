@@ -166,6 +166,7 @@ class RedisWorker(Upkeep):
         self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
             [self.keys.queue(w) for w in sorted(self.registry.names())]
         self._task_streams = frozenset(self.streams[1:])
+        self._served: dict[Any, bool] = {}
         self.lease_ms = max(100, int(self.options.lease_s * 1000))
         self._held: dict[tuple[str, str], _Held] = {}
         self._by_task: dict[str, _Held] = {}
@@ -372,7 +373,13 @@ class RedisWorker(Upkeep):
 
     def _serves(self, command: dict[str, Any]) -> bool:
         """Whether this process runs a dispatched task itself (self-dispatch) rather than queue it."""
-        return not self._stopping and self.keys.queue_of(command) in self._task_streams
+        if self._stopping:
+            return False
+        worker = command.get("worker") if command.get("kind") != "llm" else None
+        served = self._served.get(worker)
+        if served is None:  # one stream per worker name: decided once per name
+            served = self._served[worker] = self.keys.queue_of(command) in self._task_streams
+        return served
 
     def _track(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -534,15 +541,11 @@ class RedisWorker(Upkeep):
     async def _report(self, held: _Held, event: dict[str, Any], ack: list[dict[str, Any]],
                       chain: Chain | None) -> None:
         mode = "strict" if event["type"] == "task_cancelled" else "lease"
-        note = {"type": "result_rejected", "reason": "lease_lost", "run_id": held.run_id, "task_id": held.task_id,
-                "result_type": event["type"], "worker": self.name,
-                "message": "the result came from a worker whose lease had expired; another worker holds the task"}
         backoff: Backoff | None = None
         while True:  # report until Redis takes it (the heartbeat keeps the lease meanwhile)
             try:
-                outcome = await self.advancer.apply_event(held.run_id, dict(event),
-                                                          guard=(held.task_id, mode, held.token),
-                                                          note=note if mode == "lease" else None, ack=ack,
+                outcome = await self.advancer.apply_event(held.run_id, event, guard=(held.task_id, mode, held.token),
+                                                          reporter=self.name if mode == "lease" else "", ack=ack,
                                                           recover=backoff is not None, chain=chain)
                 break
             except TRANSIENT:
