@@ -94,7 +94,7 @@ class _Session:
 
     def model(self, doc: LoadedDoc, file: str | None) -> Any:
         from flowdsl.model import build_flow
-        from flowdsl.schema import check_schema
+        from flowdsl.schema import check_schema, set_aside
 
         self.positions[file] = doc.positions
         if doc.data is None:
@@ -102,16 +102,22 @@ class _Session:
             return None
         schema_diags = [_with_file(d, file) for d in check_schema(doc.data)]
         self.diags.extend(doc.diagnostics + schema_diags)
+        data, cut = doc.data, []
         if has_errors(schema_diags):
-            return None
+            # checked on without what the errors blame, when that changes nothing else (an unknown field,
+            # a malformed option); else the checks stop here: they read the shape that is broken
+            kept = set_aside(doc.data, schema_diags)
+            if kept is None:
+                return None
+            data, cut = kept
         if file:
             self.stack.append(os.path.abspath(file))
         try:
-            flow, diags = build_flow(doc.data, file, self.load_subflow, doc.positions)
+            flow, diags = build_flow(data, file, self.load_subflow, doc.positions)
         finally:
             if file:
                 self.stack.pop()
-        self.diags.extend(diags)
+        self.diags.extend(d for d in diags if not any(d.path == c or d.path.startswith(c + "/") for c in cut))
         return flow
 
     def load_subflow(self, rel: str, loc: Any) -> Any:

@@ -220,3 +220,68 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
     kind = "worker name" if hint is _WORKER_HINT else "id"
     shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
     yield make("FD302", f"invalid {kind} {shown}: {hint}", path)
+
+
+# --- checking past shape errors ----------------------------------------------------
+
+#: options whose value nothing else refers to: one that breaks the schema is set aside so that the rest of
+#: the spec is still checked (structure, policies, expressions), with no error caused by its absence
+_SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compensate", "fallback", "with", "when",
+                        "fail_when", "version", "defaults"})
+
+
+def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | None:
+    """A copy of ``data`` without the elements the schema diagnostics ``diags`` blame, and their paths;
+    None when a diagnostic blames something whose removal would change the rest of the spec.
+
+    An unknown field (FD202) is dropped; any other violation (FD201) is dropped with the innermost option
+    around it that nothing else refers to (:data:`_SET_ASIDE`: a retry policy, a timeout, a condition, a
+    compensation, …). A missing required field, a malformed id (FD302), a step of the wrong form or an
+    unsupported version (FD203) cannot be set aside. What remains must pass the schema, else None.
+    """
+    cuts: list[list[str]] = []
+    for d in diags:
+        if d.severity != "error":
+            continue
+        tokens = _tokens(d.path)
+        if d.code == "FD202" and tokens:
+            cuts.append(tokens)
+            continue
+        if d.code != "FD201" or d.message.startswith("missing required field"):
+            return None
+        inner = max((i for i, t in enumerate(tokens) if t in _SET_ASIDE), default=None)
+        if inner is None:
+            return None
+        cuts.append(tokens[:inner + 1])
+    if not cuts:
+        return None
+    import copy
+
+    kept = copy.deepcopy(data)
+    paths = []
+    for tokens in sorted(cuts, key=len):  # an option cut whole takes the cuts inside it with it
+        path = pointer(*tokens)
+        if any(path == p or path.startswith(p + "/") for p in paths):
+            continue
+        parent = _walk(kept, tokens[:-1])
+        if not isinstance(parent, dict) or tokens[-1] not in parent:
+            return None
+        del parent[tokens[-1]]
+        paths.append(path)
+    return (kept, paths) if _fast_validator().is_valid(kept) else None
+
+
+def _tokens(path: str) -> list[str]:
+    """The reference tokens of a JSON pointer (RFC 6901)."""
+    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]] if path else []
+
+
+def _walk(data: Any, tokens: list[str]) -> Any:
+    for t in tokens:
+        if isinstance(data, dict):
+            data = data.get(t)
+        elif isinstance(data, list) and t.isdigit() and int(t) < len(data):
+            data = data[int(t)]
+        else:
+            return None
+    return data

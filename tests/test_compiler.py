@@ -753,6 +753,43 @@ def test_errors_stop_the_plan_but_every_diagnostic_is_collected(spec: Spec) -> N
     assert sorted(d.code for d in result.diagnostics) == ["FD301", "FD401", "FD501", "FD502"]
 
 
+def test_checks_go_on_past_an_unknown_field_and_a_malformed_option(spec: Spec) -> None:
+    """A misspelt field (FD202) or an option of the wrong shape (FD201) is set aside, and the rest of the spec
+    is still checked: its duration, expression and reference errors are reported in the same run."""
+    result = spec(HEAD + """\
+        steps:
+          - reserve_room:
+              retry: {max_atempts: 3}
+              timeout: 5 parsecs
+          - charge_guest:
+              when: "${ $steps.reserve_room.ok = }"
+              needs: [nowhere]
+          - for_each: each_guest
+            items: "${ $.guests }"
+            concurrency: 0
+            steps:
+              - greet: {with: {name: "${ $guest.name }"}}
+        """)
+    assert result.plan is None
+    found = sorted((d.code, d.line) for d in result.diagnostics)
+    # (FD502: the loop names no variable 'guest' — it has no 'as')
+    assert found == [("FD201", 12), ("FD202", 5), ("FD303", 9), ("FD401", 6), ("FD501", 8), ("FD502", 14)]
+    # nothing is said about what was set aside: the retry policy and the concurrency are not "missing"
+    assert not [d for d in result.diagnostics if d.code not in ("FD201", "FD202") and
+                ("retry" in d.path or "concurrency" in d.path)]
+
+
+@pytest.mark.parametrize("broken", [
+    "  - for_each: each_guest\n    steps: [greet]\n",  # a missing required field: the loop has no shape
+    "  - bad-name: {worker: w}\n",  # a malformed id (FD302): others may refer to it
+    "  - a: {output: 5}\n",  # an option others refer to (output names)
+])
+def test_checks_stop_at_a_shape_error_that_cannot_be_set_aside(spec: Spec, broken: str) -> None:
+    result = spec(HEAD + "steps:\n" + broken + "  - b: {with: {y: \"${ unclosed\"}}\n")
+    assert result.plan is None
+    assert {d.code for d in result.diagnostics} <= {"FD201", "FD302"}, result.diagnostics
+
+
 # --- workers ---------------------------------------------------------------------------------------
 
 
