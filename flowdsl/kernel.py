@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flowdsl.kernel_core import RunState
@@ -49,16 +49,24 @@ Plan = dict[str, Any] | Program
 
 @dataclass(frozen=True)
 class Decision:
-    """The outcome of one transition: the new state, commands to carry out, events that happened."""
+    """The outcome of one transition: the new state, commands to carry out, events that happened.
+
+    ``ended``: the task ids the transition took out of flight (answered or timed out), in order. Every task
+    it put in flight has a ``dispatch`` command; so a runtime keeping its own record of the tasks in flight
+    updates it from these two, without comparing the whole ``state["tasks"]`` before and after.
+    """
 
     state: dict[str, Any]
     commands: list[dict[str, Any]]
     events: list[dict[str, Any]]
+    ended: list[str] = field(default_factory=list)
 
-    def __init__(self, state: dict[str, Any], commands: list[dict[str, Any]], events: list[dict[str, Any]]):
+    def __init__(self, state: dict[str, Any], commands: list[dict[str, Any]], events: list[dict[str, Any]],
+                 ended: list[str] | None = None):
         # one per input event: filled in directly (the generated frozen __init__ costs a setattr call per field)
         fields = self.__dict__
         fields["state"], fields["commands"], fields["events"] = state, commands, events
+        fields["ended"] = ended if ended is not None else []
 
     @property
     def finished(self) -> bool:
@@ -103,7 +111,7 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
     program = prepare(plan)
     machine = Machine(program, state, _time(event.get("at")))
     machine.handle(event)
-    return Decision(state, machine.commands, machine.events)
+    return Decision(state, machine.commands, machine.events, machine.ended)
 
 
 def start_event(run_id: str, input: dict[str, Any], *, at: int | float, seed: int | None = None) -> dict[str, Any]:

@@ -75,8 +75,8 @@ class RunState(dict[str, Any]):
 class Core:
     """The run state, the plan's program and the output of the decision being made."""
 
-    __slots__ = ("_ctx", "answer", "at", "commands", "events", "iters", "nodes", "p", "queue", "run_id", "s",
-                 "tasks", "timers")
+    __slots__ = ("_ctx", "answer", "at", "commands", "ended", "events", "iters", "nodes", "p", "queue", "run_id",
+                 "s", "tasks", "timers")
 
     def __init__(self, program: Program, state: dict[str, Any], at: int | float):
         self.p = program
@@ -89,6 +89,8 @@ class Core:
         self.timers: dict[str, Record] = state["timers"]
         self.commands: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        #: the task ids this decision took out of flight (answered, timed out), in order
+        self.ended: list[str] = []
         self.queue: deque[tuple[str, str | None]] = deque()
         #: (task id, meta) of the answer being handled: ``meta`` goes into the events about that task
         self.answer: tuple[str, dict[str, Any]] | None = None

@@ -317,6 +317,7 @@ class Machine(Saga):
 
     def _task_succeeded(self, task_id: str, result: Json) -> None:
         task = self.tasks.pop(task_id)
+        self.ended.append(task_id)
         self.cancel_timer(task["timer"])
         ikey = task["step"]
         if task["kind"] == "compensate":
@@ -379,6 +380,7 @@ class Machine(Saga):
             return False
         # the step that succeeded
         del self.tasks[task_id]
+        self.ended.append(task_id)
         self.cancel_timer(task["timer"])
         at = self.at
         run_id = self.run_id
@@ -432,6 +434,7 @@ class Machine(Saga):
 
     def _task_failed(self, task_id: str, err: dict[str, Any]) -> None:
         task = self.tasks.pop(task_id)
+        self.ended.append(task_id)
         self.cancel_timer(task["timer"])
         if task["kind"] == "compensate":
             self.compensation_attempt_failed(task["step"], task_id, err)
@@ -440,6 +443,7 @@ class Machine(Saga):
 
     def _task_cancelled(self, task_id: str) -> None:
         task = self.tasks.pop(task_id)
+        self.ended.append(task_id)
         self.cancel_timer(task["timer"])
         err = error("TaskCancelled", "the runtime cancelled the attempt")
         if task["kind"] == "compensate":
@@ -511,6 +515,7 @@ class Machine(Saga):
             task = self.tasks.pop(task_id, None)
             if task is None:
                 return
+            self.ended.append(task_id)
             self.command("cancel_task", task_id=task_id, step=ikey)
             err = error("StepTimeout", f"the attempt did not finish within {self._timeout_of(task)} ms")
             if task["kind"] == "compensate":

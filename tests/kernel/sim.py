@@ -73,7 +73,7 @@ class Sim:
 
     def run(self, limit: int = 200_000) -> Sim:
         self.inputs.append(start_event(self.run_id, self.input, at=self.now, seed=self.seed))
-        self._absorb(start_run(self.plan, self.run_id, self.input, at=self.now, seed=self.seed))
+        self._absorb(start_run(self.plan, self.run_id, self.input, at=self.now, seed=self.seed), set())
         if self.cancel_at is not None:
             self._push(self.cancel_at, {"type": "cancel_requested", "reason": "user asked"})
         while self._heap and limit > 0:
@@ -91,7 +91,8 @@ class Sim:
             event["at"] = self.now
             self.inputs.append(event)
             state = json.loads(json.dumps(self.state)) if self.reload_state else self.state
-            self._absorb(apply(self.plan, state, event))
+            before = set(state["tasks"])  # (apply updates the state in place)
+            self._absorb(apply(self.plan, state, event), before)
         return self
 
     def _push(self, due: int, event: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +100,12 @@ class Sim:
         heapq.heappush(self._heap, (due, self._n, event))
         return event
 
-    def _absorb(self, d: Any) -> None:
+    def _absorb(self, d: Any, before: set[str]) -> None:
         self.state = d.state
+        # the tasks in flight change only by dispatches and by the decision's 'ended' list (docs/kernel.md)
+        after = set(d.state["tasks"])
+        assert after - before == {c["task_id"] for c in d.commands if c["op"] == "dispatch"}, d.commands
+        assert sorted(before - after) == sorted(d.ended) and len(set(d.ended)) == len(d.ended), d.ended
         if self.check_json:
             assert json.loads(json.dumps(d.state)) == d.state
             json.dumps(d.commands)

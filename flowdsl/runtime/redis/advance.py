@@ -189,7 +189,7 @@ class Advancer:
                     meta.append(("sts", sts))
                 if sub["cancel"] is not None:
                     chain = None  # cancelled before it started: nothing to run here
-                result, ops = await self._commit(record, start, decision, set(), None, "", meta=meta, chain=chain)
+                result, ops = await self._commit(record, start, decision, None, "", meta=meta, chain=chain)
                 outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
@@ -245,7 +245,7 @@ class Advancer:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    async def _commit(self, record: RunRecord, event: dict[str, Any], decision: Decision, before: set[str],
+    async def _commit(self, record: RunRecord, event: dict[str, Any], decision: Decision,
                       guard: tuple[str, str, str] | None, reporter: str,
                       meta: list[tuple[str, Any]] | None = None, chain: Chain | None = None
                       ) -> tuple[TransitionResult, list[dict[str, Any]]]:
@@ -262,6 +262,7 @@ class Advancer:
                 held, held_command = command["task_id"], command
                 task_ops.append(("c", held, "r:" + chain.token, dumps(command)))
             elif op == "dispatch":
+                task_ops.append(("s", command["task_id"], "q"))
                 ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": record.version + 1})
                 if record.sts_ms:
                     ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
@@ -274,17 +275,15 @@ class Advancer:
             elif op == "cancel_task":
                 ops.append({"o": "cancel", "t": command["task_id"]})
                 task_ops.append(("x", command["task_id"], ""))
-        after = set(state["tasks"])
-        if after != before:
-            task_ops.extend(("s", t, "q") for t in after - before if t != held)
-            for task_id in before - after:
-                task_ops.append(("d", task_id, ""))
-                if record.sts_ms:
-                    ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
+        for task_id in decision.ended:  # (with the dispatches above: every change to the tasks in flight)
+            task_ops.append(("d", task_id, ""))
+            if record.sts_ms:
+                ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
         finished = decision.finished
         if finished:
             meta = [*(meta or ()), ("finished", at)]
-        snapshot = finished or record.version == 0 or self._snapshot_due(record, held is not None and len(after) == 1)
+        kept = held is not None and len(state["tasks"]) == 1  # a chain: its one task in flight runs here
+        snapshot = finished or record.version == 0 or self._snapshot_due(record, kept)
         state_raw = dumps(state) if snapshot else b""
         token, input_event, events = next(self._tokens), dumps(event), dumps(decision.events)
         outbox = dumps(ops) if ops else None
@@ -352,14 +351,13 @@ class Advancer:
                     continue
                 return Outcome.SKIPPED, None, True
             event["at"] = self.clock.now()
-            before = set(record.state["tasks"])
             try:
                 decision = apply(record.plan, record.state, event)
             except Exception as exc:  # a malformed event (ValueError) or a kernel bug: never crash the worker
                 self._cache.pop(run_id, None)
                 log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
                 return Outcome.INVALID, None, True
-            result, ops = await self._commit(record, event, decision, before, guard, reporter, chain=chain)
+            result, ops = await self._commit(record, event, decision, guard, reporter, chain=chain)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("run %s: %s %s -> %s v%s", run_id, event["type"],
                           event.get("task_id") or event.get("timer_id"), result.code, result.version)
