@@ -2,7 +2,8 @@
 local runtime and on Redis (one worker process in this process; and two ``flowdsl worker`` processes sharing
 the one run).
 
-Run it with ``.venv/bin/python -m benchmarks.bench_scale`` (``--quick`` for smaller n). It prints the time
+Run it with ``.venv/bin/python -m benchmarks.bench_scale`` (``--quick`` for smaller n; ``--unbounded`` for the
+same loop without its concurrency limit: every item in flight at once). It prints the time
 per item for each n and the growth from one n to the next: ~1.0× per doubling is linear, ~2× quadratic.
 It is a measurement, not a test: nothing here asserts a time. Results are recorded in
 ``benchmarks/RESULTS.md`` under "Long runs".
@@ -78,13 +79,16 @@ def redis_seconds(server: Server, plan: dict[str, Any], n: int, processes: int) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="n up to 2,000 instead of 8,000")
+    parser.add_argument("--unbounded", action="store_true",
+                        help="no concurrency limit: all n items in flight at once (a wide fan-out)")
     args = parser.parse_args(argv)
     from flowdsl import compile_text
 
-    plan = compile_text(SPEC)
+    plan = compile_text(SPEC.replace("    concurrency: 16\n", "") if args.unbounded else SPEC)
     sizes = (500, 1000, 2000) if args.quick else (1000, 2000, 4000, 8000)
     print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs; "
-          "µs per item of a for_each over n items (growth per doubling of n)")
+          f"µs per item of a for_each over n items, {'all' if args.unbounded else 16} at a time "
+          "(growth per doubling of n)")
     server = Server()
     try:
         columns: dict[str, Any] = {
