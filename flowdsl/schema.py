@@ -230,16 +230,23 @@ _SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compe
                         "fail_when", "version", "defaults"})
 
 
+#: required fields that nothing else refers to, and the stand-in a spec missing one is checked with
+_STAND_INS: dict[str, str] = {"items": "${ [] }", "on": "${ '' }"}
+_MISSING = re.compile(r"missing required field '([^']*)'")
+
+
 def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | None:
     """A copy of ``data`` without the elements the schema diagnostics ``diags`` blame, and their paths;
     None when a diagnostic blames something whose removal would change the rest of the spec.
 
     An unknown field (FD202) is dropped; any other violation (FD201) is dropped with the innermost option
     around it that nothing else refers to (:data:`_SET_ASIDE`: a retry policy, a timeout, a condition, a
-    compensation, …). A missing required field, a malformed id (FD302), a step of the wrong form or an
-    unsupported version (FD203) cannot be set aside. What remains must pass the schema, else None.
+    compensation, …); a missing ``items`` of a for_each or ``on`` of a switch is stood in for by an
+    expression (:data:`_STAND_INS`). Any other missing field, a malformed id (FD302), a step of the wrong
+    form or an unsupported version (FD203) cannot be set aside. What remains must pass the schema, else None.
     """
     cuts: list[list[str]] = []
+    stand_ins: list[tuple[list[str], str]] = []
     for d in diags:
         if d.severity != "error":
             continue
@@ -247,18 +254,20 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
         if d.code == "FD202" and tokens:
             cuts.append(tokens)
             continue
-        if d.code != "FD201" or d.message.startswith("missing required field"):
+        if d.code != "FD201":
             return None
         inner = max((i for i, t in enumerate(tokens) if t in _SET_ASIDE), default=None)
-        if inner is None:
+        missing = _MISSING.match(d.message)
+        if inner is not None:
+            cuts.append(tokens[:inner + 1])
+        elif missing is not None and missing.group(1) in _STAND_INS:
+            stand_ins.append(([*tokens, missing.group(1)], _STAND_INS[missing.group(1)]))
+        else:
             return None
-        cuts.append(tokens[:inner + 1])
-    if not cuts:
-        return None
     import copy
 
     kept = copy.deepcopy(data)
-    paths = []
+    paths: list[str] = []
     for tokens in sorted(cuts, key=len):  # an option cut whole takes the cuts inside it with it
         path = pointer(*tokens)
         if any(path == p or path.startswith(p + "/") for p in paths):
@@ -268,7 +277,13 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
             return None
         del parent[tokens[-1]]
         paths.append(path)
-    return (kept, paths) if _fast_validator().is_valid(kept) else None
+    for tokens, value in stand_ins:
+        parent = _walk(kept, tokens[:-1])
+        if not isinstance(parent, dict):
+            return None
+        parent[tokens[-1]] = value
+        paths.append(pointer(*tokens))
+    return (kept, paths) if paths and _fast_validator().is_valid(kept) else None
 
 
 def _tokens(path: str) -> list[str]:

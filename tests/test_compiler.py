@@ -779,8 +779,26 @@ def test_checks_go_on_past_an_unknown_field_and_a_malformed_option(spec: Spec) -
                 ("retry" in d.path or "concurrency" in d.path)]
 
 
+def test_a_missing_loop_source_or_switch_value_is_stood_in_for_and_the_bodies_checked(spec: Spec) -> None:
+    result = spec(HEAD + """\
+        steps:
+          - switch: by_country
+            cases:
+              DE: [{ship_de: {timeout: 5 parsecs}}]
+          - for_each: each
+            steps:
+              - tag: {with: {x: "${ $item.sku + }"}}
+        """)
+    assert result.plan is None
+    found = sorted((d.code, d.line, d.message.split(":")[0]) for d in result.diagnostics)
+    assert found == [("FD201", 4, "missing required field 'on' in switch 'by_country'"),
+                     ("FD201", 7, "missing required field 'items' in for_each 'each'"),
+                     ("FD401", 6, "'5 parsecs' is not a duration; expected a number with a unit"),
+                     ("FD501", 9, "in 'with.x'")]
+
+
 @pytest.mark.parametrize("broken", [
-    "  - for_each: each_guest\n    steps: [greet]\n",  # a missing required field: the loop has no shape
+    "  - sequence: s\n",  # a missing required field others depend on: the group has no steps
     "  - bad-name: {worker: w}\n",  # a malformed id (FD302): others may refer to it
     "  - a: {output: 5}\n",  # an option others refer to (output names)
 ])
