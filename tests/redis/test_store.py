@@ -198,6 +198,9 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
                                          reporter="w9", **{**base, "input_event": b'{"type":"task_succeeded",'
                                                                      b'"task_id":"tx/a#1","at":1764770000123}'})
         assert refused.code == 3 and refused.lease == "q"
+        garbled = await store.transition("tx", expected=1, token="t2b", guard=("tx/a#1", "lease", "tok"),
+                                         reporter="w9", **{**base, "input_event": b"{"})
+        assert garbled.code == 3  # a note is still journaled (without what the event would have said)
         assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
         assert (await store.pickup("tx", "tx/a#1", "2-0@s", "2-0@s|w2|n"))[0] == 3  # another delivery: a duplicate
         assert (await store.pickup("tx", "tx/a#1", "1-0@t", "1-0@t|w3|n"))[0] == 3  # same id, another stream
@@ -212,7 +215,8 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
                                        **base)
         assert again.code == 4  # the same transition sent twice (an unknown outcome retried) is applied once
         journal = await store.call("XRANGE", Keys(prefix).journal("tx"), "-", "+")
-        assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"ev", b"in", b"v"]]
+        assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"note"], [b"ev", b"in", b"v"]]
+        assert loads(journal[2][1][b"note"])["worker"] == "w9"
         assert loads(journal[1][1][b"note"]) == {  # the refused result's note, built by the script
             "type": "result_rejected", "reason": "lease_lost", "run_id": "tx", "task_id": "tx/a#1",
             "result_type": "task_succeeded", "at": 1764770000123, "worker": "w9",

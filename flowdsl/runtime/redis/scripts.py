@@ -64,7 +64,8 @@ if gid ~= '' then
   if not ok then
     if mode == 'lease' and ARGV[11] ~= '' then
       -- a late result (its reporter's lease expired): journal a note, from the input event it carried
-      local ev = cjson.decode(ARGV[4])
+      local decoded, ev = pcall(cjson.decode, ARGV[4])
+      if not decoded or type(ev) ~= 'table' then ev = {} end
       redis.call('XADD', journal, '*', 'note', cjson.encode({
         type = 'result_rejected', reason = 'lease_lost', run_id = string.match(run, '{(.*)}$'), task_id = gid,
         result_type = ev['type'], at = ev['at'], worker = ARGV[11],
