@@ -190,17 +190,21 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         store = Store(connect(url), Keys(prefix))
         record = await store.load("tx")
         assert record is not None and record.version == 1
-        base = dict(state=dumps(record.state), input_event=b"{}", events=b"[]", status="running")
+        base = dict(state=dumps(record.state), entries=[(b"{}", b"[]", None, "")], status="running")
         stale = await store.transition("tx", expected=0 + 7, token="t1", **base)
         assert stale.code == 2 and stale.version == 1  # the caller loads the run again
         # the task is queued ("q"): a result guarded by a lease nobody holds is refused and journaled
-        refused = await store.transition("tx", expected=1, token="t2", guard=("tx/a#1", "lease", "tok"),
-                                         reporter="w9", **{**base, "input_event": b'{"type":"task_succeeded",'
-                                                                     b'"task_id":"tx/a#1","at":1764770000123}'})
+        late = b'{"type":"task_succeeded","task_id":"tx/a#1","at":1764770000123}'
+        refused = await store.transition("tx", expected=1, token="t2", **{
+            **base, "entries": [(late, b"[]", ("tx/a#1", "lease", "tok"), "w9")]})
         assert refused.code == 3 and refused.lease == "q"
-        garbled = await store.transition("tx", expected=1, token="t2b", guard=("tx/a#1", "lease", "tok"),
-                                         reporter="w9", **{**base, "input_event": b"{"})
+        garbled = await store.transition("tx", expected=1, token="t2b", **{
+            **base, "entries": [(b"{", b"[]", ("tx/a#1", "lease", "tok"), "w9")]})
         assert garbled.code == 3  # a note is still journaled (without what the event would have said)
+        # several input events (a group commit): every guard is checked first; one failing writes nothing at all
+        several = await store.transition("tx", expected=1, token="t2c", **{
+            **base, "entries": [(b"{}", b"[]", None, ""), (late, b"[]", ("tx/a#1", "lease", "tok"), "w9")]})
+        assert several.code == 7 and several.version == 1
         assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
         assert (await store.pickup("tx", "tx/a#1", "2-0@s", "2-0@s|w2|n"))[0] == 3  # another delivery: a duplicate
         assert (await store.pickup("tx", "tx/a#1", "1-0@t", "1-0@t|w3|n"))[0] == 3  # same id, another stream
@@ -208,11 +212,10 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         # is taken over by a new delivery of its entry
         await store.call("HSET", Keys(prefix).tasks("tx"), "tx/a#1", "r:1-0|old|n")
         assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
-        applied = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0@s|w|n"),
-                                         **base)
+        held = {**base, "entries": [(b"{}", b"[]", ("tx/a#1", "lease", "1-0@s|w|n"), "")]}
+        applied = await store.transition("tx", expected=1, token="t3", **held)
         assert applied.code == 1 and applied.version == 2
-        again = await store.transition("tx", expected=1, token="t3", guard=("tx/a#1", "lease", "1-0@s|w|n"),
-                                       **base)
+        again = await store.transition("tx", expected=1, token="t3", **held)
         assert again.code == 4  # the same transition sent twice (an unknown outcome retried) is applied once
         journal = await store.call("XRANGE", Keys(prefix).journal("tx"), "-", "+")
         assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"note"], [b"ev", b"in", b"v"]]
@@ -242,7 +245,7 @@ def test_a_self_dispatched_task_is_held_at_once_and_queued_again_when_its_trigge
         record = await store.load("sd")
         assert record is not None
         message = dumps({"op": "dispatch", "run_id": "sd", "task_id": "sd/b#1", "kind": "task", "worker": "conf.b"})
-        base = dict(state=dumps(record.state), input_event=b"{}", events=b"[]", status="running")
+        base = dict(state=dumps(record.state), entries=[(b"{}", b"[]", None, "")], status="running")
         done = await store.transition("sd", expected=1, token="t1", task_ops=[
             ("d", "sd/a#1", ""), ("c", "sd/b#1", "r:" + token, message)], **base)
         assert done.applied

@@ -17,8 +17,8 @@ entry, task leases, outbox) and carries the outbox out::
     finish          -> the run's keys get their retention TTL
 
 The state is written whole (a snapshot) only while that is cheap: a state of
-S bytes is written once every ⌈S / snapshot_bytes⌉ transitions (every
-transition while it is under ``snapshot_bytes``), and always at a run's start
+S bytes is written once every ⌈S / snapshot_bytes⌉ versions, i.e. input events
+applied (every transition while it is under ``snapshot_bytes``), and always at a run's start
 and end; the transitions in between are replayed from the journal when a
 process loads the run (``Store.load``). While a run is a chain whose one task
 in flight this process runs itself, nobody else is about to load it: its
@@ -27,7 +27,8 @@ over thousands of items) so writes O(one step's change) per transition, not
 O(its state).
 
 Within one process the events of a run are applied one at a time (a lock per
-run); across processes the version check of the transition script serialises
+run), and those that queued up behind the lock are written by one transition
+(a group commit, :meth:`Advancer.apply_event`); across processes the version check of the transition script serialises
 them (a conflict re-reads the state and applies the event again). A process
 keeps recently used states in memory, so a run whose steps follow one another
 on the same worker costs no state read.
@@ -47,9 +48,10 @@ from flowdsl.kernel import Decision, apply, start_event, start_run
 from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
-from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult
+from flowdsl.runtime.redis.store import Clock, JournalEntry, RunRecord, Store, TransitionResult
 
-__all__ = ["CHAIN_REPLAY", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain", "Outcome"]
+__all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain",
+           "Outcome"]
 
 #: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
@@ -58,6 +60,8 @@ SNAPSHOT_BYTES = 16 * 1024
 #: a chain (the run's one task in flight runs in the process that dispatched it) writes the state whole
 #: at most once per this many transitions: the process has it cached, and a taker replays at most these
 CHAIN_REPLAY = 16
+#: at most this many input events queued for one run are written by one transition (a group commit)
+GROUP_COMMIT = 64
 #: version conflicts in a row after which an event is left to its trigger's next holder (after the lease);
 #: between conflicts the process backs off (0-50 ms, jittered) so that one process hammering a run with its
 #: cached state cannot starve another one's result
@@ -126,6 +130,8 @@ class Advancer:
         self.transitions = 0
         self.snapshots = 0
         self.conflicts = 0
+        self.grouped = 0  # input events written by group commits (several in one transition)
+        self._queued: dict[str, list[_Queued]] = {}
 
     # --- the one way in ---------------------------------------------------------------
 
@@ -146,23 +152,51 @@ class Advancer:
         outbox first, after queueing again the tasks held under ``trigger``.
         ``chain``: see :class:`Chain` (when it takes a task, ``ack`` is not
         sent). Returns an :class:`Outcome` value.
+
+        Events that arrive for a run while another is being applied wait for the
+        run's lock together, and whoever takes it next applies them all in one
+        transition (a group commit, at most ``GROUP_COMMIT`` events: each its own
+        journal entry and guard, one write and one relay), unless the kernel
+        refuses one or a guard fails, when they are applied one at a time.
+        ``recover`` and ``precheck`` events are always applied alone.
         """
-        followups: tuple[str, ...] = ()
-        async with self._lock(run_id):
-            if recover:
-                self._cache.pop(run_id, None)
-                followups = await self._flush(run_id, trigger)
-            try:
-                outcome, relay, acked = await self._apply_locked(run_id, event, guard, reporter, precheck, chain)
-            except BaseException:
-                self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
-                raise
-        chained = chain is not None and chain.command is not None
-        done = list(ack) if acked and not chained else []
-        if relay is not None and not relay[1] and not relay[2] and not followups and not done:
-            return outcome  # nothing to carry out (a step of a chain): no relay at all
-        await self._tail(run_id, relay, followups, done)
-        return outcome
+        if recover or precheck is not None or run_id not in self._locks:  # (the lock free: taken at once)
+            followups: tuple[str, ...] = ()
+            async with self._lock(run_id):
+                if recover:
+                    self._cache.pop(run_id, None)
+                    followups = await self._flush(run_id, trigger)
+                try:
+                    outcome, relay, acked = await self._apply_locked(run_id, event, guard, reporter, precheck,
+                                                                     chain)
+                except BaseException:
+                    self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
+                    raise
+            done = list(ack) if acked and (chain is None or chain.command is None) else []
+            if followups or done or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's step)
+                await self._tail(run_id, relay, followups, done)
+            return outcome
+        # the run is being advanced: queue the event; whoever takes the lock next applies all that are queued
+        mine = _Queued(event, guard, reporter, ack, chain)
+        self._queued.setdefault(run_id, []).append(mine)
+        tails: list[_Tail] = []
+        try:
+            async with self._lock(run_id):
+                if mine.outcome is None:
+                    tails = await self._apply_queued(run_id, mine)
+        except BaseException:
+            if mine.outcome is None:  # cancelled while waiting, or failed: nobody is to apply it any more
+                queue = self._queued.get(run_id)
+                if queue is not None and mine in queue:
+                    queue.remove(mine)
+                    if not queue:
+                        del self._queued[run_id]
+            raise
+        for relay, done in tails:
+            if done or (relay is not None and (relay[1] or relay[2])):
+                await self._tail(run_id, relay, (), done)
+        assert mine.outcome is not None  # applied by this call or by the holder of the lock before it
+        return mine.outcome
 
     async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
                     recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
@@ -189,7 +223,7 @@ class Advancer:
                     meta.append(("sts", sts))
                 if sub["cancel"] is not None:
                     chain = None  # cancelled before it started: nothing to run here
-                result, ops = await self._commit(record, start, decision, None, "", meta=meta, chain=chain)
+                result, ops = await self._commit(record, [(start, decision, None, "", chain)], meta=meta)
                 outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
@@ -245,55 +279,61 @@ class Advancer:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    async def _commit(self, record: RunRecord, event: dict[str, Any], decision: Decision,
-                      guard: tuple[str, str, str] | None, reporter: str,
-                      meta: list[tuple[str, Any]] | None = None, chain: Chain | None = None
+    async def _commit(self, record: RunRecord, steps: list[_Applied], meta: list[tuple[str, Any]] | None = None
                       ) -> tuple[TransitionResult, list[dict[str, Any]]]:
-        state = decision.state
+        """Write the decisions of ``steps`` (input events applied in order to ``record.state``) as one
+        transition: their journal entries, guards and task changes, one outbox entry, one state."""
         run_id = record.run_id
+        version = record.version + len(steps)  # the version the transition writes (its outbox entry's)
         ops: list[dict[str, Any]] = []
         task_ops: list[tuple[str, ...]] = []
-        at = event["at"]
-        held: str | None = None  # the task this process runs itself
-        held_command: dict[str, Any] | None = None
-        for command in decision.commands:
-            op = command["op"]
-            if op == "dispatch" and held is None and chain is not None and chain.serves(command):
-                held, held_command = command["task_id"], command
-                task_ops.append(("c", held, "r:" + chain.token, dumps(command)))
-            elif op == "dispatch":
-                task_ops.append(("s", command["task_id"], "q"))
-                ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": record.version + 1})
+        entries: list[JournalEntry] = []
+        held: list[tuple[Chain, dict[str, Any]]] = []  # the chain offers that took a task, and the task
+        finished = False
+        for event, decision, guard, reporter, chain in steps:
+            at = event["at"]
+            held_command: dict[str, Any] | None = None
+            for command in decision.commands:
+                op = command["op"]
+                if op == "dispatch" and held_command is None and chain is not None and chain.serves(command):
+                    held_command = command
+                    task_ops.append(("c", command["task_id"], "r:" + chain.token, dumps(command)))
+                elif op == "dispatch":
+                    task_ops.append(("s", command["task_id"], "q"))
+                    ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": version})
+                    if record.sts_ms:
+                        ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
+                                    "d": at + record.sts_ms})
+                elif op == "schedule_timer":
+                    ops.append({"o": "timer", "k": Keys.kernel_timer(run_id, command["timer_id"]),
+                                "d": command["due_at"]})
+                elif op == "cancel_timer":
+                    ops.append({"o": "untimer", "k": Keys.kernel_timer(run_id, command["timer_id"])})
+                elif op == "cancel_task":
+                    ops.append({"o": "cancel", "t": command["task_id"]})
+                    task_ops.append(("x", command["task_id"], ""))
+            for task_id in decision.ended:  # (with the dispatches above: every change to the tasks in flight)
+                task_ops.append(("d", task_id, ""))
                 if record.sts_ms:
-                    ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
-                                "d": at + record.sts_ms})
-            elif op == "schedule_timer":
-                ops.append({"o": "timer", "k": Keys.kernel_timer(run_id, command["timer_id"]),
-                            "d": command["due_at"]})
-            elif op == "cancel_timer":
-                ops.append({"o": "untimer", "k": Keys.kernel_timer(run_id, command["timer_id"])})
-            elif op == "cancel_task":
-                ops.append({"o": "cancel", "t": command["task_id"]})
-                task_ops.append(("x", command["task_id"], ""))
-        for task_id in decision.ended:  # (with the dispatches above: every change to the tasks in flight)
-            task_ops.append(("d", task_id, ""))
-            if record.sts_ms:
-                ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
-        finished = decision.finished
-        if finished:
-            meta = [*(meta or ()), ("finished", at)]
-        kept = held is not None and len(state["tasks"]) == 1  # a chain: its one task in flight runs here
-        snapshot = finished or record.version == 0 or self._snapshot_due(record, kept)
+                    ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
+            if decision.finished:
+                finished = True
+                meta = [*(meta or ()), ("finished", at)]
+            if held_command is not None:
+                held.append((chain, held_command))  # type: ignore[arg-type]
+            entries.append((dumps(event), dumps(decision.events), guard, reporter))
+        state = record.state
+        kept = bool(held) and len(state["tasks"]) == 1  # a chain: the run's one task in flight runs here
+        snapshot = finished or record.version == 0 or self._snapshot_due(record, kept, len(steps))
         state_raw = dumps(state) if snapshot else b""
-        token, input_event, events = next(self._tokens), dumps(event), dumps(decision.events)
+        token = next(self._tokens)
         outbox = dumps(ops) if ops else None
         backoff: Backoff | None = None
         while True:  # the same payload (and token) until Redis answers: an unknown outcome is never applied twice
             try:
                 result = await self.store.transition(
-                    run_id, expected=record.version, state=state_raw, token=token, input_event=input_event,
-                    events=events, status=state["status"], outbox=outbox, guard=guard, reporter=reporter,
-                    finished=finished, task_ops=task_ops, meta=meta or ())
+                    run_id, expected=record.version, state=state_raw, token=token, status=state["status"],
+                    entries=entries, outbox=outbox, finished=finished, task_ops=task_ops, meta=meta or ())
                 break
             except TRANSIENT as exc:
                 log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)
@@ -305,11 +345,11 @@ class Advancer:
                 self.snapshots += 1
                 record.snapshot_size, record.since = len(state_raw), 0
             else:
-                record.since += 1
-            if chain is not None:
+                record.since += len(steps)
+            for chain, command in held:
                 # the kernel's own command (read-only: it shares data with the cached state; the worker gets
                 # a copy of its input from execute)
-                chain.command = held_command
+                chain.command = command
             record.version = result.version
             if finished:
                 self._cache.pop(run_id, None)
@@ -317,19 +357,84 @@ class Advancer:
                 self._remember(record)
         return result, ops
 
-    def _snapshot_due(self, record: RunRecord, kept: bool) -> bool:
-        """Whether a transition (neither a run's first nor its last) writes the state whole.
+    def _snapshot_due(self, record: RunRecord, kept: bool, events: int = 1) -> bool:
+        """Whether a transition of ``events`` input events (neither a run's first nor its last) writes the
+        state whole.
 
         ``kept``: the run's only task in flight is the one this process runs itself (a chain), so nobody
         else is about to load the run; its snapshot can wait until ``CHAIN_REPLAY`` transitions wait to be
         replayed (a process that takes the chain over after a crash replays them). Otherwise a state of S
-        bytes is written every ⌈S / snapshot_bytes⌉ transitions.
+        bytes is written every ⌈S / snapshot_bytes⌉ versions (input events), so that a load replays at most
+        those, whatever the transitions that wrote them.
         """
         every = self.snapshot_bytes
         if every <= 0:
             return False
-        since = record.since + 1
+        since = record.since + events
         return since * every >= record.snapshot_size and (not kept or since >= CHAIN_REPLAY)
+
+    async def _apply_queued(self, run_id: str, mine: _Queued) -> list[_Tail]:
+        """Under the run's lock: apply ``mine`` and the events queued with it (at most ``GROUP_COMMIT``), in
+        one transition when they can be (else one at a time); give each its outcome, return what to relay."""
+        queue = self._queued.pop(run_id, [])
+        batch, rest = queue[:GROUP_COMMIT], queue[GROUP_COMMIT:]
+        if mine not in batch:  # (it is: the queue is taken whole by whoever holds the lock, but be sure)
+            batch.append(mine)
+            if mine in rest:
+                rest.remove(mine)
+        if rest:
+            self._queued[run_id] = rest
+        try:
+            if len(batch) > 1:
+                together = await self._apply_many(run_id, batch)
+                if together is not None:
+                    return [together]
+            tails: list[_Tail] = []
+            for queued in batch:  # one at a time (also what a refused group commit falls back to)
+                outcome, relay, acked = await self._apply_locked(run_id, queued.event, queued.guard,
+                                                                 queued.reporter, None, queued.chain)
+                queued.outcome = outcome
+                tails.append((relay, _acks(queued.ack, acked, queued.chain)))
+            return tails
+        except BaseException:
+            self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
+            # the events not applied go back to the queue for the next holder of the lock
+            left = [queued for queued in batch if queued.outcome is None and queued is not mine]
+            if left:
+                self._queued[run_id] = left + self._queued.get(run_id, [])
+            raise
+
+    async def _apply_many(self, run_id: str, batch: list[_Queued]) -> _Tail | None:
+        """A group commit: the queued events applied in order, written as one transition. None (nothing
+        written, no outcome given) when that cannot be: the kernel refused one of them, or a guard failed."""
+        backoff: Backoff | None = None
+        for _ in range(_MAX_CONFLICTS):
+            record = await self._record(run_id)
+            if record is None:
+                return None
+            steps: list[_Applied] = []
+            try:
+                for queued in batch:
+                    queued.event["at"] = self.clock.now()
+                    steps.append((queued.event, apply(record.plan, record.state, queued.event), queued.guard,
+                                  queued.reporter, queued.chain))
+            except Exception:
+                self._cache.pop(run_id, None)
+                return None  # one at a time: the refusal is then logged for the event that caused it
+            result, ops = await self._commit(record, steps)
+            if result.applied:
+                self.grouped += len(batch)
+                for queued in batch:
+                    queued.outcome = Outcome.APPLIED
+                return (result.version, ops, result.cancelled_queued), \
+                    [op for queued in batch for op in _acks(queued.ack, True, queued.chain)]
+            self._cache.pop(run_id, None)
+            if result.code != 2:
+                return None  # a guard failed (its owner's own transition journals why) or the run is gone
+            self.conflicts += 1
+            backoff = backoff or Backoff(base=0.001, cap=0.05, floor=0.0)
+            await backoff.wait()
+        raise RuntimeError(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
 
     async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
                             reporter: str, precheck: Callable[[dict[str, Any]], bool] | None,
@@ -357,7 +462,7 @@ class Advancer:
                 self._cache.pop(run_id, None)
                 log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
                 return Outcome.INVALID, None, True
-            result, ops = await self._commit(record, event, decision, guard, reporter, chain=chain)
+            result, ops = await self._commit(record, [(event, decision, guard, reporter, chain)])
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("run %s: %s %s -> %s v%s", run_id, event["type"],
                           event.get("task_id") or event.get("timer_id"), result.code, result.version)
@@ -428,6 +533,33 @@ class Advancer:
 
     def _lock(self, run_id: str) -> _RunLock:
         return _RunLock(self._locks, run_id)
+
+
+#: an input event applied: (event, the kernel's decision, guard, reporter, chain offer)
+_Applied = tuple[dict[str, Any], Decision, "tuple[str, str, str] | None", str, "Chain | None"]
+#: what to relay after a transition: ((version, outbox ops, tasks cancelled while queued) or None, acks)
+_Tail = tuple["tuple[int, list[dict[str, Any]], tuple[str, ...]] | None", list[dict[str, Any]]]
+
+
+class _Queued:
+    """An input event waiting for its run's lock (see :meth:`Advancer.apply_event`), and its outcome."""
+
+    __slots__ = ("ack", "chain", "event", "guard", "outcome", "reporter")
+
+    def __init__(self, event: dict[str, Any], guard: tuple[str, str, str] | None, reporter: str,
+                 ack: list[dict[str, Any]], chain: Chain | None):
+        self.event = event
+        self.guard = guard
+        self.reporter = reporter
+        self.ack = ack
+        self.chain = chain
+        self.outcome: str | None = None
+
+
+def _acks(ack: list[dict[str, Any]], acked: bool, chain: Chain | None) -> list[dict[str, Any]]:
+    """The trigger's acknowledgement, unless it is not to be sent (a guard failed for another holder) or the
+    transition handed the caller a task under it (a chain)."""
+    return list(ack) if acked and (chain is None or chain.command is None) else []
 
 
 class _RunLock:

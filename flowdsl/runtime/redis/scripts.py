@@ -30,15 +30,19 @@ import redis.asyncio as aioredis
 __all__ = ["CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher",
            "Script"]
 
-#: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`.
+#: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
+#: expected version, state, token, status, outbox, finished, then the number of input events n and, for each,
+#: ``input event, events, guard task, guard mode, guard value, reporter``; then the task operations, then meta.
 #: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease> <message>`` (a task the calling process runs
 #: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
 #: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled).
+#: The n input events become journal entries of versions expected+1 … expected+n (a group commit: the results
+#: queued behind one another for a run, applied in one write). Every guard is checked before anything is written.
 #: Returns {1, new version, {task ids cancelled while queued}} | {2, version} (version conflict)
-#: | {3, version, lease} (guard failed) | {4, version} (this token was applied already) | {5} (no such run)
-#: | {6, version} (the run exists: creation refused). An empty state (ARGV[2]) writes no snapshot: the
-#: state is then what the snapshot (``state`` at version ``sv``, journal entry ``sj``) and the journal's
-#: input events after it give (:data:`LOAD`).
+#: | {3, version, lease} (the guard failed) | {4, version} (this token was applied already) | {5} (no such run)
+#: | {6, version} (the run exists: creation refused) | {7, version, index} (a guard of several failed: nothing
+#: written, no note). An empty state (ARGV[2]) writes no snapshot: the state is then what the snapshot
+#: (``state`` at version ``sv``, journal entry ``sj``) and the journal's input events after it give (:data:`LOAD`).
 TRANSITION = r"""
 local run, journal, tasks, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected = tonumber(ARGV[1])
@@ -51,40 +55,50 @@ else
   if meta[2] == ARGV[3] then return {4, curv} end
   if curv ~= expected then return {2, curv} end
 end
-local gid = ARGV[8]
-if gid ~= '' then
-  local mode, want = ARGV[9], ARGV[10]
-  local val = redis.call('HGET', tasks, gid)
-  local ok
-  if mode == 'eq' then
-    ok = (val == want)
-  else
-    ok = (val == 'r:' .. want) or (val == 'xr:' .. want) or (mode == 'lease' and not val)
-  end
-  if not ok then
-    if mode == 'lease' and ARGV[11] ~= '' then
-      -- a late result (its reporter's lease expired): journal a note, from the input event it carried
-      local decoded, ev = pcall(cjson.decode, ARGV[4])
-      if not decoded or type(ev) ~= 'table' then ev = {} end
-      redis.call('XADD', journal, '*', 'note', cjson.encode({
-        type = 'result_rejected', reason = 'lease_lost', run_id = string.match(run, '{(.*)}$'), task_id = gid,
-        result_type = ev['type'], at = ev['at'], worker = ARGV[11],
-        message = 'the result came from a worker whose lease had expired; another worker holds the task'}))
+local n = tonumber(ARGV[7])
+for j = 0, n - 1 do
+  local b = 8 + 6 * j
+  local gid = ARGV[b + 2]
+  if gid ~= '' then
+    local mode, want = ARGV[b + 3], ARGV[b + 4]
+    local val = redis.call('HGET', tasks, gid)
+    local ok
+    if mode == 'eq' then
+      ok = (val == want)
+    else
+      ok = (val == 'r:' .. want) or (val == 'xr:' .. want) or (mode == 'lease' and not val)
     end
-    return {3, curv, val or ''}
+    if not ok then
+      if n > 1 then return {7, curv, j + 1} end
+      if mode == 'lease' and ARGV[b + 5] ~= '' then
+        -- a late result (its reporter's lease expired): journal a note, from the input event it carried
+        local decoded, ev = pcall(cjson.decode, ARGV[b])
+        if not decoded or type(ev) ~= 'table' then ev = {} end
+        redis.call('XADD', journal, '*', 'note', cjson.encode({
+          type = 'result_rejected', reason = 'lease_lost', run_id = string.match(run, '{(.*)}$'), task_id = gid,
+          result_type = ev['type'], at = ev['at'], worker = ARGV[b + 5],
+          message = 'the result came from a worker whose lease had expired; another worker holds the task'}))
+      end
+      return {3, curv, val or ''}
+    end
   end
 end
-local newv = curv + 1
-local entry = redis.call('XADD', journal, '*', 'v', newv, 'in', ARGV[4], 'ev', ARGV[5])
-if ARGV[2] ~= '' then
-  redis.call('HSET', run, 'state', ARGV[2], 'sv', newv, 'sj', entry, 'v', newv, 'lt', ARGV[3], 'status', ARGV[6])
-else
-  redis.call('HSET', run, 'v', newv, 'lt', ARGV[3], 'status', ARGV[6])
+local entry
+for j = 0, n - 1 do
+  entry = redis.call('XADD', journal, '*', 'v', curv + j + 1, 'in', ARGV[8 + 6 * j], 'ev', ARGV[9 + 6 * j])
 end
-if ARGV[7] ~= '' then redis.call('HSET', outbox, newv, ARGV[7]) end
+local newv = curv + n
+if ARGV[2] ~= '' then
+  redis.call('HSET', run, 'state', ARGV[2], 'sv', newv, 'sj', entry, 'v', newv, 'lt', ARGV[3], 'status', ARGV[4])
+else
+  redis.call('HSET', run, 'v', newv, 'lt', ARGV[3], 'status', ARGV[4])
+end
+if ARGV[5] ~= '' then redis.call('HSET', outbox, newv, ARGV[5]) end
 local cancelled = {}
-local i = 14
-for _ = 1, tonumber(ARGV[13]) do
+local i = 8 + 6 * n
+local ntask = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, ntask do
   local op, tid = ARGV[i], ARGV[i + 1]
   if op == 's' then
     redis.call('HSET', tasks, tid, ARGV[i + 2])
@@ -112,7 +126,7 @@ for _ = 1, nmeta do
   redis.call('HSET', run, ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-if ARGV[12] == '1' then
+if ARGV[6] == '1' then
   local ttl = tonumber(redis.call('HGET', run, 'ret') or '0') or 0
   if ttl > 0 then
     for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -51,7 +52,7 @@ from flowdsl.runtime.redis.scripts import (
     Script,
 )
 
-__all__ = ["Clock", "RunRecord", "Store", "TransitionResult", "plan_id"]
+__all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "plan_id"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -116,9 +117,17 @@ class RunRecord:
     since: int = 0
 
 
+#: One input event a transition applies: its journal entry (the event, the events it caused, as JSON bytes),
+#: and the guard checked before anything is written with the reporter of a late result (see
+#: :meth:`Store.transition`): ``(input event, events, (task id, mode, value) or None, reporter or "")``.
+JournalEntry = tuple[bytes, bytes, "tuple[str, str, str] | None", str]
+_NO_GUARD = ("", "", "")
+
+
 class TransitionResult(NamedTuple):
     """What the transition script said: ``code`` 1 applied, 2 version conflict, 3 guard failed,
-    4 already applied (same token), 5 no such run, 6 the run exists (creation refused)."""
+    4 already applied (same token), 5 no such run, 6 the run exists (creation refused), 7 a guard of a
+    transition of several input events failed (nothing written)."""
 
     code: int
     version: int = 0
@@ -198,27 +207,33 @@ class Store:
                 "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
                 "cancel": got["cancel"].decode() if got["cancel"] is not None else None}
 
-    async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, input_event: bytes,
-                         events: bytes, status: str, outbox: bytes | None = None,
-                         guard: tuple[str, str, str] | None = None, reporter: str = "",
-                         finished: bool = False, task_ops: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+    async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, status: str,
+                         entries: Sequence[JournalEntry], outbox: bytes | None = None, finished: bool = False,
+                         task_ops: list[tuple[str, ...]] = (),  # type: ignore[assignment]
                          meta: list[tuple[str, Any]] = ()) -> TransitionResult:  # type: ignore[assignment]
         """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
 
         ``expected`` is the version the state was computed from (0: create the
-        run); ``state`` is written as the run's snapshot, or nothing when empty
-        (:meth:`load` then replays this transition's ``input_event``);
-        ``guard`` is ``(task id, mode, value)`` with mode ``lease`` (the task
-        must be held under lease token ``value``, or no longer be in flight),
-        ``strict`` (held under ``value``) or ``eq`` (its lease value equals
-        ``value``); when a ``lease`` guard fails and ``reporter`` (a worker's name) is given, a
-        ``result_rejected`` note (reason ``lease_lost``) is journaled, built from ``input_event``;
-        ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark cancelled; or ``(c, task id, lease,
-        message)``: a task the caller runs itself, held at once, its message kept for recovery.
+        run); ``entries`` are the input events it applied, in order, each
+        journaled with its own version (expected + 1, + 2, …); ``state`` is
+        written as the run's snapshot, or nothing when empty (:meth:`load` then
+        replays the journaled input events); a :data:`JournalEntry`'s guard
+        is ``(task id, mode, value)`` with mode ``lease`` (the task must be held
+        under lease token ``value``, or no longer be in flight), ``strict`` (held
+        under ``value``) or ``eq`` (its lease value equals ``value``). Every guard
+        is checked before anything is written. When the one entry's ``lease``
+        guard fails and its ``reporter`` (a worker's name) is given, a
+        ``result_rejected`` note (reason ``lease_lost``) is journaled, built from
+        its input event; with several entries a failed guard writes nothing
+        (code 7). ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark
+        cancelled; or ``(c, task id, lease, message)``: a task the caller runs
+        itself, held at once, its message kept for recovery.
         """
-        gid, mode, want = guard or ("", "", "")
-        args: list[Any] = [expected, state, token, input_event, events, status, outbox or b"", gid, mode, want,
-                           reporter, "1" if finished else "0", len(task_ops)]
+        args: list[Any] = [expected, state, token, status, outbox or b"", "1" if finished else "0", len(entries)]
+        for input_event, events, guard, reporter in entries:
+            gid, mode, want = guard or _NO_GUARD
+            args += (input_event, events, gid, mode, want, reporter)
+        args.append(len(task_ops))
         for op in task_ops:
             args.extend(op)
         args.append(len(meta))
@@ -232,7 +247,7 @@ class Store:
                                     if cancelled else ())
         if code == 3:
             return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
-        if code in (2, 4, 6):
+        if code in (2, 4, 6, 7):
             return TransitionResult(code, int(reply[1]))
         return TransitionResult(code)
 
