@@ -172,7 +172,7 @@ class Advancer:
                 except BaseException:
                     self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
                     raise
-            done = list(ack) if acked and (chain is None or chain.command is None) else []
+            done = _acks(ack, acked, chain)
             if followups or done or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's step)
                 await self._tail(run_id, relay, followups, done)
             return outcome
