@@ -376,12 +376,9 @@ class Advancer:
     async def _apply_queued(self, run_id: str, mine: _Queued) -> list[_Tail]:
         """Under the run's lock: apply ``mine`` and the events queued with it (at most ``GROUP_COMMIT``), in
         one transition when they can be (else one at a time); give each its outcome, return what to relay."""
-        queue = self._queued.pop(run_id, [])
+        # the lock passes in the order the events were queued, so its holder's own event comes first
+        queue = self._queued.pop(run_id)
         batch, rest = queue[:GROUP_COMMIT], queue[GROUP_COMMIT:]
-        if mine not in batch:  # (it is: the queue is taken whole by whoever holds the lock, but be sure)
-            batch.append(mine)
-            if mine in rest:
-                rest.remove(mine)
         if rest:
             self._queued[run_id] = rest
         try:
