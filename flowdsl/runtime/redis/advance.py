@@ -404,77 +404,75 @@ class Advancer:
     async def _apply_many(self, run_id: str, batch: list[_Queued]) -> _Tail | None:
         """A group commit: the queued events applied in order, written as one transition. None (nothing
         written, no outcome given) when that cannot be: the kernel refused one of them, or a guard failed."""
-        backoff: Backoff | None = None
-        for _ in range(_MAX_CONFLICTS):
-            record = await self._record(run_id)
-            if record is None:
-                return None
-            steps: list[_Applied] = []
-            try:
-                for queued in batch:
-                    queued.event["at"] = self.clock.now()
-                    steps.append((queued.event, apply(record.plan, record.state, queued.event), queued.guard,
-                                  queued.reporter, queued.chain))
-            except Exception:
-                self._cache.pop(run_id, None)
-                return None  # one at a time: the refusal is then logged for the event that caused it
-            result, ops = await self._commit(record, steps)
-            if result.applied:
-                self.grouped += len(batch)
-                for queued in batch:
-                    queued.outcome = Outcome.APPLIED
-                return (result.version, ops, result.cancelled_queued), \
-                    [op for queued in batch for op in _acks(queued.ack, True, queued.chain)]
-            self._cache.pop(run_id, None)
-            if result.code != 2:
-                return None  # a guard failed (its owner's own transition journals why) or the run is gone
-            self.conflicts += 1
-            backoff = backoff or Backoff(base=0.001, cap=0.05, floor=0.0)
-            await backoff.wait()
-        raise RuntimeError(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
+        outcome, result, ops = await self._write(run_id, batch, None)
+        if outcome != Outcome.APPLIED:
+            return None  # one at a time: each then gets the outcome (and the log line) it would have alone
+        assert result is not None
+        self.grouped += len(batch)
+        for queued in batch:
+            queued.outcome = Outcome.APPLIED
+        return (result.version, ops, result.cancelled_queued), \
+            [op for queued in batch for op in _acks(queued.ack, True, queued.chain)]
 
     async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
                             reporter: str, precheck: Callable[[dict[str, Any]], bool] | None,
                             chain: Chain | None = None
                             ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
         """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
+        outcome, result, ops = await self._write(run_id, [_Queued(event, guard, reporter, [], chain)], precheck)
+        if result is None:
+            return outcome, None, True
+        if outcome == Outcome.APPLIED:
+            return outcome, (result.version, ops, result.cancelled_queued), True
+        if result.code == 3:
+            # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
+            return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"
+        return Outcome.MISSING, None, True
+
+    async def _write(self, run_id: str, batch: list[_Queued], precheck: Callable[[dict[str, Any]], bool] | None
+                     ) -> tuple[str, TransitionResult | None, list[dict[str, Any]]]:
+        """Under the run's lock: apply ``batch``'s events in order to the run's state and write them as one
+        transition, loading the run again and re-applying them after a version conflict (another process
+        wrote meanwhile). Returns (outcome, the script's answer or None, the outbox ops): APPLIED (written);
+        REJECTED (nothing written: a guard failed or the run is gone, the answer says which); MISSING (no
+        such run); SKIPPED (``precheck(state)`` false); INVALID (the kernel refused an event: logged when
+        it is the only one)."""
         backoff: Backoff | None = None
         for _ in range(_MAX_CONFLICTS):
-            record = self._cache.get(run_id)
-            if record is not None:
-                self._cache.move_to_end(run_id)
-            else:
-                record = await self._record(run_id)
+            record = await self._record(run_id)
             if record is None:
-                return Outcome.MISSING, None, True
+                return Outcome.MISSING, None, []
             if precheck is not None and not precheck(record.state):
                 if run_id in self._cache:  # a cached state may be behind another process's writes: re-read
                     self._cache.pop(run_id, None)
                     continue
-                return Outcome.SKIPPED, None, True
-            event["at"] = self.clock.now()
+                return Outcome.SKIPPED, None, []
+            steps: list[_Applied] = []
             try:
-                decision = apply(record.plan, record.state, event)
+                for queued in batch:
+                    event = queued.event
+                    event["at"] = self.clock.now()
+                    steps.append((event, apply(record.plan, record.state, event), queued.guard, queued.reporter,
+                                  queued.chain))
             except Exception as exc:  # a malformed event (ValueError) or a kernel bug: never crash the worker
-                self._cache.pop(run_id, None)
-                log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__, exc)
-                return Outcome.INVALID, None, True
-            result, ops = await self._commit(record, [(event, decision, guard, reporter, chain)])
+                self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
+                if len(batch) == 1:
+                    log.error("run %s: the kernel refused %s: %s: %s", run_id, batch[0].event.get("type"),
+                              type(exc).__name__, exc)
+                return Outcome.INVALID, None, []
+            result, ops = await self._commit(record, steps)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("run %s: %s %s -> %s v%s", run_id, event["type"],
-                          event.get("task_id") or event.get("timer_id"), result.code, result.version)
+                log.debug("run %s: %s -> %s v%s", run_id, ", ".join(
+                    f"{q.event['type']} {q.event.get('task_id') or q.event.get('timer_id')}" for q in batch),
+                    result.code, result.version)
             if result.applied:
-                return Outcome.APPLIED, (result.version, ops, result.cancelled_queued), True
+                return Outcome.APPLIED, result, ops
             self._cache.pop(run_id, None)
-            if result.code == 2:  # another process wrote meanwhile: let it go on, then load the run and re-apply
-                self.conflicts += 1
-                backoff = backoff or Backoff(base=0.001, cap=0.05, floor=0.0)
-                await backoff.wait()
-                continue
-            if result.code == 3:
-                # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
-                return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"
-            return Outcome.MISSING, None, True
+            if result.code != 2:
+                return Outcome.REJECTED, result, []
+            self.conflicts += 1  # another process wrote meanwhile: let it go on, then load the run and re-apply
+            backoff = backoff or Backoff(base=0.001, cap=0.05, floor=0.0)
+            await backoff.wait()
         raise RuntimeError(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
 
     async def _flush(self, run_id: str, trigger: str = "") -> tuple[str, ...]:
