@@ -40,10 +40,51 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def load_text(text: str, filename: str = "spec.yaml") -> LoadedDoc:
-    """Parse spec text (YAML, or the text syntax when ``filename`` ends in ``.flow``) into data with positions."""
+PathArg = str | os.PathLike[str]
+
+
+def _path(value: Any, name: str, *, optional: bool = False) -> str:
+    """A path argument as ``str``: a ``str`` or any ``os.PathLike`` (``pathlib.Path``); else a TypeError."""
+    if value is None and optional:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        found = os.fspath(value)
+        return found if isinstance(found, str) else os.fsdecode(found)
+    expected = "a str, an os.PathLike (e.g. pathlib.Path) or None" if optional else \
+        "a str or an os.PathLike (e.g. pathlib.Path)"
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def _text(value: Any, filename: str) -> str | LoadedDoc:
+    """Spec text as ``str``: a ``str``, or bytes read as strict UTF-8 (a document carrying FD110 when they are
+    not UTF-8, as for a file); any other type is a TypeError."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            return LoadedDoc(None, Positions(filename), [make(
+                "FD110", f"text is not valid UTF-8 (byte 0x{raw[exc.start]:02x})", file=filename, line=line,
+                column=col)])
+    raise TypeError(f"text must be a str or UTF-8 bytes, got {type(value).__name__}")
+
+
+def load_text(text: str | bytes, filename: PathArg = "spec.yaml") -> LoadedDoc:
+    """Parse spec text (YAML, or the text syntax when ``filename`` ends in ``.flow``) into data with positions.
+
+    ``text`` may be bytes: they are read as UTF-8 (FD110 when they are not)."""
+    name = _path(filename, "filename")
+    decoded = _text(text, name)
+    if isinstance(decoded, LoadedDoc):
+        return decoded
     with _gc_paused():
-        return _load_text(text, filename)
+        return _load_text(decoded, name)
 
 
 def _load_text(text: str, filename: str) -> LoadedDoc:
@@ -58,9 +99,11 @@ def _load_text(text: str, filename: str) -> LoadedDoc:
     return load_yaml(text, filename)
 
 
-def load(path: str) -> LoadedDoc:
-    """Read and parse a spec file (``.yaml``/``.yml`` or ``.flow``)."""
+def load(path: PathArg) -> LoadedDoc:
+    """Read and parse a spec file (``.yaml``/``.yml`` or ``.flow``); ``path`` is a str or ``os.PathLike``."""
     from flowdsl.source import read_source
+
+    path = _path(path, "path")
 
     if not path.endswith(YAML_SUFFIXES + TEXT_SUFFIXES):
         return LoadedDoc(None, Positions(path), [make(
@@ -160,9 +203,14 @@ def _with_file(d: Diagnostic, file: str | None) -> Diagnostic:
     return replace(d, file=file)
 
 
-def compile_loaded(doc: LoadedDoc, file: str | None, *, check_workers: bool = False,
-                   search_path: str | None = None) -> CompileResult:
+def compile_loaded(doc: LoadedDoc, file: PathArg | None, *, check_workers: bool = False,
+                   search_path: PathArg | None = None) -> CompileResult:
     """Check and compile a document already read (:func:`load` / :func:`load_text`)."""
+    if not isinstance(doc, LoadedDoc):
+        raise TypeError(f"doc must be the LoadedDoc of flowdsl.load() or flowdsl.load_text(), "
+                        f"got {type(doc).__name__}")
+    file = _path(file, "file", optional=True) or None
+    search_path = _path(search_path, "search_path", optional=True) or None
     try:
         with _gc_paused():
             return _compile_checked(doc, file, check_workers, search_path)
@@ -189,19 +237,24 @@ def _compile_checked(doc: LoadedDoc, file: str | None, check_workers: bool, sear
     return CompileResult(plan, source_map, diags)
 
 
-def compile_spec(path: str, *, check_workers: bool = False, search_path: str | None = None) -> CompileResult:
-    """Load, check and compile a spec file. ``check_workers`` imports the worker modules and checks the names."""
+def compile_spec(path: PathArg, *, check_workers: bool = False,
+                 search_path: PathArg | None = None) -> CompileResult:
+    """Load, check and compile a spec file (a str or ``os.PathLike``). ``check_workers`` imports the worker
+    modules (from ``search_path``, default the current directory, then the spec's) and checks the names."""
+    path = _path(path, "path")
     return compile_loaded(load(path), path, check_workers=check_workers, search_path=search_path)
 
 
-def validate(path: str, *, check_workers: bool = True, search_path: str | None = None) -> list[Diagnostic]:
-    """Every diagnostic for a spec file, sorted (an empty list when it is valid)."""
+def validate(path: PathArg, *, check_workers: bool = True, search_path: PathArg | None = None) -> list[Diagnostic]:
+    """Every diagnostic for a spec file (a str or ``os.PathLike``), sorted (an empty list when it is valid)."""
     return compile_spec(path, check_workers=check_workers, search_path=search_path).diagnostics
 
 
-def compile_text(text: str, *, filename: str = "spec.yaml", check_workers: bool = False) -> dict[str, Any]:
-    """Compile spec text to a plan; raises :class:`SpecError` with every diagnostic when it has errors."""
-    result = compile_loaded(load_text(text, filename), filename, check_workers=check_workers)
+def compile_text(text: str | bytes, *, filename: PathArg = "spec.yaml", check_workers: bool = False) -> dict[str, Any]:
+    """Compile spec text (a str, or UTF-8 bytes) to a plan; raises :class:`SpecError` with every diagnostic
+    when it has errors. ``filename`` (ending in ``.flow`` for the text syntax) is what diagnostics name."""
+    name = _path(filename, "filename")
+    result = compile_loaded(load_text(text, name), name, check_workers=check_workers)
     if result.plan is None:
         raise SpecError(result.diagnostics)
     return result.plan
@@ -211,4 +264,7 @@ def plan_bytes(plan: dict[str, Any]) -> bytes:
     """Canonical bytes of a plan (sorted keys): identical for equivalent specs."""
     from flowdsl.compiler import plan_bytes as _pb
 
+    if not isinstance(plan, dict):
+        raise TypeError(f"plan must be an execution plan (a dict, the 'plan' of flowdsl.compile_spec()), "
+                        f"got {type(plan).__name__}")
     return _pb(plan)

@@ -137,8 +137,7 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
             yield _err(node, "FD502", f"in '{fname}': undefined variable '${var}'{hint}; expected one of "
                        f"{', '.join('$' + v for v in sorted(allowed))} or a variable bound in the expression", path)
         for fn in sorted(analysis.functions & expr.NONDETERMINISTIC):
-            yield _err(node, "FD503", f"in '{fname}': '${fn}' is not allowed: its value depends on the clock or "
-                       "chance, which would break deterministic replay; pass such values in the run input", path)
+            yield _err(node, "FD503", f"in '{fname}': '${fn}' is not allowed: {expr.refusal(fn)}", path)
         for fn in sorted(analysis.functions - builtins - allowed - expr.NONDETERMINISTIC):
             yield _err(node, "FD502", f"in '{fname}': unknown function '${fn}'"
                        f"{did_you_mean('$' + fn, {'$' + b for b in builtins})}", path)
@@ -196,25 +195,31 @@ def worker_references(flow: Flow) -> Iterator[tuple[Node, str, str, str]]:
             yield node, "compensation", node.compensate.worker, node.compensate.loc.path
 
 
+def _shown_dir(path: str) -> str:
+    """A searched directory as given, or relative to the working directory when it lies below it."""
+    if not os.path.isabs(path):
+        return path
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") or rel == "." else rel
+
+
 def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnostic]:
     """Import the worker modules, then check that every named worker is registered."""
     from flowdsl.workers import WorkerImportError, import_worker_modules, registry
 
     spec_dir = os.path.dirname(os.path.abspath(flow.file)) if flow.file else None
+    first = search_path or os.getcwd()
+    also = [spec_dir] if spec_dir and os.path.abspath(first) != spec_dir else []
     failed = False
     for i, module in enumerate(flow.workers):
         try:
-            import_worker_modules([module], search_path or os.getcwd())
+            import_worker_modules([module], first, also)
         except WorkerImportError as exc:
-            if spec_dir:
-                try:
-                    import_worker_modules([module], spec_dir)
-                    continue
-                except WorkerImportError:
-                    pass
             failed = True
-            yield _err(flow, "FD205", f"{exc} (searched {search_path or os.getcwd()}; use --no-import to "
-                       "check without importing)", join("/workers", i))
+            where = f"in {_shown_dir(exc.origin)}; " if exc.origin else "" if exc.found else \
+                f"searched {', '.join(_shown_dir(p) for p in exc.searched)}; "
+            yield _err(flow, "FD205", f"cannot import worker module '{module}': {exc.reason} ({where}use "
+                       "--no-import to check without importing)", join("/workers", i))
     if failed:
         return  # the names the missing module would register are unknown: no FD204 guesses
     known = registry.names()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -112,12 +113,64 @@ def _compile(file: Path, no_import: bool) -> Any:
         return compile_spec(str(file), check_workers=not no_import)
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write an output file; a path that cannot be written is a usage error (exit 2), not a traceback."""
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        path.write_bytes(data)
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): compare where they would be
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def write_outputs(outputs: list[tuple[str, Path, bytes]], inputs: list[Path]) -> None:
+    """Write output files all or nothing: a usage error (exit 2) — before any is written — when one would
+    overwrite an input file, two name the same file, or one cannot be written (its directory is missing, it
+    is a directory, permissions). ``outputs``: (option, path, bytes).
+
+    Each file is first written to a temporary file beside it, then all are renamed into place (through a
+    symlink, to the file it points to), so that a failing command leaves every target as it was.
+    """
+    import tempfile
+
+    for i, (option, path, _) in enumerate(outputs):
+        for source in inputs:
+            if _same_file(path, source):
+                raise _fail(f"{option} {path}: that is the input file {source}; refusing to write over it "
+                            "(choose another output file)")
+        for other, earlier, _ in outputs[:i]:
+            if _same_file(path, earlier):
+                raise _fail(f"{option} {path} and {other} {earlier} name the same file; give each its own")
+        if path.is_dir():
+            raise _fail(f"cannot write {path}: it is a directory ({option} takes a file name)")
+    staged: list[tuple[str, str, str]] = []
+    try:
+        for option, path, data in outputs:
+            target = os.path.realpath(path)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target))
+            except OSError as exc:
+                raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
+            staged.append((option, tmp, target))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, _new_file_mode(target))
+        for _, tmp, target in staged:
+            os.replace(tmp, target)
+        staged.clear()
     except OSError as exc:
-        raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise _fail(f"cannot write {exc.filename or 'an output file'}: {exc.strerror or exc}") from None
+    finally:
+        for _, tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _new_file_mode(target: str) -> int:
+    """The mode a file written to ``target`` gets: the existing file's, else 0o666 less the umask."""
+    try:
+        return os.stat(target).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 @app.command()
@@ -159,22 +212,44 @@ def plan(
     if result.diagnostics:
         _print_diagnostics(result.diagnostics, OutputFormat.text)
     data = plan_bytes(result.plan)
-    if output is not None:
-        _write(output, data)
-    else:
-        sys.stdout.write(data.decode("utf-8"))
+    files = [("-o", output, data)] if output is not None else []
     if source_map is not None:
-        _write(source_map, (json.dumps(result.source_map, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        files.append(("--source-map", source_map,
+                      (json.dumps(result.source_map, indent=2, sort_keys=True) + "\n").encode("utf-8")))
+    write_outputs(files, [file, *_spec_files(result)])  # all checked and written before anything is printed
+    if output is None:
+        sys.stdout.write(data.decode("utf-8"))
+
+
+def _spec_files(result: Any) -> list[Path]:
+    """The files a compiled spec was read from (its sub-flows too), per its source map."""
+    return sorted({Path(entry["file"]) for entry in result.source_map.values() if entry.get("file")})
+
+
+SYNTAX_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".flow": "flow"}
 
 
 @app.command()
 def convert(
     file: Annotated[Path, typer.Argument(help="spec file", show_default=False)],
-    to: Annotated[SyntaxName, typer.Option("--to", help="the syntax to write")],
+    to: Annotated[SyntaxName | None, typer.Option(
+        "--to", help="the syntax to write [default: from -o's suffix: .yaml/.yml or .flow]", show_default=False)]
+    = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of stdout")] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Turn a spec from YAML into the text syntax or back. The spec is checked first."""
+    if output is not None and _same_file(output, file):
+        raise _fail(f"-o {output}: that is the input file {file}; refusing to write over it "
+                    "(choose another output file)")
+    implied = SYNTAX_SUFFIXES.get(output.suffix.lower()) if output is not None else None
+    if to is None and implied is None:
+        raise _fail("say which syntax to write: --to yaml or --to flow (or -o FILE ending in .yaml, .yml or .flow)")
+    if to is not None and implied is not None and implied != to.value:
+        fitting = " or ".join(k for k, v in SYNTAX_SUFFIXES.items() if v == to.value)
+        raise _fail(f"-o {output} names a {implied} file but --to is {to.value}: write {to.value} to a file "
+                    f"ending in {fitting} (or leave out --to: the suffix of -o chooses the syntax)")
+    syntax = to.value if to is not None else str(implied)
     from flowdsl.api import compile_loaded, load
     from flowdsl.convert import convert_text
 
@@ -184,9 +259,9 @@ def convert(
     if result.plan is None:
         _print_diagnostics(result.diagnostics, fmt)
         raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
-    text = convert_text(doc.data, to.value)
+    text = convert_text(doc.data, syntax)
     if output is not None:
-        _write(output, text.encode("utf-8"))
+        write_outputs([("-o", output, text.encode("utf-8"))], [file, *_spec_files(result)])
     else:
         sys.stdout.write(text)
 
@@ -231,62 +306,221 @@ def run(
 
     Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
     usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C
-    (with --backend redis: stopped following; the run goes on).
+    (with --backend redis: stopped following; the run goes on). With --format json,
+    stdout carries exactly one JSON object whatever happens (see docs/runtime.md).
     """
-    from flowdsl.runtime.inputs import InputError, check_input, read_input
+    as_json = fmt is OutputFormat.json
+    with _JsonChannel(as_json) as channel:
+        try:
+            code = _run(channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed, backend,
+                        redis_url, prefix, detach, schedule_timeout, retention)
+        except _Stopped as stop:
+            if stop.message:
+                _stderr().print(f"[red]{stop.label}[/]: {_escape(stop.message)}")
+            if as_json and not channel.written:
+                channel.emit(stop.payload())
+            code = stop.code
+        except KeyboardInterrupt:  # a Ctrl-C outside the run (while compiling, importing): stop, as documented
+            if as_json and not channel.written:
+                channel.emit({"status": "error", "error": {"type": "KeyboardInterrupt", "message": "interrupted"}})
+            raise
+    raise typer.Exit(code)
 
+
+class _Stopped(Exception):
+    """``flowdsl run`` ends without a run result: a rejected spec, a usage or input error, an aborted run."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE, *, status: str = "error", error_type: str = "UsageError",
+                 diagnostics: list[Any] | None = None, label: str = "error", extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.error_type = error_type
+        self.diagnostics = diagnostics
+        self.label = label
+        self.extra = extra or {}
+
+    def payload(self) -> dict[str, Any]:
+        """The ``--format json`` object: ``status``, ``error`` {type, message} and, for a rejected spec,
+        ``diagnostics`` (as ``validate --format json`` lists them)."""
+        out: dict[str, Any] = {"status": self.status, **self.extra,
+                               "error": {"type": self.error_type, "message": self.message}}
+        if self.diagnostics is not None:
+            from flowdsl.diagnostics import to_json_text
+
+            out["diagnostics"] = json.loads(to_json_text(self.diagnostics))
+        return out
+
+
+class _Tracked:
+    """A text stream that remembers whether anything was written to it."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.written = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.written = True
+        return int(self.stream.write(text) or 0)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class _JsonChannel:
+    """``run --format json``: stdout carries exactly one JSON object.
+
+    While inside, file descriptor 1 is pointed at stderr (``os.dup2``), so what user code writes to it by any
+    means — ``print``, ``os.write(1, ...)``, a C library, a child process — lands on stderr; ``sys.stdout`` is
+    a stream on the saved, original stdout, so the command's own JSON (:meth:`emit`, or the Redis follower's)
+    goes there. Everything is restored on the way out, however the block ends. When ``sys.stdout`` is not
+    file descriptor 1 (tests, an embedding program), only ``sys.stdout`` is tracked.
+    """
+
+    def __init__(self, active: bool):
+        self.active = active
+        self._saved_fd: int | None = None
+        self._saved_stdout: Any = None
+        self._out: _Tracked | None = None
+
+    @property
+    def written(self) -> bool:
+        return self._out is not None and self._out.written
+
+    def __enter__(self) -> _JsonChannel:
+        if not self.active:
+            return self
+        self._saved_stdout = sys.stdout
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        stream: Any = sys.stdout
+        if fd == 1:
+            try:
+                saved = os.dup(1)
+            except OSError:
+                saved = None
+            if saved is not None:
+                try:
+                    os.dup2(2, 1)
+                except OSError:
+                    os.close(saved)
+                else:
+                    self._saved_fd = saved
+                    stream = open(saved, "w", encoding="utf-8", closefd=False)  # closed on exit
+        self._out = _Tracked(stream)
+        sys.stdout = self._out
+        return self
+
+    def emit(self, value: dict[str, Any]) -> None:
+        """Write the one JSON object (a newline after it)."""
+        target = self._out if self._out is not None else sys.stdout
+        target.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
+        target.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.active:
+            return
+        for stream in (self._out, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # type: ignore[union-attr]
+        sys.stdout = self._saved_stdout
+        if self._saved_fd is not None:
+            if self._out is not None:
+                with contextlib.suppress(Exception):
+                    self._out.stream.close()
+            os.dup2(self._saved_fd, 1)
+            os.close(self._saved_fd)
+            self._saved_fd = None
+
+
+def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: list[str], run_id: str | None,
+         runs_dir: Path | None, no_record: bool, lm: str | None, seed: int | None, backend: Backend,
+         redis_url: str | None, prefix: str | None, detach: bool, schedule_timeout: float | None,
+         retention: float | None) -> int:
+    """The body of ``flowdsl run``: its exit code, or :class:`_Stopped`."""
+    from flowdsl.runtime.inputs import InputError, check_input, read_input
+    from flowdsl.runtime.record import check_run_id
+
+    as_json = channel.active
     remote = backend is Backend.redis
     if not remote and (detach or redis_url or schedule_timeout is not None or retention is not None):
-        raise _fail("--detach, --redis-url, --schedule-timeout and --retention need --backend redis")
+        raise _Stopped("--detach, --redis-url, --schedule-timeout and --retention need --backend redis")
+    if run_id is not None:
+        try:
+            check_run_id(run_id)
+        except ValueError as exc:
+            raise _Stopped(f"--run-id: {exc}") from None
     result = _compile(file, no_import=remote)  # with redis, the worker processes import the workers
     if result.plan is None:
-        _print_diagnostics(result.diagnostics, fmt)
-        raise typer.Exit(EXIT_USAGE)
+        _print_diagnostics(result.diagnostics, OutputFormat.text)
+        errors = sum(1 for d in result.diagnostics if d.severity == "error")
+        raise _Stopped(f"{file}: the spec was rejected ({errors} error(s)); nothing ran", status="rejected",
+                       error_type="SpecRejected", diagnostics=result.diagnostics, label="rejected")
     if result.diagnostics:
         _print_diagnostics(result.diagnostics, OutputFormat.text)
     try:
-        data = read_input(input_file, overrides or ())
+        data = read_input(input_file, overrides)
         check_input(result.plan, data)
     except InputError as exc:
-        raise _fail(str(exc)) from None
+        raise _Stopped(str(exc), error_type="InputInvalid") from None
     if remote:
         from flowdsl.runtime.redis.commands import run_command
 
         if lm or runs_dir or no_record:
             _stderr().print("[yellow]note[/]: --lm, --runs-dir and --no-record apply to the local backend "
                             "(give --lm to `flowdsl worker`; Redis keeps the run's journal)")
-        raise typer.Exit(run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
-                                     detach=detach, as_json=fmt is OutputFormat.json,
-                                     schedule_timeout_s=schedule_timeout, retention_s=retention,
-                                     console=_stderr()))
+        said: list[str] = []
+        code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
+                           detach=detach, as_json=as_json, schedule_timeout_s=schedule_timeout,
+                           retention_s=retention, console=_stderr(), on_error=said.append)
+        if as_json and not channel.written:  # said on stderr already; the one object says it too
+            channel.emit({"status": "error", "error": {"type": "RedisError" if code == EXIT_USAGE else "Interrupted",
+                                                       "message": "; ".join(said) or f"exit code {code}"}})
+        return code
 
     from flowdsl.runtime.local import LocalRun, RunAborted, WorkersMissing
     from flowdsl.runtime.report import LiveView, print_summary
     from flowdsl.workers import WorkerImportError
 
-    view = LiveView(result.plan, mode="off" if fmt is OutputFormat.json else "auto", console=_stderr())
+    view = LiveView(result.plan, mode="off" if as_json else "auto", console=_stderr())
     try:
         with _user_code():
             local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
                              on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True)
-    except (WorkersMissing, WorkerImportError, FileExistsError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    except WorkersMissing as exc:
+        raise _Stopped(str(exc), error_type="WorkersMissing") from None
+    except WorkerImportError as exc:
+        raise _Stopped(str(exc), error_type="WorkerImportError") from None
+    except FileExistsError as exc:
+        raise _Stopped(str(exc), error_type="RunExists") from None
+    except ValueError as exc:
+        raise _Stopped(str(exc)) from None
     import asyncio
 
     try:
         with view, _user_code():
             outcome = asyncio.run(local.run())
     except RunAborted as exc:
-        raise _fail(str(exc), EXIT_ABORTED) from None
+        raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted",
+                       extra={"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}) from None
     except FileExistsError as exc:  # another run took the run id between the check and the start: nothing ran
-        raise _fail(str(exc)) from None
+        raise _Stopped(str(exc), error_type="RunExists") from None
     except (OSError, RuntimeError) as exc:
-        raise _fail(f"the run stopped: {exc}", EXIT_DIAGNOSTICS) from None
-    if fmt is OutputFormat.json:
-        sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
+        raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
+    if as_json:
+        channel.emit(outcome.to_json())
     else:
         print_summary(outcome, _stderr())
-    raise typer.Exit(outcome.exit_code)
+    return outcome.exit_code
 
 
 @app.command()
@@ -307,10 +541,15 @@ def show(
     except RecordError as exc:
         raise _fail(str(exc)) from None
     try:
-        header, lines = read_record(path)
+        header, lines = read_record(path)  # a RecordError names the file, the line and what is malformed
+    except RecordError as exc:
+        raise _fail(str(exc)) from None
+    try:
         outcome = result_from_record(header, lines, path)
-    except Exception as exc:  # an unreadable, truncated or foreign record: say so, never a traceback
-        raise _fail(f"cannot read the run record {path}: {exc}") from None
+    except ValueError as exc:  # a header without a plan, a malformed start, events that do not replay
+        raise _fail(f"cannot show the run record {path}: {exc}") from None
+    except Exception as exc:  # a foreign record the checks let through: say so, never a traceback
+        raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}") from None
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
     else:

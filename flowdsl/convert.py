@@ -1,7 +1,8 @@
 """Front end: the writers — spec data as canonical YAML or ``.flow`` text — and the converter.
 
 Stage: front end (the way back from data to text). Imports ``flowdsl.diagnostics``,
-``flowdsl.textsyntax`` (the vocabulary and token shapes of the text syntax),
+``flowdsl.source`` (how plain values are read, so that strings that would read as
+something else are quoted), ``flowdsl.textsyntax`` (the vocabulary and token shapes of the text syntax),
 ``json`` and, lazily, ``yaml``.
 
 ``canonical`` puts a spec's keys in the order of docs/language.md (the document:
@@ -20,10 +21,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from flowdsl.diagnostics import join
+from flowdsl.source import WORD_VALUES, NumberError, core_resolvers, read_number
 from flowdsl.textsyntax import (
     BAD_CHAR_RE,
     BODIES,
-    JSON_NUMBER_RE,
     KEYWORDS,
     LLM_KEYS,
     NAME_LISTS,
@@ -134,6 +135,13 @@ def _dumper() -> Any:
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
+    # a string is written plain only when neither flowdsl's loader (YAML 1.2 core) nor a YAML 1.1 loader
+    # would read it as something else: '1e3', '0o17' and 'yes', 'on', '0777' are all quoted
+    merged = {k: list(v) for k, v in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+    for first, resolvers in core_resolvers().items():
+        merged.setdefault(first, []).extend(resolvers)
+    Dumper.yaml_implicit_resolvers = merged
+
     def flow_list(dumper: Any, data: Any) -> Any:
         return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
 
@@ -194,13 +202,32 @@ def _scalar_text(v: Any, where: str) -> str:
         return str(v)
     if isinstance(v, float):
         text = repr(v)
-        if not JSON_NUMBER_RE.fullmatch(text):
+        if not NUMBER_RE.fullmatch(text) or _number(text) != v:
             raise ValueError(f"{where or '/'}: the number {text} cannot be written in the text syntax")
         return text
     if isinstance(v, str):
-        bare = WORD_RE.fullmatch(v) or (NUMBER_RE.fullmatch(v) and not JSON_NUMBER_RE.fullmatch(v))
-        return v if bare and v not in ("true", "false", "null") else _quote(v)
+        return v if _reads_as_itself(v) else _quote(v)
     raise ValueError(f"{where or '/'}: a {type(v).__name__} value cannot be written in the text syntax")
+
+
+def _number(text: str) -> int | float | None:
+    try:
+        return read_number(text)
+    except NumberError:
+        return None
+
+
+def _reads_as_itself(v: str) -> bool:
+    """Whether the string ``v`` written bare reads back as the string ``v`` (a word that is not a value, or a
+    number-like token that is not a number, such as 10s)."""
+    if WORD_RE.fullmatch(v):
+        return v not in WORD_VALUES
+    if NUMBER_RE.fullmatch(v):
+        try:
+            return read_number(v) is None
+        except NumberError:
+            return False
+    return False
 
 
 def _key_text(k: Any, where: str) -> str:

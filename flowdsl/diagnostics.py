@@ -53,7 +53,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     # FD5xx: expressions
     "FD501": ("error", "expression syntax error"),
     "FD502": ("error", "undefined variable"),
-    "FD503": ("error", "non-deterministic function"),
+    "FD503": ("error", "function not allowed"),
     "FD504": ("error", "reference to a step that is not an ancestor"),
     # FD6xx: LLM steps
     "FD601": ("error", "malformed LLM signature"),
@@ -181,3 +181,71 @@ def join(base: str, *parts: object) -> str:
     if len(parts) == 1:  # the usual case: one key or index below ``base``
         return base + _token(parts[0])
     return base + "".join([_token(p) for p in parts])
+
+
+def tokens(path: str) -> list[str]:
+    """The reference tokens of a JSON pointer (RFC 6901)."""
+    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]] if path else []
+
+
+def walk_pointer(data: object, parts: list[str]) -> object:
+    """The element of ``data`` at the reference tokens ``parts``, or None when there is none."""
+    for t in parts:
+        if isinstance(data, dict):
+            data = data.get(t)
+        elif isinstance(data, list) and t.isdigit() and int(t) < len(data):
+            data = data[int(t)]
+        else:
+            return None
+    return data
+
+
+# --- setting bad values aside ----------------------------------------------------------------
+
+#: options whose value nothing else refers to: one that is wrong (a schema violation, a number that is
+#: not finite) is set aside, so that the rest of the spec is still checked and every diagnostic is
+#: reported in one run, with no error caused by its absence
+SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compensate", "fallback", "with", "when",
+                       "fail_when", "version", "defaults"})
+
+
+def aside_option(path: str) -> list[str] | None:
+    """The reference tokens of the innermost option around ``path`` that can be set aside, or None."""
+    parts = tokens(path)
+    inner = max((i for i, t in enumerate(parts) if t in SET_ASIDE), default=None)
+    return None if inner is None else parts[: inner + 1]
+
+
+def drop_options(data: object, cuts: list[list[str]]) -> list[str] | None:
+    """Delete the options at ``cuts`` (reference tokens) from ``data``, in place; their pointers.
+
+    An option cut whole takes the cuts inside it with it. None (and ``data`` possibly changed) when a
+    cut is not a key of a mapping in ``data``.
+    """
+    done: list[str] = []
+    for parts in sorted(cuts, key=len):
+        path = pointer(*parts)
+        if any(path == p or path.startswith(p + "/") for p in done):
+            continue
+        parent = walk_pointer(data, parts[:-1])
+        if not isinstance(parent, dict) or parts[-1] not in parent:
+            return None
+        del parent[parts[-1]]
+        done.append(path)
+    return done
+
+
+def set_aside_values(data: object, diags: list[Diagnostic], bad: list[str]) -> object:
+    """What a front end returns as its data when the values at the pointers ``bad`` were unreadable.
+
+    Each is set aside with the innermost option around it (:data:`SET_ASIDE`), so that the checks still
+    report everything else; None (the document is not checked further) when one is not inside such an
+    option. ``diags`` (the front end's diagnostics, which say what was wrong) must hold errors: the data
+    returned is never compiled into a plan.
+    """
+    if not bad or not has_errors(diags):
+        return None
+    cuts = [aside_option(p) for p in bad]
+    if any(c is None for c in cuts):
+        return None
+    return data if drop_options(data, [c for c in cuts if c is not None]) is not None else None

@@ -27,9 +27,21 @@ from typing import Any
 TIME_LIMIT_MS = 100
 DEPTH_LIMIT = 200
 
-#: JSONata built-ins whose value depends on the clock or chance: they would break
-#: deterministic replay, so specs may not call them. ``$eval`` would bypass the checks.
-NONDETERMINISTIC = frozenset({"now", "millis", "random", "shuffle", "eval"})
+_REPLAY = ("its value depends on the clock or chance, which would break deterministic replay; pass such values "
+           "in the run input")
+#: JSONata built-ins a spec may not call (FD503), and why: the message after "'$fn' is not allowed: "
+REFUSED_FUNCTIONS: dict[str, str] = {
+    "now": _REPLAY, "millis": _REPLAY, "random": _REPLAY, "shuffle": _REPLAY,
+    "eval": "it evaluates a string as an expression at run time, out of reach of the checks made when the plan "
+            "is compiled (variables, functions, step references); write the expression itself",
+}  # fmt: skip
+#: the names of :data:`REFUSED_FUNCTIONS` (the clock, chance, and ``$eval``)
+NONDETERMINISTIC = frozenset(REFUSED_FUNCTIONS)
+
+
+def refusal(function: str) -> str | None:
+    """Why a spec may not call ``$function`` (see :data:`REFUSED_FUNCTIONS`), or None when it may."""
+    return REFUSED_FUNCTIONS.get(function)
 
 
 class ExpressionError(Exception):

@@ -186,7 +186,7 @@ def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     signature = llm.get("signature") or {}
     module = llm.get("module") or "predict"
     if module not in MODULES:
-        problems.append(("FD601", "/module", f"unknown module '{module}'; expected one of: "
+        problems.append(("FD201", "/module", f"unknown module '{module}'; expected one of: "
                          f"{', '.join(MODULES)}{_did_you_mean(str(module), MODULES)}"))
     fields = [*signature.get("inputs", []), *signature.get("outputs", [])]
     outputs = signature.get("outputs", [])

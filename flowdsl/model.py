@@ -10,6 +10,7 @@ names, workers) come later, in ``checks`` and ``compiler``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,35 +21,73 @@ from flowdsl.diagnostics import Diagnostic, Positions, join, make
 ID_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+#: one part of a duration: a decimal number and its unit ("ms" is tried before "m")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
+#: the units, largest first: the order they must be written in, each at most once
+_UNIT_MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
 MAX_DURATION_MS = 30 * 24 * 3_600_000
+_EXPECTED = "expected a number with a unit: 250ms, 10s, 5m, 2h, or several units, largest first and each once: 1m30s"
+
+
+def _duration_text_ms(text: str) -> float:
+    """The milliseconds a duration string spells (unrounded); ValueError saying what is wrong with it."""
+    pos, ms, seen = 0, 0.0, []
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        unit = m.group(2)
+        if unit in seen:
+            raise ValueError(f"'{text}' has the unit '{unit}' twice; {_EXPECTED}")
+        if seen and list(_UNIT_MS).index(unit) < list(_UNIT_MS).index(seen[-1]):
+            raise ValueError(f"'{text}' has its units out of order ('{unit}' after '{seen[-1]}'); {_EXPECTED}")
+        seen.append(unit)
+        ms += float(m.group(1)) * _UNIT_MS[unit]
+        pos = m.end()
+    if pos != len(text) or not text:
+        if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+            raise ValueError(f"'{text}' is text, not a number; {_EXPECTED} (or a number of seconds, unquoted)")
+        if any(c.isspace() for c in text):
+            try:
+                _duration_text_ms("".join(text.split()))
+            except ValueError:
+                pass
+            else:
+                raise ValueError(f"'{text}' has spaces; a duration is written without spaces: "
+                                 f"'{''.join(text.split())}'")
+        raise ValueError(f"'{text}' is not a duration; {_EXPECTED}")
+    return ms
 
 
 def parse_duration(value: Any) -> int:
-    """Milliseconds for ``250ms``, ``10s``, ``1m30s``, ``2h`` or a number of seconds.
+    """Milliseconds for ``250ms``, ``10s``, ``1m30s``, ``2h`` or a number of seconds (docs/language.md).
 
-    Raises ValueError with a message saying what was expected.
+    Units are h, m, s, ms, written largest first, each at most once, with no spaces; each part's number may
+    have a fraction (``1.5s``). The result is rounded to whole milliseconds, and must be at least 1ms and at
+    most 30 days. Raises ValueError with a message saying what was found and what was expected.
     """
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 10s, found {value!r}")
+        raise ValueError(f"expected a duration like 10s, found {str(value).lower()}")
     if isinstance(value, int | float):
-        ms = round(value * 1000)
+        if not math.isfinite(value):
+            raise ValueError(f"'{value}' is not a finite number of seconds")
+        exact = value * 1000
     elif isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        pos, ms = 0, 0.0
-        for m in _DURATION_RE.finditer(text):
-            if m.start() != pos:
-                break
-            ms += float(m.group(1)) * _UNIT_MS[m.group(2)]
-            pos = m.end()
-        if pos != len(text) or not text:
-            raise ValueError(f"'{value}' is not a duration; expected a number with a unit: 250ms, 10s, 5m, 2h, 1m30s")
-        ms = round(ms)
+        if value.startswith("-"):
+            try:
+                _duration_text_ms(value[1:])
+            except ValueError:
+                pass
+            else:
+                raise ValueError(f"a duration must be positive, found '{value}'")
+        exact = _duration_text_ms(value)
     else:
         raise ValueError(f"expected a duration like 10s, found {type(value).__name__}")
-    if ms <= 0:
+    if exact <= 0:
         raise ValueError(f"a duration must be positive, found '{value}'")
+    ms = round(exact)
+    if ms == 0:
+        raise ValueError(f"'{value}' is less than 1ms once rounded to whole milliseconds; durations are counted "
+                         "in milliseconds, and the shortest is 1ms")
     if ms > MAX_DURATION_MS:
         raise ValueError(f"'{value}' is longer than the maximum of 30 days")
     return int(ms)

@@ -18,7 +18,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, did_you_mean, join, make, pointer
+from flowdsl.diagnostics import (
+    Diagnostic,
+    aside_option,
+    did_you_mean,
+    drop_options,
+    join,
+    make,
+    pointer,
+    tokens,
+    walk_pointer,
+)
 
 _ID_HINT = "ids are letters, digits and '_', starting with a letter or '_', at most 64 characters"
 _WORKER_HINT = "worker names are ids joined by dots, like 'payments.refund'"
@@ -125,6 +135,9 @@ def _what(schema: Any) -> str:
     t = schema.get("type")
     if isinstance(t, str):
         return _TYPE_NAMES.get(t, t)
+    if isinstance(t, list) and t:
+        names = [_TYPE_NAMES.get(x, x) for x in t]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     return "a valid value"
 
 
@@ -147,7 +160,11 @@ def _convert(error: Any) -> Iterator[Diagnostic]:
             if key not in inst:
                 yield make("FD201", f"missing required field '{key}'{_where(error.absolute_path, inst)}", path)
     elif v == "const" and list(error.absolute_path) == ["flowdsl"]:
-        yield make("FD203", f"unsupported language version {_show(inst)}; this flowdsl reads version 1", path)
+        if isinstance(inst, int | float) and not isinstance(inst, bool):
+            yield make("FD203", f"unsupported language version {_show(inst)}; this flowdsl reads version 1", path)
+        else:
+            found = f"the string {_show(inst)}" if isinstance(inst, str) else _found(inst)
+            yield make("FD203", f"the language version must be the number 1, found {found}", path)
     elif v == "pattern" or (v == "propertyNames" and error.context):
         yield from _pattern(error, path)
     elif v == "maxProperties" and _is_step_mapping(error):
@@ -224,12 +241,6 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
 
 # --- checking past shape errors ----------------------------------------------------
 
-#: options whose value nothing else refers to: one that breaks the schema is set aside so that the rest of
-#: the spec is still checked (structure, policies, expressions), with no error caused by its absence
-_SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compensate", "fallback", "with", "when",
-                        "fail_when", "version", "defaults"})
-
-
 #: required fields that nothing else refers to, and the stand-in a spec missing one is checked with
 _STAND_INS: dict[str, str] = {"items": "${ [] }", "on": "${ '' }"}
 _MISSING = re.compile(r"missing required field '([^']*)'")
@@ -240,8 +251,8 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
     None when a diagnostic blames something whose removal would change the rest of the spec.
 
     An unknown field (FD202) is dropped; any other violation (FD201) is dropped with the innermost option
-    around it that nothing else refers to (:data:`_SET_ASIDE`: a retry policy, a timeout, a condition, a
-    compensation, …); a missing ``items`` of a for_each or ``on`` of a switch is stood in for by an
+    around it that nothing else refers to (:data:`flowdsl.diagnostics.SET_ASIDE`: a retry policy, a timeout,
+    a condition, a compensation, …); a missing ``items`` of a for_each or ``on`` of a switch is stood in for by an
     expression (:data:`_STAND_INS`). Any other missing field, a malformed id (FD302), a step of the wrong
     form or an unsupported version (FD203) cannot be set aside. What remains must pass the schema, else None.
     """
@@ -250,53 +261,30 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
     for d in diags:
         if d.severity != "error":
             continue
-        tokens = _tokens(d.path)
-        if d.code == "FD202" and tokens:
-            cuts.append(tokens)
+        parts = tokens(d.path)
+        if d.code == "FD202" and parts:
+            cuts.append(parts)
             continue
         if d.code != "FD201":
             return None
-        inner = max((i for i, t in enumerate(tokens) if t in _SET_ASIDE), default=None)
+        option = aside_option(d.path)
         missing = _MISSING.match(d.message)
-        if inner is not None:
-            cuts.append(tokens[:inner + 1])
+        if option is not None:
+            cuts.append(option)
         elif missing is not None and missing.group(1) in _STAND_INS:
-            stand_ins.append(([*tokens, missing.group(1)], _STAND_INS[missing.group(1)]))
+            stand_ins.append(([*parts, missing.group(1)], _STAND_INS[missing.group(1)]))
         else:
             return None
     import copy
 
     kept = copy.deepcopy(data)
-    paths: list[str] = []
-    for tokens in sorted(cuts, key=len):  # an option cut whole takes the cuts inside it with it
-        path = pointer(*tokens)
-        if any(path == p or path.startswith(p + "/") for p in paths):
-            continue
-        parent = _walk(kept, tokens[:-1])
-        if not isinstance(parent, dict) or tokens[-1] not in parent:
-            return None
-        del parent[tokens[-1]]
-        paths.append(path)
-    for tokens, value in stand_ins:
-        parent = _walk(kept, tokens[:-1])
+    paths = drop_options(kept, cuts)
+    if paths is None:
+        return None
+    for parts, value in stand_ins:
+        parent = walk_pointer(kept, parts[:-1])
         if not isinstance(parent, dict):
             return None
-        parent[tokens[-1]] = value
-        paths.append(pointer(*tokens))
+        parent[parts[-1]] = value
+        paths.append(pointer(*parts))
     return (kept, paths) if paths and _fast_validator().is_valid(kept) else None
-
-
-def _tokens(path: str) -> list[str]:
-    """The reference tokens of a JSON pointer (RFC 6901)."""
-    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]] if path else []
-
-
-def _walk(data: Any, tokens: list[str]) -> Any:
-    for t in tokens:
-        if isinstance(data, dict):
-            data = data.get(t)
-        elif isinstance(data, list) and t.isdigit() and int(t) < len(data):
-            data = data[int(t)]
-        else:
-            return None
-    return data

@@ -10,22 +10,32 @@ past ~40,000 levels. Bounds are applied while the events arrive, before any
 node beyond them is built: depth (FD107), nodes after alias expansion (FD106,
 so a billion-laughs document stops after at most ``MAX_NODES`` units of work),
 and size (FD102) before the parser sees the text at all.
+
+Scalars are resolved by YAML 1.2's core schema, with the few restrictions that
+make it agree with the text syntax (``read_number``, ``WORD_VALUES``): no YAML 1.1
+``yes``/``on``/``0777``/``1_000``/``1:30``, which stay strings. A number that is
+not finite is set aside with the option around it (FD201), so that the rest of
+the spec is still checked.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, Positions, join, make
+from flowdsl.diagnostics import Diagnostic, Positions, join, make, set_aside_values
 
 
 @dataclass
 class LoadedDoc:
     """A spec document as plain data, where each part of it was written, and what went wrong reading it.
 
-    ``data`` is None when the document could not be read at all.
+    ``data`` is None when the document could not be read at all. When a value could not be read (a
+    number that is not finite) and only then, ``data`` is the rest of the document, without the option
+    around that value, and ``diagnostics`` say what was wrong: it is checked, never compiled.
     """
 
     data: Any
@@ -51,6 +61,122 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _KEY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 #: what the text of a spec may not hold: control characters, lone surrogates, non-characters
 _BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def control_character(text: str, *, key: bool = False) -> str | None:
+    """The FD110 message for the first control character in a string (a key when ``key``), else None.
+
+    Both front ends apply it to every string once escapes are read, so ``"\\u001b"`` is refused as a
+    raw ESC would be.
+    """
+    bad = (_KEY_CONTROL if key else _CONTROL).search(text)
+    if bad is None:
+        return None
+    return f"control character U+{ord(bad.group()):04X} is not allowed in {'a key' if key else 'a spec'}"
+
+
+# --- how scalars are read: the one rule of both syntaxes (docs/language.md, "How values are read") -------
+
+#: the words that are values; every other word is a string
+WORD_VALUES: dict[str, Any] = {
+    "true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False,
+    "null": None, "Null": None, "NULL": None,
+}  # fmt: skip
+#: YAML only (the text syntax cannot write them): ``~`` and nothing at all are null
+_YAML_NULLS = ("~", "")
+#: decimal integers without leading zeros; ``0o`` octal and ``0x`` hexadecimal integers
+_INT_RE = re.compile(r"[-+]?(?:0|[1-9][0-9]*)\Z")
+_RADIX_RE = re.compile(r"0(?:o[0-7]+|x[0-9a-fA-F]+)\Z")
+#: decimal numbers with a fraction or an exponent (``1.5``, ``1.``, ``.5``, ``1e3``), no leading zeros
+_FLOAT_RE = re.compile(r"[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+#: YAML's names for infinity and not-a-number: read as numbers, and refused (not JSON)
+_SPECIAL_RE = re.compile(r"[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z")
+#: longest integer read (Python refuses to convert longer ones from text)
+MAX_DIGITS = 4000
+
+
+class NumberError(ValueError):
+    """A scalar that spells a number a spec cannot hold: not finite, or too many digits."""
+
+
+def read_number(text: str) -> int | float | None:
+    """The number a plain (unquoted) scalar spells, or None when it is a string.
+
+    Raises NumberError (its message says what was found and expected) for ``.inf``, ``.nan``, a
+    number beyond the range of a double (``1e999``) and an integer of more than ``MAX_DIGITS`` digits.
+    """
+    if _INT_RE.match(text):
+        if len(text) > MAX_DIGITS:
+            raise NumberError(f"the number '{text[:20]}...' has more than {MAX_DIGITS} digits")
+        return int(text)
+    if _RADIX_RE.match(text):
+        if len(text) > MAX_DIGITS:
+            raise NumberError(f"the number '{text[:20]}...' has more than {MAX_DIGITS} digits")
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    if _FLOAT_RE.match(text) and any(c in text for c in ".eE"):
+        value = float(text)
+        if not math.isfinite(value):
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise NumberError(f"'{shown}' is not a finite number: it is beyond the largest number, about "
+                              "1.8e308; expected a finite number")
+        return value
+    if _SPECIAL_RE.match(text):
+        raise NumberError(f"'{text}' is not a finite number; expected a finite number (a spec holds JSON data)")
+    return None
+
+
+_BOOL_TAG, _NULL_TAG, _INT_TAG, _FLOAT_TAG = (_CORE + t for t in ("bool", "null", "int", "float"))
+
+
+def _construct(tag: str, text: str, implicit: bool) -> Any:
+    """The value of a scalar resolved (``implicit``) or tagged ``tag``; NumberError or ValueError when it
+    does not spell one."""
+    if tag == _BOOL_TAG and isinstance(WORD_VALUES.get(text), bool):
+        return WORD_VALUES[text]
+    if tag == _NULL_TAG and (text in _YAML_NULLS or (text in WORD_VALUES and WORD_VALUES[text] is None)):
+        return None
+    if tag in (_INT_TAG, _FLOAT_TAG):
+        value = read_number(text)
+        if isinstance(value, int) and tag == _INT_TAG:
+            return value
+        if value is not None and tag == _FLOAT_TAG:
+            return value if implicit else float(value)
+    raise ValueError(f"'{text[:40]}' is not a valid {tag.replace(_CORE, '!!')}")
+
+
+@functools.cache
+def core_resolvers() -> dict[Any, list[tuple[str, re.Pattern[str]]]]:
+    """PyYAML implicit resolvers (first character -> [(tag, regexp)]) for the rule above: YAML 1.2's core
+    schema, with no leading-zero integers. The loader resolves plain scalars with these; the YAML writer
+    quotes every string that these (or PyYAML's YAML 1.1 ones) would read as something else."""
+    import yaml
+
+    class CoreResolver(yaml.resolver.BaseResolver):
+        yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}  # noqa: RUF012
+
+    # tried in this order for a scalar's first character: a float pattern that matches an integer never
+    # sees one, since the int pattern matched first
+    CoreResolver.add_implicit_resolver(_BOOL_TAG, re.compile(r"(?:true|True|TRUE|false|False|FALSE)\Z"),
+                                       list("tTfF"))
+    CoreResolver.add_implicit_resolver(_NULL_TAG, re.compile(r"(?:~|null|Null|NULL|)\Z"), ["~", "n", "N", ""])
+    CoreResolver.add_implicit_resolver(_INT_TAG, re.compile(f"{_INT_RE.pattern}|{_RADIX_RE.pattern}"),
+                                       list("-+0123456789"))
+    CoreResolver.add_implicit_resolver(_FLOAT_TAG, re.compile(f"{_FLOAT_RE.pattern}|{_SPECIAL_RE.pattern}"),
+                                       list("-+.0123456789"))
+    return CoreResolver.yaml_implicit_resolvers
+
+
+@functools.cache
+def core_loader() -> Any:
+    """PyYAML's safe loader (libyaml's when available) resolving plain scalars by :func:`core_resolvers`.
+
+    ``yaml.load(text, Loader=core_loader())`` reads values as flowdsl does; ``load_yaml`` drives its
+    parser itself (positions, bounds) and resolves with the same table.
+    """
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return type("CoreLoader", (base,), {"yaml_implicit_resolvers": core_resolvers()})
 
 
 class _Stop(Exception):
@@ -153,7 +279,7 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
     pre = check_text(text, file)
     if pre:
         return LoadedDoc(None, positions, pre)
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    loader = core_loader()(text)
     try:
         builder = _Builder(loader, file, positions)
         data = builder.run()
@@ -168,13 +294,17 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
         ctx = f" ({exc.context})" if exc.context and exc.problem else ""
         if ctx and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
             ctx = f" ({exc.context} started on line {exc.context_mark.line + 1})"
+        if mark is not None and _tab_at(text, mark.line, mark.column):
+            return LoadedDoc(None, positions, [make("FD103", _TAB_MESSAGE, file=file, **where)])
         return LoadedDoc(None, positions, [make("FD103", f"{problem}{ctx}", file=file, **where)])
     except (yaml.YAMLError, ValueError) as exc:
         return LoadedDoc(None, positions, [make("FD103", f"invalid YAML: {exc}", file=file)])
     finally:
         loader.dispose()
     if builder.diagnostics:
-        return LoadedDoc(None, positions, builder.diagnostics)
+        unreadable = len(builder.bad_values) < len(builder.diagnostics) or not isinstance(data, dict)
+        kept = None if unreadable else set_aside_values(data, builder.diagnostics, builder.bad_values)
+        return LoadedDoc(kept, positions, builder.diagnostics)
     if not builder.documents:
         empty = "the document is empty; expected a mapping with 'flowdsl', 'name' and 'steps'"
         return LoadedDoc(None, positions, [make("FD109", empty, file=file, line=1, column=1)])
@@ -183,6 +313,16 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
             "FD109", f"the document is a {_kind(data)}; expected a mapping with 'flowdsl', 'name' and 'steps'",
             file=file, line=1, column=1)])
     return LoadedDoc(data, positions, [])
+
+
+_TAB_MESSAGE = ("found a tab: YAML cannot be indented with tabs, nor can a tab separate '-' or 'key:' from what "
+                "follows in block style; use spaces")
+
+
+def _tab_at(text: str, line: int, column: int) -> bool:
+    """Whether the YAML parser stopped at a tab (0-based ``line`` and ``column``)."""
+    lines = text.split("\n", line + 1)
+    return line < len(lines) and lines[line][column:column + 1] == "\t"
 
 
 def _kind(value: Any) -> str:
@@ -225,9 +365,9 @@ class _Builder:
         self.total = 0
         self.anchors: dict[str, tuple[Any, int] | None] = {}  # None while the anchored node is open
         self.resolvers = loader.yaml_implicit_resolvers
-        self.constructor = yaml.constructor.SafeConstructor()
-        self.scalar_node = yaml.ScalarNode
         self.events = yaml.events
+        self.bad_values: list[str] = []  # pointers of numbers that are not finite (FD201): set aside
+        self.bad_anchors: set[str] = set()  # anchors of such numbers
 
     # --- reporting --------------------------------------------------------------
 
@@ -355,9 +495,9 @@ class _Builder:
             if event.anchor is not None:
                 self.anchors[event.anchor] = (key, 1)
         sub = _child(frame.path, key)
-        bad = _KEY_CONTROL.search(key)
+        bad = control_character(key, key=True)
         if bad:
-            self.error("FD110", f"control character U+{ord(bad.group()):04X} is not allowed in a key", mark, sub)
+            self.error("FD110", bad, mark, sub)
             frame.key = _DROP
             return
         first = frame.keys.get(key)
@@ -380,6 +520,9 @@ class _Builder:
                             "document)", mark, path)
         value, size = target
         self.count(size, mark)
+        if event.anchor in self.bad_anchors:
+            self.bad_values.append(path)
+            return None, size, False
         return value, size, True
 
     def bad_tag(self, tag: str, mark: Any, path: str) -> None:
@@ -391,7 +534,8 @@ class _Builder:
         self.positions.positions[path] = (mark.line + 1, mark.column + 1)
         text = event.value
         tag = event.tag
-        if tag is None or tag == "!":
+        implicit = tag is None or tag == "!"
+        if implicit:
             tag = _STR
             if event.implicit[0]:
                 for candidate, regexp in self.resolvers.get(text[:1], ()):
@@ -401,23 +545,25 @@ class _Builder:
         if tag in _TEXT_TAGS:
             value: Any = text
         elif tag in _VALUE_TAGS:
-            node = self.scalar_node(tag, text, mark, event.end_mark)
             try:
-                value = self.constructor.yaml_constructors[tag](self.constructor, node)
-            except ValueError:
-                self.error("FD201", f"the number '{text[:40]}' is too large", mark, path)
+                value = _construct(tag, text, implicit)
+            except NumberError as exc:
+                self.error("FD201", str(exc), mark, path)
+                self.bad_values.append(path)
+                if event.anchor is not None:  # an alias of it is set aside too (reported once, here)
+                    self.anchors[event.anchor] = (None, 1)
+                    self.bad_anchors.add(event.anchor)
                 return None, 1, False
-            if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-                self.error("FD201", f"'{text}' is not a finite number", mark, path)
+            except ValueError as exc:
+                self.error("FD201", str(exc), mark, path)
                 return None, 1, False
         else:
             self.bad_tag(tag, mark, path)
             return None, 1, False
         if type(value) is str:
-            bad = _CONTROL.search(value)
+            bad = control_character(value)
             if bad:
-                self.error("FD110", f"control character U+{ord(bad.group()):04X} is not allowed in a spec",
-                           mark, path)
+                self.error("FD110", bad, mark, path)
                 return None, 1, False
         if event.anchor is not None:
             self.anchors[event.anchor] = (value, 1)

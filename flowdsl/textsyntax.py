@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, join, make
-from flowdsl.source import LoadedDoc, too_deep
+from flowdsl.source import (
+    WORD_VALUES,
+    LoadedDoc,
+    NumberError,
+    control_character,
+    read_number,
+    set_aside_values,
+    too_deep,
+)
 
 #: deepest nesting of JSON values and of blocks (FD107 beyond)
 MAX_DEPTH = 100
@@ -57,8 +65,8 @@ KEYWORDS = frozenset((*OPTION_KEYS, *TOP_KEYS, *NODE_KEYWORDS, "undo", "workers"
 #: token shapes, as in the grammar's terminals (the writer uses them to decide what needs quotes)
 WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[./-][A-Za-z0-9_]+)*")
 NUMBER_RE = re.compile(r"-?[0-9](?:[eE][+-][0-9]+|[0-9A-Za-z_.])*")
-#: a NUMBER token that is a JSON number is a number; any other (10s, 1m30s) is a string
-JSON_NUMBER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+#: a NUMBER token is a number when ``flowdsl.source.read_number`` reads it as one (as the YAML loader
+#: does); any other (10s, 1m30s, 0777, 1_000) is a string
 #: characters a .flow text may not contain (FD110); the writer escapes them inside strings
 BAD_CHAR_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
@@ -307,7 +315,8 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
 
     ``data`` is None when the text cannot be read: a syntax error (FD108), a
     duplicate key or option (FD104), an invalid character (FD110) or nesting
-    that is too deep (FD107).
+    that is too deep (FD107). A number that is not finite (FD201) is set aside
+    with the option around it, as the YAML loader does (``flowdsl.source.LoadedDoc``).
     """
     positions = Positions(file)
     if isinstance(text, bytes):
@@ -337,13 +346,17 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
         if gc_was_enabled:
             gc.enable()
     if builder.diagnostics:
-        return LoadedDoc(None, positions, builder.diagnostics)
+        if len(builder.bad_values) < len(builder.diagnostics):
+            return LoadedDoc(None, positions, builder.diagnostics)
+        data = set_aside_values(data, builder.diagnostics, builder.bad_values)  # type: ignore[assignment]
+        if data is None:
+            return LoadedDoc(None, positions, builder.diagnostics)
     deep = too_deep(data)
     if deep is not None:
         line, col = positions.find(deep)
         message = f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists once read as data"
         return LoadedDoc(None, positions, [make("FD107", message, file=file, line=line, column=col)])
-    return LoadedDoc(data, positions, [])
+    return LoadedDoc(data, positions, builder.diagnostics)
 
 
 #: how the expected-token list names terminals that are not keywords
@@ -358,20 +371,18 @@ _OPTION_EXAMPLES = ("undo", "with", "output", "when", "needs", "retry", "timeout
 
 
 def _scalar(tok: _Tok) -> Any:
+    """The value of a token, by the rule the YAML loader applies to plain scalars (``flowdsl.source``).
+
+    Raises NumberError for a number a spec cannot hold.
+    """
     kind, text = tok.type, tok.value
     if kind == "WORD":
-        return text
+        return WORD_VALUES.get(text, text)
     if kind == "STRING":
         return json.loads(text, strict=False)
     if kind == "NUMBER":
-        m = JSON_NUMBER_RE.fullmatch(text)
-        if not m:
-            return text
-        if m.group(1) or m.group(2):
-            return float(text)
-        if len(text) > 4000:
-            raise _Problem("FD108", "a number with too many digits", tok.line, tok.column)
-        return int(text)
+        number = read_number(text)
+        return text if number is None else number
     return {"TRUE": True, "FALSE": False, "NULL": None}[kind]
 
 
@@ -392,6 +403,21 @@ class _Builder:
     def __init__(self, positions: Positions, file: str | None):
         self.pos, self.keys, self.file = positions.positions, positions.key_positions, file
         self.diagnostics: list[Diagnostic] = []
+        self.bad_values: list[str] = []  # pointers of numbers that are not finite (FD201): set aside
+
+    def scalar(self, tok: _Tok, ptr: str, *, key: bool = False, name: bool = False) -> Any:
+        """The value of ``tok`` at ``ptr``, checked as the YAML loader checks its scalars: FD201 for a number
+        that is not finite, FD110 for a control character, escaped or not. A mapping key (``key``) and a
+        name (``name``: where the grammar takes only a name) are read as written, always strings."""
+        try:
+            value = _key(tok) if key or name else _scalar(tok)
+        except NumberError as exc:
+            self.diagnostics.append(make("FD201", str(exc), ptr, file=self.file, line=tok.line, column=tok.column))
+            self.bad_values.append(ptr)
+            return None
+        if tok.type == "STRING" and (bad := control_character(value, key=key)):
+            self.diagnostics.append(make("FD110", bad, ptr, file=self.file, line=tok.line, column=tok.column))
+        return value
 
     def put(self, target: dict[str, Any], base: str, key: str, at: Any, what: str) -> str | None:
         """The pointer for ``key`` in ``target``, or None (and FD104) when it is already there."""
@@ -431,19 +457,20 @@ class _Builder:
         return doc if "flowdsl" in doc else {"flowdsl": 1, **doc}
 
     def scalar_at(self, tok: _Tok, ptr: str) -> Any:
+        """A name (or an llm statement's signature string) at ``ptr``."""
         self.pos[ptr] = (tok.line, tok.column)
-        return _scalar(tok)
+        return self.scalar(tok, ptr, name=True)
 
     def value(self, node: Any, ptr: str) -> Any:
         self.pos[ptr] = (node.line, node.column)
         if type(node) is _Tok:
-            return _scalar(node)
+            return self.scalar(node, ptr)
         if node.data == "array":
             return [self.value(c, f"{ptr}/{i}") for i, c in enumerate(node.children)]
         out: dict[str, Any] = {}
         for pair in node.children:
             ktok, v = pair.children
-            key = _key(ktok)
+            key = self.scalar(ktok, _sub(ptr, _key(ktok)), key=True)
             if (sub := self.put(out, ptr, key, ktok, "key")) is not None:
                 out[key] = self.value(v, sub)
         return out
@@ -475,10 +502,10 @@ class _Builder:
         if kind != "step" and kind != "llm":
             return self.group(tree, ptr)
         name_tok, rest = kids[0], kids[1:]
-        name = _scalar(name_tok)
         self.pos[ptr] = at = (name_tok.line, name_tok.column)
         if kind == "step" and not rest:
-            return name
+            return self.scalar(name_tok, ptr, name=True)
+        name = self.scalar(name_tok, _sub(ptr, _key(name_tok)), key=True)  # the key of the step's options
         sub = _sub(ptr, name)
         self.pos[sub] = self.keys[sub] = at
         if kind == "step" and type(rest[0]) is _Tok:
@@ -525,7 +552,7 @@ class _Builder:
         for item in block.children:
             if item.data == "case":
                 label, body = item.children
-                key = _key(label)
+                key = self.scalar(label, _sub(cases_ptr, _key(label)), key=True)
                 if (sub := self.put(cases, cases_ptr, key, label, "case")) is not None:
                     cases[key] = self.nodes(body, sub)
             elif (sub := self.put(data, ptr, "default", item, "case")) is not None:

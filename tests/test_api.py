@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import flowdsl
+import flowdsl.api
+import flowdsl.runtime.local
 from flowdsl.api import CompileResult
 from flowdsl.diagnostics import Diagnostic, SpecError
 
@@ -195,3 +198,106 @@ def test_diagnostics_in_a_sub_flow_name_it_as_the_user_would(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     (diag,) = flowdsl.validate("main.yaml", check_workers=False)
     assert (diag.code, diag.file, diag.line) == ("FD401", os.path.join("lib", "sub.yaml"), 4)
+
+
+# --- ordinary arguments of every kind the API documents; clear errors for the others ------------------------
+
+
+def test_paths_may_be_path_objects(spec_file: Path, tmp_path: Path) -> None:
+    """Every documented path parameter takes an os.PathLike as well as a str, with the same result."""
+    by_str = flowdsl.compile_spec(str(spec_file))
+    by_path = flowdsl.compile_spec(spec_file)
+    assert by_path.plan == by_str.plan and by_path.source_map == by_str.source_map
+    assert flowdsl.validate(spec_file, check_workers=False) == []
+    assert flowdsl.load(spec_file).data == flowdsl.load(str(spec_file)).data
+    assert flowdsl.compile_spec(spec_file, check_workers=True, search_path=tmp_path).plan is None  # FD204s
+    text = flowdsl.load_text(SPEC, filename=Path("orders.yaml"))
+    assert text.data == flowdsl.load(spec_file).data
+    assert flowdsl.compile_text(SPEC, filename=Path("x.yaml")) == by_str.plan
+
+
+def test_spec_text_may_be_utf8_bytes() -> None:
+    assert flowdsl.compile_text(SPEC.encode("utf-8")) == flowdsl.compile_text(SPEC)
+    assert flowdsl.load_text(bytearray(SPEC.encode())).data == flowdsl.load_text(SPEC).data
+    with pytest.raises(SpecError) as caught:
+        flowdsl.compile_text(b"flowdsl: 1\nname: \xff\nsteps: [a]\n")
+    (d,) = caught.value.diagnostics
+    assert (d.code, d.line, d.column) == ("FD110", 2, 7) and "not valid UTF-8 (byte 0xff)" in d.message
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: flowdsl.compile_spec(42), "path must be a str or an os.PathLike (e.g. pathlib.Path), got int"),
+    (lambda: flowdsl.validate(None), "path must be a str or an os.PathLike (e.g. pathlib.Path), got NoneType"),
+    (lambda: flowdsl.load(["a.yaml"]), "path must be a str or an os.PathLike"),
+    (lambda: flowdsl.compile_text(None), "text must be a str or UTF-8 bytes, got NoneType"),
+    (lambda: flowdsl.load_text(SPEC, filename=3), "filename must be a str or an os.PathLike"),
+    (lambda: flowdsl.compile_spec("x.yaml", search_path=1), "search_path must be a str, an os.PathLike"),
+    (lambda: flowdsl.plan_bytes("plan"), "plan must be an execution plan (a dict"),
+    (lambda: flowdsl.api.compile_loaded("text", "x.yaml"), "doc must be the LoadedDoc of flowdsl.load()"),
+    (lambda: flowdsl.run(None, {}), "plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec()"),
+    (lambda: flowdsl.run(flowdsl.compile_text(SPEC), None), "run_input must be a dict (a JSON object); got NoneType"),
+    (lambda: flowdsl.worker(5), "worker name must be a non-empty str"),
+])
+def test_arguments_of_the_wrong_type_are_a_type_error_naming_the_parameter(call: Any, message: str) -> None:
+    with pytest.raises(TypeError) as caught:
+        call()
+    assert message in str(caught.value)
+
+
+_PLAN = "flowdsl: 1\nname: f\nsteps:\n  - a: {worker: w}\n  - b: {worker: w, when: '${ x }'}\n"
+
+
+def _broken(change: Any) -> dict[str, Any]:
+    plan = flowdsl.compile_text(_PLAN)
+    change(plan)
+    return plan
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    ({"x": 1}, "it has no 'plan_version' (a compiled plan has plan_version 1)"),
+    ({"plan_version": 2}, "'plan_version' must be 1, found 2"),
+    ({"plan_version": 1, "flow": {"name": "x"}, "root": ["ok"], "nodes": {"ok": 1}},
+     "'nodes/ok': 1 is not of type 'object'"),
+    (_broken(lambda p: p["nodes"].update(ok=1)), "'nodes/ok': 1 is not of type 'object'"),
+    (_broken(lambda p: p.update(root=["gone"])), "'root' names 'gone', which is not a key of 'nodes'"),
+    (_broken(lambda p: p["nodes"]["a"].pop("worker")), "'nodes/a': 'worker' is a required property"),
+    (_broken(lambda p: p["nodes"]["a"].update(extra=1)),
+     "'nodes/a': Unevaluated properties are not allowed ('extra' was unexpected)"),
+    (_broken(lambda p: p["nodes"]["a"]["retry"].update(attempts=0)),
+     "'nodes/a/retry/attempts': 0 is less than the minimum of 1"),
+    (_broken(lambda p: p["nodes"]["b"].update(when="x000000000000")),
+     "'nodes/b/when' names the expression 'x000000000000', which is not in 'expressions'"),
+    (_broken(lambda p: p["nodes"]["b"].update(deps=["zz"])),
+     "'nodes/b/deps' names 'zz', which is not a key of 'nodes'"),
+])
+def test_run_refuses_a_value_that_is_not_a_plan_saying_which_field(plan: dict[str, Any], message: str) -> None:
+    from flowdsl.runtime.plancheck import PlanError
+
+    with pytest.raises(PlanError) as caught:
+        flowdsl.run(plan, {}, record=False)
+    assert str(caught.value) == f"the plan is not a flowdsl execution plan: {message}"
+    assert isinstance(caught.value, ValueError)
+
+
+def test_a_bare_worker_decorator_registers_the_function_under_its_name() -> None:
+    from flowdsl.workers import WorkerRegistry
+
+    reg = WorkerRegistry()
+
+    @flowdsl.worker(registry_=reg)
+    def plain(data: Any, ctx: Any) -> None:
+        return None
+
+    assert flowdsl.worker(plain) is plain and "plain" in flowdsl.registry
+    flowdsl.registry.unregister("plain")
+    assert reg.names() == {"plain"}
+
+
+def test_an_unknown_worker_is_named_once_in_workers_missing() -> None:
+    plan = flowdsl.compile_text("flowdsl: 1\nname: t\nsteps:\n  - okk: {compensate: undo_it}\n")
+    with pytest.raises(flowdsl.runtime.local.WorkersMissing) as caught:
+        flowdsl.run(plan, {}, record=False)
+    message = str(caught.value)
+    assert message.startswith("the run cannot start: step 'okk' names the worker 'okk', which is not registered; "
+                              "compensation 'undo_it' of step 'okk' is not a registered worker")
+    assert "step 'okk' of step" not in message

@@ -294,3 +294,118 @@ def test_validate_imports_only_what_a_yaml_spec_needs(files: dict[str, Path]) ->
     used = imported_by("validate", "--no-import", str(files["valid.yaml"]))
     assert not used & {"lark", "dspy", "litellm", "redis", "graphviz"}, used
     assert "yaml" in used  # the spec was read: the probe saw a real validation
+
+
+# --- outputs never overwrite inputs, and a failing command writes nothing ------------------------------------
+
+
+def test_convert_refuses_to_write_over_its_input(files: dict[str, Path]) -> None:
+    source = files["valid.yaml"]
+    before = source.read_bytes()
+    for to in ("flow", "yaml"):
+        result = run("convert", str(source), "--to", to, "-o", str(source))
+        assert result.exit_code == 2 and source.read_bytes() == before, result.output
+        assert f"-o {source}" in result.stderr and "refusing to write over it" in result.stderr
+    alias = source.parent / "alias.yaml"
+    alias.symlink_to(source)
+    result = run("convert", str(source), "--to", "yaml", "-o", str(alias))
+    assert result.exit_code == 2 and source.read_bytes() == before and "is the input file" in result.stderr
+
+
+def test_convert_takes_the_syntax_from_the_output_suffix_and_refuses_a_contradiction(files: dict[str, Path],
+                                                                                      tmp_path: Path) -> None:
+    wrong = tmp_path / "x.flow"
+    result = run("convert", str(files["valid.yaml"]), "--to", "yaml", "-o", str(wrong))
+    assert result.exit_code == 2 and not wrong.exists()
+    assert "names a flow file but --to is yaml" in result.stderr and ".yaml or .yml" in result.stderr
+    result = run("convert", str(files["valid.yaml"]), "--to", "flow", "-o", str(tmp_path / "y.yml"))
+    assert result.exit_code == 2 and "names a yaml file but --to is flow" in result.stderr
+    inferred = run("convert", str(files["valid.yaml"]), "-o", str(wrong))
+    assert inferred.exit_code == 0 and wrong.read_text().startswith("flow orders")
+    back = run("convert", str(wrong), "-o", str(tmp_path / "back.yml"))
+    assert back.exit_code == 0 and (tmp_path / "back.yml").read_text().startswith("flowdsl: 1")
+    neither = run("convert", str(files["valid.yaml"]))
+    assert neither.exit_code == 2 and "--to yaml or --to flow" in neither.stderr
+    assert run("convert", str(files["valid.yaml"]), "-o", str(tmp_path / "out.txt")).exit_code == 2
+
+
+def test_plan_and_diagram_refuse_to_write_over_the_spec(files: dict[str, Path], tmp_path: Path) -> None:
+    source = files["valid.yaml"]
+    before = source.read_bytes()
+    for args in (["plan", "--no-import", str(source), "-o", str(source)],
+                 ["plan", "--no-import", str(source), "--source-map", str(source)],
+                 ["diagram", str(source), "-o", str(source)]):
+        result = run(*args)
+        assert result.exit_code == 2 and "refusing to write over it" in result.stderr, args
+        assert source.read_bytes() == before
+    same = run("plan", "--no-import", str(source), "-o", str(tmp_path / "p.json"), "--source-map",
+               str(tmp_path / "p.json"))
+    assert same.exit_code == 2 and "name the same file" in same.stderr and not (tmp_path / "p.json").exists()
+
+
+def test_a_plan_output_that_fails_writes_nothing_at_all(files: dict[str, Path], tmp_path: Path) -> None:
+    """The plan to stdout with a --source-map that cannot be written: nothing is printed; -o and a bad
+    --source-map: the -o file is not written either (nor left half written)."""
+    result = run("plan", "--no-import", str(files["valid.yaml"]), "--source-map", str(tmp_path))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"cannot write {tmp_path}: it is a directory (--source-map takes a file name)" in result.stderr
+    out = tmp_path / "plan.json"
+    out.write_text("old")
+    result = run("plan", "--no-import", str(files["valid.yaml"]), "-o", str(out), "--source-map",
+                 str(tmp_path / "no" / "dir" / "map.json"))
+    assert result.exit_code == 2 and out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plan.json", *(p.name for p in files.values())])
+
+
+def test_an_output_file_keeps_the_usual_mode(files: dict[str, Path], tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "plan.json"
+    assert run("plan", "--no-import", str(files["valid.yaml"]), "-o", str(out)).exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --- worker modules that fail at import --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
+    ("import sys\nsys.exit(5)\n", "SystemExit: 5"),
+    ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+    ("import no_such_dependency_xyz\n", "ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
+])
+def test_a_worker_module_failing_at_import_is_fd205_with_its_real_error(
+        body: str, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module lies beside the spec and the command runs elsewhere: the error its import raised is reported,
+    with where the module was found — even sys.exit() and KeyboardInterrupt — by validate (1) and run (2)."""
+    name = f"importfail_{abs(hash(body)) % 10**8}"
+    (tmp_path / "spec").mkdir()
+    (tmp_path / "spec" / f"{name}.py").write_text(body)
+    spec = tmp_path / "spec" / "flow.yaml"
+    spec.write_text(f"flowdsl: 1\nname: t\nworkers: [{name}]\nsteps: [a]\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    expected = (f"error FD205: cannot import worker module '{name}': {reason} (in {tmp_path / 'spec' / name}.py; "
+                "use --no-import to check without importing)")
+    checked = subprocess.run([FLOWDSL, "validate", str(spec)], capture_output=True, text=True)
+    assert checked.returncode == 1 and expected in checked.stderr and "Traceback" not in checked.stderr
+    ran = subprocess.run([FLOWDSL, "run", str(spec), "--no-record"], capture_output=True, text=True)
+    assert ran.returncode == 2 and expected in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_a_worker_module_found_nowhere_names_every_place_searched(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "spec").mkdir()
+    spec = tmp_path / "spec" / "flow.yaml"
+    spec.write_text("flowdsl: 1\nname: t\nworkers: [nowhere_module_xyz]\nsteps: [a]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    result = run("validate", "-f", "json", str(spec))
+    (d,) = json.loads(result.stdout)
+    assert result.exit_code == 1 and d["code"] == "FD205"
+    assert d["message"] == (f"cannot import worker module 'nowhere_module_xyz': ModuleNotFoundError: No module "
+                            f"named 'nowhere_module_xyz' (searched {tmp_path}, spec; use --no-import to check "
+                            "without importing)")

@@ -69,7 +69,8 @@ def only(text: str, code: str) -> str:
 
 @pytest.mark.parametrize(("text", "ms"), [
     ("250ms", 250), ("10s", 10_000), ("5m", 300_000), ("2h", 7_200_000), ("1m30s", 90_000),
-    ("1h 2m", 3_720_000), ("1.5s", 1500), ("2.5ms", 2), (45, 45_000), (2.5, 2500),
+    ("1h2m", 3_720_000), ("1.5s", 1500), ("2.5ms", 2), (45, 45_000), (2.5, 2500), ("1h2m3s4ms", 3_723_004),
+    ("2s500ms", 2500), (1e3, 1_000_000), ("1ms", 1),
 ])
 def test_parse_duration(text: Any, ms: int) -> None:
     assert parse_duration(text) == ms
@@ -77,13 +78,31 @@ def test_parse_duration(text: Any, ms: int) -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("10 minutes", "'10 minutes' is not a duration; expected a number with a unit"),
-    ("10", "'10' is not a duration"),
+    ("10", "'10' is text, not a number; expected a number with a unit"),
     ("s", "'s' is not a duration"),
     ("", "is not a duration"),
     ("0s", "a duration must be positive, found '0s'"),
-    ("0.4ms", "a duration must be positive, found '0.4ms'"),
+    ("0.4ms", "'0.4ms' is less than 1ms once rounded to whole milliseconds; durations are counted in "
+              "milliseconds, and the shortest is 1ms"),
+    ("0.5ms", "'0.5ms' is less than 1ms once rounded"),
+    (0.0001, "'0.0001' is less than 1ms once rounded"),
     (-3, "a duration must be positive, found '-3'"),
-    (True, "expected a duration like 10s, found True"),
+    ("-5s", "a duration must be positive, found '-5s'"),
+    ("-1m30s", "a duration must be positive, found '-1m30s'"),
+    (True, "expected a duration like 10s, found true"),
+    (float("nan"), "'nan' is not a finite number of seconds"),
+    # each unit at most once, largest first, no spaces
+    ("1h1h", "'1h1h' has the unit 'h' twice"),
+    ("1ms1ms", "'1ms1ms' has the unit 'ms' twice"),
+    ("1s30m", "'1s30m' has its units out of order ('m' after 's')"),
+    ("1ms1s", "'1ms1s' has its units out of order ('s' after 'ms')"),
+    ("10 s", "'10 s' has spaces; a duration is written without spaces: '10s'"),
+    ("1m 30s", "'1m 30s' has spaces; a duration is written without spaces: '1m30s'"),
+    (" 10s", "' 10s' has spaces"),
+    ("30", "'30' is text, not a number"),
+    ("1e3", "'1e3' is not a duration"),
+    ("1_000", "'1_000' is not a duration"),
+    ("1:30", "'1:30' is not a duration"),
     ("31d", "is not a duration"),
     (f"{MAX_DURATION_MS // 3_600_000 + 1}h", "longer than the maximum of 30 days"),
 ])
@@ -875,3 +894,203 @@ def test_a_failed_import_reports_fd205_and_no_guesses(spec: Spec, worker_module:
 def test_no_import_skips_the_worker_checks(spec: Spec) -> None:
     result = spec(HEAD + "workers: [no_such_module_t]\nsteps: [anything]\n", check_workers=False)
     assert result.diagnostics == [] and result.plan is not None
+
+
+# --- reading values: one rule for both syntaxes (docs/language.md, "How values are read") ------------
+
+
+def _both(yaml_text: str, flow_text: str) -> tuple[CompileResult, CompileResult]:
+    from flowdsl.api import compile_loaded, load_text
+
+    y = compile_loaded(load_text(source(yaml_text), "t.yaml"), "t.yaml")
+    f = compile_loaded(load_text(textwrap.dedent(flow_text), "t.flow"), "t.flow")
+    return y, f
+
+
+def _found(result: CompileResult) -> list[tuple[str, int | None, int | None, str]]:
+    return [(d.code, d.line, d.column, d.message) for d in result.diagnostics]
+
+
+def test_plain_scalars_read_the_same_in_both_syntaxes() -> None:
+    """YAML 1.2 core scalars, without leading-zero integers; no YAML 1.1 booleans, octals, sexagesimals."""
+    y, f = _both(HEAD + """\
+        steps:
+          - ok:
+              with: {a: yes, b: off, c: 0777, e: 1_000, f: 0x10, g: 0o17, h: 1e3, i: True, j: NULL, k: FALSE,
+                     l: 1., m: -0.5, n: 10s, o: 01, p: on, r: 12, s: y}
+        """, """\
+        flow t
+        step ok with {a: yes, b: off, c: 0777, e: 1_000, f: 0x10, g: 0o17, h: 1e3, i: True, j: NULL, k: FALSE,
+                      l: 1., m: -0.5, n: 10s, o: 01, p: on, r: 12, s: y}
+        """)
+    assert y.plan is not None and f.plan is not None, (_found(y), _found(f))
+    assert plan_bytes(y.plan) == plan_bytes(f.plan)
+    from flowdsl.api import load_text
+
+    data = load_text(source("flowdsl: 1\nname: t\nsteps: [{ok: {with: {a: yes, b: off, c: 0777, d: 1:30, e: 1_000, "
+                            "f: 0x10, g: 0o17, h: 1e3, i: True, j: NULL, k: ~, l: .5, m: +5, q: 2024-05-01}}}]\n"),
+                     "t.yaml").data
+    assert data["steps"][0]["ok"]["with"] == {
+        "a": "yes", "b": "off", "c": "0777", "d": "1:30", "e": "1_000", "f": 16, "g": 15, "h": 1000.0, "i": True,
+        "j": None, "k": None, "l": 0.5, "m": 5, "q": "2024-05-01"}  # fmt: skip
+    assert type(data["steps"][0]["ok"]["with"]["h"]) is float
+
+
+def test_durations_read_the_same_in_both_syntaxes() -> None:
+    y, f = _both(HEAD + "timeout: 1e3\nsteps: [{a: {timeout: 0x10}}]\n", "flow t\ntimeout 1e3\nstep a timeout 0x10\n")
+    assert y.plan is not None and f.plan is not None
+    assert y.plan["flow"]["timeout_ms"] == f.plan["flow"]["timeout_ms"] == 1_000_000
+    assert plan_bytes(y.plan) == plan_bytes(f.plan)
+    y, f = _both(HEAD + "timeout: 1_000\nsteps: [a]\n", "flow t\ntimeout 1_000\nstep a\n")
+    message = "'1_000' is not a duration; expected a number with a unit: 250ms, 10s, 5m, 2h, or several units, " \
+              "largest first and each once: 1m30s"
+    assert _found(y) == [("FD401", 3, 10, message)]
+    assert _found(f) == [("FD401", 2, 9, message)]
+
+
+def test_an_overflowing_number_is_fd201_in_both_syntaxes() -> None:
+    y, f = _both(HEAD + "steps:\n  - ok: {with: {a: 1e999}}\n", "flow t\nstep ok with {a: 1e999}\n")
+    message = "'1e999' is not a finite number: it is beyond the largest number, about 1.8e308; expected a finite number"
+    assert _found(y) == [("FD201", 4, 20, message)]
+    assert _found(f) == [("FD201", 2, 18, message)]
+    assert y.plan is None and f.plan is None
+    assert [d.path for d in f.diagnostics] == ["/steps/0/ok/with/a"]
+
+
+@pytest.mark.parametrize(("flow_value", "yaml_value", "code_point", "in_key"), [
+    ('{"a\\tb": 1}', '{"a\\tb": 1}', 0x09, True),
+    ('{c: "\\u0085"}', '{c: "\\x85"}', 0x85, False),
+    ('{d: "\\u001b[31m"}', '{d: "\\e[31m"}', 0x1B, False),
+    ('{a: "\\u0000"}', '{a: "\\0"}', 0x00, False),
+    ('{"\\u0007": 1}', '{"\\a": 1}', 0x07, True),
+])  # fmt: skip
+def test_escaped_control_characters_are_fd110_in_both_syntaxes(flow_value: str, yaml_value: str, code_point: int,
+                                                                in_key: bool) -> None:
+    y, f = _both(HEAD + f"steps:\n  - ok: {{with: {yaml_value}}}\n", f"flow t\nstep ok with {flow_value}\n")
+    where = "a key" if in_key else "a spec"
+    message = f"control character U+{code_point:04X} is not allowed in {where}"
+    assert [(c, m) for c, _, _, m in _found(y)] == [("FD110", message)]
+    assert [(c, line, m) for c, line, _, m in _found(f)] == [("FD110", 2, message)]
+    assert f.diagnostics[0].column == len("step ok with ") + 1 + flow_value.index('"')  # at the string
+
+
+def test_tabs_and_newlines_stay_allowed_in_values() -> None:
+    y, f = _both(HEAD + 'steps:\n  - ok: {with: {a: "x\\ty\\nz"}}\n', 'flow t\nstep ok with {a: "x\\ty\\nz"}\n')
+    assert y.plan is not None and f.plan is not None
+    assert plan_bytes(y.plan) == plan_bytes(f.plan)
+
+
+@pytest.mark.parametrize(("yaml_bad", "flow_bad"), [(".nan", "1e999"), (".inf", "-1e999"), ("-.inf", "1e400")])
+def test_a_number_that_is_not_finite_does_not_hide_other_diagnostics(yaml_bad: str, flow_bad: str) -> None:
+    """The bad value is set aside with the option around it, as a schema violation is (docs/diagnostics.md)."""
+    y, f = _both(HEAD + f"""\
+        steps:
+          - e10: {{worker: echo, timeout: {yaml_bad}}}
+          - ok: {{when: "${{ a = }}"}}
+          - b: {{timeout: soon, retry: {{attempts: 2, initial: {yaml_bad}}}}}
+          - c: {{timeout: 0s}}
+        """, f"""\
+        flow t
+        step e10 worker echo timeout {flow_bad}
+        step ok when "${{ a = }}"
+        step b timeout soon retry {{attempts: 2, initial: {flow_bad}}}
+        step c timeout 0s
+        """)
+    for result, first in ((y, 4), (f, 2)):
+        found = [(code, line) for code, line, _, _ in _found(result)]
+        assert found == [("FD201", first), ("FD501", first + 1), ("FD401", first + 2), ("FD201", first + 2),
+                         ("FD401", first + 3)], _found(result)
+        assert result.plan is None
+
+
+def test_a_number_that_is_not_finite_outside_an_option_stops_the_checks() -> None:
+    """Nothing can be set aside around it: it is reported alone (data that others depend on)."""
+    y, f = _both(HEAD + 'steps:\n  - a: {when: "${ = }"}\ninput: {maximum: .inf}\n',
+                 'flow t\nstep a when "${ = }"\ninput {maximum: 1e999}\n')
+    assert [c for c, *_ in _found(y)] == ["FD201"] and [c for c, *_ in _found(f)] == ["FD201"]
+
+
+# --- messages that say what was wrong ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('"1"', 'the language version must be the number 1, found the string "1"'),
+    ("[1]", "the language version must be the number 1, found a list"),
+    ("true", "the language version must be the number 1, found 'true'"),
+    ("2", "unsupported language version 2; this flowdsl reads version 1"),
+])  # fmt: skip
+def test_a_wrong_language_version_says_what_was_found(value: str, message: str) -> None:
+    assert errors(f"flowdsl: {value}\nname: t\nsteps: [a]\n") == [("FD203", 1, message)]
+
+
+def test_a_version_of_the_wrong_type_names_the_types_it_may_have() -> None:
+    assert only(HEAD + "version: [1]\nsteps: [a]\n", "FD201") == "expected a string or a number, found a list"
+
+
+def test_a_tab_indenting_yaml_is_named() -> None:
+    for text in (HEAD + "steps:\n\t- a\n", HEAD + "steps:\n  - a:\n      timeout: 1s\n\t    retry: 2\n"):
+        (code, line, message), = errors(text)
+        assert code == "FD103" and line in (4, 6)
+        assert message.startswith("found a tab: YAML cannot be indented with tabs") and message.endswith("use spaces")
+
+
+def test_an_unknown_llm_module_is_a_schema_violation() -> None:
+    """An unknown word where the schema lists the allowed ones is FD201 (docs/diagnostics.md agrees)."""
+    message = only(HEAD + 'steps:\n  - s: {llm: {signature: "q -> a", module: react}}\n', "FD201")
+    assert message.startswith("expected one of \"predict\", \"chain_of_thought\"")
+
+
+def test_eval_is_refused_for_what_it_does() -> None:
+    message = only(HEAD + 'steps:\n  - a: {with: {x: "${ $eval(\'1 + 1\') }"}}\n', "FD503")
+    assert message == "in 'with.x': '$eval' is not allowed: it evaluates a string as an expression at run time, " \
+                      "out of reach of the checks made when the plan is compiled (variables, functions, step " \
+                      "references); write the expression itself"
+
+
+# --- docs/language.md: its examples compile ---------------------------------------------------------------
+
+LANGUAGE_DOCS = Path(__file__).resolve().parent.parent / "docs" / "language.md"
+
+
+def _docs_yaml_specs() -> list[str]:
+    """The YAML examples of docs/language.md that are specs or parts of a steps list, as whole specs."""
+    out = []
+    for block in __import__("re").findall(r"```yaml\n(.*?)```", LANGUAGE_DOCS.read_text(encoding="utf-8"), 16):
+        if block.startswith("flowdsl:"):
+            out.append(block)
+        elif block.startswith("steps:"):
+            out.append(HEAD + block)
+        elif block.startswith("  - "):
+            out.append(HEAD + "steps:\n" + block)
+    return out
+
+
+def test_the_yaml_examples_in_the_language_docs_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every spec-shaped example validates; the complete example also with its worker modules imported."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gift_wrap.yaml").write_text("flowdsl: 1\nname: gift_wrap\nsteps: [wrap]\n", encoding="utf-8")
+    specs = _docs_yaml_specs()
+    assert len(specs) >= 6
+    for i, text in enumerate(specs):
+        path = tmp_path / f"example{i}.yaml"
+        path.write_text(text, encoding="utf-8")
+        result = compile_spec(str(path))
+        assert [d.format() for d in result.diagnostics if d.severity == "error"] == [], text
+
+
+def test_the_complete_example_in_the_language_docs_validates_with_its_workers(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from flowdsl.api import validate
+
+    root = LANGUAGE_DOCS.parent.parent
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "path", [str(root), *sys.path])
+    (complete,) = [s for s in _docs_yaml_specs() if "name: ecommerce_order" in s]
+    path = tmp_path / "complete.yaml"
+    path.write_text(complete, encoding="utf-8")
+    assert [d.format() for d in validate(str(path), search_path=str(root))] == []
+
+
+def test_an_alias_of_a_number_that_is_not_finite_is_set_aside_too() -> None:
+    found = errors(HEAD + 'timeout: &t .nan\nsteps:\n  - a: {timeout: *t, when: "${ = }"}\n')
+    assert [(code, line) for code, line, _ in found] == [("FD201", 3), ("FD501", 5)]

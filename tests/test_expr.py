@@ -74,3 +74,16 @@ def test_a_bound_bare_variable_is_read_without_the_engine(monkeypatch: pytest.Mo
     assert bare.evaluate({"big": list(range(10))}, {"line": {"sku": "a"}}) == {"sku": "a"}
     with pytest.raises(AssertionError):  # not bound: the engine decides (undefined, or a function's name)
         unbound.evaluate({}, {"line": 1})
+
+
+def test_each_refused_function_has_its_own_reason() -> None:
+    """FD503 lumps two reasons together: replay (clock, chance) and $eval, which escapes the checks."""
+    from flowdsl.expr import NONDETERMINISTIC, builtin_functions, refusal
+
+    assert {"now", "millis", "random", "shuffle", "eval"} == NONDETERMINISTIC
+    assert builtin_functions() >= NONDETERMINISTIC
+    for fn in ("now", "millis", "random", "shuffle"):
+        assert "clock or chance" in (refusal(fn) or "")
+    reason = refusal("eval") or ""
+    assert reason.startswith("it evaluates a string as an expression at run time") and "clock" not in reason
+    assert refusal("sum") is None

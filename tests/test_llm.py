@@ -204,7 +204,7 @@ def test_check_llm_block_reports_module_reasoning_and_demo_problems() -> None:
     assert all(p[0] == "FD603" for p in problems[1:])
     assert "demo 2, field 'n' (int): expected an integer" in problems[3][2]
     bad_module = check_llm_block({"signature": parse_signature("q -> a"), "module": "chain_of_thougt"})
-    assert bad_module == [("FD601", "/module", "unknown module 'chain_of_thougt'; expected one of: predict, "
+    assert bad_module == [("FD201", "/module", "unknown module 'chain_of_thougt'; expected one of: predict, "
                            "chain_of_thought (did you mean 'chain_of_thought'?)")]
     assert check_llm_block({"signature": parse_signature("q -> a"), "module": "predict",
                             "demos": [{"q": "x", "a": "y"}]}) == []

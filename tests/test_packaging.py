@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = {
     "flowdsl/_data/flowdsl.lark": ROOT / "grammar" / "flowdsl.lark",
     "flowdsl/_data/flowdsl.schema.json": ROOT / "specs" / "flowdsl.schema.json",
+    "flowdsl/_data/plan.schema.json": ROOT / "specs" / "plan.schema.json",
 }
 
 pytestmark = pytest.mark.slow

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from flowdsl.api import compile_spec, compile_text, load_text, plan_bytes
 from flowdsl.diagnostics import CODES, Diagnostic, SpecError
+from flowdsl.runtime.plancheck import plan_problem
 
 SETTINGS = settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 #: for properties that compile a spec several times
@@ -55,10 +56,13 @@ def front_end(text: str, filename: str = "spec.yaml") -> dict[str, Any] | None:
     if doc.data is None:
         check_diagnostics(doc.diagnostics, filename)
     try:
-        return compile_text(text, filename=filename)
+        plan = compile_text(text, filename=filename)
     except SpecError as exc:
         check_diagnostics(exc.diagnostics, filename)
         return None
+    problem = plan_problem(plan)  # what the compiler makes has the shape specs/plan.schema.json states
+    assert problem is None, problem
+    return plan
 
 
 def dump(data: Any) -> str:
@@ -71,8 +75,9 @@ TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=12)
 IDS = st.sampled_from(["a", "b", "c", "check_stock", "pay", "refund", "ship", "notify", "_x", "S1", "a" * 64])
 BAD_IDS = st.sampled_from(["1a", "a-b", "a b", "", "é", "a.b", "a" * 65, "$x", "a/b", "~", "a\tb", "a\n"])
 WORKERS = st.one_of(IDS, st.builds(lambda a, b: f"{a}.{b}", IDS, IDS))
-DURATIONS = st.sampled_from(["250ms", "10s", "5m", "2h", "1m30s", "1.5s", 30, 0.25, "30 s"])
-BAD_DURATIONS = st.sampled_from(["0s", "-1s", "soon", "", "5", "1e400", "10x", 0, -3, "31d", "999999h", True, []])
+DURATIONS = st.sampled_from(["250ms", "10s", "5m", "2h", "1m30s", "1.5s", 30, 0.25, "2s500ms"])
+BAD_DURATIONS = st.sampled_from(["0s", "-1s", "soon", "", "5", "1e400", "10x", 0, -3, "31d", "999999h", True, [],
+                                 "30 s", "1h1h", "1s30m", "0.4ms"])
 EXPRESSIONS = st.sampled_from([
     "${ order.id }", "${ order.total > 10 }", "${ $not(order.notify = false) }", "${ status = 'failed' }",
     "${ $steps.a.id }", "${ $input.order }", "${ $run.id }", "${ item.qty * 2 }", "${ {'k': order.id} }",

@@ -602,9 +602,12 @@ def test_nesting_too_deep() -> None:
     assert [d.code for d in parse_flow(deep).diagnostics] == ["FD107"]
 
 
-def test_numbers_too_long_for_python() -> None:
-    (diag,) = parse_flow("timeout " + "9" * 5000).diagnostics
-    assert diag.code == "FD108" and "too many digits" in diag.message
+def test_numbers_too_long_for_python_are_fd201_in_both_syntaxes() -> None:
+    (diag,) = parse_flow("timeout " + "9" * 5000, "a.flow").diagnostics
+    assert (diag.code, diag.line, diag.column, diag.path) == ("FD201", 1, 9, "/timeout")
+    assert "has more than 4000 digits" in diag.message
+    (twin,) = load_yaml("timeout: " + "9" * 5000, "a.yaml").diagnostics
+    assert (twin.code, twin.line, twin.column, twin.message) == ("FD201", 1, 10, diag.message)
 
 
 # --- the grammar ----------------------------------------------------------------------------------
@@ -680,7 +683,9 @@ def test_random_token_soup_never_raises(text: str) -> None:
     _check_never_raises(text)
 
 
-_text = st.text(max_size=10)
+#: what a spec's strings can hold: no control characters (FD110 in both syntaxes, written raw or escaped)
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=[
+    *map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0))]), max_size=10)  # fmt: skip
 _printable = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=10)
 _ids = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
 _names = st.one_of(_ids, st.sampled_from(sorted(KEYWORDS)), st.builds("{}.{}".format, _ids, _ids))
@@ -697,7 +702,9 @@ def _specs(text: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
         st.integers(-(10**20), 10**20),
         st.floats(allow_nan=False, allow_infinity=False),
         text,
-        st.sampled_from(["10s", "1.5", "true", "01", "-3", "a b", "${ x }", "yes", "on"]),
+        st.sampled_from(["10s", "1.5", "true", "01", "-3", "a b", "${ x }", "yes", "on", "True", "NULL", "~", "",
+                         "1e3", "0o17", "0x1F", "1.", ".5", "+5", "1_000", "1:30", "0777", "1e999", ".inf",
+                         "tab\there", "two\nlines"]),
     )
     values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3),
                                                        st.dictionaries(st.one_of(text, _ids), c, max_size=3)),
@@ -782,7 +789,10 @@ def test_generated_specs_round_trip_through_the_text_syntax(data: dict[str, Any]
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_specs(_text))
 def test_generated_specs_round_trip_through_yaml(data: dict[str, Any]) -> None:
-    assert yaml.safe_load(to_yaml(data)) == data
+    text = to_yaml(data)
+    assert yaml.safe_load(text) == data  # a YAML 1.1 reader too
+    doc = load_yaml(text, "gen.yaml")
+    assert doc.diagnostics == [] and doc.data == data, text
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -790,3 +800,57 @@ def test_generated_specs_round_trip_through_yaml(data: dict[str, Any]) -> None:
 def test_generated_specs_round_trip_through_the_yaml_loader(data: dict[str, Any]) -> None:
     """flowdsl's own loader refuses control characters anywhere, so the text here has none."""
     assert from_yaml(to_yaml(data)) == data
+
+
+# --- values: the rule the YAML loader applies (docs/language.md, "How values are read") -------------
+
+
+def test_bare_values_read_as_the_yaml_loader_reads_them() -> None:
+    text = "{a: yes, b: 0777, c: 1_000, d: 0x1F, e: 0o17, f: 1e3, g: True, h: NULL, i: FALSE, j: 1., k: 10s}"
+    flow = steps(f"step s with {text}")[0]["s"]["with"]
+    assert flow == from_yaml(f"flowdsl: 1\nname: t\nsteps: [{{s: {{with: {text}}}}}]\n")["steps"][0]["s"]["with"]
+    assert flow == {"a": "yes", "b": "0777", "c": "1_000", "d": 31, "e": 15, "f": 1000.0, "g": True, "h": None,
+                    "i": False, "j": 1.0, "k": "10s"}
+
+
+def test_names_are_read_as_written() -> None:
+    """Where the grammar takes only a name, a word is that name: `step null` runs the worker null."""
+    assert read("flow True\nworkers NULL, x\nstep null\nstep TRUE timeout 1s\nsequence False { null }") == {
+        "flowdsl": 1, "name": "True", "workers": ["NULL", "x"],
+        "steps": ["null", {"TRUE": {"timeout": "1s"}}, {"sequence": "False", "steps": ["null"]}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["True", "NULL", "false", "0x1F", "0o17", "1e3", "1.", "1e999", "12"])
+def test_strings_that_would_read_as_values_are_quoted_by_the_writers(value: str) -> None:
+    data = {"flowdsl": 1, "name": "t", "steps": [{"s": {"with": {"v": value}, "worker": value}}, value]}
+    flow = to_flow(data)
+    assert f'"{value}"' in flow and parse_flow(flow).data == data, flow
+    text = to_yaml(data)
+    assert load_yaml(text).data == data and yaml.safe_load(text) == data, text
+
+
+@pytest.mark.parametrize("value", ["yes", "0777", "1_000", "10s", "x"])
+def test_strings_that_read_as_themselves_stay_bare(value: str) -> None:
+    data = {"flowdsl": 1, "name": "t", "steps": [{"s": {"with": {"v": value}}}]}
+    assert f"with {{v: {value}}}" in to_flow(data)
+    assert parse_flow(to_flow(data)).data == data
+
+
+def test_a_number_that_is_not_finite_is_set_aside_with_its_option() -> None:
+    doc = parse_flow("flow t\nstep a timeout 1e999 with {x: 1}\nstep b retry {attempts: 2, initial: -1e999}", "t.flow")
+    assert [(d.code, d.line, d.column, d.path) for d in doc.diagnostics] == [
+        ("FD201", 2, 16, "/steps/0/a/timeout"), ("FD201", 3, 37, "/steps/1/b/retry/initial")]
+    assert doc.data == {"flowdsl": 1, "name": "t", "steps": [{"a": {"with": {"x": 1}}}, {"b": {}}]}
+    yaml_twin = load_yaml("flowdsl: 1\nname: t\nsteps:\n  - a: {timeout: 1e999, with: {x: 1}}\n"
+                          "  - b: {retry: {attempts: 2, initial: -1e999}}\n", "t.yaml")
+    assert yaml_twin.data == doc.data
+    assert [d.message for d in yaml_twin.diagnostics] == [d.message for d in doc.diagnostics]
+    # outside an option that can be set aside, nothing is read
+    assert parse_flow("flow t\nstep a\ninput {maximum: 1e999}").data is None
+
+
+@pytest.mark.parametrize("text", ['step "a\\u0007b"', 'step "a\\tb" timeout 1s', 'switch s on "${ x }" {\n'
+                                  '  case "a\\nb" { c }\n}', 'flow "\\u0085t"'])
+def test_escaped_control_characters_are_refused_in_names_keys_and_labels(text: str) -> None:
+    (diag,) = parse_flow(text).diagnostics
+    assert diag.code == "FD110" and "control character U+" in diag.message

@@ -152,10 +152,10 @@ def diagram(
         drawn = f"```{_FENCES[kind]}\n{drawn}```\n"
     data = drawn.encode("utf-8") if isinstance(drawn, str) else drawn
     if output is not None:
-        try:
-            output.write_bytes(data)
-        except OSError as exc:
-            raise _fail(f"cannot write {output}: {exc.strerror or exc}") from None
+        from flowdsl.cli import write_outputs  # refuses to write over the spec or the run's record
+
+        write_outputs([("-o", output, data)], [file, *(Path(e["file"]) for e in result.source_map.values()
+                                                       if e.get("file")), *([record] if record else [])])
         _console().print(f"[green]wrote[/] {output} ({kind})")
     else:
         sys.stdout.buffer.write(data)

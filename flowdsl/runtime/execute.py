@@ -25,8 +25,11 @@ What :func:`execute` does:
   go into the answer's ``meta`` as ``{"llm": {...}}``, which the kernel copies
   into the event it emits about that attempt (docs/kernel.md);
 - an exception becomes ``task_failed`` with ``{"type": class name, "message":
-  str(exc)}`` (plus a ``traceback`` field for the record), and so does a
-  ``sys.exit()`` in a worker (type ``SystemExit``); a result that is not
+  str(exc)}`` (plus a ``traceback`` field for the record), and so does any
+  other ``BaseException`` a worker raises: ``sys.exit()`` (type
+  ``SystemExit``), ``KeyboardInterrupt``, ``GeneratorExit`` — all but a
+  cancellation and the ``KeyboardInterrupt`` of a real Ctrl-C (see
+  :func:`marking_sigint`), which propagate; a result that is not
   a JSON object (``None`` counts as ``{}``) becomes ``task_failed`` of type
   ``OutputInvalid``;
 - cancellation (``asyncio.CancelledError``) propagates: the caller answers
@@ -55,11 +58,11 @@ from concurrent.futures import Future
 from typing import Any
 
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.workers import StepContext, Worker, WorkerRegistry
+from flowdsl.workers import StepContext, Worker, WorkerRegistry, from_sigint, marking_sigint
 from flowdsl.workers import registry as default_registry
 
 __all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "Suspended", "cancellable", "copy_json", "execute", "json_problem",
-           "missing_workers", "resume", "start", "worker_references"]
+           "marking_sigint", "missing_workers", "resume", "start", "text_problem", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -96,7 +99,9 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
             result = await _in_thread(found.fn, data, ctx)
             if inspect.isawaitable(result):
                 result = await result
-    except _FAILURES as exc:  # the worker's (or the model's) failure, whatever it is
+    except BaseException as exc:  # the worker's (or the model's) failure, whatever it is
+        if not _is_failure(exc):
+            raise
         return _exception_event(task_id, exc)
     return _answer(task_id, result)
 
@@ -120,7 +125,9 @@ class Suspended:
         """The answer event, as :func:`execute` gives it; raises only ``asyncio.CancelledError``."""
         try:
             result = await resume(self.coro, self.pending)
-        except _FAILURES as exc:
+        except BaseException as exc:
+            if not _is_failure(exc):
+                raise
             return _exception_event(self.task_id, exc)
         return _answer(self.task_id, result)
 
@@ -151,7 +158,9 @@ def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) ->
         pending = context.run(coro.send, None)
     except StopIteration as stop:
         return _answer(task_id, stop.value)
-    except _FAILURES as exc:
+    except BaseException as exc:
+        if not _is_failure(exc):
+            raise
         return _exception_event(task_id, exc)
     return Suspended(task_id, coro, pending, context)
 
@@ -229,10 +238,17 @@ def _failed(task_id: str, type_: str, message: str) -> dict[str, Any]:
     return {"type": "task_failed", "task_id": task_id, "error": {"type": type_, "message": message}}
 
 
-#: what a worker (or a model call) raises that is the attempt's failure: every Exception, and SystemExit — a
-#: worker calling sys.exit() must end neither the run nor the worker process (on Redis, the step would then
-#: be taken over and end the next process too, one after the other)
-_FAILURES = (Exception, SystemExit)
+def _is_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised out of a worker's (or a model's) call, is that attempt's failure.
+
+    Every exception is, and so is every other ``BaseException`` the worker raises itself: a worker calling
+    ``sys.exit()`` or raising ``KeyboardInterrupt`` or ``GeneratorExit`` must end neither the run nor the
+    worker process (on Redis, the step would then be taken over and end the next process too, one after the
+    other). Not failures, and re-raised: a cancellation of the task running the attempt, and the
+    ``KeyboardInterrupt`` that a real Ctrl-C raised while the worker ran (marked by :func:`marking_sigint`):
+    that one is the user's, and stops what it interrupted.
+    """
+    return not isinstance(exc, asyncio.CancelledError) and not from_sigint(exc)
 
 
 def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
@@ -275,7 +291,9 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
     try:
         result = await run_llm_step(block, data, lm=model, step_key=command["step"], adapter=adapter,
                                     redact=block.get("redact") or ())
-    except _FAILURES as exc:  # as for a worker: the attempt failed with this error type
+    except BaseException as exc:  # as for a worker: the attempt failed with this error type
+        if not _is_failure(exc):
+            raise
         event = _exception_event(task_id, exc)
         name = model if isinstance(model, str) else getattr(model, "model", None)
         name = name if isinstance(name, str) else None
@@ -321,8 +339,8 @@ MAX_JSON_DEPTH = 200
 def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
     """Where and why ``value`` is not plain JSON data (None when it is).
 
-    Accepted: dicts with string keys, lists, strings, booleans, None, ints and
-    finite floats, nested at most :data:`MAX_JSON_DEPTH` levels — what survives
+    Accepted: dicts with string keys, lists, strings (valid Unicode: no lone
+    surrogates), booleans, None, ints and finite floats, nested at most :data:`MAX_JSON_DEPTH` levels — what survives
     a JSON round trip unchanged, so that a recorded run replays to the same
     state and the Redis runtime can store it.
     """
@@ -333,26 +351,50 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
         for k, v in value.items():
             if not isinstance(k, str):
                 return f"at {path or '/'}: the key {k!r} is not a string"
-            if not (v is None or type(v) in _SCALARS):
+            if not k.isascii() and text_problem(k) is not None:
+                return f"at {path or '/'}: the key {k!r} {text_problem(k)}"
+            if type(v) is str:
+                if not v.isascii() and text_problem(v) is not None:
+                    return f"at {path}/{k}: the text {text_problem(v)}"
+            elif not (v is None or type(v) in _SCALARS):
                 problem = json_problem(v, f"{path}/{k}", depth + 1)
                 if problem is not None:
                     return problem
         return None
     if isinstance(value, list):
         for i, v in enumerate(value):
-            if not (v is None or type(v) in _SCALARS):
+            if type(v) is str:
+                if not v.isascii() and text_problem(v) is not None:
+                    return f"at {path}/{i}: the text {text_problem(v)}"
+            elif not (v is None or type(v) in _SCALARS):
                 problem = json_problem(v, f"{path}/{i}", depth + 1)
                 if problem is not None:
                     return problem
         return None
-    if value is None or isinstance(value, str | bool | int):
+    if isinstance(value, str):
+        problem = None if value.isascii() else text_problem(value)
+        return None if problem is None else f"at {path or '/'}: the text {problem}"
+    if value is None or isinstance(value, bool | int):
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"at {path or '/'}: {value} is not a JSON number"
     return f"at {path or '/'}: a {type(value).__name__} is not JSON (use dicts, lists, strings, numbers, booleans)"
 
 
-_SCALARS = frozenset({str, int, bool})
+_SCALARS = frozenset({int, bool})
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (None when it can): it holds a lone surrogate — an undecodable
+    byte smuggled in by ``surrogateescape`` (command-line arguments, file names) or a ``\\ud800`` JSON escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"is not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {exc.start + 1})"
+        return f"holds a lone surrogate (\\u{code:04x} at character {exc.start + 1}), which is not valid Unicode"
+    return None
 
 
 # --- checking a plan's workers -----------------------------------------------------
@@ -372,7 +414,8 @@ def worker_references(plan: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]
 def missing_workers(plan: Mapping[str, Any], registry: WorkerRegistry | None = None) -> list[str]:
     """One line per worker the plan names that is not registered (empty when all are)."""
     reg = registry or default_registry
-    return [f"{role} '{name}' of step '{key}' is not a registered worker"
+    return [f"step '{key}' names the worker '{name}', which is not registered" if role == "step" else
+            f"{role} '{name}' of step '{key}' is not a registered worker"
             for key, role, name in worker_references(plan) if name not in reg]
 
 

@@ -1,7 +1,7 @@
 """Run input: read it (file, stdin, ``--set`` overrides) and check it against the plan's input schema.
 
 Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema and
-``.execute`` (for the depth bound of run data).
+``.execute`` (the depth bound and the checks of run data).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from flowdsl.runtime.execute import MAX_JSON_DEPTH
+from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem, text_problem
 
 
 class InputError(Exception):
@@ -21,50 +21,89 @@ class InputError(Exception):
 def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """The run input from a JSON file (``-`` for stdin, None for ``{}``) with ``key=value`` overrides.
 
-    An override's key may be dotted (``order.notify=false``); its value is JSON when it
-    parses as JSON, else a string.
+    The file (or stdin) is read as bytes and must be UTF-8. An override's key is
+    a path of names joined by dots (``order.notify=false``), none of them empty;
+    its value is JSON when it parses as JSON, else a string. Raises
+    :class:`InputError` saying what is wrong and where.
     """
-    data: Any = {}
+    data: dict[str, Any] = {}
     if source is not None:
-        try:
-            if source == "-":
-                text = sys.stdin.read()
-            else:
-                with open(source, encoding="utf-8") as fh:
-                    text = fh.read()
-        except OSError as exc:
-            raise InputError(f"cannot read input file '{source}': {exc.strerror or exc}") from None
         name = "stdin" if source == "-" else source
         try:
-            data = json.loads(text)
+            if source == "-":
+                stream = getattr(sys.stdin, "buffer", None)
+                raw = stream.read() if stream is not None else sys.stdin.read()
+            else:
+                with open(source, "rb") as fh:
+                    raw = fh.read()
+        except OSError as exc:
+            raise InputError(f"cannot read input file '{source}': {exc.strerror or exc}") from None
+        text = _decode(raw, name) if isinstance(raw, bytes) else raw
+        try:
+            parsed = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{name}:{exc.lineno}:{exc.colno}: input is not valid JSON: {exc.msg}") from None
         except RecursionError:
             raise InputError(f"{name}: the input nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
                              "are accepted)") from None
-    if not isinstance(data, dict):
-        raise InputError(f"the run input must be a JSON object, found {type(data).__name__}")
+        if not isinstance(parsed, dict):
+            raise InputError(f"{name}: the run input must be a JSON object, found {_kind(parsed)}")
+        data = parsed
+        problem = json_problem(data)
+        if problem is not None:
+            raise InputError(f"{name}: the input is not plain JSON data: {problem}")
     for item in overrides:
-        key, sep, raw = item.partition("=")
+        key, sep, raw_value = item.partition("=")
+        bad = text_problem(item)
+        if bad is not None:
+            try:  # the bytes given on the command line, undecodable ones as \xNN
+                shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:
+                shown = item.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise InputError(f"--set {shown}: the argument {bad}")
         if not sep or not key:
             raise InputError(f"--set expects key=value, found '{item}'")
+        path = key.split(".")
+        if "" in path:
+            raise InputError(f"--set {item}: the key '{key}' has an empty name; a key is one or more names "
+                             "joined by single dots, with none empty (e.g. order.notify=false)")
         try:
-            value = json.loads(raw)
+            value = json.loads(raw_value)
         except json.JSONDecodeError:
-            value = raw
+            value = raw_value
         except RecursionError:
             raise InputError(f"--set {key}: the value nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
                              "are accepted)") from None
-        _assign(data, key.split("."), value, item)
+        problem = json_problem(value)
+        if problem is not None:
+            raise InputError(f"--set {key}: the value is not plain JSON data: {problem}")
+        _assign(data, path, value, item)
     return data
+
+
+def _decode(raw: bytes, name: str) -> str:
+    """``raw`` as strict UTF-8; an InputError naming the first bad byte, its offset and line:column if not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputError(f"{name}:{line}:{col}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                         f"{exc.start}); the run input must be JSON text in UTF-8") from None
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
 
 
 def _assign(data: dict[str, Any], path: list[str], value: Any, item: str) -> None:
     target = data
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1]):
         nxt = target.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise InputError(f"--set {item}: '{part}' is not an object in the input")
+            raise InputError(f"--set {item}: '{'.'.join(path[:i + 1])}' is not an object in the input "
+                             f"(it is {_kind(nxt)})")
         target = nxt
     target[path[-1]] = value
 

@@ -1,7 +1,8 @@
 """The local runtime: one run, in-process, on asyncio — a thin I/O shell around the kernel.
 
 Stage: runtime backend. Imports the kernel, ``flowdsl.runtime.execute`` (to
-carry out dispatches), ``.record`` (run records), ``.report`` (the result
+carry out dispatches), ``.plancheck`` (the shape of a plan handed in),
+``.record`` (run records), ``.report`` (the result
 object; no rich at import) and ``flowdsl.workers``. It decides nothing about
 the run: every decision is the kernel's (docs/kernel.md); this module turns
 its commands into asyncio work and the outcomes back into input events::
@@ -31,6 +32,7 @@ the run) stops at once, compensating nothing; the record then ends with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import secrets
@@ -50,10 +52,12 @@ from flowdsl.runtime.execute import (
     copy_json,
     execute,
     json_problem,
+    marking_sigint,
     missing_workers,
     resume,
     start,
 )
+from flowdsl.runtime.plancheck import check_plan
 from flowdsl.runtime.record import RunRecorder, check_records_dir, record_path
 from flowdsl.runtime.report import RunResult
 from flowdsl.workers import WorkerRegistry, import_worker_modules
@@ -83,7 +87,8 @@ class WorkersMissing(ValueError):
     """The plan names workers that are not registered: the run does not start."""
 
     def __init__(self, problems: list[str]):
-        super().__init__("the run cannot start: " + "; ".join(problems))
+        super().__init__("the run cannot start: " + "; ".join(problems) + " (register workers with "
+                         "@flowdsl.worker in a module that the spec's 'workers:' lists)")
         self.problems = problems
 
 
@@ -127,9 +132,11 @@ def new_run_id(plan: Mapping[str, Any]) -> str:
 class LocalRun:
     """One run of a plan on the running event loop. Create it, then ``await run.run()`` once.
 
-    Parameters are those of :func:`run_flow`. Raises :class:`WorkersMissing`
-    when a worker the plan names is not registered, ``ValueError`` for a run
-    input that is not JSON or a bad run id, ``FileExistsError`` when a record
+    Parameters are those of :func:`run_flow`. Raises ``TypeError`` when ``plan``
+    is not a dict or ``run_input`` not a dict, ``PlanError`` (a ``ValueError``)
+    naming the field when ``plan`` is not shaped like an execution plan,
+    :class:`WorkersMissing` when a worker the plan names is not registered,
+    ``ValueError`` for a run input that is not JSON or a bad run id, ``FileExistsError`` when a record
     for ``run_id`` already exists, and ``WorkerImportError`` when
     ``import_workers`` is true and a worker module of the plan cannot be imported.
     """
@@ -139,17 +146,25 @@ class LocalRun:
                  on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None):
+        if not isinstance(plan, dict):
+            raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
+                            f"flowdsl.compile_text(); got {type(plan).__name__}")
+        check_plan(plan)
+        if not isinstance(run_input, dict):
+            raise TypeError(f"run_input must be a dict (a JSON object); got {type(run_input).__name__}")
+        if run_id is not None and not isinstance(run_id, str):
+            raise TypeError(f"run_id must be a string or None; got {type(run_id).__name__}")
         if import_workers:
-            import_worker_modules((plan.get("flow") or {}).get("workers") or (), os.getcwd())
+            import_worker_modules(plan["flow"].get("workers") or (), os.getcwd())
         problems = missing_workers(plan, registry)
         if problems:
             raise WorkersMissing(problems)
-        problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
+        problem = json_problem(run_input)
         if problem is not None:
             raise ValueError(f"the run input is not a JSON object: {problem}")
         self.plan = plan
         self.run_input: dict[str, Any] = copy_json(run_input)
-        self.run_id = run_id or new_run_id(plan)
+        self.run_id = run_id if run_id is not None else new_run_id(plan)
         self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
         if self.record_path is not None:
             if self.record_path.exists():
@@ -179,6 +194,7 @@ class LocalRun:
         self._started = False
         self._interrupts = 0
         self._sigint_installed = False
+        self._marking: contextlib.AbstractContextManager[None] | None = None
         self._perf0 = 0.0
         self._wall0 = 0.0
 
@@ -201,9 +217,14 @@ class LocalRun:
             start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
             self._write(start)
             self._install_sigint()
+            if not self._sigint_installed:  # a real Ctrl-C raising in a worker stops the run, not the step
+                self._marking = marking_sigint()
+                self._marking.__enter__()
             self._draining = True
             try:
                 self._absorb(start_run(self.plan, self.run_id, copy_json(self.run_input), at=at, seed=self.seed))
+            except Exception as exc:  # a plan the shape check let through but the kernel cannot run
+                self._fail_hard(exc)
             finally:
                 self._draining = False
             self._drain()
@@ -216,6 +237,9 @@ class LocalRun:
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
         finally:
             self._remove_sigint()
+            if self._marking is not None:
+                self._marking.__exit__(None, None, None)
+                self._marking = None
             if self._recorder is not None:
                 self._recorder.close()
         return RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,

@@ -1,9 +1,10 @@
 """Run records: every run's events as JSON lines in ``.flowdsl/runs/<run_id>.jsonl``.
 
-Stage: runtime (shared). Imports stdlib and ``.codec`` only. The first line of a record is a
-header ``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run
-can be replayed through the kernel and drawn without its spec; every other line
-is one event, as the kernel emitted it or as it was fed to it.
+Stage: runtime (shared). Imports stdlib, ``.codec`` and (to check a header)
+``.plancheck`` only. The first line of a record is a header
+``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run can
+be replayed through the kernel and drawn without its spec; every other line is
+one event, as the kernel emitted it or as it was fed to it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ def runs_dir(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get("FLOWDSL_RUNS_DIR") or DEFAULT_RUNS_DIR)
 
 
-def record_path(run_id: str, directory: str | Path | None = None) -> Path:
-    if not _RUN_ID_RE.match(run_id):
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id``, or raise ``ValueError`` saying what a run id must be (1-128 of ``A-Za-z0-9_.:-``)."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
         raise ValueError(f"invalid run id '{run_id}': use 1-128 letters, digits and _ . : -")
+    return run_id
+
+
+def record_path(run_id: str, directory: str | Path | None = None) -> Path:
+    check_run_id(run_id)
     return runs_dir(str(directory) if directory else None) / f"{run_id}.jsonl"
 
 
@@ -107,6 +114,20 @@ def find_record(run: str, directory: str | Path | None = None) -> Path:
     return path
 
 
+def header_problem(header: dict[str, Any]) -> str | None:
+    """What is wrong with a record's header line (None when it holds a well-shaped plan and input)."""
+    from flowdsl.runtime.plancheck import plan_problem
+
+    if "plan" not in header:
+        return "it has no 'plan'"
+    problem = plan_problem(header["plan"])
+    if problem is not None:
+        return f"'plan' is not a flowdsl execution plan: {problem}"
+    if not isinstance(header.get("input", {}), dict):
+        return "'input' must be an object"
+    return None
+
+
 def ends_mid_line(path: str | Path) -> bool:
     """Whether a record file's last line is incomplete (its process stopped while writing it)."""
     with open(path, "rb") as fh:
@@ -123,11 +144,18 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str,
     record then reads as it was before that line."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise RecordError(f"no run record at {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecordError(f"cannot read run record {p}: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise RecordError(f"cannot read run record {p}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RecordError(f"{p}:{bad_line}:{col}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "a run record is JSON lines in UTF-8") from None
     header: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
     lines = text.splitlines()
@@ -143,6 +171,9 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str,
         if not isinstance(item, dict):
             raise RecordError(f"{p}:{lineno}: expected a JSON object, found {type(item).__name__}")
         if item.get("type") == "record" and header is None:
+            problem = header_problem(item)
+            if problem is not None:
+                raise RecordError(f"{p}:{lineno}: the record's header is malformed: {problem}")
             header = item
         else:
             events.append(item)

@@ -130,13 +130,27 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     The emitted events are the recorded ones. A record without a plan in its
     header, or without its ``start`` line, raises ``ValueError``.
     """
-    if header is None or not isinstance(header.get("plan"), dict):
+    from flowdsl.runtime.plancheck import plan_problem
+
+    if header is None or "plan" not in header:
         raise ValueError("the record has no header with the run's plan")
+    problem = plan_problem(header["plan"])
+    if problem is not None:
+        raise ValueError(f"the record header's 'plan' is not a flowdsl execution plan: {problem}")
     plan = dict(header["plan"])
     inputs = [e for e in lines if e.get("type") in ("start", *INPUT_EVENTS)]
     if not inputs or inputs[0].get("type") != "start":
         raise ValueError("the record has no 'start' event")
-    state, _, _ = replay(plan, inputs)
+    first = inputs[0]
+    if not isinstance(first.get("run_id"), str) or not isinstance(first.get("input"), dict) \
+            or not isinstance(first.get("at"), int | float) or isinstance(first.get("at"), bool):
+        raise ValueError("the record's 'start' event is malformed: it needs 'run_id' (a string), 'input' (an "
+                         "object) and 'at' (a time in milliseconds)")
+    try:
+        state, _, _ = replay(plan, inputs)
+    except Exception as exc:  # a record edited by hand, or made by another version: say so, never a traceback
+        raise ValueError(f"the recorded events do not replay through the kernel ({type(exc).__name__}: {exc}); "
+                         "the record was changed after it was written, or was made by another version") from None
     emitted = [e for e in lines if "seq" in e]
     wall = None
     if state.get("finished_at") is not None:

@@ -469,7 +469,9 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
-    assert out == "" and "was aborted while compensating" in err and "Traceback" not in err
+    assert "was aborted while compensating" in err and "Traceback" not in err
+    aborted = json.loads(out)  # --format json: still exactly one object on stdout
+    assert (aborted["status"], aborted["run_id"], aborted["error"]["type"]) == ("aborted", "sig2", "RunAborted")
     _, lines = read_record(record)
     assert lines[-1]["type"] == "runtime_aborted"
 
@@ -507,3 +509,249 @@ def test_the_package_exports_the_runtime() -> None:
     r = flowdsl.run(plan("steps: [conf.a]\n"), {"script": {"a": {"result": {"v": 1}}}}, record=False)
     assert (r.status, r.context["v"], r.exit_code, r.ok) == ("completed", 1, 0, True)
     assert "status='completed'" in repr(r)
+
+
+# --- the run input: bytes that are not UTF-8, malformed --set paths, run ids ------------------------------------
+
+
+@pytest.mark.parametrize(("make", "stdin", "message"), [
+    (lambda t: ["--input", _write_bytes(t / "bin.json", b"\xff\xfe{}")], None,
+     "bin.json:1:1: not valid UTF-8 (byte 0xff at offset 0)"),
+    (lambda t: ["--input", "-"], b'{"a":\n "\xe9"}', "stdin:2:3: not valid UTF-8 (byte 0xe9 at offset 8)"),
+    (lambda t: ["--input", _write(t / "sur.json", '{"a": ["\\ud800"]}')], None,
+     "sur.json: the input is not plain JSON data: at /a/0: the text holds a lone surrogate (\\ud800 at character 1)"),
+    (lambda t: ["--set", "a=\udcff"], None,
+     "--set a=\\xff: the argument is not valid UTF-8 (byte 0xff at character 3)"),
+    (lambda t: ["--set", 'a="\\udc00"'], None, "--set a: the value is not plain JSON data: at /: the text holds a "
+                                               "lone surrogate"),
+    (lambda t: ["--set", "a.=1"], None, "--set a.=1: the key 'a.' has an empty name; a key is one or more names "
+                                        "joined by single dots, with none empty (e.g. order.notify=false)"),
+    (lambda t: ["--set", ".a=1"], None, "--set .a=1: the key '.a' has an empty name"),
+    (lambda t: ["--set", "a..b=1"], None, "--set a..b=1: the key 'a..b' has an empty name"),
+    (lambda t: ["--set", "script.x=1", "--set", "script.x.y=2"], None,
+     "--set script.x.y=2: 'script.x' is not an object in the input (it is a number)"),
+    (lambda t: ["--run-id", ""], None, "--run-id: invalid run id '': use 1-128 letters, digits and _ . : -"),
+    (lambda t: ["--input", "-"], b"[1, 2]", "stdin: the run input must be a JSON object, found an array"),
+])
+def test_bad_run_input_is_a_clear_usage_error(tmp_path: Path, make: Any, stdin: bytes | None, message: str) -> None:
+    r = CliRunner().invoke(app, ["run", _spec(tmp_path, "ok"), "--runs-dir", str(tmp_path / "runs"),
+                                 *make(tmp_path)], input=stdin)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_stdin_input_in_utf8_is_read_exactly(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["run", _spec(tmp_path, "ok"), "-i", "-", "-f", "json", "--no-record"],
+                           input='{"name": "Zoë ✓"}'.encode())
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["context"]["name"] == "Zoë ✓"
+
+
+def test_a_worker_result_that_is_not_valid_unicode_fails_its_attempt(tmp_path: Path) -> None:
+    reg = WorkerRegistry()
+
+    async def lone(data: Any, ctx: Any) -> Any:
+        return {"text": "half a pair: \ud83d"}
+
+    reg.register("lone", lone)
+    p = compile_text("flowdsl: 1\nname: t\nsteps: [lone]\n")
+    r = asyncio.run(run_flow(p, {}, run_id="u1", runs_dir=tmp_path, registry=reg, import_workers=False))
+    assert (r.status, r.error["type"]) == ("failed", "OutputInvalid")
+    assert "at /text: the text holds a lone surrogate (\\ud83d at character 14)" in r.error["message"]
+    header, lines = read_record(tmp_path / "u1.jsonl")  # the record was written whole
+    assert header is not None and lines[-1]["type"] == "run_finished"
+
+
+# --- BaseExceptions raised by workers ------------------------------------------------------------------------
+
+
+def _base_registry() -> WorkerRegistry:
+    reg = WorkerRegistry()
+
+    async def ok(data: Any, ctx: Any) -> Any:
+        return {"done": True}
+
+    async def undo(data: Any, ctx: Any) -> Any:
+        return {}
+
+    async def kbi(data: Any, ctx: Any) -> Any:
+        raise KeyboardInterrupt("raised by the worker")
+
+    async def kbi_later(data: Any, ctx: Any) -> Any:
+        await asyncio.sleep(0.01)
+        raise KeyboardInterrupt("raised after a wait")
+
+    def kbi_sync(data: Any, ctx: Any) -> Any:
+        raise KeyboardInterrupt("raised in a thread")
+
+    async def genexit(data: Any, ctx: Any) -> Any:
+        raise GeneratorExit("closed")
+
+    for name, fn in [("ok", ok), ("undo", undo), ("kbi", kbi), ("kbi_later", kbi_later), ("kbi_sync", kbi_sync),
+                     ("genexit", genexit)]:
+        reg.register(name, fn)
+    return reg
+
+
+@pytest.mark.parametrize(("worker", "error_type", "message"), [
+    ("kbi", "KeyboardInterrupt", "raised by the worker"),
+    ("kbi_later", "KeyboardInterrupt", "raised after a wait"),
+    ("kbi_sync", "KeyboardInterrupt", "raised in a thread"),
+    ("genexit", "GeneratorExit", "closed"),
+])
+def test_a_base_exception_a_worker_raises_fails_its_step_and_the_run_is_compensated(
+        worker: str, error_type: str, message: str, tmp_path: Path) -> None:
+    """As with sys.exit() in a worker: the step fails with that error type, what completed is undone, the record
+    ends with the run's end (not runtime_aborted)."""
+    p = compile_text(f"flowdsl: 1\nname: t\nsteps:\n  - ok: {{compensate: undo}}\n  - {worker}\n")
+    r = asyncio.run(run_flow(p, {}, run_id="b1", runs_dir=tmp_path, registry=_base_registry(),
+                             import_workers=False, handle_sigint=True))
+    assert (r.status, r.failed_step, r.compensated) == ("compensated", worker, ["ok"])
+    assert r.error == {"type": error_type, "message": message}
+    _, lines = read_record(tmp_path / "b1.jsonl")
+    assert lines[-1]["type"] == "run_finished"
+
+
+def test_the_cli_reports_a_worker_keyboard_interrupt_as_a_failed_step(tmp_path: Path) -> None:
+    (tmp_path / "kbi_cli_workers.py").write_text(
+        "from flowdsl import worker\n\n\n@worker('kbi.ok')\nasync def ok(data, ctx):\n    return {}\n\n\n"
+        "@worker('kbi.undo')\nasync def undo(data, ctx):\n    return {}\n\n\n"
+        "@worker('kbi.bad')\ndef bad(data, ctx):\n    raise KeyboardInterrupt('from the worker')\n")
+    spec = _write(tmp_path / "kbi.yaml", "flowdsl: 1\nname: kbi\nworkers: [kbi_cli_workers]\nsteps:\n"
+                                         "  - a: {worker: kbi.ok, compensate: kbi.undo}\n  - b: {worker: kbi.bad}\n")
+    proc = subprocess.run([sys.executable, "-m", "flowdsl", "run", spec, "--runs-dir", str(tmp_path / "runs"),
+                           "--run-id", "k1"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "compensated, in this order: a (kbi.undo)" in proc.stderr
+    assert "KeyboardInterrupt: from the worker" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_real_ctrl_c_while_a_worker_runs_is_not_taken_for_its_failure() -> None:
+    """Without the runtime's own Ctrl-C handling, the KeyboardInterrupt of a real SIGINT that lands inside a worker
+    still stops the run (as Python does), where a KeyboardInterrupt the worker raises itself fails its step."""
+    reg = WorkerRegistry()
+
+    async def presses_ctrl_c(data: Any, ctx: Any) -> Any:
+        signal.raise_signal(signal.SIGINT)  # the default handler raises KeyboardInterrupt right here
+        return {}
+
+    reg.register("presses_ctrl_c", presses_ctrl_c)
+    p = compile_text("flowdsl: 1\nname: t\nsteps: [presses_ctrl_c]\n")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(run_flow(p, {}, record=False, registry=reg, import_workers=False))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the marking handler is gone
+    finally:
+        loop.close()
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- show: a record whose header is not what a run writes ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda h: {**h, "plan": {}}, ":1: the record's header is malformed: 'plan' is not a flowdsl execution plan: "
+                                  "it has no 'plan_version'"),
+    (lambda h: {**h, "plan": {**h["plan"], "nodes": {"ok": 1}, "root": ["ok"]}},
+     ":1: the record's header is malformed: 'plan' is not a flowdsl execution plan: 'nodes/ok': 1 is not of "
+     "type 'object'"),
+    (lambda h: {**h, "plan": {**h["plan"], "root": "a"}},
+     ":1: the record's header is malformed: 'plan' is not a flowdsl execution plan: 'root': 'a' is not of type "
+     "'array'"),
+    (lambda h: {**h, "input": [1]}, ":1: the record's header is malformed: 'input' must be an object"),
+    (lambda h: {k: v for k, v in h.items() if k != "plan"}, ":1: the record's header is malformed: it has no 'plan'"),
+])
+def test_show_names_what_is_malformed_in_a_record_header(tmp_path: Path, change: Any, message: str) -> None:
+    assert cli("run", _spec(tmp_path, "ok"), "--runs-dir", str(tmp_path), "--run-id", "h1").exit_code == 0
+    record = tmp_path / "h1.jsonl"
+    header, *rest = record.read_text().splitlines(keepends=True)
+    record.write_text(json.dumps(change(json.loads(header))) + "\n" + "".join(rest))
+    shown = cli("show", "h1", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 2 and f"error: {record}{message}" in shown.stderr, shown.stderr
+    assert "object is not subscriptable" not in shown.stderr and "'nodes'" not in shown.stderr
+
+
+def test_show_names_the_bad_byte_and_a_malformed_start(tmp_path: Path) -> None:
+    assert cli("run", _spec(tmp_path, "ok"), "--runs-dir", str(tmp_path), "--run-id", "h2").exit_code == 0
+    record = tmp_path / "h2.jsonl"
+    good = record.read_bytes()
+    record.write_bytes(good.replace(b'"record"', b'"rec\xffrd"', 1))
+    shown = cli("show", "h2", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 2 and f"{record}:1:" in shown.stderr and "not valid UTF-8 (byte 0xff" in shown.stderr
+    header, start, *rest = good.decode().splitlines(keepends=True)
+    record.write_text(header + json.dumps({**json.loads(start), "input": 3}) + "\n" + "".join(rest))
+    shown = cli("show", "h2", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 2 and "the record's 'start' event is malformed" in shown.stderr
+
+
+# --- --format json: exactly one JSON object on stdout, whatever happens -----------------------------------------
+
+
+@pytest.mark.parametrize(("make", "status", "error_type"), [
+    (lambda t: [_spec(t, "bad", "flowdsl: 1\nname: bad\nsteps: [conf.a]\nbogus: 1\n")], "rejected", "SpecRejected"),
+    (lambda t: [_spec(t, "ok"), "--input", str(t / "missing.json")], "error", "InputInvalid"),
+    (lambda t: [_spec(t, "ok"), "--set", "a..b=1"], "error", "InputInvalid"),
+    (lambda t: [_spec(t, "ok"), "--run-id", "bad/id"], "error", "UsageError"),
+    (lambda t: [_spec(t, "ok"), "--detach"], "error", "UsageError"),
+    (lambda t: [_spec(t, "ok"), "--backend", "redis", "--redis-url", "ftp://nowhere"], "error", "RedisError"),
+])
+def test_with_format_json_every_refusal_is_one_json_object(tmp_path: Path, make: Any, status: str,
+                                                           error_type: str) -> None:
+    r = cli("run", *make(tmp_path), "--format", "json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)  # one object, nothing else
+    assert isinstance(out, dict) and out["status"] == status and out["error"]["type"] == error_type
+    assert out["error"]["message"] in r.stderr  # the same sentence people read on stderr
+    if status == "rejected":
+        assert [d["code"] for d in out["diagnostics"]] == ["FD202"]
+        assert "FD202" in r.stderr  # and the diagnostics, as a compiler prints them, on stderr
+
+
+def test_with_format_json_what_workers_write_to_fd_1_goes_to_stderr(tmp_path: Path) -> None:
+    """os.write(1, ...) — at import, in an async worker, in a sync worker's thread, from a child process — does not
+    reach stdout, which carries the one JSON object; the shell's stdout is back in place afterwards."""
+    (tmp_path / "fd1_workers.py").write_text(
+        "import os, subprocess, sys\nfrom flowdsl import worker\nos.write(1, b'import noise\\n')\n\n\n"
+        "@worker('fd1.a')\nasync def a(data, ctx):\n    os.write(1, b'async noise\\n')\n    return {'x': 1}\n\n\n"
+        "@worker('fd1.s')\ndef s(data, ctx):\n    os.write(1, b'thread noise\\n')\n"
+        "    subprocess.run([sys.executable, '-c', 'print(\"child noise\")'], check=True)\n    return {}\n")
+    spec = _write(tmp_path / "fd1.yaml", "flowdsl: 1\nname: fd1\nworkers: [fd1_workers]\nsteps:\n"
+                                         "  - a: {worker: fd1.a}\n  - s: {worker: fd1.s}\n")
+    script = ("import os, sys\nfrom flowdsl.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+              "    os.write(1, b'AFTER\\n')\n    sys.exit(e.code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, "run", spec, "--format", "json", "--no-record"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    body, after = proc.stdout.rsplit("\n", 2)[:2], proc.stdout.splitlines()[-1]
+    assert after == "AFTER" and json.loads(body[0])["status"] == "completed"  # fd 1 is restored after the run
+    for noise in ("import noise", "async noise", "thread noise", "child noise"):
+        assert noise in proc.stderr and noise not in proc.stdout
+    rejected = subprocess.run([sys.executable, "-c", script, "run", spec, "--format", "json", "--set", "x.=1"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert rejected.returncode == 2
+    first, second = rejected.stdout.splitlines()
+    assert json.loads(first)["error"]["type"] == "InputInvalid" and second == "AFTER"
+
+
+def test_the_json_channel_restores_stdout_however_the_block_ends(capfd: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowdsl.cli import _JsonChannel
+
+    monkeypatch.setattr(sys, "stdout", open(1, "w", closefd=False))  # noqa: SIM115
+    before = os.fstat(1)
+    with pytest.raises(RuntimeError), _JsonChannel(True) as channel:
+        os.write(1, b"noise\n")
+        channel.emit({"one": 1})
+        raise RuntimeError("ends abruptly")
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    out, err = capfd.readouterr()
+    assert out == '{"one": 1}\n' and "noise" in err

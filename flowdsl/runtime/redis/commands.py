@@ -43,23 +43,31 @@ def _say(console: Any, text: str, style: str = "red", label: str = "error") -> N
     console.print(f"[{style}]{label}[/]: {escape(text)}")
 
 
-def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]]) -> int:
-    """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2."""
+def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]],
+             on_error: Callable[[str], None] | None = None) -> int:
+    """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2.
+    ``on_error`` is also handed each such line (``run --format json`` puts it in its one JSON object)."""
+
+    def say(text: str) -> None:
+        _say(console, text)
+        if on_error is not None:
+            on_error(text)
+
     try:
         resolved = resolve_url(url)
     except RedisConfigError as exc:
-        _say(console, str(exc))
+        say(str(exc))
         return EXIT_USAGE
     try:
         return asyncio.run(body())
     except _Failure as exc:
-        _say(console, str(exc))
+        say(str(exc))
         return exc.code
     except (RedisConfigError, RunNotFound, ValueError) as exc:
-        _say(console, str(exc))
+        say(str(exc))
         return EXIT_USAGE
     except TRANSIENT as exc:
-        _say(console, f"cannot reach Redis at {describe_url(resolved)}: {exc}")
+        say(f"cannot reach Redis at {describe_url(resolved)}: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -74,8 +82,10 @@ def _json_out(value: Any) -> None:
 
 def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, prefix: str | None,
                 run_id: str | None, seed: int | None, detach: bool, as_json: bool,
-                schedule_timeout_s: float | None, retention_s: float | None, console: Any) -> int:
-    """Submit a run; unless ``detach``, follow it live and print the same summary / JSON as the local runtime."""
+                schedule_timeout_s: float | None, retention_s: float | None, console: Any,
+                on_error: Callable[[str], None] | None = None) -> int:
+    """Submit a run; unless ``detach``, follow it live and print the same summary / JSON as the local runtime.
+    ``on_error`` is handed the line said on stderr when the command fails (exit 2) or stops following (130)."""
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
@@ -99,7 +109,10 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                 return 0
             return await _follow(client, plan, sub.run_id, as_json, console)
 
-    return _interrupted(_guarded(console, url, body), console)
+    code = _interrupted(_guarded(console, url, body, on_error), console)
+    if code == EXIT_INTERRUPTED and on_error is not None:
+        on_error("stopped following; the run goes on in the worker processes")
+    return code
 
 
 async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any,

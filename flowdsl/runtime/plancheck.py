@@ -1,0 +1,121 @@
+"""The shape of an execution plan, checked before a runtime (or ``flowdsl show``) hands it to the kernel.
+
+Stage: runtime (shared). Imports ``flowdsl.schema`` (for the data files), jsonschema and stdlib. The kernel
+trusts its plan (the compiler made it); a plan that comes from elsewhere — a Python caller, a run record's
+header — is checked here first, so that a malformed one is refused with a sentence saying which field is
+wrong and what was expected, instead of a ``KeyError`` from deep inside the kernel.
+
+The shape is ``specs/plan.schema.json`` (JSON Schema 2020-12, the machine-readable twin of docs/plan.md);
+what JSON Schema cannot say — that every key a node refers to is a node and every expression id is in
+``expressions`` — is checked here after it. This is not a re-run of the compiler's checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flowdsl.schema import data_file
+
+__all__ = ["PlanError", "check_plan", "plan_problem", "plan_schema"]
+
+
+class PlanError(ValueError):
+    """A value given as an execution plan is not one; the message names the field."""
+
+
+#: plans found well shaped, by identity (a plan is read as unchanging once compiled, as the kernel reads it)
+_CHECKED: dict[int, Any] = {}
+_CHECKED_SIZE = 32
+_EXPRESSION_FIELDS = ("when", "fail_when", "items", "on")
+
+
+def check_plan(plan: Any, what: str = "the plan") -> None:
+    """Raise :class:`PlanError` when ``plan`` is not shaped like an execution plan (docs/plan.md)."""
+    if _CHECKED.get(id(plan)) is plan:
+        return
+    problem = plan_problem(plan)
+    if problem is not None:
+        raise PlanError(f"{what} is not a flowdsl execution plan: {problem}")
+    if len(_CHECKED) >= _CHECKED_SIZE:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[id(plan)] = plan
+
+
+def plan_problem(plan: Any) -> str | None:
+    """The first way ``plan`` is not shaped like an execution plan, as a sentence (None when it is)."""
+    if not isinstance(plan, dict):
+        return (f"expected an object (the 'plan' of flowdsl.compile_spec() or flowdsl.compile_text()), "
+                f"found {type(plan).__name__}")
+    if plan.get("plan_version") != 1:  # a plan of another version (or none): that explains every other error
+        return f"'plan_version' must be 1, found {plan['plan_version']!r}" if "plan_version" in plan else \
+            "it has no 'plan_version' (a compiled plan has plan_version 1)"
+    errors = list(_validator().iter_errors(plan))
+    if errors:
+        # the deepest error says the most; "unevaluated properties" is only a symptom when another one exists
+        # (a node whose kind-specific part failed has all its kind-specific fields unevaluated)
+        causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
+        error = min(causes, key=lambda e: -len(e.absolute_path))
+        where = "/".join(str(part) for part in error.absolute_path)
+        return f"'{where}': {error.message}" if where else error.message
+    return next(_dangling(plan), None)
+
+
+@functools.lru_cache(maxsize=1)
+def plan_schema() -> dict[str, Any]:
+    """The JSON Schema of an execution plan (``plan_version`` 1)."""
+    return json.loads(data_file("plan.schema.json", "specs").read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(plan_schema())
+
+
+def _dangling(plan: dict[str, Any]) -> Iterator[str]:
+    """References the schema cannot check: node keys and expression ids that name nothing."""
+    nodes: dict[str, Any] = plan["nodes"]
+    expressions: dict[str, Any] = plan["expressions"]
+
+    def keys(where: str, value: list[str] | None) -> Iterator[str]:
+        for key in value or ():
+            if key not in nodes:
+                yield f"'{where}' names '{key}', which is not a key of 'nodes'"
+
+    yield from keys("root", plan["root"])
+    for key, node in nodes.items():
+        at = f"nodes/{key}"
+        if node["key"] != key:
+            yield f"'{at}/key' is {node['key']!r}: a node's key must equal its key in 'nodes'"
+        yield from keys(f"{at}/deps", node["deps"])
+        yield from keys(f"{at}/children", node.get("children"))
+        yield from keys(f"{at}/default", node.get("default"))
+        for i, case in enumerate(node.get("cases", ())):
+            yield from keys(f"{at}/cases/{i}/children", case["children"])
+        for name in ("parent", "scope"):
+            if node[name] is not None and node[name] not in nodes:
+                yield f"'{at}/{name}' names '{node[name]}', which is not a key of 'nodes'"
+        refs = [(name, node.get(name)) for name in _EXPRESSION_FIELDS]
+        refs += _template_refs("with", node.get("with"))
+        refs += [(f"output/map/{k}", eid) for k, eid in ((node.get("output") or {}).get("map") or {}).items()]
+        refs += _template_refs("compensate/with", (node.get("compensate") or {}).get("with"))
+        for where, eid in refs:
+            if eid is not None and eid not in expressions:
+                yield f"'{at}/{where}' names the expression '{eid}', which is not in 'expressions'"
+
+
+def _template_refs(where: str, value: Any) -> list[tuple[str, Any]]:
+    """(path, expression id) of every ``{"$expr": id}`` slot in a template (docs/plan.md, Templates)."""
+    if isinstance(value, dict):
+        if "$literal" in value and len(value) == 1:
+            return []
+        if "$expr" in value and len(value) == 1:
+            return [(where, value["$expr"])]
+        return [ref for k, v in value.items() for ref in _template_refs(f"{where}/{k}", v)]
+    if isinstance(value, list):
+        return [ref for i, v in enumerate(value) for ref in _template_refs(f"{where}/{i}", v)]
+    return []
