@@ -275,6 +275,45 @@ def test_heartbeats_keep_a_long_step_from_being_reclaimed(url: str, prefix: str)
     assert sum(w.stats.reclaimed for w in workers) == 0
 
 
+def test_heartbeats_go_on_while_a_worker_is_idle_and_keep_a_later_long_step(url: str, prefix: str) -> None:
+    """Workers that idle for several heartbeats first (nothing held, no start request being handled) still
+    renew their liveness record, and the leases of a long step they take up afterwards (a second step, so
+    not the one run under the start request): it runs once, nothing is reclaimed."""
+    calls: list[str] = []
+    registry = WorkerRegistry()
+
+    async def quick(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {}
+
+    async def long_step(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.idempotency_key)
+        await asyncio.sleep(1.5)
+        return {"done": True}
+
+    registry.register("quick", quick)
+    registry.register("long", long_step)
+    spec = "flowdsl: 1\nname: hb2\nsteps: [quick, long]\n"
+
+    async def main() -> Any:
+        workers = [_worker(url, prefix, registry, lease_s=0.4), _worker(url, prefix, registry, lease_s=0.4)]
+        async with RedisClient(url, prefix=prefix) as client:
+            async def body() -> Any:
+                await asyncio.sleep(1.0)  # ~7 heartbeats with nothing to renew
+                seen = {w["name"]: w["seen"] for w in await client.workers(max_age_ms=600)}
+                sub = await client.submit(compile_text(spec), {})
+                return seen, await client.follow(sub.run_id)
+
+            started = (await client.redis.time())[0] * 1000
+            seen, result = await _with_workers(workers, body)
+        return started, seen, result, workers
+
+    started, seen, result, workers = asyncio.run(main())
+    assert sorted(seen) == sorted(w.name for w in workers), "a liveness record went stale while its worker idled"
+    assert all(at >= started + 500 for at in seen.values()), seen
+    assert result.status == "completed" and len(calls) == 1  # four leases long, never run twice
+    assert sum(w.stats.reclaimed for w in workers) == 0
+
+
 def test_cancel_stops_the_run_and_undoes_what_completed(url: str, prefix: str) -> None:
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
@@ -477,3 +516,46 @@ def test_the_worker_command_in_burst_mode(url: str, prefix: str) -> None:
     assert "2 step(s) run, 1 run(s) started" in r.stderr
     assert json.loads(cli("status", run_id, "--redis-url", url, "--prefix", prefix, "-f", "json").stdout)[
         "status"] == "completed"
+
+
+# --- a worker that cannot serve: refused by Redis, stopped before connecting, a loop that fails ---------------
+
+
+def test_a_worker_refused_by_redis_stops_with_a_configuration_error(url: str, prefix: str, tmp_path: Path) -> None:
+    """A wrong user and password is Redis saying no, not an outage: no endless retrying."""
+    from flowdsl.runtime.redis.connection import RedisConfigError
+
+    wrong = url.replace("unix://", "unix://nobody:wrong@", 1)
+
+    async def main() -> None:
+        await asyncio.wait_for(_worker(wrong, prefix).serve(), 10)
+
+    with pytest.raises(RedisConfigError, match=r"refused the worker while connecting: AuthenticationError"):
+        asyncio.run(main())
+
+
+def test_a_worker_stopped_while_redis_is_unreachable_stops(prefix: str, tmp_path: Path) -> None:
+    async def main() -> Any:
+        worker = _worker(f"unix://{tmp_path}/no-such.sock", prefix)
+        serving = asyncio.create_task(worker.serve())
+        await asyncio.sleep(0.3)  # retrying the connection by now
+        worker.stop()
+        return await asyncio.wait_for(serving, 5)
+
+    stats = asyncio.run(main())
+    assert stats.tasks == 0 and stats.failure is None
+
+
+def test_a_worker_whose_loop_fails_says_why_and_stops(url: str, prefix: str, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(self: RedisWorker) -> None:
+        raise RuntimeError("the timer loop broke")
+
+    monkeypatch.setattr(RedisWorker, "_timers", broken)
+
+    async def main() -> Any:
+        return await asyncio.wait_for(_worker(url, prefix).serve(), 10)
+
+    stats = asyncio.run(main())
+    assert stats.failure == "its timers loop failed: RuntimeError: the timer loop broke"
+    assert any(r.levelname == "CRITICAL" and "timer loop broke" in r.getMessage() for r in caplog.records)

@@ -92,6 +92,8 @@ class Upkeep:
                     await self.clock.sync(self.client)
             except TRANSIENT as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
+            except Exception:  # never let the heartbeat die: without it every lease of this process expires
+                log.exception("worker %s: heartbeat failed unexpectedly; trying again next beat", self.name)
 
     async def _renew(self) -> None:
         held = list(self._held.values())
@@ -114,7 +116,8 @@ class Upkeep:
         for h in held:
             if not h.picked:
                 renew[h.stream].append(h.entry_id)
-        renew[self.keys.control].extend(self._starting)  # start requests being handled (or waiting for a slot)
+        if self._starting:  # start requests being handled (or waiting for a slot)
+            renew[self.keys.control].extend(self._starting)
         assert self.client is not None
         for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
             await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)

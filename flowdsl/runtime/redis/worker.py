@@ -54,7 +54,7 @@ import redis.asyncio as aioredis
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
 from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Outcome, nonces
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_url
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, RedisConfigError, connect, describe_url, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import Batcher
 from flowdsl.runtime.redis.store import Clock, Store
@@ -67,6 +67,19 @@ from flowdsl.workers import registry as default_registry
 __all__ = ["RedisWorker", "WorkerOptions", "WorkerStats", "serving_gc"]
 
 log = logging.getLogger("flowdsl.redis")
+#: what Redis answers when it is reachable but will not serve this worker (retrying cannot help)
+_REFUSED: tuple[type[Exception], ...] = (redis.AuthenticationError, redis.ResponseError, redis.InvalidResponse)
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The refusal (:data:`_REFUSED`) behind ``exc``, if it is one or was caused by one (redis-py's asyncio
+    client reports a failed AUTH as a ConnectionError caused by an AuthenticationError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _REFUSED):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 @contextlib.contextmanager
@@ -123,6 +136,7 @@ class WorkerStats:
     transitions: int = 0
     conflicts: int = 0
     chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
+    failure: str | None = None  # why the worker stopped by itself: one of its loops failed (a bug; logged)
 
 
 @dataclass
@@ -180,6 +194,7 @@ class RedisWorker(Upkeep):
         self._timer_wake: asyncio.Event | None = None
         self._next_timer: float = 0.0
         self._signals = 0
+        self._failed: asyncio.Task[None] | None = None  # the background loop that failed, if one did
         self.client: aioredis.Redis | None = None
         self.started_at = time.time()
 
@@ -206,12 +221,20 @@ class RedisWorker(Upkeep):
         self._install_signals()
         loops: list[asyncio.Task[None]] = []
         try:
-            await self._retrying("connecting", self._setup)
+            try:
+                await self._retrying("connecting", self._setup)
+            except TRANSIENT:
+                if not self._stopping:
+                    raise
+                log.info("worker %s: stopped before Redis could be reached", self.name)
+                return self.stats
             loops = [asyncio.create_task(self._reader(reader, reader_wire), name="reader"),
                      asyncio.create_task(self._timers(), name="timers"),
                      asyncio.create_task(self._heartbeat(), name="heartbeat"),
                      asyncio.create_task(self._reclaimer(), name="reclaimer"),
                      asyncio.create_task(self._cancel_listener(), name="cancels")]
+            for task in loops:
+                task.add_done_callback(self._loop_ended)
             log.info("worker %s serving %d stream(s) under prefix %r", self.name, len(self.streams),
                      self.keys.prefix)
             await self._stopped.wait()
@@ -231,6 +254,18 @@ class RedisWorker(Upkeep):
         self.stats.transitions = self.advancer.transitions
         self.stats.conflicts = self.advancer.conflicts
         return self.stats
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A background loop ended: by a stop, or by an error nothing caught — then the process would go on
+        without it (no reading, no heartbeats: leases expire), so it says why and stops gracefully instead."""
+        if task.cancelled() or self._stopping or task.exception() is None:
+            return
+        exc = task.exception()
+        self._failed = task
+        self.stats.failure = f"its {task.get_name()} loop failed: {type(exc).__name__}: {exc}"
+        log.critical("worker %s: %s; stopping (in-flight steps are finished or handed back)", self.name,
+                     self.stats.failure, exc_info=exc)
+        self.stop(graceful=True)
 
     def stop(self, graceful: bool = True) -> None:
         """Stop serving: gracefully (finish or hand back in-flight steps) or at once."""
@@ -291,11 +326,19 @@ class RedisWorker(Upkeep):
                 if backoff.failures:
                     log.info("worker %s: Redis reachable again (%s)", self.name, what)
                 return result
-            except TRANSIENT as exc:
+            except (*_REFUSED, *TRANSIENT) as exc:
+                refusal = _refusal(exc) if what == "connecting" else None
+                if refusal is not None:
+                    # Redis answered, and said no: a wrong password or user, a missing permission, a database
+                    # number it does not have, or not Redis at all. Retrying cannot help: a configuration error.
+                    raise RedisConfigError(f"Redis at {describe_url(resolve_url(self.url))} refused the worker "
+                                           f"while {what}: {type(refusal).__name__}: {refusal}") from None
+                if not isinstance(exc, TRANSIENT):
+                    raise
                 if backoff.failures == 0:
                     log.warning("worker %s: Redis unreachable while %s (%s); retrying with backoff",
                                 self.name, what, exc)
-                if self._stopping and what != "connecting":
+                if self._stopping:
                     raise
                 await backoff.wait()
 
@@ -582,8 +625,13 @@ class RedisWorker(Upkeep):
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
         reader, timers, _, reclaimer, _ = loops
         for task in (reader, timers, reclaimer):
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=self.options.block_ms / 1000 + 1)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception:
+                if task is not self._failed:  # (else said by _loop_ended already)
+                    log.exception("worker %s: its %s loop failed while stopping", self.name, task.get_name())
         if self._active:
             await asyncio.wait(set(self._active), timeout=self.options.grace_s)
         if self._active:
