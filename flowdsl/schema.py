@@ -230,13 +230,32 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
         bad = [e.instance for e in error.context]
         for name in bad:
             hint = _WORKER_HINT if "\\." in error.validator_value.get("pattern", "") else _ID_HINT
-            yield make("FD302", f"invalid name '{name}': {hint}", join(path, name))
+            yield make("FD302", f"invalid name '{name}': {_too_long(name) or hint}", join(path, name))
         return
     value = error.instance
     hint = _WORKER_HINT if "\\." in error.validator_value else _ID_HINT
     kind = "worker name" if hint is _WORKER_HINT else "id"
+    if hint is _WORKER_HINT and "propertyNames" in error.schema_path:  # a step mapping's key: id or worker
+        kind, hint = "step name", "a step's name is an id, or the name of its worker (ids joined by dots)"
     shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
-    yield make("FD302", f"invalid {kind} {shown}: {hint}", path)
+    yield make("FD302", f"invalid {kind} {shown}: {_too_long(value) or hint}", path)
+
+
+_ID_CHARS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _too_long(value: Any) -> str | None:
+    """Why a name made of well-formed ids is still refused: one of them is over 64 characters."""
+    if not isinstance(value, str):
+        return None
+    parts = value.split(".")
+    if not all(_ID_CHARS.match(part) for part in parts):
+        return None
+    long = next((part for part in parts if len(part) > 64), None)
+    if long is None:
+        return None
+    which = "it" if long == value else f"its part '{long[:20]}...'"
+    return f"{which} has {len(long)} characters; an id has at most 64"
 
 
 # --- checking past shape errors ----------------------------------------------------

@@ -1094,3 +1094,13 @@ def test_the_complete_example_in_the_language_docs_validates_with_its_workers(
 def test_an_alias_of_a_number_that_is_not_finite_is_set_aside_too() -> None:
     found = errors(HEAD + 'timeout: &t .nan\nsteps:\n  - a: {timeout: *t, when: "${ = }"}\n')
     assert [(code, line) for code, line, _ in found] == [("FD201", 3), ("FD501", 5)]
+
+
+def test_a_name_too_long_is_said_to_be_too_long() -> None:
+    long = "a" * 65
+    assert only(HEAD + f"steps:\n  - {long}: {{worker: w.a}}\n", "FD302") == \
+        f"invalid step name '{long}': it has 65 characters; an id has at most 64"
+    assert only(HEAD + f"steps:\n  - w.{long}\n", "FD302") == \
+        f"invalid worker name 'w.{long}': its part '{long[:20]}...' has 65 characters; an id has at most 64"
+    assert only(HEAD + "steps:\n  - bad-name: {worker: w}\n", "FD302") == \
+        "invalid step name 'bad-name': a step's name is an id, or the name of its worker (ids joined by dots)"
