@@ -385,7 +385,14 @@ class LocalRun:
             return  # already answered
         if task_id in self.state["tasks"] and not cancellable(attempt.command, self.registry):
             return  # a sync worker's thread cannot be stopped: wait for its real outcome
-        attempt.task.cancel()  # its coroutine has started (eagerly), so it answers task_cancelled itself
+        self._cancel_soon(attempt.task)
+
+    def _cancel_soon(self, task: asyncio.Task[None]) -> None:
+        """Cancel an attempt's task after the step of it already queued: a task cancelled before it has
+        taken its first step never runs its coroutine at all — the worker would not see CancelledError at
+        its await (its cleanup would not run) and the attempt would never answer task_cancelled."""
+        assert self._loop is not None
+        self._loop.call_soon(task.cancel)
 
     def _schedule(self, command: dict[str, Any]) -> None:
         assert self._loop is not None
@@ -413,7 +420,7 @@ class LocalRun:
         self._timers.clear()
         for attempt in self._tasks.values():
             if attempt.task is not None:
-                attempt.task.cancel()
+                self._cancel_soon(attempt.task)
 
     def _stop(self, reason: str) -> None:
         self._finished = True

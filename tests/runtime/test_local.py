@@ -755,3 +755,55 @@ def test_the_json_channel_restores_stdout_however_the_block_ends(capfd: pytest.C
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
     out, err = capfd.readouterr()
     assert out == '{"one": 1}\n' and "noise" in err
+
+
+# --- a failure in the same turn of the loop as the dispatch of a sibling --------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["parallel", "for_each", "bad_with"])
+def test_a_sibling_dispatched_in_the_same_turn_as_a_failure_is_cancelled_and_answers(shape: str) -> None:
+    """The abort cancels an attempt whose task has not taken its first step yet: the attempt must still see
+    CancelledError at its await (its cleanup runs) and answer task_cancelled, so that the run ends."""
+    reg = WorkerRegistry()
+    cleaned: list[str] = []
+
+    async def slow(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            cleaned.append(ctx.step_id)
+        return {}
+
+    async def fail_at_once(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    async def fail_second(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        if data["item"] == 2:
+            raise RuntimeError("boom")
+        await asyncio.sleep(0.3)
+        return {}
+
+    async def undo(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {}
+
+    for name, fn in [("slow", slow), ("fail_at_once", fail_at_once), ("fail_second", fail_second), ("undo", undo)]:
+        reg.register(name, fn)
+    steps = {
+        "parallel": "  - parallel: p\n    branches:\n      - b: {worker: slow, compensate: undo}\n"
+                    "      - c: {worker: fail_at_once}\n",
+        "for_each": "  - for_each: L\n    items: '${ [1, 2, 3, 4] }'\n    concurrency: 2\n"
+                    "    steps:\n      - it: {worker: fail_second, compensate: undo}\n",
+        "bad_with": "  - parallel: p\n    branches:\n      - b: {worker: slow}\n"
+                    "      - c: {worker: slow, with: {x: \"${ $number('abc') }\"}}\n",
+    }[shape]
+    plan_ = compile_text(f"flowdsl: 1\nname: same_turn\nsteps:\n{steps}")
+
+    async def main() -> Any:
+        return await asyncio.wait_for(run_flow(plan_, {}, record=False, registry=reg, import_workers=False), 10)
+
+    result = asyncio.run(main())
+    assert result.status in ("failed", "compensated"), result.status
+    assert all(s["status"] != "running" for s in result.steps.values()), result.steps
+    if shape != "for_each":
+        assert cleaned == ["b"]  # the cancelled attempt saw CancelledError at its await: its finally ran
