@@ -39,7 +39,7 @@ class Saga(Core):
         self.s.update(status="aborting", abort=reason, error=err, failed_step=step)
         self.queue.clear()
         if step is not None:
-            self._fail_ancestors(self.nodes[step]["parent"])
+            self._fail_ancestors(self.nodes[step]["parent"], err)
         for timer_id, timer in list(self.timers.items()):
             if timer["purpose"] == "run_timeout":
                 self.cancel_timer(timer_id)
@@ -54,7 +54,9 @@ class Saga(Core):
             self.command("cancel_task", task_id=task_id, step=task["step"])
         self.maybe_compensate()
 
-    def _fail_ancestors(self, container: str | None) -> None:
+    def _fail_ancestors(self, container: str | None, err: dict[str, Any]) -> None:
+        """The groups (and iterations) around a step that failed for good fail with it, innermost first,
+        each with its ``step_failed`` event carrying the step's error."""
         while container is not None:
             if container in self.iters:
                 it = self.iters[container]
@@ -63,7 +65,8 @@ class Saga(Core):
                 continue
             rec = self.nodes[container]
             if rec["status"] == "running":
-                rec.update(status="failed", finished_at=self.at)
+                rec.update(status="failed", finished_at=self.at, error=err)
+                self.emit("step_failed", container, error=err)
             container = rec["parent"]
 
     def maybe_compensate(self) -> None:
@@ -154,7 +157,7 @@ class Saga(Core):
 
     def compensation_succeeded(self, ikey: str, task_id: str) -> None:
         comp = self.s["compensations"][ikey]
-        comp.update(status="done", task=None, finished_at=self.at)
+        comp.update(status="done", task=None, finished_at=self.at, error=None)  # (as a step's, on success)
         self.s["saga"]["active"] -= 1
         self.s["compensated"].append(ikey)
         self.emit("compensation_succeeded", ikey, attempt=comp["attempt"], task_id=task_id)

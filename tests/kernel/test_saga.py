@@ -96,6 +96,18 @@ def test_a_compensation_is_retried_by_its_own_policy():
         ("r1/a#c1", 1, "r1/a/compensate"), ("r1/a#c2", 2, "r1/a/compensate"), ("r1/a#c3", 3, "r1/a/compensate")]
     assert [e["delay_ms"] for e in sim.of("compensation_retrying")] == [100, 200]
     assert sim.state["compensations"]["a"]["attempt"] == 3
+    assert sim.state["compensations"]["a"]["error"] is None  # it succeeded in the end (as a step's error)
+
+
+def test_the_groups_around_a_step_that_failed_for_good_fail_with_their_event():
+    plan = plan_of([{"sequence": "outer", "steps": [
+        {"parallel": "p", "branches": [undo("x"), {"sequence": "left", "steps": ["y"]}]}]}])
+    sim = Sim(plan, {"x": ok(after=5), "y": fail("Boom", "no")}).run()
+    assert sim.status == "compensated"
+    failed = sim.of("step_failed")
+    assert [e["step"] for e in failed] == ["y", "left", "p", "outer"]  # innermost first
+    assert all(e["error"] == {"type": "Boom", "message": "no"} for e in failed)
+    assert [sim.state["nodes"][k]["status"] for k in ("left", "p", "outer")] == ["failed"] * 3
 
 
 def test_a_compensation_that_fails_for_good_parks_the_run_with_what_is_left():
