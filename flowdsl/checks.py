@@ -24,7 +24,7 @@ RESULT_VARIABLES = frozenset({"context"})
 
 def check_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None) -> list[Diagnostic]:
     """Every diagnostic the model's nodes give on their own (ids, expressions, workers, input schema)."""
-    diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow)]
+    diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow), *check_llm_with(flow)]
     if check_workers:
         diags.extend(check_worker_names(flow, search_path))
     return diags
@@ -44,6 +44,30 @@ def check_ids(flow: Flow) -> Iterator[Diagnostic]:
                        "give one of them another id (for a step: '<id>: {worker: ...}')", node.loc.path)
         else:
             seen[node.id] = node
+
+
+def check_llm_with(flow: Flow) -> Iterator[Diagnostic]:
+    """FD604: an LLM step's ``with:`` mapping must give exactly the signature's input fields.
+
+    A key that is not an input field would reach nobody, and an input field
+    without a key would have no value at run time (``InputInvalid``).
+    """
+    for node in walk(flow.steps):
+        if node.kind != "llm" or node.llm is None or not isinstance(node.with_, dict):  # no with: the context
+            continue
+        inputs = [f.name for f in node.llm.inputs]
+        path = join(node.opts, "with")
+        listed = ", ".join(inputs)
+        for key in node.with_:
+            if key not in inputs:
+                yield _err(node, "FD604", f"'with' gives '{key}', which is not an input field of the signature"
+                           f"{did_you_mean(str(key), inputs)}; the input fields are: {listed}", join(path, key))
+        missing = [name for name in inputs if name not in node.with_]
+        if missing:
+            names = ", ".join(f"'{n}'" for n in missing)
+            yield _err(node, "FD604", f"'with' gives no value for the input field{'s' if len(missing) > 1 else ''} "
+                       f"{names}; with a 'with' mapping the model gets only its keys, so map every input field: "
+                       f"{listed}", path)
 
 
 # --- expressions -------------------------------------------------------------

@@ -59,6 +59,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD601": ("error", "malformed LLM signature"),
     "FD602": ("error", "unknown LLM field type"),
     "FD603": ("error", "LLM demo does not match the signature"),
+    "FD604": ("error", "LLM step's 'with' does not match the signature's inputs"),
 }
 
 

@@ -309,7 +309,7 @@ class Machine(Saga):
         self.commands.append({"op": "dispatch", "run_id": self.run_id, "task_id": task_id, "kind": kind,
                               "step": ikey, "node": rec["node"], "worker": worker, "input": data,
                               "attempt": attempt, "idempotency_key": idem, "timeout_ms": timeout,
-                              "llm": node.get("llm") if kind == "llm" else None})
+                              "llm": node.get("llm") if kind in ("llm", "fallback") else None})
         if timeout:
             self.schedule(task_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=task_id)
         self.step_event("step_scheduled", ikey, rec["node"], attempt, task_id).update(

@@ -25,6 +25,7 @@ import importlib
 import json
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "LlmResult",
     "OutputInvalid",
     "SignatureError",
+    "check_fallback_result",
     "check_llm_block",
     "coerce_value",
     "normalize_fields",
@@ -58,6 +60,7 @@ __all__ = [
     "parse_signature",
     "resolve_lm",
     "run_llm_step",
+    "step_inputs",
 ]
 
 #: the environment variable naming the LM used when nothing else does
@@ -160,7 +163,7 @@ async def run_llm_step(
     :class:`OutputInvalid`; provider failures (``LMRateLimitError``,
     ``LMTimeoutError``, ...) propagate unchanged.
     """
-    where = f"LLM step '{step_key}'" if step_key else "LLM step"
+    where = _where(step_key)
     signature = normalize_signature(llm["signature"])
     module_name = llm.get("module") or "predict"
     problems = [m for code, _, m in check_llm_block({**llm, "signature": signature}) if code != "FD603"]
@@ -169,11 +172,18 @@ async def run_llm_step(
     model = lm if lm is not None else llm.get("lm")
     if model is None or (isinstance(model, str) and not model.strip()):
         raise LLMNotConfigured(f"{where} has no language model configured: {_HOW_TO_CONFIGURE}")
-    values = _prepare_inputs(signature, inputs, where)
-    dspy = await _import_dspy(where)
-    lm_obj = _make_lm(dspy, model.strip() if isinstance(model, str) else model, where)
-    program = _build_program(dspy, signature, llm.get("instructions"), module_name, llm.get("demos") or [])
+    redact = tuple(redact)
+    values = _prepare_inputs(signature, inputs, where, redact)
     secrets = _secrets(values, inputs, redact)
+    dspy = await _import_dspy(where)
+    if isinstance(model, str):
+        model = model.strip()
+        problem = await _model_problem(model)
+        if problem is not None:
+            raise LLMNotConfigured(f"{where}: the model string {model!r} is invalid: {problem}; write it as "
+                                   "'provider/model', e.g. 'openai/gpt-4o-mini' or 'anthropic/claude-sonnet-4-6'")
+    lm_obj = _make_lm(dspy, model, where)
+    program = _build_program(dspy, signature, llm.get("instructions"), module_name, llm.get("demos") or [])
     recorder = _recorder_class(dspy)()
     callbacks = [*(dspy.settings.get("callbacks") or []), recorder]
     # History off: the recorder keeps what the event log needs, and DSPy's in-memory
@@ -183,40 +193,74 @@ async def run_llm_step(
         overrides["adapter"] = adapter
     from dspy.utils.exceptions import AdapterParseError, LMNotConfiguredError
 
+    fields = signature["outputs"]
+    if module_name == "chain_of_thought":
+        fields = [{"name": REASONING_FIELD, "type": "str", "desc": None, "enum": None}, *fields]
+    parsed: Mapping[str, Any] | None = None
     try:
         with dspy.context(**overrides):
             prediction = await program.acall(**values)
+        parsed = prediction.toDict()
     except AdapterParseError as exc:
-        raw = _redact(recorder.raw or str(exc.lm_response or ""), secrets)
-        prompt = _redact_prompt(recorder.prompt, secrets)
-        fields = signature["outputs"]
-        if module_name == "chain_of_thought":
-            fields = [{"name": REASONING_FIELD, "type": "str", "desc": None, "enum": None}, *fields]
-        message, bad = _diagnose(fields, raw, str(exc))
-        raise OutputInvalid(f"{where}: {message}", field=bad, prompt=prompt, raw=raw) from None
+        # DSPy's parser (pydantic, lax) refused the answer; flowdsl's rules (docs/llm.md) decide: an answer
+        # that fits them is used (``Literal[True, False]`` answered "yes"), any other is OutputInvalid.
+        reply = recorder.raw or str(exc.lm_response or "")
     except LMNotConfiguredError as exc:
         reason = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, secrets)
         raise LLMNotConfigured(f"{where}: the LM {_model_name(lm_obj)!r} cannot be used: {reason} "
                                "(flowdsl passes no keys itself: set the provider's API key in the "
                                "environment of the process that runs the step)") from None
+    else:
+        reply = recorder.raw
     prompt = _redact_prompt(recorder.prompt, secrets)
-    raw = _redact(recorder.raw, secrets)
-    data = prediction.toDict()
-    outputs: dict[str, Any] = {}
-    for f in signature["outputs"]:
-        if f["name"] not in data or data[f["name"]] is None:
-            raise OutputInvalid(f"{where}: the model's answer has no value for the output field "
-                                f"'{f['name']}' (expected {_expected(signature['outputs'])})",
-                                field=f["name"], prompt=prompt, raw=raw)
-        try:
-            outputs[f["name"]] = coerce_value(f, data[f["name"]])
-        except ValueError as exc:
-            message = f"{where}: output field '{f['name']}' ({describe_type(f)}): {exc}"
-            raise OutputInvalid(_redact(message, secrets), field=f["name"], prompt=prompt, raw=raw) from None
-    reasoning = data.get(REASONING_FIELD) if module_name == "chain_of_thought" else None
-    return LlmResult(outputs=outputs, prompt=prompt, raw=raw,
+    raw = _redact(reply, secrets)
+    texts = _sections(reply)
+    if texts is None and parsed is not None:
+        # a reply flowdsl cannot split into fields (another adapter's format): check what DSPy read from it
+        texts = {k: v for k, v in parsed.items() if k in {f["name"] for f in fields}}
+    answer, problem, bad = _read_answer(fields, texts, reply)
+    if answer is None:
+        raise OutputInvalid(_redact(f"{where}: {problem}", secrets), field=bad, prompt=prompt, raw=raw)
+    reasoning = answer.pop(REASONING_FIELD, None) if module_name == "chain_of_thought" else None
+    return LlmResult(outputs=answer, prompt=prompt, raw=raw,
                      reasoning=_redact(str(reasoning), secrets) if reasoning is not None else None,
                      model=_model_name(lm_obj))
+
+
+def step_inputs(llm: Mapping[str, Any], inputs: Mapping[str, Any], *, step_key: str = "",
+                redact: Iterable[str] = ()) -> dict[str, Any]:
+    """The values of an LLM step's input fields, checked and converted as the model gets them.
+
+    ``inputs`` is the step's input (its ``with:``, or its context); the result
+    holds exactly the signature's input fields, each converted to its type. The
+    runtime hands the same values to the step's fallback worker. Raises
+    :class:`InputInvalid` (a field with no value, null, or a value that does not
+    fit its type); the value of a field named in ``redact`` is never shown.
+    """
+    return _prepare_inputs(normalize_signature(llm["signature"]), inputs, _where(step_key), tuple(redact))
+
+
+def check_fallback_result(llm: Mapping[str, Any], result: Any, *, worker: str, step_key: str = "",
+                          inputs: Mapping[str, Any] | None = None, redact: Iterable[str] = ()) -> dict[str, Any]:
+    """A fallback worker's result checked against the step's output fields, as a model answer is.
+
+    Returns the outputs converted to their types. Raises :class:`OutputInvalid`
+    naming the first offending field when the result is not a mapping, misses an
+    output field, has a key that is not one, or has a value that does not fit its
+    type or enum. ``inputs`` and ``redact`` mask redacted input values in the message.
+    """
+    where = f"the fallback worker '{worker}' of {_where(step_key)}"
+    outputs = normalize_signature(llm["signature"])["outputs"]
+    secrets = _secrets({}, inputs or {}, redact)
+    if result is None:
+        result = {}
+    if not isinstance(result, Mapping):
+        raise OutputInvalid(f"{where} returned {type(result).__name__}, expected a mapping of the output "
+                            f"fields ({_expected(outputs)})")
+    answer, problem, bad = _read_answer(outputs, dict(result), None)
+    if answer is None:
+        raise OutputInvalid(_redact(f"{where}: {problem}", secrets), field=bad)
+    return answer
 
 
 # --- building the DSPy program ------------------------------------------------------------------
@@ -231,6 +275,53 @@ async def _import_dspy(where: str) -> Any:
     except ImportError as exc:
         raise LLMNotConfigured(f"{where} needs DSPy, which is not installed ({exc}); "
                                "install it with: pip install 'flowdsl[llm]'") from None
+
+
+_LITELLM_QUIET = threading.Lock()
+
+
+async def _model_problem(model: str) -> str | None:
+    """Why ``model`` names no model DSPy can route to (None when it does), found offline without calling it."""
+    found = _model_problems.get(model, _UNSET)
+    if found is _UNSET:
+        found = await asyncio.to_thread(_check_model, model)
+        if len(_model_problems) < 256:
+            _model_problems[model] = found
+    return found if isinstance(found, str) else None
+
+
+_UNSET = object()
+_model_problems: dict[str, object] = {}
+
+
+def _check_model(model: str) -> str | None:
+    # DSPy 3.4 routes a model string natively (lm15) when it can, else through LiteLLM: the model string is
+    # valid when either can tell its provider. Both resolutions are offline and cheap; LiteLLM is imported
+    # only when lm15 cannot route the string (the call would import it then anyway).
+    try:
+        from dspy.clients.engines.lm15_engine import LM15Engine
+        from dspy.lm15 import RouterConfig
+
+        LM15Engine(RouterConfig(env={}, providers=()), model_type="chat").resolve(model)
+        return None
+    except Exception:  # not routed natively (or DSPy's internals moved): LiteLLM's resolution decides
+        pass
+    try:
+        import litellm
+    except ImportError:
+        return None  # no LiteLLM: leave the verdict to dspy.LM
+    with _LITELLM_QUIET:
+        # get_llm_provider prints a banner to stdout when it fails unless this flag is set; it is restored at
+        # once (the flag only silences LiteLLM's debug hints)
+        quiet = litellm.suppress_debug_info
+        litellm.suppress_debug_info = True
+        try:
+            litellm.get_llm_provider(model)
+        except Exception:
+            return "neither DSPy nor LiteLLM can tell which provider serves it"
+        finally:
+            litellm.suppress_debug_info = quiet
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,20 +367,38 @@ def _build_program(dspy: Any, signature: Mapping[str, Any], instructions: str | 
     return program
 
 
-def _prepare_inputs(signature: Mapping[str, Any], inputs: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _prepare_inputs(signature: Mapping[str, Any], inputs: Mapping[str, Any], where: str,
+                    redact: tuple[str, ...] = ()) -> dict[str, Any]:
     values: dict[str, Any] = {}
+    secrets = _secrets({}, inputs, redact)
     for f in signature["inputs"]:
         name = f["name"]
         if name not in inputs:
             have = ", ".join(sorted(map(str, inputs))) or "nothing"
-            raise InputInvalid(f"{where}: the input field '{name}' has no value (the step was given: "
-                               f"{have}); put it in the context or map it with 'with:'")
+            raise InputInvalid(_redact(f"{where}: the input field '{name}' has no value (the step was given: "
+                                       f"{have}); put it in the context or map it with 'with:'", secrets))
         value = inputs[name]
+        if value is None:
+            raise InputInvalid(f"{where}: input field '{name}' ({describe_type(f)}): no value (null); "
+                               "give it a value, or map one with 'with:'")
         try:
-            values[name] = value if value is None else coerce_value(f, value)
+            values[name] = coerce_value(f, value)
         except ValueError as exc:
-            raise InputInvalid(f"{where}: input field '{name}' ({describe_type(f)}): {exc}") from None
+            if name in redact:  # never echo a secret, even one the mask would not catch
+                raise InputInvalid(f"{where}: input field '{name}' ({describe_type(f)}): the value does not fit "
+                                   f"(a {_kind(value)}; not shown: '{name}' is redacted)") from None
+            raise InputInvalid(_redact(f"{where}: input field '{name}' ({describe_type(f)}): {exc}",
+                                       secrets)) from None
     return values
+
+
+def _kind(value: Any) -> str:
+    return {str: "text", bool: "boolean", int: "number", float: "number", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__)
+
+
+def _where(step_key: str) -> str:
+    return f"LLM step '{step_key}'" if step_key else "LLM step"
 
 
 @functools.cache
@@ -342,33 +451,53 @@ def _sections(raw: str) -> dict[str, str] | None:
     return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
 
 
-def _diagnose(fields: list[Mapping[str, Any]], raw: str, adapter_message: str) -> tuple[str, str | None]:
-    """Say what is wrong with an answer the adapter could not parse; returns (message, first bad field)."""
+def _read_answer(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | None,
+                 reply: str | None) -> tuple[dict[str, Any] | None, str, str | None]:
+    """Check an answer's field values (texts of a reply, or a fallback's result) against ``fields``.
+
+    Returns ``(values converted to their types, "", None)`` when every field is
+    there, fits its type and nothing else is, else ``(None, message, first bad
+    field)``. ``reply`` is the model's reply text (None for a fallback's result).
+    """
     expected = _expected(fields)
-    sections = _sections(raw)
-    if not raw.strip():
-        return f"the model's answer is empty (expected {expected})", None
-    if sections is None:
-        return (f"the model's answer is not in the expected format; it has none of the output fields "
-                f"(expected {expected})"), None
+    what = "the answer" if reply is not None else "the result"
+    if reply is not None and not reply.strip():
+        return None, f"the model's answer is empty (expected {expected})", None
+    if texts is None:
+        return None, (f"the model's answer is not in the expected format; it has none of the output fields "
+                      f"(expected {expected})"), None
+    names = [f["name"] for f in fields]
     problems: list[str] = []
     bad: str | None = None
-    missing = [f["name"] for f in fields if f["name"] not in sections]
+    missing = [n for n in names if n not in texts]
     if missing:
-        problems.append("the answer has no " + ", ".join(f"'{n}'" for n in missing)
+        problems.append(f"{what} has no " + ", ".join(f"'{n}'" for n in missing)
                         + (" field" if len(missing) == 1 else " fields"))
         bad = missing[0]
+    # "completed" ends a ChatAdapter reply; any other field is not one the step has
+    extra = [str(k) for k in texts if k not in names and not (reply is not None and k == "completed")]
+    if extra:
+        problems.append(f"{what} has " + ", ".join(f"'{k}'" + _did_you_mean(k, names) for k in extra)
+                        + ", which " + ("is not an output field" if len(extra) == 1 else "are not output fields"))
+    values: dict[str, Any] = {}
     for f in fields:
-        if f["name"] in sections:
+        if f["name"] in texts:
             try:
-                coerce_value(f, sections[f["name"]])
+                values[f["name"]] = coerce_value(f, texts[f["name"]])
             except ValueError as exc:
                 problems.append(f"output field '{f['name']}' ({describe_type(f)}): {exc}")
                 bad = bad or f["name"]
     if not problems:
-        first = adapter_message.strip().splitlines()[0] if adapter_message.strip() else "unknown reason"
-        problems.append(f"the answer could not be parsed ({first})")
-    return f"the model's answer is malformed: {'; '.join(problems)} (expected {expected})", bad
+        return values, "", None
+    malformed = "the model's answer is malformed" if reply is not None else "the result does not fit the outputs"
+    return None, f"{malformed}: {'; '.join(problems)} (expected {expected})", bad
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _expected(fields: Iterable[Mapping[str, Any]]) -> str:

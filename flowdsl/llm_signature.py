@@ -20,6 +20,7 @@ run inputs, the checks use it on demos (:func:`check_llm_block`).
 from __future__ import annotations
 
 import ast
+import decimal
 import difflib
 import json
 import math
@@ -47,10 +48,13 @@ _RESERVED = frozenset(
         "validate", "from_orm", "parse_obj", "parse_raw", "parse_file", "update_forward_refs",
     }
 )
+# Common type names from other languages and typing spellings -> the flowdsl type. Keys are written without
+# spaces: a type is looked up with its spaces removed.
 _TYPE_HINTS = {
     "string": "str", "text": "str", "integer": "int", "number": "float", "double": "float",
     "boolean": "bool", "list": "list[str]", "array": "list[str]", "object": "dict", "List[str]": "list[str]",
-    "List[int]": "list[int]", "List[float]": "list[float]", "Dict": "dict", "dict[str, Any]": "dict",
+    "List[int]": "list[int]", "List[float]": "list[float]", "Dict": "dict", "dict[str,Any]": "dict",
+    "Dict[str,Any]": "dict", "dict[str,str]": "dict", "Dict[str,str]": "dict", "Any": "dict", "json": "dict",
 }
 
 
@@ -69,6 +73,23 @@ class SignatureError(ValueError):
         self.offset = offset
         self.path = path
         self.code = code
+        self.text: str | None = None  # the signature string, set by parse_signature
+
+    def describe(self) -> str:
+        """The message with where it is in the signature string, for diagnostics.
+
+        The place is given inside the signature (``at character 8 of the signature: "strng, b -> c"``),
+        not as a line and column of the file: a folded or quoted YAML scalar does not keep its characters
+        where the file has them.
+        """
+        if self.offset is None or self.text is None:
+            return self.message
+        rest = self.text[self.offset:]
+        if not rest.strip():
+            return f"{self.message} (at the end of the signature)"
+        shown = " ".join(rest.split())
+        shown = shown if len(shown) <= 30 else shown[:29] + "…"
+        return f"{self.message} (at character {self.offset + 1} of the signature: {_show(shown)})"
 
 
 def parse_signature(text: str) -> dict[str, list[dict[str, Any]]]:
@@ -80,6 +101,14 @@ def parse_signature(text: str) -> dict[str, list[dict[str, Any]]]:
     """
     if not isinstance(text, str):
         raise SignatureError(f"a signature string was expected, found {type(text).__name__}", 0)
+    try:
+        return _parse_string(text)
+    except SignatureError as exc:
+        exc.text = text
+        raise
+
+
+def _parse_string(text: str) -> dict[str, list[dict[str, Any]]]:
     arrows = [i for i, ch in _top_level(text) if text.startswith("->", i)]
     if not arrows:
         raise SignatureError(
@@ -158,9 +187,20 @@ def normalize_signature(signature: str | Mapping[str, Any]) -> dict[str, list[di
 def coerce_value(field: Mapping[str, Any], value: Any) -> Any:
     """Convert ``value`` to ``field``'s declared type, or raise ``ValueError`` saying why not.
 
-    Lenient where a model's answer is plain text: ``"3"`` is an int, ``"true"``
-    a bool, ``'["a", "b"]'`` a list. The result is JSON-serializable; enum
-    values must match one of the field's ``enum`` exactly (after trimming).
+    ``value`` is JSON data or the text of a model's answer; the rules are those of
+    docs/llm.md, the same for model answers, fallback results, run inputs and demos:
+
+    - ``str``: text as it is; a number, boolean, list or object becomes its JSON text; null is refused;
+    - ``int``: an integer, a number with no fractional part (``3.0``), or text written as one in decimal
+      (``"42"``, ``"-7"``, ``"3.0"``, ``"1e3"``); not ``"0x10"``, ``"1_000"``, ``"true"`` or a boolean;
+    - ``float``: a finite number, or text written as one in decimal (``"9.5"``, ``"1e3"``);
+    - ``bool``: a boolean, or the text ``true``/``false``/``yes``/``no`` in any case; not ``1``/``0``;
+    - ``list[T]``: a list, or text that is a JSON list, each item converted by ``T``'s rule;
+    - ``dict``: an object, or text that is a JSON object;
+    - an enum: converted by its type's rule, then equal to one of the listed values.
+
+    Text is trimmed and one pair of surrounding quotes dropped before a number, boolean or enum value is
+    read. The result is JSON-serializable.
     """
     ftype = field.get("type") or "str"
     converted = _coerce(ftype, value)
@@ -319,7 +359,8 @@ def _parse_type(text: str, name: str, offset: int | None, path: str = "") -> tup
     if not text:
         raise SignatureError(f"found no type after ':' for field '{name}'; expected one of "
                              f"{', '.join(TYPES)}", offset, path=path, code="FD602")
-    hint = _TYPE_HINTS.get(compact) or next(iter(difflib.get_close_matches(compact, TYPES, n=1)), None)
+    hint = (_TYPE_HINTS.get(compact) or _TYPE_HINTS.get(compact.lower())
+            or next(iter(difflib.get_close_matches(compact, TYPES, n=1)), None))
     raise SignatureError(
         f"found unknown type '{text}' for field '{name}'; expected one of {', '.join(TYPES)} or Literal[...]"
         + (f" (did you mean '{hint}'?)" if hint else ""), offset, path=path, code="FD602",
@@ -368,7 +409,7 @@ def _field_from_spec(name: str, spec: Any, path: str) -> dict[str, Any]:
                                  f"expected one of the types {', '.join(_ENUM_TYPES)}", path=f"{path}/enum")
         for i, value in enumerate(enum):
             if not _is_scalar(value) or not _fits(field["type"], value):
-                raise SignatureError(f"enum value {_show(value)} of field '{name}' is not a {field['type']}",
+                raise SignatureError(f"enum value {_show(value)} of field '{name}' is not {_a(field['type'])}",
                                      path=f"{path}/enum/{i}")
         field["enum"] = _check_enum(list(enum), name, None, f"{path}/enum")
     return field
@@ -378,19 +419,19 @@ def _field_from_spec(name: str, spec: Any, path: str) -> dict[str, Any]:
 
 
 def _coerce(ftype: str, value: Any) -> Any:
+    if value is None:
+        raise ValueError("no value (null)")
     if ftype == "str":
         if isinstance(value, str):
             return value
-        if value is None:
-            raise ValueError("expected text, found nothing (null)")
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
     if ftype in ("int", "float", "bool"):
         return _scalar(ftype, value)
     if ftype.startswith("list["):
         if isinstance(value, str):
-            value = _parse_text(value)
+            value = _parse_json(value, "a JSON list")
         if not isinstance(value, list | tuple):
-            raise ValueError(f"expected a list, found {_show(value)}")
+            raise ValueError(f"expected a JSON list, found {_show(value)}")
         item = ftype[5:-1]
         out = []
         for i, v in enumerate(value):
@@ -401,9 +442,9 @@ def _coerce(ftype: str, value: Any) -> Any:
         return out
     if ftype == "dict":
         if isinstance(value, str):
-            value = _parse_text(value)
+            value = _parse_json(value, "a JSON object")
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ValueError(f"expected an object (a mapping with text keys), found {_show(value)}")
+            raise ValueError(f"expected a JSON object, found {_show(value)}")
         try:
             return json.loads(json.dumps(value, allow_nan=False))
         except (TypeError, ValueError):
@@ -411,23 +452,31 @@ def _coerce(ftype: str, value: Any) -> Any:
     raise ValueError(f"unknown type {ftype}")
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_BOOL_TEXT = {"true": True, "yes": True, "false": False, "no": False}
+
+
 def _scalar(ftype: str, value: Any) -> Any:
     text = _unquote(value.strip()) if isinstance(value, str) else None
     if ftype == "bool":
         if isinstance(value, bool):
             return value
-        if text is not None and text.lower() in ("true", "yes", "false", "no"):
-            return text.lower() in ("true", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"expected true or false, found {_show(value)}")
+        if text is not None and text.lower() in _BOOL_TEXT:
+            return _BOOL_TEXT[text.lower()]
+        raise ValueError(f"expected true, false, yes or no, found {_show(value)}")
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, found {_show(value)}")
+        raise ValueError(f"expected {'an integer' if ftype == 'int' else 'a number'}, found {_show(value)}")
     number: int | float | None = value if isinstance(value, int | float) else None
     if text is not None:
-        if re.fullmatch(r"[+-]?\d+", text):
+        if _INT_TEXT.fullmatch(text):
             number = int(text)
-        elif re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
+        elif _NUMBER_TEXT.fullmatch(text):
+            if ftype == "int":  # "3.0", "1e3": exactly, without a detour through a float
+                exact = decimal.Decimal(text)
+                if exact != exact.to_integral_value() or abs(exact.adjusted()) > 4300:
+                    raise ValueError(f"expected an integer, found {_show(value)}")
+                return int(exact)
             number = float(text)
     if number is None or not math.isfinite(number):
         raise ValueError(f"expected {'an integer' if ftype == 'int' else 'a number'}, found {_show(value)}")
@@ -440,15 +489,11 @@ def _scalar(ftype: str, value: Any) -> Any:
     return number
 
 
-def _parse_text(text: str) -> Any:
+def _parse_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
+        raise ValueError(f"expected {what}, found {_show(text)}") from None
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -524,6 +569,11 @@ def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "text", type(None): "nothing"}.get(
         type(value), f"a {type(value).__name__}"
     )
+
+
+def _a(type_name: str) -> str:
+    """A type name with its article: ``an int``, ``a float``."""
+    return ("an " if type_name[:1] in "aeiou" else "a ") + type_name
 
 
 def _names(names: list[str]) -> str:

@@ -252,6 +252,7 @@ class _Builder:
         self.load_subflow = load_subflow
         self.positions = positions
         self.diags: list[Diagnostic] = []
+        self.default_llm_module: str | None = None  # defaults.llm.module: the module of steps naming none
 
     def err(self, code: str, message: str, path: str) -> None:
         self.diags.append(make(code, message, path, file=self.file))
@@ -318,9 +319,8 @@ class _Builder:
         try:
             norm = parse_signature(sig) if isinstance(sig, str) else normalize_fields(sig)
         except SignatureError as exc:
-            at = f" (at character {exc.offset})" if exc.offset is not None else ""
             what = "malformed signature: " if exc.code == "FD601" else "in the signature: "
-            self.err(exc.code, f"{what}{exc.message}{at}", join(path, "signature") + exc.path)
+            self.err(exc.code, f"{what}{exc.describe()}", join(path, "signature") + exc.path)
             return None
 
         def fields(items: list[dict[str, Any]]) -> tuple[Field, ...]:
@@ -330,7 +330,11 @@ class _Builder:
         spec = LlmSpec(fields(norm["inputs"]), fields(norm["outputs"]), value.get("instructions"),
                        value.get("module"), value.get("lm"), tuple(value.get("demos") or ()),
                        tuple(value.get("redact") or ()))
-        for code, where, message in check_llm_block({**value, "signature": norm}):
+        # checked with the module the step runs with: its own, else the flow's defaults.llm.module
+        module = value.get("module") or self.default_llm_module
+        for code, where, message in check_llm_block({**value, "module": module, "signature": norm}):
+            if where == "/signature" and value.get("module") is None:
+                message += " (the step's module, chain_of_thought, comes from 'defaults: {llm: {module: ...}}')"
             self.err(code, message, path + where)
         return spec
 
@@ -412,6 +416,7 @@ def build_flow(data: dict[str, Any], file: str | None = None, load_subflow: Subf
     d = data.get("defaults") or {}
     comp = d.get("compensate") or {}
     llm = d.get("llm") or {}
+    b.default_llm_module = llm.get("module")
     defaults = Defaults(
         retry=b.retry(d.get("retry"), "/defaults/retry"),
         timeout_ms=b.duration(d.get("timeout"), "/defaults/timeout"),

@@ -141,7 +141,7 @@ def test_normalize_fields_keeps_order_and_fills_defaults() -> None:
         ({"inputs": {"a": "str"}, "outputs": {"b": {"enum": []}}}, "/outputs/b/enum", "non-empty list"),
         ({"inputs": {"a": "str"}, "outputs": {"b": {"enum": ["x", 1]}}}, "/outputs/b/enum", "mix types"),
         ({"inputs": {"a": "str"}, "outputs": {"b": {"type": "int", "enum": [1, "x"]}}}, "/outputs/b/enum/1",
-         "is not a int"),
+         "is not an int"),
         ({"inputs": {"a": "str"}, "outputs": {"b": {"type": "list[str]", "enum": ["x"]}}}, "/outputs/b/enum",
          "cannot have an enum"),
         ({"inputs": {"a": "str"}, "outputs": {"b": {"desc": 3}}}, "/outputs/b/desc", "must be text"),
@@ -164,7 +164,7 @@ def test_normalize_fields_malformed(mapping: dict[str, Any], path: str, says: st
         (F("n", "int"), "42", 42), (F("n", "int"), " -7 ", -7), (F("n", "int"), 3.0, 3),
         (F("x", "float"), "2.5", 2.5), (F("x", "float"), 2, 2.0), (F("x", "float"), "1e3", 1000.0),
         (F("b", "bool"), "True", True), (F("b", "bool"), "no", False), (F("b", "bool"), False, False),
-        (F("l", "list[str]"), '["a", "b"]', ["a", "b"]), (F("l", "list[int]"), "[1, '2']", [1, 2]),
+        (F("l", "list[str]"), '["a", "b"]', ["a", "b"]), (F("l", "list[int]"), '[1, "2"]', [1, 2]),
         (F("l", "list[float]"), [1, "2.5"], [1.0, 2.5]), (F("d", "dict"), '{"k": [1]}', {"k": [1]}),
         (F("s"), "  keep me  ", "  keep me  "), (F("s"), {"b": 1, "a": 2}, '{"a": 2, "b": 1}'),
         (F("t", enum=["formal", "friendly"]), " 'friendly' ", "friendly"), (F("l", "int", enum=[1, 2]), "2", 2),
@@ -179,11 +179,13 @@ def test_coerce_value_converts(field: dict[str, Any], value: Any, expected: Any)
     ("field", "value", "says"),
     [
         (F("n", "int"), "three", "expected an integer"), (F("n", "int"), "2.5", "expected an integer"),
-        (F("n", "int"), True, "expected a number"), (F("x", "float"), "nan", "expected a number"),
-        (F("b", "bool"), "maybe", "expected true or false"), (F("l", "list[str]"), "a, b", "expected a list"),
-        (F("l", "list[int]"), [1, "x"], "item 1: expected an integer"), (F("d", "dict"), "[1]", "expected an object"),
+        (F("n", "int"), True, "expected an integer"), (F("x", "float"), "nan", "expected a number"),
+        (F("b", "bool"), "maybe", "expected true, false, yes or no"),
+        (F("l", "list[str]"), "a, b", "expected a JSON list"),
+        (F("l", "list[int]"), [1, "x"], "item 1: expected an integer"),
+        (F("d", "dict"), "[1]", "expected a JSON object"),
         (F("t", enum=["formal", "friendly"]), "angry", '"angry" is not one of: "formal", "friendly"'),
-        (F("s"), None, "found nothing"),
+        (F("s"), None, "no value (null)"),
     ],
 )
 def test_coerce_value_rejects(field: dict[str, Any], value: Any, says: str) -> None:
@@ -559,3 +561,205 @@ def test_lm_and_block_mistakes_are_reported(dspy: Any) -> None:
     with pytest.raises(ValueError, match="LLM step 's': chain_of_thought adds its own 'reasoning' output"):
         run(run_llm_step(block("q -> reasoning", module="chain_of_thought"), {"q": "?"}, lm=object(),
                          step_key="s"))
+
+
+# --- audit fixes: strict answers, null and redacted inputs, model strings, diagnostics ----------------
+
+
+class RawEngine:
+    """A model that replies with the given raw texts in turn (the last one from then on)."""
+
+    def __init__(self, *replies: str):
+        self.replies, self.calls = list(replies), 0
+
+    def complete(self, request: Any) -> Any:
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        reply = self.replies[min(self.calls, len(self.replies) - 1)]
+        self.calls += 1
+        return Response(id=None, model="raw", message=Message.assistant([TextPart(reply)]), finish_reason="stop",
+                        usage=Usage(input_tokens=0, output_tokens=0, total_tokens=0))
+
+
+class AsyncRawEngine:
+    def __init__(self, sync: RawEngine):
+        self.sync = sync
+
+    async def complete(self, request: Any) -> Any:
+        return self.sync.complete(request)
+
+
+def raw_lm(dspy: Any, *replies: str) -> Any:
+    engine = RawEngine(*replies)
+    return dspy.LM("custom/raw", engine=engine, async_engine=AsyncRawEngine(engine), cache=False)
+
+
+def answer(field: str, text: str) -> str:
+    return f"[[ ## {field} ## ]]\n{text}\n\n[[ ## completed ## ]]"
+
+
+@pytest.mark.parametrize(
+    ("type_", "text", "says"),
+    [
+        ("int", "true", 'expected an integer, found "true"'),
+        ("int", "0x10", 'expected an integer, found "0x10"'),
+        ("int", "1_000", 'expected an integer, found "1_000"'),
+        ("int", "2.5", 'expected an integer, found "2.5"'),
+        ("float", "inf", 'expected a number, found "inf"'),
+        ("bool", "on", 'expected true, false, yes or no, found "on"'),
+        ("bool", "off", 'expected true, false, yes or no, found "off"'),
+        ("bool", "0", 'expected true, false, yes or no, found "0"'),
+        ("bool", "1", 'expected true, false, yes or no, found "1"'),
+        ("bool", "t", 'expected true, false, yes or no, found "t"'),
+        ("bool", "y", 'expected true, false, yes or no, found "y"'),
+        ("list[int]", "1, 2", 'expected a JSON list, found "1, 2"'),
+        ("list[str]", "a, b", 'expected a JSON list, found "a, b"'),
+        ("list[int]", "[1, 'x']", "expected a JSON list"),
+        ("dict", "{'k': 1}", "expected a JSON object"),
+        ("Literal['formal', 'friendly']", "Formal", '"Formal" is not one of: "formal", "friendly"'),
+    ],
+)
+def test_model_answers_are_read_strictly_by_the_documented_rules(dspy: Any, adapter: Any, type_: str, text: str,
+                                                                 says: str) -> None:
+    lm = raw_lm(dspy, answer("x", text))
+    with pytest.raises(OutputInvalid) as info:
+        run(run_llm_step(block(f"q -> x: {type_}"), {"q": "?"}, lm=lm, adapter=adapter, step_key="s"))
+    assert says in str(info.value) and info.value.field == "x", str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("type_", "text", "value"),
+    [
+        ("int", "42", 42), ("int", " 3.0 ", 3), ("int", "1e3", 1000), ("int", '"7"', 7), ("float", "9.5", 9.5),
+        ("bool", "Yes", True), ("bool", "FALSE", False), ("bool", "no", False),
+        ("list[int]", "[1, 2]", [1, 2]), ("list[str]", '["a", "b"]', ["a", "b"]), ("dict", '{"k": [1]}', {"k": [1]}),
+        # an enum is read by its type's rule, then must be one of the values: bool reads "yes" as true
+        ("Literal[True, False]", "yes", True), ("Literal[True, False]", "False", False),
+        ("Literal[1, 2]", "2.0", 2), ("Literal['formal', 'friendly']", " 'friendly' ", "friendly"),
+    ],
+)
+def test_model_answers_that_fit_the_rules_are_accepted(dspy: Any, adapter: Any, type_: str, text: str,
+                                                        value: Any) -> None:
+    result = run(run_llm_step(block(f"q -> x: {type_}"), {"q": "?"}, lm=raw_lm(dspy, answer("x", text)),
+                              adapter=adapter))
+    assert result.outputs == {"x": value} and type(result.outputs["x"]) is type(value)
+
+
+def test_a_model_answer_with_a_field_that_is_not_an_output_is_output_invalid(dspy: Any, adapter: Any) -> None:
+    reply = "[[ ## tone ## ]]\nformal\n\n[[ ## tones ## ]]\nfriendly\n\n[[ ## completed ## ]]"
+    with pytest.raises(OutputInvalid, match=re.escape("the answer has 'tones' (did you mean 'tone'?), which is "
+                                                      "not an output field")):
+        run(run_llm_step(block("q -> tone"), {"q": "?"}, lm=raw_lm(dspy, reply), adapter=adapter))
+
+
+def test_json_adapter_answers_follow_the_same_rules(dspy: Any) -> None:
+    adapter = dspy.JSONAdapter()
+    ok = run(run_llm_step(block("q -> n: int, flag: bool"), {"q": "?"},
+                          lm=raw_lm(dspy, '{"n": "42", "flag": "yes"}'), adapter=adapter))
+    assert ok.outputs == {"n": 42, "flag": True}
+    with pytest.raises(OutputInvalid, match="output field 'flag' \\(bool\\): expected true, false, yes or no, found 1"):
+        run(run_llm_step(block("q -> n: int, flag: bool"), {"q": "?"}, lm=raw_lm(dspy, '{"n": 1, "flag": 1}'),
+                         adapter=adapter))
+
+
+def test_a_null_input_is_input_invalid(dspy: Any, adapter: Any) -> None:
+    lm = raw_lm(dspy, answer("b", "x"))
+    for sig in ("a: int -> b", "a -> b"):
+        with pytest.raises(InputInvalid, match=re.escape("input field 'a' (")) as info:
+            run(run_llm_step(block(sig), {"a": None}, lm=lm, adapter=adapter, step_key="s"))
+        assert "no value (null)" in str(info.value)
+    assert lm.engine.calls == 0  # the model was never asked
+
+
+def test_a_bad_value_of_a_redacted_input_is_not_shown(dspy: Any, adapter: Any) -> None:
+    lm = raw_lm(dspy, answer("verdict", "ok"))
+    with pytest.raises(InputInvalid) as info:
+        run(run_llm_step(block("pin: int, holder -> verdict"), {"pin": "secret-pin-9876", "holder": "Ann"}, lm=lm,
+                         adapter=adapter, redact=["pin"], step_key="s"))
+    message = str(info.value)
+    assert "secret-pin-9876" not in message
+    assert message == "LLM step 's': input field 'pin' (int): the value does not fit (a text; not shown: 'pin' " \
+                      "is redacted)"
+    # the mask also covers a redacted value that appears in another field's message
+    with pytest.raises(InputInvalid) as info:
+        run(run_llm_step(block("pin, n: int -> verdict"), {"pin": "secret-pin-9876", "n": "secret-pin-9876"}, lm=lm,
+                         adapter=adapter, redact=["pin"], step_key="s"))
+    assert "secret-pin-9876" not in str(info.value) and 'found "***"' in str(info.value)
+
+
+@pytest.mark.parametrize("model", ["gpt4", "foo/bar"])
+def test_an_invalid_model_string_is_llm_not_configured(dspy: Any, model: str) -> None:
+    with pytest.raises(LLMNotConfigured, match=re.escape(f"LLM step 's': the model string '{model}' is invalid: "
+                                                         "neither DSPy nor LiteLLM can tell which provider serves "
+                                                         "it; write it as 'provider/model'")):
+        run(run_llm_step(block("q -> a"), {"q": "?"}, lm=model, step_key="s"))
+
+
+def test_a_known_model_without_a_provider_prefix_is_not_refused_as_invalid(
+        dspy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(LLMNotConfigured, match=r"the LM 'gpt-4o-mini' cannot be used: .*OPENAI_API_KEY"):
+        run(run_llm_step(block("q -> a"), {"q": "?"}, lm="gpt-4o-mini", step_key="s"))
+
+
+def test_type_hints_match_typing_spellings_and_grammar_is_right() -> None:
+    with pytest.raises(SignatureError, match=re.escape("(did you mean 'dict'?)")):
+        parse_signature("a -> b: dict[str, Any]")
+    with pytest.raises(SignatureError, match=re.escape("(did you mean 'dict'?)")):
+        parse_signature("a -> b: Dict[str,Any]")
+    with pytest.raises(SignatureError, match=re.escape("(did you mean 'str'?)")):
+        parse_signature("a -> b: String")
+    with pytest.raises(SignatureError, match=r"is not an int\Z"):
+        normalize_fields({"inputs": {"a": "str"}, "outputs": {"b": {"type": "int", "enum": [1, "x"]}}})
+
+
+def test_signature_errors_say_where_in_the_signature(tmp_path: Path) -> None:
+    from flowdsl.api import validate
+
+    path = tmp_path / "fold.yaml"
+    path.write_text("flowdsl: 1\nname: t\nsteps:\n  - s:\n      llm:\n        signature: >-\n"
+                    "          question, context ->\n          answer: strng\n", encoding="utf-8")
+    (d,) = validate(path, check_workers=False)
+    assert (d.code, d.line) == ("FD602", 6)
+    assert d.message.startswith("in the signature: found unknown type 'strng' for field 'answer'")
+    assert d.message.endswith("(did you mean 'str'?) (at character 30 of the signature: \"strng\")")
+    with pytest.raises(SignatureError) as err:
+        parse_signature("question => answer")
+    assert err.value.describe().endswith("(at the end of the signature)")
+
+
+def test_fd601_uses_the_module_from_defaults(tmp_path: Path) -> None:
+    from flowdsl.api import SpecError, compile_text
+
+    spec = ("flowdsl: 1\nname: t\ndefaults: {llm: {module: chain_of_thought}}\nsteps:\n"
+            "  - s:\n      llm: {signature: 'a -> reasoning'}\n")
+    with pytest.raises(SpecError) as info:
+        compile_text(spec)
+    (d,) = info.value.diagnostics
+    assert d.code == "FD601" and "chain_of_thought adds its own 'reasoning' output" in d.message
+    assert "defaults: {llm: {module: ...}}" in d.message
+    # a demo may show its reasoning when the module comes from the defaults, and predict steps keep theirs
+    plan = compile_text("flowdsl: 1\nname: t\ndefaults: {llm: {module: chain_of_thought}}\nsteps:\n"
+                        "  - s:\n      llm: {signature: 'a -> b', demos: [{a: x, b: y, reasoning: z}]}\n"
+                        "  - p:\n      llm: {signature: 'a -> reasoning', module: predict}\n")
+    modules = [plan["nodes"][key]["llm"]["module"] for key in ("s", "p")]
+    assert modules == ["chain_of_thought", "predict"]
+
+
+def test_fd604_with_keys_must_be_the_signature_inputs() -> None:
+    from flowdsl.api import SpecError, compile_text
+
+    head = "flowdsl: 1\nname: t\nsteps:\n  - g:\n      llm: {signature: 'customer_name, total: float -> greeting'}\n"
+    with pytest.raises(SpecError) as info:
+        compile_text(head + "      with: {customer_nmae: '${ input.n }', total: '${ input.t }'}\n")
+    got = sorted((d.code, d.path, d.message) for d in info.value.diagnostics)
+    assert got == [
+        ("FD604", "/steps/0/g/with", "'with' gives no value for the input field 'customer_name'; with a 'with' "
+         "mapping the model gets only its keys, so map every input field: customer_name, total"),
+        ("FD604", "/steps/0/g/with/customer_nmae", "'with' gives 'customer_nmae', which is not an input field of "
+         "the signature (did you mean 'customer_name'?); the input fields are: customer_name, total"),
+    ]
+    with pytest.raises(SpecError) as info:
+        compile_text(head + "      with: {customer_name: '${ input.n }', total: '${ input.t }', extra: 1}\n")
+    assert [d.path for d in info.value.diagnostics] == ["/steps/0/g/with/extra"]
+    compile_text(head + "      with: {customer_name: '${ input.n }', total: '${ input.t }'}\n")  # exact keys

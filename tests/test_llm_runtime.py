@@ -256,7 +256,8 @@ steps:
 def test_the_cli_says_plainly_that_the_fallback_ran(tmp_path: Path) -> None:
     spec = tmp_path / "fb.yaml"
     spec.write_text("flowdsl: 1\nname: fb\nworkers: [tests.runtime.workers]\n"
-                    "steps:\n  - g:\n      llm: {signature: 'name -> greeting'}\n      fallback: fallback.g\n")
+                    "steps:\n  - g:\n      llm: {signature: 'name, script: dict -> greeting'}\n"
+                    "      fallback: fallback.g\n")
     script = json.dumps({"g/fallback": {"result": {"greeting": "Hello Ann"}}})
     r = cli("run", str(spec), "--set", "name=Ann", "--set", f"script={script}", "--runs-dir", str(tmp_path),
             "--run-id", "fb1")
@@ -406,3 +407,104 @@ steps:
     assert shown.exit_code == 0
     assert "llm: model custom/echo, 2 message(s) sent, reply: [[ ## verdict ## ]] ok [[ ## note ## ]] card *** of Ann" \
         in shown.stderr
+
+
+# --- audit fixes: the fallback's input and result, redacted input errors, invalid model strings -------
+
+
+def test_a_fallback_result_is_checked_against_the_signature_like_a_model_answer(dspy: Any, adapter: Any) -> None:
+    lm, _ = model(dspy, "garbage", lambda i, o, n: "no idea")
+    steps = """
+steps:
+  - greet:
+      llm: {signature: "name -> tone: Literal['formal','friendly'], n: int"}
+      fallback: canned
+"""
+    bad = {"canned": recording([], lambda d: {"tone": "rude", "n": "not a number", "junk": 1})}
+    r = go(steps, {"name": "Ann"}, bad, lm=lm, adapter=adapter)
+    assert (r.status, r.failed_step, r.error["type"]) == ("failed", "greet", "OutputInvalid")
+    message = r.error["message"]
+    assert message.startswith("the fallback worker 'canned' of LLM step 'greet': the result does not fit the outputs")
+    for says in ("the result has 'junk', which is not an output field",
+                 "output field 'tone' (one of \"formal\", \"friendly\"): \"rude\" is not one of",
+                 "output field 'n' (int): expected an integer, found \"not a number\""):
+        assert says in message, message
+    assert "tone" not in r.context and "junk" not in r.context  # nothing of it reached the context
+    # a result that fits is converted as an answer is: "3" is the integer 3, ' formal ' the listed value
+    good = {"canned": recording([], lambda d: {"tone": " formal ", "n": "3"})}
+    r = go(steps, {"name": "Ann"}, good, lm=lm, adapter=adapter)
+    assert (r.status, r.context["tone"], r.context["n"]) == ("completed", "formal", 3)
+    # without a model too, and a result that misses a field
+    r = go(steps, {"name": "Ann"}, {"canned": recording([], lambda d: {"tone": "formal"})})
+    assert r.status == "failed" and "the result has no 'n' field" in r.error["message"]
+
+
+def test_the_fallback_gets_the_checked_inputs_the_model_would_get(dspy: Any, adapter: Any) -> None:
+    seen: list[dict[str, Any]] = []
+    lm, engine = model(dspy, "garbage", lambda i, o, n: "no idea")
+    workers = {"canned": recording(seen, lambda d: {"line": "ok"})}
+    r = go("""
+steps:
+  - bill:
+      llm: {signature: "total: float, items: list[str] -> line"}
+      with: {total: "${ amount }", items: "${ things }"}
+      fallback: canned
+""", {"amount": "9.5", "things": ["mug"], "secret_stuff": "not for the model"}, workers, lm=lm, adapter=adapter)
+    assert r.status == "completed", r.error
+    assert engine.seen[0][0]["total"] == "9.5"  # the model got the float 9.5 ...
+    assert seen == [{"total": 9.5, "items": ["mug"]}]  # ... and so does the fallback, converted, nothing else
+    seen.clear()
+    r = go("""
+steps:
+  - bill:
+      llm: {signature: "total: float -> line"}
+      fallback: canned
+""", {"total": 4, "other": "context the model never sees"}, workers)  # no with:, no model
+    assert r.status == "completed" and seen == [{"total": 4.0}]
+
+
+def test_a_fallback_with_inputs_that_do_not_fit_fails_with_input_invalid() -> None:
+    called: list[dict[str, Any]] = []
+    r = go("""
+steps:
+  - bill:
+      llm: {signature: "total: float -> line"}
+      fallback: canned
+""", {"total": "lots"}, {"canned": recording(called, lambda d: {"line": "ok"})})
+    assert (r.status, r.error["type"]) == ("failed", "InputInvalid") and called == []
+    assert "input field 'total' (float): expected a number, found \"lots\"" in r.error["message"]
+
+
+def test_a_bad_value_of_a_redacted_input_is_masked_everywhere_in_the_record(tmp_path: Path) -> None:
+    secret = "secret-pin-9876"
+    r = go("""
+steps:
+  - check:
+      llm:
+        signature: "pin: int, holder -> verdict"
+        redact: [pin]
+      with: {pin: "${ card.pin }", holder: "${ card.holder }"}
+""", {"card": {"pin": secret, "holder": "Ann"}}, lm="openai/gpt-4o-mini", record=True, runs_dir=tmp_path,
+        run_id="pin1")
+    assert (r.status, r.error["type"]) == ("failed", "InputInvalid")
+    assert secret not in r.error["message"] and "'pin' is redacted" in r.error["message"]
+    _, lines = read_record(tmp_path / "pin1.jsonl")
+    types = {e["type"] for e in lines}
+    assert {"task_failed", "step_failed", "run_finished"} <= types
+    # the run input (the "start" line) is the only place that holds it, as docs/llm.md says
+    assert [e["type"] for e in lines if secret in json.dumps(e)] == ["start"]
+
+
+def test_an_invalid_model_string_is_not_retried_and_goes_to_the_fallback() -> None:
+    r = go("""
+steps:
+  - greet:
+      llm: {signature: "name -> greeting"}
+      retry: {attempts: 3, initial: 1ms}
+      fallback: canned
+""", {"name": "Ann"}, {"canned": recording([], lambda d: {"greeting": "Hi"})}, lm="gpt4")
+    assert (r.status, r.context["greeting"]) == ("completed", "Hi")
+    assert of(r, "step_retrying", "greet") == []
+    (started,) = of(r, "fallback_started", "greet")
+    assert started["error"]["type"] == "LLMNotConfigured"
+    assert "the model string 'gpt4' is invalid" in started["error"]["message"]

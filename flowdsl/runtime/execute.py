@@ -17,6 +17,9 @@ What :func:`execute` does:
   in the registry and call it with a private copy of ``command["input"]`` and a
   :class:`~flowdsl.workers.StepContext`; async workers are awaited, sync ones
   run in a (daemon) thread so the event loop keeps going;
+- kind ``fallback`` of an LLM step (its command carries the step's ``llm``
+  block) gives the worker the step's checked signature inputs, as the model
+  gets them, and checks its result against the signature's outputs;
 - kind ``llm`` runs :func:`flowdsl.llm.run_llm_step` with the model chosen by
   :func:`flowdsl.llm.resolve_lm` (the step's ``lm``, then the caller's ``lm``,
   then the flow's ``defaults.llm.lm``, then ``$FLOWDSL_LM``; a name the caller
@@ -89,6 +92,8 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
     try:
         if command["kind"] == "llm":
             return await _execute_llm(command, lm, env, adapter, lms)
+        if command["kind"] == "fallback" and command.get("llm"):
+            return await _execute_fallback(command, registry)
         call = _call(command, registry)
         if isinstance(call, dict):
             return call
@@ -143,8 +148,8 @@ def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) ->
     a task's would (Python 3.12's ``eager_start``). Raises only
     ``asyncio.CancelledError`` (the worker cancelled itself).
     """
-    if command["kind"] not in WORKER_KINDS:
-        return None
+    if command["kind"] not in WORKER_KINDS or command.get("llm"):
+        return None  # an LLM step's fallback has its input and result checked: execute() does that
     task_id = command["task_id"]
     context = contextvars.copy_context()
     try:
@@ -306,6 +311,38 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
     answer["meta"] = {"llm": {"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
                               "model": result.model}}
     return answer
+
+
+async def _execute_fallback(command: Mapping[str, Any], registry: WorkerRegistry | None) -> dict[str, Any]:
+    """The fallback worker of an LLM step: given the model's inputs, its result checked like an answer.
+
+    The worker gets exactly the signature's input fields, checked and converted
+    as the model gets them (:func:`flowdsl.llm.step_inputs`); its result must give
+    every output field a value of its type and nothing else
+    (:func:`flowdsl.llm.check_fallback_result`), else the attempt fails with
+    ``InputInvalid`` or ``OutputInvalid``.
+    """
+    from flowdsl.llm import check_fallback_result, step_inputs
+
+    block = command["llm"]
+    redact = block.get("redact") or ()
+    data = command["input"] if isinstance(command["input"], dict) else {}
+    values = step_inputs(block, data, step_key=command["step"], redact=redact)
+    call = _call({**command, "input": values}, registry)
+    if isinstance(call, dict):
+        return call
+    found, arg, ctx = call
+    if found.is_async:
+        result = await found.fn(arg, ctx)
+    else:
+        result = await _in_thread(found.fn, arg, ctx)
+        if inspect.isawaitable(result):
+            result = await result
+    if isinstance(result, dict) and json_problem(result) is not None:
+        return _answer(command["task_id"], result)  # not JSON: the worker's mistake, said as for any worker
+    outputs = check_fallback_result(block, result, worker=found.name, step_key=command["step"], inputs=data,
+                                    redact=redact)
+    return _answer(command["task_id"], outputs)
 
 
 # --- JSON data --------------------------------------------------------------------

@@ -259,7 +259,7 @@ CASES: list[Case] = [
     Case("llm_without_a_model_uses_its_fallback",
          "steps:\n"
          "  - g:\n"
-         "      llm: {signature: 'name -> greeting'}\n"
+         "      llm: {signature: 'name, script: dict -> greeting'}\n"  # the fallback gets the inputs only
          "      fallback: fallback.g\n",
          {"g/fallback": {"result": {"greeting": "Hello Ann"}}},
          succeeded=["g"], input={"name": "Ann"}, context={"name": "Ann", "greeting": "Hello Ann"}),
