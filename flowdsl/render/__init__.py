@@ -40,19 +40,26 @@ def __getattr__(name: str) -> Any:
 
 
 def render(plan: Mapping[str, Any], fmt: str, *, run_states: RunStates | Mapping[str, str] | None = None,
-           ascii_only: bool = False, markdown: bool = False, width: int = 80) -> str | bytes:
+           ascii_only: bool = False, markdown: bool = False, width: int | None = None) -> str | bytes:
     """Draw ``plan`` in ``fmt`` (mermaid, ascii, dot, svg, png); ``png`` is bytes, the rest text.
 
     ``run_states`` colours (or, in ASCII, marks) each step by its state in a run:
     a :class:`RunStates` from :func:`flowdsl.render.runstate.derive_states`, or a plain
     ``{node key: state}`` mapping. ``ascii_only`` restricts the ASCII form to
     7-bit characters; ``markdown`` wraps Mermaid in a fenced block; ``width`` is
-    the ASCII form's target width. Raises :class:`RenderError` for an unknown
-    format, a plan that cannot be drawn, or a missing Graphviz.
+    the ASCII form's target width (default 80, at least 40). Raises :class:`RenderError`
+    for an unknown format, an option the format does not take, a plan that cannot
+    be drawn, or a missing Graphviz.
     """
     from flowdsl.render.runstate import RunStates
     from flowdsl.render.view import RenderError
 
+    if fmt not in FORMATS:
+        raise RenderError(f"unknown diagram format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    for given, option, applies in ((ascii_only, "ascii_only", "ascii"), (width is not None, "width", "ascii"),
+                                   (markdown, "markdown", "mermaid")):
+        if given and fmt != applies:
+            raise RenderError(f"{option} applies to the {applies} format, not {fmt}")
     states = RunStates.of(run_states)
     plan = dict(plan)
     if fmt == "mermaid":
@@ -62,7 +69,7 @@ def render(plan: Mapping[str, Any], fmt: str, *, run_states: RunStates | Mapping
     if fmt == "ascii":
         from flowdsl.render.ascii import render_ascii
 
-        return render_ascii(plan, run_states=states, ascii_only=ascii_only, width=width)
+        return render_ascii(plan, run_states=states, ascii_only=ascii_only, width=80 if width is None else width)
     if fmt in ("dot", "svg", "png"):
         from flowdsl.render.dot import render_dot, render_image
 

@@ -15,14 +15,18 @@ column (where the flow enters and leaves):
 - a parallel's branches are lanes side by side between a fork bar and a join
   bar (``╒═╧═╕`` ... ``╘═╤═╛``); a switch's cases are lanes under a
   decision, each captioned with its case; a list written with ``needs:`` is
-  drawn layer by layer with buses between the layers and each node's needs
-  written in its box;
+  drawn layer by layer, every edge its own line (lines split below a box,
+  merge just above the box they enter, and cross with a ``│`` cutting a ``─``),
+  each node's needs written in its box; too wide for that, it is listed;
 - named groups (sequence, for_each, switch, sub-flow) are framed, with their
   title in the frame; a for_each says what it iterates and gathers.
 
-When lanes do not fit the width (80 columns by default) they are drawn one
-under another, hanging off a ``║`` rail, instead of being cut. Unicode box
-drawing by default; ``ascii_only`` uses ``+-|`` and friends.
+No line is longer than the width (80 columns by default, at least 40): lanes
+that do not fit are drawn one under another, hanging off a ``║`` rail; text is
+wrapped to the room left; a block that sticks out once lined up is redrawn
+narrower, else the flow line jogs sideways to it. Only groups nested deeper than
+the width allows are drawn wider, with a note saying so. Unicode box drawing by
+default; ``ascii_only`` uses ``+-|`` and friends.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowdsl.render.runstate import RunStates
-from flowdsl.render.view import Glyphs, PlanView, clean, retry_text, wrap
+from flowdsl.render.view import Glyphs, PlanView, RenderError, clean, retry_text, wrap
+
+#: the narrowest width the ASCII form is drawn at (``--width``'s minimum)
+MIN_WIDTH = 40
 
 Row = list[str]  # one cell per display column; a wide character is followed by a "" cell
 
@@ -169,6 +176,8 @@ class Block:
     ``head_line``: the row above should continue a line rather than end in an arrow.
     ``undo``: (column, first row, last row) of the undo box of a step block.
     ``undo_inside``: a group holding compensated steps (a rollback rail must not skip past it).
+    ``strained``: drawn only by squeezing (a block redrawn narrower to line up, a jogging line,
+    a ``needs:`` graph listed): lanes are not redrawn narrower into such a shape.
     """
 
     rows: list[Row]
@@ -176,6 +185,8 @@ class Block:
     head_line: bool = False
     undo: tuple[int, int, int] | None = None
     undo_inside: bool = False
+    strained: bool = False
+    uses: frozenset[str] = frozenset()  # forms drawn in it that the key explains: "undo beside", "undo inside"
 
     @property
     def width(self) -> int:
@@ -184,6 +195,10 @@ class Block:
     @property
     def height(self) -> int:
         return len(self.rows)
+
+
+def _uses(blocks: list[Block]) -> frozenset[str]:
+    return frozenset().union(*(b.uses for b in blocks))
 
 
 def _blank(width: int) -> Row:
@@ -209,7 +224,9 @@ class _Ascii:
         self.states = states
         self.c = ASCII if ascii_only else UNICODE
         self.g = Glyphs.pick(ascii_only)
-        self.width = max(width, 40)
+        if width < MIN_WIDTH:
+            raise RenderError(f"width {width} is too narrow: the ASCII form needs at least {MIN_WIDTH} columns")
+        self.width = width
 
     # --- leaves ------------------------------------------------------------------------
 
@@ -267,7 +284,7 @@ class _Ascii:
         box_w, box_h = len(rows[0]), len(rows)
         axis = box_w // 2
         rows[-1][axis] = frame.exit
-        block = Block(rows, axis)
+        block = Block(rows, axis, uses=frozenset({("undo beside" if beside else "undo inside")} if undo_lines else ()))
         if undo_lines and beside:
             urows = self.box(self.c.undo, undo_lines, 0)
             col = box_w + width_of(self.c.undo_link)
@@ -297,18 +314,36 @@ class _Ascii:
 
     # --- composition ---------------------------------------------------------------------
 
-    def stack(self, blocks: list[Block]) -> Block:
-        """Blocks one under another on a shared axis, joined by arrows; undo rails between steps."""
+    def stack(self, blocks: list[Block], avail: int | None = None, *, link: str | None = None,
+              rails: bool = True) -> Block:
+        """Blocks one under another joined by arrows (``link`` instead, when given); undo rails between steps.
+
+        The blocks share one axis when that fits ``avail``; else each block is placed as near that
+        axis as the width allows, and the line jogs sideways (``└──┐``) between blocks that do not
+        line up.
+        """
         axis = max(b.axis for b in blocks)
         width = max(axis - b.axis + b.width for b in blocks)
+        if avail is None or width <= avail:
+            cols = [axis] * len(blocks)
+        else:
+            axis, cols = self._fit_axes(blocks, avail)
+            width = max(max(x - b.axis + b.width for b, x in zip(blocks, cols, strict=True)), axis + 1)
         rows: list[Row] = []
         undos: list[tuple[int, int, int] | None] = []  # None: a group with undos of its own
+        head_line = blocks[0].head_line
+        prev = axis
         for i, b in enumerate(blocks):
-            if i:
+            col = cols[i]
+            if col != prev:
+                rows.append(self.jog(width, prev, col))
+                if i == 0:
+                    head_line = True  # the row above must continue the line into the jog
+            if i or col != prev:
                 gap = _blank(width)
-                gap[axis] = self.c.line if b.head_line else self.c.arrow
+                gap[col] = (link or self.c.line) if b.head_line else (link or self.c.arrow)
                 rows.append(gap)
-            shift = axis - b.axis
+            shift = col - b.axis
             top = len(rows)
             for r in b.rows:
                 rows.append(_blank(shift) + r + _blank(width - shift - len(r)))
@@ -316,7 +351,10 @@ class _Ascii:
                 undos.append((b.undo[0] + shift, top + b.undo[1], top + b.undo[2]))
             elif b.undo_inside:
                 undos.append(None)
-        for upper, lower in itertools.pairwise(undos):
+            prev = col
+        if prev != axis:
+            rows.append(self.jog(width, prev, axis))
+        for upper, lower in itertools.pairwise(undos if rails else []):
             if upper is None or lower is None:
                 continue
             (c1, _, bottom), (c2, next_top, _) = upper, lower
@@ -325,7 +363,25 @@ class _Ascii:
                 for i in span:
                     rows[i][c1] = self.c.rail_dash
                 rows[bottom + 1][c1] = self.c.up
-        return Block(rows, axis, head_line=blocks[0].head_line, undo_inside=bool(undos))
+        strained = any(b.strained for b in blocks) or any(c != axis for c in cols)
+        return Block(rows, axis, head_line=head_line, undo_inside=bool(undos), strained=strained,
+                     uses=_uses(blocks))
+
+    @staticmethod
+    def _fit_axes(blocks: list[Block], avail: int) -> tuple[int, list[int]]:
+        """A shared axis column that most blocks can take within ``avail``, and each block's own column."""
+        spans = [(b.axis, max(b.axis, avail - b.width + b.axis)) for b in blocks]
+        best = max(sorted({lo for lo, _ in spans} | {hi for _, hi in spans}),
+                   key=lambda a: (sum(lo <= a <= hi for lo, hi in spans), -a))
+        return best, [min(max(best, lo), hi) for lo, hi in spans]
+
+    def jog(self, width: int, above: int, below: int) -> Row:
+        """A row that carries the flow line sideways from column ``above`` to column ``below``."""
+        row = _blank(width)
+        lo, hi = min(above, below), max(above, below)
+        for c in range(lo, hi + 1):
+            row[c] = self.c.junction((int(c == above), int(c == below), int(c > lo), int(c < hi)), False)
+        return row
 
     def bus(self, width: int, ups: set[int], downs: set[int], double: bool) -> Row:
         row = _blank(width)
@@ -349,9 +405,9 @@ class _Ascii:
             for b, cap in zip(blocks, captions, strict=True):
                 _pad(b, max(b.width, b.axis + 2 + width_of(cap)) if cap else b.width)
             total = sum(b.width for b in blocks) + gap * (n - 1)
-            if total <= avail or n == 1:
+            if (total <= avail or n == 1) and (lane_avail == avail or not any(b.strained for b in blocks)):
                 return self._side_by_side(blocks, captions, double, tail)
-        return self._stacked(build(avail - width_of(self.c.rail_arrow)), captions, tail)
+        return self._stacked(build(avail - width_of(self.c.rail_arrow)), captions, tail, avail)
 
     def _side_by_side(self, blocks: list[Block], captions: list[str | None], double: bool,
                       tail: str | None) -> Block:
@@ -392,19 +448,19 @@ class _Ascii:
         if tail:
             _put(last, max(axes) + 2, tail)
         rows.append(last)
-        return Block(rows, axis, head_line=True)
+        return Block(rows, axis, head_line=True, strained=any(b.strained for b in blocks), uses=_uses(blocks))
 
-    def _stacked(self, blocks: list[Block], captions: list[str | None], tail: str | None) -> Block:
+    def _stacked(self, blocks: list[Block], captions: list[str | None], tail: str | None, avail: int) -> Block:
         c = self.c
         indent = width_of(c.rail_arrow)
         rows: list[Row] = []
         for b, cap in zip(blocks, captions, strict=True):
-            if cap:
-                rows.append(cells(c.rail + " " + cap))
+            for line in wrap(cap, avail - 2) if cap else []:
+                rows.append(cells(c.rail + " " + line))
             for i, r in enumerate(b.rows):
                 rows.append(cells(c.rail_arrow if i == 0 else c.rail + " " * (indent - 1)) + r)
         rows.append(cells(c.rail + " " + (tail or "")))
-        block = Block(rows, 0, head_line=True)
+        block = Block(rows, 0, head_line=True, strained=any(b.strained for b in blocks), uses=_uses(blocks))
         _pad(block, block.width)
         return block
 
@@ -412,6 +468,8 @@ class _Ascii:
               foot: list[str] | None = None) -> Block:
         """A titled frame around ``inner``: detail lines on top, an arrow into the inner block."""
         f = self.c.frames[kind]
+        title, *more = wrap(title, avail - 6)  # the title's first line in the frame's top edge
+        lines = [" ".join(more), *lines] if more else lines
         content_w = max(inner.width, min(max((width_of(s) for s in lines), default=0), avail - 4))
         texts = [t for s in lines for t in wrap(s, max(content_w, 12))]
         content_w = max([content_w, width_of(title) + 2, *(width_of(t) for t in texts)])
@@ -432,7 +490,7 @@ class _Ascii:
         bottom = cells(f.bl + f.h * (content_w + 2) + f.br)
         bottom[inner.axis + 2] = f.exit
         rows.append(bottom)
-        return Block(rows, inner.axis + 2)
+        return Block(rows, inner.axis + 2, strained=inner.strained, uses=inner.uses)
 
     # --- nodes ---------------------------------------------------------------------------
 
@@ -455,7 +513,7 @@ class _Ascii:
             notes = [f"∥ {title}" if self.c is UNICODE else f"|| {title}", *lines]
             texts = [t for s in notes for t in wrap(s, max(avail - block.axis - 3, 16))]
             head = self.note_rows(block.axis, texts, block.width)
-            return Block(head + block.rows, block.axis, head_line=True)
+            return Block(head + block.rows, block.axis, head_line=True, strained=block.strained, uses=block.uses)
         inner_avail = avail - 4
         if kind == "switch":
             lanes = view.lanes(key)
@@ -476,7 +534,7 @@ class _Ascii:
         return self.frame("flow" if kind == "flow" else "sequence", title, lines, body, avail)
 
     def list_(self, keys: tuple[str, ...], avail: int) -> Block:
-        """A sibling list: a column when it is a plain chain, else layer by layer."""
+        """A sibling list: a column when it is a plain chain, else its ``needs:`` graph layer by layer."""
         if not keys:
             return self.line_block()
         view = self.view
@@ -484,18 +542,238 @@ class _Ascii:
             inner_max = max(min(36, avail - 4), 12)
             inner = max((width_of(s) for k in keys if view.is_step(k)
                          for s in self.step_lines(k, inner_max, False)), default=0)
-            return self.stack([self.node(k, avail, min_inner=inner) for k in keys])
-        layers = view.list_layers(keys)
-        parts: list[Block] = []
-        for layer in layers:
-            if len(layer) == 1:
-                parts.append(self.node(layer[0], avail, needs=True))
-            else:
-                parts.append(self.lanes(self._layer_builder(layer), [None] * len(layer), avail, False, None))
-        return self.stack(parts)
+            return self.column([self._chain_builder(k, inner) for k in keys], avail)
+        graph = _Dag(view, keys)
+        widest = max(len(slots) for slots in graph.slots)
+        tries = [avail]
+        narrow = min((avail - 3 * (len(slots) - 1) - sum(1 for s in slots if s[0] == "via"))
+                     // max(1, sum(1 for s in slots if s[0] == "node")) for slots in graph.slots)
+        if widest > 1 and 16 <= narrow < avail:
+            tries.append(narrow)
+        for node_avail in tries:
+            blocks = {k: self.node(k, node_avail, needs=True) for k in keys}
+            block = self.dag(graph, blocks)
+            if block is not None and block.width <= avail:
+                return block
+        return self.listing(graph, avail)
 
-    def _layer_builder(self, layer: list[str]) -> Callable[[int], list[Block]]:
-        return lambda avail: [self.node(k, avail, needs=True) for k in layer]
+    def _chain_builder(self, key: str, inner: int) -> Callable[[int], Block]:
+        return lambda avail: self.node(key, avail, min_inner=min(inner, max(avail - 4, 12)))
+
+    def column(self, builders: list[Callable[[int], Block]], avail: int) -> Block:
+        """Blocks one under another on a shared axis; a block that would stick out past ``avail``
+        once lined up is redrawn narrower (its text wrapped shorter, an undo box moved into its
+        step's box) before the line is made to jog."""
+        blocks = [build(avail) for build in builders]
+        for _ in range(3):
+            axis = max(b.axis for b in blocks)
+            over = [i for i, b in enumerate(blocks) if axis - b.axis + b.width > avail and b.axis < axis]
+            if not over:
+                break
+            for i in over:
+                blocks[i] = builders[i](max(avail - (axis - blocks[i].axis), 16))
+                blocks[i].strained = True
+        return self.stack(blocks, avail)
+
+    def listing(self, graph: _Dag, avail: int) -> Block:
+        """A ``needs:`` graph too wide to draw: its nodes one under another in a valid run order,
+        joined by a dotted line (an order of listing, not a dependency); each box says what it needs."""
+        blocks = [self.node(k, avail, needs=True) for layer in graph.layers for k in layer]
+        block = self.stack(blocks, avail, link=self.c.rail_dash, rails=False)
+        block.undo_inside = block.undo_inside or any(b.undo is not None for b in blocks)
+        block.strained = True
+        return block
+
+    def dag(self, graph: _Dag, blocks: dict[str, Block]) -> Block | None:
+        """A ``needs:`` graph layer by layer, every edge drawn: a node's box is entered by exactly the
+        lines of the nodes it needs; a line passing a layer runs beside its boxes; lines that cross
+        without joining show a ``│`` cutting a ``─``. None when the edges cannot be routed."""
+        gap = 3
+
+        def extent(slot: tuple[str, str]) -> tuple[int, int]:  # (axis within, width) of a slot
+            b = blocks.get(slot[1]) if slot[0] == "node" else None
+            return (b.axis, b.width) if b is not None else (0, 1)
+
+        def pack(i: int, wanted: list[int | None], current: list[int]) -> list[int]:
+            """Layer ``i``'s axis columns, each as near the one wanted as the slots to its left allow."""
+            cols: list[int] = []
+            right: int | None = None
+            for slot, want, now in zip(graph.slots[i], wanted, current, strict=True):
+                ax, w = extent(slot)
+                left = (now if want is None else want) - ax
+                left = left if right is None else max(left, right + gap)
+                cols.append(left + ax)
+                right = left + w
+            pushed = [c - w for c, w in zip(cols, wanted, strict=True) if w is not None]
+            drift = sum(pushed) // len(pushed) if pushed else 0  # slots pushed right: centre them again
+            return [c - drift for c in cols]
+
+        def mean(cols: list[int]) -> int | None:
+            return sum(cols) // len(cols) if cols else None
+
+        xs = [pack(i, [None] * len(slots), [0] * len(slots)) for i, slots in enumerate(graph.slots)]
+        n = len(graph.slots)
+        # down (each slot under what feeds it), up (each slot over what it feeds), down again
+        for i in range(1, n):
+            xs[i] = pack(i, [mean([xs[i - 1][j] for j in f]) for f in graph.sources[i]], xs[i])
+        for i in range(n - 2, -1, -1):
+            xs[i] = pack(i, [mean([xs[i + 1][j] for j in t]) for t in graph.targets[i]], xs[i])
+        for i in range(1, n):
+            xs[i] = pack(i, [mean([xs[i - 1][j] for j in f]) for f in graph.sources[i]], xs[i])
+        low = min(x - extent(s)[0] for slots, cols in zip(graph.slots, xs, strict=True)
+                  for s, x in zip(slots, cols, strict=True))
+        xs = [[x - low for x in cols] for cols in xs]
+        width = 0
+        for slots, cols in zip(graph.slots, xs, strict=True):
+            for slot, x in zip(slots, cols, strict=True):
+                b = blocks.get(slot[1]) if slot[0] == "node" else None
+                width = max(width, x + (b.width - b.axis if b is not None else 1))
+        first = xs[0]
+        axis = (first[0] + first[-1]) // 2
+        nearest = min(first, key=lambda a: (abs(a - axis), a))
+        if abs(nearest - axis) <= 3:
+            axis = nearest
+        single = first == [axis]  # one node first: the flow enters it straight, as in a chain
+        rows: list[Row] = [] if single else [self.bus(width, {axis}, set(first), False)]
+        for i, (slots, cols) in enumerate(zip(graph.slots, xs, strict=True)):
+            row = _blank(width)
+            for slot, x in zip(slots, cols, strict=True):
+                b = blocks.get(slot[1]) if slot[0] == "node" else None
+                row[x] = self.c.arrow if b is not None and not b.head_line else self.c.line
+            if i or not single:
+                rows.append(row)
+            height = max((blocks[s[1]].height for s in slots if s[0] == "node"), default=0)
+            band = [_blank(width) for _ in range(height)]
+            for slot, x in zip(slots, cols, strict=True):
+                if slot[0] == "node":
+                    b = blocks[slot[1]]
+                    for j in range(height):
+                        if j < b.height:
+                            _put(band[j], x - b.axis, b.rows[j])
+                        else:
+                            band[j][x] = self.c.line
+                else:
+                    for j in range(height):
+                        band[j][x] = self.c.line
+            rows += band
+            if i + 1 < len(graph.slots):
+                below = []
+                for slot, x in zip(graph.slots[i + 1], xs[i + 1], strict=True):
+                    ax, w = extent(slot)
+                    below.append((x, x - ax, x - ax + w - 1))
+                channel = self.channel(width, cols, below, graph.targets[i])
+                if channel is None:
+                    return None
+                rows += channel
+        if xs[-1] != [axis]:
+            rows.append(self.bus(width, set(xs[-1]), {axis}, False))
+        undo = any(self.view.node(s).get("compensate") for k in graph.keys for s in self.view.steps_in(k))
+        head_line = not single or blocks[graph.slots[0][0][1]].head_line
+        return Block(rows, axis, head_line=head_line, undo_inside=undo,
+                     strained=any(b.strained for b in blocks.values()), uses=_uses(list(blocks.values())))
+
+    def channel(self, width: int, above: list[int], below: list[tuple[int, int, int]],
+                targets: list[list[int]]) -> list[Row] | None:
+        """The rows joining a layer's slots (axis columns ``above``) to the next layer's (``below``:
+        axis, first and last column of each). Every edge gets a column of its own over its target:
+        a slot's line first splits to the columns of its edges (a row per slot that must split or
+        move), then the columns over each target merge into its axis (one row). A line only ever
+        splits or only ever merges, so no drawn path leads anywhere its slot does not; lines that
+        cross without joining show a ``│`` cutting a ``─``. None when the edges cannot be routed so."""
+        incoming: list[list[int]] = [[] for _ in below]
+        for i, tgts in enumerate(targets):
+            for j in tgts:
+                incoming[j].append(i)
+        sources = set(above)
+        taken: set[int] = set()
+        column: dict[tuple[int, int], int] = {}  # (source slot, target slot) -> the edge's column
+        def elsewhere(c: int, j: int) -> bool:  # over another slot of the next layer
+            return any(lo - 1 <= c <= hi + 1 for k, (_, lo, hi) in enumerate(below) if k != j)
+
+        for j, (axis, lo, hi) in enumerate(below):
+            srcs = sorted(incoming[j], key=lambda i: above[i])
+            if len(srcs) == 1:  # one line in: it enters at the axis
+                column[(srcs[0], j)] = axis
+                taken.add(axis)
+                continue
+            for i in srcs:  # straight down where the slot's line already is, if over no other slot
+                if above[i] not in taken and not elsewhere(above[i], j):
+                    column[(i, j)] = above[i]
+                    taken.add(above[i])
+            for i in srcs:
+                if (i, j) in column:
+                    continue
+                free = [c for c in range(lo, hi + 1) if c not in taken and c not in sources]
+                if not free:
+                    return None
+                column[(i, j)] = min(free, key=lambda c: (abs(c - above[i]), c))
+                taken.add(column[(i, j)])
+        # rows that split: one per slot whose line does not simply drop into its one column
+        splits = {i: sorted({column[(i, j)] for j in tgts}) for i, tgts in enumerate(targets)}
+        moving = [i for i in range(len(above)) if splits[i] and splits[i] != [above[i]]]
+        row_of: dict[int, int] = {}
+        spans: list[list[tuple[int, int]]] = []
+        pending = sorted(moving, key=lambda i: above[i])
+        while pending:  # a slot whose column is another's edge column must split above that one
+            ready = [i for i in pending if not any(above[o] in splits[i] for o in pending if o != i)]
+            if not ready:
+                return None
+            i = ready[0]
+            pending.remove(i)
+            lo, hi = min(above[i], *splits[i]), max(above[i], *splits[i])
+            r = max((row_of[o] + 1 for o in row_of if above[o] in splits[i]), default=0)
+            while r < len(spans) and any(lo <= b + 1 and a - 1 <= hi for a, b in spans[r]):
+                r += 1
+            if r == len(spans):
+                spans.append([])
+            spans[r].append((lo, hi))
+            row_of[i] = r
+        merging = [j for j, (axis, _, _) in enumerate(below)
+                   if {column[(i, j)] for i in incoming[j]} - {axis} and incoming[j]]
+        merge_row: dict[int, int] = {}  # target slot -> its merge row
+        merges: list[list[tuple[int, int]]] = []
+        for j in sorted(merging, key=lambda j: min(column[(i, j)] for i in incoming[j])):
+            cols = {column[(i, j)] for i in incoming[j]} | {below[j][0]}
+            lo, hi = min(cols), max(cols)
+            r = 0
+            while r < len(merges) and any(lo <= b + 1 and a - 1 <= hi for a, b in merges[r]):
+                r += 1
+            if r == len(merges):
+                merges.append([])
+            merges[r].append((lo, hi))
+            merge_row[j] = len(spans) + r
+        height = len(spans) + len(merges)
+        # vertical segments (column, top, bottom): the line crosses every row boundary between them
+        segments: list[tuple[int, int, int]] = []
+        junctions: dict[int, list[tuple[int, int, set[int]]]] = {}  # row -> (lo, hi, joined columns)
+        for i in range(len(above)):
+            top = row_of.get(i, -1)
+            if i in row_of:
+                segments.append((above[i], -1, top))
+                cols = set(splits[i]) | {above[i]}
+                junctions.setdefault(top, []).append((min(cols), max(cols), cols))
+            for j in targets[i]:
+                c = column[(i, j)]
+                segments.append((c, top, merge_row.get(j, height)))
+        for j in merging:
+            axis = below[j][0]
+            cols = {column[(i, j)] for i in incoming[j]} | {axis}
+            junctions.setdefault(merge_row[j], []).append((min(cols), max(cols), cols))
+            segments.append((axis, merge_row[j], height))
+        rows = [_blank(width) for _ in range(height)]
+        for r in range(height):
+            for c in range(width):
+                up = any(col == c and top < r <= bottom for col, top, bottom in segments)
+                down = any(col == c and top <= r < bottom for col, top, bottom in segments)
+                span = next((s for s in junctions.get(r, ()) if s[0] <= c <= s[1]), None)
+                if span is None:
+                    if up or down:
+                        rows[r][c] = self.c.line
+                elif c in span[2]:
+                    rows[r][c] = self.c.junction((int(up), int(down), int(c > span[0]), int(c < span[1])), False)
+                else:  # a line of another edge passes: it crosses, it does not join
+                    rows[r][c] = self.c.line if up and down else self.c.junction((0, 0, 1, 1), False)
+        return rows
 
     # --- the whole diagram -----------------------------------------------------------------
 
@@ -504,16 +782,20 @@ class _Ascii:
         body = self.list_(view.root, self.width)
         start = Block([cells(f"{c.start} start")], 0)
         end = Block([cells(f"{c.end} end")], 0, head_line=False)
-        whole = self.stack([start, body, end])
-        lines = [view.flow_title(self.g)]
+        whole = self.stack([start, body, end], self.width)
+        lines = wrap(view.flow_title(self.g), self.width)
         if view.flow.get("description"):
             lines += wrap(str(view.flow["description"]), self.width)
         lines.append("")
         lines += ["".join(r).rstrip() for r in whole.rows]
-        lines += self.footer()
+        lines += self.footer(whole.uses)
+        drawn = max(width_of(line) for line in lines)
+        if drawn > self.width:  # groups nested too deep for the width: say so rather than cut
+            lines += ["", *wrap(f"note: drawn {drawn} columns wide: the groups of this flow nest too deeply "
+                                f"to fit {self.width} (each level takes 4 columns)", self.width)]
         return "\n".join(lines).rstrip("\n") + "\n"
 
-    def footer(self) -> list[str]:
+    def footer(self, uses: frozenset[str]) -> list[str]:
         view, c, g = self.view, self.c, self.g
         out: list[str] = []
         steps = [view.node(k) for k in view.steps()]
@@ -521,10 +803,16 @@ class _Ascii:
                    "timeout": any(n.get("timeout_ms") for n in steps),
                    "llm": any(n.get("kind") == "llm" for n in steps),
                    "undo": any(n.get("compensate") for n in steps)}
+        undo = g.undo if c is UNICODE else f'"{g.undo}"'  # the ASCII symbol ends in a colon of its own
+        if "undo beside" in uses:
+            undo = f"{c.undo_link} {undo}: compensation (undo)" + (
+                f", beside its step or in its box below a {c.undo.h * 2} line" if "undo inside" in uses else "")
+        else:
+            undo = f"{undo}: compensation (undo), in its step's box below a {c.undo.h * 2} line"
         meanings = {"retry": f"{g.retry.strip()} N: N attempts in all (backoff, delays)",
                     "timeout": f"{g.timeout.strip()}: timeout of each attempt",
                     "llm": f"{c.llm.tl}{c.llm.h}{c.llm.tr}: LLM step",
-                    "undo": f"{c.undo_link} {g.undo}: compensation (undo)"}
+                    "undo": undo}
         shown = [meanings[k] for k, on in present.items() if on]
         if shown:
             out += ["", *wrap("key: " + "; ".join(shown), self.width)]
@@ -551,6 +839,55 @@ class _Ascii:
                 line += entry
             out.append(line)
         return out
+
+
+class _Dag:
+    """A sibling list's ``needs:`` graph cut into layers, ready to draw.
+
+    ``slots[i]``: what layer ``i`` holds, left to right: ``("node", key)`` for a node of that layer,
+    ``("via", key)`` for the line of an earlier node passing the layer on its way to a later one
+    (or to the list's end, for a node nothing in the list needs). ``sources[i][j]``: the slots of
+    layer ``i - 1`` whose lines enter slot ``j`` of layer ``i``; ``targets[i][j]``: the slots of
+    layer ``i + 1`` that slot ``j`` of layer ``i`` leads to.
+    """
+
+    def __init__(self, view: PlanView, keys: tuple[str, ...]):
+        self.keys = keys
+        inside = set(keys)
+        self.layers = view.list_layers(keys)
+        layer_of = {k: i for i, layer in enumerate(self.layers) for k in layer}
+        self.needs = {k: [d for d in view.deps(k) if d in inside and layer_of[d] < layer_of[k]] for k in keys}
+        end = len(self.layers)
+        needed_by: dict[str, list[str]] = {k: [] for k in keys}
+        for k in keys:
+            for d in self.needs[k]:
+                needed_by[d].append(k)
+        reach = {k: max((layer_of[v] for v in needed_by[k]), default=end) for k in keys}
+        order = {k: i for i, k in enumerate(keys)}
+        self.slots: list[list[tuple[str, str]]] = []
+        self.sources: list[list[list[int]]] = []
+        for i, layer in enumerate(self.layers):
+            slots = [("node", k) for k in layer]
+            slots += [("via", k) for k in keys if layer_of[k] < i < reach[k]]
+            if i == 0:
+                self.slots.append(slots)
+                self.sources.append([[] for _ in slots])
+                continue
+            prev = {s[1]: j for j, s in enumerate(self.slots[-1])}  # a key is in at most one slot per layer
+            feeds = {s: sorted(prev[d] for d in (self.needs[s[1]] if s[0] == "node" else [s[1]])) for s in slots}
+            slots.sort(key=lambda s: (sum(feeds[s]) / len(feeds[s]) if feeds[s] else 0.0, s[0] == "via",
+                                      order[s[1]]))
+            self.slots.append(slots)
+            self.sources.append([feeds[s] for s in slots])
+        self.targets: list[list[list[int]]] = [[[] for _ in slots] for slots in self.slots]
+        for i in range(1, len(self.slots)):
+            for j, feeds_j in enumerate(self.sources[i]):
+                for f in feeds_j:
+                    self.targets[i - 1][f].append(j)
+
+    def edges(self) -> set[tuple[str, str]]:
+        """``(needed, needing)`` pairs: what the drawing must show."""
+        return {(d, k) for k in self.keys for d in self.needs[k]}
 
 
 def render_ascii(plan: Mapping[str, Any], *, run_states: RunStates | None = None, ascii_only: bool = False,

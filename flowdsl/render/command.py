@@ -3,8 +3,9 @@
 Stage: CLI. Imports typer and stdlib at module level (the CLI starts fast);
 the compiler, the renderers and rich are imported inside the command.
 Registered in :mod:`flowdsl.cli`. Exit codes: 0 drawn; 1 the spec has errors;
-2 usage error (bad option combination, missing run, unreadable record,
-Graphviz missing).
+2 usage error (bad option combination, an option the format does not take, an -o
+suffix that contradicts --format, missing run, unreadable record, events that are
+not a run of the spec's flow, Graphviz missing).
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 
 def _pick_format(fmt: DiagramFormat | None, output: Path | None) -> str:
-    if fmt is not None:
-        return fmt.value
-    if output is not None:
-        return SUFFIX_FORMATS.get(output.suffix.lower(), "ascii")
-    return "ascii"
+    """The format to draw: ``--format``, else the one -o's suffix names, else ascii. A suffix that
+    names another format than ``--format`` is refused (``.md`` takes any text format, fenced)."""
+    implied = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if fmt is None:
+        return implied or "ascii"
+    if output is not None and implied is not None and implied != fmt.value \
+            and not (output.suffix.lower() == ".md" and fmt.value in _FENCES):
+        fitting = " or ".join(s for s, f in SUFFIX_FORMATS.items() if f == fmt.value and s != ".md")
+        raise _fail(f"-o {output} names a {implied} file but --format is {fmt.value}: write {fmt.value} to a "
+                    f"file ending in {fitting} (or leave out --format: the suffix of -o chooses the format)")
+    return fmt.value
 
 
 def _run_events(run: str | None, events: Path | None, runs_dir: Path | None) -> tuple[Path | None, str | None]:
@@ -88,25 +95,37 @@ def diagram(
     runs_dir: Annotated[Path | None, typer.Option(
         "--runs-dir", help="where --run looks for records [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]",
         show_default=False)] = None,
-    width: Annotated[int, typer.Option("--width", help="ASCII form: target width in columns", min=40)] = 80,
+    width: Annotated[int | None, typer.Option(
+        "--width", help="ASCII form: the width to fit, in columns (at least 40) [default: 80]", min=40,
+        show_default=False)] = None,
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="read the --run from this Redis deployment's journal instead of a local record",
         metavar="URL")] = None,
-    prefix: Annotated[str | None, typer.Option("--prefix", help="with --redis-url: the deployment's key prefix")]
-    = None,
+    prefix: Annotated[str | None, typer.Option(
+        "--prefix", help="with --redis-url: the deployment's key prefix [default: $FLOWDSL_REDIS_PREFIX or flowdsl]",
+        show_default=False)] = None,
 ) -> None:
     """Draw a spec's execution plan as Mermaid, ASCII art, DOT, SVG or PNG, optionally with a run's states."""
     kind = _pick_format(fmt, output)
-    if fmt is None and output is not None and output.suffix.lower() == ".md":
+    if output is not None and output.suffix.lower() == ".md" and kind in _FENCES:
         markdown = True  # a Markdown file gets a fenced block GitHub renders
     if ascii_only and kind != "ascii":
         raise _fail("--ascii-only applies to the ascii format")
+    if width is not None and kind != "ascii":
+        raise _fail(f"--width applies to the ascii format; {kind} is laid out by "
+                    + ("Mermaid" if kind == "mermaid" else "Graphviz"))
     if markdown and kind not in _FENCES:
         raise _fail(f"--markdown wraps text diagrams; {kind} is an image")
     if kind == "png" and output is None and sys.stdout.isatty():
         raise _fail("png is binary: write it to a file with -o FILE.png")
+    if run is not None and events is not None:
+        raise _fail("--run and --events both name a run; give one of them")
     if redis_url is not None and run is None:
         raise _fail("--redis-url reads a run: give its id with --run")
+    if prefix is not None and redis_url is None:
+        raise _fail("--prefix is the key prefix of a Redis deployment: it goes with --redis-url URL and --run")
+    if runs_dir is not None and (run is None or redis_url is not None):
+        raise _fail("--runs-dir is where --run looks for a local record: give --run (and no --redis-url)")
     record, run_id = _run_events(run, events, runs_dir) if redis_url is None else (None, run)
 
     from flowdsl.api import compile_spec
@@ -121,7 +140,7 @@ def diagram(
     plan = result.plan
 
     from flowdsl.render import RenderError, render
-    from flowdsl.render.runstate import derive_states, read_events, record_plan
+    from flowdsl.render.runstate import check_run_of, derive_states, read_events, record_plan
     from flowdsl.runtime.record import RecordError
 
     states = None
@@ -131,19 +150,28 @@ def diagram(
         journaled = run_events(run_id, url=redis_url, prefix=prefix, console=_console())
         if journaled is None:
             raise typer.Exit(2)
+        try:
+            check_run_of(plan, journaled, source=f"run {run_id}")
+        except RenderError as exc:
+            raise _fail(str(exc)) from None
         states = derive_states(plan, journaled)
     if record is not None:
+        source = f"run {run_id} ({record})" if run_id else str(record)
         try:
             log = read_events(record)
-        except RecordError as exc:
+            recorded = record_plan(record)
+            flow = recorded.get("flow") if recorded is not None else None
+            recorded_flow = str(flow["name"]) if isinstance(flow, dict) and flow.get("name") else None
+            check_run_of(plan, log, source=source, recorded_flow=recorded_flow)
+        except (RecordError, RenderError) as exc:
             raise _fail(str(exc)) from None
-        recorded = record_plan(record)
         if recorded is not None and recorded != plan:
             _console().print(f"[yellow]warning[/]: the spec has changed since run "
                              f"{run_id or record.stem} was recorded; drawing the current plan")
         states = derive_states(plan, log)
-        if run_id and states.run_id is None:
-            states = type(states)(states.steps, states.undos, run_id, states.status, states.iterations)
+        if states.run_id is None:  # the events name no run: the legend names where they came from
+            states = type(states)(states.steps, states.undos, run_id or record.name, states.status,
+                                  states.iterations)
     try:
         drawn = render(plan, kind, run_states=states, ascii_only=ascii_only, width=width)
     except RenderError as exc:

@@ -19,12 +19,12 @@ skipped, pending).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowdsl.render.view import STATES, PlanView
+from flowdsl.render.view import STATES, PlanView, RenderError
 from flowdsl.runtime.record import RecordError, read_record
 
 #: event type -> the state of the step instance it leaves behind
@@ -139,6 +139,38 @@ def derive_states(plan: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) 
             steps[key] = _worst(kids) if any(s != "pending" for s in kids) else "pending"
     undos = {key: _undo_worst(states.values()) for key, states in sorted(undo_instances.items())}
     return RunStates(steps=steps, undos=undos, run_id=run_id, status=status, iterations=counts)
+
+
+def check_run_of(plan: Mapping[str, Any], events: Sequence[Mapping[str, Any]], *, source: str,
+                 recorded_flow: str | None = None) -> None:
+    """Refuse events that are not a run of ``plan``'s flow, with a :class:`RenderError` saying why.
+
+    ``source`` names where the events came from (a file, a run id), for the message;
+    ``recorded_flow`` is the flow name a run record's header gives, when it has one. Refused:
+    no events at all; a run of a flow of another name (the record's header, or the
+    ``run_started`` event, says which); events most of whose step names the plan does not know.
+    A run of the same flow whose spec has changed since is accepted (the caller may warn).
+    """
+    view = PlanView(plan)
+    name = str(view.flow.get("name") or "flow")
+    if not events:
+        raise RenderError(f"{source} holds no events: there is no run to draw")
+    started = next((ev.get("flow") for ev in events if ev.get("type") == "run_started"), None)
+    flow = recorded_flow if recorded_flow is not None else started
+    if flow is not None and str(flow) != name:
+        raise RenderError(f"{source} is a run of flow '{flow}', not of '{name}' (the spec drawn): "
+                          f"draw it with the spec of '{flow}'")
+    keys = set(view.nodes)
+    steps = {str(ev["step"]): ev.get("node") for ev in events if isinstance(ev.get("step"), str)}
+    unknown = sorted(s for s, node in steps.items() if node not in keys and node_of(s, keys) is None)
+    if not steps and started is None:
+        raise RenderError(f"{source} holds no run events of flow '{name}' (no run_started, no step events)")
+    if unknown and 2 * len(unknown) > len(steps):
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise RenderError(f"{source} is not a run of flow '{name}': {len(unknown)} of the {len(steps)} steps "
+                          f"it names are not in it ({shown}); "
+                          + ("it is a run of another flow" if flow is None else
+                             f"it is a run of a flow also named '{flow}' whose steps differ"))
 
 
 def _worst(states: Iterable[str]) -> str:

@@ -9,6 +9,7 @@ compensations, and in which order a failed run undoes its steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,17 @@ def _split_word(word: str, width: int) -> list[str]:
     return [*pieces, word] if word else pieces
 
 
+def _case_order(match: Any) -> tuple[int, float, str]:
+    """Where a switch case is drawn: numeric labels first, by value (``9`` before ``10``), then the
+    others by their text (``false`` before ``true``); the plan stores them by text."""
+    text = str(match)
+    try:
+        value = float(text)
+    except ValueError:
+        return (1, 0.0, text)
+    return (0, value, text) if math.isfinite(value) else (1, 0.0, text)
+
+
 def clean(text: Any) -> str:
     """Text safe for any label: tabs to spaces, every line break to ``\\n``, other control characters dropped."""
     s = str(text).replace("\r\n", "\n").replace("\t", " ")
@@ -197,8 +209,8 @@ class PlanView:
         if kind == "parallel":
             return [Lane(None, (child,)) for child in node.get("children") or ()]
         if kind == "switch":
-            lanes = [Lane(f"= {case.get('match')}", tuple(case.get("children") or ()))
-                     for case in node.get("cases") or ()]
+            cases = sorted(node.get("cases") or (), key=lambda case: _case_order(case.get("match")))
+            lanes = [Lane(f"= {case.get('match')}", tuple(case.get("children") or ())) for case in cases]
             if node.get("default") is not None:
                 lanes.append(Lane("default", tuple(node["default"])))
             return lanes

@@ -128,3 +128,91 @@ def test_a_run_recorded_by_the_local_runtime(tmp_path: Path) -> None:
     assert code == 0, err
     assert "✓ validate_order" in out and "↺ check_inventory" in out and "✗ process_payment" in out
     assert "↺ ↶ release_inventory" in out and "run r-declined: compensated" in out
+
+
+def _record(path: Path, plan: dict, events: list[dict]) -> Path:
+    header = {"type": "record", "plan": plan, "input": {}}
+    path.write_text("\n".join(json.dumps(x) for x in [header, *events]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_events_that_are_not_a_run_of_the_flow_are_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    code, out, err = run(ECOMMERCE, "--events", str(empty))
+    assert code == 2 and out == "" and "holds no events" in err and "Traceback" not in err
+    strangers = tmp_path / "strangers.jsonl"
+    strangers.write_text("\n".join(json.dumps({"type": "step_succeeded", "step": s, "run_id": "r-x"})
+                                   for s in ("alpha", "beta", "gamma")) + "\n", encoding="utf-8")
+    code, _, err = run(ECOMMERCE, "--events", str(strangers))
+    assert code == 2 and "not a run of flow 'ecommerce_order'" in err and "alpha" in err
+    other = compile_plan(EXAMPLES / "order_management" / "flow.yaml")
+    _, events = simulate(other, run_id="r-other")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    _record(runs / "r-other.jsonl", other, events)
+    for args in (("--run", "r-other", "--runs-dir", str(runs)), ("--events", str(runs / "r-other.jsonl"))):
+        code, _, err = run(ECOMMERCE, *args)
+        assert code == 2, err
+        assert "run of flow 'order_management', not of 'ecommerce_order'" in " ".join(err.split())
+        assert "has changed" not in err
+    _record(runs / "r-bare.jsonl", other, [e for e in events if e.get("type") != "run_started"])
+    code, _, err = run(ECOMMERCE, "--events", str(runs / "r-bare.jsonl"))  # the header still names the flow
+    assert code == 2 and "order_management" in err
+
+
+def test_events_without_a_run_id_are_captioned_by_their_file(tmp_path: Path) -> None:
+    plan = compile_plan(Path(ECOMMERCE))
+    _, events = simulate(plan, fail={"process_payment"})
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({k: v for k, v in e.items() if k != "run_id"}) for e in events) + "\n",
+                   encoding="utf-8")
+    code, out, err = run(ECOMMERCE, "--events", str(log))
+    assert code == 0, err
+    assert "\nrun log.jsonl: " in out
+
+
+def test_options_a_format_does_not_take_are_refused(tmp_path: Path) -> None:
+    for fmt in ("mermaid", "dot", "svg", "png"):
+        code, _, err = run(ECOMMERCE, "-f", fmt, "--width", "100", "-o", str(tmp_path / f"x.{fmt}"))
+        assert code == 2 and "--width applies to the ascii format" in err
+        assert not (tmp_path / f"x.{fmt}").exists()
+    code, _, err = run(ECOMMERCE, "-f", "ascii", "--width", "100")
+    assert code == 0 and err == ""
+
+
+def test_an_output_suffix_that_contradicts_the_format_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "x.svg"
+    code, _, err = run(ECOMMERCE, "-f", "png", "-o", str(target))
+    assert code == 2 and "names a svg file but --format is png" in " ".join(err.split()) and ".png" in err
+    assert not target.exists()
+    code, _, err = run(ECOMMERCE, "-f", "mermaid", "-o", str(tmp_path / "x.dot"))
+    assert code == 2 and "names a dot file" in err
+    readme = tmp_path / "x.md"  # a Markdown file takes any text format, fenced
+    assert run(ECOMMERCE, "-f", "ascii", "-o", str(readme))[0] == 0
+    assert readme.read_text(encoding="utf-8").startswith("```text\necommerce_order")
+    assert run(ECOMMERCE, "-f", "dot", "-o", str(tmp_path / "plain"))[0] == 0  # no suffix: nothing to contradict
+
+
+def test_redis_and_record_options_need_their_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWDSL_REDIS_URL", "redis://127.0.0.1:1/0")  # never reached: refused before connecting
+    code, _, err = run(ECOMMERCE, "--prefix", "shop")
+    assert code == 2 and "--prefix" in err and "--redis-url" in err
+    code, _, err = run(ECOMMERCE, "--run", "r-1", "--prefix", "shop", "--runs-dir", str(tmp_path))
+    assert code == 2 and "--prefix" in err
+    code, _, err = run(ECOMMERCE, "--runs-dir", str(tmp_path))
+    assert code == 2 and "--runs-dir" in err
+    code, _, err = run(ECOMMERCE, "--run", "r-1", "--redis-url", "redis://127.0.0.1:1/0", "--runs-dir", str(tmp_path))
+    assert code == 2 and "--runs-dir" in err
+    code, _, err = run(ECOMMERCE, "--run", "r-1", "--redis-url", "redis://127.0.0.1:1/0",
+                       "--events", str(tmp_path / "e.jsonl"))
+    assert code == 2 and "give one of them" in err
+
+
+def test_render_refuses_options_its_format_does_not_take() -> None:
+    from flowdsl.render import RenderError, render
+
+    plan = compile_plan(Path(ECOMMERCE))
+    for fmt, options in (("mermaid", {"width": 100}), ("dot", {"ascii_only": True}), ("ascii", {"markdown": True})):
+        with pytest.raises(RenderError, match="applies to the"):
+            render(plan, fmt, **options)  # type: ignore[arg-type]
