@@ -98,17 +98,20 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
         if isinstance(call, dict):
             return call
         found, data, ctx = call
-        if found.is_async:
-            result = await found.fn(data, ctx)
-        else:
-            result = await _in_thread(found.fn, data, ctx)
-            if inspect.isawaitable(result):
-                result = await result
+        result = await found.fn(data, ctx) if found.is_async else await _call_sync(found, data, ctx)
     except BaseException as exc:  # the worker's (or the model's) failure, whatever it is
         if not _is_failure(exc):
             raise
         return _exception_event(task_id, exc)
     return _answer(task_id, result)
+
+
+async def _call_sync(found: Worker, data: Any, ctx: StepContext) -> Any:
+    """Call a sync worker in a thread (and await what it returns, if that is awaitable)."""
+    result = await _in_thread(found.fn, data, ctx)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 class Suspended:
@@ -332,12 +335,7 @@ async def _execute_fallback(command: Mapping[str, Any], registry: WorkerRegistry
     if isinstance(call, dict):
         return call
     found, arg, ctx = call
-    if found.is_async:
-        result = await found.fn(arg, ctx)
-    else:
-        result = await _in_thread(found.fn, arg, ctx)
-        if inspect.isawaitable(result):
-            result = await result
+    result = await found.fn(arg, ctx) if found.is_async else await _call_sync(found, arg, ctx)
     if isinstance(result, dict) and json_problem(result) is not None:
         return _answer(command["task_id"], result)  # not JSON: the worker's mistake, said as for any worker
     outputs = check_fallback_result(block, result, worker=found.name, step_key=command["step"], inputs=data,
