@@ -64,6 +64,28 @@ RedisUrlOpt = Annotated[str | None, typer.Option(
 PrefixOpt = Annotated[str | None, typer.Option(
     "--prefix", help="key prefix of the deployment [default: $FLOWDSL_REDIS_PREFIX or flowdsl]")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text for people, json for programs")]
+
+#: the ranges of the duration options (seconds): a value outside, or not a finite number, is a usage error
+DAY = 24 * 3600.0
+RETENTION_RANGE = (1.0, 3650 * DAY, "10 years")  # a finished run is kept at least a second
+SCHEDULE_TIMEOUT_RANGE = (0.001, 365 * DAY, "365 days")
+LEASE_RANGE = (0.1, DAY, "1 day")
+GRACE_RANGE = (0.0, DAY, "1 day")
+
+
+def _seconds(low: float, high: float, span: str) -> Any:
+    """A typer callback refusing a duration that is not a finite number of seconds in [low, high]: nan, inf,
+    zero or negative where that means nothing (exit 2, naming the option, as click does for every bad value)."""
+    import math
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise typer.BadParameter(f"{value:g} is not a number of seconds from {low:g} to {high:.0f} ({span})")
+        return value
+
+    return check
+
+
 NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
 
 
@@ -297,10 +319,11 @@ def run(
     detach: Annotated[bool, typer.Option("--detach", help="(redis) print the run id and return at once")] = False,
     schedule_timeout: Annotated[float | None, typer.Option(
         "--schedule-timeout", help="(redis) seconds an attempt may wait for a worker before it fails with "
-        "ScheduleToStartTimeout [default: the workers' setting]", metavar="SECONDS")] = None,
+        "ScheduleToStartTimeout, 0.001 to 1 year [default: the workers' setting]", metavar="SECONDS",
+        callback=_seconds(*SCHEDULE_TIMEOUT_RANGE))] = None,
     retention: Annotated[float | None, typer.Option(
-        "--retention", help="(redis) seconds the finished run is kept [default: the workers' setting]",
-        metavar="SECONDS")] = None,
+        "--retention", help="(redis) seconds the finished run is kept, 1 to 10 years [default: the workers' "
+        "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
 ) -> None:
     """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
 
@@ -452,8 +475,9 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
 
     as_json = channel.active
     remote = backend is Backend.redis
-    if not remote and (detach or redis_url or schedule_timeout is not None or retention is not None):
-        raise _Stopped("--detach, --redis-url, --schedule-timeout and --retention need --backend redis")
+    if not remote and (detach or redis_url is not None or prefix is not None or schedule_timeout is not None
+                       or retention is not None):
+        raise _Stopped("--detach, --redis-url, --prefix, --schedule-timeout and --retention need --backend redis")
     if run_id is not None:
         try:
             check_run_id(run_id)
@@ -478,13 +502,19 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         if lm or runs_dir or no_record:
             _stderr().print("[yellow]note[/]: --lm, --runs-dir and --no-record apply to the local backend "
                             "(give --lm to `flowdsl worker`; Redis keeps the run's journal)")
-        said: list[str] = []
+        said: list[tuple[str, str]] = []
+        submitted: list[str] = []
         code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
                            detach=detach, as_json=as_json, schedule_timeout_s=schedule_timeout,
-                           retention_s=retention, console=_stderr(), on_error=said.append)
+                           retention_s=retention, console=_stderr(), on_error=lambda kind, text: said.append(
+                               (kind, text)), submitted=submitted)
         if as_json and not channel.written:  # said on stderr already; the one object says it too
-            channel.emit({"status": "error", "error": {"type": "RedisError" if code == EXIT_USAGE else "Interrupted",
-                                                       "message": "; ".join(said) or f"exit code {code}"}})
+            kind = said[-1][0] if said else "RedisError" if code == EXIT_USAGE else "Interrupted"
+            payload: dict[str, Any] = {"status": "error", "error": {
+                "type": kind, "message": "; ".join(text for _, text in said) or f"exit code {code}"}}
+            if submitted or run_id is not None:
+                payload["run_id"] = submitted[-1] if submitted else run_id
+            channel.emit(payload)
         return code
 
     from flowdsl.runtime.local import LocalRun, RunAborted, WorkersMissing
@@ -571,20 +601,22 @@ def worker(
         "-w", "--workers", help="a module whose @worker functions to serve (repeatable)", metavar="MODULE")] = None,
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="steps run at once")] = 32,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=10000,
+                                             help="steps run at once")] = 32,
     burst: Annotated[bool, typer.Option("--burst", help="drain the queues, then exit")] = False,
     lease: Annotated[float, typer.Option(
-        "--lease", min=0.1, help="seconds without a heartbeat after which a step is reclaimed by another "
-        "process", metavar="SECONDS")] = 30.0,
+        "--lease", help="seconds without a heartbeat after which a step is reclaimed by another "
+        "process, 0.1 to 1 day", metavar="SECONDS", callback=_seconds(*LEASE_RANGE))] = 30.0,
     schedule_timeout: Annotated[float | None, typer.Option(
         "--schedule-timeout", help="default for runs that set none: seconds an attempt may wait for a worker "
-        "before it fails with ScheduleToStartTimeout [default: no limit]", metavar="SECONDS")] = None,
+        "before it fails with ScheduleToStartTimeout, 0.001 to 1 year [default: no limit]", metavar="SECONDS",
+        callback=_seconds(*SCHEDULE_TIMEOUT_RANGE))] = None,
     retention: Annotated[float, typer.Option(
-        "--retention", help="default for runs that set none: seconds a finished run is kept",
-        metavar="SECONDS")] = 7 * 24 * 3600.0,
+        "--retention", help="default for runs that set none: seconds a finished run is kept, 1 to 10 years",
+        metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = 7 * 24 * 3600.0,
     grace: Annotated[float, typer.Option(
-        "--grace", help="on SIGTERM: seconds in-flight steps may take before they are handed back",
-        metavar="SECONDS")] = 10.0,
+        "--grace", help="on SIGTERM: seconds in-flight steps may take before they are handed back, 0 to 1 day",
+        metavar="SECONDS", callback=_seconds(*GRACE_RANGE))] = 10.0,
     lm: Annotated[str | None, typer.Option("--lm", help="language model for LLM steps that name none")] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="do not run LLM steps in this process")] = False,
     snapshot_kb: Annotated[int, typer.Option(
@@ -632,9 +664,9 @@ def runs(
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
     status_filter: Annotated[str | None, typer.Option(
-        "--status", help="only runs in this state (running, completed, compensated, ...)")] = None,
+        "--status", help="only runs in this state, any case (submitted, running, completed, compensated, ...)")] = None,
     flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="at most this many")] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most this many")] = 20,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """List recent Redis runs with their states, newest first."""

@@ -558,8 +558,10 @@ def _in_loop(plan: Mapping[str, Any], key: str) -> bool:
 # --- a recorded run's timeline ----------------------------------------------------------------
 
 
-def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: Any = None) -> None:
-    """``flowdsl show``: every recorded event with its time from the start, then the summary."""
+def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: Any = None, *,
+                   live: bool = False) -> None:
+    """``flowdsl show``: every recorded event with its time from the start, then the summary. ``live``: the
+    run is known to be still going (``flowdsl status`` of a Redis run), so an unfinished one is said to be."""
     con = _console(console)
     items = list(lines)
     t0 = result.started_at if result.started_at is not None else next((e.get("at") for e in items), 0)
@@ -575,7 +577,9 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
         if isinstance(meta, Mapping) and isinstance(meta.get("llm"), Mapping):
             con.print(" " * 10 + f"   [dim]{_llm_text(meta['llm'])}[/]")
     finished = any(e.get("type") == "run_finished" for e in items)
-    if not finished:
+    if not finished and live:
+        con.print(f"[cyan]the run is still going: {_esc(result.status)} so far[/]")
+    elif not finished:
         aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
         why = f" ({_esc(aborted.get('reason'))})" if aborted else " (the process stopped, or it is still running)"
         con.print(f"[yellow]the record ends before the run finished{why}; state when it ended: "

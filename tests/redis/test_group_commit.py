@@ -129,3 +129,23 @@ def test_a_wide_for_each_on_one_worker_is_group_committed(url: str, prefix: str)
         assert worker.advancer.grouped > 0 and stats.transitions < 41  # 40 results and the start
 
     asyncio.run(main())
+
+
+def test_a_transition_drops_only_what_it_both_did_and_undid() -> None:
+    """``_unsent``: an attempt dispatched and ended by one transition is never sent, nor its deadline; a timer
+    it set and then cleared is dropped, but not one it cleared (armed earlier) and set again, nor a later set."""
+    from flowdsl.runtime.redis.advance import _unsent
+    from flowdsl.runtime.redis.keys import Keys
+
+    run = "r1"
+    deadline = Keys.start_deadline(run, "r1/a#1")
+    ops = [{"o": "task", "q": "q", "m": {"task_id": "r1/a#1"}, "v": 1}, {"o": "timer", "k": deadline, "d": 5},
+           {"o": "timer", "k": "t1", "d": 5}, {"o": "untimer", "k": "t1"}, {"o": "timer", "k": "t1", "d": 9},
+           {"o": "untimer", "k": "t2"}, {"o": "timer", "k": "t2", "d": 7},
+           {"o": "cancel", "t": "r1/a#1"}, {"o": "untimer", "k": deadline}]
+    task_ops = [("s", "r1/a#1", "q"), ("x", "r1/a#1", ""), ("d", "r1/a#1", ""), ("s", "r1/b#1", "q")]
+    kept, kept_tasks = _unsent(run, ops, task_ops)
+    assert kept == [{"o": "timer", "k": "t1", "d": 9}, {"o": "untimer", "k": "t2"}, {"o": "timer", "k": "t2", "d": 7}]
+    assert kept_tasks == [("s", "r1/b#1", "q")]
+    chained = [("c", "r1/c#1", "r:tok", "{}"), ("d", "r1/c#1", "")]  # held by this process: no "task" op
+    assert _unsent(run, [], chained) == ([], [])

@@ -16,6 +16,7 @@ from flowdsl import compile_text
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.runtime.redis.advance import nonces
+from flowdsl.runtime.redis.client import RunIdTaken
 from flowdsl.runtime.redis.connection import RedisConfigError, connect, describe_url, resolve_url
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember, check_run_id
 from flowdsl.runtime.redis.store import Store
@@ -138,7 +139,9 @@ def test_submitting_a_run_id_twice_starts_one_run(url: str, prefix: str, server:
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             first = await client.submit(_plan(), {"script": {}}, run_id="twice")
-            second = await client.submit(_plan(), {"script": {"a": {"raise": "Other"}}}, run_id="twice")
+            second = await client.submit(_plan(), {"script": {}}, run_id="twice")  # the same submission again
+            with pytest.raises(RunIdTaken, match="another input"):  # the same id for another input: refused
+                await client.submit(_plan(), {"script": {"a": {"raise": "Other"}}}, run_id="twice")
             await _burst(url, prefix)
             third = await client.submit(_plan(), {"script": {}}, run_id="twice")
             result, journal = await client.result("twice")
@@ -146,7 +149,7 @@ def test_submitting_a_run_id_twice_starts_one_run(url: str, prefix: str, server:
 
     first, second, third, result, journal = asyncio.run(main())
     assert (first.created, second.created, third.created) == (True, False, False)
-    assert result.status == "completed"  # the first submission's input, not the second's
+    assert result.status == "completed"  # the first submission's input, not the refused one's
     assert [e["type"] for e in journal.inputs].count("start") == 1
     client = server.client()
     assert client.xlen(Keys(prefix).control) == 0 and client.zcard(Keys(prefix).runs) == 1

@@ -382,8 +382,11 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         r = cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"hang": true}}',
                 "--detach", "--run-id", "cli-2")
         assert r.exit_code == 0 and r.stdout.strip() == "cli-2"
-        again = cli("run", str(spec), "--backend", "redis", *common, "--detach", "--run-id", "cli-2")
+        again = cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"hang": true}}',
+                    "--detach", "--run-id", "cli-2")
         assert again.exit_code == 0 and "already submitted" in again.stderr
+        other = cli("run", str(spec), "--backend", "redis", *common, "--detach", "--run-id", "cli-2")
+        assert other.exit_code == 2 and "cli-2" in other.stderr  # the same id with another input: refused
         assert "no live worker" not in r.stderr + again.stderr  # the worker process serves every step
 
         listed = cli("runs", *common, "--format", "json")

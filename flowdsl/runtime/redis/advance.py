@@ -44,11 +44,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flowdsl.kernel import Decision, apply, start_event, start_run
+from flowdsl.kernel import END_STATES, Decision, apply, start_event, start_run
 from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
-from flowdsl.runtime.redis.store import Clock, JournalEntry, RunRecord, Store, TransitionResult
+from flowdsl.runtime.redis.store import Clock, JournalEntry, RunRecord, Store, TransitionResult, cancel_reasons
 
 __all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain",
            "Outcome"]
@@ -201,15 +201,22 @@ class Advancer:
     async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
                     recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
         """Start a submitted run (the kernel's ``start_run``); a run already started is left alone.
-        ``recover``, ``trigger`` and ``chain`` as for :meth:`apply_event`."""
+        ``recover``, ``trigger`` and ``chain`` as for :meth:`apply_event`.
+
+        A run cancelled before it started (cancel requests held in its ``cancel`` field) is started and
+        cancelled by one transition: ``start``, each ``cancel_requested`` once, and ``task_cancelled`` for
+        the attempts the start dispatched (no worker ever saw them: their messages are never sent), so it
+        ends ``cancelled`` having run nothing."""
         followups: tuple[str, ...] = ()
         relay = None
+        late = False  # a cancel request may have been held after the submission was read: apply it now
         async with self._lock(run_id):
             if recover:
                 followups = await self._flush(run_id, trigger)
             sub = await self.store.submission(run_id)
             if sub is None or sub["started"]:
                 outcome = Outcome.MISSING if sub is None else Outcome.SKIPPED
+                late = sub is not None
             else:
                 at = self.clock.now()
                 decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"])
@@ -221,18 +228,49 @@ class Advancer:
                     meta.append(("ret", self.retention_ms))
                 if sts is not None and sub["sts"] is None:
                     meta.append(("sts", sts))
-                if sub["cancel"] is not None:
+                held = sub["cancel"]
+                steps: list[_Applied] = [(start, decision, None, "", None if held else chain)]
+                if held:
                     chain = None  # cancelled before it started: nothing to run here
-                result, ops = await self._commit(record, [(start, decision, None, "", chain)], meta=meta)
+                    steps += _cancelled_at_start(sub["plan"], decision.state, held, at)
+                    meta.append(("cc", len(held)))
+                result, ops = await self._commit(record, steps, meta=meta)
                 outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
-        if outcome == Outcome.APPLIED and sub is not None and sub["cancel"] is not None:
-            await self._tail(run_id, relay, followups, [])  # cancelled before it started: cancel it now
-            await self.apply_event(run_id, {"type": "cancel_requested", "reason": sub["cancel"]}, ack=list(ack))
-            return outcome
+                    late = len(result.held_cancels) > len(held)
         await self._tail(run_id, relay, followups, [] if chain is not None and chain.command else list(ack))
+        if late:
+            await self._held_cancels(run_id)
         return outcome
+
+    async def _held_cancels(self, run_id: str) -> None:
+        """Apply the cancel requests held for a started run's start that its start did not apply (one was
+        held while the start was being computed); ``cc`` in the run's hash counts those applied."""
+        for _ in range(_MAX_CONFLICTS):
+            async with self._lock(run_id):
+                version, applied, raw = await self.store.call("HMGET", self.keys.run(run_id), "v", "cc", "cancel")
+                held = cancel_reasons(raw)
+                done = int(applied or 0)
+                if version is None or len(held) <= done:
+                    return
+                self._cache.pop(run_id, None)
+                record = await self._record(run_id)
+                if record is None or record.state["status"] in END_STATES:
+                    return  # over already: nothing left to cancel
+                if record.version != int(version):
+                    continue  # written meanwhile: read again
+                steps: list[_Applied] = []
+                for reason in held[done:]:
+                    event = {"type": "cancel_requested", "reason": reason, "at": self.clock.now()}
+                    steps.append((event, apply(record.plan, record.state, event), None, "", None))
+                result, ops = await self._commit(record, steps, meta=[("cc", len(held))])
+                if not result.applied:
+                    self._cache.pop(run_id, None)
+                    continue
+                relay = (result.version, ops, result.cancelled_queued)
+            await self._tail(run_id, relay, (), [])
+            return
 
     async def recover(self, run_id: str, trigger: str = "") -> None:
         """Relay what a process that died left in the run's outbox (before taking over its trigger ``trigger``:
@@ -322,6 +360,8 @@ class Advancer:
             if held_command is not None:
                 held.append((chain, held_command))  # type: ignore[arg-type]
             entries.append((dumps(event), dumps(decision.events), guard, reporter))
+        if len(steps) > 1:
+            ops, task_ops = _unsent(run_id, ops, task_ops)
         state = record.state
         kept = bool(held) and len(state["tasks"]) == 1  # a chain: the run's one task in flight runs here
         snapshot = finished or record.version == 0 or self._snapshot_due(record, kept, len(steps))
@@ -528,6 +568,45 @@ class Advancer:
 
     def _lock(self, run_id: str) -> _RunLock:
         return _RunLock(self._locks, run_id)
+
+
+def _cancelled_at_start(plan: dict[str, Any], state: dict[str, Any], reasons: tuple[str, ...], at: int
+                        ) -> list[_Applied]:
+    """The input events that cancel a run its start has just begun (``state``), applied to it: each held
+    cancel request once, then ``task_cancelled`` for every attempt the kernel asks to cancel — the start
+    dispatched them in the same transition, so no worker has them (:func:`_unsent` drops their messages)."""
+    steps: list[_Applied] = []
+    events: list[dict[str, Any]] = [{"type": "cancel_requested", "reason": r, "at": at} for r in reasons]
+    while events:
+        event = events.pop(0)
+        decision = apply(plan, state, event)
+        steps.append((event, decision, None, "", None))
+        events += [{"type": "task_cancelled", "task_id": c["task_id"], "at": at}
+                   for c in decision.commands if c["op"] == "cancel_task"]
+    return steps
+
+
+def _unsent(run_id: str, ops: list[dict[str, Any]], task_ops: list[tuple[str, ...]]
+            ) -> tuple[list[dict[str, Any]], list[tuple[str, ...]]]:
+    """Drop what one transition both did and undid: the attempts it dispatched and ended (a run cancelled
+    by the transition that starts it), with their messages and deadlines, and the timers it set and cleared."""
+    dispatched = {op[1] for op in task_ops if op[0] in ("s", "c")}
+    gone = dispatched & {op[1] for op in task_ops if op[0] == "d"}
+    deadlines = {Keys.start_deadline(run_id, task_id) for task_id in gone}
+    dropped: set[int] = set()  # positions in ops
+    armed: dict[str, int] = {}  # timer key -> position of the op of this transition that set it
+    for i, op in enumerate(ops):
+        kind = op["o"]
+        if (kind == "task" and op["m"]["task_id"] in gone) or (kind == "cancel" and op["t"] in gone) or \
+                (kind in ("timer", "untimer") and op["k"] in deadlines):
+            dropped.add(i)
+        elif kind == "timer":
+            armed[op["k"]] = i
+        elif kind == "untimer" and op["k"] in armed:  # set, then cleared, by this transition: moot
+            dropped.update((armed.pop(op["k"]), i))
+    if not dropped and not gone:
+        return ops, task_ops
+    return [op for i, op in enumerate(ops) if i not in dropped], [op for op in task_ops if op[1] not in gone]
 
 
 #: an input event applied: (event, the kernel's decision, guard, reporter, chain offer)

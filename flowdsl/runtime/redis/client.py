@@ -19,6 +19,8 @@ sent again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -27,22 +29,45 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from flowdsl.kernel import END_STATES
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, worker_references
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
-from flowdsl.runtime.redis.scripts import SUBMIT, Batcher, Script
+from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
 from flowdsl.runtime.redis.store import Store, plan_id
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import RunResult
 
-__all__ = ["RedisClient", "RunInfo", "RunNotFound", "Submission"]
+__all__ = ["RedisClient", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "Submission", "input_id"]
 
 _SUBMIT = Script("submit", SUBMIT)
+_CANCEL = Script("cancel", CANCEL)
 EventHook = Callable[[dict[str, Any]], None]
+#: a follower with no news for this long checks that the run still exists (it also does after an outage)
+_EXISTS_EVERY_S = 10.0
 NoticeHook = Callable[[str], None]
+
+
+class RunIdTaken(ValueError):
+    """The run id is taken by a submission of another plan or another input (the same plan and input would be
+    the same submission: idempotent)."""
+
+    def __init__(self, run_id: str, differs: str, flow: str):
+        super().__init__(f"run id '{run_id}' is taken by an earlier submission with {differs} (flow "
+                         f"'{flow or '?'}'): nothing was started; give another run id (resubmitting the same flow "
+                         "with the same input under one id follows the run that id names)")
+        self.run_id = run_id
+
+
+class RunGone(LookupError):
+    """A run that existed while it was being followed no longer does (its keys were lost: a Redis restarted
+    without persistence, a flushed database, an expiry)."""
+
+    def __init__(self, run_id: str):
+        super().__init__(f"run '{run_id}' no longer exists in Redis (was Redis restarted without persistence, "
+                         "or its database flushed?)")
+        self.run_id = run_id
 
 
 class RunNotFound(LookupError):
@@ -166,19 +191,39 @@ class RedisClient:
             name = str((plan.get("flow") or {}).get("name") or "run")[:48]
             run_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         check_run_id(run_id)
+        for name, value, least in (("retention_s", retention_s, 1.0), ("schedule_timeout_s", schedule_timeout_s,
+                                                                         0.001)):
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)
+                                          and least <= value <= 3650 * 86400):
+                raise ValueError(f"{name} must be a finite number of seconds from {least:g} to 315360000 "
+                                 f"(10 years), not {value!r}")
         now = int(time.time() * 1000)
         raw_plan, pid = self._encoded(plan)
+        iid = input_id(run_input)
         args = [now, raw_plan, pid, dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
                 "" if seed is None else seed, "" if retention_s is None else int(retention_s * 1000),
-                "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000)]
+                "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000), iid]
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
         created = int(reply[0]) == 1
+        if not created:
+            await self._same_submission(run_id, pid, iid, reply)
         writes = [self.store.call("ZADD", self.keys.runs, "NX", now, run_id)] if created else []
         if created or not reply[1]:  # new, or never started: (re)send the start request
             writes.append(self.store.call("XADD", self.keys.control, "*", "c",
                                           dumps({"type": "start", "run_id": run_id})))
         await asyncio.gather(*writes)  # one pipeline
         return Submission(run_id, created)
+
+    async def _same_submission(self, run_id: str, pid: str, iid: str, reply: list[Any]) -> None:
+        """Raise :class:`RunIdTaken` unless the submission under ``run_id`` has this plan and input."""
+        theirs_pid, theirs_iid, flow = (_text(x) for x in reply[2:5])
+        if not theirs_iid:  # submitted by a version that kept no input id: compare the input itself
+            raw = await self.store.call("HGET", self.keys.run(run_id), "input")
+            theirs_iid = input_id(loads(raw)) if raw else ""
+        differs = [what for what, same in (("another plan", theirs_pid == pid), ("another input", theirs_iid == iid))
+                   if not same]
+        if differs:
+            raise RunIdTaken(run_id, " and ".join(differs), flow)
 
     def _encoded(self, plan: dict[str, Any]) -> tuple[bytes, str]:
         hit = self._plans.get(id(plan))
@@ -191,13 +236,21 @@ class RedisClient:
         return raw, pid
 
     async def cancel(self, run_id: str, reason: str = "cancel requested") -> str:
-        """Ask for a run to be cancelled: ``requested``, ``finished`` (already over) or raises RunNotFound."""
-        info = await self.info(run_id)
-        if info.status in END_STATES:
+        """Ask for a run to be cancelled: ``requested``, ``finished`` (already over) or raises RunNotFound.
+
+        A run not started yet keeps the request in its own hash (the ``CANCEL`` script decides atomically):
+        the start applies it, so the run ends ``cancelled`` without running a step. A started run gets the
+        request on the control stream. Either way each request is applied, and journaled, once."""
+        check_run_id(run_id)
+        reply = await _CANCEL(self.store.batcher, [self.keys.run(run_id)], [reason])
+        code = int(reply[0])
+        if code == 0:
+            raise RunNotFound(run_id, self.keys.prefix)
+        if code == 1:
             return "finished"
-        await self.store.call("HSET", self.keys.run(run_id), "cancel", reason)  # seen by a start still to come
-        await self.store.call("XADD", self.keys.control, "*", "c",
-                              dumps({"type": "cancel", "run_id": run_id, "reason": reason}))
+        if code == 3:
+            await self.store.call("XADD", self.keys.control, "*", "c",
+                                  dumps({"type": "cancel", "run_id": run_id, "reason": reason}))
         return "requested"
 
     # --- reading --------------------------------------------------------------------------
@@ -238,7 +291,9 @@ class RedisClient:
         sentence when the run has not started after ``hint_after_s`` (no worker
         running?). ``journal`` (empty): filled with the run's journal as read, for
         what the result does not carry (rejected late results). Raises
-        :class:`RunNotFound`, or ``TimeoutError`` after ``timeout_s``.
+        :class:`RunNotFound`, :class:`RunGone` when the run disappears while
+        followed (checked after a lost connection, and every 10 s without
+        news), or ``TimeoutError`` after ``timeout_s``.
         """
         check_run_id(run_id)
         await self.info(run_id)
@@ -251,14 +306,15 @@ class RedisClient:
             if reader is not None:
                 self._readers.append(reader)
         result = await self._result(run_id, journal)
-        assert result is not None
+        if result is None:
+            raise RunGone(run_id)
         return result
 
     async def _follow(self, run_id: str, journal: Journal, reader: WireConnection | None,
                       on_event: EventHook | None, on_notice: NoticeHook | None, timeout_s: float | None,
                       hint_after_s: float) -> None:
         key = self.keys.journal(run_id)
-        t0 = time.monotonic()
+        t0 = checked = time.monotonic()
         hinted = False
         backoff = Backoff()
         while not journal.finished:
@@ -270,6 +326,12 @@ class RedisClient:
                 else:
                     reply = stream_entries(await reader.blocking(
                         ("XREAD", "COUNT", 1000, "BLOCK", 500, "STREAMS", key, journal.last_id), 500))
+                if backoff.failures or time.monotonic() - checked > _EXISTS_EVERY_S:
+                    # back after an outage, or quiet for a while: a Redis that lost its data (restarted without
+                    # persistence, flushed) has no such run any more, and its journal would stay silent forever
+                    checked = time.monotonic()
+                    if not reply and not await self.store.call("EXISTS", self.keys.run(run_id)):
+                        raise RunGone(run_id)
                 backoff.reset()
             except TRANSIENT as exc:
                 if backoff.failures == 0 and on_notice is not None:
@@ -348,8 +410,17 @@ class RedisClient:
         return RunResult.from_state(plan, state, journal.events, wall_ms=wall, llm_calls=journal.llm_calls())
 
 
+def input_id(run_input: dict[str, Any]) -> str:
+    """A digest of a run input (SHA-256 of its JSON with sorted keys): tells one submission from another."""
+    return hashlib.sha256(dumps(run_input, sort_keys=True)).hexdigest()[:32]
+
+
 def _int(raw: bytes | None) -> int | None:
     return int(raw) if raw else None
+
+
+def _text(raw: bytes | str | None) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw or ""
 
 
 def _info(run_id: str, got: list[bytes | None]) -> RunInfo:

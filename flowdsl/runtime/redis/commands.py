@@ -19,8 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from flowdsl.runtime.redis.client import Journal, RedisClient, RunInfo, RunNotFound
-from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, resolve_url
+import redis
+
+from flowdsl.runtime.redis.client import Journal, RedisClient, RunGone, RunIdTaken, RunInfo, RunNotFound
+from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
 
@@ -29,6 +31,9 @@ __all__ = ["EXIT_USAGE", "cancel_command", "run_command", "run_events", "runs_co
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: what ``flowdsl runs --status`` takes: before the start, while going, and the end states
+RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
+              "needs_intervention")
 
 
 class _Failure(Exception):
@@ -43,15 +48,19 @@ def _say(console: Any, text: str, style: str = "red", label: str = "error") -> N
     console.print(f"[{style}]{label}[/]: {escape(text)}")
 
 
-def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]],
-             on_error: Callable[[str], None] | None = None) -> int:
-    """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2.
-    ``on_error`` is also handed each such line (``run --format json`` puts it in its one JSON object)."""
+ErrorHook = Callable[[str, str], None]
 
-    def say(text: str) -> None:
+
+def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]],
+             on_error: ErrorHook | None = None) -> int:
+    """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2.
+    ``on_error`` is also handed each such line with its error type (``run --format json`` puts them in its one
+    JSON object)."""
+
+    def say(text: str, kind: str = "RedisError") -> None:
         _say(console, text)
         if on_error is not None:
-            on_error(text)
+            on_error(kind, text)
 
     try:
         resolved = resolve_url(url)
@@ -63,11 +72,23 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]],
     except _Failure as exc:
         say(str(exc))
         return exc.code
-    except (RedisConfigError, RunNotFound, ValueError) as exc:
+    except RunIdTaken as exc:
+        say(str(exc), "RunExists")
+        return EXIT_USAGE
+    except RedisConfigError as exc:
         say(str(exc))
+        return EXIT_USAGE
+    except (RunNotFound, RunGone, ValueError) as exc:
+        say(str(exc))
+        return EXIT_USAGE
+    except redis.AuthenticationError as exc:
+        say(f"Redis at {describe_url(resolved)} refused the credentials of the URL: {exc}")
         return EXIT_USAGE
     except TRANSIENT as exc:
         say(f"cannot reach Redis at {describe_url(resolved)}: {exc}")
+        return EXIT_USAGE
+    except redis.RedisError as exc:  # Redis answered, and said no (or was not Redis): a configuration error
+        say(refusal(resolved, exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -83,9 +104,11 @@ def _json_out(value: Any) -> None:
 def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, prefix: str | None,
                 run_id: str | None, seed: int | None, detach: bool, as_json: bool,
                 schedule_timeout_s: float | None, retention_s: float | None, console: Any,
-                on_error: Callable[[str], None] | None = None) -> int:
+                on_error: ErrorHook | None = None, submitted: list[str] | None = None) -> int:
     """Submit a run; unless ``detach``, follow it live and print the same summary / JSON as the local runtime.
-    ``on_error`` is handed the line said on stderr when the command fails (exit 2) or stops following (130)."""
+    ``on_error`` is handed the error type and the line said on stderr when the command fails (exit 2) or stops
+    following (130); ``submitted`` gets the run id once the run is submitted."""
+    given: list[str] = submitted if submitted is not None else []
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
@@ -97,6 +120,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                      "warning")
             sub = await client.submit(plan, data, run_id=run_id, seed=seed, retention_s=retention_s,
                                       schedule_timeout_s=schedule_timeout_s)
+            given.append(sub.run_id)
             if not sub.created:
                 _say(console, f"run '{sub.run_id}' was already submitted: nothing new started"
                      + ("" if detach else "; following it"), "yellow", "note")
@@ -109,9 +133,9 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                 return 0
             return await _follow(client, plan, sub.run_id, as_json, console)
 
-    code = _interrupted(_guarded(console, url, body, on_error), console)
+    code = _interrupted(_guarded(console, url, body, on_error), console, given[-1] if given else run_id)
     if code == EXIT_INTERRUPTED and on_error is not None:
-        on_error("stopped following; the run goes on in the worker processes")
+        on_error("Interrupted", "stopped following; the run goes on in the worker processes")
     return code
 
 
@@ -136,10 +160,11 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     return result.exit_code
 
 
-def _interrupted(code: int, console: Any) -> int:
+def _interrupted(code: int, console: Any, run_id: str | None) -> int:
     if code == EXIT_INTERRUPTED:
+        rid = run_id or "RUN_ID"  # (a Ctrl-C before the run was submitted: no id to name)
         _say(console, "stopped following; the run goes on in the worker processes "
-             "(`flowdsl status RUN_ID --follow`, `flowdsl cancel RUN_ID`)", "yellow", "interrupted")
+             f"(`flowdsl status {rid} --follow`, `flowdsl cancel {rid}`)", "yellow", "interrupted")
     return code
 
 
@@ -171,6 +196,7 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
     from flowdsl.workers import WorkerImportError, import_worker_modules
     from flowdsl.workers import registry as default_registry
 
+    before = default_registry.names()
     try:
         import_worker_modules(modules, os.getcwd())
     except WorkerImportError as exc:
@@ -181,6 +207,12 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
     if not default_registry.names() and not options.llm:
         _say(console, "no worker is registered (give modules with -w) and --no-llm is set: nothing to serve")
         return EXIT_USAGE
+    idle = [m for m in modules if not any(w.module == m or w.module.startswith(m + ".") for w in map(
+        default_registry.get, default_registry.names()) if w is not None)]
+    if modules and idle and default_registry.names() == before:  # (none new: a module may register another's)
+        _say(console, f"the module(s) {', '.join(idle)} registered no worker (no @worker function): this "
+             "process runs no step of theirs; it starts runs, fires timers" + (" and runs LLM steps" if options.llm
+                                                                                else ""), "yellow", "warning")
 
     async def body() -> int:
         worker = RedisWorker(url, prefix=resolve_prefix(prefix), options=options)
@@ -224,7 +256,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             out["rejected_late_results"] = journal.notes
             _json_out(out)
             return 0
-        print_timeline(result, _timeline(journal), console)
+        print_timeline(result, _timeline(journal), console, live=result.status not in EXIT_CODES)
         for note in journal.notes:
             _say(console, f"late {note.get('result_type')} for {note.get('task_id')} from {note.get('worker')} "
                  "rejected: its lease had expired and another worker held the task", "dim", "note")
@@ -232,7 +264,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 
-    return _interrupted(_guarded(console, url, body), console) if follow else _guarded(console, url, body)
+    return _interrupted(_guarded(console, url, body), console, run_id) if follow else _guarded(console, url, body)
 
 
 def _timeline(journal: Any) -> list[dict[str, Any]]:
@@ -253,7 +285,13 @@ def _timeline(journal: Any) -> list[dict[str, Any]]:
 
 def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str | None, flow: str | None,
                  as_json: bool, console: Any) -> int:
-    """List recent runs with their states, newest first."""
+    """List recent runs with their states, newest first. ``status``: a run state (any case), else exit 2."""
+    if status is not None:
+        wanted = status.strip().lower()
+        if wanted not in RUN_STATES:
+            _say(console, f"--status {status!r} is not a run state: use one of {', '.join(RUN_STATES)}")
+            return EXIT_USAGE
+        status = wanted
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
@@ -287,8 +325,10 @@ def _print_runs(items: list[RunInfo], console: Any) -> None:
     # in a narrow terminal only the flow's name is shortened (to 8 at least): a run id is what the other commands
     # take, and a state is the point; when even that does not fit, the lines are longer than the terminal
     needed = sum(widest) - widest[1] + min(widest[1], 8) + 2 * (len(columns) - 1)
-    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold",
-                  width=needed if needed > console.width else None)
+    whole = sum(widest) + 2 * (len(columns) - 1)
+    # not a terminal (a pipe, a file): nothing is shortened, a line is as long as it needs
+    width = whole if not console.is_terminal else needed if needed > console.width else None
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold", width=width)
     for n, column in enumerate(columns):
         table.add_column(column, no_wrap=True, min_width=None if column == "flow" else widest[n],
                          justify="right" if column == "took" else "left")
@@ -305,8 +345,11 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
         async with RedisClient(url, prefix=prefix) as client:
             outcome = await client.cancel(run_id, reason)
             status = (await client.info(run_id)).status
+            if outcome == "requested" and status == "submitted" and not as_json:
+                console.print(f"[dim]run {run_id} has not started: the worker process that starts it ends it "
+                              "cancelled at once, without running a step[/]")
             if outcome == "requested" and wait:
-                result = await client.follow(run_id)
+                result = await client.follow(run_id, on_notice=lambda text: _say(console, text, "yellow", "note"))
                 status = result.status
         if as_json:
             _json_out({"run_id": run_id, "cancel": outcome, "status": status})
@@ -316,4 +359,4 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
             console.print(f"cancel of run {run_id} requested" + (f"; it ended {status}" if wait else ""))
         return 1 if outcome == "finished" else 0
 
-    return _guarded(console, url, body)
+    return _interrupted(_guarded(console, url, body), console, run_id) if wait else _guarded(console, url, body)

@@ -3,7 +3,8 @@
 Stage: runtime: redis. Imports redis (redis-py) and stdlib. The URL comes from
 the caller (``--redis-url``), else ``$FLOWDSL_REDIS_URL``, else
 ``redis://localhost:6379/0``; the key prefix from ``--prefix``, else
-``$FLOWDSL_REDIS_PREFIX``, else ``flowdsl``. Examples::
+``$FLOWDSL_REDIS_PREFIX``, else ``flowdsl``. An empty value (the option, or
+the variable set to nothing) is an error, not the default. Examples::
 
     redis://localhost:6379/0
     redis://alice:s3cret@redis.internal:6379/2        # ACL user and password
@@ -32,7 +33,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 __all__ = ["DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "connect", "connect_sync", "describe_url",
-           "resolve_prefix", "resolve_url"]
+           "refusal", "resolve_prefix", "resolve_url"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 _SCHEMES = ("redis", "rediss", "unix")
@@ -47,7 +48,7 @@ class RedisConfigError(ValueError):
 
 def resolve_url(url: str | None = None) -> str:
     """``url``, else ``$FLOWDSL_REDIS_URL``, else :data:`DEFAULT_URL`; raises :class:`RedisConfigError` if bad."""
-    chosen = url or os.environ.get("FLOWDSL_REDIS_URL") or DEFAULT_URL
+    chosen = _given(url, "--redis-url", "FLOWDSL_REDIS_URL", DEFAULT_URL, "a Redis URL")
     parts = urlsplit(chosen)
     if parts.scheme not in _SCHEMES:
         raise RedisConfigError(f"unsupported Redis URL {describe_url(chosen)!r}: it must start with "
@@ -59,9 +60,42 @@ def resolve_url(url: str | None = None) -> str:
     return chosen
 
 
+def refusal(url: str, exc: BaseException) -> str:
+    """One sentence for an error reply (or a reply that is not Redis) met while talking to ``url``."""
+    where = describe_url(url)
+    text = str(exc)
+    if "DB index" in text and not text.startswith("the URL selects"):
+        try:
+            db = redis.connection.parse_url(url).get("db", 0)
+        except ValueError:
+            db = "?"
+        text = (f"the URL selects database {db}, which this Redis server refused ({text}): a server has the "
+                "databases 0 to its `databases` setting - 1 (16 by default)")
+    elif isinstance(exc, redis.InvalidResponse):
+        text = f"the server did not answer in the Redis protocol ({text}); is this the address of a Redis server?"
+    return f"Redis at {where} refused: {text}"
+
+
 def resolve_prefix(prefix: str | None = None) -> str:
-    """``prefix``, else ``$FLOWDSL_REDIS_PREFIX``, else ``flowdsl``."""
-    return prefix or os.environ.get("FLOWDSL_REDIS_PREFIX") or "flowdsl"
+    """``prefix``, else ``$FLOWDSL_REDIS_PREFIX``, else ``flowdsl``; raises :class:`RedisConfigError` if empty."""
+    return _given(prefix, "--prefix", "FLOWDSL_REDIS_PREFIX", "flowdsl", "a key prefix")
+
+
+def _given(value: str | None, option: str, variable: str, default: str, what: str) -> str:
+    """``value`` unless None, else the environment variable when it is set, else ``default``. An empty value
+    given explicitly — the option, or the variable set to nothing — is an error, never the default in disguise."""
+    if value is not None:
+        if not value.strip():
+            raise RedisConfigError(f"{option} is empty: give {what}, or leave the option out to use "
+                                   f"${variable} or the default {default!r}")
+        return value
+    env = os.environ.get(variable)
+    if env is not None:
+        if not env.strip():
+            raise RedisConfigError(f"${variable} is set but empty: set it to {what}, or unset it to use the "
+                                   f"default {default!r}")
+        return env
+    return default
 
 
 def describe_url(url: str) -> str:

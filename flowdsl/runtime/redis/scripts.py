@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher",
+__all__ = ["CANCEL", "CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher",
            "Script"]
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
@@ -38,7 +38,9 @@ __all__ = ["CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUB
 #: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled).
 #: The n input events become journal entries of versions expected+1 … expected+n (a group commit: the results
 #: queued behind one another for a run, applied in one write). Every guard is checked before anything is written.
-#: Returns {1, new version, {task ids cancelled while queued}} | {2, version} (version conflict)
+#: Returns {1, new version, {task ids cancelled while queued}} (when creating the run, a fourth item: its
+#: ``cancel`` field as it is now, so that a cancel held while the start was computed is not missed)
+#: | {2, version} (version conflict)
 #: | {3, version, lease} (the guard failed) | {4, version} (this token was applied already) | {5} (no such run)
 #: | {6, version} (the run exists: creation refused) | {7, version, index} (a guard of several failed: nothing
 #: written, no note). An empty state (ARGV[2]) writes no snapshot: the state is then what the snapshot
@@ -132,6 +134,7 @@ if ARGV[6] == '1' then
     for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
   end
 end
+if expected == 0 then return {1, newv, cancelled, redis.call('HGET', run, 'cancel') or ''} end
 return {1, newv, cancelled}
 """
 
@@ -257,18 +260,43 @@ return 0
 """
 
 #: KEYS: run. ARGV: submitted ms, plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for
-#: none). Records a submission unless the run id is taken. Returns {1} | {0, version or ''} (taken; '' = not
-#: started yet, so the start request may be sent again).
+#: none), input id (a digest of the input). Records a submission unless the run id is taken. Returns {1} |
+#: {0, version or '', plan id, input id or '', flow} (taken; version '' = not started yet, so the start request
+#: may be sent again; the ids let the caller tell the same submission from another one under the same run id).
 SUBMIT = r"""
 if redis.call('HEXISTS', KEYS[1], 'submitted') == 1 then
-  return {0, redis.call('HGET', KEYS[1], 'v') or ''}
+  local got = redis.call('HMGET', KEYS[1], 'v', 'pid', 'iid', 'flow')
+  return {0, got[1] or '', got[2] or '', got[3] or '', got[4] or ''}
 end
 redis.call('HSET', KEYS[1], 'submitted', ARGV[1], 'plan', ARGV[2], 'pid', ARGV[3], 'input', ARGV[4],
-           'flow', ARGV[5], 'status', 'submitted')
+           'flow', ARGV[5], 'status', 'submitted', 'iid', ARGV[9])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'seed', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ret', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'sts', ARGV[8]) end
 return {1}
+"""
+
+#: KEYS: run. ARGV: reason. A cancel request: {0} no such run | {1, status} the run is over | {2} the run has
+#: not started: the reason is added to its ``cancel`` field (a JSON list), which the start applies — its
+#: first transition ends it ``cancelled`` — so no control message is needed | {3} the run has started: the
+#: caller sends the cancel request on the control stream (a separate slot).
+CANCEL = r"""
+local got = redis.call('HMGET', KEYS[1], 'submitted', 'status', 'v', 'cancel')
+if not got[1] then return {0} end
+local status = got[2] or 'submitted'
+if status == 'completed' or status == 'failed' or status == 'compensated' or status == 'cancelled'
+    or status == 'needs_intervention' then
+  return {1, status}
+end
+if got[3] then return {3} end
+local held = {}
+if got[4] then
+  local ok, list = pcall(cjson.decode, got[4])
+  if ok and type(list) == 'table' then held = list else held = {got[4]} end
+end
+table.insert(held, ARGV[1])
+redis.call('HSET', KEYS[1], 'cancel', cjson.encode(held))
+return {2}
 """
 
 #: KEYS: timers, timers:claimed. ARGV: lease ms, limit. Moves due timers to the claimed set (score = lease

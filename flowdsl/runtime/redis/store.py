@@ -52,7 +52,7 @@ from flowdsl.runtime.redis.scripts import (
     Script,
 )
 
-__all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "plan_id"]
+__all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "plan_id"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -66,6 +66,19 @@ _CLAIM = Script("claim_timers", CLAIM_TIMERS)
 def plan_id(plan: dict[str, Any]) -> str:
     """A content id of a plan (SHA-256 of its JSON with sorted keys, 16 hex digits): workers cache plans by it."""
     return hashlib.sha256(dumps(plan, sort_keys=True)).hexdigest()[:16]
+
+
+def cancel_reasons(raw: bytes | str | None) -> tuple[str, ...]:
+    """The cancel requests held for a run's start (its ``cancel`` field: a JSON list of reasons; a plain
+    string, as versions before it wrote, is one reason)."""
+    if not raw:
+        return ()
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        held = loads(text)
+    except ValueError:
+        return (text,)
+    return tuple(str(r) for r in held) if isinstance(held, list) else (text,)
 
 
 class Clock:
@@ -133,6 +146,7 @@ class TransitionResult(NamedTuple):
     version: int = 0
     lease: str = ""  # the task's lease value, when the guard failed
     cancelled_queued: tuple[str, ...] = ()  # task ids cancelled before any worker picked them up
+    held_cancels: tuple[str, ...] = ()  # when creating the run: the cancel requests held for its start, now
 
     @property
     def applied(self) -> bool:
@@ -193,7 +207,8 @@ class Store:
         return RunRecord(run_id, state, current, plan, int(sts) if sts else None, len(raw), current - snapshot)
 
     async def submission(self, run_id: str) -> dict[str, Any] | None:
-        """The submitted start request of a run (plan, input, settings), or None."""
+        """The submitted start request of a run (plan, input, settings; ``cancel``: the reasons of the cancel
+        requests held for its start, in order), or None."""
         names = ("submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel")
         values = await self.call("HMGET", self.keys.run(run_id), *names)
         got = dict(zip(names, values, strict=True))
@@ -205,7 +220,7 @@ class Store:
         return {"plan": plan, "pid": got["pid"].decode(), "input": loads(got["input"]),
                 "seed": int(got["seed"]) if got["seed"] else None, "ret": int(got["ret"]) if got["ret"] else None,
                 "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
-                "cancel": got["cancel"].decode() if got["cancel"] is not None else None}
+                "cancel": cancel_reasons(got["cancel"])}
 
     async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, status: str,
                          entries: Sequence[JournalEntry], outbox: bytes | None = None, finished: bool = False,
@@ -244,7 +259,8 @@ class Store:
         if code == 1:
             cancelled = reply[2]
             return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in cancelled)
-                                    if cancelled else ())
+                                    if cancelled else (), held_cancels=cancel_reasons(reply[3] if len(reply) > 3
+                                                                                      else None))
         if code == 3:
             return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
         if code in (2, 4, 6, 7):

@@ -32,7 +32,21 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     _hiredis = None
 
-__all__ = ["WireConnection", "entry_fields", "stream_entries", "supported"]
+__all__ = ["DatabaseError", "NotRedisError", "WireConnection", "entry_fields", "stream_entries", "supported"]
+
+
+class DatabaseError(redis.ResponseError):
+    """The server refused to ``SELECT`` the database the URL names (``/N``, ``?db=N``): it has fewer."""
+
+    def __init__(self, db: int, answer: str):
+        super().__init__(f"the URL selects database {db}, which this Redis server refused ({answer}): a server "
+                         "has the databases 0 to its `databases` setting - 1 (16 by default)")
+        self.db = db
+
+
+class NotRedisError(redis.ConnectionError):
+    """The server answered with bytes that are not the Redis protocol (an HTTP server, a database of another
+    kind): the connection is closed and every command in flight fails with this error."""
 
 
 def supported(url: str) -> bool:
@@ -150,7 +164,11 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while True:
-            reply = self.reader.gets()
+            try:
+                reply = self.reader.gets()
+            except Exception as exc:  # hiredis.ProtocolError, or ours: never raise into asyncio (it prints it)
+                self._garbled(data, exc)
+                return
             if reply is False:
                 return
             if self.waiting:
@@ -162,8 +180,21 @@ class _Protocol(asyncio.Protocol):
                 else:
                     future.set_result(reply)
 
+    def _garbled(self, data: bytes, exc: Exception) -> None:
+        """The server does not speak Redis: fail what waits, close the connection (the next batch reconnects)."""
+        self.lost = NotRedisError(f"the server did not answer in the Redis protocol (it sent {bytes(data[:24])!r}…: "
+                                  f"{exc}); is this the address of a Redis server?")
+        self._fail()
+        if self.transport is not None:
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = redis.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
+        if self.lost is None:
+            self.lost = redis.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
+        self._fail()
+
+    def _fail(self) -> None:
+        assert self.lost is not None
         while self.waiting:
             future, _ = self.waiting.popleft()
             if not future.done():
@@ -205,10 +236,12 @@ class WireConnection:
             if self.client_name:
                 hello.append(("CLIENT", "SETNAME", self.client_name))
             if hello:
-                for reply in await self._send(protocol, hello):
+                for command, reply in zip(hello, await self._send(protocol, hello), strict=True):
                     if isinstance(reply, Exception):
                         assert protocol.transport is not None
                         protocol.transport.close()
+                        if command[0] == "SELECT":
+                            raise DatabaseError(int(opts["db"]), str(reply))
                         raise redis.AuthenticationError(str(reply)) if "AUTH" in str(reply).upper() or \
                             "WRONGPASS" in str(reply) else reply
             self._protocol = protocol
