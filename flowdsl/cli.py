@@ -627,7 +627,9 @@ def worker(
     """Serve workers from Redis: run their steps and advance runs, on any number of machines.
 
     SIGTERM (or Ctrl-C) stops gracefully: in-flight steps finish or are handed
-    back; a second signal stops at once. Exit 0 when stopped, 2 on a bad URL or module.
+    back; a second signal stops at once. Exit 0 when stopped, 2 on a bad URL or module
+    or when Redis refuses the worker (credentials, database, not Redis), 1 when it stopped
+    by itself because one of its loops failed (logged).
     """
     from flowdsl.runtime.redis.commands import worker_command
     from flowdsl.runtime.redis.worker import WorkerOptions

@@ -562,3 +562,21 @@ def test_a_worker_whose_loop_fails_says_why_and_stops(url: str, prefix: str, mon
     stats = asyncio.run(main())
     assert stats.failure == "its timers loop failed: RuntimeError: the timer loop broke"
     assert any(r.levelname == "CRITICAL" and "timer loop broke" in r.getMessage() for r in caplog.records)
+
+
+def test_flowdsl_worker_exits_1_when_a_loop_failed(url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from flowdsl.runtime.redis.commands import worker_command
+
+    async def broken(self: RedisWorker) -> None:
+        raise RuntimeError("the timer loop broke")
+
+    monkeypatch.setattr(RedisWorker, "_timers", broken)
+    out = io.StringIO()
+    code = worker_command(url=url, prefix=prefix, modules=["tests.runtime.workers"],
+                          options=WorkerOptions(handle_signals=False), console=Console(file=out, width=200))
+    assert code == 1
+    assert "stopped because its timers loop failed: RuntimeError: the timer loop broke" in out.getvalue()

@@ -223,6 +223,9 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
         console.print(f"[dim]worker {stats.name} stopped: {stats.tasks} step(s) run, {stats.runs_started} run(s) "
                       f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected[/]")
+        if stats.failure is not None:  # it stopped by itself: a supervisor should see a failure and restart it
+            _say(console, f"worker {stats.name} stopped because {stats.failure}")
+            return 1
         return 0
 
     with serving_gc():
