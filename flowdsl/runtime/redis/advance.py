@@ -167,8 +167,8 @@ class Advancer:
                     self._cache.pop(run_id, None)
                     followups = await self._flush(run_id, trigger)
                 try:
-                    outcome, relay, acked = await self._apply_locked(run_id, event, guard, reporter, precheck,
-                                                                     chain)
+                    queued = _Queued(event, guard, reporter, ack, chain)
+                    outcome, relay, acked = _alone(queued, *await self._write(run_id, [queued], precheck))
                 except BaseException:
                     self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
                     raise
@@ -428,8 +428,7 @@ class Advancer:
                     return [together]
             tails: list[_Tail] = []
             for queued in batch:  # one at a time (also what a refused group commit falls back to)
-                outcome, relay, acked = await self._apply_locked(run_id, queued.event, queued.guard,
-                                                                 queued.reporter, None, queued.chain)
+                outcome, relay, acked = _alone(queued, *await self._write(run_id, [queued], None))
                 queued.outcome = outcome
                 tails.append((relay, _acks(queued.ack, acked, queued.chain)))
             return tails
@@ -454,21 +453,6 @@ class Advancer:
         return (result.version, ops, result.cancelled_queued), \
             [op for queued in batch for op in _acks(queued.ack, True, queued.chain)]
 
-    async def _apply_locked(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str] | None,
-                            reporter: str, precheck: Callable[[dict[str, Any]], bool] | None,
-                            chain: Chain | None = None
-                            ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
-        """(outcome, (version, ops, cancelled-while-queued) to relay or None, whether to acknowledge)."""
-        outcome, result, ops = await self._write(run_id, [_Queued(event, guard, reporter, [], chain)], precheck)
-        if result is None:
-            return outcome, None, True
-        if outcome == Outcome.APPLIED:
-            return outcome, (result.version, ops, result.cancelled_queued), True
-        if result.code == 3:
-            # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
-            return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"
-        return Outcome.MISSING, None, True
-
     async def _write(self, run_id: str, batch: list[_Queued], precheck: Callable[[dict[str, Any]], bool] | None
                      ) -> tuple[str, TransitionResult | None, list[dict[str, Any]]]:
         """Under the run's lock: apply ``batch``'s events in order to the run's state and write them as one
@@ -479,7 +463,11 @@ class Advancer:
         it is the only one)."""
         backoff: Backoff | None = None
         for _ in range(_MAX_CONFLICTS):
-            record = await self._record(run_id)
+            record = self._cache.get(run_id)  # (the usual case, without a coroutine: see _record)
+            if record is not None:
+                self._cache.move_to_end(run_id)
+            else:
+                record = await self._record(run_id)
             if record is None:
                 return Outcome.MISSING, None, []
             if precheck is not None and not precheck(record.state):
@@ -613,6 +601,21 @@ def _unsent(run_id: str, ops: list[dict[str, Any]], task_ops: list[tuple[str, ..
 _Applied = tuple[dict[str, Any], Decision, "tuple[str, str, str] | None", str, "Chain | None"]
 #: what to relay after a transition: ((version, outbox ops, tasks cancelled while queued) or None, acks)
 _Tail = tuple["tuple[int, list[dict[str, Any]], tuple[str, ...]] | None", list[dict[str, Any]]]
+
+
+def _alone(queued: _Queued, outcome: str, result: TransitionResult | None, ops: list[dict[str, Any]]
+           ) -> tuple[str, tuple[int, list[dict[str, Any]], tuple[str, ...]] | None, bool]:
+    """What :meth:`Advancer._write` of one event means for it: (outcome, (version, ops, cancelled-while-queued)
+    to relay or None, whether to acknowledge its trigger)."""
+    if result is None:
+        return outcome, None, True
+    if outcome == Outcome.APPLIED:
+        return outcome, (result.version, ops, result.cancelled_queued), True
+    if result.code == 3:
+        # no longer in flight (nothing left to answer): acknowledge; held by another: theirs to finish
+        guard = queued.guard
+        return Outcome.REJECTED, None, result.lease == "" and guard is not None and guard[1] != "lease"
+    return Outcome.MISSING, None, True
 
 
 class _Queued:
