@@ -531,7 +531,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     except WorkerImportError as exc:
         raise _Stopped(str(exc), error_type="WorkerImportError") from None
     except FileExistsError as exc:
-        raise _Stopped(str(exc), error_type="RunExists") from None
+        raise _Stopped(str(exc), error_type="RunExists", extra={"run_id": run_id}) from None
     except ValueError as exc:
         raise _Stopped(str(exc)) from None
     import asyncio
@@ -543,7 +543,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted",
                        extra={"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}) from None
     except FileExistsError as exc:  # another run took the run id between the check and the start: nothing ran
-        raise _Stopped(str(exc), error_type="RunExists") from None
+        raise _Stopped(str(exc), error_type="RunExists", extra={"run_id": local.run_id}) from None
     except (OSError, RuntimeError) as exc:
         raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
     if as_json:

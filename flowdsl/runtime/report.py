@@ -382,7 +382,21 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         path = " → ".join(_esc(k) for k in chain)
         con.print(f"critical path {_seconds(t['critical_path_ms'])}: {path}")
     if result.record_path is not None:
-        con.print(f"[dim]record: {_esc(result.record_path)}  (flowdsl show {_esc(result.run_id)})[/]")
+        show = show_command(result.run_id, result.record_path)
+        con.print(f"[dim]record: {_esc(result.record_path)}  ({_esc(show)})[/]")
+
+
+def show_command(run_id: str, record: Path) -> str:
+    """The ``flowdsl show`` command that finds the record ``record`` of run ``run_id``: with ``--runs-dir`` when
+    the record is not in the directory ``flowdsl show`` looks in by default ($FLOWDSL_RUNS_DIR or .flowdsl/runs)."""
+    import shlex
+
+    from flowdsl.runtime.record import runs_dir
+
+    directory = Path(record).parent
+    if directory.resolve() == runs_dir().resolve():
+        return f"flowdsl show {run_id}"
+    return f"flowdsl show {run_id} --runs-dir {shlex.quote(str(directory))}"
 
 
 def fallback_text(event: Mapping[str, Any], status: str | None) -> tuple[str, str]:

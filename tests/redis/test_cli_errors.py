@@ -399,3 +399,28 @@ def test_a_worker_whose_modules_register_no_worker_warns(url: str, prefix: str) 
     r = cli("worker", "--redis-url", url, "--prefix", prefix, "-w", "os.path", "--burst")
     assert r.exit_code == 0, r.output
     assert "warning: the module(s) os.path registered no worker" in " ".join(r.stderr.split())
+
+
+def test_the_status_timeline_of_a_run_cancelled_before_it_started_follows_the_journal(url: str,
+                                                                                      prefix: str) -> None:
+    """The text timeline lists the events in the order the journal holds them (as the JSON does), not by
+    their times: the cancel requested before the start comes before the run's end."""
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text(SAGA), {"script": {}}, run_id="early2")
+            assert await client.cancel("early2", "too soon") == "requested"
+            worker = RedisWorker(url, prefix=prefix, options=WorkerOptions(handle_signals=False, burst=True))
+            await asyncio.wait_for(worker.serve(), 30)
+            return await client.result("early2")
+
+    _, journal = asyncio.run(main())
+    shown = cli("status", "early2", "--redis-url", url, "--prefix", prefix)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stderr.splitlines()
+
+    def where(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert where("run started") < where("cancel requested") < where("run finished: cancelled")
+    order = [e["type"] for e in journal.timeline if e["type"] in ("run_started", "cancel_requested", "run_finished")]
+    assert order == ["run_started", "cancel_requested", "run_finished"]

@@ -221,7 +221,8 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         again = await store.transition("tx", expected=1, token="t3", **held)
         assert again.code == 4  # the same transition sent twice (an unknown outcome retried) is applied once
         journal = await store.call("XRANGE", Keys(prefix).journal("tx"), "-", "+")
-        assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"v"], [b"note"], [b"note"], [b"ev", b"in", b"v"]]
+        assert [sorted(f) for _, f in journal] == [[b"ev", b"in", b"tk", b"v"], [b"note"], [b"note"],
+                                                   [b"ev", b"in", b"tk", b"v"]]  # tk: the transition token
         assert loads(journal[2][1][b"note"])["worker"] == "w9"
         assert loads(journal[1][1][b"note"]) == {  # the refused result's note, built by the script
             "type": "result_rejected", "reason": "lease_lost", "run_id": "tx", "task_id": "tx/a#1",

@@ -419,6 +419,33 @@ def test_an_existing_run_id_is_refused(tmp_path: Path) -> None:
     assert cli(*args).exit_code == 0
     again = cli(*args)
     assert again.exit_code == 2 and "already exists" in again.stderr
+    out = json.loads(again.stdout)  # the error object names the run it was about, as docs/runtime.md says
+    assert (out["status"], out["run_id"], out["error"]["type"]) == ("error", "same", "RunExists")
+
+
+def test_the_record_hint_gives_a_show_command_that_finds_the_record(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a run, the summary's hint is a command that works: with --runs-dir when the record is not where
+    `flowdsl show` looks by default ($FLOWDSL_RUNS_DIR, else .flowdsl/runs)."""
+    monkeypatch.delenv("FLOWDSL_RUNS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tmp_path, "ok")
+    elsewhere = tmp_path / "my runs"
+    r = cli("run", spec, "--runs-dir", str(elsewhere), "--run-id", "hint1")
+    assert r.exit_code == 0, r.output
+    hint = next(x for x in r.stderr.splitlines() if x.startswith("record: "))
+    assert hint.endswith(f"(flowdsl show hint1 --runs-dir '{elsewhere}')")
+    assert cli("show", "hint1", "--runs-dir", str(elsewhere)).exit_code == 0
+    monkeypatch.setenv("FLOWDSL_RUNS_DIR", str(elsewhere))  # the default directory: the plain command finds it
+    r = cli("run", spec, "--run-id", "hint2")
+    assert r.exit_code == 0, r.output
+    assert next(x for x in r.stderr.splitlines() if x.startswith("record: ")).endswith("(flowdsl show hint2)")
+    assert cli("show", "hint2").exit_code == 0
+    monkeypatch.delenv("FLOWDSL_RUNS_DIR")
+    r = cli("run", spec, "--run-id", "hint3")
+    assert r.exit_code == 0, r.output
+    assert next(x for x in r.stderr.splitlines() if x.startswith("record: ")).endswith("(flowdsl show hint3)")
+    assert (tmp_path / ".flowdsl" / "runs" / "hint3.jsonl").is_file()
 
 
 # --- Ctrl-C, in a real process ------------------------------------------------------------------------

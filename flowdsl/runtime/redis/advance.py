@@ -238,10 +238,16 @@ class Advancer:
                 outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
-                    late = len(result.held_cancels) > len(held)
-        await self._tail(run_id, relay, followups, [] if chain is not None and chain.command else list(ack))
-        if late:
-            await self._held_cancels(run_id)
+                    late = len(result.held_cancels) > len(held) or result.code == 4  # (4: not said: look)
+        acks = [] if chain is not None and chain.command else list(ack)
+        if not late:
+            await self._tail(run_id, relay, followups, acks)
+            return outcome
+        # the start request is acknowledged only once the late cancel is written: a process that dies
+        # before leaves it pending, and whoever takes it over finds the cancel still to apply
+        await self._tail(run_id, relay, followups, [])
+        await self._held_cancels(run_id)
+        await self.relay(None, None, acks)
         return outcome
 
     async def _held_cancels(self, run_id: str) -> None:
@@ -379,6 +385,9 @@ class Advancer:
                 log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)
                 backoff = backoff or Backoff()
                 await backoff.wait()
+        if result.code == 4:  # written by an earlier try whose reply was lost: what it said is lost with it
+            # the tasks this transition cancelled may have been queued (answered by _tail: harmless if not)
+            result = result._replace(cancelled_queued=tuple(op[1] for op in task_ops if op[0] == "x"))
         if result.applied:
             self.transitions += 1
             if snapshot:
@@ -390,9 +399,10 @@ class Advancer:
                 # the kernel's own command (read-only: it shares data with the cached state; the worker gets
                 # a copy of its input from execute)
                 chain.command = command
+            stale = result.version != record.version + len(steps)  # others wrote after it (a code 4)
             record.version = result.version
-            if finished:
-                self._cache.pop(run_id, None)
+            if finished or stale:
+                self._cache.pop(run_id, None)  # (stale: the cached state is behind what Redis holds)
             else:
                 self._remember(record)
         return result, ops
@@ -462,17 +472,20 @@ class Advancer:
         such run); SKIPPED (``precheck(state)`` false); INVALID (the kernel refused an event: logged when
         it is the only one)."""
         backoff: Backoff | None = None
+        fresh = False  # the record was read from Redis by this call (not a cached state)
         for _ in range(_MAX_CONFLICTS):
-            record = self._cache.get(run_id)  # (the usual case, without a coroutine: see _record)
+            record = self._cache.get(run_id) if not fresh else None  # (usually cached: no coroutine, see _record)
             if record is not None:
                 self._cache.move_to_end(run_id)
             else:
+                self._cache.pop(run_id, None)
                 record = await self._record(run_id)
+                fresh = True
             if record is None:
                 return Outcome.MISSING, None, []
             if precheck is not None and not precheck(record.state):
-                if run_id in self._cache:  # a cached state may be behind another process's writes: re-read
-                    self._cache.pop(run_id, None)
+                if not fresh:  # a cached state may be behind another process's writes: read it once
+                    fresh = True
                     continue
                 return Outcome.SKIPPED, None, []
             steps: list[_Applied] = []
@@ -518,7 +531,12 @@ class Advancer:
 
     async def _tail(self, run_id: str, relay: tuple[int, list[dict[str, Any]], tuple[str, ...]] | None,
                     followups: tuple[str, ...], ack: list[dict[str, Any]]) -> None:
-        """Relay a transition, answer cancellations nobody else will answer, then acknowledge the trigger."""
+        """Relay a transition, answer cancellations nobody else will answer, then acknowledge the trigger.
+
+        With cancellations to answer, the outbox entry is dropped only once they are written: a process that
+        dies between the two leaves the entry, and whoever takes its trigger over relays it again and answers
+        them (``_flush``) — dropped first, they would be nobody's."""
+        kept: int | None = None  # an outbox entry relayed, to drop after the follow-ups
         if relay is not None:
             version, ops, cancelled = relay
             followups = cancelled + followups
@@ -527,11 +545,13 @@ class Advancer:
             if not followups:
                 await self.relay(run_id, outbox, ops + ack)  # the usual case: one script, trigger included
                 return
-            await self.relay(run_id, outbox, ops)
+            await self.relay(None, None, ops)
+            if outbox is not None and not any(op["o"] == "task" for op in ops):  # (else: dropped at pickup)
+                kept = outbox
         for task_id in dict.fromkeys(followups):
             await self.apply_event(run_id, {"type": "task_cancelled", "task_id": task_id},
                                    guard=(task_id, "eq", "xq"))
-        await self.relay(None, None, ack)
+        await self.relay(run_id if kept is not None else None, kept, ack)
 
     def _timers_armed(self, ops: list[dict[str, Any]]) -> None:
         if self.on_timer is not None:
@@ -542,7 +562,7 @@ class Advancer:
     async def relay(self, run_id: str | None, version: int | None, ops: list[dict[str, Any]]) -> None:
         """Carry out relay operations (outbox commands, acknowledgements), retrying with backoff while Redis
         is unreachable (each is idempotent, or harmless when repeated)."""
-        if not ops:
+        if not ops and version is None:
             return
         backoff = Backoff()
         while True:

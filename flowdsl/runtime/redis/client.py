@@ -108,6 +108,8 @@ class Journal:
     events: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     notes: list[dict[str, Any]] = field(default_factory=list)
+    #: input and kernel events in journal order (each entry's input, then the events it caused)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
     last_id: str = "0-0"
     finished: bool = False
 
@@ -118,8 +120,10 @@ class Journal:
             return
         if fields.get(b"in"):
             self.inputs.append(loads(fields[b"in"]))
+            self.timeline.append(self.inputs[-1])
         for event in loads(fields.get(b"ev") or b"[]"):
             self.events.append(event)
+            self.timeline.append(event)
             if event["type"] == "run_finished":
                 self.finished = True
             if hook is not None:

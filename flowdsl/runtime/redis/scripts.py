@@ -41,7 +41,8 @@ __all__ = ["CANCEL", "CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELE
 #: Returns {1, new version, {task ids cancelled while queued}} (when creating the run, a fourth item: its
 #: ``cancel`` field as it is now, so that a cancel held while the start was computed is not missed)
 #: | {2, version} (version conflict)
-#: | {3, version, lease} (the guard failed) | {4, version} (this token was applied already) | {5} (no such run)
+#: | {3, version, lease} (the guard failed) | {4, version} (this token was applied already: the last transition,
+#: or one of the journal's last 256 entries carries it — a retry after a lost reply) | {5} (no such run)
 #: | {6, version} (the run exists: creation refused) | {7, version, index} (a guard of several failed: nothing
 #: written, no note). An empty state (ARGV[2]) writes no snapshot: the state is then what the snapshot
 #: (``state`` at version ``sv``, journal entry ``sj``) and the journal's input events after it give (:data:`LOAD`).
@@ -50,12 +51,29 @@ local run, journal, tasks, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local expected = tonumber(ARGV[1])
 local meta = redis.call('HMGET', run, 'v', 'lt')
 local curv = tonumber(meta[1]) or 0
+-- a retry of a transition whose reply was lost: was this token written already (perhaps before others)?
+local function written()
+  if meta[2] == ARGV[3] then return true end
+  for _, e in ipairs(redis.call('XREVRANGE', journal, '+', '-', 'COUNT', 256)) do
+    local f = e[2]
+    for k = 1, #f, 2 do
+      if f[k] == 'tk' and f[k + 1] == ARGV[3] then return true end
+    end
+  end
+  return false
+end
 if expected == 0 then
-  if curv ~= 0 then return {6, curv} end
+  if curv ~= 0 then
+    if written() then return {4, curv} end
+    return {6, curv}
+  end
 else
   if curv == 0 then return {5} end
   if meta[2] == ARGV[3] then return {4, curv} end
-  if curv ~= expected then return {2, curv} end
+  if curv ~= expected then
+    if written() then return {4, curv} end
+    return {2, curv}
+  end
 end
 local n = tonumber(ARGV[7])
 for j = 0, n - 1 do
@@ -87,7 +105,12 @@ for j = 0, n - 1 do
 end
 local entry
 for j = 0, n - 1 do
-  entry = redis.call('XADD', journal, '*', 'v', curv + j + 1, 'in', ARGV[8 + 6 * j], 'ev', ARGV[9 + 6 * j])
+  if j == n - 1 then  -- the transition's last entry carries its token (a retry after a lost reply finds it)
+    entry = redis.call('XADD', journal, '*', 'v', curv + j + 1, 'in', ARGV[8 + 6 * j], 'ev', ARGV[9 + 6 * j],
+                       'tk', ARGV[3])
+  else
+    entry = redis.call('XADD', journal, '*', 'v', curv + j + 1, 'in', ARGV[8 + 6 * j], 'ev', ARGV[9 + 6 * j])
+  end
 end
 local newv = curv + n
 if ARGV[2] ~= '' then

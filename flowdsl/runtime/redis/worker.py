@@ -505,7 +505,11 @@ class RedisWorker(Upkeep):
         try:
             async with self._slots:
                 if self._stopping:
-                    await self._hand_back(held)
+                    if not recover:
+                        await self._hand_back(held)
+                    # a delivery taken over from a process that may have died is left pending, not handed
+                    # back: its task may be held under it, with an outbox to relay, which only a taker's
+                    # recovery (RECOVER, then _flush) puts right; another process takes it after the lease
                     return
                 await self._run_task(held, recover)
         except TRANSIENT:
