@@ -6,6 +6,7 @@ and what they say while following or cancelling (``run --backend redis``, ``work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,22 @@ def not_redis() -> Any:
 
 # --- 1. tracebacks ---------------------------------------------------------------------------------------
 
+
+
+@contextlib.asynccontextmanager
+async def _b_hanging(url: str, prefix: str, client: RedisClient, run_id: str) -> AsyncIterator[asyncio.Task[Any]]:
+    """A worker serving a run of SAGA whose step b hangs, until b is scheduled; yields the follow task."""
+    worker = RedisWorker(url, prefix=prefix, options=WorkerOptions(handle_signals=False))
+    serving = asyncio.create_task(worker.serve())
+    try:
+        seen = asyncio.Event()
+        follow = asyncio.create_task(client.follow(run_id, on_event=lambda e: seen.set()
+                                                   if e["type"] == "step_scheduled" and e["step"] == "b" else None))
+        await asyncio.wait_for(seen.wait(), 20)
+        yield follow
+    finally:
+        worker.stop()
+        await serving
 
 def test_a_server_that_is_not_redis_is_one_clean_line_for_every_command(not_redis: str, spec: Path) -> None:
     for args in (["runs"], ["status", "x"], ["cancel", "x"], ["run", str(spec), "--backend", "redis"]):
@@ -301,14 +319,7 @@ def test_a_cancel_held_while_the_start_was_computed_is_applied_once_by_the_next_
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(SAGA), {"script": {"b": {"hang": True}}}, run_id="race")
-            worker = RedisWorker(url, prefix=prefix, options=WorkerOptions(handle_signals=False))
-            serving = asyncio.create_task(worker.serve())
-            try:
-                seen = asyncio.Event()
-                follow = asyncio.create_task(client.follow(sub.run_id, on_event=lambda e: seen.set()
-                                                           if e["type"] == "step_scheduled" and e["step"] == "b"
-                                                           else None))
-                await asyncio.wait_for(seen.wait(), 20)
+            async with _b_hanging(url, prefix, client, sub.run_id) as follow:
                 # as if a cancel had been held after the start read the run, and the starter died before
                 # applying it: the next start request (a resubmission) finds it
                 server.client().hset(Keys(prefix).run("race"), "cancel", '["held late"]')
@@ -320,9 +331,6 @@ def test_a_cancel_held_while_the_start_was_computed_is_applied_once_by_the_next_
                 result = await asyncio.wait_for(follow, 20)
                 _, journal = await client.result("race")
                 return result, journal
-            finally:
-                worker.stop()
-                await serving
 
     result, journal = asyncio.run(main())
     assert result.status == "cancelled" and result.error["message"] == "held late"
@@ -374,21 +382,11 @@ def test_status_of_a_running_run_says_it_is_running(url: str, prefix: str, spec:
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(SAGA), {"script": {"b": {"hang": True}}}, run_id="live")
-            worker = RedisWorker(url, prefix=prefix, options=WorkerOptions(handle_signals=False))
-            serving = asyncio.create_task(worker.serve())
-            try:
-                seen = asyncio.Event()
-                follow = asyncio.create_task(client.follow(sub.run_id, on_event=lambda e: seen.set()
-                                                           if e["type"] == "step_scheduled" and e["step"] == "b"
-                                                           else None))
-                await asyncio.wait_for(seen.wait(), 20)
+            async with _b_hanging(url, prefix, client, sub.run_id) as follow:
                 shown = await asyncio.to_thread(cli, "status", "live", "--redis-url", url, "--prefix", prefix)
                 await client.cancel("live")
                 await asyncio.wait_for(follow, 20)
                 return shown
-            finally:
-                worker.stop()
-                await serving
 
     shown = asyncio.run(main())
     assert shown.exit_code == 0, shown.output
