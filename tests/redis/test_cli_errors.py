@@ -85,19 +85,26 @@ def not_redis() -> Any:
     listener.settimeout(0.2)
     done = threading.Event()
 
+    def answer(conn: socket.socket) -> None:
+        # each connection on its own, answered once and then kept open until the client closes it, so that
+        # what the client sees is the answer (not a connection closed before or after it: a race)
+        with conn:
+            conn.settimeout(10)
+            try:
+                if conn.recv(4096):
+                    conn.sendall(b"<!DOCTYPE HTML>\n<html><body>Error response</body></html>\n")
+                    while conn.recv(4096):
+                        pass
+            except OSError:
+                pass
+
     def serve() -> None:
         while not done.is_set():
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
-            with conn:
-                conn.settimeout(1)
-                try:
-                    conn.recv(4096)
-                    conn.sendall(b"<!DOCTYPE HTML>\n<html><body>Error response</body></html>\n")
-                except OSError:
-                    pass
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
