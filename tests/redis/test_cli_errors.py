@@ -429,3 +429,18 @@ def test_the_status_timeline_of_a_run_cancelled_before_it_started_follows_the_jo
     assert where("run started") < where("cancel requested") < where("run finished: cancelled")
     order = [e["type"] for e in journal.timeline if e["type"] in ("run_started", "cancel_requested", "run_finished")]
     assert order == ["run_started", "cancel_requested", "run_finished"]
+
+
+def test_the_parser_used_without_hiredis_refuses_what_is_not_redis_at_once() -> None:
+    """Without hiredis (the default install), a reply that cannot be Redis is refused from its first byte —
+    a web page has no CRLF to wait for."""
+    import redis
+
+    from flowdsl.runtime.redis.wire import _PyReader
+
+    reader = _PyReader()
+    reader.feed(b"*2\r\n$1\r\na\r\n:7\r\n")
+    assert reader.gets() == [b"a", 7] and reader.gets() is False
+    reader.feed(b"<!DOCTYPE HTML>\n<html>")
+    with pytest.raises(redis.InvalidResponse, match="cannot start with b'<'"):
+        reader.gets()

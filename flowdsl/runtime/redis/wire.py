@@ -127,6 +127,11 @@ class _PyReader:
         return line
 
     def _read(self) -> Any:
+        kind = bytes(self.buf[self.pos:self.pos + 1])
+        if not kind:
+            raise IndexError
+        if kind not in b"+-:$*":  # not Redis (a web server's "<!DOCTYPE", say): say so now, not at a CRLF
+            raise redis.InvalidResponse(f"protocol error: a reply cannot start with {kind!r}")
         line = self._line()
         kind, rest = line[:1], line[1:]
         if kind == b"+":
