@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -293,7 +294,37 @@ EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     _stderr().print(f"[red]error[/]: {_escape(message)}")
+    _FAILURES.append(message)
     return typer.Exit(code)
+
+
+#: the messages of the failures said by :func:`_fail` (``_reporting`` puts them into its JSON object)
+_FAILURES: list[str] = []
+
+
+def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
+    """Run a reporting command's ``body(console)``; its exit code.
+
+    With ``--format json``, stdout carries exactly one JSON object, as for ``run``: when the command fails
+    without having written one, ``{"status": "error", "error": {"type", "message"}}`` says why (the lines
+    it printed on stderr)."""
+    from rich.console import Console
+
+    if not as_json:
+        return body(_stderr())
+    console = Console(stderr=True, highlight=False, soft_wrap=True, record=True)
+    del _FAILURES[:]
+    with _JsonChannel(True) as channel:
+        try:
+            code = body(console)
+        except typer.Exit as exc:
+            code = exc.exit_code
+        if code != 0 and not channel.written:
+            said = [*_FAILURES, *(line.removeprefix("error: ") for line in console.export_text().splitlines()
+                                 if line.startswith("error: "))]
+            channel.emit({"status": "error", "error": {"type": "UsageError" if code == EXIT_USAGE else "Error",
+                                                       "message": "; ".join(said) or f"exit code {code}"}})
+    return code
 
 
 @app.command()
@@ -562,6 +593,11 @@ def show(
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
+    raise typer.Exit(_reporting(fmt is OutputFormat.json, lambda console: _show(run_id, runs_dir, fmt)))
+
+
+def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat) -> int:
+    """The body of ``flowdsl show``: 0, or a usage error (:func:`_fail`)."""
     from flowdsl.kernel import END_STATES
     from flowdsl.runtime.record import RecordError, ends_mid_line, find_record, read_record
     from flowdsl.runtime.report import print_timeline, result_from_record
@@ -590,6 +626,7 @@ def show(
     if outcome.status not in END_STATES:
         _stderr().print(f"[yellow]note[/]: the record ends before the run did: the run is still going, or its "
                         f"process stopped without finishing it (status as recorded: {outcome.status})")
+    return 0
 
 
 # --- the Redis runtime: worker processes and remote runs ------------------------------------------------
@@ -657,8 +694,9 @@ def status(
     """
     from flowdsl.runtime.redis.commands import status_command
 
-    raise typer.Exit(status_command(run_id, url=redis_url, prefix=prefix, as_json=fmt is OutputFormat.json,
-                                    console=_stderr(), follow=follow))
+    as_json = fmt is OutputFormat.json
+    raise typer.Exit(_reporting(as_json, lambda console: status_command(
+        run_id, url=redis_url, prefix=prefix, as_json=as_json, console=console, follow=follow)))
 
 
 @app.command()
@@ -674,8 +712,10 @@ def runs(
     """List recent Redis runs with their states, newest first."""
     from flowdsl.runtime.redis.commands import runs_command
 
-    raise typer.Exit(runs_command(url=redis_url, prefix=prefix, limit=limit, status=status_filter, flow=flow,
-                                  as_json=fmt is OutputFormat.json, console=_stderr()))
+    as_json = fmt is OutputFormat.json
+    raise typer.Exit(_reporting(as_json, lambda console: runs_command(
+        url=redis_url, prefix=prefix, limit=limit, status=status_filter, flow=flow, as_json=as_json,
+        console=console)))
 
 
 @app.command()
@@ -693,8 +733,9 @@ def cancel(
     """
     from flowdsl.runtime.redis.commands import cancel_command
 
-    raise typer.Exit(cancel_command(run_id, url=redis_url, prefix=prefix, reason=reason, wait=wait,
-                                    as_json=fmt is OutputFormat.json, console=_stderr()))
+    as_json = fmt is OutputFormat.json
+    raise typer.Exit(_reporting(as_json, lambda console: cancel_command(
+        run_id, url=redis_url, prefix=prefix, reason=reason, wait=wait, as_json=as_json, console=console)))
 
 
 from flowdsl.render.command import diagram as _diagram  # noqa: E402  (typer + stdlib only)

@@ -444,3 +444,16 @@ def test_the_parser_used_without_hiredis_refuses_what_is_not_redis_at_once() -> 
     reader.feed(b"<!DOCTYPE HTML>\n<html>")
     with pytest.raises(redis.InvalidResponse, match="cannot start with b'<'"):
         reader.gets()
+
+
+def test_every_reporting_command_says_its_failure_as_one_json_object(tmp_path: Path) -> None:
+    """With --format json, stdout carries exactly one JSON object whatever happens (as for `run`): a command
+    that fails before it has one to give says why in `{"status": "error", "error": {"type", "message"}}`."""
+    nowhere = f"unix://{tmp_path}/none.sock"
+    for args in (["status", "x", "--redis-url", nowhere], ["runs", "--redis-url", nowhere],
+                 ["cancel", "x", "--redis-url", nowhere], ["show", "nope", "--runs-dir", str(tmp_path)]):
+        r = flowdsl(*args, "--format", "json")
+        assert r.returncode == 2, (args, r.stderr)
+        out = json.loads(r.stdout)  # one object, nothing else
+        assert out["status"] == "error" and out["error"]["type"] == "UsageError", out
+        assert out["error"]["message"] and out["error"]["message"] in r.stderr.replace("\n", " "), (out, r.stderr)
