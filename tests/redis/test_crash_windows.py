@@ -127,3 +127,30 @@ def test_a_crash_before_the_cancellations_of_queued_tasks_are_answered_leaves_th
         return left, record.state["status"]
 
     assert asyncio.run(main()) == (True, "cancelled")
+
+
+def test_heartbeats_keep_an_entry_whose_task_result_was_just_written(url: str, prefix: str) -> None:
+    """Between a chain's transition (the old task gone, the next one held under the same entry) and the moment
+    the process takes note of the next task, the entry's task has no lease: the heartbeat still renews the
+    entry (it is this process's until acknowledged), so a stalled relay cannot let it be taken over."""
+    from flowdsl.runtime.redis import RedisWorker, WorkerOptions
+    from flowdsl.runtime.redis.keys import GROUP
+
+    async def main() -> list[str]:
+        keys = Keys(prefix)
+        client = connect(url)
+        stream = keys.queue("w")
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        entry_id = (await client.xadd(stream, {"m": "{}"})).decode()
+        await client.xreadgroup(GROUP, "someone", {stream: ">"})  # pending, held by "someone" so far
+        worker = RedisWorker(url, prefix=prefix, options=WorkerOptions(handle_signals=False))
+        worker.client = client
+        worker.store = Store(client, keys)
+        held = worker._hold(stream, entry_id, {"run_id": "r", "task_id": "r/a#1"}, None, "")
+        held.picked = True  # its task "r/a#1" has no lease: its result was just written
+        await worker._renew()
+        owners = [p["consumer"].decode() for p in await client.xpending_range(stream, GROUP, "-", "+", 10)]
+        await client.aclose()
+        return [o == worker.name for o in owners]
+
+    assert asyncio.run(main()) == [True]

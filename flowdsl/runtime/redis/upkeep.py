@@ -112,7 +112,11 @@ class Upkeep:
             elif value and not h.lost:
                 h.lost = True  # reclaimed by another process: stop renewing; our result will be rejected
                 log.warning("worker %s: lease of %s lost; its result will be rejected", self.name, h.task_id)
-            # no value: no longer in flight (its result is being written, or the kernel gave up on it)
+            elif not value and not h.lost:
+                # no longer in flight: its result was just written (a chain's next task may already be held
+                # under this entry, before this process has taken note of it) or the kernel gave up on it. The
+                # entry is still ours until acknowledged: keep it, or a stalled relay would let it be taken over
+                renew[h.stream].append(h.entry_id)
         for h in held:
             if not h.picked:
                 renew[h.stream].append(h.entry_id)
