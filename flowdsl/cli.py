@@ -292,14 +292,9 @@ def convert(
 EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    _stderr().print(f"[red]error[/]: {_escape(message)}")
-    _FAILURES.append(message)
+def _fail(message: str, code: int = EXIT_USAGE, console: Any = None) -> typer.Exit:
+    (console or _stderr()).print(f"[red]error[/]: {_escape(message)}")
     return typer.Exit(code)
-
-
-#: the messages of the failures said by :func:`_fail` (``_reporting`` puts them into its JSON object)
-_FAILURES: list[str] = []
 
 
 def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
@@ -313,15 +308,14 @@ def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
     if not as_json:
         return body(_stderr())
     console = Console(stderr=True, highlight=False, soft_wrap=True, record=True)
-    del _FAILURES[:]
     with _JsonChannel(True) as channel:
         try:
             code = body(console)
         except typer.Exit as exc:
             code = exc.exit_code
         if code != 0 and not channel.written:
-            said = [*_FAILURES, *(line.removeprefix("error: ") for line in console.export_text().splitlines()
-                                 if line.startswith("error: "))]
+            said = [line.removeprefix("error: ") for line in console.export_text().splitlines()
+                    if line.startswith("error: ")]
             channel.emit({"status": "error", "error": {"type": "UsageError" if code == EXIT_USAGE else "Error",
                                                        "message": "; ".join(said) or f"exit code {code}"}})
     return code
@@ -593,10 +587,10 @@ def show(
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
-    raise typer.Exit(_reporting(fmt is OutputFormat.json, lambda console: _show(run_id, runs_dir, fmt)))
+    raise typer.Exit(_reporting(fmt is OutputFormat.json, lambda console: _show(run_id, runs_dir, fmt, console)))
 
 
-def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat) -> int:
+def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -> int:
     """The body of ``flowdsl show``: 0, or a usage error (:func:`_fail`)."""
     from flowdsl.kernel import END_STATES
     from flowdsl.runtime.record import RecordError, ends_mid_line, find_record, read_record
@@ -605,26 +599,26 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat) -> int:
     try:
         path = find_record(run_id, runs_dir)
     except RecordError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), console=console) from None
     try:
         header, lines = read_record(path)  # a RecordError names the file, the line and what is malformed
     except RecordError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), console=console) from None
     try:
         outcome = result_from_record(header, lines, path)
     except ValueError as exc:  # a header without a plan, a malformed start, events that do not replay
-        raise _fail(f"cannot show the run record {path}: {exc}") from None
+        raise _fail(f"cannot show the run record {path}: {exc}", console=console) from None
     except Exception as exc:  # a foreign record the checks let through: say so, never a traceback
-        raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}") from None
+        raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}", console=console) from None
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
     else:
-        print_timeline(outcome, lines, _stderr())
+        print_timeline(outcome, lines, console)
     if ends_mid_line(path):
-        _stderr().print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
+        console.print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
                         "it); the run is shown as it stood at the line before")
     if outcome.status not in END_STATES:
-        _stderr().print(f"[yellow]note[/]: the record ends before the run did: the run is still going, or its "
+        console.print(f"[yellow]note[/]: the record ends before the run did: the run is still going, or its "
                         f"process stopped without finishing it (status as recorded: {outcome.status})")
     return 0
 

@@ -95,8 +95,7 @@ def worker(name: str | None = None, *, registry_: WorkerRegistry | None = None) 
     """
 
     if callable(name):  # used bare, as ``@worker``: register the function under its own name
-        fn, name = name, None
-        return worker(registry_=registry_)(fn)
+        return worker(registry_=registry_)(name)
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"worker name must be a non-empty str (or leave it out: the function's name), "
                         f"got {name!r}")
