@@ -46,16 +46,20 @@ def _duration_text_ms(text: str) -> float:
     if pos != len(text) or not text:
         if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
             raise ValueError(f"'{text}' is text, not a number; {_EXPECTED} (or a number of seconds, unquoted)")
-        if any(c.isspace() for c in text):
-            try:
-                _duration_text_ms("".join(text.split()))
-            except ValueError:
-                pass
-            else:
-                raise ValueError(f"'{text}' has spaces; a duration is written without spaces: "
-                                 f"'{''.join(text.split())}'")
+        if any(c.isspace() for c in text) and _is_duration("".join(text.split())):
+            raise ValueError(f"'{text}' has spaces; a duration is written without spaces: "
+                             f"'{''.join(text.split())}'")
         raise ValueError(f"'{text}' is not a duration; {_EXPECTED}")
     return ms
+
+
+def _is_duration(text: str) -> bool:
+    """Whether ``text`` is a well-written duration (to say what is wrong with one that nearly is)."""
+    try:
+        _duration_text_ms(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_duration(value: Any) -> int:
@@ -72,13 +76,8 @@ def parse_duration(value: Any) -> int:
             raise ValueError(f"'{value}' is not a finite number of seconds")
         exact = value * 1000
     elif isinstance(value, str):
-        if value.startswith("-"):
-            try:
-                _duration_text_ms(value[1:])
-            except ValueError:
-                pass
-            else:
-                raise ValueError(f"a duration must be positive, found '{value}'")
+        if value.startswith("-") and _is_duration(value[1:]):
+            raise ValueError(f"a duration must be positive, found '{value}'")
         exact = _duration_text_ms(value)
     else:
         raise ValueError(f"expected a duration like 10s, found {type(value).__name__}")

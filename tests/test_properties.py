@@ -66,7 +66,11 @@ def front_end(text: str, filename: str = "spec.yaml") -> dict[str, Any] | None:
 
 
 def dump(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+    """YAML text of ``data`` in its own key order, with every string that flowdsl's loader (YAML 1.2 core)
+    would read as something else quoted, as ``flowdsl convert`` writes it (``0E0`` is a number there)."""
+    from flowdsl.convert import _dumper
+
+    return yaml.dump(data, Dumper=_dumper(), sort_keys=False, allow_unicode=True, width=100)
 
 
 # --- strategies: pieces ---------------------------------------------------------
