@@ -15,9 +15,35 @@ Heavy modules load lazily.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The names are imported on first use (``__getattr__``), so that ``import flowdsl`` stays cheap; type checkers
+# and IDEs read them from the block below instead. The three lists must agree (tests/test_api.py checks it).
+if TYPE_CHECKING:
+    from flowdsl.api import CompileResult as CompileResult
+    from flowdsl.api import compile_spec as compile_spec
+    from flowdsl.api import compile_text as compile_text
+    from flowdsl.api import load as load
+    from flowdsl.api import load_text as load_text
+    from flowdsl.api import plan_bytes as plan_bytes
+    from flowdsl.api import validate as validate
+    from flowdsl.diagnostics import Diagnostic as Diagnostic
+    from flowdsl.diagnostics import SpecError as SpecError
+    from flowdsl.runtime.local import LocalRun as LocalRun
+    from flowdsl.runtime.local import RunAborted as RunAborted
+    from flowdsl.runtime.local import WorkersMissing as WorkersMissing
+    from flowdsl.runtime.local import run as run
+    from flowdsl.runtime.local import run_flow as run_flow
+    from flowdsl.runtime.plancheck import PlanError as PlanError
+    from flowdsl.runtime.record import RecordError as RecordError
+    from flowdsl.runtime.report import RunResult as RunResult
+    from flowdsl.workers import StepContext as StepContext
+    from flowdsl.workers import StepLogger as StepLogger
+    from flowdsl.workers import WorkerImportError as WorkerImportError
+    from flowdsl.workers import registry as registry
+    from flowdsl.workers import worker as worker
 
 _EXPORTS = {
     "load": "flowdsl.api",
@@ -31,14 +57,28 @@ _EXPORTS = {
     "SpecError": "flowdsl.diagnostics",
     "worker": "flowdsl.workers",
     "StepContext": "flowdsl.workers",
+    "StepLogger": "flowdsl.workers",
     "registry": "flowdsl.workers",
+    "WorkerImportError": "flowdsl.workers",
     "run": "flowdsl.runtime.local",
     "run_flow": "flowdsl.runtime.local",
     "LocalRun": "flowdsl.runtime.local",
+    "RunAborted": "flowdsl.runtime.local",
+    "WorkersMissing": "flowdsl.runtime.local",
+    "PlanError": "flowdsl.runtime.plancheck",
+    "RecordError": "flowdsl.runtime.record",
     "RunResult": "flowdsl.runtime.report",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CompileResult", "Diagnostic", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunResult", "SpecError",
+    "StepContext", "StepLogger", "WorkerImportError", "WorkersMissing", "compile_spec", "compile_text", "load",
+    "load_text", "plan_bytes", "registry", "run", "run_flow", "validate", "worker",
+]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

@@ -67,8 +67,9 @@ def _text(value: Any, filename: str) -> str | LoadedDoc:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            from flowdsl.source import byte_position
+
+            line, col = byte_position(raw, exc.start)
             return LoadedDoc(None, Positions(filename), [make(
                 "FD110", f"text is not valid UTF-8 (byte 0x{raw[exc.start]:02x})", file=filename, line=line,
                 column=col)])

@@ -8,6 +8,7 @@ belong to the compiler, which owns the dependency graph.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -185,6 +186,7 @@ def _without_format_checked(schema: Any) -> bool:
 
 
 def check_input_schema(flow: Flow) -> Iterator[Diagnostic]:
+    """FD206 when ``input:`` is not a valid JSON Schema (2020-12), or holds a reference that does not resolve."""
     if flow.input_schema is None or isinstance(flow.input_schema, bool):
         return
     if _without_format_checked(flow.input_schema):
@@ -192,6 +194,7 @@ def check_input_schema(flow: Flow) -> Iterator[Diagnostic]:
 
         # without format-checked keywords both check the same meta-schema rules; jsonschema-rs is
         # compiled and light to import, and python-jsonschema (below) is needed only to explain an error
+        # (with no $ref, there is no reference to resolve either)
         if jsonschema_rs.meta.is_valid(flow.input_schema):
             return
     from jsonschema import Draft202012Validator
@@ -202,6 +205,59 @@ def check_input_schema(flow: Flow) -> Iterator[Diagnostic]:
     except SchemaError as exc:
         where = join("/input", *exc.path)
         yield _err(flow, "FD206", f"the input schema is not a valid JSON Schema: {exc.message}", where)
+        return
+    schema = flow.input_schema
+    named = [f"#/{where}/{name}" for where in ("$defs", "definitions") if isinstance(schema.get(where), dict)
+             for name in schema[where]]
+    for parts, keyword, ref, why in _dangling_references(schema):
+        hint = did_you_mean(ref, named) if ref.startswith("#/") else ""
+        yield _err(flow, "FD206", f"the input schema's {keyword} '{ref}' {why}{hint}; a reference must point "
+                   "inside the input schema (like '#/$defs/name') or to a JSON Schema meta-schema: flowdsl never "
+                   "fetches a schema from elsewhere", join("/input", *parts, keyword))
+
+
+#: JSON Schema 2020-12 keywords whose value is a schema, a list of schemas, or a mapping of names to schemas
+_SUBSCHEMA = frozenset({"additionalProperties", "contains", "contentSchema", "else", "if", "items", "not",
+                        "propertyNames", "then", "unevaluatedItems", "unevaluatedProperties"})
+_SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SUBSCHEMA_MAPS = frozenset({"$defs", "definitions", "dependentSchemas", "patternProperties", "properties"})
+
+
+def _dangling_references(schema: Any) -> Iterator[tuple[list[Any], str, str, str]]:
+    """(path to the subschema, keyword, reference, why) for each ``$ref``/``$dynamicRef`` of a valid ``schema``
+    that does not resolve as the run input's check resolves it (``flowdsl.runtime.inputs.check_input``):
+    inside the schema (with its ``$id``s and anchors) or to a bundled meta-schema, never by fetching."""
+    from jsonschema_specifications import REGISTRY
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012
+
+    root = REGISTRY.combine(Registry()).resolver_with_root(DRAFT202012.create_resource(schema))
+    stack: list[tuple[Any, list[Any], Any]] = [(schema, [], root)]
+    while stack:
+        node, parts, resolver = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if parts and isinstance(node.get("$id"), str):
+            resolver = resolver.in_subresource(DRAFT202012.create_resource(node))
+        for keyword in ("$ref", "$dynamicRef"):
+            ref = node.get(keyword)
+            if not isinstance(ref, str):
+                continue
+            try:
+                target = resolver.lookup(ref).contents
+            except Unresolvable:
+                yield parts, keyword, ref, "cannot be resolved"
+                continue
+            if not isinstance(target, dict | bool):
+                yield parts, keyword, ref, f"points to {json.dumps(target)[:40]}, which is not a schema"
+        for keyword, value in node.items():
+            if keyword in _SUBSCHEMA and not isinstance(value, list):
+                stack.append((value, [*parts, keyword], resolver))
+            elif keyword in _SUBSCHEMA or keyword in _SUBSCHEMA_LISTS:
+                stack.extend((v, [*parts, keyword, i], resolver) for i, v in enumerate(value))
+            elif keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                stack.extend((v, [*parts, keyword, k], resolver) for k, v in value.items())
 
 
 # --- workers --------------------------------------------------------------------

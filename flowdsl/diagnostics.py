@@ -210,10 +210,61 @@ SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compen
                        "fail_when", "version", "defaults"})
 
 
-def aside_option(path: str) -> list[str] | None:
-    """The reference tokens of the innermost option around ``path`` that can be set aside, or None."""
+#: group keywords, in the order the schema tries them (a mapping holding one is that group)
+_GROUPS = ("sequence", "parallel", "for_each", "switch", "flow")
+#: options that hold more options (``defaults: {compensate: {retry: ...}}``, a compensation's mapping)
+_OPTION_BLOCKS = frozenset({"defaults", "compensate"})
+
+
+def option_positions(data: object, parts: list[str]) -> list[int]:
+    """The indexes of the reference tokens ``parts`` that name an option where ``data`` has one.
+
+    An option is a key of the document, of ``defaults`` (and its ``compensate``), of a step's options
+    (the mapping under its name), of a compensation's mapping, or of a group. A step's name is no option,
+    and nothing inside an option's value is one either — not a key of ``input``, ``with`` or ``output``,
+    nor a label of a switch case (those belong to the user) — except the nodes of a group's ``steps``,
+    ``branches``, ``cases`` and ``default``.
+    """
+    found: list[int] = []
+    state, value = "options", data  # what ``parts[i]`` is below ``value``
+    for i, t in enumerate(parts):
+        if state == "options":
+            if not isinstance(value, dict) or t not in value:
+                break
+            found.append(i)
+            value = value[t]
+            if t in ("steps", "branches", "default"):
+                state = "nodes"
+            elif t == "cases":
+                state = "cases"
+            elif t not in _OPTION_BLOCKS:
+                break
+        elif state == "nodes" or state == "cases":
+            if isinstance(value, list) and t.isdigit() and int(t) < len(value):
+                value = value[int(t)]
+            elif state == "cases" and isinstance(value, dict) and t in value:
+                value, state = value[t], "nodes"
+                continue
+            else:
+                break
+            if not isinstance(value, dict):
+                break
+            state = "options" if any(k in value for k in _GROUPS) else "step"
+        else:  # "step": ``t`` is a step's name; its options come next
+            if not isinstance(value, dict) or t not in value:
+                break
+            value, state = value[t], "options"
+    return found
+
+
+def aside_option(path: str, data: object) -> list[str] | None:
+    """The reference tokens of the innermost option around ``path`` in ``data`` that can be set aside, or None.
+
+    Options are matched where an option can be (:func:`option_positions`): a step named ``timeout``, or a key
+    ``retry`` inside ``input``, is not one.
+    """
     parts = tokens(path)
-    inner = max((i for i, t in enumerate(parts) if t in SET_ASIDE), default=None)
+    inner = max((i for i in option_positions(data, parts) if parts[i] in SET_ASIDE), default=None)
     return None if inner is None else parts[: inner + 1]
 
 
@@ -246,7 +297,7 @@ def set_aside_values(data: object, diags: list[Diagnostic], bad: list[str]) -> o
     """
     if not bad or not has_errors(diags):
         return None
-    cuts = [aside_option(p) for p in bad]
+    cuts = [aside_option(p, data) for p in bad]
     if any(c is None for c in cuts):
         return None
     return data if drop_options(data, [c for c in cuts if c is not None]) is not None else None

@@ -18,6 +18,8 @@ from flowdsl.kernel_saga import END_STATES, Saga
 
 #: the error type of an LLM call made with no model configured: never retried, goes to the fallback
 LLM_NOT_CONFIGURED = "LLMNotConfigured"
+#: the error of a sub-flow node whose sub-flow did not finish within its file's `timeout:` (never retried)
+SUBFLOW_TIMEOUT = "SubflowTimeout"
 _RESULT_EVENTS = ("task_succeeded", "task_failed", "task_cancelled")
 
 
@@ -183,6 +185,8 @@ class Machine(Saga):
                                           f"its input schema: {problem}"))
             return
         self.nodes[ikey]["scope_input"] = data
+        if node.get("timeout_ms"):  # the sub-flow file's `timeout:` bounds this instance
+            self.schedule(self.idempotency_key(ikey) + "@timeout", node["timeout_ms"], "flow_timeout", ikey)
         self._open_group(ikey, node["children"], flow_name=node.get("flow_name"))
 
     def _skip(self, ikey: str, reason: str) -> None:
@@ -235,6 +239,7 @@ class Machine(Saga):
     def _group_done(self, ikey: str) -> None:
         rec = self.nodes[ikey]
         if self.p.kind[rec["node"]] == "flow":
+            self.cancel_timer(self.idempotency_key(ikey) + "@timeout")
             self._atom_succeeded(ikey, self.scope_result(rec["node"], self.prefix(rec["iter"]), rec["scope_input"]))
             return
         rec.update(status="succeeded", finished_at=self.at)
@@ -476,7 +481,7 @@ class Machine(Saga):
         policy = node.get("retry") or {"attempts": 1}
         attempt: int = rec["attempt"]
         main_llm = node["kind"] == "llm" and rec["phase"] == "main"
-        if (attempt < policy["attempts"] and retryable(policy, err["type"])
+        if (attempt < policy["attempts"] and retryable(policy, err)
                 and not (main_llm and err["type"] == LLM_NOT_CONFIGURED)):
             fallback = rec["phase"] == "fallback"
             delay = retry_delay(policy, attempt, self.s["seed"], ikey + ("/fallback" if fallback else ""))
@@ -505,6 +510,11 @@ class Machine(Saga):
         if purpose == "run_timeout":
             ms = self.p.flow.get("timeout_ms")
             self.abort("timeout", error("RunTimeout", f"the run did not finish within {ms} ms"), None)
+        elif purpose == "flow_timeout":
+            if self.s["status"] == "running" and self.nodes[ikey]["status"] == "running":
+                node = self.p.nodes[self.nodes[ikey]["node"]]
+                self._node_failed(ikey, error(SUBFLOW_TIMEOUT, f"the sub-flow '{node['id']}' did not finish "
+                                              f"within {node['timeout_ms']} ms"))
         elif purpose == "retry":
             if timer.get("compensation"):
                 self.retry_compensation(ikey)
@@ -534,5 +544,9 @@ class Machine(Saga):
 
 def _error_of(value: Json) -> dict[str, Any]:
     if isinstance(value, dict):
-        return {"type": str(value.get("type") or "Error"), "message": str(value.get("message") or "")}
+        err: dict[str, Any] = {"type": str(value.get("type") or "Error"), "message": str(value.get("message") or "")}
+        types = value.get("types")  # the class names of the exception's MRO (absent in older records)
+        if isinstance(types, list) and types and all(isinstance(t, str) for t in types):
+            err["types"] = list(types)
+        return err
     return {"type": "Error", "message": "" if value is None else str(value)}

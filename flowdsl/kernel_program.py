@@ -16,6 +16,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from flowdsl.expr import Expression, analyse, compile_expression
 
@@ -216,9 +218,13 @@ class Program:
         if schema is None:
             return None
         validator = self._validators.get(id(schema))
-        if validator is None:
-            validator = self._validators[id(schema)] = Draft202012Validator(schema)
-        error = best_match(validator.iter_errors(value))
+        if validator is None:  # references resolve inside the schema (or to a meta-schema): nothing is fetched
+            validator = self._validators[id(schema)] = Draft202012Validator(schema, registry=Registry())
+        try:
+            error = best_match(validator.iter_errors(value))
+        except Unresolvable as exc:  # (a compiled plan has none: FD206; a plan may come from elsewhere)
+            ref = getattr(exc, "ref", None)
+            return f"the schema cannot be used: its reference {ref!r} cannot be resolved (none is fetched)"
         if error is None:
             return None
         where = "/".join(str(p) for p in error.absolute_path)
@@ -291,12 +297,18 @@ def prepare(plan: dict[str, Any] | Program) -> Program:
 # --- retry policies -------------------------------------------------------------
 
 
-def retryable(policy: dict[str, Any], error_type: str) -> bool:
-    """Whether a policy's ``on``/``not_on`` filters let an error type be retried."""
-    if error_type in (policy.get("not_on") or ()):
+def retryable(policy: dict[str, Any], err: dict[str, Any]) -> bool:
+    """Whether a policy's ``on``/``not_on`` filters let an error be retried.
+
+    A filter names an error type: it matches the error's ``type`` or any name in its ``types`` (the class
+    names of the exception's MRO, so that a filter covers subclasses); an error without ``types`` — flowdsl's
+    own, or one recorded before the field existed — matches by ``type`` alone.
+    """
+    names = {err["type"], *(err.get("types") or ())}
+    if not names.isdisjoint(policy.get("not_on") or ()):
         return False
     allowed = policy.get("on")
-    return allowed is None or error_type in allowed
+    return allowed is None or not names.isdisjoint(allowed)
 
 
 def retry_delay(policy: dict[str, Any], failed_attempt: int, seed: int, key: str) -> int:

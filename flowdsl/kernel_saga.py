@@ -33,7 +33,9 @@ class Saga(Core):
     # --- abort --------------------------------------------------------------------
 
     def abort(self, reason: str, err: dict[str, Any], step: str | None) -> None:
-        """Stop a running run: cancel what is in flight, then compensate (``reason``: failed|cancelled|timeout)."""
+        """Stop a running run: cancel what is in flight, then compensate (``reason``: failed|cancelled|timeout).
+
+        The run's and the sub-flows' timeout timers are cancelled: from here on only attempt timeouts apply."""
         if self.s["status"] != "running":
             return
         self.s.update(status="aborting", abort=reason, error=err, failed_step=step)
@@ -41,7 +43,7 @@ class Saga(Core):
         if step is not None:
             self._fail_ancestors(self.nodes[step]["parent"], err)
         for timer_id, timer in list(self.timers.items()):
-            if timer["purpose"] == "run_timeout":
+            if timer["purpose"] in ("run_timeout", "flow_timeout"):
                 self.cancel_timer(timer_id)
             elif timer["purpose"] == "retry":
                 self.cancel_timer(timer_id)
@@ -169,7 +171,7 @@ class Saga(Core):
         policy = spec.get("retry") or {"attempts": 1}
         attempt: int = comp["attempt"]
         comp.update(error=err, task=None)
-        if attempt < policy["attempts"] and retryable(policy, err["type"]):
+        if attempt < policy["attempts"] and retryable(policy, err):
             delay = retry_delay(policy, attempt, self.s["seed"], ikey + "/compensate")
             comp["status"] = "retrying"
             self.emit("compensation_retrying", ikey, attempt=attempt, task_id=task_id, error=err,

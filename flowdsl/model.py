@@ -62,6 +62,12 @@ def _is_duration(text: str) -> bool:
     return True
 
 
+def _shown(value: Any) -> str:
+    """A value as written in a message, at most 40 characters (a number may have thousands of digits)."""
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_duration(value: Any) -> int:
     """Milliseconds for ``250ms``, ``10s``, ``1m30s``, ``2h`` or a number of seconds (docs/language.md).
 
@@ -72,24 +78,34 @@ def parse_duration(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 10s, found {str(value).lower()}")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"'{value}' is not a finite number of seconds")
-        exact = value * 1000
+        exact = value * 1000  # an int stays exact however large; a float may become infinity, refused below
     elif isinstance(value, str):
         if value.startswith("-") and _is_duration(value[1:]):
-            raise ValueError(f"a duration must be positive, found '{value}'")
+            raise ValueError(f"a duration must be positive, found '{_shown(value)}'")
         exact = _duration_text_ms(value)
     else:
         raise ValueError(f"expected a duration like 10s, found {type(value).__name__}")
     if exact <= 0:
-        raise ValueError(f"a duration must be positive, found '{value}'")
-    ms = round(exact)
+        raise ValueError(f"a duration must be positive, found '{_shown(value)}'")
+    # compared before rounding: rounding infinity (1e306 seconds in ms, or 400 digits of seconds) fails
+    ms = round(exact) if exact <= 2 * MAX_DURATION_MS else MAX_DURATION_MS + 1
     if ms == 0:
         raise ValueError(f"'{value}' is less than 1ms once rounded to whole milliseconds; durations are counted "
                          "in milliseconds, and the shortest is 1ms")
     if ms > MAX_DURATION_MS:
-        raise ValueError(f"'{value}' is longer than the maximum of 30 days")
+        raise ValueError(f"'{_shown(value)}' is longer than the maximum of 30 days ({MAX_DURATION_MS // 3_600_000}h)")
     return int(ms)
+
+
+def whole_number(value: Any) -> Any:
+    """An integer field's value as an ``int``: the schema reads a number whose fraction is zero (``2.0``,
+    ``2e0``) as an integer, as JSON Schema does, and so does the model (docs/language.md, "How values are
+    read"); anything else is returned as it is."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -272,8 +288,8 @@ class _Builder:
     def retry(self, value: Any, path: str) -> Retry | None:
         if value is None:
             return None
-        if isinstance(value, int):
-            return Retry(attempts=value)
+        if not isinstance(value, dict):  # a number of attempts (the schema allows an integer only, 2.0 too)
+            return Retry(attempts=whole_number(value))
         initial = self.duration(value.get("initial"), join(path, "initial"))
         maximum = self.duration(value.get("max"), join(path, "max"))
         on = tuple(value["on"]) if "on" in value else None
@@ -289,8 +305,21 @@ class _Builder:
         if "multiplier" in value and value.get("backoff", "exponential") != "exponential":
             self.err("FD402", f"'multiplier' applies to exponential backoff only, not '{value['backoff']}'",
                      join(path, "multiplier"))
-        return Retry(value.get("attempts"), value.get("backoff"), initial, maximum, value.get("multiplier"),
-                     value.get("jitter"), on, not_on)
+        return Retry(whole_number(value.get("attempts")), value.get("backoff"), initial, maximum,
+                     self.multiplier(value.get("multiplier"), join(path, "multiplier")), value.get("jitter"),
+                     on, not_on)
+
+    def multiplier(self, value: Any, path: str) -> float | None:
+        """A retry multiplier as the plan holds it, a float; FD201 (and None) for an integer too large for
+        one (the schema takes any number > 1, and ``1e999`` was refused when the file was read)."""
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except OverflowError:
+            self.err("FD201", f"the multiplier {_shown(value)} is beyond the largest number, about 1.8e308; "
+                     "expected a number > 1 (delays are capped by 'max' anyway: 2 or 3 is usual)", path)
+            return None
 
     def output(self, value: Any, path: str) -> Output:
         if value is None:
@@ -393,7 +422,7 @@ class _Builder:
             return Node(**base, children=self.nodes(data["branches"], join(path, "branches")))
         if kw == "for_each":
             return Node(**base, children=self.nodes(data["steps"], join(path, "steps")), items=data["items"],
-                        as_=data.get("as", "item"), concurrency=data.get("concurrency"),
+                        as_=data.get("as", "item"), concurrency=whole_number(data.get("concurrency")),
                         output=Output("name", name=data.get("output", data[kw])))
         if kw == "switch":
             cases = tuple((label, self.nodes(nodes, join(path, "cases", label)))

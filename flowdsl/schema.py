@@ -32,6 +32,8 @@ from flowdsl.diagnostics import (
 
 _ID_HINT = "ids are letters, digits and '_', starting with a letter or '_', at most 64 characters"
 _WORKER_HINT = "worker names are ids joined by dots, like 'payments.refund'"
+_ERROR_TYPE_HINT = ("error types are exception class names as type(exc).__name__ gives them, without a module: "
+                    "'TimeoutError', 'ConnectionError' (a filter also matches subclasses)")
 
 
 def data_file(name: str, repo_dir: str) -> Path:
@@ -233,6 +235,11 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
             yield make("FD302", f"invalid name '{name}': {_too_long(name) or hint}", join(path, name))
         return
     value = error.instance
+    if str(error.schema.get("description", "")).startswith("an error type"):  # a retry filter's entry
+        shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
+        dotted = "; a dotted name never matches" if isinstance(value, str) and "." in value else ""
+        yield make("FD302", f"invalid error type {shown}: {_too_long(value) or _ERROR_TYPE_HINT}{dotted}", path)
+        return
     hint = _WORKER_HINT if "\\." in error.validator_value else _ID_HINT
     kind = "worker name" if hint is _WORKER_HINT else "id"
     if hint is _WORKER_HINT and "propertyNames" in error.schema_path:  # a step mapping's key: id or worker
@@ -286,7 +293,7 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
             continue
         if d.code != "FD201":
             return None
-        option = aside_option(d.path)
+        option = aside_option(d.path, data)
         missing = _MISSING.match(d.message)
         if option is not None:
             cuts.append(option)

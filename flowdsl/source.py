@@ -20,9 +20,11 @@ the spec is still checked.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,9 +58,10 @@ _STR, _MAP, _SEQ = _CORE + "str", _CORE + "map", _CORE + "seq"
 _TEXT_TAGS = {_STR, _CORE + "timestamp", _CORE + "value", _CORE + "merge"}
 _VALUE_TAGS = {_CORE + "int", _CORE + "float", _CORE + "bool", _CORE + "null"}
 #: control characters: never in a spec's text, nor in a string written with escapes ("\x07");
-#: tab, newline and carriage return are allowed in values, but not in keys
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_KEY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: tab, newline and carriage return are allowed in values, but not in keys. A lone surrogate (half of a
+#: UTF-16 pair, such as the escape "\ud800") is no character at all: refused wherever it is
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_KEY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 #: what the text of a spec may not hold: control characters, lone surrogates, non-characters
 _BAD_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
@@ -67,12 +70,17 @@ def control_character(text: str, *, key: bool = False) -> str | None:
     """The FD110 message for the first control character in a string (a key when ``key``), else None.
 
     Both front ends apply it to every string once escapes are read, so ``"\\u001b"`` is refused as a
-    raw ESC would be.
+    raw ESC would be, and ``"\\ud800"`` (a lone surrogate, which no UTF-8 file can hold) too.
     """
     bad = (_KEY_CONTROL if key else _CONTROL).search(text)
     if bad is None:
         return None
-    return f"control character U+{ord(bad.group()):04X} is not allowed in {'a key' if key else 'a spec'}"
+    code = ord(bad.group())
+    where = "a key" if key else "a spec"
+    if 0xD800 <= code <= 0xDFFF:
+        return (f"lone surrogate U+{code:04X} is not allowed in {where}: it is half of a UTF-16 surrogate pair, "
+                "not a character")
+    return f"control character U+{code:04X} is not allowed in {where}"
 
 
 # --- how scalars are read: the one rule of both syntaxes (docs/language.md, "How values are read") -------
@@ -91,8 +99,10 @@ _RADIX_RE = re.compile(r"0(?:o[0-7]+|x[0-9a-fA-F]+)\Z")
 _FLOAT_RE = re.compile(r"[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
 #: YAML's names for infinity and not-a-number: read as numbers, and refused (not JSON)
 _SPECIAL_RE = re.compile(r"[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z")
-#: longest integer read (Python refuses to convert longer ones from text)
+#: longest integer read, in decimal digits (Python refuses to convert longer ones to and from text)
 MAX_DIGITS = 4000
+#: the smallest integer of more than ``MAX_DIGITS`` decimal digits
+_TOO_MANY_DIGITS = 10**MAX_DIGITS
 
 
 class NumberError(ValueError):
@@ -103,16 +113,19 @@ def read_number(text: str) -> int | float | None:
     """The number a plain (unquoted) scalar spells, or None when it is a string.
 
     Raises NumberError (its message says what was found and expected) for ``.inf``, ``.nan``, a
-    number beyond the range of a double (``1e999``) and an integer of more than ``MAX_DIGITS`` digits.
+    number beyond the range of a double (``1e999``) and an integer of more than ``MAX_DIGITS`` digits
+    (counted in decimal, however it is written: ``0x`` and ``0o`` integers by their value).
     """
     if _INT_RE.match(text):
-        if len(text) > MAX_DIGITS:
+        if len(text.lstrip("+-")) > MAX_DIGITS:
             raise NumberError(f"the number '{text[:20]}...' has more than {MAX_DIGITS} digits")
         return int(text)
     if _RADIX_RE.match(text):
-        if len(text) > MAX_DIGITS:
-            raise NumberError(f"the number '{text[:20]}...' has more than {MAX_DIGITS} digits")
-        return int(text[2:], 8 if text[1] == "o" else 16)
+        integer = int(text[2:], 8 if text[1] == "o" else 16)  # linear in the length: bases 8 and 16
+        if integer >= _TOO_MANY_DIGITS:
+            raise NumberError(f"the number '{text[:20]}...' has more than {MAX_DIGITS} digits once written in "
+                              f"decimal; expected an integer of at most {MAX_DIGITS} digits")
+        return integer
     if _FLOAT_RE.match(text) and any(c in text for c in ".eE"):
         value = float(text)
         if not math.isfinite(value):
@@ -194,9 +207,60 @@ def _child(path: str, key: str | int) -> str:
     return f"{path}/{key}"
 
 
+#: line breaks as a text editor counts them, and as the text syntax reads them: CR LF, LF, or CR alone
+_BREAK = re.compile(r"\r\n?|\n")
+
+
+class _Lines:
+    """Where each line of a text starts, to turn a character index into a 1-based line and column."""
+
+    __slots__ = ("starts",)
+
+    def __init__(self, text: str):
+        self.starts = [0, *(m.end() for m in _BREAK.finditer(text))]
+
+    def where(self, index: int) -> tuple[int, int]:
+        index = max(index, 0)
+        line = bisect.bisect_right(self.starts, index)
+        return line, index - self.starts[line - 1] + 1
+
+
 def _where(text: str, index: int) -> tuple[int, int]:
-    line = text.count("\n", 0, index) + 1
-    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+    """The line and column of ``text[index]``, both 1-based, counting CR LF, LF and a lone CR as line breaks."""
+    return _Lines(text).where(index)
+
+
+def _mark_position(mark: Any) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
+
+
+class _Marks:
+    """Where the YAML parser's marks are in the text, as a text editor shows it (line breaks: CR LF, LF, CR).
+
+    libyaml (and PyYAML's Python parser) also break lines at U+2028 and U+2029 (and U+0085, which
+    ``check_text`` refuses first), so in a text holding one, later marks' line and column are off: there
+    the position is computed from the mark's character index instead. libyaml's index does not count a
+    leading byte order mark; the Python parser's does.
+    """
+
+    def __init__(self, text: str, loader: Any):
+        import yaml
+
+        bom = text.startswith("\ufeff")
+        #: characters of ``text`` before the parser's index 0
+        self.skip = 1 if bom and isinstance(loader, getattr(yaml, "CSafeLoader", ())) else 0
+        self.bom = int(bom)
+        self.lines = _Lines(text[self.bom:]) if "\u2028" in text or "\u2029" in text else None
+        #: ``position(mark)``: the (line, column) of a mark
+        self.position = _mark_position if self.lines is None else self._shifted
+
+    def index(self, mark: Any) -> int:
+        """The index in the text of the character at ``mark``."""
+        return int(mark.index) + self.skip
+
+    def _shifted(self, mark: Any) -> tuple[int, int]:
+        assert self.lines is not None
+        return self.lines.where(self.index(mark) - self.bom)
 
 
 def too_deep(data: Any, limit: int = MAX_DEPTH) -> str | None:
@@ -235,10 +299,16 @@ def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
     try:
         return raw.decode("utf-8"), []
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        line, col = byte_position(raw, exc.start)
         return None, [make("FD110", f"file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})",
                            file=path, line=line, column=col)]
+
+
+def byte_position(raw: bytes, start: int) -> tuple[int, int]:
+    """The line and column (1-based; in characters, as a text editor counts them) of the byte ``raw[start]``,
+    the first that is not UTF-8: everything before it is."""
+    before = raw[:start].decode("utf-8").removeprefix("\ufeff")
+    return _where(before, len(before))
 
 
 def check_size(text: str | bytes, file: str | None) -> list[Diagnostic]:
@@ -280,23 +350,14 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
     if pre:
         return LoadedDoc(None, positions, pre)
     loader = core_loader()(text)
+    marks = _Marks(text, loader)
+    builder = _Builder(loader, file, positions, marks.position)
     try:
-        builder = _Builder(loader, file, positions)
         data = builder.run()
-    except _Stop as stop:
-        return LoadedDoc(None, positions, [stop.diag])
+    except _Stop as stop:  # what was found before it still stands
+        return LoadedDoc(None, positions, [*builder.diagnostics, stop.diag])
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "invalid YAML"
-        where = {"line": mark.line + 1, "column": mark.column + 1} if mark else {}
-        if problem.startswith("exceeded maximum nesting depth"):  # libyaml's own bound (PyYAML >= 6.0.4)
-            return LoadedDoc(None, positions, [make("FD107", TOO_DEEP, file=file, **where)])
-        ctx = f" ({exc.context})" if exc.context and exc.problem else ""
-        if ctx and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
-            ctx = f" ({exc.context} started on line {exc.context_mark.line + 1})"
-        if mark is not None and _tab_at(text, mark.line, mark.column):
-            return LoadedDoc(None, positions, [make("FD103", _TAB_MESSAGE, file=file, **where)])
-        return LoadedDoc(None, positions, [make("FD103", f"{problem}{ctx}", file=file, **where)])
+        return LoadedDoc(None, positions, [_syntax_error(exc, text, marks, file)])
     except (yaml.YAMLError, ValueError) as exc:
         return LoadedDoc(None, positions, [make("FD103", f"invalid YAML: {exc}", file=file)])
     finally:
@@ -319,10 +380,49 @@ _TAB_MESSAGE = ("found a tab: YAML cannot be indented with tabs, nor can a tab s
                 "follows in block style; use spaces")
 
 
-def _tab_at(text: str, line: int, column: int) -> bool:
-    """Whether the YAML parser stopped at a tab (0-based ``line`` and ``column``)."""
-    lines = text.split("\n", line + 1)
-    return line < len(lines) and lines[line][column:column + 1] == "\t"
+def _syntax_error(exc: Any, text: str, marks: _Marks, file: str | None) -> Diagnostic:
+    """The diagnostic for a YAML parser error: FD103 saying what the parser found, where.
+
+    FD107 for libyaml's own depth bound (PyYAML >= 6.0.4), FD110 for an escape that writes no character
+    (``"\\ud800"``: the rule of ``control_character``, applied by libyaml before any string is built).
+    """
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or exc.context or "invalid YAML"
+    where: dict[str, Any] = {}
+    if mark is not None:
+        where["line"], where["column"] = marks.position(mark)
+    if problem.startswith("exceeded maximum nesting depth"):
+        return make("FD107", TOO_DEEP, file=file, **where)
+    if problem == "found invalid Unicode character escape code" and mark is not None:
+        message = _bad_escape(text, marks.index(mark))
+        if message is not None:  # at the string, as for the escape of a control character
+            string = exc.context_mark or mark
+            line, column = marks.position(string)
+            return make("FD110", message, file=file, line=line, column=column)
+    ctx = f" ({exc.context})" if exc.context and exc.problem else ""
+    if ctx and exc.context_mark and exc.problem_mark:
+        started = marks.position(exc.context_mark)[0]
+        if started != marks.position(exc.problem_mark)[0]:
+            ctx = f" ({exc.context} started on line {started})"
+    if mark is not None and text[marks.index(mark):marks.index(mark) + 1] == "\t":
+        return make("FD103", _TAB_MESSAGE, file=file, **where)
+    return make("FD103", f"{problem}{ctx}", file=file, **where)
+
+
+def _bad_escape(text: str, index: int) -> str | None:
+    """For libyaml's refusal of the escape whose hex digits start at ``text[index]``: the FD110 message; None
+    when the text there is not such an escape."""
+    width = {"u": 4, "U": 8}.get(text[index - 1:index])
+    digits = text[index:index + width] if width is not None else ""
+    if width is None or not re.fullmatch(f"[0-9a-fA-F]{{{width}}}", digits):
+        return None
+    code = int(digits, 16)
+    escape = f"\\{text[index - 1]}{digits}"
+    if 0xD800 <= code <= 0xDFFF:
+        return (f"the escape '{escape}' writes the lone surrogate U+{code:04X}, which is not allowed in a spec: it "
+                "is half of a UTF-16 surrogate pair, not a character; write the character itself, or escape it "
+                "as \\U and 8 hex digits ('\\U0001F600')")
+    return f"the escape '{escape}' writes U+{code:X}, which is beyond U+10FFFF, the last Unicode character"
 
 
 def _kind(value: Any) -> str:
@@ -354,12 +454,14 @@ class _Frame:
 class _Builder:
     """Turns the parser's events into plain data, recording positions; no recursion."""
 
-    def __init__(self, loader: Any, file: str | None, positions: Positions):
+    def __init__(self, loader: Any, file: str | None, positions: Positions,
+                 position: Callable[[Any], tuple[int, int]] = _mark_position):
         import yaml
 
         self.loader = loader
         self.file = file
         self.positions = positions
+        self.position = position  # a mark's (line, column) in the text (``_Marks.position``)
         self.diagnostics: list[Diagnostic] = []
         self.documents = 0
         self.total = 0
@@ -368,11 +470,24 @@ class _Builder:
         self.events = yaml.events
         self.bad_values: list[str] = []  # pointers of numbers that are not finite (FD201): set aside
         self.bad_anchors: set[str] = set()  # anchors of such numbers
+        self.rejected: set[str] = set()  # anchors of scalars refused (FD105, FD110, FD201): reported there
 
     # --- reporting --------------------------------------------------------------
 
     def _diag(self, code: str, message: str, mark: Any, path: str) -> Diagnostic:
-        return make(code, message, path, file=self.file, line=mark.line + 1, column=mark.column + 1)
+        line, column = self.position(mark)
+        return make(code, message, path, file=self.file, line=line, column=column)
+
+    def anchor(self, name: str, value: Any, *, bad: bool = False, rejected: bool = False) -> None:
+        """Record the scalar anchored as ``name`` (a later anchor of the same name replaces it). ``bad``: a number
+        that is not finite, set aside wherever an alias repeats it; ``rejected``: a value refused, reported
+        where it is written, and an alias of it is refused without a second report."""
+        self.anchors[name] = (value, 1)
+        for flagged, on in ((self.bad_anchors, bad), (self.rejected, rejected)):
+            if on:
+                flagged.add(name)
+            else:
+                flagged.discard(name)
 
     def error(self, code: str, message: str, mark: Any, path: str) -> None:
         self.diagnostics.append(self._diag(code, message, mark, path))
@@ -427,13 +542,15 @@ class _Builder:
                     top.key = _DROP_KEY
                     ok = False
                 path = self.child_path(top)
-                self.positions.positions[path] = (mark.line + 1, mark.column + 1)
+                self.positions.positions[path] = self.position(mark)
                 tag = event.tag
                 if tag is not None and tag != "!" and tag != (_MAP if kind is map_ev else _SEQ):
                     self.bad_tag(tag, mark, path)
                     ok = False
                 if event.anchor is not None:
                     self.anchors[event.anchor] = None
+                    self.bad_anchors.discard(event.anchor)
+                    self.rejected.discard(event.anchor)
                 stack.append(_Frame({} if kind is map_ev else [], path, event.anchor, ok))
             elif kind in ends:
                 frame = stack.pop()
@@ -475,6 +592,9 @@ class _Builder:
         mark = event.start_mark
         if type(event) is self.events.AliasEvent:
             value, _, ok = self.alias(event, frame.path)
+            if event.anchor in self.rejected:  # refused where it is written: nothing more to say
+                frame.key = _DROP
+                return
             if not ok or not isinstance(value, str):
                 self.error("FD201", "mapping keys must be plain strings", mark, frame.path)
                 frame.key = _DROP
@@ -484,16 +604,21 @@ class _Builder:
             self.total += 1
             key = event.value
             tag = event.tag
+            anchor = event.anchor
             if tag is not None and tag != "!" and tag not in _TEXT_TAGS and tag not in _VALUE_TAGS:
                 self.bad_tag(tag, mark, frame.path)
                 frame.key = _DROP
+                if anchor is not None:
+                    self.anchor(anchor, None, rejected=True)
                 return
             if key == "<<" and event.implicit[0]:
                 self.error("FD105", "YAML merge keys ('<<') are not supported; use 'defaults:'", mark, frame.path)
                 frame.key = _DROP
+                if anchor is not None:
+                    self.anchor(anchor, None, rejected=True)
                 return
-            if event.anchor is not None:
-                self.anchors[event.anchor] = (key, 1)
+            if anchor is not None:
+                self.anchor(anchor, key, rejected=control_character(key) is not None)
         sub = _child(frame.path, key)
         bad = control_character(key, key=True)
         if bad:
@@ -505,13 +630,16 @@ class _Builder:
             self.error("FD104", f"duplicate key '{key}' (first written on line {first})", mark, sub)
             frame.key = _DROP
             return
-        frame.keys[key] = mark.line + 1
+        at = self.position(mark)
+        frame.keys[key] = at[0]
         frame.key = key
-        self.positions.key_positions[sub] = (mark.line + 1, mark.column + 1)
+        self.positions.key_positions[sub] = at
 
     def alias(self, event: Any, path: str) -> tuple[Any, int, bool]:
         mark = event.start_mark
-        self.positions.positions[path] = (mark.line + 1, mark.column + 1)
+        self.positions.positions[path] = self.position(mark)
+        if event.anchor in self.rejected:  # the anchored value was refused, and said so where it is written
+            return None, 1, False
         if event.anchor not in self.anchors:
             raise self.stop("FD103", f"found undefined alias '{event.anchor}'", mark, path)
         target = self.anchors[event.anchor]
@@ -531,7 +659,7 @@ class _Builder:
 
     def scalar(self, event: Any, path: str) -> tuple[Any, int, bool]:
         mark = event.start_mark
-        self.positions.positions[path] = (mark.line + 1, mark.column + 1)
+        self.positions.positions[path] = self.position(mark)
         text = event.value
         tag = event.tag
         implicit = tag is None or tag == "!"
@@ -551,20 +679,26 @@ class _Builder:
                 self.error("FD201", str(exc), mark, path)
                 self.bad_values.append(path)
                 if event.anchor is not None:  # an alias of it is set aside too (reported once, here)
-                    self.anchors[event.anchor] = (None, 1)
-                    self.bad_anchors.add(event.anchor)
+                    self.anchor(event.anchor, None, bad=True)
                 return None, 1, False
             except ValueError as exc:
-                self.error("FD201", str(exc), mark, path)
-                return None, 1, False
+                return self.refuse("FD201", str(exc), event, path)
         else:
             self.bad_tag(tag, mark, path)
+            if event.anchor is not None:
+                self.anchor(event.anchor, None, rejected=True)
             return None, 1, False
         if type(value) is str:
             bad = control_character(value)
             if bad:
-                self.error("FD110", bad, mark, path)
-                return None, 1, False
+                return self.refuse("FD110", bad, event, path)
         if event.anchor is not None:
-            self.anchors[event.anchor] = (value, 1)
+            self.anchor(event.anchor, value)
         return value, 1, True
+
+    def refuse(self, code: str, message: str, event: Any, path: str) -> tuple[Any, int, bool]:
+        """Report a scalar that cannot be read; an alias of it is refused with it (``rejected``)."""
+        self.error(code, message, event.start_mark, path)
+        if event.anchor is not None:
+            self.anchor(event.anchor, None, rejected=True)
+        return None, 1, False

@@ -31,6 +31,7 @@ from flowdsl.source import (
     WORD_VALUES,
     LoadedDoc,
     NumberError,
+    byte_position,
     control_character,
     read_number,
     set_aside_values,
@@ -323,9 +324,9 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            line = text[: e.start].count(b"\n") + 1
+            line, col = byte_position(text, e.start)
             msg = f"file is not valid UTF-8 (byte 0x{text[e.start]:02x})"
-            return LoadedDoc(None, positions, [make("FD110", msg, file=file, line=line)])
+            return LoadedDoc(None, positions, [make("FD110", msg, file=file, line=line, column=col)])
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     bad = BAD_CHAR_RE.search(text)
     if bad:
@@ -419,11 +420,13 @@ class _Builder:
             self.diagnostics.append(make("FD110", bad, ptr, file=self.file, line=tok.line, column=tok.column))
         return value
 
-    def put(self, target: dict[str, Any], base: str, key: str, at: Any, what: str) -> str | None:
-        """The pointer for ``key`` in ``target``, or None (and FD104) when it is already there."""
+    def put(self, target: dict[str, Any], base: str, key: str, at: Any, what: str,
+            written: str | None = None) -> str | None:
+        """The pointer for ``key`` in ``target``, or None (and FD104, naming ``written``: the word in the file,
+        when it is not the key) when it is already there."""
         ptr = _sub(base, key)
         if key in target:
-            msg = f"duplicate {what} '{key}' (first written on line {self.keys[ptr][0]})"
+            msg = f"duplicate {what} '{written or key}' (first written on line {self.keys[ptr][0]})"
             self.diagnostics.append(make("FD104", msg, ptr, file=self.file, line=at.line, column=at.column))
             return None
         self.keys[ptr] = (at.line, at.column)
@@ -440,7 +443,7 @@ class _Builder:
                     doc[kids[0].value] = self.value(kids[1], ptr)
             elif kind in ("flow_name", "workers", "defaults"):
                 key = "name" if kind == "flow_name" else kind
-                if (ptr := self.put(doc, "", key, st, "statement")) is None:
+                if (ptr := self.put(doc, "", key, st, "statement", "flow" if kind == "flow_name" else None)) is None:
                     continue
                 if kind == "flow_name":
                     doc[key] = self.scalar_at(kids[0], ptr)
@@ -493,7 +496,7 @@ class _Builder:
             where, at = target, base
             if llm and key in LLM_KEYS:
                 where, at = target["llm"], base + "/llm"
-            if (ptr := self.put(where, at, key, ktok, "option")) is not None:
+            if (ptr := self.put(where, at, key, ktok, "option", ktok.value)) is not None:
                 where[key] = self.names(v, ptr) if key in NAME_LISTS else self.value(v, ptr)
         return target
 

@@ -6,8 +6,8 @@ from flowdsl.
 
 A worker receives its input (a JSON object: the step's ``with:`` mapping, or
 the context it sees) and a :class:`StepContext`; it returns a JSON object (or
-``None`` for "no outputs") or raises. The exception's class name is the error
-type that retry filters match::
+``None`` for "no outputs") or raises. The exception's class name is its error
+type; retry filters match it or the name of any of its base classes::
 
     from flowdsl import worker
 
@@ -19,17 +19,49 @@ type that retry filters match::
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
+import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 WorkerFn = Callable[..., Any] | Callable[..., Awaitable[Any]]
+#: a worker function, whatever its signature: ``@worker`` gives it back unchanged, with its type
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: a worker name: ids joined by dots, as the spec language has it (docs/language.md, "Names"; the schema's
+#: ``worker``): an id is ASCII letters, digits and ``_``, not starting with a digit, at most 64 characters
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63})*\Z")
+_NAME_RULE = ("worker names are ids joined by dots, like 'payments.refund'; an id is ASCII letters, digits and "
+              "'_', not starting with a digit, at most 64 characters")
+
+
+class StepLogger(logging.LoggerAdapter[logging.Logger]):
+    """``ctx.logger``: the logger ``flowdsl.worker.<worker name>`` (:attr:`logger`), telling whose line it is.
+
+    Every record carries the attributes ``run_id``, ``step_id``, ``attempt`` and ``idempotency_key`` (for
+    formatters — ``%(run_id)s`` — filters and structured handlers; an ``extra=`` of the call is merged over
+    them), and its message starts with ``[<idempotency key>#<attempt>]`` (``[order-42/charge#2] charging``),
+    so that lines of concurrent runs, for_each iterations and attempts can be told apart under any format.
+    """
+
+    def __init__(self, logger: logging.Logger, ctx: StepContext):  # made for every attempt: kept cheap
+        self.logger = logger
+        self.extra = {"run_id": ctx.run_id, "step_id": ctx.step_id, "attempt": ctx.attempt,
+                      "idempotency_key": ctx.idempotency_key}
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        ids = self.extra
+        extra = kwargs.get("extra")
+        kwargs["extra"] = {**ids, **extra} if extra else ids
+        return f"[{ids['idempotency_key']}#{ids['attempt']}] {msg}", kwargs
 
 
 @dataclass(frozen=True)
@@ -41,7 +73,16 @@ class StepContext:
     attempt: int  # 1-based
     idempotency_key: str  # stable across attempts and crashes: hand it to payment gateways
     compensating: bool = False  # True when running as a step's compensation
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flowdsl.worker"))
+    #: a :class:`StepLogger` for this attempt over ``flowdsl.worker.<worker name>``: the ``logging.Logger``
+    #: given (or the one a given StepLogger wraps; none: ``flowdsl.worker``) is wrapped with this context's ids
+    logger: StepLogger = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        given: Any = self.logger
+        base = given.logger if isinstance(given, logging.LoggerAdapter) else given
+        if not isinstance(base, logging.Logger):
+            base = logging.getLogger("flowdsl.worker")
+        object.__setattr__(self, "logger", StepLogger(base, self))
 
 
 @dataclass(frozen=True)
@@ -58,11 +99,26 @@ class WorkerRegistry:
     def __init__(self) -> None:
         self._workers: dict[str, Worker] = {}
 
-    def register(self, name: str, fn: WorkerFn) -> WorkerFn:
+    def register(self, name: str, fn: F) -> F:
+        """Register ``fn`` as the worker ``name`` (ids joined by dots) and return it.
+
+        A name is taken once: registering another callable under it raises ``ValueError`` — unless it is the
+        same function defined again (its module imported again, a notebook cell run again: see
+        :func:`_same_worker`), which then replaces the old one.
+        """
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+            raise ValueError(f"invalid worker name {shown}: {_NAME_RULE}")
+        if not callable(fn):
+            raise TypeError(f"a worker is a function (sync or async), got {type(fn).__name__}")
         existing = self._workers.get(name)
-        if existing is not None and existing.fn is not fn and _origin(existing.fn) != _origin(fn):
-            raise ValueError(f"worker {name!r} is already registered by {existing.module}")
-        self._workers[name] = Worker(name, fn, inspect.iscoroutinefunction(fn), getattr(fn, "__module__", "?"))
+        if existing is not None and not _same_worker(existing.fn, fn):
+            raise ValueError(f"worker {name!r} is already registered ({_describe_fn(existing.fn)}, from "
+                             f"{existing.module}); {_describe_fn(fn)} cannot take the name too: give it another "
+                             f"name, or unregister {name!r} first")
+        module = getattr(fn.func if isinstance(fn, functools.partial) else fn, "__module__", None)
+        self._workers[name] = Worker(name, fn, inspect.iscoroutinefunction(fn), module if isinstance(module, str)
+                                     else "?")
         return fn
 
     def get(self, name: str) -> Worker | None:
@@ -78,20 +134,63 @@ class WorkerRegistry:
         self._workers.pop(name, None)
 
 
-def _origin(fn: WorkerFn) -> tuple[str, str]:
-    # a module re-imported (tests, reload) registers new function objects for the same names
-    return (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""))
+def _same_worker(old: Any, new: Any) -> bool:
+    """Whether ``new`` is ``old`` again, so that registering it under ``old``'s name is no conflict.
+
+    The same object; a bound method of the same object; a partial of the same worker with equal arguments; or
+    the same function defined again — a module imported again (a reload, a test) or a notebook cell run again
+    makes new function objects for the same definitions. A function is known by its module and qualified
+    name, which tell definitions apart only at a module's or a class's top level: the lambdas of a module, or
+    the closures one factory makes, share theirs, so those are the same only when they come from another
+    execution of their module (another ``__globals__``).
+    """
+    if old is new:
+        return True
+    if inspect.ismethod(old) and inspect.ismethod(new):
+        return old.__self__ is new.__self__ and _same_worker(old.__func__, new.__func__)
+    if isinstance(old, functools.partial) and isinstance(new, functools.partial):
+        try:
+            return _same_worker(old.func, new.func) and bool(old.args == new.args and old.keywords == new.keywords)
+        except Exception:  # arguments that cannot be compared
+            return False
+    if not (inspect.isfunction(old) and inspect.isfunction(new)):
+        return False
+    if (old.__module__, old.__qualname__) != (new.__module__, new.__qualname__):
+        return False
+    nested = "<locals>" in new.__qualname__ or "<lambda>" in new.__qualname__
+    return not nested or old.__globals__ is not new.__globals__
+
+
+def _describe_fn(fn: Any) -> str:
+    """A callable as an error message names it."""
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({_describe_fn(fn.func)}, ...)"
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str):
+        return f"{'method' if inspect.ismethod(fn) else 'function'} {qualname}"
+    return f"{type(fn).__name__} object"
 
 
 #: the process-wide registry that ``@worker`` fills
 registry = WorkerRegistry()
 
 
-def worker(name: str | None = None, *, registry_: WorkerRegistry | None = None) -> Callable[[WorkerFn], WorkerFn]:
-    """Register the decorated function (sync or async) as the worker ``name``.
+@overload
+def worker(name: F, *, registry_: WorkerRegistry | None = None) -> F: ...
 
-    ``name`` defaults to the function's name. Worker names are ids joined by
-    dots (``payments.charge``).
+
+@overload
+def worker(name: str | None = None, *, registry_: WorkerRegistry | None = None) -> Callable[[F], F]: ...
+
+
+def worker(name: Any = None, *, registry_: WorkerRegistry | None = None) -> Any:
+    """Register the decorated function (sync or async) as the worker ``name``; the function is returned as it
+    is, with its type: ``@worker``, ``@worker()`` and ``@worker("name")`` all work.
+
+    ``name`` defaults to the function's ``__name__``. Worker names are ids joined by dots
+    (``payments.charge``): another name is a ``ValueError``, and so is a name another function already has
+    (:meth:`WorkerRegistry.register`). A callable without a usable ``__name__`` (a lambda, a
+    ``functools.partial``, a callable object) needs its name given.
     """
 
     if callable(name):  # used bare, as ``@worker``: register the function under its own name
@@ -100,13 +199,25 @@ def worker(name: str | None = None, *, registry_: WorkerRegistry | None = None) 
         raise TypeError(f"worker name must be a non-empty str (or leave it out: the function's name), "
                         f"got {name!r}")
 
-    def decorate(fn: WorkerFn) -> WorkerFn:
+    def decorate(fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@worker decorates a function (sync or async), got {type(fn).__name__}")
-        (registry_ or registry).register(name or fn.__name__, fn)
+        (registry_ or registry).register(name or _own_name(fn), fn)
         return fn
 
     return decorate
+
+
+def _own_name(fn: Any) -> str:
+    """The name ``@worker()`` registers ``fn`` under: its ``__name__``, when that is a worker name."""
+    own = getattr(fn, "__name__", None)
+    if isinstance(own, str) and _NAME_RE.match(own):
+        return own
+    what = f"a {type(fn).__name__} object has no __name__" if own is None else \
+        f"the function's name {own!r} is not a worker name" if isinstance(own, str) else \
+        f"its __name__ is not a string but {type(own).__name__}"
+    raise TypeError(f"@worker() cannot name this worker: {what}; give its name: @worker('payments.charge') "
+                    f"({_NAME_RULE})")
 
 
 class WorkerImportError(Exception):
@@ -131,18 +242,46 @@ def import_worker_modules(modules: Iterable[str], search_path: str | None = None
 
     ``search_path`` (the current directory, or the project root), then the
     directories of ``also`` (the spec's directory), are put on ``sys.path``
-    first, in that order, so spec-relative modules import. Raises
+    first, in that order, so spec-relative modules import; afterwards, a
+    directory put there stays only if a module of ``modules`` was found in it
+    (so that it can import its neighbours later, as a script's directory
+    stays on ``sys.path``). No modules: ``sys.path`` is left alone. Raises
     :class:`WorkerImportError` naming the first module that fails: the error
     its import raised (any ``BaseException`` — ``sys.exit()`` at import time
     too — but a real Ctrl-C, which propagates), or, when it is nowhere, the
     directories searched.
     """
+    modules = list(modules)
+    if not modules:
+        return
     places = list(dict.fromkeys(p for p in (search_path, *also) if p))
-    for place in reversed(places):
-        if place not in sys.path:
-            sys.path.insert(0, place)
+    added = [place for place in places if place not in sys.path]
+    for place in reversed(added):
+        sys.path.insert(0, place)
+    try:
+        for module in modules:
+            _import_one(module, places)
+    finally:
+        homes = _homes(modules)
+        for place in added:
+            if os.path.abspath(place) not in homes:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(place)
+
+
+def _homes(modules: list[str]) -> set[str]:
+    """The directories the (top-level packages of the) imported ``modules`` were found in."""
+    homes: set[str] = set()
     for module in modules:
-        _import_one(module, places)
+        top = sys.modules.get(module.partition(".")[0])
+        if top is None:
+            continue
+        package = getattr(top, "__path__", None)
+        if package is not None:  # a package (a namespace package has no __file__): its directories' parents
+            homes.update(os.path.dirname(os.path.abspath(p)) for p in package if isinstance(p, str))
+        elif isinstance(file := getattr(top, "__file__", None), str):
+            homes.add(os.path.dirname(os.path.abspath(file)))
+    return homes
 
 
 def _import_one(module: str, places: list[str]) -> None:

@@ -301,3 +301,254 @@ def test_an_unknown_worker_is_named_once_in_workers_missing() -> None:
     assert message.startswith("the run cannot start: step 'okk' names the worker 'okk', which is not registered; "
                               "compensation 'undo_it' of step 'okk' is not a registered worker")
     assert "step 'okk' of step" not in message
+
+
+# --- exports and typing ------------------------------------------------------------------------------------
+
+
+def _type_checking_imports() -> dict[str, str]:
+    """Name -> module of the imports under ``if TYPE_CHECKING:`` in flowdsl/__init__.py."""
+    import ast
+
+    tree = ast.parse((ROOT / "flowdsl" / "__init__.py").read_text(encoding="utf-8"))
+    (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    found = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{alias.name}: re-export it as itself ('import X as X')"
+            found[alias.name] = node.module
+    return found
+
+
+def test_every_export_is_listed_typed_and_importable() -> None:
+    """The lazy ``__getattr__``, the ``TYPE_CHECKING`` imports type checkers read, ``__all__`` and ``dir()`` agree;
+    the exceptions the docs say callers see are among them."""
+    import importlib
+
+    exports = flowdsl._EXPORTS  # type: ignore[attr-defined]
+    assert _type_checking_imports() == exports
+    assert sorted(flowdsl.__all__) == sorted(exports) and len(set(flowdsl.__all__)) == len(flowdsl.__all__)
+    assert set(flowdsl.__all__) <= set(dir(flowdsl))
+    for name, module in exports.items():
+        assert getattr(flowdsl, name) is getattr(importlib.import_module(module), name), name
+    for name in ("SpecError", "PlanError", "WorkersMissing", "WorkerImportError", "RecordError", "RunAborted"):
+        assert issubclass(getattr(flowdsl, name), Exception), name
+    assert (ROOT / "flowdsl" / "py.typed").is_file()
+
+
+_TYPED_USER = '''\
+from __future__ import annotations
+
+from typing import Any
+
+import flowdsl
+from flowdsl import RunResult, StepContext, worker
+
+
+@worker("typed.reserve")
+async def reserve(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    ctx.logger.info("reserving %s", ctx.attempt)
+    return {"reservation": ctx.idempotency_key}
+
+
+@flowdsl.worker
+def release(data: dict[str, Any], ctx: StepContext) -> None:
+    return None
+
+
+@worker()
+def audit(data: dict[str, Any], ctx: StepContext) -> dict[str, int]:
+    return {"attempt": ctx.attempt}
+
+
+def main() -> str:
+    plan = flowdsl.compile_text("flowdsl: 1\\nname: typed\\nsteps: [typed.reserve]\\n")
+    result: RunResult = flowdsl.run(plan, {}, record=False, seed=1, spec_path="flow.yaml", handle_sigint=False)
+    for diagnostic in flowdsl.validate("flow.yaml"):
+        print(diagnostic.code, diagnostic.line)
+    compiled = flowdsl.compile_spec("flow.yaml")
+    if compiled.plan is not None:
+        print(len(flowdsl.plan_bytes(compiled.plan)))
+    try:
+        flowdsl.LocalRun(plan, {}, record=False)
+    except (flowdsl.SpecError, flowdsl.PlanError, flowdsl.WorkersMissing, flowdsl.WorkerImportError,
+            flowdsl.RecordError, flowdsl.RunAborted) as exc:
+        print(exc)
+    reveal_type(reserve)
+    reveal_type(release)
+    reveal_type(audit)
+    reveal_type(flowdsl.run)
+    return result.status
+
+
+async def amain() -> str:
+    result = await flowdsl.run_flow({}, {}, run_id="r", on_event=print)
+    return result.status + result.run_id
+
+
+flowdsl.run(123, {})  # WRONG-PLAN
+flowdsl.run({}, {}, recrod=False)  # WRONG-OPTION
+'''
+
+
+def test_mypy_strict_sees_the_types_of_the_api(tmp_path: Path) -> None:
+    """A typed program using the API passes ``mypy --strict`` (flowdsl is typed: no import-untyped, no untyped
+    decorator, no Any for its names), keeps its workers' signatures, and a wrong call is reported."""
+    import re
+
+    pytest.importorskip("mypy")
+    program = tmp_path / "user_program.py"
+    program.write_text(_TYPED_USER, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--show-error-codes",
+                           "--no-color-output", "--cache-dir", str(tmp_path / "cache"), program.name],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    said = re.findall(r"^user_program\.py:(\d+): (error|note): (.*)$", proc.stdout, re.MULTILINE)
+    assert said, proc.stdout + proc.stderr
+    lines = _TYPED_USER.splitlines()
+    errors = [(lines[int(n) - 1].rsplit("# ", 1)[-1], text) for n, kind, text in said if kind == "error"]
+    assert [marker for marker, _ in errors] == ["WRONG-PLAN", "WRONG-OPTION"], proc.stdout
+    assert 'Argument 1 to "run" has incompatible type "int"' in errors[0][1] and "[arg-type]" in errors[0][1]
+    assert 'Unexpected keyword argument "recrod" for "run"' in errors[1][1]
+    revealed = [text.removeprefix("Revealed type is ").replace("builtins.", "")  # (older mypy names builtins)
+                for _, _, text in said if text.startswith("Revealed type")]
+    assert len(revealed) == 4, proc.stdout
+    reserve, release, audit, run = revealed
+    assert reserve == ('"def (data: dict[str, Any], ctx: flowdsl.workers.StepContext) -> '
+                       'typing.Coroutine[Any, Any, dict[str, Any]]"')
+    assert release == '"def (data: dict[str, Any], ctx: flowdsl.workers.StepContext)"'
+    assert audit == '"def (data: dict[str, Any], ctx: flowdsl.workers.StepContext) -> dict[str, int]"'
+    assert "record: bool =" in run and "spec_path: str | os.PathLike[str] | None =" in run
+    assert run.endswith('-> flowdsl.runtime.report.RunResult"')
+
+
+# --- workers: names, duplicates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["has space", "x/y", "a..b", ".a", "a.", "ü", "1st", "a-b", "a" * 65, ""])
+def test_a_worker_name_follows_the_rule_of_the_spec_language(name: str) -> None:
+    import re
+
+    from flowdsl.workers import WorkerRegistry
+
+    pattern = json.loads((ROOT / "specs" / "flowdsl.schema.json").read_text())["$defs"]["worker"]["pattern"]
+    assert not re.search(pattern, name)  # the schema refuses it too
+    reg = WorkerRegistry()
+    with pytest.raises((ValueError, TypeError), match="worker name"):
+        flowdsl.worker(name, registry_=reg)(lambda data, ctx: None)
+    with pytest.raises(ValueError, match="worker names are ids joined by dots"):
+        reg.register(name, lambda data, ctx: None)
+    assert reg.names() == set()
+    for good in ("a", "_x", "payments.refund", "a" * 64, "A.b_2.c"):
+        assert re.search(pattern, good)
+        reg.register(good, lambda data, ctx: None)
+
+
+def test_a_name_is_taken_once_by_one_callable() -> None:
+    """A different callable under a taken name is refused, however alike its module and qualified name look."""
+    import functools
+
+    from flowdsl.workers import WorkerRegistry
+
+    def f1(data: Any, ctx: Any) -> Any:
+        return {"who": 1}
+
+    def f2(data: Any, ctx: Any) -> Any:
+        return {"who": 2}
+
+    def make(tag: str) -> Any:
+        async def handler(data: Any, ctx: Any) -> Any:
+            return {"who": tag}
+        return handler
+
+    class Service:
+        def handle(self, data: Any, ctx: Any) -> Any:
+            return {}
+
+    one, other = Service(), Service()
+    pairs = [(lambda d, c: 1, lambda d, c: 2), (functools.partial(f1), functools.partial(f2)),
+             (functools.partial(f1, 1), functools.partial(f1, 2)), (make("a"), make("b")),
+             (one.handle, other.handle), (f1, f2)]
+    for first, second in pairs:
+        reg = WorkerRegistry()
+        reg.register("w", first)
+        with pytest.raises(ValueError, match="worker 'w' is already registered") as caught:
+            reg.register("w", second)
+        assert "cannot take the name too" in str(caught.value)
+        found = reg.get("w")
+        assert found is not None and found.fn is first
+    reg = WorkerRegistry()
+    for same in (f1, f1, one.handle, one.handle):  # the same function or bound method again: no conflict
+        reg.register(same.__name__, same)
+    reg.register("p", functools.partial(f1, 1))
+    reg.register("p", functools.partial(f1, 1))
+
+
+def test_the_same_definitions_run_again_replace_the_old_ones() -> None:
+    """A module imported again (reload, tests) or a notebook cell run again: new objects, same definitions."""
+    import types
+
+    from flowdsl.workers import WorkerRegistry
+
+    source = ("from flowdsl.workers import worker\n"
+              "@worker('m.top', registry_=REG)\ndef top(data, ctx):\n    return {}\n"
+              "def make(tag):\n    @worker('m.' + tag, registry_=REG)\n    def inner(data, ctx):\n        return {}\n"
+              "    return inner\n"
+              "make('a')\n"
+              "REG.register('m.lam', lambda data, ctx: {})\n")
+    reg = WorkerRegistry()
+    for _ in range(2):  # a reload: the module's code runs again in a new namespace
+        module = types.ModuleType("reloaded_workers")
+        module.REG = reg  # type: ignore[attr-defined]
+        exec(compile(source, "reloaded_workers.py", "exec"), module.__dict__)
+    assert reg.names() == {"m.top", "m.a", "m.lam"}
+    assert reg.get("m.top").fn is module.top  # type: ignore[union-attr]
+    exec(compile("@worker('m.top', registry_=REG)\ndef top(data, ctx):\n    return 1\n", "cell", "exec"),
+         module.__dict__)  # a cell run again redefines a top-level function: it replaces the old one
+    with pytest.raises(ValueError, match="already registered"):  # one namespace, two closures of one factory
+        exec("make('a')", module.__dict__)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("functools").partial(lambda d, c, x: None, x=1),
+    lambda: (lambda d, c: None),
+    lambda: type("Callable", (), {"__call__": lambda self, d, c: None})(),
+])
+def test_a_worker_without_a_usable_name_needs_its_name_given(make: Any) -> None:
+    from flowdsl.workers import WorkerRegistry
+
+    reg = WorkerRegistry()
+    fn = make()
+    with pytest.raises(TypeError, match=r"@worker\(\) cannot name this worker: .*; give its name: "
+                                        r"@worker\('payments.charge'\)"):
+        flowdsl.worker(registry_=reg)(fn)
+    assert flowdsl.worker("named", registry_=reg)(fn) is fn and reg.names() == {"named"}
+
+
+# --- run(): worker modules beside the spec -------------------------------------------------------------------
+
+
+def test_run_finds_worker_modules_beside_the_spec_given_as_spec_path(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `flowdsl run` does: the current directory, then the spec's (a plan does not know its file)."""
+    specs = tmp_path / "proj" / "specs"
+    specs.mkdir(parents=True)
+    module = "spec_relative_workers_7f3a"
+    (specs / f"{module}.py").write_text("from flowdsl import worker\n\n@worker('spec_rel_7f3a')\n"
+                                        "def step(data, ctx):\n    return {'ran': True}\n", encoding="utf-8")
+    spec = specs / "flow.yaml"
+    spec.write_text(f"flowdsl: 1\nname: rel\nworkers: [{module}]\nsteps: [spec_rel_7f3a]\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        plan = flowdsl.compile_spec("proj/specs/flow.yaml").plan
+        assert plan is not None
+        with pytest.raises(flowdsl.WorkerImportError, match="give spec_path="):
+            flowdsl.run(plan, {}, record=False)
+        result = flowdsl.run(plan, {}, record=False, spec_path=Path("proj/specs/flow.yaml"))
+        assert (result.status, result.context) == ("completed", {"ran": True})
+        with pytest.raises(TypeError, match="spec_path must be"):
+            flowdsl.run(plan, {}, record=False, spec_path=42)  # type: ignore[arg-type]
+    finally:
+        sys.modules.pop(module, None)
+        flowdsl.registry.unregister("spec_rel_7f3a")

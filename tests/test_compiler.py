@@ -105,11 +105,23 @@ def test_parse_duration(text: Any, ms: int) -> None:
     ("1:30", "'1:30' is not a duration"),
     ("31d", "is not a duration"),
     (f"{MAX_DURATION_MS // 3_600_000 + 1}h", "longer than the maximum of 30 days"),
+    # however large: never an OverflowError (1e306 s is infinity in ms; an int of 401 digits is no float)
+    (1e306, "'1e+306' is longer than the maximum of 30 days"),
+    (1.7976931348623157e308, "is longer than the maximum of 30 days"),
+    (10**400, "'1000000000000000000000000000000000000...' is longer than the maximum of 30 days"),
+    (-(10**400), "a duration must be positive, found '-100000000000000000000000000000000000...'"),
+    ("9" * 400 + "s", "is longer than the maximum of 30 days"),
+    ("9" * 400 + "ms", "is longer than the maximum of 30 days"),
+    (MAX_DURATION_MS / 1000 + 0.001, "is longer than the maximum of 30 days"),
 ])
 def test_parse_duration_rejects(text: Any, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(text)
     assert message in str(info.value)
+
+
+def test_the_longest_duration_is_thirty_days() -> None:
+    assert parse_duration(MAX_DURATION_MS // 1000) == parse_duration("720h") == MAX_DURATION_MS
 
 
 def test_step_ids_come_from_the_worker_name_or_the_key() -> None:
@@ -1008,6 +1020,50 @@ def test_a_number_that_is_not_finite_outside_an_option_stops_the_checks() -> Non
     y, f = _both(HEAD + 'steps:\n  - a: {when: "${ = }"}\ninput: {maximum: .inf}\n',
                  'flow t\nstep a when "${ = }"\ninput {maximum: 1e999}\n')
     assert [c for c, *_ in _found(y)] == ["FD201"] and [c for c, *_ in _found(f)] == ["FD201"]
+
+
+# --- the input schema ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("schema", "where", "ref"), [
+    ('{$ref: "#/nowhere"}', "/input/$ref", "#/nowhere"),
+    ('{$defs: {address: {type: object}}, properties: {ship_to: {$ref: "#/$defs/adress"}}}',
+     "/input/properties/ship_to/$ref", "#/$defs/adress"),
+    ('{properties: {a: {items: {$ref: "#missing_anchor"}}}}', "/input/properties/a/items/$ref", "#missing_anchor"),
+    ('{anyOf: [{type: string}, {$ref: "https://example.com/order.json"}]}', "/input/anyOf/1/$ref",
+     "https://example.com/order.json"),
+    ('{$defs: {a: {$id: "a.json", $ref: "#/nowhere"}}}', "/input/$defs/a/$ref", "#/nowhere"),  # in a.json's scope
+    ('{$dynamicRef: "other.json#meta"}', "/input/$dynamicRef", "other.json#meta"),
+])  # fmt: skip
+def test_an_input_schema_reference_that_does_not_resolve_is_fd206(schema: str, where: str, ref: str) -> None:
+    """Run inputs are checked with references resolved inside the schema, never fetched: one that leads
+    nowhere would fail every run, so it is reported when the spec is checked (docs/diagnostics.md, FD206)."""
+    with pytest.raises(SpecError) as info:
+        compile_text(HEAD + f"input: {schema}\nsteps: [a]\n")
+    (d,) = info.value.diagnostics
+    assert (d.code, d.path, d.line) == ("FD206", where, 3)
+    hint = " (did you mean '#/$defs/address'?)" if ref == "#/$defs/adress" else ""
+    assert d.message.startswith(f"the input schema's {where.rsplit('/', 1)[1]} '{ref}' cannot be resolved{hint}; "
+                                "a reference must point inside the input schema")
+
+
+@pytest.mark.parametrize("schema", [
+    '{$defs: {address: {type: object}}, properties: {ship_to: {$ref: "#/$defs/address"}}}',
+    '{$defs: {a: {$anchor: addr, type: object}}, items: {$ref: "#addr"}}',
+    '{$defs: {a: {$id: "item.json", type: integer}}, items: {$ref: "item.json"}}',
+    '{$defs: {a: {$id: "https://x.example/a.json", $defs: {b: {type: string}}, $ref: "#/$defs/b"}}}',
+    '{$ref: "https://json-schema.org/draft/2020-12/schema"}',  # a bundled meta-schema
+    '{properties: {"$ref": {type: string}}, const: {$ref: "#/nowhere"}}',  # a property, and data: no references
+    '{$dynamicAnchor: meta, items: {$dynamicRef: "#meta"}}',
+])  # fmt: skip
+def test_input_schema_references_that_resolve_are_fine(schema: str) -> None:
+    assert compile_text(HEAD + f"input: {schema}\nsteps: [a]\n")["flow"]["input_schema"] is not None
+
+
+def test_an_input_schema_reference_to_something_that_is_no_schema_is_fd206() -> None:
+    message = only(HEAD + 'input: {$defs: {a: {type: string}}, items: {$ref: "#/$defs/a/type"}}\nsteps: [a]\n',
+                   "FD206")
+    assert message.startswith("the input schema's $ref '#/$defs/a/type' points to \"string\", which is not a schema")
 
 
 # --- messages that say what was wrong ------------------------------------------------------------------

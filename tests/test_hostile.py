@@ -169,6 +169,40 @@ def test_an_alias_used_as_a_key_must_be_a_string() -> None:
     assert "unknown field 'k'" in only(HEAD + "steps: [a]\nk: &k timeout\n*k : 5s\n", "FD202").message
 
 
+@pytest.mark.parametrize(("anchored", "code", "where"), [
+    ("x: &a !!python/name:os.system x", "FD105", (3, 4)),
+    ('x: &a "bell\\a"', "FD110", (3, 4)),
+    ("x: &a !!int ten", "FD201", (3, 4)),
+    ("x:\n  ? &a !!python/name:os.system x\n  : 1", "FD105", (4, 5)),  # an anchored key
+    ('x:\n  ? &a "bell\\a"\n  : 1', "FD110", (4, 5)),
+])
+def test_an_alias_of_a_refused_value_reports_the_value_not_an_undefined_alias(anchored: str, code: str,
+                                                                             where: tuple[int, int]) -> None:
+    """The anchor of a value refused while reading still exists: its aliases are refused with it, silently."""
+    for alias_at in ("with: {y: *a}", "with: {*a : 1}", "description: *a"):
+        d = only(HEAD + f"{anchored}\nsteps:\n  - a:\n      {alias_at}\n", code)
+        assert (d.line, d.column) == where, d.format()
+
+
+def test_an_alias_of_a_raw_control_character_is_no_undefined_alias() -> None:
+    d = only(HEAD + "x: &a bell\x07\nsteps:\n  - a: {with: {y: *a}}\n", "FD110")
+    assert (d.line, d.column) == (3, 11)  # the character itself, found before the parser runs
+
+
+def test_an_anchor_written_again_is_the_new_value() -> None:
+    """An anchor of a number that is not finite, written again on a good value: aliases after it are fine."""
+    from flowdsl.api import load_text
+
+    doc = load_text(HEAD + "timeout: &a .nan\ndefaults: {retry: &a 3}\nsteps:\n  - a: {retry: *a}\n", "t.yaml")
+    assert [(d.code, d.line) for d in doc.diagnostics] == [("FD201", 3)]
+    assert doc.data is not None and "timeout" not in doc.data and doc.data["steps"] == [{"a": {"retry": 3}}]
+
+
+def test_what_was_found_before_reading_stops_is_still_reported() -> None:
+    text = HEAD + 'description: "bell\\a"\nsteps: [*nothing]\n'
+    assert [(d.code, d.line) for d in diagnostics_of(text)] == [("FD110", 3), ("FD103", 4)]
+
+
 def test_moderate_aliases_are_fine() -> None:
     text = HEAD + ("defaults:\n  retry: &r {attempts: 3, initial: 100ms}\n"
                    "steps:\n  - a: {retry: *r}\n  - b: {retry: *r, with: &w {x: 1}}\n  - c: {with: *w}\n")
@@ -242,6 +276,8 @@ def _expected_deep(name: str) -> set[str]:
         return {"FD107", "FD103"}  # either bound may be met first; never a crash
     if name == "comment_like":
         return {"FD107", "FD103"}
+    if name == "block_question_marks":
+        return {"FD107", "FD201"}  # the complex keys read before the bound are FD201 each: still reported
     return {"FD107"}
 
 
@@ -330,18 +366,26 @@ def test_text_over_the_size_limit_is_fd102(filename: str) -> None:
     (b"\xff\xfef\x00l\x00o\x00w\x00", (1, 1)),  # UTF-16 with its BOM
     (b"flowdsl: 1\nname: a\nsteps: [a]\n\x80", (4, 1)),
     (b"flowdsl: 1\nname: a\xed\xa0\x80\nsteps: [a]\n", (2, 8)),  # an encoded surrogate
+    (b"flowdsl: 1\rname: caf\xe9\rsteps: [a]\r", (2, 10)),  # CR-only line endings
+    (b"flowdsl: 1\r\nname: \xc3\xa9t\xe9\r\nsteps: [a]\r\n", (2, 9)),  # columns count characters, not bytes
 ])
 def test_non_utf8_files_are_fd110(raw: bytes, where: tuple[int, int], tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     path.write_bytes(raw)
     (d,) = load(str(path)).diagnostics
     assert d.code == "FD110" and (d.line, d.column) == where and "UTF-8" in d.message
+    (d,) = load_text(raw, "spec.yaml").diagnostics  # bytes given to the API: the same position
+    assert d.code == "FD110" and (d.line, d.column) == where
 
 
 def test_non_utf8_flow_file_is_fd110(tmp_path: Path) -> None:
     path = tmp_path / "spec.flow"
     path.write_bytes(b"flow a\nstep caf\xe9\n")
     assert [d.code for d in compile_spec(str(path)).diagnostics] == ["FD110"]
+    from flowdsl.textsyntax import parse_flow
+
+    (d,) = parse_flow(b"flow a\rstep caf\xe9\r", "spec.flow").diagnostics
+    assert (d.code, d.line, d.column) == ("FD110", 2, 9)
 
 
 @pytest.mark.parametrize(("text", "where"), [
@@ -355,6 +399,40 @@ def test_non_utf8_flow_file_is_fd110(tmp_path: Path) -> None:
 def test_raw_control_characters_are_fd110_where_they_are(text: str, where: tuple[int, int]) -> None:
     d = only(text, "FD110")
     assert (d.line, d.column) == where and "U+" in d.message
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("separator", ["", "\u2028", "\u2029", "\u2028\u2029"], ids=["none", "ls", "ps", "both"])
+def test_positions_are_lines_and_columns_as_an_editor_shows_them(newline: str, separator: str) -> None:
+    """Lines end at LF, CR LF or CR only, in both syntaxes: U+2028/U+2029 inside a string (line breaks to
+    libyaml) and CR-only line endings move no later position, whoever finds the error."""
+    yaml_lines = ["flowdsl: 1", "name: p", f'description: "a{separator}b"', "steps:", "  - a:", "      timeout: 0s",
+                  "  - b: {with: {x: {x: 1}, y: 2}}", '  - c: {description: "bell\x07"}']
+    flow_lines = ["flow p", f'description "a{separator}b"', "step a timeout 0s", 'step c description "bell\x07"']
+    for lines, name, expected in (
+        (yaml_lines[:7], "spec.yaml", ("FD401", 6, 16)),
+        (yaml_lines, "spec.yaml", ("FD110", 8, 27)),  # found in the raw text, before the parser runs
+        (flow_lines[:3], "spec.flow", ("FD401", 3, 16)),
+        (flow_lines, "spec.flow", ("FD110", 4, 25)),
+        ([*yaml_lines[:6], "  - b: [c", "  - d"], "spec.yaml", ("FD103", 9, 1)),  # the parser's, at the end
+        ([*yaml_lines[:6], "\t- b"], "spec.yaml", ("FD103", 7, 1)),
+        ([*yaml_lines[:6], "x: &a !!python/name:os.system x", "y: *a"], "spec.yaml", ("FD105", 7, 4)),
+    ):
+        d = only(newline.join(lines) + newline, expected[0], name)
+        assert (d.code, d.line, d.column) == expected, (d.format(), lines)
+        assert "started on line" not in d.message or "started on line 7" in d.message
+    from flowdsl.api import load_text
+
+    doc = load_text(newline.join(yaml_lines[:7]) + newline, "spec.yaml")
+    assert doc.positions.find("/steps/1/b/with/y") == (7, 30)
+    assert doc.positions.find("/steps/1/b/with/y", key=True) == (7, 27)
+
+
+def test_a_byte_order_mark_is_no_column() -> None:
+    d = only("\ufeffflowdsl: 1\nname: p\ndescription: \"a\u2028b\"\nsteps:\n  - a: {timeout: 0s}\n", "FD401")
+    assert (d.line, d.column) == (5, 18)
+    d = only("\ufeffflowdsl: 1\nname: p\nsteps: [a]\ntimeout: 0s\n", "FD401")
+    assert (d.line, d.column) == (4, 10)
 
 
 @pytest.mark.parametrize("text", [
@@ -394,6 +472,36 @@ def test_unicode_ids_are_fd302_but_unicode_text_is_fine() -> None:
 def test_surrogates_in_text_are_a_diagnostic() -> None:
     assert codes(HEAD + "steps: [a]\ndescription: \ud800\n") <= {"FD103", "FD110"}
     assert codes("flow a\nstep \ud800\n", "spec.flow") <= {"FD108", "FD110"}
+
+
+@pytest.mark.parametrize(("text", "filename", "where", "in_key"), [
+    ('flow s\nstep a with {x: "\\ud800"}\n', "spec.flow", (2, 17), False),
+    ('flow s\nstep a with {x: "ok \\udfff"}\n', "spec.flow", (2, 17), False),
+    ('flow s\nstep a retry {"\\ud83d": 1}\n', "spec.flow", (2, 15), True),
+    ('flow s\ndescription "\\ude00\\ud83d"\nstep a\n', "spec.flow", (2, 13), False),
+    ('flow s\nswitch w on "${ x }" {\n  case "\\ud800" { a }\n}\n', "spec.flow", (3, 8), True),
+    (HEAD + 'steps:\n  - a:\n      with: {x: "\\ud800"}\n', "spec.yaml", (5, 17), False),
+    (HEAD + 'steps:\n  - a:\n      with: {"\\uDBFF": 1}\n', "spec.yaml", (5, 14), False),  # (libyaml: in a spec)
+])
+def test_an_escaped_lone_surrogate_is_fd110_in_both_syntaxes(text: str, filename: str, where: tuple[int, int],
+                                                              in_key: bool) -> None:
+    """Half of a UTF-16 pair is no character: no UTF-8 file can hold it, and it would break every later stage
+    (the schema check, plan_bytes, convert); refused like a control character, where it is written."""
+    d = only(text, "FD110", filename)
+    assert (d.line, d.column) == where and "lone surrogate U+D" in d.message
+    assert ("in a key" in d.message) == in_key
+    from flowdsl.api import load_text
+
+    assert load_text(text, filename).data is None
+
+
+def test_an_escaped_surrogate_pair_is_its_character() -> None:
+    plan = compile_text('flow s\nstep a with {x: "\\ud83d\\ude00"}\n', filename="spec.flow")
+    assert plan["nodes"]["a"]["with"] == {"x": "\U0001F600"}
+    plan = compile_text(HEAD + 'steps:\n  - a: {with: {x: "\\U0001F600"}}\n')
+    assert plan["nodes"]["a"]["with"] == {"x": "\U0001F600"}
+    d = only(HEAD + 'steps:\n  - a: {with: {x: "\\U00110000"}}\n', "FD110")
+    assert "beyond U+10FFFF" in d.message
 
 
 # --- document shape ------------------------------------------------------------------------
@@ -447,10 +555,122 @@ def test_numbers_that_are_not_json_are_fd201(value: str) -> None:
     assert (d.line, d.column) == (4, 10)
 
 
+@pytest.mark.parametrize("flow", [False, True], ids=["yaml", "flow"])
+@pytest.mark.parametrize(("radix", "digit"), [("0x", "f"), ("0o", "7")])
+def test_hex_and_octal_integers_are_counted_in_decimal_digits(flow: bool, radix: str, digit: str) -> None:
+    """Fewer than 4,000 characters, more than 4,000 decimal digits (Python converts at most 4,300): FD201,
+    wherever the number is, instead of a ValueError in the schema check, the plan or convert."""
+    many = radix + digit * (3400 if radix == "0x" else 4500)
+    assert len(many) < 4600
+    for option in ("with {x: %s}", "timeout %s", "retry {attempts: %s}"):
+        text = ("flow h\nstep a " + option % many + "\n") if flow else \
+            (HEAD + "steps:\n  - a: {" + option.replace(" ", ": ", 1) % many + "}\n")
+        d = only(text, "FD201", "spec.flow" if flow else "spec.yaml")
+        assert "more than 4000 digits once written in decimal" in d.message
+    fits = radix + digit * (3300 if radix == "0x" else 4400)  # about 3,970 decimal digits
+    text = f"flow h\nstep a with {{x: {fits}}}\n" if flow else HEAD + f"steps:\n  - a: {{with: {{x: {fits}}}}}\n"
+    from flowdsl.api import load_text, plan_bytes
+    from flowdsl.convert import convert_text
+
+    plan = compile_text(text, filename="spec.flow" if flow else "spec.yaml")
+    assert plan["nodes"]["a"]["with"]["x"] == int(fits[2:], 16 if radix == "0x" else 8)
+    assert plan_bytes(plan)
+    data = load_text(text, "spec.flow" if flow else "spec.yaml").data
+    assert convert_text(data, "yaml") and convert_text(data, "flow")
+
+
+@pytest.mark.parametrize(("option", "code", "message"), [
+    ("timeout: 1e306", "FD401", "'1e+306' is longer than the maximum of 30 days"),
+    ("timeout: 1.7e308", "FD401", "is longer than the maximum of 30 days"),
+    ("timeout: " + "9" * 401, "FD401", "'9999999999999999999999999999999999999...' is longer than the maximum"),
+    ("timeout: -" + "9" * 401, "FD401", "a duration must be positive"),
+    ('timeout: "' + "9" * 400 + 's"', "FD401", "is longer than the maximum of 30 days"),
+    ('timeout: "' + "9" * 400 + 'h1s"', "FD401", "is longer than the maximum of 30 days"),
+    ("retry: {initial: 1e306}", "FD401", "is longer than the maximum of 30 days"),
+    ("compensate: {worker: u, timeout: 1e306}", "FD401", "is longer than the maximum of 30 days"),
+    ("retry: {attempts: 2, multiplier: 1" + "0" * 400 + "}", "FD201",
+     "the multiplier 1000000000000000000000000000000000000... is beyond the largest number, about 1.8e308"),
+])
+def test_huge_but_finite_numbers_are_diagnostics(option: str, code: str, message: str) -> None:
+    """A number a double cannot hold once multiplied (seconds to ms) or converted: a diagnostic, never an
+    OverflowError; in the text syntax too."""
+    d = only(HEAD + "steps:\n  - a: {" + option + "}\n", code)
+    assert message in d.message and d.line == 4
+    key, _, value = option.partition(": ")
+    d = only(f"flow h\nstep a {key} {value}\n", code, "spec.flow")
+    assert message in d.message and d.line == 2
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "steps:\n  - a: {retry: 2.0}\n",
+    HEAD + "steps:\n  - a: {retry: {attempts: 3.0, multiplier: 2}}\n",
+    HEAD + "defaults:\n  retry: 2.0\n  compensate: {retry: 4e0}\nsteps: [a]\n",
+    HEAD + "steps:\n  - a: {compensate: {worker: u, retry: 3.0}}\n",
+    HEAD + "steps:\n  - for_each: l\n    items: \"${ x }\"\n    concurrency: 2.0\n    steps: [a]\n",
+    "flowdsl: 1.0\nname: t\nsteps: [a]\n",
+    "flow t\nflowdsl 1.0\nstep a retry 2.0\n",
+    "flow t\ndefaults retry 1e1\nstep a undo {worker: u, retry: {attempts: 2.0}}\n",
+])
+def test_whole_numbers_written_with_a_fraction_are_integers(text: str) -> None:
+    """The schema reads 2.0 as an integer; so does the model: the plan holds ints, and nothing crashes."""
+    plan = compile_text(text, filename="spec.flow" if text.startswith("flow ") else "spec.yaml")
+    for node in plan["nodes"].values():
+        for policy in (node.get("retry"), (node.get("compensate") or {}).get("retry")):
+            if policy is not None:
+                assert type(policy["attempts"]) is int and type(policy["multiplier"]) is float
+        if node["kind"] == "for_each":
+            assert node["concurrency"] == 2 and type(node["concurrency"]) is int
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "steps:\n  - a: {retry: 2.5}\n",
+    HEAD + "steps:\n  - a: {retry: {attempts: 1.5}}\n",
+    HEAD + "steps:\n  - for_each: l\n    items: \"${ x }\"\n    concurrency: 0.5\n    steps: [a]\n",
+])
+def test_numbers_with_a_fraction_where_an_integer_is_expected_are_fd201(text: str) -> None:
+    diags = diagnostics_of(text)
+    assert {d.code for d in diags} == {"FD201"} and all(d.message.endswith("5") for d in diags), diags
+
+
 def test_yaml_syntax_errors_are_fd103_with_a_position() -> None:
     d = only(HEAD + "steps: [a, b\n", "FD103")
     assert d.line is not None and d.column is not None
     assert only(HEAD + "steps:\n\t- a\n", "FD103").line == 4
+
+
+# --- the run input's schema ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("schema", "shown"), [
+    ({"$ref": "#/nowhere"}, "'/nowhere'"),
+    ({"properties": {"a": {"$ref": "other.json"}}}, "'other.json'"),
+    ({"$ref": "https://example.com/order.json"}, "'https://example.com/order.json'"),
+])
+def test_a_plan_whose_input_schema_refers_nowhere_is_an_input_error_not_a_traceback(
+        schema: dict[str, Any], shown: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan from elsewhere (FD206 stops such a spec) still gets a message; and nothing is fetched."""
+    import urllib.request
+
+    from flowdsl.runtime.inputs import InputError, check_input
+
+    def no_fetching(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the input schema's reference was fetched")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_fetching)
+    with pytest.raises(InputError) as info:
+        check_input({"flow": {"input_schema": schema}}, {"a": 1})
+    assert str(info.value).startswith("the spec's input schema cannot be used to check the run input: a reference "
+                                      f"to {shown} in it cannot be resolved")
+    check_input({"flow": {"input_schema": {"$defs": {"n": {"type": "integer"}}, "properties": {
+        "a": {"$ref": "#/$defs/n"}}}}}, {"a": 1})
+
+
+def test_running_a_spec_whose_input_schema_refers_nowhere_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    path = tmp_path / "badref.yaml"
+    path.write_text(HEAD + 'input: {$ref: "#/nowhere"}\nsteps: [a]\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["run", str(path), "--no-record"])
+    assert "FD206" in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == 2 and (result.exception is None or isinstance(result.exception, SystemExit))
 
 
 # --- unreadable paths and the CLI's exit codes --------------------------------------------------

@@ -562,7 +562,8 @@ def test_syntax_errors(text: str, line: int, column: int, message: str) -> None:
     ("step a timeout 1s timeout 2s", 1, 19, "duplicate option 'timeout' (first written on line 1)"),
     ("step a undo b {\n  compensate c\n}", 2, 3, "duplicate option 'compensate'"),
     ('llm a "x -> y" signature "z -> w"', 1, 16, "duplicate option 'signature'"),
-    ("flow a\nflow b", 2, 1, "duplicate statement 'name'"),
+    ("flow a\nflow b", 2, 1, "duplicate statement 'flow'"),  # the statement as written, not its key 'name'
+    ("step a undo b undo c", 1, 15, "duplicate option 'undo'"),
     ("timeout 1s\ntimeout 2s", 2, 1, "duplicate statement 'timeout'"),
     ("step a with {x: 1, \"x\": 2}", 1, 20, "duplicate key 'x'"),
     ("switch s on x {\n  case a { b }\n  case a { c }\n}", 3, 8, "duplicate case 'a'"),
@@ -847,6 +848,46 @@ def test_a_number_that_is_not_finite_is_set_aside_with_its_option() -> None:
     assert [d.message for d in yaml_twin.diagnostics] == [d.message for d in doc.diagnostics]
     # outside an option that can be set aside, nothing is read
     assert parse_flow("flow t\nstep a\ninput {maximum: 1e999}").data is None
+
+
+@pytest.mark.parametrize(("flow", "yaml", "kept"), [
+    # a step whose name is an option's: its output map is no option that can be set aside (nothing is read)
+    ("step timeout worker a output {x: 1e999}\nstep b", "  - timeout: {worker: a, output: {x: 1e999}}\n  - b\n",
+     None),
+    ("step when output {x: -1e999}", "  - when: {output: {x: -1e999}}\n", None),
+    # a key named like an option inside input: or with: is the user's; with: is set aside whole
+    ("step a\ninput {properties: {retry: {maximum: 1e999}}}", "  - a\ninput: {properties: {retry: {maximum: 1e999}}}\n",
+     None),
+    ("step a with {timeout: 1e999, y: 2} retry 2", "  - a: {with: {timeout: 1e999, y: 2}, retry: 2}\n",
+     [{"a": {"retry": 2}}]),
+    ("step a undo {worker: u, with: {retry: 1e999}}", "  - a: {compensate: {worker: u, with: {retry: 1e999}}}\n",
+     [{"a": {"compensate": {"worker": "u"}}}]),
+    # a group or case named like an option: the option inside it is what is set aside
+    ('sequence timeout {\n  step a timeout 1e999 retry 2\n}', "  - sequence: timeout\n    steps:\n"
+     "      - a: {timeout: 1e999, retry: 2}\n", [{"sequence": "timeout", "steps": [{"a": {"retry": 2}}]}]),
+    ('switch s on "${ x }" {\n  case retry { step a retry {initial: 1e999} }\n}',
+     '  - switch: s\n    "on": "${ x }"\n    cases: {retry: [{a: {retry: {initial: 1e999}}}]}\n',
+     [{"switch": "s", "on": "${ x }", "cases": {"retry": [{"a": {}}]}}]),
+])  # fmt: skip
+def test_a_value_is_set_aside_only_with_an_option_where_options_are(flow: str, yaml: str, kept: Any) -> None:
+    """The option around a bad value is found by the document's structure, not by the names along its path."""
+    doc = parse_flow("flow t\n" + flow + "\n", "t.flow")
+    twin = load_yaml("flowdsl: 1\nname: t\nsteps:\n" + yaml, "t.yaml")
+    assert [d.code for d in doc.diagnostics] == [d.code for d in twin.diagnostics] == ["FD201"]
+    if kept is None:
+        assert doc.data is None and twin.data is None
+    else:
+        assert doc.data is not None and twin.data is not None
+        assert doc.data["steps"] == twin.data["steps"] == kept
+
+
+def test_an_escaped_lone_surrogate_is_refused_in_names_keys_labels_and_values() -> None:
+    for text in ('step "a\\ud800b"', 'flow "\\udfff"', 'step a with {"\\ud800": 1}', 'step a with {x: "\\ud800"}',
+                 'switch s on "${ x }" {\n  case "\\udc00" { c }\n}', 'llm a "\\ud800 -> b"'):
+        (diag,) = parse_flow(text).diagnostics
+        assert diag.code == "FD110" and "lone surrogate U+D" in diag.message, text
+        assert parse_flow(text).data is None
+    assert parse_flow('flow t\nstep a with {x: "\\ud83d\\ude00"}').data["steps"] == [{"a": {"with": {"x": "😀"}}}]
 
 
 @pytest.mark.parametrize("text", ['step "a\\u0007b"', 'step "a\\tb" timeout 1s', 'switch s on "${ x }" {\n'

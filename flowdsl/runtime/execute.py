@@ -28,16 +28,20 @@ What :func:`execute` does:
   go into the answer's ``meta`` as ``{"llm": {...}}``, which the kernel copies
   into the event it emits about that attempt (docs/kernel.md);
 - an exception becomes ``task_failed`` with ``{"type": class name, "message":
-  str(exc)}`` (plus a ``traceback`` field for the record), and so does any
+  str(exc), "types": the class names of its MRO}`` (:func:`error_types`; plus a
+  ``traceback`` field for the record), and so does any
   other ``BaseException`` a worker raises: ``sys.exit()`` (type
   ``SystemExit``), ``KeyboardInterrupt``, ``GeneratorExit`` — all but a
   cancellation and the ``KeyboardInterrupt`` of a real Ctrl-C (see
   :func:`marking_sigint`), which propagate; a result that is not
   a JSON object (``None`` counts as ``{}``) becomes ``task_failed`` of type
-  ``OutputInvalid``;
-- cancellation (``asyncio.CancelledError``) propagates: the caller answers
-  ``task_cancelled``. A sync worker cannot be interrupted: cancelling stops
-  the wait, not the thread (see :func:`cancellable`).
+  ``OutputInvalid``; a result that is one is answered as a plain copy
+  (:func:`plain_json`), never as the object the worker returned;
+- cancellation (``asyncio.CancelledError`` while the task running the attempt
+  is being cancelled) propagates: the caller answers ``task_cancelled``. A
+  ``CancelledError`` the worker raises itself, nothing cancelling it, is its
+  failure (type ``CancelledError``). A sync worker cannot be interrupted:
+  cancelling stops the wait, not the thread (see :func:`cancellable`).
 
 :func:`start` is the eager form for async workers: it runs the worker up to
 its first real wait right away and returns the same answer event when it
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import inspect
 import logging
 import math
@@ -64,8 +69,9 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.workers import StepContext, Worker, WorkerRegistry, from_sigint, marking_sigint
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "Suspended", "cancellable", "copy_json", "execute", "json_problem",
-           "marking_sigint", "missing_workers", "resume", "start", "text_problem", "worker_references"]
+__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "Suspended", "cancellable", "copy_json", "error_types",
+           "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "resume", "start",
+           "text_problem", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -102,7 +108,7 @@ async def execute(command: Mapping[str, Any], *, registry: WorkerRegistry | None
     except BaseException as exc:  # the worker's (or the model's) failure, whatever it is
         if not _is_failure(exc):
             raise
-        return _exception_event(task_id, exc)
+        return _failure_event(task_id, exc)
     return _answer(task_id, result)
 
 
@@ -136,7 +142,7 @@ class Suspended:
         except BaseException as exc:
             if not _is_failure(exc):
                 raise
-            return _exception_event(self.task_id, exc)
+            return _failure_event(self.task_id, exc)
         return _answer(self.task_id, result)
 
 
@@ -148,8 +154,9 @@ def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) ->
     of the event loop — or a :class:`Suspended` to finish in a task, or None
     for what it does not start this way (LLM steps, sync workers: use
     :func:`execute`). The first step runs in a copy of the current context, as
-    a task's would (Python 3.12's ``eager_start``). Raises only
-    ``asyncio.CancelledError`` (the worker cancelled itself).
+    a task's would (Python 3.12's ``eager_start``). Raises only the
+    ``KeyboardInterrupt`` of a real Ctrl-C: a ``CancelledError`` the worker's
+    first step raises is its own (nothing can cancel this call), so its failure.
     """
     if command["kind"] not in WORKER_KINDS or command.get("llm"):
         return None  # an LLM step's fallback has its input and result checked: execute() does that
@@ -166,10 +173,10 @@ def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) ->
         pending = context.run(coro.send, None)
     except StopIteration as stop:
         return _answer(task_id, stop.value)
-    except BaseException as exc:
-        if not _is_failure(exc):
+    except BaseException as exc:  # a CancelledError here is the worker's own: nothing could cancel this call
+        if not (_is_failure(exc) or isinstance(exc, asyncio.CancelledError)):
             raise
-        return _exception_event(task_id, exc)
+        return _failure_event(task_id, exc)
     return Suspended(task_id, coro, pending, context)
 
 
@@ -231,14 +238,16 @@ def cancellable(command: Mapping[str, Any], registry: WorkerRegistry | None = No
 
 
 def _answer(task_id: str, result: Any) -> dict[str, Any]:
-    if result is None:
-        result = {}
+    """The answer to a worker's result: a plain copy of it (:func:`plain_json`), never the object itself."""
+    if result is None or (not result and type(result) is dict):
+        return {"type": "task_succeeded", "task_id": task_id, "result": {}}
     if not isinstance(result, dict):
         return _failed(task_id, "OutputInvalid", f"the worker returned {type(result).__name__}, "
                        "expected a JSON object (a dict) or None")
-    problem = json_problem(result)
-    if problem is not None:
-        return _failed(task_id, "OutputInvalid", f"the worker's result is not JSON: {problem}")
+    try:
+        result = plain_json(result)
+    except NotJSON as exc:
+        return _failed(task_id, "OutputInvalid", f"the worker's result is not JSON: {exc}")
     return {"type": "task_succeeded", "task_id": task_id, "result": result}
 
 
@@ -252,11 +261,27 @@ def _is_failure(exc: BaseException) -> bool:
     Every exception is, and so is every other ``BaseException`` the worker raises itself: a worker calling
     ``sys.exit()`` or raising ``KeyboardInterrupt`` or ``GeneratorExit`` must end neither the run nor the
     worker process (on Redis, the step would then be taken over and end the next process too, one after the
-    other). Not failures, and re-raised: a cancellation of the task running the attempt, and the
-    ``KeyboardInterrupt`` that a real Ctrl-C raised while the worker ran (marked by :func:`marking_sigint`):
-    that one is the user's, and stops what it interrupted.
+    other). Not failures, and re-raised: a cancellation of the task running the attempt (a ``CancelledError``
+    while that task is being cancelled — one the worker raises itself, nothing having cancelled it, is its
+    failure), and the ``KeyboardInterrupt`` that a real Ctrl-C raised while the worker ran (marked by
+    :func:`marking_sigint`): that one is the user's, and stops what it interrupted.
     """
-    return not isinstance(exc, asyncio.CancelledError) and not from_sigint(exc)
+    if isinstance(exc, asyncio.CancelledError):  # outside a task (a first step run by hand), no one cancelled it
+        task = asyncio.current_task()
+        return task is None or task.cancelling() == 0
+    return not from_sigint(exc)
+
+
+def _failure_event(task_id: str, exc: BaseException) -> dict[str, Any]:
+    """The ``task_failed`` event of a worker's failure (:func:`_is_failure`)."""
+    if isinstance(exc, _Raised):
+        exc = exc.exc
+    event = _exception_event(task_id, exc)
+    if isinstance(exc, asyncio.CancelledError):  # the runtime's own cancellations are never failures
+        said = event["error"]["message"]
+        event["error"]["message"] = ("the worker raised CancelledError itself; the runtime did not cancel the "
+                                     "attempt" + (f" ({said})" if said else ""))
+    return event
 
 
 def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
@@ -265,9 +290,17 @@ def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
     except Exception as broken:  # an exception whose __str__ fails must not take the run down with it
         message = f"(its message could not be read: {type(broken).__name__}: {broken})"
     event = _failed(task_id, type(exc).__name__, message)
+    event["error"]["types"] = error_types(exc)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     event["traceback"] = text if len(text) <= _TRACEBACK_LIMIT else "…" + text[-_TRACEBACK_LIMIT:]
     return event
+
+
+def error_types(exc: BaseException) -> list[str]:
+    """The error record's ``types``: the class names of ``exc``'s class and its bases, in method resolution
+    order, up to but without ``BaseException`` and ``object`` (each name once) — what retry filters match, so
+    that ``on: [ConnectionError]`` covers ``ConnectionRefusedError`` as ``except ConnectionError`` would."""
+    return list(dict.fromkeys(cls.__name__ for cls in type(exc).__mro__ if cls not in (BaseException, object)))
 
 
 def _logger(worker_name: str) -> logging.Logger:
@@ -302,7 +335,7 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
     except BaseException as exc:  # as for a worker: the attempt failed with this error type
         if not _is_failure(exc):
             raise
-        event = _exception_event(task_id, exc)
+        event = _failure_event(task_id, exc)
         name = model if isinstance(model, str) else getattr(model, "model", None)
         name = name if isinstance(name, str) else None
         if isinstance(exc, OutputInvalid):
@@ -354,13 +387,26 @@ def copy_json(value: Any) -> Any:
     input is its whole context (inside a for_each over n items, the n items)."""
     if isinstance(value, dict):
         if len(value) > _SMALL:
-            return loads(dumps(value))
+            return _bulk_copy(value)
         return {k: copy_json(v) if isinstance(v, dict | list) else v for k, v in value.items()}
     if isinstance(value, list):
         if len(value) > _SMALL:
-            return loads(dumps(value))
+            return _bulk_copy(value)
         return [copy_json(v) if isinstance(v, dict | list) else v for v in value]
     return value
+
+
+def _bulk_copy(value: Any) -> Any:
+    """A large container through the codec, the cyclic garbage collector paused (as in :func:`plain_json`):
+    decoding 300,000 rows would otherwise set off full collections that cost several times the copy."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return loads(dumps(value))
+    finally:
+        if paused:
+            gc.enable()
 
 
 _SMALL = 16  # entries up to which copy_json copies a container in Python
@@ -417,6 +463,92 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
 
 
 _SCALARS = frozenset({int, bool})
+
+
+class NotJSON(ValueError):
+    """Raised by :func:`plain_json`: the message says where and why the data is not JSON (as :func:`json_problem`)."""
+
+
+def plain_json(value: Any) -> Any:
+    """A deep copy of ``value`` made of plain JSON types, checked as :func:`json_problem` checks it — one walk.
+
+    What a worker returns (and the run input) is kept this way: nothing the caller holds on to — a cached
+    object it returned, a shared constant — is shared with the run, so changing it later changes neither the
+    run's context nor what its record replays to. Subclasses become their plain type (a ``str`` enum or
+    another ``str`` subclass a ``str``, an ``IntEnum`` an ``int``, an ``OrderedDict`` a ``dict``…), so the
+    context holds plain JSON types only, whatever its size. Raises :class:`NotJSON` when ``value`` is not JSON.
+
+    The cyclic garbage collector is paused meanwhile: a copy allocates only acyclic containers, and a large
+    one (300,000 rows) would otherwise set off full collections that cost as much as the copy itself.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _plain(value, 0)
+    except _NotPlain:
+        pass
+    finally:
+        if paused:
+            gc.enable()
+    raise NotJSON(json_problem(value) or f"a {type(value).__name__} is not JSON")
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _plain(value: Any, depth: int) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return _plain_dict(value, depth)
+    if kind is list:
+        return _plain_list(value, depth)
+    if kind is str:
+        if not value.isascii() and text_problem(value) is not None:
+            raise _NotPlain
+        return value
+    if value is None or kind is int or kind is bool:
+        return value
+    return _plain_other(value, depth)
+
+
+def _plain_dict(value: dict[Any, Any], depth: int) -> dict[str, Any]:
+    if depth >= MAX_JSON_DEPTH:
+        raise _NotPlain
+    out = {}
+    for k, v in value.items():
+        if type(k) is not str:
+            if not isinstance(k, str):
+                raise _NotPlain
+            k = str.__str__(k)
+        if not k.isascii() and text_problem(k) is not None:
+            raise _NotPlain
+        out[k] = v if type(v) is str and v.isascii() else _plain(v, depth + 1)  # (the common case inline)
+    return out
+
+
+def _plain_list(value: list[Any], depth: int) -> list[Any]:
+    if depth >= MAX_JSON_DEPTH:
+        raise _NotPlain
+    return [v if type(v) is str and v.isascii() else _plain(v, depth + 1) for v in value]
+
+
+def _plain_other(value: Any, depth: int) -> Any:
+    """A float, or a subclass of a JSON type, as its plain type."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _NotPlain
+        return value if type(value) is float else float.__float__(value)
+    if isinstance(value, str):
+        return _plain(str.__str__(value), depth)
+    if isinstance(value, int):  # bool has no subclasses: an int subclass (IntEnum, IntFlag) is a number
+        return int.__int__(value)
+    if isinstance(value, dict):
+        return _plain_dict(value, depth)
+    if isinstance(value, list):
+        return _plain_list(value, depth)
+    raise _NotPlain
 
 
 def text_problem(text: str) -> str | None:
@@ -496,9 +628,18 @@ class _DaemonThreads:
             try:
                 result = call()
             except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
-                future.set_exception(exc)
+                future.set_exception(_Raised(exc) if isinstance(exc, StopIteration) else exc)
             else:
                 future.set_result(result)
+
+
+class _Raised(Exception):
+    """A ``StopIteration`` a sync worker raised, on its way out of the thread: asyncio cannot set it on a
+    future (nor may it leave a coroutine), so it travels wrapped, and :func:`_failure_event` unwraps it."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(exc)
+        self.exc = exc
 
 
 _threads = _DaemonThreads()

@@ -1,7 +1,7 @@
 """Run input: read it (file, stdin, ``--set`` overrides) and check it against the plan's input schema.
 
-Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema and
-``.execute`` (the depth bound and the checks of run data).
+Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema (and its
+``referencing``) and ``.execute`` (the depth bound and the checks of run data).
 """
 
 from __future__ import annotations
@@ -109,13 +109,27 @@ def _assign(data: dict[str, Any], path: list[str], value: Any, item: str) -> Non
 
 
 def check_input(plan: dict[str, Any], data: dict[str, Any]) -> None:
-    """Raise InputError listing every way ``data`` fails the plan's input schema."""
+    """Raise InputError listing every way ``data`` fails the plan's input schema.
+
+    A reference (``$ref``) is resolved inside the schema or to a bundled JSON Schema meta-schema, never
+    fetched; one that does not resolve (FD206 when the spec is compiled; a plan may come from elsewhere)
+    is an InputError too, saying which.
+    """
     schema = plan["flow"].get("input_schema")
     if schema is None:
         return
     from jsonschema import Draft202012Validator
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
 
-    errors = sorted(Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(Draft202012Validator(schema, registry=Registry()).iter_errors(data),
+                        key=lambda e: list(e.absolute_path))
+    except Unresolvable as exc:
+        ref = getattr(exc, "ref", None)
+        which = f" to '{ref}'" if isinstance(ref, str) else ""
+        raise InputError(f"the spec's input schema cannot be used to check the run input: a reference{which} in "
+                         "it cannot be resolved (a reference must point inside the schema; none is fetched)") from None
     if errors:
         lines = [f"  at {'/' + '/'.join(map(str, e.absolute_path)) if e.absolute_path else '(top)'}: {e.message}"
                  for e in errors[:20]]

@@ -26,7 +26,14 @@ Ctrl-C) feeds ``cancel_requested``: in-flight steps are cancelled and every
 completed step with a compensation is undone, then the run ends ``cancelled``.
 :meth:`LocalRun.abort` (the second Ctrl-C, or cancelling the task awaiting
 the run) stops at once, compensating nothing; the record then ends with a
-``runtime_aborted`` line.
+``runtime_aborted`` line. Either one asked before the run has started is
+held: a cancel is applied as the run starts (its first dispatches are held,
+never carried out, and answered ``task_cancelled``), an abort makes
+:meth:`LocalRun.run` raise at once.
+
+A record write that fails mid-run (a full disk) closes the record and the run
+goes on unrecorded (``RunResult.record_error`` says why): a run must never
+stop half-way, its state moved on and its commands not carried out.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -47,20 +54,21 @@ from typing import Any
 
 from flowdsl.kernel import INPUT_EVENTS, Decision, apply, start_event, start_run
 from flowdsl.runtime.execute import (
+    NotJSON,
     Suspended,
     cancellable,
     copy_json,
     execute,
-    json_problem,
     marking_sigint,
     missing_workers,
+    plain_json,
     resume,
     start,
 )
 from flowdsl.runtime.plancheck import check_plan
-from flowdsl.runtime.record import RunRecorder, check_records_dir, record_path
-from flowdsl.runtime.report import RunResult
-from flowdsl.workers import WorkerRegistry, import_worker_modules
+from flowdsl.runtime.record import RunRecorder, check_records_dir, new_run_id, record_path
+from flowdsl.runtime.report import NOT_STARTED, RunResult
+from flowdsl.workers import WorkerImportError, WorkerRegistry, import_worker_modules
 
 __all__ = ["RECORDED_INPUTS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id", "run", "run_flow"]
 
@@ -76,8 +84,11 @@ class RunAborted(Exception):
 
     def __init__(self, run_id: str, status: str, record: Path | None):
         where = f"; its record ends at {record}" if record else ""
-        super().__init__(f"run {run_id} was aborted while {status}: steps in flight were abandoned and "
-                         f"nothing more was compensated{where}")
+        if status == NOT_STARTED:
+            super().__init__(f"run {run_id} was aborted before it started: nothing ran{where}")
+        else:
+            super().__init__(f"run {run_id} was aborted while {status}: steps in flight were abandoned and "
+                             f"nothing more was compensated{where}")
         self.run_id = run_id
         self.status = status
         self.record = record
@@ -94,6 +105,7 @@ class WorkersMissing(ValueError):
 
 #: input events applied in a row before the runtime lets the event loop run other callbacks
 _BURST = 64
+_log = logging.getLogger("flowdsl.local")
 
 
 def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -123,12 +135,6 @@ class _Attempt:
         self.task: asyncio.Task[None] | None = None
 
 
-def new_run_id(plan: Mapping[str, Any]) -> str:
-    """A fresh run id: ``<flow name>-<UTC yyyymmddThhmmss>-<6 hex digits>``."""
-    name = str((plan.get("flow") or {}).get("name") or "run")[:48]
-    return f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-
-
 class LocalRun:
     """One run of a plan on the running event loop. Create it, then ``await run.run()`` once.
 
@@ -145,7 +151,8 @@ class LocalRun:
                  lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
                  on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
-                 handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None):
+                 handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
+                 spec_path: str | os.PathLike[str] | None = None):
         if not isinstance(plan, dict):
             raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
                             f"flowdsl.compile_text(); got {type(plan).__name__}")
@@ -154,16 +161,25 @@ class LocalRun:
             raise TypeError(f"run_input must be a dict (a JSON object); got {type(run_input).__name__}")
         if run_id is not None and not isinstance(run_id, str):
             raise TypeError(f"run_id must be a string or None; got {type(run_id).__name__}")
-        if import_workers:
-            import_worker_modules(plan["flow"].get("workers") or (), os.getcwd())
+        if spec_path is not None and not isinstance(spec_path, str | os.PathLike):
+            raise TypeError(f"spec_path must be a str, an os.PathLike or None; got {type(spec_path).__name__}")
+        if import_workers:  # from the current directory, then the spec's, as `flowdsl run` does (checks.py)
+            spec_dir = os.path.dirname(os.path.abspath(os.fspath(spec_path))) if spec_path is not None else None
+            try:
+                import_worker_modules(plan["flow"].get("workers") or (), os.getcwd(), (spec_dir,))
+            except WorkerImportError as exc:
+                if exc.found or spec_dir is not None:
+                    raise
+                raise WorkerImportError(exc.module, f"{exc.reason}; give spec_path= (the spec file) to search "
+                                        "its directory too", found=False, searched=exc.searched) from None
         problems = missing_workers(plan, registry)
         if problems:
             raise WorkersMissing(problems)
-        problem = json_problem(run_input)
-        if problem is not None:
-            raise ValueError(f"the run input is not a JSON object: {problem}")
+        try:  # the run's own plain copy: what the caller keeps is not shared with the run
+            self.run_input: dict[str, Any] = plain_json(run_input)
+        except NotJSON as exc:
+            raise ValueError(f"the run input is not a JSON object: {exc}") from None
         self.plan = plan
-        self.run_input: dict[str, Any] = copy_json(run_input)
         self.run_id = run_id if run_id is not None else new_run_id(plan)
         self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
         if self.record_path is not None:
@@ -194,6 +210,13 @@ class LocalRun:
         self._started = False
         self._interrupts = 0
         self._sigint_installed = False
+        self._sigint_before: tuple[Any, Any, int] | None = None
+        #: what cancel() or abort() asked before the run started: ("cancel" | "abort", reason)
+        self._early: tuple[str, str] | None = None
+        self._holding = False  # dispatches are held, not carried out (a cancel asked before the start)
+        self._held: dict[str, dict[str, Any]] = {}
+        #: why the run record is incomplete (a write failed: the run went on unrecorded), or None
+        self.record_error: str | None = None
         self._marking: contextlib.AbstractContextManager[None] | None = None
         self._perf0 = 0.0
         self._wall0 = 0.0
@@ -201,32 +224,41 @@ class LocalRun:
     # --- the public face ----------------------------------------------------------------
 
     async def run(self) -> RunResult:
-        """Run to an end state and return the result. Raises :class:`RunAborted` after :meth:`abort`."""
+        """Run to an end state and return the result.
+
+        Raises :class:`RunAborted` after :meth:`abort` (asked before the run started: at once, nothing having
+        run or been recorded), and ``OSError`` when the record's first lines cannot be written (then nothing
+        ran and no record is left). A record that cannot be written later does not stop the run: it goes on
+        unrecorded, and the result's ``record_error`` says why the record is incomplete.
+        """
         if self._started:
             raise RuntimeError("a LocalRun runs once")
         self._started = True
+        if self._early is not None and self._early[0] == "abort":
+            self._finished = True
+            raise RunAborted(self.run_id, NOT_STARTED, None)
         loop = self._loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
+        at = self._now()
+        start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
         if self.record_path is not None:
-            self._recorder = RunRecorder(self.run_id, self.runs_dir)
-            self._recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
-                                  started_at=int(self._wall0))
+            self._open_record(start)
         try:
-            at = self._now()
-            start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
-            self._write(start)
             self._install_sigint()
             if not self._sigint_installed:  # a real Ctrl-C raising in a worker stops the run, not the step
                 self._marking = marking_sigint()
                 self._marking.__enter__()
             self._draining = True
+            self._holding = self._early is not None  # cancelled before it started: call no worker
             try:
                 self._absorb(start_run(self.plan, self.run_id, copy_json(self.run_input), at=at, seed=self.seed))
             except Exception as exc:  # a plan the shape check let through but the kernel cannot run
                 self._fail_hard(exc)
             finally:
-                self._draining = False
+                self._draining = self._holding = False
+            if self._early is not None and not self._finished:
+                self._inbox.append({"type": "cancel_requested", "reason": self._early[1]})
             self._drain()
             try:
                 await self._done
@@ -241,21 +273,37 @@ class LocalRun:
                 self._marking.__exit__(None, None, None)
                 self._marking = None
             if self._recorder is not None:
-                self._recorder.close()
+                try:
+                    self._recorder.close()
+                except OSError as exc:  # its last lines could not be written
+                    self._recorder = None
+                    self._record_failed(exc)
         return RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
-                                    record_path=self.record_path)
+                                    record_path=self.record_path, record_error=self.record_error)
 
     def cancel(self, reason: str = "cancel requested") -> None:
         """Cancel the run: stop what is in flight, undo what completed, end ``cancelled``.
 
-        Ignored when the run is already being aborted or compensated, or is over.
+        Asked before the run has started (before :meth:`run`, or before the task running it has taken its
+        first step), the request is held and applied as the run starts: no worker is called — the first
+        steps are cancelled as they are dispatched — and the run ends ``cancelled``. Ignored when the run is
+        already being aborted or compensated, or is over.
         """
-        if self._started and not self._finished:
+        if not self._started:
+            if self._early is None:
+                self._early = ("cancel", reason)
+        elif not self._finished:
             self._feed({"type": "cancel_requested", "reason": reason})
 
     def abort(self, reason: str = "aborted") -> None:
-        """Stop at once: abandon what is in flight and compensate nothing; :meth:`run` raises RunAborted."""
-        if self._started and not self._finished:
+        """Stop at once: abandon what is in flight and compensate nothing; :meth:`run` raises RunAborted.
+
+        Asked before the run has started, :meth:`run` raises RunAborted at once: nothing runs and no record
+        is written. Ignored when the run is over.
+        """
+        if not self._started:
+            self._early = ("abort", reason)
+        elif not self._finished:
             self._stop(reason)
             assert self._done is not None
             if not self._done.done():
@@ -271,10 +319,45 @@ class LocalRun:
     def _now(self) -> int:
         return int(self._wall0 + (time.perf_counter() - self._perf0) * 1000.0)
 
+    def _open_record(self, start: dict[str, Any]) -> None:
+        """Create the record with its header and the ``start`` line, on disk before anything runs."""
+        recorder = self._recorder = RunRecorder(self.run_id, self.runs_dir)
+        try:
+            recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
+                            started_at=int(self._wall0))
+            recorder.write_many((start,))
+            recorder.flush()
+        except OSError as exc:  # nothing has run: stop here, leaving no record behind
+            self._recorder = None
+            with contextlib.suppress(OSError):
+                recorder.close()
+            with contextlib.suppress(OSError):
+                recorder.path.unlink()
+            raise OSError(exc.errno, f"cannot write the run record {recorder.path}: {exc.strerror or exc}; "
+                          "the run did not start") from exc
+
+    def _record_failed(self, exc: OSError) -> None:
+        """A record write failed (a full disk, a file size limit): close the record and go on without it.
+
+        The run must not stop half-way — its state has moved on, and the commands of that decision (a
+        compensation among them) must still be carried out — so it goes on unrecorded, and says so."""
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            with contextlib.suppress(OSError):
+                recorder.close()
+        self.record_error = (f"writing the record failed ({exc.strerror or exc}); it stops there and the run "
+                             "went on unrecorded")
+        _log.warning("run %s: %s: %s", self.run_id, self.record_path, self.record_error)
+        self._notice(f"the run record {self.record_path} cannot be written ({exc.strerror or exc}): the run goes "
+                     "on unrecorded")
+
     def _write(self, item: dict[str, Any]) -> None:
         if self._recorder is not None:
-            self._recorder.write_many((item,))
-            self._recorder.flush()
+            try:
+                self._recorder.write_many((item,))
+                self._recorder.flush()
+            except OSError as exc:
+                self._record_failed(exc)
 
     def _feed(self, event: dict[str, Any]) -> None:
         """Queue one input event; apply it now unless a decision is being carried out (then after it)."""
@@ -297,7 +380,10 @@ class LocalRun:
         finally:
             self._draining = False
             if self._recorder is not None:
-                self._recorder.flush()
+                try:
+                    self._recorder.flush()
+                except OSError as exc:
+                    self._record_failed(exc)
 
     def _apply(self, event: dict[str, Any]) -> None:
         """Apply one input event and carry out what the kernel decided."""
@@ -314,7 +400,10 @@ class LocalRun:
         self.state = decision.state
         events = decision.events
         if self._recorder is not None:  # the input event, then what it caused (flushed after the burst)
-            self._recorder.write_many((cause, *events) if cause is not None else events)
+            try:
+                self._recorder.write_many((cause, *events) if cause is not None else events)
+            except OSError as exc:
+                self._record_failed(exc)
         self.events.extend(events)
         hook = self.on_event
         if hook is not None:
@@ -344,6 +433,9 @@ class LocalRun:
 
     def _dispatch(self, command: dict[str, Any]) -> None:
         assert self._loop is not None
+        if self._holding:  # the run was cancelled before it started: this attempt is cancelled, never run
+            self._held[command["task_id"]] = command
+            return
         try:
             started = start(command, self.registry)
         except asyncio.CancelledError:
@@ -380,6 +472,9 @@ class LocalRun:
         self._feed(event)
 
     def _cancel_task(self, task_id: str) -> None:
+        if self._held.pop(task_id, None) is not None:  # never started: it answers at once
+            self._answer(task_id, {"type": "task_cancelled", "task_id": task_id})
+            return
         attempt = self._tasks.get(task_id)
         if attempt is None or attempt.task is None:
             return  # already answered
@@ -439,17 +534,38 @@ class LocalRun:
     def _install_sigint(self) -> None:
         if not self.handle_sigint or threading.current_thread() is not threading.main_thread():
             return
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
+        # what is there now, put back exactly when the run ends (remove_signal_handler would leave
+        # default_int_handler and drop a handler the loop itself had): the Python-level handler, the
+        # loop's own handler (asyncio's unix loops keep them in _signal_handlers) and the wakeup fd
+        python_handler = signal.getsignal(signal.SIGINT)
+        handlers = getattr(loop, "_signal_handlers", None)
+        if not isinstance(handlers, dict) and python_handler is not signal.default_int_handler:
+            return  # a loop whose handlers cannot be seen, and SIGINT is handled already: leave it so
+        loop_handler = handlers.get(signal.SIGINT) if isinstance(handlers, dict) else None
+        wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) else -1
         try:
-            self._loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
         except (NotImplementedError, RuntimeError, ValueError):
+            if wakeup_fd != -1:
+                signal.set_wakeup_fd(wakeup_fd)
             return  # no signal support here (Windows loops, nested loops): Ctrl-C raises as usual
         self._sigint_installed = True
+        self._sigint_before = (python_handler, loop_handler, wakeup_fd)
 
     def _remove_sigint(self) -> None:
         if self._sigint_installed and self._loop is not None:
             self._sigint_installed = False
             self._loop.remove_signal_handler(signal.SIGINT)
+            assert self._sigint_before is not None
+            python_handler, loop_handler, wakeup_fd = self._sigint_before
+            if loop_handler is not None:
+                self._loop._signal_handlers[signal.SIGINT] = loop_handler  # type: ignore[attr-defined]
+            if wakeup_fd != -1:
+                signal.set_wakeup_fd(wakeup_fd)
+            if python_handler is not None:
+                signal.signal(signal.SIGINT, python_handler)
 
     def _on_sigint(self) -> None:
         self._interrupts += 1
@@ -478,7 +594,8 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
                    on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                    seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                    handle_sigint: bool = False, import_workers: bool = True,
-                   lms: Mapping[str, object] | None = None) -> RunResult:
+                   lms: Mapping[str, object] | None = None,
+                   spec_path: str | os.PathLike[str] | None = None) -> RunResult:
     """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
 
     - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
@@ -494,7 +611,9 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       (Ctrl-C handling).
     - ``seed``: retry jitter seed (default: derived from the run id).
     - ``registry``: where workers are looked up (default: the process-wide one);
-      ``import_workers``: import the plan's worker modules first.
+      ``import_workers``: import the plan's worker modules first, from the current
+      directory, then from the directory of ``spec_path`` (the spec file the plan
+      was compiled from, when given), as ``flowdsl run`` does.
     - ``handle_sigint``: Ctrl-C cancels the run (and compensates); a second one aborts.
 
     Cancelling the task that awaits this aborts the run at once (nothing is
@@ -503,10 +622,30 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
     """
     return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
-                          handle_sigint=handle_sigint, import_workers=import_workers, lms=lms).run()
+                          handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
+                          spec_path=spec_path).run()
 
 
-def run(plan: dict[str, Any], run_input: dict[str, Any], **options: Any) -> RunResult:
-    """:func:`run_flow` on a new event loop (``asyncio.run``); Ctrl-C handling is on in the main thread."""
-    options.setdefault("handle_sigint", threading.current_thread() is threading.main_thread())
-    return asyncio.run(run_flow(plan, run_input, **options))
+def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
+        lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
+        on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
+        seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
+        handle_sigint: bool | None = None, import_workers: bool = True, lms: Mapping[str, object] | None = None,
+        spec_path: str | os.PathLike[str] | None = None) -> RunResult:
+    """:func:`run_flow` on a new event loop (``asyncio.run``), with the same options; ``handle_sigint``
+    defaults to on in the main thread. Inside a running event loop (``async`` code), ``await``
+    :func:`run_flow` instead: this raises ``RuntimeError`` there, saying so."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("flowdsl.run() cannot be called from a running event loop (it runs one of its own): "
+                           "in async code, use `await flowdsl.run_flow(plan, run_input, ...)`, which takes the "
+                           "same options")
+    if handle_sigint is None:
+        handle_sigint = threading.current_thread() is threading.main_thread()
+    return asyncio.run(run_flow(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
+                                on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
+                                adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
+                                lms=lms, spec_path=spec_path))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+import secrets
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,6 +34,15 @@ def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
         raise ValueError(f"invalid run id '{run_id}': use 1-128 letters, digits and _ . : -")
     return run_id
+
+
+def new_run_id(plan: Mapping[str, Any]) -> str:
+    """A fresh run id, ``<flow name>-<UTC yyyymmddThhmmss>-<16 hex digits>`` — the default of both runtimes.
+
+    The 64 random bits keep ids apart however many runs start in one second (a run id prefixes every
+    idempotency key: two runs sharing one would have a payment gateway take the second for a repeat)."""
+    name = str((plan.get("flow") or {}).get("name") or "run")[:48]
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(8)}"
 
 
 def record_path(run_id: str, directory: str | Path | None = None) -> Path:

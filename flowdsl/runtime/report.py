@@ -25,11 +25,13 @@ from typing import Any
 
 from flowdsl.kernel import INPUT_EVENTS, LLM_NOT_CONFIGURED, replay, summary
 
-__all__ = ["EXIT_CODES", "LiveView", "RunResult", "critical_path", "exit_code", "fallback_text", "llm_calls_of",
-           "print_summary", "print_timeline", "result_from_record", "timing"]
+__all__ = ["EXIT_CODES", "NOT_STARTED", "LiveView", "RunResult", "critical_path", "exit_code", "fallback_text",
+           "llm_calls_of", "print_summary", "print_timeline", "result_from_record", "timing"]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
+#: the status of a run that never started: a record holding only its header, a run aborted before its start
+NOT_STARTED = "not_started"
 STEP_KINDS = ("task", "llm")
 _STYLE = {"completed": "green", "succeeded": "green", "compensated": "yellow", "cancelled": "yellow",
           "failed": "red", "needs_intervention": "bold red", "running": "cyan", "retrying": "cyan",
@@ -56,7 +58,9 @@ class RunResult:
     the order they were undone. ``events`` is every event the kernel emitted.
     ``llm_calls`` maps an LLM step's instance key to its model calls, in order,
     gathered from the events' ``meta.llm`` (see :func:`llm_calls_of`). ``wall_ms``
-    is the runtime's own measure of the run.
+    is the runtime's own measure of the run. ``record_error`` says why the run's
+    record is incomplete — writing it failed (a full disk) and the run went on
+    unrecorded — and is None when the record holds the whole run (or there is none).
     """
 
     run_id: str
@@ -74,20 +78,22 @@ class RunResult:
     wall_ms: float | None = None
     record_path: Path | None = None
     llm_calls: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    record_error: str | None = None
     plan: dict[str, Any] = field(default_factory=dict, repr=False)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_state(cls, plan: dict[str, Any], state: dict[str, Any], events: list[dict[str, Any]], *,
                    wall_ms: float | None = None, record_path: Path | None = None,
-                   llm_calls: dict[str, list[dict[str, Any]]] | None = None) -> RunResult:
+                   llm_calls: dict[str, list[dict[str, Any]]] | None = None,
+                   record_error: str | None = None) -> RunResult:
         s = summary(plan, state)
         llm_calls = llm_calls or llm_calls_of(events)
         return cls(run_id=s["run_id"], flow=s["flow"], status=s["status"], context=s["context"] or {},
                    steps=s["steps"], compensated=s["compensated"], events=events, error=s["error"],
                    failed_step=s["failed_step"], intervention=s["intervention"], started_at=s["started_at"],
                    finished_at=s["finished_at"], wall_ms=wall_ms, record_path=record_path,
-                   llm_calls=llm_calls, plan=plan, state=state)
+                   llm_calls=llm_calls, record_error=record_error, plan=plan, state=state)
 
     def __repr__(self) -> str:
         # short on purpose: asyncio formats a finished task's result (signal.getsignal does, on every
@@ -105,7 +111,8 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object: ``run_id``, ``status``, ``context``, ``steps``, ``compensated``,
-        ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, times and ``timing``."""
+        ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, times, ``timing``, ``record``
+        and ``record_error``."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -119,7 +126,8 @@ class RunResult:
             "failed_step": self.failed_step, "context": self.context, "steps": steps,
             "compensated": self.compensated, "intervention": self.intervention,
             "started_at": self.started_at, "finished_at": self.finished_at, "timing": timing(self),
-            "record": str(self.record_path) if self.record_path else None, "events": self.events,
+            "record": str(self.record_path) if self.record_path else None, "record_error": self.record_error,
+            "events": self.events,
         }
 
 
@@ -127,8 +135,11 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
                        path: Path | None = None) -> RunResult:
     """Rebuild a run's result from its record: replay the recorded input events through the kernel.
 
-    The emitted events are the recorded ones. A record without a plan in its
-    header, or without its ``start`` line, raises ``ValueError``.
+    The emitted events are the recorded ones. A record holding no input event
+    (only its header: the run had not started, or nothing more could be written)
+    gives a run of status :data:`NOT_STARTED`, every step pending. A record
+    without a plan in its header, or whose input events do not begin with the
+    ``start`` line, raises ``ValueError``.
     """
     from flowdsl.runtime.plancheck import plan_problem
 
@@ -139,7 +150,9 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         raise ValueError(f"the record header's 'plan' is not a flowdsl execution plan: {problem}")
     plan = dict(header["plan"])
     inputs = [e for e in lines if e.get("type") in ("start", *INPUT_EVENTS)]
-    if not inputs or inputs[0].get("type") != "start":
+    if not inputs:
+        return _not_started(plan, header, path)
+    if inputs[0].get("type") != "start":
         raise ValueError("the record has no 'start' event")
     first = inputs[0]
     if not isinstance(first.get("run_id"), str) or not isinstance(first.get("input"), dict) \
@@ -156,6 +169,18 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     if state.get("finished_at") is not None:
         wall = float(state["finished_at"] - state["started_at"])
     return RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
+
+
+def _not_started(plan: dict[str, Any], header: Mapping[str, Any], path: Path | None) -> RunResult:
+    """The result of a run whose record ends before its ``start`` line: nothing ran, every step is pending."""
+    run_id = header.get("run_id")
+    if not isinstance(run_id, str):
+        run_id = path.stem if path is not None else ""
+    state = {"run_id": run_id, "flow": plan["flow"].get("name"), "status": NOT_STARTED, "input": header.get("input"),
+             "started_at": None, "finished_at": None, "error": None, "failed_step": None, "nodes": {},
+             "iterations": {}, "tasks": {}, "timers": {}, "compensations": {}, "compensated": [],
+             "intervention": None, "context": None}
+    return RunResult.from_state(plan, state, [], record_path=path)
 
 
 def llm_calls_of(events: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -384,6 +409,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     if result.record_path is not None:
         show = show_command(result.run_id, result.record_path)
         con.print(f"[dim]record: {_esc(result.record_path)}  ({_esc(show)})[/]")
+        if result.record_error:
+            con.print(f"[yellow]the record is incomplete: {_esc(result.record_error)}[/]")
 
 
 def show_command(run_id: str, record: Path) -> str:
@@ -591,7 +618,12 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
         if isinstance(meta, Mapping) and isinstance(meta.get("llm"), Mapping):
             con.print(" " * 10 + f"   [dim]{_llm_text(meta['llm'])}[/]")
     finished = any(e.get("type") == "run_finished" for e in items)
-    if not finished and live:
+    if result.status == NOT_STARTED:
+        aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
+        why = f" ({_esc(aborted.get('reason'))})" if aborted else ""
+        con.print(f"[yellow]the record ends before the run started{why}: it holds no step, and the run had "
+                  "not started when it was written[/]")
+    elif not finished and live:
         con.print(f"[cyan]the run is still going: {_esc(result.status)} so far[/]")
     elif not finished:
         aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)

@@ -198,8 +198,8 @@ steps:
                                     "gift": {"items": [1], "wrapped": True, "card": "hi"}}
 
 
-def test_a_sub_flow_input_that_breaks_its_schema_fails_the_flow_node(tmp_path):
-    main = """
+#: a compensable step, then the sub-flow GIFT given ``with: {<key>: "${ order.items }"}``
+UNDO_THEN_GIFT = """
 flowdsl: 1
 name: main
 steps:
@@ -207,15 +207,28 @@ steps:
       compensate: undo_a
   - flow: gift
     path: gift.yaml
-    with: {things: "${ order.items }"}
+    with: {KEY: "${ order.items }"}
 """
-    plan = plan_files(tmp_path, {"main.yaml": main, "gift.yaml": GIFT})
+
+
+def test_a_sub_flow_input_that_breaks_its_schema_fails_the_flow_node(tmp_path):
+    plan = plan_files(tmp_path, {"main.yaml": UNDO_THEN_GIFT.replace("KEY", "things"), "gift.yaml": GIFT})
     sim = Sim(plan, input={"order": {"items": [1]}}).run()
     assert sim.status == "compensated"
     assert sim.state["failed_step"] == "gift"
     assert sim.state["error"]["type"] == "InputInvalid"
     assert "'items' is a required property" in sim.state["error"]["message"]
     assert sim.undone() == ["a"]
+
+
+def test_a_schema_whose_reference_does_not_resolve_fails_the_node_and_fetches_nothing(tmp_path):
+    """A compiled plan has no such schema (FD206), but a plan may come from elsewhere: the kernel stays pure
+    (no fetch) and the node fails with a message, never an exception out of ``apply``."""
+    plan = plan_files(tmp_path, {"main.yaml": UNDO_THEN_GIFT.replace("KEY", "items"), "gift.yaml": GIFT})
+    plan["nodes"]["gift"]["input_schema"] = {"$ref": "https://example.com/elsewhere.json"}
+    sim = Sim(plan, input={"order": {"items": [1]}}).run()
+    assert (sim.status, sim.state["error"]["type"], sim.undone()) == ("compensated", "InputInvalid", ["a"])
+    assert "'https://example.com/elsewhere.json' cannot be resolved" in sim.state["error"]["message"]
 
 
 def test_a_sub_flow_inside_a_for_each_gets_one_instance_per_iteration(tmp_path):

@@ -181,3 +181,58 @@ def test_an_llm_step_without_fallback_fails_the_run():
     assert sim.status == "failed"
     assert len(sim.dispatched("llm")) == 1
     assert sim.of("fallback_started") == []
+
+
+# --- filters match an exception's base classes too (error.types) -------------------------------------------
+
+REFUSED = {"type": "ConnectionRefusedError", "message": "refused",
+           "types": ["ConnectionRefusedError", "ConnectionError", "OSError", "Exception"]}
+
+
+def _first_failure(policy: dict, error: dict, *, compensation: bool = False) -> list[str]:
+    """The event types the kernel emits when the first attempt (of the step, or of its compensation) fails."""
+    from flowdsl.kernel import apply, start_run
+
+    if compensation:
+        plan = plan_of([{"s": {"compensate": {"worker": "undo", "retry": policy}}}, "t"])
+        d = start_run(plan, "r1", {}, at=0)
+        d = apply(plan, d.state, {"type": "task_succeeded", "task_id": "r1/s#1", "at": 1, "result": {}})
+        d = apply(plan, d.state, {"type": "task_failed", "task_id": "r1/t#1", "at": 2, "error": {"type": "Fatal"}})
+        (cmd,) = [c for c in d.commands if c["op"] == "dispatch"]
+        d = apply(plan, d.state, {"type": "task_failed", "task_id": cmd["task_id"], "at": 3, "error": error})
+        return [e["type"] for e in d.events if e["type"].startswith("compensation_")]
+    plan = retrying(policy)
+    d = start_run(plan, "r1", {}, at=0)
+    d = apply(plan, d.state, {"type": "task_failed", "task_id": "r1/s#1", "at": 1, "error": error})
+    return [e["type"] for e in d.events if e["type"] in ("step_retrying", "step_failed")]
+
+
+@pytest.mark.parametrize("compensation", [False, True])
+def test_a_filter_matches_the_class_it_names_or_any_subclass(compensation):
+    retried = ["compensation_retrying"] if compensation else ["step_retrying"]
+    spent = ["compensation_failed"] if compensation else ["step_failed"]
+    policy = {"attempts": 3, "initial": "10ms"}
+    assert _first_failure({**policy, "on": ["ConnectionError"]}, REFUSED, compensation=compensation) == retried
+    assert _first_failure({**policy, "on": ["ConnectionRefusedError"]}, REFUSED, compensation=compensation) == retried
+    assert _first_failure({**policy, "on": ["TimeoutError"]}, REFUSED, compensation=compensation) == spent
+    assert _first_failure({**policy, "not_on": ["OSError"]}, REFUSED, compensation=compensation) == spent
+    assert _first_failure({**policy, "not_on": ["ValueError"]}, REFUSED, compensation=compensation) == retried
+
+
+def test_an_error_without_types_is_known_by_its_type_alone_and_replays_as_before():
+    """Records written before ``types`` existed: ConnectionRefusedError is not a ConnectionError to the kernel."""
+    policy = {"attempts": 3, "initial": "10ms", "on": ["ConnectionError"]}
+    bare = {"type": "ConnectionRefusedError", "message": "refused"}
+    assert _first_failure(policy, bare) == ["step_failed"]
+    assert _first_failure(policy, {**bare, "types": "ConnectionError"}) == ["step_failed"]  # malformed: ignored
+    assert _first_failure(policy, {"type": "ConnectionError", "message": "down"}) == ["step_retrying"]
+
+
+def test_the_error_keeps_its_types_in_the_state_and_events():
+    from flowdsl.kernel import apply, start_run
+
+    plan = retrying({"attempts": 1})
+    d = start_run(plan, "r1", {}, at=0)
+    d = apply(plan, d.state, {"type": "task_failed", "task_id": "r1/s#1", "at": 1, "error": REFUSED})
+    (failed,) = [e for e in d.events if e["type"] == "step_failed"]
+    assert failed["error"] == REFUSED == d.state["error"]

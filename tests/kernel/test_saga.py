@@ -1,8 +1,11 @@
 """Kernel: compensation order, cancellation of in-flight work, compensation retries, needs_intervention,
-user cancellation and the run timeout."""
+user cancellation, the run timeout and sub-flow timeouts."""
 
 from __future__ import annotations
 
+import json
+
+from flowdsl.kernel import replay
 from tests.kernel.plans import plan_files, plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -153,6 +156,21 @@ def test_a_compensation_with_mapping_sees_the_context_and_the_result():
     assert cmd["input"] == {"charge": "ch_1", "order": "o9", "raw": "ch_1", "run": "r1"}
 
 
+def test_a_compensation_gets_the_step_s_contribution_and_reaches_the_raw_result_through_steps():
+    """docs/language.md, docs/runtime.md, docs/kernel.md: the contribution by the output rule, not the result."""
+    raw = {"charge_id": "ch_1", "total": 5}
+    mapped = {"output": {"amount": "${ total }"}}
+    inputs = {}
+    for name, comp, extra in [("map", "refund", mapped), ("name", "refund", {"output": "ch"}),
+                              ("raw", {"worker": "refund", "with": {"charge": "${ $steps.charge.charge_id }",
+                                                                    "amount": "${ amount }"}}, mapped)]:
+        plan = plan_of([{"charge": {"compensate": comp, **extra}}, "ship"])
+        sim = Sim(plan, {"charge": ok(raw), "ship": fail()}, input={"order": "o9"}).run()
+        inputs[name] = next(d for d in sim.dispatches if d["kind"] == "compensate")["input"]
+    assert inputs == {"map": {"order": "o9", "amount": 5}, "name": {"order": "o9", "ch": raw},
+                      "raw": {"charge": "ch_1", "amount": 5}}
+
+
 def test_for_each_iterations_are_undone_and_sequential_iterations_in_reverse():
     def plan(concurrency: int | None) -> dict:
         loop = {"for_each": "lines", "items": "${ items }", "steps": [undo("charge_line")]}
@@ -188,6 +206,100 @@ steps:
     plan = plan_files(tmp_path, {"main.yaml": main, "gift.yaml": gift})
     sim = Sim(plan, {"fails": fail()}).run()
     assert sim.undone() == ["gift/wrap", "a"]
+
+
+SUB_MAIN = """
+flowdsl: 1
+name: main
+steps:
+  - a: {compensate: undo_a}
+  - flow: sub
+    path: sub.yaml
+  - d
+"""
+SUB_TIMED = """
+flowdsl: 1
+name: sub
+timeout: {timeout}
+steps:
+  - b: {{compensate: undo_b}}
+  - c
+"""
+
+
+def test_a_sub_flow_s_timeout_fails_its_node_cancels_its_attempts_and_compensates(tmp_path):
+    plan = plan_files(tmp_path, {"main.yaml": SUB_MAIN, "sub.yaml": SUB_TIMED.format(timeout="100ms")})
+    assert plan["nodes"]["sub"]["timeout_ms"] == 100
+    sim = Sim(plan, {"sub/c": hang()}).run()
+    armed = [c for c in sim.commands if c["op"] == "schedule_timer"]
+    assert armed == [{"op": "schedule_timer", "run_id": "r1", "timer_id": "r1/sub@timeout", "delay_ms": 100,
+                      "due_at": 1110, "purpose": "flow_timeout", "step": "sub"}]  # from when the sub-flow began
+    assert sim.status == "compensated"
+    err = {"type": "SubflowTimeout", "message": "the sub-flow 'sub' did not finish within 100 ms"}
+    assert sim.state["error"] == err and sim.state["failed_step"] == "sub"
+    assert [(e["step"], e["error"], e["task_id"]) for e in sim.of("step_failed")] == [("sub", err, None)]
+    assert {"op": "cancel_task", "run_id": "r1", "task_id": "r1/sub/c#1", "step": "sub/c"} in sim.commands
+    assert sim.steps("step_cancelled") == ["sub/c"]
+    assert sim.undone() == ["sub/b", "a"]  # the sub-flow's own completed steps too
+    assert "d" not in sim.dispatched()
+    assert sim.state["nodes"]["sub"]["status"] == "failed" and sim.state["finished_at"] == 1131
+
+
+def test_a_sub_flow_that_finishes_in_time_cancels_its_timer(tmp_path):
+    plan = plan_files(tmp_path, {"main.yaml": SUB_MAIN, "sub.yaml": SUB_TIMED.format(timeout="1h")})
+    sim = Sim(plan).run()
+    assert sim.status == "completed"
+    assert {"op": "cancel_timer", "run_id": "r1", "timer_id": "r1/sub@timeout"} in sim.commands
+    assert sim.state["timers"] == {}
+
+
+def test_each_sub_flow_instance_has_its_own_timer(tmp_path):
+    main = """
+flowdsl: 1
+name: main
+steps:
+  - for_each: fe
+    items: "${ items }"
+    steps:
+      - flow: sub
+        path: sub.yaml
+"""
+    plan = plan_files(tmp_path, {"main.yaml": main, "sub.yaml": SUB_TIMED.format(timeout="100ms")})
+    sim = Sim(plan, {"fe[1]/sub/c": hang()}, input={"items": [1, 2]}).run()
+    assert [c["timer_id"] for c in sim.commands if c["op"] == "schedule_timer"] == [
+        "r1/fe[0]/sub@timeout", "r1/fe[1]/sub@timeout"]
+    assert {"op": "cancel_timer", "run_id": "r1", "timer_id": "r1/fe[0]/sub@timeout"} in sim.commands
+    assert sim.status == "compensated" and sim.state["failed_step"] == "fe[1]/sub"
+    assert sim.state["error"]["type"] == "SubflowTimeout"
+    assert sorted(sim.undone()) == ["fe[0]/sub/b", "fe[1]/sub/b"]
+
+
+def test_a_sub_flow_timer_is_cancelled_when_the_run_aborts_for_another_reason(tmp_path):
+    main = """
+flowdsl: 1
+name: main
+steps:
+  - parallel: p
+    branches:
+      - flow: sub
+        path: sub.yaml
+      - bad
+"""
+    plan = plan_files(tmp_path, {"main.yaml": main, "sub.yaml": SUB_TIMED.format(timeout="100ms")})
+    # c ignores its cancellation and finishes long after the sub-flow's timeout would have fired
+    sim = Sim(plan, {"bad": fail("Boom", after=50), "sub/c": ok(after=300, cancellable=False)}).run()
+    assert {"op": "cancel_timer", "run_id": "r1", "timer_id": "r1/sub@timeout"} in sim.commands
+    assert sim.status == "compensated" and sim.state["error"]["type"] == "Boom"
+    assert sim.state["failed_step"] == "bad"
+    assert sorted(sim.undone()) == ["sub/b"]
+
+
+def test_a_sub_flow_timeout_replays_to_the_same_decisions(tmp_path):
+    plan = plan_files(tmp_path, {"main.yaml": SUB_MAIN, "sub.yaml": SUB_TIMED.format(timeout="100ms")})
+    sim = Sim(plan, {"sub/c": hang()}, report_started=True).run()
+    state, commands, events = replay(plan, json.loads(json.dumps(sim.inputs)))
+    assert commands == sim.commands and events == sim.events
+    assert json.dumps(state, sort_keys=True) == json.dumps(sim.state, sort_keys=True)
 
 
 def test_cancel_cancels_in_flight_work_and_undoes_what_completed():

@@ -213,6 +213,8 @@ def test_an_empty_url_or_prefix_is_a_usage_error_not_the_default(spec: Path, url
         (["worker", "--redis-url", ""], None, "--redis-url is empty"),
         (["run", str(spec), "--redis-url", ""], None, "need --backend redis"),
         (["run", str(spec), "--prefix", "p"], None, "need --backend redis"),
+        (["runs", "--redis-url", "redis://[::1/0"], None, "cannot be read: Invalid IPv6 URL"),
+        (["worker"], {"FLOWDSL_REDIS_URL": "redis://[::1/0"}, "cannot be read"),
     ]:
         r = cli(*args, env=env)
         assert r.exit_code == 2 and message in r.stderr, (args, r.output)

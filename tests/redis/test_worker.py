@@ -19,32 +19,20 @@ from flowdsl.cli import app
 from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.workers import WorkerRegistry
+from tests.redis.inproc import serving, worker_here
 from tests.redis.procs import ROOT, WorkerProcs
 from tests.runtime.conformance import HEADER
 
 SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
 
 
-def _worker(url: str, prefix: str, registry: WorkerRegistry | None = None, **options: Any) -> RedisWorker:
-    options.setdefault("handle_signals", False)
-    return RedisWorker(url, prefix=prefix, registry=registry, options=WorkerOptions(**options))
-
-
-async def _with_workers(workers: list[RedisWorker], body: Any) -> Any:
-    tasks = [asyncio.create_task(w.serve()) for w in workers]
-    try:
-        return await asyncio.wait_for(body(), 30)
-    finally:
-        for w in workers:
-            w.stop()
-        await asyncio.gather(*tasks)
 
 
 def test_burst_drains_the_queues_and_exits(url: str, prefix: str) -> None:
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             ids = [(await client.submit(compile_text(SAGA), {"script": {}})).run_id for _ in range(3)]
-            stats = await asyncio.wait_for(_worker(url, prefix, burst=True).serve(), 30)
+            stats = await asyncio.wait_for(worker_here(url, prefix, burst=True).serve(), 30)
             return stats, [(await client.info(r)).status for r in ids]
 
     stats, statuses = asyncio.run(main())
@@ -59,7 +47,7 @@ def test_runs_beyond_the_concurrency_still_run_their_first_step_where_they_start
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             ids = [(await client.submit(compile_text(SAGA), {"script": {}})).run_id for _ in range(40)]
-            worker = _worker(url, prefix, burst=True, concurrency=4)
+            worker = worker_here(url, prefix, burst=True, concurrency=4)
             stats = await asyncio.wait_for(worker.serve(), 30)
             assert not worker._starting and not worker._held  # nothing left counted as taken
             return stats, [(await client.info(r)).status for r in ids]
@@ -76,7 +64,7 @@ def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_t
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(spec), {"script": {}}, schedule_timeout_s=0.3)
-            return await _with_workers([_worker(url, prefix)], lambda: client.follow(sub.run_id))
+            return await serving([worker_here(url, prefix)], lambda: client.follow(sub.run_id))
 
     result = asyncio.run(main())
     assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
@@ -144,13 +132,13 @@ def test_a_long_run_writes_its_state_in_snapshots_and_a_load_replays_the_journal
 
     registry.register("long.prepare", prepare)
     registry.register("long.item", item)
-    worker = _worker(url, prefix, registry, snapshot_bytes=snapshot_bytes)
+    worker = worker_here(url, prefix, registry, snapshot_bytes=snapshot_bytes)
     plan, run_input = compile_text(LONG), {"items": list(range(300))}
 
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(plan, run_input)
-            return await _with_workers([worker], lambda: client.follow(sub.run_id))
+            return await serving([worker], lambda: client.follow(sub.run_id))
 
     result = asyncio.run(main())
     local_run = True
@@ -189,14 +177,14 @@ def test_a_chain_kept_by_its_process_writes_its_small_state_every_16_transitions
 
     for index, (name, registry) in enumerate(zip(names, registries, strict=True)):
         registry.register(name, step(index))
-        workers.append(_worker(url, prefix, registry))
+        workers.append(worker_here(url, prefix, registry))
     spec = "flowdsl: 1\nname: chain\nsteps:\n" + "".join(
         f"  - s{i}: {{worker: {names[i % len(names)]}}}\n" for i in range(40))
 
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(spec), {})
-            return await _with_workers(workers, lambda: client.follow(sub.run_id))
+            return await serving(workers, lambda: client.follow(sub.run_id))
 
     result = asyncio.run(main())
     assert result.status == "completed" and len(result.context) == 40 and len(since) == 40
@@ -220,12 +208,12 @@ def test_two_processes_sharing_one_wide_run_both_get_their_results_in(url: str, 
 
     registry.register("long.item", item)
     spec = LONG.replace("concurrency: 1", "concurrency: 16").replace("  - prepare: {worker: long.prepare}\n", "")
-    workers = [_worker(url, prefix, registry, concurrency=8) for _ in range(2)]  # 16 at a time: both hold steps
+    workers = [worker_here(url, prefix, registry, concurrency=8) for _ in range(2)]  # 16 at a time: both hold steps
 
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(spec), {"items": list(range(600))})
-            return await _with_workers(workers, lambda: client.follow(sub.run_id))
+            return await serving(workers, lambda: client.follow(sub.run_id))
 
     result = asyncio.run(main())
     assert result.status == "completed" and len(result.context["each"]) == 600
@@ -243,7 +231,7 @@ def test_integers_beyond_64_bits_come_back_from_redis_as_they_were(url: str, pre
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(SAGA), {"script": script, "given": [wide]})
-            return await _with_workers([_worker(url, prefix)], lambda: client.follow(sub.run_id))
+            return await serving([worker_here(url, prefix)], lambda: client.follow(sub.run_id))
 
     result = asyncio.run(main())
     assert result.status == "completed"
@@ -264,10 +252,10 @@ def test_heartbeats_keep_a_long_step_from_being_reclaimed(url: str, prefix: str)
     spec = "flowdsl: 1\nname: hb\nsteps: [long]\n"
 
     async def main() -> Any:
-        workers = [_worker(url, prefix, registry, lease_s=0.4), _worker(url, prefix, registry, lease_s=0.4)]
+        workers = [worker_here(url, prefix, registry, lease_s=0.4), worker_here(url, prefix, registry, lease_s=0.4)]
         async with RedisClient(url, prefix=prefix) as client:
             sub = await client.submit(compile_text(spec), {})
-            result = await _with_workers(workers, lambda: client.follow(sub.run_id))
+            result = await serving(workers, lambda: client.follow(sub.run_id))
         return result, workers
 
     result, workers = asyncio.run(main())
@@ -295,7 +283,7 @@ def test_heartbeats_go_on_while_a_worker_is_idle_and_keep_a_later_long_step(url:
     spec = "flowdsl: 1\nname: hb2\nsteps: [quick, long]\n"
 
     async def main() -> Any:
-        workers = [_worker(url, prefix, registry, lease_s=0.4), _worker(url, prefix, registry, lease_s=0.4)]
+        workers = [worker_here(url, prefix, registry, lease_s=0.4), worker_here(url, prefix, registry, lease_s=0.4)]
         async with RedisClient(url, prefix=prefix) as client:
             async def body() -> Any:
                 await asyncio.sleep(1.0)  # ~7 heartbeats with nothing to renew
@@ -304,7 +292,7 @@ def test_heartbeats_go_on_while_a_worker_is_idle_and_keep_a_later_long_step(url:
                 return seen, await client.follow(sub.run_id)
 
             started = (await client.redis.time())[0] * 1000
-            seen, result = await _with_workers(workers, body)
+            seen, result = await serving(workers, body)
         return started, seen, result, workers
 
     started, seen, result, workers = asyncio.run(main())
@@ -331,7 +319,7 @@ def test_cancel_stops_the_run_and_undoes_what_completed(url: str, prefix: str) -
                 assert await client.cancel(sub.run_id, "enough") == "requested"
                 return await follow
 
-            result = await _with_workers([_worker(url, prefix)], body)
+            result = await serving([worker_here(url, prefix)], body)
             return result, await client.cancel(sub.run_id)
 
     result, again = asyncio.run(main())
@@ -345,7 +333,7 @@ def test_a_run_cancelled_before_any_worker_started_it_ends_cancelled(url: str, p
             sub = await client.submit(compile_text(SAGA), {"script": {}})
             assert (await client.info(sub.run_id)).status == "submitted"
             assert await client.cancel(sub.run_id) == "requested"
-            return await _with_workers([_worker(url, prefix)], lambda: client.follow(sub.run_id))
+            return await serving([worker_here(url, prefix)], lambda: client.follow(sub.run_id))
 
     result = asyncio.run(main())
     assert result.status == "cancelled" and result.steps["b"]["status"] in ("pending", "cancelled")
@@ -531,7 +519,7 @@ def test_a_worker_refused_by_redis_stops_with_a_configuration_error(url: str, pr
     wrong = url.replace("unix://", "unix://nobody:wrong@", 1)
 
     async def main() -> None:
-        await asyncio.wait_for(_worker(wrong, prefix).serve(), 10)
+        await asyncio.wait_for(worker_here(wrong, prefix).serve(), 10)
 
     with pytest.raises(RedisConfigError, match=r"refused the worker while connecting: AuthenticationError"):
         asyncio.run(main())
@@ -539,11 +527,11 @@ def test_a_worker_refused_by_redis_stops_with_a_configuration_error(url: str, pr
 
 def test_a_worker_stopped_while_redis_is_unreachable_stops(prefix: str, tmp_path: Path) -> None:
     async def main() -> Any:
-        worker = _worker(f"unix://{tmp_path}/no-such.sock", prefix)
-        serving = asyncio.create_task(worker.serve())
+        worker = worker_here(f"unix://{tmp_path}/no-such.sock", prefix)
+        task = asyncio.create_task(worker.serve())
         await asyncio.sleep(0.3)  # retrying the connection by now
         worker.stop()
-        return await asyncio.wait_for(serving, 5)
+        return await asyncio.wait_for(task, 5)
 
     stats = asyncio.run(main())
     assert stats.tasks == 0 and stats.failure is None
@@ -557,7 +545,7 @@ def test_a_worker_whose_loop_fails_says_why_and_stops(url: str, prefix: str, mon
     monkeypatch.setattr(RedisWorker, "_timers", broken)
 
     async def main() -> Any:
-        return await asyncio.wait_for(_worker(url, prefix).serve(), 10)
+        return await asyncio.wait_for(worker_here(url, prefix).serve(), 10)
 
     stats = asyncio.run(main())
     assert stats.failure == "its timers loop failed: RuntimeError: the timer loop broke"

@@ -7,6 +7,9 @@ order of compensation, attempts per step, final context, the run's error type.
 An expected order is a list whose items are step keys or sets of step keys
 (those may come in any order among themselves).
 
+A case's ``files`` are sub-flow spec files the suite writes beside the spec
+before compiling it (the plan carries them; the runtimes never read them).
+
 Timing only separates what must be separated (a branch that fails while
 another hangs), with margins of tens of milliseconds, so a distributed runtime
 passes the same cases.
@@ -37,6 +40,8 @@ class Case:
     error: str | None = None
     failed_step: str | None = None
     input: dict[str, Any] = field(default_factory=dict)
+    #: other spec files (sub-flows), by file name, written beside the spec (whose text names them in `path:`)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def spec(self) -> str:
@@ -194,6 +199,25 @@ CASES: list[Case] = [
          "  - conf.b\n",
          {"b": {"hang": True}},
          status="compensated", succeeded=["a"], compensated=["a"], error="RunTimeout"),
+    Case("sub_flow_timeout",
+         "steps:\n"
+         "  - conf.a: {compensate: undo.a}\n"
+         "  - flow: sub\n"
+         "    path: sub.yaml\n"
+         "  - conf.d\n",
+         {"sub/c": {"hang": True}},
+         status="compensated", succeeded=["a", "sub/b"], compensated=["sub/b", "a"], attempts={"sub/c": 1},
+         error="SubflowTimeout", failed_step="sub",
+         files={"sub.yaml": HEADER.format(name="sub") + "timeout: 200ms\n"
+                "steps:\n  - conf.b: {compensate: undo.b}\n  - conf.c\n"}),
+    Case("sub_flow_within_its_timeout",
+         "steps:\n"
+         "  - flow: sub\n"
+         "    path: sub.yaml\n"
+         "  - conf.d\n",
+         {"d": {"sleep": 0.3}},  # outlasts the sub-flow's timeout, which ended with the sub-flow
+         succeeded=["sub/b", "d"],
+         files={"sub.yaml": HEADER.format(name="sub") + "timeout: 150ms\nsteps: [conf.b]\n"}),
     Case("sync_workers",
          "steps:\n"
          "  - parallel: p\n"

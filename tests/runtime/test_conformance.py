@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,8 +47,10 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_runtime_conforms(runtime: Any, case: Case) -> None:
-    plan = compile_text(case.spec)
+def test_runtime_conforms(runtime: Any, case: Case, tmp_path: Path) -> None:
+    for name, text in case.files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    plan = compile_text(case.spec, filename=tmp_path / "spec.yaml")
     result = asyncio.run(runtime.run(plan, case.run_input()))
     check(case, result)
 

@@ -109,19 +109,23 @@ def test_what_each_worker_answers() -> None:
         "type": "task_succeeded", "task_id": "r/quick#1",
         "result": {"echo": 7, "key": "r/quick", "compensating": True}}
     assert both(command("slow"))[1]["result"] == {"after": "inside"}
-    assert both(command("broken"))[1]["error"] == {"type": "KeyError", "message": "'sku'"}
+    assert both(command("broken"))[1]["error"] == {"type": "KeyError", "message": "'sku'",
+                                                   "types": ["KeyError", "LookupError", "Exception"]}
     assert both(command("not_an_object"))[1]["error"]["type"] == "OutputInvalid"
     assert both(command("missing"))[1]["error"]["type"] == WORKER_NOT_FOUND
     deep = both(command("too_deep"))[1]["error"]  # refused, not copied, encoded or recorded out of bounds
     assert deep == {"type": "OutputInvalid", "message": "the worker's result is not JSON: at /x/x/x/x/x/…: "
                                                         "the data nests deeper than 200 levels"}
     assert both(command("unprintable"))[1]["error"] == {  # the step fails, the run goes on
-        "type": "Unprintable", "message": "(its message could not be read: RuntimeError: no message here)"}
+        "type": "Unprintable", "message": "(its message could not be read: RuntimeError: no message here)",
+        "types": ["Unprintable", "Exception"]}
     # sys.exit() in a worker fails its step; it ends neither the run nor the process (nor, on Redis, every
     # process that would take the step over after it)
-    assert both(command("exits"))[1]["error"] == {"type": "SystemExit", "message": "the worker called sys.exit(3)"}
+    assert both(command("exits"))[1]["error"] == {"type": "SystemExit", "message": "the worker called sys.exit(3)",
+                                                  "types": ["SystemExit"]}
     in_thread = asyncio.run(execute(command("exits_in_a_thread"), registry=REG))
-    assert in_thread["error"] == {"type": "SystemExit", "message": "the worker called sys.exit('bye')"}
+    assert in_thread["error"] == {"type": "SystemExit", "message": "the worker called sys.exit('bye')",
+                                  "types": ["SystemExit"]}
 
 
 def test_a_quick_worker_is_answered_without_a_task_and_the_others_are_left_to_execute() -> None:

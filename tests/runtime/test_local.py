@@ -640,7 +640,7 @@ def test_a_base_exception_a_worker_raises_fails_its_step_and_the_run_is_compensa
     r = asyncio.run(run_flow(p, {}, run_id="b1", runs_dir=tmp_path, registry=_base_registry(),
                              import_workers=False, handle_sigint=True))
     assert (r.status, r.failed_step, r.compensated) == ("compensated", worker, ["ok"])
-    assert r.error == {"type": error_type, "message": message}
+    assert r.error == {"type": error_type, "message": message, "types": [error_type]}
     _, lines = read_record(tmp_path / "b1.jsonl")
     assert lines[-1]["type"] == "run_finished"
 
@@ -834,3 +834,85 @@ def test_a_sibling_dispatched_in_the_same_turn_as_a_failure_is_cancelled_and_ans
     assert all(s["status"] != "running" for s in result.steps.values()), result.steps
     if shape != "for_each":
         assert cleaned == ["b"]  # the cancelled attempt saw CancelledError at its await: its finally ran
+
+
+# --- retry filters and base classes; the step logger -------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_retry_filter_covers_the_subclasses_of_the_class_it_names(sync: bool, tmp_path: Path) -> None:
+    """`on: [ConnectionError]` retries a ConnectionRefusedError, as `except ConnectionError` would; the record
+    keeps the class names of the error's MRO, and replaying it reproduces the decisions."""
+    reg = WorkerRegistry()
+    calls: list[int] = []
+
+    def refused(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionRefusedError("refused")
+        if data.get("invalid"):
+            raise json.JSONDecodeError("bad", "x", 0)
+        return {"ok": ctx.attempt}
+
+    async def refused_async(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return refused(data, ctx)
+
+    reg.register("refused", refused if sync else refused_async)
+    spec = ("flowdsl: 1\nname: sub\nsteps:\n  - s: {worker: refused, retry: {attempts: 4, initial: 1ms, "
+            "\"on\": [ConnectionError], not_on: [ValueError]}}\n")
+    r = asyncio.run(run_flow(compile_text(spec), {}, run_id="sub1", runs_dir=tmp_path, registry=reg,
+                             import_workers=False))
+    assert (r.status, r.steps["s"]["attempts"], calls) == ("completed", 3, [1, 2, 3])
+    retrying = [e for e in r.events if e["type"] == "step_retrying"]
+    assert [e["error"] for e in retrying] == [{"type": "ConnectionRefusedError", "message": "refused", "types": [
+        "ConnectionRefusedError", "ConnectionError", "OSError", "Exception"]}] * 2
+    header, lines = read_record(tmp_path / "sub1.jsonl")
+    inputs = [line for line in lines if line["type"] in RECORDED_INPUTS]
+    _, _, emitted = replay(header["plan"], inputs)
+    assert [e["type"] for e in emitted] == [e["type"] for e in r.events]
+    calls.clear()  # not_on: [ValueError] stops at a JSONDecodeError (a ValueError) after the retried refusals
+    r = asyncio.run(run_flow(compile_text(spec), {"invalid": True}, record=False, registry=reg, import_workers=False))
+    assert (r.status, r.steps["s"]["attempts"], r.error["type"]) == ("failed", 3, "JSONDecodeError")
+
+
+def test_the_step_logger_says_which_run_step_and_attempt_a_line_is_from() -> None:
+    import logging
+
+    reg = WorkerRegistry()
+
+    async def chatty(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        ctx.logger.info("charging %s", data["item"], extra={"order": "o-1"})
+        await asyncio.sleep(0)
+        if ctx.attempt == 1:
+            raise TimeoutError("slow")
+        return {}
+
+    reg.register("pay.chatty", chatty)
+    spec = ("flowdsl: 1\nname: logs\nsteps:\n  - for_each: lines\n    items: '${ [1, 2] }'\n    steps:\n"
+            "      - charge: {worker: pay.chatty, with: {item: '${ $item }'}, retry: {attempts: 2, initial: 1ms}}\n")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("flowdsl.worker.pay.chatty")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        async def both() -> list[Any]:
+            return list(await asyncio.gather(*(run_flow(compile_text(spec), {}, run_id=run_id, record=False,
+                                                        registry=reg, import_workers=False)
+                                               for run_id in ("run-a", "run-b"))))
+
+        assert [r.status for r in asyncio.run(both())] == ["completed", "completed"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert {r.name for r in records} == {"flowdsl.worker.pay.chatty"}  # the documented logger name
+    seen = sorted((r.run_id, r.idempotency_key, r.attempt, r.step_id, r.order, r.getMessage())  # type: ignore[attr-defined]
+                  for r in records)
+    assert seen == sorted((run, f"{run}/lines[{i}]/charge", attempt, "charge", "o-1",
+                           f"[{run}/lines[{i}]/charge#{attempt}] charging {i + 1}")
+                          for run in ("run-a", "run-b") for i in (0, 1) for attempt in (1, 2))

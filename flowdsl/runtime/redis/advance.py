@@ -546,8 +546,7 @@ class Advancer:
                 await self.relay(run_id, outbox, ops + ack)  # the usual case: one script, trigger included
                 return
             await self.relay(None, None, ops)
-            if outbox is not None and not any(op["o"] == "task" for op in ops):  # (else: dropped at pickup)
-                kept = outbox
+            kept = outbox
         for task_id in dict.fromkeys(followups):
             await self.apply_event(run_id, {"type": "task_cancelled", "task_id": task_id},
                                    guard=(task_id, "eq", "xq"))

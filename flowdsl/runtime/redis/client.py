@@ -2,7 +2,8 @@
 
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (end states),
 ``flowdsl.runtime.report`` (:class:`RunResult`, the object ``--format json``
-prints), ``flowdsl.runtime.execute`` (JSON checks) and this package. The
+prints), ``flowdsl.runtime.execute`` (JSON checks), ``flowdsl.runtime.record``
+(default run ids) and this package. The
 client never advances a run: it records a submission or a cancel request and
 leaves a message on the control stream, which a worker process carries out::
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +31,11 @@ import redis.asyncio as aioredis
 
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, worker_references
+from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
-from flowdsl.runtime.redis.store import Store, plan_id
+from flowdsl.runtime.redis.store import Store, plan_id, score_pairs
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import RunResult
@@ -56,7 +57,7 @@ class RunIdTaken(ValueError):
     def __init__(self, run_id: str, differs: str, flow: str):
         super().__init__(f"run id '{run_id}' is taken by an earlier submission with {differs} (flow "
                          f"'{flow or '?'}'): nothing was started; give another run id (resubmitting the same flow "
-                         "with the same input under one id follows the run that id names)")
+                         "with the same input and settings under one id follows the run that id names)")
         self.run_id = run_id
 
 
@@ -192,8 +193,7 @@ class RedisClient:
         if problem is not None:
             raise ValueError(f"the run input is not a JSON object: {problem}")
         if run_id is None:
-            name = str((plan.get("flow") or {}).get("name") or "run")[:48]
-            run_id = f"{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+            run_id = new_run_id(plan)  # as the local runtime names runs
         check_run_id(run_id)
         for name, value, least in (("retention_s", retention_s, 1.0), ("schedule_timeout_s", schedule_timeout_s,
                                                                          0.001)):
@@ -210,22 +210,30 @@ class RedisClient:
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
         created = int(reply[0]) == 1
         if not created:
-            await self._same_submission(run_id, pid, iid, reply)
-        writes = [self.store.call("ZADD", self.keys.runs, "NX", now, run_id)] if created else []
+            await self._same_submission(run_id, pid, iid, [str(a) for a in args[5:8]], reply)
+        # (a run id used again after its run expired is listed by its new submission time)
+        writes = [self.store.call("ZADD", self.keys.runs, now, run_id)] if created else []
         if created or not reply[1]:  # new, or never started: (re)send the start request
             writes.append(self.store.call("XADD", self.keys.control, "*", "c",
                                           dumps({"type": "start", "run_id": run_id})))
         await asyncio.gather(*writes)  # one pipeline
         return Submission(run_id, created)
 
-    async def _same_submission(self, run_id: str, pid: str, iid: str, reply: list[Any]) -> None:
-        """Raise :class:`RunIdTaken` unless the submission under ``run_id`` has this plan and input."""
+    async def _same_submission(self, run_id: str, pid: str, iid: str, settings: list[str], reply: list[Any]
+                               ) -> None:
+        """Raise :class:`RunIdTaken` unless the submission under ``run_id`` has this plan, input and settings
+        (``settings``: seed, retention ms, schedule-to-start ms, as SUBMIT's arguments; '' for unset: then
+        whatever the run has — a worker's default, say — is taken)."""
         theirs_pid, theirs_iid, flow = (_text(x) for x in reply[2:5])
         if not theirs_iid:  # submitted by a version that kept no input id: compare the input itself
             raw = await self.store.call("HGET", self.keys.run(run_id), "input")
             theirs_iid = input_id(loads(raw)) if raw else ""
-        differs = [what for what, same in (("another plan", theirs_pid == pid), ("another input", theirs_iid == iid))
-                   if not same]
+        checks = [("another plan", theirs_pid == pid), ("another input", theirs_iid == iid)]
+        if len(reply) > 5:  # (a version that did not return the settings: they are not compared)
+            checks += [(f"another {name}", _text(theirs) == mine) for name, theirs, mine in
+                       zip(("seed", "retention", "schedule-to-start timeout"), reply[5:8], settings, strict=True)
+                       if mine]
+        differs = [what for what, same in checks if not same]
         if differs:
             raise RunIdTaken(run_id, " and ".join(differs), flow)
 
@@ -360,23 +368,22 @@ class RedisClient:
         start = 0
         page = max(50, limit * 2)
         while len(found) < limit:
-            ids = await self.store.call("ZREVRANGE", self.keys.runs, start, start + page - 1)
-            if not ids:
+            pairs = score_pairs(await self.store.call("ZREVRANGE", self.keys.runs, start, start + page - 1,
+                                                      "WITHSCORES"))
+            if not pairs:
                 break
             start += page
             rows = await asyncio.gather(*(self.store.call("HMGET", self.keys.run(r.decode()), "status", "flow",
-                                                          "submitted", "started", "finished") for r in ids))
+                                                          "submitted", "started", "finished") for r, _ in pairs))
             gone = []
-            for raw, got in zip(ids, rows, strict=True):
+            for pair, got in zip(pairs, rows, strict=True):
                 if got[0] is None and got[2] is None:
-                    gone.append(raw)  # expired: drop it from the index
+                    gone.append(pair)  # expired: drop it from the index
                     continue
-                item = _info(raw.decode(), got)
+                item = _info(pair[0].decode(), got)
                 if (status is None or item.status == status) and (flow is None or item.flow == flow):
                     found.append(item)
-            if gone:
-                await self.store.call("ZREM", self.keys.runs, *gone)
-                start -= len(gone)
+            start -= await self.store.unlist(gone)
         return found[:limit]
 
     async def workers(self, *, max_age_ms: int | None = None) -> list[dict[str, Any]]:

@@ -129,7 +129,8 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                     _json_out({"run_id": sub.run_id, "created": sub.created})
                 else:
                     sys.stdout.write(sub.run_id + "\n")
-                    console.print(f"[dim]submitted; follow it with `flowdsl status {sub.run_id} --follow`[/]")
+                    console.print(f"[dim]{'submitted; ' if sub.created else ''}follow it with "
+                                  f"`flowdsl status {sub.run_id} --follow`[/]")
                 return 0
             return await _follow(client, plan, sub.run_id, as_json, console)
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -49,7 +50,11 @@ class RedisConfigError(ValueError):
 def resolve_url(url: str | None = None) -> str:
     """``url``, else ``$FLOWDSL_REDIS_URL``, else :data:`DEFAULT_URL`; raises :class:`RedisConfigError` if bad."""
     chosen = _given(url, "--redis-url", "FLOWDSL_REDIS_URL", DEFAULT_URL, "a Redis URL")
-    parts = urlsplit(chosen)
+    try:
+        parts = urlsplit(chosen)
+        parts.hostname  # noqa: B018 (parsing the host may fail: a bracket left open, say)
+    except ValueError as exc:
+        raise RedisConfigError(f"the Redis URL {describe_url(chosen)!r} cannot be read: {exc}") from None
     if parts.scheme not in _SCHEMES:
         raise RedisConfigError(f"unsupported Redis URL {describe_url(chosen)!r}: it must start with "
                                "redis://, rediss:// (TLS) or unix://")
@@ -102,13 +107,19 @@ def describe_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages and logs)."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
+    except ValueError:  # a URL that cannot be parsed: hide what looks like a password all the same
+        return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url)
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k == "password" for k, _ in pairs):  # (redis-py also takes ?password=)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[-1]}"
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def _options(url: str, client_name: str | None) -> dict[str, Any]:

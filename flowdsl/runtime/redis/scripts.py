@@ -27,8 +27,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CANCEL", "CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "Batcher",
-           "Script"]
+__all__ = ["CANCEL", "CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "UNLIST",
+           "Batcher", "Script"]
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
 #: expected version, state, token, status, outbox, finished, then the number of input events n and, for each,
@@ -173,13 +173,16 @@ end
 return {m[1], m[2], m[3], m[4], m[5], tail}
 """
 
-#: KEYS: tasks, outbox (one run). ARGV: task id, trigger (:meth:`~flowdsl.runtime.redis.keys.Keys.trigger` of the
-#: delivery), lease token (``<trigger>|<consumer>|<nonce>``),
+#: KEYS: tasks, outbox, run (one run). ARGV: task id, trigger (:meth:`~flowdsl.runtime.redis.keys.Keys.trigger`
+#: of the delivery), lease token (``<trigger>|<consumer>|<nonce>``),
 #: the outbox version that dispatched the task ('' if unknown): its relay is done (the message exists), so that
-#: outbox entry is dropped. Returns {0} gone (not in flight) | {1} run it | {2} answer task_cancelled (cancel
-#: requested before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery). A lease
-#: taken under the same trigger (the delivery was taken over) is taken over.
+#: outbox entry is dropped. Returns {0} gone (not in flight, or the message is older than the run: left by an
+#: expired run of the same id) | {1} run it | {2} answer task_cancelled (cancel requested before or while it
+#: ran) | {3, lease} another stream entry holds it (a duplicate delivery). A lease taken under the same trigger
+#: (the delivery was taken over) is taken over.
 PICKUP = r"""
+local born = tonumber(redis.call('HGET', KEYS[3], 'born') or '')
+if born and (tonumber(string.match(ARGV[2], '^(%d+)%-')) or born) < born then return {0} end
 if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return {0} end
@@ -283,16 +286,21 @@ return 0
 """
 
 #: KEYS: run. ARGV: submitted ms, plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for
-#: none), input id (a digest of the input). Records a submission unless the run id is taken. Returns {1} |
-#: {0, version or '', plan id, input id or '', flow} (taken; version '' = not started yet, so the start request
-#: may be sent again; the ids let the caller tell the same submission from another one under the same run id).
+#: none), input id (a digest of the input). Records a submission unless the run id is taken, with ``born``: the
+#: server's clock (ms) then, older than every stream entry of this run (:data:`PICKUP` drops a task message
+#: older than that: one left by an expired run of the same id). Returns {1} |
+#: {0, version or '', plan id, input id or '', flow, seed, retention ms, schedule-to-start ms} (taken; version
+#: '' = not started yet, so the start request may be sent again; the rest lets the caller tell the same
+#: submission from another one under the same run id).
 SUBMIT = r"""
 if redis.call('HEXISTS', KEYS[1], 'submitted') == 1 then
-  local got = redis.call('HMGET', KEYS[1], 'v', 'pid', 'iid', 'flow')
-  return {0, got[1] or '', got[2] or '', got[3] or '', got[4] or ''}
+  local got = redis.call('HMGET', KEYS[1], 'v', 'pid', 'iid', 'flow', 'seed', 'ret', 'sts')
+  return {0, got[1] or '', got[2] or '', got[3] or '', got[4] or '', got[5] or '', got[6] or '', got[7] or ''}
 end
+local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'submitted', ARGV[1], 'plan', ARGV[2], 'pid', ARGV[3], 'input', ARGV[4],
-           'flow', ARGV[5], 'status', 'submitted', 'iid', ARGV[9])
+           'flow', ARGV[5], 'status', 'submitted', 'iid', ARGV[9],
+           'born', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'seed', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ret', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'sts', ARGV[8]) end
@@ -320,6 +328,20 @@ end
 table.insert(held, ARGV[1])
 redis.call('HSET', KEYS[1], 'cancel', cjson.encode(held))
 return {2}
+"""
+
+#: KEYS: the run index (``{P}:runs``). ARGV: pairs of run id and score (its submission time as listed). Removes
+#: each run whose score is still that one (a run id submitted again meanwhile has a new score: it stays).
+#: Returns how many were removed.
+UNLIST = r"""
+local n = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
 """
 
 #: KEYS: timers, timers:claimed. ARGV: lease ms, limit. Moves due timers to the claimed set (score = lease

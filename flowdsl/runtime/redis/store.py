@@ -48,11 +48,13 @@ from flowdsl.runtime.redis.scripts import (
     RELAY,
     RELEASE,
     TRANSITION,
+    UNLIST,
     Batcher,
     Script,
 )
 
-__all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "plan_id"]
+__all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "plan_id",
+           "score_pairs"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -61,6 +63,15 @@ _RELEASE = Script("release", RELEASE)
 _RELAY = Script("relay", RELAY)
 _RECOVER = Script("recover", RECOVER)
 _CLAIM = Script("claim_timers", CLAIM_TIMERS)
+_UNLIST = Script("unlist", UNLIST)
+
+
+def score_pairs(reply: Any) -> list[tuple[bytes, bytes]]:
+    """A ``ZRANGE … WITHSCORES`` reply as (member, score) pairs (a flat list on the raw path, pairs through
+    redis-py's parsing)."""
+    if reply and isinstance(reply[0], list | tuple):
+        return [(m, s if isinstance(s, bytes) else repr(s).encode()) for m, s in reply]
+    return list(zip(reply[::2], reply[1::2], strict=True))
 
 
 def plan_id(plan: dict[str, Any]) -> str:
@@ -153,6 +164,10 @@ class TransitionResult(NamedTuple):
         return self.code in (1, 4)
 
 
+#: how many plans a store keeps decoded (by plan id): the oldest is dropped past that (loaded again if needed)
+PLAN_CACHE_SIZE = 256
+
+
 class Store:
     """The run store of one deployment (one key prefix) on one Redis client.
 
@@ -184,6 +199,8 @@ class Store:
             raw = await self.call("HGET", self.keys.run(run_id), "plan")
             if raw is None:
                 return None
+            if len(self.plans) >= PLAN_CACHE_SIZE:  # the oldest goes: a long-lived worker sees many plans
+                self.plans.pop(next(iter(self.plans)))
             found = self.plans.setdefault(pid, loads(raw))
         return found
 
@@ -267,6 +284,29 @@ class Store:
             return TransitionResult(code, int(reply[1]))
         return TransitionResult(code)
 
+    # --- the run index -----------------------------------------------------------------
+
+    async def unlist(self, entries: list[tuple[bytes, bytes]]) -> int:
+        """Remove run index entries ``(run id, score)`` (runs found expired), each only while its score is
+        unchanged: a run id submitted again since is listed by its new submission and stays."""
+        if not entries:
+            return 0
+        return int(await _UNLIST(self.batcher, [self.keys.runs], [x for pair in entries for x in pair]))
+
+    async def prune_index(self, start: int, page: int = 200) -> int:
+        """Check one page of the run index (from rank ``start``, oldest first) and remove the runs that no
+        longer exist (expired); return the rank the next page starts at (0 after the last page).
+
+        The run that ends a run cannot touch the index (another Cluster slot), so worker processes walk it
+        page by page (:meth:`~flowdsl.runtime.redis.upkeep.Upkeep._tidy`): it stays about as long as the runs
+        it lists."""
+        pairs = score_pairs(await self.call("ZRANGE", self.keys.runs, start, start + page - 1, "WITHSCORES"))
+        if not pairs:
+            return 0
+        found = await asyncio.gather(*(self.call("EXISTS", self.keys.run(r.decode())) for r, _ in pairs))
+        removed = await self.unlist([pair for pair, n in zip(pairs, found, strict=True) if not n])
+        return 0 if len(pairs) < page else start + len(pairs) - removed
+
     # --- tasks ---------------------------------------------------------------------------
 
     async def pickup(self, run_id: str, task_id: str, trigger: str, token: str,
@@ -280,7 +320,7 @@ class Store:
         dispatched the task: the message exists, so that entry's relay is done and
         it is dropped here — a chain of steps pays no separate outbox cleanup.
         """
-        reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id)],
+        reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id), self.keys.run(run_id)],
                               [task_id, trigger, token, outbox_version])
         return int(reply[0]), (reply[1].decode() if len(reply) > 1 and reply[1] else "")
 
@@ -305,8 +345,10 @@ class Store:
         return {"o": "done", "k": member}
 
     async def relay(self, run_id: str | None, version: int | None, ops: list[dict[str, Any]]) -> None:
-        """Carry out outbox ``ops`` (and acknowledgements) in one RELAY script; drop the outbox entry unless a
-        task it dispatched will (at pickup)."""
+        """Carry out outbox ``ops`` (and acknowledgements) in one RELAY script, then drop the outbox entry
+        ``version`` of ``run_id`` (a pickup drops it too: the message it relayed exists; either is enough — an
+        entry kept after its relay would be relayed again at every recovery, piling up the messages of a task
+        nobody picks up)."""
         keys: list[str] = []
         index: dict[str, int] = {}
 
@@ -317,11 +359,9 @@ class Store:
             return index[name]
 
         args: list[Any] = [GROUP]
-        tasks = False
         for op in ops:
             kind = op["o"]
             if kind == "task":
-                tasks = True
                 args += ["x", key(op["q"]), op.get("raw") or dumps(op["m"]), op.get("v", "")]
             elif kind == "timer":
                 args += ["z", key(self.keys.timers), op["d"], op["k"]]
@@ -335,7 +375,7 @@ class Store:
                 args += ["r", key(self.keys.timers_claimed), op["k"]]
         if len(args) > 1:
             await _RELAY(self.batcher, keys, args)
-        if run_id is not None and version is not None and not tasks:  # only once the relay is done
+        if run_id is not None and version is not None:  # only once the relay is done
             await self.call("HDEL", self.keys.outbox(run_id), version)
 
     async def outbox(self, run_id: str, trigger: str = "") -> list[tuple[int | None, list[dict[str, Any]]]]:

@@ -15,6 +15,9 @@ serves and ends soon after it stops:
 - **timers** — claims due timers (server clock) and fires them; a claim whose
   firer died is re-claimed after the lease.
 - **cancel listener** — pub/sub of cancelled task ids: interrupts the held task.
+- **tidier** — every ``tidy_s``: removes from the run index the runs that
+  expired, a page at a time, and forgets worker processes silent for
+  ``forget_s`` (liveness records; consumer names holding nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from flowdsl.runtime.codec import dumps
+from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
 from flowdsl.runtime.redis.wire import entry_fields
@@ -44,6 +47,14 @@ if TYPE_CHECKING:
 __all__ = ["Upkeep"]
 
 log = logging.getLogger("flowdsl.redis")
+
+
+def _seen(record: bytes) -> int:
+    """When a liveness record was last written (0 if unreadable: such a record is forgotten)."""
+    try:
+        return int(loads(record).get("seen", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 class Upkeep:
@@ -157,6 +168,42 @@ class Upkeep:
                             break
             except TRANSIENT as exc:
                 log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
+
+    async def _tidier(self) -> None:
+        cursor = 0
+        while not self._stopping:
+            await self._pause(self.options.tidy_s)
+            if self._stopping:
+                break
+            try:
+                cursor = await self._tidy(cursor)
+            except TRANSIENT as exc:
+                log.warning("worker %s: tidying failed (%s)", self.name, exc)
+            except Exception:  # tidying can wait: never stop serving for it
+                log.exception("worker %s: tidying failed unexpectedly; trying again later", self.name)
+
+    async def _tidy(self, cursor: int) -> int:
+        """What no transition can do (a transition touches one run's keys; these are shared): drop one page
+        of the run index's expired runs (from rank ``cursor``; returns where the next page starts), and
+        forget the worker processes silent for ``forget_s`` — their liveness records, and their consumer
+        names in the streams this process reads once they hold no entry (a name holding entries is kept:
+        deleting it would drop them). Every process does it; each step is safe to repeat."""
+        cursor = await self.store.prune_index(cursor)
+        assert self.client is not None
+        forget_ms = max(int(self.options.forget_s * 1000), 10 * self.lease_ms)  # never a process still beating
+        now = self.clock.now()
+        raw = await self.store.call("HGETALL", self.keys.workers)
+        items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        silent = [name for name, value in items if now - _seen(value) > forget_ms]
+        if silent:
+            await self.store.call("HDEL", self.keys.workers, *silent)
+        for stream in dict.fromkeys([*self.streams, self.keys.control]):
+            for consumer in await self.client.xinfo_consumers(stream, GROUP):
+                name = consumer["name"]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                if name != self.name and int(consumer["pending"]) == 0 and int(consumer["idle"]) > forget_ms:
+                    await self.client.xgroup_delconsumer(stream, GROUP, name)
+        return cursor
 
     def _timer_armed(self, due: int) -> None:
         if self._timer_wake is not None and due < self._next_timer:

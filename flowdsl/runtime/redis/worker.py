@@ -117,6 +117,9 @@ class WorkerOptions:
     burst_horizon_s: float = 2.0  # burst: keep going while a timer is due within this
     name: str | None = None  # consumer name (default host:pid:random)
     handle_signals: bool = True
+    tidy_s: float = 60.0  # how often the process tidies what no transition can (see Upkeep._tidy)
+    forget_s: float = 3600.0  # a worker process silent this long is forgotten (its liveness record, and its
+    # consumer names in the streams once they hold nothing)
     snapshot_bytes: int = SNAPSHOT_BYTES  # a run's state is written whole once per this many bytes of it (0: at
     # its start and end only); the transitions between are replayed from the journal on load
 
@@ -232,7 +235,8 @@ class RedisWorker(Upkeep):
                      asyncio.create_task(self._timers(), name="timers"),
                      asyncio.create_task(self._heartbeat(), name="heartbeat"),
                      asyncio.create_task(self._reclaimer(), name="reclaimer"),
-                     asyncio.create_task(self._cancel_listener(), name="cancels")]
+                     asyncio.create_task(self._cancel_listener(), name="cancels"),
+                     asyncio.create_task(self._tidier(), name="tidier")]
             for task in loops:
                 task.add_done_callback(self._loop_ended)
             log.info("worker %s serving %d stream(s) under prefix %r", self.name, len(self.streams),
@@ -627,7 +631,7 @@ class RedisWorker(Upkeep):
     # --- stopping ------------------------------------------------------------------------------
 
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
-        reader, timers, _, reclaimer, _ = loops
+        reader, timers, _, reclaimer, *_ = loops
         for task in (reader, timers, reclaimer):
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=self.options.block_ms / 1000 + 1)
