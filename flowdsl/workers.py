@@ -52,10 +52,16 @@ class StepLogger(logging.LoggerAdapter[logging.Logger]):
     so that lines of concurrent runs, for_each iterations and attempts can be told apart under any format.
     """
 
-    def __init__(self, logger: logging.Logger, ctx: StepContext):  # made for every attempt: kept cheap
-        self.logger = logger
-        self.extra = {"run_id": ctx.run_id, "step_id": ctx.step_id, "attempt": ctx.attempt,
-                      "idempotency_key": ctx.idempotency_key}
+    def __init__(self, logger: logging.Logger, ctx: StepContext):  # made for every attempt: kept cheap (the
+        self.logger = logger  # ids are gathered on first use: most attempts log nothing)
+        self._ctx = ctx
+
+    @property
+    def extra(self) -> dict[str, Any]:  # type: ignore[override]
+        """The ids every record of this attempt carries."""
+        ctx = self._ctx
+        return {"run_id": ctx.run_id, "step_id": ctx.step_id, "attempt": ctx.attempt,
+                "idempotency_key": ctx.idempotency_key}
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         ids = self.extra

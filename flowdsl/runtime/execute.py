@@ -266,8 +266,11 @@ def _is_failure(exc: BaseException) -> bool:
     failure), and the ``KeyboardInterrupt`` that a real Ctrl-C raised while the worker ran (marked by
     :func:`marking_sigint`): that one is the user's, and stops what it interrupted.
     """
-    if isinstance(exc, asyncio.CancelledError):  # outside a task (a first step run by hand), no one cancelled it
-        task = asyncio.current_task()
+    if isinstance(exc, asyncio.CancelledError):  # outside a task (a first step run by hand, or with no event
+        try:  # loop running at all), no one cancelled it
+            task = asyncio.current_task()
+        except RuntimeError:
+            return True
         return task is None or task.cancelling() == 0
     return not from_sigint(exc)
 

@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
@@ -106,6 +107,17 @@ class WorkersMissing(ValueError):
 #: input events applied in a row before the runtime lets the event loop run other callbacks
 _BURST = 64
 _log = logging.getLogger("flowdsl.local")
+
+
+class _SigintRuns:
+    """The runs of one event loop that take Ctrl-C (the last one has it), and what was there before them."""
+
+    def __init__(self, before: tuple[Any, Any, int]):
+        self.before = before  # (Python-level handler, the loop's own handler, wakeup fd)
+        self.runs: list[LocalRun] = []
+
+
+_SIGINT_RUNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SigintRuns] = weakref.WeakKeyDictionary()
 
 
 def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -210,7 +222,6 @@ class LocalRun:
         self._started = False
         self._interrupts = 0
         self._sigint_installed = False
-        self._sigint_before: tuple[Any, Any, int] | None = None
         #: what cancel() or abort() asked before the run started: ("cancel" | "abort", reason)
         self._early: tuple[str, str] | None = None
         self._holding = False  # dispatches are held, not carried out (a cancel asked before the start)
@@ -536,36 +547,50 @@ class LocalRun:
             return
         loop = self._loop
         assert loop is not None
-        # what is there now, put back exactly when the run ends (remove_signal_handler would leave
-        # default_int_handler and drop a handler the loop itself had): the Python-level handler, the
-        # loop's own handler (asyncio's unix loops keep them in _signal_handlers) and the wakeup fd
-        python_handler = signal.getsignal(signal.SIGINT)
-        handlers = getattr(loop, "_signal_handlers", None)
-        if not isinstance(handlers, dict) and python_handler is not signal.default_int_handler:
-            return  # a loop whose handlers cannot be seen, and SIGINT is handled already: leave it so
-        loop_handler = handlers.get(signal.SIGINT) if isinstance(handlers, dict) else None
-        wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) else -1
-        try:
+        runs = _SIGINT_RUNS.get(loop)
+        if runs is None:  # the first run on this loop to take Ctrl-C: note what to put back after the last
+            # (remove_signal_handler would leave default_int_handler and drop a handler the loop itself had):
+            # the Python-level handler, the loop's own handler (asyncio's unix loops keep them in
+            # _signal_handlers) and the wakeup fd
+            python_handler = signal.getsignal(signal.SIGINT)
+            handlers = getattr(loop, "_signal_handlers", None)
+            if not isinstance(handlers, dict) and python_handler is not signal.default_int_handler:
+                return  # a loop whose handlers cannot be seen, and SIGINT is handled already: leave it so
+            loop_handler = handlers.get(signal.SIGINT) if isinstance(handlers, dict) else None
+            wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) else -1
+            try:
+                loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+            except (NotImplementedError, RuntimeError, ValueError):
+                if wakeup_fd != -1:
+                    signal.set_wakeup_fd(wakeup_fd)
+                return  # no signal support here (Windows loops, nested loops): Ctrl-C raises as usual
+            runs = _SIGINT_RUNS[loop] = _SigintRuns((python_handler, loop_handler, wakeup_fd))
+        else:
             loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-        except (NotImplementedError, RuntimeError, ValueError):
-            if wakeup_fd != -1:
-                signal.set_wakeup_fd(wakeup_fd)
-            return  # no signal support here (Windows loops, nested loops): Ctrl-C raises as usual
+        runs.runs.append(self)  # Ctrl-C goes to the run that took it last, while it runs
         self._sigint_installed = True
-        self._sigint_before = (python_handler, loop_handler, wakeup_fd)
 
     def _remove_sigint(self) -> None:
-        if self._sigint_installed and self._loop is not None:
-            self._sigint_installed = False
-            self._loop.remove_signal_handler(signal.SIGINT)
-            assert self._sigint_before is not None
-            python_handler, loop_handler, wakeup_fd = self._sigint_before
-            if loop_handler is not None:
-                self._loop._signal_handlers[signal.SIGINT] = loop_handler  # type: ignore[attr-defined]
-            if wakeup_fd != -1:
-                signal.set_wakeup_fd(wakeup_fd)
-            if python_handler is not None:
-                signal.signal(signal.SIGINT, python_handler)
+        loop = self._loop
+        if not self._sigint_installed or loop is None:
+            return
+        self._sigint_installed = False
+        runs = _SIGINT_RUNS[loop]
+        last = runs.runs[-1] is self
+        runs.runs.remove(self)
+        if runs.runs:
+            if last:  # Ctrl-C back to the run that had it before this one
+                loop.add_signal_handler(signal.SIGINT, runs.runs[-1]._on_sigint)
+            return
+        del _SIGINT_RUNS[loop]
+        loop.remove_signal_handler(signal.SIGINT)
+        python_handler, loop_handler, wakeup_fd = runs.before
+        if loop_handler is not None:
+            loop._signal_handlers[signal.SIGINT] = loop_handler  # type: ignore[attr-defined]
+        if wakeup_fd != -1:
+            signal.set_wakeup_fd(wakeup_fd)
+        if python_handler is not None:
+            signal.signal(signal.SIGINT, python_handler)
 
     def _on_sigint(self) -> None:
         self._interrupts += 1

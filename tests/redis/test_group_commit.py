@@ -28,11 +28,6 @@ steps:
 """
 
 
-#: the time part of the stream entry ids given to PICKUP: later than the run's birth (an older message is one
-#: left by an expired run of the same id, dropped)
-_LATER = 9000000000001
-
-
 async def _started(url: str, prefix: str, run_id: str, items: int) -> tuple[Advancer, list[dict[str, Any]]]:
     """A started run of WIDE, every item's task held under a lease of its own; the advancer and the tasks."""
     async with RedisClient(url, prefix=prefix) as client:
@@ -43,10 +38,9 @@ async def _started(url: str, prefix: str, run_id: str, items: int) -> tuple[Adva
     assert await advancer.start(run_id) == Outcome.APPLIED
     record = await advancer._record(run_id)
     assert record is not None
-    tasks = [{"task_id": task_id, "token": f"{_LATER}-{n}@q|w|n"}
-             for n, task_id in enumerate(sorted(record.state["tasks"]))]
+    tasks = [{"task_id": task_id, "token": f"1-{n}@q|w|n"} for n, task_id in enumerate(sorted(record.state["tasks"]))]
     for task in tasks:
-        assert await store.pickup(run_id, task["task_id"], f"{_LATER}-{tasks.index(task)}@q", task["token"]) == (1, "")
+        assert await store.pickup(run_id, task["task_id"], f"1-{tasks.index(task)}@q", task["token"]) == (1, "")
     return advancer, tasks
 
 
@@ -91,7 +85,7 @@ def test_results_queued_for_a_run_are_written_by_one_transition_and_replay_to_th
 def test_a_lost_lease_among_queued_results_falls_back_to_one_transition_each(url: str, prefix: str) -> None:
     async def main() -> None:
         advancer, tasks = await _started(url, prefix, "g2", 4)
-        tasks[2] = {**tasks[2], "token": f"{_LATER}-9@q|other|n"}  # this worker lost that task's lease
+        tasks[2] = {**tasks[2], "token": "1-9@q|other|n"}  # this worker lost that task's lease
         assert await _report(advancer, "g2", tasks) == [Outcome.APPLIED, Outcome.APPLIED, Outcome.REJECTED,
                                                        Outcome.APPLIED]
         assert advancer.grouped == 0 and advancer.transitions == 4  # start, then the three accepted alone

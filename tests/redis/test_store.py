@@ -213,16 +213,14 @@ def test_a_transition_checks_the_version_the_lease_and_its_own_token(url: str, p
         several = await store.transition("tx", expected=1, token="t2c", **{
             **base, "entries": [(b"{}", b"[]", None, ""), (late, b"[]", ("tx/a#1", "lease", "tok"), "w9")]})
         assert several.code == 7 and several.version == 1
-        e1, e2 = "9000000000001-0", "9000000000002-0"  # stream entry ids: later than the run's birth (PICKUP
-        # drops a message older than its run: one left by an expired run of the same id)
-        assert await store.pickup("tx", "tx/a#1", f"{e1}@s", f"{e1}@s|w|n") == (1, "")
-        assert (await store.pickup("tx", "tx/a#1", f"{e2}@s", f"{e2}@s|w2|n"))[0] == 3  # another delivery: a duplicate
-        assert (await store.pickup("tx", "tx/a#1", f"{e1}@t", f"{e1}@t|w3|n"))[0] == 3  # same id, another stream
+        assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
+        assert (await store.pickup("tx", "tx/a#1", "2-0@s", "2-0@s|w2|n"))[0] == 3  # another delivery: a duplicate
+        assert (await store.pickup("tx", "tx/a#1", "1-0@t", "1-0@t|w3|n"))[0] == 3  # same id, another stream
         # a lease in the format of the previous version (no stream in the trigger), left by a process that died,
         # is taken over by a new delivery of its entry
-        await store.call("HSET", Keys(prefix).tasks("tx"), "tx/a#1", f"r:{e1}|old|n")
-        assert await store.pickup("tx", "tx/a#1", f"{e1}@s", f"{e1}@s|w|n") == (1, "")
-        held = {**base, "entries": [(b"{}", b"[]", ("tx/a#1", "lease", f"{e1}@s|w|n"), "")]}
+        await store.call("HSET", Keys(prefix).tasks("tx"), "tx/a#1", "r:1-0|old|n")
+        assert await store.pickup("tx", "tx/a#1", "1-0@s", "1-0@s|w|n") == (1, "")
+        held = {**base, "entries": [(b"{}", b"[]", ("tx/a#1", "lease", "1-0@s|w|n"), "")]}
         applied = await store.transition("tx", expected=1, token="t3", **held)
         assert applied.code == 1 and applied.version == 2
         again = await store.transition("tx", expected=1, token="t3", **held)
@@ -269,8 +267,9 @@ def test_a_self_dispatched_task_is_held_at_once_and_queued_again_when_its_trigge
         assert await store.outbox("sd", Keys.trigger(keys.queue("conf.b"), "5-0")) == []
         assert await store.call("HGET", keys.tasks("sd"), "sd/b#1") == b"r:" + token.encode()
         # taking its trigger over: queued again, its message to be relayed to its worker's stream
+        born = (await store.call("HGET", keys.run("sd"), "born")).decode()  # the run's generation
         assert await store.outbox("sd", trigger) == [(None, [{"o": "task", "q": keys.queue("conf.b"),
-                                                              "raw": message, "v": ""}])]
+                                                              "raw": message, "v": "", "g": born}])]
         assert await store.call("HGET", keys.tasks("sd"), "sd/b#1") == b"q"
         # once it is no longer in flight, its kept message goes with its lease
         gone = await store.transition("sd", expected=2, token="t2", task_ops=[("d", "sd/b#1", "")], **base)

@@ -481,7 +481,49 @@ def test_a_loops_own_sigint_handler_survives_a_run_that_handled_sigint() -> None
         signal.signal(signal.SIGINT, before)
 
 
+def test_runs_taking_ctrl_c_on_one_loop_hand_it_back_in_turn_and_the_last_puts_back_what_was_there() -> None:
+    """Two runs with handle_sigint on one loop, the first to start ending first: while the second runs, Ctrl-C
+    is the second's (not the ended run's); after both, Ctrl-C is what it was before them."""
+
+    async def quick(data: Any, ctx: Any) -> Any:
+        return {}
+
+    async def slow(data: Any, ctx: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return {}
+
+    reg = registry(quick=quick, slow=slow)
+
+    async def main() -> tuple[str, str]:
+        first = asyncio.create_task(bounded(flow("  - quick\n"), reg, handle_sigint=True))
+        second = asyncio.create_task(bounded(flow("  - slow\n"), reg, handle_sigint=True))
+        assert (await first).status == "completed"
+        os.kill(os.getpid(), signal.SIGINT)  # the second run's Ctrl-C: it is cancelled
+        cancelled = (await second).status
+        return cancelled, str(getattr(asyncio.get_running_loop(), "_signal_handlers", {}).get(signal.SIGINT))
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        cancelled, left = asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (cancelled, left) == ("cancelled", "None")
+
+
 # --- 7. smaller things ----------------------------------------------------------------------------------------------
+
+
+def test_a_first_step_started_by_hand_without_an_event_loop_raising_cancelled_error_is_its_failure() -> None:
+    from flowdsl.runtime.execute import start
+
+    async def mine(data: Any, ctx: Any) -> Any:
+        raise asyncio.CancelledError("mine")
+
+    command = {"kind": "task", "worker": "mine", "task_id": "r/n#1", "run_id": "r", "step": "n", "node": "n",
+               "attempt": 1, "idempotency_key": "r/n", "input": {}, "llm": None}
+    answer = start(command, registry(mine=mine))
+    assert answer["type"] == "task_failed" and answer["error"]["type"] == "CancelledError"
 
 
 @pytest.mark.parametrize("mode", ["async", "async-after-await", "sync"])

@@ -222,7 +222,7 @@ class Advancer:
                 decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"])
                 start = start_event(run_id, sub["input"], at=at, seed=decision.state["seed"])
                 sts = sub["sts"] if sub["sts"] is not None else self.schedule_timeout_ms
-                record = RunRecord(run_id, decision.state, 0, sub["plan"], sts)
+                record = RunRecord(run_id, decision.state, 0, sub["plan"], sts, born=sub["born"])
                 meta: list[tuple[str, Any]] = [("started", at)]
                 if sub["ret"] is None:
                     meta.append(("ret", self.retention_ms))
@@ -344,7 +344,8 @@ class Advancer:
                     task_ops.append(("c", command["task_id"], "r:" + chain.token, dumps(command)))
                 elif op == "dispatch":
                     task_ops.append(("s", command["task_id"], "q"))
-                    ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": version})
+                    ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": version,
+                                "g": record.born})
                     if record.sts_ms:
                         ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
                                     "d": at + record.sts_ms})

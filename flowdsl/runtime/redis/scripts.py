@@ -27,8 +27,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CANCEL", "CLAIM_TIMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT", "TRANSITION", "UNLIST",
-           "Batcher", "Script"]
+__all__ = ["CANCEL", "CLAIM_TIMERS", "FORGET_CONSUMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT",
+           "TRANSITION", "UNLIST", "Batcher", "Script"]
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
 #: expected version, state, token, status, outbox, finished, then the number of input events n and, for each,
@@ -162,27 +162,30 @@ return {1, newv, cancelled}
 """
 
 #: KEYS: run, journal (one run). The run's snapshot and what follows it: {state, v, pid, sts, sv, {journal
-#: entries after the snapshot's entry}} (no entries when the snapshot is the current version; a run written
+#: entries after the snapshot's entry}, born} (no entries when the snapshot is the current version; a run written
 #: before snapshots had a version of their own has no ``sv``: its state is current).
 LOAD = r"""
-local m = redis.call('HMGET', KEYS[1], 'state', 'v', 'pid', 'sts', 'sv', 'sj')
+local m = redis.call('HMGET', KEYS[1], 'state', 'v', 'pid', 'sts', 'sv', 'sj', 'born')
 local tail = {}
 if m[5] and m[6] and m[5] ~= m[2] then
   tail = redis.call('XRANGE', KEYS[2], '(' .. m[6], '+')
 end
-return {m[1], m[2], m[3], m[4], m[5], tail}
+return {m[1], m[2], m[3], m[4], m[5], tail, m[7]}
 """
 
 #: KEYS: tasks, outbox, run (one run). ARGV: task id, trigger (:meth:`~flowdsl.runtime.redis.keys.Keys.trigger`
 #: of the delivery), lease token (``<trigger>|<consumer>|<nonce>``),
 #: the outbox version that dispatched the task ('' if unknown): its relay is done (the message exists), so that
-#: outbox entry is dropped. Returns {0} gone (not in flight, or the message is older than the run: left by an
-#: expired run of the same id) | {1} run it | {2} answer task_cancelled (cancel requested before or while it
-#: ran) | {3, lease} another stream entry holds it (a duplicate delivery). A lease taken under the same trigger
-#: (the delivery was taken over) is taken over.
+#: outbox entry is dropped; the message's run generation (its ``g``, the run's ``born``; '' if it has none).
+#: Returns {0} gone (not in flight, or the message is of another generation: left by an expired run of the same
+#: id) | {1} run it | {2} answer task_cancelled (cancel requested before or while it ran) | {3, lease} another
+#: stream entry holds it (a duplicate delivery). A lease taken under the same trigger (the delivery was taken
+#: over) is taken over.
 PICKUP = r"""
-local born = tonumber(redis.call('HGET', KEYS[3], 'born') or '')
-if born and (tonumber(string.match(ARGV[2], '^(%d+)%-')) or born) < born then return {0} end
+if ARGV[5] ~= '' then
+  local born = redis.call('HGET', KEYS[3], 'born')
+  if born and born ~= ARGV[5] then return {0} end
+end
 if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return {0} end
@@ -207,7 +210,8 @@ return {3, v}
 """
 
 #: KEYS: the shared keys it touches (task streams, timer sets: one ``{prefix}`` slot). ARGV: the consumer group,
-#: then operations: ``x <key#> <message> <outbox version>`` (XADD a task), ``z <key#> <due> <member>`` (ZADD),
+#: then operations: ``x <key#> <message> <outbox version> <generation>`` (XADD a task: fields ``m``, ``v`` and,
+#: unless empty, ``g``), ``z <key#> <due> <member>`` (ZADD),
 #: ``r <key#> <member>`` (ZREM), ``a <key#> <entry id>`` (XACK + XDEL: the trigger is done), ``p <channel>
 #: <message>`` (PUBLISH). Carries out a transition's outbox and acknowledges its trigger, all or nothing.
 RELAY = r"""
@@ -216,8 +220,12 @@ local i = 2
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'x' then
-    redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'm', ARGV[i + 2], 'v', ARGV[i + 3])
-    i = i + 4
+    if ARGV[i + 4] ~= '' then
+      redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'm', ARGV[i + 2], 'v', ARGV[i + 3], 'g', ARGV[i + 4])
+    else
+      redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'm', ARGV[i + 2], 'v', ARGV[i + 3])
+    end
+    i = i + 5
   elseif op == 'z' then
     redis.call('ZADD', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
@@ -237,10 +245,11 @@ end
 return 1
 """
 
-#: KEYS: tasks, outbox (one run). ARGV: the trigger being taken over ('' for none). Every task held under that
+#: KEYS: tasks, outbox, run (one run). ARGV: the trigger being taken over ('' for none). Every task held under that
 #: trigger (a lease ``r:<trigger>|…``, its holder presumed dead) is queued again (``q``; ``xq`` if its
 #: cancellation was requested). Returns the outbox to relay as ``{field, value, …}``: every transition's entry
-#: (field = version) and the kept message of every self-run task now queued (field ``s:<task>``).
+#: (field = version) and the kept message of every self-run task now queued (field ``s:<task>``); first, as
+#: field ``g``, the run's generation (``born``) when it has one.
 RECOVER = r"""
 local tasks, outbox, trigger = KEYS[1], KEYS[2], ARGV[1]
 if trigger ~= '' then
@@ -256,6 +265,11 @@ if trigger ~= '' then
   end
 end
 local out = {}
+local born = redis.call('HGET', KEYS[3], 'born')
+if born then
+  out[1] = 'g'
+  out[2] = born
+end
 local entries = redis.call('HGETALL', outbox)
 for i = 1, #entries, 2 do
   local f = entries[i]
@@ -287,8 +301,8 @@ return 0
 
 #: KEYS: run. ARGV: submitted ms, plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for
 #: none), input id (a digest of the input). Records a submission unless the run id is taken, with ``born``: the
-#: server's clock (ms) then, older than every stream entry of this run (:data:`PICKUP` drops a task message
-#: older than that: one left by an expired run of the same id). Returns {1} |
+#: server's clock (ms) then, the run's *generation*: every task message of the run carries it (``g``), and
+#: :data:`PICKUP` drops a message with another one (left by an expired run of the same id). Returns {1} |
 #: {0, version or '', plan id, input id or '', flow, seed, retention ms, schedule-to-start ms} (taken; version
 #: '' = not started yet, so the start request may be sent again; the rest lets the caller tell the same
 #: submission from another one under the same run id).
@@ -339,6 +353,22 @@ for i = 1, #ARGV, 2 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) == tonumber(ARGV[i + 1]) then
     n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+#: KEYS: a stream. ARGV: the consumer group, idle ms, a consumer name to keep. Deletes the group's consumers
+#: idle longer than that and holding no entry (deleting one that holds entries would drop them), in one step
+#: (no read between the look and the delete). Returns how many were deleted.
+FORGET_CONSUMERS = r"""
+local n = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for k = 1, #c, 2 do info[c[k]] = c[k + 1] end
+  if info['name'] ~= ARGV[3] and tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    n = n + 1
   end
 end
 return n

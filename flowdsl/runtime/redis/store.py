@@ -42,6 +42,7 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import (
     CLAIM_TIMERS,
+    FORGET_CONSUMERS,
     LOAD,
     PICKUP,
     RECOVER,
@@ -64,6 +65,13 @@ _RELAY = Script("relay", RELAY)
 _RECOVER = Script("recover", RECOVER)
 _CLAIM = Script("claim_timers", CLAIM_TIMERS)
 _UNLIST = Script("unlist", UNLIST)
+_FORGET_CONSUMERS = Script("forget_consumers", FORGET_CONSUMERS)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a future's outcome (so that an error of a command nobody awaits is not reported as unretrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def score_pairs(reply: Any) -> list[tuple[bytes, bytes]]:
@@ -139,6 +147,7 @@ class RunRecord:
     sts_ms: int | None
     snapshot_size: int = 0
     since: int = 0
+    born: str = ""  # the run's generation (SUBMIT's ``born``; '' for a run submitted before it existed)
 
 
 #: One input event a transition applies: its journal entry (the event, the events it caused, as JSON bytes),
@@ -206,7 +215,8 @@ class Store:
 
     async def load(self, run_id: str) -> RunRecord | None:
         """The run's current state and version, or None when it has not started (or has expired)."""
-        raw, version, pid, sts, snapshot_version, tail = await _LOAD(self.batcher, self.keys.run_keys(run_id)[:2], [])
+        raw, version, pid, sts, snapshot_version, tail, *rest = await _LOAD(self.batcher,
+                                                                            self.keys.run_keys(run_id)[:2], [])
         if version is None or raw is None or pid is None:
             return None
         plan = await self.plan(run_id, pid.decode())
@@ -221,12 +231,13 @@ class Store:
                 at = int(entry[b"v"])
         if at != current:
             raise RuntimeError(f"run {run_id}: its journal ends at version {at}, its state is at {current}")
-        return RunRecord(run_id, state, current, plan, int(sts) if sts else None, len(raw), current - snapshot)
+        return RunRecord(run_id, state, current, plan, int(sts) if sts else None, len(raw), current - snapshot,
+                         born=(rest[0] or b"").decode() if rest else "")
 
     async def submission(self, run_id: str) -> dict[str, Any] | None:
         """The submitted start request of a run (plan, input, settings; ``cancel``: the reasons of the cancel
         requests held for its start, in order), or None."""
-        names = ("submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel")
+        names = ("submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel", "born")
         values = await self.call("HMGET", self.keys.run(run_id), *names)
         got = dict(zip(names, values, strict=True))
         if got["submitted"] is None or got["pid"] is None or got["input"] is None:
@@ -237,7 +248,7 @@ class Store:
         return {"plan": plan, "pid": got["pid"].decode(), "input": loads(got["input"]),
                 "seed": int(got["seed"]) if got["seed"] else None, "ret": int(got["ret"]) if got["ret"] else None,
                 "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
-                "cancel": cancel_reasons(got["cancel"])}
+                "cancel": cancel_reasons(got["cancel"]), "born": (got["born"] or b"").decode()}
 
     async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, status: str,
                          entries: Sequence[JournalEntry], outbox: bytes | None = None, finished: bool = False,
@@ -307,10 +318,15 @@ class Store:
         removed = await self.unlist([pair for pair, n in zip(pairs, found, strict=True) if not n])
         return 0 if len(pairs) < page else start + len(pairs) - removed
 
+    async def forget_consumers(self, stream: str, idle_ms: int, keep: str) -> int:
+        """Delete the consumer names of ``stream``'s group idle longer than ``idle_ms`` and holding no entry
+        (``keep``: this process's own name, kept); returns how many."""
+        return int(await _FORGET_CONSUMERS(self.batcher, [stream], [GROUP, idle_ms, keep]))
+
     # --- tasks ---------------------------------------------------------------------------
 
     async def pickup(self, run_id: str, task_id: str, trigger: str, token: str,
-                     outbox_version: str = "") -> tuple[int, str]:
+                     outbox_version: str = "", generation: str = "") -> tuple[int, str]:
         """Take a task's lease: (0 gone | 1 run | 2 answer cancelled | 3 duplicate, lease value).
 
         ``trigger`` names the delivery (:meth:`Keys.trigger`); a lease taken under the same trigger (the
@@ -318,10 +334,12 @@ class Store:
 
         ``outbox_version`` (the message's ``v``) names the outbox entry that
         dispatched the task: the message exists, so that entry's relay is done and
-        it is dropped here — a chain of steps pays no separate outbox cleanup.
+        it is dropped here (if a crash came between its relay and its own drop).
+        ``generation`` (the message's ``g``): a message of another generation of the run id (an expired run
+        of the same id left it) is dropped, answered as gone.
         """
         reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id), self.keys.run(run_id)],
-                              [task_id, trigger, token, outbox_version])
+                              [task_id, trigger, token, outbox_version, generation])
         return int(reply[0]), (reply[1].decode() if len(reply) > 1 and reply[1] else "")
 
     async def leases(self, held: list[tuple[str, str]]) -> list[str]:
@@ -362,7 +380,7 @@ class Store:
         for op in ops:
             kind = op["o"]
             if kind == "task":
-                args += ["x", key(op["q"]), op.get("raw") or dumps(op["m"]), op.get("v", "")]
+                args += ["x", key(op["q"]), op.get("raw") or dumps(op["m"]), op.get("v", ""), op.get("g", "")]
             elif kind == "timer":
                 args += ["z", key(self.keys.timers), op["d"], op["k"]]
             elif kind == "untimer":
@@ -375,20 +393,27 @@ class Store:
                 args += ["r", key(self.keys.timers_claimed), op["k"]]
         if len(args) > 1:
             await _RELAY(self.batcher, keys, args)
-        if run_id is not None and version is not None:  # only once the relay is done
-            await self.call("HDEL", self.keys.outbox(run_id), version)
+        if run_id is not None and version is not None:  # only once the relay is done; not awaited: a drop lost
+            # (a crash, a dropped connection) leaves an entry relayed again by a later recovery — a duplicate
+            # message, dropped at pickup — and waiting for it would hold the handler one more round trip
+            self.call("HDEL", self.keys.outbox(run_id), version).add_done_callback(_retrieved)
 
     async def outbox(self, run_id: str, trigger: str = "") -> list[tuple[int | None, list[dict[str, Any]]]]:
         """What a process that died left to relay for the run: its outbox entries, oldest first, then the
         messages of self-run tasks queued again. ``trigger`` (a delivery being taken over) first queues
         again every task held under it (the RECOVER script); its messages are then among those returned."""
-        raw = await _RECOVER(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id)], [trigger])
+        raw = await _RECOVER(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id), self.keys.run(run_id)],
+                             [trigger])
         entries: list[tuple[int, list[dict[str, Any]]]] = []
         queued: list[dict[str, Any]] = []
+        generation = ""
         for i in range(0, len(raw), 2):
             field, value = raw[i].decode(), raw[i + 1]
-            if field.startswith("s:"):
-                queued.append({"o": "task", "q": self.keys.queue_of(loads(value)), "raw": value, "v": ""})
+            if field == "g":  # (first)
+                generation = value.decode()
+            elif field.startswith("s:"):
+                queued.append({"o": "task", "q": self.keys.queue_of(loads(value)), "raw": value, "v": "",
+                               "g": generation})
             else:
                 entries.append((int(field), loads(value)))
         entries.sort(key=lambda kv: kv[0])

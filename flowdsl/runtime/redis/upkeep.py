@@ -198,11 +198,7 @@ class Upkeep:
         if silent:
             await self.store.call("HDEL", self.keys.workers, *silent)
         for stream in dict.fromkeys([*self.streams, self.keys.control]):
-            for consumer in await self.client.xinfo_consumers(stream, GROUP):
-                name = consumer["name"]
-                name = name.decode() if isinstance(name, bytes) else str(name)
-                if name != self.name and int(consumer["pending"]) == 0 and int(consumer["idle"]) > forget_ms:
-                    await self.client.xgroup_delconsumer(stream, GROUP, name)
+            await self.store.forget_consumers(stream, forget_ms, self.name)
         return cursor
 
     def _timer_armed(self, due: int) -> None:

@@ -156,6 +156,7 @@ class _Held:
     raw: bytes | None  # the task's message as delivered (None for a self-dispatched task)
     outbox_version: str
     trigger: str = ""
+    generation: str = ""  # the run generation its message carried (``g``; '' if none)
     picked: bool = False
     cancel: bool = False
     hand_back: bool = False
@@ -401,6 +402,7 @@ class RedisWorker(Upkeep):
                 coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id)])
             else:
                 held = self._hold(stream, entry_id, loads(raw), raw, (fields.get(b"v") or b"").decode())
+                held.generation = (fields.get(b"g") or b"").decode()
                 coro = self._task(held, recover)
         self._track(coro)
 
@@ -530,7 +532,7 @@ class RedisWorker(Upkeep):
                 if recover:
                     await self.advancer.recover(held.run_id, held.trigger)
                 code, _ = await self.store.pickup(held.run_id, held.task_id, held.trigger, held.token,
-                                                  held.outbox_version)
+                                                  held.outbox_version, held.generation)
                 break
             except TRANSIENT:
                 if self._stopping:
@@ -611,8 +613,10 @@ class RedisWorker(Upkeep):
         if held.picked:
             await self.store.release(held.run_id, held.task_id, held.token)
         raw = held.raw if held.raw is not None else dumps(held.command)
+        generation = held.generation if held.raw is not None else \
+            ((await self.store.call("HGET", self.keys.run(held.run_id), "born")) or b"").decode()
         await self.advancer.relay(None, None, [{"o": "task", "q": self.keys.queue_of(held.command), "raw": raw,
-                                                "v": held.outbox_version},
+                                                "v": held.outbox_version, "g": generation},
                                                self.store.ack_op(held.stream, held.entry_id)])
         self.stats.handed_back += 1
 
