@@ -304,19 +304,19 @@ class Store:
             return 0
         return int(await _UNLIST(self.batcher, [self.keys.runs], [x for pair in entries for x in pair]))
 
-    async def prune_index(self, start: int, page: int = 200) -> int:
+    async def prune_index(self, start: int, page: int = 200) -> tuple[int, bool]:
         """Check one page of the run index (from rank ``start``, oldest first) and remove the runs that no
-        longer exist (expired); return the rank the next page starts at (0 after the last page).
+        longer exist (expired); return the rank the next page starts at, and whether this was the last page.
 
         The run that ends a run cannot touch the index (another Cluster slot), so worker processes walk it
         page by page (:meth:`~flowdsl.runtime.redis.upkeep.Upkeep._tidy`): it stays about as long as the runs
         it lists."""
         pairs = score_pairs(await self.call("ZRANGE", self.keys.runs, start, start + page - 1, "WITHSCORES"))
         if not pairs:
-            return 0
+            return 0, True
         found = await asyncio.gather(*(self.call("EXISTS", self.keys.run(r.decode())) for r, _ in pairs))
         removed = await self.unlist([pair for pair, n in zip(pairs, found, strict=True) if not n])
-        return 0 if len(pairs) < page else start + len(pairs) - removed
+        return (0, True) if len(pairs) < page else (start + len(pairs) - removed, False)
 
     async def forget_consumers(self, stream: str, idle_ms: int, keep: str) -> int:
         """Delete the consumer names of ``stream``'s group idle longer than ``idle_ms`` and holding no entry

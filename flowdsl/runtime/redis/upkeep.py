@@ -16,7 +16,7 @@ serves and ends soon after it stops:
   firer died is re-claimed after the lease.
 - **cancel listener** — pub/sub of cancelled task ids: interrupts the held task.
 - **tidier** — every ``tidy_s``: removes from the run index the runs that
-  expired, a page at a time, and forgets worker processes silent for
+  expired, up to 2,000 a round, and forgets worker processes silent for
   ``forget_s`` (liveness records; consumer names holding nothing).
 """
 
@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 __all__ = ["Upkeep"]
 
 log = logging.getLogger("flowdsl.redis")
+
+
+#: pages of the run index (200 runs each) a tidying round checks: a process keeps up with ~30 runs
+#: expiring a second (2,000 a minute), and every process tidies
+_INDEX_PAGES = 10
 
 
 def _seen(record: bytes) -> int:
@@ -183,12 +188,16 @@ class Upkeep:
                 log.exception("worker %s: tidying failed unexpectedly; trying again later", self.name)
 
     async def _tidy(self, cursor: int) -> int:
-        """What no transition can do (a transition touches one run's keys; these are shared): drop one page
-        of the run index's expired runs (from rank ``cursor``; returns where the next page starts), and
+        """What no transition can do (a transition touches one run's keys; these are shared): drop the expired
+        runs of up to :data:`_INDEX_PAGES` pages of the run index (from rank ``cursor``; returns where the next
+        round starts), and
         forget the worker processes silent for ``forget_s`` — their liveness records, and their consumer
         names in the streams this process reads once they hold no entry (a name holding entries is kept:
         deleting it would drop them). Every process does it; each step is safe to repeat."""
-        cursor = await self.store.prune_index(cursor)
+        for _ in range(_INDEX_PAGES):  # up to 2,000 runs a round, from where the last round stopped
+            cursor, last = await self.store.prune_index(cursor)
+            if last:  # the end of the index: the next round starts again from its oldest runs
+                break
         assert self.client is not None
         forget_ms = max(int(self.options.forget_s * 1000), 10 * self.lease_ms)  # never a process still beating
         now = self.clock.now()
