@@ -374,7 +374,9 @@ class _Compiler:
                 sub = n.subflow
                 out.update({"path": n.path, "flow_name": sub.name if sub else None,
                             "input_schema": sub.input_schema if sub else None,
-                            "timeout_ms": sub.timeout_ms if sub else None,  # the sub-flow file's `timeout:`
+                            # the node's own `timeout:`, else the sub-flow file's
+                            "timeout_ms": n.timeout_ms if n.timeout_ms is not None else (
+                                sub.timeout_ms if sub else None),
                             "with": self.template(n.with_) if n.with_ is not None else None,
                             "output": self.output(n)})
         return out

@@ -39,7 +39,7 @@ STEP_ORDER = (
     "timeout", "description",
 )  # fmt: skip
 GROUP_KEYWORDS = ("sequence", "parallel", "for_each", "switch", "flow")
-GROUP_ORDER = ("items", "as", "concurrency", "on", "path", "with", "output", "when", "needs", "description")
+GROUP_ORDER = ("items", "as", "concurrency", "on", "path", "with", "output", "when", "needs", "timeout", "description")
 NODE_LISTS = ("steps", "branches", "cases", "default")
 RETRY_ORDER = ("attempts", "backoff", "initial", "max", "multiplier", "jitter", "on", "not_on")
 FORMATS = ("yaml", "flow")

@@ -143,6 +143,9 @@ class Positions:
     file: str | None
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: the source text of a number whose value Python prints differently (``1e306`` prints ``1e+306``,
+    #: ``0x10`` prints ``16``), for messages that quote a value as the user wrote it
+    written: dict[str, str] = field(default_factory=dict)
 
     def find(self, pointer: str, *, key: bool = False) -> tuple[int | None, int | None]:
         """Position of ``pointer``, or of its nearest ancestor that has one."""

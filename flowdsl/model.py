@@ -68,18 +68,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_duration(value: Any) -> int:
+def parse_duration(value: Any, written: str | None = None) -> int:
     """Milliseconds for ``250ms``, ``10s``, ``1m30s``, ``2h`` or a number of seconds (docs/language.md).
 
     Units are h, m, s, ms, written largest first, each at most once, with no spaces; each part's number may
     have a fraction (``1.5s``). The result is rounded to whole milliseconds, and must be at least 1ms and at
-    most 30 days. Raises ValueError with a message saying what was found and what was expected.
+    most 30 days. Raises ValueError with a message saying what was found and what was expected, quoting a
+    number as ``written`` in the source when given (``1e306``, which Python prints ``1e+306``).
     """
+    shown = _shown(value if written is None else written)
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 10s, found {str(value).lower()}")
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"'{value}' is not a finite number of seconds")
+            raise ValueError(f"'{shown}' is not a finite number of seconds")
         exact = value * 1000  # an int stays exact however large; a float may become infinity, refused below
     elif isinstance(value, str):
         if value.startswith("-") and _is_duration(value[1:]):
@@ -88,14 +90,14 @@ def parse_duration(value: Any) -> int:
     else:
         raise ValueError(f"expected a duration like 10s, found {type(value).__name__}")
     if exact <= 0:
-        raise ValueError(f"a duration must be positive, found '{_shown(value)}'")
+        raise ValueError(f"a duration must be positive, found '{shown}'")
     # compared before rounding: rounding infinity (1e306 seconds in ms, or 400 digits of seconds) fails
     ms = round(exact) if exact <= 2 * MAX_DURATION_MS else MAX_DURATION_MS + 1
     if ms == 0:
-        raise ValueError(f"'{value}' is less than 1ms once rounded to whole milliseconds; durations are counted "
+        raise ValueError(f"'{shown}' is less than 1ms once rounded to whole milliseconds; durations are counted "
                          "in milliseconds, and the shortest is 1ms")
     if ms > MAX_DURATION_MS:
-        raise ValueError(f"'{_shown(value)}' is longer than the maximum of 30 days ({MAX_DURATION_MS // 3_600_000}h)")
+        raise ValueError(f"'{shown}' is longer than the maximum of 30 days ({MAX_DURATION_MS // 3_600_000}h)")
     return int(ms)
 
 
@@ -280,7 +282,7 @@ class _Builder:
         if value is None:
             return None
         try:
-            return parse_duration(value)
+            return parse_duration(value, self.positions.written.get(path) if self.positions is not None else None)
         except ValueError as exc:
             self.err("FD401", str(exc), path)
             return None
@@ -430,8 +432,11 @@ class _Builder:
             default = self.nodes(data["default"], join(path, "default")) if "default" in data else None
             return Node(**base, on=data["on"], cases=cases, default=default)
         sub = self.load_subflow(data["path"], self.loc(join(path, "path"))) if self.load_subflow else None
+        # the node's own timeout bounds each of its runs; without one, the sub-flow file's `timeout:` does
+        timeout = data.get("timeout")
         return Node(**base, path=data["path"], subflow=sub, with_=data.get("with"),
-                    output=Output("name", name=data.get("output", data[kw])))
+                    output=Output("name", name=data.get("output", data[kw])),
+                    timeout_ms=None if timeout is None else self.duration(timeout, join(path, "timeout")))
 
 
 def build_flow(data: dict[str, Any], file: str | None = None, load_subflow: SubflowLoader | None = None,

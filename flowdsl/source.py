@@ -692,6 +692,8 @@ class _Builder:
             bad = control_character(value)
             if bad:
                 return self.refuse("FD110", bad, event, path)
+        elif type(value) in (int, float) and str(value) != text:
+            self.positions.written[path] = text  # quoted as written in messages (FD401)
         if event.anchor is not None:
             self.anchor(event.anchor, value)
         return value, 1, True

@@ -403,6 +403,7 @@ class _Builder:
 
     def __init__(self, positions: Positions, file: str | None):
         self.pos, self.keys, self.file = positions.positions, positions.key_positions, file
+        self.written = positions.written
         self.diagnostics: list[Diagnostic] = []
         self.bad_values: list[str] = []  # pointers of numbers that are not finite (FD201): set aside
 
@@ -418,6 +419,8 @@ class _Builder:
             return None
         if tok.type == "STRING" and (bad := control_character(value, key=key)):
             self.diagnostics.append(make("FD110", bad, ptr, file=self.file, line=tok.line, column=tok.column))
+        elif tok.type == "NUMBER" and type(value) in (int, float) and str(value) != tok.value:
+            self.written[ptr] = tok.value  # quoted as written in messages (FD401)
         return value
 
     def put(self, target: dict[str, Any], base: str, key: str, at: Any, what: str,

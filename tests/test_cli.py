@@ -251,6 +251,22 @@ def test_convert_yaml_to_flow_and_back_keeps_the_plan(files: dict[str, Path], tm
     assert plans[0] == plans[1] == plans[2]
 
 
+def test_convert_keeps_a_sub_flow_node_s_timeout(tmp_path: Path) -> None:
+    (tmp_path / "gift.yaml").write_text("flowdsl: 1\nname: gift\ntimeout: 1h\nsteps: [wrap]\n")
+    spec = tmp_path / "main.yaml"
+    spec.write_text(VALID + "  - flow: gift\n    path: gift.yaml\n    timeout: 90s\n")
+    flow = tmp_path / "main.flow"
+    result = run("convert", str(spec), "-o", str(flow))
+    assert result.exit_code == 0, result.output
+    assert flow.read_text().endswith("\nflow gift path gift.yaml timeout 90s\n")
+    back = run("convert", str(flow), "--to", "yaml")
+    assert back.exit_code == 0, back.output
+    assert back.stdout.endswith("- flow: gift\n  path: gift.yaml\n  timeout: 90s\n")
+    plans = [flowdsl.compile_spec(str(p), check_workers=False).plan for p in (spec, flow)]
+    assert plans[0] is not None and plans[0]["nodes"]["gift"]["timeout_ms"] == 90_000
+    assert flowdsl.plan_bytes(plans[0]) == flowdsl.plan_bytes(plans[1])
+
+
 def test_convert_to_stdout(files: dict[str, Path]) -> None:
     result = run("convert", str(files["valid.yaml"]), "--to", "flow")
     assert result.exit_code == 0 and "step charge" in result.stdout and "undo refund" in result.stdout

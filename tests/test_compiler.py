@@ -309,6 +309,62 @@ def test_sub_flow_including_itself(spec: Spec) -> None:
     assert d.code == "FD308" and d.message == "sub-flow 'spec.yaml' includes itself: spec.yaml → spec.yaml"
 
 
+def test_a_flow_node_s_timeout_overrides_the_sub_flow_file_s_in_both_syntaxes(spec: Spec) -> None:
+    spec(SUB.replace("    steps:", "    timeout: 1m\n    steps:"), "lib/wrap.yaml")
+    yaml = spec(HEAD + """\
+        steps:
+          - flow: short
+            path: lib/wrap.yaml
+            timeout: 1.5s
+          - flow: plain
+            path: lib/wrap.yaml
+          - flow: long
+            path: lib/wrap.yaml
+            timeout: 2h
+        """)
+    flow = spec("""\
+        flow t
+        flow short path lib/wrap.yaml timeout 1.5s
+        flow plain path lib/wrap.yaml
+        flow long {
+          path lib/wrap.yaml
+          timeout 2h
+        }
+        """, "spec.flow")
+    for result in (yaml, flow):
+        assert result.plan is not None, result.diagnostics
+        assert [result.plan["nodes"][k]["timeout_ms"] for k in ("short", "plain", "long")] == [
+            1500, 60_000, 7_200_000]
+    assert yaml.plan is not None and flow.plan is not None
+    assert plan_bytes(yaml.plan) == plan_bytes(flow.plan)
+
+
+def test_a_flow_node_without_a_timeout_anywhere_has_none(spec: Spec) -> None:
+    spec(SUB, "lib/wrap.yaml")
+    result = spec(HEAD + "steps:\n  - flow: gift\n    path: lib/wrap.yaml\n")
+    assert result.plan is not None and result.plan["nodes"]["gift"]["timeout_ms"] is None
+
+
+_EXPECTED_UNITS = ("expected a number with a unit: 250ms, 10s, 5m, 2h, or several units, largest first and each "
+                   "once: 1m30s")
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("soon", "'soon' is not a duration; " + _EXPECTED_UNITS),
+    ("0s", "a duration must be positive, found '0s'"),
+    ("31d", "'31d' is not a duration; " + _EXPECTED_UNITS),
+    ("1000h", "'1000h' is longer than the maximum of 30 days (720h)"),
+])  # fmt: skip
+def test_a_bad_flow_node_timeout_is_fd401_in_both_syntaxes(spec: Spec, value: str, message: str) -> None:
+    spec(SUB, "lib/wrap.yaml")
+    yaml = spec(HEAD + f"steps:\n  - a\n  - flow: gift\n    path: lib/wrap.yaml\n    timeout: {value}\n")
+    flow = spec(f"flow t\nstep a\nflow gift path lib/wrap.yaml timeout {value}\n", "spec.flow")
+    assert _found(yaml) == [("FD401", 7, 14, message)]
+    assert _found(flow) == [("FD401", 3, len("flow gift path lib/wrap.yaml timeout ") + 1, message)]
+    assert [d.path for d in yaml.diagnostics] == [d.path for d in flow.diagnostics] == ["/steps/1/timeout"]
+    assert yaml.plan is None and flow.plan is None
+
+
 def test_steps_of_a_sub_flow_are_not_visible_to_the_parent(spec: Spec) -> None:
     spec(SUB, "lib/wrap.yaml")
     result = spec(HEAD + """\
@@ -958,6 +1014,22 @@ def test_durations_read_the_same_in_both_syntaxes() -> None:
               "largest first and each once: 1m30s"
     assert _found(y) == [("FD401", 3, 10, message)]
     assert _found(f) == [("FD401", 2, 9, message)]
+
+
+@pytest.mark.parametrize(("written", "message"), [
+    ("1e306", "'1e306' is longer than the maximum of 30 days (720h)"),
+    ("2.5E+7", "'2.5E+7' is longer than the maximum of 30 days (720h)"),
+    ("0x7FFFFFFF", "'0x7FFFFFFF' is longer than the maximum of 30 days (720h)"),
+    ("1.0e-4", "'1.0e-4' is less than 1ms once rounded to whole milliseconds; durations are counted in "
+               "milliseconds, and the shortest is 1ms"),
+    ("-0.0", "a duration must be positive, found '-0.0'"),
+    ("0e0", "a duration must be positive, found '0e0'"),
+])  # fmt: skip
+def test_a_bad_number_of_seconds_is_quoted_as_written_in_both_syntaxes(written: str, message: str) -> None:
+    y, f = _both(HEAD + f"steps:\n  - a: {{retry: {{attempts: 2, initial: {written}}}}}\n",
+                 f"flow t\nstep a retry {{attempts: 2, initial: {written}}}\n")
+    assert [(c, m) for c, _, _, m in _found(y)] == [("FD401", message)]
+    assert [(c, m) for c, _, _, m in _found(f)] == [("FD401", message)]
 
 
 def test_an_overflowing_number_is_fd201_in_both_syntaxes() -> None:

@@ -166,7 +166,8 @@ def nodes_strategy(broken: bool) -> st.SearchStrategy[list[Any]]:
         ) if not broken else st.one_of(
             st.fixed_dictionaries({"sequence": ident, "steps": kid_list}, optional=common),
             st.fixed_dictionaries({"flow": ident, "path": st.sampled_from(["missing.yaml", "", "../x.flow"])},
-                                  optional={"with": st.dictionaries(IDS, EXPRESSIONS, max_size=2), "output": ident}),
+                                  optional={"with": st.dictionaries(IDS, EXPRESSIONS, max_size=2), "output": ident,
+                                            "timeout": sometimes(DURATIONS, BAD_DURATIONS)}),
             st.dictionaries(st.sampled_from(["sequence", "parallel", "steps", "branches", "cases", "on", "items"]),
                             st.one_of(ident, kid_list, EXPRESSIONS), max_size=3),
         )

@@ -206,6 +206,7 @@ flow gift_wrap path gift_wrap.yaml with {items: "${ order.items }"} output wrapp
 flow sub {
   path lib/sub.yaml
   when "${ x }"
+  timeout 5m
 }
 sequence nothing {}
 """
@@ -226,7 +227,7 @@ sequence nothing {}
          "default": ["ship_standard", "track"]},
         {"switch": "empty", "on": "${ x }", "cases": {}},
         {"flow": "gift_wrap", "path": "gift_wrap.yaml", "with": {"items": "${ order.items }"}, "output": "wrapping"},
-        {"flow": "sub", "path": "lib/sub.yaml", "when": "${ x }"},
+        {"flow": "sub", "path": "lib/sub.yaml", "when": "${ x }", "timeout": "5m"},
         {"sequence": "nothing", "steps": []},
     ]  # fmt: skip
 
@@ -422,6 +423,7 @@ steps:
     with: {items: "${ order.items }", message: "${ order.gift_message }"}
     output: wrapping
     when: "${ order.gift }"
+    timeout: 2m30s
   - notify_customer:
       when: "${ $not(order.notify = false) }"
       with:
@@ -497,6 +499,25 @@ steps:
 - g: null
 """
     )
+
+
+def test_a_sub_flow_s_timeout_is_written_with_its_options_and_round_trips() -> None:
+    data = from_yaml("""
+flowdsl: 1
+name: f
+steps:
+  - flow: gift
+    description: Wrap it
+    timeout: 5m
+    needs: []
+    path: gift.yaml
+""")
+    text = 'flow f\n\nflow gift path gift.yaml needs [] timeout 5m description "Wrap it"\n'
+    assert to_flow(data) == text
+    assert read(text) == data
+    assert to_yaml(data).endswith("- flow: gift\n  path: gift.yaml\n  needs: []\n  timeout: 5m\n"
+                                  "  description: Wrap it\n")
+    assert_round_trips(data)
 
 
 def test_convert_text_dispatches() -> None:
@@ -759,7 +780,7 @@ def _specs(text: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
                   {"as": _ids, "concurrency": st.integers(1, 9), "output": _ids}),
             group("switch", {"on": text, "cases": st.dictionaries(st.one_of(text, _ids), nodes, min_size=1,
                                                                   max_size=2)}, {"default": nodes}),
-            group("flow", {"path": text.filter(bool)}, {"with": mappings, "output": _ids}),
+            group("flow", {"path": text.filter(bool)}, {"with": mappings, "output": _ids, "timeout": _durations}),
         )  # fmt: skip
 
     return st.fixed_dictionaries(

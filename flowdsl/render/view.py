@@ -331,7 +331,9 @@ class PlanView:
         node = self.nodes[key]
         lines: list[str] = []
         if node.get("kind") == "flow" and node.get("path"):
-            lines.append(f"from {node['path']}")
+            timeout = node.get("timeout_ms")  # bounds each run of the sub-flow, as the flow title's `run ◷`
+            lines.append(f"from {node['path']}"
+                         + (f"{glyphs.sep}run {glyphs.timeout}{format_ms(timeout)}" if timeout else ""))
         return lines + self.common_lines(key, needs=needs)
 
     def fan_out_text(self, key: str, glyphs: Glyphs) -> str:

@@ -245,6 +245,25 @@ def test_a_sub_flow_s_timeout_fails_its_node_cancels_its_attempts_and_compensate
     assert sim.state["nodes"]["sub"]["status"] == "failed" and sim.state["finished_at"] == 1131
 
 
+def test_a_flow_node_s_own_timeout_overrides_the_sub_flow_file_s(tmp_path):
+    main = SUB_MAIN.replace("    path: sub.yaml\n", "    path: sub.yaml\n    timeout: 100ms\n")
+    plan = plan_files(tmp_path, {"main.yaml": main, "sub.yaml": SUB_TIMED.format(timeout="1h")})
+    assert plan["nodes"]["sub"]["timeout_ms"] == 100
+    sim = Sim(plan, {"sub/c": hang()}).run()
+    assert [(c["timer_id"], c["delay_ms"]) for c in sim.commands if c["op"] == "schedule_timer"] == [
+        ("r1/sub@timeout", 100)]
+    assert sim.status == "compensated" and sim.state["failed_step"] == "sub"
+    assert sim.state["error"] == {"type": "SubflowTimeout",
+                                  "message": "the sub-flow 'sub' did not finish within 100 ms"}
+    assert sim.undone() == ["sub/b", "a"]
+    # and a longer one than the file's is kept too: the file's 100ms no longer bounds the node
+    main = SUB_MAIN.replace("    path: sub.yaml\n", "    path: sub.yaml\n    timeout: 1h\n")
+    plan = plan_files(tmp_path, {"main.yaml": main, "sub.yaml": SUB_TIMED.format(timeout="100ms")})
+    sim = Sim(plan, {"sub/c": ok(after=300)}).run()
+    assert sim.status == "completed"
+    assert [c["delay_ms"] for c in sim.commands if c["op"] == "schedule_timer"] == [3_600_000]
+
+
 def test_a_sub_flow_that_finishes_in_time_cancels_its_timer(tmp_path):
     plan = plan_files(tmp_path, {"main.yaml": SUB_MAIN, "sub.yaml": SUB_TIMED.format(timeout="1h")})
     sim = Sim(plan).run()

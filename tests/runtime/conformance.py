@@ -218,6 +218,18 @@ CASES: list[Case] = [
          {"d": {"sleep": 0.3}},  # outlasts the sub-flow's timeout, which ended with the sub-flow
          succeeded=["sub/b", "d"],
          files={"sub.yaml": HEADER.format(name="sub") + "timeout: 150ms\nsteps: [conf.b]\n"}),
+    Case("sub_flow_node_timeout_overrides_the_file_s",
+         "steps:\n"
+         "  - conf.a: {compensate: undo.a}\n"
+         "  - flow: sub\n"
+         "    path: sub.yaml\n"
+         "    timeout: 200ms\n"
+         "  - conf.d\n",
+         {"sub/c": {"hang": True}},
+         status="compensated", succeeded=["a", "sub/b"], compensated=["sub/b", "a"], attempts={"sub/c": 1},
+         error="SubflowTimeout", failed_step="sub",
+         files={"sub.yaml": HEADER.format(name="sub") + "timeout: 1h\n"
+                "steps:\n  - conf.b: {compensate: undo.b}\n  - conf.c\n"}),
     Case("sync_workers",
          "steps:\n"
          "  - parallel: p\n"
