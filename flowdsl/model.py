@@ -278,6 +278,11 @@ class _Builder:
         line = self.positions.find(path)[0] if self.positions is not None else None
         return Loc(path, self.file, line)
 
+    def as_written(self, value: Any, path: str) -> str:
+        """``value`` (at ``path``) as the source wrote it: a number's own text (``1e306``, not ``1e+306``)."""
+        written = self.positions.written.get(path) if self.positions is not None else None
+        return written if written is not None else _shown(value)
+
     def duration(self, value: Any, path: str) -> int | None:
         if value is None:
             return None
@@ -297,8 +302,8 @@ class _Builder:
         on = tuple(value["on"]) if "on" in value else None
         not_on = tuple(value["not_on"]) if "not_on" in value else None
         if initial is not None and maximum is not None and initial > maximum:
-            self.err("FD402", f"retry 'initial' ({value['initial']}) is longer than 'max' ({value['max']})",
-                     join(path, "initial"))
+            self.err("FD402", f"retry 'initial' ({self.as_written(value['initial'], join(path, 'initial'))}) is "
+                     f"longer than 'max' ({self.as_written(value['max'], join(path, 'max'))})", join(path, "initial"))
         both = sorted(set(on or ()) & set(not_on or ()))
         if both:
             listed = f"error type {both[0]} is" if len(both) == 1 else f"error types {', '.join(both)} are"

@@ -1032,6 +1032,14 @@ def test_a_bad_number_of_seconds_is_quoted_as_written_in_both_syntaxes(written: 
     assert [(c, m) for c, _, _, m in _found(f)] == [("FD401", message)]
 
 
+def test_fd402_quotes_the_durations_it_compares_as_written_in_both_syntaxes() -> None:
+    y, f = _both(HEAD + "steps:\n  - a: {retry: {attempts: 2, initial: 1.5e3, max: 10}}\n",
+                 "flow t\nstep a retry {attempts: 2, initial: 1.5e3, max: 10}\n")
+    message = "retry 'initial' (1.5e3) is longer than 'max' (10)"
+    assert [(c, m) for c, _, _, m in _found(y)] == [("FD402", message)]
+    assert [(c, m) for c, _, _, m in _found(f)] == [("FD402", message)]
+
+
 def test_an_overflowing_number_is_fd201_in_both_syntaxes() -> None:
     y, f = _both(HEAD + "steps:\n  - ok: {with: {a: 1e999}}\n", "flow t\nstep ok with {a: 1e999}\n")
     message = "'1e999' is not a finite number: it is beyond the largest number, about 1.8e308; expected a finite number"
