@@ -498,7 +498,7 @@ def plain_json(value: Any) -> Any:
 
 
 class _NotPlain(Exception):
-    pass
+    """Inside :func:`plain_json`'s walk: not JSON (why and where is said afterwards, by :func:`json_problem`)."""
 
 
 def _plain(value: Any, depth: int) -> Any:
