@@ -191,3 +191,28 @@ def test_the_generation_is_compared_for_equality_not_as_a_clock(url: str, prefix
 
     result = asyncio.run(main())
     assert result.status == "completed"
+
+
+def test_a_cancel_request_of_another_generation_of_the_run_id_cancels_nothing(url: str, prefix: str) -> None:
+    """A cancel request still unread when its run expired must not cancel the next run of that id: it carries
+    the generation it was asked for (a request of this one, sent by ``client.cancel``, does cancel)."""
+    slow = HEADER.format(name="slow") + "steps:\n  - conf.a\n"
+
+    async def main() -> tuple[str, str]:
+        async with RedisClient(url, prefix=prefix) as client:
+            plan = compile_text(slow)
+            stale = await client.submit(plan, {"script": {"a": {"sleep": 0.5}}}, run_id="gen-1")
+            await client.store.call("XADD", client.keys.control, "*", "c",
+                                    dumps({"type": "cancel", "run_id": stale.run_id, "reason": "old", "g": "1"}))
+            kept = await serving([worker_here(url, prefix)], lambda: client.follow(stale.run_id))
+            mine = await client.submit(plan, {"script": {"a": {"sleep": 2}}}, run_id="gen-2")
+
+            async def cancel_then_follow() -> Any:
+                while (await client.info(mine.run_id)).status == "submitted":
+                    await asyncio.sleep(0.05)
+                assert await client.cancel(mine.run_id) == "requested"
+                return await client.follow(mine.run_id)
+            cancelled = await serving([worker_here(url, prefix)], cancel_then_follow)
+            return kept.status, cancelled.status
+
+    assert asyncio.run(main()) == ("completed", "cancelled")

@@ -262,7 +262,8 @@ class RedisClient:
             return "finished"
         if code == 3:
             await self.store.call("XADD", self.keys.control, "*", "c",
-                                  dumps({"type": "cancel", "run_id": run_id, "reason": reason}))
+                                  dumps({"type": "cancel", "run_id": run_id, "reason": reason,
+                                         "g": _text(reply[1]) if len(reply) > 1 else ""}))
         return "requested"
 
     # --- reading --------------------------------------------------------------------------

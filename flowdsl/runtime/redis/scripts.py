@@ -323,8 +323,9 @@ return {1}
 
 #: KEYS: run. ARGV: reason. A cancel request: {0} no such run | {1, status} the run is over | {2} the run has
 #: not started: the reason is added to its ``cancel`` field (a JSON list), which the start applies — its
-#: first transition ends it ``cancelled`` — so no control message is needed | {3} the run has started: the
-#: caller sends the cancel request on the control stream (a separate slot).
+#: first transition ends it ``cancelled`` — so no control message is needed | {3, born} the run has started: the
+#: caller sends the cancel request on the control stream (a separate slot), with the run's generation (``born``)
+#: the second item gives, so that a request still unread when its run expired cancels no later run of its id.
 CANCEL = r"""
 local got = redis.call('HMGET', KEYS[1], 'submitted', 'status', 'v', 'cancel')
 if not got[1] then return {0} end
@@ -333,7 +334,7 @@ if status == 'completed' or status == 'failed' or status == 'compensated' or sta
     or status == 'needs_intervention' then
   return {1, status}
 end
-if got[3] then return {3} end
+if got[3] then return {3, redis.call('HGET', KEYS[1], 'born') or ''} end
 local held = {}
 if got[4] then
   local ok, list = pcall(cjson.decode, got[4])

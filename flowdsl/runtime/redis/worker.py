@@ -460,6 +460,10 @@ class RedisWorker(Upkeep):
                     if msg.get("type") == "start":
                         await self._start(run_id, entry_id, trigger, ack, recover)
                     elif msg.get("type") == "cancel":
+                        if msg.get("g") and (await self.store.call("HGET", self.keys.run(run_id), "born") or b"") \
+                                not in (b"", str(msg["g"]).encode()):
+                            await self.advancer.relay(None, None, ack)  # for an expired run of the same id
+                            return
                         event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
                         await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
                     else:
