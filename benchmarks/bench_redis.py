@@ -4,7 +4,9 @@ bare Redis Streams round trip (the floor), side by side on one private Redis.
 Run it with ``.venv/bin/python -m benchmarks.bench_redis`` (``--runs 200`` for a
 smoke run, ``--rounds 3`` to measure every row three times, round after round,
 and print the median of each round's ratios — steadier on a shared machine —
-``--profile`` to print a cProfile of an in-process flowdsl worker).
+``--profile`` to print a cProfile of an in-process flowdsl worker, ``--instructions``
+to count with callgrind the instructions per step of one flowdsl worker process and of
+the floor's loop: figures that do not move with the machine's load).
 Celery comes from the ``bench`` extra (``pip install -e '.[bench]'``); without it
 the Celery rows are skipped with a message. It is a measurement, not a test:
 nothing here asserts a time. Results and what the profile showed are recorded in
@@ -231,6 +233,67 @@ def profile_flowdsl(server: Server, runs: int) -> str:
         return asyncio.run(cpu()) + "\n" + asyncio.run(main())
 
 
+def drain(url: str, what: str) -> None:
+    """Drain what was queued with one process, as ``--instructions`` counts it: ``flowdsl`` (an in-process
+    burst worker, the garbage collector set as ``flowdsl worker`` sets it) or ``floor`` (the floor's loop,
+    until the queue is empty)."""
+    if what == "floor":
+        floor_worker(url, until_empty=True)
+        return
+    from flowdsl.runtime.redis import RedisWorker, WorkerOptions
+    from flowdsl.runtime.redis.worker import serving_gc
+
+    options = WorkerOptions(burst=True, concurrency=256, llm=False, handle_signals=False)
+    with serving_gc():
+        asyncio.run(RedisWorker(url, prefix=PREFIX, options=options).serve())
+
+
+def instructions(server: Server, small: int = 100, large: int = 300) -> None:
+    """Instructions per step of one process draining queued six-step runs, counted by callgrind: flowdsl's
+    worker and the floor's loop. Each drains ``small`` and then ``large`` runs queued beforehand (by this
+    process, not counted); the difference / (``large`` − ``small``) / 6 cancels start-up and imports. The
+    figures do not depend on what else the machine is doing (Redis's own work is not counted)."""
+    import re
+
+    import redis
+
+    from flowdsl import compile_text
+    from flowdsl.runtime.redis import RedisClient
+
+    if shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind (apt-get install valgrind)")
+    plan = compile_text(SPEC)
+
+    async def submit(runs: int) -> None:
+        async with RedisClient(server.url, prefix=PREFIX) as client:
+            for i in range(0, runs, 250):
+                await asyncio.gather(*(client.submit(plan, {}, run_id=f"i{j}") for j in range(i, min(runs, i + 250))))
+
+    def count(what: str, runs: int) -> int:
+        server.flush()
+        if what == "floor":
+            r = redis.Redis.from_url(server.url)
+            r.xgroup_create("floor:q", "g", id="0", mkstream=True)
+            pipe = r.pipeline(transaction=False)
+            for i in range(runs):
+                pipe.xadd("floor:q", {"r": f"r{i}", "s": "1"})
+            pipe.execute()
+        else:
+            asyncio.run(submit(runs))
+        code = f"from benchmarks.bench_redis import drain; drain({server.url!r}, {what!r})"
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                              "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, check=True).stderr
+        found = re.search(r"Collected : (\d+)", out)
+        assert found is not None, out
+        return int(found.group(1))
+
+    per_step = {}
+    for what in ("floor", "flowdsl"):
+        per_step[what] = (count(what, large) - count(what, small)) / ((large - small) * STEPS)
+        print(f"{what}: {per_step[what] / 1e3:.1f}k instructions per step", flush=True)
+    print(f"flowdsl's worker: ×{per_step['flowdsl'] / per_step['floor']:.1f} the floor's loop")
+
+
 def _redis_cpu(r: Any) -> float:
     info = r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -239,16 +302,19 @@ def _redis_cpu(r: Any) -> float:
 # --- the floor: bare Redis Streams ---------------------------------------------------------------------
 
 
-def floor_worker(url: str) -> None:
-    """The floor's worker process: read a step, queue the next one, acknowledge — in pipelined batches."""
+def floor_worker(url: str, until_empty: bool = False) -> None:
+    """The floor's worker process: read a step, queue the next one, acknowledge — in pipelined batches
+    (``until_empty``: return once a read finds nothing, as ``--instructions`` needs)."""
     import redis
 
     r = redis.Redis.from_url(url)
     with contextlib.suppress(redis.ResponseError):
         r.xgroup_create("floor:q", "g", id="0", mkstream=True)
     while True:
-        reply = r.xreadgroup("g", "w", {"floor:q": ">"}, count=256, block=1000)
+        reply = r.xreadgroup("g", "w", {"floor:q": ">"}, count=256, block=1 if until_empty else 1000)
         if not reply:
+            if until_empty:
+                return
             continue
         pipe = r.pipeline(transaction=False)
         for entry_id, fields in reply[0][1]:
@@ -429,12 +495,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure every row this many times, one round after another; print each round and "
                              "the median of each ratio over the rounds")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of an in-process worker")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the instructions per step of one flowdsl worker and of the floor's loop "
+                             "(callgrind), not time")
     args = parser.parse_args(argv)
     server = Server()
     rounds: list[dict[str, Row]] = []
     try:
         if args.profile:
             print(profile_flowdsl(server, min(args.runs, 1000)))
+            return
+        if args.instructions:
+            instructions(server)
             return
         import redis
 
