@@ -25,8 +25,9 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisServer:
     """One private redis-server process; :meth:`kill` and :meth:`start` again keep its data (AOF)."""
 
-    def __init__(self, directory: Path | None = None):
+    def __init__(self, directory: Path | None = None, extra_args: tuple[str, ...] = ()):
         self.dir = Path(directory or tempfile.mkdtemp(prefix="fdr-", dir="/tmp"))
+        self.extra_args = extra_args
         self.socket = self.dir / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"unix://{self.socket}?db=0"
@@ -37,7 +38,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
              "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"), "--databases", "4"],
+             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"), "--databases", "4", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -448,6 +448,37 @@ def test_the_parser_used_without_hiredis_refuses_what_is_not_redis_at_once() -> 
         reader.gets()
 
 
+@pytest.mark.parametrize("use_hiredis", [True, False], ids=["hiredis", "python"])
+def test_a_server_still_loading_its_data_is_a_transient_error(use_hiredis: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-LOADING`` (a restarted Redis reading its data back) is redis-py's BusyLoadingError — one of the
+    errors every loop retries after a pause — with either reply parser, not a plain ResponseError that
+    stops a worker's loop; NOSCRIPT keeps its class, and other errors stay ResponseError."""
+    import redis
+
+    from flowdsl.runtime.redis import wire
+    from flowdsl.runtime.redis.connection import TRANSIENT
+
+    if use_hiredis and wire._hiredis is None:
+        pytest.skip("hiredis is not installed")
+    if not use_hiredis:
+        monkeypatch.setattr(wire, "_hiredis", None)
+    protocol = wire._Protocol()
+    loop = asyncio.new_event_loop()
+    try:
+        futures = [loop.create_future() for _ in range(3)]
+        protocol.waiting.extend((f, True) for f in futures)
+        protocol.data_received(b"-LOADING Redis is loading the dataset in memory\r\n-NOSCRIPT No matching script"
+                               b"\r\n-ERR wrong number of arguments\r\n")
+        loading, noscript, other = (f.exception() for f in futures)
+    finally:
+        loop.close()
+    assert isinstance(loading, redis.BusyLoadingError) and isinstance(loading, TRANSIENT)
+    assert "loading the dataset" in str(loading)
+    assert isinstance(noscript, redis.exceptions.NoScriptError)
+    assert type(other) is redis.ResponseError and not isinstance(other, TRANSIENT)
+
+
 def test_every_reporting_command_says_its_failure_as_one_json_object(tmp_path: Path) -> None:
     """With --format json, stdout carries exactly one JSON object whatever happens (as for `run`): a command
     that fails before it has one to give says why in `{"status": "error", "error": {"type", "message"}}`."""

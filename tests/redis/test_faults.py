@@ -213,6 +213,40 @@ def test_sigkill_redis_under_load_then_restart(tmp_path: Path) -> None:
         server.cleanup()
 
 
+def test_workers_ride_out_a_restart_while_redis_loads_its_data(tmp_path: Path) -> None:
+    """A restarted Redis answers ``-LOADING`` until it has read its data back; every loop of a worker
+    (reader, timers, reclaimer, heartbeats) waits that out as it waits out an outage, instead of stopping
+    the process — with a dataset big enough that the loading is seen."""
+    server = RedisServer(extra_args=("--enable-debug-command", "local")).start()
+    ledger = make_ledger(tmp_path)
+    procs = WorkerProcs(server.url, "loading", ["tests.redis.fault_workers"], lease=1.0, concurrency=4)
+    try:
+        filler = server.client()
+        filler.execute_command("SELECT", 3)  # another database: the runs' keys are not touched
+        filler.execute_command("DEBUG", "POPULATE", 1_500_000, "filler", 32)
+        filler.bgrewriteaof()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (filler.info("persistence")["aof_rewrite_in_progress"]
+                                              or filler.info("persistence")["aof_rewrite_scheduled"]):
+            time.sleep(0.1)
+        filler.close()
+        procs.start(2)
+        server.stop()  # SIGTERM: the data stays (AOF)
+        server.start(timeout=60)  # answers INFO while it loads
+        probe = server.client()
+        assert probe.info("persistence")["loading"] == 1, "the restart loaded too fast to test anything"
+        while probe.info("persistence")["loading"]:
+            time.sleep(0.05)
+        probe.close()
+        time.sleep(1.5)  # past a lease: every loop has met the server again
+        assert all(p.poll() is None for p in procs.procs), "a worker stopped while Redis was loading its data"
+        runs = asyncio.run(_submit(server.url, "loading", SEQUENCE, [{"ledger": ledger, "step_sleep": 0.0}] * 3))
+        _check_ledger(ledger, asyncio.run(_results(server.url, "loading", runs, timeout=30)))
+    finally:
+        procs.stop_all()
+        server.cleanup()
+
+
 def test_a_paused_worker_loses_its_lease_and_its_late_result_is_rejected(url: str, prefix: str,
                                                                         tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)

@@ -67,8 +67,13 @@ def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes
             for stream, entries in reply or ()]
 
 
-def _error(message: str) -> ResponseError:
-    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+# error replies whose first word redis-py turns into an error class of its own, which callers tell apart:
+# NOSCRIPT (load the script again) and LOADING (a restarted server still reading its data: transient)
+_ERRORS: dict[str, type[redis.RedisError]] = {"NOSCRIPT": NoScriptError, "LOADING": redis.BusyLoadingError}
+
+
+def _error(message: str) -> redis.RedisError:
+    return _ERRORS.get(message.split(" ", 1)[0], ResponseError)(message)
 
 
 def _encode(arg: Any) -> bytes:
