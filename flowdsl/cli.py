@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -85,6 +85,13 @@ def _seconds(low: float, high: float, span: str) -> Any:
         return value
 
     return check
+
+
+def _directory(value: str) -> Path:
+    """A typer parser of a directory option: an empty value is refused (exit 2) rather than read as ``.``."""
+    if value == "":
+        raise typer.BadParameter("an empty directory name; give a directory (. for the current one)")
+    return Path(value)
 
 
 NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
@@ -289,7 +296,7 @@ def convert(
         sys.stdout.write(text)
 
 
-EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C
+EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C (or SIGTERM, SIGHUP)
 
 
 def _fail(message: str, code: int = EXIT_USAGE, console: Any = None) -> typer.Exit:
@@ -332,7 +339,8 @@ def run(
     fmt: FormatOpt = OutputFormat.text,
     run_id: Annotated[str | None, typer.Option("--run-id", help="the run's id [default: generated]")] = None,
     runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records go [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]")] = None,
+        "--runs-dir", help="where run records go [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
+        parser=_directory)] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="do not write a run record")] = False,
     lm: Annotated[str | None, typer.Option(
         "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini")] = None,
@@ -353,26 +361,59 @@ def run(
     """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
 
     Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
-    usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C
-    (with --backend redis: stopped following; the run goes on). With --format json,
+    usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C, SIGTERM or SIGHUP
+    (with --backend redis: Ctrl-C stopped following; the run goes on). The first cancels the run and
+    undoes what completed (exit 1). With --format json,
     stdout carries exactly one JSON object whatever happens (see docs/runtime.md).
     """
     as_json = fmt is OutputFormat.json
     with _JsonChannel(as_json) as channel:
         try:
-            code = _run(channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed, backend,
-                        redis_url, prefix, detach, schedule_timeout, retention)
+            with _stopping_as_ctrl_c(backend is Backend.local):
+                code = _run(channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed,
+                            backend, redis_url, prefix, detach, schedule_timeout, retention)
         except _Stopped as stop:
             if stop.message:
                 _stderr().print(f"[red]{stop.label}[/]: {_escape(stop.message)}")
             if as_json and not channel.written:
                 channel.emit(stop.payload())
             code = stop.code
-        except KeyboardInterrupt:  # a Ctrl-C outside the run (while compiling, importing): stop, as documented
+        except KeyboardInterrupt as exc:  # a Ctrl-C outside the run (while compiling, importing): stop, as documented
+            message = str(exc) or "interrupted"  # typer exits 130 without a word: say it here
+            _stderr().print(f"[red]{_escape(message)}[/]")
             if as_json and not channel.written:
-                channel.emit({"status": "error", "error": {"type": "KeyboardInterrupt", "message": "interrupted"}})
+                channel.emit({"status": "error", "error": {"type": "KeyboardInterrupt", "message": message}})
             raise
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _stopping_as_ctrl_c(active: bool) -> Iterator[None]:
+    """SIGTERM and SIGHUP stop ``flowdsl run`` as Ctrl-C does where the run does not take them itself (while the
+    spec compiles and the worker modules import, while the summary prints): they raise KeyboardInterrupt. In the
+    main thread only; a signal that is ignored or handled already is left alone."""
+    import signal
+    import threading
+
+    from flowdsl.workers import signalled
+
+    def stop(signum: int, frame: Any) -> None:
+        raise signalled(KeyboardInterrupt(_STOP_WORDS.get(signal.Signals(signum).name, "interrupted")))
+
+    saved: dict[int, Any] = {}
+    if active and threading.current_thread() is threading.main_thread():
+        for name in _STOP_WORDS:
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                saved[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+_STOP_WORDS = {"SIGTERM": "terminated (SIGTERM)", "SIGHUP": "hung up (SIGHUP)"}
 
 
 class _Stopped(Exception):
@@ -503,6 +544,9 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     if not remote and (detach or redis_url is not None or prefix is not None or schedule_timeout is not None
                        or retention is not None):
         raise _Stopped("--detach, --redis-url, --prefix, --schedule-timeout and --retention need --backend redis")
+    if no_record and runs_dir is not None:
+        raise _Stopped(f"--no-record and --runs-dir {runs_dir} contradict each other: --no-record writes no record, "
+                       "--runs-dir says where to write it; give one of them")
     if run_id is not None:
         try:
             check_run_id(run_id)
@@ -543,6 +587,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         return code
 
     from flowdsl.runtime.local import LocalRun, RunAborted, WorkersMissing
+    from flowdsl.runtime.record import RecordError, RecordWriteError
     from flowdsl.runtime.report import LiveView, print_summary
     from flowdsl.workers import WorkerImportError
 
@@ -550,13 +595,16 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     try:
         with _user_code():
             local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
-                             on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True)
+                             on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True,
+                             handle_sigterm=True)
     except WorkersMissing as exc:
         raise _Stopped(str(exc), error_type="WorkersMissing") from None
     except WorkerImportError as exc:
         raise _Stopped(str(exc), error_type="WorkerImportError") from None
     except FileExistsError as exc:
         raise _Stopped(str(exc), error_type="RunExists", extra={"run_id": run_id}) from None
+    except RecordError as exc:  # the runs directory cannot take records: nothing ran
+        raise _Stopped(str(exc), error_type="RecordUnwritable") from None
     except ValueError as exc:
         raise _Stopped(str(exc)) from None
     import asyncio
@@ -565,10 +613,16 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         with view, _user_code():
             outcome = asyncio.run(local.run())
     except RunAborted as exc:
-        raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted",
-                       extra={"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}) from None
+        extra: dict[str, Any] = {"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}
+        if exc.result is not None:  # what was undone, and what is left to undo by hand
+            extra.update(compensated=exc.result.compensated, intervention=exc.result.intervention)
+            if not as_json:
+                print_summary(exc.result, _stderr())
+        raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted", extra=extra) from None
     except FileExistsError as exc:  # another run took the run id between the check and the start: nothing ran
         raise _Stopped(str(exc), error_type="RunExists", extra={"run_id": local.run_id}) from None
+    except RecordWriteError as exc:  # the record could not be created or begun: nothing ran
+        raise _Stopped(str(exc), error_type="RecordUnwritable", extra={"run_id": local.run_id}) from None
     except (OSError, RuntimeError) as exc:
         raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
     if as_json:
@@ -583,7 +637,8 @@ def show(
     run_id: Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)",
                                           metavar="RUN_ID", show_default=False)],
     runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records are [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]")] = None,
+        "--runs-dir", help="where run records are [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
+        parser=_directory)] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
@@ -592,9 +647,8 @@ def show(
 
 def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -> int:
     """The body of ``flowdsl show``: 0, or a usage error (:func:`_fail`)."""
-    from flowdsl.kernel import END_STATES
-    from flowdsl.runtime.record import RecordError, ends_mid_line, find_record, read_record
-    from flowdsl.runtime.report import print_timeline, result_from_record
+    from flowdsl.runtime.record import RecordError, find_record, read_record
+    from flowdsl.runtime.report import print_timeline, record_end_note, result_from_record
 
     try:
         path = find_record(run_id, runs_dir)
@@ -606,6 +660,8 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
         raise _fail(str(exc), console=console) from None
     try:
         outcome = result_from_record(header, lines, path)
+    except RecordError as exc:  # a line the replay does not explain: it names the file and the line
+        raise _fail(str(exc), console=console) from None
     except ValueError as exc:  # a header without a plan, a malformed start, events that do not replay
         raise _fail(f"cannot show the run record {path}: {exc}", console=console) from None
     except Exception as exc:  # a foreign record the checks let through: say so, never a traceback
@@ -614,12 +670,12 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
         sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
     else:
         print_timeline(outcome, lines, console)
-    if ends_mid_line(path):
+    if lines.cut_short:
         console.print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
                         "it); the run is shown as it stood at the line before")
-    if outcome.status not in END_STATES:
-        console.print(f"[yellow]note[/]: the record ends before the run did: the run is still going, or its "
-                        f"process stopped without finishing it (status as recorded: {outcome.status})")
+    early = record_end_note(outcome, lines)
+    if early is not None and fmt is OutputFormat.json:  # (in text, the timeline says it)
+        console.print(f"[yellow]note[/]: {_escape(early)}")
     return 0
 
 

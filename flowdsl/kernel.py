@@ -31,11 +31,11 @@ from typing import Any
 from flowdsl.kernel_core import RunState
 from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
 from flowdsl.kernel_program import Program, prepare, retry_delay
-from flowdsl.kernel_saga import END_STATES
+from flowdsl.kernel_saga import END_STATES, LATE_REASON
 
 __all__ = [
-    "END_STATES", "INPUT_EVENTS", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "Program", "apply",
-    "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
+    "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "Program",
+    "apply", "left_to_undo", "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout (``state["kernel"]``)
@@ -91,7 +91,8 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
         "input": input, "status": "running", "started_at": at, "finished_at": None, "error": None,
         "failed_step": None, "abort": None, "clock": 0, "seq": 0, "remaining": 0,
         "nodes": {}, "iterations": {}, "tasks": {}, "timers": {},
-        "saga": None, "compensations": {}, "compensated": [], "intervention": None, "context": None,
+        "saga": None, "compensations": {}, "compensated": [], "intervention": None, "late_completions": [],
+        "context": None,
     })
     machine = Machine(program, state, at)
     machine.start()
@@ -106,7 +107,10 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
     Commands and events share data with the state: treat them as read-only.
     A result for a task that is not in flight (a stale attempt, a run already
     over) is rejected with a ``result_rejected`` event and changes nothing
-    else; a timer that is no longer armed is ignored.
+    else — except a *late completion* (a success of a compensable step the run
+    recorded as cancelled, failed or timed out), which is also recorded and
+    makes the run end, or be at once, ``needs_intervention`` (docs/kernel.md,
+    "Late completions"); a timer that is no longer armed is ignored.
     """
     program = prepare(plan)
     machine = Machine(program, state, _time(event.get("at")))
@@ -171,6 +175,15 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
         "compensated": list(state["compensated"]), "intervention": state["intervention"],
         "context": state["context"],
     }
+
+
+def left_to_undo(plan: Plan, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """What undoing a run that stops now would leave undone: every completed step with a compensation not yet
+    undone, in the order to undo it, each as ``state["intervention"]["steps"]`` lists it (docs/kernel.md).
+
+    For a runtime that stops a run at once (its process aborted, mid-run or mid-compensation); read-only.
+    """
+    return Machine(prepare(plan), state, 0).left_to_undo()
 
 
 def _sort_key(program: Program, state: dict[str, Any], ikey: str) -> list[int]:

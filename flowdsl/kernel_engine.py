@@ -14,7 +14,7 @@ from typing import Any
 from flowdsl.expr import ExpressionError, truthy
 from flowdsl.kernel_core import DONE, error, switch_label
 from flowdsl.kernel_program import Json, retry_delay, retryable
-from flowdsl.kernel_saga import END_STATES, Saga
+from flowdsl.kernel_saga import END_STATES, LATE_REASON, Saga
 
 #: the error type of an LLM call made with no model configured: never retried, goes to the fallback
 LLM_NOT_CONFIGURED = "LLMNotConfigured"
@@ -64,6 +64,8 @@ class Machine(Saga):
                 if kind != "task_started":
                     reason = "run finished" if self.s["status"] in END_STATES else "stale or unknown task"
                     self.emit("result_rejected", task_id=task_id, reason=reason, result_type=kind)
+                    if kind == "task_succeeded":
+                        self._late_completion(task_id, event.get("result"))
                 return
             if kind == "task_started":
                 self.emit("attempt_started", task["step"], attempt=task["attempt"], task_id=task_id)
@@ -353,6 +355,48 @@ class Machine(Saga):
             self._node_done(ikey)
         else:
             self.maybe_compensate()
+
+    def _late_completion(self, task_id: str, result: Json) -> None:
+        """A success for a task no longer in flight: a *late completion* when it is an attempt of a step with a
+        compensation whose record did not end ``succeeded`` (cancelled, failed, timed out: the run believes it
+        had no effect) and its result is one the step would have succeeded with. Its effect stands but the run
+        has already decided what to undo: recorded (``late_completions``), so that the run ends, or if it has
+        ended now is, ``needs_intervention`` with the step's compensation left to run by hand (docs/kernel.md,
+        "Late completions"). Anything else (a duplicate, a non-compensable step, a stale attempt while a newer
+        one is in flight or waiting to retry, a compensation's attempt) changes nothing."""
+        prefix = self.run_id + "/"
+        ikey, _, mark = task_id[len(prefix):].rpartition("#") if task_id.startswith(prefix) else ("", "", "")
+        digits = mark[1:] if mark.startswith("f") else mark
+        rec = self.nodes.get(ikey)
+        if not (digits.isascii() and digits.isdigit()) or rec is None or not self.is_step(rec["node"]) \
+                or rec["status"] not in ("cancelled", "failed") or self.s["status"] == "running":
+            return
+        node = self.p.nodes[rec["node"]]
+        attempt = int(digits)
+        if not node.get("compensate") or not 1 <= attempt <= rec.get("attempts", 0) \
+                or any(item["step"] == ikey for item in self.s.get("late_completions") or ()):
+            return
+        result = {} if result is None else result
+        if not isinstance(result, dict):
+            return  # judged as on time: an attempt that failed (OutputInvalid), not a completion
+        try:
+            if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result,
+                                                              context=self.context(ikey), own=result)):
+                return  # a result the step fails with: no effect to undo, as on time
+            out = self._mapped_output(ikey, result)
+        except ExpressionError:
+            return
+        idem = self.idempotency_key(ikey)
+        worker = node["compensate"]["worker"]
+        entry: dict[str, Any] = {"step": ikey, "node": rec["node"], "task_id": task_id, "attempt": attempt,
+                                 "idempotency_key": idem, "compensation": worker, "result": result, "at": self.at}
+        if out is not None:
+            entry["out"] = out
+        self.s.setdefault("late_completions", []).append(entry)  # (a state from before this field lacks it)
+        self.emit("late_completion", ikey, attempt=attempt, task_id=task_id, idempotency_key=idem,
+                  compensation=worker, run_status=self.s["status"], reason=LATE_REASON)
+        if self.s["status"] in END_STATES:
+            self.reopen_for_late_completion(entry)
 
     def _chain_step(self, task_id: str, task: dict[str, Any], result: Json) -> bool:
         """A plain step succeeded: decided in one straight line, with the plain step it starts, if any.

@@ -25,6 +25,12 @@ from flowdsl.kernel_program import Json, retry_delay, retryable
 
 #: the states in which a run is over
 END_STATES = frozenset({"completed", "failed", "compensated", "needs_intervention", "cancelled"})
+#: a compensation's status -> its ``status`` in ``intervention``: ``failed`` (for good, or it was waiting to
+#: retry when the run stopped), ``in_flight`` (running when the run stopped: it may or may not have taken effect)
+_LEFT_STATUS = {"failed": "failed", "retrying": "failed", "running": "in_flight"}
+#: the ``reason`` of a step left to undo by hand because it completed late (docs/kernel.md, "Late completions")
+LATE_REASON = ("the step completed after the run had decided what to undo (a late result, e.g. from a worker whose "
+               "lease had expired): its effect stands and its compensation was never run")
 
 
 class Saga(Core):
@@ -78,11 +84,20 @@ class Saga(Core):
 
     # --- compensation ---------------------------------------------------------------
 
-    def _start_saga(self) -> None:
-        done = [(rec["t1"], ikey) for ikey, rec in self.nodes.items()
+    def _undoable(self) -> list[tuple[int, str]]:
+        """(completion mark, instance key) of every completed step that has a compensation."""
+        return [(rec["t1"], ikey) for ikey, rec in self.nodes.items()
                 if rec["status"] == "succeeded" and self.is_step(rec["node"])
                 and self.p.nodes[rec["node"]].get("compensate")]
+
+    def _start_saga(self) -> None:
+        done = self._undoable()
         if not done:
+            late = self._late_left()
+            if late:
+                self.s["intervention"] = {"steps": late}
+                self.finish("needs_intervention")
+                return
             self.finish("cancelled" if self.s["abort"] == "cancelled" else "failed")
             return
         done.sort(reverse=True)
@@ -115,9 +130,10 @@ class Saga(Core):
         if saga["active"] == 0:
             self._end_saga()
 
-    def compensation_input(self, ikey: str) -> Json:
-        """The context the step saw plus its contribution, or its compensation's ``with`` over that."""
-        rec = self.nodes[ikey]
+    def compensation_input(self, ikey: str, rec: dict[str, Any] | None = None) -> Json:
+        """The context the step saw plus its contribution, or its compensation's ``with`` over that
+        (``rec``: the step's record as it would be had it succeeded, for a late completion)."""
+        rec = self.nodes[ikey] if rec is None else rec
         ctx = self.context(ikey)
         data = {**ctx, **self.contribution(rec)}
         template = self.p.nodes[rec["node"]]["compensate"].get("with")
@@ -195,32 +211,65 @@ class Saga(Core):
     def _end_saga(self) -> None:
         comps: dict[str, dict[str, Any]] = self.s["compensations"]
         left = [k for k in self.s["saga"]["order"] if comps[k]["status"] != "done"]
-        if left:
-            self.s["intervention"] = {"steps": [self._left_to_undo(k) for k in left]}
+        late = self._late_left()
+        if left or late:
+            self.s["intervention"] = {"steps": late + [self._left_to_undo(k) for k in left]}
             self.finish("needs_intervention")
         else:
             self.finish("cancelled" if self.s["abort"] == "cancelled" else "compensated")
 
-    def _left_to_undo(self, ikey: str) -> dict[str, Any]:
-        comp = self.s["compensations"][ikey]
+    def left_to_undo(self) -> list[dict[str, Any]]:
+        """Every completed step with a compensation that is not undone, in the order to undo it, each as
+        ``intervention`` lists it: what a run stopped at once (its process aborted) leaves to undo by hand."""
+        saga = self.s["saga"]
+        order = saga["order"] if saga else [ikey for _, ikey in sorted(self._undoable(), reverse=True)]
+        comps: dict[str, dict[str, Any]] = self.s["compensations"]
+        left = [self._left_to_undo(k) for k in order if k not in comps or comps[k]["status"] != "done"]
+        return self._late_left() + left  # as _end_saga lists them
+
+    def _left_to_undo(self, ikey: str, late: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One step left to undo by hand, as ``intervention`` lists it (``late``: its ``late_completions``
+        entry, for a step that completed late: its compensation was never run, its input is built from the
+        late result, and ``reason`` says why)."""
+        comp = self.s["compensations"].get(ikey) or {"status": "pending", "attempt": 0, "error": None}
         rec = self.nodes[ikey]
+        if late is not None:
+            comp = {"status": "pending", "attempt": 0, "error": None}
+            rec = {**rec, "result": late["result"], **({"out": late["out"]} if "out" in late else {})}
         idem = self.idempotency_key(ikey)
         last = comp["error"]
         data: Json = None
         try:
-            data = self.compensation_input(ikey)
+            data = self.compensation_input(ikey, rec)
         except ExpressionError as exc:
             last = last or error("ExpressionError", exc.message)
-        return {"step": ikey, "node": rec["node"], "worker": self.p.nodes[rec["node"]]["compensate"]["worker"],
-                "status": "failed" if comp["status"] == "failed" else "not_attempted",
+        item = {"step": ikey, "node": rec["node"], "worker": self.p.nodes[rec["node"]]["compensate"]["worker"],
+                "status": _LEFT_STATUS.get(comp["status"], "not_attempted"),
                 "input": data, "idempotency_key": idem + "/compensate",
                 "step_idempotency_key": idem, "attempts": comp["attempt"], "last_error": last,
                 "step_result": rec.get("result")}
+        if late is not None:
+            item["reason"] = LATE_REASON
+        return item
+
+    def _late_left(self) -> list[dict[str, Any]]:
+        """The late completions, as ``intervention`` lists them: the latest first (they completed last)."""
+        late: list[dict[str, Any]] = self.s.get("late_completions") or []
+        return [self._left_to_undo(entry["step"], entry) for entry in reversed(late)]
+
+    def reopen_for_late_completion(self, entry: dict[str, Any]) -> None:
+        """A late completion for a run that has ended: it is ``needs_intervention`` now, its ``intervention``
+        listing the step first (before anything already left to undo), announced by ``run_finished`` again."""
+        previous = self.s["status"]
+        kept = (self.s["intervention"] or {}).get("steps") or []
+        self.s["intervention"] = {"steps": [self._left_to_undo(entry["step"], entry), *kept]}
+        self.finish("needs_intervention", previous_status=previous)
 
     # --- the end --------------------------------------------------------------------------
 
-    def finish(self, status: str) -> None:
-        """End the run: settle leftover records and timers, record the final context, say so."""
+    def finish(self, status: str, **extra: Any) -> None:
+        """End the run: settle leftover records and timers, record the final context, say so (``extra``: more
+        fields of ``run_finished``)."""
         self.s.update(status=status, finished_at=self.at)
         self.queue.clear()
         for timer_id in list(self.timers):
@@ -234,5 +283,5 @@ class Saga(Core):
         self.s["context"] = self.final_context()
         err = self.s["error"]
         self.emit("run_finished", self.s["failed_step"], error=err, status=status,
-                  compensated=list(self.s["compensated"]))
+                  compensated=list(self.s["compensated"]), **extra)
         self.command("finish", status=status, error=err)

@@ -333,6 +333,13 @@ def from_sigint(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) and bool(getattr(exc, _SIGNALLED, False))
 
 
+def signalled(exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """``exc`` marked as a real interrupt (:func:`from_sigint`): for a handler of another signal that stops what
+    runs as Ctrl-C does (``flowdsl run``: SIGTERM, SIGHUP) to raise."""
+    setattr(exc, _SIGNALLED, True)
+    return exc
+
+
 @contextlib.contextmanager
 def marking_sigint() -> Iterator[None]:
     """While inside, the ``KeyboardInterrupt`` of a real Ctrl-C is marked as such (:func:`from_sigint`), so that

@@ -26,9 +26,11 @@ def dumps(value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] 
     (without it, such a value raises ``TypeError``)."""
     try:
         return orjson.dumps(value, default=default, option=_SORTED if sort_keys else None)
-    except TypeError:  # an integer beyond 64 bits (or, without ``default``, a value that is not JSON)
+    except TypeError:  # an integer beyond 64 bits, a lone surrogate (or, without ``default``, a value that is not JSON)
+        # a lone surrogate (which the runtimes keep out of run data, but a model's reply may hold one) is written
+        # as its JSON escape, "\udc80", which reads back as the same string
         return _EXACT + json.dumps(value, sort_keys=sort_keys, ensure_ascii=False, separators=(",", ":"),
-                                   default=default).encode()
+                                   default=default).encode("utf-8", "backslashreplace")
 
 
 def loads(raw: bytes | str) -> Any:

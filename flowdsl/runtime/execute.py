@@ -29,7 +29,8 @@ What :func:`execute` does:
   into the event it emits about that attempt (docs/kernel.md);
 - an exception becomes ``task_failed`` with ``{"type": class name, "message":
   str(exc), "types": the class names of its MRO}`` (:func:`error_types`; plus a
-  ``traceback`` field for the record), and so does any
+  ``traceback`` field for the record; message and traceback made safe to write,
+  see :func:`error_message`), and so does any
   other ``BaseException`` a worker raises: ``sys.exit()`` (type
   ``SystemExit``), ``KeyboardInterrupt``, ``GeneratorExit`` — all but a
   cancellation and the ``KeyboardInterrupt`` of a real Ctrl-C (see
@@ -59,6 +60,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
@@ -69,9 +71,9 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.workers import StepContext, Worker, WorkerRegistry, from_sigint, marking_sigint
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "Suspended", "cancellable", "copy_json", "error_types",
-           "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "resume", "start",
-           "text_problem", "worker_references"]
+__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "Suspended", "cancellable", "copy_json", "error_message",
+           "error_types", "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "resume",
+           "start", "text_problem", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -288,15 +290,46 @@ def _failure_event(task_id: str, exc: BaseException) -> dict[str, Any]:
 
 
 def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
-    try:
-        message = f"the worker called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else str(exc)
-    except Exception as broken:  # an exception whose __str__ fails must not take the run down with it
-        message = f"(its message could not be read: {type(broken).__name__}: {broken})"
+    if isinstance(exc, SystemExit):
+        message = _readable(lambda: f"the worker called sys.exit({exc.code!r})")
+    else:
+        message = error_message(exc)
     event = _failed(task_id, type(exc).__name__, message)
     event["error"]["types"] = error_types(exc)
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = _readable(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     event["traceback"] = text if len(text) <= _TRACEBACK_LIMIT else "…" + text[-_TRACEBACK_LIMIT:]
     return event
+
+
+def error_message(exc: BaseException) -> str:
+    """``str(exc)``, safe to record and print: a lone surrogate in it (a file name decoded with
+    ``surrogateescape``) is written as its escape (``\\udcff``); when ``__str__`` itself fails, a note saying
+    what that second failure was (its type alone when its own message cannot be read either)."""
+    return _readable(lambda: str(exc))
+
+
+def _readable(make: Callable[[], str]) -> str:
+    """What ``make()`` gives (:func:`_safe`), or a note of why it could not be read."""
+    try:
+        return _safe(make())
+    except BaseException as broken:  # whatever a hostile __str__/__repr__ raises, except a real Ctrl-C
+        if from_sigint(broken):
+            raise
+        failure = broken
+    try:  # the second failure's own message, read once: its __str__ may fail too
+        said = _safe(str(failure))
+    except BaseException as again:
+        if from_sigint(again):
+            raise
+        said = ""
+    return f"(its message could not be read: {type(failure).__name__}{': ' + said if said else ''})"
+
+
+def _safe(text: str) -> str:
+    """``text`` as a plain ``str`` that encodes as UTF-8: each lone surrogate becomes its escape, ``\\udcff``."""
+    if type(text) is not str:
+        text = str.__str__(text)
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_types(exc: BaseException) -> list[str]:
@@ -424,7 +457,9 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
     """Where and why ``value`` is not plain JSON data (None when it is).
 
     Accepted: dicts with string keys, lists, strings (valid Unicode: no lone
-    surrogates), booleans, None, ints and finite floats, nested at most :data:`MAX_JSON_DEPTH` levels — what survives
+    surrogates), booleans, None, ints (of at most the digits Python converts to text:
+    ``sys.get_int_max_str_digits()``, 4,300 by default) and finite floats, nested at most
+    :data:`MAX_JSON_DEPTH` levels — what survives
     a JSON round trip unchanged, so that a recorded run replays to the same
     state and the Redis runtime can store it.
     """
@@ -440,7 +475,7 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
             if type(v) is str:
                 if not v.isascii() and text_problem(v) is not None:
                     return f"at {path}/{k}: the text {text_problem(v)}"
-            elif not (v is None or type(v) in _SCALARS):
+            elif not (v is None or (type(v) in _SCALARS and -_LONG < v < _LONG)):
                 problem = json_problem(v, f"{path}/{k}", depth + 1)
                 if problem is not None:
                     return problem
@@ -450,7 +485,7 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
             if type(v) is str:
                 if not v.isascii() and text_problem(v) is not None:
                     return f"at {path}/{i}: the text {text_problem(v)}"
-            elif not (v is None or type(v) in _SCALARS):
+            elif not (v is None or (type(v) in _SCALARS and -_LONG < v < _LONG)):
                 problem = json_problem(v, f"{path}/{i}", depth + 1)
                 if problem is not None:
                     return problem
@@ -458,14 +493,33 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> str | None:
     if isinstance(value, str):
         problem = None if value.isascii() else text_problem(value)
         return None if problem is None else f"at {path or '/'}: the text {problem}"
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        if _int_fits(value):
+            return None
+        return (f"at {path or '/'}: the integer has more than {sys.get_int_max_str_digits()} digits, more than "
+                "Python converts to text (sys.set_int_max_str_digits); pass such a number as a string")
     if isinstance(value, float):
         return None if math.isfinite(value) else f"at {path or '/'}: {value} is not a JSON number"
     return f"at {path or '/'}: a {type(value).__name__} is not JSON (use dicts, lists, strings, numbers, booleans)"
 
 
 _SCALARS = frozenset({int, bool})
+#: ints closer to zero than this are short enough for any int-str limit (which is 640 digits at least)
+_LONG = 1 << 2000
+
+
+def _int_fits(value: int) -> bool:
+    """Whether ``value`` can be written as JSON text and read back: Python refuses to convert ints of more than
+    ``sys.get_int_max_str_digits()`` digits to text (and back), and the JSON codecs with it."""
+    if -_LONG < value < _LONG:
+        return True
+    try:
+        int.__repr__(value)
+    except ValueError:
+        return False
+    return True
 
 
 class NotJSON(ValueError):
@@ -511,7 +565,7 @@ def _plain(value: Any, depth: int) -> Any:
         if not value.isascii() and text_problem(value) is not None:
             raise _NotPlain
         return value
-    if value is None or kind is int or kind is bool:
+    if value is None or kind is bool or (kind is int and -_LONG < value < _LONG):
         return value
     return _plain_other(value, depth)
 
@@ -546,7 +600,10 @@ def _plain_other(value: Any, depth: int) -> Any:
     if isinstance(value, str):
         return _plain(str.__str__(value), depth)
     if isinstance(value, int):  # bool has no subclasses: an int subclass (IntEnum, IntFlag) is a number
-        return int.__int__(value)
+        value = int.__int__(value)
+        if not _int_fits(value):  # too long to write as text
+            raise _NotPlain
+        return value
     if isinstance(value, dict):
         return _plain_dict(value, depth)
     if isinstance(value, list):
@@ -631,14 +688,16 @@ class _DaemonThreads:
             try:
                 result = call()
             except BaseException as exc:  # handed to the awaiting coroutine, whatever it is
-                future.set_exception(_Raised(exc) if isinstance(exc, StopIteration) else exc)
+                future.set_exception(_Raised(exc) if isinstance(exc, StopIteration | GeneratorExit) else exc)
             else:
                 future.set_result(result)
 
 
 class _Raised(Exception):
-    """A ``StopIteration`` a sync worker raised, on its way out of the thread: asyncio cannot set it on a
-    future (nor may it leave a coroutine), so it travels wrapped, and :func:`_failure_event` unwraps it."""
+    """A ``StopIteration`` or ``GeneratorExit`` a sync worker raised, on its way out of the thread, wrapped:
+    asyncio cannot set a ``StopIteration`` on a future (nor may it leave a coroutine), and a ``GeneratorExit``
+    thrown into the awaiting task closes its coroutines instead (their answer is lost, the task dies without
+    one); :func:`_failure_event` unwraps it."""
 
     def __init__(self, exc: BaseException):
         super().__init__(exc)

@@ -7,6 +7,7 @@ Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -21,28 +22,34 @@ class InputError(Exception):
 def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """The run input from a JSON file (``-`` for stdin, None for ``{}``) with ``key=value`` overrides.
 
-    The file (or stdin) is read as bytes and must be UTF-8. An override's key is
+    The file (or stdin) is read as bytes and must be UTF-8 (a byte order mark at its
+    start is skipped, as in spec files). An override's key is
     a path of names joined by dots (``order.notify=false``), none of them empty;
-    its value is JSON when it parses as JSON, else a string. Raises
+    its value is JSON when it parses as JSON, else a string. An integer of more
+    digits than Python reads (``sys.get_int_max_str_digits()``, 4,300 by default) is
+    refused, in the file or in an override. Raises
     :class:`InputError` saying what is wrong and where.
     """
     data: dict[str, Any] = {}
     if source is not None:
         name = "stdin" if source == "-" else source
-        try:
-            if source == "-":
-                stream = getattr(sys.stdin, "buffer", None)
-                raw = stream.read() if stream is not None else sys.stdin.read()
-            else:
+        if source == "-":
+            raw = _read_stdin()
+        else:
+            try:
                 with open(source, "rb") as fh:
                     raw = fh.read()
-        except OSError as exc:
-            raise InputError(f"cannot read input file '{source}': {exc.strerror or exc}") from None
-        text = _decode(raw, name) if isinstance(raw, bytes) else raw
+            except OSError as exc:
+                raise InputError(f"cannot read input file '{source}': {exc.strerror or exc}") from None
+        text = (_decode(raw, name) if isinstance(raw, bytes) else raw).removeprefix("\ufeff")
         try:
-            parsed = json.loads(text)
+            parsed = json.loads(text, object_pairs_hook=_distinct)
+        except _DuplicateKey:
+            raise InputError(_duplicate(text, name)) from None
         except json.JSONDecodeError as exc:
             raise InputError(f"{name}:{exc.lineno}:{exc.colno}: input is not valid JSON: {exc.msg}") from None
+        except ValueError as exc:  # an integer too long for int() (JSONDecodeError is a ValueError: caught above)
+            raise InputError(_too_long(text, exc, name)) from None
         except RecursionError:
             raise InputError(f"{name}: the input nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
                              "are accepted)") from None
@@ -68,9 +75,13 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
             raise InputError(f"--set {item}: the key '{key}' has an empty name; a key is one or more names "
                              "joined by single dots, with none empty (e.g. order.notify=false)")
         try:
-            value = json.loads(raw_value)
+            value = json.loads(raw_value, object_pairs_hook=_distinct)
+        except _DuplicateKey:
+            raise InputError(_duplicate(raw_value, f"--set {key}", at_line=False)) from None
         except json.JSONDecodeError:
             value = raw_value
+        except ValueError as exc:  # an integer too long for int(): a number, refused rather than taken for text
+            raise InputError(_too_long(raw_value, exc, f"--set {key}", at_line=False)) from None
         except RecursionError:
             raise InputError(f"--set {key}: the value nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
                              "are accepted)") from None
@@ -79,6 +90,41 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
             raise InputError(f"--set {key}: the value is not plain JSON data: {problem}")
         _assign(data, path, value, item)
     return data
+
+
+def _read_stdin() -> bytes | str:
+    """All of stdin; an InputError when there is none to read (closed: ``<&-``, or no console at all)."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise InputError("cannot read the input from stdin: this process has no stdin (it was closed); give the "
+                         "input with --input FILE")
+    try:
+        stream = getattr(stdin, "buffer", None)
+        return stream.read() if stream is not None else stdin.read()
+    except (OSError, ValueError) as exc:  # ValueError: a stdin closed by the program itself
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"cannot read the input from stdin: {reason}; give the input with --input FILE") from None
+
+
+#: a JSON string (skipped whole: digits inside it are text) or a JSON number
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?', re.S)
+
+
+def _too_long(text: str, exc: ValueError, where: str, *, at_line: bool = True) -> str:
+    """What to say about the ``ValueError`` of reading ``text`` as JSON: where (``where``, then line:column with
+    ``at_line``) the integer too long to read is."""
+    limit = sys.get_int_max_str_digits()
+    for match in _TOKEN.finditer(text):
+        digits = match.group().lstrip("-")
+        if digits.isdigit() and len(digits) > limit > 0:  # (the first one: reading stopped there)
+            at = match.start()
+            if at_line:
+                line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+                where = f"{where}:{line}:{column}"
+            return (f"{where}: an integer of {len(digits)} digits, more than the {limit} Python reads "
+                    "(sys.set_int_max_str_digits); expected a number of at most that many digits (give a longer "
+                    "one as a string)")
+    return f"{where}: the input cannot be read: {exc}"
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -90,6 +136,55 @@ def _decode(raw: bytes, name: str) -> str:
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InputError(f"{name}:{line}:{col}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
                          f"{exc.start}); the run input must be JSON text in UTF-8") from None
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice (not a ValueError: the json module's own errors are those)."""
+
+
+def _distinct(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: an object's members as a dict; :class:`_DuplicateKey` when a key comes twice (json
+    would keep the last one silently)."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise _DuplicateKey
+    return members
+
+
+#: a JSON string (skipped whole), or a character that opens, closes or separates
+_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
+
+
+def _duplicate(text: str, where: str, *, at_line: bool = True) -> str:
+    """What to say about JSON ``text`` holding a key twice in one object: the key, and where (``where``, then
+    line:column with ``at_line``, else the character) its second occurrence is."""
+    objects: list[set[str] | None] = []  # per open container: the keys seen (None for an array)
+    key_next = False
+    for match in _STRUCTURE.finditer(text):
+        token = match.group()
+        if token in "{[":
+            objects.append(set() if token == "{" else None)
+            key_next = token == "{"
+        elif token in "}]":
+            objects.pop()
+            key_next = False
+        elif token == ",":
+            key_next = bool(objects) and objects[-1] is not None
+        elif token == ":":
+            key_next = False
+        elif key_next and objects and objects[-1] is not None:
+            key, keys, key_next = json.loads(token), objects[-1], False
+            if key in keys:
+                at = match.start()
+                if at_line:
+                    line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+                    where = f"{where}:{line}:{column}"
+                else:
+                    where = f"{where} (at character {at + 1} of the value)"
+                return (f"{where}: the key {json.dumps(key, ensure_ascii=False)} appears twice in one object; "
+                        "expected each key once (JSON readers differ on which one counts)")
+            keys.add(key)
+    return f"{where}: a key appears twice in one object; expected each key once"
 
 
 def _kind(value: Any) -> str:

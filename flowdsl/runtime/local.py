@@ -22,9 +22,9 @@ a header with the plan and the input), so ``kernel.replay`` over the recorded
 input events reproduces the run's decisions exactly.
 
 Cancelling: :meth:`LocalRun.cancel` (and, with ``handle_sigint``, the first
-Ctrl-C) feeds ``cancel_requested``: in-flight steps are cancelled and every
-completed step with a compensation is undone, then the run ends ``cancelled``.
-:meth:`LocalRun.abort` (the second Ctrl-C, or cancelling the task awaiting
+Ctrl-C; with ``handle_sigterm``, the first SIGTERM or SIGHUP) feeds ``cancel_requested``: in-flight steps are
+cancelled and every completed step with a compensation is undone, then the run ends ``cancelled``.
+:meth:`LocalRun.abort` (a second such signal, or cancelling the task awaiting
 the run) stops at once, compensating nothing; the record then ends with a
 ``runtime_aborted`` line. Either one asked before the run has started is
 held: a cancel is applied as the run starts (its first dispatches are held,
@@ -53,12 +53,14 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from flowdsl.kernel import INPUT_EVENTS, Decision, apply, start_event, start_run
+from flowdsl.kernel import INPUT_EVENTS, Decision, apply, left_to_undo, start_event, start_run
 from flowdsl.runtime.execute import (
     NotJSON,
     Suspended,
     cancellable,
     copy_json,
+    error_message,
+    error_types,
     execute,
     marking_sigint,
     missing_workers,
@@ -67,9 +69,16 @@ from flowdsl.runtime.execute import (
     start,
 )
 from flowdsl.runtime.plancheck import check_plan
-from flowdsl.runtime.record import RunRecorder, check_records_dir, new_run_id, record_path
-from flowdsl.runtime.report import NOT_STARTED, RunResult
-from flowdsl.workers import WorkerImportError, WorkerRegistry, import_worker_modules
+from flowdsl.runtime.record import (
+    RecordError,
+    RecordWriteError,
+    RunRecorder,
+    check_records_dir,
+    new_run_id,
+    record_path,
+)
+from flowdsl.runtime.report import NOT_STARTED, RunResult, stopped_while
+from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
 __all__ = ["RECORDED_INPUTS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id", "run", "run_flow"]
 
@@ -81,18 +90,29 @@ NoticeHook = Callable[[str], None]
 
 
 class RunAborted(Exception):
-    """The run was stopped at once (a second Ctrl-C, :meth:`LocalRun.abort`): nothing was compensated."""
+    """The run was stopped at once (a second Ctrl-C or stop signal, :meth:`LocalRun.abort`): steps in flight
+    were abandoned and nothing more was compensated.
 
-    def __init__(self, run_id: str, status: str, record: Path | None):
+    ``status`` is the state it stopped in; ``result`` the run as it stood then (None when it had not started),
+    its ``intervention`` listing what is left to undo by hand: the completed steps with a compensation that were
+    not undone, in the order to undo them (``kernel.left_to_undo``), also in ``left_to_undo``.
+    """
+
+    def __init__(self, run_id: str, status: str, record: Path | None, *, result: RunResult | None = None):
         where = f"; its record ends at {record}" if record else ""
+        left: list[dict[str, Any]] = (result.intervention or {}).get("steps", []) if result is not None else []
         if status == NOT_STARTED:
             super().__init__(f"run {run_id} was aborted before it started: nothing ran{where}")
         else:
-            super().__init__(f"run {run_id} was aborted while {status}: steps in flight were abandoned and "
-                             f"nothing more was compensated{where}")
+            todo = ("left to undo by hand: " + ", ".join(str(item["step"]) for item in left)) if left else \
+                "no completed step was left undone"
+            super().__init__(f"run {run_id} was aborted {stopped_while(status)}: steps in flight were abandoned "
+                             f"and nothing more was compensated; {todo}{where}")
         self.run_id = run_id
         self.status = status
         self.record = record
+        self.result = result
+        self.left_to_undo = left
 
 
 class WorkersMissing(ValueError):
@@ -109,15 +129,22 @@ _BURST = 64
 _log = logging.getLogger("flowdsl.local")
 
 
-class _SigintRuns:
-    """The runs of one event loop that take Ctrl-C (the last one has it), and what was there before them."""
+class _SignalRuns:
+    """The runs of one event loop that take stop signals (per signal, the last one has it), and what was there
+    before them: per signal, its Python-level handler and the loop's own handler; the wakeup fd before the first."""
 
-    def __init__(self, before: tuple[Any, Any, int]):
-        self.before = before  # (Python-level handler, the loop's own handler, wakeup fd)
-        self.runs: list[LocalRun] = []
+    def __init__(self, wakeup_fd: int):
+        self.wakeup_fd = wakeup_fd
+        self.before: dict[int, tuple[Any, Any]] = {}
+        self.runs: dict[int, list[LocalRun]] = {}
 
 
-_SIGINT_RUNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SigintRuns] = weakref.WeakKeyDictionary()
+_SIGNAL_RUNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SignalRuns] = weakref.WeakKeyDictionary()
+#: the signals ``handle_sigterm`` takes, besides SIGINT (``handle_sigint``), as far as the platform has them
+_TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: what a stop signal did, in the notices and the cancel's reason: (verb, its name for people)
+_SIGNAL_WORDS = {"SIGINT": ("interrupted", "Ctrl-C"), "SIGTERM": ("terminated", "SIGTERM"),
+                 "SIGHUP": ("hung up", "SIGHUP")}
 
 
 def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -164,7 +191,7 @@ class LocalRun:
                  on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
-                 spec_path: str | os.PathLike[str] | None = None):
+                 spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False):
         if not isinstance(plan, dict):
             raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
                             f"flowdsl.compile_text(); got {type(plan).__name__}")
@@ -207,6 +234,7 @@ class LocalRun:
         self.registry = registry
         self.adapter = adapter
         self.handle_sigint = handle_sigint
+        self.handle_sigterm = handle_sigterm
         self.on_event = on_event
         self.on_notice = on_notice
         self.state: dict[str, Any] = {}
@@ -221,7 +249,7 @@ class LocalRun:
         self._finished = False
         self._started = False
         self._interrupts = 0
-        self._sigint_installed = False
+        self._signals: list[int] = []  # the stop signals this run took, in the order it took them
         #: what cancel() or abort() asked before the run started: ("cancel" | "abort", reason)
         self._early: tuple[str, str] | None = None
         self._holding = False  # dispatches are held, not carried out (a cancel asked before the start)
@@ -238,9 +266,10 @@ class LocalRun:
         """Run to an end state and return the result.
 
         Raises :class:`RunAborted` after :meth:`abort` (asked before the run started: at once, nothing having
-        run or been recorded), and ``OSError`` when the record's first lines cannot be written (then nothing
-        ran and no record is left). A record that cannot be written later does not stop the run: it goes on
-        unrecorded, and the result's ``record_error`` says why the record is incomplete.
+        run or been recorded), and ``RecordWriteError`` (an ``OSError``) when the record cannot be created or
+        its first lines written (then nothing ran and no record is left). A record that cannot be written later
+        does not stop the run: it goes on unrecorded, and the result's ``record_error`` says why the record is
+        incomplete.
         """
         if self._started:
             raise RuntimeError("a LocalRun runs once")
@@ -256,8 +285,8 @@ class LocalRun:
         if self.record_path is not None:
             self._open_record(start)
         try:
-            self._install_sigint()
-            if not self._sigint_installed:  # a real Ctrl-C raising in a worker stops the run, not the step
+            self._install_signals()
+            if signal.SIGINT not in self._signals:  # a real Ctrl-C raising in a worker stops the run, not the step
                 self._marking = marking_sigint()
                 self._marking.__enter__()
             self._draining = True
@@ -279,7 +308,7 @@ class LocalRun:
                 raise
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
         finally:
-            self._remove_sigint()
+            self._remove_signals()
             if self._marking is not None:
                 self._marking.__exit__(None, None, None)
                 self._marking = None
@@ -319,7 +348,17 @@ class LocalRun:
             assert self._done is not None
             if not self._done.done():
                 self._done.set_exception(RunAborted(self.run_id, self.state.get("status", "starting"),
-                                                    self.record_path))
+                                                    self.record_path, result=self._stopped_result()))
+
+    def _stopped_result(self) -> RunResult | None:
+        """The run as it stands when stopped at once, with what it leaves to undo by hand as ``intervention``."""
+        if not self.state:
+            return None
+        result = RunResult.from_state(self.plan, self.state, self.events,
+                                      wall_ms=(time.perf_counter() - self._perf0) * 1000.0,
+                                      record_path=self.record_path, record_error=self.record_error)
+        result.intervention = {"steps": left_to_undo(self.plan, self.state)}
+        return result
 
     @property
     def status(self) -> str:
@@ -332,7 +371,10 @@ class LocalRun:
 
     def _open_record(self, start: dict[str, Any]) -> None:
         """Create the record with its header and the ``start`` line, on disk before anything runs."""
-        recorder = self._recorder = RunRecorder(self.run_id, self.runs_dir)
+        try:
+            recorder = self._recorder = RunRecorder(self.run_id, self.runs_dir)
+        except (RecordWriteError, RecordError) as exc:  # (a FileExistsError passes: another run took the id)
+            raise RecordWriteError(getattr(exc, "errno", None), f"{exc}; the run did not start") from None
         try:
             recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
                             started_at=int(self._wall0))
@@ -344,11 +386,12 @@ class LocalRun:
                 recorder.close()
             with contextlib.suppress(OSError):
                 recorder.path.unlink()
-            raise OSError(exc.errno, f"cannot write the run record {recorder.path}: {exc.strerror or exc}; "
-                          "the run did not start") from exc
+            raise RecordWriteError(exc.errno, f"cannot write the run record {recorder.path}: {exc.strerror or exc}; "
+                                   "the run did not start") from exc
 
-    def _record_failed(self, exc: OSError) -> None:
-        """A record write failed (a full disk, a file size limit): close the record and go on without it.
+    def _record_failed(self, exc: Exception) -> None:
+        """A record write failed (a full disk, a file size limit, a line that could not be encoded): close the
+        record and go on without it.
 
         The run must not stop half-way — its state has moved on, and the commands of that decision (a
         compensation among them) must still be carried out — so it goes on unrecorded, and says so."""
@@ -356,18 +399,17 @@ class LocalRun:
         if recorder is not None:
             with contextlib.suppress(OSError):
                 recorder.close()
-        self.record_error = (f"writing the record failed ({exc.strerror or exc}); it stops there and the run "
-                             "went on unrecorded")
+        why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else f"{type(exc).__name__}: {error_message(exc)}"
+        self.record_error = f"writing the record failed ({why}); it stops there and the run went on unrecorded"
         _log.warning("run %s: %s: %s", self.run_id, self.record_path, self.record_error)
-        self._notice(f"the run record {self.record_path} cannot be written ({exc.strerror or exc}): the run goes "
-                     "on unrecorded")
+        self._notice(f"the run record {self.record_path} cannot be written ({why}): the run goes on unrecorded")
 
     def _write(self, item: dict[str, Any]) -> None:
         if self._recorder is not None:
             try:
                 self._recorder.write_many((item,))
                 self._recorder.flush()
-            except OSError as exc:
+            except Exception as exc:  # not only OSError: a line the encoder refuses must not stop the run either
                 self._record_failed(exc)
 
     def _feed(self, event: dict[str, Any]) -> None:
@@ -405,7 +447,10 @@ class LocalRun:
             self._write(event)
             self._fail_hard(exc)
             return
-        self._absorb(decision, event)
+        try:
+            self._absorb(decision, event)
+        except Exception as exc:  # a runtime bug: raised here, it would kill the task answering an attempt
+            self._fail_hard(exc, "carrying out a decision of")  # (the run would hang) or escape run() half-way
 
     def _absorb(self, decision: Decision, cause: dict[str, Any] | None = None) -> None:
         self.state = decision.state
@@ -413,7 +458,7 @@ class LocalRun:
         if self._recorder is not None:  # the input event, then what it caused (flushed after the burst)
             try:
                 self._recorder.write_many((cause, *events) if cause is not None else events)
-            except OSError as exc:
+            except Exception as exc:  # not only OSError: a line the encoder refuses must not stop the run either
                 self._record_failed(exc)
         self.events.extend(events)
         hook = self.on_event
@@ -469,9 +514,11 @@ class LocalRun:
             event = await work
         except asyncio.CancelledError:
             event = {"type": "task_cancelled", "task_id": task_id}
-        except Exception as exc:  # execute() answers worker failures itself; this is the net under it
+        except BaseException as exc:  # execute() answers worker failures itself; this is the net under it: an
+            if from_sigint(exc):  # attempt that never answers would hang the run (a real Ctrl-C stops it)
+                raise
             event = {"type": "task_failed", "task_id": task_id,
-                     "error": {"type": type(exc).__name__, "message": str(exc)}}
+                     "error": {"type": type(exc).__name__, "message": error_message(exc), "types": error_types(exc)}}
         self._tasks.pop(task_id, None)
         self._answer(task_id, event)
 
@@ -534,77 +581,110 @@ class LocalRun:
         self._write({"type": "runtime_aborted", "at": self._now(), "run_id": self.run_id, "reason": reason,
                      "status": self.state.get("status")})
 
-    def _fail_hard(self, exc: Exception) -> None:
-        self._stop(f"internal error: {type(exc).__name__}: {exc}")
+    def _fail_hard(self, exc: Exception, what: str = "the kernel rejected an event of") -> None:
+        said = f"{type(exc).__name__}: {error_message(exc)}"
+        self._stop(f"internal error: {said}")
         if self._done is not None and not self._done.done():
-            self._done.set_exception(RuntimeError(f"the kernel rejected an event of run {self.run_id}: "
-                                                  f"{type(exc).__name__}: {exc}"))
+            self._done.set_exception(RuntimeError(f"{what} run {self.run_id}: {said}"))
 
-    # --- Ctrl-C -------------------------------------------------------------------------------
+    # --- Ctrl-C, SIGTERM, SIGHUP ------------------------------------------------------------------
 
-    def _install_sigint(self) -> None:
-        if not self.handle_sigint or threading.current_thread() is not threading.main_thread():
+    def _install_signals(self) -> None:
+        """Take Ctrl-C (``handle_sigint``), SIGTERM and SIGHUP (``handle_sigterm``) on the loop while the run goes."""
+        if threading.current_thread() is not threading.main_thread():
             return
+        wanted = ((signal.SIGINT,) if self.handle_sigint else ()) + (_TERM_SIGNALS if self.handle_sigterm else ())
+        for signum in wanted:
+            self._take_signal(signum)
+
+    def _take_signal(self, signum: int) -> None:
         loop = self._loop
         assert loop is not None
-        runs = _SIGINT_RUNS.get(loop)
-        if runs is None:  # the first run on this loop to take Ctrl-C: note what to put back after the last
-            # (remove_signal_handler would leave default_int_handler and drop a handler the loop itself had):
-            # the Python-level handler, the loop's own handler (asyncio's unix loops keep them in
-            # _signal_handlers) and the wakeup fd
-            python_handler = signal.getsignal(signal.SIGINT)
+        runs = _SIGNAL_RUNS.get(loop)
+        if runs is None or signum not in runs.runs:
+            # the first run on this loop to take it: note what to put back after the last (remove_signal_handler
+            # would leave the default handler and drop a handler the loop itself had): the Python-level handler,
+            # the loop's own handler (asyncio's unix loops keep them in _signal_handlers) and the wakeup fd
+            python_handler = signal.getsignal(signum)
+            if python_handler is signal.SIG_IGN:
+                return  # ignored (a background job started by a shell, nohup): it stays ignored
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
             handlers = getattr(loop, "_signal_handlers", None)
-            if not isinstance(handlers, dict) and python_handler is not signal.default_int_handler:
-                return  # a loop whose handlers cannot be seen, and SIGINT is handled already: leave it so
-            loop_handler = handlers.get(signal.SIGINT) if isinstance(handlers, dict) else None
-            wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) else -1
+            if not isinstance(handlers, dict) and python_handler is not default:
+                return  # a loop whose handlers cannot be seen, and the signal is handled already: leave it so
+            loop_handler = handlers.get(signum) if isinstance(handlers, dict) else None
+            wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) and runs is None else -1
             try:
-                loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+                loop.add_signal_handler(signum, self._on_signal, signum)
             except (NotImplementedError, RuntimeError, ValueError):
                 if wakeup_fd != -1:
                     signal.set_wakeup_fd(wakeup_fd)
                 return  # no signal support here (Windows loops, nested loops): Ctrl-C raises as usual
-            runs = _SIGINT_RUNS[loop] = _SigintRuns((python_handler, loop_handler, wakeup_fd))
+            if runs is None:
+                runs = _SIGNAL_RUNS[loop] = _SignalRuns(wakeup_fd)
+            runs.before[signum] = (python_handler, loop_handler)
+            runs.runs[signum] = []
         else:
-            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-        runs.runs.append(self)  # Ctrl-C goes to the run that took it last, while it runs
-        self._sigint_installed = True
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        runs.runs[signum].append(self)  # the signal goes to the run that took it last, while it runs
+        self._signals.append(signum)
 
-    def _remove_sigint(self) -> None:
+    def _remove_signals(self) -> None:
         loop = self._loop
-        if not self._sigint_installed or loop is None:
+        taken, self._signals = self._signals, []
+        if loop is None:
             return
-        self._sigint_installed = False
-        runs = _SIGINT_RUNS[loop]
-        last = runs.runs[-1] is self
-        runs.runs.remove(self)
-        if runs.runs:
-            if last:  # Ctrl-C back to the run that had it before this one
-                loop.add_signal_handler(signal.SIGINT, runs.runs[-1]._on_sigint)
-            return
-        del _SIGINT_RUNS[loop]
-        loop.remove_signal_handler(signal.SIGINT)
-        python_handler, loop_handler, wakeup_fd = runs.before
-        if loop_handler is not None:
-            loop._signal_handlers[signal.SIGINT] = loop_handler  # type: ignore[attr-defined]
-        if wakeup_fd != -1:
-            signal.set_wakeup_fd(wakeup_fd)
-        if python_handler is not None:
-            signal.signal(signal.SIGINT, python_handler)
+        for signum in reversed(taken):
+            runs = _SIGNAL_RUNS[loop]
+            queue = runs.runs[signum]
+            last = queue[-1] is self
+            queue.remove(self)
+            if queue:
+                if last:  # back to the run that had it before this one
+                    loop.add_signal_handler(signum, queue[-1]._on_signal, signum)
+                continue
+            del runs.runs[signum]
+            python_handler, loop_handler = runs.before.pop(signum)
+            loop.remove_signal_handler(signum)
+            if loop_handler is not None:
+                loop._signal_handlers[signum] = loop_handler  # type: ignore[attr-defined]
+            if not runs.runs:  # the last signal any run took on this loop: the wakeup fd as it was
+                del _SIGNAL_RUNS[loop]
+                if runs.wakeup_fd != -1:
+                    signal.set_wakeup_fd(runs.wakeup_fd)
+            if python_handler is not None:
+                signal.signal(signum, python_handler)
 
-    def _on_sigint(self) -> None:
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
         self._interrupts += 1
         if self._interrupts > 1:
-            self._notice("interrupted again: stopping at once, nothing more is compensated")
-            self.abort("interrupted twice (Ctrl-C)")
+            self._notice(f"{verb} again: stopping at once, nothing more is compensated")
+            self.abort("interrupted twice (Ctrl-C)" if signum == signal.SIGINT else f"{verb} again ({label})")
             return
+        again = "press Ctrl-C again to stop at once" if signum == signal.SIGINT else f"a second {label} stops at once"
         if self.status == "running":
-            self._notice("interrupted: cancelling the run and undoing the steps that completed "
-                         "(press Ctrl-C again to stop at once)")
+            self._notice(f"{verb}: cancelling the run and undoing the steps that completed ({again})")
         else:
-            self._notice(f"interrupted: the run is already {self.status}; letting it finish "
-                         "(press Ctrl-C again to stop at once)")
-        self.cancel("interrupted (Ctrl-C)")
+            self._notice(f"{verb}: the run is already {self.status}; letting it finish ({again})")
+        self.cancel(f"{verb} ({label})")
+        self._notice_waiting()
+
+    def _notice_waiting(self) -> None:
+        """Say which steps the cancelled run waits for: sync workers, which cannot be interrupted."""
+        waiting = [a.command for task_id, a in self._tasks.items()
+                   if a.task is not None and a.command["kind"] != "compensate" and task_id in self.state["tasks"]
+                   and not cancellable(a.command, self.registry)]
+        if not waiting:
+            return
+        parts = []
+        for command in waiting:
+            timeout = command.get("timeout_ms")
+            parts.append(f"{command['step']} (times out {timeout / 1000:g} s after it started)" if timeout
+                         else f"{command['step']} (no timeout)")
+        self._notice(f"waiting for {'step' if len(parts) == 1 else 'steps'} {', '.join(parts)} to return: "
+                     "a sync worker cannot be interrupted")
 
     def _notice(self, text: str) -> None:
         if self.on_notice is not None:
@@ -620,7 +700,7 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
                    seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                    handle_sigint: bool = False, import_workers: bool = True,
                    lms: Mapping[str, object] | None = None,
-                   spec_path: str | os.PathLike[str] | None = None) -> RunResult:
+                   spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False) -> RunResult:
     """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
 
     - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
@@ -639,7 +719,11 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       ``import_workers``: import the plan's worker modules first, from the current
       directory, then from the directory of ``spec_path`` (the spec file the plan
       was compiled from, when given), as ``flowdsl run`` does.
-    - ``handle_sigint``: Ctrl-C cancels the run (and compensates); a second one aborts.
+    - ``handle_sigint``: Ctrl-C cancels the run (and compensates); a second one aborts (raises
+      :class:`RunAborted`, whose ``result.intervention`` lists what is left to undo by hand).
+    - ``handle_sigterm``: SIGTERM and SIGHUP do the same (off by default: an application owns its SIGTERM;
+      ``flowdsl run`` turns it on). Both take the signal in the main thread only, while the run goes, leave
+      an ignored signal ignored, and put back the handler that was there.
 
     Cancelling the task that awaits this aborts the run at once (nothing is
     compensated) and re-raises ``CancelledError``; use :class:`LocalRun` and its
@@ -648,7 +732,7 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
     return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
                           handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
-                          spec_path=spec_path).run()
+                          spec_path=spec_path, handle_sigterm=handle_sigterm).run()
 
 
 def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
@@ -656,10 +740,11 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
         on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
         seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
         handle_sigint: bool | None = None, import_workers: bool = True, lms: Mapping[str, object] | None = None,
-        spec_path: str | os.PathLike[str] | None = None) -> RunResult:
+        spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False) -> RunResult:
     """:func:`run_flow` on a new event loop (``asyncio.run``), with the same options; ``handle_sigint``
-    defaults to on in the main thread. Inside a running event loop (``async`` code), ``await``
-    :func:`run_flow` instead: this raises ``RuntimeError`` there, saying so."""
+    defaults to on in the main thread, ``handle_sigterm`` to off (SIGTERM stays the application's). Inside a
+    running event loop (``async`` code), ``await`` :func:`run_flow` instead: this raises ``RuntimeError``
+    there, saying so."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -673,4 +758,4 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
     return asyncio.run(run_flow(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                                 on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
                                 adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
-                                lms=lms, spec_path=spec_path))
+                                lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm))

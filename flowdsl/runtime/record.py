@@ -9,10 +9,12 @@ one event, as the kernel emitted it or as it was fed to it.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,7 +23,10 @@ from typing import Any, BinaryIO
 from flowdsl.runtime.codec import dumps
 
 DEFAULT_RUNS_DIR = ".flowdsl/runs"
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+#: what a run id may be, in both runtimes: 1-128 letters, digits and ``_.:-``, the first neither ``-`` (the id
+#: would read as an option: ``flowdsl show -x``) nor ``.`` (``.``, ``..``: hidden record files ``..jsonl``)
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,127}\Z")
+_RUN_ID_RULE = "use 1-128 letters, digits and _ . : -, the first not - or ."
 
 
 def runs_dir(explicit: str | None = None) -> Path:
@@ -30,10 +35,17 @@ def runs_dir(explicit: str | None = None) -> Path:
 
 
 def check_run_id(run_id: str) -> str:
-    """Return ``run_id``, or raise ``ValueError`` saying what a run id must be (1-128 of ``A-Za-z0-9_.:-``)."""
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
-        raise ValueError(f"invalid run id '{run_id}': use 1-128 letters, digits and _ . : -")
-    return run_id
+    """Return ``run_id``, or raise ``ValueError`` saying what a run id must be (:data:`RUN_ID_RE`): the rule of
+    both runtimes (the Redis one's ``keys.check_run_id`` is this function)."""
+    if isinstance(run_id, str) and RUN_ID_RE.match(run_id):
+        return run_id
+    if isinstance(run_id, str) and run_id[:1] == "-" and RUN_ID_RE.match("x" + run_id[1:]):
+        raise ValueError(f"invalid run id {run_id!r}: it begins with '-', so commands would read it as an option; "
+                         + _RUN_ID_RULE)
+    if isinstance(run_id, str) and run_id[:1] == "." and RUN_ID_RE.match("x" + run_id[1:]):
+        raise ValueError(f"invalid run id {run_id!r}: it begins with '.', so its record would be a hidden file "
+                         f"('{run_id}.jsonl'); " + _RUN_ID_RULE)
+    raise ValueError(f"invalid run id {run_id!r}: {_RUN_ID_RULE}")
 
 
 def new_run_id(plan: Mapping[str, Any]) -> str:
@@ -59,10 +71,21 @@ class RecordError(ValueError):
     """A run record is missing, unreadable or not JSON lines; the message names the file (and line)."""
 
 
+class RecordWriteError(OSError):
+    """A run record that cannot be created, or whose first lines cannot be written (a full disk, a directory
+    that refuses files): nothing ran. ``errno`` is the cause's; ``str()`` is the message alone, naming the file."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 def check_records_dir(path: Path) -> None:
     """Create the directory of the record ``path`` if needed; a ``RecordError`` saying why when records
     cannot be written there (checked before a run starts, so that no step runs unrecorded)."""
     directory = path.parent
+    if directory.exists() and not directory.is_dir():  # (mkdir would say "File exists")
+        raise RecordError(f"cannot keep run records in '{directory}': it is a file, not a directory "
+                          "(choose another --runs-dir, or --no-record)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -88,6 +111,9 @@ class RunRecorder:
             self._fh: BinaryIO | None = self.path.open("xb")
         except FileExistsError:
             raise FileExistsError(f"a record of run '{run_id}' already exists: {self.path}") from None
+        except OSError as exc:  # a directory os.access called writable (as root), a read-only file system...
+            raise RecordWriteError(exc.errno, f"cannot create the run record {self.path}: {exc.strerror or exc}") \
+                from None
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
         self.write_many(({"type": "record", "plan": plan, "input": run_input, **extra},))
@@ -111,17 +137,39 @@ class RunRecorder:
 def find_record(run: str, directory: str | Path | None = None) -> Path:
     """The record file of run ``run`` (or ``run`` itself when it is a path to a ``.jsonl`` file).
 
-    Raises :class:`RecordError` naming the file looked for when there is none.
+    Raises :class:`RecordError` naming the file looked for when there is none, or saying what it is when it is
+    not a regular file (a directory, a FIFO).
     """
-    given = Path(run)
-    if run.endswith(".jsonl") and given.is_file():
-        return given
+    if run.endswith(".jsonl") and os.path.lexists(run):
+        return _regular_file(Path(run), "")
+    if run.endswith(".jsonl") and "/" in run:  # a path (a run id has no '/'): no such file
+        raise RecordError(f"no run record at {run}: it does not exist")
     try:
         path = record_path(run, directory)
     except ValueError as exc:
         raise RecordError(str(exc)) from None
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise RecordError(f"no recorded run '{run}': {path} does not exist (see --runs-dir)")
+    return _regular_file(path, f"no recorded run '{run}': ")
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _regular_file(path: Path, lead: str) -> Path:
+    """``path``, when it is a regular file (or a link to one); else a :class:`RecordError` saying what it is."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise RecordError(f"{lead}{path} is a symbolic link to nothing, not a run record") from None
+    except OSError as exc:
+        raise RecordError(f"{lead}cannot read run record {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise RecordError(f"{lead}{path} is a directory, not a run record")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise RecordError(f"{lead}{path} is not a regular file ({kind}), so not a run record")
     return path
 
 
@@ -140,52 +188,105 @@ def header_problem(header: dict[str, Any]) -> str | None:
 
 
 def ends_mid_line(path: str | Path) -> bool:
-    """Whether a record file's last line is incomplete (its process stopped while writing it)."""
+    """Whether a record file's last line was cut short (its process stopped while writing it), the line
+    :func:`read_record` leaves out: a last line without its newline that is not whole UTF-8 JSON. A last line
+    without its newline that is whole JSON is read, and is not cut short."""
     with open(path, "rb") as fh:
-        if fh.seek(0, os.SEEK_END) == 0:
+        end = fh.seek(0, os.SEEK_END)
+        parts: list[bytes] = []  # the last line's, from its end back
+        while end > 0:  # back from the end to the last newline
+            size = min(end, 1 << 16)
+            end -= size
+            fh.seek(end)
+            chunk = fh.read(size)
+            newline = chunk.rfind(b"\n")
+            parts.append(chunk[newline + 1 :])
+            if newline >= 0:
+                break
+    return _cut_short(b"".join(reversed(parts)))
+
+
+def _cut_short(piece: bytes) -> bool:
+    """Whether ``piece``, what follows a record file's last newline, is a line cut short: its UTF-8 ends inside a
+    character, or it is not whole JSON. Bytes that are not UTF-8 before its end are damage, not a cut."""
+    if not piece.strip():
+        return False
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # not final: a character cut in two at the end is awaited, not an error
+            codecs.getincrementaldecoder("utf-8")().decode(piece, final=False)
+        except UnicodeDecodeError:
             return False
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) != b"\n"
+        return True
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return True
+    return False
 
 
-def read_record(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+class RecordLines(list[dict[str, Any]]):
+    """The events of a record as :func:`read_record` returns them: a list, plus ``line_numbers`` (the line
+    of the file each event is on) and ``cut_short`` (whether a last line cut short was left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.line_numbers: list[int] = []
+        self.cut_short = False
+
+
+def read_record(path: str | Path) -> tuple[dict[str, Any] | None, RecordLines]:
     """The header (or None) and the events of a record file; :class:`RecordError` says what is wrong.
 
-    A last line cut short (a process killed while writing it, see :func:`ends_mid_line`) is left out: the
-    record then reads as it was before that line."""
+    Lines are split at ``\\n`` alone, as they were written. A last line cut short (a process killed while
+    writing it, see :func:`ends_mid_line`) is left out: the record then reads as it was before that line.
+    Every other line must be UTF-8 JSON, an object with a ``type``; one header (type ``record``)."""
     p = Path(path)
     try:
+        if not stat.S_ISREG(p.stat().st_mode):  # (reading a FIFO would wait for a writer)
+            _regular_file(p, "")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise RecordError(f"no run record at {p}") from None
     except OSError as exc:
         raise RecordError(f"cannot read run record {p}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise RecordError(f"{p}:{bad_line}:{col}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                          "a run record is JSON lines in UTF-8") from None
     header: dict[str, Any] | None = None
-    events: list[dict[str, Any]] = []
-    lines = text.splitlines()
-    for lineno, line in enumerate(lines, 1):
+    events = RecordLines()
+    pieces = raw.split(b"\n")
+    end = 0
+    for lineno, piece in enumerate(pieces, 1):
+        start, end = end, end + len(piece) + 1
+        if lineno == len(pieces) and _cut_short(piece):
+            events.cut_short = True  # its process stopped while writing it: the record ends before
+            break
+        try:
+            line = piece.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordError(f"{p}:{lineno}:{exc.start + 1}: not valid UTF-8 (byte 0x{piece[exc.start]:02x} at offset "
+                              f"{start + exc.start}); a run record is JSON lines in UTF-8") from None
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if lineno == len(lines) and not text.endswith("\n"):
-                break  # the last line was cut short (its process stopped while writing it): the record ends before
-            raise RecordError(f"{p}:{lineno}: not a JSON line: {exc.msg}") from None
+        except RecursionError:
+            raise RecordError(f"{p}:{lineno}: not a JSON line: it nests too deeply to read") from None
+        except ValueError as exc:  # not JSON, or an integer too long to read
+            raise RecordError(f"{p}:{lineno}: not a JSON line: {getattr(exc, 'msg', exc)}") from None
         if not isinstance(item, dict):
             raise RecordError(f"{p}:{lineno}: expected a JSON object, found {type(item).__name__}")
-        if item.get("type") == "record" and header is None:
+        kind = item.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise RecordError(f"{p}:{lineno}: a record line needs a 'type' (a string), found "
+                              f"{json.dumps(kind) if 'type' in item else 'none'}")
+        if kind == "record":
+            if header is not None:
+                raise RecordError(f"{p}:{lineno}: a second header line (type 'record'); a record has one")
             problem = header_problem(item)
             if problem is not None:
                 raise RecordError(f"{p}:{lineno}: the record's header is malformed: {problem}")
             header = item
         else:
             events.append(item)
+            events.line_numbers.append(lineno)
     return header, events

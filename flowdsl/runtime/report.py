@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowdsl.kernel import INPUT_EVENTS, LLM_NOT_CONFIGURED, replay, summary
+from flowdsl.kernel import END_STATES, INPUT_EVENTS, LLM_NOT_CONFIGURED, left_to_undo, replay, summary
 
 __all__ = ["EXIT_CODES", "NOT_STARTED", "LiveView", "RunResult", "critical_path", "exit_code", "fallback_text",
-           "llm_calls_of", "print_summary", "print_timeline", "result_from_record", "timing"]
+           "llm_calls_of", "print_summary", "print_timeline", "record_end_note", "result_from_record",
+           "stopped_while", "timing"]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
@@ -47,6 +48,16 @@ def exit_code(status: str) -> int:
     return EXIT_CODES.get(status, 1)
 
 
+_WHILE = {"starting": "as it started", "running": "while it ran",
+          "aborting": "while cancelling its steps in flight (before undoing any)",
+          "compensating": "while compensating (undoing the steps that completed)"}
+
+
+def stopped_while(status: str) -> str:
+    """When, in words, a run stopped at once (aborted) in state ``status`` stopped: ``while it ran``…"""
+    return _WHILE.get(status, f"while {status}")
+
+
 @dataclass
 class RunResult:
     """The outcome of one run.
@@ -56,6 +67,9 @@ class RunResult:
     ``compensation`` for the steps that were undone or tried to be; times are
     milliseconds since the epoch. ``compensated`` lists the instances undone, in
     the order they were undone. ``events`` is every event the kernel emitted.
+    ``intervention`` is what is left to undo by hand (``{"steps": [...]}``, docs/kernel.md): after
+    ``needs_intervention``, and for a run stopped at once (``RunAborted.result``, or the record of an aborted run),
+    whose status is then the state it stopped in.
     ``llm_calls`` maps an LLM step's instance key to its model calls, in order,
     gathered from the events' ``meta.llm`` (see :func:`llm_calls_of`). ``wall_ms``
     is the runtime's own measure of the run. ``record_error`` says why the run's
@@ -112,7 +126,8 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object: ``run_id``, ``status``, ``context``, ``steps``, ``compensated``,
         ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, times, ``timing``, ``record``
-        and ``record_error``."""
+        and ``record_error``. ``context`` is the final context, null while the run has not ended (a record
+        that ends early, a Redis run still going): the kernel sets it when the run ends."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -123,7 +138,8 @@ class RunResult:
             steps[key] = item
         return {
             "run_id": self.run_id, "flow": self.flow, "status": self.status, "error": self.error,
-            "failed_step": self.failed_step, "context": self.context, "steps": steps,
+            "failed_step": self.failed_step, "context": self.context if self.status in END_STATES else None,
+            "steps": steps,
             "compensated": self.compensated, "intervention": self.intervention,
             "started_at": self.started_at, "finished_at": self.finished_at, "timing": timing(self),
             "record": str(self.record_path) if self.record_path else None, "record_error": self.record_error,
@@ -139,7 +155,10 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     (only its header: the run had not started, or nothing more could be written)
     gives a run of status :data:`NOT_STARTED`, every step pending. A record
     without a plan in its header, or whose input events do not begin with the
-    ``start`` line, raises ``ValueError``.
+    ``start`` line, raises ``ValueError``; so does a line the replay does not
+    explain (a ``RecordError`` naming its line when ``lines`` came from
+    ``read_record``): of a type flowdsl does not write, or an emitted event
+    other than the kernel's at its ``seq``.
     """
     from flowdsl.runtime.plancheck import plan_problem
 
@@ -151,6 +170,7 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     plan = dict(header["plan"])
     inputs = [e for e in lines if e.get("type") in ("start", *INPUT_EVENTS)]
     if not inputs:
+        _check_events(lines, [], path)
         return _not_started(plan, header, path)
     if inputs[0].get("type") != "start":
         raise ValueError("the record has no 'start' event")
@@ -160,15 +180,61 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         raise ValueError("the record's 'start' event is malformed: it needs 'run_id' (a string), 'input' (an "
                          "object) and 'at' (a time in milliseconds)")
     try:
-        state, _, _ = replay(plan, inputs)
+        state, _, replayed = replay(plan, inputs)
     except Exception as exc:  # a record edited by hand, or made by another version: say so, never a traceback
         raise ValueError(f"the recorded events do not replay through the kernel ({type(exc).__name__}: {exc}); "
                          "the record was changed after it was written, or was made by another version") from None
+    _check_events(lines, replayed, path)
     emitted = [e for e in lines if "seq" in e]
     wall = None
     if state.get("finished_at") is not None:
         wall = float(state["finished_at"] - state["started_at"])
-    return RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
+    result = RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
+    if result.status not in END_STATES and any(e.get("type") == "runtime_aborted" for e in lines):
+        result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
+    return result
+
+
+#: record lines that are neither kernel input nor emitted by the kernel: a hard stop (docs/runtime.md, "Run records")
+RUNTIME_LINES = ("runtime_aborted",)
+_CHANGED = "the record was changed after it was written, or was made by another version"
+
+
+def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], path: Path | None) -> None:
+    """Refuse a recorded line the replay does not explain: every line is a kernel input event, a runtime line, or
+    the event the kernel emitted at its ``seq`` (same type and step), once. Names the line when ``lines`` came
+    from ``read_record`` (its ``line_numbers``)."""
+    from flowdsl.runtime.record import RecordError
+
+    by_seq = {e["seq"]: e for e in replayed}
+    known = ("start", *INPUT_EVENTS, *RUNTIME_LINES)
+    seen: set[int] = set()
+    for i, event in enumerate(lines):
+        kind = event.get("type")
+        if kind in known:
+            continue
+        seq = event.get("seq")
+        again = by_seq.get(seq) if isinstance(seq, int) and not isinstance(seq, bool) else None
+        same = again is not None and (again.get("type"), again.get("step")) == (kind, event.get("step"))
+        if same and seq not in seen:
+            seen.add(seq)
+            continue
+        if "seq" not in event:
+            why = (f"a line of type {kind!r}, which flowdsl does not write: not a kernel input event, and without "
+                   "the 'seq' of an event the kernel emitted")
+        elif again is None:
+            why = f"the event {kind!r} has 'seq' {seq!r}, at which replaying the run emits nothing"
+        elif same:
+            why = f"the event {kind!r} with 'seq' {seq!r} is recorded twice"
+        else:
+            why = (f"the event {kind!r} (step {event.get('step')!r}, 'seq' {seq!r}) is not what replaying the run "
+                   f"emits there ({again.get('type')!r}, step {again.get('step')!r})")
+        numbers = getattr(lines, "line_numbers", None)
+        if numbers is None:
+            where = f"event {i + 1} of the record"
+        else:
+            where = f"{path}:{numbers[i]}" if path is not None else f"line {numbers[i]}"
+        raise RecordError(f"{where}: {why}; {_CHANGED}")
 
 
 def _not_started(plan: dict[str, Any], header: Mapping[str, Any], path: Path | None) -> RunResult:
@@ -377,7 +443,9 @@ def print_summary(result: RunResult, console: Any = None) -> None:
             if detail:
                 con.print(f"  [dim]{_esc(_clip(detail, 600))}[/]")
     con.print()
-    headline = f"[bold]{_esc(result.flow or '')}[/] {_esc(result.run_id)}: {_status(result.status)}"
+    stopped = result.intervention is not None and result.status not in END_STATES  # aborted: did not end
+    state = f"[yellow]stopped at once {stopped_while(result.status)}[/]" if stopped else _status(result.status)
+    headline = f"[bold]{_esc(result.flow or '')}[/] {_esc(result.run_id)}: {state}"
     if result.error:
         where = f" at {_esc(result.failed_step)}" if result.failed_step else ""
         headline += f"{where} — {_esc(_error_text(result.error))}"
@@ -387,12 +455,15 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         con.print("compensated, in this order: " + " → ".join(undone))
     elif result.status in ("failed", "cancelled"):
         con.print("nothing needed undoing")
-    if result.intervention:
-        con.print("[bold red]left to undo by hand[/] (in this order):")
-        for item in result.intervention["steps"]:
-            con.print(f"  {_esc(item['step'])}: {_esc(item['worker'])} {_esc(item['status'])}"
-                      f"{' — ' + _esc(_error_text(item['last_error'])) if item['last_error'] else ''}"
-                      f" [dim](idempotency key {_esc(item['idempotency_key'])})[/]")
+    if result.intervention is not None:
+        left = result.intervention["steps"]
+        if left:
+            why = " (the run stopped before they were undone)" if stopped else ""
+            con.print(f"[bold red]left to undo by hand[/]{why}, in this order:")
+            for item in left:
+                con.print(_left_text(item))
+        elif stopped:
+            con.print("no completed step was left undone")
     t = timing(result)
     line = f"wall {_seconds(t['wall_ms'])} · sum of step times {_seconds(t['step_time_sum_ms'])}"
     if t["wall_ms"] is not None and t["step_time_sum_ms"] > t["wall_ms"] > 0:
@@ -407,23 +478,43 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         path = " → ".join(_esc(k) for k in chain)
         con.print(f"critical path {_seconds(t['critical_path_ms'])}: {path}")
     if result.record_path is not None:
-        show = show_command(result.run_id, result.record_path)
+        show = show_command(result.record_path)
         con.print(f"[dim]record: {_esc(result.record_path)}  ({_esc(show)})[/]")
         if result.record_error:
             con.print(f"[yellow]the record is incomplete: {_esc(result.record_error)}[/]")
 
 
-def show_command(run_id: str, record: Path) -> str:
-    """The ``flowdsl show`` command that finds the record ``record`` of run ``run_id``: with ``--runs-dir`` when
-    the record is not in the directory ``flowdsl show`` looks in by default ($FLOWDSL_RUNS_DIR or .flowdsl/runs)."""
+def _left_text(item: Mapping[str, Any]) -> str:
+    """One step left to undo by hand: its undo worker, how far that got, its last error, its idempotency key."""
+    worker = _esc(item["worker"])
+    if item["status"] == "failed":
+        how = f"{worker} failed (×{item['attempts']})"
+    elif item["status"] == "in_flight":
+        how = f"{worker} was running when the run stopped: it may or may not have taken effect"
+    else:
+        how = f"{worker} was not run"
+    err = f" — {_esc(_error_text(item['last_error']))}" if item["last_error"] else ""
+    if item.get("reason"):  # a step that completed late (docs/kernel.md, "Late completions")
+        how = f"{how} — {_esc(item['reason'])}"
+    return f"  {_esc(item['step'])}: {how}{err} [dim](idempotency key {_esc(item['idempotency_key'])})[/]"
+
+
+def show_command(record: Path) -> str:
+    """The ``flowdsl show`` command that finds the record ``record``: the run id it is looked up by is its file's
+    name (``<run_id>.jsonl``; whatever id is inside a copied or renamed record), with ``--runs-dir`` when the record
+    is not in the directory ``flowdsl show`` looks in by default ($FLOWDSL_RUNS_DIR or .flowdsl/runs); the
+    record's path when its name is not a run id."""
     import shlex
 
-    from flowdsl.runtime.record import runs_dir
+    from flowdsl.runtime.record import RUN_ID_RE, runs_dir
 
-    directory = Path(record).parent
-    if directory.resolve() == runs_dir().resolve():
+    record = Path(record)
+    run_id = record.name.removesuffix(".jsonl")
+    if record.suffix != ".jsonl" or not RUN_ID_RE.match(run_id):
+        return f"flowdsl show {shlex.quote(str(record))}"
+    if record.parent.resolve() == runs_dir().resolve():
         return f"flowdsl show {run_id}"
-    return f"flowdsl show {run_id} --runs-dir {shlex.quote(str(directory))}"
+    return f"flowdsl show {run_id} --runs-dir {shlex.quote(str(record.parent))}"
 
 
 def fallback_text(event: Mapping[str, Any], status: str | None) -> tuple[str, str]:
@@ -617,20 +708,30 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
         meta = event.get("meta")
         if isinstance(meta, Mapping) and isinstance(meta.get("llm"), Mapping):
             con.print(" " * 10 + f"   [dim]{_llm_text(meta['llm'])}[/]")
-    finished = any(e.get("type") == "run_finished" for e in items)
-    if result.status == NOT_STARTED:
-        aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
-        why = f" ({_esc(aborted.get('reason'))})" if aborted else ""
-        con.print(f"[yellow]the record ends before the run started{why}: it holds no step, and the run had "
-                  "not started when it was written[/]")
-    elif not finished and live:
+    early = record_end_note(result, items)
+    if early is not None and live and result.status != NOT_STARTED:
         con.print(f"[cyan]the run is still going: {_esc(result.status)} so far[/]")
-    elif not finished:
-        aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
-        why = f" ({_esc(aborted.get('reason'))})" if aborted else " (the process stopped, or it is still running)"
-        con.print(f"[yellow]the record ends before the run finished{why}; state when it ended: "
-                  f"{_esc(result.status)}[/]")
+    elif early is not None:
+        con.print(f"[yellow]{_esc(early)}[/]")
     print_summary(result, con)
+
+
+def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> str | None:
+    """What to say of a record that ends before its run did (None when it holds the run's end): the run had not
+    started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes)."""
+    items = list(lines)
+    if result.status != NOT_STARTED and any(e.get("type") == "run_finished" for e in items):
+        return None
+    aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
+    if result.status == NOT_STARTED:
+        why = f" ({aborted.get('reason')})" if aborted else ""
+        return (f"the record ends before the run started{why}: it holds no step, and the run had not started "
+                "when it was written")
+    if aborted is not None:
+        return (f"the record ends before the run did: it was stopped at once ({aborted.get('reason')}); state when "
+                f"it ended: {result.status}")
+    return (f"the record ends before the run did: its process stopped without finishing it, or the run is still "
+            f"going; state when it ended: {result.status}")
 
 
 def _llm_text(call: Mapping[str, Any]) -> str:
@@ -690,4 +791,7 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "result_rejected":
         return (f"[dim]late {_esc(e.get('result_type'))} for {_esc(e.get('task_id'))} ignored "
                 f"({_esc(e.get('reason'))})[/]")
+    if kind == "late_completion":
+        return (f"[bold red]! {step} completed late[/] (attempt {e.get('attempt')}, run {_esc(e.get('run_status'))}): "
+                f"its effect stands; {_esc(e.get('compensation'))} left to run by hand")
     return f"[dim]{_esc(kind)} {step}[/]"

@@ -59,6 +59,17 @@ def _effect(ledger: str, ctx: StepContext, task: str) -> bool:
     return applied
 
 
+def first_execution(ledger: str, ctx: StepContext) -> bool:
+    """Whether this is the first execution of the step's idempotency key (across processes: a marker file)."""
+    marker = Path(ledger) / ("first-" + ctx.idempotency_key.replace("/", "__"))
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
 def _task_id(ctx: StepContext) -> str:
     return f"{ctx.idempotency_key}#{ctx.attempt}"
 
@@ -78,13 +89,7 @@ async def step(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 async def slow_once(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     ledger = data["ledger"]
     _write(ledger, ev="begin", key=ctx.idempotency_key, task=_task_id(ctx))
-    marker = Path(ledger) / ("first-" + ctx.idempotency_key.replace("/", "__"))
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        pass
-    else:
-        os.close(fd)
+    if first_execution(ledger, ctx):
         await asyncio.sleep(float(data.get("first_sleep", 3.0)))
     _effect(ledger, ctx, _task_id(ctx))
     return {"by": os.getpid()}

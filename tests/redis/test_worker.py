@@ -568,3 +568,42 @@ def test_flowdsl_worker_exits_1_when_a_loop_failed(url: str, prefix: str, monkey
                           options=WorkerOptions(handle_signals=False), console=Console(file=out, width=200))
     assert code == 1
     assert "stopped because its timers loop failed: RuntimeError: the timer loop broke" in out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_worker_error_with_a_lone_surrogate_or_a_sync_generator_exit_fails_its_step_and_the_run_compensates(
+        url: str, prefix: str, mode: str) -> None:
+    """The journal is written by orjson, which refuses lone surrogates: a worker's message holding one (a file
+    name decoded with surrogateescape) is escaped first. A sync worker's GeneratorExit fails its step like any
+    exception (thrown into the handler as is, it used to close the coroutines, its answer lost)."""
+    name = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+    reg = WorkerRegistry()
+    undone: list[str] = []
+
+    async def ok(data: Any, ctx: Any) -> Any:
+        return {"done": True}
+
+    async def undo(data: Any, ctx: Any) -> Any:
+        undone.append(ctx.idempotency_key)
+
+    def closes(data: Any, ctx: Any) -> Any:
+        raise GeneratorExit(f"closed {name}")
+
+    async def closes_async(data: Any, ctx: Any) -> Any:
+        raise GeneratorExit(f"closed {name}")
+
+    reg.register("hw.ok", ok)
+    reg.register("hw.undo", undo)
+    reg.register("hw.closes", closes if mode == "sync" else closes_async)
+    plan = compile_text("flowdsl: 1\nname: hostile\nsteps:\n  - hw.ok: {compensate: hw.undo}\n  - hw.closes\n")
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, {})
+            return await serving([worker_here(url, prefix, registry=reg)], lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert (result.status, result.compensated, result.failed_step) == ("compensated", ["ok"], "closes")
+    assert result.error == {"type": "GeneratorExit", "message": "closed report-\\udcff.csv",
+                            "types": ["GeneratorExit"]}
+    assert len(undone) == 1

@@ -349,8 +349,9 @@ def test_the_critical_path_runs_through_steps_that_took_no_time_and_a_long_one_i
     assert line.endswith(": a → b → c → d → e → f → … 2 more … → q → r → s → u → v → w")
 
 
-def test_no_record_writes_nothing(tmp_path: Path) -> None:
-    r = cli("run", _spec(tmp_path, "ok"), "--no-record", "--runs-dir", str(tmp_path / "runs"), "--format", "json")
+def test_no_record_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWDSL_RUNS_DIR", str(tmp_path / "runs"))  # (--no-record with --runs-dir is refused)
+    r = cli("run", _spec(tmp_path, "ok"), "--no-record", "--format", "json")
     assert r.exit_code == 0
     assert not (tmp_path / "runs").exists()
 

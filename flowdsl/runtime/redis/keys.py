@@ -1,6 +1,6 @@
 """Every Redis key, channel and member name the Redis runtime uses, in one place.
 
-Stage: runtime: redis. Imports stdlib only. Nothing else in the package
+Stage: runtime: redis. Imports stdlib and the run-id rule of ``..record``. Nothing else in the package
 spells a key: it asks a :class:`Keys` for it. The layout (docs/runtime.md,
 "The Redis data model"):
 
@@ -43,22 +43,16 @@ import re
 import zlib
 from dataclasses import dataclass
 
+# what a run id may be: one rule for both runtimes (no ``{``, ``}``, ``|`` or ``/`` among its characters)
+from flowdsl.runtime.record import RUN_ID_RE, check_run_id
+
 __all__ = ["DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "Keys", "TimerMember", "check_run_id"]
 
 #: the key prefix unless configured (``--prefix``, ``$FLOWDSL_REDIS_PREFIX``)
 DEFAULT_PREFIX = "flowdsl"
 #: the consumer group every worker process joins, on every stream
 GROUP = "flowdsl"
-#: what a run id may contain (the same rule as run records): no ``{``, ``}``, ``|`` or ``/``
-RUN_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
-
-
-def check_run_id(run_id: str) -> str:
-    """Return ``run_id``, or raise ``ValueError`` when it is not a valid run id."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
-        raise ValueError(f"invalid run id {run_id!r}: use 1-128 letters, digits and _ . : -")
-    return run_id
 
 
 @dataclass(frozen=True)

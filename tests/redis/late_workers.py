@@ -1,0 +1,42 @@
+"""Workers for the late-completion test (tests/redis/test_late_completion.py), in the ledger of
+``tests.redis.fault_workers``.
+
+``late.charge``: the first execution of an idempotency key blocks its process's thread for ``first_block`` seconds
+(a call into a payment gateway: a process paused there finishes it, effect and all, the moment it resumes, before
+its event loop sees anything else); later executions wait ``later_sleep`` seconds, cancellably, then make the
+effect. ``late.refund`` records that it ran; ``late.fail`` fails after ``fail_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from flowdsl.workers import StepContext, worker
+from tests.redis.fault_workers import _effect, _task_id, _write, first_execution
+
+
+@worker("late.charge")
+async def charge(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    ledger = data["ledger"]
+    _write(ledger, ev="begin", key=ctx.idempotency_key, task=_task_id(ctx))
+    if first_execution(ledger, ctx):
+        time.sleep(float(data.get("first_block", 1.0)))  # on purpose: blocks the whole process
+    else:
+        await asyncio.sleep(float(data.get("later_sleep", 30.0)))
+    _effect(ledger, ctx, _task_id(ctx))
+    return {"charge_id": f"ch-{os.getpid()}"}
+
+
+@worker("late.refund")
+async def refund(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    _write(data["ledger"], ev="undo", key=ctx.idempotency_key, task=_task_id(ctx))
+    return {}
+
+
+@worker("late.fail")
+async def fail(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    await asyncio.sleep(float(data.get("fail_after", 2.0)))
+    raise RuntimeError("out of stock")

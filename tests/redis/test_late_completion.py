@@ -1,0 +1,164 @@
+"""A late completion on Redis: a worker paused past its lease finishes a compensable step after the run was
+cancelled (or a parallel sibling failed for good); the run must end ``needs_intervention`` with the step left to
+undo by hand, not ``cancelled``/``failed`` with the effect standing (docs/kernel.md, "Late completions").
+
+Real ``flowdsl worker`` processes on the session's private redis-server; the test SIGSTOPs and SIGCONTs only the
+processes it started, by PID, and stops them in a ``finally``. Bounded by timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from flowdsl import compile_text
+from flowdsl.kernel import LATE_REASON
+from flowdsl.runtime.redis import Keys, RedisClient
+from tests.redis.fault_workers import make_ledger, read_ledger
+from tests.redis.procs import ROOT, WorkerProcs, worker_env
+
+SEQUENCE = """flowdsl: 1
+name: late
+steps:
+  - charge: {worker: late.charge, compensate: late.refund}
+  - ship: {worker: late.charge}
+"""
+PARALLEL = """flowdsl: 1
+name: late_par
+steps:
+  - parallel: g
+    branches:
+      - charge: {worker: late.charge, compensate: late.refund}
+      - reserve: {worker: late.fail}
+"""
+
+
+def _wait(what: str, check: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("mode", ["cancel", "abort"])
+def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
+    url: str, prefix: str, tmp_path: Path, mode: str
+) -> None:
+    ledger = make_ledger(tmp_path)
+    procs = WorkerProcs(url, prefix, ["tests.redis.late_workers"], lease=1.0)
+    run_id = f"{prefix}-late"
+    paused = None
+    try:
+        procs.start(2)
+        plan = compile_text(SEQUENCE if mode == "cancel" else PARALLEL)
+        data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "fail_after": 4.0}
+
+        async def submit() -> None:
+            async with RedisClient(url, prefix=prefix) as client:
+                await client.submit(plan, data, run_id=run_id, retention_s=3600)
+
+        asyncio.run(submit())
+        # worker A begins charge (its first execution: a blocking call) and is paused inside it
+        first = _wait(
+            "charge to begin",
+            lambda: [e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == f"{run_id}/charge"],
+            15,
+        )[0]
+        paused = next(p for p in procs.procs if p.pid == first["pid"])
+        procs.signal(paused, signal.SIGSTOP)
+        # after the lease, worker B takes the task over: the same task id and idempotency key
+        again = _wait(
+            "the takeover",
+            lambda: [
+                e
+                for e in read_ledger(ledger)
+                if e["ev"] == "begin" and e["key"] == f"{run_id}/charge" and e["pid"] != paused.pid
+            ],
+            20,
+        )[0]
+        assert again["task"] == first["task"] == f"{run_id}/charge#1"
+
+        async def end() -> Any:
+            async with RedisClient(url, prefix=prefix) as client:
+                if mode == "cancel":
+                    await client.cancel(run_id, "customer cancelled")
+                return await asyncio.wait_for(client.follow(run_id), 20)
+
+        ended = asyncio.run(end())
+        assert ended.status == ("cancelled" if mode == "cancel" else "failed")
+        assert ended.steps["charge"]["status"] == "cancelled" and ended.compensated == [], (
+            read_ledger(ledger),
+            [(e["type"], e.get("step"), e.get("task_id")) for e in ended.events],
+        )
+        assert not [e for e in read_ledger(ledger) if e["ev"] == "effect"]  # B's attempt was cancelled
+        # A resumes: its call returns, the charge is made, and it reports success after the run ended
+        procs.signal(paused, signal.SIGCONT)
+
+        async def result() -> Any:
+            async with RedisClient(url, prefix=prefix) as client:
+                while True:
+                    res, journal = await client.result(run_id)
+                    last = journal.events[-1] if journal.events else {}  # (the journal is read before the state)
+                    if res is not None and res.status != ended.status and last.get("status") == res.status:
+                        return res, journal, await client.info(run_id)
+                    await asyncio.sleep(0.05)
+
+        res, journal, info = asyncio.run(asyncio.wait_for(result(), 20))
+        effects = [e for e in read_ledger(ledger) if e["ev"] == "effect"]
+        assert [(e["pid"], e["applied"]) for e in effects] == [(paused.pid, True)]  # the charge stands
+        assert not [e for e in read_ledger(ledger) if e["ev"] == "undo"]
+        assert res.status == "needs_intervention" and info.status == "needs_intervention"
+        [item] = res.intervention["steps"]
+        assert item["step"] == "charge" and item["worker"] == "late.refund"
+        assert item["step_idempotency_key"] == f"{run_id}/charge" and item["reason"] == LATE_REASON
+        assert item["step_result"] == {"charge_id": f"ch-{paused.pid}"}
+        types = [e["type"] for e in journal.events]
+        assert types[-3:] == ["result_rejected", "late_completion", "run_finished"]
+        assert journal.events[-1]["previous_status"] == ended.status
+        # the run hash: the new status, and the retention TTL applied again
+        client = redis.Redis.from_url(url)
+        try:
+            key = Keys(prefix).run(run_id)
+            assert client.hget(key, "status") == b"needs_intervention"
+            assert 0 < client.pttl(key) <= 3600 * 1000
+            assert 0 < client.pttl(Keys(prefix).journal(run_id)) <= 3600 * 1000
+        finally:
+            client.close()
+        # `flowdsl status` shows it
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from flowdsl.cli import main; main()",
+                "status",
+                run_id,
+                "--redis-url",
+                url,
+                "--prefix",
+                prefix,
+                "--format",
+                "json",
+            ],
+            cwd=ROOT,
+            env=worker_env(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["status"] == "needs_intervention"
+    finally:
+        if paused is not None:
+            procs.signal(paused, signal.SIGCONT)
+        procs.stop_all()

@@ -1,0 +1,419 @@
+"""Run records and `flowdsl show`: lines cut short (inside a UTF-8 character too), notes that agree with what
+was read, the show hint, run ids, what a path really is, contradictory or empty options, lines the replay does
+not explain, the JSON context of an unfinished run, a record that cannot be created, duplicate input keys."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flowdsl import compile_text
+from flowdsl.cli import app
+from flowdsl.runtime import record as record_module
+from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.record import RecordError, check_run_id, ends_mid_line, read_record
+from flowdsl.runtime.redis import keys as keys_module
+from flowdsl.runtime.report import result_from_record
+from tests.runtime.conformance import HEADER
+
+TICK = "\u2713"  # three bytes in UTF-8
+SCRIPT = {"a": {"result": {"t": f"done {TICK}"}}}
+
+
+def cli(*args: str, stdin: str | None = None) -> Any:
+    return CliRunner().invoke(app, list(args), input=stdin)
+
+
+def _spec(tmp_path: Path, steps: str = "steps: [conf.a, conf.b]\n", name: str = "rec") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(HEADER.format(name=name) + steps)
+    return str(path)
+
+
+def _record(tmp_path: Path, run_id: str = "r1", script: dict[str, Any] = SCRIPT) -> tuple[Path, list[bytes]]:
+    """A completed run's record (a then b; a's result holds a 3-byte character) and its lines, each with its
+    newline."""
+    plan = compile_text(HEADER.format(name="rec") + "steps: [conf.a, conf.b]\n")
+    result = asyncio.run(run_flow(plan, {"script": script}, run_id=run_id, runs_dir=tmp_path))
+    assert result.status == "completed"
+    path = tmp_path / f"{run_id}.jsonl"
+    return path, path.read_bytes().splitlines(keepends=True)
+
+
+def _line_of(lines: list[bytes], kind: str) -> int:
+    return next(i for i, line in enumerate(lines) if json.loads(line)["type"] == kind)
+
+
+# --- M2: a last line cut inside a UTF-8 character -------------------------------------------------------------
+
+
+def test_a_last_line_cut_inside_a_utf8_character_is_left_out_with_the_note(tmp_path: Path) -> None:
+    path, lines = _record(tmp_path)
+    answer = _line_of(lines, "task_succeeded")  # the first one: a's result, with the 3-byte character
+    tick = lines[answer].index(TICK.encode())
+    for cut in (tick + 1, tick + 2, tick):  # inside the character (twice), and just before it
+        path.write_bytes(b"".join(lines[:answer]) + lines[answer][:cut])
+        shown = cli("show", "r1", "--runs-dir", str(tmp_path))
+        assert shown.exit_code == 0, shown.stderr
+        assert "the record's last line is incomplete" in shown.stderr and "not valid UTF-8" not in shown.stderr
+        assert "a: attempt 1" in shown.stderr and "✓ a succeeded" not in shown.stderr  # as it stood before
+        assert ends_mid_line(path) and read_record(path)[1].cut_short
+
+
+def test_bytes_that_are_not_utf8_stay_an_error_with_their_line_and_column(tmp_path: Path) -> None:
+    path, lines = _record(tmp_path)
+    answer = _line_of(lines, "task_succeeded")
+    tick = lines[answer].index(TICK.encode())
+    bad = lines[answer][:tick] + b"\xff" + lines[answer][tick + 3 :]
+    offset = len(b"".join(lines[:answer])) + tick
+    path.write_bytes(b"".join(lines[:answer]) + bad + b"".join(lines[answer + 1 :]))  # inside the record
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path))
+    assert (
+        shown.exit_code == 2
+        and f"r1.jsonl:{answer + 1}:{tick + 1}: not valid UTF-8 (byte 0xff at offset {offset})" in shown.stderr
+    ), shown.stderr
+    path.write_bytes(b"".join(lines[:answer]) + bad.rstrip(b"\n"))  # the last line, whole but for that byte
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 2 and f"r1.jsonl:{answer + 1}:{tick + 1}: not valid UTF-8" in shown.stderr
+    path.write_bytes(b"".join(lines[:answer]) + bad[: tick + 5])  # cut short too: still damage, not a cut
+    assert cli("show", "r1", "--runs-dir", str(tmp_path)).exit_code == 2 and not ends_mid_line(path)
+
+
+def test_a_line_holding_u2028_or_u0085_is_one_line(tmp_path: Path) -> None:
+    """Lines are split at \\n alone, as written: characters str.splitlines() also breaks at stay in their line."""
+    script = {"a": {"result": {"t": "x\u2028y\x85z\u2029"}}}
+    path, _ = _record(tmp_path, script=script)
+    header, events = read_record(path)
+    assert header is not None and events[-1]["type"] == "run_finished"
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", "json")
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout)["context"]["script"] == script
+
+
+# --- a whole last line without its newline ---------------------------------------------------------------------
+
+
+def test_a_whole_last_line_without_its_newline_is_read_and_no_note_says_otherwise(tmp_path: Path) -> None:
+    path, lines = _record(tmp_path)
+    path.write_bytes(b"".join(lines).rstrip(b"\n"))
+    assert not ends_mid_line(path) and not read_record(path)[1].cut_short
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 0, shown.stderr
+    assert "run finished" in shown.stderr and "incomplete" not in shown.stderr and "note" not in shown.stderr
+    path.write_bytes(b"".join(lines)[:-5])  # cut for real: both say so
+    assert ends_mid_line(path) and read_record(path)[1].cut_short
+    assert "the record's last line is incomplete" in cli("show", "r1", "--runs-dir", str(tmp_path)).stderr
+
+
+# --- one accurate note about how a record ends -----------------------------------------------------------------
+
+
+def _aborted(tmp_path: Path) -> Path:
+    """A record of run r1 ending with a hard stop (a second Ctrl-C) after a succeeded and b was scheduled."""
+    path, lines = _record(tmp_path)
+    keep = _line_of(lines, "task_succeeded") + 3  # a done, b scheduled
+    stop = {
+        "type": "runtime_aborted",
+        "at": json.loads(lines[keep - 1])["at"],
+        "run_id": "r1",
+        "reason": "interrupted twice (Ctrl-C)",
+        "status": "running",
+    }
+    path.write_bytes(b"".join(lines[:keep]) + json.dumps(stop).encode() + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_aborted_record_gets_one_note_and_it_names_the_abort(tmp_path: Path, fmt: str) -> None:
+    _aborted(tmp_path)
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", fmt)
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stderr.count("the record ends before") == 1, shown.stderr
+    assert "stopped at once (interrupted twice (Ctrl-C))" in shown.stderr
+    assert "still going" not in shown.stderr and "process stopped" not in shown.stderr
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_header_only_record_gets_one_note(tmp_path: Path, fmt: str) -> None:
+    path, lines = _record(tmp_path)
+    path.write_bytes(lines[0])
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", fmt)
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stderr.count("the record ends before") == 1, shown.stderr
+    assert "before the run started" in shown.stderr and "still going" not in shown.stderr
+
+
+# --- the show hint names what the user can type ----------------------------------------------------------------
+
+
+def test_the_show_hint_uses_the_record_files_name(tmp_path: Path) -> None:
+    path, lines = _record(tmp_path, "killed1")
+    (tmp_path / "trunc.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:20])  # a copy, cut short
+    shown = cli("show", "trunc", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 0, shown.stderr
+    hint = next(x for x in shown.stderr.splitlines() if x.startswith("record: "))
+    assert hint.endswith(f"(flowdsl show trunc --runs-dir {tmp_path})"), hint
+    (tmp_path / "copy of it.jsonl").write_bytes(path.read_bytes())  # a name that is no run id: the path
+    shown = cli("show", str(tmp_path / "copy of it.jsonl"))
+    hint = next(x for x in shown.stderr.splitlines() if x.startswith("record: "))
+    assert hint.endswith(f"(flowdsl show '{tmp_path / 'copy of it.jsonl'}')"), hint
+
+
+# --- run ids ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("run_id", "why"),
+    [
+        ("-x", "it begins with '-', so commands would read it as an option"),
+        ("--", "it begins with '-'"),
+        (".", "it begins with '.', so its record would be a hidden file ('..jsonl')"),
+        ("..", "it begins with '.', so its record would be a hidden file ('...jsonl')"),
+        (".hidden", "it begins with '.'"),
+    ],
+)
+def test_run_ids_beginning_with_a_dash_or_a_dot_are_refused(tmp_path: Path, run_id: str, why: str) -> None:
+    runs = tmp_path / "runs"
+    r = cli("run", _spec(tmp_path), "--runs-dir", str(runs), "--run-id", run_id, "--format", "json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)
+    assert out["error"]["type"] == "UsageError" and f"invalid run id '{run_id}': {why}" in out["error"]["message"]
+    assert "the first not - or ." in out["error"]["message"] and not runs.exists()
+    with pytest.raises(ValueError, match="invalid run id"):
+        keys_module.check_run_id(run_id)  # the Redis runtime: the same rule
+
+
+def test_one_run_id_rule_for_both_runtimes() -> None:
+    assert keys_module.check_run_id is record_module.check_run_id
+    assert keys_module.RUN_ID_RE is record_module.RUN_ID_RE
+    for good in ("a", "0", "_x", ":y", "a-.b", "x" * 128, "order-1042.v2"):
+        assert check_run_id(good) == good
+
+
+# --- what a path really is -------------------------------------------------------------------------------------
+
+
+def test_a_runs_dir_that_is_a_file_is_called_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = cli("run", _spec(tmp_path), "--runs-dir", str(afile), "--format", "json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)
+    assert out["error"] == {
+        "type": "RecordUnwritable",
+        "message": f"cannot keep run records in '{afile}': it is "
+        "a file, not a directory (choose another --runs-dir, or --no-record)",
+    }
+
+
+def test_a_record_that_is_a_directory_is_called_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "isdir.jsonl").mkdir()
+    shown = cli("show", "isdir", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 2 and f"{tmp_path / 'isdir.jsonl'} is a directory, not a run record" in shown.stderr
+    shown = cli("show", str(tmp_path / "isdir.jsonl"))  # by its path
+    assert shown.exit_code == 2 and f"{tmp_path / 'isdir.jsonl'} is a directory, not a run record" in shown.stderr
+    assert "invalid run id" not in shown.stderr
+    shown = cli("show", str(tmp_path / "nothing.jsonl"))
+    assert shown.exit_code == 2 and "no run record at" in shown.stderr and "invalid run id" not in shown.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_not_a_regular_file_and_is_never_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for args in (["fifo", "--runs-dir", str(tmp_path)], [str(fifo)]):
+        shown = cli("show", *args)
+        assert shown.exit_code == 2 and f"{fifo} is not a regular file (a FIFO), so not a run record" in shown.stderr, (
+            shown.stderr
+        )
+    code = (
+        f"from flowdsl.runtime.record import read_record\ntry:\n    read_record({str(fifo)!r})\n"
+        "except Exception as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert "is not a regular file (a FIFO)" in done.stdout, done.stderr  # said, not waiting for a writer
+
+
+# --- empty and contradictory options ---------------------------------------------------------------------------
+
+
+def test_an_empty_runs_dir_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = set(os.listdir(tmp_path))
+    r = cli("run", _spec(tmp_path), "--runs-dir", "", "--set", "script={}")
+    assert r.exit_code == 2 and "Invalid value for '--runs-dir'" in r.output and "empty" in r.output, r.output
+    assert set(os.listdir(tmp_path)) == before | {"rec.yaml"}  # no record in the current directory
+    shown = cli("show", "r1", "--runs-dir", "")
+    assert shown.exit_code == 2 and "Invalid value for '--runs-dir'" in shown.output
+
+
+def test_no_record_with_runs_dir_is_refused(tmp_path: Path) -> None:
+    r = cli("run", _spec(tmp_path), "--no-record", "--runs-dir", str(tmp_path / "runs"), "--format", "json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)
+    assert out["error"]["type"] == "UsageError" and "contradict each other" in out["error"]["message"]
+    assert "--no-record writes no record" in r.stderr and not (tmp_path / "runs").exists()
+
+
+# --- lines the replay does not explain -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda e: {"type": "mystery_event", "step": "a", "at": e["at"]},
+            "a line of type 'mystery_event', which flowdsl does not write",
+        ),
+        (lambda e: {"type": "step_failed"}, "a line of type 'step_failed', which flowdsl does not write"),
+        (lambda e: {}, "a record line needs a 'type' (a string), found none"),
+        (lambda e: {"type": None, "at": "x"}, "a record line needs a 'type' (a string), found null"),
+        (
+            lambda e: {**e, "type": "step_failed"},
+            "the event 'step_failed' (step 'a', 'seq' 2) is not what replaying "
+            "the run emits there ('step_scheduled', step 'a')",
+        ),
+        (lambda e: e, "the event 'step_scheduled' with 'seq' 2 is recorded twice"),
+        (
+            lambda e: {**e, "seq": 99},
+            "the event 'step_scheduled' has 'seq' 99, at which replaying the run emits nothing",
+        ),
+        (lambda e: {**e, "type": "record"}, "a second header line (type 'record')"),
+    ],
+)
+def test_a_line_show_does_not_understand_is_an_error_naming_it(tmp_path: Path, make: Any, message: str) -> None:
+    path, lines = _record(tmp_path)
+    at = _line_of(lines, "step_scheduled")  # a's: seq 2
+    path.write_bytes(
+        b"".join(lines[: at + 1]) + json.dumps(make(json.loads(lines[at]))).encode() + b"\n" + b"".join(lines[at + 1 :])
+    )
+    for fmt in ("text", "json"):
+        shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", fmt)
+        assert shown.exit_code == 2, shown.output
+        assert f"{path}:{at + 2}: {message}" in shown.stderr, shown.stderr
+        assert "None" not in shown.stderr
+    with pytest.raises(RecordError):
+        header, events = read_record(path)
+        result_from_record(header, events, path)
+
+
+def test_a_record_as_written_passes_the_check(tmp_path: Path) -> None:
+    path, _ = _record(tmp_path)
+    header, events = read_record(path)
+    assert result_from_record(header, events, path).status == "completed"
+    assert result_from_record(header, list(events)).status == "completed"  # a plain list: no line numbers needed
+    path.unlink()
+    assert _aborted(tmp_path) and cli("show", "r1", "--runs-dir", str(tmp_path)).exit_code == 0
+
+
+# --- the JSON context of a run that has not ended --------------------------------------------------------------
+
+
+def test_show_json_of_an_unfinished_run_gives_a_null_context(tmp_path: Path) -> None:
+    path, lines = _record(tmp_path)
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", "json")
+    assert json.loads(shown.stdout)["context"] == {"script": SCRIPT, **SCRIPT["a"]["result"]}  # the final one
+    path.write_bytes(b"".join(lines[: _line_of(lines, "task_succeeded") + 2]))
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", "json")
+    out = json.loads(shown.stdout)
+    assert (out["status"], out["context"]) == ("running", None)
+    path.write_bytes(lines[0])
+    out = json.loads(cli("show", "r1", "--runs-dir", str(tmp_path), "--format", "json").stdout)
+    assert (out["status"], out["context"]) == ("not_started", None)
+
+
+# --- a record that cannot be created or begun ------------------------------------------------------------------
+
+
+def test_a_record_file_that_cannot_be_created_exits_2_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root, os.access calls /sys/kernel writable, and creating a file there fails: refused, exit 2."""
+    runs = tmp_path / "runs"
+    real_open = pathlib.Path.open
+
+    def refuse(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "xb" and self.parent == runs:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refuse)
+    for fmt in ("text", "json"):
+        r = cli("run", _spec(tmp_path), "--runs-dir", str(runs), "--run-id", f"c{fmt}", "--format", fmt)
+        assert r.exit_code == 2, r.output
+        said = f"cannot create the run record {runs / f'c{fmt}.jsonl'}: Permission denied; the run did not start"
+        assert f"error: {said}" in r.stderr and "Errno" not in r.stderr and "the run stopped" not in r.stderr
+        if fmt == "json":
+            assert json.loads(r.stdout) == {
+                "status": "error",
+                "run_id": "cjson",
+                "error": {"type": "RecordUnwritable", "message": said},
+            }
+
+
+def test_a_record_whose_first_lines_cannot_be_written_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_module.RunRecorder, "flush", full)
+    r = cli("run", _spec(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--run-id", "full1", "--format", "json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)
+    assert out["error"]["type"] == "RecordUnwritable" and out["error"]["message"] == (
+        f"cannot write the run record {tmp_path / 'runs' / 'full1.jsonl'}: No space left on device; the run did not "
+        "start"
+    )
+    assert not (tmp_path / "runs" / "full1.jsonl").exists()
+
+
+# --- a key twice in one input object ---------------------------------------------------------------------------
+
+
+def test_a_key_twice_in_the_input_is_refused_naming_it(tmp_path: Path) -> None:
+    data = tmp_path / "in.json"
+    data.write_text('{"script": {},\n  "order": {"id": 1, "lines": [{"sku": "a", "qty": 1, "sku": "b"}]}}')
+    r = cli("run", _spec(tmp_path), "--no-record", "--input", str(data), "--format", "json")
+    assert r.exit_code == 2, r.output
+    out = json.loads(r.stdout)
+    assert out["error"]["type"] == "InputInvalid"
+    assert out["error"]["message"].startswith(f'{data}:2:55: the key "sku" appears twice in one object')
+    r = cli("run", _spec(tmp_path), "--no-record", "--input", "-", stdin='{"script": {}, "\\u0073cript": {"a": 1}}')
+    assert r.exit_code == 2 and 'stdin:1:16: the key "script" appears twice' in r.stderr, r.output
+    r = cli("run", _spec(tmp_path), "--no-record", "--set", 'order={"id": 1, "id": 2}')
+    assert r.exit_code == 2 and '--set order (at character 11 of the value): the key "id" appears twice' in r.stderr
+    data.write_text('{"script": {"a": {"result": {"a": 1}}, "b": {"a": {"a": "a"}}}}')  # one key per object
+    assert cli("run", _spec(tmp_path), "--no-record", "--input", str(data)).exit_code == 0
+
+
+# --- lines that cannot be read at all --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "not a JSON line: it nests too deeply to read"),
+        (b'{"type": "x", "n": ' + b"9" * 5000 + b"}", "not a JSON line: "),
+    ],
+)
+def test_a_line_json_cannot_read_is_an_error_not_a_traceback(tmp_path: Path, line: bytes, message: str) -> None:
+    path, lines = _record(tmp_path)
+    path.write_bytes(lines[0] + line + b"\n" + b"".join(lines[1:]))
+    shown = cli("show", "r1", "--runs-dir", str(tmp_path))
+    assert shown.exit_code == 2 and f"{path}:2: {message}" in shown.stderr, shown.output
+    assert shown.exception is None or isinstance(shown.exception, SystemExit)

@@ -1,0 +1,257 @@
+"""Stop signals and a local run, in real processes: SIGTERM and SIGHUP as Ctrl-C, what an aborted run leaves
+to undo by hand, waiting for a sync worker, signals inherited as ignored, Ctrl-C while worker modules import,
+and the library API, which leaves SIGTERM to the application unless asked.
+
+Every test starts its own ``flowdsl`` (or Python) process and signals it by its PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowdsl.runtime.record import read_record
+from tests.runtime.conformance import HEADER
+from tests.runtime.test_local import CANCELLABLE, ROOT, _wait_for
+
+#: seconds a process may take to end after its last signal
+ENDS = 30
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FLOWDSL_LM", None)
+    return env
+
+
+def _flowdsl(tmp_path: Path, steps: str, script: dict[str, Any], run_id: str, *, as_json: bool = True,
+             preexec: Callable[[], Any] | None = None) -> subprocess.Popen[str]:
+    """``flowdsl run`` of ``steps`` (the scripted workers of tests.runtime.workers), recorded in ``tmp_path``."""
+    path = tmp_path / f"{run_id}.yaml"
+    path.write_text(HEADER.format(name="sig") + steps)
+    fmt = ["--format", "json"] if as_json else []
+    return subprocess.Popen(
+        [sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(path), *fmt,
+         "--set", f"script={json.dumps(script)}", "--runs-dir", str(tmp_path), "--run-id", run_id],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """The process's stdout and stderr once it has ended (killed, and the test failed, if it does not)."""
+    try:
+        return proc.communicate(timeout=ENDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the process did not end within {ENDS} s of its last signal; stderr:\n{err}")
+
+
+def _aborted_record(record: Path) -> list[dict[str, Any]]:
+    _, lines = read_record(record)
+    assert lines[-1]["type"] == "runtime_aborted"
+    return lines
+
+
+# --- SIGTERM and SIGHUP do what Ctrl-C does -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sig", "reason"), [(signal.SIGTERM, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, "hung up (SIGHUP)")])
+def test_sigterm_and_sighup_cancel_the_run_and_undo_what_completed(tmp_path: Path, sig: signal.Signals,
+                                                                   reason: str) -> None:
+    proc = _flowdsl(tmp_path, CANCELLABLE, {"b": {"hang": True}}, "t1")
+    _wait_for(tmp_path / "t1.jsonl", "step_scheduled", "b", proc)
+    os.kill(proc.pid, sig)
+    out, err = _ended(proc)
+    assert proc.returncode == 1, err  # cancelled, as after a first Ctrl-C
+    result = json.loads(out)  # --format json: exactly one object on stdout
+    assert (result["status"], result["compensated"], result["error"]) == (
+        "cancelled", ["a"], {"type": "Cancelled", "message": reason})
+    assert result["steps"]["b"]["status"] == "cancelled"
+    verb = reason.split(" (")[0]
+    assert f"{verb}: cancelling the run and undoing the steps that completed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("first", "second"), [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM),
+                                               (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_stop_signal_stops_at_once_and_the_record_says_so(tmp_path: Path, first: signal.Signals,
+                                                                     second: signal.Signals) -> None:
+    proc = _flowdsl(tmp_path, CANCELLABLE, {"b": {"hang": True}, "a/compensate": {"hang": True}}, "t2")
+    record = tmp_path / "t2.jsonl"
+    _wait_for(record, "step_scheduled", "b", proc)
+    os.kill(proc.pid, first)
+    _wait_for(record, "compensation_started", "a", proc)
+    os.kill(proc.pid, second)
+    out, err = _ended(proc)
+    assert proc.returncode == 130, err  # as after a second Ctrl-C
+    aborted = json.loads(out)
+    assert (aborted["status"], aborted["run_id"], aborted["error"]["type"]) == ("aborted", "t2", "RunAborted")
+    assert "stopping at once, nothing more is compensated" in err and "Traceback" not in err
+    _aborted_record(record)
+
+
+# --- what a run stopped at once leaves to undo by hand -------------------------------------------------------------
+
+#: a completed step with an undo, then a sync one that cannot be interrupted
+BLOCKING = "steps:\n  - conf.a: {compensate: undo.a}\n  - sync.b: {compensate: undo.b, timeout: 20s}\n"
+
+
+def test_a_run_stopped_while_cancelling_says_which_completed_steps_are_left_to_undo(tmp_path: Path) -> None:
+    """A second Ctrl-C while the run waits for a sync worker: nothing was undone; the JSON object lists step a
+    as the needs_intervention listing would, its undo not run."""
+    proc = _flowdsl(tmp_path, BLOCKING, {"b": {"hang": True}}, "u1")
+    record = tmp_path / "u1.jsonl"
+    _wait_for(record, "step_scheduled", "b", proc)
+    proc.send_signal(signal.SIGINT)
+    _wait_for(record, "cancel_requested", None, proc)  # an input event: it names no step
+    proc.send_signal(signal.SIGINT)
+    out, err = _ended(proc)
+    assert proc.returncode == 130, err
+    aborted = json.loads(out)
+    assert aborted["compensated"] == []
+    [left] = aborted["intervention"]["steps"]
+    assert (left["step"], left["worker"], left["status"], left["attempts"]) == ("a", "undo.a", "not_attempted", 0)
+    assert (left["idempotency_key"], left["step_idempotency_key"]) == ("u1/a/compensate", "u1/a")
+    message = aborted["error"]["message"]
+    assert "aborted while cancelling its steps in flight (before undoing any)" in message
+    assert "left to undo by hand: a" in message and "while aborting" not in message
+    _aborted_record(record)
+
+
+def test_the_text_summary_of_a_run_stopped_while_compensating_lists_the_undo_it_abandoned(tmp_path: Path) -> None:
+    """b was undone, a's undo was running: only a is left, and said to be perhaps done."""
+    steps = "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b: {compensate: undo.b}\n  - conf.c\n"
+    proc = _flowdsl(tmp_path, steps, {"c": {"hang": True}, "a/compensate": {"hang": True}}, "u2", as_json=False)
+    record = tmp_path / "u2.jsonl"
+    _wait_for(record, "step_scheduled", "c", proc)
+    proc.send_signal(signal.SIGINT)
+    _wait_for(record, "compensation_started", "a", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = _ended(proc)
+    assert proc.returncode == 130, err
+    lines = err.splitlines()
+    heading = lines.index("left to undo by hand (the run stopped before they were undone), in this order:")
+    assert lines[heading + 1] == ("  a: undo.a was running when the run stopped: it may or may not have taken "
+                                  "effect (idempotency key u2/a/compensate)")
+    assert not [line for line in lines[heading:] if line.startswith("  b: ")]  # undone: not left
+    assert "sig u2: stopped at once while compensating (undoing the steps that completed)" in err
+    # `flowdsl show` of the record lists the same
+    shown = subprocess.run([sys.executable, "-m", "flowdsl", "show", "u2", "--runs-dir", str(tmp_path), "--format",
+                            "json"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=ENDS)
+    result = json.loads(shown.stdout)
+    assert result["compensated"] == ["b"]
+    [left] = result["intervention"]["steps"]
+    assert (left["step"], left["status"]) == ("a", "in_flight")
+
+
+def test_after_a_first_ctrl_c_the_run_says_it_waits_for_a_sync_worker(tmp_path: Path) -> None:
+    proc = _flowdsl(tmp_path, BLOCKING, {"b": {"sleep": 2.0}}, "w1")
+    _wait_for(tmp_path / "w1.jsonl", "step_scheduled", "b", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = _ended(proc)
+    assert proc.returncode == 1, err
+    assert ("waiting for step b (times out 20 s after it started) to return: a sync worker cannot be interrupted"
+            in err.splitlines())
+    result = json.loads(out)  # it returned: it completed, so it was undone too
+    assert (result["status"], result["compensated"]) == ("cancelled", ["b", "a"])
+
+
+# --- a signal inherited as ignored stays ignored ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_inherited_as_ignored_does_not_cancel_the_run(tmp_path: Path, sig: signal.Signals) -> None:
+    """`flowdsl run … &` from a non-interactive shell (SIGINT ignored), nohup (SIGHUP ignored): the run goes on."""
+    proc = _flowdsl(tmp_path, CANCELLABLE, {"b": {"sleep": 2.0}}, "i1",
+                    preexec=lambda: signal.signal(sig, signal.SIG_IGN))
+    _wait_for(tmp_path / "i1.jsonl", "step_scheduled", "b", proc)
+    os.kill(proc.pid, sig)
+    time.sleep(0.1)
+    os.kill(proc.pid, sig)
+    out, err = _ended(proc)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["status"] == "completed"
+    assert "cancelling" not in err
+
+
+# --- a stop signal while the worker modules are imported ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sig", "as_json", "said"), [(signal.SIGINT, False, "interrupted"),
+                                                      (signal.SIGINT, True, "interrupted"),
+                                                      (signal.SIGTERM, True, "terminated (SIGTERM)")])
+def test_a_stop_signal_while_worker_modules_import_says_so_and_exits_130(tmp_path: Path, sig: signal.Signals,
+                                                                        as_json: bool, said: str) -> None:
+    (tmp_path / "slow_import_workers.py").write_text(textwrap.dedent("""\
+        import pathlib
+        import time
+
+        pathlib.Path("importing").write_text("yes")
+        time.sleep(60)
+        """))
+    (tmp_path / "imp.yaml").write_text("flowdsl: 1\nname: imp\nworkers: [slow_import_workers]\nsteps: [a]\n")
+    proc = subprocess.Popen([sys.executable, "-c", "from flowdsl.cli import main; main()", "run", "imp.yaml",
+                             "--no-record", *(["--format", "json"] if as_json else [])],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + ENDS
+    while not (tmp_path / "importing").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.kill(proc.pid, sig)
+    out, err = _ended(proc)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1:] == [said] and "Traceback" not in err
+    if as_json:
+        assert json.loads(out) == {"status": "error", "error": {"type": "KeyboardInterrupt", "message": said}}
+
+
+# --- the library API: SIGTERM is the application's unless handle_sigterm ------------------------------------------
+
+_API_SCRIPT = """\
+import json, signal, sys
+import flowdsl
+
+called = []
+signal.signal(signal.SIGTERM, lambda signum, frame: called.append(signum))
+app_handler = signal.getsignal(signal.SIGTERM)
+plan = flowdsl.compile_text({spec!r})
+options = json.loads(sys.argv[1])
+result = flowdsl.run(plan, {{"script": options.pop("script")}}, run_id="api", runs_dir=sys.argv[2], **options)
+print(json.dumps({{"status": result.status, "compensated": result.compensated, "app_called": called,
+                  "sigterm_put_back": signal.getsignal(signal.SIGTERM) is app_handler,
+                  "sigint_put_back": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+                  "wakeup_fd": signal.set_wakeup_fd(-1)}}))
+"""
+
+
+def _api_run(tmp_path: Path, options: dict[str, Any], script: dict[str, Any]) -> dict[str, Any]:
+    code = _API_SCRIPT.format(spec=HEADER.format(name="api") + CANCELLABLE)
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps({**options, "script": script}), str(tmp_path)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "api.jsonl", "step_scheduled", "b", proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = _ended(proc)
+    assert proc.returncode == 0, err
+    return dict(json.loads(out))
+
+
+def test_flowdsl_run_leaves_sigterm_to_the_application_by_default(tmp_path: Path) -> None:
+    seen = _api_run(tmp_path, {}, {"b": {"sleep": 0.5}})
+    assert (seen["status"], seen["app_called"]) == ("completed", [signal.SIGTERM])
+    assert seen["sigterm_put_back"] and seen["sigint_put_back"] and seen["wakeup_fd"] == -1
+
+
+def test_handle_sigterm_cancels_an_api_run_then_puts_back_the_applications_handler(tmp_path: Path) -> None:
+    seen = _api_run(tmp_path, {"handle_sigterm": True}, {"b": {"hang": True}})
+    assert (seen["status"], seen["compensated"], seen["app_called"]) == ("cancelled", ["a"], [])
+    assert seen["sigterm_put_back"] and seen["sigint_put_back"] and seen["wakeup_fd"] == -1
