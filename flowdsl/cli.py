@@ -362,14 +362,14 @@ def run(
 
     Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
     usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C, SIGTERM or SIGHUP
-    (with --backend redis: Ctrl-C stopped following; the run goes on). The first cancels the run and
+    (with --backend redis: Ctrl-C, SIGTERM or SIGHUP stopped following; the run goes on). The first cancels the run and
     undoes what completed (exit 1). With --format json,
     stdout carries exactly one JSON object whatever happens (see docs/runtime.md).
     """
     as_json = fmt is OutputFormat.json
     with _JsonChannel(as_json) as channel:
         try:
-            with _stopping_as_ctrl_c(backend is Backend.local):
+            with _stopping_as_ctrl_c():
                 code = _run(channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed,
                             backend, redis_url, prefix, detach, schedule_timeout, retention)
         except _Stopped as stop:
@@ -388,10 +388,11 @@ def run(
 
 
 @contextlib.contextmanager
-def _stopping_as_ctrl_c(active: bool) -> Iterator[None]:
+def _stopping_as_ctrl_c() -> Iterator[None]:
     """SIGTERM and SIGHUP stop ``flowdsl run`` as Ctrl-C does where the run does not take them itself (while the
-    spec compiles and the worker modules import, while the summary prints): they raise KeyboardInterrupt. In the
-    main thread only; a signal that is ignored or handled already is left alone."""
+    spec compiles and the worker modules import, while the summary prints; a Redis run's follower takes them
+    itself too): they raise KeyboardInterrupt. In the main thread only; a signal that is ignored or handled
+    already is left alone."""
     import signal
     import threading
 
@@ -401,7 +402,7 @@ def _stopping_as_ctrl_c(active: bool) -> Iterator[None]:
         raise signalled(KeyboardInterrupt(_STOP_WORDS.get(signal.Signals(signum).name, "interrupted")))
 
     saved: dict[int, Any] = {}
-    if active and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         for name in _STOP_WORDS:
             signum = getattr(signal, name, None)
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:

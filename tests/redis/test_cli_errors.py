@@ -349,16 +349,22 @@ def test_a_cancel_held_while_the_start_was_computed_is_applied_once_by_the_next_
 # --- 8. polish ---------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_while_following_names_the_run_in_json_and_in_the_hint(url: str, prefix: str, spec: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_ctrl_c_while_following_names_the_run_in_json_and_in_the_hint(url: str, prefix: str, spec: Path,
+                                                                      sig: signal.Signals) -> None:
+    """Ctrl-C — and SIGTERM or SIGHUP, as `timeout`, systemd or a closed terminal send — stops following (the
+    run goes on): exit 130, the one JSON object, the hint; never a process killed mid-output."""
+    run_id = f"stop-{sig.name.lower()}"
     proc = spawn("run", str(spec), "--backend", "redis", "--redis-url", url, "--prefix", prefix, "--run-id",
-                 "ctrl-c", "--format", "json")
-    wait_for(lambda: server_has(url, prefix, "ctrl-c"))
+                 run_id, "--format", "json")
+    wait_for(lambda: server_has(url, prefix, run_id))
     time.sleep(0.5)
-    out, err = stop(proc)
+    out, err = stop(proc, sig)
     assert proc.returncode == 130, err
     payload = json.loads(out)
-    assert payload["run_id"] == "ctrl-c" and payload["error"]["type"] == "Interrupted"
-    assert "flowdsl status ctrl-c --follow" in " ".join(err.split()) and "RUN_ID" not in err
+    assert payload["run_id"] == run_id and payload["error"]["type"] == "Interrupted"
+    assert f"flowdsl status {run_id} --follow" in " ".join(err.split()) and "RUN_ID" not in err
+    assert "Traceback" not in err, err
 
 
 def server_has(url: str, prefix: str, run_id: str) -> bool:

@@ -12,11 +12,14 @@ on stderr, exit 2).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis
@@ -147,7 +150,7 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
     journal = Journal()
     try:
-        with view:
+        with view, _stopped_by_termination():
             result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice, journal=journal)
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
@@ -159,6 +162,27 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     else:
         print_summary(result, console)
     return result.exit_code
+
+
+@contextlib.contextmanager
+def _stopped_by_termination() -> Iterator[None]:
+    """While a run is followed, SIGTERM and SIGHUP stop following as Ctrl-C does (the run goes on; the summary
+    or JSON says so) instead of killing the process mid-output. In the main thread only; an ignored signal is
+    left ignored; the handlers found are put back after."""
+    taken: list[tuple[int, Any]] = []
+    if threading.current_thread() is threading.main_thread():
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None and task is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                taken.append((signum, signal.getsignal(signum)))
+                loop.add_signal_handler(signum, task.cancel)
+    try:
+        yield
+    finally:
+        for signum, previous in taken:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, previous)
 
 
 def _interrupted(code: int, console: Any, run_id: str | None) -> int:
