@@ -304,19 +304,20 @@ class Store:
             return 0
         return int(await _UNLIST(self.batcher, [self.keys.runs], [x for pair in entries for x in pair]))
 
-    async def prune_index(self, start: int, page: int = 200) -> tuple[int, bool]:
+    async def prune_index(self, start: int, page: int = 200) -> tuple[int, bool, int]:
         """Check one page of the run index (from rank ``start``, oldest first) and remove the runs that no
-        longer exist (expired); return the rank the next page starts at, and whether this was the last page.
+        longer exist (expired); return the rank the next page starts at, whether this was the last page, and
+        how many runs it removed.
 
         The run that ends a run cannot touch the index (another Cluster slot), so worker processes walk it
         page by page (:meth:`~flowdsl.runtime.redis.upkeep.Upkeep._tidy`): it stays about as long as the runs
         it lists."""
         pairs = score_pairs(await self.call("ZRANGE", self.keys.runs, start, start + page - 1, "WITHSCORES"))
         if not pairs:
-            return 0, True
+            return 0, True, 0
         found = await asyncio.gather(*(self.call("EXISTS", self.keys.run(r.decode())) for r, _ in pairs))
         removed = await self.unlist([pair for pair, n in zip(pairs, found, strict=True) if not n])
-        return (0, True) if len(pairs) < page else (start + len(pairs) - removed, False)
+        return (0, True, removed) if len(pairs) < page else (start + len(pairs) - removed, False, removed)
 
     async def forget_consumers(self, stream: str, idle_ms: int, keep: str) -> int:
         """Delete the consumer names of ``stream``'s group idle longer than ``idle_ms`` and holding no entry

@@ -49,9 +49,12 @@ __all__ = ["Upkeep"]
 log = logging.getLogger("flowdsl.redis")
 
 
-#: pages of the run index (200 runs each) a tidying round checks: a process keeps up with ~30 runs
-#: expiring a second (2,000 a minute), and every process tidies
+#: pages of the run index (200 runs each) a tidying round checks besides those it finds mostly expired: those
+#: cost nothing against this budget, so a round removes every run that expired in a row, however many (the
+#: index is in submission order: runs of one retention expire in it from the front), while a long index of
+#: runs still kept is walked 2,000 runs a minute; every process tidies
 _INDEX_PAGES = 10
+_INDEX_PAGE = 200
 
 
 def _seen(record: bytes) -> int:
@@ -189,15 +192,18 @@ class Upkeep:
 
     async def _tidy(self, cursor: int) -> int:
         """What no transition can do (a transition touches one run's keys; these are shared): drop the expired
-        runs of up to :data:`_INDEX_PAGES` pages of the run index (from rank ``cursor``; returns where the next
-        round starts), and
+        runs of the run index, from rank ``cursor``, page after page while pages are mostly expired runs and
+        for :data:`_INDEX_PAGES` other pages (returns where the next round starts), and
         forget the worker processes silent for ``forget_s`` — their liveness records, and their consumer
         names in the streams this process reads once they hold no entry (a name holding entries is kept:
         deleting it would drop them). Every process does it; each step is safe to repeat."""
-        for _ in range(_INDEX_PAGES):  # up to 2,000 runs a round, from where the last round stopped
-            cursor, last = await self.store.prune_index(cursor)
+        budget = _INDEX_PAGES  # from where the last round stopped
+        while budget > 0 and not self._stopping:
+            cursor, last, removed = await self.store.prune_index(cursor, _INDEX_PAGE)
             if last:  # the end of the index: the next round starts again from its oldest runs
                 break
+            if 2 * removed < _INDEX_PAGE:  # mostly runs still kept: this page counts against the budget
+                budget -= 1
         assert self.client is not None
         forget_ms = max(int(self.options.forget_s * 1000), 10 * self.lease_ms)  # never a process still beating
         now = self.clock.now()
