@@ -347,30 +347,38 @@ def marking_sigint() -> Iterator[None]:
     the user pressing Ctrl-C: the first is that code's failure, the second stops what it interrupted.
 
     Wraps the current Python-level SIGINT handler; does nothing outside the main thread or when SIGINT is
-    ignored, left to the system or handled by an event loop. The handler is restored on the way out.
+    ignored, left to the system or handled by an event loop. The handler is restored on the way out. Uses that
+    overlap without nesting (two runs in one loop: the first ends before the second) share one wrapper, which
+    the last one out removes: wrappers never pile up over many runs.
     """
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if not callable(previous):
+    current = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if isinstance(current, _MarkingHandler):
+        handler = current
+    elif not callable(current):
         yield
         return
-    handler = _MarkingHandler(previous)
-    try:
-        signal.signal(signal.SIGINT, handler)
-    except (ValueError, OSError):  # not settable here after all
-        yield
-        return
+    else:
+        handler = _MarkingHandler(current)
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except (ValueError, OSError):  # not settable here after all
+            yield
+            return
+    handler.users += 1
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGINT) is handler:
-            signal.signal(signal.SIGINT, previous)
+        handler.users -= 1
+        if handler.users == 0 and signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, handler.previous)
 
 
 class _MarkingHandler:
-    __slots__ = ("previous",)
+    __slots__ = ("previous", "users")
 
     def __init__(self, previous: Callable[[int, Any], Any]):
         self.previous = previous
+        self.users = 0
 
     def __call__(self, signum: int, frame: Any) -> Any:
         try:

@@ -595,3 +595,37 @@ def test_running_a_plan_leaves_sys_path_as_it_was_unless_a_worker_module_came_fr
     finally:
         flowdsl.registry.unregister("emb_here")
         sys.modules.pop(name, None)
+
+
+def test_runs_overlapping_in_one_loop_leave_no_sigint_handlers_behind() -> None:
+    """Runs whose lifetimes overlap without nesting (A starts, B starts, A ends, B ends), thousands of times in
+    a long-lived application: they share the one handler that tells a real Ctrl-C from a worker's own
+    KeyboardInterrupt, and the last one out removes it — handlers never pile up into a chain that a Ctrl-C
+    walks (past the recursion limit it raised RecursionError instead of KeyboardInterrupt)."""
+    from flowdsl.workers import _MarkingHandler
+
+    async def pause(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(data["sleep"])
+        return {}
+
+    reg = registry(pause=pause)
+    plan = flow("  - a: {worker: pause, with: {sleep: '${ $input.sleep }'}}\n")
+    depths: list[int] = []
+
+    def depth() -> int:
+        handler, n = signal.getsignal(signal.SIGINT), 0
+        while isinstance(handler, _MarkingHandler):
+            handler, n = handler.previous, n + 1
+        return n
+
+    async def main() -> Any:
+        inside = signal.getsignal(signal.SIGINT)  # asyncio.run's own Ctrl-C handler
+        for _ in range(30):
+            await asyncio.gather(bounded(plan, reg, {"sleep": 0.001}), bounded(plan, reg, {"sleep": 0.003}))
+            depths.append(depth())
+        return inside, signal.getsignal(signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    inside, after_runs = asyncio.run(main())
+    assert depths == [0] * 30 and after_runs is inside
+    assert signal.getsignal(signal.SIGINT) is before
