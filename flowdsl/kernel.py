@@ -38,8 +38,10 @@ __all__ = [
     "apply", "left_to_undo", "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
 ]
 
-#: version of the run-state layout (``state["kernel"]``)
-STATE_VERSION = 1
+#: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
+#: 2 added late completions (docs/kernel.md, "Late completions"); a run started under version 1 — a record
+#: or journal written before — replays and goes on under version 1's rules, so its decisions stay what they were
+STATE_VERSION = 2
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
 INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
                 "cancel_requested")
@@ -74,26 +76,31 @@ class Decision:
 
 
 def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float,
-              seed: int | None = None) -> Decision:
+              seed: int | None = None, kernel: int = STATE_VERSION) -> Decision:
     """Start a run: check its input, schedule its run timeout, dispatch its first steps.
 
     ``at`` is the caller's clock in integer milliseconds since the Unix epoch;
     ``seed`` drives retry jitter (default: derived from ``run_id``). A run
     input that is not an object or does not match the flow's input schema ends
-    the run ``failed`` at once with error type ``InputInvalid``.
+    the run ``failed`` at once with error type ``InputInvalid``. ``kernel``: the
+    rules' version the run was started under (:data:`STATE_VERSION`; an older one
+    for :func:`replay` of a run recorded before).
     """
+    if kernel not in (1, STATE_VERSION):
+        raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
     program = prepare(plan)
     at = _time(at)
     if seed is None:
         seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big")
     state = RunState({
-        "kernel": STATE_VERSION, "run_id": run_id, "flow": program.flow.get("name"), "seed": seed,
+        "kernel": kernel, "run_id": run_id, "flow": program.flow.get("name"), "seed": seed,
         "input": input, "status": "running", "started_at": at, "finished_at": None, "error": None,
         "failed_step": None, "abort": None, "clock": 0, "seq": 0, "remaining": 0,
         "nodes": {}, "iterations": {}, "tasks": {}, "timers": {},
-        "saga": None, "compensations": {}, "compensated": [], "intervention": None, "late_completions": [],
-        "context": None,
+        "saga": None, "compensations": {}, "compensated": [], "intervention": None, "context": None,
     })
+    if kernel >= 2:
+        state["late_completions"] = []  # (its presence turns the rule on: a version-1 state has none)
     machine = Machine(program, state, at)
     machine.start()
     return Decision(state, machine.commands, machine.events)
@@ -119,8 +126,9 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
 
 
 def start_event(run_id: str, input: dict[str, Any], *, at: int | float, seed: int | None = None) -> dict[str, Any]:
-    """The ``start`` input event a runtime records so that :func:`replay` can restart the run."""
-    return {"type": "start", "run_id": run_id, "input": input, "at": at, "seed": seed}
+    """The ``start`` input event a runtime records so that :func:`replay` can restart the run (``kernel``: the
+    rules' version it starts under; a start recorded without it is version 1's)."""
+    return {"type": "start", "run_id": run_id, "input": input, "at": at, "seed": seed, "kernel": STATE_VERSION}
 
 
 def replay(plan: Plan, input_events: Iterable[dict[str, Any]]
@@ -131,7 +139,8 @@ def replay(plan: Plan, input_events: Iterable[dict[str, Any]]
     first = next(events, None)
     if first is None or first.get("type") != "start":
         raise ValueError("replay needs the run's 'start' event first")
-    d = start_run(plan, first["run_id"], copy.deepcopy(first["input"]), at=first["at"], seed=first.get("seed"))
+    d = start_run(plan, first["run_id"], copy.deepcopy(first["input"]), at=first["at"], seed=first.get("seed"),
+                  kernel=first.get("kernel", 1))
     commands, emitted = list(d.commands), list(d.events)
     state = d.state
     for event in events:

@@ -364,6 +364,8 @@ class Machine(Saga):
         ended now is, ``needs_intervention`` with the step's compensation left to run by hand (docs/kernel.md,
         "Late completions"). Anything else (a duplicate, a non-compensable step, a stale attempt while a newer
         one is in flight or waiting to retry, a compensation's attempt) changes nothing."""
+        if "late_completions" not in self.s:
+            return  # a run started under kernel version 1 (before this rule): its decisions stay version 1's
         prefix = self.run_id + "/"
         ikey, _, mark = task_id[len(prefix):].rpartition("#") if task_id.startswith(prefix) else ("", "", "")
         digits = mark[1:] if mark.startswith("f") else mark
@@ -374,7 +376,7 @@ class Machine(Saga):
         node = self.p.nodes[rec["node"]]
         attempt = int(digits)
         if not node.get("compensate") or not 1 <= attempt <= rec.get("attempts", 0) \
-                or any(item["step"] == ikey for item in self.s.get("late_completions") or ()):
+                or any(item["step"] == ikey for item in self.s["late_completions"]):
             return
         result = {} if result is None else result
         if not isinstance(result, dict):
@@ -392,7 +394,7 @@ class Machine(Saga):
                                  "idempotency_key": idem, "compensation": worker, "result": result, "at": self.at}
         if out is not None:
             entry["out"] = out
-        self.s.setdefault("late_completions", []).append(entry)  # (a state from before this field lacks it)
+        self.s["late_completions"].append(entry)
         self.emit("late_completion", ikey, attempt=attempt, task_id=task_id, idempotency_key=idem,
                   compensation=worker, run_status=self.s["status"], reason=LATE_REASON)
         if self.s["status"] in END_STATES:

@@ -203,3 +203,18 @@ def test_an_ordinary_run_is_unchanged_and_records_no_late_completion():
     sim = Sim(plan_of([CHARGE, "ship"]), {"ship": ok({"s": 1})}).run()
     assert sim.status == "completed" and sim.state["late_completions"] == []
     assert [e for e in sim.events if e["type"] == "late_completion"] == []
+
+
+def test_a_run_started_before_the_rule_replays_and_goes_on_under_its_old_rules():
+    """A record or journal written before late completions existed (its ``start`` event carries no ``kernel``
+    version): replaying it gives the decisions it recorded, and it goes on without the rule — else every old
+    record with a late result would replay to another end than the one it shows (and fail `show`'s check)."""
+    drv = _cancelled_charge()
+    old_start = {k: v for k, v in drv.inputs[0].items() if k != "kernel"}
+    assert drv.inputs[0]["kernel"] == 2 and "kernel" not in old_start
+    late = {"type": "task_succeeded", "task_id": "r1/charge#1", "result": {}, "at": 99}
+    state, _, events = replay(drv.plan, [old_start, *drv.inputs[1:], late])
+    assert state["kernel"] == 1 and "late_completions" not in state
+    assert state["status"] == "cancelled" and events[-1]["type"] == "result_rejected"
+    state, _, events = replay(drv.plan, [*drv.inputs, late])  # started under version 2: the rule holds
+    assert state["status"] == "needs_intervention" and events[-1]["type"] == "run_finished"
