@@ -459,7 +459,8 @@ def test_a_server_still_loading_its_data_is_a_transient_error(use_hiredis: bool,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``-LOADING`` (a restarted Redis reading its data back) is redis-py's BusyLoadingError — one of the
     errors every loop retries after a pause — with either reply parser, not a plain ResponseError that
-    stops a worker's loop; NOSCRIPT keeps its class, and other errors stay ResponseError."""
+    stops a worker's loop; a server with all its client slots taken is a ConnectionError, as redis-py says;
+    NOSCRIPT keeps its class, and other errors stay ResponseError."""
     import redis
 
     from flowdsl.runtime.redis import wire
@@ -472,13 +473,14 @@ def test_a_server_still_loading_its_data_is_a_transient_error(use_hiredis: bool,
     protocol = wire._Protocol()
     loop = asyncio.new_event_loop()
     try:
-        futures = [loop.create_future() for _ in range(3)]
+        futures = [loop.create_future() for _ in range(4)]
         protocol.waiting.extend((f, True) for f in futures)
         protocol.data_received(b"-LOADING Redis is loading the dataset in memory\r\n-NOSCRIPT No matching script"
-                               b"\r\n-ERR wrong number of arguments\r\n")
-        loading, noscript, other = (f.exception() for f in futures)
+                               b"\r\n-ERR wrong number of arguments\r\n-ERR max number of clients reached\r\n")
+        loading, noscript, other, crowded = (f.exception() for f in futures)
     finally:
         loop.close()
+    assert isinstance(crowded, redis.ConnectionError) and isinstance(crowded, TRANSIENT)
     assert isinstance(loading, redis.BusyLoadingError) and isinstance(loading, TRANSIENT)
     assert "loading the dataset" in str(loading)
     assert isinstance(noscript, redis.exceptions.NoScriptError)

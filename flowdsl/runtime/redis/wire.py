@@ -73,6 +73,8 @@ _ERRORS: dict[str, type[redis.RedisError]] = {"NOSCRIPT": NoScriptError, "LOADIN
 
 
 def _error(message: str) -> redis.RedisError:
+    if message.startswith("ERR max number of clients reached"):  # a connection refused for now, as redis-py says
+        return redis.ConnectionError(message)
     return _ERRORS.get(message.split(" ", 1)[0], ResponseError)(message)
 
 
