@@ -5,6 +5,10 @@
 (a call into a payment gateway: a process paused there finishes it, effect and all, the moment it resumes, before
 its event loop sees anything else); later executions wait ``later_sleep`` seconds, cancellably, then make the
 effect. ``late.refund`` records that it ran; ``late.fail`` fails after ``fail_after`` seconds.
+
+``late.charge_held``: as ``late.charge``, but a later execution that is cancelled does not stop at once: it
+writes ``{"ev": "hold"}`` and keeps its task (answering nothing) until the file ``data["release"]`` exists (at
+most ``hold_max`` seconds), then stops — a taker still holding the task while the run is being cancelled.
 """
 
 from __future__ import annotations
@@ -26,6 +30,25 @@ async def charge(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         time.sleep(float(data.get("first_block", 1.0)))  # on purpose: blocks the whole process
     else:
         await asyncio.sleep(float(data.get("later_sleep", 30.0)))
+    _effect(ledger, ctx, _task_id(ctx))
+    return {"charge_id": f"ch-{os.getpid()}"}
+
+
+@worker("late.charge_held")
+async def charge_held(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    ledger = data["ledger"]
+    _write(ledger, ev="begin", key=ctx.idempotency_key, task=_task_id(ctx))
+    if first_execution(ledger, ctx):
+        time.sleep(float(data.get("first_block", 1.0)))  # on purpose: blocks the whole process
+    else:
+        try:
+            await asyncio.sleep(float(data.get("later_sleep", 30.0)))
+        except asyncio.CancelledError:
+            _write(ledger, ev="hold", key=ctx.idempotency_key, task=_task_id(ctx))
+            deadline = time.monotonic() + float(data.get("hold_max", 30.0))
+            while not os.path.exists(data["release"]) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            raise
     _effect(ledger, ctx, _task_id(ctx))
     return {"charge_id": f"ch-{os.getpid()}"}
 

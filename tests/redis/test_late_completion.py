@@ -41,6 +41,13 @@ steps:
       - reserve: {worker: late.fail}
 """
 
+HELD = """flowdsl: 1
+name: late_held
+steps:
+  - charge: {worker: late.charge_held, compensate: late.refund}
+  - ship: {worker: late.charge}
+"""
+
 
 def _wait(what: str, check: Any, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
@@ -158,6 +165,95 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
         )
         assert shown.returncode == 0, shown.stderr
         assert json.loads(shown.stdout)["status"] == "needs_intervention"
+    finally:
+        if paused is not None:
+            procs.signal(paused, signal.SIGCONT)
+        procs.stop_all()
+
+
+def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_again(
+    url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A resumes while B still holds the task (the run cancelled, B's attempt not yet answered): A's success fails
+    the lease guard (one ``lease_lost`` note); once B's attempt is answered cancelled and the task is gone, A
+    reports it again, and the kernel records the late completion."""
+    ledger = make_ledger(tmp_path)
+    release = tmp_path / "release"
+    procs = WorkerProcs(url, prefix, ["tests.redis.late_workers"], lease=1.0)
+    run_id = f"{prefix}-late-held"
+    key = f"{run_id}/charge"
+    paused = None
+    try:
+        procs.start(2)
+        plan = compile_text(HELD)
+        data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "release": str(release), "hold_max": 30.0}
+
+        async def submit() -> None:
+            async with RedisClient(url, prefix=prefix) as client:
+                await client.submit(plan, data, run_id=run_id, retention_s=3600)
+
+        asyncio.run(submit())
+        first = _wait(
+            "charge to begin",
+            lambda: [e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == key],
+            15,
+        )[0]
+        paused = next(p for p in procs.procs if p.pid == first["pid"])
+        procs.signal(paused, signal.SIGSTOP)
+        taker = _wait(
+            "the takeover",
+            lambda: [
+                e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == key and e["pid"] != paused.pid
+            ],
+            20,
+        )[0]
+        assert taker["task"] == first["task"] == f"{run_id}/charge#1"
+
+        async def cancel() -> None:
+            async with RedisClient(url, prefix=prefix) as client:
+                await client.cancel(run_id, "customer cancelled")
+
+        asyncio.run(cancel())
+        # B's attempt is cancelled but keeps the task (lease xr:<B>) until released
+        _wait("the taker to hold the cancelled task", lambda: [e for e in read_ledger(ledger) if e["ev"] == "hold"], 15)
+        procs.signal(paused, signal.SIGCONT)
+
+        async def notes() -> list[dict[str, Any]]:
+            async with RedisClient(url, prefix=prefix) as client:
+                while True:
+                    _, journal = await client.result(run_id)
+                    if journal.notes:
+                        return journal.notes
+                    await asyncio.sleep(0.05)
+
+        [note] = asyncio.run(asyncio.wait_for(notes(), 15))  # A's success, rejected: B holds the task
+        assert note["reason"] == "lease_lost" and note["result_type"] == "task_succeeded"
+        assert note["task_id"] == f"{run_id}/charge#1"
+        effects = [e for e in read_ledger(ledger) if e["ev"] == "effect"]
+        assert [(e["pid"], e["applied"]) for e in effects] == [(paused.pid, True)]  # A's charge is made
+        release.touch()  # B's attempt answers task_cancelled: the run ends cancelled, the task is gone
+
+        async def result() -> Any:
+            async with RedisClient(url, prefix=prefix) as client:
+                while True:
+                    res, journal = await client.result(run_id)
+                    last = journal.events[-1] if journal.events else {}  # (the journal is read before the state)
+                    if res is not None and res.status == "needs_intervention" and last.get("status") == res.status:
+                        return res, journal
+                    await asyncio.sleep(0.05)
+
+        res, journal = asyncio.run(asyncio.wait_for(result(), 20))
+        [item] = res.intervention["steps"]
+        assert item["step"] == "charge" and item["worker"] == "late.refund"
+        assert item["step_idempotency_key"] == key and item["reason"] == LATE_REASON
+        assert item["step_result"] == {"charge_id": f"ch-{paused.pid}"}
+        types = [e["type"] for e in journal.events]
+        assert types[-3:] == ["result_rejected", "late_completion", "run_finished"]
+        assert journal.events[-1]["previous_status"] == "cancelled"
+        assert types.count("late_completion") == 1
+        assert [n["reason"] for n in journal.notes] == ["lease_lost"]  # the retries journaled no note
+        assert not [e for e in read_ledger(ledger) if e["ev"] == "undo"]
+        assert [(e["pid"], e["applied"]) for e in read_ledger(ledger) if e["ev"] == "effect"] == [(paused.pid, True)]
     finally:
         if paused is not None:
             procs.signal(paused, signal.SIGCONT)

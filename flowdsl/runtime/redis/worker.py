@@ -11,12 +11,13 @@ of them, on any number of machines, share the work through consumer groups:
   is no longer in flight or another delivery holds it), runs it with
   :func:`flowdsl.runtime.execute.execute`, and applies the answer through the
   kernel with a lease guard, so a result from a worker that lost its lease is
-  rejected and journaled; the stream entry is acknowledged (and deleted) only
-  after the transition and its relay are written. When that transition
-  dispatches a task this process serves, the task is held here at once
-  (self-dispatch, :class:`~flowdsl.runtime.redis.advance.Chain`) and run next,
-  under the same pending entry; a run's start request does the same with its
-  first step.
+  rejected and journaled (a success is kept and reported again once the task
+  has ended, so that the kernel sees it: :meth:`RedisWorker._late_result`);
+  the stream entry is acknowledged (and deleted) only after the transition
+  and its relay are written. When that transition dispatches a task this
+  process serves, the task is held here at once (self-dispatch,
+  :class:`~flowdsl.runtime.redis.advance.Chain`) and run next, under the same
+  pending entry; a run's start request does the same with its first step.
 - **background loops** (:mod:`.upkeep`) — heartbeats (lease renewal,
   liveness), the reclaimer (``XAUTOCLAIM`` of entries idle longer than the
   lease: they run again here, with the same task id and idempotency key, after
@@ -122,6 +123,8 @@ class WorkerOptions:
     # consumer names in the streams once they hold nothing)
     snapshot_bytes: int = SNAPSHOT_BYTES  # a run's state is written whole once per this many bytes of it (0: at
     # its start and end only); the transitions between are replayed from the journal on load
+    late_leases: int = 60  # a success rejected because another process held its task is reported again once per
+    # lease, for at most this many leases (30 min by default), until the task has ended (see _late_result)
 
 
 @dataclass
@@ -133,6 +136,7 @@ class WorkerStats:
     reclaimed: int = 0  # messages taken over from other processes
     dropped: int = 0  # deliveries of tasks no longer in flight (or held by another delivery)
     rejected: int = 0  # results refused because the lease was lost
+    late: int = 0  # rejected successes reported again once their task had ended (given to the kernel)
     timers: int = 0
     runs_started: int = 0
     handed_back: int = 0
@@ -191,6 +195,8 @@ class RedisWorker(Upkeep):
         #: control entries being handled that are not (yet) in ``_held``: the reader counts them as taken slots
         self._starting: set[str] = set()
         self._active: set[asyncio.Task[None]] = set()
+        self._late: set[asyncio.Task[None]] = set()  # rejected successes waiting to be reported again
+        self._late_wake: asyncio.Event | None = None  # set when stopping: each of them tries once more, now
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -210,6 +216,7 @@ class RedisWorker(Upkeep):
         self._slots = asyncio.Semaphore(self.options.concurrency)
         self._room = asyncio.Event()
         self._timer_wake = asyncio.Event()
+        self._late_wake = asyncio.Event()
         self.client = connect(self.url, client_name=f"flowdsl-worker:{self.name}")
         reader = connect(self.url, client_name=f"flowdsl-reader:{self.name}")
         url = resolve_url(self.url)
@@ -245,9 +252,9 @@ class RedisWorker(Upkeep):
             await self._stopped.wait()
             await self._shutdown(loops)
         finally:
-            for task in loops:
+            for task in (*loops, *self._late):
                 task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(*loops, *self._late, return_exceptions=True)
             self._remove_signals()
             with contextlib.suppress(Exception):
                 await self.client.hdel(self.keys.workers, self.name)
@@ -276,7 +283,7 @@ class RedisWorker(Upkeep):
         """Stop serving: gracefully (finish or hand back in-flight steps) or at once."""
         self._stopping = True
         if not graceful:
-            for task in list(self._active):
+            for task in (*self._active, *self._late):
                 task.cancel()
         if self._stopped is not None:
             self._stopped.set()
@@ -611,6 +618,57 @@ class RedisWorker(Upkeep):
         if outcome == Outcome.REJECTED and mode == "lease":
             self.stats.rejected += 1
             log.warning("worker %s: result of %s rejected: its lease had been lost", self.name, held.task_id)
+            if event["type"] == "task_succeeded":  # its effect may have to be undone: the kernel must see it
+                task = asyncio.ensure_future(self._late_result(held.run_id, dict(event), held.token,
+                                                               held.generation))
+                self._late.add(task)
+                task.add_done_callback(self._late_done)
+
+    def _late_done(self, task: asyncio.Task[None]) -> None:
+        self._late.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("worker %s: reporting a late result again failed: %s: %s", self.name, type(exc).__name__, exc)
+
+    async def _late_result(self, run_id: str, event: dict[str, Any], token: str, generation: str) -> None:
+        """Report again a success the lease guard rejected because another process held its task (its lease
+        had expired; docs/runtime.md, "A lease is not a fence"): once per lease, for at most ``late_leases``
+        leases, until the guard lets it through — the task has ended (its entry in the tasks hash is gone), and
+        the kernel sees a result for a task not in flight: a duplicate of a success is rejected, a success of a
+        step recorded cancelled or failed is a late completion. It stops when the run is gone (expired, or
+        another run of the same id: its ``born`` differs). Stopping, the process tries once more, then gives
+        up. No reporter: a rejection journals no second ``lease_lost`` note (the first one did). The guard
+        is the task id's (``…#<attempt>``): never applied to another attempt of the step."""
+        assert self._late_wake is not None
+        task_id = event["task_id"]
+        ours = (f"r:{token}".encode(), f"xr:{token}".encode())
+        for _ in range(max(1, self.options.late_leases)):
+            final = self._late_wake.is_set()
+            if not final:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._late_wake.wait(), self.lease_ms / 1000)
+                final = self._late_wake.is_set()
+            try:
+                (version, born), lease = await asyncio.gather(
+                    self.store.call("HMGET", self.keys.run(run_id), "v", "born"),
+                    self.store.call("HGET", self.keys.tasks(run_id), task_id))
+                if version is None or (generation and born is not None and born.decode() != generation):
+                    return  # the run is gone (expired; or another run of the same id has started since)
+                generation = generation or (born or b"").decode()
+                if lease is not None and lease not in ours:
+                    outcome = Outcome.REJECTED  # still held by another: the script would refuse it
+                else:
+                    outcome = await self.advancer.apply_event(run_id, event, guard=(task_id, "lease", token))
+            except TRANSIENT:
+                outcome = Outcome.REJECTED
+            if outcome == Outcome.APPLIED:
+                self.stats.late += 1
+                log.warning("worker %s: the late result of %s was reported again, its task having ended",
+                            self.name, task_id)
+            if outcome != Outcome.REJECTED or final:
+                return
+        log.warning("worker %s: gave up reporting the late result of %s again: another process held its task "
+                    "for %d leases", self.name, task_id, self.options.late_leases)
 
     async def _hand_back(self, held: _Held) -> None:
         """Give a task back: release its lease, queue its message again, acknowledge this delivery."""
@@ -659,3 +717,7 @@ class RedisWorker(Upkeep):
             task.cancel()
         if self._active:
             await asyncio.wait(set(self._active), timeout=1.0)
+        if self._late_wake is not None:
+            self._late_wake.set()  # the late results waiting to be reported again: one more try each, now
+        if self._late:
+            await asyncio.wait(set(self._late), timeout=5.0)
