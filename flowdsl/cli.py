@@ -296,7 +296,7 @@ def convert(
         sys.stdout.write(text)
 
 
-EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C (or SIGTERM, SIGHUP)
+EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C or SIGTERM (a SIGHUP only cancels)
 
 
 def _fail(message: str, code: int = EXIT_USAGE, console: Any = None) -> typer.Exit:
@@ -361,7 +361,7 @@ def run(
     """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
 
     Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
-    usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C, SIGTERM or SIGHUP
+    usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C or SIGTERM
     (with --backend redis: Ctrl-C, SIGTERM or SIGHUP stopped following; the run goes on). The first cancels the run and
     undoes what completed (exit 1). With --format json,
     stdout carries exactly one JSON object whatever happens (see docs/runtime.md).

@@ -188,7 +188,8 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
 
 def left_to_undo(plan: Plan, state: dict[str, Any]) -> list[dict[str, Any]]:
     """What undoing a run that stops now would leave undone: every completed step with a compensation not yet
-    undone, in the order to undo it, each as ``state["intervention"]["steps"]`` lists it (docs/kernel.md).
+    undone, in the order to undo it, each as ``state["intervention"]["steps"]`` lists it, then every compensable
+    step with an attempt still in flight (``in_flight``: it may have completed) (docs/kernel.md).
 
     For a runtime that stops a run at once (its process aborted, mid-run or mid-compensation); read-only.
     """

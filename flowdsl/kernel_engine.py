@@ -14,7 +14,7 @@ from typing import Any
 from flowdsl.expr import ExpressionError, truthy
 from flowdsl.kernel_core import DONE, error, switch_label
 from flowdsl.kernel_program import Json, retry_delay, retryable
-from flowdsl.kernel_saga import END_STATES, LATE_REASON, Saga
+from flowdsl.kernel_saga import END_STATES, Saga
 
 #: the error type of an LLM call made with no model configured: never retried, goes to the fallback
 LLM_NOT_CONFIGURED = "LLMNotConfigured"
@@ -348,6 +348,7 @@ class Machine(Saga):
             self._attempt_failed(ikey, task_id, error("ExpressionError", exc.message))
             return
         rec.update(status="succeeded", finished_at=self.at, task=None, result=result, error=None, t1=self.tick())
+        rec.pop("late", None)  # an earlier attempt's success, kept: the same effect, undone as this one's
         if out is not None:
             rec["out"] = out
         self.emit("step_succeeded", ikey, attempt=task["attempt"], task_id=task_id)
@@ -357,26 +358,40 @@ class Machine(Saga):
             self.maybe_compensate()
 
     def _late_completion(self, task_id: str, result: Json) -> None:
-        """A success for a task no longer in flight: a *late completion* when it is an attempt of a step with a
-        compensation whose record did not end ``succeeded`` (cancelled, failed, timed out: the run believes it
-        had no effect) and its result is one the step would have succeeded with. Its effect stands but the run
-        has already decided what to undo: recorded (``late_completions``), so that the run ends, or if it has
-        ended now is, ``needs_intervention`` with the step's compensation left to run by hand (docs/kernel.md,
-        "Late completions"). Anything else (a duplicate, a non-compensable step, a stale attempt while a newer
-        one is in flight or waiting to retry, a compensation's attempt) changes nothing."""
+        """A success for a task no longer in flight: a *late completion* when it is an attempt the kernel dispatched
+        of a step with a compensation whose record did not end ``succeeded`` (cancelled, failed, timed out: the run
+        believes it had no effect) and its result is one the step would have succeeded with. Its effect stands but
+        the run has already decided what to undo: recorded (``late_completions``), so that the run ends, or if it
+        has ended now is, ``needs_intervention`` with the step's compensation left to run by hand (docs/kernel.md,
+        "Late completions"). A success of an earlier attempt while the step is unresolved (waiting to retry, being
+        cancelled, a newer attempt in flight) is kept on its record (``late``, the first only) and becomes a late
+        completion if the step ends cancelled or failed (``settle_late``); nothing if it ends succeeded. Anything
+        else (a duplicate, a non-compensable step, a compensation's attempt) changes nothing."""
         if "late_completions" not in self.s:
             return  # a run started under kernel version 1 (before this rule): its decisions stay version 1's
         prefix = self.run_id + "/"
         ikey, _, mark = task_id[len(prefix):].rpartition("#") if task_id.startswith(prefix) else ("", "", "")
-        digits = mark[1:] if mark.startswith("f") else mark
+        fallback = mark.startswith("f")
+        digits = mark[1:] if fallback else mark
         rec = self.nodes.get(ikey)
-        if not (digits.isascii() and digits.isdigit()) or rec is None or not self.is_step(rec["node"]) \
-                or rec["status"] not in ("cancelled", "failed") or self.s["status"] == "running":
+        if not (digits.isascii() and digits.isdigit()) or rec is None or not self.is_step(rec["node"]):
+            return
+        ended = rec["status"] in ("cancelled", "failed")
+        if ended:
+            if self.s["status"] == "running" or any(item["step"] == ikey for item in self.s["late_completions"]):
+                return
+        elif rec["status"] not in ("running", "retrying", "cancelling") or "late" in rec:
             return
         node = self.p.nodes[rec["node"]]
+        # the attempts dispatched, main (#n) and fallback (#f<n>) apart: ``attempt`` counts the current phase's,
+        # ``attempts`` both phases' (the fallback phase comes after the main one, its ``attempt`` from 0)
+        in_phase: int = rec.get("attempt", 0)
+        if rec.get("phase") == "fallback":
+            count = in_phase if fallback else rec.get("attempts", 0) - in_phase
+        else:
+            count = 0 if fallback else in_phase
         attempt = int(digits)
-        if not node.get("compensate") or not 1 <= attempt <= rec.get("attempts", 0) \
-                or any(item["step"] == ikey for item in self.s["late_completions"]):
+        if not node.get("compensate") or not 1 <= attempt <= count or digits != str(attempt):
             return
         result = {} if result is None else result
         if not isinstance(result, dict):
@@ -388,17 +403,13 @@ class Machine(Saga):
             out = self._mapped_output(ikey, result)
         except ExpressionError:
             return
-        idem = self.idempotency_key(ikey)
-        worker = node["compensate"]["worker"]
-        entry: dict[str, Any] = {"step": ikey, "node": rec["node"], "task_id": task_id, "attempt": attempt,
-                                 "idempotency_key": idem, "compensation": worker, "result": result, "at": self.at}
+        late: dict[str, Any] = {"task_id": task_id, "attempt": attempt, "result": result}
         if out is not None:
-            entry["out"] = out
-        self.s["late_completions"].append(entry)
-        self.emit("late_completion", ikey, attempt=attempt, task_id=task_id, idempotency_key=idem,
-                  compensation=worker, run_status=self.s["status"], reason=LATE_REASON)
-        if self.s["status"] in END_STATES:
-            self.reopen_for_late_completion(entry)
+            late["out"] = out
+        if ended:
+            self.record_late_completion(ikey, late)
+        else:
+            rec["late"] = late
 
     def _chain_step(self, task_id: str, task: dict[str, Any], result: Json) -> bool:
         """A plain step succeeded: decided in one straight line, with the plain step it starts, if any.
@@ -438,6 +449,7 @@ class Machine(Saga):
         clock = s["clock"] + 1
         s["clock"] = clock
         rec.update(status="succeeded", finished_at=at, task=None, result=result, error=None, t1=clock)
+        rec.pop("late", None)  # (as _task_succeeded)
         holder["remaining"] -= 1
         seq = s["seq"]
         done = {"type": "step_succeeded", "at": at, "seq": seq, "run_id": run_id, "step": step, "node": rec["node"],
@@ -512,6 +524,7 @@ class Machine(Saga):
         reason = "the runtime confirmed the cancellation" if err is None else \
             "the attempt timed out while being cancelled"
         self.emit("step_cancelled", ikey, attempt=rec["attempt"], task_id=task_id, error=err, reason=reason)
+        self.settle_late(ikey)
         self.maybe_compensate()
 
     def _attempt_failed(self, ikey: str, task_id: str, err: dict[str, Any]) -> None:
@@ -522,6 +535,7 @@ class Machine(Saga):
         if self.s["status"] != "running":
             rec.update(status="failed", finished_at=self.at)
             self.emit("step_failed", ikey, attempt=rec["attempt"], task_id=task_id, error=err)
+            self.settle_late(ikey)
             self.maybe_compensate()
             return
         policy = node.get("retry") or {"attempts": 1}

@@ -31,6 +31,9 @@ _LEFT_STATUS = {"failed": "failed", "retrying": "failed", "running": "in_flight"
 #: the ``reason`` of a step left to undo by hand because it completed late (docs/kernel.md, "Late completions")
 LATE_REASON = ("the step completed after the run had decided what to undo (a late result, e.g. from a worker whose "
                "lease had expired): its effect stands and its compensation was never run")
+#: the ``reason`` of a step listed by ``left_to_undo`` because an attempt of it was in flight when the run stopped
+IN_FLIGHT_REASON = ("an attempt of the step was in flight when the run stopped: it may have completed, and its "
+                    "compensation was never run")
 
 
 class Saga(Core):
@@ -48,6 +51,7 @@ class Saga(Core):
         self.queue.clear()
         if step is not None:
             self._fail_ancestors(self.nodes[step]["parent"], err)
+            self.settle_late(step)
         for timer_id, timer in list(self.timers.items()):
             if timer["purpose"] in ("run_timeout", "flow_timeout"):
                 self.cancel_timer(timer_id)
@@ -57,6 +61,7 @@ class Saga(Core):
                 rec.update(status="cancelled", finished_at=self.at)
                 self.emit("step_cancelled", timer["step"], attempt=rec["attempt"], error=rec["error"],
                           reason="the run was aborted while the step waited to retry")
+                self.settle_late(timer["step"])
         for task_id, task in self.tasks.items():
             self.nodes[task["step"]]["status"] = "cancelling"
             self.command("cancel_task", task_id=task_id, step=task["step"])
@@ -220,21 +225,31 @@ class Saga(Core):
 
     def left_to_undo(self) -> list[dict[str, Any]]:
         """Every completed step with a compensation that is not undone, in the order to undo it, each as
-        ``intervention`` lists it: what a run stopped at once (its process aborted) leaves to undo by hand."""
+        ``intervention`` lists it, then every compensable step with an attempt in flight (``in_flight``): what a run
+        stopped at once (its process aborted) leaves to undo by hand."""
         saga = self.s["saga"]
         order = saga["order"] if saga else [ikey for _, ikey in sorted(self._undoable(), reverse=True)]
         comps: dict[str, dict[str, Any]] = self.s["compensations"]
         left = [self._left_to_undo(k) for k in order if k not in comps or comps[k]["status"] != "done"]
-        return self._late_left() + left  # as _end_saga lists them
+        # then the compensable steps not resolved yet that may have made their effect: an attempt in flight (it may
+        # have completed), or a success of an earlier attempt kept for when the step ends (it did), latest first
+        open_ = sorted(((-rec["t0"], ikey) for ikey, rec in self.nodes.items()
+                        if self.is_step(rec["node"]) and self.p.nodes[rec["node"]].get("compensate")
+                        and (rec["status"] in ("running", "cancelling") or "late" in rec)))
+        unresolved = [self._left_to_undo(ikey, self.nodes[ikey].get("late"), in_flight=True) for _, ikey in open_]
+        return self._late_left() + left + unresolved  # as _end_saga lists them, then the unresolved ones
 
-    def _left_to_undo(self, ikey: str, late: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _left_to_undo(self, ikey: str, late: dict[str, Any] | None = None, in_flight: bool = False) -> dict[str, Any]:
         """One step left to undo by hand, as ``intervention`` lists it (``late``: its ``late_completions``
-        entry, for a step that completed late: its compensation was never run, its input is built from the
-        late result, and ``reason`` says why)."""
+        entry, or the late success kept on its record, for a step that completed late: its compensation was never
+        run, its input is built from the late result, and ``reason`` says why; ``in_flight``: a step whose
+        attempt was in flight when the run stopped, listed ``in_flight`` with its input built from its context
+        alone, unless it has such a late success)."""
         comp = self.s["compensations"].get(ikey) or {"status": "pending", "attempt": 0, "error": None}
         rec = self.nodes[ikey]
+        if late is not None or in_flight:
+            comp = {"status": "pending" if late is not None else "running", "attempt": 0, "error": None}
         if late is not None:
-            comp = {"status": "pending", "attempt": 0, "error": None}
             rec = {**rec, "result": late["result"], **({"out": late["out"]} if "out" in late else {})}
         idem = self.idempotency_key(ikey)
         last = comp["error"]
@@ -250,12 +265,40 @@ class Saga(Core):
                 "step_result": rec.get("result")}
         if late is not None:
             item["reason"] = LATE_REASON
+        elif in_flight:
+            item["reason"] = IN_FLIGHT_REASON
         return item
 
     def _late_left(self) -> list[dict[str, Any]]:
         """The late completions, as ``intervention`` lists them: the latest first (they completed last)."""
         late: list[dict[str, Any]] = self.s.get("late_completions") or []
         return [self._left_to_undo(entry["step"], entry) for entry in reversed(late)]
+
+    def record_late_completion(self, ikey: str, late: dict[str, Any]) -> None:
+        """Step ``ikey``, whose record ended ``cancelled`` or ``failed``, completed late (``late``: ``{task_id,
+        attempt, result, out?}``, judged a success): record it in ``late_completions`` and say so; the saga, if
+        any, goes on and ends ``needs_intervention``; a run that has ended is made so now (docs/kernel.md,
+        "Late completions")."""
+        rec = self.nodes[ikey]
+        idem = self.idempotency_key(ikey)
+        worker = self.p.nodes[rec["node"]]["compensate"]["worker"]
+        entry: dict[str, Any] = {"step": ikey, "node": rec["node"], "task_id": late["task_id"],
+                                 "attempt": late["attempt"], "idempotency_key": idem, "compensation": worker,
+                                 "result": late["result"], "at": self.at}
+        if "out" in late:
+            entry["out"] = late["out"]
+        self.s["late_completions"].append(entry)
+        self.emit("late_completion", ikey, attempt=late["attempt"], task_id=late["task_id"], idempotency_key=idem,
+                  compensation=worker, run_status=self.s["status"], reason=LATE_REASON)
+        if self.s["status"] in END_STATES:
+            self.reopen_for_late_completion(entry)
+
+    def settle_late(self, ikey: str) -> None:
+        """Step ``ikey`` has just ended ``cancelled`` or ``failed``: a success of an earlier attempt that arrived
+        while it was unresolved (kept on its record as ``late``) is a late completion now, as if it arrived now."""
+        late = self.nodes[ikey].pop("late", None)
+        if late is not None:
+            self.record_late_completion(ikey, late)
 
     def reopen_for_late_completion(self, entry: dict[str, Any]) -> None:
         """A late completion for a run that has ended: it is ``needs_intervention`` now, its ``intervention``

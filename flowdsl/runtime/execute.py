@@ -42,7 +42,8 @@ What :func:`execute` does:
   is being cancelled) propagates: the caller answers ``task_cancelled``. A
   ``CancelledError`` the worker raises itself, nothing cancelling it, is its
   failure (type ``CancelledError``). A sync worker cannot be interrupted:
-  cancelling stops the wait, not the thread (see :func:`cancellable`).
+  cancelling stops the wait, not the thread (see :func:`cancellable`), or,
+  with :data:`wait_for_thread` set, not even the wait: the real answer comes.
 
 :func:`start` is the eager form for async workers: it runs the worker up to
 its first real wait right away and returns the same answer event when it
@@ -73,7 +74,7 @@ from flowdsl.workers import registry as default_registry
 
 __all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "Suspended", "cancellable", "copy_json", "error_message",
            "error_types", "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "resume",
-           "start", "text_problem", "worker_references"]
+           "start", "text_problem", "wait_for_thread", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -707,7 +708,26 @@ class _Raised(Exception):
 _threads = _DaemonThreads()
 
 
+#: Set, in the task awaiting :func:`execute`, to a callable saying whether that task, cancelled while a sync worker's
+#: thread runs, goes on waiting for the thread and returns its real answer (a runtime that feeds late answers to the
+#: kernel while its run is live) instead of raising ``CancelledError``; asked at each cancel. Unset: a cancel stops
+#: the wait. Either way, an attempt cancelled while it still waits for a free thread is never called.
+wait_for_thread: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "flowdsl_wait_for_thread", default=None)
+
+
 async def _in_thread(fn: Callable[..., Any], data: Any, ctx: StepContext) -> Any:
     context = contextvars.copy_context()
-    return await asyncio.wrap_future(_threads.submit(lambda: context.run(fn, data, ctx)))
+    future = _threads.submit(lambda: context.run(fn, data, ctx))
+    while True:
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling() == 0:
+                raise  # the worker raised it itself: its failure (_is_failure)
+            wait = wait_for_thread.get()
+            if future.cancel() or wait is None or not wait():  # (cancel(): it had not started, it never will)
+                raise
+            task.uncancel()  # this cancel is handled: the task is no longer being cancelled
 

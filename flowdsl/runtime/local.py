@@ -12,7 +12,8 @@ its commands into asyncio work and the outcomes back into input events::
     cancel_timer    -> the handle is cancelled
     cancel_task     -> task.cancel(), answered by task_cancelled (or by the real
                        result when the work finished anyway; a sync worker's
-                       thread cannot be stopped, so a run being aborted waits for it)
+                       thread cannot be stopped, so a run being aborted waits for it,
+                       and one that timed out is still answered while the run is live)
     finish          -> the run is over
 
 Input events carry ``at`` = the wall clock in integer milliseconds (a
@@ -24,7 +25,7 @@ input events reproduces the run's decisions exactly.
 Cancelling: :meth:`LocalRun.cancel` (and, with ``handle_sigint``, the first
 Ctrl-C; with ``handle_sigterm``, the first SIGTERM or SIGHUP) feeds ``cancel_requested``: in-flight steps are
 cancelled and every completed step with a compensation is undone, then the run ends ``cancelled``.
-:meth:`LocalRun.abort` (a second such signal, or cancelling the task awaiting
+:meth:`LocalRun.abort` (a second Ctrl-C or SIGTERM — a SIGHUP never counts —, or cancelling the task awaiting
 the run) stops at once, compensating nothing; the record then ends with a
 ``runtime_aborted`` line. Either one asked before the run has started is
 held: a cancel is applied as the run starts (its first dispatches are held,
@@ -67,6 +68,7 @@ from flowdsl.runtime.execute import (
     plain_json,
     resume,
     start,
+    wait_for_thread,
 )
 from flowdsl.runtime.plancheck import check_plan
 from flowdsl.runtime.record import (
@@ -508,8 +510,14 @@ class LocalRun:
                 command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)))
 
     async def _attempt(self, attempt: _Attempt, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
-        """One dispatch, answered from inside its own task (no extra turn of the loop)."""
+        """One dispatch, answered from inside its own task (no extra turn of the loop).
+
+        A sync worker's attempt cancelled while its thread runs (the kernel gave up on it: it timed out) goes on
+        waiting for the thread as long as the run is live, and its real answer is fed like any late answer (an
+        async worker that ignores its cancel comes back the same way): the kernel rejects it, or records a late
+        completion. Once the run is over, a cancel stops the wait and nothing is fed."""
         task_id = attempt.command["task_id"]
+        wait_for_thread.set(self._live)
         try:
             event = await work
         except asyncio.CancelledError:
@@ -521,6 +529,9 @@ class LocalRun:
                      "error": {"type": type(exc).__name__, "message": error_message(exc), "types": error_types(exc)}}
         self._tasks.pop(task_id, None)
         self._answer(task_id, event)
+
+    def _live(self) -> bool:
+        return not self._finished
 
     def _answer(self, task_id: str, event: dict[str, Any]) -> None:
         if self._finished:
@@ -538,7 +549,7 @@ class LocalRun:
             return  # already answered
         if task_id in self.state["tasks"] and not cancellable(attempt.command, self.registry):
             return  # a sync worker's thread cannot be stopped: wait for its real outcome
-        self._cancel_soon(attempt.task)
+        self._cancel_soon(attempt.task)  # (a sync worker's running thread is still waited for: see _attempt)
 
     def _cancel_soon(self, task: asyncio.Task[None]) -> None:
         """Cancel an attempt's task after the step of it already queued: a task cancelled before it has
@@ -645,25 +656,41 @@ class LocalRun:
                 continue
             del runs.runs[signum]
             python_handler, loop_handler = runs.before.pop(signum)
-            loop.remove_signal_handler(signum)
-            if loop_handler is not None:
-                loop._signal_handlers[signum] = loop_handler  # type: ignore[attr-defined]
+            handlers = getattr(loop, "_signal_handlers", None)
+            if isinstance(handlers, dict):
+                # the Python-level handler back first, then the loop's entry dropped by hand: remove_signal_handler
+                # sets SIG_DFL, and a SIGTERM between that and putting the saved handler back would kill the process
+                default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                signal.signal(signum, python_handler if python_handler is not None else default)
+                if loop_handler is not None:
+                    handlers[signum] = loop_handler
+                else:
+                    handlers.pop(signum, None)
+                    if not handlers:  # as remove_signal_handler does: nothing left for the loop's wakeup fd
+                        signal.set_wakeup_fd(-1)
+            else:  # a loop whose handlers cannot be seen took it only from the default handler (_take_signal),
+                loop.remove_signal_handler(signum)  # which this puts back: no other handler in between
             if not runs.runs:  # the last signal any run took on this loop: the wakeup fd as it was
                 del _SIGNAL_RUNS[loop]
                 if runs.wakeup_fd != -1:
                     signal.set_wakeup_fd(runs.wakeup_fd)
-            if python_handler is not None:
-                signal.signal(signum, python_handler)
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
-        self._interrupts += 1
-        if self._interrupts > 1:
-            self._notice(f"{verb} again: stopping at once, nothing more is compensated")
-            self.abort("interrupted twice (Ctrl-C)" if signum == signal.SIGINT else f"{verb} again ({label})")
-            return
-        again = "press Ctrl-C again to stop at once" if signum == signal.SIGINT else f"a second {label} stops at once"
+        # a SIGHUP only ever cancels: a closing terminal often sends two in a row (the tty's hangup and the shell
+        # passing it on), which must not stop the run at once; only a second Ctrl-C or SIGTERM does
+        hangup = name == "SIGHUP"
+        if not hangup:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                self._notice(f"{verb} again: stopping at once, nothing more is compensated")
+                self.abort("interrupted twice (Ctrl-C)" if signum == signal.SIGINT else f"{verb} again ({label})")
+                return
+        if signum == signal.SIGINT:
+            again = "press Ctrl-C again to stop at once"
+        else:
+            again = "two SIGTERMs stop at once" if hangup else f"a second {label} stops at once"
         if self.status == "running":
             self._notice(f"{verb}: cancelling the run and undoing the steps that completed ({again})")
         else:
@@ -721,7 +748,8 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       was compiled from, when given), as ``flowdsl run`` does.
     - ``handle_sigint``: Ctrl-C cancels the run (and compensates); a second one aborts (raises
       :class:`RunAborted`, whose ``result.intervention`` lists what is left to undo by hand).
-    - ``handle_sigterm``: SIGTERM and SIGHUP do the same (off by default: an application owns its SIGTERM;
+    - ``handle_sigterm``: SIGTERM and SIGHUP do the same, but a SIGHUP only ever cancels (a closing terminal
+      may send two; it never aborts) (off by default: an application owns its SIGTERM;
       ``flowdsl run`` turns it on). Both take the signal in the main thread only, while the run goes, leave
       an ignored signal ignored, and put back the handler that was there.
 

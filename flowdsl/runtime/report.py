@@ -489,7 +489,7 @@ def _left_text(item: Mapping[str, Any]) -> str:
     worker = _esc(item["worker"])
     if item["status"] == "failed":
         how = f"{worker} failed (×{item['attempts']})"
-    elif item["status"] == "in_flight":
+    elif item["status"] == "in_flight" and not item.get("reason"):  # (with a reason: the step was in flight)
         how = f"{worker} was running when the run stopped: it may or may not have taken effect"
     else:
         how = f"{worker} was not run"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flowdsl.kernel import LATE_REASON, apply, replay, start_event, start_run, summary
+from flowdsl.kernel import LATE_REASON, apply, left_to_undo, replay, start_event, start_run, summary
+from flowdsl.kernel_saga import IN_FLIGHT_REASON
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -161,7 +162,7 @@ def test_a_late_success_of_a_step_without_compensation_is_unchanged():
     assert after.pop("seq") == before.pop("seq") + 1 and after == before
 
 
-def test_a_stale_attempt_while_a_newer_one_is_in_flight_is_unchanged():
+def test_a_stale_attempt_while_a_newer_one_is_in_flight_is_only_kept_on_the_record():
     plan = plan_of(
         [{"charge": {"compensate": "refund", "timeout": "50ms", "retry": {"attempts": 2, "initial": "10ms"}}}, "ship"]
     )
@@ -173,7 +174,9 @@ def test_a_stale_attempt_while_a_newer_one_is_in_flight_is_unchanged():
     before = json.loads(json.dumps(d.state))
     late = apply(plan, d.state, {"type": "task_succeeded", "task_id": "r1/charge#1", "at": 101, "result": {}})
     assert [(e["type"], e["reason"]) for e in late.events] == [("result_rejected", "stale or unknown task")]
+    assert late.commands == []
     after = json.loads(json.dumps(late.state))
+    assert after["nodes"]["charge"].pop("late") == {"task_id": "r1/charge#1", "attempt": 1, "result": {}}
     assert after.pop("seq") == before.pop("seq") + 1 and after == before
 
 
@@ -218,3 +221,192 @@ def test_a_run_started_before_the_rule_replays_and_goes_on_under_its_old_rules()
     assert state["status"] == "cancelled" and events[-1]["type"] == "result_rejected"
     state, _, events = replay(drv.plan, [*drv.inputs, late])  # started under version 2: the rule holds
     assert state["status"] == "needs_intervention" and events[-1]["type"] == "run_finished"
+
+
+# --- a late success that arrives before the step's record has ended ------------------------------------------------
+
+RETRIED = {"compensate": "refund", "timeout": "50ms", "retry": {"attempts": 2, "initial": "10ms"}}
+
+
+def _retry_timer(drv: Driver, step: str) -> str:
+    return next(t for t, v in drv.state["timers"].items() if v["purpose"] == "retry" and v["step"] == step)
+
+
+def _first_success_while_cancelling() -> Driver:
+    """charge's attempt #1 times out, #2 is in flight, its sibling fails (charge is being cancelled), and then #1's
+    success arrives: rejected as stale, kept on charge's record."""
+    drv = Driver(plan_of([{"parallel": "g", "branches": [{"charge": RETRIED}, "reserve"]}]))
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    drv.feed(type="task_failed", task_id="r1/reserve#1", error={"type": "OutOfStock", "message": "x"})
+    assert drv.state["nodes"]["charge"]["status"] == "cancelling"
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert [(e["type"], e["reason"]) for e in events] == [("result_rejected", "stale or unknown task")]
+    assert drv.state["late_completions"] == [] and drv.state["status"] == "aborting"
+    return drv
+
+
+def _first_success_while_waiting_to_retry() -> Driver:
+    """charge's attempt #1 times out (retried on StepTimeout only); #1's success arrives while charge waits to retry;
+    #2 is dispatched."""
+    drv = Driver(plan_of([{"charge": {**RETRIED, "retry": {**RETRIED["retry"], "on": ["StepTimeout"]}}}]), {"o": 1})
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    assert drv.state["nodes"]["charge"]["status"] == "retrying"
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["result_rejected"] and drv.state["late_completions"] == []
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    assert "r1/charge#2" in drv.state["tasks"]
+    return drv
+
+
+def _assert_late_charge(drv: Driver, events: list[dict[str, Any]], run_input: dict[str, Any]) -> None:
+    s = drv.state
+    assert s["status"] == "needs_intervention" and events[-1]["status"] == "needs_intervention"
+    assert "previous_status" not in events[-1]  # the run ended once, needs_intervention
+    late = next(e for e in events if e["type"] == "late_completion")
+    assert (late["step"], late["task_id"], late["attempt"]) == ("charge", "r1/charge#1", 1)
+    assert late["run_status"] == "aborting" and late["reason"] == LATE_REASON
+    [entry] = s["late_completions"]
+    assert entry["task_id"] == "r1/charge#1" and entry["result"] == {"charge_id": "ch_1"}
+    assert "late" not in s["nodes"]["charge"]
+    [item] = s["intervention"]["steps"]
+    assert (item["step"], item["status"], item["reason"]) == ("charge", "not_attempted", LATE_REASON)
+    assert item["step_result"] == {"charge_id": "ch_1"} and item["input"] == {**run_input, "charge_id": "ch_1"}
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_success_of_an_earlier_attempt_while_the_step_is_cancelled_is_a_late_completion_when_it_ends():
+    drv = _first_success_while_cancelling()
+    events = drv.feed(type="task_cancelled", task_id="r1/charge#2")
+    assert drv.types(events) == ["step_cancelled", "late_completion", "run_finished"]
+    assert drv.state["nodes"]["charge"]["status"] == "cancelled"
+    _assert_late_charge(drv, events, {})
+
+
+def test_a_success_of_an_earlier_attempt_while_the_step_is_cancelled_and_the_newer_one_fails():
+    drv = _first_success_while_cancelling()
+    events = drv.feed(type="task_failed", task_id="r1/charge#2", error={"type": "Declined", "message": "x"})
+    assert drv.types(events) == ["step_failed", "late_completion", "run_finished"]
+    assert drv.state["nodes"]["charge"]["status"] == "failed"
+    _assert_late_charge(drv, events, {})
+
+
+def test_a_success_of_an_earlier_attempt_while_waiting_to_retry_is_a_late_completion_when_the_step_fails():
+    drv = _first_success_while_waiting_to_retry()
+    events = drv.feed(type="task_failed", task_id="r1/charge#2", error={"type": "Declined", "message": "dup"})
+    assert drv.types(events) == ["step_failed", "late_completion", "run_finished"]
+    assert drv.state["nodes"]["charge"]["status"] == "failed"
+    _assert_late_charge(drv, events, {"o": 1})
+
+
+def test_a_success_of_an_earlier_attempt_kept_while_waiting_to_retry_when_the_run_is_cancelled():
+    drv = Driver(plan_of([{"charge": RETRIED}]), {"o": 1})
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    events = drv.feed(type="cancel_requested")
+    assert drv.types(events) == ["step_cancelled", "late_completion", "run_finished"]
+    assert drv.state["nodes"]["charge"]["status"] == "cancelled"
+    _assert_late_charge(drv, events, {"o": 1})
+
+
+def test_a_success_of_an_earlier_attempt_then_the_newer_attempt_succeeds_is_undone_normally():
+    drv = _first_success_while_cancelling()
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#2", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["step_succeeded", "compensation_started"]  # the same effect: undone as usual
+    assert "late" not in drv.state["nodes"]["charge"]
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    assert drv.types(events) == ["compensation_succeeded", "run_finished"]
+    assert drv.state["status"] == "compensated" and drv.state["late_completions"] == []
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_success_of_an_earlier_attempt_while_waiting_to_retry_then_the_retry_succeeds_is_unchanged():
+    plan = plan_of([{"charge": RETRIED}, "ship"])
+    drv = Driver(plan)
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    drv.feed(type="task_succeeded", task_id="r1/charge#2", result={"charge_id": "ch_1"})
+    assert "late" not in drv.state["nodes"]["charge"]
+    events = drv.feed(type="task_failed", task_id="r1/ship#1", error={"type": "Down", "message": "x"})
+    assert drv.types(events) == ["step_failed", "compensation_started"]  # the run aborts later: a normal undo
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    assert drv.state["status"] == "compensated" and drv.state["late_completions"] == []
+    assert [e for e in drv.events if e["type"] == "late_completion"] == []
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_run_started_before_the_rule_keeps_no_early_success():
+    drv = _first_success_while_cancelling()
+    old_start = {k: v for k, v in drv.inputs[0].items() if k != "kernel"}
+    cancelled = {"type": "task_cancelled", "task_id": "r1/charge#2", "at": 99}
+    state, _, events = replay(drv.plan, [old_start, *drv.inputs[1:], cancelled])
+    assert "late" not in state["nodes"]["charge"] and state["status"] == "failed"
+    assert [e for e in events if e["type"] == "late_completion"] == []
+
+
+# --- attempts that were never dispatched ----------------------------------------------------------------------------
+
+
+def test_a_fallback_attempt_that_was_never_dispatched_is_only_rejected():
+    plan = plan_of([{"g": {"llm": {"signature": "x -> y"}, "fallback": "fb", "compensate": "undo_g"}}])
+    base = Driver(plan)
+    base.feed(type="task_failed", task_id="r1/g#1", error={"type": "LLMNotConfigured", "message": "none"})
+    base.feed(type="cancel_requested")
+    base.feed(type="task_cancelled", task_id="r1/g#f1")
+    assert base.state["status"] == "cancelled"
+    assert (base.state["nodes"]["g"]["attempts"], base.state["nodes"]["g"]["phase"]) == (2, "fallback")
+    for task_id in ("r1/g#f2", "r1/g#2", "r1/g#f0", "r1/g#01"):  # only #1 and #f1 were dispatched
+        drv = Driver(plan)
+        for event in base.inputs[1:]:
+            drv.feed(**event)
+        events = drv.feed(type="task_succeeded", task_id=task_id, result={"y": 1})
+        assert drv.types(events) == ["result_rejected"], task_id
+        assert drv.state["status"] == "cancelled" and drv.state["late_completions"] == []
+    for task_id in ("r1/g#1", "r1/g#f1"):  # those were: late completions
+        drv = Driver(plan)
+        for event in base.inputs[1:]:
+            drv.feed(**event)
+        events = drv.feed(type="task_succeeded", task_id=task_id, result={"y": 1})
+        assert drv.types(events) == ["result_rejected", "late_completion", "run_finished"], task_id
+
+
+def test_a_main_attempt_beyond_the_main_phase_is_only_rejected():
+    # without a fallback phase, no #f<n> exists
+    drv = _cancelled_charge()
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#f1", result={})
+    assert drv.types(events) == ["result_rejected"] and drv.state["late_completions"] == []
+
+
+# --- what a run stopped at once leaves to undo ---------------------------------------------------------------------
+
+
+def test_left_to_undo_lists_a_compensable_step_in_flight_after_the_completed_ones():
+    plan = plan_of([{"a": {"compensate": "undo_a"}}, {"parallel": "g", "branches": [CHARGE, "reserve",
+                                                                                   {"b": {"compensate": "undo_b"}}]}])
+    drv = Driver(plan, {"o": 1})
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={"a": 1})
+    assert [i["step"] for i in left_to_undo(plan, drv.state)] == ["a", "b", "charge"]  # latest started first
+    drv.feed(type="cancel_requested")  # charge, reserve and b are being cancelled: a sync worker may not stop
+    left = left_to_undo(plan, drv.state)
+    assert [(i["step"], i["status"]) for i in left] == [("a", "not_attempted"), ("b", "in_flight"),
+                                                        ("charge", "in_flight")]
+    charge = left[2]
+    assert charge["reason"] == IN_FLIGHT_REASON and "reason" not in left[0]
+    assert (charge["worker"], charge["attempts"], charge["last_error"]) == ("refund", 0, None)
+    assert charge["idempotency_key"] == "r1/charge/compensate" and charge["step_result"] is None
+    assert charge["input"] == {"o": 1, "a": 1}  # the context it saw (its result is not known)
+    # once confirmed cancelled, it is no longer listed; a kept early success lists it as completed late
+    drv.feed(type="task_cancelled", task_id="r1/charge#1")
+    assert [i["step"] for i in left_to_undo(plan, drv.state)] == ["a", "b"]
+
+
+def test_left_to_undo_lists_a_step_with_a_kept_early_success_as_completed_late():
+    drv = _first_success_while_waiting_to_retry()
+    drv.feed(type="task_started", task_id="r1/charge#2")
+    [item] = left_to_undo(drv.plan, drv.state)
+    assert (item["step"], item["status"], item["reason"]) == ("charge", "not_attempted", LATE_REASON)
+    assert item["step_result"] == {"charge_id": "ch_1"} and item["input"] == {"o": 1, "charge_id": "ch_1"}

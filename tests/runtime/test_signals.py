@@ -7,6 +7,7 @@ Every test starts its own ``flowdsl`` (or Python) process and signals it by its 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,7 +21,10 @@ from typing import Any
 
 import pytest
 
+from flowdsl import compile_text
+from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.record import read_record
+from flowdsl.workers import WorkerRegistry
 from tests.runtime.conformance import HEADER
 from tests.runtime.test_local import CANCELLABLE, ROOT, _wait_for
 
@@ -100,6 +104,76 @@ def test_a_second_stop_signal_stops_at_once_and_the_record_says_so(tmp_path: Pat
     _aborted_record(record)
 
 
+@pytest.mark.parametrize(("first", "later", "code"), [
+    (signal.SIGHUP, [signal.SIGHUP], 1),  # a closing terminal: the tty's hangup, then the shell's
+    (signal.SIGINT, [signal.SIGHUP], 1),
+    (signal.SIGTERM, [signal.SIGHUP], 1),
+    (signal.SIGHUP, [signal.SIGTERM], 1),  # the first SIGTERM: the run is already cancelling
+    (signal.SIGHUP, [signal.SIGTERM, signal.SIGTERM], 130),
+], ids=["hup-hup", "int-hup", "term-hup", "hup-term", "hup-term-term"])
+def test_a_sighup_never_stops_the_run_at_once(tmp_path: Path, first: signal.Signals, later: list[signal.Signals],
+                                              code: int) -> None:
+    """Only a second Ctrl-C or SIGTERM stops at once; a SIGHUP cancels the run or, once it is cancelled, nothing."""
+    proc = _flowdsl(tmp_path, CANCELLABLE, {"b": {"hang": True}, "a/compensate": {"sleep": 1.0}}, "h1")
+    record = tmp_path / "h1.jsonl"
+    _wait_for(record, "step_scheduled", "b", proc)
+    os.kill(proc.pid, first)
+    _wait_for(record, "compensation_started", "a", proc)  # (two signals sent at once would be merged into one)
+    for sig in later:
+        os.kill(proc.pid, sig)
+        time.sleep(0.05)
+    out, err = _ended(proc)
+    assert proc.returncode == code, err
+    result = json.loads(out)
+    assert "Traceback" not in err
+    if code == 1:
+        assert (result["status"], result["compensated"]) == ("cancelled", ["a"])
+        assert "stopping at once" not in err
+    else:
+        assert result["status"] == "aborted" and "terminated again: stopping at once" in err
+        _aborted_record(record)
+
+
+def test_putting_the_handlers_back_never_leaves_a_stop_signal_on_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the run's handler and the application's, no SIG_DFL (a SIGTERM there would kill the process)."""
+    reg = WorkerRegistry()
+
+    async def step(data: Any, ctx: Any) -> dict[str, Any]:
+        return {}
+
+    reg.register("step", step)
+    plan = compile_text("flowdsl: 1\nname: h\nsteps:\n  - step\n")
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def app_handler(signum: int, frame: Any) -> None:
+        pass
+
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    real_signal = signal.signal
+    calls: list[tuple[int, Any]] = []
+
+    def recording(signum: int, handler: Any) -> Any:
+        calls.append((signum, handler))
+        return real_signal(signum, handler)
+
+    try:
+        for signum in signums:
+            real_signal(signum, app_handler)
+        monkeypatch.setattr(signal, "signal", recording)
+        result = asyncio.run(run_flow(plan, {}, registry=reg, import_workers=False, record=False,
+                                      handle_sigint=True, handle_sigterm=True))
+        monkeypatch.undo()
+        assert result.status == "completed"
+        for signum in signums:
+            set_to = [handler for num, handler in calls if num == signum]
+            assert len(set_to) == 2 and set_to[-1] is app_handler, (signum, set_to)  # the loop's, then the app's
+            assert signal.getsignal(signum) is app_handler
+    finally:
+        monkeypatch.undo()
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 # --- what a run stopped at once leaves to undo by hand -------------------------------------------------------------
 
 #: a completed step with an undo, then a sync one that cannot be interrupted
@@ -108,7 +182,8 @@ BLOCKING = "steps:\n  - conf.a: {compensate: undo.a}\n  - sync.b: {compensate: u
 
 def test_a_run_stopped_while_cancelling_says_which_completed_steps_are_left_to_undo(tmp_path: Path) -> None:
     """A second Ctrl-C while the run waits for a sync worker: nothing was undone; the JSON object lists step a
-    as the needs_intervention listing would, its undo not run."""
+    as the needs_intervention listing would, its undo not run, then step b, whose worker was still running (it may
+    have completed): ``in_flight``."""
     proc = _flowdsl(tmp_path, BLOCKING, {"b": {"hang": True}}, "u1")
     record = tmp_path / "u1.jsonl"
     _wait_for(record, "step_scheduled", "b", proc)
@@ -119,12 +194,14 @@ def test_a_run_stopped_while_cancelling_says_which_completed_steps_are_left_to_u
     assert proc.returncode == 130, err
     aborted = json.loads(out)
     assert aborted["compensated"] == []
-    [left] = aborted["intervention"]["steps"]
+    [left, in_flight] = aborted["intervention"]["steps"]
     assert (left["step"], left["worker"], left["status"], left["attempts"]) == ("a", "undo.a", "not_attempted", 0)
     assert (left["idempotency_key"], left["step_idempotency_key"]) == ("u1/a/compensate", "u1/a")
+    assert (in_flight["step"], in_flight["worker"], in_flight["status"]) == ("b", "undo.b", "in_flight")
+    assert "in flight when the run stopped" in in_flight["reason"]
     message = aborted["error"]["message"]
     assert "aborted while cancelling its steps in flight (before undoing any)" in message
-    assert "left to undo by hand: a" in message and "while aborting" not in message
+    assert "left to undo by hand: a, b" in message and "while aborting" not in message
     _aborted_record(record)
 
 
