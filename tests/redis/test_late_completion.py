@@ -59,6 +59,42 @@ def _wait(what: str, check: Any, timeout: float) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _pause_in_charge_until_taken_over(url: str, prefix: str, procs: WorkerProcs, ledger: str, spec: str,
+                                      data: dict[str, Any], run_id: str) -> Any:
+    """Submit the run; pause (SIGSTOP) the worker that begins charge — its first execution, a blocking call —
+    and wait for another to take the task over after the lease: the same task id and idempotency key. Returns
+    the paused process."""
+    async def submit() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text(spec), data, run_id=run_id, retention_s=3600)
+
+    asyncio.run(submit())
+    key = f"{run_id}/charge"
+    first = _wait("charge to begin",
+                  lambda: [e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == key], 15)[0]
+    paused = next(p for p in procs.procs if p.pid == first["pid"])
+    procs.signal(paused, signal.SIGSTOP)
+    taker = _wait("the takeover", lambda: [e for e in read_ledger(ledger)
+                                          if e["ev"] == "begin" and e["key"] == key and e["pid"] != paused.pid], 20)[0]
+    assert taker["task"] == first["task"] == f"{key}#1"
+    return paused
+
+
+def _result_once(url: str, prefix: str, run_id: str, done: Any) -> Any:
+    """The run's (result, journal, info) once ``done(result)`` and the journal's last event agree with it (the
+    journal is read before the state)."""
+    async def poll() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            while True:
+                res, journal = await client.result(run_id)
+                last = journal.events[-1] if journal.events else {}
+                if res is not None and done(res) and last.get("status") == res.status:
+                    return res, journal, await client.info(run_id)
+                await asyncio.sleep(0.05)
+
+    return asyncio.run(asyncio.wait_for(poll(), 20))
+
+
 @pytest.mark.parametrize("mode", ["cancel", "abort"])
 def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
     url: str, prefix: str, tmp_path: Path, mode: str
@@ -69,33 +105,10 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
     paused = None
     try:
         procs.start(2)
-        plan = compile_text(SEQUENCE if mode == "cancel" else PARALLEL)
         data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "fail_after": 4.0}
-
-        async def submit() -> None:
-            async with RedisClient(url, prefix=prefix) as client:
-                await client.submit(plan, data, run_id=run_id, retention_s=3600)
-
-        asyncio.run(submit())
-        # worker A begins charge (its first execution: a blocking call) and is paused inside it
-        first = _wait(
-            "charge to begin",
-            lambda: [e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == f"{run_id}/charge"],
-            15,
-        )[0]
-        paused = next(p for p in procs.procs if p.pid == first["pid"])
-        procs.signal(paused, signal.SIGSTOP)
-        # after the lease, worker B takes the task over: the same task id and idempotency key
-        again = _wait(
-            "the takeover",
-            lambda: [
-                e
-                for e in read_ledger(ledger)
-                if e["ev"] == "begin" and e["key"] == f"{run_id}/charge" and e["pid"] != paused.pid
-            ],
-            20,
-        )[0]
-        assert again["task"] == first["task"] == f"{run_id}/charge#1"
+        # worker A is paused inside charge; after the lease, worker B takes the task over
+        paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger,
+                                                   SEQUENCE if mode == "cancel" else PARALLEL, data, run_id)
 
         async def end() -> Any:
             async with RedisClient(url, prefix=prefix) as client:
@@ -112,17 +125,7 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
         assert not [e for e in read_ledger(ledger) if e["ev"] == "effect"]  # B's attempt was cancelled
         # A resumes: its call returns, the charge is made, and it reports success after the run ended
         procs.signal(paused, signal.SIGCONT)
-
-        async def result() -> Any:
-            async with RedisClient(url, prefix=prefix) as client:
-                while True:
-                    res, journal = await client.result(run_id)
-                    last = journal.events[-1] if journal.events else {}  # (the journal is read before the state)
-                    if res is not None and res.status != ended.status and last.get("status") == res.status:
-                        return res, journal, await client.info(run_id)
-                    await asyncio.sleep(0.05)
-
-        res, journal, info = asyncio.run(asyncio.wait_for(result(), 20))
+        res, journal, info = _result_once(url, prefix, run_id, lambda r: r.status != ended.status)
         effects = [e for e in read_ledger(ledger) if e["ev"] == "effect"]
         assert [(e["pid"], e["applied"]) for e in effects] == [(paused.pid, True)]  # the charge stands
         assert not [e for e in read_ledger(ledger) if e["ev"] == "undo"]
@@ -185,29 +188,8 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
     paused = None
     try:
         procs.start(2)
-        plan = compile_text(HELD)
         data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "release": str(release), "hold_max": 30.0}
-
-        async def submit() -> None:
-            async with RedisClient(url, prefix=prefix) as client:
-                await client.submit(plan, data, run_id=run_id, retention_s=3600)
-
-        asyncio.run(submit())
-        first = _wait(
-            "charge to begin",
-            lambda: [e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == key],
-            15,
-        )[0]
-        paused = next(p for p in procs.procs if p.pid == first["pid"])
-        procs.signal(paused, signal.SIGSTOP)
-        taker = _wait(
-            "the takeover",
-            lambda: [
-                e for e in read_ledger(ledger) if e["ev"] == "begin" and e["key"] == key and e["pid"] != paused.pid
-            ],
-            20,
-        )[0]
-        assert taker["task"] == first["task"] == f"{run_id}/charge#1"
+        paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger, HELD, data, run_id)
 
         async def cancel() -> None:
             async with RedisClient(url, prefix=prefix) as client:
@@ -232,17 +214,7 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
         effects = [e for e in read_ledger(ledger) if e["ev"] == "effect"]
         assert [(e["pid"], e["applied"]) for e in effects] == [(paused.pid, True)]  # A's charge is made
         release.touch()  # B's attempt answers task_cancelled: the run ends cancelled, the task is gone
-
-        async def result() -> Any:
-            async with RedisClient(url, prefix=prefix) as client:
-                while True:
-                    res, journal = await client.result(run_id)
-                    last = journal.events[-1] if journal.events else {}  # (the journal is read before the state)
-                    if res is not None and res.status == "needs_intervention" and last.get("status") == res.status:
-                        return res, journal
-                    await asyncio.sleep(0.05)
-
-        res, journal = asyncio.run(asyncio.wait_for(result(), 20))
+        res, journal, _ = _result_once(url, prefix, run_id, lambda r: r.status == "needs_intervention")
         [item] = res.intervention["steps"]
         assert item["step"] == "charge" and item["worker"] == "late.refund"
         assert item["step_idempotency_key"] == key and item["reason"] == LATE_REASON
