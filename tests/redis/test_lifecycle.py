@@ -118,6 +118,16 @@ def test_unlisting_removes_an_index_entry_only_while_its_score_is_unchanged(url:
     assert asyncio.run(main()) == [1, [b"r1"]]
 
 
+async def _tidying_worker(url: str, prefix: str, **options: Any) -> Any:
+    """A worker object connected enough to run its tidying rounds (``_tidy``) by hand, not serving."""
+    worker = worker_here(url, prefix, **options)
+    worker.client = connect(url)
+    worker.store = Store(worker.client, worker.keys)
+    worker.clock = Clock()
+    await worker.clock.sync(worker.client)
+    return worker
+
+
 def test_tidying_drops_expired_runs_from_the_index_and_forgets_silent_worker_processes(url: str,
                                                                                         prefix: str) -> None:
     """Nobody lists the runs, workers die without a word: what a transition cannot touch (shared keys) is
@@ -125,13 +135,9 @@ def test_tidying_drops_expired_runs_from_the_index_and_forgets_silent_worker_pro
     worker_name: list[str] = []
 
     async def main() -> dict[str, Any]:
-        worker = worker_here(url, prefix, lease_s=0.1, forget_s=0.5)  # forgets after 10 leases at least: 1 s
+        worker = await _tidying_worker(url, prefix, lease_s=0.1, forget_s=0.5)  # forgets after 10 leases: 1 s
         worker_name.append(worker.name)
-        worker.client = connect(url)
-        worker.store = store = Store(worker.client, worker.keys)
-        worker.clock = Clock()
-        await worker.clock.sync(worker.client)
-        keys = worker.keys
+        store, keys = worker.store, worker.keys
         try:
             await store.call("HSET", keys.run("alive-1"), "submitted", 1)
             await store.call("ZADD", keys.runs, *[x for i in range(450) for x in (i, f"gone-{i}")], 1000, "alive-1")
@@ -164,12 +170,8 @@ def test_one_tidying_round_drops_every_expired_run_at_the_front_of_the_index_how
     against a round's budget, so the index does not grow without end; runs still kept are walked ten pages
     (2,000 runs) a round, as before."""
     async def main() -> tuple[int, int, int, int]:
-        worker = worker_here(url, prefix)
-        worker.client = connect(url)
-        worker.store = store = Store(worker.client, worker.keys)
-        worker.clock = Clock()
-        await worker.clock.sync(worker.client)
-        keys = worker.keys
+        worker = await _tidying_worker(url, prefix)
+        store, keys = worker.store, worker.keys
         try:
             for stream in worker.streams:
                 await store.call("XGROUP", "CREATE", stream, GROUP, "$", "MKSTREAM")
