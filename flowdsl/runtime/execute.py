@@ -718,6 +718,7 @@ wait_for_thread: contextvars.ContextVar[Callable[[], bool] | None] = contextvars
 
 async def _in_thread(fn: Callable[..., Any], data: Any, ctx: StepContext) -> Any:
     context = contextvars.copy_context()
+    context.run(wait_for_thread.set, None)  # the runtime's, for this wait: not the worker's own calls
     future = _threads.submit(lambda: context.run(fn, data, ctx))
     while True:
         try:

@@ -111,3 +111,34 @@ def test_a_sync_step_whose_thread_returns_after_its_run_ended_changes_nothing(ca
     assert lingering == [] and problems == [] and refunds == []
     err = capsys.readouterr().err
     assert "Traceback" not in err and "exception" not in err.lower()
+
+
+def test_the_wait_for_a_timed_out_thread_is_the_runtimes_not_the_workers_own() -> None:
+    """The runtime keeps waiting for its own timed-out sync attempts; a sync worker that itself runs a worker
+    through ``execute`` under a timeout of its own gets that timeout — the runtime's waiting does not leak into
+    the worker's thread."""
+    import time
+
+    from flowdsl.runtime.execute import execute
+
+    reg = WorkerRegistry()
+
+    def inner(data: Any, ctx: Any) -> dict[str, Any]:
+        time.sleep(0.8)
+        return {}
+
+    def outer(data: Any, ctx: Any) -> dict[str, Any]:
+        command = {"op": "dispatch", "run_id": "x", "task_id": "x/s#1", "kind": "task", "step": "s", "node": "s",
+                   "worker": "inner", "input": {}, "attempt": 1, "idempotency_key": "x/s", "timeout_ms": None,
+                   "llm": None}
+        t0 = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            asyncio.run(asyncio.wait_for(execute(command, registry=reg), 0.1))
+        return {"waited": time.monotonic() - t0}
+
+    reg.register("inner", inner)
+    reg.register("outer", outer)
+    plan = compile_text("flowdsl: 1\nname: nested\nsteps:\n  - o: {worker: outer}\n")
+    result = asyncio.run(asyncio.wait_for(LocalRun(plan, {}, registry=reg, record=False,
+                                                   import_workers=False).run(), HUNG))
+    assert result.status == "completed" and result.context["waited"] < 0.6, result.context
