@@ -642,6 +642,11 @@ class RedisWorker(Upkeep):
         assert self._late_wake is not None
         task_id = event["task_id"]
         ours = (f"r:{token}".encode(), f"xr:{token}".encode())
+        if not generation:  # (a chain begun by a start request holds none) the run's, read now: it exists now
+            with contextlib.suppress(*TRANSIENT):
+                generation = ((await self.store.call("HGET", self.keys.run(run_id), "born")) or b"").decode()
+            if not generation:
+                return
         for _ in range(max(1, self.options.late_leases)):
             final = self._late_wake.is_set()
             if not final:
@@ -652,9 +657,8 @@ class RedisWorker(Upkeep):
                 (version, born), lease = await asyncio.gather(
                     self.store.call("HMGET", self.keys.run(run_id), "v", "born"),
                     self.store.call("HGET", self.keys.tasks(run_id), task_id))
-                if version is None or (generation and born is not None and born.decode() != generation):
+                if version is None or born is None or born.decode() != generation:
                     return  # the run is gone (expired; or another run of the same id has started since)
-                generation = generation or (born or b"").decode()
                 if lease is not None and lease not in ours:
                     outcome = Outcome.REJECTED  # still held by another: the script would refuse it
                 else:
