@@ -296,6 +296,36 @@ def test_streams_are_never_trimmed_pending_entries_stay_and_acked_ones_go(url: s
     assert client.hget(keys.run("h"), "status") == b"running"
 
 
+def test_an_acknowledgement_leaves_an_entry_another_process_has_taken_over(url: str, prefix: str,
+                                                                          server: RedisServer) -> None:
+    """A process paused past the lease resumes with a delivery another one has taken over — perhaps running a
+    chain of tasks under it: its acknowledgement must not delete the entry (if the taker then died, nobody
+    would ever find those tasks again: the run would hang). The holder's own acknowledgement does; so does one
+    for an entry nobody holds any more."""
+    client = server.client()
+    stream = Keys(prefix).control
+
+    async def ack(entry_id: str, consumer: str) -> None:
+        conn = connect(url)
+        try:
+            store = Store(conn, Keys(prefix))
+            await store.relay(None, None, [store.ack_op(stream, entry_id, consumer)])
+        finally:
+            await conn.aclose()
+
+    client.xgroup_create(stream, GROUP, id="$", mkstream=True)
+    taken, free = client.xadd(stream, {"c": "{}"}).decode(), client.xadd(stream, {"c": "{}"}).decode()
+    client.xreadgroup(GROUP, "paused", {stream: ">"})  # both delivered to the process about to be paused
+    client.xclaim(stream, GROUP, "taker", 0, [taken])  # after the lease, another takes the first over
+    asyncio.run(ack(taken, "paused"))  # the paused one resumes and acknowledges what it had: not its own any more
+    assert [e[0].decode() for e in client.xrange(stream)] == [taken, free]
+    assert client.xpending_range(stream, GROUP, "-", "+", 10)[0]["consumer"] == b"taker"
+    asyncio.run(ack(free, "paused"))  # still its own: acknowledged and deleted
+    asyncio.run(ack(taken, "taker"))  # the taker's own acknowledgement
+    assert client.xlen(stream) == 0 and client.xpending(stream, GROUP)["pending"] == 0
+    client.delete(stream)
+
+
 def test_finished_runs_expire_after_their_retention(url: str, prefix: str, server: RedisServer) -> None:
     async def main() -> None:
         async with RedisClient(url, prefix=prefix) as c:

@@ -233,10 +233,14 @@ while i <= #ARGV do
     redis.call('ZREM', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
     i = i + 3
   elseif op == 'a' then
-    local key = KEYS[tonumber(ARGV[i + 1])]
-    redis.call('XACK', key, group, ARGV[i + 2])
-    redis.call('XDEL', key, ARGV[i + 2])
-    i = i + 3
+    -- only while the entry is the caller's (or nobody's): one taken over meanwhile is its new holder's
+    local key, id = KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
+    local p = redis.pcall('XPENDING', key, group, id, id, 1)
+    if type(p) ~= 'table' or p.err or p[1] == nil or p[1][2] == ARGV[i + 3] then
+      redis.call('XACK', key, group, id)
+      redis.call('XDEL', key, id)
+    end
+    i = i + 4
   else
     redis.call('PUBLISH', ARGV[i + 1], ARGV[i + 2])
     i = i + 3

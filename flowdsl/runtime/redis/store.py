@@ -353,10 +353,12 @@ class Store:
         return bool(await _RELEASE(self.batcher, [self.keys.tasks(run_id)], [task_id, token]))
 
     @staticmethod
-    def ack_op(stream: str, entry_id: str) -> dict[str, Any]:
+    def ack_op(stream: str, entry_id: str, consumer: str) -> dict[str, Any]:
         """The relay operation that acknowledges and deletes a stream entry (no trimming ever: an entry
-        leaves its stream only once acknowledged)."""
-        return {"o": "ack", "s": stream, "i": entry_id}
+        leaves its stream only once acknowledged) — if it is still ``consumer``'s: a process that was paused
+        past the lease finds its delivery taken over, perhaps with tasks held under it, which the taker (or
+        whoever takes it over next) acknowledges; deleted, they would be nobody's."""
+        return {"o": "ack", "s": stream, "i": entry_id, "c": consumer}
 
     @staticmethod
     def timer_done_op(member: str) -> dict[str, Any]:
@@ -389,7 +391,7 @@ class Store:
             elif kind == "cancel":
                 args += ["p", self.keys.cancel_channel, op["t"]]
             elif kind == "ack":
-                args += ["a", key(op["s"]), op["i"]]
+                args += ["a", key(op["s"]), op["i"], op["c"]]
             elif kind == "done":
                 args += ["r", key(self.keys.timers_claimed), op["k"]]
         if len(args) > 1:

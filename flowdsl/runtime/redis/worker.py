@@ -406,7 +406,7 @@ class RedisWorker(Upkeep):
         else:
             raw = fields.get(b"m")
             if raw is None:  # not a task message: drop it
-                coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id)])
+                coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id, self.name)])
             else:
                 held = self._hold(stream, entry_id, loads(raw), raw, (fields.get(b"v") or b"").decode())
                 held.generation = (fields.get(b"g") or b"").decode()
@@ -454,7 +454,7 @@ class RedisWorker(Upkeep):
 
     async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
         try:
-            ack = [self.store.ack_op(self.keys.control, entry_id)]
+            ack = [self.store.ack_op(self.keys.control, entry_id, self.name)]
             try:
                 msg = loads(fields[b"c"])
                 run_id = msg["run_id"]
@@ -535,7 +535,7 @@ class RedisWorker(Upkeep):
             self._unhold(held)
 
     async def _run_task(self, held: _Held, recover: bool) -> None:
-        ack = [self.store.ack_op(held.stream, held.entry_id)]
+        ack = [self.store.ack_op(held.stream, held.entry_id, self.name)]
         if recover:
             self.stats.reclaimed += 1
         while True:
@@ -683,7 +683,7 @@ class RedisWorker(Upkeep):
             ((await self.store.call("HGET", self.keys.run(held.run_id), "born")) or b"").decode()
         await self.advancer.relay(None, None, [{"o": "task", "q": self.keys.queue_of(held.command), "raw": raw,
                                                 "v": held.outbox_version, "g": generation},
-                                               self.store.ack_op(held.stream, held.entry_id)])
+                                               self.store.ack_op(held.stream, held.entry_id, self.name)])
         self.stats.handed_back += 1
 
     def _cancel_requested(self, held: _Held) -> None:
