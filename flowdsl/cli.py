@@ -396,16 +396,16 @@ def _stopping_as_ctrl_c() -> Iterator[None]:
     import signal
     import threading
 
+    from flowdsl.runtime.local import TERM_SIGNALS, signal_said
     from flowdsl.workers import signalled
 
     def stop(signum: int, frame: Any) -> None:
-        raise signalled(KeyboardInterrupt(_STOP_WORDS.get(signal.Signals(signum).name, "interrupted")))
+        raise signalled(KeyboardInterrupt(signal_said(signum)))
 
     saved: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for name in _STOP_WORDS:
-            signum = getattr(signal, name, None)
-            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+        for signum in TERM_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_DFL:
                 saved[signum] = signal.signal(signum, stop)
     try:
         yield
@@ -413,8 +413,6 @@ def _stopping_as_ctrl_c() -> Iterator[None]:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
 
-
-_STOP_WORDS = {"SIGTERM": "terminated (SIGTERM)", "SIGHUP": "hung up (SIGHUP)"}
 
 
 class _Stopped(Exception):

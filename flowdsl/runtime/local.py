@@ -82,7 +82,8 @@ from flowdsl.runtime.record import (
 from flowdsl.runtime.report import NOT_STARTED, RunResult, stopped_while
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
-__all__ = ["RECORDED_INPUTS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id", "run", "run_flow"]
+__all__ = ["RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id", "run",
+           "run_flow", "signal_said"]
 
 #: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
 RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
@@ -143,10 +144,18 @@ class _SignalRuns:
 
 _SIGNAL_RUNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SignalRuns] = weakref.WeakKeyDictionary()
 #: the signals ``handle_sigterm`` takes, besides SIGINT (``handle_sigint``), as far as the platform has them
-_TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 #: what a stop signal did, in the notices and the cancel's reason: (verb, its name for people)
 _SIGNAL_WORDS = {"SIGINT": ("interrupted", "Ctrl-C"), "SIGTERM": ("terminated", "SIGTERM"),
                  "SIGHUP": ("hung up", "SIGHUP")}
+
+
+def signal_said(signum: int) -> str:
+    """What a stop signal did, for people: ``terminated (SIGTERM)``, ``hung up (SIGHUP)``, ``interrupted
+    (Ctrl-C)``."""
+    name = signal.Signals(signum).name
+    verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
+    return f"{verb} ({label})"
 
 
 def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -604,7 +613,7 @@ class LocalRun:
         """Take Ctrl-C (``handle_sigint``), SIGTERM and SIGHUP (``handle_sigterm``) on the loop while the run goes."""
         if threading.current_thread() is not threading.main_thread():
             return
-        wanted = ((signal.SIGINT,) if self.handle_sigint else ()) + (_TERM_SIGNALS if self.handle_sigterm else ())
+        wanted = ((signal.SIGINT,) if self.handle_sigint else ()) + (TERM_SIGNALS if self.handle_sigterm else ())
         for signum in wanted:
             self._take_signal(signum)
 
