@@ -705,6 +705,9 @@ def worker(
         metavar="SECONDS", callback=_seconds(*GRACE_RANGE))] = 10.0,
     lm: Annotated[str | None, typer.Option("--lm", help="language model for LLM steps that name none")] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="do not run LLM steps in this process")] = False,
+    max_failures: Annotated[int, typer.Option(
+        "--max-failures", min=1, max=1000, help="set a message aside as a dead letter once handling it has failed "
+        "unexpectedly this many times (`flowdsl dead-letters`)", metavar="N")] = 3,
     snapshot_kb: Annotated[int, typer.Option(
         "--snapshot-kb", min=0, help="write a run's whole state once per this many KiB of it (0: at its start and "
         "end only); the steps between are replayed from the run's journal when it is loaded", metavar="KIB")] = 16,
@@ -722,7 +725,7 @@ def worker(
 
     options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease, schedule_timeout_s=schedule_timeout,
                             retention_s=retention, grace_s=grace, lm=lm, llm=not no_llm,
-                            snapshot_bytes=snapshot_kb * 1024)
+                            snapshot_bytes=snapshot_kb * 1024, max_failures=max_failures)
     raise typer.Exit(worker_command(url=redis_url, prefix=prefix, modules=list(modules or ()), options=options,
                                     console=_stderr(), verbose=verbose))
 
@@ -785,6 +788,33 @@ def cancel(
     as_json = fmt is OutputFormat.json
     raise typer.Exit(_reporting(as_json, lambda console: cancel_command(
         run_id, url=redis_url, prefix=prefix, reason=reason, wait=wait, as_json=as_json, console=console)))
+
+
+@app.command(name="dead-letters")
+def dead_letters(
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    retry: Annotated[list[str] | None, typer.Option(
+        "--retry", help="put this dead letter back on its stream (repeatable)", metavar="ID")] = None,
+    retry_all: Annotated[bool, typer.Option("--retry-all", help="put every listed dead letter back")] = False,
+    delete: Annotated[list[str] | None, typer.Option(
+        "--delete", help="delete this dead letter for good (repeatable)", metavar="ID")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=100000,
+                                       help="at most this many, oldest first")] = 100,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    """List the messages worker processes set aside because they could not be handled, or put them back.
+
+    A message is set aside when it cannot be read (damaged, or not flowdsl's) or when handling it failed
+    unexpectedly --max-failures times (`flowdsl worker`); its run waits meanwhile. Once the cause is fixed,
+    --retry puts it back: it is handled as after a crash. Exit 0; 2 when an id names no dead letter.
+    """
+    from flowdsl.runtime.redis.commands import dead_letters_command
+
+    as_json = fmt is OutputFormat.json
+    raise typer.Exit(_reporting(as_json, lambda console: dead_letters_command(
+        url=redis_url, prefix=prefix, retry=list(retry or ()), retry_all=retry_all, delete=list(delete or ()),
+        limit=limit, as_json=as_json, console=console)))
 
 
 from flowdsl.render.command import diagram as _diagram  # noqa: E402  (typer + stdlib only)

@@ -299,11 +299,12 @@ def _import_one(module: str, places: list[str]) -> None:
             raise
         missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
         if missing is not None and (module == missing or module.startswith(missing + ".")):
-            raise WorkerImportError(module, _describe(exc), found=False, searched=places) from None
-        raise WorkerImportError(module, _describe(exc), searched=places, origin=_origin_of(module)) from exc
+            raise WorkerImportError(module, describe_exception(exc), found=False, searched=places) from None
+        raise WorkerImportError(module, describe_exception(exc), searched=places, origin=_origin_of(module)) from exc
 
 
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception; never raises (an exception whose ``__str__`` fails included)."""
     try:
         text = str(exc)
     except Exception:  # an exception whose __str__ fails

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entr
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import RunResult
 
-__all__ = ["RedisClient", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "Submission", "input_id"]
+__all__ = ["DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
+           "Submission", "input_id"]
 
 _SUBMIT = Script("submit", SUBMIT)
 _CANCEL = Script("cancel", CANCEL)
@@ -78,6 +80,70 @@ class RunNotFound(LookupError):
         super().__init__(f"no run '{run_id}' in Redis under the prefix '{prefix}' (never submitted, "
                          "or finished longer ago than its retention)")
         self.run_id = run_id
+
+
+class DeadLetterNotFound(LookupError):
+    """No dead letter with this id (never one, or already put back or deleted)."""
+
+    def __init__(self, dead_id: str, prefix: str):
+        super().__init__(f"no dead letter '{dead_id}' under the prefix '{prefix}' (already put back or deleted? "
+                         "`flowdsl dead-letters` lists them)")
+        self.dead_id = dead_id
+
+
+_STREAM_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}\Z")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A stream entry set aside because it could not be handled (``flowdsl dead-letters``).
+
+    ``fields`` are the entry's own, byte for byte; ``at`` is when it was set aside (ms since the epoch)."""
+
+    id: str
+    stream: str
+    entry_id: str
+    reason: str
+    consumer: str
+    deliveries: int
+    failures: int
+    fields: dict[str, bytes]
+    at: int
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        """The entry's request or dispatch command (its ``c`` or ``m`` field), when that is a JSON object."""
+        raw = self.fields.get("m", self.fields.get("c"))
+        try:
+            value = loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def to_json(self) -> dict[str, Any]:
+        message = self.message or {}
+        return {"id": self.id, "at": self.at, "stream": self.stream, "entry_id": self.entry_id,
+                "run_id": message.get("run_id"), "task_id": message.get("task_id"), "reason": self.reason,
+                "consumer": self.consumer, "deliveries": self.deliveries, "failures": self.failures,
+                "fields": {name: value.decode(errors="backslashreplace") for name, value in self.fields.items()}}
+
+
+def _dead_letter(entry_id: bytes | str, raw: Any) -> DeadLetter:
+    fields = entry_fields(raw)
+    meta = {k.decode(errors="replace"): v for k, v in fields.items() if not k.startswith(b"f:")}
+    dead_id = _text(entry_id)
+
+    def number(name: str) -> int:
+        try:
+            return int(meta.get(name) or 0)
+        except ValueError:
+            return 0
+
+    return DeadLetter(dead_id, _text(meta.get("stream")), _text(meta.get("id")),
+                      meta.get("reason", b"").decode(errors="replace"), _text(meta.get("consumer")),
+                      number("deliveries"), number("failures"),
+                      {k[2:].decode(errors="replace"): v for k, v in fields.items() if k.startswith(b"f:")},
+                      int(dead_id.partition("-")[0]))
 
 
 @dataclass(frozen=True)
@@ -410,6 +476,42 @@ class RedisClient:
         if not any(record.get("llm") for record in live):
             missing += [f"LLM step '{key}'" for key, node in plan["nodes"].items() if node["kind"] == "llm"]
         return missing
+
+    # --- dead letters -----------------------------------------------------------------------
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        """The entries set aside because they could not be handled, oldest first (at most ``limit``)."""
+        reply = await self.store.call("XRANGE", self.keys.dead, "-", "+", "COUNT", limit)
+        return [_dead_letter(entry_id, raw) for entry_id, raw in reply or ()]
+
+    async def dead_letter(self, dead_id: str) -> DeadLetter:
+        """One dead letter; raises :class:`DeadLetterNotFound` (``ValueError`` for an id that cannot be one)."""
+        if not _STREAM_ID_RE.match(dead_id):
+            raise ValueError(f"'{dead_id}' is not a dead letter id: they look like 1733260800000-0")
+        reply = await self.store.call("XRANGE", self.keys.dead, dead_id, dead_id)
+        if not reply:
+            raise DeadLetterNotFound(dead_id, self.keys.prefix)
+        return _dead_letter(*reply[0])
+
+    async def requeue_dead_letter(self, dead_id: str) -> str:
+        """Put a dead letter back on the stream it came from (once what made it fail is fixed); returns the new
+        entry's id. The entry takes over what the original held: whoever handles it first queues again the
+        tasks held under the original, as after a crash, and handles it as new."""
+        letter = await self.dead_letter(dead_id)
+        taken = letter.fields.get("t")
+        trigger = taken.decode(errors="replace") if taken else Keys.trigger(letter.stream, letter.entry_id)
+        code, new_id = await self.store.requeue(dead_id, letter.stream, trigger)
+        if code == 0:
+            raise DeadLetterNotFound(dead_id, self.keys.prefix)  # put back or deleted meanwhile
+        if code != 1 or new_id is None:
+            raise ValueError(f"dead letter '{dead_id}' changed while it was being put back; try again")
+        return new_id
+
+    async def delete_dead_letter(self, dead_id: str) -> None:
+        """Delete a dead letter for good; raises :class:`DeadLetterNotFound` when there is none."""
+        await self.dead_letter(dead_id)  # (checks the id)
+        if not await self.store.call("XDEL", self.keys.dead, dead_id):
+            raise DeadLetterNotFound(dead_id, self.keys.prefix)
 
     async def _result(self, run_id: str, journal: Journal) -> RunResult | None:
         record = await self.store.load(run_id)

@@ -1,4 +1,5 @@
-"""The CLI's Redis commands: ``run --backend redis``, ``worker``, ``status``, ``runs``, ``cancel``.
+"""The CLI's Redis commands: ``run --backend redis``, ``worker``, ``status``, ``runs``, ``cancel``,
+``dead-letters``.
 
 Stage: CLI support for runtime: redis. Imports this package,
 ``flowdsl.runtime.report`` and ``flowdsl.workers``; rich only through the
@@ -24,13 +25,22 @@ from typing import Any
 
 import redis
 
-from flowdsl.runtime.redis.client import Journal, RedisClient, RunGone, RunIdTaken, RunInfo, RunNotFound
+from flowdsl.runtime.redis.client import (
+    DeadLetter,
+    DeadLetterNotFound,
+    Journal,
+    RedisClient,
+    RunGone,
+    RunIdTaken,
+    RunInfo,
+    RunNotFound,
+)
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
 
-__all__ = ["EXIT_USAGE", "cancel_command", "run_command", "run_events", "runs_command", "status_command",
-           "worker_command"]
+__all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command", "run_events", "runs_command",
+           "status_command", "worker_command"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -81,7 +91,7 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]],
     except RedisConfigError as exc:
         say(str(exc))
         return EXIT_USAGE
-    except (RunNotFound, RunGone, ValueError) as exc:
+    except (RunNotFound, RunGone, DeadLetterNotFound, ValueError) as exc:
         say(str(exc))
         return EXIT_USAGE
     except redis.AuthenticationError as exc:
@@ -247,7 +257,9 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
         stats = await worker.serve()
         console.print(f"[dim]worker {stats.name} stopped: {stats.tasks} step(s) run, {stats.runs_started} run(s) "
                       f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
-                      f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected[/]")
+                      f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected"
+                      + (f", {stats.dead_letters} message(s) set aside as dead letters" if stats.dead_letters else "")
+                      + "[/]")
         if stats.failure is not None:  # it stopped by itself: a supervisor should see a failure and restart it
             _say(console, f"worker {stats.name} stopped because {stats.failure}")
             return 1
@@ -379,3 +391,72 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
         return 1 if outcome == "finished" else 0
 
     return _interrupted(_guarded(console, url, body), console, run_id) if wait else _guarded(console, url, body)
+
+
+def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str], retry_all: bool,
+                         delete: list[str], limit: int, as_json: bool, console: Any) -> int:
+    """List the dead letters (oldest first), or put some back on their streams, or delete some. Exit 0; 2 when
+    an id names no dead letter (those before it are done) or Redis cannot be reached."""
+    if (retry or retry_all) and delete:
+        _say(console, "--retry/--retry-all and --delete do not go together: put back or delete, not both")
+        return EXIT_USAGE
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            if not (retry or retry_all or delete):
+                letters = await client.dead_letters(limit=limit)
+                if as_json:
+                    _json_out([letter.to_json() for letter in letters])
+                else:
+                    _print_dead_letters(letters, console)
+                return 0
+            ids = [letter.id for letter in await client.dead_letters(limit=limit)] if retry_all else \
+                list(dict.fromkeys(retry or delete))
+            done: list[dict[str, str]] = []
+            failure: Exception | None = None
+            for dead_id in ids:
+                try:
+                    if delete:
+                        await client.delete_dead_letter(dead_id)
+                        done.append({"id": dead_id})
+                        if not as_json:
+                            console.print(f"dead letter {dead_id} deleted")
+                    else:
+                        new_id = await client.requeue_dead_letter(dead_id)
+                        done.append({"id": dead_id, "entry_id": new_id})
+                        if not as_json:
+                            console.print(f"dead letter {dead_id} put back (entry {new_id})")
+                except (DeadLetterNotFound, ValueError) as exc:
+                    failure = exc  # the ids before it are done; the ones after it are left alone
+                    break
+            if as_json:
+                out: dict[str, Any] = {"deleted" if delete else "requeued": done}
+                if failure is not None:
+                    out["status"] = "error"
+                    out["error"] = {"type": "UsageError", "message": str(failure)}
+                _json_out(out)
+            if failure is not None:
+                _say(console, str(failure))
+                return EXIT_USAGE
+            if retry_all and not ids and not as_json:
+                console.print("no dead letters")
+            return 0
+
+    return _guarded(console, url, body)
+
+
+def _print_dead_letters(letters: list[DeadLetter], console: Any) -> None:
+    from rich.markup import escape
+
+    if not letters:
+        console.print("no dead letters")
+        return
+    for letter in letters:
+        message = letter.message or {}
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.at / 1000))
+        what = ", ".join(f"{name} {message[key]}" for name, key in (("run", "run_id"), ("task", "task_id"))
+                         if isinstance(message.get(key), str)) or "no run"
+        console.print(f"[bold]{escape(letter.id)}[/]  {when}  {escape(letter.stream)} entry {escape(letter.entry_id)}"
+                      f" ({escape(what)}); failed {letter.failures}×, delivered {letter.deliveries}×",
+                      highlight=False, crop=False, soft_wrap=True)
+        console.print(f"    {escape(letter.reason)}", highlight=False, crop=False, soft_wrap=True)

@@ -34,13 +34,30 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 __all__ = ["DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "connect", "connect_sync", "describe_url",
-           "refusal", "resolve_prefix", "resolve_url"]
+           "refusal", "resolve_prefix", "resolve_url", "server_unwell"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 _SCHEMES = ("redis", "rediss", "unix")
 #: errors that mean "Redis is unreachable or restarting right now": retry later, never crash
 TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
                                               ConnectionError, TimeoutError, OSError)
+
+
+#: answers of a server that is reachable but will not do the work right now (out of memory, a read-only replica
+#: after a failover, a script running too long, a failed background save, a cluster reconfiguring): the command's
+#: fault is the server's state, not the command's
+_UNWELL_CLASSES: tuple[type[BaseException], ...] = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                                                    redis.exceptions.MasterDownError, redis.exceptions.TryAgainError,
+                                                    redis.exceptions.ClusterDownError)
+_UNWELL_CODES = ("OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "MISCONF", "NOREPLICAS")
+
+
+def server_unwell(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis saying it cannot do any such work for now (see ``_UNWELL_CODES``): a reason to
+    try again later, never one to give up on what was being done."""
+    if isinstance(exc, _UNWELL_CLASSES):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0] in _UNWELL_CODES
 
 
 class RedisConfigError(ValueError):

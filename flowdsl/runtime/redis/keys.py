@@ -24,12 +24,18 @@ block on every queue and one script can move timers between the two sets)::
 
     {<prefix>}:control                 stream  start and cancel requests (consumer group)
     {<prefix>}:task:<worker>           stream  dispatched attempts for one worker (consumer group):
-                                               m (the dispatch command, JSON), v (its outbox version)
+                                               m (the dispatch command, JSON), v (its outbox version),
+                                               g (the run's generation); t on an entry put back from
+                                               the dead letters: the trigger it takes over
     {<prefix>}:llm                     stream  dispatched LLM attempts (consumer group)
     {<prefix>}:timers                  zset    member -> due (ms, Redis server clock)
     {<prefix>}:timers:claimed          zset    member -> lease expiry of a timer being fired
     {<prefix>}:runs                    zset    run id -> started (ms): the listing index
     {<prefix>}:workers                 hash    consumer name -> its liveness record (JSON)
+    {<prefix>}:dead                    stream  dead letters: entries set aside because they cannot be
+                                               handled (undecodable, or their handling failed again and
+                                               again): where from, why, and their fields byte for byte
+    {<prefix>}:failed:<trigger>        string  how many times handling that entry failed (lives a day)
     <prefix>:cancel                    pub/sub task ids whose cancellation was requested
 
 Timer members are ``t|<run_id>|<timer id>`` (a kernel timer) and
@@ -90,6 +96,8 @@ class Keys:
         self.timers_claimed = f"{tag}:timers:claimed"
         self.runs = f"{tag}:runs"
         self.workers = f"{tag}:workers"
+        self.dead = f"{tag}:dead"
+        self._failed_prefix = f"{tag}:failed:"
         self.cancel_channel = f"{prefix}:cancel"
         self._task_prefix = f"{tag}:task:"
 
@@ -131,6 +139,10 @@ class Keys:
         It begins every lease token taken under that entry (``<trigger>|<consumer>|<nonce>``), so whoever takes
         the entry over finds the tasks held under it; entry ids alone can repeat across streams."""
         return f"{entry_id}@{zlib.crc32(stream.encode()):08x}"
+
+    def failures(self, trigger: str) -> str:
+        """The counter of failed handlings of the stream entry named ``trigger`` (see :meth:`trigger`)."""
+        return self._failed_prefix + trigger
 
     # --- timers ------------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CANCEL", "CLAIM_TIMERS", "FORGET_CONSUMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE", "SUBMIT",
-           "TRANSITION", "UNLIST", "Batcher", "Script"]
+__all__ = ["CANCEL", "CLAIM_TIMERS", "DEAD_LETTER", "FORGET_CONSUMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE",
+           "REQUEUE", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
 #: expected version, state, token, status, outbox, finished, then the number of input events n and, for each,
@@ -377,6 +377,69 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   end
 end
 return n
+"""
+
+#: KEYS: a stream, the dead-letter stream, the entry's failure counter (all under the ``{prefix}`` hash tag).
+#: ARGV: the consumer group, the entry id, the caller's consumer name, the threshold, the reason, then the entry's
+#: fields as name/value pairs. Counts one failure of the entry (the counter lives a day) and, once the count
+#: reaches the threshold (at once for a threshold of 0 or 1), sets the entry aside: a dead-letter entry (``stream``,
+#: ``id``, ``reason``, ``consumer``, ``deliveries``, ``failures``, then each original field as ``f:<name>``,
+#: byte for byte) is added and the entry acknowledged and deleted, all at once. Only while the entry is the
+#: caller's: one taken over meanwhile is its new holder's to judge. Returns {0, failures} (counted, kept) |
+#: {1, failures, dead-letter id} | {2} (not the caller's: nothing done).
+DEAD_LETTER = r"""
+local stream, dead, counter = KEYS[1], KEYS[2], KEYS[3]
+local group, id, consumer = ARGV[1], ARGV[2], ARGV[3]
+local p = redis.pcall('XPENDING', stream, group, id, id, 1)
+local deliveries = 0
+if type(p) == 'table' and not p.err and p[1] ~= nil then
+  if p[1][2] ~= consumer then return {2} end
+  deliveries = p[1][4]
+end
+local n = 1
+local threshold = tonumber(ARGV[4])
+if threshold > 1 then
+  n = redis.call('INCR', counter)
+  redis.call('PEXPIRE', counter, 86400000)
+  if n < threshold then return {0, n} end
+end
+local fields = {'stream', stream, 'id', id, 'reason', ARGV[5], 'consumer', consumer, 'deliveries', deliveries,
+                'failures', n}
+for i = 6, #ARGV, 2 do
+  table.insert(fields, 'f:' .. ARGV[i])
+  table.insert(fields, ARGV[i + 1])
+end
+local dead_id = redis.call('XADD', dead, '*', unpack(fields))
+redis.call('XACK', stream, group, id)
+redis.call('XDEL', stream, id)
+redis.call('DEL', counter)
+return {1, n, dead_id}
+"""
+
+#: KEYS: the dead-letter stream, the stream its entry came from. ARGV: the dead-letter id, the trigger to take
+#: over (the original entry's). Puts a dead letter back on its stream as a new entry with its original fields and
+#: ``t`` (the trigger: whoever handles the new entry first takes over the tasks held under the old one, as after
+#: a crash), and deletes the dead letter — at once. Returns {1, new entry id} | {0} (no such dead letter) | {2}
+#: (it came from another stream than KEYS[2]).
+REQUEUE = r"""
+local got = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #got == 0 then return {0} end
+local f = got[1][2]
+local fields = {}
+local origin
+for k = 1, #f, 2 do
+  if f[k] == 'stream' then origin = f[k + 1] end
+  if string.sub(f[k], 1, 2) == 'f:' and f[k] ~= 'f:t' then
+    table.insert(fields, string.sub(f[k], 3))
+    table.insert(fields, f[k + 1])
+  end
+end
+if origin ~= KEYS[2] then return {2} end
+table.insert(fields, 't')
+table.insert(fields, ARGV[2])
+local new_id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return {1, new_id}
 """
 
 #: KEYS: timers, timers:claimed. ARGV: lease ms, limit. Moves due timers to the claimed set (score = lease

@@ -42,12 +42,14 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import (
     CLAIM_TIMERS,
+    DEAD_LETTER,
     FORGET_CONSUMERS,
     LOAD,
     PICKUP,
     RECOVER,
     RELAY,
     RELEASE,
+    REQUEUE,
     TRANSITION,
     UNLIST,
     Batcher,
@@ -66,6 +68,8 @@ _RECOVER = Script("recover", RECOVER)
 _CLAIM = Script("claim_timers", CLAIM_TIMERS)
 _UNLIST = Script("unlist", UNLIST)
 _FORGET_CONSUMERS = Script("forget_consumers", FORGET_CONSUMERS)
+_DEAD_LETTER = Script("dead_letter", DEAD_LETTER)
+_REQUEUE = Script("requeue", REQUEUE)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -421,6 +425,32 @@ class Store:
                 entries.append((int(field), loads(value)))
         entries.sort(key=lambda kv: kv[0])
         return [*entries, *((None, [op]) for op in queued)]
+
+    # --- dead letters --------------------------------------------------------------------------
+
+    async def dead_letter(self, stream: str, entry_id: str, consumer: str, fields: dict[bytes, bytes], *,
+                          reason: str, trigger: str, threshold: int = 0) -> tuple[int, int, str | None]:
+        """Count a failed handling of a stream entry ``consumer`` holds and, at ``threshold`` failures (0: now),
+        set it aside in the dead-letter stream (the DEAD_LETTER script). Returns (code, failures so far, the
+        dead letter's id): code 0 counted and kept, 1 set aside, 2 no longer the consumer's (nothing done)."""
+        args: list[Any] = [GROUP, entry_id, consumer, threshold, reason]
+        for name, value in fields.items():
+            args += [name, value]
+        reply = await _DEAD_LETTER(self.batcher, [stream, self.keys.dead, self.keys.failures(trigger)], args)
+        code = int(reply[0])
+        failures = int(reply[1]) if len(reply) > 1 else 0
+        dead_id = reply[2].decode() if len(reply) > 2 and isinstance(reply[2], bytes) else \
+            (str(reply[2]) if len(reply) > 2 else None)
+        return code, failures, dead_id
+
+    async def requeue(self, dead_id: str, stream: str, trigger: str) -> tuple[int, str | None]:
+        """Put dead letter ``dead_id`` (from ``stream``) back on its stream, to take over ``trigger`` (the REQUEUE
+        script). Returns (1, the new entry's id) | (0, None) no such dead letter | (2, None) not from ``stream``."""
+        reply = await _REQUEUE(self.batcher, [self.keys.dead, stream], [dead_id, trigger])
+        code = int(reply[0])
+        if code != 1:
+            return code, None
+        return 1, reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
 
     # --- timers --------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The worker process's background loops: heartbeats, reclaiming, timers, cancellations, burst idleness.
 
-Stage: runtime: redis. Imports redis (through the worker's client), this
+Stage: runtime: redis. Imports redis (its error types; commands go through the worker's client), this
 package's ``connection``, ``keys``, ``store`` and ``wire``, and stdlib.
 :class:`Upkeep` is mixed into :class:`~flowdsl.runtime.redis.worker.RedisWorker`
 (whose attributes it uses); each loop runs as its own task while the worker
@@ -31,8 +31,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, server_unwell
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
 from flowdsl.runtime.redis.wire import entry_fields
 
@@ -111,8 +113,11 @@ class Upkeep:
                     await self.clock.sync(self.client)
             except TRANSIENT as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
-            except Exception:  # never let the heartbeat die: without it every lease of this process expires
-                log.exception("worker %s: heartbeat failed unexpectedly; trying again next beat", self.name)
+            except Exception as exc:  # never let the heartbeat die: without it every lease of this process expires
+                if server_unwell(exc):
+                    log.warning("worker %s: heartbeat refused by Redis for now (%s)", self.name, exc)
+                else:
+                    log.exception("worker %s: heartbeat failed unexpectedly; trying again next beat", self.name)
 
     async def _renew(self) -> None:
         held = list(self._held.values())
@@ -176,6 +181,10 @@ class Upkeep:
                             break
             except TRANSIENT as exc:
                 log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
+            except redis.ResponseError as exc:
+                if not server_unwell(exc):
+                    raise
+                log.warning("worker %s: reclaiming refused by Redis for now (%s)", self.name, exc)
 
     async def _tidier(self) -> None:
         cursor = 0
@@ -230,6 +239,13 @@ class Upkeep:
             except TRANSIENT:
                 await backoff.wait()
                 continue
+            except redis.ResponseError as exc:
+                if not server_unwell(exc):
+                    raise
+                if backoff.failures == 0:
+                    log.warning("worker %s: claiming timers refused by Redis for now (%s)", self.name, exc)
+                await backoff.wait()
+                continue
             for raw, recover in [(m, False) for m in due] + [(m, True) for m in again]:
                 member = TimerMember.decode(raw)
                 if member is None:
@@ -252,7 +268,9 @@ class Upkeep:
             try:
                 await self.advancer.fire(member, recover=recover)
                 return
-            except TRANSIENT:
+            except (*TRANSIENT, redis.ResponseError) as exc:
+                if isinstance(exc, redis.ResponseError) and not server_unwell(exc):
+                    raise
                 if self._stopping:
                     return  # the claim expires and another process fires it
                 recover = True

@@ -18,6 +18,11 @@ of them, on any number of machines, share the work through consumer groups:
   process serves, the task is held here at once (self-dispatch,
   :class:`~flowdsl.runtime.redis.advance.Chain`) and run next, under the same
   pending entry; a run's start request does the same with its first step.
+- **dead letters** — an entry that cannot be read, or whose handling fails
+  unexpectedly ``max_failures`` times (it is handled again after each lease),
+  is set aside in the dead-letter stream with its fields and the reason
+  (:meth:`RedisWorker._guarded`; ``flowdsl dead-letters`` lists them and puts
+  them back); it never stops the process nor goes round forever.
 - **background loops** (:mod:`.upkeep`) — heartbeats (lease renewal,
   liveness), the reclaimer (``XAUTOCLAIM`` of entries idle longer than the
   lease: they run again here, with the same task id and idempotency key, after
@@ -55,14 +60,22 @@ import redis.asyncio as aioredis
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
 from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Outcome, nonces
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, RedisConfigError, connect, describe_url, resolve_url
-from flowdsl.runtime.redis.keys import GROUP, Keys
+from flowdsl.runtime.redis.connection import (
+    TRANSIENT,
+    Backoff,
+    RedisConfigError,
+    connect,
+    describe_url,
+    resolve_url,
+    server_unwell,
+)
+from flowdsl.runtime.redis.keys import GROUP, Keys, check_run_id
 from flowdsl.runtime.redis.scripts import Batcher
 from flowdsl.runtime.redis.store import Clock, Store
 from flowdsl.runtime.redis.upkeep import Upkeep
 from flowdsl.runtime.redis.wire import WireConnection, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
-from flowdsl.workers import WorkerRegistry
+from flowdsl.workers import WorkerRegistry, describe_exception
 from flowdsl.workers import registry as default_registry
 
 __all__ = ["RedisWorker", "WorkerOptions", "WorkerStats", "serving_gc"]
@@ -81,6 +94,47 @@ def _refusal(exc: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__
     return None
+
+
+def _describe(exc: BaseException, limit: int = 500) -> str:
+    text = describe_exception(exc)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _json_field(fields: dict[bytes, bytes], name: bytes, what: str) -> tuple[dict[str, Any] | None, str]:
+    raw = fields.get(name)
+    if raw is None:
+        return None, f"it has no '{name.decode()}' field ({what})"
+    try:
+        value = loads(raw)
+    except ValueError as exc:
+        return None, f"its '{name.decode()}' field is not JSON ({_describe(exc)})"
+    if not isinstance(value, dict):
+        return None, f"its '{name.decode()}' field is not a JSON object"
+    run_id = value.get("run_id")
+    if not isinstance(run_id, str):
+        return None, f"its '{name.decode()}' field names no run (a string 'run_id')"
+    try:
+        check_run_id(run_id)
+    except ValueError as exc:
+        return None, f"its run id is not one: {exc}"
+    return value, ""
+
+
+def _task_message(fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str]:
+    """A task stream entry's dispatch command, or None and why the entry is not a task message."""
+    command, problem = _json_field(fields, b"m", "a task message carries its dispatch command there")
+    if command is not None and not (isinstance(command.get("task_id"), str) and command["task_id"]):
+        return None, "its dispatch command names no task (a string 'task_id')"
+    return command, problem
+
+
+def _control_message(fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str]:
+    """A control stream entry's request, or None and why the entry is not a start or cancel request."""
+    msg, problem = _json_field(fields, b"c", "a control message carries its request there")
+    if msg is not None and msg.get("type") not in ("start", "cancel"):
+        return None, f"its request is of no known type ({str(msg.get('type'))[:50]!r}; expected 'start' or 'cancel')"
+    return msg, problem
 
 
 @contextlib.contextmanager
@@ -125,6 +179,8 @@ class WorkerOptions:
     # its start and end only); the transitions between are replayed from the journal on load
     late_leases: int = 60  # a success rejected because another process held its task is reported again once per
     # lease, for at most this many leases (30 min by default), until the task has ended (see _late_result)
+    max_failures: int = 3  # a message whose handling fails unexpectedly this many times is set aside as a dead
+    # letter (a message that cannot be decoded at all, at once); see RedisWorker._guarded
 
 
 @dataclass
@@ -143,6 +199,7 @@ class WorkerStats:
     transitions: int = 0
     conflicts: int = 0
     chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
+    dead_letters: int = 0  # messages this process set aside as dead letters
     failure: str | None = None  # why the worker stopped by itself: one of its loops failed (a bug; logged)
 
 
@@ -383,7 +440,13 @@ class RedisWorker(Upkeep):
                 if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): make the groups again
                     await self._retrying("creating consumer groups", self._setup)
                     continue
-                raise
+                if not server_unwell(exc):
+                    raise
+                if backoff.failures == 0:
+                    log.warning("worker %s: reading refused by Redis for now (%s); retrying with backoff", self.name,
+                                exc)
+                await backoff.wait()
+                continue
             except TRANSIENT as exc:
                 if backoff.failures == 0:
                     log.warning("worker %s: Redis unreachable (%s); reconnecting with backoff", self.name, exc)
@@ -400,22 +463,64 @@ class RedisWorker(Upkeep):
                     self._spawn(name, entry_id.decode(), fields or {}, recover=False)
 
     def _spawn(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
+        taken = fields.get(b"t")  # put back from the dead letters: it takes over the tasks held under its old name
+        trigger = taken.decode(errors="replace") if taken else Keys.trigger(stream, entry_id)
+        recover = recover or taken is not None
         if stream == self.keys.control:
             self._starting.add(entry_id)
-            coro: Awaitable[None] = self._control(entry_id, fields, recover)
+            coro: Awaitable[None] = self._control(entry_id, fields, recover, trigger)
         else:
-            raw = fields.get(b"m")
-            if raw is None:  # not a task message: drop it
-                coro = self.advancer.relay(None, None, [self.store.ack_op(stream, entry_id, self.name)])
+            command, problem = _task_message(fields)
+            if command is None:
+                coro = self._set_aside(stream, entry_id, fields, trigger, problem)
             else:
-                held = self._hold(stream, entry_id, loads(raw), raw, (fields.get(b"v") or b"").decode())
+                held = self._hold(stream, entry_id, command, fields[b"m"], (fields.get(b"v") or b"").decode(),
+                                  trigger)
                 held.generation = (fields.get(b"g") or b"").decode()
                 coro = self._task(held, recover)
-        self._track(coro)
+        self._track(self._guarded(coro, stream, entry_id, fields, trigger))
+
+    async def _guarded(self, coro: Awaitable[None], stream: str, entry_id: str, fields: dict[bytes, bytes],
+                       trigger: str) -> None:
+        """Handle one stream entry; when handling it fails unexpectedly (a bug, data damaged in Redis), count
+        the failure: the entry, left pending, is handled again after the lease, and set aside as a dead letter
+        at ``max_failures`` failures — so that a message nobody can handle neither stops a process nor is
+        retried forever, and is never lost (``flowdsl dead-letters`` shows it and puts it back)."""
+        try:
+            await coro
+        except TRANSIENT:
+            raise  # Redis went away while stopping: not the message's fault
+        except Exception as exc:
+            if server_unwell(exc):  # not the message's fault either: handled again after the lease
+                log.warning("worker %s: handling entry %s of %s failed, Redis refusing work for now (%s); it is "
+                            "handled again after the lease", self.name, entry_id, stream, _describe(exc))
+                return
+            log.error("worker %s: handling entry %s of %s failed", self.name, entry_id, stream, exc_info=True)
+            await self._set_aside(stream, entry_id, fields, trigger,
+                                  f"handling it failed: {_describe(exc)}", max(1, self.options.max_failures))
+
+    async def _set_aside(self, stream: str, entry_id: str, fields: dict[bytes, bytes], trigger: str, reason: str,
+                         threshold: int = 0) -> None:
+        """Count a failure of the entry; set it aside at ``threshold`` failures (0: now, it cannot be handled)."""
+        try:
+            code, failures, dead_id = await self.store.dead_letter(stream, entry_id, self.name, fields,
+                                                                   reason=reason, trigger=trigger, threshold=threshold)
+        except TRANSIENT as exc:  # left pending: handled again after the lease
+            log.warning("worker %s: could not set entry %s of %s aside (%s); it is handled again after the lease",
+                        self.name, entry_id, stream, exc)
+            return
+        if code == 1:
+            self.stats.dead_letters += 1
+            log.error("worker %s: entry %s of %s set aside as dead letter %s: %s (`flowdsl dead-letters` lists it "
+                      "and can put it back)", self.name, entry_id, stream, dead_id, reason)
+        elif code == 0:
+            log.warning("worker %s: entry %s of %s failed %d time(s) of %d; it is handled again after the lease",
+                        self.name, entry_id, stream, failures, threshold)
 
     def _hold(self, stream: str, entry_id: str, command: dict[str, Any], raw: bytes | None,
-              outbox_version: str) -> _Held:
-        trigger = Keys.trigger(stream, entry_id)
+              outbox_version: str, trigger: str | None = None) -> _Held:
+        if trigger is None:
+            trigger = Keys.trigger(stream, entry_id)
         held = _Held(stream, entry_id, command["run_id"], command["task_id"],
                      f"{trigger}|{self.name}|{next(self._nonces)}", command, raw, outbox_version, trigger)
         self._held[(stream, entry_id)] = held
@@ -452,16 +557,14 @@ class RedisWorker(Upkeep):
 
     # --- handlers -------------------------------------------------------------------------
 
-    async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
+    async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool, trigger: str) -> None:
         try:
             ack = [self.store.ack_op(self.keys.control, entry_id, self.name)]
-            try:
-                msg = loads(fields[b"c"])
-                run_id = msg["run_id"]
-            except (KeyError, ValueError, TypeError):
-                await self.advancer.relay(None, None, ack)
+            msg, problem = _control_message(fields)
+            if msg is None:
+                await self._set_aside(self.keys.control, entry_id, fields, trigger, problem)
                 return
-            trigger = Keys.trigger(self.keys.control, entry_id)
+            run_id = msg["run_id"]
             while True:
                 try:
                     if msg.get("type") == "start":
@@ -473,8 +576,6 @@ class RedisWorker(Upkeep):
                             return
                         event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
                         await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
-                    else:
-                        await self.advancer.relay(None, None, ack)
                     return
                 except TRANSIENT:
                     if self._stopping:
@@ -504,7 +605,7 @@ class RedisWorker(Upkeep):
             if chain is None or chain.command is None:
                 return
             self.stats.chained += 1
-            held = self._hold(self.keys.control, entry_id, chain.command, None, "")
+            held = self._hold(self.keys.control, entry_id, chain.command, None, "", trigger)
             self._starting.discard(entry_id)  # counted in _held from here on
             held.token = chain.token
             try:

@@ -1,0 +1,261 @@
+"""Dead letters: a stream entry no worker process can handle is set aside, never lost and never retried forever.
+
+An entry that cannot be read (not JSON, not flowdsl's, no run named) is set aside at once; an entry whose handling
+fails unexpectedly (here a simulated kernel bug) is handled again after each lease and set aside at
+``max_failures`` failures. ``flowdsl dead-letters`` lists them, puts them back (the entry then takes over what
+the original held, as after a crash) and deletes them. Before, one unreadable task message stopped every worker
+process that read it, one after the other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
+from flowdsl import compile_text
+from flowdsl.cli import app
+from flowdsl.runtime.redis import RedisClient
+from flowdsl.runtime.redis.advance import Advancer
+from flowdsl.runtime.redis.keys import GROUP, Keys
+from flowdsl.workers import WorkerRegistry
+from tests.redis.inproc import serving, worker_here
+from tests.redis.server import RedisServer
+from tests.runtime.conformance import HEADER
+
+SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
+
+#: entries no worker process can handle, by the stream they are put on (``task`` is conf.a's task stream)
+UNREADABLE = [
+    ("task", {b"m": b"\xff\x00not json"}, "its 'm' field is not JSON"),
+    ("task", {b"m": b"[1, 2]"}, "its 'm' field is not a JSON object"),
+    ("task", {b"m": b'{"task_id": "x"}'}, "names no run"),
+    ("task", {b"m": b'{"run_id": "a{b}", "task_id": "x"}'}, "its run id is not one"),
+    ("task", {b"m": b'{"run_id": "r1"}'}, "names no task"),
+    ("task", {b"other": b"field"}, "it has no 'm' field"),
+    ("control", {b"c": b"{"}, "its 'c' field is not JSON"),
+    ("control", {b"c": b'{"type": "frob", "run_id": "r1"}'}, "its request is of no known type ('frob'"),
+    ("control", {b"z": b"1"}, "it has no 'c' field"),
+]
+
+
+def _stream(keys: Keys, which: str) -> str:
+    return keys.control if which == "control" else keys.queue("conf.a")
+
+
+def test_unreadable_entries_are_set_aside_at_once_byte_for_byte_and_the_worker_goes_on(url: str, prefix: str) -> None:
+    keys = Keys(prefix)
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            worker = worker_here(url, prefix, burst=True)
+            for which, fields, _ in UNREADABLE:
+                await client.redis.xadd(_stream(keys, which), fields)
+            sub = await client.submit(compile_text(SAGA), {"script": {}})
+            stats = await asyncio.wait_for(worker.serve(), 30)
+            pending = [(await client.redis.xpending(_stream(keys, w), GROUP))["pending"] for w in ("task", "control")]
+            lengths = [await client.redis.xlen(_stream(keys, w)) for w in ("task", "control")]
+            return stats, (await client.info(sub.run_id)).status, await client.dead_letters(), pending, lengths
+
+    stats, status, letters, pending, lengths = asyncio.run(main())
+    assert stats.failure is None and status == "completed"  # the worker served the run after them all
+    assert stats.dead_letters == len(UNREADABLE) == len(letters)
+    assert pending == [0, 0] and lengths == [0, 0]  # acknowledged and deleted from their streams
+    by_fields = {tuple(sorted(letter.fields.items())): letter for letter in letters}
+    for which, fields, reason in UNREADABLE:
+        letter = by_fields[tuple(sorted((k.decode(), v) for k, v in fields.items()))]  # the fields, byte for byte
+        assert letter.stream == _stream(keys, which) and reason in letter.reason, (letter.reason, reason)
+        assert (letter.failures, letter.deliveries, letter.consumer) == (1, 1, stats.name)
+
+
+def _with_a_bug(failing: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, list[str]],
+                                                                       dict[str, WorkerRegistry], dict[str, bool]]:
+    """Workers ``dl.a``, ``dl.b``, ``dl.undo`` (registries ``a``, ``b``: b's process serves b only) recording the
+    idempotency key of every call, and a simulated kernel bug, on while ``bug["on"]``: in the run's start
+    (``failing`` "start") or in applying the success of step ``failing``."""
+    calls: dict[str, list[str]] = {"a": [], "b": [], "undo": []}
+    bug = {"on": True}
+    registries = {"a": WorkerRegistry(), "b": WorkerRegistry()}
+    for name in calls:
+        async def step(data: dict[str, Any], ctx: Any, name: str = name) -> dict[str, Any]:
+            calls[name].append(ctx.idempotency_key)
+            return {}
+        registries["b" if name == "b" else "a"].register(f"dl.{name}", step)
+    original_apply, original_start = Advancer.apply_event, Advancer.start
+
+    async def apply_event(self: Advancer, run_id: str, event: dict[str, Any], **kw: Any) -> str:
+        if bug["on"] and event["type"] == "task_succeeded" and f"/{failing}#" in event["task_id"]:
+            raise RuntimeError("simulated kernel bug")
+        return await original_apply(self, run_id, event, **kw)
+
+    async def start(self: Advancer, run_id: str, **kw: Any) -> str:
+        if bug["on"] and failing == "start":
+            raise RuntimeError("simulated kernel bug")
+        return await original_start(self, run_id, **kw)
+
+    monkeypatch.setattr(Advancer, "apply_event", apply_event)
+    monkeypatch.setattr(Advancer, "start", start)
+    return calls, registries, bug
+
+
+@pytest.mark.parametrize("failing", ["start", "a", "b"])
+def test_an_entry_whose_handling_keeps_failing_is_set_aside_and_put_back_it_finishes_its_run(
+        url: str, prefix: str, failing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handling fails unexpectedly (a simulated kernel bug) while the bug is on: the run's start; the report of
+    step a, which runs under the run's start request; or the report of step b, which another process serves from
+    its task stream. The entry is handled again after each lease and set aside at its second failure (step a's
+    task is queued on its stream when the start request is taken over after the first failure, as after a
+    crash, and fails twice there); the run waits. Put back once the bug is gone, the entry takes over what the
+    original held and the run completes. A step ran once per handling, always with its one idempotency key."""
+    calls, registries, bug = _with_a_bug(failing, monkeypatch)
+    spec = "flowdsl: 1\nname: dl\nsteps: [dl.a, dl.b]\n"
+
+    async def main() -> Any:
+        workers = [worker_here(url, prefix, registries[n], lease_s=0.3, max_failures=2) for n in ("a", "b")]
+        # step a fails: only a's process serves at first, so it starts the run and runs a under the start request
+        first, later = (workers[:1], workers[1:]) if failing == "a" else (workers, [])
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {})
+
+            async def body() -> Any:
+                while not (letters := await client.dead_letters()):
+                    await asyncio.sleep(0.05)
+                stuck = (await client.info(sub.run_id)).status
+                bug["on"] = False
+                await client.requeue_dead_letter(letters[0].id)
+                result = await serving(later, lambda: client.follow(sub.run_id))
+                return letters, stuck, result, await client.dead_letters()
+
+            return await serving(first, body), workers
+
+    (letters, stuck, result, after), workers = asyncio.run(main())
+    (letter,) = letters
+    assert stuck == ("submitted" if failing == "start" else "running")
+    assert result.status == "completed" and after == []
+    assert letter.reason == "handling it failed: RuntimeError: simulated kernel bug"
+    assert (letter.failures, letter.deliveries) == (2, 2)
+    keys = Keys(prefix)
+    stream, runs = {"start": (keys.control, {"a": 1, "b": 1, "undo": 0}),
+                    "a": (keys.queue("dl.a"), {"a": 4, "b": 1, "undo": 0}),
+                    "b": (keys.queue("dl.b"), {"a": 1, "b": 3, "undo": 0})}[failing]
+    assert letter.stream == stream
+    assert {name: len(keys_seen) for name, keys_seen in calls.items()} == runs
+    assert all(len(set(keys_seen)) == 1 for keys_seen in calls.values() if keys_seen)  # one idempotency key
+    assert sum(w.stats.dead_letters for w in workers) == 1
+
+
+def test_a_run_cancelled_while_its_step_is_a_dead_letter_ends_once_the_message_is_put_back(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's cancellation waits for its message (nobody else can confirm it); put back, the message is
+    answered cancelled without running the step again, and the run compensates what completed."""
+    calls, registries, bug = _with_a_bug("b", monkeypatch)
+    spec = "flowdsl: 1\nname: dl\nsteps:\n  - dl.a: {compensate: dl.undo}\n  - dl.b\n"
+
+    async def main() -> Any:
+        workers = [worker_here(url, prefix, registries[n], lease_s=0.3, max_failures=2) for n in ("a", "b")]
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {})
+
+            async def body() -> Any:
+                while not (letters := await client.dead_letters()):
+                    await asyncio.sleep(0.05)
+                assert await client.cancel(sub.run_id) == "requested"
+                await asyncio.sleep(1.0)  # three leases: nothing answers the cancellation meanwhile
+                waiting = (await client.info(sub.run_id)).status
+                bug["on"] = False
+                await client.requeue_dead_letter(letters[0].id)
+                return waiting, await client.follow(sub.run_id)
+
+            return await serving(workers, body)
+
+    waiting, result = asyncio.run(main())
+    assert waiting == "aborting"
+    assert (result.status, result.compensated) == ("cancelled", ["a"])
+    assert [len(calls[n]) for n in ("a", "b", "undo")] == [1, 2, 1]
+
+
+def test_the_dead_letters_command_lists_puts_back_and_deletes(url: str, prefix: str) -> None:
+    keys = Keys(prefix)
+
+    async def setup() -> list[str]:
+        async with RedisClient(url, prefix=prefix) as client:
+            for fields in ({b"m": b"nope"}, {b"m": b"[]"}, {b"m": b"{}"}):
+                await client.redis.xadd(keys.queue("conf.a"), fields)
+            await asyncio.wait_for(worker_here(url, prefix, burst=True).serve(), 30)
+            return [letter.id for letter in await client.dead_letters()]
+
+    ids = asyncio.run(setup())
+    runner = CliRunner()
+
+    def cli(*args: str) -> Any:
+        return runner.invoke(app, ["dead-letters", "--redis-url", url, "--prefix", prefix, *args])
+
+    listed = cli()
+    assert listed.exit_code == 0 and all(i in listed.output for i in ids)
+    assert "its 'm' field is not JSON" in listed.output and "failed 1×" in listed.output
+    as_json = json.loads(cli("--format", "json", "-n", "2").stdout)
+    assert [d["id"] for d in as_json] == ids[:2] and as_json[0]["fields"] == {"m": "nope"}
+    assert as_json[0]["stream"] == keys.queue("conf.a") and as_json[0]["run_id"] is None
+
+    put_back = cli("--retry", ids[0], "--format", "json")
+    assert put_back.exit_code == 0
+    (done,) = json.loads(put_back.stdout)["requeued"]
+    missing = cli("--retry", ids[1], "--retry", "1-1", "--retry", ids[2])
+    assert missing.exit_code == 2 and "no dead letter '1-1'" in missing.output
+    assert "Traceback" not in missing.output
+    deleted = cli("--delete", ids[0])  # put back already: there is no such dead letter any more
+    assert deleted.exit_code == 2 and "already put back or deleted" in deleted.output
+    bad = cli("--delete", "bogus", "--format", "json")
+    assert bad.exit_code == 2 and json.loads(bad.stdout)["error"]["message"].startswith("'bogus' is not a dead")
+    assert cli("--retry", ids[2], "--delete", ids[2]).exit_code == 2
+
+    async def check() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            back = await client.redis.xrange(keys.queue("conf.a"))
+            return back, [letter.id for letter in await client.dead_letters()]
+
+    back, left = asyncio.run(check())
+    # the first two are back on their stream (the one after the unknown id was left alone), each with the
+    # original's fields and the trigger it takes over; the third is still a dead letter
+    assert back[0][0].decode() == done["entry_id"]
+    assert back[0][1] == {b"m": b"nope", b"t": Keys.trigger(keys.queue("conf.a"), as_json[0]["entry_id"]).encode()}
+    assert back[1][1][b"m"] == b"[]" and left == [ids[2]]
+    assert cli("--delete", ids[2]).exit_code == 0 and "no dead letters" in cli().output
+
+
+def test_a_server_refusing_work_for_a_while_makes_no_dead_letter_and_stops_no_loop(prefix: str) -> None:
+    """Out of memory (``maxmemory`` reached, ``noeviction``), Redis refuses writes — as a read-only replica after
+    a failover does: handlers, heartbeats and the timer loop meet ``OOM`` for a while (a retry timer falls due
+    meanwhile). None of it is the messages' fault: nothing is set aside, no loop stops, and once memory is
+    back the run completes."""
+    server = RedisServer().start()
+    try:
+        spec = HEADER.format(name="oom") + "steps:\n  - conf.a: {retry: {attempts: 2, initial: 300ms}}\n  - conf.b\n"
+        script = {"a": [{"raise": "Flaky"}, {}]}
+        admin = server.client()
+
+        async def main() -> Any:
+            worker = worker_here(server.url, prefix, lease_s=0.3, max_failures=1)
+            async with RedisClient(server.url, prefix=prefix) as client:
+                sub = await client.submit(compile_text(spec), {"script": script})
+
+                async def body() -> Any:
+                    while "step_retrying" not in [e["type"] for e in (await client.result(sub.run_id))[1].events]:
+                        await asyncio.sleep(0.02)
+                    admin.config_set("maxmemory-policy", "noeviction")
+                    admin.config_set("maxmemory", 1)  # every write refused from here on
+                    await asyncio.sleep(1.5)  # the retry timer falls due; five leases pass
+                    admin.config_set("maxmemory", 0)
+                    return await client.follow(sub.run_id), await client.dead_letters()
+
+                return await serving([worker], body), worker
+
+        (result, letters), worker = asyncio.run(main())
+        assert result.status == "completed" and result.steps["a"]["attempts"] == 2
+        assert letters == [] and worker.stats.failure is None and worker.stats.dead_letters == 0
+        assert admin.info("errorstats")["errorstat_OOM"]["count"] > 0  # the refusals did happen
+    finally:
+        server.cleanup()
