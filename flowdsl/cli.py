@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flowdsl.render.command import parse_directory  # (typer + stdlib only, as diagram below)
+
 app = typer.Typer(
     name="flowdsl",
     help="flowdsl: declarative workflows with automatic saga compensation.",
@@ -85,13 +87,6 @@ def _seconds(low: float, high: float, span: str) -> Any:
         return value
 
     return check
-
-
-def _directory(value: str) -> Path:
-    """A typer parser of a directory option: an empty value is refused (exit 2) rather than read as ``.``."""
-    if value == "":
-        raise typer.BadParameter("an empty directory name; give a directory (. for the current one)")
-    return Path(value)
 
 
 NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
@@ -340,7 +335,7 @@ def run(
     run_id: Annotated[str | None, typer.Option("--run-id", help="the run's id [default: generated]")] = None,
     runs_dir: Annotated[Path | None, typer.Option(
         "--runs-dir", help="where run records go [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
-        parser=_directory)] = None,
+        parser=parse_directory)] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="do not write a run record")] = False,
     lm: Annotated[str | None, typer.Option(
         "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini")] = None,
@@ -637,7 +632,7 @@ def show(
                                           metavar="RUN_ID", show_default=False)],
     runs_dir: Annotated[Path | None, typer.Option(
         "--runs-dir", help="where run records are [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
-        parser=_directory)] = None,
+        parser=parse_directory)] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""

@@ -20,6 +20,13 @@ import typer
 EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
 
 
+def parse_directory(value: str) -> Path:
+    """A typer parser of a directory option: an empty value is refused (exit 2) rather than read as ``.``."""
+    if value == "":
+        raise typer.BadParameter("an empty directory name; give a directory (. for the current one)")
+    return Path(value)
+
+
 class DiagramFormat(StrEnum):
     mermaid = "mermaid"
     ascii = "ascii"
@@ -94,7 +101,7 @@ def diagram(
         metavar="FILE.jsonl")] = None,
     runs_dir: Annotated[Path | None, typer.Option(
         "--runs-dir", help="where --run looks for records [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]",
-        show_default=False)] = None,
+        show_default=False, parser=parse_directory)] = None,
     width: Annotated[int | None, typer.Option(
         "--width", help="ASCII form: the width to fit, in columns (at least 40) [default: 80]", min=40,
         show_default=False)] = None,

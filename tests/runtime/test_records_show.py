@@ -261,6 +261,8 @@ def test_an_empty_runs_dir_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     assert set(os.listdir(tmp_path)) == before | {"rec.yaml"}  # no record in the current directory
     shown = cli("show", "r1", "--runs-dir", "")
     assert shown.exit_code == 2 and "Invalid value for '--runs-dir'" in shown.output
+    drawn = cli("diagram", _spec(tmp_path), "--run", "r1", "--runs-dir", "")
+    assert drawn.exit_code == 2 and "Invalid value for '--runs-dir'" in drawn.output and "empty" in drawn.output
 
 
 def test_no_record_with_runs_dir_is_refused(tmp_path: Path) -> None:
