@@ -124,9 +124,16 @@ def test_an_entry_whose_handling_keeps_failing_is_set_aside_and_put_back_it_fini
                 while not (letters := await client.dead_letters()):
                     await asyncio.sleep(0.05)
                 stuck = (await client.info(sub.run_id)).status
+                status = ["status", sub.run_id, "--redis-url", url, "--prefix", prefix]
+                said = await asyncio.to_thread(CliRunner().invoke, app, status)
+                told = await asyncio.to_thread(CliRunner().invoke, app, [*status, "--format", "json"])
+                assert letters[0].id in said.output and "`flowdsl dead-letters` shows it" in said.output
+                assert json.loads(told.stdout)["dead_letters"] == [letters[0].id]
                 bug["on"] = False
                 await client.requeue_dead_letter(letters[0].id)
                 result = await serving(later, lambda: client.follow(sub.run_id))
+                told = await asyncio.to_thread(CliRunner().invoke, app, [*status, "--format", "json"])
+                assert json.loads(told.stdout)["dead_letters"] == []
                 return letters, stuck, result, await client.dead_letters()
 
             return await serving(first, body), workers

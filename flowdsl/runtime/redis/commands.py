@@ -43,6 +43,8 @@ __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command"
            "status_command", "worker_command"]
 
 EXIT_USAGE = 2
+#: how many dead letters ``status`` looks through for the run's (they are few: each is a message nobody could handle)
+_DEAD_LETTERS_SCANNED = 10000
 EXIT_INTERRUPTED = 130
 #: what ``flowdsl runs --status`` takes: before the start, while going, and the end states
 RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
@@ -156,7 +158,8 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
 async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any,
                   notes: bool = False) -> int:
     """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code.
-    ``notes``: the JSON also lists the late results rejected (``rejected_late_results``), as ``status`` does."""
+    ``notes``: the JSON also lists the late results rejected (``rejected_late_results``) and the run's dead
+    letters (``dead_letters``), as ``status`` does."""
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
     journal = Journal()
     try:
@@ -168,6 +171,7 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
         out = result.to_json()
         if notes:
             out["rejected_late_results"] = journal.notes
+            out["dead_letters"] = await _dead_letters_of(client, run_id)
         _json_out(out)
     else:
         print_summary(result, console)
@@ -285,26 +289,44 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
                 return await _follow(client, await client.plan_of(run_id), run_id, as_json, console, notes=True)
             info = await client.info(run_id)
             result, journal = await client.result(run_id)
+            dead = await _dead_letters_of(client, run_id)
+        them = "it" if len(dead) == 1 else "them"
+        waiting = f"`flowdsl dead-letters` shows {them} and puts {them} back"
         if result is None:
             if as_json:
-                _json_out({"run_id": run_id, "status": info.status, "submitted_at": info.submitted_at})
+                _json_out({"run_id": run_id, "status": info.status, "submitted_at": info.submitted_at,
+                           "dead_letters": dead})
+            elif dead:
+                console.print(f"run {run_id}: {info.status} — its start request is a dead letter ({', '.join(dead)}): "
+                              f"{waiting}")
             else:
                 console.print(f"run {run_id}: {info.status} — waiting for a worker process to start it")
             return 0
         if as_json:
             out = result.to_json()
             out["rejected_late_results"] = journal.notes
+            out["dead_letters"] = dead
             _json_out(out)
             return 0
         print_timeline(result, _timeline(journal), console, live=result.status not in EXIT_CODES)
         for note in journal.notes:
             _say(console, f"late {note.get('result_type')} for {note.get('task_id')} from {note.get('worker')} "
                  "rejected: its lease had expired and another worker held the task", "dim", "note")
+        if dead:
+            _say(console, f"{len(dead)} message(s) of this run could not be handled and were set aside as dead "
+                 f"letters ({', '.join(dead)}); the run waits for {them}: {waiting}",
+                 "yellow", "note")
         if result.status not in EXIT_CODES:
             console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 
     return _interrupted(_guarded(console, url, body), console, run_id) if follow else _guarded(console, url, body)
+
+
+async def _dead_letters_of(client: RedisClient, run_id: str) -> list[str]:
+    """The ids of the dead letters whose message names run ``run_id``."""
+    return [letter.id for letter in await client.dead_letters(limit=_DEAD_LETTERS_SCANNED)
+            if (letter.message or {}).get("run_id") == run_id]
 
 
 def _timeline(journal: Any) -> list[dict[str, Any]]:
