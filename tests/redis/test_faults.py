@@ -49,8 +49,11 @@ async def _submit(url: str, prefix: str, spec: str, inputs: list[dict[str, Any]]
 
 
 async def _results(url: str, prefix: str, run_ids: list[str], timeout: float) -> list[RunResult]:
+    """Every run followed to its end; and no message set aside on the way (a crash is never a failure)."""
     async with RedisClient(url, prefix=prefix) as client:
-        return list(await asyncio.wait_for(asyncio.gather(*(client.follow(r) for r in run_ids)), timeout))
+        results = list(await asyncio.wait_for(asyncio.gather(*(client.follow(r) for r in run_ids)), timeout))
+        assert await client.dead_letters() == []
+        return results
 
 
 def _check_ledger(ledger: str, results: list[RunResult], steps: tuple[str, ...] = STEPS) -> dict[str, int]:
