@@ -266,3 +266,18 @@ def test_a_server_refusing_work_for_a_while_makes_no_dead_letter_and_stops_no_lo
         assert admin.info("errorstats")["errorstat_OOM"]["count"] > 0  # the refusals did happen
     finally:
         server.cleanup()
+
+
+def test_a_timer_that_is_not_one_is_dropped_and_said(url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    keys = Keys(prefix)
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.redis.zadd(keys.timers, {"garbage": 0, "t|no-timer-id": 0})
+            stats = await asyncio.wait_for(worker_here(url, prefix, burst=True).serve(), 30)
+            return stats, await client.redis.zcard(keys.timers), await client.redis.zcard(keys.timers_claimed)
+
+    stats, left, claimed = asyncio.run(main())
+    assert stats.failure is None and (left, claimed) == (0, 0)
+    said = [r.getMessage() for r in caplog.records if "not a timer member" in r.getMessage()]
+    assert len(said) == 2 and "'garbage'" in said[0] + said[1]

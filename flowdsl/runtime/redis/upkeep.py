@@ -248,7 +248,9 @@ class Upkeep:
                 continue
             for raw, recover in [(m, False) for m in due] + [(m, True) for m in again]:
                 member = TimerMember.decode(raw)
-                if member is None:
+                if member is None:  # not one of ours: nothing could ever fire it
+                    log.error("worker %s: dropped timer %r of the timer set: not a timer member (t|<run id>|<timer "
+                              "id> or s|<run id>|<task id>)", self.name, raw)
                     await self.advancer.relay(None, None, [self.store.timer_done_op(raw)])
                     continue
                 self.stats.timers += 1
