@@ -74,6 +74,7 @@ RETENTION_RANGE = (1.0, 3650 * DAY, "10 years")  # a finished run is kept at lea
 SCHEDULE_TIMEOUT_RANGE = (0.001, 365 * DAY, "365 days")
 LEASE_RANGE = (0.1, DAY, "1 day")
 GRACE_RANGE = (0.0, DAY, "1 day")
+LATE_GRACE_RANGE = (0.0, 365 * DAY, "365 days")
 
 
 def _seconds(low: float, high: float, span: str) -> Any:
@@ -340,6 +341,11 @@ def run(
     lm: Annotated[str | None, typer.Option(
         "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="seed of the retry jitter")] = None,
+    late_grace: Annotated[float | None, typer.Option(
+        "--late-grace", help="after the run's end, seconds to wait for a sync worker still running a step with a "
+        "compensation that timed out (a success then is a late completion: exit 4), 0 to 365 days; what has not "
+        "answered by then is in doubt (exit 4) [default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
+        callback=_seconds(*LATE_GRACE_RANGE))] = None,
     backend: Annotated[Backend, typer.Option(
         "--backend", help="local: in this process; redis: durable, on `flowdsl worker` processes")] = Backend.local,
     redis_url: RedisUrlOpt = None,
@@ -356,7 +362,8 @@ def run(
     """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
 
     Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
-    usage error; 4 needs intervention; 130 stopped at once by a second Ctrl-C or SIGTERM
+    usage error; 4 needs intervention (a compensation failed for good, a step completed late, or a
+    step's outcome is in doubt); 130 stopped at once by a second Ctrl-C or SIGTERM
     (with --backend redis: Ctrl-C, SIGTERM or SIGHUP stopped following; the run goes on). The first cancels the run and
     undoes what completed (exit 1). With --format json,
     stdout carries exactly one JSON object whatever happens (see docs/runtime.md).
@@ -366,7 +373,7 @@ def run(
         try:
             with _stopping_as_ctrl_c():
                 code = _run(channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed,
-                            backend, redis_url, prefix, detach, schedule_timeout, retention)
+                            backend, redis_url, prefix, detach, schedule_timeout, retention, late_grace)
         except _Stopped as stop:
             if stop.message:
                 _stderr().print(f"[red]{stop.label}[/]: {_escape(stop.message)}")
@@ -528,7 +535,7 @@ class _JsonChannel:
 def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: list[str], run_id: str | None,
          runs_dir: Path | None, no_record: bool, lm: str | None, seed: int | None, backend: Backend,
          redis_url: str | None, prefix: str | None, detach: bool, schedule_timeout: float | None,
-         retention: float | None) -> int:
+         retention: float | None, late_grace: float | None) -> int:
     """The body of ``flowdsl run``: its exit code, or :class:`_Stopped`."""
     from flowdsl.runtime.inputs import InputError, check_input, read_input
     from flowdsl.runtime.record import check_run_id
@@ -562,9 +569,10 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     if remote:
         from flowdsl.runtime.redis.commands import run_command
 
-        if lm or runs_dir or no_record:
-            _stderr().print("[yellow]note[/]: --lm, --runs-dir and --no-record apply to the local backend "
-                            "(give --lm to `flowdsl worker`; Redis keeps the run's journal)")
+        if lm or runs_dir or no_record or late_grace is not None:
+            _stderr().print("[yellow]note[/]: --lm, --runs-dir, --no-record and --late-grace apply to the local "
+                            "backend (give --lm to `flowdsl worker`; Redis keeps the run's journal, and its workers "
+                            "report late results themselves)")
         said: list[tuple[str, str]] = []
         submitted: list[str] = []
         code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
@@ -590,7 +598,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         with _user_code():
             local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
                              on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True,
-                             handle_sigterm=True)
+                             handle_sigterm=True, late_grace=late_grace)
     except WorkersMissing as exc:
         raise _Stopped(str(exc), error_type="WorkersMissing") from None
     except WorkerImportError as exc:

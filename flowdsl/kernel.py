@@ -35,7 +35,7 @@ from flowdsl.kernel_saga import END_STATES, LATE_REASON
 
 __all__ = [
     "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "Program",
-    "apply", "left_to_undo", "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
+    "apply", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
@@ -194,6 +194,19 @@ def left_to_undo(plan: Plan, state: dict[str, Any]) -> list[dict[str, Any]]:
     For a runtime that stops a run at once (its process aborted, mid-run or mid-compensation); read-only.
     """
     return Machine(prepare(plan), state, 0).left_to_undo()
+
+
+def in_doubt(plan: Plan, state: dict[str, Any], steps: Iterable[str]) -> list[dict[str, Any]]:
+    """Each of ``steps`` (instance keys of compensable steps) as :func:`left_to_undo` lists a step with an attempt
+    in flight: ``status: in_flight``, ``attempts: 0``, the ``reason`` it gives, ``step_result`` null and the
+    ``input`` built from the context the step saw (its result is not known).
+
+    For a runtime that knows an attempt of the step is still running although the kernel has given up on it (a
+    sync worker's thread, after the attempt timed out) and stops waiting for its answer: the step may have
+    completed. Read-only; changes no decision (the runtime says so itself, docs/runtime.md).
+    """
+    machine = Machine(prepare(plan), state, 0)
+    return [machine.in_flight_item(step) for step in steps]
 
 
 def _sort_key(program: Program, state: dict[str, Any], ikey: str) -> list[int]:

@@ -239,6 +239,11 @@ class Saga(Core):
         unresolved = [self._left_to_undo(ikey, self.nodes[ikey].get("late"), in_flight=True) for _, ikey in open_]
         return self._late_left() + left + unresolved  # as _end_saga lists them, then the unresolved ones
 
+    def in_flight_item(self, ikey: str) -> dict[str, Any]:
+        """Compensable step ``ikey`` as ``left_to_undo`` lists a step with an attempt in flight (it may have
+        completed): for ``kernel.in_doubt``."""
+        return self._left_to_undo(ikey, in_flight=True)
+
     def _left_to_undo(self, ikey: str, late: dict[str, Any] | None = None, in_flight: bool = False) -> dict[str, Any]:
         """One step left to undo by hand, as ``intervention`` lists it (``late``: its ``late_completions``
         entry, or the late success kept on its record, for a step that completed late: its compensation was never

@@ -14,7 +14,11 @@ its commands into asyncio work and the outcomes back into input events::
                        result when the work finished anyway; a sync worker's
                        thread cannot be stopped, so a run being aborted waits for it,
                        and one that timed out is still answered while the run is live)
-    finish          -> the run is over
+    finish          -> the run is over; but while a sync worker's thread the run gave
+                       up on (it timed out) still runs a compensable step, whose success
+                       would be a late completion, its end is held for it, at most
+                       ``late_grace`` seconds: what has not answered then is in doubt
+                       (``RunResult.in_doubt``)
 
 Input events carry ``at`` = the wall clock in integer milliseconds (a
 monotonic clock anchored at the run's start). Every input event and every
@@ -42,7 +46,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -50,7 +56,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +85,11 @@ from flowdsl.runtime.record import (
     new_run_id,
     record_path,
 )
-from flowdsl.runtime.report import NOT_STARTED, RunResult, stopped_while
+from flowdsl.runtime.report import NOT_STARTED, RunResult, in_doubt_items, may_complete_late, stopped_while
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
-__all__ = ["RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id", "run",
-           "run_flow", "signal_said"]
+__all__ = ["LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id",
+           "run", "run_flow", "signal_said"]
 
 #: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
 RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
@@ -129,6 +135,10 @@ class WorkersMissing(ValueError):
 
 #: input events applied in a row before the runtime lets the event loop run other callbacks
 _BURST = 64
+#: seconds a run's end is held, by default, for the threads of sync attempts it gave up on (they timed out) that may
+#: still complete a compensable step (``late_grace``; ``$FLOWDSL_LATE_GRACE`` overrides it)
+LATE_GRACE = 30.0
+_LATE_GRACE_MAX = 365 * 86400.0
 _log = logging.getLogger("flowdsl.local")
 
 
@@ -156,6 +166,27 @@ def signal_said(signum: int) -> str:
     name = signal.Signals(signum).name
     verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
     return f"{verb} ({label})"
+
+
+def _late_grace(value: float | None) -> float:
+    """The ``late_grace`` option checked, in seconds: ``value``, else ``$FLOWDSL_LATE_GRACE``, else
+    :data:`LATE_GRACE`."""
+    where = "late_grace"
+    if value is None:
+        text = os.environ.get("FLOWDSL_LATE_GRACE", "").strip()
+        if not text:
+            return LATE_GRACE
+        where = "$FLOWDSL_LATE_GRACE"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"$FLOWDSL_LATE_GRACE must be a number of seconds, 0 to {_LATE_GRACE_MAX:.0f} (365 "
+                             f"days); got {text!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"late_grace must be a number of seconds or None; got {type(value).__name__}")
+    if not (math.isfinite(value) and 0 <= value <= _LATE_GRACE_MAX):
+        raise ValueError(f"{where} must be a number of seconds, 0 to {_LATE_GRACE_MAX:.0f} (365 days); got {value!r}")
+    return float(value)
 
 
 def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -202,7 +233,8 @@ class LocalRun:
                  on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
-                 spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False):
+                 spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
+                 late_grace: float | None = None):
         if not isinstance(plan, dict):
             raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
                             f"flowdsl.compile_text(); got {type(plan).__name__}")
@@ -222,6 +254,7 @@ class LocalRun:
                     raise
                 raise WorkerImportError(exc.module, f"{exc.reason}; give spec_path= (the spec file) to search "
                                         "its directory too", found=False, searched=exc.searched) from None
+        self.late_grace = _late_grace(late_grace)
         problems = missing_workers(plan, registry)
         if problems:
             raise WorkersMissing(problems)
@@ -267,6 +300,11 @@ class LocalRun:
         self._held: dict[str, dict[str, Any]] = {}
         #: why the run record is incomplete (a write failed: the run went on unrecorded), or None
         self.record_error: str | None = None
+        #: after the run's end: the attempts it gave up on that its end is held for (None: not held), and the bound
+        self._lingering: dict[str, _Attempt] | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        #: the steps whose outcome is unknown when the runtime stopped waiting (RunResult.in_doubt)
+        self.in_doubt: list[dict[str, Any]] = []
         self._marking: contextlib.AbstractContextManager[None] | None = None
         self._perf0 = 0.0
         self._wall0 = 0.0
@@ -314,7 +352,9 @@ class LocalRun:
             try:
                 await self._done
             except asyncio.CancelledError:
-                if not self._finished:
+                if self._lingering is not None:  # the run had ended: only the wait for its late answers stops
+                    self._stop_waiting("the task running the run was cancelled")
+                elif not self._finished:
                     self._stop("the task running it was cancelled")
                 raise
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
@@ -329,8 +369,10 @@ class LocalRun:
                 except OSError as exc:  # its last lines could not be written
                     self._recorder = None
                     self._record_failed(exc)
-        return RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
-                                    record_path=self.record_path, record_error=self.record_error)
+        result = RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
+                                      record_path=self.record_path, record_error=self.record_error)
+        result.in_doubt = self.in_doubt
+        return result
 
     def cancel(self, reason: str = "cancel requested") -> None:
         """Cancel the run: stop what is in flight, undo what completed, end ``cancelled``.
@@ -338,11 +380,14 @@ class LocalRun:
         Asked before the run has started (before :meth:`run`, or before the task running it has taken its
         first step), the request is held and applied as the run starts: no worker is called — the first
         steps are cancelled as they are dispatched — and the run ends ``cancelled``. Ignored when the run is
-        already being aborted or compensated, or is over.
+        already being aborted or compensated, or is over. After the run's end, while the runtime waits for the
+        attempts it gave up on (``late_grace``), it stops waiting: what has not answered is in doubt.
         """
         if not self._started:
             if self._early is None:
                 self._early = ("cancel", reason)
+        elif self._lingering is not None:
+            self._stop_waiting(f"cancelled: {reason}")
         elif not self._finished:
             self._feed({"type": "cancel_requested", "reason": reason})
 
@@ -350,10 +395,13 @@ class LocalRun:
         """Stop at once: abandon what is in flight and compensate nothing; :meth:`run` raises RunAborted.
 
         Asked before the run has started, :meth:`run` raises RunAborted at once: nothing runs and no record
-        is written. Ignored when the run is over.
+        is written. Ignored when the run is over. After the run's end, while the runtime waits for the attempts
+        it gave up on (``late_grace``), it stops waiting, as :meth:`cancel` does, and :meth:`run` returns.
         """
         if not self._started:
             self._early = ("abort", reason)
+        elif self._lingering is not None:
+            self._stop_waiting(f"aborted: {reason}")
         elif not self._finished:
             self._stop(reason)
             assert self._done is not None
@@ -524,9 +572,10 @@ class LocalRun:
         A sync worker's attempt cancelled while its thread runs (the kernel gave up on it: it timed out) goes on
         waiting for the thread as long as the run is live, and its real answer is fed like any late answer (an
         async worker that ignores its cancel comes back the same way): the kernel rejects it, or records a late
-        completion. Once the run is over, a cancel stops the wait and nothing is fed."""
+        completion. Once the run is over, a cancel stops the wait and nothing is fed — unless the run's end is
+        held for this attempt (:meth:`_finish`)."""
         task_id = attempt.command["task_id"]
-        wait_for_thread.set(self._live)
+        wait_for_thread.set(functools.partial(self._waits_for, task_id))
         try:
             event = await work
         except asyncio.CancelledError:
@@ -539,15 +588,21 @@ class LocalRun:
         self._tasks.pop(task_id, None)
         self._answer(task_id, event)
 
-    def _live(self) -> bool:
-        return not self._finished
+    def _waits_for(self, task_id: str) -> bool:
+        """Whether attempt ``task_id``, cancelled while its sync worker's thread runs, goes on waiting for the
+        thread: while the run is live, and after its end while the end is held for that attempt."""
+        if self._finished:
+            return False
+        return self._lingering is None or task_id in self._lingering
 
     def _answer(self, task_id: str, event: dict[str, Any]) -> None:
         if self._finished:
             return
-        if event["type"] == "task_cancelled" and task_id not in self.state["tasks"]:
-            return  # an attempt the kernel already gave up on (it timed out): nothing to say
-        self._feed(event)
+        held = self._lingering is not None and self._lingering.pop(task_id, None) is not None
+        if not (event["type"] == "task_cancelled" and task_id not in self.state["tasks"]):
+            self._feed(event)  # (a cancel of an attempt the kernel already gave up on says nothing)
+        if held:
+            self._check_wait()
 
     def _cancel_task(self, task_id: str) -> None:
         if self._held.pop(task_id, None) is not None:  # never started: it answers at once
@@ -581,13 +636,97 @@ class LocalRun:
             self._feed({"type": "timer_fired", "timer_id": timer_id})
 
     def _finish(self) -> None:
+        """The kernel ended the run (or, while its end is held, ended it again: a late completion came).
+
+        A sync worker's thread cannot be stopped: when an attempt the run gave up on (it timed out) still runs
+        one, for a step whose success would be a late completion (it has a compensation and did not succeed:
+        :func:`~flowdsl.runtime.report.may_complete_late`), the run's end is held for it, at most ``late_grace``
+        seconds, and its answer is fed as any late answer: a success makes the run ``needs_intervention``."""
+        if self._lingering is None:
+            held = {task_id: attempt for task_id, attempt in self._tasks.items()
+                    if attempt.task is not None and attempt.command["kind"] in ("task", "fallback")
+                    and task_id not in self.state["tasks"] and not cancellable(attempt.command, self.registry)
+                    and may_complete_late(self.plan, self.state, attempt.command["step"])}
+            if held:
+                self._linger(held)
+                return
+        elif not self._finished:
+            self._check_wait()
+            return
+        self._close()
+
+    def _close(self) -> None:
         self._finished = True
         self._release()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    def _linger(self, held: dict[str, _Attempt]) -> None:
+        """Hold the ended run's end for the attempts ``held``: record it, say so, arm the bound."""
+        assert self._loop is not None
+        self._lingering = held
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for task_id, attempt in self._tasks.items():  # the others the run gave up on are not waited for
+            if task_id not in held and attempt.task is not None:
+                self._cancel_soon(attempt.task)
+        attempts = _attempts(held.values())
+        self._write({"type": "runtime_waiting", "at": self._now(), "run_id": self.run_id, "status": self.status,
+                     "grace_ms": int(self.late_grace * 1000), "attempts": attempts})
+        if self.late_grace <= 0:
+            self._stop_waiting("late_grace is 0")
+            return
+        self._linger_timer = self._loop.call_later(self.late_grace, self._stop_waiting,
+                                                   f"after {self.late_grace:g} s, the late_grace")
+        timed_out = {e["task_id"] for e in self.events if e["type"] == "step_timed_out"}
+        said = ", ".join(f"{a['step']} (attempt {a['attempt']}{' timed out' if a['task_id'] in timed_out else ''})"
+                         for a in attempts)
+        stops = next((f"; {'Ctrl-C' if s == signal.SIGINT else signal.Signals(s).name} stops waiting"
+                      for s in self._signals if s != getattr(signal, "SIGHUP", None)), "")
+        self._notice(f"the run ended {self.status}; waiting up to {self.late_grace:g} s for "
+                     f"{len(attempts)} attempt(s) it gave up on to answer: {said} — a sync worker cannot be "
+                     f"interrupted, and if it completed, its effect must be undone{stops}")
+
+    def _check_wait(self) -> None:
+        """After an answer (or a late completion) while the end is held: stop waiting for attempts whose success
+        would no longer matter; end the run when none is left."""
+        lingering = self._lingering
+        if lingering is None or self._finished:
+            return
+        for task_id in [t for t, a in lingering.items() if not may_complete_late(self.plan, self.state,
+                                                                                  a.command["step"])]:
+            del lingering[task_id]
+        if lingering:
+            return
+        if self._draining or self._inbox:  # an answer still to apply: end the wait after it
+            assert self._loop is not None
+            self._loop.call_soon(self._check_wait)
+            return
+        self._stop_waiting(None)
+
+    def _stop_waiting(self, why: str | None) -> None:
+        """End the wait for the attempts the ended run gave up on — every one answered (``why`` None), or the bound
+        passed, a signal, cancel() or abort() stopped it (``why``) — and the run: what has not answered is in doubt."""
+        if self._finished or self._lingering is None:
+            return
+        left = _attempts(self._lingering.values())
+        reason = why or "every attempt waited for answered"
+        self._write({"type": "runtime_waited", "at": self._now(), "run_id": self.run_id, "status": self.status,
+                     "reason": reason, "unanswered": left})
+        if left:
+            self.in_doubt = in_doubt_items(self.plan, self.state, left, reason, self.events)
+        if self.in_doubt:
+            steps = ", ".join(item["step"] for item in self.in_doubt)
+            self._notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have completed; check "
+                         "it, and undo it by hand if it did")
+        self._close()
+
     def _release(self) -> None:
         """Cancel every timer and every task still running (attempts the kernel gave up on)."""
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -687,6 +826,10 @@ class LocalRun:
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
+        if self._lingering is not None and not self._finished:  # the run has ended: only the wait stops
+            self._notice(f"{verb}: no longer waiting for the attempts the run gave up on")
+            self._stop_waiting(f"{label} stopped the wait")
+            return
         # a SIGHUP only ever cancels: a closing terminal often sends two in a row (the tty's hangup and the shell
         # passing it on), which must not stop the run at once; only a second Ctrl-C or SIGTERM does
         hangup = name == "SIGHUP"
@@ -730,13 +873,20 @@ class LocalRun:
                 self.on_notice = None
 
 
+def _attempts(attempts: Iterable[_Attempt]) -> list[dict[str, Any]]:
+    """``{task_id, step, attempt}`` of each attempt, for the record and ``in_doubt``."""
+    return [{"task_id": a.command["task_id"], "step": a.command["step"], "attempt": a.command["attempt"]}
+            for a in attempts]
+
+
 async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
                    lm: object | str | None = None, record: bool = True, runs_dir: str | Path | None = None,
                    on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                    seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                    handle_sigint: bool = False, import_workers: bool = True,
                    lms: Mapping[str, object] | None = None,
-                   spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False) -> RunResult:
+                   spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
+                   late_grace: float | None = None) -> RunResult:
     """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
 
     - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
@@ -761,6 +911,11 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       may send two; it never aborts) (off by default: an application owns its SIGTERM;
       ``flowdsl run`` turns it on). Both take the signal in the main thread only, while the run goes, leave
       an ignored signal ignored, and put back the handler that was there.
+    - ``late_grace``: seconds (0 to 365 days) the run's end is held for the threads of sync attempts it gave up on
+      (they timed out) that may still complete a step with a compensation: a success is fed as a late
+      completion (the run turns ``needs_intervention``); what has not answered by then (or when a stop signal,
+      ``cancel()`` or ``abort()`` ends the wait) is listed in ``RunResult.in_doubt``. Default
+      ``$FLOWDSL_LATE_GRACE``, else :data:`LATE_GRACE` (30 s); 0 does not wait.
 
     Cancelling the task that awaits this aborts the run at once (nothing is
     compensated) and re-raises ``CancelledError``; use :class:`LocalRun` and its
@@ -769,7 +924,7 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
     return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
                           handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
-                          spec_path=spec_path, handle_sigterm=handle_sigterm).run()
+                          spec_path=spec_path, handle_sigterm=handle_sigterm, late_grace=late_grace).run()
 
 
 def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
@@ -777,7 +932,8 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
         on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
         seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
         handle_sigint: bool | None = None, import_workers: bool = True, lms: Mapping[str, object] | None = None,
-        spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False) -> RunResult:
+        spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
+        late_grace: float | None = None) -> RunResult:
     """:func:`run_flow` on a new event loop (``asyncio.run``), with the same options; ``handle_sigint``
     defaults to on in the main thread, ``handle_sigterm`` to off (SIGTERM stays the application's). Inside a
     running event loop (``async`` code), ``await`` :func:`run_flow` instead: this raises ``RuntimeError``
@@ -795,4 +951,5 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
     return asyncio.run(run_flow(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                                 on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
                                 adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
-                                lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm))
+                                lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm,
+                                late_grace=late_grace))

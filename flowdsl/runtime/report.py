@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowdsl.kernel import END_STATES, INPUT_EVENTS, LLM_NOT_CONFIGURED, left_to_undo, replay, summary
+from flowdsl.kernel import END_STATES, INPUT_EVENTS, LLM_NOT_CONFIGURED, in_doubt, left_to_undo, replay, summary
 
 __all__ = ["EXIT_CODES", "NOT_STARTED", "LiveView", "RunResult", "critical_path", "exit_code", "fallback_text",
-           "llm_calls_of", "print_summary", "print_timeline", "record_end_note", "result_from_record",
-           "stopped_while", "timing"]
+           "in_doubt_items", "llm_calls_of", "may_complete_late", "print_summary", "print_timeline",
+           "record_end_note", "result_from_record", "stopped_while", "timing"]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
@@ -75,6 +75,11 @@ class RunResult:
     is the runtime's own measure of the run. ``record_error`` says why the run's
     record is incomplete — writing it failed (a full disk) and the run went on
     unrecorded — and is None when the record holds the whole run (or there is none).
+    ``in_doubt`` lists the steps whose outcome is unknown: an attempt of a compensable step that the run gave up on
+    (it timed out) was still running when the runtime stopped waiting for its answer after the run's end (the
+    local runtime's ``late_grace``, docs/runtime.md), so it may have completed — each as ``intervention`` lists a
+    step (``status: in_flight``, a ``reason``, plus ``task_ids``), to check and, if it took effect, undo by hand;
+    it makes ``exit_code`` 4.
     """
 
     run_id: str
@@ -93,6 +98,7 @@ class RunResult:
     record_path: Path | None = None
     llm_calls: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     record_error: str | None = None
+    in_doubt: list[dict[str, Any]] = field(default_factory=list)
     plan: dict[str, Any] = field(default_factory=dict, repr=False)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -121,12 +127,13 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.status)
+        """As :func:`exit_code` of the status; 4 (a person must look) when a step's outcome is in doubt."""
+        return EXIT_CODES["needs_intervention"] if self.in_doubt else exit_code(self.status)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object: ``run_id``, ``status``, ``context``, ``steps``, ``compensated``,
-        ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, times, ``timing``, ``record``
-        and ``record_error``. ``context`` is the final context, null while the run has not ended (a record
+        ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, ``in_doubt``, times, ``timing``,
+        ``record`` and ``record_error``. ``context`` is the final context, null while the run has not ended (a record
         that ends early, a Redis run still going): the kernel sets it when the run ends."""
         steps = {}
         for key, row in self.steps.items():
@@ -140,7 +147,7 @@ class RunResult:
             "run_id": self.run_id, "flow": self.flow, "status": self.status, "error": self.error,
             "failed_step": self.failed_step, "context": self.context if self.status in END_STATES else None,
             "steps": steps,
-            "compensated": self.compensated, "intervention": self.intervention,
+            "compensated": self.compensated, "intervention": self.intervention, "in_doubt": self.in_doubt,
             "started_at": self.started_at, "finished_at": self.finished_at, "timing": timing(self),
             "record": str(self.record_path) if self.record_path else None, "record_error": self.record_error,
             "events": self.events,
@@ -192,11 +199,70 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     result = RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
     if result.status not in END_STATES and any(e.get("type") == "runtime_aborted" for e in lines):
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
+    result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted)
     return result
 
 
-#: record lines that are neither kernel input nor emitted by the kernel: a hard stop (docs/runtime.md, "Run records")
-RUNTIME_LINES = ("runtime_aborted",)
+#: record lines that are neither kernel input nor emitted by the kernel: a hard stop; the local runtime's wait, after
+#: the run's end, for attempts the run gave up on, and its end (docs/runtime.md, "Run records")
+RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited")
+#: why the runtime stopped waiting, in a record whose wait has no end (its process stopped during the wait)
+_WAIT_CUT = "the record ends during the wait: its process stopped"
+
+
+def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: str) -> bool:
+    """Whether a success, now, of an attempt of ``step`` that the run gave up on would be a late completion
+    (docs/kernel.md, "Late completions"): the step has a compensation, ended ``failed`` or ``cancelled``, has no late
+    completion yet, and the run is under rules that have them. What the local runtime waits for after the run's end."""
+    rec = state["nodes"].get(step)
+    if rec is None or rec["status"] not in ("failed", "cancelled") or "late_completions" not in state:
+        return False
+    if not (plan["nodes"].get(rec["node"]) or {}).get("compensate"):
+        return False
+    return all(entry["step"] != step for entry in state["late_completions"])
+
+
+def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterable[Mapping[str, Any]], why: str,
+                   events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The steps whose outcome is unknown, for :attr:`RunResult.in_doubt`: of ``attempts`` (``{task_id, step,
+    attempt}``: attempts the run gave up on that had not answered when the runtime stopped waiting, ``why``), those
+    whose success would still be a late completion (:func:`may_complete_late`), one item per step, latest started
+    first, as ``kernel.in_doubt`` gives it, with ``task_ids`` and a ``reason`` saying what happened."""
+    timed_out = {e.get("task_id") for e in events if e.get("type") == "step_timed_out"}
+    by_step: dict[str, list[Mapping[str, Any]]] = {}
+    for attempt in attempts:
+        if may_complete_late(plan, state, attempt["step"]):
+            by_step.setdefault(attempt["step"], []).append(attempt)
+    order = sorted(by_step, key=lambda k: (-state["nodes"][k].get("t0", 0), k))
+    items = in_doubt(plan, state, order)
+    for item in items:
+        mine = by_step[item["step"]]
+        numbers = ", ".join(str(a["attempt"]) for a in mine)
+        what = "timed out" if all(a["task_id"] in timed_out for a in mine) else "timed out or was cancelled"
+        item["task_ids"] = [a["task_id"] for a in mine]
+        item["reason"] = (f"the run gave up on attempt {numbers} of the step (it {what}), but its worker was still "
+                          f"running when the runtime stopped waiting for it ({why}): it may have completed, and its "
+                          "compensation was never run")
+    return items
+
+
+def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list[dict[str, Any]],
+                        emitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a record's ``runtime_waiting`` line says is in doubt: its attempts that no input event after it
+    answered (a ``ValueError`` when the line is malformed)."""
+    start = next((i for i, e in enumerate(lines) if e.get("type") == "runtime_waiting"), None)
+    if start is None:
+        return []
+    attempts = lines[start].get("attempts")
+    if not isinstance(attempts, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("task_id"), str) and isinstance(a.get("step"), str)
+            and a["step"] in state["nodes"] and isinstance(a.get("attempt"), int) for a in attempts):
+        raise ValueError(f"the record's 'runtime_waiting' line is malformed (its 'attempts'); {_CHANGED}")
+    rest = lines[start + 1:]
+    answered = {e.get("task_id") for e in rest if e.get("type") in ("task_succeeded", "task_failed", "task_cancelled")}
+    end = next((e for e in rest if e.get("type") == "runtime_waited"), None)
+    why = str(end.get("reason")) if end is not None else _WAIT_CUT
+    return in_doubt_items(plan, state, [a for a in attempts if a["task_id"] not in answered], why, emitted)
 _CHANGED = "the record was changed after it was written, or was made by another version"
 
 
@@ -453,7 +519,7 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     if result.compensated:
         undone = [f"{_esc(k)} ({_esc(_undo_worker(result, k))})" for k in result.compensated]
         con.print("compensated, in this order: " + " → ".join(undone))
-    elif result.status in ("failed", "cancelled"):
+    elif result.status in ("failed", "cancelled") and not result.in_doubt:
         con.print("nothing needed undoing")
     if result.intervention is not None:
         left = result.intervention["steps"]
@@ -464,6 +530,10 @@ def print_summary(result: RunResult, console: Any = None) -> None:
                 con.print(_left_text(item))
         elif stopped:
             con.print("no completed step was left undone")
+    if result.in_doubt:
+        con.print("[bold red]outcome unknown[/]: check whether each took effect, and undo by hand those that did:")
+        for item in result.in_doubt:
+            con.print(_left_text(item))
     t = timing(result)
     line = f"wall {_seconds(t['wall_ms'])} · sum of step times {_seconds(t['step_time_sum_ms'])}"
     if t["wall_ms"] is not None and t["step_time_sum_ms"] > t["wall_ms"] > 0:
@@ -641,6 +711,9 @@ class LiveView:
             self.console.print(f"{at} [yellow]↶ {step}[/] undo attempt {event['attempt']} failed ({err}); retrying")
         elif kind == "compensation_failed":
             self.console.print(f"{at} [red]↶ undoing {step} failed for good[/] — {err}")
+        elif kind == "late_completion":
+            self.console.print(f"{at} [bold red]! {step} completed late[/] (attempt {event['attempt']}): its effect "
+                               f"stands; {_esc(event.get('compensation'))} left to run by hand")
 
     def _render(self) -> Any:
         from rich.table import Table
@@ -721,6 +794,10 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
     started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes)."""
     items = list(lines)
     if result.status != NOT_STARTED and any(e.get("type") == "run_finished" for e in items):
+        kinds = {e.get("type") for e in items}
+        if "runtime_waiting" in kinds and "runtime_waited" not in kinds:
+            return ("the record ends while the runtime waited, after the run's end, for attempts the run had given "
+                    "up on: its process stopped, and what they did is unknown")
         return None
     aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
     if result.status == NOT_STARTED:
@@ -754,6 +831,18 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
     if kind == "runtime_aborted":
         return f"[red]aborted by the runtime[/]: {_esc(e.get('reason'))}"
+    if kind == "runtime_waiting":
+        ids = [str(a.get("task_id")) for a in e.get("attempts") or () if isinstance(a, Mapping)]
+        grace = e.get("grace_ms")
+        bound = _seconds(grace if isinstance(grace, int | float) else None)
+        return (f"[yellow]waiting up to {bound} for {len(ids)} attempt(s) the run gave up on to answer[/]: "
+                f"{_esc(', '.join(ids))}")
+    if kind == "runtime_waited":
+        ids = [str(a.get("task_id")) for a in e.get("unanswered") or () if isinstance(a, Mapping)]
+        if not ids:
+            return f"[dim]stopped waiting: {_esc(e.get('reason'))}[/]"
+        return (f"[bold red]stopped waiting[/] ({_esc(e.get('reason'))}): {_esc(', '.join(ids))} did not answer — "
+                "outcome unknown")
     if kind == "cancel_requested":
         return f"[yellow]cancel requested[/]: {_esc(e.get('reason') or '')}"
     if kind in INPUT_EVENTS or kind == "start":

@@ -1,6 +1,8 @@
 """Late answers in the local runtime: a sync worker whose attempt timed out cannot be stopped, so the runtime goes on
 waiting for its thread while the run is live and feeds the real answer to the kernel (docs/kernel.md, "Late
-completions"); once the run is over, nothing is fed and nothing is left waiting.
+completions"); once the run is over, nothing is fed and nothing is left waiting. When the run ends while such a
+thread of a compensable step still runs, its end is held for it (``late_grace``): a success turns the run
+needs_intervention, and a thread that outlives the wait leaves its step in doubt.
 
 Workers live in a private registry; every wait is bounded, so a hang fails its test instead of stopping the suite.
 """
@@ -9,11 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from flowdsl import compile_text
-from flowdsl.runtime.local import LocalRun
+from flowdsl.runtime.local import LATE_GRACE, LocalRun, run_flow
+from flowdsl.runtime.record import read_record
 from flowdsl.workers import WorkerRegistry
 
 #: seconds a run (or a wait inside a worker) may take before a test calls it hung
@@ -81,8 +91,9 @@ def test_a_sync_step_that_timed_out_then_succeeded_while_the_run_compensates_nee
     assert refunds == []  # the kernel leaves the late charge to a person: it is listed, not undone
 
 
-def test_a_sync_step_whose_thread_returns_after_its_run_ended_changes_nothing(capsys: Any) -> None:
-    """charge times out, a is undone and the run ends compensated; only then does the thread return: not fed,
+def test_a_sync_step_whose_thread_returns_after_the_wait_changes_nothing_but_is_in_doubt(capsys: Any) -> None:
+    """charge times out, a is undone and the run ends compensated; with ``late_grace=0`` the runtime does not wait
+    for the charge's thread: the run returns at once with charge in doubt. The thread returns only then: not fed,
     no error, and no task is left waiting for the thread."""
     go, charged, refunds = threading.Event(), threading.Event(), []
     problems: list[dict[str, Any]] = []
@@ -94,7 +105,7 @@ def test_a_sync_step_whose_thread_returns_after_its_run_ended_changes_nothing(ca
     async def main() -> Any:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context))
         run = LocalRun(PLAN, {}, registry=_registry(undo_a, go, charged, refunds), import_workers=False,
-                       record=False)
+                       record=False, late_grace=0)
         result = await asyncio.wait_for(run.run(), HUNG)
         events = list(run.events)
         await asyncio.sleep(0.05)
@@ -107,6 +118,9 @@ def test_a_sync_step_whose_thread_returns_after_its_run_ended_changes_nothing(ca
     result, events, run, lingering = asyncio.run(main())
     assert (result.status, result.compensated, result.intervention) == ("compensated", ["a"], None)
     assert result.steps["charge"]["status"] == "failed"
+    assert [(i["step"], i["status"], i["task_ids"]) for i in result.in_doubt] == [
+        ("charge", "in_flight", [f"{run.run_id}/charge#1"])]
+    assert "late_grace is 0" in result.in_doubt[0]["reason"] and result.exit_code == 4
     assert run.events == events and run.status == "compensated"  # nothing was fed after the end
     assert lingering == [] and problems == [] and refunds == []
     err = capsys.readouterr().err
@@ -142,3 +156,287 @@ def test_the_wait_for_a_timed_out_thread_is_the_runtimes_not_the_workers_own() -
     result = asyncio.run(asyncio.wait_for(LocalRun(plan, {}, registry=reg, record=False,
                                                    import_workers=False).run(), HUNG))
     assert result.status == "completed" and result.context["waited"] < 0.6, result.context
+
+
+# --- the run's end held for a timed-out sync attempt of a compensable step (late_grace) ---------------------------
+
+#: one compensable step whose timeout fails the run with nothing else to undo: the run ends failed at once
+LONE = compile_text("""flowdsl: 1
+name: lone
+steps:
+  - charge: {compensate: refund, timeout: 100ms}
+""")
+#: the same step without a compensation: its late success would change nothing
+BARE = compile_text("""flowdsl: 1
+name: bare
+steps:
+  - charge: {timeout: 100ms}
+""")
+
+
+def _charging(go: threading.Event, returned: threading.Event, *, fail: bool = False) -> WorkerRegistry:
+    """A sync charge that blocks until ``go``, then succeeds (or fails), setting ``returned`` as its thread ends."""
+    reg = WorkerRegistry()
+
+    def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        try:
+            assert go.wait(HUNG)
+            if fail:
+                raise ConnectionError("the gateway refused the charge")
+            return {"charge_id": "ch1"}
+        finally:
+            returned.set()
+
+    async def refund(data: Any, ctx: Any) -> dict[str, Any]:
+        raise AssertionError("a late charge is left to a person, never refunded by the run")
+
+    reg.register("charge", charge)
+    reg.register("refund", refund)
+    return reg
+
+
+def _release_on_end(go: threading.Event) -> Callable[[dict[str, Any]], None]:
+    """An on_event hook letting the charge's thread return once the run has ended (its first run_finished)."""
+    def watch(event: dict[str, Any]) -> None:
+        if event["type"] == "run_finished":
+            go.set()
+    return watch
+
+
+def _show_json(path: Path) -> dict[str, Any]:
+    from typer.testing import CliRunner
+
+    from flowdsl.cli import app
+
+    shown = CliRunner().invoke(app, ["show", str(path), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    return dict(json.loads(shown.stdout))
+
+
+def test_a_timed_out_sync_charge_that_succeeds_after_the_run_failed_makes_it_needs_intervention(
+        tmp_path: Path) -> None:
+    """The charge's timeout fails the run, nothing else to undo: the run ends failed. Its thread succeeds only
+    after that: the runtime held the run's end for it and fed the success, a late completion — the run turns
+    needs_intervention listing the charge, and its record replays through `flowdsl show`."""
+    go, returned = threading.Event(), threading.Event()
+    notices: list[str] = []
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        LONE, {}, run_id="held1", runs_dir=tmp_path, registry=_charging(go, returned), import_workers=False,
+        on_event=_release_on_end(go), on_notice=notices.append, late_grace=HUNG), HUNG))
+    assert returned.is_set()
+    assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
+    left = result.intervention["steps"]
+    assert [(i["step"], i["worker"], i["step_result"]) for i in left] == [("charge", "refund", {"charge_id": "ch1"})]
+    finished = [(e["status"], e.get("previous_status")) for e in result.events if e["type"] == "run_finished"]
+    assert finished == [("failed", None), ("needs_intervention", "failed")]
+    types = [e["type"] for e in result.events]
+    assert types[types.index("run_finished"):] == ["run_finished", "result_rejected", "late_completion",
+                                                   "run_finished"]
+    assert any("waiting up to 10 s for 1 attempt(s)" in n and "charge (attempt 1 timed out)" in n for n in notices)
+    # the record: the wait, the late answer fed as an input event, the wait's end
+    path = tmp_path / "held1.jsonl"
+    _, lines = read_record(path)
+    kinds = [e["type"] for e in lines]
+    assert kinds.index("run_finished") < kinds.index("runtime_waiting") < kinds.index("task_succeeded") \
+        < kinds.index("runtime_waited")
+    waited = lines[-1]
+    assert (waited["type"], waited["reason"], waited["unanswered"]) == (
+        "runtime_waited", "every attempt waited for answered", [])
+    shown = _show_json(path)  # replayed through the kernel, every line explained
+    assert (shown["status"], shown["in_doubt"], shown["intervention"]) == ("needs_intervention", [],
+                                                                           result.intervention)
+
+
+def test_a_timed_out_sync_charge_that_fails_after_the_run_failed_leaves_it_failed_and_ends_the_wait(
+        tmp_path: Path) -> None:
+    """The late answer is a failure: rejected, the run stays failed, and the wait ends with that answer — not at
+    its bound (10 s here, which would fail the test by HUNG)."""
+    go, returned = threading.Event(), threading.Event()
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        LONE, {}, run_id="held2", runs_dir=tmp_path, registry=_charging(go, returned, fail=True),
+        import_workers=False, on_event=_release_on_end(go), late_grace=HUNG), HUNG))
+    assert (result.status, result.intervention, result.in_doubt, result.exit_code) == ("failed", None, [], 1)
+    types = [e["type"] for e in result.events]
+    assert types[types.index("run_finished"):] == ["run_finished", "result_rejected"]
+    _, lines = read_record(tmp_path / "held2.jsonl")
+    kinds = [e["type"] for e in lines]
+    assert kinds.index("runtime_waiting") < kinds.index("task_failed") < kinds.index("runtime_waited")
+    assert lines[-1]["reason"] == "every attempt waited for answered"  # it answered: the bound did not pass
+    assert _show_json(tmp_path / "held2.jsonl")["status"] == "failed"
+
+
+def test_a_timed_out_sync_charge_that_outlives_the_wait_is_in_doubt(tmp_path: Path) -> None:
+    """The bound passes with the charge's thread still running: the run keeps the kernel's status (failed), but
+    does not say nothing is left to undo — the charge is in doubt (result, JSON, summary, exit code 4, the record
+    and `flowdsl show`); its later answer is not fed."""
+    import io
+
+    from rich.console import Console
+
+    from flowdsl.runtime.report import print_summary, record_end_note, result_from_record
+
+    go, returned = threading.Event(), threading.Event()
+
+    async def main() -> Any:
+        run = LocalRun(LONE, {}, run_id="held3", runs_dir=tmp_path, registry=_charging(go, returned),
+                       import_workers=False, late_grace=0.2)
+        result = await asyncio.wait_for(run.run(), HUNG)
+        assert not returned.is_set()  # the thread still runs
+        kept = (list(run.events), (tmp_path / "held3.jsonl").read_bytes())
+        go.set()
+        assert await asyncio.to_thread(returned.wait, HUNG)
+        await asyncio.sleep(0.1)  # time for its answer to come back, were it fed
+        assert (list(run.events), (tmp_path / "held3.jsonl").read_bytes()) == kept
+        return result
+
+    result = asyncio.run(main())
+    assert (result.status, result.intervention, result.exit_code) == ("failed", None, 4)
+    [item] = result.in_doubt
+    assert (item["step"], item["status"], item["worker"], item["idempotency_key"], item["task_ids"]) == (
+        "charge", "in_flight", "refund", "held3/charge/compensate", ["held3/charge#1"])
+    assert "attempt 1 of the step (it timed out)" in item["reason"] and "after 0.2 s" in item["reason"]
+    assert result.to_json()["in_doubt"] == result.in_doubt
+    out = io.StringIO()
+    print_summary(result, Console(file=out, width=300, highlight=False))
+    text = out.getvalue()
+    assert "outcome unknown" in text and "charge: refund was not run" in text and "nothing needed undoing" not in text
+    path = tmp_path / "held3.jsonl"
+    _, lines = read_record(path)
+    assert [e["type"] for e in lines[-2:]] == ["runtime_waiting", "runtime_waited"]
+    assert lines[-1]["unanswered"] == [{"task_id": "held3/charge#1", "step": "charge", "attempt": 1}]
+    assert _show_json(path)["in_doubt"] == result.in_doubt
+    # a record that ends during the wait (its process was killed): the attempt is in doubt, and the note says why
+    header, cut = read_record(path)
+    cut = cut[:-1]
+    shown = result_from_record(header, cut, path)
+    assert [i["step"] for i in shown.in_doubt] == ["charge"] and "its process stopped" in shown.in_doubt[0]["reason"]
+    assert "the record ends while the runtime waited" in (record_end_note(shown, cut) or "")
+
+
+def test_a_timed_out_sync_step_without_a_compensation_is_not_waited_for(tmp_path: Path) -> None:
+    """Its late success would change nothing: the run returns with the thread still running, writes no wait, and
+    has nothing in doubt."""
+    go, returned = threading.Event(), threading.Event()
+    reg = WorkerRegistry()
+
+    def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        try:
+            assert go.wait(HUNG)
+            return {}
+        finally:
+            returned.set()
+
+    reg.register("charge", charge)
+    try:
+        result = asyncio.run(asyncio.wait_for(run_flow(
+            BARE, {}, run_id="bare1", runs_dir=tmp_path, registry=reg, import_workers=False, late_grace=HUNG), HUNG))
+        assert not returned.is_set()  # it returned before the thread did: it did not wait for it
+    finally:
+        go.set()
+    assert (result.status, result.in_doubt, result.exit_code) == ("failed", [], 1)
+    _, lines = read_record(tmp_path / "bare1.jsonl")
+    assert lines[-1]["type"] == "run_finished" and not any(e["type"].startswith("runtime_") for e in lines)
+
+
+def test_cancel_during_the_wait_stops_waiting_and_leaves_the_step_in_doubt() -> None:
+    go, returned = threading.Event(), threading.Event()
+
+    async def main() -> Any:
+        run: LocalRun
+
+        def notice(text: str) -> None:
+            if text.startswith("the run ended failed; waiting up to"):
+                asyncio.get_running_loop().call_soon(run.cancel, "enough")
+
+        run = LocalRun(LONE, {}, registry=_charging(go, returned), import_workers=False, record=False,
+                       on_notice=notice, late_grace=HUNG)
+        return await asyncio.wait_for(run.run(), HUNG)
+
+    try:
+        result = asyncio.run(main())
+        assert not returned.is_set()
+    finally:
+        go.set()
+    assert result.status == "failed" and [i["step"] for i in result.in_doubt] == ["charge"]
+    assert "(cancelled: enough)" in result.in_doubt[0]["reason"]
+
+
+@pytest.mark.parametrize(("sig", "label"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_stop_signal_during_the_wait_stops_waiting_in_flowdsl_run(tmp_path: Path, sig: signal.Signals,
+                                                                      label: str) -> None:
+    """`flowdsl run` (late_grace from $FLOWDSL_LATE_GRACE): the run ended failed and waits for the charge's thread;
+    the first stop signal ends the wait: exit 4, the charge in doubt, said on stderr."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.runtime.conformance import HEADER
+
+    root = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "sig.yaml"
+    spec.write_text(HEADER.format(name="sig") + "steps:\n  - sync.b: {compensate: undo.b, timeout: 100ms}\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "FLOWDSL_LATE_GRACE": "60"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(spec), "--format", "json",
+         "--set", 'script={"b": {"hang": true}}', "--runs-dir", str(tmp_path), "--run-id", "s1"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = tmp_path / "s1.jsonl"
+    deadline = time.monotonic() + 30
+    try:
+        while '"runtime_waiting"' not in (record.read_text() if record.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not begin its wait"
+            time.sleep(0.02)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, err
+    result = json.loads(out)
+    assert result["status"] == "failed" and [i["step"] for i in result["in_doubt"]] == ["b"]
+    assert f"({label} stopped the wait)" in result["in_doubt"][0]["reason"]
+    assert "no longer waiting for the attempts the run gave up on" in err and "Traceback" not in err
+
+
+def test_late_grace_is_checked() -> None:
+    reg = WorkerRegistry()
+    reg.register("charge", lambda data, ctx: {})
+    reg.register("refund", lambda data, ctx: {})
+    for bad, error in [(-1, ValueError), (float("nan"), ValueError), ("5", TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="late_grace"):
+            LocalRun(LONE, {}, registry=reg, import_workers=False, record=False, late_grace=bad)
+    assert LocalRun(LONE, {}, registry=reg, import_workers=False, record=False).late_grace == LATE_GRACE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWDSL_LATE_GRACE", "2.5")
+        assert LocalRun(LONE, {}, registry=reg, import_workers=False, record=False).late_grace == 2.5
+        mp.setenv("FLOWDSL_LATE_GRACE", "soon")
+        with pytest.raises(ValueError, match=r"\$FLOWDSL_LATE_GRACE"):
+            LocalRun(LONE, {}, registry=reg, import_workers=False, record=False)
+
+
+def test_flowdsl_run_takes_late_grace_as_an_option(tmp_path: Path) -> None:
+    """`--late-grace SECONDS` (over $FLOWDSL_LATE_GRACE): the charge's thread outlives it → exit 4, in doubt;
+    a value out of range is a usage error."""
+    import subprocess
+    import sys
+
+    from tests.runtime.conformance import HEADER
+
+    root = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "grace.yaml"
+    spec.write_text(HEADER.format(name="grace") + "steps:\n  - sync.b: {compensate: undo.b, timeout: 100ms}\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "FLOWDSL_LATE_GRACE": "600"}
+
+    def flowdsl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(spec),
+                               "--no-record", "--set", 'script={"b": {"hang": true}}', *args],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=60)
+
+    done = flowdsl("--late-grace", "0.3", "--format", "json")
+    assert done.returncode == 4, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "failed" and [i["step"] for i in result["in_doubt"]] == ["b"]
+    assert "after 0.3 s, the late_grace" in result["in_doubt"][0]["reason"]
+    refused = flowdsl("--late-grace", "-1")
+    assert refused.returncode == 2 and "Invalid value for '--late-grace'" in refused.stderr
