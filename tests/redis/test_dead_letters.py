@@ -13,13 +13,14 @@ import json
 from typing import Any
 
 import pytest
+import redis
 from typer.testing import CliRunner
 
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
 from flowdsl import compile_text
 from flowdsl.cli import app
 from flowdsl.runtime.redis import RedisClient
-from flowdsl.runtime.redis.advance import Advancer
+from flowdsl.runtime.redis.advance import Advancer, Contended
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.workers import WorkerRegistry
 from tests.redis.inproc import serving, worker_here
@@ -28,6 +29,8 @@ from tests.runtime.conformance import HEADER
 
 SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
 
+#: JSON nested too deep to read (the leading space sends it to the stdlib decoder: RecursionError)
+DEEP = b" " + b"[" * 100_000 + b"]" * 100_000
 #: entries no worker process can handle, by the stream they are put on (``task`` is conf.a's task stream)
 UNREADABLE = [
     ("task", {b"m": b"\xff\x00not json"}, "its 'm' field is not JSON"),
@@ -39,6 +42,11 @@ UNREADABLE = [
     ("control", {b"c": b"{"}, "its 'c' field is not JSON"),
     ("control", {b"c": b'{"type": "frob", "run_id": "r1"}'}, "its request is of no known type ('frob'"),
     ("control", {b"z": b"1"}, "it has no 'c' field"),
+    ("task", {b"m": b'{"run_id": "r1", "task_id": "x"}', b"v": b"\xff"}, "its 'v' field is not a short ASCII text"),
+    ("task", {b"m": b'{"run_id": "r1", "task_id": "x"}', b"g": b"\xfe1"}, "its 'g' field is not a short ASCII"),
+    ("control", {b"c": b'{"type": "start", "run_id": "r1"}', b"t": b"\xff"}, "its 't' field is not a short ASCII"),
+    ("task", {b"m": DEEP}, "its 'm' field is not JSON"),  # (nested too deep for the stdlib decoder)
+    ("control", {b"c": DEEP}, "its 'c' field is not JSON"),
 ]
 
 
@@ -58,9 +66,11 @@ def test_unreadable_entries_are_set_aside_at_once_byte_for_byte_and_the_worker_g
             stats = await asyncio.wait_for(worker.serve(), 30)
             pending = [(await client.redis.xpending(_stream(keys, w), GROUP))["pending"] for w in ("task", "control")]
             lengths = [await client.redis.xlen(_stream(keys, w)) for w in ("task", "control")]
-            return stats, (await client.info(sub.run_id)).status, await client.dead_letters(), pending, lengths
+            theirs = await client.dead_letters_of(sub.run_id)  # (reads every letter's message, the deep ones too)
+            return stats, (await client.info(sub.run_id)).status, await client.dead_letters(), pending, lengths, theirs
 
-    stats, status, letters, pending, lengths = asyncio.run(main())
+    stats, status, letters, pending, lengths, theirs = asyncio.run(main())
+    assert theirs == []
     assert stats.failure is None and status == "completed"  # the worker served the run after them all
     assert stats.dead_letters == len(UNREADABLE) == len(letters)
     assert pending == [0, 0] and lengths == [0, 0]  # acknowledged and deleted from their streams
@@ -71,11 +81,12 @@ def test_unreadable_entries_are_set_aside_at_once_byte_for_byte_and_the_worker_g
         assert (letter.failures, letter.deliveries, letter.consumer) == (1, 1, stats.name)
 
 
-def _with_a_bug(failing: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, list[str]],
-                                                                       dict[str, WorkerRegistry], dict[str, bool]]:
+def _with_a_bug(failing: str, monkeypatch: pytest.MonkeyPatch, error: Exception | None = None
+                ) -> tuple[dict[str, list[str]], dict[str, WorkerRegistry], dict[str, bool]]:
     """Workers ``dl.a``, ``dl.b``, ``dl.undo`` (registries ``a``, ``b``: b's process serves b only) recording the
     idempotency key of every call, and a simulated kernel bug, on while ``bug["on"]``: in the run's start
-    (``failing`` "start") or in applying the success of step ``failing``."""
+    (``failing`` "start") or in applying the success of step ``failing``; it raises ``error`` (default: a
+    RuntimeError)."""
     calls: dict[str, list[str]] = {"a": [], "b": [], "undo": []}
     bug = {"on": True}
     registries = {"a": WorkerRegistry(), "b": WorkerRegistry()}
@@ -88,17 +99,26 @@ def _with_a_bug(failing: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str
 
     async def apply_event(self: Advancer, run_id: str, event: dict[str, Any], **kw: Any) -> str:
         if bug["on"] and event["type"] == "task_succeeded" and f"/{failing}#" in event["task_id"]:
-            raise RuntimeError("simulated kernel bug")
+            raise error or RuntimeError("simulated kernel bug")
         return await original_apply(self, run_id, event, **kw)
 
     async def start(self: Advancer, run_id: str, **kw: Any) -> str:
         if bug["on"] and failing == "start":
-            raise RuntimeError("simulated kernel bug")
+            raise error or RuntimeError("simulated kernel bug")
         return await original_start(self, run_id, **kw)
 
     monkeypatch.setattr(Advancer, "apply_event", apply_event)
     monkeypatch.setattr(Advancer, "start", start)
     return calls, registries, bug
+
+
+async def _served_by_a_and_b(url: str, prefix: str, registries: dict[str, WorkerRegistry], spec: str,
+                             body: Any, *, lease_s: float) -> Any:
+    """Submit a run of ``spec`` and ``await body(client, run_id)`` while a's and b's processes serve."""
+    workers = [worker_here(url, prefix, registries[n], lease_s=lease_s, max_failures=2) for n in ("a", "b")]
+    async with RedisClient(url, prefix=prefix) as client:
+        sub = await client.submit(compile_text(spec), {})
+        return await serving(workers, lambda: body(client, sub.run_id))
 
 
 @pytest.mark.parametrize("failing", ["start", "a", "b"])
@@ -161,27 +181,37 @@ def test_a_run_cancelled_while_its_step_is_a_dead_letter_ends_once_the_message_i
     calls, registries, bug = _with_a_bug("b", monkeypatch)
     spec = "flowdsl: 1\nname: dl\nsteps:\n  - dl.a: {compensate: dl.undo}\n  - dl.b\n"
 
-    async def main() -> Any:
-        workers = [worker_here(url, prefix, registries[n], lease_s=0.3, max_failures=2) for n in ("a", "b")]
-        async with RedisClient(url, prefix=prefix) as client:
-            sub = await client.submit(compile_text(spec), {})
+    async def body(client: RedisClient, run_id: str) -> Any:
+        while not (letters := await client.dead_letters()):
+            await asyncio.sleep(0.05)
+        assert await client.cancel(run_id) == "requested"
+        await asyncio.sleep(1.0)  # three leases: nothing answers the cancellation meanwhile
+        waiting = (await client.info(run_id)).status
+        bug["on"] = False
+        await client.requeue_dead_letter(letters[0].id)
+        return waiting, await client.follow(run_id)
 
-            async def body() -> Any:
-                while not (letters := await client.dead_letters()):
-                    await asyncio.sleep(0.05)
-                assert await client.cancel(sub.run_id) == "requested"
-                await asyncio.sleep(1.0)  # three leases: nothing answers the cancellation meanwhile
-                waiting = (await client.info(sub.run_id)).status
-                bug["on"] = False
-                await client.requeue_dead_letter(letters[0].id)
-                return waiting, await client.follow(sub.run_id)
-
-            return await serving(workers, body)
-
-    waiting, result = asyncio.run(main())
+    waiting, result = asyncio.run(_served_by_a_and_b(url, prefix, registries, spec, body, lease_s=0.3))
     assert waiting == "aborting"
     assert (result.status, result.compensated) == ("cancelled", ["a"])
     assert [len(calls[n]) for n in ("a", "b", "undo")] == [1, 2, 1]
+
+
+def test_a_storm_of_version_conflicts_is_not_a_failure_of_the_message(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other processes writing the run first, a thousand times in a row (``Contended``): the entry is handled
+    again after the lease, uncounted, however often; the run completes once the storm is over."""
+    calls, registries, bug = _with_a_bug("b", monkeypatch, Contended("run r: gave up after 1000 version conflicts"))
+    spec = "flowdsl: 1\nname: dl\nsteps: [dl.a, dl.b]\n"
+
+    async def body(client: RedisClient, run_id: str) -> Any:
+        while len(calls["b"]) < 4:  # three handlings failed, all past the threshold of 2
+            await asyncio.sleep(0.05)
+        bug["on"] = False
+        return await client.follow(run_id), await client.dead_letters()
+
+    result, letters = asyncio.run(_served_by_a_and_b(url, prefix, registries, spec, body, lease_s=0.2))
+    assert result.status == "completed" and letters == []
 
 
 def test_the_dead_letters_command_lists_puts_back_and_deletes(url: str, prefix: str) -> None:
@@ -218,6 +248,8 @@ def test_the_dead_letters_command_lists_puts_back_and_deletes(url: str, prefix: 
     bad = cli("--delete", "bogus", "--format", "json")
     assert bad.exit_code == 2 and json.loads(bad.stdout)["error"]["message"].startswith("'bogus' is not a dead")
     assert cli("--retry", ids[2], "--delete", ids[2]).exit_code == 2
+    both = cli("--retry", ids[2], "--retry-all")
+    assert both.exit_code == 2 and "do not go together" in both.output
 
     async def check() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
@@ -230,6 +262,17 @@ def test_the_dead_letters_command_lists_puts_back_and_deletes(url: str, prefix: 
     assert back[0][0].decode() == done["entry_id"]
     assert back[0][1] == {b"m": b"nope", b"t": Keys.trigger(keys.queue("conf.a"), as_json[0]["entry_id"]).encode()}
     assert back[1][1][b"m"] == b"[]" and left == [ids[2]]
+
+    async def break_the_stream() -> None:  # the stream the last letter came from is no stream any more
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.redis.delete(keys.queue("conf.a"))
+            await client.redis.set(keys.queue("conf.a"), "not a stream")
+
+    asyncio.run(break_the_stream())
+    refused = cli("--retry-all", "--format", "json")
+    out = json.loads(refused.stdout)
+    assert refused.exit_code == 2 and out["requeued"] == [] and out["error"]["type"] == "RedisError"
+    assert "WRONGTYPE" in out["error"]["message"] and "Traceback" not in refused.output
     assert cli("--delete", ids[2]).exit_code == 0 and "no dead letters" in cli().output
 
 
@@ -281,3 +324,61 @@ def test_a_timer_that_is_not_one_is_dropped_and_said(url: str, prefix: str, capl
     assert stats.failure is None and (left, claimed) == (0, 0)
     said = [r.getMessage() for r in caplog.records if "not a timer member" in r.getMessage()]
     assert len(said) == 2 and "'garbage'" in said[0] + said[1]
+
+
+def test_an_entry_is_set_aside_or_counted_only_while_it_is_pending_with_the_caller(url: str, prefix: str) -> None:
+    """A process that failed on an entry (and was paused before it said so) finds it taken over by another, or
+    handled and acknowledged by another: it sets nothing aside and counts nothing."""
+    keys = Keys(prefix)
+    stream = keys.queue("conf.a")
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            r = client.redis
+            await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            ids = [(await r.xadd(stream, {b"m": b"x"})).decode() for _ in range(3)]
+            await r.xreadgroup(GROUP, "A", {stream: ">"}, count=3)
+            await r.xclaim(stream, GROUP, "B", 0, [ids[0]])  # taken over
+            await r.xack(stream, GROUP, ids[1])  # handled by another
+            await r.xdel(stream, ids[1])
+            store = client.store
+            codes = [await store.dead_letter(stream, i, "A", {b"m": b"x"}, reason="r", trigger=f"T{n}", threshold=t)
+                     for n, i in enumerate(ids[:2]) for t in (0, 3)]
+            counted = await store.dead_letter(stream, ids[2], "A", {b"m": b"x"}, reason="r", trigger="T2",
+                                              threshold=3, remember_ms=5_000_000)
+            counters = [await r.exists(keys.failures(f"T{n}")) for n in range(2)]
+            return codes, counted, counters, await r.pttl(keys.failures("T2")), await client.dead_letters()
+
+    codes, counted, counters, ttl, letters = asyncio.run(main())
+    assert [c[0] for c in codes] == [2, 2, 2, 2] and counters == [0, 0] and letters == []
+    assert counted[:2] == (0, 1) and 4_900_000 < ttl <= 5_000_000  # counted, kept that long after the failure
+
+
+@pytest.mark.parametrize("message", [
+    "OOM command not allowed when used memory > 'maxmemory'. script: 33838f, on @user_script:61.",
+    "ERR Error running script (call to f_2ccf43): @user_script:30: @user_script: 30: -OOM command not allowed "
+    "when used memory > 'maxmemory'.",  # Redis 6: a refusal met inside a script
+    "ERR Error running script (call to f_1): @user_script:9: -READONLY You can't write against a read only replica.",
+    "READONLY You can't write against a read only replica.",
+    "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+    "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+])
+def test_redis_refusing_work_for_now_is_told_apart_from_a_failure(message: str) -> None:
+    from flowdsl.runtime.redis.connection import server_unwell
+    from flowdsl.runtime.redis.wire import _error
+
+    assert server_unwell(_error(message))
+    assert server_unwell(redis.ResponseError(message))
+
+
+@pytest.mark.parametrize("message", [
+    "ERR Error running script (call to f_1): @user_script:1: Script attempted to access nonexistent global variable",
+    "BUSYGROUP Consumer Group name already exists",
+    "WRONGTYPE Operation against a key holding the wrong kind of value",
+    "ERR unknown command -OOM",
+])
+def test_other_redis_errors_are_failures(message: str) -> None:
+    from flowdsl.runtime.redis.connection import server_unwell
+    from flowdsl.runtime.redis.wire import _error
+
+    assert not server_unwell(_error(message)) and not server_unwell(redis.ResponseError(message))

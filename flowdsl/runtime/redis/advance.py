@@ -51,7 +51,12 @@ from flowdsl.runtime.redis.keys import Keys, TimerMember
 from flowdsl.runtime.redis.store import Clock, JournalEntry, RunRecord, Store, TransitionResult, cancel_reasons
 
 __all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain",
-           "Outcome"]
+           "Contended", "Outcome"]
+
+class Contended(RuntimeError):
+    """A run's event could not be applied: other processes wrote the run every time first (a storm of version
+    conflicts). Nobody's fault, least of all the message's: its trigger stays pending for its next holder."""
+
 
 #: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
@@ -515,7 +520,7 @@ class Advancer:
             self.conflicts += 1  # another process wrote meanwhile: let it go on, then load the run and re-apply
             backoff = backoff or Backoff(base=0.001, cap=0.05, floor=0.0)
             await backoff.wait()
-        raise RuntimeError(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
+        raise Contended(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
 
     async def _flush(self, run_id: str, trigger: str = "") -> tuple[str, ...]:
         """Relay every outbox entry of the run a dead process may have left behind (after queueing again

@@ -116,7 +116,7 @@ class DeadLetter:
         raw = self.fields.get("m", self.fields.get("c"))
         try:
             value = loads(raw) if raw is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):  # (not JSON, or nested too deep to read: it is a dead letter)
             return None
         return value if isinstance(value, dict) else None
 
@@ -483,6 +483,23 @@ class RedisClient:
         """The entries set aside because they could not be handled, oldest first (at most ``limit``)."""
         reply = await self.store.call("XRANGE", self.keys.dead, "-", "+", "COUNT", limit)
         return [_dead_letter(entry_id, raw) for entry_id, raw in reply or ()]
+
+    async def dead_letters_of(self, run_id: str) -> list[DeadLetter]:
+        """The dead letters whose message names run ``run_id`` — of this run: a task message of an earlier run of
+        the same id (expired since) carries another generation and is left out — oldest first, all of them."""
+        born = await self.store.call("HGET", self.keys.run(run_id), "born")
+        found: list[DeadLetter] = []
+        start = "-"
+        while True:
+            reply = await self.store.call("XRANGE", self.keys.dead, start, "+", "COUNT", 1000)
+            for entry_id, raw in reply or ():
+                letter = _dead_letter(entry_id, raw)
+                generation = letter.fields.get("g")
+                if (letter.message or {}).get("run_id") == run_id and (generation is None or generation == born):
+                    found.append(letter)
+            if not reply or len(reply) < 1000:
+                return found
+            start = "(" + _text(reply[-1][0])
 
     async def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter; raises :class:`DeadLetterNotFound` (``ValueError`` for an id that cannot be one)."""

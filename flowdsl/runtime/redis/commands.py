@@ -43,8 +43,6 @@ __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command"
            "status_command", "worker_command"]
 
 EXIT_USAGE = 2
-#: how many dead letters ``status`` looks through for the run's (they are few: each is a message nobody could handle)
-_DEAD_LETTERS_SCANNED = 10000
 EXIT_INTERRUPTED = 130
 #: what ``flowdsl runs --status`` takes: before the start, while going, and the end states
 RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
@@ -324,9 +322,8 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
 
 
 async def _dead_letters_of(client: RedisClient, run_id: str) -> list[str]:
-    """The ids of the dead letters whose message names run ``run_id``."""
-    return [letter.id for letter in await client.dead_letters(limit=_DEAD_LETTERS_SCANNED)
-            if (letter.message or {}).get("run_id") == run_id]
+    """The ids of the run's dead letters."""
+    return [letter.id for letter in await client.dead_letters_of(run_id)]
 
 
 def _timeline(journal: Any) -> list[dict[str, Any]]:
@@ -422,6 +419,9 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
     if (retry or retry_all) and delete:
         _say(console, "--retry/--retry-all and --delete do not go together: put back or delete, not both")
         return EXIT_USAGE
+    if retry and retry_all:
+        _say(console, "--retry ID and --retry-all do not go together: name dead letters, or put back all of them")
+        return EXIT_USAGE
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
@@ -448,23 +448,31 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
                         done.append({"id": dead_id, "entry_id": new_id})
                         if not as_json:
                             console.print(f"dead letter {dead_id} put back (entry {new_id})")
-                except (DeadLetterNotFound, ValueError) as exc:
+                except (DeadLetterNotFound, ValueError, redis.RedisError, *TRANSIENT) as exc:
                     failure = exc  # the ids before it are done; the ones after it are left alone
                     break
+            said = None if failure is None else str(failure) if isinstance(failure, LookupError | ValueError) \
+                else f"{_describe_redis_error(failure)} (dead letters done before it: {len(done)})"
             if as_json:
                 out: dict[str, Any] = {"deleted" if delete else "requeued": done}
-                if failure is not None:
+                if said is not None:
                     out["status"] = "error"
-                    out["error"] = {"type": "UsageError", "message": str(failure)}
+                    out["error"] = {"type": "UsageError" if isinstance(failure, LookupError | ValueError)
+                                    else "RedisError", "message": said}
                 _json_out(out)
-            if failure is not None:
-                _say(console, str(failure))
+            if said is not None:
+                _say(console, said)
                 return EXIT_USAGE
             if retry_all and not ids and not as_json:
                 console.print("no dead letters")
             return 0
 
     return _guarded(console, url, body)
+
+
+def _describe_redis_error(exc: BaseException) -> str:
+    kind = "cannot reach Redis" if isinstance(exc, TRANSIENT) else "Redis refused"
+    return f"{kind}: {exc}"
 
 
 def _print_dead_letters(letters: list[DeadLetter], console: Any) -> None:

@@ -52,12 +52,20 @@ _UNWELL_CLASSES: tuple[type[BaseException], ...] = (redis.exceptions.OutOfMemory
 _UNWELL_CODES = ("OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "MISCONF", "NOREPLICAS")
 
 
+#: such a refusal met by a command inside a script, as Redis 6 reports it: ``ERR Error running script (call to
+#: f_…): @user_script:30: @user_script: 30: -OOM command not allowed …`` (Redis 7 answers with the code itself)
+_IN_SCRIPT = re.compile(r"^ERR Error running script\b.*?-(" + "|".join(_UNWELL_CODES) + r")\b", re.DOTALL)
+
+
 def server_unwell(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis saying it cannot do any such work for now (see ``_UNWELL_CODES``): a reason to
     try again later, never one to give up on what was being done."""
     if isinstance(exc, _UNWELL_CLASSES):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0] in _UNWELL_CODES
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    return text.split(" ", 1)[0] in _UNWELL_CODES or _IN_SCRIPT.match(text) is not None
 
 
 class RedisConfigError(ValueError):

@@ -380,32 +380,30 @@ return n
 """
 
 #: KEYS: a stream, the dead-letter stream, the entry's failure counter (all under the ``{prefix}`` hash tag).
-#: ARGV: the consumer group, the entry id, the caller's consumer name, the threshold, the reason, then the entry's
-#: fields as name/value pairs. Counts one failure of the entry (the counter lives a day) and, once the count
+#: ARGV: the consumer group, the entry id, the caller's consumer name, the threshold, the reason, the counter's
+#: lifetime (ms), then the entry's fields as name/value pairs. Counts one failure of the entry and, once the count
 #: reaches the threshold (at once for a threshold of 0 or 1), sets the entry aside: a dead-letter entry (``stream``,
 #: ``id``, ``reason``, ``consumer``, ``deliveries``, ``failures``, then each original field as ``f:<name>``,
-#: byte for byte) is added and the entry acknowledged and deleted, all at once. Only while the entry is the
-#: caller's: one taken over meanwhile is its new holder's to judge. Returns {0, failures} (counted, kept) |
-#: {1, failures, dead-letter id} | {2} (not the caller's: nothing done).
+#: byte for byte) is added and the entry acknowledged and deleted, all at once. Only while the entry is pending
+#: with the caller: one taken over meanwhile is its new holder's to judge, and one no longer pending was handled
+#: (acknowledged) by another. Returns {0, failures} (counted, kept) | {1, failures, dead-letter id} | {2} (not the
+#: caller's: nothing done).
 DEAD_LETTER = r"""
 local stream, dead, counter = KEYS[1], KEYS[2], KEYS[3]
 local group, id, consumer = ARGV[1], ARGV[2], ARGV[3]
 local p = redis.pcall('XPENDING', stream, group, id, id, 1)
-local deliveries = 0
-if type(p) == 'table' and not p.err and p[1] ~= nil then
-  if p[1][2] ~= consumer then return {2} end
-  deliveries = p[1][4]
-end
+if type(p) ~= 'table' or p.err or p[1] == nil or p[1][2] ~= consumer then return {2} end
+local deliveries = p[1][4]
 local n = 1
 local threshold = tonumber(ARGV[4])
 if threshold > 1 then
   n = redis.call('INCR', counter)
-  redis.call('PEXPIRE', counter, 86400000)
+  redis.call('PEXPIRE', counter, ARGV[6])
   if n < threshold then return {0, n} end
 end
 local fields = {'stream', stream, 'id', id, 'reason', ARGV[5], 'consumer', consumer, 'deliveries', deliveries,
                 'failures', n}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   table.insert(fields, 'f:' .. ARGV[i])
   table.insert(fields, ARGV[i + 1])
 end

@@ -429,11 +429,13 @@ class Store:
     # --- dead letters --------------------------------------------------------------------------
 
     async def dead_letter(self, stream: str, entry_id: str, consumer: str, fields: dict[bytes, bytes], *,
-                          reason: str, trigger: str, threshold: int = 0) -> tuple[int, int, str | None]:
+                          reason: str, trigger: str, threshold: int = 0,
+                          remember_ms: int = 86_400_000) -> tuple[int, int, str | None]:
         """Count a failed handling of a stream entry ``consumer`` holds and, at ``threshold`` failures (0: now),
-        set it aside in the dead-letter stream (the DEAD_LETTER script). Returns (code, failures so far, the
-        dead letter's id): code 0 counted and kept, 1 set aside, 2 no longer the consumer's (nothing done)."""
-        args: list[Any] = [GROUP, entry_id, consumer, threshold, reason]
+        set it aside in the dead-letter stream (the DEAD_LETTER script); the count is kept ``remember_ms`` after
+        the last failure. Returns (code, failures so far, the dead letter's id): code 0 counted and kept, 1 set
+        aside, 2 not pending with the consumer (taken over, or handled by another: nothing done)."""
+        args: list[Any] = [GROUP, entry_id, consumer, threshold, reason, remember_ms]
         for name, value in fields.items():
             args += [name, value]
         reply = await _DEAD_LETTER(self.batcher, [stream, self.keys.dead, self.keys.failures(trigger)], args)

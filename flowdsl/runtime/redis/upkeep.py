@@ -298,6 +298,17 @@ class Upkeep:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
+    async def _idle_now(self) -> bool:
+        """:meth:`_idle`, False while Redis cannot say (unreachable, or refusing work for now)."""
+        try:
+            return await self._idle()
+        except TRANSIENT:
+            return False
+        except redis.ResponseError as exc:
+            if not server_unwell(exc):
+                raise
+            return False
+
     async def _idle(self) -> bool:
         """Burst mode: nothing here, nothing in any stream served, no timer due soon."""
         if self._active or self._held:

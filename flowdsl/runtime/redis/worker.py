@@ -59,7 +59,7 @@ import redis.asyncio as aioredis
 
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
-from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Outcome, nonces
+from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Contended, Outcome, nonces
 from flowdsl.runtime.redis.connection import (
     TRANSIENT,
     Backoff,
@@ -107,7 +107,7 @@ def _json_field(fields: dict[bytes, bytes], name: bytes, what: str) -> tuple[dic
         return None, f"it has no '{name.decode()}' field ({what})"
     try:
         value = loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (too deeply nested for the stdlib decoder: RecursionError)
         return None, f"its '{name.decode()}' field is not JSON ({_describe(exc)})"
     if not isinstance(value, dict):
         return None, f"its '{name.decode()}' field is not a JSON object"
@@ -119,6 +119,16 @@ def _json_field(fields: dict[bytes, bytes], name: bytes, what: str) -> tuple[dic
     except ValueError as exc:
         return None, f"its run id is not one: {exc}"
     return value, ""
+
+
+def _text_problem(fields: dict[bytes, bytes]) -> str | None:
+    """Why the entry's short fields (``t`` the trigger taken over, ``v`` the outbox version, ``g`` the run's
+    generation: ASCII when flowdsl wrote them) cannot be read, or None."""
+    for name in (b"t", b"v", b"g"):
+        raw = fields.get(name)
+        if raw is not None and not (raw.isascii() and len(raw) <= 200):
+            return f"its '{name.decode()}' field is not a short ASCII text"
+    return None
 
 
 def _task_message(fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str]:
@@ -453,7 +463,7 @@ class RedisWorker(Upkeep):
                 await backoff.wait()
                 continue
             if not reply:
-                if self.options.burst and await self._idle():
+                if self.options.burst and await self._idle_now():
                     log.info("worker %s: burst: nothing left to do", self.name)
                     self.stop(graceful=True)
                 continue
@@ -463,21 +473,32 @@ class RedisWorker(Upkeep):
                     self._spawn(name, entry_id.decode(), fields or {}, recover=False)
 
     def _spawn(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
-        taken = fields.get(b"t")  # put back from the dead letters: it takes over the tasks held under its old name
-        trigger = taken.decode(errors="replace") if taken else Keys.trigger(stream, entry_id)
-        recover = recover or taken is not None
-        if stream == self.keys.control:
-            self._starting.add(entry_id)
-            coro: Awaitable[None] = self._control(entry_id, fields, recover, trigger)
-        else:
-            command, problem = _task_message(fields)
-            if command is None:
-                coro = self._set_aside(stream, entry_id, fields, trigger, problem)
-            else:
-                held = self._hold(stream, entry_id, command, fields[b"m"], (fields.get(b"v") or b"").decode(),
-                                  trigger)
-                held.generation = (fields.get(b"g") or b"").decode()
-                coro = self._task(held, recover)
+        """Give a stream entry its handler — or, when it cannot be read, set it aside: whatever an entry holds,
+        it never stops the loop that read it."""
+        trigger = Keys.trigger(stream, entry_id)
+        problem = _text_problem(fields)
+        try:
+            if problem is None:
+                taken = fields.get(b"t")  # put back from the dead letters: it takes over the tasks held under its
+                if taken is not None:  # old name, as after a crash
+                    trigger, recover = taken.decode(), True
+                if stream == self.keys.control:
+                    self._starting.add(entry_id)
+                    coro: Awaitable[None] = self._control(entry_id, fields, recover, trigger)
+                else:
+                    command, why = _task_message(fields)
+                    if command is None:
+                        problem = why
+                    else:
+                        held = self._hold(stream, entry_id, command, fields[b"m"],
+                                          (fields.get(b"v") or b"").decode(), trigger)
+                        held.generation = (fields.get(b"g") or b"").decode()
+                        coro = self._task(held, recover)
+        except Exception as exc:  # a safety net: the checks above are meant to catch what cannot be read
+            problem = f"it could not be read: {_describe(exc)}"
+        if problem is not None:
+            self._starting.discard(entry_id)
+            coro = self._set_aside(stream, entry_id, fields, trigger, problem)
         self._track(self._guarded(coro, stream, entry_id, fields, trigger))
 
     async def _guarded(self, coro: Awaitable[None], stream: str, entry_id: str, fields: dict[bytes, bytes],
@@ -491,9 +512,9 @@ class RedisWorker(Upkeep):
         except TRANSIENT:
             raise  # Redis went away while stopping: not the message's fault
         except Exception as exc:
-            if server_unwell(exc):  # not the message's fault either: handled again after the lease
-                log.warning("worker %s: handling entry %s of %s failed, Redis refusing work for now (%s); it is "
-                            "handled again after the lease", self.name, entry_id, stream, _describe(exc))
+            if server_unwell(exc) or isinstance(exc, Contended):  # not the message's fault either
+                log.warning("worker %s: handling entry %s of %s failed for now (%s); it is handled again after the "
+                            "lease", self.name, entry_id, stream, _describe(exc))
                 return
             log.error("worker %s: handling entry %s of %s failed", self.name, entry_id, stream, exc_info=True)
             await self._set_aside(stream, entry_id, fields, trigger,
@@ -503,8 +524,10 @@ class RedisWorker(Upkeep):
                          threshold: int = 0) -> None:
         """Count a failure of the entry; set it aside at ``threshold`` failures (0: now, it cannot be handled)."""
         try:
-            code, failures, dead_id = await self.store.dead_letter(stream, entry_id, self.name, fields,
-                                                                   reason=reason, trigger=trigger, threshold=threshold)
+            # the count outlives the gaps between failures (a lease each, and the handling): a day, or ten leases
+            code, failures, dead_id = await self.store.dead_letter(
+                stream, entry_id, self.name, fields, reason=reason, trigger=trigger, threshold=threshold,
+                remember_ms=max(86_400_000, 10 * self.lease_ms))
         except TRANSIENT as exc:  # left pending: handled again after the lease
             log.warning("worker %s: could not set entry %s of %s aside (%s); it is handled again after the lease",
                         self.name, entry_id, stream, exc)
