@@ -361,7 +361,7 @@ def run(
 ) -> None:
     """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
 
-    Exit codes: 0 completed; 1 failed, compensated or cancelled; 2 spec, input or
+    Exit codes: 0 completed; 1 failed, compensated or cancelled (nothing in doubt); 2 spec, input or
     usage error; 4 needs intervention (a compensation failed for good, a step completed late, or a
     step's outcome is in doubt); 130 stopped at once by a second Ctrl-C or SIGTERM
     (with --backend redis: Ctrl-C, SIGTERM or SIGHUP stopped following; the run goes on). The first cancels the run and
@@ -617,7 +617,8 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     except RunAborted as exc:
         extra: dict[str, Any] = {"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}
         if exc.result is not None:  # what was undone, and what is left to undo by hand
-            extra.update(compensated=exc.result.compensated, intervention=exc.result.intervention)
+            extra.update(compensated=exc.result.compensated, intervention=exc.result.intervention,
+                         in_doubt=exc.result.in_doubt)
             if not as_json:
                 print_summary(exc.result, _stderr())
         raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted", extra=extra) from None

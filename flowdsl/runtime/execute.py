@@ -711,7 +711,9 @@ _threads = _DaemonThreads()
 #: Set, in the task awaiting :func:`execute`, to a callable saying whether that task, cancelled while a sync worker's
 #: thread runs, goes on waiting for the thread and returns its real answer (a runtime that feeds late answers to the
 #: kernel while its run is live) instead of raising ``CancelledError``; asked at each cancel. Unset: a cancel stops
-#: the wait. Either way, an attempt cancelled while it still waits for a free thread is never called.
+#: the wait. Either way, an attempt cancelled while it still waits for a free thread is never called. When the
+#: callable has a ``thread_submitted`` method, it is handed the job's ``concurrent.futures.Future`` as the job is
+#: queued (its ``running()``/``done()`` then say whether the worker was called).
 wait_for_thread: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "flowdsl_wait_for_thread", default=None)
 
@@ -720,6 +722,9 @@ async def _in_thread(fn: Callable[..., Any], data: Any, ctx: StepContext) -> Any
     context = contextvars.copy_context()
     context.run(wait_for_thread.set, None)  # the runtime's, for this wait: not the worker's own calls
     future = _threads.submit(lambda: context.run(fn, data, ctx))
+    submitted = getattr(wait_for_thread.get(), "thread_submitted", None)
+    if submitted is not None:
+        submitted(future)
     while True:
         try:
             return await asyncio.wrap_future(future)

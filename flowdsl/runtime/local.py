@@ -44,9 +44,9 @@ stop half-way, its state moved on and its commands not carried out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
-import functools
 import logging
 import math
 import os
@@ -85,7 +85,16 @@ from flowdsl.runtime.record import (
     new_run_id,
     record_path,
 )
-from flowdsl.runtime.report import NOT_STARTED, RunResult, in_doubt_items, may_complete_late, stopped_while
+from flowdsl.runtime.report import (
+    NOT_STARTED,
+    RunResult,
+    attempt_label,
+    in_doubt_items,
+    may_complete_late,
+    stopped_at_once,
+    stopped_waiting,
+    stopped_while,
+)
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
 __all__ = ["LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id",
@@ -207,13 +216,38 @@ def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]
 
 
 class _Attempt:
-    """A dispatched attempt: its command and the task running it (None once it answered eagerly)."""
+    """A dispatched attempt: its command, the task running it (None once it answered eagerly) and, for a sync
+    worker, its thread's job (None until queued)."""
 
-    __slots__ = ("command", "task")
+    __slots__ = ("command", "task", "thread")
 
     def __init__(self, command: dict[str, Any]):
         self.command = command
         self.task: asyncio.Task[None] | None = None
+        self.thread: concurrent.futures.Future[Any] | None = None
+
+    def called(self) -> bool:
+        """Whether its sync worker was called (its thread's job began; it may have finished), not still queued
+        for a free thread — or cancelled there, never to run."""
+        job = self.thread
+        return job is not None and not job.cancelled() and (job.running() or job.done())
+
+
+class _ThreadWait:
+    """``execute.wait_for_thread`` for one attempt: whether to go on waiting for its thread after a cancel
+    (:meth:`LocalRun._waits_for`), and where its thread's job is kept."""
+
+    __slots__ = ("attempt", "run")
+
+    def __init__(self, run: LocalRun, attempt: _Attempt):
+        self.run = run
+        self.attempt = attempt
+
+    def __call__(self) -> bool:
+        return self.run._waits_for(self.attempt.command["task_id"])
+
+    def thread_submitted(self, job: concurrent.futures.Future[Any]) -> None:
+        self.attempt.thread = job
 
 
 class LocalRun:
@@ -417,6 +451,7 @@ class LocalRun:
                                       wall_ms=(time.perf_counter() - self._perf0) * 1000.0,
                                       record_path=self.record_path, record_error=self.record_error)
         result.intervention = {"steps": left_to_undo(self.plan, self.state)}
+        result.in_doubt = self.in_doubt
         return result
 
     @property
@@ -575,7 +610,7 @@ class LocalRun:
         completion. Once the run is over, a cancel stops the wait and nothing is fed — unless the run's end is
         held for this attempt (:meth:`_finish`)."""
         task_id = attempt.command["task_id"]
-        wait_for_thread.set(functools.partial(self._waits_for, task_id))
+        wait_for_thread.set(_ThreadWait(self, attempt))
         try:
             event = await work
         except asyncio.CancelledError:
@@ -643,10 +678,7 @@ class LocalRun:
         :func:`~flowdsl.runtime.report.may_complete_late`), the run's end is held for it, at most ``late_grace``
         seconds, and its answer is fed as any late answer: a success makes the run ``needs_intervention``."""
         if self._lingering is None:
-            held = {task_id: attempt for task_id, attempt in self._tasks.items()
-                    if attempt.task is not None and attempt.command["kind"] in ("task", "fallback")
-                    and task_id not in self.state["tasks"] and not cancellable(attempt.command, self.registry)
-                    and may_complete_late(self.plan, self.state, attempt.command["step"])}
+            held = self._hung()
             if held:
                 self._linger(held)
                 return
@@ -654,6 +686,20 @@ class LocalRun:
             self._check_wait()
             return
         self._close()
+
+    def _hung(self, late_only: bool = True) -> dict[str, _Attempt]:
+        """The attempts the kernel gave up on (it no longer counts them in flight) whose sync worker was called and
+        has not been heard from — its thread still runs, or its answer is on its way — of steps whose success
+        would be a late completion (``late_only``), or of every step with a compensation that has not succeeded
+        (a run stopped at once: nothing will hear them)."""
+        hung = {}
+        for task_id, attempt in self._tasks.items():
+            if attempt.task is None or task_id in self.state["tasks"] or not attempt.called() \
+                    or attempt.command["kind"] not in ("task", "fallback"):
+                continue
+            if may_complete_late(self.plan, self.state, attempt.command["step"], any_end=not late_only):
+                hung[task_id] = attempt
+        return hung
 
     def _close(self) -> None:
         self._finished = True
@@ -680,7 +726,7 @@ class LocalRun:
         self._linger_timer = self._loop.call_later(self.late_grace, self._stop_waiting,
                                                    f"after {self.late_grace:g} s, the late_grace")
         timed_out = {e["task_id"] for e in self.events if e["type"] == "step_timed_out"}
-        said = ", ".join(f"{a['step']} (attempt {a['attempt']}{' timed out' if a['task_id'] in timed_out else ''})"
+        said = ", ".join(f"{a['step']} ({attempt_label(a)}{' timed out' if a['task_id'] in timed_out else ''})"
                          for a in attempts)
         stops = next((f"; {'Ctrl-C' if s == signal.SIGINT else signal.Signals(s).name} stops waiting"
                       for s in self._signals if s != getattr(signal, "SIGHUP", None)), "")
@@ -715,7 +761,7 @@ class LocalRun:
         self._write({"type": "runtime_waited", "at": self._now(), "run_id": self.run_id, "status": self.status,
                      "reason": reason, "unanswered": left})
         if left:
-            self.in_doubt = in_doubt_items(self.plan, self.state, left, reason, self.events)
+            self.in_doubt = in_doubt_items(self.plan, self.state, left, stopped_waiting(reason), self.events)
         if self.in_doubt:
             steps = ", ".join(item["step"] for item in self.in_doubt)
             self._notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have completed; check "
@@ -735,10 +781,14 @@ class LocalRun:
                 self._cancel_soon(attempt.task)
 
     def _stop(self, reason: str) -> None:
+        unanswered = _attempts(self._hung(late_only=False).values()) if self.state else []
+        if unanswered:  # nothing will hear these threads: what they did is unknown
+            self.in_doubt = in_doubt_items(self.plan, self.state, unanswered, stopped_at_once(reason), self.events,
+                                           any_end=True)
         self._finished = True
         self._release()
         self._write({"type": "runtime_aborted", "at": self._now(), "run_id": self.run_id, "reason": reason,
-                     "status": self.state.get("status")})
+                     "status": self.state.get("status"), "unanswered": unanswered})
 
     def _fail_hard(self, exc: Exception, what: str = "the kernel rejected an event of") -> None:
         said = f"{type(exc).__name__}: {error_message(exc)}"
@@ -827,6 +877,11 @@ class LocalRun:
         name = signal.Signals(signum).name
         verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
         if self._lingering is not None and not self._finished:  # the run has ended: only the wait stops
+            if name == "SIGHUP":  # nobody may be watching any more: waiting out the bound harms nothing, and a
+                # closing terminal's second hangup would otherwise find the run returned and kill the process
+                self._notice(f"{verb}: still waiting for the attempts the run gave up on, at most "
+                             f"{self.late_grace:g} s (Ctrl-C or SIGTERM stops waiting)")
+                return
             self._notice(f"{verb}: no longer waiting for the attempts the run gave up on")
             self._stop_waiting(f"{label} stopped the wait")
             return

@@ -25,9 +25,9 @@ from typing import Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS, LLM_NOT_CONFIGURED, in_doubt, left_to_undo, replay, summary
 
-__all__ = ["EXIT_CODES", "NOT_STARTED", "LiveView", "RunResult", "critical_path", "exit_code", "fallback_text",
-           "in_doubt_items", "llm_calls_of", "may_complete_late", "print_summary", "print_timeline",
-           "record_end_note", "result_from_record", "stopped_while", "timing"]
+__all__ = ["EXIT_CODES", "NOT_STARTED", "LiveView", "RunResult", "attempt_label", "critical_path", "exit_code",
+           "fallback_text", "in_doubt_items", "llm_calls_of", "may_complete_late", "print_summary", "print_timeline",
+           "record_end_note", "result_from_record", "stopped_at_once", "stopped_waiting", "stopped_while", "timing"]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
@@ -44,7 +44,8 @@ _MAX_ROWS = 40
 
 
 def exit_code(status: str) -> int:
-    """0 completed; 1 failed, compensated or cancelled; 4 needs_intervention (anything else: 1)."""
+    """By the end state alone: 0 completed; 1 failed, compensated or cancelled; 4 needs_intervention (anything
+    else: 1). A run's own code is :attr:`RunResult.exit_code`: 4 also when a step is in doubt."""
     return EXIT_CODES.get(status, 1)
 
 
@@ -199,7 +200,7 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     result = RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
     if result.status not in END_STATES and any(e.get("type") == "runtime_aborted" for e in lines):
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
-    result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted)
+    result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted, path)
     return result
 
 
@@ -210,59 +211,121 @@ RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited")
 _WAIT_CUT = "the record ends during the wait: its process stopped"
 
 
-def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: str) -> bool:
+def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: str, *, any_end: bool = False) -> bool:
     """Whether a success, now, of an attempt of ``step`` that the run gave up on would be a late completion
     (docs/kernel.md, "Late completions"): the step has a compensation, ended ``failed`` or ``cancelled``, has no late
-    completion yet, and the run is under rules that have them. What the local runtime waits for after the run's end."""
+    completion yet, and the run is under rules that have them. What the local runtime waits for after the run's end.
+    ``any_end``: whatever the step's status short of ``succeeded`` (a run stopped at once, which hears nothing
+    more: such a success would have an effect nobody undoes)."""
     rec = state["nodes"].get(step)
-    if rec is None or rec["status"] not in ("failed", "cancelled") or "late_completions" not in state:
+    if rec is None or "late_completions" not in state:
+        return False
+    if rec["status"] == "succeeded" if any_end else rec["status"] not in ("failed", "cancelled"):
         return False
     if not (plan["nodes"].get(rec["node"]) or {}).get("compensate"):
         return False
     return all(entry["step"] != step for entry in state["late_completions"])
 
 
+def attempt_label(attempt: Mapping[str, Any]) -> str:
+    """``attempt 2``, or ``fallback attempt 1`` for an attempt of the step's fallback worker (task id ``…#f1``)."""
+    fallback = "#f" in str(attempt.get("task_id", ""))
+    return f"{'fallback ' if fallback else ''}attempt {attempt.get('attempt')}"
+
+
 def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterable[Mapping[str, Any]], why: str,
-                   events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+                   events: Iterable[Mapping[str, Any]], *, any_end: bool = False) -> list[dict[str, Any]]:
     """The steps whose outcome is unknown, for :attr:`RunResult.in_doubt`: of ``attempts`` (``{task_id, step,
-    attempt}``: attempts the run gave up on that had not answered when the runtime stopped waiting, ``why``), those
-    whose success would still be a late completion (:func:`may_complete_late`), one item per step, latest started
-    first, as ``kernel.in_doubt`` gives it, with ``task_ids`` and a ``reason`` saying what happened."""
+    attempt}``: attempts the run gave up on that had not answered when ``why``, a clause), those
+    whose success would still be a late completion (:func:`may_complete_late`, ``any_end`` as there), one item per
+    step, latest started first, as ``kernel.in_doubt`` gives it, with ``task_ids`` and a ``reason`` saying what
+    happened."""
     timed_out = {e.get("task_id") for e in events if e.get("type") == "step_timed_out"}
     by_step: dict[str, list[Mapping[str, Any]]] = {}
     for attempt in attempts:
-        if may_complete_late(plan, state, attempt["step"]):
+        if may_complete_late(plan, state, attempt["step"], any_end=any_end):
             by_step.setdefault(attempt["step"], []).append(attempt)
     order = sorted(by_step, key=lambda k: (-state["nodes"][k].get("t0", 0), k))
     items = in_doubt(plan, state, order)
     for item in items:
         mine = by_step[item["step"]]
-        numbers = ", ".join(str(a["attempt"]) for a in mine)
+        numbers = ", ".join(attempt_label(a) for a in mine)
         what = "timed out" if all(a["task_id"] in timed_out for a in mine) else "timed out or was cancelled"
         item["task_ids"] = [a["task_id"] for a in mine]
-        item["reason"] = (f"the run gave up on attempt {numbers} of the step (it {what}), but its worker was still "
-                          f"running when the runtime stopped waiting for it ({why}): it may have completed, and its "
-                          "compensation was never run")
+        item["reason"] = (f"the run gave up on {numbers} of the step (it {what}), but its worker was still "
+                          f"running when {why}: it may have completed, and its compensation was never run")
     return items
 
 
 def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list[dict[str, Any]],
-                        emitted: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What a record's ``runtime_waiting`` line says is in doubt: its attempts that no input event after it
-    answered (a ``ValueError`` when the line is malformed)."""
-    start = next((i for i, e in enumerate(lines) if e.get("type") == "runtime_waiting"), None)
-    if start is None:
+                        emitted: list[dict[str, Any]], path: Path | None = None) -> list[dict[str, Any]]:
+    """What a record's runtime lines say is in doubt: the attempts of its ``runtime_waiting`` line that no input
+    event after it answered, or the ``unanswered`` attempts of its ``runtime_aborted`` line (a run stopped at once).
+    A runtime line that is malformed, or out of its place, is a ``RecordError`` naming it."""
+    from flowdsl.runtime.record import RecordError
+
+    def refuse(i: int, why: str) -> RecordError:
+        return RecordError(f"{_where(lines, i, path)}: {why}; {_CHANGED}")
+
+    def attempts_of(i: int, field: str, required: bool = True) -> list[dict[str, Any]]:
+        value = lines[i].get(field)
+        if value is None and not required:
+            return []  # (a record of an earlier version)
+        if not isinstance(value, list) or not all(
+                isinstance(a, dict) and isinstance(a.get("task_id"), str) and isinstance(a.get("step"), str)
+                and a["step"] in state["nodes"] and isinstance(a.get("attempt"), int) for a in value):
+            raise refuse(i, f"its '{field}' is not a list of the attempts of this run's steps")
+        return value
+
+    finished = next((i for i, e in enumerate(lines) if e.get("type") == "run_finished"), None)
+    waiting = aborted = None
+    for i, event in enumerate(lines):
+        kind = event.get("type")
+        if kind == "runtime_waiting":
+            if finished is None or i < finished or waiting is not None:
+                raise refuse(i, "a 'runtime_waiting' line comes once, after the run's end ('run_finished')")
+            waiting = i
+            attempts_of(i, "attempts")
+        elif kind == "runtime_waited":
+            if waiting is None or not isinstance(event.get("reason"), str):
+                raise refuse(i, "a 'runtime_waited' line follows a 'runtime_waiting' one and gives a 'reason'")
+            attempts_of(i, "unanswered")
+        elif kind == "runtime_aborted":
+            if not isinstance(event.get("reason"), str):
+                raise refuse(i, "a 'runtime_aborted' line gives a 'reason'")
+            aborted = i
+            attempts_of(i, "unanswered", required=False)
+    if aborted is not None:
+        left = attempts_of(aborted, "unanswered", required=False)
+        return in_doubt_items(plan, state, left, stopped_at_once(lines[aborted]["reason"]), emitted, any_end=True)
+    if waiting is None:
         return []
-    attempts = lines[start].get("attempts")
-    if not isinstance(attempts, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("task_id"), str) and isinstance(a.get("step"), str)
-            and a["step"] in state["nodes"] and isinstance(a.get("attempt"), int) for a in attempts):
-        raise ValueError(f"the record's 'runtime_waiting' line is malformed (its 'attempts'); {_CHANGED}")
-    rest = lines[start + 1:]
+    rest = lines[waiting + 1:]
     answered = {e.get("task_id") for e in rest if e.get("type") in ("task_succeeded", "task_failed", "task_cancelled")}
     end = next((e for e in rest if e.get("type") == "runtime_waited"), None)
     why = str(end.get("reason")) if end is not None else _WAIT_CUT
-    return in_doubt_items(plan, state, [a for a in attempts if a["task_id"] not in answered], why, emitted)
+    left = [a for a in attempts_of(waiting, "attempts") if a["task_id"] not in answered]
+    return in_doubt_items(plan, state, left, stopped_waiting(why), emitted)
+
+
+def stopped_waiting(reason: str) -> str:
+    """The clause of an in-doubt ``reason`` for a wait after the run's end that stopped (``reason``)."""
+    return f"the runtime stopped waiting for it ({reason})"
+
+
+def stopped_at_once(reason: str) -> str:
+    """The clause of an in-doubt ``reason`` for a run stopped at once (``reason``: the ``runtime_aborted`` one)."""
+    return f"the run was stopped at once ({reason})"
+
+
+def _where(lines: list[dict[str, Any]], i: int, path: Path | None) -> str:
+    """Where line ``i`` of a record is: ``file:line`` when ``lines`` came from ``read_record``."""
+    numbers = getattr(lines, "line_numbers", None)
+    if numbers is None:
+        return f"event {i + 1} of the record"
+    return f"{path}:{numbers[i]}" if path is not None else f"line {numbers[i]}"
+
+
 _CHANGED = "the record was changed after it was written, or was made by another version"
 
 
@@ -295,12 +358,7 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
         else:
             why = (f"the event {kind!r} (step {event.get('step')!r}, 'seq' {seq!r}) is not what replaying the run "
                    f"emits there ({again.get('type')!r}, step {again.get('step')!r})")
-        numbers = getattr(lines, "line_numbers", None)
-        if numbers is None:
-            where = f"event {i + 1} of the record"
-        else:
-            where = f"{path}:{numbers[i]}" if path is not None else f"line {numbers[i]}"
-        raise RecordError(f"{where}: {why}; {_CHANGED}")
+        raise RecordError(f"{_where(lines, i, path)}: {why}; {_CHANGED}")
 
 
 def _not_started(plan: dict[str, Any], header: Mapping[str, Any], path: Path | None) -> RunResult:

@@ -440,3 +440,139 @@ def test_flowdsl_run_takes_late_grace_as_an_option(tmp_path: Path) -> None:
     assert "after 0.3 s, the late_grace" in result["in_doubt"][0]["reason"]
     refused = flowdsl("--late-grace", "-1")
     assert refused.returncode == 2 and "Invalid value for '--late-grace'" in refused.stderr
+
+
+# --- after review: a run stopped at once, SIGHUP during the wait, attempts never called, malformed records ----------
+
+
+def test_a_run_stopped_at_once_lists_a_timed_out_sync_charge_still_running_in_doubt(tmp_path: Path) -> None:
+    """abort() (a second Ctrl-C) while the run undoes ``a`` and the charge's thread, timed out, still runs: nothing
+    will hear that thread, so the charge is in doubt — in RunAborted's result, the runtime_aborted line and
+    `flowdsl show` — besides ``a`` left to undo."""
+    from flowdsl.runtime.local import RunAborted
+
+    go, returned = threading.Event(), threading.Event()
+    reg = _charging(go, returned)
+    undoing = asyncio.Event()
+
+    async def a(data: Any, ctx: Any) -> dict[str, Any]:
+        return {}
+
+    async def undo_a(data: Any, ctx: Any) -> dict[str, Any]:
+        undoing.set()
+        await asyncio.sleep(HUNG)
+        return {}
+
+    reg.register("a", a)
+    reg.register("undo_a", undo_a)
+
+    async def main() -> Any:
+        run = LocalRun(PLAN, {}, run_id="stop1", runs_dir=tmp_path, registry=reg, import_workers=False,
+                       late_grace=HUNG)
+        task = asyncio.ensure_future(run.run())
+        await asyncio.wait_for(undoing.wait(), HUNG)
+        run.abort("a second Ctrl-C")
+        with pytest.raises(RunAborted) as caught:
+            await asyncio.wait_for(task, HUNG)
+        return caught.value.result
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        go.set()
+    assert [(i["step"], i["status"]) for i in result.intervention["steps"]] == [("a", "in_flight")]
+    (item,) = result.in_doubt
+    assert (item["step"], item["worker"], item["task_ids"]) == ("charge", "refund", ["stop1/charge#1"])
+    assert "when the run was stopped at once (a second Ctrl-C)" in item["reason"]
+    _, lines = read_record(tmp_path / "stop1.jsonl")
+    assert lines[-1]["type"] == "runtime_aborted"
+    assert lines[-1]["unanswered"] == [{"task_id": "stop1/charge#1", "step": "charge", "attempt": 1}]
+    assert _show_json(tmp_path / "stop1.jsonl")["in_doubt"] == result.in_doubt
+
+
+def test_an_attempt_still_queued_for_a_thread_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread for sync workers, two runs: run 1's charge times out still queued behind run 2's — its worker is
+    never called, so run 1 ends failed at once, nothing announced, nothing in doubt; run 2's charge, called, is."""
+    import flowdsl.runtime.execute as execute
+
+    monkeypatch.setattr(execute, "_threads", execute._DaemonThreads(limit=1))  # a pool of its own: one thread
+    go, returned = threading.Event(), threading.Event()
+    notices: dict[str, list[str]] = {"q0": [], "q1": []}
+
+    async def main() -> list[Any]:
+        runs = [LocalRun(LONE, {}, run_id=rid, record=False, registry=_charging(go, returned), import_workers=False,
+                         late_grace=0.3, on_notice=notices[rid].append) for rid in ("q0", "q1")]
+        return list(await asyncio.wait_for(asyncio.gather(*(r.run() for r in runs)), HUNG))
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        go.set()
+    assert (first.status, first.exit_code, [i["step"] for i in first.in_doubt]) == ("failed", 4, ["charge"])
+    assert (second.status, second.exit_code, second.in_doubt) == ("failed", 1, [])
+    assert notices["q1"] == [] and any("waiting up to 0.3 s" in n for n in notices["q0"])
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda lines: lines[-1].update(unanswered=5), "its 'unanswered' is not a list of the attempts"),
+    (lambda lines: lines.insert(2, lines.pop(next(i for i, e in enumerate(lines) if e["type"] == "runtime_waiting"))),
+     "a 'runtime_waiting' line comes once, after the run's end"),
+    (lambda lines: lines.pop(next(i for i, e in enumerate(lines) if e["type"] == "runtime_waiting")),
+     "a 'runtime_waited' line follows a 'runtime_waiting' one"),
+])
+def test_show_refuses_a_runtime_line_out_of_shape_or_place_naming_it(tmp_path: Path, edit: Any, said: str) -> None:
+    from typer.testing import CliRunner
+
+    from flowdsl.cli import app
+
+    go, returned = threading.Event(), threading.Event()
+    try:
+        asyncio.run(asyncio.wait_for(run_flow(LONE, {}, run_id="bad", runs_dir=tmp_path, late_grace=0.1,
+                                              registry=_charging(go, returned), import_workers=False), HUNG))
+    finally:
+        go.set()
+    path = tmp_path / "bad.jsonl"
+    header, *lines = [json.loads(line) for line in path.read_text().splitlines()]
+    edit(lines)
+    path.write_text("".join(json.dumps(e) + "\n" for e in [header, *lines]))
+    for fmt in ("text", "json"):
+        shown = CliRunner().invoke(app, ["show", str(path), "--format", fmt])
+        assert shown.exit_code == 2 and said in shown.output and f"{path}:" in shown.output, shown.output
+        assert "Traceback" not in shown.output
+
+
+def test_a_hangup_during_the_wait_does_not_stop_it(tmp_path: Path) -> None:
+    """Two SIGHUPs (a closing terminal) while `flowdsl run` waits for the charge's thread: it says it waits on,
+    and ends at the bound — exit 4, the charge in doubt — instead of dying of the second hangup."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.runtime.conformance import HEADER
+
+    root = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "hup.yaml"
+    spec.write_text(HEADER.format(name="hup") + "steps:\n  - sync.b: {compensate: undo.b, timeout: 100ms}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(spec), "--format", "json",
+         "--set", 'script={"b": {"hang": true}}', "--runs-dir", str(tmp_path), "--run-id", "h1", "--late-grace", "2"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    record = tmp_path / "h1.jsonl"
+    deadline = time.monotonic() + 30
+    try:
+        while '"runtime_waiting"' not in (record.read_text() if record.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not begin its wait"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGHUP)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, err
+    (item,) = json.loads(out)["in_doubt"]
+    assert "(after 2 s, the late_grace)" in item["reason"]
+    assert err.count("still waiting for the attempts the run gave up on") == 2
