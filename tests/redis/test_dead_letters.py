@@ -382,3 +382,34 @@ def test_other_redis_errors_are_failures(message: str) -> None:
     from flowdsl.runtime.redis.wire import _error
 
     assert not server_unwell(_error(message)) and not server_unwell(redis.ResponseError(message))
+
+
+def test_a_worker_starting_while_redis_refuses_work_waits_it_out(prefix: str) -> None:
+    """Started while Redis is out of memory, a worker is not refused as misconfigured (exit 2: its supervisor
+    would give up on it): it waits with backoff, and serves once memory is back."""
+    server = RedisServer().start()
+    try:
+        admin = server.client()
+
+        async def main() -> Any:
+            async with RedisClient(server.url, prefix=prefix) as client:
+                sub = await client.submit(compile_text(SAGA), {"script": {}})
+                admin.config_set("maxmemory-policy", "noeviction")
+                admin.config_set("maxmemory", 1)
+                worker = worker_here(server.url, prefix)
+                serving_task = asyncio.create_task(worker.serve())
+                await asyncio.sleep(1.0)
+                waited = not serving_task.done()
+                admin.config_set("maxmemory", 0)
+                try:
+                    result = await asyncio.wait_for(client.follow(sub.run_id), 30)
+                finally:
+                    worker.stop()
+                    stats = await serving_task
+                return waited, result, stats
+
+        waited, result, stats = asyncio.run(main())
+        assert waited and result.status == "completed" and stats.failure is None
+        assert admin.info("errorstats")["errorstat_OOM"]["count"] > 0  # it was refused meanwhile
+    finally:
+        server.cleanup()

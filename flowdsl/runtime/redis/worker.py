@@ -407,16 +407,17 @@ class RedisWorker(Upkeep):
                 return result
             except (*_REFUSED, *TRANSIENT) as exc:
                 refusal = _refusal(exc) if what == "connecting" else None
-                if refusal is not None:
+                unwell = server_unwell(refusal or exc)  # out of memory, a read-only replica, …: for now
+                if refusal is not None and not unwell:
                     # Redis answered, and said no: a wrong password or user, a missing permission, a database
                     # number it does not have, or not Redis at all. Retrying cannot help: a configuration error.
                     raise RedisConfigError(f"Redis at {describe_url(resolve_url(self.url))} refused the worker "
                                            f"while {what}: {type(refusal).__name__}: {refusal}") from None
-                if not isinstance(exc, TRANSIENT):
+                if not (isinstance(exc, TRANSIENT) or unwell):
                     raise
                 if backoff.failures == 0:
-                    log.warning("worker %s: Redis unreachable while %s (%s); retrying with backoff",
-                                self.name, what, exc)
+                    log.warning("worker %s: Redis %s while %s (%s); retrying with backoff", self.name,
+                                "refusing work for now" if unwell else "unreachable", what, exc)
                 if self._stopping:
                     raise
                 await backoff.wait()
