@@ -800,11 +800,11 @@ def dead_letters(
     prefix: PrefixOpt = None,
     retry: Annotated[list[str] | None, typer.Option(
         "--retry", help="put this dead letter back on its stream (repeatable)", metavar="ID")] = None,
-    retry_all: Annotated[bool, typer.Option("--retry-all", help="put every listed dead letter back")] = False,
+    retry_all: Annotated[bool, typer.Option("--retry-all", help="put every dead letter back (however many)")] = False,
     delete: Annotated[list[str] | None, typer.Option(
         "--delete", help="delete this dead letter for good (repeatable)", metavar="ID")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=100000,
-                                       help="at most this many, oldest first")] = 100,
+                                       help="list at most this many, oldest first")] = 100,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """List the messages worker processes set aside because they could not be handled, or put them back.

@@ -199,13 +199,38 @@ def test_a_run_cancelled_while_its_step_is_a_dead_letter_ends_once_the_message_i
 
 def test_a_storm_of_version_conflicts_is_not_a_failure_of_the_message(
         url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Other processes writing the run first, a thousand times in a row (``Contended``): the entry is handled
-    again after the lease, uncounted, however often; the run completes once the storm is over."""
+    """Other processes writing the run first, a thousand times in a row (``Contended``), while a worker reports a
+    result: the worker keeps the result and reports it again with backoff — the step is not run again, and
+    nothing is counted against the message; the run completes once the storm is over."""
     calls, registries, bug = _with_a_bug("b", monkeypatch, Contended("run r: gave up after 1000 version conflicts"))
     spec = "flowdsl: 1\nname: dl\nsteps: [dl.a, dl.b]\n"
 
     async def body(client: RedisClient, run_id: str) -> Any:
-        while len(calls["b"]) < 4:  # three handlings failed, all past the threshold of 2
+        while not calls["b"]:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # five leases of conflicts
+        bug["on"] = False
+        return await client.follow(run_id), await client.dead_letters()
+
+    result, letters = asyncio.run(_served_by_a_and_b(url, prefix, registries, spec, body, lease_s=0.2))
+    assert result.status == "completed" and letters == [] and len(calls["b"]) == 1
+
+
+def test_a_start_that_meets_a_storm_of_version_conflicts_is_tried_again_uncounted(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, registries, bug = _with_a_bug("start", monkeypatch, Contended("run r: gave up after 1000 version conflicts"))
+    spec = "flowdsl: 1\nname: dl\nsteps: [dl.a, dl.b]\n"
+    tries: list[str] = []
+    original = Advancer.start  # (the bug's): count the tries
+
+    async def start(self: Advancer, run_id: str, **kw: Any) -> str:
+        tries.append(run_id)
+        return await original(self, run_id, **kw)
+
+    monkeypatch.setattr(Advancer, "start", start)
+
+    async def body(client: RedisClient, run_id: str) -> Any:
+        while len(tries) < 4:  # past the threshold of 2, and uncounted
             await asyncio.sleep(0.05)
         bug["on"] = False
         return await client.follow(run_id), await client.dead_letters()
@@ -413,3 +438,80 @@ def test_a_worker_starting_while_redis_refuses_work_waits_it_out(prefix: str) ->
         assert admin.info("errorstats")["errorstat_OOM"]["count"] > 0  # it was refused meanwhile
     finally:
         server.cleanup()
+
+
+def test_a_result_redis_refuses_for_now_is_reported_once_it_takes_it_never_dropped(prefix: str) -> None:
+    """The step's success is in hand when Redis starts refusing writes (out of memory): the worker keeps it and
+    reports it again until Redis takes it. Dropped, the step would be run again after the lease — and a cancel
+    meanwhile cancels that second attempt, leaving the first one's effect standing with nothing to undo it
+    (found by the chaos soak). Here the run is cancelled as memory comes back: the reservation is undone."""
+    server = RedisServer().start()
+    try:
+        admin = server.client()
+        registry = WorkerRegistry()
+        calls: list[str] = []
+        returned = asyncio.Event()
+
+        async def reserve(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            calls.append(ctx.idempotency_key)
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)  # from here on, every write is refused
+            returned.set()
+            return {"reservation": "r1"}
+
+        async def release(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            calls.append(ctx.idempotency_key)
+            return {}
+
+        async def ship(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+            await asyncio.sleep(30)
+            return {}
+
+        for name, fn in (("reserve", reserve), ("release", release), ("ship", ship)):
+            registry.register(name, fn)
+        spec = "flowdsl: 1\nname: oom\nsteps:\n  - reserve: {compensate: release}\n  - ship\n"
+
+        async def main() -> Any:
+            worker = worker_here(server.url, prefix, registry, lease_s=0.3)
+            async with RedisClient(server.url, prefix=prefix) as client:
+                sub = await client.submit(compile_text(spec), {})
+
+                async def body() -> Any:
+                    await asyncio.wait_for(returned.wait(), 10)
+                    await asyncio.sleep(1.0)  # three leases of refused writes
+                    admin.config_set("maxmemory", 0)
+                    await client.cancel(sub.run_id)
+                    return await client.follow(sub.run_id)
+
+                return await serving([worker], body)
+
+        result = asyncio.run(main())
+        assert (result.status, result.compensated) == ("cancelled", ["reserve"])
+        assert calls == [f"{result.run_id}/reserve", f"{result.run_id}/reserve/compensate"]  # reserve ran once
+        assert admin.info("errorstats")["errorstat_OOM"]["count"] > 0
+    finally:
+        server.cleanup()
+
+
+def test_retry_all_puts_back_every_dead_letter_and_odd_field_names_stay_apart(url: str, prefix: str) -> None:
+    keys = Keys(prefix)
+
+    async def setup() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            for n in range(120):
+                await client.redis.xadd(keys.queue("conf.a"), {b"m": b"x%d" % n})
+            await client.redis.xadd(keys.queue("conf.a"), {b"\xff": b"1", b"\xfe": b"2"})  # names not UTF-8
+            await asyncio.wait_for(worker_here(url, prefix, burst=True).serve(), 60)
+
+    asyncio.run(setup())
+    runner = CliRunner()
+
+    def cli(*args: str) -> Any:
+        return runner.invoke(app, ["dead-letters", "--redis-url", url, "--prefix", prefix, "--format", "json", *args])
+
+    assert len(json.loads(cli().stdout)) == 100  # a listing shows 100 unless told
+    listed = json.loads(cli("-n", "1000").stdout)
+    assert len(listed) == 121 and listed[-1]["fields"] == {"\\xff": "1", "\\xfe": "2"}  # both names, apart
+    put_back = cli("--retry-all")
+    assert put_back.exit_code == 0 and len(json.loads(put_back.stdout)["requeued"]) == 121
+    assert json.loads(cli().stdout) == []

@@ -130,7 +130,7 @@ class DeadLetter:
 
 def _dead_letter(entry_id: bytes | str, raw: Any) -> DeadLetter:
     fields = entry_fields(raw)
-    meta = {k.decode(errors="replace"): v for k, v in fields.items() if not k.startswith(b"f:")}
+    meta = {k.decode(errors="backslashreplace"): v for k, v in fields.items() if not k.startswith(b"f:")}
     dead_id = _text(entry_id)
 
     def number(name: str) -> int:
@@ -142,7 +142,7 @@ def _dead_letter(entry_id: bytes | str, raw: Any) -> DeadLetter:
     return DeadLetter(dead_id, _text(meta.get("stream")), _text(meta.get("id")),
                       meta.get("reason", b"").decode(errors="replace"), _text(meta.get("consumer")),
                       number("deliveries"), number("failures"),
-                      {k[2:].decode(errors="replace"): v for k, v in fields.items() if k.startswith(b"f:")},
+                      {k[2:].decode(errors="backslashreplace"): v for k, v in fields.items() if k.startswith(b"f:")},
                       int(dead_id.partition("-")[0]))
 
 
@@ -479,27 +479,25 @@ class RedisClient:
 
     # --- dead letters -----------------------------------------------------------------------
 
-    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
-        """The entries set aside because they could not be handled, oldest first (at most ``limit``)."""
-        reply = await self.store.call("XRANGE", self.keys.dead, "-", "+", "COUNT", limit)
-        return [_dead_letter(entry_id, raw) for entry_id, raw in reply or ()]
+    async def dead_letters(self, *, limit: int | None = 100) -> list[DeadLetter]:
+        """The entries set aside because they could not be handled, oldest first (at most ``limit``; None: all)."""
+        found: list[DeadLetter] = []
+        start = "-"
+        while limit is None or len(found) < limit:
+            page = 1000 if limit is None else min(1000, limit - len(found))
+            reply = await self.store.call("XRANGE", self.keys.dead, start, "+", "COUNT", page)
+            found += [_dead_letter(entry_id, raw) for entry_id, raw in reply or ()]
+            if not reply or len(reply) < page:
+                break
+            start = "(" + _text(reply[-1][0])
+        return found
 
     async def dead_letters_of(self, run_id: str) -> list[DeadLetter]:
         """The dead letters whose message names run ``run_id`` — of this run: a task message of an earlier run of
         the same id (expired since) carries another generation and is left out — oldest first, all of them."""
         born = await self.store.call("HGET", self.keys.run(run_id), "born")
-        found: list[DeadLetter] = []
-        start = "-"
-        while True:
-            reply = await self.store.call("XRANGE", self.keys.dead, start, "+", "COUNT", 1000)
-            for entry_id, raw in reply or ():
-                letter = _dead_letter(entry_id, raw)
-                generation = letter.fields.get("g")
-                if (letter.message or {}).get("run_id") == run_id and (generation is None or generation == born):
-                    found.append(letter)
-            if not reply or len(reply) < 1000:
-                return found
-            start = "(" + _text(reply[-1][0])
+        return [letter for letter in await self.dead_letters(limit=None)
+                if (letter.message or {}).get("run_id") == run_id and letter.fields.get("g", born) == born]
 
     async def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter; raises :class:`DeadLetterNotFound` (``ValueError`` for an id that cannot be one)."""
@@ -516,7 +514,7 @@ class RedisClient:
         tasks held under the original, as after a crash, and handles it as new."""
         letter = await self.dead_letter(dead_id)
         taken = letter.fields.get("t")
-        trigger = taken.decode(errors="replace") if taken else Keys.trigger(letter.stream, letter.entry_id)
+        trigger = taken.decode(errors="backslashreplace") if taken else Keys.trigger(letter.stream, letter.entry_id)
         code, new_id = await self.store.requeue(dead_id, letter.stream, trigger)
         if code == 0:
             raise DeadLetterNotFound(dead_id, self.keys.prefix)  # put back or deleted meanwhile

@@ -432,7 +432,7 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
                 else:
                     _print_dead_letters(letters, console)
                 return 0
-            ids = [letter.id for letter in await client.dead_letters(limit=limit)] if retry_all else \
+            ids = [letter.id for letter in await client.dead_letters(limit=None)] if retry_all else \
                 list(dict.fromkeys(retry or delete))
             done: list[dict[str, str]] = []
             failure: Exception | None = None

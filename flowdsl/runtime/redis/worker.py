@@ -96,6 +96,11 @@ def _refusal(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _for_now(exc: BaseException) -> bool:
+    """Whether ``exc`` only says Redis cannot do it now (unreachable, or refusing work: out of memory, …)."""
+    return isinstance(exc, TRANSIENT) or server_unwell(exc)
+
+
 def _describe(exc: BaseException, limit: int = 500) -> str:
     text = describe_exception(exc)
     return text if len(text) <= limit else text[:limit - 1] + "…"
@@ -731,14 +736,20 @@ class RedisWorker(Upkeep):
                       chain: Chain | None) -> None:
         mode = "strict" if event["type"] == "task_cancelled" else "lease"
         backoff: Backoff | None = None
-        while True:  # report until Redis takes it (the heartbeat keeps the lease meanwhile)
+        while True:  # report until Redis takes it (the heartbeat keeps the lease meanwhile): a result in hand is
+            # never dropped for an outage or a refusal for now (out of memory, …) — the step would run again
             try:
                 outcome = await self.advancer.apply_event(held.run_id, event, guard=(held.task_id, mode, held.token),
                                                           reporter=self.name if mode == "lease" else "", ack=ack,
                                                           recover=backoff is not None, chain=chain)
                 break
-            except TRANSIENT:
-                backoff = backoff or Backoff()
+            except Exception as exc:
+                if not (_for_now(exc) or isinstance(exc, Contended)):
+                    raise
+                if backoff is None:
+                    backoff = Backoff()
+                    log.warning("worker %s: reporting %s failed for now (%s); retrying with backoff", self.name,
+                                held.task_id, _describe(exc))
                 await backoff.wait()
         if outcome == Outcome.REJECTED and mode == "lease":
             self.stats.rejected += 1
@@ -788,8 +799,10 @@ class RedisWorker(Upkeep):
                     outcome = Outcome.REJECTED  # still held by another: the script would refuse it
                 else:
                     outcome = await self.advancer.apply_event(run_id, event, guard=(task_id, "lease", token))
-            except TRANSIENT:
-                outcome = Outcome.REJECTED
+            except Exception as exc:
+                if not _for_now(exc):
+                    raise
+                outcome = Outcome.REJECTED  # tried again next lease
             if outcome == Outcome.APPLIED:
                 self.stats.late += 1
                 log.warning("worker %s: the late result of %s was reported again, its task having ended",
