@@ -493,6 +493,33 @@ def test_a_result_redis_refuses_for_now_is_reported_once_it_takes_it_never_dropp
         server.cleanup()
 
 
+def test_an_entry_put_back_keeps_its_fields_byte_for_byte_and_is_set_aside_again_alike(url: str, prefix: str) -> None:
+    """A put-back entry whose ``t`` is itself unreadable keeps that ``t`` (it is not replaced by a readable one that
+    would let the entry through), and one put back twice keeps the trigger of the first put-back."""
+    keys = Keys(prefix)
+    stream = keys.queue("conf.a")
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.redis.xadd(stream, {b"m": b'{"run_id": "r1", "task_id": "r1/a#1"}', b"t": b"\xff"})
+            await client.redis.xadd(stream, {b"m": b"nope"})
+            rounds = []
+            for _ in range(3):
+                await asyncio.wait_for(worker_here(url, prefix, burst=True).serve(), 30)
+                letters = await client.dead_letters()
+                rounds.append([(letter.fields, letter.reason) for letter in letters])
+                for letter in letters:
+                    await client.requeue_dead_letter(letter.id)
+            return rounds
+
+    first, second, third = asyncio.run(main())
+    assert first[0] == ({"m": b'{"run_id": "r1", "task_id": "r1/a#1"}', "t": b"\xff"},
+                        "its 't' field is not a short ASCII text")
+    assert second[0] == third[0] == first[0]  # set aside again, alike
+    trigger = second[1][0]["t"]
+    assert first[1][0] == {"m": b"nope"} and second[1][0] == third[1][0] == {"m": b"nope", "t": trigger}
+
+
 def test_retry_all_puts_back_every_dead_letter_and_odd_field_names_stay_apart(url: str, prefix: str) -> None:
     keys = Keys(prefix)
 

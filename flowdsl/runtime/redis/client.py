@@ -512,10 +512,8 @@ class RedisClient:
         """Put a dead letter back on the stream it came from (once what made it fail is fixed); returns the new
         entry's id. The entry takes over what the original held: whoever handles it first queues again the
         tasks held under the original, as after a crash, and handles it as new."""
-        letter = await self.dead_letter(dead_id)
-        taken = letter.fields.get("t")
-        trigger = taken.decode(errors="backslashreplace") if taken else Keys.trigger(letter.stream, letter.entry_id)
-        code, new_id = await self.store.requeue(dead_id, letter.stream, trigger)
+        letter = await self.dead_letter(dead_id)  # (an entry that had a ``t`` keeps it: REQUEUE copies it as it is)
+        code, new_id = await self.store.requeue(dead_id, letter.stream, Keys.trigger(letter.stream, letter.entry_id))
         if code == 0:
             raise DeadLetterNotFound(dead_id, self.keys.prefix)  # put back or deleted meanwhile
         if code != 1 or new_id is None:

@@ -415,9 +415,10 @@ return {1, n, dead_id}
 """
 
 #: KEYS: the dead-letter stream, the stream its entry came from. ARGV: the dead-letter id, the trigger to take
-#: over (the original entry's). Puts a dead letter back on its stream as a new entry with its original fields and
-#: ``t`` (the trigger: whoever handles the new entry first takes over the tasks held under the old one, as after
-#: a crash), and deletes the dead letter — at once. Returns {1, new entry id} | {0} (no such dead letter) | {2}
+#: over (the original entry's). Puts a dead letter back on its stream as a new entry with its original fields —
+#: byte for byte — and, unless it had one already (it was put back before), ``t`` (the trigger: whoever handles
+#: the new entry first takes over the tasks held under the old one, as after a crash), and deletes the dead
+#: letter — at once. Returns {1, new entry id} | {0} (no such dead letter) | {2}
 #: (it came from another stream than KEYS[2]).
 REQUEUE = r"""
 local got = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
@@ -425,16 +426,20 @@ if #got == 0 then return {0} end
 local f = got[1][2]
 local fields = {}
 local origin
+local taken = false
 for k = 1, #f, 2 do
   if f[k] == 'stream' then origin = f[k + 1] end
-  if string.sub(f[k], 1, 2) == 'f:' and f[k] ~= 'f:t' then
+  if string.sub(f[k], 1, 2) == 'f:' then
     table.insert(fields, string.sub(f[k], 3))
     table.insert(fields, f[k + 1])
+    if f[k] == 'f:t' then taken = true end
   end
 end
 if origin ~= KEYS[2] then return {2} end
-table.insert(fields, 't')
-table.insert(fields, ARGV[2])
+if not taken then
+  table.insert(fields, 't')
+  table.insert(fields, ARGV[2])
+end
 local new_id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return {1, new_id}
