@@ -361,11 +361,11 @@ def test_cancel_during_the_wait_stops_waiting_and_leaves_the_step_in_doubt() -> 
     assert "(cancelled: enough)" in result.in_doubt[0]["reason"]
 
 
-@pytest.mark.parametrize(("sig", "label"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
-def test_a_stop_signal_during_the_wait_stops_waiting_in_flowdsl_run(tmp_path: Path, sig: signal.Signals,
-                                                                      label: str) -> None:
-    """`flowdsl run` (late_grace from $FLOWDSL_LATE_GRACE): the run ended failed and waits for the charge's thread;
-    the first stop signal ends the wait: exit 4, the charge in doubt, said on stderr."""
+def _flowdsl_run_waiting(tmp_path: Path, signals: list[signal.Signals], *args: str,
+                         env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`flowdsl run --format json` of one compensable sync step that hangs past its timeout, in a process of its
+    own: once the run waits for the step's thread (its record has ``runtime_waiting``), send ``signals`` (50 ms
+    apart) and return its exit code, stdout and stderr."""
     import subprocess
     import sys
     import time
@@ -373,26 +373,38 @@ def test_a_stop_signal_during_the_wait_stops_waiting_in_flowdsl_run(tmp_path: Pa
     from tests.runtime.conformance import HEADER
 
     root = Path(__file__).resolve().parents[2]
-    spec = tmp_path / "sig.yaml"
-    spec.write_text(HEADER.format(name="sig") + "steps:\n  - sync.b: {compensate: undo.b, timeout: 100ms}\n")
-    env = {**os.environ, "PYTHONPATH": str(root), "FLOWDSL_LATE_GRACE": "60"}
+    spec = tmp_path / "wait.yaml"
+    spec.write_text(HEADER.format(name="wait") + "steps:\n  - sync.b: {compensate: undo.b, timeout: 100ms}\n")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(spec), "--format", "json",
-         "--set", 'script={"b": {"hang": true}}', "--runs-dir", str(tmp_path), "--run-id", "s1"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    record = tmp_path / "s1.jsonl"
+         "--set", 'script={"b": {"hang": true}}', "--runs-dir", str(tmp_path), "--run-id", "w1", *args],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root), **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    record = tmp_path / "w1.jsonl"
     deadline = time.monotonic() + 30
     try:
         while '"runtime_waiting"' not in (record.read_text() if record.exists() else ""):
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not begin its wait"
             time.sleep(0.02)
-        os.kill(proc.pid, sig)
+        for n, sig in enumerate(signals):
+            if n:
+                time.sleep(0.05)
+            os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # (ours, by its PID)
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 4, err
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize(("sig", "label"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_stop_signal_during_the_wait_stops_waiting_in_flowdsl_run(tmp_path: Path, sig: signal.Signals,
+                                                                      label: str) -> None:
+    """`flowdsl run` (late_grace from $FLOWDSL_LATE_GRACE): the run ended failed and waits for the charge's thread;
+    the first stop signal ends the wait: exit 4, the charge in doubt, said on stderr."""
+    code, out, err = _flowdsl_run_waiting(tmp_path, [sig], env={"FLOWDSL_LATE_GRACE": "60"})
+    assert code == 4, err
     result = json.loads(out)
     assert result["status"] == "failed" and [i["step"] for i in result["in_doubt"]] == ["b"]
     assert f"({label} stopped the wait)" in result["in_doubt"][0]["reason"]
@@ -544,35 +556,8 @@ def test_show_refuses_a_runtime_line_out_of_shape_or_place_naming_it(tmp_path: P
 def test_a_hangup_during_the_wait_does_not_stop_it(tmp_path: Path) -> None:
     """Two SIGHUPs (a closing terminal) while `flowdsl run` waits for the charge's thread: it says it waits on,
     and ends at the bound — exit 4, the charge in doubt — instead of dying of the second hangup."""
-    import subprocess
-    import sys
-    import time
-
-    from tests.runtime.conformance import HEADER
-
-    root = Path(__file__).resolve().parents[2]
-    spec = tmp_path / "hup.yaml"
-    spec.write_text(HEADER.format(name="hup") + "steps:\n  - sync.b: {compensate: undo.b, timeout: 100ms}\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(spec), "--format", "json",
-         "--set", 'script={"b": {"hang": true}}', "--runs-dir", str(tmp_path), "--run-id", "h1", "--late-grace", "2"],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    record = tmp_path / "h1.jsonl"
-    deadline = time.monotonic() + 30
-    try:
-        while '"runtime_waiting"' not in (record.read_text() if record.exists() else ""):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not begin its wait"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGHUP)
-        time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGHUP)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 4, err
+    code, out, err = _flowdsl_run_waiting(tmp_path, [signal.SIGHUP, signal.SIGHUP], "--late-grace", "2")
+    assert code == 4, err
     (item,) = json.loads(out)["in_doubt"]
     assert "(after 2 s, the late_grace)" in item["reason"]
     assert err.count("still waiting for the attempts the run gave up on") == 2
