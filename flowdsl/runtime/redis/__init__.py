@@ -4,7 +4,8 @@ Stage: runtime: redis. A thin I/O shell around ``flowdsl.kernel``: worker
 processes (:class:`RedisWorker`, ``flowdsl worker``) run steps with
 ``flowdsl.runtime.execute`` and apply their outcomes through the kernel in
 atomic transitions; clients (:class:`RedisClient`, ``flowdsl run --backend
-redis``, ``status``, ``runs``, ``cancel``) submit and watch runs.
+redis``, ``status``, ``runs``, ``cancel``, ``dead-letters``) submit and watch runs, and put back the
+messages set aside as dead letters.
 docs/runtime.md ("Redis runtime") states the guarantees and the data model.
 
 Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
@@ -16,10 +17,10 @@ loop) and ``upkeep`` (its background loops), ``client`` (submit and watch),
 
 from __future__ import annotations
 
-from flowdsl.runtime.redis.client import RedisClient, RunInfo, RunNotFound, Submission
+from flowdsl.runtime.redis.client import DeadLetter, DeadLetterNotFound, RedisClient, RunInfo, RunNotFound, Submission
 from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, WorkerStats
 
-__all__ = ["Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunInfo", "RunNotFound", "Submission",
-           "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]
+__all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunInfo",
+           "RunNotFound", "Submission", "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]
