@@ -25,7 +25,8 @@ RESULT_VARIABLES = frozenset({"context"})
 
 def check_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None) -> list[Diagnostic]:
     """Every diagnostic the model's nodes give on their own (ids, expressions, workers, input schema)."""
-    diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow), *check_llm_with(flow)]
+    diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow), *check_llm_with(flow),
+             *check_llm_options(flow)]
     if check_workers:
         diags.extend(check_worker_names(flow, search_path))
     return diags
@@ -69,6 +70,38 @@ def check_llm_with(flow: Flow) -> Iterator[Diagnostic]:
             yield _err(node, "FD604", f"'with' gives no value for the input field{'s' if len(missing) > 1 else ''} "
                        f"{names}; with a 'with' mapping the model gets only its keys, so map every input field: "
                        f"{listed}", path)
+
+
+def check_llm_options(flow: Flow) -> Iterator[Diagnostic]:
+    """FD201: an LLM step's ``instructions`` with ``${``, and a blank model string (``lm``, ``defaults.llm.lm``).
+
+    Instructions are sent to the model as written, never interpolated, so a template there would reach the
+    model as its literal text. A model string of spaces only would be taken as no model at all.
+    """
+    if flow.defaults.llm_lm is not None and not flow.defaults.llm_lm.strip():
+        yield _err(flow, "FD201", _blank_lm(flow.defaults.llm_lm, "--lm or FLOWDSL_LM"), "/defaults/llm/lm")
+    for node in walk(flow.steps):
+        if node.kind != "llm" or node.llm is None:
+            continue
+        path = join(node.opts, "llm")
+        if node.llm.lm is not None and not node.llm.lm.strip():
+            yield _err(node, "FD201", _blank_lm(node.llm.lm, "--lm, defaults.llm.lm or FLOWDSL_LM"),
+                       join(path, "lm"))
+        text = node.llm.instructions
+        at = text.find("${") if isinstance(text, str) else -1
+        if at >= 0:
+            end = text.find("}", at)
+            found = text[at:end + 1] if 0 <= end - at < 60 else text[at:at + 20] + "…"
+            yield _err(node, "FD201", f"the instructions contain {json.dumps(found, ensure_ascii=False)}, but "
+                       "instructions are sent to the model as written, not filled in like a 'with:' template; to "
+                       "give the model a value from the context, add an input field to the signature (e.g. "
+                       "'order_id, question -> answer') and map it with 'with:' "
+                       "(e.g. with: {order_id: \"${ order.id }\"})", join(path, "instructions"))
+
+
+def _blank_lm(value: str, instead: str) -> str:
+    return (f"the model string {json.dumps(value)} is blank; expected 'provider/model', e.g. 'openai/gpt-4o-mini', "
+            f"or no 'lm' at all to use the model from {instead}")
 
 
 # --- expressions -------------------------------------------------------------

@@ -393,7 +393,7 @@ class _Compiler:
             return [n.output.name] if n.output.name else []
         if n.output.mode == "map":
             return sorted(k for k, _ in n.output.map)
-        if n.kind == "llm" and n.llm is not None and n.fallback is None:
+        if n.kind == "llm" and n.llm is not None:  # a fallback's result is checked to be exactly these fields too
             return sorted(f.name for f in n.llm.outputs)
         return None
 

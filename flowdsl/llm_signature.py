@@ -25,6 +25,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -48,6 +49,10 @@ _RESERVED = frozenset(
         "validate", "from_orm", "parse_obj", "parse_raw", "parse_file", "update_forward_refs",
     }
 )
+# Keyword arguments DSPy's ``Predict`` takes for itself (dspy/predict/predict.py, ``_forward_preprocess``):
+# an input field of one of these names would crash the call (lm, config, new_signature) or never reach the
+# model (demos, prediction, signature). Outputs may use them.
+_PREDICT_ARGS = frozenset({"lm", "config", "demos", "new_signature", "prediction", "signature"})
 # Common type names from other languages and typing spellings -> the flowdsl type. Keys are written without
 # spaces: a type is looked up with its spaces removed.
 _TYPE_HINTS = {
@@ -157,7 +162,7 @@ def normalize_fields(mapping_form: Mapping[str, Any]) -> dict[str, list[dict[str
         result[side] = []
         for name, spec in fields.items():
             path = f"/{side}/{_esc(name)}"
-            problem = _name_problem(name)
+            problem = _name_problem(name, side)
             if problem:
                 raise SignatureError(problem, path=path)
             if name in names:
@@ -178,7 +183,7 @@ def normalize_signature(signature: str | Mapping[str, Any]) -> dict[str, list[di
     if isinstance(signature, Mapping) and all(isinstance(signature.get(s), list) for s in sides):
         for side in ("inputs", "outputs"):
             for i, f in enumerate(signature[side]):
-                if not isinstance(f, Mapping) or f.get("type") not in TYPES or _name_problem(f.get("name")):
+                if not isinstance(f, Mapping) or f.get("type") not in TYPES or _name_problem(f.get("name"), side):
                     raise SignatureError(f"not a normalized field: {f!r}", path=f"/{side}/{i}")
         return {s: [dict(f) for f in signature[s]] for s in ("inputs", "outputs")}
     return normalize_fields(signature)
@@ -217,7 +222,7 @@ def coerce_value(field: Mapping[str, Any], value: Any) -> Any:
 def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """Problems of a normalized ``llm`` block beyond its signature: ``(code, pointer, message)``.
 
-    Checks the module name, a ``reasoning`` output under ``chain_of_thought``,
+    Checks the module name, a ``reasoning`` input or output under ``chain_of_thought``,
     that ``redact`` names input fields, and that each demo gives every field of
     the signature a value of its type (FD603). Pointers are relative to the
     ``llm`` block.
@@ -233,6 +238,10 @@ def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     if module == "chain_of_thought" and any(f["name"] == REASONING_FIELD for f in outputs):
         problems.append(("FD601", "/signature", "chain_of_thought adds its own 'reasoning' output; "
                          "rename the output field 'reasoning'"))
+    if module == "chain_of_thought" and any(f["name"] == REASONING_FIELD for f in signature.get("inputs", [])):
+        # DSPy would drop the input's value without a word: its signature's 'reasoning' is that output
+        problems.append(("FD601", "/signature", "chain_of_thought adds its own 'reasoning' output, so an input "
+                         "named 'reasoning' would not reach the model; rename the input field 'reasoning'"))
     inputs = [f["name"] for f in signature.get("inputs", [])]
     redact = llm.get("redact") or []
     for i, name in enumerate(redact if isinstance(redact, list | tuple) else ()):
@@ -315,7 +324,7 @@ def _parse_side(text: str, start: int, end: int, side: str) -> list[tuple[dict[s
                                  "end); expected a field name", off)
         colon = next((i for i, ch in _top_level(text, a, b) if ch == ":"), None)
         name = text[a:colon if colon is not None else b].strip()
-        problem = _name_problem(name)
+        problem = _name_problem(name, side)
         if problem:
             raise SignatureError(problem, off)
         if name in seen:
@@ -343,28 +352,97 @@ def _parse_type(text: str, name: str, offset: int | None, path: str = "") -> tup
         inner_start = text.index("[") + 1
         cuts = [i for i, ch in _top_level(m.group(1)) if ch == ","]
         for a, b in zip([0, *[c + 1 for c in cuts]], [*cuts, len(m.group(1))], strict=True):
-            piece = m.group(1)[a:b].strip()
+            chunk = m.group(1)[a:b]
+            piece = chunk.strip()
             try:
                 value = ast.literal_eval(piece) if piece else None
             except (ValueError, SyntaxError):
                 # a bare word: Literal[formal, friendly]
                 value = piece if re.fullmatch(r"[A-Za-z_][\w-]*", piece) else None
+            where = None if offset is None else offset + inner_start + a + len(chunk) - len(chunk.lstrip())
             if not isinstance(value, str | int | float | bool):
-                where = None if offset is None else offset + inner_start + a
                 raise SignatureError(f"found {piece or 'nothing'!r}, not a valid Literal value of field "
                                      f"'{name}'; expected quoted strings, numbers, True or False",
                                      where, path=path)
+            problem = _not_json(value)
+            if problem:
+                raise SignatureError(f"found {piece!r}, not a valid Literal value of field '{name}': {problem}; "
+                                     "expected quoted strings, finite numbers, True or False", where, path=path)
             values.append(value)
         return _enum_type(values, name, offset, path), _check_enum(values, name, offset, path)
     if not text:
         raise SignatureError(f"found no type after ':' for field '{name}'; expected one of "
                              f"{', '.join(TYPES)}", offset, path=path, code="FD602")
-    hint = (_TYPE_HINTS.get(compact) or _TYPE_HINTS.get(compact.lower())
-            or next(iter(difflib.get_close_matches(compact, TYPES, n=1)), None))
     raise SignatureError(
         f"found unknown type '{text}' for field '{name}'; expected one of {', '.join(TYPES)} or Literal[...]"
-        + (f" (did you mean '{hint}'?)" if hint else ""), offset, path=path, code="FD602",
+        + _type_hint(text), offset, path=path, code="FD602",
     )
+
+
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+_GENERIC = re.compile(r"([A-Za-z_]\w*)\[(.*)\]", re.S)
+_LIST_ITEMS = ("str", "int", "float")
+# spellings close to a type name (cutoff 0.75: 'strng' -> str, 'lsit' -> list, but not 'set' -> str)
+_SPELLINGS = {**{t: t for t in ("str", "int", "float", "bool", "dict", "list")},
+              **{k.lower(): v for k, v in _TYPE_HINTS.items() if _IDENT.fullmatch(k)}}
+
+
+def _type_hint(text: str) -> str:
+    """What to tell about an unknown type: a close spelling of a type, or what is supported instead.
+
+    Only a near-miss of a type *name* is suggested (``lsit[str]`` -> ``list[str]``, ``integer`` -> ``int``);
+    a well-formed type that flowdsl does not have (``list[bool]``, ``dict[str, int]``) gets a note on what
+    it has instead, never the nearest string of :data:`TYPES`.
+    """
+    compact = re.sub(r"\s+", "", text)
+    hint = _TYPE_HINTS.get(compact) or _TYPE_HINTS.get(compact.lower())
+    if hint is None and len(compact) > 2 and compact[0] == compact[-1] and compact[0] in "'\"":
+        hint = _spelled(compact[1:-1])  # a quoted type name: 'str'
+    elif hint is None and _IDENT.fullmatch(compact):
+        hint = _spelled(compact)
+    elif hint is None and (m := _GENERIC.fullmatch(compact)) and _paired(m.group(2)):
+        outer, inner = _spelled(m.group(1), ("list", "dict", "literal", "array", "optional")), m.group(2)
+        if outer in ("list", "array"):
+            item = _spelled(inner) if _IDENT.fullmatch(inner) else None
+            if item not in _LIST_ITEMS:
+                return " (a list field holds str, int or float items: list[str], list[int] or list[float])"
+            hint = f"list[{item}]"
+        elif outer == "dict":
+            return (" (did you mean 'dict'? a dict field holds any JSON object; the types of its keys and values "
+                    "are not declared)")
+        elif outer == "literal":
+            hint = "Literal" + text[text.index("["):]
+        elif outer == "optional" and _IDENT.fullmatch(inner) and _spelled(inner) in TYPES:
+            return f" (did you mean '{_spelled(inner)}'? a field is never optional: null is not a value)"
+        else:
+            return " (a type with parameters is one of list[str], list[int], list[float] or Literal[...])"
+    elif hint is None and not _paired(compact):
+        return " (its brackets do not pair up)"
+    elif hint is None:
+        hint = next(iter(difflib.get_close_matches(compact, TYPES, n=1, cutoff=0.75)), None)
+    return f" (did you mean '{hint}'?)" if hint else ""
+
+
+def _spelled(word: str, names: tuple[str, ...] | None = None) -> str | None:
+    """The type ``word`` is a close spelling of (``Strng`` -> ``str``), among ``names`` when given."""
+    options = {n: n for n in names} if names is not None else _SPELLINGS
+    close = difflib.get_close_matches(word.lower(), list(options), n=1, cutoff=0.75)
+    return options[close[0]] if close else None
+
+
+def _paired(text: str) -> bool:
+    """Whether the brackets of ``text`` (outside quotes) pair up."""
+    depth, quote = 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[]":
+            depth += 1 if ch == "[" else -1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 # --- the mapping form ---------------------------------------------------------------------------
@@ -470,12 +548,20 @@ def _scalar(ftype: str, value: Any) -> Any:
     number: int | float | None = value if isinstance(value, int | float) else None
     if text is not None:
         if _INT_TEXT.fullmatch(text):
-            number = int(text)
+            try:
+                number = int(text)
+            except ValueError:  # more digits than Python converts (sys.set_int_max_str_digits)
+                raise ValueError(f"expected an integer of at most {sys.get_int_max_str_digits()} digits (the most "
+                                 f"Python writes as text), found {_show(value)}") from None
         elif _NUMBER_TEXT.fullmatch(text):
             if ftype == "int":  # "3.0", "1e3": exactly, without a detour through a float
                 exact = decimal.Decimal(text)
-                if exact != exact.to_integral_value() or abs(exact.adjusted()) > 4300:
+                if exact != exact.to_integral_value():
                     raise ValueError(f"expected an integer, found {_show(value)}")
+                limit = sys.get_int_max_str_digits()  # what JSON (and str()) can hold of an integer; 0: no limit
+                if limit and exact.adjusted() + 1 > limit:
+                    raise ValueError(f"expected an integer of at most {limit} digits (the most Python writes as "
+                                     f"text), found {_show(value)}")
                 return int(exact)
             number = float(text)
     if number is None or not math.isfinite(number):
@@ -499,7 +585,7 @@ def _parse_json(text: str, what: str) -> Any:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _name_problem(name: Any) -> str | None:
+def _name_problem(name: Any, side: str = "") -> str | None:
     if not isinstance(name, str):
         return f"a field name must be text, found {_kind(name)}"
     if not _NAME.match(name) or len(name) > _MAX_NAME:
@@ -509,6 +595,10 @@ def _name_problem(name: Any) -> str | None:
                 f"(at most {_MAX_NAME} characters)")
     if name in _RESERVED or name.startswith("model_"):
         return f"found '{name}', a name reserved by DSPy signatures; expected another field name"
+    if side == "inputs" and name in _PREDICT_ARGS:
+        return (f"found the input field '{name}', a keyword argument DSPy's Predict takes for itself "
+                f"({', '.join(sorted(_PREDICT_ARGS))}), so its value would not reach the model as an input; "
+                "expected another name for the input")
     return None
 
 
@@ -534,6 +624,17 @@ def _check_enum(values: list[Any], name: str, offset: int | None, path: str) -> 
             raise SignatureError(f"found value {_show(v)} of field '{name}' twice; expected each value once", offset,
                                  path=path)
     return values
+
+
+def _not_json(value: Any) -> str | None:
+    """Why a Literal value read by ``ast.literal_eval`` cannot be a value of the plan's JSON, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "it is beyond the range of a number (about ±1.8e308) and would be read as an infinite number"
+    if isinstance(value, str):
+        lone = next((ch for ch in value if "\ud800" <= ch <= "\udfff"), None)
+        if lone is not None:
+            return f"it holds the lone surrogate U+{ord(lone):04X}, which is not a character JSON text can carry"
+    return None
 
 
 def _fits(ftype: str, value: Any) -> bool:

@@ -504,7 +504,7 @@ def test_llm_step_fields_and_module_default() -> None:
     assert c["llm"]["signature"]["outputs"][0]["enum"] == ["a", "b"]
     assert (c["llm"]["module"], c["llm"]["lm"], c["fallback"]) == ("predict", "openai/gpt-4o-mini", "rules.classify")
     assert c["llm"]["demos"] == [{"text": "hi", "label": "a"}]
-    assert c["writes"] is None  # a fallback worker may write anything
+    assert c["writes"] == ["label"]  # a fallback's result is checked to be exactly the output fields
 
 
 # --- data: with, output, expressions -----------------------------------------------------------
