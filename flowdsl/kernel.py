@@ -39,9 +39,10 @@ __all__ = [
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
-#: 2 added late completions (docs/kernel.md, "Late completions"); a run started under version 1 — a record
-#: or journal written before — replays and goes on under version 1's rules, so its decisions stay what they were
-STATE_VERSION = 2
+#: 2 added late completions (docs/kernel.md, "Late completions"), 3 no retry of an LLM step's ``InputInvalid``;
+#: a run started under an earlier version — a record or journal written before — replays and goes on under that
+#: version's rules, so its decisions stay what they were
+STATE_VERSION = 3
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
 INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
                 "cancel_requested")
@@ -86,7 +87,7 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
     rules' version the run was started under (:data:`STATE_VERSION`; an older one
     for :func:`replay` of a run recorded before).
     """
-    if kernel not in (1, STATE_VERSION):
+    if kernel not in (1, 2, STATE_VERSION):
         raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
     program = prepare(plan)
     at = _time(at)
@@ -230,6 +231,6 @@ def _in_loop(program: Program, key: str) -> bool:
 
 
 def _time(at: Any) -> int | float:
-    if isinstance(at, bool) or not isinstance(at, (int, float)):
-        raise ValueError(f"'at' must be milliseconds since the Unix epoch (a number), found {at!r}")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or (isinstance(at, float) and not at.is_integer()):
+        raise ValueError(f"'at' must be whole milliseconds since the Unix epoch (an integer), found {at!r}")
     return at

@@ -18,6 +18,9 @@ from flowdsl.kernel_saga import END_STATES, Saga
 
 #: the error type of an LLM call made with no model configured: never retried, goes to the fallback
 LLM_NOT_CONFIGURED = "LLMNotConfigured"
+#: the error type of an LLM step (or its fallback) given input fields that do not fit its signature: the same
+#: context gives the same verdict, so it is not retried (kernel version 3 on)
+INPUT_INVALID = "InputInvalid"
 #: the error of a sub-flow node whose sub-flow did not finish within its file's `timeout:` (never retried)
 SUBFLOW_TIMEOUT = "SubflowTimeout"
 _RESULT_EVENTS = ("task_succeeded", "task_failed", "task_cancelled")
@@ -542,7 +545,8 @@ class Machine(Saga):
         attempt: int = rec["attempt"]
         main_llm = node["kind"] == "llm" and rec["phase"] == "main"
         if (attempt < policy["attempts"] and retryable(policy, err)
-                and not (main_llm and err["type"] == LLM_NOT_CONFIGURED)):
+                and not (main_llm and err["type"] == LLM_NOT_CONFIGURED)
+                and not (err["type"] == INPUT_INVALID and node["kind"] == "llm" and self.s["kernel"] >= 3)):
             fallback = rec["phase"] == "fallback"
             delay = retry_delay(policy, attempt, self.s["seed"], ikey + ("/fallback" if fallback else ""))
             rec["status"] = "retrying"

@@ -154,7 +154,7 @@ async def run_llm_step(
     (a model string, made into ``dspy.LM(model, cache=False)`` with keys from
     the environment) or a ``dspy.BaseLM`` instance; when None, the block's own
     ``lm`` is used. ``adapter`` overrides DSPy's adapter for this call (default:
-    the one in ``dspy.settings``, else ``ChatAdapter``). ``redact`` names input
+    the one in ``dspy.settings``, else a ``ChatAdapter`` without its JSON-mode second call). ``redact`` names input
     fields (runtimes pass the block's ``redact``) whose values are sent as they
     are but masked (``***``) in the prompt, reply, reasoning and error messages
     returned or raised.
@@ -189,6 +189,8 @@ async def run_llm_step(
     # History off: the recorder keeps what the event log needs, and DSPy's in-memory
     # history would otherwise grow with every call of a long-running worker.
     overrides: dict[str, Any] = {"lm": lm_obj, "callbacks": callbacks, "disable_history": True}
+    if adapter is None and dspy.settings.get("adapter") is None:
+        adapter = _default_adapter(dspy)
     if adapter is not None:
         overrides["adapter"] = adapter
     from dspy.utils.exceptions import AdapterParseError, LMNotConfiguredError
@@ -220,6 +222,7 @@ async def run_llm_step(
         texts = {k: v for k, v in parsed.items() if k in {f["name"] for f in fields}}
     answer, problem, bad = _read_answer(fields, texts, reply)
     if answer is None:
+        problem = _shown_problem(fields, texts, reply, problem, bad, secrets)
         raise OutputInvalid(_redact(f"{where}: {problem}", secrets), field=bad, prompt=prompt, raw=raw)
     reasoning = answer.pop(REASONING_FIELD, None) if module_name == "chain_of_thought" else None
     return LlmResult(outputs=answer, prompt=prompt, raw=raw,
@@ -238,6 +241,26 @@ def step_inputs(llm: Mapping[str, Any], inputs: Mapping[str, Any], *, step_key: 
     fit its type); the value of a field named in ``redact`` is never shown.
     """
     return _prepare_inputs(normalize_signature(llm["signature"]), inputs, _where(step_key), tuple(redact))
+
+
+async def prepare_models(models: Iterable[str]) -> None:
+    """Import DSPy and check each model string (offline, each once per process), as a step's first call would;
+    never raises (DSPy missing, a model string that is invalid: the step's attempt says so)."""
+    try:
+        await _import_dspy("LLM step")
+    except LLMNotConfigured:
+        return
+    for model in models:
+        if model.strip():
+            await _model_problem(model.strip())
+
+
+def redact_text(text: str, inputs: Mapping[str, Any], redact: Iterable[str]) -> str:
+    """``text`` with the values of the inputs named in ``redact`` masked (``***``), as the messages and records
+    of a step's call are: for a runtime masking what it records of a failure it did not build (a provider's
+    error message, a traceback)."""
+    secrets = _secrets({}, inputs, redact)
+    return _redact(text, secrets) if secrets else text
 
 
 def check_fallback_result(llm: Mapping[str, Any], result: Any, *, worker: str, step_key: str = "",
@@ -259,6 +282,7 @@ def check_fallback_result(llm: Mapping[str, Any], result: Any, *, worker: str, s
                             f"fields ({_expected(outputs)})")
     answer, problem, bad = _read_answer(outputs, dict(result), None)
     if answer is None:
+        problem = _shown_problem(outputs, dict(result), None, problem, bad, secrets)
         raise OutputInvalid(_redact(f"{where}: {problem}", secrets), field=bad)
     return answer
 
@@ -324,6 +348,14 @@ def _check_model(model: str) -> str | None:
     return None
 
 
+@functools.cache
+def _default_adapter(dspy: Any) -> Any:
+    # DSPy's own default ChatAdapter calls the model a second time, in JSON mode, when its parser refuses an
+    # answer; flowdsl's rules decide what an answer means (an answer they accept would be thrown away, and the
+    # call paid twice), so the default here has that fallback off
+    return dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+
 @functools.lru_cache(maxsize=64)
 def _lm_for(model: str) -> Any:
     import dspy
@@ -379,8 +411,8 @@ def _prepare_inputs(signature: Mapping[str, Any], inputs: Mapping[str, Any], whe
                                        f"{have}); put it in the context or map it with 'with:'", secrets))
         value = inputs[name]
         if value is None:
-            raise InputInvalid(f"{where}: input field '{name}' ({describe_type(f)}): no value (null); "
-                               "give it a value, or map one with 'with:'")
+            raise InputInvalid(f"{where}: input field '{name}' ({describe_type(f)}): no value (null) — the "
+                               "context's value, or the value the step's 'with:' maps to it, is null")
         try:
             values[name] = coerce_value(f, value)
         except ValueError as exc:
@@ -491,6 +523,27 @@ def _read_answer(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | Non
         return values, "", None
     malformed = "the model's answer is malformed" if reply is not None else "the result does not fit the outputs"
     return None, f"{malformed}: {'; '.join(problems)} (expected {expected})", bad
+
+
+def _shown_problem(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | None, reply: str | None,
+                   problem: str, bad: str | None, secrets: list[str]) -> str:
+    """The message of an answer's ``problem``, as shown: built from the answer with the secrets masked first.
+
+    A message quotes the offending values escaped and cut short, forms the mask cannot find afterwards (a
+    secret the model echoed, with a quote, a newline, or too long to be shown whole), so with secrets the answer
+    is read again masked, for its message only; when that reading finds nothing wrong with the same field (the
+    mask changed the verdict), the message names the field and its type without its value."""
+    if not secrets or texts is None:
+        return problem
+    _, masked, masked_bad = _read_answer(fields, _redact_value(dict(texts), secrets),
+                                         None if reply is None else _redact(reply, secrets))
+    if masked and masked_bad == bad:
+        return masked
+    types = {f["name"]: describe_type(f) for f in fields}
+    said = "the model's answer is malformed" if reply is not None else "the result does not fit the outputs"
+    field_said = f"output field '{bad}' ({types[bad]})" if bad in types else "a field"
+    return (f"{said}: {field_said} does not fit (its value is not shown: it holds a redacted input's value; "
+            f"expected {_expected(fields)})")
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:

@@ -508,3 +508,129 @@ steps:
     (started,) = of(r, "fallback_started", "greet")
     assert started["error"]["type"] == "LLMNotConfigured"
     assert "the model string 'gpt4' is invalid" in started["error"]["message"]
+
+
+# --- second audit: one call per attempt, masks that hold, replies that are not text, no pointless retry ----
+
+
+def test_without_an_adapter_an_answer_flowdsls_rules_accept_is_used_and_the_model_asked_once(dspy: Any) -> None:
+    """DSPy's default ChatAdapter would ask again in JSON mode (its parser refuses ``yes`` for a bool and
+    ``3.0`` for an int) and that second reply would replace the first; flowdsl's default asks once."""
+    lm, engine = model(dspy, "lax", lambda i, o, n: {"ok": "yes", "n": "3.0"} if n == 1 else "I cannot do JSON")
+    r = go("""
+steps:
+  - ask:
+      llm: {signature: "question -> ok: Literal[True, False], n: int"}
+""", {"question": "q"}, lm=lm)
+    assert (r.status, r.context["ok"], r.context["n"]) == ("completed", True, 3), r.error
+    assert len(engine.seen) == 1
+    assert r.llm_calls["ask"][0]["raw"].startswith("[[ ## ok ## ]]\nyes")
+
+
+@pytest.mark.parametrize("secret", ["sk-live-" + "ABCDEFGHIJ" * 10, 'pa"ss\\word-1234', "line1\nline2-secret"],
+                         ids=["too-long-to-show", "quoted", "two-lines"])
+def test_a_redacted_value_the_model_echoes_into_a_bad_output_is_masked_in_the_message(
+        dspy: Any, adapter: Any, secret: str) -> None:
+    lm, _ = model(dspy, "echo", lambda i, o, n: {"verdict": "ok", "score": secret})
+    r = go("""
+steps:
+  - check:
+      llm:
+        signature: "token, holder -> verdict: Literal['ok', 'suspicious'], score: int"
+        redact: [token]
+""", {"token": secret, "holder": "Ann"}, lm=lm, adapter=adapter)
+    assert (r.status, r.error["type"]) == ("failed", "OutputInvalid")
+    assert "output field 'score' (int): expected an integer, found \"***\"" in r.error["message"]
+    recorded = json.dumps([e for e in r.events if e["type"] != "run_started"], ensure_ascii=False)
+    for fragment in (secret[:12], json.dumps(secret)[1:13], secret[-12:]):
+        assert fragment not in recorded and fragment not in json.dumps(recorded), fragment
+
+
+def test_a_fallback_result_holding_a_redacted_value_is_masked_in_the_message() -> None:
+    secret = "pa\"ss-" + "Z" * 90
+    r = go("""
+steps:
+  - check:
+      llm: {signature: "token -> score: int", redact: [token]}
+      fallback: canned
+""", {"token": secret}, {"canned": recording([], lambda d: {"score": d["token"]})})
+    assert (r.status, r.error["type"]) == ("failed", "OutputInvalid")
+    assert "found \"***\"" in r.error["message"] and "ZZZZ" not in json.dumps(r.error)
+
+
+def test_a_provider_error_quoting_a_redacted_input_is_masked_in_what_is_recorded(
+        dspy: Any, adapter: Any, tmp_path: Path) -> None:
+    from dspy.lm15 import InvalidRequestError
+
+    def refuse(i: dict[str, str], o: list[str], n: int) -> str:
+        raise InvalidRequestError(f"flagged by content filter: '...card {i['card']} holder {i['holder']}...'")
+
+    lm, _ = model(dspy, "filter", refuse)
+    r = go("""
+steps:
+  - check:
+      llm: {signature: "card, holder -> verdict", redact: [card]}
+""", {"card": CARD, "holder": "Ann"}, lm=lm, adapter=adapter, record=True, runs_dir=tmp_path, run_id="flt1")
+    assert r.status == "failed" and "content filter" in r.error["message"]
+    assert "card *** holder Ann" in r.error["message"]
+    _, lines = read_record(tmp_path / "flt1.jsonl")
+    assert [e["type"] for e in lines if CARD in json.dumps(e)] == ["start"]  # the run input alone holds it
+
+
+def test_a_reply_with_a_lone_surrogate_is_recorded_readably_and_json_output_works(
+        dspy: Any, adapter: Any, tmp_path: Path) -> None:
+    replies = ["[[ ## answr ## ]]\nbad \udc80 text\n\n[[ ## completed ## ]]",
+               "[[ ## answer ## ]]\nbad \udc80 text\n\n[[ ## completed ## ]]"]
+    lm, _ = model(dspy, "broken", lambda i, o, n: replies[n - 1])
+    r = go("""
+steps:
+  - ask:
+      llm: {signature: "question -> answer"}
+      retry: {attempts: 2, initial: 1ms}
+""", {"question": "q"}, lm=lm, adapter=adapter, record=True, runs_dir=tmp_path, run_id="sur1")
+    assert (r.status, r.error["type"]) == ("failed", "OutputInvalid")
+    assert "not valid UTF-8 (byte 0x80" in r.error["message"]  # the second answer's value is not text
+    json.dumps(r.to_json(), ensure_ascii=False).encode("utf-8")
+    assert r.llm_calls["ask"][0]["raw"] == "[[ ## answr ## ]]\nbad \\udc80 text\n\n[[ ## completed ## ]]"
+    shown = cli("show", "sur1", "--runs-dir", str(tmp_path), "--format", "json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["status"] == "failed"
+
+
+def test_an_llm_steps_input_invalid_is_not_retried_at_run_time() -> None:
+    called: list[dict[str, Any]] = []
+    r = go("""
+steps:
+  - bill:
+      llm: {signature: "total: int -> line"}
+      retry: {attempts: 3, initial: 200ms}
+      fallback: canned
+""", {"total": "abc"}, {"canned": recording(called, lambda d: {"line": "ok"})}, lm="openai/gpt-4o-mini")
+    assert (r.status, r.error["type"]) == ("failed", "InputInvalid") and called == []
+    assert r.steps["bill"]["attempts"] == 2 and of(r, "step_retrying", "bill") == []
+    assert r.wall_ms is not None and r.wall_ms < 200  # no backoff was waited
+
+
+def test_a_slow_first_model_check_is_done_before_the_run_not_inside_a_steps_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh process imports DSPy (and LiteLLM, for a string only it can route) on a step's first call:
+    seconds that a `timeout: 1s` attempt would be charged for (StepTimeout instead of the model string's
+    problem). The runtime checks the run's model strings before the run's clock starts."""
+    import time
+
+    import flowdsl.llm as llm
+
+    def slow_check(model_string: str) -> str:
+        time.sleep(0.6)
+        return "neither DSPy nor LiteLLM can tell which provider serves it"
+
+    monkeypatch.setattr(llm, "_check_model", slow_check)
+    monkeypatch.setattr(llm, "_model_problems", {})
+    notices: list[str] = []
+    r = go("""
+steps:
+  - ask:
+      llm: {signature: "question -> answer"}
+      timeout: 300ms
+""", {"question": "q"}, lm="gpt4-slowcheck", on_notice=notices.append)
+    assert (r.status, r.error["type"]) == ("failed", "LLMNotConfigured"), r.error
+    assert "the model string 'gpt4-slowcheck' is invalid" in r.error["message"]

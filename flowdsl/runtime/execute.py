@@ -74,7 +74,7 @@ from flowdsl.workers import registry as default_registry
 
 __all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "Suspended", "cancellable", "copy_json", "error_message",
            "error_types", "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "resume",
-           "start", "text_problem", "wait_for_thread", "worker_references"]
+           "start", "text_problem", "wait_for_thread", "warm_llm", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -352,18 +352,10 @@ def _logger(worker_name: str) -> logging.Logger:
 
 async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env: Mapping[str, str] | None,
                        adapter: object | None, lms: Mapping[str, object] | None) -> dict[str, Any]:
-    from flowdsl.llm import InputInvalid, LLMNotConfigured, OutputInvalid, resolve_lm, run_llm_step
+    from flowdsl.llm import InputInvalid, LLMNotConfigured, OutputInvalid, redact_text, run_llm_step
 
     block = command["llm"] or {}
-    step_lm = block.get("lm")
-    if isinstance(step_lm, str) and step_lm.strip():
-        model: object | str | None = step_lm.strip()
-    elif lm is not None and not isinstance(lm, str):
-        model = lm  # an LM object handed to the runtime (tests, notebooks)
-    else:
-        model = resolve_lm(None, block.get("default_lm"), lm, os.environ if env is None else env)
-    if lms and isinstance(model, str) and model in lms:
-        model = lms[model]  # a name the caller binds to an LM object of its own (a custom engine)
+    model = _model_of(block, lm, env, lms)
     data = command["input"] if isinstance(command["input"], dict) else {}
     task_id = command["task_id"]
     try:
@@ -373,17 +365,75 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
         if not _is_failure(exc):
             raise
         event = _failure_event(task_id, exc)
+        redact = block.get("redact") or ()
+        if redact:  # a provider's message (and the traceback quoting it) may echo what the step sent
+            event["error"]["message"] = redact_text(event["error"]["message"], data, redact)
+            event["traceback"] = redact_text(event["traceback"], data, redact)
         name = model if isinstance(model, str) else getattr(model, "model", None)
         name = name if isinstance(name, str) else None
         if isinstance(exc, OutputInvalid):
-            event["meta"] = {"llm": {"prompt": exc.prompt, "raw": exc.raw, "field": exc.field, "model": name}}
+            event["meta"] = {"llm": _readable_texts({"prompt": exc.prompt, "raw": exc.raw, "field": exc.field,
+                                                     "model": name})}
         elif not isinstance(exc, LLMNotConfigured | InputInvalid):  # the provider failed: say which model
             event["meta"] = {"llm": {"model": name}}
         return event
-    answer = _answer(task_id, result.outputs)
-    answer["meta"] = {"llm": {"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
-                              "model": result.model}}
-    return answer
+    meta = {"llm": _readable_texts({"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
+                                    "model": result.model})}
+    try:
+        outputs = plain_json(result.outputs)
+    except NotJSON as exc:  # (a value the signature's rules let through that JSON cannot hold)
+        event = _failed(task_id, "OutputInvalid", f"LLM step '{command['step']}': the model's answer is "
+                        f"malformed: {exc}")
+        event["meta"] = meta
+        return event
+    return {"type": "task_succeeded", "task_id": task_id, "result": outputs, "meta": meta}
+
+
+def _model_of(block: Mapping[str, Any], lm: object | str | None, env: Mapping[str, str] | None,
+              lms: Mapping[str, object] | None) -> object | str | None:
+    """The model an LLM step's block asks: a model string, an LM object, or None (none configured)."""
+    from flowdsl.llm import resolve_lm
+
+    step_lm = block.get("lm")
+    if isinstance(step_lm, str) and step_lm.strip():
+        model: object | str | None = step_lm.strip()
+    elif lm is not None and not isinstance(lm, str):
+        model = lm  # an LM object handed to the runtime (tests, notebooks)
+    else:
+        model = resolve_lm(None, block.get("default_lm"), lm, os.environ if env is None else env)
+    if lms and isinstance(model, str) and model in lms:
+        model = lms[model]  # a name the caller binds to an LM object of its own (a custom engine)
+    return model
+
+
+async def warm_llm(plan: Mapping[str, Any], *, lm: object | str | None = None, env: Mapping[str, str] | None = None,
+                   lms: Mapping[str, object] | None = None, notice: Callable[[str], None] | None = None) -> None:
+    """Before a run starts: import DSPy and check the model strings its LLM steps will use (each once per
+    process), as their first attempts would — so that an attempt's ``timeout`` measures the model's call, not
+    the ~1.5 s import of DSPy (and LiteLLM's, for a string only it can route). Does nothing when the plan has no
+    LLM step that would ask a model by name; never raises: what fails here fails the step's attempt, as before.
+    ``notice`` is told when this is about to take a while (DSPy not imported yet)."""
+    from flowdsl.llm import prepare_models
+
+    models = {model for node in plan["nodes"].values() if node.get("llm")
+              for model in (_model_of(node["llm"], lm, env, lms),) if isinstance(model, str)}
+    if not models:
+        return
+    if notice is not None and "dspy" not in sys.modules:
+        notice("loading DSPy for the LLM steps before the run starts (a few seconds, once per process)")
+    await prepare_models(sorted(models))
+
+
+def _readable_texts(value: Any) -> Any:
+    """``value`` (what is recorded of a model call: plain JSON) with every text made writable as UTF-8
+    (:func:`_safe`): a reply may hold a lone surrogate (a provider's ``\\udc80`` JSON escape)."""
+    if isinstance(value, str):
+        return _safe(value)
+    if isinstance(value, list):
+        return [_readable_texts(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _readable_texts(v) for k, v in value.items()}
+    return value
 
 
 async def _execute_fallback(command: Mapping[str, Any], registry: WorkerRegistry | None) -> dict[str, Any]:

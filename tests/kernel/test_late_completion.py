@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flowdsl.kernel import LATE_REASON, apply, left_to_undo, replay, start_event, start_run, summary
+from flowdsl.kernel import LATE_REASON, STATE_VERSION, apply, left_to_undo, replay, start_event, start_run, summary
 from flowdsl.kernel_saga import IN_FLIGHT_REASON
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
@@ -214,12 +214,12 @@ def test_a_run_started_before_the_rule_replays_and_goes_on_under_its_old_rules()
     record with a late result would replay to another end than the one it shows (and fail `show`'s check)."""
     drv = _cancelled_charge()
     old_start = {k: v for k, v in drv.inputs[0].items() if k != "kernel"}
-    assert drv.inputs[0]["kernel"] == 2 and "kernel" not in old_start
+    assert drv.inputs[0]["kernel"] == STATE_VERSION and "kernel" not in old_start
     late = {"type": "task_succeeded", "task_id": "r1/charge#1", "result": {}, "at": 99}
     state, _, events = replay(drv.plan, [old_start, *drv.inputs[1:], late])
     assert state["kernel"] == 1 and "late_completions" not in state
     assert state["status"] == "cancelled" and events[-1]["type"] == "result_rejected"
-    state, _, events = replay(drv.plan, [*drv.inputs, late])  # started under version 2: the rule holds
+    state, _, events = replay(drv.plan, [*drv.inputs, late])  # started under version 2 on: the rule holds
     assert state["status"] == "needs_intervention" and events[-1]["type"] == "run_finished"
 
 

@@ -138,6 +138,21 @@ def test_bad_input_events_are_refused():
         start_run(plan, "r2", {}, at="2026-01-01T00:00:00Z")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("at", [float("nan"), float("inf"), float("-inf"), 1001.5])
+def test_a_time_that_is_not_whole_milliseconds_is_refused_and_changes_nothing(at: float) -> None:
+    """NaN and the infinities would make the state and the events something JSON cannot hold."""
+    plan = plan_of(["a"])
+    with pytest.raises(ValueError, match="whole milliseconds"):
+        start_run(plan, "r1", {}, at=at)
+    d = start_run(plan, "r1", {}, at=0)
+    before = copy.deepcopy(d.state)
+    with pytest.raises(ValueError, match="whole milliseconds"):
+        apply(plan, d.state, {"type": "task_succeeded", "task_id": "r1/a#1", "at": at, "result": {}})
+    assert d.state == before
+    assert apply(plan, d.state, {"type": "task_succeeded", "task_id": "r1/a#1", "at": 1000.0,
+                                 "result": {}}).state["status"] == "completed"  # a whole float is fine
+
+
 def _answer(plan: dict, state: dict, event: dict) -> list[dict]:
     return apply(plan, state, {"at": 1, **event}).events
 

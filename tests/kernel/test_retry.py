@@ -183,6 +183,36 @@ def test_an_llm_step_without_fallback_fails_the_run():
     assert sim.of("fallback_started") == []
 
 
+def test_an_llm_steps_input_invalid_is_not_retried_nor_its_fallbacks():
+    """The same context gives the same verdict on the step's input fields: retrying cannot help."""
+    sim = Sim(llm_plan(), {"gen": fail("InputInvalid"), "gen/fallback": fail("InputInvalid")}).run()
+    assert sim.status == "failed"
+    assert [d["kind"] for d in sim.dispatches if d["step"] == "gen"] == ["llm", "fallback"]
+    assert sim.of("step_retrying") == []
+    without = Sim(llm_plan(None), {"gen": fail("InputInvalid")}).run()
+    assert without.status == "failed" and len(without.dispatched("llm")) == 1
+
+
+def test_a_workers_own_input_invalid_is_retried_as_any_error():
+    sim = Sim(plan_of([{"s": {"retry": {"attempts": 2, "initial": "1ms"}}}]),
+              {"s": [fail("InputInvalid"), ok({"x": 1})]}).run()
+    assert sim.status == "completed" and len(sim.of("step_retrying")) == 1
+
+
+def test_a_run_started_under_kernel_version_2_still_retries_an_llm_input_invalid():
+    """Its record replays to the decisions it shows: the rule holds from version 3 on."""
+    from flowdsl.kernel import apply, replay, start_run
+
+    plan = llm_plan(None)
+    d = start_run(plan, "r1", {}, at=0, kernel=2)
+    failed = {"type": "task_failed", "task_id": "r1/gen#1", "at": 1, "error": {"type": "InputInvalid"}}
+    d = apply(plan, d.state, failed)
+    assert [e["type"] for e in d.events] == ["step_retrying"]
+    start = {"type": "start", "run_id": "r1", "input": {}, "at": 0, "seed": None, "kernel": 2}
+    state, _, events = replay(plan, [start, failed])
+    assert state["kernel"] == 2 and events[-1]["type"] == "step_retrying"
+
+
 # --- filters match an exception's base classes too (error.types) -------------------------------------------
 
 REFUSED = {"type": "ConnectionRefusedError", "message": "refused",
