@@ -1,5 +1,5 @@
 """``python -m flowdsl``: the ``flowdsl`` command, for environments where its script is not on PATH."""
 
-from flowdsl.cli import main
+from flowdsl.launch import main
 
 main()

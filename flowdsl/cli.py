@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flowdsl.launch import stopped, wants_json
 from flowdsl.render.command import parse_directory  # (typer + stdlib only, as diagram below)
 
 app = typer.Typer(
@@ -385,7 +386,7 @@ def run(
             _stderr().print(f"[red]{_escape(message)}[/]")
             if as_json and not channel.written:
                 channel.emit({"status": "error", "error": {"type": "KeyboardInterrupt", "message": message}})
-            raise
+            code = EXIT_ABORTED
     raise typer.Exit(code)
 
 
@@ -827,12 +828,40 @@ app.command(name="diagram")(_diagram)
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point (``flowdsl.launch.main`` loads it).
+
+    Runs the command as typer would, but says what typer leaves unsaid: a stop signal that comes before the
+    command handles signals itself (typer exits 130 without a word; here ``interrupted``, exit 130, and the
+    one JSON object under ``--format json``), and a command line that is wrong (the usage error, and also that
+    JSON object, as every other failure of a reporting command gives)."""
+    argv = sys.argv[1:]
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        from typer import rich_utils
+
+        try:
+            from typer._click.exceptions import ClickException  # typer 0.2x carries its own click
+        except ImportError:
+            from click import ClickException  # type: ignore[assignment,no-redef]
+        command = typer.main.get_command(app)
+        with command.make_context("flowdsl", list(argv)) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except ClickException as exc:  # the command line itself is wrong: nothing has started
+        rich_utils.rich_format_error(exc)
+        if wants_json(argv):
+            sys.stdout.write(json.dumps({"status": "error", "error": {"type": "UsageError",
+                                                                     "message": exc.format_message()}}) + "\n")
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # (end of input at a prompt)
+        sys.stderr.write("Aborted!\n")
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        stopped(str(exc) or "interrupted", argv)
+    except BrokenPipeError:  # the reader went away (``| head``): end quietly, as typer does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_the_wheel_holds_the_grammar_and_schema_as_real_files(wheel: Path) -> No
         assert {"flowdsl/source.py", "flowdsl/cli.py", "flowdsl/textsyntax.py"} <= set(names)
         assert zf.read("flowdsl/py.typed") == b"", "the wheel must mark the package typed (PEP 561)"
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        assert "flowdsl = flowdsl.cli:main" in zf.read(entry_points).decode()
+        assert "flowdsl = flowdsl.launch:main" in zf.read(entry_points).decode()
 
 
 _CHECK = """

@@ -75,6 +75,7 @@ from flowdsl.runtime.execute import (
     resume,
     start,
     wait_for_thread,
+    warm_llm,
 )
 from flowdsl.runtime.plancheck import check_plan
 from flowdsl.runtime.record import (
@@ -82,6 +83,7 @@ from flowdsl.runtime.record import (
     RecordWriteError,
     RunRecorder,
     check_records_dir,
+    check_run_id,
     new_run_id,
     record_path,
 )
@@ -304,7 +306,7 @@ class LocalRun:
                 raise FileExistsError(f"a record of run '{self.run_id}' already exists: {self.record_path}")
             check_records_dir(self.record_path)
         if not record:
-            record_path(self.run_id)  # still check the id's shape
+            check_run_id(self.run_id)  # still check the id's shape
         self.runs_dir = runs_dir
         self.lm = lm
         self.lms = lms
@@ -348,6 +350,10 @@ class LocalRun:
     async def run(self) -> RunResult:
         """Run to an end state and return the result.
 
+        A plan with LLM steps that ask a model by name has DSPy imported and those model strings checked first,
+        before the run's clock starts (``on_notice`` is told when that takes a while): a step's ``timeout`` then
+        measures its model call, not the import.
+
         Raises :class:`RunAborted` after :meth:`abort` (asked before the run started: at once, nothing having
         run or been recorded), and ``RecordWriteError`` (an ``OSError``) when the record cannot be created or
         its first lines written (then nothing ran and no record is left). A record that cannot be written later
@@ -357,6 +363,8 @@ class LocalRun:
         if self._started:
             raise RuntimeError("a LocalRun runs once")
         self._started = True
+        # before the run's clock starts (a cancel or abort meanwhile is one asked before the start)
+        await warm_llm(self.plan, lm=self.lm, lms=self.lms, notice=self._notice)
         if self._early is not None and self._early[0] == "abort":
             self._finished = True
             raise RunAborted(self.run_id, NOT_STARTED, None)
@@ -417,7 +425,7 @@ class LocalRun:
         already being aborted or compensated, or is over. After the run's end, while the runtime waits for the
         attempts it gave up on (``late_grace``), it stops waiting: what has not answered is in doubt.
         """
-        if not self._started:
+        if self._loop is None:
             if self._early is None:
                 self._early = ("cancel", reason)
         elif self._lingering is not None:
@@ -432,7 +440,7 @@ class LocalRun:
         is written. Ignored when the run is over. After the run's end, while the runtime waits for the attempts
         it gave up on (``late_grace``), it stops waiting, as :meth:`cancel` does, and :meth:`run` returns.
         """
-        if not self._started:
+        if self._loop is None:
             self._early = ("abort", reason)
         elif self._lingering is not None:
             self._stop_waiting(f"aborted: {reason}")

@@ -30,8 +30,17 @@ _RUN_ID_RULE = "use 1-128 letters, digits and _ . : -, the first not - or ."
 
 
 def runs_dir(explicit: str | None = None) -> Path:
-    """The directory of run records: ``explicit``, else ``$FLOWDSL_RUNS_DIR``, else ``.flowdsl/runs``."""
-    return Path(explicit or os.environ.get("FLOWDSL_RUNS_DIR") or DEFAULT_RUNS_DIR)
+    """The directory of run records: ``explicit``, else ``$FLOWDSL_RUNS_DIR``, else ``.flowdsl/runs``.
+
+    Raises ``ValueError`` when ``$FLOWDSL_RUNS_DIR`` is set but empty (as ``--runs-dir ''`` is refused: an
+    empty setting is a mistake, never a request for the default)."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("FLOWDSL_RUNS_DIR")
+    if env is not None and not env.strip():
+        raise ValueError("FLOWDSL_RUNS_DIR is set but empty: set it to the directory of run records, or unset "
+                         f"it for the default ({DEFAULT_RUNS_DIR})")
+    return Path(env or DEFAULT_RUNS_DIR)
 
 
 def check_run_id(run_id: str) -> str:
@@ -144,6 +153,9 @@ def find_record(run: str, directory: str | Path | None = None) -> Path:
         return _regular_file(Path(run), "")
     if run.endswith(".jsonl") and "/" in run:  # a path (a run id has no '/'): no such file
         raise RecordError(f"no run record at {run}: it does not exist")
+    if "/" in run and os.path.isdir(run):  # (any other name with a '/' is refused below as a run id)
+        raise RecordError(f"{run} is a directory, not a run record: give a run id (with --runs-dir {run} if its "
+                          "records are there) or the path of a record file (.jsonl)")
     try:
         path = record_path(run, directory)
     except ValueError as exc:

@@ -640,7 +640,11 @@ def show_command(record: Path) -> str:
     run_id = record.name.removesuffix(".jsonl")
     if record.suffix != ".jsonl" or not RUN_ID_RE.match(run_id):
         return f"flowdsl show {shlex.quote(str(record))}"
-    if record.parent.resolve() == runs_dir().resolve():
+    try:
+        default = runs_dir()
+    except ValueError:  # $FLOWDSL_RUNS_DIR set but empty: no default directory to look in
+        default = None
+    if default is not None and record.parent.resolve() == default.resolve():
         return f"flowdsl show {run_id}"
     return f"flowdsl show {run_id} --runs-dir {shlex.quote(str(record.parent))}"
 

@@ -265,6 +265,28 @@ def test_an_empty_runs_dir_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     assert drawn.exit_code == 2 and "Invalid value for '--runs-dir'" in drawn.output and "empty" in drawn.output
 
 
+def test_a_flowdsl_runs_dir_set_but_empty_is_refused_unless_no_record_or_runs_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLOWDSL_RUNS_DIR", "")
+    spec = _spec(tmp_path)
+    r = cli("run", spec, "--set", "script={}", "--format", "json")
+    assert r.exit_code == 2 and "FLOWDSL_RUNS_DIR is set but empty" in json.loads(r.stdout)["error"]["message"]
+    assert not (tmp_path / ".flowdsl").exists()  # not quietly the default directory
+    assert cli("show", "r1").exit_code == 2 and "FLOWDSL_RUNS_DIR is set but empty" in cli("show", "r1").output
+    assert cli("run", spec, "--set", "script={}", "--no-record").exit_code == 0
+    assert cli("run", spec, "--set", "script={}", "--runs-dir", "runs", "--run-id", "r1").exit_code == 0
+    assert cli("show", "r1", "--runs-dir", "runs").exit_code == 0
+
+
+def test_show_of_a_path_that_is_no_record_file_says_what_it_is(tmp_path: Path) -> None:
+    shown = cli("show", str(tmp_path))
+    assert shown.exit_code == 2 and f"{tmp_path} is a directory, not a run record" in shown.output
+    (tmp_path / "notes.txt").write_text("x")
+    shown = cli("show", str(tmp_path / "notes.txt"))
+    assert shown.exit_code == 2 and "invalid run id" in shown.output
+
+
 def test_no_record_with_runs_dir_is_refused(tmp_path: Path) -> None:
     r = cli("run", _spec(tmp_path), "--no-record", "--runs-dir", str(tmp_path / "runs"), "--format", "json")
     assert r.exit_code == 2, r.output
