@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,15 +89,21 @@ def check_llm_options(flow: Flow) -> Iterator[Diagnostic]:
             yield _err(node, "FD201", _blank_lm(node.llm.lm, "--lm, defaults.llm.lm or FLOWDSL_LM"),
                        join(path, "lm"))
         text = node.llm.instructions
-        at = text.find("${") if isinstance(text, str) else -1
-        if at >= 0:
+        template = _TEMPLATE_START.search(text) if isinstance(text, str) else None
+        if template is not None:
+            at = template.start()
             end = text.find("}", at)
             found = text[at:end + 1] if 0 <= end - at < 60 else text[at:at + 20] + "…"
             yield _err(node, "FD201", f"the instructions contain {json.dumps(found, ensure_ascii=False)}, but "
                        "instructions are sent to the model as written, not filled in like a 'with:' template; to "
                        "give the model a value from the context, add an input field to the signature (e.g. "
                        "'order_id, question -> answer') and map it with 'with:' "
-                       "(e.g. with: {order_id: \"${ order.id }\"})", join(path, "instructions"))
+                       "(e.g. with: {order_id: \"${ order.id }\"}); write '$${' for a literal '${'",
+                       join(path, "instructions"))
+
+
+#: a ``${`` that starts a template (``$${`` is a literal ``${``, as in every template of the language)
+_TEMPLATE_START = re.compile(r"(?<!\$)\$\{")
 
 
 def _blank_lm(value: str, instead: str) -> str:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flowdsl.launch import stopped, wants_json
+from flowdsl.launch import program_name, release, said, stopped
 from flowdsl.render.command import parse_directory  # (typer + stdlib only, as diagram below)
 
 app = typer.Typer(
@@ -830,10 +830,10 @@ app.command(name="diagram")(_diagram)
 def main() -> None:
     """Console entry point (``flowdsl.launch.main`` loads it).
 
-    Runs the command as typer would, but says what typer leaves unsaid: a stop signal that comes before the
-    command handles signals itself (typer exits 130 without a word; here ``interrupted``, exit 130, and the
-    one JSON object under ``--format json``), and a command line that is wrong (the usage error, and also that
-    JSON object, as every other failure of a reporting command gives)."""
+    Runs the command as typer would, but says what typer leaves unsaid: a stop signal while the command is
+    built, or a Ctrl-C the command does not handle itself (typer exits 130 without a word; here
+    ``interrupted``, exit 130, and the one JSON object under ``--format json``), and a command line that is
+    wrong (the usage error, and also that JSON object, as every other failure of a reporting command gives)."""
     argv = sys.argv[1:]
     try:
         from typer import rich_utils
@@ -843,15 +843,17 @@ def main() -> None:
         except ImportError:
             from click import ClickException  # type: ignore[assignment,no-redef]
         command = typer.main.get_command(app)
-        with command.make_context("flowdsl", list(argv)) as ctx:
+    except KeyboardInterrupt as exc:
+        stopped(str(exc) or "interrupted", argv)
+    release()  # SIGTERM and SIGHUP: the default again, for the commands to take or not
+    try:
+        with command.make_context(program_name(), list(argv)) as ctx:
             command.invoke(ctx)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except ClickException as exc:  # the command line itself is wrong: nothing has started
         rich_utils.rich_format_error(exc)
-        if wants_json(argv):
-            sys.stdout.write(json.dumps({"status": "error", "error": {"type": "UsageError",
-                                                                     "message": exc.format_message()}}) + "\n")
+        said(argv, {"status": "error", "error": {"type": "UsageError", "message": exc.format_message()}})
         sys.exit(exc.exit_code)
     except typer.Abort:  # (end of input at a prompt)
         sys.stderr.write("Aborted!\n")

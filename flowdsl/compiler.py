@@ -352,7 +352,9 @@ class _Compiler:
                 out["llm"] = {
                     "signature": {"inputs": [_field(f) for f in n.llm.inputs],
                                   "outputs": [_field(f) for f in n.llm.outputs]},
-                    "instructions": n.llm.instructions,
+                    # ('$${' is how the spec writes a literal '${': the model is sent '${')
+                    "instructions": n.llm.instructions.replace("$${", "${") if n.llm.instructions else
+                    n.llm.instructions,
                     "module": n.llm.module or d.llm_module or "predict",
                     "lm": n.llm.lm,
                     "default_lm": d.llm_lm,

@@ -9,6 +9,7 @@ otherwise print a Python traceback (or kill the process without a word) instead 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -39,26 +40,56 @@ def wants_json(argv: Sequence[str]) -> bool:
 def stopped(message: str, argv: Sequence[str]) -> None:
     """End the command for a stop signal: ``message`` on stderr, the JSON error object when asked, exit 130."""
     sys.stderr.write(message + "\n")
-    if wants_json(argv):
-        sys.stdout.write(json.dumps({"status": "error", "error": {"type": "KeyboardInterrupt",
-                                                                 "message": message}}) + "\n")
-    sys.stdout.flush()
+    said(argv, {"status": "error", "error": {"type": "KeyboardInterrupt", "message": message}})
     sys.exit(130)
+
+
+def said(argv: Sequence[str], value: dict[str, Any]) -> None:
+    """Write ``value`` as the command's one JSON object when ``argv`` asks for it (:func:`wants_json`); a reader
+    that went away (``| head``) is let go quietly."""
+    if not wants_json(argv):
+        return
+    try:
+        sys.stdout.write(json.dumps(value) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def program_name() -> str:
+    """How the command was called, for usage lines: ``flowdsl``, or ``python -m flowdsl``."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "__main__.py":
+        return "python -m flowdsl"
+    return "flowdsl"
+
+
+_taken: list[int] = []  # the signals whose handlers main() set, until release()
 
 
 def _raise_stop(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(_SAID.get(signal.Signals(signum).name, "interrupted"))
 
 
+def release() -> None:
+    """Give SIGTERM and SIGHUP back their default action: called once the CLI is built, before the command runs
+    (commands that take these signals take them from the default, and the others are stopped by them as any
+    program is)."""
+    while _taken:
+        signum = _taken.pop()
+        if signal.getsignal(signum) is _raise_stop:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def main() -> None:
-    """Console entry point: load the CLI, then run it (``flowdsl.cli.main``)."""
+    """Console entry point: load the CLI, then run it (``flowdsl.cli.main``, which calls :func:`release` once the
+    command is built)."""
     argv = sys.argv[1:]
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is signal.SIG_DFL:  # (one inherited as ignored stays ignored)
             signal.signal(signum, _raise_stop)
+            _taken.append(signum)
     try:
         from flowdsl.cli import main as cli_main
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)
-    # the handlers stay until a command sets its own (``run`` and ``worker`` do, for the whole of their work)
     cli_main()

@@ -245,21 +245,28 @@ def step_inputs(llm: Mapping[str, Any], inputs: Mapping[str, Any], *, step_key: 
 
 async def prepare_models(models: Iterable[str]) -> None:
     """Import DSPy and check each model string (offline, each once per process), as a step's first call would;
-    never raises (DSPy missing, a model string that is invalid: the step's attempt says so)."""
+    never raises (DSPy missing or broken, a model string that is invalid: the step's attempt says so)."""
     try:
         await _import_dspy("LLM step")
-    except LLMNotConfigured:
+        for model in models:
+            if model.strip():
+                await _model_problem(model.strip())
+    except Exception:  # (whatever it is, the step's own call meets it again and fails its attempt with it)
         return
-    for model in models:
-        if model.strip():
-            await _model_problem(model.strip())
 
 
-def redact_text(text: str, inputs: Mapping[str, Any], redact: Iterable[str]) -> str:
+def redact_text(text: str, inputs: Mapping[str, Any], redact: Iterable[str],
+                llm: Mapping[str, Any] | None = None) -> str:
     """``text`` with the values of the inputs named in ``redact`` masked (``***``), as the messages and records
     of a step's call are: for a runtime masking what it records of a failure it did not build (a provider's
-    error message, a traceback)."""
-    secrets = _secrets({}, inputs, redact)
+    error message, a traceback). With the step's ``llm`` block, the values as converted for the model (``"9.50"``
+    sent as ``9.5``) are masked too."""
+    redact = tuple(redact)
+    values: Mapping[str, Any] = {}
+    if llm is not None:
+        with contextlib.suppress(Exception):  # (inputs that do not fit: only their raw forms were sent anywhere)
+            values = _prepare_inputs(normalize_signature(llm["signature"]), inputs, "", redact)
+    secrets = _secrets(values, inputs, redact)
     return _redact(text, secrets) if secrets else text
 
 
@@ -565,14 +572,20 @@ def _secrets(values: Mapping[str, Any], inputs: Mapping[str, Any], redact: Itera
             if value is None:
                 continue
             if isinstance(value, str):
-                forms.add(value)
+                forms.update(_escaped(value))
                 continue
             forms.add(str(value))
             for kw in ({}, {"ensure_ascii": False}, {"ensure_ascii": False, "sort_keys": True}):
                 with contextlib.suppress(TypeError, ValueError):
                     forms.add(json.dumps(value, **kw))  # type: ignore[arg-type]
-            forms.update(s for s in _leaves(value) if len(s) >= 4)
+            forms.update(form for leaf in _leaves(value) if len(leaf) >= 4 for form in _escaped(leaf))
     return sorted((s for s in forms if s.strip()), key=len, reverse=True)
+
+
+def _escaped(text: str) -> set[str]:
+    """``text`` and the forms it takes inside a JSON string (a provider's error may quote the request as JSON):
+    escaped quotes, backslashes and control characters, and non-ASCII letters as ``\\u`` escapes."""
+    return {text, json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
 
 
 def _leaves(value: Any) -> Iterable[str]:

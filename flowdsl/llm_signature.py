@@ -548,18 +548,17 @@ def _scalar(ftype: str, value: Any) -> Any:
     number: int | float | None = value if isinstance(value, int | float) else None
     if text is not None:
         if _INT_TEXT.fullmatch(text):
-            try:
-                number = int(text)
-            except ValueError:  # more digits than Python converts (sys.set_int_max_str_digits)
-                raise ValueError(f"expected an integer of at most {sys.get_int_max_str_digits()} digits (the most "
-                                 f"Python writes as text), found {_show(value)}") from None
+            if len(text.lstrip("+-")) > _int_digits():
+                raise ValueError(f"expected an integer of at most {_int_digits()} digits (the most Python writes "
+                                 f"as text), found {_show(value)}")
+            number = int(text)
         elif _NUMBER_TEXT.fullmatch(text):
             if ftype == "int":  # "3.0", "1e3": exactly, without a detour through a float
                 exact = decimal.Decimal(text)
                 if exact != exact.to_integral_value():
                     raise ValueError(f"expected an integer, found {_show(value)}")
-                limit = sys.get_int_max_str_digits()  # what JSON (and str()) can hold of an integer; 0: no limit
-                if limit and exact.adjusted() + 1 > limit:
+                limit = _int_digits()
+                if exact.adjusted() + 1 > limit:
                     raise ValueError(f"expected an integer of at most {limit} digits (the most Python writes as "
                                      f"text), found {_show(value)}")
                 return int(exact)
@@ -573,6 +572,12 @@ def _scalar(ftype: str, value: Any) -> Any:
             raise ValueError(f"expected an integer, found {_show(value)}")
         return int(number)
     return number
+
+
+def _int_digits() -> int:
+    """The most digits an integer value may have: what Python converts to text (and JSON holds), 4,300 by
+    default; never unbounded (``PYTHONINTMAXSTRDIGITS=0``: then 4,300), as reading ``1e50000000`` would hang."""
+    return sys.get_int_max_str_digits() or 4300
 
 
 def _parse_json(text: str, what: str) -> Any:

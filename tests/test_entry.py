@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.abc
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,3 +124,70 @@ def test_the_console_script_and_python_m_run_through_launch(tmp_path: Path) -> N
         done = subprocess.run([*cmd, "show", str(tmp_path), "--format", "json"], capture_output=True, text=True)
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert "is a directory, not a run record" in json.loads(done.stdout)["error"]["message"]
+
+
+def test_once_the_command_is_built_sigterm_and_sighup_are_the_commands_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands that take these signals take them from the default (``run`` marks their interrupt as a stop, not
+    a failure of what it interrupted; a worker process dies of a SIGHUP, its step taken over after the lease)."""
+    from flowdsl import cli
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    monkeypatch.setattr("flowdsl.cli.main", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["flowdsl", "--version"])
+    launch.main()
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # while the CLI loads
+    monkeypatch.undo()
+    assert _exit(cli.main, ["--version"], monkeypatch) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_a_stop_while_the_command_is_built_is_said_with_the_json_object(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from flowdsl import cli
+
+    def interrupted(app: Any) -> Any:
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    monkeypatch.setattr(cli.typer.main, "get_command", interrupted)
+    assert _exit(cli.main, ["runs", "--format", "json"], monkeypatch) == 130
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"]["message"] == "terminated (SIGTERM)" and "Traceback" not in err
+
+
+def test_sigterm_while_worker_modules_import_stops_the_run_and_blames_no_module(tmp_path: Path) -> None:
+    (tmp_path / "slowmod.py").write_text(
+        "import pathlib, time\npathlib.Path('importing').write_text('x')\ntime.sleep(20)\n", encoding="utf-8")
+    (tmp_path / "flow.yaml").write_text("flowdsl: 1\nname: slow\nworkers: [slowmod]\nsteps: [a]\n",
+                                        encoding="utf-8")
+    proc = subprocess.Popen([FLOWDSL, "run", "flow.yaml", "--no-record", "--format", "json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "importing").exists():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert json.loads(out)["error"] == {"type": "KeyboardInterrupt", "message": "terminated (SIGTERM)"}
+    assert "FD205" not in err and "cannot import" not in err
+
+
+def test_python_m_names_itself_and_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "flowdsl", "run", "x.yaml", "--bogus"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "python -m flowdsl run --help" in done.stderr
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([FLOWDSL, "run", "x.yaml", "--bogus", "--format", "json"], stdout=write,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -634,3 +634,42 @@ steps:
 """, {"question": "q"}, lm="gpt4-slowcheck", on_notice=notices.append)
     assert (r.status, r.error["type"]) == ("failed", "LLMNotConfigured"), r.error
     assert "the model string 'gpt4-slowcheck' is invalid" in r.error["message"]
+
+
+def test_a_broken_dspy_install_fails_the_attempt_not_the_run_before_it_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import flowdsl.llm as llm
+
+    async def broken(where: str) -> Any:
+        raise RuntimeError("broken dspy install")
+
+    monkeypatch.setattr(llm, "_import_dspy", broken)
+    r = go("""
+steps:
+  - greet:
+      llm: {signature: "name -> greeting"}
+      fallback: canned
+""", {"name": "Ann"}, {"canned": recording([], lambda d: {"greeting": "Hi"})}, lm="openai/gpt-4o-mini")
+    assert (r.status, r.context["greeting"]) == ("completed", "Hi")
+    (started,) = of(r, "fallback_started", "greet")
+    assert started["error"]["type"] == "RuntimeError"
+
+
+def test_a_provider_error_quoting_the_request_as_json_is_masked_too(dspy: Any, adapter: Any) -> None:
+    from dspy.lm15 import InvalidRequestError
+
+    secret = 'Zoë "Ann" Müller'
+
+    def refuse(i: dict[str, str], o: list[str], n: int) -> str:
+        raise InvalidRequestError("invalid request: " + json.dumps({"name": i["name"], "amount": i["amount"]}))
+
+    lm, _ = model(dspy, "filter", refuse)
+    r = go("""
+steps:
+  - check:
+      llm: {signature: "name, amount: float -> verdict", redact: [name, amount]}
+""", {"name": secret, "amount": "9.50"}, lm=lm, adapter=adapter)
+    assert r.status == "failed", r.error
+    recorded = json.dumps([e for e in r.events if e["type"] != "run_started"], ensure_ascii=False)
+    for form in (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1], "9.5"):
+        assert form not in r.error["message"] and form not in recorded, form

@@ -147,7 +147,8 @@ def test_a_literal_beyond_the_range_of_a_number_leaves_no_infinity_in_the_plan()
 # --- instructions and model strings --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("instructions", ["Answer about order ${ order.id } please", "Costs $${ x }", "a ${b"])
+@pytest.mark.parametrize("instructions", ["Answer about order ${ order.id } please", "Costs ${ x } and $${ y }",
+                                          "a ${b"])
 def test_a_template_in_instructions_is_fd201(instructions: str) -> None:
     spec = one_step(f'        signature: "question -> answer"\n        instructions: "{instructions}"\n')
     (d,) = diagnostics(spec)
@@ -159,6 +160,12 @@ def test_a_template_in_instructions_is_fd201(instructions: str) -> None:
 
 def test_instructions_without_a_template_are_fine() -> None:
     compile_text(one_step('        signature: "question -> answer"\n        instructions: "Costs $5 {net}."\n'))
+
+
+def test_a_literal_template_start_in_instructions_is_written_dollar_dollar_brace() -> None:
+    plan = compile_text(one_step('        signature: "question -> answer"\n'
+                                 '        instructions: "Quote shell variables as $${VAR}."\n'))
+    assert plan["nodes"]["ask"]["llm"]["instructions"] == "Quote shell variables as ${VAR}."
 
 
 def test_a_template_in_the_instructions_of_a_flow_file_is_fd201() -> None:
@@ -234,3 +241,22 @@ def test_an_integer_answer_with_more_digits_than_json_holds_is_refused_naming_th
     with pytest.raises(ValueError, match="expected an integer of at most 4300 digits"):
         coerce_value(field, text)
     assert coerce_value(field, "1e4299") == 10 ** 4299  # 4,300 digits: the most that is written as text
+
+
+def test_integer_answers_stay_bounded_when_python_sets_no_digit_limit() -> None:
+    import sys
+    import time
+
+    from flowdsl.llm_signature import coerce_value
+
+    field = {"name": "n", "type": "int", "desc": None, "enum": None}
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        t = time.perf_counter()
+        for text in ("1e50000000", "7" * 100_000):
+            with pytest.raises(ValueError, match="expected an integer of at most 4300 digits"):
+                coerce_value(field, text)
+        assert time.perf_counter() - t < 5
+    finally:
+        sys.set_int_max_str_digits(before)

@@ -367,8 +367,8 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
         event = _failure_event(task_id, exc)
         redact = block.get("redact") or ()
         if redact:  # a provider's message (and the traceback quoting it) may echo what the step sent
-            event["error"]["message"] = redact_text(event["error"]["message"], data, redact)
-            event["traceback"] = redact_text(event["traceback"], data, redact)
+            event["error"]["message"] = redact_text(event["error"]["message"], data, redact, block)
+            event["traceback"] = redact_text(event["traceback"], data, redact, block)
         name = model if isinstance(model, str) else getattr(model, "model", None)
         name = name if isinstance(name, str) else None
         if isinstance(exc, OutputInvalid):
