@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -147,14 +148,17 @@ def describe_url(url: str) -> str:
             + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
-def _options(url: str, client_name: str | None) -> dict[str, Any]:
+def _options(url: str, client_name: str | None, *, blocking: bool = False) -> dict[str, Any]:
+    # each kind of client its own kind of Retry (redis-py 8.2 warns of, and converts, a blocking one given to an
+    # asyncio client)
+    retry = (Retry if blocking else AsyncRetry)(ExponentialBackoff(cap=1.0, base=0.02), 2)
     options: dict[str, Any] = {
         "decode_responses": False,
         "socket_connect_timeout": 5,
         "socket_timeout": 15,
         "health_check_interval": 30,
         "client_name": client_name,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.02), 2),
+        "retry": retry,
     }
     if not url.startswith("unix:"):
         options["socket_keepalive"] = True  # TCP only
@@ -177,7 +181,7 @@ def connect(url: str | None = None, *, client_name: str | None = None,
 def connect_sync(url: str | None = None, *, client_name: str | None = None) -> redis.Redis:
     """A blocking client for ``url`` (the CLI's one-shot commands and the tests)."""
     chosen = resolve_url(url)
-    options = _options(chosen, client_name)
+    options = _options(chosen, client_name, blocking=True)
     try:
         return redis.Redis.from_url(chosen, **options)
     except (ValueError, TypeError) as exc:
