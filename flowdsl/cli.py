@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flowdsl.launch import program_name, release, said, stopped
+from flowdsl.launch import let_go, program_name, release, said, stopped
 from flowdsl.render.command import parse_directory  # (typer + stdlib only, as diagram below)
 
 app = typer.Typer(
@@ -861,7 +861,7 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)
     except BrokenPipeError:  # the reader went away (``| head``): end quietly, as typer does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        let_go()
         sys.exit(1)
     sys.exit(0)
 

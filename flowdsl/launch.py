@@ -53,7 +53,13 @@ def said(argv: Sequence[str], value: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(value) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        let_go()
+
+
+def let_go() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null, so that nothing more written to
+    it (nor the interpreter's flush at exit) raises."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def program_name() -> str:

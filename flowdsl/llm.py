@@ -107,7 +107,8 @@ class LlmResult:
     type (JSON-serializable). ``prompt`` is the list of chat messages
     (``{"role", "content"}``) of the model call whose answer was used, and
     ``raw`` its reply text; in both, the values of the inputs named in
-    ``redact`` are replaced by ``***``. ``reasoning`` is the ChainOfThought
+    ``redact`` are replaced by ``***``, and a lone surrogate is written as its
+    escape (``\\udc80``), so they can be recorded. ``reasoning`` is the ChainOfThought
     rationale (None for ``predict``); ``model`` the LM's model name.
     """
 
@@ -215,7 +216,7 @@ async def run_llm_step(
     else:
         reply = recorder.raw
     prompt = _redact_prompt(recorder.prompt, secrets)
-    raw = _redact(reply, secrets)
+    raw = _recorded(reply, secrets)
     texts = _sections(reply)
     if texts is None and parsed is not None:
         # a reply flowdsl cannot split into fields (another adapter's format): check what DSPy read from it
@@ -226,7 +227,7 @@ async def run_llm_step(
         raise OutputInvalid(_redact(f"{where}: {problem}", secrets), field=bad, prompt=prompt, raw=raw)
     reasoning = answer.pop(REASONING_FIELD, None) if module_name == "chain_of_thought" else None
     return LlmResult(outputs=answer, prompt=prompt, raw=raw,
-                     reasoning=_redact(str(reasoning), secrets) if reasoning is not None else None,
+                     reasoning=_recorded(str(reasoning), secrets) if reasoning is not None else None,
                      model=_model_name(lm_obj))
 
 
@@ -542,7 +543,7 @@ def _shown_problem(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | N
     mask changed the verdict), the message names the field and its type without its value."""
     if not secrets or texts is None:
         return problem
-    _, masked, masked_bad = _read_answer(fields, _redact_value(dict(texts), secrets),
+    _, masked, masked_bad = _read_answer(fields, _recorded(dict(texts), secrets),
                                          None if reply is None else _redact(reply, secrets))
     if masked and masked_bad == bad:
         return masked
@@ -606,18 +607,20 @@ def _redact(text: str, secrets: list[str]) -> str:
 
 
 def _redact_prompt(prompt: list[dict[str, Any]], secrets: list[str]) -> list[dict[str, Any]]:
-    if not secrets:
-        return prompt
-    return [{**m, "content": _redact_value(m.get("content"), secrets)} for m in prompt]
+    return [{**m, "content": _recorded(m.get("content"), secrets)} for m in prompt]
 
 
-def _redact_value(value: Any, secrets: list[str]) -> Any:
+def _recorded(value: Any, secrets: list[str]) -> Any:
+    """``value`` (plain JSON: a text, or lists and objects of texts) as it is recorded of a call: the secrets
+    masked, and every text writable as UTF-8 — a lone surrogate (a provider's ``\\udc80`` JSON escape in a
+    reply) written as its escape."""
     if isinstance(value, str):
-        return _redact(value, secrets)
+        text = _redact(value, secrets)
+        return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, list):
-        return [_redact_value(v, secrets) for v in value]
+        return [_recorded(v, secrets) for v in value]
     if isinstance(value, dict):
-        return {k: _redact_value(v, secrets) for k, v in value.items()}
+        return {k: _recorded(v, secrets) for k, v in value.items()}
     return value
 
 

@@ -372,13 +372,12 @@ async def _execute_llm(command: Mapping[str, Any], lm: object | str | None, env:
         name = model if isinstance(model, str) else getattr(model, "model", None)
         name = name if isinstance(name, str) else None
         if isinstance(exc, OutputInvalid):
-            event["meta"] = {"llm": _readable_texts({"prompt": exc.prompt, "raw": exc.raw, "field": exc.field,
-                                                     "model": name})}
+            event["meta"] = {"llm": {"prompt": exc.prompt, "raw": exc.raw, "field": exc.field, "model": name}}
         elif not isinstance(exc, LLMNotConfigured | InputInvalid):  # the provider failed: say which model
             event["meta"] = {"llm": {"model": name}}
         return event
-    meta = {"llm": _readable_texts({"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
-                                    "model": result.model})}
+    meta = {"llm": {"prompt": result.prompt, "raw": result.raw, "reasoning": result.reasoning,
+                    "model": result.model}}
     try:
         outputs = plain_json(result.outputs)
     except NotJSON as exc:  # (a value the signature's rules let through that JSON cannot hold)
@@ -422,18 +421,6 @@ async def warm_llm(plan: Mapping[str, Any], *, lm: object | str | None = None, e
     if notice is not None and "dspy" not in sys.modules:
         notice("loading DSPy for the LLM steps before the run starts (a few seconds, once per process)")
     await prepare_models(sorted(models))
-
-
-def _readable_texts(value: Any) -> Any:
-    """``value`` (what is recorded of a model call: plain JSON) with every text made writable as UTF-8
-    (:func:`_safe`): a reply may hold a lone surrogate (a provider's ``\\udc80`` JSON escape)."""
-    if isinstance(value, str):
-        return _safe(value)
-    if isinstance(value, list):
-        return [_readable_texts(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _readable_texts(v) for k, v in value.items()}
-    return value
 
 
 async def _execute_fallback(command: Mapping[str, Any], registry: WorkerRegistry | None) -> dict[str, Any]:
