@@ -146,7 +146,8 @@ class _Session:
             return None
         schema_diags = [_with_file(d, file) for d in check_schema(doc.data)]
         self.diags.extend(doc.diagnostics + schema_diags)
-        data, cut = doc.data, []
+        data = doc.data
+        cut: list[str] = []
         if has_errors(schema_diags):
             # checked on without what the errors blame, when that changes nothing else (an unknown field,
             # a malformed option); else the checks stop here: they read the shape that is broken

@@ -89,8 +89,7 @@ def check_llm_options(flow: Flow) -> Iterator[Diagnostic]:
             yield _err(node, "FD201", _blank_lm(node.llm.lm, "--lm, defaults.llm.lm or FLOWDSL_LM"),
                        join(path, "lm"))
         text = node.llm.instructions
-        template = _TEMPLATE_START.search(text) if isinstance(text, str) else None
-        if template is not None:
+        if isinstance(text, str) and (template := _TEMPLATE_START.search(text)) is not None:
             at = template.start()
             end = text.find("}", at)
             found = text[at:end + 1] if 0 <= end - at < 60 else text[at:at + 20] + "…"

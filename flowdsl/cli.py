@@ -116,7 +116,8 @@ def _print_diagnostics(diags: list[Any], fmt: OutputFormat) -> None:
 def _escape(text: str) -> str:
     from rich.markup import escape
 
-    return escape(text)
+    escaped: str = escape(text)
+    return escaped
 
 
 def _exit_for(diags: list[Any]) -> int:
@@ -841,7 +842,7 @@ def main() -> None:
         try:
             from typer._click.exceptions import ClickException  # typer 0.2x carries its own click
         except ImportError:
-            from click import ClickException  # type: ignore[assignment,no-redef]
+            from click import ClickException
         command = typer.main.get_command(app)
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)

@@ -259,11 +259,11 @@ class _Compiler:
                 else next(iter(preds))
             dist[v], best_pred[v] = dist[best] + weight[best], best
         path: list[str] = []
-        v: str | None = ":end"
-        while v is not None:
-            if weight.get(v):
-                path.append(v)
-            v = best_pred.get(v)
+        back: str | None = ":end"
+        while back is not None:
+            if weight.get(back):
+                path.append(back)
+            back = best_pred.get(back)
         return {k: dist[k] for k, e in self.entries.items() if e.node.is_step}, path[::-1]
 
     def flow_edges(self) -> list[list[str]]:

@@ -221,7 +221,7 @@ def analyse(source: str) -> Analysis:
                 if getattr(arg, "type", None) == "variable":
                     bound.add(arg.value)
         elif kind == "function" or kind == "partial":
-            proc = getattr(node, "procedure", None)
+            proc: Any = getattr(node, "procedure", None)
             if getattr(proc, "type", None) == "variable":
                 functions.add(proc.value)
         elif kind == "path":

@@ -26,7 +26,7 @@ import json
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -491,7 +491,7 @@ def _sections(raw: str) -> dict[str, str] | None:
     return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
 
 
-def _read_answer(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | None,
+def _read_answer(fields: Sequence[Mapping[str, Any]], texts: Mapping[str, Any] | None,
                  reply: str | None) -> tuple[dict[str, Any] | None, str, str | None]:
     """Check an answer's field values (texts of a reply, or a fallback's result) against ``fields``.
 
@@ -533,7 +533,7 @@ def _read_answer(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | Non
     return None, f"{malformed}: {'; '.join(problems)} (expected {expected})", bad
 
 
-def _shown_problem(fields: list[Mapping[str, Any]], texts: Mapping[str, Any] | None, reply: str | None,
+def _shown_problem(fields: Sequence[Mapping[str, Any]], texts: Mapping[str, Any] | None, reply: str | None,
                    problem: str, bad: str | None, secrets: list[str]) -> str:
     """The message of an answer's ``problem``, as shown: built from the answer with the secrets masked first.
 

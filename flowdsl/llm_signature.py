@@ -330,7 +330,7 @@ def _parse_side(text: str, start: int, end: int, side: str) -> list[tuple[dict[s
         if name in seen:
             raise SignatureError(f"found field '{name}' twice among the {side}; expected each field once", off)
         seen.add(name)
-        field = {"name": name, "type": "str", "desc": None, "enum": None}
+        field: dict[str, Any] = {"name": name, "type": "str", "desc": None, "enum": None}
         if colon is not None:
             type_text = text[colon + 1:b]
             type_off = colon + 1 + len(type_text) - len(type_text.lstrip())

@@ -31,7 +31,8 @@ _EXPECTED = "expected a number with a unit: 250ms, 10s, 5m, 2h, or several units
 
 def _duration_text_ms(text: str) -> float:
     """The milliseconds a duration string spells (unrounded); ValueError saying what is wrong with it."""
-    pos, ms, seen = 0, 0.0, []
+    pos, ms = 0, 0.0
+    seen: list[str] = []
     for m in _DURATION_PART.finditer(text):
         if m.start() != pos:
             break

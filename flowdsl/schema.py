@@ -47,7 +47,8 @@ def data_file(name: str, repo_dir: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def spec_schema() -> dict[str, Any]:
     """The JSON Schema of a flowdsl spec (version 1)."""
-    return json.loads(data_file("flowdsl.schema.json", "specs").read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(data_file("flowdsl.schema.json", "specs").read_text(encoding="utf-8"))
+    return schema
 
 
 _END = re.compile(r"(?<!\\)\$")
@@ -68,7 +69,7 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> A
 def _validator() -> Any:
     from jsonschema import Draft202012Validator, validators
 
-    cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+    cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})  # type: ignore[no-untyped-call,unused-ignore]
     return cls(spec_schema())
 
 
@@ -138,7 +139,7 @@ def _what(schema: Any) -> str:
     if isinstance(t, str):
         return _TYPE_NAMES.get(t, t)
     if isinstance(t, list) and t:
-        names = [_TYPE_NAMES.get(x, x) for x in t]
+        names = [str(_TYPE_NAMES.get(x, x)) for x in t]
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     return "a valid value"
 

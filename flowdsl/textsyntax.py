@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, join, make
+from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, join, make, set_aside_values
 from flowdsl.source import (
     WORD_VALUES,
     LoadedDoc,
@@ -34,7 +34,6 @@ from flowdsl.source import (
     byte_position,
     control_character,
     read_number,
-    set_aside_values,
     too_deep,
 )
 
@@ -138,7 +137,7 @@ class _Parser:
             origin = str(rule.origin.name)  # Lark's names are Tokens, slow to compare
             kind = _SPLICE if origin.startswith("_") else _EXPAND if rule.options.expand1 else _KEEP
             shapes[rule] = (kind, str(rule.alias or origin), reuse, plan[reuse:], len(rule.expansion), origin)
-        self.actions = {
+        self.actions: dict[int, dict[str, tuple[bool, Any]]] = {
             state: {str(sym): (True, arg) if act is Shift else (False, shapes[arg]) for sym, (act, arg) in acts.items()}
             for state, acts in table.states.items()
         }
@@ -190,6 +189,7 @@ class _Parser:
         line, line_start, json_depth, block_depth, prev, end = 1, 0, 0, 0, "", 0
         for m in self.regex.finditer(text):
             kind = m.lastgroup
+            assert kind is not None  # (every match is one of the named groups)
             value = m.group(kind)
             start, end = m.span(kind)
             col = start - line_start + 1
@@ -234,7 +234,9 @@ class _Parser:
         yield _Tok("$END", "", line, end - line_start + 1)
 
     def parse(self, text: str) -> _Node:
-        actions, stack, values, opened = self.actions, [self.start], [], []
+        actions, stack = self.actions, [self.start]
+        values: list[Any] = []
+        opened: list[tuple[str, int]] = []
         tokens = self.tokens(text, stack, opened)
         tok = next(tokens)
         while True:
@@ -321,11 +323,12 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
     """
     positions = Positions(file)
     if isinstance(text, bytes):
+        raw = text
         try:
-            text = text.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            line, col = byte_position(text, e.start)
-            msg = f"file is not valid UTF-8 (byte 0x{text[e.start]:02x})"
+            line, col = byte_position(raw, e.start)
+            msg = f"file is not valid UTF-8 (byte 0x{raw[e.start]:02x})"
             return LoadedDoc(None, positions, [make("FD110", msg, file=file, line=line, column=col)])
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     bad = BAD_CHAR_RE.search(text)
@@ -354,9 +357,9 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
             return LoadedDoc(None, positions, builder.diagnostics)
     deep = too_deep(data)
     if deep is not None:
-        line, col = positions.find(deep)
+        deep_line, deep_col = positions.find(deep)
         message = f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists once read as data"
-        return LoadedDoc(None, positions, [make("FD107", message, file=file, line=line, column=col)])
+        return LoadedDoc(None, positions, [make("FD107", message, file=file, line=deep_line, column=deep_col)])
     return LoadedDoc(data, positions, builder.diagnostics)
 
 

@@ -353,6 +353,7 @@ def marking_sigint() -> Iterator[None]:
     the last one out removes: wrappers never pile up over many runs.
     """
     current = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    handler: _MarkingHandler
     if isinstance(current, _MarkingHandler):
         handler = current
     elif not callable(current):
@@ -370,8 +371,9 @@ def marking_sigint() -> Iterator[None]:
         yield
     finally:
         handler.users -= 1
+        previous = handler.previous
         if handler.users == 0 and signal.getsignal(signal.SIGINT) is handler:
-            signal.signal(signal.SIGINT, handler.previous)
+            signal.signal(signal.SIGINT, previous)
 
 
 class _MarkingHandler:

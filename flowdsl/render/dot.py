@@ -181,7 +181,7 @@ def render_dot(plan: Mapping[str, Any], *, run_states: RunStates | None = None) 
 def render_image(dot_text: str, fmt: str) -> bytes:
     """Lay out DOT text with Graphviz's ``dot`` program into ``svg`` or ``png`` bytes."""
     try:
-        import graphviz  # type: ignore[import-untyped]
+        import graphviz
     except ImportError:
         raise RenderError("drawing SVG or PNG needs the Python package 'graphviz' (pip install graphviz)") from None
     try:

@@ -172,7 +172,7 @@ def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) ->
         found, data, ctx = call
         if not found.is_async:
             return None
-        coro = found.fn(data, ctx)
+        coro: Any = found.fn(data, ctx)  # (an async worker's: a coroutine)
         pending = context.run(coro.send, None)
     except StopIteration as stop:
         return _answer(task_id, stop.value)
@@ -223,7 +223,7 @@ def _call(command: Mapping[str, Any], registry: WorkerRegistry | None) -> tuple[
                        f"'{command['worker']}' in this process (are the spec's worker modules imported?)")
     kind = command["kind"]
     ctx = StepContext(command["run_id"], command["node"], command["attempt"], command["idempotency_key"],
-                      kind == "compensate", _logger(found.name))
+                      kind == "compensate", _logger(found.name))  # type: ignore[arg-type]  # (wrapped by it)
     return found, copy_json(command["input"]), ctx
 
 

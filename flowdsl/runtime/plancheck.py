@@ -66,7 +66,8 @@ def plan_problem(plan: Any) -> str | None:
 @functools.lru_cache(maxsize=1)
 def plan_schema() -> dict[str, Any]:
     """The JSON Schema of an execution plan (``plan_version`` 1)."""
-    return json.loads(data_file("plan.schema.json", "specs").read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(data_file("plan.schema.json", "specs").read_text(encoding="utf-8"))
+    return schema
 
 
 @functools.lru_cache(maxsize=1)

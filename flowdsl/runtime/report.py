@@ -345,7 +345,7 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
         seq = event.get("seq")
         again = by_seq.get(seq) if isinstance(seq, int) and not isinstance(seq, bool) else None
         same = again is not None and (again.get("type"), again.get("step")) == (kind, event.get("step"))
-        if same and seq not in seen:
+        if same and isinstance(seq, int) and seq not in seen:
             seen.add(seq)
             continue
         if "seq" not in event:
@@ -495,7 +495,8 @@ def _console(console: Any = None) -> Any:
 def _esc(text: Any) -> str:
     from rich.markup import escape
 
-    return escape(str(text))
+    escaped: str = escape(str(text))
+    return escaped
 
 
 def _status(status: str) -> str:

@@ -48,7 +48,15 @@ from flowdsl.kernel import END_STATES, Decision, apply, start_event, start_run
 from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
-from flowdsl.runtime.redis.store import Clock, JournalEntry, RunRecord, Store, TransitionResult, cancel_reasons
+from flowdsl.runtime.redis.store import (
+    Clock,
+    JournalEntry,
+    RunRecord,
+    Store,
+    TaskOp,
+    TransitionResult,
+    cancel_reasons,
+)
 
 __all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain",
            "Contended", "Outcome"]
@@ -335,7 +343,7 @@ class Advancer:
         run_id = record.run_id
         version = record.version + len(steps)  # the version the transition writes (its outbox entry's)
         ops: list[dict[str, Any]] = []
-        task_ops: list[tuple[str, ...]] = []
+        task_ops: list[TaskOp] = []
         entries: list[JournalEntry] = []
         held: list[tuple[Chain, dict[str, Any]]] = []  # the chain offers that took a task, and the task
         finished = False
@@ -599,8 +607,8 @@ def _cancelled_at_start(plan: dict[str, Any], state: dict[str, Any], reasons: tu
     return steps
 
 
-def _unsent(run_id: str, ops: list[dict[str, Any]], task_ops: list[tuple[str, ...]]
-            ) -> tuple[list[dict[str, Any]], list[tuple[str, ...]]]:
+def _unsent(run_id: str, ops: list[dict[str, Any]], task_ops: list[TaskOp]
+            ) -> tuple[list[dict[str, Any]], list[TaskOp]]:
     """Drop what one transition both did and undid: the attempts it dispatched and ended (a run cancelled
     by the transition that starts it), with their messages and deadlines, and the timers it set and cleared."""
     dispatched = {op[1] for op in task_ops if op[0] in ("s", "c")}

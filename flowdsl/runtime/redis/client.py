@@ -399,6 +399,7 @@ class RedisClient:
         while not journal.finished:
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+            reply: Any  # [(stream, [(entry id, fields)])] or None
             try:
                 if reader is None:
                     reply = await self.redis.xread({key: journal.last_id}, count=1000, block=500)

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import redis
@@ -44,6 +44,8 @@ __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command"
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_DEAD_LETTER_FAILURES: tuple[type[Exception], ...] = (DeadLetterNotFound, ValueError, redis.RedisError,
+                                                         *TRANSIENT)
 #: what ``flowdsl runs --status`` takes: before the start, while going, and the end states
 RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
               "needs_intervention")
@@ -64,7 +66,7 @@ def _say(console: Any, text: str, style: str = "red", label: str = "error") -> N
 ErrorHook = Callable[[str, str], None]
 
 
-def _guarded(console: Any, url: str | None, body: Callable[[], Awaitable[int]],
+def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, Any, int]],
              on_error: ErrorHook | None = None) -> int:
     """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2.
     ``on_error`` is also handed each such line with its error type (``run --format json`` puts them in its one
@@ -448,7 +450,7 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
                         done.append({"id": dead_id, "entry_id": new_id})
                         if not as_json:
                             console.print(f"dead letter {dead_id} put back (entry {new_id})")
-                except (DeadLetterNotFound, ValueError, redis.RedisError, *TRANSIENT) as exc:
+                except _DEAD_LETTER_FAILURES as exc:
                     failure = exc  # the ids before it are done; the ones after it are left alone
                     break
             said = None if failure is None else str(failure) if isinstance(failure, LookupError | ValueError) \

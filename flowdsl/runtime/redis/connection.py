@@ -40,7 +40,7 @@ __all__ = ["DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "connect",
 DEFAULT_URL = "redis://localhost:6379/0"
 _SCHEMES = ("redis", "rediss", "unix")
 #: errors that mean "Redis is unreachable or restarting right now": retry later, never crash
-TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+TRANSIENT: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
                                               ConnectionError, TimeoutError, OSError)
 
 

@@ -158,6 +158,8 @@ class RunRecord:
 #: and the guard checked before anything is written with the reporter of a late result (see
 #: :meth:`Store.transition`): ``(input event, events, (task id, mode, value) or None, reporter or "")``.
 JournalEntry = tuple[bytes, bytes, "tuple[str, str, str] | None", str]
+#: a change to a run's tasks in flight, as :meth:`Store.transition` takes it
+TaskOp = tuple[str, ...] | tuple[str, str, str, bytes]
 _NO_GUARD = ("", "", "")
 
 
@@ -256,8 +258,7 @@ class Store:
 
     async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, status: str,
                          entries: Sequence[JournalEntry], outbox: bytes | None = None, finished: bool = False,
-                         task_ops: list[tuple[str, ...]] = (),  # type: ignore[assignment]
-                         meta: list[tuple[str, Any]] = ()) -> TransitionResult:  # type: ignore[assignment]
+                         task_ops: Sequence[TaskOp] = (), meta: Sequence[tuple[str, Any]] = ()) -> TransitionResult:
         """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
 
         ``expected`` is the version the state was computed from (0: create the

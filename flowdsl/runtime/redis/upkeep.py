@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["Upkeep"]
 
 log = logging.getLogger("flowdsl.redis")
+_UNREACHABLE_OR_REFUSED: tuple[type[BaseException], ...] = (*TRANSIENT, redis.ResponseError)
 
 
 #: pages of the run index (200 runs each) a tidying round checks besides those it finds mostly expired: those
@@ -123,7 +124,7 @@ class Upkeep:
         held = list(self._held.values())
         picked = [(h, h.task_id) for h in held if h.picked]
         values = await self.store.leases([(h.run_id, t) for h, t in picked]) if picked else []
-        renew: dict[str, list[str]] = defaultdict(list)
+        renew: dict[str, list[Any]] = defaultdict(list)  # stream → entry ids
         for (h, task_id), value in zip(picked, values, strict=True):
             if h.task_id != task_id and not h.lost:
                 renew[h.stream].append(h.entry_id)  # it has moved on to the run's next task: still ours
@@ -270,7 +271,7 @@ class Upkeep:
             try:
                 await self.advancer.fire(member, recover=recover)
                 return
-            except (*TRANSIENT, redis.ResponseError) as exc:
+            except _UNREACHABLE_OR_REFUSED as exc:
                 if isinstance(exc, redis.ResponseError) and not server_unwell(exc):
                     raise
                 if self._stopping:

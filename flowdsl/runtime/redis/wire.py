@@ -93,7 +93,8 @@ def _encode(arg: Any) -> bytes:
 def pack(args: tuple[Any, ...]) -> bytes:
     """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…`` (bytes, str, int and float arguments)."""
     if _hiredis is not None:
-        return _hiredis.pack_command(args)  # encodes str (UTF-8), int and float itself, as _encode does
+        packed: bytes = _hiredis.pack_command(args)  # encodes str (UTF-8), int and float itself, as _encode does
+        return packed
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _encode(arg)

@@ -433,8 +433,9 @@ class RedisWorker(Upkeep):
                     block: int) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
         """One ``XREADGROUP`` of new entries on every stream served: [(stream, [(entry id, fields)])]."""
         if wire is None:
-            return await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
-                                           block=block) or []
+            read: Any = await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
+                                                block=block)
+            return read or []
         return stream_entries(await wire.blocking(("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK",
                                                    block, "STREAMS", *self.streams, *[">"] * len(self.streams)),
                                                   block))
