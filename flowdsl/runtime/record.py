@@ -72,8 +72,9 @@ def record_path(run_id: str, directory: str | Path | None = None) -> Path:
 
 
 def encode_line(item: dict[str, Any]) -> bytes:
-    """One record line: compact JSON with sorted keys (so records diff well) and a newline."""
-    return dumps(item, sort_keys=True, default=str) + b"\n"
+    """One record line: compact JSON and a newline. Keys keep their order: expressions see it (``$keys()``),
+    so a record with sorted keys would replay to other decisions than the run made."""
+    return dumps(item, default=str) + b"\n"
 
 
 class RecordError(ValueError):

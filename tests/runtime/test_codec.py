@@ -26,5 +26,5 @@ def test_what_is_not_json_is_refused_unless_a_default_says_how() -> None:
     assert loads(dumps({"n": frozenset()}, default=list)) == {"n": []}
 
 
-def test_record_lines_are_compact_sorted_and_end_with_a_newline() -> None:
-    assert encode_line({"z": 1, "a": {"y": 2, "b": 3}}) == b'{"a":{"b":3,"y":2},"z":1}\n'
+def test_record_lines_are_compact_keep_key_order_and_end_with_a_newline() -> None:
+    assert encode_line({"z": 1, "a": {"y": 2, "b": 3}}) == b'{"z":1,"a":{"y":2,"b":3}}\n'

@@ -441,3 +441,24 @@ def test_a_line_json_cannot_read_is_an_error_not_a_traceback(tmp_path: Path, lin
     shown = cli("show", "r1", "--runs-dir", str(tmp_path))
     assert shown.exit_code == 2 and f"{path}:2: {message}" in shown.stderr, shown.output
     assert shown.exception is None or isinstance(shown.exception, SystemExit)
+
+
+# --- key order: a record keeps the order of the input's keys, which expressions can see ----------------------
+
+
+def test_a_record_keeps_key_order_so_show_replays_what_ran(tmp_path: Path) -> None:
+    """`$keys()` sees the input's key order; a record that sorted keys would replay a `when` differently."""
+    spec = _spec(tmp_path, "steps:\n  - conf.a:\n      when: \"${ $keys(order)[0] = 'z' }\"\n  - conf.b\n", "order")
+    run_input = json.dumps({"script": {}, "order": {"z": 1, "a": 2}})
+    ran = cli("run", spec, "--input", "-", "--runs-dir", str(tmp_path), "--run-id", "k1", "--format", "json",
+              stdin=run_input)
+    assert ran.exit_code == 0, ran.output
+    live = json.loads(ran.stdout)
+    assert live["steps"]["a"]["status"] == "succeeded"
+    assert list(live["context"]["order"]) == ["z", "a"]
+    shown = cli("show", "k1", "--runs-dir", str(tmp_path), "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    replayed = json.loads(shown.stdout)
+    assert replayed["steps"]["a"]["status"] == "succeeded"
+    assert list(replayed["context"]["order"]) == ["z", "a"]
+    assert replayed["status"] == live["status"] and replayed["steps"] == live["steps"]
