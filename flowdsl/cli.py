@@ -344,9 +344,10 @@ def run(
         "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="seed of the retry jitter")] = None,
     late_grace: Annotated[float | None, typer.Option(
-        "--late-grace", help="after the run's end, seconds to wait for a sync worker still running a step with a "
-        "compensation that timed out (a success then is a late completion: exit 4), 0 to 365 days; what has not "
-        "answered by then is in doubt (exit 4) [default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
+        "--late-grace", help="after the run's end, seconds to wait for a worker still running a step with a "
+        "compensation that timed out (a sync worker's thread, an async worker ignoring its cancel; on Redis, "
+        "following waits): a success then is a late completion (exit 4); 0 to 365 days; what has not answered by "
+        "then is in doubt (exit 4) [default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
         callback=_seconds(*LATE_GRACE_RANGE))] = None,
     backend: Annotated[Backend, typer.Option(
         "--backend", help="local: in this process; redis: durable, on `flowdsl worker` processes")] = Backend.local,
@@ -571,16 +572,15 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     if remote:
         from flowdsl.runtime.redis.commands import run_command
 
-        if lm or runs_dir or no_record or late_grace is not None:
-            _stderr().print("[yellow]note[/]: --lm, --runs-dir, --no-record and --late-grace apply to the local "
-                            "backend (give --lm to `flowdsl worker`; Redis keeps the run's journal, and its workers "
-                            "report late results themselves)")
+        if lm or runs_dir or no_record:
+            _stderr().print("[yellow]note[/]: --lm, --runs-dir and --no-record apply to the local backend (give --lm "
+                            "to `flowdsl worker`; Redis keeps the run's journal)")
         said: list[tuple[str, str]] = []
         submitted: list[str] = []
         code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
                            detach=detach, as_json=as_json, schedule_timeout_s=schedule_timeout,
                            retention_s=retention, console=_stderr(), on_error=lambda kind, text: said.append(
-                               (kind, text)), submitted=submitted)
+                               (kind, text)), submitted=submitted, late_grace=late_grace)
         if as_json and not channel.written:  # said on stderr already; the one object says it too
             kind = said[-1][0] if said else "RedisError" if code == EXIT_USAGE else "Interrupted"
             payload: dict[str, Any] = {"status": "error", "error": {

@@ -14,8 +14,9 @@ its commands into asyncio work and the outcomes back into input events::
                        result when the work finished anyway; a sync worker's
                        thread cannot be stopped, so a run being aborted waits for it,
                        and one that timed out is still answered while the run is live)
-    finish          -> the run is over; but while a sync worker's thread the run gave
-                       up on (it timed out) still runs a compensable step, whose success
+    finish          -> the run is over; but while an attempt the run gave up on (it timed
+                       out: a sync worker's thread, or an async worker ignoring its
+                       cancel) still runs a compensable step, whose success
                        would be a late completion, its end is held for it, at most
                        ``late_grace`` seconds: what has not answered then is in doubt
                        (``RunResult.in_doubt``)
@@ -48,7 +49,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import logging
-import math
 import os
 import signal
 import sys
@@ -88,10 +88,12 @@ from flowdsl.runtime.record import (
     record_path,
 )
 from flowdsl.runtime.report import (
+    LATE_GRACE,
     NOT_STARTED,
     RunResult,
     attempt_label,
     in_doubt_items,
+    late_grace_seconds,
     may_complete_late,
     stopped_at_once,
     stopped_waiting,
@@ -146,10 +148,9 @@ class WorkersMissing(ValueError):
 
 #: input events applied in a row before the runtime lets the event loop run other callbacks
 _BURST = 64
-#: seconds a run's end is held, by default, for the threads of sync attempts it gave up on (they timed out) that may
-#: still complete a compensable step (``late_grace``; ``$FLOWDSL_LATE_GRACE`` overrides it)
-LATE_GRACE = 30.0
-_LATE_GRACE_MAX = 365 * 86400.0
+#: seconds the end of a run is quietly held for async attempts it gave up on, before their wait is said: they were just
+#: cancelled, and an async worker answers its cancel at once unless it ignores it (then the wait of late_grace begins)
+CANCEL_SETTLE = 0.1
 _log = logging.getLogger("flowdsl.local")
 
 
@@ -177,27 +178,6 @@ def signal_said(signum: int) -> str:
     name = signal.Signals(signum).name
     verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
     return f"{verb} ({label})"
-
-
-def _late_grace(value: float | None) -> float:
-    """The ``late_grace`` option checked, in seconds: ``value``, else ``$FLOWDSL_LATE_GRACE``, else
-    :data:`LATE_GRACE`."""
-    where = "late_grace"
-    if value is None:
-        text = os.environ.get("FLOWDSL_LATE_GRACE", "").strip()
-        if not text:
-            return LATE_GRACE
-        where = "$FLOWDSL_LATE_GRACE"
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"$FLOWDSL_LATE_GRACE must be a number of seconds, 0 to {_LATE_GRACE_MAX:.0f} (365 "
-                             f"days); got {text!r}") from None
-    elif isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"late_grace must be a number of seconds or None; got {type(value).__name__}")
-    if not (math.isfinite(value) and 0 <= value <= _LATE_GRACE_MAX):
-        raise ValueError(f"{where} must be a number of seconds, 0 to {_LATE_GRACE_MAX:.0f} (365 days); got {value!r}")
-    return float(value)
 
 
 def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -290,7 +270,7 @@ class LocalRun:
                     raise
                 raise WorkerImportError(exc.module, f"{exc.reason}; give spec_path= (the spec file) to search "
                                         "its directory too", found=False, searched=exc.searched) from None
-        self.late_grace = _late_grace(late_grace)
+        self.late_grace = late_grace_seconds(late_grace)
         problems = missing_workers(plan, registry)
         if problems:
             raise WorkersMissing(problems)
@@ -339,6 +319,10 @@ class LocalRun:
         #: after the run's end: the attempts it gave up on that its end is held for (None: not held), and the bound
         self._lingering: dict[str, _Attempt] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        #: the quiet first part of that wait, for async attempts only, which answer their cancel at once unless they
+        #: ignore it (then the wait is said and recorded): its timer, and whether the wait has been said
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._wait_said = False
         #: the steps whose outcome is unknown when the runtime stopped waiting (RunResult.in_doubt)
         self.in_doubt: list[dict[str, Any]] = []
         self._marking: contextlib.AbstractContextManager[None] | None = None
@@ -681,10 +665,11 @@ class LocalRun:
     def _finish(self) -> None:
         """The kernel ended the run (or, while its end is held, ended it again: a late completion came).
 
-        A sync worker's thread cannot be stopped: when an attempt the run gave up on (it timed out) still runs
-        one, for a step whose success would be a late completion (it has a compensation and did not succeed:
-        :func:`~flowdsl.runtime.report.may_complete_late`), the run's end is held for it, at most ``late_grace``
-        seconds, and its answer is fed as any late answer: a success makes the run ``needs_intervention``."""
+        A sync worker's thread cannot be stopped, and an async worker may ignore its cancel: when an attempt the
+        run gave up on (it timed out) still runs, for a step whose success would be a late completion (it has a
+        compensation and did not succeed: :func:`~flowdsl.runtime.report.may_complete_late`), the run's end is
+        held for it, at most ``late_grace`` seconds, and its answer is fed as any late answer: a success makes the
+        run ``needs_intervention``."""
         if self._lingering is None:
             held = self._hung()
             if held:
@@ -696,14 +681,17 @@ class LocalRun:
         self._close()
 
     def _hung(self, late_only: bool = True) -> dict[str, _Attempt]:
-        """The attempts the kernel gave up on (it no longer counts them in flight) whose sync worker was called and
-        has not been heard from — its thread still runs, or its answer is on its way — of steps whose success
-        would be a late completion (``late_only``), or of every step with a compensation that has not succeeded
-        (a run stopped at once: nothing will hear them)."""
+        """The attempts the kernel gave up on (it no longer counts them in flight) that have not been heard from,
+        of steps whose success would be a late completion (``late_only``): a sync worker's that was called — its
+        thread still runs, or its answer is on its way — and an async worker's still running, whatever its cancel
+        does to it. Or (a run stopped at once: nothing will hear them) the sync ones of every step with a
+        compensation that has not succeeded: an async attempt cancelled then is cancelled as the loop ends."""
         hung = {}
         for task_id, attempt in self._tasks.items():
-            if attempt.task is None or task_id in self.state["tasks"] or not attempt.called() \
+            if attempt.task is None or attempt.task.done() or task_id in self.state["tasks"] \
                     or attempt.command["kind"] not in ("task", "fallback"):
+                continue
+            if not (attempt.called() if not cancellable(attempt.command, self.registry) else late_only):
                 continue
             if may_complete_late(self.plan, self.state, attempt.command["step"], any_end=not late_only):
                 hung[task_id] = attempt
@@ -716,7 +704,9 @@ class LocalRun:
             self._done.set_result(None)
 
     def _linger(self, held: dict[str, _Attempt]) -> None:
-        """Hold the ended run's end for the attempts ``held``: record it, say so, arm the bound."""
+        """Hold the ended run's end for the attempts ``held``. When they are all async, first a quiet settle: they
+        were just cancelled, and a worker that does not ignore its cancel answers it at once — then the run ends
+        with no wait to say. Otherwise (or when the settle passes with one still running) the wait is said."""
         assert self._loop is not None
         self._lingering = held
         for handle in self._timers.values():
@@ -725,9 +715,28 @@ class LocalRun:
         for task_id, attempt in self._tasks.items():  # the others the run gave up on are not waited for
             if task_id not in held and attempt.task is not None:
                 self._cancel_soon(attempt.task)
-        attempts = _attempts(held.values())
+        if all(cancellable(a.command, self.registry) for a in held.values()):
+            self._settle_timer = self._loop.call_later(CANCEL_SETTLE, self._say_wait)
+        else:
+            self._say_wait()
+
+    def _wait_line(self) -> list[dict[str, Any]]:
+        """Record the wait for the attempts still held (the ``runtime_waiting`` line); they are returned."""
+        assert self._lingering is not None
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
+        self._wait_said = True
+        attempts = _attempts(self._lingering.values())
         self._write({"type": "runtime_waiting", "at": self._now(), "run_id": self.run_id, "status": self.status,
                      "grace_ms": int(self.late_grace * 1000), "attempts": attempts})
+        return attempts
+
+    def _say_wait(self) -> None:
+        """The wait for the attempts the run gave up on, said: record it, notice it, arm the bound."""
+        assert self._loop is not None and self._lingering is not None
+        held = self._lingering
+        attempts = self._wait_line()
         if self.late_grace <= 0:
             self._stop_waiting("late_grace is 0")
             return
@@ -736,11 +745,14 @@ class LocalRun:
         timed_out = {e["task_id"] for e in self.events if e["type"] == "step_timed_out"}
         said = ", ".join(f"{a['step']} ({attempt_label(a)}{' timed out' if a['task_id'] in timed_out else ''})"
                          for a in attempts)
+        kinds = {cancellable(a.command, self.registry) for a in held.values()}
+        why = " and ".join(w for w, k in (("a sync worker cannot be interrupted", False),
+                                          ("an async worker that ignores its cancel goes on", True)) if k in kinds)
         stops = next((f"; {'Ctrl-C' if s == signal.SIGINT else signal.Signals(s).name} stops waiting"
                       for s in self._signals if s != getattr(signal, "SIGHUP", None)), "")
         self._notice(f"the run ended {self.status}; waiting up to {self.late_grace:g} s for "
-                     f"{len(attempts)} attempt(s) it gave up on to answer: {said} — a sync worker cannot be "
-                     f"interrupted, and if it completed, its effect must be undone{stops}")
+                     f"{len(attempts)} attempt(s) it gave up on to answer: {said} — {why}, and if it completed, "
+                     f"its effect must be undone{stops}")
 
     def _check_wait(self) -> None:
         """After an answer (or a late completion) while the end is held: stop waiting for attempts whose success
@@ -764,6 +776,11 @@ class LocalRun:
         passed, a signal, cancel() or abort() stopped it (``why``) — and the run: what has not answered is in doubt."""
         if self._finished or self._lingering is None:
             return
+        if not self._wait_said:
+            if why is None:  # every async attempt answered while it settled: there was no wait to say
+                self._close()
+                return
+            self._wait_line()  # (stopped while it settled: the record says what was left unanswered)
         left = _attempts(self._lingering.values())
         reason = why or "every attempt waited for answered"
         self._write({"type": "runtime_waited", "at": self._now(), "run_id": self.run_id, "status": self.status,
@@ -778,9 +795,10 @@ class LocalRun:
 
     def _release(self) -> None:
         """Cancel every timer and every task still running (attempts the kernel gave up on)."""
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-            self._linger_timer = None
+        for timer in (self._linger_timer, self._settle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._linger_timer = self._settle_timer = None
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -974,8 +992,9 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       may send two; it never aborts) (off by default: an application owns its SIGTERM;
       ``flowdsl run`` turns it on). Both take the signal in the main thread only, while the run goes, leave
       an ignored signal ignored, and put back the handler that was there.
-    - ``late_grace``: seconds (0 to 365 days) the run's end is held for the threads of sync attempts it gave up on
-      (they timed out) that may still complete a step with a compensation: a success is fed as a late
+    - ``late_grace``: seconds (0 to 365 days) the run's end is held for attempts it gave up on (they timed out)
+      that still run — a sync worker's thread, an async worker ignoring its cancel — and may still complete a
+      step with a compensation: a success is fed as a late
       completion (the run turns ``needs_intervention``); what has not answered by then (or when a stop signal,
       ``cancel()`` or ``abort()`` ends the wait) is listed in ``RunResult.in_doubt``. Default
       ``$FLOWDSL_LATE_GRACE``, else :data:`LATE_GRACE` (30 s); 0 does not wait.

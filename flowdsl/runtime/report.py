@@ -17,6 +17,8 @@ functions that draw (so ``flowdsl --help`` and library use stay light).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -202,6 +204,34 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
     result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted, path)
     return result
+
+
+#: seconds a run's end is awaited, by default, for attempts it gave up on (they timed out) that still run and may
+#: still complete a compensable step (``late_grace``; ``$FLOWDSL_LATE_GRACE`` overrides it): the local runtime holds
+#: the run's end for them, and following a Redis run waits for them
+LATE_GRACE = 30.0
+_LATE_GRACE_MAX = 365 * 86400.0
+
+
+def late_grace_seconds(value: float | None) -> float:
+    """The ``late_grace`` option checked, in seconds: ``value``, else ``$FLOWDSL_LATE_GRACE``, else
+    :data:`LATE_GRACE`; a ``ValueError`` (``TypeError``) saying what is wrong with it."""
+    where = "late_grace"
+    if value is None:
+        text = os.environ.get("FLOWDSL_LATE_GRACE", "").strip()
+        if not text:
+            return LATE_GRACE
+        where = "$FLOWDSL_LATE_GRACE"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"$FLOWDSL_LATE_GRACE must be a number of seconds, 0 to {_LATE_GRACE_MAX:.0f} (365 "
+                             f"days); got {text!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"late_grace must be a number of seconds or None; got {type(value).__name__}")
+    if not (math.isfinite(value) and 0 <= value <= _LATE_GRACE_MAX):
+        raise ValueError(f"{where} must be a number of seconds, 0 to {_LATE_GRACE_MAX:.0f} (365 days); got {value!r}")
+    return float(value)
 
 
 #: record lines that are neither kernel input nor emitted by the kernel: a hard stop; the local runtime's wait, after

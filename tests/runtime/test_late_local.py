@@ -561,3 +561,112 @@ def test_a_hangup_during_the_wait_does_not_stop_it(tmp_path: Path) -> None:
     (item,) = json.loads(out)["in_doubt"]
     assert "(after 2 s, the late_grace)" in item["reason"]
     assert err.count("still waiting for the attempts the run gave up on") == 2
+
+
+# --- the run's end held for a timed-out async attempt that ignores its cancel -------------------------------------
+
+
+def _stubborn(go: asyncio.Event | None, answered: list[str], *, ignores: bool = True) -> WorkerRegistry:
+    """An async charge that outlives its timeout: it swallows its cancel (``ignores``) and succeeds once ``go`` is
+    set (at once when None); or, when it does not ignore it, the well-behaved kind, it answers the cancel."""
+    reg = WorkerRegistry()
+
+    async def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(HUNG)
+        except asyncio.CancelledError:
+            if not ignores:
+                answered.append("cancelled")
+                raise
+        if go is not None:
+            await asyncio.wait_for(go.wait(), HUNG)
+        answered.append("charged")
+        return {"charge_id": "ch1"}
+
+    async def refund(data: Any, ctx: Any) -> dict[str, Any]:
+        raise AssertionError("a late charge is left to a person, never refunded by the run")
+
+    reg.register("charge", charge)
+    reg.register("refund", refund)
+    return reg
+
+
+def test_a_timed_out_async_charge_that_ignores_its_cancel_and_succeeds_late_makes_the_run_needs_intervention(
+        tmp_path: Path) -> None:
+    """As for a sync thread: the run's end is held for the attempt, and its late success is fed — the run turns
+    needs_intervention, as the Redis runtime makes it (a late answer is never dropped)."""
+    answered: list[str] = []
+    notices: list[str] = []
+
+    async def main() -> Any:
+        go = asyncio.Event()
+
+        def watch(event: dict[str, Any]) -> None:
+            if event["type"] == "run_finished":
+                asyncio.get_running_loop().call_later(0.3, go.set)  # past the quiet settle: the wait is said
+        return await asyncio.wait_for(run_flow(
+            LONE, {}, run_id="async1", runs_dir=tmp_path, registry=_stubborn(go, answered), import_workers=False,
+            on_event=watch, on_notice=notices.append, late_grace=HUNG), HUNG)
+
+    result = asyncio.run(main())
+    assert answered == ["charged"]
+    assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
+    assert [i["step"] for i in result.intervention["steps"]] == ["charge"]
+    assert any("waiting up to 10 s for 1 attempt(s)" in n and "ignores its cancel" in n for n in notices), notices
+    path = tmp_path / "async1.jsonl"
+    _, lines = read_record(path)
+    kinds = [e["type"] for e in lines]
+    assert kinds.index("run_finished") < kinds.index("runtime_waiting") < kinds.index("task_succeeded") \
+        < kinds.index("runtime_waited")
+    shown = _show_json(path)
+    assert (shown["status"], shown["intervention"]) == ("needs_intervention", result.intervention)
+
+
+def test_a_timed_out_async_charge_that_ignores_its_cancel_past_the_wait_is_in_doubt(tmp_path: Path) -> None:
+    answered: list[str] = []
+
+    async def main() -> Any:
+        go = asyncio.Event()
+        try:
+            return await asyncio.wait_for(run_flow(
+                LONE, {}, run_id="async2", runs_dir=tmp_path, registry=_stubborn(go, answered),
+                import_workers=False, late_grace=0.3), HUNG)
+        finally:
+            go.set()
+
+    result = asyncio.run(main())
+    assert (result.status, result.exit_code) == ("failed", 4)
+    [item] = result.in_doubt
+    assert item["step"] == "charge" and "after 0.3 s" in item["reason"]
+    assert _show_json(tmp_path / "async2.jsonl")["in_doubt"] == result.in_doubt
+
+
+def test_a_timed_out_async_charge_that_answers_its_cancel_ends_the_run_quietly(tmp_path: Path) -> None:
+    """The common case: the cancel lands at once and is answered — no wait is said or recorded, nothing in doubt."""
+    answered: list[str] = []
+    notices: list[str] = []
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        LONE, {}, run_id="async3", runs_dir=tmp_path, registry=_stubborn(None, answered, ignores=False),
+        import_workers=False, on_notice=notices.append, late_grace=HUNG), HUNG))
+    assert answered == ["cancelled"]
+    assert (result.status, result.in_doubt, result.exit_code) == ("failed", [], 1)
+    assert not any("waiting" in n for n in notices), notices
+    _, lines = read_record(tmp_path / "async3.jsonl")
+    assert lines[-1]["type"] == "run_finished" and not any(e["type"].startswith("runtime_") for e in lines)
+
+
+def test_an_async_charge_that_ignores_its_cancel_and_answers_at_once_is_fed_without_a_said_wait(
+        tmp_path: Path) -> None:
+    """Its late success comes within the quiet settle: fed (needs_intervention), with no wait to say."""
+    answered: list[str] = []
+    notices: list[str] = []
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        LONE, {}, run_id="async4", runs_dir=tmp_path, registry=_stubborn(None, answered), import_workers=False,
+        on_notice=notices.append, late_grace=HUNG), HUNG))
+    assert answered == ["charged"]
+    assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
+    assert not any("waiting" in n for n in notices), notices
+    path = tmp_path / "async4.jsonl"
+    _, lines = read_record(path)
+    assert not any(e["type"].startswith("runtime_") for e in lines)
+    assert _show_json(path)["status"] == "needs_intervention"

@@ -370,10 +370,15 @@ class Advancer:
                 elif op == "cancel_task":
                     ops.append({"o": "cancel", "t": command["task_id"]})
                     task_ops.append(("x", command["task_id"], ""))
+            answered = guard[0] if guard is not None else None
             for task_id in decision.ended:  # (with the dispatches above: every change to the tasks in flight)
-                task_ops.append(("d", task_id, ""))
+                # an attempt given up on (it timed out) that a worker runs keeps its lease, marked cancelled,
+                # until that worker answers: following the run knows it may still complete (RedisClient.follow)
+                task_ops.append(("d" if task_id == answered else "g", task_id, ""))
                 if record.sts_ms:
                     ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
+            if answered is not None and answered not in decision.ended and answered not in decision.state["tasks"]:
+                task_ops.append(("d", answered, ""))  # the late answer of an attempt given up on: its lease goes
             if decision.finished:
                 finished = True
                 meta = [*(meta or ()), ("finished", at)]
@@ -612,7 +617,7 @@ def _unsent(run_id: str, ops: list[dict[str, Any]], task_ops: list[TaskOp]
     """Drop what one transition both did and undid: the attempts it dispatched and ended (a run cancelled
     by the transition that starts it), with their messages and deadlines, and the timers it set and cleared."""
     dispatched = {op[1] for op in task_ops if op[0] in ("s", "c")}
-    gone = dispatched & {op[1] for op in task_ops if op[0] == "d"}
+    gone = dispatched & {op[1] for op in task_ops if op[0] in ("d", "g")}
     deadlines = {Keys.start_deadline(run_id, task_id) for task_id in gone}
     dropped: set[int] = set()  # positions in ops
     armed: dict[str, int] = {}  # timer key -> position of the op of this transition that set it

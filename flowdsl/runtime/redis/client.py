@@ -39,7 +39,14 @@ from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
 from flowdsl.runtime.redis.store import Store, plan_id, score_pairs
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
-from flowdsl.runtime.report import RunResult
+from flowdsl.runtime.report import (
+    RunResult,
+    attempt_label,
+    in_doubt_items,
+    late_grace_seconds,
+    may_complete_late,
+    stopped_waiting,
+)
 
 __all__ = ["DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
            "Submission", "input_id"]
@@ -363,7 +370,7 @@ class RedisClient:
 
     async def follow(self, run_id: str, *, on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
                      timeout_s: float | None = None, hint_after_s: float = 3.0,
-                     journal: Journal | None = None) -> RunResult:
+                     journal: Journal | None = None, late_grace: float | None = None) -> RunResult:
         """Wait for the run's end, calling ``on_event`` with every kernel event as it is journaled.
 
         Survives lost connections (retries with backoff). ``on_notice`` gets a
@@ -373,25 +380,80 @@ class RedisClient:
         :class:`RunNotFound`, :class:`RunGone` when the run disappears while
         followed (checked after a lost connection, and every 10 s without
         news), or ``TimeoutError`` after ``timeout_s``.
+
+        When the run has ended while a worker still holds an attempt it gave up on (it timed out: a sync
+        worker's thread, an async worker ignoring its cancel) of a step whose success would be a late
+        completion, following goes on until that attempt answers — a success turns the run
+        ``needs_intervention`` — at most ``late_grace`` seconds (default ``$FLOWDSL_LATE_GRACE``, else 30;
+        0 does not wait), as the local runtime holds a run's end; what has not answered then is in
+        ``RunResult.in_doubt``. ``on_notice`` is told of the wait.
         """
         check_run_id(run_id)
+        grace = late_grace_seconds(late_grace)
         await self.info(run_id)
         journal = journal if journal is not None else Journal()
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None
+        t0 = time.monotonic()
         try:
             await self._follow(run_id, journal, reader, on_event, on_notice, timeout_s, hint_after_s)
+            result = await self._result(run_id, journal)
+            if result is None:
+                raise RunGone(run_id)
+            said = False
+            until = time.monotonic() + grace
+            while held := await self._given_up(run_id, journal):
+                plan, state, attempts = held
+                if time.monotonic() >= until:
+                    reason = "late_grace is 0" if grace <= 0 else f"after {grace:g} s, the late_grace"
+                    result.in_doubt = in_doubt_items(plan, state, attempts, stopped_waiting(reason), journal.events)
+                    if on_notice is not None and result.in_doubt:
+                        steps = ", ".join(item["step"] for item in result.in_doubt)
+                        on_notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have "
+                                  "completed; check it, and undo it by hand if it did")
+                    return result
+                if not said and on_notice is not None:
+                    said = True
+                    names = ", ".join(f"{a['step']} ({attempt_label(a)})" for a in attempts)
+                    on_notice(f"the run ended {result.status}; waiting up to {grace:g} s for {len(attempts)} "
+                              f"attempt(s) it gave up on that a worker still runs: {names} — if it completed, its "
+                              "effect must be undone")
+                journal.finished = False  # read on: a late success journals the run's end again
+                left = None if timeout_s is None else timeout_s - (time.monotonic() - t0)
+                await self._follow(run_id, journal, reader, on_event, on_notice, left, hint_after_s, once=True)
+                journal.finished = True
+                result = await self._result(run_id, journal) or result
+            return result
         finally:
             if reader is not None:
                 self._readers.append(reader)
-        result = await self._result(run_id, journal)
-        if result is None:
-            raise RunGone(run_id)
-        return result
+
+    async def _given_up(self, run_id: str, journal: Journal
+                        ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
+        """The ended run's plan, state and the attempts it gave up on that a worker still holds (lease ``r:`` or
+        ``xr:``) of steps whose success would be a late completion; None when there are none."""
+        leases = await self.store.call("HGETALL", self.keys.tasks(run_id))
+        if not leases:
+            return None
+        record = await self.store.load(run_id)
+        if record is None:
+            return None
+        plan, state = record.plan, record.state
+        scheduled = {e["task_id"]: e for e in journal.events if e["type"] == "step_scheduled"}
+        attempts = []
+        for raw_id, raw_lease in zip(leases[::2], leases[1::2], strict=True):
+            task_id, lease = _text(raw_id), _text(raw_lease)
+            event = scheduled.get(task_id)
+            if event is None or task_id in state["tasks"] or not lease.startswith(("r:", "xr:")):
+                continue
+            if may_complete_late(plan, state, event["step"]):
+                attempts.append({"task_id": task_id, "step": event["step"], "attempt": event["attempt"]})
+        return (plan, state, attempts) if attempts else None
 
     async def _follow(self, run_id: str, journal: Journal, reader: WireConnection | None,
                       on_event: EventHook | None, on_notice: NoticeHook | None, timeout_s: float | None,
-                      hint_after_s: float) -> None:
+                      hint_after_s: float, once: bool = False) -> None:
+        """Read the journal on until the run's end is read; ``once``: one read (blocking at most 0.5 s) at most."""
         key = self.keys.journal(run_id)
         t0 = checked = time.monotonic()
         hinted = False
@@ -421,6 +483,8 @@ class RedisClient:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     journal.add(entry_id, fields, on_event)
+            if once:
+                return
             if not journal.inputs and not hinted and time.monotonic() - t0 > hint_after_s:
                 hinted = True
                 if on_notice is not None:

@@ -119,8 +119,10 @@ def _json_out(value: Any) -> None:
 def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, prefix: str | None,
                 run_id: str | None, seed: int | None, detach: bool, as_json: bool,
                 schedule_timeout_s: float | None, retention_s: float | None, console: Any,
-                on_error: ErrorHook | None = None, submitted: list[str] | None = None) -> int:
-    """Submit a run; unless ``detach``, follow it live and print the same summary / JSON as the local runtime.
+                on_error: ErrorHook | None = None, submitted: list[str] | None = None,
+                late_grace: float | None = None) -> int:
+    """Submit a run; unless ``detach``, follow it live and print the same summary / JSON as the local runtime
+    (``late_grace``: :meth:`RedisClient.follow`'s).
     ``on_error`` is handed the error type and the line said on stderr when the command fails (exit 2) or stops
     following (130); ``submitted`` gets the run id once the run is submitted."""
     given: list[str] = submitted if submitted is not None else []
@@ -147,7 +149,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                     console.print(f"[dim]{'submitted; ' if sub.created else ''}follow it with "
                                   f"`flowdsl status {sub.run_id} --follow`[/]")
                 return 0
-            return await _follow(client, plan, sub.run_id, as_json, console)
+            return await _follow(client, plan, sub.run_id, as_json, console, late_grace=late_grace)
 
     code = _interrupted(_guarded(console, url, body, on_error), console, given[-1] if given else run_id)
     if code == EXIT_INTERRUPTED and on_error is not None:
@@ -156,7 +158,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
 
 
 async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any,
-                  notes: bool = False) -> int:
+                  notes: bool = False, late_grace: float | None = None) -> int:
     """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code.
     ``notes``: the JSON also lists the late results rejected (``rejected_late_results``) and the run's dead
     letters (``dead_letters``), as ``status`` does."""
@@ -164,7 +166,8 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     journal = Journal()
     try:
         with view, _stopped_by_termination():
-            result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice, journal=journal)
+            result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice, journal=journal,
+                                         late_grace=late_grace)
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
     if as_json:

@@ -134,6 +134,14 @@ for _ = 1, ntask do
   elseif op == 'd' then
     redis.call('HDEL', tasks, tid)
     redis.call('HDEL', outbox, 's:' .. tid)
+  elseif op == 'g' then
+    local cur = redis.call('HGET', tasks, tid)
+    if cur and string.sub(cur, 1, 2) == 'r:' then
+      redis.call('HSET', tasks, tid, 'x' .. cur)
+    elseif not (cur and string.sub(cur, 1, 3) == 'xr:') then
+      redis.call('HDEL', tasks, tid)
+      redis.call('HDEL', outbox, 's:' .. tid)
+    end
   else
     local cur = redis.call('HGET', tasks, tid)
     if cur == 'q' then

@@ -273,8 +273,9 @@ class Store:
         guard fails and its ``reporter`` (a worker's name) is given, a
         ``result_rejected`` note (reason ``lease_lost``) is journaled, built from
         its input event; with several entries a failed guard writes nothing
-        (code 7). ``task_ops`` are ``(s|d|x, task id, value)``: set, delete, mark
-        cancelled; or ``(c, task id, lease, message)``: a task the caller runs
+        (code 7). ``task_ops`` are ``(s|d|x|g, task id, value)``: set, delete, mark
+        cancelled, given up (a held lease is kept, marked cancelled, until its holder answers; any other
+        is deleted); or ``(c, task id, lease, message)``: a task the caller runs
         itself, held at once, its message kept for recovery.
         """
         args: list[Any] = [expected, state, token, status, outbox or b"", "1" if finished else "0", len(entries)]

@@ -1,0 +1,159 @@
+"""Following a Redis run past its end: a worker still runs an attempt the run gave up on (it timed out) of a step
+with a compensation, so a success would be a late completion. `follow` (and so `run --backend redis`, `status
+--follow`) waits for it, at most ``late_grace`` seconds, as the local runtime holds the run's end — the same
+answer from both runtimes — and reports it in doubt when the wait ends first.
+
+An in-process worker on the session's private redis-server; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+import tests.runtime.workers  # noqa: F401  (registers the conf.* and sync.* workers the local backend runs)
+from flowdsl import compile_text
+from flowdsl.cli import app
+from flowdsl.runtime.redis import RedisClient
+from flowdsl.workers import WorkerRegistry
+from tests.redis.inproc import serving, worker_here
+from tests.redis.procs import WorkerProcs
+from tests.runtime.conformance import HEADER
+
+LONE = compile_text("""flowdsl: 1
+name: lone
+steps:
+  - charge: {compensate: refund, timeout: 200ms}
+""")
+BARE = compile_text("""flowdsl: 1
+name: bare
+steps:
+  - charge: {timeout: 200ms}
+""")
+
+
+def _registry(go: threading.Event, refunds: list[str], *, sync: bool = True) -> WorkerRegistry:
+    """A sync charge (a gateway call that cannot be interrupted) that returns once ``go`` is set; or an async one
+    that answers its cancel (``sync`` false)."""
+    reg = WorkerRegistry()
+
+    def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        assert go.wait(20)
+        return {"charge_id": "ch1"}
+
+    async def charge_async(data: Any, ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(20)
+        return {"charge_id": "ch1"}
+
+    async def refund(data: Any, ctx: Any) -> dict[str, Any]:
+        refunds.append(ctx.idempotency_key)
+        return {}
+
+    reg.register("charge", charge if sync else charge_async)
+    reg.register("refund", refund)
+    return reg
+
+
+def _follow(url: str, prefix: str, plan: dict[str, Any], go: threading.Event, release_after: float | None,
+            late_grace: float, sync: bool = True) -> tuple[Any, list[str], list[dict[str, Any]], float]:
+    """Submit ``plan``, follow it (``late_grace``) while a worker of this process serves, the charge returning
+    ``release_after`` seconds after the run's first end (never, when None, while followed). Returns the result,
+    the notices, the events and how long following took."""
+    refunds: list[str] = []
+    took: list[float] = []
+    notices: list[str] = []
+    events: list[dict[str, Any]] = []
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, {})
+
+            def watch(event: dict[str, Any]) -> None:
+                events.append(event)
+                if event["type"] == "run_finished" and release_after is not None:
+                    threading.Timer(release_after, go.set).start()
+
+            async def body() -> Any:
+                t0 = time.monotonic()
+                try:
+                    return await client.follow(sub.run_id, on_event=watch, on_notice=notices.append,
+                                               late_grace=late_grace)
+                finally:
+                    took.append(time.monotonic() - t0)
+                    go.set()  # the worker's thread ends, so the worker can stop
+            return await serving([worker_here(url, prefix, _registry(go, refunds, sync=sync))], body)
+
+    result = asyncio.run(main())
+    assert not refunds  # a late charge is left to a person, never refunded by the run
+    return result, notices, events, took[0]
+
+
+def test_following_waits_for_a_timed_out_charge_that_succeeds_after_the_run_failed(url: str, prefix: str) -> None:
+    go = threading.Event()
+    result, notices, events, _ = _follow(url, prefix, LONE, go, release_after=0.5, late_grace=15)
+    assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
+    assert [i["step"] for i in result.intervention["steps"]] == ["charge"]
+    finished = [(e["status"], e.get("previous_status")) for e in events if e["type"] == "run_finished"]
+    assert finished == [("failed", None), ("needs_intervention", "failed")]
+    assert any("the run ended failed; waiting up to 15 s for 1 attempt(s)" in n and "charge (attempt 1)" in n
+               for n in notices), notices
+
+
+def test_following_stops_waiting_after_the_late_grace_and_says_the_charge_is_in_doubt(url: str, prefix: str) -> None:
+    go = threading.Event()
+    result, notices, _, took = _follow(url, prefix, LONE, go, release_after=None, late_grace=0.6)
+    assert took < 15
+    assert (result.status, result.intervention, result.exit_code) == ("failed", None, 4)
+    [item] = result.in_doubt
+    assert (item["step"], item["status"], item["worker"]) == ("charge", "in_flight", "refund")
+    assert "after 0.6 s, the late_grace" in item["reason"]
+    assert any("stopped waiting" in n and "charge" in n for n in notices), notices
+    assert result.to_json()["in_doubt"] == result.in_doubt
+
+
+def test_following_does_not_wait_for_a_step_without_a_compensation(url: str, prefix: str) -> None:
+    go = threading.Event()
+    result, notices, _, took = _follow(url, prefix, BARE, go, release_after=None, late_grace=15)
+    assert took < 10  # not the grace: nothing to wait for
+    assert (result.status, result.in_doubt, result.exit_code) == ("failed", [], 1)
+    assert not any("waiting" in n for n in notices), notices
+
+
+def test_following_does_not_wait_for_an_async_charge_that_answers_its_cancel(url: str, prefix: str) -> None:
+    """Its cancel is answered at once: the lease kept for it goes with that answer, and nothing is waited for."""
+    result, notices, _, took = _follow(url, prefix, LONE, threading.Event(), release_after=None, late_grace=15,
+                                       sync=False)
+    assert took < 10
+    assert (result.status, result.in_doubt, result.exit_code) == ("failed", [], 1)
+    assert not any("waiting" in n for n in notices), notices
+
+
+def test_run_on_redis_reports_the_late_charge_as_the_local_backend_does(url: str, prefix: str,
+                                                                        tmp_path: Path) -> None:
+    """`flowdsl run --backend redis --late-grace`: the timed-out sync charge succeeds after the run failed — both
+    backends report needs_intervention (exit 4) with the charge left to undo, not `failed`."""
+    spec = tmp_path / "late.yaml"
+    spec.write_text(HEADER.format(name="late") + "steps:\n  - sync.a: {compensate: undo.a, timeout: 300ms}\n")
+    script = json.dumps({"a": {"sleep": 1.0}})
+    procs = WorkerProcs(url, prefix, ["tests.runtime.workers"])
+    outs = {}
+    try:
+        procs.start(1)
+        for backend in ("redis", "local"):
+            extra = ["--redis-url", url, "--prefix", prefix] if backend == "redis" else ["--no-record"]
+            ran = CliRunner().invoke(app, ["run", str(spec), "--backend", backend, *extra, "--set",
+                                           f"script={script}", "--format", "json", "--late-grace", "20"])
+            assert ran.exit_code == 4, (backend, ran.output)
+            outs[backend] = json.loads(ran.stdout)
+    finally:
+        procs.stop_all()
+    for out in outs.values():
+        assert (out["status"], out["in_doubt"]) == ("needs_intervention", [])
+        assert [i["step"] for i in out["intervention"]["steps"]] == ["a"]
+    assert [e["type"] for e in outs["redis"]["events"]] == [e["type"] for e in outs["local"]["events"]]
