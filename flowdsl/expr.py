@@ -8,7 +8,9 @@ engine could be swapped. Evaluation is bounded in time and recursion depth.
 
 Templates: a string may hold ``${ expr }`` slots. A string that is exactly one
 slot evaluates to the expression's value; otherwise the slots are interpolated.
-``$${`` is a literal ``${``.
+``$${`` is a literal ``${``. A slot ends where JSONata's tokenizer, mirrored
+here (``_scan``), ends the expression, which also says what the engine would
+report badly while reading its tokens.
 """
 
 from __future__ import annotations
@@ -80,13 +82,29 @@ def _jsonata() -> Any:
 
 @functools.lru_cache(maxsize=4096)
 def _parse(source: str) -> Any:
+    if not source.strip(_BLANKS):
+        raise ExpressionError("the expression is empty; expected an expression between '${' and '}'")
+    _scan(source, 0, slot=False)
     jsonata = _jsonata()
     try:
-        compiled = jsonata.Jsonata(source)
+        # the engine's tokenizer reads the character after a '/' to see whether a comment starts, and after
+        # a comment's '*/': at the end of the source that is an IndexError, so a blank ends such a source
+        compiled = jsonata.Jsonata(source + " " if source.endswith("/") else source)
     except jsonata.JException as exc:
-        raise ExpressionError(_message(exc), getattr(exc, "location", None), getattr(exc, "error", None)) from None
-    except (RecursionError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise ExpressionError(f"cannot parse expression: {exc}") from None
+        message = _message(exc)
+        if "${" in source:
+            message += " ('${' does not nest: inside an expression, write the inner one without '${ }')"
+        raise ExpressionError(message, getattr(exc, "location", None), getattr(exc, "error", None)) from None
+    except re.error as exc:  # the engine compiles a regular expression literal with Python's re
+        pattern = exc.pattern if isinstance(exc.pattern, str) else ""
+        raise ExpressionError(f"invalid regular expression /{pattern}/: {exc.msg} (at character "
+                              f"{(exc.pos or 0) + 1} of it)") from None
+    except RecursionError:
+        raise ExpressionError("the expression nests too deeply to be parsed") from None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        # its tokens were read by _scan: this is the engine failing on a construct it has no message for
+        raise ExpressionError("cannot parse the expression: the JSONata engine fails on it without saying "
+                              "why") from None
     # the data is plain JSON by contract (run input and results are checked where they enter): the engine's
     # own check would walk the whole context on every evaluation, making a step inside a for_each over n
     # items cost O(n) and the run O(n²)
@@ -94,9 +112,21 @@ def _parse(source: str) -> Any:
     return compiled
 
 
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text[0].lower() + text[1:] if text else text
+def _message(exc: Any) -> str:
+    """The engine's message, starting lowercase, with the tokens and values it names written as JSON writes
+    them (the engine formats them with ``str``: a ``null`` token would read "None")."""
+    args = [exc.current, exc.expected] + ([] if exc.extra is None else [exc.extra])
+    text: str = exc.msg(exc.error, exc.location, *map(_shown, args)).strip() or exc.error
+    return text[0].lower() + text[1:]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(to_json_value(value), ensure_ascii=False)
+    except ExpressionError:  # a number that is not finite, or a function
+        return str(value) if isinstance(value, int | float) else "a function"
 
 
 #: an expression that is one variable reference (``$item``): evaluated without the engine when it is bound
@@ -133,8 +163,14 @@ class Expression:
             raise ExpressionError(_message(exc), getattr(exc, "location", None), getattr(exc, "error", None)) from None
         except RecursionError:
             raise ExpressionError("expression recursed too deeply") from None
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError) as exc:
-            raise ExpressionError(f"evaluation failed: {exc}") from None
+        except ZeroDivisionError:
+            raise ExpressionError("evaluation failed: division by zero") from None
+        except ArithmeticError:  # $power(10, 400), $round(1, 400), $sum of huge numbers
+            raise ExpressionError("evaluation failed: a number went beyond the range of a JSON number") from None
+        except Exception as exc:
+            # a built-in failing inside the engine (OverflowError from a date, RuntimeError from a picture string):
+            # the step fails with it, where anything else would escape the kernel and stop the run
+            raise ExpressionError(f"evaluation failed: {type(exc).__name__} in the JSONata engine: {exc}") from None
         finally:
             if collecting:
                 gc.enable()
@@ -160,9 +196,12 @@ def to_json_value(value: Any) -> Any:
         raise ExpressionError("expression produced a non-finite number")
     if value is None or isinstance(value, str | int | float | bool):
         return value
-    if callable(value) or type(value).__name__.startswith("J"):
+    if callable(value) or type(value).__module__.partition(".")[0] == "jsonata":  # a lambda is a parser node
         raise ExpressionError("expression produced a function, not a value")
-    return json.loads(json.dumps(value, default=str))
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError, RecursionError):
+        raise ExpressionError(f"expression produced a {type(value).__name__}, not JSON data") from None
 
 
 def truthy(value: Any) -> bool:
@@ -266,8 +305,9 @@ def split_template(text: str) -> list[str | Slot]:
 def _split(text: str) -> tuple[str | Slot, ...]:
     """Split a string into literal parts and expression slots.
 
-    Raises ExpressionError (with the offset) for an unclosed ``${``.
-    Braces inside string literals of the expression are respected.
+    A slot ends at the ``}`` that closes its ``${``, found by :func:`_scan` as JSONata reads the source:
+    braces inside string literals, regular expressions, comments and quoted names do not count. Raises
+    ExpressionError (with the offset) for an unclosed or empty ``${ }``, or a malformed token inside one.
     """
     parts: list[str | Slot] = []
     buf: list[str] = []
@@ -279,36 +319,172 @@ def _split(text: str) -> tuple[str | Slot, ...]:
             continue
         if text.startswith("${", i):
             start = i + 2
-            depth, j, quote = 1, start, ""
-            while j < n:
-                c = text[j]
-                if quote:
-                    if c == "\\":
-                        j += 1
-                    elif c == quote:
-                        quote = ""
-                elif c in "\"'`":
-                    quote = c
-                elif c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if j >= n:
-                raise ExpressionError("unclosed '${' (expected a matching '}')", i)
+            end = _scan(text, start, slot=True)
+            if not text[start:end].strip(_BLANKS):
+                raise ExpressionError("empty '${ }' (expected an expression between '${' and '}')", i)
             if buf:
                 parts.append("".join(buf))
                 buf = []
-            parts.append(Slot(text[start:j], start))
-            i = j + 1
+            parts.append(Slot(text[start:end], start))
+            i = end + 1
             continue
         buf.append(text[i])
         i += 1
     if buf:
         parts.append("".join(buf))
     return tuple(parts)
+
+
+# --- reading tokens -------------------------------------------------------------
+
+# JSONata's tokenizer (jsonata/tokenizer.py), mirrored so that a slot's end is found as the engine reads the
+# source, and so that what the engine reports badly (a number out of range "None", an escape as an "empty
+# regular expression") or fails on with Python's own error (an unclosed comment) is said here instead.
+_BLANKS = " \t\n\r"
+#: the single-character operators: each ends a name
+_OPERATOR_CHARS = frozenset(".[]{}(),@#;:?+-*/%|=<>^&!~")
+#: the two-character operators, matched before the single ones
+_PAIRS = frozenset({"..", ":=", "!=", ">=", "<=", "**", "~>", "?:", "??"})
+#: what may follow a backslash in a string literal, besides ``u`` and four hex digits
+_ESCAPES = '"\\/bfnrt'
+_NUMBER = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[Ee][-+]?[0-9]+)?")
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+#: words that are operators after an operand and field names where an operand is expected
+_KEYWORDS = frozenset({"and", "or", "in"})
+
+
+def _scan(text: str, start: int, *, slot: bool) -> int:
+    """Read the expression source in ``text`` from ``start`` token by token, as JSONata's tokenizer does.
+
+    Returns the offset of the ``}`` that closes the slot when ``slot``, else ``len(text)``. Raises
+    ExpressionError, with the offset and what was expected, for a token the engine would refuse: an
+    unclosed string literal, comment, regular expression or quoted name, an unsupported escape, a number
+    beyond the range of a float; and for an unclosed slot.
+
+    As in JSONata, a ``/`` starts a regular expression where an operand is expected (at the start, after an
+    operator or an opening bracket) and divides after an operand; ``/*`` always opens a comment.
+    """
+    what = "text" if slot else "expression"
+    operand, opened = True, []  # whether an operand comes next; offsets of the '{' still open
+    last_pair: tuple[int, int] | None = None  # the last '{' closed at the slot's own level, and its '}'
+    i, n = start, len(text)
+    while i < n:
+        c = text[i]
+        if c in _BLANKS:
+            i += 1
+        elif text.startswith("/*", i):
+            close = text.find("*/", i + 2)
+            if close < 0:
+                raise _token_error("unclosed comment: expected '*/' to close the '/*'", text, i, what)
+            i = close + 2
+        elif c == "/" and operand:
+            i, operand = _regex_end(text, i, what), False
+        elif c in "\"'":
+            i, operand = _string_end(text, i, what), False
+        elif c == "`":
+            close = text.find("`", i + 1)
+            if close < 0:
+                raise _token_error("unclosed quoted name: expected a closing '`'", text, i, what)
+            i, operand = close + 1, False
+        elif c == "{":
+            opened.append(i)
+            i, operand = i + 1, True
+        elif c == "}":
+            if slot and not opened:
+                return i
+            if opened:
+                top = opened.pop()
+                if not opened:
+                    last_pair = (top, i)
+            i, operand = i + 1, False
+        elif text[i:i + 2] in _PAIRS:
+            # '**' where an operand is expected is the descendant wildcard: itself an operand
+            operand = not (text[i:i + 2] == "**" and operand)
+            i += 2
+        elif c in _OPERATOR_CHARS:
+            # ')' and ']' end an operand; '*' and '%' where one is expected are the wildcard and the parent
+            operand = not (c in ")]" or (c in "*%" and operand))
+            i += 1
+        elif number := _NUMBER.match(text, i):
+            if not math.isfinite(float(number.group())):
+                raise _token_error(f"number out of range: {number.group()}; expected a finite number (at most "
+                                   "about 1.8e308)", text, i, what)
+            i, operand = number.end(), False
+        else:
+            j = i
+            while j < n and text[j] not in _BLANKS and text[j] not in _OPERATOR_CHARS:
+                j += 1
+            operand = text[i:j] in _KEYWORDS and not operand
+            i = j
+    if slot:
+        hint = ""
+        if opened:
+            hint = f"; the '{{' at character {opened[0] + 1} inside it is not closed either"
+        elif last_pair is not None and not text[last_pair[1] + 1:].strip(_BLANKS):
+            hint = (f"; the '}}' at character {last_pair[1] + 1} closes the '{{' at character {last_pair[0] + 1} "
+                    "inside it")
+        raise ExpressionError(f"unclosed '${{' (expected a matching '}}'{hint})", start - 2)
+    return n
+
+
+def _regex_end(text: str, i: int, what: str) -> int:
+    """The offset after the regular expression opened by the ``/`` at ``i``, and after its flags.
+
+    JSONata's rule: it ends at a ``/`` no backslash escapes, outside the brackets opened inside it (a bracket
+    counts unless a backslash precedes it).
+    """
+    depth, j, n = 0, i + 1, len(text)
+    while j < n:
+        c = text[j]
+        if c == "/" and depth == 0 and _backslashes_before(text, j) % 2 == 0:
+            j += 1
+            while j < n and text[j] in "im":
+                j += 1
+            return j
+        if c in "([{" and text[j - 1] != "\\":
+            depth += 1
+        elif c in ")]}" and text[j - 1] != "\\":
+            depth -= 1
+        j += 1
+    raise _token_error("unclosed regular expression: expected a closing '/' (brackets inside it must pair up "
+                       "or be escaped, like '\\}')", text, i, what)
+
+
+def _backslashes_before(text: str, j: int) -> int:
+    k = j
+    while text[k - 1] == "\\":  # stops at the regular expression's opening '/' at the latest
+        k -= 1
+    return j - k
+
+
+def _string_end(text: str, i: int, what: str) -> int:
+    """The offset after the string literal opened by the quote at ``i``."""
+    quote, j, n = text[i], i + 1, len(text)
+    while j < n:
+        c = text[j]
+        if c == quote:
+            return j + 1
+        if c == "\\" and j + 1 < n:
+            after = text[j + 1]
+            if after == "u":
+                if not _HEX4.fullmatch(text, j + 2, j + 6):
+                    raise _token_error("the escape '\\u' must be followed by 4 hex digits", text, j, what)
+                j += 6
+                continue
+            if after not in _ESCAPES:
+                hint = "; a ' cannot be escaped: write the string between double quotes" if after == "'" else ""
+                raise _token_error(f"unsupported escape '\\{after}' in a string literal; expected one of "
+                                   f"\\\" \\\\ \\/ \\b \\f \\n \\r \\t or \\u and 4 hex digits{hint}", text, j, what)
+        j += 2 if c == "\\" else 1
+    raise _token_error(f"unclosed string literal: expected a closing {quote}", text, i, what)
+
+
+def _token_error(message: str, text: str, offset: int, what: str) -> ExpressionError:
+    """``message`` with where it is, counted in characters from 1 and quoted (as signatures do)."""
+    shown = " ".join(text[offset:].split())
+    shown = shown if len(shown) <= 30 else shown[:29] + "…"
+    return ExpressionError(f"{message} (at character {offset + 1} of the {what}: "
+                           f"{json.dumps(shown, ensure_ascii=False)})", offset)
 
 
 def is_expression(text: str) -> bool:

@@ -2,7 +2,8 @@
 
 Stage: shared by the compiler (which normalizes signatures into the plan) and
 the LLM step engine (``flowdsl.llm``, which checks values against them).
-Imports the standard library only — never dspy — so the compiler stays fast.
+Imports the standard library and ``flowdsl.source`` (for its one rule on control characters) only — never
+dspy — so the compiler stays fast.
 
 A normalized signature is plain JSON, the form the plan holds (docs/plan.md)::
 
@@ -28,6 +29,8 @@ import re
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from flowdsl.source import control_character
 
 #: the field types a signature may declare
 TYPES: tuple[str, ...] = ("str", "int", "float", "bool", "list[str]", "list[int]", "list[float]", "dict")
@@ -368,6 +371,12 @@ def _parse_type(text: str, name: str, offset: int | None, path: str = "") -> tup
             if problem:
                 raise SignatureError(f"found {piece!r}, not a valid Literal value of field '{name}': {problem}; "
                                      "expected quoted strings, finite numbers, True or False", where, path=path)
+            # an escape (\x1b, \033, \N{ESCAPE}) writes what the file itself may not hold (FD110)
+            bad = control_character(value) if isinstance(value, str) else None
+            if bad:
+                raise SignatureError(f"found {piece!r}, not a valid Literal value of field '{name}': {bad} "
+                                     "(written here as an escape); expected text without control characters",
+                                     where, path=path, code="FD110")
             values.append(value)
         return _enum_type(values, name, offset, path), _check_enum(values, name, offset, path)
     if not text:

@@ -1,0 +1,225 @@
+"""Hostile expressions: every malformed ``${ ... }`` gets an FD501 that says what was expected and where,
+never Python's own error text; a valid JSONata expression is never refused because of a ``}`` inside a
+regular expression, a comment, a string or a quoted name; a failing built-in fails the step instead of
+escaping the kernel; and a control character written as an escape in a Literal is refused as FD110.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import jsonata
+import pytest
+
+from flowdsl.api import compile_text
+from flowdsl.diagnostics import CODES, Diagnostic, SpecError
+from flowdsl.expr import ExpressionError, Slot, compile_expression, split_template
+from flowdsl.llm_signature import SignatureError, normalize_fields, parse_signature
+
+HEAD = "flowdsl: 1\nname: hostile\nsteps:\n  - a\n"
+#: what Python says, never what flowdsl should
+PYTHON_TEXT = re.compile(r"index out of range|\bNone\b|NoneType|has no attribute|not subscriptable|unhashable|"
+                         r"recursion depth|Traceback|invalid literal|positional argument|[A-Z][a-z]+Error\b")
+
+
+def quoted(text: str) -> str:
+    """``text`` as a YAML double-quoted scalar (JSON's escapes are YAML's)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def diagnostics(text: str) -> list[Diagnostic]:
+    try:
+        compile_text(text, filename="spec.flow" if text.startswith("flow ") else "spec.yaml")
+    except SpecError as exc:
+        return exc.diagnostics
+    return []
+
+
+def when(expression: str) -> list[Diagnostic]:
+    return diagnostics(HEAD + f"  - b:\n      when: {quoted(expression)}\n")
+
+
+def template(value: str) -> list[Diagnostic]:
+    return diagnostics(HEAD + f"  - b:\n      with: {{x: {quoted(value)}}}\n")
+
+
+# --- 1. where a slot ends ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "source"), [
+    ("${ $match('a}', /\\}/) }", " $match('a}', /\\}/) "),
+    ("${ /* } */ 1 }", " /* } */ 1 "),
+    ("${ 1 /* { */ }", " 1 /* { */ "),
+    ("${ $replace(name, /a{2}/i, '}') }", " $replace(name, /a{2}/i, '}') "),
+    ("${ $split(s, /[{}]/)[0] }", " $split(s, /[{}]/)[0] "),
+    ("${ $contains(s, /\\/\\}/) }", " $contains(s, /\\/\\}/) "),
+    ("${ `odd}name` & \"b}\" }", " `odd}name` & \"b}\" "),
+    ("${ ($f := function($v){ $v }; /* } */ $f(1)) }", " ($f := function($v){ $v }; /* } */ $f(1)) "),
+    ("${ {'x': total / 2} }", " {'x': total / 2} "),
+    ("${ a/b/c }", " a/b/c "),
+    ("${ and / 2 }", " and / 2 "),
+    ("${ x ~> /\\}{2}/ }", " x ~> /\\}{2}/ "),
+])
+def test_a_slot_ends_where_jsonata_ends_the_expression(text: str, source: str) -> None:
+    """A '/' opens a regular expression only where an operand is expected (else it divides), '/*' a comment;
+    a '}' inside either does not close the slot."""
+    assert split_template(text) == [Slot(source, 2)]
+    compile_expression(source)  # the engine reads the same expression
+    assert template(text) == []
+    assert split_template(f"a {text} b") == ["a ", Slot(source, 4), " b"]
+
+
+def test_jsonata_refuses_an_unescaped_closing_brace_in_a_regular_expression_and_so_does_the_slot() -> None:
+    """JSONata counts brackets inside a regular expression: '/}/' never ends (the engine says so too)."""
+    with pytest.raises(jsonata.JException, match="No terminating / in regular expression"):
+        jsonata.Jsonata("$match('a}', /}/)")
+    (d,) = when("${ $match('a}', /}/) }")
+    assert d.code == "FD501"
+    assert "unclosed regular expression: expected a closing '/'" in d.message
+    assert "escaped, like '\\}'" in d.message and 'at character 17 of the text: "/}/) }"' in d.message
+
+
+# --- 2. malformed expressions ------------------------------------------------------------------------
+
+
+MALFORMED = [
+    # (the field's text, what the message says)
+    ("${ 'abc }", "unclosed string literal: expected a closing ' (at character 4 of the text: \"'abc }\")"),
+    ('${ "abc }', "unclosed string literal: expected a closing \""),
+    ('${ "\\" }', "unclosed string literal"),  # the backslash escapes the quote
+    ("${ 'a' } and ${ 'b }", "unclosed string literal: expected a closing ' (at character 17"),
+    ("${ 1e999 }", "number out of range: 1e999; expected a finite number"),
+    ("${ -1e999 }", "number out of range: 1e999"),
+    ("${ 1" + "0" * 400 + " }", "number out of range: 1000"),
+    ("${ /* abc }", "unclosed comment: expected '*/' to close the '/*' (at character 4"),
+    ("${ 1 / }", "unexpected end of expression"),
+    ("${ $ /a/ }", "unexpected end of expression"),
+    ("${ '\\q' }", "unsupported escape '\\q' in a string literal; expected one of"),
+    ("${ 'it\\'s' }", "a ' cannot be escaped: write the string between double quotes"),
+    ("${ 'a\\' }", "unsupported escape '\\''"),
+    ("${ '\\u12' }", "the escape '\\u' must be followed by 4 hex digits"),
+    ("${ /abc }", "unclosed regular expression"),
+    ("${ $split('a', /[/) }", "unclosed regular expression"),
+    ("${ $match(s, /a**/) }", "invalid regular expression /a**/: multiple repeat"),
+    ("${ ` }", "unclosed quoted name: expected a closing '`'"),
+    ("${ }", "empty '${ }' (expected an expression between '${' and '}')"),
+    ("${}", "empty '${ }'"),
+    ("${ ${ 1 } }", "('${' does not nest: inside an expression, write the inner one without '${ }')"),
+    ("${ a{ }", "unclosed '${' (expected a matching '}'; the '}' at character 7 closes the '{' at character 5 "
+                "inside it)"),
+    ("${ {'a': {'b': 1 }", "the '{' at character 4 inside it is not closed either"),
+    ("${ 1 +", "unclosed '${' (expected a matching '}')"),
+    ("${ a }${", "unclosed '${'"),
+    ("${ ( }", "expected ) before end of expression"),
+    ("${ ] }", "the symbol ] cannot be used as a unary operator"),
+    ("${ [1,2 }", "expected ] before end of expression"),
+    ("${ 'a' null }", "syntax error: null"),
+    ("${ [1 null] }", "expected ], got null"),
+    ("${ a ?? }", "unexpected end of expression"),
+    ("${ " + "(" * 5000 + "1" + ")" * 5000 + " }", "the expression nests too deeply to be parsed"),
+    ("${ 1 }}", "'when' must be one expression written as"),
+]
+
+
+@pytest.mark.parametrize(("text", "says"), MALFORMED, ids=[t[:24] for t, _ in MALFORMED])
+def test_a_malformed_expression_is_one_fd501_saying_what_was_expected(text: str, says: str) -> None:
+    (d,) = when(text)
+    assert (d.code, d.path, d.line, d.column) == ("FD501", "/steps/1/b/when", 6, 13), d.format()
+    assert says in d.message, d.message
+    assert not PYTHON_TEXT.search(d.message), d.message
+
+
+def test_the_engine_index_error_and_its_none_never_reach_the_user() -> None:
+    """These three were "string index out of range", "number out of range: None" and "unclosed '${'"."""
+    (d,) = when("${ 1 /* c }")
+    assert d.message.startswith("in 'when': unclosed comment")
+    (d,) = when("${ 1e999 }")
+    assert d.message == ("in 'when': number out of range: 1e999; expected a finite number (at most about 1.8e308) "
+                         '(at character 4 of the text: "1e999 }")')
+    (d,) = when("${ 'abc }")
+    assert d.message.startswith("in 'when': unclosed string literal")
+
+
+@pytest.mark.parametrize("source", ["1 /* a comment at the end */", "$ / 2 /* c */", "/a/", "(1)/* c */"])
+def test_a_source_ending_in_a_slash_is_read(source: str) -> None:
+    """The engine read past such a source's end (IndexError)."""
+    compile_expression(source)
+    assert when(f"${{ {source} }}") == []
+
+
+def test_random_token_soup_gives_expression_errors_only() -> None:
+    """A few hundred random arrangements of JSONata's tokens: each parses, or is refused with a message
+    of flowdsl's or the engine's own, never Python's."""
+    rng = random.Random(7)
+    tokens = ["a", "$x", "$", "1", "1e3", "'s}'", '"q{"', "'a\\'b'", '"\\u0041"', "/a}/", "/\\}/", "/[}]/",
+              "/*c}*/", "`n }`", "null", "*", "**", "%", "and", "in", "{", "}", "(", ")", "[", "]", ",", ":", ";",
+              "?", "+", "-", "/", "=", "~>", "&", "..", ":=", "|", "@", "#", "^", "'", '"', "\\", "`", "/*", "*/",
+              "$f(", "function($v){", "1e999", "{'k': ", " ", "\n"]
+    for _ in range(600):
+        source = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 8))).strip() or "1"
+        for read, text in ((compile_expression, source), (split_template, "${" + source + "}")):
+            try:
+                read(text)
+            except ExpressionError as exc:
+                assert not PYTHON_TEXT.search(exc.message), (source, exc.message)
+
+
+@pytest.mark.parametrize(("source", "says"), [
+    ("$power(10, 400)", "a number went beyond the range of a JSON number"),
+    ("$round(1, 400)", "a number went beyond the range of a JSON number"),
+    ("$sum([1e308, 1e308])", "a number went beyond the range of a JSON number"),
+    ("$fromMillis(1e20)", "in the JSONata engine"),
+    ("$formatInteger(1, 'x')", "in the JSONata engine"),
+    ("$fromMillis(1, '[Y')", "in the JSONata engine"),
+    ("$spread(function(){1})", "expression produced a function, not a value"),
+    ("1 / 0", "division by zero"),
+])
+def test_a_built_in_failing_inside_the_engine_is_an_expression_error(source: str, says: str) -> None:
+    """Its OverflowError, RuntimeError or OSError escaped the kernel and stopped the run."""
+    with pytest.raises(ExpressionError, match=re.escape(says)):
+        compile_expression(source).evaluate({})
+
+
+# --- 3. control characters written as escapes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("literal", ["'\\x1b[31m'", "'\\033'", "'\\N{ESCAPE}'", "'a\\x00'", "'\\x85'"])
+def test_a_control_character_written_as_an_escape_in_a_literal_is_fd110(literal: str) -> None:
+    with pytest.raises(SignatureError) as info:
+        parse_signature(f"question -> level: Literal['ok', {literal}]")
+    assert (info.value.code, info.value.offset) == ("FD110", 33)
+    assert "control character U+" in info.value.message and "written here as an escape" in info.value.message
+    with pytest.raises(SignatureError) as info:
+        normalize_fields({"inputs": {"q": None}, "outputs": {"level": f"Literal[{literal}]"}})
+    assert (info.value.code, info.value.path) == ("FD110", "/outputs/level")
+
+
+def test_an_escaped_control_character_in_a_literal_is_reported_at_the_signature() -> None:
+    llm = "  - ask:\n      llm:\n        signature: 'q -> level: Literal[''\\x1b[31m'', b]'\n"
+    (d,) = diagnostics(HEAD + llm)
+    assert (d.code, d.path, d.line, d.column) == ("FD110", "/steps/1/ask/llm/signature", 7, 20)
+    assert CODES[d.code] == ("error", "invalid characters")
+    assert "control character U+001B is not allowed in a spec (written here as an escape)" in d.message
+    typed = "  - ask:\n      llm:\n        signature:\n          inputs: {q: str}\n" \
+            "          outputs: {level: {type: \"Literal['\\\\x1b[31m']\"}}\n"
+    (d,) = diagnostics(HEAD + typed)
+    assert (d.code, d.path) == ("FD110", "/steps/1/ask/llm/signature/outputs/level/type")
+    (d,) = diagnostics("flow hostile\nllm ask \"q -> level: Literal['\\\\x1b[31m', 'b']\"\n")
+    assert (d.code, d.path) == ("FD110", "/steps/0/ask/llm/signature")
+
+
+def test_tab_and_newline_escapes_stay_allowed_in_a_literal_as_in_any_value() -> None:
+    assert parse_signature("q -> level: Literal['a\\tb', 'c\\nd']")["outputs"][0]["enum"] == ["a\tb", "c\nd"]
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "  - ask:\n      llm:\n        signature: \"q -> level: Literal['\\e[31m', b]\"\n",
+    HEAD + "  - ask:\n      llm:\n        signature:\n          inputs: {q: str}\n"
+           "          outputs: {level: {enum: [\"\\x1b[31m\", b]}}\n",
+    "flow hostile\nllm ask \"q -> level: Literal['\\u001b[31m', 'b']\"\n",
+])
+def test_the_front_ends_own_escapes_were_already_refused(text: str) -> None:
+    """YAML's "\\e" and "\\x1b" and the text syntax's "\\u001b" are read before the Literal is: FD110 there."""
+    (d,) = diagnostics(text)
+    assert d.code == "FD110" and d.message == "control character U+001B is not allowed in a spec"
