@@ -11,15 +11,21 @@ import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowdsl.diagnostics import Diagnostic, Positions, SpecError, has_errors, make, sort_diagnostics
-from flowdsl.source import LoadedDoc
+from flowdsl.diagnostics import Diagnostic, Positions, SpecError, has_errors, join, make, sort_diagnostics
+from flowdsl.source import MAX_NODES, LoadedDoc
+
+if TYPE_CHECKING:
+    from flowdsl.model import Flow
 
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".flow",)
 #: codes placed at the key written in the file rather than at its value
 _KEY_CODES = {"FD202", "FD302", "FD104"}
+#: nodes of a flow once its sub-flows are expanded (FD106): no more than one file may hold YAML nodes, so that
+#: a spec is bounded the same way whether it is written in one file or spread over sub-flows
+MAX_PLAN_NODES = MAX_NODES
 
 
 @contextlib.contextmanager
@@ -128,15 +134,28 @@ class CompileResult:
         return self.plan is not None and not has_errors(self.diagnostics)
 
 
+class _TooLarge(Exception):
+    """The flow expands past ``MAX_PLAN_NODES`` once its sub-flows are expanded: compilation stops (FD106)."""
+
+    def __init__(self, diag: Diagnostic):
+        super().__init__(diag.message)
+        self.diag = diag
+
+
 class _Session:
-    """One compilation: the files read so far and their positions, sub-flow recursion guard."""
+    """One compilation: the files read so far and their positions, each sub-flow file's model (read and built
+    once however often it is used), sub-flow recursion guard, and the size of each flow once expanded."""
 
     def __init__(self) -> None:
         self.positions: dict[str | None, Positions] = {}
         self.diags: list[Diagnostic] = []
         self.stack: list[str] = []
+        #: resolved path -> (its model, or None and why it cannot be loaded)
+        self.subflows: dict[str, tuple[Flow | None, str]] = {}
+        #: id of a model -> (its file, resolved; its nodes once its sub-flows are expanded)
+        self.sizes: dict[int, tuple[str, int]] = {}
 
-    def model(self, doc: LoadedDoc, file: str | None) -> Any:
+    def model(self, doc: LoadedDoc, file: str | None) -> Flow | None:
         from flowdsl.model import build_flow
         from flowdsl.schema import check_schema, set_aside
 
@@ -159,31 +178,65 @@ class _Session:
             self.stack.append(os.path.abspath(file))
         try:
             flow, diags = build_flow(data, file, self.load_subflow, doc.positions)
+            self.diags.extend(d for d in diags if not any(d.path == c or d.path.startswith(c + "/") for c in cut))
+            self.measure(flow)
         finally:
             if file:
                 self.stack.pop()
-        self.diags.extend(d for d in diags if not any(d.path == c or d.path.startswith(c + "/") for c in cut))
         return flow
 
-    def load_subflow(self, rel: str, loc: Any) -> Any:
+    def measure(self, flow: Flow) -> None:
+        """Record how many nodes ``flow`` has once its sub-flows are expanded (each use adds all the nodes of
+        its sub-flow, as the plan does); raise :class:`_TooLarge` at the use that takes it past the budget.
+
+        The sizes of its sub-flows are known: each was measured when it was built. So a file including the next
+        one twice, eighteen times over, is refused here, after reading eighteen files, instead of the compiler
+        expanding its quarter of a million nodes."""
+        from flowdsl.model import walk
+
+        total = 0
+        for node in walk(flow.steps):
+            total += 1
+            if node.kind != "flow" or node.subflow is None:
+                continue
+            sub_file, size = self.sizes[id(node.subflow)]
+            total += size
+            if total > MAX_PLAN_NODES:
+                chain = " → ".join(os.path.basename(p) for p in [*self.stack, sub_file]) if self.stack else \
+                    os.path.basename(sub_file)
+                raise _TooLarge(make(
+                    "FD106", f"the flow expands to more than {MAX_PLAN_NODES} nodes once its sub-flows are expanded "
+                    f"(each use of a sub-flow adds all of its nodes): {chain}", join(node.opts, "path"),
+                    file=node.loc.file))
+        self.sizes[id(flow)] = (os.path.abspath(flow.file) if flow.file else "", total)
+
+    def load_subflow(self, rel: str, loc: Any) -> Flow | None:
         base = os.path.dirname(os.path.abspath(loc.file)) if loc.file else os.getcwd()
         path = os.path.normpath(os.path.join(base, rel))
         if path in self.stack:
             chain = " → ".join(os.path.basename(p) for p in [*self.stack, path])
             self.diags.append(make("FD308", f"sub-flow '{rel}' includes itself: {chain}", loc.path, file=loc.file))
             return None
+        # read, checked and built once per file (its diagnostics said once), whatever the number of its uses
+        key = os.path.realpath(path)
+        if key not in self.subflows:
+            self.subflows[key] = self.read_subflow(path)
+        flow, why = self.subflows[key]
+        if flow is None:
+            self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {why}", loc.path, file=loc.file))
+        return flow
+
+    def read_subflow(self, path: str) -> tuple[Flow | None, str]:
+        """The model of the sub-flow file at ``path``, or None and why it cannot be loaded."""
         doc = load(_shown(path))
         if doc.data is None and doc.diagnostics and all(d.code == "FD101" for d in doc.diagnostics):
             # an unreadable sub-flow is the including spec's error (FD308), not a usage error (FD101)
-            self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {doc.diagnostics[0].message}",
-                                   loc.path, file=loc.file))
-            return None
+            return None, doc.diagnostics[0].message
         before = len(self.diags)
         flow = self.model(doc, _shown(path))
         if flow is None:
-            why = "; ".join(d.message for d in (self.diags[before:] or doc.diagnostics)[:1])
-            self.diags.append(make("FD308", f"sub-flow '{rel}' cannot be loaded: {why}", loc.path, file=loc.file))
-        return flow
+            return None, "; ".join(d.message for d in (self.diags[before:] or doc.diagnostics)[:1])
+        return flow, ""
 
     def locate(self, diags: list[Diagnostic]) -> list[Diagnostic]:
         out = []
@@ -226,7 +279,10 @@ def _compile_checked(doc: LoadedDoc, file: str | None, check_workers: bool, sear
     from flowdsl.compiler import compile_flow
 
     session = _Session()
-    flow = session.model(doc, file)
+    try:
+        flow = session.model(doc, file)
+    except _TooLarge as stop:  # what was found before it still stands
+        return CompileResult(None, {}, session.locate([*session.diags, stop.diag]))
     if flow is None:  # model-level errors do not hide the checks: compile_flow collects them all
         return CompileResult(None, {}, session.locate(session.diags))
     compiled = compile_flow(flow, check_workers=check_workers, search_path=search_path, extra=session.diags)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import networkx as nx
 
 PLAN_VERSION = 1
+#: damaged ``needs`` tracked one by one (``_Compiler.spread_damage``); beyond, as one
+_DAMAGE_BITS = 1024
 
 STEP_RETRY = Retry(attempts=1, backoff="exponential", initial_ms=1000, max_ms=30_000, multiplier=2.0,
                    jitter="none", on=None, not_on=())
@@ -98,6 +100,12 @@ class _Compiler:
         self.pred: dict[str, dict[str, None]] = {}
         self.flows_workers: list[str] = list(root.workers)
         self.duplicates = False
+        #: the entry vertices of nodes whose ``needs`` could not all be followed (an unknown name, a node of
+        #: another list, a cycle): wired without those, so the graph may lack edges into them that the spec meant
+        self.damaged: set[str] = set()
+        #: vertex -> the damaged nodes that lead to it, a bit each (one bit for all when they are too many)
+        self.damage: dict[str, int] = {}
+        self.damage_exact = True
 
     # --- keys, parents, deps ---------------------------------------------------
 
@@ -136,6 +144,8 @@ class _Compiler:
                 yield from self._lists_below(kids, prefix)
 
     def resolve_deps(self) -> None:
+        """Each node's deps within its list (FD303, FD305 for a name that is none of them); FD304 for a cycle,
+        unless an id is used twice (which node a name means is then not known)."""
         ids_anywhere = {e.node.id for e in self.entries.values()}
         for owner, nodes, prefix in self.lists(self.root.steps, ""):
             local = {n.id: n for n in nodes}
@@ -153,21 +163,32 @@ class _Compiler:
                         path = join(node.opts, "needs", j)
                         if name in local:
                             entry.deps.append(prefix + name)
-                        elif name in ids_anywhere:
+                            continue
+                        if name in ids_anywhere:
                             self.err(node, "FD305", f"'{node.id}' needs '{name}', which is not in the same list; "
                                      f"'needs' names nodes of the same list{self.needs_hint(key, prefix + name)}",
                                      path)
+                            # the fix may well go on an enclosing group (the hint says so)
+                            self.damage_at(*self.ancestors(key))
                         else:
                             self.err(node, "FD303", f"'{node.id}' needs '{name}', which is not a step or group"
                                      f"{did_you_mean(name, local)}", path)
+                        self.damage_at(key)
                     entry.deps = sorted(set(entry.deps))
                 sub[key] = entry.deps
-            if not _has_cycle(sub):
+            if self.duplicates or not _has_cycle(sub):
                 continue
-            for cycle in _cycles(_digraph(sub)):
+            for members, cycle in _cycles(_digraph(sub)):
                 first = self.entries[cycle[0]].node
                 names = " → ".join(self.entries[k].node.id for k in [*cycle, cycle[0]])
                 self.err(first, "FD304", f"dependency cycle: {names}", join(first.opts, "needs"))
+                # its members are wired as if they needed nothing, which leaves the graph acyclic
+                for k in sorted(members, key=lambda k: self.entries[k].order):
+                    self.entries[k].deps = []
+                    self.damage_at(k)
+
+    def damage_at(self, *keys: str) -> None:
+        self.damaged.update(self.entry(k) for k in keys)
 
     def needs_hint(self, key: str, target: str) -> str:
         """Which enclosing group of ``key`` sits in ``target``'s list (where the ``needs`` belongs)."""
@@ -238,7 +259,7 @@ class _Compiler:
                 if waiting[w] == 0:
                     order.append(w)
         if len(order) != len(self.succ):
-            raise RuntimeError("the flow graph has a cycle")  # needs cycles stop the compiler before wiring
+            raise RuntimeError("the flow graph has a cycle")  # the nodes of a needs cycle are wired without them
         return order
 
     def longest_paths(self) -> tuple[dict[str, int], list[str]]:
@@ -269,6 +290,31 @@ class _Compiler:
     def flow_edges(self) -> list[list[str]]:
         """The flow graph (docs/plan.md ``edges``): steps and group boundaries, linear in the plan's size."""
         return sorted([a, b] for a, succ in self.succ.items() for b in succ)
+
+    def spread_damage(self) -> None:
+        """For each vertex, which damaged nodes lead to it (``self.damage``): a bit per damaged node, or, past
+        ``_DAMAGE_BITS`` of them (hostile input), one bit for all, which bounds the work and memory."""
+        self.damage_exact = len(self.damaged) <= _DAMAGE_BITS
+        bits = {v: 1 << i if self.damage_exact else 1 for i, v in enumerate(sorted(self.damaged))}
+        damage = self.damage
+        for v in self.topological_order():
+            found = bits.get(v, 0)
+            for p in self.pred[v]:
+                found |= damage[p]
+            damage[v] = found
+
+    def surely_not_before(self, a: str, b: str) -> bool:
+        """True when ``a`` may not have finished when ``b`` starts, and fixing the damaged ``needs`` cannot
+        change that (what FD504 and FD307 report).
+
+        Fixing a ``needs`` that could not be followed adds edges into the damaged node D, from nodes that are
+        not after it. That makes a new path from ``a`` to ``b`` only when D leads to ``b`` but not to ``a``
+        (a path from ``a`` into D starts before D, and then goes on from D to ``b``).
+        """
+        found = self.damage.get(self.entry(b), 0)
+        if found and (not self.damage_exact or found & ~self.damage[self.entry(a)]):
+            return False
+        return not self.before(a, b)
 
     def before(self, a: str, b: str) -> bool:
         """True when ``a`` has finished whenever ``b`` starts (a path leads from ``a``'s exit to ``b``'s entry)."""
@@ -409,7 +455,9 @@ class _Compiler:
 
     # --- graph checks ------------------------------------------------------------
 
-    def check_step_refs(self) -> None:
+    def check_step_refs(self, *, ordered: bool = True) -> None:
+        """``$steps.<id>`` references: each must name a step (or loop, sub-flow) of its flow that has finished
+        when the reader starts. Without ``ordered`` (the graph was not built) only the first is checked."""
         by_id: dict[tuple[str, str], str] = {}
         for key, e in self.entries.items():
             by_id[(self.namespace(key), e.node.id)] = key
@@ -422,11 +470,13 @@ class _Compiler:
                         ids = [i for (ns, i) in by_id if ns == self.namespace(key)]
                         self.err(n, "FD303", f"in '{fname}': '$steps.{ref}' names no step{did_you_mean(ref, ids)}",
                                  path)
+                    elif not ordered:
+                        continue
                     elif self.entries[target].node.kind in ("sequence", "parallel", "switch"):
                         kind = self.entries[target].node.kind
                         self.err(n, "FD303", f"in '{fname}': '$steps.{ref}' names a {kind}, which has no result of "
                                  "its own; read one of its steps (or the context its steps wrote)", path)
-                    elif target != key and not self.before(target, key):
+                    elif target != key and self.surely_not_before(target, key):
                         self.err(n, "FD504", f"in '{fname}': '$steps.{ref}' reads step '{ref}', which does not "
                                  f"always finish before '{n.id}' starts; add it to 'needs' or move it earlier", path)
                     elif target == key and fname != "fail_when" and not fname.startswith(("output.", "compensate.")):
@@ -468,7 +518,7 @@ class _Compiler:
         for (_, name), keys in sorted(writers.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
             for i, a in enumerate(keys):
                 for b in keys[i + 1:]:
-                    if not self.before(a, b) and not self.before(b, a) and not self.exclusive(a, b):
+                    if self.surely_not_before(a, b) and self.surely_not_before(b, a) and not self.exclusive(a, b):
                         nb = self.entries[b].node
                         self.err(nb, "FD307", f"'{nb.id}' and '{self.entries[a].node.id}' may run at the same time "
                                  f"and both write '{name}'; give one of them another output name", nb.opts)
@@ -503,16 +553,21 @@ class _Compiler:
     def run(self, build: bool = True) -> Compiled:
         """Graph checks, then (when ``build`` and they found no error) the plan."""
         self.collect(self.root.steps, self.root, "", None, None)
+        self.check_unreachable()
         self.resolve_deps()
-        if self.duplicates or any(d.code in ("FD304", "FD303", "FD305") for d in self.diags):
+        if self.duplicates:
+            # an id used twice makes what a name refers to ambiguous: the graph is not built, and of the
+            # checks that read it only the names that no node has are reported
+            self.check_step_refs(ordered=False)
             return Compiled(None, self.origins(), self.diags)
         root_keys = [n.id for n in self.root.steps if n.id in self.entries]
         self.add_vertex(":start")
         self.wire(root_keys, ":start", ":end")
+        if self.damaged:
+            self.spread_damage()
         stage_of, critical = self.longest_paths()
         self.check_step_refs()
         self.check_conflicts()
-        self.check_unreachable()
         if not build or any(d.severity == "error" for d in self.diags):
             return Compiled(None, self.origins(), self.diags)
         nodes = {k: self.node_json(e, stage_of) for k, e in self.entries.items()}
@@ -579,15 +634,15 @@ def _digraph(deps: dict[str, list[str]]) -> nx.DiGraph:
     return g
 
 
-def _cycles(g: nx.DiGraph) -> Iterator[list[str]]:
-    """One cycle per strongly connected component that has one, starting at its first node."""
+def _cycles(g: nx.DiGraph) -> Iterator[tuple[set[str], list[str]]]:
+    """Each strongly connected component that has a cycle, with one of its cycles starting at its first node."""
     import networkx as nx
 
     for comp in sorted(nx.strongly_connected_components(g), key=lambda c: min(c)):
         if len(comp) > 1 or any(g.has_edge(n, n) for n in comp):
             cycle = [u for u, _ in nx.find_cycle(g.subgraph(comp))]
             start = cycle.index(min(cycle))
-            yield cycle[start:] + cycle[:start]
+            yield comp, cycle[start:] + cycle[:start]
 
 
 def _expressions(n: Node) -> Iterator[tuple[str, str, str, bool]]:
@@ -612,9 +667,8 @@ def compile_flow(flow: Flow, *, check_workers: bool = False, search_path: str | 
     """Check ``flow`` and, when it has no errors, compile it into a plan."""
     diags = list(extra or [])
     diags.extend(check_flow(flow, check_workers=check_workers, search_path=search_path))
-    for node in _flow_nodes(flow):
-        if node.subflow is not None:
-            diags.extend(check_flow(node.subflow, check_workers=check_workers, search_path=search_path))
+    for sub in _subflows(flow):
+        diags.extend(check_flow(sub, check_workers=check_workers, search_path=search_path))
     result = _Compiler(flow).run(build=not any(d.severity == "error" for d in diags))
     result.diagnostics = diags + result.diagnostics
     if any(d.severity == "error" for d in result.diagnostics):
@@ -622,11 +676,16 @@ def compile_flow(flow: Flow, *, check_workers: bool = False, search_path: str | 
     return result
 
 
-def _flow_nodes(flow: Flow) -> Iterator[Node]:
+def _subflows(flow: Flow) -> list[Flow]:
+    """Every sub-flow ``flow`` uses, at any depth, each once however many times it is used (a file's model is
+    shared by its uses: checking it again would only repeat its diagnostics)."""
     from flowdsl.model import walk
 
-    for node in walk(flow.steps):
-        if node.kind == "flow":
-            yield node
-            if node.subflow is not None:
-                yield from _flow_nodes(node.subflow)
+    found: dict[int, Flow] = {}
+    todo = [flow]
+    while todo:
+        for node in walk(todo.pop().steps):
+            if node.kind == "flow" and node.subflow is not None and id(node.subflow) not in found:
+                found[id(node.subflow)] = node.subflow
+                todo.append(node.subflow)
+    return list(found.values())

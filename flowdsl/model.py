@@ -10,6 +10,7 @@ names, workers) come later, in ``checks`` and ``compiler``.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -284,6 +285,25 @@ class _Builder:
         written = self.positions.written.get(path) if self.positions is not None else None
         return written if written is not None else _shown(value)
 
+    def version(self, value: Any) -> str | None:
+        """The flow's version: a string, or a whole number written in digits (``version: 2`` is ``"2"``).
+
+        Any other number is FD201: YAML reads ``1.10`` as the number 1.1, ``1e3`` as 1000.0 and ``0x10`` as
+        16, so the version the plan would hold is not the one written.
+        """
+        if value is None or isinstance(value, str):
+            return value
+        written = self.positions.written.get("/version") if self.positions is not None else None
+        if type(value) is int and written is None:
+            return str(value)
+        text = written if written is not None else _shown(value)
+        hint = f"version {json.dumps(text)}" if (self.file or "").endswith(".flow") else \
+            f"version: {json.dumps(text)}"
+        self.err("FD201", f"the version {text} is read as the number {_shown(value)}; write it as a string: "
+                 f"{hint} (a version may be a number only when it is a whole number written in digits, like 2)",
+                 "/version")
+        return None
+
     def duration(self, value: Any, path: str) -> int | None:
         if value is None:
             return None
@@ -462,10 +482,9 @@ def build_flow(data: dict[str, Any], file: str | None = None, load_subflow: Subf
         compensate_retry=b.retry(comp.get("retry"), "/defaults/compensate/retry"),
         compensate_timeout_ms=b.duration(comp.get("timeout"), "/defaults/compensate/timeout"),
         llm_lm=llm.get("lm"), llm_module=llm.get("module"))
-    version = data.get("version")
     flow = Flow(
         name=data["name"], steps=b.nodes(data["steps"], "/steps"), file=file,
-        version=str(version) if version is not None else None, description=data.get("description"),
+        version=b.version(data.get("version")), description=data.get("description"),
         workers=tuple(data.get("workers") or ()), input_schema=data.get("input"),
         timeout_ms=b.duration(data.get("timeout"), "/timeout"), defaults=defaults)
     return flow, b.diags

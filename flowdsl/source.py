@@ -23,7 +23,9 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,18 +284,42 @@ def too_deep(data: Any, limit: int = MAX_DEPTH) -> str | None:
     return None
 
 
-def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
-    """The text of a spec file, or diagnostics FD101 (unreadable), FD102 (too large), FD110 (not UTF-8)."""
-    import os
+#: what a path that is not a regular file is, for the FD101 message
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of ``mode`` cannot be a spec (``not a regular file (a FIFO)``), or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+    return f"not a regular file ({kind})"
+
+
+def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
+    """The text of a spec file, or diagnostics FD101 (unreadable, or not a regular file), FD102 (too large),
+    FD110 (not UTF-8).
+
+    Only a regular file (or a link to one) is read: opening a FIFO waits for a writer, forever, and a
+    device (``/dev/stdin``, ``/dev/zero``) is no spec file. The path is checked before it is opened, and
+    the file opened (without waiting) is checked again, in case the path was replaced in between.
+    """
     try:
-        size = os.path.getsize(path)
-        if size > MAX_BYTES:
-            return None, [make("FD102", f"file is {size} bytes; the limit is {MAX_BYTES} bytes", file=path)]
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)
+        why = _not_regular(os.stat(path).st_mode)
+        if why is None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            with open(fd, "rb") as fh:
+                info = os.fstat(fd)
+                why = _not_regular(info.st_mode)
+                if why is None and info.st_size > MAX_BYTES:
+                    return None, [make("FD102", f"file is {info.st_size} bytes; the limit is {MAX_BYTES} bytes",
+                                       file=path)]
+                raw = fh.read(MAX_BYTES + 1) if why is None else b""
     except OSError as exc:
         return None, [make("FD101", f"cannot read file: {exc.strerror or exc}", file=path)]
+    if why is not None:
+        return None, [make("FD101", f"cannot read file: {why}", file=path)]
     if len(raw) > MAX_BYTES:
         return None, [make("FD102", f"file is larger than the limit of {MAX_BYTES} bytes", file=path)]
     try:
@@ -367,14 +393,16 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
         kept = None if unreadable else set_aside_values(data, builder.diagnostics, builder.bad_values)
         return LoadedDoc(kept, positions, builder.diagnostics)
     if not builder.documents:
-        empty = "the document is empty; expected a mapping with 'flowdsl', 'name' and 'steps'"
-        return LoadedDoc(None, positions, [make("FD109", empty, file=file, line=1, column=1)])
+        return LoadedDoc(None, positions, [make("FD109", EMPTY_DOCUMENT, file=file, line=1, column=1)])
     if not isinstance(data, dict):
         return LoadedDoc(None, positions, [make(
             "FD109", f"the document is a {_kind(data)}; expected a mapping with 'flowdsl', 'name' and 'steps'",
             file=file, line=1, column=1)])
     return LoadedDoc(data, positions, [])
 
+
+#: FD109 for a file with nothing but comments and blank lines, in either syntax
+EMPTY_DOCUMENT = "the document is empty; expected a mapping with 'flowdsl', 'name' and 'steps'"
 
 _TAB_MESSAGE = ("found a tab: YAML cannot be indented with tabs, nor can a tab separate '-' or 'key:' from what "
                 "follows in block style; use spaces")

@@ -28,6 +28,7 @@ from typing import Any
 
 from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, join, make, set_aside_values
 from flowdsl.source import (
+    EMPTY_DOCUMENT,
     WORD_VALUES,
     LoadedDoc,
     NumberError,
@@ -317,8 +318,8 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
     """Read a ``.flow`` text: its data (as the YAML form would load), positions and diagnostics.
 
     ``data`` is None when the text cannot be read: a syntax error (FD108), a
-    duplicate key or option (FD104), an invalid character (FD110) or nesting
-    that is too deep (FD107). A number that is not finite (FD201) is set aside
+    duplicate key or option (FD104), an invalid character (FD110), nesting
+    that is too deep (FD107) or no statement at all (FD109). A number that is not finite (FD201) is set aside
     with the option around it, as the YAML loader does (``flowdsl.source.LoadedDoc``).
     """
     positions = Positions(file)
@@ -439,9 +440,11 @@ class _Builder:
         return ptr
 
     def document(self, tree: _Node) -> dict[str, Any]:
+        if not tree.children:  # as the YAML loader says of a file of comments (without it: FD201, no 'name')
+            raise _Problem("FD109", EMPTY_DOCUMENT, 1, 1)
         doc: dict[str, Any] = {}
         steps: list[Any] = []
-        self.pos[""] = (tree.line, tree.column) if tree.children else (1, 1)
+        self.pos[""] = (tree.line, tree.column)
         for st in tree.children:
             kind, kids = st.data, st.children
             if kind == "top_option":

@@ -452,7 +452,7 @@ def test_retry_layers_merge_field_by_field() -> None:
 
 
 def test_run_timeout_and_flow_fields() -> None:
-    p = plan("flowdsl: 1\nname: t\nversion: 2.5\ndescription: d\ntimeout: 1m30s\nworkers: [m.w, a.w]\n"
+    p = plan("flowdsl: 1\nname: t\nversion: \"2.5\"\ndescription: d\ntimeout: 1m30s\nworkers: [m.w, a.w]\n"
              "input: {type: object}\nsteps: [a]\n")
     assert p["flow"] == {"name": "t", "version": "2.5", "description": "d", "workers": ["m.w", "a.w"],
                          "input_schema": {"type": "object"}, "timeout_ms": 90_000}

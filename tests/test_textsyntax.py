@@ -688,7 +688,8 @@ def _check_never_raises(text: str) -> None:
     if doc.data is None:
         assert doc.diagnostics
         for d in doc.diagnostics:
-            assert d.code in {"FD104", "FD107", "FD108", "FD110"} and d.line is not None and d.file == "g.flow"
+            assert d.code in {"FD104", "FD107", "FD108", "FD109", "FD110"}, d
+            assert d.line is not None and d.file == "g.flow"
     else:
         assert doc.diagnostics == [] and doc.data["flowdsl"] == 1
 
