@@ -8,6 +8,10 @@ per item for each n and the growth from one n to the next: ~1.0× per doubling i
 It is a measurement, not a test: nothing here asserts a time. Results are recorded in
 ``benchmarks/RESULTS.md`` under "Long runs".
 
+``--diagrams`` measures drawing instead, and needs no Redis: a ``.flow`` spec of n steps in a sequence, each
+with a compensation (``step sI undo uI``), drawn in each text format (Mermaid, ASCII, DOT); it prints the
+time per step of each, with the same growth per doubling of n.
+
 The flow: ``for_each`` over ``items`` (16 at a time), one step per item whose input is mapped to the item
 (``with: {x: "${ $item }"}``), the step doing nothing (``bench.step`` of bench_redis); the run input holds
 the n items, so the state, the context and the for_each's result all grow with n.
@@ -76,12 +80,45 @@ def redis_seconds(server: Server, plan: dict[str, Any], n: int, processes: int) 
         _stop(procs)
 
 
+def diagram_seconds(n: int, fmt: str) -> float:
+    """Drawing (not compiling) a sequence of n compensated steps, written in the text syntax, in ``fmt``."""
+    from flowdsl import compile_text
+    from flowdsl.render import render
+
+    plan = compile_text("flow saga\n\n" + "".join(f"step s{i} undo u{i}\n" for i in range(n)), filename="saga.flow")
+    t = time.perf_counter()
+    render(plan, fmt)
+    return time.perf_counter() - t
+
+
+def diagrams(sizes: tuple[int, ...]) -> None:
+    """Print the time per step of drawing each n in each text format, and its growth from the n before."""
+    print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs; "
+          "µs per step to draw a sequence of n compensated steps (growth per doubling of n)")
+    formats = ("mermaid", "ascii", "dot")
+    print(f"{'n':>6s}" + "".join(f"{name:>22s}" for name in formats))
+    last: dict[str, float] = {}
+    for n in sizes:
+        cells = []
+        for fmt in formats:
+            per_step = diagram_seconds(n, fmt) / n * 1e6
+            growth = f"(×{per_step / last[fmt]:.2f})" if fmt in last else ""
+            cells.append(f"{per_step:7.0f} µs {growth:>9s}")
+            last[fmt] = per_step
+        print(f"{n:6d}" + "".join(f"{cell:>22s}" for cell in cells), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="n up to 2,000 instead of 8,000")
     parser.add_argument("--unbounded", action="store_true",
                         help="no concurrency limit: all n items in flight at once (a wide fan-out)")
+    parser.add_argument("--diagrams", action="store_true",
+                        help="time drawing a sequence of n compensated steps in each text format instead (no Redis)")
     args = parser.parse_args(argv)
+    if args.diagrams:
+        diagrams((500, 1000, 2000) if args.quick else (1000, 2000, 4000, 8000))
+        return
     from flowdsl import compile_text
 
     plan = compile_text(SPEC.replace("    concurrency: 16\n", "") if args.unbounded else SPEC)

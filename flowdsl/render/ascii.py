@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowdsl.render.runstate import RunStates
-from flowdsl.render.view import Glyphs, PlanView, RenderError, clean, retry_text, wrap
+from flowdsl.render.view import Glyphs, PlanView, RenderError, char_width, clean, retry_text, text_width, wrap
 
 #: the narrowest width the ASCII form is drawn at (``--width``'s minimum)
 MIN_WIDTH = 40
@@ -124,21 +124,25 @@ ASCII = _Chars(
 
 
 def cells(text: str) -> Row:
-    """Text as display cells: wide characters take two, combining marks join the character before."""
+    """Text as display cells, one per terminal column as :func:`~flowdsl.render.view.char_width` counts
+    them (the measure :func:`~flowdsl.render.view.wrap` uses): a wide character takes two, a combining
+    mark joins the character before."""
     row: Row = []
     for ch in clean(text).replace("\n", " "):
-        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Cf", "Mn", "Me"):
+        size = char_width(ch)
+        if not size:
             if row:
                 row[-1 if row[-1] else -2] += ch
             continue
         row.append(ch)
-        if unicodedata.east_asian_width(ch) in ("W", "F"):
+        if size == 2:
             row.append("")
     return row
 
 
 def width_of(text: str) -> int:
-    return len(cells(text))
+    """The columns ``text`` takes once drawn: ``len(cells(text))``."""
+    return text_width(clean(text))
 
 
 def to_ascii(text: str) -> str:
@@ -833,7 +837,7 @@ class _Ascii:
             line = " "
             for state, mark in c.marks.items():
                 entry = f" {mark} {state}"
-                if len(line) + len(entry) > self.width:
+                if width_of(line) + width_of(entry) > self.width:
                     out.append(line)
                     line = " "
                 line += entry

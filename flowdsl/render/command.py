@@ -148,6 +148,7 @@ def diagram(
 
     from flowdsl.render import RenderError, render
     from flowdsl.render.runstate import check_run_of, derive_states, read_events, record_plan
+    from flowdsl.render.view import fenced
     from flowdsl.runtime.record import RecordError
 
     states = None
@@ -184,7 +185,7 @@ def diagram(
     except RenderError as exc:
         raise _fail(str(exc)) from None
     if markdown and isinstance(drawn, str):
-        drawn = f"```{_FENCES[kind]}\n{drawn}```\n"
+        drawn = fenced(drawn, _FENCES[kind])
     data = drawn.encode("utf-8") if isinstance(drawn, str) else drawn
     if output is not None:
         from flowdsl.cli import write_outputs  # refuses to write over the spec or the run's record

@@ -27,7 +27,7 @@ from typing import Any
 
 from flowdsl.render.graph import STEP_ROLES, Cluster, Diagram, Edge, Vertex, VertexId, build, walk
 from flowdsl.render.runstate import RunStates
-from flowdsl.render.view import STATES, PlanView, clean, wrap
+from flowdsl.render.view import STATES, PlanView, clean, fenced, wrap
 
 #: prefix of each vertex role's ids (distinct, so ids of different roles never collide)
 _PREFIX = {"step": "s_", "llm": "l_", "undo": "u_", "join": "j_", "fanout": "f_", "gather": "g_",
@@ -51,7 +51,7 @@ _STATE_CLASSES = {
     "skipped": "fill:#f3f4f6,stroke:#9ca3af,color:#6b7280,stroke-dasharray:3 3",
     "cancelled": "fill:#fef3c7,stroke:#b45309,color:#78350f",
 }
-_LINE = 48  # characters per label line before wrapping
+_LINE = 48  # columns per label line before wrapping (a CJK character or an emoji takes two)
 
 
 def node_id(role: str, key: str) -> str:
@@ -172,4 +172,4 @@ class _Writer:
 def render_mermaid(plan: Mapping[str, Any], *, run_states: RunStates | None = None, markdown: bool = False) -> str:
     """The plan as Mermaid flowchart text (wrapped in a fenced ```` ```mermaid ```` block with ``markdown``)."""
     body = _Writer(build(PlanView(plan)), run_states).write()
-    return f"```mermaid\n{body}```\n" if markdown else body
+    return fenced(body, "mermaid") if markdown else body

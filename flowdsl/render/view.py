@@ -10,7 +10,9 @@ compensations, and in which order a failed run undoes its steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,44 +113,80 @@ def policy_text(holder: Mapping[str, Any], glyphs: Glyphs) -> str | None:
     return glyphs.sep.join(kept) if kept else None
 
 
-def wrap(text: str, width: int) -> list[str]:
-    """Split text into lines of at most ``width`` characters, keeping its line breaks.
+def char_width(ch: str) -> int:
+    """The terminal columns a character takes: 2 for a wide or fullwidth one (CJK, most emoji), 0 for
+    a combining mark or a format character (it joins the character before), else 1."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Cf", "Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
-    Lines break at spaces; a word longer than a line breaks after a ``.``, ``/``,
-    ``_`` or ``,`` where it can (``orders.fulfillment.`` | ``release_items``), else anywhere.
+
+def text_width(text: str) -> int:
+    """The terminal columns ``text`` takes on one line: the sum of :func:`char_width`."""
+    return sum(char_width(ch) for ch in text)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """Split text into lines at most ``width`` columns wide (:func:`text_width`), keeping its line breaks.
+
+    Lines break at spaces; a word wider than a line breaks after a ``.``, ``/``, ``_`` or ``,``
+    where it can (``orders.fulfillment.`` | ``release_items``), else anywhere.
     """
     width = max(width, 8)
     out: list[str] = []
     for para in clean(text).split("\n"):
-        line = ""
+        line, used = "", 0
         for word in para.split():
-            pieces = _split_word(word, width) if len(word) > width else [word]
+            pieces = _split_word(word, width) if text_width(word) > width else [word]
             for i, piece in enumerate(pieces):
-                joined = line + piece if i else (line + " " + piece if line else piece)
-                if len(joined) <= width:
-                    line = joined
+                space = 0 if i or not line else 1  # the pieces of one word join without a space
+                size = text_width(piece)
+                if used + space + size <= width:
+                    line, used = line + " " * space + piece, used + space + size
                 else:
                     if line:
                         out.append(line)
-                    line = piece
+                    line, used = piece, size
         out.append(line)
     return out
 
 
 def _split_word(word: str, width: int) -> list[str]:
-    """Pieces of a long word, each at most ``width`` long, ending after a ``.`` or ``/`` where
-    possible, else after a ``_`` or ``,``, else anywhere."""
+    """Pieces of a wide word, each at most ``width`` columns, ending after a ``.`` or ``/`` where
+    possible, else after a ``_`` or ``,``, else anywhere (never between a character and its
+    combining marks)."""
     pieces: list[str] = []
-    while len(word) > width:
-        cut = width
+    left = text_width(word)
+    while left > width:
+        ends: list[tuple[int, int]] = []  # (length, columns) of each start of the word that fits
+        used = 0
+        for i, ch in enumerate(word):
+            used += char_width(ch)
+            if used > width:
+                break
+            if i + 1 == len(word) or char_width(word[i + 1]):
+                ends.append((i + 1, used))
+        cut, cols = ends[-1]
         for breaks in ("./", "_,"):
-            found = [i + 1 for i, ch in enumerate(word[:width]) if ch in breaks and i + 1 >= width // 3]
+            found = [(n, c) for n, c in ends if word[n - 1] in breaks and c >= width // 3]
             if found:
-                cut = found[-1]
+                cut, cols = found[-1]
                 break
         pieces.append(word[:cut])
-        word = word[cut:]
+        word, left = word[cut:], left - cols
     return [*pieces, word] if word else pieces
+
+
+def fenced(text: str, info: str) -> str:
+    """``text`` as a Markdown fenced code block (info string ``info``) that nothing in it can close.
+
+    CommonMark closes a backtick fence only with a line of at least as many backticks, so the
+    fence is one longer than the longest run of backticks in ``text``, and never shorter than 3.
+    """
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    body = text if text.endswith("\n") else text + "\n"
+    return f"{fence}{info}\n{body}{fence}\n"
 
 
 def _case_order(match: Any) -> tuple[int, float, str]:
@@ -172,6 +210,32 @@ def clean(text: Any) -> str:
 _LINE_BREAKS = {ord(ch): "\n" for ch in "\r\x0b\x0c\x85\u2028\u2029"}
 
 
+def dependency_order(keys: Iterable[str], deps: Mapping[str, list[str]]) -> list[str]:
+    """``keys`` ordered so that each comes after the ones it depends on (``deps``, keys outside ignored).
+
+    A depth-first walk from each key in turn, iterative so a long chain cannot exhaust Python's
+    stack; an edge back into the walk's own path (a cycle, in a malformed plan) is ignored.
+    """
+    out: list[str] = []
+    seen: set[str] = set()  # placed, or on the walk's path
+    for first in keys:
+        if first in seen:
+            continue
+        seen.add(first)
+        stack = [(first, iter(deps.get(first, ())))]
+        while stack:
+            key, rest = stack[-1]
+            for d in rest:
+                if d in deps and d not in seen:
+                    seen.add(d)
+                    stack.append((d, iter(deps[d])))
+                    break
+            else:
+                stack.pop()
+                out.append(key)
+    return out
+
+
 class PlanView:
     """Read-only helpers over one plan; cheap to build, holds no format-specific state."""
 
@@ -189,7 +253,6 @@ class PlanView:
         for key in self._walk(self.root):
             if key not in self.nodes:
                 raise RenderError(f"plan node '{key}' is referenced but not defined")
-        self._before: dict[str, frozenset[str]] = {}
 
     # --- structure -------------------------------------------------------------------
 
@@ -368,33 +431,80 @@ class PlanView:
         """Steps with a compensation, in plan order."""
         return [k for k in self.steps() if self.nodes[k].get("compensate")]
 
-    def before(self, key: str) -> frozenset[str]:
-        """Every step that has finished before ``key`` starts, by the plan's lists and dependencies."""
-        if key not in self._before:
-            self._before[key] = frozenset()  # guards against cycles in a malformed plan
-            parent = self.nodes[key].get("parent")
-            acc: set[str] = set(self.before(parent)) if isinstance(parent, str) and parent in self.nodes else set()
-            for d in self.deps(key):
-                acc.update(self.steps_in(d))
-                acc.update(self.before(d))
-            self._before[key] = frozenset(acc)
-        return self._before[key]
-
     def rollback_edges(self) -> list[tuple[str, str]]:
         """``(later, earlier)`` pairs of compensated steps: undo ``later`` before ``earlier``.
 
         The reverse of the steps' partial order, transitively reduced, sorted in plan order;
-        steps that may run concurrently have no edge between them.
+        steps that may run concurrently have no edge between them. ``earlier`` is each last
+        compensated step to finish before ``later`` starts: derived from the plan's lists, so a
+        sequence costs linear time however long it is (not a comparison of every pair of steps).
         """
         comp = self.compensated_steps()
         order = {k: i for i, k in enumerate(comp)}
-        edges: list[tuple[str, str]] = []
-        for later in comp:
-            earlier = [a for a in comp if a in self.before(later)]
-            for a in earlier:
-                if not any(a in self.before(c) for c in earlier if c != a):
-                    edges.append((later, a))
+        entry = self._undone_before()
+        edges = [(later, earlier) for later in comp for earlier in entry.get(later, ())]
         return sorted(edges, key=lambda e: (order[e[0]], order[e[1]]))
+
+    def _undone_before(self) -> dict[str, tuple[str, ...]]:
+        """For each node, the compensated steps that are the last to finish before it starts: where
+        its rollback edges lead.
+
+        Bottom-up, each node's *last*: its own compensated steps that no other of its own follows
+        (a step's is itself). Top-down, each node's entry: the last of the nearest nodes of its list
+        that it waits for, directly or not, among those holding a compensated step — those follow
+        everything before the list, so nothing else counts — or, when there are none, its group's.
+        """
+        lists: list[tuple[str | None, tuple[str, ...]]] = [(None, self.root)]
+        lists += [(k, tuple(self.children(k))) for k in self.all_keys() if not self.is_step(k)]
+        last: dict[str, tuple[str, ...]] = {
+            k: (k,) for k in self.steps() if self.nodes[k].get("compensate")}
+        nearest: dict[str, tuple[str, ...]] = {}
+        for owner, keys in reversed(lists):  # inner groups first: a group's last is made of its nodes'
+            before, final = self._nearest_holding(keys, lambda k: bool(last.get(k)))
+            nearest.update(before)
+            if owner is not None:
+                last[owner] = tuple(s for t in final for s in last[t])
+        entry: dict[str, tuple[str, ...]] = {}
+        for owner, keys in lists:  # outer groups first: a node's entry may be its group's
+            outer = entry.get(owner, ()) if owner is not None else ()
+            for k in keys:
+                if k not in entry:
+                    entry[k] = tuple(s for t in nearest.get(k, ()) for s in last[t]) or outer
+        return entry
+
+    def _nearest_holding(self, keys: tuple[str, ...], holds: Callable[[str], bool]
+                         ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+        """In one sibling list, for each node the nearest nodes it waits for that ``holds``, and
+        the list's own last nodes that hold (those no other holding node of the list waits for).
+
+        A plain chain is walked once; a ``needs:`` graph keeps, per node, the set of holding
+        nodes it waits for as a bit mask, to drop a candidate that another one waits for."""
+        nearest: dict[str, tuple[str, ...]] = {}
+        if self.is_chain(keys):
+            found: tuple[str, ...] = ()
+            for k in keys:
+                nearest[k] = found
+                found = (k,) if holds(k) else found
+            return nearest, found
+        inside = set(keys)
+        deps = {k: [d for d in self.deps(k) if d in inside] for k in keys}
+        bit = {k: 1 << i for i, k in enumerate(k for k in keys if holds(k))}
+        waits: dict[str, int] = {}  # the holding nodes each node waits for, directly or not
+
+        def nearest_of(candidates: Iterable[str]) -> tuple[str, ...]:
+            unique = dict.fromkeys(candidates)
+            hidden = 0
+            for t in unique:
+                hidden |= waits.get(t, 0)
+            return tuple(t for t in unique if not hidden & bit[t])
+
+        for k in dependency_order(keys, deps):
+            mask = 0
+            for d in deps[k]:
+                mask |= waits.get(d, 0) | bit.get(d, 0)
+            waits[k] = mask
+            nearest[k] = nearest_of(t for d in deps[k] for t in ((d,) if d in bit else nearest.get(d, ())))
+        return nearest, nearest_of(k for k in keys if k in bit)
 
     def rollback_levels(self) -> list[list[str]]:
         """Compensated steps grouped by when they are undone: the first list is undone first."""
@@ -403,14 +513,8 @@ class PlanView:
         for later, earlier in self.rollback_edges():
             later_of[earlier].append(later)
         level: dict[str, int] = {}
-
-        def depth(k: str) -> int:
-            if k not in level:
-                level[k] = 1 + max((depth(x) for x in later_of[k]), default=-1)
-            return level[k]
-
-        for k in comp:
-            depth(k)
+        for k in dependency_order(comp, later_of):
+            level[k] = 1 + max((level[x] for x in later_of[k] if x in level), default=-1)
         levels: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
         for k in comp:
             levels[level[k]].append(k)
