@@ -96,7 +96,7 @@ def _follow(url: str, prefix: str, plan: dict[str, Any], go: threading.Event, re
 
 def test_following_waits_for_a_timed_out_charge_that_succeeds_after_the_run_failed(url: str, prefix: str) -> None:
     go = threading.Event()
-    result, notices, events, _ = _follow(url, prefix, LONE, go, release_after=0.5, late_grace=15)
+    result, notices, events, _ = _follow(url, prefix, LONE, go, release_after=1.2, late_grace=15)
     assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
     assert [i["step"] for i in result.intervention["steps"]] == ["charge"]
     finished = [(e["status"], e.get("previous_status")) for e in events if e["type"] == "run_finished"]

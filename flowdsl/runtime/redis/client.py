@@ -401,7 +401,8 @@ class RedisClient:
             if result is None:
                 raise RunGone(run_id)
             said = False
-            until = time.monotonic() + grace
+            ended = time.monotonic()
+            until = ended + max(grace, _CANCEL_SETTLE_S)
             while held := await self._given_up(run_id, journal):
                 plan, state, attempts = held
                 if time.monotonic() >= until:
@@ -412,7 +413,7 @@ class RedisClient:
                         on_notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have "
                                   "completed; check it, and undo it by hand if it did")
                     return result
-                if not said and on_notice is not None:
+                if not said and on_notice is not None and time.monotonic() - ended >= _CANCEL_SETTLE_S:
                     said = True
                     names = ", ".join(f"{a['step']} ({attempt_label(a)})" for a in attempts)
                     on_notice(f"the run ended {result.status}; waiting up to {grace:g} s for {len(attempts)} "
@@ -600,6 +601,11 @@ class RedisClient:
         if state.get("finished_at") is not None:
             wall = float(state["finished_at"] - state["started_at"])
         return RunResult.from_state(plan, state, journal.events, wall_ms=wall, llm_calls=journal.llm_calls())
+
+
+#: seconds following a run past its end keeps quiet about an attempt it gave up on: one whose worker answers its
+#: cancel (an async worker that does not ignore it) lets go of its lease within a round trip or two
+_CANCEL_SETTLE_S = 0.5
 
 
 def input_id(run_input: dict[str, Any]) -> str:
