@@ -89,6 +89,8 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
     """
     if kernel not in (1, 2, STATE_VERSION):
         raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"the seed must be an integer or None; got {seed!r}")
     program = prepare(plan)
     at = _time(at)
     if seed is None:

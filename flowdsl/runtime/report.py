@@ -17,6 +17,7 @@ functions that draw (so ``flowdsl --help`` and library use stay light).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -189,6 +190,9 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
             or not isinstance(first.get("at"), int | float) or isinstance(first.get("at"), bool):
         raise ValueError("the record's 'start' event is malformed: it needs 'run_id' (a string), 'input' (an "
                          "object) and 'at' (a time in milliseconds)")
+    if "run_id" in header and header["run_id"] != first["run_id"]:
+        raise ValueError(f"the record's header is of run {header.get('run_id')!r} but its 'start' event of run "
+                         f"{first['run_id']!r}; {_CHANGED}")
     try:
         state, _, replayed = replay(plan, inputs)
     except Exception as exc:  # a record edited by hand, or made by another version: say so, never a traceback
@@ -361,9 +365,10 @@ _CHANGED = "the record was changed after it was written, or was made by another 
 
 def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], path: Path | None) -> None:
     """Refuse a recorded line the replay does not explain: every line is a kernel input event, a runtime line, or
-    the event the kernel emitted at its ``seq`` (same type and step), once. Names the line when ``lines`` came
-    from ``read_record`` (its ``line_numbers``)."""
-    from flowdsl.runtime.record import RecordError
+    the event the kernel emitted at its ``seq``, as it emitted it, once — and the emitted events recorded are the
+    replay's first ones, none left out before the last (a record cut short ends early; one with a line taken out
+    is refused). Names the line when ``lines`` came from ``read_record`` (its ``line_numbers``)."""
+    from flowdsl.runtime.record import RecordError, encode_line
 
     by_seq = {e["seq"]: e for e in replayed}
     known = ("start", *INPUT_EVENTS, *RUNTIME_LINES)
@@ -376,6 +381,13 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
         again = by_seq.get(seq) if isinstance(seq, int) and not isinstance(seq, bool) else None
         same = again is not None and (again.get("type"), again.get("step")) == (kind, event.get("step"))
         if same and isinstance(seq, int) and seq not in seen:
+            assert again is not None
+            written = json.loads(encode_line(again))  # (as the record holds it: JSON, tuples as lists)
+            if written != event:
+                fields = ", ".join(f"'{k}'" for k in sorted(set(written) | set(event), key=str)
+                                   if written.get(k) != event.get(k))
+                raise RecordError(f"{_where(lines, i, path)}: the event {kind!r} ('seq' {seq}) is not what replaying "
+                                  f"the run emits there: its {fields} differ; {_CHANGED}")
             seen.add(seq)
             continue
         if "seq" not in event:
@@ -389,6 +401,11 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
             why = (f"the event {kind!r} (step {event.get('step')!r}, 'seq' {seq!r}) is not what replaying the run "
                    f"emits there ({again.get('type')!r}, step {again.get('step')!r})")
         raise RecordError(f"{_where(lines, i, path)}: {why}; {_CHANGED}")
+    if seen:
+        missing = next((e for e in replayed if e["seq"] < max(seen) and e["seq"] not in seen), None)
+        if missing is not None:
+            raise RecordError(f"{path or 'the record'}: the event {missing['type']!r} ('seq' {missing['seq']}) that "
+                              f"replaying the run emits is missing, though later ones are there; {_CHANGED}")
 
 
 def _not_started(plan: dict[str, Any], header: Mapping[str, Any], path: Path | None) -> RunResult:
@@ -900,6 +917,9 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
     if aborted is not None:
         return (f"the record ends before the run did: it was stopped at once ({aborted.get('reason')}); state when "
                 f"it ended: {result.status}")
+    if result.status in END_STATES:  # its input events give the end; the events it caused were not all written
+        return (f"the record ends before the events of the run's end were all written (its process stopped while "
+                f"writing them); its input events give the run's end: {result.status}")
     return (f"the record ends before the run did: its process stopped without finishing it, or the run is still "
             f"going; state when it ended: {result.status}")
 

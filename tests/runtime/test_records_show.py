@@ -462,3 +462,47 @@ def test_a_record_keeps_key_order_so_show_replays_what_ran(tmp_path: Path) -> No
     assert replayed["steps"]["a"]["status"] == "succeeded"
     assert list(replayed["context"]["order"]) == ["z", "a"]
     assert replayed["status"] == live["status"] and replayed["steps"] == live["steps"]
+
+
+# --- a record changed by hand: every line as the replay emits it, none left out, one run -----------------------
+
+
+def _edited(tmp_path: Path, edit: Any) -> tuple[Path, Any]:
+    """The completed run's record with ``edit(lines)`` applied (a list of parsed lines, the header first)."""
+    path, raw = _record(tmp_path)
+    lines = [json.loads(line) for line in raw]
+    edit(lines)
+    path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    return path, cli("show", "r1", "--runs-dir", str(tmp_path), "--format", "json")
+
+
+def _set_at(lines: list[dict[str, Any]], value: Any) -> None:
+    next(e for e in lines if e["type"] == "step_succeeded")["at"] = value
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda lines: _set_at(lines, 10**30), "the event 'step_succeeded' ('seq' 3) is not what replaying the run "
+                                           "emits there: its 'at' differ"),
+    (lambda lines: _set_at(lines, -5), "its 'at' differ"),
+    (lambda lines: next(e for e in lines if e["type"] == "step_succeeded").update(error="x"), "its 'error' differ"),
+    (lambda lines: lines.remove(next(e for e in lines if e["type"] == "step_started")),
+     "the event 'step_started' ('seq' 1) that replaying the run emits is missing, though later ones are there"),
+    (lambda lines: lines[0].update(run_id="other"), "the record's header is of run 'other' but its 'start' event of "
+                                                    "run 'r1'"),
+    (lambda lines: lines[1].update(seed="7"), "the seed must be an integer or None; got '7'"),
+])
+def test_a_record_changed_by_hand_is_refused_saying_what_differs(tmp_path: Path, edit: Any, message: str) -> None:
+    _, shown = _edited(tmp_path, edit)
+    assert shown.exit_code == 2, shown.output
+    assert message in shown.stderr, shown.stderr
+    assert "Traceback" not in shown.output
+
+
+def test_a_record_whose_end_events_were_not_all_written_says_so_not_that_the_run_went_on(tmp_path: Path) -> None:
+    """Its input events give the run's end; the events of that end were cut off (a process stopped while writing):
+    the note says so rather than "the record ends before the run did … state when it ended: completed"."""
+    _, shown = _edited(tmp_path, lambda lines: lines.pop())  # run_finished, the last line
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["status"] == "completed"
+    assert "the record ends before the events of the run's end were all written" in shown.stderr
+    assert "before the run did" not in shown.stderr
