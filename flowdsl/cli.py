@@ -91,6 +91,18 @@ def _seconds(low: float, high: float, span: str) -> Any:
     return check
 
 
+def _text(value: str | None) -> str | None:
+    """A typer callback refusing text that cannot be stored or sent as UTF-8 (an argument whose bytes were not
+    UTF-8: exit 2, naming the option and the byte)."""
+    if value is not None:
+        from flowdsl.runtime.execute import text_problem
+
+        problem = text_problem(value)
+        if problem is not None:
+            raise typer.BadParameter(f"the text {problem}")
+    return value
+
+
 NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
 
 
@@ -516,7 +528,9 @@ class _JsonChannel:
     def emit(self, value: dict[str, Any]) -> None:
         """Write the one JSON object (a newline after it)."""
         target = self._out if self._out is not None else sys.stdout
-        target.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
+        from flowdsl.runtime.codec import json_line
+
+        target.write(json_line(value))
         target.flush()
 
     def __exit__(self, *exc: object) -> None:
@@ -672,7 +686,9 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
     except Exception as exc:  # a foreign record the checks let through: say so, never a traceback
         raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}", console=console) from None
     if fmt is OutputFormat.json:
-        sys.stdout.write(json.dumps(outcome.to_json(), ensure_ascii=False, default=str) + "\n")
+        from flowdsl.runtime.codec import json_line
+
+        sys.stdout.write(json_line(outcome.to_json()))
     else:
         print_timeline(outcome, lines, console)
     if lines.cut_short:
@@ -763,7 +779,7 @@ def runs(
     prefix: PrefixOpt = None,
     status_filter: Annotated[str | None, typer.Option(
         "--status", help="only runs in this state, any case (submitted, running, completed, compensated, ...)")] = None,
-    flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow")] = None,
+    flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow", callback=_text)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most this many")] = 20,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
@@ -781,7 +797,8 @@ def cancel(
     run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
-    reason: Annotated[str, typer.Option("--reason", help="recorded with the cancellation")] = "cancel requested",
+    reason: Annotated[str, typer.Option("--reason", help="recorded with the cancellation",
+                                        callback=_text)] = "cancel requested",
     wait: Annotated[bool, typer.Option("--wait", help="wait until the run has ended")] = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:

@@ -8,12 +8,13 @@ may return and ``json_problem`` accepts), so every JSON value round-trips.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-__all__ = ["dumps", "loads"]
+__all__ = ["dumps", "json_line", "loads"]
 
 _SORTED = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 # what stdlib json encodes (integers beyond 64 bits, which orjson would read back as floats) starts with
@@ -31,6 +32,21 @@ def dumps(value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] 
         # as its JSON escape, "\udc80", which reads back as the same string
         return _EXACT + json.dumps(value, sort_keys=sort_keys, ensure_ascii=False, separators=(",", ":"),
                                    default=default).encode("utf-8", "backslashreplace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON text for stdout (non-ASCII characters as they are, a newline after). A lone
+    surrogate — a byte of a file name or an argument that was not UTF-8, kept by ``surrogateescape`` — is written
+    as its JSON escape (``"\\udcff"``): UTF-8 output cannot carry it, and the object must still come out whole."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # (such a character can only be inside a JSON string: escaping it keeps the JSON)
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text + "\n"
 
 
 def loads(raw: bytes | str) -> Any:

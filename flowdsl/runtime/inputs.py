@@ -75,10 +75,10 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
             raise InputError(f"--set {item}: the key '{key}' has an empty name; a key is one or more names "
                              "joined by single dots, with none empty (e.g. order.notify=false)")
         try:
-            value = json.loads(raw_value, object_pairs_hook=_distinct)
+            value = json.loads(raw_value, object_pairs_hook=_distinct, parse_constant=_not_json)
         except _DuplicateKey:
             raise InputError(_duplicate(raw_value, f"--set {key}", at_line=False)) from None
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # (NaN and Infinity included: Python reads them, JSON has no such numbers)
             value = raw_value
         except ValueError as exc:  # an integer too long for int(): a number, refused rather than taken for text
             raise InputError(_too_long(raw_value, exc, f"--set {key}", at_line=False)) from None
@@ -90,6 +90,12 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
             raise InputError(f"--set {key}: the value is not plain JSON data: {problem}")
         _assign(data, path, value, item)
     return data
+
+
+def _not_json(name: str) -> Any:
+    """``json.loads``' reader of ``NaN``, ``Infinity`` and ``-Infinity``: Python's extension, not JSON — refused as
+    a JSON syntax error, so a ``--set`` value holding one is taken as a string, as any text that is not JSON is."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
 
 
 def _read_stdin() -> bytes | str:

@@ -626,8 +626,9 @@ class LocalRun:
         if self._finished:
             return
         held = self._lingering is not None and self._lingering.pop(task_id, None) is not None
-        if not (event["type"] == "task_cancelled" and task_id not in self.state["tasks"]):
-            self._feed(event)  # (a cancel of an attempt the kernel already gave up on says nothing)
+        # every answer is fed, a cancel of an attempt the kernel gave up on too (it records it rejected), as the
+        # Redis runtime feeds it: both record the same events (docs/kernel.md, "What the runtime promises")
+        self._feed(event)
         if held:
             self._check_wait()
 

@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.execute import json_problem, worker_references
+from flowdsl.runtime.execute import json_problem, text_problem, worker_references
 from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
@@ -325,8 +325,12 @@ class RedisClient:
 
         A run not started yet keeps the request in its own hash (the ``CANCEL`` script decides atomically):
         the start applies it, so the run ends ``cancelled`` without running a step. A started run gets the
-        request on the control stream. Either way each request is applied, and journaled, once."""
+        request on the control stream. Either way each request is applied, and journaled, once. A ``reason``
+        that is not a string, or cannot be written as UTF-8, raises ``ValueError`` before anything is sent."""
         check_run_id(run_id)
+        problem = text_problem(reason) if isinstance(reason, str) else f"is a {type(reason).__name__}, not a string"
+        if problem is not None:
+            raise ValueError(f"the cancel reason {problem}")
         reply = await _CANCEL(self.store.batcher, [self.keys.run(run_id)], [reason])
         code = int(reply[0])
         if code == 0:

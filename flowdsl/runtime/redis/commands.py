@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import redis
 
+from flowdsl.runtime.codec import json_line
 from flowdsl.runtime.redis.client import (
     DeadLetter,
     DeadLetterNotFound,
@@ -110,7 +110,7 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
 
 
 def _json_out(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(json_line(value))
 
 
 # --- flowdsl run --backend redis ----------------------------------------------------------
