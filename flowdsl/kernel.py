@@ -35,7 +35,8 @@ from flowdsl.kernel_saga import END_STATES, LATE_REASON
 
 __all__ = [
     "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "Program",
-    "apply", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay", "start_event", "start_run", "summary",
+    "apply", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay", "start_event",
+    "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
@@ -76,6 +77,12 @@ class Decision:
         return self.state["status"] in END_STATES
 
 
+def check_seed(seed: object) -> None:
+    """A ``ValueError`` unless ``seed`` is an integer (the retry jitter's seed) or None (derived from the run id)."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"the seed must be an integer or None; got {seed!r}")
+
+
 def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float,
               seed: int | None = None, kernel: int = STATE_VERSION) -> Decision:
     """Start a run: check its input, schedule its run timeout, dispatch its first steps.
@@ -89,8 +96,7 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
     """
     if kernel not in (1, 2, STATE_VERSION):
         raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"the seed must be an integer or None; got {seed!r}")
+    check_seed(seed)
     program = prepare(plan)
     at = _time(at)
     if seed is None:

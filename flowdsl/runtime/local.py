@@ -60,7 +60,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flowdsl.kernel import INPUT_EVENTS, Decision, apply, left_to_undo, start_event, start_run
+from flowdsl.kernel import INPUT_EVENTS, Decision, apply, check_seed, left_to_undo, start_event, start_run
 from flowdsl.runtime.execute import (
     NotJSON,
     Suspended,
@@ -290,6 +290,7 @@ class LocalRun:
         self.runs_dir = runs_dir
         self.lm = lm
         self.lms = lms
+        check_seed(seed)
         self.seed = seed
         self.registry = registry
         self.adapter = adapter

@@ -80,3 +80,19 @@ def test_the_client_refuses_a_reason_it_cannot_send_before_sending_anything() ->
 def test_set_takes_nan_and_infinity_as_text_as_any_value_that_is_not_json() -> None:
     got = read_input(None, ["name=NaN", "code=Infinity", "low=-Infinity", "list=[1,NaN]", "n=1.5"])
     assert got == {"name": "NaN", "code": "Infinity", "low": "-Infinity", "list": "[1,NaN]", "n": 1.5}
+
+
+@pytest.mark.parametrize("seed", ["7", 1.5, True])
+def test_a_seed_that_is_not_an_integer_is_refused_by_both_runtimes_before_anything_runs(seed: Any) -> None:
+    from flowdsl import compile_text
+    from flowdsl.runtime.local import LocalRun
+
+    plan = compile_text(HEADER.format(name="s") + "steps: [conf.a]\n")
+    with pytest.raises(ValueError, match="the seed must be an integer or None"):
+        LocalRun(plan, {}, seed=seed, record=False)
+
+    async def submit() -> None:
+        async with RedisClient("unix:///tmp/flowdsl-none.sock") as client:
+            await client.submit(plan, {}, run_id="r1", seed=seed)
+    with pytest.raises(ValueError, match="the seed must be an integer or None"):
+        asyncio.run(submit())

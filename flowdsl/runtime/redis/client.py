@@ -30,6 +30,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from flowdsl.kernel import check_seed
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem, worker_references
 from flowdsl.runtime.record import new_run_id
@@ -268,6 +269,7 @@ class RedisClient:
         if run_id is None:
             run_id = new_run_id(plan)  # as the local runtime names runs
         check_run_id(run_id)
+        check_seed(seed)
         for name, value, least in (("retention_s", retention_s, 1.0), ("schedule_timeout_s", schedule_timeout_s,
                                                                          0.001)):
             if value is not None and not (isinstance(value, int | float) and math.isfinite(value)
