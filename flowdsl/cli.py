@@ -404,6 +404,10 @@ def run(
     raise typer.Exit(code)
 
 
+#: whether the CLI runs as the ``flowdsl`` process (:func:`main`), not inside another program (tests, embedding)
+_WHOLE_PROCESS = False
+
+
 @contextlib.contextmanager
 def _stopping_as_ctrl_c() -> Iterator[None]:
     """SIGTERM and SIGHUP stop ``flowdsl run`` as Ctrl-C does where the run does not take them itself (while the
@@ -428,7 +432,9 @@ def _stopping_as_ctrl_c() -> Iterator[None]:
         yield
     finally:
         for signum, handler in saved.items():
-            signal.signal(signum, handler)
+            # in the flowdsl process itself the command has said all it will (its summary, its JSON) and the
+            # process only exits now: a late stop signal must not turn its exit code into the signal's
+            signal.signal(signum, signal.SIG_IGN if _WHOLE_PROCESS else handler)
 
 
 
@@ -852,6 +858,8 @@ def main() -> None:
     built, or a Ctrl-C the command does not handle itself (typer exits 130 without a word; here
     ``interrupted``, exit 130, and the one JSON object under ``--format json``), and a command line that is
     wrong (the usage error, and also that JSON object, as every other failure of a reporting command gives)."""
+    global _WHOLE_PROCESS
+    _WHOLE_PROCESS = True
     argv = sys.argv[1:]
     try:
         from typer import rich_utils

@@ -916,6 +916,9 @@ class LocalRun:
         # a SIGHUP only ever cancels: a closing terminal often sends two in a row (the tty's hangup and the shell
         # passing it on), which must not stop the run at once; only a second Ctrl-C or SIGTERM does
         hangup = name == "SIGHUP"
+        if self._finished:  # the run has ended (its handlers not yet removed): nothing is left to stop
+            self._notice(f"{verb}: the run has already ended {self.status}")
+            return
         if not hangup:
             self._interrupts += 1
             if self._interrupts > 1:

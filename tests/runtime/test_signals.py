@@ -332,3 +332,35 @@ def test_handle_sigterm_cancels_an_api_run_then_puts_back_the_applications_handl
     seen = _api_run(tmp_path, {"handle_sigterm": True}, {"b": {"hang": True}})
     assert (seen["status"], seen["compensated"], seen["app_called"]) == ("cancelled", ["a"], [])
     assert seen["sigterm_put_back"] and seen["sigint_put_back"] and seen["wakeup_fd"] == -1
+
+
+def test_a_stop_signal_after_the_command_has_said_everything_does_not_change_its_exit_code(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the flowdsl process, once `run` has printed its summary (or JSON) the process only exits: a SIGTERM then
+    is ignored (the exit code stays the run's, not 143); inside another program the handlers found are put back."""
+    from flowdsl import cli
+
+    for whole, expected in ((True, signal.SIG_IGN), (False, signal.SIG_DFL)):
+        monkeypatch.setattr(cli, "_WHOLE_PROCESS", whole)
+        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            with cli._stopping_as_ctrl_c():
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            assert signal.getsignal(signal.SIGTERM) == expected
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_signal_taken_after_the_run_ended_says_so_and_stops_nothing() -> None:
+    """A second signal that lands as the run ends (its handlers not yet removed) says the run has ended — not
+    "stopping at once, nothing more is compensated" of a run that was over."""
+    from flowdsl.runtime.local import LocalRun
+
+    notices: list[str] = []
+    run = LocalRun(compile_text(HEADER.format(name="s") + "steps: [conf.a]\n"), {"script": {}}, record=False,
+                   on_notice=notices.append)
+    result = asyncio.run(run.run())
+    run._on_signal(signal.SIGTERM)
+    run._on_signal(signal.SIGTERM)
+    assert result.status == "completed"
+    assert notices == ["terminated: the run has already ended completed"] * 2
