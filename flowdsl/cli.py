@@ -64,9 +64,9 @@ class Backend(StrEnum):
 
 RedisUrlOpt = Annotated[str | None, typer.Option(
     "--redis-url", help="redis://, rediss:// (TLS) or unix:// URL, with user:password if needed "
-    "[default: $FLOWDSL_REDIS_URL or redis://localhost:6379/0]", metavar="URL")]
+    "\\[default: $FLOWDSL_REDIS_URL or redis://localhost:6379/0]", metavar="URL")]
 PrefixOpt = Annotated[str | None, typer.Option(
-    "--prefix", help="key prefix of the deployment [default: $FLOWDSL_REDIS_PREFIX or flowdsl]")]
+    "--prefix", help="key prefix of the deployment \\[default: $FLOWDSL_REDIS_PREFIX or flowdsl]")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text for people, json for programs")]
 
 #: the ranges of the duration options (seconds): a value outside, or not a finite number, is a usage error
@@ -85,7 +85,8 @@ def _seconds(low: float, high: float, span: str) -> Any:
 
     def check(value: float | None) -> float | None:
         if value is not None and not (math.isfinite(value) and low <= value <= high):
-            raise typer.BadParameter(f"{value:g} is not a number of seconds from {low:g} to {high:.0f} ({span})")
+            # (12 digits: 31536001 must not read as 3.1536e+07, which is the bound itself)
+            raise typer.BadParameter(f"{value:.12g} is not a number of seconds from {low:g} to {high:.0f} ({span})")
         return value
 
     return check
@@ -273,7 +274,7 @@ SYNTAX_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".flow": "flow"}
 def convert(
     file: Annotated[Path, typer.Argument(help="spec file", show_default=False)],
     to: Annotated[SyntaxName | None, typer.Option(
-        "--to", help="the syntax to write [default: from -o's suffix: .yaml/.yml or .flow]", show_default=False)]
+        "--to", help="the syntax to write \\[default: from -o's suffix: .yaml/.yml or .flow]", show_default=False)]
     = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of stdout")] = None,
     fmt: FormatOpt = OutputFormat.text,
@@ -347,9 +348,9 @@ def run(
         "--set", help="override one input value: key=value (dotted keys; the value is JSON, else a string); "
         "repeatable", metavar="KEY=VALUE")] = None,
     fmt: FormatOpt = OutputFormat.text,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="the run's id [default: generated]")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="the run's id \\[default: generated]")] = None,
     runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records go [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
+        "--runs-dir", help="where run records go \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
         parser=parse_directory)] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="do not write a run record")] = False,
     lm: Annotated[str | None, typer.Option(
@@ -359,7 +360,7 @@ def run(
         "--late-grace", help="after the run's end, seconds to wait for a worker still running a step with a "
         "compensation that timed out (a sync worker's thread, an async worker ignoring its cancel; on Redis, "
         "following waits): a success then is a late completion (exit 4); 0 to 365 days; what has not answered by "
-        "then is in doubt (exit 4) [default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
+        "then is in doubt (exit 4) \\[default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
         callback=_seconds(*LATE_GRACE_RANGE))] = None,
     backend: Annotated[Backend, typer.Option(
         "--backend", help="local: in this process; redis: durable, on `flowdsl worker` processes")] = Backend.local,
@@ -368,10 +369,10 @@ def run(
     detach: Annotated[bool, typer.Option("--detach", help="(redis) print the run id and return at once")] = False,
     schedule_timeout: Annotated[float | None, typer.Option(
         "--schedule-timeout", help="(redis) seconds an attempt may wait for a worker before it fails with "
-        "ScheduleToStartTimeout, 0.001 to 1 year [default: the workers' setting]", metavar="SECONDS",
+        "ScheduleToStartTimeout, 0.001 to 1 year \\[default: the workers' setting]", metavar="SECONDS",
         callback=_seconds(*SCHEDULE_TIMEOUT_RANGE))] = None,
     retention: Annotated[float | None, typer.Option(
-        "--retention", help="(redis) seconds the finished run is kept, 1 to 10 years [default: the workers' "
+        "--retention", help="(redis) seconds the finished run is kept, 1 to 10 years \\[default: the workers' "
         "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
 ) -> None:
     """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
@@ -662,7 +663,7 @@ def show(
     run_id: Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)",
                                           metavar="RUN_ID", show_default=False)],
     runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records are [default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
+        "--runs-dir", help="where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
         parser=parse_directory)] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
@@ -723,7 +724,7 @@ def worker(
         "process, 0.1 to 1 day", metavar="SECONDS", callback=_seconds(*LEASE_RANGE))] = 30.0,
     schedule_timeout: Annotated[float | None, typer.Option(
         "--schedule-timeout", help="default for runs that set none: seconds an attempt may wait for a worker "
-        "before it fails with ScheduleToStartTimeout, 0.001 to 1 year [default: no limit]", metavar="SECONDS",
+        "before it fails with ScheduleToStartTimeout, 0.001 to 1 year \\[default: no limit]", metavar="SECONDS",
         callback=_seconds(*SCHEDULE_TIMEOUT_RANGE))] = None,
     retention: Annotated[float, typer.Option(
         "--retention", help="default for runs that set none: seconds a finished run is kept, 1 to 10 years",
