@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ RESULT_VARIABLES = frozenset({"context"})
 def check_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None) -> list[Diagnostic]:
     """Every diagnostic the model's nodes give on their own (ids, expressions, workers, input schema)."""
     diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow), *check_llm_with(flow),
-             *check_llm_options(flow)]
+             *check_llm_options(flow), *check_constant_items(flow)]
     if check_workers:
         diags.extend(check_worker_names(flow, search_path))
     return diags
@@ -205,6 +206,61 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
         for fn in sorted(analysis.functions - builtins - allowed - expr.NONDETERMINISTIC):
             yield _err(node, "FD502", f"in '{fname}': unknown function '${fn}'"
                        f"{did_you_mean('$' + fn, {'$' + b for b in builtins})}", path)
+
+
+class Constants:
+    """The values of options that are one constant expression (``when: "${ 1 > 2 }"``), known before any run.
+
+    Each evaluation is bounded (``expr.TIME_LIMIT_MS``), and all of them together by ``budget`` seconds: past
+    it (a hostile spec with thousands of slow constants such as ``[1..10000000]``) no value is sought any more,
+    and what would depend on one goes unreported, instead of the check taking minutes.
+    """
+
+    def __init__(self, budget: float = 1.0):
+        self.left = budget
+        self.found: dict[str, tuple[bool, Any]] = {}
+
+    def value(self, text: str) -> tuple[bool, Any]:
+        """(True, its value) when ``text`` is one ``${ }`` that reads nothing and evaluates; else (False, None)."""
+        if text in self.found:
+            return self.found[text]
+        known: tuple[bool, Any] = (False, None)
+        if self.left > 0:
+            started = time.perf_counter()
+            try:  # a malformed expression is FD501, reported with the expressions
+                source = expr.single_expression(text)
+                if source is not None and expr.is_constant(source):
+                    known = (True, expr.compile_expression(source).evaluate(None))
+            except expr.ExpressionError:
+                pass
+            self.left -= time.perf_counter() - started
+        self.found[text] = known
+        return known
+
+
+def check_constant_items(flow: Flow) -> Iterator[Diagnostic]:
+    """FD201: a for_each whose ``items`` is a constant that is not a list (``"${ 5 }"``, ``"${ 'abc' }"``).
+
+    At run time such a value is taken as a list of one item (JSONata's rule), so the loop would run its steps
+    once, with that value as the item: never what a loop is written for, and known before anything runs.
+    (null, the empty list and a constant list are what they say: no iteration, or one per item.)
+    """
+    constants = Constants()
+    for node in walk(flow.steps):
+        if node.kind != "for_each" or node.items is None:
+            continue
+        known, value = constants.value(node.items)
+        if not known or value is None or isinstance(value, list):
+            continue
+        text = json.dumps(value, ensure_ascii=False)
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        what = {bool: "true or false", str: "a string", dict: "an object"}.get(type(value), "a number")
+        ways = [f"\"${{ [{text}] }}\" for that one item"] if len(text) <= 40 else []
+        if type(value) is int and 0 < value <= 10_000:
+            ways.append(f"\"${{ [1..{value}] }}\" to run the steps {value} times")
+        yield _err(node, "FD201", f"for_each '{node.id}' iterates over {what}, {shown}, not a list: its steps would "
+                   "run once, with it as the item; expected an expression that gives a list"
+                   + (f" ({'; '.join(ways)})" if ways else ""), join(node.opts, "items"))
 
 
 # --- the input schema ----------------------------------------------------------

@@ -9,9 +9,10 @@ JSON pointer of the spec element it is about. The catalogue of codes lives in
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -74,6 +75,9 @@ class Diagnostic:
     column: int | None = None
     path: str = ""
     severity: Severity = "error"
+    #: the value the message quotes after "found ", as Python prints it, for a number the file may have written
+    #: otherwise (``1.10`` is read as 1.1): :meth:`Positions.locate` puts the text as written in its place
+    found: str | None = field(default=None, compare=False, repr=False)
 
     def location(self) -> str:
         """``file:line:col`` (the parts that are known)."""
@@ -119,8 +123,48 @@ def to_json_text(diags: Iterable[Diagnostic]) -> str:
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` when a candidate is close to ``word``, else ``""``."""
-    close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return Suggestions(candidates).hint(word)
+
+
+#: comparisons one :class:`Suggestions` makes with every name before it narrows its search
+SUGGESTION_BUDGET = 100_000
+#: names taken on each side of a word, in each of the two sort orders, once the budget is spent
+_NEIGHBOURS = 16
+
+
+class Suggestions:
+    """"did you mean" over one set of names, asked any number of times (every unknown name of a list).
+
+    The suggestion is difflib's closest name (a ratio of at least 0.6; of two as close, the greater). Until
+    :data:`SUGGESTION_BUDGET` comparisons have been made the word is compared with every name, so a spec of a
+    normal size always gets that closest name; past it (thousands of unknown names among thousands of ids, in
+    a hostile spec) only with the few dozen names that sort next to it, forwards and read backwards — a typo
+    keeps one end of a name — so that each further question takes a bounded time.
+    """
+
+    def __init__(self, candidates: Iterable[str]):
+        self.names = sorted(set(candidates))
+        self.budget = SUGGESTION_BUDGET
+        self._backwards: list[tuple[str, str]] | None = None
+
+    def hint(self, word: str) -> str:
+        """`` (did you mean 'x'?)`` when a name is close to ``word``, else ``""``."""
+        pool: Sequence[str] = self.names
+        if len(pool) > self.budget:
+            pool = self._near(word)
+        else:
+            self.budget -= len(pool)
+        close = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
+    def _near(self, word: str) -> list[str]:
+        if self._backwards is None:
+            self._backwards = sorted((name[::-1], name) for name in self.names)
+        i = bisect.bisect_left(self.names, word)
+        near = set(self.names[max(0, i - _NEIGHBOURS):i + _NEIGHBOURS])
+        j = bisect.bisect_left(self._backwards, (word[::-1], ""))
+        near.update(name for _, name in self._backwards[max(0, j - _NEIGHBOURS):j + _NEIGHBOURS])
+        return sorted(near)
 
 
 class SpecError(Exception):
@@ -162,10 +206,19 @@ class Positions:
 
     def locate(self, diag: Diagnostic, *, key: bool = False) -> Diagnostic:
         """``diag`` with file, line and column filled in from its JSON path."""
+        diag = self.as_written(diag)
         if diag.line is not None:
             return diag if diag.file else replace(diag, file=self.file)
         line, col = self.find(diag.path, key=key)
         return replace(diag, file=self.file, line=line, column=col)
+
+    def as_written(self, diag: Diagnostic) -> Diagnostic:
+        """``diag`` quoting the number it found as the file wrote it (``found 1.10``, not ``found 1.1``)."""
+        text = self.written.get(diag.path) if diag.found is not None else None
+        if text is None or f"found {diag.found}" not in diag.message:
+            return diag
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        return replace(diag, message=diag.message.replace(f"found {diag.found}", f"found {shown}", 1), found=None)
 
 
 def _token(part: object) -> str:

@@ -26,39 +26,80 @@ GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
 #: the units, largest first: the order they must be written in, each at most once
 _UNIT_MS = {"h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+_UNITS = list(_UNIT_MS)
+#: a part after the first is less than one of the next larger unit: at most 59m, 59s, 999ms
+_PART_LIMIT = {"m": 60, "s": 60, "ms": 1000}
 MAX_DURATION_MS = 30 * 24 * 3_600_000
 _EXPECTED = "expected a number with a unit: 250ms, 10s, 5m, 2h, or several units, largest first and each once: 1m30s"
 
 
-def _duration_text_ms(text: str) -> float:
-    """The milliseconds a duration string spells (unrounded); ValueError saying what is wrong with it."""
-    pos, ms = 0, 0.0
-    seen: list[str] = []
+def _duration_parts(text: str) -> list[tuple[str, str]]:
+    """The (number, unit) parts of a duration string; ValueError saying what is wrong with its form."""
+    pos = 0
+    parts: list[tuple[str, str]] = []
     for m in _DURATION_PART.finditer(text):
         if m.start() != pos:
             break
         unit = m.group(2)
-        if unit in seen:
+        if any(unit == u for _, u in parts):
             raise ValueError(f"'{text}' has the unit '{unit}' twice; {_EXPECTED}")
-        if seen and list(_UNIT_MS).index(unit) < list(_UNIT_MS).index(seen[-1]):
-            raise ValueError(f"'{text}' has its units out of order ('{unit}' after '{seen[-1]}'); {_EXPECTED}")
-        seen.append(unit)
-        ms += float(m.group(1)) * _UNIT_MS[unit]
+        if parts and _UNITS.index(unit) < _UNITS.index(parts[-1][1]):
+            raise ValueError(f"'{text}' has its units out of order ('{unit}' after '{parts[-1][1]}'); {_EXPECTED}")
+        parts.append((m.group(1), unit))
         pos = m.end()
     if pos != len(text) or not text:
         if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
             raise ValueError(f"'{text}' is text, not a number; {_EXPECTED} (or a number of seconds, unquoted)")
-        if any(c.isspace() for c in text) and _is_duration("".join(text.split())):
-            raise ValueError(f"'{text}' has spaces; a duration is written without spaces: "
-                             f"'{''.join(text.split())}'")
+        if any(c.isspace() for c in text) and _is_duration(joined := "".join(text.split())):
+            raise ValueError(f"'{text}' has spaces; a duration is written without spaces: '{_well_written(joined)}'")
         raise ValueError(f"'{text}' is not a duration; {_EXPECTED}")
+    return parts
+
+
+def _duration_text_ms(text: str) -> float:
+    """The milliseconds a duration string spells (unrounded); ValueError saying what is wrong with it.
+
+    After the first part each part is less than one of the unit above its own (``1h30m``, ``1m59s``,
+    ``1s500ms``), and only the last part has a fraction: ``1h60m`` and ``1.5m30s`` spell 2h and 2m in a way a
+    reader has to work out, so they are refused, with the plain spelling to write instead.
+    """
+    parts = _duration_parts(text)
+    ms = sum(float(number) * _UNIT_MS[unit] for number, unit in parts)
+    if ms > MAX_DURATION_MS:
+        return ms  # too long however it is spelt: said as such (parse_duration)
+    for i, (number, unit) in enumerate(parts):
+        if i and float(number) >= _PART_LIMIT[unit]:
+            raise ValueError(f"'{text}' has '{number}{unit}' after a larger unit, where it must be less than "
+                             f"{_PART_LIMIT[unit]}{unit}; write {_plain(ms)}")
+        if i < len(parts) - 1 and "." in number:
+            raise ValueError(f"'{text}' has a fraction in '{number}{unit}', which is not its last part; only the "
+                             f"last part may have one: write {_plain(ms)}")
     return ms
 
 
-def _is_duration(text: str) -> bool:
-    """Whether ``text`` is a well-written duration (to say what is wrong with one that nearly is)."""
+def _well_written(text: str) -> str:
+    """``text``, a duration in form, as it is best written: itself, or its plain spelling (``1h60m``: ``2h``)."""
+    ms = sum(float(number) * _UNIT_MS[unit] for number, unit in _duration_parts(text))
     try:
         _duration_text_ms(text)
+    except ValueError:
+        return _plain(ms) if ms <= MAX_DURATION_MS else text
+    return text
+
+
+def _plain(ms: float) -> str:
+    """A duration of ``ms`` milliseconds (rounded) written the plain way: ``2h``, ``1h30m``, ``3s500ms``."""
+    left, out = round(ms), ""
+    for unit, size in _UNIT_MS.items():
+        count, left = divmod(left, size)
+        out += f"{count}{unit}" if count else ""
+    return out or "0ms"
+
+
+def _is_duration(text: str) -> bool:
+    """Whether ``text`` is written in the form of a duration (to say what is wrong with one that nearly is)."""
+    try:
+        _duration_parts(text)
     except ValueError:
         return False
     return True

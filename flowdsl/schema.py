@@ -91,10 +91,21 @@ def check_schema(data: Any) -> list[Diagnostic]:
         return []
     diags: list[Diagnostic] = []
     for error in _validator().iter_errors(data):
+        if _version_number(error):
+            continue  # the model says it better, quoting the number as written (model._Builder.version)
         diags.extend(_convert(error))
     # a mis-indented step explains every error inside it: keep only that one
     misplaced = [d.path for d in diags if d.message.startswith("a step is a mapping with one key")]
     return [d for d in diags if not any(d.path.startswith(m + "/") for m in misplaced)]
+
+
+def _version_number(error: Any) -> bool:
+    """Whether ``error`` is a ``version`` that is a number with a fraction (``version: 1.10``, read as 1.1).
+
+    The schema allows a string or an integer; such a number is refused by the model instead, which has the
+    text as written to quote (``write it as a string: version: "1.10"``), where this check has only 1.1.
+    """
+    return list(error.absolute_path) == ["version"] and error.validator == "type" and isinstance(error.instance, float)
 
 
 def _path(error: Any) -> str:
@@ -173,10 +184,12 @@ def _convert(error: Any) -> Iterator[Diagnostic]:
     elif v == "maxProperties" and _is_step_mapping(error):
         yield _misindented_step(inst, path)
     elif v == "type":
-        yield make("FD201", f"expected {_what(error.schema)}, found {_found(inst)}", path)
+        yield make("FD201", f"expected {_what(error.schema)}, found {_found(inst)}{_items_hint(error)}", path,
+                   found=_number(inst))
     elif v == "enum":
         yield make("FD201", f"expected one of {', '.join(_show(x) for x in error.validator_value)}, "
-                   f"found {_found(inst)}{did_you_mean(str(inst), map(str, error.validator_value))}", path)
+                   f"found {_found(inst)}{did_you_mean(str(inst), map(str, error.validator_value))}", path,
+                   found=_number(inst))
     elif v == "minItems":
         yield make("FD201", f"expected at least {error.validator_value} item(s), found an empty list", path)
     elif v == "minProperties":
@@ -185,11 +198,45 @@ def _convert(error: Any) -> Iterator[Diagnostic]:
         op = ">=" if v == "minimum" else ">"
         parts = list(error.absolute_path)
         name = f" for '{parts[-1]}'" if parts and isinstance(parts[-1], str) else ""
-        yield make("FD201", f"expected a number {op} {error.validator_value}{name}, found {_show(inst)}", path)
+        yield make("FD201", f"expected a number {op} {error.validator_value}{name}, found {_show(inst)}", path,
+                   found=_number(inst))
+    elif v == "maximum":
+        yield make("FD201", _too_many(error), path, found=_number(inst))
     elif v == "uniqueItems":
         yield make("FD201", f"list has repeated entries: {_show(inst)}", path)
     else:
         yield make("FD201", error.message, path)
+
+
+def _number(value: Any) -> str | None:
+    """How a message shows ``value`` when it is a number (which the file may have written otherwise)."""
+    return _show(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _items_hint(error: Any) -> str:
+    """For a for_each's ``items`` that is not an expression: how to write the list it seems to mean."""
+    parts = list(error.absolute_path)
+    inst = error.instance
+    # (a step named 'items' is a mapping of options, whose schema is not an expression's)
+    if not parts or parts[-1] != "items" or not str(error.schema.get("description", "")).startswith("an expr"):
+        return ""
+    if isinstance(inst, list):
+        text = json.dumps(inst, ensure_ascii=False, default=str)
+        return f"; write the list as an expression: \"${{ {text if len(text) <= 40 else '[...]'} }}\""
+    if isinstance(inst, int) and not isinstance(inst, bool) and 0 < inst <= 10_000:
+        return f"; to run the steps {inst} times, iterate over \"${{ [1..{inst}] }}\""
+    return ""
+
+
+def _too_many(error: Any) -> str:
+    """The message for a number above its schema maximum: retry attempts (the only one)."""
+    parts = list(error.absolute_path)
+    name = f"'{parts[-1]}'" if parts and isinstance(parts[-1], str) else "the value"
+    found = _show(error.instance)
+    if parts and parts[-1] in ("attempts", "retry"):
+        return (f"expected at most {error.validator_value} attempts, found {found}; to keep trying for longer, "
+                "give a longer 'max' delay between attempts instead")
+    return f"expected a number <= {error.validator_value} for {name}, found {found}"
 
 
 def _where(path: Any, inst: Any = None) -> str:
@@ -314,4 +361,12 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
             return None
         parent[parts[-1]] = value
         paths.append(pointer(*parts))
-    return (kept, paths) if paths and _fast_validator().is_valid(kept) else None
+    return (kept, paths) if paths and _valid_but_version(kept) else None
+
+
+def _valid_but_version(data: Any) -> bool:
+    """Whether ``data`` passes the schema, but for a ``version`` that is a number with a fraction, which the
+    model reports (see :func:`_version_number`)."""
+    if isinstance(data, dict) and isinstance(data.get("version"), float):
+        data = {k: v for k, v in data.items() if k != "version"}
+    return bool(_fast_validator().is_valid(data))

@@ -1160,7 +1160,7 @@ def test_a_wrong_language_version_says_what_was_found(value: str, message: str) 
 
 
 def test_a_version_of_the_wrong_type_names_the_types_it_may_have() -> None:
-    assert only(HEAD + "version: [1]\nsteps: [a]\n", "FD201") == "expected a string or a number, found a list"
+    assert only(HEAD + "version: [1]\nsteps: [a]\n", "FD201") == "expected a string or an integer, found a list"
 
 
 def test_a_tab_indenting_yaml_is_named() -> None:
