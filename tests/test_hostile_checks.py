@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-import flowdsl.compiler
+import flowdsl.compiler_checks
 from flowdsl.api import compile_text
 from flowdsl.compiler import _Compiler
 from flowdsl.diagnostics import CODES, Diagnostic, SpecError, Suggestions
@@ -126,7 +126,7 @@ def test_needs_order_some_writers_and_not_others() -> None:
 
 def test_a_list_with_needs_too_large_to_search_every_pair_still_reports_races(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flowdsl.compiler, "_RACE_BITS", 4)
+    monkeypatch.setattr(flowdsl.compiler_checks, "_RACE_BITS", 4)
     diags = diagnostics_of(spec("""\
         steps:
           - a: {output: r}
@@ -244,7 +244,7 @@ def test_fd307_agrees_with_a_search_of_the_graph_for_every_pair(seed: int) -> No
 @pytest.mark.parametrize("seed", range(20))
 def test_the_order_of_nodes_in_lists_too_large_for_bit_sets_is_searched_alike(
         seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flowdsl.compiler, "_RACE_BITS", 0)
+    monkeypatch.setattr(flowdsl.compiler_checks, "_RACE_BITS", 0)
     _Random(seed).check_order()
 
 

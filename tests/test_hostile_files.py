@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import flowdsl.api
-import flowdsl.compiler
+import flowdsl.compiler_checks
 import flowdsl.source
 from flowdsl.api import compile_spec, compile_text, load
 from flowdsl.cli import app
@@ -310,7 +310,7 @@ def test_a_cycle_does_not_hide_the_other_checks() -> None:
 
 def test_many_unknown_needs_are_checked_in_bounded_time() -> None:
     # past the damaged needs tracked one by one, whatever follows any of them is left unjudged as a whole
-    many = flowdsl.compiler._DAMAGE_BITS + 50
+    many = flowdsl.compiler_checks._DAMAGE_BITS + 50
     groups = "".join(f"  - sequence: g{i}\n    steps:\n      - s{i}:\n          needs: [nope]\n"
                      f"          output: r{i}\n" for i in range(many))
     first = "  - parallel: first\n    branches:\n      - c: {output: r}\n      - d: {output: r}\n"
