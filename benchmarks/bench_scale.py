@@ -8,9 +8,15 @@ per item for each n and the growth from one n to the next: ~1.0× per doubling i
 It is a measurement, not a test: nothing here asserts a time. Results are recorded in
 ``benchmarks/RESULTS.md`` under "Long runs".
 
-``--diagrams`` measures drawing instead, and needs no Redis: a ``.flow`` spec of n steps in a sequence, each
-with a compensation (``step sI undo uI``), drawn in each text format (Mermaid, ASCII, DOT); it prints the
-time per step of each, with the same growth per doubling of n.
+``--diagrams`` measures drawing instead, and needs no Redis: three ``.flow`` specs of n steps, each drawn in
+each text format (Mermaid, ASCII, DOT), printing the time per step of each with the same growth per doubling
+of n (``--case`` picks one):
+
+- *sequence*: n steps in a sequence, each with a compensation (``step sI undo uI``);
+- *needs chain*: n compensated steps each of which ``needs`` the two before it, listed last first — a long,
+  narrow ``needs:`` graph (a chain in which each step needs only the one before it, in order, is the same plan
+  as a sequence, and is drawn as one);
+- *layered DAG*: n steps in layers of 10, each needing two steps of the layer above — a wide ``needs:`` graph.
 
 The flow: ``for_each`` over ``items`` (16 at a time), one step per item whose input is mapped to the item
 (``with: {x: "${ $item }"}``), the step doing nothing (``bench.step`` of bench_redis); the run input holds
@@ -25,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.bench_redis import PREFIX, Server, _spawn, _stop
@@ -80,28 +87,62 @@ def redis_seconds(server: Server, plan: dict[str, Any], n: int, processes: int) 
         _stop(procs)
 
 
-def diagram_seconds(n: int, fmt: str) -> float:
-    """Drawing (not compiling) a sequence of n compensated steps, written in the text syntax, in ``fmt``."""
+def sequence_flow(n: int) -> str:
+    """n compensated steps in a sequence."""
+    return "flow saga\n\n" + "".join(f"step s{i} undo u{i}\n" for i in range(n))
+
+
+def needs_chain_flow(n: int) -> str:
+    """n compensated steps, each needing the two before it, listed last first."""
+    return "flow chain\n\n" + "".join(
+        f"step s{i} undo u{i} needs {', '.join(f's{j}' for j in (i - 1, i - 2) if j >= 0) or '[]'}\n"
+        for i in reversed(range(n)))
+
+
+def layered_flow(n: int, across: int = 10) -> str:
+    """n steps in layers of ``across``, step j of a layer needing steps j and j + 1 of the layer above."""
+    lines = []
+    for i in range(n):
+        layer, j = divmod(i, across)
+        above = {f"l{layer - 1}_{k % across}" for k in (j, j + 1)} if layer else set()
+        lines.append(f"step l{layer}_{j} needs {', '.join(sorted(above)) or '[]'}\n")
+    return "flow layers\n\n" + "".join(lines)
+
+
+#: --diagrams cases: the flow of n steps, the sizes measured (then with --quick), what the header says
+DIAGRAM_CASES: dict[str, tuple[Callable[[int], str], tuple[int, ...], tuple[int, ...], str]] = {
+    "sequence": (sequence_flow, (1000, 2000, 4000, 8000), (500, 1000, 2000), "a sequence of n compensated steps"),
+    "needs-chain": (needs_chain_flow, (300, 600, 1200, 2400), (300, 600, 1200),
+                    "n compensated steps, each needing the two before it"),
+    "layered-dag": (layered_flow, (300, 600, 1200, 2400), (300, 600, 1200),
+                    "n steps in layers of 10, each needing two of the layer above"),
+}
+
+
+def diagram_seconds(flow: str, fmt: str) -> float:
+    """Drawing (not compiling) a flow written in the text syntax in ``fmt``."""
     from flowdsl import compile_text
     from flowdsl.render import render
 
-    plan = compile_text("flow saga\n\n" + "".join(f"step s{i} undo u{i}\n" for i in range(n)), filename="saga.flow")
+    plan = compile_text(flow, filename="bench.flow")
     t = time.perf_counter()
     render(plan, fmt)
     return time.perf_counter() - t
 
 
-def diagrams(sizes: tuple[int, ...]) -> None:
-    """Print the time per step of drawing each n in each text format, and its growth from the n before."""
+def diagrams(case: str, quick: bool) -> None:
+    """Print the time per step of drawing each n of a case in each text format, and its growth from the n before."""
+    make, sizes, quick_sizes, what = DIAGRAM_CASES[case]
     print(f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs; "
-          "µs per step to draw a sequence of n compensated steps (growth per doubling of n)")
+          f"µs per step to draw {what} (growth per doubling of n)")
     formats = ("mermaid", "ascii", "dot")
     print(f"{'n':>6s}" + "".join(f"{name:>22s}" for name in formats))
     last: dict[str, float] = {}
-    for n in sizes:
+    for n in quick_sizes if quick else sizes:
+        flow = make(n)
         cells = []
         for fmt in formats:
-            per_step = diagram_seconds(n, fmt) / n * 1e6
+            per_step = diagram_seconds(flow, fmt) / n * 1e6
             growth = f"(×{per_step / last[fmt]:.2f})" if fmt in last else ""
             cells.append(f"{per_step:7.0f} µs {growth:>9s}")
             last[fmt] = per_step
@@ -114,10 +155,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unbounded", action="store_true",
                         help="no concurrency limit: all n items in flight at once (a wide fan-out)")
     parser.add_argument("--diagrams", action="store_true",
-                        help="time drawing a sequence of n compensated steps in each text format instead (no Redis)")
+                        help="time drawing flows of n steps in each text format instead (no Redis)")
+    parser.add_argument("--case", choices=sorted(DIAGRAM_CASES), action="append",
+                        help="with --diagrams: the flow to draw (repeatable) [default: every one]")
     args = parser.parse_args(argv)
+    if args.case and not args.diagrams:
+        parser.error("--case goes with --diagrams")
     if args.diagrams:
-        diagrams((500, 1000, 2000) if args.quick else (1000, 2000, 4000, 8000))
+        for i, case in enumerate(args.case or DIAGRAM_CASES):
+            if i:
+                print()
+            diagrams(case, args.quick)
         return
     from flowdsl import compile_text
 

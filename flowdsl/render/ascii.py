@@ -31,6 +31,7 @@ default; ``ascii_only`` uses ``+-|`` and friends.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -127,8 +128,11 @@ def cells(text: str) -> Row:
     """Text as display cells, one per terminal column as :func:`~flowdsl.render.view.char_width` counts
     them (the measure :func:`~flowdsl.render.view.wrap` uses): a wide character takes two, a combining
     mark joins the character before."""
+    flat = clean(text).replace("\n", " ")
+    if flat.isascii():  # one cell per character
+        return list(flat)
     row: Row = []
-    for ch in clean(text).replace("\n", " "):
+    for ch in flat:
         size = char_width(ch)
         if not size:
             if row:
@@ -375,8 +379,12 @@ class _Ascii:
     def _fit_axes(blocks: list[Block], avail: int) -> tuple[int, list[int]]:
         """A shared axis column that most blocks can take within ``avail``, and each block's own column."""
         spans = [(b.axis, max(b.axis, avail - b.width + b.axis)) for b in blocks]
-        best = max(sorted({lo for lo, _ in spans} | {hi for _, hi in spans}),
-                   key=lambda a: (sum(lo <= a <= hi for lo, hi in spans), -a))
+        los, his = sorted(lo for lo, _ in spans), sorted(hi for _, hi in spans)
+        best, most = 0, -1
+        for a in sorted(set(los) | set(his)):  # the leftmost column in the most spans, counted by bisection
+            held = bisect.bisect_right(los, a) - bisect.bisect_left(his, a)
+            if held > most:
+                best, most = a, held
         return best, [min(max(best, lo), hi) for lo, hi in spans]
 
     def jog(self, width: int, above: int, below: int) -> Row:
@@ -554,12 +562,14 @@ class _Ascii:
                      // max(1, sum(1 for s in slots if s[0] == "node")) for slots in graph.slots)
         if widest > 1 and 16 <= narrow < avail:
             tries.append(narrow)
+        whole: dict[str, Block] = {}  # the boxes at the full width, which the listing reuses (dag copies them)
         for node_avail in tries:
             blocks = {k: self.node(k, node_avail, needs=True) for k in keys}
-            block = self.dag(graph, blocks)
-            if block is not None and block.width <= avail:
+            whole = whole or blocks
+            block = self.dag(graph, blocks, avail)
+            if block is not None:
                 return block
-        return self.listing(graph, avail)
+        return self.listing(graph, avail, whole)
 
     def _chain_builder(self, key: str, inner: int) -> Callable[[int], Block]:
         return lambda avail: self.node(key, avail, min_inner=min(inner, max(avail - 4, 12)))
@@ -579,19 +589,21 @@ class _Ascii:
                 blocks[i].strained = True
         return self.stack(blocks, avail)
 
-    def listing(self, graph: _Dag, avail: int) -> Block:
-        """A ``needs:`` graph too wide to draw: its nodes one under another in a valid run order,
-        joined by a dotted line (an order of listing, not a dependency); each box says what it needs."""
-        blocks = [self.node(k, avail, needs=True) for layer in graph.layers for k in layer]
+    def listing(self, graph: _Dag, avail: int, boxes: Mapping[str, Block]) -> Block:
+        """A ``needs:`` graph too wide to draw: its nodes (``boxes``, drawn at ``avail``) one under another
+        in a valid run order, joined by a dotted line (an order of listing, not a dependency); each box
+        says what it needs."""
+        blocks = [boxes[k] for layer in graph.layers for k in layer]
         block = self.stack(blocks, avail, link=self.c.rail_dash, rails=False)
         block.undo_inside = block.undo_inside or any(b.undo is not None for b in blocks)
         block.strained = True
         return block
 
-    def dag(self, graph: _Dag, blocks: dict[str, Block]) -> Block | None:
+    def dag(self, graph: _Dag, blocks: dict[str, Block], avail: int) -> Block | None:
         """A ``needs:`` graph layer by layer, every edge drawn: a node's box is entered by exactly the
         lines of the nodes it needs; a line passing a layer runs beside its boxes; lines that cross
-        without joining show a ``│`` cutting a ``─``. None when the edges cannot be routed."""
+        without joining show a ``│`` cutting a ``─``. None when it is wider than ``avail`` or the
+        edges cannot be routed."""
         gap = 3
 
         def extent(slot: tuple[str, str]) -> tuple[int, int]:  # (axis within, width) of a slot
@@ -632,6 +644,8 @@ class _Ascii:
             for slot, x in zip(slots, cols, strict=True):
                 b = blocks.get(slot[1]) if slot[0] == "node" else None
                 width = max(width, x + (b.width - b.axis if b is not None else 1))
+        if width > avail:  # known before drawing a row: a long graph that drifts wide costs no rows
+            return None
         first = xs[0]
         axis = (first[0] + first[-1]) // 2
         nearest = min(first, key=lambda a: (abs(a - axis), a))
@@ -764,17 +778,27 @@ class _Ascii:
             cols = {column[(i, j)] for i in incoming[j]} | {axis}
             junctions.setdefault(merge_row[j], []).append((min(cols), max(cols), cols))
             segments.append((axis, merge_row[j], height))
+        # per row, the columns a line leaves upwards and downwards: each cell is looked at once
+        ups: list[set[int]] = [set() for _ in range(height)]
+        downs: list[set[int]] = [set() for _ in range(height)]
+        for col, top, bottom in segments:
+            for r in range(max(top + 1, 0), min(bottom, height - 1) + 1):
+                ups[r].add(col)
+            for r in range(max(top, 0), min(bottom - 1, height - 1) + 1):
+                downs[r].add(col)
         rows = [_blank(width) for _ in range(height)]
         for r in range(height):
-            for c in range(width):
-                up = any(col == c and top < r <= bottom for col, top, bottom in segments)
-                down = any(col == c and top <= r < bottom for col, top, bottom in segments)
-                span = next((s for s in junctions.get(r, ()) if s[0] <= c <= s[1]), None)
-                if span is None:
-                    if up or down:
-                        rows[r][c] = self.c.line
-                elif c in span[2]:
-                    rows[r][c] = self.c.junction((int(up), int(down), int(c > span[0]), int(c < span[1])), False)
+            span_of: dict[int, tuple[int, int, set[int]]] = {}
+            for span in reversed(junctions.get(r, ())):  # where junction spans overlap, the first listed wins
+                for c in range(span[0], span[1] + 1):
+                    span_of[c] = span
+            for c in ups[r] | downs[r] | span_of.keys():
+                up, down = c in ups[r], c in downs[r]
+                found = span_of.get(c)
+                if found is None:
+                    rows[r][c] = self.c.line
+                elif c in found[2]:
+                    rows[r][c] = self.c.junction((int(up), int(down), int(c > found[0]), int(c < found[1])), False)
                 else:  # a line of another edge passes: it crosses, it does not join
                     rows[r][c] = self.c.line if up and down else self.c.junction((0, 0, 1, 1), False)
         return rows
@@ -868,11 +892,15 @@ class _Dag:
                 needed_by[d].append(k)
         reach = {k: max((layer_of[v] for v in needed_by[k]), default=end) for k in keys}
         order = {k: i for i, k in enumerate(keys)}
+        vias: list[list[str]] = [[] for _ in self.layers]
+        for k in keys:  # walked once, in list order: a long chain must not cost a scan of the list per layer
+            for i in range(layer_of[k] + 1, reach[k]):
+                vias[i].append(k)
         self.slots: list[list[tuple[str, str]]] = []
         self.sources: list[list[list[int]]] = []
         for i, layer in enumerate(self.layers):
             slots = [("node", k) for k in layer]
-            slots += [("via", k) for k in keys if layer_of[k] < i < reach[k]]
+            slots += [("via", k) for k in vias[i]]
             if i == 0:
                 self.slots.append(slots)
                 self.sources.append([[] for _ in slots])

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flowdsl.render import FENCES
+
 EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
 
 
@@ -38,7 +40,6 @@ class DiagramFormat(StrEnum):
 #: the format an output file's name implies when --format is not given
 SUFFIX_FORMATS = {".mmd": "mermaid", ".mermaid": "mermaid", ".md": "mermaid", ".txt": "ascii",
                   ".dot": "dot", ".gv": "dot", ".svg": "svg", ".png": "png"}
-_FENCES = {"mermaid": "mermaid", "ascii": "text", "dot": "dot"}
 
 
 def _console() -> Any:
@@ -61,7 +62,7 @@ def _pick_format(fmt: DiagramFormat | None, output: Path | None) -> str:
     if fmt is None:
         return implied or "ascii"
     if output is not None and implied is not None and implied != fmt.value \
-            and not (output.suffix.lower() == ".md" and fmt.value in _FENCES):
+            and not (output.suffix.lower() == ".md" and fmt.value in FENCES):
         fitting = " or ".join(s for s, f in SUFFIX_FORMATS.items() if f == fmt.value and s != ".md")
         raise _fail(f"-o {output} names a {implied} file but --format is {fmt.value}: write {fmt.value} to a "
                     f"file ending in {fitting} (or leave out --format: the suffix of -o chooses the format)")
@@ -114,14 +115,14 @@ def diagram(
 ) -> None:
     """Draw a spec's execution plan as Mermaid, ASCII art, DOT, SVG or PNG, optionally with a run's states."""
     kind = _pick_format(fmt, output)
-    if output is not None and output.suffix.lower() == ".md" and kind in _FENCES:
+    if output is not None and output.suffix.lower() == ".md" and kind in FENCES:
         markdown = True  # a Markdown file gets a fenced block GitHub renders
     if ascii_only and kind != "ascii":
         raise _fail("--ascii-only applies to the ascii format")
     if width is not None and kind != "ascii":
         raise _fail(f"--width applies to the ascii format; {kind} is laid out by "
                     + ("Mermaid" if kind == "mermaid" else "Graphviz"))
-    if markdown and kind not in _FENCES:
+    if markdown and kind not in FENCES:
         raise _fail(f"--markdown wraps text diagrams; {kind} is an image")
     if kind == "png" and output is None and sys.stdout.isatty():
         raise _fail("png is binary: write it to a file with -o FILE.png")
@@ -148,7 +149,6 @@ def diagram(
 
     from flowdsl.render import RenderError, render
     from flowdsl.render.runstate import check_run_of, derive_states, read_events, record_plan
-    from flowdsl.render.view import fenced
     from flowdsl.runtime.record import RecordError
 
     states = None
@@ -181,11 +181,9 @@ def diagram(
             states = type(states)(states.steps, states.undos, run_id or record.name, states.status,
                                   states.iterations)
     try:
-        drawn = render(plan, kind, run_states=states, ascii_only=ascii_only, width=width)
+        drawn = render(plan, kind, run_states=states, ascii_only=ascii_only, markdown=markdown, width=width)
     except RenderError as exc:
         raise _fail(str(exc)) from None
-    if markdown and isinstance(drawn, str):
-        drawn = fenced(drawn, _FENCES[kind])
     data = drawn.encode("utf-8") if isinstance(drawn, str) else drawn
     if output is not None:
         from flowdsl.cli import write_outputs  # refuses to write over the spec or the run's record

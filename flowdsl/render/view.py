@@ -9,6 +9,7 @@ compensations, and in which order a failed run undoes its steps.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -85,7 +86,8 @@ def format_ms(ms: int | float | None) -> str:
 
 
 def retry_text(retry: Mapping[str, Any] | None, glyphs: Glyphs) -> str | None:
-    """A compact retry policy (``↻4 exp 200ms..2s on PaymentGatewayTimeout``), None for a single attempt."""
+    """A compact retry policy (``↻4 exp 200ms..2s on PaymentGatewayTimeout not_on CardDeclined``): the
+    error types retried (``on``) and never retried (``not_on``) after the delays; None for a single attempt."""
     if not retry or int(retry.get("attempts") or 1) <= 1:
         return None
     attempts = int(retry["attempts"])
@@ -101,6 +103,8 @@ def retry_text(retry: Mapping[str, Any] | None, glyphs: Glyphs) -> str | None:
     text = f"{glyphs.retry}{attempts} {delays}"
     if retry.get("on"):
         text += " on " + ",".join(str(t) for t in retry["on"])
+    if retry.get("not_on"):
+        text += " not_on " + ",".join(str(t) for t in retry["not_on"])
     return text
 
 
@@ -113,6 +117,7 @@ def policy_text(holder: Mapping[str, Any], glyphs: Glyphs) -> str | None:
     return glyphs.sep.join(kept) if kept else None
 
 
+@functools.lru_cache(maxsize=4096)
 def char_width(ch: str) -> int:
     """The terminal columns a character takes: 2 for a wide or fullwidth one (CJK, most emoji), 0 for
     a combining mark or a format character (it joins the character before), else 1."""
@@ -123,6 +128,8 @@ def char_width(ch: str) -> int:
 
 def text_width(text: str) -> int:
     """The terminal columns ``text`` takes on one line: the sum of :func:`char_width`."""
+    if text.isascii():  # every ASCII character takes one column
+        return len(text)
     return sum(char_width(ch) for ch in text)
 
 
@@ -202,12 +209,15 @@ def _case_order(match: Any) -> tuple[int, float, str]:
 
 def clean(text: Any) -> str:
     """Text safe for any label: tabs to spaces, every line break to ``\\n``, other control characters dropped."""
-    s = str(text).replace("\r\n", "\n").replace("\t", " ")
-    s = s.translate(_LINE_BREAKS)
-    return "".join(ch for ch in s if ch == "\n" or not (ord(ch) < 32 or 127 <= ord(ch) < 160))
+    s = str(text)
+    if s.isascii() and s.isprintable():  # the common case: nothing to replace or drop
+        return s
+    return s.replace("\r\n", "\n").translate(_CLEAN)
 
 
-_LINE_BREAKS = {ord(ch): "\n" for ch in "\r\x0b\x0c\x85\u2028\u2029"}
+#: what :func:`clean` does to a character: a tab is a space, a line break ``\n``, another control character dropped
+_CLEAN: dict[int, str | None] = {i: None for i in (*range(32), *range(127, 160)) if i != ord("\n")}
+_CLEAN |= {ord("\t"): " "} | {ord(ch): "\n" for ch in "\r\x0b\x0c\x85\u2028\u2029"}
 
 
 def dependency_order(keys: Iterable[str], deps: Mapping[str, list[str]]) -> list[str]:
@@ -250,9 +260,17 @@ class PlanView:
         self.root: tuple[str, ...] = tuple(plan["root"])
         self.flow: Mapping[str, Any] = plan.get("flow") or {}
         self.expressions: Mapping[str, Any] = plan.get("expressions") or {}
-        for key in self._walk(self.root):
+        listed: set[str] = set()
+        stack = list(reversed(self.root))
+        while stack:  # the lists must form a tree, or drawing a group would recurse into itself without end
+            key = stack.pop()
             if key not in self.nodes:
                 raise RenderError(f"plan node '{key}' is referenced but not defined")
+            if key in listed:
+                raise RenderError(f"not a flowdsl execution plan: node '{key}' is listed more than once (each "
+                                  "node is in one list, the root's or one group's, and no group holds itself)")
+            listed.add(key)
+            stack.extend(reversed(self.children(key)))
 
     # --- structure -------------------------------------------------------------------
 
@@ -313,16 +331,10 @@ class PlanView:
     def list_layers(self, keys: tuple[str, ...]) -> list[list[str]]:
         """A sibling list's nodes by longest path from the list's start (dependencies outside it ignored)."""
         inside = set(keys)
+        deps = {k: [d for d in self.deps(k) if d in inside] for k in keys}
         level: dict[str, int] = {}
-
-        def depth(k: str, trail: frozenset[str]) -> int:
-            if k not in level:
-                ds = [d for d in self.deps(k) if d in inside and d not in trail]
-                level[k] = 1 + max((depth(d, trail | {k}) for d in ds), default=-1)
-            return level[k]
-
-        for k in keys:
-            depth(k, frozenset())
+        for k in dependency_order(keys, deps):  # each after its deps: one pass, no recursion however deep
+            level[k] = 1 + max((level[d] for d in deps[k] if d in level), default=-1)
         layers: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
         for k in keys:
             layers[level[k]].append(k)

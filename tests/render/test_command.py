@@ -213,6 +213,19 @@ def test_render_refuses_options_its_format_does_not_take() -> None:
     from flowdsl.render import RenderError, render
 
     plan = compile_plan(Path(ECOMMERCE))
-    for fmt, options in (("mermaid", {"width": 100}), ("dot", {"ascii_only": True}), ("ascii", {"markdown": True})):
+    for fmt, options in (("mermaid", {"width": 100}), ("dot", {"ascii_only": True}), ("svg", {"markdown": True}),
+                         ("png", {"markdown": True})):
         with pytest.raises(RenderError, match="applies to the"):
             render(plan, fmt, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fmt", "info"), [("mermaid", "mermaid"), ("ascii", "text"), ("dot", "dot")])
+def test_render_fences_every_text_format_as_the_command_does(fmt: str, info: str) -> None:
+    """docs/diagrams.md: ``--markdown`` applies to the text forms, and ``render()`` takes it as the command does."""
+    from flowdsl.render import render
+
+    plan = compile_plan(Path(ECOMMERCE))
+    fenced = render(plan, fmt, markdown=True)
+    code, out, _ = run(ECOMMERCE, "-f", fmt, "--markdown")
+    assert code == 0 and fenced == out
+    assert fenced == f"```{info}\n{render(plan, fmt)}```\n"

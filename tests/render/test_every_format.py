@@ -43,3 +43,31 @@ def test_examples_fit_80_columns(spec: Path) -> None:
         assert isinstance(text, str)
         widest = max(len(line) for line in text.splitlines())
         assert widest <= 80, f"{spec}: {widest} columns"
+
+
+RETRY_FILTERS = """
+flowdsl: 1
+name: filters
+steps:
+  - charge:
+      retry: {attempts: 4, "on": [GatewayTimeout], not_on: [CardDeclined, Fraud]}
+      compensate: {worker: refund, retry: {attempts: 6, not_on: [AlreadyRefunded]}}
+"""
+
+
+def test_retry_filters_are_drawn_in_every_text_format() -> None:
+    """What a retry retries (``on``) and what it never retries (``not_on``), in every form alike."""
+    import re
+
+    import flowdsl
+
+    plan = flowdsl.compile_text(RETRY_FILTERS)
+    for fmt in ("mermaid", "ascii", "dot"):
+        for ascii_only in (False, True) if fmt == "ascii" else (False,):
+            # at 40 columns the undo box moves into its step's box: each label's lines are read one after another
+            out = render(plan, fmt, ascii_only=ascii_only, width=40) if fmt == "ascii" else render(plan, fmt)
+            assert isinstance(out, str)
+            words = re.sub(r"[│┆║|<>/]", " ", out).split()
+            text = " ".join(words)
+            assert "on GatewayTimeout not_on CardDeclined,Fraud" in text, (fmt, ascii_only)
+            assert "not_on AlreadyRefunded" in text, (fmt, ascii_only)
