@@ -51,3 +51,49 @@ def test_each_kind_s_fields_are_held_to_their_shape(case: str, node: str | None,
     change(plan["nodes"][key])  # type: ignore[operator]
     problem = plan_problem(plan)
     assert problem is not None and problem.startswith(f"'nodes/{key}") and message in problem, problem
+
+
+def _group_plan() -> dict[str, object]:
+    """A compiled plan: a parallel group ``p`` of a sequence ``s`` (steps ``a``, ``b``) and a step ``c``."""
+    from flowdsl import compile_text
+
+    plan = compile_text("flowdsl: 1\nname: t\nsteps:\n  - parallel: p\n    branches:\n      - sequence: s\n"
+                        "        steps: [a, b]\n      - c\n")
+    return json.loads(json.dumps(plan))
+
+
+def _edit(change: object) -> dict[str, object]:
+    plan = _group_plan()
+    change(plan["nodes"])  # type: ignore[operator]
+    return plan
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda nodes: nodes["s"]["children"].append("s"), "'nodes/s/children' lists 's', which 'nodes/p/children' "
+                                                          "lists already: a node is in one place"),
+    (lambda nodes: nodes["s"]["children"].append("c"), "'nodes/c/parent' is 'p', but 'c' is listed in "
+                                                       "'nodes/s/children'"),
+    (lambda nodes: nodes["c"].update(parent="s"), "'nodes/c/parent' is 's', but 'c' is listed in "
+                                                      "'nodes/p/children'"),
+    (lambda nodes: nodes["p"]["children"].remove("c"), "'nodes/c' is listed neither in 'root' nor in a group "
+                                                         "under it"),
+])
+def test_nodes_that_do_not_form_one_tree_under_root_are_refused(change: object, said: str) -> None:
+    problem = plan_problem(_edit(change))
+    assert problem is not None and said in problem
+
+
+def test_a_group_that_holds_itself_is_refused_before_the_kernel_sees_it() -> None:
+    """It used to send the kernel round until RecursionError."""
+    import asyncio
+
+    from flowdsl.runtime.local import run_flow
+    from flowdsl.runtime.plancheck import PlanError
+
+    plan = _edit(lambda nodes: nodes["s"]["children"].append("s"))
+    with pytest.raises(PlanError, match="a node is in one place"):
+        asyncio.run(run_flow(plan, {}, record=False, import_workers=False))
+
+
+def test_a_compiled_plan_forms_one_tree() -> None:
+    assert plan_problem(_group_plan()) is None

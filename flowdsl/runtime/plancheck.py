@@ -6,8 +6,9 @@ header — is checked here first, so that a malformed one is refused with a sent
 wrong and what was expected, instead of a ``KeyError`` from deep inside the kernel.
 
 The shape is ``specs/plan.schema.json`` (JSON Schema 2020-12, the machine-readable twin of docs/plan.md);
-what JSON Schema cannot say — that every key a node refers to is a node and every expression id is in
-``expressions`` — is checked here after it. This is not a re-run of the compiler's checks.
+what JSON Schema cannot say — that every key a node refers to is a node, every expression id is in
+``expressions``, and the nodes form one tree under ``root`` (each listed once, by its ``parent``) — is
+checked here after it. This is not a re-run of the compiler's checks.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def plan_problem(plan: Any) -> str | None:
         error = min(causes, key=lambda e: -len(e.absolute_path))
         where = "/".join(str(part) for part in error.absolute_path)
         return f"'{where}': {error.message}" if where else error.message
-    return next(_dangling(plan), None)
+    return next(_dangling(plan), None) or _tree_problem(plan)
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,6 +108,32 @@ def _dangling(plan: dict[str, Any]) -> Iterator[str]:
         for where, eid in refs:
             if eid is not None and eid not in expressions:
                 yield f"'{at}/{where}' names the expression '{eid}', which is not in 'expressions'"
+
+
+def _tree_problem(plan: dict[str, Any]) -> str | None:
+    """Whether the nodes form one tree under ``root``: each listed once (in ``root``, or a group's ``children``,
+    ``cases`` or ``default``) by the node its ``parent`` names — else a group that holds itself, or a node in two
+    groups, would send the kernel (and the renderers) round for ever. Iterative: the depth is not bounded."""
+    nodes: dict[str, Any] = plan["nodes"]
+    lister: dict[str, str] = {}
+    stack: list[tuple[str, str | None, str]] = [(key, None, "root") for key in reversed(plan["root"])]
+    while stack:
+        key, parent, where = stack.pop()
+        if key in lister:
+            return f"'{where}' lists '{key}', which '{lister[key]}' lists already: a node is in one place"
+        lister[key] = where
+        node = nodes[key]
+        if node["parent"] != parent:
+            return (f"'nodes/{key}/parent' is {node['parent']!r}, but '{key}' is listed in '{where}'"
+                    + (" (at the top: its parent is null)" if parent is None else ""))
+        lists = [("children", node.get("children")), ("default", node.get("default"))]
+        lists += [(f"cases/{i}/children", case["children"]) for i, case in enumerate(node.get("cases", ()))]
+        for field, keys in lists:
+            stack.extend((child, key, f"nodes/{key}/{field}") for child in reversed(keys or ()))
+    left = next((key for key in nodes if key not in lister), None)
+    if left is not None:
+        return f"'nodes/{left}' is listed neither in 'root' nor in a group under it"
+    return None
 
 
 def _template_refs(where: str, value: Any) -> list[tuple[str, Any]]:
