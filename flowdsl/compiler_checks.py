@@ -483,7 +483,7 @@ def _step_reads(source: str) -> _Reads:
     refs: set[tuple[str, str]] = set()
     opaque = False
     placed: set[int] = set()  # the $steps variables read as one of the forms
-    stack: list[Any] = [expr._parse(source.strip()).ast]
+    stack: list[Any] = [expr.syntax_tree(source)]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
@@ -513,7 +513,7 @@ def _step_reads(source: str) -> _Reads:
             ref = _bracket(node) if getattr(node, "predicate", None) else None
             refs.update([(ref, "bracket")] if ref is not None else [])
             opaque = opaque or ref is None
-        stack.extend(_children(node))
+        stack.extend(expr.ast_children(node))
     return _Reads(frozenset(refs), opaque)
 
 
@@ -527,19 +527,6 @@ def _bracket(node: Any) -> str | None:
     inner: Any = getattr(first, "expr", None)
     return str(inner.value) if getattr(first, "type", None) == "filter" and getattr(inner, "type", None) == "string" \
         else None
-
-
-def _children(node: Any) -> list[Any]:
-    """The parsed expression's nodes directly below ``node``."""
-    out: list[Any] = []
-    for name, value in vars(node).items():
-        if name.startswith("_"):
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            for inner in item if isinstance(item, list | tuple) else [item]:
-                if hasattr(inner, "type") and hasattr(inner, "value"):
-                    out.append(inner)
-    return out
 
 
 def _step_refs(text: str) -> set[tuple[str, str]]:

@@ -554,11 +554,25 @@ def is_constant(source: str) -> bool:
         seen.add(id(node))
         if getattr(node, "type", None) in _DATA_NODE_TYPES:
             return False
-        for key, value in vars(node).items():
-            if key.startswith("_"):
-                continue
-            for item in value if isinstance(value, list) else [value]:
-                for inner in item if isinstance(item, list | tuple) else [item]:
-                    if hasattr(inner, "type") and hasattr(inner, "value"):
-                        stack.append(inner)
+        stack.extend(ast_children(node))
     return True
+
+
+def syntax_tree(source: str) -> Any:
+    """The parsed expression's syntax tree (jsonata-python's), from the parse cache; ``ExpressionError`` when it
+    does not parse."""
+    return _parse(source.strip()).ast
+
+
+def ast_children(node: Any) -> list[Any]:
+    """The nodes of a parsed expression (jsonata-python's syntax tree) directly below ``node``, found in its
+    public attributes, lists and tuples of them included."""
+    out: list[Any] = []
+    for key, value in vars(node).items():
+        if key.startswith("_"):
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            for inner in item if isinstance(item, list | tuple) else [item]:
+                if hasattr(inner, "type") and hasattr(inner, "value"):
+                    out.append(inner)
+    return out
