@@ -61,7 +61,8 @@ def _registry(go: threading.Event, refunds: list[str], *, sync: bool = True) -> 
 
 
 def _follow(url: str, prefix: str, plan: dict[str, Any], go: threading.Event, release_after: float | None,
-            late_grace: float, sync: bool = True) -> tuple[Any, list[str], list[dict[str, Any]], float]:
+            late_grace: float, sync: bool = True, timeout_s: float | None = None
+            ) -> tuple[Any, list[str], list[dict[str, Any]], float]:
     """Submit ``plan``, follow it (``late_grace``) while a worker of this process serves, the charge returning
     ``release_after`` seconds after the run's first end (never, when None, while followed). Returns the result,
     the notices, the events and how long following took."""
@@ -83,7 +84,7 @@ def _follow(url: str, prefix: str, plan: dict[str, Any], go: threading.Event, re
                 t0 = time.monotonic()
                 try:
                     return await client.follow(sub.run_id, on_event=watch, on_notice=notices.append,
-                                               late_grace=late_grace)
+                                               late_grace=late_grace, timeout_s=timeout_s)
                 finally:
                     took.append(time.monotonic() - t0)
                     go.set()  # the worker's thread ends, so the worker can stop
@@ -157,3 +158,12 @@ def test_run_on_redis_reports_the_late_charge_as_the_local_backend_does(url: str
         assert (out["status"], out["in_doubt"]) == ("needs_intervention", [])
         assert [i["step"] for i in out["intervention"]["steps"]] == ["a"]
     assert [e["type"] for e in outs["redis"]["events"]] == [e["type"] for e in outs["local"]["events"]]
+
+
+def test_the_wait_after_the_end_is_bounded_by_the_grace_not_by_the_timeout_for_the_end(url: str, prefix: str) -> None:
+    """``timeout_s`` bounds the wait for the run's end; the run ended well within it, so the wait after it is the
+    grace's alone (it used to raise TimeoutError, "did not finish within -0 s", once timeout_s had passed)."""
+    result, _, _, took = _follow(url, prefix, LONE, threading.Event(), release_after=None, late_grace=4.0,
+                                 timeout_s=3.0)
+    assert took < 10
+    assert (result.status, [i["step"] for i in result.in_doubt], result.exit_code) == ("failed", ["charge"], 4)

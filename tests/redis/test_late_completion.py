@@ -48,6 +48,12 @@ steps:
   - ship: {worker: late.charge}
 """
 
+HELD_TIMEOUT = """flowdsl: 1
+name: late_held_timeout
+steps:
+  - charge: {worker: late.charge_held, compensate: late.refund, timeout: 4s}
+"""
+
 
 def _wait(what: str, check: Any, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
@@ -227,6 +233,38 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
         assert not [e for e in read_ledger(ledger) if e["ev"] == "undo"]
         assert [(e["pid"], e["applied"]) for e in read_ledger(ledger) if e["ev"] == "effect"] == [(paused.pid, True)]
     finally:
+        if paused is not None:
+            procs.signal(paused, signal.SIGCONT)
+        procs.stop_all()
+
+
+def test_a_late_success_while_the_taker_still_holds_a_timed_out_attempt_is_taken_at_once(
+    url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The attempt timed out (the run failed) while its taker B still holds it, ignoring its cancel; paused A
+    resumes and reports the charge it made. The run gave up on the attempt, so B's kept lease does not fence A's
+    answer: the late completion is recorded at once — not refused (``lease_lost``) until B lets go."""
+    ledger = make_ledger(tmp_path)
+    release = tmp_path / "release"
+    procs = WorkerProcs(url, prefix, ["tests.redis.late_workers"], lease=1.0)
+    run_id = f"{prefix}-late-timeout"
+    paused = None
+    try:
+        procs.start(2)
+        data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "release": str(release), "hold_max": 30.0}
+        paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger, HELD_TIMEOUT, data, run_id)
+        # the timeout fails the run; B's attempt is cancelled but keeps the task until released
+        _wait("the taker to hold the timed-out task", lambda: [e for e in read_ledger(ledger) if e["ev"] == "hold"],
+              15)
+        procs.signal(paused, signal.SIGCONT)
+        res, journal, _ = _result_once(url, prefix, run_id, lambda r: r.status == "needs_intervention")
+        assert not release.exists()  # B still holds the task
+        [item] = res.intervention["steps"]
+        assert item["step"] == "charge" and item["step_result"] == {"charge_id": f"ch-{paused.pid}"}
+        assert journal.events[-1]["previous_status"] == "failed"
+        assert journal.notes == []  # never refused for a lost lease
+    finally:
+        release.touch()
         if paused is not None:
             procs.signal(paused, signal.SIGCONT)
         procs.stop_all()

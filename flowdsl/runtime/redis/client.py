@@ -400,45 +400,72 @@ class RedisClient:
         journal = journal if journal is not None else Journal()
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None
-        t0 = time.monotonic()
         try:
             await self._follow(run_id, journal, reader, on_event, on_notice, timeout_s, hint_after_s)
             result = await self._result(run_id, journal)
             if result is None:
                 raise RunGone(run_id)
-            said = False
-            ended = time.monotonic()
-            until = ended + max(grace, _CANCEL_SETTLE_S)
-            while held := await self._given_up(run_id, journal):
-                plan, state, attempts = held
-                if time.monotonic() >= until:
-                    reason = "late_grace is 0" if grace <= 0 else f"after {grace:g} s, the late_grace"
-                    result.in_doubt = in_doubt_items(plan, state, attempts, stopped_waiting(reason), journal.events)
-                    if on_notice is not None and result.in_doubt:
-                        steps = ", ".join(item["step"] for item in result.in_doubt)
-                        on_notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have "
-                                  "completed; check it, and undo it by hand if it did")
-                    return result
-                if not said and on_notice is not None and time.monotonic() - ended >= _CANCEL_SETTLE_S:
-                    said = True
-                    names = ", ".join(f"{a['step']} ({attempt_label(a)})" for a in attempts)
-                    on_notice(f"the run ended {result.status}; waiting up to {grace:g} s for {len(attempts)} "
-                              f"attempt(s) it gave up on that a worker still runs: {names} — if it completed, its "
-                              "effect must be undone")
-                journal.finished = False  # read on: a late success journals the run's end again
-                left = None if timeout_s is None else timeout_s - (time.monotonic() - t0)
-                await self._follow(run_id, journal, reader, on_event, on_notice, left, hint_after_s, once=True)
-                journal.finished = True
-                result = await self._result(run_id, journal) or result
-            return result
+            return await self._past_the_end(run_id, journal, reader, on_event, on_notice, hint_after_s, grace, result)
         finally:
             if reader is not None:
                 self._readers.append(reader)
 
+    async def _past_the_end(self, run_id: str, journal: Journal, reader: WireConnection | None,
+                            on_event: EventHook | None, on_notice: NoticeHook | None, hint_after_s: float,
+                            grace: float, result: RunResult) -> RunResult:
+        """After the run's end: follow on while a worker still runs an attempt the run gave up on that could
+        still complete late (:meth:`follow`), at most ``grace`` seconds after a quiet settle; the result as it
+        stands then, with what is still running then in ``in_doubt``. Survives lost connections."""
+        said = False
+        ended = time.monotonic()
+        until = ended + max(grace, _CANCEL_SETTLE_S)
+        backoff = Backoff()
+        while True:
+            try:
+                held = await self._given_up(run_id, journal)
+                if held is None or time.monotonic() >= until:
+                    # read what the last transitions wrote: an answer may have come between two of these reads
+                    await self._catch_up(run_id, journal, on_event)
+                    result = await self._result(run_id, journal) or result
+                backoff.reset()
+            except TRANSIENT as exc:
+                if backoff.failures == 0 and on_notice is not None:
+                    on_notice(f"lost the connection to Redis ({exc}); reconnecting")
+                await backoff.wait()
+                continue
+            if held is None:
+                return result
+            attempts = held[2]
+            if time.monotonic() >= until:
+                reason = "late_grace is 0" if grace <= 0 else f"after {grace:g} s, the late_grace"
+                result.in_doubt = in_doubt_items(result.plan, result.state, attempts, stopped_waiting(reason),
+                                                 journal.events)
+                if on_notice is not None and result.in_doubt:
+                    steps = ", ".join(item["step"] for item in result.in_doubt)
+                    on_notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have "
+                              "completed; check it, and undo it by hand if it did")
+                return result
+            if not said and on_notice is not None and time.monotonic() - ended >= _CANCEL_SETTLE_S:
+                said = True
+                names = ", ".join(f"{a['step']} ({attempt_label(a)})" for a in attempts)
+                on_notice(f"the run ended {result.status}; waiting up to {grace:g} s for {len(attempts)} "
+                          f"attempt(s) it gave up on that a worker still runs: {names} — if it completed, its "
+                          "effect must be undone")
+            journal.finished = False  # read on (the run has ended: no time limit but the grace's)
+            await self._follow(run_id, journal, reader, on_event, on_notice, None, hint_after_s, once=True)
+            journal.finished = True
+
+    async def _catch_up(self, run_id: str, journal: Journal, on_event: EventHook | None) -> None:
+        """Add to ``journal`` the entries written after the last one it holds."""
+        for entry_id, fields in await self.store.call("XRANGE", self.keys.journal(run_id), f"({journal.last_id}",
+                                                      "+"):
+            journal.add(entry_id, entry_fields(fields), on_event)
+
     async def _given_up(self, run_id: str, journal: Journal
                         ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
-        """The ended run's plan, state and the attempts it gave up on that a worker still holds (lease ``r:`` or
-        ``xr:``) of steps whose success would be a late completion; None when there are none."""
+        """The ended run's plan, state and the attempts it gave up on that a worker still holds (a lease ``r:`` or
+        ``xr:`` marked given up, ``g:<task id>``) of steps whose success would be a late completion; None when
+        there are none."""
         leases = await self.store.call("HGETALL", self.keys.tasks(run_id))
         if not leases:
             return None
@@ -447,11 +474,11 @@ class RedisClient:
             return None
         plan, state = record.plan, record.state
         scheduled = {e["task_id"]: e for e in journal.events if e["type"] == "step_scheduled"}
+        fields = {_text(k): _text(v) for k, v in zip(leases[::2], leases[1::2], strict=True)}
         attempts = []
-        for raw_id, raw_lease in zip(leases[::2], leases[1::2], strict=True):
-            task_id, lease = _text(raw_id), _text(raw_lease)
+        for task_id, lease in fields.items():
             event = scheduled.get(task_id)
-            if event is None or task_id in state["tasks"] or not lease.startswith(("r:", "xr:")):
+            if event is None or "g:" + task_id not in fields or not lease.startswith(("r:", "xr:")):
                 continue
             if may_complete_late(plan, state, event["step"]):
                 attempts.append({"task_id": task_id, "step": event["step"], "attempt": event["attempt"]})

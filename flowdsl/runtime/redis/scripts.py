@@ -86,7 +86,10 @@ for j = 0, n - 1 do
     if mode == 'eq' then
       ok = (val == want)
     else
-      ok = (val == 'r:' .. want) or (val == 'xr:' .. want) or (mode == 'lease' and not val)
+      -- a result is taken under its reporter's lease; in 'lease' mode also when no one holds the task, or when
+      -- the run gave up on it (a 'g:' mark: the kernel no longer has it in flight, so any answer goes to it)
+      ok = (val == 'r:' .. want) or (val == 'xr:' .. want)
+        or (mode == 'lease' and (not val or redis.call('HEXISTS', tasks, 'g:' .. gid) == 1))
     end
     if not ok then
       if n > 1 then return {7, curv, j + 1} end
@@ -132,13 +135,15 @@ for _ = 1, ntask do
     redis.call('HSET', outbox, 's:' .. tid, ARGV[i + 3])
     i = i + 1
   elseif op == 'd' then
-    redis.call('HDEL', tasks, tid)
+    redis.call('HDEL', tasks, tid, 'g:' .. tid)
     redis.call('HDEL', outbox, 's:' .. tid)
   elseif op == 'g' then
     local cur = redis.call('HGET', tasks, tid)
     if cur and string.sub(cur, 1, 2) == 'r:' then
-      redis.call('HSET', tasks, tid, 'x' .. cur)
-    elseif not (cur and string.sub(cur, 1, 3) == 'xr:') then
+      redis.call('HSET', tasks, tid, 'x' .. cur, 'g:' .. tid, '1')
+    elseif cur and string.sub(cur, 1, 3) == 'xr:' then
+      redis.call('HSET', tasks, 'g:' .. tid, '1')
+    else
       redis.call('HDEL', tasks, tid)
       redis.call('HDEL', outbox, 's:' .. tid)
     end
