@@ -123,7 +123,8 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
                 return await asyncio.wait_for(client.follow(run_id), 20)
 
         ended = asyncio.run(end())
-        assert ended.status == ("cancelled" if mode == "cancel" else "failed")
+        assert ended.status == ("cancelled" if mode == "cancel" else "failed"), (
+            read_ledger(ledger), [(e["type"], e.get("step"), e.get("task_id"), e.get("at")) for e in ended.events])
         assert ended.steps["charge"]["status"] == "cancelled" and ended.compensated == [], (
             read_ledger(ledger),
             [(e["type"], e.get("step"), e.get("task_id")) for e in ended.events],
