@@ -537,5 +537,5 @@ def _step_refs(text: str) -> set[tuple[str, str]]:
             if isinstance(part, expr.Slot):
                 refs |= _step_reads(part.source).refs
     except expr.ExpressionError:
-        pass
+        pass  # (a malformed expression is FD501, reported by the expression checks)
     return refs

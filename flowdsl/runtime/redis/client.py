@@ -429,9 +429,7 @@ class RedisClient:
                     result = await self._result(run_id, journal) or result
                 backoff.reset()
             except TRANSIENT as exc:
-                if backoff.failures == 0 and on_notice is not None:
-                    on_notice(f"lost the connection to Redis ({exc}); reconnecting")
-                await backoff.wait()
+                await _reconnect(backoff, exc, on_notice)
                 continue
             if held is None:
                 return result
@@ -510,9 +508,7 @@ class RedisClient:
                         raise RunGone(run_id)
                 backoff.reset()
             except TRANSIENT as exc:
-                if backoff.failures == 0 and on_notice is not None:
-                    on_notice(f"lost the connection to Redis ({exc}); reconnecting")
-                await backoff.wait()
+                await _reconnect(backoff, exc, on_notice)
                 continue
             for _, entries in reply or ():
                 for entry_id, fields in entries:
@@ -634,6 +630,13 @@ class RedisClient:
         if state.get("finished_at") is not None:
             wall = float(state["finished_at"] - state["started_at"])
         return RunResult.from_state(plan, state, journal.events, wall_ms=wall, llm_calls=journal.llm_calls())
+
+
+async def _reconnect(backoff: Backoff, exc: Exception, on_notice: NoticeHook | None) -> None:
+    """Following lost its connection: say so the first time in a row, then wait the backoff's next delay."""
+    if backoff.failures == 0 and on_notice is not None:
+        on_notice(f"lost the connection to Redis ({exc}); reconnecting")
+    await backoff.wait()
 
 
 #: seconds following a run past its end keeps quiet about an attempt it gave up on: one whose worker answers its
