@@ -234,18 +234,6 @@ def analyse(source: str) -> Analysis:
     functions: set[str] = set()
     steps: set[str] = set()
 
-    def children(node: Any) -> list[Any]:
-        out: list[Any] = []
-        for key, value in vars(node).items():
-            if key.startswith("_"):
-                continue
-            items = value if isinstance(value, list) else [value]
-            for item in items:
-                for inner in item if isinstance(item, list | tuple) else [item]:
-                    if hasattr(inner, "type") and hasattr(inner, "value"):
-                        out.append(inner)
-        return out
-
     stack = [root]
     while stack:
         node = stack.pop()
@@ -274,7 +262,7 @@ def analyse(source: str) -> Analysis:
                 steps.add(parts[1].value)
         elif kind == "variable" and node.value != "":
             used.add(node.value)
-        stack.extend(children(node))
+        stack.extend(ast_children(node))
     free = frozenset(v for v in used if v not in bound and v not in functions)
     return Analysis(variables=free, functions=frozenset(functions - bound), step_refs=frozenset(steps))
 
