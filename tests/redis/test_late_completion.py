@@ -86,6 +86,12 @@ def _pause_in_charge_until_taken_over(url: str, prefix: str, procs: WorkerProcs,
     return paused
 
 
+def _resume(procs: WorkerProcs, paused: Any, data: dict[str, Any]) -> None:
+    """Let the paused process's blocked call end (it waits for the file ``data["go"]``), then resume it."""
+    Path(data["go"]).touch()
+    procs.signal(paused, signal.SIGCONT)
+
+
 def _result_once(url: str, prefix: str, run_id: str, done: Any) -> Any:
     """The run's (result, journal, info) once ``done(result)`` and the journal's last event agree with it (the
     journal is read before the state)."""
@@ -111,7 +117,7 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
     paused = None
     try:
         procs.start(2)
-        data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "fail_after": 4.0}
+        data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0, "fail_after": 4.0}
         # worker A is paused inside charge; after the lease, worker B takes the task over
         paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger,
                                                    SEQUENCE if mode == "cancel" else PARALLEL, data, run_id)
@@ -131,7 +137,7 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
         )
         assert not [e for e in read_ledger(ledger) if e["ev"] == "effect"]  # B's attempt was cancelled
         # A resumes: its call returns, the charge is made, and it reports success after the run ended
-        procs.signal(paused, signal.SIGCONT)
+        _resume(procs, paused, data)
         res, journal, info = _result_once(url, prefix, run_id, lambda r: r.status != ended.status)
         effects = [e for e in read_ledger(ledger) if e["ev"] == "effect"]
         assert [(e["pid"], e["applied"]) for e in effects] == [(paused.pid, True)]  # the charge stands
@@ -177,7 +183,7 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
         assert json.loads(shown.stdout)["status"] == "needs_intervention"
     finally:
         if paused is not None:
-            procs.signal(paused, signal.SIGCONT)
+            _resume(procs, paused, data)
         procs.stop_all()
 
 
@@ -195,7 +201,8 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
     paused = None
     try:
         procs.start(2)
-        data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "release": str(release), "hold_max": 30.0}
+        data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0, "release": str(release),
+                "hold_max": 30.0}
         paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger, HELD, data, run_id)
 
         async def cancel() -> None:
@@ -205,7 +212,7 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
         asyncio.run(cancel())
         # B's attempt is cancelled but keeps the task (lease xr:<B>) until released
         _wait("the taker to hold the cancelled task", lambda: [e for e in read_ledger(ledger) if e["ev"] == "hold"], 15)
-        procs.signal(paused, signal.SIGCONT)
+        _resume(procs, paused, data)
 
         async def notes() -> list[dict[str, Any]]:
             async with RedisClient(url, prefix=prefix) as client:
@@ -235,7 +242,7 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
         assert [(e["pid"], e["applied"]) for e in read_ledger(ledger) if e["ev"] == "effect"] == [(paused.pid, True)]
     finally:
         if paused is not None:
-            procs.signal(paused, signal.SIGCONT)
+            _resume(procs, paused, data)
         procs.stop_all()
 
 
@@ -252,12 +259,13 @@ def test_a_late_success_while_the_taker_still_holds_a_timed_out_attempt_is_taken
     paused = None
     try:
         procs.start(2)
-        data = {"ledger": ledger, "first_block": 3.0, "later_sleep": 30.0, "release": str(release), "hold_max": 30.0}
+        data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0, "release": str(release),
+                "hold_max": 30.0}
         paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger, HELD_TIMEOUT, data, run_id)
         # the timeout fails the run; B's attempt is cancelled but keeps the task until released
         _wait("the taker to hold the timed-out task", lambda: [e for e in read_ledger(ledger) if e["ev"] == "hold"],
               15)
-        procs.signal(paused, signal.SIGCONT)
+        _resume(procs, paused, data)
         res, journal, _ = _result_once(url, prefix, run_id, lambda r: r.status == "needs_intervention")
         assert not release.exists()  # B still holds the task
         [item] = res.intervention["steps"]
@@ -267,5 +275,5 @@ def test_a_late_success_while_the_taker_still_holds_a_timed_out_attempt_is_taken
     finally:
         release.touch()
         if paused is not None:
-            procs.signal(paused, signal.SIGCONT)
+            _resume(procs, paused, data)
         procs.stop_all()
