@@ -80,6 +80,49 @@ def _jsonata() -> Any:
     return jsonata
 
 
+class _BoundedPattern:
+    """A regular expression literal, compiled with the ``regex`` library, each use bounded by
+    :data:`TIME_LIMIT_MS`: a match in Python's ``re`` cannot be interrupted, so a pattern that backtracks
+    exponentially on some input (``/^(a|aa)+$/`` on a long run of ``a``) would hold the run — on Redis, every
+    process that takes its task over — for ever. It offers what the engine calls on a pattern."""
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, pattern: Any) -> None:
+        self._pattern = pattern
+
+    def search(self, string: str) -> Any:
+        return self._pattern.search(string, timeout=_REGEX_TIMEOUT_S)
+
+    def finditer(self, string: str) -> Any:
+        return self._pattern.finditer(string, timeout=_REGEX_TIMEOUT_S)
+
+    def sub(self, repl: Any, string: str, count: int = 0) -> str:
+        result: str = self._pattern.sub(repl, string, count, timeout=_REGEX_TIMEOUT_S)
+        return result
+
+    def split(self, string: str, maxsplit: int = 0) -> list[str]:
+        result: list[str] = self._pattern.split(string, maxsplit, timeout=_REGEX_TIMEOUT_S)
+        return result
+
+
+_REGEX_TIMEOUT_S = TIME_LIMIT_MS / 1000
+
+
+def _regex_engine(pattern: str, flags: Any) -> _BoundedPattern:
+    """The engine's hook for a regular expression literal (``/pattern/flags``)."""
+    import regex  # local: only specs with regular expressions pay its import
+
+    try:
+        compiled = regex.compile(pattern, (regex.IGNORECASE if flags.case_insensitive else 0)
+                                 | (regex.MULTILINE if flags.multiline else 0))
+    except regex.error as exc:
+        pos, msg = getattr(exc, "pos", None), getattr(exc, "msg", str(exc))  # both set, but not in the stubs
+        where = "" if pos is None else f" (at character {pos + 1} of it)"
+        raise ExpressionError(f"invalid regular expression /{pattern}/: {msg}{where}") from None
+    return _BoundedPattern(compiled)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(source: str) -> Any:
     if not source.strip(_BLANKS):
@@ -89,16 +132,12 @@ def _parse(source: str) -> Any:
     try:
         # the engine's tokenizer reads the character after a '/' to see whether a comment starts, and after
         # a comment's '*/': at the end of the source that is an IndexError, so a blank ends such a source
-        compiled = jsonata.Jsonata(source + " " if source.endswith("/") else source)
+        compiled = jsonata.Jsonata(source + " " if source.endswith("/") else source, _regex_engine)
     except jsonata.JException as exc:
         message = _message(exc)
         if "${" in source:
             message += " ('${' does not nest: inside an expression, write the inner one without '${ }')"
         raise ExpressionError(message, getattr(exc, "location", None), getattr(exc, "error", None)) from None
-    except re.error as exc:  # the engine compiles a regular expression literal with Python's re
-        pattern = exc.pattern if isinstance(exc.pattern, str) else ""
-        raise ExpressionError(f"invalid regular expression /{pattern}/: {exc.msg} (at character "
-                              f"{(exc.pos or 0) + 1} of it)") from None
     except RecursionError:
         raise ExpressionError("the expression nests too deeply to be parsed") from None
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
@@ -163,6 +202,10 @@ class Expression:
             raise ExpressionError(_message(exc), getattr(exc, "location", None), getattr(exc, "error", None)) from None
         except RecursionError:
             raise ExpressionError("expression recursed too deeply") from None
+        except TimeoutError:  # raised by the `regex` library: see _BoundedPattern
+            raise ExpressionError(f"a regular expression took longer than {TIME_LIMIT_MS} ms on this data "
+                                  "(it backtracks too much: write it so that each character can be matched "
+                                  "one way only)") from None
         except ZeroDivisionError:
             raise ExpressionError("evaluation failed: division by zero") from None
         except ArithmeticError:  # $power(10, 400), $round(1, 400), $sum of huge numbers
@@ -198,6 +241,8 @@ def to_json_value(value: Any) -> Any:
         return value
     if callable(value) or type(value).__module__.partition(".")[0] == "jsonata":  # a lambda is a parser node
         raise ExpressionError("expression produced a function, not a value")
+    if isinstance(value, _BoundedPattern):
+        raise ExpressionError("expression produced a regular expression, not a value")
     try:
         return json.loads(json.dumps(value, default=str))
     except (TypeError, ValueError, RecursionError):

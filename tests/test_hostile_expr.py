@@ -181,6 +181,30 @@ def test_a_built_in_failing_inside_the_engine_is_an_expression_error(source: str
         compile_expression(source).evaluate({})
 
 
+@pytest.mark.parametrize("source", [
+    "$contains(s, /^(a|aa)+$/)", "$match(s, /^(a|aa)+$/i)", "$replace(s, /^(a|aa)+$/, 'x')",
+    "$split(s, /^(a|aa)+$/)", "s ~> $contains(/(a|aa)+!?b/)",
+])
+def test_a_regular_expression_that_backtracks_without_end_is_an_expression_error(source: str) -> None:
+    """Python's re cannot be interrupted: /^(a|aa)+$/ on 80 a's and a '!' held the evaluation (so the run, and on
+    Redis every process taking the task over) for ever, far past the 100 ms bound."""
+    with pytest.raises(ExpressionError, match=r"a regular expression took longer than 100 ms on this data"):
+        compile_expression(source).evaluate({"s": "a" * 80 + "!"})
+
+
+def test_regular_expressions_match_as_before() -> None:
+    assert compile_expression("$replace(s, /(a)(b)?/i, '[$1]')").evaluate({"s": "xAbA"}) == "x[A][A]"
+    assert compile_expression("$split(s, /,\\s*/)").evaluate({"s": "a, b,c"}) == ["a", "b", "c"]
+    assert compile_expression("$contains(s, /^B/m)").evaluate({"s": "a\nBc"}) is True
+    assert compile_expression("$match(s, /a(b)/).groups").evaluate({"s": "xab"}) == ["b"]
+
+
+def test_a_regular_expression_is_not_a_value() -> None:
+    """It was written into the context as the string "re.compile('a')"."""
+    with pytest.raises(ExpressionError, match="expression produced a regular expression, not a value"):
+        compile_expression("/a/").evaluate({})
+
+
 # --- 3. control characters written as escapes ----------------------------------------------------
 
 

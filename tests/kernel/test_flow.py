@@ -303,6 +303,15 @@ def test_a_with_expression_that_cannot_be_evaluated_fails_the_step():
     assert sim.state["error"]["type"] == "ExpressionError"
 
 
+def test_a_regular_expression_backtracking_on_the_input_fails_the_step_instead_of_holding_the_run():
+    plan = plan_of(["a", {"b": {"when": "${ $contains(note, /^(a|aa)+$/) }"}}])
+    sim = Sim(plan, input={"note": "a" * 80 + "!"}).run()
+    assert sim.status == "failed"
+    assert sim.state["failed_step"] == "b"
+    assert sim.state["error"]["type"] == "ExpressionError"
+    assert "took longer than 100 ms" in sim.state["error"]["message"]
+
+
 def test_the_run_input_is_checked_against_the_input_schema():
     plan = plan_of(["a"], input={"type": "object", "required": ["order"]})
     sim = Sim(plan, input={"nope": 1}).run()
