@@ -381,7 +381,8 @@ class Machine(Saga):
             return
         ended = rec["status"] in ("cancelled", "failed")
         if ended:
-            if self.s["status"] == "running" or any(item["step"] == ikey for item in self.s["late_completions"]):
+            if self.s["status"] == "running" or "late_undo" in rec or any(
+                    item["step"] == ikey for item in self.s["late_completions"]):
                 return
         elif rec["status"] not in ("running", "retrying", "cancelling") or "late" in rec:
             return
@@ -410,7 +411,7 @@ class Machine(Saga):
         if out is not None:
             late["out"] = out
         if ended:
-            self.record_late_completion(ikey, late)
+            self.late_completed(ikey, late)
         else:
             rec["late"] = late
 

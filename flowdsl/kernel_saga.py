@@ -31,6 +31,9 @@ _LEFT_STATUS = {"failed": "failed", "retrying": "failed", "running": "in_flight"
 #: the ``reason`` of a step left to undo by hand because it completed late (docs/kernel.md, "Late completions")
 LATE_REASON = ("the step completed after the run had decided what to undo (a late result, e.g. from a worker whose "
                "lease had expired): its effect stands and its compensation was never run")
+#: the ``reason`` of a late completion that joins the saga (kernel version 4): nothing it follows was undone yet
+LATE_JOINED_REASON = ("the step completed after the run had given up on it (a late result, e.g. from an attempt that "
+                      "timed out), before anything it follows was undone: it is undone with the others")
 #: the ``reason`` of a step listed by ``left_to_undo`` because an attempt of it was in flight when the run stopped
 IN_FLIGHT_REASON = ("an attempt of the step was in flight when the run stopped: it may have completed, and its "
                     "compensation was never run")
@@ -90,9 +93,10 @@ class Saga(Core):
     # --- compensation ---------------------------------------------------------------
 
     def _undoable(self) -> list[tuple[int, str]]:
-        """(completion mark, instance key) of every completed step that has a compensation."""
+        """(completion mark, instance key) of every completed step that has a compensation (a late completion
+        that joined the saga included)."""
         return [(rec["t1"], ikey) for ikey, rec in self.nodes.items()
-                if rec["status"] == "succeeded" and self.is_step(rec["node"])
+                if (rec["status"] == "succeeded" or "late_undo" in rec) and self.is_step(rec["node"])
                 and self.p.nodes[rec["node"]].get("compensate")]
 
     def _start_saga(self) -> None:
@@ -285,25 +289,60 @@ class Saga(Core):
         any, goes on and ends ``needs_intervention``; a run that has ended is made so now (docs/kernel.md,
         "Late completions")."""
         rec = self.nodes[ikey]
-        idem = self.idempotency_key(ikey)
-        worker = self.p.nodes[rec["node"]]["compensate"]["worker"]
         entry: dict[str, Any] = {"step": ikey, "node": rec["node"], "task_id": late["task_id"],
-                                 "attempt": late["attempt"], "idempotency_key": idem, "compensation": worker,
+                                 "attempt": late["attempt"], "idempotency_key": self.idempotency_key(ikey),
+                                 "compensation": self.p.nodes[rec["node"]]["compensate"]["worker"],
                                  "result": late["result"], "at": self.at}
         if "out" in late:
             entry["out"] = late["out"]
         self.s["late_completions"].append(entry)
-        self.emit("late_completion", ikey, attempt=late["attempt"], task_id=late["task_id"], idempotency_key=idem,
-                  compensation=worker, run_status=self.s["status"], reason=LATE_REASON)
+        self._emit_late(ikey, late, LATE_REASON, by_hand=True)
         if self.s["status"] in END_STATES:
             self.reopen_for_late_completion(entry)
+
+    def _emit_late(self, ikey: str, late: dict[str, Any], reason: str, *, by_hand: bool) -> None:
+        """The ``late_completion`` event; ``by_hand`` (only under kernel version 4, which can also undo the step
+        in the saga): whether the step is left to undo by hand."""
+        extra: dict[str, Any] = {"by_hand": by_hand} if self.s["kernel"] >= 4 else {}
+        self.emit("late_completion", ikey, attempt=late["attempt"], task_id=late["task_id"],
+                  idempotency_key=self.idempotency_key(ikey),
+                  compensation=self.p.nodes[self.nodes[ikey]["node"]]["compensate"]["worker"],
+                  run_status=self.s["status"], reason=reason, **extra)
+
+    def late_completed(self, ikey: str, late: dict[str, Any]) -> None:
+        """Step ``ikey``, whose record ended ``cancelled`` or ``failed``, completed late (``late``: ``{task_id,
+        attempt, result, out?}``). Under kernel version 4, while the run is aborting, or compensating with no step
+        it follows undone or being undone, it joins the saga: undone with the others, latest completed first, the
+        steps before it only after it (docs/kernel.md, "Late completions"). Otherwise it is left to undo by hand
+        (:meth:`record_late_completion`)."""
+        rec = self.nodes[ikey]
+        status = self.s["status"]
+        comps: dict[str, dict[str, Any]] = self.s["compensations"]
+        joins = self.s["kernel"] >= 4 and (status == "aborting" or (status == "compensating" and all(
+            comp["status"] == "pending" or self.nodes[k]["t1"] > rec["t0"] for k, comp in comps.items())))
+        if not joins:
+            self.record_late_completion(ikey, late)
+            return
+        self.s["clock"] += 1
+        rec.update(result=late["result"], t1=self.s["clock"],
+                   late_undo={"task_id": late["task_id"], "attempt": late["attempt"], "at": self.at})
+        if "out" in late:
+            rec["out"] = late["out"]
+        self._emit_late(ikey, late, LATE_JOINED_REASON, by_hand=False)
+        if status == "compensating":  # it completed last: the next to undo, before whatever it follows
+            saga = self.s["saga"]
+            saga["order"].insert(saga["next"], ikey)
+            heapq.heappush(saga["waiting"], [-rec["t0"], ikey])
+            comps[ikey] = {"status": "pending", "attempt": 0, "task": None, "error": None, "started_at": None,
+                           "finished_at": None}
+            self.advance_saga()
 
     def settle_late(self, ikey: str) -> None:
         """Step ``ikey`` has just ended ``cancelled`` or ``failed``: a success of an earlier attempt that arrived
         while it was unresolved (kept on its record as ``late``) is a late completion now, as if it arrived now."""
         late = self.nodes[ikey].pop("late", None)
         if late is not None:
-            self.record_late_completion(ikey, late)
+            self.late_completed(ikey, late)
 
     def reopen_for_late_completion(self, entry: dict[str, Any]) -> None:
         """A late completion for a run that has ended: it is ``needs_intervention`` now, its ``intervention``

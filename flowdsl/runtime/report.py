@@ -261,6 +261,18 @@ def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: s
     return all(entry["step"] != step for entry in state["late_completions"])
 
 
+def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False) -> str:
+    """A ``late_completion`` event as the run display and ``show`` say it (markup): undone in the saga (kernel
+    version 4, ``by_hand`` false) or left to run by hand."""
+    step = _esc(e.get("step"))
+    where = f", run {_esc(e.get('run_status'))}" if with_run_status else ""
+    head = f"(attempt {_esc(e.get('attempt'))}{where})"
+    if e.get("by_hand", True):
+        return (f"[bold red]! {step} completed late[/] {head}: its effect stands; {_esc(e.get('compensation'))} "
+                "left to run by hand")
+    return f"[yellow]! {step} completed late[/] {head}: undone with the rest by {_esc(e.get('compensation'))}"
+
+
 def attempt_label(attempt: Mapping[str, Any]) -> str:
     """``attempt 2``, or ``fallback attempt 1`` for an attempt of the step's fallback worker (task id ``…#f1``)."""
     fallback = "#f" in str(attempt.get("task_id", ""))
@@ -822,8 +834,7 @@ class LiveView:
         elif kind == "compensation_failed":
             self.console.print(f"{at} [red]↶ undoing {step} failed for good[/] — {err}")
         elif kind == "late_completion":
-            self.console.print(f"{at} [bold red]! {step} completed late[/] (attempt {event['attempt']}): its effect "
-                               f"stands; {_esc(event.get('compensation'))} left to run by hand")
+            self.console.print(f"{at} {late_completion_line(event)}")
 
     def _render(self) -> Any:
         from rich.table import Table
@@ -994,6 +1005,5 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return (f"[dim]late {_esc(e.get('result_type'))} for {_esc(e.get('task_id'))} ignored "
                 f"({_esc(e.get('reason'))})[/]")
     if kind == "late_completion":
-        return (f"[bold red]! {step} completed late[/] (attempt {e.get('attempt')}, run {_esc(e.get('run_status'))}): "
-                f"its effect stands; {_esc(e.get('compensation'))} left to run by hand")
+        return late_completion_line(e, with_run_status=True)
     return f"[dim]{_esc(kind)} {step}[/]"

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from flowdsl.kernel import LATE_REASON, STATE_VERSION, apply, left_to_undo, replay, start_event, start_run, summary
-from flowdsl.kernel_saga import IN_FLIGHT_REASON
+from flowdsl.kernel_saga import IN_FLIGHT_REASON, LATE_JOINED_REASON
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -18,10 +20,10 @@ CHARGE = {"charge": {"compensate": "refund"}}
 class Driver:
     """Feeds input events one at a time, keeping them (with the ``start`` event) for replay."""
 
-    def __init__(self, plan: dict[str, Any], run_input: dict[str, Any] | None = None):
+    def __init__(self, plan: dict[str, Any], run_input: dict[str, Any] | None = None, kernel: int = STATE_VERSION):
         self.plan = plan
-        self.inputs = [start_event("r1", run_input or {}, at=0, seed=7)]
-        d = start_run(plan, "r1", run_input or {}, at=0, seed=7)
+        self.inputs = [{**start_event("r1", run_input or {}, at=0, seed=7), "kernel": kernel}]
+        d = start_run(plan, "r1", run_input or {}, at=0, seed=7, kernel=kernel)
         self.state, self.commands, self.events = d.state, list(d.commands), list(d.events)
 
     def feed(self, **event: Any) -> list[dict[str, Any]]:
@@ -98,9 +100,9 @@ def test_a_late_success_after_a_sibling_failed_ends_the_saga_needs_intervention(
     assert state == drv.state and commands == drv.commands and events == drv.events
 
 
-def test_a_late_success_while_siblings_are_still_in_flight_ends_needs_intervention_not_failed():
+def test_under_version_3_a_late_success_while_siblings_are_still_in_flight_ends_needs_intervention():
     plan = plan_of([{"parallel": "g", "branches": [CHARGE, "reserve", "slow"]}])
-    drv = Driver(plan)
+    drv = Driver(plan, kernel=3)
     drv.feed(type="task_failed", task_id="r1/reserve#1", error={"type": "OutOfStock"})
     drv.feed(type="task_cancelled", task_id="r1/charge#1")
     assert drv.state["status"] == "aborting"
@@ -111,6 +113,85 @@ def test_a_late_success_while_siblings_are_still_in_flight_ends_needs_interventi
     events = drv.feed(type="task_cancelled", task_id="r1/slow#1")
     assert events[-1]["type"] == "run_finished" and events[-1]["status"] == "needs_intervention"
     assert [i["step"] for i in drv.state["intervention"]["steps"]] == ["charge"]
+
+
+def test_a_late_success_while_siblings_are_still_in_flight_joins_the_saga():
+    """Kernel version 4: nothing has been undone yet, so the step is undone with the others (it was left to undo by
+    hand, and the steps before it undone beneath it)."""
+    plan = plan_of([{"a": {"compensate": "undo_a"}}, {"parallel": "g", "branches": [CHARGE, "reserve", "slow"]}])
+    drv = Driver(plan, {"order": 7})
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={"a_done": True})
+    drv.feed(type="task_failed", task_id="r1/reserve#1", error={"type": "OutOfStock"})
+    drv.feed(type="task_cancelled", task_id="r1/charge#1")
+    assert drv.state["status"] == "aborting"
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["result_rejected", "late_completion"]
+    late = events[1]
+    assert late["by_hand"] is False and late["reason"] == LATE_JOINED_REASON and late["run_status"] == "aborting"
+    assert late["compensation"] == "refund" and late["task_id"] == "r1/charge#1"
+    assert drv.state["late_completions"] == [] and drv.state["nodes"]["charge"]["status"] == "cancelled"
+    events = drv.feed(type="task_cancelled", task_id="r1/slow#1")  # nothing in flight: the saga begins
+    [refund] = [c for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"]
+    assert refund["step"] == "charge" and refund["input"] == {"order": 7, "a_done": True, "charge_id": "ch_1"}
+    assert drv.types(events)[-1] == "compensation_started"  # undo_a waits for the refund: a came first
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    assert [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"] == ["charge", "a"]
+    drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    s = drv.state
+    assert s["status"] == "compensated" and s["compensated"] == ["charge", "a"] and s["intervention"] is None
+    # a second late success of the step (another holder of the attempt) is only rejected
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/charge#1", result={})) == ["result_rejected"]
+    state, commands, events = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and events == drv.events
+
+
+def test_a_timed_out_step_completing_while_a_sibling_runs_is_undone_before_the_step_it_follows():
+    """The audit's case: a, then sa (times out, its call completes later) beside sb (still running). sa and sb ran
+    side by side, so their undos run together; a's waits for both."""
+    plan = plan_of([{"a": {"compensate": "undo_a"}},
+                    {"parallel": "p", "branches": [{"sa": {"compensate": "undo_sa", "timeout": "100ms"}},
+                                                   {"sb": {"compensate": "undo_sb"}}]}])
+    drv = Driver(plan)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={})
+    drv.feed(type="timer_fired", timer_id="r1/sa#1@timeout")
+    assert drv.state["status"] == "aborting" and drv.state["failed_step"] == "sa"
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/sa#1", result={}))[-1] == "late_completion"
+    drv.feed(type="task_succeeded", task_id="r1/sb#1", result={})  # awaited (it answered its cancel too late)
+    undos = [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"]
+    assert undos == ["sb", "sa"]
+    drv.feed(type="task_succeeded", task_id="r1/sa#c1", result={})
+    assert [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"] == ["sb", "sa"]
+    drv.feed(type="task_succeeded", task_id="r1/sb#c1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    s = drv.state
+    assert s["status"] == "compensated" and s["compensated"] == ["sa", "sb", "a"]
+    assert s["nodes"]["sa"]["status"] == "failed" and s["error"]["type"] == "StepTimeout"
+    state, commands, events = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and events == drv.events
+
+
+def test_a_late_success_while_compensating_joins_when_nothing_it_follows_is_being_undone():
+    # a, then charge (times out) beside b: b is being undone, a waits for it; charge's late success joins, and a
+    # now waits for charge's refund as well
+    plan = plan_of([{"a": {"compensate": "undo_a"}},
+                    {"parallel": "g", "branches": [{"charge": {"compensate": "refund", "timeout": "100ms"}},
+                                                   {"b": {"compensate": "undo_b"}}]}])
+    drv = Driver(plan)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/b#1", result={})
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    assert drv.state["status"] == "compensating"
+    assert [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"] == ["b"]
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={})
+    assert drv.types(events) == ["result_rejected", "late_completion", "compensation_started"]
+    assert events[1]["by_hand"] is False and events[2]["step"] == "charge"
+    drv.feed(type="task_succeeded", task_id="r1/b#c1", result={})
+    assert [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"] == ["b", "charge"]
+    drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.state["status"] == "compensated" and drv.state["compensated"] == ["b", "charge", "a"]
+    state, commands, events = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and events == drv.events
 
 
 def test_a_late_success_after_a_timeout_that_failed_the_step():
@@ -232,10 +313,10 @@ def _retry_timer(drv: Driver, step: str) -> str:
     return next(t for t, v in drv.state["timers"].items() if v["purpose"] == "retry" and v["step"] == step)
 
 
-def _first_success_while_cancelling() -> Driver:
+def _first_success_while_cancelling(kernel: int = STATE_VERSION) -> Driver:
     """charge's attempt #1 times out, #2 is in flight, its sibling fails (charge is being cancelled), and then #1's
     success arrives: rejected as stale, kept on charge's record."""
-    drv = Driver(plan_of([{"parallel": "g", "branches": [{"charge": RETRIED}, "reserve"]}]))
+    drv = Driver(plan_of([{"parallel": "g", "branches": [{"charge": RETRIED}, "reserve"]}]), kernel=kernel)
     drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
     drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
     drv.feed(type="task_failed", task_id="r1/reserve#1", error={"type": "OutOfStock", "message": "x"})
@@ -246,10 +327,11 @@ def _first_success_while_cancelling() -> Driver:
     return drv
 
 
-def _first_success_while_waiting_to_retry() -> Driver:
+def _first_success_while_waiting_to_retry(kernel: int = STATE_VERSION) -> Driver:
     """charge's attempt #1 times out (retried on StepTimeout only); #1's success arrives while charge waits to retry;
     #2 is dispatched."""
-    drv = Driver(plan_of([{"charge": {**RETRIED, "retry": {**RETRIED["retry"], "on": ["StepTimeout"]}}}]), {"o": 1})
+    drv = Driver(plan_of([{"charge": {**RETRIED, "retry": {**RETRIED["retry"], "on": ["StepTimeout"]}}}]), {"o": 1},
+                 kernel=kernel)
     drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
     assert drv.state["nodes"]["charge"]["status"] == "retrying"
     events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
@@ -259,55 +341,70 @@ def _first_success_while_waiting_to_retry() -> Driver:
     return drv
 
 
-def _assert_late_charge(drv: Driver, events: list[dict[str, Any]], run_input: dict[str, Any]) -> None:
+def _assert_late_charge(drv: Driver, events: list[dict[str, Any]], run_input: dict[str, Any], ended: str) -> None:
+    """charge's kept success became a late completion as the step ended (``ended``: that event's type): under kernel
+    version 3 left to undo by hand, the run ending needs_intervention; under 4 undone in the saga."""
     s = drv.state
-    assert s["status"] == "needs_intervention" and events[-1]["status"] == "needs_intervention"
-    assert "previous_status" not in events[-1]  # the run ended once, needs_intervention
-    late = next(e for e in events if e["type"] == "late_completion")
+    late = events[1]
     assert (late["step"], late["task_id"], late["attempt"]) == ("charge", "r1/charge#1", 1)
-    assert late["run_status"] == "aborting" and late["reason"] == LATE_REASON
-    [entry] = s["late_completions"]
-    assert entry["task_id"] == "r1/charge#1" and entry["result"] == {"charge_id": "ch_1"}
-    assert "late" not in s["nodes"]["charge"]
-    [item] = s["intervention"]["steps"]
-    assert (item["step"], item["status"], item["reason"]) == ("charge", "not_attempted", LATE_REASON)
-    assert item["step_result"] == {"charge_id": "ch_1"} and item["input"] == {**run_input, "charge_id": "ch_1"}
+    assert late["run_status"] == "aborting" and "late" not in s["nodes"]["charge"]
+    if s["kernel"] == 3:
+        assert drv.types(events) == [ended, "late_completion", "run_finished"]
+        assert s["status"] == "needs_intervention" and events[-1]["status"] == "needs_intervention"
+        assert "previous_status" not in events[-1]  # the run ended once, needs_intervention
+        assert late["reason"] == LATE_REASON and "by_hand" not in late
+        [entry] = s["late_completions"]
+        assert entry["task_id"] == "r1/charge#1" and entry["result"] == {"charge_id": "ch_1"}
+        [item] = s["intervention"]["steps"]
+        assert (item["step"], item["status"], item["reason"]) == ("charge", "not_attempted", LATE_REASON)
+        assert item["step_result"] == {"charge_id": "ch_1"} and item["input"] == {**run_input, "charge_id": "ch_1"}
+    else:
+        assert drv.types(events) == [ended, "late_completion", "compensation_started"]
+        assert late["reason"] == LATE_JOINED_REASON and late["by_hand"] is False
+        [refund] = [c for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"]
+        assert refund["step"] == "charge" and refund["input"] == {**run_input, "charge_id": "ch_1"}
+        events = drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+        assert drv.types(events) == ["compensation_succeeded", "run_finished"]
+        assert s["status"] == ("cancelled" if s["abort"] == "cancelled" else "compensated")
+        assert s["compensated"] == ["charge"] and s["late_completions"] == [] and s["intervention"] is None
     state, commands, replayed = replay(drv.plan, drv.inputs)
     assert state == drv.state and commands == drv.commands and replayed == drv.events
 
 
-def test_a_success_of_an_earlier_attempt_while_the_step_is_cancelled_is_a_late_completion_when_it_ends():
-    drv = _first_success_while_cancelling()
+@pytest.mark.parametrize("kernel", [3, STATE_VERSION])
+def test_a_success_of_an_earlier_attempt_while_the_step_is_cancelled_is_a_late_completion_when_it_ends(kernel: int
+                                                                                                      ) -> None:
+    drv = _first_success_while_cancelling(kernel)
     events = drv.feed(type="task_cancelled", task_id="r1/charge#2")
-    assert drv.types(events) == ["step_cancelled", "late_completion", "run_finished"]
     assert drv.state["nodes"]["charge"]["status"] == "cancelled"
-    _assert_late_charge(drv, events, {})
+    _assert_late_charge(drv, events, {}, "step_cancelled")
 
 
-def test_a_success_of_an_earlier_attempt_while_the_step_is_cancelled_and_the_newer_one_fails():
-    drv = _first_success_while_cancelling()
+@pytest.mark.parametrize("kernel", [3, STATE_VERSION])
+def test_a_success_of_an_earlier_attempt_while_the_step_is_cancelled_and_the_newer_one_fails(kernel: int) -> None:
+    drv = _first_success_while_cancelling(kernel)
     events = drv.feed(type="task_failed", task_id="r1/charge#2", error={"type": "Declined", "message": "x"})
-    assert drv.types(events) == ["step_failed", "late_completion", "run_finished"]
     assert drv.state["nodes"]["charge"]["status"] == "failed"
-    _assert_late_charge(drv, events, {})
+    _assert_late_charge(drv, events, {}, "step_failed")
 
 
-def test_a_success_of_an_earlier_attempt_while_waiting_to_retry_is_a_late_completion_when_the_step_fails():
-    drv = _first_success_while_waiting_to_retry()
+@pytest.mark.parametrize("kernel", [3, STATE_VERSION])
+def test_a_success_of_an_earlier_attempt_while_waiting_to_retry_is_a_late_completion_when_the_step_fails(kernel: int
+                                                                                                        ) -> None:
+    drv = _first_success_while_waiting_to_retry(kernel)
     events = drv.feed(type="task_failed", task_id="r1/charge#2", error={"type": "Declined", "message": "dup"})
-    assert drv.types(events) == ["step_failed", "late_completion", "run_finished"]
     assert drv.state["nodes"]["charge"]["status"] == "failed"
-    _assert_late_charge(drv, events, {"o": 1})
+    _assert_late_charge(drv, events, {"o": 1}, "step_failed")
 
 
-def test_a_success_of_an_earlier_attempt_kept_while_waiting_to_retry_when_the_run_is_cancelled():
-    drv = Driver(plan_of([{"charge": RETRIED}]), {"o": 1})
+@pytest.mark.parametrize("kernel", [3, STATE_VERSION])
+def test_a_success_of_an_earlier_attempt_kept_while_waiting_to_retry_when_the_run_is_cancelled(kernel: int) -> None:
+    drv = Driver(plan_of([{"charge": RETRIED}]), {"o": 1}, kernel=kernel)
     drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
     drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
     events = drv.feed(type="cancel_requested")
-    assert drv.types(events) == ["step_cancelled", "late_completion", "run_finished"]
     assert drv.state["nodes"]["charge"]["status"] == "cancelled"
-    _assert_late_charge(drv, events, {"o": 1})
+    _assert_late_charge(drv, events, {"o": 1}, "step_cancelled")
 
 
 def test_a_success_of_an_earlier_attempt_then_the_newer_attempt_succeeds_is_undone_normally():

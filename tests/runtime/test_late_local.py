@@ -91,6 +91,58 @@ def test_a_sync_step_that_timed_out_then_succeeded_while_the_run_compensates_nee
     assert refunds == []  # the kernel leaves the late charge to a person: it is listed, not undone
 
 
+def test_a_sync_step_that_timed_out_then_succeeded_while_a_sibling_is_awaited_is_undone_first() -> None:
+    """charge times out beside slow, which holds on to its cancel; charge's thread returns while the run is still
+    aborting (nothing undone yet): charge is undone with the rest, before a — not left to a person, with a undone
+    beneath it."""
+    plan = compile_text("""flowdsl: 1
+name: late_sibling
+steps:
+  - a: {compensate: undo_a}
+  - parallel: g
+    branches:
+      - charge: {compensate: refund, timeout: 100ms}
+      - slow
+""")
+    go, charged, refunds = threading.Event(), threading.Event(), []
+    seen: list[dict[str, Any]] = []
+
+    async def main() -> Any:
+        late = asyncio.Event()
+
+        async def undo_a(data: Any, ctx: Any) -> dict[str, Any]:
+            refunds.append(ctx.idempotency_key)
+            return {}
+
+        async def slow(data: Any, ctx: Any) -> dict[str, Any]:
+            try:
+                await asyncio.sleep(HUNG)
+            except asyncio.CancelledError:
+                go.set()  # the charge's thread returns now, while slow has not answered its cancel
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(late.wait(), 2.0)
+                raise
+            return {}
+
+        def watch(event: dict[str, Any]) -> None:
+            seen.append(event)
+            if event["type"] == "late_completion":
+                late.set()
+
+        registry = _registry(undo_a, go, charged, refunds)
+        registry.register("slow", slow)
+        run = LocalRun(plan, {}, registry=registry, import_workers=False, record=False, on_event=watch)
+        return await asyncio.wait_for(run.run(), HUNG)
+
+    result = asyncio.run(main())
+    assert charged.is_set()
+    [late] = [e for e in seen if e["type"] == "late_completion"]
+    assert late["run_status"] == "aborting" and late["by_hand"] is False
+    assert result.status == "compensated" and result.intervention is None, (result.status, result.intervention)
+    assert result.compensated == ["charge", "a"]
+    assert refunds == [f"{result.run_id}/charge/compensate", f"{result.run_id}/a/compensate"]
+
+
 def test_a_sync_step_whose_thread_returns_after_the_wait_changes_nothing_but_is_in_doubt(capsys: Any) -> None:
     """charge times out, a is undone and the run ends compensated; with ``late_grace=0`` the runtime does not wait
     for the charge's thread: the run returns at once with charge in doubt. The thread returns only then: not fed,

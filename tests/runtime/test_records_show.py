@@ -23,7 +23,7 @@ from flowdsl.runtime import record as record_module
 from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.record import RecordError, check_run_id, ends_mid_line, read_record
 from flowdsl.runtime.redis import keys as keys_module
-from flowdsl.runtime.report import result_from_record
+from flowdsl.runtime.report import late_completion_line, result_from_record
 from tests.runtime.conformance import HEADER
 
 TICK = "\u2713"  # three bytes in UTF-8
@@ -506,3 +506,13 @@ def test_a_record_whose_end_events_were_not_all_written_says_so_not_that_the_run
     assert json.loads(shown.stdout)["status"] == "completed"
     assert "the record ends before the events of the run's end were all written" in shown.stderr
     assert "before the run did" not in shown.stderr
+
+
+def test_a_late_completion_says_whether_it_is_undone_or_left_by_hand() -> None:
+    event = {"type": "late_completion", "step": "charge", "attempt": 1, "compensation": "refund",
+             "run_status": "aborting"}
+    old = late_completion_line(event, with_run_status=True)  # a run of kernel version 3 or older: no by_hand
+    assert "run aborting" in old and "refund left to run by hand" in old
+    assert late_completion_line({**event, "by_hand": True}) == late_completion_line(event)
+    joined = late_completion_line({**event, "by_hand": False})
+    assert "undone with the rest by refund" in joined and "by hand" not in joined
