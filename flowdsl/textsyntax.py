@@ -153,8 +153,12 @@ class _Parser:
             if t.pattern.type == "re" and t.name not in grammar.ignore_tokens
         ]
         punct_re = f"(?P<PUNCT>[{re.escape(''.join(punct))}])"
-        # each match: what is ignored before a token, then the token (or one character that is none)
-        self.punct, self.regex = punct, re.compile(f"(?:{ignored})*+(?:{'|'.join(parts)}|{punct_re}|(?P<ERROR>.))")
+        # each match: what is ignored before a token, then the token (or one character that is none), or the end
+        # of the text: without that, a text ending in ignored text (a comment with no newline after it, spaces)
+        # would fail to match there, and matching would start again one character further, inside the comment
+        # (reading its words as tokens) or the spaces (quadratic)
+        self.punct, self.regex = punct, re.compile(
+            f"(?:{ignored})*+(?:{'|'.join(parts)}|{punct_re}|(?P<EOF>\\Z)|(?P<ERROR>.))")
         self.value_keys = {self.keywords[k] for k in (*OPTION_KEYS, *TOP_KEYS, "undo")}
         self.shift_cache: dict[tuple[Any, ...], bool] = {}
 
@@ -191,6 +195,8 @@ class _Parser:
         for m in self.regex.finditer(text):
             kind = m.lastgroup
             assert kind is not None  # (every match is one of the named groups)
+            if kind == "EOF":
+                break
             value = m.group(kind)
             start, end = m.span(kind)
             col = start - line_start + 1

@@ -253,6 +253,21 @@ def test_line_ends_bom_and_tabs() -> None:
         "flowdsl": 1, "name": "f", "steps": [{"a": {"timeout": "1s"}}, "b"]}  # fmt: skip
 
 
+@pytest.mark.parametrize("last", ["step charge # retry 5", "step b # undo refund", "step b # needs a",
+                                  "parallel p { a\n  b\n} # needs x", "step b # was: null {}", "step b #"])
+def test_a_comment_on_the_last_line_without_a_newline_is_a_comment(last: str) -> None:
+    """The lexer started again inside such a comment and read its words: `# retry 5` gave the step 5 attempts."""
+    text = "flow t\nstep a\n" + last
+    assert read(text) == read(text + "\n")
+
+
+def test_ignored_text_at_the_end_is_read_in_one_pass() -> None:
+    """Each space of a run ending the text was the start of another scan to its end: 100,000 spaces took 6 s,
+    a few megabytes hours. (A million here: a hang without the fix.)"""
+    for tail in (" " * 1_000_000, "\t" * 1_000_000, "# " + " " * 1_000_000):
+        assert read("flow t\nstep a" + tail) == {"flowdsl": 1, "name": "t", "steps": ["a"]}
+
+
 def test_bytes_are_read_as_utf8() -> None:
     assert parse_flow('flow "café"\nstep a'.encode()).data == {"flowdsl": 1, "name": "café", "steps": ["a"]}
 
