@@ -72,6 +72,19 @@ NUMBER_RE = re.compile(r"-?[0-9](?:[eE][+-][0-9]+|[0-9A-Za-z_.])*")
 BAD_CHAR_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
+#: keywords that are values, not statements or options: read as names in a line of names (`{ null }`)
+_VALUES = frozenset({"true", "false", "null"})
+
+
+def _keyword_as_step(word: str) -> str:
+    """Why a bare keyword in a line of step names is refused: it was read as a step, where the writer meant an
+    option (``as line`` in a for_each's body gave steps ``as`` and ``line``)."""
+    said = f"'{word}' is a keyword, not a step name here"
+    if word in OPTION_KEYS or word in NAME_LISTS or word == "undo":
+        said += ": a group's options go on its own line, before its '{'"
+    return said + f"; a step whose worker is named '{word}' is written `step {word}`"
+
+
 class _Problem(Exception):
     """A syntax problem found while lexing or building (becomes one diagnostic)."""
 
@@ -559,6 +572,9 @@ class _Builder:
         out: list[Any] = []
         for item in body.children:
             sub = f"{ptr}/{len(out)}"
+            if type(item) is _Tok and item.type == "WORD" and item.value in KEYWORDS and item.value not in _VALUES:
+                self.diagnostics.append(make("FD108", _keyword_as_step(item.value), sub, file=self.file,
+                                             line=item.line, column=item.column))
             out.append(self.node(item, sub) if type(item) is _Node else self.scalar_at(item, sub))
         return out
 

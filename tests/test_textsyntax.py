@@ -858,6 +858,23 @@ def test_names_are_read_as_written() -> None:
         "steps": ["null", {"TRUE": {"timeout": "1s"}}, {"sequence": "False", "steps": ["null"]}]}  # fmt: skip
 
 
+@pytest.mark.parametrize(("line", "word", "hint"), [
+    ("as line", "as", True), ("description \"x\"", "description", True), ("needs a", "needs", True),
+    ("a timeout", "timeout", True), ("undo refund", "undo", True), ("workers", "workers", False),
+    ("case", "case", False),
+])
+def test_a_keyword_in_a_line_of_step_names_is_refused(line: str, word: str, hint: bool) -> None:
+    """A group's options written inside its body were read as steps (`as line` in a for_each's body: steps `as`
+    and `line`), valid with --no-import; a step named by a keyword is written `step as`, as the writer does."""
+    doc = parse_flow(f"flow t\nfor_each f items [1] {{\n  {line}\n  charge\n}}\n", "t.flow")
+    [diag] = doc.diagnostics
+    assert diag.code == "FD108" and diag.line == 3 and diag.path.startswith("/steps/0/steps/")
+    assert f"'{word}' is a keyword, not a step name here" in diag.message
+    assert f"written `step {word}`" in diag.message
+    assert ("a group's options go on its own line, before its '{'" in diag.message) == hint
+    assert read(f"flow t\nsequence s {{\n  step {word}\n}}\n")["steps"][0]["steps"] == [word]
+
+
 @pytest.mark.parametrize("value", ["True", "NULL", "false", "0x1F", "0o17", "1e3", "1.", "1e999", "12"])
 def test_strings_that_would_read_as_values_are_quoted_by_the_writers(value: str) -> None:
     data = {"flowdsl": 1, "name": "t", "steps": [{"s": {"with": {"v": value}, "worker": value}}, value]}
