@@ -279,7 +279,8 @@ def convert(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of stdout")] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Turn a spec from YAML into the text syntax or back. The spec is checked first."""
+    """Turn a spec from YAML into the text syntax or back. The spec is checked first. Comments and layout are
+    not kept (the data is); with -o in another directory, sub-flow paths are rewritten to stay right."""
     if output is not None and _same_file(output, file):
         raise _fail(f"-o {output}: that is the input file {file}; refusing to write over it "
                     "(choose another output file)")
@@ -292,7 +293,7 @@ def convert(
                     f"ending in {fitting} (or leave out --to: the suffix of -o chooses the syntax)")
     syntax = to.value if to is not None else str(implied)
     from flowdsl.api import compile_loaded, load
-    from flowdsl.convert import convert_text
+    from flowdsl.convert import convert_text, rebase_subflow_paths
 
     with _user_code():
         doc = load(str(file))
@@ -300,7 +301,8 @@ def convert(
     if result.plan is None:
         _print_diagnostics(result.diagnostics, fmt)
         raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
-    text = convert_text(doc.data, syntax)
+    data = doc.data if output is None else rebase_subflow_paths(doc.data, str(file.parent), str(output.parent))
+    text = convert_text(data, syntax)
     if output is not None:
         write_outputs([("-o", output, text.encode("utf-8"))], [file, *_spec_files(result)])
     else:

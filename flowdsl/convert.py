@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -415,6 +416,34 @@ def _block(head: str, nodes: Any, indent: int, where: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- dispatch
+
+
+def rebase_subflow_paths(data: dict[str, Any], source_dir: str, target_dir: str) -> dict[str, Any]:
+    """Spec ``data`` read from a file in ``source_dir``, to be written into ``target_dir``: every relative sub-flow
+    ``path`` (relative to the spec's own file) rewritten to name the same file from there; the data is not
+    changed (a copy is returned where a path changes). Only nodes are looked at, never ``with`` data."""
+    source, target = os.path.abspath(source_dir), os.path.abspath(target_dir)
+    if source == target:
+        return data
+
+    def nodes(items: Any) -> Any:
+        return [node(n) for n in items] if isinstance(items, list) else items
+
+    def node(n: Any) -> Any:
+        if not isinstance(n, dict):
+            return n
+        out = dict(n)
+        path = n.get("path")
+        if "flow" in n and isinstance(path, str) and path and not os.path.isabs(path):
+            out["path"] = os.path.relpath(os.path.join(source, path), target).replace(os.sep, "/")
+        for key in ("steps", "branches", "default"):
+            if key in n:
+                out[key] = nodes(n[key])
+        if isinstance(n.get("cases"), dict):
+            out["cases"] = {label: nodes(body) for label, body in n["cases"].items()}
+        return out
+
+    return {**data, "steps": nodes(data.get("steps"))} if "steps" in data else data
 
 
 def convert_text(data: dict[str, Any], to: str) -> str:

@@ -267,6 +267,27 @@ def test_convert_keeps_a_sub_flow_node_s_timeout(tmp_path: Path) -> None:
     assert flowdsl.plan_bytes(plans[0]) == flowdsl.plan_bytes(plans[1])
 
 
+def test_convert_into_another_directory_rebases_sub_flow_paths(tmp_path: Path) -> None:
+    """A sub-flow's path is relative to the spec's file: written elsewhere as it was, the output named no file
+    (FD308) although convert said nothing."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "gift.yaml").write_text("flowdsl: 1\nname: gift\nsteps: [wrap]\n")
+    spec = tmp_path / "main.yaml"
+    spec.write_text(VALID + "  - flow: gift\n    path: lib/gift.yaml\n    with: {flow: x, path: lib/gift.yaml}\n"
+                    "  - parallel: p\n    branches:\n      - flow: again\n        path: lib/gift.yaml\n")
+    out = tmp_path / "out" / "deep" / "main.flow"
+    out.parent.mkdir(parents=True)
+    result = run("convert", str(spec), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.count('path "../../lib/gift.yaml"') == 2
+    assert "with {flow: x, path: lib/gift.yaml}" in text  # data passed to the sub-flow is not a path to rebase
+    plans = [flowdsl.compile_spec(str(p), check_workers=False).plan for p in (spec, out)]
+    assert plans[1] is not None and "gift/wrap" in plans[1]["nodes"] and "again/wrap" in plans[1]["nodes"]
+    same = run("convert", str(spec), "-o", str(tmp_path / "main.flow"))  # beside it: written as it was
+    assert same.exit_code == 0 and "path lib/gift.yaml" in (tmp_path / "main.flow").read_text()
+
+
 def test_convert_to_stdout(files: dict[str, Path]) -> None:
     result = run("convert", str(files["valid.yaml"]), "--to", "flow")
     assert result.exit_code == 0 and "step charge" in result.stdout and "undo refund" in result.stdout
