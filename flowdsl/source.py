@@ -352,13 +352,20 @@ def check_text(text: str, file: str | None) -> list[Diagnostic]:
     too_large = check_size(text, file)
     if too_large:
         return too_large
+    return bad_character(text, file)
+
+
+def bad_character(text: str, file: str | None) -> list[Diagnostic]:
+    """FD110 at the first character a spec's text may not hold (a control character, a lone surrogate, a
+    noncharacter), else nothing: what both front ends check before parsing."""
     bad = _BAD_TEXT.search(text)
-    if bad:
-        line, col = _where(text, bad.start())
-        code = ord(bad.group())
-        what = "invalid character (not UTF-8)" if 0xD800 <= code <= 0xDFFF else "control character"
-        return [make("FD110", f"{what} U+{code:04X} is not allowed in a spec", file=file, line=line, column=col)]
-    return []
+    if bad is None:
+        return []
+    line, col = _where(text, bad.start())
+    code = ord(bad.group())
+    what = ("invalid character (not UTF-8)" if 0xD800 <= code <= 0xDFFF
+            else "noncharacter" if code >= 0xFFFE else "control character")
+    return [make("FD110", f"{what} U+{code:04X} is not allowed in a spec", file=file, line=line, column=col)]
 
 
 def load_yaml(text: str, file: str | None = None) -> LoadedDoc:

@@ -32,6 +32,7 @@ from flowdsl.source import (
     WORD_VALUES,
     LoadedDoc,
     NumberError,
+    bad_character,
     byte_position,
     control_character,
     read_number,
@@ -351,14 +352,9 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
             msg = f"file is not valid UTF-8 (byte 0x{raw[e.start]:02x})"
             return LoadedDoc(None, positions, [make("FD110", msg, file=file, line=line, column=col)])
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    bad = BAD_CHAR_RE.search(text)
+    bad = bad_character(text, file)
     if bad:
-        line = text.count("\n", 0, bad.start()) + 1
-        col = bad.start() - (text.rfind("\n", 0, bad.start()) + 1) + 1
-        code = ord(bad.group())
-        what = "invalid character (not UTF-8)" if 0xD800 <= code <= 0xDFFF else "control character"
-        msg = f"{what} U+{code:04X} is not allowed in a spec"
-        return LoadedDoc(None, positions, [make("FD110", msg, file=file, line=line, column=col)])
+        return LoadedDoc(None, positions, bad)
     builder = _Builder(positions, file)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # parsing allocates many small objects and frees none: collections would only cost time

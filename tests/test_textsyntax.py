@@ -949,3 +949,13 @@ def test_an_escaped_lone_surrogate_is_refused_in_names_keys_labels_and_values() 
 def test_escaped_control_characters_are_refused_in_names_keys_and_labels(text: str) -> None:
     (diag,) = parse_flow(text).diagnostics
     assert diag.code == "FD110" and "control character U+" in diag.message
+
+
+@pytest.mark.parametrize(("char", "said"), [("\ufffe", "noncharacter U+FFFE"), ("\uffff", "noncharacter U+FFFF"),
+                                             ("\x1b", "control character U+001B")])
+def test_a_character_a_spec_may_not_hold_is_named_for_what_it_is(char: str, said: str) -> None:
+    """U+FFFE was called a control character; both front ends share the check."""
+    for text, name in ((f'flow t\nstep a description "x{char}"\n', "t.flow"),
+                       (f'flowdsl: 1\nname: t\nsteps: [a, "x{char}"]\n', "t.yaml")):
+        [diag] = (parse_flow(text, name) if name.endswith(".flow") else load_yaml(text, name)).diagnostics
+        assert diag.code == "FD110" and diag.message == f"{said} is not allowed in a spec"
