@@ -73,6 +73,26 @@ NUMBER_RE = re.compile(r"-?[0-9](?:[eE][+-][0-9]+|[0-9A-Za-z_.])*")
 BAD_CHAR_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
+_STRING_PART = re.compile(r'(?:[^"\\\n]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+
+
+def _bad_string(text: str, start: int, line: int, col: int) -> tuple[str, int, int]:
+    """Why the string starting at ``text[start]`` (a '"' at ``line``:``col``) cannot be read, and where: its first
+    escape that JSON has not, or its end missing on its line."""
+    end = _STRING_PART.match(text, start + 1).end()  # type: ignore[union-attr]  # (it matches, if only nothing)
+    if text.startswith("\\", end) and text[end + 1 : end + 2] not in ("", "\n"):
+        if text.startswith("\\u", end):
+            digits = re.match(r"[0-9a-fA-F]{0,3}", text[end + 2 :])
+            escape = "\\u" + (digits.group() if digits else "")
+            why = "'\\u' takes 4 hex digits"
+        else:
+            escape = text[end : end + 2]
+            why = 'a string takes the JSON escapes \\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX'
+        return f"invalid escape '{escape}' in a string: {why}", line, col + end - start
+    return ("unclosed string: a string is written in double quotes on one line (write a line break as \\n)",
+            line, col)
+
+
 #: keywords that are values, not statements or options: read as names in a line of names (`{ null }`)
 _VALUES = frozenset({"true", "false", "null"})
 
@@ -245,9 +265,7 @@ class _Parser:
                         kind = kw
             elif kind == "ERROR":
                 if value == '"':
-                    found = text[start : text.find("\n", start) % (len(text) + 1)][:20]
-                    what = f"unexpected {found!r}: a string is written in double quotes on one line"
-                    raise _Problem("FD108", what + ", with JSON escapes", line, col)
+                    raise _Problem("FD108", *_bad_string(text, start, line, col))
                 what = f"unexpected character {value!r}, expected {self.expected(stack)[0]}"
                 raise _Problem("FD108", what, line, col)
             prev = kind
