@@ -813,7 +813,8 @@ def cancel(
 ) -> None:
     """Cancel a Redis run: in-flight steps are stopped and completed steps compensated.
 
-    Exit 0 when the cancel was requested, 1 when the run was already over, 2 when there is no such run.
+    Exit 0 when the cancel was requested, 1 when the run was already over, 2 when there is no such run; with
+    --wait, 4 when the run ended needs_intervention (something is left to undo by hand).
     """
     from flowdsl.runtime.redis.commands import cancel_command
 

@@ -402,6 +402,11 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         cancelled = cli("cancel", "cli-2", *common, "--wait", "--format", "json")
         assert cancelled.exit_code == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
         assert cli("cancel", "cli-2", *common).exit_code == 1
+        # a cancel whose undo fails for good: the run needs a person, and `cancel --wait` exits 4 as `run` does
+        script = 'script={"b": {"hang": true}, "a/compensate": {"raise": "RefundDown"}}'
+        cli("run", str(spec), "--backend", "redis", *common, "--set", script, "--detach", "--run-id", "cli-3")
+        stuck = cli("cancel", "cli-3", *common, "--wait")
+        assert stuck.exit_code == 4 and "it ended needs_intervention" in stuck.stderr, stuck.output
         missing = cli("status", "nope", *common)
         assert missing.exit_code == 2 and "no run 'nope'" in missing.stderr and "Traceback" not in missing.output
     finally:

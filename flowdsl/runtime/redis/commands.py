@@ -394,9 +394,11 @@ def _print_runs(items: list[RunInfo], console: Any) -> None:
 
 def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: str, wait: bool, as_json: bool,
                    console: Any) -> int:
-    """Ask for a run's cancellation (its completed steps are compensated). Exit 0 requested, 1 already over."""
+    """Ask for a run's cancellation (its completed steps are compensated). Exit 0 requested, 1 already over; with
+    ``wait``, 4 when the run ended needs_intervention or with a step in doubt (something to undo by hand)."""
 
     async def body() -> int:
+        left_by_hand = False
         async with RedisClient(url, prefix=prefix) as client:
             outcome = await client.cancel(run_id, reason)
             status = (await client.info(run_id)).status
@@ -406,13 +408,14 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
             if outcome == "requested" and wait:
                 result = await client.follow(run_id, on_notice=lambda text: _say(console, text, "yellow", "note"))
                 status = result.status
+                left_by_hand = result.exit_code == EXIT_CODES["needs_intervention"]
         if as_json:
             _json_out({"run_id": run_id, "cancel": outcome, "status": status})
         elif outcome == "finished":
             _say(console, f"run {run_id} is already over ({status}): nothing to cancel", "yellow", "note")
         else:
             console.print(f"cancel of run {run_id} requested" + (f"; it ended {status}" if wait else ""))
-        return 1 if outcome == "finished" else 0
+        return 1 if outcome == "finished" else EXIT_CODES["needs_intervention"] if left_by_hand else 0
 
     return _interrupted(_guarded(console, url, body), console, run_id) if wait else _guarded(console, url, body)
 
