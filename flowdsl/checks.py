@@ -393,8 +393,8 @@ def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnost
             failed = True
             where = f"in {_shown_dir(exc.origin)}; " if exc.origin else "" if exc.found else \
                 f"searched {', '.join(_shown_dir(p) for p in exc.searched)}; "
-            yield _err(flow, "FD205", f"cannot import worker module '{module}': {exc.reason} ({where}use "
-                       "--no-import to check without importing)", join("/workers", i))
+            yield _err(flow, "FD205", f"cannot import worker module '{module}': {exc.reason} ({where}"
+                       "`flowdsl validate --no-import` checks the spec without importing)", join("/workers", i))
     if failed:
         return  # the names the missing module would register are unknown: no FD204 guesses
     known = registry.names()

@@ -426,7 +426,7 @@ def test_a_worker_module_failing_at_import_is_fd205_with_its_real_error(
     monkeypatch.chdir(tmp_path / "elsewhere")
     monkeypatch.setattr(sys, "path", list(sys.path))
     expected = (f"error FD205: cannot import worker module '{name}': {reason} (in {tmp_path / 'spec' / name}.py; "
-                "use --no-import to check without importing)")
+                "`flowdsl validate --no-import` checks the spec without importing)")
     checked = subprocess.run([FLOWDSL, "validate", str(spec)], capture_output=True, text=True)
     assert checked.returncode == 1 and expected in checked.stderr and "Traceback" not in checked.stderr
     ran = subprocess.run([FLOWDSL, "run", str(spec), "--no-record"], capture_output=True, text=True)
@@ -444,5 +444,5 @@ def test_a_worker_module_found_nowhere_names_every_place_searched(tmp_path: Path
     (d,) = json.loads(result.stdout)
     assert result.exit_code == 1 and d["code"] == "FD205"
     assert d["message"] == (f"cannot import worker module 'nowhere_module_xyz': ModuleNotFoundError: No module "
-                            f"named 'nowhere_module_xyz' (searched {tmp_path}, spec; use --no-import to check "
-                            "without importing)")
+                            f"named 'nowhere_module_xyz' (searched {tmp_path}, spec; `flowdsl validate "
+                            "--no-import` checks the spec without importing)")
