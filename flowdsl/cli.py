@@ -313,20 +313,23 @@ EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C or SIGTERM (a SIG
 
 
 def _fail(message: str, code: int = EXIT_USAGE, console: Any = None) -> typer.Exit:
-    (console or _stderr()).print(f"[red]error[/]: {_escape(message)}")
+    from flowdsl.runtime.report import error_console
+
+    (error_console(console) if console is not None else _stderr()).print(f"[red]error[/]: {_escape(message)}")
     return typer.Exit(code)
 
 
 def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
     """Run a reporting command's ``body(console)``; its exit code.
 
-    With ``--format json``, stdout carries exactly one JSON object, as for ``run``: when the command fails
+    In text, the command's output goes to stdout and its errors and notes to stderr. With ``--format json``,
+    stdout carries exactly one JSON object, as for ``run``: when the command fails
     without having written one, ``{"status": "error", "error": {"type", "message"}}`` says why (the lines
     it printed on stderr)."""
     from rich.console import Console
 
-    if not as_json:
-        return body(_stderr())
+    if not as_json:  # the text goes to stdout (`flowdsl runs | grep failed`), errors to stderr
+        return body(Console(highlight=False, soft_wrap=True))
     console = Console(stderr=True, highlight=False, soft_wrap=True, record=True)
     with _JsonChannel(True) as channel:
         try:

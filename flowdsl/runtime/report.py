@@ -543,6 +543,15 @@ def _seconds(ms: float | None) -> str:
 # --- the end summary ----------------------------------------------------------------------
 
 
+def error_console(console: Any) -> Any:
+    """Where errors and notes go beside a command's output ``console``: stderr when that console writes to stdout
+    (text output goes to stdout, errors never), else that console (stderr, where a ``--format json`` command
+    records them, or a file it was given)."""
+    import sys
+
+    return _console() if getattr(console, "file", None) is sys.stdout else console
+
+
 def _console(console: Any = None) -> Any:
     if console is not None:
         return console
@@ -699,7 +708,8 @@ def show_command(record: Path) -> str:
     record = Path(record)
     run_id = record.name.removesuffix(".jsonl")
     if record.suffix != ".jsonl" or not RUN_ID_RE.match(run_id):
-        return f"flowdsl show {shlex.quote(str(record))}"
+        text = str(record)
+        return f"flowdsl show {shlex.quote('./' + text if text.startswith('-') else text)}"  # not an option
     try:
         default = runs_dir()
     except ValueError:  # $FLOWDSL_RUNS_DIR set but empty: no default directory to look in

@@ -251,9 +251,9 @@ def test_cancel_wait_of_a_run_no_worker_started_says_why_it_waits(url: str, pref
     asyncio.run(_submit(url, prefix, "idle"))
     waiting = spawn("cancel", "idle", "--wait", "--redis-url", url, "--prefix", prefix)
     time.sleep(5)
-    _, err = stop(waiting)
+    out, err = stop(waiting)
     text = " ".join(err.split())
-    assert "run idle has not started" in text and "no worker process is connected" in text, text
+    assert "run idle has not started" in out and "no worker process is connected" in text, (out, text)
     assert waiting.returncode == 130 and "flowdsl status idle --follow" in text and "RUN_ID" not in text
 
 
@@ -405,7 +405,7 @@ def test_status_of_a_running_run_says_it_is_running(url: str, prefix: str, spec:
 
     shown = asyncio.run(main())
     assert shown.exit_code == 0, shown.output
-    assert "the run is still going: running so far" in shown.stderr and "record ends" not in shown.stderr
+    assert "the run is still going: running so far" in shown.stdout and "record ends" not in shown.stdout
 
 
 def test_a_worker_whose_modules_register_no_worker_warns(url: str, prefix: str) -> None:
@@ -429,7 +429,7 @@ def test_the_status_timeline_of_a_run_cancelled_before_it_started_follows_the_jo
     _, journal = asyncio.run(main())
     shown = cli("status", "early2", "--redis-url", url, "--prefix", prefix)
     assert shown.exit_code == 0, shown.output
-    lines = shown.stderr.splitlines()
+    lines = shown.stdout.splitlines()
 
     def where(text: str) -> int:
         return next(i for i, line in enumerate(lines) if text in line)

@@ -381,12 +381,12 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         assert [i["run_id"] for i in json.loads(listed.stdout)] == ["cli-2", "cli-1"]
         only = cli("runs", *common, "--status", "compensated", "--format", "json")
         assert [i["run_id"] for i in json.loads(only.stdout)] == ["cli-1"]
-        assert "cli-1" in cli("runs", *common).stderr
+        assert "cli-1" in cli("runs", *common).stdout
 
         shown = cli("status", "cli-1", *common, "--format", "json")
         assert shown.exit_code == 0 and json.loads(shown.stdout)["events"] == remote["events"]
         text = cli("status", "cli-1", *common)
-        assert text.exit_code == 0 and "↶ a undone" in text.stderr
+        assert text.exit_code == 0 and "↶ a undone" in text.stdout
 
         # the Redis run drawn with its states: exactly what the same run recorded locally draws
         from flowdsl.render import render
@@ -406,7 +406,7 @@ def test_the_cli_runs_follows_lists_shows_and_cancels(url: str, prefix: str, tmp
         script = 'script={"b": {"hang": true}, "a/compensate": {"raise": "RefundDown"}}'
         cli("run", str(spec), "--backend", "redis", *common, "--set", script, "--detach", "--run-id", "cli-3")
         stuck = cli("cancel", "cli-3", *common, "--wait")
-        assert stuck.exit_code == 4 and "it ended needs_intervention" in stuck.stderr, stuck.output
+        assert stuck.exit_code == 4 and "it ended needs_intervention" in stuck.stdout, stuck.output
         missing = cli("status", "nope", *common)
         assert missing.exit_code == 2 and "no run 'nope'" in missing.stderr and "Traceback" not in missing.output
     finally:
@@ -432,7 +432,7 @@ def test_status_follow_shows_a_run_to_its_end_and_exits_by_its_end_state(url: st
         cli("run", str(spec), "--backend", "redis", *common, "--set", 'script={"b": {"raise": "Boom"}}',
             "--detach", "--run-id", "follow-2")
         text = cli("status", "follow-2", "--follow", *common)
-        assert text.exit_code == 1 and "compensated" in text.stderr and "↶" in text.stderr
+        assert text.exit_code == 1 and "compensated" in text.stdout and "↶" in text.stdout
         assert cli("status", "follow-2", *common).exit_code == 0  # without --follow: 0 when the run exists
         missing = cli("status", "nope", "--follow", *common)
         assert missing.exit_code == 2 and "no run 'nope'" in missing.stderr

@@ -561,7 +561,7 @@ def test_show_of_a_record_holding_only_its_header_says_the_run_had_not_started(t
     record.write_bytes(record.read_bytes().splitlines(keepends=True)[0])
     shown = CliRunner().invoke(app, ["show", "hdr", "--runs-dir", str(tmp_path)])
     assert shown.exit_code == 0, shown.output
-    assert "the record ends before the run started" in shown.stderr
+    assert "the record ends before the run started" in shown.stdout
     as_json = CliRunner().invoke(app, ["show", "hdr", "--runs-dir", str(tmp_path), "--format", "json"])
     out = json.loads(as_json.stdout)
     assert (as_json.exit_code, out["run_id"], out["status"], out["events"]) == (0, "hdr", NOT_STARTED, [])

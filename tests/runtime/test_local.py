@@ -309,7 +309,7 @@ def test_run_text_output_summarises_and_show_prints_the_timeline(tmp_path: Path)
     assert "critical path" in r.stderr and "Boom" in r.stderr
     shown = cli("show", "txt1", "--runs-dir", str(tmp_path))
     assert shown.exit_code == 0
-    assert "↶ a undone" in shown.stderr and "run finished" in shown.stderr
+    assert "↶ a undone" in shown.stdout and "run finished" in shown.stdout
     assert cli("show", str(tmp_path / "txt1.jsonl")).exit_code == 0
 
 
@@ -322,11 +322,11 @@ def test_show_reads_a_record_cut_short_by_a_killed_process(tmp_path: Path) -> No
     record.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])  # the last line half written
     shown = cli("show", "cut1", "--runs-dir", str(tmp_path))
     assert shown.exit_code == 0, shown.stderr
-    assert "the record's last line is incomplete" in shown.stderr
+    assert "the record's last line is incomplete" in shown.stdout
     record.write_bytes(b"".join(lines[:4]))  # the process died early: the run has no end in the record
     shown = cli("show", "cut1", "--runs-dir", str(tmp_path), "--format", "json")
     assert shown.exit_code == 0 and json.loads(shown.stdout)["status"] == "running"
-    assert "the record ends before the run did" in shown.stderr
+    assert "the record ends before the run did" in shown.stderr  # (with --format json, notes go to stderr)
     record.write_bytes(b"".join(lines[:2]) + b"{not json\n" + b"".join(lines[2:]))  # damage inside: refused
     damaged = cli("show", "cut1", "--runs-dir", str(tmp_path))
     assert damaged.exit_code == 2 and "cut1.jsonl:3: not a JSON line" in damaged.stderr

@@ -65,8 +65,8 @@ def test_a_last_line_cut_inside_a_utf8_character_is_left_out_with_the_note(tmp_p
         path.write_bytes(b"".join(lines[:answer]) + lines[answer][:cut])
         shown = cli("show", "r1", "--runs-dir", str(tmp_path))
         assert shown.exit_code == 0, shown.stderr
-        assert "the record's last line is incomplete" in shown.stderr and "not valid UTF-8" not in shown.stderr
-        assert "a: attempt 1" in shown.stderr and "✓ a succeeded" not in shown.stderr  # as it stood before
+        assert "the record's last line is incomplete" in shown.stdout and "not valid UTF-8" not in shown.stdout
+        assert "a: attempt 1" in shown.stdout and "✓ a succeeded" not in shown.stdout  # as it stood before
         assert ends_mid_line(path) and read_record(path)[1].cut_short
 
 
@@ -109,10 +109,10 @@ def test_a_whole_last_line_without_its_newline_is_read_and_no_note_says_otherwis
     assert not ends_mid_line(path) and not read_record(path)[1].cut_short
     shown = cli("show", "r1", "--runs-dir", str(tmp_path))
     assert shown.exit_code == 0, shown.stderr
-    assert "run finished" in shown.stderr and "incomplete" not in shown.stderr and "note" not in shown.stderr
+    assert "run finished" in shown.stdout and "incomplete" not in shown.stdout and "note" not in shown.stdout
     path.write_bytes(b"".join(lines)[:-5])  # cut for real: both say so
     assert ends_mid_line(path) and read_record(path)[1].cut_short
-    assert "the record's last line is incomplete" in cli("show", "r1", "--runs-dir", str(tmp_path)).stderr
+    assert "the record's last line is incomplete" in cli("show", "r1", "--runs-dir", str(tmp_path)).stdout
 
 
 # --- one accurate note about how a record ends -----------------------------------------------------------------
@@ -138,9 +138,10 @@ def test_an_aborted_record_gets_one_note_and_it_names_the_abort(tmp_path: Path, 
     _aborted(tmp_path)
     shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", fmt)
     assert shown.exit_code == 0, shown.stderr
-    assert shown.stderr.count("the record ends before") == 1, shown.stderr
-    assert "stopped at once (interrupted twice (Ctrl-C))" in shown.stderr
-    assert "still going" not in shown.stderr and "process stopped" not in shown.stderr
+    said = shown.stdout if fmt == "text" else shown.stderr  # (with --format json, notes go to stderr)
+    assert said.count("the record ends before") == 1, said
+    assert "stopped at once (interrupted twice (Ctrl-C))" in said
+    assert "still going" not in said and "process stopped" not in said
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
@@ -149,8 +150,9 @@ def test_a_header_only_record_gets_one_note(tmp_path: Path, fmt: str) -> None:
     path.write_bytes(lines[0])
     shown = cli("show", "r1", "--runs-dir", str(tmp_path), "--format", fmt)
     assert shown.exit_code == 0, shown.stderr
-    assert shown.stderr.count("the record ends before") == 1, shown.stderr
-    assert "before the run started" in shown.stderr and "still going" not in shown.stderr
+    said = shown.stdout if fmt == "text" else shown.stderr  # (with --format json, notes go to stderr)
+    assert said.count("the record ends before") == 1, said
+    assert "before the run started" in said and "still going" not in said
 
 
 # --- the show hint names what the user can type ----------------------------------------------------------------
@@ -161,11 +163,11 @@ def test_the_show_hint_uses_the_record_files_name(tmp_path: Path) -> None:
     (tmp_path / "trunc.jsonl").write_bytes(b"".join(lines[:5]) + lines[5][:20])  # a copy, cut short
     shown = cli("show", "trunc", "--runs-dir", str(tmp_path))
     assert shown.exit_code == 0, shown.stderr
-    hint = next(x for x in shown.stderr.splitlines() if x.startswith("record: "))
+    hint = next(x for x in shown.stdout.splitlines() if x.startswith("record: "))
     assert hint.endswith(f"(flowdsl show trunc --runs-dir {tmp_path})"), hint
     (tmp_path / "copy of it.jsonl").write_bytes(path.read_bytes())  # a name that is no run id: the path
     shown = cli("show", str(tmp_path / "copy of it.jsonl"))
-    hint = next(x for x in shown.stderr.splitlines() if x.startswith("record: "))
+    hint = next(x for x in shown.stdout.splitlines() if x.startswith("record: "))
     assert hint.endswith(f"(flowdsl show '{tmp_path / 'copy of it.jsonl'}')"), hint
 
 

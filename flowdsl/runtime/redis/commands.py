@@ -37,7 +37,7 @@ from flowdsl.runtime.redis.client import (
 )
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
-from flowdsl.runtime.report import EXIT_CODES, LiveView, print_summary, print_timeline
+from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
 
 __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command", "run_events", "runs_command",
            "status_command", "worker_command"]
@@ -60,7 +60,7 @@ class _Failure(Exception):
 def _say(console: Any, text: str, style: str = "red", label: str = "error") -> None:
     from rich.markup import escape
 
-    console.print(f"[{style}]{label}[/]: {escape(text)}")
+    error_console(console).print(f"[{style}]{label}[/]: {escape(text)}")
 
 
 ErrorHook = Callable[[str, str], None]
