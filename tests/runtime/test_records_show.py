@@ -518,3 +518,11 @@ def test_a_late_completion_says_whether_it_is_undone_or_left_by_hand() -> None:
     assert late_completion_line({**event, "by_hand": True}) == late_completion_line(event)
     joined = late_completion_line({**event, "by_hand": False})
     assert "undone with the rest by refund" in joined and "by hand" not in joined
+
+
+def test_the_show_hint_for_a_record_whose_name_starts_with_a_dash_is_not_an_option() -> None:
+    """`flowdsl show -x.jsonl` is refused as an unknown option: the hint names it ./-x.jsonl."""
+    from flowdsl.runtime.report import show_command
+
+    assert show_command(Path("-x.jsonl")) == "flowdsl show ./-x.jsonl"
+    assert show_command(Path("/tmp/-x.jsonl")) == "flowdsl show /tmp/-x.jsonl"
