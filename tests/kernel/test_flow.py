@@ -165,6 +165,16 @@ def test_switch_without_match_or_default_runs_nothing():
     assert sim.state["nodes"]["s"]["case"] is None and sim.state["nodes"]["s"]["default"] is False
 
 
+def test_a_missing_switch_value_is_null_matching_a_null_case_else_the_default():
+    """docs/language.md: JSONata's undefined is taken as null (the engine answers the same for both)."""
+    cases = {"null": ["nothing"], "x": ["ex"]}
+    plan = plan_of([{"switch": "s", "on": "${ mode }", "cases": cases, "default": ["other"]}])
+    assert Sim(plan, input={}).run().dispatched() == ["nothing"]
+    assert Sim(plan, input={"mode": None}).run().dispatched() == ["nothing"]
+    plan = plan_of([{"switch": "s", "on": "${ mode }", "cases": {"x": ["ex"]}, "default": ["other"]}])
+    assert Sim(plan, input={}).run().dispatched() == ["other"]
+
+
 GIFT = """
 flowdsl: 1
 name: gift
