@@ -257,9 +257,17 @@ def plan(
     if source_map is not None:
         files.append(("--source-map", source_map,
                       (json.dumps(result.source_map, indent=2, sort_keys=True) + "\n").encode("utf-8")))
-    write_outputs(files, [file, *_spec_files(result)])  # all checked and written before anything is printed
+    inputs = [file, *_spec_files(result), *([] if no_import else _module_files(result.plan))]
+    write_outputs(files, inputs)  # all checked and written before anything is printed
     if output is None:
         sys.stdout.write(data.decode("utf-8"))
+
+
+def _module_files(plan: dict[str, Any]) -> list[Path]:
+    """The files of the worker modules the spec names that were imported to check it (an input too: `plan -o
+    wk.py` wrote the plan over the module it had just imported)."""
+    found = (getattr(sys.modules.get(name), "__file__", None) for name in plan["flow"].get("workers") or ())
+    return [Path(f) for f in found if isinstance(f, str)]
 
 
 def _spec_files(result: Any) -> list[Path]:

@@ -366,6 +366,20 @@ def test_convert_takes_the_syntax_from_the_output_suffix_and_refuses_a_contradic
     assert run("convert", str(files["valid.yaml"]), "-o", str(tmp_path / "out.txt")).exit_code == 2
 
 
+def test_plan_refuses_to_write_over_a_worker_module_it_imported(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "plan_wk_module.py"
+    module.write_text("from flowdsl import worker\n\n@worker('a')\nasync def a(data, ctx):\n    return {}\n")
+    spec = tmp_path / "flow.yaml"
+    spec.write_text("flowdsl: 1\nname: t\nworkers: [plan_wk_module]\nsteps: [a]\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = module.read_bytes()
+    result = run("plan", str(spec), "-o", str(module))
+    assert result.exit_code == 2 and "refusing to write over it" in result.stderr, result.output
+    assert module.read_bytes() == before
+    assert run("plan", str(spec), "-o", str(tmp_path / "plan.json")).exit_code == 0
+
+
 def test_plan_and_diagram_refuse_to_write_over_the_spec(files: dict[str, Path], tmp_path: Path) -> None:
     source = files["valid.yaml"]
     before = source.read_bytes()
