@@ -61,6 +61,7 @@ import logging
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import traceback
@@ -241,8 +242,10 @@ def cancellable(command: Mapping[str, Any], registry: WorkerRegistry | None = No
 
 
 def _answer(task_id: str, result: Any) -> dict[str, Any]:
-    """The answer to a worker's result: a plain copy of it (:func:`plain_json`), never the object itself."""
-    if result is None or (not result and type(result) is dict):
+    """The answer to a worker's result: a plain copy of it (:func:`plain_json`), never the object itself. A
+    compensation's result is not used (the kernel reads none): whatever it returns — ``True``, ``"refunded"`` —
+    it succeeded; checked, such an undo was judged failed, run again and left to a person."""
+    if result is None or (not result and type(result) is dict) or _COMPENSATION.search(task_id):
         return {"type": "task_succeeded", "task_id": task_id, "result": {}}
     if not isinstance(result, dict):
         return _failed(task_id, "OutputInvalid", f"the worker returned {type(result).__name__}, "
@@ -252,6 +255,10 @@ def _answer(task_id: str, result: Any) -> dict[str, Any]:
     except NotJSON as exc:
         return _failed(task_id, "OutputInvalid", f"the worker's result is not JSON: {exc}")
     return {"type": "task_succeeded", "task_id": task_id, "result": result}
+
+
+#: the task id of a compensation's attempt: ``<run id>/<step>#c<n>``
+_COMPENSATION = re.compile(r"#c[0-9]+\Z")
 
 
 def _failed(task_id: str, type_: str, message: str) -> dict[str, Any]:

@@ -128,6 +128,18 @@ def test_what_each_worker_answers() -> None:
                                   "types": ["SystemExit"]}
 
 
+@pytest.mark.parametrize("worker", ["not_an_object", "quick"])
+def test_a_compensation_succeeds_whatever_it_returns(worker: str) -> None:
+    """Its result is not used: an undo returning True or a status string was judged OutputInvalid, run again by
+    its retry policy and left to a person (needs_intervention) although it had undone the step."""
+    cmd = {**command(worker, "compensate"), "task_id": f"r/{worker}#c1", "idempotency_key": f"r/{worker}/compensate"}
+    slow_way, eager = both(cmd)
+    assert slow_way == eager == {"type": "task_succeeded", "task_id": f"r/{worker}#c1", "result": {}}
+    assert both(command("not_an_object"))[1]["error"]["type"] == "OutputInvalid"  # a step's is checked
+    sync = {**command("blocking", "compensate"), "task_id": "r/blocking#c2"}
+    assert asyncio.run(execute(sync, registry=REG))["result"] == {}
+
+
 def test_a_quick_worker_is_answered_without_a_task_and_the_others_are_left_to_execute() -> None:
     async def go() -> None:
         assert isinstance(start(command("quick"), REG), dict)  # no await: it answered at once
