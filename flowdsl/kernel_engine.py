@@ -346,8 +346,16 @@ class Machine(Saga):
                 source = self.p.expressions[node["fail_when"]]["source"]
                 self._attempt_failed(ikey, task_id, error("FailWhen", f"fail_when holds: {source}"))
                 return
+        except ExpressionError as exc:
+            self._attempt_failed(ikey, task_id, error("ExpressionError", exc.message))
+            return
+        try:
             out = self._mapped_output(ikey, result)
         except ExpressionError as exc:
+            if self.s["kernel"] >= 4 and node.get("compensate") and "late" not in rec:
+                # the worker succeeded: its effect stands whatever its output map says. Kept as a success of an
+                # earlier attempt is: undone with the rest if the step ends failed (settle_late)
+                rec["late"] = {"task_id": task_id, "attempt": task["attempt"], "result": result, "unmapped": True}
             self._attempt_failed(ikey, task_id, error("ExpressionError", exc.message))
             return
         rec.update(status="succeeded", finished_at=self.at, task=None, result=result, error=None, t1=self.tick())

@@ -34,6 +34,9 @@ LATE_REASON = ("the step completed after the run had decided what to undo (a lat
 #: the ``reason`` of a late completion that joins the saga (kernel version 4): nothing it follows was undone yet
 LATE_JOINED_REASON = ("the step completed after the run had given up on it (a late result, e.g. from an attempt that "
                       "timed out), before anything it follows was undone: it is undone with the others")
+#: the ``reason`` of a step whose worker succeeded but whose output map failed, and which then failed (version 4)
+UNMAPPED_REASON = ("the step's worker succeeded but its output map failed on the result, so the step failed: the "
+                   "effect stands, and it is undone with the others")
 #: the ``reason`` of a step listed by ``left_to_undo`` because an attempt of it was in flight when the run stopped
 IN_FLIGHT_REASON = ("an attempt of the step was in flight when the run stopped: it may have completed, and its "
                     "compensation was never run")
@@ -328,7 +331,7 @@ class Saga(Core):
                    late_undo={"task_id": late["task_id"], "attempt": late["attempt"], "at": self.at})
         if "out" in late:
             rec["out"] = late["out"]
-        self._emit_late(ikey, late, LATE_JOINED_REASON, by_hand=False)
+        self._emit_late(ikey, late, UNMAPPED_REASON if late.get("unmapped") else LATE_JOINED_REASON, by_hand=False)
         if status == "compensating":  # it completed last: the next to undo, before whatever it follows
             saga = self.s["saga"]
             saga["order"].insert(saga["next"], ikey)

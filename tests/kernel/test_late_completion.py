@@ -507,3 +507,47 @@ def test_left_to_undo_lists_a_step_with_a_kept_early_success_as_completed_late()
     [item] = left_to_undo(drv.plan, drv.state)
     assert (item["step"], item["status"], item["reason"]) == ("charge", "not_attempted", LATE_REASON)
     assert item["step_result"] == {"charge_id": "ch_1"} and item["input"] == {"o": 1, "charge_id": "ch_1"}
+
+
+def _unmapped(kernel: int, attempts: int = 1) -> Driver:
+    """a, then b whose worker succeeds but whose output map fails on its result (a charge made, its amount
+    unreadable)."""
+    b = {"compensate": "undo_b", "output": {"amount": "${ $number(amount) }"}, "retry": {"attempts": attempts}}
+    drv = Driver(plan_of([{"a": {"compensate": "undo_a"}}, {"b": b}]), {"order": 7}, kernel=kernel)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={"a_done": True})
+    drv.feed(type="task_succeeded", task_id="r1/b#1", result={"charge_id": "ch_1", "amount": "12,50"})
+    return drv
+
+
+def test_a_step_whose_output_map_fails_after_its_worker_succeeded_is_undone() -> None:
+    """The worker made its effect; the step failed on its output map. It was left out of the undo while the run
+    said `compensated`."""
+    drv = _unmapped(STATE_VERSION)
+    s = drv.state
+    assert s["status"] == "compensating" and s["nodes"]["b"]["status"] == "failed"
+    assert s["error"]["type"] == "ExpressionError"
+    [late] = [e for e in drv.events if e["type"] == "late_completion"]
+    assert late["step"] == "b" and late["by_hand"] is False and "output map failed" in late["reason"]
+    undos = [c for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"]
+    assert [c["step"] for c in undos] == ["b"]  # b first: a waits for it
+    assert undos[0]["input"] == {"order": 7, "a_done": True, "charge_id": "ch_1", "amount": "12,50"}
+    drv.feed(type="task_succeeded", task_id="r1/b#c1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert s["status"] == "compensated" and s["compensated"] == ["b", "a"]
+    state, commands, events = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and events == drv.events
+
+
+def test_under_version_3_a_step_whose_output_map_failed_is_not_undone() -> None:
+    drv = _unmapped(3)
+    assert [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"] == ["a"]
+    assert not [e for e in drv.events if e["type"] == "late_completion"]
+
+
+def test_a_retry_that_succeeds_after_an_output_map_failure_is_undone_once_as_usual() -> None:
+    drv = _unmapped(STATE_VERSION, attempts=2)
+    assert drv.state["nodes"]["b"]["status"] == "retrying" and "late" in drv.state["nodes"]["b"]
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "b"))
+    drv.feed(type="task_succeeded", task_id="r1/b#2", result={"charge_id": "ch_1", "amount": "12.50"})
+    rec = drv.state["nodes"]["b"]
+    assert rec["status"] == "succeeded" and "late" not in rec and rec["out"] == {"amount": 12.5}
