@@ -265,7 +265,7 @@ def test_the_cli_says_plainly_that_the_fallback_ran(tmp_path: Path) -> None:
     assert "⤷ g: no LM configured — using the fallback worker 'fallback.g'" in r.stderr  # the progress line
     assert "g: no LM configured — used fallback fallback.g" in r.stderr  # the summary
     shown = cli("show", "fb1", "--runs-dir", str(tmp_path))
-    assert "no LM configured — using the fallback worker 'fallback.g'" in shown.stderr
+    assert "no LM configured — using the fallback worker 'fallback.g'" in shown.stdout
 
 
 NO_FALLBACK = "flowdsl: 1\nname: ask\n{defaults}steps:\n  - ask:\n      llm: {{signature: 'q -> a'{lm}}}\n"
@@ -406,7 +406,7 @@ steps:
     shown = cli("show", "red1", "--runs-dir", str(tmp_path))
     assert shown.exit_code == 0
     assert "llm: model custom/echo, 2 message(s) sent, reply: [[ ## verdict ## ]] ok [[ ## note ## ]] card *** of Ann" \
-        in shown.stderr
+        in shown.stdout
 
 
 # --- audit fixes: the fallback's input and result, redacted input errors, invalid model strings -------
