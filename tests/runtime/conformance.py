@@ -239,6 +239,22 @@ CASES: list[Case] = [
          {"a": {"sleep": 0.02, "result": {"ra": 1}}, "b": {"result": {"rb": 2}}, "d": {"raise": "ValueError"}},
          status="compensated", succeeded=[any_order("a", "b"), "c"], compensated=["c"], error="ValueError",
          context={"ra": 1, "rb": 2}),
+    Case("late_success_while_aborting_is_undone",  # kernel version 4: nothing undone yet, so b joins the saga
+         "steps:\n"
+         "  - conf.a: {compensate: undo.a}\n"
+         "  - parallel: p\n"
+         "    branches:\n"
+         "      - sync.b: {compensate: undo.b, timeout: 100ms}\n"  # its thread goes on past the timeout
+         "      - sync.c\n",  # still running when b's late success comes: the run is aborting
+         {"b": {"sleep": 0.3, "result": {"rb": 1}}, "c": {"sleep": 0.9}},
+         status="compensated", succeeded=["a", "c"], compensated=["b", "a"], error="StepTimeout",
+         failed_step="b"),
+    Case("output_map_failing_after_the_worker_succeeded_is_undone",
+         "steps:\n"
+         "  - conf.a: {compensate: undo.a}\n"
+         "  - conf.b: {compensate: undo.b, output: {amount: '${ $number(amount) }'}}\n",
+         {"b": {"result": {"amount": "12,50"}}},
+         status="compensated", succeeded=["a"], compensated=["b", "a"], error="ExpressionError", failed_step="b"),
     Case("when_skips",
          "steps:\n"
          "  - conf.a\n"
