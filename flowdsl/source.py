@@ -580,7 +580,7 @@ class _Builder:
                 self.positions.positions[path] = self.position(mark)
                 tag = event.tag
                 if tag is not None and tag != "!" and tag != (_MAP if kind is map_ev else _SEQ):
-                    self.bad_tag(tag, mark, path)
+                    self.bad_tag(tag, mark, path, "a mapping" if kind is map_ev else "a list")
                     ok = False
                 if event.anchor is not None:
                     self.anchors[event.anchor] = None
@@ -688,8 +688,11 @@ class _Builder:
             return None, size, False
         return value, size, True
 
-    def bad_tag(self, tag: str, mark: Any, path: str) -> None:
+    def bad_tag(self, tag: str, mark: Any, path: str, on: str = "") -> None:
         shown = tag.replace(_CORE, "!!")
+        if on and tag in (*_TEXT_TAGS, *_VALUE_TAGS, _MAP, _SEQ):  # a core tag, on the wrong kind of node
+            self.error("FD105", f"the YAML tag '{shown}' cannot tag {on}", mark, path)
+            return
         self.error("FD105", f"the YAML tag '{shown}' is not allowed (flowdsl loads plain data only)", mark, path)
 
     def scalar(self, event: Any, path: str) -> tuple[Any, int, bool]:
@@ -700,7 +703,7 @@ class _Builder:
         implicit = tag is None or tag == "!"
         if implicit:
             tag = _STR
-            if event.implicit[0]:
+            if event.tag is None and event.implicit[0]:  # `! 5` (the non-specific tag) is the string "5"
                 for candidate, regexp in self.resolvers.get(text[:1], ()):
                     if regexp.match(text):
                         tag = candidate

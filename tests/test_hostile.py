@@ -111,6 +111,23 @@ def test_core_tags_are_plain_data() -> None:
     assert diagnostics_of(HEAD + "description: !!str 123\nsteps: [!!str a]\ntimeout: !!int 5\n") == []
 
 
+@pytest.mark.parametrize(("node", "said"), [("!!str [1]", "'!!str' cannot tag a list"),
+                                            ("!!int {a: 1}", "'!!int' cannot tag a mapping"),
+                                            ("!!seq {a: 1}", "'!!seq' cannot tag a mapping")])
+def test_a_core_tag_on_the_wrong_kind_of_node_says_so(node: str, said: str) -> None:
+    """`!!str [1]` said "the YAML tag '!!str' is not allowed", a tag the docs list as allowed."""
+    d = only(HEAD + "steps:\n  - a: {with: {v: " + node + "}}\n", "FD105")
+    assert said in d.message and "not allowed" not in d.message
+
+
+def test_the_non_specific_tag_makes_a_string() -> None:
+    """YAML: a scalar tagged `!` is a string, not resolved (`! 5` was the integer 5)."""
+    from flowdsl.source import load_yaml
+
+    doc = load_yaml(HEAD + "steps:\n  - a: {with: {v: ! 5, w: ! true, x: 5}}\n", "t.yaml")
+    assert doc.diagnostics == [] and doc.data["steps"][0]["a"]["with"] == {"v": "5", "w": "true", "x": 5}
+
+
 def test_merge_keys_are_fd105() -> None:
     text = HEAD + "x: &x {timeout: 5s}\nsteps: [a]\ndefaults:\n  <<: *x\n"
     assert {d.code for d in diagnostics_of(text)} == {"FD105"}
