@@ -441,7 +441,16 @@ def _syntax_error(exc: Any, text: str, marks: _Marks, file: str | None) -> Diagn
             ctx = f" ({exc.context} started on line {started})"
     if mark is not None and text[marks.index(mark):marks.index(mark) + 1] == "\t":
         return make("FD103", _TAB_MESSAGE, file=file, **where)
+    separator = _SEPARATOR.search(text)
+    if separator is not None:  # the YAML reader takes it for a line break, and the error shows a mess instead
+        line = _where(text, separator.start())[0]
+        ctx += (f"; note: line {line} holds U+{ord(separator.group()):04X}, which the YAML reader takes for a line "
+                "break: write that value in quotes")
     return make("FD103", f"{problem}{ctx}", file=file, **where)
+
+
+#: LINE SEPARATOR and PARAGRAPH SEPARATOR: breaks for PyYAML (YAML 1.1), plain characters for YAML 1.2
+_SEPARATOR = re.compile("[\u2028\u2029]")
 
 
 def _bad_escape(text: str, index: int) -> str | None:

@@ -128,6 +128,13 @@ def test_the_non_specific_tag_makes_a_string() -> None:
     assert doc.diagnostics == [] and doc.data["steps"][0]["a"]["with"] == {"v": "5", "w": "true", "x": 5}
 
 
+def test_a_line_separator_breaking_a_plain_value_is_named_in_the_error() -> None:
+    """PyYAML reads U+2028 as a line break: the error spoke of a missing ':' on a line that has none."""
+    d = only(HEAD + "description: x\u2028y\nsteps: [a]\n", "FD103")
+    assert "line 3 holds U+2028, which the YAML reader takes for a line break: write that value in quotes" in d.message
+    assert diagnostics_of(HEAD + 'description: "x\u2028y"\nsteps: [a]\n') == []
+
+
 def test_merge_keys_are_fd105() -> None:
     text = HEAD + "x: &x {timeout: 5s}\nsteps: [a]\ndefaults:\n  <<: *x\n"
     assert {d.code for d in diagnostics_of(text)} == {"FD105"}
