@@ -164,7 +164,8 @@ def _same_file(a: Path, b: Path) -> bool:
 def write_outputs(outputs: list[tuple[str, Path, bytes]], inputs: list[Path]) -> None:
     """Write output files all or nothing: a usage error (exit 2) — before any is written — when one would
     overwrite an input file, two name the same file, or one cannot be written (its directory is missing, it
-    is a directory, permissions). ``outputs``: (option, path, bytes).
+    is a directory, permissions). ``outputs``: (option, path, bytes); ``inputs``: the spec, then the files it
+    uses.
 
     Each file is first written to a temporary file beside it, then all are renamed into place (through a
     symlink, to the file it points to), so that a failing command leaves every target as it was.
@@ -172,10 +173,12 @@ def write_outputs(outputs: list[tuple[str, Path, bytes]], inputs: list[Path]) ->
     import tempfile
 
     for i, (option, path, _) in enumerate(outputs):
-        for source in inputs:
+        for n, source in enumerate(inputs):
             if _same_file(path, source):
-                raise _fail(f"{option} {path}: that is the input file {source}; refusing to write over it "
-                            "(choose another output file)")
+                what = f"the input file {source}" if n == 0 else \
+                    f"{source}, which the spec uses (a sub-flow or a worker module)"
+                raise _fail(f"{option} {path}: that is {what}; refusing to write over it (choose another output "
+                            "file)")
         for other, earlier, _ in outputs[:i]:
             if _same_file(path, earlier):
                 raise _fail(f"{option} {path} and {other} {earlier} name the same file; give each its own")

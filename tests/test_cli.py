@@ -376,6 +376,7 @@ def test_plan_refuses_to_write_over_a_worker_module_it_imported(tmp_path: Path,
     before = module.read_bytes()
     result = run("plan", str(spec), "-o", str(module))
     assert result.exit_code == 2 and "refusing to write over it" in result.stderr, result.output
+    assert "which the spec uses (a sub-flow or a worker module)" in " ".join(result.stderr.split())
     assert module.read_bytes() == before
     assert run("plan", str(spec), "-o", str(tmp_path / "plan.json")).exit_code == 0
 
