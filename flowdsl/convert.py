@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -193,7 +194,12 @@ WIDTH = 88
 
 def _quote(s: str) -> str:
     text = json.dumps(s, ensure_ascii=False)
-    return BAD_CHAR_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+#: characters a .flow string writes as escapes: those a spec may not hold raw, and the line and paragraph
+#: separators (many editors and tools break the line there; a string is written on one line)
+_ESCAPED = re.compile(f"{BAD_CHAR_RE.pattern[:-1]}\u2028\u2029]")
 
 
 def _scalar_text(v: Any, where: str) -> str:

@@ -606,6 +606,8 @@ class _Builder:
             elif (sub := self.put(data, ptr, "default", item, "case")) is not None:
                 data["default"] = self.nodes(item.children[0], sub)
         data["cases"] = cases
+        if "default" in data:  # after the cases, as YAML writes them (and the data keeps the order it is read in)
+            data["default"] = data.pop("default")
 
 
 # ---------------------------------------------------------------------------- writing

@@ -268,6 +268,23 @@ def test_ignored_text_at_the_end_is_read_in_one_pass() -> None:
         assert read("flow t\nstep a" + tail) == {"flowdsl": 1, "name": "t", "steps": ["a"]}
 
 
+def test_a_switch_reads_with_its_keys_in_the_yaml_order() -> None:
+    """The reader put `default` before `cases`: the data differed in key order from its YAML twin."""
+    data = read('flow t\nswitch s on "${ x }" {\n  default { b }\n  case 1 { a }\n}\n')
+    yaml_twin = from_yaml("flowdsl: 1\nname: t\nsteps:\n  - switch: s\n    on: ${ x }\n    cases: {'1': [a]}\n"
+                          "    default: [b]\n")
+    assert data == yaml_twin and list(data["steps"][0]) == list(yaml_twin["steps"][0]) == ["switch", "on", "cases",
+                                                                                              "default"]
+
+
+def test_the_writer_escapes_line_and_paragraph_separators_in_strings() -> None:
+    """Written raw, many editors and tools showed the one-line string broken in two."""
+    data = {"flowdsl": 1, "name": "t", "description": "a\u2028b\u2029c", "steps": ["a"]}
+    text = to_flow(data)
+    assert "\u2028" not in text and "\u2029" not in text and '"a\\u2028b\\u2029c"' in text
+    assert read(text) == data
+
+
 def test_bytes_are_read_as_utf8() -> None:
     assert parse_flow('flow "café"\nstep a'.encode()).data == {"flowdsl": 1, "name": "café", "steps": ["a"]}
 
