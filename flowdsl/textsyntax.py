@@ -219,10 +219,10 @@ class _Parser:
         self.shift_cache[key] = result
         return result
 
-    def tokens(self, text: str, stack: list[int], opened: list[tuple[str, int]]) -> Any:
+    def tokens(self, text: str, stack: list[int], opened: list[tuple[str, int, bool]]) -> Any:
         """The tokens of ``text``, ending with ``$END``; keywords are decided against the parser's ``stack``.
 
-        ``opened`` is kept as the brackets not yet closed: (bracket, line).
+        ``opened`` is kept as the brackets not yet closed: (bracket, line, whether it opens a JSON value).
         """
         keywords, punct, actions, value_keys = self.keywords, self.punct, self.actions, self.value_keys
         line, line_start, json_depth, block_depth, prev, end = 1, 0, 0, 0, "", 0
@@ -243,11 +243,12 @@ class _Parser:
                 continue
             if kind == "PUNCT":
                 kind = punct[value]
+                is_json = kind == "LSQB" or (kind == "LBRACE" and bool(json_depth or prev in value_keys))
                 if kind == "LSQB" or kind == "LBRACE":
-                    opened.append((value, line))
+                    opened.append((value, line, is_json))
                 elif opened and (kind == "RSQB" or kind == "RBRACE"):
                     opened.pop()
-                if kind == "LSQB" or (kind == "LBRACE" and (json_depth or prev in value_keys)):
+                if is_json:
                     json_depth += 1
                 elif kind == "LBRACE":
                     block_depth += 1
@@ -275,14 +276,15 @@ class _Parser:
     def parse(self, text: str) -> _Node:
         actions, stack = self.actions, [self.start]
         values: list[Any] = []
-        opened: list[tuple[str, int]] = []
+        opened: list[tuple[str, int, bool]] = []
         tokens = self.tokens(text, stack, opened)
         tok = next(tokens)
         while True:
             act = actions[stack[-1]].get(tok.type)
             if act is None:
                 what = self.unexpected(tok, stack)
-                if tok.type == "$END" and opened:
+                if opened and (tok.type == "$END" or (opened[-1][2] and tok.line > opened[-1][1])):
+                    # (a JSON value spans lines: one left open reads the next statements as its own)
                     what += f" (the '{opened[-1][0]}' on line {opened[-1][1]} is not closed)"
                 raise _Problem("FD108", what, tok.line, tok.column)
             if act[0]:
