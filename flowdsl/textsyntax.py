@@ -540,6 +540,12 @@ class _Builder:
             where, at = target, base
             if llm and key in LLM_KEYS:
                 where, at = target["llm"], base + "/llm"
+            elif llm and key == "llm":  # the statement is the block already
+                self.diagnostics.append(make("FD104", "an 'llm' statement holds the llm block's options itself: "
+                                             "write them after its name (`llm NAME \"in -> out\" lm openai/gpt-4o`), "
+                                             "or write `step NAME llm {...}`", _sub(base, key), file=self.file,
+                                             line=ktok.line, column=ktok.column))
+                continue
             if (ptr := self.put(where, at, key, ktok, "option", ktok.value)) is not None:
                 where[key] = self.names(v, ptr) if key in NAME_LISTS else self.value(v, ptr)
         return target

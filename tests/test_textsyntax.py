@@ -620,6 +620,7 @@ def test_syntax_errors(text: str, line: int, column: int, message: str) -> None:
     ("step a timeout 1s timeout 2s", 1, 19, "duplicate option 'timeout' (first written on line 1)"),
     ("step a undo b {\n  compensate c\n}", 2, 3, "duplicate option 'compensate'"),
     ('llm a "x -> y" signature "z -> w"', 1, 16, "duplicate option 'signature'"),
+    ('llm g llm {signature: "a -> b"}', 1, 7, "an 'llm' statement holds the llm block's options itself"),
     ("flow a\nflow b", 2, 1, "duplicate statement 'flow'"),  # the statement as written, not its key 'name'
     ("step a undo b undo c", 1, 15, "duplicate option 'undo'"),
     ("timeout 1s\ntimeout 2s", 2, 1, "duplicate statement 'timeout'"),
