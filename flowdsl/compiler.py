@@ -68,13 +68,17 @@ def _retry(*layers: Retry | None) -> dict[str, Any]:
 @functools.lru_cache(maxsize=1024)
 def _merged_retry(layers: tuple[Retry | None, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for layer in layers:
+    capped = False  # whether a spec's own layer gave `max`
+    for n, layer in enumerate(layers):
         if layer is None:
             continue
         for name in ("attempts", "backoff", "initial_ms", "max_ms", "multiplier", "jitter", "on", "not_on"):
             value = getattr(layer, name)
             if value is not None:
                 out[name] = list(value) if isinstance(value, tuple) else value
+                capped = capped or (name == "max_ms" and n > 0)
+    if not capped and out["initial_ms"] > out["max_ms"]:
+        out["max_ms"] = out["initial_ms"]  # the built-in cap never shortens a delay the spec wrote: `initial: 2m`
     out.setdefault("on", None)
     out["multiplier"] = float(out["multiplier"])
     out["not_on"] = sorted(out["not_on"])

@@ -417,6 +417,17 @@ def test_retry_built_ins_and_shorthand() -> None:
     assert nodes["a"]["timeout_ms"] is None and nodes["a"]["compensate"] is None
 
 
+def test_an_initial_delay_longer_than_the_built_in_max_raises_it() -> None:
+    """`initial: 2m` with no `max` waited 30 s, the built-in cap, silently; a `max` the spec gives still holds."""
+    nodes = plan(HEAD + "steps:\n  - a: {retry: {attempts: 3, initial: 2m}}\n"
+                 "  - b: {retry: 2, compensate: {worker: u, retry: {initial: 20s}}}\n")["nodes"]
+    assert nodes["a"]["retry"] == {**BUILTIN_STEP, "attempts": 3, "initial_ms": 120_000, "max_ms": 120_000}
+    assert nodes["b"]["retry"] == {**BUILTIN_STEP, "attempts": 2}
+    assert nodes["b"]["compensate"]["retry"] == {**BUILTIN_COMP, "initial_ms": 20_000, "max_ms": 20_000}
+    nodes = plan(HEAD + "defaults:\n  retry: {max: 3m}\nsteps:\n  - a: {retry: {attempts: 3, initial: 2m}}\n")["nodes"]
+    assert nodes["a"]["retry"]["max_ms"] == 180_000
+
+
 def test_retry_layers_merge_field_by_field() -> None:
     nodes = plan(HEAD + """\
         defaults:
