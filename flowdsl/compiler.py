@@ -68,7 +68,7 @@ def _retry(*layers: Retry | None) -> dict[str, Any]:
 @functools.lru_cache(maxsize=1024)
 def _merged_retry(layers: tuple[Retry | None, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    capped = False  # whether a spec's own layer gave `max`
+    given: dict[str, int] = {}  # the layer each field came from
     for n, layer in enumerate(layers):
         if layer is None:
             continue
@@ -76,9 +76,11 @@ def _merged_retry(layers: tuple[Retry | None, ...]) -> dict[str, Any]:
             value = getattr(layer, name)
             if value is not None:
                 out[name] = list(value) if isinstance(value, tuple) else value
-                capped = capped or (name == "max_ms" and n > 0)
-    if not capped and out["initial_ms"] > out["max_ms"]:
-        out["max_ms"] = out["initial_ms"]  # the built-in cap never shortens a delay the spec wrote: `initial: 2m`
+                given[name] = n
+    if given["initial_ms"] > given["max_ms"] and out["initial_ms"] > out["max_ms"]:
+        # a cap from an earlier layer (the built-in one, `defaults:`) never shortens the delay a later one wrote:
+        # `initial: 2m` waited 30 s (one layer giving both the wrong way round is FD402)
+        out["max_ms"] = out["initial_ms"]
     out.setdefault("on", None)
     out["multiplier"] = float(out["multiplier"])
     out["not_on"] = sorted(out["not_on"])

@@ -426,6 +426,8 @@ def test_an_initial_delay_longer_than_the_built_in_max_raises_it() -> None:
     assert nodes["b"]["compensate"]["retry"] == {**BUILTIN_COMP, "initial_ms": 20_000, "max_ms": 20_000}
     nodes = plan(HEAD + "defaults:\n  retry: {max: 3m}\nsteps:\n  - a: {retry: {attempts: 3, initial: 2m}}\n")["nodes"]
     assert nodes["a"]["retry"]["max_ms"] == 180_000
+    nodes = plan(HEAD + "defaults:\n  retry: {max: 10s}\nsteps:\n  - a: {retry: {initial: 2m}}\n  - b\n")["nodes"]
+    assert nodes["a"]["retry"]["max_ms"] == 120_000 and nodes["b"]["retry"]["max_ms"] == 10_000
 
 
 def test_retry_layers_merge_field_by_field() -> None:
