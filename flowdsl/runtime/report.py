@@ -252,8 +252,8 @@ def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: s
     ``any_end``: whatever the step's status short of ``succeeded`` (a run stopped at once, which hears nothing
     more: such a success would have an effect nobody undoes)."""
     rec = state["nodes"].get(step)
-    if rec is None or "late_completions" not in state:
-        return False
+    if rec is None or "late_completions" not in state or "late_undo" in rec:
+        return False  # (late_undo: a late success of it joined the saga, so another is the same effect, undone)
     if rec["status"] == "succeeded" if any_end else rec["status"] not in ("failed", "cancelled"):
         return False
     if not (plan["nodes"].get(rec["node"]) or {}).get("compensate"):

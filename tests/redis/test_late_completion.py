@@ -187,22 +187,24 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
         procs.stop_all()
 
 
-def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_again(
+def test_a_success_from_the_earlier_holder_while_the_taker_is_being_cancelled_is_taken_and_undone(
     url: str, prefix: str, tmp_path: Path
 ) -> None:
-    """A resumes while B still holds the task (the run cancelled, B's attempt not yet answered): A's success fails
-    the lease guard (one ``lease_lost`` note); once B's attempt is answered cancelled and the task is gone, A
-    reports it again, and the kernel records the late completion."""
+    """A resumes while B still holds the task, its attempt being cancelled (the run cancelled, B not yet answered):
+    A's success is taken at once — the run asked for the attempt's cancellation, and an effect made must reach the
+    kernel while it can still be undone. The charge succeeded while the run aborted, so it is refunded with the
+    rest: the run ends cancelled, nothing left to a person. (Before, the success was refused for B's lease
+    — a `lease_lost` note — and reported again a lease later, after the run had ended: needs_intervention.)"""
     ledger = make_ledger(tmp_path)
     release = tmp_path / "release"
     procs = WorkerProcs(url, prefix, ["tests.redis.late_workers"], lease=1.0)
     run_id = f"{prefix}-late-held"
     key = f"{run_id}/charge"
     paused = None
+    data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0, "release": str(release),
+            "hold_max": 30.0}
     try:
         procs.start(2)
-        data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0, "release": str(release),
-                "hold_max": 30.0}
         paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger, HELD, data, run_id)
 
         async def cancel() -> None:
@@ -213,37 +215,33 @@ def test_a_late_success_rejected_while_the_taker_holds_the_task_is_reported_agai
         # B's attempt is cancelled but keeps the task (lease xr:<B>) until released
         _wait("the taker to hold the cancelled task", lambda: [e for e in read_ledger(ledger) if e["ev"] == "hold"], 15)
         _resume(procs, paused, data)
-
-        async def notes() -> list[dict[str, Any]]:
-            async with RedisClient(url, prefix=prefix) as client:
-                while True:
-                    _, journal = await client.result(run_id)
-                    if journal.notes:
-                        return journal.notes
-                    await asyncio.sleep(0.05)
-
-        [note] = asyncio.run(asyncio.wait_for(notes(), 15))  # A's success, rejected: B holds the task
-        assert note["reason"] == "lease_lost" and note["result_type"] == "task_succeeded"
-        assert note["task_id"] == f"{run_id}/charge#1"
+        res, journal, _ = _result_once(url, prefix, run_id, lambda r: r.status == "cancelled")
+        assert not release.exists()  # B still holds the task: A's success did not wait for it
+        assert res.compensated == ["charge"] and res.intervention is None
+        assert res.steps["charge"]["status"] == "succeeded"
         effects = [e for e in read_ledger(ledger) if e["ev"] == "effect"]
         assert [(e["pid"], e["applied"]) for e in effects] == [(paused.pid, True)]  # A's charge is made
-        release.touch()  # B's attempt answers task_cancelled: the run ends cancelled, the task is gone
-        res, journal, _ = _result_once(url, prefix, run_id, lambda r: r.status == "needs_intervention")
-        [item] = res.intervention["steps"]
-        assert item["step"] == "charge" and item["worker"] == "late.refund"
-        assert item["step_idempotency_key"] == key and item["reason"] == LATE_REASON
-        assert item["step_result"] == {"charge_id": f"ch-{paused.pid}"}
-        types = [e["type"] for e in journal.events]
-        assert types[-3:] == ["result_rejected", "late_completion", "run_finished"]
-        assert journal.events[-1]["previous_status"] == "cancelled"
-        assert types.count("late_completion") == 1
-        assert [n["reason"] for n in journal.notes] == ["lease_lost"]  # the retries journaled no note
-        assert not [e for e in read_ledger(ledger) if e["ev"] == "undo"]
-        assert [(e["pid"], e["applied"]) for e in read_ledger(ledger) if e["ev"] == "effect"] == [(paused.pid, True)]
+        assert [e["key"] for e in read_ledger(ledger) if e["ev"] == "undo"] == [f"{key}/compensate"]  # and refunded
+        assert journal.notes == []  # never refused for a lost lease
+        assert "late_completion" not in [e["type"] for e in journal.events]
+        release.touch()  # B's attempt answers task_cancelled: the task is gone, its answer changes nothing
+        _wait("B to let go", lambda: [e for e in read_ledger(ledger) if e["ev"] == "hold"] and not _held(url, prefix,
+                                                                                                       run_id), 15)
+        res, _, info = _result_once(url, prefix, run_id, lambda r: True)
+        assert res.status == info.status == "cancelled" and res.compensated == ["charge"]
     finally:
         if paused is not None:
             _resume(procs, paused, data)
         procs.stop_all()
+
+
+def _held(url: str, prefix: str, run_id: str) -> bool:
+    """Whether any attempt of the run still has a lease in its tasks hash."""
+    client = redis.Redis.from_url(url)
+    try:
+        return bool(client.hlen(Keys(prefix).tasks(run_id)))
+    finally:
+        client.close()
 
 
 def test_a_late_success_while_the_taker_still_holds_a_timed_out_attempt_is_taken_at_once(

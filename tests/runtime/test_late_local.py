@@ -143,6 +143,51 @@ steps:
     assert refunds == [f"{result.run_id}/charge/compensate", f"{result.run_id}/a/compensate"]
 
 
+def test_another_attempt_of_a_step_whose_late_success_was_undone_is_not_waited_for() -> None:
+    """charge's attempt 1 times out and succeeds while attempt 2 runs; attempt 2 times out too: the step fails, its
+    kept success joins the saga and is undone. Attempt 2's thread still runs at the end: the same effect (one
+    idempotency key), already undone — the run ends at once, nothing in doubt (it waited, then said so)."""
+    plan = compile_text("""flowdsl: 1
+name: late_retry
+steps:
+  - a: {compensate: undo_a}
+  - charge: {compensate: refund, timeout: 100ms, retry: {attempts: 2, initial: 10ms}}
+""")
+    release, refunds, notices = threading.Event(), [], []
+
+    async def main() -> Any:
+        reg = WorkerRegistry()
+
+        async def a(data: Any, ctx: Any) -> dict[str, Any]:
+            return {}
+
+        async def undo(data: Any, ctx: Any) -> dict[str, Any]:
+            refunds.append(ctx.idempotency_key)
+            return {}
+
+        def charge(data: Any, ctx: Any) -> dict[str, Any]:
+            if ctx.attempt == 1:
+                threading.Event().wait(0.15)  # past its timeout, while attempt 2 runs
+            else:
+                assert release.wait(HUNG)  # still running when the run ends
+            return {"charge_id": "ch1"}
+
+        for name, fn in [("a", a), ("undo_a", undo), ("charge", charge), ("refund", undo)]:
+            reg.register(name, fn)
+        run = LocalRun(plan, {}, registry=reg, import_workers=False, record=False, late_grace=HUNG,
+                       on_notice=notices.append)
+        return await asyncio.wait_for(run.run(), HUNG / 2)
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        release.set()
+    assert result.status == "compensated" and result.compensated == ["charge", "a"], result.status
+    assert result.in_doubt == [] and result.exit_code == 1
+    assert not [n for n in notices if "waiting" in n], notices
+    assert refunds == [f"{result.run_id}/charge/compensate", f"{result.run_id}/a/compensate"]
+
+
 def test_a_sync_step_whose_thread_returns_after_the_wait_changes_nothing_but_is_in_doubt(capsys: Any) -> None:
     """charge times out, a is undone and the run ends compensated; with ``late_grace=0`` the runtime does not wait
     for the charge's thread: the run returns at once with charge in doubt. The thread returns only then: not fed,

@@ -87,9 +87,15 @@ for j = 0, n - 1 do
       ok = (val == want)
     else
       -- a result is taken under its reporter's lease; in 'lease' mode also when no one holds the task, or when
-      -- the run gave up on it (a 'g:' mark: the kernel no longer has it in flight, so any answer goes to it)
+      -- the run gave up on it (a 'g:' mark: the kernel no longer has it in flight, so any answer goes to it), or
+      -- when it is a success and the run asked for the attempt's cancellation (an effect made: the kernel must
+      -- have it while it can still undo it; the holder's own answer, a cancellation, then finds the task gone)
       ok = (val == 'r:' .. want) or (val == 'xr:' .. want)
         or (mode == 'lease' and (not val or redis.call('HEXISTS', tasks, 'g:' .. gid) == 1))
+      if not ok and mode == 'lease' and string.sub(val, 1, 3) == 'xr:' then
+        local decoded, ev = pcall(cjson.decode, ARGV[b])
+        ok = decoded and type(ev) == 'table' and ev['type'] == 'task_succeeded'
+      end
     end
     if not ok then
       if n > 1 then return {7, curv, j + 1} end

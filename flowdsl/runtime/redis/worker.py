@@ -796,8 +796,8 @@ class RedisWorker(Upkeep):
                     self.store.call("HGET", self.keys.tasks(run_id), task_id))
                 if version is None or born is None or born.decode() != generation:
                     return  # the run is gone (expired; or another run of the same id has started since)
-                if lease is not None and lease not in ours:
-                    outcome = Outcome.REJECTED  # still held by another: the script would refuse it
+                if lease is not None and lease not in ours and not lease.startswith(b"xr:"):
+                    outcome = Outcome.REJECTED  # held by another, not being cancelled: the script would refuse it
                 else:
                     outcome = await self.advancer.apply_event(run_id, event, guard=(task_id, "lease", token))
             except Exception as exc:
