@@ -408,6 +408,15 @@ def test_status_of_a_running_run_says_it_is_running(url: str, prefix: str, spec:
     assert "the run is still going: running so far" in shown.stdout and "record ends" not in shown.stdout
 
 
+def test_runs_with_nothing_to_list_says_where_it_looked(url: str, prefix: str) -> None:
+    """It said "no runs", whatever the server it asked: a user of the local runtime, whose runs are records, was
+    told there were none."""
+    r = cli("runs", "--redis-url", url, "--prefix", prefix, "--flow", "nothing-of-the-kind")
+    said = " ".join(r.stdout.split())
+    assert r.exit_code == 0 and f"no runs in Redis at {url} under the prefix '{prefix}'" in said, said
+    assert "runs of the local runtime are records in" in said and "flowdsl show RUN_ID" in said
+
+
 def test_a_worker_whose_modules_register_no_worker_warns(url: str, prefix: str) -> None:
     r = cli("worker", "--redis-url", url, "--prefix", prefix, "-w", "os.path", "--burst")
     assert r.exit_code == 0, r.output

@@ -338,6 +338,15 @@ def _timeline(journal: Any) -> list[dict[str, Any]]:
     return list(journal.timeline)
 
 
+def _local_runs_dir() -> str:
+    from flowdsl.runtime.record import runs_dir
+
+    try:
+        return str(runs_dir())
+    except ValueError:  # $FLOWDSL_RUNS_DIR set but empty
+        return ".flowdsl/runs"
+
+
 def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str | None, flow: str | None,
                  as_json: bool, console: Any) -> int:
     """List recent runs with their states, newest first. ``status``: a run state (any case), else exit 2."""
@@ -351,21 +360,23 @@ def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
             items = await client.runs(limit=limit, status=status, flow=flow)
+            where = f"{describe_url(resolve_url(url))} under the prefix '{client.keys.prefix}'"
         if as_json:
             _json_out([i.to_json() for i in items])
             return 0
-        _print_runs(items, console)
+        _print_runs(items, console, where)
         return 0
 
     return _guarded(console, url, body)
 
 
-def _print_runs(items: list[RunInfo], console: Any) -> None:
+def _print_runs(items: list[RunInfo], console: Any, where: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    if not items:
-        console.print("no runs")
+    if not items:  # (a user of the local runtime asks here too: its runs are records, shown by `flowdsl show`)
+        console.print(f"no runs in Redis at {escape(where)} (runs of the local runtime are records in "
+                      f"{escape(_local_runs_dir())}: `flowdsl show RUN_ID`)")
         return
     rows = []
     for i in items:
