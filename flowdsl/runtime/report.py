@@ -1012,8 +1012,9 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "compensation_failed":
         return f"[red]↶ undoing {step} failed for good[/] — {err}"
     if kind == "result_rejected":
-        return (f"[dim]late {_esc(e.get('result_type'))} for {_esc(e.get('task_id'))} ignored "
-                f"({_esc(e.get('reason'))})[/]")
+        # not "ignored": a success may go on to be a late completion (the next line), undone or left by hand
+        return (f"[dim]late {_esc(e.get('result_type'))} for {_esc(e.get('task_id'))}: not an answer the run "
+                f"waits for ({_esc(e.get('reason'))})[/]")
     if kind == "late_completion":
         return late_completion_line(e, with_run_status=True)
     return f"[dim]{_esc(kind)} {step}[/]"

@@ -526,3 +526,13 @@ def test_the_show_hint_for_a_record_whose_name_starts_with_a_dash_is_not_an_opti
 
     assert show_command(Path("-x.jsonl")) == "flowdsl show ./-x.jsonl"
     assert show_command(Path("/tmp/-x.jsonl")) == "flowdsl show /tmp/-x.jsonl"
+
+
+def test_the_timeline_does_not_call_a_rejected_result_ignored_before_its_late_completion() -> None:
+    """`show` said a late success was "ignored", then that it was undone (a late completion)."""
+    from flowdsl.runtime.report import _timeline_text
+
+    line = _timeline_text({"type": "result_rejected", "result_type": "task_succeeded", "task_id": "r/charge#1",
+                           "reason": "stale or unknown task"})
+    assert line is not None and "ignored" not in line
+    assert "late task_succeeded for r/charge#1: not an answer the run waits for (stale or unknown task)" in line
