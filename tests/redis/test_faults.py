@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import time
 from collections import defaultdict
@@ -125,7 +126,9 @@ def test_sigkill_a_worker_running_steps_it_dispatched_to_itself(url: str, prefix
     each is held under the stream entry that started the chain). Killed while such steps run, it leaves
     only pending entries; the next process takes them over, queues the held steps again and finishes."""
     ledger = make_ledger(tmp_path)
-    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = WorkerProcs(url, prefix, ["tests.redis.fault_workers"], lease=1.0, concurrency=8, log_dir=logs)
     try:
         (first,) = procs.start(1)
         runs = asyncio.run(_submit(url, prefix, SEQUENCE, [{"ledger": ledger, "step_sleep": 0.3}] * 3))
@@ -147,6 +150,10 @@ def test_sigkill_a_worker_running_steps_it_dispatched_to_itself(url: str, prefix
         results = asyncio.run(_results(url, prefix, runs, timeout=30))
         executions = _check_ledger(ledger, results)
         assert all(executions[key] == 2 for key in interrupted)  # ran again, with the same key
+        procs.stop_all()
+        # its exit line counts what it took over (the chains' start entries: it said "0 reclaimed")
+        taken = re.search(r"(\d+) reclaimed", (logs / "worker-1.log").read_text())
+        assert taken is not None and int(taken.group(1)) >= 1, (logs / "worker-1.log").read_text()
     finally:
         procs.stop_all()
 

@@ -588,6 +588,8 @@ class RedisWorker(Upkeep):
     # --- handlers -------------------------------------------------------------------------
 
     async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool, trigger: str) -> None:
+        if recover:  # a start or cancel taken over — with the steps a dead process was chaining under it
+            self.stats.reclaimed += 1
         try:
             ack = [self.store.ack_op(self.keys.control, entry_id, self.name)]
             msg, problem = _control_message(fields)
