@@ -7,8 +7,10 @@ nothing imports this module but ``flowdsl/__init__`` and the CLI.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -314,8 +316,18 @@ def compile_text(text: str | bytes, *, filename: PathArg = "spec.yaml", check_wo
     name = _path(filename, "filename")
     result = compile_loaded(load_text(text, name), name, check_workers=check_workers)
     if result.plan is None:
-        raise SpecError(result.diagnostics)
+        diagnostics = result.diagnostics
+        if not name.endswith(".flow") and _TEXT_SYNTAX.match(text if isinstance(text, str) else
+                                                             text.decode("utf-8", "replace")):
+            hint = " (this looks like the text syntax: pass filename='NAME.flow')"
+            diagnostics = [dataclasses.replace(d, message=d.message + hint) if d.code in ("FD103", "FD109") else d
+                           for d in diagnostics]
+        raise SpecError(diagnostics)
     return result.plan
+
+
+#: text whose first statement is `flow NAME` (after blank lines and comments): the text syntax, read as YAML
+_TEXT_SYNTAX = re.compile(r"\A\ufeff?(?:[ \t]*(?:#[^\n]*)?\r?\n)*flow[ \t]+[A-Za-z_]")
 
 
 def plan_bytes(plan: dict[str, Any]) -> bytes:

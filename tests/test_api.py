@@ -552,3 +552,15 @@ def test_run_finds_worker_modules_beside_the_spec_given_as_spec_path(tmp_path: P
     finally:
         sys.modules.pop(module, None)
         flowdsl.registry.unregister("spec_rel_7f3a")
+
+
+def test_compile_text_of_the_text_syntax_without_a_flow_filename_says_so() -> None:
+    """Read as YAML, it gave only a YAML error naming spec.yaml."""
+    text = "# an order\nflow orders\nstep validate timeout 5s\nstep charge undo refund\n"
+    with pytest.raises(flowdsl.SpecError) as caught:
+        flowdsl.compile_text(text)
+    assert "this looks like the text syntax: pass filename='NAME.flow'" in str(caught.value)
+    assert flowdsl.compile_text(text, filename="orders.flow")["flow"]["name"] == "orders"
+    with pytest.raises(flowdsl.SpecError) as caught:  # a YAML mistake gets no such hint
+        flowdsl.compile_text("flowdsl: 1\nname: t\nsteps: [a\n")
+    assert "text syntax" not in str(caught.value)
