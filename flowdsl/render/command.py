@@ -10,6 +10,7 @@ not a run of the spec's flow, Graphviz missing).
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +61,10 @@ def _pick_format(fmt: DiagramFormat | None, output: Path | None) -> str:
     names another format than ``--format`` is refused (``.md`` takes any text format, fenced)."""
     implied = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
     if fmt is None:
+        if output is not None and output.suffix and implied is None:  # `-o x.jpg` was written ASCII, silently
+            known = ", ".join(f"{suffix} ({name})" for suffix, name in SUFFIX_FORMATS.items())
+            raise _fail(f"-o {output}: flowdsl draws no {output.suffix} files; name the file {known}, or give "
+                        "--format")
         return implied or "ascii"
     if output is not None and implied is not None and implied != fmt.value \
             and not (output.suffix.lower() == ".md" and fmt.value in FENCES):
@@ -82,7 +87,11 @@ def _run_events(run: str | None, events: Path | None, runs_dir: Path | None) -> 
     try:
         return find_record(run, runs_dir), run
     except RecordError as exc:
-        raise _fail(str(exc)) from None
+        said = str(exc)
+        if os.environ.get("FLOWDSL_REDIS_URL"):  # set, and yet --run read a local record: the user meant Redis?
+            said += ("; a run of the Redis runtime is read with --redis-url URL ($FLOWDSL_REDIS_URL does not "
+                     "send --run to Redis)")
+        raise _fail(said) from None
 
 
 def diagram(

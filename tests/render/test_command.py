@@ -194,6 +194,26 @@ def test_an_output_suffix_that_contradicts_the_format_is_refused(tmp_path: Path)
     assert run(ECOMMERCE, "-f", "dot", "-o", str(tmp_path / "plain"))[0] == 0  # no suffix: nothing to contradict
 
 
+def test_an_output_suffix_flowdsl_does_not_draw_is_refused(tmp_path: Path) -> None:
+    """`-o x.jpg` wrote ASCII text into the .jpg, saying "wrote x.jpg (ascii)"."""
+    target = tmp_path / "x.jpg"
+    code, _, err = run(ECOMMERCE, "-o", str(target))
+    said = " ".join(err.split())
+    assert code == 2 and "flowdsl draws no .jpg files" in said and ".svg (svg)" in said and not target.exists()
+    assert run(ECOMMERCE, "-f", "ascii", "-o", str(target))[0] == 0  # asked for: written as asked
+    assert run(ECOMMERCE, "-o", str(tmp_path / "plain"))[0] == 0  # no suffix: ascii, as before
+
+
+def test_a_missing_local_record_with_a_redis_url_in_the_environment_says_how_to_read_redis(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWDSL_REDIS_URL", "redis://127.0.0.1:1/0")
+    code, _, err = run(ECOMMERCE, "--run", "r-1", "--runs-dir", str(tmp_path))
+    said = " ".join(err.split())
+    assert code == 2 and "no recorded run 'r-1'" in said and "is read with --redis-url URL" in said
+    monkeypatch.delenv("FLOWDSL_REDIS_URL")
+    assert "--redis-url" not in run(ECOMMERCE, "--run", "r-1", "--runs-dir", str(tmp_path))[2]
+
+
 def test_redis_and_record_options_need_their_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDSL_REDIS_URL", "redis://127.0.0.1:1/0")  # never reached: refused before connecting
     code, _, err = run(ECOMMERCE, "--prefix", "shop")
