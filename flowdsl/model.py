@@ -52,8 +52,30 @@ def _duration_parts(text: str) -> list[tuple[str, str]]:
             raise ValueError(f"'{text}' is text, not a number; {_EXPECTED} (or a number of seconds, unquoted)")
         if any(c.isspace() for c in text) and _is_duration(joined := "".join(text.split())):
             raise ValueError(f"'{text}' has spaces; a duration is written without spaces: '{_well_written(joined)}'")
-        raise ValueError(f"'{text}' is not a duration; {_EXPECTED}")
+        raise ValueError(f"'{text}' is not a duration; {_EXPECTED}{_spelled(text)}")
     return parts
+
+
+#: units written as words or in other tools' spelling -> (flowdsl's unit, how many of it one is)
+_UNIT_WORDS = {
+    **dict.fromkeys(("d", "day", "days"), ("h", 24)), **dict.fromkeys(("w", "week", "weeks"), ("h", 168)),
+    **dict.fromkeys(("hr", "hrs", "hour", "hours"), ("h", 1)),
+    **dict.fromkeys(("min", "mins", "minute", "minutes"), ("m", 1)),
+    **dict.fromkeys(("sec", "secs", "second", "seconds"), ("s", 1)),
+    **dict.fromkeys(("msec", "msecs", "millis", "millisecond", "milliseconds"), ("ms", 1)),
+}
+
+
+def _spelled(text: str) -> str:
+    """`` (write '24h')`` for a duration written with a unit word flowdsl does not take (`1d`, `2sec`), else ''."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)", text.strip())
+    if m is None or m.group(2).lower() not in _UNIT_WORDS:
+        return ""
+    unit, times = _UNIT_WORDS[m.group(2).lower()]
+    amount = float(m.group(1)) * times
+    if amount * _UNIT_MS[unit] > MAX_DURATION_MS:
+        return " (a duration is 30 days at most: 720h)"
+    return f" (write '{int(amount) if amount.is_integer() else amount}{unit}')"
 
 
 def _duration_text_ms(text: str) -> float:

@@ -283,6 +283,10 @@ class _Parser:
             act = actions[stack[-1]].get(tok.type)
             if act is None:
                 what = self.unexpected(tok, stack)
+                if tok.type == "WORD" and tok.value in ("h", "m", "s", "ms") and len(values) >= 2 and \
+                        getattr(values[-1], "type", "") == "NUMBER" and getattr(values[-2], "type", "") == "TIMEOUT":
+                    what = (f"unexpected '{tok.value}' after the number {values[-1].value}: a duration is written "
+                            f"without spaces: '{values[-1].value}{tok.value}'")
                 if opened and (tok.type == "$END" or (opened[-1][2] and tok.line > opened[-1][1])):
                     # (a JSON value spans lines: one left open reads the next statements as its own)
                     what += f" (the '{opened[-1][0]}' on line {opened[-1][1]} is not closed)"

@@ -104,6 +104,10 @@ def test_parse_duration(text: Any, ms: int) -> None:
     ("1_000", "'1_000' is not a duration"),
     ("1:30", "'1:30' is not a duration"),
     ("31d", "is not a duration"),
+    ("1d", "'1d' is not a duration; expected a number with a unit: 250ms, 10s, 5m, 2h, or several units, largest "
+     "first and each once: 1m30s (write '24h')"),
+    ("2sec", "(write '2s')"), ("1.5 hours", "(write '1.5h')"), ("3 mins", "(write '3m')"), ("1week", "(write '168h')"),
+    ("250millis", "(write '250ms')"),
     (f"{MAX_DURATION_MS // 3_600_000 + 1}h", "longer than the maximum of 30 days"),
     # however large: never an OverflowError (1e306 s is infinity in ms; an int of 401 digits is no float)
     (1e306, "'1e+306' is longer than the maximum of 30 days"),
@@ -352,7 +356,7 @@ _EXPECTED_UNITS = ("expected a number with a unit: 250ms, 10s, 5m, 2h, or severa
 @pytest.mark.parametrize(("value", "message"), [
     ("soon", "'soon' is not a duration; " + _EXPECTED_UNITS),
     ("0s", "a duration must be positive, found '0s'"),
-    ("31d", "'31d' is not a duration; " + _EXPECTED_UNITS),
+    ("31d", "'31d' is not a duration; " + _EXPECTED_UNITS + " (a duration is 30 days at most: 720h)"),
     ("1000h", "'1000h' is longer than the maximum of 30 days (720h)"),
 ])  # fmt: skip
 def test_a_bad_flow_node_timeout_is_fd401_in_both_syntaxes(spec: Spec, value: str, message: str) -> None:

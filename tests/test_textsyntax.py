@@ -595,6 +595,9 @@ def test_data_the_text_syntax_cannot_express(data: dict[str, Any], message: str)
     ('step a when "\\q"', 1, 14, "invalid escape '\\q' in a string: a string takes the JSON escapes \\\" \\\\"),
     ('step a when "ab\\u12x"', 1, 16, "invalid escape '\\u12' in a string: '\\u' takes 4 hex digits"),
     ('step a when "ab\\', 1, 13, "unclosed string"),
+    ("step a timeout 20 s", 1, 19, "unexpected 's' after the number 20: a duration is written without spaces: "
+     "'20s'"),
+    ("timeout 5 m\nstep a", 1, 11, "a duration is written without spaces: '5m'"),
     ("step a with {x: 1\nstep b", 2, 1, "unexpected 'step', expected one of: ',', '}' (the '{' on line 1 is not "
      "closed)"),
     ("step a with {x: [1,\n 2\nstep b", 3, 1, "(the '[' on line 1 is not closed)"),
