@@ -386,7 +386,7 @@ def test_plan_and_diagram_refuse_to_write_over_the_spec(files: dict[str, Path], 
     before = source.read_bytes()
     for args in (["plan", "--no-import", str(source), "-o", str(source)],
                  ["plan", "--no-import", str(source), "--source-map", str(source)],
-                 ["diagram", str(source), "-o", str(source)]):
+                 ["diagram", str(source), "-f", "ascii", "-o", str(source)]):  # (a .yaml suffix alone: no format)
         result = run(*args)
         assert result.exit_code == 2 and "refusing to write over it" in result.stderr, args
         assert source.read_bytes() == before

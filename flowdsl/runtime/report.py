@@ -693,7 +693,10 @@ def _left_text(item: Mapping[str, Any]) -> str:
     err = f" — {_esc(_error_text(item['last_error']))}" if item["last_error"] else ""
     if item.get("reason"):  # a step that completed late (docs/kernel.md, "Late completions")
         how = f"{how} — {_esc(item['reason'])}"
-    return f"  {_esc(item['step'])}: {how}{err} [dim](idempotency key {_esc(item['idempotency_key'])})[/]"
+    keys = f"the step's idempotency key {_esc(item['step_idempotency_key'])}, its undo's " \
+        f"{_esc(item['idempotency_key'])}" if item.get("step_idempotency_key") else \
+        f"idempotency key {_esc(item['idempotency_key'])}"
+    return f"  {_esc(item['step'])}: {how}{err} [dim]({keys})[/]"
 
 
 def show_command(record: Path) -> str:
@@ -840,7 +843,8 @@ class LiveView:
         elif kind == "compensation_succeeded":
             self.console.print(f"{at} [yellow]↶ {step} undone[/]")
         elif kind == "compensation_retrying":
-            self.console.print(f"{at} [yellow]↶ {step}[/] undo attempt {event['attempt']} failed ({err}); retrying")
+            self.console.print(f"{at} [yellow]↶ {step}[/] undo attempt {event['attempt']} failed ({err}); "
+                               f"retrying in {_seconds(event['delay_ms'])}")
         elif kind == "compensation_failed":
             self.console.print(f"{at} [red]↶ undoing {step} failed for good[/] — {err}")
         elif kind == "late_completion":
@@ -1008,7 +1012,8 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "compensation_succeeded":
         return f"[yellow]↶ {step} undone[/]"
     if kind == "compensation_retrying":
-        return f"[yellow]↶ {step}[/] undo attempt {e.get('attempt')} failed ({err}); retrying"
+        return (f"[yellow]↶ {step}[/] undo attempt {e.get('attempt')} failed ({err}); attempt {e.get('next_attempt')} "
+                f"in {_seconds(e.get('delay_ms'))}")
     if kind == "compensation_failed":
         return f"[red]↶ undoing {step} failed for good[/] — {err}"
     if kind == "result_rejected":

@@ -219,7 +219,7 @@ def test_the_text_summary_of_a_run_stopped_while_compensating_lists_the_undo_it_
     lines = err.splitlines()
     heading = lines.index("left to undo by hand (the run stopped before they were undone), in this order:")
     assert lines[heading + 1] == ("  a: undo.a was running when the run stopped: it may or may not have taken "
-                                  "effect (idempotency key u2/a/compensate)")
+                                  "effect (the step's idempotency key u2/a, its undo's u2/a/compensate)")
     assert not [line for line in lines[heading:] if line.startswith("  b: ")]  # undone: not left
     assert "sig u2: stopped at once while compensating (undoing the steps that completed)" in err
     # `flowdsl show` of the record lists the same
@@ -342,13 +342,16 @@ def test_a_stop_signal_after_the_command_has_said_everything_does_not_change_its
 
     for whole, expected in ((True, signal.SIG_IGN), (False, signal.SIG_DFL)):
         monkeypatch.setattr(cli, "_WHOLE_PROCESS", whole)
-        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # both stop signals are taken (SIGHUP too): put both back, or every process this one starts later
+        # inherits SIGHUP ignored (a later test's `flowdsl run` then ignored the SIGHUP it was sent)
+        previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGTERM, signal.SIGHUP)}
         try:
             with cli._stopping_as_ctrl_c():
                 assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
             assert signal.getsignal(signal.SIGTERM) == expected
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def test_a_stop_signal_taken_after_the_run_ended_says_so_and_stops_nothing() -> None:

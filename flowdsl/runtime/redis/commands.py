@@ -370,13 +370,13 @@ def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str
     return _guarded(console, url, body)
 
 
-def _print_runs(items: list[RunInfo], console: Any, where: str) -> None:
+def _print_runs(items: list[RunInfo], console: Any, where: str = "") -> None:
     from rich.markup import escape
     from rich.table import Table
 
     if not items:  # (a user of the local runtime asks here too: its runs are records, shown by `flowdsl show`)
         console.print(f"no runs in Redis at {escape(where)} (runs of the local runtime are records in "
-                      f"{escape(_local_runs_dir())}: `flowdsl show RUN_ID`)")
+                      f"{escape(_local_runs_dir())}: `flowdsl show RUN_ID`)" if where else "no runs")
         return
     rows = []
     for i in items:
