@@ -553,10 +553,16 @@ class LocalRun:
             for event in events:
                 try:
                     hook(event)
-                except Exception:  # a broken observer must not break the run
+                except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
+                    # a broken observer must not break the run (a CancelledError from it — a cancelled future's
+                    # result() — killed the attempt's task and left the run waiting for ever)
                     self.on_event = None
+                    _log.warning("run %s: the on_event hook raised %s: %s; it is no longer called", self.run_id,
+                                 type(exc).__name__, exc)
                     self._notice("the on_event hook raised; it is no longer called")
                     break
+            if self._finished:
+                return  # the hook stopped the run at once (abort()): nothing more of this decision is carried out
         for command in decision.commands:
             op = command["op"]
             if op == "dispatch":

@@ -629,3 +629,45 @@ def test_runs_overlapping_in_one_loop_leave_no_sigint_handlers_behind() -> None:
     inside, after_runs = asyncio.run(main())
     assert depths == [0] * 30 and after_runs is inside
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, GeneratorExit, ValueError])
+def test_an_on_event_hook_raising_a_cancellation_is_switched_off_like_any_broken_hook(
+        raised: type[BaseException], caplog: pytest.LogCaptureFixture) -> None:
+    """A CancelledError from the hook (a cancelled future's result()) on an event of an attempt that had waited
+    killed the attempt's task: run_flow never returned."""
+    async def slow(data: Any, ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        return {}
+
+    async def quick(data: Any, ctx: Any) -> dict[str, Any]:
+        return {}
+
+    def hook(event: dict[str, Any]) -> None:
+        if event["type"] == "step_succeeded" and event["step"] == "a":
+            raise raised()
+
+    with caplog.at_level(logging.WARNING, logger="flowdsl.local"):
+        result = asyncio.run(bounded(flow("  - a: {worker: slow}\n  - b: {worker: quick}\n"),
+                                     registry(slow=slow, quick=quick), on_event=hook))
+    assert result.status == "completed" and result.steps["b"]["status"] == "succeeded"
+    assert f"the on_event hook raised {raised.__name__}" in caplog.text
+
+
+def test_abort_from_an_on_event_hook_starts_nothing_more() -> None:
+    """The decision whose event the hook aborted on still dispatched the next step, after the stop."""
+    called: list[str] = []
+
+    async def step(data: Any, ctx: Any) -> dict[str, Any]:
+        called.append(ctx.step_id)
+        return {}
+
+    async def main() -> None:
+        run = LocalRun(flow("  - a: {worker: step}\n  - b: {worker: step}\n"), {}, registry=registry(step=step),
+                       import_workers=False, record=False,
+                       on_event=lambda e: run.abort("seen enough") if e["type"] == "step_succeeded" else None)
+        with pytest.raises(RunAborted):
+            await asyncio.wait_for(run.run(), HUNG)
+
+    asyncio.run(main())
+    assert called == ["a"]
