@@ -204,11 +204,14 @@ def worker(name: Any = None, *, registry_: WorkerRegistry | None = None) -> Any:
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"worker name must be a non-empty str (or leave it out: the function's name), "
                         f"got {name!r}")
+    if registry_ is not None and not isinstance(registry_, WorkerRegistry):  # ({} registered into the default)
+        raise TypeError(f"registry_ must be a WorkerRegistry or None; got {type(registry_).__name__}")
+    target = registry if registry_ is None else registry_
 
     def decorate(fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@worker decorates a function (sync or async), got {type(fn).__name__}")
-        (registry_ or registry).register(name or _own_name(fn), fn)
+        target.register(name or _own_name(fn), fn)
         return fn
 
     return decorate

@@ -77,7 +77,7 @@ from flowdsl.runtime.execute import (
     wait_for_thread,
     warm_llm,
 )
-from flowdsl.runtime.plancheck import check_plan
+from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import (
     RecordError,
     RecordWriteError,
@@ -251,16 +251,17 @@ class LocalRun:
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
                  spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
                  late_grace: float | None = None):
-        if not isinstance(plan, dict):
-            raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
-                            f"flowdsl.compile_text(); got {type(plan).__name__}")
-        check_plan(plan)
+        require_plan(plan)
         if not isinstance(run_input, dict):
             raise TypeError(f"run_input must be a dict (a JSON object); got {type(run_input).__name__}")
         if run_id is not None and not isinstance(run_id, str):
             raise TypeError(f"run_id must be a string or None; got {type(run_id).__name__}")
-        if spec_path is not None and not isinstance(spec_path, str | os.PathLike):
-            raise TypeError(f"spec_path must be a str, an os.PathLike or None; got {type(spec_path).__name__}")
+        for name, path in (("spec_path", spec_path), ("runs_dir", runs_dir)):
+            if path is not None and not isinstance(path, str | os.PathLike):  # (bytes made a directory "b'")
+                raise TypeError(f"{name} must be a str, an os.PathLike or None; got {type(path).__name__}")
+        if registry is not None and not isinstance(registry, WorkerRegistry):  # ({} stood for the default one)
+            raise TypeError(f"registry must be a flowdsl.workers.WorkerRegistry or None; got "
+                            f"{type(registry).__name__}")
         if import_workers:  # from the current directory, then the spec's, as `flowdsl run` does (checks.py)
             spec_dir = os.path.dirname(os.path.abspath(os.fspath(spec_path))) if spec_path is not None else None
             try:
@@ -308,6 +309,7 @@ class LocalRun:
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
+        self._loop_thread: int | None = None
         self._started = False
         self._interrupts = 0
         self._signals: list[int] = []  # the stop signals this run took, in the order it took them
@@ -354,6 +356,7 @@ class LocalRun:
             self._finished = True
             raise RunAborted(self.run_id, NOT_STARTED, None)
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
         at = self._now()
@@ -408,8 +411,11 @@ class LocalRun:
         first step), the request is held and applied as the run starts: no worker is called — the first
         steps are cancelled as they are dispatched — and the run ends ``cancelled``. Ignored when the run is
         already being aborted or compensated, or is over. After the run's end, while the runtime waits for the
-        attempts it gave up on (``late_grace``), it stops waiting: what has not answered is in doubt.
+        attempts it gave up on (``late_grace``), it stops waiting: what has not answered is in doubt. Called from
+        another thread than the run's, it is handed to the run's event loop.
         """
+        if self._elsewhere(self.cancel, reason):
+            return
         if self._loop is None:
             if self._early is None:
                 self._early = ("cancel", reason)
@@ -423,8 +429,11 @@ class LocalRun:
 
         Asked before the run has started, :meth:`run` raises RunAborted at once: nothing runs and no record
         is written. Ignored when the run is over. After the run's end, while the runtime waits for the attempts
-        it gave up on (``late_grace``), it stops waiting, as :meth:`cancel` does, and :meth:`run` returns.
+        it gave up on (``late_grace``), it stops waiting, as :meth:`cancel` does, and :meth:`run` returns. Called
+        from another thread than the run's, it is handed to the run's event loop.
         """
+        if self._elsewhere(self.abort, reason):
+            return
         if self._loop is None:
             self._early = ("abort", reason)
         elif self._lingering is not None:
@@ -435,6 +444,15 @@ class LocalRun:
             if not self._done.done():
                 self._done.set_exception(RunAborted(self.run_id, self.state.get("status", "starting"),
                                                     self.record_path, result=self._stopped_result()))
+
+    def _elsewhere(self, method: Callable[[str], None], reason: str) -> bool:
+        """Hand ``method(reason)`` to the run's loop when called from another thread (the run's state is the loop
+        thread's alone); whether it did."""
+        loop = self._loop
+        if loop is None or self._loop_thread == threading.get_ident() or loop.is_closed():
+            return False
+        loop.call_soon_threadsafe(method, reason)
+        return True
 
     def _stopped_result(self) -> RunResult | None:
         """The run as it stands when stopped at once, with what it leaves to undo by hand as ``intervention``."""

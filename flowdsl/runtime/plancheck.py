@@ -33,6 +33,15 @@ _CHECKED_SIZE = 32
 _EXPRESSION_FIELDS = ("when", "fail_when", "items", "on")
 
 
+def require_plan(plan: Any) -> None:
+    """What a runtime asks of the ``plan`` it is given: a dict (else :class:`TypeError`), shaped like an execution
+    plan (else :class:`PlanError`, naming the field)."""
+    if not isinstance(plan, dict):
+        raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
+                        f"flowdsl.compile_text(); got {type(plan).__name__}")
+    check_plan(plan)
+
+
 def check_plan(plan: Any, what: str = "the plan") -> None:
     """Raise :class:`PlanError` when ``plan`` is not shaped like an execution plan (docs/plan.md)."""
     if _CHECKED.get(id(plan)) is plan:

@@ -140,6 +140,29 @@ def test_a_client_encodes_a_plan_once_for_all_the_runs_it_submits_of_it(url: str
     assert hashed == ["m", "other", "m"]
 
 
+def test_submit_refuses_what_is_not_a_plan_before_writing_anything(url: str, prefix: str, server: RedisServer) -> None:
+    """A path was an AttributeError; {} or a hand-edited plan was stored, and its start request went round the
+    workers as tracebacks until it became a dead letter, the run `submitted` for ever; a plan of version 2 ran."""
+    from flowdsl.runtime.plancheck import PlanError
+
+    edited = _plan()
+    edited = {**edited, "plan_version": 2}
+    dangling = _plan()
+    dangling = {**dangling, "nodes": {**dangling["nodes"], "a": {**dangling["nodes"]["a"], "deps": ["nowhere"]}}}
+
+    async def main() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            with pytest.raises(TypeError, match=r"plan must be an execution plan: a dict.*got str"):
+                await client.submit("flow.yaml", {})  # type: ignore[arg-type]
+            for bad, said in (({}, "it has no 'plan_version'"), (edited, "'plan_version' must be 1, found 2"),
+                              (dangling, "nowhere")):
+                with pytest.raises(PlanError, match=said):
+                    await client.submit(bad, {"script": {}}, run_id="bad")
+
+    asyncio.run(main())
+    assert server.client().zcard(Keys(prefix).runs) == 0
+
+
 def test_submitting_a_run_id_twice_starts_one_run(url: str, prefix: str, server: RedisServer) -> None:
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:

@@ -671,3 +671,41 @@ def test_abort_from_an_on_event_hook_starts_nothing_more() -> None:
 
     asyncio.run(main())
     assert called == ["a"]
+
+
+def test_wrong_types_for_paths_and_registries_are_type_errors(tmp_path: Path) -> None:
+    """runs_dir=b"/x" wrote records into a directory named "b'"; registry={} stood for the default registry;
+    @worker(registry_={}) registered into the default one."""
+    plan = flow("  - a\n")
+    with pytest.raises(TypeError, match=r"runs_dir must be a str, an os.PathLike or None; got bytes"):
+        LocalRun(plan, {}, runs_dir=str(tmp_path).encode(), import_workers=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"registry must be a flowdsl.workers.WorkerRegistry or None; got dict"):
+        LocalRun(plan, {}, registry={}, import_workers=False, record=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"registry_ must be a WorkerRegistry or None; got dict"):
+        flowdsl.worker("zz_never", registry_={})  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())
+
+
+def test_cancel_from_another_thread_is_handed_to_the_runs_loop() -> None:
+    """It ran on the calling thread, touching the run's state there; the cancellation reached the worker only
+    when it finished by itself."""
+    import threading
+
+    seen: list[str] = []
+
+    async def slow(data: Any, ctx: Any) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(HUNG)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return {}
+
+    async def main() -> Any:
+        run = LocalRun(flow("  - a: {worker: slow}\n"), {}, registry=registry(slow=slow), import_workers=False,
+                       record=False)
+        threading.Timer(0.2, run.cancel, args=("from a thread",)).start()
+        return await asyncio.wait_for(run.run(), HUNG / 2)
+
+    result = asyncio.run(main())
+    assert result.status == "cancelled" and result.error["message"] == "from a thread" and seen == ["cancelled"]

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from flowdsl.kernel import check_seed
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem, worker_references
+from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
@@ -259,10 +260,13 @@ class RedisClient:
         attempt may wait for a worker before it fails with
         ``ScheduleToStartTimeout`` (default: the worker's ``--schedule-timeout``,
         else no limit). Raises ``ValueError`` for a bad run id or an input that
-        is not a JSON object. A plan is read as unchanging once compiled: its
+        is not a JSON object, ``TypeError`` for a plan that is not a dict and
+        ``PlanError`` (a ``ValueError``) for one not shaped like an execution
+        plan, naming the field. A plan is read as unchanging once compiled: its
         encoding is kept by the plan object's identity (as the kernel keeps
         its indexes), so change a plan by compiling a new one.
         """
+        require_plan(plan)  # (unchecked, a path was an AttributeError, a hand-edited plan a dead letter)
         problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
         if problem is not None:
             raise ValueError(f"the run input is not a JSON object: {problem}")
