@@ -382,6 +382,9 @@ class Machine(Saga):
             return  # a run started under kernel version 1 (before this rule): its decisions stay version 1's
         prefix = self.run_id + "/"
         ikey, _, mark = task_id[len(prefix):].rpartition("#") if task_id.startswith(prefix) else ("", "", "")
+        if mark.startswith("c"):
+            self.late_undo(ikey, task_id, mark[1:])
+            return
         fallback = mark.startswith("f")
         digits = mark[1:] if fallback else mark
         rec = self.nodes.get(ikey)

@@ -185,12 +185,15 @@ class Saga(Core):
         self.emit("compensation_started", ikey, attempt=attempt, task_id=task_id, worker=spec["worker"],
                   idempotency_key=idem + "/compensate")
 
-    def compensation_succeeded(self, ikey: str, task_id: str) -> None:
+    def compensation_succeeded(self, ikey: str, task_id: str, attempt: int | None = None) -> None:
+        """The compensation of ``ikey`` succeeded (``attempt``: the attempt whose success it is, when not the
+        latest: :meth:`late_undo`)."""
         comp = self.s["compensations"][ikey]
         comp.update(status="done", task=None, finished_at=self.at, error=None)  # (as a step's, on success)
         self.s["saga"]["active"] -= 1
         self.s["compensated"].append(ikey)
-        self.emit("compensation_succeeded", ikey, attempt=comp["attempt"], task_id=task_id)
+        self.emit("compensation_succeeded", ikey, attempt=comp["attempt"] if attempt is None else attempt,
+                  task_id=task_id)
         self.advance_saga()
 
     def compensation_attempt_failed(self, ikey: str, task_id: str, err: dict[str, Any]) -> None:
@@ -212,6 +215,30 @@ class Saga(Core):
         self.emit("compensation_failed", ikey, attempt=attempt, task_id=task_id, error=err,
                   worker=spec["worker"])
         self.advance_saga()
+
+    def late_undo(self, ikey: str, task_id: str, digits: str) -> None:
+        """A success of an earlier attempt of a compensation that is not resolved yet — it timed out, and the
+        compensation waits to retry or runs a newer attempt (kernel version 4): the undo is done (one idempotency
+        key: the newer attempt would make the same undo), so the compensation succeeds now; its retry timer is
+        cancelled, or its newer attempt given up (``cancel_task``). Before, the success was rejected and the
+        record could say the undo failed for good."""
+        comp = (self.s.get("compensations") or {}).get(ikey)
+        if self.s["kernel"] < 4 or self.s["status"] != "compensating" or comp is None \
+                or comp["status"] not in ("retrying", "running"):
+            return
+        latest: int = comp["attempt"]  # retrying: the attempt that failed; running: the one in flight
+        if not (digits.isascii() and digits.isdigit()) or digits != str(int(digits)) \
+                or not 1 <= int(digits) <= latest - (comp["status"] == "running"):
+            return
+        if comp["status"] == "running":
+            current = comp["task"]
+            task = self.tasks.pop(current)
+            self.ended.append(current)
+            self.cancel_timer(task["timer"])
+            self.command("cancel_task", task_id=current, step=ikey)
+        else:
+            self.cancel_timer(f"{self.idempotency_key(ikey)}#c{latest + 1}@retry")
+        self.compensation_succeeded(ikey, task_id, attempt=int(digits))
 
     def retry_compensation(self, ikey: str) -> None:
         comp = self.s["compensations"][ikey]

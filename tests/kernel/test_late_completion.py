@@ -551,3 +551,50 @@ def test_a_retry_that_succeeds_after_an_output_map_failure_is_undone_once_as_usu
     drv.feed(type="task_succeeded", task_id="r1/b#2", result={"charge_id": "ch_1", "amount": "12.50"})
     rec = drv.state["nodes"]["b"]
     assert rec["status"] == "succeeded" and "late" not in rec and rec["out"] == {"amount": 12.5}
+
+
+UNDO_RETRIED = {"worker": "undo_a", "timeout": "100ms", "retry": {"attempts": 3, "initial": "10ms"}}
+
+
+def _undo_timed_out(kernel: int = STATE_VERSION) -> Driver:
+    """a (its undo retried, 100 ms per attempt) then b, which fails: a's undo attempt 1 times out."""
+    drv = Driver(plan_of([{"a": {"compensate": UNDO_RETRIED}}, "b"]), kernel=kernel)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={})
+    drv.feed(type="task_failed", task_id="r1/b#1", error={"type": "Down", "message": "x"})
+    drv.feed(type="timer_fired", timer_id="r1/a#c1@timeout")
+    assert drv.state["compensations"]["a"]["status"] == "retrying"
+    return drv
+
+
+def test_a_timed_out_undo_attempt_that_succeeds_while_the_undo_waits_to_retry_completes_it() -> None:
+    """The success was rejected: a retry ran, and had it failed the record said the undo failed for good."""
+    drv = _undo_timed_out()
+    events = drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.types(events) == ["result_rejected", "compensation_succeeded", "run_finished"]
+    assert events[1]["attempt"] == 1 and events[1]["task_id"] == "r1/a#c1"
+    s = drv.state
+    assert s["status"] == "compensated" and s["compensated"] == ["a"] and s["timers"] == {}
+    assert {"op": "cancel_timer", "timer_id": "r1/a#c2@retry"} in [
+        {k: c[k] for k in ("op", "timer_id")} for c in drv.commands if c["op"] == "cancel_timer"]
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_timed_out_undo_attempt_that_succeeds_while_a_newer_one_runs_completes_it_and_gives_that_up() -> None:
+    drv = _undo_timed_out()
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "a"))
+    assert "r1/a#c2" in drv.state["tasks"]
+    events = drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.types(events) == ["result_rejected", "compensation_succeeded", "run_finished"]
+    assert drv.state["status"] == "compensated" and drv.state["tasks"] == {}
+    assert any(c["op"] == "cancel_task" and c["task_id"] == "r1/a#c2" for c in drv.commands)
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/a#c2", result={})) == ["result_rejected"]
+    assert drv.state["compensated"] == ["a"]
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_under_version_3_a_timed_out_undo_attempt_s_success_is_only_rejected() -> None:
+    drv = _undo_timed_out(kernel=3)
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})) == ["result_rejected"]
+    assert drv.state["compensations"]["a"]["status"] == "retrying"
