@@ -415,10 +415,15 @@ class Machine(Saga):
             if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result,
                                                               context=self.context(ikey), own=result)):
                 return  # a result the step fails with: no effect to undo, as on time
-            out = self._mapped_output(ikey, result)
         except ExpressionError:
             return
         late: dict[str, Any] = {"task_id": task_id, "attempt": attempt, "result": result}
+        try:
+            out = self._mapped_output(ikey, result)
+        except ExpressionError:
+            if self.s["kernel"] < 4:
+                return
+            out, late["unmapped"] = None, True  # its effect stands all the same, as on time (_task_succeeded)
         if out is not None:
             late["out"] = out
         if ended:

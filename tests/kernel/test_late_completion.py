@@ -598,3 +598,24 @@ def test_under_version_3_a_timed_out_undo_attempt_s_success_is_only_rejected() -
     drv = _undo_timed_out(kernel=3)
     assert drv.types(drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})) == ["result_rejected"]
     assert drv.state["compensations"]["a"]["status"] == "retrying"
+
+
+@pytest.mark.parametrize("kernel", [3, STATE_VERSION])
+def test_a_late_success_whose_output_map_fails_is_a_late_completion_all_the_same(kernel: int) -> None:
+    """On time such a success is undone (its effect stands); late it was only rejected, the run staying failed with
+    the charge made."""
+    charge = {"compensate": "refund", "timeout": "50ms", "output": {"amount": "${ $number(amount) }"}}
+    drv = Driver(plan_of([{"charge": charge}]), kernel=kernel)
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    assert drv.state["status"] == "failed"
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1", "amount": "12,50"})
+    if kernel == 3:
+        assert drv.types(events) == ["result_rejected"] and drv.state["status"] == "failed"
+        return
+    assert drv.types(events) == ["result_rejected", "late_completion", "run_finished"]
+    assert drv.state["status"] == "needs_intervention"
+    [item] = drv.state["intervention"]["steps"]
+    assert item["step"] == "charge" and item["step_result"] == {"charge_id": "ch_1", "amount": "12,50"}
+    assert item["input"] == {"charge_id": "ch_1", "amount": "12,50"}  # the context plus the raw result
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
