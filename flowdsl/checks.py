@@ -201,6 +201,10 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
                 hint = did_you_mean("$" + var, {"$" + v for v in allowed})
             yield _err(node, "FD502", f"in '{fname}': undefined variable '${var}'{hint}; expected one of "
                        f"{', '.join('$' + v for v in sorted(allowed))} or a variable bound in the expression", path)
+        for name in sorted(analysis.names & extra_vars & loops.keys()):
+            yield _err(node, "FD310", f"in '{fname}': '{name}' reads the context's field '{name}', not the loop "
+                       f"variable: write '${name}' (if the context has such a field, give the loop variable another "
+                       "name with 'as:')", path)
         for fn in sorted(analysis.functions & expr.NONDETERMINISTIC):
             yield _err(node, "FD503", f"in '{fname}': '${fn}' is not allowed: {expr.refusal(fn)}", path)
         for fn in sorted(analysis.functions - builtins - allowed - expr.NONDETERMINISTIC):

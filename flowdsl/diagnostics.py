@@ -48,6 +48,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD307": ("error", "conflicting outputs of concurrent nodes"),
     "FD308": ("error", "sub-flow cannot be loaded"),
     "FD309": ("error", "option not allowed here"),
+    "FD310": ("warning", "loop variable read without $"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),

@@ -67,6 +67,7 @@ class Analysis:
     variables: frozenset[str]  # free variables read (without the $)
     functions: frozenset[str]  # functions called by name
     step_refs: frozenset[str]  # ids read as $steps.<id>
+    names: frozenset[str] = frozenset()  # the first names of paths (`order` in `order.total`): fields read
 
 
 def expression_id(source: str) -> str:
@@ -278,6 +279,7 @@ def analyse(source: str) -> Analysis:
     used: set[str] = set()
     functions: set[str] = set()
     steps: set[str] = set()
+    names: set[str] = set()
 
     stack = [root]
     while stack:
@@ -298,6 +300,8 @@ def analyse(source: str) -> Analysis:
                 functions.add(proc.value)
         elif kind == "path":
             parts = node.steps or []
+            if parts and getattr(parts[0], "type", None) == "name":
+                names.add(parts[0].value)
             if (
                 len(parts) >= 2
                 and getattr(parts[0], "type", None) == "variable"
@@ -309,7 +313,8 @@ def analyse(source: str) -> Analysis:
             used.add(node.value)
         stack.extend(ast_children(node))
     free = frozenset(v for v in used if v not in bound and v not in functions)
-    return Analysis(variables=free, functions=frozenset(functions - bound), step_refs=frozenset(steps))
+    return Analysis(variables=free, functions=frozenset(functions - bound), step_refs=frozenset(steps),
+                    names=frozenset(names))
 
 
 @functools.lru_cache(maxsize=1)
