@@ -318,7 +318,7 @@ def compile_text(text: str | bytes, *, filename: PathArg = "spec.yaml", check_wo
     if result.plan is None:
         diagnostics = result.diagnostics
         if not name.endswith(".flow") and _TEXT_SYNTAX.match(text if isinstance(text, str) else
-                                                             text.decode("utf-8", "replace")):
+                                                             bytes(text).decode("utf-8", "replace")):
             hint = " (this looks like the text syntax: pass filename='NAME.flow')"
             diagnostics = [dataclasses.replace(d, message=d.message + hint) if d.code in ("FD103", "FD109") else d
                            for d in diagnostics]

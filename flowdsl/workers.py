@@ -99,6 +99,26 @@ class Worker:
     module: str
 
 
+def _check_callable(name: str, fn: Any) -> None:
+    """Refuse, when it is registered, a callable that cannot be a worker: it would fail every attempt of its steps
+    at run time, as the step's own failure — retried, then compensated like a business error."""
+    if inspect.isclass(fn):
+        raise TypeError(f"worker {name!r}: a class is not a worker (calling it makes an instance, not a result); "
+                        "register a function, or an instance with a __call__")
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise TypeError(f"worker {name!r}: a generator function is not a worker: a worker returns its result "
+                        "(a dict) or None")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: called as it comes
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        raise TypeError(f"worker {name!r}: {_describe_fn(fn)} must take the step's input and its context "
+                        f"(fn(data, ctx)): {exc}") from None
+
+
 class WorkerRegistry:
     """Name -> worker. The process-wide default is :data:`registry`."""
 
@@ -117,6 +137,7 @@ class WorkerRegistry:
             raise ValueError(f"invalid worker name {shown}: {_NAME_RULE}")
         if not callable(fn):
             raise TypeError(f"a worker is a function (sync or async), got {type(fn).__name__}")
+        _check_callable(name, fn)
         existing = self._workers.get(name)
         if existing is not None and not _same_worker(existing.fn, fn):
             raise ValueError(f"worker {name!r} is already registered ({_describe_fn(existing.fn)}, from "

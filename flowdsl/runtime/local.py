@@ -48,6 +48,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import inspect
 import logging
 import os
 import signal
@@ -259,6 +260,10 @@ class LocalRun:
         for name, path in (("spec_path", spec_path), ("runs_dir", runs_dir)):
             if path is not None and not isinstance(path, str | os.PathLike):  # (bytes made a directory "b'")
                 raise TypeError(f"{name} must be a str, an os.PathLike or None; got {type(path).__name__}")
+        for name, hook in (("on_event", on_event), ("on_notice", on_notice)):
+            if hook is not None and (not callable(hook) or inspect.iscoroutinefunction(hook)):
+                raise TypeError(f"{name} must be a plain function or None (it is called, not awaited); got "
+                                + ("an async function" if callable(hook) else type(hook).__name__))
         if registry is not None and not isinstance(registry, WorkerRegistry):  # ({} stood for the default one)
             raise TypeError(f"registry must be a flowdsl.workers.WorkerRegistry or None; got "
                             f"{type(registry).__name__}")
@@ -576,7 +581,7 @@ class LocalRun:
                     # result() — killed the attempt's task and left the run waiting for ever)
                     self.on_event = None
                     _log.warning("run %s: the on_event hook raised %s: %s; it is no longer called", self.run_id,
-                                 type(exc).__name__, exc)
+                                 type(exc).__name__, exc, exc_info=exc)
                     self._notice("the on_event hook raised; it is no longer called")
                     break
             if self._finished:

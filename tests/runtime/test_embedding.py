@@ -709,3 +709,47 @@ def test_cancel_from_another_thread_is_handed_to_the_runs_loop() -> None:
 
     result = asyncio.run(main())
     assert result.status == "cancelled" and result.error["message"] == "from a thread" and seen == ["cancelled"]
+
+
+def test_hooks_that_cannot_be_called_as_hooks_are_type_errors() -> None:
+    """`on_event="print"` was dropped at its first call; an `async def` hook made coroutines nobody awaited."""
+    async def async_hook(event: dict[str, Any]) -> None:
+        pass
+
+    plan = flow("  - a\n")
+    for name, hook, said in (("on_event", "print", "got str"), ("on_notice", 3, "got int"),
+                             ("on_event", async_hook, "got an async function")):
+        with pytest.raises(TypeError, match=f"{name} must be a plain function or None .*{said}"):
+            LocalRun(plan, {}, import_workers=False, record=False, **{name: hook})
+
+
+def test_a_worker_that_cannot_take_its_input_and_context_is_refused_when_registered() -> None:
+    """It failed every attempt at run time as the step's own error, retried and compensated like a real failure."""
+    reg = WorkerRegistry()
+
+    def nosig() -> dict[str, Any]:
+        return {}
+
+    async def one_arg(data: Any) -> dict[str, Any]:
+        return {}
+
+    async def stream(data: Any, ctx: Any) -> Any:
+        yield {}
+
+    class Step:
+        def __init__(self, data: Any, ctx: Any) -> None:
+            pass
+
+    for name, fn, said in (("nosig", nosig, "must take the step's input and its context"),
+                           ("one_arg", one_arg, "must take the step's input and its context"),
+                           ("stream", stream, "a generator function is not a worker"),
+                           ("cls", Step, "a class is not a worker")):
+        with pytest.raises(TypeError, match=f"worker '{name}': .*{said}"):
+            reg.register(name, fn)
+    reg.register("fine", lambda data, ctx, *, extra=1: {})
+    assert "fine" in reg
+
+
+def test_compile_text_of_a_memoryview_reports_its_diagnostics() -> None:
+    with pytest.raises(flowdsl.SpecError, match="FD201"):
+        compile_text(memoryview(b"flowdsl: 1\nname: t\nsteps: 3\n"))
