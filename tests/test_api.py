@@ -456,6 +456,9 @@ def test_a_name_is_taken_once_by_one_callable() -> None:
     def f2(data: Any, ctx: Any) -> Any:
         return {"who": 2}
 
+    def f3(tag: int, data: Any, ctx: Any) -> Any:
+        return {"who": tag}
+
     def make(tag: str) -> Any:
         async def handler(data: Any, ctx: Any) -> Any:
             return {"who": tag}
@@ -467,7 +470,7 @@ def test_a_name_is_taken_once_by_one_callable() -> None:
 
     one, other = Service(), Service()
     pairs = [(lambda d, c: 1, lambda d, c: 2), (functools.partial(f1), functools.partial(f2)),
-             (functools.partial(f1, 1), functools.partial(f1, 2)), (make("a"), make("b")),
+             (functools.partial(f3, 1), functools.partial(f3, 2)), (make("a"), make("b")),
              (one.handle, other.handle), (f1, f2)]
     for first, second in pairs:
         reg = WorkerRegistry()
@@ -480,8 +483,8 @@ def test_a_name_is_taken_once_by_one_callable() -> None:
     reg = WorkerRegistry()
     for same in (f1, f1, one.handle, one.handle):  # the same function or bound method again: no conflict
         reg.register(same.__name__, same)
-    reg.register("p", functools.partial(f1, 1))
-    reg.register("p", functools.partial(f1, 1))
+    reg.register("p", functools.partial(f3, 1))
+    reg.register("p", functools.partial(f3, 1))
 
 
 def test_the_same_definitions_run_again_replace_the_old_ones() -> None:
