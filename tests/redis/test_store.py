@@ -392,3 +392,31 @@ def test_the_lean_worker_connection_with_and_without_hiredis(server: RedisServer
     assert (pong, added, pairs, nothing, incr) == (b"PONG", 2, [b"a", b"1", b"b", b"\xff\x00"], None, b"1.5")
     assert entries[0][1] == [b"m", b"x" * 70000]
     assert isinstance(missing_script, redis.exceptions.NoScriptError)
+
+
+def test_a_cancellation_landing_as_a_blocking_read_answers_is_not_lost(server: RedisServer, prefix: str) -> None:
+    """A follower's Ctrl-C or SIGTERM cancels its task; when the cancellation lands in the loop iteration where
+    its ``XREAD … BLOCK`` answers, the read must still end cancelled (with ``asyncio.wait_for`` on Python 3.11 the
+    answer was returned and the cancellation dropped: ``flowdsl run --backend redis`` went on following)."""
+    from flowdsl.runtime.redis import wire
+
+    async def main() -> None:
+        conn = wire.WireConnection(server.url)
+        real = conn.execute
+        reading: asyncio.Task[Any] | None = None
+
+        async def execute(commands: list[tuple[Any, ...]]) -> list[Any]:
+            replies = await real(commands)
+            assert reading is not None
+            reading.cancel()  # as the signal handler does, once the answer is in
+            return replies
+
+        conn.execute = execute  # type: ignore[method-assign]
+        try:
+            reading = asyncio.create_task(conn.blocking(("XREAD", "BLOCK", 10, "STREAMS", f"{prefix}:s", "0"), 10))
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+        finally:
+            await conn.aclose()
+
+    asyncio.run(main())

@@ -100,7 +100,8 @@ class Upkeep:
         """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop)."""
         assert self._stopped is not None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopped.wait()
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.options.lease_s / 3)
@@ -264,7 +265,8 @@ class Upkeep:
             self._next_timer = self.clock.now() + wait * 1000.0
             self._timer_wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    await self._timer_wake.wait()
 
     async def _fire(self, member: TimerMember, recover: bool) -> None:
         while True:

@@ -237,7 +237,8 @@ class WireConnection:
                     coro = loop.create_unix_connection(_Protocol, opts["path"])
                 else:
                     coro = loop.create_connection(_Protocol, opts.get("host", "localhost"), opts.get("port", 6379))
-                _, protocol = await asyncio.wait_for(coro, self.connect_timeout)
+                async with asyncio.timeout(self.connect_timeout):
+                    _, protocol = await coro
             except (OSError, TimeoutError) as exc:
                 raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from None
             hello: list[tuple[Any, ...]] = []
@@ -280,7 +281,8 @@ class WireConnection:
         """Run one blocking command (``XREAD … BLOCK``) on this connection, which it holds meanwhile: its
         reply, or its error raised. A connection silent 15 s past the block time is closed as dead."""
         try:
-            (reply,) = await asyncio.wait_for(self.execute([command]), block_ms / 1000 + 15)
+            async with asyncio.timeout(block_ms / 1000 + 15):
+                (reply,) = await self.execute([command])
         except TimeoutError:
             await self.aclose()
             raise redis.TimeoutError(f"no answer from Redis to {command[0]}") from None

@@ -790,7 +790,8 @@ class RedisWorker(Upkeep):
             final = self._late_wake.is_set()
             if not final:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._late_wake.wait(), self.lease_ms / 1000)
+                    async with asyncio.timeout(self.lease_ms / 1000):
+                        await self._late_wake.wait()
                 final = self._late_wake.is_set()
             try:
                 (version, born), lease = await asyncio.gather(
@@ -845,7 +846,8 @@ class RedisWorker(Upkeep):
         reader, timers, _, reclaimer, *_ = loops
         for task in (reader, timers, reclaimer):
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=self.options.block_ms / 1000 + 1)
+                async with asyncio.timeout(self.options.block_ms / 1000 + 1):
+                    await asyncio.shield(task)
             except (TimeoutError, asyncio.CancelledError):
                 pass
             except Exception:
