@@ -19,6 +19,7 @@ from flowdsl.cli import app
 from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.workers import WorkerRegistry
+from flowdsl.workers import registry as default_registry
 from tests.redis.inproc import serving, worker_here
 from tests.redis.procs import ROOT, WorkerProcs
 from tests.runtime.conformance import HEADER
@@ -69,6 +70,38 @@ def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_t
     result = asyncio.run(main())
     assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
     assert result.error["type"] == "ScheduleToStartTimeout"
+
+
+def test_a_step_timeout_counts_the_wait_in_its_stream_and_an_attempt_timed_out_there_never_runs(
+        url: str, prefix: str) -> None:
+    """A step's timeout counts from its dispatch (docs/runtime.md, "Sizing"): attempts that wait in their stream
+    longer time out there — each retry queued again — and the run compensates; a process that reads those
+    messages afterwards answers them cancelled without running the worker."""
+    spec = HEADER.format(name="queued") + (
+        "steps:\n  - conf.a: {compensate: undo.a}\n"
+        "  - b: {worker: backlog.b, timeout: 200ms, retry: {attempts: 2, initial: 10ms}}\n")
+    calls: list[str] = []
+    first, late = WorkerRegistry(), WorkerRegistry()
+    first.register("conf.a", default_registry.get("conf.a").fn)
+    first.register("undo.a", default_registry.get("undo.a").fn)
+
+    async def b(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.task_id)
+        return {}
+
+    late.register("backlog.b", b)
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {"script": {}})
+            result = await serving([worker_here(url, prefix, registry=first)], lambda: client.follow(sub.run_id))
+            await asyncio.wait_for(worker_here(url, prefix, registry=late, burst=True).serve(), 30)
+            return result, await client.store.call("XLEN", client.keys.queue("backlog.b"))
+
+    result, left = asyncio.run(main())
+    assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
+    assert result.error["type"] == "StepTimeout" and result.steps["b"]["attempts"] == 2
+    assert calls == [] and left == 0  # both messages read, answered cancelled, acknowledged: the worker never ran
 
 
 def test_a_worker_process_survives_a_step_that_calls_sys_exit(tmp_path: Path, url: str, prefix: str) -> None:
