@@ -41,10 +41,10 @@ __all__ = [
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
 #: 2 added late completions (docs/kernel.md, "Late completions"), 3 no retry of an LLM step's ``InputInvalid``, 4 a
-#: late completion joins the saga when nothing it follows has been undone;
-#: a run started under an earlier version — a record or journal written before — replays and goes on under that
-#: version's rules, so its decisions stay what they were
-STATE_VERSION = 4
+#: late completion joins the saga when nothing it follows has been undone, 5 a late success of an undo that failed
+#: for good completes it; a run started under an earlier version — a record or journal written before — replays and
+#: goes on under that version's rules, so its decisions stay what they were
+STATE_VERSION = 5
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
 INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
                 "cancel_requested")
@@ -95,7 +95,7 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
     rules' version the run was started under (:data:`STATE_VERSION`; an older one
     for :func:`replay` of a run recorded before).
     """
-    if kernel not in (1, 2, 3, STATE_VERSION):
+    if kernel not in range(1, STATE_VERSION + 1):
         raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
     check_seed(seed)
     program = prepare(plan)

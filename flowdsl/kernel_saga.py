@@ -223,12 +223,17 @@ class Saga(Core):
         cancelled, or its newer attempt given up (``cancel_task``). Before, the success was rejected and the
         record could say the undo failed for good."""
         comp = (self.s.get("compensations") or {}).get(ikey)
-        if self.s["kernel"] < 4 or self.s["status"] != "compensating" or comp is None \
-                or comp["status"] not in ("retrying", "running"):
+        if self.s["kernel"] < 4 or comp is None:
             return
         latest: int = comp["attempt"]  # retrying: the attempt that failed; running: the one in flight
         if not (digits.isascii() and digits.isdigit()) or digits != str(int(digits)) \
                 or not 1 <= int(digits) <= latest - (comp["status"] == "running"):
+            return
+        if comp["status"] == "failed":
+            if self.s["kernel"] >= 5:
+                self._undone_after_failure(ikey, task_id, int(digits))
+            return
+        if self.s["status"] != "compensating" or comp["status"] not in ("retrying", "running"):
             return
         if comp["status"] == "running":
             current = comp["task"]
@@ -239,6 +244,29 @@ class Saga(Core):
         else:
             self.cancel_timer(f"{self.idempotency_key(ikey)}#c{latest + 1}@retry")
         self.compensation_succeeded(ikey, task_id, attempt=int(digits))
+
+    def _undone_after_failure(self, ikey: str, task_id: str, attempt: int) -> None:
+        """A success of an attempt of a compensation that had failed for good — an attempt that timed out went on
+        and succeeded (kernel version 5): the undo is done. While the run is compensating, the compensations it
+        held back run now; once the run has ended, the step leaves its ``intervention`` (the steps held back stay
+        listed: the run does not start them after its end), and a run left with nothing to undo by hand ends as
+        its saga would have: ``compensated`` or ``cancelled``, ``run_finished`` said again with
+        ``previous_status``. Before, the success was only rejected, and a person was told to undo the step again."""
+        comp = self.s["compensations"][ikey]
+        comp.update(status="done", task=None, finished_at=self.at, error=None)
+        self.s["compensated"].append(ikey)
+        self.emit("compensation_succeeded", ikey, attempt=attempt, task_id=task_id, after_failure=True)
+        if self.s["status"] not in END_STATES:
+            self.advance_saga()  # (its failure already left the compensations in flight)
+            return
+        kept = [item for item in (self.s["intervention"] or {}).get("steps") or ()
+                if not (item["step"] == ikey and item["status"] == "failed")]
+        if kept:
+            self.s["intervention"] = {"steps": kept}
+            return
+        self.s["intervention"] = None
+        self.finish("cancelled" if self.s["abort"] == "cancelled" else "compensated",
+                    previous_status=self.s["status"])
 
     def retry_compensation(self, ikey: str) -> None:
         comp = self.s["compensations"][ikey]

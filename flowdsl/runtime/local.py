@@ -94,11 +94,13 @@ from flowdsl.runtime.report import (
     RunResult,
     attempt_label,
     in_doubt_items,
+    late_answer_effect,
     late_grace_seconds,
-    may_complete_late,
+    may_answer_late,
     stopped_at_once,
     stopped_waiting,
     stopped_while,
+    timed_out_attempts,
 )
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
@@ -698,9 +700,10 @@ class LocalRun:
 
         A sync worker's thread cannot be stopped, and an async worker may ignore its cancel: when an attempt the
         run gave up on (it timed out) still runs, for a step whose success would be a late completion (it has a
-        compensation and did not succeed: :func:`~flowdsl.runtime.report.may_complete_late`), the run's end is
-        held for it, at most ``late_grace`` seconds, and its answer is fed as any late answer: a success makes the
-        run ``needs_intervention``."""
+        compensation and did not succeed), or of an undo that failed for good
+        (:func:`~flowdsl.runtime.report.may_answer_late`), the run's end is held for it, at most ``late_grace``
+        seconds, and its answer is fed as any late answer: a step's success makes the run ``needs_intervention``,
+        an undo's counts its step undone."""
         if self._lingering is None:
             held = self._hung()
             if held:
@@ -713,18 +716,18 @@ class LocalRun:
 
     def _hung(self, late_only: bool = True) -> dict[str, _Attempt]:
         """The attempts the kernel gave up on (it no longer counts them in flight) that have not been heard from,
-        of steps whose success would be a late completion (``late_only``): a sync worker's that was called — its
+        whose success would still count (``late_only``: a step's a late completion, an undo's that failed for good
+        its step undone): a sync worker's that was called — its
         thread still runs, or its answer is on its way — and an async worker's still running, whatever its cancel
         does to it. Or (a run stopped at once: nothing will hear them) the sync ones of every step with a
         compensation that has not succeeded: an async attempt cancelled then is cancelled as the loop ends."""
         hung = {}
         for task_id, attempt in self._tasks.items():
-            if attempt.task is None or attempt.task.done() or task_id in self.state["tasks"] \
-                    or attempt.command["kind"] not in ("task", "fallback"):
+            if attempt.task is None or attempt.task.done() or task_id in self.state["tasks"]:
                 continue
             if not (attempt.called() if not cancellable(attempt.command, self.registry) else late_only):
                 continue
-            if may_complete_late(self.plan, self.state, attempt.command["step"], any_end=not late_only):
+            if may_answer_late(self.plan, self.state, attempt.command, any_end=not late_only):
                 hung[task_id] = attempt
         return hung
 
@@ -773,7 +776,7 @@ class LocalRun:
             return
         self._linger_timer = self._loop.call_later(self.late_grace, self._stop_waiting,
                                                    f"after {self.late_grace:g} s, the late_grace")
-        timed_out = {e["task_id"] for e in self.events if e["type"] == "step_timed_out"}
+        timed_out = timed_out_attempts(self.events)
         said = ", ".join(f"{a['step']} ({attempt_label(a)}{' timed out' if a['task_id'] in timed_out else ''})"
                          for a in attempts)
         kinds = {cancellable(a.command, self.registry) for a in held.values()}
@@ -782,8 +785,8 @@ class LocalRun:
         stops = next((f"; {'Ctrl-C' if s == signal.SIGINT else signal.Signals(s).name} stops waiting"
                       for s in self._signals if s != getattr(signal, "SIGHUP", None)), "")
         self._notice(f"the run ended {self.status}; waiting up to {self.late_grace:g} s for "
-                     f"{len(attempts)} attempt(s) it gave up on to answer: {said} — {why}, and if it completed, "
-                     f"its effect must be undone{stops}")
+                     f"{len(attempts)} attempt(s) it gave up on to answer: {said} — {why}, and "
+                     f"{late_answer_effect(attempts)}{stops}")
 
     def _check_wait(self) -> None:
         """After an answer (or a late completion) while the end is held: stop waiting for attempts whose success
@@ -791,8 +794,7 @@ class LocalRun:
         lingering = self._lingering
         if lingering is None or self._finished:
             return
-        for task_id in [t for t, a in lingering.items() if not may_complete_late(self.plan, self.state,
-                                                                                  a.command["step"])]:
+        for task_id in [t for t, a in lingering.items() if not may_answer_late(self.plan, self.state, a.command)]:
             del lingering[task_id]
         if lingering:
             return

@@ -28,9 +28,32 @@ from typing import Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS, LLM_NOT_CONFIGURED, in_doubt, left_to_undo, replay, summary
 
-__all__ = ["EXIT_CODES", "NOT_STARTED", "LiveView", "RunResult", "attempt_label", "critical_path", "exit_code",
-           "fallback_text", "in_doubt_items", "llm_calls_of", "may_complete_late", "print_summary", "print_timeline",
-           "record_end_note", "result_from_record", "stopped_at_once", "stopped_waiting", "stopped_while", "timing"]
+__all__ = [
+    "EXIT_CODES",
+    "NOT_STARTED",
+    "LiveView",
+    "RunResult",
+    "attempt_label",
+    "critical_path",
+    "exit_code",
+    "fallback_text",
+    "in_doubt_items",
+    "is_undo_attempt",
+    "late_answer_effect",
+    "llm_calls_of",
+    "may_answer_late",
+    "may_complete_late",
+    "may_undo_late",
+    "print_summary",
+    "print_timeline",
+    "record_end_note",
+    "result_from_record",
+    "stopped_at_once",
+    "stopped_waiting",
+    "stopped_while",
+    "timed_out_attempts",
+    "timing",
+]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
@@ -83,7 +106,9 @@ class RunResult:
     (it timed out) was still running when the runtime stopped waiting for its answer after the run's end (the
     local runtime's ``late_grace``, docs/runtime.md), so it may have completed — each as ``intervention`` lists a
     step (``status: in_flight``, a ``reason``, plus ``task_ids``), to check and, if it took effect, undo by hand;
-    it makes ``exit_code`` 4.
+    or an attempt of an undo that failed for good was still running, so the step may be undone already — its
+    ``intervention`` entry with ``undo_in_doubt`` true, to check before undoing the step by hand. It makes
+    ``exit_code`` 4.
     """
 
     run_id: str
@@ -273,24 +298,78 @@ def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False)
     return f"[yellow]! {step} completed late[/] {head}: undone with the rest by {_esc(e.get('compensation'))}"
 
 
+def may_undo_late(state: Mapping[str, Any], step: str) -> bool:
+    """Whether a success, now, of an attempt of ``step``'s compensation that the run gave up on (it timed out) would
+    still be taken: the compensation failed for good, under kernel rules version 5 or later, which then count the step
+    undone (docs/kernel.md, "Late completions")."""
+    comp = (state.get("compensations") or {}).get(step)
+    return state.get("kernel", 1) >= 5 and comp is not None and comp["status"] == "failed"
+
+
+def is_undo_attempt(task_id: str) -> bool:
+    """Whether ``task_id`` is a compensation attempt's (``<run>/<step>#c<n>``)."""
+    return task_id.rpartition("#")[2].startswith("c")
+
+
+def may_answer_late(plan: Mapping[str, Any], state: Mapping[str, Any], attempt: Mapping[str, Any], *,
+                    any_end: bool = False) -> bool:
+    """Whether the answer of ``attempt`` (``{task_id, step, …}``), which the run gave up on, may still change what the
+    run says: a step attempt's success a late completion (:func:`may_complete_late`, ``any_end`` as there), an undo
+    attempt's success the step undone (:func:`may_undo_late`; not in a run stopped at once, whose intervention lists
+    an undo in flight as such already). What runtimes wait for after the run's end."""
+    if is_undo_attempt(attempt["task_id"]):
+        return not any_end and may_undo_late(state, attempt["step"])
+    return may_complete_late(plan, state, attempt["step"], any_end=any_end)
+
+
+def late_answer_effect(attempts: Iterable[Mapping[str, Any]]) -> str:
+    """What the answer of the attempts waited for after the run's end would do, for the notice of the wait: ``if it
+    completed, its effect must be undone`` (a step's), ``if an undo completed, its step is undone`` (an undo's)."""
+    kinds = {is_undo_attempt(a["task_id"]) for a in attempts}
+    return " and ".join(w for w, k in (("if it completed, its effect must be undone", False),
+                                       ("if an undo completed, its step is undone", True)) if k in kinds)
+
+
+def undone_after_failure(e: Mapping[str, Any]) -> str:
+    """What a ``compensation_succeeded`` adds when its undo had failed for good (kernel version 5), for the run display
+    and ``show``; empty otherwise."""
+    if not e.get("after_failure"):
+        return ""
+    return (f": undo attempt {_esc(e.get('attempt'))}, given up on when it timed out, completed after all — "
+            "nothing to undo by hand for it")
+
+
 def attempt_label(attempt: Mapping[str, Any]) -> str:
-    """``attempt 2``, or ``fallback attempt 1`` for an attempt of the step's fallback worker (task id ``…#f1``)."""
-    fallback = "#f" in str(attempt.get("task_id", ""))
-    return f"{'fallback ' if fallback else ''}attempt {attempt.get('attempt')}"
+    """``attempt 2``, ``fallback attempt 1`` for an attempt of the step's fallback worker (task id ``…#f1``), ``undo
+    attempt 1`` for one of its compensation (``…#c1``)."""
+    mark = str(attempt.get("task_id", "")).rpartition("#")[2][:1]
+    kind = {"f": "fallback ", "c": "undo "}.get(mark, "")
+    return f"{kind}attempt {attempt.get('attempt')}"
+
+
+def timed_out_attempts(events: Iterable[Mapping[str, Any]]) -> set[Any]:
+    """The task ids of the attempts that timed out: a step's (``step_timed_out``) or an undo's (its retry or failure
+    for ``StepTimeout``)."""
+    return {e.get("task_id") for e in events if e.get("type") == "step_timed_out" or (
+        e.get("type") in ("compensation_retrying", "compensation_failed")
+        and (e.get("error") or {}).get("type") == "StepTimeout")}
 
 
 def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterable[Mapping[str, Any]], why: str,
                    events: Iterable[Mapping[str, Any]], *, any_end: bool = False) -> list[dict[str, Any]]:
     """The steps whose outcome is unknown, for :attr:`RunResult.in_doubt`: of ``attempts`` (``{task_id, step,
     attempt}``: attempts the run gave up on that had not answered when ``why``, a clause), those
-    whose success would still be a late completion (:func:`may_complete_late`, ``any_end`` as there), one item per
-    step, latest started first, as ``kernel.in_doubt`` gives it, with ``task_ids`` and a ``reason`` saying what
-    happened."""
-    timed_out = {e.get("task_id") for e in events if e.get("type") == "step_timed_out"}
+    whose success would still count (:func:`may_answer_late`, ``any_end`` as there). For step attempts, one item per
+    step, latest started first, as ``kernel.in_doubt`` gives it; for undo attempts (``undo_in_doubt``: the step may
+    be undone already), the step's item in ``intervention``, after them. Each with ``task_ids`` and a ``reason``
+    saying what happened."""
+    events = list(events)
+    timed_out = timed_out_attempts(events)
     by_step: dict[str, list[Mapping[str, Any]]] = {}
+    undos: dict[str, list[Mapping[str, Any]]] = {}
     for attempt in attempts:
-        if may_complete_late(plan, state, attempt["step"], any_end=any_end):
-            by_step.setdefault(attempt["step"], []).append(attempt)
+        if may_answer_late(plan, state, attempt, any_end=any_end):
+            (undos if is_undo_attempt(attempt["task_id"]) else by_step).setdefault(attempt["step"], []).append(attempt)
     order = sorted(by_step, key=lambda k: (-state["nodes"][k].get("t0", 0), k))
     items = in_doubt(plan, state, order)
     for item in items:
@@ -300,6 +379,15 @@ def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterab
         item["task_ids"] = [a["task_id"] for a in mine]
         item["reason"] = (f"the run gave up on {numbers} of the step (it {what}), but its worker was still "
                           f"running when {why}: it may have completed, and its compensation was never run")
+    for listed in (state.get("intervention") or {}).get("steps") or ():
+        mine = undos.get(listed["step"], []) if listed["status"] == "failed" else []
+        if mine:
+            numbers = ", ".join(attempt_label(a) for a in mine)
+            what = "timed out" if all(a["task_id"] in timed_out for a in mine) else "timed out or was cancelled"
+            items.append({**listed, "task_ids": [a["task_id"] for a in mine], "undo_in_doubt": True,
+                          "reason": f"the run gave up on {numbers} of the step (it {what}), but its worker was still "
+                                    f"running when {why}: the step may be undone already — check before undoing it "
+                                    "by hand"})
     return items
 
 
@@ -658,7 +746,9 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         elif stopped:
             con.print("no completed step was left undone")
     if result.in_doubt:
-        con.print("[bold red]outcome unknown[/]: check whether each took effect, and undo by hand those that did:")
+        steps = any(not item.get("undo_in_doubt") for item in result.in_doubt)
+        con.print("[bold red]outcome unknown[/]: check whether each took effect"
+                  + (", and undo by hand the steps that did:" if steps else ":"))
         for item in result.in_doubt:
             con.print(_left_text(item))
     t = timing(result)
@@ -841,7 +931,7 @@ class LiveView:
         elif kind == "compensation_started" and event["attempt"] == 1:
             self.console.print(f"{at} [yellow]↶ undoing {step}[/] with {_esc(event['worker'])}")
         elif kind == "compensation_succeeded":
-            self.console.print(f"{at} [yellow]↶ {step} undone[/]")
+            self.console.print(f"{at} [yellow]↶ {step} undone[/]{undone_after_failure(event)}")
         elif kind == "compensation_retrying":
             self.console.print(f"{at} [yellow]↶ {step}[/] undo attempt {event['attempt']} failed ({err}); "
                                f"retrying in {_seconds(event['delay_ms'])}")
@@ -1010,7 +1100,7 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "compensation_started":
         return f"[yellow]↶ {step}[/]: undo attempt {e.get('attempt')} → {_esc(e.get('worker'))}"
     if kind == "compensation_succeeded":
-        return f"[yellow]↶ {step} undone[/]"
+        return f"[yellow]↶ {step} undone[/]{undone_after_failure(e)}"
     if kind == "compensation_retrying":
         return (f"[yellow]↶ {step}[/] undo attempt {e.get('attempt')} failed ({err}); attempt {e.get('next_attempt')} "
                 f"in {_seconds(e.get('delay_ms'))}")

@@ -11,7 +11,7 @@ import pytest
 
 from flowdsl.kernel import LATE_REASON, STATE_VERSION, apply, left_to_undo, replay, start_event, start_run, summary
 from flowdsl.kernel_saga import IN_FLIGHT_REASON, LATE_JOINED_REASON
-from tests.kernel.plans import plan_of
+from tests.kernel.plans import plan_of, plan_yaml
 from tests.kernel.sim import Sim, fail, hang, ok
 
 CHARGE = {"charge": {"compensate": "refund"}}
@@ -619,3 +619,110 @@ def test_a_late_success_whose_output_map_fails_is_a_late_completion_all_the_same
     assert item["input"] == {"charge_id": "ch_1", "amount": "12,50"}  # the context plus the raw result
     state, commands, replayed = replay(drv.plan, drv.inputs)
     assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+UNDO_ONCE = {"worker": "undo_a", "timeout": "100ms", "retry": 1}
+
+
+def _undo_failed_for_good(kernel: int = STATE_VERSION, cancel: bool = False) -> Driver:
+    """a (its undo: one attempt of 100 ms) then b, which fails (or the run is cancelled while b runs): a's undo
+    times out, once and for good: the run ends ``needs_intervention`` with a left to undo by hand."""
+    drv = Driver(plan_of([{"a": {"compensate": UNDO_ONCE}}, "b"]), kernel=kernel)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={"charge_id": "ch_1"})
+    if cancel:
+        drv.feed(type="cancel_requested", reason="customer cancelled")
+        drv.feed(type="task_cancelled", task_id="r1/b#1")
+    else:
+        drv.feed(type="task_failed", task_id="r1/b#1", error={"type": "Down", "message": "x"})
+    drv.feed(type="timer_fired", timer_id="r1/a#c1@timeout")
+    assert drv.state["status"] == "needs_intervention"
+    assert [(i["step"], i["status"]) for i in drv.state["intervention"]["steps"]] == [("a", "failed")]
+    return drv
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["failed", "cancelled"])
+def test_a_timed_out_undo_that_succeeds_after_the_run_ended_needs_intervention_takes_the_step_off_the_list(
+        cancel: bool) -> None:
+    """The undo's attempt went on after its timeout and refunded: the run said to refund by hand — a second
+    refund. Now the run ends as its saga would have (``compensated``, or ``cancelled``), said again."""
+    drv = _undo_failed_for_good(cancel=cancel)
+    events = drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.types(events) == ["result_rejected", "compensation_succeeded", "run_finished"]
+    undone, finished = events[1:]
+    assert (undone["step"], undone["attempt"], undone["task_id"], undone["after_failure"]) == ("a", 1, "r1/a#c1", True)
+    ended = "cancelled" if cancel else "compensated"
+    assert finished["status"] == ended and finished["previous_status"] == "needs_intervention"
+    assert finished["compensated"] == ["a"] and finished.get("step") == (None if cancel else "b")
+    s = drv.state
+    assert s["status"] == ended and s["intervention"] is None and s["compensated"] == ["a"]
+    assert s["compensations"]["a"]["status"] == "done" and s["compensations"]["a"]["error"] is None
+    assert s["error"]["type"] == ("Cancelled" if cancel else "Down")
+    assert summary(drv.plan, s)["status"] == ended
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})) == ["result_rejected"]
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_timed_out_undo_that_succeeds_after_the_end_leaves_the_steps_it_held_back_listed() -> None:
+    """p, then q (both undone), then r fails: q's undo fails for good, so p's is never run. q's undo then
+    succeeds: q leaves the list; p stays (the run starts nothing after its end), and so does the status."""
+    drv = Driver(plan_of([{"p": {"compensate": "undo_p"}}, {"q": {"compensate": UNDO_ONCE}}, "r"]))
+    drv.feed(type="task_succeeded", task_id="r1/p#1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/q#1", result={})
+    drv.feed(type="task_failed", task_id="r1/r#1", error={"type": "Down", "message": "x"})
+    drv.feed(type="timer_fired", timer_id="r1/q#c1@timeout")
+    assert [(i["step"], i["status"]) for i in drv.state["intervention"]["steps"]] == [
+        ("q", "failed"), ("p", "not_attempted")]
+    events = drv.feed(type="task_succeeded", task_id="r1/q#c1", result={})
+    assert drv.types(events) == ["result_rejected", "compensation_succeeded"]
+    s = drv.state
+    assert s["status"] == "needs_intervention" and s["compensated"] == ["q"]
+    assert [(i["step"], i["status"]) for i in s["intervention"]["steps"]] == [("p", "not_attempted")]
+    assert not any(c["op"] == "dispatch" and c["kind"] == "compensate" and c["step"] == "p" for c in drv.commands)
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_timed_out_undo_that_succeeds_while_others_are_undone_releases_the_undos_it_held_back() -> None:
+    """The same, while the run is still compensating (a parallel branch's undo runs): the undo the failed one
+    held back is started, and the run ends ``compensated``."""
+    plan = plan_yaml("""
+flowdsl: 1
+name: t
+steps:
+  - p: {worker: w, compensate: undo_p}
+  - parallel: g
+    branches:
+      - q: {worker: w, compensate: {worker: undo_q, timeout: 100ms, retry: 1}}
+      - s: {worker: w, compensate: undo_s}
+  - r: {worker: w}
+""")
+    drv = Driver(plan)
+    drv.feed(type="task_succeeded", task_id="r1/p#1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/q#1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/s#1", result={})
+    drv.feed(type="task_failed", task_id="r1/r#1", error={"type": "Down", "message": "x"})
+    drv.feed(type="timer_fired", timer_id="r1/q#c1@timeout")  # q's undo fails for good; s's still runs
+    assert drv.state["status"] == "compensating" and drv.state["compensations"]["q"]["status"] == "failed"
+    events = drv.feed(type="task_succeeded", task_id="r1/q#c1", result={})
+    assert drv.types(events) == ["result_rejected", "compensation_succeeded"]
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/s#c1", result={})) == [
+        "compensation_succeeded", "compensation_started"]  # p's undo: held back by q's, now free
+    events = drv.feed(type="task_succeeded", task_id="r1/p#c1", result={})
+    assert drv.types(events) == ["compensation_succeeded", "run_finished"]
+    assert drv.state["status"] == "compensated" and drv.state["compensated"] == ["q", "s", "p"]
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_under_version_4_a_timed_out_undo_s_success_after_it_failed_for_good_is_only_rejected() -> None:
+    drv = _undo_failed_for_good(kernel=4)
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})) == ["result_rejected"]
+    assert drv.state["status"] == "needs_intervention" and drv.state["intervention"]["steps"][0]["step"] == "a"
+
+
+def test_a_success_of_an_undo_attempt_never_dispatched_is_only_rejected() -> None:
+    drv = _undo_failed_for_good()
+    for task_id in ("r1/a#c2", "r1/a#c01", "r1/a#c0"):
+        assert drv.types(drv.feed(type="task_succeeded", task_id=task_id, result={})) == ["result_rejected"]
+    assert drv.state["status"] == "needs_intervention"

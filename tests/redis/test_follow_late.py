@@ -167,3 +167,79 @@ def test_the_wait_after_the_end_is_bounded_by_the_grace_not_by_the_timeout_for_t
                                  timeout_s=3.0)
     assert took < 10
     assert (result.status, [i["step"] for i in result.in_doubt], result.exit_code) == ("failed", ["charge"], 4)
+
+
+#: charge, then a step that fails: the charge's refund (one attempt of 200 ms) times out, the run ends
+#: needs_intervention with the charge left to refund by hand (kernel rules version 5: unless the refund then succeeds)
+UNDONE = compile_text("""flowdsl: 1
+name: undone
+steps:
+  - charge: {compensate: {worker: refund, timeout: 200ms, retry: 1}}
+  - ship
+""")
+
+
+def _follow_refund(url: str, prefix: str, release_after: float | None, late_grace: float
+                   ) -> tuple[Any, list[str], list[dict[str, Any]], list[str]]:
+    """Submit UNDONE and follow it while a worker of this process serves; its sync refund returns ``release_after``
+    seconds after the run's first end (never while followed, when None). The result, notices, events, refunds."""
+    go = threading.Event()
+    refunds: list[str] = []
+    notices: list[str] = []
+    events: list[dict[str, Any]] = []
+    reg = WorkerRegistry()
+
+    async def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"charge_id": "ch1"}
+
+    async def ship(data: Any, ctx: Any) -> dict[str, Any]:
+        raise ConnectionError("the carrier is down")
+
+    def refund(data: Any, ctx: Any) -> dict[str, Any]:
+        assert go.wait(20)
+        refunds.append(ctx.idempotency_key)
+        return {}
+
+    for name, fn in [("charge", charge), ("ship", ship), ("refund", refund)]:
+        reg.register(name, fn)
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(UNDONE, {})
+
+            def watch(event: dict[str, Any]) -> None:
+                events.append(event)
+                if event["type"] == "run_finished" and release_after is not None:
+                    threading.Timer(release_after, go.set).start()
+
+            async def body() -> Any:
+                try:
+                    return await client.follow(sub.run_id, on_event=watch, on_notice=notices.append,
+                                               late_grace=late_grace)
+                finally:
+                    go.set()  # the worker's thread ends, so the worker can stop
+            return await serving([worker_here(url, prefix, reg)], body)
+
+    return asyncio.run(main()), notices, events, refunds
+
+
+def test_following_waits_for_a_timed_out_refund_that_succeeds_after_the_run_ended(url: str, prefix: str) -> None:
+    """The undo failed for good at its timeout, but its attempt went on and refunded: the run ends compensated (it
+    said to refund by hand — a second refund), as the local runtime says."""
+    result, notices, events, refunds = _follow_refund(url, prefix, release_after=1.0, late_grace=15)
+    assert len(refunds) == 1
+    assert (result.status, result.intervention, result.in_doubt, result.compensated) == (
+        "compensated", None, [], ["charge"])
+    finished = [(e["status"], e.get("previous_status")) for e in events if e["type"] == "run_finished"]
+    assert finished == [("needs_intervention", None), ("compensated", "needs_intervention")]
+    assert any("charge (undo attempt 1)" in n and "if an undo completed, its step is undone" in n
+               for n in notices), notices
+
+
+def test_following_stops_waiting_for_a_refund_after_the_late_grace_and_says_it_may_be_done(url: str,
+                                                                                          prefix: str) -> None:
+    result, _, _, _ = _follow_refund(url, prefix, release_after=None, late_grace=0.6)
+    assert (result.status, result.exit_code) == ("needs_intervention", 4)
+    assert [i["step"] for i in result.intervention["steps"]] == ["charge"]
+    [item] = result.in_doubt
+    assert (item["step"], item["undo_in_doubt"]) == ("charge", True) and "may be undone already" in item["reason"]

@@ -249,6 +249,12 @@ CASES: list[Case] = [
          {"b": {"sleep": 0.3, "result": {"rb": 1}}, "c": {"sleep": 0.9}},
          status="compensated", succeeded=["a", "c"], compensated=["b", "a"], error="StepTimeout",
          failed_step="b"),
+    Case("undo_that_timed_out_then_succeeded_is_counted",  # kernel version 5: after the run ended needs_intervention
+         "steps:\n"
+         "  - conf.a: {compensate: {worker: sync.u, timeout: 100ms, retry: 1}}\n"  # sync.u: a's script; its thread
+         "  - conf.b\n",  # goes on past the undo's timeout, and its success arrives once the run has ended
+         {"a": {"sleep": 0.4}, "b": {"raise": "ValueError"}},
+         status="compensated", succeeded=["a"], compensated=["a"], error="ValueError", failed_step="b"),
     Case("output_map_failing_after_the_worker_succeeded_is_undone",
          "steps:\n"
          "  - conf.a: {compensate: undo.a}\n"

@@ -769,3 +769,115 @@ def test_an_async_charge_that_ignores_its_cancel_and_answers_at_once_is_fed_with
     _, lines = read_record(path)
     assert not any(e["type"].startswith("runtime_") for e in lines)
     assert _show_json(path)["status"] == "needs_intervention"
+
+
+# --- the run's end held for a timed-out sync undo attempt (kernel rules version 5) ---------------------------------
+
+#: charge, then a step that fails: the charge's refund (one attempt of 100 ms) times out, the run ends
+#: needs_intervention with the charge left to refund by hand
+UNDONE = compile_text("""flowdsl: 1
+name: undone
+steps:
+  - charge: {compensate: {worker: refund, timeout: 100ms, retry: 1}}
+  - ship
+""")
+
+
+def _refunding(go: threading.Event, returned: threading.Event, refunds: list[str]) -> WorkerRegistry:
+    """charge succeeds, ship fails, and a sync refund blocks until ``go``, then succeeds (``returned`` set as its
+    thread ends)."""
+    reg = WorkerRegistry()
+
+    async def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"charge_id": "ch1"}
+
+    async def ship(data: Any, ctx: Any) -> dict[str, Any]:
+        raise ConnectionError("the carrier is down")
+
+    def refund(data: Any, ctx: Any) -> dict[str, Any]:  # sync: a gateway call that cannot be interrupted
+        try:
+            assert go.wait(HUNG)
+            refunds.append(ctx.idempotency_key)
+            return {}
+        finally:
+            returned.set()
+
+    for name, fn in [("charge", charge), ("ship", ship), ("refund", refund)]:
+        reg.register(name, fn)
+    return reg
+
+
+def test_a_timed_out_sync_refund_that_succeeds_after_the_run_ended_takes_the_charge_off_the_list(
+        tmp_path: Path) -> None:
+    """The refund's timeout fails the undo for good: the run ends needs_intervention, telling a person to refund the
+    charge. Its thread refunds only after that: the runtime held the run's end for it (it used to end the process,
+    the thread cut mid-call, and a person then refunded a second time) and fed the success — the charge is undone,
+    the run compensated, and its record replays through `flowdsl show`."""
+    go, returned, refunds = threading.Event(), threading.Event(), []
+    notices: list[str] = []
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        UNDONE, {}, run_id="undo1", runs_dir=tmp_path, registry=_refunding(go, returned, refunds),
+        import_workers=False, on_event=_release_on_end(go), on_notice=notices.append, late_grace=HUNG), HUNG))
+    assert returned.is_set() and refunds == ["undo1/charge/compensate"]
+    assert (result.status, result.intervention, result.in_doubt, result.exit_code) == ("compensated", None, [], 1)
+    assert result.compensated == ["charge"]
+    finished = [(e["status"], e.get("previous_status")) for e in result.events if e["type"] == "run_finished"]
+    assert finished == [("needs_intervention", None), ("compensated", "needs_intervention")]
+    assert any("charge (undo attempt 1 timed out)" in n and "if an undo completed, its step is undone" in n
+               for n in notices), notices
+    _, lines = read_record(tmp_path / "undo1.jsonl")
+    assert lines[-1]["reason"] == "every attempt waited for answered"
+    shown = _show_json(tmp_path / "undo1.jsonl")
+    assert (shown["status"], shown["compensated"], shown["intervention"]) == ("compensated", ["charge"], None)
+
+
+def test_a_timed_out_sync_refund_that_outlives_the_wait_is_in_doubt(tmp_path: Path) -> None:
+    """The bound passes with the refund's thread still running: the run stays needs_intervention with the charge
+    listed, and says the refund may have been done — check before refunding by hand."""
+    import io
+
+    from rich.console import Console
+
+    from flowdsl.runtime.report import print_summary
+
+    go, returned, refunds = threading.Event(), threading.Event(), []
+
+    async def main() -> Any:
+        run = LocalRun(UNDONE, {}, run_id="undo2", runs_dir=tmp_path, registry=_refunding(go, returned, refunds),
+                       import_workers=False, late_grace=0.2)
+        result = await asyncio.wait_for(run.run(), HUNG)
+        go.set()
+        assert await asyncio.to_thread(returned.wait, HUNG)
+        return result
+
+    result = asyncio.run(main())
+    assert (result.status, result.exit_code) == ("needs_intervention", 4)
+    assert [i["step"] for i in result.intervention["steps"]] == ["charge"]
+    [item] = result.in_doubt
+    assert (item["step"], item["worker"], item["undo_in_doubt"], item["task_ids"]) == (
+        "charge", "refund", True, ["undo2/charge#c1"])
+    assert "undo attempt 1 of the step (it timed out)" in item["reason"] and "may be undone already" in item["reason"]
+    out = io.StringIO()
+    print_summary(result, Console(file=out, width=300, highlight=False))
+    text = out.getvalue()
+    assert "outcome unknown: check whether each took effect:" in text and "may be undone already" in text
+    assert _show_json(tmp_path / "undo2.jsonl")["in_doubt"] == result.in_doubt
+
+
+def test_only_rules_5_wait_for_a_timed_out_refund() -> None:
+    """Rules 4 reject an undo's success once it failed for good: nothing to wait for, nothing in doubt."""
+    from flowdsl.runtime.report import in_doubt_items, may_answer_late
+
+    go, returned, refunds = threading.Event(), threading.Event(), []
+    try:
+        result = asyncio.run(asyncio.wait_for(run_flow(
+            UNDONE, {}, record=False, registry=_refunding(go, returned, refunds), import_workers=False,
+            late_grace=0), HUNG))
+    finally:
+        go.set()
+    assert result.status == "needs_intervention" and [i["step"] for i in result.in_doubt] == ["charge"]
+    attempt = {"task_id": f"{result.run_id}/charge#c1", "step": "charge", "attempt": 1}
+    older = {**result.state, "kernel": 4}
+    assert may_answer_late(UNDONE, result.state, attempt) and not may_answer_late(UNDONE, older, attempt)
+    assert in_doubt_items(UNDONE, older, [attempt], "now", result.events) == []
+    assert not may_answer_late(UNDONE, result.state, attempt, any_end=True)  # stopped at once: listed in_flight

@@ -45,8 +45,9 @@ from flowdsl.runtime.report import (
     RunResult,
     attempt_label,
     in_doubt_items,
+    late_answer_effect,
     late_grace_seconds,
-    may_complete_late,
+    may_answer_late,
     stopped_waiting,
 )
 
@@ -451,8 +452,8 @@ class RedisClient:
                 said = True
                 names = ", ".join(f"{a['step']} ({attempt_label(a)})" for a in attempts)
                 on_notice(f"the run ended {result.status}; waiting up to {grace:g} s for {len(attempts)} "
-                          f"attempt(s) it gave up on that a worker still runs: {names} — if it completed, its "
-                          "effect must be undone")
+                          f"attempt(s) it gave up on that a worker still runs: {names} — "
+                          f"{late_answer_effect(attempts)}")
             journal.finished = False  # read on (the run has ended: no time limit but the grace's)
             await self._follow(run_id, journal, reader, on_event, on_notice, None, hint_after_s, once=True)
             journal.finished = True
@@ -466,8 +467,8 @@ class RedisClient:
     async def _given_up(self, run_id: str, journal: Journal
                         ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
         """The ended run's plan, state and the attempts it gave up on that a worker still holds (a lease ``r:`` or
-        ``xr:`` marked given up, ``g:<task id>``) of steps whose success would be a late completion; None when
-        there are none."""
+        ``xr:`` marked given up, ``g:<task id>``) whose success would still count (:func:`may_answer_late`: a step's
+        a late completion, an undo's that failed for good its step undone); None when there are none."""
         leases = await self.store.call("HGETALL", self.keys.tasks(run_id))
         if not leases:
             return None
@@ -475,15 +476,16 @@ class RedisClient:
         if record is None:
             return None
         plan, state = record.plan, record.state
-        scheduled = {e["task_id"]: e for e in journal.events if e["type"] == "step_scheduled"}
+        scheduled = {e["task_id"]: e for e in journal.events if e["type"] in ("step_scheduled", "compensation_started")}
         fields = {_text(k): _text(v) for k, v in zip(leases[::2], leases[1::2], strict=True)}
         attempts = []
         for task_id, lease in fields.items():
             event = scheduled.get(task_id)
             if event is None or "g:" + task_id not in fields or not lease.startswith(("r:", "xr:")):
                 continue
-            if may_complete_late(plan, state, event["step"]):
-                attempts.append({"task_id": task_id, "step": event["step"], "attempt": event["attempt"]})
+            attempt = {"task_id": task_id, "step": event["step"], "attempt": event["attempt"]}
+            if may_answer_late(plan, state, attempt):
+                attempts.append(attempt)
         return (plan, state, attempts) if attempts else None
 
     async def _follow(self, run_id: str, journal: Journal, reader: WireConnection | None,
