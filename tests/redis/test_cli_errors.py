@@ -32,6 +32,7 @@ from flowdsl.runtime.redis.keys import Keys
 from tests.redis.procs import ROOT, worker_env
 from tests.redis.server import RedisServer
 from tests.runtime.conformance import HEADER
+from tests.spawned import StderrReader
 
 SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
 OTHER = HEADER.format(name="other") + "steps:\n  - conf.a\n"
@@ -231,7 +232,7 @@ def test_following_a_run_that_disappears_with_its_redis_says_so_and_exits_2(tmp_
         asyncio.run(_submit(url, "p", "lost"))
         follower = spawn("status", "lost", "--follow", "--redis-url", url, "--prefix", "p")
         try:
-            time.sleep(1.5)  # following: the run waits for a worker process
+            wait_for(lambda: _reading_the_journal(private), 30)  # following: the run waits for a worker process
             private.kill()
             shutil.rmtree(private.dir / "appendonlydir", ignore_errors=True)  # restarted without its data
             for name in ("appendonly.aof", "dump.rdb"):
@@ -247,12 +248,25 @@ def test_following_a_run_that_disappears_with_its_redis_says_so_and_exits_2(tmp_
         private.cleanup()
 
 
+def _reading_the_journal(server: RedisServer) -> bool:
+    """Whether a follower (its reader connection ``flowdsl-follow``) is blocked reading a run's journal."""
+    client = server.client()
+    try:
+        return any(c.get("name") == "flowdsl-follow" and c.get("cmd") == "xread" for c in client.client_list())
+    finally:
+        client.close()
+
+
 def test_cancel_wait_of_a_run_no_worker_started_says_why_it_waits(url: str, prefix: str) -> None:
     asyncio.run(_submit(url, prefix, "idle"))
     waiting = spawn("cancel", "idle", "--wait", "--redis-url", url, "--prefix", prefix)
-    time.sleep(5)
-    out, err = stop(waiting)
-    text = " ".join(err.split())
+    said = StderrReader(waiting)
+    try:
+        said.wait_until(lambda text: "no worker process is connected" in text)
+    finally:
+        os.kill(waiting.pid, signal.SIGINT)
+        out, _ = said.finish()
+    text = said.text()
     assert "run idle has not started" in out and "no worker process is connected" in text, (out, text)
     assert waiting.returncode == 130 and "flowdsl status idle --follow" in text and "RUN_ID" not in text
 

@@ -209,7 +209,9 @@ def test_sigkill_redis_under_load_then_restart(tmp_path: Path) -> None:
     try:
         procs.start(2)
         runs = asyncio.run(_submit(server.url, "crash", SEQUENCE, [{"ledger": ledger, "step_sleep": 0.3}] * 10))
-        time.sleep(0.5)  # steps are running everywhere
+        deadline = time.monotonic() + 20  # steps are running everywhere: some done, most to come
+        while not any(line["ev"] == "effect" for line in read_ledger(ledger)) and time.monotonic() < deadline:
+            time.sleep(0.02)
         server.kill()
         effects = sum(line["ev"] == "effect" for line in read_ledger(ledger))
         assert 0 < effects < 10 * len(STEPS)  # killed under load: some steps done, most still to come
@@ -226,7 +228,8 @@ def test_sigkill_redis_under_load_then_restart(tmp_path: Path) -> None:
 def test_workers_ride_out_a_restart_while_redis_loads_its_data(tmp_path: Path) -> None:
     """A restarted Redis answers ``-LOADING`` until it has read its data back; every loop of a worker
     (reader, timers, reclaimer, heartbeats) waits that out as it waits out an outage, instead of stopping
-    the process — with a dataset big enough that the loading is seen."""
+    the process — with a dataset big enough that the loading is seen. Following a run started meanwhile waits
+    too (it failed with ``LOADING``)."""
     server = RedisServer(extra_args=("--enable-debug-command", "local")).start()
     ledger = make_ledger(tmp_path)
     procs = WorkerProcs(server.url, "loading", ["tests.redis.fault_workers"], lease=1.0, concurrency=4)
@@ -241,10 +244,19 @@ def test_workers_ride_out_a_restart_while_redis_loads_its_data(tmp_path: Path) -
             time.sleep(0.1)
         filler.close()
         procs.start(2)
+        async def submit_early() -> list[str]:
+            async with RedisClient(server.url, prefix="loading") as client:
+                data = {"ledger": make_ledger(tmp_path / "early"), "step_sleep": 0.0}
+                return [(await client.submit(compile_text(SEQUENCE), data, run_id="early")).run_id]
+
+        early = asyncio.run(submit_early())
+        asyncio.run(_results(server.url, "loading", early, timeout=30))
         server.stop()  # SIGTERM: the data stays (AOF)
         server.start(timeout=60)  # answers INFO while it loads
         probe = server.client()
         assert probe.info("persistence")["loading"] == 1, "the restart loaded too fast to test anything"
+        [followed] = asyncio.run(_results(server.url, "loading", early, timeout=60))  # starts while it loads
+        assert followed.status == "completed"
         while probe.info("persistence")["loading"]:
             time.sleep(0.05)
         probe.close()

@@ -27,6 +27,7 @@ from flowdsl.runtime.record import read_record
 from flowdsl.workers import WorkerRegistry
 from tests.runtime.conformance import HEADER
 from tests.runtime.test_local import CANCELLABLE, ROOT, _wait_for
+from tests.spawned import StderrReader
 
 #: seconds a process may take to end after its last signal
 ENDS = 30
@@ -118,11 +119,13 @@ def test_a_sighup_never_stops_the_run_at_once(tmp_path: Path, first: signal.Sign
     record = tmp_path / "h1.jsonl"
     _wait_for(record, "step_scheduled", "b", proc)
     os.kill(proc.pid, first)
+    said = StderrReader(proc)
     _wait_for(record, "compensation_started", "a", proc)  # (two signals sent at once would be merged into one)
-    for sig in later:
+    for taken, sig in enumerate(later, 1):
         os.kill(proc.pid, sig)
-        time.sleep(0.05)
-    out, err = _ended(proc)
+        said.wait_until(lambda text, n=taken: text.count(": the run is already") + text.count("stopping at once") >= n,
+                        ENDS)
+    out, err = said.finish(ENDS)
     assert proc.returncode == code, err
     result = json.loads(out)
     assert "Traceback" not in err

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from flowdsl.kernel import check_seed
@@ -394,14 +395,21 @@ class RedisClient:
 
         When the run has ended while a worker still holds an attempt it gave up on (it timed out: a sync
         worker's thread, an async worker ignoring its cancel) of a step whose success would be a late
-        completion, following goes on until that attempt answers — a success turns the run
-        ``needs_intervention`` — at most ``late_grace`` seconds (default ``$FLOWDSL_LATE_GRACE``, else 30;
-        0 does not wait), as the local runtime holds a run's end; what has not answered then is in
-        ``RunResult.in_doubt``. ``on_notice`` is told of the wait.
+        completion, or of an undo that failed for good, following goes on until that attempt answers — a
+        success turns the run ``needs_intervention``, or undoes the step — at most ``late_grace`` seconds
+        (default ``$FLOWDSL_LATE_GRACE``, else 30; 0 does not wait), as the local runtime holds a run's end; what
+        has not answered then is in ``RunResult.in_doubt``. ``on_notice`` is told of the wait. A Redis still
+        loading its data after a restart is waited for.
         """
         check_run_id(run_id)
         grace = late_grace_seconds(late_grace)
-        await self.info(run_id)
+        backoff = Backoff()
+        while True:
+            try:
+                await self.info(run_id)
+                break
+            except redis.BusyLoadingError as exc:  # a restarted Redis reading its data back: it will answer
+                await _reconnect(backoff, exc, on_notice)
         journal = journal if journal is not None else Journal()
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None
