@@ -34,8 +34,11 @@ of them, on any number of machines, share the work through consumer groups:
 SIGTERM/SIGINT stop gracefully: no new work, in-flight steps get ``grace``
 seconds to finish, the rest are handed back (lease released, message queued
 again) so another process picks them up at once; a second signal exits at
-once (the entries are reclaimed after the lease). ``burst`` drains the
-streams and exits. A lost connection is retried with backoff in every loop.
+once (the entries are reclaimed after the lease), as does cancelling the task
+running :meth:`RedisWorker.serve`. The signals are taken only while serving
+(one ignored stays ignored) and the handlers that were there are put back.
+``burst`` drains the streams and exits. A lost connection is retried with
+backoff in every loop.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from flowdsl.runtime.redis.store import Clock, Store
 from flowdsl.runtime.redis.upkeep import Upkeep
 from flowdsl.runtime.redis.wire import WireConnection, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
+from flowdsl.runtime.signals import give_back_signal, take_signal
 from flowdsl.workers import WorkerRegistry, describe_exception
 from flowdsl.workers import registry as default_registry
 
@@ -276,6 +280,7 @@ class RedisWorker(Upkeep):
         self._timer_wake: asyncio.Event | None = None
         self._next_timer: float = 0.0
         self._signals = 0
+        self._taken: list[int] = []  # the signals this process took (take_signal), to give back
         self._failed: asyncio.Task[None] | None = None  # the background loop that failed, if one did
         self.client: aioredis.Redis | None = None
         self.started_at = time.time()
@@ -324,9 +329,14 @@ class RedisWorker(Upkeep):
             await self._stopped.wait()
             await self._shutdown(loops)
         finally:
-            for task in (*loops, *self._late):
+            # the step handlers too (serve() cancelled, or a stop that left some): with no heartbeat left to renew
+            # their leases they must not go on and report later — another process may be running the same step
+            handlers = set(self._active)
+            for task in (*loops, *handlers, *self._late):
                 task.cancel()
             await asyncio.gather(*loops, *self._late, return_exceptions=True)
+            if handlers:  # bounded: a worker that ignores its cancel must not hold the process (as in _shutdown)
+                await asyncio.wait(handlers, timeout=1.0)
             self._remove_signals()
             with contextlib.suppress(Exception):
                 await self.client.hdel(self.keys.workers, self.name)
@@ -377,20 +387,17 @@ class RedisWorker(Upkeep):
         await self._liveness()
 
     def _install_signals(self) -> None:
+        """Take SIGTERM and SIGINT while serving; an ignored one stays ignored, and what was there is put back."""
         if not self.options.handle_signals or threading.current_thread() is not threading.main_thread():
             return
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._on_signal, sig)
+        self._taken = [sig for sig in (signal.SIGTERM, signal.SIGINT) if take_signal(loop, sig, self._on_signal)]
 
     def _remove_signals(self) -> None:
-        if not self.options.handle_signals or threading.current_thread() is not threading.main_thread():
-            return
+        taken, self._taken = self._taken, []
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
+        for sig in reversed(taken):
+            give_back_signal(loop, sig, self._on_signal)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -722,7 +729,7 @@ class RedisWorker(Upkeep):
         # it, _interrupt cancels the handler while it is here, and the cancellation is taken back below
         held.handler = asyncio.current_task()
         try:
-            return await execute(held.command, registry=self.registry, lm=self.options.lm)
+            event = await execute(held.command, registry=self.registry, lm=self.options.lm)
         except asyncio.CancelledError:
             handler, held.handler = held.handler, None  # from here on, nothing more to interrupt
             if not held.interrupted or handler is None or handler.uncancel() > 0:
@@ -734,6 +741,14 @@ class RedisWorker(Upkeep):
             return {"type": "task_cancelled", "task_id": held.task_id}
         finally:
             held.handler = None
+        if held.interrupted:  # the worker swallowed the interrupt's cancellation and returned: take that cancel
+            # back too, else the handler stays "being cancelled": a task chained here next could not be
+            # interrupted, and a CancelledError it raised itself would pass for a cancellation
+            held.interrupted = False
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        return event
 
     async def _report(self, held: _Held, event: dict[str, Any], ack: list[dict[str, Any]],
                       chain: Chain | None) -> None:
@@ -848,8 +863,12 @@ class RedisWorker(Upkeep):
             try:
                 async with asyncio.timeout(self.options.block_ms / 1000 + 1):
                     await asyncio.shield(task)
-            except (TimeoutError, asyncio.CancelledError):
+            except TimeoutError:
                 pass
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not task.cancelled() or (current is not None and current.cancelling()):
+                    raise  # serve() itself is cancelled: stop at once (its finally cancels what is left)
             except Exception:
                 if task is not self._failed:  # (else said by _loop_ended already)
                     log.exception("worker %s: its %s loop failed while stopping", self.name, task.get_name())

@@ -1,0 +1,246 @@
+"""Stopping a worker process from outside: cancelling the task running ``RedisWorker.serve()``, the signal
+handlers it takes and gives back, and an interrupt that an async worker swallows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from flowdsl import compile_text
+from flowdsl.runtime.redis import RedisClient, RedisWorker
+from flowdsl.workers import StepContext, WorkerRegistry
+from tests.redis.inproc import worker_here
+
+ONE_STEP = "flowdsl: 1\nname: {name}\nsteps:\n  - cw.a: {{compensate: cw.undo}}\n"
+
+
+def _registry(step: Any, undo: Any = None) -> WorkerRegistry:
+    registry = WorkerRegistry()
+    registry.register("cw.a", step)
+    if undo is not None:
+        registry.register("cw.undo", undo)
+    return registry
+
+
+async def _until(check: Any, seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> None:
+    """The task running serve() cancelled while a step runs (an application's shutdown): the step is stopped
+    with it — left running, with no heartbeat renewing its lease, it would report later, and another process
+    may meanwhile have run the same step again."""
+    seen: list[str] = []
+
+    async def slow(data: Any, ctx: StepContext) -> dict[str, Any]:
+        seen.append("start")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        seen.append("end")
+        return {}
+
+    async def main() -> None:
+        worker = worker_here(url, prefix, registry=_registry(slow), llm=False)
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text(ONE_STEP.format(name="orphan")), {})
+            serving = asyncio.create_task(worker.serve())
+            try:
+                await _until(lambda: seen)
+                serving.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    async with asyncio.timeout(10):
+                        await serving
+                assert all(task.done() for task in worker._active)  # no handler left running after serve()
+            finally:
+                serving.cancel()  # (if serve() outlived its cancel: the test fails, but ends)
+                async with asyncio.timeout(10):
+                    await asyncio.gather(serving, return_exceptions=True)
+
+    asyncio.run(main())
+    assert seen == ["start", "cancelled"]
+
+
+def test_a_cancel_of_serve_landing_while_it_stops_is_not_swallowed(url: str, prefix: str) -> None:
+    """A cancellation of serve()'s task that lands while a graceful stop waits for the reader (an
+    asyncio.Runner's Ctrl-C) propagates at once: serve() does not return its stats as if nothing happened."""
+    async def main() -> None:
+        # the reader blocks 3 s in XREADGROUP: the graceful stop below waits that long for it
+        worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False, block_ms=3000)
+        entered = asyncio.Event()
+        shutdown = worker._shutdown
+
+        async def spied(loops: list[asyncio.Task[None]]) -> None:
+            entered.set()
+            await shutdown(loops)
+
+        worker._shutdown = spied  # type: ignore[method-assign]
+        serving = asyncio.create_task(worker.serve())
+        try:
+            await _until(lambda: getattr(worker, "store", None) is not None)
+            await asyncio.sleep(0.2)  # serving: the reader is blocked
+            worker.stop(graceful=True)
+            async with asyncio.timeout(10):
+                await entered.wait()
+            await asyncio.sleep(0.05)  # inside _shutdown, waiting (shielded) for the reader
+            serving.cancel()
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                async with asyncio.timeout(10):
+                    await serving
+            assert time.monotonic() - t0 < 1.0  # it did not first wait for the reader
+        finally:
+            async with asyncio.timeout(10):
+                await asyncio.gather(serving, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+async def _stop_by_sigterm(worker: RedisWorker, during: list[Any]) -> None:
+    """serve() until a SIGTERM this process sends itself, which the worker must take (a graceful stop);
+    ``during``: the SIGINT handler while it serves."""
+    serving = asyncio.create_task(worker.serve())
+    try:
+        await _until(lambda: getattr(worker, "store", None) is not None)
+        during.append(signal.getsignal(signal.SIGINT))
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await serving
+    finally:
+        serving.cancel()
+        async with asyncio.timeout(10):
+            await asyncio.gather(serving, return_exceptions=True)
+
+
+def _wait_for(check: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_serve_puts_back_the_applications_signal_handlers_and_leaves_an_ignored_signal_ignored(
+        url: str, prefix: str) -> None:
+    got: list[int] = []
+
+    def app_handler(signum: int, frame: Any) -> None:
+        got.append(signum)
+
+    before_term = signal.signal(signal.SIGTERM, app_handler)
+    before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (asyncio.run then leaves it alone)
+    try:
+        async def main() -> None:
+            worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False, block_ms=100,
+                                 handle_signals=True)
+            during: list[Any] = []
+            await _stop_by_sigterm(worker, during)
+            assert got == []  # the SIGTERM sent while serving was the worker's
+            assert during == [signal.SIG_IGN]  # ignored all along
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+        asyncio.run(main())
+        assert signal.getsignal(signal.SIGTERM) is app_handler
+        os.kill(os.getpid(), signal.SIGTERM)  # (safe: the application's handler is back)
+        _wait_for(lambda: got)
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before_term)
+        signal.signal(signal.SIGINT, before_int)
+
+
+def test_serve_puts_back_the_event_loops_own_handlers_with_no_default_handler_in_between(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The application's loop handler (SIGTERM) and asyncio.Runner's Ctrl-C handler (SIGINT) are back after
+    serve(); SIGTERM is never set to SIG_DFL on the way (a SIGTERM in that window would kill the process)."""
+    set_to: list[tuple[int, Any]] = []
+    real = signal.signal
+
+    def recording(signum: int, handler: Any) -> Any:
+        set_to.append((signum, handler))
+        return real(signum, handler)
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    try:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            got: list[str] = []
+            loop.add_signal_handler(signal.SIGTERM, got.append, "app")
+            handlers = loop._signal_handlers  # type: ignore[attr-defined]
+            app_handle = handlers[signal.SIGTERM]
+            runner_sigint = signal.getsignal(signal.SIGINT)
+            worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False, block_ms=100,
+                                 handle_signals=True)
+            monkeypatch.setattr(signal, "signal", recording)
+            during: list[Any] = []
+            await _stop_by_sigterm(worker, during)
+            assert during[0] is not runner_sigint  # the worker had Ctrl-C
+            assert got == []  # the SIGTERM sent while serving was the worker's
+            assert (signal.SIGTERM, signal.SIG_DFL) not in set_to
+            assert handlers.get(signal.SIGTERM) is app_handle
+            assert signal.getsignal(signal.SIGINT) is runner_sigint
+            os.kill(os.getpid(), signal.SIGTERM)  # (safe: the loop's handler is back)
+            await _until(lambda: got, 5)
+            assert got == ["app"]
+
+        asyncio.run(main())
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, before_term)
+
+
+def test_a_task_chained_after_a_worker_swallowed_its_interrupt_can_be_interrupted(url: str, prefix: str) -> None:
+    """An async worker swallows the CancelledError of a cancel request and returns: its success is reported,
+    and the compensation the transition chains under the same handler runs in a task no longer "being
+    cancelled" — so a graceful stop interrupts it and hands it back at once (and a CancelledError it raised
+    itself would be its failure, not a cancellation)."""
+    seen: list[str] = []
+    undo_cancelling: list[int] = []
+
+    async def stubborn(data: Any, ctx: StepContext) -> dict[str, Any]:
+        seen.append("a")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("a swallowed its cancel")
+        return {}
+
+    async def undo(data: Any, ctx: StepContext) -> dict[str, Any]:
+        task = asyncio.current_task()
+        undo_cancelling.append(task.cancelling() if task is not None else -1)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("undo interrupted")
+            raise
+        return {}
+
+    async def main() -> Any:
+        worker = worker_here(url, prefix, registry=_registry(stubborn, undo), llm=False, grace_s=0.1,
+                             block_ms=100)
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(ONE_STEP.format(name="swallow")), {})
+            serving = asyncio.create_task(worker.serve())
+            try:
+                await _until(lambda: "a" in seen)
+                assert await client.cancel(sub.run_id, "enough") == "requested"
+                await _until(lambda: undo_cancelling)
+                worker.stop(graceful=True)
+                async with asyncio.timeout(4):  # (the hand-back is at once: not after the 5 s of an outright cancel)
+                    return await serving
+            finally:
+                serving.cancel()
+                async with asyncio.timeout(10):
+                    await asyncio.gather(serving, return_exceptions=True)
+
+    stats = asyncio.run(main())
+    assert seen == ["a", "a swallowed its cancel", "undo interrupted"]
+    assert undo_cancelling == [0]
+    assert stats.handed_back == 1 and stats.chained >= 1
