@@ -44,11 +44,6 @@ What :func:`execute` does:
   failure (type ``CancelledError``). A sync worker cannot be interrupted:
   cancelling stops the wait, not the thread (see :func:`cancellable`), or,
   with :data:`wait_for_thread` set, not even the wait: the real answer comes.
-
-:func:`start` is the eager form for async workers: it runs the worker up to
-its first real wait right away and returns the same answer event when it
-finished without waiting (no task, no turn of the event loop — most quick
-steps), else a :class:`Suspended` to finish in a task.
 """
 
 from __future__ import annotations
@@ -65,7 +60,7 @@ import re
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -73,9 +68,9 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.workers import StepContext, Worker, WorkerRegistry, from_sigint, marking_sigint
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "Suspended", "cancellable", "copy_json", "error_message",
-           "error_types", "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "resume",
-           "start", "text_problem", "wait_for_thread", "warm_llm", "worker_references"]
+__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "cancellable", "copy_json", "error_message", "error_types",
+           "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "text_problem",
+           "wait_for_thread", "warm_llm", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -122,97 +117,6 @@ async def _call_sync(found: Worker, data: Any, ctx: StepContext) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
-
-
-class Suspended:
-    """An async worker started by :func:`start` that is waiting: await :meth:`finish` in a task.
-
-    Create the task with ``context=`` :attr:`context` (the copy the worker's
-    first step ran in), as a task of its own would have.
-    """
-
-    __slots__ = ("context", "coro", "pending", "task_id")
-
-    def __init__(self, task_id: str, coro: Coroutine[Any, Any, Any], pending: Any, context: contextvars.Context):
-        self.task_id = task_id
-        self.coro = coro
-        self.pending = pending
-        self.context = context
-
-    async def finish(self) -> dict[str, Any]:
-        """The answer event, as :func:`execute` gives it; raises only ``asyncio.CancelledError``."""
-        try:
-            result = await resume(self.coro, self.pending)
-        except BaseException as exc:
-            if not _is_failure(exc):
-                raise
-            return _failure_event(self.task_id, exc)
-        return _answer(self.task_id, result)
-
-
-def start(command: Mapping[str, Any], registry: WorkerRegistry | None = None) -> dict[str, Any] | Suspended | None:
-    """Start a dispatch of an async worker at once, up to its first real wait, without a task.
-
-    Returns the answer event (as :func:`execute` gives it) when the worker
-    finished without waiting — the common case of quick workers costs no turn
-    of the event loop — or a :class:`Suspended` to finish in a task, or None
-    for what it does not start this way (LLM steps, sync workers: use
-    :func:`execute`). The first step runs in a copy of the current context, as
-    a task's would (Python 3.12's ``eager_start``). Raises only the
-    ``KeyboardInterrupt`` of a real Ctrl-C: a ``CancelledError`` the worker's
-    first step raises is its own (nothing can cancel this call), so its failure.
-    """
-    if command["kind"] not in WORKER_KINDS or command.get("llm"):
-        return None  # an LLM step's fallback has its input and result checked: execute() does that
-    task_id = command["task_id"]
-    context = contextvars.copy_context()
-    try:
-        call = _call(command, registry)
-        if isinstance(call, dict):
-            return call
-        found, data, ctx = call
-        if not found.is_async:
-            return None
-        coro: Any = found.fn(data, ctx)  # (an async worker's: a coroutine)
-        pending = context.run(coro.send, None)
-    except StopIteration as stop:
-        return _answer(task_id, stop.value)
-    except BaseException as exc:  # a CancelledError here is the worker's own: nothing could cancel this call
-        if not (_is_failure(exc) or isinstance(exc, asyncio.CancelledError)):
-            raise
-        return _failure_event(task_id, exc)
-    return Suspended(task_id, coro, pending, context)
-
-
-async def resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
-    """Continue, inside a task, a coroutine started by hand that has yielded ``pending``; its return value."""
-    return await _Resumed(coro, pending)
-
-
-class _Resumed:
-    """Awaitable continuing a coroutine that has already yielded ``pending`` to its (absent) task."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any):
-        self.coro = coro
-        self.pending = pending
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self.coro, self.pending
-        while True:
-            try:
-                sent = yield value
-            except BaseException as exc:  # a cancellation (or close) of the task: hand it on
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
 
 
 def _call(command: Mapping[str, Any], registry: WorkerRegistry | None) -> tuple[Worker, Any, StepContext] | \

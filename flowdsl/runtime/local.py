@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import contextvars
 import inspect
 import logging
 import os
@@ -64,7 +63,6 @@ from typing import Any
 from flowdsl.kernel import INPUT_EVENTS, Decision, apply, check_seed, left_to_undo, start_event, start_run
 from flowdsl.runtime.execute import (
     NotJSON,
-    Suspended,
     cancellable,
     copy_json,
     error_message,
@@ -73,8 +71,6 @@ from flowdsl.runtime.execute import (
     marking_sigint,
     missing_workers,
     plain_json,
-    resume,
-    start,
     wait_for_thread,
     warm_llm,
 )
@@ -183,26 +179,19 @@ def signal_said(signum: int) -> str:
     return f"{verb} ({label})"
 
 
-def _eager_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run ``coro`` up to its first real wait now, then continue it as a task (None: it already finished).
-
-    A worker that answers without waiting costs no turn of the event loop. Python
-    3.12+ does this itself (``eager_start``); on 3.11 the first step runs here, in
-    a fresh context that the task then keeps, as a task's own steps would.
-    """
+def _attempt_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """The task running one attempt: the worker's own from its first step, since what it enters there binds to the
+    current task (``asyncio.timeout``, a ``TaskGroup``, an HTTP client's timer). Python 3.12+ runs that step at
+    once (``eager_start``: a worker that answers without waiting costs no turn of the loop); 3.11 has no way to,
+    short of its private API, so there the step waits for the loop's next turn."""
     if sys.version_info >= (3, 12):
         return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-    context = contextvars.copy_context()
-    try:
-        pending = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    return loop.create_task(resume(coro, pending), context=context)
+    return loop.create_task(coro)
 
 
 class _Attempt:
-    """A dispatched attempt: its command, the task running it (None once it answered eagerly) and, for a sync
-    worker, its thread's job (None until queued)."""
+    """A dispatched attempt: its command, the task running it and, for a sync worker, its thread's job (None until
+    queued)."""
 
     __slots__ = ("command", "task", "thread")
 
@@ -388,11 +377,13 @@ class LocalRun:
             self._drain()
             try:
                 await self._done
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, KeyboardInterrupt) as exc:  # (a real Ctrl-C a worker's task handed on)
+                cancelled = isinstance(exc, asyncio.CancelledError)
                 if self._lingering is not None:  # the run had ended: only the wait for its late answers stops
-                    self._stop_waiting("the task running the run was cancelled")
+                    self._stop_waiting("the task running the run was cancelled" if cancelled else
+                                       signal_said(signal.SIGINT))
                 elif not self._finished:
-                    self._stop("the task running it was cancelled")
+                    self._stop("the task running it was cancelled" if cancelled else signal_said(signal.SIGINT))
                 raise
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
         finally:
@@ -610,20 +601,10 @@ class LocalRun:
         if self._holding:  # the run was cancelled before it started: this attempt is cancelled, never run
             self._held[command["task_id"]] = command
             return
-        try:
-            started = start(command, self.registry)
-        except asyncio.CancelledError:
-            started = {"type": "task_cancelled", "task_id": command["task_id"]}
-        if isinstance(started, dict):  # answered without waiting: no task, no turn of the loop
-            self._answer(command["task_id"], started)
-            return
         attempt = _Attempt(command)
         self._tasks[command["task_id"]] = attempt
-        if isinstance(started, Suspended):
-            attempt.task = self._loop.create_task(self._attempt(attempt, started.finish()), context=started.context)
-        else:
-            attempt.task = _eager_task(self._loop, self._attempt(attempt, execute(
-                command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)))
+        attempt.task = _attempt_task(self._loop, self._attempt(attempt, execute(
+            command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)))
 
     async def _attempt(self, attempt: _Attempt, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
         """One dispatch, answered from inside its own task (no extra turn of the loop).
@@ -641,7 +622,10 @@ class LocalRun:
             event = {"type": "task_cancelled", "task_id": task_id}
         except BaseException as exc:  # execute() answers worker failures itself; this is the net under it: an
             if from_sigint(exc):  # attempt that never answers would hang the run (a real Ctrl-C stops it)
-                raise
+                if self._done is None or self._done.done():
+                    raise
+                self._done.set_exception(exc)  # raised where the run is awaited, through its cleanup
+                return
             event = {"type": "task_failed", "task_id": task_id,
                      "error": {"type": type(exc).__name__, "message": error_message(exc), "types": error_types(exc)}}
         self._tasks.pop(task_id, None)

@@ -514,18 +514,6 @@ def test_runs_taking_ctrl_c_on_one_loop_hand_it_back_in_turn_and_the_last_puts_b
 # --- 7. smaller things ----------------------------------------------------------------------------------------------
 
 
-def test_a_first_step_started_by_hand_without_an_event_loop_raising_cancelled_error_is_its_failure() -> None:
-    from flowdsl.runtime.execute import start
-
-    async def mine(data: Any, ctx: Any) -> Any:
-        raise asyncio.CancelledError("mine")
-
-    command = {"kind": "task", "worker": "mine", "task_id": "r/n#1", "run_id": "r", "step": "n", "node": "n",
-               "attempt": 1, "idempotency_key": "r/n", "input": {}, "llm": None}
-    answer = start(command, registry(mine=mine))
-    assert answer["type"] == "task_failed" and answer["error"]["type"] == "CancelledError"
-
-
 @pytest.mark.parametrize("mode", ["async", "async-after-await", "sync"])
 def test_a_worker_raising_cancelled_error_itself_is_its_failure_and_says_whose(mode: str) -> None:
     reg = registry(a=_raiser(asyncio.CancelledError, mode))

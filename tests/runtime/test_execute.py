@@ -1,4 +1,4 @@
-"""Carrying out a dispatch: ``execute`` and the eager ``start`` answer the same way, whatever the worker does."""
+"""Carrying out a dispatch: what ``execute`` answers, whatever the worker does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flowdsl.runtime.execute import WORKER_NOT_FOUND, Suspended, execute, start
+from flowdsl.runtime.execute import WORKER_NOT_FOUND, execute
 from flowdsl.workers import StepContext, WorkerRegistry
 
 REG = WorkerRegistry()
@@ -79,49 +79,42 @@ def command(worker: str, kind: str = "task") -> dict[str, Any]:
             "idempotency_key": f"r/{worker}", "timeout_ms": None, "llm": None}
 
 
-def both(cmd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The answer of ``execute`` and of ``start`` (finished in a task when it waits) for one command."""
-    async def go() -> tuple[dict[str, Any], dict[str, Any]]:
-        slow_way = await asyncio.get_running_loop().create_task(execute(cmd, registry=REG))
-        started = start(cmd, REG)
-        if isinstance(started, Suspended):
-            started = await asyncio.get_running_loop().create_task(started.finish(), context=started.context)
-        assert isinstance(started, dict)
-        assert SEEN.get() == "outside"
-        return slow_way, started
+def answer(cmd: dict[str, Any]) -> dict[str, Any]:
+    """The answer of ``execute`` for one command, run in a task of its own as the runtimes run it."""
+    async def go() -> dict[str, Any]:
+        answered = await asyncio.get_running_loop().create_task(execute(cmd, registry=REG))
+        assert SEEN.get() == "outside"  # the worker's context changes stayed in its task's copy
+        return answered
 
     return asyncio.run(go())
 
 
 @pytest.mark.parametrize("worker,kind", [("quick", "task"), ("quick", "compensate"), ("slow", "task"),
                                          ("broken", "task"), ("not_an_object", "fallback"), ("missing", "task")])
-def test_start_answers_as_execute_does(worker: str, kind: str) -> None:
+def test_a_worker_gets_a_private_copy_of_its_input(worker: str, kind: str) -> None:
     cmd = command(worker, kind)
-    slow_way, eager = both(cmd)
-    slow_way.pop("traceback", None)
-    eager.pop("traceback", None)
-    assert eager == slow_way
+    answer(cmd)
     assert cmd["input"] == {"x": 7, "lines": [{"qty": 2**70 + 1}]}
 
 
 def test_what_each_worker_answers() -> None:
-    assert both(command("quick", "compensate"))[1] == {
+    assert answer(command("quick", "compensate")) == {
         "type": "task_succeeded", "task_id": "r/quick#1",
         "result": {"echo": 7, "key": "r/quick", "compensating": True}}
-    assert both(command("slow"))[1]["result"] == {"after": "inside"}
-    assert both(command("broken"))[1]["error"] == {"type": "KeyError", "message": "'sku'",
+    assert answer(command("slow"))["result"] == {"after": "inside"}
+    assert answer(command("broken"))["error"] == {"type": "KeyError", "message": "'sku'",
                                                    "types": ["KeyError", "LookupError", "Exception"]}
-    assert both(command("not_an_object"))[1]["error"]["type"] == "OutputInvalid"
-    assert both(command("missing"))[1]["error"]["type"] == WORKER_NOT_FOUND
-    deep = both(command("too_deep"))[1]["error"]  # refused, not copied, encoded or recorded out of bounds
+    assert answer(command("not_an_object"))["error"]["type"] == "OutputInvalid"
+    assert answer(command("missing"))["error"]["type"] == WORKER_NOT_FOUND
+    deep = answer(command("too_deep"))["error"]  # refused, not copied, encoded or recorded out of bounds
     assert deep == {"type": "OutputInvalid", "message": "the worker's result is not JSON: at /x/x/x/x/x/…: "
                                                         "the data nests deeper than 200 levels"}
-    assert both(command("unprintable"))[1]["error"] == {  # the step fails, the run goes on
+    assert answer(command("unprintable"))["error"] == {  # the step fails, the run goes on
         "type": "Unprintable", "message": "(its message could not be read: RuntimeError: no message here)",
         "types": ["Unprintable", "Exception"]}
     # sys.exit() in a worker fails its step; it ends neither the run nor the process (nor, on Redis, every
     # process that would take the step over after it)
-    assert both(command("exits"))[1]["error"] == {"type": "SystemExit", "message": "the worker called sys.exit(3)",
+    assert answer(command("exits"))["error"] == {"type": "SystemExit", "message": "the worker called sys.exit(3)",
                                                   "types": ["SystemExit"]}
     in_thread = asyncio.run(execute(command("exits_in_a_thread"), registry=REG))
     assert in_thread["error"] == {"type": "SystemExit", "message": "the worker called sys.exit('bye')",
@@ -133,30 +126,15 @@ def test_a_compensation_succeeds_whatever_it_returns(worker: str) -> None:
     """Its result is not used: an undo returning True or a status string was judged OutputInvalid, run again by
     its retry policy and left to a person (needs_intervention) although it had undone the step."""
     cmd = {**command(worker, "compensate"), "task_id": f"r/{worker}#c1", "idempotency_key": f"r/{worker}/compensate"}
-    slow_way, eager = both(cmd)
-    assert slow_way == eager == {"type": "task_succeeded", "task_id": f"r/{worker}#c1", "result": {}}
-    assert both(command("not_an_object"))[1]["error"]["type"] == "OutputInvalid"  # a step's is checked
+    assert answer(cmd) == {"type": "task_succeeded", "task_id": f"r/{worker}#c1", "result": {}}
+    assert answer(command("not_an_object"))["error"]["type"] == "OutputInvalid"  # a step's is checked
     sync = {**command("blocking", "compensate"), "task_id": "r/blocking#c2"}
     assert asyncio.run(execute(sync, registry=REG))["result"] == {}
 
 
-def test_a_quick_worker_is_answered_without_a_task_and_the_others_are_left_to_execute() -> None:
+def test_a_waiting_worker_can_be_cancelled() -> None:
     async def go() -> None:
-        assert isinstance(start(command("quick"), REG), dict)  # no await: it answered at once
-        waiting = start(command("slow"), REG)
-        assert isinstance(waiting, Suspended)
-        await asyncio.get_running_loop().create_task(waiting.finish(), context=waiting.context)
-        assert start(command("blocking"), REG) is None  # sync workers run in a thread: execute()
-        assert start({**command("quick"), "kind": "llm"}, REG) is None
-
-    asyncio.run(go())
-
-
-def test_a_suspended_worker_can_be_cancelled() -> None:
-    async def go() -> None:
-        waiting = start(command("slow"), REG)
-        assert isinstance(waiting, Suspended)
-        task = asyncio.get_running_loop().create_task(waiting.finish(), context=waiting.context)
+        task = asyncio.get_running_loop().create_task(execute(command("slow"), registry=REG))
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

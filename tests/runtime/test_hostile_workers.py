@@ -30,7 +30,7 @@ from flowdsl.cli import app
 from flowdsl.runtime import local as local_module
 from flowdsl.runtime import record as record_module
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.execute import NotJSON, error_message, json_problem, plain_json, start
+from flowdsl.runtime.execute import NotJSON, error_message, execute, json_problem, plain_json
 from flowdsl.runtime.inputs import InputError, read_input
 from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.record import encode_line, read_record
@@ -203,13 +203,13 @@ def test_a_failure_carrying_out_a_decision_stops_the_run_loudly_instead_of_hangi
         mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime bug while carrying out what the kernel decided after an attempt answered (here: dispatching the
     next step) goes to the hard-failure path: run() raises and the record ends with runtime_aborted."""
-    def broken_start(command: dict[str, Any], registry: Any = None) -> Any:
+    def broken_execute(command: dict[str, Any], **options: Any) -> Any:
         if command["worker"] == "bad":
             raise RuntimeError("cannot dispatch")
-        return start(command, registry)
+        return execute(command, **options)
 
-    monkeypatch.setattr(local_module, "start", broken_start)
-    # ok answers from its own task (sync) or at once (async); either way the next dispatch fails
+    monkeypatch.setattr(local_module, "execute", broken_execute)
+    # ok answers from its own task, sync or async: either way the next dispatch fails
     reg = saga(sync_and_async(lambda: {})[mode], ok=sync_and_async(lambda: {"done": True})[mode])
     with pytest.raises(RuntimeError, match="carrying out a decision of run h1: RuntimeError: cannot dispatch"):
         bounded(reg, record=True, runs_dir=tmp_path, run_id="h1")
@@ -254,11 +254,13 @@ def test_whatever_escapes_an_attempt_is_answered_as_its_failure(
     """The net under execute() (which answers worker failures itself): an attempt whose coroutine raises anything
     but a cancellation or a real Ctrl-C still answers, so the run compensates instead of hanging."""
     async def escaping(command: Any, **options: Any) -> Any:
-        raise raised
+        if command["worker"] == "bad":
+            raise raised
+        return await execute(command, **options)
 
     monkeypatch.setattr(local_module, "execute", escaping)
     log: list[str] = []
-    reg = saga(sync_and_async(lambda: {})["sync"], log)  # a sync worker: start() leaves it to execute()
+    reg = saga(sync_and_async(lambda: {})["sync"], log)
     r = bounded(reg)
     assert (r.status, r.failed_step, r.compensated, log) == ("compensated", "bad", ["ok"], ["undo"])
     assert (r.error["type"], r.error["message"]) == (type(raised).__name__, message)

@@ -660,12 +660,17 @@ def test_the_cli_reports_a_worker_keyboard_interrupt_as_a_failed_step(tmp_path: 
     assert "KeyboardInterrupt: from the worker" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_real_ctrl_c_while_a_worker_runs_is_not_taken_for_its_failure() -> None:
+@pytest.mark.parametrize("waits_first", [False, True])
+def test_a_real_ctrl_c_while_a_worker_runs_is_not_taken_for_its_failure(waits_first: bool) -> None:
     """Without the runtime's own Ctrl-C handling, the KeyboardInterrupt of a real SIGINT that lands inside a worker
-    still stops the run (as Python does), where a KeyboardInterrupt the worker raises itself fails its step."""
+    still stops the run (as Python does), where a KeyboardInterrupt the worker raises itself fails its step — raised
+    where the run is awaited, through its cleanup (it escaped from the attempt's own task, leaving the run's
+    pending and its handlers in place)."""
     reg = WorkerRegistry()
 
     async def presses_ctrl_c(data: Any, ctx: Any) -> Any:
+        if waits_first:
+            await asyncio.sleep(0.01)
         signal.raise_signal(signal.SIGINT)  # the default handler raises KeyboardInterrupt right here
         return {}
 
@@ -917,3 +922,60 @@ def test_the_step_logger_says_which_run_step_and_attempt_a_line_is_from() -> Non
     assert seen == sorted((run, f"{run}/lines[{i}]/charge", attempt, "charge", "o-1",
                            f"[{run}/lines[{i}]/charge#{attempt}] charging {i + 1}")
                           for run in ("run-a", "run-b") for i in (0, 1) for attempt in (1, 2))
+
+
+async def _bounded_call(data: Any, ctx: Any) -> dict[str, Any]:
+    """A worker bounding its own slow call with asyncio.timeout, as the asyncio docs recommend."""
+    if ctx.attempt == 1 and data.get("flaky"):
+        raise ConnectionError("the first attempt fails")
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(0.2):
+            await asyncio.sleep(3)
+    except TimeoutError:
+        return {"own_timeout_after": round(time.monotonic() - t0, 1)}
+    return {"own_timeout_after": None}
+
+
+async def _grouped(data: Any, ctx: Any) -> dict[str, Any]:
+    """A worker whose TaskGroup's sub-call fails: the group cancels the rest and the worker fails."""
+    async def fails() -> None:
+        await asyncio.sleep(0.05)
+        raise ValueError("the sub-call failed")
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(fails())
+        await asyncio.sleep(3)
+    return {}
+
+
+async def _quick(data: Any, ctx: Any) -> dict[str, Any]:
+    await asyncio.sleep(0.01)
+    return {}
+
+
+@pytest.mark.parametrize("steps,run_input", [
+    ("  - own.bounded\n", {}),  # dispatched by the run's start
+    ("  - own.quick\n  - own.bounded\n", {}),  # dispatched as the step before answers
+    ("  - own.bounded: {retry: {attempts: 2, initial: 10ms}}\n", {"flaky": True}),  # by a retry's timer
+], ids=["first", "after_a_step", "retried"])
+def test_a_worker_s_own_asyncio_timeout_binds_to_its_own_attempt(steps: str, run_input: dict[str, Any]) -> None:
+    """The worker's first step ran by hand in whatever task was current: its own timeout cancelled the task running
+    the whole run (a traceback, nothing compensated), never fired (the previous attempt's finished task), or raised
+    'Timeout should be used inside a task' (a timer's callback, no task)."""
+    reg = WorkerRegistry()
+    for name, fn in [("own.bounded", _bounded_call), ("own.quick", _quick)]:
+        reg.register(name, fn)
+    plan = compile_text(HEADER.format(name="own") + "steps:\n" + steps)
+    result = asyncio.run(asyncio.wait_for(run_flow(plan, run_input, record=False, registry=reg,
+                                                   import_workers=False), 10))
+    assert result.status == "completed", result.error
+    assert result.context["own_timeout_after"] == 0.2
+
+
+def test_a_worker_s_own_task_group_fails_its_attempt_not_the_run() -> None:
+    reg = WorkerRegistry()
+    reg.register("own.grouped", _grouped)
+    plan = compile_text(HEADER.format(name="own") + "steps:\n  - own.grouped\n")
+    result = asyncio.run(asyncio.wait_for(run_flow(plan, {}, record=False, registry=reg, import_workers=False), 10))
+    assert result.status == "failed" and result.error["type"] == "ExceptionGroup", result.error
