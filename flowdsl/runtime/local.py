@@ -54,7 +54,6 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
@@ -98,6 +97,7 @@ from flowdsl.runtime.report import (
     stopped_while,
     timed_out_attempts,
 )
+from flowdsl.runtime.signals import give_back_signal, take_signal
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
 __all__ = ["LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id",
@@ -153,17 +153,6 @@ CANCEL_SETTLE = 0.1
 _log = logging.getLogger("flowdsl.local")
 
 
-class _SignalRuns:
-    """The runs of one event loop that take stop signals (per signal, the last one has it), and what was there
-    before them: per signal, its Python-level handler and the loop's own handler; the wakeup fd before the first."""
-
-    def __init__(self, wakeup_fd: int):
-        self.wakeup_fd = wakeup_fd
-        self.before: dict[int, tuple[Any, Any]] = {}
-        self.runs: dict[int, list[LocalRun]] = {}
-
-
-_SIGNAL_RUNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SignalRuns] = weakref.WeakKeyDictionary()
 #: the signals ``handle_sigterm`` takes, besides SIGINT (``handle_sigint``), as far as the platform has them
 TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 #: what a stop signal did, in the notices and the cancel's reason: (verb, its name for people)
@@ -850,36 +839,11 @@ class LocalRun:
             self._take_signal(signum)
 
     def _take_signal(self, signum: int) -> None:
-        loop = self._loop
-        assert loop is not None
-        runs = _SIGNAL_RUNS.get(loop)
-        if runs is None or signum not in runs.runs:
-            # the first run on this loop to take it: note what to put back after the last (remove_signal_handler
-            # would leave the default handler and drop a handler the loop itself had): the Python-level handler,
-            # the loop's own handler (asyncio's unix loops keep them in _signal_handlers) and the wakeup fd
-            python_handler = signal.getsignal(signum)
-            if python_handler is signal.SIG_IGN:
-                return  # ignored (a background job started by a shell, nohup): it stays ignored
-            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-            handlers = getattr(loop, "_signal_handlers", None)
-            if not isinstance(handlers, dict) and python_handler is not default:
-                return  # a loop whose handlers cannot be seen, and the signal is handled already: leave it so
-            loop_handler = handlers.get(signum) if isinstance(handlers, dict) else None
-            wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) and runs is None else -1
-            try:
-                loop.add_signal_handler(signum, self._on_signal, signum)
-            except (NotImplementedError, RuntimeError, ValueError):
-                if wakeup_fd != -1:
-                    signal.set_wakeup_fd(wakeup_fd)
-                return  # no signal support here (Windows loops, nested loops): Ctrl-C raises as usual
-            if runs is None:
-                runs = _SIGNAL_RUNS[loop] = _SignalRuns(wakeup_fd)
-            runs.before[signum] = (python_handler, loop_handler)
-            runs.runs[signum] = []
-        else:
-            loop.add_signal_handler(signum, self._on_signal, signum)
-        runs.runs[signum].append(self)  # the signal goes to the run that took it last, while it runs
-        self._signals.append(signum)
+        """Take ``signum`` while the run goes (unless it is ignored, or the loop cannot take signals: then Ctrl-C
+        raises as usual); runs nested on one loop hand it back to each other (:mod:`flowdsl.runtime.signals`)."""
+        assert self._loop is not None
+        if take_signal(self._loop, signum, self._on_signal):
+            self._signals.append(signum)
 
     def _remove_signals(self) -> None:
         loop = self._loop
@@ -887,34 +851,7 @@ class LocalRun:
         if loop is None:
             return
         for signum in reversed(taken):
-            runs = _SIGNAL_RUNS[loop]
-            queue = runs.runs[signum]
-            last = queue[-1] is self
-            queue.remove(self)
-            if queue:
-                if last:  # back to the run that had it before this one
-                    loop.add_signal_handler(signum, queue[-1]._on_signal, signum)
-                continue
-            del runs.runs[signum]
-            python_handler, loop_handler = runs.before.pop(signum)
-            handlers = getattr(loop, "_signal_handlers", None)
-            if isinstance(handlers, dict):
-                # the Python-level handler back first, then the loop's entry dropped by hand: remove_signal_handler
-                # sets SIG_DFL, and a SIGTERM between that and putting the saved handler back would kill the process
-                default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-                signal.signal(signum, python_handler if python_handler is not None else default)
-                if loop_handler is not None:
-                    handlers[signum] = loop_handler
-                else:
-                    handlers.pop(signum, None)
-                    if not handlers:  # as remove_signal_handler does: nothing left for the loop's wakeup fd
-                        signal.set_wakeup_fd(-1)
-            else:  # a loop whose handlers cannot be seen took it only from the default handler (_take_signal),
-                loop.remove_signal_handler(signum)  # which this puts back: no other handler in between
-            if not runs.runs:  # the last signal any run took on this loop: the wakeup fd as it was
-                del _SIGNAL_RUNS[loop]
-                if runs.wakeup_fd != -1:
-                    signal.set_wakeup_fd(runs.wakeup_fd)
+            give_back_signal(loop, signum, self._on_signal)
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
