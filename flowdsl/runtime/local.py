@@ -300,6 +300,9 @@ class LocalRun:
         self._signals: list[int] = []  # the stop signals this run took, in the order it took them
         #: what cancel() or abort() asked before the run started: ("cancel" | "abort", reason)
         self._early: tuple[str, str] | None = None
+        #: held while cancel() or abort() decides, from any thread, between holding its request and handing it to
+        #: the run's loop, and while run() makes the loop known: a request is never held after run() looked
+        self._handoff = threading.RLock()
         self._holding = False  # dispatches are held, not carried out (a cancel asked before the start)
         self._held: dict[str, dict[str, Any]] = {}
         #: why the run record is incomplete (a write failed: the run went on unrecorded), or None
@@ -337,11 +340,12 @@ class LocalRun:
         self._started = True
         # before the run's clock starts (a cancel or abort meanwhile is one asked before the start)
         await warm_llm(self.plan, lm=self.lm, lms=self.lms, notice=self._notice)
-        if self._early is not None and self._early[0] == "abort":
-            self._finished = True
-            raise RunAborted(self.run_id, NOT_STARTED, None)
-        loop = self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        with self._handoff:  # from here on, cancel() and abort() go to the loop
+            if self._early is not None and self._early[0] == "abort":
+                self._finished = True
+                raise RunAborted(self.run_id, NOT_STARTED, None)
+            loop = self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
         at = self._now()
@@ -401,12 +405,14 @@ class LocalRun:
         attempts it gave up on (``late_grace``), it stops waiting: what has not answered is in doubt. Called from
         another thread than the run's, it is handed to the run's event loop.
         """
-        if self._elsewhere(self.cancel, reason):
-            return
-        if self._loop is None:
-            if self._early is None:
-                self._early = ("cancel", reason)
-        elif self._lingering is not None:
+        with self._handoff:
+            if self._elsewhere(self.cancel, reason):
+                return
+            if self._loop is None:
+                if self._early is None:
+                    self._early = ("cancel", reason)
+                return
+        if self._lingering is not None:
             self._stop_waiting(f"cancelled: {reason}")
         elif not self._finished:
             self._feed({"type": "cancel_requested", "reason": reason})
@@ -419,11 +425,13 @@ class LocalRun:
         it gave up on (``late_grace``), it stops waiting, as :meth:`cancel` does, and :meth:`run` returns. Called
         from another thread than the run's, it is handed to the run's event loop.
         """
-        if self._elsewhere(self.abort, reason):
-            return
-        if self._loop is None:
-            self._early = ("abort", reason)
-        elif self._lingering is not None:
+        with self._handoff:
+            if self._elsewhere(self.abort, reason):
+                return
+            if self._loop is None:
+                self._early = ("abort", reason)
+                return
+        if self._lingering is not None:
             self._stop_waiting(f"aborted: {reason}")
         elif not self._finished:
             self._stop(reason)

@@ -699,6 +699,50 @@ def test_cancel_from_another_thread_is_handed_to_the_runs_loop() -> None:
     assert result.status == "cancelled" and result.error["message"] == "from a thread" and seen == ["cancelled"]
 
 
+def test_a_cancel_from_another_thread_as_the_run_starts_is_never_lost() -> None:
+    """cancel() read "not started" and only then held the request: a thread switch in between (forced here: the
+    calling thread is paused there) let run() start and look for held requests before it was held — the run
+    completed, the cancel lost. Now run() waits for a cancel that is deciding, and the run ends cancelled."""
+    import linecache
+    import threading
+
+    called: list[str] = []
+
+    async def step(data: Any, ctx: Any) -> dict[str, Any]:
+        called.append("step")
+        return {}
+
+    run = LocalRun(flow("  - a: {worker: step}\n"), {}, registry=registry(step=step), import_workers=False,
+                   record=False)
+    paused = threading.Event()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not LocalRun.cancel.__code__:
+            return None
+
+        def line(frame: Any, event: str, arg: Any) -> Any:
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if event == "line" and source == 'self._early = ("cancel", reason)':
+                paused.set()
+                threading.Event().wait(0.5)  # preempted here while the run starts
+            return line
+        return line
+
+    def cancel() -> None:
+        sys.settrace(tracer)
+        try:
+            run.cancel("before it starts")
+        finally:
+            sys.settrace(None)
+
+    canceller = threading.Thread(target=cancel)
+    canceller.start()
+    assert paused.wait(HUNG)
+    result = asyncio.run(asyncio.wait_for(run.run(), HUNG))
+    canceller.join(HUNG)
+    assert (result.status, result.error["message"], called) == ("cancelled", "before it starts", [])
+
+
 def test_hooks_that_cannot_be_called_as_hooks_are_type_errors() -> None:
     """`on_event="print"` was dropped at its first call; an `async def` hook made coroutines nobody awaited."""
     async def async_hook(event: dict[str, Any]) -> None:
