@@ -57,7 +57,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flowdsl.kernel import INPUT_EVENTS, Decision, apply, check_seed, left_to_undo, start_event, start_run
 from flowdsl.runtime.execute import (
@@ -617,6 +617,8 @@ class LocalRun:
             event = await work
         except asyncio.CancelledError:
             event = {"type": "task_cancelled", "task_id": task_id}
+        except GeneratorExit:  # the coroutine closed (a task left behind when the loop closes): nothing to answer
+            raise
         except BaseException as exc:  # execute() answers worker failures itself; this is the net under it: an
             if from_sigint(exc):  # attempt that never answers would hang the run (a real Ctrl-C stops it)
                 if self._done is None or self._done.done():
@@ -995,8 +997,43 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
                            "same options")
     if handle_sigint is None:
         handle_sigint = threading.current_thread() is threading.main_thread()
-    return asyncio.run(run_flow(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
-                                on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
-                                adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
-                                lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm,
-                                late_grace=late_grace))
+    return run_on_new_loop(run_flow(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
+                                    on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
+                                    adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
+                                    lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm,
+                                    late_grace=late_grace))
+
+
+#: seconds the tasks left when a run has returned (attempts it gave up on whose worker ignores its cancel) get to
+#: answer their cancel before :func:`run_on_new_loop` closes the loop without them
+ABANDON_S = 0.5
+_T = TypeVar("_T")
+
+
+def run_on_new_loop(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)``, without waiting for ever on what a run left behind: an async worker that ignores its
+    cancellation runs on after the run has returned (which held its end for it at most ``late_grace``), and
+    ``asyncio.run`` waits for every task to finish — the process held as long as that worker, and a stop signal
+    meanwhile turning the run's outcome into an interruption. Here the tasks left get :data:`ABANDON_S` seconds to
+    answer their cancel; the loop then closes without those that did not (they are never resumed)."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(loop.create_task(main))
+    finally:
+        try:
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=ABANDON_S))
+            for task in left:
+                if not task.done():  # closed now rather than whenever the collector finds it (on 3.11, inside a
+                    task._log_destroy_pending = False  # type: ignore[attr-defined]  # compile: a SystemError)
+                    with contextlib.suppress(RuntimeError):  # (one that swallows GeneratorExit too)
+                        task.get_coro().close()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()

@@ -881,3 +881,29 @@ def test_only_rules_5_wait_for_a_timed_out_refund() -> None:
     assert may_answer_late(UNDONE, result.state, attempt) and not may_answer_late(UNDONE, older, attempt)
     assert in_doubt_items(UNDONE, older, [attempt], "now", result.events) == []
     assert not may_answer_late(UNDONE, result.state, attempt, any_end=True)  # stopped at once: listed in_flight
+
+
+def test_flowdsl_run_returns_once_the_wait_ends_though_a_worker_ignores_every_cancel(tmp_path: Path) -> None:
+    """`late_grace` bounds the wait for an attempt the run gave up on — but asyncio.run then waited for every task
+    to finish, so `flowdsl.run()` (and `flowdsl run`) returned only when the stubborn worker did (8.7 s for a
+    1 s late_grace). Now such a task gets a moment to answer its cancel, and is left behind."""
+    import time
+
+    from flowdsl.runtime.local import run
+
+    reg = WorkerRegistry()
+
+    async def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        until = time.monotonic() + HUNG
+        while time.monotonic() < until:  # every cancel swallowed
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(until - time.monotonic())
+        return {"charge_id": "ch1"}
+
+    reg.register("charge", charge)
+    reg.register("refund", lambda data, ctx: {})
+    t0 = time.monotonic()
+    result = run(LONE, {}, run_id="stubborn", runs_dir=tmp_path, registry=reg, import_workers=False,
+                 late_grace=0.2, handle_sigint=False)
+    assert time.monotonic() - t0 < HUNG / 2
+    assert (result.status, [i["step"] for i in result.in_doubt]) == ("failed", ["charge"])
