@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -420,3 +421,45 @@ def test_a_cancellation_landing_as_a_blocking_read_answers_is_not_lost(server: R
             await conn.aclose()
 
     asyncio.run(main())
+
+
+def test_a_server_that_accepts_but_never_answers_the_hello_is_given_up_on_and_its_socket_closed(
+        tmp_path: Path) -> None:
+    """The connection's hello (here CLIENT SETNAME) had no bound: a listener that accepts and stays silent held the
+    connecting process for ever; and the socket of a hello refused or cancelled was left open."""
+    import socket
+    import threading
+
+    from flowdsl.runtime.redis import wire
+
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    closed = threading.Event()
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.settimeout(10)
+        while conn.recv(4096):  # reads the hello, answers nothing, until the client closes the socket
+            pass
+        closed.set()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        conn = wire.WireConnection(f"unix://{path}", connect_timeout=0.3, client_name="flowdsl-test")
+        with pytest.raises(redis.ConnectionError, match=r"no answer to CLIENT within 0.3 s"):
+            await conn.execute([("PING",)])
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+        assert closed.wait(5)  # the client closed its socket
+    finally:
+        for conn in accepted:
+            conn.close()
+        listener.close()
+        thread.join(5)

@@ -249,15 +249,24 @@ class WireConnection:
                 hello.append(("SELECT", int(opts["db"])))
             if self.client_name:
                 hello.append(("CLIENT", "SETNAME", self.client_name))
-            if hello:
-                for command, reply in zip(hello, await self._send(protocol, hello), strict=True):
-                    if isinstance(reply, Exception):
-                        assert protocol.transport is not None
-                        protocol.transport.close()
-                        if command[0] == "SELECT":
-                            raise DatabaseError(int(opts["db"]), str(reply))
-                        raise redis.AuthenticationError(str(reply)) if "AUTH" in str(reply).upper() or \
-                            "WRONGPASS" in str(reply) else reply
+            try:
+                if hello:
+                    try:
+                        async with asyncio.timeout(self.connect_timeout):
+                            replies = await self._send(protocol, hello)
+                    except TimeoutError:
+                        raise redis.ConnectionError(f"cannot connect to Redis: no answer to {hello[0][0]} within "
+                                                    f"{self.connect_timeout:g} s") from None
+                    for command, reply in zip(hello, replies, strict=True):
+                        if isinstance(reply, Exception):
+                            if command[0] == "SELECT":
+                                raise DatabaseError(int(opts["db"]), str(reply))
+                            raise redis.AuthenticationError(str(reply)) if "AUTH" in str(reply).upper() or \
+                                "WRONGPASS" in str(reply) else reply
+            except BaseException:  # refused, silent, or cancelled meanwhile: the socket is not left open
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise
             self._protocol = protocol
             return protocol
 
