@@ -526,6 +526,7 @@ class Batcher:
         self._queue: deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = deque()
         self._inflight = 0
         self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()  # (the loop keeps only weak references to tasks)
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the returned future resolves with its reply."""
@@ -544,7 +545,9 @@ class Batcher:
             if self.wire is not None and self.wire.send([args for args, _ in batch], [f for _, f in batch]):
                 continue  # written: the connection resolves the futures as the replies arrive
             self._inflight += 1
-            asyncio.get_running_loop().create_task(self._send(batch))
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
