@@ -787,13 +787,17 @@ def status(
     """Show a Redis run: its timeline and summary (--format json: the `run --format json` object).
 
     Exit 0 when the run exists (whatever its state), 2 when it does not or Redis cannot be reached. With
-    --follow: 0 completed, 1 failed, compensated or cancelled, 4 needs_intervention, as `flowdsl run`.
+    --follow: 0 completed, 1 failed, compensated or cancelled, 4 needs_intervention, as `flowdsl run`;
+    130 when Ctrl-C, SIGTERM or SIGHUP stopped following (the run goes on).
     """
-    from flowdsl.runtime.redis.commands import status_command
-
     as_json = fmt is OutputFormat.json
-    raise typer.Exit(_reporting(as_json, lambda console: status_command(
-        run_id, url=redis_url, prefix=prefix, as_json=as_json, console=console, follow=follow)))
+    if not follow:
+        from flowdsl.runtime.redis.commands import status_command
+
+        raise typer.Exit(_reporting(as_json, lambda console: status_command(
+            run_id, url=redis_url, prefix=prefix, as_json=as_json, console=console)))
+    raise typer.Exit(_following("status", run_id, as_json, lambda commands, console, ended: commands.status_command(
+        run_id, url=redis_url, prefix=prefix, as_json=as_json, console=console, follow=True, ended=ended)))
 
 
 @app.command()
@@ -828,13 +832,50 @@ def cancel(
     """Cancel a Redis run: in-flight steps are stopped and completed steps compensated.
 
     Exit 0 when the cancel was requested, 1 when the run was already over, 2 when there is no such run; with
-    --wait, 4 when the run ended needs_intervention (something is left to undo by hand).
+    --wait, 4 when the run ended needs_intervention (something is left to undo by hand), 130 when Ctrl-C,
+    SIGTERM or SIGHUP stopped waiting (the run goes on).
     """
-    from flowdsl.runtime.redis.commands import cancel_command
-
     as_json = fmt is OutputFormat.json
-    raise typer.Exit(_reporting(as_json, lambda console: cancel_command(
-        run_id, url=redis_url, prefix=prefix, reason=reason, wait=wait, as_json=as_json, console=console)))
+    if not wait:
+        from flowdsl.runtime.redis.commands import cancel_command
+
+        raise typer.Exit(_reporting(as_json, lambda console: cancel_command(
+            run_id, url=redis_url, prefix=prefix, reason=reason, wait=False, as_json=as_json, console=console)))
+    raise typer.Exit(_following("cancel", run_id, as_json, lambda commands, console, ended: commands.cancel_command(
+        run_id, url=redis_url, prefix=prefix, reason=reason, wait=True, as_json=as_json, console=console,
+        ended=ended)))
+
+
+def _following(command: str, run_id: str, as_json: bool, body: Callable[[Any, Any, list[int]], int]) -> int:
+    """Run ``status --follow`` or ``cancel --wait`` (``body(commands module, console, ended)``) so that a stop signal
+    ends it as it ends ``run --backend redis``, whenever it comes: held while the command loads (a
+    KeyboardInterrupt raised in the middle of an import would leave it half done), then raising KeyboardInterrupt
+    where the command does not take it itself. ``ended`` holds the exit code once the command has said how it
+    ended; a signal after that changes nothing."""
+    import signal
+    import threading
+
+    stops = {signal.SIGINT, *(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stops) if hasattr(signal, "pthread_sigmask") and \
+        threading.current_thread() is threading.main_thread() else None
+    ended: list[int] = []
+    try:
+        with _stopping_as_ctrl_c():
+            try:
+                from flowdsl.runtime.redis import commands
+
+                if held is not None:  # (a signal that came meanwhile is taken here)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                    held = None
+                return _reporting(as_json, lambda console: body(commands, console, ended))
+            except KeyboardInterrupt:
+                if not ended:  # (before the command took it: as it loaded)
+                    _reporting(as_json, lambda console: commands.stopped_following(
+                        command, run_id, as_json=as_json, console=console, ended=ended))
+                return ended[-1]
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @app.command(name="dead-letters")
@@ -889,9 +930,9 @@ def main() -> None:
         command = typer.main.get_command(app)
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)
-    release()  # SIGTERM and SIGHUP: the default again, for the commands to take or not
     try:
         with command.make_context(program_name(), list(argv)) as ctx:
+            release()  # the command line read: SIGTERM and SIGHUP the default again, for the commands to take or not
             command.invoke(ctx)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

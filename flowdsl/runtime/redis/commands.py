@@ -38,9 +38,10 @@ from flowdsl.runtime.redis.client import (
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
+from flowdsl.runtime.signals import give_back_signal, take_signal
 
 __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command", "run_events", "runs_command",
-           "status_command", "worker_command"]
+           "status_command", "stopped_following", "worker_command"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -126,6 +127,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
     ``on_error`` is handed the error type and the line said on stderr when the command fails (exit 2) or stops
     following (130); ``submitted`` gets the run id once the run is submitted."""
     given: list[str] = submitted if submitted is not None else []
+    ended: list[int] = []
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
@@ -142,6 +144,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                 _say(console, f"run '{sub.run_id}' was already submitted: nothing new started"
                      + ("" if detach else "; following it"), "yellow", "note")
             if detach:
+                ended.append(0)
                 if as_json:
                     _json_out({"run_id": sub.run_id, "created": sub.created})
                 else:
@@ -149,64 +152,159 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                     console.print(f"[dim]{'submitted; ' if sub.created else ''}follow it with "
                                   f"`flowdsl status {sub.run_id} --follow`[/]")
                 return 0
-            return await _follow(client, plan, sub.run_id, as_json, console, late_grace=late_grace)
+            return await _follow(client, plan, sub.run_id, as_json, console, ended, late_grace=late_grace)
 
-    code = _interrupted(_guarded(console, url, body, on_error), console, given[-1] if given else run_id)
-    if code == EXIT_INTERRUPTED and on_error is not None:
-        on_error("Interrupted", "stopped following; the run goes on in the worker processes")
-    return code
+    def stopped() -> None:
+        _interrupted(EXIT_INTERRUPTED, console, given[-1] if given else run_id)
+        if on_error is not None:
+            on_error("Interrupted", _STOPPED_FOLLOWING)
+
+    return _following(console, url, body, ended, stopped, on_error)
+
+
+#: what following a run says when a stop signal ended it (``run --backend redis``, ``status --follow``)
+_STOPPED_FOLLOWING = "stopped following; the run goes on in the worker processes"
 
 
 async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any,
-                  notes: bool = False, late_grace: float | None = None) -> int:
-    """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code.
+                  ended: list[int], notes: bool = False, late_grace: float | None = None,
+                  over: list[str] | None = None) -> int:
+    """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code,
+    also appended to ``ended`` as the summary or JSON is printed (see :func:`_following`, which runs it).
     ``notes``: the JSON also lists the late results rejected (``rejected_late_results``) and the run's dead
-    letters (``dead_letters``), as ``status`` does."""
+    letters (``dead_letters``), as ``status`` does. ``over`` gets the run's end state once following has it."""
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
     journal = Journal()
-    try:
-        with view, _stopped_by_termination():
-            result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice, journal=journal,
-                                         late_grace=late_grace)
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-    if as_json:
-        out = result.to_json()
-        if notes:
-            out["rejected_late_results"] = journal.notes
-            out["dead_letters"] = await _dead_letters_of(client, run_id)
+    with view:
+        result = await client.follow(run_id, on_event=view.on_event, on_notice=view.notice, journal=journal,
+                                     late_grace=late_grace)
+    if over is not None:
+        over.append(result.status)
+    out = result.to_json() if as_json else None
+    if out is not None and notes:
+        out["rejected_late_results"] = journal.notes
+        out["dead_letters"] = await _dead_letters_of(client, run_id)
+    ended.append(result.exit_code)  # (before printing: a signal now changes nothing, even mid-output)
+    if out is not None:
         _json_out(out)
     else:
         print_summary(result, console)
     return result.exit_code
 
 
+def _following(console: Any, url: str | None, body: Callable[[], Coroutine[Any, Any, int]], ended: list[int],
+               stopped: Callable[[], None], on_error: ErrorHook | None = None) -> int:
+    """Run the body of a command that follows a run (``run --backend redis``, ``status --follow``,
+    ``cancel --wait``) as :func:`_guarded` does, with the stop signals taken as Ctrl-C.
+
+    ``body`` appends its exit code to ``ended`` when it has its result and prints it. Until then, a Ctrl-C,
+    SIGTERM or SIGHUP at any moment stops the command: the loop's task is cancelled (SIGTERM, SIGHUP:
+    :func:`_stopped_by_termination`; Ctrl-C: ``asyncio.run``'s own handler), or a ``KeyboardInterrupt`` is raised
+    outside the loop (``flowdsl.cli`` makes SIGTERM and SIGHUP raise it there), and ``stopped()`` says so (the
+    hint; the JSON object), exit 130, which is appended to ``ended`` before. Once ``ended`` holds a code, a stop
+    signal changes nothing: that code is the exit code (``flowdsl.cli`` returns it too, when the signal
+    lands after this returned)."""
+
+    async def guarded() -> int:
+        with _stopped_by_termination(ended):
+            try:
+                return await body()
+            except asyncio.CancelledError:
+                if ended:  # the result is out: the cancel came as the client closed
+                    return ended[-1]
+                raise KeyboardInterrupt from None
+
+    try:
+        code = _guarded(console, url, guarded, on_error)
+    except KeyboardInterrupt:  # outside the loop: as it was made, or after it closed
+        code = EXIT_INTERRUPTED
+    if ended:
+        return ended[-1]
+    if code == EXIT_INTERRUPTED:
+        ended.append(code)
+        stopped()
+    return code
+
+
+def stopped_following(command: str, run_id: str, *, as_json: bool, console: Any, ended: list[int]) -> int:
+    """Say that a following command (``status`` with ``--follow``, ``cancel`` with ``--wait``) was stopped by a
+    signal before it reached its body (while ``flowdsl.cli`` loaded this module): as it says it once running;
+    exit 130 (appended to ``ended``)."""
+    ended.append(EXIT_INTERRUPTED)
+    if command == "cancel":
+        _cancel_stopped(console, run_id, as_json, None)
+    else:
+        _status_stopped(console, run_id, as_json, None)
+    return EXIT_INTERRUPTED
+
+
+def _stopped_json(run_id: str, message: str) -> None:
+    """The one JSON object of a following command that a stop signal ended, as ``run --backend redis`` gives
+    it (docs/runtime.md)."""
+    _json_out({"status": "error", "run_id": run_id, "error": {"type": "Interrupted", "message": message}})
+
+
+def _status_stopped(console: Any, run_id: str, as_json: bool, over: str | None) -> None:
+    """``status --follow`` stopped by a signal; ``over``: the run's end state when following had seen it end (the
+    signal came as the rest of its result was read)."""
+    if over is None:
+        _interrupted(EXIT_INTERRUPTED, console, run_id)
+        said = _STOPPED_FOLLOWING
+    else:
+        said = f"stopped before the result was printed; the run has ended {over}"
+        _say(console, f"{said} (`flowdsl status {run_id}` shows it)", "yellow", "interrupted")
+    if as_json:
+        _stopped_json(run_id, said)
+
+
+def _cancel_stopped(console: Any, run_id: str, as_json: bool, outcome: str | None) -> None:
+    """``cancel --wait`` stopped by a signal; ``outcome``: Redis's answer to the cancel request, None before it
+    came (the request may have been made, or not)."""
+    if outcome == "requested":
+        said = "stopped waiting; the cancel was requested and the run goes on to its end in the worker processes"
+        hint = f"`flowdsl status {run_id} --follow` to see it end"
+    elif outcome is not None:  # (the run was over: nothing was requested)
+        said = "stopped; the run is already over: nothing to cancel"
+        hint = f"`flowdsl status {run_id}` shows it"
+    else:
+        said = "stopped before Redis confirmed the cancel request: the run may not have been asked to cancel"
+        hint = f"`flowdsl status {run_id}` says whether it was; `flowdsl cancel {run_id} --wait` asks again"
+    _say(console, f"{said} ({hint})", "yellow", "interrupted")
+    if as_json:
+        _stopped_json(run_id, said)
+
+
+#: the signals a follower takes besides Ctrl-C (which ``asyncio.run`` takes), as far as the platform has them
+_TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
-def _stopped_by_termination() -> Iterator[None]:
+def _stopped_by_termination(ended: list[int] | None = None) -> Iterator[None]:
     """While a run is followed, SIGTERM and SIGHUP stop following as Ctrl-C does (the run goes on; the summary
-    or JSON says so) instead of killing the process mid-output. In the main thread only; an ignored signal is
-    left ignored; the handlers found are put back after."""
-    taken: list[tuple[int, Any]] = []
-    if threading.current_thread() is threading.main_thread():
-        loop, task = asyncio.get_running_loop(), asyncio.current_task()
-        for name in ("SIGTERM", "SIGHUP"):
-            signum = getattr(signal, name, None)
-            if signum is not None and task is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-                taken.append((signum, signal.getsignal(signum)))
-                loop.add_signal_handler(signum, task.cancel)
+    or JSON says so) instead of killing the process mid-output: they cancel the current task. Once ``ended``
+    holds an exit code (the command has its result), they change nothing. In the main thread only; an ignored
+    signal is left ignored; the handlers found are put back after (:mod:`flowdsl.runtime.signals`)."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+    def stop(signum: int) -> None:
+        if task is not None and not ended:
+            task.cancel()
+
+    taken: list[int] = []
+    if threading.current_thread() is threading.main_thread() and task is not None:
+        taken = [signum for signum in _TERM_SIGNALS if take_signal(loop, signum, stop)]
     try:
         yield
     finally:
-        for signum, previous in taken:
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, previous)
+        for signum in reversed(taken):
+            give_back_signal(loop, signum, stop)
 
 
 def _interrupted(code: int, console: Any, run_id: str | None) -> int:
     if code == EXIT_INTERRUPTED:
         rid = run_id or "RUN_ID"  # (a Ctrl-C before the run was submitted: no id to name)
-        _say(console, "stopped following; the run goes on in the worker processes "
-             f"(`flowdsl status {rid} --follow`, `flowdsl cancel {rid}`)", "yellow", "interrupted")
+        _say(console, f"{_STOPPED_FOLLOWING} (`flowdsl status {rid} --follow`, `flowdsl cancel {rid}`)", "yellow",
+             "interrupted")
     return code
 
 
@@ -280,16 +378,27 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
 
 
 def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json: bool, console: Any,
-                   follow: bool = False) -> int:
+                   follow: bool = False, ended: list[int] | None = None) -> int:
     """Print a run's timeline and summary (JSON: the ``run --format json`` object). Exit 0 when found.
 
-    ``follow``: show the run live until it ends, as ``run`` does, and exit as ``run`` does (by its end state).
+    ``follow``: show the run live until it ends, as ``run`` does, and exit as ``run`` does (by its end state);
+    a stop signal before the result is printed ends it as it ends ``run`` (:func:`_following`: exit 130, the
+    hint, the JSON object). ``ended`` gets the exit code once the result (or that it stopped) is printed.
     """
+    if follow:
+        done: list[int] = ended if ended is not None else []
+        over: list[str] = []
+
+        async def following() -> int:
+            async with RedisClient(url, prefix=prefix) as client:
+                return await _follow(client, await client.plan_of(run_id), run_id, as_json, console, done,
+                                     notes=True, over=over)
+
+        return _following(console, url, following, done,
+                          lambda: _status_stopped(console, run_id, as_json, over[-1] if over else None))
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
-            if follow:
-                return await _follow(client, await client.plan_of(run_id), run_id, as_json, console, notes=True)
             info = await client.info(run_id)
             result, journal = await client.result(run_id)
             dead = await _dead_letters_of(client, run_id)
@@ -323,7 +432,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 
-    return _interrupted(_guarded(console, url, body), console, run_id) if follow else _guarded(console, url, body)
+    return _guarded(console, url, body)
 
 
 async def _dead_letters_of(client: RedisClient, run_id: str) -> list[str]:
@@ -404,14 +513,21 @@ def _print_runs(items: list[RunInfo], console: Any, where: str = "") -> None:
 
 
 def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: str, wait: bool, as_json: bool,
-                   console: Any) -> int:
+                   console: Any, ended: list[int] | None = None) -> int:
     """Ask for a run's cancellation (its completed steps are compensated). Exit 0 requested, 1 already over; with
-    ``wait``, 4 when the run ended needs_intervention or with a step in doubt (something to undo by hand)."""
+    ``wait``, 4 when the run ended needs_intervention or with a step in doubt (something to undo by hand).
+
+    With ``wait`` it follows the run as ``status --follow`` does: a stop signal before the result is printed ends
+    it as it ends ``run`` (:func:`_following`: exit 130, the hint, the JSON object; the run goes on). ``ended``
+    gets the exit code once the result (or that it stopped) is printed."""
+    done: list[int] = ended if ended is not None else []
+    answered: list[str] = []  # Redis's answer to the request, once it came
 
     async def body() -> int:
         left_by_hand = False
         async with RedisClient(url, prefix=prefix) as client:
             outcome = await client.cancel(run_id, reason)
+            answered.append(outcome)
             status = (await client.info(run_id)).status
             if outcome == "requested" and status == "submitted" and not as_json:
                 console.print(f"[dim]run {run_id} has not started: the worker process that starts it ends it "
@@ -420,15 +536,20 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
                 result = await client.follow(run_id, on_notice=lambda text: _say(console, text, "yellow", "note"))
                 status = result.status
                 left_by_hand = result.exit_code == EXIT_CODES["needs_intervention"]
-        if as_json:
-            _json_out({"run_id": run_id, "cancel": outcome, "status": status})
-        elif outcome == "finished":
-            _say(console, f"run {run_id} is already over ({status}): nothing to cancel", "yellow", "note")
-        else:
-            console.print(f"cancel of run {run_id} requested" + (f"; it ended {status}" if wait else ""))
-        return 1 if outcome == "finished" else EXIT_CODES["needs_intervention"] if left_by_hand else 0
+            code = 1 if outcome == "finished" else EXIT_CODES["needs_intervention"] if left_by_hand else 0
+            done.append(code)  # (printed before the client closes, with nothing awaited in between: see _following)
+            if as_json:
+                _json_out({"run_id": run_id, "cancel": outcome, "status": status})
+            elif outcome == "finished":
+                _say(console, f"run {run_id} is already over ({status}): nothing to cancel", "yellow", "note")
+            else:
+                console.print(f"cancel of run {run_id} requested" + (f"; it ended {status}" if wait else ""))
+            return code
 
-    return _interrupted(_guarded(console, url, body), console, run_id) if wait else _guarded(console, url, body)
+    if not wait:
+        return _guarded(console, url, body)
+    return _following(console, url, body, done,
+                      lambda: _cancel_stopped(console, run_id, as_json, answered[-1] if answered else None))
 
 
 def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str], retry_all: bool,
