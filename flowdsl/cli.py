@@ -648,11 +648,11 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         raise _Stopped(str(exc), error_type="RecordUnwritable") from None
     except ValueError as exc:
         raise _Stopped(str(exc)) from None
-    import asyncio
+    from flowdsl.runtime.local import run_on_new_loop
 
     try:
         with view, _user_code():
-            outcome = asyncio.run(local.run())
+            outcome = run_on_new_loop(local.run())
     except RunAborted as exc:
         extra: dict[str, Any] = {"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}
         if exc.result is not None:  # what was undone, and what is left to undo by hand

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -907,3 +908,38 @@ def test_flowdsl_run_returns_once_the_wait_ends_though_a_worker_ignores_every_ca
                  late_grace=0.2, handle_sigint=False)
     assert time.monotonic() - t0 < HUNG / 2
     assert (result.status, [i["step"] for i in result.in_doubt]) == ("failed", ["charge"])
+
+
+def test_flowdsl_run_exits_once_the_wait_ends_though_a_worker_ignores_every_cancel(tmp_path: Path) -> None:
+    """The command too: it exited only when the stubborn worker returned (asyncio.run waited for it)."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "stubborn.py").write_text(textwrap.dedent('''
+        import asyncio, contextlib, time
+        from flowdsl import worker
+
+        @worker("stub.charge")
+        async def charge(data, ctx):
+            until = time.monotonic() + 60
+            while time.monotonic() < until:  # every cancel swallowed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(until - time.monotonic())
+            return {}
+
+        @worker("stub.refund")
+        async def refund(data, ctx):
+            return {}
+        '''))
+    spec = tmp_path / "stub.yaml"
+    spec.write_text("flowdsl: 1\nname: stub\nworkers: [stubborn]\n"
+                    "steps:\n  - stub.charge: {compensate: stub.refund, timeout: 100ms}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(root), str(tmp_path)))}
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flowdsl", "run", str(spec), "--no-record", "--late-grace", "0.3",
+                           "--format", "json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 30, done.stderr
+    assert done.returncode == 4, done.stderr
+    assert [i["step"] for i in json.loads(done.stdout)["in_doubt"]] == ["charge"]
