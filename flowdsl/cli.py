@@ -931,8 +931,11 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)
     try:
-        with command.make_context(program_name(), list(argv)) as ctx:
-            release()  # the command line read: SIGTERM and SIGHUP the default again, for the commands to take or not
+        try:
+            ctx = command.make_context(program_name(), list(argv))
+        finally:  # the command line read (or refused, or --help said): SIGTERM and SIGHUP the default again, for
+            release()  # the commands to take or not
+        with ctx:
             command.invoke(ctx)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
