@@ -434,7 +434,7 @@ def _stopping_as_ctrl_c() -> Iterator[None]:
     import signal
     import threading
 
-    from flowdsl.runtime.local import TERM_SIGNALS, signal_said
+    from flowdsl.runtime.signals import TERM_SIGNALS, signal_said
     from flowdsl.workers import signalled
 
     def stop(signum: int, frame: Any) -> None:
@@ -910,6 +910,12 @@ from flowdsl.render.command import diagram as _diagram  # noqa: E402  (typer + s
 app.command(name="diagram")(_diagram)
 
 
+#: the reporting commands that do not take SIGTERM and SIGHUP themselves (``run`` does, and ``status --follow``,
+#: ``cancel --wait`` take them from here): they keep raising KeyboardInterrupt, so that such a command, stopped,
+#: still says so — and gives its one JSON object — instead of dying without a word
+_SAID_WHEN_STOPPED = frozenset({"show", "status", "runs", "cancel", "dead-letters"})
+
+
 def main() -> None:
     """Console entry point (``flowdsl.launch.main`` loads it).
 
@@ -934,7 +940,8 @@ def main() -> None:
         try:
             ctx = command.make_context(program_name(), list(argv))
         finally:  # the command line read (or refused, or --help said): SIGTERM and SIGHUP the default again, for
-            release()  # the commands to take or not
+            if not argv or argv[0] not in _SAID_WHEN_STOPPED:  # the commands to take or not
+                release()
         with ctx:
             command.invoke(ctx)
     except typer.Exit as exc:

@@ -97,7 +97,7 @@ from flowdsl.runtime.report import (
     stopped_while,
     timed_out_attempts,
 )
-from flowdsl.runtime.signals import give_back_signal, take_signal
+from flowdsl.runtime.signals import SIGNAL_WORDS, TERM_SIGNALS, give_back_signal, signal_said, take_signal
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
 __all__ = ["LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id",
@@ -151,21 +151,6 @@ _BURST = 64
 #: cancelled, and an async worker answers its cancel at once unless it ignores it (then the wait of late_grace begins)
 CANCEL_SETTLE = 0.1
 _log = logging.getLogger("flowdsl.local")
-
-
-#: the signals ``handle_sigterm`` takes, besides SIGINT (``handle_sigint``), as far as the platform has them
-TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-#: what a stop signal did, in the notices and the cancel's reason: (verb, its name for people)
-_SIGNAL_WORDS = {"SIGINT": ("interrupted", "Ctrl-C"), "SIGTERM": ("terminated", "SIGTERM"),
-                 "SIGHUP": ("hung up", "SIGHUP")}
-
-
-def signal_said(signum: int) -> str:
-    """What a stop signal did, for people: ``terminated (SIGTERM)``, ``hung up (SIGHUP)``, ``interrupted
-    (Ctrl-C)``."""
-    name = signal.Signals(signum).name
-    verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
-    return f"{verb} ({label})"
 
 
 def _attempt_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -865,7 +850,7 @@ class LocalRun:
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        verb, label = _SIGNAL_WORDS.get(name, ("stopped", name))
+        verb, label = SIGNAL_WORDS.get(name, ("stopped", name))
         if self._lingering is not None and not self._finished:  # the run has ended: only the wait stops
             if name == "SIGHUP":  # nobody may be watching any more: waiting out the bound harms nothing, and a
                 # closing terminal's second hangup would otherwise find the run returned and kill the process

@@ -20,9 +20,23 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["give_back_signal", "take_signal"]
+__all__ = ["SIGNAL_WORDS", "TERM_SIGNALS", "give_back_signal", "signal_said", "take_signal"]
 
 Callback = Callable[[int], None]
+
+#: the signals that stop a command as Ctrl-C does, besides SIGINT, as far as the platform has them
+TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: what a stop signal did, in notices and reasons: (verb, its name for people)
+SIGNAL_WORDS = {"SIGINT": ("interrupted", "Ctrl-C"), "SIGTERM": ("terminated", "SIGTERM"),
+                "SIGHUP": ("hung up", "SIGHUP")}
+
+
+def signal_said(signum: int) -> str:
+    """What a stop signal did, for people: ``terminated (SIGTERM)``, ``hung up (SIGHUP)``, ``interrupted
+    (Ctrl-C)``."""
+    name = signal.Signals(signum).name
+    verb, label = SIGNAL_WORDS.get(name, ("stopped", name))
+    return f"{verb} ({label})"
 
 
 class _Takers:

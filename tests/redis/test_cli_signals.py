@@ -377,7 +377,7 @@ signal.signal = spying  # (asyncio's remove_signal_handler sets the handler thro
 async def main():
     global putting_back
     loop = asyncio.get_running_loop()
-    with _stopped_by_termination():
+    with _stopped_by_termination(None, []):
         assert signal.SIGTERM in loop._signal_handlers and signal.getsignal(signal.SIGTERM) is not handler
         putting_back = True
     putting_back = False
@@ -399,3 +399,38 @@ def test_the_follower_puts_the_python_handler_back_before_it_drops_the_loop_entr
     with _ours(proc):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip() == "survived", (proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("args", [["runs"], ["status", "r1"], ["cancel", "r1"], ["dead-letters"]],
+                         ids=lambda a: a[0])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=_name)
+def test_a_reporting_command_stopped_while_redis_is_silent_says_so_with_its_json_object(
+        tmp_path: Any, args: list[str], sig: signal.Signals) -> None:
+    """`runs`, `status`, `cancel` (without waiting) and `dead-letters` took SIGTERM and SIGHUP at their default: a
+    stop while Redis had not answered killed them without a word, and without the one JSON object `--format json`
+    promises however the command ends. A listener that accepts the connection and says nothing holds them there
+    (it is not Redis: nothing here needs one)."""
+    import socket
+    import threading
+
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    proc = spawn(*args, "--redis-url", f"unix://{path}", "--format", "json")
+    try:
+        thread.join(30)
+        assert accepted, "the command never connected"
+        out, err = stop(proc, sig)
+    finally:
+        stop(proc, signal.SIGKILL)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    said = "terminated (SIGTERM)" if sig == signal.SIGTERM else "hung up (SIGHUP)"
+    assert proc.returncode == 130, err
+    assert json.loads(out)["error"] == {"type": "KeyboardInterrupt", "message": said}
+    assert said in err and "Traceback" not in err

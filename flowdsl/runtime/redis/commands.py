@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from flowdsl.runtime.redis.client import (
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
-from flowdsl.runtime.signals import give_back_signal, take_signal
+from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
 
 __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command", "run_events", "runs_command",
            "status_command", "stopped_following", "worker_command"]
@@ -68,10 +67,26 @@ ErrorHook = Callable[[str, str], None]
 
 
 def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, Any, int]],
-             on_error: ErrorHook | None = None) -> int:
+             on_error: ErrorHook | None = None, ended: list[int] | None = None) -> int:
     """Run ``body`` on a new event loop; turn configuration and connection errors into one line and exit 2.
     ``on_error`` is also handed each such line with its error type (``run --format json`` puts them in its one
-    JSON object)."""
+    JSON object). While the loop runs, SIGTERM and SIGHUP cancel ``body``, as ``asyncio.run`` takes Ctrl-C
+    (:func:`_stopped_by_termination`; ``ended``: see there), never raising inside whatever code they land in: the
+    stop comes out as ``KeyboardInterrupt`` (with what the signal did), as Ctrl-C does — a command that follows a
+    run says it itself (:func:`_following`), the others as ``flowdsl.cli`` says it."""
+
+    async def stoppable() -> int:
+        stops: list[int] = []
+        with _stopped_by_termination(ended, stops):
+            try:
+                return await body()
+            except asyncio.CancelledError:
+                if ended:  # the result is out: the cancel came as the client closed
+                    return ended[-1]
+                if stops:
+                    raise KeyboardInterrupt(signal_said(stops[0])) from None
+                raise
+
 
     def say(text: str, kind: str = "RedisError") -> None:
         _say(console, text)
@@ -84,7 +99,7 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
         say(str(exc))
         return EXIT_USAGE
     try:
-        return asyncio.run(body())
+        return asyncio.run(stoppable())
     except _Failure as exc:
         say(str(exc))
         return exc.code
@@ -106,8 +121,6 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
     except redis.RedisError as exc:  # Redis answered, and said no (or was not Redis): a configuration error
         say(refusal(resolved, exc))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
 
 
 def _json_out(value: Any) -> None:
@@ -205,18 +218,9 @@ def _following(console: Any, url: str | None, body: Callable[[], Coroutine[Any, 
     signal changes nothing: that code is the exit code (``flowdsl.cli`` returns it too, when the signal
     lands after this returned)."""
 
-    async def guarded() -> int:
-        with _stopped_by_termination(ended):
-            try:
-                return await body()
-            except asyncio.CancelledError:
-                if ended:  # the result is out: the cancel came as the client closed
-                    return ended[-1]
-                raise KeyboardInterrupt from None
-
     try:
-        code = _guarded(console, url, guarded, on_error)
-    except KeyboardInterrupt:  # outside the loop: as it was made, or after it closed
+        code = _guarded(console, url, body, on_error, ended)
+    except KeyboardInterrupt:  # (Ctrl-C, or SIGTERM or SIGHUP, in the loop or outside it)
         code = EXIT_INTERRUPTED
     if ended:
         return ended[-1]
@@ -274,25 +278,23 @@ def _cancel_stopped(console: Any, run_id: str, as_json: bool, outcome: str | Non
         _stopped_json(run_id, said)
 
 
-#: the signals a follower takes besides Ctrl-C (which ``asyncio.run`` takes), as far as the platform has them
-_TERM_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 @contextlib.contextmanager
-def _stopped_by_termination(ended: list[int] | None = None) -> Iterator[None]:
-    """While a run is followed, SIGTERM and SIGHUP stop following as Ctrl-C does (the run goes on; the summary
-    or JSON says so) instead of killing the process mid-output: they cancel the current task. Once ``ended``
-    holds an exit code (the command has its result), they change nothing. In the main thread only; an ignored
-    signal is left ignored; the handlers found are put back after (:mod:`flowdsl.runtime.signals`)."""
+def _stopped_by_termination(ended: list[int] | None, stops: list[int]) -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the command as Ctrl-C does under ``asyncio.run``: they cancel the current task
+    (appending the signal to ``stops``), instead of killing the process mid-output or raising inside whatever
+    code they land in. Once ``ended`` holds an exit code (the command has its result), they change nothing. In
+    the main thread only; an ignored signal is left ignored; the handlers found are put back after
+    (:mod:`flowdsl.runtime.signals`)."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
 
     def stop(signum: int) -> None:
         if task is not None and not ended:
+            stops.append(signum)
             task.cancel()
 
     taken: list[int] = []
     if threading.current_thread() is threading.main_thread() and task is not None:
-        taken = [signum for signum in _TERM_SIGNALS if take_signal(loop, signum, stop)]
+        taken = [signum for signum in TERM_SIGNALS if take_signal(loop, signum, stop)]
     try:
         yield
     finally:
