@@ -89,6 +89,7 @@ from flowdsl.runtime.report import (
     RunResult,
     attempt_label,
     in_doubt_items,
+    in_doubt_notice,
     late_answer_effect,
     late_grace_seconds,
     may_answer_late,
@@ -789,9 +790,7 @@ class LocalRun:
         if left:
             self.in_doubt = in_doubt_items(self.plan, self.state, left, stopped_waiting(reason), self.events)
         if self.in_doubt:
-            steps = ", ".join(item["step"] for item in self.in_doubt)
-            self._notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have completed; check "
-                         "it, and undo it by hand if it did")
+            self._notice(in_doubt_notice(reason, self.in_doubt))
         self._close()
 
     def _release(self) -> None:

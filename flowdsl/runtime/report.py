@@ -38,6 +38,7 @@ __all__ = [
     "exit_code",
     "fallback_text",
     "in_doubt_items",
+    "in_doubt_notice",
     "is_undo_attempt",
     "late_answer_effect",
     "llm_calls_of",
@@ -315,11 +316,29 @@ def may_answer_late(plan: Mapping[str, Any], state: Mapping[str, Any], attempt: 
                     any_end: bool = False) -> bool:
     """Whether the answer of ``attempt`` (``{task_id, step, …}``), which the run gave up on, may still change what the
     run says: a step attempt's success a late completion (:func:`may_complete_late`, ``any_end`` as there), an undo
-    attempt's success the step undone (:func:`may_undo_late`; not in a run stopped at once, whose intervention lists
-    an undo in flight as such already). What runtimes wait for after the run's end."""
+    attempt's success the step undone (:func:`may_undo_late`: its undo failed for good — or, in a run stopped at
+    once, ``any_end``, waits to retry: what it leaves to undo by hand lists the step as failed, not in flight).
+    What runtimes wait for after the run's end, and say is in doubt."""
     if is_undo_attempt(attempt["task_id"]):
-        return not any_end and may_undo_late(state, attempt["step"])
+        comp = (state.get("compensations") or {}).get(attempt["step"])
+        return may_undo_late(state, attempt["step"]) or (
+            any_end and comp is not None and comp["status"] == "retrying")
     return may_complete_late(plan, state, attempt["step"], any_end=any_end)
+
+
+def in_doubt_notice(reason: str, items: Iterable[Mapping[str, Any]]) -> str:
+    """The notice of a wait for late answers that stopped (``reason``) with ``items`` in doubt
+    (:func:`in_doubt_items`): for steps, what they did is unknown — undo them by hand if they took effect; for undos
+    (``undo_in_doubt``), whether they ran is unknown — check before undoing their step by hand."""
+    items = list(items)
+    steps = ", ".join(i["step"] for i in items if not i.get("undo_in_doubt"))
+    undos = ", ".join(f"{i['step']} ({i['worker']})" for i in items if i.get("undo_in_doubt"))
+    said = []
+    if steps:
+        said.append(f"what {steps} did is unknown — it may have completed; check it, and undo it by hand if it did")
+    if undos:
+        said.append(f"whether the undo of {undos} ran is unknown — it may have; check before undoing by hand")
+    return f"stopped waiting ({reason}): " + "; ".join(said)
 
 
 def late_answer_effect(attempts: Iterable[Mapping[str, Any]]) -> str:
@@ -379,7 +398,9 @@ def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterab
         item["task_ids"] = [a["task_id"] for a in mine]
         item["reason"] = (f"the run gave up on {numbers} of the step (it {what}), but its worker was still "
                           f"running when {why}: it may have completed, and its compensation was never run")
-    for listed in (state.get("intervention") or {}).get("steps") or ():
+    # (a run stopped at once has no intervention in its state: what it leaves to undo is computed)
+    left = (state.get("intervention") or {}).get("steps") or (left_to_undo(plan, state) if undos else [])
+    for listed in left:
         mine = undos.get(listed["step"], []) if listed["status"] == "failed" else []
         if mine:
             numbers = ", ".join(attempt_label(a) for a in mine)
@@ -741,8 +762,10 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         if left:
             why = " (the run stopped before they were undone)" if stopped else ""
             con.print(f"[bold red]left to undo by hand[/]{why}, in this order:")
+            doubted = {i["step"] for i in result.in_doubt if i.get("undo_in_doubt")}
             for item in left:
-                con.print(_left_text(item))
+                mark = " [yellow](its undo may have run: see below)[/]" if item["step"] in doubted else ""
+                con.print(_left_text(item) + mark)
         elif stopped:
             con.print("no completed step was left undone")
     if result.in_doubt:

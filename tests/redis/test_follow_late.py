@@ -238,8 +238,10 @@ def test_following_waits_for_a_timed_out_refund_that_succeeds_after_the_run_ende
 
 def test_following_stops_waiting_for_a_refund_after_the_late_grace_and_says_it_may_be_done(url: str,
                                                                                           prefix: str) -> None:
-    result, _, _, _ = _follow_refund(url, prefix, release_after=None, late_grace=0.6)
+    result, notices, _, _ = _follow_refund(url, prefix, release_after=None, late_grace=0.6)
     assert (result.status, result.exit_code) == ("needs_intervention", 4)
+    assert any("whether the undo of charge (refund) ran is unknown" in n for n in notices), notices
+    assert not any("undo it by hand if it did" in n for n in notices), notices
     assert [i["step"] for i in result.intervention["steps"]] == ["charge"]
     [item] = result.in_doubt
     assert (item["step"], item["undo_in_doubt"]) == ("charge", True) and "may be undone already" in item["reason"]

@@ -842,10 +842,11 @@ def test_a_timed_out_sync_refund_that_outlives_the_wait_is_in_doubt(tmp_path: Pa
     from flowdsl.runtime.report import print_summary
 
     go, returned, refunds = threading.Event(), threading.Event(), []
+    notices: list[str] = []
 
     async def main() -> Any:
         run = LocalRun(UNDONE, {}, run_id="undo2", runs_dir=tmp_path, registry=_refunding(go, returned, refunds),
-                       import_workers=False, late_grace=0.2)
+                       import_workers=False, late_grace=0.2, on_notice=notices.append)
         result = await asyncio.wait_for(run.run(), HUNG)
         go.set()
         assert await asyncio.to_thread(returned.wait, HUNG)
@@ -862,6 +863,10 @@ def test_a_timed_out_sync_refund_that_outlives_the_wait_is_in_doubt(tmp_path: Pa
     print_summary(result, Console(file=out, width=300, highlight=False))
     text = out.getvalue()
     assert "outcome unknown: check whether each took effect:" in text and "may be undone already" in text
+    assert "charge: refund failed (×1) — StepTimeout" in text and "(its undo may have run: see below)" in text
+    said = notices[-1]  # never "undo it by hand if it did": that is the second refund
+    assert said.startswith("stopped waiting") and "whether the undo of charge (refund) ran is unknown" in said
+    assert "undo it by hand if it did" not in said
     assert _show_json(tmp_path / "undo2.jsonl")["in_doubt"] == result.in_doubt
 
 
@@ -881,7 +886,10 @@ def test_only_rules_5_wait_for_a_timed_out_refund() -> None:
     older = {**result.state, "kernel": 4}
     assert may_answer_late(UNDONE, result.state, attempt) and not may_answer_late(UNDONE, older, attempt)
     assert in_doubt_items(UNDONE, older, [attempt], "now", result.events) == []
-    assert not may_answer_late(UNDONE, result.state, attempt, any_end=True)  # stopped at once: listed in_flight
+    assert may_answer_late(UNDONE, result.state, attempt, any_end=True)  # stopped at once: still listed failed
+    running = {**result.state, "compensations": {"charge": {**result.state["compensations"]["charge"],
+                                                            "status": "running"}}}
+    assert not may_answer_late(UNDONE, running, attempt, any_end=True)  # (its undo listed in flight already)
 
 
 def test_flowdsl_run_returns_once_the_wait_ends_though_a_worker_ignores_every_cancel(tmp_path: Path) -> None:
@@ -943,3 +951,67 @@ def test_flowdsl_run_exits_once_the_wait_ends_though_a_worker_ignores_every_canc
     assert time.monotonic() - t0 < 30, done.stderr
     assert done.returncode == 4, done.stderr
     assert [i["step"] for i in json.loads(done.stdout)["in_doubt"]] == ["charge"]
+
+
+def test_a_run_stopped_at_once_while_a_timed_out_refund_still_runs_says_the_charge_may_be_undone(
+        tmp_path: Path) -> None:
+    """The refund failed for good at its timeout, its thread still running, when the run is stopped at once (a
+    second Ctrl-C) while another undo runs: the charge was listed to refund by hand with nothing in doubt — a
+    second refund, if the thread's went through."""
+    from flowdsl.runtime.local import RunAborted
+    from flowdsl.runtime.report import result_from_record
+
+    plan = compile_text("""flowdsl: 1
+name: ab
+steps:
+  - parallel: g
+    branches:
+      - charge: {compensate: {worker: refund, timeout: 100ms, retry: 1}}
+      - other: {compensate: undo_other}
+  - ship
+""")
+    go = threading.Event()
+    reg = WorkerRegistry()
+
+    async def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"charge_id": "ch1"}
+
+    async def ship(data: Any, ctx: Any) -> dict[str, Any]:
+        raise ConnectionError("the carrier is down")
+
+    def refund(data: Any, ctx: Any) -> dict[str, Any]:  # sync: it cannot be interrupted
+        go.wait(HUNG)
+        return {}
+
+    async def undo_other(data: Any, ctx: Any) -> dict[str, Any]:
+        await asyncio.sleep(HUNG)
+        return {}
+
+    for name, fn in [("charge", charge), ("other", charge), ("ship", ship), ("refund", refund),
+                     ("undo_other", undo_other)]:
+        reg.register(name, fn)
+
+    async def main() -> Any:
+        events: list[dict[str, Any]] = []
+        run = LocalRun(plan, {}, run_id="ab1", runs_dir=tmp_path, registry=reg, import_workers=False,
+                       on_event=events.append)
+        task = asyncio.create_task(run.run())
+        async with asyncio.timeout(HUNG):
+            while not any(e["type"] == "compensation_failed" for e in events):
+                await asyncio.sleep(0.01)
+        run.abort("a second Ctrl-C")
+        with pytest.raises(RunAborted) as stopped:
+            await task
+        return stopped.value.result
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        go.set()
+    assert [(i["step"], i["status"]) for i in result.intervention["steps"]] == [
+        ("other", "in_flight"), ("charge", "failed")]
+    [item] = result.in_doubt
+    assert (item["step"], item["undo_in_doubt"], item["task_ids"]) == ("charge", True, ["ab1/charge#c1"])
+    assert "may be undone already" in item["reason"] and "stopped at once" in item["reason"]
+    header, lines = read_record(tmp_path / "ab1.jsonl")  # the record says the same
+    assert [i["step"] for i in result_from_record(header, lines, tmp_path / "ab1.jsonl").in_doubt] == ["charge"]

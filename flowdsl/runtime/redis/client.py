@@ -46,6 +46,7 @@ from flowdsl.runtime.report import (
     RunResult,
     attempt_label,
     in_doubt_items,
+    in_doubt_notice,
     late_answer_effect,
     late_grace_seconds,
     may_answer_late,
@@ -452,9 +453,7 @@ class RedisClient:
                 result.in_doubt = in_doubt_items(result.plan, result.state, attempts, stopped_waiting(reason),
                                                  journal.events)
                 if on_notice is not None and result.in_doubt:
-                    steps = ", ".join(item["step"] for item in result.in_doubt)
-                    on_notice(f"stopped waiting ({reason}): what {steps} did is unknown — it may have "
-                              "completed; check it, and undo it by hand if it did")
+                    on_notice(in_doubt_notice(reason, result.in_doubt))
                 return result
             if not said and on_notice is not None and time.monotonic() - ended >= _CANCEL_SETTLE_S:
                 said = True
