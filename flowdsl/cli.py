@@ -375,8 +375,9 @@ def run(
     late_grace: Annotated[float | None, typer.Option(
         "--late-grace", help="after the run's end, seconds to wait for a worker still running a step with a "
         "compensation that timed out (a sync worker's thread, an async worker ignoring its cancel; on Redis, "
-        "following waits): a success then is a late completion (exit 4); 0 to 365 days; what has not answered by "
-        "then is in doubt (exit 4) \\[default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
+        "following waits): a success then is a late completion (exit 4); likewise for an undo that failed for good "
+        "at its timeout: its success undoes the step after all; 0 to 365 days; what has not answered by then is in "
+        "doubt (exit 4) \\[default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
         callback=_seconds(*LATE_GRACE_RANGE))] = None,
     backend: Annotated[Backend, typer.Option(
         "--backend", help="local: in this process; redis: durable, on `flowdsl worker` processes")] = Backend.local,
@@ -861,15 +862,15 @@ def _following(command: str, run_id: str, as_json: bool, body: Callable[[Any, An
     ended: list[int] = []
     try:
         with _stopping_as_ctrl_c():
-            try:
-                from flowdsl.runtime.redis import commands
+            from flowdsl.runtime.redis import commands  # (a stop meanwhile, unheld: cli.main says it)
 
+            try:
                 if held is not None:  # (a signal that came meanwhile is taken here)
                     signal.pthread_sigmask(signal.SIG_SETMASK, held)
                     held = None
                 return _reporting(as_json, lambda console: body(commands, console, ended))
             except KeyboardInterrupt:
-                if not ended:  # (before the command took it: as it loaded)
+                if not ended:  # (before the command took it)
                     _reporting(as_json, lambda console: commands.stopped_following(
                         command, run_id, as_json=as_json, console=console, ended=ended))
                 return ended[-1]

@@ -31,10 +31,10 @@ _LEFT_STATUS = {"failed": "failed", "retrying": "failed", "running": "in_flight"
 #: the ``reason`` of a step left to undo by hand because it completed late (docs/kernel.md, "Late completions")
 LATE_REASON = ("the step completed after the run had decided what to undo (a late result, e.g. from a worker whose "
                "lease had expired): its effect stands and its compensation was never run")
-#: the ``reason`` of a late completion that joins the saga (kernel version 4): nothing it follows was undone yet
+#: the ``reason`` of a late completion that joins the saga (kernel version 4+): nothing it follows was undone yet
 LATE_JOINED_REASON = ("the step completed after the run had given up on it (a late result, e.g. from an attempt that "
                       "timed out), before anything it follows was undone: it is undone with the others")
-#: the ``reason`` of a step whose worker succeeded but whose output map failed, and which then failed (version 4)
+#: the ``reason`` of a step whose worker succeeded but whose output map failed, and which then failed (version 4+)
 UNMAPPED_REASON = ("the step's worker succeeded but its output map failed on the result, so the step failed: the "
                    "effect stands, and it is undone with the others")
 #: the ``reason`` of a step listed by ``left_to_undo`` because an attempt of it was in flight when the run stopped
@@ -218,7 +218,7 @@ class Saga(Core):
 
     def late_undo(self, ikey: str, task_id: str, digits: str) -> None:
         """A success of an earlier attempt of a compensation that is not resolved yet — it timed out, and the
-        compensation waits to retry or runs a newer attempt (kernel version 4): the undo is done (one idempotency
+        compensation waits to retry or runs a newer attempt (kernel version 4+): the undo is done (one idempotency
         key: the newer attempt would make the same undo), so the compensation succeeds now; its retry timer is
         cancelled, or its newer attempt given up (``cancel_task``). Before, the success was rejected and the
         record could say the undo failed for good."""
@@ -359,7 +359,7 @@ class Saga(Core):
             self.reopen_for_late_completion(entry)
 
     def _emit_late(self, ikey: str, late: dict[str, Any], reason: str, *, by_hand: bool) -> None:
-        """The ``late_completion`` event; ``by_hand`` (only under kernel version 4, which can also undo the step
+        """The ``late_completion`` event; ``by_hand`` (only under kernel version 4+, which can also undo the step
         in the saga): whether the step is left to undo by hand."""
         extra: dict[str, Any] = {"by_hand": by_hand} if self.s["kernel"] >= 4 else {}
         self.emit("late_completion", ikey, attempt=late["attempt"], task_id=late["task_id"],
@@ -369,7 +369,7 @@ class Saga(Core):
 
     def late_completed(self, ikey: str, late: dict[str, Any]) -> None:
         """Step ``ikey``, whose record ended ``cancelled`` or ``failed``, completed late (``late``: ``{task_id,
-        attempt, result, out?}``). Under kernel version 4, while the run is aborting, or compensating with no step
+        attempt, result, out?}``). Under kernel version 4+, while the run is aborting, or compensating with no step
         it follows undone or being undone, it joins the saga: undone with the others, latest completed first, the
         steps before it only after it (docs/kernel.md, "Late completions"). Otherwise it is left to undo by hand
         (:meth:`record_late_completion`)."""

@@ -101,8 +101,8 @@ from flowdsl.runtime.report import (
 from flowdsl.runtime.signals import SIGNAL_WORDS, TERM_SIGNALS, give_back_signal, signal_said, take_signal
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 
-__all__ = ["LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing", "new_run_id",
-           "run", "run_flow", "signal_said"]
+__all__ = ["ABANDON_S", "LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing",
+           "new_run_id", "run", "run_flow", "run_on_new_loop", "signal_said"]
 
 #: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
 RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
@@ -1000,6 +1000,13 @@ def run_on_new_loop(main: Coroutine[Any, Any, _T]) -> _T:
     ``asyncio.run`` waits for every task to finish — the process held as long as that worker, and a stop signal
     meanwhile turning the run's outcome into an interruption. Here the tasks left get :data:`ABANDON_S` seconds to
     answer their cancel; the loop then closes without those that did not (they are never resumed)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        main.close()
+        raise RuntimeError("run_on_new_loop() cannot be called from a running event loop")
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)

@@ -32,7 +32,7 @@ from flowdsl.cli import app
 from flowdsl.kernel import replay
 from flowdsl.runtime import record as record_module
 from flowdsl.runtime.execute import NotJSON, json_problem, plain_json
-from flowdsl.runtime.local import RECORDED_INPUTS, LocalRun, RunAborted, new_run_id, run_flow
+from flowdsl.runtime.local import RECORDED_INPUTS, LocalRun, RunAborted, new_run_id, run_flow, run_on_new_loop
 from flowdsl.runtime.record import RunRecorder, check_run_id, read_record
 from flowdsl.runtime.report import NOT_STARTED, result_from_record
 from flowdsl.workers import WorkerRegistry
@@ -531,6 +531,9 @@ def test_run_inside_a_running_event_loop_names_run_flow_and_leaves_no_warning() 
     async def handler() -> None:
         with pytest.raises(RuntimeError, match=r"running event loop.*await flowdsl\.run_flow\("):
             flowdsl.run(flow("  - a\n"), {}, record=False, registry=registry(a=a), import_workers=False)
+        with pytest.raises(RuntimeError, match=r"cannot be called from a running event loop"):  # (what it runs on)
+            run_on_new_loop(flowdsl.run_flow(flow("  - a\n"), {}, record=False, registry=registry(a=a),
+                                             import_workers=False))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -409,8 +409,10 @@ class RedisClient:
             try:
                 await self.info(run_id)
                 break
-            except redis.BusyLoadingError as exc:  # a restarted Redis reading its data back: it will answer
-                await _reconnect(backoff, exc, on_notice)
+            except redis.BusyLoadingError:  # a restarted Redis reading its data back: it will answer
+                if backoff.failures == 0 and on_notice is not None:
+                    on_notice("Redis is loading its data (it was restarted); waiting for it")
+                await backoff.wait()
         journal = journal if journal is not None else Journal()
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None

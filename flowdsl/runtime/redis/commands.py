@@ -168,7 +168,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
             return await _follow(client, plan, sub.run_id, as_json, console, ended, late_grace=late_grace)
 
     def stopped() -> None:
-        _interrupted(EXIT_INTERRUPTED, console, given[-1] if given else run_id)
+        _interrupted(console, given[-1] if given else run_id)
         if on_error is not None:
             on_error("Interrupted", _STOPPED_FOLLOWING)
 
@@ -252,7 +252,7 @@ def _status_stopped(console: Any, run_id: str, as_json: bool, over: str | None) 
     """``status --follow`` stopped by a signal; ``over``: the run's end state when following had seen it end (the
     signal came as the rest of its result was read)."""
     if over is None:
-        _interrupted(EXIT_INTERRUPTED, console, run_id)
+        _interrupted(console, run_id)
         said = _STOPPED_FOLLOWING
     else:
         said = f"stopped before the result was printed; the run has ended {over}"
@@ -302,12 +302,11 @@ def _stopped_by_termination(ended: list[int] | None, stops: list[int]) -> Iterat
             give_back_signal(loop, signum, stop)
 
 
-def _interrupted(code: int, console: Any, run_id: str | None) -> int:
-    if code == EXIT_INTERRUPTED:
-        rid = run_id or "RUN_ID"  # (a Ctrl-C before the run was submitted: no id to name)
-        _say(console, f"{_STOPPED_FOLLOWING} (`flowdsl status {rid} --follow`, `flowdsl cancel {rid}`)", "yellow",
-             "interrupted")
-    return code
+def _interrupted(console: Any, run_id: str | None) -> None:
+    """Say that following ``run_id`` stopped (a stop signal), and how to follow it again or cancel it."""
+    rid = run_id or "RUN_ID"  # (a Ctrl-C before the run was submitted: no id to name)
+    _say(console, f"{_STOPPED_FOLLOWING} (`flowdsl status {rid} --follow`, `flowdsl cancel {rid}`)", "yellow",
+         "interrupted")
 
 
 # --- flowdsl diagram --run RUN_ID --redis-url URL -----------------------------------------------
