@@ -967,15 +967,11 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
         handle_sigint: bool | None = None, import_workers: bool = True, lms: Mapping[str, object] | None = None,
         spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
         late_grace: float | None = None) -> RunResult:
-    """:func:`run_flow` on a new event loop (``asyncio.run``), with the same options; ``handle_sigint``
+    """:func:`run_flow` on a new event loop (:func:`run_on_new_loop`), with the same options; ``handle_sigint``
     defaults to on in the main thread, ``handle_sigterm`` to off (SIGTERM stays the application's). Inside a
     running event loop (``async`` code), ``await`` :func:`run_flow` instead: this raises ``RuntimeError``
     there, saying so."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
+    if _loop_running():
         raise RuntimeError("flowdsl.run() cannot be called from a running event loop (it runs one of its own): "
                            "in async code, use `await flowdsl.run_flow(plan, run_input, ...)`, which takes the "
                            "same options")
@@ -986,6 +982,15 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
                                     adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
                                     lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm,
                                     late_grace=late_grace))
+
+
+def _loop_running() -> bool:
+    """Whether an event loop runs in this thread (then neither ``asyncio.run`` nor :func:`run_on_new_loop` can)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 #: seconds the tasks left when a run has returned (attempts it gave up on whose worker ignores its cancel) get to
@@ -1000,11 +1005,7 @@ def run_on_new_loop(main: Coroutine[Any, Any, _T]) -> _T:
     ``asyncio.run`` waits for every task to finish — the process held as long as that worker, and a stop signal
     meanwhile turning the run's outcome into an interruption. Here the tasks left get :data:`ABANDON_S` seconds to
     answer their cancel; the loop then closes without those that did not (they are never resumed)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
+    if _loop_running():
         main.close()
         raise RuntimeError("run_on_new_loop() cannot be called from a running event loop")
     loop = asyncio.new_event_loop()
