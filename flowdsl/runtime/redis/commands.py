@@ -87,7 +87,6 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
                     raise KeyboardInterrupt(signal_said(stops[0])) from None
                 raise
 
-
     def say(text: str, kind: str = "RedisError") -> None:
         _say(console, text)
         if on_error is not None:
@@ -217,7 +216,6 @@ def _following(console: Any, url: str | None, body: Callable[[], Coroutine[Any, 
     hint; the JSON object), exit 130, which is appended to ``ended`` before. Once ``ended`` holds a code, a stop
     signal changes nothing: that code is the exit code (``flowdsl.cli`` returns it too, when the signal
     lands after this returned)."""
-
     try:
         code = _guarded(console, url, body, on_error, ended)
     except KeyboardInterrupt:  # (Ctrl-C, or SIGTERM or SIGHUP, in the loop or outside it)
