@@ -15,6 +15,7 @@ from flowdsl import compile_text
 from flowdsl.runtime.redis import RedisClient, RedisWorker
 from flowdsl.workers import StepContext, WorkerRegistry
 from tests.redis.inproc import worker_here
+from tests.redis.server import RedisServer
 
 ONE_STEP = "flowdsl: 1\nname: {name}\nsteps:\n  - cw.a: {{compensate: cw.undo}}\n"
 
@@ -25,6 +26,18 @@ def _registry(step: Any, undo: Any = None) -> WorkerRegistry:
     if undo is not None:
         registry.register("cw.undo", undo)
     return registry
+
+
+async def _until_reading(server: RedisServer, seconds: float = 10.0) -> None:
+    """Wait until a worker's reader is blocked in ``XREADGROUP`` on ``server``."""
+    client = server.client()
+    try:
+        async with asyncio.timeout(seconds):
+            while not any(c.get("name", "").startswith("flowdsl-reader") and c.get("cmd") == "xreadgroup"
+                          for c in client.client_list()):
+                await asyncio.sleep(0.01)
+    finally:
+        client.close()
 
 
 async def _until(check: Any, seconds: float = 10.0) -> None:
@@ -70,7 +83,7 @@ def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> 
     assert seen == ["start", "cancelled"]
 
 
-def test_a_cancel_of_serve_landing_while_it_stops_is_not_swallowed(url: str, prefix: str) -> None:
+def test_a_cancel_of_serve_landing_while_it_stops_is_not_swallowed(url: str, prefix: str, server: RedisServer) -> None:
     """A cancellation of serve()'s task that lands while a graceful stop waits for the reader (an
     asyncio.Runner's Ctrl-C) propagates at once: serve() does not return its stats as if nothing happened."""
     async def main() -> None:
@@ -87,7 +100,7 @@ def test_a_cancel_of_serve_landing_while_it_stops_is_not_swallowed(url: str, pre
         serving = asyncio.create_task(worker.serve())
         try:
             await _until(lambda: getattr(worker, "store", None) is not None)
-            await asyncio.sleep(0.2)  # serving: the reader is blocked
+            await _until_reading(server)  # serving: the reader is blocked
             worker.stop(graceful=True)
             async with asyncio.timeout(10):
                 await entered.wait()

@@ -933,7 +933,7 @@ async def _bounded_call(data: Any, ctx: Any) -> dict[str, Any]:
         async with asyncio.timeout(0.2):
             await asyncio.sleep(3)
     except TimeoutError:
-        return {"own_timeout_after": round(time.monotonic() - t0, 1)}
+        return {"own_timeout_after": time.monotonic() - t0}
     return {"own_timeout_after": None}
 
 
@@ -970,7 +970,7 @@ def test_a_worker_s_own_asyncio_timeout_binds_to_its_own_attempt(steps: str, run
     result = asyncio.run(asyncio.wait_for(run_flow(plan, run_input, record=False, registry=reg,
                                                    import_workers=False), 10))
     assert result.status == "completed", result.error
-    assert result.context["own_timeout_after"] == 0.2
+    assert 0.2 <= result.context["own_timeout_after"] < 2.5  # its own timeout fired, not the 3 s sleep's end
 
 
 def test_a_worker_s_own_task_group_fails_its_attempt_not_the_run() -> None:
