@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,8 @@ def take_signal(loop: asyncio.AbstractEventLoop, signum: int, callback: Callback
         loop.add_signal_handler(signum, callback, signum)
         takers.takers[signum].append(callback)
         return True
+    if threading.current_thread() is not threading.main_thread():
+        return False  # (signal handlers are the main thread's alone)
     python_handler = signal.getsignal(signum)
     if python_handler is signal.SIG_IGN:
         return False

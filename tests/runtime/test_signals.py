@@ -370,3 +370,24 @@ def test_a_stop_signal_taken_after_the_run_ended_says_so_and_stops_nothing() -> 
     run._on_signal(signal.SIGTERM)
     assert result.status == "completed"
     assert notices == ["terminated: the run has already ended completed"] * 2
+
+
+def test_a_signal_is_not_taken_outside_the_main_thread() -> None:
+    """take_signal said it leaves the signal as it was there, but set the wakeup fd first: a ValueError."""
+    import threading
+
+    from flowdsl.runtime.signals import take_signal
+
+    taken: list[bool] = []
+
+    def elsewhere() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            taken.append(take_signal(loop, signal.SIGTERM, lambda signum: None))
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(10)
+    assert taken == [False]
