@@ -34,9 +34,9 @@ from flowdsl.kernel_program import Program, prepare, retry_delay
 from flowdsl.kernel_saga import END_STATES, LATE_REASON
 
 __all__ = [
-    "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "Program",
-    "apply", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay", "start_event",
-    "start_run", "summary",
+    "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "NewerVersion",
+    "Program", "apply", "check_rules", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay",
+    "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
@@ -50,6 +50,15 @@ INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled
                 "cancel_requested")
 
 Plan = dict[str, Any] | Program
+
+
+class NewerVersion(ValueError):
+    """A run state, start event or plan of a version newer than this code knows: a newer flowdsl wrote it.
+
+    Applying this kernel's older rules to it would make decisions the run was not started under, so
+    :func:`apply` and :func:`start_run` refuse it; a runtime sharing runs with newer processes (Redis, during a
+    rolling upgrade) leaves such a run to them instead of treating the event as malformed.
+    """
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,13 @@ class Decision:
         return self.state["status"] in END_STATES
 
 
+def check_rules(version: int, run_id: object = None) -> None:
+    """Raise :class:`NewerVersion` when ``version`` (a run state's ``kernel``) is newer than :data:`STATE_VERSION`."""
+    if version > STATE_VERSION:
+        raise NewerVersion(f"run {run_id!r} follows kernel rules version {version}, newer than this flowdsl knows "
+                           f"(1 to {STATE_VERSION}): a newer flowdsl started it (upgrade this one)")
+
+
 def check_seed(seed: object) -> None:
     """A ``ValueError`` unless ``seed`` is an integer (the retry jitter's seed) or None (derived from the run id)."""
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -95,6 +111,8 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
     rules' version the run was started under (:data:`STATE_VERSION`; an older one
     for :func:`replay` of a run recorded before).
     """
+    if type(kernel) is int:
+        check_rules(kernel, run_id)
     if kernel not in range(1, STATE_VERSION + 1):
         raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
     check_seed(seed)
@@ -127,8 +145,10 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
     else — except a *late completion* (a success of a compensable step the run
     recorded as cancelled, failed or timed out), which is also recorded and
     makes the run end, or be at once, ``needs_intervention`` (docs/kernel.md,
-    "Late completions"); a timer that is no longer armed is ignored.
+    "Late completions"); a timer that is no longer armed is ignored. A state of newer rules than
+    :data:`STATE_VERSION` raises :class:`NewerVersion` and is left unchanged.
     """
+    check_rules(state.get("kernel", 1), state.get("run_id"))
     program = prepare(plan)
     machine = Machine(program, state, _time(event.get("at")))
     machine.handle(event)

@@ -12,10 +12,18 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from flowdsl.runtime.plancheck import plan_problem, plan_schema
+from flowdsl import compiler
+from flowdsl.runtime.plancheck import PLAN_VERSION, plan_problem, plan_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_PLANS = sorted([*ROOT.glob("specs/conformance/valid/*.plan.json"), *ROOT.glob("examples/*/flow.plan.json")])
+
+
+def test_the_runtime_reads_the_plan_version_the_compiler_writes() -> None:
+    """Two constants (the runtime does not import the compiler): a bump of one alone would have every
+    runtime refuse every new plan, or read a new layout as the old one."""
+    assert PLAN_VERSION == compiler.PLAN_VERSION
+    assert plan_schema()["properties"]["plan_version"] == {"const": PLAN_VERSION}
 
 
 def test_the_plan_schema_is_a_valid_json_schema() -> None:

@@ -20,7 +20,10 @@ from typing import Any
 
 from flowdsl.schema import data_file
 
-__all__ = ["PlanError", "check_plan", "plan_problem", "plan_schema"]
+__all__ = ["PLAN_VERSION", "PlanError", "check_plan", "plan_problem", "plan_schema"]
+
+#: the plan layout this code reads (``plan_version``; the compiler writes the same)
+PLAN_VERSION = 1
 
 
 class PlanError(ValueError):
@@ -59,9 +62,9 @@ def plan_problem(plan: Any) -> str | None:
     if not isinstance(plan, dict):
         return (f"expected an object (the 'plan' of flowdsl.compile_spec() or flowdsl.compile_text()), "
                 f"found {type(plan).__name__}")
-    if plan.get("plan_version") != 1:  # a plan of another version (or none): that explains every other error
-        return f"'plan_version' must be 1, found {plan['plan_version']!r}" if "plan_version" in plan else \
-            "it has no 'plan_version' (a compiled plan has plan_version 1)"
+    if plan.get("plan_version") != PLAN_VERSION:  # another version (or none): that explains every other error
+        return f"'plan_version' must be {PLAN_VERSION}, found {plan['plan_version']!r}" if "plan_version" in plan \
+            else f"it has no 'plan_version' (a compiled plan has plan_version {PLAN_VERSION})"
     errors = list(_validator().iter_errors(plan))
     if errors:
         # the deepest error says the most; "unevaluated properties" is only a symptom when another one exists

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 
-from flowdsl.kernel import apply, replay, start_run, summary
+from flowdsl.kernel import STATE_VERSION, NewerVersion, apply, replay, start_event, start_run, summary
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -136,6 +136,29 @@ def test_bad_input_events_are_refused():
         apply(plan, d.state, {"type": "task_succeeded", "at": 1})
     with pytest.raises(ValueError, match="'at'"):
         start_run(plan, "r2", {}, at="2026-01-01T00:00:00Z")  # type: ignore[arg-type]
+
+
+def test_a_state_or_start_of_newer_rules_is_refused_and_changes_nothing() -> None:
+    """A newer flowdsl's run (a rolling upgrade): applying older rules to it would make decisions it was not
+    started under; the refusal is a ValueError of its own, so that a runtime can leave the run to a newer
+    process instead of dropping the event as malformed."""
+    plan = plan_of(["a", "b"])
+    newer = STATE_VERSION + 1
+    with pytest.raises(NewerVersion, match=f"rules version {newer}, newer than this flowdsl knows"):
+        start_run(plan, "r1", {}, at=0, kernel=newer)
+    start = {**start_event("r1", {}, at=0), "kernel": newer}
+    with pytest.raises(NewerVersion):
+        replay(plan, [start])
+    d = start_run(plan, "r1", {}, at=0)
+    d.state["kernel"] = newer
+    before = copy.deepcopy(d.state)
+    with pytest.raises(NewerVersion, match="run 'r1' follows kernel rules version"):
+        apply(plan, d.state, {"type": "task_succeeded", "task_id": "r1/a#1", "at": 1, "result": {}})
+    assert d.state == before
+    assert issubclass(NewerVersion, ValueError)
+    with pytest.raises(ValueError, match="unknown kernel version 0") as older:
+        start_run(plan, "r2", {}, at=0, kernel=0)
+    assert not isinstance(older.value, NewerVersion)
 
 
 @pytest.mark.parametrize("at", [float("nan"), float("inf"), float("-inf"), 1001.5])

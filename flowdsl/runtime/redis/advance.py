@@ -1,7 +1,7 @@
 """Advancing runs: feed one input event to the kernel and write the outcome atomically, then relay it.
 
-Stage: runtime: redis. Imports ``flowdsl.kernel``, ``.store``, ``.keys`` and
-stdlib. Every decision is the kernel's; this module only turns a
+Stage: runtime: redis. Imports ``flowdsl.kernel``, ``flowdsl.runtime.plancheck``
+(the plan version), ``.store``, ``.keys`` and stdlib. Every decision is the kernel's; this module only turns a
 :class:`~flowdsl.kernel.Decision` into one atomic write (state, journal
 entry, task leases, outbox) and carries the outbox out::
 
@@ -44,8 +44,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flowdsl.kernel import END_STATES, Decision, apply, start_event, start_run
+from flowdsl.kernel import END_STATES, Decision, NewerVersion, apply, start_event, start_run
 from flowdsl.runtime.codec import dumps
+from flowdsl.runtime.plancheck import PLAN_VERSION
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.keys import Keys, TimerMember
 from flowdsl.runtime.redis.store import (
@@ -231,6 +232,11 @@ class Advancer:
                 outcome = Outcome.MISSING if sub is None else Outcome.SKIPPED
                 late = sub is not None
             else:
+                version = sub["plan"].get("plan_version")
+                if type(version) is int and version > PLAN_VERSION:
+                    raise NewerVersion(f"run {run_id!r} was submitted with a plan of plan_version {version}, newer "
+                                       f"than this flowdsl reads ({PLAN_VERSION}): a newer flowdsl submitted it "
+                                       "(upgrade this one)")
                 at = self.clock.now()
                 decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"])
                 start = start_event(run_id, sub["input"], at=at, seed=decision.state["seed"])
@@ -514,6 +520,8 @@ class Advancer:
                     event["at"] = self.clock.now()
                     steps.append((event, apply(record.plan, record.state, event), queued.guard, queued.reporter,
                                   queued.chain))
+            except NewerVersion:  # not the event's fault: the run is a newer process's to advance (nothing changed)
+                raise
             except Exception as exc:  # a malformed event (ValueError) or a kernel bug: never crash the worker
                 self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
                 if len(batch) == 1:

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
-from flowdsl.kernel import apply
+from flowdsl.kernel import apply, check_rules
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import (
@@ -220,7 +220,8 @@ class Store:
         return found
 
     async def load(self, run_id: str) -> RunRecord | None:
-        """The run's current state and version, or None when it has not started (or has expired)."""
+        """The run's current state and version, or None when it has not started (or has expired); raises
+        :class:`~flowdsl.kernel.NewerVersion` for a run of newer kernel rules than this code knows."""
         raw, version, pid, sts, snapshot_version, tail, *rest = await _LOAD(self.batcher,
                                                                             self.keys.run_keys(run_id)[:2], [])
         if version is None or raw is None or pid is None:
@@ -229,6 +230,7 @@ class Store:
         if plan is None:
             return None
         state, current = loads(raw), int(version)
+        check_rules(state.get("kernel", 1), run_id)  # (apply checks too; a snapshot with no tail is read as is)
         at = snapshot = int(snapshot_version) if snapshot_version is not None else current
         for _, fields in tail:  # the input events journaled after the snapshot, in order (notes are skipped)
             entry = dict(zip(fields[::2], fields[1::2], strict=True))

@@ -1,7 +1,8 @@
 """The worker process's background loops: heartbeats, reclaiming, timers, cancellations, burst idleness.
 
-Stage: runtime: redis. Imports redis (its error types; commands go through the worker's client), this
-package's ``connection``, ``keys``, ``store`` and ``wire``, and stdlib.
+Stage: runtime: redis. Imports redis (its error types; commands go through the worker's client),
+``flowdsl.kernel`` (its version error), this package's ``connection``, ``keys``, ``store`` and ``wire``, and
+stdlib.
 :class:`Upkeep` is mixed into :class:`~flowdsl.runtime.redis.worker.RedisWorker`
 (whose attributes it uses); each loop runs as its own task while the worker
 serves and ends soon after it stops:
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, server_unwell
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
@@ -272,6 +274,9 @@ class Upkeep:
         while True:
             try:
                 await self.advancer.fire(member, recover=recover)
+                return
+            except NewerVersion as exc:  # its claim expires and another process (an upgraded one) fires it
+                log.warning("worker %s: timer %s left for an upgraded worker: %s", self.name, member.encode(), exc)
                 return
             except _UNREACHABLE_OR_REFUSED as exc:
                 if isinstance(exc, redis.ResponseError) and not server_unwell(exc):

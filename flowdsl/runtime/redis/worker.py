@@ -1,7 +1,7 @@
 """The worker process: serve task streams, run steps, advance runs, fire timers, survive everything.
 
-Stage: runtime: redis. Imports redis, ``flowdsl.runtime.execute`` (to run
-steps), ``flowdsl.workers`` (the registry) and this package. One
+Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (its version
+error), ``flowdsl.runtime.execute`` (to run steps), ``flowdsl.workers`` (the registry) and this package. One
 :class:`RedisWorker` is one process's loop (``flowdsl worker``); any number
 of them, on any number of machines, share the work through consumer groups:
 
@@ -60,6 +60,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
 from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Contended, Outcome, nonces
@@ -525,6 +526,9 @@ class RedisWorker(Upkeep):
             await coro
         except TRANSIENT:
             raise  # Redis went away while stopping: not the message's fault
+        except NewerVersion as exc:  # a newer flowdsl's run (a rolling upgrade): never apply older rules to it
+            log.warning("worker %s: entry %s of %s left for an upgraded worker: %s; it is handled again after the "
+                        "lease", self.name, entry_id, stream, exc)
         except Exception as exc:
             if server_unwell(exc) or isinstance(exc, Contended):  # not the message's fault either
                 log.warning("worker %s: handling entry %s of %s failed for now (%s); it is handled again after the "

@@ -1,0 +1,191 @@
+"""A rolling upgrade: a worker never advances a run of newer kernel rules (or a newer plan) than it knows.
+
+The "newer flowdsl" is this process with its kernel told it knows one more rules version (the same rules) and
+its runs started under it; the older one is this process as it is. The older worker leaves what it cannot
+advance pending — no dead letter, nothing applied, the state untouched — and an upgraded worker takes it over
+after the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import flowdsl.kernel as kernel_module
+from flowdsl import compile_text
+from flowdsl.cli import app
+from flowdsl.kernel import STATE_VERSION, NewerVersion, start_run
+from flowdsl.runtime import plancheck
+from flowdsl.runtime.codec import loads
+from flowdsl.runtime.redis import RedisClient, RedisWorker, advance
+from flowdsl.runtime.redis import client as client_module
+from flowdsl.runtime.redis.keys import Keys
+from flowdsl.workers import WorkerRegistry
+from tests.redis.inproc import worker_here
+
+NEWER = STATE_VERSION + 1
+LEFT = "left for an upgraded worker"
+
+
+def _be_newer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as a flowdsl whose kernel knows rules version NEWER and starts its runs under it."""
+    monkeypatch.setattr(kernel_module, "STATE_VERSION", NEWER)
+    monkeypatch.setattr(advance, "start_run", functools.partial(start_run, kernel=NEWER))
+
+
+async def _serve_until(worker: RedisWorker, done: Callable[[], bool], limit: float = 20.0) -> None:
+    """Serve until ``done()`` (checked every 20 ms, at most ``limit`` seconds), then stop."""
+    task = asyncio.create_task(worker.serve())
+    try:
+        async with asyncio.timeout(limit):
+            while not done():
+                await asyncio.sleep(0.02)
+    finally:
+        worker.stop()
+        await task
+
+
+def _said(caplog: pytest.LogCaptureFixture, text: str) -> Callable[[], bool]:
+    return lambda: any(text in r.getMessage() for r in caplog.records)
+
+
+def _registry(calls: list[str], fail_first: bool = False) -> WorkerRegistry:
+    registry = WorkerRegistry()
+
+    async def step(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.idempotency_key)
+        if fail_first and len(calls) == 1:
+            raise RuntimeError("once")
+        return {"n": len(calls)}
+
+    registry.register("nv_step", step)
+    return registry
+
+
+async def _state(url: str, prefix: str, run_id: str) -> tuple[int, int]:
+    """The run's (kernel rules version, state version) as stored, read without the kernel."""
+    async with RedisClient(url, prefix=prefix) as client:
+        raw, version = await client.store.call("HMGET", Keys(prefix).run(run_id), "state", "v")
+    return loads(raw)["kernel"], int(version)
+
+
+def test_an_older_worker_leaves_a_step_of_a_newer_run_pending_for_an_upgraded_one(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="flowdsl.redis")
+    calls: list[str] = []
+    plan = compile_text("flowdsl: 1\nname: nv\nsteps: [nv_step]\n")
+
+    async def started_by_a_newer_flowdsl() -> str:  # no worker of it serves the step yet
+        async with RedisClient(url, prefix=prefix) as client:
+            run_id = (await client.submit(plan, {})).run_id
+        await worker_here(url, prefix, WorkerRegistry(), burst=True, llm=False).serve()
+        assert await _state(url, prefix, run_id) == (NEWER, 1)
+        return run_id
+
+    async def an_older_worker_serves_the_step() -> None:  # it runs it, then cannot apply its result
+        older = worker_here(url, prefix, _registry(calls), lease_s=0.5, llm=False)
+        await _serve_until(older, _said(caplog, LEFT))
+        assert len(calls) == 1 and older.stats.dead_letters == 0
+        assert await _state(url, prefix, run_id) == (NEWER, 1)  # nothing applied
+        async with RedisClient(url, prefix=prefix) as client:
+            pending = await client.store.call("XPENDING", Keys(prefix).queue("nv_step"), "flowdsl")
+            assert int(pending[0]) == 1  # left pending, not acknowledged
+            assert await client.dead_letters() == []
+            with pytest.raises(NewerVersion, match=rf"kernel rules version {NEWER}, newer than this flowdsl knows"):
+                await client.result(run_id)  # nor does an older client read it as its own
+
+    async def upgraded() -> Any:  # the step is taken over after the lease and the run completes
+        newer = worker_here(url, prefix, _registry(calls), lease_s=0.5, llm=False)
+        async with RedisClient(url, prefix=prefix) as client:
+            result = await asyncio.wait_for(_following(newer, client.follow(run_id)), 20)
+        assert newer.stats.reclaimed == 1
+        return result
+
+    _be_newer(monkeypatch)
+    run_id = asyncio.run(started_by_a_newer_flowdsl())
+    monkeypatch.undo()
+    asyncio.run(an_older_worker_serves_the_step())
+    said = CliRunner().invoke(app, ["status", run_id, "--redis-url", url, "--prefix", prefix])
+    assert said.exit_code == 2 and f"kernel rules version {NEWER}, newer than this flowdsl knows" in said.output
+    assert "Traceback" not in said.output
+    _be_newer(monkeypatch)
+    result = asyncio.run(upgraded())
+    assert result.status == "completed"
+    assert calls == [calls[0], calls[0]]  # run again (at least once), under the same idempotency key
+    warning = next(r.getMessage() for r in caplog.records if LEFT in r.getMessage())
+    assert f"follows kernel rules version {NEWER}, newer than this flowdsl knows (1 to {STATE_VERSION})" in warning
+
+
+async def _following(worker: RedisWorker, follow: Any) -> Any:
+    task = asyncio.create_task(worker.serve())
+    try:
+        return await follow
+    finally:
+        worker.stop()
+        await task
+
+
+def test_an_older_worker_leaves_a_timer_of_a_newer_run_to_an_upgraded_one(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="flowdsl.redis")
+    calls: list[str] = []
+    registry = _registry(calls, fail_first=True)
+    plan = compile_text("flowdsl: 1\nname: nvt\nsteps:\n  - nv_step:\n      retry: {attempts: 2, initial: 300ms}\n")
+
+    async def main() -> None:
+        _be_newer(monkeypatch)  # the first attempt fails under the newer flowdsl: its retry timer is armed
+        async with RedisClient(url, prefix=prefix) as client:
+            run_id = (await client.submit(plan, {})).run_id
+        await worker_here(url, prefix, registry, burst=True, burst_horizon_s=0, llm=False).serve()
+        assert len(calls) == 1
+        kernel, version = await _state(url, prefix, run_id)
+
+        monkeypatch.undo()  # the older worker claims the due timer and leaves it
+        older = worker_here(url, prefix, WorkerRegistry(), lease_s=0.5, llm=False)
+        await _serve_until(older, _said(caplog, LEFT))
+        assert await _state(url, prefix, run_id) == (kernel, version) == (NEWER, version)
+        assert older.stats.timers == 1 and older.stats.dead_letters == 0
+
+        _be_newer(monkeypatch)  # upgraded: the claim expires, the timer fires, the retry succeeds
+        newer = worker_here(url, prefix, registry, lease_s=0.5, llm=False)
+        async with RedisClient(url, prefix=prefix) as client:
+            result = await asyncio.wait_for(_following(newer, client.follow(run_id)), 20)
+        assert result.status == "completed" and result.steps["nv_step"]["attempts"] == 2
+
+    asyncio.run(main())
+    assert any(LEFT in r.getMessage() and "timer" in r.getMessage() for r in caplog.records)
+
+
+def test_a_start_request_with_a_newer_plan_is_left_to_an_upgraded_worker(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="flowdsl.redis")
+    calls: list[str] = []
+    plan = dict(compile_text("flowdsl: 1\nname: nvp\nsteps: [nv_step]\n"), plan_version=plancheck.PLAN_VERSION + 1)
+
+    async def main() -> None:
+        # a newer client submits a plan of a newer layout (this client would refuse it: its check is skipped)
+        monkeypatch.setattr(client_module, "require_plan", lambda plan: None)
+        async with RedisClient(url, prefix=prefix) as client:
+            run_id = (await client.submit(plan, {})).run_id
+        older = worker_here(url, prefix, _registry(calls), lease_s=0.5, llm=False)
+        await _serve_until(older, _said(caplog, LEFT))
+        assert calls == [] and older.stats.runs_started == 0 and older.stats.dead_letters == 0
+        async with RedisClient(url, prefix=prefix) as client:
+            info = await client.info(run_id)
+            assert info.started_at is None and info.status == "submitted"
+
+        monkeypatch.setattr(advance, "PLAN_VERSION", plancheck.PLAN_VERSION + 1)  # upgraded
+        newer = worker_here(url, prefix, _registry(calls), lease_s=0.5, llm=False)
+        async with RedisClient(url, prefix=prefix) as client:
+            result = await asyncio.wait_for(_following(newer, client.follow(run_id)), 20)
+        assert result.status == "completed" and calls == [f"{run_id}/nv_step"]
+
+    asyncio.run(main())
+    warning = next(r.getMessage() for r in caplog.records if LEFT in r.getMessage())
+    assert f"plan_version {plancheck.PLAN_VERSION + 1}, newer than this flowdsl reads" in warning
