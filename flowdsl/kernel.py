@@ -42,9 +42,10 @@ __all__ = [
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
 #: 2 added late completions (docs/kernel.md, "Late completions"), 3 no retry of an LLM step's ``InputInvalid``, 4 a
 #: late completion joins the saga when nothing it follows has been undone, 5 a late success of an undo that failed
-#: for good completes it; a run started under an earlier version — a record or journal written before — replays and
-#: goes on under that version's rules, so its decisions stay what they were
-STATE_VERSION = 5
+#: for good completes it, 6 ``$steps.<id>`` reads for_each and sub-flow nodes' results too (null before); a run
+#: started under an earlier version — a record or journal written before — replays and goes on under that version's
+#: rules, so its decisions stay what they were
+STATE_VERSION = 6
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
 INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
                 "cancel_requested")

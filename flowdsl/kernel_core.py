@@ -346,7 +346,7 @@ class Core:
     def steps_binding(self, ikey: str, ids: frozenset[str] | None) -> dict[str, Json]:
         rec = self.nodes[ikey]
         out: dict[str, Json] = {}
-        for key, levels in self.p.steps_before(rec["node"], ids):
+        for key, levels in self.p.steps_before(rec["node"], ids, self.s["kernel"] >= 6):
             iteration = rec["iter"]
             for _ in range(levels):
                 iteration = self.iters[iteration]["iter"]

@@ -178,10 +178,12 @@ class Program:
         atoms.sort(key=self.order.__getitem__)
         return atoms
 
-    def steps_before(self, key: str, ids: frozenset[str] | None) -> list[tuple[str, int]]:
-        """Steps (key, for_each levels up) readable as ``$steps.<id>`` by ``key``; ``ids`` None = all."""
+    def steps_before(self, key: str, ids: frozenset[str] | None, atoms: bool) -> list[tuple[str, int]]:
+        """Nodes (key, for_each levels up) whose results ``key`` reads as ``$steps.<id>``; ``ids`` None = all.
+        ``atoms``: for_each and sub-flow nodes too (rules version 6), else tasks and LLM steps only."""
+        kinds = ATOM_KINDS if atoms else STEP_KINDS
         return [(a, level) for dep, level in self.closure(key, cross_loops=True) for a in self.atoms_inside[dep]
-                if self.kind[a] in STEP_KINDS and (ids is None or self.nodes[a]["id"] in ids)]
+                if self.kind[a] in kinds and (ids is None or self.nodes[a]["id"] in ids)]
 
     def expression(self, eid: str) -> Expression:
         return compile_expression(self.expressions[eid]["source"])

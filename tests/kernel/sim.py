@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flowdsl.kernel import END_STATES, apply, start_event, start_run
+from flowdsl.kernel import END_STATES, STATE_VERSION, apply, start_event, start_run
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class Sim:
 
     def __init__(self, plan: dict[str, Any], script: Script | None = None, *, input: Any = None,
                  run_id: str = "r1", seed: int = 7, at: int = 1000, cancel_at: int | None = None,
-                 report_started: bool = False, check_json: bool = True, reload_state: bool = False):
+                 report_started: bool = False, check_json: bool = True, reload_state: bool = False,
+                 kernel: int = STATE_VERSION):
         self.plan = plan
         self.script = script or {}
         self.input = {} if input is None else input
@@ -57,6 +58,7 @@ class Sim:
         self.report_started = report_started
         self.check_json = check_json
         self.reload_state = reload_state  # feed the kernel a JSON copy of its state each time
+        self.kernel = kernel  # the rules version the run starts under
         self.inputs: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
@@ -73,7 +75,8 @@ class Sim:
 
     def run(self, limit: int = 200_000) -> Sim:
         self.inputs.append(start_event(self.run_id, self.input, at=self.now, seed=self.seed))
-        self._absorb(start_run(self.plan, self.run_id, self.input, at=self.now, seed=self.seed), set())
+        self._absorb(start_run(self.plan, self.run_id, self.input, at=self.now, seed=self.seed, kernel=self.kernel),
+                     set())
         if self.cancel_at is not None:
             self._push(self.cancel_at, {"type": "cancel_requested", "reason": "user asked"})
         while self._heap and limit > 0:

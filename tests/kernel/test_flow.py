@@ -290,6 +290,39 @@ def test_steps_binding_reads_earlier_results_even_from_inside_a_for_each():
     assert sim.state["context"]["q"] == {"price": 5}
 
 
+@pytest.mark.parametrize("kernel", [5, 6])
+def test_steps_binding_reads_a_for_each_s_and_a_sub_flow_s_result_since_version_6(tmp_path, kernel):
+    """The compiler lets ``$steps.<id>`` name a for_each or a sub-flow node (their results: the list of the
+    iterations' contributions, the sub-flow's final context); under version 5 they read null, as recorded."""
+    main = """
+flowdsl: 1
+name: main
+steps:
+  - for_each: lines
+    items: "${ [1, 2] }"
+    output: kept
+    steps:
+      - dbl: {with: {x: "${ $item }"}}
+  - flow: gift
+    path: gift.yaml
+    with: {items: [1]}
+  - echo:
+      with:
+        lines: "${ $steps.lines }"
+        looked: "${ $lookup($steps, 'lines') }"
+        gift: "${ $steps.gift.card }"
+"""
+    plan = plan_files(tmp_path, {"main.yaml": main, "gift.yaml": GIFT})
+    script = {"dbl": lambda cmd: ok({"y": cmd["input"]["x"] * 2}), "gift/card": ok({"card": "hi"})}
+    sim = Sim(plan, script, kernel=kernel).run()
+    assert sim.status == "completed"
+    lines = [{"y": 2}, {"y": 4}]
+    assert sim.state["context"]["kept"] == lines
+    expected = {"lines": lines, "looked": lines, "gift": "hi"} if kernel >= 6 else \
+        {"lines": None, "looked": None, "gift": None}
+    assert input_of(sim, "echo") == expected
+
+
 def test_output_rules_name_and_map():
     plan = plan_of([{"a": {"output": "payment"}},
                     {"b": {"output": {"total": "${ amount * 2 }", "seen": "${ $context.payment.id }"}}}])

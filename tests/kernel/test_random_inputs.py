@@ -57,7 +57,7 @@ def _check(state: dict[str, Any], commands: list[dict[str, Any]], ended_before: 
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tree=trees, rng=st.randoms(use_true_random=False), kernel=st.sampled_from([3, 4, 5]))
+@given(tree=trees, rng=st.randoms(use_true_random=False), kernel=st.sampled_from([3, 4, 5, 6]))
 def test_random_inputs_keep_the_saga_consistent_and_replay_exactly(tree: Tree, rng: random.Random,
                                                                    kernel: int) -> None:
     plan = plan_of([_node(tree, itertools.count(), rng)])
