@@ -234,7 +234,9 @@ def test_spec_text_may_be_utf8_bytes() -> None:
     (lambda: flowdsl.compile_spec("x.yaml", search_path=1), "search_path must be a str, an os.PathLike"),
     (lambda: flowdsl.plan_bytes("plan"), "plan must be an execution plan (a dict"),
     (lambda: flowdsl.api.compile_loaded("text", "x.yaml"), "doc must be the LoadedDoc of flowdsl.load()"),
-    (lambda: flowdsl.run(None, {}), "plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec()"),
+    (lambda: flowdsl.run([], {}), "plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec()"),
+    (lambda: flowdsl.run(None, {}), "got None — compile_spec() gives no plan when the spec has errors: its "
+                                    ".diagnostics say which"),
     (lambda: flowdsl.run(flowdsl.compile_text(SPEC), None), "run_input must be a dict (a JSON object); got NoneType"),
     (lambda: flowdsl.worker(5), "worker name must be a non-empty str"),
 ])

@@ -39,6 +39,9 @@ _EXPRESSION_FIELDS = ("when", "fail_when", "items", "on")
 def require_plan(plan: Any) -> None:
     """What a runtime asks of the ``plan`` it is given: a dict (else :class:`TypeError`), shaped like an execution
     plan (else :class:`PlanError`, naming the field)."""
+    if plan is None:  # the usual way to get here: compile_spec(...).plan of a spec with errors
+        raise TypeError("plan must be an execution plan; got None — compile_spec() gives no plan when the spec "
+                        "has errors: its .diagnostics say which (flowdsl.compile_text() raises SpecError instead)")
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be an execution plan: a dict, the 'plan' of flowdsl.compile_spec() or "
                         f"flowdsl.compile_text(); got {type(plan).__name__}")
