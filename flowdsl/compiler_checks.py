@@ -288,11 +288,7 @@ class GraphChecks:
         """
         writers: dict[tuple[str | None, str], list[str]] = {}
         for key, e in self.entries.items():
-            if e.node.is_step:
-                written = self.writes(e.node) or []
-            else:
-                written = [e.node.output.name] if e.node.kind in ("for_each", "flow") and e.node.output.name else []
-            for k in written:
+            for k in self.writes(e.node) or []:  # a group other than for_each and flow writes nothing itself
                 writers.setdefault((e.scope, k), []).append(key)
         for (_, name), keys in sorted(writers.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
             if len(keys) < 2:

@@ -79,6 +79,9 @@ class Diagnostic:
     #: the value the message quotes after "found ", as Python prints it, for a number the file may have written
     #: otherwise (``1.10`` is read as 1.1): :meth:`Positions.locate` puts the text as written in its place
     found: str | None = field(default=None, compare=False, repr=False)
+    #: placed at the value even when its code is placed at the key: an FD302 for an id written as a value
+    #: (``name: my-flow``), where the key (an FD302 for a step's name) is the usual place
+    at_value: bool = field(default=False, compare=False, repr=False)
 
     def location(self) -> str:
         """``file:line:col`` (the parts that are known)."""
@@ -210,7 +213,7 @@ class Positions:
         diag = self.as_written(diag)
         if diag.line is not None:
             return diag if diag.file else replace(diag, file=self.file)
-        line, col = self.find(diag.path, key=key)
+        line, col = self.find(diag.path, key=key and not diag.at_value)
         return replace(diag, file=self.file, line=line, column=col)
 
     def as_written(self, diag: Diagnostic) -> Diagnostic:

@@ -422,6 +422,12 @@ class _Builder:
                 self.err("FD302", f"invalid output name '{key}'", join(path, key))
         return Output("map", map=tuple(sorted(value.items())))
 
+    def group_output(self, data: dict[str, Any], kw: str, path: str) -> Output:
+        """A for_each's or sub-flow's output rule: its result goes under its id unless ``output:`` says otherwise."""
+        if "output" not in data:
+            return Output("name", name=data[kw])
+        return self.output(data["output"], join(path, "output"))
+
     def compensation(self, value: Any, path: str) -> Compensation | None:
         if value is None:
             return None
@@ -514,7 +520,7 @@ class _Builder:
         if kw == "for_each":
             return Node(**base, children=self.nodes(data["steps"], join(path, "steps")), items=data["items"],
                         as_=data.get("as", "item"), concurrency=whole_number(data.get("concurrency")),
-                        output=Output("name", name=data.get("output", data[kw])))
+                        output=self.group_output(data, kw, path))
         if kw == "switch":
             cases = tuple((label, self.nodes(nodes, join(path, "cases", label)))
                           for label, nodes in sorted(data["cases"].items()))
@@ -524,7 +530,7 @@ class _Builder:
         # the node's own timeout bounds each of its runs; without one, the sub-flow file's `timeout:` does
         timeout = data.get("timeout")
         return Node(**base, path=data["path"], subflow=sub, with_=data.get("with"),
-                    output=Output("name", name=data.get("output", data[kw])),
+                    output=self.group_output(data, kw, path),
                     timeout_ms=None if timeout is None else self.duration(timeout, join(path, "timeout")))
 
 

@@ -32,6 +32,7 @@ from flowdsl.diagnostics import (
 
 _ID_HINT = "ids are letters, digits and '_', starting with a letter or '_', at most 64 characters"
 _WORKER_HINT = "worker names are ids joined by dots, like 'payments.refund'"
+_BAD_ERROR_TYPE = "invalid error type"
 _ERROR_TYPE_HINT = ("error types are exception class names as type(exc).__name__ gives them, without a module: "
                     "'TimeoutError', 'ConnectionError' (a filter also matches subclasses)")
 
@@ -286,14 +287,15 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
     if str(error.schema.get("description", "")).startswith("an error type"):  # a retry filter's entry
         shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
         dotted = "; a dotted name never matches" if isinstance(value, str) and "." in value else ""
-        yield make("FD302", f"invalid error type {shown}: {_too_long(value) or _ERROR_TYPE_HINT}{dotted}", path)
+        yield make("FD302", f"{_BAD_ERROR_TYPE} {shown}: {_too_long(value) or _ERROR_TYPE_HINT}{dotted}", path)
         return
     hint = _WORKER_HINT if "\\." in error.validator_value else _ID_HINT
     kind = "worker name" if hint is _WORKER_HINT else "id"
-    if hint is _WORKER_HINT and "propertyNames" in error.schema_path:  # a step mapping's key: id or worker
+    a_key = "propertyNames" in error.schema_path  # a key of the mapping at ``path``, else the value there
+    if hint is _WORKER_HINT and a_key:  # a step mapping's key: id or worker
         kind, hint = "step name", "a step's name is an id, or the name of its worker (ids joined by dots)"
     shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
-    yield make("FD302", f"invalid {kind} {shown}: {_too_long(value) or hint}", path)
+    yield make("FD302", f"invalid {kind} {shown}: {_too_long(value) or hint}", path, at_value=not a_key)
 
 
 _ID_CHARS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -326,9 +328,10 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
 
     An unknown field (FD202) is dropped; any other violation (FD201) is dropped with the innermost option
     around it that nothing else refers to (:data:`flowdsl.diagnostics.SET_ASIDE`: a retry policy, a timeout,
-    a condition, a compensation, …); a missing ``items`` of a for_each or ``on`` of a switch is stood in for by an
-    expression (:data:`_STAND_INS`). Any other missing field, a malformed id (FD302), a step of the wrong
-    form or an unsupported version (FD203) cannot be set aside. What remains must pass the schema, else None.
+    a condition, a compensation, …), and so is a malformed error type in a retry filter (FD302: nothing refers
+    to one); a missing ``items`` of a for_each or ``on`` of a switch is stood in for by an expression
+    (:data:`_STAND_INS`). Any other missing field, a malformed id (FD302), a step of the wrong form or an
+    unsupported version (FD203) cannot be set aside. What remains must pass the schema, else None.
     """
     cuts: list[list[str]] = []
     stand_ins: list[tuple[list[str], str]] = []
@@ -339,7 +342,7 @@ def set_aside(data: Any, diags: list[Diagnostic]) -> tuple[Any, list[str]] | Non
         if d.code == "FD202" and parts:
             cuts.append(parts)
             continue
-        if d.code != "FD201":
+        if d.code != "FD201" and not (d.code == "FD302" and d.message.startswith(_BAD_ERROR_TYPE)):
             return None
         option = aside_option(d.path, data)
         missing = _MISSING.match(d.message)

@@ -268,6 +268,12 @@ class _Parser:
                 if value == '"':
                     raise _Problem("FD108", *_bad_string(text, start, line, col))
                 what = f"unexpected character {value!r}, expected {self.expected(stack)[0]}"
+                if text.startswith("${", start):  # YAML's habit: an expression is a string in the text syntax
+                    eol = text.find("\n", start)
+                    close = text.find("}", start, eol if eol >= 0 else len(text))
+                    slot = text[start:close + 1]
+                    shown = slot if close > start and len(slot) <= 60 and '"' not in slot else "${ … }"
+                    what += f'; quote an expression: "{shown}"'
                 raise _Problem("FD108", what, line, col)
             prev = kind
             yield _Tok(kind, value, line, col)
@@ -287,6 +293,10 @@ class _Parser:
                         getattr(values[-1], "type", "") == "NUMBER" and getattr(values[-2], "type", "") == "TIMEOUT":
                     what = (f"unexpected '{tok.value}' after the number {values[-1].value}: a duration is written "
                             f"without spaces: '{values[-1].value}{tok.value}'")
+                after = values[-1] if values else None
+                if tok.type == "COLON" and isinstance(after, _Tok) and after.type != "WORD" and after.value in KEYWORDS:
+                    which = "options" if after.value in (*OPTION_KEYS, *TOP_KEYS, "undo") else "keywords"
+                    what += f"; {which} take no ':' in the text syntax: write '{after.value} <value>'"
                 if opened and (tok.type == "$END" or (opened[-1][2] and tok.line > opened[-1][1])):
                     # (a JSON value spans lines: one left open reads the next statements as its own)
                     what += f" (the '{opened[-1][0]}' on line {opened[-1][1]} is not closed)"

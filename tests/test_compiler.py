@@ -285,6 +285,76 @@ def test_sub_flow_keys_scope_and_fields(spec: Spec) -> None:
     assert result.source_map["gift/wrap"]["line"] == 7
 
 
+GROUP_OUTPUTS = HEAD + """\
+    steps:
+      - for_each: lines
+        items: "${ order.lines }"
+        output: {line_count: "${ $count($) }", skus: "${ $.shipped.sku }"}
+        steps:
+          - ship_t3: {with: {sku: "${ $item }"}, output: shipped}
+      - flow: pay
+        path: lib/pay.yaml
+        with: {amount: "${ line_count * 10 }"}
+        output: {charged: "${ charge.amount }", lines_seen: "${ $context.line_count }"}
+      - flow: pay_again
+        path: lib/pay.yaml
+        with: {amount: 1}
+    """
+
+
+def test_a_for_each_and_a_sub_flow_map_their_results_with_an_output_mapping(spec: Spec) -> None:
+    """As for a step: ``$`` is the node's result (the loop's list of its iterations' contributions, the sub-flow's
+    final context) and ``$context`` the context it saw; only the mapped keys enter the context. Without
+    ``output:`` the result is stored under the node's id."""
+    import flowdsl
+
+    spec("flowdsl: 1\nname: pay\nsteps:\n  - charge_t3: {output: charge}\n", "lib/pay.yaml")
+    result = spec(GROUP_OUTPUTS)
+    assert result.diagnostics == [] and result.plan is not None
+    nodes = result.plan["nodes"]
+    assert [sorted(nodes[k]["output"]["map"]) for k in ("lines", "pay")] == [["line_count", "skus"],
+                                                                             ["charged", "lines_seen"]]
+    assert nodes["pay_again"]["output"] == {"mode": "name", "name": "pay_again"}
+
+    @flowdsl.worker("ship_t3")
+    def ship(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"sku": data["sku"]}
+
+    @flowdsl.worker("charge_t3")
+    def charge(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"amount": data["amount"]}
+
+    try:
+        run = flowdsl.run(result.plan, {"order": {"lines": ["a", "b"]}}, record=False)
+    finally:
+        flowdsl.registry.unregister("ship_t3")
+        flowdsl.registry.unregister("charge_t3")
+    assert run.status == "completed"
+    assert run.context == {"order": {"lines": ["a", "b"]}, "line_count": 2, "skus": ["a", "b"], "charged": 20,
+                           "lines_seen": 2, "pay_again": {"amount": 1, "charge": {"amount": 1}}}
+
+
+def test_a_for_each_s_and_a_sub_flow_s_output_mapping_is_checked_as_a_step_s(spec: Spec) -> None:
+    spec("flowdsl: 1\nname: pay\nsteps:\n  - charge_t3: {output: charge}\n", "lib/pay.yaml")
+    result = spec(HEAD + """\
+        steps:
+          - parallel: both
+            branches:
+              - for_each: lines
+                items: "${ order.lines }"
+                output: {total: "${ $sum($.price) }", item: "${ $item }"}
+                steps: [price]
+              - flow: pay
+                path: lib/pay.yaml
+                output: {total: "${ charge.amount }", broken: "${ charge. }"}
+        """)
+    found = sorted((d.code, d.path) for d in result.diagnostics)
+    assert found == [("FD307", "/steps/0/branches/1"), ("FD501", "/steps/0/branches/1/output/broken"),
+                     ("FD502", "/steps/0/branches/0/output/item")]
+    assert "'pay' and 'lines' may run at the same time and both write 'total'" in next(
+        d.message for d in result.diagnostics if d.code == "FD307")
+
+
 def test_errors_inside_a_sub_flow_are_reported_in_its_file(spec: Spec) -> None:
     spec(HEAD + "steps:\n  - a:\n      timeout: soon\n", "lib/bad.yaml")
     result = spec(HEAD + "steps:\n  - flow: f\n    path: lib/bad.yaml\n")
@@ -659,6 +729,22 @@ def test_fd302_output_names_and_groups() -> None:
     assert "invalid id 'bad-key'" in only(HEAD + "steps:\n  - a: {output: {bad-key: '${ x }'}}\n", "FD302")
 
 
+def test_fd302_points_at_the_name_written_wrong_a_key_or_a_value(spec: Spec) -> None:
+    result = spec("""\
+        flowdsl: 1
+        name: my-flow
+        steps:
+          - bad-step: {worker: my-worker!}
+          - parallel: after-payment
+            branches: [a]
+        """)
+    assert [(d.line, d.column, d.message.split(":")[0]) for d in result.diagnostics] == [
+        (2, 7, "invalid id 'my-flow'"), (4, 5, "invalid step name 'bad-step'"),
+        (4, 24, "invalid worker name 'my-worker!'"), (5, 15, "invalid id 'after-payment'")]
+    flow = spec("flow my-flow\nstep a\n", "spec.flow")
+    assert [(d.line, d.column) for d in flow.diagnostics] == [(1, 6)]
+
+
 def test_fd303_needs_did_you_mean() -> None:
     assert only(HEAD + "steps:\n  - prepare\n  - ship: {needs: [prepar]}\n", "FD303") == (
         "'ship' needs 'prepar', which is not a step or group (did you mean 'prepare'?)")
@@ -881,6 +967,23 @@ def test_checks_go_on_past_an_unknown_field_and_a_malformed_option(spec: Spec) -
     # nothing is said about what was set aside: the retry policy and the concurrency are not "missing"
     assert not [d for d in result.diagnostics if d.code not in ("FD201", "FD202") and
                 ("retry" in d.path or "concurrency" in d.path)]
+
+
+def test_checks_go_on_past_a_malformed_error_type_in_a_retry_filter(spec: Spec) -> None:
+    """An error type is no id: nothing refers to it, so its retry policy is set aside like a misspelt field."""
+    result = spec(HEAD + """\
+        defaults: {retry: {attempts: 2, not_on: [my-error]}}
+        steps:
+          - notify: {retry: {attempts: 3, "on": [socket.timeout]}}
+          - hold: {timeout: 10 s}
+          - parallel: both
+            branches:
+              - a: {output: x}
+              - b: {output: x}
+        """)
+    assert result.plan is None
+    assert sorted((d.code, d.line) for d in result.diagnostics) == [
+        ("FD302", 3), ("FD302", 5), ("FD307", 10), ("FD401", 6)]
 
 
 def test_a_missing_loop_source_or_switch_value_is_stood_in_for_and_the_bodies_checked(spec: Spec) -> None:

@@ -610,6 +610,14 @@ def test_data_the_text_syntax_cannot_express(data: dict[str, Any], message: str)
     ('llm g "a -> b" "c"', 1, 16, "unexpected string '\"c\"'"),
     ("step", 1, 5, "unexpected end of input, expected one of: a name, a string"),
     ("{", 1, 1, "unexpected '{'"),
+    # habits from YAML: a ':' after a keyword, an expression not in quotes
+    ("step a compensate: b", 1, 18, "unexpected ':', expected a value; options take no ':' in the text syntax: "
+     "write 'compensate <value>'"),
+    ("step a {\n  with: {x: 1}\n}", 2, 7, "options take no ':' in the text syntax: write 'with <value>'"),
+    ("flow: x", 1, 5, "keywords take no ':' in the text syntax: write 'flow <value>'"),
+    ("step a with {x: ${ order.id }}", 1, 17, "unexpected character '$', expected a value; quote an expression: "
+     '"${ order.id }"'),
+    ('step a when ${ x = "y" }', 1, 13, 'quote an expression: "${ … }"'),
 ])  # fmt: skip
 def test_syntax_errors(text: str, line: int, column: int, message: str) -> None:
     doc = parse_flow(text, "bad.flow")
@@ -617,6 +625,13 @@ def test_syntax_errors(text: str, line: int, column: int, message: str) -> None:
     (diag,) = doc.diagnostics
     assert (diag.code, diag.file, diag.line, diag.column) == ("FD108", "bad.flow", line, column), diag.message
     assert message in diag.message
+
+
+@pytest.mark.parametrize("text", ["step timeout: 3", "step a with {x: $y}"])
+def test_no_yaml_hint_where_it_would_not_help(text: str) -> None:
+    """A step named by a keyword is no option; a '$' that starts no ``${`` is no expression left unquoted."""
+    (diag,) = parse_flow(text, "bad.flow").diagnostics
+    assert "take no ':'" not in diag.message and "quote an expression" not in diag.message
 
 
 @pytest.mark.parametrize(("text", "line", "column", "message"), [

@@ -482,16 +482,20 @@ class _Ascii:
         f = self.c.frames[kind]
         title, *more = wrap(title, avail - 6)  # the title's first line in the frame's top edge
         lines = [" ".join(more), *lines] if more else lines
-        content_w = max(inner.width, min(max((width_of(s) for s in lines), default=0), avail - 4))
+        foot = foot or []
+        # the foot's notes sit right of the flow line, at the inner block's axis
+        wanted = max([*(width_of(s) for s in lines), *(inner.axis + 2 + width_of(t) for t in foot)], default=0)
+        content_w = max(inner.width, min(wanted, avail - 4))
         texts = [t for s in lines for t in wrap(s, max(content_w, 12))]
-        content_w = max([content_w, width_of(title) + 2, *(width_of(t) for t in texts)])
+        notes = [t for s in foot for t in wrap(s, max(content_w - inner.axis - 2, 12))]
+        content_w = max([content_w, width_of(title) + 2, *(width_of(t) for t in texts),
+                         *(inner.axis + 2 + width_of(t) for t in notes)])
         body: list[Row] = [cells(t) for t in texts]
         arrow = _blank(content_w)
         arrow[inner.axis] = self.c.line if inner.head_line else self.c.arrow
         body.append(arrow)
         body += [list(r) for r in inner.rows]
-        for t in foot or []:
-            body += self.note_rows(inner.axis, [t], content_w)
+        body += self.note_rows(inner.axis, notes, content_w)
         body.append(_blank(content_w))
         body[-1][inner.axis] = self.c.line
         top = cells(f.tl + f.h + " " + title + " ")
@@ -848,8 +852,11 @@ class _Ascii:
         if levels:
             par = "∥" if c is UNICODE else "||"
             together = any(len(level) > 1 for level in levels)
-            out += ["", *wrap("rollback: on failure, each completed step is undone, in this order"
-                              + (f" ({par}: at the same time):" if together else ":"), self.width)]
+            # steps with no order in the plan may still be ordered by a run, by when they actually ran
+            out += ["", *wrap("rollback: on failure, each completed step is undone, "
+                              + (f"in the order the plan implies ({par}: no order between them; a run also goes "
+                                 "by when the steps actually ran, so its order can differ):" if together
+                                 else "in this order:"), self.width)]
             for i, level in enumerate(levels, 1):
                 for j, k in enumerate(level):
                     worker = (view.node(k).get("compensate") or {}).get("worker")

@@ -419,7 +419,11 @@ class PlanView:
         return f"each {node.get('as') or 'item'} in {self.expr(node.get('items'))}, {at_once}"
 
     def gather_text(self, key: str, glyphs: Glyphs) -> str:
+        """``gather → lines`` (the output name), or ``gather → count, total`` (the keys of an output mapping)."""
         output = self.nodes[key].get("output") or {}
+        mapped = output.get("map") if isinstance(output, Mapping) and output.get("mode") == "map" else None
+        if isinstance(mapped, Mapping) and mapped:
+            return f"gather {glyphs.arrow} {', '.join(str(k) for k in mapped)}"
         name = output.get("name") if isinstance(output, Mapping) else None
         return f"gather {glyphs.arrow} {name or self.nodes[key].get('id') or key}"
 

@@ -10,7 +10,7 @@ import pytest
 
 import flowdsl
 from flowdsl.render import RenderError, render
-from flowdsl.render.ascii import width_of
+from flowdsl.render.ascii import cells, width_of
 from tests.render.cases import CONFORMANCE, NASTY, compile_plan, conformance_specs, example_specs
 
 RAIL_AROUND_A_GROUP = """
@@ -41,6 +41,27 @@ def test_undo_boxes_of_a_chain_are_joined_by_an_upward_rail() -> None:
     assert lines.index("rollback: on failure, each completed step is undone, in this order:") > second
     assert "  1. ↶ ledger.reverse_credit (for credit_target)" in lines
     assert "  2. ↶ credit_source (for debit_source)" in lines
+
+
+DAG_UNDOS = """
+flowdsl: 1
+name: dag
+steps:
+  - a: {compensate: undo_a}
+  - b: {needs: [a], compensate: undo_b}
+  - c: {needs: [a], compensate: undo_c}
+  - d: {needs: [b], compensate: undo_d}
+  - e: {needs: [c, d]}
+"""
+
+
+def test_a_rollback_list_with_undos_side_by_side_claims_only_the_order_the_plan_implies() -> None:
+    """A run also orders undos by when the steps ran (here: d, then b and c if c completed before d started)."""
+    for ascii_only, par in ((False, "∥"), (True, "||")):
+        text = " ".join(_ascii(flowdsl.compile_text(DAG_UNDOS), ascii_only=ascii_only).split())
+        assert (f"rollback: on failure, each completed step is undone, in the order the plan implies ({par}: no "
+                "order between them; a run also goes by when the steps actually ran, so its order can differ): "
+                f"1. ") in text and f"(for c) {par} " in text, text
 
 
 def test_a_rail_never_skips_past_a_group_with_undos_of_its_own() -> None:
@@ -110,6 +131,70 @@ def test_every_case_fits_every_width(spec: Path) -> None:
             text = _ascii(plan, width=width, ascii_only=ascii_only)
             assert _widest(text) <= width, (width, ascii_only, text)
             assert "note: drawn" not in text
+
+
+LONG_LOOPS = """
+flowdsl: 1
+name: long_loops
+steps:
+  - parallel: both
+    branches:
+      - charge: {compensate: refund}
+      - for_each: a_rather_long_for_each_name_in_a_lane
+        items: "${ order.lines }"
+        as: line
+        concurrency: 2
+        steps: [ship: {compensate: unship}]
+  - for_each: a_rather_long_for_each_name
+    items: "${ order.lines }"
+    steps: [echo]
+"""
+
+
+def _misaligned_frames(text: str) -> list[str]:
+    """The top edges of the group frames in ``text`` whose sides are not straight down to their bottom corners."""
+    rows = [cells(line) for line in text.splitlines()]
+    bad = []
+    for i, row in enumerate(rows):
+        for left, ch in enumerate(row):
+            if ch not in "╭┏":
+                continue
+            right = next(c for c in range(left + 1, len(row)) if row[c] in "╮┓")
+            for below in rows[i + 1:]:
+                corner = len(below) > left and below[left] in "╰┗"
+                side = "╯┛" if corner else "│╎┊┃"
+                if len(below) <= right or below[right] not in side or (len(below) > right + 1 and
+                                                                        below[right + 1] not in " ┄"):
+                    bad.append("".join(row))
+                    break
+                if corner:
+                    break
+    return bad
+
+
+@pytest.mark.parametrize("spec", conformance_specs() + example_specs(), ids=lambda p: p.parent.name
+                         if p.name == "flow.yaml" else p.stem)
+def test_every_frame_is_closed_at_every_width(spec: Path) -> None:
+    plan = compile_plan(spec)
+    for width in WIDTHS:
+        assert not _misaligned_frames(_ascii(plan, width=width)), width
+
+
+def test_a_for_each_frame_is_widened_to_its_labels() -> None:
+    """``gather → <id>`` below the body and ``⇶ each …`` above it fit inside the frame: it is widened to them,
+    within the width (past it, the label is wrapped)."""
+    plan = flowdsl.compile_text(LONG_LOOPS)
+    for width in WIDTHS:
+        text = _ascii(plan, width=width)
+        assert not _misaligned_frames(text), text
+        assert _widest(text) <= width, text
+    lines = [line.strip() for line in _ascii(plan).splitlines()]
+    top = lines.index("╭─ for_each a_rather_long_for_each_name ─────╮")
+    assert lines[top + 1] == "│ ⇶ each item in order.lines, all at once    │"
+    assert lines[top + 6] == "│     │ gather → a_rather_long_for_each_name │"
+    plain = [line.strip() for line in _ascii(plan, ascii_only=True).splitlines()]
+    top = plain.index(".- for_each a_rather_long_for_each_name ------.")
+    assert plain[top + 6] == ":     | gather -> a_rather_long_for_each_name :"
 
 
 CONDITIONS_AND_SWITCH = [(CONFORMANCE / "conditions.yaml", 60), (CONFORMANCE / "conditions.yaml", 50),

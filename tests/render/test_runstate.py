@@ -50,7 +50,7 @@ def test_for_each_iterations_aggregate_onto_their_node() -> None:
     assert state["status"] == "completed"
     states = derive_states(plan, events)
     assert states.steps["charge_line"] == "succeeded" and states.iterations["charge_line"] == 3
-    assert states.steps["notify_each"] == "succeeded"  # an empty loop succeeds at once
+    assert states.steps["notify_every_watcher_of_the_order"] == "succeeded"  # an empty loop succeeds at once
     assert states.steps["notify_watcher"] == "pending"  # ... and its body never ran
     worse = [*events, ev("step_failed", "charge_each_line[1]/charge_line", node="charge_line")]
     assert derive_states(plan, worse).steps["charge_line"] == "failed"
