@@ -13,8 +13,8 @@ leaves a message on the control stream, which a worker process carries out::
 
 Submitting is idempotent by run id: a second submission of a run id already
 used starts nothing (``created`` is False); if that run had not been started
-yet (the first submitter died between its two writes), its start request is
-sent again.
+yet (the first submitter died between its writes), its start request is sent
+again (``resent``) and it is listed again.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
-from flowdsl.runtime.redis.store import Store, plan_id, score_pairs
+from flowdsl.runtime.redis.store import Store, plan_id, retrieved, score_pairs
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import (
@@ -162,6 +162,8 @@ def _dead_letter(entry_id: bytes | str, raw: Any) -> DeadLetter:
 class Submission:
     run_id: str
     created: bool  # False: the run id was taken (nothing new started)
+    resent: bool = False  # taken, but not started yet: its start request was sent again (its first submitter
+    # may have died before sending it)
 
 
 @dataclass(frozen=True)
@@ -283,23 +285,30 @@ class RedisClient:
                                           and least <= value <= 3650 * 86400):
                 raise ValueError(f"{name} must be a finite number of seconds from {least:g} to 315360000 "
                                  f"(10 years), not {value!r}")
-        now = int(time.time() * 1000)
         raw_plan, pid = self._encoded(plan)
         iid = input_id(run_input)
-        args = [now, raw_plan, pid, dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
+        args = [raw_plan, pid, dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
                 "" if seed is None else seed, "" if retention_s is None else int(retention_s * 1000),
                 "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000), iid]
+        # listed before it is written (one pipeline: no round trip more), by this machine's clock for now: a
+        # submitter that dies before its last write leaves a run that `runs` shows (an entry whose run was never
+        # written is tidied away like an expired run's)
+        listed = self.store.call("ZADD", self.keys.runs, "NX", int(time.time() * 1000), run_id)
+        listed.add_done_callback(retrieved)  # (its error, if any, is the submission's too)
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
         created = int(reply[0]) == 1
         if not created:
-            await self._same_submission(run_id, pid, iid, [str(a) for a in args[5:8]], reply)
-        # (a run id used again after its run expired is listed by its new submission time)
-        writes = [self.store.call("ZADD", self.keys.runs, now, run_id)] if created else []
-        if created or not reply[1]:  # new, or never started: (re)send the start request
+            await self._same_submission(run_id, pid, iid, [str(a) for a in args[4:7]], reply)
+        submitted = reply[1] if created else reply[8] if len(reply) > 8 else b""
+        # listed by the server's clock (and again by a second submission: its first may have died before it);
+        # a run id used again after its run expired is listed by its new submission time
+        writes = [self.store.call("ZADD", self.keys.runs, int(submitted), run_id)] if submitted else []
+        started = not created and reply[1]
+        if not started:  # new, or never started: (re)send the start request
             writes.append(self.store.call("XADD", self.keys.control, "*", "c",
                                           dumps({"type": "start", "run_id": run_id})))
         await asyncio.gather(*writes)  # one pipeline
-        return Submission(run_id, created)
+        return Submission(run_id, created, resent=not created and not started)
 
     async def _same_submission(self, run_id: str, pid: str, iid: str, settings: list[str], reply: list[Any]
                                ) -> None:

@@ -153,8 +153,9 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                                       schedule_timeout_s=schedule_timeout_s)
             given.append(sub.run_id)
             if not sub.created:
-                _say(console, f"run '{sub.run_id}' was already submitted: nothing new started"
-                     + ("" if detach else "; following it"), "yellow", "note")
+                _say(console, f"run '{sub.run_id}' was already submitted: "
+                     + ("it had not started: its start request was sent again" if sub.resent else
+                        "nothing new started") + ("" if detach else "; following it"), "yellow", "note")
             if detach:
                 ended.append(0)
                 if as_json:

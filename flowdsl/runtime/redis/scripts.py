@@ -322,26 +322,28 @@ end
 return 0
 """
 
-#: KEYS: run. ARGV: submitted ms, plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for
-#: none), input id (a digest of the input). Records a submission unless the run id is taken, with ``born``: the
-#: server's clock (ms) then, the run's *generation*: every task message of the run carries it (``g``), and
-#: :data:`PICKUP` drops a message with another one (left by an expired run of the same id). Returns {1} |
-#: {0, version or '', plan id, input id or '', flow, seed, retention ms, schedule-to-start ms} (taken; version
-#: '' = not started yet, so the start request may be sent again; the rest lets the caller tell the same
-#: submission from another one under the same run id).
+#: KEYS: run. ARGV: plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for none), input id
+#: (a digest of the input). Records a submission unless the run id is taken, stamped with the server's clock
+#: (ms): ``submitted`` (the listing's time: every submitter's clock is the same one) and ``born``, the run's
+#: *generation*: every task message of the run carries it (``g``), and :data:`PICKUP` drops a message with another
+#: one (left by an expired run of the same id). Returns {1, submitted} | {0, version or '', plan id, input id or '',
+#: flow, seed, retention ms, schedule-to-start ms, submitted} (taken; version '' = not started yet, so the start
+#: request may be sent again; the rest lets the caller tell the same submission from another one under the same
+#: run id, and list it).
 SUBMIT = r"""
 if redis.call('HEXISTS', KEYS[1], 'submitted') == 1 then
-  local got = redis.call('HMGET', KEYS[1], 'v', 'pid', 'iid', 'flow', 'seed', 'ret', 'sts')
-  return {0, got[1] or '', got[2] or '', got[3] or '', got[4] or '', got[5] or '', got[6] or '', got[7] or ''}
+  local got = redis.call('HMGET', KEYS[1], 'v', 'pid', 'iid', 'flow', 'seed', 'ret', 'sts', 'submitted')
+  return {0, got[1] or '', got[2] or '', got[3] or '', got[4] or '', got[5] or '', got[6] or '', got[7] or '',
+          got[8] or ''}
 end
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'submitted', ARGV[1], 'plan', ARGV[2], 'pid', ARGV[3], 'input', ARGV[4],
-           'flow', ARGV[5], 'status', 'submitted', 'iid', ARGV[9],
-           'born', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'seed', ARGV[6]) end
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ret', ARGV[7]) end
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'sts', ARGV[8]) end
-return {1}
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'submitted', now, 'plan', ARGV[1], 'pid', ARGV[2], 'input', ARGV[3],
+           'flow', ARGV[4], 'status', 'submitted', 'iid', ARGV[8], 'born', now)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'seed', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'ret', ARGV[6]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'sts', ARGV[7]) end
+return {1, now}
 """
 
 #: KEYS: run. ARGV: reason. A cancel request: {0} no such run | {1, status} the run is over | {2} the run has

@@ -57,7 +57,7 @@ from flowdsl.runtime.redis.scripts import (
 )
 
 __all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "plan_id",
-           "score_pairs"]
+           "retrieved", "score_pairs"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -72,7 +72,7 @@ _DEAD_LETTER = Script("dead_letter", DEAD_LETTER)
 _REQUEUE = Script("requeue", REQUEUE)
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
+def retrieved(future: asyncio.Future[Any]) -> None:
     """Take a future's outcome (so that an error of a command nobody awaits is not reported as unretrieved)."""
     if not future.cancelled():
         future.exception()
@@ -407,7 +407,7 @@ class Store:
         if run_id is not None and version is not None:  # only once the relay is done; not awaited: a drop lost
             # (a crash, a dropped connection) leaves an entry relayed again by a later recovery — a duplicate
             # message, dropped at pickup — and waiting for it would hold the handler one more round trip
-            self.call("HDEL", self.keys.outbox(run_id), version).add_done_callback(_retrieved)
+            self.call("HDEL", self.keys.outbox(run_id), version).add_done_callback(retrieved)
 
     async def outbox(self, run_id: str, trigger: str = "") -> list[tuple[int | None, list[dict[str, Any]]]]:
         """What a process that died left to relay for the run: its outbox entries, oldest first, then the
