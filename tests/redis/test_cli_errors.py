@@ -222,6 +222,21 @@ def test_an_empty_url_or_prefix_is_a_usage_error_not_the_default(spec: Path, url
         assert "Traceback" not in r.output
 
 
+def test_a_url_that_does_not_name_its_database_once_as_a_number_is_one_line_exit_2(spec: Path,
+                                                                                 server: RedisServer) -> None:
+    """Before, ``/x``, ``/1x`` and ``/O`` went to database 0 and ``/2?db=3`` to database 3, without a word."""
+    for args, url, message in [
+        (["runs"], "redis://127.0.0.1:1/x", "selects no database: its path must be empty or /<database number>"),
+        (["status", "x"], "redis://127.0.0.1:1/O", "not '/O'"),
+        (["worker"], f"unix://{server.socket}?db=1&db=2", "selects the database more than once (?db=1 and ?db=2)"),
+        (["run", str(spec), "--backend", "redis"], "redis://127.0.0.1:1/2?db=3", "(the path /2 and ?db=3)"),
+    ]:
+        r = cli(*args, "--redis-url", url)
+        said = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and said.startswith("error: the Redis URL ") and message in said, (args, r.output)
+        assert "Traceback" not in r.output and r.stderr.count("error:") == 1
+
+
 # --- 4. a run that disappears; cancel --wait of a run not started --------------------------------------------
 
 

@@ -542,3 +542,93 @@ def test_retry_all_puts_back_every_dead_letter_and_odd_field_names_stay_apart(ur
     put_back = cli("--retry-all")
     assert put_back.exit_code == 0 and len(json.loads(put_back.stdout)["requeued"]) == 121
     assert json.loads(cli().stdout) == []
+
+
+# --- a run whose stored data is damaged -------------------------------------------------------------------
+
+
+def _completed_run(url: str, prefix: str) -> str:
+    async def main() -> str:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(SAGA), {"script": {}})
+            await asyncio.wait_for(worker_here(url, prefix, burst=True).serve(), 30)
+            return sub.run_id
+
+    return asyncio.run(main())
+
+
+def test_status_of_a_run_whose_state_is_damaged_names_it_and_its_dead_letters(url: str, prefix: str,
+                                                                             server: RedisServer) -> None:
+    """Before: `error: unexpected end of data: line 1 column 11 (char 10)` (a "UsageError" in JSON), naming no
+    run, key or field, and not the dead letters the damage made (docs/runtime.md names damaged data as their
+    cause and `flowdsl status RUN_ID` as where they are named)."""
+    keys = Keys(prefix)
+    run_id = _completed_run(url, prefix)
+    admin = server.client()
+    try:
+        admin.hset(keys.run(run_id), "state", '{"status":')
+        born = admin.hget(keys.run(run_id), "born").decode()
+        admin.xadd(keys.control, {"c": json.dumps({"type": "cancel", "run_id": run_id, "reason": "x", "g": born})})
+    finally:
+        admin.close()
+
+    async def handle() -> Any:  # the cancel request needs the run's state: its handling fails, once is enough
+        return await asyncio.wait_for(worker_here(url, prefix, burst=True, max_failures=1).serve(), 30)
+
+    assert asyncio.run(handle()).dead_letters == 1
+    damaged = (f"run '{run_id}' is damaged in Redis: the field 'state' of the key '{keys.run(run_id)}' is not valid "
+               "JSON (")
+
+    async def letters() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            return await client.dead_letters_of(run_id)
+
+    (letter,) = asyncio.run(letters())
+    assert f"handling it failed: RunDamaged: {damaged}" in letter.reason
+
+    runner = CliRunner()
+    text = runner.invoke(app, ["status", run_id, "--redis-url", url, "--prefix", prefix])
+    assert text.exit_code == 2 and "Traceback" not in text.output
+    lines = [" ".join(line.split()) for line in text.stderr.splitlines()]
+    assert lines[0].startswith(f"error: {damaged}") and lines[0].endswith(")")
+    assert " ".join(lines[1:]) == (f"note: 1 message(s) of this run were set aside as dead letters ({letter.id}): "
+                                   "once the run's data is repaired, `flowdsl dead-letters --retry ID` puts it back")
+    as_json = runner.invoke(app, ["status", run_id, "--redis-url", url, "--prefix", prefix, "--format", "json"])
+    out = json.loads(as_json.stdout)
+    assert as_json.exit_code == 2 and out["status"] == "error" and out["run_id"] == run_id
+    assert out["error"]["type"] == "RunDamaged" and out["error"]["message"].startswith(damaged)
+    assert out["dead_letters"] == [letter.id]
+    followed = runner.invoke(app, ["status", run_id, "--follow", "--redis-url", url, "--prefix", prefix, "-f", "json"])
+    out = json.loads(followed.stdout)
+    assert followed.exit_code == 2 and out["error"]["type"] == "RunDamaged" and out["dead_letters"] == [letter.id]
+
+
+@pytest.mark.parametrize(("where", "said"), [
+    ("plan", "the field 'plan' of the key '{run}' is not a JSON object"),
+    ("ev", "the field 'ev' of the entry {entry} of the key '{journal}' is not valid JSON ("),
+    ("in", "the field 'in' of the entry {entry} of the key '{journal}' is not valid JSON ("),
+    ("v", "the field 'v' of the key '{run}' is not a number (b'x')"),
+])
+def test_status_of_a_run_damaged_elsewhere_names_the_key_and_field(url: str, prefix: str, server: RedisServer,
+                                                                   where: str, said: str) -> None:
+    keys = Keys(prefix)
+    run_id = _completed_run(url, prefix)
+    admin = server.client()
+    try:
+        entry = admin.xrange(keys.journal(run_id))[-1][0].decode()
+        if where == "plan":
+            admin.hset(keys.run(run_id), "plan", "[1, 2]")
+        elif where == "v":
+            admin.hset(keys.run(run_id), "v", "x")
+        else:  # one journal entry, as a fresh one written in its place (XADD cannot rewrite an entry)
+            fields = admin.xrange(keys.journal(run_id), entry, entry)[0][1]
+            admin.xdel(keys.journal(run_id), entry)
+            fields[where.encode()] = b"{not json"
+            entry = admin.xadd(keys.journal(run_id), fields).decode()
+            admin.hset(keys.run(run_id), "sv", 0)  # (so that loading replays it)
+    finally:
+        admin.close()
+    r = CliRunner().invoke(app, ["status", run_id, "--redis-url", url, "--prefix", prefix])
+    expected = said.format(run=keys.run(run_id), journal=keys.journal(run_id), entry=entry)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert " ".join(r.stderr.split()).startswith(f"error: run '{run_id}' is damaged in Redis: {expected}"), r.stderr

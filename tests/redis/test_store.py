@@ -97,6 +97,44 @@ def test_urls_from_the_option_or_the_environment(monkeypatch: pytest.MonkeyPatch
     assert tls.connection_pool.connection_class.__name__ == "SSLConnection"
 
 
+@pytest.mark.parametrize(("url", "said"), [
+    ("redis://h:1/x", "its path must be empty or /<database number> (as in redis://host:6379/0), not '/x'"),
+    ("redis://h:1/1x", "not '/1x'"),
+    ("rediss://u:s3cret@h:1/O", "not '/O'"),  # (the letter O typed for 0)
+    ("redis://h:1/-1", "not '/-1'"),
+    ("redis://h:1/2?db=3", "selects the database more than once (the path /2 and ?db=3): give it once, in the path "
+                           "(redis://host:port/N) or as ?db=N"),
+    ("redis://h:1?db=1&db=2", "more than once (?db=1 and ?db=2)"),
+    ("unix:///r.sock?db=1&db=2", "more than once (?db=1 and ?db=2): give it once, as ?db=N"),
+    ("unix:///r.sock?db=abc", "db must be a database number (?db=0), not 'abc'"),
+    ("unix:///r.sock?db=", "db must be a database number (?db=0), not ''"),
+])
+def test_a_url_must_name_its_database_once_as_a_number(url: str, said: str) -> None:
+    """redis-py reads a path that is no number as database 0, and of two databases takes one, without a word."""
+    with pytest.raises(RedisConfigError, match=r"^the Redis URL '[^']*' selects ") as caught:
+        resolve_url(url)
+    assert said in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+def test_the_ways_of_naming_a_database_still_work(server: RedisServer, prefix: str) -> None:
+    for url, db in (("redis://h:1/2", 2), ("redis://h:1", 0), ("redis://h:1/", 0), ("rediss://u:p@h:6380/3", 3),
+                    ("rediss://h:6380?db=1&ssl_cert_reqs=none", 1), (f"unix://{server.socket}?db=3", 3)):
+        assert resolve_url(url) == url
+        assert connect(url).connection_pool.connection_kwargs.get("db", 0) == db, url
+
+    async def write() -> None:  # (the client talks over its lean connection: SELECT 3 there)
+        async with RedisClient(f"unix://{server.socket}?db=3", prefix=prefix) as client:
+            await client.submit(_plan(), {}, run_id="in-db-3")
+
+    asyncio.run(write())
+    in_3 = redis.Redis(unix_socket_path=str(server.socket), db=3)
+    try:
+        assert in_3.exists(Keys(prefix).run("in-db-3")) == 1
+        in_3.delete(*Keys(prefix).run_keys("in-db-3"), Keys(prefix).runs, Keys(prefix).control)
+    finally:
+        in_3.close()
+
+
 def test_a_unix_socket_with_an_acl_user_and_password(server: RedisServer) -> None:
     admin = server.client()
     admin.execute_command("ACL", "SETUSER", "flowuser", "on", ">s3cret", "~*", "&*", "+@all")

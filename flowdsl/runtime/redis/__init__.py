@@ -20,7 +20,8 @@ from __future__ import annotations
 from flowdsl.runtime.redis.client import DeadLetter, DeadLetterNotFound, RedisClient, RunInfo, RunNotFound, Submission
 from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys
+from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, WorkerStats
 
-__all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunInfo",
-           "RunNotFound", "Submission", "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]
+__all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunDamaged",
+           "RunInfo", "RunNotFound", "Submission", "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]

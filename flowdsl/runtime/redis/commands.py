@@ -18,11 +18,12 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import redis
 
+from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import json_line
 from flowdsl.runtime.redis.client import (
     DeadLetter,
@@ -35,6 +36,7 @@ from flowdsl.runtime.redis.client import (
     RunNotFound,
 )
 from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
+from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
@@ -104,6 +106,9 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
         return exc.code
     except RunIdTaken as exc:
         say(str(exc), "RunExists")
+        return EXIT_USAGE
+    except RunDamaged as exc:
+        say(str(exc), "RunDamaged")
         return EXIT_USAGE
     except RedisConfigError as exc:
         say(str(exc))
@@ -391,8 +396,12 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
 
         async def following() -> int:
             async with RedisClient(url, prefix=prefix) as client:
-                return await _follow(client, await client.plan_of(run_id), run_id, as_json, console, done,
-                                     notes=True, over=over)
+                try:
+                    return await _damage_named(client, run_id, _follow(
+                        client, await _damage_named(client, run_id, client.plan_of(run_id)), run_id, as_json, console,
+                        done, notes=True, over=over))
+                except RunDamaged as exc:
+                    return _damaged(console, run_id, exc, await _dead_letters_of(client, run_id), as_json)
 
         return _following(console, url, following, done,
                           lambda: _status_stopped(console, run_id, as_json, over[-1] if over else None))
@@ -400,8 +409,11 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
             info = await client.info(run_id)
-            result, journal = await client.result(run_id)
-            dead = await _dead_letters_of(client, run_id)
+            dead = await _dead_letters_of(client, run_id)  # (they need no state: said for a damaged run too)
+            try:
+                result, journal = await _damage_named(client, run_id, client.result(run_id))
+            except RunDamaged as exc:
+                return _damaged(console, run_id, exc, dead, as_json)
         them = "it" if len(dead) == 1 else "them"
         waiting = f"`flowdsl dead-letters` shows {them} and puts {them} back"
         if result is None:
@@ -433,6 +445,38 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
         return 0
 
     return _guarded(console, url, body)
+
+
+_T = TypeVar("_T")
+
+
+async def _damage_named(client: RedisClient, run_id: str, reading: Awaitable[_T]) -> _T:
+    """``await reading`` (a read of the run); when it fails to decode what the run has stored, the
+    :class:`RunDamaged` naming the key and field (found by :meth:`Store.damage` when the read did not say)."""
+    try:
+        return await reading
+    except RunDamaged:
+        raise
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, NewerVersion):
+            raise
+        damage = await client.store.damage(run_id)
+        if damage is None:
+            raise
+        raise damage from None
+
+
+def _damaged(console: Any, run_id: str, exc: RunDamaged, dead: list[str], as_json: bool) -> int:
+    """Say that the run cannot be read (its stored data is damaged), and name its dead letters: exit 2."""
+    if as_json:
+        _json_out({"status": "error", "run_id": run_id, "error": {"type": "RunDamaged", "message": str(exc)},
+                   "dead_letters": dead})
+    _say(console, str(exc))
+    if dead:
+        them = "it" if len(dead) == 1 else "them"
+        _say(console, f"{len(dead)} message(s) of this run were set aside as dead letters ({', '.join(dead)}): once "
+             f"the run's data is repaired, `flowdsl dead-letters --retry ID` puts {them} back", "yellow", "note")
+    return EXIT_USAGE
 
 
 async def _dead_letters_of(client: RedisClient, run_id: str) -> list[str]:

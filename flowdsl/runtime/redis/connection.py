@@ -26,7 +26,7 @@ import random
 import re
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -34,8 +34,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-__all__ = ["DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "connect", "connect_sync", "describe_url",
-           "refusal", "resolve_prefix", "resolve_url", "server_unwell"]
+__all__ = ["ACL_DOC", "DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "acl_user", "connect", "connect_sync",
+           "describe_url", "no_permission", "refusal", "resolve_prefix", "resolve_url", "server_unwell"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 _SCHEMES = ("redis", "rediss", "unix")
@@ -69,6 +69,29 @@ def server_unwell(exc: BaseException) -> bool:
     return text.split(" ", 1)[0] in _UNWELL_CODES or _IN_SCRIPT.match(text) is not None
 
 
+#: an ACL refusal: ``NOPERM …`` (redis-py's NoPermissionError), or a command inside a script refused, which Redis
+#: 7.0 answers ``ERR The user executing the script can't …`` (Redis 6 wraps it in ``ERR Error running script …``)
+_NO_PERMISSION = re.compile(r"^(ERR )?NOPERM\b|-NOPERM\b|The user executing the script can't")
+#: where the permissions a flowdsl ACL user needs are listed
+ACL_DOC = 'docs/runtime.md, "ACL users"'
+
+
+def no_permission(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a command, key or channel to the connection's ACL user: a configuration
+    error (retrying cannot help, and it is not the fault of the message being handled)."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return True
+    return isinstance(exc, redis.ResponseError) and _NO_PERMISSION.search(str(exc)) is not None
+
+
+def acl_user(url: str) -> str:
+    """The ACL user a URL logs in as (``default`` when it names none)."""
+    try:
+        return str(redis.connection.parse_url(url).get("username") or "default")
+    except ValueError:
+        return "default"
+
+
 class RedisConfigError(ValueError):
     """The Redis URL or prefix is unusable; the message says why (never a traceback for users)."""
 
@@ -88,7 +111,32 @@ def resolve_url(url: str | None = None) -> str:
         raise RedisConfigError(f"the unix:// URL {describe_url(chosen)!r} names no socket path")
     if parts.scheme != "unix" and not parts.hostname:
         raise RedisConfigError(f"the Redis URL {describe_url(chosen)!r} names no host")
+    _check_database(chosen, parts)
     return chosen
+
+
+def _check_database(url: str, parts: SplitResult) -> None:
+    """Refuse a URL that does not name its database once, as a number: redis-py reads a path that is not one
+    (``/x``, ``/1x``, ``/O``) as database 0, and of a database given twice (``/2?db=3``, ``?db=1&db=2``) takes
+    one without a word."""
+    where = describe_url(url)
+    values = [value for name, value in parse_qsl(parts.query, keep_blank_values=True) if name == "db"]
+    for value in values:
+        if not re.fullmatch(r"[0-9]+", value):
+            raise RedisConfigError(f"the Redis URL {where!r} selects no database: db must be a database number "
+                                   f"(?db=0), not {value!r}")
+    given = [f"?db={value}" for value in values]
+    if parts.scheme != "unix":
+        path = unquote(parts.path)
+        if path not in ("", "/"):
+            if not re.fullmatch(r"/[0-9]+", path):
+                raise RedisConfigError(f"the Redis URL {where!r} selects no database: its path must be empty or "
+                                       f"/<database number> (as in redis://host:6379/0), not {path!r}")
+            given.insert(0, f"the path {path}")
+    if len(given) > 1:
+        how = "as ?db=N" if parts.scheme == "unix" else "in the path (redis://host:port/N) or as ?db=N"
+        raise RedisConfigError(f"the Redis URL {where!r} selects the database more than once "
+                               f"({' and '.join(given)}): give it once, {how}")
 
 
 def refusal(url: str, exc: BaseException) -> str:
@@ -104,6 +152,8 @@ def refusal(url: str, exc: BaseException) -> str:
                 "databases 0 to its `databases` setting - 1 (16 by default)")
     elif isinstance(exc, redis.InvalidResponse):
         text = f"the server did not answer in the Redis protocol ({text}); is this the address of a Redis server?"
+    elif no_permission(exc):
+        text = f"{text} (the ACL user {acl_user(url)!r} lacks a permission flowdsl needs: see {ACL_DOC})"
     return f"Redis at {where} refused: {text}"
 
 

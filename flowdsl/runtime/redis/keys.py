@@ -52,13 +52,19 @@ from dataclasses import dataclass
 # what a run id may be: one rule for both runtimes (no ``{``, ``}``, ``|`` or ``/`` among its characters)
 from flowdsl.runtime.record import RUN_ID_RE, check_run_id
 
-__all__ = ["DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "Keys", "TimerMember", "check_run_id"]
+__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "Keys", "TimerMember", "check_run_id"]
 
 #: the key prefix unless configured (``--prefix``, ``$FLOWDSL_REDIS_PREFIX``)
 DEFAULT_PREFIX = "flowdsl"
 #: the consumer group every worker process joins, on every stream
 GROUP = "flowdsl"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+#: every command a worker process, the client and the CLI send (directly, or inside the Lua scripts), as ACL rules
+#: (docs/runtime.md, "ACL users"); the connections also send AUTH, and CLIENT SETINFO, whose refusal is ignored
+ACL_COMMANDS = ("+evalsha +script|load +time +ping +select +client|setname +subscribe +unsubscribe +publish "
+                "+xadd +xread +xreadgroup +xrange +xrevrange +xlen +xack +xdel +xpending +xclaim +xautoclaim "
+                "+xgroup|create +xgroup|delconsumer +xinfo|consumers +hget +hmget +hset +hdel +hexists +hgetall "
+                "+zadd +zrem +zscore +zcard +zrange +zrevrange +zrangebyscore +exists +del +incr +pexpire")
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,11 @@ class Keys:
         self._failed_prefix = f"{tag}:failed:"
         self.cancel_channel = f"{prefix}:cancel"
         self._task_prefix = f"{tag}:task:"
+
+    def acl_keys(self) -> str:
+        """The key and channel patterns an ACL user of this prefix needs, as ACL rules: the run keys, the shared
+        keys and the cancel channel (see :data:`ACL_COMMANDS` for the commands)."""
+        return f"~{self.prefix}:run:* ~{{{self.prefix}}}:* &{self.cancel_channel}"
 
     # --- one run ---------------------------------------------------------------------
 

@@ -27,8 +27,18 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-__all__ = ["CANCEL", "CLAIM_TIMERS", "DEAD_LETTER", "FORGET_CONSUMERS", "LOAD", "PICKUP", "RECOVER", "RELAY", "RELEASE",
-           "REQUEUE", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
+__all__ = ["CANCEL", "CLAIM_TIMERS", "DEAD_LETTER", "FORGET_CONSUMERS", "LOAD", "PICKUP", "PROBE", "RECOVER", "RELAY",
+           "RELEASE", "REQUEUE", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
+
+#: the start of a script that calls a command with ``redis.pcall`` (to take an error reply as an answer): whether
+#: such a reply is Redis refusing the command to the ACL user (``NOPERM``; Redis 7.0 says "The user executing the
+#: script can't …"), which the script must pass on (``return p``) rather than take for an answer
+_REFUSED = r"""
+local function refused(p)
+  return type(p) == 'table' and type(p.err) == 'string'
+    and (p.err:find('NOPERM', 1, true) or p.err:find('user executing the script', 1, true)) ~= nil
+end
+"""
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
 #: expected version, state, token, status, outbox, finished, then the number of input events n and, for each,
@@ -233,7 +243,7 @@ return {3, v}
 #: unless empty, ``g``), ``z <key#> <due> <member>`` (ZADD),
 #: ``r <key#> <member>`` (ZREM), ``a <key#> <entry id>`` (XACK + XDEL: the trigger is done), ``p <channel>
 #: <message>`` (PUBLISH). Carries out a transition's outbox and acknowledges its trigger, all or nothing.
-RELAY = r"""
+RELAY = _REFUSED + r"""
 local group = ARGV[1]
 local i = 2
 while i <= #ARGV do
@@ -255,6 +265,7 @@ while i <= #ARGV do
     -- only while the entry is the caller's (or nobody's): one taken over meanwhile is its new holder's
     local key, id = KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
     local p = redis.pcall('XPENDING', key, group, id, id, 1)
+    if refused(p) then return p end
     if type(p) ~= 'table' or p.err or p[1] == nil or p[1][2] == ARGV[i + 3] then
       redis.call('XACK', key, group, id)
       redis.call('XDEL', key, id)
@@ -409,10 +420,11 @@ return n
 #: with the caller: one taken over meanwhile is its new holder's to judge, and one no longer pending was handled
 #: (acknowledged) by another. Returns {0, failures} (counted, kept) | {1, failures, dead-letter id} | {2} (not the
 #: caller's: nothing done).
-DEAD_LETTER = r"""
+DEAD_LETTER = _REFUSED + r"""
 local stream, dead, counter = KEYS[1], KEYS[2], KEYS[3]
 local group, id, consumer = ARGV[1], ARGV[2], ARGV[3]
 local p = redis.pcall('XPENDING', stream, group, id, id, 1)
+if refused(p) then return p end
 if type(p) ~= 'table' or p.err or p[1] == nil or p[1][2] ~= consumer then return {2} end
 local deliveries = p[1][4]
 local n = 1
@@ -488,6 +500,15 @@ for _, m in ipairs(stale) do
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {now, due, again, nxt[2] or ''}
+"""
+
+#: KEYS: keys of one slot that a process reads and writes. Writes nothing: calling it is the test. Redis checks the
+#: ACL user's read and write permission on every key a script declares (and its permission to run EVALSHA) before
+#: the script runs, so a worker probes its permissions with it at startup. Returns how many of the keys exist.
+PROBE = r"""
+local n = 0
+for _, key in ipairs(KEYS) do n = n + redis.call('EXISTS', key) end
+return n
 """
 
 

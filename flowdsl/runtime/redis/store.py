@@ -46,6 +46,7 @@ from flowdsl.runtime.redis.scripts import (
     FORGET_CONSUMERS,
     LOAD,
     PICKUP,
+    PROBE,
     RECOVER,
     RELAY,
     RELEASE,
@@ -56,8 +57,8 @@ from flowdsl.runtime.redis.scripts import (
     Script,
 )
 
-__all__ = ["Clock", "JournalEntry", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "plan_id",
-           "retrieved", "score_pairs"]
+__all__ = ["Clock", "JournalEntry", "RunDamaged", "RunRecord", "Store", "TransitionResult", "cancel_reasons",
+           "plan_id", "retrieved", "score_pairs"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -70,6 +71,38 @@ _UNLIST = Script("unlist", UNLIST)
 _FORGET_CONSUMERS = Script("forget_consumers", FORGET_CONSUMERS)
 _DEAD_LETTER = Script("dead_letter", DEAD_LETTER)
 _REQUEUE = Script("requeue", REQUEUE)
+_PROBE = Script("probe", PROBE)
+
+
+class RunDamaged(ValueError):
+    """A run's data in Redis cannot be decoded: a field is not what flowdsl writes there (damaged in Redis, or
+    written by something else). The message names the run, the key, the field (and the journal entry), and what
+    is wrong with it."""
+
+    def __init__(self, run_id: str, key: str, field: str, problem: str, entry: str | None = None):
+        self.run_id, self.key, self.field, self.problem, self.entry = run_id, key, field, problem, entry
+        where = f"the key '{key}'" if not field else f"the field '{field}' of the key '{key}'" if entry is None \
+            else f"the field '{field}' of the entry {entry} of the key '{key}'"
+        super().__init__(f"run {run_id!r} is damaged in Redis: {where} {problem}")
+
+
+def _decoded(run_id: str, key: str, field: str, raw: bytes, kind: type = dict, entry: str | None = None) -> Any:
+    """The JSON value of a run's stored field, of the ``kind`` flowdsl writes there; else :class:`RunDamaged`."""
+    try:
+        value = loads(raw)
+    except (ValueError, RecursionError) as exc:  # (nested too deeply for the decoder: RecursionError)
+        text = str(exc) if len(str(exc)) <= 200 else str(exc)[:199] + "…"
+        raise RunDamaged(run_id, key, field, f"is not valid JSON ({text})", entry) from None
+    if not isinstance(value, kind):
+        raise RunDamaged(run_id, key, field, f"is not a JSON {'object' if kind is dict else 'array'}", entry)
+    return value
+
+
+def _number(run_id: str, key: str, field: str, raw: bytes, entry: str | None = None) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise RunDamaged(run_id, key, field, f"is not a number ({raw[:40]!r})", entry) from None
 
 
 def retrieved(future: asyncio.Future[Any]) -> None:
@@ -205,6 +238,11 @@ class Store:
         await asyncio.gather(*(s.load(self.batcher) for s in (_TRANSITION, _LOAD, _PICKUP, _RELEASE, _RELAY,
                                                                _RECOVER, _CLAIM)))
 
+    async def probe(self, keys: list[str]) -> int:
+        """Run a script that writes nothing on ``keys`` (one slot): Redis refuses it (``NOPERM``) unless this
+        connection's ACL user may run scripts and read and write every one of them."""
+        return int(await _PROBE(self.batcher, keys, []))
+
     # --- runs --------------------------------------------------------------------------
 
     async def plan(self, run_id: str, pid: str) -> dict[str, Any] | None:
@@ -216,7 +254,7 @@ class Store:
                 return None
             if len(self.plans) >= PLAN_CACHE_SIZE:  # the oldest goes: a long-lived worker sees many plans
                 self.plans.pop(next(iter(self.plans)))
-            found = self.plans.setdefault(pid, loads(raw))
+            found = self.plans.setdefault(pid, _decoded(run_id, self.keys.run(run_id), "plan", raw))
         return found
 
     async def load(self, run_id: str) -> RunRecord | None:
@@ -229,18 +267,48 @@ class Store:
         plan = await self.plan(run_id, pid.decode())
         if plan is None:
             return None
-        state, current = loads(raw), int(version)
+        run, journal = self.keys.run(run_id), self.keys.journal(run_id)
+        state, current = _decoded(run_id, run, "state", raw), _number(run_id, run, "v", version)
         check_rules(state.get("kernel", 1), run_id)  # (apply checks too; a snapshot with no tail is read as is)
-        at = snapshot = int(snapshot_version) if snapshot_version is not None else current
-        for _, fields in tail:  # the input events journaled after the snapshot, in order (notes are skipped)
+        at = snapshot = _number(run_id, run, "sv", snapshot_version) if snapshot_version is not None else current
+        for entry_id, fields in tail:  # the input events journaled after the snapshot, in order (notes are skipped)
             entry = dict(zip(fields[::2], fields[1::2], strict=True))
-            if b"in" in entry and at < int(entry[b"v"]) <= current:
-                apply(plan, state, loads(entry[b"in"]))
-                at = int(entry[b"v"])
+            if b"in" not in entry:
+                continue
+            named = entry_id.decode()
+            v = _number(run_id, journal, "v", entry.get(b"v") or b"", named)
+            if at < v <= current:
+                apply(plan, state, _decoded(run_id, journal, "in", entry[b"in"], entry=named))
+                at = v
         if at != current:
-            raise RuntimeError(f"run {run_id}: its journal ends at version {at}, its state is at {current}")
+            raise RunDamaged(run_id, journal, "", f"ends at version {at}, but the field 'v' of the key '{run}' says "
+                             f"{current}: journal entries are missing")
         return RunRecord(run_id, state, current, plan, int(sts) if sts else None, len(raw), current - snapshot,
                          born=(rest[0] or b"").decode() if rest else "")
+
+    async def damage(self, run_id: str) -> RunDamaged | None:
+        """What is damaged in the run's stored data, if anything: the first of its fields that cannot be decoded
+        (the run's ``state``, ``plan`` and ``input``; each journal entry's ``v``, ``in``, ``ev`` and ``note``), as
+        the :class:`RunDamaged` reading it would raise. For saying what went wrong once a read failed: it reads
+        the whole journal."""
+        run, journal = self.keys.run(run_id), self.keys.journal(run_id)
+        state, plan, run_input = await self.call("HMGET", run, "state", "plan", "input")
+        entries = await self.call("XRANGE", journal, "-", "+")
+        try:
+            for name, raw in (("state", state), ("plan", plan), ("input", run_input)):
+                if raw is not None:
+                    _decoded(run_id, run, name, raw)
+            for entry_id, flat in entries:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
+                named = entry_id.decode()
+                for name, kind in (("in", dict), ("ev", list), ("note", dict)):
+                    if name.encode() in fields:
+                        _decoded(run_id, journal, name, fields[name.encode()], kind, named)
+                if b"v" in fields:
+                    _number(run_id, journal, "v", fields[b"v"], named)
+        except RunDamaged as exc:
+            return exc
+        return None
 
     async def submission(self, run_id: str) -> dict[str, Any] | None:
         """The submitted start request of a run (plan, input, settings; ``cancel``: the reasons of the cancel
@@ -253,7 +321,8 @@ class Store:
         plan = await self.plan(run_id, got["pid"].decode())
         if plan is None:
             return None
-        return {"plan": plan, "pid": got["pid"].decode(), "input": loads(got["input"]),
+        return {"plan": plan, "pid": got["pid"].decode(),
+                "input": _decoded(run_id, self.keys.run(run_id), "input", got["input"]),
                 "seed": int(got["seed"]) if got["seed"] else None, "ret": int(got["ret"]) if got["ret"] else None,
                 "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
                 "cancel": cancel_reasons(got["cancel"]), "born": (got["born"] or b"").decode()}

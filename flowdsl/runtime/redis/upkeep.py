@@ -36,7 +36,7 @@ import redis
 
 from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, server_unwell
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, no_permission, server_unwell
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
 from flowdsl.runtime.redis.wire import entry_fields
 
@@ -97,6 +97,7 @@ class Upkeep:
     _spawn: Callable[[str, str, dict[bytes, bytes], bool], None]
     _track: Callable[[Awaitable[Any]], None]
     _cancel_requested: Callable[[_Held], None]
+    _config_error: Callable[[BaseException, str], bool]
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop)."""
@@ -118,6 +119,8 @@ class Upkeep:
             except TRANSIENT as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
             except Exception as exc:  # never let the heartbeat die: without it every lease of this process expires
+                if no_permission(exc):
+                    raise  # (unless Redis refuses this ACL user: then the process stops, see RedisWorker._loop_ended)
                 if server_unwell(exc):
                     log.warning("worker %s: heartbeat refused by Redis for now (%s)", self.name, exc)
                 else:
@@ -200,7 +203,9 @@ class Upkeep:
                 cursor = await self._tidy(cursor)
             except TRANSIENT as exc:
                 log.warning("worker %s: tidying failed (%s)", self.name, exc)
-            except Exception:  # tidying can wait: never stop serving for it
+            except Exception as exc:  # tidying can wait: never stop serving for it (but for a refused ACL user)
+                if no_permission(exc):
+                    raise
                 log.exception("worker %s: tidying failed unexpectedly; trying again later", self.name)
 
     async def _tidy(self, cursor: int) -> int:
@@ -280,6 +285,8 @@ class Upkeep:
                 return
             except _UNREACHABLE_OR_REFUSED as exc:
                 if isinstance(exc, redis.ResponseError) and not server_unwell(exc):
+                    if self._config_error(exc, f"while firing the timer '{member.encode()}'"):
+                        return  # its claim expires and another process fires it
                     raise
                 if self._stopping:
                     return  # the claim expires and another process fires it

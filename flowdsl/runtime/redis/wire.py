@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 from redis.asyncio.connection import parse_url
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 try:
     import hiredis as _hiredis
@@ -68,8 +68,10 @@ def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes
 
 
 # error replies whose first word redis-py turns into an error class of its own, which callers tell apart:
-# NOSCRIPT (load the script again) and LOADING (a restarted server still reading its data: transient)
-_ERRORS: dict[str, type[redis.RedisError]] = {"NOSCRIPT": NoScriptError, "LOADING": redis.BusyLoadingError}
+# NOSCRIPT (load the script again), LOADING (a restarted server still reading its data: transient) and NOPERM (the
+# ACL user may not: a configuration error)
+_ERRORS: dict[str, type[redis.RedisError]] = {"NOSCRIPT": NoScriptError, "LOADING": redis.BusyLoadingError,
+                                              "NOPERM": NoPermissionError}
 
 
 def _error(message: str) -> redis.RedisError:

@@ -65,11 +65,14 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
 from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Contended, Outcome, nonces
 from flowdsl.runtime.redis.connection import (
+    ACL_DOC,
     TRANSIENT,
     Backoff,
     RedisConfigError,
+    acl_user,
     connect,
     describe_url,
+    no_permission,
     resolve_url,
     server_unwell,
 )
@@ -88,6 +91,8 @@ __all__ = ["RedisWorker", "WorkerOptions", "WorkerStats", "serving_gc"]
 log = logging.getLogger("flowdsl.redis")
 #: what Redis answers when it is reachable but will not serve this worker (retrying cannot help)
 _REFUSED: tuple[type[Exception], ...] = (redis.AuthenticationError, redis.ResponseError, redis.InvalidResponse)
+#: the run id whose keys the startup probe names (no run has it: a run id never starts with '-')
+_PROBE_RUN = "-acl-probe"
 
 
 def _refusal(exc: BaseException) -> BaseException | None:
@@ -283,6 +288,7 @@ class RedisWorker(Upkeep):
         self._signals = 0
         self._taken: list[int] = []  # the signals this process took (take_signal), to give back
         self._failed: asyncio.Task[None] | None = None  # the background loop that failed, if one did
+        self._refused: RedisConfigError | None = None  # Redis refused this ACL user a command while serving
         self.client: aioredis.Redis | None = None
         self.started_at = time.time()
 
@@ -348,19 +354,54 @@ class RedisWorker(Upkeep):
                     await wire.aclose()
         self.stats.transitions = self.advancer.transitions
         self.stats.conflicts = self.advancer.conflicts
+        if self._refused is not None:
+            raise self._refused
         return self.stats
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A background loop ended: by a stop, or by an error nothing caught — then the process would go on
         without it (no reading, no heartbeats: leases expire), so it says why and stops gracefully instead."""
-        if task.cancelled() or self._stopping or task.exception() is None:
+        if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
+        assert exc is not None
+        if self._config_error(exc, f"in its {task.get_name()} loop"):
+            return
+        if self._stopping:
+            return
         self._failed = task
         self.stats.failure = f"its {task.get_name()} loop failed: {type(exc).__name__}: {exc}"
         log.critical("worker %s: %s; stopping (in-flight steps are finished or handed back)", self.name,
                      self.stats.failure, exc_info=exc)
         self.stop(graceful=True)
+
+    def _config_error(self, exc: BaseException, where: str) -> bool:
+        """Whether ``exc`` is a configuration error met while serving — Redis refusing this process's ACL user a
+        command, key or channel (``NOPERM``: an ACL changed, or a permission the startup probe does not cover)
+        — which is nobody's message's fault and which retrying cannot mend: then the process stops gracefully,
+        and :meth:`serve` raises it as a :class:`RedisConfigError` (``flowdsl worker``: one line, exit 2)."""
+        if isinstance(exc, RedisConfigError):
+            error = exc
+        elif no_permission(exc):
+            error = self._acl_error(exc, where)
+        else:
+            return False
+        if self._refused is None:
+            self._refused = error
+            log.error("worker %s: Redis refused its ACL user %s; stopping (in-flight steps are finished or handed "
+                      "back)", self.name, where)
+        self.stop(graceful=True)
+        return True
+
+    def _acl_error(self, exc: BaseException, where: str) -> RedisConfigError:
+        """The one-line error of a ``NOPERM`` answer: what was refused, and what the ACL user needs."""
+        url = resolve_url(self.url)
+        text = str(exc).removeprefix("NOPERM ").strip()
+        runs, shared, channel = self.keys.acl_keys().split()
+        return RedisConfigError(
+            f"Redis at {describe_url(url)} refused the worker's ACL user {acl_user(url)!r} {where}: {text}; a "
+            f"worker's ACL user needs the keys {runs} and {shared}, the channel {channel} and the commands listed "
+            f"in {ACL_DOC}")
 
     def stop(self, graceful: bool = True) -> None:
         """Stop serving: gracefully (finish or hand back in-flight steps) or at once."""
@@ -376,16 +417,50 @@ class RedisWorker(Upkeep):
     # --- setup, signals -----------------------------------------------------------------
 
     async def _setup(self) -> None:
+        """Get ready to serve; first check, with commands that change nothing, that Redis lets this process's ACL
+        user do what a worker does (a :class:`RedisConfigError` says what it refused)."""
         assert self.client is not None
-        await self.clock.sync(self.client)
-        await self.store.load_scripts()
+        keys = self.keys
+        await self._allowed("while reading the server clock (TIME)", self.clock.sync(self.client))
+        await self._allowed("while loading the runtime's scripts (SCRIPT LOAD)", self.store.load_scripts())
+        await self._allowed(f"while subscribing to the channel '{keys.cancel_channel}' (SUBSCRIBE)",
+                            self._subscribable())
+        await self._allowed(f"while running a script (EVALSHA) on the keys of a run ('{keys.run(_PROBE_RUN)}', …)",
+                            self.store.probe(keys.run_keys(_PROBE_RUN)))
+        shared = [*self.streams, keys.timers, keys.timers_claimed, keys.runs, keys.workers, keys.dead,
+                  keys.failures("probe")]
+        await self._allowed(f"while running a script (EVALSHA) on the shared keys ('{keys.control}', …)",
+                            self.store.probe(list(dict.fromkeys(shared))))
         for stream in self.streams:
             try:
-                await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                await self._allowed(f"while creating the consumer group of '{stream}' (XGROUP CREATE)",
+                                    self.client.xgroup_create(stream, GROUP, id="0", mkstream=True))
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        await self._liveness()
+        await self._allowed(f"while recording its liveness in '{keys.workers}' (HSET)", self._liveness())
+
+    async def _allowed(self, where: str, step: Awaitable[Any]) -> Any:
+        """``await step``; a ``NOPERM`` answer becomes the :class:`RedisConfigError` saying what was refused."""
+        try:
+            return await step
+        except redis.ResponseError as exc:
+            if no_permission(exc):
+                raise self._acl_error(exc, where) from None
+            raise
+
+    async def _subscribable(self) -> None:
+        """Subscribe to the cancel channel and unsubscribe (Redis answers ``NOPERM`` to a user without it)."""
+        assert self.client is not None
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.cancel_channel)
+            async with asyncio.timeout(10):  # (no answer: an outage, retried as one)
+                while await pubsub.get_message(timeout=1.0) is None:  # the confirmation, or the refusal
+                    pass
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
     def _install_signals(self) -> None:
         """Take SIGTERM and SIGINT while serving; an ignored one stays ignored, and what was there is put back."""
@@ -424,6 +499,8 @@ class RedisWorker(Upkeep):
                 if refusal is not None and not unwell:
                     # Redis answered, and said no: a wrong password or user, a missing permission, a database
                     # number it does not have, or not Redis at all. Retrying cannot help: a configuration error.
+                    if no_permission(refusal):
+                        raise self._acl_error(refusal, f"while {what}") from None
                     raise RedisConfigError(f"Redis at {describe_url(resolve_url(self.url))} refused the worker "
                                            f"while {what}: {type(refusal).__name__}: {refusal}") from None
                 if not (isinstance(exc, TRANSIENT) or unwell):
@@ -530,6 +607,8 @@ class RedisWorker(Upkeep):
             log.warning("worker %s: entry %s of %s left for an upgraded worker: %s; it is handled again after the "
                         "lease", self.name, entry_id, stream, exc)
         except Exception as exc:
+            if self._config_error(exc, f"while handling entry {entry_id} of '{stream}' (left pending)"):
+                return  # not the message's fault: never a dead letter; it is handled again after the lease
             if server_unwell(exc) or isinstance(exc, Contended):  # not the message's fault either
                 log.warning("worker %s: handling entry %s of %s failed for now (%s); it is handled again after the "
                             "lease", self.name, entry_id, stream, _describe(exc))
@@ -594,7 +673,9 @@ class RedisWorker(Upkeep):
             self._room.set()
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            log.error("worker %s: a handler failed: %s: %s", self.name, type(exc).__name__, exc)
+            assert exc is not None
+            if not self._config_error(exc, "while handling a stream entry or a timer"):
+                log.error("worker %s: a handler failed: %s: %s", self.name, type(exc).__name__, exc)
 
     # --- handlers -------------------------------------------------------------------------
 
@@ -786,7 +867,10 @@ class RedisWorker(Upkeep):
         self._late.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            log.error("worker %s: reporting a late result again failed: %s: %s", self.name, type(exc).__name__, exc)
+            assert exc is not None
+            if not self._config_error(exc, "while reporting a late result again"):
+                log.error("worker %s: reporting a late result again failed: %s: %s", self.name, type(exc).__name__,
+                          exc)
 
     async def _late_result(self, run_id: str, event: dict[str, Any], token: str, generation: str) -> None:
         """Report again a success the lease guard rejected because another process held its task (its lease
@@ -873,8 +957,9 @@ class RedisWorker(Upkeep):
                 current = asyncio.current_task()
                 if not task.cancelled() or (current is not None and current.cancelling()):
                     raise  # serve() itself is cancelled: stop at once (its finally cancels what is left)
-            except Exception:
-                if task is not self._failed:  # (else said by _loop_ended already)
+            except Exception as exc:
+                if task is not self._failed and not (no_permission(exc) or isinstance(exc, RedisConfigError)):
+                    # (else said by _loop_ended already)
                     log.exception("worker %s: its %s loop failed while stopping", self.name, task.get_name())
         if self._active:
             await asyncio.wait(set(self._active), timeout=self.options.grace_s)
