@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
 from flowdsl import compile_text
 from flowdsl.cli import app
-from flowdsl.runtime.redis import RedisClient
+from flowdsl.runtime.redis import RedisClient, RunDamaged
 from flowdsl.runtime.redis.advance import Advancer, Contended
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.workers import WorkerRegistry
@@ -632,3 +632,33 @@ def test_status_of_a_run_damaged_elsewhere_names_the_key_and_field(url: str, pre
     expected = said.format(run=keys.run(run_id), journal=keys.journal(run_id), entry=entry)
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert " ".join(r.stderr.split()).startswith(f"error: run '{run_id}' is damaged in Redis: {expected}"), r.stderr
+
+
+def test_reading_a_run_whose_journal_is_damaged_from_python_names_the_entry(url: str, prefix: str,
+                                                                           server: RedisServer) -> None:
+    """``RedisClient.result`` and ``follow`` read the journal themselves: a damaged entry is a RunDamaged naming
+    it, as ``flowdsl status`` says, not the decoder's bare message."""
+    keys = Keys(prefix)
+    run_id = _completed_run(url, prefix)
+    admin = server.client()
+    try:
+        entry = admin.xrange(keys.journal(run_id))[-1][0].decode()
+        fields = admin.xrange(keys.journal(run_id), entry, entry)[0][1]
+        admin.xdel(keys.journal(run_id), entry)
+        fields[b"ev"] = b"{not json"
+        entry = admin.xadd(keys.journal(run_id), fields).decode()
+    finally:
+        admin.close()
+
+    async def main() -> list[str]:
+        said = []
+        async with RedisClient(url, prefix=prefix) as client:
+            for read in (client.result(run_id), client.follow(run_id)):
+                with pytest.raises(RunDamaged) as caught:
+                    await read
+                said.append(str(caught.value))
+        return said
+
+    expected = (f"run '{run_id}' is damaged in Redis: the field 'ev' of the entry {entry} of the key "
+                f"'{keys.journal(run_id)}' is not valid JSON (")
+    assert all(s.startswith(expected) for s in asyncio.run(main()))

@@ -39,7 +39,7 @@ from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
-from flowdsl.runtime.redis.store import Store, plan_id, retrieved, score_pairs
+from flowdsl.runtime.redis.store import Store, decoded, plan_id, retrieved, score_pairs
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import (
@@ -193,16 +193,20 @@ class Journal:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     last_id: str = "0-0"
     finished: bool = False
+    run_id: str = ""  # whose journal, and its key: what a damaged entry's error names
+    key: str = ""
 
     def add(self, entry_id: bytes | str, fields: dict[bytes, bytes], hook: EventHook | None = None) -> None:
+        """Take one journal entry; raises :class:`~flowdsl.runtime.redis.store.RunDamaged` for one that is not
+        what flowdsl writes."""
         self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         if b"note" in fields:
-            self.notes.append(loads(fields[b"note"]))
+            self.notes.append(self._decoded(fields[b"note"], "note", dict))
             return
         if fields.get(b"in"):
-            self.inputs.append(loads(fields[b"in"]))
+            self.inputs.append(self._decoded(fields[b"in"], "in", dict))
             self.timeline.append(self.inputs[-1])
-        for event in loads(fields.get(b"ev") or b"[]"):
+        for event in self._decoded(fields.get(b"ev") or b"[]", "ev", list):
             self.events.append(event)
             self.timeline.append(event)
             if event["type"] == "run_finished":
@@ -212,6 +216,9 @@ class Journal:
                     hook(event)
                 except Exception:  # a broken observer must not break following
                     hook = None
+
+    def _decoded(self, raw: bytes, name: str, kind: type) -> Any:
+        return decoded(self.run_id, self.key, name, raw, kind, self.last_id)
 
     def llm_calls(self) -> dict[str, list[dict[str, Any]]]:
         scheduled = {e["task_id"]: e for e in self.events if e["type"] in ("step_scheduled", "compensation_started")}
@@ -376,7 +383,7 @@ class RedisClient:
         """The run's result as it stands (None while it has not started) and its journal."""
         check_run_id(run_id)
         await self.info(run_id)
-        journal = Journal()
+        journal = Journal(run_id=run_id, key=self.keys.journal(run_id))
         for entry_id, fields in await self.store.call("XRANGE", self.keys.journal(run_id), "-", "+"):
             journal.add(entry_id, entry_fields(fields))
         return await self._result(run_id, journal), journal
@@ -423,6 +430,7 @@ class RedisClient:
                     on_notice("Redis is loading its data (it was restarted); waiting for it")
                 await backoff.wait()
         journal = journal if journal is not None else Journal()
+        journal.run_id, journal.key = run_id, self.keys.journal(run_id)
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None
         try:

@@ -57,7 +57,7 @@ from flowdsl.runtime.redis.scripts import (
     Script,
 )
 
-__all__ = ["Clock", "JournalEntry", "RunDamaged", "RunRecord", "Store", "TransitionResult", "cancel_reasons",
+__all__ = ["Clock", "JournalEntry", "RunDamaged", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "decoded",
            "plan_id", "retrieved", "score_pairs"]
 
 _TRANSITION = Script("transition", TRANSITION)
@@ -86,7 +86,7 @@ class RunDamaged(ValueError):
         super().__init__(f"run {run_id!r} is damaged in Redis: {where} {problem}")
 
 
-def _decoded(run_id: str, key: str, field: str, raw: bytes, kind: type = dict, entry: str | None = None) -> Any:
+def decoded(run_id: str, key: str, field: str, raw: bytes, kind: type = dict, entry: str | None = None) -> Any:
     """The JSON value of a run's stored field, of the ``kind`` flowdsl writes there; else :class:`RunDamaged`."""
     try:
         value = loads(raw)
@@ -254,7 +254,7 @@ class Store:
                 return None
             if len(self.plans) >= PLAN_CACHE_SIZE:  # the oldest goes: a long-lived worker sees many plans
                 self.plans.pop(next(iter(self.plans)))
-            found = self.plans.setdefault(pid, _decoded(run_id, self.keys.run(run_id), "plan", raw))
+            found = self.plans.setdefault(pid, decoded(run_id, self.keys.run(run_id), "plan", raw))
         return found
 
     async def load(self, run_id: str) -> RunRecord | None:
@@ -268,7 +268,7 @@ class Store:
         if plan is None:
             return None
         run, journal = self.keys.run(run_id), self.keys.journal(run_id)
-        state, current = _decoded(run_id, run, "state", raw), _number(run_id, run, "v", version)
+        state, current = decoded(run_id, run, "state", raw), _number(run_id, run, "v", version)
         check_rules(state.get("kernel", 1), run_id)  # (apply checks too; a snapshot with no tail is read as is)
         at = snapshot = _number(run_id, run, "sv", snapshot_version) if snapshot_version is not None else current
         for entry_id, fields in tail:  # the input events journaled after the snapshot, in order (notes are skipped)
@@ -278,7 +278,7 @@ class Store:
             named = entry_id.decode()
             v = _number(run_id, journal, "v", entry.get(b"v") or b"", named)
             if at < v <= current:
-                apply(plan, state, _decoded(run_id, journal, "in", entry[b"in"], entry=named))
+                apply(plan, state, decoded(run_id, journal, "in", entry[b"in"], entry=named))
                 at = v
         if at != current:
             raise RunDamaged(run_id, journal, "", f"ends at version {at}, but the field 'v' of the key '{run}' says "
@@ -297,13 +297,13 @@ class Store:
         try:
             for name, raw in (("state", state), ("plan", plan), ("input", run_input)):
                 if raw is not None:
-                    _decoded(run_id, run, name, raw)
+                    decoded(run_id, run, name, raw)
             for entry_id, flat in entries:
                 fields = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
                 named = entry_id.decode()
                 for name, kind in (("in", dict), ("ev", list), ("note", dict)):
                     if name.encode() in fields:
-                        _decoded(run_id, journal, name, fields[name.encode()], kind, named)
+                        decoded(run_id, journal, name, fields[name.encode()], kind, named)
                 if b"v" in fields:
                     _number(run_id, journal, "v", fields[b"v"], named)
         except RunDamaged as exc:
@@ -322,7 +322,7 @@ class Store:
         if plan is None:
             return None
         return {"plan": plan, "pid": got["pid"].decode(),
-                "input": _decoded(run_id, self.keys.run(run_id), "input", got["input"]),
+                "input": decoded(run_id, self.keys.run(run_id), "input", got["input"]),
                 "seed": int(got["seed"]) if got["seed"] else None, "ret": int(got["ret"]) if got["ret"] else None,
                 "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
                 "cancel": cancel_reasons(got["cancel"]), "born": (got["born"] or b"").decode()}
