@@ -146,6 +146,19 @@ class _Node:
 _SPLICE, _EXPAND, _KEEP = 0, 1, 2
 
 
+def _slot(text: str, start: int) -> str | None:
+    """The ``${ … }`` at ``start``, to its matching ``}`` on the same line (braces inside it counted), or None."""
+    depth = 0
+    for i in range(start + 1, len(text)):
+        char = text[i]
+        if char == "\n":
+            return None
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return text[start:i + 1]
+    return None
+
+
 class _Parser:
     """The grammar's LALR(1) tables (built by Lark) driven by a lean loop that builds light nodes.
 
@@ -269,10 +282,8 @@ class _Parser:
                     raise _Problem("FD108", *_bad_string(text, start, line, col))
                 what = f"unexpected character {value!r}, expected {self.expected(stack)[0]}"
                 if text.startswith("${", start):  # YAML's habit: an expression is a string in the text syntax
-                    eol = text.find("\n", start)
-                    close = text.find("}", start, eol if eol >= 0 else len(text))
-                    slot = text[start:close + 1]
-                    shown = slot if close > start and len(slot) <= 60 and '"' not in slot else "${ … }"
+                    slot = _slot(text, start)
+                    shown = slot if slot is not None and len(slot) <= 60 and '"' not in slot else "${ … }"
                     what += f'; quote an expression: "{shown}"'
                 raise _Problem("FD108", what, line, col)
             prev = kind

@@ -618,6 +618,8 @@ def test_data_the_text_syntax_cannot_express(data: dict[str, Any], message: str)
     ("step a with {x: ${ order.id }}", 1, 17, "unexpected character '$', expected a value; quote an expression: "
      '"${ order.id }"'),
     ('step a when ${ x = "y" }', 1, 13, 'quote an expression: "${ … }"'),
+    ("step a when ${ {'a': 1}.a = 1 }", 1, 13, 'quote an expression: "${ {\'a\': 1}.a = 1 }"'),
+    ("step a when ${ x", 1, 13, 'quote an expression: "${ … }"'),
 ])  # fmt: skip
 def test_syntax_errors(text: str, line: int, column: int, message: str) -> None:
     doc = parse_flow(text, "bad.flow")

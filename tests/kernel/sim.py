@@ -74,7 +74,8 @@ class Sim:
     # --- running -------------------------------------------------------------------
 
     def run(self, limit: int = 200_000) -> Sim:
-        self.inputs.append(start_event(self.run_id, self.input, at=self.now, seed=self.seed))
+        self.inputs.append({**start_event(self.run_id, self.input, at=self.now, seed=self.seed),
+                            "kernel": self.kernel})
         self._absorb(start_run(self.plan, self.run_id, self.input, at=self.now, seed=self.seed, kernel=self.kernel),
                      set())
         if self.cancel_at is not None:

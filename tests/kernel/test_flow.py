@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from flowdsl.kernel import replay
 from tests.kernel.plans import plan_files, plan_of, plan_yaml
 from tests.kernel.sim import Sim, fail, ok
 
@@ -321,6 +322,8 @@ steps:
     expected = {"lines": lines, "looked": lines, "gift": "hi"} if kernel >= 6 else \
         {"lines": None, "looked": None, "gift": None}
     assert input_of(sim, "echo") == expected
+    state, commands, events = replay(plan, sim.inputs)  # a run recorded under either version replays as it ran
+    assert (state, commands, events) == (sim.state, sim.commands, sim.events)
 
 
 def test_output_rules_name_and_map():

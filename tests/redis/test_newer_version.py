@@ -9,7 +9,6 @@ after the lease.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ from typer.testing import CliRunner
 import flowdsl.kernel as kernel_module
 from flowdsl import compile_text
 from flowdsl.cli import app
-from flowdsl.kernel import STATE_VERSION, NewerVersion, start_run
+from flowdsl.kernel import STATE_VERSION, NewerVersion
 from flowdsl.runtime import plancheck
 from flowdsl.runtime.codec import loads
 from flowdsl.runtime.redis import RedisClient, RedisWorker, advance
@@ -34,9 +33,9 @@ LEFT = "left for an upgraded worker"
 
 
 def _be_newer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process as a flowdsl whose kernel knows rules version NEWER and starts its runs under it."""
+    """This process as a flowdsl whose kernel knows rules version NEWER (its workers start runs under it with
+    ``rules=NEWER``)."""
     monkeypatch.setattr(kernel_module, "STATE_VERSION", NEWER)
-    monkeypatch.setattr(advance, "start_run", functools.partial(start_run, kernel=NEWER))
 
 
 async def _serve_until(worker: RedisWorker, done: Callable[[], bool], limit: float = 20.0) -> None:
@@ -84,14 +83,14 @@ def test_an_older_worker_leaves_a_step_of_a_newer_run_pending_for_an_upgraded_on
     async def started_by_a_newer_flowdsl() -> str:  # no worker of it serves the step yet
         async with RedisClient(url, prefix=prefix) as client:
             run_id = (await client.submit(plan, {})).run_id
-        await worker_here(url, prefix, WorkerRegistry(), burst=True, llm=False).serve()
+        await worker_here(url, prefix, WorkerRegistry(), burst=True, llm=False, rules=NEWER).serve()
         assert await _state(url, prefix, run_id) == (NEWER, 1)
         return run_id
 
-    async def an_older_worker_serves_the_step() -> None:  # it runs it, then cannot apply its result
+    async def an_older_worker_serves_the_step() -> None:  # it leaves it, without running it
         older = worker_here(url, prefix, _registry(calls), lease_s=0.5, llm=False)
         await _serve_until(older, _said(caplog, LEFT))
-        assert len(calls) == 1 and older.stats.dead_letters == 0
+        assert calls == [] and older.stats.dead_letters == 0
         assert await _state(url, prefix, run_id) == (NEWER, 1)  # nothing applied
         async with RedisClient(url, prefix=prefix) as client:
             pending = await client.store.call("XPENDING", Keys(prefix).queue("nv_step"), "flowdsl")
@@ -116,8 +115,7 @@ def test_an_older_worker_leaves_a_step_of_a_newer_run_pending_for_an_upgraded_on
     assert "Traceback" not in said.output
     _be_newer(monkeypatch)
     result = asyncio.run(upgraded())
-    assert result.status == "completed"
-    assert calls == [calls[0], calls[0]]  # run again (at least once), under the same idempotency key
+    assert result.status == "completed" and calls == [f"{run_id}/nv_step"]  # run once, by the upgraded worker
     warning = next(r.getMessage() for r in caplog.records if LEFT in r.getMessage())
     assert f"follows kernel rules version {NEWER}, newer than this flowdsl knows (1 to {STATE_VERSION})" in warning
 
@@ -142,7 +140,7 @@ def test_an_older_worker_leaves_a_timer_of_a_newer_run_to_an_upgraded_one(
         _be_newer(monkeypatch)  # the first attempt fails under the newer flowdsl: its retry timer is armed
         async with RedisClient(url, prefix=prefix) as client:
             run_id = (await client.submit(plan, {})).run_id
-        await worker_here(url, prefix, registry, burst=True, burst_horizon_s=0, llm=False).serve()
+        await worker_here(url, prefix, registry, burst=True, burst_horizon_s=0, llm=False, rules=NEWER).serve()
         assert len(calls) == 1
         kernel, version = await _state(url, prefix, run_id)
 
@@ -189,3 +187,33 @@ def test_a_start_request_with_a_newer_plan_is_left_to_an_upgraded_worker(
     asyncio.run(main())
     warning = next(r.getMessage() for r in caplog.records if LEFT in r.getMessage())
     assert f"plan_version {plancheck.PLAN_VERSION + 1}, newer than this flowdsl reads" in warning
+
+
+def test_a_worker_told_older_rules_starts_runs_under_them(url: str, prefix: str) -> None:
+    """A rolling upgrade's first step (docs/runtime.md, "Upgrading"): new workers start runs under the rules the
+    old ones still serving know; here ``$steps.<for_each>`` stays null, as rules 5 say."""
+    calls: list[str] = []
+    registry = _registry(calls)
+    seen: list[Any] = []
+
+    async def echo(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        seen.append(data["lines"])
+        return {}
+
+    registry.register("nv_echo", echo)
+    plan = compile_text("flowdsl: 1\nname: nvr\nsteps:\n  - for_each: lines\n    items: \"${ [1] }\"\n"
+                        "    steps: [nv_step]\n  - nv_echo: {with: {lines: \"${ $steps.lines }\"}}\n")
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            run_id = (await client.submit(plan, {})).run_id
+            await worker_here(url, prefix, registry, burst=True, llm=False, rules=5).serve()
+            result, _ = await client.result(run_id)
+            return run_id, result
+
+    run_id, result = asyncio.run(main())
+    assert result.status == "completed" and seen == [None]
+    assert asyncio.run(_state(url, prefix, run_id))[0] == 5
+    for wrong in (0, STATE_VERSION + 1, "5"):
+        with pytest.raises(ValueError, match=f"rules must be a kernel rules version from 1 to {STATE_VERSION}"):
+            worker_here(url, prefix, registry, rules=wrong)

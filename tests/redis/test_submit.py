@@ -90,3 +90,28 @@ def test_runs_are_listed_by_the_servers_clock_not_their_submitters(url: str, pre
     assert [r.run_id for r in runs] == ["second", "first"]  # newest first
     server_ms = before[0] * 1000 + before[1] // 1000
     assert all(0 <= r.submitted_at - server_ms < 60_000 for r in runs)  # type: ignore[operator]
+
+
+def test_a_tidy_that_read_the_early_entry_never_unlists_the_run(url: str, prefix: str, server: RedisServer) -> None:
+    """The entry listed before the run is written (by the client's clock) and the final one (the server's) never
+    share a score, even when the two clocks agree to the millisecond: a tidy (or `runs`) that read the early
+    entry while the run did not exist yet removes an entry only while its score is the one it read."""
+    scores: list[str] = []
+
+    async def main() -> list[str]:
+        async with RedisClient(url, prefix=prefix) as client:
+            call = client.store.call
+
+            def seen(*args: Any) -> asyncio.Future[Any]:
+                if args[0] == "ZADD" and "NX" in args:
+                    scores.append(str(args[3]))
+                return call(*args)
+
+            client.store.call = seen  # type: ignore[method-assign]
+            await client.submit(PLAN, {}, run_id="early")
+            await client.store.unlist([(b"early", scores[0].encode())])  # a tidy's late verdict on the early entry
+            return [r.run_id for r in await client.runs()]
+
+    assert asyncio.run(main()) == ["early"]
+    early, final = float(scores[0]), server.client().zscore(Keys(prefix).runs, "early")
+    assert early != int(early) and final == int(final)

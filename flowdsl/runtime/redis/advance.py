@@ -44,6 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from flowdsl import kernel
 from flowdsl.kernel import END_STATES, Decision, NewerVersion, apply, start_event, start_run
 from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.plancheck import PLAN_VERSION
@@ -124,11 +125,13 @@ class Advancer:
     a due time (ms) whenever this process arms a timer (the worker's timer loop
     wakes up for it). ``snapshot_bytes``: see the module's docstring (0: write
     the state at a run's start and end only, and replay everything between).
+    ``rules``: the kernel rules version of the runs it starts (None: the newest it knows).
     """
 
     def __init__(self, store: Store, clock: Clock, *, schedule_timeout_ms: int | None = None,
                  retention_ms: int = 7 * 24 * 3600 * 1000, cache_size: int = 4096,
-                 on_timer: Callable[[int], None] | None = None, snapshot_bytes: int = SNAPSHOT_BYTES):
+                 on_timer: Callable[[int], None] | None = None, snapshot_bytes: int = SNAPSHOT_BYTES,
+                 rules: int | None = None):
         self.store = store
         self.keys: Keys = store.keys
         self.clock = clock
@@ -137,6 +140,7 @@ class Advancer:
         self.cache_size = cache_size
         self.on_timer = on_timer
         self.snapshot_bytes = snapshot_bytes
+        self.rules = rules
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
         self._locks: dict[str, deque[asyncio.Future[None]]] = {}
         # transition tokens: unique per process (random) and per transition (counter), with no system call each
@@ -238,11 +242,12 @@ class Advancer:
                                        f"than this flowdsl reads ({PLAN_VERSION}): a newer flowdsl submitted it "
                                        "(upgrade this one)")
                 at = self.clock.now()
-                decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"])
+                decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"],
+                                     kernel=self.rules if self.rules is not None else kernel.STATE_VERSION)
                 start = start_event(run_id, sub["input"], at=at, seed=decision.state["seed"])
                 sts = sub["sts"] if sub["sts"] is not None else self.schedule_timeout_ms
                 record = RunRecord(run_id, decision.state, 0, sub["plan"], sts, born=sub["born"])
-                meta: list[tuple[str, Any]] = [("started", at)]
+                meta: list[tuple[str, Any]] = [("started", at), ("k", decision.state["kernel"])]  # (see PICKUP)
                 if sub["ret"] is None:
                     meta.append(("ret", self.retention_ms))
                 if sts is not None and sub["sts"] is None:

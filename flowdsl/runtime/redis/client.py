@@ -299,8 +299,10 @@ class RedisClient:
                 "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000), iid]
         # listed before it is written (one pipeline: no round trip more), by this machine's clock for now: a
         # submitter that dies before its last write leaves a run that `runs` shows (an entry whose run was never
-        # written is tidied away like an expired run's)
-        listed = self.store.call("ZADD", self.keys.runs, "NX", int(time.time() * 1000), run_id)
+        # written is tidied away like an expired run's). Half a millisecond off the whole milliseconds the server's
+        # clock gives below: a tidy that read this entry before the run existed (UNLIST removes an entry only while
+        # its score is the one read) never removes the final one, even when the two clocks agree to the ms
+        listed = self.store.call("ZADD", self.keys.runs, "NX", int(time.time() * 1000) - 0.5, run_id)
         listed.add_done_callback(retrieved)  # (its error, if any, is the submission's too)
         reply = await _SUBMIT(self.store.batcher, [self.keys.run(run_id)], args)
         created = int(reply[0]) == 1

@@ -205,16 +205,16 @@ return {m[1], m[2], m[3], m[4], m[5], tail, m[7]}
 #: KEYS: tasks, outbox, run (one run). ARGV: task id, trigger (:meth:`~flowdsl.runtime.redis.keys.Keys.trigger`
 #: of the delivery), lease token (``<trigger>|<consumer>|<nonce>``),
 #: the outbox version that dispatched the task ('' if unknown): its relay is done (the message exists), so that
-#: outbox entry is dropped; the message's run generation (its ``g``, the run's ``born``; '' if it has none).
-#: Returns {0} gone (not in flight, or the message is of another generation: left by an expired run of the same
-#: id) | {1} run it | {2} answer task_cancelled (cancel requested before or while it ran) | {3, lease} another
-#: stream entry holds it (a duplicate delivery). A lease taken under the same trigger (the delivery was taken
-#: over) is taken over.
+#: outbox entry is dropped; the message's run generation (its ``g``, the run's ``born``; '' if it has none); the
+#: newest kernel rules version the caller knows. Returns {0} gone (not in flight, or the message is of another
+#: generation: left by an expired run of the same id) | {1} run it | {2} answer task_cancelled (cancel requested
+#: before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery) | {4, rules} the run
+#: follows newer kernel rules (its ``k``) than the caller knows: nothing done, the step is an upgraded process's
+#: to run. A lease taken under the same trigger (the delivery was taken over) is taken over.
 PICKUP = r"""
-if ARGV[5] ~= '' then
-  local born = redis.call('HGET', KEYS[3], 'born')
-  if born and born ~= ARGV[5] then return {0} end
-end
+local run = redis.call('HMGET', KEYS[3], 'born', 'k')
+if ARGV[5] ~= '' and run[1] and run[1] ~= ARGV[5] then return {0} end
+if run[2] and tonumber(run[2]) > tonumber(ARGV[6]) then return {4, run[2]} end
 if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return {0} end

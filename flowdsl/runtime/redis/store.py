@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
+from flowdsl import kernel
 from flowdsl.kernel import apply, check_rules
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.keys import GROUP, Keys
@@ -405,7 +406,8 @@ class Store:
 
     async def pickup(self, run_id: str, task_id: str, trigger: str, token: str,
                      outbox_version: str = "", generation: str = "") -> tuple[int, str]:
-        """Take a task's lease: (0 gone | 1 run | 2 answer cancelled | 3 duplicate, lease value).
+        """Take a task's lease: (0 gone | 1 run | 2 answer cancelled | 3 duplicate, lease value | 4 newer kernel
+        rules than this code knows, their version; nothing taken).
 
         ``trigger`` names the delivery (:meth:`Keys.trigger`); a lease taken under the same trigger (the
         delivery was taken over from its dead holder) is taken over.
@@ -417,7 +419,7 @@ class Store:
         of the same id left it) is dropped, answered as gone.
         """
         reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id), self.keys.run(run_id)],
-                              [task_id, trigger, token, outbox_version, generation])
+                              [task_id, trigger, token, outbox_version, generation, kernel.STATE_VERSION])
         return int(reply[0]), (reply[1].decode() if len(reply) > 1 and reply[1] else "")
 
     async def leases(self, held: list[tuple[str, str]]) -> list[str]:

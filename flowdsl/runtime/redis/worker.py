@@ -60,7 +60,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from flowdsl.kernel import NewerVersion
+from flowdsl import kernel
+from flowdsl.kernel import NewerVersion, check_rules
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import cancellable, execute
 from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Contended, Outcome, nonces
@@ -206,6 +207,14 @@ class WorkerOptions:
     # lease, for at most this many leases (30 min by default), until the task has ended (see _late_result)
     max_failures: int = 3  # a message whose handling fails unexpectedly this many times is set aside as a dead
     # letter (a message that cannot be decoded at all, at once); see RedisWorker._guarded
+    rules: int | None = None  # the kernel rules version the runs this process starts follow (None: the newest it
+    # knows, kernel.STATE_VERSION); an older one while processes that know only it still serve (docs/runtime.md,
+    # "Upgrading")
+
+    def __post_init__(self) -> None:
+        if self.rules is not None and (type(self.rules) is not int or not 1 <= self.rules <= kernel.STATE_VERSION):
+            raise ValueError(f"rules must be a kernel rules version from 1 to {kernel.STATE_VERSION}, "
+                             f"not {self.rules!r}")
 
 
 @dataclass
@@ -312,7 +321,7 @@ class RedisWorker(Upkeep):
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
         self.advancer = Advancer(self.store, self.clock, schedule_timeout_ms=schedule_ms,
                                  retention_ms=int(self.options.retention_s * 1000), on_timer=self._timer_armed,
-                                 snapshot_bytes=self.options.snapshot_bytes)
+                                 snapshot_bytes=self.options.snapshot_bytes, rules=self.options.rules)
         self._install_signals()
         loops: list[asyncio.Task[None]] = []
         try:
@@ -767,8 +776,8 @@ class RedisWorker(Upkeep):
             try:
                 if recover:
                     await self.advancer.recover(held.run_id, held.trigger)
-                code, _ = await self.store.pickup(held.run_id, held.task_id, held.trigger, held.token,
-                                                  held.outbox_version, held.generation)
+                code, value = await self.store.pickup(held.run_id, held.task_id, held.trigger, held.token,
+                                                      held.outbox_version, held.generation)
                 break
             except TRANSIENT:
                 if self._stopping:
@@ -776,6 +785,8 @@ class RedisWorker(Upkeep):
                 recover = True
                 await Backoff().wait()
         log.debug("pickup %s entry %s recover=%s: %s", held.task_id, held.entry_id, recover, code)
+        if code == 4:  # a newer flowdsl's run: its step is not run here (left pending: see _guarded)
+            check_rules(int(value), held.run_id)
         if code in (0, 3):
             self.stats.dropped += 1
             await self.advancer.relay(None, None, ack)
