@@ -104,6 +104,15 @@ def _text(value: str | None) -> str | None:
     return value
 
 
+def _model(value: str | None) -> str | None:
+    """A typer callback refusing a blank ``--lm`` (exit 2), as a blank ``lm:`` in a spec is FD201: it is most
+    likely an empty shell variable (``--lm "$MODEL"``), and would otherwise mean no model at all."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter(f"the model string {json.dumps(value)} is blank; give 'provider/model', e.g. "
+                                 "openai/gpt-4o-mini (or leave --lm out)")
+    return value
+
+
 NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
 
 
@@ -370,7 +379,8 @@ def run(
         parser=parse_directory)] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="do not write a run record")] = False,
     lm: Annotated[str | None, typer.Option(
-        "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini")] = None,
+        "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini",
+        callback=_model)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="seed of the retry jitter")] = None,
     late_grace: Annotated[float | None, typer.Option(
         "--late-grace", help="after the run's end, seconds to wait for a worker still running a step with a "
@@ -612,7 +622,8 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
 
         if lm or runs_dir or no_record:
             _stderr().print("[yellow]note[/]: --lm, --runs-dir and --no-record apply to the local backend (give --lm "
-                            "to `flowdsl worker`; Redis keeps the run's journal)")
+                            "to `flowdsl worker`, or set FLOWDSL_LM in its environment; Redis keeps the run's "
+                            "journal)")
         said: list[tuple[str, str]] = []
         submitted: list[str] = []
         code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
@@ -749,7 +760,8 @@ def worker(
     grace: Annotated[float, typer.Option(
         "--grace", help="on SIGTERM: seconds in-flight steps may take before they are handed back, 0 to 1 day",
         metavar="SECONDS", callback=_seconds(*GRACE_RANGE))] = 10.0,
-    lm: Annotated[str | None, typer.Option("--lm", help="language model for LLM steps that name none")] = None,
+    lm: Annotated[str | None, typer.Option("--lm", help="language model for LLM steps that name none",
+                                           callback=_model)] = None,
     no_llm: Annotated[bool, typer.Option("--no-llm", help="do not run LLM steps in this process")] = False,
     max_failures: Annotated[int, typer.Option(
         "--max-failures", min=1, max=1000, help="set a message aside as a dead letter once handling it has failed "
@@ -757,6 +769,10 @@ def worker(
     snapshot_kb: Annotated[int, typer.Option(
         "--snapshot-kb", min=0, help="write a run's whole state once per this many KiB of it (0: at its start and "
         "end only); the steps between are replayed from the run's journal when it is loaded", metavar="KIB")] = 16,
+    rules: Annotated[int | None, typer.Option(
+        "--rules", help="start runs under this kernel rules version, while processes that know only it still "
+        "serve (a rolling upgrade: docs/runtime.md) \\[default: the newest this flowdsl knows]",
+        metavar="N")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Serve workers from Redis: run their steps and advance runs, on any number of machines.
@@ -769,9 +785,13 @@ def worker(
     from flowdsl.runtime.redis.commands import worker_command
     from flowdsl.runtime.redis.worker import WorkerOptions
 
-    options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease, schedule_timeout_s=schedule_timeout,
-                            retention_s=retention, grace_s=grace, lm=lm, llm=not no_llm,
-                            snapshot_bytes=snapshot_kb * 1024, max_failures=max_failures)
+    try:
+        options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease,
+                                schedule_timeout_s=schedule_timeout, retention_s=retention, grace_s=grace, lm=lm,
+                                llm=not no_llm, snapshot_bytes=snapshot_kb * 1024, max_failures=max_failures,
+                                rules=rules)
+    except ValueError as exc:  # (the rules version: its range is the kernel's, not imported here)
+        raise typer.BadParameter(str(exc), param_hint="'--rules'") from None
     raise typer.Exit(worker_command(url=redis_url, prefix=prefix, modules=list(modules or ()), options=options,
                                     console=_stderr(), verbose=verbose))
 

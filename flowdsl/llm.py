@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import importlib
 import json
@@ -41,11 +42,13 @@ from flowdsl.llm_signature import (
     normalize_fields,
     normalize_signature,
     parse_signature,
+    unescape_demos,
 )
 
 __all__ = [
     "LLM_ENV",
     "MODULES",
+    "ON_REDIS_WORKER",
     "TYPES",
     "InputInvalid",
     "LLMNotConfigured",
@@ -57,6 +60,7 @@ __all__ = [
     "coerce_value",
     "normalize_fields",
     "normalize_signature",
+    "not_configured_why",
     "parse_signature",
     "resolve_lm",
     "run_llm_step",
@@ -67,12 +71,25 @@ __all__ = [
 LLM_ENV = "FLOWDSL_LM"
 REDACTED = "***"
 
+#: True where LLM steps run in a Redis worker (``RedisWorker.serve`` sets it): the model of a step that names
+#: none is then the worker's ``--lm`` or its FLOWDSL_LM, which the LLMNotConfigured message says
+ON_REDIS_WORKER: contextvars.ContextVar[bool] = contextvars.ContextVar("flowdsl_llm_on_redis_worker", default=False)
 _HOW_TO_CONFIGURE = (
     "name one with 'lm:' in the step's llm block, 'defaults: {llm: {lm: ...}}' in the spec, "
     f"'--lm MODEL' on the command line, or the {LLM_ENV} environment variable "
     f"(e.g. {LLM_ENV}=openai/gpt-4o-mini); API keys are read from the environment (e.g. OPENAI_API_KEY)"
 )
+_HOW_TO_CONFIGURE_ON_WORKER = (
+    "name one with 'lm:' in the step's llm block, 'defaults: {llm: {lm: ...}}' in the spec, or give the Redis "
+    f"worker one: 'flowdsl worker --lm MODEL', or {LLM_ENV} in the worker's environment "
+    f"(e.g. {LLM_ENV}=openai/gpt-4o-mini); the --lm and {LLM_ENV} of 'flowdsl run --backend redis' are not used, "
+    "and API keys are read from the worker's environment (e.g. OPENAI_API_KEY)"
+)
 _HEADER = re.compile(r"^\s*\[\[ ## (\w+) ## \]\]\s*(.*)$")
+# what the LLMNotConfigured messages say, by case (not_configured_why tells them apart)
+_NO_MODEL = " has no language model configured: "
+_INVALID = " is invalid: "
+_NO_DSPY = " needs DSPy, which is not installed"
 
 
 class LLMNotConfigured(Exception):
@@ -167,12 +184,15 @@ async def run_llm_step(
     where = _where(step_key)
     signature = normalize_signature(llm["signature"])
     module_name = llm.get("module") or "predict"
-    problems = [m for code, _, m in check_llm_block({**llm, "signature": signature}) if code != "FD603"]
+    # (demos are checked with the spec, FD603 and FD201, not here)
+    problems = [m for _, pointer, m in check_llm_block({**llm, "signature": signature})
+                if not pointer.startswith("/demos")]
     if problems:
         raise ValueError(f"{where}: {problems[0]}")
     model = lm if lm is not None else llm.get("lm")
     if model is None or (isinstance(model, str) and not model.strip()):
-        raise LLMNotConfigured(f"{where} has no language model configured: {_HOW_TO_CONFIGURE}")
+        how = _HOW_TO_CONFIGURE_ON_WORKER if ON_REDIS_WORKER.get() else _HOW_TO_CONFIGURE
+        raise LLMNotConfigured(f"{where}{_NO_MODEL}{how}")
     redact = tuple(redact)
     values = _prepare_inputs(signature, inputs, where, redact)
     secrets = _secrets(values, inputs, redact)
@@ -181,7 +201,7 @@ async def run_llm_step(
         model = model.strip()
         problem = await _model_problem(model)
         if problem is not None:
-            raise LLMNotConfigured(f"{where}: the model string {model!r} is invalid: {problem}; write it as "
+            raise LLMNotConfigured(f"{where}: the model string {model!r}{_INVALID}{problem}; write it as "
                                    "'provider/model', e.g. 'openai/gpt-4o-mini' or 'anthropic/claude-sonnet-4-6'")
     lm_obj = _make_lm(dspy, model, where)
     program = _build_program(dspy, signature, llm.get("instructions"), module_name, llm.get("demos") or [])
@@ -231,6 +251,18 @@ async def run_llm_step(
                      model=_model_name(lm_obj))
 
 
+def not_configured_why(message: str) -> str:
+    """What an ``LLMNotConfigured`` message says went wrong, in a few words: ``no LM configured``, ``the model
+    string is invalid``, ``DSPy is not installed``, or ``the LM cannot be used`` (its API key is missing, ...)."""
+    if _NO_MODEL in message or not message:
+        return "no LM configured"
+    if ": the model string " in message and _INVALID in message:
+        return "the model string is invalid"
+    if _NO_DSPY in message:
+        return "DSPy is not installed"
+    return "the LM cannot be used"
+
+
 def step_inputs(llm: Mapping[str, Any], inputs: Mapping[str, Any], *, step_key: str = "",
                 redact: Iterable[str] = ()) -> dict[str, Any]:
     """The values of an LLM step's input fields, checked and converted as the model gets them.
@@ -245,15 +277,31 @@ def step_inputs(llm: Mapping[str, Any], inputs: Mapping[str, Any], *, step_key: 
 
 
 async def prepare_models(models: Iterable[str]) -> None:
-    """Import DSPy and check each model string (offline, each once per process), as a step's first call would;
-    never raises (DSPy missing or broken, a model string that is invalid: the step's attempt says so)."""
+    """Import DSPy and check each model string (offline, each once per process), as a step's first call would,
+    and import LiteLLM when DSPy will send a call through it; never raises (DSPy missing or broken, a model
+    string that is invalid: the step's attempt says so)."""
     try:
         await _import_dspy("LLM step")
         for model in models:
-            if model.strip():
-                await _model_problem(model.strip())
+            if model.strip() and await _model_problem(model.strip()) is None and _via_litellm(model.strip()):
+                await asyncio.to_thread(_import_litellm)
     except Exception:  # (whatever it is, the step's own call meets it again and fails its attempt with it)
         return
+
+
+def _via_litellm(model: str) -> bool:
+    """Whether DSPy sends a call of ``model`` through LiteLLM, as it decides when called (offline): a string its
+    native router cannot route, or one whose provider has a ``<PROVIDER>_API_BASE``/``_BASE_URL`` set."""
+    from dspy.clients.backend_selection import select_backend
+
+    return not select_backend(_lm_for(model)).native
+
+
+def _import_litellm() -> None:
+    # the call imports LiteLLM this way (and sets DSPy's defaults on it once)
+    from dspy.clients._litellm import get_litellm
+
+    get_litellm(feature="dspy.LM")
 
 
 def redact_text(text: str, inputs: Mapping[str, Any], redact: Iterable[str],
@@ -305,7 +353,7 @@ async def _import_dspy(where: str) -> Any:
     try:  # the first import takes ~1.5 s: keep the event loop (heartbeats, leases) running meanwhile
         return await asyncio.to_thread(importlib.import_module, "dspy")
     except ImportError as exc:
-        raise LLMNotConfigured(f"{where} needs DSPy, which is not installed ({exc}); "
+        raise LLMNotConfigured(f"{where}{_NO_DSPY} ({exc}); "
                                "install it with: pip install 'flowdsl[llm]'") from None
 
 
@@ -314,27 +362,43 @@ _LITELLM_QUIET = threading.Lock()
 
 async def _model_problem(model: str) -> str | None:
     """Why ``model`` names no model DSPy can route to (None when it does), found offline without calling it."""
-    found = _model_problems.get(model, _UNSET)
-    if found is _UNSET:
+    declared = _declared_providers()
+    cached = _model_problems.get(model)
+    if cached is not None and cached[0] == declared:
+        found = cached[1]
+    else:  # (a provider registered since may route it now)
         found = await asyncio.to_thread(_check_model, model)
-        if len(_model_problems) < 256:
-            _model_problems[model] = found
+        if len(_model_problems) < 256 or model in _model_problems:
+            _model_problems[model] = (declared, found)
     return found if isinstance(found, str) else None
 
 
-_UNSET = object()
-_model_problems: dict[str, object] = {}
+#: model string -> (the providers declared when it was checked, its problem or None)
+_model_problems: dict[str, tuple[tuple[Any, ...], str | None]] = {}
+
+
+def _declared_providers() -> tuple[Any, ...]:
+    """The providers declared to DSPy in this process (``dspy.lm15.register_provider``), as a new ``dspy.LM``
+    binds them; DSPy is imported already wherever this is called."""
+    try:
+        from dspy.lm15 import registered_providers
+
+        return tuple(registered_providers())
+    except Exception:  # (DSPy's internals moved: only its built-in providers are known)
+        return ()
 
 
 def _check_model(model: str) -> str | None:
-    # DSPy 3.4 routes a model string natively (lm15) when it can, else through LiteLLM: the model string is
-    # valid when either can tell its provider. Both resolutions are offline and cheap; LiteLLM is imported
-    # only when lm15 cannot route the string (the call would import it then anyway).
+    # DSPy 3.4 routes a model string natively (lm15) when it can — a built-in provider or one declared with
+    # dspy.lm15.register_provider —, else through LiteLLM: the model string is valid when either can tell its
+    # provider. Both resolutions are offline and cheap; LiteLLM is imported only when lm15 cannot route the
+    # string (the call would import it then anyway).
     try:
         from dspy.clients.engines.lm15_engine import LM15Engine
         from dspy.lm15 import RouterConfig
 
-        LM15Engine(RouterConfig(env={}, providers=()), model_type="chat").resolve(model)
+        declared = tuple(p.definition for p in _declared_providers())
+        LM15Engine(RouterConfig(env={}, providers=declared), model_type="chat").resolve(model)
         return None
     except Exception:  # not routed natively (or DSPy's internals moved): LiteLLM's resolution decides
         pass
@@ -364,12 +428,22 @@ def _default_adapter(dspy: Any) -> Any:
     return dspy.ChatAdapter(use_json_adapter_fallback=False)
 
 
-@functools.lru_cache(maxsize=64)
 def _lm_for(model: str) -> Any:
     import dspy
 
+    # A dspy.LM binds the providers declared when it is made: one made before a registration would not see it.
+    declared = _declared_providers()
+    cached = _lms.get(model)
+    if cached is not None and cached[0] == declared:
+        return cached[1]
     # No response cache: a retried step must ask the model again, not replay the answer that failed.
-    return dspy.LM(model, cache=False)
+    lm = dspy.LM(model, cache=False)
+    if len(_lms) < 64 or model in _lms:
+        _lms[model] = (declared, lm)
+    return lm
+
+
+_lms: dict[str, tuple[tuple[Any, ...], Any]] = {}
 
 
 def _make_lm(dspy: Any, model: object, where: str) -> Any:
@@ -401,7 +475,7 @@ def _build_program(dspy: Any, signature: Mapping[str, Any], instructions: str | 
             fields[f["name"]] = (_annotation(f), make(desc=f["desc"]) if f.get("desc") else make())
     sig = dspy.Signature(fields, instructions or None)
     program = dspy.ChainOfThought(sig) if module == "chain_of_thought" else dspy.Predict(sig)
-    examples = [dspy.Example(**dict(d)) for d in demos]
+    examples = [dspy.Example(**dict(d)) for d in unescape_demos(demos)]
     for predictor in program.predictors():
         predictor.demos = list(examples)
     return program

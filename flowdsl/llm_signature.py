@@ -56,6 +56,11 @@ _RESERVED = frozenset(
 # an input field of one of these names would crash the call (lm, config, new_signature) or never reach the
 # model (demos, prediction, signature). Outputs may use them.
 _PREDICT_ARGS = frozenset({"lm", "config", "demos", "new_signature", "prediction", "signature"})
+# Names DSPy's adapters (dspy/adapters) take for themselves: ChatAdapter and BAMLAdapter end every answer with
+# the marker ``[[ ## completed ## ]]``, which a field of that name would be read from (an answer of the marker
+# alone would pass); every adapter writes the call's log probabilities into the outputs as ``logprobs``.
+_ADAPTER_NAMES = {"completed": "the marker '[[ ## completed ## ]]' that ends every answer of DSPy's ChatAdapter",
+                  "logprobs": "the output they put the model's log probabilities under"}
 # Common type names from other languages and typing spellings -> the flowdsl type. Keys are written without
 # spaces: a type is looked up with its spaces removed.
 _TYPE_HINTS = {
@@ -278,7 +283,46 @@ def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 except ValueError as exc:
                     problems.append(("FD603", f"/demos/{i}/{_esc(f['name'])}",
                                      f"demo {i + 1}, field '{f['name']}' ({describe_type(f)}): {exc}"))
+        for key, value in demo.items():
+            template = next((m for text in _texts(value) if (m := TEMPLATE_START.search(text))), None)
+            if template is not None:
+                found, at = template.string, template.start()
+                end = found.find("}", at)
+                shown = found[at:end + 1] if 0 <= end - at < 60 else found[at:at + 20] + "…"
+                problems.append(("FD201", f"/demos/{i}/{_esc(key)}", f"demo {i + 1}, field '{key}', contains "
+                                 f"{json.dumps(shown, ensure_ascii=False)}, but demos are sent to the model as "
+                                 "written, not filled in like a 'with:' template; write '$${' for a literal '${'"))
     return problems
+
+
+#: a ``${`` that starts a template (``$${`` is a literal ``${``, as in every template of the language)
+TEMPLATE_START = re.compile(r"(?<!\$)\$\{")
+
+
+def unescape_demos(demos: list[Any]) -> list[Any]:
+    """The demos as the model is sent them: ``$${`` (a literal ``${`` in the spec) written ``${`` in every text."""
+    def unescape(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("$${", "${")
+        if isinstance(value, Mapping):
+            return {k: unescape(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [unescape(v) for v in value]
+        return value
+
+    return [unescape(d) for d in demos]
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """The texts in a value: itself, or those of its items."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _texts(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _texts(v)
 
 
 def describe_type(field: Mapping[str, Any]) -> str:
@@ -609,6 +653,9 @@ def _name_problem(name: Any, side: str = "") -> str | None:
                 f"(at most {_MAX_NAME} characters)")
     if name in _RESERVED or name.startswith("model_"):
         return f"found '{name}', a name reserved by DSPy signatures; expected another field name"
+    if name == "completed" or (name == "logprobs" and side != "inputs"):
+        return f"found '{name}', a name reserved by DSPy's adapters ({_ADAPTER_NAMES[name]}); expected another " \
+            "field name"
     if side == "inputs" and name in _PREDICT_ARGS:
         return (f"found the input field '{name}', a keyword argument DSPy's Predict takes for itself "
                 f"({', '.join(sorted(_PREDICT_ARGS))}), so its value would not reach the model as an input; "

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "attempt_label",
     "critical_path",
     "exit_code",
+    "fallback_reason",
     "fallback_text",
     "in_doubt_items",
     "in_doubt_notice",
@@ -841,12 +843,31 @@ def fallback_text(event: Mapping[str, Any], status: str | None) -> tuple[str, st
     ``generate_confirmation: no LM configured — used fallback template_confirmation``
     """
     err = event.get("error") or {}
-    why = "no LM configured" if err.get("type") == LLM_NOT_CONFIGURED else \
-        f"the LLM call failed for good ({err.get('type')})"
+    why = _fallback_why(err)
     worker = event.get("worker")
     done = {"succeeded": f"used fallback {worker}", "failed": f"its fallback {worker} failed too"}.get(
         str(status), f"fallback {worker} {status or 'started'}")
     return f"{event.get('step')}: {why} — {done}", _error_text(err)
+
+
+def _fallback_why(err: Mapping[str, Any]) -> str:
+    """Why an LLM step went to its fallback, from its last error: an ``LLMNotConfigured`` says whether no model was
+    named, or one was but cannot be used (its message tells which), any other error that the call failed."""
+    if err.get("type") != LLM_NOT_CONFIGURED:
+        return f"the LLM call failed for good ({err.get('type')})"
+    from flowdsl.llm import not_configured_why
+
+    return not_configured_why(str(err.get("message") or ""))
+
+
+def fallback_reason(event: Mapping[str, Any]) -> str:
+    """A ``fallback_started`` event's reason as shown: the kernel's, which says ``no LM configured`` for every
+    ``LLMNotConfigured``, with what its error says instead (``the model string is invalid — using …``)."""
+    reason = str(event.get("reason") or "")
+    said = "no LM configured"
+    if (event.get("error") or {}).get("type") == LLM_NOT_CONFIGURED and reason.startswith(said):
+        return _fallback_why(event["error"]) + reason[len(said):]
+    return reason
 
 
 def _undo_worker(result: RunResult, key: str) -> str:
@@ -950,7 +971,7 @@ class LiveView:
         elif kind == "step_cancelled":
             self.console.print(f"{at} [yellow]⊘ {step}[/] cancelled")
         elif kind == "fallback_started":
-            self.console.print(f"{at} [yellow]⤷ {step}[/]: {_esc(event.get('reason') or '')}")
+            self.console.print(f"{at} [yellow]⤷ {step}[/]: {_esc(fallback_reason(event))}")
         elif kind == "compensation_started" and event["attempt"] == 1:
             self.console.print(f"{at} [yellow]↶ undoing {step}[/] with {_esc(event['worker'])}")
         elif kind == "compensation_succeeded":
@@ -1063,11 +1084,20 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
 
 
 def _llm_text(call: Mapping[str, Any]) -> str:
-    """One line about a model call: the model, what was sent, the start of the reply."""
-    raw = " ".join(str(call.get("raw") or "").split())
+    """One line about a model call: the model, what was sent, the start of the reply (control characters
+    escaped: a reply is untrusted text, which must not drive the terminal)."""
+    raw = _controls_escaped(" ".join(str(call.get("raw") or "").split()))
     sent = f", {len(call['prompt'])} message(s) sent" if isinstance(call.get("prompt"), list) else ""
     reply = f", reply: {_esc(raw[:120])}{'…' if len(raw) > 120 else ''}" if "raw" in call else ""
-    return f"llm: model {_esc(call.get('model') or '?')}{sent}{reply}"
+    return f"llm: model {_esc(_controls_escaped(str(call.get('model') or '?')))}{sent}{reply}"
+
+
+def _controls_escaped(text: str) -> str:
+    """``text`` with each control character written as its JSON escape (ESC as ``\\u001b``), as an error message
+    quotes the values of an answer."""
+    if text.isprintable():
+        return text
+    return "".join(f"\\u{ord(ch):04x}" if unicodedata.category(ch) == "Cc" else ch for ch in text)
 
 
 def _timeline_text(e: Mapping[str, Any]) -> str | None:
@@ -1119,7 +1149,7 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "step_cancelled":
         return f"[yellow]⊘ {step} cancelled[/] — {_esc(e.get('reason') or '')}"
     if kind == "fallback_started":
-        return f"[yellow]⤷ {step}[/]: {_esc(e.get('reason') or '')}"
+        return f"[yellow]⤷ {step}[/]: {_esc(fallback_reason(e))}"
     if kind == "compensation_started":
         return f"[yellow]↶ {step}[/]: undo attempt {e.get('attempt')} → {_esc(e.get('worker'))}"
     if kind == "compensation_succeeded":

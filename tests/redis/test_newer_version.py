@@ -217,3 +217,16 @@ def test_a_worker_told_older_rules_starts_runs_under_them(url: str, prefix: str)
     for wrong in (0, STATE_VERSION + 1, "5"):
         with pytest.raises(ValueError, match=f"rules must be a kernel rules version from 1 to {STATE_VERSION}"):
             worker_here(url, prefix, registry, rules=wrong)
+
+
+def test_flowdsl_worker_rules_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flowdsl.runtime.redis.commands as commands
+
+    given: list[Any] = []
+    monkeypatch.setattr(commands, "worker_command", lambda **kwargs: given.append(kwargs["options"].rules) or 0)
+    ok = CliRunner().invoke(app, ["worker", "--redis-url", "unix:///nonexistent.sock", "--rules", "5"])
+    assert ok.exit_code == 0 and given == [5], ok.output
+    bad = CliRunner().invoke(app, ["worker", "--redis-url", "unix:///nonexistent.sock", "--rules", str(NEWER)])
+    said = " ".join(bad.output.replace("│", " ").split())
+    assert bad.exit_code == 2 and f"rules must be a kernel rules version from 1 to {STATE_VERSION}, not {NEWER}" in said
+    assert given == [5]

@@ -305,6 +305,15 @@ class RedisWorker(Upkeep):
 
     async def serve(self) -> WorkerStats:
         """Serve until stopped (a signal, :meth:`stop`, or an idle burst); returns what was done."""
+        from flowdsl.llm import ON_REDIS_WORKER  # (an LLM step with no model then points at this worker's --lm)
+
+        serving = ON_REDIS_WORKER.set(True)
+        try:
+            return await self._serving()
+        finally:
+            ON_REDIS_WORKER.reset(serving)
+
+    async def _serving(self) -> WorkerStats:
         self._stopped = asyncio.Event()
         self._slots = asyncio.Semaphore(self.options.concurrency)
         self._room = asyncio.Event()
