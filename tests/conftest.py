@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,18 @@ def goldens(request: pytest.FixtureRequest) -> Goldens:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def dspy() -> Any:
+    """DSPy, offline: LiteLLM's cost map from its package (no download), no caches (each test sees its calls)."""
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before DSPy (and LiteLLM) is imported
+    module = pytest.importorskip("dspy")
+    module.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    return module
+
+
+@pytest.fixture
+def adapter(dspy: Any) -> Any:
+    """DSPy's chat adapter without its JSON fallback: a bad answer fails at once, clearly."""
+    return dspy.ChatAdapter(use_json_adapter_fallback=False)

@@ -279,19 +279,6 @@ def test_first_dspy_import_does_not_block_the_event_loop() -> None:
 # --- the step engine -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dspy() -> Any:
-    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    dspy = pytest.importorskip("dspy")
-    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    return dspy
-
-
-@pytest.fixture
-def adapter(dspy: Any) -> Any:
-    return dspy.ChatAdapter(use_json_adapter_fallback=False)
-
-
 def dummy(dspy: Any, adapter: Any, *answers: dict[str, Any]) -> Any:
     return dspy.utils.DummyLM(list(answers), adapter=adapter)
 

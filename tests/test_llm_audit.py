@@ -33,19 +33,6 @@ pytestmark = pytest.mark.llm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def dspy() -> Any:
-    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before DSPy (and LiteLLM) is imported
-    module = pytest.importorskip("dspy")
-    module.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    return module
-
-
-@pytest.fixture
-def adapter(dspy: Any) -> Any:
-    return dspy.ChatAdapter(use_json_adapter_fallback=False)
-
-
 @pytest.fixture(autouse=True)
 def _no_model_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("FLOWDSL_LM", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_API_BASE", "OPENAI_BASE_URL"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,19 +37,6 @@ CARD = "4111222233334444"
 
 #: ``reply(inputs, outputs, n)``: the answer to the n-th call (from 1) — output field texts, or a raw reply
 Reply = Callable[[dict[str, str], list[str], int], "dict[str, Any] | str"]
-
-
-@pytest.fixture(scope="module")
-def dspy() -> Any:
-    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before DSPy (and LiteLLM) is imported
-    module = pytest.importorskip("dspy")
-    module.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    return module
-
-
-@pytest.fixture
-def adapter(dspy: Any) -> Any:
-    return dspy.ChatAdapter(use_json_adapter_fallback=False)  # a bad answer fails at once, clearly
 
 
 @pytest.fixture(autouse=True)
