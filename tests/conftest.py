@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started with SIGINT or SIGHUP ignored (a background job, ``nohup``) would hand that on to every
+    process it spawns, and the tests that stop a ``flowdsl`` process with Ctrl-C or a hang-up would see it ignore
+    them (the CLI leaves an ignored signal alone, on purpose): the defaults, for this process and its children."""
+    for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL)):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, handler)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-goldens", action="store_true", default=False,
                      help="rewrite golden files (plans, diagnostics, diagrams) from the current output")
