@@ -27,7 +27,7 @@ from flowdsl.api import SpecError, compile_text
 from flowdsl.llm import ON_REDIS_WORKER, LLMNotConfigured, run_llm_step
 from flowdsl.llm_signature import SignatureError, normalize_fields, normalize_signature, parse_signature
 from flowdsl.runtime.report import _llm_text, fallback_reason, fallback_text
-from tests.test_llm_runtime import cli, go, model, of, recording, summary_text
+from tests.test_llm_runtime import cli, fallback_run, go, model, of, recording, summary_text
 
 pytestmark = pytest.mark.llm
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,13 +281,7 @@ def test_the_fallback_line_says_when_dspy_is_not_installed() -> None:
 
 
 def test_the_progress_line_and_show_say_why_the_model_was_not_used(tmp_path: Path) -> None:
-    spec = tmp_path / "fb.yaml"
-    spec.write_text("flowdsl: 1\nname: fb\nworkers: [tests.runtime.workers]\n"
-                    "steps:\n  - g:\n      llm: {signature: 'name, script: dict -> greeting'}\n"
-                    "      fallback: fallback.g\n")
-    script = json.dumps({"g/fallback": {"result": {"greeting": "Hello Ann"}}})
-    r = cli("run", str(spec), "--set", "name=Ann", "--set", f"script={script}", "--runs-dir", str(tmp_path),
-            "--run-id", "fb2", "--lm", "gpt4")
+    r = cli(*fallback_run(tmp_path), "--run-id", "fb2", "--lm", "gpt4")
     assert r.exit_code == 0, r.output
     assert "⤷ g: the model string is invalid — using the fallback worker 'fallback.g'" in r.stderr
     assert "g: the model string is invalid — used fallback fallback.g" in r.stderr

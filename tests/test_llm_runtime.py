@@ -239,14 +239,18 @@ steps:
     assert "succeeded (fallback)" in text and "--lm MODEL" in text  # and how to configure one
 
 
-def test_the_cli_says_plainly_that_the_fallback_ran(tmp_path: Path) -> None:
+def fallback_run(tmp_path: Path) -> list[str]:
+    """``run`` arguments of a flow whose LLM step ``g`` has the fallback ``fallback.g`` (greeting "Hello Ann")."""
     spec = tmp_path / "fb.yaml"
     spec.write_text("flowdsl: 1\nname: fb\nworkers: [tests.runtime.workers]\n"
                     "steps:\n  - g:\n      llm: {signature: 'name, script: dict -> greeting'}\n"
                     "      fallback: fallback.g\n")
     script = json.dumps({"g/fallback": {"result": {"greeting": "Hello Ann"}}})
-    r = cli("run", str(spec), "--set", "name=Ann", "--set", f"script={script}", "--runs-dir", str(tmp_path),
-            "--run-id", "fb1")
+    return ["run", str(spec), "--set", "name=Ann", "--set", f"script={script}", "--runs-dir", str(tmp_path)]
+
+
+def test_the_cli_says_plainly_that_the_fallback_ran(tmp_path: Path) -> None:
+    r = cli(*fallback_run(tmp_path), "--run-id", "fb1")
     assert r.exit_code == 0, r.output
     assert "⤷ g: no LM configured — using the fallback worker 'fallback.g'" in r.stderr  # the progress line
     assert "g: no LM configured — used fallback fallback.g" in r.stderr  # the summary
