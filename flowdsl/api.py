@@ -110,13 +110,15 @@ def _load_text(text: str, filename: str) -> LoadedDoc:
 
 def load(path: PathArg) -> LoadedDoc:
     """Read and parse a spec file (``.yaml``/``.yml`` or ``.flow``); ``path`` is a str or ``os.PathLike``."""
-    from flowdsl.source import read_source
+    from flowdsl.source import not_regular_file, read_source
 
     path = _path(path, "path")
 
     if not path.endswith(YAML_SUFFIXES + TEXT_SUFFIXES):
-        return LoadedDoc(None, Positions(path), [make(
-            "FD101", "unknown file type; expected a .yaml, .yml or .flow file", file=path)])
+        # what the path is comes first: `/dev/stdin` or a directory is no spec whatever its name
+        why = not_regular_file(path)
+        message = f"cannot read file: {why}" if why else "unknown file type; expected a .yaml, .yml or .flow file"
+        return LoadedDoc(None, Positions(path), [make("FD101", message, file=path)])
     text, diags = read_source(path)
     if text is None:
         return LoadedDoc(None, Positions(path), diags)

@@ -297,6 +297,15 @@ def _not_regular(mode: int) -> str | None:
     return f"not a regular file ({kind})"
 
 
+def not_regular_file(path: str) -> str | None:
+    """Why ``path`` names no regular file (``not a regular file (a directory)``), or None when it does or
+    cannot be looked at (reading it then says why). Nothing is opened."""
+    try:
+        return _not_regular(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
 def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
     """The text of a spec file, or diagnostics FD101 (unreadable, or not a regular file), FD102 (too large),
     FD110 (not UTF-8).

@@ -791,3 +791,13 @@ def test_text_syntax_random_bytes_get_diagnostics(tmp_path: Path) -> None:
         result = compile_spec(str(path))
         well_formed(result.diagnostics)
         assert result.diagnostics and result.plan is None
+
+
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_a_path_that_is_no_file_says_what_it_is_whatever_its_name(kind: str, tmp_path: Path) -> None:
+    path = str(tmp_path / "specs") if kind == "directory" else os.devnull
+    if kind == "directory":
+        os.mkdir(path)
+    (d,) = load(path).diagnostics
+    assert d.code == "FD101" and d.message.startswith("cannot read file: not a regular file (a ")
+    assert ("directory" if kind == "directory" else "character device") in d.message
