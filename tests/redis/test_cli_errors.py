@@ -440,10 +440,18 @@ def test_status_of_a_running_run_says_it_is_running(url: str, prefix: str, spec:
 def test_runs_with_nothing_to_list_says_where_it_looked(url: str, prefix: str) -> None:
     """It said "no runs", whatever the server it asked: a user of the local runtime, whose runs are records, was
     told there were none."""
-    r = cli("runs", "--redis-url", url, "--prefix", prefix, "--flow", "nothing-of-the-kind")
+    r = cli("runs", "--redis-url", url, "--prefix", prefix)
     said = " ".join(r.stdout.split())
     assert r.exit_code == 0 and f"no runs in Redis at {url} under the prefix '{prefix}'" in said, said
     assert "runs of the local runtime are records in" in said and "flowdsl show RUN_ID" in said
+
+
+def test_runs_that_match_no_filter_say_the_filter_not_that_redis_holds_none(url: str, prefix: str) -> None:
+    """With runs in Redis, a filter matching none of them said "no runs in Redis at ...", as if there were none."""
+    asyncio.run(_submit(url, prefix, "s1"))
+    r = cli("runs", "--redis-url", url, "--prefix", prefix, "--status", "running", "--flow", "other")
+    said = " ".join(r.stdout.split())
+    assert r.exit_code == 0 and f"no runs with status 'running' and flow 'other' in Redis at {url}" in said, said
 
 
 def test_a_worker_whose_modules_register_no_worker_warns(url: str, prefix: str) -> None:

@@ -517,18 +517,21 @@ def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str
         if as_json:
             _json_out([i.to_json() for i in items])
             return 0
-        _print_runs(items, console, where)
+        _print_runs(items, console, where, status=status, flow=flow)
         return 0
 
     return _guarded(console, url, body)
 
 
-def _print_runs(items: list[RunInfo], console: Any, where: str = "") -> None:
+def _print_runs(items: list[RunInfo], console: Any, where: str = "", *, status: str | None = None,
+                flow: str | None = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     if not items:  # (a user of the local runtime asks here too: its runs are records, shown by `flowdsl show`)
-        console.print(f"no runs in Redis at {escape(where)} (runs of the local runtime are records in "
+        which = " and ".join(f"{name} {value!r}" for name, value in (("status", status), ("flow", flow)) if value)
+        which = escape(f" with {which}" if which else "")
+        console.print(f"no runs{which} in Redis at {escape(where)} (runs of the local runtime are records in "
                       f"{escape(_local_runs_dir())}: `flowdsl show RUN_ID`)" if where else "no runs")
         return
     rows = []
