@@ -69,6 +69,13 @@ def server_unwell(exc: BaseException) -> bool:
     return text.split(" ", 1)[0] in _UNWELL_CODES or _IN_SCRIPT.match(text) is not None
 
 
+def groups_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says a stream's consumer group is gone — Redis lost its data (a restart without
+    persistence, a flush): ``NOGROUP``, or ``UNBLOCKED`` for a blocked read whose stream was deleted. The groups
+    are to be made again, not the process stopped."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
 #: an ACL refusal: ``NOPERM …`` (redis-py's NoPermissionError), or a command inside a script refused, which Redis
 #: 7.0 answers ``ERR The user executing the script can't …`` (Redis 6 wraps it in ``ERR Error running script …``)
 _NO_PERMISSION = re.compile(r"^(ERR )?NOPERM\b|-NOPERM\b|The user executing the script can't")

@@ -36,7 +36,7 @@ import redis
 
 from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, no_permission, server_unwell
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, groups_lost, no_permission, server_unwell
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
 from flowdsl.runtime.redis.wire import entry_fields
 
@@ -98,6 +98,7 @@ class Upkeep:
     _track: Callable[[Awaitable[Any]], None]
     _cancel_requested: Callable[[_Held], None]
     _config_error: Callable[[BaseException, str], bool]
+    _regroup: Callable[[], Awaitable[None]]
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop)."""
@@ -121,7 +122,7 @@ class Upkeep:
             except Exception as exc:  # never let the heartbeat die: without it every lease of this process expires
                 if no_permission(exc):
                     raise  # (unless Redis refuses this ACL user: then the process stops, see RedisWorker._loop_ended)
-                if server_unwell(exc):
+                if server_unwell(exc) or groups_lost(exc):  # (the reader makes lost groups again)
                     log.warning("worker %s: heartbeat refused by Redis for now (%s)", self.name, exc)
                 else:
                     log.exception("worker %s: heartbeat failed unexpectedly; trying again next beat", self.name)
@@ -189,6 +190,9 @@ class Upkeep:
             except TRANSIENT as exc:
                 log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
             except redis.ResponseError as exc:
+                if groups_lost(exc):
+                    await self._regroup()
+                    continue
                 if not server_unwell(exc):
                     raise
                 log.warning("worker %s: reclaiming refused by Redis for now (%s)", self.name, exc)
@@ -206,6 +210,9 @@ class Upkeep:
             except Exception as exc:  # tidying can wait: never stop serving for it (but for a refused ACL user)
                 if no_permission(exc):
                     raise
+                if groups_lost(exc):  # (the reader makes them again)
+                    log.warning("worker %s: tidying failed (%s); trying again later", self.name, exc)
+                    continue
                 log.exception("worker %s: tidying failed unexpectedly; trying again later", self.name)
 
     async def _tidy(self, cursor: int) -> int:

@@ -73,6 +73,7 @@ from flowdsl.runtime.redis.connection import (
     acl_user,
     connect,
     describe_url,
+    groups_lost,
     no_permission,
     resolve_url,
     server_unwell,
@@ -292,6 +293,8 @@ class RedisWorker(Upkeep):
         self._stopped: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._room: asyncio.Event | None = None
+        self._regrouping = asyncio.Lock()
+        self._regroups = 0  # times the consumer groups were made again (Redis lost its data)
         self._timer_wake: asyncio.Event | None = None
         self._next_timer: float = 0.0
         self._signals = 0
@@ -458,6 +461,18 @@ class RedisWorker(Upkeep):
                     raise
         await self._allowed(f"while recording its liveness in '{keys.workers}' (HSET)", self._liveness())
 
+    async def _regroup(self) -> None:
+        """Make the consumer groups again after Redis lost its data (a restart without persistence, a flush):
+        the reader and the reclaimer both meet it; the first makes them, the other waits for that."""
+        seen = self._regroups
+        async with self._regrouping:
+            if self._regroups != seen:
+                return  # made again while this one waited
+            log.warning("worker %s: Redis lost the consumer groups (its data was lost: restarted without "
+                        "persistence, or flushed); making them again", self.name)
+            await self._retrying("creating consumer groups", self._setup)
+            self._regroups += 1
+
     async def _allowed(self, where: str, step: Awaitable[Any]) -> Any:
         """``await step``; a ``NOPERM`` answer becomes the :class:`RedisConfigError` saying what was refused."""
         try:
@@ -557,8 +572,8 @@ class RedisWorker(Upkeep):
                 reply = await self._read(reader, wire, free, block)
                 backoff.reset()
             except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): make the groups again
-                    await self._retrying("creating consumer groups", self._setup)
+                if groups_lost(exc):
+                    await self._regroup()
                     continue
                 if not server_unwell(exc):
                     raise
