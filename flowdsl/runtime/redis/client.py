@@ -352,8 +352,9 @@ class RedisClient:
 
         A run not started yet keeps the request in its own hash (the ``CANCEL`` script decides atomically):
         the start applies it, so the run ends ``cancelled`` without running a step. A started run gets the
-        request on the control stream. Either way each request is applied, and journaled, once. A ``reason``
-        that is not a string, or cannot be written as UTF-8, raises ``ValueError`` before anything is sent."""
+        request on the cancels stream, which workers read whether or not they have a free slot. Either way each
+        request is applied, and journaled, once. A ``reason`` that is not a string, or cannot be written as UTF-8,
+        raises ``ValueError`` before anything is sent."""
         check_run_id(run_id)
         problem = text_problem(reason) if isinstance(reason, str) else f"is a {type(reason).__name__}, not a string"
         if problem is not None:
@@ -365,7 +366,7 @@ class RedisClient:
         if code == 1:
             return "finished"
         if code == 3:
-            await self.store.call("XADD", self.keys.control, "*", "c",
+            await self.store.call("XADD", self.keys.cancels, "*", "c",
                                   dumps({"type": "cancel", "run_id": run_id, "reason": reason,
                                          "g": _text(reply[1]) if len(reply) > 1 else ""}))
         return "requested"

@@ -22,7 +22,10 @@ Redis Cluster slot and every transition script touches a single slot::
 Shared — under the ``{<prefix>}`` hash tag (one slot, so one XREADGROUP can
 block on every queue and one script can move timers between the two sets)::
 
-    {<prefix>}:control                 stream  start and cancel requests (consumer group)
+    {<prefix>}:control                 stream  start requests (consumer group); cancel requests of
+                                               clients before 0.x's cancels stream (read as ever)
+    {<prefix>}:cancels                 stream  cancel requests of started runs (consumer group), read
+                                               whether or not a worker has a free slot
     {<prefix>}:task:<worker>           stream  dispatched attempts for one worker (consumer group):
                                                m (the dispatch command, JSON), v (its outbox version),
                                                g (the run's generation); t on an entry put back from
@@ -97,6 +100,7 @@ class Keys:
         self.prefix = prefix
         tag = "{" + prefix + "}"
         self.control = f"{tag}:control"
+        self.cancels = f"{tag}:cancels"
         self.llm = f"{tag}:llm"
         self.timers = f"{tag}:timers"
         self.timers_claimed = f"{tag}:timers:claimed"

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -59,6 +59,8 @@ _UNREACHABLE_OR_REFUSED: tuple[type[BaseException], ...] = (*TRANSIENT, redis.Re
 #: index is in submission order: runs of one retention expire in it from the front), while a long index of
 #: runs still kept is walked 2,000 runs a minute; every process tidies
 _INDEX_PAGES = 10
+#: cancel requests taken over at a time (they take no slot)
+_CANCELS_PER_CLAIM = 64
 _INDEX_PAGE = 200
 
 
@@ -89,6 +91,8 @@ class Upkeep:
     _held: dict[tuple[str, str], _Held]
     _by_task: dict[str, _Held]
     _starting: set[str]
+    _cancelling: set[str]
+    _group_streams: list[str]
     _active: set[asyncio.Task[None]]
     _stopping: bool
     _stopped: asyncio.Event | None
@@ -154,6 +158,8 @@ class Upkeep:
                 renew[h.stream].append(h.entry_id)
         if self._starting:  # start requests being handled (or waiting for a slot)
             renew[self.keys.control].extend(self._starting)
+        if self._cancelling:
+            renew[self.keys.cancels].extend(self._cancelling)
         assert self.client is not None
         for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
             await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
@@ -169,24 +175,16 @@ class Upkeep:
         interval = max(0.05, self.options.lease_s / 4)
         while not self._stopping:
             await self._pause(interval)
-            free = self.options.concurrency - len(self._held) - len(self._starting)
-            if free <= 0 or self._stopping:
+            if self._stopping:
                 continue
             try:
+                # cancel requests take no slot: taken over whether or not one is free
+                await self._reclaim(self.keys.cancels, _CANCELS_PER_CLAIM, self._cancelling)
+                free = self.options.concurrency - len(self._held) - len(self._starting)
                 for stream in self.streams:
-                    start = "0-0"
-                    while free > 0 and not self._stopping:
-                        reply = await self.store.call("XAUTOCLAIM", stream, GROUP, self.name, self.lease_ms,
-                                                      start, "COUNT", free)
-                        start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-                        for entry_id, fields in reply[1]:
-                            eid = entry_id.decode()
-                            if (stream, eid) in self._held or (stream == self.keys.control and eid in self._starting):
-                                continue  # ours already
-                            free -= 1
-                            self._spawn(stream, eid, entry_fields(fields), True)
-                        if start == "0-0":
-                            break
+                    if free <= 0:
+                        break
+                    free -= await self._reclaim(stream, free, self._starting if stream == self.keys.control else ())
             except TRANSIENT as exc:
                 log.warning("worker %s: reclaiming failed (%s)", self.name, exc)
             except redis.ResponseError as exc:
@@ -196,6 +194,25 @@ class Upkeep:
                 if not server_unwell(exc):
                     raise
                 log.warning("worker %s: reclaiming refused by Redis for now (%s)", self.name, exc)
+
+    async def _reclaim(self, stream: str, room: int, handling: Collection[str]) -> int:
+        """Take over up to ``room`` entries of ``stream`` idle past the lease (their holder died, or hung) and
+        give each its handler; returns how many. ``handling``: ids of the stream's entries this process handles
+        already outside ``_held``."""
+        start, taken = "0-0", 0
+        while taken < room and not self._stopping:
+            reply = await self.store.call("XAUTOCLAIM", stream, GROUP, self.name, self.lease_ms, start, "COUNT",
+                                          room - taken)
+            start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            for entry_id, fields in reply[1]:
+                eid = entry_id.decode()
+                if (stream, eid) in self._held or eid in handling:
+                    continue  # ours already
+                taken += 1
+                self._spawn(stream, eid, entry_fields(fields), True)
+            if start == "0-0":
+                break
+        return taken
 
     async def _tidier(self) -> None:
         cursor = 0
@@ -237,7 +254,7 @@ class Upkeep:
         silent = [name for name, value in items if now - _seen(value) > forget_ms]
         if silent:
             await self.store.call("HDEL", self.keys.workers, *silent)
-        for stream in dict.fromkeys([*self.streams, self.keys.control]):
+        for stream in dict.fromkeys([*self._group_streams, self.keys.control]):
             await self.store.forget_consumers(stream, forget_ms, self.name)
         return cursor
 
@@ -335,7 +352,7 @@ class Upkeep:
         """Burst mode: nothing here, nothing in any stream served, no timer due soon."""
         if self._active or self._held:
             return False
-        lengths = await asyncio.gather(*(self.store.call("XLEN", s) for s in self.streams))
+        lengths = await asyncio.gather(*(self.store.call("XLEN", s) for s in self._group_streams))
         if any(lengths):
             return False
         if await self.store.call("ZCARD", self.keys.timers_claimed):

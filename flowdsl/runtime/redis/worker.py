@@ -95,6 +95,8 @@ log = logging.getLogger("flowdsl.redis")
 _REFUSED: tuple[type[Exception], ...] = (redis.AuthenticationError, redis.ResponseError, redis.InvalidResponse)
 #: the run id whose keys the startup probe names (no run has it: a run id never starts with '-')
 _PROBE_RUN = "-acl-probe"
+#: cancel requests read at a time (they take no slot: each is one transition)
+_CANCELS_PER_READ = 64
 
 
 def _refusal(exc: BaseException) -> BaseException | None:
@@ -280,12 +282,16 @@ class RedisWorker(Upkeep):
         self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
             [self.keys.queue(w) for w in sorted(self.registry.names())]
         self._task_streams = frozenset(self.streams[1:])
+        #: every stream this process reads in its consumer group: the served ones, and the cancel requests
+        self._group_streams = [*self.streams, self.keys.cancels]
         self._served: dict[Any, bool] = {}
         self.lease_ms = max(100, int(self.options.lease_s * 1000))
         self._held: dict[tuple[str, str], _Held] = {}
         self._by_task: dict[str, _Held] = {}
         #: control entries being handled that are not (yet) in ``_held``: the reader counts them as taken slots
         self._starting: set[str] = set()
+        #: entries of the cancels stream being handled (they take no slot)
+        self._cancelling: set[str] = set()
         self._active: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()  # rejected successes waiting to be reported again
         self._late_wake: asyncio.Event | None = None  # set when stopping: each of them tries once more, now
@@ -328,6 +334,9 @@ class RedisWorker(Upkeep):
         self.wire = WireConnection(url, client_name=f"flowdsl-worker:{self.name}") if wire_supported(url) else None
         # the blocking XREADGROUP gets a lean connection of its own (a blocked connection serves nothing else)
         reader_wire = WireConnection(url, client_name=f"flowdsl-reader:{self.name}") if self.wire else None
+        # cancel requests are read on their own connection, whether or not a slot is free
+        cancels = connect(self.url, client_name=f"flowdsl-cancels:{self.name}")
+        cancels_wire = WireConnection(url, client_name=f"flowdsl-cancels:{self.name}") if self.wire else None
         self.store = Store(self.client, self.keys, batcher=Batcher(self.client, wire=self.wire))
         self.clock = Clock()
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
@@ -345,6 +354,7 @@ class RedisWorker(Upkeep):
                 log.info("worker %s: stopped before Redis could be reached", self.name)
                 return self.stats
             loops = [asyncio.create_task(self._reader(reader, reader_wire), name="reader"),
+                     asyncio.create_task(self._cancels_reader(cancels, cancels_wire), name="cancel reader"),
                      asyncio.create_task(self._timers(), name="timers"),
                      asyncio.create_task(self._heartbeat(), name="heartbeat"),
                      asyncio.create_task(self._reclaimer(), name="reclaimer"),
@@ -369,8 +379,9 @@ class RedisWorker(Upkeep):
             with contextlib.suppress(Exception):
                 await self.client.hdel(self.keys.workers, self.name)
             await reader.aclose()
+            await cancels.aclose()
             await self.client.aclose()
-            for wire in (self.wire, reader_wire):
+            for wire in (self.wire, reader_wire, cancels_wire):
                 if wire is not None:
                     await wire.aclose()
         self.stats.transitions = self.advancer.transitions
@@ -448,11 +459,11 @@ class RedisWorker(Upkeep):
                             self._subscribable())
         await self._allowed(f"while running a script (EVALSHA) on the keys of a run ('{keys.run(_PROBE_RUN)}', …)",
                             self.store.probe(keys.run_keys(_PROBE_RUN)))
-        shared = [*self.streams, keys.timers, keys.timers_claimed, keys.runs, keys.workers, keys.dead,
+        shared = [*self._group_streams, keys.timers, keys.timers_claimed, keys.runs, keys.workers, keys.dead,
                   keys.failures("probe")]
         await self._allowed(f"while running a script (EVALSHA) on the shared keys ('{keys.control}', …)",
                             self.store.probe(list(dict.fromkeys(shared))))
-        for stream in self.streams:
+        for stream in self._group_streams:
             try:
                 await self._allowed(f"while creating the consumer group of '{stream}' (XGROUP CREATE)",
                                     self.client.xgroup_create(stream, GROUP, id="0", mkstream=True))
@@ -547,29 +558,44 @@ class RedisWorker(Upkeep):
 
     # --- reading ------------------------------------------------------------------------
 
-    async def _read(self, reader: aioredis.Redis, wire: WireConnection | None, count: int,
-                    block: int) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
-        """One ``XREADGROUP`` of new entries on every stream served: [(stream, [(entry id, fields)])]."""
+    async def _read(self, reader: aioredis.Redis, wire: WireConnection | None, count: int, block: int,
+                    streams: list[str]) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        """One ``XREADGROUP`` of new entries on ``streams``: [(stream, [(entry id, fields)])]."""
         if wire is None:
-            read: Any = await reader.xreadgroup(GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
+            read: Any = await reader.xreadgroup(GROUP, self.name, dict.fromkeys(streams, ">"), count=count,
                                                 block=block)
             return read or []
         return stream_entries(await wire.blocking(("XREADGROUP", "GROUP", GROUP, self.name, "COUNT", count, "BLOCK",
-                                                   block, "STREAMS", *self.streams, *[">"] * len(self.streams)),
-                                                  block))
+                                                   block, "STREAMS", *streams, *[">"] * len(streams)), block))
 
     async def _reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
+        """Read start requests and tasks: no more at a time than there are free slots."""
+        await self._read_loop(reader, wire, self.streams, self._free_slots)
+
+    async def _cancels_reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
+        """Read cancel requests, whether or not a slot is free: a chain holds its slot until its run ends, so a
+        cancel read only when a slot frees would reach a run of a busy fleet after it had completed."""
+        await self._read_loop(reader, wire, [self.keys.cancels], lambda: _CANCELS_PER_READ)
+
+    def _free_slots(self) -> int:
+        return self.options.concurrency - len(self._held) - len(self._starting)
+
+    async def _read_loop(self, reader: aioredis.Redis, wire: WireConnection | None, streams: list[str],
+                         room: Callable[[], int]) -> None:
+        """Read new entries of ``streams`` (at most ``room()`` at a time; none while it is 0) and give each
+        its handler, until stopped; Redis unreachable, refusing work for now, or having lost its data is waited
+        out."""
         assert self._room is not None
         backoff = Backoff()
         block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
         while not self._stopping:
-            free = self.options.concurrency - len(self._held) - len(self._starting)
+            free = room()
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
             try:
-                reply = await self._read(reader, wire, free, block)
+                reply = await self._read(reader, wire, free, block, streams)
                 backoff.reset()
             except redis.ResponseError as exc:
                 if groups_lost(exc):
@@ -588,7 +614,7 @@ class RedisWorker(Upkeep):
                 await backoff.wait()
                 continue
             if not reply:
-                if self.options.burst and await self._idle_now():
+                if self.options.burst and streams is self.streams and await self._idle_now():
                     log.info("worker %s: burst: nothing left to do", self.name)
                     self.stop(graceful=True)
                 continue
@@ -609,7 +635,10 @@ class RedisWorker(Upkeep):
                     trigger, recover = taken.decode(), True
                 if stream == self.keys.control:
                     self._starting.add(entry_id)
-                    coro: Awaitable[None] = self._control(entry_id, fields, recover, trigger)
+                    coro: Awaitable[None] = self._control(stream, entry_id, fields, recover, trigger)
+                elif stream == self.keys.cancels:
+                    self._cancelling.add(entry_id)
+                    coro = self._control(stream, entry_id, fields, recover, trigger)
                 else:
                     command, why = _task_message(fields)
                     if command is None:
@@ -623,6 +652,7 @@ class RedisWorker(Upkeep):
             problem = f"it could not be read: {_describe(exc)}"
         if problem is not None:
             self._starting.discard(entry_id)
+            self._cancelling.discard(entry_id)
             coro = self._set_aside(stream, entry_id, fields, trigger, problem)
         self._track(self._guarded(coro, stream, entry_id, fields, trigger))
 
@@ -712,14 +742,19 @@ class RedisWorker(Upkeep):
 
     # --- handlers -------------------------------------------------------------------------
 
-    async def _control(self, entry_id: str, fields: dict[bytes, bytes], recover: bool, trigger: str) -> None:
+    async def _control(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool,
+                       trigger: str) -> None:
+        """A start or cancel request of the control stream, or a cancel request of the cancels stream."""
         if recover:  # a start or cancel taken over — with the steps a dead process was chaining under it
             self.stats.reclaimed += 1
         try:
-            ack = [self.store.ack_op(self.keys.control, entry_id, self.name)]
+            ack = [self.store.ack_op(stream, entry_id, self.name)]
             msg, problem = _control_message(fields)
+            if msg is not None and stream == self.keys.cancels and msg.get("type") != "cancel":
+                msg, problem = None, "the cancels stream holds cancel requests only (a start request is sent on " \
+                    "the control stream)"
             if msg is None:
-                await self._set_aside(self.keys.control, entry_id, fields, trigger, problem)
+                await self._set_aside(stream, entry_id, fields, trigger, problem)
                 return
             run_id = msg["run_id"]
             while True:
@@ -740,7 +775,7 @@ class RedisWorker(Upkeep):
                     recover = True
                     await Backoff().wait()
         finally:
-            self._starting.discard(entry_id)
+            (self._cancelling if stream == self.keys.cancels else self._starting).discard(entry_id)
 
     async def _start(self, run_id: str, entry_id: str, trigger: str, ack: list[dict[str, Any]],
                      recover: bool) -> None:
