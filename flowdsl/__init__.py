@@ -9,7 +9,8 @@ The public API, one function per stage::
     plan = flowdsl.compile_text(yaml_text)          # the same from text; raises SpecError
 
 and ``@flowdsl.worker("name")`` to register workers; ``flowdsl.run(plan, input)`` (or
-``await flowdsl.run_flow(...)``) runs a plan in-process and returns a ``RunResult``.
+``await flowdsl.run_flow(...)``) runs a plan in-process and returns a ``RunResult``;
+``flowdsl.check_input(plan, data)`` checks a run input before anything starts (raises ``InputError``).
 Heavy modules load lazily.
 """
 
@@ -31,9 +32,11 @@ if TYPE_CHECKING:
     from flowdsl.api import validate as validate
     from flowdsl.diagnostics import Diagnostic as Diagnostic
     from flowdsl.diagnostics import SpecError as SpecError
+    from flowdsl.runtime.inputs import InputError as InputError
     from flowdsl.runtime.local import LocalRun as LocalRun
     from flowdsl.runtime.local import RunAborted as RunAborted
     from flowdsl.runtime.local import WorkersMissing as WorkersMissing
+    from flowdsl.runtime.local import check_input as check_input
     from flowdsl.runtime.local import run as run
     from flowdsl.runtime.local import run_flow as run_flow
     from flowdsl.runtime.plancheck import PlanError as PlanError
@@ -65,15 +68,17 @@ _EXPORTS = {
     "LocalRun": "flowdsl.runtime.local",
     "RunAborted": "flowdsl.runtime.local",
     "WorkersMissing": "flowdsl.runtime.local",
+    "check_input": "flowdsl.runtime.local",
+    "InputError": "flowdsl.runtime.inputs",
     "PlanError": "flowdsl.runtime.plancheck",
     "RecordError": "flowdsl.runtime.record",
     "RunResult": "flowdsl.runtime.report",
 }
 
 __all__ = [
-    "CompileResult", "Diagnostic", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunResult", "SpecError",
-    "StepContext", "StepLogger", "WorkerImportError", "WorkersMissing", "compile_spec", "compile_text", "load",
-    "load_text", "plan_bytes", "registry", "run", "run_flow", "validate", "worker",
+    "CompileResult", "Diagnostic", "InputError", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunResult",
+    "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkersMissing", "check_input", "compile_spec",
+    "compile_text", "load", "load_text", "plan_bytes", "registry", "run", "run_flow", "validate", "worker",
 ]
 
 

@@ -135,6 +135,7 @@ class CompileResult:
 
     @property
     def ok(self) -> bool:
+        """Whether a plan was compiled: no diagnostic is an error (warnings may remain)."""
         return self.plan is not None and not has_errors(self.diagnostics)
 
 

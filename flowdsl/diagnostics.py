@@ -103,6 +103,7 @@ class Diagnostic:
                 "line": self.line, "column": self.column, "path": self.path}
 
     def sort_key(self) -> tuple[str, int, int, str, str]:
+        """The order diagnostics are reported in: by file, line, column, then code and message."""
         return (self.file or "", self.line or 0, self.column or 0, self.code, self.message)
 
 

@@ -64,6 +64,8 @@ class StepLogger(logging.LoggerAdapter[logging.Logger]):
                 "idempotency_key": ctx.idempotency_key}
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        """Prefix the message with ``[<idempotency key>#<attempt>]`` and add the attempt's ids to the record
+        (``extra``; the call's own ``extra=`` wins on a clash)."""
         ids = self.extra
         extra = kwargs.get("extra")
         kwargs["extra"] = {**ids, **extra} if extra else ids
@@ -93,6 +95,10 @@ class StepContext:
 
 @dataclass(frozen=True)
 class Worker:
+    """A registered worker (:meth:`WorkerRegistry.get`): its ``name``, the function ``fn`` called as
+    ``fn(data, ctx)``, whether it is an ``async`` function (``is_async``; a sync one runs in a thread) and the
+    ``module`` it was defined in (``"?"`` when unknown)."""
+
     name: str
     fn: WorkerFn
     is_async: bool
@@ -149,15 +155,18 @@ class WorkerRegistry:
         return fn
 
     def get(self, name: str) -> Worker | None:
+        """The worker registered as ``name``, or None."""
         return self._workers.get(name)
 
     def names(self) -> set[str]:
+        """The names registered (a new set)."""
         return set(self._workers)
 
     def __contains__(self, name: object) -> bool:
         return name in self._workers
 
     def unregister(self, name: str) -> None:
+        """Remove the worker ``name`` (nothing when there is none), so that the name can be registered again."""
         self._workers.pop(name, None)
 
 

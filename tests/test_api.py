@@ -569,3 +569,119 @@ def test_compile_text_of_the_text_syntax_without_a_flow_filename_says_so() -> No
     with pytest.raises(flowdsl.SpecError) as caught:  # a YAML mistake gets no such hint
         flowdsl.compile_text("flowdsl: 1\nname: t\nsteps: [a\n")
     assert "text syntax" not in str(caught.value)
+
+
+# --- embedding: the input check, registries (audit F5, F6) --------------------------------------------------------
+
+_TYPED_INPUT = """\
+flowdsl: 1
+name: typed_input
+input:
+  type: object
+  required: [amount]
+  properties:
+    amount: {type: number}
+    note: {type: string}
+steps: [ti_step]
+"""
+
+
+def test_check_input_lists_every_violation_before_anything_starts(tmp_path: Path) -> None:
+    """``flowdsl.check_input`` is the CLI's input check, for a web app to answer 400 with: every violation, in
+    path order; an input that is no JSON object is an InputError too; nothing is started or recorded."""
+    plan = flowdsl.compile_text(_TYPED_INPUT)
+    with pytest.raises(flowdsl.InputError) as caught:
+        flowdsl.check_input(plan, {"note": 3})
+    said = str(caught.value)
+    assert said.splitlines()[1:] == ["  at (top): 'amount' is a required property",
+                                     "  at /note: 3 is not of type 'string'"], said
+    with pytest.raises(flowdsl.InputError) as caught:
+        flowdsl.check_input(plan, {"amount": "x", "note": 3})
+    assert [line.split(":")[0].strip() for line in str(caught.value).splitlines()[1:]] == ["at /amount", "at /note"]
+    for bad, why in (([], "must be a JSON object"), ({"amount": float("nan")}, "is not a JSON object")):
+        with pytest.raises(flowdsl.InputError, match=why):
+            flowdsl.check_input(plan, bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="plan must be an execution plan"):
+        flowdsl.check_input(None, {})  # type: ignore[arg-type]
+    assert flowdsl.check_input(plan, {"amount": 1.5, "note": "ok"}) is None
+    assert issubclass(flowdsl.InputError, Exception) and "check_input" in flowdsl.__all__
+    assert not list(tmp_path.iterdir())
+
+
+def test_workers_missing_from_a_registry_passed_say_where_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """With ``registry=`` and the default ``import_workers=True``, the spec's modules register in the process-wide
+    registry: WorkersMissing says that, not to register them with @flowdsl.worker (they are)."""
+    from flowdsl.workers import WorkerRegistry
+
+    module = "reg_elsewhere_9c1d"
+    (tmp_path / f"{module}.py").write_text("from flowdsl import worker\n\n@worker('elsewhere_9c1d')\n"
+                                           "def step(data, ctx):\n    return {}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    plan = flowdsl.compile_text(f"flowdsl: 1\nname: rel\nworkers: [{module}]\nsteps: [elsewhere_9c1d, nowhere_9c1d]\n")
+    try:
+        with pytest.raises(flowdsl.WorkersMissing) as caught:
+            flowdsl.run(plan, {}, record=False, registry=WorkerRegistry())
+        said = str(caught.value)
+        assert "'elsewhere_9c1d' is registered in the process-wide registry" in said, said
+        assert "not in the registry passed as registry=" in said
+        assert caught.value.elsewhere == ["elsewhere_9c1d"]
+        # a worker registered nowhere still gets the usual hint
+        assert "register workers with @flowdsl.worker in a module" in said
+        with pytest.raises(flowdsl.WorkersMissing) as caught:  # the default registry: the usual hint alone
+            flowdsl.run(plan, {}, record=False)
+        assert "process-wide" not in str(caught.value) and caught.value.elsewhere == []
+    finally:
+        sys.modules.pop(module, None)
+        flowdsl.registry.unregister("elsewhere_9c1d")
+
+
+def test_two_flows_with_the_same_worker_names_run_in_one_process_with_their_own_registries() -> None:
+    """What docs/runtime.md ("From Python") shows: a registry per flow, registry= and import_workers=False."""
+    import asyncio
+
+    from flowdsl.workers import WorkerRegistry
+
+    team_a, team_b = WorkerRegistry(), WorkerRegistry()
+    flowdsl.worker("shared_do", registry_=team_a)(lambda data, ctx: {"team": "a"})
+
+    @flowdsl.worker("shared_do", registry_=team_b)
+    async def do_b(data: Any, ctx: Any) -> dict[str, str]:
+        return {"team": "b"}
+
+    plan_a = flowdsl.compile_text("flowdsl: 1\nname: fa\nworkers: [team_a_nowhere]\nsteps: [shared_do]\n")
+    plan_b = flowdsl.compile_text("flowdsl: 1\nname: fb\nworkers: [team_b_nowhere]\nsteps: [shared_do]\n")
+
+    async def main() -> tuple[Any, Any]:
+        return await asyncio.gather(
+            flowdsl.run_flow(plan_a, {}, registry=team_a, import_workers=False, record=False),
+            flowdsl.run_flow(plan_b, {}, registry=team_b, import_workers=False, record=False))
+
+    a, b = asyncio.run(main())
+    assert (a.context, b.context) == ({"team": "a"}, {"team": "b"})
+    assert "shared_do" not in flowdsl.registry
+
+
+def test_every_public_name_and_its_public_methods_have_docstrings() -> None:
+    """Every name of ``flowdsl.__all__`` and ``flowdsl.runtime.redis.__all__`` says what it is, and so does each
+    public method and property a class of them defines (a dataclass needs its own docstring, not the signature
+    dataclasses writes in its place). An audit found a dozen without."""
+    import importlib
+    import inspect
+
+    missing = []
+    for module_name in ("flowdsl", "flowdsl.runtime.redis"):
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isclass(obj):
+                if not obj.__doc__ or obj.__doc__.startswith(obj.__name__ + "("):
+                    missing.append(f"{module_name}.{name}")
+                for attr, value in vars(obj).items():
+                    fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                    if not attr.startswith("_") and callable(fn) and not (fn.__doc__ or "").strip():
+                        missing.append(f"{module_name}.{name}.{attr}")
+            elif callable(obj) and not (obj.__doc__ or "").strip():
+                missing.append(f"{module_name}.{name}")
+    assert not missing, missing

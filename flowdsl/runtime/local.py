@@ -1,7 +1,7 @@
 """The local runtime: one run, in-process, on asyncio — a thin I/O shell around the kernel.
 
 Stage: runtime backend. Imports the kernel, ``flowdsl.runtime.execute`` (to
-carry out dispatches), ``.plancheck`` (the shape of a plan handed in),
+carry out dispatches), ``.plancheck`` (the shape of a plan handed in), ``.inputs`` (:func:`check_input`),
 ``.record`` (run records), ``.report`` (the result
 object; no rich at import) and ``flowdsl.workers``. It decides nothing about
 the run: every decision is the kernel's (docs/kernel.md); this module turns
@@ -67,12 +67,16 @@ from flowdsl.runtime.execute import (
     error_message,
     error_types,
     execute,
+    json_problem,
     marking_sigint,
     missing_workers,
     plain_json,
     wait_for_thread,
     warm_llm,
+    worker_references,
 )
+from flowdsl.runtime.inputs import InputError
+from flowdsl.runtime.inputs import check_input as check_plan_input
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import (
     RecordError,
@@ -92,7 +96,9 @@ from flowdsl.runtime.report import (
     in_doubt_notice,
     late_answer_effect,
     late_grace_seconds,
+    left_to_undo_text,
     may_answer_late,
+    show_command,
     stopped_at_once,
     stopped_waiting,
     stopped_while,
@@ -100,9 +106,10 @@ from flowdsl.runtime.report import (
 )
 from flowdsl.runtime.signals import SIGNAL_WORDS, TERM_SIGNALS, give_back_signal, signal_said, take_signal
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
+from flowdsl.workers import registry as default_registry
 
-__all__ = ["ABANDON_S", "LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "LocalRun", "RunAborted", "WorkersMissing",
-           "new_run_id", "run", "run_flow", "run_on_new_loop", "signal_said"]
+__all__ = ["ABANDON_S", "LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "InputError", "LocalRun", "RunAborted",
+           "WorkersMissing", "check_input", "new_run_id", "run", "run_flow", "run_on_new_loop", "signal_said"]
 
 #: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
 RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
@@ -138,12 +145,27 @@ class RunAborted(Exception):
 
 
 class WorkersMissing(ValueError):
-    """The plan names workers that are not registered: the run does not start."""
+    """The plan names workers that are not registered: the run does not start.
 
-    def __init__(self, problems: list[str]):
-        super().__init__("the run cannot start: " + "; ".join(problems) + " (register workers with "
-                         "@flowdsl.worker in a module that the spec's 'workers:' lists)")
+    ``problems``: one sentence per missing worker. ``elsewhere``: the names of those that are registered in the
+    process-wide registry (``flowdsl.workers.registry``, where ``@flowdsl.worker`` and the spec's ``workers:``
+    modules register) while the run was given another one (``registry=``), which it looks them up in alone.
+    """
+
+    def __init__(self, problems: list[str], *, elsewhere: Iterable[str] = ()):
         self.problems = problems
+        self.elsewhere = sorted(set(elsewhere))
+        hints = []
+        if self.elsewhere:
+            names = ", ".join(f"'{name}'" for name in self.elsewhere)
+            hints.append(f"{names} {'is' if len(self.elsewhere) == 1 else 'are'} registered in the process-wide "
+                         "registry (@flowdsl.worker, and the spec's 'workers:' modules when import_workers is true, "
+                         "register there), not in the registry passed as registry=, the only one the run looks in: "
+                         "register them in that registry (registry.register(name, fn), or "
+                         "@flowdsl.worker(name, registry_=registry)), or pass no registry")
+        if len(self.elsewhere) < len(problems):
+            hints.append("register workers with @flowdsl.worker in a module that the spec's 'workers:' lists")
+        super().__init__("the run cannot start: " + "; ".join(problems) + " (" + "; ".join(hints) + ")")
 
 
 #: input events applied in a row before the runtime lets the event loop run other callbacks
@@ -245,7 +267,7 @@ class LocalRun:
         self.late_grace = late_grace_seconds(late_grace)
         problems = missing_workers(plan, registry)
         if problems:
-            raise WorkersMissing(problems)
+            raise WorkersMissing(problems, elsewhere=_registered_elsewhere(plan, registry))
         try:  # the run's own plain copy: what the caller keeps is not shared with the run
             self.run_input: dict[str, Any] = plain_json(run_input)
         except NotJSON as exc:
@@ -302,6 +324,7 @@ class LocalRun:
         self._wait_said = False
         #: the steps whose outcome is unknown when the runtime stopped waiting (RunResult.in_doubt)
         self.in_doubt: list[dict[str, Any]] = []
+        self._stop_reason: str | None = None  # why the run was stopped at once (_stop)
         self._marking: contextlib.AbstractContextManager[None] | None = None
         self._perf0 = 0.0
         self._wall0 = 0.0
@@ -363,6 +386,11 @@ class LocalRun:
                                        signal_said(signal.SIGINT))
                 elif not self._finished:
                     self._stop("the task running it was cancelled" if cancelled else signal_said(signal.SIGINT))
+                    try:  # (what is raised stays the CancelledError or KeyboardInterrupt)
+                        self._warn_stopped(cancelled)
+                    except Exception as warn_exc:
+                        _log.warning("run %s was stopped at once (%s); saying what it left to undo failed: %r",
+                                     self.run_id, self._stop_reason, warn_exc)
                 raise
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
         finally:
@@ -444,10 +472,34 @@ class LocalRun:
                                       record_path=self.record_path, record_error=self.record_error)
         result.intervention = {"steps": left_to_undo(self.plan, self.state)}
         result.in_doubt = self.in_doubt
+        result.aborted = self._stop_reason
         return result
+
+    def _warn_stopped(self, cancelled: bool) -> None:
+        """The task awaiting the run was cancelled (a deadline — ``asyncio.wait_for``, ``asyncio.timeout`` —, a
+        shutdown, a framework dropping a request) or a Ctrl-C was raised in it: the run was stopped at once and its
+        caller gets a bare ``CancelledError`` (``KeyboardInterrupt``). Say so on the ``flowdsl.local`` logger (a
+        WARNING) and to ``on_notice``: the run, its record, and what it leaves to undo by hand — as
+        ``RunAborted.left_to_undo`` lists it — with the idempotency keys."""
+        result = self._stopped_result()
+        left = (result.intervention or {}).get("steps", []) if result is not None else []
+        why = "the task awaiting it was cancelled" if cancelled else "a Ctrl-C was raised in it"
+        where = f"its record, {self.record_path}, says so (`{show_command(self.record_path)}`)" \
+            if self.record_path is not None and self._recorder is not None else \
+            "it has no record" if self.record_path is None else f"its record {self.record_path} is incomplete"
+        doubt = f"; outcome unknown, check: {left_to_undo_text(self.in_doubt)}" if self.in_doubt else ""
+        hint = (" (for a deadline that compensates, call LocalRun.cancel() on a timer instead of cancelling the "
+                "awaiting task)") if cancelled else ""
+        text = (f"run {self.run_id} was stopped at once {stopped_while(self.status)}: {why}; steps in flight were "
+                f"abandoned and nothing more was compensated; left to undo by hand, in this order: "
+                f"{left_to_undo_text(left)}{doubt}; {where}{hint}")
+        _log.warning("%s", text)
+        self._notice(text)
 
     @property
     def status(self) -> str:
+        """The run's state now: ``starting`` before it has started, then the kernel's (``running``,
+        ``compensating``…, an end state once over)."""
         return str(self.state.get("status", "starting"))
 
     # --- feeding the kernel ---------------------------------------------------------------
@@ -807,6 +859,7 @@ class LocalRun:
                 self._cancel_soon(attempt.task)
 
     def _stop(self, reason: str) -> None:
+        self._stop_reason = reason
         unanswered = _attempts(self._hung(late_only=False).values()) if self.state else []
         if unanswered:  # nothing will hear these threads: what they did is unknown
             self.in_doubt = in_doubt_items(self.plan, self.state, unanswered, stopped_at_once(reason), self.events,
@@ -905,6 +958,32 @@ class LocalRun:
                 self.on_notice = None
 
 
+def _registered_elsewhere(plan: dict[str, Any], registry: WorkerRegistry | None) -> list[str]:
+    """The workers the plan names that ``registry`` (one given instead of the process-wide one) lacks but the
+    process-wide registry has."""
+    if registry is None or registry is default_registry:
+        return []
+    return sorted({name for _, _, name in worker_references(plan) if name not in registry and name in default_registry})
+
+
+def check_input(plan: dict[str, Any], run_input: Any) -> None:
+    """Check a run input against the plan's input schema before starting anything, as ``flowdsl run`` does:
+    raises :class:`~flowdsl.runtime.inputs.InputError` (``flowdsl.InputError``) listing every violation, each
+    with its JSON path (``at /amount: 'x' is not of type 'number'``), or saying why the input is not a JSON
+    object at all. A web app can answer 400 with it; a run started with a bad input instead writes a record (or
+    a Redis run) and ends ``failed`` (``InputInvalid``), naming one violation only.
+
+    Raises ``TypeError`` / ``PlanError`` for a ``plan`` that is not an execution plan (as :func:`run_flow`).
+    """
+    require_plan(plan)
+    if not isinstance(run_input, dict):
+        raise InputError(f"the run input must be a JSON object (a dict), got {type(run_input).__name__}")
+    problem = json_problem(run_input)
+    if problem is not None:
+        raise InputError(f"the run input is not a JSON object: {problem}")
+    check_plan_input(plan, run_input)
+
+
 def _attempts(attempts: Iterable[_Attempt]) -> list[dict[str, Any]]:
     """``{task_id, step, attempt}`` of each attempt, for the record and ``in_doubt``."""
     return [{"task_id": a.command["task_id"], "step": a.command["step"], "attempt": a.command["attempt"]}
@@ -950,9 +1029,10 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       ``cancel()`` or ``abort()`` ends the wait) is listed in ``RunResult.in_doubt``. Default
       ``$FLOWDSL_LATE_GRACE``, else :data:`LATE_GRACE` (30 s); 0 does not wait.
 
-    Cancelling the task that awaits this aborts the run at once (nothing is
-    compensated) and re-raises ``CancelledError``; use :class:`LocalRun` and its
-    ``cancel()`` for a graceful, compensating cancel.
+    Cancelling the task that awaits this (``asyncio.wait_for``, ``asyncio.timeout``, a shutdown) aborts the run
+    at once (nothing is compensated), logs a WARNING on ``flowdsl.local`` naming the run, its record and what is
+    left to undo by hand, and re-raises ``CancelledError``; for a deadline, use :class:`LocalRun` and call its
+    ``cancel()`` on a timer: a graceful, compensating cancel.
     """
     return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,

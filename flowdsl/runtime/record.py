@@ -89,21 +89,23 @@ class RecordWriteError(OSError):
         return self.strerror or super().__str__()
 
 
+#: what to do instead, said for both the API and the CLI (a RecordError reaches both)
+_ELSEWHERE = ("(choose another directory: runs_dir= from Python, --runs-dir on the command line; or keep no record: "
+              "record=False, --no-record)")
+
+
 def check_records_dir(path: Path) -> None:
     """Create the directory of the record ``path`` if needed; a ``RecordError`` saying why when records
     cannot be written there (checked before a run starts, so that no step runs unrecorded)."""
     directory = path.parent
     if directory.exists() and not directory.is_dir():  # (mkdir would say "File exists")
-        raise RecordError(f"cannot keep run records in '{directory}': it is a file, not a directory "
-                          "(choose another --runs-dir, or --no-record)")
+        raise RecordError(f"cannot keep run records in '{directory}': it is a file, not a directory {_ELSEWHERE}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RecordError(f"cannot keep run records in '{directory}': {exc.strerror or exc} "
-                          "(choose another --runs-dir, or --no-record)") from None
+        raise RecordError(f"cannot keep run records in '{directory}': {exc.strerror or exc} {_ELSEWHERE}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise RecordError(f"cannot keep run records in '{directory}': it is not writable "
-                          "(choose another --runs-dir, or --no-record)")
+        raise RecordError(f"cannot keep run records in '{directory}': it is not writable {_ELSEWHERE}")
 
 
 class RunRecorder:

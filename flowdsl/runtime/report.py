@@ -43,6 +43,7 @@ __all__ = [
     "in_doubt_notice",
     "is_undo_attempt",
     "late_answer_effect",
+    "left_to_undo_text",
     "llm_calls_of",
     "may_answer_late",
     "may_complete_late",
@@ -99,7 +100,9 @@ class RunResult:
     the order they were undone. ``events`` is every event the kernel emitted.
     ``intervention`` is what is left to undo by hand (``{"steps": [...]}``, docs/kernel.md): after
     ``needs_intervention``, and for a run stopped at once (``RunAborted.result``, or the record of an aborted run),
-    whose status is then the state it stopped in.
+    whose status is then the state it stopped in, and ``aborted`` why it was stopped (None for a run not stopped
+    at once): :meth:`to_json` then gives ``status`` ``"aborted"`` (as ``flowdsl run --format json`` says of it) and
+    the state it stopped in as ``stopped_in``.
     ``llm_calls`` maps an LLM step's instance key to its model calls, in order,
     gathered from the events' ``meta.llm`` (see :func:`llm_calls_of`). ``wall_ms``
     is the runtime's own measure of the run. ``record_error`` says why the run's
@@ -133,12 +136,16 @@ class RunResult:
     in_doubt: list[dict[str, Any]] = field(default_factory=list)
     plan: dict[str, Any] = field(default_factory=dict, repr=False)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: why the run was stopped at once (its ``runtime_aborted`` reason), or None
+    aborted: str | None = None
 
     @classmethod
     def from_state(cls, plan: dict[str, Any], state: dict[str, Any], events: list[dict[str, Any]], *,
                    wall_ms: float | None = None, record_path: Path | None = None,
                    llm_calls: dict[str, list[dict[str, Any]]] | None = None,
                    record_error: str | None = None) -> RunResult:
+        """The result of a run as its kernel ``state`` stands (ended or not), with the ``events`` it emitted;
+        ``llm_calls`` default to those the events carry."""
         s = summary(plan, state)
         llm_calls = llm_calls or llm_calls_of(events)
         return cls(run_id=s["run_id"], flow=s["flow"], status=s["status"], context=s["context"] or {},
@@ -155,6 +162,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the run completed (every other end, and a run not ended, is not ok)."""
         return self.status == "completed"
 
     @property
@@ -166,7 +174,9 @@ class RunResult:
         """The ``--format json`` object: ``run_id``, ``status``, ``context``, ``steps``, ``compensated``,
         ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, ``in_doubt``, times, ``timing``,
         ``record`` and ``record_error``. ``context`` is the final context, null while the run has not ended (a record
-        that ends early, a Redis run still going): the kernel sets it when the run ends."""
+        that ends early, a Redis run still going): the kernel sets it when the run ends. A run stopped at once
+        (``aborted``) has ``status`` ``"aborted"``, ``stopped_in`` the state it stopped in and ``aborted`` the
+        reason; its ``intervention`` lists what is left to undo by hand."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -175,8 +185,10 @@ class RunResult:
             if "compensation" in row:
                 item["compensation"] = row["compensation"]
             steps[key] = item
+        stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else {}
         return {
-            "run_id": self.run_id, "flow": self.flow, "status": self.status, "error": self.error,
+            "run_id": self.run_id, "flow": self.flow, "status": "aborted" if stopped else self.status, **stopped,
+            "error": self.error,
             "failed_step": self.failed_step, "context": self.context if self.status in END_STATES else None,
             "steps": steps,
             "compensated": self.compensated, "intervention": self.intervention, "in_doubt": self.in_doubt,
@@ -232,8 +244,10 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     if state.get("finished_at") is not None:
         wall = float(state["finished_at"] - state["started_at"])
     result = RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
-    if result.status not in END_STATES and any(e.get("type") == "runtime_aborted" for e in lines):
+    aborted = next((e for e in lines if e.get("type") == "runtime_aborted"), None)
+    if result.status not in END_STATES and aborted is not None:
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
+        result.aborted = str(aborted.get("reason") or "stopped at once")
     result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted, path)
     return result
 
@@ -812,6 +826,26 @@ def _left_text(item: Mapping[str, Any]) -> str:
         f"{_esc(item['idempotency_key'])}" if item.get("step_idempotency_key") else \
         f"idempotency key {_esc(item['idempotency_key'])}"
     return f"  {_esc(item['step'])}: {how}{err} [dim]({keys})[/]"
+
+
+def left_to_undo_text(items: Iterable[Mapping[str, Any]]) -> str:
+    """What is left to undo by hand (``intervention["steps"]``, ``RunAborted.left_to_undo``) as plain text, for a
+    log line: each step in the order to undo it, with its undo worker, how far that got and both idempotency
+    keys; ``nothing`` when there is none."""
+    said = []
+    for item in items:
+        if item.get("status") == "failed":
+            how = f"its undo {item.get('worker')} failed (x{item.get('attempts')})"
+        elif item.get("status") == "in_flight" and not item.get("reason"):
+            how = f"its undo {item.get('worker')} was running: it may or may not have taken effect"
+        else:
+            how = f"its undo {item.get('worker')} was not run"
+        if item.get("reason"):
+            how += f" ({item['reason']})"
+        keys = f"step key {item['step_idempotency_key']}, undo key {item.get('idempotency_key')}" \
+            if item.get("step_idempotency_key") else f"idempotency key {item.get('idempotency_key')}"
+        said.append(f"{item.get('step')}: {how} [{keys}]")
+    return "; ".join(said) if said else "nothing"
 
 
 def show_command(record: Path) -> str:

@@ -345,3 +345,47 @@ def test_sigterm_hands_back_an_unfinished_step_at_once(url: str, prefix: str, tm
         assert result.status == "completed" and time.monotonic() - t0 < 10  # not after the 30 s lease
     finally:
         procs.stop_all()
+
+
+def test_following_waits_for_a_redis_that_is_down_when_it_is_called(tmp_path: Path) -> None:
+    """``RedisClient.follow`` called while Redis is unreachable waits for it, as for a connection lost later (it
+    raised redis-py's ConnectionError at once): within ``timeout_s`` it raises TimeoutError, saying why; with
+    Redis back in time, it follows the run to its end (audit F7)."""
+    import tests.runtime.workers  # noqa: F401  (registers the conf.* workers served here)
+    from tests.redis.inproc import worker_here
+    from tests.runtime.conformance import HEADER
+
+    plan = compile_text(HEADER.format(name="down") + "steps:\n  - conf.a\n")
+    server = RedisServer().start()
+
+    async def done_run() -> None:
+        async with RedisClient(server.url, prefix="down") as client:
+            await client.submit(plan, {}, run_id="down1")
+            await worker_here(server.url, "down", burst=True, llm=False).serve()
+            assert (await client.info("down1")).status == "completed"
+
+    async def while_down() -> tuple[float, list[str]]:
+        notices: list[str] = []
+        async with RedisClient(server.url, prefix="down") as client:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"did not finish within 0\.6 s: Redis could not be reached"):
+                await client.follow("down1", timeout_s=0.6, on_notice=notices.append)
+            return time.monotonic() - t0, notices
+
+    async def back_in_time() -> RunResult:
+        async with RedisClient(server.url, prefix="down") as client:
+            following = asyncio.create_task(client.follow("down1", timeout_s=20))
+            await asyncio.sleep(0.5)
+            assert not following.done()  # waiting, not failed
+            await asyncio.to_thread(server.start)
+            return await asyncio.wait_for(following, 20)
+
+    try:
+        asyncio.run(done_run())
+        server.stop()  # (SIGTERM: the AOF is written; the data comes back with the server)
+        waited, notices = asyncio.run(while_down())
+        assert waited >= 0.6 and any("lost the connection to Redis" in n for n in notices), (waited, notices)
+        result = asyncio.run(back_in_time())
+        assert result.status == "completed"
+    finally:
+        server.cleanup()

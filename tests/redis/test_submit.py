@@ -115,3 +115,29 @@ def test_a_tidy_that_read_the_early_entry_never_unlists_the_run(url: str, prefix
     assert asyncio.run(main()) == ["early"]
     early, final = float(scores[0]), server.client().zscore(Keys(prefix).runs, "early")
     assert early != int(early) and final == int(final)
+
+
+def test_runs_refuses_a_status_that_is_no_run_state(url: str, prefix: str) -> None:
+    """``RedisClient.runs(status=...)`` with a word that is no run state raises ValueError listing them, as
+    ``flowdsl runs --status`` does (it returned [] quietly); a real state lists as before (audit F8)."""
+    from flowdsl.runtime.redis.client import RUN_STATES
+
+    async def main() -> list[str]:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(PLAN, {}, run_id="st1")
+            with pytest.raises(ValueError) as caught:
+                await client.runs(status="bogus")
+            said = str(caught.value)
+            assert "'bogus' is not a run state" in said and all(state in said for state in RUN_STATES), said
+            return [r.run_id for r in await client.runs(status="submitted")]
+
+    assert asyncio.run(main()) == ["st1"]
+
+
+def test_the_client_s_exceptions_are_exported_with_it() -> None:
+    """``RunIdTaken`` (submit) and ``RunGone`` (follow) are importable from ``flowdsl.runtime.redis`` beside
+    ``RunNotFound`` (audit F8)."""
+    import flowdsl.runtime.redis as package
+
+    for name in ("RunIdTaken", "RunGone", "RunNotFound", "DeadLetterNotFound"):
+        assert name in package.__all__ and getattr(package, name) is getattr(client_module, name), name

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -645,3 +646,11 @@ def test_a_worker_error_with_a_lone_surrogate_or_a_sync_generator_exit_fails_its
     assert result.error == {"type": "GeneratorExit", "message": "closed report-\\udcff.csv",
                             "types": ["GeneratorExit"]}
     assert len(undone) == 1
+
+
+def test_the_signal_log_says_the_grace_as_given(caplog: pytest.LogCaptureFixture) -> None:
+    """``--grace 0.5`` was logged as "up to 0 s"."""
+    worker = RedisWorker("unix:///nowhere.sock", options=WorkerOptions(handle_signals=False, grace_s=0.5))
+    with caplog.at_level("INFO", logger="flowdsl.redis"):
+        worker._on_signal(signal.SIGTERM)
+    assert "finishing in-flight steps (up to 0.5 s;" in caplog.text and worker._stopping

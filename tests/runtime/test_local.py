@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -196,6 +197,38 @@ def test_cancelling_the_awaiting_task_aborts_at_once(tmp_path: Path) -> None:
     _, lines = read_record(tmp_path / "ab1.jsonl")
     assert lines[-1]["type"] == "runtime_aborted"
     assert not any(e["type"].startswith("compensation") for e in lines)
+
+
+def test_a_deadline_on_the_awaiting_task_is_not_silent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``asyncio.wait_for(run_flow(...), t)`` (a request deadline) stops the run at once, as documented — but says
+    so: a WARNING on ``flowdsl.local`` (and a notice) names the run, its record and what is left to undo by hand
+    with the idempotency keys; ``flowdsl show`` says the run was aborted, not ``running`` (audit F3)."""
+    notices: list[str] = []
+
+    async def main() -> None:
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(run_flow(plan(CANCELLABLE), {"script": {"b": {"hang": True}}}, run_id="dl1",
+                                            runs_dir=tmp_path, on_notice=notices.append), 0.3)
+
+    with caplog.at_level(logging.WARNING, logger="flowdsl.local"):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "flowdsl.local" and r.levelno == logging.WARNING]
+    assert len(said) == 1, said
+    text = said[0]
+    assert "run dl1 was stopped at once" in text and "nothing more was compensated" in text
+    assert str(tmp_path / "dl1.jsonl") in text
+    assert "a: its undo undo.a was not run [step key dl1/a, undo key dl1/a/compensate]" in text, text
+    assert "b: its undo undo.b was not run" in text  # in flight when it stopped: it may have completed
+    assert "LocalRun.cancel()" in text
+    assert notices and notices[-1] == text
+    shown = cli("show", "dl1", "--runs-dir", str(tmp_path), "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    out = json.loads(shown.stdout)
+    assert (out["status"], out["stopped_in"], out["aborted"]) == ("aborted", "running",
+                                                                   "the task running it was cancelled")
+    assert [i["step"] for i in out["intervention"]["steps"]] == ["a", "b"]
+    text_shown = cli("show", "dl1", "--runs-dir", str(tmp_path))
+    assert "stopped at once while it ran" in text_shown.stdout and "left to undo by hand" in text_shown.stdout
 
 
 def test_an_aborting_run_waits_for_a_sync_worker_and_undoes_it() -> None:

@@ -213,9 +213,22 @@ def test_a_runs_dir_that_is_a_file_is_called_a_file(tmp_path: Path) -> None:
     out = json.loads(r.stdout)
     assert out["error"] == {
         "type": "RecordUnwritable",
-        "message": f"cannot keep run records in '{afile}': it is "
-        "a file, not a directory (choose another --runs-dir, or --no-record)",
+        "message": f"cannot keep run records in '{afile}': it is a file, not a directory (choose another "
+        "directory: runs_dir= from Python, --runs-dir on the command line; or keep no record: record=False, "
+        "--no-record)",
     }
+
+
+def test_a_runs_dir_that_cannot_hold_records_is_said_in_the_api_s_words_too(tmp_path: Path) -> None:
+    """The RecordError an embedder gets names the API's parameters (runs_dir=, record=False), not only the CLI's
+    options (audit F8)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    plan = compile_text(HEADER.format(name="api") + "steps: [conf.a]\n")
+    with pytest.raises(RecordError) as caught:
+        asyncio.run(run_flow(plan, {}, runs_dir=afile))
+    said = str(caught.value)
+    assert "it is a file, not a directory" in said and "runs_dir=" in said and "record=False" in said, said
 
 
 def test_a_record_that_is_a_directory_is_called_a_directory(tmp_path: Path) -> None:

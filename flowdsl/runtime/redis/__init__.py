@@ -17,11 +17,21 @@ loop) and ``upkeep`` (its background loops), ``client`` (submit and watch),
 
 from __future__ import annotations
 
-from flowdsl.runtime.redis.client import DeadLetter, DeadLetterNotFound, RedisClient, RunInfo, RunNotFound, Submission
+from flowdsl.runtime.redis.client import (
+    DeadLetter,
+    DeadLetterNotFound,
+    RedisClient,
+    RunGone,
+    RunIdTaken,
+    RunInfo,
+    RunNotFound,
+    Submission,
+)
 from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, WorkerStats
 
 __all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunDamaged",
-           "RunInfo", "RunNotFound", "Submission", "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]
+           "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "Submission", "WorkerOptions", "WorkerStats",
+           "resolve_prefix", "resolve_url"]

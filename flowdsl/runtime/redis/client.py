@@ -53,8 +53,13 @@ from flowdsl.runtime.report import (
     stopped_waiting,
 )
 
-__all__ = ["DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
-           "Submission", "input_id"]
+__all__ = ["RUN_STATES", "DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken", "RunInfo",
+           "RunNotFound", "Submission", "input_id"]
+
+#: the states a run is listed in (``RunInfo.status``, :meth:`RedisClient.runs`' ``status``): before its start,
+#: while it goes, and the end states (the same list as ``flowdsl runs --status``'s)
+RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
+              "needs_intervention")
 
 _SUBMIT = Script("submit", SUBMIT)
 _CANCEL = Script("cancel", CANCEL)
@@ -133,6 +138,9 @@ class DeadLetter:
         return value if isinstance(value, dict) else None
 
     def to_json(self) -> dict[str, Any]:
+        """The ``flowdsl dead-letters --format json`` object: ``id``, ``at``, ``stream``, ``entry_id``, the
+        ``run_id`` and ``task_id`` its message names (or None), ``reason``, ``consumer``, ``deliveries``,
+        ``failures`` and ``fields`` (as text, undecodable bytes backslash-escaped)."""
         message = self.message or {}
         return {"id": self.id, "at": self.at, "stream": self.stream, "entry_id": self.entry_id,
                 "run_id": message.get("run_id"), "task_id": message.get("task_id"), "reason": self.reason,
@@ -160,6 +168,11 @@ def _dead_letter(entry_id: bytes | str, raw: Any) -> DeadLetter:
 
 @dataclass(frozen=True)
 class Submission:
+    """What :meth:`RedisClient.submit` did: ``run_id`` (given or made); ``created``: a new run was recorded (False:
+    the run id was taken by the same submission — same plan, input and settings —, so nothing new started);
+    ``resent``: taken, but not started yet, so its start request was sent again (its first submitter may have
+    died before sending it)."""
+
     run_id: str
     created: bool  # False: the run id was taken (nothing new started)
     resent: bool = False  # taken, but not started yet: its start request was sent again (its first submitter
@@ -178,6 +191,7 @@ class RunInfo:
     finished_at: int | None
 
     def to_json(self) -> dict[str, Any]:
+        """The ``flowdsl runs --format json`` object of this run: its fields by name."""
         return {"run_id": self.run_id, "flow": self.flow, "status": self.status, "submitted_at": self.submitted_at,
                 "started_at": self.started_at, "finished_at": self.finished_at}
 
@@ -253,6 +267,7 @@ class RedisClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connections this client opened (a redis-py client handed in as ``client=`` is left open)."""
         if self._own:
             await self.redis.aclose()
         for wire in [self.wire, *self._readers]:
@@ -405,8 +420,9 @@ class RedisClient:
                      journal: Journal | None = None, late_grace: float | None = None) -> RunResult:
         """Wait for the run's end, calling ``on_event`` with every kernel event as it is journaled.
 
-        Survives lost connections (retries with backoff). ``on_notice`` gets a
-        sentence when the run has not started after ``hint_after_s`` (no worker
+        Survives lost connections (retries with backoff), a Redis already unreachable when it is called too
+        (``on_notice`` is told; ``timeout_s`` bounds the wait, else it waits for Redis to come back). ``on_notice``
+        gets a sentence when the run has not started after ``hint_after_s`` (no worker
         running?). ``journal`` (empty): filled with the run's journal as read, for
         what the result does not carry (rejected late results). Raises
         :class:`RunNotFound`, :class:`RunGone` when the run disappears while
@@ -423,6 +439,7 @@ class RedisClient:
         """
         check_run_id(run_id)
         grace = late_grace_seconds(late_grace)
+        t0 = time.monotonic()
         backoff = Backoff()
         while True:
             try:
@@ -432,12 +449,17 @@ class RedisClient:
                 if backoff.failures == 0 and on_notice is not None:
                     on_notice("Redis is loading its data (it was restarted); waiting for it")
                 await backoff.wait()
+            except TRANSIENT as exc:  # Redis unreachable already: wait for it as for a connection lost later
+                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"run {run_id} did not finish within {timeout_s:g} s: Redis could not be "
+                                       f"reached ({exc})") from exc
+                await _reconnect(backoff, exc, on_notice)
         journal = journal if journal is not None else Journal()
         journal.run_id, journal.key = run_id, self.keys.journal(run_id)
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
             if self._url else None
         try:
-            await self._follow(run_id, journal, reader, on_event, on_notice, timeout_s, hint_after_s)
+            await self._follow(run_id, journal, reader, on_event, on_notice, timeout_s, hint_after_s, since=t0)
             result = await self._result(run_id, journal)
             if result is None:
                 raise RunGone(run_id)
@@ -519,15 +541,18 @@ class RedisClient:
 
     async def _follow(self, run_id: str, journal: Journal, reader: WireConnection | None,
                       on_event: EventHook | None, on_notice: NoticeHook | None, timeout_s: float | None,
-                      hint_after_s: float, once: bool = False) -> None:
-        """Read the journal on until the run's end is read; ``once``: one read (blocking at most 0.5 s) at most."""
+                      hint_after_s: float, once: bool = False, since: float | None = None) -> None:
+        """Read the journal on until the run's end is read; ``once``: one read (blocking at most 0.5 s) at most.
+        ``timeout_s`` counts from ``since`` (a ``time.monotonic()``; default: now)."""
         key = self.keys.journal(run_id)
         t0 = checked = time.monotonic()
+        if since is not None:
+            t0 = since
         hinted = False
         backoff = Backoff()
         while not journal.finished:
             if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s")
+                raise TimeoutError(f"run {run_id} did not finish within {timeout_s:g} s")
             reply: Any  # [(stream, [(entry id, fields)])] or None
             try:
                 if reader is None:
@@ -560,7 +585,10 @@ class RedisClient:
                         "this run's steps"))
 
     async def runs(self, *, limit: int = 20, status: str | None = None, flow: str | None = None) -> list[RunInfo]:
-        """Recent runs, newest first, optionally only those with ``status`` or of ``flow``."""
+        """Recent runs, newest first, optionally only those with ``status`` (one of :data:`RUN_STATES`, else
+        ``ValueError``) or of ``flow``."""
+        if status is not None and status not in RUN_STATES:
+            raise ValueError(f"status {status!r} is not a run state: use one of {', '.join(RUN_STATES)}")
         found: list[RunInfo] = []
         start = 0
         page = max(50, limit * 2)

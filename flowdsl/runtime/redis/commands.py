@@ -26,6 +26,7 @@ import redis
 from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import json_line
 from flowdsl.runtime.redis.client import (
+    RUN_STATES,
     DeadLetter,
     DeadLetterNotFound,
     Journal,
@@ -49,8 +50,6 @@ EXIT_INTERRUPTED = 130
 _DEAD_LETTER_FAILURES: tuple[type[Exception], ...] = (DeadLetterNotFound, ValueError, redis.RedisError,
                                                          *TRANSIENT)
 #: what ``flowdsl runs --status`` takes: before the start, while going, and the end states
-RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
-              "needs_intervention")
 
 
 class _Failure(Exception):

@@ -123,12 +123,15 @@ class Keys:
         return f"{self.prefix}:run:{{{run_id}}}"
 
     def journal(self, run_id: str) -> str:
+        """The run's journal stream: one entry per input event applied."""
         return f"{self.prefix}:run:{{{run_id}}}:journal"
 
     def tasks(self, run_id: str) -> str:
+        """The run's hash of attempts in flight and their leases."""
         return f"{self.prefix}:run:{{{run_id}}}:tasks"
 
     def outbox(self, run_id: str) -> str:
+        """The run's hash of decided commands not yet carried out, and of kept dispatch messages."""
         return f"{self.prefix}:run:{{{run_id}}}:outbox"
 
     def run_keys(self, run_id: str) -> list[str]:
@@ -163,8 +166,10 @@ class Keys:
 
     @staticmethod
     def kernel_timer(run_id: str, timer_id: str) -> str:
+        """The timer set's member of a kernel timer of the run."""
         return TimerMember("t", run_id, timer_id).encode()
 
     @staticmethod
     def start_deadline(run_id: str, task_id: str) -> str:
+        """The timer set's member of an attempt's schedule-to-start deadline."""
         return TimerMember("s", run_id, task_id).encode()

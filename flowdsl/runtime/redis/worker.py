@@ -522,7 +522,7 @@ class RedisWorker(Upkeep):
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("worker %s: %s received, finishing in-flight steps (up to %.0f s; again to stop at once)",
+            log.info("worker %s: %s received, finishing in-flight steps (up to %g s; again to stop at once)",
                      self.name, signal.Signals(sig).name, self.options.grace_s)
             self.stop(graceful=True)
         else:
