@@ -826,18 +826,53 @@ def runs(
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
     status_filter: Annotated[str | None, typer.Option(
-        "--status", help="only runs in this state, any case (submitted, running, completed, compensated, ...)")] = None,
+        "--status", help="only runs in this state, any case (submitted, running, completed, compensated, "
+        "needs_intervention, ...; local records also aborted, not_started)")] = None,
     flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow", callback=_text)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most this many")] = 20,
     fmt: FormatOpt = OutputFormat.text,
+    backend: Annotated[Backend, typer.Option(
+        "--backend", help="redis: runs in Redis; local: the run records of the local runtime (`flowdsl run`'s "
+        "default)")] = Backend.redis,
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", help="(local) where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]",
+        metavar="DIR", parser=parse_directory)] = None,
 ) -> None:
-    """List recent Redis runs with their states, newest first."""
-    from flowdsl.runtime.redis.commands import runs_command
+    """List recent runs with their states, newest first: in Redis, or (--backend local) the local run records.
 
+    Exit 0 (also when there are none; a record that cannot be read is skipped with a warning), 2 on a bad
+    option, an unreadable directory of records, or Redis unreachable or refusing.
+    """
     as_json = fmt is OutputFormat.json
-    raise typer.Exit(_reporting(as_json, lambda console: runs_command(
-        url=redis_url, prefix=prefix, limit=limit, status=status_filter, flow=flow, as_json=as_json,
-        console=console)))
+
+    def body(console: Any) -> int:
+        if backend is Backend.local:
+            return _local_runs(runs_dir, redis_url, prefix, limit, status_filter, flow, as_json, console)
+        if runs_dir is not None:
+            raise _fail(f"--runs-dir {runs_dir} is where the local runtime's records are: add --backend local to "
+                        "list them (the default backend of `runs` is redis)", console=console)
+        from flowdsl.runtime.redis.commands import runs_command
+
+        return runs_command(url=redis_url, prefix=prefix, limit=limit, status=status_filter, flow=flow,
+                            as_json=as_json, console=console)
+
+    raise typer.Exit(_reporting(as_json, body))
+
+
+def _local_runs(runs_dir: Path | None, redis_url: str | None, prefix: str | None, limit: int, status: str | None,
+                flow: str | None, as_json: bool, console: Any) -> int:
+    """The body of ``flowdsl runs --backend local``: its exit code."""
+    from flowdsl.runtime.listing import local_runs_command
+    from flowdsl.runtime.record import runs_dir as records_dir
+
+    if redis_url is not None or prefix is not None:
+        raise _fail("--redis-url and --prefix need --backend redis (the local runtime's runs are records: "
+                    "--runs-dir says where)", console=console)
+    try:
+        directory = records_dir(str(runs_dir) if runs_dir is not None else None)
+    except ValueError as exc:  # $FLOWDSL_RUNS_DIR set but empty
+        raise _fail(str(exc), console=console) from None
+    return local_runs_command(directory, limit=limit, status=status, flow=flow, as_json=as_json, console=console)
 
 
 @app.command()

@@ -23,6 +23,8 @@ def _help(*command: str) -> str:
     (("run",), "[default: $FLOWDSL_REDIS_URL or redis://localhost:6379/0]"),
     (("status",), "[default: $FLOWDSL_REDIS_PREFIX or flowdsl]"),
     (("show",), "[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]"),
+    (("runs",), "[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]"),
+    (("runs",), "[default: redis]"),
     (("convert",), "[default: from -o's suffix: .yaml/.yml or .flow]"),
     (("worker",), "[default: no limit]"),
 ])

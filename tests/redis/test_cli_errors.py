@@ -443,7 +443,27 @@ def test_runs_with_nothing_to_list_says_where_it_looked(url: str, prefix: str) -
     r = cli("runs", "--redis-url", url, "--prefix", prefix)
     said = " ".join(r.stdout.split())
     assert r.exit_code == 0 and f"no runs in Redis at {url} under the prefix '{prefix}'" in said, said
-    assert "runs of the local runtime are records in" in said and "flowdsl show RUN_ID" in said
+    assert "runs of the local runtime are records in" in said and "`flowdsl runs --backend local`" in said
+
+
+def test_runs_of_both_backends_are_json_objects_with_the_same_keys(url: str, prefix: str, tmp_path: Path) -> None:
+    """`runs --backend local` gives each run as a Redis run is given, key for key and in the same order."""
+    asyncio.run(_submit(url, prefix, "both1"))
+    remote = json.loads(cli("runs", "--redis-url", url, "--prefix", prefix, "--format", "json").stdout)
+    assert cli("run", str(_spec_file(tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--run-id", "both1",
+               "--set", "script={}").exit_code == 0
+    local = json.loads(cli("runs", "--backend", "local", "--runs-dir", str(tmp_path / "runs"), "--format",
+                           "json").stdout)
+    assert [list(item) for item in remote] == [list(item) for item in local] == [
+        ["run_id", "flow", "status", "submitted_at", "started_at", "finished_at"]]
+    assert remote[0]["run_id"] == local[0]["run_id"] == "both1" and remote[0]["flow"] == local[0]["flow"]
+    assert local[0]["status"] == "completed" and isinstance(local[0]["finished_at"], int)
+
+
+def _spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "saga.yaml"
+    path.write_text(SAGA)
+    return path
 
 
 def test_runs_that_match_no_filter_say_the_filter_not_that_redis_holds_none(url: str, prefix: str) -> None:

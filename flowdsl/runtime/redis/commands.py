@@ -2,7 +2,7 @@
 ``dead-letters``.
 
 Stage: CLI support for runtime: redis. Imports this package,
-``flowdsl.runtime.report`` and ``flowdsl.workers``; rich only through the
+``flowdsl.runtime.report``, ``flowdsl.runtime.listing`` (the runs table) and ``flowdsl.workers``; rich only through the
 report module's printers and the console the CLI hands in. ``flowdsl.cli``
 imports this module inside its command functions only, so ``flowdsl --help``
 stays light. Every function returns the exit code; no traceback reaches the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -519,43 +520,29 @@ def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str
         _print_runs(items, console, where, status=status, flow=flow)
         return 0
 
-    return _guarded(console, url, body)
+    unreachable: list[str] = []
+    code = _guarded(console, url, body, on_error=lambda kind, text: unreachable.append(text)
+                    if text.startswith("cannot reach Redis") else None)
+    if unreachable and url is None and "FLOWDSL_REDIS_URL" not in os.environ:
+        # the built-in default server, which may never have been set up: the user may run flows locally
+        _say(console, "runs of the local runtime (the default of `flowdsl run`) are listed by "
+             "`flowdsl runs --backend local`", "yellow", "note")
+    return code
 
 
 def _print_runs(items: list[RunInfo], console: Any, where: str = "", *, status: str | None = None,
                 flow: str | None = None) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    if not items:  # (a user of the local runtime asks here too: its runs are records, shown by `flowdsl show`)
+    from flowdsl.runtime.listing import print_runs
+
+    if not items:  # (a user of the local runtime asks here too: its runs are records, listed by --backend local)
         which = " and ".join(f"{name} {value!r}" for name, value in (("status", status), ("flow", flow)) if value)
         which = escape(f" with {which}" if which else "")
         console.print(f"no runs{which} in Redis at {escape(where)} (runs of the local runtime are records in "
-                      f"{escape(_local_runs_dir())}: `flowdsl show RUN_ID`)" if where else "no runs")
+                      f"{escape(_local_runs_dir())}: `flowdsl runs --backend local`)" if where else "no runs")
         return
-    rows = []
-    for i in items:
-        when = time.strftime("%m-%d %H:%M:%S", time.localtime(i.submitted_at / 1000)) if i.submitted_at else ""
-        took = ""
-        if i.started_at is not None and i.finished_at is not None:
-            ms = i.finished_at - i.started_at
-            took = f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
-        rows.append((i.run_id, i.flow or "", i.status, when, took))
-    columns = ("run", "flow", "status", "submitted", "took")
-    widest = [max(len(column), *(len(row[n]) for row in rows)) for n, column in enumerate(columns)]
-    # in a narrow terminal only the flow's name is shortened (to 8 at least): a run id is what the other commands
-    # take, and a state is the point; when even that does not fit, the lines are longer than the terminal
-    needed = sum(widest) - widest[1] + min(widest[1], 8) + 2 * (len(columns) - 1)
-    whole = sum(widest) + 2 * (len(columns) - 1)
-    # not a terminal (a pipe, a file): nothing is shortened, a line is as long as it needs
-    width = whole if not console.is_terminal else needed if needed > console.width else None
-    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold", width=width)
-    for n, column in enumerate(columns):
-        table.add_column(column, no_wrap=True, min_width=None if column == "flow" else widest[n],
-                         justify="right" if column == "took" else "left")
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
-    console.print(table, crop=False)
+    print_runs(items, console)
 
 
 def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: str, wait: bool, as_json: bool,

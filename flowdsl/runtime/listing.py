@@ -1,0 +1,389 @@
+"""Listing runs: the local runtime's run records (``flowdsl runs --backend local``) and the table both backends print.
+
+Stage: runtime (shared), CLI support. Imports stdlib, ``.record`` and, inside functions, ``.codec`` and
+``.report`` (its replay, as ``flowdsl show`` does it, for a record whose last lines do not give its end; its error
+console); rich only inside the printing functions, through the console handed in. The Redis backend's
+``commands`` prints its listing with :func:`print_runs` too; nothing here imports Redis.
+
+A record is read by its ends: its first two lines (the header, with the flow's name and the time the run was
+taken, and the ``start`` line) and its last 64 KiB, where the run's last ``run_finished`` line (its end state) or
+its ``runtime_aborted`` line (stopped at once) is. Only a record that ends otherwise — its process was killed, or
+the run still goes, or lines after its end are longer than that — is read whole and replayed, as ``show`` does,
+so that its state is the one ``show`` gives. The listing does not check a record's middle: ``show`` does.
+
+Newest first is by the time the run was taken (the header's ``started_at``). A record's file is written from that
+moment on, so its modification time is never earlier: the files are visited by modification time, newest first,
+and the listing stops reading once a file's modification time (plus :data:`MTIME_SLACK_MS`) is older than the
+``limit`` runs it has found — with thousands of records, ``-n 20`` reads about twenty.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from flowdsl.runtime.record import RecordError
+
+__all__ = ["LOCAL_STATES", "MTIME_SLACK_MS", "RunRow", "list_records", "local_runs_command", "print_runs",
+           "read_row"]
+
+#: the states a local run is listed in: the kernel's (before its end, and the end states), ``aborted`` (stopped at
+#: once: its record ends with ``runtime_aborted``, as ``show`` says) and ``not_started`` (a record holding only its
+#: header); what ``flowdsl runs --backend local --status`` takes
+LOCAL_STATES = ("not_started", "running", "aborting", "compensating", "completed", "failed", "compensated",
+                "cancelled", "needs_intervention", "aborted")
+_END_STATES = frozenset({"completed", "failed", "compensated", "cancelled", "needs_intervention"})
+#: the states of a record that ends before its run did (its process stopped, or the run still goes)
+_GOING = frozenset({"running", "aborting", "compensating"})
+#: how much of a record's end is read for its ``run_finished`` or ``runtime_aborted`` line
+TAIL_BYTES = 1 << 16
+#: how far a file's modification time may lag the run's start it records (coarse file-system clocks, FAT's 2 s)
+MTIME_SLACK_MS = 2000
+_CHUNK = 1 << 16
+SUFFIX = ".jsonl"
+
+
+class Row(Protocol):
+    """One line of ``flowdsl runs``, as either backend gives it (the Redis client's ``RunInfo`` is one)."""
+
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def flow(self) -> str | None: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def submitted_at(self) -> int | None: ...
+    @property
+    def started_at(self) -> int | None: ...
+    @property
+    def finished_at(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A local run as ``flowdsl runs --backend local`` lists it; times in milliseconds since the epoch (None when
+    not reached). ``submitted_at`` is when the runtime took the run (the header's ``started_at``: a local run
+    starts as it is taken), ``started_at`` the run's start (its ``start`` line), ``finished_at`` its end (its last
+    ``run_finished``)."""
+
+    run_id: str
+    flow: str | None
+    status: str
+    submitted_at: int | None
+    started_at: int | None
+    finished_at: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--format json`` object of this run: the same keys as a Redis run's."""
+        return {"run_id": self.run_id, "flow": self.flow, "status": self.status, "submitted_at": self.submitted_at,
+                "started_at": self.started_at, "finished_at": self.finished_at}
+
+
+def _ms(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class _Replay(Exception):
+    """The ends of the record do not give the run's state: read it whole."""
+
+
+def read_row(path: Path, size: int | None = None) -> RunRow:
+    """The listing line of the record ``path`` (a regular file): from its ends, else by replaying it whole.
+    :class:`RecordError` says why it is not a run record one can list (it names the file)."""
+    try:
+        with open(path, "rb") as fh:
+            if size is None:
+                size = os.fstat(fh.fileno()).st_size
+            try:
+                return _from_ends(path, fh, size)
+            except _Replay:
+                pass
+    except OSError as exc:
+        raise RecordError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return _replayed(path)
+
+
+def _from_ends(path: Path, fh: Any, size: int) -> RunRow:
+    lines, after, head = _first_lines(fh, size)
+    if not lines or not lines[0].strip():
+        raise RecordError(f"{path} is empty, not a run record (a run starting at this instant, or one whose process "
+                          "stopped before it wrote the record's header)" if size == 0 else
+                          f"{path}:1: not a run record: its first line is empty")
+    try:
+        header = json.loads(lines[0])
+    except (ValueError, RecursionError):
+        cut = " (it ends without its newline: its process may have stopped while writing it)" if len(lines[0]) == size \
+            else ""
+        raise RecordError(f"{path}:1: not a run record: its first line is not JSON{cut}") from None
+    plan = header.get("plan") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or header.get("type") != "record" or not isinstance(plan, dict):
+        raise RecordError(f"{path}:1: not a run record: its first line is not a record header "
+                          '({"type": "record", "plan": …})')
+    named = (plan.get("flow") or {}).get("name") if isinstance(plan.get("flow"), dict) else None
+    run_id, flow = path.name.removesuffix(SUFFIX), named if isinstance(named, str) else None
+    taken = _ms(header.get("started_at"))
+    if len(lines) < 2:
+        if after == size:  # the header alone, whole: the run had not started
+            return RunRow(run_id, flow, "not_started", taken, None, None)
+        raise _Replay
+    try:
+        start = json.loads(lines[1])
+    except (ValueError, RecursionError):
+        raise _Replay from None
+    began = _ms(start.get("at")) if isinstance(start, dict) and start.get("type") == "start" else None
+    if began is None:
+        raise _Replay
+    taken = taken if taken is not None else began
+    finished, aborted = _end_lines(fh, size, after, head)
+    if finished is not None:
+        return RunRow(run_id, flow, str(finished["status"]), taken, began, _ms(finished.get("at")))
+    if aborted is not None:
+        return RunRow(run_id, flow, "aborted", taken, began, None)
+    raise _Replay
+
+
+def _first_lines(fh: Any, size: int) -> tuple[list[bytes], int, bytes]:
+    """The first two whole lines of the file (fewer when it has fewer), the offset after them, and what was read
+    (from the file's beginning: often the whole of a small record)."""
+    buf = bytearray()
+    ends: list[int] = []
+    while len(ends) < 2 and len(buf) < size:
+        chunk = fh.read(_CHUNK)
+        if not chunk:
+            break
+        at = len(buf)
+        buf += chunk
+        while len(ends) < 2:
+            found = buf.find(b"\n", at)
+            if found < 0:
+                break
+            ends.append(found)
+            at = found + 1
+    lines, begin = [], 0
+    for end in ends:
+        lines.append(bytes(buf[begin:end]))
+        begin = end + 1
+    if not ends and buf:  # one line without its newline: the header, perhaps cut
+        return [bytes(buf)], len(buf), bytes(buf)
+    return lines, begin, bytes(buf)
+
+
+def _end_lines(fh: Any, size: int, after: int, head: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """From the record's last :data:`TAIL_BYTES` (never before offset ``after``): its last ``run_finished`` line
+    when it is there, else its ``runtime_aborted`` line when that says the run was stopped before its end; raises
+    :class:`_Replay` when the end does not say (or a whole line there is not JSON: ``show`` names it)."""
+    begin = max(after, size - TAIL_BYTES)
+    first = begin - 1 if begin > after else begin
+    if len(head) >= size:  # read already
+        data = head[first:size]
+    else:
+        fh.seek(first)
+        data = fh.read(size - first)
+    pieces = data.split(b"\n")
+    if begin > after:
+        pieces = pieces[1:]  # the end of a line that began before: not read whole
+    last = pieces.pop() if pieces else b""  # after the last newline: nothing, or a line without it
+    lines: list[bytes] = pieces
+    if last.strip():
+        try:
+            json.loads(last)
+            lines = [*pieces, last]  # whole JSON: read like any line (else it was cut short: left out)
+        except (ValueError, RecursionError):
+            pass
+    aborted: dict[str, Any] | None = None
+    for piece in reversed(lines):
+        if not piece.strip():
+            continue
+        try:
+            item = json.loads(piece)
+        except (ValueError, RecursionError):
+            raise _Replay from None
+        if not isinstance(item, dict):
+            raise _Replay
+        kind = item.get("type")
+        if kind == "run_finished":  # the last one is the run's end (a late completion emits it again)
+            if item.get("status") not in _END_STATES:
+                raise _Replay
+            return item, None
+        if kind == "runtime_aborted" and aborted is None:
+            aborted = item
+    if aborted is not None and aborted.get("status") in _GOING:  # stopped at once before its end
+        return None, aborted
+    raise _Replay  # (stopped after its end, its run_finished further back; or no end: replay it)
+
+
+def _replayed(path: Path) -> RunRow:
+    """The listing line of a record whose ends do not give its state: replayed whole, as ``show`` does."""
+    from flowdsl.runtime.record import read_record
+    from flowdsl.runtime.report import result_from_record
+
+    header, lines = read_record(path)
+    try:
+        result = result_from_record(header, lines, path)
+    except RecordError:
+        raise
+    except Exception as exc:  # a header without a plan, events that do not replay: as show says it
+        raise RecordError(f"cannot read the run record {path}: {exc}") from None
+    submitted = _ms((header or {}).get("started_at"))
+    return RunRow(run_id=path.name.removesuffix(SUFFIX), flow=result.flow,
+                  status="aborted" if result.aborted is not None else result.status,
+                  submitted_at=submitted if submitted is not None else result.started_at,
+                  started_at=result.started_at, finished_at=result.finished_at)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+Skip = Callable[[str], None]
+
+
+def list_records(directory: Path, *, limit: int, status: str | None = None, flow: str | None = None,
+                 on_skip: Skip | None = None) -> list[RunRow]:
+    """The ``limit`` newest runs recorded in ``directory`` (by the time each was taken, then by run id), only those
+    in state ``status`` (one of :data:`LOCAL_STATES`) and of ``flow`` when given.
+
+    A file that is not a run record — named otherwise than ``*.jsonl`` (hidden files and directories are passed
+    over in silence), not a regular file, unreadable, or whose ends are not a record's — is skipped, with one
+    sentence naming it handed to ``on_skip``. ``OSError`` when the directory itself cannot be read."""
+    said: Skip = on_skip or (lambda text: None)
+    found: list[tuple[int, str, int]] = []  # (modified, name, size)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            path = os.path.join(directory, entry.name)
+            if not entry.name.endswith(SUFFIX):
+                try:
+                    passed = entry.name.startswith(".") or entry.is_dir()
+                except OSError:
+                    passed = False
+                if not passed:
+                    said(f"{path} is not a run record (a record is named <run id>{SUFFIX})")
+                continue
+            try:
+                info = entry.stat()
+            except OSError as exc:
+                said(f"cannot read {path}: {exc.strerror or exc}")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a file")
+                said(f"{path} is {kind}, not a run record")
+                continue
+            found.append((info.st_mtime_ns // 1_000_000, entry.name, info.st_size))
+    found.sort(reverse=True)
+    best: list[tuple[tuple[int, str], RunRow]] = []  # a heap: the oldest of the best at its top
+    for modified, name, size in found:
+        if len(best) >= limit and modified + MTIME_SLACK_MS < best[0][0][0]:
+            break  # this record, and every one after it, began before the runs found
+        try:
+            row = read_row(Path(directory) / name, size)
+        except RecordError as exc:
+            said(str(exc))
+            continue
+        if (status is not None and row.status != status) or (flow is not None and row.flow != flow):
+            continue
+        when = row.submitted_at if row.submitted_at is not None else modified
+        item = ((when, row.run_id), row)
+        if len(best) < limit:
+            heapq.heappush(best, item)
+        elif item[0] > best[0][0]:
+            heapq.heapreplace(best, item)
+    return [row for _, row in sorted(best, key=lambda pair: pair[0], reverse=True)]
+
+
+def local_runs_command(directory: Path, *, limit: int, status: str | None, flow: str | None, as_json: bool,
+                       console: Any) -> int:
+    """``flowdsl runs --backend local``: list the run records in ``directory``, newest first; its exit code (0; 2
+    when ``status`` is no state of a local run, or ``directory`` is not a directory that can be read). A missing
+    directory holds no runs: said, exit 0. Skipped files: one warning line each on stderr."""
+    from rich.markup import escape
+
+    from flowdsl.runtime.report import error_console
+
+    errors = error_console(console)
+
+    def say(text: str, label: str = "error", style: str = "red") -> None:
+        errors.print(f"[{style}]{label}[/]: {escape(' '.join(text.split()))}", highlight=False, soft_wrap=True)
+
+    if status is not None:
+        wanted = status.strip().lower()
+        if wanted not in LOCAL_STATES:
+            say(f"--status {status!r} is not a state of a local run: use one of {', '.join(LOCAL_STATES)}")
+            return 2
+        status = wanted
+    if not os.path.lexists(directory):
+        if as_json:
+            _json_out([])
+        else:
+            console.print(f"no runs: {escape(str(directory))} does not exist (the local runtime records each run "
+                          "there once one has run; see --runs-dir, $FLOWDSL_RUNS_DIR)", highlight=False, crop=False,
+                          soft_wrap=True)
+        return 0
+    if not os.path.isdir(directory):
+        say(f"{directory} is not a directory: --runs-dir (or $FLOWDSL_RUNS_DIR) names the directory of run records")
+        return 2
+    try:
+        rows = list_records(directory, limit=limit, status=status, flow=flow,
+                            on_skip=lambda text: say(f"{text}; skipped", "warning", "yellow"))
+    except OSError as exc:
+        say(f"cannot read the directory of run records {directory}: {exc.strerror or exc}")
+        return 2
+    if as_json:
+        _json_out([row.to_json() for row in rows])
+    elif rows:
+        print_runs(rows, console)
+    else:
+        which = " and ".join(f"{name} {value!r}" for name, value in (("status", status), ("flow", flow)) if value)
+        console.print(f"no runs{escape(f' with {which}' if which else '')} recorded in {escape(str(directory))}",
+                      highlight=False, crop=False, soft_wrap=True)
+    going = [row.run_id for row in rows if row.status in _GOING]
+    if going:
+        say(f"{len(going)} record(s) end before their run did ({', '.join(going[:3])}{', …' if len(going) > 3 else ''})"
+            ": the process stopped, or the run still goes; each is listed in the state its record left it in "
+            "(`flowdsl show RUN_ID` tells more)", "note", "yellow")
+    return 0
+
+
+def _json_out(value: Any) -> None:
+    import sys
+
+    from flowdsl.runtime.codec import json_line
+
+    sys.stdout.write(json_line(value))
+
+
+def print_runs(items: Iterable[Row], console: Any) -> None:
+    """The table of ``flowdsl runs``: run, flow, status, submitted (local time), took (finished − started)."""
+    import time
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = []
+    for i in items:
+        when = time.strftime("%m-%d %H:%M:%S", time.localtime(i.submitted_at / 1000)) if i.submitted_at else ""
+        took = ""
+        if i.started_at is not None and i.finished_at is not None:
+            ms = i.finished_at - i.started_at
+            took = f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+        rows.append((i.run_id, i.flow or "", i.status, when, took))
+    columns = ("run", "flow", "status", "submitted", "took")
+    widest = [max(len(column), *(len(row[n]) for row in rows)) for n, column in enumerate(columns)]
+    # in a narrow terminal only the flow's name is shortened (to 8 at least): a run id is what the other commands
+    # take, and a state is the point; when even that does not fit, the lines are longer than the terminal
+    needed = sum(widest) - widest[1] + min(widest[1], 8) + 2 * (len(columns) - 1)
+    whole = sum(widest) + 2 * (len(columns) - 1)
+    # not a terminal (a pipe, a file): nothing is shortened, a line is as long as it needs
+    width = whole if not console.is_terminal else needed if needed > console.width else None
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold", width=width)
+    for n, column in enumerate(columns):
+        table.add_column(column, no_wrap=True, min_width=None if column == "flow" else widest[n],
+                         justify="right" if column == "took" else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    console.print(table, crop=False)
