@@ -30,6 +30,7 @@ from typing import Any
 
 from flowdsl.kernel_core import RunState
 from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
+from flowdsl.kernel_program import _CACHE as _PROGRAMS
 from flowdsl.kernel_program import Program, prepare, retry_delay
 from flowdsl.kernel_saga import END_STATES, LATE_REASON
 
@@ -149,9 +150,14 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
     "Late completions"); a timer that is no longer armed is ignored. A state of newer rules than
     :data:`STATE_VERSION` raises :class:`NewerVersion` and is left unchanged.
     """
-    check_rules(state.get("kernel", 1), state.get("run_id"))
-    program = prepare(plan)
-    machine = Machine(program, state, _time(event.get("at")))
+    # (the checks of check_rules, prepare and _time, inline for their usual case: apply runs once per event)
+    rules = state.get("kernel", 1)
+    if type(rules) is not int or rules > STATE_VERSION:
+        check_rules(rules, state.get("run_id"))
+    hit = _PROGRAMS.get(id(plan))
+    program = hit[1] if hit is not None and hit[0] is plan else prepare(plan)
+    at = event.get("at")
+    machine = Machine(program, state, at if type(at) is int else _time(at))
     machine.handle(event)
     return Decision(state, machine.commands, machine.events, machine.ended)
 

@@ -463,12 +463,15 @@ class Machine(Saga):
         # the step that succeeded
         del self.tasks[task_id]
         self.ended.append(task_id)
-        self.cancel_timer(task["timer"])
+        if task["timer"] is not None:
+            self.cancel_timer(task["timer"])
         at = self.at
         run_id = self.run_id
         clock = s["clock"] + 1
         s["clock"] = clock
-        rec.update(status="succeeded", finished_at=at, task=None, result=result, error=None, t1=clock)
+        # (assigned in the order of the update() of _task_succeeded: the same keys in the same order)
+        rec["status"], rec["finished_at"], rec["task"], rec["result"], rec["error"], rec["t1"] = \
+            "succeeded", at, None, result, None, clock
         rec.pop("late", None)  # (as _task_succeeded)
         holder["remaining"] -= 1
         seq = s["seq"]

@@ -44,6 +44,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from orjson import dumps as _orjson
+
 from flowdsl import kernel
 from flowdsl.kernel import END_STATES, Decision, NewerVersion, apply, start_event, start_run
 from flowdsl.runtime.codec import dumps
@@ -178,7 +180,23 @@ class Advancer:
         refuses one or a guard fails, when they are applied one at a time.
         ``recover`` and ``precheck`` events are always applied alone.
         """
-        if recover or precheck is not None or run_id not in self._locks:  # (the lock free: taken at once)
+        locks = self._locks
+        if not recover and precheck is None and run_id not in locks:
+            # the lock is free (the usual case): taken at once, with no lock object and no coroutine for it
+            locks[run_id] = deque()
+            try:
+                queued = _Queued(event, guard, reporter, ack, chain)
+                outcome, relay, acked = _alone(queued, *await self._write(run_id, [queued], None))
+            except BaseException:
+                self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
+                raise
+            finally:
+                _release(locks, run_id)
+            done = _acks(ack, acked, chain)
+            if done or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's step)
+                await self._tail(run_id, relay, (), done)
+            return outcome
+        if recover or precheck is not None:  # applied alone (waiting for the lock, if held)
             followups: tuple[str, ...] = ()
             async with self._lock(run_id):
                 if recover:
@@ -228,7 +246,11 @@ class Advancer:
         followups: tuple[str, ...] = ()
         relay = None
         late = False  # a cancel request may have been held after the submission was read: apply it now
-        async with self._lock(run_id):
+        if run_id in self._locks:
+            await self._lock(run_id).__aenter__()
+        else:
+            self._locks[run_id] = deque()  # free (the usual case): taken at once, with no coroutine for it
+        try:
             if recover:
                 followups = await self._flush(run_id, trigger)
             sub = await self.store.submission(run_id)
@@ -263,6 +285,8 @@ class Advancer:
                 if result.applied:
                     relay = (result.version, ops, result.cancelled_queued)
                     late = len(result.held_cancels) > len(held) or result.code == 4  # (4: not said: look)
+        finally:
+            _release(self._locks, run_id)
         acks = [] if chain is not None and chain.command else list(ack)
         if not late:
             await self._tail(run_id, relay, followups, acks)
@@ -365,7 +389,11 @@ class Advancer:
                 op = command["op"]
                 if op == "dispatch" and held_command is None and chain is not None and chain.serves(command):
                     held_command = command
-                    task_ops.append(("c", command["task_id"], "r:" + chain.token, dumps(command)))
+                    try:
+                        kept_message = _orjson(command)
+                    except TypeError:
+                        kept_message = dumps(command)
+                    task_ops.append(("c", command["task_id"], "r:" + chain.token, kept_message))
                 elif op == "dispatch":
                     task_ops.append(("s", command["task_id"], "q"))
                     ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": version,
@@ -395,7 +423,10 @@ class Advancer:
                 meta = [*(meta or ()), ("finished", at)]
             if held_command is not None:
                 held.append((chain, held_command))  # type: ignore[arg-type]
-            entries.append((dumps(event), dumps(decision.events), guard, reporter))
+            try:  # (orjson itself: the codec's wrapper is a call more per encoding, and says the same)
+                entries.append((_orjson(event), _orjson(decision.events), guard, reporter))
+            except TypeError:  # what orjson refuses: the codec encodes it
+                entries.append((dumps(event), dumps(decision.events), guard, reporter))
         if len(steps) > 1:
             ops, task_ops = _unsent(run_id, ops, task_ops)
         state = record.state
@@ -418,7 +449,7 @@ class Advancer:
         if result.code == 4:  # written by an earlier try whose reply was lost: what it said is lost with it
             # the tasks this transition cancelled may have been queued (answered by _tail: harmless if not)
             result = result._replace(cancelled_queued=tuple(op[1] for op in task_ops if op[0] == "x"))
-        if result.applied:
+        if result.code == 1 or result.code == 4:  # (result.applied)
             self.transitions += 1
             if snapshot:
                 self.snapshots += 1
@@ -538,7 +569,7 @@ class Advancer:
                 log.debug("run %s: %s -> %s v%s", run_id, ", ".join(
                     f"{q.event['type']} {q.event.get('task_id') or q.event.get('timer_id')}" for q in batch),
                     result.code, result.version)
-            if result.applied:
+            if result.code == 1 or result.code == 4:  # (result.applied)
                 return Outcome.APPLIED, result, ops
             self._cache.pop(run_id, None)
             if result.code != 2:
@@ -595,13 +626,14 @@ class Advancer:
         is unreachable (each is idempotent, or harmless when repeated)."""
         if not ops and version is None:
             return
-        backoff = Backoff()
+        backoff: Backoff | None = None
         while True:
             try:
                 await self.store.relay(run_id, version, ops)
                 return
             except TRANSIENT as exc:
-                if backoff.failures == 0:
+                if backoff is None:
+                    backoff = Backoff()
                     log.warning("Redis unreachable while relaying (%s); retrying", exc)
                 await backoff.wait()
 
@@ -720,10 +752,15 @@ class _RunLock:
         self._release()
 
     def _release(self) -> None:
-        waiters = self.table[self.run_id]
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the lock passes to it
-                return
-        del self.table[self.run_id]
+        _release(self.table, self.run_id)
+
+
+def _release(table: dict[str, deque[asyncio.Future[None]]], run_id: str) -> None:
+    """Release a run's lock: to its first waiter still waiting, else the lock goes (see :class:`_RunLock`)."""
+    waiters = table[run_id]
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)  # the lock passes to it
+            return
+    del table[run_id]

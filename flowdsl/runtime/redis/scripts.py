@@ -40,12 +40,17 @@ local function refused(p)
 end
 """
 
-#: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`:
-#: expected version, state, token, status, outbox, finished, then the number of input events n and, for each,
-#: ``input event, events, guard task, guard mode, guard value, reporter``; then the task operations, then meta.
-#: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease> <message>`` (a task the calling process runs
+#: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`.
+#: ARGV[1], the header: one flat JSON array of every small argument (the client packs each argument at a cost;
+#: a flat array is also what Lua decodes cheapest): expected version, token, status, finished, has a state, has
+#: an outbox entry, then the number of input events n and, for each, ``guard task, guard mode, guard value,
+#: reporter``; then the number of task operations and each as ``op, task, value``; then the number of meta
+#: fields and each as ``field, value`` (strings). Then the blobs, in order: the state (when it has one), the
+#: outbox entry (when it has one), each input event and its events, and the message of each ``c`` operation.
+#: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease>`` (a task the calling process runs
 #: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
-#: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled).
+#: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled), ``g <task>`` (given
+#: up on: see the code).
 #: The n input events become journal entries of versions expected+1 … expected+n (a group commit: the results
 #: queued behind one another for a run, applied in one write). Every guard is checked before anything is written.
 #: Returns {1, new version, {task ids cancelled while queued}} (when creating the run, a fourth item: its
@@ -54,20 +59,26 @@ end
 #: | {3, version, lease} (the guard failed) | {4, version} (this token was applied already: the last transition,
 #: or one of the journal's last 256 entries carries it — a retry after a lost reply) | {5} (no such run)
 #: | {6, version} (the run exists: creation refused) | {7, version, index} (a guard of several failed: nothing
-#: written, no note). An empty state (ARGV[2]) writes no snapshot: the state is then what the snapshot
+#: written, no note). No state writes no snapshot: the state is then what the snapshot
 #: (``state`` at version ``sv``, journal entry ``sj``) and the journal's input events after it give (:data:`LOAD`).
 TRANSITION = r"""
 local run, journal, tasks, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local expected = tonumber(ARGV[1])
+local h = cjson.decode(ARGV[1])
+local expected, token, status = h[1], h[2], h[3]
+local a = 2  -- the next blob
+local state, box = '', ''
+if h[5] then state = ARGV[a]; a = a + 1 end
+if h[6] then box = ARGV[a]; a = a + 1 end
+-- entry j's input event is ARGV[a + 2 * (j - 1)], its events the next one
 local meta = redis.call('HMGET', run, 'v', 'lt')
 local curv = tonumber(meta[1]) or 0
 -- a retry of a transition whose reply was lost: was this token written already (perhaps before others)?
 local function written()
-  if meta[2] == ARGV[3] then return true end
+  if meta[2] == token then return true end
   for _, e in ipairs(redis.call('XREVRANGE', journal, '+', '-', 'COUNT', 256)) do
     local f = e[2]
     for k = 1, #f, 2 do
-      if f[k] == 'tk' and f[k + 1] == ARGV[3] then return true end
+      if f[k] == 'tk' and f[k + 1] == token then return true end
     end
   end
   return false
@@ -79,18 +90,18 @@ if expected == 0 then
   end
 else
   if curv == 0 then return {5} end
-  if meta[2] == ARGV[3] then return {4, curv} end
+  if meta[2] == token then return {4, curv} end
   if curv ~= expected then
     if written() then return {4, curv} end
     return {2, curv}
   end
 end
-local n = tonumber(ARGV[7])
-for j = 0, n - 1 do
-  local b = 8 + 6 * j
-  local gid = ARGV[b + 2]
+local n = h[7]
+for j = 1, n do
+  local g = 4 + 4 * j  -- the guard's task; its mode, value and reporter follow
+  local gid = h[g]
   if gid ~= '' then
-    local mode, want = ARGV[b + 3], ARGV[b + 4]
+    local mode, want = h[g + 1], h[g + 2]
     local val = redis.call('HGET', tasks, gid)
     local ok
     if mode == 'eq' then
@@ -103,19 +114,19 @@ for j = 0, n - 1 do
       ok = (val == 'r:' .. want) or (val == 'xr:' .. want)
         or (mode == 'lease' and (not val or redis.call('HEXISTS', tasks, 'g:' .. gid) == 1))
       if not ok and mode == 'lease' and string.sub(val, 1, 3) == 'xr:' then
-        local decoded, ev = pcall(cjson.decode, ARGV[b])
+        local decoded, ev = pcall(cjson.decode, ARGV[a + 2 * (j - 1)])
         ok = decoded and type(ev) == 'table' and ev['type'] == 'task_succeeded'
       end
     end
     if not ok then
-      if n > 1 then return {7, curv, j + 1} end
-      if mode == 'lease' and ARGV[b + 5] ~= '' then
+      if n > 1 then return {7, curv, j} end
+      if mode == 'lease' and h[g + 3] ~= '' then
         -- a late result (its reporter's lease expired): journal a note, from the input event it carried
-        local decoded, ev = pcall(cjson.decode, ARGV[b])
+        local decoded, ev = pcall(cjson.decode, ARGV[a])
         if not decoded or type(ev) ~= 'table' then ev = {} end
         redis.call('XADD', journal, '*', 'note', cjson.encode({
           type = 'result_rejected', reason = 'lease_lost', run_id = string.match(run, '{(.*)}$'), task_id = gid,
-          result_type = ev['type'], at = ev['at'], worker = ARGV[b + 5],
+          result_type = ev['type'], at = ev['at'], worker = h[g + 3],
           message = 'the result came from a worker whose lease had expired; another worker holds the task'}))
       end
       return {3, curv, val or ''}
@@ -123,33 +134,32 @@ for j = 0, n - 1 do
   end
 end
 local entry
-for j = 0, n - 1 do
-  if j == n - 1 then  -- the transition's last entry carries its token (a retry after a lost reply finds it)
-    entry = redis.call('XADD', journal, '*', 'v', curv + j + 1, 'in', ARGV[8 + 6 * j], 'ev', ARGV[9 + 6 * j],
-                       'tk', ARGV[3])
+for j = 1, n do
+  local b = a + 2 * (j - 1)
+  if j == n then  -- the transition's last entry carries its token (a retry after a lost reply finds it)
+    entry = redis.call('XADD', journal, '*', 'v', curv + j, 'in', ARGV[b], 'ev', ARGV[b + 1], 'tk', token)
   else
-    entry = redis.call('XADD', journal, '*', 'v', curv + j + 1, 'in', ARGV[8 + 6 * j], 'ev', ARGV[9 + 6 * j])
+    entry = redis.call('XADD', journal, '*', 'v', curv + j, 'in', ARGV[b], 'ev', ARGV[b + 1])
   end
 end
 local newv = curv + n
-if ARGV[2] ~= '' then
-  redis.call('HSET', run, 'state', ARGV[2], 'sv', newv, 'sj', entry, 'v', newv, 'lt', ARGV[3], 'status', ARGV[4])
+if h[5] then
+  redis.call('HSET', run, 'state', state, 'sv', newv, 'sj', entry, 'v', newv, 'lt', token, 'status', status)
 else
-  redis.call('HSET', run, 'v', newv, 'lt', ARGV[3], 'status', ARGV[4])
+  redis.call('HSET', run, 'v', newv, 'lt', token, 'status', status)
 end
-if ARGV[5] ~= '' then redis.call('HSET', outbox, newv, ARGV[5]) end
+if h[6] then redis.call('HSET', outbox, newv, box) end
 local cancelled = {}
-local i = 8 + 6 * n
-local ntask = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, ntask do
-  local op, tid = ARGV[i], ARGV[i + 1]
+local m = a + 2 * n  -- the next kept message
+local i = 9 + 4 * n  -- the first task operation (op, task, value)
+for _ = 1, h[8 + 4 * n] do
+  local op, tid = h[i], h[i + 1]
   if op == 's' then
-    redis.call('HSET', tasks, tid, ARGV[i + 2])
+    redis.call('HSET', tasks, tid, h[i + 2])
   elseif op == 'c' then
-    redis.call('HSET', tasks, tid, ARGV[i + 2])
-    redis.call('HSET', outbox, 's:' .. tid, ARGV[i + 3])
-    i = i + 1
+    redis.call('HSET', tasks, tid, h[i + 2])
+    redis.call('HSET', outbox, 's:' .. tid, ARGV[m])
+    m = m + 1
   elseif op == 'd' then
     redis.call('HDEL', tasks, tid, 'g:' .. tid)
     redis.call('HDEL', outbox, 's:' .. tid)
@@ -174,13 +184,11 @@ for _ = 1, ntask do
   end
   i = i + 3
 end
-local nmeta = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, nmeta do
-  redis.call('HSET', run, ARGV[i], ARGV[i + 1])
-  i = i + 2
+local nmeta = h[i]
+for k = i + 1, i + 2 * nmeta, 2 do
+  redis.call('HSET', run, h[k], h[k + 1])
 end
-if ARGV[6] == '1' then
+if h[4] then
   local ttl = tonumber(redis.call('HGET', run, 'ret') or '0') or 0
   if ttl > 0 then
     for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end

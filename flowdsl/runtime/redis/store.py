@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from orjson import dumps as _orjson
+from redis.exceptions import NoScriptError
 
 from flowdsl import kernel
 from flowdsl.kernel import apply, check_rules
@@ -213,6 +215,8 @@ class TransitionResult(NamedTuple):
         return self.code in (1, 4)
 
 
+_new_result = tuple.__new__
+
 #: how many plans a store keeps decoded (by plan id): the oldest is dropped past that (loaded again if needed)
 PLAN_CACHE_SIZE = 256
 
@@ -229,6 +233,7 @@ class Store:
         self.keys = keys
         self.batcher = batcher or Batcher(client)
         self.plans: dict[str, dict[str, Any]] = {}
+        self._plan_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}  # plan id -> its read in flight
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self.batcher.call(*args)
@@ -249,14 +254,30 @@ class Store:
     async def plan(self, run_id: str, pid: str) -> dict[str, Any] | None:
         """The plan of a run, from the cache or the run's hash (the same dict object for a plan id)."""
         found = self.plans.get(pid)
-        if found is None:
-            raw = await self.call("HGET", self.keys.run(run_id), "plan")
-            if raw is None:
-                return None
-            if len(self.plans) >= PLAN_CACHE_SIZE:  # the oldest goes: a long-lived worker sees many plans
-                self.plans.pop(next(iter(self.plans)))
-            found = self.plans.setdefault(pid, decoded(run_id, self.keys.run(run_id), "plan", raw))
+        if found is not None:
+            return found
+        # one read per plan id at a time: a worker starting on a backlog of start requests would otherwise read
+        # and decode the same plan (a few KB) once per request in flight, hundreds of times
+        pending = self._plan_reads.get(pid)
+        if pending is not None:
+            found = await asyncio.shield(pending)
+            # None: that run's hash had no plan (expired) or its read failed: read this run's own
+            return found if found is not None else await self._read_plan(run_id, pid)
+        pending = self._plan_reads[pid] = asyncio.get_running_loop().create_future()
+        try:
+            found = await self._read_plan(run_id, pid)
+        finally:
+            del self._plan_reads[pid]
+            pending.set_result(found)
         return found
+
+    async def _read_plan(self, run_id: str, pid: str) -> dict[str, Any] | None:
+        raw = await self.call("HGET", self.keys.run(run_id), "plan")
+        if raw is None:
+            return None
+        if len(self.plans) >= PLAN_CACHE_SIZE:  # the oldest goes: a long-lived worker sees many plans
+            self.plans.pop(next(iter(self.plans)))
+        return self.plans.setdefault(pid, decoded(run_id, self.keys.run(run_id), "plan", raw))
 
     async def load(self, run_id: str) -> RunRecord | None:
         """The run's current state and version, or None when it has not started (or has expired); raises
@@ -350,18 +371,40 @@ class Store:
         is deleted); or ``(c, task id, lease, message)``: a task the caller runs
         itself, held at once, its message kept for recovery.
         """
-        args: list[Any] = [expected, state, token, status, outbox or b"", "1" if finished else "0", len(entries)]
+        # one flat JSON header for every small argument, then the blobs (see TRANSITION): hiredis formats each
+        # argument's length with sprintf, so a step's ~29 arguments cost more to pack than the 11 of this form
+        args: list[Any] = [b""]
+        if state:
+            args.append(state)
+        if outbox:
+            args.append(outbox)
+        header: list[Any] = [expected, token, status, finished, bool(state), bool(outbox), len(entries)]
         for input_event, events, guard, reporter in entries:
-            gid, mode, want = guard or _NO_GUARD
-            args += (input_event, events, gid, mode, want, reporter)
-        args.append(len(task_ops))
+            header += guard or _NO_GUARD
+            header.append(reporter)
+            args += (input_event, events)
+        header.append(len(task_ops))
         for op in task_ops:
-            args.extend(op)
-        args.append(len(meta))
+            if op[0] == "c":
+                header += op[:3]
+                args.append(op[3])
+            else:
+                header += op
+        header.append(len(meta))
         for name, value in meta:
-            args.extend((name, value))
-        reply = await _TRANSITION(self.batcher, self.keys.run_keys(run_id), args)
+            header += (name, value if type(value) is str else str(value))
+        try:
+            args[0] = _orjson(header)  # (orjson itself: the codec's wrapper is a call more, and says the same)
+        except TypeError:
+            args[0] = dumps(header)
+        keys = self.keys.run_keys(run_id)
+        try:  # (Script's call inlined: a coroutine less per step)
+            reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *keys, *args)
+        except NoScriptError:  # the server forgot it (restarted, SCRIPT FLUSH): loaded again, called again
+            reply = await _TRANSITION(self.batcher, keys, args)
         code = int(reply[0])
+        if code == 1 and len(reply) == 3 and not reply[2]:  # the usual answer, without NamedTuple's keywords
+            return _new_result(TransitionResult, (1, int(reply[1]), "", (), ()))
         if code == 1:
             cancelled = reply[2]
             return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in cancelled)

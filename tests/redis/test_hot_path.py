@@ -1,0 +1,134 @@
+"""The worker's per-step path, made cheaper without changing what it writes or decides: the TRANSITION script's
+arguments (one JSON header and the blobs), its call when the server forgot the script, shared plan reads, and the
+step context filled in field by field."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import tests.runtime.workers  # noqa: F401  (registers the conf.* workers)
+from flowdsl import compile_text
+from flowdsl.runtime import execute as execute_module
+from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
+from flowdsl.runtime.redis.connection import connect
+from flowdsl.runtime.redis.keys import Keys
+from flowdsl.runtime.redis.store import Store
+from flowdsl.workers import StepContext, StepLogger, WorkerRegistry, worker
+
+SPEC = "flowdsl: 1\nname: m\nworkers: [tests.runtime.workers]\nsteps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
+
+
+async def _started(url: str, prefix: str, run_id: str) -> Store:
+    """A run started (version 1) by a worker that serves none of its steps, and a store on it."""
+    async with RedisClient(url, prefix=prefix) as client:
+        await client.submit(compile_text(SPEC), {}, run_id=run_id)
+    await asyncio.wait_for(RedisWorker(url, prefix=prefix, registry=WorkerRegistry(), options=WorkerOptions(
+        burst=True, handle_signals=False, llm=False, burst_horizon_s=0)).serve(), 30)
+    return Store(connect(url), Keys(prefix))
+
+
+def test_a_transition_writes_each_field_its_header_and_blobs_say(url: str, prefix: str) -> None:
+    keys = Keys(prefix)
+
+    async def main() -> None:
+        store = await _started(url, prefix, "hp")
+        # a group commit of two input events with a snapshot, an outbox entry, a task queued, a task held by the
+        # caller (its message kept) and meta fields (numbers written as their decimal text)
+        done = await store.transition(
+            "hp", expected=1, token="t1", state=b'{"s":1}', status="running",
+            entries=[(b'{"a":1}', b"[1]", None, ""), (b'{"a":2}', b"[2]", None, "")], outbox=b'[{"o":"x"}]',
+            task_ops=[("s", "hp/q#1", "q"), ("c", "hp/c#1", "r:tok", b'{"m":1}')],
+            meta=[("cc", 2), ("x", "text"), ("big", 1764770000123)])
+        assert done.code == 1 and done.version == 3 and done.cancelled_queued == ()
+        fields = ("state", "sv", "sj", "v", "lt", "status", "cc", "x", "big")
+        run = dict(zip(fields, await store.call("HMGET", keys.run("hp"), *fields), strict=True))
+        journal = await store.call("XRANGE", keys.journal("hp"), "-", "+")
+        assert run == {"state": b'{"s":1}', "sv": b"3", "sj": journal[-1][0], "v": b"3", "lt": b"t1",
+                       "status": b"running", "cc": b"2", "x": b"text", "big": b"1764770000123"}
+        assert [entry for _, entry in journal[-2:]] == [{b"v": b"2", b"in": b'{"a":1}', b"ev": b"[1]"},
+                                                       {b"v": b"3", b"in": b'{"a":2}', b"ev": b"[2]", b"tk": b"t1"}]
+        assert await store.call("HGETALL", keys.tasks("hp")) == {b"hp/a#1": b"q", b"hp/q#1": b"q",
+                                                                 b"hp/c#1": b"r:tok"}
+        outbox = await store.call("HGETALL", keys.outbox("hp"))
+        assert {k: v for k, v in outbox.items() if k != b"1"} == {b"3": b'[{"o":"x"}]', b"s:hp/c#1": b'{"m":1}'}
+        # no state, no outbox entry: neither is written; the held task goes with its kept message, the queued one
+        # is marked cancelled (and said so); the run's end sets its keys' retention
+        end = await store.transition(
+            "hp", expected=3, token="t2", state=b"", status="completed", finished=True,
+            entries=[(b'{"a":3}', b"[3]", ("hp/c#1", "lease", "tok"), "w1")],
+            task_ops=[("d", "hp/c#1", ""), ("x", "hp/q#1", "")], meta=[("finished", 1764770000999)])
+        assert end.code == 1 and end.version == 4 and end.cancelled_queued == ("hp/q#1",)
+        fields = ("state", "sv", "v", "lt", "status", "finished")
+        assert await store.call("HMGET", keys.run("hp"), *fields) == [b'{"s":1}', b"3", b"4", b"t2", b"completed",
+                                                                        b"1764770000999"]
+        assert await store.call("HGET", keys.tasks("hp"), "hp/q#1") == b"xq"
+        assert await store.call("HEXISTS", keys.tasks("hp"), "hp/c#1") == 0
+        assert await store.call("HEXISTS", keys.outbox("hp"), "s:hp/c#1") == 0
+        assert await store.call("HEXISTS", keys.outbox("hp"), "4") == 0
+        assert await store.call("PTTL", keys.journal("hp")) > 0
+        # the same transition again (a lost reply retried): recognised by its token, applied once
+        again = await store.transition("hp", expected=3, token="t2", state=b"", status="completed",
+                                       entries=[(b'{"a":3}', b"[3]", None, "")])
+        assert again.code == 4 and again.version == 4
+        await store.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_transition_after_the_server_forgot_the_script_is_applied(url: str, prefix: str) -> None:
+    async def main() -> None:
+        store = await _started(url, prefix, "nf")
+        await store.call("SCRIPT", "FLUSH")
+        done = await store.transition("nf", expected=1, token="t1", state=b"", status="running",
+                                      entries=[(b"{}", b"[]", None, "")])
+        assert done.code == 1 and done.version == 2
+        await store.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_concurrent_reads_of_one_plan_share_one_read(url: str, prefix: str) -> None:
+    async def main() -> None:
+        store = await _started(url, prefix, "p1")
+        pid = (await store.call("HGET", Keys(prefix).run("p1"), "pid")).decode()
+        reads: list[tuple[Any, ...]] = []
+        real = store.call
+
+        def counting(*args: Any) -> Any:
+            reads.append(args)
+            return real(*args)
+
+        store.call = counting  # type: ignore[method-assign]
+        plans = await asyncio.gather(*(store.plan("p1", pid) for _ in range(50)))
+        assert len(reads) == 1 and all(p is plans[0] for p in plans) and plans[0]["flow"]["name"] == "m"
+        # a read that finds no plan (the run expired) is not the answer of another run's read of the same plan id
+        store.plans.clear()
+        reads.clear()
+        gone, found = await asyncio.gather(store.plan("missing", pid), store.plan("p1", pid))
+        assert gone is None and found is not None and found["flow"]["name"] == "m" and len(reads) == 2
+        await store.client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_step_context_filled_in_field_by_field_is_the_dataclass_one() -> None:
+    assert execute_module._FAST_CONTEXT  # (else StepContext changed: update execute._call's fast way)
+    registry = WorkerRegistry()
+    seen: list[StepContext] = []
+
+    @worker("hp.probe", registry_=registry)
+    async def probe(data: dict[str, Any], ctx: StepContext) -> None:
+        seen.append(ctx)
+
+    for kind in ("task", "compensate"):
+        command = {"op": "dispatch", "run_id": "r1", "task_id": "r1/s#2", "kind": kind, "step": "s", "node": "n",
+                   "worker": "hp.probe", "input": {}, "attempt": 2, "idempotency_key": "r1/s", "timeout_ms": None,
+                   "llm": None}
+        assert asyncio.run(execute_module.execute(command, registry=registry))["type"] == "task_succeeded"
+        ctx = seen[-1]
+        usual = StepContext("r1", "n", 2, "r1/s", kind == "compensate", logging.getLogger("flowdsl.worker.hp.probe"))
+        assert ctx == usual and repr(ctx) == repr(usual) and vars(ctx).keys() == vars(usual).keys()
+        assert type(ctx.logger) is StepLogger and ctx.logger.logger is usual.logger.logger
+        assert ctx.logger.extra == usual.logger.extra and ctx.logger._ctx is ctx
