@@ -154,3 +154,34 @@ def test_heartbeats_keep_an_entry_whose_task_result_was_just_written(url: str, p
         return [o == worker.name for o in owners]
 
     assert asyncio.run(main()) == [True]
+
+
+def test_a_state_cached_from_an_expired_run_never_overwrites_a_new_run_of_the_same_id(url: str,
+                                                                                     prefix: str) -> None:
+    """A process kept the state of a run that then expired elsewhere; the id was submitted again and the new
+    run reached the same version. Its next event for the run was applied to the old state and written over the
+    new run (the version matched): the new run then waited forever for tasks already answered, with no expiry
+    (a soak test found such runs). The generation is checked with the version: a conflict, the run loaded
+    again."""
+    keys = Keys(prefix)
+
+    async def main() -> tuple[int, int]:
+        store = await _store(url, prefix)
+        await _submitted(url, prefix, "again")
+        stale = Advancer(store, Clock())
+        assert await stale.start("again") == Outcome.APPLIED  # version 1, cached here
+        old = await store.call("HGET", keys.run("again"), "born")
+        await store.call("DEL", *keys.run_keys("again"))  # expired (as its retention ends it)
+        await asyncio.sleep(0.01)  # (a generation is the submission's millisecond)
+        await _submitted(url, prefix, "again")
+        assert await Advancer(store, Clock()).start("again") == Outcome.APPLIED  # the new run: version 1 too
+        new = await store.call("HGET", keys.run("again"), "born")
+        assert new != old
+        event = {"type": "task_succeeded", "task_id": "again/conf.a#1", "result": {}}
+        assert await stale.apply_event("again", event) == Outcome.APPLIED
+        record = await Advancer(store, Clock())._record("again")
+        assert record is not None
+        return record.state["started_at"], int(new)
+
+    started_at, born = asyncio.run(main())
+    assert started_at >= born  # the new run's state, not the expired one's

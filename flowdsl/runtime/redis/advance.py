@@ -440,7 +440,8 @@ class Advancer:
             try:
                 result = await self.store.transition(
                     run_id, expected=record.version, state=state_raw, token=token, status=state["status"],
-                    entries=entries, outbox=outbox, finished=finished, task_ops=task_ops, meta=meta or ())
+                    entries=entries, outbox=outbox, finished=finished, task_ops=task_ops, meta=meta or (),
+                    born=record.born)
                 break
             except TRANSIENT as exc:
                 log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)

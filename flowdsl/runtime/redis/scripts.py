@@ -45,8 +45,10 @@ end
 #: a flat array is also what Lua decodes cheapest): expected version, token, status, finished, has a state, has
 #: an outbox entry, then the number of input events n and, for each, ``guard task, guard mode, guard value,
 #: reporter``; then the number of task operations and each as ``op, task, value``; then the number of meta
-#: fields and each as ``field, value`` (strings). Then the blobs, in order: the state (when it has one), the
-#: outbox entry (when it has one), each input event and its events, and the message of each ``c`` operation.
+#: fields and each as ``field, value`` (strings); last, the run's generation the state was computed from (its
+#: ``born``; '' when unknown: not checked) — another generation's state is a version conflict. Then the blobs,
+#: in order: the state (when it has one), the outbox entry (when it has one), each input event and its events,
+#: and the message of each ``c`` operation.
 #: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease>`` (a task the calling process runs
 #: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
 #: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled), ``g <task>`` (given
@@ -70,7 +72,7 @@ local state, box = '', ''
 if h[5] then state = ARGV[a]; a = a + 1 end
 if h[6] then box = ARGV[a]; a = a + 1 end
 -- entry j's input event is ARGV[a + 2 * (j - 1)], its events the next one
-local meta = redis.call('HMGET', run, 'v', 'lt')
+local meta = redis.call('HMGET', run, 'v', 'lt', 'born')
 local curv = tonumber(meta[1]) or 0
 -- a retry of a transition whose reply was lost: was this token written already (perhaps before others)?
 local function written()
@@ -90,6 +92,10 @@ if expected == 0 then
   end
 else
   if curv == 0 then return {5} end
+  -- the state was computed from another generation of the run id (a cached run that expired, whose id was
+  -- submitted again): its version may be the new run's, but never its state
+  local born = h[#h]
+  if born ~= '' and meta[3] and meta[3] ~= born then return {2, curv} end
   if meta[2] == token then return {4, curv} end
   if curv ~= expected then
     if written() then return {4, curv} end
@@ -408,6 +414,7 @@ return n
 #: (no read between the look and the delete). Returns how many were deleted.
 FORGET_CONSUMERS = r"""
 local n = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- no stream (none sent yet, or data lost): no consumer
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local info = {}
   for k = 1, #c, 2 do info[c[k]] = c[k + 1] end

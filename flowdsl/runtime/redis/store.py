@@ -351,7 +351,8 @@ class Store:
 
     async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, status: str,
                          entries: Sequence[JournalEntry], outbox: bytes | None = None, finished: bool = False,
-                         task_ops: Sequence[TaskOp] = (), meta: Sequence[tuple[str, Any]] = ()) -> TransitionResult:
+                         task_ops: Sequence[TaskOp] = (), meta: Sequence[tuple[str, Any]] = (),
+                         born: str = "") -> TransitionResult:
         """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
 
         ``expected`` is the version the state was computed from (0: create the
@@ -369,7 +370,9 @@ class Store:
         (code 7). ``task_ops`` are ``(s|d|x|g, task id, value)``: set, delete, mark
         cancelled, given up (a held lease is kept, marked cancelled, until its holder answers; any other
         is deleted); or ``(c, task id, lease, message)``: a task the caller runs
-        itself, held at once, its message kept for recovery.
+        itself, held at once, its message kept for recovery. ``born``: the run's generation the state was
+        computed from; a run of the id of another generation (the one computed from expired, the id submitted
+        again) is a version conflict (code 2), so the caller loads the run again ('': not checked).
         """
         # one flat JSON header for every small argument, then the blobs (see TRANSITION): hiredis formats each
         # argument's length with sprintf, so a step's ~29 arguments cost more to pack than the 11 of this form
@@ -393,6 +396,7 @@ class Store:
         header.append(len(meta))
         for name, value in meta:
             header += (name, value if type(value) is str else str(value))
+        header.append(born)
         try:
             args[0] = _orjson(header)  # (orjson itself: the codec's wrapper is a call more, and says the same)
         except TypeError:
