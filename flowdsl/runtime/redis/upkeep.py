@@ -234,12 +234,26 @@ class Upkeep:
 
     async def _tidy(self, cursor: int) -> int:
         """What no transition can do (a transition touches one run's keys; these are shared): drop the expired
-        runs of the run index, from rank ``cursor``, page after page while pages are mostly expired runs and
-        for :data:`_INDEX_PAGES` other pages (returns where the next round starts), and
-        forget the worker processes silent for ``forget_s`` — their liveness records, and their consumer
-        names in the streams this process reads once they hold no entry (a name holding entries is kept:
-        deleting it would drop them). Every process does it; each step is safe to repeat."""
-        budget = _INDEX_PAGES  # from where the last round stopped
+        runs of the run index — from its oldest, page after page while pages are mostly expired runs (runs
+        expire about in the order they were submitted), then from rank ``cursor`` on, page after page while
+        pages are mostly expired runs and for :data:`_INDEX_PAGES` other pages (returns where the next round
+        starts: the runs that expire out of order, a shorter retention say, are found as the rounds go round
+        the index) — and forget the worker processes silent for ``forget_s`` — their liveness records, and
+        their consumer names in the streams this process reads once they hold no entry (a name holding entries
+        is kept: deleting it would drop them). Every process does it; each step is safe to repeat.
+
+        (Without the walk from the oldest, an index whose runs still kept fill more pages than a round walks,
+        and that grows by more than that each round — a busy deployment — had the cursor trail its end forever:
+        the runs it had walked while they were kept stayed listed once expired, without bound.)"""
+        front, removed, last = 0, 0, False
+        while not self._stopping:
+            front, last, dropped = await self.store.prune_index(front, _INDEX_PAGE)
+            removed += dropped
+            if last or 2 * dropped < _INDEX_PAGE:
+                break
+        # from where the last round stopped (its rank moved down by what was removed before it), or the end
+        cursor = 0 if last else max(front, cursor - removed)
+        budget = 0 if last else _INDEX_PAGES
         while budget > 0 and not self._stopping:
             cursor, last, removed = await self.store.prune_index(cursor, _INDEX_PAGE)
             if last:  # the end of the index: the next round starts again from its oldest runs
