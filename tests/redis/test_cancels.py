@@ -12,6 +12,7 @@ from typing import Any
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this process serves)
 from flowdsl import compile_text
 from flowdsl.runtime.redis import RedisClient
+from flowdsl.runtime.redis.connection import connect
 from flowdsl.runtime.redis.keys import GROUP
 from tests.redis.inproc import serving, worker_here
 from tests.redis.server import RedisServer
@@ -105,3 +106,38 @@ def test_a_cancel_request_a_dead_process_had_read_is_taken_over_after_the_lease(
     (result, reclaimed) = asyncio.run(main())
     assert (result.status, result.error["message"]) == ("cancelled", "taken over") and reclaimed >= 1
     assert result.steps["c"]["status"] != "succeeded"
+
+
+def test_cancel_requests_in_flight_are_bounded(url: str, prefix: str) -> None:
+    """The loop reading cancel requests read 64 more whatever it was handling: a burst of requests became as
+    many handlers at once (and ids renewed by every heartbeat)."""
+    async def main() -> int:
+        worker = worker_here(url, prefix, concurrency=1)
+        serving_task = asyncio.create_task(worker.serve())
+        peak = 0
+        try:
+            while not hasattr(worker, "advancer"):
+                await asyncio.sleep(0.01)
+            real = worker.advancer.apply_event
+
+            async def slow(*args: Any, **kwargs: Any) -> str:  # (a Redis under load)
+                await asyncio.sleep(0.5)
+                return await real(*args, **kwargs)
+
+            worker.advancer.apply_event = slow  # type: ignore[method-assign]
+            sender = connect(url)
+            try:
+                for i in range(300):
+                    request = {"type": "cancel", "run_id": f"nope-{i}", "reason": "x", "g": ""}
+                    await sender.xadd(worker.keys.cancels, {"c": json.dumps(request)})
+            finally:
+                await sender.aclose()
+            for _ in range(40):
+                peak = max(peak, len(worker._cancelling))
+                await asyncio.sleep(0.025)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(serving_task, 30)
+        return peak
+
+    assert 0 < asyncio.run(main()) <= 64

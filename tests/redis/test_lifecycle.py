@@ -214,6 +214,37 @@ def test_runs_expiring_behind_a_round_that_stops_short_of_the_end_are_dropped_by
     assert asyncio.run(main()) == (2400, [b"kept-0"])
 
 
+def test_runs_expiring_behind_runs_that_do_not_expire_are_dropped_within_ten_rounds(url: str,
+                                                                                    prefix: str) -> None:
+    """Runs that never expire (submitted, never started) at the front of the index stop the walk from the oldest,
+    and the index grows by more than ten pages a round: each round also walks as many runs as were listed since
+    the last, so the cursor gains on the end and goes round, and the runs expired behind the front are dropped
+    (they stayed listed)."""
+    async def main() -> int:
+        worker = await _tidying_worker(url, prefix)
+        store, keys = worker.store, worker.keys
+
+        async def listed(names: list[str], first: int, kept: bool = True) -> None:
+            for i in range(0, len(names), 500):
+                if kept:
+                    await asyncio.gather(*(store.call("HSET", keys.run(r), "submitted", 1) for r in names[i:i + 500]))
+            await store.call("ZADD", keys.runs, *[x for i, r in enumerate(names) for x in (first + i, r)])
+
+        try:
+            await listed([f"waiting-{i}" for i in range(400)], 0)
+            await listed([f"gone-{i}" for i in range(300)], 1000, kept=False)
+            await listed([f"kept-{i}" for i in range(2400)], 10_000)
+            cursor = 700  # the last round stopped among the runs kept, past the ones now expired
+            for n in range(1, 11):  # each round, more runs than ten pages arrive
+                cursor = await worker._tidy(cursor)
+                await listed([f"new-{n}-{i}" for i in range(2200)], 100_000 * n)
+            return len(await store.call("ZRANGEBYSCORE", keys.runs, 1000, 1299))
+        finally:
+            await worker.client.aclose()
+
+    assert asyncio.run(main()) == 0
+
+
 def test_a_relayed_dispatch_leaves_nothing_to_relay_again(url: str, prefix: str) -> None:
     """A task nobody picks up: its outbox entry goes once its message is queued, so a process that takes the
     run over later (recovery) does not queue the message again — else every recovery would add a copy."""

@@ -654,3 +654,31 @@ def test_the_signal_log_says_the_grace_as_given(caplog: pytest.LogCaptureFixture
     with caplog.at_level("INFO", logger="flowdsl.redis"):
         worker._on_signal(signal.SIGTERM)
     assert "finishing in-flight steps (up to 0.5 s;" in caplog.text and worker._stopping
+
+
+def test_a_graceful_stop_waits_for_the_loops_that_start_handlers_by_name() -> None:
+    """``_shutdown`` took the loops by their place in the list: with the cancel reader added second, it waited for
+    it and the heartbeat, not for the timers loop and the reclaimer — a timer fired during the stop could be cut
+    short and fired again only after a lease."""
+    async def main() -> list[str]:
+        worker = RedisWorker("unix:///nowhere.sock", options=WorkerOptions(handle_signals=False, block_ms=100))
+
+        async def ends_after(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+        async def never_ends() -> None:
+            await asyncio.Event().wait()
+
+        ending = {"reader": 0, "cancel reader": 0, "heartbeat": 0, "timers": 0.3, "reclaimer": 0.3}
+        names = ["reader", "cancel reader", "timers", "heartbeat", "reclaimer", "cancels", "tidier"]
+        loops = [asyncio.create_task(ends_after(ending[name]) if name in ending else never_ends(), name=name)
+                 for name in names]
+        await asyncio.sleep(0)
+        await worker._shutdown(loops)
+        done = [task.get_name() for task in loops if task.done()]
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        return done
+
+    assert asyncio.run(main()) == ["reader", "cancel reader", "timers", "heartbeat", "reclaimer"]

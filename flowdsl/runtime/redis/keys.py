@@ -23,7 +23,7 @@ Shared — under the ``{<prefix>}`` hash tag (one slot, so one XREADGROUP can
 block on every queue and one script can move timers between the two sets)::
 
     {<prefix>}:control                 stream  start requests (consumer group); cancel requests of
-                                               clients before 0.x's cancels stream (read as ever)
+                                               older clients (before the cancels stream; read as ever)
     {<prefix>}:cancels                 stream  cancel requests of started runs (consumer group), read
                                                whether or not a worker has a free slot
     {<prefix>}:task:<worker>           stream  dispatched attempts for one worker (consumer group):

@@ -93,6 +93,7 @@ class Upkeep:
     _starting: set[str]
     _cancelling: set[str]
     _group_streams: list[str]
+    _index_size: int | None
     _active: set[asyncio.Task[None]]
     _stopping: bool
     _stopped: asyncio.Event | None
@@ -236,30 +237,40 @@ class Upkeep:
         """What no transition can do (a transition touches one run's keys; these are shared): drop the expired
         runs of the run index — from its oldest, page after page while pages are mostly expired runs (runs
         expire about in the order they were submitted), then from rank ``cursor`` on, page after page while
-        pages are mostly expired runs and for :data:`_INDEX_PAGES` other pages (returns where the next round
-        starts: the runs that expire out of order, a shorter retention say, are found as the rounds go round
-        the index) — and forget the worker processes silent for ``forget_s`` — their liveness records, and
-        their consumer names in the streams this process reads once they hold no entry (a name holding entries
-        is kept: deleting it would drop them). Every process does it; each step is safe to repeat.
+        pages are mostly expired runs and for :data:`_INDEX_PAGES` other pages plus as many as runs were listed
+        since this process's last round (returns where the next round starts: the runs that expire out of order,
+        a shorter retention say, or behind runs that do not expire, are found as the rounds go round the index)
+        — and forget the worker
+        processes silent for ``forget_s`` — their liveness records, and their consumer names in the streams
+        this process reads once they hold no entry (a name holding entries is kept: deleting it would drop
+        them). Every process does it; each step is safe to repeat.
 
-        (Without the walk from the oldest, an index whose runs still kept fill more pages than a round walks,
-        and that grows by more than that each round — a busy deployment — had the cursor trail its end forever:
-        the runs it had walked while they were kept stayed listed once expired, without bound.)"""
+        (With ten pages a round and no more, an index whose runs still kept fill more pages than that, and that
+        grows by more than that each round — a busy deployment — had the cursor trail its end forever: the runs
+        it had walked while they were kept stayed listed once expired, without bound.)"""
         front, removed, last = 0, 0, False
         while not self._stopping:
             front, last, dropped = await self.store.prune_index(front, _INDEX_PAGE)
             removed += dropped
             if last or 2 * dropped < _INDEX_PAGE:
                 break
-        # from where the last round stopped (its rank moved down by what was removed before it), or the end
+        # from where the last round stopped (its rank moved down by what was removed before it), or the end; for
+        # ten pages of runs kept and as many more as runs were listed since that round, so that the cursor gains
+        # on the index's end and goes round it: runs that do not expire (never started, a longer retention) at
+        # its front stop the walk above, and only the cursor reaches the runs expired behind them
         cursor = 0 if last else max(front, cursor - removed)
-        budget = 0 if last else _INDEX_PAGES
+        budget = 0
+        if not last:
+            size = int(await self.store.call("ZCARD", self.keys.runs))
+            grown = size - self._index_size if self._index_size is not None else 0
+            budget = _INDEX_PAGES + -(-max(0, grown) // _INDEX_PAGE)
         while budget > 0 and not self._stopping:
             cursor, last, removed = await self.store.prune_index(cursor, _INDEX_PAGE)
             if last:  # the end of the index: the next round starts again from its oldest runs
                 break
             if 2 * removed < _INDEX_PAGE:  # mostly runs still kept: this page counts against the budget
                 budget -= 1
+        self._index_size = int(await self.store.call("ZCARD", self.keys.runs))
         assert self.client is not None
         forget_ms = max(int(self.options.forget_s * 1000), 10 * self.lease_ms)  # never a process still beating
         now = self.clock.now()

@@ -6,7 +6,11 @@ error), ``flowdsl.runtime.execute`` (to run steps), ``flowdsl.workers`` (the reg
 of them, on any number of machines, share the work through consumer groups:
 
 - **reader** — ``XREADGROUP`` over the control stream, the LLM stream and the
-  task stream of every registered worker; each message gets a handler.
+  task stream of every registered worker, no more entries than free slots;
+  each message gets a handler.
+- **cancel reader** — ``XREADGROUP`` over the cancels stream, whatever the
+  free slots (a chain holds its slot until its run ends), at most 64 handled
+  at a time; each request is a transition.
 - **task handler** — takes the task's lease (``PICKUP``: dropped when the task
   is no longer in flight or another delivery holds it), runs it with
   :func:`flowdsl.runtime.execute.execute`, and applies the answer through the
@@ -95,7 +99,7 @@ log = logging.getLogger("flowdsl.redis")
 _REFUSED: tuple[type[Exception], ...] = (redis.AuthenticationError, redis.ResponseError, redis.InvalidResponse)
 #: the run id whose keys the startup probe names (no run has it: a run id never starts with '-')
 _PROBE_RUN = "-acl-probe"
-#: cancel requests read at a time (they take no slot: each is one transition)
+#: cancel requests handled at a time (they take no slot: each is one transition)
 _CANCELS_PER_READ = 64
 
 
@@ -301,6 +305,7 @@ class RedisWorker(Upkeep):
         self._room: asyncio.Event | None = None
         self._regrouping = asyncio.Lock()
         self._regroups = 0  # times the consumer groups were made again (Redis lost its data)
+        self._index_size: int | None = None  # runs listed after this process's last tidying round
         self._timer_wake: asyncio.Event | None = None
         self._next_timer: float = 0.0
         self._signals = 0
@@ -575,7 +580,7 @@ class RedisWorker(Upkeep):
     async def _cancels_reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
         """Read cancel requests, whether or not a slot is free: a chain holds its slot until its run ends, so a
         cancel read only when a slot frees would reach a run of a busy fleet after it had completed."""
-        await self._read_loop(reader, wire, [self.keys.cancels], lambda: _CANCELS_PER_READ)
+        await self._read_loop(reader, wire, [self.keys.cancels], lambda: _CANCELS_PER_READ - len(self._cancelling))
 
     def _free_slots(self) -> int:
         return self.options.concurrency - len(self._held) - len(self._starting)
@@ -651,8 +656,10 @@ class RedisWorker(Upkeep):
         except Exception as exc:  # a safety net: the checks above are meant to catch what cannot be read
             problem = f"it could not be read: {_describe(exc)}"
         if problem is not None:
-            self._starting.discard(entry_id)
-            self._cancelling.discard(entry_id)
+            if stream == self.keys.control:  # (entry ids are per stream: another stream's may be the same)
+                self._starting.discard(entry_id)
+            elif stream == self.keys.cancels:
+                self._cancelling.discard(entry_id)
             coro = self._set_aside(stream, entry_id, fields, trigger, problem)
         self._track(self._guarded(coro, stream, entry_id, fields, trigger))
 
@@ -1016,8 +1023,9 @@ class RedisWorker(Upkeep):
     # --- stopping ------------------------------------------------------------------------------
 
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
-        reader, timers, _, reclaimer, *_ = loops
-        for task in (reader, timers, reclaimer):
+        # the loops that start handlers: each ends at its next turn, so that nothing starts after the wait below
+        waited = {"reader", "cancel reader", "timers", "reclaimer"}
+        for task in [loop for loop in loops if loop.get_name() in waited]:
             try:
                 async with asyncio.timeout(self.options.block_ms / 1000 + 1):
                     await asyncio.shield(task)
