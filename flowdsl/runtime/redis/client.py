@@ -445,15 +445,16 @@ class RedisClient:
             try:
                 await self.info(run_id)
                 break
-            except redis.BusyLoadingError:  # a restarted Redis reading its data back: it will answer
-                if backoff.failures == 0 and on_notice is not None:
-                    on_notice("Redis is loading its data (it was restarted); waiting for it")
-                await backoff.wait()
-            except TRANSIENT as exc:  # Redis unreachable already: wait for it as for a connection lost later
-                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            except TRANSIENT as exc:  # Redis unreachable already, or loading its data: wait for it (as for a
+                if timeout_s is not None and time.monotonic() - t0 > timeout_s:  # connection lost later)
                     raise TimeoutError(f"run {run_id} did not finish within {timeout_s:g} s: Redis could not be "
                                        f"reached ({exc})") from exc
-                await _reconnect(backoff, exc, on_notice)
+                if isinstance(exc, redis.BusyLoadingError):  # a restarted Redis reading its data back
+                    if backoff.failures == 0 and on_notice is not None:
+                        on_notice("Redis is loading its data (it was restarted); waiting for it")
+                    await backoff.wait()
+                else:
+                    await _reconnect(backoff, exc, on_notice)
         journal = journal if journal is not None else Journal()
         journal.run_id, journal.key = run_id, self.keys.journal(run_id)
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
