@@ -81,7 +81,7 @@ class RunRow:
     finished_at: int | None
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--format json`` object of this run: the same keys as a Redis run's."""
+        """The ``flowdsl runs --format json`` object of this run (both backends): its fields by name."""
         return {"run_id": self.run_id, "flow": self.flow, "status": self.status, "submitted_at": self.submitted_at,
                 "started_at": self.started_at, "finished_at": self.finished_at}
 

@@ -3,9 +3,9 @@
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (end states),
 ``flowdsl.runtime.report`` (:class:`RunResult`, the object ``--format json``
 prints), ``flowdsl.runtime.execute`` (JSON checks), ``flowdsl.runtime.record``
-(default run ids) and this package. The
+(default run ids), ``flowdsl.runtime.listing`` (the runs listing's line) and this package. The
 client never advances a run: it records a submission or a cancel request and
-leaves a message on the control stream, which a worker process carries out::
+leaves a message on the control (or cancels) stream, which a worker process carries out::
 
     async with RedisClient("redis://localhost:6379/0") as client:
         sub = await client.submit(plan, {"order": {...}}, run_id="order-1042")
@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from flowdsl.kernel import check_seed
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem, worker_references
+from flowdsl.runtime.listing import RunRow
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
@@ -180,20 +181,9 @@ class Submission:
 
 
 @dataclass(frozen=True)
-class RunInfo:
-    """One line of ``flowdsl runs``: times are milliseconds since the epoch (None when not reached)."""
-
-    run_id: str
-    flow: str | None
-    status: str
-    submitted_at: int | None
-    started_at: int | None
-    finished_at: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``flowdsl runs --format json`` object of this run: its fields by name."""
-        return {"run_id": self.run_id, "flow": self.flow, "status": self.status, "submitted_at": self.submitted_at,
-                "started_at": self.started_at, "finished_at": self.finished_at}
+class RunInfo(RunRow):
+    """One line of ``flowdsl runs``: times are milliseconds since the epoch (None when not reached); the fields
+    and the JSON object of a local run's line (:class:`~flowdsl.runtime.listing.RunRow`)."""
 
 
 @dataclass
