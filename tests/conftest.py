@@ -13,7 +13,7 @@ import pytest
 from tests.goldens import Goldens
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no network here: never fetch the cost map
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -208,7 +208,7 @@ def test_a_deadline_on_the_awaiting_task_is_not_silent(tmp_path: Path, caplog: p
     async def main() -> None:
         with pytest.raises((asyncio.TimeoutError, TimeoutError)):
             await asyncio.wait_for(run_flow(plan(CANCELLABLE), {"script": {"b": {"hang": True}}}, run_id="dl1",
-                                            runs_dir=tmp_path, on_notice=notices.append), 0.3)
+                                            runs_dir=tmp_path, on_notice=notices.append), 1.5)
 
     with caplog.at_level(logging.WARNING, logger="flowdsl.local"):
         asyncio.run(main())
