@@ -39,6 +39,7 @@ from flowdsl.llm_signature import (
     check_llm_block,
     coerce_value,
     describe_type,
+    leaves,
     normalize_fields,
     normalize_signature,
     parse_signature,
@@ -664,14 +665,8 @@ def _escaped(text: str) -> set[str]:
 
 
 def _leaves(value: Any) -> Iterable[str]:
-    if isinstance(value, Mapping):
-        for v in value.values():
-            yield from _leaves(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _leaves(v)
-    elif value is not None:
-        yield value if isinstance(value, str) else json.dumps(value)
+    """The scalars of a value as text (a non-string as its JSON); None left out."""
+    return (leaf if isinstance(leaf, str) else json.dumps(leaf) for leaf in leaves(value) if leaf is not None)
 
 
 def _redact(text: str, secrets: list[str]) -> str:

@@ -313,16 +313,21 @@ def unescape_demos(demos: list[Any]) -> list[Any]:
     return [unescape(d) for d in demos]
 
 
-def _texts(value: Any) -> Iterator[str]:
-    """The texts in a value: itself, or those of its items."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
+def leaves(value: Any) -> Iterator[Any]:
+    """The scalars in a JSON-like value: itself, or those of its items (mappings' values, lists' items)."""
+    if isinstance(value, Mapping):
         for v in value.values():
-            yield from _texts(v)
+            yield from leaves(v)
     elif isinstance(value, list | tuple):
         for v in value:
-            yield from _texts(v)
+            yield from leaves(v)
+    else:
+        yield value
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """The texts in a value: itself, or those of its items."""
+    return (leaf for leaf in leaves(value) if isinstance(leaf, str))
 
 
 def describe_type(field: Mapping[str, Any]) -> str:

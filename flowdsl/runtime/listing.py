@@ -104,7 +104,7 @@ def read_row(path: Path, size: int | None = None) -> RunRow:
             try:
                 return _from_ends(path, fh, size)
             except _Replay:
-                pass
+                pass  # its ends do not say how it stands: replayed whole, below
     except OSError as exc:
         raise RecordError(f"cannot read {path}: {exc.strerror or exc}") from None
     return _replayed(path)
