@@ -29,8 +29,9 @@ END_STATES = frozenset({"completed", "failed", "compensated", "needs_interventio
 #: retry when the run stopped), ``in_flight`` (running when the run stopped: it may or may not have taken effect)
 _LEFT_STATUS = {"failed": "failed", "retrying": "failed", "running": "in_flight"}
 #: the ``reason`` of a step left to undo by hand because it completed late (docs/kernel.md, "Late completions")
-LATE_REASON = ("the step completed after the run had decided what to undo (a late result, e.g. from a worker whose "
-               "lease had expired): its effect stands and its compensation was never run")
+LATE_REASON = ("the step completed after the run had decided what to undo (a late result, e.g. from an attempt that "
+               "had timed out, or on Redis from a worker whose lease had expired): its effect stands and its "
+               "compensation was never run")
 #: the ``reason`` of a late completion that joins the saga (kernel version 4+): nothing it follows was undone yet
 LATE_JOINED_REASON = ("the step completed after the run had given up on it (a late result, e.g. from an attempt that "
                       "timed out), before anything it follows was undone: it is undone with the others")

@@ -782,6 +782,12 @@ def print_summary(result: RunResult, console: Any = None) -> None:
             for item in left:
                 mark = " [yellow](its undo may have run: see below)[/]" if item["step"] in doubted else ""
                 con.print(_left_text(item) + mark)
+            slow = [_esc(item["step"]) for item in left if item.get("reason") and
+                    ((result.steps.get(item["step"]) or {}).get("error") or {}).get("type") == "StepTimeout"]
+            if slow:
+                con.print(f"[dim]hint: {', '.join(slow)} completed after {'its' if len(slow) == 1 else 'their'} "
+                          "`timeout`: a worker that outlasts it still makes its effect; give the step a timeout "
+                          "longer than its worker takes, or make the worker stop within it[/]")
         elif stopped:
             con.print("no completed step was left undone")
     if result.in_doubt:

@@ -160,7 +160,7 @@ def test_a_signal_before_redis_answered_stops_status_follow_and_cancel_wait(url:
         admin.execute_command("CLIENT", "UNPAUSE")  # the pause ends for the next tests
         admin.close()
     status = _stopped(following, f_out, f_err, "held-s")
-    assert status["error"]["message"] == "stopped following; the run goes on in the worker processes", status
+    assert status["error"]["message"] == "stopped following; the run itself goes on, in Redis", status
     assert "flowdsl status held-s --follow" in _flat(f_err), f_err
     cancel = _stopped(cancelling, c_out, c_err, "held-c")
     assert "may not have been asked to cancel" in cancel["error"]["message"], cancel

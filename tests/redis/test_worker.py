@@ -71,6 +71,21 @@ def test_a_step_no_worker_picks_up_fails_at_its_schedule_to_start_deadline_and_t
     result = asyncio.run(main())
     assert (result.status, result.compensated, result.failed_step) == ("compensated", ["a"], "b")
     assert result.error["type"] == "ScheduleToStartTimeout"
+    assert "is a process serving worker 'nobody.b' running?" in result.error["message"]  # (it names the worker)
+
+
+def test_the_schedule_to_start_deadline_names_the_worker_of_each_kind_of_attempt() -> None:
+    from flowdsl.runtime.redis.advance import _worker_of
+    from flowdsl.runtime.redis.store import RunRecord
+
+    plan = {"nodes": {"a": {"kind": "task", "worker": "w.a", "fallback": "w.fb", "compensate": {"worker": "w.undo"}},
+                      "q": {"kind": "llm"}}}
+    tasks = {"r/a#1": {"step": "a", "kind": "task"}, "r/a#f2": {"step": "a", "kind": "fallback"},
+             "r/a#c1": {"step": "a", "kind": "compensate"}, "r/q#1": {"step": "q", "kind": "llm"}}
+    state = {"tasks": tasks, "nodes": {"a": {"node": "a"}, "q": {"node": "q"}}}
+    record = RunRecord("r", state, 3, plan, 100)
+    assert [_worker_of(record, t) for t in tasks] == ["w.a", "w.fb", "w.undo", ""]
+    assert _worker_of(record, "r/a#9") is None  # no longer in flight
 
 
 def test_a_step_timeout_counts_the_wait_in_its_stream_and_an_attempt_timed_out_there_never_runs(
@@ -504,9 +519,11 @@ def test_run_warns_of_steps_no_live_worker_process_serves(url: str, prefix: str,
     spec.write_text(HEADER.format(name="other") + "steps:\n  - conf.a: {compensate: nobody.undo}\n  - nobody.b\n")
     common = ["--redis-url", url, "--prefix", prefix]
     args = ["run", str(spec), "--backend", "redis", *common, "--detach"]
-    alone = cli(*args, "--run-id", "w-1")  # no worker process at all: everything is unserved
+    alone = cli(*args, "--run-id", "w-1")  # no worker process at all: one sentence, not a list of every worker
     assert alone.exit_code == 0 and alone.stdout.strip() == "w-1"
-    assert "the step worker 'conf.a' of step 'a'" in " ".join(alone.stderr.split())
+    assert (f"warning: no worker process is connected (prefix '{prefix}'): the run's steps wait until one is; start "
+            "one with `flowdsl worker -w tests.runtime.workers`") in " ".join(alone.stderr.split())
+    assert "conf.a" not in alone.stderr
     procs = WorkerProcs(url, prefix, ["tests.runtime.workers"])
     try:
         procs.start(1)
@@ -516,6 +533,12 @@ def test_run_warns_of_steps_no_live_worker_process_serves(url: str, prefix: str,
                 "worker 'nobody.b' of step 'b': the step fails after 0.2 s (--schedule-timeout)") in " ".join(
                     r.stderr.split())
         assert "conf.a' of step 'a'" not in r.stderr  # a live process serves it
+        many = tmp_path / "many.yaml"  # past four workers nobody serves, the rest are counted
+        many.write_text(HEADER.format(name="many") + "steps:\n" + "".join(f"  - nobody.s{i}\n" for i in range(6)))
+        r = cli("run", str(many), "--backend", "redis", *common, "--detach", "--run-id", "w-3")
+        said = " ".join(r.stderr.split())
+        assert r.exit_code == 0 and "the step worker 'nobody.s3' of step 's3'; 2 more: the step waits" in said, said
+        assert "nobody.s4" not in said
     finally:
         procs.stop_all()
 

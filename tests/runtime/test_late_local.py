@@ -345,6 +345,28 @@ def test_a_timed_out_sync_charge_that_succeeds_after_the_run_failed_makes_it_nee
                                                                            result.intervention)
 
 
+def test_the_summary_of_a_late_charge_left_by_hand_says_how_a_timeout_makes_one(tmp_path: Path) -> None:
+    """A step left to undo by hand because its attempt outlasted its timeout gets a hint: that is what made it."""
+    import io
+
+    from rich.console import Console
+
+    from flowdsl.runtime.report import print_summary
+
+    go, returned = threading.Event(), threading.Event()
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        LONE, {}, run_id="held-hint", runs_dir=tmp_path, registry=_charging(go, returned), import_workers=False,
+        on_event=_release_on_end(go), late_grace=HUNG), HUNG))
+    assert result.status == "needs_intervention"
+    assert "an attempt that had timed out" in result.intervention["steps"][0]["reason"]
+    out = io.StringIO()
+    print_summary(result, Console(file=out, width=300, highlight=False))
+    said = out.getvalue()
+    assert "left to undo by hand" in said
+    assert "hint: charge completed after its `timeout`: a worker that outlasts it still makes its effect; give the " \
+        "step a timeout longer than its worker takes, or make the worker stop within it" in said, said
+
+
 def test_a_timed_out_sync_charge_that_fails_after_the_run_failed_leaves_it_failed_and_ends_the_wait(
         tmp_path: Path) -> None:
     """The late answer is a failure: rejected, the run stays failed, and the wait ends with that answer — not at

@@ -343,9 +343,15 @@ class Advancer:
                                              precheck=lambda state: timer_id in state["timers"], recover=recover)
             log.debug("timer %s fired: %s", member.encode(), outcome)
             return outcome
+        record = await self._record(member.run_id)
+        worker = _worker_of(record, member.ident) if record is not None else None
+        if worker == "":
+            needed = "LLM steps (`flowdsl worker --lm MODEL`)"
+        else:
+            needed = f"worker '{worker}'" if worker else "this attempt's worker"
         error = {"type": SCHEDULE_TO_START_TIMEOUT,
-                 "message": "no worker picked up the attempt before the run's schedule-to-start deadline "
-                            "(is a worker process serving this worker running?)"}
+                 "message": f"no worker process picked up the attempt before the run's schedule-to-start deadline: "
+                            f"is a process serving {needed} running?"}
         outcome = await self.apply_event(member.run_id, {"type": "task_failed", "task_id": member.ident,
                                                          "error": error},
                                          guard=(member.ident, "eq", "q"), ack=done, recover=recover)
@@ -640,6 +646,22 @@ class Advancer:
 
     def _lock(self, run_id: str) -> _RunLock:
         return _RunLock(self._locks, run_id)
+
+
+def _worker_of(record: RunRecord, task_id: str) -> str | None:
+    """The worker the attempt ``task_id`` of the run is dispatched to ('' for an LLM step's own attempt, None when
+    the run no longer has that attempt in flight)."""
+    task = record.state["tasks"].get(task_id)
+    rec = record.state["nodes"].get(task["step"]) if task is not None else None
+    node = record.plan["nodes"].get(rec["node"]) if rec is not None else None
+    if node is None:
+        return None
+    kind = task["kind"]  # type: ignore[index]
+    if kind == "fallback":
+        return str(node["fallback"])
+    if kind == "compensate":
+        return str(node["compensate"]["worker"])
+    return "" if kind == "llm" else str(node.get("worker") or "")
 
 
 def _cancelled_at_start(plan: dict[str, Any], state: dict[str, Any], reasons: tuple[str, ...], at: int

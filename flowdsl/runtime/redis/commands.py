@@ -150,10 +150,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
         async with RedisClient(url, prefix=prefix) as client:
             missing = await client.unserved(plan)
             if missing:
-                then = f"fails after {schedule_timeout_s:g} s (--schedule-timeout)" if schedule_timeout_s else \
-                    "waits until one does (start `flowdsl worker -w MODULE`, or set --schedule-timeout)"
-                _say(console, f"no live worker process serves {'; '.join(missing)}: the step {then}", "yellow",
-                     "warning")
+                _say(console, await _unserved_warning(client, plan, missing, schedule_timeout_s), "yellow", "warning")
             sub = await client.submit(plan, data, run_id=run_id, seed=seed, retention_s=retention_s,
                                       schedule_timeout_s=schedule_timeout_s)
             given.append(sub.run_id)
@@ -180,8 +177,30 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
     return _following(console, url, body, ended, stopped, on_error)
 
 
+#: at most this many of the workers no live process serves are named one by one in ``run``'s warning
+_UNSERVED_SHOWN = 4
+
+
+async def _unserved_warning(client: RedisClient, plan: dict[str, Any], missing: list[str],
+                            schedule_timeout_s: float | None) -> str:
+    """``run``'s warning that a submitted run will wait (or fail, with a schedule-to-start deadline): one sentence
+    when no worker process is connected at all, else the first few workers nobody serves and how many more."""
+    modules = " ".join(f"-w {module}" for module in plan.get("flow", {}).get("workers") or ()) or "-w MODULE"
+    if not await client.workers():
+        then = f"fail after {schedule_timeout_s:g} s (--schedule-timeout)" if schedule_timeout_s else \
+            "wait until one is"
+        return (f"no worker process is connected (prefix '{client.keys.prefix}'): the run's steps {then}; start "
+                f"one with `flowdsl worker {modules}`")
+    then = f"fails after {schedule_timeout_s:g} s (--schedule-timeout)" if schedule_timeout_s else \
+        f"waits until one does (start `flowdsl worker {modules}`, or set --schedule-timeout)"
+    shown = missing[:_UNSERVED_SHOWN]
+    if len(missing) > len(shown):
+        shown.append(f"{len(missing) - len(shown)} more")
+    return f"no live worker process serves {'; '.join(shown)}: the step {then}"
+
+
 #: what following a run says when a stop signal ended it (``run --backend redis``, ``status --follow``)
-_STOPPED_FOLLOWING = "stopped following; the run goes on in the worker processes"
+_STOPPED_FOLLOWING = "stopped following; the run itself goes on, in Redis"
 
 
 async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_json: bool, console: Any,
