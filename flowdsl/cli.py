@@ -364,7 +364,24 @@ def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
     return code
 
 
-@app.command()
+# A command whose help has more than one paragraph gives it as help=, each paragraph of prose on one line of the
+# string and a list one item a line: typer's rich help keeps the line breaks of the text after the first paragraph,
+# so a docstring's would break its sentences at every terminal width. (A list needs prose before it: the text after
+# the first paragraph is dedented as a whole, and a list at its start would lose its indent.) tests/test_cli_help.py
+# checks both.
+@app.command(help=(
+    "Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).\n\n"
+    "A first Ctrl-C or SIGTERM cancels the run and undoes what completed (exit 1); a second one stops it at once. "
+    "With --backend redis, Ctrl-C, SIGTERM or SIGHUP stop following instead: the run goes on. With --format json, "
+    "stdout carries exactly one JSON object whatever happens (see docs/runtime.md).\n\n"
+    "Exit codes:\n"
+    "  0    completed\n"
+    "  1    failed, compensated or cancelled (nothing in doubt)\n"
+    "  2    spec, input or usage error\n"
+    "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
+    "doubt)\n"
+    "  130  stopped at once by a second Ctrl-C or SIGTERM; with --backend redis, stopped following (the run goes "
+    "on)"))
 def run(
     file: Annotated[Path, typer.Argument(help="spec file", show_default=False)],
     input_file: Annotated[str | None, typer.Option(
@@ -402,15 +419,6 @@ def run(
         "--retention", help="(redis) seconds the finished run is kept, 1 to 10 years \\[default: the workers' "
         "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
 ) -> None:
-    """Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).
-
-    Exit codes: 0 completed; 1 failed, compensated or cancelled (nothing in doubt); 2 spec, input or
-    usage error; 4 needs intervention (a compensation failed for good, a step completed late, or a
-    step's outcome is in doubt); 130 stopped at once by a second Ctrl-C or SIGTERM
-    (with --backend redis: Ctrl-C, SIGTERM or SIGHUP stopped following; the run goes on). The first cancels the run and
-    undoes what completed (exit 1). With --format json,
-    stdout carries exactly one JSON object whatever happens (see docs/runtime.md).
-    """
     as_json = fmt is OutputFormat.json
     with _JsonChannel(as_json) as channel:
         try:
@@ -738,7 +746,14 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
 # --- the Redis runtime: worker processes and remote runs ------------------------------------------------
 
 
-@app.command()
+@app.command(help=(
+    "Serve workers from Redis: run their steps and advance runs, on any number of machines.\n\n"
+    "SIGTERM (or Ctrl-C) stops gracefully: in-flight steps finish or are handed back; a second signal stops at "
+    "once.\n\n"
+    "Exit codes:\n"
+    "  0    stopped\n"
+    "  1    it stopped by itself because one of its loops failed (logged)\n"
+    "  2    a bad URL or module, or Redis refuses the worker (credentials, database, not Redis)"))
 def worker(
     modules: Annotated[list[str] | None, typer.Option(
         "-w", "--workers", help="a module whose @worker functions to serve (repeatable)", metavar="MODULE")] = None,
@@ -775,13 +790,6 @@ def worker(
         metavar="N")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
-    """Serve workers from Redis: run their steps and advance runs, on any number of machines.
-
-    SIGTERM (or Ctrl-C) stops gracefully: in-flight steps finish or are handed
-    back; a second signal stops at once. Exit 0 when stopped, 2 on a bad URL or module
-    or when Redis refuses the worker (credentials, database, not Redis), 1 when it stopped
-    by itself because one of its loops failed (logged).
-    """
     from flowdsl.runtime.redis.commands import worker_command
     from flowdsl.runtime.redis.worker import WorkerOptions
 
@@ -796,7 +804,15 @@ def worker(
                                     console=_stderr(), verbose=verbose))
 
 
-@app.command()
+@app.command(help=(
+    "Show a Redis run: its timeline and summary (--format json: the `run --format json` object).\n\n"
+    "With --follow, it shows the run live until it ends, and exits as `flowdsl run` does.\n\n"
+    "Exit codes:\n"
+    "  0    the run exists, whatever its state (with --follow: it completed)\n"
+    "  1    with --follow: it failed, or was compensated or cancelled\n"
+    "  2    there is no such run, or Redis cannot be reached\n"
+    "  4    with --follow: it ended needs_intervention\n"
+    "  130  with --follow: Ctrl-C, SIGTERM or SIGHUP stopped following (the run goes on)"))
 def status(
     run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
     redis_url: RedisUrlOpt = None,
@@ -805,12 +821,6 @@ def status(
     follow: Annotated[bool, typer.Option("--follow", help="show the run live until it ends, as `run` does, "
                                          "and exit as `run` does")] = False,
 ) -> None:
-    """Show a Redis run: its timeline and summary (--format json: the `run --format json` object).
-
-    Exit 0 when the run exists (whatever its state), 2 when it does not or Redis cannot be reached. With
-    --follow: 0 completed, 1 failed, compensated or cancelled, 4 needs_intervention, as `flowdsl run`;
-    130 when Ctrl-C, SIGTERM or SIGHUP stopped following (the run goes on).
-    """
     as_json = fmt is OutputFormat.json
     if not follow:
         from flowdsl.runtime.redis.commands import status_command
@@ -821,7 +831,12 @@ def status(
         run_id, url=redis_url, prefix=prefix, as_json=as_json, console=console, follow=True, ended=ended)))
 
 
-@app.command()
+@app.command(help=(
+    "List recent runs with their states, newest first: in Redis, or (--backend local) the local run records.\n\n"
+    "A run record that cannot be read is skipped with a warning.\n\n"
+    "Exit codes:\n"
+    "  0    listed (also when there are none)\n"
+    "  2    a bad option, an unreadable directory of records, or Redis unreachable or refusing"))
 def runs(
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
@@ -838,11 +853,6 @@ def runs(
         "--runs-dir", help="(local) where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]",
         metavar="DIR", parser=parse_directory)] = None,
 ) -> None:
-    """List recent runs with their states, newest first: in Redis, or (--backend local) the local run records.
-
-    Exit 0 (also when there are none; a record that cannot be read is skipped with a warning), 2 on a bad
-    option, an unreadable directory of records, or Redis unreachable or refusing.
-    """
     as_json = fmt is OutputFormat.json
 
     def body(console: Any) -> int:
@@ -875,7 +885,15 @@ def _local_runs(runs_dir: Path | None, redis_url: str | None, prefix: str | None
     return local_runs_command(directory, limit=limit, status=status, flow=flow, as_json=as_json, console=console)
 
 
-@app.command()
+@app.command(help=(
+    "Cancel a Redis run: in-flight steps are stopped and completed steps compensated.\n\n"
+    "With --wait, it waits until the run has ended; Ctrl-C, SIGTERM or SIGHUP then stop the waiting, not the run.\n\n"
+    "Exit codes:\n"
+    "  0    the cancel was requested\n"
+    "  1    the run was already over\n"
+    "  2    there is no such run\n"
+    "  4    with --wait: the run ended needs_intervention (something is left to undo by hand)\n"
+    "  130  with --wait: the waiting was stopped (the run goes on)"))
 def cancel(
     run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
     redis_url: RedisUrlOpt = None,
@@ -885,12 +903,6 @@ def cancel(
     wait: Annotated[bool, typer.Option("--wait", help="wait until the run has ended")] = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Cancel a Redis run: in-flight steps are stopped and completed steps compensated.
-
-    Exit 0 when the cancel was requested, 1 when the run was already over, 2 when there is no such run; with
-    --wait, 4 when the run ended needs_intervention (something is left to undo by hand), 130 when Ctrl-C,
-    SIGTERM or SIGHUP stopped waiting (the run goes on).
-    """
     as_json = fmt is OutputFormat.json
     if not wait:
         from flowdsl.runtime.redis.commands import cancel_command
@@ -934,7 +946,14 @@ def _following(command: str, run_id: str, as_json: bool, body: Callable[[Any, An
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-@app.command(name="dead-letters")
+@app.command(name="dead-letters", help=(
+    "List the messages worker processes set aside because they could not be handled, or put them back.\n\n"
+    "A message is set aside when it cannot be read (damaged, or not flowdsl's) or when handling it failed "
+    "unexpectedly --max-failures times (`flowdsl worker`); its run waits meanwhile. Once the cause is fixed, "
+    "--retry puts it back: it is handled as after a crash.\n\n"
+    "Exit codes:\n"
+    "  0    done\n"
+    "  2    an id names no dead letter"))
 def dead_letters(
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
@@ -947,12 +966,6 @@ def dead_letters(
                                        help="list at most this many, oldest first")] = 100,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    """List the messages worker processes set aside because they could not be handled, or put them back.
-
-    A message is set aside when it cannot be read (damaged, or not flowdsl's) or when handling it failed
-    unexpectedly --max-failures times (`flowdsl worker`); its run waits meanwhile. Once the cause is fixed,
-    --retry puts it back: it is handled as after a crash. Exit 0; 2 when an id names no dead letter.
-    """
     from flowdsl.runtime.redis.commands import dead_letters_command
 
     as_json = fmt is OutputFormat.json

@@ -3,7 +3,11 @@ markup would otherwise take for a style tag and drop), and out-of-range values n
 
 from __future__ import annotations
 
+import itertools
+import re
+
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from flowdsl.cli import app
@@ -40,3 +44,48 @@ def test_an_out_of_range_value_is_named_as_given(option: str, value: str, said: 
     result = CliRunner().invoke(app, ["run", "x.yaml", option, value], env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert said in " ".join(result.output.split())
+
+
+# --- the text reflows to the terminal: no line break inside a sentence -------------------------------------------
+
+COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def _description(command: tuple[str, ...], columns: int) -> list[str]:
+    """The lines of a command's help text as `--help` prints it ``columns`` wide: from its first line after
+    ``Usage:`` to the first table of options, without the margin of one column."""
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": str(columns),
+                                                                "TERMINAL_WIDTH": str(columns)})
+    assert result.exit_code == 0, result.output
+    lines = [line.rstrip() for line in result.output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("Usage:")) + 1
+    end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+    assert all(not line or line.startswith(" ") for line in lines[start:end])
+    return [line[1:] for line in lines[start:end]]
+
+
+def test_every_command_is_checked() -> None:
+    assert {"run", "status", "cancel", "worker", "runs", "dead-letters", "diagram"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("columns", [80, 120, 200])
+@pytest.mark.parametrize("command", [(), *((c,) for c in COMMANDS)], ids=lambda c: " ".join(c) or "flowdsl")
+def test_help_text_breaks_a_line_only_where_it_is_full(command: tuple[str, ...], columns: int) -> None:
+    """A line of prose ends only where the next word would not fit (the terminal wraps it) or where its
+    paragraph ends; only the items of a list (indented) start lines of their own. The help of `run` had line
+    breaks from its docstring, which rich keeps, in the middle of sentences at every width."""
+    room = columns - 2  # rich's margin of one column each side
+    lines = _description(command, columns)
+    assert any(lines)
+    for line, after in itertools.pairwise(lines):
+        if line and after and not after.startswith("  "):
+            assert len(line) + 1 + len(after.split()[0]) > room, f"a line break inside a sentence: {line!r} / {after!r}"
+
+
+@pytest.mark.parametrize("command", ["run", "status", "cancel", "worker", "runs", "dead-letters"])
+def test_exit_codes_are_listed_one_a_line(command: str) -> None:
+    lines = _description((command,), 200)
+    start = lines.index("Exit codes:") + 1
+    items = lines[start:lines.index("", start)] if "" in lines[start:] else lines[start:]
+    assert len(items) >= 2 and all(re.match(r"  \d+ +\S", item) for item in items), items
+    assert [int(item.split()[0]) for item in items] == sorted(int(item.split()[0]) for item in items)

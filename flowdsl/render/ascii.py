@@ -253,7 +253,7 @@ class _Ascii:
         return rows
 
     def step_lines(self, key: str, inner_max: int, needs: bool) -> list[str]:
-        text = self.view.step_text(key, self.g, short_worker=True, needs=needs)
+        text = self.view.step_text(key, self.g, needs=needs)
         state = self.states.steps.get(key, "pending") if self.states is not None else None
         title = self.mark(state) + text.title
         if self.states is not None and self.states.iterations.get(key):
@@ -837,17 +837,17 @@ class _Ascii:
                    "undo": any(n.get("compensate") for n in steps)}
         undo = g.undo if c is UNICODE else f'"{g.undo}"'  # the ASCII symbol ends in a colon of its own
         if "undo beside" in uses:
-            undo = f"{c.undo_link} {undo}: compensation (undo)" + (
-                f", beside its step or in its box below a {c.undo.h * 2} line" if "undo inside" in uses else "")
+            undo_entry = (f"{c.undo_link} {undo}", "compensation (undo)" + (
+                f", beside its step or in its box below a {c.undo.h * 2} line" if "undo inside" in uses else ""))
         else:
-            undo = f"{undo}: compensation (undo), in its step's box below a {c.undo.h * 2} line"
-        meanings = {"retry": f"{g.retry.strip()} N: N attempts in all (backoff, delays)",
-                    "timeout": f"{g.timeout.strip()}: timeout of each attempt",
-                    "llm": f"{c.llm.tl}{c.llm.h}{c.llm.tr}: LLM step",
-                    "undo": undo}
+            undo_entry = (undo, f"compensation (undo), in its step's box below a {c.undo.h * 2} line")
+        meanings = {"retry": (f"{g.retry.strip()} N", "N attempts in all (backoff, delays)"),
+                    "timeout": (g.timeout.strip(), "timeout of each attempt"),
+                    "llm": (f"{c.llm.tl}{c.llm.h}{c.llm.tr}", "LLM step"),
+                    "undo": undo_entry}
         shown = [meanings[k] for k, on in present.items() if on]
         if shown:
-            out += ["", *wrap("key: " + "; ".join(shown), self.width)]
+            out += ["", *legend(shown, self.width)]
         levels = view.rollback_levels()
         if levels:
             par = "∥" if c is UNICODE else "||"
@@ -874,6 +874,38 @@ class _Ascii:
                 line += entry
             out.append(line)
         return out
+
+
+def legend(entries: list[tuple[str, str]], width: int) -> list[str]:
+    """The key under a drawing, ``key: symbol: meaning; symbol: meaning``, in lines at most ``width``
+    columns wide. Lines break only between entries, the later ones indented under the first; an entry
+    too wide for a line of its own is wrapped in its meaning, never in its symbol (``┄┄▷ ↶``)."""
+    head = "key: "
+    indent = " " * width_of(head)
+    room = max(width - len(indent), 8)
+    out: list[str] = []
+    line, filled = head, False  # the line being filled, and whether it holds an entry yet
+    for i, (symbol, meaning) in enumerate(entries):
+        text = f"{symbol}: {meaning}" + (";" if i < len(entries) - 1 else "")
+        if filled and width_of(line) + 1 + width_of(text) <= width:
+            line += " " + text
+            continue
+        if filled:
+            out.append(line)
+            line = indent
+        filled = True
+        if width_of(text) <= room:
+            line += text
+            continue
+        # too wide for a line: wrap it with the symbol as one word (a stand-in of its width, ASCII and
+        # without spaces, is wrapped, then replaced), so the symbol stays whole on the entry's first line
+        stand_in = "x" * width_of(f"{symbol}:")
+        first, *more = wrap(f"{stand_in} {text[len(symbol) + 2:]}", room)
+        lines = [line + f"{symbol}:" + first[len(stand_in):], *(indent + m for m in more)]
+        line = lines.pop()
+        out += lines
+    out.append(line)
+    return out
 
 
 class _Dag:

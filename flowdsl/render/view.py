@@ -355,10 +355,9 @@ class PlanView:
 
     # --- text --------------------------------------------------------------------------
 
-    def step_text(self, key: str, glyphs: Glyphs, *, short_worker: bool = False,
-                  needs: bool = False) -> StepText:
-        """Title, detail lines and policy line of a step; ``short_worker`` hides a worker whose last
-        segment is the id, ``needs`` lists the step's dependencies."""
+    def step_text(self, key: str, glyphs: Glyphs, *, needs: bool = False) -> StepText:
+        """Title, detail lines and policy line of a step (in every form: a ``worker:`` line when the
+        worker is not the step's id); ``needs`` lists the step's dependencies."""
         node = self.nodes[key]
         title = str(node.get("id") or key)
         lines: list[str] = []
@@ -372,8 +371,7 @@ class PlanView:
                 lines.append(f"fallback: {node['fallback']}")
         else:
             worker = str(node.get("worker") or "")
-            hidden = worker.rsplit(".", 1)[-1] == title if short_worker else worker == title
-            if worker and not hidden:
+            if worker and worker != title:
                 lines.append(f"worker: {worker}")
         lines.extend(self.common_lines(key, needs=needs))
         if node.get("fail_when"):

@@ -10,7 +10,7 @@ import pytest
 
 import flowdsl
 from flowdsl.render import RenderError, render
-from flowdsl.render.ascii import cells, width_of
+from flowdsl.render.ascii import cells, legend, width_of
 from tests.render.cases import CONFORMANCE, NASTY, compile_plan, conformance_specs, example_specs
 
 RAIL_AROUND_A_GROUP = """
@@ -388,6 +388,86 @@ def test_key_shows_only_the_undo_forms_drawn() -> None:
     assert '..> "undo:": compensation (undo)' in plain and "::" not in plain
     plain_inside = _key(_ascii(flowdsl.compile_text(_nested(5)), width=40, ascii_only=True))
     assert "..>" not in plain_inside and "::" not in plain_inside
+
+
+TRAVEL = """
+flowdsl: 1
+name: travel
+timeout: 1m
+defaults: {timeout: 5s}
+steps:
+  - parallel: reserve_all
+    branches:
+      - reserve_flight: {worker: travel.reserve_flight, compensate: travel.cancel_flight}
+      - reserve_hotel: {worker: travel.reserve_hotel, compensate: travel.cancel_hotel}
+  - charge:
+      worker: travel.charge_card
+      compensate: travel.refund_card
+      retry: {attempts: 4, on: [PaymentGatewayTimeout]}
+  - write_note:
+      llm: {signature: "name -> note"}
+      with: {name: "${ name }"}
+      fallback: travel.plain_note
+  - travel.send_confirmation
+"""
+
+
+def _key_entries(text: str) -> list[str]:
+    """The entries of the key (``symbol: meaning``), each with the ``;`` that ends it but the last."""
+    joined = _key(text).removeprefix("key: ")
+    return [e + ";" for e in joined.split("; ")[:-1]] + [joined.split("; ")[-1]]
+
+
+@pytest.mark.parametrize("width", [40, 50, 60, 70, 80, 100, 120])
+@pytest.mark.parametrize("ascii_only", [False, True])
+def test_the_key_wraps_only_between_its_entries(width: int, ascii_only: bool) -> None:
+    """Each ``symbol: meaning`` of the key is on one line (``┄┄▷ ↶`` was cut in two); one too wide for a line of
+    its own wraps in its meaning, never in its symbol."""
+    plans = [flowdsl.compile_text(TRAVEL)] + [compile_plan(s) for s in conformance_specs() + example_specs()]
+    for plan in plans:
+        text = _ascii(plan, width=width, ascii_only=ascii_only)
+        if "\nkey: " not in text:
+            continue
+        lines = next(b for b in text.split("\n\n") if b.startswith("key: ")).splitlines()
+        assert all(width_of(line) <= width for line in lines), lines
+        assert all(line.startswith("     ") for line in lines[1:]), lines  # indented under the first entry
+        for entry in _key_entries(text):
+            symbol = entry.split(": ")[0] + ":"
+            if width_of(entry) <= width - 5:
+                assert any(entry in line for line in lines), (entry, lines)
+            else:
+                assert any(line[5:].startswith(symbol) for line in lines), (symbol, lines)
+
+
+def test_a_key_entry_wider_than_a_line_keeps_its_symbol_whole() -> None:
+    lines = legend([("┄┄▷ ↶", "compensation (undo), beside its step or in its box below a ┄┄ line"),
+                    ("◷", "timeout of each attempt")], 40)
+    assert lines == ["key: ┄┄▷ ↶: compensation (undo), beside",
+                     "     its step or in its box below a ┄┄",
+                     "     line; ◷: timeout of each attempt"]
+
+
+# --- the worker line: as in every other form -------------------------------------------------------------------
+
+
+def test_a_box_shows_its_worker_as_in_mermaid() -> None:
+    """A ``worker:`` line whenever the worker is not the step id, in ASCII as in Mermaid and DOT: also when the
+    id is the worker's last segment (``reserve_flight``, the shorthand ``- travel.send_confirmation``)."""
+    text = _ascii(flowdsl.compile_text(TRAVEL), width=120)
+    for worker in ("travel.reserve_flight", "travel.reserve_hotel", "travel.charge_card", "travel.send_confirmation"):
+        assert f"worker: {worker} " in text, text
+    assert "worker: travel.plain_note" not in text  # an LLM step names its fallback instead
+
+
+@pytest.mark.parametrize("spec", conformance_specs() + example_specs(), ids=lambda p: p.parent.name
+                         if p.name == "flow.yaml" else p.stem)
+def test_every_form_shows_the_same_worker_lines(spec: Path) -> None:
+    """As many ``worker:`` lines in ASCII as in Mermaid and DOT (a box of ASCII may wrap the worker's name)."""
+    plan = compile_plan(spec)
+    mermaid = re.findall(r"worker: ([\w.]+)", str(render(plan, "mermaid")))
+    assert re.findall(r"worker: ([\w.]+)", str(render(plan, "dot"))) == mermaid
+    for ascii_only in (False, True):
+        assert _ascii(plan, ascii_only=ascii_only).count("worker:") == len(mermaid), (spec, ascii_only)
 
 
 # --- switch cases ---------------------------------------------------------------------------------------------
