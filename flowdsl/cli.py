@@ -788,6 +788,9 @@ def worker(
         "--rules", help="start runs under this kernel rules version, while processes that know only it still "
         "serve (a rolling upgrade: docs/runtime.md) \\[default: the newest this flowdsl knows]",
         metavar="N")] = None,
+    cache_runs: Annotated[int, typer.Option(
+        "--cache-runs", min=0, max=1_000_000, help="keep in memory the states of this many runs the process "
+        "advanced last (0: none); a run not kept is read back from Redis at its next event", metavar="N")] = 4096,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     from flowdsl.runtime.redis.commands import worker_command
@@ -797,7 +800,7 @@ def worker(
         options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease,
                                 schedule_timeout_s=schedule_timeout, retention_s=retention, grace_s=grace, lm=lm,
                                 llm=not no_llm, snapshot_bytes=snapshot_kb * 1024, max_failures=max_failures,
-                                rules=rules)
+                                rules=rules, cache_runs=cache_runs)
     except ValueError as exc:  # (the rules version: its range is the kernel's, not imported here)
         raise typer.BadParameter(str(exc), param_hint="'--rules'") from None
     raise typer.Exit(worker_command(url=redis_url, prefix=prefix, modules=list(modules or ()), options=options,

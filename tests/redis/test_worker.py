@@ -42,6 +42,28 @@ def test_burst_drains_the_queues_and_exits(url: str, prefix: str) -> None:
     assert (stats.runs_started, stats.tasks, stats.reclaimed) == (3, 6, 0)
 
 
+def test_a_worker_keeps_at_most_cache_runs_states_and_with_none_still_runs_every_run(url: str, prefix: str) -> None:
+    """``cache_runs`` bounds the run states a process keeps (runs whose next step went to a stream stay cached
+    otherwise); 0 keeps none, every event then reading its run back from Redis."""
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            ids = [(await client.submit(compile_text(SAGA), {"script": {}})).run_id for _ in range(5)]
+            starter = worker_here(url, prefix, registry=WorkerRegistry(), burst=True, burst_horizon_s=0, cache_runs=2)
+            await asyncio.wait_for(starter.serve(), 30)  # starts the runs, queues their first steps
+            kept = sorted(starter.advancer._cache)
+            runner = worker_here(url, prefix, burst=True, cache_runs=0)
+            stats = await asyncio.wait_for(runner.serve(), 30)
+            return kept, len(runner.advancer._cache), stats, [(await client.info(r)).status for r in ids]
+
+    kept, left, stats, statuses = asyncio.run(main())
+    assert len(kept) == 2 and left == 0
+    assert statuses == ["completed"] * 5 and stats.tasks == 10
+    with pytest.raises(ValueError, match="cache_runs must be a whole number of runs"):
+        WorkerOptions(cache_runs=-1)
+    r = cli("worker", "--redis-url", url, "--prefix", prefix, "--cache-runs", "-1")
+    assert r.exit_code == 2 and "--cache-runs" in r.stderr and "Traceback" not in r.output
+
+
 def test_runs_beyond_the_concurrency_still_run_their_first_step_where_they_start(url: str, prefix: str) -> None:
     """40 runs submitted at once to a worker with 4 slots: the worker reads no more start requests than it has
     free slots, so every run's first step (and so every step) runs in the process that started the run, none

@@ -217,8 +217,12 @@ class WorkerOptions:
     rules: int | None = None  # the kernel rules version the runs this process starts follow (None: the newest it
     # knows, kernel.STATE_VERSION); an older one while processes that know only it still serve (docs/runtime.md,
     # "Upgrading")
+    cache_runs: int = 4096  # the states of the runs this process advanced last that it keeps in memory (0: none):
+    # a run not kept is read back from Redis at its next event (docs/runtime.md, "Sizing")
 
     def __post_init__(self) -> None:
+        if type(self.cache_runs) is not int or self.cache_runs < 0:
+            raise ValueError(f"cache_runs must be a whole number of runs, 0 or more, not {self.cache_runs!r}")
         if self.rules is not None and (type(self.rules) is not int or not 1 <= self.rules <= kernel.STATE_VERSION):
             raise ValueError(f"rules must be a kernel rules version from 1 to {kernel.STATE_VERSION}, "
                              f"not {self.rules!r}")
@@ -347,7 +351,8 @@ class RedisWorker(Upkeep):
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
         self.advancer = Advancer(self.store, self.clock, schedule_timeout_ms=schedule_ms,
                                  retention_ms=int(self.options.retention_s * 1000), on_timer=self._timer_armed,
-                                 snapshot_bytes=self.options.snapshot_bytes, rules=self.options.rules)
+                                 snapshot_bytes=self.options.snapshot_bytes, rules=self.options.rules,
+                                 cache_size=self.options.cache_runs)
         self._install_signals()
         loops: list[asyncio.Task[None]] = []
         try:
