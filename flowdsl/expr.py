@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flowdsl import expr_errors
+
 #: bounds applied to every evaluation
 TIME_LIMIT_MS = 100
 DEPTH_LIMIT = 200
@@ -50,14 +52,27 @@ class ExpressionError(Exception):
     """An expression failed to parse or to evaluate.
 
     ``position`` is the 0-based character offset inside the expression source
-    when the engine reports one.
+    when the engine reports one. ``where`` is the option it was evaluated for
+    (``with.s``, ``when``, ``output.total``; see :meth:`within`), and ``message``
+    starts ``in '<where>': `` once it is known, as the checks' FD501 do;
+    ``reason`` is the message without it.
     """
 
     def __init__(self, message: str, position: int | None = None, code: str | None = None):
         super().__init__(message)
-        self.message = message
+        self.message = self.reason = message
         self.position = position
         self.code = code
+        self.where: str | None = None
+
+    def within(self, where: str) -> ExpressionError:
+        """This error, placed inside ``where``: an option (``with``), or a key (``.s``) or index (``[0]``) of
+        a template, prefixed to the place already known (``.s`` inside ``with`` is ``with.s``). Returns itself."""
+        self.where = where + (self.where or "")
+        if not self.where.startswith((".", "[")):
+            self.message = f"in '{self.where}': {self.reason}"
+            self.args = (self.message,)
+        return self
 
 
 @dataclass(frozen=True)
@@ -153,11 +168,11 @@ def _parse(source: str) -> Any:
 
 
 def _message(exc: Any) -> str:
-    """The engine's message, starting lowercase, with the tokens and values it names written as JSON writes
-    them (the engine formats them with ``str``: a ``null`` token would read "None")."""
+    """The engine's message for a source it cannot parse, starting lowercase, with the tokens and values it
+    names written as JSON writes them (the engine formats them with ``str``: a ``null`` token would read
+    "None")."""
     args = [exc.current, exc.expected] + ([] if exc.extra is None else [exc.extra])
-    text: str = exc.msg(exc.error, exc.location, *map(_shown, args)).strip() or exc.error
-    return text[0].lower() + text[1:]
+    return expr_errors.table_text(exc.error, args, _shown)
 
 
 def _shown(value: Any) -> str:
@@ -200,21 +215,21 @@ class Expression:
         try:
             result = self._compiled.evaluate(data, frame)
         except jsonata.JException as exc:
-            raise ExpressionError(_message(exc), getattr(exc, "location", None), getattr(exc, "error", None)) from None
+            # said from the error's code and values, never its text: that quotes values in full (the whole
+            # context, for an argument JSONata reads from it) and in the wrong slots (see flowdsl.expr_errors)
+            raise ExpressionError(expr_errors.engine_message(exc, data), getattr(exc, "location", None),
+                                  getattr(exc, "error", None)) from None
         except RecursionError:
             raise ExpressionError("expression recursed too deeply") from None
         except TimeoutError:  # raised by the `regex` library: see _BoundedPattern
             raise ExpressionError(f"a regular expression took longer than {TIME_LIMIT_MS} ms on this data "
                                   "(it backtracks too much: write it so that each character can be matched "
                                   "one way only)") from None
-        except ZeroDivisionError:
-            raise ExpressionError("evaluation failed: division by zero") from None
-        except ArithmeticError:  # $power(10, 400), $round(1, 400), $sum of huge numbers
-            raise ExpressionError("evaluation failed: a number went beyond the range of a JSON number") from None
         except Exception as exc:
-            # a built-in failing inside the engine (OverflowError from a date, RuntimeError from a picture string):
-            # the step fails with it, where anything else would escape the kernel and stop the run
-            raise ExpressionError(f"evaluation failed: {type(exc).__name__} in the JSONata engine: {exc}") from None
+            # a built-in failing inside the engine ($number('abc'), $power(10, 400), OverflowError from a date,
+            # RuntimeError from a picture string): the step fails with it, where anything else would escape the
+            # kernel and stop the run
+            raise ExpressionError(expr_errors.python_message(exc, data)) from None
         finally:
             if collecting:
                 gc.enable()
@@ -541,7 +556,8 @@ def single_expression(text: str) -> str | None:
 def evaluate_template(template: Any, expressions: Mapping[str, Any], data: Any, bindings: Mapping[str, Any]) -> Any:
     """Evaluate a compiled plan template (see docs/plan.md, "Templates").
 
-    ``expressions`` is the plan's expression table (id -> {"source": ...}).
+    ``expressions`` is the plan's expression table (id -> {"source": ...}). An ``ExpressionError`` says
+    where in the template it happened (``.order.total``, ``[0]``: see :meth:`ExpressionError.within`).
     """
     if isinstance(template, dict):
         if len(template) == 1:
@@ -556,9 +572,21 @@ def evaluate_template(template: Any, expressions: Mapping[str, Any], data: Any, 
                 )
             if key == "$literal":
                 return value
-        return {k: evaluate_template(v, expressions, data, bindings) for k, v in template.items()}
+        out = {}
+        for k, v in template.items():
+            try:
+                out[k] = evaluate_template(v, expressions, data, bindings)
+            except ExpressionError as exc:
+                raise exc.within(f".{k}") from None
+        return out
     if isinstance(template, list):
-        return [evaluate_template(v, expressions, data, bindings) for v in template]
+        items = []
+        for i, v in enumerate(template):
+            try:
+                items.append(evaluate_template(v, expressions, data, bindings))
+            except ExpressionError as exc:
+                raise exc.within(f"[{i}]") from None
+        return items
     return template
 
 

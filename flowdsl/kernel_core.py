@@ -14,7 +14,7 @@ import json
 from collections import OrderedDict, deque
 from typing import Any
 
-from flowdsl.expr import evaluate_template
+from flowdsl.expr import ExpressionError, evaluate_template
 from flowdsl.kernel_program import STEP_KINDS, Json, Program
 
 Record = dict[str, Any]
@@ -355,21 +355,31 @@ class Core:
                 out[self.p.nodes[key]["id"]] = dep.get("result")
         return out
 
-    def evaluate(self, ikey: str, eid: str, data: Json, *, context: dict[str, Json] | None = None,
+    def evaluate(self, ikey: str, eid: str, data: Json, *, where: str, context: dict[str, Json] | None = None,
                  own: Json = None) -> Json:
+        """Expression ``eid`` over ``data``; an ``ExpressionError`` names the option ``where`` it is (``when``,
+        ``output.total``), as the checks name it."""
         bindings = self.bindings(ikey, frozenset((eid,)), context=context, own=own)
-        return self.p.expression(eid).evaluate(data, bindings)
+        try:
+            return self.p.expression(eid).evaluate(data, bindings)
+        except ExpressionError as exc:
+            raise exc.within(where) from None
 
-    def render(self, ikey: str, template: Json, data: Json, *, context: dict[str, Json] | None = None,
+    def render(self, ikey: str, template: Json, data: Json, *, where: str, context: dict[str, Json] | None = None,
                own: Json = None) -> Json:
+        """Template ``template`` over ``data``; an ``ExpressionError`` names the option ``where`` it is
+        (``with``, ``compensate.with``) and the place inside it (``with.order.total``)."""
         bindings = self.bindings(ikey, self.p.template_exprs(template), context=context, own=own)
-        return evaluate_template(template, self.p.expressions, data, bindings)
+        try:
+            return evaluate_template(template, self.p.expressions, data, bindings)
+        except ExpressionError as exc:
+            raise exc.within(where) from None
 
     def step_input(self, ikey: str) -> Json:
         """A step's worker input: its ``with`` template over its context, or the whole context."""
         template = self.p.nodes[self.nodes[ikey]["node"]].get("with")
         ctx = self.context(ikey)
-        return dict(ctx) if template is None else self.render(ikey, template, ctx)
+        return dict(ctx) if template is None else self.render(ikey, template, ctx, where="with")
 
     def is_step(self, key: str) -> bool:
         return self.p.kind[key] in STEP_KINDS

@@ -108,7 +108,7 @@ class Machine(Saga):
         ikey = self.new_record(key, container, "running", lineage)
         node = self.p.nodes[key]
         try:
-            if node.get("when") and not truthy(self.evaluate(ikey, node["when"], self.context(ikey))):
+            if node.get("when") and not truthy(self.evaluate(ikey, node["when"], self.context(ikey), where="when")):
                 self._skip(ikey, "when")
                 self._node_done(ikey)
                 return
@@ -137,7 +137,7 @@ class Machine(Saga):
             self._group_done(ikey)
 
     def _begin_switch(self, ikey: str, node: dict[str, Any]) -> None:
-        label = switch_label(self.evaluate(ikey, node["on"], self.context(ikey)))
+        label = switch_label(self.evaluate(ikey, node["on"], self.context(ikey), where="on"))
         chosen: list[str] | None = None
         for case in node.get("cases") or ():
             if case["match"] == label:
@@ -155,7 +155,7 @@ class Machine(Saga):
 
     def _begin_for_each(self, ikey: str, node: dict[str, Any]) -> None:
         ctx = self.context(ikey)
-        items = self.evaluate(ikey, node["items"], ctx)
+        items = self.evaluate(ikey, node["items"], ctx, where="items")
         items = [] if items is None else items if isinstance(items, list) else [items]
         rec = self.nodes[ikey]
         rec.update(items=items, results=[None] * len(items), next=0, running=0, remaining=len(items),
@@ -182,7 +182,7 @@ class Machine(Saga):
     def _begin_flow(self, ikey: str, node: dict[str, Any]) -> None:
         ctx = self.context(ikey)
         template = node.get("with")
-        data = dict(ctx) if template is None else self.render(ikey, template, ctx)
+        data = dict(ctx) if template is None else self.render(ikey, template, ctx, where="with")
         problem = "it is not a JSON object" if not isinstance(data, dict) else \
             self.p.schema_error(node.get("input_schema"), data)
         if problem is not None:
@@ -284,7 +284,8 @@ class Machine(Saga):
         if rule.get("mode") != "map":
             return None
         ctx = self.context(ikey)
-        return {name: self.evaluate(ikey, eid, result, context=ctx, own=result) for name, eid in rule["map"].items()}
+        return {name: self.evaluate(ikey, eid, result, where=f"output.{name}", context=ctx, own=result)
+                for name, eid in rule["map"].items()}
 
     def _node_failed(self, ikey: str, err: dict[str, Any], task_id: str | None = None) -> None:
         """A node failed for good (``task_id``: by the outcome of that attempt): record it and abort the run."""
@@ -341,7 +342,7 @@ class Machine(Saga):
                                                       f"{type(result).__name__}, expected a JSON object"))
             return
         try:
-            if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result,
+            if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result, where="fail_when",
                                                               context=self.context(ikey), own=result)):
                 source = self.p.expressions[node["fail_when"]]["source"]
                 self._attempt_failed(ikey, task_id, error("FailWhen", f"fail_when holds: {source}"))
@@ -412,7 +413,7 @@ class Machine(Saga):
         if not isinstance(result, dict):
             return  # judged as on time: an attempt that failed (OutputInvalid), not a completion
         try:
-            if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result,
+            if node.get("fail_when") and truthy(self.evaluate(ikey, node["fail_when"], result, where="fail_when",
                                                               context=self.context(ikey), own=result)):
                 return  # a result the step fails with: no effect to undo, as on time
         except ExpressionError:

@@ -152,7 +152,7 @@ class Saga(Core):
         template = self.p.nodes[rec["node"]]["compensate"].get("with")
         if template is None:
             return data
-        return self.render(ikey, template, data, context=ctx, own=rec.get("result"))
+        return self.render(ikey, template, data, where="compensate.with", context=ctx, own=rec.get("result"))
 
     def _dispatch_compensation(self, ikey: str) -> None:
         comp = self.s["compensations"][ikey]

@@ -6,8 +6,10 @@ escaping the kernel; and a control character written as an escape in a Literal i
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from typing import Any
 
 import jsonata
 import pytest
@@ -16,6 +18,8 @@ from flowdsl.api import compile_text
 from flowdsl.diagnostics import CODES, Diagnostic, SpecError
 from flowdsl.expr import ExpressionError, Slot, compile_expression, split_template
 from flowdsl.llm_signature import SignatureError, normalize_fields, parse_signature
+from tests.kernel.plans import plan_of
+from tests.kernel.sim import Sim, fail, ok
 
 HEAD = "flowdsl: 1\nname: hostile\nsteps:\n  - a\n"
 #: what Python says, never what flowdsl should
@@ -247,3 +251,71 @@ def test_the_front_ends_own_escapes_were_already_refused(text: str) -> None:
     """YAML's "\\e" and "\\x1b" and the text syntax's "\\u001b" are read before the Literal is: FD110 there."""
     (d,) = diagnostics(text)
     assert d.code == "FD110" and d.message == "control character U+001B is not allowed in a spec"
+
+
+# --- 4. an evaluation error says where it happened ----------------------------------------------------------
+
+CARD = "4111111111111111"
+SUBSTRING = "argument 1 of $substring must be a string; got a number (5)"
+NUMBER = '$number cannot convert a string ("abc") to a number'
+
+
+@pytest.mark.parametrize(("steps", "script", "run_input", "step", "says"), [
+    ([{"b": {"when": "${ $substring(amount, 1) = 'x' }"}}], {}, {"amount": 5, "card": CARD}, "b",
+     f"in 'when': {SUBSTRING}"),
+    ([{"b": {"with": {"s": "${ $substring(amount, 1) }"}}}], {}, {"amount": 5, "card": CARD}, "b",
+     f"in 'with.s': {SUBSTRING}"),
+    ([{"b": {"with": {"order": {"lines": ["x", "${ $sum(items) }"]}}}}], {}, {"items": ["a"]}, "b",
+     "in 'with.order.lines[1]': argument 1 of $sum must be an array of numbers; got an array ([\"a\"])"),
+    ([{"b": {"with": {"note": "code ${ $number(code) }"}}}], {}, {"code": "abc"}, "b", f"in 'with.note': {NUMBER}"),
+    ([{"for_each": "each", "items": "${ $split(csv, 1) }", "steps": ["b"]}], {}, {"csv": "a,b"}, "each",
+     "in 'items': argument 2 of $split must be a string or a function; got a number (1)"),
+    ([{"switch": "s", "on": "${ $uppercase(mode) }", "cases": {"A": ["x"]}}], {}, {"mode": 1}, "s",
+     "in 'on': argument 1 of $uppercase must be a string; got a number (1)"),
+    ([{"a": {"fail_when": "${ $number(code) > 1 }"}}], {"a": ok({"code": "abc"})}, {}, "a",
+     f"in 'fail_when': {NUMBER}"),
+    ([{"a": {"output": {"total": "${ $number(code) }"}}}], {"a": ok({"code": "abc"})}, {}, "a",
+     f"in 'output.total': {NUMBER}"),
+    ([{"for_each": "each", "items": "${ rows }", "steps": ["b"], "output": {"n": "${ $substring($count($), 1) }"}}],
+     {}, {"rows": [1]}, "each", "in 'output.n': argument 1 of $substring must be a string; got a number (1)"),
+])
+def test_an_evaluation_error_names_the_option_it_happened_in(steps: list[Any], script: dict[str, Any],
+                                                             run_input: dict[str, Any], step: str, says: str) -> None:
+    """The run's error said only the engine's words: not whether `with`, `when` or an output map failed, nor which
+    of a template's keys (the checks' FD501 say "in 'with.trip': …": the same names)."""
+    sim = Sim(plan_of(steps), script, input=run_input).run()
+    assert sim.status == "failed" and sim.state["failed_step"] == step
+    assert sim.state["error"] == {"type": "ExpressionError", "message": says}
+    assert [e["error"] for e in sim.of("step_failed", step=step)][-1:] == [sim.state["error"]]
+
+
+def test_a_compensation_whose_with_fails_names_it() -> None:
+    comp = {"worker": "undo_a", "with": {"n": "${ $number(code) }"}}
+    sim = Sim(plan_of([{"a": {"compensate": comp}}, "b"]), {"a": ok({"code": "abc"}), "b": fail()}).run()
+    assert sim.status == "needs_intervention"
+    said = {"type": "ExpressionError", "message": f"in 'compensate.with.n': {NUMBER}"}
+    assert sim.state["intervention"]["steps"][0]["last_error"] == said
+    assert [e["error"] for e in sim.of("compensation_failed", step="a")] == [said]
+
+
+def test_a_failed_evaluation_over_a_large_input_quotes_none_of_it_end_to_end() -> None:
+    """The local runtime's result (what `flowdsl run --format json` prints): the error, the step's error and its
+    event said where and what in a few dozen characters; they quoted the whole 2,000-item context (64 KB),
+    card number included, three times over."""
+    from flowdsl import compile_text, run
+    from flowdsl.workers import WorkerRegistry
+
+    registry = WorkerRegistry()
+    registry.register("pay_e7", lambda data, ctx: {})
+    plan = compile_text("flowdsl: 1\nname: big\nworkers: [nowhere_e7]\nsteps:\n  - pay:\n"
+                        "      worker: pay_e7\n      with: {s: \"${ $substring(amount, 1) }\"}\n")
+    run_input = {"amount": 5, "card": {"number": CARD},
+                 "items": [{"sku": f"sku-{i}", "name": "a long product name"} for i in range(2000)]}
+    result = run(plan, run_input, record=False, registry=registry, import_workers=False, handle_sigint=False)
+    out = json.loads(json.dumps(result.to_json()))
+    said = {"type": "ExpressionError", "message": f"in 'with.s': {SUBSTRING}"}
+    assert out["status"] == "failed" and out["failed_step"] == "pay"
+    assert out["error"] == said and out["steps"]["pay"]["error"] == said
+    assert [e["error"] for e in out["events"] if e.get("error")] == [said, said]  # step_failed, run_finished
+    out.pop("context")  # the run's input, where it belongs
+    assert CARD not in json.dumps(out) and len(json.dumps(out)) < 3000
