@@ -500,6 +500,21 @@ def _where(lines: list[dict[str, Any]], i: int, path: Path | None) -> str:
 _CHANGED = "the record was changed after it was written, or was made by another version"
 
 
+#: the fields of an event (at any depth) that are prose for people — an error's ``message``, a ``reason`` — which
+#: a later version may word differently (an expression error names its option, a late completion's reason its
+#: cause) without deciding anything differently: a record's check compares events without them
+_PROSE = frozenset({"message", "reason"})
+
+
+def _decisions(value: Any) -> Any:
+    """``value`` (an event, as JSON) without its prose fields (:data:`_PROSE`): what a replay must match."""
+    if isinstance(value, dict):
+        return {k: _decisions(v) for k, v in value.items() if not (k in _PROSE and isinstance(v, str))}
+    if isinstance(value, list):
+        return [_decisions(v) for v in value]
+    return value
+
+
 def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], path: Path | None) -> None:
     """Refuse a recorded line the replay does not explain: every line is a kernel input event, a runtime line, or
     the event the kernel emitted at its ``seq``, as it emitted it, once — and the emitted events recorded are the
@@ -519,10 +534,10 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
         same = again is not None and (again.get("type"), again.get("step")) == (kind, event.get("step"))
         if same and isinstance(seq, int) and seq not in seen:
             assert again is not None
-            written = json.loads(encode_line(again))  # (as the record holds it: JSON, tuples as lists)
-            if written != event:
+            written = _decisions(json.loads(encode_line(again)))  # (as the record holds it: JSON, tuples as lists)
+            if written != _decisions(event):
                 fields = ", ".join(f"'{k}'" for k in sorted(set(written) | set(event), key=str)
-                                   if written.get(k) != event.get(k))
+                                   if written.get(k) != _decisions(event).get(k))
                 raise RecordError(f"{_where(lines, i, path)}: the event {kind!r} ('seq' {seq}) is not what replaying "
                                   f"the run emits there: its {fields} differ; {_CHANGED}")
             seen.add(seq)

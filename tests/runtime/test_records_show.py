@@ -549,3 +549,30 @@ def test_the_timeline_does_not_call_a_rejected_result_ignored_before_its_late_co
                            "reason": "stale or unknown task"})
     assert line is not None and "ignored" not in line
     assert "late task_succeeded for r/charge#1: not an answer the run waits for (stale or unknown task)" in line
+
+
+def test_a_record_whose_messages_another_version_worded_differently_is_shown(tmp_path: Path) -> None:
+    """Prose — an error's message, a reason — may be worded otherwise by another version (a runtime expression
+    error names its option now) without any decision differing: such a record is read (its result in this version's
+    words); a decision edited by hand is still refused."""
+    plan = compile_text(HEADER.format(name="rec") + "steps:\n  - conf.a: {with: {s: '${ $substring(amount, 1) }'}}\n")
+    result = asyncio.run(run_flow(plan, {"amount": 5}, run_id="r2", runs_dir=tmp_path))
+    assert result.status == "failed" and "in 'with.s'" in result.error["message"]
+    path = tmp_path / "r2.jsonl"
+    lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+    old = "context value is not a compatible type with argument 5 of Object 1"
+    for line in lines:
+        if isinstance(line.get("error"), dict) and line["error"].get("type") == "ExpressionError":
+            line["error"]["message"] = old
+    path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    shown = cli("show", "r2", "--runs-dir", str(tmp_path), "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    out = json.loads(shown.stdout)
+    assert out["status"] == "failed" and out["error"]["type"] == "ExpressionError", out
+    assert out["error"]["message"].startswith("in 'with.s': ")
+    for line in lines:  # the error's type is a decision: changing it is still refused
+        if isinstance(line.get("error"), dict):
+            line["error"]["type"] = "StepTimeout"
+    path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    refused = cli("show", "r2", "--runs-dir", str(tmp_path), "--format", "json")
+    assert refused.exit_code == 2 and "its 'error' differ" in refused.stderr, refused.output
