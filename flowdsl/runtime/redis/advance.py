@@ -656,7 +656,7 @@ def _worker_of(record: RunRecord, task_id: str) -> str | None:
     node = record.plan["nodes"].get(rec["node"]) if rec is not None else None
     if node is None:
         return None
-    kind = task["kind"]  # type: ignore[index]
+    kind = task["kind"]
     if kind == "fallback":
         return str(node["fallback"])
     if kind == "compensate":
