@@ -168,7 +168,8 @@ class _Session:
         if doc.data is None:
             self.diags.extend(doc.diagnostics)
             return None
-        schema_diags = [_with_file(d, file) for d in check_schema(doc.data)]
+        text_syntax = bool(file and file.endswith(TEXT_SUFFIXES))
+        schema_diags = [_with_file(d, file) for d in check_schema(doc.data, text_syntax=text_syntax)]
         self.diags.extend(doc.diagnostics + schema_diags)
         data = doc.data
         cut: list[str] = []

@@ -382,22 +382,27 @@ def _shown_dir(path: str) -> str:
     return path if rel.startswith("..") or rel == "." else rel
 
 
+#: the modules of ``workers:`` that cannot be imported that get a "did you mean" (the first ones)
+_SUGGESTED_MODULES = 8
+
+
 def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnostic]:
     """Import the worker modules, then check that every named worker is registered."""
-    from flowdsl.workers import WorkerImportError, import_worker_modules, registry
+    from flowdsl.workers import WorkerImportError, did_you_mean_module, import_worker_modules, registry
 
     spec_dir = os.path.dirname(os.path.abspath(flow.file)) if flow.file else None
     first = search_path or os.getcwd()
     also = [spec_dir] if spec_dir and os.path.abspath(first) != spec_dir else []
-    failed = False
+    failed = 0
     for i, module in enumerate(flow.workers):
-        try:
-            import_worker_modules([module], first, also)
+        try:  # (each "did you mean" compares the name with a directory's modules: a few are enough)
+            import_worker_modules([module], first, also, suggest=failed < _SUGGESTED_MODULES)
         except WorkerImportError as exc:
-            failed = True
+            failed += 1
             where = f"in {_shown_dir(exc.origin)}; " if exc.origin else "" if exc.found else \
                 f"searched {', '.join(_shown_dir(p) for p in exc.searched)}; "
-            yield _err(flow, "FD205", f"cannot import worker module '{module}': {exc.reason} ({where}"
+            yield _err(flow, "FD205", f"cannot import worker module '{module}'{did_you_mean_module(exc.suggestion)}: "
+                       f"{exc.reason} ({where}"
                        "`flowdsl validate --no-import` checks the spec without importing)", join("/workers", i))
     if failed:
         return  # the names the missing module would register are unknown: no FD204 guesses
@@ -405,5 +410,8 @@ def check_worker_names(flow: Flow, search_path: str | None) -> Iterator[Diagnost
     for node, role, name, path in worker_references(flow):
         if name not in known:
             where = "by the modules in 'workers:'" if flow.workers else "('workers:' lists no modules)"
-            yield _err(node, "FD204", f"{role} '{name}' is not a known worker: none is registered under that name "
-                       f"{where}{did_you_mean(name, known)}", path)
+            if role == "step" and path.endswith("/worker"):  # the step names its worker: say which is which
+                what = f"step '{node.id}': worker '{name}' is not registered"
+            else:  # a step written as its worker's name, a fallback, a compensation
+                what = f"{role} '{name}' is not a known worker: none is registered under that name"
+            yield _err(node, "FD204", f"{what} {where}{did_you_mean(name, known)}", path)

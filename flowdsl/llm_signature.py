@@ -27,7 +27,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from flowdsl.source import control_character
@@ -78,6 +78,8 @@ class SignatureError(ValueError):
     the mapping form); ``path`` is a JSON pointer inside the signature mapping
     (``/outputs/tone/enum``, empty for the string form); ``code`` is the
     diagnostic code the compiler reports (FD601 malformed, FD602 unknown type).
+    ``field`` names the field when the error is about that field's type (or, in the mapping form, its spec)
+    alone: such an error does not stop :func:`read_signature` reading the rest.
     """
 
     def __init__(self, message: str, offset: int | None = None, *, path: str = "", code: str = "FD601"):
@@ -87,6 +89,7 @@ class SignatureError(ValueError):
         self.path = path
         self.code = code
         self.text: str | None = None  # the signature string, set by parse_signature
+        self.field: str | None = None  # the field whose type (or spec) alone is wrong
 
     def describe(self) -> str:
         """The message with where it is in the signature string, for diagnostics.
@@ -114,14 +117,37 @@ def parse_signature(text: str) -> dict[str, list[dict[str, Any]]]:
     """
     if not isinstance(text, str):
         raise SignatureError(f"a signature string was expected, found {type(text).__name__}", 0)
+    signature, errors = read_signature(text)
+    if errors:
+        raise errors[0]
+    assert signature is not None
+    return signature
+
+
+def read_signature(signature: str | Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]] | None,
+                                                              list[SignatureError]]:
+    """Read either source form past the errors of single fields: the normalized signature and every error, in
+    the order found (what the checks report at once).
+
+    An error about one field's type (a string form's ``name: type``; a mapping form's field spec) has its
+    ``field`` set, and the reading goes on with that field standing as a ``str`` in the signature. Any other
+    error stops it: it is the last of the errors and the signature is None. No error: ``(signature, [])``,
+    as :func:`parse_signature` or :func:`normalize_fields` returns it.
+    """
+    errors: list[SignatureError] = []
+    result: dict[str, list[dict[str, Any]]] | None = None
     try:
-        return _parse_string(text)
+        result = _parse_string(signature, errors) if isinstance(signature, str) else \
+            _normalize_fields(signature, errors)
     except SignatureError as exc:
-        exc.text = text
-        raise
+        errors.append(exc)
+    if isinstance(signature, str):
+        for error in errors:
+            error.text = signature
+    return (None if errors and errors[-1].field is None else result), errors
 
 
-def _parse_string(text: str) -> dict[str, list[dict[str, Any]]]:
+def _parse_string(text: str, errors: list[SignatureError]) -> dict[str, list[dict[str, Any]]]:
     arrows = [i for i, ch in _top_level(text) if text.startswith("->", i)]
     if not arrows:
         raise SignatureError(
@@ -132,8 +158,8 @@ def _parse_string(text: str) -> dict[str, list[dict[str, Any]]]:
         raise SignatureError("found a second '->'; expected exactly one, between the inputs and the outputs",
                              arrows[1])
     arrow = arrows[0]
-    inputs = _parse_side(text, 0, arrow, "inputs")
-    outputs = _parse_side(text, arrow + 2, len(text), "outputs")
+    inputs = _parse_side(text, 0, arrow, "inputs", errors)
+    outputs = _parse_side(text, arrow + 2, len(text), "outputs", errors)
     seen = {f["name"]: off for f, off in inputs}
     for f, off in outputs:
         if f["name"] in seen:
@@ -152,6 +178,17 @@ def normalize_fields(mapping_form: Mapping[str, Any]) -> dict[str, list[dict[str
     and no ``type`` the type follows the values). Field order is kept as written.
     Raises :class:`SignatureError` with ``path`` set.
     """
+    errors: list[SignatureError] = []
+    try:
+        signature = _normalize_fields(mapping_form, errors)
+    except SignatureError as exc:
+        errors.append(exc)
+    if errors:
+        raise errors[0]
+    return signature
+
+
+def _normalize_fields(mapping_form: Any, errors: list[SignatureError]) -> dict[str, list[dict[str, Any]]]:
     if not isinstance(mapping_form, Mapping):
         raise SignatureError(f"a signature mapping with 'inputs' and 'outputs' was expected, "
                              f"found {_kind(mapping_form)}")
@@ -179,7 +216,12 @@ def normalize_fields(mapping_form: Mapping[str, Any]) -> dict[str, list[dict[str
                     path=path,
                 )
             names[name] = side
-            result[side].append(_field_from_spec(name, spec, path))
+            try:
+                result[side].append(_field_from_spec(name, spec, path))
+            except SignatureError as exc:  # about this field alone: the others are read on
+                exc.field = name
+                errors.append(exc)
+                result[side].append({"name": name, "type": "str", "desc": None, "enum": None})
     return result
 
 
@@ -227,13 +269,14 @@ def coerce_value(field: Mapping[str, Any], value: Any) -> Any:
     return converted
 
 
-def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+def check_llm_block(llm: Mapping[str, Any], untyped: Collection[str] = ()) -> list[tuple[str, str, str]]:
     """Problems of a normalized ``llm`` block beyond its signature: ``(code, pointer, message)``.
 
     Checks the module name, a ``reasoning`` input or output under ``chain_of_thought``,
     that ``redact`` names input fields, and that each demo gives every field of
     the signature a value of its type (FD603). Pointers are relative to the
-    ``llm`` block.
+    ``llm`` block. ``untyped``: the fields whose type is in error (:func:`read_signature`), whose demo values
+    are not checked.
     """
     problems: list[tuple[str, str, str]] = []
     signature = llm.get("signature") or {}
@@ -277,7 +320,7 @@ def check_llm_block(llm: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 problems.append(("FD603", f"/demos/{i}/{_esc(key)}", f"demo {i + 1} has '{key}', which is "
                                  "not a field of the signature" + _did_you_mean(str(key), sorted(known))))
         for f in fields:
-            if f["name"] in demo:
+            if f["name"] in demo and f["name"] not in untyped:
                 try:
                     coerce_value(f, demo[f["name"]])
                 except ValueError as exc:
@@ -361,7 +404,8 @@ def _top_level(text: str, start: int = 0, end: int | None = None) -> Iterator[tu
         i += 1
 
 
-def _parse_side(text: str, start: int, end: int, side: str) -> list[tuple[dict[str, Any], int]]:
+def _parse_side(text: str, start: int, end: int, side: str,
+                errors: list[SignatureError]) -> list[tuple[dict[str, Any], int]]:
     if not text[start:end].strip():
         where = "before" if side == "inputs" else "after"
         raise SignatureError(f"found no {side} {where} '->'; expected at least one field name", start)
@@ -386,7 +430,11 @@ def _parse_side(text: str, start: int, end: int, side: str) -> list[tuple[dict[s
         if colon is not None:
             type_text = text[colon + 1:b]
             type_off = colon + 1 + len(type_text) - len(type_text.lstrip())
-            field["type"], field["enum"] = _parse_type(type_text.strip(), name, type_off)
+            try:
+                field["type"], field["enum"] = _parse_type(type_text.strip(), name, type_off)
+            except SignatureError as exc:  # about this field's type alone: the others are read on
+                exc.field = name
+                errors.append(exc)
         fields.append((field, off))
     return fields
 

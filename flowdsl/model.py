@@ -438,14 +438,15 @@ class _Builder:
             self.duration(value.get("timeout"), join(path, "timeout")))
 
     def llm(self, value: dict[str, Any], path: str) -> LlmSpec | None:
-        from flowdsl.llm_signature import SignatureError, check_llm_block, normalize_fields, parse_signature
+        from flowdsl.llm_signature import check_llm_block, read_signature
 
-        sig = value["signature"]
-        try:
-            norm = parse_signature(sig) if isinstance(sig, str) else normalize_fields(sig)
-        except SignatureError as exc:
+        # every field whose type is wrong is reported at once; the step is checked on with each such field as a
+        # str (its demo values unchecked), unless another error stopped the reading of the signature
+        norm, errors = read_signature(value["signature"])
+        for exc in errors:
             what = "malformed signature: " if exc.code == "FD601" else "in the signature: "
             self.err(exc.code, f"{what}{exc.describe()}", join(path, "signature") + exc.path)
+        if norm is None:
             return None
 
         def fields(items: list[dict[str, Any]]) -> tuple[Field, ...]:
@@ -457,7 +458,8 @@ class _Builder:
                        tuple(value.get("redact") or ()))
         # checked with the module the step runs with: its own, else the flow's defaults.llm.module
         module = value.get("module") or self.default_llm_module
-        for code, where, message in check_llm_block({**value, "module": module, "signature": norm}):
+        untyped = {exc.field for exc in errors if exc.field is not None}
+        for code, where, message in check_llm_block({**value, "module": module, "signature": norm}, untyped):
             if where == "/signature" and value.get("module") is None:
                 message += " (the step's module, chain_of_thought, comes from 'defaults: {llm: {module: ...}}')"
             self.err(code, message, path + where)

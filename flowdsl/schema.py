@@ -82,11 +82,12 @@ def _fast_validator() -> Any:
     return jsonschema_rs.Draft202012Validator(spec_schema())
 
 
-def check_schema(data: Any) -> list[Diagnostic]:
+def check_schema(data: Any, *, text_syntax: bool = False) -> list[Diagnostic]:
     """Every schema violation of ``data``, as diagnostics with JSON paths (positions added later).
 
     A valid document (the usual case) is recognised by jsonschema-rs alone; python-jsonschema
-    runs only to explain an invalid one, since its errors carry what the messages need.
+    runs only to explain an invalid one, since its errors carry what the messages need. ``text_syntax``:
+    ``data`` was read from a ``.flow`` file, whose words some hints use (``undo`` for ``compensate``).
     """
     if _fast_validator().is_valid(data):
         return []
@@ -94,7 +95,7 @@ def check_schema(data: Any) -> list[Diagnostic]:
     for error in _validator().iter_errors(data):
         if _version_number(error):
             continue  # the model says it better, quoting the number as written (model._Builder.version)
-        diags.extend(_convert(error))
+        diags.extend(_convert(error, text_syntax))
     # a mis-indented step explains every error inside it: keep only that one
     misplaced = [d.path for d in diags if d.message.startswith("a step is a mapping with one key")]
     return [d for d in diags if not any(d.path.startswith(m + "/") for m in misplaced)]
@@ -156,20 +157,20 @@ def _what(schema: Any) -> str:
     return "a valid value"
 
 
-def _convert(error: Any) -> Iterator[Diagnostic]:
+def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
     from jsonschema.exceptions import best_match
 
     path = _path(error)
     v = error.validator
     inst = error.instance
     if v in ("oneOf", "anyOf") and error.context:
-        yield from _convert(best_match(error.context))
+        yield from _convert(best_match(error.context), text_syntax)
     elif v == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         for key in sorted(set(inst) - set(allowed)):
             where = _where(error.absolute_path)
             yield make("FD202", f"unknown field '{key}'{where}{did_you_mean(key, allowed)}; "
-                       f"expected one of: {', '.join(allowed)}", join(path, key))
+                       f"expected one of: {', '.join(allowed)}{_group_hint(key, inst, text_syntax)}", join(path, key))
     elif v == "required":
         for key in error.validator_value:
             if key not in inst:
@@ -257,6 +258,23 @@ def _where(path: Any, inst: Any = None) -> str:
     if parts[-1] == "defaults":
         return " in defaults"
     return ""
+
+
+#: a group's kind as a message names it
+_GROUP_NAMES = {"sequence": "a sequence", "parallel": "a parallel group", "for_each": "a for_each",
+                "switch": "a switch", "flow": "a sub-flow"}
+
+
+def _group_hint(key: str, inst: Any, text_syntax: bool) -> str:
+    """For a ``compensate`` (``undo``) written on a group: where compensations go instead."""
+    kind = next((k for k in _GROUP_NAMES if k in inst), None) if isinstance(inst, dict) else None
+    if key != "compensate" or kind is None:
+        return ""
+    word = "undo" if text_syntax else "'compensate'"
+    inside = "of the sub-flow (in its file)" if kind == "flow" else "inside it"
+    return (f"; {_GROUP_NAMES[kind]} has no {'undo' if text_syntax else 'compensation'} of its own: give each step "
+            f"{inside} its own {word} (when the run fails, the steps that completed are undone in reverse order, "
+            "automatically)")
 
 
 def _is_step_mapping(error: Any) -> bool:

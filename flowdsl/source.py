@@ -450,12 +450,81 @@ def _syntax_error(exc: Any, text: str, marks: _Marks, file: str | None) -> Diagn
             ctx = f" ({exc.context} started on line {started})"
     if mark is not None and text[marks.index(mark):marks.index(mark) + 1] == "\t":
         return make("FD103", _TAB_MESSAGE, file=file, **where)
+    if mark is not None:
+        ctx += _indent_hint(exc, text, marks) or _quote_hint(text, marks.index(mark))
     separator = _SEPARATOR.search(text)
     if separator is not None:  # the YAML reader takes it for a line break, and the error shows a mess instead
         line = _where(text, separator.start())[0]
         ctx += (f"; note: line {line} holds U+{ord(separator.group()):04X}, which the YAML reader takes for a line "
                 "break: write that value in quotes")
     return make("FD103", f"{problem}{ctx}", file=file, **where)
+
+
+def _line_text(text: str, lines: _Lines, line: int) -> str:
+    """The text of the 1-based ``line``, without its line break."""
+    end = lines.starts[line] if line < len(lines.starts) else len(text)
+    return text[lines.starts[line - 1]:end].rstrip("\r\n")
+
+
+def _indent_hint(exc: Any, text: str, marks: _Marks) -> str:
+    """For a key indented between two levels — one space short of its siblings (libyaml: "did not find expected
+    key" in a block mapping, at the first character of a line): the columns the keys around it start at.
+
+    The mapping started at the context mark has its keys at that mark's column; the lines after it that are
+    indented deeper are the value of its last key. A line starting between the two belongs to neither.
+    """
+    if (exc.problem != "did not find expected key" or exc.context != "while parsing a block mapping"
+            or exc.context_mark is None or exc.problem_mark is None):
+        return ""
+    lines = _Lines(text)
+    at = marks.index(exc.problem_mark)
+    line, column = lines.where(at)
+    if text[lines.starts[line - 1]:at].strip(" "):
+        return ""  # not at the first character of its line: not a matter of indentation
+    started, keys = lines.where(marks.index(exc.context_mark))
+    inner: tuple[int, int] | None = None  # (column, line) where the block inside the mapping's last key starts
+    for n in range(line - 1, started, -1):
+        body = _line_text(text, lines, n)
+        content = body.lstrip(" ")
+        if not content or content.startswith("#"):
+            continue
+        indent = len(body) - len(content) + 1
+        if indent <= keys:
+            break
+        if inner is None or indent <= inner[0]:
+            inner = (indent, n)
+    if inner is None or not keys < column < inner[0]:
+        return ""
+    return (f"; check the indentation of line {line}: it starts at column {column}, but the mapping started on "
+            f"line {started} has its keys at column {keys}, and the block inside it (line {inner[1]}) starts at "
+            f"column {inner[0]}; a key starts in exactly the column of its sibling keys")
+
+
+def _quote_hint(text: str, at: int) -> str:
+    """For a parser error just after a double-quoted value that opens an expression (``${``) and does not close it:
+    a ``"`` inside a double-quoted expression (``"${ amount + "x" }"``) ended the value. How to write it instead."""
+    j = at - 1
+    while j >= 0 and text[j] in " \t":
+        j -= 1
+    if j < 0 or text[j] != '"':
+        return ""
+    first = max(0, j - 2000)
+    k = text.rfind('"', first, j)  # the opening quote: the nearest '"' before that no backslash escapes
+    while k >= 0 and (k - len(text[first:k].rstrip("\\")) - first) % 2:
+        k = text.rfind('"', first, k)
+    if k < 0:
+        return ""
+    value = text[k + 1:j]
+    opened = value.rfind("${")
+    if opened < 0 or "}" in value[opened:] or "\n" in value or "\r" in value:
+        return ""
+    said = f"; note: the value {text[k:j + 1]} ends at the '\"' that was meant to start a string inside its expression"
+    rest = re.match(r'[^"\r\n\\]*"[^"\r\n\\]*\}\s*"', text[at:at + 2000])
+    meant = text[k + 1:at + rest.end() - 1] if rest else ""
+    if not rest or "'" in meant or "\\" in meant:  # (an escape means something else inside '...')
+        return f"{said}: write the expression's strings in single quotes, or quote the whole value with '...'"
+    return (f"{said}: write the expression's strings in single quotes (\"{meant.replace(chr(34), chr(39))}\"), or "
+            f"quote the whole value with '...' ('{meant}')")
 
 
 #: LINE SEPARATOR and PARAGRAPH SEPARATOR: breaks for PyYAML (YAML 1.1), plain characters for YAML 1.2

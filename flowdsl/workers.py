@@ -121,8 +121,48 @@ def _check_callable(name: str, fn: Any) -> None:
     try:
         signature.bind(None, None)
     except TypeError as exc:
-        raise TypeError(f"worker {name!r}: {_describe_fn(fn)} must take the step's input and its context "
-                        f"(fn(data, ctx)): {exc}") from None
+        found, remedy = _signature_problem(signature) or (f"cannot be called as fn(data, ctx) ({exc})", "")
+        raise TypeError(f"worker {name!r}: {_describe_fn(fn)} {found}; a worker must take the step's input and "
+                        f"its context: fn(data, ctx){remedy}") from None
+
+
+def _signature_problem(signature: inspect.Signature) -> tuple[str, str] | None:
+    """Why a function of ``signature`` cannot be called as ``fn(data, ctx)``: what it takes, and what to change
+    (``""``, or a remedy starting with ``"; "``); None when that cannot be told."""
+    params = list(signature.parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    kw_required = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        if not params:
+            return "takes no parameters", ""
+        took = f"takes {_count(len(positional), 'positional parameter')}" + (
+            f" ({', '.join(positional)})" if positional else "")
+        if kw_required:  # fn(data, *, ctx): the context is given by position, not by name
+            took += f" and the keyword-only {_names(kw_required)}"
+            return took, f"; make {_names(kw_required[:2 - len(positional)])} positional (before any '*')"
+        return took, ""
+    if len(required) > 2:
+        extra = required[2:]
+        return (f"takes {len(required)} positional parameters without a default ({', '.join(required)})",
+                f", and is given nothing else; give {_names(extra)} a default, or remove "
+                f"{'it' if len(extra) == 1 else 'them'}")
+    if kw_required:
+        return (f"has the keyword-only {_names(kw_required)} without a default",
+                f", and is given nothing else; give {'it' if len(kw_required) == 1 else 'them'} a default")
+    return None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{'no' if n == 0 else n} {noun}{'' if n == 1 else 's'}"
+
+
+def _names(names: list[str]) -> str:
+    """``parameter 'x'``, ``parameters 'x' and 'y'``."""
+    quoted = [f"'{n}'" for n in names]
+    listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+    return f"parameter{'' if len(names) == 1 else 's'} {listed}"
 
 
 class WorkerRegistry:
@@ -261,22 +301,29 @@ def _own_name(fn: Any) -> str:
 
 class WorkerImportError(Exception):
     """A worker module could not be imported. ``found``: it was found (importing it raised); ``searched``: the
-    directories it was looked for in (besides the rest of ``sys.path``)."""
+    directories it was looked for in (besides the rest of ``sys.path``); ``suggestion``: for a module that is
+    nowhere, the module of a close name that is there (``travel_workers`` for ``travel_worker``), or None."""
 
     def __init__(self, module: str, reason: str, *, found: bool = True, searched: Sequence[str] = (),
-                 origin: str | None = None):
+                 origin: str | None = None, suggestion: str | None = None):
         where = f" (in {origin})" if origin else f" (searched {', '.join(searched)})" if not found and searched \
             else ""
-        super().__init__(f"cannot import worker module '{module}': {reason}{where}")
+        super().__init__(f"cannot import worker module '{module}'{did_you_mean_module(suggestion)}: {reason}{where}")
         self.module = module
         self.reason = reason
         self.found = found
         self.searched = list(searched)
         self.origin = origin
+        self.suggestion = suggestion
+
+
+def did_you_mean_module(suggestion: str | None) -> str:
+    """`` (did you mean 'x'?)`` for :attr:`WorkerImportError.suggestion`, else ``""``."""
+    return f" (did you mean '{suggestion}'?)" if suggestion else ""
 
 
 def import_worker_modules(modules: Iterable[str], search_path: str | None = None,
-                          also: Sequence[str | None] = ()) -> None:
+                          also: Sequence[str | None] = (), *, suggest: bool = True) -> None:
     """Import each module so its ``@worker`` functions register.
 
     ``search_path`` (the current directory, or the project root), then the
@@ -288,7 +335,7 @@ def import_worker_modules(modules: Iterable[str], search_path: str | None = None
     :class:`WorkerImportError` naming the first module that fails: the error
     its import raised (any ``BaseException`` — ``sys.exit()`` at import time
     too — but a real Ctrl-C, which propagates), or, when it is nowhere, the
-    directories searched.
+    directories searched and (``suggest``) a module of a close name found there.
     """
     modules = list(modules)
     if not modules:
@@ -299,7 +346,7 @@ def import_worker_modules(modules: Iterable[str], search_path: str | None = None
         sys.path.insert(0, place)
     try:
         for module in modules:
-            _import_one(module, places)
+            _import_one(module, places, suggest)
     finally:
         homes = _homes(modules)
         for place in added:
@@ -323,7 +370,7 @@ def _homes(modules: list[str]) -> set[str]:
     return homes
 
 
-def _import_one(module: str, places: list[str]) -> None:
+def _import_one(module: str, places: list[str], suggest: bool) -> None:
     try:
         with marking_sigint():
             importlib.import_module(module)
@@ -332,8 +379,54 @@ def _import_one(module: str, places: list[str]) -> None:
             raise
         missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
         if missing is not None and (module == missing or module.startswith(missing + ".")):
-            raise WorkerImportError(module, describe_exception(exc), found=False, searched=places) from None
+            close = _close_module(missing, places) if suggest else None
+            raise WorkerImportError(module, describe_exception(exc), found=False, searched=places,
+                                    suggestion=None if close is None else close + module[len(missing):]) from None
         raise WorkerImportError(module, describe_exception(exc), searched=places, origin=_origin_of(module)) from exc
+
+
+#: entries of a directory looked at for a module name close to a missing one (a home directory can be large:
+#: each name is compared with the missing one)
+_MAX_ENTRIES = 2_000
+
+
+def _close_module(missing: str, places: Sequence[str]) -> str | None:
+    """A module name close to ``missing`` (a module that is nowhere) that can be imported: a ``*.py`` file or a
+    package (a directory with an ``__init__.py``) in the directories searched — or, for a submodule
+    (``pkg.sub``), in its package's directories. difflib's closest, at a ratio of 0.6 as every "did you mean"."""
+    import difflib
+
+    parent, _, leaf = missing.rpartition(".")
+    if parent:
+        package = sys.modules.get(parent)
+        places = [p for p in getattr(package, "__path__", None) or () if isinstance(p, str)]
+    names: set[str] = set()
+    for place in places:
+        try:
+            names.update(_module_names(place, os.stat(place).st_mtime_ns))
+        except OSError:  # a directory that cannot be read: nothing to suggest from it
+            continue
+    names.discard(leaf)
+    close = difflib.get_close_matches(leaf, sorted(names), n=1, cutoff=0.6)
+    return (f"{parent}.{close[0]}" if parent else close[0]) if close else None
+
+
+@functools.lru_cache(maxsize=32)
+def _module_names(place: str, stamp: int) -> frozenset[str]:
+    """The modules in the directory ``place`` (its first :data:`_MAX_ENTRIES` entries), as of its modification
+    time ``stamp`` (read once per version of the directory, however many modules are missing)."""
+    names: set[str] = set()
+    with os.scandir(place) as entries:
+        for i, entry in enumerate(entries):
+            if i >= _MAX_ENTRIES:
+                break
+            name, ext = os.path.splitext(entry.name)
+            if ext == ".py" and name.isidentifier() and entry.is_file():
+                names.add(name)
+            elif not ext and entry.name.isidentifier() and entry.is_dir() and os.path.isfile(
+                    os.path.join(entry.path, "__init__.py")):
+                names.add(entry.name)
+    return frozenset(names)
 
 
 def describe_exception(exc: BaseException) -> str:

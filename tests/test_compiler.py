@@ -1054,11 +1054,12 @@ def test_workers_known_and_unknown(spec: Spec, worker_module: str) -> None:
               fallback: shop.rules.clasify
           - ship: {worker: shop.ship}
         """, check_workers=True, search_path=worker_module)
-    got = [(d.code, d.line, d.path, d.message.split(":")[0]) for d in result.diagnostics]
+    got = [(d.code, d.line, d.path, d.message.split(" by ")[0].split(": none")[0]) for d in result.diagnostics]
     assert got == [
         ("FD204", 5, "/steps/0/reserve_stock/compensate", "compensation 'relase_stock' is not a known worker"),
         ("FD204", 8, "/steps/1/label/fallback", "fallback 'shop.rules.clasify' is not a known worker"),
-        ("FD204", 9, "/steps/2/ship/worker", "step 'shop.ship' is not a known worker"),
+        # the step names its worker: the message tells the step from its worker
+        ("FD204", 9, "/steps/2/ship/worker", "step 'ship': worker 'shop.ship' is not registered"),
     ]
     assert "(did you mean 'release_stock'?)" in result.diagnostics[0].message
     assert "(did you mean 'shop.rules.classify'?)" in result.diagnostics[1].message
@@ -1077,6 +1078,88 @@ def test_a_failed_import_reports_fd205_and_no_guesses(spec: Spec, worker_module:
     (d,) = result.diagnostics
     assert d.code == "FD205" and d.path == "/workers/1"
     assert "cannot import worker module 'broken_workers_t': RuntimeError: no config" in d.message
+
+
+def test_an_unknown_worker_tells_the_step_from_the_worker_it_names(spec: Spec, worker_module: str) -> None:
+    result = spec(HEAD + """\
+        workers: [shop_workers_t]
+        steps:
+          - reserve: {worker: reserve_stok}
+          - shop.rules.clasify
+          - release_stock: {worker: release_stoc, timeout: 1s}
+        """, check_workers=True, search_path=worker_module)
+    assert [(d.line, d.column, d.message) for d in result.diagnostics] == [
+        (5, 23, "step 'reserve': worker 'reserve_stok' is not registered by the modules in 'workers:' "
+                "(did you mean 'reserve_stock'?)"),
+        # a step written as its worker's name: the name is both
+        (6, 5, "step 'shop.rules.clasify' is not a known worker: none is registered under that name by the "
+               "modules in 'workers:' (did you mean 'shop.rules.classify'?)"),
+        (7, 29, "step 'release_stock': worker 'release_stoc' is not registered by the modules in 'workers:' "
+                "(did you mean 'release_stock'?)"),
+    ]
+
+
+@pytest.mark.parametrize(("listed", "suggested"), [
+    ("shop_worker_t", "shop_workers_t"),  # a module file in the searched directory
+    ("shop_worker_t.sub", "shop_workers_t.sub"),  # a submodule of a misspelt module: the module is suggested
+    ("shop_pkg_t.shipping_t", "shop_pkg_t.shiping_t"),  # a misspelt submodule: one of its package's modules
+    ("shop_pkgs_t", "shop_pkg_t"),  # a package
+    ("nowhere_near_anything", None),
+])
+def test_a_misspelt_worker_module_gets_a_did_you_mean(spec: Spec, worker_module: str, listed: str,
+                                                      suggested: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowdsl.workers import WorkerImportError, import_worker_modules
+
+    package = Path(worker_module) / "shop_pkg_t"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "shiping_t.py").write_text("")
+    monkeypatch.delitem(sys.modules, "shop_pkg_t", raising=False)
+    result = spec(HEAD + f"workers: [{listed}]\nsteps: [reserve_stock]\n", check_workers=True,
+                  search_path=worker_module)
+    (d,) = result.diagnostics
+    hint = f" (did you mean '{suggested}'?)" if suggested else ""
+    assert d.code == "FD205" and d.message.startswith(f"cannot import worker module '{listed}'{hint}: "
+                                                      "ModuleNotFoundError: No module named"), d.message
+    # the same for `flowdsl worker -w` and the runtimes, which say the WorkerImportError itself
+    with pytest.raises(WorkerImportError) as info:
+        import_worker_modules([listed], worker_module)
+    assert str(info.value).startswith(f"cannot import worker module '{listed}'{hint}: ModuleNotFoundError")
+    assert info.value.suggestion == suggested
+
+
+def test_only_the_first_missing_modules_of_a_spec_get_a_did_you_mean(spec: Spec, worker_module: str) -> None:
+    """Each suggestion compares the name with every module of the directories searched: a spec listing thousands of
+    missing modules is not slowed down by them."""
+    listed = ", ".join(f"shop_worker_{i}" for i in range(10))
+    result = spec(HEAD + f"workers: [{listed}]\nsteps: [a]\n", check_workers=True, search_path=worker_module)
+    assert ["did you mean 'shop_workers_t'" in d.message for d in result.diagnostics] == [True] * 8 + [False] * 2
+
+
+@pytest.mark.parametrize(("definition", "said"), [
+    ("def w(data):", "function w takes 1 positional parameter (data); a worker must take the step's input and its "
+                     "context: fn(data, ctx)"),
+    ("def w():", "function w takes no parameters; a worker must take the step's input and its context: "
+                 "fn(data, ctx)"),
+    ("def w(data, ctx, extra):", "function w takes 3 positional parameters without a default (data, ctx, extra); "
+                                 "a worker must take the step's input and its context: fn(data, ctx), and is given "
+                                 "nothing else; give parameter 'extra' a default, or remove it"),
+    ("def w(data, ctx, *, flag):", "function w has the keyword-only parameter 'flag' without a default; a worker "
+                                   "must take the step's input and its context: fn(data, ctx), and is given nothing "
+                                   "else; give it a default"),
+    ("def w(data, *, ctx):", "function w takes 1 positional parameter (data) and the keyword-only parameter 'ctx'; a "
+                             "worker must take the step's input and its context: fn(data, ctx); make parameter "
+                             "'ctx' positional (before any '*')"),
+])
+def test_a_worker_of_the_wrong_signature_is_told_what_it_takes(spec: Spec, worker_module: str, definition: str,
+                                                               said: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"sig_workers_{abs(hash(definition)) % 10**8}"
+    (Path(worker_module) / f"{name}.py").write_text(
+        f"from flowdsl.workers import worker\n\n@worker('bad.w')\n{definition}\n    return {{}}\n")
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    result = spec(HEAD + f"workers: [{name}]\nsteps: [bad.w]\n", check_workers=True, search_path=worker_module)
+    (d,) = result.diagnostics
+    assert d.code == "FD205" and f"TypeError: worker 'bad.w': {said} (in " in d.message, d.message
 
 
 def test_no_import_skips_the_worker_checks(spec: Spec) -> None:
@@ -1288,6 +1371,86 @@ def test_a_tab_indenting_yaml_is_named() -> None:
         (code, line, message), = errors(text)
         assert code == "FD103" and line in (4, 6)
         assert message.startswith("found a tab: YAML cannot be indented with tabs") and message.endswith("use spaces")
+
+
+def test_a_key_indented_between_two_levels_is_named_with_the_columns_around_it() -> None:
+    text = HEAD + "steps:\n  - charge:\n      compensate: refund\n     timeout: 1s\n  - notify\n"
+    assert errors(text) == [("FD103", 6, "did not find expected key (while parsing a block mapping started on line "
+                                         "4); check the indentation of line 6: it starts at column 6, but the mapping "
+                                         "started on line 4 has its keys at column 5, and the block inside it (line "
+                                         "5) starts at column 7; a key starts in exactly the column of its sibling "
+                                         "keys")]
+    # blank lines and comments between are skipped; the block inside is the least indented of its lines
+    text = HEAD + "input:\n  type: object\n  properties:\n    a:\n      type: string\n\n    # b\n   b: {}\n"
+    (code, line, message), = errors(text)
+    assert (code, line) == ("FD103", 10) and message.endswith(
+        "check the indentation of line 10: it starts at column 4, but the mapping started on line 4 has its keys at "
+        "column 3, and the block inside it (line 6) starts at column 5; a key starts in exactly the column of its "
+        "sibling keys")
+
+
+@pytest.mark.parametrize("text", [
+    "steps:\n  - a:\n      worker: x\n    - b\n",  # not between two levels: at the keys' own column
+    'steps:\n  - a: {with: {s: "abc" x}}\n',  # not at the start of a line, no expression
+    "name2: x\n bad: 1\n",
+])
+def test_other_yaml_errors_get_no_indentation_or_quote_hint(text: str) -> None:
+    for code, _, message in errors(HEAD + text):
+        assert code == "FD103" and "check the indentation" not in message and "note:" not in message, message
+
+
+@pytest.mark.parametrize(("value", "hint"), [
+    ('{s: "${ amount + "x" }"}', 'write the expression\'s strings in single quotes ("${ amount + \'x\' }"), or '
+                                'quote the whole value with \'...\' (\'${ amount + "x" }\')'),
+    ('{s: "${ a }", t: "${ "x" & a }"}', 'write the expression\'s strings in single quotes ("${ \'x\' & a }"), or '
+                                         'quote the whole value with \'...\' (\'${ "x" & a }\')'),
+    ("\n        s: \"${ amount + \"x\" }\"",
+     'write the expression\'s strings in single quotes ("${ amount + \'x\' }"), or quote the whole value with '
+     '\'...\' (\'${ amount + "x" }\')'),
+    ('{s: "${ \\"q\\" + "x" }"}', "write the expression's strings in single quotes, or quote the whole value "
+                                  "with '...'"),  # escapes: no rewriting shown
+    ("[\"${ it's + \"x\" }\"]", "write the expression's strings in single quotes, or quote the whole value "
+                                "with '...'"),
+])
+def test_a_double_quote_inside_a_double_quoted_expression_is_named(value: str, hint: str) -> None:
+    key = "branches" if value.startswith("[") else "with"
+    text = HEAD + f"steps:\n  - a:\n      {key}: {value}\n"
+    (code, _, message), = errors(text)
+    assert code == "FD103" and "ends at the '\"' that was meant to start a string inside its expression: " in message
+    assert message.endswith(hint), message
+
+
+def test_a_compensation_on_a_group_says_where_compensations_go(tmp_path: Path) -> None:
+    yaml_text = HEAD + ("steps:\n  - parallel: p\n    compensate: undo_p\n    branches: [a, b]\n"
+                        "  - for_each: f\n    items: \"${ [1] }\"\n    compensate: undo_f\n    steps: [c]\n"
+                        "  - flow: sub\n    path: sub.yaml\n    compensate: undo_s\n")
+    (tmp_path / "sub.yaml").write_text(HEAD + "steps: [d]\n", encoding="utf-8")
+    (tmp_path / "spec.yaml").write_text(yaml_text, encoding="utf-8")
+    result = compile_spec(str(tmp_path / "spec.yaml"))
+    found = [(d.code, d.line, d.message.split("; ", 1)[1]) for d in result.diagnostics]
+    tail = "(when the run fails, the steps that completed are undone in reverse order, automatically)"
+    assert found == [
+        ("FD202", 5, "expected one of: branches, description, needs, parallel, when; a parallel group has no "
+                     f"compensation of its own: give each step inside it its own 'compensate' {tail}"),
+        ("FD202", 9, "expected one of: as, concurrency, description, for_each, items, needs, output, steps, when; a "
+                     f"for_each has no compensation of its own: give each step inside it its own 'compensate' {tail}"),
+        ("FD202", 13, "expected one of: description, flow, needs, output, path, timeout, when, with; a sub-flow has no "
+                      "compensation of its own: give each step of the sub-flow (in its file) its own 'compensate' "
+                      f"{tail}"),
+    ]
+    # the text syntax says its own word
+    (d,) = errors_of_flow("flow t\nsequence s undo undo_s {\n  step a undo undo_a\n}\n")
+    assert d.message == ("unknown field 'compensate'; expected one of: description, needs, sequence, steps, when; a "
+                         "sequence has no undo of its own: give each step inside it its own undo " + tail)
+    # an unknown field of a step gets no such hint, nor another unknown field of a group
+    assert "of its own" not in only(HEAD + "steps:\n  - a: {compensation: x}\n", "FD202")
+    assert "of its own" not in only(HEAD + "steps:\n  - parallel: p\n    retry: 2\n    branches: [a]\n", "FD202")
+
+
+def errors_of_flow(text: str) -> list[Any]:
+    with pytest.raises(SpecError) as info:
+        compile_text(text, filename="spec.flow")
+    return list(info.value.diagnostics)
 
 
 def test_an_unknown_llm_module_is_a_schema_violation() -> None:

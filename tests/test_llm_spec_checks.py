@@ -260,3 +260,72 @@ def test_integer_answers_stay_bounded_when_python_sets_no_digit_limit() -> None:
         assert time.perf_counter() - t < 5
     finally:
         sys.set_int_max_str_digits(before)
+
+
+# --- every wrong type of a signature at once ----------------------------------------------------
+
+
+def test_every_unknown_type_of_a_string_signature_is_reported_at_once() -> None:
+    from flowdsl.llm_signature import read_signature
+
+    signature, errors = read_signature("subject, body -> category: string, urgent: boolean, score: integer")
+    assert [(e.code, e.field, e.offset) for e in errors] == [
+        ("FD602", "category", 27), ("FD602", "urgent", 43), ("FD602", "score", 59)]
+    assert errors[0].describe().endswith('(at character 28 of the signature: "string, urgent: boolean, scor…")')
+    # the fields in error stand as str, so that the rest of the step can be checked
+    assert signature is not None
+    assert [(f["name"], f["type"]) for f in signature["outputs"]] == [
+        ("category", "str"), ("urgent", "str"), ("score", "str")]
+    # parse_signature still raises the first error, as before
+    with pytest.raises(SignatureError) as info:
+        parse_signature("subject, body -> category: string, urgent: boolean")
+    assert info.value.field == "category" and "'string'" in info.value.message
+
+
+def test_every_wrong_field_of_a_mapping_signature_is_reported_at_once() -> None:
+    from flowdsl.llm_signature import read_signature
+
+    signature, errors = read_signature({"inputs": {"review": "text"},
+                                        "outputs": {"stars": "integer", "tags": {"type": "list[bool]"}, "ok": "bool"}})
+    assert [(e.code, e.field, e.path) for e in errors] == [
+        ("FD602", "review", "/inputs/review"), ("FD602", "stars", "/outputs/stars"),
+        ("FD602", "tags", "/outputs/tags/type")]
+    assert signature is not None and [f["type"] for f in signature["outputs"]] == ["str", "str", "bool"]
+    with pytest.raises(SignatureError) as info:
+        normalize_fields({"inputs": {"review": "text"}, "outputs": {"stars": "integer"}})
+    assert info.value.path == "/inputs/review"
+
+
+def test_a_malformed_signature_stops_the_reading_after_the_types_found_before() -> None:
+    from flowdsl.llm_signature import read_signature
+
+    signature, errors = read_signature("a: string, 1b -> c")
+    assert signature is None
+    assert [(e.code, e.field) for e in errors] == [("FD602", "a"), ("FD601", None)]
+
+
+def test_an_llm_step_with_unknown_types_is_checked_on_in_the_same_run() -> None:
+    """Every unknown type, and the step's other mistakes (redact, with, module, demos), in one run."""
+    found = diagnostics(
+        "flowdsl: 1\nname: t\nsteps:\n"
+        "  - classify:\n"
+        "      llm:\n"
+        '        signature: "subject, body -> category: string, urgent: boolean"\n'
+        "        redact: [bdy]\n"
+        "        demos:\n"
+        "          - {subject: s, body: b, category: c, urgent: 3}\n"
+        "          - {subject: s, body: b, category: c}\n"
+        '      with: {subject: "${ subject }", bdy: "${ body }"}\n'
+        "  - summarize:\n"
+        '      llm: {signature: "body -> reasoning: strng, summary", module: chain_of_thought}\n')
+    assert [(d.code, d.line, d.message.split(";")[0]) for d in found] == [
+        ("FD602", 6, "in the signature: found unknown type 'boolean' for field 'urgent'"),
+        ("FD602", 6, "in the signature: found unknown type 'string' for field 'category'"),
+        ("FD601", 7, "redact names 'bdy', which is not a field of the signature"),
+        # a field whose type is unknown has its demo value unchecked (urgent: 3), but not its presence
+        ("FD603", 10, "demo 2 gives no value for 'urgent'"),
+        ("FD604", 11, "'with' gives no value for the input field 'body'"),
+        ("FD604", 11, "'with' gives 'bdy', which is not an input field of the signature (did you mean 'body'?)"),
+        ("FD601", 13, "chain_of_thought adds its own 'reasoning' output"),
+        ("FD602", 13, "in the signature: found unknown type 'strng' for field 'reasoning'"),
+    ]

@@ -263,7 +263,8 @@ class LocalRun:
                 if exc.found or spec_dir is not None:
                     raise
                 raise WorkerImportError(exc.module, f"{exc.reason}; give spec_path= (the spec file) to search "
-                                        "its directory too", found=False, searched=exc.searched) from None
+                                        "its directory too", found=False, searched=exc.searched,
+                                        suggestion=exc.suggestion) from None
         self.late_grace = late_grace_seconds(late_grace)
         problems = missing_workers(plan, registry)
         if problems:
