@@ -8,12 +8,15 @@ otherwise print a Python traceback (or kill the process without a word) instead 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING without importing typing: the fewer imports before main() takes
+# the stop signals, the shorter the window in which one still ends the process with a traceback)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 #: what a stop signal did, said as the commands say it once they handle signals themselves
 _SAID = {"SIGTERM": "terminated (SIGTERM)", "SIGHUP": "hung up (SIGHUP)"}
@@ -49,6 +52,8 @@ def said(argv: Sequence[str], value: dict[str, Any]) -> None:
     that went away (``| head``) is let go quietly."""
     if not wants_json(argv):
         return
+    import json
+
     try:
         sys.stdout.write(json.dumps(value) + "\n")
         sys.stdout.flush()
