@@ -102,6 +102,14 @@ def test_flowdsl_worker_whose_user_has_no_channel_exits_2_with_one_line(acl: Mak
     assert f"while subscribing to the channel '{prefix}:cancel'" in errors[0] and f"&{prefix}:cancel" in errors[0]
 
 
+def test_a_worker_whose_user_may_not_name_its_connections_is_told_so_not_blamed_on_its_first_command(
+        acl: MakeUser, prefix: str) -> None:
+    said = refused(acl(*without(documented(prefix), "+client|setname")), prefix)
+    assert "while naming its connection to Redis (CLIENT SETNAME, sent as each connection opens): this user has no " \
+           "permissions to run the 'client|setname' command; " in said, said
+    assert "TIME" not in said
+
+
 def test_a_worker_whose_user_may_not_run_scripts_is_refused_at_startup(acl: MakeUser, prefix: str) -> None:
     said = refused(acl(*without(documented(prefix), "+evalsha")), prefix)
     assert f"while running a script (EVALSHA) on the keys of a run ('{prefix}:run:{{-acl-probe}}', …): this user " \

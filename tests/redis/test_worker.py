@@ -568,6 +568,12 @@ def test_run_warns_of_steps_no_live_worker_process_serves(url: str, prefix: str,
 def test_cli_errors_are_one_line_without_a_traceback(tmp_path: Path) -> None:
     spec = tmp_path / "saga.yaml"
     spec.write_text(SAGA)
+    (tmp_path / "file.sock").write_text("")
+    os.mkfifo(tmp_path / "fifo.sock")
+    for path, kind in [("file.sock", "a regular file"), ("fifo.sock", "a FIFO"), ("", "a directory")]:
+        r = cli("runs", "--redis-url", f"unix://{tmp_path / path}")  # a socket path that is something else
+        assert r.exit_code == 2 and f"is {kind}, not a Unix socket: give the path of the socket the server " \
+            "listens on" in " ".join(r.stderr.split()), r.output
     for args, message in [
         (["runs", "--redis-url", "http://nope"], "unsupported Redis URL"),
         (["status", "x", "--redis-url", f"unix://{tmp_path}/none.sock"], "cannot reach Redis"),

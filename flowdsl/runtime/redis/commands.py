@@ -37,7 +37,14 @@ from flowdsl.runtime.redis.client import (
     RunInfo,
     RunNotFound,
 )
-from flowdsl.runtime.redis.connection import TRANSIENT, RedisConfigError, describe_url, refusal, resolve_url
+from flowdsl.runtime.redis.connection import (
+    TRANSIENT,
+    RedisConfigError,
+    describe_url,
+    not_a_socket,
+    refusal,
+    resolve_url,
+)
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
@@ -120,7 +127,7 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
         say(f"Redis at {describe_url(resolved)} refused the credentials of the URL: {exc}")
         return EXIT_USAGE
     except TRANSIENT as exc:
-        say(f"cannot reach Redis at {describe_url(resolved)}: {exc}")
+        say(f"cannot reach Redis at {describe_url(resolved)}: {not_a_socket(resolved) or exc}")
         return EXIT_USAGE
     except redis.RedisError as exc:  # Redis answered, and said no (or was not Redis): a configuration error
         say(refusal(resolved, exc))

@@ -24,6 +24,7 @@ import asyncio
 import os
 import random
 import re
+import stat
 import time
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
@@ -184,6 +185,24 @@ def _given(value: str | None, option: str, variable: str, default: str, what: st
                                    f"default {default!r}")
         return env
     return default
+
+
+def not_a_socket(url: str) -> str | None:
+    """Why a ``unix://`` URL cannot reach a server when its path is there but is not a socket (a regular file, a
+    directory, a FIFO: the socket's own "connection refused" says nothing of it); None otherwise."""
+    if not url.startswith("unix://"):
+        return None
+    path = urlsplit(url).path
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None  # (missing: the connection's own "No such file or directory" says it)
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a regular file" if stat.S_ISREG(mode) else "not a socket"
+    return (f"'{path}' is {kind}, not a Unix socket: give the path of the socket the server listens on (its "
+            "`unixsocket` setting)")
 
 
 def describe_url(url: str) -> str:

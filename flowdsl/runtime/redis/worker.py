@@ -500,6 +500,8 @@ class RedisWorker(Upkeep):
             return await step
         except redis.ResponseError as exc:
             if no_permission(exc):
+                if "'client|setname'" in str(exc):  # (sent as each connection opens, whatever the first command)
+                    where = "while naming its connection to Redis (CLIENT SETNAME, sent as each connection opens)"
                 raise self._acl_error(exc, where) from None
             raise
 
