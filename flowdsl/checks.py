@@ -155,11 +155,44 @@ def check_expressions(flow: Flow) -> Iterator[Diagnostic]:
     yield from _check_nodes(flow, flow.steps, frozenset(), builtins, loops)
 
 
+def _input_fields(flow: Flow) -> frozenset[str]:
+    """The top-level fields the flow's input schema names (``properties``, ``required``)."""
+    schema = flow.input_schema
+    if not isinstance(schema, dict):
+        return frozenset()
+    props, required = schema.get("properties"), schema.get("required")
+    names = [*(props if isinstance(props, dict) else ()), *(required if isinstance(required, list) else ())]
+    return frozenset(n for n in names if isinstance(n, str))
+
+
+#: a word that could name a field or a variable (what a ``with`` value missing its ``${ }`` looks like)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _text_naming_a_field(node: Node, fname: str, text: str, path: str, loop_vars: frozenset[str],
+                         fields: frozenset[str]) -> Iterator[Diagnostic]:
+    """FD311: a ``with`` value that is plain text equal to a loop variable or an input field's name — most
+    likely the field or variable was meant and ``${ }`` forgotten; the step would get the text itself."""
+    if not (fname.startswith(("with.", "compensate.with.")) and _NAME.match(text)):
+        return
+    if text in loop_vars:
+        yield _err(node, "FD311", f"in '{fname}': the text '{text}' is the name of the loop variable ${text}, but "
+                   f"the step gets the text: write '${{ ${text} }}' to pass the variable (or '${{ \"{text}\" }}' to "
+                   "mean the text)", path)
+    elif text in fields:
+        yield _err(node, "FD311", f"in '{fname}': the text '{text}' is the name of the input field '{text}', but "
+                   f"the step gets the text: write '${{ {text} }}' to pass the field (or '${{ \"{text}\" }}' to "
+                   "mean the text)", path)
+
+
 def _check_nodes(flow: Flow, nodes: tuple[Node, ...], loop_vars: frozenset[str],
                  builtins: frozenset[str], loops: dict[str, str]) -> Iterator[Diagnostic]:
+    fields = _input_fields(flow)
     for node in nodes:
         for fname, text, path, reads_result in expression_fields(node, node.opts):
             bare = fname in ("when", "fail_when", "items", "on") or fname.startswith("output.")
+            if not bare:
+                yield from _text_naming_a_field(node, fname, text, path, loop_vars, fields)
             yield from _check_one(node, fname, text, path, bare, loop_vars | (RESULT_VARIABLES if reads_result
                                                                                  else frozenset()), builtins, loops)
         inner = loop_vars | {node.as_, "index"} if node.kind == "for_each" else loop_vars

@@ -12,11 +12,25 @@ from __future__ import annotations
 import bisect
 import difflib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Severity = Literal["error", "warning"]
+
+#: a byte that is not UTF-8 in a file name or an argument, as Python keeps it (``surrogateescape``: U+DC80-U+DCFF)
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def shown(text: object) -> str:
+    """``text`` as a message shows it: each byte of a path (or an argument) that was not UTF-8, which Python keeps
+    as a lone surrogate (``b\\udce9d.yaml``), written ``\\xNN`` (``b\\xe9d.yaml``), as ``--set`` shows such bytes.
+    Every other character is left as it is."""
+    said = str(text)
+    if said.isascii() or not _UNDECODABLE.search(said):
+        return said
+    return _UNDECODABLE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", said)
 
 #: code -> (severity, short title). Codes are stable: never renumber one.
 CODES: dict[str, tuple[Severity, str]] = {
@@ -49,6 +63,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD308": ("error", "sub-flow cannot be loaded"),
     "FD309": ("error", "option not allowed here"),
     "FD310": ("warning", "loop variable read without $"),
+    "FD311": ("warning", "text that names a field"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),
@@ -85,7 +100,7 @@ class Diagnostic:
 
     def location(self) -> str:
         """``file:line:col`` (the parts that are known)."""
-        parts = [self.file or "<spec>"]
+        parts = [shown(self.file) if self.file else "<spec>"]
         if self.line is not None:
             parts.append(str(self.line))
             if self.column is not None:
@@ -95,7 +110,7 @@ class Diagnostic:
     def format(self) -> str:
         """The compiler-style line: ``orders.yaml:14:7: error FD204: ...``."""
         where = f" (at {self.path})" if self.path and self.line is None else ""
-        return f"{self.location()}: {self.severity} {self.code}: {self.message}{where}"
+        return f"{self.location()}: {self.severity} {self.code}: {shown(self.message)}{where}"
 
     def to_json(self) -> dict[str, object]:
         """The fields in the documented order: code, severity, message, file, line, column, path."""

@@ -1523,3 +1523,26 @@ def test_a_name_too_long_is_said_to_be_too_long() -> None:
         f"invalid worker name 'w.{long}': its part '{long[:20]}...' has 65 characters; an id has at most 64"
     assert only(HEAD + "steps:\n  - bad-name: {worker: w}\n", "FD302") == \
         "invalid step name 'bad-name': a step's name is an id, or the name of its worker (ids joined by dots)"
+
+
+# --- FD311: a with value that is the name of a field, written without its ${ } --------------------------------
+
+
+def test_fd311_warns_of_with_text_that_names_an_input_field_or_a_loop_variable(spec: Spec) -> None:
+    text = HEAD + ("input: {type: object, required: [trip], properties: {trip: {type: object}, lines: {}}}\n"
+                   "steps:\n"
+                   "  - book: {worker: w, with: {trip: trip, mode: fast, n: \"trip ${ trip.id }\",\n"
+                   "           t: \"${ 'trip' }\"}}\n"
+                   "  - for_each: each\n    items: \"${ lines }\"\n    as: line\n    steps:\n"
+                   "      - reserve: {worker: w, with: {line: line, item: item}, compensate: {worker: u, "
+                   "with: {line: line}}}\n")
+    result = spec(text)
+    said = [(d.code, d.severity, d.message) for d in result.diagnostics]
+    assert result.plan is not None  # (warnings: the plan is made)
+    assert [(code, severity, msg.split(":")[0]) for code, severity, msg in said] == [
+        ("FD311", "warning", "in 'with.trip'"), ("FD311", "warning", "in 'with.line'"),
+        ("FD311", "warning", "in 'compensate.with.line'")], said
+    assert "write '${ trip }' to pass the field" in said[0][2]
+    assert "write '${ $line }' to pass the variable" in said[1][2]
+    # no input schema, no loop: plain text is text
+    assert spec(HEAD + "steps:\n  - book: {worker: w, with: {trip: trip}}\n").diagnostics == []
