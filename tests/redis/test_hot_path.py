@@ -5,16 +5,19 @@ step context filled in field by field."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import logging
 from typing import Any
 
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers)
 from flowdsl import compile_text
 from flowdsl.runtime import execute as execute_module
+from flowdsl.runtime.codec import loads
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.runtime.redis.connection import connect
 from flowdsl.runtime.redis.keys import Keys
-from flowdsl.runtime.redis.store import Store
+from flowdsl.runtime.redis.store import Clock, Store
 from flowdsl.workers import StepContext, StepLogger, WorkerRegistry, worker
 
 SPEC = "flowdsl: 1\nname: m\nworkers: [tests.runtime.workers]\nsteps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n"
@@ -132,3 +135,132 @@ def test_a_step_context_filled_in_field_by_field_is_the_dataclass_one() -> None:
         assert ctx == usual and repr(ctx) == repr(usual) and vars(ctx).keys() == vars(usual).keys()
         assert type(ctx.logger) is StepLogger and ctx.logger.logger is usual.logger.logger
         assert ctx.logger.extra == usual.logger.extra and ctx.logger._ctx is ctx
+
+
+CHAINED = """flowdsl: 1
+name: chained
+workers: [tests.runtime.workers]
+steps:
+  - conf.a
+  - conf.b: {timeout: 5s}
+  - conf.c
+  - parallel: p
+    branches: [conf.d, conf.e]
+  - conf.f
+  - conf.g
+"""
+
+
+class _Ticking(Clock):
+    """A clock that says the same times in every run of a test: 1 ms later at each reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 1_764_770_000_000
+
+    def now(self) -> int:
+        self.t += 1
+        return self.t
+
+
+async def _drive(url: str, prefix: str, straight: bool) -> tuple[list[list[bytes]], dict[str, Any]]:
+    """Run CHAINED to its end with made-up results, reported through ``Advancer.report`` (``straight``) or
+    ``apply_event``: every TRANSITION call's arguments (the prefix replaced) and what the run's keys hold after."""
+    from flowdsl.runtime.redis.advance import Advancer, Chain, Outcome
+    from flowdsl.runtime.redis.scripts import TRANSITION, Batcher
+    from flowdsl.runtime.redis.wire import WireConnection, _PyReader, entry_fields
+
+    async with RedisClient(url, prefix=prefix) as client:
+        await client.submit(compile_text(CHAINED), {}, run_id="hc")
+    keys = Keys(prefix)
+    redis_client = connect(url)
+    store = Store(redis_client, keys, batcher=Batcher(redis_client, wire=WireConnection(url)))
+    await store.load_scripts()
+    sha = hashlib.sha1(TRANSITION.encode()).hexdigest().encode()
+    born = await store.call("HGET", keys.run("hc"), "born")  # (the submission's generation: its time)
+    calls: list[list[bytes]] = []
+    straight_line: list[bytes] = []  # (Store.step's calls)
+    plain, packed = store.batcher.call, store.batcher.call_packed
+
+    def normal(args: list[bytes]) -> None:
+        if args[:2] == [b"EVALSHA", sha]:
+            calls.append([a.replace(prefix.encode(), b"<p>").replace(born, b"<born>") for a in args])
+
+    def call(*args: Any) -> Any:
+        normal([a if isinstance(a, bytes) else str(a).encode() for a in args])
+        return plain(*args)
+
+    def call_packed(raw: bytes) -> Any:
+        straight_line.append(raw)
+        reader = _PyReader()
+        reader.feed(raw)
+        normal(reader.gets())
+        return packed(raw)
+
+    store.batcher.call, store.batcher.call_packed = call, call_packed  # type: ignore[method-assign]
+    advancer = Advancer(store, _Ticking())
+    advancer._tokens = iter(f"tk{n}" for n in itertools.count())
+    ack = [store.ack_op(keys.queue("conf.x"), "1-1", "w1")]
+    tokens = iter(f"lease{n}" for n in itertools.count())
+    chain = Chain(next(tokens), lambda command: command["worker"] != "conf.e")
+    assert await advancer.start("hc", chain=chain) == Outcome.APPLIED
+    held = [(chain.command, chain.token)]
+    other = Advancer(store, _Ticking())  # another process, writing the run behind the first one's back
+    other._tokens = iter(f"other{n}" for n in itertools.count())
+    while held:
+        command, token = held.pop(0)
+        assert command is not None
+        event = {"type": "task_succeeded", "task_id": command["task_id"], "result": {"n": command["node"]}}
+        if command["node"] == "f":  # a version conflict: the cached state is behind
+            assert await other.apply_event("hc", {"type": "task_started", "task_id": command["task_id"]}) == \
+                Outcome.APPLIED
+        if command["node"] == "e":  # a lease lost: rejected, and the cached state dropped
+            bad = ("hc/e#1", "lease", "someone-else")
+            if straight:
+                outcome = await advancer.report("hc", dict(event), bad, "w1", ack, Chain("x", lambda c: True))
+            else:
+                outcome = await advancer.apply_event("hc", dict(event), guard=bad, reporter="w1", ack=ack,
+                                                     chain=Chain("x", lambda c: True))
+            assert outcome == Outcome.REJECTED
+        chain = Chain(next(tokens), lambda command: command["worker"] != "conf.e")
+        guard = (command["task_id"], "lease", token)
+        if straight:
+            outcome = await advancer.report("hc", event, guard, "w1", ack, chain)
+        else:
+            outcome = await advancer.apply_event("hc", event, guard=guard, reporter="w1", ack=ack, chain=chain)
+        assert outcome == Outcome.APPLIED
+        if chain.command is not None:
+            held.append((chain.command, chain.token))
+        if command["node"] == "d":  # e was queued: take it as a worker would
+            tasks = entry_fields(await store.call("HGETALL", keys.tasks("hc")))
+            assert tasks.get(b"hc/e#1") == b"q"
+            e_token = next(tokens)
+            assert (await store.pickup("hc", "hc/e#1", "2-1@x", e_token))[0] == 1
+            messages = await store.call("XRANGE", keys.queue("conf.e"), "-", "+")
+            held.append((loads(entry_fields(messages[-1][1])[b"m"]), e_token))
+    assert await store.call("HGET", keys.run("hc"), "status") == b"completed"
+    run = entry_fields(await store.call("HGETALL", keys.run("hc")))
+    run.pop(b"sj")  # (a stream entry id: a time)
+    for name in (b"born", b"submitted"):
+        run.pop(name)
+    written = {"run": run, "tasks": entry_fields(await store.call("HGETALL", keys.tasks("hc"))),
+               "outbox": entry_fields(await store.call("HGETALL", keys.outbox("hc"))),
+               "journal": [fields for _, fields in await store.call("XRANGE", keys.journal("hc"), "-", "+")]}
+    await redis_client.aclose()
+    # the straight line took d (nothing dispatched), e (its lease lost), f (a conflict: then the general way) and
+    # g (the run's end); a, b and c dispatched more than one task or set a timer
+    assert [raw.split(b'"task_id":"')[1][:6] for raw in straight_line] == \
+        ([b"hc/d#1", b"hc/e#1", b"hc/f#1", b"hc/g#1"] if straight else [])
+    return calls, written
+
+
+def test_the_straight_line_of_a_reported_result_writes_what_the_general_way_writes(url: str) -> None:
+    """Advancer.report (the chained step's straight line: Store.step, packed here) and apply_event (the general
+    way: Store.transition, packed by hiredis) send the same TRANSITION arguments, byte for byte, and leave the same
+    data — across chained steps, steps with a timer, a parallel group (one branch queued), a lost lease, a version
+    conflict and the run's end."""
+    straight, general = asyncio.run(_drive(url, "hpx", True)), asyncio.run(_drive(url, "hpy", False))
+    assert len(straight[0]) == len(general[0]) >= 10
+    assert straight[0] == general[0]
+    assert straight[1]["run"] == general[1]["run"] and straight[1]["journal"] == general[1]["journal"]
+    assert straight[1] == general[1]

@@ -234,6 +234,56 @@ class Advancer:
         assert mine.outcome is not None  # applied by this call or by the holder of the lock before it
         return mine.outcome
 
+    async def report(self, run_id: str, event: dict[str, Any], guard: tuple[str, str, str], reporter: str,
+                     ack: list[dict[str, Any]], chain: Chain) -> str:
+        """:meth:`apply_event` of a worker's result under a chain offer (not ``recover``, no ``precheck``): the
+        same outcome, writes and relay, in one straight line for the usual case — the run's lock free, its
+        state cached, the kernel's decision a chained step's (:meth:`_commit_step`); else the general way."""
+        locks = self._locks
+        record = self._cache.get(run_id)
+        if record is None or run_id in locks:
+            return await self.apply_event(run_id, event, guard=guard, reporter=reporter, ack=ack, chain=chain)
+        locks[run_id] = deque()
+        relay: tuple[int, list[dict[str, Any]], tuple[str, ...]] | None = None
+        acked = True
+        try:
+            self._cache.move_to_end(run_id)
+            event["at"] = self.clock.now()
+            try:
+                decision = apply(record.plan, record.state, event)
+            except NewerVersion:
+                raise
+            except Exception as exc:  # (as _write)
+                self._cache.pop(run_id, None)
+                log.error("run %s: the kernel refused %s: %s: %s", run_id, event.get("type"), type(exc).__name__,
+                          exc)
+                outcome = Outcome.INVALID
+            else:
+                done = await self._commit_step(record, event, decision, guard, reporter, chain)
+                result, ops = done if done is not None else \
+                    await self._commit(record, [(event, decision, guard, reporter, chain)])
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("run %s: %s %s -> %s v%s", run_id, event["type"], event.get("task_id"), result.code,
+                              result.version)
+                if result.code == 1 or result.code == 4:
+                    outcome, relay = Outcome.APPLIED, (result.version, ops, result.cancelled_queued)
+                else:
+                    self._cache.pop(run_id, None)
+                    queued = _Queued(event, guard, reporter, ack, chain)
+                    if result.code == 2:  # a version conflict: loaded again and re-applied, as _write goes on
+                        outcome, relay, acked = _alone(queued, *await self._write(run_id, [queued], None, True))
+                    else:
+                        outcome, relay, acked = _alone(queued, Outcome.REJECTED, result, [])
+        except BaseException:
+            self._cache.pop(run_id, None)  # the kernel may have changed the cached state: never trust it
+            raise
+        finally:
+            _release(locks, run_id)
+        done_ack = list(ack) if acked and chain.command is None else []
+        if done_ack or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's step)
+            await self._tail(run_id, relay, (), done_ack)
+        return outcome
+
     async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
                     recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
         """Start a submitted run (the kernel's ``start_run``); a run already started is left alone.
@@ -475,6 +525,65 @@ class Advancer:
                 self._remember(record)
         return result, ops
 
+    async def _commit_step(self, record: RunRecord, event: dict[str, Any], decision: Decision,
+                           guard: tuple[str, str, str], reporter: str, chain: Chain
+                           ) -> tuple[TransitionResult, list[dict[str, Any]]] | None:
+        """:meth:`_commit` of one result whose decision is a chained step's — it ended the answered task and
+        nothing else, and dispatched one task ``chain`` takes, or nothing (perhaps ending the run); no
+        schedule-to-start deadline — in
+        one straight line (:meth:`Store.step`): the same transition. None, having done nothing, otherwise."""
+        ended = decision.ended
+        commands = decision.commands
+        if record.sts_ms or len(ended) != 1 or ended[0] != guard[0] or len(commands) > 1:
+            return None
+        command = commands[0] if commands else None
+        if command is not None and command["op"] == "finish":
+            command = None  # (nothing to write for it but the run's end, which its state says)
+        elif command is not None and (command["op"] != "dispatch" or not chain.serves(command)):
+            return None
+        state = record.state
+        finished = state["status"] in END_STATES
+        try:  # (orjson itself, as _commit)
+            entry = (_orjson(event), _orjson(decision.events), guard, reporter)
+        except TypeError:
+            entry = (dumps(event), dumps(decision.events), guard, reporter)
+        held: tuple[str, str, bytes] | None = None
+        if command is not None:
+            try:
+                held = (command["task_id"], "r:" + chain.token, _orjson(command))
+            except TypeError:
+                held = (command["task_id"], "r:" + chain.token, dumps(command))
+        snapshot = finished or record.version == 0 or \
+            self._snapshot_due(record, command is not None and len(state["tasks"]) == 1)
+        state_raw = dumps(state) if snapshot else b""
+        token = next(self._tokens)
+        backoff: Backoff | None = None
+        while True:  # (as _commit: the same payload and token until Redis answers)
+            try:
+                result = await self.store.step(record, token, state["status"], event["at"] if finished else None,
+                                               state_raw, entry, held)
+                break
+            except TRANSIENT as exc:
+                log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", record.run_id,
+                            exc)
+                backoff = backoff or Backoff()
+                await backoff.wait()
+        if result.code == 1 or result.code == 4:  # (the bookkeeping of _commit, for one input event)
+            self.transitions += 1
+            if snapshot:
+                self.snapshots += 1
+                record.snapshot_size, record.since = len(state_raw), 0
+            else:
+                record.since += 1
+            chain.command = command
+            stale = result.version != record.version + 1
+            record.version = result.version
+            if finished or stale:
+                self._cache.pop(record.run_id, None)
+            else:
+                self._remember(record)
+        return result, []
+
     def _snapshot_due(self, record: RunRecord, kept: bool, events: int = 1) -> bool:
         """Whether a transition of ``events`` input events (neither a run's first nor its last) writes the
         state whole.
@@ -531,17 +640,22 @@ class Advancer:
         return (result.version, ops, result.cancelled_queued), \
             [op for queued in batch for op in _acks(queued.ack, True, queued.chain)]
 
-    async def _write(self, run_id: str, batch: list[_Queued], precheck: Callable[[dict[str, Any]], bool] | None
-                     ) -> tuple[str, TransitionResult | None, list[dict[str, Any]]]:
+    async def _write(self, run_id: str, batch: list[_Queued], precheck: Callable[[dict[str, Any]], bool] | None,
+                     conflicted: bool = False) -> tuple[str, TransitionResult | None, list[dict[str, Any]]]:
         """Under the run's lock: apply ``batch``'s events in order to the run's state and write them as one
         transition, loading the run again and re-applying them after a version conflict (another process
         wrote meanwhile). Returns (outcome, the script's answer or None, the outbox ops): APPLIED (written);
         REJECTED (nothing written: a guard failed or the run is gone, the answer says which); MISSING (no
         such run); SKIPPED (``precheck(state)`` false); INVALID (the kernel refused an event: logged when
-        it is the only one)."""
+        it is the only one). ``conflicted``: a first try (:meth:`report`'s) met a version conflict: go on
+        from there."""
         backoff: Backoff | None = None
         fresh = False  # the record was read from Redis by this call (not a cached state)
-        for _ in range(_MAX_CONFLICTS):
+        if conflicted:
+            self.conflicts += 1
+            backoff = Backoff(base=0.001, cap=0.05, floor=0.0)
+            await backoff.wait()
+        for _ in range(_MAX_CONFLICTS - conflicted):
             record = self._cache.get(run_id) if not fresh else None  # (usually cached: no coroutine, see _record)
             if record is not None:
                 self._cache.move_to_end(run_id)

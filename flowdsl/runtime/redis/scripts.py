@@ -576,6 +576,18 @@ class Batcher:
             loop.call_soon(self._start)
         return future
 
+    def call_packed(self, packed: bytes) -> asyncio.Future[Any]:
+        """:meth:`call` of a command packed already (RESP), sent as it is: on the lean connection only (``wire``;
+        redis-py's pipelines take arguments)."""
+        assert self.wire is not None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((packed, future))  # type: ignore[arg-type]  # (wire.pack passes bytes through)
+        if not self._scheduled and self._inflight < self.parallel:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
     def _start(self) -> None:
         self._scheduled = False
         while self._queue and self._inflight < self.parallel:

@@ -188,6 +188,7 @@ class RunRecord:
     snapshot_size: int = 0
     since: int = 0
     born: str = ""  # the run's generation (SUBMIT's ``born``; '' for a run submitted before it existed)
+    packed: bytes = b""  # the start of its TRANSITION calls as RESP, once packed (Store.step)
 
 
 #: One input event a transition applies: its journal entry (the event, the events it caused, as JSON bytes),
@@ -216,6 +217,27 @@ class TransitionResult(NamedTuple):
 
 
 _new_result = tuple.__new__
+#: a TRANSITION call packed as RESP, after its keys: ``*<args>``, the call and the keys (one ``%b``), then the
+#: header and the blobs (``$<length>``, the bytes), by the number of blobs
+_TRANSITION_HEAD = b"$7\r\nEVALSHA\r\n$40\r\n" + _TRANSITION.sha.encode() + b"\r\n$1\r\n4\r\n"
+_BULK = {n: b"*%d\r\n%%b" % (8 + n) + b"$%d\r\n%b\r\n" * (n + 1) for n in range(2, 5)}
+
+
+def _transition_result(reply: list[Any]) -> TransitionResult:
+    """The TRANSITION script's reply as a :class:`TransitionResult`."""
+    code = int(reply[0])
+    if code == 1 and len(reply) == 3 and not reply[2]:  # the usual answer, without NamedTuple's keywords
+        return _new_result(TransitionResult, (1, int(reply[1]), "", (), ()))
+    if code == 1:
+        cancelled = reply[2]
+        return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in cancelled)
+                                if cancelled else (), held_cancels=cancel_reasons(reply[3] if len(reply) > 3
+                                                                                  else None))
+    if code == 3:
+        return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
+    if code in (2, 4, 6, 7):
+        return TransitionResult(code, int(reply[1]))
+    return TransitionResult(code)
 
 #: how many plans a store keeps decoded (by plan id): the oldest is dropped past that (loaded again if needed)
 PLAN_CACHE_SIZE = 256
@@ -406,19 +428,50 @@ class Store:
             reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *keys, *args)
         except NoScriptError:  # the server forgot it (restarted, SCRIPT FLUSH): loaded again, called again
             reply = await _TRANSITION(self.batcher, keys, args)
-        code = int(reply[0])
-        if code == 1 and len(reply) == 3 and not reply[2]:  # the usual answer, without NamedTuple's keywords
-            return _new_result(TransitionResult, (1, int(reply[1]), "", (), ()))
-        if code == 1:
-            cancelled = reply[2]
-            return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in cancelled)
-                                    if cancelled else (), held_cancels=cancel_reasons(reply[3] if len(reply) > 3
-                                                                                      else None))
-        if code == 3:
-            return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
-        if code in (2, 4, 6, 7):
-            return TransitionResult(code, int(reply[1]))
-        return TransitionResult(code)
+        return _transition_result(reply)
+
+    async def step(self, record: RunRecord, token: str, status: str, finished_at: int | None, state: bytes,
+                   entry: JournalEntry, held: tuple[str, str, bytes] | None) -> TransitionResult:
+        """:meth:`transition` of a chained step of ``record`` (from its version, of its generation), in one
+        straight line: one input event ``entry`` whose guard names the task it answers, that task ended (``d``)
+        and ``held`` (task id, lease, kept message), the task it dispatched to the caller (``c``), or None; no
+        outbox entry; ``finished_at``: the run ended, at that time (its ``finished`` meta field). The same
+        arguments as ``transition``'s for it (tests/redis/test_hot_path.py compares them), so the same writes;
+        on the lean connection, packed here (``record.packed``: its keys, packed once)."""
+        input_event, events, guard, reporter = entry
+        assert guard is not None
+        g0, g1, g2 = guard
+        finished = finished_at is not None
+        if held is None:
+            header: list[Any] = [record.version, token, status, finished, bool(state), False, 1, g0, g1, g2,
+                                 reporter, 1, "d", g0, ""]
+            blobs: tuple[bytes, ...] = (state, input_event, events) if state else (input_event, events)
+        else:
+            header = [record.version, token, status, finished, bool(state), False, 1, g0, g1, g2, reporter,
+                      2, "c", held[0], held[1], "d", g0, ""]
+            blobs = (state, input_event, events, held[2]) if state else (input_event, events, held[2])
+        header += (0, record.born) if finished_at is None else (1, "finished", str(finished_at), record.born)
+        try:
+            head = _orjson(header)
+        except TypeError:
+            head = dumps(header)
+        try:
+            if self.batcher.wire is None:
+                reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *self.keys.run_keys(record.run_id),
+                                                head, *blobs)
+            else:
+                packed = record.packed
+                if not packed:  # "EVALSHA <sha> 4 <the run's four keys>", packed once per record
+                    packed = record.packed = _TRANSITION_HEAD + b"".join(
+                        b"$%d\r\n%b\r\n" % (len(k), k) for k in (key.encode() for key in
+                                                                self.keys.run_keys(record.run_id)))
+                parts: list[Any] = [packed, len(head), head]
+                for blob in blobs:
+                    parts += (len(blob), blob)
+                reply = await self.batcher.call_packed(_BULK[len(blobs)] % tuple(parts))
+        except NoScriptError:
+            reply = await _TRANSITION(self.batcher, self.keys.run_keys(record.run_id), [head, *blobs])
+        return _transition_result(reply)
 
     # --- the run index -----------------------------------------------------------------
 

@@ -92,8 +92,11 @@ def _encode(arg: Any) -> bytes:
     raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
 
 
-def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…`` (bytes, str, int and float arguments)."""
+def pack(args: tuple[Any, ...] | bytes) -> bytes:
+    """One command in RESP: ``*<n>\\r\\n$<len>\\r\\n<arg>\\r\\n…`` (bytes, str, int and float arguments); bytes
+    are a command packed already (:meth:`~flowdsl.runtime.redis.scripts.Batcher.call_packed`), sent as they are."""
+    if type(args) is bytes:
+        return args
     if _hiredis is not None:
         packed: bytes = _hiredis.pack_command(args)  # encodes str (UTF-8), int and float itself, as _encode does
         return packed
@@ -310,7 +313,7 @@ class WireConnection:
                 protocol.transport.is_closing():
             return False
         protocol.waiting.extend((f, True) for f in futures)
-        protocol.transport.write(b"".join([pack(c) for c in commands]))
+        protocol.transport.write(b"".join([c if type(c) is bytes else pack(c) for c in commands]))
         return True
 
     async def aclose(self) -> None:

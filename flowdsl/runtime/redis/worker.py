@@ -926,9 +926,14 @@ class RedisWorker(Upkeep):
         while True:  # report until Redis takes it (the heartbeat keeps the lease meanwhile): a result in hand is
             # never dropped for an outage or a refusal for now (out of memory, …) — the step would run again
             try:
-                outcome = await self.advancer.apply_event(held.run_id, event, guard=(held.task_id, mode, held.token),
-                                                          reporter=self.name if mode == "lease" else "", ack=ack,
-                                                          recover=backoff is not None, chain=chain)
+                if chain is not None and backoff is None:  # (the usual case: apply_event's straight line)
+                    outcome = await self.advancer.report(held.run_id, event, (held.task_id, mode, held.token),
+                                                         self.name if mode == "lease" else "", ack, chain)
+                else:
+                    outcome = await self.advancer.apply_event(
+                        held.run_id, event, guard=(held.task_id, mode, held.token),
+                        reporter=self.name if mode == "lease" else "", ack=ack, recover=backoff is not None,
+                        chain=chain)
                 break
             except Exception as exc:
                 if not (_for_now(exc) or isinstance(exc, Contended)):
