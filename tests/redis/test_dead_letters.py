@@ -95,12 +95,17 @@ def _with_a_bug(failing: str, monkeypatch: pytest.MonkeyPatch, error: Exception 
             calls[name].append(ctx.idempotency_key)
             return {}
         registries["b" if name == "b" else "a"].register(f"dl.{name}", step)
-    original_apply, original_start = Advancer.apply_event, Advancer.start
+    original_apply, original_report, original_start = Advancer.apply_event, Advancer.report, Advancer.start
 
     async def apply_event(self: Advancer, run_id: str, event: dict[str, Any], **kw: Any) -> str:
         if bug["on"] and event["type"] == "task_succeeded" and f"/{failing}#" in event["task_id"]:
             raise error or RuntimeError("simulated kernel bug")
         return await original_apply(self, run_id, event, **kw)
+
+    async def report(self: Advancer, run_id: str, event: dict[str, Any], *args: Any) -> str:  # (its straight line)
+        if bug["on"] and event["type"] == "task_succeeded" and f"/{failing}#" in event["task_id"]:
+            raise error or RuntimeError("simulated kernel bug")
+        return await original_report(self, run_id, event, *args)
 
     async def start(self: Advancer, run_id: str, **kw: Any) -> str:
         if bug["on"] and failing == "start":
@@ -108,6 +113,7 @@ def _with_a_bug(failing: str, monkeypatch: pytest.MonkeyPatch, error: Exception 
         return await original_start(self, run_id, **kw)
 
     monkeypatch.setattr(Advancer, "apply_event", apply_event)
+    monkeypatch.setattr(Advancer, "report", report)
     monkeypatch.setattr(Advancer, "start", start)
     return calls, registries, bug
 

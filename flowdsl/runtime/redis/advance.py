@@ -60,10 +60,11 @@ from flowdsl.runtime.redis.store import (
     TaskOp,
     TransitionResult,
     cancel_reasons,
+    megabytes,
 )
 
-__all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "Advancer", "Chain",
-           "Contended", "Outcome"]
+__all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "SNAPSHOT_LIMIT", "Advancer",
+           "Chain", "Contended", "Outcome"]
 
 class Contended(RuntimeError):
     """A run's event could not be applied: other processes wrote the run every time first (a storm of version
@@ -74,6 +75,9 @@ class Contended(RuntimeError):
 SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
 #: a state is written whole every transition while under this size, every ⌈size / this⌉ transitions above it
 SNAPSHOT_BYTES = 16 * 1024
+#: a state larger than this is not written whole after a run's first transition (one Redis value holds at most
+#: 512 MB, one command 1 GB): loading the run replays its journal from the last snapshot instead
+SNAPSHOT_LIMIT = 256 * 1024 * 1024
 #: a chain (the run's one task in flight runs in the process that dispatched it) writes the state whole
 #: at most once per this many transitions: the process has it cached, and a taker replays at most these
 CHAIN_REPLAY = 16
@@ -142,6 +146,7 @@ class Advancer:
         self.cache_size = cache_size
         self.on_timer = on_timer
         self.snapshot_bytes = snapshot_bytes
+        self.snapshot_limit = SNAPSHOT_LIMIT
         self.rules = rules
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
         self._locks: dict[str, deque[asyncio.Future[None]]] = {}
@@ -488,7 +493,8 @@ class Advancer:
         state = record.state
         kept = bool(held) and len(state["tasks"]) == 1  # a chain: the run's one task in flight runs here
         snapshot = finished or record.version == 0 or self._snapshot_due(record, kept, len(steps))
-        state_raw = dumps(state) if snapshot else b""
+        state_raw = self._snapshot(record, state) if snapshot else b""
+        snapshot = bool(state_raw)
         token = next(self._tokens)
         outbox = dumps(ops) if ops else None
         backoff: Backoff | None = None
@@ -555,7 +561,8 @@ class Advancer:
                 held = (command["task_id"], "r:" + chain.token, dumps(command))
         snapshot = finished or record.version == 0 or \
             self._snapshot_due(record, command is not None and len(state["tasks"]) == 1)
-        state_raw = dumps(state) if snapshot else b""
+        state_raw = self._snapshot(record, state) if snapshot else b""
+        snapshot = bool(state_raw)
         token = next(self._tokens)
         backoff: Backoff | None = None
         while True:  # (as _commit: the same payload and token until Redis answers)
@@ -583,6 +590,20 @@ class Advancer:
             else:
                 self._remember(record)
         return result, []
+
+    def _snapshot(self, record: RunRecord, state: dict[str, Any]) -> bytes:
+        """The state to write whole — or nothing, past a run's first transition, when it is larger than
+        ``snapshot_limit``: the run is then loaded from its last snapshot and the journal after it, and the next
+        try waits as long as a snapshot of that size would (:meth:`_snapshot_due`)."""
+        raw = dumps(state)
+        if len(raw) <= self.snapshot_limit or not record.version:
+            return raw
+        if record.snapshot_size <= self.snapshot_limit:  # (said once per run and process)
+            log.warning("run %s: its state is %s, more than is written whole (%s): it is loaded from its last "
+                        "snapshot and the journal after it (docs/runtime.md, Sizing)", record.run_id,
+                        megabytes(len(raw)), megabytes(self.snapshot_limit))
+        record.snapshot_size = len(raw)
+        return b""
 
     def _snapshot_due(self, record: RunRecord, kept: bool, events: int = 1) -> bool:
         """Whether a transition of ``events`` input events (neither a run's first nor its last) writes the

@@ -40,7 +40,15 @@ from flowdsl.runtime.record import new_run_id
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
-from flowdsl.runtime.redis.store import Store, decoded, plan_id, retrieved, score_pairs
+from flowdsl.runtime.redis.store import (
+    TRANSITION_LIMIT,
+    Store,
+    decoded,
+    megabytes,
+    plan_id,
+    retrieved,
+    score_pairs,
+)
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.report import (
@@ -54,8 +62,12 @@ from flowdsl.runtime.report import (
     stopped_waiting,
 )
 
-__all__ = ["RUN_STATES", "DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken", "RunInfo",
-           "RunNotFound", "Submission", "input_id"]
+__all__ = ["INPUT_LIMIT", "RUN_STATES", "DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken",
+           "RunInfo", "RunNotFound", "Submission", "input_id"]
+
+#: the largest run input (as JSON) a submission takes: a run's first transition writes it three times (the
+#: state's ``input`` and context, and the journaled start), and one transition at most ``TRANSITION_LIMIT``
+INPUT_LIMIT = TRANSITION_LIMIT // 3 - 1024 * 1024
 
 #: the states a run is listed in (``RunInfo.status``, :meth:`RedisClient.runs`' ``status``): before its start,
 #: while it goes, and the end states (the same list as ``flowdsl runs --status``'s)
@@ -277,11 +289,12 @@ class RedisClient:
         attempt may wait for a worker before it fails with
         ``ScheduleToStartTimeout`` (default: the worker's ``--schedule-timeout``,
         else no limit). Raises ``ValueError`` for a bad run id or an input that
-        is not a JSON object, ``TypeError`` for a plan that is not a dict and
-        ``PlanError`` (a ``ValueError``) for one not shaped like an execution
-        plan, naming the field. A plan is read as unchanging once compiled: its
-        encoding is kept by the plan object's identity (as the kernel keeps
-        its indexes), so change a plan by compiling a new one.
+        is not a JSON object or is larger than :data:`INPUT_LIMIT` as JSON,
+        ``TypeError`` for a plan that is not a dict and ``PlanError`` (a
+        ``ValueError``) for one not shaped like an execution plan, naming the
+        field. A plan is read as unchanging once compiled: its encoding is kept
+        by the plan object's identity (as the kernel keeps its indexes), so
+        change a plan by compiling a new one.
         """
         require_plan(plan)  # (unchecked, a path was an AttributeError, a hand-edited plan a dead letter)
         problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
@@ -298,8 +311,14 @@ class RedisClient:
                 raise ValueError(f"{name} must be a finite number of seconds from {least:g} to 315360000 "
                                  f"(10 years), not {value!r}")
         raw_plan, pid = self._encoded(plan)
+        raw_input = dumps(run_input)
+        if len(raw_input) > INPUT_LIMIT:  # its run's first transition writes it three times (state, context, start)
+            raise ValueError(f"the run input is {megabytes(len(raw_input))} as JSON: a run on Redis takes at most "
+                             f"{megabytes(INPUT_LIMIT)} of input (its first transition writes it three times, and "
+                             f"one transition at most {megabytes(TRANSITION_LIMIT)}); keep large data out of runs "
+                             "(store it elsewhere and pass its key)")
         iid = input_id(run_input)
-        args = [raw_plan, pid, dumps(run_input), str((plan.get("flow") or {}).get("name") or ""),
+        args = [raw_plan, pid, raw_input, str((plan.get("flow") or {}).get("name") or ""),
                 "" if seed is None else seed, "" if retention_s is None else int(retention_s * 1000),
                 "" if schedule_timeout_s is None else int(schedule_timeout_s * 1000), iid]
         # listed before it is written (one pipeline: no round trip more), by this machine's clock for now: a

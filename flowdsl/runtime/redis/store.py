@@ -60,8 +60,8 @@ from flowdsl.runtime.redis.scripts import (
     Script,
 )
 
-__all__ = ["Clock", "JournalEntry", "RunDamaged", "RunRecord", "Store", "TransitionResult", "cancel_reasons", "decoded",
-           "plan_id", "retrieved", "score_pairs"]
+__all__ = ["TRANSITION_LIMIT", "Clock", "JournalEntry", "RunDamaged", "RunRecord", "RunTooLarge", "Store",
+           "TransitionResult", "cancel_reasons", "decoded", "megabytes", "plan_id", "retrieved", "score_pairs"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -87,6 +87,28 @@ class RunDamaged(ValueError):
         where = f"the key '{key}'" if not field else f"the field '{field}' of the key '{key}'" if entry is None \
             else f"the field '{field}' of the entry {entry} of the key '{key}'"
         super().__init__(f"run {run_id!r} is damaged in Redis: {where} {problem}")
+
+
+#: the most one transition writes (its state, input events, events, outbox and kept messages together): one Redis
+#: value holds at most 512 MB (``proto-max-bulk-len``), and a larger argument makes the server drop the connection
+TRANSITION_LIMIT = 512 * 1024 * 1024
+
+
+def megabytes(size: int) -> str:
+    """A size in MB (in KB under one MB), for messages."""
+    return f"{size / 2**20:,.0f} MB" if size >= 2**20 else f"{size / 2**10:,.0f} KB"
+
+
+class RunTooLarge(ValueError):
+    """A transition of a run would write more than Redis takes (:data:`TRANSITION_LIMIT`): a result or a context
+    too large for the Redis runtime. Nothing was sent; the message says how large, and what to do."""
+
+    def __init__(self, run_id: str, size: int):
+        self.run_id, self.size = run_id, size
+        super().__init__(f"run {run_id!r}: this step's transition would write {megabytes(size)} to Redis, more than "
+                         f"one transition may ({megabytes(TRANSITION_LIMIT)}: what one Redis value holds): "
+                         "a result, or the context a step is given, is too large for the Redis runtime — keep large "
+                         "data out of runs (store it elsewhere and pass its key; docs/runtime.md, Sizing)")
 
 
 def decoded(run_id: str, key: str, field: str, raw: bytes, kind: type = dict, entry: str | None = None) -> Any:
@@ -423,6 +445,9 @@ class Store:
             args[0] = _orjson(header)  # (orjson itself: the codec's wrapper is a call more, and says the same)
         except TypeError:
             args[0] = dumps(header)
+        size = sum(map(len, args))
+        if size > TRANSITION_LIMIT:
+            raise RunTooLarge(run_id, size)
         keys = self.keys.run_keys(run_id)
         try:  # (Script's call inlined: a coroutine less per step)
             reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *keys, *args)
@@ -455,6 +480,9 @@ class Store:
             head = _orjson(header)
         except TypeError:
             head = dumps(header)
+        size = len(head) + sum(map(len, blobs))
+        if size > TRANSITION_LIMIT:
+            raise RunTooLarge(record.run_id, size)
         try:
             if self.batcher.wire is None:
                 reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *self.keys.run_keys(record.run_id),

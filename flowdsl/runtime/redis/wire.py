@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -276,7 +277,7 @@ class WireConnection:
             return protocol
 
     @staticmethod
-    async def _send(protocol: _Protocol, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _send(protocol: _Protocol, commands: Sequence[tuple[Any, ...] | bytes]) -> list[Any]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         protocol.waiting.extend((f, False) for f in futures)
@@ -284,7 +285,7 @@ class WireConnection:
         protocol.transport.write(b"".join(pack(c) for c in commands))
         return list(await asyncio.gather(*futures))
 
-    async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def execute(self, commands: Sequence[tuple[Any, ...] | bytes]) -> list[Any]:
         """Send ``commands`` in one write; their replies, in order (errors as ResponseError instances)."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
@@ -304,7 +305,7 @@ class WireConnection:
             raise reply
         return reply
 
-    def send(self, commands: list[tuple[Any, ...]], futures: list[asyncio.Future[Any]]) -> bool:
+    def send(self, commands: Sequence[tuple[Any, ...] | bytes], futures: list[asyncio.Future[Any]]) -> bool:
         """Write ``commands`` now, in one write, if connected: each future gets its reply (an error reply is
         raised by it; a lost connection fails every one). False, with nothing sent, when not connected:
         use :meth:`execute` (which connects). No task and no extra future per command: the hot path."""

@@ -84,7 +84,7 @@ from flowdsl.runtime.redis.connection import (
 )
 from flowdsl.runtime.redis.keys import GROUP, Keys, check_run_id
 from flowdsl.runtime.redis.scripts import Batcher
-from flowdsl.runtime.redis.store import Clock, Store
+from flowdsl.runtime.redis.store import Clock, RunTooLarge, Store
 from flowdsl.runtime.redis.upkeep import Upkeep
 from flowdsl.runtime.redis.wire import WireConnection, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
@@ -683,6 +683,9 @@ class RedisWorker(Upkeep):
         except NewerVersion as exc:  # a newer flowdsl's run (a rolling upgrade): never apply older rules to it
             log.warning("worker %s: entry %s of %s left for an upgraded worker: %s; it is handled again after the "
                         "lease", self.name, entry_id, stream, exc)
+        except RunTooLarge as exc:  # handled again, it would run its step again for the same result: set aside now
+            log.error("worker %s: entry %s of %s cannot be handled: %s", self.name, entry_id, stream, exc)
+            await self._set_aside(stream, entry_id, fields, trigger, str(exc))
         except Exception as exc:
             if self._config_error(exc, f"while handling entry {entry_id} of '{stream}' (left pending)"):
                 return  # not the message's fault: never a dead letter; it is handled again after the lease
