@@ -4,7 +4,8 @@ Stage: shared by the checks/compiler (parse, analyse) and the kernel
 (evaluate). Imports only ``flowdsl.diagnostics``-free stdlib and jsonata.
 The engine is JSONata through ``jsonata-python``; everything engine-specific
 stays in this module behind ``compile_expression`` / ``Expression`` so the
-engine could be swapped. Evaluation is bounded in time and recursion depth.
+engine could be swapped. Evaluation is bounded in time and recursion depth,
+and what one built-in call may build in size (``flowdsl.expr_bounds``).
 
 Templates: a string may hold ``${ expr }`` slots. A string that is exactly one
 slot evaluates to the expression's value; otherwise the slots are interpolated.
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowdsl import expr_errors
+from flowdsl import expr_bounds, expr_errors
 
 #: bounds applied to every evaluation
 TIME_LIMIT_MS = 100
@@ -93,6 +94,7 @@ def expression_id(source: str) -> str:
 def _jsonata() -> Any:
     import jsonata  # local: keeps `flowdsl --help` fast
 
+    expr_bounds.install(jsonata)  # once: what one built-in call may build (see flowdsl.expr_bounds)
     return jsonata
 
 
@@ -221,6 +223,8 @@ class Expression:
                                   getattr(exc, "error", None)) from None
         except RecursionError:
             raise ExpressionError("expression recursed too deeply") from None
+        except expr_bounds.TooLarge as exc:
+            raise ExpressionError(str(exc)) from None
         except TimeoutError:  # raised by the `regex` library: see _BoundedPattern
             raise ExpressionError(f"a regular expression took longer than {TIME_LIMIT_MS} ms on this data "
                                   "(it backtracks too much: write it so that each character can be matched "

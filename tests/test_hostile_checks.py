@@ -379,9 +379,10 @@ def test_a_for_each_over_a_list_or_data_compiles(items: str) -> None:
 
 
 def test_slow_constants_are_evaluated_within_a_budget() -> None:
-    # each takes the whole evaluation bound (~0.1-0.2 s): without a budget, 60 of them take 6-10 s
-    steps = "".join(f"  - s{i}: {{when: \"${{ [{i + 1}..10000000] }}\"}}\n" for i in range(60))
-    loops = "".join(f"  - for_each: l{i}\n    items: \"${{ [{i + 61}..10000000] }}\"\n    steps: [t{i}]\n"
+    # each takes ~0.1 s (a range at the size limit, made into JSON after the time bound; a larger one fails at
+    # once): without a budget, 120 of them take 10 s or more
+    steps = "".join(f"  - s{i}: {{when: \"${{ [{i + 1}..100000] }}\"}}\n" for i in range(60))
+    loops = "".join(f"  - for_each: l{i}\n    items: \"${{ [{i + 61}..100000] }}\"\n    steps: [t{i}]\n"
                     for i in range(60))
     assert timed(HEAD + "steps:\n" + steps + loops, 5) == []
 

@@ -9,6 +9,11 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import jsonata
@@ -17,6 +22,7 @@ import pytest
 from flowdsl.api import compile_text
 from flowdsl.diagnostics import CODES, Diagnostic, SpecError
 from flowdsl.expr import ExpressionError, Slot, compile_expression, split_template
+from flowdsl.expr_bounds import SIZE_LIMIT
 from flowdsl.llm_signature import SignatureError, normalize_fields, parse_signature
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, ok
@@ -319,3 +325,137 @@ def test_a_failed_evaluation_over_a_large_input_quotes_none_of_it_end_to_end() -
     assert [e["error"] for e in out["events"] if e.get("error")] == [said, said]  # step_failed, run_finished
     out.pop("context")  # the run's input, where it belongs
     assert CARD not in json.dumps(out) and len(json.dumps(out)) < 3000
+
+
+# --- 5. what one built-in call may build -------------------------------------------------------------------------
+
+LIMIT = f"the limit is {SIZE_LIMIT:,}"
+PAD_OVER = f"$pad would make a string of {SIZE_LIMIT + 1:,} characters; {LIMIT}"
+RANGE_OVER = f"the range operator (..) would make an array of {SIZE_LIMIT + 1:,} items; {LIMIT}"
+
+
+def bounded(source: str, data: Any) -> tuple[Any, float, int]:
+    """The value of ``source`` over ``data`` (or its ExpressionError), the seconds it took and the peak of what
+    Python allocated meanwhile."""
+    expression = compile_expression(source)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        value: Any = expression.evaluate(data)
+    except ExpressionError as exc:
+        value = exc
+    finally:
+        took, peak = time.perf_counter() - started, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return value, took, peak
+
+
+@pytest.mark.parametrize(("source", "data", "says"), [
+    ("$pad('', n)", {"n": SIZE_LIMIT + 1}, PAD_OVER),
+    ("$pad('ab', -n, '-')", {"n": SIZE_LIMIT + 1}, PAD_OVER),
+    ("s ~> $pad(n)", {"s": "x", "n": SIZE_LIMIT + 1}, PAD_OVER),
+    ("$map([1, 2], function($v) { $pad('', $v * n) })", {"n": SIZE_LIMIT // 2 + 1},
+     f"$pad would make a string of {SIZE_LIMIT + 2:,} characters; {LIMIT}"),
+    ("[1..n]", {"n": SIZE_LIMIT + 1}, RANGE_OVER),
+    ("$count([-n..0])", {"n": SIZE_LIMIT}, RANGE_OVER),
+    ("$fromMillis(0, '[M,' & $string(n) & ']')", {"n": SIZE_LIMIT + 1},
+     f"$fromMillis would pad a component of its picture to {SIZE_LIMIT + 1:,} characters (its width modifier "
+     f"',{SIZE_LIMIT + 1}'); "
+     f"{LIMIT}"),
+    ("$fromMillis(0, '[Y,2-' & $string(n) & ']')", {"n": SIZE_LIMIT + 1},
+     f"$fromMillis would pad a component of its picture to {SIZE_LIMIT + 1:,} characters (its width modifier "
+     f"',2-{SIZE_LIMIT + 1}'); "
+     f"{LIMIT}"),
+])
+def test_a_built_in_that_would_build_over_the_limit_fails_at_once(source: str, data: Any, says: str) -> None:
+    """The time bound is checked between evaluation steps: one built-in call ran to its end, so `$pad('', n)` with
+    n = 3,000,000,000 from the run input ran 10.9 s and took 5.8 GB before it was called a timeout."""
+    value, took, peak = bounded(source, data)
+    assert isinstance(value, ExpressionError) and value.message == says
+    assert took < 1 and peak < 20_000_000
+
+
+@pytest.mark.parametrize(("source", "data", "size"), [
+    ("$length($pad('', n))", {"n": SIZE_LIMIT}, SIZE_LIMIT),
+    ("$length($pad('ab', -n, '-'))", {"n": SIZE_LIMIT}, SIZE_LIMIT),
+    ("$length($pad(s, n))", {"s": "x" * (SIZE_LIMIT + 5), "n": SIZE_LIMIT + 3}, SIZE_LIMIT + 5),  # s as it is
+    ("$count([1..n])", {"n": SIZE_LIMIT}, SIZE_LIMIT),
+    ("$length($fromMillis(0, '[M,' & $string(n) & ']'))", {"n": SIZE_LIMIT}, SIZE_LIMIT),
+])
+def test_a_built_in_at_the_limit_works_as_before(source: str, data: Any, size: int) -> None:
+    assert compile_expression(source).evaluate(data) == size
+
+
+def test_the_size_bounds_leave_small_results_as_they_were() -> None:
+    assert compile_expression("[$pad('ab', 5, '-'), $pad('ab', -5), [2..4], $fromMillis(0, '[Y,2-4]-[M,3]')]"
+                              ).evaluate({}) == ["ab---", "   ab", [2, 3, 4], "1970-001"]
+
+
+def test_a_call_asking_for_gigabytes_fails_at_once_in_a_process_that_cannot_have_them() -> None:
+    """Under a 1 GiB address-space limit: each of these allocated (or tried to allocate) gigabytes, and a process
+    on Redis, a worker's event loop, stopped heartbeating while it did."""
+    script = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from flowdsl.expr import ExpressionError, compile_expression
+out = []
+for source in sys.argv[1:]:
+    started = time.perf_counter()
+    try:
+        compile_expression(source).evaluate({"n": 3000000000})
+        out.append(["value", time.perf_counter() - started])
+    except ExpressionError as exc:
+        out.append([exc.message, time.perf_counter() - started])
+print(json.dumps(out))
+"""
+    sources = ["$pad('', n)", "[0..n * 10]", "$fromMillis(0, '[M,' & $string(n) & ']')",
+               "$fromMillis(0, '[Y,1-' & $string(n) & ']')"]
+    done = subprocess.run([sys.executable, "-c", script, *sources], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = json.loads(done.stdout)
+    assert [message for message, _ in said] == [
+        f"$pad would make a string of 3,000,000,000 characters; {LIMIT}",
+        f"the range operator (..) would make an array of 30,000,000,001 items; {LIMIT}",
+        "$fromMillis would pad a component of its picture to 3,000,000,000 characters (its width modifier "
+        f"',3000000000'); {LIMIT}",
+        "$fromMillis would pad a component of its picture to 3,000,000,000 characters (its width modifier "
+        f"',1-3000000000'); {LIMIT}",
+    ]
+    assert all(took < 1 for _, took in said)
+
+
+def test_a_pad_width_from_the_run_input_fails_the_step_naming_the_option() -> None:
+    """`$pad('', order.n)`: one run input made the process allocate gigabytes; on Redis, a worker's event loop."""
+    from flowdsl import compile_text, run
+    from flowdsl.workers import WorkerRegistry
+
+    registry = WorkerRegistry()
+    registry.register("fill_b5", lambda data, ctx: {"len": len(data["s"])})
+    plan = compile_text("flowdsl: 1\nname: pad\nworkers: [nowhere_b5]\nsteps:\n  - fill:\n"
+                        "      worker: fill_b5\n      with: {s: \"${ $pad('', order.n) }\"}\n")
+    said = {"type": "ExpressionError",
+            "message": f"in 'with.s': $pad would make a string of 3,000,000,000 characters; {LIMIT}"}
+    started = time.perf_counter()
+    result = run(plan, {"order": {"n": 3_000_000_000}}, record=False, registry=registry, import_workers=False,
+                 handle_sigint=False)
+    assert time.perf_counter() - started < 1
+    out = result.to_json()
+    assert out["status"] == "failed" and out["failed_step"] == "fill"
+    assert out["error"] == said and out["steps"]["fill"]["error"] == said
+    result = run(plan, {"order": {"n": 12}}, record=False, registry=registry, import_workers=False,
+                 handle_sigint=False)
+    assert result.status == "completed" and result.context["len"] == 12
+
+
+def test_a_range_from_the_run_input_fails_the_for_each_naming_its_items() -> None:
+    steps = [{"for_each": "each", "items": "${ [1..count] }", "steps": ["b"]}]
+    sim = Sim(plan_of(steps), {}, input={"count": 20_000_000}).run()
+    assert sim.status == "failed" and sim.state["failed_step"] == "each"
+    assert sim.state["error"] == {"type": "ExpressionError", "message": "in 'items': the range operator (..) would "
+                                  f"make an array of 20,000,000 items; {LIMIT}"}
+
+
+def test_the_documented_size_limit_is_the_one_applied() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text()
+    assert f"at most **{SIZE_LIMIT:,}** characters or items" in text
