@@ -25,8 +25,6 @@ TYPE_CHECKING = False
 # The names are imported on first use (``__getattr__``), so that ``import flowdsl`` stays cheap; type checkers
 # and IDEs read them from the block below instead. The three lists must agree (tests/test_api.py checks it).
 if TYPE_CHECKING:
-    from typing import Any
-
     from flowdsl.api import CompileResult as CompileResult
     from flowdsl.api import compile_spec as compile_spec
     from flowdsl.api import compile_text as compile_text
@@ -90,7 +88,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'flowdsl' has no attribute {name!r}")
