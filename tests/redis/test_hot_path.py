@@ -163,9 +163,10 @@ class _Ticking(Clock):
         return self.t
 
 
-async def _drive(url: str, prefix: str, straight: bool) -> tuple[list[list[bytes]], dict[str, Any]]:
+async def _drive(url: str, prefix: str, straight: bool, wire: bool = True) -> tuple[list[list[bytes]], dict[str, Any]]:
     """Run CHAINED to its end with made-up results, reported through ``Advancer.report`` (``straight``) or
-    ``apply_event``: every TRANSITION call's arguments (the prefix replaced) and what the run's keys hold after."""
+    ``apply_event``: every TRANSITION call's arguments (the prefix replaced) and what the run's keys hold after.
+    ``wire``: on the lean connection (its calls packed by Store), else on redis-py's pipelines (packed there)."""
     from flowdsl.runtime.redis.advance import Advancer, Chain, Outcome
     from flowdsl.runtime.redis.scripts import TRANSITION, Batcher
     from flowdsl.runtime.redis.wire import WireConnection, _PyReader, entry_fields
@@ -174,12 +175,12 @@ async def _drive(url: str, prefix: str, straight: bool) -> tuple[list[list[bytes
         await client.submit(compile_text(CHAINED), {}, run_id="hc")
     keys = Keys(prefix)
     redis_client = connect(url)
-    store = Store(redis_client, keys, batcher=Batcher(redis_client, wire=WireConnection(url)))
+    store = Store(redis_client, keys, batcher=Batcher(redis_client, wire=WireConnection(url) if wire else None))
     await store.load_scripts()
     sha = hashlib.sha1(TRANSITION.encode()).hexdigest().encode()
     born = await store.call("HGET", keys.run("hc"), "born")  # (the submission's generation: its time)
     calls: list[list[bytes]] = []
-    straight_line: list[bytes] = []  # (Store.step's calls)
+    straight_line: list[bytes] = []  # (Store.step's calls: their input events)
     plain, packed = store.batcher.call, store.batcher.call_packed
 
     def normal(args: list[bytes]) -> None:
@@ -191,13 +192,19 @@ async def _drive(url: str, prefix: str, straight: bool) -> tuple[list[list[bytes
         return plain(*args)
 
     def call_packed(raw: bytes) -> Any:
-        straight_line.append(raw)
         reader = _PyReader()
         reader.feed(raw)
         normal(reader.gets())
         return packed(raw)
 
+    step = store.step
+
+    def stepped(*args: Any) -> Any:
+        straight_line.append(args[5][0])  # (its input event)
+        return step(*args)
+
     store.batcher.call, store.batcher.call_packed = call, call_packed  # type: ignore[method-assign]
+    store.step = stepped  # type: ignore[method-assign]
     advancer = Advancer(store, _Ticking())
     advancer._tokens = iter(f"tk{n}" for n in itertools.count())
     ack = [store.ack_op(keys.queue("conf.x"), "1-1", "w1")]
@@ -245,7 +252,8 @@ async def _drive(url: str, prefix: str, straight: bool) -> tuple[list[list[bytes
         run.pop(name)
     written = {"run": run, "tasks": entry_fields(await store.call("HGETALL", keys.tasks("hc"))),
                "outbox": entry_fields(await store.call("HGETALL", keys.outbox("hc"))),
-               "journal": [fields for _, fields in await store.call("XRANGE", keys.journal("hc"), "-", "+")]}
+               "journal": [entry_fields(fields)  # (redis-py's pipelines answer a dict, the lean connection a list)
+                           for _, fields in await store.call("XRANGE", keys.journal("hc"), "-", "+")]}
     await redis_client.aclose()
     # the straight line took d (nothing dispatched), e (its lease lost), f (a conflict: then the general way) and
     # g (the run's end); a, b and c dispatched more than one task or set a timer
@@ -264,3 +272,11 @@ def test_the_straight_line_of_a_reported_result_writes_what_the_general_way_writ
     assert straight[0] == general[0]
     assert straight[1]["run"] == general[1]["run"] and straight[1]["journal"] == general[1]["journal"]
     assert straight[1] == general[1]
+
+
+def test_a_transition_packed_for_the_lean_connection_is_what_redis_py_sends(url: str) -> None:
+    """On the lean connection Store packs TRANSITION calls itself (the run's start, the general way, the straight
+    line): the same arguments, byte for byte, as redis-py's pipelines send, and the same data written."""
+    packed, plain = asyncio.run(_drive(url, "hpw", True)), asyncio.run(_drive(url, "hpv", True, wire=False))
+    assert len(packed[0]) == len(plain[0]) >= 10
+    assert packed == plain

@@ -503,7 +503,7 @@ class Advancer:
                 result = await self.store.transition(
                     run_id, expected=record.version, state=state_raw, token=token, status=state["status"],
                     entries=entries, outbox=outbox, finished=finished, task_ops=task_ops, meta=meta or (),
-                    born=record.born)
+                    born=record.born, record=record)
                 break
             except TRANSIENT as exc:
                 log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)

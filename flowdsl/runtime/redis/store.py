@@ -242,7 +242,15 @@ _new_result = tuple.__new__
 #: a TRANSITION call packed as RESP, after its keys: ``*<args>``, the call and the keys (one ``%b``), then the
 #: header and the blobs (``$<length>``, the bytes), by the number of blobs
 _TRANSITION_HEAD = b"$7\r\nEVALSHA\r\n$40\r\n" + _TRANSITION.sha.encode() + b"\r\n$1\r\n4\r\n"
-_BULK = {n: b"*%d\r\n%%b" % (8 + n) + b"$%d\r\n%b\r\n" * (n + 1) for n in range(2, 5)}
+_BULK = {n: b"*%d\r\n%%b" % (8 + n) + b"$%d\r\n%b\r\n" * (n + 1) for n in range(1, 9)}
+
+
+def _bulk(n: int) -> bytes:
+    """The RESP format of a TRANSITION call with ``n`` blobs (:data:`_BULK`, made for more when needed)."""
+    found = _BULK.get(n)
+    if found is None:
+        found = _BULK[n] = b"*%d\r\n%%b" % (8 + n) + b"$%d\r\n%b\r\n" * (n + 1)
+    return found
 
 
 def _transition_result(reply: list[Any]) -> TransitionResult:
@@ -277,7 +285,8 @@ class Store:
         self.keys = keys
         self.batcher = batcher or Batcher(client)
         self.plans: dict[str, dict[str, Any]] = {}
-        self._plan_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}  # plan id -> its read in flight
+        #: plan id -> the futures of the reads waiting for its read in flight
+        self._plan_reads: dict[str, list[asyncio.Future[dict[str, Any] | None]]] = {}
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self.batcher.call(*args)
@@ -302,17 +311,23 @@ class Store:
             return found
         # one read per plan id at a time: a worker starting on a backlog of start requests would otherwise read
         # and decode the same plan (a few KB) once per request in flight, hundreds of times
-        pending = self._plan_reads.get(pid)
-        if pending is not None:
-            found = await asyncio.shield(pending)
+        waiting = self._plan_reads.get(pid)
+        if waiting is not None:
+            # a future of its own, which only its own cancellation cancels (as asyncio.shield would make, for
+            # three turns of the event loop instead of one)
+            mine: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+            waiting.append(mine)
+            found = await mine
             # None: that run's hash had no plan (expired) or its read failed: read this run's own
             return found if found is not None else await self._read_plan(run_id, pid)
-        pending = self._plan_reads[pid] = asyncio.get_running_loop().create_future()
+        waiting = self._plan_reads[pid] = []
         try:
             found = await self._read_plan(run_id, pid)
         finally:
             del self._plan_reads[pid]
-            pending.set_result(found)
+            for mine in waiting:
+                if not mine.done():  # (cancelled)
+                    mine.set_result(found)
         return found
 
     async def _read_plan(self, run_id: str, pid: str) -> dict[str, Any] | None:
@@ -379,24 +394,25 @@ class Store:
     async def submission(self, run_id: str) -> dict[str, Any] | None:
         """The submitted start request of a run (plan, input, settings; ``cancel``: the reasons of the cancel
         requests held for its start, in order), or None."""
-        names = ("submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel", "born")
-        values = await self.call("HMGET", self.keys.run(run_id), *names)
-        got = dict(zip(names, values, strict=True))
-        if got["submitted"] is None or got["pid"] is None or got["input"] is None:
+        key = self.keys.run(run_id)
+        # (unpacked, not zipped into a dict: one read per run started)
+        submitted, raw_pid, raw_input, seed, ret, sts, version, cancel, born = await self.call(
+            "HMGET", key, "submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel", "born")
+        if submitted is None or raw_pid is None or raw_input is None:
             return None
-        plan = await self.plan(run_id, got["pid"].decode())
+        pid = raw_pid.decode()
+        plan = await self.plan(run_id, pid)
         if plan is None:
             return None
-        return {"plan": plan, "pid": got["pid"].decode(),
-                "input": decoded(run_id, self.keys.run(run_id), "input", got["input"]),
-                "seed": int(got["seed"]) if got["seed"] else None, "ret": int(got["ret"]) if got["ret"] else None,
-                "sts": int(got["sts"]) if got["sts"] else None, "started": got["v"] is not None,
-                "cancel": cancel_reasons(got["cancel"]), "born": (got["born"] or b"").decode()}
+        return {"plan": plan, "pid": pid, "input": decoded(run_id, key, "input", raw_input),
+                "seed": int(seed) if seed else None, "ret": int(ret) if ret else None,
+                "sts": int(sts) if sts else None, "started": version is not None,
+                "cancel": cancel_reasons(cancel), "born": (born or b"").decode()}
 
     async def transition(self, run_id: str, *, expected: int, state: bytes, token: str, status: str,
                          entries: Sequence[JournalEntry], outbox: bytes | None = None, finished: bool = False,
                          task_ops: Sequence[TaskOp] = (), meta: Sequence[tuple[str, Any]] = (),
-                         born: str = "") -> TransitionResult:
+                         born: str = "", record: RunRecord | None = None) -> TransitionResult:
         """Write one transition atomically (the TRANSITION script); see :class:`TransitionResult`.
 
         ``expected`` is the version the state was computed from (0: create the
@@ -417,6 +433,7 @@ class Store:
         itself, held at once, its message kept for recovery. ``born``: the run's generation the state was
         computed from; a run of the id of another generation (the one computed from expired, the id submitted
         again) is a version conflict (code 2), so the caller loads the run again ('': not checked).
+        ``record``: the run's record, if the caller has one (its keys are packed once: :meth:`packed`).
         """
         # one flat JSON header for every small argument, then the blobs (see TRANSITION): hiredis formats each
         # argument's length with sprintf, so a step's ~29 arguments cost more to pack than the 11 of this form
@@ -448,12 +465,28 @@ class Store:
         size = sum(map(len, args))
         if size > TRANSITION_LIMIT:
             raise RunTooLarge(run_id, size)
-        keys = self.keys.run_keys(run_id)
         try:  # (Script's call inlined: a coroutine less per step)
-            reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *keys, *args)
+            if self.batcher.wire is None:
+                reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *self.keys.run_keys(run_id), *args)
+            else:  # packed here, as step() packs (hiredis formats each argument's length with sprintf)
+                parts: list[Any] = [self.packed(record, run_id)]
+                for arg in args:
+                    parts += (len(arg), arg)
+                reply = await self.batcher.call_packed(_bulk(len(args) - 1) % tuple(parts))
         except NoScriptError:  # the server forgot it (restarted, SCRIPT FLUSH): loaded again, called again
-            reply = await _TRANSITION(self.batcher, keys, args)
+            reply = await _TRANSITION(self.batcher, self.keys.run_keys(run_id), args)
         return _transition_result(reply)
+
+    def packed(self, record: RunRecord | None, run_id: str) -> bytes:
+        """``EVALSHA <sha> 4 <the run's four keys>`` as RESP: the start of its TRANSITION calls on the lean
+        connection, kept in ``record.packed`` (packed once per record)."""
+        if record is not None and record.packed:
+            return record.packed
+        packed = _TRANSITION_HEAD + b"".join([b"$%d\r\n%b\r\n" % (len(k), k)
+                                              for k in [key.encode() for key in self.keys.run_keys(run_id)]])
+        if record is not None:
+            record.packed = packed
+        return packed
 
     async def step(self, record: RunRecord, token: str, status: str, finished_at: int | None, state: bytes,
                    entry: JournalEntry, held: tuple[str, str, bytes] | None) -> TransitionResult:
@@ -488,12 +521,7 @@ class Store:
                 reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *self.keys.run_keys(record.run_id),
                                                 head, *blobs)
             else:
-                packed = record.packed
-                if not packed:  # "EVALSHA <sha> 4 <the run's four keys>", packed once per record
-                    packed = record.packed = _TRANSITION_HEAD + b"".join(
-                        b"$%d\r\n%b\r\n" % (len(k), k) for k in (key.encode() for key in
-                                                                self.keys.run_keys(record.run_id)))
-                parts: list[Any] = [packed, len(head), head]
+                parts: list[Any] = [record.packed or self.packed(record, record.run_id), len(head), head]
                 for blob in blobs:
                     parts += (len(blob), blob)
                 reply = await self.batcher.call_packed(_BULK[len(blobs)] % tuple(parts))

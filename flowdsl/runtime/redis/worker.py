@@ -873,11 +873,16 @@ class RedisWorker(Upkeep):
         """Run the held task (``code`` 2: answer it cancelled) and report its outcome; while the transition
         hands this process the run's next task (self-dispatch), run that one too, under the same entry."""
         held.picked = True
+        # one chain offer (its token is the entry's throughout) and one look-up of the handler's task serve every
+        # step of the chain: a chained step makes neither again
+        offer = Chain(held.token, self._serves)
+        handler = asyncio.current_task()
         while True:
-            event = await self._execute(held, code == 2)
+            event = await self._execute(held, code == 2, handler)
             if event is None:
                 return  # handed back
-            chain = None if self._stopping else Chain(held.token, self._serves)
+            offer.command = None  # (a transition that takes no task leaves it as it is)
+            chain = None if self._stopping else offer
             await self._report(held, event, ack, chain)
             if chain is None or chain.command is None:
                 return  # the entry was acknowledged with the transition's relay
@@ -892,14 +897,16 @@ class RedisWorker(Upkeep):
                 await self._hand_back(held)  # held already: give it to another process at once
                 return
 
-    async def _execute(self, held: _Held, cancelled: bool) -> dict[str, Any] | None:
-        """The input event answering the held task, or None when it was handed back (graceful stop)."""
+    async def _execute(self, held: _Held, cancelled: bool, handler: asyncio.Task[Any] | None
+                       ) -> dict[str, Any] | None:
+        """The input event answering the held task, or None when it was handed back (graceful stop).
+        ``handler``: the task running this (``asyncio.current_task()``)."""
         if cancelled or held.cancel:
             return {"type": "task_cancelled", "task_id": held.task_id}
         self.stats.tasks += 1
         # the worker runs in this handler's own task (no task of its own: no extra turns of the loop); to stop
         # it, _interrupt cancels the handler while it is here, and the cancellation is taken back below
-        held.handler = asyncio.current_task()
+        held.handler = handler
         try:
             event = await execute(held.command, registry=self.registry, lm=self.options.lm)
         except asyncio.CancelledError:
@@ -917,9 +924,8 @@ class RedisWorker(Upkeep):
             # back too, else the handler stays "being cancelled": a task chained here next could not be
             # interrupted, and a CancelledError it raised itself would pass for a cancellation
             held.interrupted = False
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            if handler is not None:
+                handler.uncancel()
         return event
 
     async def _report(self, held: _Held, event: dict[str, Any], ack: list[dict[str, Any]],
