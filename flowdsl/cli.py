@@ -2,7 +2,8 @@
 
 Stage: CLI. Imports the API facade and, lazily inside each command, the stage
 it drives. Exit codes: 0 ok; 1 diagnostics found or run not completed; 2 usage
-error, unreadable file or rejected spec for a command that needs a valid one.
+error, unreadable file or rejected spec for a command that needs a valid one;
+3 stdout could not be written; 141 stdout's reader went away (``flowdsl.stdio``).
 Human output goes to stderr (rich), machine output to stdout.
 """
 
@@ -117,16 +118,17 @@ NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker nam
 
 
 def _stderr() -> Any:
-    from rich.console import Console
+    from flowdsl.stdio import console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return console(stderr=True)
 
 
 def _print_diagnostics(diags: list[Any], fmt: OutputFormat) -> None:
     if fmt is OutputFormat.json:
         from flowdsl.diagnostics import to_json_text
+        from flowdsl.stdio import write_json
 
-        print(to_json_text(diags))
+        write_json(to_json_text(diags) + "\n")
         return
     console = _stderr()
     for d in diags:
@@ -136,9 +138,12 @@ def _print_diagnostics(diags: list[Any], fmt: OutputFormat) -> None:
 
 
 def _escape(text: str) -> str:
+    """``text`` for rich markup, and with the bytes of a path that are not UTF-8 shown as ``\\xNN``."""
     from rich.markup import escape
 
-    escaped: str = escape(text)
+    from flowdsl.diagnostics import shown
+
+    escaped: str = escape(shown(text))
     return escaped
 
 
@@ -173,14 +178,21 @@ def _same_file(a: Path, b: Path) -> bool:
 def write_outputs(outputs: list[tuple[str, Path, bytes]], inputs: list[Path]) -> None:
     """Write output files all or nothing: a usage error (exit 2) — before any is written — when one would
     overwrite an input file, two name the same file, or one cannot be written (its directory is missing, it
-    is a directory, permissions). ``outputs``: (option, path, bytes); ``inputs``: the spec, then the files it
-    uses.
+    is a directory, a socket or a block device, permissions). ``outputs``: (option, path, bytes); ``inputs``: the
+    spec, then the files it uses.
 
-    Each file is first written to a temporary file beside it, then all are renamed into place (through a
-    symlink, to the file it points to), so that a failing command leaves every target as it was.
+    A regular file (or a new one) is first written to a temporary file beside it, then all are renamed into place
+    (through a symlink, to the file it points to), so that a failing command leaves every target as it was. A
+    target that is not a regular file is written in place, never renamed over: a character device (``/dev/null``,
+    a terminal) or a FIFO is opened for writing (a FIFO waits for its reader, as a shell's ``>`` does), and one of
+    this process's own descriptors (``/dev/stdout``, ``/dev/fd/N``, a ``>(…)`` of the shell) is written to as it
+    stands — a pipe, a terminal or the file it was opened on, at its offset. Those are written after every
+    temporary file, before the renames.
     """
+    import stat
     import tempfile
 
+    ways: list[tuple[str, Any]] = []  # per output: ("rename", its real path) | ("open", path) | ("fd", number)
     for i, (option, path, _) in enumerate(outputs):
         for n, source in enumerate(inputs):
             if _same_file(path, source):
@@ -193,27 +205,101 @@ def write_outputs(outputs: list[tuple[str, Path, bytes]], inputs: list[Path]) ->
                 raise _fail(f"{option} {path} and {other} {earlier} name the same file; give each its own")
         if path.is_dir():
             raise _fail(f"cannot write {path}: it is a directory ({option} takes a file name)")
-    staged: list[tuple[str, str, str]] = []
+        descriptor = _own_descriptor(path)
+        try:
+            mode = os.stat(path).st_mode if descriptor is None else 0
+        except OSError:  # none there yet (or none reachable: said when it is written)
+            mode = stat.S_IFREG
+        if descriptor is not None:
+            ways.append(("fd", descriptor))
+        elif stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+            ways.append(("open", path))
+        elif stat.S_ISSOCK(mode):
+            raise _fail(f"cannot write {path}: it is a socket, not a file ({option} takes a file name)")
+        elif stat.S_ISBLK(mode):
+            raise _fail(f"cannot write {path}: it is a block device (a disk or a partition); flowdsl writes no output "
+                        f"over one ({option} takes a file name: write a file, and copy it there if that is meant)")
+        else:
+            ways.append(("rename", os.path.realpath(path)))
+    staged: list[tuple[Path, str, str]] = []
     try:
-        for option, path, data in outputs:
-            target = os.path.realpath(path)
+        for (_, path, data), (way, where) in zip(outputs, ways, strict=True):
+            if way != "rename":
+                continue
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target))
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(where)}.", dir=os.path.dirname(where))
             except OSError as exc:
                 raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
-            staged.append((option, tmp, target))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, _new_file_mode(target))
-        for _, tmp, target in staged:
-            os.replace(tmp, target)
+            staged.append((path, tmp, where))
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.chmod(tmp, _new_file_mode(where))
+            except OSError as exc:  # (a full disk: the error names no file, the temporary one at most)
+                raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
+        for (_, path, data), (way, where) in zip(outputs, ways, strict=True):
+            if way != "rename":
+                _write_in_place(path, data, where if way == "fd" else None)
+        for path, tmp, where in staged:
+            try:
+                os.replace(tmp, where)
+            except OSError as exc:
+                raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
         staged.clear()
-    except OSError as exc:
-        raise _fail(f"cannot write {exc.filename or 'an output file'}: {exc.strerror or exc}") from None
     finally:
         for _, tmp, _ in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _own_descriptor(path: Path) -> int | None:
+    """The number of this process's file descriptor that ``path`` names — ``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``, through any symbolic links — or None. (Resolved as a path, such a name is the file or pipe
+    behind the descriptor, which must be written through it, never renamed over.)"""
+    own = f"/proc/{os.getpid()}/fd"
+    here = os.path.abspath(path)
+    for _ in range(40):  # (as the kernel follows links: at most 40)
+        parent, name = os.path.split(here)
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.path.realpath(parent) == own:
+                    return int(name)
+        try:
+            link = os.readlink(here)
+        except OSError:  # not a link (or nothing there)
+            return None
+        here = os.path.normpath(os.path.join(parent, link))
+    return None
+
+
+def _write_in_place(path: Path, data: bytes, descriptor: int | None) -> None:
+    """Write ``data`` into ``path``, a character device or a FIFO (opened for writing, never created or renamed
+    over), or through ``descriptor``, one of this process's own, as it stands (left open)."""
+    import stat
+
+    try:
+        if descriptor is None:
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)  # (a FIFO: waits for a reader)
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):  # replaced by a file since it was looked at
+                    raise _fail(f"cannot write {path}: it became a regular file while flowdsl wrote its outputs; "
+                                "run the command again")
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        else:
+            if descriptor == 1 and sys.stdout is not None:  # (None: started with stdout closed)
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stdout.flush()
+            _write_all(descriptor, data)
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _new_file_mode(target: str) -> int:
@@ -272,7 +358,9 @@ def plan(
     inputs = [file, *_spec_files(result), *([] if no_import else _module_files(result.plan))]
     write_outputs(files, inputs)  # all checked and written before anything is printed
     if output is None:
-        sys.stdout.write(data.decode("utf-8"))
+        from flowdsl.stdio import write_json
+
+        write_json(data.decode("utf-8"))
 
 
 def _module_files(plan: dict[str, Any]) -> list[Path]:
@@ -346,11 +434,11 @@ def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
     stdout carries exactly one JSON object, as for ``run``: when the command fails
     without having written one, ``{"status": "error", "error": {"type", "message"}}`` says why (the lines
     it printed on stderr)."""
-    from rich.console import Console
+    from flowdsl import stdio
 
     if not as_json:  # the text goes to stdout (`flowdsl runs | grep failed`), errors to stderr
-        return body(Console(highlight=False, soft_wrap=True))
-    console = Console(stderr=True, highlight=False, soft_wrap=True, record=True)
+        return body(stdio.console())
+    console = stdio.console(stderr=True, record=True)
     with _JsonChannel(True) as channel:
         try:
             code = body(console)
@@ -378,10 +466,12 @@ def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
     "  0    completed\n"
     "  1    failed, compensated or cancelled (nothing in doubt)\n"
     "  2    spec, input or usage error\n"
+    "  3    the result could not be written to stdout (full, closed): stderr names the run\n"
     "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
     "doubt)\n"
     "  130  stopped at once by a second Ctrl-C or SIGTERM; with --backend redis, stopped following (the run goes "
-    "on)"))
+    "on)\n"
+    "  141  stdout's reader went away (| head)"))
 def run(
     file: Annotated[Path, typer.Argument(help="spec file", show_default=False)],
     input_file: Annotated[str | None, typer.Option(
@@ -474,6 +564,33 @@ def _stopping_as_ctrl_c() -> Iterator[None]:
 
 
 
+@contextlib.contextmanager
+def _said_once() -> Iterator[None]:
+    """While a local run goes: the runtime's warnings that its progress (``on_notice``) says too are not said
+    again on stderr by the logging module (a record that cannot be written was said twice in a row)."""
+    import logging
+
+    from flowdsl.runtime.local import NOTICED
+
+    def fresh(record: logging.LogRecord) -> bool:
+        return not getattr(record, NOTICED, False)
+
+    logger = logging.getLogger("flowdsl.local")
+    logger.addFilter(fresh)
+    try:
+        yield
+    finally:
+        logger.removeFilter(fresh)
+
+
+def _on_terminal(stream: Any) -> bool:
+    """Whether ``stream`` (stdin) is a terminal; False when it is closed or missing."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (OSError, ValueError):
+        return False
+
+
 class _Stopped(Exception):
     """``flowdsl run`` ends without a run result: a rejected spec, a usage or input error, an aborted run."""
 
@@ -542,6 +659,9 @@ class _JsonChannel:
     def __enter__(self) -> _JsonChannel:
         if not self.active:
             return self
+        from flowdsl import stdio
+
+        stdio.check_open()  # a stdout closed at start: said before anything is done whose report would be lost
         self._saved_stdout = sys.stdout
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -562,7 +682,9 @@ class _JsonChannel:
                     os.close(saved)
                 else:
                     self._saved_fd = saved
-                    stream = open(saved, "w", encoding="utf-8", closefd=False)  # closed on exit
+                    encoding = getattr(self._saved_stdout, "encoding", None) or "utf-8"
+                    stream = stdio.like_stdout(self._saved_stdout, open(  # closed on exit
+                        saved, "w", encoding=encoding, closefd=False))
         self._out = _Tracked(stream)
         sys.stdout = self._out
         return self
@@ -571,16 +693,26 @@ class _JsonChannel:
         """Write the one JSON object (a newline after it)."""
         target = self._out if self._out is not None else sys.stdout
         from flowdsl.runtime.codec import json_line
+        from flowdsl.stdio import write_json
 
-        target.write(json_line(value))
-        target.flush()
+        write_json(json_line(value), target)
 
     def __exit__(self, *exc: object) -> None:
         if not self.active:
             return
-        for stream in (self._out, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()  # type: ignore[union-attr]
+        from flowdsl.stdio import OutputError
+
+        failure: OutputError | None = None
+        if self._out is not None:
+            try:  # the object was flushed as it was written; an error now is one all the same, never lost
+                self._out.flush()
+            except OutputError as error:
+                failure = error
+            except (OSError, ValueError) as error:
+                failure = OutputError(getattr(error, "strerror", None) or str(error),
+                                      broken_pipe=isinstance(error, BrokenPipeError))
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
         sys.stdout = self._saved_stdout
         if self._saved_fd is not None:
             if self._out is not None:
@@ -589,6 +721,8 @@ class _JsonChannel:
             os.dup2(self._saved_fd, 1)
             os.close(self._saved_fd)
             self._saved_fd = None
+        if failure is not None and exc[0] is None:
+            raise failure
 
 
 def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: list[str], run_id: str | None,
@@ -620,6 +754,8 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
                        error_type="SpecRejected", diagnostics=result.diagnostics, label="rejected")
     if result.diagnostics:
         _print_diagnostics(result.diagnostics, OutputFormat.text)
+    if input_file == "-" and _on_terminal(sys.stdin):  # else it would wait there without a word
+        _stderr().print("reading the run input from stdin; end it with Ctrl-D", markup=False)
     try:
         data = read_input(input_file, overrides)
         check_input(result.plan, data)
@@ -634,10 +770,18 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
                             "journal)")
         said: list[tuple[str, str]] = []
         submitted: list[str] = []
-        code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
-                           detach=detach, as_json=as_json, schedule_timeout_s=schedule_timeout,
-                           retention_s=retention, console=_stderr(), on_error=lambda kind, text: said.append(
-                               (kind, text)), submitted=submitted, late_grace=late_grace)
+        from flowdsl.stdio import OutputError
+
+        try:
+            code = run_command(result.plan, data, url=redis_url, prefix=prefix, run_id=run_id, seed=seed,
+                               detach=detach, as_json=as_json, schedule_timeout_s=schedule_timeout,
+                               retention_s=retention, console=_stderr(), on_error=lambda kind, text: said.append(
+                                   (kind, text)), submitted=submitted, late_grace=late_grace)
+        except OutputError as exc:  # the run is in Redis: its id must not be lost with the output
+            if submitted:
+                exc.context.append(f"the run {submitted[-1]} was submitted: `flowdsl status {submitted[-1]}` "
+                                   "shows it")
+            raise
         if as_json and not channel.written:  # said on stderr already; the one object says it too
             kind = said[-1][0] if said else "RedisError" if code == EXIT_USAGE else "Interrupted"
             payload: dict[str, Any] = {"status": "error", "error": {
@@ -671,7 +815,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     from flowdsl.runtime.local import run_on_new_loop
 
     try:
-        with view, _user_code():
+        with view, _user_code(), _said_once():
             outcome = run_on_new_loop(local.run())
     except RunAborted as exc:
         extra: dict[str, Any] = {"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}
@@ -688,7 +832,14 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     except (OSError, RuntimeError) as exc:
         raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
     if as_json:
-        channel.emit(outcome.to_json())
+        from flowdsl.stdio import OutputError
+
+        try:
+            channel.emit(outcome.to_json())
+        except OutputError as exc:  # the run ran: say which, and where its record is
+            exc.context.append(f"the run {outcome.run_id} ended {outcome.status}" + (
+                f"; its record: {outcome.record_path}" if outcome.record_path else " (not recorded)"))
+            raise
     else:
         print_summary(outcome, _stderr())
     return outcome.exit_code
@@ -730,8 +881,9 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
         raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}", console=console) from None
     if fmt is OutputFormat.json:
         from flowdsl.runtime.codec import json_line
+        from flowdsl.stdio import write_json
 
-        sys.stdout.write(json_line(outcome.to_json()))
+        write_json(json_line(outcome.to_json()))
     else:
         print_timeline(outcome, lines, console)
     if lines.cut_short:
@@ -845,7 +997,7 @@ def runs(
     prefix: PrefixOpt = None,
     status_filter: Annotated[str | None, typer.Option(
         "--status", help="only runs in this state, any case (submitted, running, completed, compensated, "
-        "needs_intervention, ...; local records also aborted, not_started)")] = None,
+        "needs_intervention, ...; local records also aborted, not_started, unrecorded)")] = None,
     flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow", callback=_text)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most this many")] = 20,
     fmt: FormatOpt = OutputFormat.text,
@@ -998,6 +1150,8 @@ def main() -> None:
     global _WHOLE_PROCESS
     _WHOLE_PROCESS = True
     argv = sys.argv[1:]
+    from flowdsl.stdio import EXIT_BROKEN_PIPE, OutputError, report
+
     try:
         from typer import rich_utils
 
@@ -1017,7 +1171,9 @@ def main() -> None:
         with ctx:
             command.invoke(ctx)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        sys.exit(_flushed(exc.exit_code))
+    except OutputError as exc:  # stdout full, closed or its reader gone (flowdsl.stdio): said once, here
+        sys.exit(report(exc))
     except ClickException as exc:  # the command line itself is wrong: nothing has started
         rich_utils.rich_format_error(exc)
         said(argv, {"status": "error", "error": {"type": "UsageError", "message": exc.format_message()}})
@@ -1027,10 +1183,23 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)
-    except BrokenPipeError:  # the reader went away (``| head``): end quietly, as typer does
+    except BrokenPipeError:  # the reader went away (``| head``) of a stdout flowdsl.stdio does not guard: quietly
         let_go()
-        sys.exit(1)
-    sys.exit(0)
+        sys.exit(EXIT_BROKEN_PIPE)
+    sys.exit(_flushed(0))
+
+
+def _flushed(code: int) -> int:
+    """``code``, once stdout is flushed; if that fails, the error said (``flowdsl.stdio.report``) and its code."""
+    from flowdsl.stdio import OutputError, flush_stdout, report
+
+    try:
+        flush_stdout()
+    except OutputError as exc:
+        return report(exc)
+    except OSError as exc:  # (a stdout flowdsl.stdio does not guard)
+        return report(OutputError(exc.strerror or str(exc), broken_pipe=isinstance(exc, BrokenPipeError)))
+    return code
 
 
 if __name__ == "__main__":

@@ -54,17 +54,24 @@ def said(argv: Sequence[str], value: dict[str, Any]) -> None:
         return
     import json
 
+    from flowdsl.stdio import OutputError
+
     try:
         sys.stdout.write(json.dumps(value) + "\n")
         sys.stdout.flush()
-    except BrokenPipeError:
+    except (BrokenPipeError, OutputError):  # (the error, said on stderr, is the command's: its exit code stays)
         let_go()
 
 
 def let_go() -> None:
-    """The reader of stdout went away (``| head``): point stdout at /dev/null, so that nothing more written to
-    it (nor the interpreter's flush at exit) raises."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """The reader of stdout went away (``| head``), or stdout cannot be written: point it at /dev/null, so that
+    nothing more written to it (nor the interpreter's flush at exit) raises."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def program_name() -> str:
@@ -100,6 +107,9 @@ def main() -> None:
             signal.signal(signum, _raise_stop)
             _taken.append(signum)
     try:
+        from flowdsl import stdio
+
+        stdio.install()  # (before anything opens a file: a closed fd 0, 1 or 2 is taken by /dev/null)
         from flowdsl.cli import main as cli_main
     except KeyboardInterrupt as exc:
         stopped(str(exc) or "interrupted", argv)

@@ -44,15 +44,17 @@ SUFFIX_FORMATS = {".mmd": "mermaid", ".mermaid": "mermaid", ".md": "mermaid", ".
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from flowdsl.stdio import console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return console(stderr=True)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     from rich.markup import escape
 
-    _console().print(f"[red]error[/]: {escape(message)}")
+    from flowdsl.diagnostics import shown
+
+    _console().print(f"[red]error[/]: {escape(shown(message))}")
     return typer.Exit(code)
 
 
@@ -199,7 +201,11 @@ def diagram(
 
         write_outputs([("-o", output, data)], [file, *(Path(e["file"]) for e in result.source_map.values()
                                                        if e.get("file")), *([record] if record else [])])
-        _console().print(f"[green]wrote[/] {output} ({kind})")
+        from rich.markup import escape
+
+        from flowdsl.diagnostics import shown
+
+        _console().print(f"[green]wrote[/] {escape(shown(output))} ({kind})")
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()

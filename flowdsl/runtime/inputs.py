@@ -1,17 +1,20 @@
 """Run input: read it (file, stdin, ``--set`` overrides) and check it against the plan's input schema.
 
 Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema (and its
-``referencing``) and ``.execute`` (the depth bound and the checks of run data).
+``referencing``), ``.execute`` (the depth bound and the checks of run data) and ``flowdsl.diagnostics`` (how a
+path is shown).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
 from typing import Any
 
+from flowdsl.diagnostics import shown as shown_text
 from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem, text_problem
 
 
@@ -32,15 +35,15 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
     """
     data: dict[str, Any] = {}
     if source is not None:
-        name = "stdin" if source == "-" else source
+        name = "stdin" if source == "-" else shown_text(source)
         if source == "-":
             raw = _read_stdin()
         else:
             try:
                 with open(source, "rb") as fh:
-                    raw = fh.read()
+                    raw = _read_capped(fh, name)
             except OSError as exc:
-                raise InputError(f"cannot read input file '{source}': {exc.strerror or exc}") from None
+                raise InputError(f"cannot read input file '{name}': {exc.strerror or exc}") from None
         text = (_decode(raw, name) if isinstance(raw, bytes) else raw).removeprefix("\ufeff")
         try:
             parsed = json.loads(text, object_pairs_hook=_distinct)
@@ -106,10 +109,50 @@ def _read_stdin() -> bytes | str:
                          "input with --input FILE")
     try:
         stream = getattr(stdin, "buffer", None)
-        return stream.read() if stream is not None else stdin.read()
+        return _read_capped(stream if stream is not None else stdin, "stdin")
     except (OSError, ValueError) as exc:  # ValueError: a stdin closed by the program itself
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InputError(f"cannot read the input from stdin: {reason}; give the input with --input FILE") from None
+
+
+#: the largest run input read, in bytes (256 MiB): a run's input is kept whole in memory (several times over) and in
+#: its record (the Redis runtime refuses more than 170 MB at submission: docs/runtime.md, "Sizing"); a larger one —
+#: or an endless source, ``-i /dev/zero`` — is refused as soon as this much has been read, never read until memory
+#: runs out
+MAX_INPUT_BYTES = 256 * 1024 * 1024
+_CHUNK = 1 << 20
+
+
+def _read_capped(stream: Any, name: str, limit: int | None = None) -> bytes | str:
+    """All of ``stream`` (a binary one, else a text one), read a chunk at a time — so that a stop signal is
+    taken between chunks — and at most ``limit`` (:data:`MAX_INPUT_BYTES`) long; an InputError naming ``name``
+    and the limit when there is more."""
+    limit = MAX_INPUT_BYTES if limit is None else limit
+    fileno = getattr(stream, "fileno", None)
+    try:
+        size = os.fstat(fileno()).st_size if fileno is not None else 0
+    except (OSError, ValueError):  # (not a real file: a test's stream)
+        size = 0
+    if size > limit:  # a regular file said too long before a byte is read
+        raise InputError(_too_large(name, limit))
+    read = getattr(stream, "read1", None) or stream.read  # read1: one read(2), as soon as some bytes are there
+    parts: list[Any] = []
+    total = 0
+    while True:
+        chunk = read(_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise InputError(_too_large(name, limit))
+        parts.append(chunk)
+    return parts[0][:0].join(parts) if parts else b""
+
+
+def _too_large(name: str, limit: int) -> str:
+    return (f"{name}: the run input is larger than {limit // (1024 * 1024)} MiB ({limit} bytes), the most flowdsl "
+            "reads; expected a JSON object of at most that size (pass large data by reference: a path or a URL "
+            "the workers read)")
 
 
 #: a JSON string (skipped whole: digits inside it are text) or a JSON number

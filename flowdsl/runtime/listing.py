@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from flowdsl.runtime.record import RecordError
+from flowdsl.runtime.record import RECORD_FAILED, RecordError
 
 __all__ = ["LOCAL_STATES", "MTIME_SLACK_MS", "RunRow", "list_records", "local_runs_command", "print_runs",
            "read_row"]
@@ -37,7 +37,10 @@ __all__ = ["LOCAL_STATES", "MTIME_SLACK_MS", "RunRow", "list_records", "local_ru
 #: once: its record ends with ``runtime_aborted``, as ``show`` says) and ``not_started`` (a record holding only its
 #: header); what ``flowdsl runs --backend local --status`` takes
 LOCAL_STATES = ("not_started", "running", "aborting", "compensating", "completed", "failed", "compensated",
-                "cancelled", "needs_intervention", "aborted")
+                "cancelled", "needs_intervention", "aborted", "unrecorded")
+#: the state of a run whose record stops where writing it failed (its last line is ``record_failed``) before the
+#: run's end: the run went on unrecorded, so its end is unknown here
+UNRECORDED = "unrecorded"
 _END_STATES = frozenset({"completed", "failed", "compensated", "cancelled", "needs_intervention"})
 #: the states of a record that ends before its run did (its process stopped, or the run still goes)
 _GOING = frozenset({"running", "aborting", "compensating"})
@@ -145,7 +148,8 @@ def _from_ends(path: Path, fh: Any, size: int) -> RunRow:
     if finished is not None:
         return RunRow(run_id, flow, str(finished["status"]), taken, began, _ms(finished.get("at")))
     if aborted is not None:
-        return RunRow(run_id, flow, "aborted", taken, began, None)
+        return RunRow(run_id, flow, UNRECORDED if aborted.get("type") == RECORD_FAILED else "aborted", taken, began,
+                      None)
     raise _Replay
 
 
@@ -198,6 +202,7 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> tuple[dict[str, A
         except (ValueError, RecursionError):
             pass
     aborted: dict[str, Any] | None = None
+    failed: dict[str, Any] | None = None  # the record_failed line, when it is the last
     for piece in reversed(lines):
         if not piece.strip():
             continue
@@ -214,6 +219,10 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> tuple[dict[str, A
             return item, None
         if kind == "runtime_aborted" and aborted is None:
             aborted = item
+        if kind == RECORD_FAILED and aborted is None and failed is None:
+            failed = item
+    if failed is not None and failed.get("status") in _GOING:  # writing it failed before the run's end
+        return None, failed
     if aborted is not None and aborted.get("status") in _GOING:  # stopped at once before its end
         return None, aborted
     raise _Replay  # (stopped after its end, its run_finished further back; or no end: replay it)
@@ -232,8 +241,9 @@ def _replayed(path: Path) -> RunRow:
     except Exception as exc:  # a header without a plan, events that do not replay: as show says it
         raise RecordError(f"cannot read the run record {path}: {exc}") from None
     submitted = _ms((header or {}).get("started_at"))
+    unrecorded = bool(lines) and lines[-1].get("type") == RECORD_FAILED and result.status not in _END_STATES
     return RunRow(run_id=path.name.removesuffix(SUFFIX), flow=result.flow,
-                  status="aborted" if result.aborted is not None else result.status,
+                  status="aborted" if result.aborted is not None else UNRECORDED if unrecorded else result.status,
                   submitted_at=submitted if submitted is not None else result.started_at,
                   started_at=result.started_at, finished_at=result.finished_at)
 
@@ -267,6 +277,11 @@ def list_records(directory: Path, *, limit: int, status: str | None = None, flow
                 continue
             try:
                 info = entry.stat()
+            except FileNotFoundError:  # removed since the directory was read: gone, not broken
+                if not os.path.lexists(path):
+                    continue
+                said(f"{path} is a symbolic link to nothing, not a run record")
+                continue
             except OSError as exc:
                 said(f"cannot read {path}: {exc.strerror or exc}")
                 continue
@@ -283,6 +298,8 @@ def list_records(directory: Path, *, limit: int, status: str | None = None, flow
         try:
             row = read_row(Path(directory) / name, size)
         except RecordError as exc:
+            if not os.path.lexists(os.path.join(directory, name)):
+                continue  # removed while the listing ran (a clean-up): passed over in silence
             said(str(exc))
             continue
         if (status is not None and row.status != status) or (flow is not None and row.flow != flow):
@@ -308,7 +325,10 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
     errors = error_console(console)
 
     def say(text: str, label: str = "error", style: str = "red") -> None:
-        errors.print(f"[{style}]{label}[/]: {escape(' '.join(text.split()))}", highlight=False, soft_wrap=True)
+        from flowdsl.diagnostics import shown  # (a file name's bytes that are not UTF-8 as \xNN)
+
+        errors.print(f"[{style}]{label}[/]: {escape(shown(' '.join(text.split())))}", highlight=False,
+                     soft_wrap=True)
 
     if status is not None:
         wanted = status.strip().lower()
@@ -325,7 +345,11 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
                           soft_wrap=True)
         return 0
     if not os.path.isdir(directory):
-        say(f"{directory} is not a directory: --runs-dir (or $FLOWDSL_RUNS_DIR) names the directory of run records")
+        from flowdsl.runtime.record import broken_link
+
+        what = broken_link(directory) if os.path.islink(directory) and not os.path.exists(directory) else \
+            "it is not a directory"
+        say(f"{directory}: {what}; --runs-dir (or $FLOWDSL_RUNS_DIR) names the directory of run records")
         return 2
     try:
         rows = list_records(directory, limit=limit, status=status, flow=flow,
@@ -350,11 +374,11 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
 
 
 def _json_out(value: Any) -> None:
-    import sys
 
     from flowdsl.runtime.codec import json_line
+    from flowdsl.stdio import write_json
 
-    sys.stdout.write(json_line(value))
+    write_json(json_line(value))  # (flushed: an error writing it is said, never lost)
 
 
 def print_runs(items: Iterable[Row], console: Any) -> None:

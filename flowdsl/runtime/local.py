@@ -79,6 +79,7 @@ from flowdsl.runtime.inputs import InputError
 from flowdsl.runtime.inputs import check_input as check_plan_input
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import (
+    RECORD_FAILED,
     RecordError,
     RecordWriteError,
     RunRecorder,
@@ -174,6 +175,9 @@ _BURST = 64
 #: cancelled, and an async worker answers its cancel at once unless it ignores it (then the wait of late_grace begins)
 CANCEL_SETTLE = 0.1
 _log = logging.getLogger("flowdsl.local")
+#: the attribute of a warning on :data:`_log` that ``on_notice`` was told too (true), so that a program that shows
+#: both — ``flowdsl run``'s progress — can say it once
+NOTICED = "flowdsl_noticed"
 
 
 def _attempt_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -403,7 +407,6 @@ class LocalRun:
                 try:
                     self._recorder.close()
                 except OSError as exc:  # its last lines could not be written
-                    self._recorder = None
                     self._record_failed(exc)
         result = RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
                                       record_path=self.record_path, record_error=self.record_error)
@@ -535,12 +538,13 @@ class LocalRun:
         The run must not stop half-way — its state has moved on, and the commands of that decision (a
         compensation among them) must still be carried out — so it goes on unrecorded, and says so."""
         recorder, self._recorder = self._recorder, None
-        if recorder is not None:
-            with contextlib.suppress(OSError):
-                recorder.close()
         why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else f"{type(exc).__name__}: {error_message(exc)}"
+        if recorder is not None:  # back to its last whole line, ended by a line saying why when that fits
+            recorder.stop({"type": RECORD_FAILED, "run_id": self.run_id, "at": self._now(),
+                           "status": self.state.get("status") if self.state else None, "reason": why})
         self.record_error = f"writing the record failed ({why}); it stops there and the run went on unrecorded"
-        _log.warning("run %s: %s: %s", self.run_id, self.record_path, self.record_error)
+        _log.warning("run %s: %s: %s", self.run_id, self.record_path, self.record_error,
+                     extra={NOTICED: self.on_notice is not None})
         self._notice(f"the run record {self.record_path} cannot be written ({why}): the run goes on unrecorded")
 
     def _write(self, item: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@ one event, as the kernel emitted it or as it was fed to it.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import json
 import os
 import re
@@ -77,6 +79,12 @@ def encode_line(item: dict[str, Any]) -> bytes:
     return dumps(item, default=str) + b"\n"
 
 
+#: the type of a record's last line when writing it failed part-way through the run (a full disk, a file size
+#: limit): ``{"type": "record_failed", "run_id", "at", "status", "reason"}`` — the record stops there, and the run
+#: went on unrecorded (written when it fits: else the record ends at its last whole line)
+RECORD_FAILED = "record_failed"
+
+
 class RecordError(ValueError):
     """A run record is missing, unreadable or not JSON lines; the message names the file (and line)."""
 
@@ -100,6 +108,8 @@ def check_records_dir(path: Path) -> None:
     directory = path.parent
     if directory.exists() and not directory.is_dir():  # (mkdir would say "File exists")
         raise RecordError(f"cannot keep run records in '{directory}': it is a file, not a directory {_ELSEWHERE}")
+    if directory.is_symlink() and not directory.exists():  # (mkdir would say "File exists" too)
+        raise RecordError(f"cannot keep run records in '{directory}': {broken_link(directory)} {_ELSEWHERE}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -108,42 +118,156 @@ def check_records_dir(path: Path) -> None:
         raise RecordError(f"cannot keep run records in '{directory}': it is not writable {_ELSEWHERE}")
 
 
+def broken_link(link: Path) -> str:
+    """What is wrong with ``link``, a symbolic link that leads to nothing: it loops, or what it names is missing."""
+    try:
+        os.stat(link)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "it is a symbolic link that loops (it leads back to itself, through links)"
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return "it is a symbolic link to nothing"
+    final = os.path.realpath(link)
+    further = f" (through links, to {final})" if os.path.normpath(os.path.join(link.parent, target)) != final else ""
+    return f"it is a symbolic link to {target}{further}, which does not exist"
+
+
 class RunRecorder:
     """Writes a run's header and events to its record file, which it creates (it must not exist).
 
-    Lines are buffered until :meth:`flush`; the local runtime flushes after
+    Lines are held until :meth:`flush`; the local runtime flushes after
     every burst of decisions it makes without waiting (so a record is on disk
     whenever the run waits for a worker or a timer) and on :meth:`close`.
+    The file holds whole lines but for a write that failed part-way (a full
+    disk): :meth:`stop` then puts it back to its last whole line.
     """
 
     def __init__(self, run_id: str, directory: str | Path | None = None):
         self.path = record_path(run_id, directory)
         check_records_dir(self.path)
         try:  # exclusive: two runs started at once with one run id must not write one record
-            self._fh: BinaryIO | None = self.path.open("xb")
+            self._fh: BinaryIO | None = self.path.open("xb", buffering=0)
         except FileExistsError:
             raise FileExistsError(f"a record of run '{run_id}' already exists: {self.path}") from None
         except OSError as exc:  # a directory os.access called writable (as root), a read-only file system...
             raise RecordWriteError(exc.errno, f"cannot create the run record {self.path}: {exc.strerror or exc}") \
                 from None
+        self._held: list[bytes] = []  # lines not yet written
+        self._whole = 0  # the bytes on disk that are whole lines: where a failed write is cut back to
+        self._reserve = _reserve(self.path.parent)  # room, on a full disk, for the line saying so
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
         self.write_many(({"type": "record", "plan": plan, "input": run_input, **extra},))
         self.flush()
 
     def write_many(self, items: Iterable[dict[str, Any]]) -> None:
-        """Buffer lines: a decision's input event and the events it caused."""
+        """Hold lines: a decision's input event and the events it caused."""
         if self._fh is not None:
-            self._fh.write(b"".join([encode_line(item) for item in items]))
+            self._held.append(b"".join([encode_line(item) for item in items]))
 
     def flush(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
+        """Write the lines held; an ``OSError`` when that fails (the lines written whole before it stay)."""
+        if self._fh is None or not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        done = 0
+        try:
+            done = _write_all(self._fh, data)
+        except _Partly as cut:
+            self._whole += data.rfind(b"\n", 0, cut.done) + 1  # the lines that went whole: kept
+            raise cut.error from None
+        self._whole += done
+
+    def stop(self, marker: dict[str, Any] | None = None) -> None:
+        """After a write failed: put the file back to its last whole line (dropping the part of a line that went),
+        end it with ``marker`` when that line can be written whole (else it ends at the last whole line), and close
+        it. Never raises: the file is left as it could be left."""
+        if self._fh is not None:  # the lines held before it (the others, when the encoder refused a line)
+            with contextlib.suppress(OSError):
+                self.flush()
+        fh, self._fh = self._fh, None
+        self._held.clear()
+        self._free_reserve()  # (before the line is written: it is there for it)
+        if fh is None:
+            return
+        try:
+            fh.truncate(self._whole)
+            fh.seek(self._whole)
+            if marker is not None:
+                try:
+                    self._whole += _write_all(fh, encode_line(marker))
+                except (_Partly, ValueError, TypeError):
+                    fh.truncate(self._whole)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                fh.close()
 
     def close(self) -> None:
+        """Write the lines held and close the file; an ``OSError`` when they cannot be written (the file then stays
+        open, for :meth:`stop`)."""
         if self._fh is not None:
+            self.flush()
             self._fh.close()
             self._fh = None
+        self._free_reserve()
+
+    def _free_reserve(self) -> None:
+        reserve, self._reserve = self._reserve, None
+        if reserve is not None:
+            with contextlib.suppress(OSError):
+                os.close(reserve)
+
+
+#: the room kept on a record's file system for its ``record_failed`` line (two blocks of most file systems)
+RESERVE_BYTES = 8192
+
+
+def _reserve(directory: Path) -> int | None:
+    """A file with no name in ``directory`` holding :data:`RESERVE_BYTES` of its file system: closed when a
+    record's write fails for want of room, it makes room for the line saying so (the file system frees it when
+    it is closed, also when the process is killed: nothing is left behind). None when it cannot be made (a file
+    system without ``O_TMPFILE``, already full): the line is then written only if it fits."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None:
+        return None
+    try:
+        fd = os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class _Partly(Exception):
+    """A write that failed after ``done`` bytes went (``error``: why)."""
+
+    def __init__(self, done: int, error: OSError):
+        super().__init__(done, error)
+        self.done, self.error = done, error
+
+
+def _write_all(fh: BinaryIO, data: bytes) -> int:
+    """Write all of ``data`` to ``fh`` (unbuffered); :class:`_Partly` saying how much went when that fails."""
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            went = fh.write(view[done:])
+        except OSError as exc:
+            raise _Partly(done, exc) from None
+        if not went:  # (a full file system answers a short write, then ENOSPC: never 0 from a regular file)
+            raise _Partly(done, OSError(errno.EIO, os.strerror(errno.EIO)))
+        done += went
+    return done
 
 
 def find_record(run: str, directory: str | Path | None = None) -> Path:

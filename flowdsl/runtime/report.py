@@ -249,6 +249,10 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
         result.aborted = str(aborted.get("reason") or "stopped at once")
     result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted, path)
+    failed = lines[-1] if lines and lines[-1].get("type") == "record_failed" else None
+    if failed is not None:  # writing it failed there, and the run went on unrecorded: as the run itself said
+        result.record_error = (f"writing the record failed ({failed.get('reason')}); it stops there and the run went "
+                               "on unrecorded")
     return result
 
 
@@ -282,7 +286,7 @@ def late_grace_seconds(value: float | None) -> float:
 
 #: record lines that are neither kernel input nor emitted by the kernel: a hard stop; the local runtime's wait, after
 #: the run's end, for attempts the run gave up on, and its end (docs/runtime.md, "Run records")
-RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited")
+RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited", "record_failed")
 #: why the runtime stopped waiting, in a record whose wait has no end (its process stopped during the wait)
 _WAIT_CUT = "the record ends during the wait: its process stopped"
 
@@ -461,6 +465,9 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
             if waiting is None or not isinstance(event.get("reason"), str):
                 raise refuse(i, "a 'runtime_waited' line follows a 'runtime_waiting' one and gives a 'reason'")
             attempts_of(i, "unanswered")
+        elif kind == "record_failed":
+            if i != len(lines) - 1 or not isinstance(event.get("reason"), str):
+                raise refuse(i, "a 'record_failed' line is the record's last and gives a 'reason'")
         elif kind == "runtime_aborted":
             if not isinstance(event.get("reason"), str):
                 raise refuse(i, "a 'runtime_aborted' line gives a 'reason'")
@@ -554,7 +561,8 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
                    f"emits there ({again.get('type')!r}, step {again.get('step')!r})")
         raise RecordError(f"{_where(lines, i, path)}: {why}; {_CHANGED}")
     if seen:
-        missing = next((e for e in replayed if e["seq"] < max(seen) and e["seq"] not in seen), None)
+        last = max(seen)  # (once: inside the generator it made the check of a long record quadratic)
+        missing = next((e for e in replayed if e["seq"] < last and e["seq"] not in seen), None)
         if missing is not None:
             raise RecordError(f"{path or 'the record'}: the event {missing['type']!r} ('seq' {missing['seq']}) that "
                               f"replaying the run emits is missing, though later ones are there; {_CHANGED}")
@@ -695,9 +703,9 @@ def error_console(console: Any) -> Any:
 def _console(console: Any = None) -> Any:
     if console is not None:
         return console
-    from rich.console import Console
+    from flowdsl.stdio import console as new_console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return new_console(stderr=True)
 
 
 def _esc(text: Any) -> str:
@@ -1117,12 +1125,21 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
     """What to say of a record that ends before its run did (None when it holds the run's end): the run had not
     started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes)."""
     items = list(lines)
+    failed = items[-1] if items and items[-1].get("type") == "record_failed" else None
+    # why it ends early: writing it failed (the run went on unrecorded), else its process stopped
+    stopped = f"writing it failed ({failed.get('reason')}) and the run went on unrecorded" if failed is not None \
+        else "its process stopped"
     if result.status != NOT_STARTED and any(e.get("type") == "run_finished" for e in items):
         kinds = {e.get("type") for e in items}
         if "runtime_waiting" in kinds and "runtime_waited" not in kinds:
             return ("the record ends while the runtime waited, after the run's end, for attempts the run had given "
-                    "up on: its process stopped, and what they did is unknown")
+                    f"up on: {stopped}, and what they did is unknown")
         return None
+    if failed is not None and result.status in END_STATES:
+        return (f"the record ends before the events of the run's end were all written ({stopped}); its input "
+                f"events give the run's end: {result.status}")
+    if failed is not None:
+        return f"the record ends before the run did: {stopped}; state when the record stopped: {result.status}"
     aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
     if result.status == NOT_STARTED:
         why = f" ({aborted.get('reason')})" if aborted else ""
@@ -1167,6 +1184,8 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
     if kind == "runtime_aborted":
         return f"[red]aborted by the runtime[/]: {_esc(e.get('reason'))}"
+    if kind == "record_failed":
+        return f"[yellow]the record stops here[/]: writing it failed ({_esc(e.get('reason'))}); the run went on"
     if kind == "runtime_waiting":
         ids = [str(a.get("task_id")) for a in e.get("attempts") or () if isinstance(a, Mapping)]
         grace = e.get("grace_ms")

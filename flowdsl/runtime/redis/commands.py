@@ -49,6 +49,7 @@ from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
+from flowdsl.stdio import write_json
 
 __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command", "run_events", "runs_command",
            "status_command", "stopped_following", "worker_command"]
@@ -135,7 +136,7 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
 
 
 def _json_out(value: Any) -> None:
-    sys.stdout.write(json_line(value))
+    write_json(json_line(value))  # (flushed: an error writing stdout is a flowdsl.stdio.OutputError, not Redis's)
 
 
 # --- flowdsl run --backend redis ----------------------------------------------------------
@@ -171,6 +172,7 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
                     _json_out({"run_id": sub.run_id, "created": sub.created})
                 else:
                     sys.stdout.write(sub.run_id + "\n")
+                    sys.stdout.flush()
                     console.print(f"[dim]{'submitted; ' if sub.created else ''}follow it with "
                                   f"`flowdsl status {sub.run_id} --follow`[/]")
                 return 0
