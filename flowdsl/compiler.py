@@ -1,8 +1,10 @@
 """Compiler: a checked model to the execution plan (docs/plan.md).
 
 Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
-``flowdsl.expr``, ``flowdsl.checks``, ``flowdsl.compiler_checks`` and, only to
-name a dependency cycle, networkx — networkx lives here and only here. The
+``flowdsl.expr``, ``flowdsl.checks``, ``flowdsl.compiler_checks``,
+``flowdsl.runtime.plancheck`` (to vouch for the plans it makes, which runtimes
+then need not check) and, only to name a dependency cycle, networkx — networkx
+lives here and only here. The
 compiler owns the dependency graph, so the graph checks are made over it:
 references in ``needs`` and cycles here, ``$steps`` references and outputs
 written by nodes that may run concurrently in ``compiler_checks``.
@@ -540,6 +542,10 @@ def compile_flow(flow: Flow, *, check_workers: bool = False, search_path: str | 
     result.diagnostics = diags + result.diagnostics
     if any(d.severity == "error" for d in result.diagnostics):
         result.plan = None
+    elif result.plan is not None:  # made here, so well shaped: a runtime's check of it is a comparison
+        from flowdsl.runtime.plancheck import vouch
+
+        vouch(result.plan)
     return result
 
 

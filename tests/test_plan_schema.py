@@ -7,7 +7,9 @@ Every golden plan (the conformance cases, the examples) has that shape; the prop
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
@@ -105,3 +107,107 @@ def test_a_group_that_holds_itself_is_refused_before_the_kernel_sees_it() -> Non
 
 def test_a_compiled_plan_forms_one_tree() -> None:
     assert plan_problem(_group_plan()) is None
+
+
+# --- the quick check (derived schemas) and the whole schema agree --------------------------------------------
+
+#: values put in place of a field, or as a field a node does not have
+_BAD_VALUES = (None, 0, 1.5, True, "x", [1], {})
+
+
+def _smallest_with(kind: str | None) -> tuple[dict[str, Any], list[str | int]]:
+    """The smallest golden plan with a node of ``kind`` (with an expression, for None), and where to damage it:
+    that node (the top level, for None)."""
+    plans = sorted((json.loads(path.read_text()) for path in GOLDEN_PLANS), key=lambda p: len(json.dumps(p)))
+    if kind is None:
+        return next(plan for plan in plans if plan["expressions"]), []
+    plan = next(plan for plan in plans if any(node["kind"] == kind for node in plan["nodes"].values()))
+    return plan, ["nodes", next(key for key, node in plan["nodes"].items() if node["kind"] == kind)]
+
+
+def _damaged(plan: dict[str, Any], root: list[str | int]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(what was changed, a copy of ``plan`` so changed): each field under ``root`` (at any depth — retry,
+    output, llm…; the first item of a list) removed, given each bad value, and each object there given an
+    unknown field."""
+
+    def paths(value: Any, at: list[str | int]) -> Iterator[tuple[list[str | int], Any]]:
+        yield at, value
+        members = list(value.items()) if isinstance(value, dict) else [(0, value[0])] if value and isinstance(
+            value, list) else []
+        for name, sub in members:
+            if at or name != "nodes":  # (the nodes are damaged each from its own root)
+                yield from paths(sub, [*at, name])
+
+    def edited(path: list[str | int], change: Any) -> dict[str, Any]:
+        copy = json.loads(json.dumps(plan))
+        target = copy
+        for part in path[:-1]:
+            target = target[part]
+        change(target, path[-1])
+        return copy
+
+    start: Any = plan
+    for part in root:
+        start = start[part]
+    for path, value in paths(start, root):
+        if len(path) > len(root):
+            yield f"{path} removed", edited(path, lambda t, k: t.pop(k))
+            for bad in _BAD_VALUES:
+                yield f"{path} = {bad!r}", edited(path, lambda t, k, bad=bad: t.__setitem__(k, bad))
+        if isinstance(value, dict):
+            yield f"{path} + extra", edited([*path, "extra"], lambda t, k: t.__setitem__(k, 1))
+
+
+def _whole_schema_problem(plan: dict[str, Any]) -> str | None:
+    """What plan_problem said before the quick check: the whole schema over every node, then the references."""
+    from flowdsl.runtime.plancheck import _dangling, _tree_problem, _validator
+
+    if plan.get("plan_version") != PLAN_VERSION:
+        return plan_problem(plan)
+    errors = list(_validator().iter_errors(plan))
+    if errors:
+        causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
+        error = min(causes, key=lambda e: -len(e.absolute_path))
+        where = "/".join(str(part) for part in error.absolute_path)
+        return f"'{where}': {error.message}" if where else error.message
+    return next(_dangling(plan), None) or _tree_problem(plan)
+
+
+@pytest.mark.parametrize("path", GOLDEN_PLANS, ids=[str(p.relative_to(ROOT)) for p in GOLDEN_PLANS])
+def test_the_quick_check_finds_each_golden_plan_well_shaped(path: Path) -> None:
+    from flowdsl.runtime.plancheck import _well_shaped
+
+    assert _well_shaped(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("kind", [None, *plan_schema()["$defs"]["node"]["properties"]["kind"]["enum"]])
+def test_the_quick_check_and_the_whole_schema_agree_on_damaged_plans(kind: str | None) -> None:
+    """plancheck asks derived per-kind schemas whether a plan is well shaped, and the whole schema only what is
+    wrong: they must accept the same plans, and the message must be the one the whole schema gives. Each field
+    of a node of ``kind`` (of the plan's top level, for None) is damaged in turn."""
+    from flowdsl.runtime.plancheck import _validator, _well_shaped
+
+    plan, root = _smallest_with(kind)
+    tried = 0
+    for what, damaged in _damaged(plan, root):
+        assert _well_shaped(damaged) == _validator().is_valid(damaged), what
+        assert plan_problem(damaged) == _whole_schema_problem(damaged), what
+        tried += 1
+    assert tried > 50
+
+
+def test_the_quick_check_refuses_what_the_whole_schema_does_in_each_node_of_many() -> None:
+    """Bad nodes among many well-shaped ones (which the message's search leaves out) are found, and the one
+    said is the one the whole schema says."""
+    from flowdsl import compile_text
+
+    text = "flowdsl: 1\nname: many\nsteps:\n" + "".join(f"  - s{i}: {{worker: w, output: r{i % 3}}}\n"
+                                                      for i in range(60))
+    plan = json.loads(json.dumps(compile_text(text)))
+    for key, change in (("s0", {"extra": 1}), ("s31", {"order": -1}), ("s59", {"kind": "llm"}),
+                        ("s7", {"output": {"mode": "name"}}), ("s8", {"output": {"mode": "merge", "name": "x"}})):
+        damaged = json.loads(json.dumps(plan))
+        damaged["nodes"][key].update(change)
+        damaged["nodes"]["s40"]["retry"]["jitter"] = "some"
+        problem = plan_problem(damaged)
+        assert problem is not None and problem == _whole_schema_problem(damaged), (key, problem)

@@ -9,18 +9,30 @@ The shape is ``specs/plan.schema.json`` (JSON Schema 2020-12, the machine-readab
 what JSON Schema cannot say — that every key a node refers to is a node, every expression id is in
 ``expressions``, and the nodes form one tree under ``root`` (each listed once, by its ``parent``) — is
 checked here after it. This is not a re-run of the compiler's checks.
+
+Cost. The schema says a node's fields with ``if``/``then`` per kind and ``unevaluatedProperties``, which
+``jsonschema`` evaluates slowly (about 1.2 ms a node). So the question *whether* a plan has the schema's shape
+is asked of schemas derived from it once (:func:`_fast_validators`): the plan without its nodes, and each node
+against a flat schema of its own kind (``additionalProperties`` in place of ``unevaluatedProperties``), chosen
+in Python by its ``kind`` — they accept exactly what the schema accepts (tests/test_plan_schema.py holds them to
+it). Only a plan found malformed is run through the whole schema, to say what is wrong exactly as the schema
+says it, and then with only the nodes found malformed. And a plan is checked once: :func:`check_plan` (and
+:func:`checked_problem`) remember a well-shaped plan by identity, and take a plan the compiler made in this
+process (:func:`vouch`) as well shaped while it is unchanged since.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import marshal
 from collections.abc import Iterator
 from typing import Any
 
 from flowdsl.schema import data_file
 
-__all__ = ["PLAN_VERSION", "PlanError", "check_plan", "plan_problem", "plan_schema"]
+__all__ = ["PLAN_VERSION", "PlanError", "check_plan", "checked_problem", "plan_problem", "plan_schema", "vouch"]
 
 #: the plan layout this code reads (``plan_version``; the compiler writes the same)
 PLAN_VERSION = 1
@@ -30,8 +42,10 @@ class PlanError(ValueError):
     """A value given as an execution plan is not one; the message names the field."""
 
 
-#: plans found well shaped, by identity (a plan is read as unchanging once compiled, as the kernel reads it)
+#: plans found well shaped, by identity (a plan is read as unchanging once checked, as the kernel reads it)
 _CHECKED: dict[int, Any] = {}
+#: plans the compiler made in this process, by identity: (the plan, the digest of its content as compiled)
+_VOUCHED: dict[int, tuple[Any, bytes]] = {}
 _CHECKED_SIZE = 32
 _EXPRESSION_FIELDS = ("when", "fail_when", "items", "on")
 
@@ -49,15 +63,61 @@ def require_plan(plan: Any) -> None:
 
 
 def check_plan(plan: Any, what: str = "the plan") -> None:
-    """Raise :class:`PlanError` when ``plan`` is not shaped like an execution plan (docs/plan.md)."""
-    if _CHECKED.get(id(plan)) is plan:
-        return
-    problem = plan_problem(plan)
+    """Raise :class:`PlanError` when ``plan`` is not shaped like an execution plan (docs/plan.md).
+
+    Checked once (:func:`checked_problem`): a plan found well shaped is remembered by identity, and one the
+    compiler made in this process passes unchecked while it is unchanged."""
+    problem = checked_problem(plan)
     if problem is not None:
         raise PlanError(f"{what} is not a flowdsl execution plan: {problem}")
-    if len(_CHECKED) >= _CHECKED_SIZE:
-        _CHECKED.pop(next(iter(_CHECKED)))
-    _CHECKED[id(plan)] = plan
+
+
+def checked_problem(plan: Any) -> str | None:
+    """:func:`plan_problem`, asked once of a plan object.
+
+    A plan found well shaped is remembered by identity (the last 32), so a second check of the same object
+    (a runtime's, ``flowdsl show``'s of a record header read a moment before) costs nothing: from then on it
+    is read as unchanging, as the kernel reads it (:func:`flowdsl.kernel_program.prepare` keeps its indexes by
+    identity too) — a plan to change is compiled anew, or copied. A plan the compiler made in this process
+    (:func:`vouch`) is well shaped as made: it passes unchecked when its content is still what the compiler
+    made — compared by a digest of it (about 1 µs a node, against about 100 µs for the check), so a plan
+    changed between compiling and its first check (a field set by hand, a node removed) is checked in full
+    like any other, and a malformed one refused before a runtime can trip on it.
+    """
+    if _CHECKED.get(id(plan)) is plan:
+        return None
+    vouched = _VOUCHED.pop(id(plan), None)
+    if vouched is None or vouched[0] is not plan or _digest(plan) != vouched[1]:
+        problem = plan_problem(plan)
+        if problem is not None:
+            return problem
+    _remember(_CHECKED, plan, plan)
+    return None
+
+
+def vouch(plan: dict[str, Any]) -> None:
+    """Note that the compiler has just made ``plan`` (it calls this): its first :func:`check_plan` is then a
+    comparison of its content with what was made, not a check (see :func:`checked_problem`)."""
+    digest = _digest(plan)
+    if digest is not None:
+        _remember(_VOUCHED, plan, (plan, digest))
+
+
+def _remember(cache: dict[int, Any], plan: Any, entry: Any) -> None:
+    cache.pop(id(plan), None)
+    if len(cache) >= _CHECKED_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[id(plan)] = entry
+
+
+def _digest(plan: Any) -> bytes | None:
+    """A digest of ``plan``'s content: values and their exact types (marshal format 2 keeps no references, so
+    equal content gives equal bytes); None for content marshal cannot write (an object of another type, or
+    nested too deeply), which is then checked."""
+    try:
+        return hashlib.blake2b(marshal.dumps(plan, 2), digest_size=20).digest()
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def plan_problem(plan: Any) -> str | None:
@@ -68,15 +128,45 @@ def plan_problem(plan: Any) -> str | None:
     if plan.get("plan_version") != PLAN_VERSION:  # another version (or none): that explains every other error
         return f"'plan_version' must be {PLAN_VERSION}, found {plan['plan_version']!r}" if "plan_version" in plan \
             else f"it has no 'plan_version' (a compiled plan has plan_version {PLAN_VERSION})"
-    errors = list(_validator().iter_errors(plan))
-    if errors:
-        # the deepest error says the most; "unevaluated properties" is only a symptom when another one exists
-        # (a node whose kind-specific part failed has all its kind-specific fields unevaluated)
-        causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
-        error = min(causes, key=lambda e: -len(e.absolute_path))
-        where = "/".join(str(part) for part in error.absolute_path)
-        return f"'{where}': {error.message}" if where else error.message
+    if not _well_shaped(plan):
+        problem = _schema_problem(plan)
+        if problem is not None:
+            return problem
     return next(_dangling(plan), None) or _tree_problem(plan)
+
+
+def _well_shaped(plan: dict[str, Any]) -> bool:
+    """Whether ``plan`` has the schema's shape, asked of the schemas derived from it (the module doc)."""
+    top, kinds = _fast_validators()
+    if not top.is_valid(plan):
+        return False
+    return all(_node_ok(node, kinds) for node in plan["nodes"].values())
+
+
+def _node_ok(node: Any, kinds: dict[str, Any]) -> bool:
+    if not isinstance(node, dict):
+        return False
+    kind = node.get("kind")
+    validator = kinds.get(kind) if isinstance(kind, str) else None
+    return validator is not None and bool(validator.is_valid(node))
+
+
+def _schema_problem(plan: dict[str, Any]) -> str | None:
+    """What the whole schema says is wrong with ``plan`` (None when it finds nothing), as one sentence. The
+    nodes the derived schemas accept are left out first: they would add no error, only time."""
+    nodes = plan.get("nodes")
+    if isinstance(nodes, dict):
+        _, kinds = _fast_validators()
+        plan = {**plan, "nodes": {key: node for key, node in nodes.items() if not _node_ok(node, kinds)}}
+    errors = list(_validator().iter_errors(plan))
+    if not errors:
+        return None
+    # the deepest error says the most; "unevaluated properties" is only a symptom when another one exists
+    # (a node whose kind-specific part failed has all its kind-specific fields unevaluated)
+    causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
+    error = min(causes, key=lambda e: -len(e.absolute_path))
+    where = "/".join(str(part) for part in error.absolute_path)
+    return f"'{where}': {error.message}" if where else error.message
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,6 +181,182 @@ def _validator() -> Any:
     from jsonschema import Draft202012Validator
 
     return Draft202012Validator(plan_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_validators() -> tuple[Any, dict[str, Any]]:
+    """Validators of schemas derived from the plan schema, with every ``$ref`` written out: one of the plan
+    whose ``nodes`` need only be an object, and one per node kind — the node schema's common part and its
+    kind's ``then`` (with what that includes) in one object schema closed by ``additionalProperties``, which
+    for a node of that kind accepts what the ``unevaluatedProperties`` of the whole does."""
+    schema = plan_schema()
+    defs = schema["$defs"]
+    top = _inline({key: value for key, value in schema.items() if key != "$defs"}, defs)
+    top["properties"]["nodes"] = {"type": "object"}
+    node = defs["node"]
+    if set(node) != {"type", "required", "properties", "unevaluatedProperties", "allOf"} \
+            or node["unevaluatedProperties"] is not False or set(node["properties"]) != {"kind"}:
+        raise AssertionError("plan.schema.json's node schema changed: derive its per-kind schemas anew")
+    kinds: dict[str, Any] = {}
+    for kind in node["properties"]["kind"]["enum"]:
+        parts = [part["then"] if "if" in part else part for part in node["allOf"] if _applies(part, kind)]
+        required = dict.fromkeys(node["required"])
+        properties: dict[str, Any] = {"kind": {"const": kind}}
+        for part in parts:
+            _flatten(_inline(part, defs), required, properties)
+        kinds[kind] = _fast_validator_class()({"type": "object", "required": list(required), "properties": properties,
+                                        "additionalProperties": False})
+    return _fast_validator_class()(top), kinds
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_validator_class() -> Any:
+    """Draft 2020-12's validator, whose ``properties``, ``items`` and ``additionalProperties`` first try each value
+    in a way that avoids jsonschema's costly step, descending into a subschema (a new validator object for it)
+    when that cannot tell the value valid — the descent then validates it as usual. The two ways:
+
+    - a subschema made of keywords that assert something of the value itself (``type``, ``enum``, ``pattern``,
+      ``required``, ``minimum``, ``additionalProperties: false``…: those keywords' own functions are called)
+      and of ``properties``, ``items`` and ``prefixItems`` whose subschemas are the same (the value's members are
+      tried the same way);
+    - a value found valid against the same subschema before (the last few thousand, known by their content), as
+      the ``retry`` and ``output`` of most nodes of a plan are.
+    """
+    from jsonschema import Draft202012Validator, validators
+
+    keywords = Draft202012Validator.VALIDATORS
+    shallow: dict[int, tuple[Any, bool]] = {}  # id(subschema) -> (it, whether tried without descending)
+    valid: dict[tuple[int, bytes], None] = {}  # (id(subschema), content) of values found valid against it
+
+    def is_shallow(schema: Any) -> bool:
+        hit = shallow.get(id(schema))
+        if hit is None or hit[0] is not schema:
+            found = schema is True or (
+                isinstance(schema, dict) and set(schema) <= _SHALLOW
+                and isinstance(schema.get("additionalProperties", True), bool)
+                and all(is_shallow(sub) for sub in [*schema.get("properties", {}).values(),
+                                                    *schema.get("prefixItems", ()),
+                                                    *([schema["items"]] if "items" in schema else ())]))
+            hit = shallow[id(schema)] = (schema, found)
+        return hit[1]
+
+    def passes(validator: Any, schema: Any, instance: Any) -> bool:
+        """Whether ``instance`` is valid against a shallow ``schema`` (False: maybe not)."""
+        if schema is True:
+            return True
+        for keyword, value in schema.items():
+            if keyword == "properties":
+                if validator.is_type(instance, "object") and not all(passes(validator, sub, instance[name])
+                                                          for name, sub in value.items() if name in instance):
+                    return False
+            elif keyword in ("items", "prefixItems"):
+                if validator.is_type(instance, "array"):
+                    start = len(schema.get("prefixItems", ())) if keyword == "items" else 0
+                    subs = value[:len(instance)] if keyword == "prefixItems" else [value] * (len(instance) - start)
+                    if not all(passes(validator, sub, item) for sub, item in zip(subs, instance[start:],
+                                                                                   strict=False)):
+                        return False
+            elif keyword in keywords:
+                for _ in keywords[keyword](validator, value, instance, schema) or ():
+                    return False
+        return True
+
+    def tried(validator: Any, schema: Any, instance: Any) -> bool:
+        if is_shallow(schema):
+            return passes(validator, schema, instance)
+        key = _content_key(schema, instance)
+        return key is not None and key in valid
+
+    def noted(schema: Any, instance: Any) -> None:
+        key = _content_key(schema, instance)
+        if key is not None:
+            if len(valid) >= 4096:
+                valid.clear()
+            valid[key] = None
+
+    def descend(validator: Any, instance: Any, schema: Any, path: Any, schema_path: Any = None) -> Iterator[Any]:
+        if not tried(validator, schema, instance):
+            failed = False
+            for error in validator.descend(instance, schema, path=path, schema_path=schema_path):
+                failed = True
+                yield error
+            if not failed and not is_shallow(schema):
+                noted(schema, instance)
+
+    def properties(validator: Any, properties: dict[str, Any], instance: Any, schema: Any) -> Iterator[Any]:
+        if validator.is_type(instance, "object"):
+            for name, subschema in properties.items():
+                if name in instance:
+                    yield from descend(validator, instance[name], subschema, name, name)
+
+    def items(validator: Any, items: Any, instance: Any, schema: Any) -> Iterator[Any]:
+        if items is False or "prefixItems" in schema or not validator.is_type(instance, "array"):
+            yield from keywords["items"](validator, items, instance, schema)
+            return
+        for index, item in enumerate(instance):
+            yield from descend(validator, item, items, index)
+
+    def additional(validator: Any, additional: Any, instance: Any, schema: Any) -> Iterator[Any]:
+        if not isinstance(additional, dict) or "properties" in schema or "patternProperties" in schema \
+                or not validator.is_type(instance, "object"):
+            yield from keywords["additionalProperties"](validator, additional, instance, schema)
+            return
+        for name, value in instance.items():
+            yield from descend(validator, value, additional, name)
+
+    return validators.extend(Draft202012Validator, {  # type: ignore[no-untyped-call]
+        "properties": properties, "items": items, "additionalProperties": additional})
+
+
+#: keywords a shallow subschema may hold: ones that assert something of the value itself (additionalProperties
+#: only as true or false), ones that apply a subschema to its members, and annotations
+_SHALLOW = frozenset({"type", "const", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+                      "pattern", "minLength", "maxLength", "minItems", "maxItems", "required", "properties",
+                      "items", "prefixItems", "additionalProperties", "description", "title"})
+
+
+def _content_key(schema: Any, instance: Any) -> tuple[int, bytes] | None:
+    """(id(schema), ``instance``'s content with exact types) for the memo of valid values; None if unwritable."""
+    try:
+        return id(schema), marshal.dumps(instance, 2)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def _applies(part: dict[str, Any], kind: str) -> bool:
+    """Whether a part of the node schema's ``allOf`` applies to a node of ``kind``: unconditional, or an
+    ``if`` on the kind alone that ``kind`` meets."""
+    if "if" not in part:
+        return True
+    if set(part) != {"if", "then"} or set(part["if"]) != {"properties"} or set(part["if"]["properties"]) != {"kind"}:
+        raise AssertionError("plan.schema.json's node schema changed: derive its per-kind schemas anew")
+    test = part["if"]["properties"]["kind"]
+    return kind in test["enum"] if "enum" in test else bool(kind == test["const"])
+
+
+def _flatten(part: dict[str, Any], required: dict[str, None], properties: dict[str, Any]) -> None:
+    """Fold a part made of ``required``, ``properties`` and ``allOf`` (of the same) into one object schema's."""
+    if not set(part) <= {"required", "properties", "allOf"}:
+        raise AssertionError(f"plan.schema.json's node schema changed: cannot fold {sorted(part)}")
+    required.update(dict.fromkeys(part.get("required", ())))
+    for name, sub in part.get("properties", {}).items():
+        properties[name] = sub if properties.get(name, sub) == sub else {"allOf": [properties[name], sub]}
+    for sub in part.get("allOf", ()):
+        _flatten(sub, required, properties)
+
+
+def _inline(value: Any, defs: dict[str, Any]) -> Any:
+    """``value`` with each ``{"$ref": "#/$defs/NAME"}`` replaced by (the inlined) ``defs[NAME]``; the plan schema
+    has no recursive reference."""
+    if isinstance(value, dict):
+        if "$ref" in value:
+            target = _inline(defs[value["$ref"].removeprefix("#/$defs/")], defs)
+            rest = {key: _inline(sub, defs) for key, sub in value.items() if key != "$ref"}
+            return {"allOf": [target], **rest} if rest else target
+        return {key: _inline(sub, defs) for key, sub in value.items()}
+    if isinstance(value, list):
+        return [_inline(item, defs) for item in value]
+    return value
 
 
 def _dangling(plan: dict[str, Any]) -> Iterator[str]:
@@ -121,7 +387,9 @@ def _dangling(plan: dict[str, Any]) -> Iterator[str]:
         refs += [(f"output/map/{k}", eid) for k, eid in ((node.get("output") or {}).get("map") or {}).items()]
         refs += _template_refs("compensate/with", (node.get("compensate") or {}).get("with"))
         for where, eid in refs:
-            if eid is not None and eid not in expressions:
+            if eid is not None and not isinstance(eid, str):  # (a template's, which the schema leaves as any JSON)
+                yield f"'{at}/{where}/$expr' must be an expression id (a string), found {eid!r}"
+            elif eid is not None and eid not in expressions:
                 yield f"'{at}/{where}' names the expression '{eid}', which is not in 'expressions'"
 
 

@@ -314,11 +314,11 @@ def _regular_file(path: Path, lead: str) -> Path:
 
 def header_problem(header: dict[str, Any]) -> str | None:
     """What is wrong with a record's header line (None when it holds a well-shaped plan and input)."""
-    from flowdsl.runtime.plancheck import plan_problem
+    from flowdsl.runtime.plancheck import checked_problem
 
     if "plan" not in header:
         return "it has no 'plan'"
-    problem = plan_problem(header["plan"])
+    problem = checked_problem(header["plan"])  # (remembered: result_from_record asks again, at no cost)
     if problem is not None:
         return f"'plan' is not a flowdsl execution plan: {problem}"
     if not isinstance(header.get("input", {}), dict):

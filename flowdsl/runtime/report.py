@@ -211,11 +211,11 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     ``read_record``): of a type flowdsl does not write, or an emitted event
     other than the kernel's at its ``seq``.
     """
-    from flowdsl.runtime.plancheck import plan_problem
+    from flowdsl.runtime.plancheck import checked_problem
 
     if header is None or "plan" not in header:
         raise ValueError("the record has no header with the run's plan")
-    problem = plan_problem(header["plan"])
+    problem = checked_problem(header["plan"])  # (once: read_record's check of the same header is remembered)
     if problem is not None:
         raise ValueError(f"the record header's 'plan' is not a flowdsl execution plan: {problem}")
     plan = dict(header["plan"])
