@@ -70,7 +70,16 @@ _MARKER = re.compile(r"\[([^\]]*)\]")
 
 
 def _check_from_millis(args: Sequence[Any]) -> None:
-    picture = args[1] if len(args) > 1 else None
+    _check_picture("$fromMillis", args[1] if len(args) > 1 else None)
+
+
+def _check_now(args: Sequence[Any]) -> None:
+    """``$now(picture)`` formats with ``$fromMillis``'s pictures (refused in specs, but a plan may be written by
+    hand)."""
+    _check_picture("$now", args[0] if args else None)
+
+
+def _check_picture(function: str, picture: Any) -> None:
     if not isinstance(picture, str):
         return
     for marker in _MARKER.finditer(picture):
@@ -83,12 +92,13 @@ def _check_from_millis(args: Sequence[Any]) -> None:
             if width.isdecimal() and (len(digits) > len(str(SIZE_LIMIT)) or int(digits or 0) > SIZE_LIMIT):
                 size = f"{int(digits):,}" if len(digits) <= 30 else f"a {len(digits):,}-digit number of"
                 modifier = spec[comma:] if len(spec) - comma <= 30 else spec[comma:comma + 29] + "…"
-                raise TooLarge(f"$fromMillis would pad a component of its picture to {size} characters (its "
+                raise TooLarge(f"{function} would pad a component of its picture to {size} characters (its "
                                f"width modifier '{modifier}'); the limit is {SIZE_LIMIT:,}")
 
 
 #: the built-ins checked, by name, with what checks their (validated) arguments
-CHECKS: dict[str, Callable[[Sequence[Any]], None]] = {"pad": _check_pad, "fromMillis": _check_from_millis}
+CHECKS: dict[str, Callable[[Sequence[Any]], None]] = {"pad": _check_pad, "fromMillis": _check_from_millis,
+                                                      "now": _check_now}
 
 
 def install(jsonata: Any) -> None:

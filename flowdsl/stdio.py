@@ -247,6 +247,14 @@ def like_stdout(old: Any, stream: Any) -> Any:
     return stream
 
 
+def not_output() -> None:
+    """The command writes no output of its own to stdout (``flowdsl worker``: its log goes to stderr): what the
+    code it runs prints there is that code's business, written as to any stdout — dropped when stdout was closed
+    at start (descriptor 1 is then /dev/null), never an :class:`OutputError` failing a step."""
+    if isinstance(sys.stdout, _Output):
+        sys.stdout = sys.stdout.guarded
+
+
 def check_open(stream: Any = None) -> None:
     """Raise :class:`OutputError` now when ``stream`` (``sys.stdout``) was closed at start: a command whose one
     output is a JSON object on stdout says so before it does anything."""

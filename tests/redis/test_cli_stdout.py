@@ -95,3 +95,23 @@ def test_a_reader_gone_is_no_redis_error(url: str, prefix: str, spec: Path) -> N
     finally:
         os.close(write)
     assert done.stderr == "" and done.returncode == 141
+
+
+def test_a_worker_with_stdout_closed_runs_steps_that_print(url: str, prefix: str, tmp_path: Path) -> None:
+    """A worker's own output is its log, on stderr: stdout closed at start is no output lost, and what a step prints
+    there is dropped (descriptor 1 is /dev/null) — never an error failing the step, as it was once stdout was
+    guarded for the commands whose output it is."""
+    (tmp_path / "printing.py").write_text(
+        "from flowdsl import worker\n\n\n@worker('pr.say')\nasync def say(data, ctx):\n"
+        "    print('hello from a step', flush=True)\n    return {'said': True}\n", encoding="utf-8")
+    spec = tmp_path / "p.yaml"
+    spec.write_text("flowdsl: 1\nname: p\nworkers: [printing]\nsteps:\n  - pr.say\n")
+    common = ["--redis-url", url, "--prefix", prefix]
+    submitted = _flowdsl(["run", str(spec), "--backend", "redis", *common, "--detach", "--run-id", "pr1"],
+                         subprocess.PIPE)
+    assert submitted.returncode == 0, submitted.stderr
+    served = subprocess.run(f"{FLOWDSL} worker -w printing --burst --redis-url '{url}' --prefix {prefix} >&-",
+                            shell=True, cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0 and "Traceback" not in served.stderr, served.stderr
+    status = _flowdsl(["status", "pr1", *common, "--format", "json"], subprocess.PIPE)
+    assert json.loads(status.stdout)["status"] == "completed", status.stdout

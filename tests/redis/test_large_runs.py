@@ -89,3 +89,31 @@ def test_a_run_input_larger_than_a_run_takes_is_refused_at_submission(
     said, listed = asyncio.run(main())
     assert said.startswith("the run input is 20 KB as JSON: a run on Redis takes at most 10 KB of input"), said
     assert "too-big" not in listed
+
+
+def test_a_state_too_large_to_write_whole_is_not_encoded_again_at_every_step(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a snapshot was too large, the next try waits as a snapshot of that size would: it was made (and thrown
+    away) at every transition after it, the whole state encoded per step for nothing."""
+    monkeypatch.setattr(advance, "SNAPSHOT_LIMIT", 3_000)
+    skipped: list[int] = []
+    real = advance.Advancer._snapshot
+
+    def counting(self: advance.Advancer, record: Any, state: Any) -> bytes:
+        raw = real(self, record, state)
+        if not raw:
+            skipped.append(record.version)
+        return raw
+
+    monkeypatch.setattr(advance.Advancer, "_snapshot", counting)
+    steps = "".join(f"  - s{i}: {{worker: big.fill}}\n" for i in range(40))
+    spec = f"flowdsl: 1\nname: long\nworkers: [tests.redis.test_large_runs]\nsteps:\n{steps}"
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(spec), {"n": 200}, run_id="long")
+            return await serving([worker_here(url, prefix)], lambda: client.follow(sub.run_id))
+
+    result = asyncio.run(main())
+    assert result.status == "completed" and len(result.context) >= 40
+    assert 1 <= len(skipped) <= 4, skipped  # (a chain tries every CHAIN_REPLAY transitions, and at its end)

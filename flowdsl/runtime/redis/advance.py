@@ -602,7 +602,7 @@ class Advancer:
             log.warning("run %s: its state is %s, more than is written whole (%s): it is loaded from its last "
                         "snapshot and the journal after it (docs/runtime.md, Sizing)", record.run_id,
                         megabytes(len(raw)), megabytes(self.snapshot_limit))
-        record.snapshot_size = len(raw)
+        record.snapshot_size, record.since = len(raw), 0  # (counted from now: not one try per transition)
         return b""
 
     def _snapshot_due(self, record: RunRecord, kept: bool, events: int = 1) -> bool:

@@ -366,9 +366,11 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
     import os
 
     from flowdsl.runtime.redis.connection import resolve_prefix
+    from flowdsl.stdio import not_output
     from flowdsl.workers import WorkerImportError, import_worker_modules
     from flowdsl.workers import registry as default_registry
 
+    not_output()  # (a worker's own output is its log, on stderr: stdout is the steps' to print to, or not)
     before = default_registry.names()
     try:
         import_worker_modules(modules, os.getcwd())
