@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,16 @@ def _shown(value: Any) -> str:
 _BARE_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)\Z")
 
 
+def _said(build: Callable[[Any, Any], str], exc: BaseException, data: Any) -> str:
+    """``build(exc, data)``, the message of an evaluation error; should building it fail (an engine version whose
+    errors it does not know), the error's code or class alone — never an exception out of the kernel, nor the
+    engine's own text (which may quote the whole context)."""
+    try:
+        return build(exc, data)
+    except Exception:
+        return f"evaluation failed ({getattr(exc, 'error', None) or type(exc).__name__})"
+
+
 class Expression:
     """A compiled expression: parse once, evaluate many times with bounds."""
 
@@ -219,7 +229,7 @@ class Expression:
         except jsonata.JException as exc:
             # said from the error's code and values, never its text: that quotes values in full (the whole
             # context, for an argument JSONata reads from it) and in the wrong slots (see flowdsl.expr_errors)
-            raise ExpressionError(expr_errors.engine_message(exc, data), getattr(exc, "location", None),
+            raise ExpressionError(_said(expr_errors.engine_message, exc, data), getattr(exc, "location", None),
                                   getattr(exc, "error", None)) from None
         except RecursionError:
             raise ExpressionError("expression recursed too deeply") from None
@@ -233,7 +243,7 @@ class Expression:
             # a built-in failing inside the engine ($number('abc'), $power(10, 400), OverflowError from a date,
             # RuntimeError from a picture string): the step fails with it, where anything else would escape the
             # kernel and stop the run
-            raise ExpressionError(expr_errors.python_message(exc, data)) from None
+            raise ExpressionError(_said(expr_errors.python_message, exc, data)) from None
         finally:
             if collecting:
                 gc.enable()

@@ -158,6 +158,13 @@ def running_call(exc: BaseException) -> Call | None:
     raised while evaluating an expression node — an operator inside a function passed to ``$map`` — concerns
     that node, not the built-in around it). None when there is none, or the engine's stack cannot be read."""
     try:
+        return _running_call(exc)
+    except Exception:  # (it reads the engine's private names: another version's stack is read as none at all)
+        return None
+
+
+def _running_call(exc: BaseException) -> Call | None:
+    try:
         apply_code, validate_code, evals, natives = _engine_codes()
     except (ImportError, AttributeError):  # another engine version: the messages do without
         return None

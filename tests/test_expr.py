@@ -217,3 +217,24 @@ def test_without_the_engine_s_stack_an_error_is_said_from_its_code_and_values(
     with pytest.raises(ExpressionError) as caught:
         compile_expression(source).evaluate(data)
     assert caught.value.message == says
+
+
+def test_a_message_that_cannot_be_built_falls_back_to_the_error_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The messages read the engine's private names (its stack, its signatures): should another version make that
+    fail, the expression still fails as an ExpressionError, with the engine's code — never an exception out of the
+    kernel, nor the engine's text quoting the whole context."""
+    from flowdsl import expr_errors
+
+    def broken(*args: Any) -> str:
+        raise AttributeError("an engine version without _params")
+
+    monkeypatch.setattr(expr_errors, "engine_message", broken)
+    monkeypatch.setattr(expr_errors, "python_message", broken)
+    monkeypatch.setattr(expr_errors, "_running_call", broken)
+    with pytest.raises(ExpressionError) as caught:
+        compile_expression("$substring(amount, 1)").evaluate({"amount": 5, "card": "4111111111111111"}, {})
+    assert caught.value.message == "evaluation failed (T0411)"
+    with pytest.raises(ExpressionError) as caught:
+        compile_expression("$number('abc')").evaluate({}, {})
+    assert caught.value.message == "evaluation failed (ValueError)"
+    assert expr_errors.running_call(ValueError()) is None

@@ -159,7 +159,8 @@ def test_a_template_in_instructions_is_fd201(instructions: str) -> None:
 
 
 def test_instructions_without_a_template_are_fine() -> None:
-    compile_text(one_step('        signature: "question -> answer"\n        instructions: "Costs $5 {net}."\n'))
+    plan = compile_text(one_step('        signature: "question -> answer"\n        instructions: "Costs $5 {net}."\n'))
+    assert plan["nodes"]["ask"]["llm"]["instructions"] == "Costs $5 {net}."
 
 
 def test_a_literal_template_start_in_instructions_is_written_dollar_dollar_brace() -> None:
@@ -188,8 +189,9 @@ def test_blank_model_strings_are_fd201(tmp_path: Path) -> None:
 
 
 def test_a_model_string_with_spaces_around_it_is_fine() -> None:
-    compile_text(one_step('        signature: "q -> a"\n        lm: " openai/gpt-4o-mini "\n',
-                          head="defaults: {llm: {lm: ' openai/gpt-4o-mini'}}\n"))
+    plan = compile_text(one_step('        signature: "q -> a"\n        lm: " openai/gpt-4o-mini "\n',
+                                 head="defaults: {llm: {lm: ' openai/gpt-4o-mini'}}\n"))
+    assert plan["nodes"]["ask"]["llm"]["lm"].strip() == "openai/gpt-4o-mini"
 
 
 # --- hints for unknown types ---------------------------------------------------------------------

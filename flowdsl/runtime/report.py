@@ -507,18 +507,16 @@ def _where(lines: list[dict[str, Any]], i: int, path: Path | None) -> str:
 _CHANGED = "the record was changed after it was written, or was made by another version"
 
 
-#: the fields of an event (at any depth) that are prose for people — an error's ``message``, a ``reason`` — which
-#: a later version may word differently (an expression error names its option, a late completion's reason its
-#: cause) without deciding anything differently: a record's check compares events without them
-_PROSE = frozenset({"message", "reason"})
-
-
-def _decisions(value: Any) -> Any:
-    """``value`` (an event, as JSON) without its prose fields (:data:`_PROSE`): what a replay must match."""
+def _decisions(value: Any, top: bool = True) -> Any:
+    """``value`` (an event, as JSON) without its prose — an error's ``message`` (at any depth), a late completion's
+    ``reason`` — which a later version may word otherwise (an expression error names its option, a late
+    completion its cause) without deciding anything differently: what a replay must match. Other reasons
+    (``step_skipped``'s, ``step_cancelled``'s) say which way the kernel went, and are compared."""
     if isinstance(value, dict):
-        return {k: _decisions(v) for k, v in value.items() if not (k in _PROSE and isinstance(v, str))}
+        prose = {"message", "reason"} if top and value.get("type") == "late_completion" else {"message"}
+        return {k: _decisions(v, False) for k, v in value.items() if not (k in prose and isinstance(v, str))}
     if isinstance(value, list):
-        return [_decisions(v) for v in value]
+        return [_decisions(v, False) for v in value]
     return value
 
 

@@ -576,3 +576,14 @@ def test_a_record_whose_messages_another_version_worded_differently_is_shown(tmp
     path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
     refused = cli("show", "r2", "--runs-dir", str(tmp_path), "--format", "json")
     assert refused.exit_code == 2 and "its 'error' differ" in refused.stderr, refused.output
+
+
+def test_a_record_check_leaves_out_prose_only() -> None:
+    from flowdsl.runtime.report import _decisions
+
+    failed = {"type": "step_failed", "seq": 2, "error": {"type": "ExpressionError", "message": "old words"}}
+    assert _decisions(failed) == {"type": "step_failed", "seq": 2, "error": {"type": "ExpressionError"}}
+    late = {"type": "late_completion", "step": "a", "reason": "old words", "by_hand": True}
+    assert _decisions(late) == {"type": "late_completion", "step": "a", "by_hand": True}
+    skipped = {"type": "step_skipped", "step": "a", "reason": "when"}  # which way the kernel went: compared
+    assert _decisions(skipped) == skipped
