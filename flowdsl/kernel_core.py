@@ -94,8 +94,8 @@ class Core:
         self.queue: deque[tuple[str, str | None]] = deque()
         #: (task id, meta) of the answer being handled: ``meta`` goes into the events about that task
         self.answer: tuple[str, dict[str, Any]] | None = None
-        cache = getattr(state, "contexts", None)
-        self._ctx: ContextCache = cache if isinstance(cache, ContextCache) else ContextCache()
+        # (a state rebuilt from JSON is a plain dict: no cache to keep, a fresh one for this decision)
+        self._ctx: ContextCache = state.contexts if isinstance(state, RunState) else ContextCache()
 
     # --- output ----------------------------------------------------------------
 

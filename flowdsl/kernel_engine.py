@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowdsl.expr import ExpressionError, truthy
-from flowdsl.kernel_core import DONE, error, switch_label
+from flowdsl.kernel_core import _RECENT, DONE, error, switch_label
 from flowdsl.kernel_program import Json, retry_delay, retryable
 from flowdsl.kernel_saga import END_STATES, Saga
 
@@ -73,8 +73,9 @@ class Machine(Saga):
             if kind == "task_started":
                 self.emit("attempt_started", task["step"], attempt=task["attempt"], task_id=task_id)
             elif kind == "task_succeeded":
-                if not self._chain_step(task_id, task, event.get("result")):
-                    self._task_succeeded(task_id, event.get("result"))
+                if self._chain_step(task_id, task, event.get("result")):
+                    return  # (nothing queued: no _pump)
+                self._task_succeeded(task_id, event.get("result"))
             elif kind == "task_failed":
                 self._task_failed(task_id, _error_of(event.get("error")))
             else:
@@ -498,14 +499,25 @@ class Machine(Saga):
                        "attempt": 1, "attempts": 1, "phase": "main", "task": attempt_id, "t0": clock}
         self.tasks[attempt_id] = {"step": ikey, "kind": "task", "attempt": 1,
                                   "timer": attempt_id + "@timeout" if timeout else None}
+        # derive "dep": the step's own context plus its contribution (ContextCache.get and .put, inline)
         cache = self._ctx
-        ctx = cache.get(step)  # derive "dep": the step's own context plus its contribution
+        recent = cache.recent
+        ctx = recent.get(step)
+        if ctx is not None:
+            recent.move_to_end(step)
+        else:
+            ctx = cache.checkpoints.get(step)
         if ctx is None:
             ctx = self.context(ikey)
         else:
-            ctx = dict(ctx)
-            ctx.update(self.contribution(rec))
-            cache.put(ikey, ctx)
+            if rec["node"] in self.p.merges:
+                if result:  # (an empty result adds nothing: the step's context, shared — contexts are read-only)
+                    ctx = {**ctx, **result}
+            else:
+                ctx = {**ctx, **self.contribution(rec)}
+            recent[ikey] = ctx
+            if len(recent) > _RECENT:
+                recent.popitem(last=False)
         self.commands.append({"op": "dispatch", "run_id": run_id, "task_id": attempt_id, "kind": "task",
                               "step": ikey, "node": nxt, "worker": worker, "input": dict(ctx),
                               "attempt": 1, "idempotency_key": idem, "timeout_ms": timeout, "llm": None})

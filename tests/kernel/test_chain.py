@@ -133,6 +133,12 @@ steps:
   - c: {output: third}
   - d
 """, {"a": ok({"v": 1}), "c": ok({"v": 3})}),
+    # an empty result leaves its successor the step's own context (shared, not copied): later steps still add
+    "empty results between others": ("""
+flowdsl: 1
+name: t
+steps: [a, b, c, d, e, f]
+""", {"a": ok({}), "b": ok({"v": 1}), "c": ok({}), "d": ok(None), "e": ok({"v": 2, "w": 3})}),
 }
 
 
