@@ -97,6 +97,23 @@ def test_urls_from_the_option_or_the_environment(monkeypatch: pytest.MonkeyPatch
     assert tls.connection_pool.connection_class.__name__ == "SSLConnection"
 
 
+@pytest.mark.parametrize("url", ["redis://:pa/SECRET@127.0.0.1:1/0", "redis://:pa#SECRET@h:1/0",
+                                 "redis://:pa?SECRET@h:1/0", "redis://user:123/SECRET@h",
+                                 "redis://user:123#SECRET@h:6379"])
+def test_a_password_holding_a_url_delimiter_is_never_shown(url: str) -> None:
+    """A password with `/`, `?` or `#` (as `openssl rand -base64` makes) ends a URL's host part early for every
+    URL parser, which then reads it as the path, query or fragment: still hidden, and the error says why."""
+    with pytest.raises(RedisConfigError, match="percent-encode") as caught:
+        resolve_url(url)
+    assert "SECRET" not in str(caught.value) and "SECRET" not in describe_url(url)
+    assert describe_url(url).endswith(url[url.rfind("@"):])
+
+
+def test_an_at_sign_in_a_query_value_is_no_ambiguity() -> None:
+    assert resolve_url("redis://h:6379/0?password=a@b") == "redis://h:6379/0?password=a@b"
+    assert describe_url("redis://h:6379/0?password=a@b") == "redis://h:6379/0?password=***"
+
+
 @pytest.mark.parametrize(("url", "said"), [
     ("redis://h:1/x", "its path must be empty or /<database number> (as in redis://host:6379/0), not '/x'"),
     ("redis://h:1/1x", "not '/1x'"),

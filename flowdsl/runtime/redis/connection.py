@@ -117,6 +117,11 @@ def resolve_url(url: str | None = None) -> str:
                                "redis://, rediss:// (TLS) or unix://")
     if parts.scheme == "unix" and not parts.path:
         raise RedisConfigError(f"the unix:// URL {describe_url(chosen)!r} names no socket path")
+    if parts.scheme != "unix" and _split_userinfo(chosen) and (
+            not _host_and_port(parts) or "@" in parts.path + parts.fragment):
+        raise RedisConfigError(f"the Redis URL {describe_url(chosen)!r} cannot be read: a '/', '?' or '#' before "
+                               "its last '@' ends its host part early; percent-encode them in the user and "
+                               "password (%2F, %3F, %23; '@' as %40)")
     if parts.scheme != "unix" and not parts.hostname:
         raise RedisConfigError(f"the Redis URL {describe_url(chosen)!r} names no host")
     _check_database(chosen, parts)
@@ -206,11 +211,26 @@ def not_a_socket(url: str) -> str | None:
 
 
 def describe_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for messages and logs)."""
+    """The URL with its password replaced by ``***`` (for messages and logs); where a user or password that
+    holds ``/``, ``?`` or ``#`` makes the URL ambiguous, everything up to its last ``@``."""
+    described = _described(url)
+    return _mask_to_last_at(described) if _split_userinfo(described) else described
+
+
+def _host_and_port(parts: SplitResult) -> bool:
+    """Whether the URL names a host and, if any, a port that is a number."""
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
+def _described(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:  # a URL that cannot be parsed: hide what looks like a password all the same
-        return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url)
+        return _mask_to_last_at(url)
     query = parts.query
     pairs = parse_qsl(query, keep_blank_values=True)
     if any(k == "password" for k, _ in pairs):  # (redis-py also takes ?password=)
@@ -222,6 +242,28 @@ def describe_url(url: str) -> str:
         return url
     return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
             + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+def _split_userinfo(url: str) -> bool:
+    """Whether an ``@`` after ``//`` lies beyond where a URL parser ends the host part: a user or password
+    holding ``/``, ``?`` or ``#`` not percent-encoded (``openssl rand -base64`` makes such passwords), which
+    parsers then read as the path, query or fragment — password included."""
+    start = url.find("//")
+    if start < 0 or "@" not in url[start + 2:]:
+        return False
+    head = re.split(r"[/?#]", url[start + 2:], maxsplit=1)[0]
+    return "@" not in head
+
+
+def _mask_to_last_at(url: str) -> str:
+    """What lies between the user's ``:`` (or ``//``) and the last ``@`` hidden, whatever a parser would make
+    of it."""
+    start, at = url.find("//"), url.rfind("@")
+    if start < 0 or at < start:
+        return url
+    user, colon, _ = url[start + 2:at].partition(":")
+    kept = f"{user}:" if colon and not re.search(r"[/?#]", user) else ""
+    return f"{url[:start + 2]}{kept}***{url[at:]}"
 
 
 def _options(url: str, client_name: str | None, *, blocking: bool = False) -> dict[str, Any]:
