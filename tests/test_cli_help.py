@@ -89,3 +89,16 @@ def test_exit_codes_are_listed_one_a_line(command: str) -> None:
     items = lines[start:lines.index("", start)] if "" in lines[start:] else lines[start:]
     assert len(items) >= 2 and all(re.match(r"  \d+ +\S", item) for item in items), items
     assert [int(item.split()[0]) for item in items] == sorted(int(item.split()[0]) for item in items)
+
+
+def test_the_list_of_commands_gives_each_a_summary_of_one_sentence_in_the_order_of_work() -> None:
+    """`flowdsl --help` lists each command with the first paragraph of its help: one line at 200 columns (the
+    summary of `convert` ran on into a second sentence, broken where its docstring's line ended), in the
+    order a user meets them — specs, runs, the Redis runtime, diagrams — whatever module defines them."""
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0, result.output
+    box = [line for line in result.output[result.output.index("Commands"):].splitlines() if line.startswith("│")]
+    rows = [line.strip("│ ").split(None, 1) for line in box]
+    assert all(len(row) == 2 and row[0] in COMMANDS for row in rows), box  # (a continued summary: no name)
+    assert [row[0] for row in rows] == ["validate", "plan", "convert", "run", "show", "worker", "status", "runs",
+                                        "cancel", "dead-letters", "diagram"]

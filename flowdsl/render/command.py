@@ -148,7 +148,7 @@ def diagram(
     record, run_id = _run_events(run, events, runs_dir) if redis_url is None else (None, run)
 
     from flowdsl.api import compile_spec
-    from flowdsl.cli import OutputFormat, _exit_for, _print_diagnostics
+    from flowdsl.cli_common import OutputFormat, _exit_for, _print_diagnostics
 
     result = compile_spec(str(file), check_workers=False)
     if result.plan is None:
@@ -197,7 +197,7 @@ def diagram(
         raise _fail(str(exc)) from None
     data = drawn.encode("utf-8") if isinstance(drawn, str) else drawn
     if output is not None:
-        from flowdsl.cli import write_outputs  # refuses to write over the spec or the run's record
+        from flowdsl.cli_files import write_outputs  # refuses to write over the spec or the run's record
 
         write_outputs([("-o", output, data)], [file, *(Path(e["file"]) for e in result.source_map.values()
                                                        if e.get("file")), *([record] if record else [])])

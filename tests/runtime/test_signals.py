@@ -341,7 +341,7 @@ def test_a_stop_signal_after_the_command_has_said_everything_does_not_change_its
         monkeypatch: pytest.MonkeyPatch) -> None:
     """In the flowdsl process, once `run` has printed its summary (or JSON) the process only exits: a SIGTERM then
     is ignored (the exit code stays the run's, not 143); inside another program the handlers found are put back."""
-    from flowdsl import cli
+    from flowdsl import cli_common as cli
 
     for whole, expected in ((True, signal.SIG_IGN), (False, signal.SIG_DFL)):
         monkeypatch.setattr(cli, "_WHOLE_PROCESS", whole)
