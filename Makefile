@@ -19,8 +19,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check flowdsl tests examples benchmarks
 	$(BIN)/mypy
 
+# The suite on every core (at most 4): each pytest-xdist worker starts a private redis-server of its own.
 test: lint
-	LITELLM_LOCAL_MODEL_COST_MAP=True $(BIN)/python -m pytest
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 # Regenerate every golden file (plans, diagnostics, diagrams) from the current code.
 goldens: $(STAMP)

@@ -134,31 +134,31 @@ def test_cancel_wait_stopped_while_it_waits_ends_as_run_does(url: str, prefix: s
 
 def test_a_signal_before_redis_answered_stops_status_follow_and_cancel_wait(url: str, prefix: str,
                                                                               server: RedisServer) -> None:
-    """Redis holds every command (CLIENT PAUSE): `status --follow` has not read the plan, `cancel --wait` has
-    not had its request answered, when SIGTERM and SIGHUP come. Both end at once, exit 130 with the object and
-    the hint (`cancel` says the request may not have been made); neither is killed."""
+    """Redis holds every command (its process stopped): `status --follow` has not read the plan, `cancel --wait`
+    has not had its request answered, when SIGTERM and SIGHUP come. Both end at once, exit 130 with the object
+    and the hint (`cancel` says the request may not have been made); neither is killed."""
     asyncio.run(_submit(url, prefix, "held-s"))
     asyncio.run(_submit(url, prefix, "held-c"))
     common = ("--redis-url", url, "--prefix", prefix, "--format", "json")
-    pause_s = 20.0  # (ended as soon as the commands are: see finally)
-    admin = server.client()
-    following = spawn("status", "held-s", "--follow", *common)
-    cancelling = spawn("cancel", "held-c", "--wait", *common)
-    admin.execute_command("CLIENT", "PAUSE", int(pause_s * 1000), "ALL")
-    paused_at = time.monotonic()
+    bound_s = 20.0
+    assert server.proc is not None
+    # (SIGSTOP rather than CLIENT PAUSE: an UNPAUSE waits for the pause's whole term; SIGCONT is at once)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    held_at = time.monotonic()
     try:
+        following = spawn("status", "held-s", "--follow", *common)
+        cancelling = spawn("cancel", "held-c", "--wait", *common)
         with _ours(following, cancelling):
             # (in the event loop: Redis holds their first command)
-            wait_for(lambda: all("epoll" in _wchan(p.pid) for p in (following, cancelling)), timeout=pause_s - 2)
+            wait_for(lambda: all("epoll" in _wchan(p.pid) for p in (following, cancelling)), timeout=bound_s - 2)
             time.sleep(0.2)
             os.kill(following.pid, signal.SIGTERM)
             os.kill(cancelling.pid, signal.SIGHUP)
-            f_out, f_err = following.communicate(timeout=pause_s)
-            c_out, c_err = cancelling.communicate(timeout=pause_s)
-            assert time.monotonic() < paused_at + pause_s, "Redis let the commands go before they were stopped"
+            f_out, f_err = following.communicate(timeout=bound_s)
+            c_out, c_err = cancelling.communicate(timeout=bound_s)
+            assert time.monotonic() < held_at + bound_s, "the commands were not stopped at once"
     finally:
-        admin.execute_command("CLIENT", "UNPAUSE")  # the pause ends for the next tests
-        admin.close()
+        os.kill(server.proc.pid, signal.SIGCONT)  # Redis answers again for the next tests
     status = _stopped(following, f_out, f_err, "held-s")
     assert status["error"]["message"] == "stopped following; the run itself goes on, in Redis", status
     assert "flowdsl status held-s --follow" in _flat(f_err), f_err
