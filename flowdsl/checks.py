@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flowdsl import expr
-from flowdsl.diagnostics import Diagnostic, did_you_mean, join, make
+from flowdsl.diagnostics import BIDI_MARKS, Diagnostic, did_you_mean, join, make, quote
 from flowdsl.model import Flow, Node, walk
 
 #: variables every expression may read
@@ -64,7 +64,7 @@ def check_llm_with(flow: Flow) -> Iterator[Diagnostic]:
         listed = ", ".join(inputs)
         for key in node.with_:
             if key not in inputs:
-                yield _err(node, "FD604", f"'with' gives '{key}', which is not an input field of the signature"
+                yield _err(node, "FD604", f"'with' gives {quote(key)}, which is not an input field of the signature"
                            f"{did_you_mean(str(key), inputs)}; the input fields are: {listed}", join(path, key))
         missing = [name for name in inputs if name not in node.with_]
         if missing:
@@ -201,6 +201,19 @@ def _check_nodes(flow: Flow, nodes: tuple[Node, ...], loop_vars: frozenset[str],
                 yield from _check_nodes(flow, kids, inner, builtins, loops)
 
 
+#: characters of an expression that an FD501 message quotes, at most
+_SOURCE_SHOWN = 200
+
+
+def bidi_mark_message(char: str) -> str:
+    """FD111 for a bidirectional mark inside an expression's ``${ }``."""
+    import unicodedata
+
+    return (f"bidirectional mark U+{ord(char):04X} ({unicodedata.name(char)}) is not allowed in an expression: it "
+            "is invisible, and can change the order in which the expression around it is displayed (marks are "
+            "allowed in text outside '${ }')")
+
+
 def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_vars: frozenset[str],
                builtins: frozenset[str], loops: dict[str, str]) -> Iterator[Diagnostic]:
     """Check one expression field: conditions must be exactly one ``${ }``; templates may interpolate."""
@@ -209,7 +222,7 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
             source = expr.single_expression(text)
             if source is None:
                 yield _err(node, "FD501", f"'{fname}' must be one expression written as \"${{ ... }}\", "
-                           f"found {text!r}", path)
+                           f"found {quote(text)}", path)
                 return
             sources = [source]
         else:
@@ -218,11 +231,15 @@ def _check_one(node: Node, fname: str, text: str, path: str, bare: bool, extra_v
         yield _err(node, "FD501", f"in '{fname}': {exc.message}", path)
         return
     for source in sources:
+        mark = BIDI_MARKS.search(source)
+        if mark is not None:
+            yield _err(node, "FD111", f"in '{fname}': {bidi_mark_message(mark.group())}", path)
         try:
             analysis = expr.analyse(source)
         except expr.ExpressionError as exc:
             at = f" at character {exc.position}" if exc.position is not None else ""
-            yield _err(node, "FD501", f"in '{fname}': {exc.message}{at} of '{source.strip()}'", path)
+            yield _err(node, "FD501", f"in '{fname}': {exc.message}{at} of {quote(source.strip(), _SOURCE_SHOWN)}",
+                       path)
             continue
         allowed = BASE_VARIABLES | extra_vars
         for var in sorted(analysis.variables - allowed - builtins):

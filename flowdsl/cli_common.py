@@ -110,7 +110,9 @@ def _model(value: str | None) -> str | None:
     return value
 
 
-NoImportOpt = Annotated[bool, typer.Option("--no-import", help="check worker names without importing modules")]
+NoImportOpt = Annotated[bool, typer.Option("--no-import", help=(
+    "do not import the worker modules the spec names, nor check its worker names (FD204, FD205); importing runs "
+    "the modules' code: use this for a spec you do not trust"))]
 
 
 def _stderr() -> Any:

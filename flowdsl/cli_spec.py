@@ -30,13 +30,14 @@ from flowdsl.cli_common import (
 from flowdsl.cli_files import _same_file, write_outputs
 
 
-@app.command()
+@app.command(help=(
+    "Check spec files and print every diagnostic, like a compiler.\n\n"
+    "Imports, and so runs, the worker modules the specs name (to check their workers), unless --no-import."))
 def validate(
     files: Annotated[list[Path], typer.Argument(help="spec files (.yaml, .yml, .flow)", show_default=False)],
     fmt: FormatOpt = OutputFormat.text,
     no_import: NoImportOpt = False,
 ) -> None:
-    """Check spec files and print every diagnostic, like a compiler."""
     all_diags: list[Any] = []
     for file in files:
         all_diags.extend(_compile(file, no_import).diagnostics)
@@ -51,7 +52,9 @@ def validate(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(help=(
+    "Compile a spec and print its execution plan (canonical JSON).\n\n"
+    "Imports, and so runs, the worker modules the spec names (to check its workers), unless --no-import."))
 def plan(
     file: Annotated[Path, typer.Argument(help="spec file", show_default=False)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the plan here")] = None,
@@ -59,7 +62,6 @@ def plan(
     fmt: FormatOpt = OutputFormat.text,
     no_import: NoImportOpt = False,
 ) -> None:
-    """Compile a spec and print its execution plan (canonical JSON)."""
     from flowdsl.api import plan_bytes
 
     result = _compile(file, no_import)

@@ -223,7 +223,7 @@ class GraphChecks:
             n = e.node
             for fname, text, path, _ in _expressions(n):
                 for ref, form in sorted(_step_refs(text)):
-                    shown = _REF_FORMS[form].format(ref)
+                    shown = _REF_FORMS[form].format(ref if len(ref) <= 64 else ref[:61] + "...")  # (an id: <= 64)
                     target = by_id.get((self.namespace(key), ref))
                     if form == "bracket":
                         # JSONata reads '[...]' after a value as a filter, which a non-empty string passes whole

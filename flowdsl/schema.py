@@ -25,7 +25,9 @@ from flowdsl.diagnostics import (
     drop_options,
     join,
     make,
+    one_line,
     pointer,
+    quote,
     tokens,
     walk_pointer,
 )
@@ -115,8 +117,9 @@ def _path(error: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value as JSON writes it, cut to 40 characters, with what a message must not hold escaped."""
     text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return one_line(text if len(text) <= 40 else text[:37] + "...")
 
 
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
@@ -169,7 +172,7 @@ def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
         allowed = sorted(error.schema.get("properties", {}))
         for key in sorted(set(inst) - set(allowed)):
             where = _where(error.absolute_path)
-            yield make("FD202", f"unknown field '{key}'{where}{did_you_mean(key, allowed)}; "
+            yield make("FD202", f"unknown field {quote(key)}{where}{did_you_mean(key, allowed)}; "
                        f"expected one of: {', '.join(allowed)}{_group_hint(key, inst, text_syntax)}", join(path, key))
     elif v == "required":
         for key in error.validator_value:
@@ -248,7 +251,7 @@ def _where(path: Any, inst: Any = None) -> str:
     if isinstance(inst, dict):
         kw = next((k for k in ("sequence", "parallel", "for_each", "switch", "flow") if k in inst), None)
         if kw is not None and isinstance(inst[kw], str):
-            return f" in {kw} '{inst[kw]}'"
+            return f" in {kw} {quote(inst[kw])}"
     if parts[-1] == "compensate":
         return " in the compensation"
     if parts[-1] in ("retry",):
@@ -281,15 +284,26 @@ def _is_step_mapping(error: Any) -> bool:
     return isinstance(error.instance, dict) and error.schema.get("maxProperties") == 1
 
 
+#: keys of a mis-indented step that its message names, at most
+_KEYS_NAMED = 8
+
+
+def _named(keys: list[str], show: Any) -> str:
+    """The first :data:`_KEYS_NAMED` of ``keys`` as ``show`` writes each, and how many more there are."""
+    named = ", ".join(show(k) for k in keys[:_KEYS_NAMED])
+    return named + (f" and {len(keys) - _KEYS_NAMED} more" if len(keys) > _KEYS_NAMED else "")
+
+
 def _misindented_step(inst: dict[str, Any], path: str) -> Diagnostic:
     keys = list(inst)
     name = next((k for k in keys if inst[k] is None), keys[0])
     others = [k for k in keys if k != name]
     return make(
         "FD201",
-        f"a step is a mapping with one key, its name; found {len(keys)} keys ({', '.join(keys)}). "
-        f"If {', '.join(repr(k) for k in others)} {'is an option' if len(others) == 1 else 'are options'} "
-        f"of step '{name}', indent {'it' if len(others) == 1 else 'them'} under it",
+        f"a step is a mapping with one key, its name; found {len(keys)} keys "
+        f"({_named(keys, lambda k: quote(k)[1:-1])}). "
+        f"If {_named(others, quote)} {'is an option' if len(others) == 1 else 'are options'} "
+        f"of step {quote(name)}, indent {'it' if len(others) == 1 else 'them'} under it",
         path,
     )
 
@@ -299,11 +313,11 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
         bad = [e.instance for e in error.context]
         for name in bad:
             hint = _WORKER_HINT if "\\." in error.validator_value.get("pattern", "") else _ID_HINT
-            yield make("FD302", f"invalid name '{name}': {_too_long(name) or hint}", join(path, name))
+            yield make("FD302", f"invalid name {quote(name)}: {_too_long(name) or hint}", join(path, name))
         return
     value = error.instance
     if str(error.schema.get("description", "")).startswith("an error type"):  # a retry filter's entry
-        shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
+        shown = quote(value) if isinstance(value, str) else _show(value)
         dotted = "; a dotted name never matches" if isinstance(value, str) and "." in value else ""
         yield make("FD302", f"{_BAD_ERROR_TYPE} {shown}: {_too_long(value) or _ERROR_TYPE_HINT}{dotted}", path)
         return
@@ -312,7 +326,7 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
     a_key = "propertyNames" in error.schema_path  # a key of the mapping at ``path``, else the value there
     if hint is _WORKER_HINT and a_key:  # a step mapping's key: id or worker
         kind, hint = "step name", "a step's name is an id, or the name of its worker (ids joined by dots)"
-    shown = f"'{value}'" if isinstance(value, str) and len(value) <= 70 else _show(value)
+    shown = quote(value) if isinstance(value, str) else _show(value)
     yield make("FD302", f"invalid {kind} {shown}: {_too_long(value) or hint}", path, at_value=not a_key)
 
 

@@ -7,9 +7,10 @@ with an explicit stack, never by PyYAML's composer: libyaml's parser is a state
 machine that is safe at any depth, but composing (C or Python) recurses once per
 nesting level, and the C composer overflows the stack and crashes the process
 past ~40,000 levels. Bounds are applied while the events arrive, before any
-node beyond them is built: depth (FD107), nodes after alias expansion (FD106,
-so a billion-laughs document stops after at most ``MAX_NODES`` units of work),
-and size (FD102) before the parser sees the text at all.
+node beyond them is built: depth (FD107), nodes and characters of text after alias
+expansion (FD106, so a billion-laughs document, of short or of long strings, stops
+after at most ``MAX_NODES`` units of work and ``MAX_TEXT`` characters), and size
+(FD102) before the parser sees the text at all.
 
 Scalars are resolved by YAML 1.2's core schema, with the few restrictions that
 make it agree with the text syntax (``read_number``, ``WORD_VALUES``): no YAML 1.1
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, Positions, join, make, set_aside_values
+from flowdsl.diagnostics import BIDI_ANY, BIDI_CONTROLS, Diagnostic, Positions, join, make, set_aside_values
 
 
 @dataclass
@@ -51,6 +52,9 @@ class LoadedDoc:
 
 MAX_BYTES = 4 * 1024 * 1024  # a spec larger than this is refused (FD102)
 MAX_NODES = 500_000  # YAML nodes after alias expansion (FD106)
+#: characters of text (keys and scalar values) after alias expansion (FD106): no more than a file of ``MAX_BYTES``
+#: can hold written out, so that aliases of long strings cannot make a document larger than the largest file
+MAX_TEXT = MAX_BYTES
 MAX_DEPTH = 100  # nested mappings and lists (FD107); a real spec nests a few dozen levels at most
 TOO_DEEP = f"nesting too deep: more than {MAX_DEPTH} levels of mappings and lists"
 
@@ -83,6 +87,55 @@ def control_character(text: str, *, key: bool = False) -> str | None:
         return (f"lone surrogate U+{code:04X} is not allowed in {where}: it is half of a UTF-16 surrogate pair, "
                 "not a character")
     return f"control character U+{code:04X} is not allowed in {where}"
+
+
+#: lines of a spec's text whose bidirectional control character is reported (FD111), at most: the first of each
+MAX_BIDI_LINES = 20
+
+
+def _bidi_name(char: str) -> str:
+    import unicodedata
+
+    return f"U+{ord(char):04X} ({unicodedata.name(char)})"
+
+
+def bidi_character(text: str, *, key: bool = False) -> str | None:
+    """The FD111 message for the first bidirectional control character in a string once its escapes are read,
+    else None: an embedding, override or isolate anywhere; in a key (``key``) one of the marks (U+200E, U+200F,
+    U+061C) too. Both front ends apply it to every key and string value; :func:`bidi_characters` finds the ones
+    written as they are, in the text."""
+    bad = (BIDI_ANY if key else BIDI_CONTROLS).search(text)
+    if bad is None:
+        return None
+    char = bad.group()
+    if BIDI_CONTROLS.match(char):
+        return _bidi_message(char, ", even as an escape")
+    return (f"bidirectional mark {_bidi_name(char)} is not allowed in a key: it is invisible, and can change the "
+            "order in which the text around it is displayed (marks are allowed in text values)")
+
+
+def _bidi_message(char: str, how: str = "") -> str:
+    return (f"bidirectional control character {_bidi_name(char)} is not allowed in a spec{how}: it makes the text "
+            "after it display in another order than it is read")
+
+
+def bidi_characters(text: str, file: str | None) -> list[Diagnostic]:
+    """FD111 at the first bidirectional control character (embedding, override, isolate) written as it is on each
+    line of ``text`` that holds one — in a key, a value or a comment — for the first :data:`MAX_BIDI_LINES` such
+    lines. Unlike FD110, reading goes on: these characters do not stop a parser."""
+    if BIDI_CONTROLS.search(text) is None:
+        return []
+    bom = int(text.startswith("\ufeff"))
+    lines = _Lines(text[bom:])
+    found: list[Diagnostic] = []
+    match = BIDI_CONTROLS.search(text, bom)
+    while match is not None and len(found) < MAX_BIDI_LINES:
+        line, column = lines.where(match.start() - bom)
+        found.append(make("FD111", _bidi_message(match.group()), file=file, line=line, column=column))
+        if line >= len(lines.starts):
+            break
+        match = BIDI_CONTROLS.search(text, lines.starts[line] + bom)  # from the next line on
+    return found
 
 
 # --- how scalars are read: the one rule of both syntaxes (docs/language.md, "How values are read") -------
@@ -381,9 +434,10 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
     """Parse YAML text into plain JSON-like data with a position for every element.
 
     Safe by construction: only the core tags are accepted (no ``!!python/``),
-    aliases are expanded under a node budget, nesting depth and size are
-    bounded, duplicate keys are reported, and the result holds only dict, list,
-    str, int, float, bool and None. Mapping keys are the text written.
+    aliases are expanded under a budget of nodes and one of characters, nesting
+    depth and size are bounded, duplicate keys are reported, bidirectional
+    control characters too (FD111), and the result holds only dict, list, str,
+    int, float, bool and None. Mapping keys are the text written.
     """
     import yaml
 
@@ -391,23 +445,25 @@ def load_yaml(text: str, file: str | None = None) -> LoadedDoc:
     pre = check_text(text, file)
     if pre:
         return LoadedDoc(None, positions, pre)
+    bidi = bidi_characters(text, file)  # (reading goes on: what else is wrong is reported with them)
     loader = core_loader()(text)
     marks = _Marks(text, loader)
-    builder = _Builder(loader, file, positions, marks.position)
+    builder = _Builder(loader, file, positions, marks.position, text, marks.index)
     try:
         data = builder.run()
     except _Stop as stop:  # what was found before it still stands
-        return LoadedDoc(None, positions, [*builder.diagnostics, stop.diag])
+        return LoadedDoc(None, positions, [*bidi, *builder.diagnostics, stop.diag])
     except yaml.MarkedYAMLError as exc:
-        return LoadedDoc(None, positions, [_syntax_error(exc, text, marks, file)])
+        return LoadedDoc(None, positions, [*bidi, _syntax_error(exc, text, marks, file)])
     except (yaml.YAMLError, ValueError) as exc:
-        return LoadedDoc(None, positions, [make("FD103", f"invalid YAML: {exc}", file=file)])
+        return LoadedDoc(None, positions, [*bidi, make("FD103", f"invalid YAML: {exc}", file=file)])
     finally:
         loader.dispose()
-    if builder.diagnostics:
-        unreadable = len(builder.bad_values) < len(builder.diagnostics) or not isinstance(data, dict)
-        kept = None if unreadable else set_aside_values(data, builder.diagnostics, builder.bad_values)
-        return LoadedDoc(kept, positions, builder.diagnostics)
+    diagnostics = [*bidi, *builder.diagnostics]
+    if diagnostics:
+        unreadable = len(builder.bad_values) < len(diagnostics) or not isinstance(data, dict)
+        kept = None if unreadable else set_aside_values(data, diagnostics, builder.bad_values)
+        return LoadedDoc(kept, positions, diagnostics)
     if not builder.documents:
         return LoadedDoc(None, positions, [make("FD109", EMPTY_DOCUMENT, file=file, line=1, column=1)])
     if not isinstance(data, dict):
@@ -561,14 +617,15 @@ _DROP_KEY = object()
 class _Frame:
     """A mapping or list being built: its data, JSON pointer, nodes below it, and the pending key."""
 
-    __slots__ = ("anchor", "data", "key", "keys", "ok", "path", "size")
+    __slots__ = ("anchor", "chars", "data", "key", "keys", "ok", "path", "size")
 
-    def __init__(self, data: Any, path: str, anchor: str | None, ok: bool):
+    def __init__(self, data: Any, path: str, anchor: str | None, ok: bool, chars: int):
         self.data = data
         self.path = path
         self.anchor = anchor
         self.ok = ok  # False: an error was reported here; the finished value is dropped
         self.size = 1
+        self.chars = chars  # the document's characters of text before it: its own are those counted since
         self.key: Any = None  # mapping: the key awaiting its value (None: next scalar is a key)
         self.keys: dict[str, int] = {}  # mapping: key -> line it was first written on
 
@@ -577,17 +634,22 @@ class _Builder:
     """Turns the parser's events into plain data, recording positions; no recursion."""
 
     def __init__(self, loader: Any, file: str | None, positions: Positions,
-                 position: Callable[[Any], tuple[int, int]] = _mark_position):
+                 position: Callable[[Any], tuple[int, int]] = _mark_position, text: str = "",
+                 index: Callable[[Any], int] | None = None):
         import yaml
 
         self.loader = loader
+        self.text = text  # the text parsed, and the index in it of a mark: where a scalar is written
+        self.index = index if index is not None else (lambda mark: int(mark.index))
         self.file = file
         self.positions = positions
         self.position = position  # a mark's (line, column) in the text (``_Marks.position``)
         self.diagnostics: list[Diagnostic] = []
         self.documents = 0
-        self.total = 0
-        self.anchors: dict[str, tuple[Any, int] | None] = {}  # None while the anchored node is open
+        self.total = 0  # nodes, aliases expanded (FD106)
+        self.chars = 0  # characters of keys and scalar values, aliases expanded (FD106)
+        #: anchor -> (value, nodes, characters of text); None while the anchored node is open
+        self.anchors: dict[str, tuple[Any, int, int] | None] = {}
         self.resolvers = loader.yaml_implicit_resolvers
         self.events = yaml.events
         self.bad_values: list[str] = []  # pointers of numbers that are not finite (FD201): set aside
@@ -600,11 +662,11 @@ class _Builder:
         line, column = self.position(mark)
         return make(code, message, path, file=self.file, line=line, column=column)
 
-    def anchor(self, name: str, value: Any, *, bad: bool = False, rejected: bool = False) -> None:
+    def anchor(self, name: str, value: Any, *, bad: bool = False, rejected: bool = False, chars: int = 0) -> None:
         """Record the scalar anchored as ``name`` (a later anchor of the same name replaces it). ``bad``: a number
         that is not finite, set aside wherever an alias repeats it; ``rejected``: a value refused, reported
         where it is written, and an alias of it is refused without a second report."""
-        self.anchors[name] = (value, 1)
+        self.anchors[name] = (value, 1, chars)
         for flagged, on in ((self.bad_anchors, bad), (self.rejected, rejected)):
             if on:
                 flagged.add(name)
@@ -622,6 +684,13 @@ class _Builder:
         if self.total > MAX_NODES:
             raise self.stop("FD106", f"the document expands to more than {MAX_NODES} nodes once its aliases are "
                             "expanded", mark)
+
+    def count_text(self, n: int, mark: Any) -> None:
+        """Count ``n`` more characters of text (a scalar's, or all those an alias repeats): FD106 past the budget."""
+        self.chars += n
+        if self.chars > MAX_TEXT:
+            raise self.stop("FD106", f"the document expands to more than {MAX_TEXT} characters of text (keys and "
+                            "values) once its aliases are expanded", mark)
 
     # --- the event loop -----------------------------------------------------------
 
@@ -643,8 +712,10 @@ class _Builder:
                 path = self.child_path(top)
                 if kind is scalar_ev:
                     self.total += 1
-                    if self.total > MAX_NODES:
+                    self.chars += len(event.value)
+                    if self.total > MAX_NODES or self.chars > MAX_TEXT:
                         self.count(0, event.start_mark)
+                        self.count_text(0, event.start_mark)
                     value, size, ok = self.scalar(event, path)
                 else:
                     value, size, ok = self.alias(event, path)
@@ -673,12 +744,12 @@ class _Builder:
                     self.anchors[event.anchor] = None
                     self.bad_anchors.discard(event.anchor)
                     self.rejected.discard(event.anchor)
-                stack.append(_Frame({} if kind is map_ev else [], path, event.anchor, ok))
+                stack.append(_Frame({} if kind is map_ev else [], path, event.anchor, ok, self.chars))
             elif kind in ends:
                 frame = stack.pop()
                 value = frame.data if frame.ok else None
                 if frame.anchor is not None:
-                    self.anchors[frame.anchor] = (value, frame.size)
+                    self.anchors[frame.anchor] = (value, frame.size, self.chars - frame.chars)
                 if not stack:
                     root = value
                 else:
@@ -725,6 +796,7 @@ class _Builder:
         else:
             self.total += 1
             key = event.value
+            self.count_text(len(key), mark)
             tag = event.tag
             anchor = event.anchor
             if tag is not None and tag != "!" and tag not in _TEXT_TAGS and tag not in _VALUE_TAGS:
@@ -740,11 +812,16 @@ class _Builder:
                     self.anchor(anchor, None, rejected=True)
                 return
             if anchor is not None:
-                self.anchor(anchor, key, rejected=control_character(key) is not None)
+                self.anchor(anchor, key, rejected=control_character(key) is not None, chars=len(key))
         sub = _child(frame.path, key)
         bad = control_character(key, key=True)
         if bad:
             self.error("FD110", bad, mark, sub)
+            frame.key = _DROP
+            return
+        bidi = bidi_character(key, key=True)
+        if bidi and not (type(event) is self.events.ScalarEvent and self.raw_bidi(event)):
+            self.error("FD111", bidi, mark, sub)
             frame.key = _DROP
             return
         first = frame.keys.get(key)
@@ -768,8 +845,9 @@ class _Builder:
         if target is None:
             raise self.stop("FD106", f"alias '{event.anchor}' refers to a node that contains it (an endless "
                             "document)", mark, path)
-        value, size = target
+        value, size, chars = target
         self.count(size, mark)
+        self.count_text(chars, mark)
         if event.anchor in self.bad_anchors:
             self.bad_values.append(path)
             return None, size, False
@@ -817,11 +895,20 @@ class _Builder:
             bad = control_character(value)
             if bad:
                 return self.refuse("FD110", bad, event, path)
+            bidi = bidi_character(value)
+            if bidi and not self.raw_bidi(event):  # (one written as it is was found in the text: FD111 there)
+                return self.refuse("FD111", bidi, event, path)
         elif type(value) in (int, float) and str(value) != text:
             self.positions.written[path] = text  # quoted as written in messages (FD401)
         if event.anchor is not None:
-            self.anchor(event.anchor, value)
+            self.anchor(event.anchor, value, chars=len(text))
         return value, 1, True
+
+    def raw_bidi(self, event: Any) -> bool:
+        """Whether the text of the scalar ``event`` holds a bidirectional control character as it is (reported
+        where it is, by :func:`bidi_characters`)."""
+        start, end = self.index(event.start_mark), self.index(event.end_mark)
+        return BIDI_CONTROLS.search(self.text, start, end) is not None
 
     def refuse(self, code: str, message: str, event: Any, path: str) -> tuple[Any, int, bool]:
         """Report a scalar that cannot be read; an alias of it is refused with it (``rejected``)."""

@@ -26,13 +26,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, join, make, set_aside_values
+from flowdsl.diagnostics import BIDI_CONTROLS, Diagnostic, Positions, did_you_mean, join, make, set_aside_values
 from flowdsl.source import (
     EMPTY_DOCUMENT,
     WORD_VALUES,
     LoadedDoc,
     NumberError,
     bad_character,
+    bidi_character,
+    bidi_characters,
     byte_position,
     control_character,
     read_number,
@@ -383,7 +385,8 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
     """Read a ``.flow`` text: its data (as the YAML form would load), positions and diagnostics.
 
     ``data`` is None when the text cannot be read: a syntax error (FD108), a
-    duplicate key or option (FD104), an invalid character (FD110), nesting
+    duplicate key or option (FD104), an invalid character (FD110), a bidirectional control
+    character (FD111: every line that holds one is reported, with what else is wrong), nesting
     that is too deep (FD107) or no statement at all (FD109). A number that is not finite (FD201) is set aside
     with the option around it, as the YAML loader does (``flowdsl.source.LoadedDoc``).
     """
@@ -400,22 +403,26 @@ def parse_flow(text: str | bytes, file: str | None = None) -> LoadedDoc:
     bad = bad_character(text, file)
     if bad:
         return LoadedDoc(None, positions, bad)
+    bidi = bidi_characters(text, file)  # (reading goes on: what else is wrong is reported with them)
     builder = _Builder(positions, file)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # parsing allocates many small objects and frees none: collections would only cost time
     try:
         data = builder.document(_parser().parse(text))
     except _Problem as p:
-        return LoadedDoc(None, positions, [make(p.code, p.message, file=file, line=p.line, column=p.column)])
+        if any((d.line, d.column) == (p.line, p.column) for d in bidi):  # the lexer's word on that character
+            return LoadedDoc(None, positions, bidi)
+        return LoadedDoc(None, positions, [*bidi, make(p.code, p.message, file=file, line=p.line, column=p.column)])
     finally:
         if gc_was_enabled:
             gc.enable()
-    if builder.diagnostics:
-        if len(builder.bad_values) < len(builder.diagnostics):
-            return LoadedDoc(None, positions, builder.diagnostics)
-        data = set_aside_values(data, builder.diagnostics, builder.bad_values)  # type: ignore[assignment]
+    diagnostics = [*bidi, *builder.diagnostics]
+    if diagnostics:
+        if len(builder.bad_values) < len(diagnostics):
+            return LoadedDoc(None, positions, diagnostics)
+        data = set_aside_values(data, diagnostics, builder.bad_values)  # type: ignore[assignment]
         if data is None:
-            return LoadedDoc(None, positions, builder.diagnostics)
+            return LoadedDoc(None, positions, diagnostics)
     deep = too_deep(data)
     if deep is not None:
         deep_line, deep_col = positions.find(deep)
@@ -473,7 +480,8 @@ class _Builder:
 
     def scalar(self, tok: _Tok, ptr: str, *, key: bool = False, name: bool = False) -> Any:
         """The value of ``tok`` at ``ptr``, checked as the YAML loader checks its scalars: FD201 for a number
-        that is not finite, FD110 for a control character, escaped or not. A mapping key (``key``) and a
+        that is not finite, FD110 for a control character, escaped or not, FD111 for an escaped bidirectional
+        control character (or a mark, in a key). A mapping key (``key``) and a
         name (``name``: where the grammar takes only a name) are read as written, always strings."""
         try:
             value = _key(tok) if key or name else _scalar(tok)
@@ -483,6 +491,9 @@ class _Builder:
             return None
         if tok.type == "STRING" and (bad := control_character(value, key=key)):
             self.diagnostics.append(make("FD110", bad, ptr, file=self.file, line=tok.line, column=tok.column))
+        elif (tok.type == "STRING" and (bidi := bidi_character(value, key=key))
+              and not BIDI_CONTROLS.search(tok.value)):  # (one written as it is was found in the text: FD111 there)
+            self.diagnostics.append(make("FD111", bidi, ptr, file=self.file, line=tok.line, column=tok.column))
         elif tok.type == "NUMBER" and type(value) in (int, float) and str(value) != tok.value:
             self.written[ptr] = tok.value  # quoted as written in messages (FD401)
         return value

@@ -235,6 +235,58 @@ def test_moderate_aliases_are_fine() -> None:
     assert plan["nodes"]["c"]["with"] == {"x": 1}
 
 
+# --- aliases of long strings: the text budget --------------------------------------------------------------
+
+#: a string of a million characters: four aliases of it, with it, are just over ``MAX_TEXT`` (4,194,304)
+MEGA = "x" * 1_000_000
+
+
+def _megabomb(copies: int) -> str:
+    """The docs' example of FD106 for text (docs/diagnostics.md): ``text`` and ``copies`` aliases of it."""
+    return (HEAD.replace("hostile", "big") + "steps:\n  - a:\n      with:\n"
+            f'        text: &t "{MEGA}"\n        copies: [{", ".join(["*t"] * copies)}]\n')
+
+
+def test_aliases_of_a_long_string_past_the_text_budget_are_fd106_at_the_alias() -> None:
+    """A few aliases of a long string are few nodes but much text: refused at the alias that passes the budget of
+    characters, before anything is built (a 1 MB spec with three levels of ten aliases was a 1.1 GB plan)."""
+    started = time.perf_counter()
+    d = only(_megabomb(4), "FD106", "big.yaml")
+    assert d.format() == ("big.yaml:7:30: error FD106: the document expands to more than 4194304 characters of text "
+                          "(keys and values) once its aliases are expanded")  # as docs/diagnostics.md shows it
+    assert time.perf_counter() - started < 5
+    assert compile_text(_megabomb(3))["nodes"]["a"]["with"]["copies"] == [MEGA] * 3  # within the budget
+
+
+@pytest.mark.parametrize("anchored", [
+    "x: &t {MEGA}\n",  # a plain scalar
+    "x: &t [{MEGA}]\n",  # a list holding it: the list's text is its items'
+    "x: &t {{? {MEGA} : 1}}\n",  # a mapping: the text of its keys counts too
+    "x: &t\n  y: &u {MEGA}\nz: *u\n",  # an alias inside, counted before
+    "x:\n  ? &t {MEGA}\n  : 1\n",  # an anchored key
+])
+def test_the_text_budget_counts_what_every_alias_repeats(anchored: str) -> None:
+    text = HEAD + "steps: [a]\n" + anchored.format(MEGA=MEGA) + "copies: [*t, *t, *t, *t]\n"
+    doc = load_text(text)
+    assert [d.code for d in doc.diagnostics] == ["FD106"] and doc.data is None
+    assert "characters of text" in doc.diagnostics[0].message
+
+
+def test_an_alias_bomb_of_long_strings_is_fd106_fast_and_small() -> None:
+    """Three levels of ten aliases of a 100 KB string: 100 GB once expanded, stopped after a few MB of work."""
+    lines = [f"l0: &l0 {'x' * 100_000}"] + [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in (1, 2, 3)]
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        doc = load_text(HEAD + "steps: [a]\n" + "\n".join(lines) + "\n")
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(d.code, d.line) for d in doc.diagnostics] == [("FD106", 6)]  # l2: past 4 MB of text
+    assert peak < 20 * 1024 * 1024 and elapsed < 5, (peak, elapsed)
+
+
 # --- deep nesting -------------------------------------------------------------------
 
 N = 50_000
@@ -526,6 +578,159 @@ def test_an_escaped_surrogate_pair_is_its_character() -> None:
     assert plan["nodes"]["a"]["with"] == {"x": "\U0001F600"}
     d = only(HEAD + 'steps:\n  - a: {with: {x: "\\U00110000"}}\n', "FD110")
     assert "beyond U+10FFFF" in d.message
+
+
+# --- what messages quote: one line, whatever the spec holds -------------------------------------------------
+
+#: a value that would print a forged diagnostic line after the real one, were it quoted as it is
+FORGED = "w\nx.yaml:1:1: warning FD000: ok"
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + f"steps:\n  - a:\n      worker: {json.dumps(FORGED)}\n",  # the audit's: FD302 on a value
+    HEAD + f"steps:\n  - a:\n      output: {json.dumps(FORGED)}\n",
+    HEAD + f"steps:\n  - a:\n      needs: [{json.dumps(FORGED)}]\n",
+    HEAD + f"steps:\n  - a:\n      retry: {{attempts: 2, on: [{json.dumps(FORGED)}]}}\n",
+    HEAD + f"steps:\n  - a:\n      when: {json.dumps(FORGED)}\n",  # FD501: not an expression
+    HEAD + f"steps:\n  - a:\n      fail_when: {json.dumps('${ (' + FORGED + ' }')}\n",  # FD501: syntax
+    HEAD + f"steps:\n  - parallel: {json.dumps(FORGED)}\n    branches: [a]\n",
+    HEAD.replace("hostile", json.dumps(FORGED)) + "steps: [a]\n",
+    HEAD + f"steps:\n  - a:\n      timeout: {json.dumps(FORGED)}\n",
+    HEAD + f"steps:\n  - a:\n      retry: {{attempts: 2, backoff: {json.dumps(FORGED)}}}\n",
+    'flow hostile\nstep a worker "w\\nx.yaml:1:1: warning FD000: ok"\n',
+])
+def test_a_value_quoted_in_a_message_cannot_break_it_over_lines(text: str) -> None:
+    """A newline (or a CR, an ESC, a bidirectional control) in a spec's value is written as an escape in every
+    message that quotes it: a diagnostic is one line, and no value can print one that looks like another."""
+    filename = "spec.flow" if text.startswith("flow ") else "spec.yaml"
+    diags = diagnostics_of(text, filename)
+    assert diags, "no diagnostic"
+    for d in diags:
+        assert "\n" not in d.message and "\r" not in d.message and "\n" not in d.format(), d.format()
+    assert any("\\nx.yaml:1:1" in d.message for d in diags), [d.format() for d in diags]
+
+
+def test_the_cli_prints_one_line_per_diagnostic_with_the_value_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "nl3.yaml"
+    path.write_text(HEAD + f"steps:\n  - a:\n      worker: {json.dumps(FORGED)}\n", encoding="utf-8")
+    result = _validate(str(path), "--no-import")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid worker name 'w\\nx.yaml:1:1: warning FD000: ok'" in lines[0], lines
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("plain", "'plain'"),
+    ("a\tb\rc\nd", "'a\\tb\\rc\\nd'"),
+    ("esc\x1b[31m csi\x9b bell\x07 del\x7f", "'esc\\x1b[31m csi\\x9b bell\\x07 del\\x7f'"),
+    ("ls\u2028ps\u2029", "'ls\\u2028ps\\u2029'"),
+    ("rlo\u202e lri\u2066 pdi\u2069 rlm\u200f alm\u061c", "'rlo\\u202e lri\\u2066 pdi\\u2069 rlm\\u200f alm\\u061c'"),
+    ("é 注文 😀 back\\slash", "'é 注文 😀 back\\slash'"),  # other characters are left as they are
+    ("x" * 71, "'" + "x" * 67 + "...'"),
+    (5, "'5'"),
+])
+def test_quote_escapes_what_a_message_must_not_hold_and_bounds_the_length(value: object, shown: str) -> None:
+    from flowdsl.diagnostics import one_line, quote
+
+    assert quote(value) == shown
+    assert quote("x" * 10_000_000).endswith("...'") and len(quote("x" * 10_000_000)) == 72
+    assert one_line("a\nb") == "a\\nb" and one_line("ok") == "ok"
+
+
+def test_every_message_and_location_is_one_line_even_from_elsewhere() -> None:
+    """A message made anywhere (``make``) and a file name with a newline are escaped too: the text line, the JSON
+    message and SpecError's message are one line."""
+    from flowdsl.diagnostics import make
+
+    d = make("FD308", "cannot load 'a\nb.yaml'", "/steps/0", file="evil\n.yaml", line=1, column=1)
+    assert d.message == "cannot load 'a\\nb.yaml'"
+    assert d.format() == "evil\\n.yaml:1:1: error FD308: cannot load 'a\\nb.yaml'"
+    assert str(SpecError([d])) == d.format()
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    long = "a-" * 100_000
+    for d in diagnostics_of(HEAD.replace("hostile", long) + f"steps:\n  - a:\n      worker: {long}\n"):
+        assert len(d.message) < 400, d.message[:200]
+    d = only(HEAD + f"steps:\n  - a:\n      when: \"{long}\"\n", "FD501")
+    assert len(d.message) < 400
+
+
+# --- bidirectional control characters (Trojan Source) -------------------------------------------------------
+
+#: the audit's condition: the note string holds an override and isolates, so it displays otherwise than it reads
+TROJAN = "steps:\n  - a:\n      when: \"${ amount < 100 or note = '\u202e\u2066 true or \u2069\u2066' }\"\n"
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))])
+def test_every_bidirectional_control_is_fd111_where_it_is(char: str) -> None:
+    d = only(HEAD + f"steps:\n  - a:\n      when: \"${{ note = 'x{char}' }}\"\n", "FD111")
+    assert (d.line, d.column) == (5, 26) and f"U+{ord(char):04X}" in d.message
+    assert char not in d.message and char not in d.format()
+
+
+@pytest.mark.parametrize(("text", "filename", "where"), [
+    (HEAD + TROJAN, "spec.yaml", [(5, 41)]),  # the first on its line
+    ("flow hostile\nstep a when \"${ amount < 100 or note = '\u202e\u2066 x \u2069' }\"\n", "spec.flow", [(2, 41)]),
+    (HEAD + "description: \"שלום \u2067עולם\u2069\"\nsteps: [a]\n", "spec.yaml", [(3, 20)]),  # prose too
+    (HEAD + "steps: [a]  # \u202e comment\n", "spec.yaml", [(3, 15)]),  # a comment too
+    ("flow hostile\n# \u202e comment\nstep a\n", "spec.flow", [(2, 3)]),
+    (HEAD + "steps:\n  - a:\n      with: {\"k\u202e\": 1}\n", "spec.yaml", [(5, 16)]),  # a key
+    ("flow hostile\nstep a \u202e\n", "spec.flow", [(2, 8)]),  # outside a string: FD111, not FD108 too
+    (HEAD + "\u202ea: 1\nb: \u2066\nsteps: [a]\n", "spec.yaml", [(3, 1), (4, 4)]),  # one per line, reading on
+])
+def test_raw_bidirectional_controls_are_fd111_on_every_line(text: str, filename: str,
+                                                             where: list[tuple[int, int]]) -> None:
+    diags = diagnostics_of(text, filename)
+    well_formed(diags)
+    assert [(d.code, d.line, d.column) for d in diags] == [("FD111", *w) for w in where], [d.format() for d in diags]
+    assert load_text(text, filename).data is None  # reported, never compiled
+
+
+def test_reading_goes_on_after_a_bidirectional_control() -> None:
+    text = HEAD + "a: \u202e\nsteps: [*nothing]\n"
+    assert [(d.code, d.line) for d in diagnostics_of(text)] == [("FD111", 3), ("FD103", 4)]
+    from flowdsl.source import MAX_BIDI_LINES
+
+    many = HEAD + "steps: [a]\n" + "".join(f"k{i}: \u202e\u202e\n" for i in range(1000))
+    assert [d.code for d in diagnostics_of(many)] == ["FD111"] * MAX_BIDI_LINES
+
+
+@pytest.mark.parametrize(("text", "filename", "where"), [
+    (HEAD + TROJAN.replace("\u202e", "\\u202e").replace("\u2066", "\\u2066").replace("\u2069", "\\u2069"),
+     "spec.yaml", (5, 13)),  # the YAML escapes: the same characters once read
+    ("flow hostile\nstep a with {x: \"\\u2066\"}\n", "spec.flow", (2, 17)),
+    ("flow hostile\nstep a with {\"\\u202d\": 1}\n", "spec.flow", (2, 14)),
+    (HEAD + "steps:\n  - a:\n      with: {\"k\\u2069\": 1}\n", "spec.yaml", (5, 14)),
+    (HEAD + "x: &a \"\\u202e\"\nsteps:\n  - a: {with: {y: *a}}\n", "spec.yaml", (3, 4)),  # once, with its alias
+])
+def test_escaped_bidirectional_controls_are_fd111_at_the_string(text: str, filename: str,
+                                                                where: tuple[int, int]) -> None:
+    d = only(text, "FD111", filename)
+    assert (d.line, d.column) == where and "even as an escape" in d.message, d.format()
+
+
+@pytest.mark.parametrize(("text", "filename", "where"), [
+    (HEAD + "steps:\n  - a:\n      with: {\"total\u200f\": 1}\n", "spec.yaml", (5, 14)),  # a key
+    (HEAD + "steps:\n  - a:\n      with: {\"total\\u061c\": 1}\n", "spec.yaml", (5, 14)),
+    ("flow hostile\nstep a with {\"total\u200e\": 1}\n", "spec.flow", (2, 14)),
+    (HEAD + "steps:\n  - a:\n      when: \"${ note = '\u200f' }\"\n", "spec.yaml", (5, 13)),  # an expression
+    (HEAD + "steps:\n  - a:\n      with: {x: \"שלום ${ name\u200f }\"}\n", "spec.yaml", (5, 17)),
+    ("flow hostile\nstep a when \"${ x = '\u200e' }\"\n", "spec.flow", (2, 13)),
+])
+def test_bidirectional_marks_are_fd111_in_keys_and_expressions(text: str, filename: str,
+                                                               where: tuple[int, int]) -> None:
+    d = only(text, "FD111", filename)
+    assert (d.line, d.column) == where and "bidirectional mark U+" in d.message, d.format()
+
+
+def test_bidirectional_marks_are_fine_in_text() -> None:
+    """Prose in right-to-left languages uses the marks: descriptions, instructions, text values, and the text of a
+    template around its ${ }."""
+    text = (HEAD + "description: \"הזמנה 42\u200f!\"\nsteps:\n  - a:\n      description: \"طلب\u061c 5\"\n"
+            "      with: {note: \"שלום\u200e\", msg: \"הזמנה ${ order.id } נשלחה\u200f\"}\n")
+    plan = compile_text(text)
+    assert plan["nodes"]["a"]["with"]["note"] == "שלום\u200e"
 
 
 # --- document shape ------------------------------------------------------------------------

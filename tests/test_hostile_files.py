@@ -349,3 +349,32 @@ def test_an_empty_flow_file_on_the_command_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["validate", "--no-import", str(spec)])
     assert result.exit_code == 1
     assert f"{spec}:1:1: error FD109: the document is empty" in result.stderr
+
+
+# --- worker modules beside a spec: importing runs them --------------------------------------------------------
+
+
+def test_validate_runs_a_module_beside_the_spec_unless_no_import_and_the_docs_say_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``workers:`` names modules, found next to the spec too: ``validate`` (and ``plan``) import — so run — them;
+    ``--no-import`` runs nothing. docs/diagnostics.md says it plainly, for whoever checks a spec they did not write."""
+    import sys
+
+    module = f"beside_{os.getpid()}_{time.monotonic_ns()}"
+    marker = tmp_path / "ran"
+    write(tmp_path / "spec" / f"{module}.py", f"open({str(marker)!r}, 'a').write('ran\\n')\n")
+    spec = write(tmp_path / "spec" / "flow.yaml", f"flowdsl: 1\nname: beside\nworkers: [{module}]\nsteps: [a]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    runner = CliRunner()
+    try:
+        for command in ("validate", "plan"):
+            runner.invoke(app, [command, "--no-import", str(spec)])
+        assert not marker.exists()
+        runner.invoke(app, ["validate", str(spec)])
+        assert marker.read_text() == "ran\n"
+    finally:
+        sys.modules.pop(module, None)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "diagnostics.md").read_text(encoding="utf-8")
+    section = docs.split("### Checking workers, or not", 1)[1].split("\n## ", 1)[0]
+    assert "**Importing a module runs its code**" in section and "Use `--no-import` for a spec you do not" in section
