@@ -11,12 +11,12 @@ import dataclasses
 import gc
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flowdsl.diagnostics import Diagnostic, Positions, SpecError, has_errors, join, make, sort_diagnostics
-from flowdsl.source import MAX_NODES, LoadedDoc
+from flowdsl.source import MAX_NODES, MAX_TEXT, LoadedDoc
 
 if TYPE_CHECKING:
     from flowdsl.model import Flow
@@ -28,6 +28,8 @@ _KEY_CODES = {"FD202", "FD302", "FD104"}
 #: nodes of a flow once its sub-flows are expanded (FD106): no more than one file may hold YAML nodes, so that
 #: a spec is bounded the same way whether it is written in one file or spread over sub-flows
 MAX_PLAN_NODES = MAX_NODES
+#: characters of text (keys and string values) of a flow once its sub-flows are expanded (FD106), likewise
+MAX_PLAN_TEXT = MAX_TEXT
 
 
 @contextlib.contextmanager
@@ -139,6 +141,21 @@ class CompileResult:
         return self.plan is not None and not has_errors(self.diagnostics)
 
 
+def _text_size(data: Any) -> int:
+    """The characters of the keys and string values of a document's data."""
+    size, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, dict):
+            size += sum(len(k) for k in value if isinstance(k, str))
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return size
+
+
 class _TooLarge(Exception):
     """The flow expands past ``MAX_PLAN_NODES`` once its sub-flows are expanded: compilation stops (FD106)."""
 
@@ -157,8 +174,11 @@ class _Session:
         self.stack: list[str] = []
         #: resolved path -> (its model, or None and why it cannot be loaded)
         self.subflows: dict[str, tuple[Flow | None, str]] = {}
-        #: id of a model -> (its file, resolved; its nodes once its sub-flows are expanded)
-        self.sizes: dict[int, tuple[str, int]] = {}
+        #: id of a model -> (its file, resolved; its nodes and its characters of text once its sub-flows are
+        #: expanded)
+        self.sizes: dict[int, tuple[str, int, int]] = {}
+        #: flows being built: the spec's, and the sub-flows it is reading (each within the one that uses it)
+        self.building = 0
 
     def model(self, doc: LoadedDoc, file: str | None) -> Flow | None:
         from flowdsl.model import build_flow
@@ -182,39 +202,48 @@ class _Session:
             data, cut = kept
         if file:
             self.stack.append(os.path.abspath(file))
+        self.building += 1
         try:
             flow, diags = build_flow(data, file, self.load_subflow, doc.positions)
             self.diags.extend(d for d in diags if not any(d.path == c or d.path.startswith(c + "/") for c in cut))
-            self.measure(flow)
+            self.measure(flow, lambda: _text_size(data))
         finally:
+            self.building -= 1
             if file:
                 self.stack.pop()
         return flow
 
-    def measure(self, flow: Flow) -> None:
-        """Record how many nodes ``flow`` has once its sub-flows are expanded (each use adds all the nodes of
-        its sub-flow, as the plan does); raise :class:`_TooLarge` at the use that takes it past the budget.
+    def measure(self, flow: Flow, own_text: Callable[[], int]) -> None:
+        """Record how many nodes and characters of text ``flow`` has once its sub-flows are expanded (each use
+        adds all the nodes and text of its sub-flow, as the plan does); raise :class:`_TooLarge` at the use that
+        takes it past either budget. ``own_text()``, the text of its own file, is counted only where it matters
+        (in a sub-flow, or a flow that uses one: a spec without sub-flows is bounded by its file).
 
         The sizes of its sub-flows are known: each was measured when it was built. So a file including the next
         one twice, eighteen times over, is refused here, after reading eighteen files, instead of the compiler
-        expanding its quarter of a million nodes."""
+        expanding its quarter of a million nodes — or, with a long description in the last file, terabytes."""
         from flowdsl.model import walk
 
         total = 0
+        text = own_text() if self.building > 1 else None  # (a sub-flow: its text is counted at each use)
         for node in walk(flow.steps):
             total += 1
             if node.kind != "flow" or node.subflow is None:
                 continue
-            sub_file, size = self.sizes[id(node.subflow)]
+            if text is None:
+                text = own_text()
+            sub_file, size, sub_text = self.sizes[id(node.subflow)]
             total += size
-            if total > MAX_PLAN_NODES:
+            text += sub_text
+            if total > MAX_PLAN_NODES or text > MAX_PLAN_TEXT:
                 chain = " → ".join(os.path.basename(p) for p in [*self.stack, sub_file]) if self.stack else \
                     os.path.basename(sub_file)
+                what, its = (f"{MAX_PLAN_NODES} nodes", "nodes") if total > MAX_PLAN_NODES else \
+                    (f"{MAX_PLAN_TEXT} characters of text (keys and values)", "text")
                 raise _TooLarge(make(
-                    "FD106", f"the flow expands to more than {MAX_PLAN_NODES} nodes once its sub-flows are expanded "
-                    f"(each use of a sub-flow adds all of its nodes): {chain}", join(node.opts, "path"),
-                    file=node.loc.file))
-        self.sizes[id(flow)] = (os.path.abspath(flow.file) if flow.file else "", total)
+                    "FD106", f"the flow expands to more than {what} once its sub-flows are expanded (each use of "
+                    f"a sub-flow adds all of its {its}): {chain}", join(node.opts, "path"), file=node.loc.file))
+        self.sizes[id(flow)] = (os.path.abspath(flow.file) if flow.file else "", total, text or 0)
 
     def load_subflow(self, rel: str, loc: Any) -> Flow | None:
         base = os.path.dirname(os.path.abspath(loc.file)) if loc.file else os.getcwd()

@@ -26,7 +26,7 @@ import flowdsl.source
 from flowdsl.api import compile_spec, compile_text, load
 from flowdsl.cli import app
 from flowdsl.diagnostics import Diagnostic, SpecError
-from flowdsl.source import MAX_NODES
+from flowdsl.source import MAX_NODES, MAX_TEXT
 
 HEAD = "flowdsl: 1\nname: hostile\n"
 
@@ -83,7 +83,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def test_a_sub_flow_bomb_is_refused_quickly_at_the_use_that_passes_the_budget(
-        tmp_path: Path, reads: dict[str, int]) -> None:
+        tmp_path: Path, reads: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flowdsl.api, "MAX_PLAN_TEXT", 10**12)  # (the budget of nodes alone; of text: below)
     root = bomb(tmp_path, 18)  # 2**18 uses of f18.yaml: over 500,000 nodes once expanded
     started = time.perf_counter()
     result = compile_spec(root, check_workers=False)
@@ -95,6 +96,26 @@ def test_a_sub_flow_bomb_is_refused_quickly_at_the_use_that_passes_the_budget(
                          "use of a sub-flow adds all of its nodes): f0.yaml → f1.yaml")
     assert (Path(d.file or "").name, d.line, d.column, d.path) == ("f0.yaml", 7, 11, "/steps/1/path")
     assert set(reads.values()) == {1}, "each file is read once"
+
+
+def test_a_sub_flow_bomb_of_long_text_is_refused_at_the_use_that_passes_the_text_budget(tmp_path: Path) -> None:
+    """Few nodes, much text: the last file's 700 KB description used 2**3 times is 5.6 MB of plan, over the 4 MiB
+    a spec may hold (eighteen levels would have been a terabyte, well within the budget of nodes)."""
+    root = bomb(tmp_path, 3)
+    write(tmp_path / "f3.yaml", f"flowdsl: 1\nname: f3\ndescription: {'x' * 700_000}\nsteps: [work]\n")
+    result = compile_spec(root, check_workers=False)
+    assert result.plan is None
+    (d,) = [d for d in result.diagnostics if d.code == "FD106"]
+    assert d.message == (f"the flow expands to more than {MAX_TEXT} characters of text (keys and values) once its "
+                         "sub-flows are expanded (each use of a sub-flow adds all of its text): f0.yaml → f1.yaml")
+    bomb(tmp_path / "half", 2)  # 4 uses of the 700 KB: 2.8 MB, allowed
+    write(tmp_path / "half" / "f2.yaml", f"flowdsl: 1\nname: f2\ndescription: {'x' * 700_000}\nsteps: [work]\n")
+    half = compile_spec(tmp_path / "half" / "f0.yaml", check_workers=False)
+    assert half.ok, half.diagnostics
+    eighteen = compile_spec(bomb(tmp_path / "eighteen", 18), check_workers=False)  # as docs/diagnostics.md says
+    (d,) = [d for d in eighteen.diagnostics if d.code == "FD106"]
+    assert (Path(d.file or "").name, d.line, d.column) == ("f2.yaml", 7, 11)
+    assert d.message.endswith("all of its text): f0.yaml → f1.yaml → f2.yaml → f3.yaml")
 
 
 def test_the_budget_counts_every_use_of_a_sub_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
