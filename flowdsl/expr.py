@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,22 +99,44 @@ def _jsonata() -> Any:
     return jsonata
 
 
+class RegexTimeout(TimeoutError):
+    """A regular expression ran out of its time (:data:`TIME_LIMIT_MS`); ``matches`` is how many matches it had
+    made by then, when they were counted (None when not)."""
+
+    def __init__(self, matches: int | None) -> None:
+        super().__init__("regular expression timeout")
+        self.matches = matches
+
+
 class _BoundedPattern:
     """A regular expression literal, compiled with the ``regex`` library, each use bounded by
     :data:`TIME_LIMIT_MS`: a match in Python's ``re`` cannot be interrupted, so a pattern that backtracks
     exponentially on some input (``/^(a|aa)+$/`` on a long run of ``a``) would hold the run — on Redis, every
-    process that takes its task over — for ever. It offers what the engine calls on a pattern."""
+    process that takes its task over — for ever. It offers what the engine calls on a pattern, and ``groups``
+    (how many it has) to ``flowdsl.expr_bounds``."""
 
     __slots__ = ("_pattern",)
 
     def __init__(self, pattern: Any) -> None:
         self._pattern = pattern
 
+    @property
+    def groups(self) -> int:
+        groups: int = self._pattern.groups
+        return groups
+
     def search(self, string: str) -> Any:
         return self._pattern.search(string, timeout=_REGEX_TIMEOUT_S)
 
     def finditer(self, string: str) -> Any:
-        return self._pattern.finditer(string, timeout=_REGEX_TIMEOUT_S)
+        """The matches, counted: past the time bound, :class:`RegexTimeout` says how many were made."""
+        made = 0
+        try:
+            for match in self._pattern.finditer(string, timeout=_REGEX_TIMEOUT_S):
+                made += 1
+                yield match
+        except TimeoutError:
+            raise RegexTimeout(made) from None
 
     def sub(self, repl: Any, string: str, count: int = 0) -> str:
         result: str = self._pattern.sub(repl, string, count, timeout=_REGEX_TIMEOUT_S)
@@ -166,6 +189,10 @@ def _parse(source: str) -> Any:
     # own check would walk the whole context on every evaluation, making a step inside a for_each over n
     # items cost O(n) and the run O(n²)
     compiled.set_validate_input(False)
+    # the engine's nulls are made None by to_json_value, which walks the value anyway: the engine's own pass
+    # walks it outside the time bound, written out in full, so a value referring to the same parts from many
+    # places (see to_json_value) took seconds, or for ever, there
+    compiled.set_output_convert_nulls(False)
     return compiled
 
 
@@ -200,6 +227,40 @@ def _said(build: Callable[[Any, Any], str], exc: BaseException, data: Any) -> st
         return f"evaluation failed ({getattr(exc, 'error', None) or type(exc).__name__})"
 
 
+#: past this many seconds, a timeout is said with the time the evaluation really took: the engine checks its bound
+#: between the nodes of the expression, so one call that cannot be interrupted may run far past it
+_OVERRAN_S = 2 * TIME_LIMIT_MS / 1000
+
+
+def _timeout_message(took: float) -> str:
+    """The message of the engine's timeout (D1012) raised after ``took`` seconds of evaluation."""
+    if took < _OVERRAN_S:
+        return f"evaluation timeout after {TIME_LIMIT_MS} milliseconds. Check for infinite loop"
+    return (f"evaluation took {_seconds(took)}, over its bound of {TIME_LIMIT_MS} ms: one operation ran that long "
+            "before the bound could be checked (an infinite loop, or too much work for one expression)")
+
+
+def _seconds(took: float) -> str:
+    return f"{took:.2f} s" if took < 10 else f"{took:.1f} s" if took < 100 else f"{took:,.0f} s"
+
+
+#: a regular expression that made this many matches before its time was up is said to match too often
+_MANY_MATCHES = 1000
+
+
+def _regex_timeout_message(exc: BaseException) -> str:
+    """What a regular expression running out of time means, from how many matches it had made (when counted:
+    see _BoundedPattern.finditer): many matches (``/a/`` on a million a's), or a pattern that backtracks."""
+    said = f"a regular expression took longer than {TIME_LIMIT_MS} ms on this data"
+    matches = getattr(exc, "matches", None)
+    backtracks = "it backtracks too much (write it so that each character can be matched one way only)"
+    if matches is None:
+        return f"{said}: {backtracks}, or it matches too many times for one expression"
+    if matches >= _MANY_MATCHES:
+        return f"{said}: it had made {matches:,} matches by then, too many for one expression"
+    return f"{said} ({matches:,} match{'' if matches == 1 else 'es'} by then): {backtracks}, or the text is too long"
+
+
 class Expression:
     """A compiled expression: parse once, evaluate many times with bounds."""
 
@@ -224,9 +285,13 @@ class Expression:
         collecting = gc.isenabled()
         if collecting:
             gc.disable()
+        started = time.monotonic()
         try:
-            result = self._compiled.evaluate(data, frame)
+            with expr_bounds.evaluating(TIME_LIMIT_MS):
+                result = self._compiled.evaluate(data, frame)
         except jsonata.JException as exc:
+            if getattr(exc, "error", None) == "D1012":
+                raise ExpressionError(_timeout_message(time.monotonic() - started), None, "D1012") from None
             # said from the error's code and values, never its text: that quotes values in full (the whole
             # context, for an argument JSONata reads from it) and in the wrong slots (see flowdsl.expr_errors)
             raise ExpressionError(_said(expr_errors.engine_message, exc, data), getattr(exc, "location", None),
@@ -235,10 +300,8 @@ class Expression:
             raise ExpressionError("expression recursed too deeply") from None
         except expr_bounds.TooLarge as exc:
             raise ExpressionError(str(exc)) from None
-        except TimeoutError:  # raised by the `regex` library: see _BoundedPattern
-            raise ExpressionError(f"a regular expression took longer than {TIME_LIMIT_MS} ms on this data "
-                                  "(it backtracks too much: write it so that each character can be matched "
-                                  "one way only)") from None
+        except TimeoutError as exc:  # raised by the `regex` library: see _BoundedPattern
+            raise ExpressionError(_regex_timeout_message(exc)) from None
         except Exception as exc:
             # a built-in failing inside the engine ($number('abc'), $power(10, 400), OverflowError from a date,
             # RuntimeError from a picture string): the step fails with it, where anything else would escape the
@@ -259,16 +322,62 @@ def compile_expression(source: str) -> Expression:
     return Expression(source)
 
 
+@functools.lru_cache(maxsize=1)
+def _null() -> Any:
+    """The engine's null (``null`` in an expression: None is "no value")."""
+    return _jsonata().utils.Utils.NULL_VALUE
+
+
+class _Shared(Exception):
+    """A value refers to the same array, object or long string from two places (see :func:`to_json_value`)."""
+
+
 def to_json_value(value: Any) -> Any:
-    """Engine values to plain JSON values (sequences to lists, whole floats kept)."""
+    """Engine values to plain JSON values (sequences to lists, whole floats kept).
+
+    An expression may refer to one array, object or string from many places (``{'l': $a, 'r': $a}`` in a
+    ``$reduce`` doubles its value at each step, at no cost): written out, such a value may be exponentially larger
+    than what it is made of. So when a part is met twice, the value is measured first, and refused as
+    ``flowdsl.expr_bounds`` refuses what a built-in would make (more than ``SIZE_LIMIT`` characters, and more than
+    ``GROWTH`` times what it is made of)."""
+    if not isinstance(value, Mapping | list | tuple):
+        return _to_json(value, None)
+    try:
+        return _to_json(value, set())
+    except _Shared:
+        made, given = expr_bounds.measure(value)
+        if expr_bounds.over(made, given):
+            raise ExpressionError(str(expr_bounds.too_large("the expression's value would be JSON", made, given))
+                                  ) from None
+        return _to_json(value, None)
+
+
+def _to_json(value: Any, seen: set[int] | None) -> Any:
+    """:func:`to_json_value`, raising :class:`_Shared` when ``seen`` is given and a part is met twice."""
+    if isinstance(value, str):
+        if seen is not None and len(value) > expr_bounds.SHARED:
+            if id(value) in seen:
+                raise _Shared
+            seen.add(id(value))
+        return value
     if isinstance(value, Mapping):
-        return {str(k): to_json_value(v) for k, v in value.items()}
+        if seen is not None:
+            if id(value) in seen:
+                raise _Shared
+            seen.add(id(value))
+        return {str(k): _to_json(v, seen) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [to_json_value(v) for v in value]
+        if seen is not None:
+            if id(value) in seen:
+                raise _Shared
+            seen.add(id(value))
+        return [_to_json(v, seen) for v in value]
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         raise ExpressionError("expression produced a non-finite number")
     if value is None or isinstance(value, str | int | float | bool):
         return value
+    if value is _null():
+        return None
     if callable(value) or type(value).__module__.partition(".")[0] == "jsonata":  # a lambda is a parser node
         raise ExpressionError("expression produced a function, not a value")
     if isinstance(value, _BoundedPattern):

@@ -1,7 +1,8 @@
 """Expression errors in plain words: the message of an evaluation the engine refused.
 
 Stage: shared, used by ``flowdsl.expr`` only (the engine-specific half of its evaluation errors). Imports only
-the stdlib; jsonata is imported lazily, as in ``flowdsl.expr``.
+the stdlib and ``flowdsl.expr_bounds`` (the built-ins it does in the engine's stead); jsonata is imported lazily,
+as in ``flowdsl.expr``.
 
 jsonata-python's error objects (``JException``) carry a code (``T0411``), a position, and up to three values
 (``current``, ``expected``, ``extra``), which its own table of texts formats positionally: the values land in
@@ -22,6 +23,8 @@ import json
 import re
 from collections.abc import Iterator
 from typing import Any
+
+from flowdsl import expr_bounds
 
 #: at most this many characters of any value quoted in a message (an ellipsis and the value's size say the rest)
 QUOTE_LIMIT = 80
@@ -132,7 +135,8 @@ class Call:
 def _engine_codes() -> tuple[Any, Any, frozenset[Any], dict[Any, Any]]:
     """The code objects the engine's stack is read by: its ``apply_inner`` (a call with its arguments),
     ``Signature.validate`` (arguments checked against a signature), its ``eval``s (an expression node being
-    evaluated), and each built-in's implementation (mapped to the built-in)."""
+    evaluated), and each built-in's implementation (mapped to the built-in), flowdsl's own included
+    (``flowdsl.expr_bounds.INSTEAD``)."""
     from jsonata import jsonata, signature
 
     engine = jsonata.Jsonata
@@ -141,6 +145,10 @@ def _engine_codes() -> tuple[Any, Any, frozenset[Any], dict[Any, Any]]:
         code = getattr(getattr(fn, "method", None), "__code__", None)
         if isinstance(fn, engine.JNativeFunction) and code is not None:
             natives.setdefault(code, fn)
+    for name, instead in expr_bounds.INSTEAD.items():  # the built-ins flowdsl does itself stand for the engine's
+        fn = engine.static_frame.bindings.get(name)
+        if isinstance(fn, engine.JNativeFunction):
+            natives.setdefault(instead.__code__, fn)
     evals = frozenset(f.__code__ for f in (engine.eval, engine._eval))
     return engine.apply_inner.__code__, signature.Signature.validate.__code__, evals, natives
 
