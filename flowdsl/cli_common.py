@@ -136,12 +136,15 @@ def _print_diagnostics(diags: list[Any], fmt: OutputFormat) -> None:
 
 
 def _escape(text: str) -> str:
-    """``text`` for rich markup, and with the bytes of a path that are not UTF-8 shown as ``\\xNN``."""
+    """``text`` for rich markup, with the bytes of a path that are not UTF-8 shown as ``\\xNN`` and each of its
+    lines inert (:func:`flowdsl.shown.visible`: a message may quote a worker's or a file's text; its own line
+    breaks stay)."""
     from rich.markup import escape
 
     from flowdsl.diagnostics import shown
+    from flowdsl.shown import visible
 
-    escaped: str = escape(shown(text))
+    escaped: str = escape("\n".join(visible(line) for line in shown(text).split("\n")))
     return escaped
 
 

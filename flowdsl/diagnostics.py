@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from flowdsl.shown import visible
+
 Severity = Literal["error", "warning"]
 
 #: a byte that is not UTF-8 in a file name or an argument, as Python keeps it (``surrogateescape``: U+DC80-U+DCFF)
@@ -43,40 +45,18 @@ BIDI_MARKS = re.compile("[\u061c\u200e\u200f]")
 #: both kinds
 BIDI_ANY = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
-#: characters a message never holds as they are: control characters (line breaks and tab included), Unicode's
-#: own line breaks, and the bidirectional characters above: each would let the text quoted in a message break it
-#: over lines (forging a diagnostic line of its own) or display in another order than it is read
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    code = ord(char)
-    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-
-
-def one_line(text: str) -> str:
-    """``text`` with each character a message must not hold as it is written as Python writes it in a string
-    (``\\n``, ``\\x1b``, ``\\u202e``): control characters, line breaks, bidirectional formatting characters.
-    What is left is one line, displayed in the order it is read. Every diagnostic's message is made so."""
-    if _UNSAFE.search(text) is None:
-        return text
-    return _UNSAFE.sub(_escape, text)
-
-
 #: characters of a user's value that a message quotes, at most
 QUOTED_LENGTH = 70
 
 
 def quote(value: object, limit: int = QUOTED_LENGTH) -> str:
     """A value of the user's (a name, an id, a key, some text) as a message quotes it: ``'text'``, with its
-    characters that a message must not hold escaped (:func:`one_line`), and cut to ``limit`` characters (ending
-    ``...``) when it is longer, so that a value of any size makes a message of bounded length."""
+    characters that a message must not hold escaped (:func:`flowdsl.shown.visible`), and cut to ``limit``
+    characters (ending ``...``) when it is longer, so that a value of any size makes a message of bounded length."""
     text = value if isinstance(value, str) else str(value)
     if len(text) > limit:
         text = text[:limit - 3] + "..."
-    return f"'{one_line(text)}'"
+    return f"'{visible(text)}'"
 
 
 #: code -> (severity, short title). Codes are stable: never renumber one.
@@ -148,7 +128,7 @@ class Diagnostic:
 
     def location(self) -> str:
         """``file:line:col`` (the parts that are known)."""
-        parts = [one_line(shown(self.file)) if self.file else "<spec>"]
+        parts = [visible(shown(self.file)) if self.file else "<spec>"]
         if self.line is not None:
             parts.append(str(self.line))
             if self.column is not None:
@@ -157,8 +137,8 @@ class Diagnostic:
 
     def format(self) -> str:
         """The compiler-style line: ``orders.yaml:14:7: error FD204: ...``."""
-        where = f" (at {one_line(self.path)})" if self.path and self.line is None else ""
-        return f"{self.location()}: {self.severity} {self.code}: {one_line(shown(self.message))}{where}"
+        where = f" (at {visible(self.path)})" if self.path and self.line is None else ""
+        return f"{self.location()}: {self.severity} {self.code}: {visible(shown(self.message))}{where}"
 
     def to_json(self) -> dict[str, object]:
         """The fields in the documented order: code, severity, message, file, line, column, path."""
@@ -171,10 +151,10 @@ class Diagnostic:
 
 
 def make(code: str, message: str, path: str = "", **where: object) -> Diagnostic:
-    """A diagnostic with the catalogue's severity for ``code``; its message made one line (:func:`one_line`),
-    whatever text of the user's it quotes."""
+    """A diagnostic with the catalogue's severity for ``code``; its message made one line
+    (:func:`flowdsl.shown.visible`), whatever text of the user's it quotes."""
     severity = CODES[code][0]
-    return Diagnostic(code=code, message=one_line(message), path=path, severity=severity, **where)  # type: ignore[arg-type]
+    return Diagnostic(code=code, message=visible(message), path=path, severity=severity, **where)  # type: ignore[arg-type]
 
 
 def sort_diagnostics(diags: Iterable[Diagnostic]) -> list[Diagnostic]:

@@ -25,12 +25,12 @@ from flowdsl.diagnostics import (
     drop_options,
     join,
     make,
-    one_line,
     pointer,
     quote,
     tokens,
     walk_pointer,
 )
+from flowdsl.shown import visible
 
 _ID_HINT = "ids are letters, digits and '_', starting with a letter or '_', at most 64 characters"
 _WORKER_HINT = "worker names are ids joined by dots, like 'payments.refund'"
@@ -119,7 +119,7 @@ def _path(error: Any) -> str:
 def _show(value: Any) -> str:
     """A value as JSON writes it, cut to 40 characters, with what a message must not hold escaped."""
     text = json.dumps(value, ensure_ascii=False, default=str)
-    return one_line(text if len(text) <= 40 else text[:37] + "...")
+    return visible(text if len(text) <= 40 else text[:37] + "...")
 
 
 _TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",

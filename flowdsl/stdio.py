@@ -1,7 +1,8 @@
 """The ``flowdsl`` process's standard streams: set up once at start (:func:`install`, from ``flowdsl.launch``), then
 written through guards, so that a stdout that cannot be written is said as such, once, by ``flowdsl.cli.main``.
 
-Stage: cli (its first step, with ``flowdsl.launch``). Imports only the stdlib (rich inside :func:`console`).
+Stage: cli (its first step, with ``flowdsl.launch``). Imports only the stdlib (rich inside :func:`console`), so
+the runtime's displays use :func:`console` from here at no cost.
 
 - A descriptor 0, 1 or 2 that is closed at start is opened on /dev/null, so that no file the process opens later
   takes its number (asyncio's epoll descriptor became fd 1, and a worker's ``os.write(1, …)`` then failed).
@@ -13,6 +14,11 @@ Stage: cli (its first step, with ``flowdsl.launch``). Imports only the stdlib (r
   from the interpreter's flush at exit. A reader that went away (``| head``) is an :class:`OutputError` too,
   with ``broken_pipe``. After a failure the descriptor is pointed at /dev/null, so nothing buffered raises again.
 - stderr: an error writing it is dropped — there is nowhere left to say it; the exit code is the command's.
+- Text that is not flowdsl's own (a worker's error message, a key of the run input, a model's reply, a name
+  read from a record) is written through :func:`flowdsl.shown.visible` wherever a person reads it, so that it
+  cannot drive the terminal (escape sequences: colours, the window title, the clipboard, clearing the screen) nor
+  forge a line of output. The consoles (:func:`console`) turn rich's emoji codes off and never highlight, so that
+  text is shown as it was written (``:smile:`` stays ``:smile:``).
 - Characters stdout's encoding cannot carry (``PYTHONIOENCODING=ascii``, a Latin-1 locale) are written as
   backslash escapes in text (``\\u2192``), as on stderr; JSON (:func:`write_json`) is then written in ASCII
   with JSON's ``\\uXXXX`` escapes, so it stays valid JSON of the same value.
@@ -333,11 +339,12 @@ def report(exc: OutputError) -> int:
 
 def console(*, stderr: bool = False, record: bool = False) -> Any:
     """A rich console writing to stdout (or ``stderr``) when it prints, as the commands use them: no highlighting,
-    no wrapping of long lines; and when it is not a terminal, as wide as any line (``COLUMNS`` would have tables
-    drop or shorten columns in a file: a terminal alone is as narrow as it is)."""
+    no emoji codes (``:smile:`` in a message stays as it is), no wrapping of long lines; and when it is not a
+    terminal, as wide as any line (``COLUMNS`` would have tables drop or shorten columns in a file: a terminal alone
+    is as narrow as it is)."""
     from rich.console import Console
 
-    made = Console(stderr=stderr, highlight=False, soft_wrap=True, record=record)
+    made = Console(stderr=stderr, highlight=False, emoji=False, soft_wrap=True, record=record)
     if not made.is_terminal:
         made.width = UNBOUNDED_WIDTH
     return made

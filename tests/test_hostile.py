@@ -622,7 +622,7 @@ def test_the_cli_prints_one_line_per_diagnostic_with_the_value_escaped(tmp_path:
 @pytest.mark.parametrize(("value", "shown"), [
     ("plain", "'plain'"),
     ("a\tb\rc\nd", "'a\\tb\\rc\\nd'"),
-    ("esc\x1b[31m csi\x9b bell\x07 del\x7f", "'esc\\x1b[31m csi\\x9b bell\\x07 del\\x7f'"),
+    ("esc\x1b[31m csi\x9b bell\x07 del\x7f", "'esc\\u001b[31m csi\\u009b bell\\u0007 del\\u007f'"),
     ("ls\u2028ps\u2029", "'ls\\u2028ps\\u2029'"),
     ("rlo\u202e lri\u2066 pdi\u2069 rlm\u200f alm\u061c", "'rlo\\u202e lri\\u2066 pdi\\u2069 rlm\\u200f alm\\u061c'"),
     ("é 注文 😀 back\\slash", "'é 注文 😀 back\\slash'"),  # other characters are left as they are
@@ -630,11 +630,12 @@ def test_the_cli_prints_one_line_per_diagnostic_with_the_value_escaped(tmp_path:
     (5, "'5'"),
 ])
 def test_quote_escapes_what_a_message_must_not_hold_and_bounds_the_length(value: object, shown: str) -> None:
-    from flowdsl.diagnostics import one_line, quote
+    from flowdsl.diagnostics import quote
+    from flowdsl.shown import visible
 
     assert quote(value) == shown
     assert quote("x" * 10_000_000).endswith("...'") and len(quote("x" * 10_000_000)) == 72
-    assert one_line("a\nb") == "a\\nb" and one_line("ok") == "ok"
+    assert visible("a\nb") == "a\\nb" and visible("ok") == "ok"
 
 
 def test_every_message_and_location_is_one_line_even_from_elsewhere() -> None:

@@ -864,7 +864,7 @@ class _Ascii:
                     text = f"{g.undo} {worker} (for {to_ascii(k) if c is ASCII else k})"
                     out += [(head if n == 0 else " " * 5) + t for n, t in enumerate(wrap(text, self.width - 5))]
         if self.states is not None:
-            out += ["", self.states.caption()]
+            out += ["", *wrap(clean(self.states.caption()).replace("\n", " "), self.width)]  # (read from a record)
             line = " "
             for state, mark in c.marks.items():
                 entry = f" {mark} {state}"

@@ -53,8 +53,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     from rich.markup import escape
 
     from flowdsl.diagnostics import shown
+    from flowdsl.shown import visible
 
-    _console().print(f"[red]error[/]: {escape(shown(message))}")
+    _console().print(f"[red]error[/]: {escape(visible(shown(message)))}")
     return typer.Exit(code)
 
 
@@ -204,8 +205,9 @@ def diagram(
         from rich.markup import escape
 
         from flowdsl.diagnostics import shown
+        from flowdsl.shown import visible
 
-        _console().print(f"[green]wrote[/] {escape(shown(output))} ({kind})")
+        _console().print(f"[green]wrote[/] {escape(visible(shown(output)))} ({kind})")
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()

@@ -13,9 +13,14 @@ last step's undo to the first's. Mermaid has no backwards edge (``<-.-`` parses
 but draws no arrow head), so the undo chain runs down the page in the reverse
 of the steps' order: read top to bottom, it is the rollback.
 
-Escaping: every label is a quoted string in which ``"``, ``#``, ``&``, ``<``,
-``>``, ``|`` and backticks are written as Mermaid entities (``#quot;``, ``#35;``, ...),
-so ids, descriptions and expressions may contain any character. Node ids are
+Escaping: every label is a quoted string in which ``"``, ``#``, ``%``, ``&``,
+``<``, ``>``, ``|`` and backticks are written as Mermaid entities (``#quot;``,
+``#35;``, ``#37;``, ...), so ids, descriptions and expressions may contain any
+character. ``%`` matters beyond quoting: Mermaid reads a ``%%{init: ...}%%``
+directive anywhere in the text, quoted labels included, so a label holding one
+could restyle the diagram (hide the undo boxes with ``themeCSS``); with ``%`` as
+an entity no user text can form ``%%``. A line that Mermaid's entity pass would
+mistake for a ``style`` statement has its colons written as ``#58;`` too. Node ids are
 derived injectively from plan keys (``_`` doubled, other non-alphanumerics as
 ``_<hex>_``) behind a prefix per role, so no id is a Mermaid keyword.
 """
@@ -35,7 +40,8 @@ _PREFIX = {"step": "s_", "llm": "l_", "undo": "u_", "join": "j_", "fanout": "f_"
 _SHAPE = {"step": ('["', '"]'), "llm": ('{{"', '"}}'), "undo": ('["', '"]'), "join": ('(("', '"))'),
           "fanout": ('[/"', '"\\]'), "gather": ('[\\"', '"/]'), "decision": ('{"', '"}'),
           "merge": ('(("', '"))'), "empty": ('["', '"]'), "start": ('(["', '"])'), "end": ('(["', '"])')}
-_ENTITIES = {'"': "#quot;", "#": "#35;", "&": "#amp;", "<": "#lt;", ">": "#gt;", "`": "#96;", "|": "#124;"}
+_ENTITIES = {'"': "#quot;", "#": "#35;", "%": "#37;", "&": "#amp;", "<": "#lt;", ">": "#gt;", "`": "#96;",
+             "|": "#124;"}
 _KIND_CLASSES = {
     "step": "fill:#ffffff,stroke:#334155,color:#0f172a",
     "llm": "fill:#f3e8ff,stroke:#7e22ce,color:#3b0764",
@@ -82,6 +88,19 @@ def text(s: str) -> str:
     return "".join(_ENTITIES.get(ch, ch) for ch in clean(s).replace("\n", " "))
 
 
+def _guard(line: str) -> str:
+    """A vertex, edge or subgraph line (no colon of its own) that Mermaid's entity pass leaves intact.
+
+    That pass (``encodeEntities``) drops the last ``;`` of a line matching ``style.*:\\S*#.*;`` or
+    ``classDef.*:\\S*#.*;`` (meant for ``style x fill:#f00;``), which would spoil an entity such as
+    ``#quot;``. A line that might match (a cheap superset, no backtracking) has its colons written as
+    ``#58;``, so it cannot.
+    """
+    if ("style" in line or "classDef" in line) and ":" in line and "#" in line and ";" in line:
+        return line.replace(":", "#58;")
+    return line
+
+
 def label(title: str, lines: Iterable[str] = (), policy: str | None = None) -> str:
     """A quoted label body: bold title, then wrapped lines, then the policy in italics."""
     parts = ["<b>" + "<br/>".join(text(t) for t in wrap(title, _LINE)) + "</b>"]
@@ -105,12 +124,12 @@ class _Writer:
 
     def vertex(self, v: Vertex, indent: str) -> None:
         open_, close = _SHAPE[v.role]
-        self.out.append(f"{indent}{_vid(v.id)}{open_}{label(v.title, v.lines, v.policy)}{close}")
+        self.out.append(_guard(f"{indent}{_vid(v.id)}{open_}{label(v.title, v.lines, v.policy)}{close}"))
 
     def items(self, items: list[Vertex | Cluster], indent: str) -> None:
         for item in items:
             if isinstance(item, Cluster):
-                self.out.append(f'{indent}subgraph {cluster_id(item.key)}["{label(item.title, item.lines)}"]')
+                self.out.append(_guard(f'{indent}subgraph {cluster_id(item.key)}["{label(item.title, item.lines)}"]'))
                 self.items(item.items, indent + "    ")
                 self.out.append(f"{indent}end")
             else:
@@ -119,7 +138,7 @@ class _Writer:
     def edge(self, e: Edge) -> str:
         lab = f'|"{text(e.label)}"|' if e.label else ""
         arrow = "-.->" if e.style in ("undo", "rollback") else "-->"
-        return f"    {_vid(e.src)} {arrow}{lab} {_vid(e.dst)}"
+        return _guard(f"    {_vid(e.src)} {arrow}{lab} {_vid(e.dst)}")
 
     def write(self) -> str:
         self.out = ["flowchart TD"]
@@ -135,7 +154,7 @@ class _Writer:
 
     def legend(self) -> None:
         caption = self.states.caption() if self.states is not None else "run"
-        self.out.append(f'    subgraph run_legend["{label(caption)}"]')
+        self.out.append(_guard(f'    subgraph run_legend["{label(caption)}"]'))
         self.out.append("        direction LR")
         for state in STATES:
             self.out.append(f'        legend_{state}["{text(state)}"]')

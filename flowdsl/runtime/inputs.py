@@ -1,8 +1,15 @@
 """Run input: read it (file, stdin, ``--set`` overrides) and check it against the plan's input schema.
 
 Stage: runtime (shared by every backend and the CLI). Imports stdlib, jsonschema (and its
-``referencing``), ``.execute`` (the depth bound and the checks of run data) and ``flowdsl.diagnostics`` (how a
-path is shown).
+``referencing``), ``.execute`` (the depth bound and the checks of run data), ``flowdsl.diagnostics`` (how a
+path is shown), ``flowdsl.expr_errors`` (how a value is quoted: as JSON, cut to 80 characters, as expression
+errors quote theirs) and ``flowdsl.shown.visible`` (stdlib only: control characters written as JSON escapes).
+
+An :class:`InputError`'s message is what the CLI prints and what an application may hand back to whoever sent
+the input (docs/runtime.md, "Checking an input first"), so the input's own text in it is bounded and inert: a
+value is quoted cut to 80 characters (with its size when it is longer), a key at most 80 characters of it, and
+control characters, line breaks among them, are written as JSON escapes (``\\u001b``, ``\\n``): each line of
+the message is one line, whatever the input holds.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from flowdsl.diagnostics import shown as shown_text
+from flowdsl.expr_errors import QUOTE_LIMIT
+from flowdsl.expr_errors import quote as quote_value
 from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem, text_problem
+from flowdsl.shown import visible
 
 
 class InputError(Exception):
@@ -35,7 +45,7 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
     """
     data: dict[str, Any] = {}
     if source is not None:
-        name = "stdin" if source == "-" else shown_text(source)
+        name = "stdin" if source == "-" else visible(shown_text(source))
         if source == "-":
             raw = _read_stdin()
         else:
@@ -61,7 +71,7 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
         data = parsed
         problem = json_problem(data)
         if problem is not None:
-            raise InputError(f"{name}: the input is not plain JSON data: {problem}")
+            raise InputError(f"{name}: the input is not plain JSON data: {visible(problem)}")
     for item in overrides:
         key, sep, raw_value = item.partition("=")
         bad = text_problem(item)
@@ -70,27 +80,27 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
                 shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             except UnicodeEncodeError:
                 shown = item.encode("utf-8", "backslashreplace").decode("utf-8")
-            raise InputError(f"--set {shown}: the argument {bad}")
+            raise InputError(f"--set {_said(shown)}: the argument {bad}")
         if not sep or not key:
-            raise InputError(f"--set expects key=value, found '{item}'")
+            raise InputError(f"--set expects key=value, found '{_said(item)}'")
         path = key.split(".")
         if "" in path:
-            raise InputError(f"--set {item}: the key '{key}' has an empty name; a key is one or more names "
-                             "joined by single dots, with none empty (e.g. order.notify=false)")
+            raise InputError(f"--set {_said(item)}: the key '{_said(key)}' has an empty name; a key is one or more "
+                             "names joined by single dots, with none empty (e.g. order.notify=false)")
         try:
             value = json.loads(raw_value, object_pairs_hook=_distinct, parse_constant=_not_json)
         except _DuplicateKey:
-            raise InputError(_duplicate(raw_value, f"--set {key}", at_line=False)) from None
+            raise InputError(_duplicate(raw_value, f"--set {_said(key)}", at_line=False)) from None
         except json.JSONDecodeError:  # (NaN and Infinity included: Python reads them, JSON has no such numbers)
             value = raw_value
         except ValueError as exc:  # an integer too long for int(): a number, refused rather than taken for text
-            raise InputError(_too_long(raw_value, exc, f"--set {key}", at_line=False)) from None
+            raise InputError(_too_long(raw_value, exc, f"--set {_said(key)}", at_line=False)) from None
         except RecursionError:
-            raise InputError(f"--set {key}: the value nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
+            raise InputError(f"--set {_said(key)}: the value nests too deeply to read (at most {MAX_JSON_DEPTH} levels "
                              "are accepted)") from None
         problem = json_problem(value)
         if problem is not None:
-            raise InputError(f"--set {key}: the value is not plain JSON data: {problem}")
+            raise InputError(f"--set {_said(key)}: the value is not plain JSON data: {visible(problem)}")
         _assign(data, path, value, item)
     return data
 
@@ -230,7 +240,7 @@ def _duplicate(text: str, where: str, *, at_line: bool = True) -> str:
                     where = f"{where}:{line}:{column}"
                 else:
                     where = f"{where} (at character {at + 1} of the value)"
-                return (f"{where}: the key {json.dumps(key, ensure_ascii=False)} appears twice in one object; "
+                return (f"{where}: the key {_quoted(key)} appears twice in one object; "
                         "expected each key once (JSON readers differ on which one counts)")
             keys.add(key)
     return f"{where}: a key appears twice in one object; expected each key once"
@@ -246,7 +256,7 @@ def _assign(data: dict[str, Any], path: list[str], value: Any, item: str) -> Non
     for i, part in enumerate(path[:-1]):
         nxt = target.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise InputError(f"--set {item}: '{'.'.join(path[:i + 1])}' is not an object in the input "
+            raise InputError(f"--set {_said(item)}: '{_said('.'.join(path[:i + 1]))}' is not an object in the input "
                              f"(it is {_kind(nxt)})")
         target = nxt
     target[path[-1]] = value
@@ -275,6 +285,51 @@ def check_input(plan: dict[str, Any], data: dict[str, Any]) -> None:
         raise InputError(f"the spec's input schema cannot be used to check the run input: a reference{which} in "
                          "it cannot be resolved (a reference must point inside the schema; none is fetched)") from None
     if errors:
-        lines = [f"  at {'/' + '/'.join(map(str, e.absolute_path)) if e.absolute_path else '(top)'}: {e.message}"
-                 for e in errors[:20]]
+        lines = [f"  at {_pointer(e.absolute_path)}: {_schema_message(e)}" for e in errors[:20]]
         raise InputError("the run input does not match the spec's input schema:\n" + "\n".join(lines))
+
+
+#: the longest line about one schema error, in characters (what is left of the spec's own text past the value)
+_MESSAGE_LIMIT = 300
+
+
+def _said(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Text of the input's (a key, a ``--set`` argument) as a message shows it: at most ``limit`` characters (an
+    ellipsis ends a cut), control characters as JSON escapes."""
+    return visible(text if len(text) <= limit else text[:limit - 1] + "…")
+
+
+def _quoted(value: Any) -> str:
+    """A value of the input's as a message quotes it: JSON, cut to 80 characters, with its size when it was cut
+    (``"aaaa…" (a string of 2,000,000 characters)``); control characters as JSON escapes."""
+    said = visible(quote_value(value))
+    if said.endswith("…"):
+        size = {str: "a string of {:,} characters", list: "an array of {:,} items", dict: "an object of {:,} keys"}
+        for kind, words in size.items():
+            if isinstance(value, kind):
+                said += f" ({words.format(len(value))})"
+    return said
+
+
+def _pointer(path: Iterable[Any]) -> str:
+    """Where in the input, as a JSON Pointer (``/order/items/0``: ``~`` and ``/`` in a key as ``~0`` and ``~1``),
+    each key at most 80 characters; ``(top)`` for the input itself."""
+    tokens = [_said(str(t).replace("~", "~0").replace("/", "~1")) for t in path]
+    return "/" + "/".join(tokens) if tokens else "(top)"
+
+
+def _schema_message(error: Any) -> str:
+    """jsonschema's message for one error (``'x' is not of type 'number'``), on one line, with the input's value
+    in it quoted bounded when it is long (:func:`_quoted`: jsonschema writes it out whole, 2 MB of it as well)."""
+    message = str(error.message)
+    if len(message) > QUOTE_LIMIT:  # (else the value in it is short: as jsonschema says it)
+        try:
+            whole = repr(error.instance)
+        except RecursionError:
+            whole = ""
+        if len(whole) > QUOTE_LIMIT and message.startswith(whole):
+            message = _quoted(error.instance) + message[len(whole):]
+        elif len(whole) > QUOTE_LIMIT and whole in message:
+            message = message.replace(whole, _quoted(error.instance))
+    message = visible(message)
+    return message if len(message) <= _MESSAGE_LIMIT else message[:_MESSAGE_LIMIT - 1] + "…"

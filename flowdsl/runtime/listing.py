@@ -388,6 +388,8 @@ def print_runs(items: Iterable[Row], console: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from flowdsl.shown import visible
+
     rows = []
     for i in items:
         when = time.strftime("%m-%d %H:%M:%S", time.localtime(i.submitted_at / 1000)) if i.submitted_at else ""
@@ -409,5 +411,5 @@ def print_runs(items: Iterable[Row], console: Any) -> None:
         table.add_column(column, no_wrap=True, min_width=None if column == "flow" else widest[n],
                          justify="right" if column == "took" else "left")
     for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(escape(visible(cell)) for cell in row))
     console.print(table, crop=False)

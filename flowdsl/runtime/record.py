@@ -5,6 +5,12 @@ Stage: runtime (shared). Imports stdlib, ``.codec`` and (to check a header)
 ``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run can
 be replayed through the kernel and drawn without its spec; every other line is
 one event, as the kernel emitted it or as it was fed to it.
+
+A record holds the run's whole input, every step's output and error, and the
+prompts and replies of its LLM calls: it is created readable by its owner alone
+(mode 0600), and a records directory flowdsl creates is its owner's alone
+(0700), as ssh and gpg keep theirs. A directory that already exists keeps its
+mode (it is the user's to choose); its records are 0600 all the same.
 """
 
 from __future__ import annotations
@@ -110,12 +116,29 @@ def check_records_dir(path: Path) -> None:
         raise RecordError(f"cannot keep run records in '{directory}': it is a file, not a directory {_ELSEWHERE}")
     if directory.is_symlink() and not directory.exists():  # (mkdir would say "File exists" too)
         raise RecordError(f"cannot keep run records in '{directory}': {broken_link(directory)} {_ELSEWHERE}")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
+    try:  # a directory made here is the owner's alone (its parents, made too, as the umask says)
+        directory.mkdir(mode=RECORDS_DIR_MODE, parents=True, exist_ok=True)
     except OSError as exc:
         raise RecordError(f"cannot keep run records in '{directory}': {exc.strerror or exc} {_ELSEWHERE}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise RecordError(f"cannot keep run records in '{directory}': it is not writable {_ELSEWHERE}")
+
+
+#: the mode of a record file: it holds the run's input, outputs and LLM prompts — its owner's to read alone
+RECORD_MODE = 0o600
+#: the mode of a records directory flowdsl creates (an existing one is left as it is)
+RECORDS_DIR_MODE = 0o700
+
+
+def _create(path: Path) -> BinaryIO:
+    """Create the record file ``path`` — it must not exist — readable and writable by its owner alone
+    (:data:`RECORD_MODE`, whatever the umask allows more), open for unbuffered binary writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), RECORD_MODE)
+    try:
+        return os.fdopen(fd, "wb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def broken_link(link: Path) -> str:
@@ -148,7 +171,7 @@ class RunRecorder:
         self.path = record_path(run_id, directory)
         check_records_dir(self.path)
         try:  # exclusive: two runs started at once with one run id must not write one record
-            self._fh: BinaryIO | None = self.path.open("xb", buffering=0)
+            self._fh: BinaryIO | None = _create(self.path)
         except FileExistsError:
             raise FileExistsError(f"a record of run '{run_id}' already exists: {self.path}") from None
         except OSError as exc:  # a directory os.access called writable (as root), a read-only file system...

@@ -13,6 +13,12 @@ functions that draw (so ``flowdsl --help`` and library use stay light).
   what was compensated in which order, wall time against the sum of step times,
   and the measured critical path.
 - :func:`print_timeline` — ``flowdsl show``: a recorded run, event by event.
+
+Every piece of text these show that flowdsl did not write — error messages of workers and of the services
+behind them, reasons, names read from a record, model replies — goes through ``_esc``: on one line, its
+control characters written as JSON writes them (``\\n``, ESC as ``\\u001b``: ``flowdsl.shown.visible``), rich
+markup escaped, emoji codes left alone. A message that spans lines is shown on one, ``\\n`` between its lines;
+``--format json`` and the record keep it exact.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import json
 import math
 import os
 import time
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -707,9 +712,14 @@ def _console(console: Any = None) -> Any:
 
 
 def _esc(text: Any) -> str:
+    """Text that is not flowdsl's own as it is shown: on one line, its control characters written as JSON writes
+    them (``flowdsl.shown.visible``: no escape sequence reaches the terminal, no line is forged), rich markup
+    escaped. Every name, message and reason a summary, timeline or live view shows goes through it."""
     from rich.markup import escape
 
-    escaped: str = escape(str(text))
+    from flowdsl.shown import visible
+
+    escaped: str = escape(visible(text))
     return escaped
 
 
@@ -1055,7 +1065,7 @@ class LiveView:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         head = Text.from_markup(f"[bold]{_esc(self.plan['flow'].get('name') or '')}[/] {_esc(self.run_id)} "
                                 f"{_status(self.status)} [dim]{elapsed:.1f}s · "
-                                + " · ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "[/]")
+                                + " · ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "[/]", emoji=False)
         height = max(5, self.console.size.height - 4)
         items = list(self.rows.items())
         if len(items) > height:  # keep what is happening in view
@@ -1155,19 +1165,11 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
 
 def _llm_text(call: Mapping[str, Any]) -> str:
     """One line about a model call: the model, what was sent, the start of the reply (control characters
-    escaped: a reply is untrusted text, which must not drive the terminal)."""
-    raw = _controls_escaped(" ".join(str(call.get("raw") or "").split()))
+    escaped by :func:`_esc`: a reply is untrusted text, which must not drive the terminal)."""
+    raw = " ".join(str(call.get("raw") or "").split())
     sent = f", {len(call['prompt'])} message(s) sent" if isinstance(call.get("prompt"), list) else ""
     reply = f", reply: {_esc(raw[:120])}{'…' if len(raw) > 120 else ''}" if "raw" in call else ""
-    return f"llm: model {_esc(_controls_escaped(str(call.get('model') or '?')))}{sent}{reply}"
-
-
-def _controls_escaped(text: str) -> str:
-    """``text`` with each control character written as its JSON escape (ESC as ``\\u001b``), as an error message
-    quotes the values of an answer."""
-    if text.isprintable():
-        return text
-    return "".join(f"\\u{ord(ch):04x}" if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return f"llm: model {_esc(call.get('model') or '?')}{sent}{reply}"
 
 
 def _timeline_text(e: Mapping[str, Any]) -> str | None:
@@ -1176,7 +1178,7 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     err = _esc(_error_text(e.get("error")))
     group = e.get("kind") not in STEP_KINDS
     if kind == "run_started":
-        return f"[bold]run started[/] (flow {_esc(e.get('flow'))}, seed {e.get('seed')})"
+        return f"[bold]run started[/] (flow {_esc(e.get('flow'))}, seed {_esc(e.get('seed'))})"
     if kind == "run_finished":
         tail = f" — {err}" if err else ""
         return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
@@ -1204,18 +1206,18 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return f"[dim]{step} started ({_esc(e.get('kind'))})[/]" if group else None
     if kind == "step_scheduled":
         who = f" {_esc(e['worker'])}" if e.get("worker") else ""
-        return f"{step}: attempt {e.get('attempt')} → {_esc(e.get('task_kind'))}{who}"
+        return f"{step}: attempt {_esc(e.get('attempt'))} → {_esc(e.get('task_kind'))}{who}"
     if kind == "attempt_started":
-        return f"{step}: attempt {e.get('attempt')} picked up"
+        return f"{step}: attempt {_esc(e.get('attempt'))} picked up"
     if kind == "step_succeeded":
-        return f"[dim]{step} done[/]" if group else f"[green]✓ {step}[/] succeeded (attempt {e.get('attempt')})"
+        return f"[dim]{step} done[/]" if group else f"[green]✓ {step}[/] succeeded (attempt {_esc(e.get('attempt'))})"
     if kind == "step_failed":
         return f"[red]✗ {step} failed[/] — {err}"
     if kind == "step_retrying":
-        return (f"[cyan]↻ {step}[/] attempt {e.get('attempt')} failed ({err}); attempt {e.get('next_attempt')} "
-                f"in {_seconds(e.get('delay_ms'))}")
+        return (f"[cyan]↻ {step}[/] attempt {_esc(e.get('attempt'))} failed ({err}); "
+                f"attempt {_esc(e.get('next_attempt'))} in {_seconds(e.get('delay_ms'))}")
     if kind == "step_timed_out":
-        return f"[yellow]⏱ {step}[/] attempt {e.get('attempt')} timed out"
+        return f"[yellow]⏱ {step}[/] attempt {_esc(e.get('attempt'))} timed out"
     if kind == "step_skipped":
         return None if e.get("reason") == "parent" else f"[dim]– {step} skipped ({_esc(e.get('reason'))})[/]"
     if kind == "step_cancelled":
@@ -1223,11 +1225,12 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "fallback_started":
         return f"[yellow]⤷ {step}[/]: {_esc(fallback_reason(e))}"
     if kind == "compensation_started":
-        return f"[yellow]↶ {step}[/]: undo attempt {e.get('attempt')} → {_esc(e.get('worker'))}"
+        return f"[yellow]↶ {step}[/]: undo attempt {_esc(e.get('attempt'))} → {_esc(e.get('worker'))}"
     if kind == "compensation_succeeded":
         return f"[yellow]↶ {step} undone[/]{undone_after_failure(e)}"
     if kind == "compensation_retrying":
-        return (f"[yellow]↶ {step}[/] undo attempt {e.get('attempt')} failed ({err}); attempt {e.get('next_attempt')} "
+        return (f"[yellow]↶ {step}[/] undo attempt {_esc(e.get('attempt'))} failed ({err}); "
+                f"attempt {_esc(e.get('next_attempt'))} "
                 f"in {_seconds(e.get('delay_ms'))}")
     if kind == "compensation_failed":
         return f"[red]↶ undoing {step} failed for good[/] — {err}"

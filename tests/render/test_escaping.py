@@ -17,7 +17,7 @@ from flowdsl.render import render
 from flowdsl.render.dot import quote
 from flowdsl.render.mermaid import label, node_id, text
 from tests.render.cases import NASTY
-from tests.render.weird import WEIRD_KEYS, empty_group_plans, weird_plan
+from tests.render.weird import DIRECTIVE_TEXTS, WEIRD_KEYS, empty_group_plans, weird_plan
 
 HAS_DOT = shutil.which("dot") is not None
 
@@ -41,8 +41,8 @@ def test_mermaid_ids_of_roles_never_collide() -> None:
 @settings(max_examples=300, deadline=None)
 def test_mermaid_text_never_closes_a_string(s: str) -> None:
     escaped = text(s)
-    assert not set(escaped) & set('"<>`|\n\r')
-    assert "#" not in re.sub(r"#(quot|35|amp|lt|gt|96|124);", "", escaped)
+    assert not set(escaped) & set('"<>`|%\n\r')  # no `%`: no `%%{init: ...}%%` directive in a label
+    assert "#" not in re.sub(r"#(quot|35|37|amp|lt|gt|96|124);", "", escaped)
 
 
 def test_mermaid_label_is_never_empty() -> None:
@@ -58,6 +58,14 @@ def test_nasty_spec_keeps_its_text_in_mermaid() -> None:
     assert "= a#quot;b" in out and "= #lt;b#gt;#124;x#124;#lt;/b#gt;" in out  # case labels
     for line in out.splitlines():
         assert line.count('"') % 2 == 0, line
+
+
+def test_no_label_holds_a_mermaid_directive() -> None:
+    """Mermaid reads ``%%{init: ...}%%`` anywhere, quoted labels included: no ``%`` of user text gets through
+    (tests/render/test_mermaid_parser.py checks the same with Mermaid's own parser)."""
+    out = render(weird_plan(DIRECTIVE_TEXTS), "mermaid", run_states={"end": "failed"})
+    assert isinstance(out, str)
+    assert "%" not in out and "#37;#37;{init: {'theme':'forest'}}#37;#37;" in out
 
 
 def test_quote_escapes_dot_strings() -> None:

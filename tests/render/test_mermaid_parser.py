@@ -1,10 +1,14 @@
 """Mermaid validity, proved with Mermaid's own parser (npm package ``mermaid`` under jsdom).
 
 Every diagram — each conformance spec and example, with and without run states,
-the nasty spec, a plan with weird keys and random texts, the Mermaid blocks of
-docs/diagrams.md, and a deliberately broken one as a control — is parsed in one Node.js process (Mermaid takes a
-couple of seconds to load). Install the checker with
-``npm ci --prefix tests/mermaid`` (``.ci/run`` does); the test skips only when
+the nasty spec, a plan with weird keys and random texts, plans and a spec whose
+labels try to smuggle in Mermaid directives, the Mermaid blocks of docs/diagrams.md,
+and a deliberately broken one as a control — is parsed in one Node.js process
+(Mermaid takes a couple of seconds to load), by ``mermaid_texts.mjs`` run from
+tests/mermaid. Each must parse, set no configuration (a label holding
+``%%{init: ...}%%`` would, were ``%`` not escaped), and the hostile labels must
+read back exactly as written. Install the checker with
+``npm ci --prefix tests/mermaid`` (``.ci/run`` does); the tests skip only when
 ``node`` or the installed checker is missing.
 """
 
@@ -15,6 +19,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,10 +27,22 @@ import flowdsl
 from flowdsl.render import STATES, render
 from tests.render.cases import NASTY, compile_plan, conformance_specs, example_specs
 from tests.render.test_escaping import random_texts
-from tests.render.weird import empty_group_plans, weird_plan
+from tests.render.weird import DIRECTIVE_TEXTS, empty_group_plans, weird_plan
 
 CHECKER = Path(__file__).resolve().parents[1] / "mermaid"
+SCRIPT = Path(__file__).with_name("mermaid_texts.mjs")
 BROKEN = "flowchart TD\n    a[\"unclosed] --> end\n"
+#: a spec that puts directives wherever user text reaches a Mermaid label: flow name aside (an id),
+#: descriptions of steps and groups, conditions, switch case labels (edge labels), compensations
+DIRECTIVE_SPEC = "\n".join([
+    "flowdsl: 1", "name: directive_flow", "steps:",
+    "  - a:", f"      description: {json.dumps(DIRECTIVE_TEXTS[0])}", "      compensate: undo_a",
+    f"      when: {json.dumps('${ x = ' + json.dumps(DIRECTIVE_TEXTS[1]) + ' }')}",
+    "  - switch: pick", f"    description: {json.dumps(DIRECTIVE_TEXTS[2])}",
+    f"    'on': {json.dumps('${ k & ' + json.dumps(DIRECTIVE_TEXTS[3]) + ' }')}",
+    "    cases:", *(f"      {json.dumps(t)}: [c{i}]" for i, t in enumerate(DIRECTIVE_TEXTS)),
+    "  - parallel: lanes", f"    description: {json.dumps(DIRECTIVE_TEXTS[6])}",
+    "    branches: [b1, b2]", ""])
 
 
 def _node() -> str:
@@ -50,24 +67,53 @@ def _diagrams() -> dict[str, str]:
     out["nasty"] = str(render(flowdsl.compile_text(NASTY), "mermaid"))
     out["weird keys"] = str(render(weird_plan(), "mermaid"))
     out["random texts"] = str(render(weird_plan(random_texts(60)), "mermaid", run_states={"end": "failed"}))
+    out["directives"] = str(render(weird_plan(DIRECTIVE_TEXTS), "mermaid"))
+    out["directives +run"] = str(render(weird_plan(DIRECTIVE_TEXTS), "mermaid", run_states={"end": "failed"}))
+    out["directive spec"] = str(render(flowdsl.compile_text(DIRECTIVE_SPEC), "mermaid"))
     for kind, plan in empty_group_plans().items():
         out[f"empty {kind}"] = str(render(plan, "mermaid"))
     docs = (CHECKER.parents[1] / "docs" / "diagrams.md").read_text(encoding="utf-8")
     for i, block in enumerate(re.findall(r"^```mermaid\n(.*?)^```$", docs, flags=re.M | re.S)):
         out[f"docs/diagrams.md block {i + 1}"] = block
     out["control: broken"] = BROKEN
+    out["control: directive"] = "%%{init: {'theme': 'forest'}}%%\nflowchart TD\n    a --> b\n"
     return out
 
 
-def test_every_diagram_parses_with_mermaid() -> None:
+@pytest.fixture(scope="module")
+def parsed() -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Every diagram, and what Mermaid's parser made of each: ``{error, config, texts}``."""
     node = _node()
     diagrams = _diagrams()
-    proc = subprocess.run([node, str(CHECKER / "check.mjs")], input=json.dumps(diagrams).encode(),
-                          capture_output=True, timeout=120, cwd=CHECKER)
+    proc = subprocess.run([node, "--input-type=module", "--eval", SCRIPT.read_text(encoding="utf-8")],
+                          input=json.dumps(diagrams).encode(), capture_output=True, timeout=120, cwd=CHECKER)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     results = json.loads(proc.stdout)
     assert set(results) == set(diagrams)
-    assert results.pop("control: broken"), "the checker accepted a broken diagram: it is not checking"
-    failures = {name: err for name, err in results.items() if err}
+    return diagrams, results
+
+
+def test_every_diagram_parses_with_mermaid(parsed: tuple[dict[str, str], dict[str, dict[str, Any]]]) -> None:
+    diagrams, results = parsed
+    assert results["control: broken"]["error"], "the checker accepted a broken diagram: it is not checking"
+    failures = {name: r["error"] for name, r in results.items() if r["error"] and name != "control: broken"}
     assert not failures, "\n\n".join(f"{name}:\n{err}\n--- diagram ---\n{diagrams[name]}"
                                      for name, err in failures.items())[:8000]
+
+
+def test_no_label_sets_mermaid_configuration(parsed: tuple[dict[str, str], dict[str, dict[str, Any]]]) -> None:
+    """A ``%%{init: ...}%%`` in a label would set the theme, or CSS that hides the undo boxes."""
+    _, results = parsed
+    assert results["control: directive"]["config"], "the checker does not see directives: it is not checking"
+    configured = {name: r["config"] for name, r in results.items() if r["config"] and not name.startswith("control")}
+    assert not configured
+
+
+def test_hostile_labels_read_back_as_written(parsed: tuple[dict[str, str], dict[str, dict[str, Any]]]) -> None:
+    """Each hostile text is shown whole (line breaks of wrapping aside): nothing was taken as syntax."""
+    _, results = parsed
+    for name in ("directives", "directives +run", "directive spec"):
+        shown = ["".join(t.split()) for t in results[name]["texts"]]
+        for hostile in DIRECTIVE_TEXTS:
+            want = "".join(hostile.split())
+            assert any(want in t for t in shown), (name, hostile, results[name]["texts"])

@@ -56,3 +56,21 @@ def empty_group_plans() -> dict[str, dict[str, Any]]:
             group.pop(field, None)
         out[kind] = {**plan, "nodes": {**plan["nodes"], first: group}}
     return out
+
+
+#: texts that try to reach Mermaid's preprocessor or other syntax from inside a label: init/wrap
+#: directives (Mermaid reads ``%%{...}%%`` anywhere, quoted labels included), a comment, front
+#: matter, statements, entities written out, markup
+DIRECTIVE_TEXTS = [
+    "%%{init: {'themeCSS': '.undo {display:none}'}}%%",
+    "%%{init: {'theme':'forest'}}%%",
+    '%%{initialize: {"flowchart": {"htmlLabels": false}}}%%',
+    "%%{wrap}%% and %%{ init: { 'theme': 'dark' } }%%",
+    "%% a comment",
+    "--- config: theme: forest ---",
+    "style s_a fill:#f00;",
+    'classDef undo display:none; "#quot;"',
+    "x:#y; #35; #quot; &amp; &#37; #37;",
+    "<b>bold</b> `md` **strong** [x] {y} (z)",
+    "click s_a call alert() ; linkStyle 0 stroke:#fff",
+]

@@ -8,7 +8,6 @@ import asyncio
 import errno
 import json
 import os
-import pathlib
 import subprocess
 import sys
 from pathlib import Path
@@ -385,14 +384,14 @@ def test_a_record_file_that_cannot_be_created_exits_2_naming_it(
 ) -> None:
     """As root, os.access calls /sys/kernel writable, and creating a file there fails: refused, exit 2."""
     runs = tmp_path / "runs"
-    real_open = pathlib.Path.open
+    real_create = record_module._create
 
-    def refuse(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if mode == "xb" and self.parent == runs:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real_open(self, mode, *args, **kwargs)
+    def refuse(path: Path) -> Any:
+        if path.parent == runs:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_create(path)
 
-    monkeypatch.setattr(pathlib.Path, "open", refuse)
+    monkeypatch.setattr(record_module, "_create", refuse)
     for fmt in ("text", "json"):
         r = cli("run", _spec(tmp_path), "--runs-dir", str(runs), "--run-id", f"c{fmt}", "--format", fmt)
         assert r.exit_code == 2, r.output
