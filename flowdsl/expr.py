@@ -261,6 +261,48 @@ def _regex_timeout_message(exc: BaseException) -> str:
     return f"{said} ({matches:,} match{'' if matches == 1 else 'es'} by then): {backtracks}, or the text is too long"
 
 
+class _Bounds:
+    """The time and depth bounds of one evaluation (:data:`TIME_LIMIT_MS`, :data:`DEPTH_LIMIT`), checked as the
+    engine enters and leaves each part of the expression — as its own ``set_runtime_bounds`` does, but on the CPU
+    time of the evaluating thread, not the wall clock: on a busy process (a service's other threads holding the
+    GIL, sync workers in their threads) an expression of 20 ms of work took over 100 ms of wall time and failed,
+    and a replay of its run then decided otherwise. The clock is read at every 16th part (it costs a system
+    call), and once more at the end."""
+
+    __slots__ = ("count", "deadline", "depth")
+
+    def __init__(self, frame: Any, started: float) -> None:
+        self.depth = 0
+        self.count = 0
+        self.deadline = started + TIME_LIMIT_MS / 1000
+        frame.set_evaluate_entry_callback(self.entered)
+        frame.set_evaluate_exit_callback(self.left)
+
+    def entered(self, expr: Any, data: Any, env: Any) -> None:
+        if env.is_parallel_call:
+            return
+        self.depth += 1
+        if self.depth > DEPTH_LIMIT:
+            raise _jsonata().JException("D1011", -1)
+        self._tick()
+
+    def left(self, expr: Any, data: Any, env: Any, result: Any) -> None:
+        if env.is_parallel_call:
+            return
+        self.depth -= 1
+        self._tick()
+
+    def _tick(self) -> None:
+        self.count += 1
+        if not self.count & 15:
+            self.check()
+
+    def check(self) -> None:
+        """Raise the engine's timeout (D1012) when the evaluation has run past its bound."""
+        if time.thread_time() > self.deadline:
+            raise _jsonata().JException("D1012", -1, TIME_LIMIT_MS)
+
+
 class Expression:
     """A compiled expression: parse once, evaluate many times with bounds."""
 
@@ -279,19 +321,20 @@ class Expression:
         frame = self._compiled.create_frame()
         for name, value in (bindings or {}).items():
             frame.bind(name, value)
-        frame.set_runtime_bounds(TIME_LIMIT_MS, DEPTH_LIMIT)
-        # the bound is wall time: a cyclic collection landing in the evaluation (~150 ms in a process with
-        # DSPy loaded) must not fail an ordinary expression, so the collector waits until it is done
+        # a cyclic collection landing in the evaluation (~150 ms in a process with DSPy loaded) must not fail an
+        # ordinary expression, so the collector waits until it is done
         collecting = gc.isenabled()
         if collecting:
             gc.disable()
-        started = time.monotonic()
+        started = time.thread_time()
+        bounds = _Bounds(frame, started)
         try:
             with expr_bounds.evaluating(TIME_LIMIT_MS):
                 result = self._compiled.evaluate(data, frame)
+                bounds.check()  # (a last call may have run past the bound after the last check)
         except jsonata.JException as exc:
             if getattr(exc, "error", None) == "D1012":
-                raise ExpressionError(_timeout_message(time.monotonic() - started), None, "D1012") from None
+                raise ExpressionError(_timeout_message(time.thread_time() - started), None, "D1012") from None
             # said from the error's code and values, never its text: that quotes values in full (the whole
             # context, for an argument JSONata reads from it) and in the wrong slots (see flowdsl.expr_errors)
             raise ExpressionError(_said(expr_errors.engine_message, exc, data), getattr(exc, "location", None),

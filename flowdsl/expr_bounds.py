@@ -443,7 +443,7 @@ def _replace_rounds(jsonata: Any, string: str, pattern: Any, replacement: str, l
         made = len(result) + _put(match, literal, refs, groups) - (match.end() - match.start())
         if over(made, given):
             raise too_large(f"$replace would make (in its round {done + 1:,}) a string", made, given)
-        if time.monotonic() > deadline:
+        if time.thread_time() > deadline:
             raise _timeout(jsonata)
         result = first(result, pattern, replacement)
         done += 1
@@ -516,10 +516,10 @@ _LOCAL = threading.local()
 
 @contextlib.contextmanager
 def evaluating(limit_ms: int) -> Iterator[None]:
-    """Within it, the rounds done here (:func:`_replace_rounds`) stop ``limit_ms`` from now, as the engine's own
-    time bound does between nodes (``flowdsl.expr`` evaluates within it)."""
+    """Within it, the rounds done here (:func:`_replace_rounds`) stop ``limit_ms`` of this thread's CPU time from
+    now, as the time bound between the engine's nodes does (``flowdsl.expr`` evaluates within it)."""
     before = getattr(_LOCAL, "deadline", None), getattr(_LOCAL, "limit_ms", None)
-    _LOCAL.deadline, _LOCAL.limit_ms = time.monotonic() + limit_ms / 1000, limit_ms
+    _LOCAL.deadline, _LOCAL.limit_ms = time.thread_time() + limit_ms / 1000, limit_ms
     try:
         yield
     finally:
@@ -528,7 +528,7 @@ def evaluating(limit_ms: int) -> Iterator[None]:
 
 def _deadline() -> float:
     deadline = getattr(_LOCAL, "deadline", None)
-    return time.monotonic() + 0.1 if deadline is None else float(deadline)
+    return time.thread_time() + 0.1 if deadline is None else float(deadline)
 
 
 def _timeout(jsonata: Any) -> Exception:
