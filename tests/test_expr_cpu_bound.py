@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import jsonata
 import pytest
@@ -44,3 +45,26 @@ def test_work_that_runs_away_is_still_stopped_at_its_bound() -> None:
     with pytest.raises(ExpressionError, match="evaluation timeout after 100 milliseconds"):
         expression.evaluate({})
     assert time.thread_time() - started < 1.0
+
+
+def test_a_record_whose_expression_ran_out_of_time_says_so_when_its_replay_decides_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`show` of a run whose expression ran out of its bound, replayed where it does not (another machine): the
+    record is refused as before, but no longer said to have been changed only — the expression is named."""
+    import flowdsl.expr
+    from flowdsl import compile_text, run
+    from flowdsl.runtime.record import RecordError, read_record
+    from flowdsl.runtime.report import result_from_record
+    from flowdsl.workers import WorkerRegistry
+
+    registry = WorkerRegistry()
+    registry.register("count_c1", lambda data, ctx: {"n": data["n"]})
+    plan = compile_text("flowdsl: 1\nname: slow\nworkers: [nowhere_c1]\nsteps:\n  - tally:\n      worker: count_c1\n"
+                        "      with: {n: \"${ $count([1..50000].($ * 2)) }\"}\n")
+    result = run(plan, {}, record=True, runs_dir=tmp_path, registry=registry, import_workers=False,
+                 handle_sigint=False)
+    assert result.status == "failed" and "evaluation timeout" in str(result.to_json()["steps"]["tally"]["error"])
+    monkeypatch.setattr(flowdsl.expr, "TIME_LIMIT_MS", 60_000)  # replayed where it fits in its bound
+    header, lines = read_record(next(tmp_path.glob("*.jsonl")))
+    with pytest.raises(RecordError, match=r"or an expression close to its time bound .* at step 'tally'"):
+        result_from_record(header, lines)

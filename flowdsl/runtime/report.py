@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -510,6 +511,20 @@ def _where(lines: list[dict[str, Any]], i: int, path: Path | None) -> str:
 
 
 _CHANGED = "the record was changed after it was written, or was made by another version"
+#: what an error says when an expression ran out of its time bound (flowdsl.expr): a bound on CPU time, so a
+#: replay on another machine, or the same one busier, may decide otherwise for an expression close to it
+_TIMED_OUT = re.compile(r"evaluation timeout after|over its bound of|a regular expression took longer than")
+
+
+def _changed(lines: list[dict[str, Any]]) -> str:
+    """Why a record may not replay as it was written: :data:`_CHANGED`, and, when the record holds an expression
+    that ran out of its time bound, that it may have passed it this time (or the other way round)."""
+    for line in lines:
+        error = line.get("error")
+        if isinstance(error, dict) and _TIMED_OUT.search(str(error.get("message", ""))):
+            return (f"{_CHANGED}, or an expression close to its time bound (100 ms of CPU time; the record holds "
+                    f"one that ran out of it, at step {line.get('step')!r}) decided otherwise when replayed here")
+    return _CHANGED
 
 
 def _decisions(value: Any, top: bool = True) -> Any:
@@ -549,7 +564,7 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
                 fields = ", ".join(f"'{k}'" for k in sorted(set(written) | set(event), key=str)
                                    if written.get(k) != _decisions(event).get(k))
                 raise RecordError(f"{_where(lines, i, path)}: the event {kind!r} ('seq' {seq}) is not what replaying "
-                                  f"the run emits there: its {fields} differ; {_CHANGED}")
+                                  f"the run emits there: its {fields} differ; {_changed(lines)}")
             seen.add(seq)
             continue
         if "seq" not in event:
@@ -562,13 +577,13 @@ def _check_events(lines: list[dict[str, Any]], replayed: list[dict[str, Any]], p
         else:
             why = (f"the event {kind!r} (step {event.get('step')!r}, 'seq' {seq!r}) is not what replaying the run "
                    f"emits there ({again.get('type')!r}, step {again.get('step')!r})")
-        raise RecordError(f"{_where(lines, i, path)}: {why}; {_CHANGED}")
+        raise RecordError(f"{_where(lines, i, path)}: {why}; {_changed(lines)}")
     if seen:
         last = max(seen)  # (once: inside the generator it made the check of a long record quadratic)
         missing = next((e for e in replayed if e["seq"] < last and e["seq"] not in seen), None)
         if missing is not None:
             raise RecordError(f"{path or 'the record'}: the event {missing['type']!r} ('seq' {missing['seq']}) that "
-                              f"replaying the run emits is missing, though later ones are there; {_CHANGED}")
+                              f"replaying the run emits is missing, though later ones are there; {_changed(lines)}")
 
 
 def _not_started(plan: dict[str, Any], header: Mapping[str, Any], path: Path | None) -> RunResult:
