@@ -764,10 +764,13 @@ def test_random_token_soup_never_raises(text: str) -> None:
     _check_never_raises(text)
 
 
-#: what a spec's strings can hold: no control characters (FD110 in both syntaxes, written raw or escaped)
+#: what a spec's strings can hold: no control characters (FD110 in both syntaxes, written raw or escaped), no
+#: bidirectional controls or marks (FD111)
+_BIDI = [*"\u061c\u200e\u200f", *map(chr, range(0x202A, 0x202F)), *map(chr, range(0x2066, 0x206A))]
 _text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=[
-    *map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0))]), max_size=10)  # fmt: skip
-_printable = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=10)
+    *map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), *_BIDI]), max_size=10)  # fmt: skip
+_printable = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters=_BIDI),
+                     max_size=10)
 _ids = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
 _names = st.one_of(_ids, st.sampled_from(sorted(KEYWORDS)), st.builds("{}.{}".format, _ids, _ids))
 _step_names = _names.filter(lambda n: n not in ("sequence", "parallel", "for_each", "switch", "flow"))
