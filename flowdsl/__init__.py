@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from flowdsl.runtime.inputs import InputError as InputError
     from flowdsl.runtime.local import LocalRun as LocalRun
     from flowdsl.runtime.local import RunAborted as RunAborted
+    from flowdsl.runtime.local import RunIdInUse as RunIdInUse
     from flowdsl.runtime.local import WorkersMissing as WorkersMissing
     from flowdsl.runtime.local import check_input as check_input
     from flowdsl.runtime.local import run as run
@@ -69,6 +70,7 @@ _EXPORTS = {
     "run_flow": "flowdsl.runtime.local",
     "LocalRun": "flowdsl.runtime.local",
     "RunAborted": "flowdsl.runtime.local",
+    "RunIdInUse": "flowdsl.runtime.local",
     "WorkersMissing": "flowdsl.runtime.local",
     "check_input": "flowdsl.runtime.local",
     "InputError": "flowdsl.runtime.inputs",
@@ -78,9 +80,10 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "CompileResult", "Diagnostic", "InputError", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunResult",
-    "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkersMissing", "check_input", "compile_spec",
-    "compile_text", "load", "load_text", "plan_bytes", "registry", "run", "run_flow", "validate", "worker",
+    "CompileResult", "Diagnostic", "InputError", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunIdInUse",
+    "RunResult", "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkersMissing", "check_input",
+    "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry", "run", "run_flow", "validate",
+    "worker",
 ]
 
 

@@ -60,6 +60,7 @@ import queue
 import re
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -69,9 +70,9 @@ from flowdsl.runtime.codec import dumps, loads
 from flowdsl.workers import StepContext, StepLogger, Worker, WorkerRegistry, from_sigint, marking_sigint
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "cancellable", "copy_json", "error_message", "error_types",
-           "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json", "text_problem",
-           "wait_for_thread", "warm_llm", "worker_references"]
+__all__ = ["THREADS", "THREADS_ENV", "WORKER_KINDS", "WORKER_NOT_FOUND", "NotJSON", "cancellable", "copy_json",
+           "error_message", "error_types", "execute", "json_problem", "marking_sigint", "missing_workers", "plain_json",
+           "text_problem", "thread_limit", "wait_for_thread", "waiting_for_a_thread", "warm_llm", "worker_references"]
 
 #: dispatch kinds that run a registered worker (``llm`` runs a model)
 WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
@@ -616,31 +617,92 @@ def missing_workers(plan: Mapping[str, Any], registry: WorkerRegistry | None = N
 # --- sync workers ------------------------------------------------------------------
 
 
+#: the environment variable that sets how many worker threads a process may have (:data:`THREADS` by default)
+THREADS_ENV = "FLOWDSL_THREADS"
+#: worker threads a process may have by default; ``$FLOWDSL_THREADS`` sets another number (1 to :data:`MAX_THREADS`)
+THREADS = 256
+MAX_THREADS = 10_000
+#: seconds between two warnings that every worker thread is busy
+_SATURATED_SAID_EVERY = 60.0
+_pool_log = logging.getLogger("flowdsl.threads")
+
+
+def thread_limit(env: Mapping[str, str] | None = None) -> int:
+    """How many worker threads a process may have: ``$FLOWDSL_THREADS``, else :data:`THREADS`. A value that is not
+    a whole number from 1 to :data:`MAX_THREADS` is a ``ValueError`` saying so."""
+    text = (os.environ if env is None else env).get(THREADS_ENV, "").strip()
+    if not text:
+        return THREADS
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_THREADS:
+        raise ValueError(f"{THREADS_ENV} must be a whole number from 1 to {MAX_THREADS} (how many threads sync "
+                         f"workers may use at once in this process); got {text[:40]!r}")
+    return limit
+
+
 class _DaemonThreads:
-    """A thread pool of daemon threads, growing on demand up to ``limit``.
+    """A thread pool of daemon threads, growing on demand up to ``limit`` (None: :func:`thread_limit`, read when the
+    first thread starts).
 
     Unlike ``asyncio.to_thread`` (the loop's default executor, joined at exit),
     a sync worker stuck in a thread after its attempt timed out or its run was
-    cancelled cannot keep the process from exiting.
+    cancelled cannot keep the process from exiting. It keeps its thread, though: the pool counts those
+    (:meth:`given_up`) to say why a job waits (:meth:`busy`), and warns on ``flowdsl.threads`` when every thread
+    is busy and a job has to wait (at most once a minute).
     """
 
-    def __init__(self, limit: int = 256):
+    def __init__(self, limit: int | None = None):
         self.limit = limit
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
         self._pending = 0
+        self._given_up: set[Future[Any]] = set()  # running jobs whose caller gave up on them
+        self._said_at: float | None = None
 
     def submit(self, call: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
+            if self.limit is None:
+                try:
+                    self.limit = thread_limit()
+                except ValueError as exc:
+                    self.limit = THREADS
+                    _pool_log.warning("%s; using %d", exc, THREADS)
             self._pending += 1
-            if self._pending > self._idle and self._threads < self.limit:
+            full = self._pending > self._idle and self._threads >= self.limit
+            if self._pending > self._idle and not full:
                 self._threads += 1
                 threading.Thread(target=self._serve, name=f"flowdsl-worker-{self._threads}", daemon=True).start()
             self._jobs.put((future, call))
+            now = time.monotonic()
+            say = full and (self._said_at is None or now - self._said_at >= _SATURATED_SAID_EVERY)
+            if say:
+                self._said_at = now
+            waiting, given_up = self._pending - self._idle, len(self._given_up)
+        if say:
+            _pool_log.warning(
+                "all %d worker threads of this process are busy (%d of them with attempts that timed out or were "
+                "cancelled and cannot be stopped); %d sync worker call(s) wait for a free thread, and a step whose "
+                "timeout passes meanwhile fails without being called — set %s to allow more threads, bound a "
+                "for_each with concurrency, or make the workers async", self.limit, given_up, waiting, THREADS_ENV)
         return future
+
+    def given_up(self, future: Future[Any]) -> None:
+        """The caller of the running job ``future`` gave up on it (its attempt timed out, its run ended): it holds
+        its thread until it returns."""
+        with self._lock:
+            if not future.done():
+                self._given_up.add(future)
+
+    def busy(self) -> tuple[int, int, int]:
+        """``(limit, busy threads, busy with jobs given up on)``, now."""
+        with self._lock:
+            return self.limit or THREADS, self._threads - self._idle, len(self._given_up)
 
     def _serve(self) -> None:
         while True:
@@ -658,6 +720,19 @@ class _DaemonThreads:
                 future.set_exception(_Raised(exc) if isinstance(exc, StopIteration | GeneratorExit) else exc)
             else:
                 future.set_result(result)
+            with self._lock:  # (after: given_up() does not count a job that is done)
+                self._given_up.discard(future)
+
+
+def waiting_for_a_thread(timeout_ms: Any) -> str:
+    """Why an attempt whose timeout (``timeout_ms``) passed while it waited for a free worker thread was never
+    called: the message of its ``StepTimeout``."""
+    limit, busy, given_up = _threads.busy()
+    held = f", {given_up} of them with attempts that timed out or were cancelled and cannot be stopped" \
+        if given_up else ""
+    return (f"the attempt was never called: it waited for a free worker thread until its timeout ({timeout_ms} ms) "
+            f"passed — {'all' if busy >= limit else busy} of this process's {limit} worker threads were busy"
+            f"{held} (${THREADS_ENV} sets how many there may be)")
 
 
 class _Raised(Exception):
@@ -671,7 +746,7 @@ class _Raised(Exception):
         self.exc = exc
 
 
-_threads = _DaemonThreads()
+_threads = _DaemonThreads()  # (its limit read when its first thread starts)
 
 
 #: Set, in the task awaiting :func:`execute`, to a callable saying whether that task, cancelled while a sync worker's
@@ -699,7 +774,10 @@ async def _in_thread(fn: Callable[..., Any], data: Any, ctx: StepContext) -> Any
             if task is None or task.cancelling() == 0:
                 raise  # the worker raised it itself: its failure (_is_failure)
             wait = wait_for_thread.get()
-            if future.cancel() or wait is None or not wait():  # (cancel(): it had not started, it never will)
+            if future.cancel():  # it had not started: it never will
+                raise
+            _threads.given_up(future)  # it runs on, holding its thread, whether or not it is waited for
+            if wait is None or not wait():
                 raise
             task.uncancel()  # this cancel is handled: the task is no longer being cancelled
 

@@ -8,7 +8,9 @@ the run: every decision is the kernel's (docs/kernel.md); this module turns
 its commands into asyncio work and the outcomes back into input events::
 
     dispatch        -> an asyncio task awaiting execute(); its answer is fed back
-    schedule_timer  -> loop.call_later(...) feeding timer_fired
+    schedule_timer  -> loop.call_later(...) feeding timer_fired (a deadline held a few turns for an answer
+                       already due: a thread that returned before it, or, fired late, attempts woken with it;
+                       a sync attempt still queued for a thread is failed saying so instead: _fire)
     cancel_timer    -> the handle is cancelled
     cancel_task     -> task.cancel(), answered by task_cancelled (or by the real
                        result when the work finished anyway; a sync worker's
@@ -47,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import inspect
 import logging
 import os
@@ -59,7 +62,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flowdsl.kernel import INPUT_EVENTS, Decision, apply, check_seed, left_to_undo, start_event, start_run
+from flowdsl.kernel import INPUT_EVENTS, Decision, apply, check_seed, left_to_undo, prepare, start_event, start_run
 from flowdsl.runtime.execute import (
     NotJSON,
     cancellable,
@@ -72,6 +75,7 @@ from flowdsl.runtime.execute import (
     missing_workers,
     plain_json,
     wait_for_thread,
+    waiting_for_a_thread,
     warm_llm,
     worker_references,
 )
@@ -110,7 +114,8 @@ from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, impo
 from flowdsl.workers import registry as default_registry
 
 __all__ = ["ABANDON_S", "LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "InputError", "LocalRun", "RunAborted",
-           "WorkersMissing", "check_input", "new_run_id", "run", "run_flow", "run_on_new_loop", "signal_said"]
+           "RunIdInUse", "WorkersMissing", "check_input", "new_run_id", "run", "run_flow", "run_on_new_loop",
+           "signal_said"]
 
 #: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
 RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
@@ -169,8 +174,46 @@ class WorkersMissing(ValueError):
         super().__init__("the run cannot start: " + "; ".join(problems) + " (" + "; ".join(hints) + ")")
 
 
+class RunIdInUse(ValueError):
+    """A run with this id is in progress in this process: a second one would hand its workers the same idempotency
+    keys (two orders, one key: a payment gateway takes the second for a repeat of the first). ``run_id``: the id."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        super().__init__(f"run id '{run_id}' is in use by a run in progress in this process: two runs of one id "
+                         "would hand their workers the same idempotency keys; give each run an id of its own (or "
+                         "none: a new one is made)")
+
+
+#: the ids of the runs in progress in this process (:meth:`LocalRun.run`), and the lock taking one
+_LIVE: set[str] = set()
+_LIVE_LOCK = threading.Lock()
+#: held while a plan's kernel indexes are looked up or built (the kernel's cache is not safe from several threads)
+_PREPARING = threading.Lock()
+
+
+def _claim(run_id: str) -> None:
+    with _LIVE_LOCK:
+        if run_id in _LIVE:
+            raise RunIdInUse(run_id)
+        _LIVE.add(run_id)
+
+
+def _release_id(run_id: str) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(run_id)
+
+
 #: input events applied in a row before the runtime lets the event loop run other callbacks
 _BURST = 64
+#: the timers that are deadlines: an answer already due when one fires is fed first (:meth:`LocalRun._fire`)
+_DEADLINES = frozenset({"attempt_timeout", "run_timeout", "flow_timeout"})
+#: milliseconds past its due time after which a deadline fires late (the loop was held up): it then lets the loop
+#: turn :data:`_LATE_TURNS` times first (a timer on time fires at most a millisecond or two late)
+_LATE_MS = 20
+_LATE_TURNS = 3
+#: the most turns of the loop a deadline is held back for answers already due
+_HOLD_TURNS = 8
 #: seconds the end of a run is quietly held for async attempts it gave up on, before their wait is said: they were just
 #: cancelled, and an async worker answers its cancel at once unless it ignores it (then the wait of late_grace begins)
 CANCEL_SETTLE = 0.1
@@ -192,14 +235,24 @@ def _attempt_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Non
 
 class _Attempt:
     """A dispatched attempt: its command, the task running it and, for a sync worker, its thread's job (None until
-    queued)."""
+    queued) and when that job returned (the run's clock, ``LocalRun._clock``; None until it has)."""
 
-    __slots__ = ("command", "task", "thread")
+    __slots__ = ("answered", "cancelled", "command", "returned_at", "task", "thread")
 
     def __init__(self, command: dict[str, Any]):
         self.command = command
         self.task: asyncio.Task[None] | None = None
         self.thread: concurrent.futures.Future[Any] | None = None
+        self.returned_at: float | None = None
+        #: the runtime answered it itself (it timed out still queued for a thread): its task's answer is not fed
+        self.answered = False
+        self.cancelled = False  # the runtime cancelled its task (LocalRun._cancel_soon)
+
+    def returned_by(self, at: float) -> bool:
+        """Whether its sync worker's thread had returned by ``at`` (the run's clock): its answer is due, if not
+        yet fed (an attempt answered is no longer the run's)."""
+        done = self.returned_at
+        return done is not None and done <= at
 
     def called(self) -> bool:
         """Whether its sync worker was called (its thread's job began; it may have finished), not still queued
@@ -223,6 +276,13 @@ class _ThreadWait:
 
     def thread_submitted(self, job: concurrent.futures.Future[Any]) -> None:
         self.attempt.thread = job
+        job.add_done_callback(self._returned)
+
+    def _returned(self, job: concurrent.futures.Future[Any]) -> None:
+        """(In the worker's thread, as it returns:) note when, on the run's clock — before the answer is handed
+        to the loop."""
+        if not job.cancelled():
+            self.attempt.returned_at = self.run._clock()
 
 
 class LocalRun:
@@ -278,7 +338,11 @@ class LocalRun:
         except NotJSON as exc:
             raise ValueError(f"the run input is not a JSON object: {exc}") from None
         self.plan = plan
+        with _PREPARING:  # the kernel's indexes of the plan, built once (cached by the plan's identity) and handed
+            self._program = prepare(plan)  # to every apply(): not looked up again at each event
         self.run_id = run_id if run_id is not None else new_run_id(plan)
+        if self.run_id in _LIVE:  # (checked again, and taken, as the run starts: run())
+            raise RunIdInUse(self.run_id)
         self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
         if self.record_path is not None:
             if self.record_path.exists():
@@ -302,7 +366,8 @@ class LocalRun:
         self._tasks: dict[str, _Attempt] = {}
         self._inbox: deque[dict[str, Any]] = deque()
         self._draining = False
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: the armed timers' handles (a timer held back a turn of the loop, :meth:`_fire`, is a plain ``Handle``)
+        self._timers: dict[str, asyncio.Handle] = {}
         self._recorder: RunRecorder | None = None
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -344,7 +409,8 @@ class LocalRun:
         measures its model call, not the import.
 
         Raises :class:`RunAborted` after :meth:`abort` (asked before the run started: at once, nothing having
-        run or been recorded), and ``RecordWriteError`` (an ``OSError``) when the record cannot be created or
+        run or been recorded), :class:`RunIdInUse` when another run of this id is in progress in this process
+        (nothing runs), and ``RecordWriteError`` (an ``OSError``) when the record cannot be created or
         its first lines written (then nothing ran and no record is left). A record that cannot be written later
         does not stop the run: it goes on unrecorded, and the result's ``record_error`` says why the record is
         incomplete.
@@ -352,6 +418,13 @@ class LocalRun:
         if self._started:
             raise RuntimeError("a LocalRun runs once")
         self._started = True
+        _claim(self.run_id)
+        try:
+            return await self._run()
+        finally:
+            _release_id(self.run_id)
+
+    async def _run(self) -> RunResult:
         # before the run's clock starts (a cancel or abort meanwhile is one asked before the start)
         await warm_llm(self.plan, lm=self.lm, lms=self.lms, notice=self._notice)
         with self._handoff:  # from here on, cancel() and abort() go to the loop
@@ -374,7 +447,7 @@ class LocalRun:
             self._draining = True
             self._holding = self._early is not None  # cancelled before it started: call no worker
             try:
-                self._absorb(start_run(self.plan, self.run_id, copy_json(self.run_input), at=at, seed=self.seed))
+                self._absorb(start_run(self._program, self.run_id, copy_json(self.run_input), at=at, seed=self.seed))
             except Exception as exc:  # a plan the shape check let through but the kernel cannot run
                 self._fail_hard(exc)
             finally:
@@ -474,7 +547,7 @@ class LocalRun:
         result = RunResult.from_state(self.plan, self.state, self.events,
                                       wall_ms=(time.perf_counter() - self._perf0) * 1000.0,
                                       record_path=self.record_path, record_error=self.record_error)
-        result.intervention = {"steps": left_to_undo(self.plan, self.state)}
+        result.intervention = {"steps": left_to_undo(self._program, self.state)}
         result.in_doubt = self.in_doubt
         result.aborted = self._stop_reason
         return result
@@ -509,14 +582,22 @@ class LocalRun:
     # --- feeding the kernel ---------------------------------------------------------------
 
     def _now(self) -> int:
-        return int(self._wall0 + (time.perf_counter() - self._perf0) * 1000.0)
+        return int(self._clock())
+
+    def _clock(self) -> float:
+        """The run's clock, in milliseconds (``_now`` without the rounding); any thread may read it."""
+        return self._wall0 + (time.perf_counter() - self._perf0) * 1000.0
 
     def _open_record(self, start: dict[str, Any]) -> None:
         """Create the record with its header and the ``start`` line, on disk before anything runs."""
         try:
             recorder = self._recorder = RunRecorder(self.run_id, self.runs_dir)
         except (RecordWriteError, RecordError) as exc:  # (a FileExistsError passes: another run took the id)
-            raise RecordWriteError(getattr(exc, "errno", None), f"{exc}; the run did not start") from None
+            code = getattr(exc, "errno", None)
+            hint = (f" (each recorded run in progress holds a file descriptor, its record: raise the limit on open "
+                    f"files — `ulimit -n`, now {_open_files_limit()} —, or run with record=False)"
+                    if code in (errno.EMFILE, errno.ENFILE) else "")
+            raise RecordWriteError(code, f"{exc}; the run did not start{hint}") from None
         try:
             recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
                             started_at=int(self._wall0))
@@ -585,7 +666,7 @@ class LocalRun:
         """Apply one input event and carry out what the kernel decided."""
         event["at"] = self._now()
         try:
-            decision = apply(self.plan, self.state, event)
+            decision = apply(self._program, self.state, event)
         except Exception as exc:  # a kernel bug: stop the run loudly rather than hang
             self._write(event)
             self._fail_hard(exc)
@@ -660,6 +741,15 @@ class LocalRun:
             event = await work
         except asyncio.CancelledError:
             event = {"type": "task_cancelled", "task_id": task_id}
+            if not attempt.cancelled and self._loop is not None:  # cancelled by something else than the run:
+                # most likely the event loop shutting down (asyncio.run() returning cancels every task, this
+                # run's own in the same turn, in no set order): its answer waits a turn, so that the run, stopped
+                # at once meanwhile, records no failure of the step and no undo that will never run — only an
+                # attempt cancelled by anything else (the worker's own code) is fed, then
+                self._tasks.pop(task_id, None)
+                if not attempt.answered:
+                    self._loop.call_soon(self._answer, task_id, event)
+                return
         except GeneratorExit:  # the coroutine closed (a task left behind when the loop closes): nothing to answer
             raise
         except BaseException as exc:  # execute() answers worker failures itself; this is the net under it: an
@@ -671,7 +761,8 @@ class LocalRun:
             event = {"type": "task_failed", "task_id": task_id,
                      "error": {"type": type(exc).__name__, "message": error_message(exc), "types": error_types(exc)}}
         self._tasks.pop(task_id, None)
-        self._answer(task_id, event)
+        if not attempt.answered:
+            self._answer(task_id, event)
 
     def _waits_for(self, task_id: str) -> bool:
         """Whether attempt ``task_id``, cancelled while its sync worker's thread runs, goes on waiting for the
@@ -699,14 +790,15 @@ class LocalRun:
             return  # already answered
         if task_id in self.state["tasks"] and not cancellable(attempt.command, self.registry):
             return  # a sync worker's thread cannot be stopped: wait for its real outcome
-        self._cancel_soon(attempt.task)  # (a sync worker's running thread is still waited for: see _attempt)
+        self._cancel_soon(attempt)  # (a sync worker's running thread is still waited for: see _attempt)
 
-    def _cancel_soon(self, task: asyncio.Task[None]) -> None:
+    def _cancel_soon(self, attempt: _Attempt) -> None:
         """Cancel an attempt's task after the step of it already queued: a task cancelled before it has
         taken its first step never runs its coroutine at all — the worker would not see CancelledError at
         its await (its cleanup would not run) and the attempt would never answer task_cancelled."""
-        assert self._loop is not None
-        self._loop.call_soon(task.cancel)
+        assert self._loop is not None and attempt.task is not None
+        attempt.cancelled = True
+        self._loop.call_soon(attempt.task.cancel)
 
     def _schedule(self, command: dict[str, Any]) -> None:
         assert self._loop is not None
@@ -715,11 +807,69 @@ class LocalRun:
         old = self._timers.pop(timer_id, None)
         if old is not None:
             old.cancel()
-        self._timers[timer_id] = self._loop.call_later(delay, self._fire, timer_id)
+        self._timers[timer_id] = self._loop.call_later(delay, self._fire, timer_id, command["due_at"])
 
-    def _fire(self, timer_id: str) -> None:
-        if self._timers.pop(timer_id, None) is not None:
-            self._feed({"type": "timer_fired", "timer_id": timer_id})
+    def _fire(self, timer_id: str, due_at: float, turns: int = 0) -> None:
+        """A timer is due: feed ``timer_fired`` — unless it is a deadline (:data:`_DEADLINES`) that an answer
+        already due must beat, then it is held back a turn of the loop (``turns``: how many it was), at most
+        :data:`_HOLD_TURNS`, the answer going first.
+
+        Answers that are due but not yet fed: a sync attempt whose thread returned before the deadline
+        (its answer reaches the loop through ``call_soon_threadsafe``, then wakes the attempt's task one turn
+        later, behind this timer), and — when the timer fires late, the loop having been held up (a worker
+        blocking it, a burst of run starts) past the deadline — any attempt woken in the same turn (a worker's
+        ``asyncio.sleep`` that ended before the deadline wakes its task one turn after its own timer ran, while
+        every timer due during the stall is run in the same turn): a late deadline gives the loop
+        :data:`_LATE_TURNS` turns. A timer on time, with no such thread, fires at once, as it always did. What
+        is recorded is the order the events were fed in, so replay is unchanged."""
+        handle = self._timers.get(timer_id)
+        if handle is None:
+            return
+        if turns < _HOLD_TURNS and self._holds(timer_id, due_at, turns):
+            assert self._loop is not None
+            self._timers[timer_id] = self._loop.call_soon(self._fire, timer_id, due_at, turns + 1)
+            return
+        del self._timers[timer_id]
+        self._feed(self._never_called(timer_id) or {"type": "timer_fired", "timer_id": timer_id})
+
+    def _never_called(self, timer_id: str) -> dict[str, Any] | None:
+        """When ``timer_id`` is the timeout of a sync attempt still waiting for a free worker thread (every one is
+        busy: :mod:`flowdsl.runtime.execute`), its answer instead of ``timer_fired``: that job is taken off the
+        queue (it is never called) and the attempt fails with ``StepTimeout`` saying so — not that the worker was
+        slow — as the kernel would have failed it (or, a step being cancelled, ``task_cancelled``). None otherwise
+        (the job has begun: it cannot be taken back)."""
+        timer = self.state.get("timers", {}).get(timer_id)
+        if timer is None or timer.get("purpose") != "attempt_timeout":
+            return None
+        task_id = timer.get("task_id", "")
+        attempt, task = self._tasks.get(task_id), self.state["tasks"].get(task_id)
+        if attempt is None or task is None or attempt.thread is None or not attempt.thread.cancel():
+            return None
+        attempt.answered = True  # (its task now ends in a CancelledError nobody asked for: not fed)
+        del self._tasks[task_id]
+        if task["kind"] != "compensate" and self.state["nodes"][task["step"]]["status"] == "cancelling":
+            return {"type": "task_cancelled", "task_id": task_id}
+        timeout = attempt.command.get("timeout_ms")
+        return {"type": "task_failed", "task_id": task_id,
+                "error": {"type": "StepTimeout", "message": waiting_for_a_thread(timeout)}}
+
+    def _holds(self, timer_id: str, due_at: float, turns: int) -> bool:
+        """Whether deadline ``timer_id`` (due at ``due_at``, the run's clock) waits a turn for answers already
+        due (:meth:`_fire`)."""
+        timer = self.state.get("timers", {}).get(timer_id)
+        if timer is None or timer.get("purpose") not in _DEADLINES:
+            return False
+        if timer["purpose"] == "attempt_timeout":
+            attempt = self._tasks.get(timer.get("task_id", ""))
+            if attempt is None:
+                return False
+            if attempt.thread is not None:  # a sync worker's: known to the millisecond, late timer or not
+                return attempt.returned_by(due_at)
+        if turns < _LATE_TURNS and self._clock() - due_at > _LATE_MS:
+            return True
+        if timer["purpose"] == "attempt_timeout":
+            return False
+        return any(attempt.returned_by(due_at) for attempt in self._tasks.values())
 
     def _finish(self) -> None:
         """The kernel ended the run (or, while its end is held, ended it again: a late completion came).
@@ -774,7 +924,7 @@ class LocalRun:
         self._timers.clear()
         for task_id, attempt in self._tasks.items():  # the others the run gave up on are not waited for
             if task_id not in held and attempt.task is not None:
-                self._cancel_soon(attempt.task)
+                self._cancel_soon(attempt)
         if all(cancellable(a.command, self.registry) for a in held.values()):
             self._settle_timer = self._loop.call_later(CANCEL_SETTLE, self._say_wait)
         else:
@@ -861,7 +1011,7 @@ class LocalRun:
         self._timers.clear()
         for attempt in self._tasks.values():
             if attempt.task is not None:
-                self._cancel_soon(attempt.task)
+                self._cancel_soon(attempt)
 
     def _stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -961,6 +1111,16 @@ class LocalRun:
                 self.on_notice(text)
             except Exception:
                 self.on_notice = None
+
+
+def _open_files_limit() -> str:
+    """This process's limit on open files (``ulimit -n``), as said in an error."""
+    try:
+        import resource
+
+        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError, ValueError):
+        return "unknown"
 
 
 def _registered_elsewhere(plan: dict[str, Any], registry: WorkerRegistry | None) -> list[str]:

@@ -17,8 +17,10 @@ against a flat schema of its own kind (``additionalProperties`` in place of ``un
 in Python by its ``kind`` — they accept exactly what the schema accepts (tests/test_plan_schema.py holds them to
 it). Only a plan found malformed is run through the whole schema, to say what is wrong exactly as the schema
 says it, and then with only the nodes found malformed. And a plan is checked once: :func:`check_plan` (and
-:func:`checked_problem`) remember a well-shaped plan by identity, and take a plan the compiler made in this
-process (:func:`vouch`) as well shaped while it is unchanged since.
+:func:`checked_problem`) remember a well-shaped plan by identity (the last :data:`_CHECKED_SIZE` plan objects) and
+by a digest of its content (the last :data:`_GOOD_SIZE` contents), and take a plan the compiler made in this
+process (:func:`vouch`) as well shaped while its content is as made. Both memories are safe to use from several
+threads at once (``flowdsl.run()`` in a threaded server).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import functools
 import hashlib
 import json
 import marshal
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,11 +46,17 @@ class PlanError(ValueError):
     """A value given as an execution plan is not one; the message names the field."""
 
 
-#: plans found well shaped, by identity (a plan is read as unchanging once checked, as the kernel reads it)
-_CHECKED: dict[int, Any] = {}
-#: plans the compiler made in this process, by identity: (the plan, the digest of its content as compiled)
-_VOUCHED: dict[int, tuple[Any, bytes]] = {}
-_CHECKED_SIZE = 32
+#: plans found well shaped, by identity, the most recently used last (a plan is read as unchanging once checked, as
+#: the kernel reads it); the entry is the plan itself, so that its id is not reused while it is remembered
+_CHECKED: OrderedDict[int, Any] = OrderedDict()
+_CHECKED_SIZE = 512
+#: digests of plan contents found well shaped, or made by the compiler in this process (:func:`vouch`), the most
+#: recently used last: a plan object not remembered by identity (one more than :data:`_CHECKED_SIZE` in use, a copy,
+#: a plan read again from its file) costs a digest of its content (about 1 µs a node), not a check (about 100 µs)
+_GOOD: OrderedDict[bytes, None] = OrderedDict()
+_GOOD_SIZE = 8192
+#: held while either memory changes (threads checking plans at once)
+_LOCK = threading.Lock()
 _EXPRESSION_FIELDS = ("when", "fail_when", "items", "on")
 
 
@@ -75,39 +85,51 @@ def check_plan(plan: Any, what: str = "the plan") -> None:
 def checked_problem(plan: Any) -> str | None:
     """:func:`plan_problem`, asked once of a plan object.
 
-    A plan found well shaped is remembered by identity (the last 32), so a second check of the same object
-    (a runtime's, ``flowdsl show``'s of a record header read a moment before) costs nothing: from then on it
-    is read as unchanging, as the kernel reads it (:func:`flowdsl.kernel_program.prepare` keeps its indexes by
-    identity too) — a plan to change is compiled anew, or copied. A plan the compiler made in this process
-    (:func:`vouch`) is well shaped as made: it passes unchecked when its content is still what the compiler
-    made — compared by a digest of it (about 1 µs a node, against about 100 µs for the check), so a plan
-    changed between compiling and its first check (a field set by hand, a node removed) is checked in full
-    like any other, and a malformed one refused before a runtime can trip on it.
+    A plan found well shaped is remembered by identity (the last 512 used), so a second check of the same
+    object (a runtime's at each run, ``flowdsl show``'s of a record header read a moment before) costs
+    nothing: from then on it is read as unchanging, as the kernel reads it (:func:`flowdsl.kernel_program.prepare`
+    keeps its indexes by identity too) — a plan to change is compiled anew, or copied. Its content is
+    remembered too, by a digest (the last 8,192): another object of the same content — one of more plans than
+    are remembered by identity, a copy — costs the digest (about 1 µs a node, against about 100 µs for the
+    check). A plan the compiler made in this process (:func:`vouch`) is well shaped as made: it passes
+    unchecked when its content is still what the compiler made, so a plan changed between compiling and its
+    first check (a field set by hand, a node removed) is checked in full like any other, and a malformed one
+    refused before a runtime can trip on it.
     """
-    if _CHECKED.get(id(plan)) is plan:
+    key = id(plan)
+    if _CHECKED.get(key) is plan:
+        with _LOCK:
+            if key in _CHECKED:
+                _CHECKED.move_to_end(key)
         return None
-    vouched = _VOUCHED.pop(id(plan), None)
-    if vouched is None or vouched[0] is not plan or _digest(plan) != vouched[1]:
+    digest = _digest(plan)
+    if digest is None or digest not in _GOOD:
         problem = plan_problem(plan)
         if problem is not None:
             return problem
-    _remember(_CHECKED, plan, plan)
+    with _LOCK:
+        _remember(_CHECKED, key, plan, _CHECKED_SIZE)
+        if digest is not None:
+            _remember(_GOOD, digest, None, _GOOD_SIZE)
     return None
 
 
 def vouch(plan: dict[str, Any]) -> None:
-    """Note that the compiler has just made ``plan`` (it calls this): its first :func:`check_plan` is then a
-    comparison of its content with what was made, not a check (see :func:`checked_problem`)."""
+    """Note that the compiler has just made ``plan`` (it calls this): a :func:`check_plan` of a plan of that
+    content is then a comparison of digests, not a check (see :func:`checked_problem`)."""
     digest = _digest(plan)
     if digest is not None:
-        _remember(_VOUCHED, plan, (plan, digest))
+        with _LOCK:
+            _remember(_GOOD, digest, None, _GOOD_SIZE)
 
 
-def _remember(cache: dict[int, Any], plan: Any, entry: Any) -> None:
-    cache.pop(id(plan), None)
-    if len(cache) >= _CHECKED_SIZE:
-        cache.pop(next(iter(cache)))
-    cache[id(plan)] = entry
+def _remember(cache: OrderedDict[Any, Any], key: Any, entry: Any, size: int) -> None:
+    """Remember ``entry`` under ``key`` as the most recently used; forget the least recently used beyond ``size``
+    (under :data:`_LOCK`)."""
+    cache[key] = entry
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def _digest(plan: Any) -> bytes | None:

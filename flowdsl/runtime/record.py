@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -179,7 +180,7 @@ class RunRecorder:
                 from None
         self._held: list[bytes] = []  # lines not yet written
         self._whole = 0  # the bytes on disk that are whole lines: where a failed write is cut back to
-        self._reserve = _reserve(self.path.parent)  # room, on a full disk, for the line saying so
+        self._reserve: _Reserve | None = _RESERVES.take(self.path.parent)  # room, on a full disk, for its line
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
         self.write_many(({"type": "record", "plan": plan, "input": run_input, **extra},))
@@ -213,7 +214,7 @@ class RunRecorder:
                 self.flush()
         fh, self._fh = self._fh, None
         self._held.clear()
-        self._free_reserve()  # (before the line is written: it is there for it)
+        self._free_reserve(spend=True)  # (before the line is written: it is there for it)
         if fh is None:
             return
         try:
@@ -239,15 +240,64 @@ class RunRecorder:
             self._fh = None
         self._free_reserve()
 
-    def _free_reserve(self) -> None:
+    def _free_reserve(self, spend: bool = False) -> None:
+        """Done with the reserve: the record is closed, or a write failed (``spend``: the room is freed now, for
+        the line saying so)."""
         reserve, self._reserve = self._reserve, None
         if reserve is not None:
+            _RESERVES.give_back(reserve, spend=spend)
+
+
+#: the room kept on a records directory's file system for the ``record_failed`` lines of the runs recording there
+#: (sixteen blocks of most file systems: room for the lines of a few hundred runs)
+RESERVE_BYTES = 65536
+
+
+class _Reserve:
+    """The room kept for one records directory: its file's descriptor (None once freed) and the records using it."""
+
+    __slots__ = ("directory", "fd", "users")
+
+    def __init__(self, directory: str, fd: int | None):
+        self.directory, self.fd, self.users = directory, fd, 0
+
+
+class _Reserves:
+    """One reserve per records directory for the whole process, shared by the records open there (each run held a
+    descriptor of its own for it besides its record's: two per run in flight, and 1,000 recorded runs at once did
+    not fit ``ulimit -n 1024``). A record whose write failed frees it (every run recording there is then as short
+    of room, and the lines saying so fit in it); the next record opened there makes a new one if it can. Safe
+    from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_dir: dict[str, _Reserve] = {}
+
+    def take(self, directory: Path) -> _Reserve:
+        key = os.fspath(directory)
+        with self._lock:
+            reserve = self._by_dir.get(key)
+            if reserve is None or reserve.fd is None:
+                reserve = self._by_dir[key] = _Reserve(key, _reserve(directory))
+            reserve.users += 1
+            return reserve
+
+    def give_back(self, reserve: _Reserve, *, spend: bool) -> None:
+        """A record is done with ``reserve``: closed (the last one there closes the reserve too), or its write
+        failed (``spend``: the room is freed now, for its line and those of the others)."""
+        with self._lock:
+            reserve.users -= 1
+            if not (spend or reserve.users <= 0):
+                return
+            fd, reserve.fd = reserve.fd, None
+            if self._by_dir.get(reserve.directory) is reserve:
+                del self._by_dir[reserve.directory]
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.close(reserve)
+                os.close(fd)
 
 
-#: the room kept on a record's file system for its ``record_failed`` line (two blocks of most file systems)
-RESERVE_BYTES = 8192
+_RESERVES = _Reserves()
 
 
 def _reserve(directory: Path) -> int | None:

@@ -1,6 +1,7 @@
 """A plan's shape is checked once (flowdsl.runtime.plancheck): not again for a plan the compiler made in this
-process and left as it made it, nor twice by `flowdsl show` for the plan of the record it reads. The check is
-counted by wrapping ``plan_problem``, the whole check."""
+process and left as it made it, nor for another object of a content found well shaped, nor twice by
+`flowdsl show` for the plan of the record it reads. The check is counted by wrapping ``plan_problem``, the whole
+check; each test starts with the memories of a fresh process."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
         return whole(plan)
 
     monkeypatch.setattr(plancheck, "plan_problem", counted)
+    monkeypatch.setattr(plancheck, "_CHECKED", type(plancheck._CHECKED)())
+    monkeypatch.setattr(plancheck, "_GOOD", type(plancheck._GOOD)())
     yield seen
 
 
@@ -47,10 +50,30 @@ def test_a_plan_compiled_in_this_process_is_not_checked_again(checks: list[Any])
     assert checks == []
 
 
-def test_a_copy_of_a_compiled_plan_is_checked(checks: list[Any]) -> None:
-    """The compiler vouches for the object it made, not for equal ones from elsewhere (a file, a record)."""
+def test_a_copy_of_a_compiled_plan_is_not_checked_but_one_changed_is(checks: list[Any]) -> None:
+    """The compiler vouches for the content it made (by a digest): an equal copy passes unchecked; a copy changed
+    even in a value's type is checked, once."""
+    made = flowdsl.compile_text(SPEC)
+    same = copy.deepcopy(made)
+    check_plan(same)
+    assert checks == []
+    changed = copy.deepcopy(made)
+    changed["nodes"]["a"]["order"] = True  # equal to 1 in Python, but not the content made
+    with pytest.raises(PlanError):
+        check_plan(changed)
+    assert checks == [changed]
+
+
+def test_a_plan_from_elsewhere_is_checked_once_by_content(checks: list[Any]) -> None:
+    """A plan that was not compiled here (a file, a record) is checked on its first use; another object of the
+    same content — read again, or one of more plans than are remembered by identity — is not checked again."""
     plan = copy.deepcopy(flowdsl.compile_text(SPEC))
+    plancheck._GOOD.clear()  # (as if compiled elsewhere)
     check_plan(plan)
+    check_plan(plan)
+    check_plan(copy.deepcopy(plan))
+    assert checks == [plan]
+    plancheck._CHECKED.clear()
     check_plan(plan)
     assert checks == [plan]
 
@@ -85,6 +108,7 @@ def test_show_checks_the_record_s_plan_once(tmp_path: Path, checks: list[Any]) -
     assert checks == []
     for options in ([], ["--format", "json"]):
         checks.clear()
+        plancheck._GOOD.clear()  # (as in another process than the one that ran it)
         shown = CliRunner().invoke(app, ["show", "r1", "--runs-dir", str(tmp_path), *options])
         assert shown.exit_code == 0, shown.output
         assert len(checks) == 1 and checks[0] == plan
