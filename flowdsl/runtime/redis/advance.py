@@ -149,7 +149,7 @@ class Advancer:
         self.snapshot_limit = SNAPSHOT_LIMIT
         self.rules = rules
         self._cache: OrderedDict[str, RunRecord] = OrderedDict()
-        self._locks: dict[str, deque[asyncio.Future[None]]] = {}
+        self._locks: dict[str, _Waiters] = {}
         # transition tokens: unique per process (random) and per transition (counter), with no system call each
         self._tokens = nonces(6)
         self.transitions = 0
@@ -188,7 +188,7 @@ class Advancer:
         locks = self._locks
         if not recover and precheck is None and run_id not in locks:
             # the lock is free (the usual case): taken at once, with no lock object and no coroutine for it
-            locks[run_id] = deque()
+            locks[run_id] = _NO_WAITERS
             try:
                 queued = _Queued(event, guard, reporter, ack, chain)
                 outcome, relay, acked = _alone(queued, *await self._write(run_id, [queued], None))
@@ -248,7 +248,7 @@ class Advancer:
         record = self._cache.get(run_id)
         if record is None or run_id in locks:
             return await self.apply_event(run_id, event, guard=guard, reporter=reporter, ack=ack, chain=chain)
-        locks[run_id] = deque()
+        locks[run_id] = _NO_WAITERS
         relay: tuple[int, list[dict[str, Any]], tuple[str, ...]] | None = None
         acked = True
         try:
@@ -284,9 +284,10 @@ class Advancer:
             raise
         finally:
             _release(locks, run_id)
-        done_ack = list(ack) if acked and chain.command is None else []
-        if done_ack or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's step)
-            await self._tail(run_id, relay, (), done_ack)
+        if acked and chain.command is None and ack:  # (else, with nothing to relay: a chain's step)
+            await self._tail(run_id, relay, (), list(ack))
+        elif relay is not None and (relay[1] or relay[2]):
+            await self._tail(run_id, relay, (), [])
         return outcome
 
     async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
@@ -304,7 +305,7 @@ class Advancer:
         if run_id in self._locks:
             await self._lock(run_id).__aenter__()
         else:
-            self._locks[run_id] = deque()  # free (the usual case): taken at once, with no coroutine for it
+            self._locks[run_id] = _NO_WAITERS  # free (the usual case): taken at once, with no coroutine for it
         try:
             if recover:
                 followups = await self._flush(run_id, trigger)
@@ -344,7 +345,8 @@ class Advancer:
             _release(self._locks, run_id)
         acks = [] if chain is not None and chain.command else list(ack)
         if not late:
-            await self._tail(run_id, relay, followups, acks)
+            if acks or followups or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's start)
+                await self._tail(run_id, relay, followups, acks)
             return outcome
         # the start request is acknowledged only once the late cancel is written: a process that dies
         # before leaves it pending, and whoever takes it over finds the cancel still to apply
@@ -880,21 +882,29 @@ def _acks(ack: list[dict[str, Any]], acked: bool, chain: Chain | None) -> list[d
     return list(ack) if acked and (chain is None or chain.command is None) else []
 
 
+#: the waiters for a run's lock, in order — or :data:`_NO_WAITERS`
+_Waiters = deque[asyncio.Future[None]] | tuple[()]
+#: a run's lock held with nobody waiting (the usual case): no queue is made until someone waits
+_NO_WAITERS: tuple[()] = ()
+
+
 class _RunLock:
     """A per-run lock that exists only while held: uncontended (the usual case) it costs a dict entry and no
     future; waiters queue in FIFO order and are handed the lock directly."""
 
     __slots__ = ("run_id", "table")
 
-    def __init__(self, table: dict[str, deque[asyncio.Future[None]]], run_id: str):
+    def __init__(self, table: dict[str, _Waiters], run_id: str):
         self.table = table
         self.run_id = run_id
 
     async def __aenter__(self) -> None:
         waiters = self.table.get(self.run_id)
         if waiters is None:
-            self.table[self.run_id] = deque()
+            self.table[self.run_id] = _NO_WAITERS
             return
+        if not isinstance(waiters, deque):  # (held, and the first to wait: the queue is made now)
+            waiters = self.table[self.run_id] = deque()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(waiter)
         try:
@@ -913,12 +923,13 @@ class _RunLock:
         _release(self.table, self.run_id)
 
 
-def _release(table: dict[str, deque[asyncio.Future[None]]], run_id: str) -> None:
+def _release(table: dict[str, _Waiters], run_id: str) -> None:
     """Release a run's lock: to its first waiter still waiting, else the lock goes (see :class:`_RunLock`)."""
     waiters = table[run_id]
-    while waiters:
-        waiter = waiters.popleft()
-        if not waiter.done():
-            waiter.set_result(None)  # the lock passes to it
-            return
+    if isinstance(waiters, deque):
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the lock passes to it
+                return
     del table[run_id]

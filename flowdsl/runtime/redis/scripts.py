@@ -56,7 +56,8 @@ end
 #: The n input events become journal entries of versions expected+1 … expected+n (a group commit: the results
 #: queued behind one another for a run, applied in one write). Every guard is checked before anything is written.
 #: Returns {1, new version, {task ids cancelled while queued}} (when creating the run, a fourth item: its
-#: ``cancel`` field as it is now, so that a cancel held while the start was computed is not missed)
+#: ``cancel`` field as it is now, so that a cancel held while the start was computed is not missed), or, applied
+#: with none cancelled and the run not created (the usual answer), the new version alone
 #: | {2, version} (version conflict)
 #: | {3, version, lease} (the guard failed) | {4, version} (this token was applied already: the last transition,
 #: or one of the journal's last 256 entries carries it — a retry after a lost reply) | {5} (no such run)
@@ -201,6 +202,7 @@ if h[4] then
   end
 end
 if expected == 0 then return {1, newv, cancelled, redis.call('HGET', run, 'cancel') or ''} end
+if #cancelled == 0 then return newv end
 return {1, newv, cancelled}
 """
 

@@ -245,6 +245,44 @@ _TRANSITION_HEAD = b"$7\r\nEVALSHA\r\n$40\r\n" + _TRANSITION.sha.encode() + b"\r
 _BULK = {n: b"*%d\r\n%%b" % (8 + n) + b"$%d\r\n%b\r\n" * (n + 1) for n in range(1, 9)}
 
 
+#: stands for the run id in the arguments of a :class:`_RunCommand` (never in a run id: keys.check_run_id)
+_RUN_MARK = "\x00"
+
+
+class _RunCommand:
+    """The RESP of command arguments that differ only by the run id they name: packed once with a mark for it,
+    then, for a run, by one bytes format — hiredis formats each argument's length with ``sprintf`` (~1k
+    instructions an argument), and so does a format of its own per argument. ``head``: RESP put before them."""
+
+    __slots__ = ("_format", "_lengths")
+
+    def __init__(self, args: Sequence[str | bytes], head: bytes = b""):
+        parts = [head.replace(b"%", b"%%")]
+        self._lengths: list[int] = []  # of each argument that names the run, less the run id's own
+        for arg in args:
+            raw = arg.encode() if isinstance(arg, str) else arg
+            if raw.count(_RUN_MARK.encode()) == 1:
+                parts.append(b"$%d\r\n" + raw.replace(b"%", b"%%").replace(_RUN_MARK.encode(), b"%b") + b"\r\n")
+                self._lengths.append(len(raw) - 1)
+            else:
+                parts.append((b"$%d\r\n%b\r\n" % (len(raw), raw)).replace(b"%", b"%%"))
+        self._format = b"".join(parts)
+
+    def pack(self, run_id: str) -> bytes:
+        raw = run_id.encode()
+        n = len(raw)
+        return self._format % tuple([x for length in self._lengths for x in (length + n, raw)])
+
+
+#: the fields of a run's hash that :meth:`Store.submission` reads
+_SUBMISSION = ("submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel", "born")
+#: a RELAY call that only acknowledges a stream entry (a run's end), packed as RESP but for the stream, the entry id
+#: and the consumer (:meth:`Store.relay`)
+_ACK = b"*9\r\n$7\r\nEVALSHA\r\n$40\r\n" + _RELAY.sha.encode() + b"\r\n$1\r\n1\r\n$%d\r\n%b\r\n" + \
+    (b"$%d\r\n%b\r\n$1\r\na\r\n$1\r\n1\r\n" % (len(GROUP), GROUP.encode())).replace(b"%", b"%%") + \
+    b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
+
+
 def _bulk(n: int) -> bytes:
     """The RESP format of a TRANSITION call with ``n`` blobs (:data:`_BULK`, made for more when needed)."""
     found = _BULK.get(n)
@@ -253,16 +291,17 @@ def _bulk(n: int) -> bytes:
     return found
 
 
-def _transition_result(reply: list[Any]) -> TransitionResult:
+def _transition_result(reply: list[Any] | int) -> TransitionResult:
     """The TRANSITION script's reply as a :class:`TransitionResult`."""
+    if type(reply) is int:  # applied: the usual answer, the new version alone (made without NamedTuple's keywords)
+        return _new_result(TransitionResult, (1, reply, "", (), ()))
+    assert isinstance(reply, list)
     code = int(reply[0])
-    if code == 1 and len(reply) == 3 and not reply[2]:  # the usual answer, without NamedTuple's keywords
-        return _new_result(TransitionResult, (1, int(reply[1]), "", (), ()))
     if code == 1:
         cancelled = reply[2]
-        return TransitionResult(1, int(reply[1]), cancelled_queued=tuple(t.decode() for t in cancelled)
-                                if cancelled else (), held_cancels=cancel_reasons(reply[3] if len(reply) > 3
-                                                                                  else None))
+        return _new_result(TransitionResult, (1, int(reply[1]), "", tuple(t.decode() for t in cancelled)
+                                              if cancelled else (), cancel_reasons(reply[3] if len(reply) > 3
+                                                                                   else None)))
     if code == 3:
         return TransitionResult(3, int(reply[1]), lease=(reply[2] or b"").decode())
     if code in (2, 4, 6, 7):
@@ -285,6 +324,10 @@ class Store:
         self.keys = keys
         self.batcher = batcher or Batcher(client)
         self.plans: dict[str, dict[str, Any]] = {}
+        # the calls made once per run, packed here on the lean connection (:class:`_RunCommand`)
+        self._run_keys = _RunCommand(keys.run_keys(_RUN_MARK), head=_TRANSITION_HEAD)
+        self._submission = _RunCommand(["HMGET", keys.run(_RUN_MARK), *_SUBMISSION], head=b"*%d\r\n" % (
+            2 + len(_SUBMISSION)))
         #: plan id -> the futures of the reads waiting for its read in flight
         self._plan_reads: dict[str, list[asyncio.Future[dict[str, Any] | None]]] = {}
 
@@ -395,9 +438,10 @@ class Store:
         """The submitted start request of a run (plan, input, settings; ``cancel``: the reasons of the cancel
         requests held for its start, in order), or None."""
         key = self.keys.run(run_id)
+        read = self.call("HMGET", key, *_SUBMISSION) if self.batcher.wire is None else \
+            self.batcher.call_packed(self._submission.pack(run_id))
         # (unpacked, not zipped into a dict: one read per run started)
-        submitted, raw_pid, raw_input, seed, ret, sts, version, cancel, born = await self.call(
-            "HMGET", key, "submitted", "pid", "input", "seed", "ret", "sts", "v", "cancel", "born")
+        submitted, raw_pid, raw_input, seed, ret, sts, version, cancel, born = await read
         if submitted is None or raw_pid is None or raw_input is None:
             return None
         pid = raw_pid.decode()
@@ -482,8 +526,7 @@ class Store:
         connection, kept in ``record.packed`` (packed once per record)."""
         if record is not None and record.packed:
             return record.packed
-        packed = _TRANSITION_HEAD + b"".join([b"$%d\r\n%b\r\n" % (len(k), k)
-                                              for k in [key.encode() for key in self.keys.run_keys(run_id)]])
+        packed = self._run_keys.pack(run_id)
         if record is not None:
             record.packed = packed
         return packed
@@ -605,6 +648,9 @@ class Store:
         ``version`` of ``run_id`` (a pickup drops it too: the message it relayed exists; either is enough — an
         entry kept after its relay would be relayed again at every recovery, piling up the messages of a task
         nobody picks up)."""
+        if len(ops) == 1 and ops[0]["o"] == "ack" and version is None and self.batcher.wire is not None:
+            await self._ack(ops[0])  # (a run's end, or a message dropped: a trigger's acknowledgement alone)
+            return
         keys: list[str] = []
         index: dict[str, int] = {}
 
@@ -635,6 +681,15 @@ class Store:
             # (a crash, a dropped connection) leaves an entry relayed again by a later recovery — a duplicate
             # message, dropped at pickup — and waiting for it would hold the handler one more round trip
             self.call("HDEL", self.keys.outbox(run_id), version).add_done_callback(retrieved)
+
+    async def _ack(self, op: dict[str, Any]) -> None:
+        """:meth:`relay` of one acknowledgement (``ack_op``), packed here (:data:`_ACK`): the same RELAY call."""
+        stream, entry_id, consumer = op["s"].encode(), op["i"].encode(), op["c"].encode()
+        try:
+            await self.batcher.call_packed(_ACK % (len(stream), stream, len(entry_id), entry_id, len(consumer),
+                                                   consumer))
+        except NoScriptError:
+            await _RELAY(self.batcher, [op["s"]], [GROUP, "a", 1, op["i"], op["c"]])
 
     async def outbox(self, run_id: str, trigger: str = "") -> list[tuple[int | None, list[dict[str, Any]]]]:
         """What a process that died left to relay for the run: its outbox entries, oldest first, then the
