@@ -102,12 +102,26 @@ def test_flowdsl_worker_whose_user_has_no_channel_exits_2_with_one_line(acl: Mak
     assert f"while subscribing to the channel '{prefix}:cancel'" in errors[0] and f"&{prefix}:cancel" in errors[0]
 
 
-def test_a_worker_whose_user_may_not_name_its_connections_is_told_so_not_blamed_on_its_first_command(
-        acl: MakeUser, prefix: str) -> None:
-    said = refused(acl(*without(documented(prefix), "+client|setname")), prefix)
-    assert "while naming its connection to Redis (CLIENT SETNAME, sent as each connection opens): this user has no " \
-           "permissions to run the 'client|setname' command; " in said, said
-    assert "TIME" not in said
+def test_a_user_that_may_not_name_its_connections_serves_and_submits_unnamed(acl: MakeUser, prefix: str) -> None:
+    """CLIENT SETNAME only labels connections: an ACL user without ``+client|setname`` (or a server with CLIENT
+    renamed away) still serves, submits and follows, its connections unnamed (docs/runtime.md, "ACL users"). (The
+    worker's and the client's lean connections need the change of wire.py in /tmp/redisfix/pending-wire.py.diff.)"""
+    url = acl(*without(documented(prefix), "+client|setname"))
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(compile_text(SAGA), {})
+            worker = worker_here(url, prefix)
+            serving = asyncio.create_task(worker.serve())
+            try:
+                return await asyncio.wait_for(client.follow(sub.run_id), 20)
+            finally:
+                worker.stop()
+                await asyncio.wait_for(serving, 20)
+
+    assert asyncio.run(main()).status == "completed"
+    r = CliRunner().invoke(app, ["runs", "--redis-url", url, "--prefix", prefix])
+    assert r.exit_code == 0, r.output
 
 
 def test_a_worker_whose_user_may_not_run_scripts_is_refused_at_startup(acl: MakeUser, prefix: str) -> None:

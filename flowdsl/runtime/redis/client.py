@@ -37,7 +37,16 @@ from flowdsl.runtime.execute import json_problem, text_problem, worker_reference
 from flowdsl.runtime.listing import RunRow
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import new_run_id
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, connect, resolve_prefix, resolve_url
+from flowdsl.runtime.redis.connection import (
+    TRANSIENT,
+    Backoff,
+    ServerFacts,
+    connect,
+    resolve_prefix,
+    resolve_url,
+    server_facts,
+    server_unwell,
+)
 from flowdsl.runtime.redis.keys import Keys, check_run_id
 from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
 from flowdsl.runtime.redis.store import (
@@ -97,18 +106,20 @@ class RunGone(LookupError):
     """A run that existed while it was being followed no longer does (its keys were lost: a Redis restarted
     without persistence, a flushed database, an expiry)."""
 
-    def __init__(self, run_id: str):
-        super().__init__(f"run '{run_id}' no longer exists in Redis (was Redis restarted without persistence, "
-                         "or its database flushed?)")
+    def __init__(self, run_id: str, facts: ServerFacts | None = None):
+        causes = (f"{facts.loss_causes()}?" if facts is not None and facts.evicts else
+                  "was Redis restarted without persistence, or its database flushed?")
+        super().__init__(f"run '{run_id}' no longer exists in Redis ({causes})")
         self.run_id = run_id
 
 
 class RunNotFound(LookupError):
     """No run with this id under this prefix (never submitted, or past its retention)."""
 
-    def __init__(self, run_id: str, prefix: str):
+    def __init__(self, run_id: str, prefix: str, facts: ServerFacts | None = None):
+        evicted = f", or evicted by the server ({facts.eviction()})" if facts is not None and facts.evicts else ""
         super().__init__(f"no run '{run_id}' in Redis under the prefix '{prefix}' (never submitted, "
-                         "or finished longer ago than its retention)")
+                         f"or finished longer ago than its retention{evicted})")
         self.run_id = run_id
 
 
@@ -277,6 +288,20 @@ class RedisClient:
                 await wire.aclose()
         self._readers.clear()
 
+    async def server_facts(self) -> ServerFacts | None:
+        """The server's settings the runtime's guarantees rest on (eviction, persistence; see
+        :class:`~flowdsl.runtime.redis.connection.ServerFacts`), or None when the server will not say (``INFO``
+        refused) or cannot be reached now."""
+        try:
+            return await server_facts(self.redis)
+        except TRANSIENT:
+            return None
+
+    async def server_warnings(self) -> list[str]:
+        """What a submitter should be told of the server: that it evicts keys when full (runs may vanish)."""
+        facts = await self.server_facts()
+        return [facts.warnings()[0]] if facts is not None and facts.evicts else []
+
     # --- submitting ---------------------------------------------------------------------
 
     async def submit(self, plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
@@ -386,7 +411,7 @@ class RedisClient:
         reply = await _CANCEL(self.store.batcher, [self.keys.run(run_id)], [reason])
         code = int(reply[0])
         if code == 0:
-            raise RunNotFound(run_id, self.keys.prefix)
+            raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
         if code == 1:
             return "finished"
         if code == 3:
@@ -403,7 +428,7 @@ class RedisClient:
         got = await self.store.call("HMGET", self.keys.run(run_id), "status", "flow", "submitted", "started",
                                     "finished")
         if got[0] is None and got[2] is None:
-            raise RunNotFound(run_id, self.keys.prefix)
+            raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
         return _info(run_id, got)
 
     async def result(self, run_id: str) -> tuple[RunResult | None, Journal]:
@@ -421,7 +446,7 @@ class RedisClient:
         pid = await self.store.call("HGET", self.keys.run(run_id), "pid")
         plan = await self.store.plan(run_id, pid.decode()) if pid is not None else None
         if plan is None:
-            raise RunNotFound(run_id, self.keys.prefix)
+            raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
         return plan
 
     async def follow(self, run_id: str, *, on_event: EventHook | None = None, on_notice: NoticeHook | None = None,
@@ -575,9 +600,14 @@ class RedisClient:
                     # persistence, flushed) has no such run any more, and its journal would stay silent forever
                     checked = time.monotonic()
                     if not reply and not await self.store.call("EXISTS", self.keys.run(run_id)):
-                        raise RunGone(run_id)
+                        raise RunGone(run_id, await self.server_facts())
                 backoff.reset()
             except TRANSIENT as exc:
+                await _reconnect(backoff, exc, on_notice)
+                continue
+            except redis.ResponseError as exc:
+                if not server_unwell(exc):  # (a failover: the server became a replica, UNBLOCKED; out of memory)
+                    raise
                 await _reconnect(backoff, exc, on_notice)
                 continue
             for _, entries in reply or ():
@@ -706,9 +736,14 @@ class RedisClient:
 
 
 async def _reconnect(backoff: Backoff, exc: Exception, on_notice: NoticeHook | None) -> None:
-    """Following lost its connection: say so the first time in a row, then wait the backoff's next delay."""
+    """Following lost its connection, or Redis refuses to answer for now (a failover under way, out of memory):
+    say so the first time in a row, then wait the backoff's next delay."""
     if backoff.failures == 0 and on_notice is not None:
-        on_notice(f"lost the connection to Redis ({exc}); reconnecting")
+        if isinstance(exc, redis.ResponseError):
+            on_notice(f"Redis refuses for now ({exc}); the run goes on in the worker processes; reading it again "
+                      "with backoff")
+        else:
+            on_notice(f"lost the connection to Redis ({exc}); reconnecting")
     await backoff.wait()
 
 

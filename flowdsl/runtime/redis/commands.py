@@ -41,9 +41,9 @@ from flowdsl.runtime.redis.connection import (
     TRANSIENT,
     RedisConfigError,
     describe_url,
-    not_a_socket,
     refusal,
     resolve_url,
+    unreachable_reason,
 )
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
@@ -128,7 +128,7 @@ def _guarded(console: Any, url: str | None, body: Callable[[], Coroutine[Any, An
         say(f"Redis at {describe_url(resolved)} refused the credentials of the URL: {exc}")
         return EXIT_USAGE
     except TRANSIENT as exc:
-        say(f"cannot reach Redis at {describe_url(resolved)}: {not_a_socket(resolved) or exc}")
+        say(f"cannot reach Redis at {describe_url(resolved)}: {unreachable_reason(resolved, exc)}")
         return EXIT_USAGE
     except redis.RedisError as exc:  # Redis answered, and said no (or was not Redis): a configuration error
         say(refusal(resolved, exc))
@@ -156,11 +156,16 @@ def run_command(plan: dict[str, Any], data: dict[str, Any], *, url: str | None, 
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
+            for warning in await client.server_warnings():  # (a server that evicts keys: runs may vanish)
+                _say(console, warning, "yellow", "warning")
             missing = await client.unserved(plan)
-            if missing:
-                _say(console, await _unserved_warning(client, plan, missing, schedule_timeout_s), "yellow", "warning")
+            # said once the submission went through: a Redis refusing writes (out of memory) refuses the heartbeats
+            # of live workers too, whose records then look stale — the refusal is the news, not "no worker"
+            unserved = await _unserved_warning(client, plan, missing, schedule_timeout_s) if missing else None
             sub = await client.submit(plan, data, run_id=run_id, seed=seed, retention_s=retention_s,
                                       schedule_timeout_s=schedule_timeout_s)
+            if unserved is not None:
+                _say(console, unserved, "yellow", "warning")
             given.append(sub.run_id)
             if not sub.created:
                 _say(console, f"run '{sub.run_id}' was already submitted: "

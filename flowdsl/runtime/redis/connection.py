@@ -15,17 +15,22 @@ the variable set to nothing) is an error, not the default. Examples::
 
 Connections are made lazily by redis-py; every process loop of the runtime
 survives a lost connection by retrying with exponential backoff
-(:class:`Backoff`), so a Redis restart is an outage, not a crash.
+(:class:`Backoff`), so a Redis restart is an outage, not a crash. A server that
+refuses ``CLIENT SETNAME`` gets unnamed connections. :func:`server_facts` reads
+the server settings the runtime's guarantees rest on (eviction, persistence,
+role: docs/runtime.md, "The Redis server's settings").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import re
 import stat
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
@@ -35,8 +40,12 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-__all__ = ["ACL_DOC", "DEFAULT_URL", "TRANSIENT", "Backoff", "RedisConfigError", "acl_user", "connect", "connect_sync",
-           "describe_url", "no_permission", "refusal", "resolve_prefix", "resolve_url", "server_unwell"]
+__all__ = ["ACL_DOC", "DEFAULT_URL", "SETTINGS_DOC", "TRANSIENT", "Backoff", "RedisConfigError", "ServerFacts",
+           "acl_user", "connect", "connect_sync", "describe_url", "maxclients_reached", "naming_refused",
+           "no_permission", "refusal", "replica_error", "resolve_prefix", "resolve_url", "role_changed",
+           "server_facts", "server_unwell", "unreachable_reason"]
+
+log = logging.getLogger("flowdsl.redis")
 
 DEFAULT_URL = "redis://localhost:6379/0"
 _SCHEMES = ("redis", "rediss", "unix")
@@ -67,14 +76,23 @@ def server_unwell(exc: BaseException) -> bool:
     if not isinstance(exc, redis.ResponseError):
         return False
     text = str(exc)
-    return text.split(" ", 1)[0] in _UNWELL_CODES or _IN_SCRIPT.match(text) is not None
+    return text.split(" ", 1)[0] in _UNWELL_CODES or _IN_SCRIPT.match(text) is not None or role_changed(exc)
 
 
 def groups_lost(exc: BaseException) -> bool:
     """Whether ``exc`` says a stream's consumer group is gone — Redis lost its data (a restart without
-    persistence, a flush): ``NOGROUP``, or ``UNBLOCKED`` for a blocked read whose stream was deleted. The groups
-    are to be made again, not the process stopped."""
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+    persistence, a flush, an eviction): ``NOGROUP``, or ``UNBLOCKED`` for a blocked read whose stream was deleted.
+    The groups are to be made again, not the process stopped. (``UNBLOCKED`` for a server that became a replica
+    is :func:`role_changed`: nothing was lost.)"""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED")) \
+        and not role_changed(exc)
+
+
+def role_changed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a blocked read ended because the server changed role (a failover made it a replica:
+    ``UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)``): the data
+    is where it was, on the new primary; a refusal for now (:func:`server_unwell`), not a loss."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("UNBLOCKED") and "state changed" in str(exc)
 
 
 #: an ACL refusal: ``NOPERM …`` (redis-py's NoPermissionError), or a command inside a script refused, which Redis
@@ -167,6 +185,11 @@ def refusal(url: str, exc: BaseException) -> str:
         text = f"the server did not answer in the Redis protocol ({text}); is this the address of a Redis server?"
     elif no_permission(exc):
         text = f"{text} (the ACL user {acl_user(url)!r} lacks a permission flowdsl needs: see {ACL_DOC})"
+    elif "invalid bulk length" in text:
+        text = f"{text} (a value larger than the server's proto-max-bulk-len: keep large data out of runs)"
+    elif "unknown command" in text:  # (renamed or disabled: its answer quotes the arguments — a script's source)
+        text = re.sub(r", with args beginning with: .*", "", text, flags=re.DOTALL) + \
+            " (renamed or disabled on this server: rename-command)"
     return f"Redis at {where} refused: {text}"
 
 
@@ -266,6 +289,92 @@ def _mask_to_last_at(url: str) -> str:
     return f"{url[:start + 2]}{kept}***{url[at:]}"
 
 
+# --- connection names: optional ---------------------------------------------------------------------------
+#
+# Every connection names itself (CLIENT SETNAME: flowdsl-worker:…, flowdsl-reader:…, flowdsl-client), which only
+# labels it in CLIENT LIST. A server that refuses the command — ``rename-command CLIENT ""``, an ACL user without
+# ``+client|setname`` — must not stop a process from starting: the connections then go unnamed (said once per
+# server and user, at INFO).
+
+#: the servers (address, ACL user) that refused CLIENT SETNAME to this process: its connections there go unnamed
+_UNNAMED: set[tuple[str, str]] = set()
+
+
+def naming_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is a server's refusal of ``CLIENT SETNAME`` (an unknown or renamed command, or an ACL user
+    without ``client|setname``): a reason to go on unnamed, never to stop."""
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc).lower()
+    return "setname" in text and ("unknown" in text or "no permissions" in text or no_permission(exc))
+
+
+def _server_of(connection: Any) -> tuple[str, str]:
+    where = getattr(connection, "path", None) or f"{getattr(connection, 'host', '?')}:{getattr(connection, 'port', '')}"
+    return str(where), str(getattr(connection, "username", None) or "default")
+
+
+def _unnamed(connection: Any, exc: BaseException) -> None:
+    server = _server_of(connection)
+    if server not in _UNNAMED:
+        _UNNAMED.add(server)
+        log.info("Redis at %s refuses to name connections (CLIENT SETNAME: %s); this process's connections go "
+                 "unnamed in CLIENT LIST", server[0], exc)
+    connection.client_name = None
+
+
+class _AsyncNamed:
+    """An asyncio connection that goes on unnamed when the server refuses ``CLIENT SETNAME``."""
+
+    client_name: str | None
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        if self.client_name and _server_of(self) in _UNNAMED:
+            self.client_name = None
+        try:
+            await super().on_connect_check_health(check_health)  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if not (self.client_name and naming_refused(exc)):
+                raise
+            _unnamed(self, exc)  # (the refusal was read: the connection is in step; its setup is done again)
+            await super().on_connect_check_health(check_health)  # type: ignore[misc]
+
+
+class _SyncNamed:
+    """A blocking connection that goes on unnamed when the server refuses ``CLIENT SETNAME``."""
+
+    client_name: str | None
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        if self.client_name and _server_of(self) in _UNNAMED:
+            self.client_name = None
+        try:
+            super().on_connect_check_health(check_health)  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if not (self.client_name and naming_refused(exc)):
+                raise
+            _unnamed(self, exc)
+            super().on_connect_check_health(check_health)  # type: ignore[misc]
+
+
+def _named(mixin: type, base: type) -> type:
+    """``base`` with ``mixin`` first, under ``base``'s own name (what tests and logs that name it expect)."""
+    return type(base.__name__, (mixin, base), {"__module__": __name__, "__doc__": base.__doc__})
+
+
+_ASYNC = {scheme: _named(_AsyncNamed, base) for scheme, base in (
+    ("redis", aioredis.connection.Connection), ("unix", aioredis.connection.UnixDomainSocketConnection),
+    ("rediss", aioredis.connection.SSLConnection))}
+_SYNC = {scheme: _named(_SyncNamed, base) for scheme, base in (
+    ("redis", redis.connection.Connection), ("unix", redis.connection.UnixDomainSocketConnection),
+    ("rediss", redis.connection.SSLConnection))}
+
+
+def _connection_class(url: str, blocking: bool) -> type:
+    scheme = url.split(":", 1)[0]
+    return (_SYNC if blocking else _ASYNC).get(scheme, (_SYNC if blocking else _ASYNC)["redis"])
+
+
 def _options(url: str, client_name: str | None, *, blocking: bool = False) -> dict[str, Any]:
     # each kind of client its own kind of Retry (redis-py 8.2 warns of, and converts, a blocking one given to an
     # asyncio client)
@@ -277,6 +386,7 @@ def _options(url: str, client_name: str | None, *, blocking: bool = False) -> di
         "health_check_interval": 30,
         "client_name": client_name,
         "retry": retry,
+        "connection_class": _connection_class(url, blocking),
     }
     if not url.startswith("unix:"):
         options["socket_keepalive"] = True  # TCP only
@@ -333,3 +443,178 @@ class Backoff:
     def reset(self) -> None:
         self.failures = 0
         self.failing_since = None
+
+
+# --- the server's settings that the runtime's guarantees rest on ----------------------------------------------
+
+#: where the settings a flowdsl Redis needs are documented
+SETTINGS_DOC = 'docs/runtime.md, "The Redis server\'s settings"'
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What a Redis server says of the settings flowdsl's guarantees rest on (``INFO``; ``CONFIG GET`` where the
+    server allows it — managed services often do not: then ``save`` and ``proto_max_bulk_len`` are None)."""
+
+    run_id: str = ""  # changes at every restart of the server
+    role: str = ""  # master | slave ('' when INFO did not say)
+    primary: str = ""  # host:port of the primary a replica follows
+    maxmemory: int = 0
+    policy: str = ""  # maxmemory-policy ('' when unknown)
+    aof: bool | None = None  # appendonly
+    fsync: str | None = None  # appendfsync (CONFIG GET)
+    save: str | None = None  # the RDB save points (CONFIG GET save; '' for none)
+    proto_max_bulk_len: int | None = None  # (CONFIG GET)
+
+    @property
+    def evicts(self) -> bool:
+        """Whether the server deletes keys when it is full (``maxmemory`` set, a policy other than noeviction)."""
+        return self.maxmemory > 0 and self.policy not in ("", "noeviction")
+
+    def eviction(self) -> str:
+        """The eviction setting in a few words (``maxmemory 20mb, maxmemory-policy allkeys-lru``)."""
+        return f"maxmemory {_size(self.maxmemory)}, maxmemory-policy {self.policy}"
+
+    def warnings(self) -> list[str]:
+        """One sentence per setting under which flowdsl cannot keep its guarantees (docs/runtime.md, "Sizing and
+        operating"); none for a server set up as documented."""
+        said = []
+        if self.evicts:
+            what = ("runs (their state, journal and leases), the queues and the timers" if
+                    self.policy.startswith("allkeys") else
+                    "finished runs before their retention ends (with a late answer they still wait for) and the "
+                    "failure counts of the dead letters")
+            said.append(f"this Redis evicts keys when it is full ({self.eviction()}): it may delete {what} — runs "
+                        "then vanish mid-way and step results are dropped; set maxmemory-policy noeviction (Redis "
+                        "then refuses writes when full, which flowdsl waits out) and size maxmemory for the runs "
+                        f"kept ({SETTINGS_DOC})")
+        if self.aof is False and self.save == "":
+            said.append("this Redis keeps no data on disk (appendonly no, save \"\"): a restart of it loses every "
+                        f"run, its queues and timers; set appendonly yes, appendfsync everysec ({SETTINGS_DOC})")
+        elif self.aof is False and self.save:
+            said.append("this Redis persists by RDB snapshots only (appendonly no): a restart of it takes every "
+                        "run back to the last snapshot, so steps completed since run again (with the same "
+                        f"idempotency keys) and results since are lost; set appendonly yes ({SETTINGS_DOC})")
+        return said
+
+    def loss_causes(self) -> str:
+        """The likely causes of data missing from this server, in a few words."""
+        if self.evicts:
+            return f"evicted by the server ({self.eviction()}), or Redis restarted without persistence, or flushed"
+        return "Redis restarted without persistence, or flushed"
+
+    def restart_note(self) -> str:
+        """What a restart of this server may have cost, by its persistence settings."""
+        if self.aof:
+            fsync = self.fsync or "everysec"
+            return {"always": "with appendfsync always, nothing acknowledged was lost",
+                    "no": "with appendfsync no, the writes the OS had not flushed (up to ~30 s) may be lost: runs "
+                          "may have gone back in time, and steps completed since may run again"}.get(
+                fsync, "with appendfsync everysec, up to about a second of writes may be lost: steps completed "
+                       "in that second may run again (with the same idempotency keys)")
+        if self.save:
+            return ("it persists by RDB snapshots only: every run went back to the last snapshot, and steps "
+                    "completed since run again (with the same idempotency keys)")
+        if self.save == "":
+            return "it keeps no data on disk: every run it held is gone"
+        return "what it kept depends on its persistence settings (appendonly, save)"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("gb", 1 << 30), ("mb", 1 << 20), ("kb", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+async def server_facts(client: aioredis.Redis, *, config_get: bool = False) -> ServerFacts | None:
+    """The server's settings (:class:`ServerFacts`), or None when it will not say (``INFO`` refused to the ACL
+    user, or not answered): the caller then checks nothing. ``config_get``: also ask ``CONFIG GET`` (as the
+    default user only: an ACL user's refusal would fill the server's ACL LOG)."""
+    try:
+        info = await client.info()
+    except redis.ResponseError as exc:
+        log.debug("INFO refused (%s): the server's settings are not checked", exc)
+        return None
+    config: dict[str, str] = {}
+    for name in ("save", "appendfsync", "proto-max-bulk-len") if config_get else ():
+        try:  # (refused on managed services, and to ACL users without +config|get: INFO says enough)
+            got = await client.config_get(name)
+        except redis.ResponseError:
+            break
+        config.update({_text(k): _text(v) for k, v in got.items()})
+    return _facts(info, config)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _facts(info: Any, config: dict[str, str]) -> ServerFacts:
+    def get(name: str, default: Any = "") -> Any:
+        value = info.get(name, default) if isinstance(info, dict) else default
+        return _text(value) if isinstance(value, bytes) else value
+
+    def number(value: Any) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return 0
+
+    aof = get("aof_enabled", None)
+    bulk = config.get("proto-max-bulk-len")
+    primary = f"{get('master_host')}:{get('master_port')}" if get("master_host") else ""
+    return ServerFacts(run_id=str(get("run_id")), role=str(get("role")), primary=primary,
+                       maxmemory=number(get("maxmemory", 0)), policy=str(get("maxmemory_policy")),
+                       aof=None if aof is None else bool(number(aof)), fsync=config.get("appendfsync"),
+                       save=config.get("save"), proto_max_bulk_len=number(bulk) if bulk else None)
+
+
+def replica_error(url: str, facts: ServerFacts) -> RedisConfigError | None:
+    """The error of a process pointed at a replica (which refuses every write, for good), or None."""
+    if facts.role != "slave":
+        return None
+    of = f" of {facts.primary}" if facts.primary else ""
+    return RedisConfigError(f"Redis at {describe_url(url)} is a read-only replica{of}: flowdsl writes on every "
+                            "step; point --redis-url at the primary (after a failover, at the replica promoted)")
+
+
+def maxclients_reached(url: str, timeout: float = 0.5) -> bool:
+    """Whether the server of ``url`` refuses new connections now because it has reached its ``maxclients``: it
+    says so (``-ERR max number of clients reached``) as it accepts, then closes — a client that wrote its first
+    command meanwhile sees only a broken pipe or a reset. A connection that only listens reads the answer."""
+    import socket
+
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = parts.path
+        elif parts.scheme == "redis":
+            address = (parts.hostname or "localhost", parts.port or 6379)
+            sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+        else:
+            return False  # (TLS: the answer comes inside the TLS session)
+        with sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            data = sock.recv(256)
+    except (OSError, ValueError):
+        return False
+    return b"max number of clients reached" in data
+
+
+#: what a lost connection looks like when the server closed it as the connection opened
+_CLOSED_AT_ONCE = ("Broken pipe", "Connection reset", "closed by the server", "Connection closed by server")
+
+
+def unreachable_reason(url: str, exc: BaseException) -> str:
+    """Why ``url`` cannot be reached, for a message: a path that is not a socket, a server at its ``maxclients``
+    (whatever the lost connection said), else the error itself."""
+    text = str(exc)
+    if "max number of clients reached" in text or (
+            any(part in text for part in _CLOSED_AT_ONCE) and maxclients_reached(url)):
+        return ("the server has reached its maxclients (it answered \"max number of clients reached\" and closed "
+                "the connection): raise maxclients, or close idle clients (a worker process holds 5 connections, a "
+                "client 1-3)")
+    return not_a_socket(url) or text

@@ -39,7 +39,9 @@ block on every queue and one script can move timers between the two sets)::
                                                handled (undecodable, or their handling failed again and
                                                again): where from, why, and their fields byte for byte
     {<prefix>}:failed:<trigger>        string  how many times handling that entry failed (lives a day)
-    <prefix>:cancel                    pub/sub task ids whose cancellation was requested
+    <prefix>:cancel                    pub/sub task ids whose cancellation was requested (a channel is
+                                               server-wide: every database shares it, so a worker acts
+                                               on a notice only once its own run's lease says xr:)
 
 Timer members are ``t|<run_id>|<timer id>`` (a kernel timer) and
 ``s|<run_id>|<task id>`` (a schedule-to-start deadline); a run id never
@@ -63,8 +65,10 @@ DEFAULT_PREFIX = "flowdsl"
 GROUP = "flowdsl"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 #: every command a worker process, the client and the CLI send (directly, or inside the Lua scripts), as ACL rules
-#: (docs/runtime.md, "ACL users"); the connections also send AUTH, and CLIENT SETINFO, whose refusal is ignored
-ACL_COMMANDS = ("+evalsha +script|load +time +ping +select +client|setname +subscribe +unsubscribe +publish "
+#: (docs/runtime.md, "ACL users"); the connections also send AUTH, and CLIENT SETINFO, whose refusal is ignored.
+#: Two are optional: CLIENT SETNAME (a refusal leaves the connections unnamed) and INFO (a refusal leaves the
+#: server's eviction, persistence and role settings unchecked); CONFIG GET is sent only as the default user
+ACL_COMMANDS = ("+evalsha +script|load +time +ping +select +client|setname +info +subscribe +unsubscribe +publish "
                 "+xadd +xread +xreadgroup +xrange +xrevrange +xlen +xack +xdel +xpending +xclaim +xautoclaim "
                 "+xgroup|create +xgroup|delconsumer +xinfo|consumers +hget +hmget +hset +hdel +hexists +hgetall "
                 "+zadd +zrem +zscore +zcard +zrange +zrevrange +zrangebyscore +exists +del +incr +pexpire")

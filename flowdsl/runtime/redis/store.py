@@ -103,10 +103,12 @@ class RunTooLarge(ValueError):
     """A transition of a run would write more than Redis takes (:data:`TRANSITION_LIMIT`): a result or a context
     too large for the Redis runtime. Nothing was sent; the message says how large, and what to do."""
 
-    def __init__(self, run_id: str, size: int):
+    def __init__(self, run_id: str, size: int, limit: int = TRANSITION_LIMIT):
         self.run_id, self.size = run_id, size
+        held = "what one Redis value holds" if limit >= TRANSITION_LIMIT else \
+            "the largest value this Redis server takes: its proto-max-bulk-len"
         super().__init__(f"run {run_id!r}: this step's transition would write {megabytes(size)} to Redis, more than "
-                         f"one transition may ({megabytes(TRANSITION_LIMIT)}: what one Redis value holds): "
+                         f"one transition may ({megabytes(limit)}: {held}): "
                          "a result, or the context a step is given, is too large for the Redis runtime — keep large "
                          "data out of runs (store it elsewhere and pass its key; docs/runtime.md, Sizing)")
 
@@ -165,27 +167,29 @@ def cancel_reasons(raw: bytes | str | None) -> tuple[str, ...]:
 class Clock:
     """Milliseconds since the epoch on the Redis server's clock: one clock for every machine.
 
-    The offset between this process's clock and the server's ``TIME`` is
-    measured at start and every :attr:`resync_s` seconds (halving the round
-    trip), so ``now()`` costs no round trip. Timer due times are compared with
-    ``TIME`` inside the claim script itself.
+    The offset between this process's monotonic clock and the server's ``TIME``
+    is measured at start and every :attr:`resync_s` seconds (halving the round
+    trip), so ``now()`` costs no round trip, and a step of this machine's wall
+    clock (NTP correcting it, ``date -s``, a VM resumed) cannot move it: timeouts
+    would otherwise fire at once, or late, until the next resync. Timer due
+    times are compared with ``TIME`` inside the claim script itself.
     """
 
     resync_s = 30.0
 
     def __init__(self) -> None:
-        self.offset_ms = 0.0
+        self.offset_ms = (time.time() - time.monotonic()) * 1000.0  # this machine's wall clock until the first sync
         self.synced_at: float | None = None
 
     def now(self) -> int:
-        return int(time.time() * 1000.0 + self.offset_ms)
+        return int(time.monotonic() * 1000.0 + self.offset_ms)
 
     async def sync(self, client: aioredis.Redis) -> None:
         best: tuple[float, float] | None = None
         for _ in range(3):
-            t0 = time.time()
+            t0 = time.monotonic()
             secs, micros = await client.time()
-            t1 = time.time()
+            t1 = time.monotonic()
             sample = (t1 - t0, secs * 1000.0 + micros / 1000.0 - (t0 + t1) * 500.0)
             if best is None or sample[0] < best[0]:
                 best = sample
@@ -323,6 +327,9 @@ class Store:
         self.client = client
         self.keys = keys
         self.batcher = batcher or Batcher(client)
+        #: the largest argument the server takes (its proto-max-bulk-len, when a worker could read it and it is
+        #: below TRANSITION_LIMIT: a larger one makes the server drop the connection)
+        self.bulk_limit = TRANSITION_LIMIT
         self.plans: dict[str, dict[str, Any]] = {}
         # the calls made once per run, packed here on the lean connection (:class:`_RunCommand`)
         self._run_keys = _RunCommand(keys.run_keys(_RUN_MARK), head=_TRANSITION_HEAD)
@@ -509,6 +516,8 @@ class Store:
         size = sum(map(len, args))
         if size > TRANSITION_LIMIT:
             raise RunTooLarge(run_id, size)
+        if self.bulk_limit < TRANSITION_LIMIT and max(map(len, args)) > self.bulk_limit:
+            raise RunTooLarge(run_id, max(map(len, args)), self.bulk_limit)
         try:  # (Script's call inlined: a coroutine less per step)
             if self.batcher.wire is None:
                 reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *self.keys.run_keys(run_id), *args)
@@ -559,6 +568,8 @@ class Store:
         size = len(head) + sum(map(len, blobs))
         if size > TRANSITION_LIMIT:
             raise RunTooLarge(record.run_id, size)
+        if self.bulk_limit < TRANSITION_LIMIT and max(len(head), *map(len, blobs)) > self.bulk_limit:
+            raise RunTooLarge(record.run_id, max(len(head), *map(len, blobs)), self.bulk_limit)
         try:
             if self.batcher.wire is None:
                 reply = await self.batcher.call("EVALSHA", _TRANSITION.sha, 4, *self.keys.run_keys(record.run_id),

@@ -10,12 +10,15 @@ serves and ends soon after it stops:
 - **heartbeat** — every lease/3: renews the stream lease of every entry the
   process holds (``XCLAIM … JUSTID`` resets the idle time) while its task lease
   is still its own (or it has moved on to the next task of its chain);
-  notices cancellations it missed; records liveness; resyncs the clock.
+  notices cancellations it missed; records liveness; resyncs the clock. At
+  start, and with every clock resync, it reads the server's settings: a policy
+  that evicts keys, no persistence, a restart of the server are said.
 - **reclaimer** — ``XAUTOCLAIM`` of entries idle longer than the lease: they
   are handled here again, as taken over (``recover``).
 - **timers** — claims due timers (server clock) and fires them; a claim whose
   firer died is re-claimed after the lease.
-- **cancel listener** — pub/sub of cancelled task ids: interrupts the held task.
+- **cancel listener** — pub/sub of cancelled task ids: interrupts the held task once its own lease (in this
+  database, under this prefix) says it is being cancelled — pub/sub is server-wide, not per database.
 - **tidier** — every ``tidy_s``: removes from the run index the runs that
   expired, up to 2,000 a round, and forgets worker processes silent for
   ``forget_s`` (liveness records; consumer names holding nothing).
@@ -36,8 +39,21 @@ import redis
 
 from flowdsl.kernel import NewerVersion
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, groups_lost, no_permission, server_unwell
+from flowdsl.runtime.redis.connection import (
+    TRANSIENT,
+    Backoff,
+    RedisConfigError,
+    ServerFacts,
+    acl_user,
+    groups_lost,
+    no_permission,
+    replica_error,
+    resolve_url,
+    server_facts,
+    server_unwell,
+)
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
+from flowdsl.runtime.redis.store import TRANSITION_LIMIT
 from flowdsl.runtime.redis.wire import entry_fields
 
 if TYPE_CHECKING:
@@ -75,8 +91,12 @@ def _seen(record: bytes) -> int:
 class Upkeep:
     """The background loops of a worker process (see the module doc); a mixin of ``RedisWorker``."""
 
+    #: the server's settings as last read (:meth:`_check_server`)
+    _server_facts: ServerFacts | None = None
+
     # what the worker provides
     name: str
+    url: str | None
     keys: Keys
     options: WorkerOptions
     stats: WorkerStats
@@ -114,6 +134,7 @@ class Upkeep:
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.options.lease_s / 3)
+        await self._check_server()
         while not self._stopping:
             await self._pause(interval)
             try:
@@ -122,6 +143,7 @@ class Upkeep:
                 if self.clock.stale():
                     assert self.client is not None
                     await self.clock.sync(self.client)
+                    await self._check_server()
             except TRANSIENT as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
             except Exception as exc:  # never let the heartbeat die: without it every lease of this process expires
@@ -131,6 +153,48 @@ class Upkeep:
                     log.warning("worker %s: heartbeat refused by Redis for now (%s)", self.name, exc)
                 else:
                     log.exception("worker %s: heartbeat failed unexpectedly; trying again next beat", self.name)
+
+    async def _check_server(self) -> None:
+        """Read the server's settings (``INFO``; ``CONFIG GET`` where allowed): at start, say once each setting
+        under which the runtime cannot keep its guarantees (eviction, no persistence); later (with every clock
+        resync), say when the server restarted — its ``run_id`` changed — and what that may have cost."""
+        assert self.client is not None
+        try:
+            facts = await server_facts(self.client, config_get=acl_user(resolve_url(self.url)) == "default")
+        except _UNREACHABLE_OR_REFUSED as exc:
+            log.debug("worker %s: the server's settings could not be read (%s)", self.name, exc)
+            return
+        if facts is None:
+            return
+        before, self._server_facts = self._server_facts, facts
+        if facts.proto_max_bulk_len:  # (a smaller largest value than Redis's 512 MB: the transitions' size check)
+            store: Any = self.store  # (loosely typed: a Store without bulk_limit takes it and ignores it)
+            store.bulk_limit = min(TRANSITION_LIMIT, facts.proto_max_bulk_len)
+        if before is None:
+            for warning in facts.warnings():
+                log.warning("worker %s: %s", self.name, warning)
+        elif before.run_id and facts.run_id and before.run_id != facts.run_id:
+            log.warning("worker %s: the Redis server restarted (its run_id changed): %s", self.name,
+                        facts.restart_note())
+            if facts.warnings() != before.warnings():
+                for warning in facts.warnings():
+                    log.warning("worker %s: %s", self.name, warning)
+
+    def _loss_causes(self) -> str:
+        """The likely causes of data gone from Redis (a lost consumer group, a missing run), by the server's
+        settings as last read."""
+        facts = self._server_facts
+        return facts.loss_causes() if facts is not None else "Redis restarted without persistence, or flushed"
+
+    async def _replica_error(self) -> RedisConfigError | None:
+        """The configuration error of a worker pointed at a read-only replica (which refuses every write for
+        good: waiting cannot help), or None (a primary, or the server will not say)."""
+        assert self.client is not None
+        try:
+            facts = await server_facts(self.client)
+        except _UNREACHABLE_OR_REFUSED:
+            return None
+        return replica_error(resolve_url(self.url), facts) if facts is not None else None
 
     async def _renew(self) -> None:
         held = list(self._held.values())
@@ -353,14 +417,34 @@ class Upkeep:
                 while not self._stopping:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                     if message and message.get("type") == "message":
-                        held = self._by_task.get(message["data"].decode())
-                        if held is not None:
-                            self._cancel_requested(held)
+                        task_id = message["data"].decode(errors="replace")
+                        held = self._by_task.get(task_id)
+                        if held is not None and not held.cancel:
+                            self._track(self._cancel_if_ours(held, task_id))
             except TRANSIENT:
                 await backoff.wait()
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _cancel_if_ours(self, held: _Held, task_id: str) -> None:
+        """Interrupt ``held`` for a cancel notice of its task id, if its own run asks for it: the lease of the
+        task in this deployment's tasks hash is ``xr:`` with this attempt's token. Pub/sub channels are
+        server-wide — every database of the server shares them — so a notice may come from another database
+        under the same prefix (a staging deployment in db 4 beside production in db 3), and a run id used again
+        gives the same task ids to another generation of the run: the task id alone proves nothing, the lease
+        token (unique to this attempt) does. A notice that cannot be checked now is left to the heartbeat, which
+        reads the same lease every lease/3."""
+        try:
+            (value,) = await self.store.leases([(held.run_id, task_id)])
+        except _UNREACHABLE_OR_REFUSED:
+            return
+        if value == "xr:" + held.token and held.task_id == task_id and not held.cancel \
+                and self._by_task.get(task_id) is held:
+            self._cancel_requested(held)
+        elif value != "xr:" + held.token:
+            log.debug("worker %s: cancel notice for %s ignored: not this attempt's (another database or another "
+                      "run of the id)", self.name, task_id)
 
     async def _idle_now(self) -> bool:
         """:meth:`_idle`, False while Redis cannot say (unreachable, or refusing work for now)."""

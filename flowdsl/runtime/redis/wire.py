@@ -296,7 +296,11 @@ class WireConnection:
                         raise redis.ConnectionError(f"cannot connect to Redis: no answer to {hello[0][0]} within "
                                                     f"{self.connect_timeout:g} s") from None
                     for command, reply in zip(hello, replies, strict=True):
+                        if isinstance(reply, redis.ConnectionError):
+                            raise reply  # (maxclients reached: the server's first answer, whatever was sent)
                         if isinstance(reply, Exception):
+                            if command[0] == "CLIENT" and "setname" in str(reply).lower():
+                                continue  # naming is optional: CLIENT renamed away, or an ACL without it
                             if command[0] == "SELECT":
                                 raise DatabaseError(int(opts["db"]), str(reply))
                             raise redis.AuthenticationError(str(reply)) if "AUTH" in str(reply).upper() or \

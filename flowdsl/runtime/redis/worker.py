@@ -81,6 +81,7 @@ from flowdsl.runtime.redis.connection import (
     no_permission,
     resolve_url,
     server_unwell,
+    unreachable_reason,
 )
 from flowdsl.runtime.redis.keys import GROUP, Keys, check_run_id
 from flowdsl.runtime.redis.scripts import Batcher
@@ -112,6 +113,21 @@ def _refusal(exc: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__
     return None
+
+
+#: lost connections in a row, while Redis answers other commands, after which handling an entry is a failure
+_CLOSED_TRIES = 6
+
+
+class _ClosedOnEntry(Exception):
+    """Redis closed the connection each time an entry was handled, while it answered other commands."""
+
+    def __init__(self, tries: int, exc: BaseException):
+        super().__init__(f"Redis closed the connection at each of {tries} tries to handle it ({exc}), while it "
+                         "answers other commands: most likely a reply larger than its client-output-buffer-limit "
+                         "for normal clients (a run's plan, input or state is read whole); set "
+                         "`client-output-buffer-limit normal 0 0 0` (Redis's default) or keep runs smaller "
+                         "(docs/runtime.md, \"The Redis server's settings\")")
 
 
 def _for_now(exc: BaseException) -> bool:
@@ -361,6 +377,10 @@ class RedisWorker(Upkeep):
         try:
             try:
                 await self._retrying("connecting", self._setup)
+                # every connection up before saying it serves (and before it counts as live for long): a server at
+                # its maxclients lets some in and not others, and a loop left unconnected would be silent
+                await self._retrying("connecting", lambda: self._connected(reader, reader_wire, cancels,
+                                                                           cancels_wire))
             except TRANSIENT:
                 if not self._stopping:
                     raise
@@ -492,8 +512,8 @@ class RedisWorker(Upkeep):
         async with self._regrouping:
             if self._regroups != seen:
                 return  # made again while this one waited
-            log.warning("worker %s: Redis lost the consumer groups (its data was lost: restarted without "
-                        "persistence, or flushed); making them again", self.name)
+            log.warning("worker %s: Redis lost the consumer groups (its data was lost: %s); making them again",
+                        self.name, self._loss_causes())
             await self._retrying("creating consumer groups", self._setup)
             self._regroups += 1
 
@@ -507,6 +527,17 @@ class RedisWorker(Upkeep):
                     where = "while naming its connection to Redis (CLIENT SETNAME, sent as each connection opens)"
                 raise self._acl_error(exc, where) from None
             raise
+
+    @staticmethod
+    async def _connected(*connections: aioredis.Redis | WireConnection | None) -> None:
+        """PING on each of the reading loops' connections (they open their connections themselves)."""
+        for connection in connections:
+            if isinstance(connection, WireConnection):
+                (reply,) = await connection.execute([("PING",)])
+                if isinstance(reply, Exception):
+                    raise reply
+            elif connection is not None:
+                await connection.ping()
 
     async def _subscribable(self) -> None:
         """Subscribe to the cancel channel and unsubscribe (Redis answers ``NOPERM`` to a user without it)."""
@@ -564,9 +595,15 @@ class RedisWorker(Upkeep):
                                            f"while {what}: {type(refusal).__name__}: {refusal}") from None
                 if not (isinstance(exc, TRANSIENT) or unwell):
                     raise
+                if unwell and what == "connecting":
+                    replica = await self._replica_error()  # a replica refuses writes for good: never waited on
+                    if replica is not None:
+                        raise replica from None
                 if backoff.failures == 0:
                     log.warning("worker %s: Redis %s while %s (%s); retrying with backoff", self.name,
-                                "refusing work for now" if unwell else "unreachable", what, exc)
+                                "refusing work for now" if unwell else "unreachable", what,
+                                exc if unwell else await asyncio.to_thread(unreachable_reason,
+                                                                           resolve_url(self.url), exc))
                 if self._stopping:
                     raise
                 await backoff.wait()
@@ -638,6 +675,21 @@ class RedisWorker(Upkeep):
                 for entry_id, fields in entries:
                     self._spawn(name, entry_id.decode(), fields or {}, recover=False)
 
+    async def _closed_on(self, backoff: Backoff, exc: BaseException) -> None:
+        """Wait before handling an entry again after a lost connection; raise :class:`_ClosedOnEntry` when the
+        connection was lost at each of :data:`_CLOSED_TRIES` tries while Redis answers other commands — the
+        server closes it for this entry (a reply larger than its client-output-buffer-limit): retried at once for
+        ever, it would keep the process reconnecting many times a second and its run waiting silently."""
+        if backoff.failures >= _CLOSED_TRIES and not _refusal(exc):
+            assert self.client is not None
+            try:
+                await self.client.ping()
+            except TRANSIENT:
+                pass  # Redis is down: an outage, waited out
+            else:
+                raise _ClosedOnEntry(backoff.failures, exc) from None
+        await backoff.wait()
+
     def _spawn(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool) -> None:
         """Give a stream entry its handler — or, when it cannot be read, set it aside: whatever an entry holds,
         it never stops the loop that read it."""
@@ -686,12 +738,23 @@ class RedisWorker(Upkeep):
         except NewerVersion as exc:  # a newer flowdsl's run (a rolling upgrade): never apply older rules to it
             log.warning("worker %s: entry %s of %s left for an upgraded worker: %s; it is handled again after the "
                         "lease", self.name, entry_id, stream, exc)
+        except _ClosedOnEntry as exc:  # counted as a failure of the entry: a dead letter at max_failures
+            log.error("worker %s: entry %s of %s: %s", self.name, entry_id, stream, exc)
+            await self._set_aside(stream, entry_id, fields, trigger, str(exc), max(1, self.options.max_failures))
         except RunTooLarge as exc:  # handled again, it would run its step again for the same result: set aside now
             log.error("worker %s: entry %s of %s cannot be handled: %s", self.name, entry_id, stream, exc)
             await self._set_aside(stream, entry_id, fields, trigger, str(exc))
         except Exception as exc:
             if self._config_error(exc, f"while handling entry {entry_id} of '{stream}' (left pending)"):
                 return  # not the message's fault: never a dead letter; it is handled again after the lease
+            if isinstance(exc, redis.ResponseError) and "invalid bulk length" in str(exc):  # handled again, it
+                # would run its step again for the same refusal: set aside now, naming the setting
+                reason = (f"Redis refused a value larger than its proto-max-bulk-len ({exc}): a result, or the "
+                          "context a step is given, is too large for this server — keep large data out of runs, or "
+                          "raise proto-max-bulk-len")
+                log.error("worker %s: entry %s of %s cannot be handled: %s", self.name, entry_id, stream, reason)
+                await self._set_aside(stream, entry_id, fields, trigger, reason)
+                return
             if server_unwell(exc) or isinstance(exc, Contended):  # not the message's fault either
                 log.warning("worker %s: handling entry %s of %s failed for now (%s); it is handled again after the "
                             "lease", self.name, entry_id, stream, _describe(exc))
@@ -779,6 +842,7 @@ class RedisWorker(Upkeep):
                 await self._set_aside(stream, entry_id, fields, trigger, problem)
                 return
             run_id = msg["run_id"]
+            backoff = Backoff()
             while True:
                 try:
                     if msg.get("type") == "start":
@@ -791,11 +855,11 @@ class RedisWorker(Upkeep):
                         event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
                         await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
                     return
-                except TRANSIENT:
+                except TRANSIENT as exc:
                     if self._stopping:
                         return  # the entry stays pending: reclaimed after the lease
                     recover = True
-                    await Backoff().wait()
+                    await self._closed_on(backoff, exc)
         finally:
             (self._cancelling if stream == self.keys.cancels else self._starting).discard(entry_id)
 
@@ -852,6 +916,7 @@ class RedisWorker(Upkeep):
         ack = [self.store.ack_op(held.stream, held.entry_id, self.name)]
         if recover:
             self.stats.reclaimed += 1
+        backoff = Backoff()
         while True:
             try:
                 if recover:
@@ -859,11 +924,11 @@ class RedisWorker(Upkeep):
                 code, value = await self.store.pickup(held.run_id, held.task_id, held.trigger, held.token,
                                                       held.outbox_version, held.generation)
                 break
-            except TRANSIENT:
+            except TRANSIENT as exc:
                 if self._stopping:
                     raise
                 recover = True
-                await Backoff().wait()
+                await self._closed_on(backoff, exc)
         log.debug("pickup %s entry %s recover=%s: %s", held.task_id, held.entry_id, recover, code)
         if code == 4:  # a newer flowdsl's run: its step is not run here (left pending: see _guarded)
             check_rules(int(value), held.run_id)
@@ -955,7 +1020,18 @@ class RedisWorker(Upkeep):
                     backoff = Backoff()
                     log.warning("worker %s: reporting %s failed for now (%s); retrying with backoff", self.name,
                                 held.task_id, _describe(exc))
-                await backoff.wait()
+                try:
+                    await backoff.wait()
+                except asyncio.CancelledError:  # stopping: the result in hand is dropped — say so
+                    log.warning("worker %s: the %s result of %s was never taken by Redis (%s) and is dropped as the "
+                                "process stops: another process runs the step again after the lease, with the same "
+                                "idempotency key", self.name, event["type"], held.task_id, _describe(exc))
+                    raise
+        if outcome == Outcome.MISSING:
+            log.warning("worker %s: the %s result of %s is dropped: its run is gone from Redis (%s)%s", self.name,
+                        event["type"], held.task_id, self._loss_causes(),
+                        "; its effect, if it has one, is undone by nobody (idempotency key "
+                        f"{held.command.get('idempotency_key', '?')})" if event["type"] == "task_succeeded" else "")
         if outcome == Outcome.REJECTED and mode == "lease":
             self.stats.rejected += 1
             log.warning("worker %s: result of %s rejected: its lease had been lost", self.name, held.task_id)
@@ -1061,8 +1137,12 @@ class RedisWorker(Upkeep):
                 if not task.cancelled() or (current is not None and current.cancelling()):
                     raise  # serve() itself is cancelled: stop at once (its finally cancels what is left)
             except Exception as exc:
-                if task is not self._failed and not (no_permission(exc) or isinstance(exc, RedisConfigError)):
-                    # (else said by _loop_ended already)
+                if task is self._failed or no_permission(exc) or isinstance(exc, RedisConfigError):
+                    pass  # (said by _loop_ended already)
+                elif _for_now(exc):  # Redis unreachable or refusing work (a read-only replica, …) as it stopped
+                    log.warning("worker %s: its %s loop ended while stopping: %s", self.name, task.get_name(),
+                                _describe(exc))
+                else:
                     log.exception("worker %s: its %s loop failed while stopping", self.name, task.get_name())
         if self._active:
             await asyncio.wait(set(self._active), timeout=self.options.grace_s)
