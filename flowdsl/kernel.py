@@ -16,8 +16,9 @@ docs/kernel.md is the reference: state, input events, commands, emitted
 events, compensation order, end states, idempotency keys.
 
 Module map: ``kernel_program`` (per-plan indexes, retry arithmetic),
-``kernel_core`` (data rules, emission), ``kernel_engine`` (starting nodes,
-attempts), ``kernel_saga`` (abort, compensation, finishing).
+``kernel_core`` (data rules, emission, :class:`Decision`), ``kernel_engine``
+(starting nodes, attempts, the straight line), ``kernel_saga`` (abort,
+compensation, finishing).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-from flowdsl.kernel_core import RunState
-from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
+from flowdsl.kernel_core import END_STATES, Decision, RunState
+from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine, chain_step
 from flowdsl.kernel_program import _CACHE as _PROGRAMS
 from flowdsl.kernel_program import Program, prepare, retry_delay
-from flowdsl.kernel_saga import END_STATES, LATE_REASON
+from flowdsl.kernel_saga import LATE_REASON
 
 __all__ = [
     "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "NewerVersion",
@@ -52,6 +52,13 @@ INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled
                 "cancel_requested")
 
 Plan = dict[str, Any] | Program
+#: a new run's state, less what is the run's own (set by :func:`start_run`, in this key order)
+_NEW_STATE: dict[str, Any] = {
+    "kernel": None, "run_id": None, "flow": None, "seed": None, "input": None, "status": "running",
+    "started_at": None, "finished_at": None, "error": None, "failed_step": None, "abort": None, "clock": 0,
+    "seq": 0, "remaining": 0, "nodes": None, "iterations": None, "tasks": None, "timers": None, "saga": None,
+    "compensations": None, "compensated": None, "intervention": None, "context": None,
+}
 
 
 class NewerVersion(ValueError):
@@ -61,32 +68,6 @@ class NewerVersion(ValueError):
     :func:`apply` and :func:`start_run` refuse it; a runtime sharing runs with newer processes (Redis, during a
     rolling upgrade) leaves such a run to them instead of treating the event as malformed.
     """
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The outcome of one transition: the new state, commands to carry out, events that happened.
-
-    ``ended``: the task ids the transition took out of flight (answered or timed out), in order. Every task
-    it put in flight has a ``dispatch`` command; so a runtime keeping its own record of the tasks in flight
-    updates it from these two, without comparing the whole ``state["tasks"]`` before and after.
-    """
-
-    state: dict[str, Any]
-    commands: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    ended: list[str] = field(default_factory=list)
-
-    def __init__(self, state: dict[str, Any], commands: list[dict[str, Any]], events: list[dict[str, Any]],
-                 ended: list[str] | None = None):
-        # one per input event: filled in directly (the generated frozen __init__ costs a setattr call per field)
-        fields = self.__dict__
-        fields["state"], fields["commands"], fields["events"] = state, commands, events
-        fields["ended"] = ended if ended is not None else []
-
-    @property
-    def finished(self) -> bool:
-        return self.state["status"] in END_STATES
 
 
 def check_rules(version: int, run_id: object = None) -> None:
@@ -113,22 +94,33 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
     rules' version the run was started under (:data:`STATE_VERSION`; an older one
     for :func:`replay` of a run recorded before).
     """
-    if type(kernel) is int:
-        check_rules(kernel, run_id)
-    if kernel not in range(1, STATE_VERSION + 1):
-        raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
-    check_seed(seed)
-    program = prepare(plan)
-    at = _time(at)
+    # (the checks of check_rules, check_seed, prepare and _time skipped or inline in their usual case)
+    if type(kernel) is not int or kernel != STATE_VERSION:
+        if type(kernel) is int:
+            check_rules(kernel, run_id)
+        if kernel not in range(1, STATE_VERSION + 1):
+            raise ValueError(f"unknown kernel version {kernel!r} (this kernel knows 1 to {STATE_VERSION})")
+    if seed is not None:
+        check_seed(seed)
+    hit = _PROGRAMS.get(id(plan))
+    program = hit[1] if hit is not None and hit[0] is plan else prepare(plan)
+    if type(at) is not int:
+        at = _time(at)
     if seed is None:
         seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big")
-    state = RunState({
-        "kernel": kernel, "run_id": run_id, "flow": program.flow.get("name"), "seed": seed,
-        "input": input, "status": "running", "started_at": at, "finished_at": None, "error": None,
-        "failed_step": None, "abort": None, "clock": 0, "seq": 0, "remaining": 0,
-        "nodes": {}, "iterations": {}, "tasks": {}, "timers": {},
-        "saga": None, "compensations": {}, "compensated": [], "intervention": None, "context": None,
-    })
+    state = RunState(_NEW_STATE)  # (copied, then what is the run's own set: one statement per key)
+    state["kernel"] = kernel
+    state["run_id"] = run_id
+    state["flow"] = program.flow.get("name")
+    state["seed"] = seed
+    state["input"] = input
+    state["started_at"] = at
+    state["nodes"] = {}
+    state["iterations"] = {}
+    state["tasks"] = {}
+    state["timers"] = {}
+    state["compensations"] = {}
+    state["compensated"] = []
     if kernel >= 2:
         state["late_completions"] = []  # (its presence turns the rule on: a version-1 state has none)
     machine = Machine(program, state, at)
@@ -157,7 +149,13 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
     hit = _PROGRAMS.get(id(plan))
     program = hit[1] if hit is not None and hit[0] is plan else prepare(plan)
     at = event.get("at")
-    machine = Machine(program, state, at if type(at) is int else _time(at))
+    if type(at) is not int:
+        at = _time(at)
+    if event.get("type") == "task_succeeded":  # the straight line first: no Machine for a chained step
+        decided = chain_step(program, state, event, at)
+        if decided is not None:
+            return decided
+    machine = Machine(program, state, at)
     machine.handle(event)
     return Decision(state, machine.commands, machine.events, machine.ended)
 

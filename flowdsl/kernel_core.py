@@ -4,14 +4,17 @@ Stage: kernel — pure; imports ``flowdsl.expr`` and the other ``kernel_*``
 modules only; no I/O, no clock. A :class:`Core` lives for the handling of one
 input event: it mutates the run state in place and collects the commands and
 events of the decision. This module holds what every transition needs —
-emitting, timers, instance records, and the data rules: the context a node
-sees, contributions, expression bindings (docs/kernel.md, "Data").
+the :class:`Decision` it returns, emitting, timers, instance records, and the
+data rules: the context a node sees, contributions, expression bindings
+(docs/kernel.md, "Data").
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict, deque
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from flowdsl.expr import ExpressionError, evaluate_template
@@ -20,6 +23,8 @@ from flowdsl.kernel_program import STEP_KINDS, Json, Program
 Record = dict[str, Any]
 #: statuses of a node instance that count as "done" for its dependents
 DONE = ("succeeded", "skipped")
+#: the states in which a run is over
+END_STATES = frozenset({"completed", "failed", "compensated", "needs_intervention", "cancelled"})
 #: contexts kept per run state: the most recently used, and checkpoints left by long rebuilds
 _RECENT = 64
 _CHECKPOINTS = 128
@@ -27,26 +32,45 @@ _CHECKPOINT_EVERY = 32
 
 
 class ContextCache:
-    """Contexts derived for one run (they never change once their node has started)."""
+    """Contexts derived for one run (they never change once their node has started).
+
+    Plain dicts, oldest first (a dict keeps insertion order): ``recent`` in the order of use, ``checkpoints`` in
+    the order they were left; each keeps between its limit (``_RECENT``, ``_CHECKPOINTS``) and twice as many
+    entries, trimmed to the newest ones when it grows past that. (An ``OrderedDict``, or evicting one entry per
+    entry put, costs several times as much, and the straight line puts one per chained step:
+    ``kernel_engine.chain_step``.)
+    """
 
     __slots__ = ("checkpoints", "recent")
 
     def __init__(self) -> None:
-        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.checkpoints: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.recent: dict[str, dict[str, Any]] = {}
+        self.checkpoints: dict[str, dict[str, Any]] = {}
 
     def get(self, ikey: str) -> dict[str, Any] | None:
-        hit = self.recent.get(ikey)
+        recent = self.recent
+        hit = recent.get(ikey)
         if hit is not None:
-            self.recent.move_to_end(ikey)
+            del recent[ikey]  # (moved to the end: the most recently used)
+            recent[ikey] = hit
             return hit
         return self.checkpoints.get(ikey)
 
     def put(self, ikey: str, ctx: dict[str, Any], *, checkpoint: bool = False) -> None:
-        store, size = (self.checkpoints, _CHECKPOINTS) if checkpoint else (self.recent, _RECENT)
-        store[ikey] = ctx
-        if len(store) > size:
-            store.popitem(last=False)
+        if checkpoint:
+            self.checkpoints[ikey] = ctx
+            if len(self.checkpoints) > 2 * _CHECKPOINTS:
+                trim(self.checkpoints, _CHECKPOINTS)
+        else:
+            self.recent[ikey] = ctx
+            if len(self.recent) > 2 * _RECENT:
+                trim(self.recent, _RECENT)
+
+
+def trim(store: dict[str, Any], size: int) -> None:
+    """Keep the last ``size`` entries of ``store`` (in insertion order) only."""
+    for key in list(islice(store, len(store) - size)):
+        del store[key]
 
 
 class RunState(dict[str, Any]):
@@ -72,6 +96,32 @@ class RunState(dict[str, Any]):
         return RunState(copy.deepcopy(dict(self), memo))
 
 
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one transition: the new state, commands to carry out, events that happened.
+
+    ``ended``: the task ids the transition took out of flight (answered or timed out), in order. Every task
+    it put in flight has a ``dispatch`` command; so a runtime keeping its own record of the tasks in flight
+    updates it from these two, without comparing the whole ``state["tasks"]`` before and after.
+    """
+
+    state: dict[str, Any]
+    commands: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    ended: list[str] = field(default_factory=list)
+
+    def __init__(self, state: dict[str, Any], commands: list[dict[str, Any]], events: list[dict[str, Any]],
+                 ended: list[str] | None = None):
+        # one per input event: filled in directly (the generated frozen __init__ costs a setattr call per field)
+        fields = self.__dict__
+        fields["state"], fields["commands"], fields["events"] = state, commands, events
+        fields["ended"] = ended if ended is not None else []
+
+    @property
+    def finished(self) -> bool:
+        return self.state["status"] in END_STATES
+
+
 class Core:
     """The run state, the plan's program and the output of the decision being made."""
 
@@ -91,7 +141,9 @@ class Core:
         self.events: list[dict[str, Any]] = []
         #: the task ids this decision took out of flight (answered, timed out), in order
         self.ended: list[str] = []
-        self.queue: deque[tuple[str, str | None]] = deque()
+        #: (node, container) of the nodes ready to start, in order: made when first needed (most decisions
+        #: start nothing), emptied when the run stops
+        self.queue: deque[tuple[str, str | None]] | None = None
         #: (task id, meta) of the answer being handled: ``meta`` goes into the events about that task
         self.answer: tuple[str, dict[str, Any]] | None = None
         # (a state rebuilt from JSON is a plain dict: no cache to keep, a fresh one for this decision)
@@ -307,10 +359,16 @@ class Core:
     def scope_result(self, scope: str, prefix: str, base: dict[str, Json] | None) -> dict[str, Json]:
         """``base`` (or nothing) plus every succeeded atom of one scope instance, in plan order."""
         out = dict(base) if base is not None else {}
+        nodes, merges = self.nodes, self.p.merges
         for atom in self.p.scope_atoms.get(scope, ()):
-            rec = self.nodes.get(prefix + atom)
+            rec = nodes.get(prefix + atom)
             if rec is not None and rec["status"] == "succeeded":
-                out.update(self.contribution(rec))
+                if atom in merges and "out" not in rec:  # (contribution's usual case, inline: once per atom)
+                    result = rec.get("result")
+                    if result and isinstance(result, dict):
+                        out.update(result)
+                else:
+                    out.update(self.contribution(rec))
         return out
 
     def final_context(self) -> dict[str, Json]:
@@ -374,12 +432,6 @@ class Core:
             return evaluate_template(template, self.p.expressions, data, bindings)
         except ExpressionError as exc:
             raise exc.within(where) from None
-
-    def step_input(self, ikey: str) -> Json:
-        """A step's worker input: its ``with`` template over its context, or the whole context."""
-        template = self.p.nodes[self.nodes[ikey]["node"]].get("with")
-        ctx = self.context(ikey)
-        return dict(ctx) if template is None else self.render(ikey, template, ctx, where="with")
 
     def is_step(self, key: str) -> bool:
         return self.p.kind[key] in STEP_KINDS

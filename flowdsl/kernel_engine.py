@@ -9,12 +9,22 @@ or empty nodes never recurses.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from flowdsl.expr import ExpressionError, truthy
-from flowdsl.kernel_core import _RECENT, DONE, error, switch_label
-from flowdsl.kernel_program import Json, retry_delay, retryable
-from flowdsl.kernel_saga import END_STATES, Saga
+from flowdsl.kernel_core import (
+    _RECENT,
+    DONE,
+    END_STATES,
+    Decision,
+    RunState,
+    error,
+    switch_label,
+    trim,
+)
+from flowdsl.kernel_program import STEP_KINDS, Json, Program, retry_delay, retryable
+from flowdsl.kernel_saga import Saga
 
 #: the error type of an LLM call made with no model configured: never retried, goes to the fallback
 LLM_NOT_CONFIGURED = "LLMNotConfigured"
@@ -24,16 +34,26 @@ INPUT_INVALID = "InputInvalid"
 #: the error of a sub-flow node whose sub-flow did not finish within its file's `timeout:` (never retried)
 SUBFLOW_TIMEOUT = "SubflowTimeout"
 _RESULT_EVENTS = ("task_succeeded", "task_failed", "task_cancelled")
+#: a plain step's ``step_succeeded`` event on the straight line, to copy and complete (``chain_step``)
+_SUCCEEDED: dict[str, Any] = {"type": "step_succeeded", "at": None, "seq": None, "run_id": None, "step": None,
+                              "node": None, "kind": "task", "attempt": None, "task_id": None, "error": None}
 
 
 class Machine(Saga):
     """One decision: the start of a run, or one input event applied to its state."""
 
+    __slots__ = ()  # (as Core's: no instance dict to make per decision)
+
     # --- entry points ------------------------------------------------------------
 
     def start(self) -> None:
         flow = self.p.flow
-        self.emit("run_started", flow=flow.get("name"), seed=self.s["seed"])
+        state = self.s
+        seq = state["seq"]
+        state["seq"] = seq + 1
+        self.events.append({"type": "run_started", "at": self.at, "seq": seq, "run_id": self.run_id, "step": None,
+                            "node": None, "kind": None, "attempt": None, "task_id": None, "error": None,
+                            "flow": flow.get("name"), "seed": state["seed"]})  # (emit's, without its lookups)
         problem = "it is not a JSON object" if not isinstance(self.s["input"], dict) else \
             self.p.schema_error(flow.get("input_schema"), self.s["input"])
         if problem is not None:
@@ -73,8 +93,6 @@ class Machine(Saga):
             if kind == "task_started":
                 self.emit("attempt_started", task["step"], attempt=task["attempt"], task_id=task_id)
             elif kind == "task_succeeded":
-                if self._chain_step(task_id, task, event.get("result")):
-                    return  # (nothing queued: no _pump)
                 self._task_succeeded(task_id, event.get("result"))
             elif kind == "task_failed":
                 self._task_failed(task_id, _error_of(event.get("error")))
@@ -100,24 +118,42 @@ class Machine(Saga):
             self._begin(key, container)
 
     def _start_list(self, keys: list[str], container: str | None) -> None:
+        if self.queue is None:
+            self.queue = deque()
         self.queue.extend((k, container) for k in keys if not self.p.deps[k])
 
     def _begin(self, key: str, container: str | None) -> None:
         lineage = self.lineage(container)
-        if self.prefix(lineage[0]) + key in self.nodes:
+        iteration = lineage[0]
+        ikey = iteration + "/" + key if iteration else key
+        if ikey in self.nodes:
             return
-        ikey = self.new_record(key, container, "running", lineage)
         node = self.p.nodes[key]
+        kind = node["kind"]
         try:
+            if kind in STEP_KINDS and not node.get("when"):  # (the common case: its record from its template)
+                begun, _, _, started, _ = self.p.starts.get(key) or _start_templates(self.p, key)
+                self.nodes[ikey] = rec = begun.copy()
+                rec["parent"] = container  # (one statement per key: a multiple assignment would build a tuple)
+                rec["iter"] = iteration
+                rec["flow"] = lineage[1]
+                rec["started_at"] = self.at
+                rec["t0"] = self.tick()
+                self._step_started(ikey, started)
+                return
+            self.new_record(key, container, "running", lineage)
             if node.get("when") and not truthy(self.evaluate(ikey, node["when"], self.context(ikey), where="when")):
                 self._skip(ikey, "when")
                 self._node_done(ikey)
                 return
-            kind = node["kind"]
-            if kind in ("task", "llm"):
-                self.nodes[ikey].update(attempt=0, attempts=0, phase="main", task=None, t0=self.tick())
-                self.step_event("step_started", ikey, key)
-                self._dispatch(ikey)
+            if kind in STEP_KINDS:  # (the record as above)
+                rec = self.nodes[ikey]
+                rec["attempt"] = 0
+                rec["attempts"] = 0
+                rec["phase"] = "main"
+                rec["task"] = None
+                rec["t0"] = self.tick()
+                self._step_started(ikey, (self.p.starts.get(key) or _start_templates(self.p, key))[3])
             elif kind in ("sequence", "parallel"):
                 self._open_group(ikey, node["children"])
             elif kind == "switch":
@@ -128,6 +164,20 @@ class Machine(Saga):
                 self._begin_flow(ikey, node)
         except ExpressionError as exc:
             self._node_failed(ikey, error("ExpressionError", exc.message))
+
+    def _step_started(self, ikey: str, started: dict[str, Any]) -> None:
+        """A step (task or LLM step) just recorded as started: say so (``started``: its template of the event),
+        and dispatch its first attempt."""
+        state = self.s
+        seq = state["seq"]
+        state["seq"] = seq + 1
+        started = started.copy()
+        started["at"] = self.at
+        started["seq"] = seq
+        started["run_id"] = self.run_id
+        started["step"] = ikey
+        self.events.append(started)
+        self._dispatch(ikey)
 
     def _open_group(self, ikey: str, children: list[str], **info: Any) -> None:
         self.nodes[ikey]["remaining"] = len(children)
@@ -225,6 +275,8 @@ class Machine(Saga):
                 if other is None or other["status"] not in DONE:
                     break
             else:
+                if self.queue is None:
+                    self.queue = deque()
                 self.queue.append((dependent, rec["parent"]))
         container = rec["parent"]
         if container is None:
@@ -300,32 +352,61 @@ class Machine(Saga):
     def _dispatch(self, ikey: str) -> None:
         rec = self.nodes[ikey]
         node = self.p.nodes[rec["node"]]
+        # its input: its ``with`` template over its context, or the whole context (shared, not copied: contexts,
+        # like commands, are read-only — docs/kernel.md)
         try:
-            data = self.step_input(ikey)
+            template = node.get("with")
+            data = self.context(ikey) if template is None else \
+                self.render(ikey, template, self.context(ikey), where="with")
         except ExpressionError as exc:
             self._node_failed(ikey, error("ExpressionError", exc.message))
             return
         attempt: int = rec["attempt"] + 1
         rec["attempt"] = attempt
         rec["attempts"] += 1
-        idem = f"{self.run_id}/{ikey}"
+        run_id = self.run_id
+        idem = f"{run_id}/{ikey}"
+        state = self.s
+        seq = state["seq"]
+        state["seq"] = seq + 1
         if rec["phase"] == "fallback":
-            kind, worker, task_id = "fallback", node["fallback"], f"{idem}#f{attempt}"
-        else:
-            kind, worker, task_id = node["kind"], node.get("worker"), f"{idem}#{attempt}"
-        timeout: int | None = node.get("timeout_ms")
+            kind, task_id = "fallback", f"{idem}#f{attempt}"
+            timeout: int | None = node.get("timeout_ms")
+            worker = node["fallback"]
+            command = {"op": "dispatch", "run_id": run_id, "task_id": task_id, "kind": kind, "step": ikey,
+                       "node": rec["node"], "worker": worker, "input": data, "attempt": attempt,
+                       "idempotency_key": idem, "timeout_ms": timeout, "llm": node.get("llm")}
+            scheduled = {"type": "step_scheduled", "at": self.at, "seq": seq, "run_id": run_id, "step": ikey,
+                         "node": rec["node"], "kind": self.p.kind[rec["node"]], "attempt": attempt,
+                         "task_id": task_id, "error": None, "worker": worker, "task_kind": kind,
+                         "idempotency_key": idem}
+        else:  # (the main phase: from the step's templates, as on the straight line)
+            task_id = f"{idem}#{attempt}"
+            _, _, command, _, scheduled = self.p.starts.get(rec["node"]) or _start_templates(self.p, rec["node"])
+            kind, timeout = command["kind"], command["timeout_ms"]
+            command = command.copy()
+            command["run_id"] = run_id
+            command["task_id"] = task_id
+            command["step"] = ikey
+            command["input"] = data
+            command["attempt"] = attempt
+            command["idempotency_key"] = idem
+            scheduled = scheduled.copy()
+            scheduled["at"] = self.at
+            scheduled["seq"] = seq
+            scheduled["run_id"] = run_id
+            scheduled["step"] = ikey
+            scheduled["attempt"] = attempt
+            scheduled["task_id"] = task_id
+            scheduled["idempotency_key"] = idem
         self.tasks[task_id] = {"step": ikey, "kind": kind, "attempt": attempt,
                                "timer": task_id + "@timeout" if timeout else None}
         rec["status"] = "running"
         rec["task"] = task_id
-        self.commands.append({"op": "dispatch", "run_id": self.run_id, "task_id": task_id, "kind": kind,
-                              "step": ikey, "node": rec["node"], "worker": worker, "input": data,
-                              "attempt": attempt, "idempotency_key": idem, "timeout_ms": timeout,
-                              "llm": node.get("llm") if kind in ("llm", "fallback") else None})
+        self.commands.append(command)
         if timeout:
             self.schedule(task_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=task_id)
-        self.step_event("step_scheduled", ikey, rec["node"], attempt, task_id).update(
-            worker=worker, task_kind=kind, idempotency_key=idem)
+        self.events.append(scheduled)
 
     def _task_succeeded(self, task_id: str, result: Json) -> None:
         task = self.tasks.pop(task_id)
@@ -360,11 +441,19 @@ class Machine(Saga):
                 rec["late"] = {"task_id": task_id, "attempt": task["attempt"], "result": result, "unmapped": True}
             self._attempt_failed(ikey, task_id, error("ExpressionError", exc.message))
             return
-        rec.update(status="succeeded", finished_at=self.at, task=None, result=result, error=None, t1=self.tick())
+        rec["status"] = "succeeded"  # (one statement per key: an update() with keywords builds a dict)
+        rec["finished_at"] = self.at
+        rec["task"] = None
+        rec["result"] = result
+        rec["error"] = None
+        rec["t1"] = self.tick()
         rec.pop("late", None)  # an earlier attempt's success, kept: the same effect, undone as this one's
         if out is not None:
             rec["out"] = out
-        self.emit("step_succeeded", ikey, attempt=task["attempt"], task_id=task_id)
+        done = self.step_event("step_succeeded", ikey, rec["node"], task["attempt"], task_id)
+        answer = self.answer  # (as emit: the meta of the answer being handled)
+        if answer is not None and answer[0] == task_id:
+            done["meta"] = answer[1]
         if self.s["status"] == "running":
             self._node_done(ikey)
         else:
@@ -432,104 +521,6 @@ class Machine(Saga):
             self.late_completed(ikey, late)
         else:
             rec["late"] = late
-
-    def _chain_step(self, task_id: str, task: dict[str, Any], result: Json) -> bool:
-        """A plain step succeeded: decided in one straight line, with the plain step it starts, if any.
-
-        Makes exactly the decision of ``_task_succeeded`` → ``_node_done`` →
-        ``_begin`` → ``_dispatch`` (the same state, commands and events, byte
-        for byte: tests/kernel/test_chain.py compares them) in the cases that
-        dominate long sequences and wide groups, ``Program.chain``: a task with
-        no ``fail_when`` or output map that nothing waits for, or whose one
-        dependent waits for it alone and is a task with no ``when`` or
-        ``with``; and its container stays open. Returns False, having changed
-        nothing, when the case does not apply.
-        """
-        s = self.s
-        nodes = self.nodes
-        step = task["step"]
-        rec = nodes[step]
-        nxt = self.p.chain.get(rec["node"])
-        if nxt is None or task["kind"] != "task" or s["status"] != "running":
-            return False
-        if result is None:
-            result = {}
-        elif not isinstance(result, dict):
-            return False
-        container = rec["parent"]
-        holder = s if container is None else self.iters.get(container) or nodes[container]
-        iteration = rec["iter"]
-        ikey = (iteration + "/" + nxt if iteration else nxt) if nxt else ""
-        if holder["remaining"] <= 1 or ikey in nodes:
-            return False
-        # the step that succeeded
-        del self.tasks[task_id]
-        self.ended.append(task_id)
-        if task["timer"] is not None:
-            self.cancel_timer(task["timer"])
-        at = self.at
-        run_id = self.run_id
-        clock = s["clock"] + 1
-        s["clock"] = clock
-        # (assigned in the order of the update() of _task_succeeded: the same keys in the same order)
-        rec["status"], rec["finished_at"], rec["task"], rec["result"], rec["error"], rec["t1"] = \
-            "succeeded", at, None, result, None, clock
-        rec.pop("late", None)  # (as _task_succeeded)
-        holder["remaining"] -= 1
-        seq = s["seq"]
-        done = {"type": "step_succeeded", "at": at, "seq": seq, "run_id": run_id, "step": step, "node": rec["node"],
-                "kind": "task", "attempt": task["attempt"], "task_id": task_id, "error": None}
-        answer = self.answer
-        if answer is not None and answer[0] == task_id:
-            done["meta"] = answer[1]
-        if not nxt:
-            s["seq"] = seq + 1
-            self.events.append(done)
-            return True
-        # the step it starts, and that step's first attempt
-        s["clock"] = clock = clock + 1
-        s["seq"] = seq + 3
-        node = self.p.nodes[nxt]
-        idem = f"{run_id}/{ikey}"
-        attempt_id = idem + "#1"
-        worker = node.get("worker")
-        timeout: int | None = node.get("timeout_ms")
-        nodes[ikey] = {"node": nxt, "parent": container, "iter": iteration, "flow": rec["flow"],
-                       "status": "running", "started_at": at, "finished_at": None, "error": None,
-                       "attempt": 1, "attempts": 1, "phase": "main", "task": attempt_id, "t0": clock}
-        self.tasks[attempt_id] = {"step": ikey, "kind": "task", "attempt": 1,
-                                  "timer": attempt_id + "@timeout" if timeout else None}
-        # derive "dep": the step's own context plus its contribution (ContextCache.get and .put, inline)
-        cache = self._ctx
-        recent = cache.recent
-        ctx = recent.get(step)
-        if ctx is not None:
-            recent.move_to_end(step)
-        else:
-            ctx = cache.checkpoints.get(step)
-        if ctx is None:
-            ctx = self.context(ikey)
-        else:
-            if rec["node"] in self.p.merges:
-                if result:  # (an empty result adds nothing: the step's context, shared — contexts are read-only)
-                    ctx = {**ctx, **result}
-            else:
-                ctx = {**ctx, **self.contribution(rec)}
-            recent[ikey] = ctx
-            if len(recent) > _RECENT:
-                recent.popitem(last=False)
-        self.commands.append({"op": "dispatch", "run_id": run_id, "task_id": attempt_id, "kind": "task",
-                              "step": ikey, "node": nxt, "worker": worker, "input": dict(ctx),
-                              "attempt": 1, "idempotency_key": idem, "timeout_ms": timeout, "llm": None})
-        if timeout:
-            self.schedule(attempt_id + "@timeout", timeout, "attempt_timeout", ikey, task_id=attempt_id)
-        self.events += (done,
-                        {"type": "step_started", "at": at, "seq": seq + 1, "run_id": run_id, "step": ikey,
-                         "node": nxt, "kind": "task", "attempt": None, "task_id": None, "error": None},
-                        {"type": "step_scheduled", "at": at, "seq": seq + 2, "run_id": run_id, "step": ikey,
-                         "node": nxt, "kind": "task", "attempt": 1, "task_id": attempt_id, "error": None,
-                         "worker": worker, "task_kind": "task", "idempotency_key": idem})
-        return True
 
     def _task_failed(self, task_id: str, err: dict[str, Any]) -> None:
         task = self.tasks.pop(task_id)
@@ -647,3 +638,169 @@ def _error_of(value: Json) -> dict[str, Any]:
             err["types"] = list(types)
         return err
     return {"type": "Error", "message": "" if value is None else str(value)}
+
+
+def chain_step(program: Program, state: dict[str, Any], event: dict[str, Any], at: int | float) -> Decision | None:
+    """A plain step's success decided in one straight line, with the plain step it starts, if any: the
+    decision, or None, having changed nothing, when the case does not apply.
+
+    ``apply`` tries it before building a :class:`Machine` (the general path). It makes exactly the decision
+    of ``handle`` → ``_task_succeeded`` → ``_node_done`` → ``_begin`` → ``_dispatch`` (the same state,
+    commands and events, byte for byte: tests/kernel/test_chain.py compares them) in the cases that dominate
+    long sequences and wide groups, ``Program.chain``: a task with no ``fail_when`` or output map that
+    nothing waits for, or whose one dependent waits for it alone and is a task with no ``when`` or ``with``;
+    its result an object (or null), and its container staying open. Anything unusual (a result of another
+    type, ``meta`` that is not an object, a str subclass as ``task_id``) goes the general way, which judges it.
+    """
+    task_id = event.get("task_id")
+    if type(task_id) is not str:
+        return None
+    tasks: dict[str, dict[str, Any]] = state["tasks"]
+    task = tasks.get(task_id)
+    if task is None or task["kind"] != "task":
+        return None
+    result = event.get("result")
+    if result is None:
+        result = {}
+    elif type(result) is not dict:
+        return None
+    meta = event.get("meta")
+    if meta is not None and type(meta) is not dict:
+        return None
+    nodes: dict[str, dict[str, Any]] = state["nodes"]
+    step = task["step"]
+    rec = nodes[step]
+    key = rec["node"]
+    nxt = program.chain.get(key)
+    if nxt is None or state["status"] != "running":
+        return None
+    container = rec["parent"]
+    holder = state if container is None else state["iterations"].get(container) or nodes[container]
+    iteration = rec["iter"]
+    ikey = (iteration + "/" + nxt if iteration else nxt) if nxt else ""
+    remaining = holder["remaining"]
+    if remaining <= 1 or ikey in nodes:
+        return None
+    # the step that succeeded
+    commands: list[dict[str, Any]] = []
+    run_id: str = state["run_id"]
+    del tasks[task_id]
+    timer = task["timer"]
+    if timer is not None and state["timers"].pop(timer, None) is not None:
+        commands.append({"op": "cancel_timer", "run_id": run_id, "timer_id": timer})
+    clock = state["clock"] + 1
+    state["clock"] = clock
+    # (set in the order of the update() of _task_succeeded: the same keys in the same order. Here and below, one
+    # statement per key: a multiple assignment would build a tuple)
+    rec["status"] = "succeeded"
+    rec["finished_at"] = at
+    rec["task"] = None
+    rec["result"] = result
+    rec["error"] = None
+    rec["t1"] = clock
+    if "late" in rec:  # (as _task_succeeded)
+        del rec["late"]
+    holder["remaining"] = remaining - 1
+    seq = state["seq"]
+    done = _SUCCEEDED.copy()
+    done["at"] = at
+    done["seq"] = seq
+    done["run_id"] = run_id
+    done["step"] = step
+    done["node"] = key
+    done["attempt"] = task["attempt"]
+    done["task_id"] = task_id
+    if meta is not None:
+        done["meta"] = meta
+    if not nxt:
+        state["seq"] = seq + 1
+        return Decision(state, commands, [done], [task_id])
+    # the step it starts, and that step's first attempt: its templates copied and completed
+    _, chained, dispatch, started, scheduled = program.starts.get(nxt) or _start_templates(program, nxt)
+    state["clock"] = clock = clock + 1
+    state["seq"] = seq + 3
+    idem = f"{run_id}/{ikey}"
+    attempt_id = idem + "#1"
+    timeout: int | None = dispatch["timeout_ms"]
+    nodes[ikey] = record = chained.copy()
+    record["parent"] = container
+    record["iter"] = iteration
+    record["flow"] = rec["flow"]
+    record["started_at"] = at
+    record["task"] = attempt_id
+    record["t0"] = clock
+    tasks[attempt_id] = {"step": ikey, "kind": "task", "attempt": 1,
+                         "timer": attempt_id + "@timeout" if timeout else None}
+    # its context, derived "dep": the step's own context plus its contribution (ContextCache.get and .put inline;
+    # the step's context is not moved to the end of ``recent``: the step before put it there, in a sequence)
+    ctx = None
+    if type(state) is RunState:  # (a state rebuilt from JSON is a plain dict, with no cache)
+        cache = state.contexts
+        recent = cache.recent
+        ctx = recent.get(step)
+        if ctx is None:
+            ctx = cache.checkpoints.get(step)
+        if ctx is not None:
+            if key in program.merges:
+                if result:  # (an empty result adds nothing: the step's context, shared — contexts are read-only)
+                    ctx = {**ctx, **result}
+            else:
+                ctx = {**ctx, **Machine(program, state, at).contribution(rec)}
+            recent[ikey] = ctx
+            if len(recent) > 2 * _RECENT:
+                trim(recent, _RECENT)
+    if ctx is None:  # (the step's own context is not cached: derived the general way)
+        ctx = Machine(program, state, at).context(ikey)
+    dispatch = dispatch.copy()
+    dispatch["run_id"] = run_id
+    dispatch["task_id"] = attempt_id
+    dispatch["input"] = ctx
+    dispatch["idempotency_key"] = idem
+    started = started.copy()
+    started["at"] = at
+    started["seq"] = seq + 1
+    started["run_id"] = run_id
+    scheduled = scheduled.copy()
+    scheduled["at"] = at
+    scheduled["seq"] = seq + 2
+    scheduled["run_id"] = run_id
+    scheduled["task_id"] = attempt_id
+    scheduled["idempotency_key"] = idem
+    if iteration:
+        dispatch["step"] = started["step"] = scheduled["step"] = ikey
+    commands.append(dispatch)
+    if timeout:
+        timer = attempt_id + "@timeout"
+        state["timers"][timer] = {"purpose": "attempt_timeout", "step": ikey, "task_id": attempt_id}
+        commands.append({"op": "schedule_timer", "run_id": run_id, "timer_id": timer, "delay_ms": timeout,
+                         "due_at": at + timeout, "purpose": "attempt_timeout", "step": ikey})
+    return Decision(state, commands, [done, started, scheduled], [task_id])
+
+
+#: what starting a step (a task or an LLM step) builds, made once per program and step (``Program.starts``,
+#: :func:`_start_templates`): (its record as ``_begin`` makes it, before the first attempt; its record as the
+#: straight line leaves it, the first attempt dispatched; that attempt's ``dispatch`` command, ``step_started``
+#: and ``step_scheduled`` events). A plain tuple: unpacked on the hot paths (a NamedTuple's is slower)
+StepTemplates = tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
+def _start_templates(program: Program, key: str) -> StepTemplates:
+    """:data:`StepTemplates` of step ``key``: with what is the same every time filled in (its ``step`` as outside
+    for_each bodies), in the key order the general path gives each. Copying a template and setting what varies
+    costs about half as much as building the dict."""
+    node = program.nodes[key]
+    kind, worker, timeout = node["kind"], node.get("worker"), node.get("timeout_ms")
+    begun = {"node": key, "parent": None, "iter": None, "flow": None, "status": "running", "started_at": None,
+             "finished_at": None, "error": None, "attempt": 0, "attempts": 0, "phase": "main", "task": None,
+             "t0": None}
+    chained = {**begun, "attempt": 1, "attempts": 1}
+    dispatch = {"op": "dispatch", "run_id": None, "task_id": None, "kind": kind, "step": key, "node": key,
+                "worker": worker, "input": None, "attempt": 1, "idempotency_key": None, "timeout_ms": timeout,
+                "llm": node.get("llm") if kind == "llm" else None}
+    started = {"type": "step_started", "at": None, "seq": None, "run_id": None, "step": key, "node": key,
+               "kind": kind, "attempt": None, "task_id": None, "error": None}
+    scheduled = {"type": "step_scheduled", "at": None, "seq": None, "run_id": None, "step": key, "node": key,
+                 "kind": kind, "attempt": 1, "task_id": None, "error": None, "worker": worker, "task_kind": kind,
+                 "idempotency_key": None}
+    found = program.starts[key] = (begun, chained, dispatch, started, scheduled)
+    return found

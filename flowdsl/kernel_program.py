@@ -11,6 +11,7 @@ call; plans must not be mutated once prepared.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,7 +73,7 @@ class Program:
         self.merges: frozenset[str] = frozenset(k for k, n in self.nodes.items() if _merges(n))
         self.maps: frozenset[str] = frozenset(k for k, n in self.nodes.items()
                                               if (n.get("output") or {}).get("mode") == "map")
-        #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``Machine._chain_step``)
+        #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``kernel_engine.chain_step``)
         self.chain: dict[str, str] = {}
         for key, node in self.nodes.items():
             if node["kind"] != "task" or node.get("fail_when") or key in self.maps:
@@ -85,6 +86,8 @@ class Program:
                 if (nxt["kind"] == "task" and self.deps[after[0]] == (key,) and not nxt.get("when")
                         and nxt.get("with") is None and self.derive[after[0]] == "dep"):
                     self.chain[key] = after[0]
+        #: step -> what starting it builds, as templates (``kernel_engine.StepTemplates``: made on first use)
+        self.starts: dict[str, Any] = {}
         self.expr_vars: dict[str, frozenset[str]] = {}
         self.expr_steps: dict[str, frozenset[str] | None] = {}
         for eid, info in self.expressions.items():
@@ -279,20 +282,28 @@ def _collect_exprs(template: Json, out: set[str]) -> None:
 
 
 _CACHE: dict[int, tuple[dict[str, Any], Program]] = {}
-_CACHE_SIZE = 64
+#: plans whose Program is kept (a service runs a few hundred flows: above this, every apply() with a plan dict
+#: rebuilt its Program); a runtime that holds a plan's Program for a run's life passes it instead of the dict
+_CACHE_SIZE = 512
+#: held while the cache changes: prepare() is called from several threads at once (flowdsl.run() in a threaded
+#: server), and an eviction racing another (``pop(next(iter(...)))``) raised KeyError or "dictionary changed
+#: size during iteration" out of apply()
+_CACHE_LOCK = threading.Lock()
 
 
 def prepare(plan: dict[str, Any] | Program) -> Program:
-    """The :class:`Program` for ``plan`` (cached by the plan object's identity)."""
+    """The :class:`Program` for ``plan`` (cached by the plan object's identity; safe from several threads)."""
     if isinstance(plan, Program):
         return plan
     hit = _CACHE.get(id(plan))
     if hit is not None and hit[0] is plan:
         return hit[1]
     program = Program(plan)
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[id(plan)] = (plan, program)
+    with _CACHE_LOCK:
+        _CACHE.pop(id(plan), None)
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[id(plan)] = (plan, program)
     return program
 
 

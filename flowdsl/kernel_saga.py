@@ -20,11 +20,9 @@ import heapq
 from typing import Any
 
 from flowdsl.expr import ExpressionError
-from flowdsl.kernel_core import Core, error
+from flowdsl.kernel_core import END_STATES, Core, error
 from flowdsl.kernel_program import Json, retry_delay, retryable
 
-#: the states in which a run is over
-END_STATES = frozenset({"completed", "failed", "compensated", "needs_intervention", "cancelled"})
 #: a compensation's status -> its ``status`` in ``intervention``: ``failed`` (for good, or it was waiting to
 #: retry when the run stopped), ``in_flight`` (running when the run stopped: it may or may not have taken effect)
 _LEFT_STATUS = {"failed": "failed", "retrying": "failed", "running": "in_flight"}
@@ -46,6 +44,8 @@ IN_FLIGHT_REASON = ("an attempt of the step was in flight when the run stopped: 
 class Saga(Core):
     """Abort, cancellation of in-flight work, compensation and the end of a run."""
 
+    __slots__ = ()
+
     # --- abort --------------------------------------------------------------------
 
     def abort(self, reason: str, err: dict[str, Any], step: str | None) -> None:
@@ -55,7 +55,7 @@ class Saga(Core):
         if self.s["status"] != "running":
             return
         self.s.update(status="aborting", abort=reason, error=err, failed_step=step)
-        self.queue.clear()
+        self.queue = None
         if step is not None:
             self._fail_ancestors(self.nodes[step]["parent"], err)
             self.settle_late(step)
@@ -417,7 +417,7 @@ class Saga(Core):
         """End the run: settle leftover records and timers, record the final context, say so (``extra``: more
         fields of ``run_finished``)."""
         self.s.update(status=status, finished_at=self.at)
-        self.queue.clear()
+        self.queue = None
         for timer_id in list(self.timers):
             self.cancel_timer(timer_id)
         for rec in self.nodes.values():

@@ -1,4 +1,4 @@
-"""The kernel's straight-line path for plain sequences (``Machine._chain_step``) decides exactly what the
+"""The kernel's straight-line path for plain sequences (``kernel_engine.chain_step``) decides exactly what the
 general path decides: the same state, commands and events, byte for byte, over random and hand-picked flows."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flowdsl.kernel import Program, apply, start_run
-from flowdsl.kernel_engine import Machine
+from flowdsl.kernel_engine import chain_step
 from tests.kernel.plans import plan_files, plan_of, plan_yaml
 from tests.kernel.sim import Sim, fail, hang, ok
 from tests.kernel.test_properties import Tree, build, draw_script, trees
@@ -56,13 +56,14 @@ def test_a_plain_sequence_is_decided_on_the_straight_line(monkeypatch: pytest.Mo
     plan = plan_of([f"s{i}" for i in range(6)])
     assert Program(plan).chain == {**{f"s{i}": f"s{i + 1}" for i in range(5)}, "s5": ""}
     taken: list[bool] = []
-    original = Machine._chain_step
+    original = chain_step
 
-    def spy(self: Machine, *args: Any) -> bool:
-        taken.append(original(self, *args))
-        return taken[-1]
+    def spy(*args: Any) -> Any:
+        decided = original(*args)
+        taken.append(decided is not None)
+        return decided
 
-    monkeypatch.setattr(Machine, "_chain_step", spy)
+    monkeypatch.setattr("flowdsl.kernel.chain_step", spy)  # (apply's name for it)
     assert Sim(Program(plan)).run().status == "completed"  # type: ignore[arg-type]
     assert taken == [True] * 5 + [False]  # the last step closes the run: the general path
 
@@ -168,3 +169,47 @@ def test_meta_of_an_answer_goes_into_its_event_on_the_straight_line() -> None:
         outputs.append(json.dumps([d.state, d.commands, d.events]))
         assert d.events[0]["meta"] == {"llm": {"model": "m"}} and "meta" not in d.events[1]
     assert outputs[0] == outputs[1]
+
+
+def guarded_flow(when: bool) -> dict[str, Any]:
+    """Steps of every kind of container, each with a ``when`` that holds, or none."""
+    def step(name: str, **options: Any) -> Any:
+        if when:
+            options["when"] = "${ true }"
+        return {name: options} if options else name
+
+    return plan_of([
+        step("a"),
+        step("b", timeout="20ms", retry={"attempts": 2, "initial": "1ms"}),
+        {"parallel": "p", "branches": [step("c"), {"sequence": "s", "steps": [step("d"), step("e")]}]},
+        {"for_each": "lines", "items": "${ $input.lines }", "steps": [step("f"), step("g", compensate="undo_g")]},
+        step("gen", llm={"signature": "name -> greeting", "instructions": "Greet."}, fallback="template_greeting"),
+        step("h"),
+    ], input={"type": "object"})
+
+
+@pytest.mark.parametrize("script", [
+    {},
+    {"b": [hang(), ok({"b": 1})], "gen": fail("LLMNotConfigured", "no LM"), "e": ok({"e": 2})},
+    {"lines[1]/g": ok({"g": 1}), "h": fail("Broken")},
+], ids=["all succeed", "retries and a fallback", "a failure undone"])
+def test_steps_started_from_their_templates_decide_as_those_with_a_when(script: dict[str, Any]) -> None:
+    """A step with no ``when`` starts from its templates (``kernel_engine.StepTemplates``), on the straight line
+    or not; one with a ``when`` that holds gets its record built field by field and is never on the straight
+    line: the same decisions, byte for byte."""
+    plain, guarded = guarded_flow(when=False), guarded_flow(when=True)
+    assert any(Program(plain).chain.values()) and not any(Program(guarded).chain.values())  # (no step starts another)
+    run_input = {"lines": [1, 2], "name": "Ann"}
+    assert transcript(Sim(plain, script, input=run_input).run()) == \
+        transcript(Sim(guarded, script, input=run_input).run())
+
+
+def test_the_contexts_kept_per_run_stay_bounded() -> None:
+    from flowdsl.kernel_core import _RECENT, RunState
+
+    plan = plan_of([f"s{i}" for i in range(5 * _RECENT)])
+    sim = Sim(plan, {f"s{i}": ok({f"v{i}": i}) for i in range(5 * _RECENT)}).run()
+    assert sim.status == "completed"
+    assert isinstance(sim.state, RunState) and _RECENT <= len(sim.state.contexts.recent) <= 2 * _RECENT
+    last = sim.dispatches[-1]["input"]
+    assert list(last) == [f"v{i}" for i in range(5 * _RECENT - 1)]
