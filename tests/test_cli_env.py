@@ -30,7 +30,7 @@ import pytest
 
 from flowdsl.runtime import inputs, listing
 from flowdsl.runtime.inputs import InputError, read_input
-from flowdsl.runtime.record import RunRecorder, check_records_dir, ends_mid_line
+from flowdsl.runtime.record import RESERVE_BYTES, RunRecorder, check_records_dir, ends_mid_line
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ecommerce_order"
@@ -351,9 +351,9 @@ def test_a_failed_record_write_without_room_for_its_note_ends_at_its_last_whole_
 
 
 def test_a_full_disk_mid_run_leaves_a_record_that_show_and_runs_read_truthfully(tmp_path: Path) -> None:
-    with _tiny_tmpfs(tmp_path / "full") as full:
+    with _tiny_tmpfs(tmp_path / "full", size="160k") as full:  # (room for the directory's reserve)
         # room for the header and the start line (about 10.5 KB: three pages) and the reserve, not for the run
-        _fill(full, 12288 + 8192)
+        _fill(full, 12288 + RESERVE_BYTES)
         ran = _flowdsl("run", FLOW, "-i", SUCCESS, "--runs-dir", "full", "--run-id", "r1", cwd=tmp_path)
         assert ran.returncode == 0, ran.stderr
         err = ran.stderr.decode()

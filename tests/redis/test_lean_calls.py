@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import hiredis
 import pytest
 
 import tests.runtime.workers  # noqa: F401  (registers the conf.* workers)
@@ -19,7 +18,7 @@ from flowdsl.runtime.redis.connection import connect
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import RELAY, TRANSITION, Batcher, Script
 from flowdsl.runtime.redis.store import _ACK, _SUBMISSION, Store, TransitionResult, _transition_result
-from flowdsl.runtime.redis.wire import WireConnection, _Protocol, _PyReader
+from flowdsl.runtime.redis.wire import WireConnection, _Protocol, _PyReader, pack
 
 SPEC = "flowdsl: 1\nname: lean\nworkers: [tests.runtime.workers]\nsteps:\n  - conf.a\n"
 
@@ -38,18 +37,18 @@ async def _close(store: Store) -> None:
 
 @pytest.mark.parametrize("prefix_, run_id", [("flowdsl", "r1"), ("a.b:c-d_9", "x" * 128), ("p", "i:9.z-Y_")])
 def test_the_calls_packed_once_per_run_are_what_the_general_way_packs(prefix_: str, run_id: str) -> None:
-    """A run's TRANSITION keys, its submission read and a lone acknowledgement: the bytes hiredis packs from the
+    """A run's TRANSITION keys, its submission read and a lone acknowledgement: the bytes the wire packs from the
     arguments the general way passes."""
     keys = Keys(prefix_)
     store = Store(connect("redis://localhost:1/0"), keys)
-    transition = hiredis.pack_command(("EVALSHA", Script("t", TRANSITION).sha, 4, *keys.run_keys(run_id)))
+    transition = pack(("EVALSHA", Script("t", TRANSITION).sha, 4, *keys.run_keys(run_id)))
     assert b"*7\r\n" + store.packed(None, run_id) == transition
-    assert store._submission.pack(run_id) == hiredis.pack_command(("HMGET", keys.run(run_id), *_SUBMISSION))
+    assert store._submission.pack(run_id) == pack(("HMGET", keys.run(run_id), *_SUBMISSION))
     for stream, entry_id, consumer in [(keys.control, "1796441648937-0", "vm:1:ab"),
                                        (keys.queue("conf.a"), "1-12", "host%d:7:%s|x")]:
         packed = _ACK % (len(stream), stream.encode(), len(entry_id), entry_id.encode(), len(consumer),
                          consumer.encode())
-        assert packed == hiredis.pack_command(("EVALSHA", Script("r", RELAY).sha, 1, stream, GROUP, "a", 1,
+        assert packed == pack(("EVALSHA", Script("r", RELAY).sha, 1, stream, GROUP, "a", 1,
                                                entry_id, consumer))
 
 

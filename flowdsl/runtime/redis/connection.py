@@ -605,7 +605,8 @@ def maxclients_reached(url: str, timeout: float = 0.5) -> bool:
 
 
 #: what a lost connection looks like when the server closed it as the connection opened
-_CLOSED_AT_ONCE = ("Broken pipe", "Connection reset", "closed by the server", "Connection closed by server")
+_CLOSED_AT_ONCE = ("Broken pipe", "Connection reset", "closed by the server", "Connection closed by server",
+                   "Connection lost")  # (the last: redis-py without hiredis, its write refused)
 
 
 def unreachable_reason(url: str, exc: BaseException) -> str:
