@@ -28,8 +28,9 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
+from flowdsl.kernel_chain import chain_step
 from flowdsl.kernel_core import END_STATES, Decision, RunState
-from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine, chain_step
+from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
 from flowdsl.kernel_program import _CACHE as _PROGRAMS
 from flowdsl.kernel_program import Program, prepare, retry_delay
 from flowdsl.kernel_saga import LATE_REASON

@@ -38,7 +38,7 @@ class ContextCache:
     the order they were left; each keeps between its limit (``_RECENT``, ``_CHECKPOINTS``) and twice as many
     entries, trimmed to the newest ones when it grows past that. (An ``OrderedDict``, or evicting one entry per
     entry put, costs several times as much, and the straight line puts one per chained step:
-    ``kernel_engine.chain_step``.)
+    ``kernel_chain.chain_step``.)
     """
 
     __slots__ = ("checkpoints", "recent")

@@ -73,7 +73,7 @@ class Program:
         self.merges: frozenset[str] = frozenset(k for k, n in self.nodes.items() if _merges(n))
         self.maps: frozenset[str] = frozenset(k for k, n in self.nodes.items()
                                               if (n.get("output") or {}).get("mode") == "map")
-        #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``kernel_engine.chain_step``)
+        #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``kernel_chain.chain_step``)
         self.chain: dict[str, str] = {}
         for key, node in self.nodes.items():
             if node["kind"] != "task" or node.get("fail_when") or key in self.maps:
@@ -351,3 +351,32 @@ def retry_delay(policy: dict[str, Any], failed_attempt: int, seed: int, key: str
     fraction = int.from_bytes(digest[:8], "big") / 2**64
     low = 0 if jitter == "full" else delay // 2
     return low + int(fraction * (delay - low + 1))
+
+
+#: what starting a step (a task or an LLM step) builds, made once per program and step (``Program.starts``,
+#: :func:`_start_templates`): (its record as ``_begin`` makes it, before the first attempt; its record as the
+#: straight line leaves it, the first attempt dispatched; that attempt's ``dispatch`` command, ``step_started``
+#: and ``step_scheduled`` events). A plain tuple: unpacked on the hot paths (a NamedTuple's is slower)
+StepTemplates = tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
+def _start_templates(program: Program, key: str) -> StepTemplates:
+    """:data:`StepTemplates` of step ``key``: with what is the same every time filled in (its ``step`` as outside
+    for_each bodies), in the key order the general path gives each. Copying a template and setting what varies
+    costs about half as much as building the dict."""
+    node = program.nodes[key]
+    kind, worker, timeout = node["kind"], node.get("worker"), node.get("timeout_ms")
+    begun = {"node": key, "parent": None, "iter": None, "flow": None, "status": "running", "started_at": None,
+             "finished_at": None, "error": None, "attempt": 0, "attempts": 0, "phase": "main", "task": None,
+             "t0": None}
+    chained = {**begun, "attempt": 1, "attempts": 1}
+    dispatch = {"op": "dispatch", "run_id": None, "task_id": None, "kind": kind, "step": key, "node": key,
+                "worker": worker, "input": None, "attempt": 1, "idempotency_key": None, "timeout_ms": timeout,
+                "llm": node.get("llm") if kind == "llm" else None}
+    started = {"type": "step_started", "at": None, "seq": None, "run_id": None, "step": key, "node": key,
+               "kind": kind, "attempt": None, "task_id": None, "error": None}
+    scheduled = {"type": "step_scheduled", "at": None, "seq": None, "run_id": None, "step": key, "node": key,
+                 "kind": kind, "attempt": 1, "task_id": None, "error": None, "worker": worker, "task_kind": kind,
+                 "idempotency_key": None}
+    found = program.starts[key] = (begun, chained, dispatch, started, scheduled)
+    return found

@@ -1,4 +1,4 @@
-"""The kernel's straight-line path for plain sequences (``kernel_engine.chain_step``) decides exactly what the
+"""The kernel's straight-line path for plain sequences (``kernel_chain.chain_step``) decides exactly what the
 general path decides: the same state, commands and events, byte for byte, over random and hand-picked flows."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flowdsl.kernel import Program, apply, start_run
-from flowdsl.kernel_engine import chain_step
+from flowdsl.kernel_chain import chain_step
 from tests.kernel.plans import plan_files, plan_of, plan_yaml
 from tests.kernel.sim import Sim, fail, hang, ok
 from tests.kernel.test_properties import Tree, build, draw_script, trees
@@ -194,7 +194,7 @@ def guarded_flow(when: bool) -> dict[str, Any]:
     {"lines[1]/g": ok({"g": 1}), "h": fail("Broken")},
 ], ids=["all succeed", "retries and a fallback", "a failure undone"])
 def test_steps_started_from_their_templates_decide_as_those_with_a_when(script: dict[str, Any]) -> None:
-    """A step with no ``when`` starts from its templates (``kernel_engine.StepTemplates``), on the straight line
+    """A step with no ``when`` starts from its templates (``kernel_program.StepTemplates``), on the straight line
     or not; one with a ``when`` that holds gets its record built field by field and is never on the straight
     line: the same decisions, byte for byte."""
     plain, guarded = guarded_flow(when=False), guarded_flow(when=True)
