@@ -789,8 +789,23 @@ class LocalRun:
         if attempt is None or attempt.task is None:
             return  # already answered
         if task_id in self.state["tasks"] and not cancellable(attempt.command, self.registry):
-            return  # a sync worker's thread cannot be stopped: wait for its real outcome
+            if self._take_back(task_id):  # still queued for a free thread: it is never called
+                self._answer(task_id, {"type": "task_cancelled", "task_id": task_id})
+            elif attempt.thread is None:  # not queued yet (its task has not begun): taken back as it is queued
+                self._cancel_soon(attempt)
+            return  # a sync worker's running thread cannot be stopped: wait for its real outcome
         self._cancel_soon(attempt)  # (a sync worker's running thread is still waited for: see _attempt)
+
+    def _take_back(self, task_id: str) -> bool:
+        """Take sync attempt ``task_id`` off the queue of jobs waiting for a free worker thread, if it is there: its
+        worker is never called, and the answer is the caller's to give (its task now ends in a ``CancelledError``
+        nobody asked for, which is not fed). False when it is not queued (its job has begun, or ended)."""
+        attempt = self._tasks.get(task_id)
+        if attempt is None or attempt.thread is None or not attempt.thread.cancel():
+            return False
+        attempt.answered = True
+        del self._tasks[task_id]
+        return True
 
     def _cancel_soon(self, attempt: _Attempt) -> None:
         """Cancel an attempt's task after the step of it already queued: a task cancelled before it has
@@ -843,10 +858,8 @@ class LocalRun:
             return None
         task_id = timer.get("task_id", "")
         attempt, task = self._tasks.get(task_id), self.state["tasks"].get(task_id)
-        if attempt is None or task is None or attempt.thread is None or not attempt.thread.cancel():
+        if attempt is None or task is None or not self._take_back(task_id):
             return None
-        attempt.answered = True  # (its task now ends in a CancelledError nobody asked for: not fed)
-        del self._tasks[task_id]
         if task["kind"] != "compensate" and self.state["nodes"][task["step"]]["status"] == "cancelling":
             return {"type": "task_cancelled", "task_id": task_id}
         timeout = attempt.command.get("timeout_ms")

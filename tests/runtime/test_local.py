@@ -231,9 +231,10 @@ def test_a_deadline_on_the_awaiting_task_is_not_silent(tmp_path: Path, caplog: p
     assert "stopped at once while it ran" in text_shown.stdout and "left to undo by hand" in text_shown.stdout
 
 
-def test_an_aborting_run_waits_for_a_sync_worker_and_undoes_it() -> None:
+def test_an_aborting_run_waits_for_a_sync_worker_and_undoes_it(tmp_path: Path) -> None:
     p = plan("steps:\n  - parallel: p\n    branches:\n      - sync.a: {compensate: undo.a}\n      - conf.b\n")
-    r = go(p, {"a": {"sleep": 0.15}, "b": {"sleep": 0.02, "raise": "Boom"}})
+    called = str(tmp_path / "a.called")  # (b fails once a runs: a sync job still queued would be taken back)
+    r = go(p, {"a": {"sleep": 0.15, "mark": called}, "b": {"after": called, "raise": "Boom"}})
     # a's thread could not be stopped: the kernel got its real result, so a was undone
     assert (r.status, r.steps["a"]["status"], r.compensated) == ("compensated", "succeeded", ["a"])
 

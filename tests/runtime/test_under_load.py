@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import flowdsl
-from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.local import LocalRun, run_flow
 from flowdsl.workers import WorkerRegistry
 
 #: seconds a test's runs may take before it calls them hung
@@ -188,6 +188,84 @@ def test_a_step_that_times_out_waiting_for_a_thread_says_it_was_never_called(
     assert "FLOWDSL_THREADS" in said[0]
 
 
+def _queued_sync_registry() -> tuple[WorkerRegistry, list[str], Any]:
+    """Workers for a sync attempt left queued behind a busy thread: ``slow`` (sync) holds the pool's one thread
+    until the returned event is set, ``queued`` (sync) notes its calls in the returned list, ``boom`` fails as soon
+    as ``slow`` runs, ``undo`` undoes."""
+    running = __import__("threading").Event()
+    calls: list[str] = []
+    reg = WorkerRegistry()
+
+    def slow(data: Any, ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.step_id)
+        running.set()
+        time.sleep(0.3)
+        return {}
+
+    def queued(data: Any, ctx: Any) -> dict[str, Any]:
+        calls.append(ctx.step_id)
+        return {}
+
+    async def boom(data: Any, ctx: Any) -> dict[str, Any]:
+        while not running.is_set():
+            await asyncio.sleep(0.005)
+        raise RuntimeError("declined")
+
+    async def undo(data: Any, ctx: Any) -> dict[str, Any]:
+        calls.append(f"undo {ctx.step_id}")
+        return {}
+
+    for name, fn in {"slow": slow, "queued": queued, "boom": boom, "undo": undo}.items():
+        reg.register(name, fn)
+    return reg, calls, running
+
+
+def test_a_sync_attempt_still_queued_for_a_thread_when_its_sibling_fails_is_never_called(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread, held by ``slow``: ``queued`` waits for it when ``boom`` fails the group. The kernel cancels the
+    siblings: ``slow`` runs on (a thread cannot be stopped) and is awaited, ``queued`` is taken off the queue and
+    never called — not called after the run decided to fail, then undone."""
+    _own_pool(monkeypatch, 1)
+    reg, calls, _ = _queued_sync_registry()
+    plan = flowdsl.compile_text("flowdsl: 1\nname: q\nsteps:\n  - parallel: g\n    branches:\n      - slow\n"
+                                "      - queued: {compensate: undo}\n      - boom\n")
+
+    async def main() -> Any:
+        result = await asyncio.wait_for(run_flow(plan, {}, record=False, registry=reg, import_workers=False), HUNG)
+        await asyncio.sleep(0.4)  # (time for a queued job to have been called, had it been left queued)
+        return result
+
+    result = asyncio.run(main())
+    assert calls == ["slow"]
+    assert result.status == "failed" and result.compensated == []
+    assert {k: v["status"] for k, v in result.steps.items()} == {
+        "g": "failed", "slow": "succeeded", "queued": "cancelled", "boom": "failed"}
+
+
+def test_a_sync_attempt_still_queued_for_a_thread_when_its_run_is_cancelled_is_never_called(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with a cancel of the run, from outside, while ``queued`` waits for the thread."""
+    _own_pool(monkeypatch, 1)
+    reg, calls, running = _queued_sync_registry()
+    plan = flowdsl.compile_text("flowdsl: 1\nname: q\nsteps:\n  - parallel: g\n    branches:\n"
+                                "      - slow: {compensate: undo}\n      - queued: {compensate: undo}\n")
+
+    async def main() -> Any:
+        run = LocalRun(plan, {}, record=False, registry=reg, import_workers=False)
+        task = asyncio.ensure_future(run.run())
+        while not running.is_set():
+            await asyncio.sleep(0.005)
+        run.cancel("enough")
+        result = await asyncio.wait_for(task, HUNG)
+        await asyncio.sleep(0.4)
+        return result
+
+    result = asyncio.run(main())
+    assert calls == ["slow", "undo slow"]
+    assert (result.status, result.compensated) == ("cancelled", ["slow"])
+    assert result.steps["queued"]["status"] == "cancelled"
+
+
 def test_the_thread_limit_is_set_by_flowdsl_threads() -> None:
     """F3: $FLOWDSL_THREADS sets how many worker threads a process may have; a bad value says what it takes."""
     from flowdsl.runtime.execute import THREADS, thread_limit
@@ -207,7 +285,7 @@ def test_a_run_id_in_use_by_a_run_in_progress_is_refused(tmp_path: Any, record: 
     """F8: two orders started with one explicit run id at once would hand the gateway one idempotency key: the
     second is refused (records on or off), nothing of it runs; once the first has ended, the id is free again
     (without records: with them, its record holds it)."""
-    from flowdsl.runtime.local import LocalRun, RunIdInUse
+    from flowdsl.runtime.local import RunIdInUse
 
     reg = WorkerRegistry()
     keys: collections.Counter[str] = collections.Counter()

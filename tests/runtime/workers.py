@@ -13,7 +13,12 @@ outcomes, one per attempt (the last one repeats). An outcome is a mapping:
 - ``result``: the object to return (default ``{}``); ``return``: any value to
   return as it is (to test ``OutputInvalid``);
 - ``stamp``: also return ``{"<id>_t0": start, "<id>_t1": end}`` (perf_counter
-  seconds) to show overlapping execution.
+  seconds) to show overlapping execution;
+- ``mark``: a path; the worker creates that file as it is called (a test waits
+  for it to know that the worker runs), before anything else but
+- ``after``: a path; the worker first waits until that file exists (another
+  worker's ``mark``: this one goes on only once that one runs; at most 30 s,
+  then it raises ``NeverMarked``).
 
 Workers are registered for the ids in :data:`IDS` under four prefixes, so a
 spec writes ``- conf.a`` (id ``a``) with ``compensate: undo.a`` and
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flowdsl.workers import StepContext, registry
@@ -64,6 +70,20 @@ def outcome(data: dict[str, Any], ctx: StepContext, role: str) -> dict[str, Any]
     return {}
 
 
+def _may_go(plan: dict[str, Any], t0: float) -> bool:
+    """Whether the ``after`` file exists (or there is none); after 30 s without it, an error."""
+    if "after" not in plan or Path(plan["after"]).exists():
+        return True
+    if time.perf_counter() - t0 > 30:
+        raise error_class("NeverMarked")(f"{plan['after']} was not created within 30 s")
+    return False
+
+
+def _called(plan: dict[str, Any]) -> None:
+    if "mark" in plan:
+        Path(plan["mark"]).touch()
+
+
 def _answer(plan: dict[str, Any], ctx: StepContext, t0: float) -> Any:
     if "raise" in plan:
         raise error_class(plan["raise"])(plan.get("message", f"{plan['raise']} in {instance_key(ctx)}"))
@@ -81,6 +101,9 @@ def _async_worker(role: str) -> Callable[..., Any]:
         plan = outcome(data, ctx, role)
         t0 = time.perf_counter()
         try:
+            while not _may_go(plan, t0):
+                await asyncio.sleep(0.005)
+            _called(plan)
             if plan.get("hang"):
                 await asyncio.sleep(_FOREVER)
             elif plan.get("sleep"):
@@ -97,6 +120,9 @@ def _sync_worker(role: str) -> Callable[..., Any]:
     def work(data: dict[str, Any], ctx: StepContext) -> Any:
         plan = outcome(data, ctx, role)
         t0 = time.perf_counter()
+        while not _may_go(plan, t0):
+            time.sleep(0.005)
+        _called(plan)
         if plan.get("hang"):
             time.sleep(_FOREVER)
         elif plan.get("sleep"):
