@@ -48,6 +48,7 @@ backoff in every loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import logging
@@ -67,7 +68,7 @@ import redis.asyncio as aioredis
 from flowdsl import kernel
 from flowdsl.kernel import NewerVersion, check_rules
 from flowdsl.runtime.codec import dumps, loads
-from flowdsl.runtime.execute import cancellable, execute
+from flowdsl.runtime.execute import cancellable, execute, wait_for_thread
 from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES, Advancer, Chain, Contended, Outcome, nonces
 from flowdsl.runtime.redis.connection import (
     ACL_DOC,
@@ -288,6 +289,26 @@ class _Held:
     lost: bool = False
     handler: asyncio.Task[Any] | None = field(default=None, repr=False)  # the task running it, while it runs
     interrupted: bool = False  # we cancelled the handler to stop the worker (cancel request, hand-back)
+    #: a sync worker's job in the thread pool (None until queued): while it waits for a free thread, a cancel takes
+    #: it back (it is never called); once it runs, its real outcome is waited for
+    thread: concurrent.futures.Future[Any] | None = field(default=None, repr=False)
+
+    def __call__(self) -> bool:
+        """(``execute.wait_for_thread``:) whether the handler, cancelled while the sync worker's thread runs, goes
+        on waiting for its real outcome: when the cancel is the interrupt of a cancel request (it is then taken
+        back: handled), not a hand-back's or a stop's."""
+        if self.interrupted and self.cancel and not self.hand_back:
+            self.interrupted = False
+            return True
+        return False
+
+    def thread_submitted(self, job: concurrent.futures.Future[Any]) -> None:
+        self.thread = job
+
+    def queued(self) -> bool:
+        """Whether its sync worker's job still waits for a free thread (not called yet)."""
+        job = self.thread
+        return job is not None and not (job.running() or job.done())
 
 
 class RedisWorker(Upkeep):
@@ -946,6 +967,7 @@ class RedisWorker(Upkeep):
         # step of the chain: a chained step makes neither again
         offer = Chain(held.token, self._serves)
         handler = asyncio.current_task()
+        wait_for_thread.set(held)  # (a sync worker's job is kept on it; see _cancel_requested)
         while True:
             event = await self._execute(held, code == 2, handler)
             if event is None:
@@ -960,7 +982,7 @@ class RedisWorker(Upkeep):
                 del self._by_task[held.task_id]
             held.task_id, held.command, held.raw, held.outbox_version = chain.command["task_id"], chain.command, \
                 None, ""
-            held.cancel, code = False, 1
+            held.cancel, held.thread, code = False, None, 1
             self._by_task[held.task_id] = held
             if self._stopping:
                 await self._hand_back(held)  # held already: give it to another process at once
@@ -1111,7 +1133,9 @@ class RedisWorker(Upkeep):
 
     def _cancel_requested(self, held: _Held) -> None:
         held.cancel = True
-        if cancellable(held.command, self.registry):
+        if cancellable(held.command, self.registry) or held.queued():
+            # (a sync worker's job still queued is taken back as the interrupt reaches it: never called; one that
+            # began meanwhile is waited for all the same — a running thread cannot be stopped)
             self._interrupt(held)
 
     @staticmethod
