@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from flowdsl.workers import StepContext as StepContext
     from flowdsl.workers import StepLogger as StepLogger
     from flowdsl.workers import WorkerImportError as WorkerImportError
+    from flowdsl.workers import WorkerRegistry as WorkerRegistry
     from flowdsl.workers import registry as registry
     from flowdsl.workers import worker as worker
 
@@ -66,6 +67,7 @@ _EXPORTS = {
     "StepLogger": "flowdsl.workers",
     "registry": "flowdsl.workers",
     "WorkerImportError": "flowdsl.workers",
+    "WorkerRegistry": "flowdsl.workers",
     "run": "flowdsl.runtime.local",
     "run_flow": "flowdsl.runtime.local",
     "LocalRun": "flowdsl.runtime.local",
@@ -81,9 +83,9 @@ _EXPORTS = {
 
 __all__ = [
     "CompileResult", "Diagnostic", "InputError", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunIdInUse",
-    "RunResult", "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkersMissing", "check_input",
-    "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry", "run", "run_flow", "validate",
-    "worker",
+    "RunResult", "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkerRegistry", "WorkersMissing",
+    "check_input", "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry", "run", "run_flow",
+    "validate", "worker",
 ]
 
 

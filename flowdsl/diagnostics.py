@@ -221,8 +221,10 @@ class SpecError(Exception):
 
     def __init__(self, diagnostics: Iterable[Diagnostic]):
         self.diagnostics = sort_diagnostics(diagnostics)
-        first = next((d for d in self.diagnostics if d.severity == "error"), None)
-        super().__init__(first.format() if first else "invalid spec")
+        errors = [d for d in self.diagnostics if d.severity == "error"]
+        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''}: see .diagnostics)" \
+            if len(errors) > 1 else ""
+        super().__init__(errors[0].format() + more if errors else "invalid spec")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -93,8 +94,12 @@ def expression_id(source: str) -> str:
 
 
 def _jsonata() -> Any:
+    limit = sys.getrecursionlimit()
     import jsonata  # local: keeps `flowdsl --help` fast
 
+    # jsonata-python raises the process's recursion limit to 10,000 as it is imported: the host's limit is its
+    # own (threads with small stacks crash past it instead of raising RecursionError), so it is put back
+    sys.setrecursionlimit(limit)
     expr_bounds.install(jsonata)  # once: what one built-in call may build (see flowdsl.expr_bounds)
     return jsonata
 

@@ -126,6 +126,22 @@ def _check_callable(name: str, fn: Any) -> None:
                         f"its context: fn(data, ctx){remedy}") from None
 
 
+def is_async(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine to await (an async worker, run on the event loop) rather than doing
+    the work (a sync worker, run in a thread): an ``async def`` function or method, a ``functools.partial`` of one,
+    or an instance of a class whose ``__call__`` is ``async def``. A sync function that returns a coroutine (an
+    ``async def`` behind a decorator that does not use ``inspect.markcoroutinefunction``, Python 3.12+) cannot be
+    told apart: it is called in a thread, and what it returns awaited."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if isinstance(fn, functools.partial):
+        return is_async(fn.func)
+    if inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
+        return False
+    call = inspect.getattr_static(type(fn), "__call__", None)  # (the class's own, as calling the object uses it)
+    return inspect.iscoroutinefunction(call)
+
+
 def _signature_problem(signature: inspect.Signature) -> tuple[str, str] | None:
     """Why a function of ``signature`` cannot be called as ``fn(data, ctx)``: what it takes, and what to change
     (``""``, or a remedy starting with ``"; "``); None when that cannot be told."""
@@ -190,8 +206,7 @@ class WorkerRegistry:
                              f"{existing.module}); {_describe_fn(fn)} cannot take the name too: give it another "
                              f"name, or unregister {name!r} first")
         module = getattr(fn.func if isinstance(fn, functools.partial) else fn, "__module__", None)
-        self._workers[name] = Worker(name, fn, inspect.iscoroutinefunction(fn), module if isinstance(module, str)
-                                     else "?")
+        self._workers[name] = Worker(name, fn, is_async(fn), module if isinstance(module, str) else "?")
         return fn
 
     def get(self, name: str) -> Worker | None:
@@ -331,13 +346,15 @@ def import_worker_modules(modules: Iterable[str], search_path: str | None = None
     first, in that order, so spec-relative modules import; afterwards, a
     directory put there stays only if a module of ``modules`` was found in it
     (so that it can import its neighbours later, as a script's directory
-    stays on ``sys.path``). No modules: ``sys.path`` is left alone. Raises
+    stays on ``sys.path``). No modules, or all of them imported already:
+    ``sys.path`` is left alone (other threads see it: runs started by the
+    thousand in a service import nothing after the first). Raises
     :class:`WorkerImportError` naming the first module that fails: the error
     its import raised (any ``BaseException`` — ``sys.exit()`` at import time
     too — but a real Ctrl-C, which propagates), or, when it is nowhere, the
     directories searched and (``suggest``) a module of a close name found there.
     """
-    modules = list(modules)
+    modules = [module for module in modules if module not in sys.modules]
     if not modules:
         return
     places = list(dict.fromkeys(p for p in (search_path, *also) if p))

@@ -130,7 +130,7 @@ def test_compile_text_raises_spec_error_with_every_diagnostic() -> None:
         flowdsl.compile_text(BAD, filename="bad.yaml")
     err = caught.value
     assert [d.code for d in err.diagnostics] == ["FD401", "FD301"]
-    assert str(err) == err.diagnostics[0].format()
+    assert str(err) == err.diagnostics[0].format() + " (and 1 more error: see .diagnostics)"
     assert str(err).startswith("bad.yaml:5:16: error FD401: ")
     assert isinstance(err, Exception)
 
@@ -139,7 +139,11 @@ def test_spec_error_sorts_and_deduplicates() -> None:
     a = Diagnostic("FD301", "second", file="f.yaml", line=9, column=1)
     b = Diagnostic("FD401", "first", file="f.yaml", line=2, column=3)
     err = SpecError([a, b, a])
-    assert err.diagnostics == [b, a] and str(err) == "f.yaml:2:3: error FD401: first"
+    assert err.diagnostics == [b, a]
+    assert str(err) == "f.yaml:2:3: error FD401: first (and 1 more error: see .diagnostics)"
+    assert str(SpecError([b])) == "f.yaml:2:3: error FD401: first"
+    c = Diagnostic("FD402", "third", file="f.yaml", line=12, column=1)
+    assert str(SpecError([a, b, c])).endswith(": first (and 2 more errors: see .diagnostics)")
     assert str(SpecError([])) == "invalid spec"
 
 

@@ -28,8 +28,9 @@ from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem, text_problem
 from flowdsl.shown import visible
 
 
-class InputError(Exception):
-    """The run input is unreadable or does not satisfy the spec's input schema; the message says where."""
+class InputError(ValueError):
+    """The run input is unreadable, not JSON, or does not satisfy the spec's input schema; the message says where.
+    (A ``ValueError``, as runs raised for an input that is not JSON before it existed.)"""
 
 
 def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, Any]:

@@ -292,7 +292,8 @@ class LocalRun:
     is not a dict or ``run_input`` not a dict, ``PlanError`` (a ``ValueError``)
     naming the field when ``plan`` is not shaped like an execution plan,
     :class:`WorkersMissing` when a worker the plan names is not registered,
-    ``ValueError`` for a run input that is not JSON or a bad run id, ``FileExistsError`` when a record
+    :class:`~flowdsl.runtime.inputs.InputError` (a ``ValueError``) for a run input that is not JSON, ``ValueError``
+    for a bad run id, ``FileExistsError`` when a record
     for ``run_id`` already exists, and ``WorkerImportError`` when
     ``import_workers`` is true and a worker module of the plan cannot be imported.
     """
@@ -336,7 +337,7 @@ class LocalRun:
         try:  # the run's own plain copy: what the caller keeps is not shared with the run
             self.run_input: dict[str, Any] = plain_json(run_input)
         except NotJSON as exc:
-            raise ValueError(f"the run input is not a JSON object: {exc}") from None
+            raise InputError(f"the run input is not a JSON object: {exc}") from None
         self.plan = plan
         with _PREPARING:  # the kernel's indexes of the plan, built once (cached by the plan's identity) and handed
             self._program = prepare(plan)  # to every apply(): not looked up again at each event

@@ -7,9 +7,11 @@ application had installed (``signal.signal``, the loop's own, ``asyncio.Runner``
 afterwards kills the process. :func:`take_signal` notes what was there before the first taker on a loop — the
 Python-level handler, the loop's own handler (asyncio's unix loops keep them in ``_signal_handlers``) and the wakeup
 fd — and :func:`give_back_signal` puts it back after the last one, the Python-level handler first, so that no
-moment is left where the signal has its default action. Takers nest: the signal goes to the last one that took it
-and back to the one before when it gives it back. A signal that is ignored (a background job started by a shell,
-``nohup``) stays ignored.
+moment is left where the signal has its default action. A loop whose handlers cannot be seen (uvloop) while the
+signal has a Python-level handler of its own (``uvloop.run()``'s ``asyncio.Runner``) is not touched at all: the
+signal is taken with a Python-level handler that hands it to the loop, and given back by putting the one that was
+there back. Takers nest: the signal goes to the last one that took it and back to the one before when it gives it
+back. A signal that is ignored (a background job started by a shell, ``nohup``) stays ignored.
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ class _Takers:
         self.wakeup_fd = wakeup_fd
         self.before: dict[int, tuple[Any, Any]] = {}
         self.takers: dict[int, list[Callback]] = {}
+        #: the signals taken with a Python-level handler (the loop's own cannot be seen: see the module doc)
+        self.python_level: set[int] = set()
+
+    def python_handler(self, loop: asyncio.AbstractEventLoop) -> Callable[[int, Any], None]:
+        """The Python-level handler that hands a signal to the last taker of it, on ``loop``."""
+        def handle(signum: int, frame: Any) -> None:
+            queue = self.takers.get(signum)
+            if queue:
+                loop.call_soon_threadsafe(queue[-1], signum)
+        return handle
 
 
 _TAKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Takers] = weakref.WeakKeyDictionary()
@@ -63,7 +75,8 @@ def take_signal(loop: asyncio.AbstractEventLoop, signum: int, callback: Callback
     signal support (Windows loops, a loop outside the main thread)."""
     takers = _TAKERS.get(loop)
     if takers is not None and signum in takers.takers:
-        loop.add_signal_handler(signum, callback, signum)
+        if signum not in takers.python_level:
+            loop.add_signal_handler(signum, callback, signum)
         takers.takers[signum].append(callback)
         return True
     if threading.current_thread() is not threading.main_thread():
@@ -73,7 +86,15 @@ def take_signal(loop: asyncio.AbstractEventLoop, signum: int, callback: Callback
         return False
     handlers = getattr(loop, "_signal_handlers", None)
     if not isinstance(handlers, dict) and python_handler is not _default(signum):
-        return False
+        if python_handler is None or not loop.is_running():
+            return False  # (a handler not set from Python; a loop not running could not take the call)
+        if takers is None:
+            takers = _TAKERS[loop] = _Takers(-1)
+        takers.before[signum] = (python_handler, None)
+        takers.takers[signum] = [callback]
+        takers.python_level.add(signum)
+        signal.signal(signum, takers.python_handler(loop))
+        return True
     loop_handler = handlers.get(signum) if isinstance(handlers, dict) else None
     wakeup_fd = signal.set_wakeup_fd(-1) if isinstance(handlers, dict) and takers is None else -1
     try:
@@ -97,13 +118,16 @@ def give_back_signal(loop: asyncio.AbstractEventLoop, signum: int, callback: Cal
     last = queue[-1] == callback
     queue.remove(callback)
     if queue:
-        if last:
+        if last and signum not in takers.python_level:
             loop.add_signal_handler(signum, queue[-1], signum)
         return
     del takers.takers[signum]
     python_handler, loop_handler = takers.before.pop(signum)
     handlers = getattr(loop, "_signal_handlers", None)
-    if isinstance(handlers, dict):
+    if signum in takers.python_level:
+        takers.python_level.discard(signum)
+        signal.signal(signum, python_handler)
+    elif isinstance(handlers, dict):
         # the Python-level handler back first, then the loop's entry dropped by hand: remove_signal_handler sets
         # SIG_DFL, and a SIGTERM between that and putting the saved handler back would kill the process
         signal.signal(signum, python_handler if python_handler is not None else _default(signum))

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from flowdsl.kernel import check_seed
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem, worker_references
+from flowdsl.runtime.inputs import InputError
 from flowdsl.runtime.listing import RunRow
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import new_run_id
@@ -313,8 +314,9 @@ class RedisClient:
         worker's ``--retention``); ``schedule_timeout_s``: how long a dispatched
         attempt may wait for a worker before it fails with
         ``ScheduleToStartTimeout`` (default: the worker's ``--schedule-timeout``,
-        else no limit). Raises ``ValueError`` for a bad run id or an input that
-        is not a JSON object or is larger than :data:`INPUT_LIMIT` as JSON,
+        else no limit). Raises ``ValueError`` for a bad run id or an input
+        larger than :data:`INPUT_LIMIT` as JSON, ``InputError`` (a ``ValueError``)
+        for an input that is not a JSON object,
         ``TypeError`` for a plan that is not a dict and ``PlanError`` (a
         ``ValueError``) for one not shaped like an execution plan, naming the
         field. A plan is read as unchanging once compiled: its encoding is kept
@@ -324,7 +326,7 @@ class RedisClient:
         require_plan(plan)  # (unchecked, a path was an AttributeError, a hand-edited plan a dead letter)
         problem = json_problem(run_input) if isinstance(run_input, dict) else "it is not an object"
         if problem is not None:
-            raise ValueError(f"the run input is not a JSON object: {problem}")
+            raise InputError(f"the run input is not a JSON object: {problem}")
         if run_id is None:
             run_id = new_run_id(plan)  # as the local runtime names runs
         check_run_id(run_id)
