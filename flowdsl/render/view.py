@@ -86,26 +86,47 @@ def format_ms(ms: int | float | None) -> str:
 
 
 def retry_text(retry: Mapping[str, Any] | None, glyphs: Glyphs) -> str | None:
-    """A compact retry policy (``↻4 exp 200ms..2s on PaymentGatewayTimeout not_on CardDeclined``): the
-    error types retried (``on``) and never retried (``not_on``) after the delays; None for a single attempt."""
+    """A compact retry policy (``↻4 exp 200ms..800ms on PaymentGatewayTimeout not_on CardDeclined``): the
+    attempts, the backoff with the first and the longest wait between attempts (``max_ms`` only when the retries
+    reach it), the error types retried (``on``) and never retried (``not_on``); None for a single attempt."""
     if not retry or int(retry.get("attempts") or 1) <= 1:
         return None
     attempts = int(retry["attempts"])
-    initial, cap = format_ms(retry.get("initial_ms")), format_ms(retry.get("max_ms"))
+    initial = format_ms(retry.get("initial_ms"))
     backoff = retry.get("backoff") or "exponential"
+    mult = float(retry.get("multiplier") or 2.0)
+    longest = format_ms(_longest_delay(retry, attempts - 1, mult))  # (the cap only when the retries reach it)
     if backoff == "constant":
         delays = f"every {initial}"
+    elif longest == initial:  # one retry (or a cap at the first delay): one wait
+        delays = initial
     elif backoff == "linear":
-        delays = f"lin {initial}..{cap}"
+        delays = f"lin {initial}..{longest}"
     else:
-        mult = float(retry.get("multiplier") or 2.0)
-        delays = f"exp{'' if mult == 2.0 else f'{glyphs.times}{mult:g}'} {initial}..{cap}"
+        delays = f"exp{'' if mult == 2.0 else f'{glyphs.times}{mult:g}'} {initial}..{longest}"
     text = f"{glyphs.retry}{attempts} {delays}"
     if retry.get("on"):
         text += " on " + ",".join(str(t) for t in retry["on"])
     if retry.get("not_on"):
         text += " not_on " + ",".join(str(t) for t in retry["not_on"])
     return text
+
+
+def _longest_delay(retry: Mapping[str, Any], retries: int, mult: float) -> float:
+    """The longest wait between two attempts (before jitter, which only shortens it): the last retry's,
+    ``max_ms`` when the backoff reaches it (docs/kernel.md, "Retries")."""
+    initial = float(retry.get("initial_ms") or 0)
+    cap = retry.get("max_ms")
+    if retry.get("backoff") == "linear":
+        base = initial * retries
+    elif retry.get("backoff") == "constant":
+        base = initial
+    else:
+        try:
+            base = initial * mult ** (retries - 1)
+        except OverflowError:  # (any cap is reached long before)
+            base = math.inf
+    return min(base, float(cap)) if cap is not None else base
 
 
 def policy_text(holder: Mapping[str, Any], glyphs: Glyphs) -> str | None:

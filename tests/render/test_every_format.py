@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flowdsl.render import FORMATS, render
+from flowdsl.render.view import Glyphs, retry_text
 from tests.render.cases import compile_plan, conformance_specs, example_specs
 
 SPECS = conformance_specs() + example_specs()
@@ -71,3 +73,18 @@ def test_retry_filters_are_drawn_in_every_text_format() -> None:
             text = " ".join(words)
             assert "on GatewayTimeout not_on CardDeclined,Fraud" in text, (fmt, ascii_only)
             assert "not_on AlreadyRefunded" in text, (fmt, ascii_only)
+
+
+@pytest.mark.parametrize(("retry", "label"), [
+    ({"attempts": 2, "initial_ms": 10, "max_ms": 30000, "backoff": "exponential"}, "↻2 10ms"),
+    ({"attempts": 4, "initial_ms": 200, "max_ms": 30000, "backoff": "exponential"}, "↻4 exp 200ms..800ms"),
+    ({"attempts": 8, "initial_ms": 200, "max_ms": 2000, "backoff": "exponential"}, "↻8 exp 200ms..2s"),
+    ({"attempts": 40, "initial_ms": 1, "max_ms": 5000, "backoff": "exponential", "multiplier": 1e6},
+     "↻40 exp×1e+06 1ms..5s"),
+    ({"attempts": 3, "initial_ms": 100, "max_ms": 30000, "backoff": "linear"}, "↻3 lin 100ms..200ms"),
+    ({"attempts": 3, "initial_ms": 100, "max_ms": 30000, "backoff": "constant"}, "↻3 every 100ms"),
+])
+def test_a_retry_label_shows_the_waits_its_attempts_reach(retry: dict[str, Any], label: str) -> None:
+    """The cap (``max``) is shown only when the retries reach it: ``↻2 exp 10ms..30s`` promised a 30 s wait that two
+    attempts never have."""
+    assert retry_text(retry, Glyphs.pick(False)) == label
