@@ -123,3 +123,44 @@ def test_runs_of_a_spec_whose_worker_modules_are_imported_leave_sys_path_alone(
     finally:
         flowdsl.registry.unregister("emb_mod")
         sys.modules.pop(name, None)
+
+
+async def run_or_compensate(plan: dict[str, Any], run_input: dict[str, Any], **options: Any) -> Any:
+    """The recipe of docs/runtime.md ("Deadlines"), as written there."""
+    run = flowdsl.LocalRun(plan, run_input, **options)
+    task = asyncio.ensure_future(run.run())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        run.cancel("the caller was cancelled")
+        await asyncio.shield(task)
+        raise
+
+
+def test_the_documented_recipe_turns_a_cancelled_caller_into_a_compensated_run() -> None:
+    reg = WorkerRegistry()
+    undone: list[str] = []
+
+    async def a(data: Any, ctx: Any) -> dict[str, Any]:
+        return {}
+
+    async def undo(data: Any, ctx: Any) -> dict[str, Any]:
+        undone.append(ctx.step_id)
+        return {}
+
+    reg.register("a", a)
+    reg.register("undo", undo)
+    reg.register("b", AsyncCallable())  # 3 s
+    plan = flowdsl.compile_text(ONE_STEP)
+    seen: list[Any] = []
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(run_or_compensate(plan, {}, record=False, registry=reg, import_workers=False,
+                                                     on_event=seen.append), 0.2)
+
+    asyncio.run(main())
+    assert undone == ["a"]
+    assert [e["status"] for e in seen if e["type"] == "run_finished"] == ["cancelled"]
+    text = (ROOT / "docs" / "runtime.md").read_text()
+    assert "        await asyncio.shield(task)    # wait for the undo" in text  # (the recipe tested is the one shown)
