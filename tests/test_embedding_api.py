@@ -164,3 +164,18 @@ def test_the_documented_recipe_turns_a_cancelled_caller_into_a_compensated_run()
     assert [e["status"] for e in seen if e["type"] == "run_finished"] == ["cancelled"]
     text = (ROOT / "docs" / "runtime.md").read_text()
     assert "        await asyncio.shield(task)    # wait for the undo" in text  # (the recipe tested is the one shown)
+
+
+def test_a_worker_error_message_of_megabytes_is_kept_to_its_first_16000_characters(tmp_path: Path) -> None:
+    reg = WorkerRegistry()
+
+    async def a(data: Any, ctx: Any) -> dict[str, Any]:
+        raise RuntimeError("<html>" + "x" * 2_000_000)
+
+    reg.register("a", a)
+    plan = flowdsl.compile_text("flowdsl: 1\nname: emb\nsteps: [a]\n")
+    result = flowdsl.run(plan, {}, registry=reg, import_workers=False, runs_dir=str(tmp_path), run_id="big")
+    message = result.error["message"]
+    assert message.startswith("<html>xxx") and message.endswith("… (1984006 more characters left out)")
+    assert len(message) < 16_100
+    assert (tmp_path / "big.jsonl").stat().st_size < 100_000

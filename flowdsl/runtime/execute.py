@@ -79,6 +79,8 @@ WORKER_KINDS = frozenset({"task", "compensate", "fallback"})
 #: the error type of a dispatch whose worker is not registered in this process
 WORKER_NOT_FOUND = "WorkerNotFound"
 _TRACEBACK_LIMIT = 4000
+#: characters of a worker's error message that are kept (:func:`error_message`)
+MESSAGE_LIMIT = 16_000
 _loggers: dict[str, logging.Logger] = {}
 
 
@@ -235,8 +237,13 @@ def _exception_event(task_id: str, exc: BaseException) -> dict[str, Any]:
 def error_message(exc: BaseException) -> str:
     """``str(exc)``, safe to record and print: a lone surrogate in it (a file name decoded with
     ``surrogateescape``) is written as its escape (``\\udcff``); when ``__str__`` itself fails, a note saying
-    what that second failure was (its type alone when its own message cannot be read either)."""
-    return _readable(lambda: str(exc))
+    what that second failure was (its type alone when its own message cannot be read either). A message longer
+    than :data:`MESSAGE_LIMIT` characters is cut there, saying how much was left out: it goes into every event,
+    record and journal entry of the failure (a worker quoting a whole response body in it)."""
+    text = _readable(lambda: str(exc))
+    if len(text) <= MESSAGE_LIMIT:
+        return text
+    return f"{text[:MESSAGE_LIMIT]}… ({len(text) - MESSAGE_LIMIT} more characters left out)"
 
 
 def _readable(make: Callable[[], str]) -> str:
