@@ -179,3 +179,15 @@ def test_a_worker_error_message_of_megabytes_is_kept_to_its_first_16000_characte
     assert message.startswith("<html>xxx") and message.endswith("… (1984006 more characters left out)")
     assert len(message) < 16_100
     assert (tmp_path / "big.jsonl").stat().st_size < 100_000
+
+
+def test_a_run_awaited_without_an_asyncio_loop_says_flowdsl_needs_one() -> None:
+    """Under trio (or a coroutine driven by hand) the error was asyncio's bare 'no running event loop'."""
+    reg = WorkerRegistry()
+    reg.register("a", AsyncCallable())
+    run = flowdsl.LocalRun(flowdsl.compile_text("flowdsl: 1\nname: emb\nsteps: [a]\n"), {}, record=False,
+                           registry=reg, import_workers=False)
+    coro = run.run()
+    with pytest.raises(RuntimeError, match="flowdsl runs on asyncio: no asyncio event loop is running"):
+        coro.send(None)
+    coro.close()

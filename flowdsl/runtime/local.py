@@ -432,7 +432,12 @@ class LocalRun:
             if self._early is not None and self._early[0] == "abort":
                 self._finished = True
                 raise RunAborted(self.run_id, NOT_STARTED, None)
-            loop = self._loop = asyncio.get_running_loop()
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # awaited from trio, curio, or a coroutine driven by hand
+                raise RuntimeError("flowdsl runs on asyncio: no asyncio event loop is running in this thread "
+                                   "(under trio, run the flow in a thread with flowdsl.run(), or through "
+                                   "trio-asyncio)") from None
             self._loop_thread = threading.get_ident()
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
