@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 YAML_SUFFIXES = (".yaml", ".yml")
 TEXT_SUFFIXES = (".flow",)
 #: codes placed at the key written in the file rather than at its value
-_KEY_CODES = {"FD202", "FD302", "FD104"}
+_KEY_CODES = {"FD202", "FD302", "FD104", "FD312"}
 #: nodes of a flow once its sub-flows are expanded (FD106): no more than one file may hold YAML nodes, so that
 #: a spec is bounded the same way whether it is written in one file or spread over sub-flows
 MAX_PLAN_NODES = MAX_NODES

@@ -8,7 +8,9 @@ belong to the compiler, which owns the dependency graph.
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
 import os
 import re
 import time
@@ -28,7 +30,7 @@ RESULT_VARIABLES = frozenset({"context"})
 def check_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None) -> list[Diagnostic]:
     """Every diagnostic the model's nodes give on their own (ids, expressions, workers, input schema)."""
     diags = [*check_ids(flow), *check_expressions(flow), *check_input_schema(flow), *check_llm_with(flow),
-             *check_llm_options(flow), *check_constant_items(flow)]
+             *check_llm_options(flow), *check_constant_items(flow), *check_case_labels(flow)]
     if check_workers:
         diags.extend(check_worker_names(flow, search_path))
     return diags
@@ -315,6 +317,118 @@ def check_constant_items(flow: Flow) -> Iterator[Diagnostic]:
         yield _err(node, "FD201", f"for_each '{node.id}' iterates over {what}, {shown}, not a list: its steps would "
                    "run once, with it as the item; expected an expression that gives a list"
                    + (f" ({'; '.join(ways)})" if ways else ""), join(node.opts, "items"))
+
+
+# --- switch cases -----------------------------------------------------------------
+
+
+def check_case_labels(flow: Flow) -> Iterator[Diagnostic]:
+    """FD312: a switch case written without quotes that reads as a number, a boolean or null, but not as the
+    kernel writes that value (``1.50``, ``01``, ``1e3``, ``True``): a label is a string, kept as written, and a
+    value of ``on`` that is not a string is matched by its JSON text (``1.5``, ``1``, ``1000``, ``true``), so
+    the case can only ever match the string itself. A label in quotes is that string, as the user said."""
+    for node in walk(flow.steps):
+        if node.kind != "switch":
+            continue
+        for label, _ in node.cases:
+            if label in node.quoted_cases:
+                continue
+            message = case_label_mismatch(label)
+            if message is not None:
+                yield _err(node, "FD312", message, join(node.opts, "cases", label))
+
+
+#: digits, with ``_`` between them (``1_000``: YAML 1.1 and Python write numbers so)
+_DIGITS = r"[0-9](?:_*[0-9])*"
+#: a label that reads as a number: decimal (a sign, leading zeros, a fraction, an exponent: ``+1``, ``01``, ``.5``,
+#: ``1.``, ``1.50``, ``2E3``), hexadecimal, octal or binary (``0x10``, ``0o17``, ``0b101``), or YAML's ``.inf``
+_DECIMAL_LABEL = re.compile(rf"[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?{_DIGITS})?\Z")
+_RADIX_LABEL = re.compile(r"([-+]?)0(?:([xX])([0-9a-fA-F](?:_*[0-9a-fA-F])*)|([oO])([0-7](?:_*[0-7])*)"
+                          r"|([bB])([01](?:_*[01])*))\Z")
+_SPECIAL_LABEL = re.compile(r"[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z")
+#: the JSON text of an integer, as the kernel writes one (``flowdsl.kernel_core.switch_label``)
+_INTEGER_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)\Z")
+#: labels that read as a boolean or null, but are not its JSON text -> that text
+_WORD_LABELS = {"True": "true", "TRUE": "true", "False": "false", "FALSE": "false", "Null": "null", "NULL": "null",
+                "~": "null"}
+#: the longest number a message writes out
+_NUMBER_SHOWN = 40
+
+
+def case_label_mismatch(label: str) -> str | None:
+    """The FD312 message for a case ``label`` written without quotes, or None when it does not read as a number,
+    a boolean or null, or when a value of that kind is matched as it.
+
+    A number is matched by the kernel's text for it: an integer (or a float with no fraction: ``3.0`` is ``3``) by
+    its decimal digits, ``-?(0|[1-9][0-9]*)`` but not ``-0``; any other float by Python's shortest text that
+    reads back as it (``1.5``, ``0.1``, ``1e-07``); so exactly these labels can match a number."""
+    if label in _WORD_LABELS:
+        text = _WORD_LABELS[label]
+        what = "null (and a missing value)" if text == "null" else f"the boolean {text}"
+        return (f"case {quote(label)} can only match the string {quote(label)}: {what} is matched as '{text}' "
+                f"(write the case as {text}, or quote it to mean the string)")
+    if _INTEGER_TEXT.match(label):
+        if label != "-0":
+            return None
+        number: str | None = "0"
+    elif _SPECIAL_LABEL.match(label):
+        return (f"case {quote(label)} can only match the string {quote(label)}: a number is always finite "
+                "(quote it to mean the string)")
+    elif (radix := _RADIX_LABEL.match(label)) is not None:
+        sign, digits, base = _radix_parts(radix)
+        value = int(digits.replace("_", ""), base)  # linear in the length: a power of two
+        number = str(-value if sign == "-" else value) if value.bit_length() <= 4 * _NUMBER_SHOWN else None
+    elif _DECIMAL_LABEL.match(label):
+        number = _decimal_number(label)
+        if number == label:
+            return None
+        if number is None:
+            return (f"case {quote(label)} can only match the string {quote(label)}: it is beyond the largest "
+                    "number, about 1.8e308 (quote it to mean the string)")
+    else:
+        return None
+    if number is None:  # (an integer too long to write out)
+        return (f"case {quote(label)} can only match the string {quote(label)}: a number is matched by its decimal "
+                "digits (write the case so, or quote it to mean the string)")
+    shown = number if len(number) <= _NUMBER_SHOWN else number[:_NUMBER_SHOWN - 3] + "..."
+    return (f"case {quote(label)} can only match the string {quote(label)}: the number {shown} is matched as "
+            f"{quote(number, _NUMBER_SHOWN)} (write the case as {shown}, or quote it to mean the string)")
+
+
+def _radix_parts(radix: re.Match[str]) -> tuple[str, str, int]:
+    """(sign, digits, base) of a label :data:`_RADIX_LABEL` matched."""
+    sign, hex_digits, oct_digits, bin_digits = radix.group(1), radix.group(3), radix.group(5), radix.group(7)
+    if hex_digits is not None:
+        return sign, hex_digits, 16
+    if oct_digits is not None:
+        return sign, oct_digits, 8
+    return sign, bin_digits, 2
+
+
+def _decimal_number(label: str) -> str | None:
+    """The kernel's text for the number a decimal ``label`` spells (``flowdsl.kernel_core.switch_label``), or
+    None when it is beyond the range of a float (``1e999``). Exact: digits without a fraction or an exponent
+    are an integer of any length; a whole number written with either (``1.0e30``) is that integer; any other,
+    the float nearest to it, as Python writes it."""
+    text = label.replace("_", "")
+    if not any(c in text for c in ".eE"):
+        digits = text.lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if text.startswith("-") and digits != "0" else digits
+    approx = float(text)
+    if not math.isfinite(approx):
+        return None
+    try:
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:  # an exponent beyond the decimal module's (1e-99999999999999999999: 0)
+        return _switch_text(approx)
+    if exact == exact.to_integral_value():
+        return str(int(exact))  # at most 309 digits: the float is finite
+    return _switch_text(approx)
+
+
+def _switch_text(value: float) -> str:
+    """The text a switch value that is a float is matched as (``flowdsl.kernel_core.switch_label``)."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 # --- the input schema ----------------------------------------------------------

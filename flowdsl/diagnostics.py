@@ -92,6 +92,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD309": ("error", "option not allowed here"),
     "FD310": ("warning", "loop variable read without $"),
     "FD311": ("warning", "text that names a field"),
+    "FD312": ("warning", "switch case that never matches the value it spells"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),
@@ -241,6 +242,10 @@ class Positions:
     #: the source text of a number whose value Python prints differently (``1e306`` prints ``1e+306``,
     #: ``0x10`` prints ``16``), for messages that quote a value as the user wrote it
     written: dict[str, str] = field(default_factory=dict)
+    #: the mapping keys written in quotes or with a tag (``"1.5":``, ``!!str 1.5:``; in the text syntax a case
+    #: label or a key of a ``{...}`` value written as a string): strings as the user said, where a plain key
+    #: that reads as a number is most often meant as one (a switch case: FD312)
+    quoted_keys: set[str] = field(default_factory=set)
 
     def find(self, pointer: str, *, key: bool = False) -> tuple[int | None, int | None]:
         """Position of ``pointer``, or of its nearest ancestor that has one."""

@@ -265,6 +265,7 @@ class Node:
     concurrency: int | None = None
     on: str | None = None
     cases: tuple[tuple[str, tuple[Node, ...]], ...] = ()
+    quoted_cases: frozenset[str] = frozenset()  # the labels written in quotes: strings as the user said
     default: tuple[Node, ...] | None = None
     path: str | None = None
     subflow: Flow | None = None
@@ -527,7 +528,9 @@ class _Builder:
             cases = tuple((label, self.nodes(nodes, join(path, "cases", label)))
                           for label, nodes in sorted(data["cases"].items()))
             default = self.nodes(data["default"], join(path, "default")) if "default" in data else None
-            return Node(**base, on=data["on"], cases=cases, default=default)
+            quoted = self.positions.quoted_keys if self.positions is not None else set()
+            written = frozenset(label for label in data["cases"] if join(path, "cases", label) in quoted)
+            return Node(**base, on=data["on"], cases=cases, default=default, quoted_cases=written)
         sub = self.load_subflow(data["path"], self.loc(join(path, "path"))) if self.load_subflow else None
         # the node's own timeout bounds each of its runs; without one, the sub-flow file's `timeout:` does
         timeout = data.get("timeout")

@@ -833,6 +833,8 @@ class _Builder:
         frame.keys[key] = at[0]
         frame.key = key
         self.positions.key_positions[sub] = at
+        if type(event) is not self.events.ScalarEvent or event.tag is not None or not event.implicit[0]:
+            self.positions.quoted_keys.add(sub)  # quoted or tagged: a string as the user said (an alias: not known)
 
     def alias(self, event: Any, path: str) -> tuple[Any, int, bool]:
         mark = event.start_mark

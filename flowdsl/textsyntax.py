@@ -475,6 +475,7 @@ class _Builder:
     def __init__(self, positions: Positions, file: str | None):
         self.pos, self.keys, self.file = positions.positions, positions.key_positions, file
         self.written = positions.written
+        self.quoted = positions.quoted_keys
         self.diagnostics: list[Diagnostic] = []
         self.bad_values: list[str] = []  # pointers of numbers that are not finite (FD201): set aside
 
@@ -555,6 +556,8 @@ class _Builder:
             ktok, v = pair.children
             key = self.scalar(ktok, _sub(ptr, _key(ktok)), key=True)
             if (sub := self.put(out, ptr, key, ktok, "key")) is not None:
+                if ktok.type == "STRING":
+                    self.quoted.add(sub)
                 out[key] = self.value(v, sub)
         return out
 
@@ -646,6 +649,8 @@ class _Builder:
                 label, body = item.children
                 key = self.scalar(label, _sub(cases_ptr, _key(label)), key=True)
                 if (sub := self.put(cases, cases_ptr, key, label, "case")) is not None:
+                    if label.type == "STRING":
+                        self.quoted.add(sub)
                     cases[key] = self.nodes(body, sub)
             elif (sub := self.put(data, ptr, "default", item, "case")) is not None:
                 data["default"] = self.nodes(item.children[0], sub)
