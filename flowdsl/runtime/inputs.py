@@ -121,6 +121,8 @@ def _read_stdin() -> bytes | str:
     try:
         stream = getattr(stdin, "buffer", None)
         return _read_capped(stream if stream is not None else stdin, "stdin")
+    except InputError:
+        raise  # (a ValueError too: said as it is)
     except (OSError, ValueError) as exc:  # ValueError: a stdin closed by the program itself
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InputError(f"cannot read the input from stdin: {reason}; give the input with --input FILE") from None
