@@ -44,10 +44,11 @@ __all__ = [
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
 #: 2 added late completions (docs/kernel.md, "Late completions"), 3 no retry of an LLM step's ``InputInvalid``, 4 a
 #: late completion joins the saga when nothing it follows has been undone, 5 a late success of an undo that failed
-#: for good completes it, 6 ``$steps.<id>`` reads for_each and sub-flow nodes' results too (null before); a run
-#: started under an earlier version — a record or journal written before — replays and goes on under that version's
-#: rules, so its decisions stay what they were
-STATE_VERSION = 6
+#: for good completes it, 6 ``$steps.<id>`` reads for_each and sub-flow nodes' results too (null before), 7 a success
+#: of an attempt given up on, of a step whose undo has begun, is a late completion (the step completed again after
+#: its undo; before, it changed nothing); a run started under an earlier version — a record or journal written
+#: before — replays and goes on under that version's rules, so its decisions stay what they were
+STATE_VERSION = 7
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
 INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
                 "cancel_requested")
@@ -138,7 +139,8 @@ def apply(plan: Plan, state: dict[str, Any], event: dict[str, Any]) -> Decision:
     A result for a task that is not in flight (a stale attempt, a run already
     over) is rejected with a ``result_rejected`` event and changes nothing
     else — except a *late completion* (a success of a compensable step the run
-    recorded as cancelled, failed or timed out), which is also recorded and
+    recorded as cancelled, failed or timed out; under rules 7 also of an attempt
+    given up on, of a step whose undo has begun), which is also recorded and
     makes the run end, or be at once, ``needs_intervention`` (docs/kernel.md,
     "Late completions"); a timer that is no longer armed is ignored. A state of newer rules than
     :data:`STATE_VERSION` raises :class:`NewerVersion` and is left unchanged.

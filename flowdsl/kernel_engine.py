@@ -460,8 +460,11 @@ class Machine(Saga):
         has ended now is, ``needs_intervention`` with the step's compensation left to run by hand (docs/kernel.md,
         "Late completions"). A success of an earlier attempt while the step is unresolved (waiting to retry, being
         cancelled, a newer attempt in flight) is kept on its record (``late``, the first only) and becomes a late
-        completion if the step ends cancelled or failed (``settle_late``); nothing if it ends succeeded. Anything
-        else (a duplicate, a non-compensable step, a compensation's attempt) changes nothing."""
+        completion if the step ends cancelled or failed (``settle_late``); nothing if it ends succeeded. A success
+        of an attempt given up on of a step that succeeded (or whose late success joined the saga) changes nothing
+        until the step's undo begins (the same effect, undone with the step's); after that (kernel version 7) it
+        completed the step again, after its undo: a late completion left by hand (``after_undo``). Anything else
+        (a duplicate, a non-compensable step, a compensation's attempt) changes nothing."""
         if "late_completions" not in self.s:
             return  # a run started under kernel version 1 (before this rule): its decisions stay version 1's
         prefix = self.run_id + "/"
@@ -475,9 +478,13 @@ class Machine(Saga):
         if not (digits.isascii() and digits.isdigit()) or rec is None or not self.is_step(rec["node"]):
             return
         ended = rec["status"] in ("cancelled", "failed")
-        if ended:
-            if self.s["status"] == "running" or "late_undo" in rec or any(
+        again = rec["status"] == "succeeded" or "late_undo" in rec  # its effect taken: undone, or to be
+        if again:  # kernel version 7: an attempt given up on that succeeded after the step's undo had begun
+            if not self.undo_begun(ikey) or task_id == self._taken(ikey, rec) or any(
                     item["step"] == ikey for item in self.s["late_completions"]):
+                return
+        elif ended:
+            if self.s["status"] == "running" or any(item["step"] == ikey for item in self.s["late_completions"]):
                 return
         elif rec["status"] not in ("running", "retrying", "cancelling") or "late" in rec:
             return
@@ -510,10 +517,20 @@ class Machine(Saga):
             out, late["unmapped"] = None, True  # its effect stands all the same, as on time (_task_succeeded)
         if out is not None:
             late["out"] = out
-        if ended:
+        if again:
+            self.record_late_completion(ikey, late, after_undo=True)
+        elif ended:
             self.late_completed(ikey, late)
         else:
             rec["late"] = late
+
+    def _taken(self, ikey: str, rec: dict[str, Any]) -> str:
+        """The task id of the attempt whose success step ``ikey``'s record ``rec`` holds: the latest attempt of its
+        phase (it succeeded), or the late one that joined the saga (``late_undo``)."""
+        if "late_undo" in rec:
+            return str(rec["late_undo"]["task_id"])
+        marker = "f" if rec.get("phase") == "fallback" else ""
+        return f"{self.idempotency_key(ikey)}#{marker}{rec['attempt']}"
 
     def _task_failed(self, task_id: str, err: dict[str, Any]) -> None:
         task = self.tasks.pop(task_id)

@@ -36,9 +36,18 @@ LATE_JOINED_REASON = ("the step completed after the run had given up on it (a la
 #: the ``reason`` of a step whose worker succeeded but whose output map failed, and which then failed (version 4+)
 UNMAPPED_REASON = ("the step's worker succeeded but its output map failed on the result, so the step failed: the "
                    "effect stands, and it is undone with the others")
+#: the ``reason`` of a step left to undo by hand because an attempt the run had given up on succeeded after the step's
+#: undo had begun (kernel version 7): ``{attempt}`` is that attempt's number
+AFTER_UNDO_REASON = ("the step completed again after it was undone (attempt {attempt}'s result: an attempt the run had "
+                     "given up on, e.g. one that had timed out, went on and succeeded after the step's undo had "
+                     "begun): its effect stands, so the undo may have to be repeated by hand")
 #: the ``reason`` of a step listed by ``left_to_undo`` because an attempt of it was in flight when the run stopped
 IN_FLIGHT_REASON = ("an attempt of the step was in flight when the run stopped: it may have completed, and its "
                     "compensation was never run")
+#: the same, for a step whose undo had begun (kernel version 7): an attempt the run had given up on still ran
+IN_FLIGHT_AFTER_UNDO_REASON = ("an attempt of the step that the run had given up on was still running after the "
+                               "step's undo had begun: it may have completed the step again, so the undo may have to "
+                               "be repeated by hand")
 
 
 class Saga(Core):
@@ -304,8 +313,15 @@ class Saga(Core):
 
     def in_flight_item(self, ikey: str) -> dict[str, Any]:
         """Compensable step ``ikey`` as ``left_to_undo`` lists a step with an attempt in flight (it may have
-        completed): for ``kernel.in_doubt``."""
+        completed): for ``kernel.in_doubt``. For a step whose undo has begun (an attempt the run gave up on may
+        complete it again: kernel version 7), ``after_undo`` is true, and its ``input`` is what its undo had."""
         return self._left_to_undo(ikey, in_flight=True)
+
+    def undo_begun(self, ikey: str) -> bool:
+        """Whether step ``ikey``'s undo has begun — its compensation dispatched at least once — under rules that
+        count a success of an attempt given up on after that (kernel version 7): its effect would stand again."""
+        comp = (self.s.get("compensations") or {}).get(ikey)
+        return self.s["kernel"] >= 7 and comp is not None and comp["attempt"] >= 1
 
     def _left_to_undo(self, ikey: str, late: dict[str, Any] | None = None, in_flight: bool = False) -> dict[str, Any]:
         """One step left to undo by hand, as ``intervention`` lists it (``late``: its ``late_completions``
@@ -330,9 +346,14 @@ class Saga(Core):
                 "status": _LEFT_STATUS.get(comp["status"], "not_attempted"),
                 "input": data, "idempotency_key": idem + "/compensate",
                 "step_idempotency_key": idem, "attempts": comp["attempt"], "last_error": last,
-                "step_result": rec.get("result")}
-        if late is not None:
+                "step_result": rec.get("result") if late is not None or not in_flight else None}
+        if late is not None and late.get("after_undo"):
+            item["reason"] = AFTER_UNDO_REASON.format(attempt=late["attempt"])
+            item["after_undo"] = True
+        elif late is not None:
             item["reason"] = LATE_REASON
+        elif in_flight and self.undo_begun(ikey):
+            item.update(reason=IN_FLIGHT_AFTER_UNDO_REASON, after_undo=True)
         elif in_flight:
             item["reason"] = IN_FLIGHT_REASON
         return item
@@ -342,11 +363,12 @@ class Saga(Core):
         late: list[dict[str, Any]] = self.s.get("late_completions") or []
         return [self._left_to_undo(entry["step"], entry) for entry in reversed(late)]
 
-    def record_late_completion(self, ikey: str, late: dict[str, Any]) -> None:
+    def record_late_completion(self, ikey: str, late: dict[str, Any], *, after_undo: bool = False) -> None:
         """Step ``ikey``, whose record ended ``cancelled`` or ``failed``, completed late (``late``: ``{task_id,
         attempt, result, out?}``, judged a success): record it in ``late_completions`` and say so; the saga, if
         any, goes on and ends ``needs_intervention``; a run that has ended is made so now (docs/kernel.md,
-        "Late completions")."""
+        "Late completions"). ``after_undo`` (kernel version 7): the step had succeeded and its undo had begun when
+        an attempt the run had given up on succeeded: it completed again, after its undo."""
         rec = self.nodes[ikey]
         entry: dict[str, Any] = {"step": ikey, "node": rec["node"], "task_id": late["task_id"],
                                  "attempt": late["attempt"], "idempotency_key": self.idempotency_key(ikey),
@@ -354,15 +376,22 @@ class Saga(Core):
                                  "result": late["result"], "at": self.at}
         if "out" in late:
             entry["out"] = late["out"]
+        if after_undo:
+            entry["after_undo"] = True
         self.s["late_completions"].append(entry)
-        self._emit_late(ikey, late, LATE_REASON, by_hand=True)
+        reason = AFTER_UNDO_REASON.format(attempt=late["attempt"]) if after_undo else LATE_REASON
+        self._emit_late(ikey, late, reason, by_hand=True, after_undo=after_undo)
         if self.s["status"] in END_STATES:
             self.reopen_for_late_completion(entry)
 
-    def _emit_late(self, ikey: str, late: dict[str, Any], reason: str, *, by_hand: bool) -> None:
+    def _emit_late(self, ikey: str, late: dict[str, Any], reason: str, *, by_hand: bool,
+                   after_undo: bool = False) -> None:
         """The ``late_completion`` event; ``by_hand`` (only under kernel version 4+, which can also undo the step
-        in the saga): whether the step is left to undo by hand."""
+        in the saga): whether the step is left to undo by hand; ``after_undo`` (version 7, only when true): it
+        completed again after its undo had begun."""
         extra: dict[str, Any] = {"by_hand": by_hand} if self.s["kernel"] >= 4 else {}
+        if after_undo:
+            extra["after_undo"] = True
         self.emit("late_completion", ikey, attempt=late["attempt"], task_id=late["task_id"],
                   idempotency_key=self.idempotency_key(ikey),
                   compensation=self.p.nodes[self.nodes[ikey]["node"]]["compensate"]["worker"],

@@ -19,7 +19,8 @@ its commands into asyncio work and the outcomes back into input events::
     finish          -> the run is over; but while an attempt the run gave up on (it timed
                        out: a sync worker's thread, or an async worker ignoring its
                        cancel) still runs a compensable step, whose success
-                       would be a late completion, its end is held for it, at most
+                       would be a late completion (the step did not succeed, or
+                       its undo has begun), its end is held for it, at most
                        ``late_grace`` seconds: what has not answered then is in doubt
                        (``RunResult.in_doubt``)
 
@@ -895,7 +896,7 @@ class LocalRun:
 
         A sync worker's thread cannot be stopped, and an async worker may ignore its cancel: when an attempt the
         run gave up on (it timed out) still runs, for a step whose success would be a late completion (it has a
-        compensation and did not succeed), or of an undo that failed for good
+        compensation and did not succeed, or — rules 7 — its undo has begun), or of an undo that failed for good
         (:func:`~flowdsl.runtime.report.may_answer_late`), the run's end is held for it, at most ``late_grace``
         seconds, and its answer is fed as any late answer: a step's success makes the run ``needs_intervention``,
         an undo's counts its step undone."""
@@ -915,7 +916,8 @@ class LocalRun:
         its step undone): a sync worker's that was called — its
         thread still runs, or its answer is on its way — and an async worker's still running, whatever its cancel
         does to it. Or (a run stopped at once: nothing will hear them) the sync ones of every step with a
-        compensation that has not succeeded: an async attempt cancelled then is cancelled as the loop ends."""
+        compensation that has not succeeded (or, rules 7, whose undo has begun): an async attempt cancelled then is
+        cancelled as the loop ends."""
         hung = {}
         for task_id, attempt in self._tasks.items():
             if attempt.task is None or attempt.task.done() or task_id in self.state["tasks"]:

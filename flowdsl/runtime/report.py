@@ -63,6 +63,7 @@ __all__ = [
     "stopped_while",
     "timed_out_attempts",
     "timing",
+    "undo_begun",
 ]
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
@@ -85,7 +86,7 @@ def exit_code(status: str) -> int:
     return EXIT_CODES.get(status, 1)
 
 
-_WHILE = {"starting": "as it started", "running": "while it ran",
+_WHILE = {"starting": "as it started", "not_started": "before it started", "running": "while it ran",
           "aborting": "while cancelling its steps in flight (before undoing any)",
           "compensating": "while compensating (undoing the steps that completed)"}
 
@@ -299,18 +300,32 @@ _WAIT_CUT = "the record ends during the wait: its process stopped"
 
 def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: str, *, any_end: bool = False) -> bool:
     """Whether a success, now, of an attempt of ``step`` that the run gave up on would be a late completion
-    (docs/kernel.md, "Late completions"): the step has a compensation, ended ``failed`` or ``cancelled``, has no late
-    completion yet, and the run is under rules that have them. What the local runtime waits for after the run's end.
-    ``any_end``: whatever the step's status short of ``succeeded`` (a run stopped at once, which hears nothing
-    more: such a success would have an effect nobody undoes)."""
+    (docs/kernel.md, "Late completions"): the step has a compensation, has no late completion yet, the run is under
+    rules that have them, and the step ended ``failed`` or ``cancelled`` — or (rules 7) its undo has begun (it
+    succeeded, or a late success of it joined the saga, and its compensation was dispatched: a success now would
+    complete it again, after its undo). What the local runtime waits for after the run's end. ``any_end``: whatever
+    the step's status short of ``succeeded`` (a run stopped at once, which hears nothing more: such a success would
+    have an effect nobody undoes)."""
     rec = state["nodes"].get(step)
-    if rec is None or "late_completions" not in state or "late_undo" in rec:
-        return False  # (late_undo: a late success of it joined the saga, so another is the same effect, undone)
-    if rec["status"] == "succeeded" if any_end else rec["status"] not in ("failed", "cancelled"):
+    if rec is None or "late_completions" not in state:
+        return False
+    if rec["status"] == "succeeded" or "late_undo" in rec:
+        # (before its undo began, a success of an attempt given up on is the same effect, undone with the step's)
+        if not undo_begun(state, step):
+            return False
+    elif rec["status"] not in ("failed", "cancelled") and not any_end:
         return False
     if not (plan["nodes"].get(rec["node"]) or {}).get("compensate"):
         return False
     return all(entry["step"] != step for entry in state["late_completions"])
+
+
+def undo_begun(state: Mapping[str, Any], step: str) -> bool:
+    """Whether ``step``'s undo has begun (its compensation dispatched) under kernel rules 7 or later, which take a
+    success of an attempt the run gave up on after that as a late completion: the step completed again after its
+    undo (docs/kernel.md, "Late completions")."""
+    comp = (state.get("compensations") or {}).get(step)
+    return state.get("kernel", 1) >= 7 and comp is not None and comp["attempt"] >= 1
 
 
 def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False) -> str:
@@ -319,6 +334,9 @@ def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False)
     step = _esc(e.get("step"))
     where = f", run {_esc(e.get('run_status'))}" if with_run_status else ""
     head = f"(attempt {_esc(e.get('attempt'))}{where})"
+    if e.get("after_undo"):  # (kernel version 7)
+        return (f"[bold red]! {step} completed again after it was undone[/] {head}: its effect stands; "
+                f"{_esc(e.get('compensation'))} left to run again by hand")
     if e.get("by_hand", True):
         return (f"[bold red]! {step} completed late[/] {head}: its effect stands; {_esc(e.get('compensation'))} "
                 "left to run by hand")
@@ -422,8 +440,11 @@ def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterab
         numbers = ", ".join(attempt_label(a) for a in mine)
         what = "timed out" if all(a["task_id"] in timed_out for a in mine) else "timed out or was cancelled"
         item["task_ids"] = [a["task_id"] for a in mine]
+        effect = ("it may have completed the step again after the step was undone, so the undo may have to be "
+                  "repeated by hand") if item.get("after_undo") else \
+            "it may have completed, and its compensation was never run"
         item["reason"] = (f"the run gave up on {numbers} of the step (it {what}), but its worker was still "
-                          f"running when {why}: it may have completed, and its compensation was never run")
+                          f"running when {why}: {effect}")
     # (a run stopped at once has no intervention in its state: what it leaves to undo is computed)
     left = (state.get("intervention") or {}).get("steps") or (left_to_undo(plan, state) if undos else [])
     for listed in left:
@@ -828,8 +849,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
             for item in left:
                 mark = " [yellow](its undo may have run: see below)[/]" if item["step"] in doubted else ""
                 con.print(_left_text(item) + mark)
-            slow = [_esc(item["step"]) for item in left if item.get("reason") and
-                    ((result.steps.get(item["step"]) or {}).get("error") or {}).get("type") == "StepTimeout"]
+            slow = [_esc(item["step"]) for item in left if item.get("reason") and (item.get("after_undo") or
+                    ((result.steps.get(item["step"]) or {}).get("error") or {}).get("type") == "StepTimeout")]
             if slow:
                 con.print(f"[dim]hint: {', '.join(slow)} completed after {'its' if len(slow) == 1 else 'their'} "
                           "`timeout`: a worker that outlasts it still makes its effect; give the step a timeout "
@@ -865,7 +886,9 @@ def print_summary(result: RunResult, console: Any = None) -> None:
 def _left_text(item: Mapping[str, Any]) -> str:
     """One step left to undo by hand: its undo worker, how far that got, its last error, its idempotency key."""
     worker = _esc(item["worker"])
-    if item["status"] == "failed":
+    if item.get("after_undo"):  # (the step completed again after its undo, or may have: kernel version 7)
+        how = f"{worker} ran before that"
+    elif item["status"] == "failed":
         how = f"{worker} failed (×{item['attempts']})"
     elif item["status"] == "in_flight" and not item.get("reason"):  # (with a reason: the step was in flight)
         how = f"{worker} was running when the run stopped: it may or may not have taken effect"
@@ -886,7 +909,9 @@ def left_to_undo_text(items: Iterable[Mapping[str, Any]]) -> str:
     keys; ``nothing`` when there is none."""
     said = []
     for item in items:
-        if item.get("status") == "failed":
+        if item.get("after_undo"):
+            how = f"its undo {item.get('worker')} ran before that"
+        elif item.get("status") == "failed":
             how = f"its undo {item.get('worker')} failed (x{item.get('attempts')})"
         elif item.get("status") == "in_flight" and not item.get("reason"):
             how = f"its undo {item.get('worker')} was running: it may or may not have taken effect"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from flowdsl.kernel import LATE_REASON, STATE_VERSION, apply, left_to_undo, replay, start_event, start_run, summary
-from flowdsl.kernel_saga import IN_FLIGHT_REASON, LATE_JOINED_REASON
+from flowdsl.kernel_saga import AFTER_UNDO_REASON, IN_FLIGHT_REASON, LATE_JOINED_REASON
 from tests.kernel.plans import plan_of, plan_yaml
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -726,3 +726,193 @@ def test_a_success_of_an_undo_attempt_never_dispatched_is_only_rejected() -> Non
     for task_id in ("r1/a#c2", "r1/a#c01", "r1/a#c0"):
         assert drv.types(drv.feed(type="task_succeeded", task_id=task_id, result={})) == ["result_rejected"]
     assert drv.state["status"] == "needs_intervention"
+
+
+# --- a step that completed again after its undo had begun (kernel version 7) --------------------------------------
+
+#: charge's attempt 1 times out, its retry succeeds; ship then fails and the saga undoes charge, then a
+RETRIED_ON_TIMEOUT = {"compensate": "refund", "timeout": "50ms",
+                      "retry": {"attempts": 2, "initial": "10ms", "on": ["StepTimeout"]}}
+
+
+def _retried_then_undone(kernel: int = STATE_VERSION, *, until: str = "end") -> Driver:
+    """a, then charge (attempt 1 times out, attempt 2 succeeds), then ship, which fails: charge is refunded, then a
+    undone. ``until``: ``retried`` (charge succeeded, ship runs), ``refunding`` (charge's refund in flight),
+    ``refunded`` (charge refunded, a's undo in flight) or ``end`` (the run ended ``compensated``)."""
+    drv = Driver(plan_of([{"a": {"compensate": "undo_a"}}, {"charge": RETRIED_ON_TIMEOUT}, "ship"]), {"o": 1},
+                 kernel=kernel)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={"a": 1})
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    drv.feed(type="task_succeeded", task_id="r1/charge#2", result={"charge_id": "ch_2"})
+    if until == "retried":
+        return drv
+    drv.feed(type="task_failed", task_id="r1/ship#1", error={"type": "NoCarrier", "message": "x"})
+    assert [c["step"] for c in drv.commands if c["op"] == "dispatch" and c["kind"] == "compensate"] == ["charge"]
+    if until == "refunding":
+        return drv
+    drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    if until == "refunded":
+        return drv
+    drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.state["status"] == "compensated" and drv.state["compensated"] == ["charge", "a"]
+    return drv
+
+
+def test_a_timed_out_attempt_that_succeeds_after_the_step_was_undone_makes_the_run_needs_intervention() -> None:
+    """The audit's case: the charge's first attempt (a sync worker's thread) went on past its timeout and charged
+    after the refund: the run said `compensated`, the only trace a `result_rejected`."""
+    drv = _retried_then_undone()
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["result_rejected", "late_completion", "run_finished"]
+    rejected, late, finished = events
+    assert rejected["reason"] == "run finished"
+    assert (late["step"], late["task_id"], late["attempt"], late["run_status"]) == (
+        "charge", "r1/charge#1", 1, "compensated")
+    assert late["by_hand"] is True and late["after_undo"] is True and late["compensation"] == "refund"
+    assert late["reason"] == AFTER_UNDO_REASON.format(attempt=1) and "attempt 1's result" in late["reason"]
+    assert (finished["status"], finished["previous_status"]) == ("needs_intervention", "compensated")
+    assert finished["compensated"] == ["charge", "a"]
+    s = drv.state
+    assert s["status"] == "needs_intervention" and s["compensated"] == ["charge", "a"]
+    assert s["nodes"]["charge"]["status"] == "succeeded" and s["compensations"]["charge"]["status"] == "done"
+    [entry] = s["late_completions"]
+    assert (entry["step"], entry["task_id"], entry["after_undo"]) == ("charge", "r1/charge#1", True)
+    [item] = s["intervention"]["steps"]
+    assert (item["step"], item["worker"], item["status"], item["after_undo"]) == (
+        "charge", "refund", "not_attempted", True)
+    assert "completed again after it was undone (attempt 1's result" in item["reason"]
+    assert "repeated by hand" in item["reason"]
+    assert (item["step_idempotency_key"], item["idempotency_key"]) == ("r1/charge", "r1/charge/compensate")
+    assert item["step_result"] == {"charge_id": "ch_1"} and item["input"] == {"o": 1, "a": 1, "charge_id": "ch_1"}
+    assert summary(drv.plan, s)["intervention"] == s["intervention"]
+    # the same step completing yet again (another attempt, a duplicate) is only rejected
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/charge#1", result={})) == ["result_rejected"]
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+@pytest.mark.parametrize("until", ["refunding", "refunded"])
+def test_a_timed_out_attempt_that_succeeds_while_the_undo_runs_ends_the_saga_needs_intervention(until: str) -> None:
+    """The success arrives while the step's undo is in flight (it may land before the refund or after), or after it
+    while the saga goes on: the saga goes on unchanged and ends needs_intervention, the step listed again."""
+    drv = _retried_then_undone(until=until)
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["result_rejected", "late_completion"]
+    assert events[1]["after_undo"] is True and events[1]["run_status"] == "compensating"
+    assert drv.state["status"] == "compensating"
+    if until == "refunding":
+        drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    events = drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.types(events) == ["compensation_succeeded", "run_finished"]
+    assert events[-1]["status"] == "needs_intervention" and "previous_status" not in events[-1]
+    s = drv.state
+    assert s["compensated"] == ["charge", "a"]
+    assert [(i["step"], i.get("after_undo")) for i in s["intervention"]["steps"]] == [("charge", True)]
+    state, commands, replayed = replay(drv.plan, drv.inputs)
+    assert state == drv.state and commands == drv.commands and replayed == drv.events
+
+
+def test_a_timed_out_attempt_that_succeeds_before_the_undo_began_still_changes_nothing() -> None:
+    """Its step's retry succeeded with the same idempotency key: the same effect, undone with the step's."""
+    drv = _retried_then_undone(until="retried")
+    before = json.loads(json.dumps(drv.state))
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert [(e["type"], e["reason"]) for e in events] == [("result_rejected", "stale or unknown task")]
+    after = json.loads(json.dumps(drv.state))
+    assert after.pop("seq") == before.pop("seq") + 1 and after == before
+    drv.feed(type="task_failed", task_id="r1/ship#1", error={"type": "NoCarrier", "message": "x"})
+    drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    drv.feed(type="task_succeeded", task_id="r1/a#c1", result={})
+    assert drv.state["status"] == "compensated" and drv.state["late_completions"] == []
+
+
+def test_a_timed_out_attempt_that_succeeds_while_its_undo_waits_for_others_changes_nothing() -> None:
+    """charge beside b, then ship fails: b's undo runs, charge's waits (``pending``: not begun) — the success is the
+    same effect as the retry's, and is undone by the refund to come."""
+    plan = plan_of([{"a": {"compensate": "undo_a"}}, {"charge": RETRIED_ON_TIMEOUT}, {"b": {"compensate": "undo_b"}},
+                    "ship"])
+    drv = Driver(plan)
+    drv.feed(type="task_succeeded", task_id="r1/a#1", result={})
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    drv.feed(type="task_succeeded", task_id="r1/charge#2", result={})
+    drv.feed(type="task_succeeded", task_id="r1/b#1", result={})
+    drv.feed(type="task_failed", task_id="r1/ship#1", error={"type": "NoCarrier", "message": "x"})
+    assert drv.state["compensations"]["charge"]["status"] == "pending"
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/charge#1", result={})) == ["result_rejected"]
+    for task_id in ("r1/b#c1", "r1/charge#c1", "r1/a#c1"):
+        drv.feed(type="task_succeeded", task_id=task_id, result={})
+    assert drv.state["status"] == "compensated" and drv.state["late_completions"] == []
+
+
+def test_the_attempt_that_succeeded_answering_again_after_its_undo_is_only_rejected() -> None:
+    """A duplicate answer of the attempt the step succeeded with is no attempt the run gave up on (unchanged)."""
+    drv = _retried_then_undone()
+    assert drv.types(drv.feed(type="task_succeeded", task_id="r1/charge#2", result={})) == ["result_rejected"]
+    assert drv.state["status"] == "compensated"
+
+
+def test_a_result_the_step_would_fail_with_after_its_undo_changes_nothing() -> None:
+    charge = {**RETRIED_ON_TIMEOUT, "fail_when": "${ declined }"}
+    drv = Driver(plan_of([{"charge": charge}, "ship"]))
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    drv.feed(type="task_succeeded", task_id="r1/charge#2", result={})
+    drv.feed(type="task_failed", task_id="r1/ship#1", error={"type": "NoCarrier", "message": "x"})
+    drv.feed(type="task_succeeded", task_id="r1/charge#c1", result={})
+    assert drv.state["status"] == "compensated"
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"declined": True})
+    assert drv.types(events) == ["result_rejected"] and drv.state["status"] == "compensated"
+    events = drv.feed(type="task_failed", task_id="r1/charge#1", error={"type": "Down", "message": "x"})
+    assert drv.types(events) == ["result_rejected"] and drv.state["status"] == "compensated"
+
+
+def test_another_attempt_succeeding_after_a_late_success_joined_the_saga_and_was_undone() -> None:
+    """charge's attempts 1 and 2 both time out (the step fails); attempt 1's success joins the saga and is refunded;
+    attempt 2's success comes after the refund began: the charge stands again."""
+    drv = Driver(plan_of([{"charge": RETRIED_ON_TIMEOUT}]), {"o": 1})
+    drv.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv.feed(type="timer_fired", timer_id=_retry_timer(drv, "charge"))
+    drv.feed(type="timer_fired", timer_id="r1/charge#2@timeout")
+    assert drv.state["status"] == "failed"
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["result_rejected", "late_completion", "run_finished"]  # by hand: the run had ended
+    drv2 = Driver(drv.plan, {"o": 1})  # the same, but attempt 1 succeeds while the run is still aborting
+    drv2.feed(type="timer_fired", timer_id="r1/charge#1@timeout")
+    drv2.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})  # kept: waiting to retry
+    drv2.feed(type="timer_fired", timer_id=_retry_timer(drv2, "charge"))
+    events = drv2.feed(type="timer_fired", timer_id="r1/charge#2@timeout")
+    assert drv2.types(events)[-2:] == ["late_completion", "compensation_started"]  # joined the saga
+    assert drv2.types(drv2.feed(type="task_succeeded", task_id="r1/charge#c1", result={}))[-1] == "run_finished"
+    assert drv2.state["status"] == "compensated" and "late_undo" in drv2.state["nodes"]["charge"]
+    assert drv2.types(drv2.feed(type="task_succeeded", task_id="r1/charge#1", result={})) == ["result_rejected"]
+    events = drv2.feed(type="task_succeeded", task_id="r1/charge#2", result={"charge_id": "ch_2"})
+    assert drv2.types(events) == ["result_rejected", "late_completion", "run_finished"]
+    assert events[1]["after_undo"] is True and events[1]["attempt"] == 2
+    [item] = drv2.state["intervention"]["steps"]
+    assert item["step_result"] == {"charge_id": "ch_2"} and "attempt 2's result" in item["reason"]
+    state, commands, replayed = replay(drv2.plan, drv2.inputs)
+    assert state == drv2.state and commands == drv2.commands and replayed == drv2.events
+
+
+@pytest.mark.parametrize("kernel", [4, 5, 6])
+def test_under_older_rules_a_success_after_the_undo_is_only_rejected(kernel: int) -> None:
+    drv = _retried_then_undone(kernel)
+    events = drv.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert drv.types(events) == ["result_rejected"]
+    assert drv.state["status"] == "compensated" and drv.state["late_completions"] == []
+
+
+def test_a_record_made_under_rules_6_replays_to_its_decisions_and_under_7_to_the_new_ones() -> None:
+    """The same input events: a record whose start says rules 6 replays as it was recorded (compensated, the late
+    success only rejected); under rules 7 they end needs_intervention."""
+    old = _retried_then_undone(6)
+    old.feed(type="task_succeeded", task_id="r1/charge#1", result={"charge_id": "ch_1"})
+    assert old.inputs[0]["kernel"] == 6
+    state, commands, replayed = replay(old.plan, old.inputs)
+    assert (state, commands, replayed) == (old.state, old.commands, old.events)
+    assert state["status"] == "compensated" and state["kernel"] == 6
+    assert [e["type"] for e in replayed][-2:] == ["run_finished", "result_rejected"]
+    state, _, replayed = replay(old.plan, [{**old.inputs[0], "kernel": STATE_VERSION}, *old.inputs[1:]])
+    assert state["status"] == "needs_intervention" and replayed[-1]["previous_status"] == "compensated"

@@ -1,11 +1,12 @@
 """Kernel properties under arbitrary input orders: random plans whose steps and undos time out and retry, driven by
 random answers, timer firings, a cancel, and *late* successes of any attempt dispatched before (steps', fallbacks'
-and compensations', while the run goes and after its end) — the inputs the rules of versions 4 and 5 act on.
+and compensations', while the run goes and after its end) — the inputs the rules of versions 4, 5 and 7 act on.
 
 After every decision: the state is plain JSON and deciding from a JSON copy of it gives the same decision; the saga's
 ``active`` counts the compensations running or waiting to retry; nothing is dispatched after the run's end; no step
-is undone twice; a step listed with its undo failed has its undo not done. At the end: the run has ended, and
-replaying its inputs gives its state, commands and events.
+is undone twice; a step listed with its undo failed has its undo not done, one listed as completed again after its
+undo (version 7) has its undo begun. At the end: the run has ended, and replaying its inputs gives its state,
+commands and events.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def _check(state: dict[str, Any], commands: list[dict[str, Any]], ended_before: 
     for item in (state["intervention"] or {}).get("steps") or ():
         if item["status"] == "failed":
             assert state["compensations"][item["step"]]["status"] != "done", f"{item['step']} undone yet listed"
+        if item.get("after_undo"):  # (version 7) completed again after its undo had begun
+            assert state["kernel"] >= 7 and state["compensations"][item["step"]]["attempt"] >= 1, item
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tree=trees, rng=st.randoms(use_true_random=False), kernel=st.sampled_from([3, 4, 5, 6]))
+@given(tree=trees, rng=st.randoms(use_true_random=False), kernel=st.sampled_from([3, 4, 5, 6, 7]))
 def test_random_inputs_keep_the_saga_consistent_and_replay_exactly(tree: Tree, rng: random.Random,
                                                                    kernel: int) -> None:
     plan = plan_of([_node(tree, itertools.count(), rng)])
@@ -67,6 +70,7 @@ def test_random_inputs_keep_the_saga_consistent_and_replay_exactly(tree: Tree, r
     dispatched = [c["task_id"] for c in d.commands if c["op"] == "dispatch"]
     due = {c["timer_id"]: c["due_at"] for c in d.commands if c["op"] == "schedule_timer"}
     undone: Counter[str] = Counter()
+    answered: set[str] = set()
     at = 0
     for _ in range(400):
         in_flight = sorted(state["tasks"])
@@ -90,10 +94,14 @@ def test_random_inputs_keep_the_saga_consistent_and_replay_exactly(tree: Tree, r
             at = max(at, due[timers[0]])
         elif dispatched and roll < 0.97:  # a late (or duplicate) success of an attempt dispatched so far
             given_up = [t for t in dispatched if t not in state["tasks"]]
-            inp = {"type": "task_succeeded", "task_id": rng.choice(given_up or dispatched), "result": {}}
+            silent = [t for t in given_up if t not in answered]  # given up on (timed out, …), never heard from
+            pool = silent if silent and rng.random() < 0.7 else given_up or dispatched
+            inp = {"type": "task_succeeded", "task_id": rng.choice(pool), "result": {}}
         else:
             inp = {"type": "cancel_requested", "reason": "random"}
         inp["at"] = at
+        if "task_id" in inp:
+            answered.add(inp["task_id"])
         ended_before = state["status"] in END_STATES
         copied = copy.deepcopy(state)
         d = apply(plan, state, inp)
@@ -113,7 +121,9 @@ def test_random_inputs_keep_the_saga_consistent_and_replay_exactly(tree: Tree, r
     assert replay(plan, inputs) == (state, commands, events)
     event(f"status: {state['status']}")
     for e in events:
-        if e["type"] == "late_completion":
+        if e["type"] == "late_completion" and e.get("after_undo"):
+            event("a step completed again after its undo had begun")
+        elif e["type"] == "late_completion":
             event("a late success joined the saga" if e.get("by_hand") is False else "a late success left by hand")
         elif e["type"] == "compensation_succeeded" and e.get("after_failure"):
             event("an undo that had failed for good completed late")

@@ -42,6 +42,8 @@ class Case:
     input: dict[str, Any] = field(default_factory=dict)
     #: other spec files (sub-flows), by file name, written beside the spec (whose text names them in `path:`)
     files: dict[str, str] = field(default_factory=dict)
+    #: the steps the run leaves to undo by hand (its ``intervention``), in order; None: not checked
+    by_hand: Sequence[str] | None = None
 
     @property
     def spec(self) -> str:
@@ -87,6 +89,9 @@ def check(case: Case, result: Any) -> None:
         assert result.error is not None and result.error["type"] == case.error, f"{where}: error {result.error}"
     if case.failed_step is not None:
         assert result.failed_step == case.failed_step, f"{where}: failed step {result.failed_step}"
+    if case.by_hand is not None:
+        left = [i["step"] for i in (result.intervention or {}).get("steps") or ()]
+        assert left == list(case.by_hand), f"{where}: left to undo by hand {left}"
     if case.status == "completed":
         assert result.error is None and result.compensated == []
 
@@ -255,6 +260,17 @@ CASES: list[Case] = [
          "  - conf.b\n",  # goes on past the undo's timeout, and its success arrives once the run has ended
          {"a": {"sleep": 0.4}, "b": {"raise": "ValueError"}},
          status="compensated", succeeded=["a"], compensated=["a"], error="ValueError", failed_step="b"),
+    Case("step_completed_again_after_its_undo",  # kernel version 7: b's attempt 1 (its thread goes on past the
+         "steps:\n"  # timeout) succeeds after the retry's success was undone: once the run has ended compensated
+         "  - conf.a: {compensate: undo.a}\n"
+         "  - sync.b:\n"
+         "      timeout: 100ms\n"
+         "      retry: {attempts: 2, initial: 10ms, on: [StepTimeout]}\n"
+         "      compensate: undo.b\n"
+         "  - conf.c\n",
+         {"b": [{"sleep": 0.5, "result": {"rb": 1}}, {"result": {"rb": 2}}], "c": {"raise": "ValueError"}},
+         status="needs_intervention", succeeded=["a", "b"], compensated=["b", "a"], attempts={"b": 2},
+         error="ValueError", failed_step="c", by_hand=["b"]),
     Case("output_map_failing_after_the_worker_succeeded_is_undone",
          "steps:\n"
          "  - conf.a: {compensate: undo.a}\n"

@@ -144,10 +144,11 @@ steps:
     assert refunds == [f"{result.run_id}/charge/compensate", f"{result.run_id}/a/compensate"]
 
 
-def test_another_attempt_of_a_step_whose_late_success_was_undone_is_not_waited_for() -> None:
+def test_another_attempt_of_a_step_whose_late_success_was_undone_is_waited_for() -> None:
     """charge's attempt 1 times out and succeeds while attempt 2 runs; attempt 2 times out too: the step fails, its
-    kept success joins the saga and is undone. Attempt 2's thread still runs at the end: the same effect (one
-    idempotency key), already undone — the run ends at once, nothing in doubt (it waited, then said so)."""
+    kept success joins the saga and is undone. Attempt 2's thread still runs at the end: under rules 7 its success
+    would charge again after the refund (it was not waited for: "the same effect, already undone"), so the run's
+    end waits for it, and it is in doubt when the wait ends first."""
     plan = compile_text("""flowdsl: 1
 name: late_retry
 steps:
@@ -175,7 +176,7 @@ steps:
 
         for name, fn in [("a", a), ("undo_a", undo), ("charge", charge), ("refund", undo)]:
             reg.register(name, fn)
-        run = LocalRun(plan, {}, registry=reg, import_workers=False, record=False, late_grace=HUNG,
+        run = LocalRun(plan, {}, registry=reg, import_workers=False, record=False, late_grace=0.3,
                        on_notice=notices.append)
         return await asyncio.wait_for(run.run(), HUNG / 2)
 
@@ -184,8 +185,11 @@ steps:
     finally:
         release.set()
     assert result.status == "compensated" and result.compensated == ["charge", "a"], result.status
-    assert result.in_doubt == [] and result.exit_code == 1
-    assert not [n for n in notices if "waiting" in n], notices
+    assert [(i["step"], i["after_undo"], i["task_ids"]) for i in result.in_doubt] == [
+        ("charge", True, [f"{result.run_id}/charge#2"])]
+    assert result.exit_code == 4
+    assert any("waiting up to 0.3 s for 1 attempt(s)" in n and "charge (attempt 2 timed out)" in n
+               for n in notices), notices
     assert refunds == [f"{result.run_id}/charge/compensate", f"{result.run_id}/a/compensate"]
 
 
@@ -1037,3 +1041,191 @@ steps:
     assert "may be undone already" in item["reason"] and "stopped at once" in item["reason"]
     header, lines = read_record(tmp_path / "ab1.jsonl")  # the record says the same
     assert [i["step"] for i in result_from_record(header, lines, tmp_path / "ab1.jsonl").in_doubt] == ["charge"]
+
+
+# --- a timed-out attempt that succeeds after its step, which a retry completed, was undone (kernel rules 7) ---------
+
+#: the audit's flow: reserve's attempt 1 times out (its sync thread runs on), attempt 2 succeeds, ship fails, and the
+#: saga undoes reserve, then the flight
+REDONE = compile_text("""flowdsl: 1
+name: redone
+steps:
+  - book_flight: {compensate: cancel_flight}
+  - reserve:
+      timeout: 100ms
+      retry: {attempts: 2, initial: 10ms, on: [StepTimeout]}
+      compensate: release
+  - ship
+""")
+
+
+def _reserving(go: threading.Event, returned: threading.Event, releases: list[str], *,
+               cancel_flight: Any = None, ship: Any = None) -> WorkerRegistry:
+    """book_flight; a sync reserve whose first call blocks until ``go`` (setting ``returned`` as it returns) and whose
+    retry returns at once; a sync release recording its idempotency key; ship raising."""
+    reg = WorkerRegistry()
+
+    async def book_flight(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"flight_id": "F1"}
+
+    async def undo_flight(data: Any, ctx: Any) -> dict[str, Any]:
+        return {}
+
+    def reserve(data: Any, ctx: Any) -> dict[str, Any]:  # sync: a call that cannot be interrupted
+        if ctx.attempt == 1:
+            try:
+                assert go.wait(HUNG)
+            finally:
+                returned.set()
+        return {"reservation": f"R{ctx.attempt}"}
+
+    def release(data: Any, ctx: Any) -> dict[str, Any]:
+        releases.append(ctx.idempotency_key)
+        return {}
+
+    async def failing_ship(data: Any, ctx: Any) -> dict[str, Any]:
+        raise ConnectionError("the carrier is down")
+
+    for name, fn in [("book_flight", book_flight), ("cancel_flight", cancel_flight or undo_flight),
+                     ("reserve", reserve), ("release", release), ("ship", ship or failing_ship)]:
+        reg.register(name, fn)
+    return reg
+
+
+def test_a_timed_out_sync_attempt_that_succeeds_after_its_step_was_undone_makes_the_run_needs_intervention(
+        tmp_path: Path) -> None:
+    """The audit's case: reserve's first attempt went on past its timeout and reserved after the release — the run
+    said `compensated` (exit 1, nothing in doubt), the only trace a `result_rejected`. The runtime now holds the
+    run's end for that attempt and feeds its success: the reservation stands again, so the run turns
+    needs_intervention, listing reserve to release again by hand, and its record replays through `flowdsl show`."""
+    go, returned, releases = threading.Event(), threading.Event(), []
+    notices: list[str] = []
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        REDONE, {}, run_id="redone1", runs_dir=tmp_path, registry=_reserving(go, returned, releases),
+        import_workers=False, on_event=_release_on_end(go), on_notice=notices.append, late_grace=HUNG), HUNG))
+    assert returned.is_set() and releases == ["redone1/reserve/compensate"]  # undone once, by the run
+    assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
+    assert result.compensated == ["reserve", "book_flight"]
+    [item] = result.intervention["steps"]
+    assert (item["step"], item["worker"], item["after_undo"]) == ("reserve", "release", True)
+    assert (item["step_idempotency_key"], item["idempotency_key"]) == ("redone1/reserve", "redone1/reserve/compensate")
+    assert "completed again after it was undone (attempt 1's result" in item["reason"]
+    assert item["step_result"] == {"reservation": "R1"}
+    finished = [(e["status"], e.get("previous_status")) for e in result.events if e["type"] == "run_finished"]
+    assert finished == [("compensated", None), ("needs_intervention", "compensated")]
+    [late] = [e for e in result.events if e["type"] == "late_completion"]
+    assert (late["step"], late["task_id"], late["after_undo"]) == ("reserve", "redone1/reserve#1", True)
+    assert any("the run ended compensated; waiting up to 10 s for 1 attempt(s)" in n
+               and "reserve (attempt 1 timed out)" in n for n in notices), notices
+    _, lines = read_record(tmp_path / "redone1.jsonl")
+    kinds = [e["type"] for e in lines]
+    assert kinds.index("run_finished") < kinds.index("runtime_waiting") < len(kinds) - 1 - kinds[::-1].index(
+        "task_succeeded") < kinds.index("runtime_waited")
+    shown = _show_json(tmp_path / "redone1.jsonl")
+    assert (shown["status"], shown["in_doubt"], shown["intervention"]) == ("needs_intervention", [],
+                                                                           result.intervention)
+
+
+def test_a_timed_out_sync_attempt_that_succeeds_while_the_saga_still_runs_ends_it_needs_intervention() -> None:
+    """The same success while the flight is still being cancelled (reserve's release done): the saga goes on, and
+    ends needs_intervention at once — no second end."""
+    go, returned, releases = threading.Event(), threading.Event(), []
+
+    async def main() -> Any:
+        late = asyncio.Event()
+
+        async def cancel_flight(data: Any, ctx: Any) -> dict[str, Any]:
+            go.set()  # reserve's first thread returns now, while the run still compensates
+            with contextlib.suppress(TimeoutError):  # bounded: without the late answer, the run ends compensated
+                await asyncio.wait_for(late.wait(), 2.0)
+            return {}
+
+        def watch(event: dict[str, Any]) -> None:
+            if event["type"] == "late_completion":
+                late.set()
+
+        run = LocalRun(REDONE, {}, registry=_reserving(go, returned, releases, cancel_flight=cancel_flight),
+                       import_workers=False, record=False, on_event=watch)
+        return await asyncio.wait_for(run.run(), HUNG)
+
+    result = asyncio.run(main())
+    assert (result.status, result.in_doubt, result.exit_code) == ("needs_intervention", [], 4)
+    assert [(i["step"], i.get("after_undo")) for i in result.intervention["steps"]] == [("reserve", True)]
+    assert [e["status"] for e in result.events if e["type"] == "run_finished"] == ["needs_intervention"]
+    assert len(releases) == 1
+
+
+def test_a_timed_out_sync_attempt_still_running_after_its_step_was_undone_is_in_doubt(tmp_path: Path) -> None:
+    """The bound passes with reserve's first thread still running: the run stays compensated, but the reservation
+    may stand again — in doubt (exit 4), said so in the summary and in `flowdsl show`."""
+    import io
+
+    from rich.console import Console
+
+    from flowdsl.runtime.report import print_summary
+
+    go, returned, releases = threading.Event(), threading.Event(), []
+    try:
+        result = asyncio.run(asyncio.wait_for(run_flow(
+            REDONE, {}, run_id="redone2", runs_dir=tmp_path, registry=_reserving(go, returned, releases),
+            import_workers=False, late_grace=0.2), HUNG))
+        assert not returned.is_set()
+    finally:
+        go.set()
+    assert (result.status, result.intervention, result.exit_code) == ("compensated", None, 4)
+    [item] = result.in_doubt
+    assert (item["step"], item["status"], item["after_undo"], item["task_ids"]) == (
+        "reserve", "in_flight", True, ["redone2/reserve#1"])
+    assert "may have completed the step again after the step was undone" in item["reason"]
+    assert "after 0.2 s, the late_grace" in item["reason"] and item["step_result"] is None
+    assert item["input"] == {"flight_id": "F1", "reservation": "R2"}  # what its release was given
+    out = io.StringIO()
+    print_summary(result, Console(file=out, width=300, highlight=False))
+    text = out.getvalue()
+    assert "outcome unknown" in text and "reserve: release ran before that" in text
+    assert _show_json(tmp_path / "redone2.jsonl")["in_doubt"] == result.in_doubt
+
+
+def test_a_timed_out_sync_attempt_that_succeeds_before_its_step_is_undone_changes_nothing() -> None:
+    """Its success comes while ship runs, before anything is undone: the same effect as the retry's (one idempotency
+    key), undone by the release — the run ends compensated, nothing waited for."""
+    go, returned, releases = threading.Event(), threading.Event(), []
+
+    async def ship(data: Any, ctx: Any) -> dict[str, Any]:
+        go.set()
+        assert await asyncio.to_thread(returned.wait, HUNG)
+        await asyncio.sleep(0.1)  # its answer fed first
+        raise ConnectionError("the carrier is down")
+
+    result = asyncio.run(asyncio.wait_for(run_flow(
+        REDONE, {}, record=False, registry=_reserving(go, returned, releases, ship=ship), import_workers=False,
+        late_grace=HUNG), HUNG))
+    assert (result.status, result.intervention, result.in_doubt, result.exit_code) == ("compensated", None, [], 1)
+    assert [e["task_id"] for e in result.events if e["type"] == "result_rejected"] == [f"{result.run_id}/reserve#1"]
+    assert len(releases) == 1
+
+
+def test_only_rules_7_wait_for_an_attempt_of_a_step_whose_undo_began() -> None:
+    """Under rules 6 a success of reserve's first attempt after the release is only rejected: nothing to wait for,
+    nothing in doubt; under 7 it is a late completion — until the step has one, and not before its undo began."""
+    from flowdsl.runtime.report import in_doubt_items, may_answer_late
+
+    go, returned, releases = threading.Event(), threading.Event(), []
+    try:
+        result = asyncio.run(asyncio.wait_for(run_flow(
+            REDONE, {}, record=False, registry=_reserving(go, returned, releases), import_workers=False,
+            late_grace=0), HUNG))
+    finally:
+        go.set()
+    assert result.status == "compensated" and [i["step"] for i in result.in_doubt] == ["reserve"]
+    attempt = {"task_id": f"{result.run_id}/reserve#1", "step": "reserve", "attempt": 1}
+    older = {**result.state, "kernel": 6}
+    assert may_answer_late(REDONE, result.state, attempt) and not may_answer_late(REDONE, older, attempt)
+    assert in_doubt_items(REDONE, older, [attempt], "now", result.events) == []
+    assert may_answer_late(REDONE, result.state, attempt, any_end=True)
+    pending = {**result.state, "compensations": {**result.state["compensations"], "reserve": {
+        **result.state["compensations"]["reserve"], "status": "pending", "attempt": 0}}}
+    assert not may_answer_late(REDONE, pending, attempt) and not may_answer_late(REDONE, pending, attempt,
+                                                                                 any_end=True)
+    recorded = {**result.state, "late_completions": [{"step": "reserve"}]}
+    assert not may_answer_late(REDONE, recorded, attempt)
