@@ -656,19 +656,31 @@ _PATH_SHOWN = 12  # steps of the critical path the summary names (the JSON objec
 def critical_path(plan: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], int]:
     """The chain of steps through the plan's edges that took longest in this run, and its milliseconds.
 
-    A step's weight is the span of its instances (first start to last finish);
-    steps that did not run weigh nothing and are left out of the chain.
+    The chain is of step instances (``charge``, ``lines[2]/charge``): inside a ``for_each`` it follows one
+    iteration, and the loop weighs what its longest iteration's chain took — time an iteration spent waiting for
+    a slot (``concurrency``) is on no chain, so the path is never longer than the run. Steps that did not run
+    weigh nothing and are left out. Of chains that took as long, the one with more steps, then the one with fewer
+    cancelled steps (a sibling cut short by a failure is not what decided the run's end).
     """
-    weight: dict[str, int] = {}
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for row in steps.values():
-        if row["kind"] in STEP_KINDS and _span(row) is not None:
-            node = row["node"]
-            first[node] = min(first.get(node, row["started_at"]), row["started_at"])
-            last[node] = max(last.get(node, row["finished_at"]), row["finished_at"])
-    for node in first:
-        weight[node] = last[node] - first[node]
+    # per plan vertex, its instances: iteration prefix ("", "lines[2]/") -> (span ms, cancelled)
+    spans: dict[str, dict[str, tuple[int, bool]]] = {}
+    for key, row in steps.items():
+        span = _span(row) if row["kind"] in STEP_KINDS else None
+        node = row["node"]
+        if span is not None and key.endswith(node) and (len(key) == len(node) or key[-len(node) - 1] == "/"):
+            spans.setdefault(node, {})[key[:len(key) - len(node)]] = (span, row.get("status") == "cancelled")
+    nodes = plan["nodes"]
+
+    def loops(v: str) -> tuple[str, ...]:  # the for_each nodes around vertex v, outermost first
+        key = v.rpartition(":")[0] if v not in nodes and v.endswith((":start", ":end")) else v
+        found: list[str] = []
+        parent = nodes[key].get("parent") if key in nodes else None
+        while parent:
+            if nodes[parent]["kind"] == "for_each":
+                found.append(parent)
+            parent = nodes[parent].get("parent")
+        return tuple(reversed(found))
+
     # the plan's edges are the flow graph: steps plus weightless group-boundary vertices ("g:start", "g:end")
     preds: dict[str, list[str]] = {}
     succs: dict[str, list[str]] = {}
@@ -680,31 +692,61 @@ def critical_path(plan: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]
         succs[a].append(b)
 
     def rank(v: str) -> int:
-        return plan["nodes"][v]["order"] if v in plan["nodes"] else -1
+        return nodes[v]["order"] if v in nodes else -1
 
+    iterations: dict[str, set[str]] = {}  # a for_each -> the prefixes of its iterations that ran a step
+    for node, by_prefix in spans.items():
+        for loop in loops(node):
+            for prefix in by_prefix:
+                at = prefix.find(f"{loop}[")
+                while at > 0 and prefix[at - 1] != "/":
+                    at = prefix.find(f"{loop}[", at + 1)
+                if at >= 0:
+                    iterations.setdefault(loop, set()).add(prefix[:prefix.index("/", at) + 1])
     waiting = {k: len(preds[k]) for k in preds}
     ready = sorted((k for k in preds if waiting[k] == 0), key=rank)
-    # per vertex: (longest time to it, steps on that chain, the predecessor it came through); among chains of
-    # equal time the one with more steps wins, so steps that took 0 ms still extend the path they are on
-    best: dict[str, tuple[int, int, str | None]] = {}
+    # per vertex and iteration prefix: (longest time to it, steps on that chain, not cancelled ones, the vertex and
+    # prefix it came through)
+    Best = tuple[int, int, int, "tuple[str, str] | None"]
+    best: dict[str, dict[str, Best]] = {}
     while ready:
-        key = ready.pop(0)
-        top = max(((best[p][0], best[p][1], p) for p in preds[key]), default=(0, 0, None), key=lambda t: t[:2])
-        best[key] = (top[0] + weight.get(key, 0), top[1] + (key in weight), top[2])
-        for nxt in succs[key]:
+        v = ready.pop(0)
+        inner = loops(v)
+        into: dict[str, Best] = {}
+        for u in preds[v]:
+            outer = loops(u)
+            for prefix, (ms, count, kept, _) in best[u].items():
+                if len(inner) > len(outer):  # into a loop: every iteration starts from here
+                    targets = [p for p in iterations.get(inner[-1], ()) if p.startswith(prefix)] or [prefix]
+                elif len(inner) < len(outer):  # out of a loop: its iteration's chain, in the prefix around it
+                    targets = [prefix[:prefix.rindex("/", 0, len(prefix) - 1) + 1] if prefix.count("/") > 1
+                               else ""]
+                else:
+                    targets = [prefix]
+                for target in targets:
+                    if target not in into or (ms, count, kept) > into[target][:3]:
+                        into[target] = (ms, count, kept, (u, prefix))
+        if not preds[v]:
+            into[""] = (0, 0, 0, None)
+        mine = spans.get(v, {})
+        best[v] = {p: (ms + mine[p][0], count + 1, kept + (not mine[p][1]), via) if p in mine else
+                   (ms, count, kept, via) for p, (ms, count, kept, via) in into.items()}
+        for nxt in succs[v]:
             waiting[nxt] -= 1
             if waiting[nxt] == 0:
                 ready.append(nxt)
-    if not best:
+    ends = [(ms, count, kept, -rank(v), v, p) for v, by in best.items() for p, (ms, count, kept, _) in by.items()]
+    if not ends:
         return [], 0
-    end = max(best, key=lambda k: (best[k][0], best[k][1], -rank(k)))
-    total = best[end][0]
+    *_, end, prefix = max(ends)
+    total = best[end][prefix][0]
     chain: list[str] = []
-    cur: str | None = end
+    cur: tuple[str, str] | None = (end, prefix)
     while cur is not None:
-        if cur in weight:
-            chain.append(cur)
-        cur = best[cur][2]
+        v, p = cur
+        if p in spans.get(v, {}):
+            chain.append(p + v)
+        cur = best[v][p][3]
     return list(reversed(chain)), total
 
 
