@@ -138,7 +138,8 @@ def runs(
     prefix: PrefixOpt = None,
     status_filter: Annotated[str | None, typer.Option(
         "--status", help="only runs in this state, any case (submitted, running, completed, compensated, "
-        "needs_intervention, ...; local records also aborted, not_started, unrecorded)")] = None,
+        "needs_intervention — those not resolved yet —, resolved, ...; local records also aborted, crashed, "
+        "not_started, unrecorded, newer)")] = None,
     flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow", callback=_text)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most this many")] = 20,
     fmt: FormatOpt = OutputFormat.text,
@@ -242,14 +243,27 @@ def _following(command: str, run_id: str, as_json: bool, body: Callable[[Any, An
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def _age(value: str) -> float:
+    """``--older-than``: seconds, from an age written as ``flowdsl prune --older-than`` takes it (``7d``, ``12h``,
+    ``1h30m``, ``90s``: :func:`flowdsl.runtime.prune.parse_age`)."""
+    from flowdsl.runtime.prune import parse_age
+
+    try:
+        return parse_age(value) / 1000
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command(name="dead-letters", help=(
-    "List the messages worker processes set aside because they could not be handled, or put them back.\n\n"
+    "List the messages worker processes set aside because they could not be handled, or put them back, or delete "
+    "them.\n\n"
     "A message is set aside when it cannot be read (damaged, or not flowdsl's) or when handling it failed "
     "unexpectedly --max-failures times (`flowdsl worker`); its run waits meanwhile. Once the cause is fixed, "
-    "--retry puts it back: it is handled as after a crash.\n\n"
+    "--retry puts it back: it is handled as after a crash. Dead letters are never deleted by themselves: "
+    "--delete-all (with --older-than: those older) deletes them; --dry-run shows what it would do.\n\n"
     "Exit codes:\n"
     "  0    done\n"
-    "  2    an id names no dead letter"))
+    "  2    an id names no dead letter, or options that do not go together"))
 def dead_letters(
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
@@ -258,6 +272,15 @@ def dead_letters(
     retry_all: Annotated[bool, typer.Option("--retry-all", help="put every dead letter back (however many)")] = False,
     delete: Annotated[list[str] | None, typer.Option(
         "--delete", help="delete this dead letter for good (repeatable)", metavar="ID")] = None,
+    delete_all: Annotated[bool, typer.Option(
+        "--delete-all", help="delete every dead letter for good (however many; with --older-than, those older)")
+    ] = False,
+    older_than: Annotated[float | None, typer.Option(
+        "--older-than", help="only dead letters set aside longer ago than this: 7d, 12h, 90m, 1d12h … (with "
+        "--delete-all, --retry-all, or a listing)", metavar="DURATION", parser=_age)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="with --delete-all or --retry-all: list the dead letters it would touch, do nothing")
+    ] = False,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=100000,
                                        help="list at most this many, oldest first")] = 100,
     fmt: FormatOpt = OutputFormat.text,
@@ -267,4 +290,5 @@ def dead_letters(
     as_json = fmt is OutputFormat.json
     raise typer.Exit(_reporting(as_json, lambda console: dead_letters_command(
         url=redis_url, prefix=prefix, retry=list(retry or ()), retry_all=retry_all, delete=list(delete or ()),
-        limit=limit, as_json=as_json, console=console)))
+        limit=limit, as_json=as_json, console=console, delete_all=delete_all, older_than_s=older_than,
+        dry_run=dry_run)))

@@ -329,13 +329,28 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
         raise _fail(f"cannot show the run record {path}: {exc}", console=console) from None
     except Exception as exc:  # a foreign record the checks let through: say so, never a traceback
         raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}", console=console) from None
+    from flowdsl.runtime.resolve import resolution_json, resolution_text
+    from flowdsl.runtime.stopped import settle
+
+    standing = settle(header, lines, outcome)  # a run whose process is gone: crashed, with what is left to undo
+    resolution = lines.resolutions[-1] if lines.resolutions else None
     if fmt is OutputFormat.json:
         from flowdsl.runtime.codec import json_line
         from flowdsl.stdio import write_json
 
-        write_json(json_line(outcome.to_json()))
+        write_json(json_line({**outcome.to_json(), "resolved": resolution_json(resolution)}))
     else:
         print_timeline(outcome, lines, console)
+        if resolution is not None:
+            console.print(resolution_text(resolution), highlight=False, soft_wrap=True)
+        elif outcome.status == "needs_intervention" or outcome.in_doubt or (outcome.intervention or {}).get("steps"):
+            from flowdsl.runtime.report import show_command
+
+            resolve = show_command(path).replace("flowdsl show", "flowdsl resolve", 1)
+            console.print(f"[dim]once it is finished by hand, `{_escape(resolve)} --note TEXT` says so (`flowdsl "
+                          "runs` then lists it resolved)[/]", highlight=False, soft_wrap=True)
+    if standing.process is not None and not standing.crashed and not standing.closed:
+        console.print(f"[yellow]note[/]: {_escape(standing.process.said)}")
     if lines.cut_short:
         console.print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
                         "it); the run is shown as it stood at the line before")

@@ -82,7 +82,7 @@ def test_help_text_breaks_a_line_only_where_it_is_full(command: tuple[str, ...],
             assert len(line) + 1 + len(after.split()[0]) > room, f"a line break inside a sentence: {line!r} / {after!r}"
 
 
-@pytest.mark.parametrize("command", ["run", "status", "cancel", "worker", "runs", "dead-letters"])
+@pytest.mark.parametrize("command", ["run", "status", "cancel", "worker", "runs", "dead-letters", "resolve", "prune"])
 def test_exit_codes_are_listed_one_a_line(command: str) -> None:
     lines = _description((command,), 200)
     start = lines.index("Exit codes:") + 1
@@ -94,11 +94,12 @@ def test_exit_codes_are_listed_one_a_line(command: str) -> None:
 def test_the_list_of_commands_gives_each_a_summary_of_one_sentence_in_the_order_of_work() -> None:
     """`flowdsl --help` lists each command with the first paragraph of its help: one line at 200 columns (the
     summary of `convert` ran on into a second sentence, broken where its docstring's line ended), in the
-    order a user meets them — specs, runs, the Redis runtime, diagrams — whatever module defines them."""
+    order a user meets them — specs, runs, the Redis runtime, looking after finished runs, diagrams — whatever
+    module defines them."""
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
     assert result.exit_code == 0, result.output
     box = [line for line in result.output[result.output.index("Commands"):].splitlines() if line.startswith("│")]
     rows = [line.strip("│ ").split(None, 1) for line in box]
     assert all(len(row) == 2 and row[0] in COMMANDS for row in rows), box  # (a continued summary: no name)
     assert [row[0] for row in rows] == ["validate", "plan", "convert", "run", "show", "worker", "status", "runs",
-                                        "cancel", "dead-letters", "diagram"]
+                                        "cancel", "dead-letters", "resolve", "prune", "diagram"]

@@ -1,15 +1,17 @@
 """Listing runs: the local runtime's run records (``flowdsl runs --backend local``) and the table both backends print.
 
-Stage: runtime (shared), CLI support. Imports stdlib, ``.record`` and, inside functions, ``.codec`` and
-``.report`` (its replay, as ``flowdsl show`` does it, for a record whose last lines do not give its end; its error
-console); rich only inside the printing functions, through the console handed in. The Redis backend's
+Stage: runtime (shared), CLI support. Imports stdlib, orjson, ``.record``, and inside functions ``.owner``,
+``.codec`` and ``.report`` (its replay, as ``flowdsl show`` does it, for a record whose last lines do not give its
+end; its error console); rich only inside the printing functions, through the console handed in. The Redis backend's
 ``commands`` prints its listing with :func:`print_runs` too; nothing here imports Redis.
 
-A record is read by its ends: its first two lines (the header, with the flow's name and the time the run was
-taken, and the ``start`` line) and its last 64 KiB, where the run's last ``run_finished`` line (its end state) or
-its ``runtime_aborted`` line (stopped at once) is. Only a record that ends otherwise — its process was killed, or
-the run still goes, or lines after its end are longer than that — is read whole and replayed, as ``show`` does,
-so that its state is the one ``show`` gives. The listing does not check a record's middle: ``show`` does.
+A record is read by its ends: its first two lines (the header, with the flow's name, the time the run was
+taken and the process that runs it, and the ``start`` line) and its last 64 KiB, where the run's last
+``run_finished`` line (its end state), its ``runtime_aborted`` line (stopped at once) or a ``resolved`` line
+(``flowdsl resolve``) is. Only a record that ends otherwise — its process was killed, or the run still goes, or
+lines after its end are longer than that — is read whole and replayed, as ``show`` does, so that its state is the
+one ``show`` gives; and the process its header names is looked for (``.owner``): gone, the run is listed
+``crashed``. The listing does not check a record's middle: ``show`` does.
 
 Newest first is by the time the run was taken (the header's ``started_at``). A record's file is written from that
 moment on, so its modification time is never earlier: the files are visited by modification time, newest first,
@@ -22,22 +24,42 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from flowdsl.runtime.record import RECORD_FAILED, RecordError
+import orjson
 
-__all__ = ["LOCAL_STATES", "MTIME_SLACK_MS", "RunRow", "list_records", "local_runs_command", "print_runs",
-           "read_row"]
+from flowdsl.runtime.record import (
+    RECORD_FAILED,
+    RECORD_FORMAT,
+    RESOLVED,
+    NewerRecord,
+    RecordError,
+    newer_problem,
+    versions_read,
+)
+
+__all__ = ["CRASHED", "LOCAL_STATES", "MTIME_SLACK_MS", "NEWER", "RESOLVED_STATE", "RecordRow", "RunRow",
+           "list_records", "local_runs_command", "print_runs", "read_row"]
 
 #: the states a local run is listed in: the kernel's (before its end, and the end states), ``aborted`` (stopped at
-#: once: its record ends with ``runtime_aborted``, as ``show`` says) and ``not_started`` (a record holding only its
-#: header); what ``flowdsl runs --backend local --status`` takes
+#: once: its record ends with ``runtime_aborted``, as ``show`` says), ``not_started`` (a record holding only its
+#: header), ``unrecorded``, ``crashed`` (it did not end, and its process is gone), ``resolved`` (``flowdsl resolve``
+#: said what it left to do by hand is done) and ``newer`` (written by a newer flowdsl); what ``flowdsl runs
+#: --backend local --status`` takes
 LOCAL_STATES = ("not_started", "running", "aborting", "compensating", "completed", "failed", "compensated",
-                "cancelled", "needs_intervention", "aborted", "unrecorded")
+                "cancelled", "needs_intervention", "aborted", "unrecorded", "crashed", "resolved", "newer")
+#: the state of a run whose record ends before the run did and whose process is gone (a SIGKILL, the OOM killer, a
+#: restart): the run stopped with it, and nothing carries it on (``flowdsl show`` gives what is left to undo)
+CRASHED = "crashed"
+#: the state of a run that a person said is finished by hand: its record has a ``resolved`` line
+RESOLVED_STATE = "resolved"
+#: the state of a record written by a newer flowdsl, which this one does not read
+NEWER = "newer"
 #: the state of a run whose record stops where writing it failed (its last line is ``record_failed``) before the
 #: run's end: the run went on unrecorded, so its end is unknown here
 UNRECORDED = "unrecorded"
@@ -89,22 +111,70 @@ class RunRow:
                 "started_at": self.started_at, "finished_at": self.finished_at}
 
 
+@dataclass(frozen=True)
+class RecordRow(RunRow):
+    """A local run record's listing line, with what the notes of the listing and ``flowdsl prune`` need besides (none
+    of it in the JSON object): ``why``, a clause saying why it is in its state (whose process is gone, that whether
+    it still runs cannot be told, that a newer flowdsl wrote it, who resolved it); ``was``, the state a crashed run
+    stopped in, or the one a resolved run was in; ``last_at``, the time of the record's last line (ms); ``process``,
+    what :func:`flowdsl.runtime.owner.judge` said of the process its header names when that was asked (``live``,
+    ``gone``, ``unknown``); ``doubt``, whether its end left attempts unanswered (steps in doubt), or the record
+    ends while its runtime waited for them."""
+
+    why: str | None = None
+    was: str | None = None
+    last_at: int | None = None
+    process: str | None = None
+    doubt: bool = False
+
+
+def _loads(raw: bytes) -> Any:
+    """The JSON value of a record line: orjson's reading (a record's header, with its plan, is read about twice as
+    fast so), else the standard library's, which reads what orjson refuses (NaN, integers beyond 64 bits) as
+    ``show`` does (``ValueError`` or ``RecursionError`` for what is not JSON)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def _ms(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _judged(header: Any) -> Any:
+    from flowdsl.runtime.owner import judge
+
+    return judge(header.get("process") if isinstance(header, dict) else None)
+
+
+def _resolved_why(line: dict[str, Any]) -> str:
+    note = line.get("note")
+    return f"resolved by {line.get('by')}" + (f": {note}" if isinstance(note, str) and note else "")
 
 
 class _Replay(Exception):
     """The ends of the record do not give the run's state: read it whole."""
 
 
-def read_row(path: Path, size: int | None = None) -> RunRow:
+def read_row(path: Path, size: int | None = None, *, quick: bool = False) -> RecordRow:
     """The listing line of the record ``path`` (a regular file): from its ends, else by replaying it whole.
-    :class:`RecordError` says why it is not a run record one can list (it names the file)."""
+    :class:`RecordError` says why it is not a run record one can list (it names the file).
+
+    ``quick`` (``flowdsl prune``): the line of a record that ends with its run's end, a resolution or a stop at once
+    comes without its flow's name and start times, and its header is not read whole: its first bytes are those this
+    flowdsl writes, of a format and plan version it reads (a header begins with them), and its ``start`` line ends
+    with a kernel rules version it knows — else it is read as without ``quick``."""
     try:
         with open(path, "rb") as fh:
             if size is None:
                 size = os.fstat(fh.fileno()).st_size
             try:
+                if quick:
+                    row = _quickly(path, fh, size)
+                    if row is not None:
+                        return row
+                    fh.seek(0)
                 return _from_ends(path, fh, size)
             except _Replay:
                 pass  # its ends do not say how it stands: replayed whole, below
@@ -113,14 +183,14 @@ def read_row(path: Path, size: int | None = None) -> RunRow:
     return _replayed(path)
 
 
-def _from_ends(path: Path, fh: Any, size: int) -> RunRow:
+def _from_ends(path: Path, fh: Any, size: int) -> RecordRow:
     lines, after, head = _first_lines(fh, size)
     if not lines or not lines[0].strip():
         raise RecordError(f"{path} is empty, not a run record (a run starting at this instant, or one whose process "
                           "stopped before it wrote the record's header)" if size == 0 else
                           f"{path}:1: not a run record: its first line is empty")
     try:
-        header = json.loads(lines[0])
+        header = _loads(lines[0])
     except (ValueError, RecursionError):
         cut = " (it ends without its newline: its process may have stopped while writing it)" if len(lines[0]) == size \
             else ""
@@ -132,25 +202,82 @@ def _from_ends(path: Path, fh: Any, size: int) -> RunRow:
     named = (plan.get("flow") or {}).get("name") if isinstance(plan.get("flow"), dict) else None
     run_id, flow = path.name.removesuffix(SUFFIX), named if isinstance(named, str) else None
     taken = _ms(header.get("started_at"))
+    newer = newer_problem(header)
+    if newer is not None:
+        return RecordRow(run_id, flow, NEWER, taken, None, None, why=newer)
     if len(lines) < 2:
         if after == size:  # the header alone, whole: the run had not started
-            return RunRow(run_id, flow, "not_started", taken, None, None)
+            return _not_ended(RecordRow(run_id, flow, "not_started", taken, None, None, last_at=taken), header)
         raise _Replay
     try:
-        start = json.loads(lines[1])
+        start = _loads(lines[1])
     except (ValueError, RecursionError):
         raise _Replay from None
     began = _ms(start.get("at")) if isinstance(start, dict) and start.get("type") == "start" else None
     if began is None:
         raise _Replay
+    newer = newer_problem(header, start)
+    if newer is not None:
+        return RecordRow(run_id, flow, NEWER, taken, began, None, why=newer)
     taken = taken if taken is not None else began
-    finished, aborted = _end_lines(fh, size, after, head)
+    tail = _end_lines(fh, size, after, head)
+    finished, aborted, resolved = tail.finished, tail.stopped, tail.resolved
+    end = _ms(finished.get("at")) if finished is not None else None
+    if resolved is not None:
+        return RecordRow(run_id, flow, RESOLVED_STATE, taken, began, end, why=_resolved_why(resolved),
+                         was=str(resolved.get("status")), last_at=tail.last_at)
     if finished is not None:
-        return RunRow(run_id, flow, str(finished["status"]), taken, began, _ms(finished.get("at")))
+        process = _judged(header).state if tail.waiting else None  # (the run's end waits: its process may run)
+        return RecordRow(run_id, flow, str(finished["status"]), taken, began, end, last_at=tail.last_at,
+                         process=process, doubt=tail.doubt)
     if aborted is not None:
-        return RunRow(run_id, flow, UNRECORDED if aborted.get("type") == RECORD_FAILED else "aborted", taken, began,
-                      None)
+        if aborted.get("type") == RECORD_FAILED:  # the run went on unrecorded: its process may still run it
+            return RecordRow(run_id, flow, UNRECORDED, taken, began, None, last_at=tail.last_at,
+                             process=_judged(header).state)
+        return RecordRow(run_id, flow, "aborted", taken, began, None, last_at=tail.last_at)
     raise _Replay
+
+
+#: how a header this flowdsl writes begins (and one of earlier versions, without the first two fields)
+_HEAD = re.compile(rb'\{"type":"record",(?:"record_format":([0-9]{1,9}),"flowdsl_version":"[^"\\]*",)?'
+                   rb'"plan":\{"plan_version":([0-9]{1,9}),')
+#: how a ``start`` line this flowdsl writes ends
+_KERNEL = re.compile(rb',"kernel":([0-9]{1,9})\}\Z')
+
+
+def _quickly(path: Path, fh: Any, size: int) -> RecordRow | None:
+    """:func:`read_row`'s ``quick`` line, or None when the record is to be read as without it."""
+    lines, after, head = _first_lines(fh, size)
+    if len(lines) < 2 or not lines[1].startswith(b'{"type":"start",'):
+        return None
+    first, kernel = _HEAD.match(lines[0]), _KERNEL.search(lines[1])
+    if first is None or kernel is None:
+        return None
+    plan_version, rules = versions_read()
+    if int(first.group(1) or 1) > RECORD_FORMAT or int(first.group(2)) > plan_version or int(kernel.group(1)) > rules:
+        return None  # (newer: said as such, below)
+    tail = _end_lines(fh, size, after, head)
+    run_id = path.name.removesuffix(SUFFIX)
+    end = _ms(tail.finished.get("at")) if tail.finished is not None else None
+    if tail.resolved is not None:
+        return RecordRow(run_id, None, RESOLVED_STATE, None, None, end, why=_resolved_why(tail.resolved),
+                         was=str(tail.resolved.get("status")), last_at=tail.last_at)
+    if tail.finished is not None and not tail.waiting:
+        return RecordRow(run_id, None, str(tail.finished["status"]), None, None, end, last_at=tail.last_at,
+                         doubt=tail.doubt)
+    if tail.stopped is not None and tail.stopped.get("type") != RECORD_FAILED:
+        return RecordRow(run_id, None, "aborted", None, None, None, last_at=tail.last_at)
+    return None
+
+
+def _not_ended(row: RecordRow, header: Any) -> RecordRow:
+    """``row``, of a record that ends before its run did, as its process stands: ``crashed`` when it is gone."""
+    from dataclasses import replace
+
+    verdict = _judged(header)
+    if verdict.state == "gone":
+        return replace(row, status=CRASHED, was=row.status, why=verdict.said, process=verdict.state)
+    return replace(row, why=verdict.said, process=verdict.state)
 
 
 def _first_lines(fh: Any, size: int) -> tuple[list[bytes], int, bytes]:
@@ -179,10 +306,26 @@ def _first_lines(fh: Any, size: int) -> tuple[list[bytes], int, bytes]:
     return lines, begin, bytes(buf)
 
 
-def _end_lines(fh: Any, size: int, after: int, head: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+@dataclass
+class _Tail:
+    """What the end of a record says: its last ``run_finished`` (``finished``), or the ``runtime_aborted`` or
+    ``record_failed`` line that stopped it before its end (``stopped``); its last ``resolved`` line; the time of its
+    last line; whether it ends while its runtime waited for attempts after the run's end (``waiting``), and whether
+    attempts were left unanswered then (``doubt``)."""
+
+    finished: dict[str, Any] | None = None
+    stopped: dict[str, Any] | None = None
+    resolved: dict[str, Any] | None = None
+    last_at: int | None = None
+    waiting: bool = False
+    doubt: bool = False
+
+
+def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
     """From the record's last :data:`TAIL_BYTES` (never before offset ``after``): its last ``run_finished`` line
-    when it is there, else its ``runtime_aborted`` line when that says the run was stopped before its end; raises
-    :class:`_Replay` when the end does not say (or a whole line there is not JSON: ``show`` names it)."""
+    when it is there, else its ``runtime_aborted`` line when that says the run was stopped before its end, and a
+    ``resolved`` line after them (:class:`_Tail`); raises :class:`_Replay` when the end does not say (or a whole line
+    there is not JSON: ``show`` names it) and no ``resolved`` line does."""
     begin = max(after, size - TAIL_BYTES)
     first = begin - 1 if begin > after else begin
     if len(head) >= size:  # read already
@@ -197,43 +340,63 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> tuple[dict[str, A
     lines: list[bytes] = pieces
     if last.strip():
         try:
-            json.loads(last)
+            _loads(last)
             lines = [*pieces, last]  # whole JSON: read like any line (else it was cut short: left out)
         except (ValueError, RecursionError):
             pass
+    tail = _Tail()
     aborted: dict[str, Any] | None = None
     failed: dict[str, Any] | None = None  # the record_failed line, when it is the last
+    waited = False
     for piece in reversed(lines):
         if not piece.strip():
             continue
         try:
-            item = json.loads(piece)
+            item = _loads(piece)
         except (ValueError, RecursionError):
             raise _Replay from None
         if not isinstance(item, dict):
             raise _Replay
         kind = item.get("type")
+        if tail.last_at is None:
+            tail.last_at = _ms(item.get("at"))
+        if kind == RESOLVED:
+            tail.resolved = tail.resolved or item
+            continue
+        if kind == "runtime_waited":
+            waited = True
+            tail.doubt = tail.doubt or bool(item.get("unanswered"))
+        if kind == "runtime_waiting" and not waited:  # (its process stopped, or still waits)
+            tail.waiting = tail.doubt = True
         if kind == "run_finished":  # the last one is the run's end (a late completion emits it again)
             if item.get("status") not in _END_STATES:
                 raise _Replay
-            return item, None
+            tail.finished = item
+            return tail
         if kind == "runtime_aborted" and aborted is None:
             aborted = item
         if kind == RECORD_FAILED and aborted is None and failed is None:
             failed = item
     if failed is not None and failed.get("status") in _GOING:  # writing it failed before the run's end
-        return None, failed
-    if aborted is not None and aborted.get("status") in _GOING:  # stopped at once before its end
-        return None, aborted
-    raise _Replay  # (stopped after its end, its run_finished further back; or no end: replay it)
+        tail.stopped = failed
+    elif aborted is not None and aborted.get("status") in _GOING:  # stopped at once before its end
+        tail.stopped = aborted
+    elif tail.resolved is None:
+        raise _Replay  # (stopped after its end, its run_finished further back; or no end: replay it)
+    return tail
 
 
-def _replayed(path: Path) -> RunRow:
-    """The listing line of a record whose ends do not give its state: replayed whole, as ``show`` does."""
+def _replayed(path: Path) -> RecordRow:
+    """The listing line of a record whose ends do not give its state: replayed whole, as ``show`` does; one that
+    ends before its run did is ``crashed`` when its process is gone."""
     from flowdsl.runtime.record import read_record
-    from flowdsl.runtime.report import result_from_record
+    from flowdsl.runtime.report import NOT_STARTED, result_from_record
 
-    header, lines = read_record(path)
+    run_id = path.name.removesuffix(SUFFIX)
+    try:
+        header, lines = read_record(path)
+    except NewerRecord as exc:
+        return RecordRow(run_id, None, NEWER, None, None, None, why=str(exc))
     try:
         result = result_from_record(header, lines, path)
     except RecordError:
@@ -242,10 +405,23 @@ def _replayed(path: Path) -> RunRow:
         raise RecordError(f"cannot read the run record {path}: {exc}") from None
     submitted = _ms((header or {}).get("started_at"))
     unrecorded = bool(lines) and lines[-1].get("type") == RECORD_FAILED and result.status not in _END_STATES
-    return RunRow(run_id=path.name.removesuffix(SUFFIX), flow=result.flow,
-                  status="aborted" if result.aborted is not None else UNRECORDED if unrecorded else result.status,
-                  submitted_at=submitted if submitted is not None else result.started_at,
-                  started_at=result.started_at, finished_at=result.finished_at)
+    last = next((at for e in reversed(lines) if (at := _ms(e.get("at"))) is not None), submitted)
+    row = RecordRow(run_id=run_id, flow=result.flow,
+                    status="aborted" if result.aborted is not None else UNRECORDED if unrecorded else result.status,
+                    submitted_at=submitted if submitted is not None else result.started_at,
+                    started_at=result.started_at, finished_at=result.finished_at, last_at=last,
+                    doubt=bool(result.in_doubt))
+    from dataclasses import replace
+
+    if lines.resolutions:
+        said = lines.resolutions[-1]
+        return replace(row, status=RESOLVED_STATE, why=_resolved_why(said), was=str(said.get("status")),
+                       last_at=max(last or 0, _ms(said.get("at")) or 0))
+    if row.status in (*_GOING, NOT_STARTED):
+        return _not_ended(row, header)
+    if row.status == UNRECORDED:
+        return replace(row, process=_judged(header).state)
+    return row
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -255,7 +431,7 @@ Skip = Callable[[str], None]
 
 
 def list_records(directory: Path, *, limit: int, status: str | None = None, flow: str | None = None,
-                 on_skip: Skip | None = None) -> list[RunRow]:
+                 on_skip: Skip | None = None) -> list[RecordRow]:
     """The ``limit`` newest runs recorded in ``directory`` (by the time each was taken, then by run id), only those
     in state ``status`` (one of :data:`LOCAL_STATES`) and of ``flow`` when given.
 
@@ -291,7 +467,7 @@ def list_records(directory: Path, *, limit: int, status: str | None = None, flow
                 continue
             found.append((info.st_mtime_ns // 1_000_000, entry.name, info.st_size))
     found.sort(reverse=True)
-    best: list[tuple[tuple[int, str], RunRow]] = []  # a heap: the oldest of the best at its top
+    best: list[tuple[tuple[int, str], RecordRow]] = []  # a heap: the oldest of the best at its top
     for modified, name, size in found:
         if len(best) >= limit and modified + MTIME_SLACK_MS < best[0][0][0]:
             break  # this record, and every one after it, began before the runs found
@@ -365,12 +541,33 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
         which = " and ".join(f"{name} {value!r}" for name, value in (("status", status), ("flow", flow)) if value)
         console.print(f"no runs{escape(f' with {which}' if which else '')} recorded in {escape(str(directory))}",
                       highlight=False, crop=False, soft_wrap=True)
-    going = [row.run_id for row in rows if row.status in _GOING]
-    if going:
-        say(f"{len(going)} record(s) end before their run did ({', '.join(going[:3])}{', …' if len(going) > 3 else ''})"
-            ": the process stopped, or the run still goes; each is listed in the state its record left it in "
-            "(`flowdsl show RUN_ID` tells more)", "note", "yellow")
+    for said in _notes(rows):
+        say(said, "note", "yellow")
     return 0
+
+
+def _notes(rows: list[RecordRow]) -> list[str]:
+    """The notes under a listing: records whose process cannot be told, crashed runs, newer records."""
+    def named(ids: list[str]) -> str:
+        return f"{len(ids)} {{}} ({', '.join(ids[:3])}{', …' if len(ids) > 3 else ''})"
+
+    said = []
+    going = [row.run_id for row in rows if row.status in _GOING and row.process != "live"]
+    if going:
+        said.append(named(going).format("record(s) end before their run did") + ": the process stopped, or the run "
+                    "still goes — which cannot be told here (its process ran on another host or in another "
+                    "container, or the record is of an earlier flowdsl, which did not name its process); each is "
+                    "listed in the state its record left it in (`flowdsl show RUN_ID` tells more)")
+    crashed = [row.run_id for row in rows if row.status == CRASHED]
+    if crashed:
+        said.append(named(crashed).format("run(s) crashed") + ": their process is gone, and the run stopped with it; "
+                    "`flowdsl show RUN_ID` lists what is left to undo by hand, `flowdsl resolve RUN_ID` says it is "
+                    "done")
+    newer = [row.run_id for row in rows if row.status == NEWER]
+    if newer:
+        said.append(named(newer).format("record(s) were written by a newer flowdsl") + ", in a layout this one does "
+                    "not read; read them with that version")
+    return said
 
 
 def _json_out(value: Any) -> None:

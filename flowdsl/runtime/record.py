@@ -1,10 +1,12 @@
 """Run records: every run's events as JSON lines in ``.flowdsl/runs/<run_id>.jsonl``.
 
-Stage: runtime (shared). Imports stdlib, ``.codec`` and (to check a header)
-``.plancheck`` only. The first line of a record is a header
-``{"type": "record", "plan": ..., "input": ...}`` so that a recorded run can
-be replayed through the kernel and drawn without its spec; every other line is
-one event, as the kernel emitted it or as it was fed to it.
+Stage: runtime (shared). Imports stdlib, ``.codec``, ``.owner`` and (to check a header)
+``.plancheck`` and the kernel's version only. The first line of a record is a header
+``{"type": "record", "record_format": 1, "flowdsl_version": ..., "plan": ..., "input": ..., "process": ...}`` so
+that a recorded run can be replayed through the kernel and drawn without its spec, and whoever reads it later knows
+which flowdsl wrote it and which process ran it (``.owner``); every other line is
+one event, as the kernel emitted it or as it was fed to it — or, appended once the run is over, a
+``resolved`` line (``flowdsl resolve``: a person finished what the run left to do by hand).
 
 A record holds the run's whole input, every step's output and error, and the
 prompts and replies of its LLM calls: it is created readable by its owner alone
@@ -32,6 +34,12 @@ from typing import Any, BinaryIO
 from flowdsl.runtime.codec import dumps
 
 DEFAULT_RUNS_DIR = ".flowdsl/runs"
+#: the layout of run records this code writes and reads (the header's ``record_format``; a header without one is
+#: of format 1): a record of a later format was written by a newer flowdsl, and is said to be (:class:`NewerRecord`)
+RECORD_FORMAT = 1
+#: the type of the line ``flowdsl resolve`` appends to a record: ``{"type": "resolved", "run_id", "at", "by",
+#: "note", "status"}`` — set aside by :func:`read_record` (``RecordLines.resolutions``), never replayed
+RESOLVED = "resolved"
 #: what a run id may be, in both runtimes: 1-128 letters, digits and ``_.:-``, the first neither ``-`` (the id
 #: would read as an option: ``flowdsl show -x``) nor ``.`` (``.``, ``..``: hidden record files ``..jsonl``)
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,127}\Z")
@@ -94,6 +102,11 @@ RECORD_FAILED = "record_failed"
 
 class RecordError(ValueError):
     """A run record is missing, unreadable or not JSON lines; the message names the file (and line)."""
+
+
+class NewerRecord(RecordError):
+    """A run record written by a newer flowdsl, in a layout this one does not read (a later ``record_format``, a
+    plan of a later ``plan_version``, a run under newer kernel rules): not malformed, but for that flowdsl to read."""
 
 
 class RecordWriteError(OSError):
@@ -183,7 +196,13 @@ class RunRecorder:
         self._reserve: _Reserve | None = _RESERVES.take(self.path.parent)  # room, on a full disk, for its line
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
-        self.write_many(({"type": "record", "plan": plan, "input": run_input, **extra},))
+        """Write the header line: the record's format and the flowdsl version writing it, the plan and the input,
+        ``extra``, and the process running the run (``.owner.this_process``), then flush it."""
+        from flowdsl import __version__
+        from flowdsl.runtime.owner import this_process
+
+        self.write_many(({"type": "record", "record_format": RECORD_FORMAT, "flowdsl_version": __version__,
+                          "plan": plan, "input": run_input, **extra, "process": this_process()},))
         self.flush()
 
     def write_many(self, items: Iterable[dict[str, Any]]) -> None:
@@ -385,6 +404,49 @@ def _regular_file(path: Path, lead: str) -> Path:
     return path
 
 
+def newer_problem(header: dict[str, Any] | None, start: dict[str, Any] | None = None) -> str | None:
+    """Why a record was written by a newer flowdsl than this one — its header's ``record_format`` or its plan's
+    ``plan_version`` is later than this one reads, or its ``start`` line's kernel rules version newer than it knows
+    — or None. The sentence names the version that wrote it, when the header says."""
+    header = header or {}
+    plan = header.get("plan")
+    plan_version = plan.get("plan_version") if isinstance(plan, dict) else None
+    kernel = start.get("kernel") if start is not None else None
+    reads = versions_read()
+    what = None
+    if _later(header.get("record_format"), RECORD_FORMAT):
+        what = f"record format {header['record_format']}, this one reads {RECORD_FORMAT}"
+    elif _later(plan_version, reads[0]):
+        what = f"a plan of plan_version {plan_version}, this one reads {reads[0]}"
+    elif _later(kernel, reads[1]):
+        what = f"kernel rules version {kernel}, this one knows {reads[1]}"
+    if what is None:
+        return None
+    from flowdsl import __version__
+
+    wrote = header.get("flowdsl_version")
+    by = f"flowdsl {wrote}" if isinstance(wrote, str) and wrote else "a newer flowdsl"
+    return (f"the record is newer than this flowdsl ({__version__}) reads: written by {by} ({what}); read it with "
+            "that version (or upgrade this one)")
+
+
+def _later(value: Any, mine: int) -> bool:
+    return type(value) is int and value > mine
+
+
+_VERSIONS: list[int] = []
+
+
+def versions_read() -> list[int]:
+    """The plan version and the kernel rules version this flowdsl reads (imported once, when first asked)."""
+    if not _VERSIONS:
+        from flowdsl.kernel import STATE_VERSION
+        from flowdsl.runtime.plancheck import PLAN_VERSION
+
+        _VERSIONS.extend((PLAN_VERSION, STATE_VERSION))
+    return _VERSIONS
+
+
 def header_problem(header: dict[str, Any]) -> str | None:
     """What is wrong with a record's header line (None when it holds a well-shaped plan and input)."""
     from flowdsl.runtime.plancheck import checked_problem
@@ -446,6 +508,8 @@ class RecordLines(list[dict[str, Any]]):
         super().__init__()
         self.line_numbers: list[int] = []
         self.cut_short = False
+        #: the ``resolved`` lines (:data:`RESOLVED`), set aside: they are not events of the run
+        self.resolutions: list[dict[str, Any]] = []
 
 
 def read_record(path: str | Path) -> tuple[dict[str, Any] | None, RecordLines]:
@@ -453,7 +517,9 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, RecordLines]:
 
     Lines are split at ``\\n`` alone, as they were written. A last line cut short (a process killed while
     writing it, see :func:`ends_mid_line`) is left out: the record then reads as it was before that line.
-    Every other line must be UTF-8 JSON, an object with a ``type``; one header (type ``record``)."""
+    Every other line must be UTF-8 JSON, an object with a ``type``; one header (type ``record``). A record written
+    by a newer flowdsl (:func:`newer_problem`) is a :class:`NewerRecord`. ``resolved`` lines are set aside, in
+    ``RecordLines.resolutions``."""
     p = Path(path)
     try:
         if not stat.S_ISREG(p.stat().st_mode):  # (reading a FIFO would wait for a writer)
@@ -494,11 +560,24 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, RecordLines]:
         if kind == "record":
             if header is not None:
                 raise RecordError(f"{p}:{lineno}: a second header line (type 'record'); a record has one")
+            newer = newer_problem(item)
+            if newer is not None:
+                raise NewerRecord(f"{p}:{lineno}: {newer}")
             problem = header_problem(item)
             if problem is not None:
                 raise RecordError(f"{p}:{lineno}: the record's header is malformed: {problem}")
             header = item
+        elif kind == RESOLVED:
+            if not (isinstance(item.get("at"), int) and isinstance(item.get("by"), str)
+                    and isinstance(item.get("note"), str | None)):
+                raise RecordError(f"{p}:{lineno}: a 'resolved' line gives 'at' (a time in milliseconds), 'by' "
+                                  "(who) and 'note' (text or null)")
+            events.resolutions.append(item)
         else:
+            if kind == "start" and not events:
+                newer = newer_problem(header, item)
+                if newer is not None:
+                    raise NewerRecord(f"{p}:{lineno}: {newer}")
             events.append(item)
             events.line_numbers.append(lineno)
     return header, events

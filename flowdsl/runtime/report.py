@@ -145,6 +145,9 @@ class RunResult:
     state: dict[str, Any] = field(default_factory=dict, repr=False)
     #: why the run was stopped at once (its ``runtime_aborted`` reason), or None
     aborted: str | None = None
+    #: (a local record that ends before its run did) why the run crashed — ``its process (pid 42 on web-1) is
+    #: gone`` (``flowdsl.runtime.stopped``) —, or None; like ``aborted``, with ``intervention`` what is left to undo
+    crashed: str | None = None
 
     @classmethod
     def from_state(cls, plan: dict[str, Any], state: dict[str, Any], events: list[dict[str, Any]], *,
@@ -183,7 +186,8 @@ class RunResult:
         ``record`` and ``record_error``. ``context`` is the final context, null while the run has not ended (a record
         that ends early, a Redis run still going): the kernel sets it when the run ends. A run stopped at once
         (``aborted``) has ``status`` ``"aborted"``, ``stopped_in`` the state it stopped in and ``aborted`` the
-        reason; its ``intervention`` lists what is left to undo by hand."""
+        reason; its ``intervention`` lists what is left to undo by hand. So does a run whose process is gone
+        (``crashed``): ``status`` ``"crashed"``, ``stopped_in``, and ``crashed`` saying which process."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -192,9 +196,11 @@ class RunResult:
             if "compensation" in row:
                 item["compensation"] = row["compensation"]
             steps[key] = item
-        stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else {}
+        stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else \
+            {"stopped_in": self.status, "crashed": self.crashed} if self.crashed is not None else {}
+        said = "aborted" if self.aborted is not None else "crashed" if stopped else self.status
         return {
-            "run_id": self.run_id, "flow": self.flow, "status": "aborted" if stopped else self.status, **stopped,
+            "run_id": self.run_id, "flow": self.flow, "status": said, **stopped,
             "error": self.error,
             "failed_step": self.failed_step, "context": self.context if self.status in END_STATES else None,
             "steps": steps,
@@ -872,6 +878,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     con.print()
     stopped = result.intervention is not None and result.status not in END_STATES  # aborted: did not end
     state = f"[yellow]stopped at once {stopped_while(result.status)}[/]" if stopped else _status(result.status)
+    if stopped and result.crashed is not None:  # (its process died: flowdsl.runtime.stopped)
+        state = f"[bold red]crashed {stopped_while(result.status)}[/] ({_esc(result.crashed)})"
     headline = f"[bold]{_esc(result.flow or '')}[/] {_esc(result.run_id)}: {state}"
     if result.error:
         where = f" at {_esc(result.failed_step)}" if result.failed_step else ""
@@ -1241,6 +1249,9 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
     if result.status in END_STATES:  # its input events give the end; the events it caused were not all written
         return (f"the record ends before the events of the run's end were all written (its process stopped while "
                 f"writing them); its input events give the run's end: {result.status}")
+    if result.crashed is not None:
+        return f"the record ends before the run did: {result.crashed}, and the run stopped with it; state when it " \
+            f"ended: {result.status}"
     return (f"the record ends before the run did: its process stopped without finishing it, or the run is still "
             f"going; state when it ended: {result.status}")
 

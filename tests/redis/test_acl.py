@@ -90,6 +90,15 @@ def test_a_worker_whose_user_has_no_channel_is_refused_at_startup(acl: MakeUser,
     assert said.endswith(needs(prefix)) and ":pw@" not in said
 
 
+def test_a_worker_whose_user_may_not_persist_is_refused_at_startup(acl: MakeUser, prefix: str) -> None:
+    """A transition that ends a run needs_intervention takes any expiry off its keys (PERSIST): an ACL user set up
+    before that command was needed is refused at startup, not at the first such run."""
+    said = refused(acl(*without(documented(prefix), "+persist")), prefix)
+    assert "while running a script (EVALSHA) on the keys of a run" in said, said
+    assert "may not run the PERSIST command" in said, said
+    assert said.endswith(needs(prefix))
+
+
 def test_flowdsl_worker_whose_user_has_no_channel_exits_2_with_one_line(acl: MakeUser, prefix: str) -> None:
     url = acl(*without(documented(prefix), f"&{prefix}:cancel"))
     r = subprocess.run([sys.executable, "-m", "flowdsl", "worker", "--redis-url", url, "--prefix", prefix, "-w",

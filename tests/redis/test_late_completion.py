@@ -150,13 +150,14 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
         types = [e["type"] for e in journal.events]
         assert types[-3:] == ["result_rejected", "late_completion", "run_finished"]
         assert journal.events[-1]["previous_status"] == ended.status
-        # the run hash: the new status, and the retention TTL applied again
+        # the run hash: the new status; the retention TTL its first end set is taken off (PERSIST): a run that needs
+        # a person is kept until someone resolves it
         client = redis.Redis.from_url(url)
         try:
             key = Keys(prefix).run(run_id)
             assert client.hget(key, "status") == b"needs_intervention"
-            assert 0 < client.pttl(key) <= 3600 * 1000
-            assert 0 < client.pttl(Keys(prefix).journal(run_id)) <= 3600 * 1000
+            assert client.pttl(key) == -1
+            assert client.pttl(Keys(prefix).journal(run_id)) == -1
         finally:
             client.close()
         # `flowdsl status` shows it

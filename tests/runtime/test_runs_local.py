@@ -149,6 +149,9 @@ def test_an_aborted_a_cut_and_a_header_only_record_are_listed_as_show_shows_them
 
     asyncio.run(aborted())
     lines = _run(d, "whole", NEEDS_HAND).read_bytes().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    del header["process"]  # a record of an earlier flowdsl, which did not name its process: it cannot be told
+    lines[0] = json.dumps(header).encode() + b"\n"
     (d / "cut1.jsonl").write_bytes(b"".join(lines[:6]) + lines[6][:25])  # killed mid-run, mid-line
     (d / "hdr1.jsonl").write_bytes(lines[0])
     (d / "whole.jsonl").unlink()

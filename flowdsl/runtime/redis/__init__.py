@@ -4,8 +4,8 @@ Stage: runtime: redis. A thin I/O shell around ``flowdsl.kernel``: worker
 processes (:class:`RedisWorker`, ``flowdsl worker``) run steps with
 ``flowdsl.runtime.execute`` and apply their outcomes through the kernel in
 atomic transitions; clients (:class:`RedisClient`, ``flowdsl run --backend
-redis``, ``status``, ``runs``, ``cancel``, ``dead-letters``) submit and watch runs, and put back the
-messages set aside as dead letters.
+redis``, ``status``, ``runs``, ``cancel``, ``dead-letters``, ``resolve``) submit and watch runs, put back the
+messages set aside as dead letters, and record a person's resolution of a run that needed one.
 docs/runtime.md ("Redis runtime") states the guarantees and the data model.
 
 Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
@@ -20,11 +20,14 @@ from __future__ import annotations
 from flowdsl.runtime.redis.client import (
     DeadLetter,
     DeadLetterNotFound,
+    NothingToResolve,
     RedisClient,
+    Resolution,
     RunGone,
     RunIdTaken,
     RunInfo,
     RunNotFound,
+    StartRequest,
     Submission,
 )
 from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
@@ -32,6 +35,6 @@ from flowdsl.runtime.redis.keys import Keys
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, WorkerStats
 
-__all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "RedisClient", "RedisConfigError", "RedisWorker", "RunDamaged",
-           "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "Submission", "WorkerOptions", "WorkerStats",
-           "resolve_prefix", "resolve_url"]
+__all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "NothingToResolve", "RedisClient", "RedisConfigError",
+           "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest",
+           "Submission", "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]

@@ -1,7 +1,8 @@
 """Advancing runs: feed one input event to the kernel and write the outcome atomically, then relay it.
 
 Stage: runtime: redis. Imports ``flowdsl.kernel``, ``flowdsl.runtime.plancheck``
-(the plan version), ``.store``, ``.keys`` and stdlib. Every decision is the kernel's; this module only turns a
+(the plan version), ``flowdsl.shown`` (logged text made inert), ``.store``, ``.keys`` and stdlib. Every
+decision is the kernel's; this module only turns a
 :class:`~flowdsl.kernel.Decision` into one atomic write (state, journal
 entry, task leases, outbox) and carries the outbox out::
 
@@ -14,7 +15,9 @@ entry, task leases, outbox) and carries the outbox out::
     cancel_task     -> the lease is marked cancelled (q -> xq, r:tok -> xr:tok) and the
                        task id is published; a task no worker has picked up yet is
                        answered task_cancelled at once (nobody else would answer it)
-    finish          -> the run's keys get their retention TTL
+    finish          -> the run's keys get their retention TTL (not while the run needs a person: ended
+                       needs_intervention and not resolved, or an attempt it gave up on still held);
+                       the end is logged (:func:`said_end`)
 
 The state is written whole (a snapshot) only while that is cheap: a state of
 S bytes is written once every ⌈S / snapshot_bytes⌉ versions, i.e. input events
@@ -62,9 +65,10 @@ from flowdsl.runtime.redis.store import (
     cancel_reasons,
     megabytes,
 )
+from flowdsl.shown import visible
 
 __all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "SNAPSHOT_LIMIT", "Advancer",
-           "Chain", "Contended", "Outcome"]
+           "Chain", "Contended", "Outcome", "said_end"]
 
 class Contended(RuntimeError):
     """A run's event could not be applied: other processes wrote the run every time first (a storm of version
@@ -531,6 +535,8 @@ class Advancer:
                 self._cache.pop(run_id, None)  # (stale: the cached state is behind what Redis holds)
             else:
                 self._remember(record)
+            if finished and (state["status"] != "completed" or log.isEnabledFor(logging.DEBUG)):
+                said_end(run_id, record.plan, state)
         return result, ops
 
     async def _commit_step(self, record: RunRecord, event: dict[str, Any], decision: Decision,
@@ -591,6 +597,8 @@ class Advancer:
                 self._cache.pop(record.run_id, None)
             else:
                 self._remember(record)
+            if finished and (state["status"] != "completed" or log.isEnabledFor(logging.DEBUG)):
+                said_end(record.run_id, record.plan, state)  # (a completed run: the check alone, at INFO)
         return result, []
 
     def _snapshot(self, record: RunRecord, state: dict[str, Any]) -> bytes:
@@ -783,6 +791,45 @@ class Advancer:
 
     def _lock(self, run_id: str) -> _RunLock:
         return _RunLock(self._locks, run_id)
+
+
+#: at most this many characters of an error message, and this many steps left to undo, are logged at a run's end
+_LOGGED_MESSAGE = 300
+_LOGGED_STEPS = 10
+
+
+def said_end(run_id: str, plan: dict[str, Any], state: dict[str, Any]) -> None:
+    """Log a run's end, as the transition that ended it was written: WARNING for ``needs_intervention`` (the steps
+    left to undo by hand, in order, each with its undo worker), INFO for ``failed``, ``compensated`` and
+    ``cancelled`` (the error's type and message), DEBUG for ``completed``. Every record carries ``run_id``,
+    ``flow`` and ``status`` as attributes (``extra``), and ``error_type`` or ``left_to_undo`` (the steps' keys)
+    where it says them; text that is not flowdsl's own (an error message, names) is bounded and made inert
+    (:func:`flowdsl.shown.visible`)."""
+    status = str(state.get("status"))
+    flow = visible(str((plan.get("flow") or {}).get("name") or "?"))
+    extra: dict[str, Any] = {"run_id": run_id, "flow": flow, "status": status}
+    if status == "needs_intervention":
+        items = [item for item in (state.get("intervention") or {}).get("steps") or () if isinstance(item, dict)]
+        extra["left_to_undo"] = [str(item.get("step")) for item in items]
+        shown = [visible(f"{item.get('step')} (undo worker {item.get('worker')})") for item in items[:_LOGGED_STEPS]]
+        if len(items) > _LOGGED_STEPS:
+            shown.append(f"and {len(items) - _LOGGED_STEPS} more")
+        log.warning("run %s (flow %s) ended needs_intervention: left to undo by hand, in this order: %s; "
+                    "`flowdsl status %s` says how, `flowdsl resolve %s --backend redis` once done", run_id, flow,
+                    ", ".join(shown) or "nothing listed", run_id, run_id, extra=extra)
+    elif status == "completed":
+        log.debug("run %s (flow %s) completed", run_id, flow, extra=extra)
+    else:
+        raw = state.get("error")
+        error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        kind = visible(str(error.get("type") or "?"))
+        message = str(error.get("message") or "")
+        if len(message) > _LOGGED_MESSAGE:
+            message = message[:_LOGGED_MESSAGE - 1] + "…"
+        extra["error_type"] = kind
+        failed = f" at step {visible(state['failed_step'])}" if state.get("failed_step") else ""
+        log.info("run %s (flow %s) ended %s%s: %s: %s", run_id, flow, status, failed, kind, visible(message),
+                 extra=extra)
 
 
 def _worker_of(record: RunRecord, task_id: str) -> str | None:

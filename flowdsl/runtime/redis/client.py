@@ -1,4 +1,4 @@
-"""Submitting runs to the Redis runtime and watching them: submit, follow, status, list, cancel.
+"""Submitting runs to the Redis runtime and watching them: submit, follow, status, list, cancel, resolve.
 
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (end states),
 ``flowdsl.runtime.report`` (:class:`RunResult`, the object ``--format json``
@@ -20,9 +20,11 @@ again (``resent``) and it is listed again.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import hashlib
 import math
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ from flowdsl.runtime.redis.connection import (
     server_facts,
     server_unwell,
 )
-from flowdsl.runtime.redis.keys import Keys, check_run_id
+from flowdsl.runtime.redis.keys import GROUP, Keys, check_run_id
 from flowdsl.runtime.redis.scripts import CANCEL, SUBMIT, Batcher, Script
 from flowdsl.runtime.redis.store import (
     TRANSITION_LIMIT,
@@ -72,17 +74,21 @@ from flowdsl.runtime.report import (
     stopped_waiting,
 )
 
-__all__ = ["INPUT_LIMIT", "RUN_STATES", "DeadLetter", "DeadLetterNotFound", "RedisClient", "RunGone", "RunIdTaken",
-           "RunInfo", "RunNotFound", "Submission", "input_id"]
+__all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "DeadLetter", "DeadLetterNotFound", "NothingToResolve",
+           "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest", "Submission",
+           "input_id"]
 
 #: the largest run input (as JSON) a submission takes: a run's first transition writes it three times (the
 #: state's ``input`` and context, and the journaled start), and one transition at most ``TRANSITION_LIMIT``
 INPUT_LIMIT = TRANSITION_LIMIT // 3 - 1024 * 1024
 
 #: the states a run is listed in (``RunInfo.status``, :meth:`RedisClient.runs`' ``status``): before its start,
-#: while it goes, and the end states (the same list as ``flowdsl runs --status``'s)
+#: while it goes, and the end states — ``resolved`` being a run that ended ``needs_intervention`` and that a person
+#: has resolved since (:meth:`RedisClient.resolve`); the same list as ``flowdsl runs --status``'s
 RUN_STATES = ("submitted", "running", "aborting", "compensating", "completed", "failed", "compensated", "cancelled",
-              "needs_intervention")
+              "needs_intervention", "resolved")
+#: the longest note a resolution takes (characters)
+NOTE_LIMIT = 10_000
 
 _SUBMIT = Script("submit", SUBMIT)
 _CANCEL = Script("cancel", CANCEL)
@@ -131,6 +137,63 @@ class DeadLetterNotFound(LookupError):
         super().__init__(f"no dead letter '{dead_id}' under the prefix '{prefix}' (already put back or deleted? "
                          "`flowdsl dead-letters` lists them)")
         self.dead_id = dead_id
+
+
+class NothingToResolve(ValueError):
+    """The run needs no resolving (:meth:`RedisClient.resolve`): it did not end ``needs_intervention`` (nor with an
+    attempt it gave up on still held: in doubt), or it was resolved already (``resolved_at``, ms)."""
+
+    def __init__(self, run_id: str, status: str, resolved_at: int | None = None):
+        if resolved_at is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(resolved_at / 1000))
+            said = f"run '{run_id}' was resolved already, at {when} (`flowdsl status {run_id}` shows by whom)"
+        elif status in ("submitted", "running", "aborting", "compensating"):
+            said = f"run '{run_id}' is {status}: it has not ended, so there is nothing to resolve yet"
+        else:
+            said = (f"run '{run_id}' ended {status}: nothing is left to a person (only a run that ended "
+                    "needs_intervention, or with an attempt in doubt, is resolved)")
+        super().__init__(said)
+        self.run_id, self.status, self.resolved_at = run_id, status, resolved_at
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A person's resolution of a run that needed one (:meth:`RedisClient.resolve`): when (``at``, ms, the Redis
+    server's clock), by whom, their note (None: none), and the state the run had ended in."""
+
+    run_id: str
+    at: int
+    by: str
+    note: str | None
+    status: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``resolved`` object of ``flowdsl resolve`` and ``flowdsl status`` (``--format json``)."""
+        return {"at": self.at, "by": self.by, "note": self.note, "status": self.status}
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """Where a run that has not started stands with its start request (:meth:`RedisClient.start_request`).
+
+    ``state``: ``started`` (the run has started: nothing to look for), ``queued`` (a request is in the control
+    stream, not yet read by a worker process), ``pending`` (read by a worker process, ``deliveries`` times, not
+    yet acknowledged: being handled, or left there by every process that read it — a newer flowdsl's run),
+    ``dead_letter`` (set aside: ``entry_id`` is the dead letter's id), ``missing`` (none anywhere: its
+    submitter stopped before sending it, or Redis lost it) or ``unknown`` (the control stream is a backlog of
+    more than :data:`~flowdsl.runtime.redis.store.START_SCAN_LIMIT` entries, not read through).
+    ``age_ms``: how long ago the run was submitted (the server's clock)."""
+
+    state: str
+    age_ms: int
+    entry_id: str | None = None
+    deliveries: int = 0
+    consumer: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``start_request`` object of ``flowdsl status --format json`` for a run not started."""
+        return {"state": self.state, "age_ms": self.age_ms, "entry_id": self.entry_id,
+                "deliveries": self.deliveries, "consumer": self.consumer}
 
 
 _STREAM_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}\Z")
@@ -217,6 +280,8 @@ class Journal:
     events: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     notes: list[dict[str, Any]] = field(default_factory=list)
+    #: the resolutions a person made of the run (``resolved`` entries), oldest first
+    resolutions: list[dict[str, Any]] = field(default_factory=list)
     #: input and kernel events in journal order (each entry's input, then the events it caused)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     last_id: str = "0-0"
@@ -230,6 +295,9 @@ class Journal:
         self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         if b"note" in fields:
             self.notes.append(self._decoded(fields[b"note"], "note", dict))
+            return
+        if b"resolved" in fields:
+            self.resolutions.append(self._decoded(fields[b"resolved"], "resolved", dict))
             return
         if fields.get(b"in"):
             self.inputs.append(self._decoded(fields[b"in"], "in", dict))
@@ -365,8 +433,7 @@ class RedisClient:
         writes = [self.store.call("ZADD", self.keys.runs, int(submitted), run_id)] if submitted else []
         started = not created and reply[1]
         if not started:  # new, or never started: (re)send the start request
-            writes.append(self.store.call("XADD", self.keys.control, "*", "c",
-                                          dumps({"type": "start", "run_id": run_id})))
+            writes.append(self.store.send_start(run_id))
         await asyncio.gather(*writes)  # one pipeline
         return Submission(run_id, created, resent=not created and not started)
 
@@ -422,13 +489,99 @@ class RedisClient:
                                          "g": _text(reply[1]) if len(reply) > 1 else ""}))
         return "requested"
 
+    async def resend_start(self, run_id: str) -> bool:
+        """Send the start request of a submitted run again — one whose submitter stopped between recording it and
+        sending its start request (:meth:`start_request` says ``missing``); it needs nothing but the run id (the
+        run's hash holds its plan and input). True when sent; False when the run has started (nothing sent).
+        Raises :class:`RunNotFound`.
+
+        Always safe: a start request for a run already started, or started meanwhile by another request (this
+        one, the submitter's own, a worker's upkeep sending it again), is acknowledged and does nothing; two for
+        a run not started yet start it once (the start transition creates the run's version atomically). The
+        worker processes send it again by themselves for a run submitted more than 10 leases ago whose start
+        request is nowhere (docs/runtime.md, "A submission never started")."""
+        check_run_id(run_id)
+        submitted, version = await self.store.call("HMGET", self.keys.run(run_id), "submitted", "v")
+        if submitted is None:
+            raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
+        if version is not None:
+            return False
+        # listed too (by the server's clock, as a submission is): a submitter that stopped may not have listed it
+        await asyncio.gather(self.store.send_start(run_id),
+                             self.store.call("ZADD", self.keys.runs, int(submitted), run_id))
+        return True
+
+    async def start_request(self, run_id: str) -> StartRequest:
+        """Where the run's start request stands (see :class:`StartRequest`): for saying why a run has not
+        started. Reads the control stream whole (and the dead letters) when the run has not started — at most
+        :data:`~flowdsl.runtime.redis.store.START_SCAN_LIMIT` entries of each. Raises :class:`RunNotFound`."""
+        check_run_id(run_id)
+        (submitted, version), (secs, micros) = await asyncio.gather(
+            self.store.call("HMGET", self.keys.run(run_id), "submitted", "v"), self.redis.time())
+        if submitted is None:
+            raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
+        age = max(0, secs * 1000 + micros // 1000 - int(submitted))
+        if version is not None:
+            return StartRequest("started", age)
+        queued = await self.store.start_requests()
+        if queued is None:
+            return StartRequest("unknown", age)
+        entry_id = queued.get(run_id)
+        if entry_id is None:
+            dead = await self.store.start_requests(dead=True)
+            if dead is not None and run_id in dead:
+                return StartRequest("dead_letter", age, dead[run_id])
+            return StartRequest("missing" if dead is not None else "unknown", age)
+        try:
+            pending = await self.redis.xpending_range(self.keys.control, GROUP, min=entry_id, max=entry_id, count=1)
+        except redis.ResponseError:  # (no consumer group yet: no worker process ever ran)
+            pending = []
+        if not pending:
+            return StartRequest("queued", age, entry_id)
+        consumer = pending[0].get("consumer")
+        return StartRequest("pending", age, entry_id, int(pending[0].get("times_delivered") or 0),
+                            consumer.decode(errors="replace") if isinstance(consumer, bytes) else consumer)
+
+    async def resolve(self, run_id: str, note: str | None = None, *, by: str | None = None) -> Resolution:
+        """Record that a person has finished a run that needed one — it ended ``needs_intervention`` (its steps
+        left to undo were undone by hand, docs/runtime.md "Finishing a run by hand"), or ended while a worker
+        still held an attempt it gave up on (in doubt) — and apply its retention from now on: until then such a
+        run's keys have no expiry. Journals a ``resolved`` entry (time, ``by``, ``note``) and sets the run's
+        ``resolved`` field: ``flowdsl runs`` lists it as ``resolved`` (no longer under ``needs_intervention``),
+        ``flowdsl status`` says who resolved it, when and why.
+
+        ``by``: who resolved it (default: this process's user and host, ``user@host``). Raises
+        :class:`RunNotFound`, :class:`NothingToResolve` (a ``ValueError``: the run has not ended so, or was
+        resolved already), or ``ValueError`` for a note that is not text (at most :data:`NOTE_LIMIT` characters,
+        writable as UTF-8)."""
+        check_run_id(run_id)
+        for name, value in (("note", note), ("by", by)):
+            if value is None:
+                continue
+            problem = text_problem(value) if isinstance(value, str) else \
+                f"is a {type(value).__name__}, not a string"
+            if problem is None and len(value) > NOTE_LIMIT:
+                problem = f"is {len(value):,} characters long, more than {NOTE_LIMIT:,}"
+            if problem is not None:
+                raise ValueError(f"the resolution's {name} {problem}")
+        who = by if by is not None else _who()
+        reply = await self.store.resolve(run_id, who, note or "")
+        code = int(reply[0])
+        if code == 0:
+            raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
+        if code == 1:
+            raise NothingToResolve(run_id, _text(reply[1]))
+        if code == 2:
+            raise NothingToResolve(run_id, _text(reply[1]), _int(reply[2]) or 0)
+        return Resolution(run_id, int(reply[1]), who, note or None, _text(reply[3]))
+
     # --- reading --------------------------------------------------------------------------
 
     async def info(self, run_id: str) -> RunInfo:
-        """Status and times of one run; raises :class:`RunNotFound`."""
+        """Status and times of one run; raises :class:`RunNotFound`. A run that ended ``needs_intervention`` and
+        was resolved since is ``resolved``."""
         check_run_id(run_id)
-        got = await self.store.call("HMGET", self.keys.run(run_id), "status", "flow", "submitted", "started",
-                                    "finished")
+        got = await self.store.call("HMGET", self.keys.run(run_id), *_INFO_FIELDS)
         if got[0] is None and got[2] is None:
             raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
         return _info(run_id, got)
@@ -628,7 +781,8 @@ class RedisClient:
 
     async def runs(self, *, limit: int = 20, status: str | None = None, flow: str | None = None) -> list[RunInfo]:
         """Recent runs, newest first, optionally only those with ``status`` (one of :data:`RUN_STATES`, else
-        ``ValueError``) or of ``flow``."""
+        ``ValueError``; ``needs_intervention``: those not resolved yet, ``resolved``: those resolved) or of
+        ``flow``."""
         if status is not None and status not in RUN_STATES:
             raise ValueError(f"status {status!r} is not a run state: use one of {', '.join(RUN_STATES)}")
         found: list[RunInfo] = []
@@ -640,8 +794,8 @@ class RedisClient:
             if not pairs:
                 break
             start += page
-            rows = await asyncio.gather(*(self.store.call("HMGET", self.keys.run(r.decode()), "status", "flow",
-                                                          "submitted", "started", "finished") for r, _ in pairs))
+            rows = await asyncio.gather(*(self.store.call("HMGET", self.keys.run(r.decode()), *_INFO_FIELDS)
+                                          for r, _ in pairs))
             gone = []
             for pair, got in zip(pairs, rows, strict=True):
                 if got[0] is None and got[2] is None:
@@ -679,13 +833,19 @@ class RedisClient:
 
     # --- dead letters -----------------------------------------------------------------------
 
-    async def dead_letters(self, *, limit: int | None = 100) -> list[DeadLetter]:
-        """The entries set aside because they could not be handled, oldest first (at most ``limit``; None: all)."""
+    async def dead_letters(self, *, limit: int | None = 100, older_than_s: float | None = None) -> list[DeadLetter]:
+        """The entries set aside because they could not be handled, oldest first (at most ``limit``; None: all);
+        ``older_than_s``: only those set aside longer ago than that many seconds (by the Redis server's clock)."""
         found: list[DeadLetter] = []
-        start = "-"
+        start, end = "-", "+"
+        if older_than_s is not None:
+            if not (isinstance(older_than_s, int | float) and math.isfinite(older_than_s) and older_than_s >= 0):
+                raise ValueError(f"older_than_s must be a finite number of seconds, 0 or more, not {older_than_s!r}")
+            secs, micros = await self.redis.time()
+            end = f"({max(0, secs * 1000 + micros // 1000 - int(older_than_s * 1000))}-0"
         while limit is None or len(found) < limit:
             page = 1000 if limit is None else min(1000, limit - len(found))
-            reply = await self.store.call("XRANGE", self.keys.dead, start, "+", "COUNT", page)
+            reply = await self.store.call("XRANGE", self.keys.dead, start, end, "COUNT", page)
             found += [_dead_letter(entry_id, raw) for entry_id, raw in reply or ()]
             if not reply or len(reply) < page:
                 break
@@ -725,6 +885,20 @@ class RedisClient:
         await self.dead_letter(dead_id)  # (checks the id)
         if not await self.store.call("XDEL", self.keys.dead, dead_id):
             raise DeadLetterNotFound(dead_id, self.keys.prefix)
+
+    async def delete_dead_letters(self, dead_ids: list[str]) -> list[str]:
+        """Delete dead letters for good, many at once (``flowdsl dead-letters --delete-all``): the ids of those
+        deleted, in order — an id that names none (put back or deleted meanwhile, or never one) is left out.
+        ``ValueError`` for an id that cannot be a dead letter's, before anything is deleted."""
+        for dead_id in dead_ids:
+            if not _STREAM_ID_RE.match(dead_id):
+                raise ValueError(f"'{dead_id}' is not a dead letter id: they look like 1733260800000-0")
+        deleted: list[str] = []
+        for i in range(0, len(dead_ids), 1000):  # one XDEL each (each says whether it deleted), pipelined
+            batch = dead_ids[i:i + 1000]
+            done = await asyncio.gather(*(self.store.call("XDEL", self.keys.dead, d) for d in batch))
+            deleted += [d for d, n in zip(batch, done, strict=True) if n]
+        return deleted
 
     async def _result(self, run_id: str, journal: Journal) -> RunResult | None:
         record = await self.store.load(run_id)
@@ -767,7 +941,22 @@ def _text(raw: bytes | str | None) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw or ""
 
 
+#: the fields of a run's hash a listing line is made of (:func:`_info`)
+_INFO_FIELDS = ("status", "flow", "submitted", "started", "finished", "resolved")
+
+
 def _info(run_id: str, got: list[bytes | None]) -> RunInfo:
     status, flow = got[0], got[1]
-    return RunInfo(run_id, flow.decode() if flow else None, status.decode() if status else "submitted",
-                   _int(got[2]), _int(got[3]), _int(got[4]))
+    said = status.decode() if status else "submitted"
+    if said == "needs_intervention" and len(got) > 5 and got[5] is not None:
+        said = "resolved"
+    return RunInfo(run_id, flow.decode() if flow else None, said, _int(got[2]), _int(got[3]), _int(got[4]))
+
+
+def _who() -> str:
+    """Who this process runs as: ``user@host`` (what a resolution records when it is not told)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError, ImportError):  # (no login name in the environment, no password entry)
+        user = "?"
+    return f"{user}@{socket.gethostname()}"

@@ -1,5 +1,5 @@
 """The CLI's Redis commands: ``run --backend redis``, ``worker``, ``status``, ``runs``, ``cancel``,
-``dead-letters``.
+``dead-letters``, ``resolve --backend redis``.
 
 Stage: CLI support for runtime: redis. Imports this package,
 ``flowdsl.runtime.report``, ``flowdsl.runtime.listing`` (the runs table) and ``flowdsl.workers``; rich only through the
@@ -31,11 +31,13 @@ from flowdsl.runtime.redis.client import (
     DeadLetter,
     DeadLetterNotFound,
     Journal,
+    NothingToResolve,
     RedisClient,
     RunGone,
     RunIdTaken,
     RunInfo,
     RunNotFound,
+    StartRequest,
 )
 from flowdsl.runtime.redis.connection import (
     TRANSIENT,
@@ -46,13 +48,14 @@ from flowdsl.runtime.redis.connection import (
     unreachable_reason,
 )
 from flowdsl.runtime.redis.store import RunDamaged
+from flowdsl.runtime.redis.upkeep import RESEND_AFTER_LEASES
 from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
 from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
 from flowdsl.stdio import write_json
 
-__all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "run_command", "run_events", "runs_command",
-           "status_command", "stopped_following", "worker_command"]
+__all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "resolve_command", "run_command", "run_events",
+           "runs_command", "status_command", "stopped_following", "worker_command"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -222,8 +225,9 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
                   over: list[str] | None = None) -> int:
     """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code,
     also appended to ``ended`` as the summary or JSON is printed (see :func:`_following`, which runs it).
-    ``notes``: the JSON also lists the late results rejected (``rejected_late_results``) and the run's dead
-    letters (``dead_letters``), as ``status`` does. ``over`` gets the run's end state once following has it."""
+    ``notes``: the JSON also lists the late results rejected (``rejected_late_results``), the run's dead
+    letters (``dead_letters``) and its resolution (``resolved``), as ``status`` does. ``over`` gets the run's end
+    state once following has it."""
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
     journal = Journal()
     with view:
@@ -235,6 +239,7 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     if out is not None and notes:
         out["rejected_late_results"] = journal.notes
         out["dead_letters"] = await _dead_letters_of(client, run_id)
+        out["resolved"] = _resolution((await client.info(run_id)).status, journal) if journal.resolutions else None
     ended.append(result.exit_code)  # (before printing: a signal now changes nothing, even mid-output)
     if out is not None:
         _json_out(out)
@@ -404,6 +409,7 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
                       f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected"
                       + (f", {stats.dead_letters} message(s) set aside as dead letters" if stats.dead_letters else "")
+                      + (f", {stats.starts_resent} start request(s) sent again" if stats.starts_resent else "")
                       + "[/]")
         if stats.failure is not None:  # it stopped by itself: a supervisor should see a failure and restart it
             _say(console, f"worker {stats.name} stopped because {stats.failure}")
@@ -449,25 +455,30 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
                 result, journal = await _damage_named(client, run_id, client.result(run_id))
             except RunDamaged as exc:
                 return _damaged(console, run_id, exc, dead, as_json)
+            start = await client.start_request(run_id) if result is None else None
+            live = await client.workers() if start is not None and start.state in ("queued", "unknown") else None
         them = "it" if len(dead) == 1 else "them"
         waiting = f"`flowdsl dead-letters` shows {them} and puts {them} back"
         if result is None:
             if as_json:
                 _json_out({"run_id": run_id, "status": info.status, "submitted_at": info.submitted_at,
-                           "dead_letters": dead})
+                           "dead_letters": dead, "start_request": start.to_json() if start is not None else None})
             elif dead:
                 console.print(f"run {run_id}: {info.status} — its start request is a dead letter ({', '.join(dead)}): "
                               f"{waiting}")
             else:
-                console.print(f"run {run_id}: {info.status} — waiting for a worker process to start it")
+                _say_not_started(console, run_id, info.status, start, live)
             return 0
+        resolved = _resolution(info.status, journal)
         if as_json:
             out = result.to_json()
             out["rejected_late_results"] = journal.notes
             out["dead_letters"] = dead
+            out["resolved"] = resolved
             _json_out(out)
             return 0
         print_timeline(result, _timeline(journal), console, live=result.status not in EXIT_CODES)
+        _say_resolution(console, run_id, result.status, resolved)
         for note in journal.notes:
             _say(console, f"late {note.get('result_type')} for {note.get('task_id')} from {note.get('worker')} "
                  "rejected: its lease had expired and another worker held the task", "dim", "note")
@@ -480,6 +491,82 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
         return 0
 
     return _guarded(console, url, body)
+
+
+def _say_not_started(console: Any, run_id: str, status: str, start: StartRequest | None,
+                     live: list[dict[str, Any]] | None) -> None:
+    """``status`` of a run not started: where its start request is, and what that means (docs/runtime.md, "A
+    submission never started")."""
+    from rich.markup import escape
+
+    age = f"submitted {_ago(start.age_ms)} ago" if start is not None else "submitted"
+    if start is None or start.state == "started":  # (started since it was read: `status` again shows it)
+        said = "waiting for a worker process to start it"
+    elif start.state == "missing":
+        said = (f"{age}, and no start request for it is waiting (none in the control stream, none set aside): "
+                + ("its submitter may still be sending it" if start.age_ms < 10_000 else
+                   "its submitter stopped between recording the run and sending its start request (killed, out of "
+                   "memory, its connection cut), or Redis lost the request")
+                + f". Worker processes send it again once the run is {RESEND_AFTER_LEASES} leases old (`flowdsl "
+                  "worker --lease`, 30 s by default: 5 min), within a minute; it then starts — or ends cancelled, if "
+                  "a cancel was requested. `flowdsl cancel` of it sends it at once; from Python, "
+                  "`RedisClient.resend_start` (nothing else is needed: the run's plan and input are in Redis)")
+    elif start.state == "pending" and start.deliveries > 1:
+        said = (f"{age}; its start request was read {start.deliveries} times by worker processes that left it "
+                f"unhandled (last by {start.consumer}): a run of a newer flowdsl waits for an upgraded worker, "
+                "and the workers' log says why")
+    elif start.state == "pending":
+        said = f"{age}; a worker process ({start.consumer}) is starting it"
+    else:  # queued, or unknown (a backlog too long to read through)
+        said = f"{age} — waiting for a worker process to start it" + (
+            " (its start request is queued)" if start.state == "queued" else
+            " (the control stream is a backlog of start requests)")
+        if not live:
+            said += ("; no worker process is connected to this Redis under this prefix: start one with "
+                     "`flowdsl worker`")
+    console.print(f"run {escape(run_id)}: {escape(status)} — {escape(said)}", highlight=False, crop=False,
+                  soft_wrap=True)
+
+
+def _ago(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _resolution(listed: str, journal: Journal) -> dict[str, Any] | None:
+    """The run's resolution as ``status --format json`` gives it (``at``, ``by``, ``note``, ``status``): its last
+    ``resolved`` journal entry, unless the run needs a person again since (a late completion ended it
+    ``needs_intervention`` after it was resolved: ``listed`` says so), else None."""
+    if not journal.resolutions or listed == "needs_intervention":
+        return None
+    last = journal.resolutions[-1]
+    return {"at": last.get("at"), "by": last.get("by"), "note": last.get("note") or None,
+            "status": last.get("status")}
+
+
+def _say_resolution(console: Any, run_id: str, status: str, resolved: dict[str, Any] | None) -> None:
+    """After a run's timeline: who resolved it, when and why; or, for one that needs a person, how to say it is
+    done."""
+    from rich.markup import escape
+
+    from flowdsl.shown import visible
+
+    if resolved is not None:
+        at = resolved.get("at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at / 1000)) if isinstance(at, int) else "?"
+        note = resolved.get("note")
+        console.print(f"[green]resolved[/] {when} by {escape(visible(resolved.get('by') or '?'))}"
+                      + (f": {escape(visible(note))}" if note else ""), highlight=False, crop=False, soft_wrap=True)
+    elif status == "needs_intervention":
+        console.print(f"[dim]kept in Redis until resolved: once it is finished by hand, `flowdsl resolve "
+                      f"{escape(run_id)} --backend redis --note TEXT` says so (its retention applies from then on)[/]",
+                      highlight=False, crop=False, soft_wrap=True)
 
 
 _T = TypeVar("_T")
@@ -597,9 +684,17 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
             outcome = await client.cancel(run_id, reason)
             answered.append(outcome)
             status = (await client.info(run_id)).status
+            resent = False
+            if outcome == "requested" and status == "submitted" and \
+                    (await client.start_request(run_id)).state == "missing":
+                # its submitter never sent the start request (docs/runtime.md, "A submission never started"):
+                # sent now, so that the cancel is applied (a second request, if one was sent meanwhile, is harmless)
+                resent = await client.resend_start(run_id)
             if outcome == "requested" and status == "submitted" and not as_json:
                 console.print(f"[dim]run {run_id} has not started: the worker process that starts it ends it "
-                              "cancelled at once, without running a step[/]")
+                              "cancelled at once, without running a step"
+                              + (" (its start request, which its submitter never sent, was sent now)" if resent
+                                 else "") + "[/]")
             if outcome == "requested" and wait:
                 result = await client.follow(run_id, on_notice=lambda text: _say(console, text, "yellow", "note"))
                 status = result.status
@@ -620,28 +715,88 @@ def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: 
                       lambda: _cancel_stopped(console, run_id, as_json, answered[-1] if answered else None))
 
 
-def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str], retry_all: bool,
-                         delete: list[str], limit: int, as_json: bool, console: Any) -> int:
-    """List the dead letters (oldest first), or put some back on their streams, or delete some. Exit 0; 2 when
-    an id names no dead letter (those before it are done) or Redis cannot be reached."""
-    if (retry or retry_all) and delete:
-        _say(console, "--retry/--retry-all and --delete do not go together: put back or delete, not both")
-        return EXIT_USAGE
-    if retry and retry_all:
-        _say(console, "--retry ID and --retry-all do not go together: name dead letters, or put back all of them")
-        return EXIT_USAGE
+def resolve_command(run_id: str, *, url: str | None, prefix: str | None, note: str | None, as_json: bool,
+                    console: Any) -> int:
+    """Record that a person has finished a run that needed one — it ended ``needs_intervention``, or ended while a
+    worker still held an attempt it gave up on (in doubt) — with ``note`` (:meth:`RedisClient.resolve`): its
+    retention applies from now on, and ``runs`` lists it ``resolved``. Exit 0 resolved; 1 the run needs no
+    resolving (it did not end so, or was resolved already: said on stderr); 2 no such run, a note that is not
+    text, or Redis cannot be reached or refuses. JSON: ``{"run_id", "status", "resolved": {"at", "by", "note",
+    "status"}}``; when there was nothing to resolve, ``resolved`` is null and ``reason`` says why."""
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
-            if not (retry or retry_all or delete):
-                letters = await client.dead_letters(limit=limit)
+            try:
+                done = await client.resolve(run_id, note)
+            except NothingToResolve as exc:
+                status = "resolved" if exc.resolved_at is not None and exc.status == "needs_intervention" \
+                    else exc.status
+                if as_json:
+                    _json_out({"run_id": run_id, "status": status, "resolved": None, "reason": str(exc)})
+                _say(console, str(exc), "yellow", "note")
+                return 1
+        status = "resolved" if done.status == "needs_intervention" else done.status
+        if as_json:
+            _json_out({"run_id": run_id, "status": status, "resolved": done.to_json()})
+        else:
+            console.print(f"run {run_id} resolved (it had ended {done.status}): its retention applies from now on",
+                          highlight=False)
+        return 0
+
+    return _guarded(console, url, body)
+
+
+def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str], retry_all: bool,
+                         delete: list[str], limit: int, as_json: bool, console: Any, delete_all: bool = False,
+                         older_than_s: float | None = None, dry_run: bool = False) -> int:
+    """List the dead letters (oldest first), or put some back on their streams, or delete some. Exit 0; 2 when
+    an id names no dead letter (those before it are done), for options that do not go together, or when Redis
+    cannot be reached.
+
+    ``delete_all``/``retry_all``: every dead letter (whatever ``limit`` says), or with ``older_than_s`` those set
+    aside longer ago than that (which alone filters the listing); ``dry_run``: say what they would do, do
+    nothing."""
+    said = _dead_letter_usage(retry, retry_all, delete, delete_all, older_than_s, dry_run)
+    if said is not None:
+        _say(console, said)
+        return EXIT_USAGE
+    bulk = retry_all or delete_all
+    older = "" if older_than_s is None else f" set aside more than {_ago(int(older_than_s * 1000))} ago"
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            if not (retry or retry_all or delete or delete_all):
+                letters = await client.dead_letters(limit=limit, older_than_s=older_than_s)
                 if as_json:
                     _json_out([letter.to_json() for letter in letters])
                 else:
-                    _print_dead_letters(letters, console)
+                    _print_dead_letters(letters, console, older)
                 return 0
-            ids = [letter.id for letter in await client.dead_letters(limit=None)] if retry_all else \
-                list(dict.fromkeys(retry or delete))
+            picked = await client.dead_letters(limit=None, older_than_s=older_than_s) if bulk else []
+            if dry_run:
+                key = "would_delete" if delete_all else "would_requeue"
+                if as_json:
+                    _json_out({"dry_run": True, key: [letter.to_json() for letter in picked]})
+                else:
+                    _print_dead_letters(picked, console, older)
+                    if picked:
+                        console.print(f"{len(picked)} dead letter(s){older} would be "
+                                      f"{'deleted' if delete_all else 'put back'}; nothing was done (--dry-run)")
+                return 0
+            if delete_all:
+                ids = [letter.id for letter in picked]
+                deleted = await client.delete_dead_letters(ids)
+                gone = [dead_id for dead_id in ids if dead_id not in set(deleted)]
+                if as_json:
+                    _json_out({"deleted": [{"id": dead_id} for dead_id in deleted], "skipped": gone})
+                elif not ids:
+                    console.print(f"no dead letters{older}")
+                else:
+                    console.print(f"{len(deleted)} dead letter(s){older} deleted"
+                                  + (f"; {len(gone)} were gone already (put back or deleted meanwhile)" if gone
+                                     else ""))
+                return 0
+            ids = [letter.id for letter in picked] if retry_all else list(dict.fromkeys(retry or delete))
             done: list[dict[str, str]] = []
             failure: Exception | None = None
             for dead_id in ids:
@@ -672,10 +827,28 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
                 _say(console, said)
                 return EXIT_USAGE
             if retry_all and not ids and not as_json:
-                console.print("no dead letters")
+                console.print(f"no dead letters{older}")
             return 0
 
     return _guarded(console, url, body)
+
+
+def _dead_letter_usage(retry: list[str], retry_all: bool, delete: list[str], delete_all: bool,
+                       older_than_s: float | None, dry_run: bool) -> str | None:
+    """Why these ``dead-letters`` options do not go together, or None: nothing given is ever ignored."""
+    if (retry or retry_all) and (delete or delete_all):
+        return "--retry/--retry-all and --delete/--delete-all do not go together: put back or delete, not both"
+    if retry and retry_all:
+        return "--retry ID and --retry-all do not go together: name dead letters, or put back all of them"
+    if delete and delete_all:
+        return "--delete ID and --delete-all do not go together: name dead letters, or delete all of them"
+    if older_than_s is not None and (retry or delete):
+        return ("--older-than picks dead letters by age: it goes with --delete-all, --retry-all or a listing, not "
+                "with dead letters named by id")
+    if dry_run and not (retry_all or delete_all):
+        return ("--dry-run shows what --delete-all or --retry-all would do: give one of them (--delete ID and "
+                "--retry ID name what they do already; a listing does nothing)")
+    return None
 
 
 def _describe_redis_error(exc: BaseException) -> str:
@@ -683,11 +856,11 @@ def _describe_redis_error(exc: BaseException) -> str:
     return f"{kind}: {exc}"
 
 
-def _print_dead_letters(letters: list[DeadLetter], console: Any) -> None:
+def _print_dead_letters(letters: list[DeadLetter], console: Any, older: str = "") -> None:
     from rich.markup import escape
 
     if not letters:
-        console.print("no dead letters")
+        console.print(f"no dead letters{older}")
         return
     for letter in letters:
         message = letter.message or {}

@@ -11,9 +11,11 @@ Redis Cluster slot and every transition script touches a single slot::
                                                the journal entry sj: a snapshot), v (version), lt
                                                (last transition token), status, flow, plan, pid (plan
                                                id), started, finished, ret (retention ms), sts
-                                               (schedule-to-start ms), submitted
+                                               (schedule-to-start ms), submitted, resolved (when a
+                                               person resolved the run, ms)
     <prefix>:run:{<run_id>}:journal    stream  one entry per transition: v, in (the input event),
-                                               ev (the emitted events), or note (a runtime record)
+                                               ev (the emitted events), or note (a runtime record),
+                                               or resolved (a person's resolution)
     <prefix>:run:{<run_id>}:tasks      hash    task id -> lease: q | r:<token> | xq | xr:<token>
     <prefix>:run:{<run_id>}:outbox     hash    version -> the commands of that transition not yet
                                                carried out (JSON); s:<task id> -> the dispatch message
@@ -71,7 +73,7 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 ACL_COMMANDS = ("+evalsha +script|load +time +ping +select +client|setname +info +subscribe +unsubscribe +publish "
                 "+xadd +xread +xreadgroup +xrange +xrevrange +xlen +xack +xdel +xpending +xclaim +xautoclaim "
                 "+xgroup|create +xgroup|delconsumer +xinfo|consumers +hget +hmget +hset +hdel +hexists +hgetall "
-                "+zadd +zrem +zscore +zcard +zrange +zrevrange +zrangebyscore +exists +del +incr +pexpire")
+                "+zadd +zrem +zscore +zcard +zrange +zrevrange +zrangebyscore +exists +del +incr +pexpire +persist")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 __all__ = ["CANCEL", "CLAIM_TIMERS", "DEAD_LETTER", "FORGET_CONSUMERS", "LOAD", "PICKUP", "PROBE", "RECOVER", "RELAY",
-           "RELEASE", "REQUEUE", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
+           "RELEASE", "REQUEUE", "RESOLVE", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
 
 #: the start of a script that calls a command with ``redis.pcall`` (to take an error reply as an answer): whether
 #: such a reply is Redis refusing the command to the ACL user (``NOPERM``; Redis 7.0 says "The user executing the
@@ -37,6 +37,24 @@ _REFUSED = r"""
 local function refused(p)
   return type(p) == 'table' and type(p.err) == 'string'
     and (p.err:find('NOPERM', 1, true) or p.err:find('user executing the script', 1, true)) ~= nil
+end
+"""
+
+#: the start of a script that needs to know whether a run's outcome is in doubt: whether its tasks hash holds an attempt
+#: the run gave up on (a ``g:<task id>`` mark) that a worker still runs (its lease ``xr:…``) — its answer, a late
+#: success perhaps, is still to come. (At a run's end the hash holds nothing else, as a rule: cheap.)
+_IN_DOUBT = r"""
+local function in_doubt(tasks)
+  if redis.call('EXISTS', tasks) == 0 then return false end
+  local all = redis.call('HGETALL', tasks)
+  local leases = {}
+  for i = 1, #all, 2 do leases[all[i]] = all[i + 1] end
+  for f, _ in pairs(leases) do
+    if string.sub(f, 1, 2) == 'g:' and string.sub(leases[string.sub(f, 3)] or '', 1, 3) == 'xr:' then
+      return true
+    end
+  end
+  return false
 end
 """
 
@@ -64,7 +82,13 @@ end
 #: | {6, version} (the run exists: creation refused) | {7, version, index} (a guard of several failed: nothing
 #: written, no note). No state writes no snapshot: the state is then what the snapshot
 #: (``state`` at version ``sv``, journal entry ``sj``) and the journal's input events after it give (:data:`LOAD`).
-TRANSITION = r"""
+#: Retention: a transition that ends the run (``finished``), or of a run that had ended (its ``finished`` field),
+#: sets the run's ``ret`` as the TTL of its four keys — except while the run needs a person: ended
+#: ``needs_intervention`` and not ``resolved`` (:data:`RESOLVE` applies the retention then; a transition that ends
+#: it ``needs_intervention`` again — a late completion — clears ``resolved`` and any TTL, with PERSIST), or while a
+#: worker still runs an attempt the run gave up on (a ``g:<task>`` mark, its lease ``xr:``: the outcome is in
+#: doubt until it answers, and a late success must still find the run).
+TRANSITION = _IN_DOUBT + r"""
 local run, journal, tasks, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local h = cjson.decode(ARGV[1])
 local expected, token, status = h[1], h[2], h[3]
@@ -73,7 +97,7 @@ local state, box = '', ''
 if h[5] then state = ARGV[a]; a = a + 1 end
 if h[6] then box = ARGV[a]; a = a + 1 end
 -- entry j's input event is ARGV[a + 2 * (j - 1)], its events the next one
-local meta = redis.call('HMGET', run, 'v', 'lt', 'born')
+local meta = redis.call('HMGET', run, 'v', 'lt', 'born', 'finished')
 local curv = tonumber(meta[1]) or 0
 -- a retry of a transition whose reply was lost: was this token written already (perhaps before others)?
 local function written()
@@ -195,10 +219,18 @@ local nmeta = h[i]
 for k = i + 1, i + 2 * nmeta, 2 do
   redis.call('HSET', run, h[k], h[k + 1])
 end
-if h[4] then
-  local ttl = tonumber(redis.call('HGET', run, 'ret') or '0') or 0
-  if ttl > 0 then
-    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+if h[4] or meta[4] then  -- the run ends now, or had ended: its retention (see the comment above the script)
+  local kept = redis.call('HMGET', run, 'ret', 'resolved')
+  if status == 'needs_intervention' and (h[4] or not kept[2]) then
+    if h[4] then  -- (again) something to undo by hand: kept, with no expiry, until someone resolves it
+      if kept[2] then redis.call('HDEL', run, 'resolved') end
+      for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
+    end
+  else
+    local ttl = tonumber(kept[1] or '0') or 0
+    if ttl > 0 and (kept[2] or not in_doubt(tasks)) then
+      for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+    end
   end
 end
 if expected == 0 then return {1, newv, cancelled, redis.call('HGET', run, 'cancel') or ''} end
@@ -349,6 +381,32 @@ end
 return 0
 """
 
+#: KEYS: run, journal, tasks, outbox (one run). ARGV: who, the note ('' for none). Marks a run that needs a person
+#: as resolved — one that ended ``needs_intervention``, or that ended while a worker still runs an attempt it
+#: gave up on (in doubt) — and from then on applies its retention (``ret``) to its keys:
+#: journals a ``resolved`` entry (``{type, at, by, note, status}``, ``at`` by the server's clock), sets the
+#: run's ``resolved`` field (that time, ms). Returns {3, at, journal entry id, status} | {0} (no such run)
+#: | {1, status} (nothing to resolve) | {2, status, resolved} (resolved already, at that time).
+RESOLVE = _IN_DOUBT + r"""
+local got = redis.call('HMGET', KEYS[1], 'submitted', 'status', 'ret', 'resolved', 'finished')
+if not got[1] then return {0} end
+local status = got[2] or 'submitted'
+if got[4] then return {2, status, got[4]} end
+if status ~= 'needs_intervention' and not (got[5] and in_doubt(KEYS[3])) then
+  return {1, status}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local entry = redis.call('XADD', KEYS[2], '*', 'resolved', cjson.encode({
+  type = 'resolved', at = now, by = ARGV[1], note = ARGV[2], status = status}))
+redis.call('HSET', KEYS[1], 'resolved', now)
+local ttl = tonumber(got[3] or '0') or 0
+if ttl > 0 then
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+end
+return {3, now, entry, status}
+"""
+
 #: KEYS: run. ARGV: plan, plan id, input, flow, seed, retention ms, schedule-to-start ms ('' for none), input id
 #: (a digest of the input). Records a submission unless the run id is taken, stamped with the server's clock
 #: (ms): ``submitted`` (the listing's time: every submitter's clock is the same one) and ``born``, the run's
@@ -414,10 +472,17 @@ return n
 #: KEYS: a stream. ARGV: the consumer group, idle ms, a consumer name to keep. Deletes the group's consumers
 #: idle longer than that and holding no entry (deleting one that holds entries would drop them), in one step
 #: (no read between the look and the delete). Returns how many were deleted.
-FORGET_CONSUMERS = r"""
+FORGET_CONSUMERS = _REFUSED + r"""
 local n = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- no stream (none sent yet, or data lost): no consumer
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if refused(consumers) then return consumers end
+if type(consumers) == 'table' and type(consumers.err) == 'string' then
+  -- a stream made by an entry sent before any worker made its group (a start request sent again): no consumer
+  if consumers.err:find('NOGROUP', 1, true) then return 0 end
+  return consumers
+end
+for _, c in ipairs(consumers) do
   local info = {}
   for k = 1, #c, 2 do info[c[k]] = c[k + 1] end
   if info['name'] ~= ARGV[3] and tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[2]) then
@@ -519,12 +584,23 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {now, due, again, nxt[2] or ''}
 """
 
-#: KEYS: keys of one slot that a process reads and writes. Writes nothing: calling it is the test. Redis checks the
+#: KEYS: keys of one slot that a process reads and writes. ARGV: 'persist' to also send PERSIST on each key (a
+#: command a transition sends; on keys that do not exist, as a run's that cannot exist, it changes nothing).
+#: Writes nothing: calling it is the test. Redis checks the
 #: ACL user's read and write permission on every key a script declares (and its permission to run EVALSHA) before
-#: the script runs, so a worker probes its permissions with it at startup. Returns how many of the keys exist.
-PROBE = r"""
+#: the script runs, and each command the script sends as it sends it, so a worker probes its permissions with it at
+#: startup. Returns how many of the keys exist.
+PROBE = _REFUSED + r"""
 local n = 0
-for _, key in ipairs(KEYS) do n = n + redis.call('EXISTS', key) end
+for _, key in ipairs(KEYS) do
+  local e = redis.call('EXISTS', key)
+  n = n + e
+  if ARGV[1] == 'persist' and e == 0 then
+    local p = redis.pcall('PERSIST', key)
+    -- (Redis 7.0 names no command in its refusal: said here)
+    if refused(p) then return redis.error_reply('NOPERM this user may not run the PERSIST command: ' .. p.err) end
+  end
+end
 return n
 """
 

@@ -1,6 +1,6 @@
 """Reading and writing runs in Redis: load, atomic transition, task pickup, outbox relay, timers.
 
-Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys``,
+Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys``, ``.wire`` (stream entries' fields),
 ``flowdsl.runtime.codec`` (JSON bytes), ``flowdsl.kernel`` (to replay a
 journal tail) and stdlib. It knows the data model (docs/runtime.md, "The Redis
 data model") but nothing of the kernel's semantics: :mod:`.advance` decides
@@ -54,14 +54,16 @@ from flowdsl.runtime.redis.scripts import (
     RELAY,
     RELEASE,
     REQUEUE,
+    RESOLVE,
     TRANSITION,
     UNLIST,
     Batcher,
     Script,
 )
+from flowdsl.runtime.redis.wire import entry_fields
 
-__all__ = ["TRANSITION_LIMIT", "Clock", "JournalEntry", "RunDamaged", "RunRecord", "RunTooLarge", "Store",
-           "TransitionResult", "cancel_reasons", "decoded", "megabytes", "plan_id", "retrieved", "score_pairs"]
+__all__ = ["START_SCAN_LIMIT", "TRANSITION_LIMIT", "Clock", "JournalEntry", "RunDamaged", "RunRecord", "RunTooLarge",
+           "Store", "TransitionResult", "cancel_reasons", "decoded", "megabytes", "plan_id", "retrieved", "score_pairs"]
 
 _TRANSITION = Script("transition", TRANSITION)
 _LOAD = Script("load", LOAD)
@@ -75,6 +77,10 @@ _FORGET_CONSUMERS = Script("forget_consumers", FORGET_CONSUMERS)
 _DEAD_LETTER = Script("dead_letter", DEAD_LETTER)
 _REQUEUE = Script("requeue", REQUEUE)
 _PROBE = Script("probe", PROBE)
+_RESOLVE = Script("resolve", RESOLVE)
+#: the most entries of the control stream (and of the dead letters) read to find the start requests there
+#: (:meth:`Store.start_requests`): a longer one is a backlog, not read through
+START_SCAN_LIMIT = 10_000
 
 
 class RunDamaged(ValueError):
@@ -347,10 +353,11 @@ class Store:
         await asyncio.gather(*(s.load(self.batcher) for s in (_TRANSITION, _LOAD, _PICKUP, _RELEASE, _RELAY,
                                                                _RECOVER, _CLAIM)))
 
-    async def probe(self, keys: list[str]) -> int:
+    async def probe(self, keys: list[str], *, persist: bool = False) -> int:
         """Run a script that writes nothing on ``keys`` (one slot): Redis refuses it (``NOPERM``) unless this
-        connection's ACL user may run scripts and read and write every one of them."""
-        return int(await _PROBE(self.batcher, keys, []))
+        connection's ACL user may run scripts and read and write every one of them (``persist``: and send
+        PERSIST, as a transition does, on those of them that do not exist)."""
+        return int(await _PROBE(self.batcher, keys, ["persist" if persist else ""]))
 
     # --- runs --------------------------------------------------------------------------
 
@@ -419,7 +426,8 @@ class Store:
 
     async def damage(self, run_id: str) -> RunDamaged | None:
         """What is damaged in the run's stored data, if anything: the first of its fields that cannot be decoded
-        (the run's ``state``, ``plan`` and ``input``; each journal entry's ``v``, ``in``, ``ev`` and ``note``), as
+        (the run's ``state``, ``plan`` and ``input``; each journal entry's ``v``, ``in``, ``ev``, ``note`` and
+        ``resolved``), as
         the :class:`RunDamaged` reading it would raise. For saying what went wrong once a read failed: it reads
         the whole journal."""
         run, journal = self.keys.run(run_id), self.keys.journal(run_id)
@@ -432,7 +440,7 @@ class Store:
             for entry_id, flat in entries:
                 fields = dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, list) else flat
                 named = entry_id.decode()
-                for name, kind in (("in", dict), ("ev", list), ("note", dict)):
+                for name, kind in (("in", dict), ("ev", list), ("note", dict), ("resolved", dict)):
                     if name.encode() in fields:
                         decoded(run_id, journal, name, fields[name.encode()], kind, named)
                 if b"v" in fields:
@@ -592,10 +600,12 @@ class Store:
             return 0
         return int(await _UNLIST(self.batcher, [self.keys.runs], [x for pair in entries for x in pair]))
 
-    async def prune_index(self, start: int, page: int = 200) -> tuple[int, bool, int]:
+    async def prune_index(self, start: int, page: int = 200, unstarted: list[str] | None = None,
+                          before: int = 0) -> tuple[int, bool, int]:
         """Check one page of the run index (from rank ``start``, oldest first) and remove the runs that no
         longer exist (expired); return the rank the next page starts at, whether this was the last page, and
-        how many runs it removed.
+        how many runs it removed. ``unstarted`` gets the ids of the runs of the page submitted before
+        ``before`` (ms, the server's clock) and not started (no ``v``).
 
         The run that ends a run cannot touch the index (another Cluster slot), so worker processes walk it
         page by page (:meth:`~flowdsl.runtime.redis.upkeep.Upkeep._tidy`): it stays about as long as the runs
@@ -603,9 +613,53 @@ class Store:
         pairs = score_pairs(await self.call("ZRANGE", self.keys.runs, start, start + page - 1, "WITHSCORES"))
         if not pairs:
             return 0, True, 0
-        found = await asyncio.gather(*(self.call("EXISTS", self.keys.run(r.decode())) for r, _ in pairs))
-        removed = await self.unlist([pair for pair, n in zip(pairs, found, strict=True) if not n])
+        found = await asyncio.gather(*(self.call("HMGET", self.keys.run(r.decode()), "submitted", "v", "status")
+                                       for r, _ in pairs))
+        removed = await self.unlist([pair for pair, got in zip(pairs, found, strict=True) if got == [None] * 3])
+        if unstarted is not None:
+            for (run_id, _), (submitted, version, _) in zip(pairs, found, strict=True):
+                if version is None and submitted is not None and submitted.isdigit() and int(submitted) < before:
+                    unstarted.append(run_id.decode())
         return (0, True, removed) if len(pairs) < page else (start + len(pairs) - removed, False, removed)
+
+    # --- start requests ------------------------------------------------------------------
+
+    def send_start(self, run_id: str) -> asyncio.Future[Any]:
+        """Ask for the run's start: a start request on the control stream (a second one for a run already
+        started, or being started, is acknowledged and does nothing: :meth:`Advancer.start`)."""
+        return self.call("XADD", self.keys.control, "*", "c", dumps({"type": "start", "run_id": run_id}))
+
+    async def start_requests(self, dead: bool = False, limit: int = START_SCAN_LIMIT) -> dict[str, str] | None:
+        """The runs the start requests of the control stream name (``dead``: of the dead letters set aside from
+        it), each with the id of its first such entry; None when that stream holds more than ``limit`` entries
+        (a backlog: not read through). Reads the whole stream, 1,000 entries a page."""
+        stream = self.keys.dead if dead else self.keys.control
+        field = b"f:c" if dead else b"c"
+        if int(await self.call("XLEN", stream)) > limit:
+            return None
+        found: dict[str, str] = {}
+        start = "-"
+        while True:
+            reply = await self.call("XRANGE", stream, start, "+", "COUNT", 1000)
+            for entry_id, raw in reply or ():
+                fields = entry_fields(raw)
+                if dead and fields.get(b"stream", b"").decode(errors="replace") != self.keys.control:
+                    continue
+                try:
+                    msg = loads(fields.get(field) or b"")
+                except (ValueError, RecursionError):
+                    continue  # (not a request: a dead letter's business)
+                if isinstance(msg, dict) and msg.get("type") == "start" and isinstance(msg.get("run_id"), str):
+                    found.setdefault(msg["run_id"], entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+            if not reply or len(reply) < 1000:
+                return found
+            last = reply[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else last)
+
+    async def resolve(self, run_id: str, by: str, note: str) -> list[Any]:
+        """Mark a run that needs a person as resolved, and apply its retention from now (the RESOLVE script: its
+        reply)."""
+        return list(await _RESOLVE(self.batcher, self.keys.run_keys(run_id), [by, note]))
 
     async def forget_consumers(self, stream: str, idle_ms: int, keep: str) -> int:
         """Delete the consumer names of ``stream``'s group idle longer than ``idle_ms`` and holding no entry

@@ -21,7 +21,9 @@ serves and ends soon after it stops:
   database, under this prefix) says it is being cancelled — pub/sub is server-wide, not per database.
 - **tidier** — every ``tidy_s``: removes from the run index the runs that
   expired, up to 2,000 a round, and forgets worker processes silent for
-  ``forget_s`` (liveness records; consumer names holding nothing).
+  ``forget_s`` (liveness records; consumer names holding nothing); sends
+  again the start request of a run submitted :data:`RESEND_AFTER_LEASES`
+  leases ago that never started and whose request is nowhere.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ _INDEX_PAGES = 10
 #: cancel requests taken over at a time (they take no slot)
 _CANCELS_PER_CLAIM = 64
 _INDEX_PAGE = 200
+#: a run submitted this many leases ago and not started, whose start request is nowhere (its submitter stopped
+#: between recording it and sending the request), has its start request sent again by a tidying round
+RESEND_AFTER_LEASES = 10
+#: at most this many start requests are sent again by one tidying round of one process
+_RESENDS_PER_ROUND = 100
 
 
 def _seen(record: bytes) -> int:
@@ -313,8 +320,10 @@ class Upkeep:
         grows by more than that each round — a busy deployment — had the cursor trail its end forever: the runs
         it had walked while they were kept stayed listed once expired, without bound.)"""
         front, removed, last = 0, 0, False
+        unstarted: list[str] = []  # runs submitted long ago and never started, met on the way
+        before = self.clock.now() - RESEND_AFTER_LEASES * self.lease_ms
         while not self._stopping:
-            front, last, dropped = await self.store.prune_index(front, _INDEX_PAGE)
+            front, last, dropped = await self.store.prune_index(front, _INDEX_PAGE, unstarted, before)
             removed += dropped
             if last or 2 * dropped < _INDEX_PAGE:
                 break
@@ -329,12 +338,14 @@ class Upkeep:
             grown = size - self._index_size if self._index_size is not None else 0
             budget = _INDEX_PAGES + -(-max(0, grown) // _INDEX_PAGE)
         while budget > 0 and not self._stopping:
-            cursor, last, removed = await self.store.prune_index(cursor, _INDEX_PAGE)
+            cursor, last, removed = await self.store.prune_index(cursor, _INDEX_PAGE, unstarted, before)
             if last:  # the end of the index: the next round starts again from its oldest runs
                 break
             if 2 * removed < _INDEX_PAGE:  # mostly runs still kept: this page counts against the budget
                 budget -= 1
         self._index_size = int(await self.store.call("ZCARD", self.keys.runs))
+        if unstarted and not self._stopping:
+            await self._resend_starts(list(dict.fromkeys(unstarted)))
         assert self.client is not None
         forget_ms = max(int(self.options.forget_s * 1000), 10 * self.lease_ms)  # never a process still beating
         now = self.clock.now()
@@ -346,6 +357,38 @@ class Upkeep:
         for stream in dict.fromkeys([*self._group_streams, self.keys.control]):
             await self.store.forget_consumers(stream, forget_ms, self.name)
         return cursor
+
+    async def _resend_starts(self, unstarted: list[str]) -> None:
+        """Send again the start request of each of ``unstarted`` (runs submitted more than
+        :data:`RESEND_AFTER_LEASES` leases ago and not started) that none is waiting for: no start request for it in
+        the control stream, none among the dead letters (a request set aside waits for a person: sent again, it
+        would only fail again). Its submitter stopped between recording the run and sending the request (killed,
+        out of memory, its connection cut), or Redis lost the request. At most :data:`_RESENDS_PER_ROUND` a round.
+
+        Nothing here needs to be atomic: a second start request is harmless — the run started meanwhile (by the
+        request this round did not see, or the submitter's own, sent late) skips it, and two requests for a run not
+        started start it once (:meth:`~flowdsl.runtime.redis.advance.Advancer.start`). Neither stream is read when
+        it holds more than :data:`~flowdsl.runtime.redis.store.START_SCAN_LIMIT` entries (a backlog the request
+        may be in): the runs wait for a later round."""
+        queued = await self.store.start_requests()
+        dead = await self.store.start_requests(dead=True) if queued is not None else None
+        if queued is None or dead is None:
+            log.debug("worker %s: %d run(s) submitted long ago have not started; the control stream (or the dead "
+                      "letters) is too long to look for their start requests now", self.name, len(unstarted))
+            return
+        lost = [run_id for run_id in unstarted if run_id not in queued and run_id not in dead][:_RESENDS_PER_ROUND]
+        if not lost:
+            return
+        versions = await asyncio.gather(*(self.store.call("HGET", self.keys.run(r), "v") for r in lost))
+        for run_id, version in zip(lost, versions, strict=True):
+            if version is not None:
+                continue  # started meanwhile
+            await self.store.send_start(run_id)
+            self.stats.starts_resent += 1
+            log.warning("worker %s: run %s was submitted more than %d leases ago and has not started, and no start "
+                        "request for it was waiting: its submitter stopped before sending it (or Redis lost it); "
+                        "its start request was sent again", self.name, run_id, RESEND_AFTER_LEASES,
+                        extra={"run_id": run_id})
 
     def _timer_armed(self, due: int) -> None:
         if self._timer_wake is not None and due < self._next_timer:

@@ -1,7 +1,8 @@
 """The worker process: serve task streams, run steps, advance runs, fire timers, survive everything.
 
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (its version
-error), ``flowdsl.runtime.execute`` (to run steps), ``flowdsl.workers`` (the registry) and this package. One
+error), ``flowdsl.runtime.execute`` (to run steps), ``flowdsl.workers`` (the registry), ``flowdsl.shown`` and
+this package. One
 :class:`RedisWorker` is one process's loop (``flowdsl worker``); any number
 of them, on any number of machines, share the work through consumer groups:
 
@@ -91,6 +92,7 @@ from flowdsl.runtime.redis.upkeep import Upkeep
 from flowdsl.runtime.redis.wire import WireConnection, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
 from flowdsl.runtime.signals import give_back_signal, take_signal
+from flowdsl.shown import visible
 from flowdsl.workers import WorkerRegistry, describe_exception
 from flowdsl.workers import registry as default_registry
 
@@ -265,6 +267,7 @@ class WorkerStats:
     conflicts: int = 0
     chained: int = 0  # steps this process dispatched to itself (run without a trip through a stream)
     dead_letters: int = 0  # messages this process set aside as dead letters
+    starts_resent: int = 0  # start requests sent again, of runs whose submitter never sent them (Upkeep._tidy)
     failure: str | None = None  # why the worker stopped by itself: one of its loops failed (a bug; logged)
 
 
@@ -512,7 +515,7 @@ class RedisWorker(Upkeep):
         await self._allowed(f"while subscribing to the channel '{keys.cancel_channel}' (SUBSCRIBE)",
                             self._subscribable())
         await self._allowed(f"while running a script (EVALSHA) on the keys of a run ('{keys.run(_PROBE_RUN)}', …)",
-                            self.store.probe(keys.run_keys(_PROBE_RUN)))
+                            self.store.probe(keys.run_keys(_PROBE_RUN), persist=True))
         shared = [*self._group_streams, keys.timers, keys.timers_claimed, keys.runs, keys.workers, keys.dead,
                   keys.failures("probe")]
         await self._allowed(f"while running a script (EVALSHA) on the shared keys ('{keys.control}', …)",
@@ -798,8 +801,12 @@ class RedisWorker(Upkeep):
             return
         if code == 1:
             self.stats.dead_letters += 1
-            log.error("worker %s: entry %s of %s set aside as dead letter %s: %s (`flowdsl dead-letters` lists it "
-                      "and can put it back)", self.name, entry_id, stream, dead_id, reason)
+            named, _ = _json_field(fields, b"m" if b"m" in fields else b"c", "")
+            run_id = named["run_id"] if named is not None else None
+            log.error("worker %s: entry %s of %s%s set aside as dead letter %s: %s (`flowdsl dead-letters` lists it "
+                      "and can put it back)", self.name, entry_id, stream, f" (run {run_id})" if run_id else "",
+                      dead_id, visible(reason), extra={"run_id": run_id, "dead_letter": dead_id, "stream": stream,
+                                                       "entry_id": entry_id})
         elif code == 0:
             log.warning("worker %s: entry %s of %s failed %d time(s) of %d; it is handled again after the lease",
                         self.name, entry_id, stream, failures, threshold)

@@ -1,0 +1,146 @@
+"""`flowdsl resolve` of local runs: a run that needs a person (needs_intervention, in doubt, crashed, stopped at
+once) gets a `resolved` line once its work by hand is done; `runs` lists it resolved (and no longer under
+needs_intervention), `show` prints the resolution; a run that needs nothing, or still runs, is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flowdsl import compile_text
+from flowdsl.cli import app
+from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.record import read_record
+from tests.runtime.conformance import HEADER
+from tests.runtime.test_runs_local import NEEDS_HAND, SAGA
+from tests.runtime.test_stopped_runs import _dead_process, _rewrite_header
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def _run(runs: Path, run_id: str, script: dict[str, Any] | None = None) -> Path:
+    plan = compile_text(HEADER.format(name="saga") + SAGA)
+    asyncio.run(run_flow(plan, {"script": script or {}}, run_id=run_id, runs_dir=runs))
+    return runs / f"{run_id}.jsonl"
+
+
+def _listed(runs: Path, *args: str) -> dict[str, str]:
+    r = cli("runs", "--backend", "local", "--runs-dir", str(runs), "--format", "json", *args)
+    assert r.exit_code == 0, r.output
+    return {row["run_id"]: row["status"] for row in json.loads(r.stdout)}
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    d = tmp_path / "runs"
+    _run(d, "hand1", NEEDS_HAND)
+    _run(d, "hand2", NEEDS_HAND)
+    _run(d, "ok1")
+    _run(d, "comp1", {"d": {"raise": "Boom"}})
+    return d
+
+
+def test_a_needs_intervention_run_resolved_leaves_the_list_of_runs_to_handle(runs: Path) -> None:
+    assert set(_listed(runs, "--status", "needs_intervention")) == {"hand1", "hand2"}
+    done = cli("resolve", "hand1", "--runs-dir", str(runs), "--note", "refunded b and a by hand")
+    assert done.exit_code == 0, done.output
+    said = " ".join(done.stdout.split())
+    assert "run hand1: resolved" in said and "(it was needs_intervention): refunded b and a by hand" in said
+    assert f"@{socket.gethostname()}" in said
+    assert set(_listed(runs, "--status", "needs_intervention")) == {"hand2"}  # the ones left to handle
+    assert list(_listed(runs, "--status", "resolved")) == ["hand1"]
+    assert _listed(runs)["hand1"] == "resolved"
+
+    _, lines = read_record(runs / "hand1.jsonl")
+    [line] = lines.resolutions
+    assert (line["run_id"], line["note"], line["status"]) == ("hand1", "refunded b and a by hand",
+                                                              "needs_intervention")
+    assert line["by"].endswith(f"@{socket.gethostname()}") and isinstance(line["at"], int)
+
+    shown = cli("show", "hand1", "--runs-dir", str(runs), "--format", "json")
+    out = json.loads(shown.stdout)
+    assert out["status"] == "needs_intervention"  # (the run's own end: the resolution is beside it)
+    assert out["resolved"] == {"at": line["at"], "by": line["by"], "note": "refunded b and a by hand",
+                               "status": "needs_intervention"}
+    text = " ".join(cli("show", "hand1", "--runs-dir", str(runs)).stdout.split())
+    assert "resolved" in text and "(it was needs_intervention): refunded b and a by hand" in text
+    hint = " ".join(cli("show", "hand2", "--runs-dir", str(runs)).stdout.split())
+    assert f"once it is finished by hand, `flowdsl resolve hand2 --runs-dir {runs} --note TEXT` says so" in hint
+
+
+def test_the_json_object_of_resolve(runs: Path) -> None:
+    done = cli("resolve", "hand2", "--runs-dir", str(runs), "--format", "json")
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.stdout)
+    assert (out["run_id"], out["status"], out["resolved"]["note"], out["resolved"]["status"]) == (
+        "hand2", "resolved", None, "needs_intervention")
+    assert out["record"] == str(runs / "hand2.jsonl")
+    again = cli("resolve", "hand2", "--runs-dir", str(runs), "--format", "json")
+    assert again.exit_code == 1
+    refused = json.loads(again.stdout)
+    assert (refused["status"], refused["resolved"], refused["refused"]) == ("resolved", None, "AlreadyResolved")
+    assert "was resolved already" in refused["reason"]
+
+
+@pytest.mark.parametrize(("run_id", "status"), [("ok1", "completed"), ("comp1", "compensated")])
+def test_a_run_that_needs_nothing_by_hand_is_refused(runs: Path, run_id: str, status: str) -> None:
+    before = (runs / f"{run_id}.jsonl").read_bytes()
+    r = cli("resolve", run_id, "--runs-dir", str(runs))
+    assert r.exit_code == 1
+    assert f"run {run_id} ended {status}, with nothing left to do by hand: there is nothing to resolve" in \
+        " ".join(r.stderr.split())
+    assert (runs / f"{run_id}.jsonl").read_bytes() == before
+
+
+def test_usage_errors(runs: Path) -> None:
+    missing = cli("resolve", "nope", "--runs-dir", str(runs))
+    assert missing.exit_code == 2 and "no recorded run 'nope'" in missing.stderr
+    assert "--backend redis" in missing.stderr
+    mixed = cli("resolve", "hand1", "--backend", "redis", "--runs-dir", str(runs))
+    assert mixed.exit_code == 2 and "--runs-dir and --force are for local run records" in mixed.stderr
+    mixed = cli("resolve", "hand1", "--redis-url", "unix:///nowhere.sock", "--runs-dir", str(runs))
+    assert mixed.exit_code == 2 and "--redis-url and --prefix need --backend redis" in mixed.stderr
+    assert cli("resolve", "hand1", "--runs-dir", str(runs), "--note", "ok").exit_code == 0
+
+
+def test_a_crashed_run_whose_last_line_was_cut_is_resolved_and_still_reads(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    path = _run(runs, "cr1")
+    lines = path.read_bytes().splitlines(keepends=True)
+    keep = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "step_succeeded") + 1
+    path.write_bytes(b"".join(lines[:keep]) + lines[keep][:20])  # killed while writing a line
+    _rewrite_header(path, process=_dead_process())
+    assert _listed(runs)["cr1"] == "crashed"
+    done = cli("resolve", "cr1", "--runs-dir", str(runs), "--note", "undid a")
+    assert done.exit_code == 0, done.output
+    assert "cut short when its process was killed" in " ".join(done.stderr.split())
+    assert _listed(runs)["cr1"] == "resolved"
+    _, events = read_record(path)
+    assert not events.cut_short and events.resolutions[0]["status"] == "crashed"
+    shown = cli("show", "cr1", "--runs-dir", str(runs), "--format", "json")
+    assert shown.exit_code == 0, shown.output
+    out = json.loads(shown.stdout)
+    assert out["status"] == "crashed" and out["resolved"]["note"] == "undid a"
+
+
+def test_an_aborted_run_is_resolved(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    plan = compile_text(HEADER.format(name="saga") + SAGA)
+
+    async def aborted() -> None:  # a deadline on the awaiting task stops the run at once: runtime_aborted
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(run_flow(plan, {"script": {"d": {"hang": True}}}, run_id="ab1", runs_dir=runs), 0.3)
+
+    asyncio.run(aborted())
+    assert _listed(runs)["ab1"] == "aborted"
+    done = cli("resolve", "ab1", "--runs-dir", str(runs), "--format", "json")
+    assert done.exit_code == 0 and json.loads(done.stdout)["resolved"]["status"] == "aborted"
+    assert _listed(runs, "--status", "aborted") == {}
