@@ -1,7 +1,9 @@
 """Compiler: a checked model to the execution plan (docs/plan.md).
 
 Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
-``flowdsl.expr``, ``flowdsl.checks``, ``flowdsl.compiler_checks``,
+``flowdsl.expr``, ``flowdsl.checks``, ``flowdsl.checks_retry`` (retry filters,
+checked once the worker modules are imported), ``flowdsl.compiler_checks``,
+``flowdsl.compiler_reads``,
 ``flowdsl.runtime.plancheck`` (to vouch for the plans it makes, which runtimes
 then need not check) and, only to name a dependency cycle, networkx — networkx
 lives here and only here. The
@@ -20,7 +22,10 @@ edges): building and walking it is linear, and networkx is imported only when a
 Module map: ``compiler`` (collecting the nodes, resolving ``needs``, wiring the
 graph, building the plan; :func:`compile_flow`), ``compiler_checks`` (the
 order of nodes read from the tree of groups, and the graph checks that read it:
-:class:`~flowdsl.compiler_checks.GraphChecks`, which the compiler inherits).
+:class:`~flowdsl.compiler_checks.GraphChecks`), ``compiler_reads`` (context
+fields read that only a node running beside the reader writes:
+:class:`~flowdsl.compiler_reads.ReadChecks`, a ``GraphChecks`` the compiler
+inherits).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 from flowdsl import expr
 from flowdsl.checks import check_flow
-from flowdsl.compiler_checks import GraphChecks, _Entry, _step_reads
+from flowdsl.checks_retry import check_retry_filters
+from flowdsl.compiler_checks import _Entry, _step_reads
+from flowdsl.compiler_reads import ReadChecks
 from flowdsl.diagnostics import Diagnostic, Suggestions, join, make
 from flowdsl.model import Compensation, Flow, Node, Retry
 
@@ -91,7 +98,7 @@ def _merged_retry(layers: tuple[Retry | None, ...]) -> dict[str, Any]:
     return out
 
 
-class _Compiler(GraphChecks):
+class _Compiler(ReadChecks):
     def __init__(self, root: Flow):
         self.root = root
         self.entries: dict[str, _Entry] = {}
@@ -454,6 +461,7 @@ class _Compiler(GraphChecks):
         stage_of, critical = self.longest_paths()
         self.check_step_refs()
         self.check_conflicts()
+        self.check_unseen_reads()
         if not build or any(d.severity == "error" for d in self.diags):
             return Compiled(None, self.origins(), self.diags)
         nodes = {k: self.node_json(e, stage_of) for k, e in self.entries.items()}
@@ -536,8 +544,14 @@ def compile_flow(flow: Flow, *, check_workers: bool = False, search_path: str | 
     """Check ``flow`` and, when it has no errors, compile it into a plan."""
     diags = list(extra or [])
     diags.extend(check_flow(flow, check_workers=check_workers, search_path=search_path))
-    for sub in _subflows(flow):
+    subflows = _subflows(flow)
+    for sub in subflows:
         diags.extend(check_flow(sub, check_workers=check_workers, search_path=search_path))
+    flows = [flow, *subflows]
+    if check_workers and any(f.workers for f in flows) and not any(d.code == "FD205" for d in diags):
+        # once every worker module is imported (the spec's and its sub-flows'), the exception classes are known;
+        # not when none is listed (nothing was imported: the classes the workers raise are nowhere to be seen)
+        diags.extend(check_retry_filters(flows))
     result = _Compiler(flow).run(build=not any(d.severity == "error" for d in diags))
     result.diagnostics = diags + result.diagnostics
     if any(d.severity == "error" for d in result.diagnostics):

@@ -3,7 +3,8 @@
 Stage: front end (the way back from data to text). Imports ``flowdsl.diagnostics``,
 ``flowdsl.source`` (how plain values are read, so that strings that would read as
 something else are quoted), ``flowdsl.textsyntax`` (the vocabulary and token shapes of the text syntax),
-``json`` and, lazily, ``yaml``.
+``json`` and, lazily, ``yaml`` and ``flowdsl.checks`` (FD312's rule: a switch case label written
+bare that it would warn about is written quoted instead).
 
 ``canonical`` puts a spec's keys in the order of docs/language.md (the document:
 flowdsl, name, version, description, workers, input, timeout, defaults, steps;
@@ -243,6 +244,16 @@ def _key_text(k: Any, where: str) -> str:
     return k if WORD_RE.fullmatch(k) or NUMBER_RE.fullmatch(k) else _quote(k)
 
 
+def _label_text(label: Any, where: str) -> str:
+    """A switch case label: as a mapping key, and quoted when, written bare, it would spell a number, a boolean or
+    null otherwise than the value is matched as (``1.50``, ``01``, ``True``: FD312's rule, the same function), so
+    that the label reads back as the string it is without a warning about a number it never was."""
+    from flowdsl.checks import case_label_mismatch
+
+    text = _key_text(label, where)
+    return _quote(label) if text == label and case_label_mismatch(label) is not None else text
+
+
 def _compact(v: Any, where: str) -> str:
     if isinstance(v, dict):
         items = (f"{_key_text(k, where)}: {_compact(x, join(where, k))}" for k, x in v.items())
@@ -402,7 +413,7 @@ def _group(node: dict[Any, Any], kw: str, indent: int, where: str) -> list[str]:
     lines = [head + " {"]
     for label, nodes in cases.items():
         sub = join(where, "cases", label)
-        lines += _block(f"{pad}  case {_key_text(label, sub)}", nodes, indent + 2, sub)
+        lines += _block(f"{pad}  case {_label_text(label, sub)}", nodes, indent + 2, sub)
     if "default" in node:
         lines += _block(f"{pad}  default", node["default"], indent + 2, join(where, "default"))
     return [*lines, pad + "}"]

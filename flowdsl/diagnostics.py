@@ -93,6 +93,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD310": ("warning", "loop variable read without $"),
     "FD311": ("warning", "text that names a field"),
     "FD312": ("warning", "switch case that never matches the value it spells"),
+    "FD313": ("warning", "retry filter that names no exception class"),
+    "FD314": ("warning", "read of a value that only a concurrent node writes"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),

@@ -30,3 +30,11 @@ def refund_ticket(data, ctx):
 @worker("email_tickets")
 def email_tickets(data, ctx):
     return None
+
+
+class GatewayTimeout(Exception):
+    """The payment gateway did not answer in time: worth retrying (FD313's case)."""
+
+
+class CardDeclined(Exception):
+    """The card was declined: never retried, as retrying would charge it again (FD313's case)."""

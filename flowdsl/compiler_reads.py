@@ -1,0 +1,289 @@
+"""Compiler, read checks: a context field read that only a node running beside the reader writes (FD314).
+
+Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
+``flowdsl.expr``, ``flowdsl.checks`` and ``flowdsl.compiler_checks`` — not
+``flowdsl.compiler``, whose ``_Compiler`` inherits :class:`ReadChecks`.
+
+By the merge rule (docs/language.md, "Data") a node sees its scope's input and
+what the nodes it depends on wrote, never what a node that may run at the same
+time writes. So a field that such a node writes, and that nothing the reader
+sees provides — no node it depends on (of its scope, or, climbing out of a
+``for_each``, of the scopes around it), not the run input's schema, not a
+sub-flow's ``with:`` or input schema, not a loop variable — is read as null
+every time. Writes are those FD307 knows (``output:`` names and mappings, LLM
+output fields, ``for_each`` and sub-flow results); reads are the fields an
+expression reads from the context itself (:func:`context_names`), and an LLM
+step's input fields when it has no ``with:``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from flowdsl import expr
+from flowdsl.checks import _input_fields, expression_fields
+from flowdsl.compiler_checks import _RACE_BITS, GraphChecks
+from flowdsl.diagnostics import join
+from flowdsl.model import Node
+
+if TYPE_CHECKING:
+    from flowdsl.model import Flow
+
+#: the order questions (is one node before another, may two run at the same time) FD314 asks in one compilation
+#: at most; past it (a hostile spec: thousands of readers and writers of one field in one list with ``needs``)
+#: the fields left are not checked
+_READ_PAIRS = 100_000
+#: how many of the writers of a field a message names
+_WRITERS_NAMED = 3
+#: the most nodes a fix's ``needs`` is made minimal among (those the others wait for left out)
+_MINIMISED = 16
+
+
+class ReadChecks(GraphChecks):
+    """FD314, inherited by the compiler (through it, the graph checks' order questions)."""
+
+    root: Flow
+    #: order questions left to ask (see _READ_PAIRS)
+    read_pairs: int = _READ_PAIRS
+    #: id of a flow -> the fields its input schema names
+    inputs: dict[int, frozenset[str]]
+
+    def check_unseen_reads(self) -> None:
+        """FD314: a node reads a top-level field of its context that a node that may run at the same time writes,
+        and that nothing it sees provides (see the module's docstring)."""
+        writers: dict[tuple[str | None, str], list[str]] = {}
+        for key, e in self.entries.items():
+            for name in self.writes(e.node) or []:
+                writers.setdefault((e.scope, name), []).append(key)
+        if not writers:
+            return
+        self.read_pairs = _READ_PAIRS
+        self.inputs = {}
+        written = {name for _, name in writers}
+        for key, e in self.entries.items():
+            for fname, path, names in _reads(e.node, self.writes(e.node)):
+                for name in sorted(names & written):
+                    found = self.unseen(key, name, writers)
+                    if self.read_pairs < 0:
+                        return
+                    if found:
+                        self.err(e.node, "FD314", self.unseen_message(key, fname, name, found), path)
+
+    def unseen(self, key: str, name: str, writers: dict[tuple[str | None, str], list[str]]) -> list[tuple[str, str]]:
+        """The writers of ``name`` that may run at the same time as ``key`` (each with the node of its scope that
+        holds ``key``: itself, or a ``for_each`` or sub-flow node around it), when nothing ``key`` sees provides
+        ``name``; else [] (also when the questions to ask run out: see :data:`_READ_PAIRS`)."""
+        beside: list[tuple[str, str]] = []
+        reader = key
+        while True:
+            scope = self.entries[reader].scope
+            found = writers.get((scope, name), ())
+            chain = self.chain(reader) if found else {}
+            for w in found:
+                if w == reader:
+                    continue
+                relation = self.relation(w, reader, chain)
+                if relation == "before" or self.read_pairs < 0:
+                    return []
+                if relation == "beside":
+                    beside.append((w, reader))
+            if scope is None:  # the run's input
+                return [] if name in self.input_fields(self.root) else beside
+            group = self.entries[scope].node
+            if group.kind == "for_each":  # an iteration starts from what the for_each node sees
+                if name in (group.as_, "index"):  # a loop variable read without its $ (FD310's)
+                    return []
+                reader = scope
+                continue
+            # a sub-flow's input: its `with:` (without one, what the sub-flow node sees), checked by its schema
+            if group.subflow is not None and name in self.input_fields(group.subflow):
+                return []
+            if group.with_ is None:
+                reader = scope
+                continue
+            return beside if isinstance(group.with_, dict) and name not in group.with_ else []
+
+    def input_fields(self, flow: Flow) -> frozenset[str]:
+        """The fields ``flow``'s input schema names (each flow's, once)."""
+        found = self.inputs.get(id(flow))
+        if found is None:
+            found = self.inputs[id(flow)] = _input_fields(flow)
+        return found
+
+    def chain(self, r: str) -> dict[str | None, str | None]:
+        """``r`` and each group around it -> the node below it on the way to ``r`` (None: ``r`` itself); the top
+        (None) -> the outermost. What :meth:`GraphChecks.siblings` builds for each question, built once a reader."""
+        chain: dict[str | None, str | None] = {}
+        child: str | None = None
+        node: str | None = r
+        while node is not None:
+            chain[node] = child
+            child, node = node, self.entries[node].parent
+        chain[None] = child
+        return chain
+
+    def relation(self, w: str, r: str, chain: dict[str | None, str | None]) -> str:
+        """How ``w`` runs relative to ``r``: ``before`` (it has finished whenever ``r`` starts), ``beside`` (it may
+        run at the same time: neither is surely before the other, nor would be once a ``needs`` that could not be
+        followed is corrected), ``apart`` (one encloses the other, or they are in two cases of one switch) or
+        ``after``. Each question costs one of :attr:`read_pairs`, or twice the size of the list asked about when
+        that list is searched rather than looked up (:meth:`GraphChecks.leads`). ``chain``: :meth:`chain` of ``r``."""
+        x: str | None = None
+        node: str | None = w
+        while node not in chain:
+            assert node is not None
+            x, node = node, self.entries[node].parent
+        y = chain[node]  # x and y: the ancestors-or-selves of w and r below their innermost common ancestor
+        if x is None or y is None:
+            return "apart"
+        ex = self.entries[x]
+        if ex.lst != self.entries[y].lst:
+            if ex.parent is None or self.entries[ex.parent].node.kind != "parallel":
+                return "apart"  # two cases of one switch: never both run
+            self.read_pairs -= 1
+        else:
+            size = len(self.members[ex.lst])
+            self.read_pairs -= 1 if self.is_plain(ex.lst) or size * size <= 4 * _RACE_BITS else 2 * size
+            if self.leads(x, y):
+                return "before"
+            if self.leads(y, x):
+                return "after"
+        if self.damaged and not (self.surely_not_before(w, r) and self.surely_not_before(r, w)):
+            return "apart"
+        return "beside"
+
+    def unseen_message(self, key: str, fname: str, name: str, found: list[tuple[str, str]]) -> str:
+        n = self.entries[key].node
+        keys = sorted({w for w, _ in found}, key=lambda k: self.entries[k].order)
+        what = f"the input field '{name}'" if fname == "llm.signature" else f"'{name}'"
+        return (f"in '{fname}': {what} is written by {self.listed(keys)}, which may run at the same time as "
+                f"'{n.id}', and by no node before it: '{n.id}' never sees that value (a node sees only what the "
+                f"nodes it depends on wrote); {self.fixes(key, found)}")
+
+    def listed(self, keys: list[str]) -> str:
+        """``'a'``, ``'a' and 'b'``, ``'a', 'b' and 'c'``, ``'a', 'b', 'c' and 4 other nodes``: the ids of ``keys``."""
+        shown = [f"'{self.ident(k)}'" for k in keys[:_WRITERS_NAMED]]
+        more = len(keys) - len(shown)
+        if more:
+            return ", ".join(shown) + f" and {more} other node{'s' if more > 1 else ''}"
+        return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+
+    def fixes(self, key: str, found: list[tuple[str, str]]) -> str:
+        """How to order each writer before the reader: a ``needs`` in their common list, or, for two branches of a
+        parallel, the reader moved after it."""
+        needs: dict[str, dict[str, None]] = {}  # a node of the reader's -> the nodes it should also wait for
+        moves: dict[str, str] = {}  # the node to move (the reader, or the for_each around it) -> the parallel
+        for w, r in found:
+            x, y = self.siblings(w, r)
+            assert x is not None and y is not None
+            parent = self.entries[x].parent
+            if self.entries[x].lst != self.entries[y].lst and parent is not None:
+                moves.setdefault(r, parent)
+            else:
+                needs.setdefault(y, {})[x] = None
+        said = [f"move '{self.ident(r)}' after parallel '{self.ident(group)}'" for r, group in moves.items()]
+        for y, wanted in needs.items():
+            # a node that another of them waits for is waited for through it (when they are few enough to ask)
+            xs = [x for x in wanted if not any(x != o and self.leads(x, o) for o in wanted)] \
+                if len(wanted) <= _MINIMISED else list(wanted)
+            node = self.entries[y].node
+            around = f", the group around '{self.ident(key)}'" if y != key else ""
+            if node.needs is None and len(xs) <= _WRITERS_NAMED:  # it waits for the node before it: written out
+                listed = ", ".join([self.ident(d) for d in self.entries[y].deps] + [self.ident(x) for x in xs])
+                said.append(f"add needs: [{listed}] to '{node.id}'{around}")
+            else:
+                said.append(f"add {self.listed(xs)} to the needs of '{node.id}'{around}")
+        return " and ".join(said)
+
+    def ident(self, key: str) -> str:
+        return self.entries[key].node.id
+
+
+def _reads(n: Node, writes: list[str] | None) -> Iterator[tuple[str, str, frozenset[str]]]:
+    """(field, JSON pointer, context fields read) for each field of ``n`` that reads its context: its conditions,
+    ``items``, ``on`` and ``with:`` values; its compensation's ``with:`` when what the step writes is known (it reads
+    the step's context and what the step wrote); an LLM step's input fields when it has no ``with:``. Not
+    ``fail_when`` or ``output`` mappings: they read the step's result."""
+    for fname, text, path, reads_result in expression_fields(n, n.opts):
+        if reads_result and not (fname.startswith("compensate.") and writes is not None):
+            continue
+        bare = fname in ("when", "items", "on")
+        names = _field_names(text, bare)
+        if fname.startswith("compensate.") and writes is not None:
+            names -= frozenset(writes)
+        if names:
+            yield fname, path, names
+    if n.kind == "llm" and n.llm is not None and n.with_ is None:
+        yield "llm.signature", join(n.opts, "llm", "signature"), frozenset(f.name for f in n.llm.inputs)
+
+
+def _field_names(text: str, bare: bool) -> frozenset[str]:
+    """The context fields one option's text reads (a condition: one ``${ }``; a template: each of its slots);
+    nothing for text that does not parse (FD501, reported by the expression checks)."""
+    try:
+        if bare:
+            source = expr.single_expression(text)
+            sources = [source] if source is not None else []
+        else:
+            sources = [p.source for p in expr.split_template(text) if isinstance(p, expr.Slot)]
+        found: frozenset[str] = frozenset()
+        for source in sources:
+            found |= context_names(source)
+        return found
+    except expr.ExpressionError:
+        return frozenset()
+
+
+#: attributes of a JSONata syntax node whose expressions are evaluated against something other than the input of
+#: the node itself: a path step's filters and sort terms, a grouping, a transform's pattern and update (relative
+#: to each item or to the transformed value)
+_RELATIVE = frozenset({"stages", "predicate", "group", "terms", "focus", "index", "tuple", "pattern", "update",
+                       "delete", "seeking_parent", "ancestor"})
+
+
+@functools.lru_cache(maxsize=4096)
+def context_names(source: str) -> frozenset[str]:
+    """The top-level fields of the context that an expression reads: the first name of a path evaluated against
+    the context itself (``order`` in ``order.total``; ``f`` in ``$.f`` and ``$$.f``), in conditions, function
+    arguments, lambdas (which JSONata evaluates against the input of where they are written) and constructors —
+    not the names read relative to something else (``price`` in ``items[price > 0]`` or ``order.(price * qty)``).
+    Raises ExpressionError when the expression does not parse."""
+    found: set[str] = set()
+    seen: set[tuple[int, bool]] = set()
+    stack: list[tuple[Any, bool]] = [(expr.syntax_tree(source), True)]
+    while stack:
+        node, at_root = stack.pop()
+        if (id(node), at_root) in seen:
+            continue
+        seen.add((id(node), at_root))
+        kind = getattr(node, "type", None)
+        if kind == "path":
+            steps: list[Any] = node.steps or []
+            head: Any = steps[0] if steps else None
+            first = getattr(head, "type", None)
+            if at_root and first == "name":
+                found.add(head.value)
+            if first == "variable" and len(steps) > 1 and getattr(steps[1], "type", None) == "name" \
+                    and (head.value == "$" or (head.value == "" and at_root)):
+                found.add(steps[1].value)  # $$.f, and $.f where $ is the context
+            stack.extend((step, at_root and i == 0) for i, step in enumerate(steps))
+            stack.extend((child, False) for attr, child in _children(node) if attr != "steps")
+            continue
+        if kind == "name" and at_root:
+            found.add(node.value)
+        stack.extend((child, at_root and attr not in _RELATIVE) for attr, child in _children(node))
+    return frozenset(found)
+
+
+def _children(node: Any) -> Iterator[tuple[str, Any]]:
+    """(attribute, node) for each syntax node directly below ``node``: :func:`flowdsl.expr.ast_children`'s, with
+    the attribute each is in, and a condition's ``else`` branch (which jsonata-python keeps in ``_else``)."""
+    for attr, value in vars(node).items():
+        if attr.startswith("_") and attr != "_else":
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            for inner in item if isinstance(item, list | tuple) else [item]:
+                if hasattr(inner, "type") and hasattr(inner, "value"):
+                    yield attr, inner
