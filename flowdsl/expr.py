@@ -803,10 +803,11 @@ def syntax_tree(source: str) -> Any:
 
 def ast_children(node: Any) -> list[Any]:
     """The nodes of a parsed expression (jsonata-python's syntax tree) directly below ``node``, found in its
-    public attributes, lists and tuples of them included."""
+    public attributes, lists and tuples of them included, and in ``_else`` (a condition's else branch, the one
+    private attribute that holds a part of the expression: without it, ``x ? 1 : $now()`` passed every check)."""
     out: list[Any] = []
     for key, value in vars(node).items():
-        if key.startswith("_"):
+        if key.startswith("_") and key != "_else":
             continue
         for item in value if isinstance(value, list) else [value]:
             for inner in item if isinstance(item, list | tuple) else [item]:
