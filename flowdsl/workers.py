@@ -516,7 +516,23 @@ def marking_sigint() -> Iterator[None]:
         handler.users -= 1
         previous = handler.previous
         if handler.users == 0 and signal.getsignal(signal.SIGINT) is handler:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, sigint_to_restore(previous))
+
+
+def sigint_to_restore(handler: Any) -> Any:
+    """The SIGINT handler to put back where ``handler`` was taken: ``handler`` itself — unless it is the Ctrl-C
+    handler of an ``asyncio.Runner`` (``asyncio.run()``) whose main task is done. Such a Runner puts Python's
+    default back as its run ends, but only if its own handler is still there; a run that ends after it (a task
+    cancelled as ``asyncio.run()`` closes) would otherwise leave the dead Runner's handler behind, and the next
+    ``asyncio.run()`` would not take Ctrl-C."""
+    func = getattr(handler, "func", None)
+    owner = getattr(func, "__self__", None)
+    if isinstance(handler, functools.partial) and getattr(func, "__name__", "") == "_on_sigint" \
+            and type(owner).__module__ == "asyncio.runners":
+        task = handler.keywords.get("main_task")
+        if task is not None and task.done():
+            return signal.default_int_handler
+    return handler
 
 
 class _MarkingHandler:

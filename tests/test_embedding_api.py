@@ -191,3 +191,28 @@ def test_a_run_awaited_without_an_asyncio_loop_says_flowdsl_needs_one() -> None:
     with pytest.raises(RuntimeError, match="flowdsl runs on asyncio: no asyncio event loop is running"):
         coro.send(None)
     coro.close()
+
+
+@pytest.mark.parametrize("take", [False, True])
+def test_a_run_cancelled_as_asyncio_run_closes_leaves_no_dead_runners_ctrl_c_handler(take: bool) -> None:
+    """asyncio.run() puts Python's default SIGINT handler back as its main task ends, but only when its own is still
+    there; a run in a background task, cancelled as the Runner closes, put the dead Runner's handler back after
+    that — and the next asyncio.run() then did not take Ctrl-C."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    reg = WorkerRegistry()
+    reg.register("a", AsyncCallable())
+    plan = flowdsl.compile_text("flowdsl: 1\nname: emb\nsteps: [a]\n")
+
+    async def main() -> None:
+        asyncio.ensure_future(flowdsl.run_flow(plan, {}, record=False, registry=reg, import_workers=False,
+                                               handle_sigint=take))
+        await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

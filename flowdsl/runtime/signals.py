@@ -1,6 +1,6 @@
 """Taking a stop signal on an event loop for a while, and giving back exactly what was there.
 
-Stage: runtime (shared by the local runtime and the Redis worker). Imports only the stdlib.
+Stage: runtime (shared by the local runtime and the Redis worker). Imports the stdlib and ``flowdsl.workers``.
 
 ``loop.add_signal_handler`` then ``remove_signal_handler`` leaves the signal on its default action: the handler an
 application had installed (``signal.signal``, the loop's own, ``asyncio.Runner``'s Ctrl-C) is dropped, and a SIGTERM
@@ -22,6 +22,8 @@ import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
+
+from flowdsl.workers import sigint_to_restore
 
 __all__ = ["SIGNAL_WORDS", "TERM_SIGNALS", "give_back_signal", "signal_said", "take_signal"]
 
@@ -126,11 +128,11 @@ def give_back_signal(loop: asyncio.AbstractEventLoop, signum: int, callback: Cal
     handlers = getattr(loop, "_signal_handlers", None)
     if signum in takers.python_level:
         takers.python_level.discard(signum)
-        signal.signal(signum, python_handler)
+        signal.signal(signum, sigint_to_restore(python_handler))
     elif isinstance(handlers, dict):
         # the Python-level handler back first, then the loop's entry dropped by hand: remove_signal_handler sets
         # SIG_DFL, and a SIGTERM between that and putting the saved handler back would kill the process
-        signal.signal(signum, python_handler if python_handler is not None else _default(signum))
+        signal.signal(signum, sigint_to_restore(python_handler) if python_handler is not None else _default(signum))
         if loop_handler is not None:
             handlers[signum] = loop_handler
         else:
