@@ -350,11 +350,15 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
             console.print(f"[dim]once it is finished by hand, `{_escape(resolve)} --note TEXT` says so (`flowdsl "
                           "runs` then lists it resolved)[/]", highlight=False, soft_wrap=True)
     if standing.process is not None and not standing.crashed and not standing.closed:
-        console.print(f"[yellow]note[/]: {_escape(standing.process.said)}")
+        from flowdsl.shown import visible  # (it quotes the record's host name: on one line, inert)
+
+        console.print(f"[yellow]note[/]: {_escape(visible(standing.process.said))}")
     if lines.cut_short:
         console.print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
                         "it); the run is shown as it stood at the line before")
     early = record_end_note(outcome, lines)
     if early is not None and fmt is OutputFormat.json:  # (in text, the timeline says it)
-        console.print(f"[yellow]note[/]: {_escape(early)}")
+        from flowdsl.shown import visible
+
+        console.print(f"[yellow]note[/]: {_escape(visible(early))}")
     return 0

@@ -209,7 +209,8 @@ def test_ages_are_written_as_durations_with_days(text: str, ms: int) -> None:
     assert parse_age(text) == ms
 
 
-@pytest.mark.parametrize("text", ["", "30", "d", "1h1d", "1h1h", "1.5d12h", "0s", "3651d", "30 d", "-1d"])
+@pytest.mark.parametrize("text", ["", "30", "d", "1h1d", "1h1h", "1.5d12h", "0s", "3651d", "30 d", "-1d",
+                                  "9" * 400 + "d", "0.4ms"])  # (400 digits: an infinite float)
 def test_ages_that_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_age(text)
@@ -229,3 +230,71 @@ def test_the_quick_read_of_prune_gives_the_states_of_the_listing(runs: Path) -> 
         quick[path.stem] = fast.flow is None  # (read quickly: without its flow's name)
     assert quick["ok1"] and quick["hand2"] and quick["ab1"]
     assert not quick["newer1"] and not quick["live1"] and not quick["crash1"]
+
+
+# --- hardening: what else happens in the directory while prune runs ---------------------------------------------
+
+
+def test_a_record_being_resolved_is_kept(runs: Path) -> None:
+    import fcntl
+
+    fd = os.open(runs / "ok1.jsonl", os.O_RDONLY)  # (flowdsl resolve holds this lock while it appends)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        report = prune(runs, older_than_ms=DAY, now_ms=int(time.time() * 1000) + 2 * DAY)
+    finally:
+        os.close(fd)
+    assert report.kept["changed"] == ["ok1"] and (runs / "ok1.jsonl").exists()
+    assert sorted(run_id for run_id, _ in report.removed) == [r for r in EXPECTED_REMOVED if r != "ok1"]
+
+
+def test_records_changed_or_created_while_prune_runs_stay(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = prune_module.read_row
+    old = (time.time() - 10 * 86_400) * 1e9
+
+    def meanwhile(path: Path, *args: Any, **kwargs: Any) -> Any:
+        row = real(path, *args, **kwargs)
+        if path.name == "ok1.jsonl":
+            (runs / "new1.jsonl").write_bytes(path.read_bytes())  # a record made as prune runs (its times old)
+            os.utime(runs / "new1.jsonl", ns=(int(old), int(old)))
+            _append(runs / "fail1.jsonl", {"type": "note"})  # and one written to after prune began
+        return row
+
+    monkeypatch.setattr(prune_module, "read_row", meanwhile)
+    report = prune(runs, older_than_ms=DAY, now_ms=int(time.time() * 1000) + 2 * DAY)
+    assert (runs / "new1.jsonl").exists()
+    if "fail1" not in [run_id for run_id, _ in report.removed]:  # (read before ok1: gone before it changed)
+        assert (runs / "fail1.jsonl").exists() and "fail1" in report.kept.get("changed", [])
+
+
+def test_a_live_run_of_another_process_waiting_long_is_kept(tmp_path: Path) -> None:
+    from tests.runtime.test_local import _wait_for
+    from tests.runtime.test_stopped_runs import TWO, _kill, _start, _wait_for_file
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    proc = _start(runs, TWO, {"b": {"hang": True, "mark": str(tmp_path / "b.called")}}, "wait1")
+    try:
+        _wait_for_file(tmp_path / "b.called", proc)
+        _wait_for(runs / "wait1.jsonl", "step_scheduled", "b", proc)
+        long_ago = (time.time() - 40 * 86_400) * 1e9
+        os.utime(runs / "wait1.jsonl", ns=(int(long_ago), int(long_ago)))  # (its file not written while it waits)
+        r = cli("prune", "--older-than", "1ms", "--status", "crashed,unrecorded,completed", "--runs-dir", str(runs),
+                "--format", "json")
+        # (its last line is recent: by then, a second later, it is not)
+        later = prune(runs, older_than_ms=1, statuses=("crashed", "unrecorded"),
+                      now_ms=int(time.time() * 1000) + 40 * DAY)
+        assert r.exit_code == 0, r.output
+        assert (runs / "wait1.jsonl").exists() and later.kept == {"live": ["wait1"]}
+    finally:
+        _kill(proc)
+
+
+def test_warnings_quote_file_names_inert(runs: Path) -> None:
+    (runs / "evil\x1b[2J\nerror: forged.txt").write_text("x")
+    for args in (("prune", "--older-than", "1d"), ("runs", "--backend", "local")):
+        r = cli(*args, "--runs-dir", str(runs))
+        assert r.exit_code == 0, r.output
+        said = [line for line in r.stderr.splitlines() if "evil" in line]
+        assert len(said) == 1 and "\x1b" not in said[0] and "evil\\u001b[2J" in said[0], (args, r.stderr)
+        assert not any(line.startswith("error: forged") for line in r.stderr.splitlines())

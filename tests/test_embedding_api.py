@@ -207,9 +207,10 @@ def test_a_run_cancelled_as_asyncio_run_closes_leaves_no_dead_runners_ctrl_c_han
     plan = flowdsl.compile_text("flowdsl: 1\nname: emb\nsteps: [a]\n")
 
     async def main() -> None:
-        asyncio.ensure_future(flowdsl.run_flow(plan, {}, record=False, registry=reg, import_workers=False,
-                                               handle_sigint=take))
+        left = asyncio.ensure_future(flowdsl.run_flow(plan, {}, record=False, registry=reg, import_workers=False,
+                                                      handle_sigint=take))
         await asyncio.sleep(0.05)
+        assert not left.done()  # (still running: asyncio.run() cancels it as it closes)
 
     try:
         asyncio.run(main())

@@ -502,8 +502,9 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
 
     def say(text: str, label: str = "error", style: str = "red") -> None:
         from flowdsl.diagnostics import shown  # (a file name's bytes that are not UTF-8 as \xNN)
+        from flowdsl.shown import visible  # (and its control characters inert: no escape sequence reaches the terminal)
 
-        errors.print(f"[{style}]{label}[/]: {escape(shown(' '.join(text.split())))}", highlight=False,
+        errors.print(f"[{style}]{label}[/]: {escape(visible(shown(' '.join(text.split()))))}", highlight=False,
                      soft_wrap=True)
 
     if status is not None:
@@ -555,8 +556,9 @@ def _notes(rows: list[RecordRow]) -> list[str]:
     going = [row.run_id for row in rows if row.status in _GOING and row.process != "live"]
     if going:
         said.append(named(going).format("record(s) end before their run did") + ": the process stopped, or the run "
-                    "still goes — which cannot be told here (its process ran on another host or in another "
-                    "container, or the record is of an earlier flowdsl, which did not name its process); each is "
+                    "still goes — which cannot be told here (its process ran on another host or machine or in "
+                    "another container, /proc does not show it, or the record is of an earlier flowdsl, which did "
+                    "not name its process); each is "
                     "listed in the state its record left it in (`flowdsl show RUN_ID` tells more)")
     crashed = [row.run_id for row in rows if row.status == CRASHED]
     if crashed:

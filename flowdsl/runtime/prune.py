@@ -13,7 +13,8 @@ states asked for, a record is kept when:
   of an earlier flowdsl): deleting the file of a live run would lose the rest of its record;
 - a person still has work to do: the run ended ``needs_intervention``, a step's outcome is in doubt, or it crashed
   or was stopped at once with something left to undo — until ``flowdsl resolve`` says it is done;
-- it was written by a newer flowdsl, or changed while prune ran.
+- it was written by a newer flowdsl, or changed while prune ran (or ``flowdsl resolve`` holds it locked: a record is
+  removed under an exclusive ``flock`` of it, which resolve takes to append).
 
 Files that are not run records are never removed (and are named, as ``flowdsl runs`` names them). Each record is
 read by its ends (``.listing.read_row``: its first two lines and last 64 KiB), and a file modified within
@@ -53,8 +54,9 @@ REASONS = {
     "recent": "last written less than {age} ago",
     "status": "in a state not pruned",
     "live": "still running: its process runs",
-    "unknown_process": "no end in the record, and whether its process still runs cannot be told here (another host "
-                       "or container, or a record of an earlier flowdsl): `flowdsl resolve RUN_ID --force` once you "
+    "unknown_process": "no end in the record, and whether its process still runs cannot be told here (another host, "
+                       "machine or container, another user's process /proc does not show, or a record of an earlier "
+                       "flowdsl): `flowdsl resolve RUN_ID --force` once you "
                        "know it is gone",
     "needs_intervention": "needs_intervention, not resolved: finish it by hand (`flowdsl show RUN_ID`), then "
                           "`flowdsl resolve RUN_ID`",
@@ -63,7 +65,7 @@ REASONS = {
     "left_to_undo": "crashed or stopped at once with something left to undo, not resolved: `flowdsl show RUN_ID`, "
                     "then `flowdsl resolve RUN_ID`",
     "newer": "written by a newer flowdsl: prune it with that version",
-    "changed": "changed while prune ran",
+    "changed": "changed while prune ran, or being resolved",
 }
 #: the reasons whose runs the text report names (a few of each): those that ask something of a person
 _NAMED = ("live", "unknown_process", "needs_intervention", "in_doubt", "left_to_undo", "newer", "changed")
@@ -101,6 +103,8 @@ def parse_age(text: str) -> int:
         if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", written):
             raise ValueError(f"'{text}' has no unit: write {written}d (days), {written}h, {written}m or {written}s")
         raise ValueError(f"'{text}' is not an age; {_AGE_FORM}")
+    if not total < MAX_AGE_MS + 1:  # (also a number too long for a float: infinite)
+        raise ValueError(f"'{text}' is more than the longest age, 3650d (10 years)")
     ms = round(total)
     if ms <= 0:
         raise ValueError(f"'{text}' is no age: it must be more than 0")
@@ -185,25 +189,58 @@ def prune(directory: Path, *, older_than_ms: int, older_than: str = "", statuses
             report.keep(reason, run_id)
             continue
         try:
-            again = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
+            outcome = _remove(path, info, dry_run)
         except OSError as exc:
             report.errors.append((run_id, exc.strerror or str(exc)))
             continue
-        if (again.st_mtime_ns, again.st_size, again.st_ino) != (info.st_mtime_ns, info.st_size, info.st_ino):
+        if outcome == "changed":
             report.keep("changed", run_id)
+        if outcome != "removed":
             continue
-        if not dry_run:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                report.errors.append((run_id, exc.strerror or str(exc)))
-                continue
         report.removed.append((run_id, info.st_size))
     return report
+
+
+def _remove(path: Path, info: os.stat_result, dry_run: bool) -> str:
+    """Remove the record ``path`` (``dry_run``: only check that it could be) when it is still the file read —
+    ``info``, its ``lstat`` then —, under an exclusive ``flock`` of it, which ``flowdsl resolve`` holds while it
+    appends: ``removed``, ``changed`` (written to, replaced, or being resolved) or ``gone`` (removed meanwhile).
+    ``OSError`` when it cannot be removed."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return "gone"
+    except OSError:  # (replaced by a link — ELOOP —, or by something else that cannot be opened)
+        return "changed" if os.path.lexists(path) else "gone"
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # (flowdsl resolve appends to it)
+            return "changed"
+        except (ImportError, OSError):  # (no flock here, or a file system without locks)
+            pass
+        held = os.fstat(fd)
+        if held.st_nlink == 0:
+            return "gone"
+        try:
+            named = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return "gone"
+        if (held.st_mtime_ns, held.st_size, held.st_ino, held.st_dev) != \
+                (info.st_mtime_ns, info.st_size, info.st_ino, info.st_dev) or \
+                (named.st_ino, named.st_dev) != (held.st_ino, held.st_dev):
+            return "changed"
+        if not dry_run:
+            try:
+                os.unlink(path)  # (under the lock: a resolve waiting for it then finds it removed)
+            except FileNotFoundError:
+                return "gone"
+        return "removed"
+    finally:
+        os.close(fd)
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -263,8 +300,9 @@ def prune_command(directory: Path, *, older_than: str, statuses: list[str] | Non
 
     def say(text: str, label: str = "error", style: str = "red") -> None:
         from flowdsl.diagnostics import shown
+        from flowdsl.shown import visible
 
-        errors.print(f"[{style}]{label}[/]: {escape(shown(' '.join(text.split())))}", highlight=False,
+        errors.print(f"[{style}]{label}[/]: {escape(visible(shown(' '.join(text.split()))))}", highlight=False,
                      soft_wrap=True)
 
     try:

@@ -512,8 +512,9 @@ class RecordLines(list[dict[str, Any]]):
         self.resolutions: list[dict[str, Any]] = []
 
 
-def read_record(path: str | Path) -> tuple[dict[str, Any] | None, RecordLines]:
-    """The header (or None) and the events of a record file; :class:`RecordError` says what is wrong.
+def read_record(path: str | Path, raw: bytes | None = None) -> tuple[dict[str, Any] | None, RecordLines]:
+    """The header (or None) and the events of a record file (``raw``: its bytes, read already — ``path`` then only
+    names it); :class:`RecordError` says what is wrong.
 
     Lines are split at ``\\n`` alone, as they were written. A last line cut short (a process killed while
     writing it, see :func:`ends_mid_line`) is left out: the record then reads as it was before that line.
@@ -522,9 +523,10 @@ def read_record(path: str | Path) -> tuple[dict[str, Any] | None, RecordLines]:
     ``RecordLines.resolutions``."""
     p = Path(path)
     try:
-        if not stat.S_ISREG(p.stat().st_mode):  # (reading a FIFO would wait for a writer)
-            _regular_file(p, "")
-        raw = p.read_bytes()
+        if raw is None:
+            if not stat.S_ISREG(p.stat().st_mode):  # (reading a FIFO would wait for a writer)
+                _regular_file(p, "")
+            raw = p.read_bytes()
     except FileNotFoundError:
         raise RecordError(f"no run record at {p}") from None
     except OSError as exc:

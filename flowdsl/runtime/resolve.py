@@ -20,13 +20,15 @@ one already resolved, and one whose process still runs it are refused; so is one
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from flowdsl.runtime.owner import UNKNOWN, by_whom
-from flowdsl.runtime.record import RESOLVED, RecordError, encode_line, ends_mid_line, find_record, read_record
+from flowdsl.runtime.record import RESOLVED, RecordError, encode_line, find_record, read_record
 
 __all__ = ["NotResolvable", "resolution_json", "resolution_text", "resolve_local_command", "resolve_record"]
 
@@ -70,23 +72,42 @@ def resolve_record(path: Path, *, note: str | None, force: bool = False) -> dict
     :class:`NotResolvable` when the run has nothing to resolve, is resolved already, still runs, or (unless
     ``force``) runs, for all that can be told here, elsewhere; ``RecordError`` when the record cannot be read (a
     ``NewerRecord`` too) or written. Taken under an exclusive ``flock`` of the record, so that two at once do not
-    both resolve it."""
+    both resolve it; the record is judged from the bytes read through the descriptor the line is written to (a
+    record renamed or relinked meanwhile is not another file), and one that grew since is not resolved."""
+    flags = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)  # (a FIFO put there: never waited on)
+    unwritable: OSError | None = None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | flags)
     except OSError as exc:
-        raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+            raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
+        unwritable = exc  # (judged all the same: a run with nothing to resolve is said to be so)
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError as again:
+            raise RecordError(f"cannot read the run record {path}: {again.strerror or again}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordError(f"{path} is not a regular file, so not a run record")
         _lock(fd)
-        header, lines = read_record(path)
+        if not _still_named(fd, path):  # (flowdsl prune removed it while this waited for its lock)
+            raise RecordError(f"no run record at {path}: it was removed or replaced while resolve waited for it")
+        raw = _read_all(fd, path)
+        header, lines = read_record(path, raw)
         was = _resolvable(path, header, lines, force)
-        cut = ends_mid_line(path)
+        if unwritable is not None:
+            raise RecordError(f"cannot write the run record {path}: {unwritable.strerror or unwritable}")
+        if os.fstat(fd).st_size != len(raw):
+            raise NotResolvable("StillRunning", f"run {path.name.removesuffix('.jsonl')} is not over: its record was "
+                                "written to while resolve read it; resolve it once it has ended", was)
         line = {"type": RESOLVED, "run_id": str((header or {}).get("run_id") or path.name.removesuffix(".jsonl")),
                 "at": int(time.time() * 1000), "by": by_whom(), "note": note or None, "status": was}
+        cut = lines.cut_short  # a last line its process was killed while writing: unreadable, and never read
         try:
-            if cut:  # a last line its process was killed while writing: unreadable, and never read (read_record)
-                _drop_cut_line(fd, path)
-            elif not _ends_with_newline(path):  # a whole last line without its newline
-                os.write(fd, b"\n")
+            if cut:
+                os.ftruncate(fd, raw.rfind(b"\n") + 1)  # (cut back to its last whole line)
+            elif raw and not raw.endswith(b"\n"):  # a whole last line without its newline
+                _write_all(fd, b"\n")
             _write_all(fd, encode_line(line))
         except OSError as exc:
             raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
@@ -95,6 +116,25 @@ def resolve_record(path: Path, *, note: str | None, force: bool = False) -> dict
         return line
     finally:
         os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except OSError:
+        return False
+    return held.st_nlink > 0 and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+
+def _read_all(fd: int, path: Path) -> bytes:
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise RecordError(f"cannot read the run record {path}: {exc.strerror or exc}") from None
+    return b"".join(chunks)
 
 
 def _lock(fd: int) -> None:
@@ -148,32 +188,6 @@ def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
     return str(result.status)  # (its process cannot be told, and --force says it is gone)
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        if end == 0:
-            return True
-        fh.seek(end - 1)
-        return fh.read(1) == b"\n"
-
-
-def _drop_cut_line(fd: int, path: Path) -> None:
-    """Cut the record back to its last whole line (what follows its last newline is a line cut short)."""
-    with open(path, "rb") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            size = min(pos, 1 << 16)
-            pos -= size
-            fh.seek(pos)
-            chunk = fh.read(size)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                os.ftruncate(fd, pos + newline + 1)
-                return
-    os.ftruncate(fd, 0)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -193,9 +207,11 @@ def resolve_local_command(run: str, directory: str | Path | None, *, note: str |
 
     def fail(text: str, code: int, kind: str, status: str | None = None) -> int:
         from flowdsl.diagnostics import shown
+        from flowdsl.shown import visible
 
         label = "[yellow]note[/]" if kind in ("NothingToResolve", "AlreadyResolved") else "[red]error[/]"
-        errors.print(f"{label}: {escape(shown(text))}", highlight=False, soft_wrap=True)
+        # (on one line, inert: it quotes a note, a name and a host read from the record)
+        errors.print(f"{label}: {escape(visible(shown(text)))}", highlight=False, soft_wrap=True)
         if as_json and code == EXIT_REFUSED:  # (as for a Redis run: the run's state, and why)
             _json_out({"run_id": run, "status": status, "resolved": None, "reason": text, "refused": kind})
         return code  # (exit 2: the command's JSON object is the usage error's, from what was said)
@@ -218,7 +234,9 @@ def resolve_local_command(run: str, directory: str | Path | None, *, note: str |
     if as_json:
         _json_out({"run_id": run_id, "status": "resolved", "resolved": resolution_json(line), "record": str(path)})
     else:
-        console.print(f"run {escape(run_id)}: {resolution_text(line)}", highlight=False, soft_wrap=True)
+        from flowdsl.shown import visible
+
+        console.print(f"run {escape(visible(run_id))}: {resolution_text(line)}", highlight=False, soft_wrap=True)
     if line.get("dropped_cut_line"):
         errors.print("[yellow]note[/]: its record's last line, cut short when its process was killed (and never "
                      "read), was dropped to append the resolution", highlight=False, soft_wrap=True)

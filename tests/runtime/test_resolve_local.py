@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from flowdsl import compile_text
 from flowdsl.cli import app
 from flowdsl.runtime.local import run_flow
-from flowdsl.runtime.record import read_record
+from flowdsl.runtime.record import RecordError, read_record
 from tests.runtime.conformance import HEADER
 from tests.runtime.test_runs_local import NEEDS_HAND, SAGA
 from tests.runtime.test_stopped_runs import _dead_process, _rewrite_header
@@ -144,3 +144,96 @@ def test_an_aborted_run_is_resolved(tmp_path: Path) -> None:
     done = cli("resolve", "ab1", "--runs-dir", str(runs), "--format", "json")
     assert done.exit_code == 0 and json.loads(done.stdout)["resolved"]["status"] == "aborted"
     assert _listed(runs, "--status", "aborted") == {}
+
+
+# --- hardening: what is quoted, what else writes to the record -------------------------------------------------
+
+
+def test_a_refusal_quotes_the_note_and_who_inert_on_one_line(runs: Path) -> None:
+    note = "undid it\nresolved: nothing to see \x1b[2J\u202eevil"
+    assert cli("resolve", "hand1", "--runs-dir", str(runs), "--note", note).exit_code == 0
+    again = cli("resolve", "hand1", "--runs-dir", str(runs))
+    assert again.exit_code == 1
+    said = again.stderr.strip()
+    assert "\n" not in said and "\x1b" not in said and "\u202e" not in said
+    assert "undid it\\nresolved: nothing to see \\u001b[2J\\u202eevil" in said
+
+
+def test_a_record_written_to_while_resolve_reads_it_is_not_resolved(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowdsl.runtime import resolve as resolving
+
+    runs = tmp_path / "runs"
+    path = _run(runs, "grow1", NEEDS_HAND)
+    real = resolving.read_record
+
+    def read_then_grow(*args: Any) -> Any:
+        read = real(*args)
+        with open(path, "ab") as fh:  # (a process still writing it, for all resolve could tell)
+            fh.write(b'{"type": "timer_fired", "run_id": "grow1", "at": 1}\n')
+        return read
+
+    monkeypatch.setattr(resolving, "read_record", read_then_grow)
+    before = path.read_bytes()
+    with pytest.raises(resolving.NotResolvable, match="written to while resolve read it"):
+        resolving.resolve_record(path, note=None)
+    assert b'"resolved"' not in path.read_bytes()[len(before):]
+
+
+def test_the_record_judged_is_the_file_written_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a record replaced by another one under its name while resolve opened it: the line goes to the file judged
+    from flowdsl.runtime import resolve as resolving
+
+    runs = tmp_path / "runs"
+    path = _run(runs, "swap1")  # completed: nothing to resolve
+    other = _run(tmp_path / "elsewhere", "swap1", NEEDS_HAND)
+    real = resolving._lock
+
+    def lock_then_swap(fd: int) -> None:
+        real(fd)
+        other.replace(path)
+
+    monkeypatch.setattr(resolving, "_lock", lock_then_swap)
+    with pytest.raises(RecordError, match="removed or replaced while resolve waited for it"):
+        resolving.resolve_record(path, note=None)
+    _, events = read_record(path)
+    assert events.resolutions == []
+
+
+def test_a_record_removed_while_resolve_waited_for_its_lock_is_said_to_be(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowdsl.runtime import resolve as resolving
+
+    runs = tmp_path / "runs"
+    path = _run(runs, "gone2", NEEDS_HAND)
+    real = resolving._lock
+
+    def lock_after_prune(fd: int) -> None:
+        path.unlink()  # (flowdsl prune, holding the lock, removed it)
+        real(fd)
+
+    monkeypatch.setattr(resolving, "_lock", lock_after_prune)
+    done = cli("resolve", "gone2", "--runs-dir", str(runs))
+    assert done.exit_code == 2 and "removed or replaced while resolve waited for it" in " ".join(done.stderr.split())
+
+
+def test_a_record_that_cannot_be_written_is_still_judged(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from flowdsl.runtime import resolve as resolving
+
+    real = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied")
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(resolving.os, "open", read_only)
+    nothing = cli("resolve", "ok1", "--runs-dir", str(runs))  # completed: the answer is that, not "cannot write"
+    assert nothing.exit_code == 1 and "nothing to resolve" in nothing.stderr
+    needs = cli("resolve", "hand1", "--runs-dir", str(runs))
+    assert needs.exit_code == 2 and "cannot write the run record" in needs.stderr and "Permission denied" in \
+        needs.stderr
+    monkeypatch.undo()
+    assert _listed(runs)["hand1"] == "needs_intervention"

@@ -330,3 +330,145 @@ def test_a_record_of_a_newer_format_is_newer_not_malformed(tmp_path: Path, where
     assert list(_listed(runs, "--status", "newer")) == ["v1"]
     listing = cli("runs", "--backend", "local", "--runs-dir", str(runs))
     assert "1 record(s) were written by a newer flowdsl (v1)" in " ".join(listing.stderr.split())
+
+
+# --- what is never taken for a process gone (hardening) --------------------------------------------------------
+
+_FIRST_THREAD_ENDS = """
+import ctypes, os, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,)).start()
+print(os.getpid(), flush=True)
+sys.stdin.readline()  # (until the test has looked: then the first thread ends, the other goes on)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
+def test_a_process_whose_first_thread_ended_while_another_runs_is_live() -> None:
+    # /proc/PID/stat then says Z (its first thread is a zombie), yet the process runs: never gone
+    proc = subprocess.Popen([sys.executable, "-c", _FIRST_THREAD_ENDS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        pid = int(proc.stdout.readline())
+        stat = owner._stat(pid)
+        assert stat is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + ENDS
+        while (now := owner._stat(pid)) is not None and now[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert now is not None and now[0] == "Z"
+        assert owner.judge({**owner.this_process(), "pid": pid, "start": stat[1]}).state == owner.LIVE
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(ENDS)
+
+
+def test_a_process_proc_does_not_show_is_not_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /proc mounted hidepid: another user's processes are not there, or not readable; a signal 0 still finds them
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        stat = owner._stat(proc.pid)
+        assert stat is not None
+        named = {**owner.this_process(), "pid": proc.pid, "start": stat[1]}
+        monkeypatch.setattr(owner, "_stat", lambda pid: None if pid == proc.pid else (real_stat)(pid))
+        assert owner.judge(named).state != owner.GONE
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(ENDS)
+    assert owner.judge(named).state == owner.GONE  # (reaped: no process has its pid)
+
+
+real_stat = owner._stat
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="root, to mount /proc")
+def test_another_users_process_under_hidepid_is_not_gone() -> None:
+    import shutil
+
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("unshare and setpriv")
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        stat = owner._stat(proc.pid)
+        assert stat is not None
+        named = json.dumps({**owner.this_process(), "pid": proc.pid, "start": stat[1]})
+        look = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from flowdsl.runtime import owner; "
+                f"print(owner.judge(json.loads({named!r})).state)")
+        for hidepid in ("1", "2"):
+            done = subprocess.run(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                 f'mount -t proc -o hidepid={hidepid} proc /proc && exec setpriv --reuid=65534 --regid=65534 '
+                 f'--clear-groups "$0" -c "$1"', sys.executable, look],
+                capture_output=True, text=True, timeout=ENDS)
+            if done.returncode != 0 and "mount" in done.stderr:
+                pytest.skip(f"cannot mount /proc here: {done.stderr}")
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == owner.UNKNOWN, (hidepid, done.stdout)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(ENDS)
+
+
+def test_another_machine_of_the_same_name_is_not_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(owner._HERE, "machine_id", "1" * 32)
+    monkeypatch.setattr(owner, "_MINE", None)
+    mine = owner.this_process()
+    assert mine["machine_id"] == "1" * 32
+    other_boot = "00000000-0000-0000-0000-000000000000"
+    elsewhere = owner.judge({**mine, "machine_id": "2" * 32, "boot_id": other_boot})
+    assert elsewhere.state == owner.UNKNOWN and "another machine named" in elsewhere.said
+    unnamed = {key: value for key, value in mine.items() if key != "machine_id"}
+    assert owner.judge({**unnamed, "boot_id": other_boot}).state == owner.UNKNOWN  # (which, nothing says)
+    restarted = owner.judge({**mine, "boot_id": other_boot})  # this machine, booted since
+    assert restarted.state == owner.GONE and "restarted" in restarted.said
+
+
+def test_a_start_time_read_from_another_time_namespace_is_not_another_process() -> None:
+    mine = owner.this_process()
+    if mine.get("time_ns") is None:
+        pytest.skip("no time namespaces here")
+    shifted = owner.judge({**mine, "start": mine["start"] + 10_000_000, "time_ns": mine["time_ns"] + 1})
+    assert shifted.state == owner.UNKNOWN and "time namespace" in shifted.said
+    assert owner.judge({**mine, "start": mine["start"] + 1}).state == owner.GONE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="root, for unshare --time")
+def test_a_run_in_a_time_namespace_is_not_taken_for_gone(tmp_path: Path) -> None:
+    import shutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("unshare")
+    proc = subprocess.Popen(
+        ["unshare", "--time", "--boottime", "100000", "--fork", sys.executable, "-c",
+         "import json, sys, time; from flowdsl.runtime import owner; print(json.dumps(owner.this_process()), "
+         "flush=True); time.sleep(60)"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            pytest.skip(f"no time namespace here: {proc.communicate(timeout=ENDS)[1]}")
+        assert owner.judge(json.loads(line)).state != owner.GONE
+    finally:
+        for child in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                                    text=True).stdout.split():
+            os.kill(int(child), signal.SIGKILL)
+        proc.wait(ENDS)
+
+
+@pytest.mark.parametrize("pid", [0, -1, 1 << 70])
+def test_a_pid_that_is_no_pid_cannot_be_told(pid: int) -> None:
+    assert owner.judge({**owner.this_process(), "pid": pid}).state == owner.UNKNOWN
+
+
+def test_show_quotes_the_host_a_record_names_inert(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    path = _cut(runs, "forged1")
+    _rewrite_header(path, process={**owner.this_process(), "host": "far\nresolved: all good \x1b[2J"})
+    r = cli("show", "forged1", "--runs-dir", str(runs))
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if "far" in line]
+    assert said and all("\x1b" not in line and "far\\nresolved: all good \\u001b[2J" in line for line in said)
+    assert not any(line.startswith("resolved: all good") for line in r.output.splitlines())
