@@ -8,7 +8,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
+
+import pytest
 
 
 class StderrReader:
@@ -49,3 +52,14 @@ class StderrReader:
         self.thread.join(10)
         assert self.proc.stdout is not None
         return self.proc.stdout.read(), "".join(self.lines)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str], seconds: float = 30) -> None:
+    """Wait until ``path`` exists (a scripted worker's ``mark``: the worker was called); the test fails, and the
+    process it started is killed, when ``proc`` ends first or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} was not created: {proc.communicate()}")
+        time.sleep(0.02)

@@ -12,29 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from flowdsl import compile_text
-from flowdsl.cli import app
 from flowdsl.runtime import prune as prune_module
 from flowdsl.runtime.local import run_flow
 from flowdsl.runtime.owner import this_process
 from flowdsl.runtime.prune import parse_age, prune
 from tests.runtime.conformance import HEADER
+from tests.runtime.test_resolve_local import _run, cli
 from tests.runtime.test_runs_local import NEEDS_HAND, SAGA
 from tests.runtime.test_stopped_runs import _dead_process, _rewrite_header
 
 DAY = 86_400_000
-
-
-def cli(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def _run(runs: Path, run_id: str, script: dict[str, Any] | None = None) -> Path:
-    plan = compile_text(HEADER.format(name="saga") + SAGA)
-    asyncio.run(run_flow(plan, {"script": script or {}}, run_id=run_id, runs_dir=runs))
-    return runs / f"{run_id}.jsonl"
 
 
 def _cut(path: Path) -> Path:
@@ -269,13 +258,14 @@ def test_records_changed_or_created_while_prune_runs_stay(runs: Path, monkeypatc
 
 def test_a_live_run_of_another_process_waiting_long_is_kept(tmp_path: Path) -> None:
     from tests.runtime.test_local import _wait_for
-    from tests.runtime.test_stopped_runs import TWO, _kill, _start, _wait_for_file
+    from tests.runtime.test_stopped_runs import TWO, _kill, _start
+    from tests.spawned import wait_for_file
 
     runs = tmp_path / "runs"
     runs.mkdir()
     proc = _start(runs, TWO, {"b": {"hang": True, "mark": str(tmp_path / "b.called")}}, "wait1")
     try:
-        _wait_for_file(tmp_path / "b.called", proc)
+        wait_for_file(tmp_path / "b.called", proc)
         _wait_for(runs / "wait1.jsonl", "step_scheduled", "b", proc)
         long_ago = (time.time() - 40 * 86_400) * 1e9
         os.utime(runs / "wait1.jsonl", ns=(int(long_ago), int(long_ago)))  # (its file not written while it waits)

@@ -27,7 +27,7 @@ from flowdsl.runtime.record import read_record
 from flowdsl.workers import WorkerRegistry
 from tests.runtime.conformance import HEADER
 from tests.runtime.test_local import CANCELLABLE, ROOT, _wait_for
-from tests.spawned import StderrReader
+from tests.spawned import StderrReader, wait_for_file
 
 #: seconds a process may take to end after its last signal
 ENDS = 30
@@ -183,23 +183,13 @@ def test_putting_the_handlers_back_never_leaves_a_stop_signal_on_its_default(mon
 BLOCKING = "steps:\n  - conf.a: {compensate: undo.a}\n  - sync.b: {compensate: undo.b, timeout: 20s}\n"
 
 
-def _wait_for_file(path: Path, proc: subprocess.Popen[str]) -> None:
-    """Wait until ``path`` exists (a scripted worker's ``mark``: the worker was called)."""
-    deadline = time.monotonic() + ENDS
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path.name} was not created: {proc.communicate()}")
-        time.sleep(0.02)
-
-
 def test_a_run_stopped_while_cancelling_says_which_completed_steps_are_left_to_undo(tmp_path: Path) -> None:
     """A second Ctrl-C while the run waits for a sync worker: nothing was undone; the JSON object lists step a
     as the needs_intervention listing would, its undo not run, then step b, whose worker was still running (it may
     have completed): ``in_flight``."""
     proc = _flowdsl(tmp_path, BLOCKING, {"b": {"hang": True, "mark": str(tmp_path / "b.called")}}, "u1")
     record = tmp_path / "u1.jsonl"
-    _wait_for_file(tmp_path / "b.called", proc)  # (a sync worker still queued for a thread would be taken back)
+    wait_for_file(tmp_path / "b.called", proc)  # (a sync worker still queued for a thread would be taken back)
     proc.send_signal(signal.SIGINT)
     _wait_for(record, "cancel_requested", None, proc)  # an input event: it names no step
     proc.send_signal(signal.SIGINT)
@@ -246,7 +236,7 @@ def test_the_text_summary_of_a_run_stopped_while_compensating_lists_the_undo_it_
 
 def test_after_a_first_ctrl_c_the_run_says_it_waits_for_a_sync_worker(tmp_path: Path) -> None:
     proc = _flowdsl(tmp_path, BLOCKING, {"b": {"sleep": 2.0, "mark": str(tmp_path / "b.called")}}, "w1")
-    _wait_for_file(tmp_path / "b.called", proc)
+    wait_for_file(tmp_path / "b.called", proc)
     proc.send_signal(signal.SIGINT)
     out, err = _ended(proc)
     assert proc.returncode == 1, err

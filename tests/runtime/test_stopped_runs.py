@@ -28,6 +28,7 @@ from flowdsl.runtime import owner
 from flowdsl.runtime.record import RECORD_FORMAT
 from tests.runtime.conformance import HEADER
 from tests.runtime.test_local import ROOT, _wait_for
+from tests.spawned import wait_for_file
 
 #: seconds a process may take to end after SIGKILL
 ENDS = 30
@@ -54,15 +55,6 @@ def _start(runs: Path, steps: str, script: dict[str, Any], run_id: str) -> subpr
         [sys.executable, "-c", "from flowdsl.cli import main; main()", "run", str(spec), "--format", "json",
          "--set", f"script={json.dumps(script)}", "--runs-dir", str(runs), "--run-id", run_id],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_file(path: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + ENDS
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path.name} was not created: {proc.communicate()}")
-        time.sleep(0.02)
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
@@ -119,7 +111,7 @@ def test_a_run_killed_mid_run_is_listed_crashed_and_show_gives_what_is_left_to_u
     runs = tmp_path / "runs"
     runs.mkdir()
     proc = _start(runs, TWO, {"b": {"hang": True, "mark": str(tmp_path / "b.called")}}, "k1")
-    _wait_for_file(tmp_path / "b.called", proc)
+    wait_for_file(tmp_path / "b.called", proc)
     _wait_for(runs / "k1.jsonl", "step_scheduled", "b", proc)
     header = _header(runs / "k1.jsonl")
     assert header["process"]["pid"] == proc.pid and header["process"]["host"] == socket.gethostname()
@@ -159,7 +151,7 @@ def test_a_run_killed_while_undoing_lists_the_undo_in_flight_first(tmp_path: Pat
     steps = TWO + "  - conf.c\n"
     script = {"c": {"raise": "Boom"}, "b/compensate": {"hang": True, "mark": str(tmp_path / "undo.called")}}
     proc = _start(runs, steps, script, "k2")
-    _wait_for_file(tmp_path / "undo.called", proc)
+    wait_for_file(tmp_path / "undo.called", proc)
     _wait_for(runs / "k2.jsonl", "compensation_started", "b", proc)
     _kill(proc)
 
@@ -200,7 +192,7 @@ def test_a_run_still_going_is_told_from_a_crashed_one(tmp_path: Path) -> None:
     runs.mkdir()
     proc = _start(runs, TWO, {"b": {"hang": True, "mark": str(tmp_path / "b.called")}}, "live1")
     try:
-        _wait_for_file(tmp_path / "b.called", proc)
+        wait_for_file(tmp_path / "b.called", proc)
         _wait_for(runs / "live1.jsonl", "step_scheduled", "b", proc)
         assert _listed(runs)["live1"]["status"] == "running"
         listing = cli("runs", "--backend", "local", "--runs-dir", str(runs))
