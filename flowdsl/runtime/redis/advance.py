@@ -448,7 +448,7 @@ class Advancer:
         task_ops: list[TaskOp] = []
         entries: list[JournalEntry] = []
         held: list[tuple[Chain, dict[str, Any]]] = []  # the chain offers that took a task, and the task
-        finished = False
+        finished = over = False  # the transition ends the run; the run's state is an end state
         for event, decision, guard, reporter, chain in steps:
             at = event["at"]
             held_command: dict[str, Any] | None = None
@@ -486,8 +486,10 @@ class Advancer:
             if answered is not None and answered not in decision.ended and answered not in decision.state["tasks"]:
                 task_ops.append(("d", answered, ""))  # the late answer of an attempt given up on: its lease goes
             if decision.finished:
-                finished = True
-                meta = [*(meta or ()), ("finished", at)]
+                over = True
+                if _ends(decision):  # (not a late answer to a run that had ended, which changes nothing)
+                    finished = True
+                    meta = [*(meta or ()), ("finished", at)]
             if held_command is not None:
                 held.append((chain, held_command))  # type: ignore[arg-type]
             try:  # (orjson itself: the codec's wrapper is a call more per encoding, and says the same)
@@ -498,7 +500,7 @@ class Advancer:
             ops, task_ops = _unsent(run_id, ops, task_ops)
         state = record.state
         kept = bool(held) and len(state["tasks"]) == 1  # a chain: the run's one task in flight runs here
-        snapshot = finished or record.version == 0 or self._snapshot_due(record, kept, len(steps))
+        snapshot = over or record.version == 0 or self._snapshot_due(record, kept, len(steps))
         state_raw = self._snapshot(record, state) if snapshot else b""
         snapshot = bool(state_raw)
         token = next(self._tokens)
@@ -531,7 +533,7 @@ class Advancer:
                 chain.command = command
             stale = result.version != record.version + len(steps)  # others wrote after it (a code 4)
             record.version = result.version
-            if finished or stale:
+            if over or stale:
                 self._cache.pop(run_id, None)  # (stale: the cached state is behind what Redis holds)
             else:
                 self._remember(record)
@@ -556,7 +558,8 @@ class Advancer:
         elif command is not None and (command["op"] != "dispatch" or not chain.serves(command)):
             return None
         state = record.state
-        finished = state["status"] in END_STATES
+        over = state["status"] in END_STATES
+        finished = over and _ends(decision)  # (as _commit)
         try:  # (orjson itself, as _commit)
             entry = (_orjson(event), _orjson(decision.events), guard, reporter)
         except TypeError:
@@ -567,7 +570,7 @@ class Advancer:
                 held = (command["task_id"], "r:" + chain.token, _orjson(command))
             except TypeError:
                 held = (command["task_id"], "r:" + chain.token, dumps(command))
-        snapshot = finished or record.version == 0 or \
+        snapshot = over or record.version == 0 or \
             self._snapshot_due(record, command is not None and len(state["tasks"]) == 1)
         state_raw = self._snapshot(record, state) if snapshot else b""
         snapshot = bool(state_raw)
@@ -593,7 +596,7 @@ class Advancer:
             chain.command = command
             stale = result.version != record.version + 1
             record.version = result.version
-            if finished or stale:
+            if over or stale:
                 self._cache.pop(record.run_id, None)
             else:
                 self._remember(record)
@@ -830,6 +833,14 @@ def said_end(run_id: str, plan: dict[str, Any], state: dict[str, Any]) -> None:
         failed = f" at step {visible(state['failed_step'])}" if state.get("failed_step") else ""
         log.info("run %s (flow %s) ended %s%s: %s: %s", run_id, flow, status, failed, kind, visible(message),
                  extra=extra)
+
+
+def _ends(decision: Decision) -> bool:
+    """Whether ``decision`` (whose state is an end state) ends the run: it says so (``run_finished``) — the run's
+    end, or a late completion that turns a run that had ended ``needs_intervention`` (again). A late answer that
+    changes nothing for a run that had ended does not: its transition leaves the run's ``finished`` time, its
+    retention (a resolution among it) and its end's log line as they were."""
+    return any(event.get("type") == "run_finished" for event in decision.events)
 
 
 def _worker_of(record: RunRecord, task_id: str) -> str | None:

@@ -837,12 +837,7 @@ class RedisClient:
         """The entries set aside because they could not be handled, oldest first (at most ``limit``; None: all);
         ``older_than_s``: only those set aside longer ago than that many seconds (by the Redis server's clock)."""
         found: list[DeadLetter] = []
-        start, end = "-", "+"
-        if older_than_s is not None:
-            if not (isinstance(older_than_s, int | float) and math.isfinite(older_than_s) and older_than_s >= 0):
-                raise ValueError(f"older_than_s must be a finite number of seconds, 0 or more, not {older_than_s!r}")
-            secs, micros = await self.redis.time()
-            end = f"({max(0, secs * 1000 + micros // 1000 - int(older_than_s * 1000))}-0"
+        start, end = "-", await self._dead_end(older_than_s)
         while limit is None or len(found) < limit:
             page = 1000 if limit is None else min(1000, limit - len(found))
             reply = await self.store.call("XRANGE", self.keys.dead, start, end, "COUNT", page)
@@ -851,6 +846,44 @@ class RedisClient:
                 break
             start = "(" + _text(reply[-1][0])
         return found
+
+    async def _dead_end(self, older_than_s: float | None, pinned: bool = False) -> str:
+        """The end of a range of dead letters (XRANGE): ``+``; or, ``older_than_s`` given, just before the first
+        id of that many seconds ago (by the Redis server's clock); ``pinned``: no later than the newest dead letter
+        now (``-`` when there is none), so that a walk leaves those set aside while it goes."""
+        if older_than_s is not None:
+            if not (isinstance(older_than_s, int | float) and math.isfinite(older_than_s) and older_than_s >= 0):
+                raise ValueError(f"older_than_s must be a finite number of seconds, 0 or more, not {older_than_s!r}")
+            secs, micros = await self.redis.time()
+            return f"({max(0, secs * 1000 + micros // 1000 - int(older_than_s * 1000))}-0"
+        if not pinned:
+            return "+"
+        newest = await self.store.call("XREVRANGE", self.keys.dead, "+", "-", "COUNT", 1)
+        return _text(newest[0][0]) if newest else "-"
+
+    async def delete_all_dead_letters(self, *, older_than_s: float | None = None, page: int = 1000
+                                      ) -> tuple[list[str], list[str]]:
+        """Delete every dead letter there is now (``flowdsl dead-letters --delete-all``), or those set aside longer
+        ago than ``older_than_s`` seconds; a dead letter set aside meanwhile is left. Reads and deletes ``page``
+        at a time (so that a million dead letters, each holding its message, are never held at once); returns the
+        ids deleted and those that were gone when their turn came (put back or deleted by someone else
+        meanwhile)."""
+        end = await self._dead_end(older_than_s, pinned=True)
+        deleted: list[str] = []
+        skipped: list[str] = []
+        start = "-"
+        while end != "-":
+            reply = await self.store.call("XRANGE", self.keys.dead, start, end, "COUNT", page)
+            ids = [_text(entry_id) for entry_id, _ in reply or ()]
+            if not ids:
+                break
+            done = set(await self.delete_dead_letters(ids))
+            deleted += [d for d in ids if d in done]
+            skipped += [d for d in ids if d not in done]
+            if len(ids) < page:
+                break
+            start = "(" + ids[-1]
+        return deleted, skipped
 
     async def dead_letters_of(self, run_id: str) -> list[DeadLetter]:
         """The dead letters whose message names run ``run_id`` — of this run: a task message of an earlier run of

@@ -760,7 +760,6 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
     if said is not None:
         _say(console, said)
         return EXIT_USAGE
-    bulk = retry_all or delete_all
     older = "" if older_than_s is None else f" set aside more than {_ago(int(older_than_s * 1000))} ago"
 
     async def body() -> int:
@@ -772,7 +771,8 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
                 else:
                     _print_dead_letters(letters, console, older)
                 return 0
-            picked = await client.dead_letters(limit=None, older_than_s=older_than_s) if bulk else []
+            picked = await client.dead_letters(limit=None, older_than_s=older_than_s) \
+                if retry_all or (delete_all and dry_run) else []
             if dry_run:
                 key = "would_delete" if delete_all else "would_requeue"
                 if as_json:
@@ -783,13 +783,11 @@ def dead_letters_command(*, url: str | None, prefix: str | None, retry: list[str
                         console.print(f"{len(picked)} dead letter(s){older} would be "
                                       f"{'deleted' if delete_all else 'put back'}; nothing was done (--dry-run)")
                 return 0
-            if delete_all:
-                ids = [letter.id for letter in picked]
-                deleted = await client.delete_dead_letters(ids)
-                gone = [dead_id for dead_id in ids if dead_id not in set(deleted)]
+            if delete_all:  # (page by page: the dead letters are never all held at once)
+                deleted, gone = await client.delete_all_dead_letters(older_than_s=older_than_s)
                 if as_json:
                     _json_out({"deleted": [{"id": dead_id} for dead_id in deleted], "skipped": gone})
-                elif not ids:
+                elif not deleted and not gone:
                     console.print(f"no dead letters{older}")
                 else:
                     console.print(f"{len(deleted)} dead letter(s){older} deleted"

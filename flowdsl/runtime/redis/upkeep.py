@@ -55,7 +55,7 @@ from flowdsl.runtime.redis.connection import (
     server_unwell,
 )
 from flowdsl.runtime.redis.keys import GROUP, Keys, TimerMember
-from flowdsl.runtime.redis.store import TRANSITION_LIMIT
+from flowdsl.runtime.redis.store import START_SCAN_LIMIT, TRANSITION_LIMIT
 from flowdsl.runtime.redis.wire import entry_fields
 
 if TYPE_CHECKING:
@@ -85,6 +85,9 @@ _INDEX_PAGE = 200
 RESEND_AFTER_LEASES = 10
 #: at most this many start requests are sent again by one tidying round of one process
 _RESENDS_PER_ROUND = 100
+#: a process that found the start request of every run not started it meets waiting (queued, held by a process,
+#: a dead letter) reads the streams again only after this many rounds — unless it meets another such run
+_RESCAN_ROUNDS = 10
 
 
 def _seen(record: bytes) -> int:
@@ -121,6 +124,9 @@ class Upkeep:
     _cancelling: set[str]
     _group_streams: list[str]
     _index_size: int | None
+    #: the runs not started whose start request this process's last look found waiting, and the rounds since
+    _waiting_starts: frozenset[str] = frozenset()
+    _rounds_since_look = 0
     _active: set[asyncio.Task[None]]
     _stopping: bool
     _stopped: asyncio.Event | None
@@ -369,13 +375,29 @@ class Upkeep:
         request this round did not see, or the submitter's own, sent late) skips it, and two requests for a run not
         started start it once (:meth:`~flowdsl.runtime.redis.advance.Advancer.start`). Neither stream is read when
         it holds more than :data:`~flowdsl.runtime.redis.store.START_SCAN_LIMIT` entries (a backlog the request
-        may be in): the runs wait for a later round."""
-        queued = await self.store.start_requests()
-        dead = await self.store.start_requests(dead=True) if queued is not None else None
+        may be in): the runs wait for a later round.
+
+        What that costs is bounded and paced: at most twice :data:`~flowdsl.runtime.redis.store.START_SCAN_LIMIT`
+        entries read a round, by a process that met a run not started; and a run whose request waits for good (a
+        dead letter waiting for a person, a run of a newer flowdsl waiting for an upgraded worker) does not make
+        every process read both streams every round: a process reads them again only when it meets a run not
+        started that its last look did not find waiting, or :data:`_RESCAN_ROUNDS` rounds after that look."""
+        self._rounds_since_look += 1
+        if self._rounds_since_look < _RESCAN_ROUNDS and self._waiting_starts.issuperset(unstarted):
+            return
+        self._rounds_since_look = 0
+        lengths = await asyncio.gather(self.store.call("XLEN", self.keys.control),
+                                       self.store.call("XLEN", self.keys.dead))
+        queued = dead = None
+        if max(int(n) for n in lengths) <= START_SCAN_LIMIT:  # (else neither is read: one would be wasted)
+            queued = await self.store.start_requests()
+            dead = await self.store.start_requests(dead=True) if queued is not None else None
         if queued is None or dead is None:
+            self._waiting_starts = frozenset()
             log.debug("worker %s: %d run(s) submitted long ago have not started; the control stream (or the dead "
                       "letters) is too long to look for their start requests now", self.name, len(unstarted))
             return
+        self._waiting_starts = frozenset(r for r in unstarted if r in queued or r in dead)
         lost = [run_id for run_id in unstarted if run_id not in queued and run_id not in dead][:_RESENDS_PER_ROUND]
         if not lost:
             return
