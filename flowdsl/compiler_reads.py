@@ -19,6 +19,7 @@ step's input fields when it has no ``with:``.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,21 +50,29 @@ class ReadChecks(GraphChecks):
     read_pairs: int = _READ_PAIRS
     #: id of a flow -> the fields its input schema names
     inputs: dict[int, frozenset[str]]
+    #: (writer, field) not taken to race with a reader: a group's result stored under its id, where the group reads
+    #: that field itself (:func:`_named_after_what_it_reads`); it still provides the field to the nodes after it
+    quiet: set[tuple[str, str]]
 
     def check_unseen_reads(self) -> None:
         """FD314: a node reads a top-level field of its context that a node that may run at the same time writes,
         and that nothing it sees provides (see the module's docstring)."""
         writers: dict[tuple[str | None, str], list[str]] = {}
+        self.quiet = set()
         for key, e in self.entries.items():
             for name in self.writes(e.node) or []:
+                if _named_after_what_it_reads(e.node, name):
+                    self.quiet.add((key, name))
                 writers.setdefault((e.scope, name), []).append(key)
         if not writers:
             return
         self.read_pairs = _READ_PAIRS
         self.inputs = {}
         written = {name for _, name in writers}
+        # (a name that is no word — an output: name with a blank, FD302's — is looked for in every expression)
+        words = written if all(_WORD.fullmatch(name) for name in written) else None
         for key, e in self.entries.items():
-            for fname, path, names in _reads(e.node, self.writes(e.node)):
+            for fname, path, names in _reads(e.node, self.writes(e.node), words):
                 for name in sorted(names & written):
                     found = self.unseen(key, name, writers)
                     if self.read_pairs < 0:
@@ -87,7 +96,7 @@ class ReadChecks(GraphChecks):
                 relation = self.relation(w, reader, chain)
                 if relation == "before" or self.read_pairs < 0:
                     return []
-                if relation == "beside":
+                if relation == "beside" and (w, name) not in self.quiet:
                     beside.append((w, reader))
             if scope is None:  # the run's input
                 return [] if name in self.input_fields(self.root) else beside
@@ -201,16 +210,29 @@ class ReadChecks(GraphChecks):
         return self.entries[key].node.id
 
 
-def _reads(n: Node, writes: list[str] | None) -> Iterator[tuple[str, str, frozenset[str]]]:
+def _named_after_what_it_reads(n: Node, name: str) -> bool:
+    """Whether ``name`` is the id of a ``for_each`` or sub-flow node whose result goes under it (no ``output:``),
+    and which reads that field of its context itself (``for_each: lines`` over ``${ lines }``; ``flow: order`` with
+    ``with: {order: "${ order }"}``): the field is there before the node runs, and a node beside it that reads it
+    means that value, not the result the group's id happens to store it under (not taken to race with it)."""
+    if n.kind not in ("for_each", "flow") or n.id != name or n.output.mode != "name" or n.output.name != name:
+        return False
+    return any(name in names for _, _, names in _reads(n, None))
+
+
+def _reads(n: Node, writes: list[str] | None, among: frozenset[str] | set[str] | None = None
+           ) -> Iterator[tuple[str, str, frozenset[str]]]:
     """(field, JSON pointer, context fields read) for each field of ``n`` that reads its context: its conditions,
     ``items``, ``on`` and ``with:`` values; its compensation's ``with:`` when what the step writes is known (it reads
     the step's context and what the step wrote); an LLM step's input fields when it has no ``with:``. Not
-    ``fail_when`` or ``output`` mappings: they read the step's result."""
+    ``fail_when`` or ``output`` mappings: they read the step's result. ``among``: the only fields asked about (an
+    expression whose text has none of them as a word is not parsed: the check costs nothing where no field read
+    is written by a node FD307 knows the writes of)."""
     for fname, text, path, reads_result in expression_fields(n, n.opts):
         if reads_result and not (fname.startswith("compensate.") and writes is not None):
             continue
         bare = fname in ("when", "items", "on")
-        names = _field_names(text, bare)
+        names = _field_names(text, bare, among)
         if fname.startswith("compensate.") and writes is not None:
             names -= frozenset(writes)
         if names:
@@ -219,9 +241,12 @@ def _reads(n: Node, writes: list[str] | None) -> Iterator[tuple[str, str, frozen
         yield "llm.signature", join(n.opts, "llm", "signature"), frozenset(f.name for f in n.llm.inputs)
 
 
-def _field_names(text: str, bare: bool) -> frozenset[str]:
+def _field_names(text: str, bare: bool, among: frozenset[str] | set[str] | None = None) -> frozenset[str]:
     """The context fields one option's text reads (a condition: one ``${ }``; a template: each of its slots);
-    nothing for text that does not parse (FD501, reported by the expression checks)."""
+    nothing for text that does not parse (FD501, reported by the expression checks), nor, when ``among`` is given,
+    for text in which no name of it is a word (a field read is written as its name: ``f``, ``$.f``, `` `f` ``)."""
+    if among is not None and among.isdisjoint(_WORD.findall(text)):
+        return frozenset()
     try:
         if bare:
             source = expr.single_expression(text)
@@ -235,6 +260,9 @@ def _field_names(text: str, bare: bool) -> frozenset[str]:
     except expr.ExpressionError:
         return frozenset()
 
+
+#: a word of an expression's text (a name is read as one: written names are identifiers)
+_WORD = re.compile(r"\w+")
 
 #: attributes of a JSONata syntax node whose expressions are evaluated against something other than the input of
 #: the node itself: a path step's filters and sort terms, a grouping, a transform's pattern and update (relative
@@ -281,9 +309,13 @@ def _children(node: Any) -> Iterator[tuple[str, Any]]:
     """(attribute, node) for each syntax node directly below ``node``: :func:`flowdsl.expr.ast_children`'s, with
     the attribute each is in, and a condition's ``else`` branch (which jsonata-python keeps in ``_else``)."""
     for attr, value in vars(node).items():
-        if attr.startswith("_") and attr != "_else":
-            continue
+        if type(value) in _LEAVES or (attr.startswith("_") and attr != "_else"):
+            continue  # (most of a syntax node's ~50 attributes: read the first way, a fifth of the time)
         for item in value if isinstance(value, list) else [value]:
             for inner in item if isinstance(item, list | tuple) else [item]:
                 if hasattr(inner, "type") and hasattr(inner, "value"):
                     yield attr, inner
+
+
+#: the types of a syntax node's attributes that hold no node below it
+_LEAVES = frozenset({type(None), str, int, float, bool})

@@ -126,9 +126,9 @@ def test_the_text_syntax_is_checked_at_the_name(tmp_path: Path, workers: str) ->
     result = compiled(tmp_path, f"""\
         flow t
         workers {workers}
-        step charge retry {{attempts: 3, on: [GatewayTimeout, CardDeclnied]}}
+        step charge retry {{attempts: 3, on: [GatewayTimeout, PaymentEror]}}
         """, "spec.flow")
-    assert fd313(result) == [(3, 54, "/steps/0/charge/retry/on/1", "CardDeclnied")]
+    assert fd313(result) == [(3, 54, "/steps/0/charge/retry/on/1", "PaymentEror")]
 
 
 def test_names_the_process_knows_are_not_reported(tmp_path: Path, workers: str) -> None:
