@@ -195,7 +195,7 @@ def profile_flowdsl(server: Server, runs: int) -> str:
 
     from flowdsl import compile_text
     from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
-    from flowdsl.runtime.redis.worker import serving_gc
+    from flowdsl.runtime.redis.serving import serving_gc
 
     server.flush()
     plan = compile_text(SPEC)
@@ -241,7 +241,7 @@ def drain(url: str, what: str) -> None:
         floor_worker(url, until_empty=True)
         return
     from flowdsl.runtime.redis import RedisWorker, WorkerOptions
-    from flowdsl.runtime.redis.worker import serving_gc
+    from flowdsl.runtime.redis.serving import serving_gc
 
     options = WorkerOptions(burst=True, concurrency=256, llm=False, handle_signals=False)
     with serving_gc():

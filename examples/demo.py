@@ -63,7 +63,7 @@ def compile_example(console: Console, name: str) -> dict[str, Any] | None:
 
 def run_scenario(console: Console, name: str, plan: dict[str, Any], scenario: str) -> str:
     from flowdsl.runtime.local import run_flow
-    from flowdsl.runtime.report import print_summary
+    from flowdsl.runtime.summary import print_summary
 
     run_input = json.loads((ROOT / "examples" / name / "inputs" / f"{scenario}.json").read_text())
     console.print(Rule(f"{name}: {scenario}.json", style="dim"))

@@ -175,7 +175,7 @@ EXIT_ABORTED = 130  # a run stopped at once by a second Ctrl-C or SIGTERM (a SIG
 
 
 def _fail(message: str, code: int = EXIT_USAGE, console: Any = None) -> typer.Exit:
-    from flowdsl.runtime.report import error_console
+    from flowdsl.runtime.summary import error_console
 
     (error_console(console) if console is not None else _stderr()).print(f"[red]error[/]: {_escape(message)}")
     return typer.Exit(code)

@@ -87,7 +87,7 @@ def worker(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     from flowdsl.runtime.redis.commands import worker_command
-    from flowdsl.runtime.redis.worker import WorkerOptions
+    from flowdsl.runtime.redis.serving import WorkerOptions
 
     try:
         options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease,

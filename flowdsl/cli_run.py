@@ -243,7 +243,8 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
 
     from flowdsl.runtime.local import LocalRun, RunAborted, WorkersMissing
     from flowdsl.runtime.record import RecordError, RecordWriteError
-    from flowdsl.runtime.report import LiveView, print_summary
+    from flowdsl.runtime.summary import print_summary
+    from flowdsl.runtime.timeline import LiveView
     from flowdsl.workers import WorkerImportError
 
     view = LiveView(result.plan, mode="off" if as_json else "auto", console=_stderr())
@@ -310,8 +311,9 @@ def show(
 
 def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -> int:
     """The body of ``flowdsl show``: 0, or a usage error (:func:`_fail`)."""
+    from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.record import RecordError, find_record, read_record
-    from flowdsl.runtime.report import print_timeline, record_end_note, result_from_record
+    from flowdsl.runtime.timeline import print_timeline, record_end_note
 
     try:
         path = find_record(run_id, runs_dir)
@@ -344,7 +346,7 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
         if resolution is not None:
             console.print(resolution_text(resolution), highlight=False, soft_wrap=True)
         elif outcome.status == "needs_intervention" or outcome.in_doubt or (outcome.intervention or {}).get("steps"):
-            from flowdsl.runtime.report import show_command
+            from flowdsl.runtime.summary import show_command
 
             resolve = show_command(path).replace("flowdsl show", "flowdsl resolve", 1)
             console.print(f"[dim]once it is finished by hand, `{_escape(resolve)} --note TEXT` says so (`flowdsl "

@@ -53,8 +53,8 @@ def test_a_record_whose_expression_ran_out_of_time_says_so_when_its_replay_decid
     record is refused as before, but no longer said to have been changed only — the expression is named."""
     import flowdsl.expr
     from flowdsl import compile_text, run
+    from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.record import RecordError, read_record
-    from flowdsl.runtime.report import result_from_record
     from flowdsl.workers import WorkerRegistry
 
     registry = WorkerRegistry()

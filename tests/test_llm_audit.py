@@ -26,7 +26,8 @@ import pytest
 from flowdsl.api import SpecError, compile_text
 from flowdsl.llm import ON_REDIS_WORKER, LLMNotConfigured, run_llm_step
 from flowdsl.llm_signature import SignatureError, normalize_fields, normalize_signature, parse_signature
-from flowdsl.runtime.report import _llm_text, fallback_reason, fallback_text
+from flowdsl.runtime.summary import fallback_reason, fallback_text
+from flowdsl.runtime.timeline import _llm_text
 from tests.test_llm_runtime import cli, fallback_run, go, model, of, recording, summary_text
 
 pytestmark = pytest.mark.llm

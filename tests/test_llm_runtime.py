@@ -26,8 +26,10 @@ from flowdsl.cli import app
 from flowdsl.render import render
 from flowdsl.render.runstate import derive_states
 from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.rebuild import result_from_record
 from flowdsl.runtime.record import read_record
-from flowdsl.runtime.report import RunResult, print_summary, result_from_record
+from flowdsl.runtime.report import RunResult
+from flowdsl.runtime.summary import print_summary
 from flowdsl.workers import StepContext, WorkerRegistry
 
 pytestmark = pytest.mark.llm

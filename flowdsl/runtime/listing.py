@@ -1,9 +1,9 @@
 """Listing runs: the local runtime's run records (``flowdsl runs --backend local``) and the table both backends print.
 
 Stage: runtime (shared), CLI support. Imports stdlib, orjson, ``.record``, and inside functions ``.owner``,
-``.codec`` and ``.report`` (its replay, as ``flowdsl show`` does it, for a record whose last lines do not give its
-end; its error console); rich only inside the printing functions, through the console handed in. The Redis backend's
-``commands`` prints its listing with :func:`print_runs` too; nothing here imports Redis.
+``.codec``, ``.report``, ``.rebuild`` (its replay, as ``flowdsl show`` does it, for a record whose last lines do not
+give its end) and ``.summary`` (its error console); rich only inside the printing functions, through the console
+handed in. The Redis backend's ``commands`` prints its listing with :func:`print_runs` too; nothing here imports Redis.
 
 A record is read by its ends: its first two lines (the header, with the flow's name, the time the run was
 taken and the process that runs it, and the ``start`` line) and its last 64 KiB, where the run's last
@@ -389,8 +389,9 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
 def _replayed(path: Path) -> RecordRow:
     """The listing line of a record whose ends do not give its state: replayed whole, as ``show`` does; one that
     ends before its run did is ``crashed`` when its process is gone."""
+    from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.record import read_record
-    from flowdsl.runtime.report import NOT_STARTED, result_from_record
+    from flowdsl.runtime.report import NOT_STARTED
 
     run_id = path.name.removesuffix(SUFFIX)
     try:
@@ -496,7 +497,7 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
     directory holds no runs: said, exit 0. Skipped files: one warning line each on stderr."""
     from rich.markup import escape
 
-    from flowdsl.runtime.report import error_console
+    from flowdsl.runtime.summary import error_console
 
     errors = error_console(console)
 

@@ -3,7 +3,8 @@
 Stage: runtime backend. Imports the kernel, ``flowdsl.runtime.execute`` (to
 carry out dispatches), ``.plancheck`` (the shape of a plan handed in), ``.inputs`` (:func:`check_input`),
 ``.record`` (run records), ``.report`` (the result
-object; no rich at import) and ``flowdsl.workers``. It decides nothing about
+object), ``.late`` (late answers, what is in doubt), ``.summary`` (its ``show_command``; no rich at import)
+and ``flowdsl.workers``. It decides nothing about
 the run: every decision is the kernel's (docs/kernel.md); this module turns
 its commands into asyncio work and the outcomes back into input events::
 
@@ -82,6 +83,20 @@ from flowdsl.runtime.execute import (
 )
 from flowdsl.runtime.inputs import InputError
 from flowdsl.runtime.inputs import check_input as check_plan_input
+from flowdsl.runtime.late import (
+    LATE_GRACE,
+    attempt_label,
+    in_doubt_items,
+    in_doubt_notice,
+    late_answer_effect,
+    late_grace_seconds,
+    left_to_undo_text,
+    may_answer_late,
+    stopped_at_once,
+    stopped_waiting,
+    stopped_while,
+    timed_out_attempts,
+)
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import (
     RECORD_FAILED,
@@ -93,24 +108,9 @@ from flowdsl.runtime.record import (
     new_run_id,
     record_path,
 )
-from flowdsl.runtime.report import (
-    LATE_GRACE,
-    NOT_STARTED,
-    RunResult,
-    attempt_label,
-    in_doubt_items,
-    in_doubt_notice,
-    late_answer_effect,
-    late_grace_seconds,
-    left_to_undo_text,
-    may_answer_late,
-    show_command,
-    stopped_at_once,
-    stopped_waiting,
-    stopped_while,
-    timed_out_attempts,
-)
+from flowdsl.runtime.report import NOT_STARTED, RunResult
 from flowdsl.runtime.signals import SIGNAL_WORDS, TERM_SIGNALS, give_back_signal, signal_said, take_signal
+from flowdsl.runtime.summary import show_command
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 from flowdsl.workers import registry as default_registry
 
@@ -897,7 +897,7 @@ class LocalRun:
         A sync worker's thread cannot be stopped, and an async worker may ignore its cancel: when an attempt the
         run gave up on (it timed out) still runs, for a step whose success would be a late completion (it has a
         compensation and did not succeed, or — rules 7 — its undo has begun), or of an undo that failed for good
-        (:func:`~flowdsl.runtime.report.may_answer_late`), the run's end is held for it, at most ``late_grace``
+        (:func:`~flowdsl.runtime.late.may_answer_late`), the run's end is held for it, at most ``late_grace``
         seconds, and its answer is fed as any late answer: a step's success makes the run ``needs_intervention``,
         an undo's counts its step undone."""
         if self._lingering is None:

@@ -1,7 +1,8 @@
 """``flowdsl prune``: remove old local run records, never one that may still matter.
 
 Stage: runtime (shared), CLI support. Imports stdlib and ``.listing`` (which reads a record by its ends), and
-inside functions ``.record``, ``.report`` and ``.stopped``; rich only through the console handed in.
+inside functions ``.record``, ``.rebuild`` (a record's replay), ``.summary`` (its error console) and
+``.stopped``; rich only through the console handed in.
 
 A record is removed when it was last written more than ``older_than`` ago (by its file's modification time and by
 the time of its last line, both) and its run is in one of the states pruned — by default the end states that need
@@ -275,8 +276,8 @@ def _kept_because(row: RecordRow, path: Path, statuses: tuple[str, ...], cutoff:
 def _left_to_undo(path: Path) -> bool:
     """Whether the record of a crashed or stopped run leaves something to undo or in doubt (read whole and
     replayed, as ``flowdsl show`` does; a record that does not replay is kept)."""
+    from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.record import read_record
-    from flowdsl.runtime.report import result_from_record
     from flowdsl.runtime.stopped import settle
 
     try:
@@ -294,7 +295,7 @@ def prune_command(directory: Path, *, older_than: str, statuses: list[str] | Non
     2 a bad option or a directory that cannot be read."""
     from rich.markup import escape
 
-    from flowdsl.runtime.report import error_console
+    from flowdsl.runtime.summary import error_console
 
     errors = error_console(console)
 

@@ -1,7 +1,7 @@
 """``flowdsl resolve`` of a local run: say that what a run left to do by hand is done.
 
-Stage: runtime (shared), CLI support. Imports stdlib, ``.owner``, ``.record``, and inside functions ``.report``,
-``.stopped`` and ``.codec``; rich only through the console handed in.
+Stage: runtime (shared), CLI support. Imports stdlib, ``.owner``, ``.record``, and inside functions ``.rebuild``,
+``.summary``, ``.stopped`` and ``.codec``; rich only through the console handed in.
 
 A run that ended ``needs_intervention`` (or with a step in doubt), that was stopped at once, or that crashed (its
 process is gone, ``.stopped``) leaves work to a person: ``flowdsl show`` lists it. Once that person has done it,
@@ -148,7 +148,7 @@ def _lock(fd: int) -> None:
 
 def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
     """The state the run is resolved in, or :class:`NotResolvable` saying why it cannot be."""
-    from flowdsl.runtime.report import result_from_record
+    from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.stopped import settle
 
     run = path.name.removesuffix(".jsonl")
@@ -201,7 +201,7 @@ def resolve_local_command(run: str, directory: str | Path | None, *, note: str |
     without ``force``); 2 no such record, one that cannot be read or written, or a record of a newer flowdsl."""
     from rich.markup import escape
 
-    from flowdsl.runtime.report import error_console
+    from flowdsl.runtime.summary import error_console
 
     errors = error_console(console)
 

@@ -1,7 +1,7 @@
 """A local run whose process died: how a run record stands, and what a crashed run leaves to undo by hand.
 
 Stage: runtime (shared), for ``flowdsl show``, ``flowdsl resolve`` and ``flowdsl prune``. Imports stdlib,
-``.owner``, ``.record`` and ``.report`` (and the kernel's ``left_to_undo``, which ``.report`` holds already).
+``.owner``, ``.record``, ``.report`` and ``.late`` (and the kernel's ``left_to_undo``, which ``.late`` holds already).
 
 A local run lives in its process. When that process is killed (SIGKILL, the OOM killer, a restart) the run stops
 where it stood and its record just ends: no ``run_finished``, no ``runtime_aborted``. :func:`settle` tells such a
@@ -86,9 +86,9 @@ def settle(header: Mapping[str, Any] | None, lines: list[dict[str, Any]], result
 
 
 def _left_by_crash(result: Any, lines: list[dict[str, Any]], process: Verdict) -> None:
-    """What a run whose process died leaves, as a run stopped at once leaves it (``flowdsl.runtime.report``)."""
+    """What a run whose process died leaves, as a run stopped at once leaves it (``flowdsl.runtime.rebuild``)."""
     from flowdsl.kernel import left_to_undo
-    from flowdsl.runtime.report import in_doubt_items
+    from flowdsl.runtime.late import in_doubt_items
 
     plan, state = result.plan, result.state
     result.intervention = {"steps": left_to_undo(plan, state)}

@@ -17,7 +17,7 @@ from examples.ecommerce_order import services as svc
 from examples.order_management import workers as om
 from flowdsl import compile_spec
 from flowdsl.runtime.local import run_flow
-from flowdsl.runtime.report import timing
+from flowdsl.runtime.timing import timing
 
 ROOT = Path(__file__).resolve().parents[2]
 ECOM = ROOT / "examples" / "ecommerce_order"

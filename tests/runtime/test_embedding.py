@@ -33,8 +33,9 @@ from flowdsl.kernel import replay
 from flowdsl.runtime import record as record_module
 from flowdsl.runtime.execute import NotJSON, json_problem, plain_json
 from flowdsl.runtime.local import RECORDED_INPUTS, LocalRun, RunAborted, new_run_id, run_flow, run_on_new_loop
+from flowdsl.runtime.rebuild import result_from_record
 from flowdsl.runtime.record import RunRecorder, check_run_id, read_record
-from flowdsl.runtime.report import NOT_STARTED, result_from_record
+from flowdsl.runtime.report import NOT_STARTED
 from flowdsl.workers import WorkerRegistry
 
 #: seconds a run may take before a test calls it hung (every run here takes milliseconds)
@@ -225,7 +226,7 @@ def test_the_summary_and_the_json_object_say_the_record_is_incomplete(tmp_path: 
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 
-    from flowdsl.runtime.report import print_summary
+    from flowdsl.runtime.summary import print_summary
 
     _failing(monkeypatch, "write_many", 3)
     result = asyncio.run(bounded(flow(SAGA), _saga_workers([]), record=True, runs_dir=tmp_path, run_id="sum"))

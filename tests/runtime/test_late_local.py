@@ -355,7 +355,7 @@ def test_the_summary_of_a_late_charge_left_by_hand_says_how_a_timeout_makes_one(
 
     from rich.console import Console
 
-    from flowdsl.runtime.report import print_summary
+    from flowdsl.runtime.summary import print_summary
 
     go, returned = threading.Event(), threading.Event()
     result = asyncio.run(asyncio.wait_for(run_flow(
@@ -397,7 +397,9 @@ def test_a_timed_out_sync_charge_that_outlives_the_wait_is_in_doubt(tmp_path: Pa
 
     from rich.console import Console
 
-    from flowdsl.runtime.report import print_summary, record_end_note, result_from_record
+    from flowdsl.runtime.rebuild import result_from_record
+    from flowdsl.runtime.summary import print_summary
+    from flowdsl.runtime.timeline import record_end_note
 
     go, returned = threading.Event(), threading.Event()
 
@@ -865,7 +867,7 @@ def test_a_timed_out_sync_refund_that_outlives_the_wait_is_in_doubt(tmp_path: Pa
 
     from rich.console import Console
 
-    from flowdsl.runtime.report import print_summary
+    from flowdsl.runtime.summary import print_summary
 
     go, returned, refunds = threading.Event(), threading.Event(), []
     notices: list[str] = []
@@ -898,7 +900,7 @@ def test_a_timed_out_sync_refund_that_outlives_the_wait_is_in_doubt(tmp_path: Pa
 
 def test_only_rules_5_wait_for_a_timed_out_refund() -> None:
     """Rules 4 reject an undo's success once it failed for good: nothing to wait for, nothing in doubt."""
-    from flowdsl.runtime.report import in_doubt_items, may_answer_late
+    from flowdsl.runtime.late import in_doubt_items, may_answer_late
 
     go, returned, refunds = threading.Event(), threading.Event(), []
     try:
@@ -985,7 +987,7 @@ def test_a_run_stopped_at_once_while_a_timed_out_refund_still_runs_says_the_char
     second Ctrl-C) while another undo runs: the charge was listed to refund by hand with nothing in doubt — a
     second refund, if the thread's went through."""
     from flowdsl.runtime.local import RunAborted
-    from flowdsl.runtime.report import result_from_record
+    from flowdsl.runtime.rebuild import result_from_record
 
     plan = compile_text("""flowdsl: 1
 name: ab
@@ -1162,7 +1164,7 @@ def test_a_timed_out_sync_attempt_still_running_after_its_step_was_undone_is_in_
 
     from rich.console import Console
 
-    from flowdsl.runtime.report import print_summary
+    from flowdsl.runtime.summary import print_summary
 
     go, returned, releases = threading.Event(), threading.Event(), []
     try:
@@ -1208,7 +1210,7 @@ def test_a_timed_out_sync_attempt_that_succeeds_before_its_step_is_undone_change
 def test_only_rules_7_wait_for_an_attempt_of_a_step_whose_undo_began() -> None:
     """Under rules 6 a success of reserve's first attempt after the release is only rejected: nothing to wait for,
     nothing in doubt; under 7 it is a late completion — until the step has one, and not before its undo began."""
-    from flowdsl.runtime.report import in_doubt_items, may_answer_late
+    from flowdsl.runtime.late import in_doubt_items, may_answer_late
 
     go, returned, releases = threading.Event(), threading.Event(), []
     try:

@@ -26,8 +26,8 @@ from flowdsl import compile_spec, compile_text
 from flowdsl.cli import app
 from flowdsl.kernel import replay
 from flowdsl.runtime.local import RECORDED_INPUTS, LocalRun, WorkersMissing, run_flow
+from flowdsl.runtime.rebuild import result_from_record
 from flowdsl.runtime.record import read_record
-from flowdsl.runtime.report import result_from_record
 from flowdsl.workers import WorkerRegistry
 from tests.runtime import workers as tw
 from tests.runtime.conformance import HEADER
@@ -369,7 +369,7 @@ def test_show_reads_a_record_cut_short_by_a_killed_process(tmp_path: Path) -> No
 def test_the_critical_path_runs_through_steps_that_took_no_time_and_a_long_one_is_shortened(tmp_path: Path) -> None:
     """A sequence of quick steps (most under a millisecond): its critical path is the whole sequence, not the
     part up to the last step that took a measurable time; the summary names a long path's ends only."""
-    from flowdsl.runtime.report import critical_path
+    from flowdsl.runtime.timing import critical_path
 
     plan = compile_text(HEADER.format(name="quick") + "steps: [" + ", ".join(f"conf.{i}" for i in "abcdefgpqrsuvw")
                         + "]\n")
@@ -546,7 +546,7 @@ def test_the_live_view_draws_on_a_terminal() -> None:
 
     from rich.console import Console
 
-    from flowdsl.runtime.report import LiveView
+    from flowdsl.runtime.timeline import LiveView
 
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=100, height=30)

@@ -20,9 +20,10 @@ from flowdsl import compile_text
 from flowdsl.cli import app
 from flowdsl.runtime import record as record_module
 from flowdsl.runtime.local import run_flow
+from flowdsl.runtime.rebuild import result_from_record
 from flowdsl.runtime.record import RecordError, check_run_id, ends_mid_line, read_record
 from flowdsl.runtime.redis import keys as keys_module
-from flowdsl.runtime.report import late_completion_line, result_from_record
+from flowdsl.runtime.timeline import late_completion_line
 from tests.runtime.conformance import HEADER
 
 TICK = "\u2713"  # three bytes in UTF-8
@@ -534,7 +535,7 @@ def test_a_late_completion_says_whether_it_is_undone_or_left_by_hand() -> None:
 
 def test_the_show_hint_for_a_record_whose_name_starts_with_a_dash_is_not_an_option() -> None:
     """`flowdsl show -x.jsonl` is refused as an unknown option: the hint names it ./-x.jsonl."""
-    from flowdsl.runtime.report import show_command
+    from flowdsl.runtime.summary import show_command
 
     assert show_command(Path("-x.jsonl")) == "flowdsl show ./-x.jsonl"
     assert show_command(Path("/tmp/-x.jsonl")) == "flowdsl show /tmp/-x.jsonl"
@@ -542,7 +543,7 @@ def test_the_show_hint_for_a_record_whose_name_starts_with_a_dash_is_not_an_opti
 
 def test_the_timeline_does_not_call_a_rejected_result_ignored_before_its_late_completion() -> None:
     """`show` said a late success was "ignored", then that it was undone (a late completion)."""
-    from flowdsl.runtime.report import _timeline_text
+    from flowdsl.runtime.timeline import _timeline_text
 
     line = _timeline_text({"type": "result_rejected", "result_type": "task_succeeded", "task_id": "r/charge#1",
                            "reason": "stale or unknown task"})
@@ -578,7 +579,7 @@ def test_a_record_whose_messages_another_version_worded_differently_is_shown(tmp
 
 
 def test_a_record_check_leaves_out_prose_only() -> None:
-    from flowdsl.runtime.report import _decisions
+    from flowdsl.runtime.rebuild import _decisions
 
     failed = {"type": "step_failed", "seq": 2, "error": {"type": "ExpressionError", "message": "old words"}}
     assert _decisions(failed) == {"type": "step_failed", "seq": 2, "error": {"type": "ExpressionError"}}

@@ -1,4 +1,4 @@
-"""The measured critical path of a run (``flowdsl.runtime.report.critical_path``): a chain of step instances,
+"""The measured critical path of a run (``flowdsl.runtime.timing.critical_path``): a chain of step instances,
 one iteration's inside a ``for_each``, never longer than the run."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowdsl import compile_text
-from flowdsl.runtime.report import critical_path
+from flowdsl.runtime.timing import critical_path
 
 LOOP = """flowdsl: 1
 name: t

@@ -11,7 +11,11 @@ docs/runtime.md ("Redis runtime") states the guarantees and the data model.
 Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
 ``scripts`` (the Lua transitions, auto-pipelining), ``store`` (reads and
 writes), ``advance`` (kernel in, atomic write out), ``worker`` (the process
-loop) and ``upkeep`` (its background loops), ``client`` (submit and watch),
+loop) and its stages: ``reading`` (stream reading, dead letters), ``control``
+(start and cancel requests), ``tasks`` (held tasks: run, report, chain),
+``late_results``, ``lifecycle`` (startup checks, signals, shutdown) and
+``upkeep`` (background loops), with ``serving`` (options, stats, what a worker
+holds); ``client`` (submit and watch),
 ``wire`` (the lean connection), ``commands`` (the CLI's Redis commands).
 """
 
@@ -32,8 +36,9 @@ from flowdsl.runtime.redis.client import (
 )
 from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys
+from flowdsl.runtime.redis.serving import WorkerOptions, WorkerStats
 from flowdsl.runtime.redis.store import RunDamaged
-from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, WorkerStats
+from flowdsl.runtime.redis.worker import RedisWorker
 
 __all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "NothingToResolve", "RedisClient", "RedisConfigError",
            "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest",

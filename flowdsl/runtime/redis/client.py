@@ -2,9 +2,9 @@
 
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (end states),
 ``flowdsl.runtime.report`` (:class:`RunResult`, the object ``--format json``
-prints), ``flowdsl.runtime.execute`` (JSON checks), ``flowdsl.runtime.record``
-(default run ids), ``flowdsl.runtime.listing`` (the runs listing's line) and this package. The
-client never advances a run: it records a submission or a cancel request and
+prints), ``flowdsl.runtime.late`` (late answers, what is in doubt), ``flowdsl.runtime.execute`` (JSON
+checks), ``flowdsl.runtime.record`` (default run ids), ``flowdsl.runtime.listing`` (the runs listing's line) and
+this package. The client never advances a run: it records a submission or a cancel request and
 leaves a message on the control (or cancels) stream, which a worker process carries out::
 
     async with RedisClient("redis://localhost:6379/0") as client:
@@ -37,6 +37,15 @@ from flowdsl.kernel import check_seed
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem, worker_references
 from flowdsl.runtime.inputs import InputError
+from flowdsl.runtime.late import (
+    attempt_label,
+    in_doubt_items,
+    in_doubt_notice,
+    late_answer_effect,
+    late_grace_seconds,
+    may_answer_late,
+    stopped_waiting,
+)
 from flowdsl.runtime.listing import RunRow
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import new_run_id
@@ -63,16 +72,7 @@ from flowdsl.runtime.redis.store import (
 )
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
 from flowdsl.runtime.redis.wire import supported as wire_supported
-from flowdsl.runtime.report import (
-    RunResult,
-    attempt_label,
-    in_doubt_items,
-    in_doubt_notice,
-    late_answer_effect,
-    late_grace_seconds,
-    may_answer_late,
-    stopped_waiting,
-)
+from flowdsl.runtime.report import RunResult
 
 __all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "DeadLetter", "DeadLetterNotFound", "NothingToResolve",
            "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest", "Submission",

@@ -2,8 +2,9 @@
 ``dead-letters``, ``resolve --backend redis``.
 
 Stage: CLI support for runtime: redis. Imports this package,
-``flowdsl.runtime.report``, ``flowdsl.runtime.listing`` (the runs table) and ``flowdsl.workers``; rich only through the
-report module's printers and the console the CLI hands in. ``flowdsl.cli``
+``flowdsl.runtime.report``, ``flowdsl.runtime.summary`` and ``flowdsl.runtime.timeline`` (the printers),
+``flowdsl.runtime.listing`` (the runs table) and ``flowdsl.workers``; rich only through the
+printers and the console the CLI hands in. ``flowdsl.cli``
 imports this module inside its command functions only, so ``flowdsl --help``
 stays light. Every function returns the exit code; no traceback reaches the
 user (a Redis that cannot be reached, a bad URL or an unknown run is one line
@@ -47,11 +48,14 @@ from flowdsl.runtime.redis.connection import (
     resolve_url,
     unreachable_reason,
 )
+from flowdsl.runtime.redis.serving import WorkerOptions, serving_gc
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.upkeep import RESEND_AFTER_LEASES
-from flowdsl.runtime.redis.worker import RedisWorker, WorkerOptions, serving_gc
-from flowdsl.runtime.report import EXIT_CODES, LiveView, error_console, print_summary, print_timeline
+from flowdsl.runtime.redis.worker import RedisWorker
+from flowdsl.runtime.report import EXIT_CODES
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
+from flowdsl.runtime.summary import error_console, print_summary
+from flowdsl.runtime.timeline import LiveView, print_timeline
 from flowdsl.stdio import write_json
 
 __all__ = ["EXIT_USAGE", "cancel_command", "dead_letters_command", "resolve_command", "run_command", "run_events",

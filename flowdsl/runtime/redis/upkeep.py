@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from flowdsl.runtime.redis.advance import Advancer
+    from flowdsl.runtime.redis.serving import Held, WorkerOptions, WorkerStats
     from flowdsl.runtime.redis.store import Clock, Store
-    from flowdsl.runtime.redis.worker import WorkerOptions, WorkerStats, _Held
     from flowdsl.workers import WorkerRegistry
 
 __all__ = ["Upkeep"]
@@ -118,8 +118,8 @@ class Upkeep:
     store: Store
     clock: Clock
     advancer: Advancer
-    _held: dict[tuple[str, str], _Held]
-    _by_task: dict[str, _Held]
+    _held: dict[tuple[str, str], Held]
+    _by_task: dict[str, Held]
     _starting: set[str]
     _cancelling: set[str]
     _group_streams: list[str]
@@ -134,7 +134,7 @@ class Upkeep:
     _next_timer: float
     _spawn: Callable[[str, str, dict[bytes, bytes], bool], None]
     _track: Callable[[Awaitable[Any]], None]
-    _cancel_requested: Callable[[_Held], None]
+    _cancel_requested: Callable[[Held], None]
     _config_error: Callable[[BaseException, str], bool]
     _regroup: Callable[[], Awaitable[None]]
 
@@ -492,7 +492,7 @@ class Upkeep:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
-    async def _cancel_if_ours(self, held: _Held, task_id: str) -> None:
+    async def _cancel_if_ours(self, held: Held, task_id: str) -> None:
         """Interrupt ``held`` for a cancel notice of its task id, if its own run asks for it: the lease of the
         task in this deployment's tasks hash is ``xr:`` with this attempt's token. Pub/sub channels are
         server-wide — every database of the server shares them — so a notice may come from another database

@@ -1,0 +1,357 @@
+"""A run event by event: the live view while it goes, and the timeline of a recorded run (``flowdsl show``).
+
+Stage: runtime (shared by every backend and the CLI). Imports the kernel's event names, ``.report``, ``.timing``,
+``.summary`` (its text helpers and the end summary) and stdlib at import time; rich only inside the functions that
+draw (so ``flowdsl --help`` and library use stay light).
+
+- :class:`LiveView` — the progress shown while a run goes: a rich ``Live`` table on
+  stderr when stderr is a terminal, plain progress lines otherwise.
+- :func:`print_timeline` — ``flowdsl show``: a recorded run, event by event, then the end summary;
+  :func:`record_end_note`, what to say of a record that ends before its run did.
+- :func:`late_completion_line`, :func:`undone_after_failure` — late answers as both say them.
+
+Text that is not flowdsl's own goes through ``.summary``'s ``_esc``, as there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flowdsl.kernel import END_STATES, INPUT_EVENTS
+from flowdsl.runtime.report import NOT_STARTED, RunResult
+from flowdsl.runtime.summary import (
+    _clip,
+    _console,
+    _error_text,
+    _esc,
+    _seconds,
+    _status,
+    fallback_reason,
+    print_summary,
+)
+from flowdsl.runtime.timing import STEP_KINDS
+
+__all__ = ["LiveView", "late_completion_line", "print_timeline", "record_end_note", "undone_after_failure"]
+
+
+_MARK = {"succeeded": "✓", "failed": "✗", "skipped": "–", "cancelled": "⊘", "running": "…", "retrying": "↻",
+         "pending": "·", "cancelling": "⊘"}
+
+
+def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False) -> str:
+    """A ``late_completion`` event as the run display and ``show`` say it (markup): undone in the saga (kernel
+    version 4, ``by_hand`` false) or left to run by hand."""
+    step = _esc(e.get("step"))
+    where = f", run {_esc(e.get('run_status'))}" if with_run_status else ""
+    head = f"(attempt {_esc(e.get('attempt'))}{where})"
+    if e.get("after_undo"):  # (kernel version 7)
+        return (f"[bold red]! {step} completed again after it was undone[/] {head}: its effect stands; "
+                f"{_esc(e.get('compensation'))} left to run again by hand")
+    if e.get("by_hand", True):
+        return (f"[bold red]! {step} completed late[/] {head}: its effect stands; {_esc(e.get('compensation'))} "
+                "left to run by hand")
+    return f"[yellow]! {step} completed late[/] {head}: undone with the rest by {_esc(e.get('compensation'))}"
+
+
+def undone_after_failure(e: Mapping[str, Any]) -> str:
+    """What a ``compensation_succeeded`` adds when its undo had failed for good (kernel version 5), for the run display
+    and ``show``; empty otherwise."""
+    if not e.get("after_failure"):
+        return ""
+    return (f": undo attempt {_esc(e.get('attempt'))}, given up on when it timed out, completed after all — "
+            "nothing to undo by hand for it")
+
+
+class LiveView:
+    """Progress while a run goes, on stderr: a rich ``Live`` table on a terminal, plain lines otherwise.
+
+    Use as a context manager around the run and pass :meth:`on_event` and
+    :meth:`notice` to the runtime. ``mode``: ``auto`` (live on a terminal, lines
+    otherwise), ``live``, ``lines`` or ``off``.
+    """
+
+    def __init__(self, plan: Mapping[str, Any], *, mode: str = "auto", console: Any = None):
+        self.console = _console(console)
+        if mode == "auto":
+            mode = "live" if self.console.is_terminal else "lines"
+        self.mode = mode
+        self.plan = plan
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.undo: dict[str, str] = {}
+        self.status = "starting"
+        self.run_id = ""
+        self.t0: int | None = None
+        self._t0_clock = time.monotonic()
+        self._live: Any = None
+        for key, node in plan["nodes"].items():
+            if node["kind"] in STEP_KINDS and not _in_loop(plan, key):
+                self.rows[key] = {"status": "pending", "attempt": 0, "start": None, "end": None}
+
+    def __enter__(self) -> LiveView:
+        if self.mode == "live":
+            from rich.live import Live
+
+            self._live = Live(console=self.console, get_renderable=self._render, refresh_per_second=8,
+                              transient=True, redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def notice(self, text: str) -> None:
+        self.console.print(f"[yellow]{_esc(text)}[/]")
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "run_started":
+            self.run_id, self.t0, self.status = event["run_id"], event["at"], "running"
+            if self.mode == "lines":
+                self.console.print(f"[bold]{_esc(event.get('flow') or '')}[/] run {_esc(event['run_id'])} started")
+            return
+        if kind == "run_finished":
+            self.status = event["status"]
+            return
+        step = event["step"]
+        if step is None or event["kind"] not in STEP_KINDS:
+            return
+        row = self.rows.setdefault(step, {"status": "pending", "attempt": 0, "start": None, "end": None})
+        if kind == "step_scheduled":
+            row.update(status="running", attempt=event["attempt"])
+            if row["start"] is None:
+                row["start"] = event["at"]
+        elif kind in ("step_succeeded", "step_failed", "step_cancelled", "step_skipped"):
+            row.update(status=kind.removeprefix("step_"), end=event["at"])
+        elif kind == "step_retrying":
+            row["status"] = "retrying"
+        elif kind == "fallback_started":
+            row["fallback"] = event["worker"]
+        elif kind.startswith("compensation_"):
+            self.undo[step] = kind.removeprefix("compensation_")
+            if kind == "compensation_started":
+                self.status = "compensating"
+        if self.mode == "lines":
+            self._line(event, row)
+
+    def _line(self, event: dict[str, Any], row: dict[str, Any]) -> None:
+        kind, step = event["type"], _esc(event["step"])
+        at = f"[dim]+{(event['at'] - (self.t0 or event['at'])) / 1000:7.3f}s[/]"
+        err = _esc(_clip(_error_text(event.get("error")), 160))
+        if kind == "step_succeeded":
+            took = _seconds(row["end"] - row["start"]) if row["start"] is not None else ""
+            self.console.print(f"{at} [green]✓[/] {step} [dim]{took}[/]")
+        elif kind == "step_failed":
+            self.console.print(f"{at} [red]✗ {step}[/] — {err}")
+        elif kind == "step_retrying":
+            self.console.print(f"{at} [cyan]↻ {step}[/] attempt {event['attempt']} failed ({err}); "
+                               f"retrying in {_seconds(event['delay_ms'])}")
+        elif kind == "step_timed_out":
+            self.console.print(f"{at} [yellow]⏱ {step}[/] timed out on attempt {event['attempt']}")
+        elif kind == "step_skipped" and event.get("reason") != "parent":
+            self.console.print(f"{at} [dim]– {step} skipped ({_esc(event.get('reason'))})[/]")
+        elif kind == "step_cancelled":
+            self.console.print(f"{at} [yellow]⊘ {step}[/] cancelled")
+        elif kind == "fallback_started":
+            self.console.print(f"{at} [yellow]⤷ {step}[/]: {_esc(fallback_reason(event))}")
+        elif kind == "compensation_started" and event["attempt"] == 1:
+            self.console.print(f"{at} [yellow]↶ undoing {step}[/] with {_esc(event['worker'])}")
+        elif kind == "compensation_succeeded":
+            self.console.print(f"{at} [yellow]↶ {step} undone[/]{undone_after_failure(event)}")
+        elif kind == "compensation_retrying":
+            self.console.print(f"{at} [yellow]↶ {step}[/] undo attempt {event['attempt']} failed ({err}); "
+                               f"retrying in {_seconds(event['delay_ms'])}")
+        elif kind == "compensation_failed":
+            self.console.print(f"{at} [red]↶ undoing {step} failed for good[/] — {err}")
+        elif kind == "late_completion":
+            self.console.print(f"{at} {late_completion_line(event)}")
+
+    def _render(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        elapsed = time.monotonic() - self._t0_clock
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        head = Text.from_markup(f"[bold]{_esc(self.plan['flow'].get('name') or '')}[/] {_esc(self.run_id)} "
+                                f"{_status(self.status)} [dim]{elapsed:.1f}s · "
+                                + " · ".join(f"{n} {s}" for s, n in sorted(counts.items())) + "[/]", emoji=False)
+        height = max(5, self.console.size.height - 4)
+        items = list(self.rows.items())
+        if len(items) > height:  # keep what is happening in view
+            busy = [(k, r) for k, r in items if r["status"] not in ("succeeded", "pending", "skipped")]
+            done = [(k, r) for k, r in items if r["status"] in ("succeeded", "skipped")][-max(0, height - len(busy)):]
+            items = (busy + done)[:height]
+        table = Table(show_edge=False, box=None, pad_edge=False, show_header=False)
+        for _ in range(4):
+            table.add_column()
+        now = (self.t0 or 0) + elapsed * 1000
+        for key, row in items:
+            took = ""
+            if row["start"] is not None:
+                took = _seconds((row["end"] if row["end"] is not None else now) - row["start"])
+            undo = self.undo.get(key)
+            fallback = row.get("fallback")
+            table.add_row(f"{_MARK.get(row['status'], ' ')} {_esc(key)}", _status(row["status"]),
+                          f"#{row['attempt']}" if row["attempt"] > 1 else "", took
+                          + (f"  [yellow]fallback: {_esc(fallback)}[/]" if fallback else "")
+                          + (f"  [yellow]undo: {_esc(undo)}[/]" if undo else ""))
+        from rich.console import Group
+
+        return Group(head, table)
+
+
+def _in_loop(plan: Mapping[str, Any], key: str) -> bool:
+    scope = plan["nodes"][key].get("scope")
+    while scope is not None:
+        if plan["nodes"][scope]["kind"] == "for_each":
+            return True
+        scope = plan["nodes"][scope].get("scope")
+    return False
+
+
+def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: Any = None, *,
+                   live: bool = False) -> None:
+    """``flowdsl show``: every recorded event with its time from the start, then the summary. ``live``: the
+    run is known to be still going (``flowdsl status`` of a Redis run), so an unfinished one is said to be."""
+    con = _console(console)
+    items = list(lines)
+    t0 = result.started_at if result.started_at is not None else next((e.get("at") for e in items), 0)
+    con.print(f"[bold]{_esc(result.flow or '')}[/] run {_esc(result.run_id)}")
+    for event in items:
+        text = _timeline_text(event)
+        if text is None:
+            continue
+        at = event.get("at")
+        stamp = f"+{(at - t0) / 1000:8.3f}s" if isinstance(at, int | float) and t0 is not None else " " * 10
+        con.print(f"[dim]{stamp}[/] {text}")
+        meta = event.get("meta")
+        if isinstance(meta, Mapping) and isinstance(meta.get("llm"), Mapping):
+            con.print(" " * 10 + f"   [dim]{_llm_text(meta['llm'])}[/]")
+    early = record_end_note(result, items)
+    if early is not None and live and result.status != NOT_STARTED:
+        con.print(f"[cyan]the run is still going: {_esc(result.status)} so far[/]")
+    elif early is not None:
+        con.print(f"[yellow]{_esc(early)}[/]")
+    print_summary(result, con)
+
+
+def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> str | None:
+    """What to say of a record that ends before its run did (None when it holds the run's end): the run had not
+    started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes)."""
+    items = list(lines)
+    failed = items[-1] if items and items[-1].get("type") == "record_failed" else None
+    # why it ends early: writing it failed (the run went on unrecorded), else its process stopped
+    stopped = f"writing it failed ({failed.get('reason')}) and the run went on unrecorded" if failed is not None \
+        else "its process stopped"
+    if result.status != NOT_STARTED and any(e.get("type") == "run_finished" for e in items):
+        kinds = {e.get("type") for e in items}
+        if "runtime_waiting" in kinds and "runtime_waited" not in kinds:
+            return ("the record ends while the runtime waited, after the run's end, for attempts the run had given "
+                    f"up on: {stopped}, and what they did is unknown")
+        return None
+    if failed is not None and result.status in END_STATES:
+        return (f"the record ends before the events of the run's end were all written ({stopped}); its input "
+                f"events give the run's end: {result.status}")
+    if failed is not None:
+        return f"the record ends before the run did: {stopped}; state when the record stopped: {result.status}"
+    aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
+    if result.status == NOT_STARTED:
+        why = f" ({aborted.get('reason')})" if aborted else ""
+        return (f"the record ends before the run started{why}: it holds no step, and the run had not started "
+                "when it was written")
+    if aborted is not None:
+        return (f"the record ends before the run did: it was stopped at once ({aborted.get('reason')}); state when "
+                f"it ended: {result.status}")
+    if result.status in END_STATES:  # its input events give the end; the events it caused were not all written
+        return (f"the record ends before the events of the run's end were all written (its process stopped while "
+                f"writing them); its input events give the run's end: {result.status}")
+    if result.crashed is not None:
+        return f"the record ends before the run did: {result.crashed}, and the run stopped with it; state when it " \
+            f"ended: {result.status}"
+    return (f"the record ends before the run did: its process stopped without finishing it, or the run is still "
+            f"going; state when it ended: {result.status}")
+
+
+def _llm_text(call: Mapping[str, Any]) -> str:
+    """One line about a model call: the model, what was sent, the start of the reply (control characters
+    escaped by :func:`_esc`: a reply is untrusted text, which must not drive the terminal)."""
+    raw = " ".join(str(call.get("raw") or "").split())
+    sent = f", {len(call['prompt'])} message(s) sent" if isinstance(call.get("prompt"), list) else ""
+    reply = f", reply: {_esc(raw[:120])}{'…' if len(raw) > 120 else ''}" if "raw" in call else ""
+    return f"llm: model {_esc(call.get('model') or '?')}{sent}{reply}"
+
+
+def _timeline_text(e: Mapping[str, Any]) -> str | None:
+    kind = e.get("type")
+    step = _esc(e.get("step") or "")
+    err = _esc(_error_text(e.get("error")))
+    group = e.get("kind") not in STEP_KINDS
+    if kind == "run_started":
+        return f"[bold]run started[/] (flow {_esc(e.get('flow'))}, seed {_esc(e.get('seed'))})"
+    if kind == "run_finished":
+        tail = f" — {err}" if err else ""
+        return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
+    if kind == "runtime_aborted":
+        return f"[red]aborted by the runtime[/]: {_esc(e.get('reason'))}"
+    if kind == "record_failed":
+        return f"[yellow]the record stops here[/]: writing it failed ({_esc(e.get('reason'))}); the run went on"
+    if kind == "runtime_waiting":
+        ids = [str(a.get("task_id")) for a in e.get("attempts") or () if isinstance(a, Mapping)]
+        grace = e.get("grace_ms")
+        bound = _seconds(grace if isinstance(grace, int | float) else None)
+        return (f"[yellow]waiting up to {bound} for {len(ids)} attempt(s) the run gave up on to answer[/]: "
+                f"{_esc(', '.join(ids))}")
+    if kind == "runtime_waited":
+        ids = [str(a.get("task_id")) for a in e.get("unanswered") or () if isinstance(a, Mapping)]
+        if not ids:
+            return f"[dim]stopped waiting: {_esc(e.get('reason'))}[/]"
+        return (f"[bold red]stopped waiting[/] ({_esc(e.get('reason'))}): {_esc(', '.join(ids))} did not answer — "
+                "outcome unknown")
+    if kind == "cancel_requested":
+        return f"[yellow]cancel requested[/]: {_esc(e.get('reason') or '')}"
+    if kind in INPUT_EVENTS or kind == "start":
+        return None
+    if kind == "step_started":
+        return f"[dim]{step} started ({_esc(e.get('kind'))})[/]" if group else None
+    if kind == "step_scheduled":
+        who = f" {_esc(e['worker'])}" if e.get("worker") else ""
+        return f"{step}: attempt {_esc(e.get('attempt'))} → {_esc(e.get('task_kind'))}{who}"
+    if kind == "attempt_started":
+        return f"{step}: attempt {_esc(e.get('attempt'))} picked up"
+    if kind == "step_succeeded":
+        return f"[dim]{step} done[/]" if group else f"[green]✓ {step}[/] succeeded (attempt {_esc(e.get('attempt'))})"
+    if kind == "step_failed":
+        return f"[red]✗ {step} failed[/] — {err}"
+    if kind == "step_retrying":
+        return (f"[cyan]↻ {step}[/] attempt {_esc(e.get('attempt'))} failed ({err}); "
+                f"attempt {_esc(e.get('next_attempt'))} in {_seconds(e.get('delay_ms'))}")
+    if kind == "step_timed_out":
+        return f"[yellow]⏱ {step}[/] attempt {_esc(e.get('attempt'))} timed out"
+    if kind == "step_skipped":
+        return None if e.get("reason") == "parent" else f"[dim]– {step} skipped ({_esc(e.get('reason'))})[/]"
+    if kind == "step_cancelled":
+        return f"[yellow]⊘ {step} cancelled[/] — {_esc(e.get('reason') or '')}"
+    if kind == "fallback_started":
+        return f"[yellow]⤷ {step}[/]: {_esc(fallback_reason(e))}"
+    if kind == "compensation_started":
+        return f"[yellow]↶ {step}[/]: undo attempt {_esc(e.get('attempt'))} → {_esc(e.get('worker'))}"
+    if kind == "compensation_succeeded":
+        return f"[yellow]↶ {step} undone[/]{undone_after_failure(e)}"
+    if kind == "compensation_retrying":
+        return (f"[yellow]↶ {step}[/] undo attempt {_esc(e.get('attempt'))} failed ({err}); "
+                f"attempt {_esc(e.get('next_attempt'))} "
+                f"in {_seconds(e.get('delay_ms'))}")
+    if kind == "compensation_failed":
+        return f"[red]↶ undoing {step} failed for good[/] — {err}"
+    if kind == "result_rejected":
+        # not "ignored": a success may go on to be a late completion (the next line), undone or left by hand
+        return (f"[dim]late {_esc(e.get('result_type'))} for {_esc(e.get('task_id'))}: not an answer the run "
+                f"waits for ({_esc(e.get('reason'))})[/]")
+    if kind == "late_completion":
+        return late_completion_line(e, with_run_status=True)
+    return f"[dim]{_esc(kind)} {step}[/]"
