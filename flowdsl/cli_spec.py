@@ -130,6 +130,8 @@ def convert(
     if result.plan is None:
         _print_diagnostics(result.diagnostics, fmt)
         raise typer.Exit(_exit_for(result.diagnostics) or EXIT_DIAGNOSTICS)
+    if result.diagnostics:  # warnings of the spec as written (a conversion may write them away: FD312's labels
+        _print_diagnostics(result.diagnostics, OutputFormat.text)  # come out quoted): on stderr, whatever --format
     data = doc.data if output is None else rebase_subflow_paths(doc.data, str(file.parent), str(output.parent))
     text = convert_text(data, syntax)
     if output is not None:

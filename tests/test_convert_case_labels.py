@@ -109,3 +109,14 @@ def test_no_label_is_written_so_that_it_reads_back_otherwise_or_with_a_warning(l
     assert doc.diagnostics == [] and doc.data == data, text
     result = compile_loaded(doc, "gen.flow")
     assert [d.format() for d in result.diagnostics if d.code == "FD312"] == [], text
+
+
+def test_convert_says_the_warnings_of_the_spec_it_converts(tmp_path: Path) -> None:
+    """A bare label FD312 warns about comes out quoted, with no warning left to see: convert says it first, on
+    stderr (stdout is the converted text)."""
+    spec = tmp_path / "c.yaml"
+    spec.write_text('flowdsl: 1\nname: c\nsteps:\n  - switch: s\n    on: "${ k }"\n    cases:\n      1.50: [a]\n')
+    result = CliRunner().invoke(app, ["convert", str(spec), "--to", "flow"])
+    assert result.exit_code == 0
+    assert 'case "1.50" { a }' in result.stdout and "FD312" not in result.stdout
+    assert "c.yaml:7:7: warning FD312: case '1.50' can only match the string '1.50'" in result.stderr
