@@ -1,9 +1,9 @@
 """The ``flowdsl`` command: a thin layer over the public API, and its entry point.
 
 Its commands are defined by topic — :mod:`flowdsl.cli_spec` (validate, plan, convert), :mod:`flowdsl.cli_run`
-(run, show), :mod:`flowdsl.cli_redis` (worker, status, runs, cancel, dead-letters), :mod:`flowdsl.cli_records`
-(resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the app of :mod:`flowdsl.cli_common`, imported
-here in the order ``flowdsl --help`` lists them.
+(run, show), :mod:`flowdsl.cli_redis` (worker, status, runs, workers, cancel, dead-letters),
+:mod:`flowdsl.cli_records` (resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the app of
+:mod:`flowdsl.cli_common`, imported here in the order ``flowdsl --help`` lists them.
 
 Stage: CLI. Imports the API facade and, lazily inside each command, the stage
 it drives. Exit codes: 0 ok; 1 diagnostics found or run not completed; 2 usage

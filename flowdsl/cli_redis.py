@@ -1,8 +1,9 @@
-"""The commands of the Redis runtime: ``worker``, ``status``, ``runs`` (also of local records), ``cancel`` and
-``dead-letters``.
+"""The commands of the Redis runtime: ``worker``, ``status``, ``runs`` (also of local records), ``workers``,
+``cancel`` and ``dead-letters``.
 
 Stage: CLI. Imports :mod:`flowdsl.cli_common`, and ``flowdsl.runtime.redis.commands`` inside each command
-(redis-py is loaded only by a command that talks to Redis).
+(``flowdsl.runtime.redis.listing_workers`` for ``workers``; redis-py is loaded only by a command that talks to
+Redis).
 """
 
 from __future__ import annotations
@@ -180,6 +181,28 @@ def _local_runs(runs_dir: Path | None, redis_url: str | None, prefix: str | None
     except ValueError as exc:  # $FLOWDSL_RUNS_DIR set but empty
         raise _fail(str(exc), console=console) from None
     return local_runs_command(directory, limit=limit, status=status, flow=flow, as_json=as_json, console=console)
+
+
+@app.command(help=(
+    "List the worker processes serving a prefix on Redis, what each serves and when it was last seen, and the "
+    "task queues.\n\n"
+    "Each task queue is shown with its depth (entries in it) and its pending entries (delivered, not acknowledged). "
+    "A process is live while its heartbeat is recent (three leases); one that stopped gracefully is not listed, one "
+    "that died is listed NOT LIVE until the others forget it (ten leases). Queues that no live process serves are "
+    "flagged.\n\n"
+    "Exit codes:\n"
+    "  0    listed (also when no process is live)\n"
+    "  2    a bad option, or Redis unreachable or refusing"))
+def workers(
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    from flowdsl.runtime.redis.listing_workers import workers_command
+
+    as_json = fmt is OutputFormat.json
+    raise typer.Exit(_reporting(as_json, lambda console: workers_command(
+        url=redis_url, prefix=prefix, as_json=as_json, console=console)))
 
 
 @app.command(help=(

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import itertools
 import re
+from unittest import mock
 
 import pytest
 import typer
+import typer.rich_utils
 from typer.testing import CliRunner
 
 from flowdsl.cli import app
 
 
-def _help(*command: str) -> str:
-    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
+def _help_at(columns: int, *args: str) -> str:
+    """What ``flowdsl ARGS --help`` prints ``columns`` wide. (typer reads $TERMINAL_WIDTH once, as typer.rich_utils
+    is imported: the first test of a process to import it with that variable set fixed every later help's width,
+    and under pytest-xdist the order of the tests decided which — so the width is set where typer keeps it.)"""
+    with mock.patch.object(typer.rich_utils, "MAX_WIDTH", columns):
+        result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output
-    return " ".join(result.output.split())
+    return result.output
+
+
+def _help(*command: str) -> str:
+    return " ".join(_help_at(300, *command).split())
 
 
 @pytest.mark.parametrize(("command", "said"), [
@@ -54,10 +64,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-def
 def _description(command: tuple[str, ...], columns: int) -> list[str]:
     """The lines of a command's help text as `--help` prints it ``columns`` wide: from its first line after
     ``Usage:`` to the first table of options, without the margin of one column."""
-    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": str(columns),
-                                                                "TERMINAL_WIDTH": str(columns)})
-    assert result.exit_code == 0, result.output
-    lines = [line.rstrip() for line in result.output.splitlines()]
+    lines = [line.rstrip() for line in _help_at(columns, *command).splitlines()]
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("Usage:")) + 1
     end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
     assert all(not line or line.startswith(" ") for line in lines[start:end])
@@ -65,7 +72,7 @@ def _description(command: tuple[str, ...], columns: int) -> list[str]:
 
 
 def test_every_command_is_checked() -> None:
-    assert {"run", "status", "cancel", "worker", "runs", "dead-letters", "diagram"} <= set(COMMANDS)
+    assert {"run", "status", "cancel", "worker", "runs", "workers", "dead-letters", "diagram"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("columns", [80, 120, 200])
@@ -82,7 +89,8 @@ def test_help_text_breaks_a_line_only_where_it_is_full(command: tuple[str, ...],
             assert len(line) + 1 + len(after.split()[0]) > room, f"a line break inside a sentence: {line!r} / {after!r}"
 
 
-@pytest.mark.parametrize("command", ["run", "status", "cancel", "worker", "runs", "dead-letters", "resolve", "prune"])
+@pytest.mark.parametrize("command", ["run", "status", "cancel", "worker", "runs", "workers", "dead-letters", "resolve",
+                                     "prune"])
 def test_exit_codes_are_listed_one_a_line(command: str) -> None:
     lines = _description((command,), 200)
     start = lines.index("Exit codes:") + 1
@@ -96,10 +104,9 @@ def test_the_list_of_commands_gives_each_a_summary_of_one_sentence_in_the_order_
     summary of `convert` ran on into a second sentence, broken where its docstring's line ended), in the
     order a user meets them — specs, runs, the Redis runtime, looking after finished runs, diagrams — whatever
     module defines them."""
-    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
-    assert result.exit_code == 0, result.output
-    box = [line for line in result.output[result.output.index("Commands"):].splitlines() if line.startswith("│")]
+    output = _help_at(200)
+    box = [line for line in output[output.index("Commands"):].splitlines() if line.startswith("│")]
     rows = [line.strip("│ ").split(None, 1) for line in box]
     assert all(len(row) == 2 and row[0] in COMMANDS for row in rows), box  # (a continued summary: no name)
     assert [row[0] for row in rows] == ["validate", "plan", "convert", "run", "show", "worker", "status", "runs",
-                                        "cancel", "dead-letters", "resolve", "prune", "diagram"]
+                                        "workers", "cancel", "dead-letters", "resolve", "prune", "diagram"]
