@@ -257,3 +257,39 @@ def test_a_task_chained_after_a_worker_swallowed_its_interrupt_can_be_interrupte
     assert seen == ["a", "a swallowed its cancel", "undo interrupted"]
     assert undo_cancelling == [0]
     assert stats.handed_back == 1 and stats.chained >= 1
+
+
+def test_cancelling_serve_stops_a_loop_whose_redis_call_turned_the_cancel_into_an_error(url: str,
+                                                                                       prefix: str) -> None:
+    """A cancellation that lands inside a Redis call can come out of it as a TimeoutError or a connection error (as
+    asyncio.timeout does on 3.11 when its own deadline fires in the same turn): the tidier took it for Redis's,
+    went round again and paused a whole minute, and serve() — cancelled — waited for it (a flaky CI failure)."""
+    entered = asyncio.Event()
+
+    async def main() -> float:
+        worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False, tidy_s=0.05)
+
+        async def tidy(cursor: int) -> int:
+            entered.set()
+            try:
+                assert worker._stopped is not None
+                await worker._stopped.wait()  # (a call that ends when the worker stops)
+            except asyncio.CancelledError:
+                raise TimeoutError("the call's own timeout") from None  # (what such a call may raise instead)
+            return cursor
+
+        worker._tidy = tidy  # type: ignore[method-assign]
+        serving = asyncio.create_task(worker.serve())
+        try:
+            await asyncio.wait_for(entered.wait(), 20)
+            began = time.monotonic()
+            serving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                async with asyncio.timeout(10):
+                    await serving
+            return time.monotonic() - began
+        finally:
+            worker.stop()  # (if serve() outlived its cancel: the test fails, but ends)
+            await asyncio.gather(serving, return_exceptions=True)
+
+    assert asyncio.run(main()) < 5

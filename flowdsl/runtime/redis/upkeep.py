@@ -139,11 +139,21 @@ class Upkeep:
     _regroup: Callable[[], Awaitable[None]]
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop)."""
+        """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop).
+
+        A loop whose task is being cancelled (serve() cancelled: its ``finally`` cancels every loop) stops here,
+        even when the cancellation did not reach it as a ``CancelledError``: one that lands in a Redis call can
+        come out as that call's ``TimeoutError`` or connection error, which the loop takes for Redis's and goes
+        round again — then serve() waited for it a whole pause (a minute, for the tidier)."""
         assert self._stopped is not None
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._stopped.wait()
+        if task is not None and task.cancelling():  # (3.11: a cancel landing as the timeout fires)
+            raise asyncio.CancelledError
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.options.lease_s / 3)
