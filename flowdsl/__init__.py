@@ -9,7 +9,8 @@ The public API, one function per stage::
     plan = flowdsl.compile_text(yaml_text)          # the same from text; raises SpecError
 
 and ``@flowdsl.worker("name")`` to register workers; ``flowdsl.run(plan, input)`` (or
-``await flowdsl.run_flow(...)``) runs a plan in-process and returns a ``RunResult``;
+``await flowdsl.run_flow(...)``) runs a plan in-process and returns a ``RunResult``; ``flowdsl.resume(run_id)``
+goes on with a recorded run whose process stopped before its end;
 ``flowdsl.check_input(plan, data)`` checks a run input before anything starts (raises ``InputError``).
 Heavy modules load lazily.
 """
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
     from flowdsl.runtime.plancheck import PlanError as PlanError
     from flowdsl.runtime.record import RecordError as RecordError
     from flowdsl.runtime.report import RunResult as RunResult
+    from flowdsl.runtime.resume import NotResumable as NotResumable
+    from flowdsl.runtime.resume import resume as resume
+    from flowdsl.runtime.resume import resume_flow as resume_flow
     from flowdsl.workers import StepContext as StepContext
     from flowdsl.workers import StepLogger as StepLogger
     from flowdsl.workers import WorkerImportError as WorkerImportError
@@ -78,14 +82,17 @@ _EXPORTS = {
     "InputError": "flowdsl.runtime.inputs",
     "PlanError": "flowdsl.runtime.plancheck",
     "RecordError": "flowdsl.runtime.record",
+    "resume": "flowdsl.runtime.resume",
+    "resume_flow": "flowdsl.runtime.resume",
+    "NotResumable": "flowdsl.runtime.resume",
     "RunResult": "flowdsl.runtime.report",
 }
 
 __all__ = [
-    "CompileResult", "Diagnostic", "InputError", "LocalRun", "PlanError", "RecordError", "RunAborted", "RunIdInUse",
-    "RunResult", "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkerRegistry", "WorkersMissing",
-    "check_input", "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry", "run", "run_flow",
-    "validate", "worker",
+    "CompileResult", "Diagnostic", "InputError", "LocalRun", "NotResumable", "PlanError", "RecordError", "RunAborted",
+    "RunIdInUse", "RunResult", "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkerRegistry",
+    "WorkersMissing", "check_input", "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry",
+    "resume", "resume_flow", "run", "run_flow", "validate", "worker",
 ]
 
 

@@ -1,5 +1,5 @@
-"""The commands on runs of either backend: ``run`` (in this process, or submitted to Redis and followed) and
-``show`` (a local run's record).
+"""The commands on runs of either backend: ``run`` (in this process, or submitted to Redis and followed), ``show``
+(a local run's record) and ``resume`` (a local run whose process stopped before its end, from its record).
 
 Stage: CLI. Imports :mod:`flowdsl.cli_common`, and the runtime it drives inside each command.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -241,18 +241,31 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
             channel.emit(payload)
         return code
 
-    from flowdsl.runtime.local import LocalRun, RunAborted, WorkersMissing
+    from flowdsl.runtime.local import LocalRun
+
+    return _drive_local(channel, result.plan, lambda view: LocalRun(
+        result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir, on_event=view.on_event,
+        on_notice=view.notice, seed=seed, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
+        spec_path=file), run_id)
+
+
+def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[Any], Any], run_id: str | None,
+                 before: Iterable[dict[str, Any]] = ()) -> int:
+    """Run a local run to its end with the live view on stderr, and report it (``--format json``: one object on
+    stdout): its exit code, or :class:`_Stopped`. ``make(view)`` builds the :class:`LocalRun` (what it raises is
+    said as a usage error: nothing ran); ``before``: the events the run emitted already (a resumed run's), shown
+    first."""
+    from flowdsl.runtime.local import RunAborted, WorkersMissing
     from flowdsl.runtime.record import RecordError, RecordWriteError
     from flowdsl.runtime.summary import print_summary
     from flowdsl.runtime.timeline import LiveView
     from flowdsl.workers import WorkerImportError
 
-    view = LiveView(result.plan, mode="off" if as_json else "auto", console=_stderr())
+    as_json = channel.active
+    view = LiveView(plan, mode="off" if as_json else "auto", console=_stderr())
     try:
         with _user_code():
-            local = LocalRun(result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir,
-                             on_event=view.on_event, on_notice=view.notice, seed=seed, handle_sigint=True,
-                             handle_sigterm=True, late_grace=late_grace)
+            local = make(view)
     except WorkersMissing as exc:
         raise _Stopped(str(exc), error_type="WorkersMissing") from None
     except WorkerImportError as exc:
@@ -263,7 +276,10 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         raise _Stopped(str(exc), error_type="RecordUnwritable") from None
     except ValueError as exc:
         raise _Stopped(str(exc)) from None
+    for event in before:
+        view.on_event(event)
     from flowdsl.runtime.local import run_on_new_loop
+    from flowdsl.runtime.resume import NotResumable
 
     try:
         with view, _user_code(), _said_once():
@@ -276,9 +292,12 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
             if not as_json:
                 print_summary(exc.result, _stderr())
         raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted", extra=extra) from None
+    except NotResumable as exc:  # (a resumed run's record taken meanwhile by another resume)
+        raise _Stopped(str(exc), EXIT_DIAGNOSTICS, status="refused", error_type=exc.kind,
+                       extra={"run_id": local.run_id}) from None
     except FileExistsError as exc:  # another run took the run id between the check and the start: nothing ran
         raise _Stopped(str(exc), error_type="RunExists", extra={"run_id": local.run_id}) from None
-    except RecordWriteError as exc:  # the record could not be created or begun: nothing ran
+    except (RecordWriteError, RecordError) as exc:  # the record could not be created or begun: nothing ran
         raise _Stopped(str(exc), error_type="RecordUnwritable", extra={"run_id": local.run_id}) from None
     except (OSError, RuntimeError) as exc:
         raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
@@ -293,7 +312,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
             raise
     else:
         print_summary(outcome, _stderr())
-    return outcome.exit_code
+    return int(outcome.exit_code)
 
 
 @app.command()
@@ -349,6 +368,11 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
             from flowdsl.runtime.summary import show_command
 
             resolve = show_command(path).replace("flowdsl show", "flowdsl resolve", 1)
+            if standing.crashed or standing.stopped == "aborted":
+                resume = show_command(path).replace("flowdsl show", "flowdsl resume", 1)
+                console.print(f"[dim]`{_escape(resume)}` goes on with the run from where it stopped (the attempts "
+                              "it had in flight run again, with their idempotency keys); or[/]", highlight=False,
+                              soft_wrap=True)
             console.print(f"[dim]once it is finished by hand, `{_escape(resolve)} --note TEXT` says so (`flowdsl "
                           "runs` then lists it resolved)[/]", highlight=False, soft_wrap=True)
     if standing.process is not None and not standing.crashed and not standing.closed:
@@ -364,3 +388,89 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
 
         console.print(f"[yellow]note[/]: {_escape(visible(early))}")
     return 0
+
+
+@app.command(help=(
+    "Go on with a local run whose process stopped before its end, from its record, to its end.\n\n"
+    "A run whose process crashed (kill -9, out of memory, a reboot) or stopped it at once (a second Ctrl-C) goes on"
+    " in this process. The run's state is replayed from its record. The attempts it had in flight run again, as the"
+    " same attempt with the same idempotency key (what they did before is not known: a worker keyed on it does its "
+    "effect once); its timers are armed again; then the run goes on as `flowdsl run` would have gone on, and is "
+    "reported the same way. A run that ended, still runs, or was resolved by hand is refused. The worker modules "
+    "are imported from the current directory, then from the directory of the spec the run was started from (or "
+    "--workers-dir).\n\n"
+    "Exit codes:\n"
+    "  0    completed\n"
+    "  1    failed, compensated or cancelled (nothing in doubt); or the run cannot be resumed: it ended, still runs, "
+    "was resolved, or its process cannot be told to be gone (--force)\n"
+    "  2    no such record, or one that cannot be read, replayed or written; a usage error\n"
+    "  3    the result could not be written to stdout (full, closed): stderr names the run\n"
+    "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
+    "doubt)\n"
+    "  130  stopped at once by a second Ctrl-C or SIGTERM (it can be resumed again)\n"
+    "  141  stdout's reader went away (| head)"))
+def resume(
+    run_id: Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)",
+                                          metavar="RUN_ID", show_default=False)],
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", help="where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
+        parser=parse_directory)] = None,
+    workers_dir: Annotated[Path | None, typer.Option(
+        "--workers-dir", help="a directory to import the flow's worker modules from, after the current one "
+        "\\[default: the directory of the spec the run was started from, as its record names it]", metavar="DIR",
+        parser=parse_directory)] = None,
+    lm: Annotated[str | None, typer.Option(
+        "--lm", help="language model for LLM steps that name none, e.g. openai/gpt-4o-mini", callback=_model)] = None,
+    late_grace: Annotated[float | None, typer.Option(
+        "--late-grace", help="after the run's end, seconds to wait for a worker still running a step with a "
+        "compensation that timed out, as for `flowdsl run` \\[default: $FLOWDSL_LATE_GRACE or 30]", metavar="SECONDS",
+        callback=_seconds(*LATE_GRACE_RANGE))] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="resume a run whose process cannot be told to be gone from here (another host): only once "
+        "you know it is")] = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    as_json = fmt is OutputFormat.json
+    with _JsonChannel(as_json) as channel:
+        try:
+            with _stopping_as_ctrl_c():
+                code = _resume(channel, run_id, runs_dir, workers_dir, lm, late_grace, force)
+        except _Stopped as stop:
+            if stop.message:
+                _stderr().print(f"[red]{stop.label}[/]: {_escape(stop.message)}")
+            if as_json and not channel.written:
+                channel.emit(stop.payload())
+            code = stop.code
+    raise typer.Exit(code)
+
+
+def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
+            late_grace: float | None, force: bool) -> int:
+    """The body of ``flowdsl resume``: its exit code, or :class:`_Stopped`."""
+    from flowdsl.runtime.local import LocalRun
+    from flowdsl.runtime.record import NewerRecord, RecordError, find_record
+    from flowdsl.runtime.resume import NotResumable, prepare_resumption
+
+    try:
+        path = find_record(run, runs_dir)
+        resumption = prepare_resumption(path, force=force)
+    except NotResumable as exc:
+        raise _Stopped(str(exc), EXIT_DIAGNOSTICS, status="refused", error_type=exc.kind,
+                       extra={"run_id": run, "run_status": exc.status}, label="refused") from None
+    except RecordError as exc:
+        raise _Stopped(str(exc), error_type="NewerRecord" if isinstance(exc, NewerRecord) else "RecordError") \
+            from None
+    if not channel.active:
+        from flowdsl.shown import visible
+
+        again = ", ".join(f"{c['step']} (attempt {c['attempt']})" for c in resumption.dispatches)
+        _stderr().print(f"resuming run {_escape(visible(resumption.run_id))} ({resumption.was}, "
+                        f"{resumption.state['status']})" + (f"; run again: {_escape(visible(again))}" if again else ""),
+                        highlight=False, soft_wrap=True)
+    # the worker modules: from the current directory, then the directory of the spec the record names, or the one
+    # given (LocalRun searches the directory a spec file is in)
+    spec_path = str(workers_dir / "spec") if workers_dir is not None else resumption.spec
+    return _drive_local(channel, resumption.plan, lambda view: LocalRun(
+        resumption.plan, resumption.run_input, run_id=resumption.run_id, lm=lm, runs_dir=runs_dir,
+        on_event=view.on_event, on_notice=view.notice, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
+        spec_path=spec_path, resumption=resumption), resumption.run_id, resumption.events)

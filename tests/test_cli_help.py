@@ -89,8 +89,8 @@ def test_help_text_breaks_a_line_only_where_it_is_full(command: tuple[str, ...],
             assert len(line) + 1 + len(after.split()[0]) > room, f"a line break inside a sentence: {line!r} / {after!r}"
 
 
-@pytest.mark.parametrize("command", ["run", "status", "cancel", "worker", "runs", "workers", "dead-letters", "resolve",
-                                     "prune"])
+@pytest.mark.parametrize("command", ["run", "resume", "status", "cancel", "worker", "runs", "workers", "dead-letters",
+                                     "resolve", "prune"])
 def test_exit_codes_are_listed_one_a_line(command: str) -> None:
     lines = _description((command,), 200)
     start = lines.index("Exit codes:") + 1
@@ -108,5 +108,5 @@ def test_the_list_of_commands_gives_each_a_summary_of_one_sentence_in_the_order_
     box = [line for line in output[output.index("Commands"):].splitlines() if line.startswith("│")]
     rows = [line.strip("│ ").split(None, 1) for line in box]
     assert all(len(row) == 2 and row[0] in COMMANDS for row in rows), box  # (a continued summary: no name)
-    assert [row[0] for row in rows] == ["validate", "plan", "convert", "run", "show", "worker", "status", "runs",
-                                        "workers", "cancel", "dead-letters", "resolve", "prune", "diagram"]
+    assert [row[0] for row in rows] == ["validate", "plan", "convert", "run", "show", "resume", "worker", "status",
+                                        "runs", "workers", "cancel", "dead-letters", "resolve", "prune", "diagram"]

@@ -109,6 +109,8 @@ def derive_states(plan: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) 
             status = str(ev.get("status") or "finished")
         elif kind == "runtime_aborted":  # the local runtime stopped without finishing the run
             status = "aborted"
+        elif kind == "runtime_resumed":  # ... and another process took it up again (flowdsl resume)
+            status = "running"
         step = ev.get("step")
         if not isinstance(step, str):
             continue

@@ -37,6 +37,7 @@ from flowdsl.runtime.record import (
     RECORD_FAILED,
     RECORD_FORMAT,
     RESOLVED,
+    RESUMED,
     NewerRecord,
     RecordError,
     newer_problem,
@@ -142,10 +143,35 @@ def _ms(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _judged(header: Any) -> Any:
+def _judged(header: Any, lines: list[dict[str, Any]] | None = None) -> Any:
+    """How the process running a record's run stands: the one its last ``runtime_resumed`` line names (``lines``:
+    the record's, read whole), else its header's."""
+    from flowdsl.runtime.owner import judge
+    from flowdsl.runtime.record import owner_of
+
+    return judge(owner_of(header if isinstance(header, dict) else None, lines or ()))
+
+
+def _judged_from_ends(header: Any, tail: _Tail, fh: Any) -> Any:
+    """:func:`_judged` of a record read from its ends: its owner is named by the last ``runtime_resumed`` line the
+    tail holds, else by the last one further back (looked for in the whole file, a resumed run's record being
+    rare), else by the header."""
     from flowdsl.runtime.owner import judge
 
-    return judge(header.get("process") if isinstance(header, dict) else None)
+    if tail.resumed is not None:
+        return judge(tail.resumed.get("process"))
+    fh.seek(0)
+    data = fh.read()
+    at = len(data)
+    while (at := data.rfind(b'"' + RESUMED.encode() + b'"', 0, at)) >= 0:  # (the last line of that type)
+        begin, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+        try:
+            line = _loads(data[begin:end if end >= 0 else len(data)])
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(line, dict) and line.get("type") == RESUMED:
+            return judge(line.get("process"))
+    return _judged(header)
 
 
 def _resolved_why(line: dict[str, Any]) -> str:
@@ -227,13 +253,14 @@ def _from_ends(path: Path, fh: Any, size: int) -> RecordRow:
         return RecordRow(run_id, flow, RESOLVED_STATE, taken, began, end, why=_resolved_why(resolved),
                          was=str(resolved.get("status")), last_at=tail.last_at)
     if finished is not None:
-        process = _judged(header).state if tail.waiting else None  # (the run's end waits: its process may run)
+        # (the run's end waits: its process may run)
+        process = _judged_from_ends(header, tail, fh).state if tail.waiting else None
         return RecordRow(run_id, flow, str(finished["status"]), taken, began, end, last_at=tail.last_at,
                          process=process, doubt=tail.doubt)
     if aborted is not None:
         if aborted.get("type") == RECORD_FAILED:  # the run went on unrecorded: its process may still run it
             return RecordRow(run_id, flow, UNRECORDED, taken, began, None, last_at=tail.last_at,
-                             process=_judged(header).state)
+                             process=_judged_from_ends(header, tail, fh).state)
         return RecordRow(run_id, flow, "aborted", taken, began, None, last_at=tail.last_at)
     raise _Replay
 
@@ -270,11 +297,12 @@ def _quickly(path: Path, fh: Any, size: int) -> RecordRow | None:
     return None
 
 
-def _not_ended(row: RecordRow, header: Any) -> RecordRow:
-    """``row``, of a record that ends before its run did, as its process stands: ``crashed`` when it is gone."""
+def _not_ended(row: RecordRow, header: Any, lines: list[dict[str, Any]] | None = None) -> RecordRow:
+    """``row``, of a record that ends before its run did, as its process stands: ``crashed`` when it is gone
+    (``lines``: the record's, read whole; none when it holds only its header)."""
     from dataclasses import replace
 
-    verdict = _judged(header)
+    verdict = _judged(header, lines)
     if verdict.state == "gone":
         return replace(row, status=CRASHED, was=row.status, why=verdict.said, process=verdict.state)
     return replace(row, why=verdict.said, process=verdict.state)
@@ -319,6 +347,8 @@ class _Tail:
     last_at: int | None = None
     waiting: bool = False
     doubt: bool = False
+    #: the last ``runtime_resumed`` line, when the tail holds one (the lines before it tell of an earlier process)
+    resumed: dict[str, Any] | None = None
 
 
 def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
@@ -368,6 +398,9 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
             tail.doubt = tail.doubt or bool(item.get("unanswered"))
         if kind == "runtime_waiting" and not waited:  # (its process stopped, or still waits)
             tail.waiting = tail.doubt = True
+        if kind == RESUMED:  # what comes before it tells of the process before: how the run stands is said after
+            tail.resumed = item
+            break
         if kind == "run_finished":  # the last one is the run's end (a late completion emits it again)
             if item.get("status") not in _END_STATES:
                 raise _Replay
@@ -419,9 +452,9 @@ def _replayed(path: Path) -> RecordRow:
         return replace(row, status=RESOLVED_STATE, why=_resolved_why(said), was=str(said.get("status")),
                        last_at=max(last or 0, _ms(said.get("at")) or 0))
     if row.status in (*_GOING, NOT_STARTED):
-        return _not_ended(row, header)
+        return _not_ended(row, header, lines)
     if row.status == UNRECORDED:
-        return replace(row, process=_judged(header).state)
+        return replace(row, process=_judged(header, lines).state)
     return row
 
 
@@ -564,8 +597,9 @@ def _notes(rows: list[RecordRow]) -> list[str]:
     crashed = [row.run_id for row in rows if row.status == CRASHED]
     if crashed:
         said.append(named(crashed).format("run(s) crashed") + ": their process is gone, and the run stopped with it; "
-                    "`flowdsl show RUN_ID` lists what is left to undo by hand, `flowdsl resolve RUN_ID` says it is "
-                    "done")
+                    "`flowdsl resume RUN_ID` goes on with it from its record (the attempts it had in flight run "
+                    "again), or `flowdsl show RUN_ID` lists what is left to undo by hand, and `flowdsl resolve RUN_ID` "
+                    "says it is done")
     newer = [row.run_id for row in rows if row.status == NEWER]
     if newer:
         said.append(named(newer).format("record(s) were written by a newer flowdsl") + ", in a layout this one does "

@@ -62,7 +62,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowdsl.kernel import INPUT_EVENTS, Decision, apply, check_seed, left_to_undo, prepare, start_event, start_run
 from flowdsl.runtime.execute import (
@@ -113,6 +113,9 @@ from flowdsl.runtime.signals import SIGNAL_WORDS, TERM_SIGNALS, give_back_signal
 from flowdsl.runtime.summary import show_command
 from flowdsl.workers import WorkerImportError, WorkerRegistry, from_sigint, import_worker_modules
 from flowdsl.workers import registry as default_registry
+
+if TYPE_CHECKING:
+    from flowdsl.runtime.resume import Resumption
 
 __all__ = ["ABANDON_S", "LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "InputError", "LocalRun", "RunAborted",
            "RunIdInUse", "WorkersMissing", "check_input", "new_run_id", "run", "run_flow", "run_on_new_loop",
@@ -305,7 +308,7 @@ class LocalRun:
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
                  spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-                 late_grace: float | None = None):
+                 late_grace: float | None = None, resumption: Resumption | None = None):
         require_plan(plan)
         if not isinstance(run_input, dict):
             raise TypeError(f"run_input must be a dict (a JSON object); got {type(run_input).__name__}")
@@ -331,6 +334,9 @@ class LocalRun:
                 raise WorkerImportError(exc.module, f"{exc.reason}; give spec_path= (the spec file) to search "
                                         "its directory too", found=False, searched=exc.searched,
                                         suggestion=exc.suggestion) from None
+        #: the spec file the plan was compiled from, when given: named in the record, where ``flowdsl resume``
+        #: finds the worker modules again
+        self.spec_path = os.path.abspath(os.fspath(spec_path)) if spec_path is not None else None
         self.late_grace = late_grace_seconds(late_grace)
         problems = missing_workers(plan, registry)
         if problems:
@@ -345,8 +351,12 @@ class LocalRun:
         self.run_id = run_id if run_id is not None else new_run_id(plan)
         if self.run_id in _LIVE:  # (checked again, and taken, as the run starts: run())
             raise RunIdInUse(self.run_id)
+        #: the run read back from its record, to go on with (:func:`flowdsl.runtime.resume.resume_flow`), or None
+        self._resume = resumption
         self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
-        if self.record_path is not None:
+        if resumption is not None:
+            self.record_path = resumption.path
+        elif self.record_path is not None:
             if self.record_path.exists():
                 raise FileExistsError(f"a record of run '{self.run_id}' already exists: {self.record_path}")
             check_records_dir(self.record_path)
@@ -443,9 +453,12 @@ class LocalRun:
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
         at = self._now()
-        start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
-        if self.record_path is not None:
-            self._open_record(start)
+        if self._resume is not None:
+            self._recorder = RunRecorder.appending(self._resume.path, self._resume.begin(at))
+        else:
+            start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
+            if self.record_path is not None:
+                self._open_record(start)
         try:
             self._install_signals()
             if signal.SIGINT not in self._signals:  # a real Ctrl-C raising in a worker stops the run, not the step
@@ -454,7 +467,11 @@ class LocalRun:
             self._draining = True
             self._holding = self._early is not None  # cancelled before it started: call no worker
             try:
-                self._absorb(start_run(self._program, self.run_id, copy_json(self.run_input), at=at, seed=self.seed))
+                if self._resume is not None:
+                    self._carry_out_again(self._resume)
+                else:
+                    self._absorb(start_run(self._program, self.run_id, copy_json(self.run_input), at=at,
+                                           seed=self.seed))
             except Exception as exc:  # a plan the shape check let through but the kernel cannot run
                 self._fail_hard(exc)
             finally:
@@ -478,6 +495,8 @@ class LocalRun:
                                      self.run_id, self._stop_reason, warn_exc)
                 raise
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
+            if self._resume is not None and self.state.get("finished_at") is not None:  # (across the outage)
+                wall_ms = float(self.state["finished_at"] - self.state["started_at"])
         finally:
             self._remove_signals()
             if self._marking is not None:
@@ -491,6 +510,8 @@ class LocalRun:
         result = RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
                                       record_path=self.record_path, record_error=self.record_error)
         result.in_doubt = self.in_doubt
+        if self._resume is not None:
+            result.resumed = self._resume.resumed
         return result
 
     def cancel(self, reason: str = "cancel requested") -> None:
@@ -606,8 +627,9 @@ class LocalRun:
                     if code in (errno.EMFILE, errno.ENFILE) else "")
             raise RecordWriteError(code, f"{exc}; the run did not start{hint}") from None
         try:
+            spec = {"spec": self.spec_path} if self.spec_path is not None else {}
             recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
-                            started_at=int(self._wall0))
+                            started_at=int(self._wall0), **spec)
             recorder.write_many((start,))
             recorder.flush()
         except OSError as exc:  # nothing has run: stop here, leaving no record behind
@@ -618,6 +640,16 @@ class LocalRun:
                 recorder.path.unlink()
             raise RecordWriteError(exc.errno, f"cannot write the run record {recorder.path}: {exc.strerror or exc}; "
                                    "the run did not start") from exc
+
+    def _carry_out_again(self, resumption: Resumption) -> None:
+        """A resumed run: its state as replayed from its record, its timers armed again and the attempts it had in
+        flight carried out again (``.resume``)."""
+        self.state = resumption.state
+        self.events = list(resumption.events)
+        for command in resumption.timers:
+            self._schedule(command)
+        for command in resumption.dispatches:
+            self._dispatch(command)
 
     def _record_failed(self, exc: Exception) -> None:
         """A record write failed (a full disk, a file size limit, a line that could not be encoded): close the

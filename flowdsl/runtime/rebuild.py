@@ -26,8 +26,9 @@ __all__ = ["RUNTIME_LINES", "result_from_record"]
 
 
 #: record lines that are neither kernel input nor emitted by the kernel: a hard stop; the local runtime's wait, after
-#: the run's end, for attempts the run gave up on, and its end (docs/runtime.md, "Run records")
-RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited", "record_failed")
+#: the run's end, for attempts the run gave up on, and its end; a write that failed; the run resumed by another
+#: process (``flowdsl resume``: the lines before it tell of the process before) (docs/runtime.md, "Run records")
+RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited", "record_failed", "runtime_resumed")
 #: why the runtime stopped waiting, in a record whose wait has no end (its process stopped during the wait)
 _WAIT_CUT = "the record ends during the wait: its process stopped"
 
@@ -46,6 +47,7 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     other than the kernel's at its ``seq``.
     """
     from flowdsl.runtime.plancheck import checked_problem
+    from flowdsl.runtime.record import resumptions, since_resumed
 
     if header is None or "plan" not in header:
         raise ValueError("the record has no header with the run's plan")
@@ -78,11 +80,12 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
     if state.get("finished_at") is not None:
         wall = float(state["finished_at"] - state["started_at"])
     result = RunResult.from_state(plan, state, emitted, wall_ms=wall, record_path=path)
-    aborted = next((e for e in lines if e.get("type") == "runtime_aborted"), None)
+    aborted = next((e for e in lines[since_resumed(lines):] if e.get("type") == "runtime_aborted"), None)
     if result.status not in END_STATES and aborted is not None:
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
         result.aborted = str(aborted.get("reason") or "stopped at once")
     result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted, path)
+    result.resumed = resumptions(lines)
     failed = lines[-1] if lines and lines[-1].get("type") == "record_failed" else None
     if failed is not None:  # writing it failed there, and the run went on unrecorded: as the run itself said
         result.record_error = (f"writing the record failed ({failed.get('reason')}); it stops there and the run went "
@@ -95,7 +98,7 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
     """What a record's runtime lines say is in doubt: the attempts of its ``runtime_waiting`` line that no input
     event after it answered, or the ``unanswered`` attempts of its ``runtime_aborted`` line (a run stopped at once).
     A runtime line that is malformed, or out of its place, is a ``RecordError`` naming it."""
-    from flowdsl.runtime.record import RecordError
+    from flowdsl.runtime.record import RESUMED, RecordError, since_resumed
 
     def refuse(i: int, why: str) -> RecordError:
         return RecordError(f"{_where(lines, i, path)}: {why}; {_CHANGED}")
@@ -112,8 +115,15 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
 
     finished = next((i for i, e in enumerate(lines) if e.get("type") == "run_finished"), None)
     waiting = aborted = None
+    now = since_resumed(lines)  # (a runtime_aborted line before the run was resumed tells of the process before)
     for i, event in enumerate(lines):
         kind = event.get("type")
+        if kind == RESUMED:
+            if (finished is not None and i > finished) or not isinstance(event.get("at"), int) \
+                    or not isinstance(event.get("process"), dict):
+                raise refuse(i, "a 'runtime_resumed' line comes before the run's end ('run_finished') and gives "
+                             "'at' (a time in milliseconds) and 'process' (the process that resumed the run)")
+            attempts_of(i, "attempts")
         if kind == "runtime_waiting":
             if finished is None or i < finished or waiting is not None:
                 raise refuse(i, "a 'runtime_waiting' line comes once, after the run's end ('run_finished')")
@@ -129,7 +139,8 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
         elif kind == "runtime_aborted":
             if not isinstance(event.get("reason"), str):
                 raise refuse(i, "a 'runtime_aborted' line gives a 'reason'")
-            aborted = i
+            if i >= now:
+                aborted = i
             attempts_of(i, "unanswered", required=False)
     if aborted is not None:
         left = attempts_of(aborted, "unanswered", required=False)

@@ -27,7 +27,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -94,6 +94,12 @@ def encode_line(item: dict[str, Any]) -> bytes:
     return dumps(item, default=str) + b"\n"
 
 
+#: the type of the line ``flowdsl resume`` appends to the record of a run whose process stopped before its end, as
+#: the run goes on in the resuming process: ``{"type": "runtime_resumed", "run_id", "at", "by", "was", "process",
+#: "attempts"}`` (``was``: ``crashed`` or ``aborted``; ``process``: the resuming one, which runs the run from there;
+#: ``attempts``: ``{task_id, step, attempt}`` of those run again). The runtime lines before it — a
+#: ``runtime_aborted`` — tell of the run's earlier process: how the run stands now is told by the lines after it
+RESUMED = "runtime_resumed"
 #: the type of a record's last line when writing it failed part-way through the run (a full disk, a file size
 #: limit): ``{"type": "record_failed", "run_id", "at", "status", "reason"}`` — the record stops there, and the run
 #: went on unrecorded (written when it fits: else the record ends at its last whole line)
@@ -194,6 +200,18 @@ class RunRecorder:
         self._held: list[bytes] = []  # lines not yet written
         self._whole = 0  # the bytes on disk that are whole lines: where a failed write is cut back to
         self._reserve: _Reserve | None = _RESERVES.take(self.path.parent)  # room, on a full disk, for its line
+
+    @classmethod
+    def appending(cls, path: Path, fh: BinaryIO) -> RunRecorder:
+        """A recorder going on with the existing record ``path``, open for appending as ``fh`` (a resumed run's:
+        ``.resume``)."""
+        self = cls.__new__(cls)
+        self.path = path
+        self._fh = fh
+        self._held = []
+        self._whole = os.fstat(fh.fileno()).st_size
+        self._reserve = _RESERVES.take(path.parent)
+        return self
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
         """Write the header line: the record's format and the flowdsl version writing it, the plan and the input,
@@ -360,6 +378,145 @@ def _write_all(fh: BinaryIO, data: bytes) -> int:
             raise _Partly(done, OSError(errno.EIO, os.strerror(errno.EIO)))
         done += went
     return done
+
+
+def owner_of(header: Mapping[str, Any] | None, lines: Iterable[Mapping[str, Any]]) -> Any:
+    """The process that runs (or ran) a record's run: the one its last :data:`RESUMED` line names, else its
+    header's (``.owner.this_process``; None when the record names none)."""
+    resumed = last_resumed(lines)
+    if resumed is not None:
+        return resumed.get("process")
+    return header.get("process") if isinstance(header, Mapping) else None
+
+
+def last_resumed(lines: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """A record's last :data:`RESUMED` line, or None."""
+    found = None
+    for line in lines:
+        if line.get("type") == RESUMED:
+            found = line
+    return found
+
+
+def resumptions(lines: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each :data:`RESUMED` line of a record as ``RunResult.resumed`` gives it: ``{at, by, was, pid, host,
+    attempts}`` (``attempts``: the task ids run again)."""
+    out = []
+    for line in lines:
+        if line.get("type") == RESUMED:
+            named, listed = line.get("process"), line.get("attempts")
+            process: Mapping[str, Any] = named if isinstance(named, Mapping) else {}
+            attempts: list[Any] = listed if isinstance(listed, list) else []
+            out.append({"at": line.get("at"), "by": line.get("by"), "was": line.get("was"),
+                        "pid": process.get("pid"), "host": process.get("host"),
+                        "attempts": [a.get("task_id") for a in attempts if isinstance(a, Mapping)]})
+    return out
+
+
+def since_resumed(lines: list[dict[str, Any]] | list[Mapping[str, Any]]) -> int:
+    """The index in ``lines`` of the first line after the last :data:`RESUMED` one (0 when there is none): the
+    runtime lines from there on say how the run stands now."""
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].get("type") == RESUMED:
+            return i + 1
+    return 0
+
+
+class LockedRecord:
+    """A record file opened for appending and held under an exclusive ``flock`` (:func:`locked_record`), its bytes
+    read through that descriptor: ``raw``, ``header`` and ``lines`` (:func:`read_record`'s). ``unwritable``: why it
+    could only be opened for reading (then :meth:`append` raises it as a ``RecordError``)."""
+
+    def __init__(self, path: Path, fd: int, raw: bytes, unwritable: OSError | None):
+        self.path, self.fd, self.raw, self.unwritable = path, fd, raw, unwritable
+        self.header, self.lines = read_record(path, raw)
+        self.mended = False
+
+    def grown(self) -> bool:
+        """Whether the file was written to since it was read (its process still writes it)."""
+        return os.fstat(self.fd).st_size != len(self.raw)
+
+    def check_writable(self) -> None:
+        """A ``RecordError`` when the record could only be opened for reading."""
+        if self.unwritable is not None:
+            raise RecordError(f"cannot write the run record {self.path}: {self.unwritable.strerror or self.unwritable}")
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` (whole lines): first the record is put back to its last whole line — a last line cut short
+        when its process was killed, never read, is dropped (``dropped_cut_line`` then says so); a whole last line
+        without its newline gets one. A ``RecordError`` when it cannot be written."""
+        self.check_writable()
+        try:
+            if not self.mended:
+                self.mended = True
+                if self.lines.cut_short:
+                    os.ftruncate(self.fd, self.raw.rfind(b"\n") + 1)
+                elif self.raw and not self.raw.endswith(b"\n"):
+                    data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            raise RecordError(f"cannot write the run record {self.path}: {exc.strerror or exc}") from None
+
+    @property
+    def dropped_cut_line(self) -> bool:
+        """Whether :meth:`append` dropped a last line cut short."""
+        return self.mended and self.lines.cut_short
+
+
+@contextlib.contextmanager
+def locked_record(path: Path, by: str) -> Iterator[LockedRecord]:
+    """The record ``path`` opened for appending (for reading alone when it cannot be written: ``unwritable``),
+    under an exclusive ``flock`` (``flowdsl resolve``, ``resume`` and ``prune`` take it: two of them never act on one
+    record at once), read whole through that descriptor — a record renamed or relinked meanwhile is not another
+    file. ``RecordError`` when it cannot be opened or read, is not a regular file, or was removed while this waited
+    for the lock (``by``: the command that waited). Closed (and unlocked) on leaving."""
+    flags = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)  # (a FIFO put there: never waited on)
+    unwritable: OSError | None = None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | flags)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+            raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
+        unwritable = exc  # (judged all the same: a run with nothing to do is said to be so)
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError as again:
+            raise RecordError(f"cannot read the run record {path}: {again.strerror or again}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordError(f"{path} is not a regular file, so not a run record")
+        _flock(fd)
+        if not _still_named(fd, path):  # (flowdsl prune removed it while this waited for its lock)
+            raise RecordError(f"no run record at {path}: it was removed or replaced while {by} waited for it")
+        chunks = []
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise RecordError(f"cannot read the run record {path}: {exc.strerror or exc}") from None
+        yield LockedRecord(path, fd, b"".join(chunks), unwritable)
+    finally:
+        os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except OSError:
+        return False
+    return held.st_nlink > 0 and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
+
+
+def _flock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # (no flock here: two at once are not kept apart)
+        return
+    with contextlib.suppress(OSError):  # (a file system without locks: likewise)
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def find_record(run: str, directory: str | Path | None = None) -> Path:

@@ -98,6 +98,10 @@ class RunResult:
     #: (a local record that ends before its run did) why the run crashed — ``its process (pid 42 on web-1) is
     #: gone`` (``flowdsl.runtime.stopped``) —, or None; like ``aborted``, with ``intervention`` what is left to undo
     crashed: str | None = None
+    #: (a local run whose process stopped before its end, resumed by another: ``flowdsl resume``) each time it was
+    #: resumed, in order: ``{at, by, was, pid, host, attempts}`` (``was``: ``crashed``, ``aborted`` or ``gone``;
+    #: ``attempts``: the task ids run again)
+    resumed: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_state(cls, plan: dict[str, Any], state: dict[str, Any], events: list[dict[str, Any]], *,
@@ -137,7 +141,8 @@ class RunResult:
         that ends early, a Redis run still going): the kernel sets it when the run ends. A run stopped at once
         (``aborted``) has ``status`` ``"aborted"``, ``stopped_in`` the state it stopped in and ``aborted`` the
         reason; its ``intervention`` lists what is left to undo by hand. So does a run whose process is gone
-        (``crashed``): ``status`` ``"crashed"``, ``stopped_in``, and ``crashed`` saying which process."""
+        (``crashed``): ``status`` ``"crashed"``, ``stopped_in``, and ``crashed`` saying which process. ``resumed``
+        lists each time another process took the run up again (``flowdsl resume``; ``[]`` when never)."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -157,7 +162,7 @@ class RunResult:
             "compensated": self.compensated, "intervention": self.intervention, "in_doubt": self.in_doubt,
             "started_at": self.started_at, "finished_at": self.finished_at, "timing": timing(self),
             "record": str(self.record_path) if self.record_path else None, "record_error": self.record_error,
-            "events": self.events,
+            "resumed": self.resumed, "events": self.events,
         }
 
 

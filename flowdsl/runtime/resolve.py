@@ -19,16 +19,12 @@ one already resolved, and one whose process still runs it are refused; so is one
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from flowdsl.runtime.owner import UNKNOWN, by_whom
-from flowdsl.runtime.record import RESOLVED, RecordError, encode_line, find_record, read_record
+from flowdsl.runtime.record import RESOLVED, RecordError, encode_line, find_record, locked_record
 
 __all__ = ["NotResolvable", "resolution_json", "resolution_text", "resolve_local_command", "resolve_record"]
 
@@ -71,79 +67,21 @@ def resolve_record(path: Path, *, note: str | None, force: bool = False) -> dict
     """Append a ``resolved`` line to the record ``path`` and return it (what the run left is done by hand).
     :class:`NotResolvable` when the run has nothing to resolve, is resolved already, still runs, or (unless
     ``force``) runs, for all that can be told here, elsewhere; ``RecordError`` when the record cannot be read (a
-    ``NewerRecord`` too) or written. Taken under an exclusive ``flock`` of the record, so that two at once do not
-    both resolve it; the record is judged from the bytes read through the descriptor the line is written to (a
-    record renamed or relinked meanwhile is not another file), and one that grew since is not resolved."""
-    flags = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)  # (a FIFO put there: never waited on)
-    unwritable: OSError | None = None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | flags)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
-            raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
-        unwritable = exc  # (judged all the same: a run with nothing to resolve is said to be so)
-        try:
-            fd = os.open(path, os.O_RDONLY | flags)
-        except OSError as again:
-            raise RecordError(f"cannot read the run record {path}: {again.strerror or again}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RecordError(f"{path} is not a regular file, so not a run record")
-        _lock(fd)
-        if not _still_named(fd, path):  # (flowdsl prune removed it while this waited for its lock)
-            raise RecordError(f"no run record at {path}: it was removed or replaced while resolve waited for it")
-        raw = _read_all(fd, path)
-        header, lines = read_record(path, raw)
-        was = _resolvable(path, header, lines, force)
-        if unwritable is not None:
-            raise RecordError(f"cannot write the run record {path}: {unwritable.strerror or unwritable}")
-        if os.fstat(fd).st_size != len(raw):
+    ``NewerRecord`` too) or written. Taken under an exclusive ``flock`` of the record (``.record.locked_record``), so
+    that two at once do not both resolve it; one that grew since it was read is not resolved."""
+    with locked_record(path, "resolve") as record:
+        was = _resolvable(path, record.header, record.lines, force)
+        record.check_writable()
+        if record.grown():
             raise NotResolvable("StillRunning", f"run {path.name.removesuffix('.jsonl')} is not over: its record was "
                                 "written to while resolve read it; resolve it once it has ended", was)
-        line = {"type": RESOLVED, "run_id": str((header or {}).get("run_id") or path.name.removesuffix(".jsonl")),
-                "at": int(time.time() * 1000), "by": by_whom(), "note": note or None, "status": was}
-        cut = lines.cut_short  # a last line its process was killed while writing: unreadable, and never read
-        try:
-            if cut:
-                os.ftruncate(fd, raw.rfind(b"\n") + 1)  # (cut back to its last whole line)
-            elif raw and not raw.endswith(b"\n"):  # a whole last line without its newline
-                _write_all(fd, b"\n")
-            _write_all(fd, encode_line(line))
-        except OSError as exc:
-            raise RecordError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
-        if cut:
+        run_id = str((record.header or {}).get("run_id") or path.name.removesuffix(".jsonl"))
+        line = {"type": RESOLVED, "run_id": run_id, "at": int(time.time() * 1000), "by": by_whom(),
+                "note": note or None, "status": was}
+        record.append(encode_line(line))
+        if record.dropped_cut_line:
             line = {**line, "dropped_cut_line": True}
         return line
-    finally:
-        os.close(fd)
-
-
-def _still_named(fd: int, path: Path) -> bool:
-    held = os.fstat(fd)
-    try:
-        named = os.stat(path)
-    except OSError:
-        return False
-    return held.st_nlink > 0 and (named.st_ino, named.st_dev) == (held.st_ino, held.st_dev)
-
-
-def _read_all(fd: int, path: Path) -> bytes:
-    chunks = []
-    try:
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    except OSError as exc:
-        raise RecordError(f"cannot read the run record {path}: {exc.strerror or exc}") from None
-    return b"".join(chunks)
-
-
-def _lock(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # (no flock here: two resolves at once are not kept apart)
-        return
-    with contextlib.suppress(OSError):  # (a file system without locks: likewise)
-        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
@@ -186,12 +124,6 @@ def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
         raise NotResolvable("NothingToResolve", f"run {run} ended {result.status}, with nothing left to do by "
                             "hand: there is nothing to resolve", str(result.status))
     return str(result.status)  # (its process cannot be told, and --force says it is gone)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def resolve_local_command(run: str, directory: str | Path | None, *, note: str | None, force: bool, as_json: bool,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowdsl.runtime.owner import GONE, LIVE, Verdict, judge
-from flowdsl.runtime.record import RECORD_FAILED
+from flowdsl.runtime.record import RECORD_FAILED, owner_of, since_resumed
 
 __all__ = ["Standing", "settle", "unanswered"]
 
@@ -66,14 +66,14 @@ def settle(header: Mapping[str, Any] | None, lines: list[dict[str, Any]], result
     from flowdsl.kernel import END_STATES
     from flowdsl.runtime.report import NOT_STARTED
 
-    kinds = {e.get("type") for e in lines}
+    kinds = {e.get("type") for e in lines[since_resumed(lines):]}
     ended = result.status in END_STATES
     waiting = "run_finished" in kinds and "runtime_waiting" in kinds and "runtime_waited" not in kinds
     stopped = "aborted" if result.aborted is not None else \
         "unrecorded" if lines and lines[-1].get("type") == RECORD_FAILED and not ended else None
     process = None
     if waiting or (not ended and stopped != "aborted"):
-        process = judge((header or {}).get("process"))
+        process = judge(owner_of(header, lines))
     crashed = not ended and stopped is None and process is not None and process.state == GONE
     if crashed:
         assert process is not None

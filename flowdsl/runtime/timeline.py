@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS
+from flowdsl.runtime.record import RESUMED, since_resumed
 from flowdsl.runtime.report import NOT_STARTED, RunResult
 from flowdsl.runtime.summary import (
     _clip,
@@ -36,6 +37,9 @@ from flowdsl.runtime.timing import STEP_KINDS
 __all__ = ["LiveView", "late_completion_line", "print_timeline", "record_end_note", "undone_after_failure"]
 
 
+#: what a ``runtime_resumed`` line's ``was`` says of the process before
+_WAS = {"crashed": "died (the run was left where it stood)", "aborted": "stopped the run at once",
+        "gone": "stopped (with --force: it could not be told from here)"}
 _MARK = {"succeeded": "✓", "failed": "✗", "skipped": "–", "cancelled": "⊘", "running": "…", "retrying": "↻",
          "pending": "·", "cancelling": "⊘"}
 
@@ -259,7 +263,7 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
                 f"events give the run's end: {result.status}")
     if failed is not None:
         return f"the record ends before the run did: {stopped}; state when the record stopped: {result.status}"
-    aborted = next((e for e in items if e.get("type") == "runtime_aborted"), None)
+    aborted = next((e for e in items[since_resumed(items):] if e.get("type") == "runtime_aborted"), None)
     if result.status == NOT_STARTED:
         why = f" ({aborted.get('reason')})" if aborted else ""
         return (f"the record ends before the run started{why}: it holds no step, and the run had not started "
@@ -298,6 +302,14 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return f"[bold]run finished[/]: {_status(str(e.get('status')))}{tail}"
     if kind == "runtime_aborted":
         return f"[red]aborted by the runtime[/]: {_esc(e.get('reason'))}"
+    if kind == RESUMED:
+        named = e.get("process")
+        process: Mapping[str, Any] = named if isinstance(named, Mapping) else {}
+        ids = [str(a.get("task_id")) for a in e.get("attempts") or () if isinstance(a, Mapping)]
+        again = f"; run again: {_esc(', '.join(ids))}" if ids else ""
+        return (f"[bold]resumed[/] by {_esc(e.get('by'))} (pid {_esc(process.get('pid'))} on "
+                f"{_esc(process.get('host'))}): its process had {_esc(_WAS.get(str(e.get('was')), e.get('was')))}"
+                f"{again}")
     if kind == "record_failed":
         return f"[yellow]the record stops here[/]: writing it failed ({_esc(e.get('reason'))}); the run went on"
     if kind == "runtime_waiting":

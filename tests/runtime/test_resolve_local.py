@@ -161,11 +161,12 @@ def test_a_refusal_quotes_the_note_and_who_inert_on_one_line(runs: Path) -> None
 
 def test_a_record_written_to_while_resolve_reads_it_is_not_resolved(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowdsl.runtime import record as recording
     from flowdsl.runtime import resolve as resolving
 
     runs = tmp_path / "runs"
     path = _run(runs, "grow1", NEEDS_HAND)
-    real = resolving.read_record
+    real = recording.read_record
 
     def read_then_grow(*args: Any) -> Any:
         read = real(*args)
@@ -173,7 +174,7 @@ def test_a_record_written_to_while_resolve_reads_it_is_not_resolved(tmp_path: Pa
             fh.write(b'{"type": "timer_fired", "run_id": "grow1", "at": 1}\n')
         return read
 
-    monkeypatch.setattr(resolving, "read_record", read_then_grow)
+    monkeypatch.setattr(recording, "read_record", read_then_grow)
     before = path.read_bytes()
     with pytest.raises(resolving.NotResolvable, match="written to while resolve read it"):
         resolving.resolve_record(path, note=None)
@@ -182,18 +183,19 @@ def test_a_record_written_to_while_resolve_reads_it_is_not_resolved(tmp_path: Pa
 
 def test_the_record_judged_is_the_file_written_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a record replaced by another one under its name while resolve opened it: the line goes to the file judged
+    from flowdsl.runtime import record as recording
     from flowdsl.runtime import resolve as resolving
 
     runs = tmp_path / "runs"
     path = _run(runs, "swap1")  # completed: nothing to resolve
     other = _run(tmp_path / "elsewhere", "swap1", NEEDS_HAND)
-    real = resolving._lock
+    real = recording._flock
 
     def lock_then_swap(fd: int) -> None:
         real(fd)
         other.replace(path)
 
-    monkeypatch.setattr(resolving, "_lock", lock_then_swap)
+    monkeypatch.setattr(recording, "_flock", lock_then_swap)
     with pytest.raises(RecordError, match="removed or replaced while resolve waited for it"):
         resolving.resolve_record(path, note=None)
     _, events = read_record(path)
@@ -202,17 +204,17 @@ def test_the_record_judged_is_the_file_written_to(tmp_path: Path, monkeypatch: p
 
 def test_a_record_removed_while_resolve_waited_for_its_lock_is_said_to_be(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowdsl.runtime import resolve as resolving
+    from flowdsl.runtime import record as recording
 
     runs = tmp_path / "runs"
     path = _run(runs, "gone2", NEEDS_HAND)
-    real = resolving._lock
+    real = recording._flock
 
     def lock_after_prune(fd: int) -> None:
         path.unlink()  # (flowdsl prune, holding the lock, removed it)
         real(fd)
 
-    monkeypatch.setattr(resolving, "_lock", lock_after_prune)
+    monkeypatch.setattr(recording, "_flock", lock_after_prune)
     done = cli("resolve", "gone2", "--runs-dir", str(runs))
     assert done.exit_code == 2 and "removed or replaced while resolve waited for it" in " ".join(done.stderr.split())
 
@@ -220,7 +222,7 @@ def test_a_record_removed_while_resolve_waited_for_its_lock_is_said_to_be(tmp_pa
 def test_a_record_that_cannot_be_written_is_still_judged(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from flowdsl.runtime import resolve as resolving
+    from flowdsl.runtime import record as recording
 
     real = os.open
 
@@ -229,7 +231,7 @@ def test_a_record_that_cannot_be_written_is_still_judged(runs: Path, monkeypatch
             raise PermissionError(13, "Permission denied")
         return real(path, flags, *args)
 
-    monkeypatch.setattr(resolving.os, "open", read_only)
+    monkeypatch.setattr(recording.os, "open", read_only)
     nothing = cli("resolve", "ok1", "--runs-dir", str(runs))  # completed: the answer is that, not "cannot write"
     assert nothing.exit_code == 1 and "nothing to resolve" in nothing.stderr
     needs = cli("resolve", "hand1", "--runs-dir", str(runs))

@@ -18,7 +18,12 @@ outcomes, one per attempt (the last one repeats). An outcome is a mapping:
   for it to know that the worker runs), before anything else but
 - ``after``: a path; the worker first waits until that file exists (another
   worker's ``mark``: this one goes on only once that one runs; at most 30 s,
-  then it raises ``NeverMarked``).
+  then it raises ``NeverMarked``);
+- ``log``: a path; the worker appends a JSON line ``{role, key, attempt, pid}``
+  (its idempotency key, attempt number and process) as it is called, after
+  ``mark`` — the calls that survive a process killed (``flowdsl resume``);
+- ``hang_unless``: a path; the worker hangs (as ``hang``) unless that file
+  exists when it is called.
 
 Workers are registered for the ids in :data:`IDS` under four prefixes, so a
 spec writes ``- conf.a`` (id ``a``) with ``compensate: undo.a`` and
@@ -30,6 +35,8 @@ cancellation (the local runtime's tests read it).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,9 +86,15 @@ def _may_go(plan: dict[str, Any], t0: float) -> bool:
     return False
 
 
-def _called(plan: dict[str, Any]) -> None:
+def _called(plan: dict[str, Any], ctx: StepContext, role: str) -> None:
     if "mark" in plan:
         Path(plan["mark"]).touch()
+    if "log" in plan:
+        with open(plan["log"], "a") as fh:
+            fh.write(json.dumps({"role": role, "key": ctx.idempotency_key, "attempt": ctx.attempt,
+                                 "pid": os.getpid()}) + "\n")
+    if "hang_unless" in plan and not Path(plan["hang_unless"]).exists():
+        plan["hang"] = True
 
 
 def _answer(plan: dict[str, Any], ctx: StepContext, t0: float) -> Any:
@@ -103,7 +116,7 @@ def _async_worker(role: str) -> Callable[..., Any]:
         try:
             while not _may_go(plan, t0):
                 await asyncio.sleep(0.005)
-            _called(plan)
+            _called(plan, ctx, role)
             if plan.get("hang"):
                 await asyncio.sleep(_FOREVER)
             elif plan.get("sleep"):
@@ -122,7 +135,7 @@ def _sync_worker(role: str) -> Callable[..., Any]:
         t0 = time.perf_counter()
         while not _may_go(plan, t0):
             time.sleep(0.005)
-        _called(plan)
+        _called(plan, ctx, role)
         if plan.get("hang"):
             time.sleep(_FOREVER)
         elif plan.get("sleep"):

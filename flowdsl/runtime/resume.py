@@ -1,0 +1,234 @@
+"""Resuming a local run whose process stopped before the run's end: the run goes on in this process, from its record.
+
+Stage: runtime (shared), for the local runtime's :func:`~flowdsl.runtime.local.resume_flow` and ``flowdsl resume``.
+Imports the kernel (``replay``, event names), stdlib, ``.owner`` and ``.record``; ``.rebuild``, ``.stopped`` and
+``.report`` inside the functions that use them.
+
+A local run lives in its process. When that process dies (kill -9, the OOM killer, a reboot: the run is listed
+``crashed``) or stops the run at once (a second Ctrl-C: ``aborted``), the run stands where its record left it. Its
+record holds every input event, so replaying them through the kernel gives the run's state back exactly
+(docs/kernel.md, "Replay"); :func:`prepare_resumption` does that and finds what the run waited for:
+
+- the attempts in flight (a step's, a fallback's, an undo's) run **again**, as the same attempt — same task id,
+  attempt number and idempotency key — since what they did before their process stopped is not known (at least
+  once, as on the Redis runtime after a worker's crash; a worker keyed on its idempotency key does its effect once);
+  an attempt the run was cancelling runs to its end too, so that its answer says what it did;
+- the armed timers are armed again at the times they were due (a retry's wait or a run timeout that passed while
+  the run stood fires at once), but an attempt's timeout, which is given afresh to the attempt run again;
+- attempts the run had given up on (they timed out) are not waited for: their process is gone, and they with it.
+
+:meth:`Resumption.begin` then takes the record under its lock (``.record.locked_record``: two resumes of one run
+never both go on with it), checks it has not changed since it was read, completes it — a last line cut short as the
+process died is dropped, the events the kernel emitted for the last input event recorded but that were not written
+are written — and appends a ``runtime_resumed`` line naming this process, which runs the run from there: ``flowdsl
+runs`` and ``show`` then judge the run by this process. A run that ended, still runs, was resolved by hand, whose
+record stopped where writing it failed (the run went on unrecorded), or that had not started is refused
+(:class:`NotResumable`); so is one whose process cannot be told to be gone (another host), unless ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from flowdsl.kernel import INPUT_EVENTS, replay
+from flowdsl.runtime.owner import LIVE, UNKNOWN, by_whom, this_process
+from flowdsl.runtime.record import RESUMED, RecordError, encode_line, locked_record, read_record, resumptions
+
+__all__ = ["NotResumable", "Resumption", "prepare_resumption"]
+
+
+class NotResumable(Exception):
+    """The run cannot be resumed: ``kind`` (``Ended``, ``StillRunning``, ``Resolved``, ``NotStarted``,
+    ``Unrecorded``, ``CannotTell``, ``Changed``), the message, and ``status``, the state ``flowdsl runs`` lists
+    the run in."""
+
+    def __init__(self, kind: str, message: str, status: str | None = None):
+        super().__init__(message)
+        self.kind, self.status = kind, status
+
+
+@dataclass
+class Resumption:
+    """A run read back from its record, to go on with in this process: its ``plan``, ``run_input`` and ``state``
+    (replayed), the ``events`` it emitted (all of them, those the record lacked included), the ``dispatches`` to
+    carry out again and the ``timers`` to arm again (commands, as the kernel gave them; an attempt's timeout due
+    afresh from :meth:`begin`), and ``was``: how its process stopped (``crashed``, ``aborted``, or ``gone`` — told
+    by ``force``)."""
+
+    path: Path
+    run_id: str
+    plan: dict[str, Any]
+    run_input: dict[str, Any]
+    state: dict[str, Any]
+    events: list[dict[str, Any]]
+    dispatches: list[dict[str, Any]]
+    timers: list[dict[str, Any]]
+    was: str
+    #: the spec file the run's plan was compiled from, as its record names it (its directory holds the worker
+    #: modules), or None
+    spec: str | None = None
+    #: the record's bytes when read: :meth:`begin` goes on only with the record as it was then
+    raw: bytes = field(repr=False, default=b"")
+    #: the emitted events the record lacks (the last decision's, cut short as its process died)
+    missing: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    #: after :meth:`begin`: each time the run was resumed, this one last (``RunResult.resumed``)
+    resumed: list[dict[str, Any]] = field(default_factory=list)
+
+    def begin(self, at: int) -> BinaryIO:
+        """Take the record over (under its lock): complete it and append the ``runtime_resumed`` line (``at``: the
+        run's clock now); returns the record, open for appending, for the run's recorder. :class:`NotResumable`
+        (``Changed``) when the record is not as it was read — another resume took it, or its process wrote on —;
+        ``RecordError`` when it cannot be written. Arms each attempt's timeout afresh from ``at``."""
+        with locked_record(self.path, "resume") as record:
+            if record.raw != self.raw:
+                raise NotResumable("Changed", f"the record {self.path} changed while resume read it (another "
+                                   "`flowdsl resume` took the run, or its process wrote on): nothing was resumed; "
+                                   "see how it stands with `flowdsl show`", None)
+            record.check_writable()
+            line = {"type": RESUMED, "run_id": self.run_id, "at": at, "by": by_whom(), "was": self.was,
+                    "process": this_process(),
+                    "attempts": [{"task_id": c["task_id"], "step": c["step"], "attempt": c["attempt"]}
+                                 for c in self.dispatches]}
+            record.append(b"".join([*(encode_line(e) for e in self.missing), encode_line(line)]))
+            self.resumed = resumptions([*record.lines, line])
+            _unlock(record.fd)  # (the run goes on: resolve and prune may read it, and find it live)
+            fh = os.fdopen(os.dup(record.fd), "ab", buffering=0)
+        again = {c["task_id"] for c in self.dispatches}
+        self.timers = [{**t, "due_at": at + int(t["delay_ms"])}
+                       if t.get("purpose") == "attempt_timeout" and self.state["timers"][t["timer_id"]].get("task_id")
+                       in again else t for t in self.timers]
+        return fh
+
+
+def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
+    """Read the record ``path`` and make ready to resume its run (:class:`Resumption`); nothing is written yet.
+
+    :class:`NotResumable` says why the run cannot be resumed; ``RecordError`` (a ``NewerRecord`` too) that the record
+    cannot be read, or does not replay."""
+    from flowdsl.runtime.rebuild import result_from_record
+    from flowdsl.runtime.report import NOT_STARTED
+    from flowdsl.runtime.stopped import settle
+
+    run = path.name.removesuffix(".jsonl")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecordError(f"cannot read the run record {path}: {exc.strerror or exc}") from None
+    header, lines = read_record(path, raw)
+    try:
+        result = result_from_record(header, lines, path)
+    except RecordError:
+        raise
+    except Exception as exc:  # a header without a plan, events that do not replay: as show says it
+        raise RecordError(f"cannot read the run record {path}: {exc}") from None
+    standing = settle(header, lines, result)
+    status = str(result.status)
+    if lines.resolutions:
+        said = lines.resolutions[-1]
+        raise NotResumable("Resolved", f"run {run} was resolved by hand ({said.get('by')}"
+                           + (f": {said.get('note')}" if said.get("note") else "") + "): a person finished what it "
+                           "left; resuming it would do that again", "resolved")
+    process = standing.process
+    if standing.live:
+        raise NotResumable("StillRunning", f"run {run} is not over, and {process.said if process else ''}: it is "
+                           f"still going ({status}); only a run whose process stopped can be resumed", status)
+    if standing.ended:
+        left = " (what it left to do by hand: `flowdsl show`; `flowdsl resolve` once done)" \
+            if status == "needs_intervention" or result.in_doubt else ""
+        raise NotResumable("Ended", f"run {run} ended {status}: there is nothing to resume{left}", status)
+    if status == NOT_STARTED:
+        raise NotResumable("NotStarted", f"run {run} had not started when its process stopped: no step ran; run "
+                           "it again", "crashed" if standing.crashed else status)
+    if standing.stopped == "unrecorded":
+        raise NotResumable("Unrecorded", f"run {run}'s record stops where writing it failed, and the run went on "
+                           "unrecorded: what it did after that is not known, so it cannot go on from its record",
+                           "unrecorded")
+    if standing.crashed:
+        was = "crashed"
+    elif standing.stopped == "aborted":
+        was = "aborted"
+    elif process is not None and process.state == UNKNOWN and force:
+        was = "gone"
+    else:
+        clause = process.said if process is not None else "its process cannot be told"
+        raise NotResumable("CannotTell", f"run {run} has no end in its record, and {clause}; resume it only once "
+                           "you know that process is gone: then add --force (two processes running one run would "
+                           "run its steps twice)", status)
+    assert process is None or process.state != LIVE
+    plan = dict(header["plan"]) if header is not None else {}
+    inputs = [e for e in lines if e.get("type") in ("start", *INPUT_EVENTS)]
+    state, commands, emitted = replay(plan, inputs)
+    last_seq = max((e["seq"] for e in lines if isinstance(e.get("seq"), int)), default=-1)
+    dispatched: dict[str, dict[str, Any]] = {}
+    armed: dict[str, dict[str, Any]] = {}
+    for command in commands:
+        if command["op"] == "dispatch":
+            dispatched[command["task_id"]] = command
+        elif command["op"] == "schedule_timer":
+            armed[command["timer_id"]] = command
+    dispatches = [dispatched[t] for t in state["tasks"] if t in dispatched]
+    timers = [armed[t] for t in state["timers"] if t in armed]
+    if not dispatches and not timers:  # (the kernel never leaves a live run waiting on nothing)
+        raise RecordError(f"{path}: the run is {status} with no attempt in flight and no timer armed: its record "
+                          "does not say what the run waited for, and it cannot go on from there")
+    return Resumption(path=path, run_id=str(state["run_id"]), plan=plan, run_input=dict(inputs[0]["input"]),
+                      state=state, events=emitted, dispatches=dispatches, timers=timers, was=was,
+                      spec=spec if isinstance(spec := (header or {}).get("spec"), str) else None, raw=raw,
+                      missing=[e for e in emitted if e["seq"] > last_seq])
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | None = None,
+                      lm: object | str | None = None,
+                      on_event: Any = None, on_notice: Any = None, registry: Any = None, adapter: object | None = None,
+                      handle_sigint: bool = False, import_workers: bool = True, lms: Any = None,
+                      spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
+                      late_grace: float | None = None, force: bool = False) -> Any:
+    """Resume, on the running event loop, the local run ``run`` (its id, in ``runs_dir``, or its record's path)
+    whose process stopped before the run's end — it crashed, or stopped the run at once — and return its
+    :class:`~flowdsl.runtime.report.RunResult` when it ends (module docstring: what runs again).
+
+    The options are :func:`~flowdsl.runtime.local.run_flow`'s (``on_event`` is told the events emitted from here
+    on; the result's ``events`` are all of the run's; ``spec_path`` defaults to the spec file the record names,
+    whose directory is searched for the worker modules after the current one); ``force`` resumes a run whose
+    process cannot be told to be gone from here (another host). Raises :class:`NotResumable` (nothing was
+    written), ``RecordError`` (the record cannot be read, replayed or written), and what
+    :class:`~flowdsl.runtime.local.LocalRun` raises (its workers cannot be imported, are missing…) before anything
+    runs."""
+    from flowdsl.runtime.local import LocalRun
+    from flowdsl.runtime.record import find_record
+
+    path = find_record(os.fspath(run), runs_dir)
+    resumption = prepare_resumption(path, force=force)
+    local = LocalRun(resumption.plan, resumption.run_input, run_id=resumption.run_id, lm=lm, runs_dir=runs_dir,
+                     on_event=on_event, on_notice=on_notice, registry=registry, adapter=adapter,
+                     handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
+                     spec_path=spec_path if spec_path is not None else resumption.spec,
+                     handle_sigterm=handle_sigterm, late_grace=late_grace, resumption=resumption)
+    return await local.run()
+
+
+def resume(run: str | os.PathLike[str], **options: Any) -> Any:
+    """:func:`resume_flow` on a new event loop, as :func:`~flowdsl.runtime.local.run` is :func:`run_flow` on one
+    (``handle_sigint`` defaults to on in the main thread)."""
+    import threading
+
+    from flowdsl.runtime.local import _loop_running, run_on_new_loop
+
+    if _loop_running():
+        raise RuntimeError("flowdsl.resume() cannot be called from a running event loop (it runs one of its own): "
+                           "in async code, use `await flowdsl.resume_flow(run, ...)`, which takes the same options")
+    options.setdefault("handle_sigint", threading.current_thread() is threading.main_thread())
+    return run_on_new_loop(resume_flow(run, **options))
