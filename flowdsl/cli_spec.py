@@ -22,6 +22,7 @@ from flowdsl.cli_common import (
     _compile,
     _exit_for,
     _fail,
+    _JsonChannel,
     _print_diagnostics,
     _stderr,
     _user_code,
@@ -39,12 +40,13 @@ def validate(
     no_import: NoImportOpt = False,
 ) -> None:
     all_diags: list[Any] = []
-    for file in files:
-        all_diags.extend(_compile(file, no_import).diagnostics)
-    from flowdsl.diagnostics import sort_diagnostics
+    with _JsonChannel(True):  # (a worker module writing to fd 1 as it is imported: on stderr, not in the JSON)
+        for file in files:
+            all_diags.extend(_compile(file, no_import).diagnostics)
+        from flowdsl.diagnostics import sort_diagnostics
 
-    all_diags = sort_diagnostics(all_diags)
-    _print_diagnostics(all_diags, fmt)
+        all_diags = sort_diagnostics(all_diags)
+        _print_diagnostics(all_diags, fmt)
     code = _exit_for(all_diags)
     if fmt is OutputFormat.text and code == EXIT_OK:
         _stderr().print(f"[green]ok[/]: {len(files)} spec(s) valid" + (
@@ -62,6 +64,11 @@ def plan(
     fmt: FormatOpt = OutputFormat.text,
     no_import: NoImportOpt = False,
 ) -> None:
+    with _JsonChannel(True):  # stdout carries the plan alone (what worker modules write to fd 1 goes to stderr)
+        _plan(file, output, source_map, fmt, no_import)
+
+
+def _plan(file: Path, output: Path | None, source_map: Path | None, fmt: OutputFormat, no_import: bool) -> None:
     from flowdsl.api import plan_bytes
 
     result = _compile(file, no_import)

@@ -193,3 +193,22 @@ def test_columns_does_not_shorten_what_goes_to_a_file(tmp_path: Path, recorded: 
     assert "attempts" in summary.split("\n\nstep", 1)[-1].splitlines()[0]
     assert any(line.startswith("check_inventory ") and line.rstrip().endswith("undone #1")
                for line in summary.splitlines())
+
+
+@pytest.mark.parametrize("command", [["plan"], ["validate", "--format", "json"]])
+def test_what_a_worker_module_writes_to_fd_1_as_it_is_imported_goes_to_stderr(tmp_path: Path,
+                                                                             command: list[str]) -> None:
+    """`plan > plan.json` and `validate --format json | jq`: stdout is the plan or the JSON alone, whatever the
+    spec's worker modules write as they are imported — `print`, and `os.write(1, …)` (a C library, a child
+    process) too."""
+    (tmp_path / "noisy_at_import.py").write_text(
+        "import os\nfrom flowdsl import worker\nprint('printed at import')\nos.write(1, b'written to fd 1\\n')\n\n"
+        "@worker('noisy.a')\nasync def a(data, ctx):\n    return {}\n", encoding="utf-8")
+    (tmp_path / "noisy.yaml").write_text("flowdsl: 1\nname: noisy\nworkers: [noisy_at_import]\nsteps:\n  - noisy.a\n",
+                                         encoding="utf-8")
+    done = subprocess.run([FLOWDSL, *command, "noisy.yaml"], capture_output=True, env=_env(), cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    parsed = json.loads(done.stdout)
+    assert parsed == [] if command[0] == "validate" else parsed["flow"]["name"] == "noisy"
+    assert _said(done)[:2] == ["printed at import", "written to fd 1"]

@@ -56,6 +56,9 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
             except OSError as exc:
                 raise InputError(f"cannot read input file '{name}': {exc.strerror or exc}") from None
         text = (_decode(raw, name) if isinstance(raw, bytes) else raw).removeprefix("\ufeff")
+        if not text.strip():  # (json's own "Expecting value" at 1:1 says nothing of why)
+            raise InputError(f"{name} is empty" + (" (nothing was piped in)" if source == "-" else "")
+                             + ": the run input must be a JSON object, e.g. {}")
         try:
             parsed = json.loads(text, object_pairs_hook=_distinct)
         except _DuplicateKey:

@@ -97,3 +97,18 @@ def test_a_seed_that_is_not_an_integer_is_refused_by_both_runtimes_before_anythi
             await client.submit(plan, {}, run_id="r1", seed=seed)
     with pytest.raises(ValueError, match="the seed must be an integer or None"):
         asyncio.run(submit())
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\t", b"\xef\xbb\xbf\n"])
+def test_an_empty_input_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
+    import io
+
+    from flowdsl.runtime.inputs import InputError
+
+    path = tmp_path / "in.json"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"in\.json is empty: the run input must be a JSON object, e\.g\. \{\}"):
+        read_input(str(path))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(content)))
+    with pytest.raises(InputError, match=r"^stdin is empty \(nothing was piped in\): the run input must be"):
+        read_input("-")
