@@ -40,13 +40,12 @@ def validate(
     no_import: NoImportOpt = False,
 ) -> None:
     all_diags: list[Any] = []
-    with _JsonChannel(True):  # (a worker module writing to fd 1 as it is imported: on stderr, not in the JSON)
-        for file in files:
-            all_diags.extend(_compile(file, no_import).diagnostics)
-        from flowdsl.diagnostics import sort_diagnostics
+    for file in files:
+        all_diags.extend(_compiled(file, no_import).diagnostics)
+    from flowdsl.diagnostics import sort_diagnostics
 
-        all_diags = sort_diagnostics(all_diags)
-        _print_diagnostics(all_diags, fmt)
+    all_diags = sort_diagnostics(all_diags)
+    _print_diagnostics(all_diags, fmt)
     code = _exit_for(all_diags)
     if fmt is OutputFormat.text and code == EXIT_OK:
         _stderr().print(f"[green]ok[/]: {len(files)} spec(s) valid" + (
@@ -64,14 +63,9 @@ def plan(
     fmt: FormatOpt = OutputFormat.text,
     no_import: NoImportOpt = False,
 ) -> None:
-    with _JsonChannel(True):  # stdout carries the plan alone (what worker modules write to fd 1 goes to stderr)
-        _plan(file, output, source_map, fmt, no_import)
-
-
-def _plan(file: Path, output: Path | None, source_map: Path | None, fmt: OutputFormat, no_import: bool) -> None:
     from flowdsl.api import plan_bytes
 
-    result = _compile(file, no_import)
+    result = _compiled(file, no_import)
     if result.plan is None:
         _print_diagnostics(result.diagnostics, fmt)
         raise typer.Exit(_exit_for(result.diagnostics))
@@ -88,6 +82,14 @@ def _plan(file: Path, output: Path | None, source_map: Path | None, fmt: OutputF
         from flowdsl.stdio import write_json
 
         write_json(data.decode("utf-8"))
+
+
+def _compiled(file: Path, no_import: bool) -> Any:
+    """:func:`_compile`, with file descriptor 1 pointed at stderr while the worker modules are imported: what they
+    write to it by any means (``os.write(1, …)``, a C library, a child process) stays out of this command's output
+    (a plan, a JSON list), which goes to stdout afterwards (``-o /dev/stdout`` too)."""
+    with _JsonChannel(True):
+        return _compile(file, no_import)
 
 
 def _module_files(plan: dict[str, Any]) -> list[Path]:
