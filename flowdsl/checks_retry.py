@@ -40,6 +40,11 @@ FLOWDSL_ERROR_TYPES = frozenset({
 })
 
 
+#: names that are exception classes (or their root) but that no error's ``types`` holds: an error lists the class
+#: names of its exception's MRO without ``BaseException`` and ``object`` (``flowdsl.runtime.execute.error_types``)
+NEVER_MATCHED = frozenset({"BaseException", "object"})
+
+
 def exception_names() -> set[str]:
     """The ``__name__`` of ``BaseException`` and of every subclass of it that exists in the process (found through
     ``type.__subclasses__``, recursively: classes of the worker modules and of everything they imported)."""
@@ -93,6 +98,12 @@ def check_retry_filters(flows: Iterable[Flow]) -> Iterator[Diagnostic]:
     near: Misspellings | None = None
     for flow in flows:
         for which, name, path in retry_filters(flow):
+            if name in NEVER_MATCHED:
+                yield make("FD313", f"retry filter '{which}' names '{name}', which never matches: a filter matches "
+                           "the class of the exception a worker raised and its bases up to, but not including, "
+                           "BaseException (and flowdsl's own error types by their name); name 'Exception' to "
+                           f"match every exception, or leave '{which}' out", path, file=flow.file)
+                continue
             if known is None:
                 known = known_error_types()
             if name in known:

@@ -134,7 +134,7 @@ def test_the_text_syntax_is_checked_at_the_name(tmp_path: Path, workers: str) ->
 def test_names_the_process_knows_are_not_reported(tmp_path: Path, workers: str) -> None:
     known = ["GatewayTimeout", "PaymentError",  # the worker module's classes
              "LedgerUnavailable",  # a module it imports
-             "ConnectionError", "TimeoutError", "Exception", "BaseException", "KeyError", "SystemExit",  # Python's
+             "ConnectionError", "TimeoutError", "Exception", "KeyError", "SystemExit",  # Python's
              *sorted(FLOWDSL_ERROR_TYPES)]  # flowdsl's own
     result = compiled(tmp_path, f"""\
         flowdsl: 1
@@ -145,6 +145,27 @@ def test_names_the_process_knows_are_not_reported(tmp_path: Path, workers: str) 
           - refund: {{retry: {{not_on: [{", ".join(known)}]}}}}
         """)
     assert fd313(result) == []
+
+
+@pytest.mark.parametrize("name", ["BaseException", "object"])
+def test_the_root_of_the_exception_classes_is_reported_it_is_never_matched(tmp_path: Path, workers: str,
+                                                                           name: str) -> None:
+    """An error lists its exception's class names up to, not including, BaseException: `on: [BaseException]`
+    never retried anything (and `not_on` stopped nothing) — the class exists, so it was not reported."""
+    from flowdsl.runtime.execute import error_types
+
+    assert name not in error_types(SystemExit(1)) + error_types(KeyError("k"))  # (what the rule stands on)
+    result = compiled(tmp_path, f"""\
+        flowdsl: 1
+        name: t
+        workers: [{workers}]
+        steps:
+          - charge: {{retry: {{"on": [{name}]}}}}
+          - refund: {{retry: {{not_on: [Exception, {name}]}}}}
+        """)
+    assert [(path, quoted) for _, _, path, quoted in fd313(result)] == [
+        ("/steps/0/charge/retry/on/0", name), ("/steps/1/refund/retry/not_on/1", name)]
+    assert "never matches" in result.diagnostics[0].message and "name 'Exception'" in result.diagnostics[0].message
 
 
 def test_not_checked_without_the_worker_modules(tmp_path: Path, workers: str) -> None:
