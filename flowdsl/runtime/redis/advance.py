@@ -136,12 +136,16 @@ class Advancer:
     wakes up for it). ``snapshot_bytes``: see the module's docstring (0: write
     the state at a run's start and end only, and replay everything between).
     ``rules``: the kernel rules version of the runs it starts (None: the newest it knows).
+    ``on_refused(run_id, task_id, result type, reason, late completion event or None)`` is called when a
+    result reported with a ``reporter`` is written and the kernel rejected it (``result_rejected``: its attempt
+    was no longer in flight, or the run had ended).
     """
 
     def __init__(self, store: Store, clock: Clock, *, schedule_timeout_ms: int | None = None,
                  retention_ms: int = 7 * 24 * 3600 * 1000, cache_size: int = 4096,
                  on_timer: Callable[[int], None] | None = None, snapshot_bytes: int = SNAPSHOT_BYTES,
-                 rules: int | None = None):
+                 rules: int | None = None,
+                 on_refused: Callable[[str, str, str, str, dict[str, Any] | None], None] | None = None):
         self.store = store
         self.keys: Keys = store.keys
         self.clock = clock
@@ -149,6 +153,7 @@ class Advancer:
         self.retention_ms = retention_ms
         self.cache_size = cache_size
         self.on_timer = on_timer
+        self.on_refused = on_refused
         self.snapshot_bytes = snapshot_bytes
         self.snapshot_limit = SNAPSHOT_LIMIT
         self.rules = rules
@@ -471,6 +476,10 @@ class Advancer:
                 elif op == "schedule_timer":
                     ops.append({"o": "timer", "k": Keys.kernel_timer(run_id, command["timer_id"]),
                                 "d": command["due_at"]})
+                    if command.get("purpose") == "attempt_timeout":  # (its timer is '<task id>@timeout')
+                        # the attempt's deadline beside its lease, on the run's slot: PICKUP starts no attempt
+                        # whose timeout has passed (the timer set is another slot; a claimed timer leaves it)
+                        task_ops.append(("t", command["timer_id"].removesuffix("@timeout"), str(command["due_at"])))
                 elif op == "cancel_timer":
                     ops.append({"o": "untimer", "k": Keys.kernel_timer(run_id, command["timer_id"])})
                 elif op == "cancel_task":
@@ -531,6 +540,10 @@ class Advancer:
                 # the kernel's own command (read-only: it shares data with the cached state; the worker gets
                 # a copy of its input from execute)
                 chain.command = command
+            if self.on_refused is not None:
+                for event, decision, guard, reporter, _ in steps:
+                    if reporter and guard is not None and guard[0] not in decision.ended:  # (ended: taken)
+                        _said_refused(self.on_refused, run_id, guard[0], event, decision)
             stale = result.version != record.version + len(steps)  # others wrote after it (a code 4)
             record.version = result.version
             if over or stale:
@@ -833,6 +846,21 @@ def said_end(run_id: str, plan: dict[str, Any], state: dict[str, Any]) -> None:
         failed = f" at step {visible(state['failed_step'])}" if state.get("failed_step") else ""
         log.info("run %s (flow %s) ended %s%s: %s: %s", run_id, flow, status, failed, kind, visible(message),
                  extra=extra)
+
+
+def _said_refused(on_refused: Callable[[str, str, str, str, dict[str, Any] | None], None], run_id: str,
+                  task_id: str, event: dict[str, Any], decision: Decision) -> None:
+    """Call ``on_refused`` when ``decision`` rejected ``event``, the result of ``task_id`` (``result_rejected``),
+    with the late completion it made of it, if any."""
+    rejected = late = None
+    for emitted in decision.events:
+        if emitted.get("task_id") == task_id:
+            if emitted.get("type") == "result_rejected":
+                rejected = emitted
+            elif emitted.get("type") == "late_completion":
+                late = emitted
+    if rejected is not None:
+        on_refused(run_id, task_id, str(event.get("type")), str(rejected.get("reason")), late)
 
 
 def _ends(decision: Decision) -> bool:

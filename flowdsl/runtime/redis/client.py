@@ -336,7 +336,8 @@ class RedisClient:
         self._own = client is None
         # lean connections when the URL allows (see .wire): one for every command, idle ones for follow's XREAD
         self._url = resolve_url(url) if self._own and wire_supported(resolve_url(url)) else None
-        self.wire = WireConnection(self._url, client_name="flowdsl-client") if self._url else None
+        # (a reply deadline, as redis-py's socket_timeout: a connection whose path died silently is not waited on)
+        self.wire = WireConnection(self._url, client_name="flowdsl-client", reply_timeout=15.0) if self._url else None
         self._readers: list[WireConnection] = []
         self.store = Store(self.redis, self.keys, batcher=Batcher(self.redis, wire=self.wire))
         #: id(plan) -> (plan, its JSON, its content id): a service submits runs of a few plans, many times each

@@ -412,6 +412,8 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
         console.print(f"[dim]worker {stats.name} stopped: {stats.tasks} step(s) run, {stats.runs_started} run(s) "
                       f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected"
+                      + (f", {stats.expired} attempt(s) not started: timed out before pickup" if stats.expired
+                         else "")
                       + (f", {stats.dead_letters} message(s) set aside as dead letters" if stats.dead_letters else "")
                       + (f", {stats.starts_resent} start request(s) sent again" if stats.starts_resent else "")
                       + "[/]")

@@ -375,14 +375,15 @@ def _connection_class(url: str, blocking: bool) -> type:
     return (_SYNC if blocking else _ASYNC).get(scheme, (_SYNC if blocking else _ASYNC)["redis"])
 
 
-def _options(url: str, client_name: str | None, *, blocking: bool = False) -> dict[str, Any]:
+def _options(url: str, client_name: str | None, *, blocking: bool = False, socket_timeout: float = 15.0
+             ) -> dict[str, Any]:
     # each kind of client its own kind of Retry (redis-py 8.2 warns of, and converts, a blocking one given to an
     # asyncio client)
     retry = (Retry if blocking else AsyncRetry)(ExponentialBackoff(cap=1.0, base=0.02), 2)
     options: dict[str, Any] = {
         "decode_responses": False,
         "socket_connect_timeout": 5,
-        "socket_timeout": 15,
+        "socket_timeout": socket_timeout,
         "health_check_interval": 30,
         "client_name": client_name,
         "retry": retry,
@@ -394,10 +395,13 @@ def _options(url: str, client_name: str | None, *, blocking: bool = False) -> di
 
 
 def connect(url: str | None = None, *, client_name: str | None = None,
-            max_connections: int | None = None) -> aioredis.Redis:
-    """An asyncio client for ``url`` (see :func:`resolve_url`); raises :class:`RedisConfigError` if bad."""
+            max_connections: int | None = None, socket_timeout: float = 15.0) -> aioredis.Redis:
+    """An asyncio client for ``url`` (see :func:`resolve_url`); raises :class:`RedisConfigError` if bad.
+    ``socket_timeout``: how long a reply may take (seconds; a connection that takes longer is closed and the command
+    tried again on a new one: a network path that drops packets gives no other sign) — more than any ``BLOCK`` of a
+    command it sends."""
     chosen = resolve_url(url)
-    options = _options(chosen, client_name)
+    options = _options(chosen, client_name, socket_timeout=socket_timeout)
     if max_connections is not None:
         options["max_connections"] = max_connections
     try:

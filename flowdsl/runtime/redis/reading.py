@@ -7,7 +7,9 @@ this package's ``advance``, ``connection``, ``keys``, ``serving``, ``store`` and
 - **reader** — ``XREADGROUP`` over the control stream, the LLM stream and the task stream of every registered
   worker, no more entries than free slots; **cancel reader** — over the cancels stream, whatever the free slots,
   at most :data:`_CANCELS_PER_READ` handled at a time. Redis unreachable, refusing work for now or having lost its
-  consumer groups is waited out; an idle burst stops the process.
+  consumer groups is waited out (said once, and when it is over); an idle burst stops the process. Neither reads
+  while the command connection is not answering (:meth:`Reading._command_silent`): what it read could be neither
+  picked up nor renewed, and would wait a lease for another process.
 - **entries** — each entry read (or reclaimed) gets its handler (:meth:`Reading._spawn`): a start or cancel
   request that of :mod:`.control`, a task message that of :mod:`.tasks`; an entry that cannot be read is set
   aside at once. Handlers run as tracked tasks (:meth:`Reading._track`). The entries held and their tasks are
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -54,6 +57,9 @@ _CANCELS_PER_READ = 64
 
 #: lost connections in a row, while Redis answers other commands, after which handling an entry is a failure
 _CLOSED_TRIES = 6
+
+#: how often a reading loop looks again whether the command connection answers, while it does not
+_SILENT_POLL_S = 0.1
 
 
 class _ClosedOnEntry(Exception):
@@ -116,6 +122,7 @@ class Reading:
     streams: list[str]
     lease_ms: int
     client: aioredis.Redis | None
+    wire: WireConnection | None
     store: Store
     _nonces: Iterator[str]
     _task_streams: frozenset[str]
@@ -148,21 +155,37 @@ class Reading:
 
     async def _reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
         """Read start requests and tasks: no more at a time than there are free slots."""
-        await self._read_loop(reader, wire, self.streams, self._free_slots)
+        await self._read_loop(reader, wire, self.streams, self._free_slots, "tasks and start requests")
 
     async def _cancels_reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
         """Read cancel requests, whether or not a slot is free: a chain holds its slot until its run ends, so a
         cancel read only when a slot frees would reach a run of a busy fleet after it had completed."""
-        await self._read_loop(reader, wire, [self.keys.cancels], lambda: _CANCELS_PER_READ - len(self._cancelling))
+        await self._read_loop(reader, wire, [self.keys.cancels], lambda: _CANCELS_PER_READ - len(self._cancelling),
+                              "cancel requests")
 
     def _free_slots(self) -> int:
         return self.options.concurrency - len(self._held) - len(self._starting)
 
+    def _command_silent(self, seconds: float, waiting: int) -> None:
+        """The command connection was given up: Redis sent nothing on it for ``seconds`` while ``waiting``
+        commands waited (:class:`~flowdsl.runtime.redis.wire.WireConnection`'s reply deadline)."""
+        log.warning("worker %s: Redis sent nothing for %.1f s on the command connection while %d command(s) waited "
+                    "for their replies: the connection was presumed dead (a network path that drops packets without "
+                    "a reset, a lost NAT or firewall entry?) and closed; the commands are tried again on a new "
+                    "connection, and no new work is read until Redis answers", self.name, seconds, waiting)
+
+    def _command_answers(self, seconds: float) -> None:
+        """Redis answers again on the command connection, after ``seconds`` without an answer."""
+        log.info("worker %s: Redis answers again on the command connection (it had not for %.1f s); reading new "
+                 "work again", self.name, seconds)
+
     async def _read_loop(self, reader: aioredis.Redis, wire: WireConnection | None, streams: list[str],
-                         room: Callable[[], int]) -> None:
-        """Read new entries of ``streams`` (at most ``room()`` at a time; none while it is 0) and give each
-        its handler, until stopped; Redis unreachable, refusing work for now, or having lost its data is waited
-        out."""
+                         room: Callable[[], int], what: str) -> None:
+        """Read new entries of ``streams`` (``what`` they hold, for the log; at most ``room()`` at a time; none
+        while it is 0) and give each its handler, until stopped; Redis unreachable, refusing work for now, or having
+        lost its data is waited out — said once, and when it is over. Nothing is read while the command connection
+        does not answer (``wire.stalled``): an entry read then could be neither picked up nor renewed, and would
+        wait a lease for another process to take it over."""
         assert self._room is not None
         backoff = Backoff()
         block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
@@ -172,9 +195,11 @@ class Reading:
                 self._room.clear()
                 await self._room.wait()
                 continue
+            if self.wire is not None and self.wire.stalled:
+                await asyncio.sleep(_SILENT_POLL_S)
+                continue
             try:
                 reply = await self._read(reader, wire, free, block, streams)
-                backoff.reset()
             except redis.ResponseError as exc:
                 if groups_lost(exc):
                     await self._regroup()
@@ -182,15 +207,21 @@ class Reading:
                 if not server_unwell(exc):
                     raise
                 if backoff.failures == 0:
-                    log.warning("worker %s: reading refused by Redis for now (%s); retrying with backoff", self.name,
-                                exc)
+                    log.warning("worker %s: reading %s refused by Redis for now (%s); retrying with backoff",
+                                self.name, what, exc)
                 await backoff.wait()
                 continue
             except TRANSIENT as exc:
                 if backoff.failures == 0:
-                    log.warning("worker %s: Redis unreachable (%s); reconnecting with backoff", self.name, exc)
+                    log.warning("worker %s: Redis unreachable while reading %s (%s); reconnecting with backoff",
+                                self.name, what, exc)
                 await backoff.wait()
                 continue
+            if backoff.failures:
+                assert backoff.failing_since is not None
+                log.info("worker %s: Redis reachable again: reading %s (after %.1f s)", self.name, what,
+                         time.monotonic() - backoff.failing_since)
+                backoff.reset()
             if not reply:
                 if self.options.burst and streams is self.streams and await self._idle_now():
                     log.info("worker %s: burst: nothing left to do", self.name)

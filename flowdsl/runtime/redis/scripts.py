@@ -69,8 +69,9 @@ end
 #: and the message of each ``c`` operation.
 #: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease>`` (a task the calling process runs
 #: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
-#: (no longer in flight: its lease and any kept message go), ``x <task>`` (mark cancelled), ``g <task>`` (given
-#: up on: see the code).
+#: (no longer in flight: its lease, any kept message and deadline go), ``x <task>`` (mark cancelled), ``g <task>``
+#: (given up on: see the code), ``t <task> <due ms>`` (the attempt's deadline, its timeout timer's due time, kept as
+#: field ``d:<task>`` beside its lease: :data:`PICKUP` starts no attempt past it).
 #: The n input events become journal entries of versions expected+1 … expected+n (a group commit: the results
 #: queued behind one another for a run, applied in one write). Every guard is checked before anything is written.
 #: Returns {1, new version, {task ids cancelled while queued}} (when creating the run, a fourth item: its
@@ -192,8 +193,10 @@ for _ = 1, h[8 + 4 * n] do
     redis.call('HSET', outbox, 's:' .. tid, ARGV[m])
     m = m + 1
   elseif op == 'd' then
-    redis.call('HDEL', tasks, tid, 'g:' .. tid)
+    redis.call('HDEL', tasks, tid, 'g:' .. tid, 'd:' .. tid)
     redis.call('HDEL', outbox, 's:' .. tid)
+  elseif op == 't' then
+    redis.call('HSET', tasks, 'd:' .. tid, h[i + 2])
   elseif op == 'g' then
     local cur = redis.call('HGET', tasks, tid)
     if cur and string.sub(cur, 1, 2) == 'r:' then
@@ -201,7 +204,7 @@ for _ = 1, h[8 + 4 * n] do
     elseif cur and string.sub(cur, 1, 3) == 'xr:' then
       redis.call('HSET', tasks, 'g:' .. tid, '1')
     else
-      redis.call('HDEL', tasks, tid)
+      redis.call('HDEL', tasks, tid, 'd:' .. tid)
       redis.call('HDEL', outbox, 's:' .. tid)
     end
   else
@@ -258,14 +261,25 @@ return {m[1], m[2], m[3], m[4], m[5], tail, m[7]}
 #: generation: left by an expired run of the same id) | {1} run it | {2} answer task_cancelled (cancel requested
 #: before or while it ran) | {3, lease} another stream entry holds it (a duplicate delivery) | {4, rules} the run
 #: follows newer kernel rules (its ``k``) than the caller knows: nothing done, the step is an upgraded process's
-#: to run. A lease taken under the same trigger (the delivery was taken over) is taken over.
+#: to run | {5, ms} the attempt's deadline (its step's timeout, counted from its dispatch: field ``d:<task>``) passed
+#: that many ms ago by the server's clock: not taken, its message to be dropped — the attempt can no longer succeed
+#: in time, run now it could only make an effect its timeout timer (due, or being fired) has decided it did not
+#: make; that timer times it out. A lease taken under the same trigger (the delivery was taken over) is taken over.
 PICKUP = r"""
 local run = redis.call('HMGET', KEYS[3], 'born', 'k')
 if ARGV[5] ~= '' and run[1] and run[1] ~= ARGV[5] then return {0} end
 if run[2] and tonumber(run[2]) > tonumber(ARGV[6]) then return {4, run[2]} end
+local got = redis.call('HMGET', KEYS[1], ARGV[1], 'd:' .. ARGV[1])
+local v = got[1]
+local late = nil
+if v == 'q' and got[2] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now >= tonumber(got[2]) then late = now - tonumber(got[2]) end
+end
 if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
-local v = redis.call('HGET', KEYS[1], ARGV[1])
 if not v then return {0} end
+if late then return {5, late} end
 if v == 'q' then
   redis.call('HSET', KEYS[1], ARGV[1], 'r:' .. ARGV[3])
   return {1}

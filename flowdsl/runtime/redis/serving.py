@@ -110,6 +110,14 @@ class WorkerOptions:
     cache_runs: int = 4096  # the states of the runs this process advanced last that it keeps in memory (0: none):
     # a run not kept is read back from Redis at its next event (docs/runtime.md, "Sizing")
 
+    @property
+    def reply_timeout_s(self) -> float:
+        """How long Redis may leave one of the process's connections without a byte while replies are awaited
+        before it is presumed dead, closed and opened again (a network path that drops packets gives no other
+        sign): the lease, within 2 to 15 s — a connection silent for a lease is of no use, the leases it should
+        renew expire meanwhile."""
+        return min(15.0, max(2.0, self.lease_s))
+
     def __post_init__(self) -> None:
         if type(self.cache_runs) is not int or self.cache_runs < 0:
             raise ValueError(f"cache_runs must be a whole number of runs, 0 or more, not {self.cache_runs!r}")
@@ -126,7 +134,8 @@ class WorkerStats:
     tasks: int = 0  # steps executed
     reclaimed: int = 0  # messages taken over from other processes
     dropped: int = 0  # deliveries of tasks no longer in flight (or held by another delivery)
-    rejected: int = 0  # results refused because the lease was lost
+    rejected: int = 0  # results refused: the lease was lost, or the task had ended (the kernel's result_rejected)
+    expired: int = 0  # attempts not started: their step's timeout had passed before they were picked up
     late: int = 0  # rejected successes reported again once their task had ended (given to the kernel)
     timers: int = 0
     runs_started: int = 0

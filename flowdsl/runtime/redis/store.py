@@ -1,6 +1,7 @@
 """Reading and writing runs in Redis: load, atomic transition, task pickup, outbox relay, timers.
 
 Stage: runtime: redis. Imports redis (through ``.scripts``), ``.keys``, ``.wire`` (stream entries' fields),
+``.connection`` (what is transient, backoff),
 ``flowdsl.runtime.codec`` (JSON bytes), ``flowdsl.kernel`` (to replay a
 journal tail) and stdlib. It knows the data model (docs/runtime.md, "The Redis
 data model") but nothing of the kernel's semantics: :mod:`.advance` decides
@@ -23,13 +24,17 @@ acknowledged. A process that dies in between leaves the trigger pending; whoever
 takes it over relays the outbox first (:meth:`Store.outbox`). A task the
 transition gives to the calling process itself (self-dispatch) is not relayed:
 its message is kept in the outbox (``s:<task id>``) while it is in flight, and
-relayed only if the trigger it was held under is taken over.
+relayed only if the trigger it was held under is taken over. An outbox entry
+relayed is dropped (``HDEL``) without waiting for the reply; a drop lost with its
+connection is sent again (:meth:`Store.relay`), so that a finished run keeps
+no entry that every later recovery would relay again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ from redis.exceptions import NoScriptError
 from flowdsl import kernel
 from flowdsl.kernel import apply, check_rules
 from flowdsl.runtime.codec import dumps, loads
+from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, server_unwell
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.runtime.redis.scripts import (
     CLAIM_TIMERS,
@@ -81,6 +87,10 @@ _RESOLVE = Script("resolve", RESOLVE)
 #: the most entries of the control stream (and of the dead letters) read to find the start requests there
 #: (:meth:`Store.start_requests`): a longer one is a backlog, not read through
 START_SCAN_LIMIT = 10_000
+#: how many times a relayed outbox entry's drop lost with its connection is sent again (with backoff: about a
+#: minute); beyond, the entry stays, relayed again by a later recovery (a duplicate message, dropped at pickup)
+_DROP_TRIES = 30
+log = logging.getLogger("flowdsl.redis")
 
 
 class RunDamaged(ValueError):
@@ -343,6 +353,8 @@ class Store:
             2 + len(_SUBMISSION)))
         #: plan id -> the futures of the reads waiting for its read in flight
         self._plan_reads: dict[str, list[asyncio.Future[dict[str, Any] | None]]] = {}
+        #: outbox entries whose drop was lost with its connection, being sent again (:meth:`_drop_again`)
+        self._drops: set[asyncio.Task[None]] = set()
 
     def call(self, *args: Any) -> asyncio.Future[Any]:
         return self.batcher.call(*args)
@@ -486,9 +498,10 @@ class Store:
         guard fails and its ``reporter`` (a worker's name) is given, a
         ``result_rejected`` note (reason ``lease_lost``) is journaled, built from
         its input event; with several entries a failed guard writes nothing
-        (code 7). ``task_ops`` are ``(s|d|x|g, task id, value)``: set, delete, mark
+        (code 7). ``task_ops`` are ``(s|d|x|g|t, task id, value)``: set, delete, mark
         cancelled, given up (a held lease is kept, marked cancelled, until its holder answers; any other
-        is deleted); or ``(c, task id, lease, message)``: a task the caller runs
+        is deleted), the attempt's deadline (its timeout timer's due time, ms: :meth:`pickup` starts no attempt
+        past it); or ``(c, task id, lease, message)``: a task the caller runs
         itself, held at once, its message kept for recovery. ``born``: the run's generation the state was
         computed from; a run of the id of another generation (the one computed from expired, the id submitted
         again) is a version conflict (code 2), so the caller loads the run again ('': not checked).
@@ -671,7 +684,8 @@ class Store:
     async def pickup(self, run_id: str, task_id: str, trigger: str, token: str,
                      outbox_version: str = "", generation: str = "") -> tuple[int, str]:
         """Take a task's lease: (0 gone | 1 run | 2 answer cancelled | 3 duplicate, lease value | 4 newer kernel
-        rules than this code knows, their version; nothing taken).
+        rules than this code knows, their version; nothing taken | 5 its deadline passed, how many ms ago; nothing
+        taken: the attempt is not to run, its timeout timer times it out).
 
         ``trigger`` names the delivery (:meth:`Keys.trigger`); a lease taken under the same trigger (the
         delivery was taken over from its dead holder) is taken over.
@@ -684,7 +698,8 @@ class Store:
         """
         reply = await _PICKUP(self.batcher, [self.keys.tasks(run_id), self.keys.outbox(run_id), self.keys.run(run_id)],
                               [task_id, trigger, token, outbox_version, generation, kernel.STATE_VERSION])
-        return int(reply[0]), (reply[1].decode() if len(reply) > 1 and reply[1] else "")
+        value = reply[1] if len(reply) > 1 else b""
+        return int(reply[0]), (value.decode() if isinstance(value, bytes) else str(value))
 
     async def leases(self, held: list[tuple[str, str]]) -> list[str]:
         """The lease values of ``(run id, task id)`` pairs ('' for tasks no longer in flight)."""
@@ -742,10 +757,50 @@ class Store:
                 args += ["r", key(self.keys.timers_claimed), op["k"]]
         if len(args) > 1:
             await _RELAY(self.batcher, keys, args)
-        if run_id is not None and version is not None:  # only once the relay is done; not awaited: a drop lost
-            # (a crash, a dropped connection) leaves an entry relayed again by a later recovery — a duplicate
-            # message, dropped at pickup — and waiting for it would hold the handler one more round trip
-            self.call("HDEL", self.keys.outbox(run_id), version).add_done_callback(retrieved)
+        if run_id is not None and version is not None:  # only once the relay is done; not awaited (waiting for it
+            # would hold the handler one more round trip), but never lost to a dropped connection: sent again
+            # (_dropped). Left, the entry would be relayed again by every later recovery of the run (a crash in
+            # between still leaves it: a duplicate message, dropped at pickup)
+            self._drop(run_id, version)
+
+    def _drop(self, run_id: str, version: int) -> None:
+        self.call("HDEL", self.keys.outbox(run_id), version).add_done_callback(
+            lambda future: self._dropped(future, run_id, version))
+
+    def _dropped(self, future: asyncio.Future[Any], run_id: str, version: int) -> None:
+        """An outbox entry's drop answered: when the connection failed it (or Redis refused it for now), it is
+        sent again, with backoff, in a task of its own."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None or not (isinstance(exc, TRANSIENT) or server_unwell(exc)):
+            return  # (dropped; or refused for good — NOPERM, say — which the process's other commands meet too)
+        task = asyncio.get_running_loop().create_task(self._drop_again(run_id, version))
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
+
+    async def _drop_again(self, run_id: str, version: int) -> None:
+        """Send the drop of a relayed outbox entry again until Redis takes it (an ``HDEL``: idempotent), at most
+        :data:`_DROP_TRIES` times."""
+        backoff = Backoff()
+        for _ in range(_DROP_TRIES):
+            await backoff.wait()
+            try:
+                await self.call("HDEL", self.keys.outbox(run_id), version)
+                return
+            except Exception as exc:
+                if not (isinstance(exc, TRANSIENT) or server_unwell(exc)):
+                    return
+        log.debug("run %s: outbox entry %s relayed but not dropped (Redis unreachable): a later recovery of the "
+                  "run relays it again (a duplicate message, dropped at pickup)", run_id, version)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the drops of relayed outbox entries being sent again, then give up
+        the rest (a process stopping)."""
+        if self._drops:
+            await asyncio.wait(set(self._drops), timeout=timeout)
+        for task in list(self._drops):
+            task.cancel()
 
     async def _ack(self, op: dict[str, Any]) -> None:
         """:meth:`relay` of one acknowledgement (``ack_op``), packed here (:data:`_ACK`): the same RELAY call."""

@@ -5,16 +5,18 @@ Stage: runtime: redis. Imports ``flowdsl.kernel`` (its rules check), ``flowdsl.r
 :class:`Tasks` is mixed into :class:`~flowdsl.runtime.redis.worker.RedisWorker` (whose attributes it uses); this is
 the worker's hot path, one turn of :meth:`Tasks._serve`'s loop per step:
 
-- **pickup** — takes the task's lease (``PICKUP``: dropped when the task is no longer in flight or another
-  delivery holds it; a task taken over is first recovered: the tasks held under its entry are queued again and the
-  run's outbox relayed), under a free slot.
+- **pickup** — takes the task's lease (``PICKUP``: dropped when the task is no longer in flight, another
+  delivery holds it, or its step's timeout passed before it was picked up — its timer times it out; a task taken
+  over is first recovered: the tasks held under its entry are queued again and the run's outbox relayed), under a
+  free slot.
 - **execute** — runs it with :func:`flowdsl.runtime.execute.execute` in the handler's own task; a cancel request
   or a hand-back interrupts it (:meth:`~flowdsl.runtime.redis.control.Control._interrupt`) and the interruption is
   taken back here.
 - **report** — applies the answer through the kernel with a lease guard, retried while Redis is unreachable or
   refusing work for now; a result from a worker that lost its lease is rejected and journaled, and a rejected
-  success is reported again once its task has ended (:mod:`.late_results`). The stream entry is acknowledged
-  (and deleted) only with the transition and its relay.
+  success is reported again once its task has ended (:mod:`.late_results`); a result the kernel rejects (its
+  attempt had timed out or ended) is counted and said too (:meth:`Tasks._result_refused`). The stream entry is
+  acknowledged (and deleted) only with the transition and its relay.
 - **chain** — when that transition dispatches a task this process serves, the task is held here at once
   (self-dispatch, :class:`~flowdsl.runtime.redis.advance.Chain`) and run next, under the same pending entry.
 - **hand back** — stopping, a task is given back: its lease released, its message queued again, this delivery
@@ -34,6 +36,7 @@ from flowdsl.runtime.execute import execute, wait_for_thread
 from flowdsl.runtime.redis.advance import Chain, Contended, Outcome
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
 from flowdsl.runtime.redis.serving import Held, describe, for_now
+from flowdsl.shown import visible
 
 if TYPE_CHECKING:
     from flowdsl.runtime.redis.advance import Advancer
@@ -106,8 +109,14 @@ class Tasks:
         log.debug("pickup %s entry %s recover=%s: %s", held.task_id, held.entry_id, recover, code)
         if code == 4:  # a newer flowdsl's run: its step is not run here (left pending: see _guarded)
             check_rules(int(value), held.run_id)
-        if code in (0, 3):
-            self.stats.dropped += 1
+        if code == 5:  # too late to start: run now, it could only make an effect its timeout has ruled out
+            self.stats.expired += 1
+            log.info("worker %s: attempt %s not started: its step's timeout had passed %s ms before it was picked up "
+                     "(a step's timeout counts from its dispatch: the wait in its stream and the round trips to Redis "
+                     "count); the run times it out", self.name, held.task_id, value, extra={"run_id": held.run_id})
+        if code in (0, 3, 5):
+            if code != 5:
+                self.stats.dropped += 1
             await self.advancer.relay(None, None, ack)
             return
         await self._serve(held, ack, code)
@@ -209,12 +218,33 @@ class Tasks:
                         f"{held.command.get('idempotency_key', '?')})" if event["type"] == "task_succeeded" else "")
         if outcome == Outcome.REJECTED and mode == "lease":
             self.stats.rejected += 1
-            log.warning("worker %s: result of %s rejected: its lease had been lost", self.name, held.task_id)
+            held.lost = True  # (said here: the heartbeat, which may have read the lease meanwhile, says it no more)
+            log.warning("worker %s: result of %s rejected: its lease had been lost (another process took its entry "
+                        "over)", self.name, held.task_id, extra={"run_id": held.run_id})
             if event["type"] == "task_succeeded":  # its effect may have to be undone: the kernel must see it
                 task = asyncio.ensure_future(self._late_result(held.run_id, dict(event), held.token,
                                                                held.generation))
                 self._late.add(task)
                 task.add_done_callback(self._late_done)
+
+    def _result_refused(self, run_id: str, task_id: str, result_type: str, reason: str,
+                        late: dict[str, Any] | None) -> None:
+        """A result this process reported was written, and the kernel rejected it (``result_rejected``): its
+        attempt was no longer in flight — it had timed out, or another process answered it after this one lost its
+        lease — or the run had ended. ``late``: the ``late_completion`` the run made of a success, if any."""
+        self.stats.rejected += 1
+        why = "its attempt was no longer in flight (it had timed out, or another process answered it after this " \
+            "one lost its lease)" + ("; the run had ended" if reason == "run finished" else "")
+        if late is None:
+            took = ""
+        elif late.get("by_hand", True):
+            took = (f"; the run took it as a late completion of step {visible(str(late.get('step')))}, left to undo "
+                    f"by hand (`flowdsl status {run_id}` says how)")
+        else:
+            took = (f"; the run took it as a late completion of step {visible(str(late.get('step')))}, undone with the "
+                    "rest of the saga")
+        log.warning("worker %s: result of %s (%s) rejected: %s%s", self.name, task_id, result_type, why, took,
+                    extra={"run_id": run_id})
 
     async def _hand_back(self, held: Held) -> None:
         """Give a task back: release its lease, queue its message again, acknowledge this delivery."""

@@ -12,7 +12,10 @@ serves and ends soon after it stops:
   is still its own (or it has moved on to the next task of its chain);
   notices cancellations it missed; records liveness; resyncs the clock. At
   start, and with every clock resync, it reads the server's settings: a policy
-  that evicts keys, no persistence, a restart of the server are said.
+  that evicts keys, no persistence, a restart of the server are said. Failing
+  beats are said once, and so are leases gone unrenewed for longer than a
+  lease (other processes may take the entries over) and the first beat that
+  works again.
 - **reclaimer** — ``XAUTOCLAIM`` of entries idle longer than the lease: they
   are handled here again, as taken over (``recover``).
 - **timers** — claims due timers (server clock) and fires them; a claim whose
@@ -33,6 +36,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -158,17 +162,37 @@ class Upkeep:
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.options.lease_s / 3)
         await self._check_server()
+        renewed = time.monotonic()  # when the leases were last renewed
+        failing: float | None = None  # since when the beats fail (Redis unreachable), said once
+        expired = False  # (said once per outage) the leases have gone unrenewed for longer than a lease
         while not self._stopping:
             await self._pause(interval)
             try:
                 await self._renew()
+                last, renewed = renewed, time.monotonic()
+                if failing is not None:
+                    log.info("worker %s: heartbeat: Redis reachable again, leases renewed (%.1f s after the last "
+                             "renewal)", self.name, renewed - last)
+                    failing, expired = None, False
                 await self._liveness()
                 if self.clock.stale():
                     assert self.client is not None
                     await self.clock.sync(self.client)
                     await self._check_server()
             except TRANSIENT as exc:
-                log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
+                if failing is None:
+                    failing = time.monotonic()
+                    log.warning("worker %s: heartbeat failed (%s); trying again every %.1f s", self.name, exc,
+                                interval)
+                else:
+                    log.debug("worker %s: heartbeat failed again (%s)", self.name, exc)
+                unrenewed = time.monotonic() - renewed
+                if not expired and unrenewed > self.options.lease_s and (self._held or self._starting):
+                    expired = True  # (while partitioned: other processes may be taking this one's work over)
+                    log.warning("worker %s: its leases have not been renewed for %.1f s, longer than the lease "
+                                "(%g s): other processes may take over the %d entr(ies) it holds and run their "
+                                "steps again; results of its own for those are then rejected", self.name, unrenewed,
+                                self.options.lease_s, len(self._held) + len(self._starting))
             except Exception as exc:  # never let the heartbeat die: without it every lease of this process expires
                 if no_permission(exc):
                     raise  # (unless Redis refuses this ACL user: then the process stops, see RedisWorker._loop_ended)
@@ -235,7 +259,8 @@ class Upkeep:
                     self._cancel_requested(h)  # a cancellation whose notice was missed
             elif value and not h.lost:
                 h.lost = True  # reclaimed by another process: stop renewing; our result will be rejected
-                log.warning("worker %s: lease of %s lost; its result will be rejected", self.name, h.task_id)
+                log.warning("worker %s: lease of %s lost (another process took its entry over); its result will be "
+                            "rejected", self.name, h.task_id, extra={"run_id": h.run_id})
             elif not value and not h.lost:
                 # no longer in flight: its result was just written (a chain's next task may already be held
                 # under this entry, before this process has taken note of it) or the kernel gave up on it. The

@@ -14,15 +14,23 @@ command), and blocking reads (``XREADGROUP``, ``XREAD``) get one of their own
 (:meth:`WireConnection.blocking`). Replies are raw RESP2 (bulk strings as
 bytes, arrays as lists, errors as ``redis.ResponseError`` instances).
 Connection loss fails the commands in flight with ``ConnectionError``; the
-next batch reconnects. TLS (``rediss://``) is not handled here: the
+next batch reconnects. A connection that goes silent without being closed (a
+network path that drops packets, a NAT or firewall entry lost, a peer that
+keeps the window shut: no reset ever comes) is found by a reply deadline
+(``reply_timeout``): nothing received for that long while replies are awaited,
+and it is closed, what waits on it failing with ``redis.TimeoutError`` (the
+callers retry on a new connection); :attr:`WireConnection.stalled` says
+meanwhile that Redis is not answering. TCP sockets also get keepalive probes.
+TLS (``rediss://``) is not handled here: the
 :class:`~flowdsl.runtime.redis.scripts.Batcher` then uses redis-py pipelines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -177,11 +185,16 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[tuple[asyncio.Future[Any], bool]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.received = 0  # chunks received: the reply deadline's sign of life (WireConnection._check)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            _keepalive(sock)
 
     def data_received(self, data: bytes) -> None:
+        self.received += 1
         self.reader.feed(data)
         try:  # the event loop calls this outside any task (a transport's callback): a reply's waiter is woken at once
             now = asyncio.current_task() is None
@@ -227,6 +240,22 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(self.lost)
 
 
+#: TCP keepalive of the lean sockets: probes after 30 s idle, every 10 s, the connection dropped after 3 unanswered
+#: (redis-py's ``socket_keepalive`` leaves the system's 2 hours) — for an idle connection whose path died; one
+#: with replies awaited is judged sooner by the reply deadline
+_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+
+
+def _keepalive(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in _KEEPALIVE:
+            if hasattr(socket, name):  # (Linux; macOS has TCP_KEEPALIVE for the first, left at its default)
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:  # (not fatal: the reply deadline still finds a dead connection)
+        pass
+
+
 def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
     """``future.set_result(reply)``, and its one done callback — the wakeup of the task awaiting the reply — run
     now rather than at the loop's next turn.
@@ -253,14 +282,114 @@ def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
 
 
 class WireConnection:
-    """One pipelined connection to the Redis of ``url`` (``redis://`` or ``unix://``), opened on first use."""
+    """One pipelined connection to the Redis of ``url`` (``redis://`` or ``unix://``), opened on first use.
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, client_name: str | None = None):
+    ``reply_timeout`` (seconds; None: none) is the reply deadline: when nothing at all has been received for that
+    long while replies are awaited (and nothing written is still draining), the connection is presumed dead — a
+    path that drops packets gives no error, and a write into it "succeeds" — so it is closed and every command
+    waiting on it fails with ``redis.TimeoutError``; the next command opens a new one. A blocking command
+    (:meth:`blocking`) is bounded by its own deadline instead. ``on_silence(seconds, waiting)`` is called when a
+    connection is given up so, ``on_answer(seconds)`` when Redis answers again afterwards (how long it had not):
+    for the owner to say so, once each."""
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, client_name: str | None = None,
+                 reply_timeout: float | None = None, on_silence: Callable[[float, int], None] | None = None,
+                 on_answer: Callable[[float], None] | None = None):
         self.options = parse_url(url)
         self.connect_timeout = connect_timeout
         self.client_name = client_name
+        self.reply_timeout = reply_timeout
+        self.on_silence = on_silence
+        self.on_answer = on_answer
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        # the reply deadline's watch (see _check): its next check, the last one's time and what it saw (the
+        # connection, the chunks it had received, the bytes still to write), since when replies have been awaited
+        # with nothing received (loop time), and since when Redis has not answered at all once a connection was
+        # given up (until a reply comes on a new one)
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
+        self._checked_at = 0.0
+        self._seen: tuple[_Protocol | None, int, int] = (None, 0, 0)
+        self._quiet_since: float | None = None
+        self._silent_since: float | None = None
+        self._blocking = False
+
+    @property
+    def stalled(self) -> bool:
+        """Whether Redis is not answering on this connection now: replies awaited and nothing received for a
+        whole check of the reply deadline (a quarter of it), or a connection given up as dead and no reply on a
+        new one yet. Always False without a reply deadline."""
+        protocol = self._protocol
+        if self._silent_since is not None:
+            return protocol is None or protocol.lost is not None or not protocol.received
+        return self._quiet_since is not None and protocol is not None and self._seen[0] is protocol and \
+            protocol.received == self._seen[1]
+
+    def _watching(self) -> None:
+        """Start the reply deadline's checks (when it has one and they are not running in this event loop)."""
+        if self.reply_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._watch is not None and self._watch_loop is loop and not self._watch.cancelled():
+            return
+        if self._watch is not None:
+            self._watch.cancel()
+        self._checked_at = loop.time()
+        self._watch_loop = loop
+        self._watch = loop.call_later(self.reply_timeout / 4, self._check)
+
+    def _check(self) -> None:
+        """One check of the reply deadline (every quarter of it, while connected): replies awaited, nothing
+        received and nothing written drained since the last check starts (or goes on) a silence; a silence as long
+        as the deadline gives the connection up (:meth:`_give_up`). A check that comes late — the event loop was
+        busy (a long computation, a paused process) — proves nothing: the bytes may be waiting to be read."""
+        self._watch = None
+        protocol = self._protocol
+        assert self.reply_timeout is not None
+        loop = asyncio.get_running_loop()
+        now, interval = loop.time(), self.reply_timeout / 4
+        late = now - self._checked_at > 2 * interval
+        self._checked_at = now
+        if protocol is None or protocol.lost is not None or protocol.transport is None:
+            self._quiet_since = None
+            return  # (watched again from the next connection on)
+        if protocol.received:
+            self._answered()
+        seen, self._seen = self._seen, (protocol, protocol.received, protocol.transport.get_write_buffer_size())
+        if not protocol.waiting or self._blocking or late or seen[0] is not protocol or seen[1] != protocol.received \
+                or self._seen[2] < seen[2]:
+            self._quiet_since = None  # nothing awaited, or a sign of life since the last check
+        elif self._quiet_since is None:
+            self._quiet_since = now  # (the replies awaited were asked for at most one check ago)
+        elif now - self._quiet_since >= self.reply_timeout:
+            self._give_up(protocol, now - self._quiet_since)
+            return
+        self._watch = loop.call_later(interval, self._check)
+
+    def _answered(self) -> None:
+        """Redis answered on this connection: after a connection was given up, that is over (said once)."""
+        if self._silent_since is not None:
+            silent, self._silent_since = asyncio.get_running_loop().time() - self._silent_since, None
+            if self.on_answer is not None:
+                self.on_answer(silent)
+
+    def _give_up(self, protocol: _Protocol, silent: float) -> None:
+        """Close a connection that has not answered for ``silent`` seconds: what waits on it fails now."""
+        waiting = len(protocol.waiting)
+        protocol.lost = redis.TimeoutError(
+            f"no answer from Redis for {silent:.1f} s while {waiting} command(s) waited for their replies: the "
+            "connection was presumed dead (a network path that drops packets without a reset) and closed")
+        protocol._fail()
+        if protocol.transport is not None:
+            protocol.transport.abort()  # (not close(): it would wait to send what the dead path never takes)
+        if self._protocol is protocol:
+            self._protocol = None
+        self._quiet_since = None
+        if self._silent_since is None:
+            self._silent_since = asyncio.get_running_loop().time() - silent
+            if self.on_silence is not None:
+                self.on_silence(silent, waiting)
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
@@ -310,6 +439,9 @@ class WireConnection:
                     protocol.transport.close()
                 raise
             self._protocol = protocol
+            if hello:  # (answered: Redis is back, if it had gone silent; else the deadline's next check sees it)
+                self._answered()
+            self._watching()
             return protocol
 
     @staticmethod
@@ -330,13 +462,17 @@ class WireConnection:
 
     async def blocking(self, command: tuple[Any, ...], block_ms: int) -> Any:
         """Run one blocking command (``XREAD … BLOCK``) on this connection, which it holds meanwhile: its
-        reply, or its error raised. A connection silent 15 s past the block time is closed as dead."""
+        reply, or its error raised. A connection silent past the block time by the reply deadline (15 s when it
+        has none) is closed as dead."""
+        self._blocking = True  # (the reply deadline's checks leave it to this one)
         try:
-            async with asyncio.timeout(block_ms / 1000 + 15):
+            async with asyncio.timeout(block_ms / 1000 + (self.reply_timeout or 15)):
                 (reply,) = await self.execute([command])
         except TimeoutError:
             await self.aclose()
             raise redis.TimeoutError(f"no answer from Redis to {command[0]}") from None
+        finally:
+            self._blocking = False
         if isinstance(reply, Exception):
             raise reply
         return reply
@@ -354,6 +490,9 @@ class WireConnection:
         return True
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None

@@ -136,6 +136,7 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self._failed: asyncio.Task[None] | None = None  # the background loop that failed, if one did
         self._refused: RedisConfigError | None = None  # Redis refused this ACL user a command while serving
         self.client: aioredis.Redis | None = None
+        self.wire: WireConnection | None = None  # the lean command connection (None: TLS, through redis-py)
         self.started_at = time.time()
 
     # --- the public face -------------------------------------------------------------
@@ -156,22 +157,29 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self._room = asyncio.Event()
         self._timer_wake = asyncio.Event()
         self._late_wake = asyncio.Event()
-        self.client = connect(self.url, client_name=f"flowdsl-worker:{self.name}")
+        # a connection that stops answering without being closed (a path that drops packets) is given up after
+        # reply_s and opened again; the command connection says so, and the readers wait for it meanwhile
+        reply_s = self.options.reply_timeout_s
+        self.client = connect(self.url, client_name=f"flowdsl-worker:{self.name}", socket_timeout=reply_s)
         reader = connect(self.url, client_name=f"flowdsl-reader:{self.name}")
         url = resolve_url(self.url)
-        self.wire = WireConnection(url, client_name=f"flowdsl-worker:{self.name}") if wire_supported(url) else None
+        self.wire = WireConnection(url, client_name=f"flowdsl-worker:{self.name}", reply_timeout=reply_s,
+                                   on_silence=self._command_silent, on_answer=self._command_answers) \
+            if wire_supported(url) else None
         # the blocking XREADGROUP gets a lean connection of its own (a blocked connection serves nothing else)
-        reader_wire = WireConnection(url, client_name=f"flowdsl-reader:{self.name}") if self.wire else None
+        reader_wire = WireConnection(url, client_name=f"flowdsl-reader:{self.name}", reply_timeout=reply_s) \
+            if self.wire else None
         # cancel requests are read on their own connection, whether or not a slot is free
         cancels = connect(self.url, client_name=f"flowdsl-cancels:{self.name}")
-        cancels_wire = WireConnection(url, client_name=f"flowdsl-cancels:{self.name}") if self.wire else None
+        cancels_wire = WireConnection(url, client_name=f"flowdsl-cancels:{self.name}", reply_timeout=reply_s) \
+            if self.wire else None
         self.store = Store(self.client, self.keys, batcher=Batcher(self.client, wire=self.wire))
         self.clock = Clock()
         schedule_ms = int(self.options.schedule_timeout_s * 1000) if self.options.schedule_timeout_s else None
         self.advancer = Advancer(self.store, self.clock, schedule_timeout_ms=schedule_ms,
                                  retention_ms=int(self.options.retention_s * 1000), on_timer=self._timer_armed,
                                  snapshot_bytes=self.options.snapshot_bytes, rules=self.options.rules,
-                                 cache_size=self.options.cache_runs)
+                                 cache_size=self.options.cache_runs, on_refused=self._result_refused)
         self._install_signals()
         loops: list[asyncio.Task[None]] = []
         try:
@@ -209,6 +217,7 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
             if handlers:  # bounded: a worker that ignores its cancel must not hold the process (as in _shutdown)
                 await asyncio.wait(handlers, timeout=1.0)
             self._remove_signals()
+            await self.store.settle(1.0)  # (outbox entries relayed whose drop is being sent again)
             with contextlib.suppress(Exception):
                 await self.client.hdel(self.keys.workers, self.name)
             await reader.aclose()
