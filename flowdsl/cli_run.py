@@ -361,10 +361,11 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
 
         write_json(json_line({**outcome.to_json(), "resolved": resolution_json(resolution)}))
     else:
-        print_timeline(outcome, lines, console)
+        print_timeline(outcome, lines, console, standing=standing)
         if resolution is not None:
             console.print(resolution_text(resolution), highlight=False, soft_wrap=True)
-        elif outcome.status == "needs_intervention" or outcome.in_doubt or (outcome.intervention or {}).get("steps"):
+        elif not standing.live and (outcome.status == "needs_intervention" or outcome.in_doubt
+                                    or (outcome.intervention or {}).get("steps")):
             from flowdsl.runtime.summary import show_command
 
             resolve = show_command(path).replace("flowdsl show", "flowdsl resolve", 1)
@@ -382,7 +383,7 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
     if lines.cut_short:
         console.print("[yellow]note[/]: the record's last line is incomplete (its process stopped while writing "
                         "it); the run is shown as it stood at the line before")
-    early = record_end_note(outcome, lines)
+    early = record_end_note(outcome, lines, standing)
     if early is not None and fmt is OutputFormat.json:  # (in text, the timeline says it)
         from flowdsl.shown import visible
 

@@ -11,7 +11,12 @@ taken and the process that runs it, and the ``start`` line) and its last 64 KiB,
 (``flowdsl resolve``) is. Only a record that ends otherwise — its process was killed, or the run still goes, or
 lines after its end are longer than that — is read whole and replayed, as ``show`` does, so that its state is the
 one ``show`` gives; and the process its header names is looked for (``.owner``): gone, the run is listed
-``crashed``. The listing does not check a record's middle: ``show`` does.
+``crashed`` — once the record is read again and found to hold no more than was judged (a process that is gone
+writes no more: a run that ended, and whose process exited, between the reading and the look is read again, and
+listed as it ended). A record that ends while its runtime waits, after the run's end, for attempts it had given up
+on, and whose process still runs, is listed in its end state marked ``waiting``, not finished yet (a late answer
+may still change it).
+The listing does not check a record's middle: ``show`` does.
 
 Newest first is by the time the run was taken (the header's ``started_at``). A record's file is written from that
 moment on, so its modification time is never earlier: the files are visited by modification time, newest first,
@@ -69,6 +74,9 @@ _END_STATES = frozenset({"completed", "failed", "compensated", "cancelled", "nee
 _GOING = frozenset({"running", "aborting", "compensating"})
 #: how much of a record's end is read for its ``run_finished`` or ``runtime_aborted`` line
 TAIL_BYTES = 1 << 16
+#: how many times a record is read again after its process was found gone, when it keeps changing (a ``flowdsl
+#: resume`` or ``resolve`` writing to it meanwhile): then the last reading is listed
+_REREADS = 3
 #: how far a file's modification time may lag the run's start it records (coarse file-system clocks, FAT's 2 s)
 MTIME_SLACK_MS = 2000
 _CHUNK = 1 << 16
@@ -97,7 +105,7 @@ class RunRow:
     """A local run as ``flowdsl runs --backend local`` lists it; times in milliseconds since the epoch (None when
     not reached). ``submitted_at`` is when the runtime took the run (the header's ``started_at``: a local run
     starts as it is taken), ``started_at`` the run's start (its ``start`` line), ``finished_at`` its end (its last
-    ``run_finished``)."""
+    ``run_finished``; None while its runtime still waits after it for attempts it gave up on: not final yet)."""
 
     run_id: str
     flow: str | None
@@ -120,13 +128,17 @@ class RecordRow(RunRow):
     stopped in, or the one a resolved run was in; ``last_at``, the time of the record's last line (ms); ``process``,
     what :func:`flowdsl.runtime.owner.judge` said of the process its header names when that was asked (``live``,
     ``gone``, ``unknown``); ``doubt``, whether its end left attempts unanswered (steps in doubt), or the record
-    ends while its runtime waited for them."""
+    ends while its runtime waited for them and its process is not known to run; ``waiting``, whether the run has
+    ended and its runtime, whose process runs, still waits for attempts it had given up on — a late answer may
+    still change the end, so ``status`` is not final yet, and ``finished_at`` is None until it is (the JSON object
+    keeps the keys of a Redis run's: it says so by its ``finished_at``)."""
 
     why: str | None = None
     was: str | None = None
     last_at: int | None = None
     process: str | None = None
     doubt: bool = False
+    waiting: bool = False
 
 
 def _loads(raw: bytes) -> Any:
@@ -143,25 +155,25 @@ def _ms(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _judged(header: Any, lines: list[dict[str, Any]] | None = None) -> Any:
-    """How the process running a record's run stands: the one its last ``runtime_resumed`` line names (``lines``:
-    the record's, read whole), else its header's."""
+def _judged(header: Any) -> Any:
+    """How the process running a record's run stands, as its header names it (a record read from its ends holding
+    no ``runtime_resumed`` line)."""
     from flowdsl.runtime.owner import judge
     from flowdsl.runtime.record import owner_of
 
-    return judge(owner_of(header if isinstance(header, dict) else None, lines or ()))
+    return judge(owner_of(header if isinstance(header, dict) else None, ()))
 
 
-def _judged_from_ends(header: Any, tail: _Tail, fh: Any) -> Any:
+def _judged_from_ends(header: Any, tail: _Tail, fh: Any, size: int) -> Any:
     """:func:`_judged` of a record read from its ends: its owner is named by the last ``runtime_resumed`` line the
-    tail holds, else by the last one further back (looked for in the whole file, a resumed run's record being
-    rare), else by the header."""
+    tail holds, else by the last one further back (looked for in the file's first ``size`` bytes, those read, a
+    resumed run's record being rare), else by the header."""
     from flowdsl.runtime.owner import judge
 
     if tail.resumed is not None:
         return judge(tail.resumed.get("process"))
     fh.seek(0)
-    data = fh.read()
+    data = fh.read(size)  # (the bytes judged: those read for its ends)
     at = len(data)
     while (at := data.rfind(b'"' + RESUMED.encode() + b'"', 0, at)) >= 0:  # (the last line of that type)
         begin, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
@@ -185,23 +197,47 @@ class _Replay(Exception):
 
 def read_row(path: Path, size: int | None = None, *, quick: bool = False) -> RecordRow:
     """The listing line of the record ``path`` (a regular file): from its ends, else by replaying it whole.
-    :class:`RecordError` says why it is not a run record one can list (it names the file).
+    :class:`RecordError` says why it is not a run record one can list (it names the file). ``size``: how much of it
+    to read (its size when the directory was listed; default: its size now).
 
     ``quick`` (``flowdsl prune``): the line of a record that ends with its run's end, a resolution or a stop at once
     comes without its flow's name and start times, and its header is not read whole: its first bytes are those this
     flowdsl writes, of a format and plan version it reads (a header begins with them), and its ``start`` line ends
-    with a kernel rules version it knows — else it is read as without ``quick``."""
+    with a kernel rules version it knows — else it is read as without ``quick``.
+
+    A record whose process is found gone is read again when the file is no longer what was read (it grew, or is
+    another file): a process that is gone writes no more, so the run went on — and perhaps ended — between the
+    reading and the look at its process, and the record now holds how."""
+    row, judged = _read_row(path, size, quick)
+    for _ in range(_REREADS):
+        if row.process != "gone":
+            break
+        try:
+            now = os.stat(path)
+        except OSError:  # removed meanwhile: what was read is all there is
+            break
+        if (now.st_dev, now.st_ino, now.st_size) == judged:
+            break
+        row, judged = _read_row(path, None, quick)
+    return row
+
+
+def _read_row(path: Path, size: int | None, quick: bool) -> tuple[RecordRow, tuple[int, int, int]]:
+    """:func:`read_row` of the record as it is read once, and what was read: the file's device, inode and the
+    number of its bytes judged."""
     try:
         with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
             if size is None:
-                size = os.fstat(fh.fileno()).st_size
+                size = info.st_size
+            judged = (info.st_dev, info.st_ino, size)
             try:
                 if quick:
                     row = _quickly(path, fh, size)
                     if row is not None:
-                        return row
+                        return row, judged
                     fh.seek(0)
-                return _from_ends(path, fh, size)
+                return _from_ends(path, fh, size), judged
             except _Replay:
                 pass  # its ends do not say how it stands: replayed whole, below
     except OSError as exc:
@@ -253,14 +289,15 @@ def _from_ends(path: Path, fh: Any, size: int) -> RecordRow:
         return RecordRow(run_id, flow, RESOLVED_STATE, taken, began, end, why=_resolved_why(resolved),
                          was=str(resolved.get("status")), last_at=tail.last_at)
     if finished is not None:
-        # (the run's end waits: its process may run)
-        process = _judged_from_ends(header, tail, fh).state if tail.waiting else None
-        return RecordRow(run_id, flow, str(finished["status"]), taken, began, end, last_at=tail.last_at,
-                         process=process, doubt=tail.doubt)
+        # (the run's end waits: its process may run — and then it still waits, and nothing is in doubt yet)
+        process = _judged_from_ends(header, tail, fh, size).state if tail.waiting else None
+        waits = process == "live"
+        return RecordRow(run_id, flow, str(finished["status"]), taken, began, None if waits else end,
+                         last_at=tail.last_at, process=process, doubt=tail.doubt and not waits, waiting=waits)
     if aborted is not None:
         if aborted.get("type") == RECORD_FAILED:  # the run went on unrecorded: its process may still run it
             return RecordRow(run_id, flow, UNRECORDED, taken, began, None, last_at=tail.last_at,
-                             process=_judged_from_ends(header, tail, fh).state)
+                             process=_judged_from_ends(header, tail, fh, size).state)
         return RecordRow(run_id, flow, "aborted", taken, began, None, last_at=tail.last_at)
     raise _Replay
 
@@ -297,12 +334,11 @@ def _quickly(path: Path, fh: Any, size: int) -> RecordRow | None:
     return None
 
 
-def _not_ended(row: RecordRow, header: Any, lines: list[dict[str, Any]] | None = None) -> RecordRow:
-    """``row``, of a record that ends before its run did, as its process stands: ``crashed`` when it is gone
-    (``lines``: the record's, read whole; none when it holds only its header)."""
+def _not_ended(row: RecordRow, header: Any) -> RecordRow:
+    """``row``, of a record that holds only its header, as its process stands: ``crashed`` when it is gone."""
     from dataclasses import replace
 
-    verdict = _judged(header, lines)
+    verdict = _judged(header)
     if verdict.state == "gone":
         return replace(row, status=CRASHED, was=row.status, why=verdict.said, process=verdict.state)
     return replace(row, why=verdict.said, process=verdict.state)
@@ -419,43 +455,55 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
     return tail
 
 
-def _replayed(path: Path) -> RecordRow:
-    """The listing line of a record whose ends do not give its state: replayed whole, as ``show`` does; one that
-    ends before its run did is ``crashed`` when its process is gone."""
+def _replayed(path: Path) -> tuple[RecordRow, tuple[int, int, int]]:
+    """The listing line of a record whose ends do not give its state: replayed whole, and judged, as ``show`` does
+    (``.stopped.settle``: one that ends before its run did is ``crashed`` when its process is gone); and what was
+    read (:func:`_read_row`)."""
+    from dataclasses import replace
+
     from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.record import read_record
     from flowdsl.runtime.report import NOT_STARTED
+    from flowdsl.runtime.stopped import settle
 
     run_id = path.name.removesuffix(SUFFIX)
     try:
-        header, lines = read_record(path)
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            raw = fh.read()
+    except OSError as exc:
+        raise RecordError(f"cannot read {path}: {exc.strerror or exc}") from None
+    judged = (info.st_dev, info.st_ino, len(raw))
+    try:
+        header, lines = read_record(path, raw)
     except NewerRecord as exc:
-        return RecordRow(run_id, None, NEWER, None, None, None, why=str(exc))
+        return RecordRow(run_id, None, NEWER, None, None, None, why=str(exc)), judged
     try:
         result = result_from_record(header, lines, path)
     except RecordError:
         raise
     except Exception as exc:  # a header without a plan, events that do not replay: as show says it
         raise RecordError(f"cannot read the run record {path}: {exc}") from None
+    standing = settle(header, lines, result) if not lines.resolutions else None
     submitted = _ms((header or {}).get("started_at"))
-    unrecorded = bool(lines) and lines[-1].get("type") == RECORD_FAILED and result.status not in _END_STATES
     last = next((at for e in reversed(lines) if (at := _ms(e.get("at"))) is not None), submitted)
-    row = RecordRow(run_id=run_id, flow=result.flow,
-                    status="aborted" if result.aborted is not None else UNRECORDED if unrecorded else result.status,
+    process = standing.process if standing is not None else None
+    waits = standing is not None and standing.waiting and standing.live  # (not finished until the wait is over)
+    status = "aborted" if result.aborted is not None else CRASHED if standing is not None and standing.crashed \
+        else UNRECORDED if standing is not None and standing.stopped == "unrecorded" else result.status
+    row = RecordRow(run_id=run_id, flow=result.flow, status=status,
                     submitted_at=submitted if submitted is not None else result.started_at,
-                    started_at=result.started_at, finished_at=result.finished_at, last_at=last,
-                    doubt=bool(result.in_doubt))
-    from dataclasses import replace
-
-    if lines.resolutions:
+                    started_at=result.started_at, finished_at=None if waits else result.finished_at, last_at=last,
+                    process=process.state if process is not None else None,
+                    doubt=bool(result.in_doubt) and not (standing is not None and standing.crashed),
+                    waiting=waits)
+    if lines.resolutions:  # (read so, or by settle reading it again)
         said = lines.resolutions[-1]
         return replace(row, status=RESOLVED_STATE, why=_resolved_why(said), was=str(said.get("status")),
-                       last_at=max(last or 0, _ms(said.get("at")) or 0))
-    if row.status in (*_GOING, NOT_STARTED):
-        return _not_ended(row, header, lines)
-    if row.status == UNRECORDED:
-        return replace(row, process=_judged(header, lines).state)
-    return row
+                       last_at=max(last or 0, _ms(said.get("at")) or 0), process=None), judged
+    if process is not None and status in (*_GOING, NOT_STARTED, CRASHED):
+        row = replace(row, why=process.said, was=result.status if status == CRASHED else None)
+    return row, judged
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -582,7 +630,8 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
 
 
 def _notes(rows: list[RecordRow]) -> list[str]:
-    """The notes under a listing: records whose process cannot be told, crashed runs, newer records."""
+    """The notes under a listing: records whose process cannot be told, runs whose runtime still waits after their
+    end, crashed runs, newer records."""
     def named(ids: list[str]) -> str:
         return f"{len(ids)} {{}} ({', '.join(ids[:3])}{', …' if len(ids) > 3 else ''})"
 
@@ -594,6 +643,13 @@ def _notes(rows: list[RecordRow]) -> list[str]:
                     "another container, /proc does not show it, or the record is of an earlier flowdsl, which did "
                     "not name its process); each is "
                     "listed in the state its record left it in (`flowdsl show RUN_ID` tells more)")
+    waiting = [row.run_id for row in rows if row.waiting]
+    if waiting:
+        said.append(named(waiting).format("run(s) ended, and their runtime still waits for attempts the run had given "
+                    "up on") + ": their answers may still change how the run ends (a late success of a step with an "
+                    "undo makes it needs_intervention), so that state is not final yet; each is listed in the state "
+                    "it ended in, marked (waiting), not finished yet (with --format json: finished_at null) — "
+                    "`flowdsl show RUN_ID` tells more")
     crashed = [row.run_id for row in rows if row.status == CRASHED]
     if crashed:
         said.append(named(crashed).format("run(s) crashed") + ": their process is gone, and the run stopped with it; "
@@ -616,7 +672,8 @@ def _json_out(value: Any) -> None:
 
 
 def print_runs(items: Iterable[Row], console: Any) -> None:
-    """The table of ``flowdsl runs``: run, flow, status, submitted (local time), took (finished − started)."""
+    """The table of ``flowdsl runs``: run, flow, status, submitted (local time), took (finished − started). A local
+    run whose runtime still waits after its end (:attr:`RecordRow.waiting`) has its status marked ``(waiting)``."""
     import time
 
     from rich.markup import escape
@@ -631,7 +688,8 @@ def print_runs(items: Iterable[Row], console: Any) -> None:
         if i.started_at is not None and i.finished_at is not None:
             ms = i.finished_at - i.started_at
             took = f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
-        rows.append((i.run_id, i.flow or "", i.status, when, took))
+        status = f"{i.status} (waiting)" if getattr(i, "waiting", False) else i.status  # (not final yet)
+        rows.append((i.run_id, i.flow or "", status, when, took))
     columns = ("run", "flow", "status", "submitted", "took")
     widest = [max(len(column), *(len(row[n]) for row in rows)) for n, column in enumerate(columns)]
     # in a narrow terminal only the flow's name is shortened (to 8 at least): a run id is what the other commands

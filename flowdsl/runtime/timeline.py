@@ -5,7 +5,7 @@ Stage: runtime (shared by every backend and the CLI). Imports the kernel's event
 draw (so ``flowdsl --help`` and library use stay light).
 
 - :class:`LiveView` — the progress shown while a run goes: a rich ``Live`` table on
-  stderr when stderr is a terminal, plain progress lines otherwise.
+  stderr when stderr is a terminal (a real one: :func:`draws_live`), plain progress lines otherwise.
 - :func:`print_timeline` — ``flowdsl show``: a recorded run, event by event, then the end summary;
   :func:`record_end_note`, what to say of a record that ends before its run did.
 - :func:`late_completion_line`, :func:`undone_after_failure` — late answers as both say them.
@@ -15,9 +15,10 @@ Text that is not flowdsl's own goes through ``.summary``'s ``_esc``, as there.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS
 from flowdsl.runtime.record import RESUMED, since_resumed
@@ -34,7 +35,11 @@ from flowdsl.runtime.summary import (
 )
 from flowdsl.runtime.timing import STEP_KINDS
 
-__all__ = ["LiveView", "late_completion_line", "print_timeline", "record_end_note", "undone_after_failure"]
+if TYPE_CHECKING:
+    from flowdsl.runtime.stopped import Standing
+
+__all__ = ["LiveView", "draws_live", "late_completion_line", "print_timeline", "record_end_note",
+           "undone_after_failure"]
 
 
 #: what a ``runtime_resumed`` line's ``was`` says of the process before
@@ -68,18 +73,39 @@ def undone_after_failure(e: Mapping[str, Any]) -> str:
             "nothing to undo by hand for it")
 
 
+def draws_live(console: Any) -> bool:
+    """Whether the live table (:class:`LiveView`, mode ``auto``) is drawn on ``console``: one made to be a terminal
+    (rich's ``force_terminal=True``: its maker asks for it), else one writing to a real terminal — its file's
+    descriptor is a tty, rich takes it for a terminal, and ``$TERM`` is not ``dumb`` (nor ``unknown``).
+    ``FORCE_COLOR`` and ``TTY_COMPATIBLE`` make rich take any file for a terminal: they colour the progress lines of
+    a CI log, but a log is no place for a table redrawn in place (each redraw would be written to it)."""
+    forced = getattr(console, "_force_terminal", None)  # (rich keeps force_terminal=… there; None: not given)
+    if forced is not None:
+        return bool(forced)
+    try:
+        fd = console.file.fileno()
+    except (AttributeError, OSError, ValueError):  # (a StringIO, a closed file: no descriptor, no terminal)
+        return False
+    try:
+        tty = os.isatty(fd)
+    except OSError:
+        return False
+    return tty and console.is_terminal and not console.is_dumb_terminal  # (dumb: $TERM is dumb or unknown)
+
+
 class LiveView:
     """Progress while a run goes, on stderr: a rich ``Live`` table on a terminal, plain lines otherwise.
 
     Use as a context manager around the run and pass :meth:`on_event` and
-    :meth:`notice` to the runtime. ``mode``: ``auto`` (live on a terminal, lines
-    otherwise), ``live``, ``lines`` or ``off``.
+    :meth:`notice` to the runtime. ``mode``: ``auto`` (live on a terminal — a real one,
+    :func:`draws_live` —, lines otherwise: a file or a pipe, with colours when ``FORCE_COLOR`` asks), ``live``,
+    ``lines`` or ``off``.
     """
 
     def __init__(self, plan: Mapping[str, Any], *, mode: str = "auto", console: Any = None):
         self.console = _console(console)
         if mode == "auto":
-            mode = "live" if self.console.is_terminal else "lines"
+            mode = "live" if draws_live(self.console) else "lines"
         self.mode = mode
         self.plan = plan
         self.rows: dict[str, dict[str, Any]] = {}
@@ -219,9 +245,10 @@ def _in_loop(plan: Mapping[str, Any], key: str) -> bool:
 
 
 def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: Any = None, *,
-                   live: bool = False) -> None:
+                   live: bool = False, standing: Standing | None = None) -> None:
     """``flowdsl show``: every recorded event with its time from the start, then the summary. ``live``: the
-    run is known to be still going (``flowdsl status`` of a Redis run), so an unfinished one is said to be."""
+    run is known to be still going (``flowdsl status`` of a Redis run), so an unfinished one is said to be.
+    ``standing``: how a local record stands (``.stopped.settle``), for :func:`record_end_note`."""
     con = _console(console)
     items = list(lines)
     t0 = result.started_at if result.started_at is not None else next((e.get("at") for e in items), 0)
@@ -236,18 +263,27 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
         meta = event.get("meta")
         if isinstance(meta, Mapping) and isinstance(meta.get("llm"), Mapping):
             con.print(" " * 10 + f"   [dim]{_llm_text(meta['llm'])}[/]")
-    early = record_end_note(result, items)
+    early = record_end_note(result, items, standing)
     if early is not None and live and result.status != NOT_STARTED:
         con.print(f"[cyan]the run is still going: {_esc(result.status)} so far[/]")
     elif early is not None:
-        con.print(f"[yellow]{_esc(early)}[/]")
+        going = standing is not None and standing.live  # (its process runs: said as news, not as a warning)
+        con.print(f"[{'cyan' if going else 'yellow'}]{_esc(early)}[/]")
     print_summary(result, con)
 
 
-def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> str | None:
+def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]],
+                    standing: Standing | None = None) -> str | None:
     """What to say of a record that ends before its run did (None when it holds the run's end): the run had not
-    started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes)."""
+    started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes); or
+    of one that ends while its runtime waited, after the run's end, for attempts the run had given up on.
+
+    ``standing`` (``.stopped.settle`` of the record) says which when its process was looked at: still running, the
+    run is still going (or its runtime still waits, ``Standing.awaited``: nothing is final, nor in doubt, yet); gone,
+    it stopped; else that cannot be told here. Without it, both are said possible."""
     items = list(lines)
+    process = standing.process if standing is not None else None
+    state = process.state if process is not None else None  # live, gone, unknown; None when not looked at
     failed = items[-1] if items and items[-1].get("type") == "record_failed" else None
     # why it ends early: writing it failed (the run went on unrecorded), else its process stopped
     stopped = f"writing it failed ({failed.get('reason')}) and the run went on unrecorded" if failed is not None \
@@ -255,6 +291,17 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
     if result.status != NOT_STARTED and any(e.get("type") == "run_finished" for e in items):
         kinds = {e.get("type") for e in items}
         if "runtime_waiting" in kinds and "runtime_waited" not in kinds:
+            if state == "live":
+                assert standing is not None
+                awaited = list(standing.awaited)
+                which = f"{len(awaited)} attempt(s) the run had given up on ({', '.join(awaited)})" if awaited \
+                    else "the attempts the run had given up on"
+                return (f"the run ended {result.status}, and its runtime still waits for {which}: their answers "
+                        "may still change how the run ends (a late "
+                        "success of a step with an undo makes it needs_intervention), so nothing is final, nor in "
+                        "doubt, yet")
+            if state == "unknown":
+                stopped = "its process stopped, or still waits (which cannot be told here)"
             return ("the record ends while the runtime waited, after the run's end, for attempts the run had given "
                     f"up on: {stopped}, and what they did is unknown")
         return None
@@ -277,8 +324,11 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]]) -> st
     if result.crashed is not None:
         return f"the record ends before the run did: {result.crashed}, and the run stopped with it; state when it " \
             f"ended: {result.status}"
+    if state == "live":  # (its record goes on as it goes)
+        return f"the record ends before the run did: the run is still going; state so far: {result.status}"
+    cannot = " — which cannot be told here" if state == "unknown" else ""
     return (f"the record ends before the run did: its process stopped without finishing it, or the run is still "
-            f"going; state when it ended: {result.status}")
+            f"going{cannot}; state when it ended: {result.status}")
 
 
 def _llm_text(call: Mapping[str, Any]) -> str:
