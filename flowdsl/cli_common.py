@@ -210,26 +210,30 @@ def _reporting(as_json: bool, body: Callable[[Any], int]) -> int:
 _WHOLE_PROCESS = False
 
 
+def _stop_as_ctrl_c(signum: int, frame: Any) -> None:
+    """The handler :func:`_stopping_as_ctrl_c` gives SIGTERM and SIGHUP: a KeyboardInterrupt saying which."""
+    from flowdsl.runtime.signals import signal_said
+    from flowdsl.workers import signalled
+
+    raise signalled(KeyboardInterrupt(signal_said(signum)))
+
+
 @contextlib.contextmanager
 def _stopping_as_ctrl_c() -> Iterator[None]:
     """SIGTERM and SIGHUP stop ``flowdsl run`` as Ctrl-C does where the run does not take them itself (while the
-    spec compiles and the worker modules import, while the summary prints; a Redis run's follower takes them
-    itself too): they raise KeyboardInterrupt. In the main thread only; a signal that is ignored or handled
-    already is left alone."""
+    spec compiles and the worker modules import, before the run starts; a Redis run's follower takes them itself
+    too): they raise KeyboardInterrupt — until a local run has ended (:class:`_HeldAfterEnd`). In the main thread
+    only; a signal that is ignored or handled already is left alone."""
     import signal
     import threading
 
-    from flowdsl.runtime.signals import TERM_SIGNALS, signal_said
-    from flowdsl.workers import signalled
-
-    def stop(signum: int, frame: Any) -> None:
-        raise signalled(KeyboardInterrupt(signal_said(signum)))
+    from flowdsl.runtime.signals import TERM_SIGNALS
 
     saved: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in TERM_SIGNALS:
             if signal.getsignal(signum) is signal.SIG_DFL:
-                saved[signum] = signal.signal(signum, stop)
+                saved[signum] = signal.signal(signum, _stop_as_ctrl_c)
     try:
         yield
     finally:
@@ -238,6 +242,108 @@ def _stopping_as_ctrl_c() -> Iterator[None]:
             # process only exits now: a late stop signal must not turn its exit code into the signal's
             signal.signal(signum, signal.SIG_IGN if _WHOLE_PROCESS else handler)
 
+
+
+class _HeldAfterEnd:
+    """While ``flowdsl run`` (or ``resume``) drives a local run and reports it: once the run has ended, a stop
+    signal must not throw its result away.
+
+    The run takes Ctrl-C, SIGTERM and SIGHUP itself while it goes (:mod:`flowdsl.runtime.signals`) and gives them
+    back as it returns; what is given back is this handler. Before the run has ended (``ended()`` false: it has
+    not started yet) a signal does what it did before — a KeyboardInterrupt, exit 130, nothing ran. After, the run
+    has a result, and the loop's teardown and the output are still to come: a signal is held (:attr:`held`) and
+    said (:meth:`say`), the result is written whole and the exit code is the run's. Only a second Ctrl-C or
+    SIGTERM since the run's end (a SIGHUP never counts, as during the run) cuts the output short, while it is
+    written (:meth:`writing`) — a summary or JSON object that cannot be written (a terminal or pipe nobody reads)
+    must not hold the process for ever. On the way out, in the ``flowdsl`` process the signals are left ignored
+    (the command only exits now); elsewhere the handlers found are put back."""
+
+    def __init__(self, ended: Callable[[], bool]):
+        self._ended = ended
+        self._previous: dict[int, Any] = {}
+        #: the stop signals taken since the run ended, in order
+        self.held: list[int] = []
+        self._said = 0  # how many of them were said
+        self._writing = False
+        self._answered = 0  # the signals held when the output was last cut short for them
+        self._cutters: set[int] = set()  # (the indexes in held of those that cut it short: said otherwise)
+        self._raised = False  # a signal before the end was raised: the command is stopping already
+
+    def __enter__(self) -> _HeldAfterEnd:
+        import signal
+        import threading
+
+        from flowdsl.runtime.signals import TERM_SIGNALS
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in (signal.SIGINT, *TERM_SIGNALS):
+            current = signal.getsignal(signum)
+            # only what this command set (or Python's own Ctrl-C): one ignored, or an embedding program's, stays
+            if current is _stop_as_ctrl_c or (signum == signal.SIGINT and current is signal.default_int_handler):
+                self._previous[signum] = current
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_IGN if _WHOLE_PROCESS else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self._ended():
+            if self._raised:  # (the command is stopping for the first one: a second changes nothing)
+                return
+            self._raised = True
+            self._previous[signum](signum, frame)  # raises KeyboardInterrupt: the run has not started
+            return
+        self.held.append(signum)
+        if self._writing and self.cut():
+            self._interrupt()
+
+    def cut(self) -> bool:
+        """Whether a second Ctrl-C or SIGTERM came since the run's end: its output is to be cut short."""
+        import signal
+
+        return sum(1 for signum in self.held if signum != getattr(signal, "SIGHUP", None)) >= 2
+
+    def _interrupt(self) -> None:
+        from flowdsl.runtime.signals import signal_said
+        from flowdsl.workers import signalled
+
+        self._answered = len(self.held)
+        self._cutters.add(len(self.held) - 1)
+        raise signalled(KeyboardInterrupt(signal_said(self.held[-1])))
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """While the run's result is written: a second Ctrl-C or SIGTERM since its end raises KeyboardInterrupt
+        here — at once when it came before, and for each one after (a note saying the output was cut short is
+        cut short by the next)."""
+        self._writing = True
+        try:
+            if self.cut() and len(self.held) > self._answered:
+                self._interrupt()
+            yield
+        finally:
+            self._writing = False
+
+    def say(self, how: str) -> None:
+        """Say each signal held and not said yet: ``terminated: the run has already ended completed`` (``how``:
+        ``ended completed``), as the run says one that lands as it ends (not one that cut the output short: the
+        command says that)."""
+        import signal
+
+        from flowdsl.runtime.signals import SIGNAL_WORDS
+
+        for index, signum in enumerate(self.held[self._said:], self._said):
+            if index in self._cutters:
+                continue
+            verb = SIGNAL_WORDS.get(signal.Signals(signum).name, ("stopped", ""))[0]
+            _stderr().print(f"{verb}: the run has already {how}", markup=False, highlight=False, soft_wrap=True)
+        self._said = len(self.held)
 
 
 class _Tracked:
@@ -311,6 +417,25 @@ class _JsonChannel:
         self._out = _Tracked(stream)
         sys.stdout = self._out
         return self
+
+    def abandon(self) -> None:
+        """The object is not to be written after all (a second stop signal cut it short): what is still buffered
+        for stdout is dropped, never waited for — the descriptor it would go to is pointed at /dev/null."""
+        fd = self._saved_fd
+        if fd is None and self._out is not None:
+            try:
+                fd = int(self._out.stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                fd = None
+        if fd is None:
+            return
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+        os.close(null)
 
     def emit(self, value: dict[str, Any]) -> None:
         """Write the one JSON object (a newline after it)."""

@@ -30,6 +30,7 @@ from flowdsl.cli_common import (
     _compile,
     _escape,
     _fail,
+    _HeldAfterEnd,
     _JsonChannel,
     _model,
     _print_diagnostics,
@@ -57,7 +58,8 @@ from flowdsl.render.command import parse_directory  # (typer + stdlib only)
     "  0    completed\n"
     "  1    failed, compensated or cancelled (nothing in doubt)\n"
     "  2    spec, input or usage error\n"
-    "  3    the result could not be written to stdout (full, closed): stderr names the run\n"
+    "  3    the result could not be written to stdout (full, closed, cut short by a second stop signal): stderr "
+    "names the run\n"
     "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
     "doubt)\n"
     "  130  stopped at once by a second Ctrl-C or SIGTERM; with --backend redis, stopped following (the run goes "
@@ -255,9 +257,8 @@ def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[An
     stdout): its exit code, or :class:`_Stopped`. ``make(view)`` builds the :class:`LocalRun` (what it raises is
     said as a usage error: nothing ran); ``before``: the events the run emitted already (a resumed run's), shown
     first."""
-    from flowdsl.runtime.local import RunAborted, WorkersMissing
-    from flowdsl.runtime.record import RecordError, RecordWriteError
-    from flowdsl.runtime.summary import print_summary
+    from flowdsl.runtime.local import WorkersMissing
+    from flowdsl.runtime.record import RecordError
     from flowdsl.runtime.timeline import LiveView
     from flowdsl.workers import WorkerImportError
 
@@ -278,19 +279,33 @@ def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[An
         raise _Stopped(str(exc)) from None
     for event in before:
         view.on_event(event)
-    from flowdsl.runtime.local import run_on_new_loop
-    from flowdsl.runtime.resume import NotResumable
+    # once the run has ended, a stop signal is held until its result is written (_HeldAfterEnd): before, one landing
+    # as the loop closed raised a KeyboardInterrupt that threw a completed run's result away (exit 130)
+    with _HeldAfterEnd(lambda: bool(local.ended)) as held:
+        return _report_local(channel, local, view, held)
 
+
+def _report_local(channel: _JsonChannel, local: Any, view: Any, held: _HeldAfterEnd) -> int:
+    """The rest of :func:`_drive_local`: the run, then its summary or JSON object; its exit code."""
+    from flowdsl.runtime.local import RunAborted, run_on_new_loop
+    from flowdsl.runtime.record import RecordError, RecordWriteError
+    from flowdsl.runtime.resume import NotResumable
+    from flowdsl.runtime.summary import print_summary
+    from flowdsl.stdio import OutputError
+
+    as_json = channel.active
     try:
         with view, _user_code(), _said_once():
             outcome = run_on_new_loop(local.run())
     except RunAborted as exc:
         extra: dict[str, Any] = {"run_id": exc.run_id, "record": str(exc.record) if exc.record else None}
+        held.say("stopped")
         if exc.result is not None:  # what was undone, and what is left to undo by hand
             extra.update(compensated=exc.result.compensated, intervention=exc.result.intervention,
                          in_doubt=exc.result.in_doubt)
             if not as_json:
-                print_summary(exc.result, _stderr())
+                with contextlib.suppress(KeyboardInterrupt), held.writing():  # (cut short: it exits 130 all the same)
+                    print_summary(exc.result, _stderr())
         raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted", extra=extra) from None
     except NotResumable as exc:  # (a resumed run's record taken meanwhile by another resume)
         raise _Stopped(str(exc), EXIT_DIAGNOSTICS, status="refused", error_type=exc.kind,
@@ -301,17 +316,33 @@ def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[An
         raise _Stopped(str(exc), error_type="RecordUnwritable", extra={"run_id": local.run_id}) from None
     except (OSError, RuntimeError) as exc:
         raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
-    if as_json:
-        from flowdsl.stdio import OutputError
-
-        try:
-            channel.emit(outcome.to_json())
-        except OutputError as exc:  # the run ran: say which, and where its record is
-            exc.context.append(f"the run {outcome.run_id} ended {outcome.status}" + (
-                f"; its record: {outcome.record_path}" if outcome.record_path else " (not recorded)"))
-            raise
-    else:
-        print_summary(outcome, _stderr())
+    how = f"ended {outcome.status}"
+    ran = f"the run {outcome.run_id} {how}" + (
+        f"; its record: {outcome.record_path}" if outcome.record_path else " (not recorded)")
+    held.say(how)  # a signal since the run's end changes nothing: said, and the result written whole
+    try:
+        with held.writing():
+            if as_json:
+                try:
+                    channel.emit(outcome.to_json())
+                except OutputError as exc:  # the run ran: say which, and where its record is
+                    exc.context.append(ran)
+                    raise
+            else:
+                print_summary(outcome, _stderr())
+    except KeyboardInterrupt as exc:  # a second Ctrl-C or SIGTERM since the run's end: the output is cut short
+        with contextlib.suppress(KeyboardInterrupt), held.writing():
+            held.say(how)
+        if as_json:  # as a stdout that cannot be written: exit 3, and stderr says how the run ended
+            channel.abandon()
+            lost = OutputError(f"{exc}: a second stop signal after the run's end cut it short")
+            lost.context.append(ran)
+            raise lost from None
+        # in text, the summary was for people: the exit code stays the run's, as when stderr cannot be written
+        with contextlib.suppress(KeyboardInterrupt), held.writing():
+            _stderr().print(f"{_escape(str(exc))}: the summary was cut short; {_escape(ran)}", highlight=False,
+                            soft_wrap=True)
+    held.say(how)
     return int(outcome.exit_code)
 
 
@@ -405,7 +436,8 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
     "  1    failed, compensated or cancelled (nothing in doubt); or the run cannot be resumed: it ended, still runs, "
     "was resolved, or its process cannot be told to be gone (--force)\n"
     "  2    no such record, or one that cannot be read, replayed or written; a usage error\n"
-    "  3    the result could not be written to stdout (full, closed): stderr names the run\n"
+    "  3    the result could not be written to stdout (full, closed, cut short by a second stop signal): stderr "
+    "names the run\n"
     "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
     "doubt)\n"
     "  130  stopped at once by a second Ctrl-C or SIGTERM (it can be resumed again)\n"

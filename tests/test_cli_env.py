@@ -319,6 +319,7 @@ def _recorder_failing(tmp_path: Path, room_after_header: int) -> RunRecorder:
     recorder = RunRecorder("r1", tmp_path)
     recorder.write_many(({"type": "record", "plan": {}, "input": {}},))
     recorder.flush()
+    recorder.publish()  # (in place under its name: until then, a record that fails is removed, never begun)
     recorder._fh = _FailingAfter(recorder._fh, room_after_header)  # type: ignore[assignment]
     return recorder
 

@@ -423,7 +423,9 @@ class LocalRun:
         Raises :class:`RunAborted` after :meth:`abort` (asked before the run started: at once, nothing having
         run or been recorded), :class:`RunIdInUse` when another run of this id is in progress in this process
         (nothing runs), and ``RecordWriteError`` (an ``OSError``) when the record cannot be created or
-        its first lines written (then nothing ran and no record is left). A record that cannot be written later
+        its first lines written (then nothing ran and no record is left). The record appears with its first lines
+        or not at all, and a ``KeyboardInterrupt`` before the run's first step (a stop signal as it starts) leaves
+        none either: nothing ran. A record that cannot be written later
         does not stop the run: it goes on unrecorded, and the result's ``record_error`` says why the record is
         incomplete.
         """
@@ -453,17 +455,20 @@ class LocalRun:
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
         at = self._now()
+        start: dict[str, Any] | None = None
         if self._resume is not None:
             self._recorder = RunRecorder.appending(self._resume.path, self._resume.begin(at))
         else:
             start = start_event(self.run_id, self.run_input, at=at, seed=self.seed)
-            if self.record_path is not None:
-                self._open_record(start)
+        begun = False  # whether the run's first step may have been taken: its record is then kept whatever comes
         try:
+            if start is not None and self.record_path is not None:
+                self._open_record(start)
             self._install_signals()
             if signal.SIGINT not in self._signals:  # a real Ctrl-C raising in a worker stops the run, not the step
                 self._marking = marking_sigint()
                 self._marking.__enter__()
+            begun = True
             self._draining = True
             self._holding = self._early is not None  # cancelled before it started: call no worker
             try:
@@ -497,6 +502,10 @@ class LocalRun:
             wall_ms = (time.perf_counter() - self._perf0) * 1000.0
             if self._resume is not None and self.state.get("finished_at") is not None:  # (across the outage)
                 wall_ms = float(self.state["finished_at"] - self.state["started_at"])
+        except BaseException:
+            if not begun and self._resume is None:  # a stop signal (KeyboardInterrupt) before anything ran: the
+                self._discard_record()  # header and start line of a run that never began would be listed crashed
+            raise
         finally:
             self._remove_signals()
             if self._marking is not None:
@@ -607,6 +616,14 @@ class LocalRun:
         ``compensating``…, an end state once over)."""
         return str(self.state.get("status", "starting"))
 
+    @property
+    def ended(self) -> bool:
+        """Whether the run is over: it reached its end state (and stopped waiting for the attempts it gave up on),
+        or was stopped at once. From then on a stop signal it takes changes nothing, and once it has given the
+        signals back (as :meth:`run` returns) its result is all there is to report: ``flowdsl run`` holds them
+        until that is written."""
+        return self._finished
+
     # --- feeding the kernel ---------------------------------------------------------------
 
     def _now(self) -> int:
@@ -617,7 +634,9 @@ class LocalRun:
         return self._wall0 + (time.perf_counter() - self._perf0) * 1000.0
 
     def _open_record(self, start: dict[str, Any]) -> None:
-        """Create the record with its header and the ``start`` line, on disk before anything runs."""
+        """Create the record with its header and the ``start`` line, on disk before anything runs: written under a
+        temporary name, then put in place whole (``RunRecorder.publish``), so that no listing finds it empty or
+        with its header alone, and a stop signal meanwhile leaves nothing behind."""
         try:
             recorder = self._recorder = RunRecorder(self.run_id, self.runs_dir)
         except (RecordWriteError, RecordError) as exc:  # (a FileExistsError passes: another run took the id)
@@ -632,14 +651,21 @@ class LocalRun:
                             started_at=int(self._wall0), **spec)
             recorder.write_many((start,))
             recorder.flush()
-        except OSError as exc:  # nothing has run: stop here, leaving no record behind
-            self._recorder = None
-            with contextlib.suppress(OSError):
-                recorder.close()
-            with contextlib.suppress(OSError):
-                recorder.path.unlink()
-            raise RecordWriteError(exc.errno, f"cannot write the run record {recorder.path}: {exc.strerror or exc}; "
-                                   "the run did not start") from exc
+            recorder.publish()
+        except BaseException as exc:  # nothing has run (a full disk, the id taken meanwhile, a stop signal): no
+            self._discard_record()  # record is left behind
+            if isinstance(exc, OSError) and not isinstance(exc, FileExistsError | RecordWriteError):
+                raise RecordWriteError(exc.errno, f"cannot write the run record {recorder.path}: "
+                                       f"{exc.strerror or exc}; the run did not start") from exc
+            if isinstance(exc, RecordWriteError):
+                raise RecordWriteError(exc.errno, f"{exc}; the run did not start") from None
+            raise
+
+    def _discard_record(self) -> None:
+        """Remove the record of a run that never began (nothing ran: its record would only mislead)."""
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            recorder.discard()
 
     def _carry_out_again(self, resumption: Resumption) -> None:
         """A resumed run: its state as replayed from its record, its timers armed again and the attempts it had in

@@ -17,7 +17,10 @@ states asked for, a record is kept when:
 - it was written by a newer flowdsl, or changed while prune ran (or ``flowdsl resolve`` holds it locked: a record is
   removed under an exclusive ``flock`` of it, which resolve takes to append).
 
-Files that are not run records are never removed (and are named, as ``flowdsl runs`` names them). Each record is
+Files that are not run records are never removed (and are named, as ``flowdsl runs`` names them) — but for the
+hidden temporary file a record is first written under (``.<run id>.jsonl.<hex>.tmp``, ``.record.staged_run_id``),
+which a process killed as it created its record leaves behind: nothing of that run began, and once it is older than
+``older_than`` it goes too (one being written now is recent, and locked). Each record is
 read by its ends (``.listing.read_row``: its first two lines and last 64 KiB), and a file modified within
 ``older_than`` is not read at all; only a crashed or stopped record in a state asked for is replayed whole, to
 know whether something is left to undo.
@@ -42,7 +45,7 @@ from flowdsl.runtime.listing import (
     RecordRow,
     read_row,
 )
-from flowdsl.runtime.record import RecordError
+from flowdsl.runtime.record import RecordError, staged_run_id
 
 __all__ = ["DEFAULT_PRUNED", "PRUNABLE", "REASONS", "PruneReport", "parse_age", "prune", "prune_command"]
 
@@ -117,8 +120,9 @@ def parse_age(text: str) -> int:
 @dataclass
 class PruneReport:
     """What :func:`prune` did (or, ``dry_run``, would do): ``removed`` (run id, bytes) pairs, ``kept`` run ids by
-    reason (:data:`REASONS`), ``skipped`` sentences naming files that are not run records (never removed), and
-    ``errors`` (run id, why) for records that could not be removed."""
+    reason (:data:`REASONS`), ``skipped`` sentences naming files that are not run records (never removed),
+    ``errors`` (run id, why) for records that could not be removed, and ``leftovers`` (file name, bytes): the
+    temporary files of records never begun that were removed."""
 
     directory: Path
     older_than: str
@@ -128,6 +132,7 @@ class PruneReport:
     kept: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    leftovers: list[tuple[str, int]] = field(default_factory=list)
 
     def keep(self, reason: str, run_id: str) -> None:
         self.kept.setdefault(reason, []).append(run_id)
@@ -142,7 +147,9 @@ class PruneReport:
                             "runs": sorted(run_id for run_id, _ in self.removed)},
                 "kept": {"count": sum(len(ids) for ids in self.kept.values()), "by_reason": kept},
                 "skipped": list(self.skipped),
-                "errors": [{"run_id": run_id, "error": why} for run_id, why in self.errors]}
+                "errors": [{"run_id": run_id, "error": why} for run_id, why in self.errors],
+                "leftovers": {"count": len(self.leftovers), "bytes": sum(size for _, size in self.leftovers),
+                              "files": sorted(name for name, _ in self.leftovers)}}
 
 
 def prune(directory: Path, *, older_than_ms: int, older_than: str = "", statuses: tuple[str, ...] = DEFAULT_PRUNED,
@@ -158,7 +165,9 @@ def prune(directory: Path, *, older_than_ms: int, older_than: str = "", statuses
     for entry in listed:
         name = entry.name
         if not name.endswith(SUFFIX):
-            if not name.startswith(".") and not _is_dir(entry):
+            if staged_run_id(name) is not None:
+                _prune_leftover(entry, cutoff, dry_run, report)
+            elif not name.startswith(".") and not _is_dir(entry):
                 report.skipped.append(f"{entry.path} is not a run record (a record is named <run id>{SUFFIX})")
             continue
         if name.startswith("."):
@@ -242,6 +251,26 @@ def _remove(path: Path, info: os.stat_result, dry_run: bool) -> str:
         return "removed"
     finally:
         os.close(fd)
+
+
+def _prune_leftover(entry: os.DirEntry[str], cutoff: int, dry_run: bool, report: PruneReport) -> None:
+    """Remove (``dry_run``: only tell) the temporary file of a record never begun — its process was killed as it
+    wrote the record's first lines, before putting it in place — once it was last written before ``cutoff``. One
+    being written now is left alone: it is recent, and its process holds it locked (``_remove`` sees it changed)."""
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except OSError:
+        return  # (gone meanwhile: put in place, or removed)
+    if not stat.S_ISREG(info.st_mode) or info.st_mtime_ns // 1_000_000 > cutoff:
+        return
+    try:
+        outcome = _remove(Path(entry.path), info, dry_run)
+    except OSError as exc:
+        report.skipped.append(f"cannot remove {entry.path}, left by a run killed as it started: "
+                              f"{exc.strerror or exc}")
+        return
+    if outcome == "removed":
+        report.leftovers.append((entry.name, info.st_size))
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -363,6 +392,10 @@ def _print_report(report: PruneReport, console: Any) -> None:
     console.print(f"{verb} {len(report.removed):,} run record(s) ({_bytes(size)}) from {escape(str(report.directory))}"
                   f": runs {escape(named)}, last written more than {escape(report.older_than)} ago"
                   + (" (dry run: nothing removed)" if report.dry_run else ""), highlight=False, soft_wrap=True)
+    if report.leftovers:
+        console.print(f"{verb} {len(report.leftovers):,} temporary file(s) of records never begun "
+                      f"({_bytes(sum(n for _, n in report.leftovers))}): left by runs killed as they started",
+                      highlight=False, soft_wrap=True)
     kept = sum(len(ids) for ids in report.kept.values())
     if not kept:
         return

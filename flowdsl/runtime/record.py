@@ -151,7 +151,7 @@ RECORDS_DIR_MODE = 0o700
 
 
 def _create(path: Path) -> BinaryIO:
-    """Create the record file ``path`` — it must not exist — readable and writable by its owner alone
+    """Create the file ``path`` — it must not exist — readable and writable by its owner alone
     (:data:`RECORD_MODE`, whatever the umask allows more), open for unbuffered binary writing."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), RECORD_MODE)
     try:
@@ -159,6 +159,41 @@ def _create(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+#: the temporary name a record is written under until its first lines are in it (:meth:`RunRecorder.publish`):
+#: hidden, and not ``*.jsonl``, so that listings pass it over; ``flowdsl prune`` removes one its process left
+_STAGED_RE = re.compile(r"\.(?P<run_id>[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,127})\.jsonl\.[0-9a-f]{12}\.tmp\Z")
+#: the errors of a file system that has no hard links (FAT, some network ones): a record is then put in place by
+#: claiming its name and renaming the temporary file onto it
+_NO_HARD_LINKS = frozenset(code for code in (getattr(errno, name, None) for name in (
+    "EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EMLINK")) if code is not None)
+
+
+def staged_name(run_id: str) -> str:
+    """A fresh temporary name for the record of ``run_id`` while its first lines are written:
+    ``.<run id>.jsonl.<12 hex digits>.tmp``."""
+    return f".{run_id}.jsonl.{secrets.token_hex(6)}.tmp"
+
+
+def staged_run_id(name: str) -> str | None:
+    """The run id whose record the file named ``name`` was to become (:func:`staged_name`): a record being created
+    now, or one its process left as it was killed creating it (nothing of that run began). None for any other
+    name."""
+    found = _STAGED_RE.match(name)
+    return found.group("run_id") if found else None
+
+
+def _lock_file(fd: int, how: str) -> None:
+    """``flock`` ``fd`` exclusively without waiting (``how`` ``"lock"``) or unlock it (``"unlock"``); a file
+    system without locks, or a lock held elsewhere, is let be (the lock only keeps ``flowdsl prune`` off a record
+    being created)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if how == "lock" else fcntl.LOCK_UN)
 
 
 def broken_link(link: Path) -> str:
@@ -178,7 +213,8 @@ def broken_link(link: Path) -> str:
 
 
 class RunRecorder:
-    """Writes a run's header and events to its record file, which it creates (it must not exist).
+    """Writes a run's header and events to its record file, which it creates (it must not exist): first under a
+    hidden temporary name, put in place by :meth:`publish` once the first lines are in it.
 
     Lines are held until :meth:`flush`; the local runtime flushes after
     every burst of decisions it makes without waiting (so a record is on disk
@@ -189,14 +225,21 @@ class RunRecorder:
 
     def __init__(self, run_id: str, directory: str | Path | None = None):
         self.path = record_path(run_id, directory)
+        self.run_id = run_id
         check_records_dir(self.path)
-        try:  # exclusive: two runs started at once with one run id must not write one record
-            self._fh: BinaryIO | None = _create(self.path)
-        except FileExistsError:
-            raise FileExistsError(f"a record of run '{run_id}' already exists: {self.path}") from None
+        if os.path.lexists(self.path):  # (said at once; publish() checks it for good, exclusively)
+            raise FileExistsError(f"a record of run '{run_id}' already exists: {self.path}")
+        staged = self.path.with_name(staged_name(run_id))
+        try:
+            self._fh: BinaryIO | None = _create(staged)
         except OSError as exc:  # a directory os.access called writable (as root), a read-only file system...
             raise RecordWriteError(exc.errno, f"cannot create the run record {self.path}: {exc.strerror or exc}") \
                 from None
+        #: the hidden name the record is written under until :meth:`publish` puts it in place (then None)
+        self.staged: Path | None = staged
+        info = os.fstat(self._fh.fileno())
+        self._file_id = (info.st_dev, info.st_ino)  # (which file is this record's, whatever its names)
+        _lock_file(self._fh.fileno(), "lock")  # (flowdsl prune leaves a locked temporary file alone)
         self._held: list[bytes] = []  # lines not yet written
         self._whole = 0  # the bytes on disk that are whole lines: where a failed write is cut back to
         self._reserve: _Reserve | None = _RESERVES.take(self.path.parent)  # room, on a full disk, for its line
@@ -207,11 +250,82 @@ class RunRecorder:
         ``.resume``)."""
         self = cls.__new__(cls)
         self.path = path
+        self.run_id = path.name.removesuffix(".jsonl")
         self._fh = fh
+        self.staged = None
+        info = os.fstat(fh.fileno())
+        self._file_id = (info.st_dev, info.st_ino)
         self._held = []
-        self._whole = os.fstat(fh.fileno()).st_size
+        self._whole = info.st_size
         self._reserve = _RESERVES.take(path.parent)
         return self
+
+    def publish(self) -> None:
+        """Put the record in place under its name, holding what was written to it so far — its header and its
+        ``start`` line, flushed.
+
+        Until then it is written under a hidden temporary name beside it (:func:`staged_run_id`), which listings
+        pass over: a record appears with its first lines or not at all — never empty, never a header alone — and a
+        run stopped before this leaves no record (:meth:`discard`). Exclusive, as creating the record with
+        ``O_EXCL`` would be: a ``FileExistsError`` when a record of the run exists (another run took the id
+        meanwhile), a :class:`RecordWriteError` when it cannot be put there; :meth:`discard` then removes the
+        temporary file."""
+        staged = self.staged
+        if staged is None:
+            return
+        taken = f"a record of run '{self.run_id}' already exists: {self.path}"
+        try:
+            os.link(staged, self.path)  # (fails when the name exists: exclusive)
+        except FileExistsError:
+            raise FileExistsError(taken) from None
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise RecordWriteError(exc.errno, f"cannot create the run record {self.path}: "
+                                       f"{exc.strerror or exc}") from None
+            self._claim_and_move(staged, taken)
+        self.staged = None
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        if self._fh is not None:
+            _lock_file(self._fh.fileno(), "unlock")
+
+    def _claim_and_move(self, staged: Path, taken: str) -> None:
+        """:meth:`publish` on a file system without hard links: claim the record's name with an empty file
+        (exclusive), then rename the temporary file onto it — the name is that empty file for an instant only."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                             RECORD_MODE))
+        except FileExistsError:
+            raise FileExistsError(taken) from None
+        except OSError as exc:
+            raise RecordWriteError(exc.errno, f"cannot create the run record {self.path}: {exc.strerror or exc}") \
+                from None
+        try:
+            os.replace(staged, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise RecordWriteError(exc.errno, f"cannot create the run record {self.path}: {exc.strerror or exc}") \
+                from None
+
+    def discard(self) -> None:
+        """Close the record and remove it — a run that never began (its first lines could not be written, or a
+        stop signal came before its first step): nothing is left under its name nor its temporary one (a name that
+        holds another file by now is left alone). Never raises."""
+        fh, self._fh = self._fh, None
+        self._held.clear()
+        self._free_reserve()
+        for name in (self.staged, self.path):
+            if name is None:
+                continue
+            with contextlib.suppress(OSError):
+                info = os.stat(name, follow_symlinks=False)
+                if (info.st_dev, info.st_ino) == self._file_id:
+                    os.unlink(name)
+        self.staged = None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
 
     def header(self, plan: dict[str, Any], run_input: dict[str, Any], **extra: Any) -> None:
         """Write the header line: the record's format and the flowdsl version writing it, the plan and the input,
@@ -245,7 +359,11 @@ class RunRecorder:
     def stop(self, marker: dict[str, Any] | None = None) -> None:
         """After a write failed: put the file back to its last whole line (dropping the part of a line that went),
         end it with ``marker`` when that line can be written whole (else it ends at the last whole line), and close
-        it. Never raises: the file is left as it could be left."""
+        it. Never raises: the file is left as it could be left. A record never put in place (:meth:`publish`) is
+        removed instead: its run never began."""
+        if self.staged is not None:
+            self.discard()
+            return
         if self._fh is not None:  # the lines held before it (the others, when the encoder refused a line)
             with contextlib.suppress(OSError):
                 self.flush()
@@ -270,7 +388,11 @@ class RunRecorder:
 
     def close(self) -> None:
         """Write the lines held and close the file; an ``OSError`` when they cannot be written (the file then stays
-        open, for :meth:`stop`)."""
+        open, for :meth:`stop`). A record never put in place (:meth:`publish`) is removed instead: its run never
+        began."""
+        if self.staged is not None:
+            self.discard()
+            return
         if self._fh is not None:
             self.flush()
             self._fh.close()
