@@ -4,15 +4,20 @@ handlers it takes and gives back, and an interrupt that an async worker swallows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
+from redis.asyncio.client import PubSub
 
 from flowdsl import compile_text
 from flowdsl.runtime.redis import RedisClient, RedisWorker
+from flowdsl.runtime.redis.advance import Advancer
 from flowdsl.workers import StepContext, WorkerRegistry
 from tests.redis.inproc import worker_here
 from tests.redis.server import RedisServer
@@ -46,6 +51,59 @@ async def _until(check: Any, seconds: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
+T = TypeVar("T")
+
+
+def _watched(main: Callable[[], Coroutine[Any, Any, T]], seconds: float = 30.0) -> T:
+    """``asyncio.run(main())`` in a thread of its own, the test failed if it has not ended within ``seconds``: a
+    serve() that outlives its cancel, with a loop that never ends, would hang the test — and the suite — rather than
+    fail it (awaiting it under a timeout waits for it once more, and so does asyncio.run's own shutdown)."""
+    ended: list[T] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ended.append(asyncio.run(main()))
+        except BaseException as exc:  # (handed to the test's thread)
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name="watched event loop", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():  # (left behind, a daemon thread: the failure is said, the suite goes on)
+        pytest.fail(f"still running after {seconds:g} s: serve() outlived its cancel")
+    if raised:
+        raise raised[0]
+    return ended[0]
+
+
+async def _cancelled_serve_ends(serving: asyncio.Task[Any], worker: RedisWorker, seconds: float = 10.0) -> None:
+    """Cancel serve()'s task and see it end by that cancellation within ``seconds`` — waited for without cancelling
+    it again, so that a serve() that outlived its cancel fails the test here, saying what still ran."""
+    serving.cancel()
+    await asyncio.wait({serving}, timeout=seconds)
+    if not serving.done():
+        running = sorted(t.get_name() for t in asyncio.all_tasks() if not t.done()
+                         and t is not serving and t is not asyncio.current_task())
+        pytest.fail(f"serve() still running {seconds:g} s after its cancel; tasks still running: {running}")
+    assert serving.cancelled()
+    assert all(task.done() for task in worker._active)  # no handler left running after serve()
+
+
+async def _losing_the_cancel() -> None:
+    """The end of a Redis call that loses the cancellation coming meanwhile: it returns as if none had come (what
+    Python 3.11's asyncio.wait_for does when its call ended in the turn the cancellation came)."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(30)
+
+
+async def _end(serving: asyncio.Task[Any], worker: RedisWorker) -> None:
+    """(a test's ``finally``) serve() stopped, and waited for at most 10 s: a test that failed still ends."""
+    worker.stop(graceful=False)
+    serving.cancel()
+    await asyncio.wait({serving}, timeout=10)
+
+
 def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> None:
     """The task running serve() cancelled while a step runs (an application's shutdown): the step is stopped
     with it — left running, with no heartbeat renewing its lease, it would report later, and another process
@@ -69,18 +127,86 @@ def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> 
             serving = asyncio.create_task(worker.serve())
             try:
                 await _until(lambda: seen)
-                serving.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    async with asyncio.timeout(10):
-                        await serving
-                assert all(task.done() for task in worker._active)  # no handler left running after serve()
+                await _cancelled_serve_ends(serving, worker)
             finally:
-                serving.cancel()  # (if serve() outlived its cancel: the test fails, but ends)
-                async with asyncio.timeout(10):
-                    await asyncio.gather(serving, return_exceptions=True)
+                await _end(serving, worker)  # (if serve() outlived its cancel: the test fails, but ends)
 
-    asyncio.run(main())
+    _watched(main)
     assert seen == ["start", "cancelled"]
+
+
+def test_cancelling_serve_stops_a_loop_whose_redis_call_lost_the_cancel(url: str, prefix: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancellation that lands inside a Redis call can be lost: the call returns as if none had come (Python
+    3.11's asyncio.wait_for, under which redis-py sends each command of a connection with a socket timeout, returns
+    the result of a call that ended in the same turn and drops the cancellation). The cancel listener, whose
+    SUBSCRIBE lost it, went round for ever — serve() cancelled never checks a stop — and serve() waited for it in its
+    ``finally`` (a flaky failure of the test above under load: the subscription was on its way as serve() was
+    cancelled)."""
+    real = PubSub.subscribe
+    lost: list[str] = []
+
+    async def subscribe(self: PubSub, *args: Any, **kwargs: Any) -> None:
+        await real(self, *args, **kwargs)
+        task = asyncio.current_task()
+        if task is not None and task.get_name() == "cancels" and not lost:  # (the listener's; not the startup's)
+            lost.append(task.get_name())
+            await _losing_the_cancel()
+
+    monkeypatch.setattr(PubSub, "subscribe", subscribe)
+
+    async def main() -> None:
+        worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False)
+        serving = asyncio.create_task(worker.serve())
+        try:
+            await _until(lambda: lost)
+            await _cancelled_serve_ends(serving, worker)
+        finally:
+            await _end(serving, worker)
+
+    _watched(main)
+
+
+def test_cancelling_serve_stops_a_handler_whose_redis_call_lost_the_cancel(url: str, prefix: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same loss in a step handler (the start of its run, before it runs the run's first step): left running,
+    it went on to run its step after serve() had returned — with no heartbeat renewing its lease."""
+    seen: list[str] = []
+
+    async def slow(data: Any, ctx: StepContext) -> dict[str, Any]:
+        seen.append("start")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        seen.append("end")
+        return {}
+
+    real = Advancer.start
+    started: list[str] = []
+
+    async def start(self: Advancer, *args: Any, **kwargs: Any) -> Any:
+        outcome = await real(self, *args, **kwargs)
+        started.append("started")
+        await _losing_the_cancel()
+        return outcome
+
+    monkeypatch.setattr(Advancer, "start", start)
+
+    async def main() -> None:
+        worker = worker_here(url, prefix, registry=_registry(slow), llm=False)
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text(ONE_STEP.format(name="lost")), {})
+            serving = asyncio.create_task(worker.serve())
+            try:
+                await _until(lambda: started)
+                await _cancelled_serve_ends(serving, worker)
+            finally:
+                await _end(serving, worker)
+
+    _watched(main)
+    assert seen in ([], ["start", "cancelled"])  # the step went no further than it had when serve() ended
 
 
 def test_a_cancel_of_serve_landing_while_it_stops_is_not_swallowed(url: str, prefix: str, server: RedisServer) -> None:
@@ -283,13 +409,9 @@ def test_cancelling_serve_stops_a_loop_whose_redis_call_turned_the_cancel_into_a
         try:
             await asyncio.wait_for(entered.wait(), 20)
             began = time.monotonic()
-            serving.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                async with asyncio.timeout(10):
-                    await serving
+            await _cancelled_serve_ends(serving, worker)
             return time.monotonic() - began
         finally:
-            worker.stop()  # (if serve() outlived its cancel: the test fails, but ends)
-            await asyncio.gather(serving, return_exceptions=True)
+            await _end(serving, worker)  # (if serve() outlived its cancel: the test fails, but ends)
 
-    assert asyncio.run(main()) < 5
+    assert _watched(main) < 5

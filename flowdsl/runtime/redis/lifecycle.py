@@ -40,7 +40,7 @@ from flowdsl.runtime.redis.connection import (
     unreachable_reason,
 )
 from flowdsl.runtime.redis.keys import GROUP
-from flowdsl.runtime.redis.serving import REFUSED, describe, for_now, refusal_of
+from flowdsl.runtime.redis.serving import REFUSED, cancel_and_wait, describe, for_now, refusal_of
 from flowdsl.runtime.redis.wire import WireConnection
 from flowdsl.runtime.signals import give_back_signal, take_signal
 
@@ -245,10 +245,7 @@ class Lifecycle:
                 held.hand_back = True
                 self._interrupt(held)
             await asyncio.wait(set(self._active), timeout=5.0)
-        for task in list(self._active):
-            task.cancel()
-        if self._active:
-            await asyncio.wait(set(self._active), timeout=1.0)
+        await cancel_and_wait(set(self._active), timeout=1.0)  # (again while a Redis call lost the cancellation)
         if self._late_wake is not None:
             self._late_wake.set()  # the late results waiting to be reported again: one more try each, now
         if self._late:

@@ -9,6 +9,7 @@ stdlib. The modules of :class:`~flowdsl.runtime.redis.worker.RedisWorker` share 
 - :class:`Held` — a stream entry the process holds and the task it runs under it (the entry's own, or the next
   step of a chain);
 - :func:`serving_gc` — the garbage collector's settings while a worker process serves (``flowdsl worker``);
+- :func:`cancel_and_wait` — tasks stopped for sure: a cancellation a library call lost is sent again;
 - :data:`REFUSED`, :func:`refusal_of`, :func:`for_now` and :func:`describe` — whether Redis refused or is only
   unreachable or unwell for now, and an error as a log line says it.
 """
@@ -19,7 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,11 @@ from flowdsl.runtime.redis.advance import SNAPSHOT_BYTES
 from flowdsl.runtime.redis.connection import TRANSIENT, server_unwell
 from flowdsl.workers import describe_exception
 
-__all__ = ["REFUSED", "Held", "WorkerOptions", "WorkerStats", "describe", "for_now", "refusal_of", "serving_gc"]
+__all__ = ["REFUSED", "Held", "WorkerOptions", "WorkerStats", "cancel_and_wait", "describe", "for_now", "refusal_of",
+           "serving_gc"]
+
+#: how often :func:`cancel_and_wait` cancels again the tasks still running
+RECANCEL_S = 0.05
 
 #: what Redis answers when it is reachable but will not serve this worker (retrying cannot help)
 REFUSED: tuple[type[Exception], ...] = (redis.AuthenticationError, redis.ResponseError, redis.InvalidResponse)
@@ -55,6 +60,28 @@ def for_now(exc: BaseException) -> bool:
 def describe(exc: BaseException, limit: int = 500) -> str:
     text = describe_exception(exc)
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+async def cancel_and_wait(tasks: Collection[asyncio.Task[Any]], timeout: float | None = None) -> None:
+    """Cancel ``tasks`` and wait until they end, or for ``timeout`` seconds (None: no bound); those still running
+    are cancelled again every :data:`RECANCEL_S`.
+
+    One cancellation is not always enough: a library call can lose it and return as if none had come. Python
+    3.11's ``asyncio.wait_for`` — redis-py sends each command under it when the connection has a socket timeout,
+    as the worker's command connection has — returns the result of a call that finished in the same turn of the
+    loop and drops the cancellation; the task goes on, ``cancelling()`` set and nothing raised. A loop that lost it
+    went round again (the cancel listener, whose subscription takes that path, for ever: serve() cancelled hung in
+    its ``finally``), and a step handler could go on to run its step after serve() had returned."""
+    pending = {task for task in tasks if not task.done()}
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while pending:
+        for task in pending:
+            task.cancel()
+        wait = RECANCEL_S if deadline is None else min(RECANCEL_S, deadline - loop.time())
+        if wait <= 0:
+            return
+        _, pending = await asyncio.wait(pending, timeout=wait)
 
 
 @contextlib.contextmanager

@@ -71,7 +71,7 @@ from flowdsl.runtime.redis.late_results import LateResults
 from flowdsl.runtime.redis.lifecycle import Lifecycle
 from flowdsl.runtime.redis.reading import Reading
 from flowdsl.runtime.redis.scripts import Batcher
-from flowdsl.runtime.redis.serving import WorkerOptions, WorkerStats
+from flowdsl.runtime.redis.serving import WorkerOptions, WorkerStats, cancel_and_wait
 from flowdsl.runtime.redis.store import Clock, Store
 from flowdsl.runtime.redis.tasks import Tasks
 from flowdsl.runtime.redis.upkeep import Upkeep
@@ -208,14 +208,17 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
             await self._stopped.wait()
             await self._shutdown(loops)
         finally:
-            # the step handlers too (serve() cancelled, or a stop that left some): with no heartbeat left to renew
-            # their leases they must not go on and report later — another process may be running the same step
+            # serve() ends (stopped, or its task cancelled): an outright stop, so that every loop also leaves at its
+            # next turn by itself and nothing new starts; the step handlers too (serve() cancelled, or a stop that
+            # left some): with no heartbeat left to renew their leases they must not go on and report later —
+            # another process may be running the same step. A cancellation a Redis call lost (see cancel_and_wait)
+            # is sent again: serve() cancelled waited for ever for a loop that had lost it, and a handler could have
+            # gone on to run its step after serve() returned
             handlers = set(self._active)
-            for task in (*loops, *handlers, *self._late):
-                task.cancel()
-            await asyncio.gather(*loops, *self._late, return_exceptions=True)
+            self.stop(graceful=False)  # (which cancels the handlers and the late results)
+            await cancel_and_wait([*loops, *self._late])
             if handlers:  # bounded: a worker that ignores its cancel must not hold the process (as in _shutdown)
-                await asyncio.wait(handlers, timeout=1.0)
+                await cancel_and_wait(handlers, timeout=1.0)
             self._remove_signals()
             await self.store.settle(1.0)  # (outbox entries relayed whose drop is being sent again)
             with contextlib.suppress(Exception):
