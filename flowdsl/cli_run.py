@@ -309,7 +309,7 @@ def _report_local(channel: _JsonChannel, local: Any, view: Any, held: _HeldAfter
         raise _Stopped(str(exc), EXIT_ABORTED, status="aborted", error_type="RunAborted", extra=extra) from None
     except NotResumable as exc:  # (a resumed run's record taken meanwhile by another resume)
         raise _Stopped(str(exc), EXIT_DIAGNOSTICS, status="refused", error_type=exc.kind,
-                       extra={"run_id": local.run_id}) from None
+                       extra={"run_id": local.run_id, "run_status": exc.status}, label="refused") from None
     except FileExistsError as exc:  # another run took the run id between the check and the start: nothing ran
         raise _Stopped(str(exc), error_type="RunExists", extra={"run_id": local.run_id}) from None
     except (RecordWriteError, RecordError) as exc:  # the record could not be created or begun: nothing ran
@@ -489,7 +489,8 @@ def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir:
         resumption = prepare_resumption(path, force=force)
     except NotResumable as exc:
         raise _Stopped(str(exc), EXIT_DIAGNOSTICS, status="refused", error_type=exc.kind,
-                       extra={"run_id": run, "run_status": exc.status}, label="refused") from None
+                       extra={"run_id": path.name.removesuffix(".jsonl"), "run_status": exc.status},
+                       label="refused") from None
     except RecordError as exc:
         raise _Stopped(str(exc), error_type="NewerRecord" if isinstance(exc, NewerRecord) else "RecordError") \
             from None
@@ -504,6 +505,7 @@ def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir:
     # given (LocalRun searches the directory a spec file is in)
     spec_path = str(workers_dir / "spec") if workers_dir is not None else resumption.spec
     return _drive_local(channel, resumption.plan, lambda view: LocalRun(
-        resumption.plan, resumption.run_input, run_id=resumption.run_id, lm=lm, runs_dir=runs_dir,
+        resumption.plan, resumption.run_input, run_id=resumption.run_id,
+        lm=lm if lm is not None else resumption.lm, runs_dir=runs_dir,
         on_event=view.on_event, on_notice=view.notice, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
         spec_path=spec_path, resumption=resumption), resumption.run_id, resumption.events)

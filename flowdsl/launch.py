@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 _SAID = {"SIGTERM": "terminated (SIGTERM)", "SIGHUP": "hung up (SIGHUP)"}
 
 #: the commands whose ``--format json`` gives one JSON object however they end (docs/runtime.md)
-REPORTING = frozenset({"run", "show", "status", "runs", "cancel", "dead-letters"})
+REPORTING = frozenset({"run", "resume", "show", "status", "runs", "cancel", "dead-letters", "resolve", "prune",
+                       "workers"})
 
 
 def wants_json(argv: Sequence[str]) -> bool:

@@ -217,6 +217,17 @@ def in_doubt_items(plan: dict[str, Any], state: dict[str, Any], attempts: Iterab
     return items
 
 
+def died_in_doubt(plan: dict[str, Any], state: dict[str, Any], attempts: Iterable[Mapping[str, Any]], why: str,
+                  events: Iterable[Mapping[str, Any]], known: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """What a resumed run leaves in doubt of ``attempts``: those its earlier process had given up on (they timed out)
+    and that died with it unanswered (``why``: how that process stopped), judged against the run's state now
+    (:func:`in_doubt_items`, as for a run stopped at once) — but for a success after the step's undo, which a dead
+    process cannot make (the undo came after it). ``known``: steps listed in doubt already (left out)."""
+    seen = set(known)
+    return [item for item in in_doubt_items(plan, state, attempts, why, events, any_end=True)
+            if not item.get("after_undo") and item["step"] not in seen]
+
+
 def stopped_waiting(reason: str) -> str:
     """The clause of an in-doubt ``reason`` for a wait after the run's end that stopped (``reason``)."""
     return f"the runtime stopped waiting for it ({reason})"

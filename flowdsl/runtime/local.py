@@ -351,8 +351,10 @@ class LocalRun:
         self.run_id = run_id if run_id is not None else new_run_id(plan)
         if self.run_id in _LIVE:  # (checked again, and taken, as the run starts: run())
             raise RunIdInUse(self.run_id)
-        #: the run read back from its record, to go on with (:func:`flowdsl.runtime.resume.resume_flow`), or None
+        #: the run read back from its record, to go on with (:func:`flowdsl.runtime.resume.resume_flow`), or None;
+        #: and its attempts run again, which are never cancelled nor taken back (:meth:`_cancel_task`)
         self._resume = resumption
+        self._must_answer: set[str] = set()
         self.record_path: Path | None = record_path(self.run_id, runs_dir) if record else None
         if resumption is not None:
             self.record_path = resumption.path
@@ -454,6 +456,8 @@ class LocalRun:
             self._loop_thread = threading.get_ident()
         self._done = loop.create_future()
         self._perf0, self._wall0 = time.perf_counter(), time.time() * 1000.0
+        if self._resume is not None:  # a clock behind the record's (another host's, one set back) never runs backwards
+            self._wall0 = max(self._wall0, float(self._resume.last_at))
         at = self._now()
         start: dict[str, Any] | None = None
         if self._resume is not None:
@@ -470,7 +474,9 @@ class LocalRun:
                 self._marking.__enter__()
             begun = True
             self._draining = True
-            self._holding = self._early is not None  # cancelled before it started: call no worker
+            # cancelled before it started: call no worker — but a resumed run's attempts in flight, whose answer must
+            # say what their first run did (_must_answer)
+            self._holding = self._early is not None and self._resume is None
             try:
                 if self._resume is not None:
                     self._carry_out_again(self._resume)
@@ -521,6 +527,7 @@ class LocalRun:
         result.in_doubt = self.in_doubt
         if self._resume is not None:
             result.resumed = self._resume.resumed
+            result.in_doubt = self._resume.in_doubt(self.state, self.events, self.in_doubt)
         return result
 
     def cancel(self, reason: str = "cancel requested") -> None:
@@ -647,6 +654,8 @@ class LocalRun:
             raise RecordWriteError(code, f"{exc}; the run did not start{hint}") from None
         try:
             spec = {"spec": self.spec_path} if self.spec_path is not None else {}
+            if isinstance(self.lm, str):  # (a model's name: `flowdsl resume` goes on with it)
+                spec["lm"] = self.lm
             recorder.header(self.plan, self.run_input, run_id=self.run_id, runtime="local",
                             started_at=int(self._wall0), **spec)
             recorder.write_many((start,))
@@ -672,6 +681,7 @@ class LocalRun:
         flight carried out again (``.resume``)."""
         self.state = resumption.state
         self.events = list(resumption.events)
+        self._must_answer = {command["task_id"] for command in resumption.dispatches}
         for command in resumption.timers:
             self._schedule(command)
         for command in resumption.dispatches:
@@ -850,6 +860,8 @@ class LocalRun:
         if self._held.pop(task_id, None) is not None:  # never started: it answers at once
             self._answer(task_id, {"type": "task_cancelled", "task_id": task_id})
             return
+        if task_id in self._must_answer:  # run again after its process stopped: what it did there may have taken
+            return  # effect, so it runs to a real answer (a cancel now would say `cancelled`: nothing to undo)
         attempt = self._tasks.get(task_id)
         if attempt is None or attempt.task is None:
             return  # already answered
@@ -866,7 +878,7 @@ class LocalRun:
         worker is never called, and the answer is the caller's to give (its task now ends in a ``CancelledError``
         nobody asked for, which is not fed). False when it is not queued (its job has begun, or ended)."""
         attempt = self._tasks.get(task_id)
-        if attempt is None or attempt.thread is None or not attempt.thread.cancel():
+        if task_id in self._must_answer or attempt is None or attempt.thread is None or not attempt.thread.cancel():
             return False
         attempt.answered = True
         del self._tasks[task_id]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS, left_to_undo, replay
-from flowdsl.runtime.late import in_doubt_items, stopped_at_once, stopped_waiting
+from flowdsl.runtime.late import died_in_doubt, in_doubt_items, stopped_at_once, stopped_waiting
 from flowdsl.runtime.report import NOT_STARTED, RunResult
 
 __all__ = ["RUNTIME_LINES", "result_from_record"]
@@ -96,8 +96,10 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
 def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list[dict[str, Any]],
                         emitted: list[dict[str, Any]], path: Path | None = None) -> list[dict[str, Any]]:
     """What a record's runtime lines say is in doubt: the attempts of its ``runtime_waiting`` line that no input
-    event after it answered, or the ``unanswered`` attempts of its ``runtime_aborted`` line (a run stopped at once).
-    A runtime line that is malformed, or out of its place, is a ``RecordError`` naming it."""
+    event after it answered, or the ``unanswered`` attempts of its ``runtime_aborted`` line (a run stopped at once);
+    and the ``unanswered`` attempts of its ``runtime_resumed`` lines, which died with the process before
+    (``.late.died_in_doubt``). A runtime line that is malformed, or out of its place, is a ``RecordError`` naming
+    it."""
     from flowdsl.runtime.record import RESUMED, RecordError, since_resumed
 
     def refuse(i: int, why: str) -> RecordError:
@@ -115,6 +117,7 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
 
     finished = next((i for i, e in enumerate(lines) if e.get("type") == "run_finished"), None)
     waiting = aborted = None
+    died: list[tuple[list[dict[str, Any]], str]] = []  # each resume's attempts that died unanswered, and how
     now = since_resumed(lines)  # (a runtime_aborted line before the run was resumed tells of the process before)
     for i, event in enumerate(lines):
         kind = event.get("type")
@@ -124,6 +127,8 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
                 raise refuse(i, "a 'runtime_resumed' line comes before the run's end ('run_finished') and gives "
                              "'at' (a time in milliseconds) and 'process' (the process that resumed the run)")
             attempts_of(i, "attempts")
+            died.append((attempts_of(i, "unanswered", required=False), str(event.get("stopped") or
+                                                                           "its process stopped")))
         if kind == "runtime_waiting":
             if finished is None or i < finished or waiting is not None:
                 raise refuse(i, "a 'runtime_waiting' line comes once, after the run's end ('run_finished')")
@@ -142,17 +147,21 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
             if i >= now:
                 aborted = i
             attempts_of(i, "unanswered", required=False)
+    items: list[dict[str, Any]] = []
     if aborted is not None:
         left = attempts_of(aborted, "unanswered", required=False)
-        return in_doubt_items(plan, state, left, stopped_at_once(lines[aborted]["reason"]), emitted, any_end=True)
-    if waiting is None:
-        return []
-    rest = lines[waiting + 1:]
-    answered = {e.get("task_id") for e in rest if e.get("type") in ("task_succeeded", "task_failed", "task_cancelled")}
-    end = next((e for e in rest if e.get("type") == "runtime_waited"), None)
-    why = str(end.get("reason")) if end is not None else _WAIT_CUT
-    left = [a for a in attempts_of(waiting, "attempts") if a["task_id"] not in answered]
-    return in_doubt_items(plan, state, left, stopped_waiting(why), emitted)
+        items = in_doubt_items(plan, state, left, stopped_at_once(lines[aborted]["reason"]), emitted, any_end=True)
+    elif waiting is not None:
+        rest = lines[waiting + 1:]
+        answered = {e.get("task_id") for e in rest
+                    if e.get("type") in ("task_succeeded", "task_failed", "task_cancelled")}
+        end = next((e for e in rest if e.get("type") == "runtime_waited"), None)
+        why = str(end.get("reason")) if end is not None else _WAIT_CUT
+        left = [a for a in attempts_of(waiting, "attempts") if a["task_id"] not in answered]
+        items = in_doubt_items(plan, state, left, stopped_waiting(why), emitted)
+    for left, why in died:  # (as the resumed run said them: flowdsl.runtime.resume.Resumption.in_doubt)
+        items += died_in_doubt(plan, state, left, why, emitted, [item["step"] for item in items])
+    return items
 
 
 def _where(lines: list[dict[str, Any]], i: int, path: Path | None) -> str:

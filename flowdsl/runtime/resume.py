@@ -12,10 +12,12 @@ record holds every input event, so replaying them through the kernel gives the r
 - the attempts in flight (a step's, a fallback's, an undo's) run **again**, as the same attempt — same task id,
   attempt number and idempotency key — since what they did before their process stopped is not known (at least
   once, as on the Redis runtime after a worker's crash; a worker keyed on its idempotency key does its effect once);
-  an attempt the run was cancelling runs to its end too, so that its answer says what it did;
+  such an attempt is never cancelled (the local runtime's ``_must_answer``), so that its answer says what it did;
 - the armed timers are armed again at the times they were due (a retry's wait or a run timeout that passed while
   the run stood fires at once), but an attempt's timeout, which is given afresh to the attempt run again;
-- attempts the run had given up on (they timed out) are not waited for: their process is gone, and they with it.
+- attempts the run had given up on (they timed out) are not waited for: their process is gone, and they with it;
+  what they did is not known, so :meth:`Resumption.in_doubt` lists the steps for which that still matters once the
+  resumed run ends (``.late.died_in_doubt``).
 
 :meth:`Resumption.begin` then takes the record under its lock (``.record.locked_record``: two resumes of one run
 never both go on with it), checks it has not changed since it was read, completes it — a last line cut short as the
@@ -23,7 +25,8 @@ process died is dropped, the events the kernel emitted for the last input event 
 are written — and appends a ``runtime_resumed`` line naming this process, which runs the run from there: ``flowdsl
 runs`` and ``show`` then judge the run by this process. A run that ended, still runs, was resolved by hand, whose
 record stopped where writing it failed (the run went on unrecorded), or that had not started is refused
-(:class:`NotResumable`); so is one whose process cannot be told to be gone (another host), unless ``force``.
+(:class:`NotResumable`); so is one whose process cannot be told to be gone (another host), and one stopped at once
+whose process still runs (a thread the stop abandoned may still run an attempt there), unless ``force``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from flowdsl.kernel import INPUT_EVENTS, replay
-from flowdsl.runtime.owner import LIVE, UNKNOWN, by_whom, this_process
-from flowdsl.runtime.record import RESUMED, RecordError, encode_line, locked_record, read_record, resumptions
+from flowdsl.runtime.late import died_in_doubt
+from flowdsl.runtime.owner import GONE, LIVE, UNKNOWN, by_whom, judge, this_process
+from flowdsl.runtime.record import (
+    RESUMED,
+    RecordError,
+    encode_line,
+    locked_record,
+    owner_of,
+    read_record,
+    resumptions,
+)
 
 __all__ = ["NotResumable", "Resumption", "prepare_resumption"]
 
@@ -77,6 +89,14 @@ class Resumption:
     missing: list[dict[str, Any]] = field(repr=False, default_factory=list)
     #: after :meth:`begin`: each time the run was resumed, this one last (``RunResult.resumed``)
     resumed: list[dict[str, Any]] = field(default_factory=list)
+    #: attempts the run had given up on (they timed out) that never answered before its process stopped
+    #: (``{task_id, step, attempt}``), and how that process stopped (a clause): what they did is not known
+    unanswered: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = "its process stopped"
+    #: the latest time the record holds (ms): the resumed run's clock starts no earlier, whatever this host's says
+    last_at: int = 0
+    #: the model the run was started with (``--lm``), as its record names it, or None
+    lm: str | None = None
 
     def begin(self, at: int) -> BinaryIO:
         """Take the record over (under its lock): complete it and append the ``runtime_resumed`` line (``at``: the
@@ -92,7 +112,8 @@ class Resumption:
             line = {"type": RESUMED, "run_id": self.run_id, "at": at, "by": by_whom(), "was": self.was,
                     "process": this_process(),
                     "attempts": [{"task_id": c["task_id"], "step": c["step"], "attempt": c["attempt"]}
-                                 for c in self.dispatches]}
+                                 for c in self.dispatches],
+                    "unanswered": self.unanswered, "stopped": self.stopped}
             record.append(b"".join([*(encode_line(e) for e in self.missing), encode_line(line)]))
             self.resumed = resumptions([*record.lines, line])
             _unlock(record.fd)  # (the run goes on: resolve and prune may read it, and find it live)
@@ -104,6 +125,14 @@ class Resumption:
         return fh
 
 
+    def in_doubt(self, state: dict[str, Any], events: list[dict[str, Any]],
+                 known: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``known`` (what the resumed run's runtime found in doubt), then what :attr:`unanswered` leaves in doubt
+        as the run stands in ``state`` (``.late.died_in_doubt``)."""
+        return [*known, *died_in_doubt(self.plan, state, self.unanswered, self.stopped, events,
+                                       [item["step"] for item in known])]
+
+
 def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
     """Read the record ``path`` and make ready to resume its run (:class:`Resumption`); nothing is written yet.
 
@@ -111,7 +140,7 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
     cannot be read, or does not replay."""
     from flowdsl.runtime.rebuild import result_from_record
     from flowdsl.runtime.report import NOT_STARTED
-    from flowdsl.runtime.stopped import settle
+    from flowdsl.runtime.stopped import settle, unanswered
 
     run = path.name.removesuffix(".jsonl")
     try:
@@ -142,11 +171,20 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
         raise NotResumable("Ended", f"run {run} ended {status}: there is nothing to resume{left}", status)
     if status == NOT_STARTED:
         raise NotResumable("NotStarted", f"run {run} had not started when its process stopped: no step ran; run "
-                           "it again", "crashed" if standing.crashed else status)
+                           f"it again, under another run id (or once its record {path} is removed)",
+                           "crashed" if standing.crashed else status)
     if standing.stopped == "unrecorded":
         raise NotResumable("Unrecorded", f"run {run}'s record stops where writing it failed, and the run went on "
                            "unrecorded: what it did after that is not known, so it cannot go on from its record",
                            "unrecorded")
+    if standing.stopped == "aborted" and not force:  # (settle() does not ask: a run stopped at once has ended there)
+        process = judge(owner_of(header, lines))
+        if process.state != GONE:
+            raise NotResumable("StillRunning" if process.state == LIVE else "CannotTell",
+                               f"run {run} was stopped at once, and {process.said}: attempts the stop abandoned may "
+                               "still run there (a sync worker's thread); resume it once that process has ended, or "
+                               "add --force if you know none does (an attempt running twice at once would make its "
+                               "effect twice)", "aborted")
     if standing.crashed:
         was = "crashed"
     elif standing.stopped == "aborted":
@@ -175,10 +213,17 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
     if not dispatches and not timers:  # (the kernel never leaves a live run waiting on nothing)
         raise RecordError(f"{path}: the run is {status} with no attempt in flight and no timer armed: its record "
                           "does not say what the run waited for, and it cannot go on from there")
+    before = process if process is not None else judge(owner_of(header, lines))
+    who = f" (pid {before.pid} on {before.host})" if before.pid is not None else ""
+    stopped = {"crashed": f"its process{who} died", "aborted": f"the run was stopped at once in its process{who}",
+               "gone": f"its process{who} stopped"}[was]
+    times = [at for e in lines if isinstance(at := e.get("at"), int) and not isinstance(at, bool)]
+    named = (header or {}).get("lm")
     return Resumption(path=path, run_id=str(state["run_id"]), plan=plan, run_input=dict(inputs[0]["input"]),
                       state=state, events=emitted, dispatches=dispatches, timers=timers, was=was,
                       spec=spec if isinstance(spec := (header or {}).get("spec"), str) else None, raw=raw,
-                      missing=[e for e in emitted if e["seq"] > last_seq])
+                      missing=[e for e in emitted if e["seq"] > last_seq], unanswered=unanswered(state, lines),
+                      stopped=stopped, last_at=max(times, default=0), lm=named if isinstance(named, str) else None)
 
 
 def _unlock(fd: int) -> None:
@@ -212,7 +257,8 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
 
     path = find_record(os.fspath(run), runs_dir)
     resumption = prepare_resumption(path, force=force)
-    local = LocalRun(resumption.plan, resumption.run_input, run_id=resumption.run_id, lm=lm, runs_dir=runs_dir,
+    local = LocalRun(resumption.plan, resumption.run_input, run_id=resumption.run_id,
+                     lm=lm if lm is not None else resumption.lm, runs_dir=runs_dir,
                      on_event=on_event, on_notice=on_notice, registry=registry, adapter=adapter,
                      handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
                      spec_path=spec_path if spec_path is not None else resumption.spec,

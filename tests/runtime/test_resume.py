@@ -145,15 +145,7 @@ def test_a_retry_wait_that_passed_while_the_run_stood_fires_at_once(tmp_path: Pa
     proc = _start(tmp_path, "r4", {"a": [{"log": log, "raise": "Flaky"}, {"log": log}]}, steps)
     _wait_for(tmp_path / "runs" / "r4.jsonl", "step_retrying", "a", proc)
     _kill(proc)
-    path = tmp_path / "runs" / "r4.jsonl"
-    moved = []  # the 60 s wait passed while the run stood: its recorded times moved back 61 s
-    for raw in path.read_bytes().splitlines():
-        item = json.loads(raw)
-        for key in ("at", "started_at"):
-            if isinstance(item.get(key), int) and not isinstance(item.get(key), bool):
-                item[key] -= 61_000
-        moved.append(json.dumps(item))
-    path.write_text("\n".join(moved) + "\n")
+    _move_back(tmp_path / "runs" / "r4.jsonl", 61_000)  # the 60 s wait passed while the run stood
     started = time.monotonic()
     code, out, said = _resume_cli(tmp_path, "r4")
     assert code == 0 and out["steps"]["a"]["attempts"] == 2, said
@@ -182,9 +174,20 @@ def test_a_run_stopped_at_once_is_resumed_and_undone(tmp_path: Path) -> None:
 
     asyncio.run(abort_in_undo())
     assert _listed(runs)["r5"]["status"] == "aborted"
-    # resumed in a process of its own, where b's undo hangs again: the stop at once before tells of the process
-    # before — the run is going (not aborted), and resuming it again is refused while that process runs
-    second = _flowdsl("resume", "r5", "--runs-dir", str(runs), "--format", "json")
+    # the process that stopped it at once (this one) still runs: an attempt the stop abandoned may still run here
+    refused = _flowdsl("resume", "r5", "--runs-dir", str(runs), "--format", "json")
+    try:
+        stdout, stderr = refused.communicate(timeout=60)
+    finally:
+        if refused.poll() is None:  # (it went on with the run: b's undo hangs)
+            _kill(refused)
+    out, said = json.loads(stdout), " ".join(stderr.split())
+    assert (refused.returncode, out["error"]["type"], out["run_status"]) == (1, "StillRunning", "aborted"), said
+    assert f"pid {os.getpid()}" in said and "add --force" in said
+    # resumed (--force: nothing of it runs here any more) in a process of its own, where b's undo hangs again: the
+    # stop at once before tells of the process before — the run is going (not aborted), and resuming it again is
+    # refused while that process runs
+    second = _flowdsl("resume", "r5", "--runs-dir", str(runs), "--format", "json", "--force")
     try:
         deadline = time.monotonic() + 30
         while sum(1 for call in _calls(tmp_path) if call[1] == "r5/b/compensate") < 2:
@@ -368,3 +371,94 @@ def test_a_diagram_of_a_resumed_run_draws_it_going_not_stopped() -> None:
               {"type": RESUMED, "run_id": "d1"}, {"type": "step_scheduled", "step": "a", "node": "a"}]
     assert derive_states(plan, events).status == "running"
     assert derive_states(plan, events[:2]).status == "aborted"
+
+
+def test_an_attempt_run_again_is_never_cancelled_its_answer_says_what_it_did(tmp_path: Path) -> None:
+    """The run's timeout passed while its process was dead: resumed, it fires at once and the run aborts — but b,
+    in flight when the process died (it may have taken effect there), runs to its answer and is undone, not
+    `cancelled` with nothing to undo."""
+    steps = "timeout: 2s\n" + STEPS
+    script = _script(tmp_path, b={"mark": str(tmp_path / "b.called"), "hang_unless": str(tmp_path / "go"),
+                                  "sleep": 0.5})
+    proc = _start(tmp_path, "r9", script, steps)
+    wait_for_file(tmp_path / "b.called", proc)
+    _wait_for(tmp_path / "runs" / "r9.jsonl", "step_scheduled", "b", proc)
+    _kill(proc)
+    time.sleep(2.1)
+    (tmp_path / "go").touch()
+    code, out, said = _resume_cli(tmp_path, "r9")
+    assert (code, out["status"], out["error"]["type"]) == (1, "compensated", "RunTimeout"), (said, out)
+    assert out["compensated"] == ["b", "a"] and out["steps"]["b"]["status"] == "succeeded"
+    assert [(role, key) for role, key, _, _ in _calls(tmp_path)][-3:] == [
+        ("step", "r9/b"), ("compensate", "r9/b/compensate"), ("compensate", "r9/a/compensate")]
+
+
+def test_an_attempt_given_up_on_that_died_with_its_process_stays_in_doubt(tmp_path: Path) -> None:
+    """a's first attempt timed out (its sync thread still ran) and the run waited to retry when its process was
+    killed; resumed, the retry fails for good: whether the first attempt completed is unknown — in doubt, exit 4
+    (it was forgotten: exit 1, `failed`, nothing in doubt)."""
+    steps = ("steps:\n  - sync.a:\n      compensate: undo.a\n      timeout: 200ms\n"
+             "      retry: {attempts: 2, initial: 60s}\n")
+    proc = _start(tmp_path, "r10", {"a": [{"sleep": 60}, {"raise": "Boom"}]}, steps)
+    _wait_for(tmp_path / "runs" / "r10.jsonl", "step_retrying", "a", proc)
+    _kill(proc)
+    _move_back(tmp_path / "runs" / "r10.jsonl", 61_000)
+    code, out, said = _resume_cli(tmp_path, "r10")
+    assert (code, out["status"]) == (4, "failed"), said
+    [doubt] = out["in_doubt"]
+    assert (doubt["step"], doubt["task_ids"]) == ("a", ["r10/a#1"]) and f"pid {proc.pid}" in doubt["reason"]
+    shown, _ = _shown(tmp_path / "runs", "r10")
+    assert shown["in_doubt"] == out["in_doubt"]
+
+
+def test_a_clock_behind_the_records_never_runs_the_run_backwards(tmp_path: Path) -> None:
+    """Resumed on a host whose clock is 10 minutes behind the one that began the run: the run's times go on from
+    the record's last, never before it (a negative wall time and step times, timers fired late)."""
+    _crash_in_b(tmp_path, "r11")
+    path = tmp_path / "runs" / "r11.jsonl"
+    _move_back(path, -600_000)  # (its times ahead of this clock by 10 minutes)
+    last = max(at for e in read_record(path)[1] if isinstance(at := e.get("at"), int))
+    (tmp_path / "go").touch()
+    code, out, said = _resume_cli(tmp_path, "r11")
+    assert code == 0, said
+    assert out["timing"]["wall_ms"] >= 0 and all(
+        step["finished_at"] >= step["started_at"] for step in out["steps"].values())
+    assert out["finished_at"] >= out["resumed"][0]["at"] >= last
+
+
+def test_the_model_a_run_was_started_with_is_the_one_it_goes_on_with(tmp_path: Path) -> None:
+    from flowdsl import compile_spec
+    from flowdsl.runtime.local import run_flow
+
+    plan = compile_spec(_spec(tmp_path, "steps:\n  - conf.a\n")).plan
+    assert plan is not None
+    runs = tmp_path / "runs"
+    asyncio.run(run_flow(plan, {}, run_id="m1", runs_dir=runs, lm="openai/some-model"))
+    path = runs / "m1.jsonl"
+    header = json.loads(path.read_bytes().split(b"\n", 1)[0])
+    assert header["lm"] == "openai/some-model"
+    lines = path.read_bytes().splitlines(keepends=True)  # as if its process had died with a in flight
+    scheduled = next(i for i, raw in enumerate(lines) if json.loads(raw)["type"] == "step_scheduled")
+    path.write_bytes(b"".join(lines[:scheduled + 1]))
+    _rewrite_header(path, process={**header["process"], "pid": 2 ** 22 + 1})
+    assert prepare_resumption(path).lm == "openai/some-model"
+
+
+def test_a_usage_error_of_resume_with_format_json_is_one_json_object(tmp_path: Path) -> None:
+    for args in (["resume", "--format", "json"], ["resume", "x", "--bogus", "--format", "json"],
+                 ["resolve", "--format", "json"], ["prune", "--format", "json"]):
+        done = subprocess.run([sys.executable, "-c", "from flowdsl.cli import main; main()", *args], cwd=tmp_path,
+                              env=_env(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and json.loads(done.stdout)["error"]["type"] == "UsageError", (args, done)
+
+
+def _move_back(path: Path, ms: int) -> None:
+    """Move every time a record holds ``ms`` milliseconds back (as if that long had passed since it was written)."""
+    moved = []
+    for raw in path.read_bytes().splitlines():
+        item = json.loads(raw)
+        for key in ("at", "started_at"):
+            if isinstance(item.get(key), int) and not isinstance(item.get(key), bool):
+                item[key] -= ms
+        moved.append(json.dumps(item))
+    path.write_text("\n".join(moved) + "\n")
