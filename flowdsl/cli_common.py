@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flowdsl.render.command import parse_directory  # (typer + stdlib only)
+
 app = typer.Typer(
     name="flowdsl",
     help="flowdsl: declarative workflows with automatic saga compensation.",
@@ -65,6 +67,13 @@ RedisUrlOpt = Annotated[str | None, typer.Option(
 PrefixOpt = Annotated[str | None, typer.Option(
     "--prefix", help="key prefix of the deployment \\[default: $FLOWDSL_REDIS_PREFIX or flowdsl]")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="text for people, json for programs")]
+#: the local run record a command reads (``show``, ``resume``)
+RecordArg = Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)", metavar="RUN_ID",
+                                          show_default=False)]
+#: where a command finds the local run records (``show``, ``resume``, ``prune``)
+RunsDirOpt = Annotated[Path | None, typer.Option(
+    "--runs-dir", help="where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
+    parser=parse_directory)]
 
 #: the ranges of the duration options (seconds): a value outside, or not a finite number, is a usage error
 DAY = 24 * 3600.0

@@ -18,6 +18,7 @@ from flowdsl.cli_common import (
     OutputFormat,
     PrefixOpt,
     RedisUrlOpt,
+    RunsDirOpt,
     _fail,
     _reporting,
     _text,
@@ -97,9 +98,7 @@ def prune(
         "compensated, cancelled, resolved, crashed, aborted, unrecorded \\[default: completed, failed, compensated, "
         "cancelled, resolved]", metavar="STATE", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be removed, and remove nothing")] = False,
-    runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
-        parser=parse_directory)] = None,
+    runs_dir: RunsDirOpt = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     as_json = fmt is OutputFormat.json

@@ -26,7 +26,9 @@ from flowdsl.cli_common import (
     FormatOpt,
     OutputFormat,
     PrefixOpt,
+    RecordArg,
     RedisUrlOpt,
+    RunsDirOpt,
     _compile,
     _escape,
     _fail,
@@ -348,11 +350,8 @@ def _report_local(channel: _JsonChannel, local: Any, view: Any, held: _HeldAfter
 
 @app.command()
 def show(
-    run_id: Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)",
-                                          metavar="RUN_ID", show_default=False)],
-    runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
-        parser=parse_directory)] = None,
+    run_id: RecordArg,
+    runs_dir: RunsDirOpt = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     """Print a recorded run's timeline and summary (--format json: the same object as `run --format json`)."""
@@ -443,11 +442,8 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
     "  130  stopped at once by a second Ctrl-C or SIGTERM (it can be resumed again)\n"
     "  141  stdout's reader went away (| head)"))
 def resume(
-    run_id: Annotated[str, typer.Argument(help="a run id, or the path of a run record (.jsonl)",
-                                          metavar="RUN_ID", show_default=False)],
-    runs_dir: Annotated[Path | None, typer.Option(
-        "--runs-dir", help="where run records are \\[default: $FLOWDSL_RUNS_DIR or .flowdsl/runs]", metavar="DIR",
-        parser=parse_directory)] = None,
+    run_id: RecordArg,
+    runs_dir: RunsDirOpt = None,
     workers_dir: Annotated[Path | None, typer.Option(
         "--workers-dir", help="a directory to import the flow's worker modules from, after the current one "
         "\\[default: the directory of the spec the run was started from, as its record names it]", metavar="DIR",

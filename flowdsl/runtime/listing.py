@@ -461,7 +461,7 @@ def _replayed(path: Path) -> tuple[RecordRow, tuple[int, int, int]]:
     read (:func:`_read_row`)."""
     from dataclasses import replace
 
-    from flowdsl.runtime.rebuild import result_from_record
+    from flowdsl.runtime.rebuild import record_result
     from flowdsl.runtime.record import read_record
     from flowdsl.runtime.report import NOT_STARTED
     from flowdsl.runtime.stopped import settle
@@ -478,12 +478,7 @@ def _replayed(path: Path) -> tuple[RecordRow, tuple[int, int, int]]:
         header, lines = read_record(path, raw)
     except NewerRecord as exc:
         return RecordRow(run_id, None, NEWER, None, None, None, why=str(exc)), judged
-    try:
-        result = result_from_record(header, lines, path)
-    except RecordError:
-        raise
-    except Exception as exc:  # a header without a plan, events that do not replay: as show says it
-        raise RecordError(f"cannot read the run record {path}: {exc}") from None
+    result = record_result(header, lines, path)
     standing = settle(header, lines, result) if not lines.resolutions else None
     submitted = _ms((header or {}).get("started_at"))
     last = next((at for e in reversed(lines) if (at := _ms(e.get("at"))) is not None), submitted)

@@ -145,8 +145,9 @@ class RunAborted(Exception):
         else:
             todo = ("left to undo by hand: " + ", ".join(str(item["step"]) for item in left)) if left else \
                 "no completed step was left undone"
+            resume = f" (`flowdsl resume {run_id}` goes on with it from there)" if record else ""
             super().__init__(f"run {run_id} was aborted {stopped_while(status)}: steps in flight were abandoned "
-                             f"and nothing more was compensated; {todo}{where}")
+                             f"and nothing more was compensated; {todo}{where}{resume}")
         self.run_id = run_id
         self.status = status
         self.record = record

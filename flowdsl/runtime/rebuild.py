@@ -22,7 +22,7 @@ from flowdsl.kernel import END_STATES, INPUT_EVENTS, left_to_undo, replay
 from flowdsl.runtime.late import died_in_doubt, in_doubt_items, stopped_at_once, stopped_waiting
 from flowdsl.runtime.report import NOT_STARTED, RunResult
 
-__all__ = ["RUNTIME_LINES", "result_from_record"]
+__all__ = ["RUNTIME_LINES", "record_result", "result_from_record"]
 
 
 #: record lines that are neither kernel input nor emitted by the kernel: a hard stop; the local runtime's wait, after
@@ -91,6 +91,20 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         result.record_error = (f"writing the record failed ({failed.get('reason')}); it stops there and the run went "
                                "on unrecorded")
     return result
+
+
+def record_result(header: Mapping[str, Any] | None, lines: list[dict[str, Any]], path: Path) -> RunResult:
+    """:func:`result_from_record` for the commands that act on a record (``runs``, ``resolve``, ``resume``): whatever
+    keeps it from replaying — a header without a plan, events that do not replay — is a ``RecordError`` naming the
+    file, as ``show`` says it."""
+    from flowdsl.runtime.record import RecordError
+
+    try:
+        return result_from_record(header, lines, path)
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise RecordError(f"cannot read the run record {path}: {exc}") from None
 
 
 def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list[dict[str, Any]],

@@ -86,7 +86,7 @@ def resolve_record(path: Path, *, note: str | None, force: bool = False) -> dict
 
 def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
     """The state the run is resolved in, or :class:`NotResolvable` saying why it cannot be."""
-    from flowdsl.runtime.rebuild import result_from_record
+    from flowdsl.runtime.rebuild import record_result
     from flowdsl.runtime.stopped import settle
 
     run = path.name.removesuffix(".jsonl")
@@ -96,12 +96,7 @@ def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at / 1000)) if isinstance(at, int) else "?"
         raise NotResolvable("AlreadyResolved", f"run {run} was resolved already, {when} by {said.get('by')}"
                             + (f" ({said.get('note')})" if said.get("note") else ""), "resolved")
-    try:
-        result = result_from_record(header, lines, path)
-    except RecordError:
-        raise
-    except Exception as exc:
-        raise RecordError(f"cannot read the run record {path}: {exc}") from None
+    result = record_result(header, lines, path)
     standing = settle(header, lines, result)
     process = standing.process
     if standing.live:

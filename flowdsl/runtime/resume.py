@@ -138,7 +138,7 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
 
     :class:`NotResumable` says why the run cannot be resumed; ``RecordError`` (a ``NewerRecord`` too) that the record
     cannot be read, or does not replay."""
-    from flowdsl.runtime.rebuild import result_from_record
+    from flowdsl.runtime.rebuild import record_result
     from flowdsl.runtime.report import NOT_STARTED
     from flowdsl.runtime.stopped import settle, unanswered
 
@@ -148,12 +148,7 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
     except OSError as exc:
         raise RecordError(f"cannot read the run record {path}: {exc.strerror or exc}") from None
     header, lines = read_record(path, raw)
-    try:
-        result = result_from_record(header, lines, path)
-    except RecordError:
-        raise
-    except Exception as exc:  # a header without a plan, events that do not replay: as show says it
-        raise RecordError(f"cannot read the run record {path}: {exc}") from None
+    result = record_result(header, lines, path)
     standing = settle(header, lines, result)
     status = str(result.status)
     if lines.resolutions:

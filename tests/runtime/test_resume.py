@@ -462,3 +462,12 @@ def _move_back(path: Path, ms: int) -> None:
                 item[key] -= ms
         moved.append(json.dumps(item))
     path.write_text("\n".join(moved) + "\n")
+
+
+def test_a_run_stopped_at_once_says_it_can_be_resumed(tmp_path: Path) -> None:
+    from flowdsl.runtime.report import RunResult
+
+    result = RunResult(run_id="r0", flow="f", status="running", context={}, steps={}, compensated=[], events=[])
+    said = str(RunAborted("r0", "running", tmp_path / "r0.jsonl", result=result))
+    assert said.endswith("(`flowdsl resume r0` goes on with it from there)")
+    assert "resume" not in str(RunAborted("r0", "running", None))
