@@ -76,6 +76,7 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
         problem = json_problem(data)
         if problem is not None:
             raise InputError(f"{name}: the input is not plain JSON data: {visible(problem)}")
+    given: dict[tuple[str, ...], str] = {}  # the keys set by --set so far: one set twice would be last-wins
     for item in overrides:
         key, sep, raw_value = item.partition("=")
         bad = text_problem(item)
@@ -105,6 +106,12 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
         problem = json_problem(value)
         if problem is not None:
             raise InputError(f"--set {_said(key)}: the value is not plain JSON data: {visible(problem)}")
+        here = tuple(path)
+        earlier = next((k for k in given if k[:len(here)] == here or here[:len(k)] == k), None)
+        if earlier is not None:
+            raise InputError(f"--set {_said(item)}: '{_said(key)}' is set already, by --set {_said(given[earlier])} "
+                             "(one would silently replace the other); give each key once")
+        given[here] = item
         _assign(data, path, value, item)
     return data
 

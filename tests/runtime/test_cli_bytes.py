@@ -112,3 +112,12 @@ def test_an_empty_input_is_said_to_be_empty(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(content)))
     with pytest.raises(InputError, match=r"^stdin is empty \(nothing was piped in\): the run input must be"):
         read_input("-")
+
+
+@pytest.mark.parametrize("sets", [["a=1", "a=2"], ["a.b=1", "a=2"], ["a=2", "a.b=1"], ["x.y.z=1", "x.y={}"]])
+def test_a_key_set_twice_is_refused_never_last_wins(sets: list[str]) -> None:
+    from flowdsl.runtime.inputs import InputError
+
+    with pytest.raises(InputError, match=rf"^--set {sets[1]}: .* is set already, by --set {sets[0]} "):
+        read_input(None, sets)
+    assert read_input(None, ["a.b=1", "a.c=2", "ab=3"]) == {"a": {"b": 1, "c": 2}, "ab": 3}
