@@ -109,8 +109,8 @@ def read_input(source: str | None, overrides: Iterable[str] = ()) -> dict[str, A
         here = tuple(path)
         earlier = next((k for k in given if k[:len(here)] == here or here[:len(k)] == k), None)
         if earlier is not None:
-            raise InputError(f"--set {_said(item)}: '{_said(key)}' is set already, by --set {_said(given[earlier])} "
-                             "(one would silently replace the other); give each key once")
+            raise InputError(f"--set {_said(item)}: it sets what --set {_said(given[earlier])} sets already (one would "
+                             "silently replace the other, or a key inside it); give each key once")
         given[here] = item
         _assign(data, path, value, item)
     return data

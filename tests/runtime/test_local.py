@@ -591,6 +591,8 @@ def test_the_package_exports_the_runtime() -> None:
     (lambda t: ["--set", ".a=1"], None, "--set .a=1: the key '.a' has an empty name"),
     (lambda t: ["--set", "a..b=1"], None, "--set a..b=1: the key 'a..b' has an empty name"),
     (lambda t: ["--set", "script.x=1", "--set", "script.x.y=2"], None,
+     "--set script.x.y=2: it sets what --set script.x=1 sets already"),
+    (lambda t: ["--input", "-", "--set", "script.x.y=2"], b'{"script": {"x": 1}}',
      "--set script.x.y=2: 'script.x' is not an object in the input (it is a number)"),
     (lambda t: ["--run-id", ""], None, "--run-id: invalid run id '': use 1-128 letters, digits and _ . : -"),
     (lambda t: ["--input", "-"], b"[1, 2]", "stdin: the run input must be a JSON object, found an array"),
