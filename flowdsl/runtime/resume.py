@@ -124,7 +124,6 @@ class Resumption:
                        in again else t for t in self.timers]
         return fh
 
-
     def in_doubt(self, state: dict[str, Any], events: list[dict[str, Any]],
                  known: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``known`` (what the resumed run's runtime found in doubt), then what :attr:`unanswered` leaves in doubt
@@ -191,7 +190,6 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
         raise NotResumable("CannotTell", f"run {run} has no end in its record, and {clause}; resume it only once "
                            "you know that process is gone: then add --force (two processes running one run would "
                            "run its steps twice)", status)
-    assert process is None or process.state != LIVE
     plan = dict(header["plan"]) if header is not None else {}
     inputs = [e for e in lines if e.get("type") in ("start", *INPUT_EVENTS)]
     state, commands, emitted = replay(plan, inputs)

@@ -471,3 +471,32 @@ def test_a_run_stopped_at_once_says_it_can_be_resumed(tmp_path: Path) -> None:
     said = str(RunAborted("r0", "running", tmp_path / "r0.jsonl", result=result))
     assert said.endswith("(`flowdsl resume r0` goes on with it from there)")
     assert "resume" not in str(RunAborted("r0", "running", None))
+
+
+def test_a_run_stopped_at_once_in_a_process_that_still_runs_goes_on_with_force(tmp_path: Path) -> None:
+    """Refused while the process that stopped it still runs (this one); `force` says no attempt the stop abandoned
+    still runs here, and the run goes on."""
+    from flowdsl import compile_spec
+
+    plan = compile_spec(_spec(tmp_path, "steps:\n  - conf.a: {compensate: undo.a}\n  - conf.b\n")).plan
+    assert plan is not None
+    runs = tmp_path / "runs"
+    script = {"b": {"hang_unless": str(tmp_path / "go")}}
+
+    async def abort_in_b() -> None:
+        local: LocalRun
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == "step_scheduled" and event["step"] == "b":
+                asyncio.get_running_loop().call_later(0.1, local.abort, "stopped by the test")
+
+        local = LocalRun(plan, {"script": script}, run_id="f1", runs_dir=runs, on_event=on_event)
+        with pytest.raises(RunAborted):
+            await local.run()
+
+    asyncio.run(abort_in_b())
+    with pytest.raises(NotResumable, match="add --force"):
+        asyncio.run(resume_flow("f1", runs_dir=runs))
+    (tmp_path / "go").touch()
+    result = asyncio.run(resume_flow("f1", runs_dir=runs, force=True))
+    assert (result.status, [r["was"] for r in result.resumed]) == ("completed", ["aborted"])
