@@ -171,6 +171,19 @@ def _user_code() -> contextlib.AbstractContextManager[Any]:
     return contextlib.redirect_stdout(sys.stderr)
 
 
+def _threads_problem() -> str | None:
+    """What is wrong with ``$FLOWDSL_THREADS`` (the size of the sync workers' thread pool), or None: the commands that
+    call workers (``run``, ``resume``, ``worker``) refuse a bad one before anything runs, where a library user's
+    process logs it when its first sync worker starts (``flowdsl.runtime.execute.thread_limit``)."""
+    from flowdsl.runtime.execute import thread_limit
+
+    try:
+        thread_limit()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _compile(file: Path, no_import: bool) -> Any:
     from flowdsl.api import compile_spec
 

@@ -31,6 +31,7 @@ from flowdsl.cli_common import (
     _stderr,
     _stopping_as_ctrl_c,
     _text,
+    _threads_problem,
     app,
 )
 from flowdsl.render.command import parse_directory  # (typer + stdlib only)
@@ -90,6 +91,9 @@ def worker(
     from flowdsl.runtime.redis.commands import worker_command
     from flowdsl.runtime.redis.serving import WorkerOptions
 
+    threads = _threads_problem()
+    if threads is not None:
+        raise _fail(threads)
     try:
         options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease,
                                 schedule_timeout_s=schedule_timeout, retention_s=retention, grace_s=grace, lm=lm,

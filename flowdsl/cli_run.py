@@ -40,6 +40,7 @@ from flowdsl.cli_common import (
     _seconds,
     _stderr,
     _stopping_as_ctrl_c,
+    _threads_problem,
     _user_code,
     app,
 )
@@ -192,6 +193,8 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     if not remote and (detach or redis_url is not None or prefix is not None or schedule_timeout is not None
                        or retention is not None):
         raise _Stopped("--detach, --redis-url, --prefix, --schedule-timeout and --retention need --backend redis")
+    if not remote and (threads := _threads_problem()) is not None:
+        raise _Stopped(threads)
     if no_record and runs_dir is not None:
         raise _Stopped(f"--no-record and --runs-dir {runs_dir} contradict each other: --no-record writes no record, "
                        "--runs-dir says where to write it; give one of them")
@@ -480,6 +483,9 @@ def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir:
     from flowdsl.runtime.record import NewerRecord, RecordError, find_record
     from flowdsl.runtime.resume import NotResumable, prepare_resumption
 
+    threads = _threads_problem()
+    if threads is not None:
+        raise _Stopped(threads)
     try:
         path = find_record(run, runs_dir)
         resumption = prepare_resumption(path, force=force)

@@ -404,3 +404,27 @@ def test_a_path_byte_that_is_not_utf8_is_shown_as_its_escape(tmp_path: Path) -> 
     ran = _flowdsl("run", FLOW, "-i", b"\xe9x.json", "--no-record", cwd=tmp_path)
     assert ran.returncode == 2
     assert ran.stderr.decode().strip() == "error: cannot read input file '\\xe9x.json': No such file or directory"
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "10001"])
+def test_a_bad_thread_pool_size_is_refused_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                value: str) -> None:
+    """`$FLOWDSL_THREADS` wrong: `run`, `resume` and `worker` say so at once, exit 2 (it was a log line once the first
+    sync worker started, and 256 threads used), as a bad `$FLOWDSL_LATE_GRACE` is."""
+    monkeypatch.setenv("FLOWDSL_THREADS", value)
+    runs = tmp_path / "runs"
+    example = ROOT / "examples" / "order_management"
+    for args in (["run", str(example / "flow.yaml"), "-i", str(example / "inputs" / "order.json"), "--runs-dir",
+                  str(runs), "--format", "json"],
+                 ["resume", "nothing", "--runs-dir", str(runs), "--format", "json"],
+                 ["worker", "--redis-url", "unix:///nonexistent/flowdsl.sock"]):
+        from typer.testing import CliRunner
+
+        from flowdsl.cli import app
+
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 2, (args, done.output)
+        assert "FLOWDSL_THREADS must be a whole number from 1 to 10000" in " ".join(done.stderr.split()), args
+        if "--format" in args:
+            assert json.loads(done.stdout)["error"]["type"] == "UsageError"
+    assert not runs.exists()  # (nothing ran, nothing was recorded)
