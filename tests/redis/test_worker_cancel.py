@@ -109,16 +109,7 @@ def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> 
     with it — left running, with no heartbeat renewing its lease, it would report later, and another process
     may meanwhile have run the same step again."""
     seen: list[str] = []
-
-    async def slow(data: Any, ctx: StepContext) -> dict[str, Any]:
-        seen.append("start")
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
-        seen.append("end")
-        return {}
+    slow = _slow_step(seen)
 
     async def main() -> None:
         worker = worker_here(url, prefix, registry=_registry(slow), llm=False)
@@ -172,16 +163,7 @@ def test_cancelling_serve_stops_a_handler_whose_redis_call_lost_the_cancel(url: 
     """The same loss in a step handler (the start of its run, before it runs the run's first step): left running,
     it went on to run its step after serve() had returned — with no heartbeat renewing its lease."""
     seen: list[str] = []
-
-    async def slow(data: Any, ctx: StepContext) -> dict[str, Any]:
-        seen.append("start")
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            seen.append("cancelled")
-            raise
-        seen.append("end")
-        return {}
+    slow = _slow_step(seen)
 
     real = Advancer.start
     started: list[str] = []
@@ -415,3 +397,18 @@ def test_cancelling_serve_stops_a_loop_whose_redis_call_turned_the_cancel_into_a
             await _end(serving, worker)  # (if serve() outlived its cancel: the test fails, but ends)
 
     assert _watched(main) < 5
+
+
+def _slow_step(seen: list[str]) -> Any:
+    """A worker that waits 30 s, noting in ``seen`` that it started, was cancelled, or ended."""
+    async def slow(data: Any, ctx: StepContext) -> dict[str, Any]:
+        seen.append("start")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        seen.append("end")
+        return {}
+
+    return slow

@@ -161,18 +161,7 @@ def test_a_run_stopped_at_once_is_resumed_and_undone(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     script = _script(tmp_path, c={"raise": "Boom"}, b__compensate={"hang_unless": str(tmp_path / "go")})
 
-    async def abort_in_undo() -> None:
-        local: LocalRun
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event["type"] == "compensation_started" and event["step"] == "b":
-                asyncio.get_running_loop().call_later(0.2, local.abort, "stopped by the test")
-
-        local = LocalRun(plan, {"script": script}, run_id="r5", runs_dir=runs, on_event=on_event)
-        with pytest.raises(RunAborted):
-            await local.run()
-
-    asyncio.run(abort_in_undo())
+    _abort_when(plan, script, "r5", runs, "compensation_started")
     assert _listed(runs)["r5"]["status"] == "aborted"
     # the process that stopped it at once (this one) still runs: an attempt the stop abandoned may still run here
     refused = _flowdsl("resume", "r5", "--runs-dir", str(runs), "--format", "json")
@@ -483,20 +472,25 @@ def test_a_run_stopped_at_once_in_a_process_that_still_runs_goes_on_with_force(t
     runs = tmp_path / "runs"
     script = {"b": {"hang_unless": str(tmp_path / "go")}}
 
-    async def abort_in_b() -> None:
-        local: LocalRun
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event["type"] == "step_scheduled" and event["step"] == "b":
-                asyncio.get_running_loop().call_later(0.1, local.abort, "stopped by the test")
-
-        local = LocalRun(plan, {"script": script}, run_id="f1", runs_dir=runs, on_event=on_event)
-        with pytest.raises(RunAborted):
-            await local.run()
-
-    asyncio.run(abort_in_b())
+    _abort_when(plan, script, "f1", runs, "step_scheduled")
     with pytest.raises(NotResumable, match="add --force"):
         asyncio.run(resume_flow("f1", runs_dir=runs))
     (tmp_path / "go").touch()
     result = asyncio.run(resume_flow("f1", runs_dir=runs, force=True))
     assert (result.status, [r["was"] for r in result.resumed]) == ("completed", ["aborted"])
+
+
+def _abort_when(plan: dict[str, Any], script: dict[str, Any], run_id: str, runs: Path, kind: str) -> None:
+    """Run ``plan`` in this process and stop it at once (``LocalRun.abort``) soon after the event ``kind`` of b."""
+    async def main() -> None:
+        local: LocalRun
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == kind and event["step"] == "b":
+                asyncio.get_running_loop().call_later(0.1, local.abort, "stopped by the test")
+
+        local = LocalRun(plan, {"script": script}, run_id=run_id, runs_dir=runs, on_event=on_event)
+        with pytest.raises(RunAborted):
+            await local.run()
+
+    asyncio.run(main())
