@@ -87,6 +87,15 @@ def worker(
         "--cache-runs", min=0, max=1_000_000, help="keep in memory the states of this many runs the process "
         "advanced last (0: none); a run not kept is read back from Redis at its next event", metavar="N")] = 4096,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    log_format: Annotated[OutputFormat, typer.Option(
+        "--log-format", help="the log on stderr as text lines, or as JSON lines (one object per record, with its "
+        "run_id and other facts as keys)")] = OutputFormat.text,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free "
+        "port, said at the start) \\[default: none served]", metavar="PORT")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        "--metrics-host", help="the address the metrics are served on (with --metrics-port)",
+        metavar="HOST")] = "0.0.0.0",
 ) -> None:
     from flowdsl.runtime.redis.commands import worker_command
     from flowdsl.runtime.redis.serving import WorkerOptions
@@ -102,7 +111,8 @@ def worker(
     except ValueError as exc:  # (the rules version: its range is the kernel's, not imported here)
         raise typer.BadParameter(str(exc), param_hint="'--rules'") from None
     raise typer.Exit(worker_command(url=redis_url, prefix=prefix, modules=list(modules or ()), options=options,
-                                    console=_stderr(), verbose=verbose))
+                                    console=_stderr(), verbose=verbose, log_format=log_format.value,
+                                    metrics=None if metrics_port is None else (metrics_host, metrics_port)))
 
 
 @app.command(help=(

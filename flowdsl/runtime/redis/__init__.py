@@ -15,7 +15,7 @@ loop) and its stages: ``reading`` (stream reading, dead letters), ``control``
 (start and cancel requests), ``tasks`` (held tasks: run, report, chain),
 ``late_results``, ``lifecycle`` (startup checks, signals, shutdown) and
 ``upkeep`` (background loops), with ``serving`` (options, stats, what a worker
-holds); ``client`` (submit and watch),
+holds) and ``metrics`` (a process's Prometheus metrics, served only when asked); ``client`` (submit and watch),
 ``wire`` (the lean connection), ``commands`` (the CLI's Redis commands).
 """
 

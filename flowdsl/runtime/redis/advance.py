@@ -165,7 +165,14 @@ class Advancer:
         self.snapshots = 0
         self.conflicts = 0
         self.grouped = 0  # input events written by group commits (several in one transition)
+        #: runs whose end this process wrote, by end state (the ``flowdsl_runs_finished_total`` metric)
+        self.finished: dict[str, int] = {}
         self._queued: dict[str, list[_Queued]] = {}
+
+    @property
+    def cached_runs(self) -> int:
+        """How many run states this process keeps in memory now."""
+        return len(self._cache)
 
     # --- the one way in ---------------------------------------------------------------
 
@@ -550,8 +557,8 @@ class Advancer:
                 self._cache.pop(run_id, None)  # (stale: the cached state is behind what Redis holds)
             else:
                 self._remember(record)
-            if finished and (state["status"] != "completed" or log.isEnabledFor(logging.DEBUG)):
-                said_end(run_id, record.plan, state)
+            if finished:
+                self._ended(run_id, record.plan, state)
         return result, ops
 
     async def _commit_step(self, record: RunRecord, event: dict[str, Any], decision: Decision,
@@ -613,9 +620,17 @@ class Advancer:
                 self._cache.pop(record.run_id, None)
             else:
                 self._remember(record)
-            if finished and (state["status"] != "completed" or log.isEnabledFor(logging.DEBUG)):
-                said_end(record.run_id, record.plan, state)  # (a completed run: the check alone, at INFO)
+            if finished:
+                self._ended(record.run_id, record.plan, state)
         return result, []
+
+    def _ended(self, run_id: str, plan: dict[str, Any], state: dict[str, Any]) -> None:
+        """This process wrote the transition that ended the run: counted, and logged (:func:`said_end`; a
+        completed run costs the level check alone, at INFO)."""
+        status = state["status"]
+        self.finished[status] = self.finished.get(status, 0) + 1
+        if status != "completed" or log.isEnabledFor(logging.DEBUG):
+            said_end(run_id, plan, state)
 
     def _snapshot(self, record: RunRecord, state: dict[str, Any]) -> bytes:
         """The state to write whole — or nothing, past a run's first transition, when it is larger than

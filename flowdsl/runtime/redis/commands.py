@@ -375,24 +375,34 @@ def run_events(run_id: str, *, url: str | None, prefix: str | None, console: Any
 
 
 def worker_command(*, url: str | None, prefix: str | None, modules: list[str], options: WorkerOptions,
-                   console: Any, verbose: bool = False) -> int:
-    """Serve the registered workers (and advance runs) until SIGTERM, or until drained with ``burst``."""
+                   console: Any, verbose: bool = False, log_format: str = "text",
+                   metrics: tuple[str, int] | None = None) -> int:
+    """Serve the registered workers (and advance runs) until SIGTERM, or until drained with ``burst``.
+
+    ``log_format`` ``json``: the process's log, and the lines it prints for people, as JSON lines on stderr
+    (:mod:`flowdsl.runtime.logformat`). ``metrics``: (host, port) to serve Prometheus metrics at
+    (:mod:`flowdsl.runtime.redis.metrics`)."""
     import os
 
+    from flowdsl.runtime.logformat import LogConsole, configure
     from flowdsl.runtime.redis.connection import resolve_prefix
     from flowdsl.stdio import not_output
     from flowdsl.workers import WorkerImportError, import_worker_modules
     from flowdsl.workers import registry as default_registry
 
     not_output()  # (a worker's own output is its log, on stderr: stdout is the steps' to print to, or not)
+    level = logging.DEBUG if verbose else logging.INFO
+    if log_format == "json":  # (from the first line on: an error importing the modules is a JSON line too)
+        configure("json", level)
+        console = LogConsole(logging.getLogger("flowdsl.worker"))
     before = default_registry.names()
     try:
         import_worker_modules(modules, os.getcwd())
     except WorkerImportError as exc:
         _say(console, str(exc))
         return EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    if log_format != "json":  # (after the imports: handlers a worker module set up are kept)
+        configure("text", level)
     if not default_registry.names() and not options.llm:
         _say(console, "no worker is registered (give modules with -w) and --no-llm is set: nothing to serve")
         return EXIT_USAGE
@@ -408,7 +418,22 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
         console.print(f"[bold]flowdsl worker[/] {worker.name}: {len(default_registry.names())} worker(s) "
                       f"from {', '.join(modules) or 'no module'}; Redis {describe_url(resolve_url(url))}, "
                       f"prefix {worker.keys.prefix!r}" + (" (burst)" if options.burst else ""))
-        stats = await worker.serve()
+        server = None
+        if metrics is not None:
+            from flowdsl.runtime.redis.metrics import serve_metrics
+
+            host, port = metrics
+            try:
+                server = serve_metrics(worker, port, host)
+            except OSError as exc:
+                raise _Failure(f"cannot serve metrics at {host or '*'}:{port} (--metrics-host, --metrics-port): "
+                               f"{exc.strerror or exc}", EXIT_USAGE) from None
+            console.print(f"[dim]metrics at {server.url}[/]")
+        try:
+            stats = await worker.serve()
+        finally:
+            if server is not None:
+                await asyncio.to_thread(server.close)  # (it waits for the server's thread: not on the loop)
         console.print(f"[dim]worker {stats.name} stopped: {stats.tasks} step(s) run, {stats.runs_started} run(s) "
                       f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected"

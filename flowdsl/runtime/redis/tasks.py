@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from flowdsl.kernel import check_rules
@@ -71,6 +72,9 @@ class Tasks:
     _loss_causes: Callable[[], str]
     _late_result: Callable[[str, dict[str, Any], str, str], Coroutine[Any, Any, None]]
     _late_done: Callable[[asyncio.Task[None]], None]
+    #: called with the command, the answer's type and the seconds it took, for every step executed here (None:
+    #: nothing is timed; ``flowdsl worker --metrics-port`` sets it)
+    on_step: Callable[[dict[str, Any], str, float], None] | None
 
     async def _task(self, held: Held, recover: bool) -> None:
         assert self._slots is not None
@@ -157,6 +161,8 @@ class Tasks:
         if cancelled or held.cancel:
             return {"type": "task_cancelled", "task_id": held.task_id}
         self.stats.tasks += 1
+        observe = self.on_step
+        began = perf_counter() if observe is not None else 0.0
         # the worker runs in this handler's own task (no task of its own: no extra turns of the loop); to stop
         # it, _interrupt cancels the handler while it is here, and the cancellation is taken back below
         held.handler = handler
@@ -170,9 +176,13 @@ class Tasks:
             if held.hand_back:
                 await self._hand_back(held)
                 return None
+            if observe is not None:
+                observe(held.command, "task_cancelled", perf_counter() - began)
             return {"type": "task_cancelled", "task_id": held.task_id}
         finally:
             held.handler = None
+        if observe is not None:
+            observe(held.command, event["type"], perf_counter() - began)
         if held.interrupted:  # the worker swallowed the interrupt's cancellation and returned: take that cancel
             # back too, else the handler stays "being cancelled": a task chained here next could not be
             # interrupted, and a CancelledError it raised itself would pass for a cancellation

@@ -52,6 +52,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flowdsl.runtime.redis.advance import Advancer, nonces
@@ -138,6 +139,9 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self.client: aioredis.Redis | None = None
         self.wire: WireConnection | None = None  # the lean command connection (None: TLS, through redis-py)
         self.started_at = time.time()
+        #: called for every step executed here with its command, its answer's type (``task_succeeded``,
+        #: ``task_failed``, ``task_cancelled``) and the seconds it ran (:mod:`.metrics` sets it; None: not timed)
+        self.on_step: Callable[[dict[str, Any], str, float], None] | None = None
 
     # --- the public face -------------------------------------------------------------
 
@@ -234,6 +238,11 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         if self._refused is not None:
             raise self._refused
         return self.stats
+
+    @property
+    def in_flight(self) -> int:
+        """How many stream entries this process holds now (a step running or being reported under each)."""
+        return len(self._held)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A background loop ended: by a stop, or by an error nothing caught — then the process would go on
