@@ -51,6 +51,7 @@ from flowdsl.runtime.redis.connection import (
 from flowdsl.runtime.redis.serving import WorkerOptions, serving_gc
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.upkeep import RESEND_AFTER_LEASES
+from flowdsl.runtime.redis.waiting import in_flight, say_in_flight
 from flowdsl.runtime.redis.worker import RedisWorker
 from flowdsl.runtime.report import EXIT_CODES
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
@@ -230,7 +231,8 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
     """Follow a run live to its end (what happened so far first), then print its summary or JSON; its exit code,
     also appended to ``ended`` as the summary or JSON is printed (see :func:`_following`, which runs it).
     ``notes``: the JSON also lists the late results rejected (``rejected_late_results``), the run's dead
-    letters (``dead_letters``) and its resolution (``resolved``), as ``status`` does. ``over`` gets the run's end
+    letters (``dead_letters``), its resolution (``resolved``) and the attempts in flight (``in_flight``, none), as
+    ``status`` does. ``over`` gets the run's end
     state once following has it."""
     view = LiveView(plan, mode="off" if as_json else "auto", console=console)
     journal = Journal()
@@ -244,6 +246,7 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
         out["rejected_late_results"] = journal.notes
         out["dead_letters"] = await _dead_letters_of(client, run_id)
         out["resolved"] = _resolution((await client.info(run_id)).status, journal) if journal.resolutions else None
+        out["in_flight"] = []  # (as `status` has it: the run has ended)
     ended.append(result.exit_code)  # (before printing: a signal now changes nothing, even mid-output)
     if out is not None:
         _json_out(out)
@@ -488,6 +491,10 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
                 return _damaged(console, run_id, exc, dead, as_json)
             start = await client.start_request(run_id) if result is None else None
             live = await client.workers() if start is not None and start.state in ("queued", "unknown") else None
+            going = result is not None and result.status not in EXIT_CODES
+            attempts = await in_flight(client, run_id, journal) if going else []
+            modules = list((await client.plan_of(run_id)).get("flow", {}).get("workers") or ()) \
+                if any(not a.served_by and a.process is None for a in attempts) else []
         them = "it" if len(dead) == 1 else "them"
         waiting = f"`flowdsl dead-letters` shows {them} and puts {them} back"
         if result is None:
@@ -506,6 +513,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             out["rejected_late_results"] = journal.notes
             out["dead_letters"] = dead
             out["resolved"] = resolved
+            out["in_flight"] = [a.to_json() for a in attempts]
             _json_out(out)
             return 0
         print_timeline(result, _timeline(journal), console, live=result.status not in EXIT_CODES)
@@ -518,6 +526,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
                  f"letters ({', '.join(dead)}); the run waits for {them}: {waiting}",
                  "yellow", "note")
         if result.status not in EXIT_CODES:
+            say_in_flight(console, attempts, modules)
             console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 
