@@ -76,7 +76,7 @@ from flowdsl.runtime.report import RunResult
 
 __all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "DeadLetter", "DeadLetterNotFound", "NothingToResolve",
            "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest", "Submission",
-           "input_id"]
+           "input_id", "is_live"]
 
 #: the largest run input (as JSON) a submission takes: a run's first transition writes it three times (the
 #: state's ``input`` and context, and the journaled start), and one transition at most ``TRANSITION_LIMIT``
@@ -325,6 +325,13 @@ class Journal:
                 call = {"task_id": event["task_id"], "attempt": sched["attempt"], "outcome": event["type"]}
                 calls.setdefault(sched["step"], []).append({**call, **event["llm"]})
         return calls
+
+
+def is_live(record: dict[str, Any], now: int) -> bool:
+    """Whether a worker process's liveness record (``{<prefix>}:workers``) was written recently: within three of
+    its leases and 5 s, by the Redis server's clock ``now`` (ms) — a process that missed that many heartbeats is
+    taken for gone (killed, paused, cut off)."""
+    return now - int(record.get("seen", 0)) <= 3 * int(record.get("lease_ms", 30000)) + 5000
 
 
 class RedisClient:
@@ -808,8 +815,9 @@ class RedisClient:
             start -= await self.store.unlist(gone)
         return found[:limit]
 
-    async def workers(self, *, max_age_ms: int | None = None) -> list[dict[str, Any]]:
-        """Worker processes seen recently (within three leases, unless ``max_age_ms``): their liveness records."""
+    async def workers(self, *, max_age_ms: int | None = None, every: bool = False) -> list[dict[str, Any]]:
+        """Worker processes seen recently (:func:`is_live`, or within ``max_age_ms``): their liveness records,
+        each with its ``name``; ``every``: all the records, each with ``live`` (whether it is live) too."""
         raw = await self.store.call("HGETALL", self.keys.workers)
         items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
         secs, micros = await self.redis.time()
@@ -817,7 +825,10 @@ class RedisClient:
         live = []
         for name, value in items:
             record = loads(value)
-            if now - int(record.get("seen", 0)) <= (max_age_ms or 3 * int(record.get("lease_ms", 30000)) + 5000):
+            seen = now - int(record.get("seen", 0)) <= max_age_ms if max_age_ms else is_live(record, now)
+            if every:
+                live.append({"name": name.decode(), **record, "live": seen})
+            elif seen:
                 live.append({"name": name.decode(), **record})
         return live
 

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from flowdsl.runtime.codec import loads
-from flowdsl.runtime.redis.client import RedisClient
+from flowdsl.runtime.redis.client import RedisClient, is_live
 from flowdsl.runtime.redis.commands import _guarded, _json_out
 from flowdsl.runtime.redis.connection import describe_url, resolve_url
 from flowdsl.runtime.redis.keys import GROUP
@@ -33,11 +33,6 @@ SCAN_COUNT = 10_000
 #: the most task streams whose depth is read (those beyond are counted, not read)
 MAX_QUEUES = 500
 _WIDTH = 80
-
-
-def _live(record: dict[str, Any], now: int) -> bool:
-    """Whether the record is of a process seen recently: as :meth:`RedisClient.workers` decides it."""
-    return now - int(record.get("seen", 0)) <= 3 * int(record.get("lease_ms", 30000)) + 5000
 
 
 async def workers_report(client: RedisClient) -> dict[str, Any]:
@@ -58,7 +53,7 @@ async def workers_report(client: RedisClient) -> dict[str, Any]:
         names = record.get("workers")
         processes.append({
             "name": name.decode(errors="replace") if isinstance(name, bytes) else str(name),
-            "live": _live(record, now) if record else False,
+            "live": is_live(record, now) if record else False,
             "age_ms": max(0, now - int(record["seen"])) if "seen" in record else None,
             "host": record.get("host"), "pid": record.get("pid"), "started": record.get("started"),
             "lease_ms": record.get("lease_ms"), "concurrency": record.get("concurrency"),

@@ -57,10 +57,10 @@ async def in_flight(client: RedisClient, run_id: str, journal: Journal) -> list[
     if not leases:
         return []
     scheduled = {e.get("task_id"): e for e in journal.events if e.get("type") == "step_scheduled"}
-    records = await client.workers(max_age_ms=10 ** 12)  # (every record: whether its process is live is said)
+    records = await client.workers(every=True)  # (a holder's record too, if it is no longer live)
     secs, micros = await client.redis.time()
     now = int(secs) * 1000 + int(micros) // 1000
-    live = [r for r in records if now - int(r.get("seen", 0)) <= 3 * int(r.get("lease_ms", 30000)) + 5000]
+    live = [r for r in records if r["live"]]
     live_names = {r["name"] for r in live}
     found = []
     order = {task_id: i for i, task_id in enumerate(scheduled)}
