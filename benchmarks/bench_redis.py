@@ -5,8 +5,9 @@ Run it with ``.venv/bin/python -m benchmarks.bench_redis`` (``--runs 200`` for a
 smoke run, ``--rounds 3`` to measure every row three times, round after round,
 and print the median of each round's ratios — steadier on a shared machine —
 ``--profile`` to print a cProfile of an in-process flowdsl worker, ``--instructions``
-to count with callgrind the instructions per step of one flowdsl worker process and of
-the floor's loop: figures that do not move with the machine's load).
+to count with callgrind the instructions per step of one flowdsl worker process (also
+with its Prometheus metrics on) and of the floor's loop: figures that do not move with
+the machine's load).
 Celery comes from the ``bench`` extra (``pip install -e '.[bench]'``); without it
 the Celery rows are skipped with a message. It is a measurement, not a test:
 nothing here asserts a time. Results and what the profile showed are recorded in
@@ -235,17 +236,25 @@ def profile_flowdsl(server: Server, runs: int) -> str:
 
 def drain(url: str, what: str) -> None:
     """Drain what was queued with one process, as ``--instructions`` counts it: ``flowdsl`` (an in-process
-    burst worker, the garbage collector set as ``flowdsl worker`` sets it) or ``floor`` (the floor's loop,
-    until the queue is empty)."""
+    burst worker, the garbage collector set as ``flowdsl worker`` sets it), ``flowdsl+metrics`` (the same, its
+    steps timed for its Prometheus metrics, as with ``flowdsl worker --metrics-port``) or ``floor`` (the floor's
+    loop, until the queue is empty)."""
     if what == "floor":
         floor_worker(url, until_empty=True)
         return
     from flowdsl.runtime.redis import RedisWorker, WorkerOptions
+    from flowdsl.runtime.redis.metrics import WorkerMetrics
     from flowdsl.runtime.redis.serving import serving_gc
+
+    async def serve() -> None:
+        worker = RedisWorker(url, prefix=PREFIX, options=options)
+        if what == "flowdsl+metrics":
+            WorkerMetrics(worker)
+        await worker.serve()
 
     options = WorkerOptions(burst=True, concurrency=256, llm=False, handle_signals=False)
     with serving_gc():
-        asyncio.run(RedisWorker(url, prefix=PREFIX, options=options).serve())
+        asyncio.run(serve())
 
 
 def instructions(server: Server, small: int = 100, large: int = 300) -> None:
@@ -288,10 +297,11 @@ def instructions(server: Server, small: int = 100, large: int = 300) -> None:
         return int(found.group(1))
 
     per_step = {}
-    for what in ("floor", "flowdsl"):
+    for what in ("floor", "flowdsl", "flowdsl+metrics"):
         per_step[what] = (count(what, large) - count(what, small)) / ((large - small) * STEPS)
         print(f"{what}: {per_step[what] / 1e3:.1f}k instructions per step", flush=True)
-    print(f"flowdsl's worker: ×{per_step['flowdsl'] / per_step['floor']:.1f} the floor's loop")
+    print(f"flowdsl's worker: ×{per_step['flowdsl'] / per_step['floor']:.1f} the floor's loop; its metrics cost "
+          f"{(per_step['flowdsl+metrics'] - per_step['flowdsl']) / 1e3:.1f}k instructions per step")
 
 
 def _redis_cpu(r: Any) -> float:
