@@ -103,6 +103,9 @@ def worker(
     threads = _threads_problem()
     if threads is not None:
         raise _fail(threads)
+    if metrics_port is None and metrics_host != "0.0.0.0":
+        raise typer.BadParameter("--metrics-host is the address of the metrics --metrics-port serves: give "
+                                 "--metrics-port too", param_hint="'--metrics-host'")
     try:
         options = WorkerOptions(concurrency=concurrency, burst=burst, lease_s=lease,
                                 schedule_timeout_s=schedule_timeout, retention_s=retention, grace_s=grace, lm=lm,

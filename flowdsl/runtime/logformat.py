@@ -14,7 +14,9 @@ markup) and stdlib; nothing of flowdsl's runtimes.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -42,15 +44,30 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname, "logger": record.name, "message": record.getMessage()}
         for key, value in vars(record).items():
-            if key not in _STANDARD and key not in out:
-                out[key] = value
+            if key not in _STANDARD:
+                out[key if key not in out else f"extra.{key}"] = value  # (an extra named time, level, …: kept)
         if record.exc_info and record.exc_info[0] is not None:
             out["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return dumps(out, default=repr).decode().lstrip()  # (an extra JSON cannot hold: its repr)
+        raw = dumps(out, default=repr)  # (an extra JSON cannot hold: its repr)
+        if raw[:1] == b" ":  # the codec fell back to stdlib json (an integer beyond 64 bits, a lone surrogate, a
+            # key that is not a string), which writes NaN and infinities as bare tokens no strict reader takes
+            return json.dumps(_finite(out), ensure_ascii=True, separators=(",", ":"), default=repr)
+        return raw.decode()
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity as a string (strict JSON readers refuse the bare tokens)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 class LogConsole:
@@ -80,5 +97,6 @@ def configure(fmt: str, level: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         logging.basicConfig(level=level, handlers=[handler], force=True)
+        logging.captureWarnings(True)  # (warnings.warn of a library or a step: a record, not raw text)
     else:
         logging.basicConfig(level=level, stream=sys.stderr, format=TEXT_FORMAT)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +23,7 @@ import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this p
 from flowdsl import compile_text
 from flowdsl.runtime.redis import RedisClient
 from flowdsl.runtime.redis.metrics import WorkerMetrics
+from flowdsl.workers import WorkerRegistry
 from tests.redis.inproc import serving, worker_here
 from tests.redis.procs import ROOT, worker_env
 from tests.runtime.conformance import HEADER
@@ -80,7 +83,8 @@ def test_the_metrics_count_each_step_by_worker_and_outcome_each_run_end_and_what
     assert after[("flowdsl_step_duration_seconds_sum", (("kind", "task"), ("outcome", "succeeded"),
                                                         ("worker", "conf.a")))] > 0
     assert {dict(labels)["status"]: v for (name, labels), v in after.items()
-            if name == "flowdsl_runs_finished_total"} == {"completed": 2, "compensated": 1}
+            if name == "flowdsl_runs_finished_total"} == {"completed": 2, "compensated": 1, "failed": 0,
+                                                           "cancelled": 0, "needs_intervention": 0}
     assert after[("flowdsl_worker_steps_executed_total", ())] == 7
     assert after[("flowdsl_worker_runs_started_total", ())] == 3
     assert after[("flowdsl_worker_transitions_total", ())] >= 3
@@ -95,6 +99,7 @@ def test_the_metrics_count_each_step_by_worker_and_outcome_each_run_end_and_what
     assert after[("flowdsl_runs_listed", ())] == 3
     assert after[("flowdsl_dead_letters", ())] == 0
     assert ("process_cpu_seconds_total", ()) in after  # (the process collector: CPU, memory, open files)
+    assert any(name == "python_gc_collections_total" for name, _ in after)  # (the garbage collector's)
 
 
 def test_a_scrape_while_redis_does_not_answer_says_so_and_still_gives_the_process_s_counts(tmp_path: Path) -> None:
@@ -110,6 +115,64 @@ def test_a_scrape_while_redis_does_not_answer_says_so_and_still_gives_the_proces
     assert found[("flowdsl_redis_up", ())] == 0
     assert not any(name == "flowdsl_queue_depth" for name, _ in found)
     assert found[("flowdsl_worker_steps_executed_total", ())] == 0
+
+
+def test_a_scrape_while_a_step_blocks_the_worker_s_loop_says_the_loop_not_redis(url: str, prefix: str,
+                                                                                 tmp_path: Path) -> None:
+    began = tmp_path / "began"
+
+    async def blocking(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        began.touch()
+        time.sleep(3)  # (a CPU-bound step in an async worker: the loop does nothing else meanwhile)
+        return {}
+
+    registry = WorkerRegistry()
+    registry.register("blocks.loop", blocking)
+    worker = worker_here(url, prefix, registry, llm=False)
+    plan = compile_text("flowdsl: 1\nname: blocks\nsteps:\n  - b: {worker: blocks.loop}\n")
+
+    def scrape_once_it_blocks(metrics: WorkerMetrics) -> str:
+        while not began.exists():
+            time.sleep(0.01)
+        return generate_latest(metrics.registry).decode()
+
+    async def body() -> tuple[str, str]:
+        metrics = WorkerMetrics(worker)
+        async with RedisClient(url, prefix=prefix) as client:
+            run = await client.submit(plan, {})
+            blocked = await asyncio.to_thread(scrape_once_it_blocks, metrics)
+            await ended(client, run.run_id)
+        return blocked, (await asyncio.to_thread(generate_latest, metrics.registry)).decode()
+
+    blocked_text, after_text = asyncio.run(serving([worker], body))
+    blocked, after = samples(blocked_text), samples(after_text)
+    assert blocked[("flowdsl_worker_loop_responsive", ())] == 0
+    assert ("flowdsl_redis_up", ()) not in blocked  # (a blocked loop says nothing of Redis)
+    assert not any(name == "flowdsl_queue_depth" for name, _ in blocked)
+    assert after[("flowdsl_worker_loop_responsive", ())] == 1 and after[("flowdsl_redis_up", ())] == 1
+
+
+def test_many_scrapes_at_once_ask_redis_one_question_at_a_time_on_one_connection_closed_at_the_end(
+        url: str, prefix: str) -> None:
+    worker = worker_here(url, prefix, llm=False)
+
+    async def body() -> tuple[list[str], list[str], str]:
+        metrics = WorkerMetrics(worker)
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            texts = await asyncio.gather(*(asyncio.get_running_loop().run_in_executor(
+                pool, generate_latest, metrics.registry) for _ in range(48)))
+        async with RedisClient(url, prefix=prefix) as client:
+            names = [c.get("name", "") for c in await client.redis.client_list()]
+            await metrics.aclose()
+            after = [c.get("name", "") for c in await client.redis.client_list()]
+        closed = (await asyncio.to_thread(generate_latest, metrics.registry)).decode()
+        return [t.decode() for t in texts], [n for n in names if n == f"flowdsl-metrics:{worker.name}"], \
+            closed if not any(n == f"flowdsl-metrics:{worker.name}" for n in after) else "still connected"
+
+    texts, connections, closed = asyncio.run(serving([worker], body))
+    assert all(samples(t)[("flowdsl_redis_up", ())] == 1 for t in texts)
+    assert len(connections) == 1  # (the worker's own pool is not used, nor grown, by scrapes)
+    assert samples(closed)[("flowdsl_redis_up", ())] == 0  # (closed: no connection opened again)
 
 
 def _worker(url: str, prefix: str, *args: str) -> subprocess.Popen[str]:
@@ -200,3 +263,38 @@ def test_the_metrics_options_are_checked(url: str, prefix: str) -> None:
     proc = _worker(url, prefix, "--burst", "--log-format", "xml")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--log-format" in err and "Traceback" not in err
+    proc = _worker(url, prefix, "--burst", "--metrics-host", "127.0.0.1")  # (no port: nothing would be served)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "give --metrics-port too" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_json_logs_replace_the_root_handlers_a_worker_module_sets_up_and_take_warnings_as_records(
+        url: str, prefix: str, tmp_path: Path) -> None:
+    (tmp_path / "noisy_workers.py").write_text(
+        "import logging, sys, warnings\n"
+        "warnings.warn('an old api', DeprecationWarning, stacklevel=1)\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='TEXT %(message)s', force=True)\n"
+        "logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))\n"
+        "import flowdsl\n"
+        "@flowdsl.worker('noisy.step')\n"
+        "async def step(data, ctx):\n"
+        "    logging.getLogger('noisy').info('from the step')\n"
+        "    warnings.warn('careful', UserWarning, stacklevel=1)\n"
+        "    return {}\n")
+
+    async def submit() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text("flowdsl: 1\nname: noisy\nsteps:\n  - s: {worker: noisy.step}\n"),
+                                {})
+
+    asyncio.run(submit())
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", "from flowdsl.cli import main; main()", "worker",
+                           "--redis-url", url, "--prefix", prefix, "-w", "noisy_workers", "--no-llm", "--burst",
+                           "--log-format", "json"], cwd=tmp_path,
+                          env=worker_env({"PYTHONPATH": f"{ROOT}:{tmp_path}"}), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # (every line: a JSON object)
+    assert any(r["logger"] == "py.warnings" and "an old api" in r["message"] for r in records)
+    assert any(r["logger"] == "py.warnings" and "careful" in r["message"] for r in records)
+    assert [r["message"] for r in records if r["logger"] == "noisy"] == ["from the step"]

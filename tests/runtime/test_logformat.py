@@ -70,3 +70,27 @@ def test_a_console_line_becomes_a_record_at_its_level_without_its_markup(printed
     LogConsole(logger).print(printed, highlight=False)
     [record] = _records(out)
     assert (record["level"], record["message"]) == (level, message)
+
+
+def _strict(line: str) -> dict[str, object]:
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    found: dict[str, object] = json.loads(line, parse_constant=refuse)
+    return found
+
+
+def test_a_record_is_strict_json_even_with_nan_beside_what_the_fast_encoder_refuses() -> None:
+    logger, out = _logger("flowdsl.test.strict")
+    logger.info("odd values", extra={"score": float("nan"), "limit": float("inf"), "big": 2**80,
+                                     "label": "bad \udcff byte"})
+    record = _strict(out.getvalue().strip())
+    assert (record["score"], record["limit"], record["big"]) == ("nan", "inf", 2**80)
+    assert str(record["label"]).startswith("bad ")
+
+
+def test_an_extra_named_like_a_key_of_the_record_is_kept_beside_it() -> None:
+    logger, out = _logger("flowdsl.test.clash")
+    logger.info("clash", extra={"time": "yesterday", "level": "low"})
+    [record] = _records(out)
+    assert record["level"] == "INFO" and record["extra.level"] == "low" and record["extra.time"] == "yesterday"

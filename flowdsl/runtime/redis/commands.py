@@ -404,8 +404,9 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
     except WorkerImportError as exc:
         _say(console, str(exc))
         return EXIT_USAGE
-    if log_format != "json":  # (after the imports: handlers a worker module set up are kept)
-        configure("text", level)
+    # after the imports: text mode keeps the handlers a worker module set up; JSON mode replaces them (again: a
+    # module may have added one, or called basicConfig(force=True), while it was imported)
+    configure(log_format, level)
     if not default_registry.names() and not options.llm:
         _say(console, "no worker is registered (give modules with -w) and --no-llm is set: nothing to serve")
         return EXIT_USAGE
@@ -437,6 +438,7 @@ def worker_command(*, url: str | None, prefix: str | None, modules: list[str], o
         finally:
             if server is not None:
                 await asyncio.to_thread(server.close)  # (it waits for the server's thread: not on the loop)
+                await server.metrics.aclose()
         console.print(f"[dim]worker {stats.name} stopped: {stats.tasks} step(s) run, {stats.runs_started} run(s) "
                       f"started, {stats.timers} timer(s) fired, {stats.reclaimed} reclaimed, "
                       f"{stats.handed_back} handed back, {stats.rejected} late result(s) rejected"
