@@ -228,12 +228,16 @@ _log = logging.getLogger("flowdsl.local")
 NOTICED = "flowdsl_noticed"
 
 
+#: whether an attempt's task takes its first step at once, inside the burst that dispatched it (Python 3.12+)
+_EAGER = sys.version_info >= (3, 12)
+
+
 def _attempt_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """The task running one attempt: the worker's own from its first step, since what it enters there binds to the
     current task (``asyncio.timeout``, a ``TaskGroup``, an HTTP client's timer). Python 3.12+ runs that step at
     once (``eager_start``: a worker that answers without waiting costs no turn of the loop); 3.11 has no way to,
     short of its private API, so there the step waits for the loop's next turn."""
-    if sys.version_info >= (3, 12):
+    if _EAGER:
         return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
     return loop.create_task(coro)
 
@@ -800,6 +804,11 @@ class LocalRun:
             return
         attempt = _Attempt(command)
         self._tasks[command["task_id"]] = attempt
+        if _EAGER and self._recorder is not None:  # the worker is called right here, inside this burst: its
+            try:  # dispatch goes to disk first, as it does before the loop's next turn where tasks start lazily
+                self._recorder.flush()
+            except OSError as exc:
+                self._record_failed(exc)
         attempt.task = _attempt_task(self._loop, self._attempt(attempt, execute(
             command, registry=self.registry, lm=self.lm, lms=self.lms, adapter=self.adapter)))
 
@@ -1359,8 +1368,10 @@ def run_on_new_loop(main: Coroutine[Any, Any, _T]) -> _T:
             for task in left:
                 if not task.done():  # closed now rather than whenever the collector finds it (on 3.11, inside a
                     task._log_destroy_pending = False  # type: ignore[attr-defined]  # compile: a SystemError)
-                    with contextlib.suppress(RuntimeError):  # (one that swallows GeneratorExit too)
-                        task.get_coro().close()
+                    coro = task.get_coro()  # (None from 3.12 on for an eager task that finished: not one here)
+                    if coro is not None:
+                        with contextlib.suppress(RuntimeError):  # (one that swallows GeneratorExit too)
+                            coro.close()
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

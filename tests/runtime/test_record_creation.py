@@ -172,3 +172,27 @@ def test_prune_says_in_text_what_it_removed_of_runs_killed_as_they_started(tmp_p
     assert old.exists()
     report = prune(runs, older_than_ms=DAY)
     assert [name for name, _ in report.leftovers] == [old.name] and not old.exists()
+
+
+def test_a_worker_is_called_only_once_its_dispatch_is_on_disk(tmp_path: Path) -> None:
+    """Write-ahead: when a worker is called, the record on disk already says its step was dispatched — a process
+    killed during the call leaves a record whose `show` lists every step that may have taken effect. (On Python
+    3.12+ an attempt's task starts eagerly, inside the burst that dispatched it, before that burst's flush.)"""
+    from flowdsl.workers import WorkerRegistry
+
+    seen: list[list[str]] = []
+
+    async def step(data: dict[str, Any], ctx: Any) -> Any:
+        lines = (tmp_path / "r1.jsonl").read_text().splitlines()
+        seen.append([json.loads(line).get("task_id", "") for line in lines if '"step_scheduled"' in line])
+        return {}
+
+    registry = WorkerRegistry()
+    registry.register("a", step)
+    registry.register("b", step)
+    registry.register("c", step)
+    plan = compile_text("flowdsl: 1\nname: w\nsteps:\n  - a\n  - parallel: p\n    branches: [b, c]\n")
+    result = asyncio.run(run_flow(plan, {}, run_id="r1", runs_dir=tmp_path, registry=registry,
+                                  import_workers=False))
+    assert result.status == "completed"
+    assert seen == [["r1/a#1"], ["r1/a#1", "r1/b#1", "r1/c#1"], ["r1/a#1", "r1/b#1", "r1/c#1"]]
