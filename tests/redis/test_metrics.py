@@ -158,6 +158,9 @@ def test_many_scrapes_at_once_ask_redis_one_question_at_a_time_on_one_connection
 
     async def body() -> tuple[list[str], list[str], str]:
         metrics = WorkerMetrics(worker)
+        async with RedisClient(url, prefix=prefix) as client:
+            while not await client.redis.hexists(client.keys.workers, worker.name):  # (serving: connected)
+                await asyncio.sleep(0.02)
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             texts = await asyncio.gather(*(asyncio.get_running_loop().run_in_executor(
                 pool, generate_latest, metrics.registry) for _ in range(48)))
