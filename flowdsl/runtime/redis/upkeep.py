@@ -170,11 +170,11 @@ class Upkeep:
             try:
                 await self._renew()
                 last, renewed = renewed, time.monotonic()
+                await self._liveness()  # (it always sends a command; _renew sends none when nothing is held)
                 if failing is not None:
                     log.info("worker %s: heartbeat: Redis reachable again, leases renewed (%.1f s after the last "
                              "renewal)", self.name, renewed - last)
                     failing, expired = None, False
-                await self._liveness()
                 if self.clock.stale():
                     assert self.client is not None
                     await self.clock.sync(self.client)
