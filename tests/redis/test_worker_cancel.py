@@ -195,8 +195,9 @@ def test_a_cancel_of_serve_landing_while_it_stops_is_not_swallowed(url: str, pre
     """A cancellation of serve()'s task that lands while a graceful stop waits for the reader (an
     asyncio.Runner's Ctrl-C) propagates at once: serve() does not return its stats as if nothing happened."""
     async def main() -> None:
-        # the reader blocks 3 s in XREADGROUP: the graceful stop below waits that long for it
-        worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False, block_ms=3000)
+        # the reader blocks 20 s in XREADGROUP: the graceful stop below waits that long for it (long enough that a
+        # loaded machine, slow to see the reader blocked, still cancels serve() well inside that wait)
+        worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False, block_ms=20_000)
         entered = asyncio.Event()
         shutdown = worker._shutdown
 
