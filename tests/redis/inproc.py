@@ -4,10 +4,16 @@ while a test body runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
 from typing import Any
+
+import redis.asyncio as aioredis
 
 from flowdsl.runtime.redis import RedisWorker, WorkerOptions
 from flowdsl.workers import WorkerRegistry
+from tests.redis.procs import READERS, anonymous
 
 
 def worker_here(url: str, prefix: str, registry: WorkerRegistry | None = None, **options: Any) -> RedisWorker:
@@ -24,4 +30,50 @@ async def serving(workers: list[RedisWorker], body: Any) -> Any:
     finally:
         for w in workers:
             w.stop()
-        await asyncio.gather(*tasks)
+        await stopped(workers, tasks)
+
+
+async def stopped(workers: Iterable[RedisWorker], tasks: Iterable[asyncio.Future[Any]]) -> list[Any]:
+    """Await ``tasks`` (the ``serve()`` of ``workers``, which were asked to stop) while their blocked reads are
+    ended early.
+
+    A graceful stop lets each reading loop end at its next turn, so a loop blocked in ``XREADGROUP … BLOCK`` holds
+    the stop for up to ``block_ms`` (1 s by default) with nothing to do. ``CLIENT UNBLOCK`` ends such a read as if
+    its block had run out (nothing read, nothing lost: the loop then sees the stop, as it would a second later).
+    Nothing the workers did before the stop changes, only how soon a stop with nothing left to wait for returns;
+    the unblocking is best effort (a server that cannot be reached, or refuses ``CLIENT``, is left to the block)."""
+    workers, tasks = list(workers), list(tasks)
+    names = {f"{role}{w.name}" for w in workers for role in READERS}
+    unblocking = asyncio.create_task(_unblock({w.url for w in workers if anonymous(w.url)}, names, tasks))
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        # (the poller ends by itself once the tasks are done; never cancelled: a cancellation that lands in a redis-py
+        # call can be swallowed by it, and the poller would run on)
+        await asyncio.wait({unblocking}, timeout=5)
+
+
+async def _unblock(urls: set[str], names: set[str], tasks: list[asyncio.Future[Any]]) -> None:
+    """Every 50 ms until ``tasks`` are done (a minute at most), ``CLIENT UNBLOCK`` each connection named in
+    ``names`` that is blocked, on each server of ``urls``."""
+    deadline = time.monotonic() + 60
+    clients = []
+    for url in urls:
+        with contextlib.suppress(Exception):
+            clients.append(aioredis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0))
+    try:
+        while clients and not all(task.done() for task in tasks) and time.monotonic() < deadline:
+            for client in list(clients):
+                try:
+                    for entry in await client.client_list():
+                        if entry.get("name") in names and "b" in entry.get("flags", ""):
+                            await client.client_unblock(int(entry["id"]))
+                except Exception:  # (the server gone, held, or refusing CLIENT: the block is left to run out)
+                    clients.remove(client)
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+            await asyncio.sleep(0.05)
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()

@@ -6,7 +6,8 @@
 finishes it, effect and all, the moment it resumes, before its event loop sees anything else. The test creates the
 file just before it resumes the process, so the call cannot end before the process is paused, however slowly the
 test gets to pausing it. Later executions wait ``later_sleep`` seconds, cancellably, then make the effect.
-``late.refund`` records that it ran; ``late.fail`` fails after ``fail_after`` seconds.
+``late.refund`` records that it ran; ``late.fail`` fails after ``fail_after`` seconds — or, given ``fail_when``,
+once that file exists (at most ``fail_after`` seconds, 30 by default), so that a test fails it when it is ready.
 
 ``late.charge_held``: as ``late.charge``, but a later execution that is cancelled does not stop at once: it
 writes ``{"ev": "hold"}`` and keeps its task (answering nothing) until the file ``data["release"]`` exists (at
@@ -70,5 +71,10 @@ async def refund(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 
 @worker("late.fail")
 async def fail(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    await asyncio.sleep(float(data.get("fail_after", 2.0)))
+    if "fail_when" in data:
+        deadline = time.monotonic() + float(data.get("fail_after", 30.0))
+        while not os.path.exists(data["fail_when"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    else:
+        await asyncio.sleep(float(data.get("fail_after", 2.0)))
     raise RuntimeError("out of stock")

@@ -14,7 +14,7 @@ from flowdsl import compile_text
 from flowdsl.runtime.redis import RedisClient
 from flowdsl.runtime.redis.connection import connect
 from flowdsl.runtime.redis.keys import GROUP
-from tests.redis.inproc import serving, worker_here
+from tests.redis.inproc import serving, stopped, worker_here
 from tests.redis.server import RedisServer
 from tests.runtime.conformance import HEADER
 
@@ -138,7 +138,7 @@ def test_cancel_requests_in_flight_are_bounded(url: str, prefix: str) -> None:
                 await asyncio.sleep(0.025)
         finally:
             worker.stop()
-            await asyncio.wait_for(serving_task, 30)
+            await asyncio.wait_for(stopped([worker], [serving_task]), 30)
         return peak
 
     assert 0 < asyncio.run(main()) <= 64

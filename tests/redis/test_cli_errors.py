@@ -29,6 +29,7 @@ from flowdsl import compile_text
 from flowdsl.cli import app
 from flowdsl.runtime.redis import RedisClient, RedisWorker, WorkerOptions
 from flowdsl.runtime.redis.keys import Keys
+from tests.redis.inproc import stopped
 from tests.redis.procs import ROOT, worker_env
 from tests.redis.server import RedisServer
 from tests.runtime.conformance import HEADER
@@ -132,7 +133,7 @@ async def _b_hanging(url: str, prefix: str, client: RedisClient, run_id: str) ->
         yield follow
     finally:
         worker.stop()
-        await serving
+        await stopped([worker], [serving])
 
 def test_a_server_that_is_not_redis_is_one_clean_line_for_every_command(not_redis: str, spec: Path) -> None:
     for args in (["runs"], ["status", "x"], ["cancel", "x"], ["run", str(spec), "--backend", "redis"]):

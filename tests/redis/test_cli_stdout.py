@@ -4,6 +4,7 @@ not what a full stdout is), and a submitted run's id reaches stderr, so that nob
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from flowdsl import compile_text
+from flowdsl.runtime.redis import RedisClient
 from tests.redis.procs import ROOT, WorkerProcs, worker_env
 from tests.runtime.conformance import HEADER
 
@@ -37,6 +40,16 @@ def _runs(url: str, prefix: str) -> list[str]:
     listed = _flowdsl(["runs", "--format", "json", "--redis-url", url, "--prefix", prefix], subprocess.PIPE)
     assert listed.returncode == 0
     return [run["run_id"] for run in json.loads(listed.stdout)]
+
+
+def _submitted(url: str, prefix: str, spec: Path, run_id: str) -> None:
+    """The run ``run_id`` of ``spec`` (no input) submitted from this process, as `flowdsl run --detach` submits it:
+    the tests that only need a run there to read (submitting in a process of its own is tested above)."""
+    async def submit() -> None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text(spec.read_text()), {}, run_id=run_id)
+
+    asyncio.run(submit())
 
 
 @pytest.fixture
@@ -77,17 +90,13 @@ def test_a_followed_run_whose_result_cannot_be_written_names_the_run(url: str, p
                                   ["dead-letters", "--format", "json"], ["status", "{run}"],
                                   ["status", "{run}", "--format", "json"]])
 def test_reading_commands_say_a_full_stdout_as_such(url: str, prefix: str, spec: Path, args: list[str]) -> None:
-    submitted = _flowdsl(["run", str(spec), "--backend", "redis", "--redis-url", url, "--prefix", prefix,
-                          "--detach", "--run-id", "s1"], subprocess.PIPE)
-    assert submitted.returncode == 0
+    _submitted(url, prefix, spec, "s1")
     done = _to_full([a.format(run="s1") for a in args] + ["--redis-url", url, "--prefix", prefix])
     assert done.stderr.splitlines() == [FULL] and done.returncode == 3
 
 
 def test_a_reader_gone_is_no_redis_error(url: str, prefix: str, spec: Path) -> None:
-    submitted = _flowdsl(["run", str(spec), "--backend", "redis", "--redis-url", url, "--prefix", prefix,
-                          "--detach", "--run-id", "s1"], subprocess.PIPE)
-    assert submitted.returncode == 0
+    _submitted(url, prefix, spec, "s1")
     read, write = os.pipe()
     os.close(read)
     try:

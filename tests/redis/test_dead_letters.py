@@ -23,7 +23,7 @@ from flowdsl.runtime.redis import RedisClient, RunDamaged
 from flowdsl.runtime.redis.advance import Advancer, Contended
 from flowdsl.runtime.redis.keys import GROUP, Keys
 from flowdsl.workers import WorkerRegistry
-from tests.redis.inproc import serving, worker_here
+from tests.redis.inproc import serving, stopped, worker_here
 from tests.redis.server import RedisServer
 from tests.runtime.conformance import HEADER
 
@@ -436,7 +436,7 @@ def test_a_worker_starting_while_redis_refuses_work_waits_it_out(prefix: str) ->
                     result = await asyncio.wait_for(client.follow(sub.run_id), 30)
                 finally:
                     worker.stop()
-                    stats = await serving_task
+                    [stats] = await stopped([worker], [serving_task])
                 return waited, result, stats
 
         waited, result, stats = asyncio.run(main())

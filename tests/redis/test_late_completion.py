@@ -117,10 +117,14 @@ def test_a_late_success_after_the_run_ended_makes_it_needs_intervention(
     paused = None
     try:
         procs.start(2)
-        data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0, "fail_after": 4.0}
+        # (abort: the sibling reserve fails once the file fail_when is made, after the takeover — at most 30 s on)
+        data = {"ledger": ledger, "go": str(tmp_path / "go"), "later_sleep": 30.0,
+                "fail_when": str(tmp_path / "fail"), "fail_after": 30.0}
         # worker A is paused inside charge; after the lease, worker B takes the task over
         paused = _pause_in_charge_until_taken_over(url, prefix, procs, ledger,
                                                    SEQUENCE if mode == "cancel" else PARALLEL, data, run_id)
+        if mode == "abort":
+            (tmp_path / "fail").touch()  # reserve fails for good while B runs charge: the run aborts
 
         async def end() -> Any:
             async with RedisClient(url, prefix=prefix) as client:

@@ -26,7 +26,7 @@ from flowdsl.runtime.redis import RedisClient, RedisWorker, advance
 from flowdsl.runtime.redis import client as client_module
 from flowdsl.runtime.redis.keys import Keys
 from flowdsl.workers import WorkerRegistry
-from tests.redis.inproc import worker_here
+from tests.redis.inproc import stopped, worker_here
 
 NEWER = STATE_VERSION + 1
 LEFT = "left for an upgraded worker"
@@ -47,7 +47,7 @@ async def _serve_until(worker: RedisWorker, done: Callable[[], bool], limit: flo
                 await asyncio.sleep(0.02)
     finally:
         worker.stop()
-        await task
+        await stopped([worker], [task])
 
 
 def _said(caplog: pytest.LogCaptureFixture, text: str) -> Callable[[], bool]:
@@ -126,7 +126,7 @@ async def _following(worker: RedisWorker, follow: Any) -> Any:
         return await follow
     finally:
         worker.stop()
-        await task
+        await stopped([worker], [task])
 
 
 def test_an_older_worker_leaves_a_timer_of_a_newer_run_to_an_upgraded_one(

@@ -133,7 +133,7 @@ def test_an_attempts_timeout_is_given_afresh_to_the_attempt_run_again(tmp_path: 
     wait_for_file(tmp_path / "b.called", proc)
     _wait_for(tmp_path / "runs" / "r3.jsonl", "step_scheduled", "b", proc)
     _kill(proc)
-    time.sleep(1.6)
+    _move_back(tmp_path / "runs" / "r3.jsonl", 1_600)  # b's 1.5 s passed while the process was dead
     (tmp_path / "go").touch()
     code, out, said = _resume_cli(tmp_path, "r3")
     assert code == 0 and out["status"] == "completed" and out["steps"]["b"]["attempts"] == 1, said
@@ -373,7 +373,7 @@ def test_an_attempt_run_again_is_never_cancelled_its_answer_says_what_it_did(tmp
     wait_for_file(tmp_path / "b.called", proc)
     _wait_for(tmp_path / "runs" / "r9.jsonl", "step_scheduled", "b", proc)
     _kill(proc)
-    time.sleep(2.1)
+    _move_back(tmp_path / "runs" / "r9.jsonl", 2_100)  # the run's 2 s passed while its process was dead
     (tmp_path / "go").touch()
     code, out, said = _resume_cli(tmp_path, "r9")
     assert (code, out["status"], out["error"]["type"]) == (1, "compensated", "RunTimeout"), (said, out)
