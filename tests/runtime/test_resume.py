@@ -70,10 +70,14 @@ def _resume_cli(tmp: Path, run_id: str, *args: str) -> tuple[int, dict[str, Any]
     return r.exit_code, json.loads(r.stdout), " ".join(r.stderr.split())
 
 
-def _crash_in_b(tmp: Path, run_id: str, **extra: dict[str, Any]) -> int:
-    """Start a run whose b hangs (unless ``go`` exists), kill its process once b was called: its pid."""
-    script = _script(tmp, b={"mark": str(tmp / "b.called"), "hang_unless": str(tmp / "go")}, **extra)
-    proc = _start(tmp, run_id, script)
+def _crash_in_b(tmp: Path, run_id: str, steps: str = STEPS, b_sleep: float | None = None,
+                **extra: dict[str, Any]) -> int:
+    """Start a run of ``steps`` whose b hangs (unless ``go`` exists; then it sleeps ``b_sleep`` s, if given), kill
+    its process once b was called: its pid."""
+    b: dict[str, Any] = {"mark": str(tmp / "b.called"), "hang_unless": str(tmp / "go")}
+    if b_sleep is not None:
+        b["sleep"] = b_sleep
+    proc = _start(tmp, run_id, _script(tmp, b=b, **extra), steps)
     wait_for_file(tmp / "b.called", proc)
     _wait_for(tmp / "runs" / f"{run_id}.jsonl", "step_scheduled", "b", proc)
     _kill(proc)
@@ -127,12 +131,7 @@ def test_an_attempts_timeout_is_given_afresh_to_the_attempt_run_again(tmp_path: 
     """b's timeout (1.5 s) passed while its process was dead; run again, b takes 0.3 s and succeeds — the timer
     armed at its old time would have failed it at once."""
     steps = "steps:\n  - conf.a\n  - conf.b: {timeout: 1500ms}\n"
-    script = _script(tmp_path, b={"mark": str(tmp_path / "b.called"), "hang_unless": str(tmp_path / "go"),
-                                  "sleep": 0.3})
-    proc = _start(tmp_path, "r3", script, steps)
-    wait_for_file(tmp_path / "b.called", proc)
-    _wait_for(tmp_path / "runs" / "r3.jsonl", "step_scheduled", "b", proc)
-    _kill(proc)
+    _crash_in_b(tmp_path, "r3", steps, b_sleep=0.3)
     _move_back(tmp_path / "runs" / "r3.jsonl", 1_600)  # b's 1.5 s passed while the process was dead
     (tmp_path / "go").touch()
     code, out, said = _resume_cli(tmp_path, "r3")
@@ -367,12 +366,7 @@ def test_an_attempt_run_again_is_never_cancelled_its_answer_says_what_it_did(tmp
     in flight when the process died (it may have taken effect there), runs to its answer and is undone, not
     `cancelled` with nothing to undo."""
     steps = "timeout: 2s\n" + STEPS
-    script = _script(tmp_path, b={"mark": str(tmp_path / "b.called"), "hang_unless": str(tmp_path / "go"),
-                                  "sleep": 0.5})
-    proc = _start(tmp_path, "r9", script, steps)
-    wait_for_file(tmp_path / "b.called", proc)
-    _wait_for(tmp_path / "runs" / "r9.jsonl", "step_scheduled", "b", proc)
-    _kill(proc)
+    _crash_in_b(tmp_path, "r9", steps, b_sleep=0.5)
     _move_back(tmp_path / "runs" / "r9.jsonl", 2_100)  # the run's 2 s passed while its process was dead
     (tmp_path / "go").touch()
     code, out, said = _resume_cli(tmp_path, "r9")
