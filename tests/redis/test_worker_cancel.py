@@ -104,6 +104,22 @@ async def _end(serving: asyncio.Task[Any], worker: RedisWorker) -> None:
     await asyncio.wait({serving}, timeout=10)
 
 
+async def _serve_then_cancel(url: str, prefix: str, registry: WorkerRegistry, until: Callable[[], object],
+                             run: str | None = None) -> None:
+    """Serve (with a one-step run named ``run`` submitted first, if given) until ``until()`` holds, then cancel
+    serve()'s task and see it end by that cancellation (:func:`_cancelled_serve_ends`)."""
+    worker = worker_here(url, prefix, registry=registry, llm=False)
+    if run is not None:
+        async with RedisClient(url, prefix=prefix) as client:
+            await client.submit(compile_text(ONE_STEP.format(name=run)), {})
+    serving = asyncio.create_task(worker.serve())
+    try:
+        await _until(until)
+        await _cancelled_serve_ends(serving, worker)
+    finally:
+        await _end(serving, worker)  # (if serve() outlived its cancel: the test fails, but ends)
+
+
 def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> None:
     """The task running serve() cancelled while a step runs (an application's shutdown): the step is stopped
     with it — left running, with no heartbeat renewing its lease, it would report later, and another process
@@ -111,18 +127,7 @@ def test_cancelling_serve_stops_its_step_handlers_too(url: str, prefix: str) -> 
     seen: list[str] = []
     slow = _slow_step(seen)
 
-    async def main() -> None:
-        worker = worker_here(url, prefix, registry=_registry(slow), llm=False)
-        async with RedisClient(url, prefix=prefix) as client:
-            await client.submit(compile_text(ONE_STEP.format(name="orphan")), {})
-            serving = asyncio.create_task(worker.serve())
-            try:
-                await _until(lambda: seen)
-                await _cancelled_serve_ends(serving, worker)
-            finally:
-                await _end(serving, worker)  # (if serve() outlived its cancel: the test fails, but ends)
-
-    _watched(main)
+    _watched(lambda: _serve_then_cancel(url, prefix, _registry(slow), lambda: seen, run="orphan"))
     assert seen == ["start", "cancelled"]
 
 
@@ -146,16 +151,7 @@ def test_cancelling_serve_stops_a_loop_whose_redis_call_lost_the_cancel(url: str
 
     monkeypatch.setattr(PubSub, "subscribe", subscribe)
 
-    async def main() -> None:
-        worker = worker_here(url, prefix, registry=WorkerRegistry(), llm=False)
-        serving = asyncio.create_task(worker.serve())
-        try:
-            await _until(lambda: lost)
-            await _cancelled_serve_ends(serving, worker)
-        finally:
-            await _end(serving, worker)
-
-    _watched(main)
+    _watched(lambda: _serve_then_cancel(url, prefix, WorkerRegistry(), lambda: lost))
 
 
 def test_cancelling_serve_stops_a_handler_whose_redis_call_lost_the_cancel(url: str, prefix: str,
@@ -176,18 +172,7 @@ def test_cancelling_serve_stops_a_handler_whose_redis_call_lost_the_cancel(url: 
 
     monkeypatch.setattr(Advancer, "start", start)
 
-    async def main() -> None:
-        worker = worker_here(url, prefix, registry=_registry(slow), llm=False)
-        async with RedisClient(url, prefix=prefix) as client:
-            await client.submit(compile_text(ONE_STEP.format(name="lost")), {})
-            serving = asyncio.create_task(worker.serve())
-            try:
-                await _until(lambda: started)
-                await _cancelled_serve_ends(serving, worker)
-            finally:
-                await _end(serving, worker)
-
-    _watched(main)
+    _watched(lambda: _serve_then_cancel(url, prefix, _registry(slow), lambda: started, run="lost"))
     assert seen in ([], ["start", "cancelled"])  # the step went no further than it had when serve() ended
 
 
