@@ -105,25 +105,31 @@ def run(
         "--retention", help="(redis) seconds the finished run is kept, 1 to 10 years \\[default: the workers' "
         "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
 ) -> None:
-    as_json = fmt is OutputFormat.json
+    raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _run(
+        channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed, backend, redis_url, prefix,
+        detach, schedule_timeout, retention, late_grace)))
+
+
+def _channelled(as_json: bool, body: Callable[[_JsonChannel], int]) -> int:
+    """``body(channel)``'s exit code (``run``, ``resume``), its JSON object, if any, written once: a stop it raised
+    (:class:`_Stopped`) said on stderr and, as JSON, its payload; a Ctrl-C outside the run itself (while compiling,
+    importing) said too, exit 130, as documented."""
     with _JsonChannel(as_json) as channel:
         try:
             with _stopping_as_ctrl_c():
-                code = _run(channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed,
-                            backend, redis_url, prefix, detach, schedule_timeout, retention, late_grace)
+                return body(channel)
         except _Stopped as stop:
             if stop.message:
                 _stderr().print(f"[red]{stop.label}[/]: {_escape(stop.message)}")
             if as_json and not channel.written:
                 channel.emit(stop.payload())
-            code = stop.code
-        except KeyboardInterrupt as exc:  # a Ctrl-C outside the run (while compiling, importing): stop, as documented
+            return stop.code
+        except KeyboardInterrupt as exc:
             message = str(exc) or "interrupted"  # typer exits 130 without a word: say it here
             _stderr().print(f"[red]{_escape(message)}[/]")
             if as_json and not channel.written:
                 channel.emit({"status": "error", "error": {"type": "KeyboardInterrupt", "message": message}})
-            code = EXIT_ABORTED
-    raise typer.Exit(code)
+            return EXIT_ABORTED
 
 
 
@@ -462,18 +468,8 @@ def resume(
         "you know it is")] = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
-    as_json = fmt is OutputFormat.json
-    with _JsonChannel(as_json) as channel:
-        try:
-            with _stopping_as_ctrl_c():
-                code = _resume(channel, run_id, runs_dir, workers_dir, lm, late_grace, force)
-        except _Stopped as stop:
-            if stop.message:
-                _stderr().print(f"[red]{stop.label}[/]: {_escape(stop.message)}")
-            if as_json and not channel.written:
-                channel.emit(stop.payload())
-            code = stop.code
-    raise typer.Exit(code)
+    raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _resume(
+        channel, run_id, runs_dir, workers_dir, lm, late_grace, force)))
 
 
 def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
