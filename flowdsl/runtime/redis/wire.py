@@ -28,6 +28,7 @@ TLS (``rediss://``) is not handled here: the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -247,13 +248,11 @@ _KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 
 def _keepalive(sock: Any) -> None:
-    try:
+    with contextlib.suppress(OSError):  # (not fatal: the reply deadline still finds a dead connection)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in _KEEPALIVE:
             if hasattr(socket, name):  # (Linux; macOS has TCP_KEEPALIVE for the first, left at its default)
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    except OSError:  # (not fatal: the reply deadline still finds a dead connection)
-        pass
 
 
 def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
