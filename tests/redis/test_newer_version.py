@@ -22,7 +22,7 @@ from flowdsl.cli import app
 from flowdsl.kernel import STATE_VERSION, NewerVersion
 from flowdsl.runtime import plancheck
 from flowdsl.runtime.codec import loads
-from flowdsl.runtime.redis import RedisClient, RedisWorker, advance
+from flowdsl.runtime.redis import RedisClient, RedisWorker, advance_start
 from flowdsl.runtime.redis import client as client_module
 from flowdsl.runtime.redis.keys import Keys
 from flowdsl.workers import WorkerRegistry
@@ -178,7 +178,7 @@ def test_a_start_request_with_a_newer_plan_is_left_to_an_upgraded_worker(
             info = await client.info(run_id)
             assert info.started_at is None and info.status == "submitted"
 
-        monkeypatch.setattr(advance, "PLAN_VERSION", plancheck.PLAN_VERSION + 1)  # upgraded
+        monkeypatch.setattr(advance_start, "PLAN_VERSION", plancheck.PLAN_VERSION + 1)  # upgraded
         newer = worker_here(url, prefix, _registry(calls), lease_s=0.5, llm=False)
         async with RedisClient(url, prefix=prefix) as client:
             result = await asyncio.wait_for(_following(newer, client.follow(run_id)), 20)

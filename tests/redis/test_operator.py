@@ -22,8 +22,7 @@ import tests.runtime.workers  # noqa: F401  (registers the conf.*, sync.* and un
 from flowdsl import compile_text
 from flowdsl.cli import app
 from flowdsl.runtime.codec import dumps
-from flowdsl.runtime.redis import RedisClient, RunNotFound
-from flowdsl.runtime.redis import advance as advance_module
+from flowdsl.runtime.redis import RedisClient, RunNotFound, advance_end
 from flowdsl.runtime.redis.client import NothingToResolve
 from flowdsl.runtime.redis.commands import cancel_command, resolve_command, status_command
 from flowdsl.runtime.redis.keys import Keys
@@ -217,7 +216,7 @@ def test_a_completed_run_costs_no_log_call_at_info(url: str, prefix: str, caplog
     """The straight line of a run's steps: at INFO, a completed run's end costs the level check alone."""
     caplog.set_level(logging.INFO, logger="flowdsl.redis")
     said: list[str] = []
-    monkeypatch.setattr(advance_module, "said_end", lambda run_id, plan, state: said.append(state["status"]))
+    monkeypatch.setattr(advance_end, "said_end", lambda run_id, plan, state: said.append(state["status"]))
 
     async def main() -> None:
         async with RedisClient(url, prefix=prefix) as client:

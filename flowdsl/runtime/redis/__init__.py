@@ -10,12 +10,16 @@ docs/runtime.md ("Redis runtime") states the guarantees and the data model.
 
 Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
 ``scripts`` (the Lua transitions, auto-pipelining), ``store`` (reads and
-writes), ``advance`` (kernel in, atomic write out), ``worker`` (the process
+writes), ``advance`` (kernel in, atomic write out: events applied) and its parts: ``advance_start`` (a run's
+start), ``advance_commit`` (the atomic write, the relay), ``advance_end`` (a run's end counted and logged), with
+``advance_common`` (outcomes, limits, chain offers, the per-run lock); ``worker`` (the process
 loop) and its stages: ``reading`` (stream reading, dead letters), ``control``
 (start and cancel requests), ``tasks`` (held tasks: run, report, chain),
 ``late_results``, ``lifecycle`` (startup checks, signals, shutdown) and
 ``upkeep`` (background loops), with ``serving`` (options, stats, what a worker
-holds) and ``metrics`` (a process's Prometheus metrics, served only when asked); ``client`` (submit and watch),
+holds) and ``metrics`` (a process's Prometheus metrics, served only when asked); ``client`` (submit and watch) and
+its parts: ``client_listing`` (a run's line, the runs, the live processes), ``client_follow`` (a run read and
+followed), ``client_operator`` (cancel, start requests, resolve), ``client_dead_letters``;
 ``wire`` (the lean connection), ``commands`` (the CLI's Redis commands).
 """
 

@@ -1,8 +1,8 @@
 """Advancing runs: feed one input event to the kernel and write the outcome atomically, then relay it.
 
-Stage: runtime: redis. Imports ``flowdsl.kernel``, ``flowdsl.runtime.plancheck``
-(the plan version), ``flowdsl.shown`` (logged text made inert), ``.store``, ``.keys`` and stdlib. Every
-decision is the kernel's; this module only turns a
+Stage: runtime: redis. Imports ``flowdsl.kernel``, this package's ``advance_common``, ``advance_start``,
+``advance_commit``, ``advance_end``, ``connection``, ``keys`` and ``store``, and stdlib. Every
+decision is the kernel's; the :class:`Advancer` only turns a
 :class:`~flowdsl.kernel.Decision` into one atomic write (state, journal
 entry, task leases, outbox) and carries the outbox out::
 
@@ -35,99 +35,62 @@ run), and those that queued up behind the lock are written by one transition
 them (a conflict re-reads the state and applies the event again). A process
 keeps recently used states in memory, so a run whose steps follow one another
 on the same worker costs no state read.
+
+The :class:`Advancer` is put together here from mixins, one module each; a mixin imports no other (each declares
+what it uses of the others) and only this module puts them together. What they share is in
+:mod:`.advance_common` (the outcomes, the limits, :class:`Chain`, the per-run lock), whose public names are
+re-exported here:
+
+- **applying input events** (this module) — :meth:`Advancer.apply_event`, the one way in, with its group commit;
+  :meth:`Advancer.report`, a worker's result in one straight line; :meth:`Advancer.fire`, a timer;
+- **starting runs** (:mod:`.advance_start`) — a submitted run's first transition, with the cancel requests held
+  for it;
+- **committing transitions** (:mod:`.advance_commit`) — the write, the snapshots, the cached states, the relay
+  of the outbox and the recovery of what a dead process left in it;
+- **ending runs** (:mod:`.advance_end`) — a run's end counted and logged (:func:`said_end`), a refused result
+  said.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import secrets
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
-from orjson import dumps as _orjson
-
-from flowdsl import kernel
-from flowdsl.kernel import END_STATES, Decision, NewerVersion, apply, start_event, start_run
-from flowdsl.runtime.codec import dumps
-from flowdsl.runtime.plancheck import PLAN_VERSION
-from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
-from flowdsl.runtime.redis.keys import Keys, TimerMember
-from flowdsl.runtime.redis.store import (
-    Clock,
-    JournalEntry,
-    RunRecord,
-    Store,
-    TaskOp,
-    TransitionResult,
-    cancel_reasons,
-    megabytes,
+from flowdsl.kernel import NewerVersion, apply
+from flowdsl.runtime.redis.advance_commit import Committing
+from flowdsl.runtime.redis.advance_commit import _unsent as _unsent  # (re-exported: tested here)
+from flowdsl.runtime.redis.advance_common import (
+    _MAX_CONFLICTS,
+    _NO_WAITERS,
+    CHAIN_REPLAY,
+    GROUP_COMMIT,
+    SCHEDULE_TO_START_TIMEOUT,
+    SNAPSHOT_BYTES,
+    SNAPSHOT_LIMIT,
+    Chain,
+    Contended,
+    Outcome,
+    _Applied,
+    _release,
+    _RunLock,
+    _Waiters,
 )
-from flowdsl.shown import visible
+from flowdsl.runtime.redis.advance_common import nonces as nonces
+from flowdsl.runtime.redis.advance_end import Ending, said_end
+from flowdsl.runtime.redis.advance_start import Starting
+from flowdsl.runtime.redis.connection import Backoff
+from flowdsl.runtime.redis.keys import Keys, TimerMember
+from flowdsl.runtime.redis.store import Clock, RunRecord, Store, TransitionResult
 
 __all__ = ["CHAIN_REPLAY", "GROUP_COMMIT", "SCHEDULE_TO_START_TIMEOUT", "SNAPSHOT_BYTES", "SNAPSHOT_LIMIT", "Advancer",
            "Chain", "Contended", "Outcome", "said_end"]
 
-class Contended(RuntimeError):
-    """A run's event could not be applied: other processes wrote the run every time first (a storm of version
-    conflicts). Nobody's fault, least of all the message's: its trigger stays pending for its next holder."""
-
-
-#: the error type of an attempt no worker picked up before the run's schedule-to-start deadline
-SCHEDULE_TO_START_TIMEOUT = "ScheduleToStartTimeout"
-#: a state is written whole every transition while under this size, every ⌈size / this⌉ transitions above it
-SNAPSHOT_BYTES = 16 * 1024
-#: a state larger than this is not written whole after a run's first transition (one Redis value holds at most
-#: 512 MB, one command 1 GB): loading the run replays its journal from the last snapshot instead
-SNAPSHOT_LIMIT = 256 * 1024 * 1024
-#: a chain (the run's one task in flight runs in the process that dispatched it) writes the state whole
-#: at most once per this many transitions: the process has it cached, and a taker replays at most these
-CHAIN_REPLAY = 16
-#: at most this many input events queued for one run are written by one transition (a group commit)
-GROUP_COMMIT = 64
-#: version conflicts in a row after which an event is left to its trigger's next holder (after the lease);
-#: between conflicts the process backs off (0-50 ms, jittered) so that one process hammering a run with its
-#: cached state cannot starve another one's result
-_MAX_CONFLICTS = 1000
 log = logging.getLogger("flowdsl.redis")
 
 
-class Outcome:
-    """What happened to an input event: applied, rejected by a guard, or not applicable."""
-
-    APPLIED = "applied"  # written (the kernel may still have rejected a stale result: result_rejected)
-    REJECTED = "rejected"  # a guard failed (a lost lease, a task picked up meanwhile)
-    SKIPPED = "skipped"  # nothing to do (a timer no longer armed, a run already started)
-    MISSING = "missing"  # no such run (never started, or expired)
-    INVALID = "invalid"  # the kernel refused the event (ValueError); logged
-
-
-def nonces(random_bytes: int) -> Iterator[str]:
-    """Strings unique to this process (a random prefix, drawn once) and to each draw (a counter after it)."""
-    prefix = secrets.token_hex(random_bytes)
-    return (f"{prefix}.{n:x}" for n in itertools.count())
-
-
-class Chain:
-    """An offer to run, in the calling process, the next task a transition dispatches (self-dispatch).
-
-    The transition that dispatches a task ``serves(command)`` accepts takes the task's lease at once under
-    ``token`` (``<trigger>|<consumer>|<nonce>``: the stream entry that triggered it stays pending, so the
-    task is found again if the process dies) and keeps its message in the run's outbox instead of queueing
-    it; ``command`` is then a fresh copy of that dispatch command, and the trigger is not acknowledged.
-    """
-
-    __slots__ = ("command", "serves", "token")
-
-    def __init__(self, token: str, serves: Callable[[dict[str, Any]], bool]):
-        self.token = token
-        self.serves = serves
-        self.command: dict[str, Any] | None = None
-
-
-class Advancer:
+class Advancer(Starting, Committing, Ending):
     """Applies input events to runs through the kernel, atomically, and relays the outcome.
 
     ``schedule_timeout_ms`` and ``retention_ms`` are the defaults written into a
@@ -306,107 +269,6 @@ class Advancer:
             await self._tail(run_id, relay, (), [])
         return outcome
 
-    async def start(self, run_id: str, *, ack: list[dict[str, Any]] = (),  # type: ignore[assignment]
-                    recover: bool = False, trigger: str = "", chain: Chain | None = None) -> str:
-        """Start a submitted run (the kernel's ``start_run``); a run already started is left alone.
-        ``recover``, ``trigger`` and ``chain`` as for :meth:`apply_event`.
-
-        A run cancelled before it started (cancel requests held in its ``cancel`` field) is started and
-        cancelled by one transition: ``start``, each ``cancel_requested`` once, and ``task_cancelled`` for
-        the attempts the start dispatched (no worker ever saw them: their messages are never sent), so it
-        ends ``cancelled`` having run nothing."""
-        followups: tuple[str, ...] = ()
-        relay = None
-        late = False  # a cancel request may have been held after the submission was read: apply it now
-        if run_id in self._locks:
-            await self._lock(run_id).__aenter__()
-        else:
-            self._locks[run_id] = _NO_WAITERS  # free (the usual case): taken at once, with no coroutine for it
-        try:
-            if recover:
-                followups = await self._flush(run_id, trigger)
-            sub = await self.store.submission(run_id)
-            if sub is None or sub["started"]:
-                outcome = Outcome.MISSING if sub is None else Outcome.SKIPPED
-                late = sub is not None
-            else:
-                version = sub["plan"].get("plan_version")
-                if type(version) is int and version > PLAN_VERSION:
-                    raise NewerVersion(f"run {run_id!r} was submitted with a plan of plan_version {version}, newer "
-                                       f"than this flowdsl reads ({PLAN_VERSION}): a newer flowdsl submitted it "
-                                       "(upgrade this one)")
-                at = self.clock.now()
-                decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"],
-                                     kernel=self.rules if self.rules is not None else kernel.STATE_VERSION)
-                start = start_event(run_id, sub["input"], at=at, seed=decision.state["seed"])
-                sts = sub["sts"] if sub["sts"] is not None else self.schedule_timeout_ms
-                record = RunRecord(run_id, decision.state, 0, sub["plan"], sts, born=sub["born"])
-                meta: list[tuple[str, Any]] = [("started", at), ("k", decision.state["kernel"])]  # (see PICKUP)
-                if sub["ret"] is None:
-                    meta.append(("ret", self.retention_ms))
-                if sts is not None and sub["sts"] is None:
-                    meta.append(("sts", sts))
-                held = sub["cancel"]
-                steps: list[_Applied] = [(start, decision, None, "", None if held else chain)]
-                if held:
-                    chain = None  # cancelled before it started: nothing to run here
-                    steps += _cancelled_at_start(sub["plan"], decision.state, held, at)
-                    meta.append(("cc", len(held)))
-                result, ops = await self._commit(record, steps, meta=meta)
-                outcome = Outcome.APPLIED if result.applied else Outcome.SKIPPED
-                if result.applied:
-                    relay = (result.version, ops, result.cancelled_queued)
-                    late = len(result.held_cancels) > len(held) or result.code == 4  # (4: not said: look)
-        finally:
-            _release(self._locks, run_id)
-        acks = [] if chain is not None and chain.command else list(ack)
-        if not late:
-            if acks or followups or (relay is not None and (relay[1] or relay[2])):  # (else: a chain's start)
-                await self._tail(run_id, relay, followups, acks)
-            return outcome
-        # the start request is acknowledged only once the late cancel is written: a process that dies
-        # before leaves it pending, and whoever takes it over finds the cancel still to apply
-        await self._tail(run_id, relay, followups, [])
-        await self._held_cancels(run_id)
-        await self.relay(None, None, acks)
-        return outcome
-
-    async def _held_cancels(self, run_id: str) -> None:
-        """Apply the cancel requests held for a started run's start that its start did not apply (one was
-        held while the start was being computed); ``cc`` in the run's hash counts those applied."""
-        for _ in range(_MAX_CONFLICTS):
-            async with self._lock(run_id):
-                version, applied, raw = await self.store.call("HMGET", self.keys.run(run_id), "v", "cc", "cancel")
-                held = cancel_reasons(raw)
-                done = int(applied or 0)
-                if version is None or len(held) <= done:
-                    return
-                self._cache.pop(run_id, None)
-                record = await self._record(run_id)
-                if record is None or record.state["status"] in END_STATES:
-                    return  # over already: nothing left to cancel
-                if record.version != int(version):
-                    continue  # written meanwhile: read again
-                steps: list[_Applied] = []
-                for reason in held[done:]:
-                    event = {"type": "cancel_requested", "reason": reason, "at": self.clock.now()}
-                    steps.append((event, apply(record.plan, record.state, event), None, "", None))
-                result, ops = await self._commit(record, steps, meta=[("cc", len(held))])
-                if not result.applied:
-                    self._cache.pop(run_id, None)
-                    continue
-                relay = (result.version, ops, result.cancelled_queued)
-            await self._tail(run_id, relay, (), [])
-            return
-
-    async def recover(self, run_id: str, trigger: str = "") -> None:
-        """Relay what a process that died left in the run's outbox (before taking over its trigger ``trigger``:
-        the tasks it held under it are queued again first)."""
-        async with self._lock(run_id):
-            self._cache.pop(run_id, None)
-            followups = await self._flush(run_id, trigger)
-        await self._tail(run_id, None, followups, [])
-
     async def fire(self, member: TimerMember, *, recover: bool = False) -> str:
         """Fire one claimed timer: a kernel timer (``timer_fired``) or a schedule-to-start deadline."""
         done = [self.store.timer_done_op(member.encode())]
@@ -433,234 +295,6 @@ class Advancer:
         return outcome
 
     # --- internals ---------------------------------------------------------------------------------
-
-    async def _record(self, run_id: str) -> RunRecord | None:
-        record = self._cache.get(run_id)
-        if record is not None:
-            self._cache.move_to_end(run_id)
-            return record
-        record = await self.store.load(run_id)
-        if record is not None:
-            self._remember(record)
-        return record
-
-    def _remember(self, record: RunRecord) -> None:
-        self._cache[record.run_id] = record
-        self._cache.move_to_end(record.run_id)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-
-    async def _commit(self, record: RunRecord, steps: list[_Applied], meta: list[tuple[str, Any]] | None = None
-                      ) -> tuple[TransitionResult, list[dict[str, Any]]]:
-        """Write the decisions of ``steps`` (input events applied in order to ``record.state``) as one
-        transition: their journal entries, guards and task changes, one outbox entry, one state."""
-        run_id = record.run_id
-        version = record.version + len(steps)  # the version the transition writes (its outbox entry's)
-        ops: list[dict[str, Any]] = []
-        task_ops: list[TaskOp] = []
-        entries: list[JournalEntry] = []
-        held: list[tuple[Chain, dict[str, Any]]] = []  # the chain offers that took a task, and the task
-        finished = over = False  # the transition ends the run; the run's state is an end state
-        for event, decision, guard, reporter, chain in steps:
-            at = event["at"]
-            held_command: dict[str, Any] | None = None
-            for command in decision.commands:
-                op = command["op"]
-                if op == "dispatch" and held_command is None and chain is not None and chain.serves(command):
-                    held_command = command
-                    try:
-                        kept_message = _orjson(command)
-                    except TypeError:
-                        kept_message = dumps(command)
-                    task_ops.append(("c", command["task_id"], "r:" + chain.token, kept_message))
-                elif op == "dispatch":
-                    task_ops.append(("s", command["task_id"], "q"))
-                    ops.append({"o": "task", "q": self.keys.queue_of(command), "m": command, "v": version,
-                                "g": record.born})
-                    if record.sts_ms:
-                        ops.append({"o": "timer", "k": Keys.start_deadline(run_id, command["task_id"]),
-                                    "d": at + record.sts_ms})
-                elif op == "schedule_timer":
-                    ops.append({"o": "timer", "k": Keys.kernel_timer(run_id, command["timer_id"]),
-                                "d": command["due_at"]})
-                    if command.get("purpose") == "attempt_timeout":  # (its timer is '<task id>@timeout')
-                        # the attempt's deadline beside its lease, on the run's slot: PICKUP starts no attempt
-                        # whose timeout has passed (the timer set is another slot; a claimed timer leaves it)
-                        task_ops.append(("t", command["timer_id"].removesuffix("@timeout"), str(command["due_at"])))
-                elif op == "cancel_timer":
-                    ops.append({"o": "untimer", "k": Keys.kernel_timer(run_id, command["timer_id"])})
-                elif op == "cancel_task":
-                    ops.append({"o": "cancel", "t": command["task_id"]})
-                    task_ops.append(("x", command["task_id"], ""))
-            answered = guard[0] if guard is not None else None
-            for task_id in decision.ended:  # (with the dispatches above: every change to the tasks in flight)
-                # an attempt given up on (it timed out) that a worker runs keeps its lease, marked cancelled,
-                # until that worker answers: following the run knows it may still complete (RedisClient.follow)
-                task_ops.append(("d" if task_id == answered else "g", task_id, ""))
-                if record.sts_ms:
-                    ops.append({"o": "untimer", "k": Keys.start_deadline(run_id, task_id)})
-            if answered is not None and answered not in decision.ended and answered not in decision.state["tasks"]:
-                task_ops.append(("d", answered, ""))  # the late answer of an attempt given up on: its lease goes
-            if decision.finished:
-                over = True
-                if _ends(decision):  # (not a late answer to a run that had ended, which changes nothing)
-                    finished = True
-                    meta = [*(meta or ()), ("finished", at)]
-            if held_command is not None:
-                held.append((chain, held_command))  # type: ignore[arg-type]
-            try:  # (orjson itself: the codec's wrapper is a call more per encoding, and says the same)
-                entries.append((_orjson(event), _orjson(decision.events), guard, reporter))
-            except TypeError:  # what orjson refuses: the codec encodes it
-                entries.append((dumps(event), dumps(decision.events), guard, reporter))
-        if len(steps) > 1:
-            ops, task_ops = _unsent(run_id, ops, task_ops)
-        state = record.state
-        kept = bool(held) and len(state["tasks"]) == 1  # a chain: the run's one task in flight runs here
-        snapshot = over or record.version == 0 or self._snapshot_due(record, kept, len(steps))
-        state_raw = self._snapshot(record, state) if snapshot else b""
-        snapshot = bool(state_raw)
-        token = next(self._tokens)
-        outbox = dumps(ops) if ops else None
-        backoff: Backoff | None = None
-        while True:  # the same payload (and token) until Redis answers: an unknown outcome is never applied twice
-            try:
-                result = await self.store.transition(
-                    run_id, expected=record.version, state=state_raw, token=token, status=state["status"],
-                    entries=entries, outbox=outbox, finished=finished, task_ops=task_ops, meta=meta or (),
-                    born=record.born, record=record)
-                break
-            except TRANSIENT as exc:
-                log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", run_id, exc)
-                backoff = backoff or Backoff()
-                await backoff.wait()
-        if result.code == 4:  # written by an earlier try whose reply was lost: what it said is lost with it
-            # the tasks this transition cancelled may have been queued (answered by _tail: harmless if not)
-            result = result._replace(cancelled_queued=tuple(op[1] for op in task_ops if op[0] == "x"))
-        if result.code == 1 or result.code == 4:  # (result.applied)
-            self.transitions += 1
-            if snapshot:
-                self.snapshots += 1
-                record.snapshot_size, record.since = len(state_raw), 0
-            else:
-                record.since += len(steps)
-            for chain, command in held:
-                # the kernel's own command (read-only: it shares data with the cached state; the worker gets
-                # a copy of its input from execute)
-                chain.command = command
-            if self.on_refused is not None:
-                for event, decision, guard, reporter, _ in steps:
-                    if reporter and guard is not None and guard[0] not in decision.ended:  # (ended: taken)
-                        _said_refused(self.on_refused, run_id, guard[0], event, decision)
-            stale = result.version != record.version + len(steps)  # others wrote after it (a code 4)
-            record.version = result.version
-            if over or stale:
-                self._cache.pop(run_id, None)  # (stale: the cached state is behind what Redis holds)
-            else:
-                self._remember(record)
-            if finished:
-                self._ended(run_id, record.plan, state)
-        return result, ops
-
-    async def _commit_step(self, record: RunRecord, event: dict[str, Any], decision: Decision,
-                           guard: tuple[str, str, str], reporter: str, chain: Chain
-                           ) -> tuple[TransitionResult, list[dict[str, Any]]] | None:
-        """:meth:`_commit` of one result whose decision is a chained step's — it ended the answered task and
-        nothing else, and dispatched one task ``chain`` takes, or nothing (perhaps ending the run); no
-        schedule-to-start deadline — in
-        one straight line (:meth:`Store.step`): the same transition. None, having done nothing, otherwise."""
-        ended = decision.ended
-        commands = decision.commands
-        if record.sts_ms or len(ended) != 1 or ended[0] != guard[0] or len(commands) > 1:
-            return None
-        command = commands[0] if commands else None
-        if command is not None and command["op"] == "finish":
-            command = None  # (nothing to write for it but the run's end, which its state says)
-        elif command is not None and (command["op"] != "dispatch" or not chain.serves(command)):
-            return None
-        state = record.state
-        over = state["status"] in END_STATES
-        finished = over and _ends(decision)  # (as _commit)
-        try:  # (orjson itself, as _commit)
-            entry = (_orjson(event), _orjson(decision.events), guard, reporter)
-        except TypeError:
-            entry = (dumps(event), dumps(decision.events), guard, reporter)
-        held: tuple[str, str, bytes] | None = None
-        if command is not None:
-            try:
-                held = (command["task_id"], "r:" + chain.token, _orjson(command))
-            except TypeError:
-                held = (command["task_id"], "r:" + chain.token, dumps(command))
-        snapshot = over or record.version == 0 or \
-            self._snapshot_due(record, command is not None and len(state["tasks"]) == 1)
-        state_raw = self._snapshot(record, state) if snapshot else b""
-        snapshot = bool(state_raw)
-        token = next(self._tokens)
-        backoff: Backoff | None = None
-        while True:  # (as _commit: the same payload and token until Redis answers)
-            try:
-                result = await self.store.step(record, token, state["status"], event["at"] if finished else None,
-                                               state_raw, entry, held)
-                break
-            except TRANSIENT as exc:
-                log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", record.run_id,
-                            exc)
-                backoff = backoff or Backoff()
-                await backoff.wait()
-        if result.code == 1 or result.code == 4:  # (the bookkeeping of _commit, for one input event)
-            self.transitions += 1
-            if snapshot:
-                self.snapshots += 1
-                record.snapshot_size, record.since = len(state_raw), 0
-            else:
-                record.since += 1
-            chain.command = command
-            stale = result.version != record.version + 1
-            record.version = result.version
-            if over or stale:
-                self._cache.pop(record.run_id, None)
-            else:
-                self._remember(record)
-            if finished:
-                self._ended(record.run_id, record.plan, state)
-        return result, []
-
-    def _ended(self, run_id: str, plan: dict[str, Any], state: dict[str, Any]) -> None:
-        """This process wrote the transition that ended the run: counted, and logged (:func:`said_end`; a
-        completed run costs the level check alone, at INFO)."""
-        status = state["status"]
-        self.finished[status] = self.finished.get(status, 0) + 1
-        if status != "completed" or log.isEnabledFor(logging.DEBUG):
-            said_end(run_id, plan, state)
-
-    def _snapshot(self, record: RunRecord, state: dict[str, Any]) -> bytes:
-        """The state to write whole — or nothing, past a run's first transition, when it is larger than
-        ``snapshot_limit``: the run is then loaded from its last snapshot and the journal after it, and the next
-        try waits as long as a snapshot of that size would (:meth:`_snapshot_due`)."""
-        raw = dumps(state)
-        if len(raw) <= self.snapshot_limit or not record.version:
-            return raw
-        if record.snapshot_size <= self.snapshot_limit:  # (said once per run and process)
-            log.warning("run %s: its state is %s, more than is written whole (%s): it is loaded from its last "
-                        "snapshot and the journal after it (docs/runtime.md, Sizing)", record.run_id,
-                        megabytes(len(raw)), megabytes(self.snapshot_limit))
-        record.snapshot_size, record.since = len(raw), 0  # (counted from now: not one try per transition)
-        return b""
-
-    def _snapshot_due(self, record: RunRecord, kept: bool, events: int = 1) -> bool:
-        """Whether a transition of ``events`` input events (neither a run's first nor its last) writes the
-        state whole.
-
-        ``kept``: the run's only task in flight is the one this process runs itself (a chain), so nobody
-        else is about to load the run; its snapshot can wait until ``CHAIN_REPLAY`` transitions wait to be
-        replayed (a process that takes the chain over after a crash replays them). Otherwise a state of S
-        bytes is written every ⌈S / snapshot_bytes⌉ versions (input events), so that a load replays at most
-        those, whatever the transitions that wrote them.
-        """
-        every = self.snapshot_bytes
-        if every <= 0:
-            return False
-        since = record.since + events
-        return since * every >= record.snapshot_size and (not kept or since >= CHAIN_REPLAY)
 
     async def _apply_queued(self, run_id: str, mine: _Queued) -> list[_Tail]:
         """Under the run's lock: apply ``mine`` and the events queued with it (at most ``GROUP_COMMIT``), in
@@ -762,128 +396,8 @@ class Advancer:
             await backoff.wait()
         raise Contended(f"run {run_id}: gave up after {_MAX_CONFLICTS} version conflicts in a row")
 
-    async def _flush(self, run_id: str, trigger: str = "") -> tuple[str, ...]:
-        """Relay every outbox entry of the run a dead process may have left behind (after queueing again
-        the tasks it held under ``trigger``); return the task ids whose cancellation may still need
-        answering. Duplicate task messages are harmless: a message whose task is no longer ``q`` is dropped
-        at pickup."""
-        cancelled: list[str] = []
-        for version, ops in await self.store.outbox(run_id, trigger):
-            log.debug("run %s: relaying outbox entry %s left behind: %s", run_id, version, ops)
-            await self.relay(run_id, version, ops)
-            self._timers_armed(ops)
-            cancelled.extend(op["t"] for op in ops if op["o"] == "cancel")
-        return tuple(cancelled)
-
-    async def _tail(self, run_id: str, relay: tuple[int, list[dict[str, Any]], tuple[str, ...]] | None,
-                    followups: tuple[str, ...], ack: list[dict[str, Any]]) -> None:
-        """Relay a transition, answer cancellations nobody else will answer, then acknowledge the trigger.
-
-        With cancellations to answer, the outbox entry is dropped only once they are written: a process that
-        dies between the two leaves the entry, and whoever takes its trigger over relays it again and answers
-        them (``_flush``) — dropped first, they would be nobody's."""
-        kept: int | None = None  # an outbox entry relayed, to drop after the follow-ups
-        if relay is not None:
-            version, ops, cancelled = relay
-            followups = cancelled + followups
-            self._timers_armed(ops)
-            outbox = version if ops else None  # the transition wrote an outbox entry only if it had ops
-            if not followups:
-                await self.relay(run_id, outbox, ops + ack)  # the usual case: one script, trigger included
-                return
-            await self.relay(None, None, ops)
-            kept = outbox
-        for task_id in dict.fromkeys(followups):
-            await self.apply_event(run_id, {"type": "task_cancelled", "task_id": task_id},
-                                   guard=(task_id, "eq", "xq"))
-        await self.relay(run_id if kept is not None else None, kept, ack)
-
-    def _timers_armed(self, ops: list[dict[str, Any]]) -> None:
-        if self.on_timer is not None:
-            for op in ops:
-                if op["o"] == "timer":
-                    self.on_timer(op["d"])
-
-    async def relay(self, run_id: str | None, version: int | None, ops: list[dict[str, Any]]) -> None:
-        """Carry out relay operations (outbox commands, acknowledgements), retrying with backoff while Redis
-        is unreachable (each is idempotent, or harmless when repeated)."""
-        if not ops and version is None:
-            return
-        backoff: Backoff | None = None
-        while True:
-            try:
-                await self.store.relay(run_id, version, ops)
-                return
-            except TRANSIENT as exc:
-                if backoff is None:
-                    backoff = Backoff()
-                    log.warning("Redis unreachable while relaying (%s); retrying", exc)
-                await backoff.wait()
-
     def _lock(self, run_id: str) -> _RunLock:
         return _RunLock(self._locks, run_id)
-
-
-#: at most this many characters of an error message, and this many steps left to undo, are logged at a run's end
-_LOGGED_MESSAGE = 300
-_LOGGED_STEPS = 10
-
-
-def said_end(run_id: str, plan: dict[str, Any], state: dict[str, Any]) -> None:
-    """Log a run's end, as the transition that ended it was written: WARNING for ``needs_intervention`` (the steps
-    left to undo by hand, in order, each with its undo worker), INFO for ``failed``, ``compensated`` and
-    ``cancelled`` (the error's type and message), DEBUG for ``completed``. Every record carries ``run_id``,
-    ``flow`` and ``status`` as attributes (``extra``), and ``error_type`` or ``left_to_undo`` (the steps' keys)
-    where it says them; text that is not flowdsl's own (an error message, names) is bounded and made inert
-    (:func:`flowdsl.shown.visible`)."""
-    status = str(state.get("status"))
-    flow = visible(str((plan.get("flow") or {}).get("name") or "?"))
-    extra: dict[str, Any] = {"run_id": run_id, "flow": flow, "status": status}
-    if status == "needs_intervention":
-        items = [item for item in (state.get("intervention") or {}).get("steps") or () if isinstance(item, dict)]
-        extra["left_to_undo"] = [str(item.get("step")) for item in items]
-        shown = [visible(f"{item.get('step')} (undo worker {item.get('worker')})") for item in items[:_LOGGED_STEPS]]
-        if len(items) > _LOGGED_STEPS:
-            shown.append(f"and {len(items) - _LOGGED_STEPS} more")
-        log.warning("run %s (flow %s) ended needs_intervention: left to undo by hand, in this order: %s; "
-                    "`flowdsl status %s` says how, `flowdsl resolve %s --backend redis` once done", run_id, flow,
-                    ", ".join(shown) or "nothing listed", run_id, run_id, extra=extra)
-    elif status == "completed":
-        log.debug("run %s (flow %s) completed", run_id, flow, extra=extra)
-    else:
-        raw = state.get("error")
-        error: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        kind = visible(str(error.get("type") or "?"))
-        message = str(error.get("message") or "")
-        if len(message) > _LOGGED_MESSAGE:
-            message = message[:_LOGGED_MESSAGE - 1] + "…"
-        extra["error_type"] = kind
-        failed = f" at step {visible(state['failed_step'])}" if state.get("failed_step") else ""
-        log.info("run %s (flow %s) ended %s%s: %s: %s", run_id, flow, status, failed, kind, visible(message),
-                 extra=extra)
-
-
-def _said_refused(on_refused: Callable[[str, str, str, str, dict[str, Any] | None], None], run_id: str,
-                  task_id: str, event: dict[str, Any], decision: Decision) -> None:
-    """Call ``on_refused`` when ``decision`` rejected ``event``, the result of ``task_id`` (``result_rejected``),
-    with the late completion it made of it, if any."""
-    rejected = late = None
-    for emitted in decision.events:
-        if emitted.get("task_id") == task_id:
-            if emitted.get("type") == "result_rejected":
-                rejected = emitted
-            elif emitted.get("type") == "late_completion":
-                late = emitted
-    if rejected is not None:
-        on_refused(run_id, task_id, str(event.get("type")), str(rejected.get("reason")), late)
-
-
-def _ends(decision: Decision) -> bool:
-    """Whether ``decision`` (whose state is an end state) ends the run: it says so (``run_finished``) — the run's
-    end, or a late completion that turns a run that had ended ``needs_intervention`` (again). A late answer that
-    changes nothing for a run that had ended does not: its transition leaves the run's ``finished`` time, its
-    retention (a resolution among it) and its end's log line as they were."""
-    return any(event.get("type") == "run_finished" for event in decision.events)
 
 
 def _worker_of(record: RunRecord, task_id: str) -> str | None:
@@ -902,47 +416,6 @@ def _worker_of(record: RunRecord, task_id: str) -> str | None:
     return "" if kind == "llm" else str(node.get("worker") or "")
 
 
-def _cancelled_at_start(plan: dict[str, Any], state: dict[str, Any], reasons: tuple[str, ...], at: int
-                        ) -> list[_Applied]:
-    """The input events that cancel a run its start has just begun (``state``), applied to it: each held
-    cancel request once, then ``task_cancelled`` for every attempt the kernel asks to cancel — the start
-    dispatched them in the same transition, so no worker has them (:func:`_unsent` drops their messages)."""
-    steps: list[_Applied] = []
-    events: list[dict[str, Any]] = [{"type": "cancel_requested", "reason": r, "at": at} for r in reasons]
-    while events:
-        event = events.pop(0)
-        decision = apply(plan, state, event)
-        steps.append((event, decision, None, "", None))
-        events += [{"type": "task_cancelled", "task_id": c["task_id"], "at": at}
-                   for c in decision.commands if c["op"] == "cancel_task"]
-    return steps
-
-
-def _unsent(run_id: str, ops: list[dict[str, Any]], task_ops: list[TaskOp]
-            ) -> tuple[list[dict[str, Any]], list[TaskOp]]:
-    """Drop what one transition both did and undid: the attempts it dispatched and ended (a run cancelled
-    by the transition that starts it), with their messages and deadlines, and the timers it set and cleared."""
-    dispatched = {op[1] for op in task_ops if op[0] in ("s", "c")}
-    gone = dispatched & {op[1] for op in task_ops if op[0] in ("d", "g")}
-    deadlines = {Keys.start_deadline(run_id, task_id) for task_id in gone}
-    dropped: set[int] = set()  # positions in ops
-    armed: dict[str, int] = {}  # timer key -> position of the op of this transition that set it
-    for i, op in enumerate(ops):
-        kind = op["o"]
-        if (kind == "task" and op["m"]["task_id"] in gone) or (kind == "cancel" and op["t"] in gone) or \
-                (kind in ("timer", "untimer") and op["k"] in deadlines):
-            dropped.add(i)
-        elif kind == "timer":
-            armed[op["k"]] = i
-        elif kind == "untimer" and op["k"] in armed:  # set, then cleared, by this transition: moot
-            dropped.update((armed.pop(op["k"]), i))
-    if not dropped and not gone:
-        return ops, task_ops
-    return [op for i, op in enumerate(ops) if i not in dropped], [op for op in task_ops if op[1] not in gone]
-
-
-#: an input event applied: (event, the kernel's decision, guard, reporter, chain offer)
-_Applied = tuple[dict[str, Any], Decision, "tuple[str, str, str] | None", str, "Chain | None"]
 #: what to relay after a transition: ((version, outbox ops, tasks cancelled while queued) or None, acks)
 _Tail = tuple["tuple[int, list[dict[str, Any]], tuple[str, ...]] | None", list[dict[str, Any]]]
 
@@ -982,55 +455,3 @@ def _acks(ack: list[dict[str, Any]], acked: bool, chain: Chain | None) -> list[d
     transition handed the caller a task under it (a chain)."""
     return list(ack) if acked and (chain is None or chain.command is None) else []
 
-
-#: the waiters for a run's lock, in order — or :data:`_NO_WAITERS`
-_Waiters = deque[asyncio.Future[None]] | tuple[()]
-#: a run's lock held with nobody waiting (the usual case): no queue is made until someone waits
-_NO_WAITERS: tuple[()] = ()
-
-
-class _RunLock:
-    """A per-run lock that exists only while held: uncontended (the usual case) it costs a dict entry and no
-    future; waiters queue in FIFO order and are handed the lock directly."""
-
-    __slots__ = ("run_id", "table")
-
-    def __init__(self, table: dict[str, _Waiters], run_id: str):
-        self.table = table
-        self.run_id = run_id
-
-    async def __aenter__(self) -> None:
-        waiters = self.table.get(self.run_id)
-        if waiters is None:
-            self.table[self.run_id] = _NO_WAITERS
-            return
-        if not isinstance(waiters, deque):  # (held, and the first to wait: the queue is made now)
-            waiters = self.table[self.run_id] = deque()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # handed the lock as we were cancelled: pass it on
-            elif waiter in waiters:  # (a release may have dropped it already)
-                waiters.remove(waiter)
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        _release(self.table, self.run_id)
-
-
-def _release(table: dict[str, _Waiters], run_id: str) -> None:
-    """Release a run's lock: to its first waiter still waiting, else the lock goes (see :class:`_RunLock`)."""
-    waiters = table[run_id]
-    if isinstance(waiters, deque):
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the lock passes to it
-                return
-    del table[run_id]
