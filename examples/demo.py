@@ -91,7 +91,8 @@ def main() -> int:
     console.print(Rule("done"))
     for name, scenario, status in outcomes:
         console.print(f"  {name} / {scenario}: {status}")
-    console.print(f"[dim]{time.perf_counter() - started:.1f} s · replay a run with: flowdsl show RUN_ID[/]")
+    console.print(f"[dim]{time.perf_counter() - started:.1f} s · replay a run with: flowdsl show RUN_ID · test the "
+                  "flows' failures on a simulated clock: flowdsl test examples (and --what-if)[/]")
     expected = {"success": "completed", "payment_declined": "compensated", "order": "completed"}
     return 0 if all(status == expected[s] for _, s, status in outcomes) else 1
 

@@ -11,7 +11,9 @@ The public API, one function per stage::
 and ``@flowdsl.worker("name")`` to register workers; ``flowdsl.run(plan, input)`` (or
 ``await flowdsl.run_flow(...)``) runs a plan in-process and returns a ``RunResult``; ``flowdsl.resume(run_id)``
 goes on with a recorded run whose process stopped before its end;
-``flowdsl.check_input(plan, data)`` checks a run input before anything starts (raises ``InputError``).
+``flowdsl.check_input(plan, data)`` checks a run input before anything starts (raises ``InputError``);
+``flowdsl.simulate(plan, input, script=flowdsl.Script(...))`` runs a plan on a virtual clock, each attempt
+scripted (``flowdsl.Outcome``) or real, for tests (docs/testing.md).
 Heavy modules load lazily.
 """
 
@@ -49,6 +51,12 @@ if TYPE_CHECKING:
     from flowdsl.runtime.resume import NotResumable as NotResumable
     from flowdsl.runtime.resume import resume as resume
     from flowdsl.runtime.resume import resume_flow as resume_flow
+    from flowdsl.runtime.simulate import Outcome as Outcome
+    from flowdsl.runtime.simulate import Script as Script
+    from flowdsl.runtime.simulate import Simulation as Simulation
+    from flowdsl.runtime.simulate import SimulationError as SimulationError
+    from flowdsl.runtime.simulate import simulate as simulate
+    from flowdsl.runtime.simulate import simulate_flow as simulate_flow
     from flowdsl.workers import StepContext as StepContext
     from flowdsl.workers import StepLogger as StepLogger
     from flowdsl.workers import WorkerImportError as WorkerImportError
@@ -86,13 +94,20 @@ _EXPORTS = {
     "resume_flow": "flowdsl.runtime.resume",
     "NotResumable": "flowdsl.runtime.resume",
     "RunResult": "flowdsl.runtime.report",
+    "simulate": "flowdsl.runtime.simulate",
+    "simulate_flow": "flowdsl.runtime.simulate",
+    "Outcome": "flowdsl.runtime.simulate",
+    "Script": "flowdsl.runtime.simulate",
+    "Simulation": "flowdsl.runtime.simulate",
+    "SimulationError": "flowdsl.runtime.simulate",
 }
 
 __all__ = [
-    "CompileResult", "Diagnostic", "InputError", "LocalRun", "NotResumable", "PlanError", "RecordError", "RunAborted",
-    "RunIdInUse", "RunResult", "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkerRegistry",
-    "WorkersMissing", "check_input", "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry",
-    "resume", "resume_flow", "run", "run_flow", "validate", "worker",
+    "CompileResult", "Diagnostic", "InputError", "LocalRun", "NotResumable", "Outcome", "PlanError", "RecordError",
+    "RunAborted", "RunIdInUse", "RunResult", "Script", "Simulation", "SimulationError", "SpecError", "StepContext",
+    "StepLogger", "WorkerImportError", "WorkerRegistry", "WorkersMissing", "check_input", "compile_spec",
+    "compile_text", "load", "load_text", "plan_bytes", "registry", "resume", "resume_flow", "run", "run_flow",
+    "simulate", "simulate_flow", "validate", "worker",
 ]
 
 

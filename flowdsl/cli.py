@@ -1,9 +1,9 @@
 """The ``flowdsl`` command: a thin layer over the public API, and its entry point.
 
-Its commands are defined by topic — :mod:`flowdsl.cli_spec` (validate, plan, convert), :mod:`flowdsl.cli_run`
-(run, show), :mod:`flowdsl.cli_redis` (worker, status, runs, workers, cancel, dead-letters),
-:mod:`flowdsl.cli_records` (resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the app of
-:mod:`flowdsl.cli_common`, imported here in the order ``flowdsl --help`` lists them.
+Its commands are defined by topic — :mod:`flowdsl.cli_spec` (validate, plan, convert), :mod:`flowdsl.cli_test`
+(test), :mod:`flowdsl.cli_run` (run, show), :mod:`flowdsl.cli_redis` (worker, status, runs, workers, cancel,
+dead-letters), :mod:`flowdsl.cli_records` (resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the
+app of :mod:`flowdsl.cli_common`, imported here in the order ``flowdsl --help`` lists them.
 
 Stage: CLI. Imports the API facade and, lazily inside each command, the stage
 it drives. Exit codes: 0 ok; 1 diagnostics found or run not completed; 2 usage
@@ -26,7 +26,7 @@ from flowdsl.render.command import diagram as _diagram  # (typer + stdlib only)
 
 # each module registers its commands: the order here is the order of `flowdsl --help`
 # isort: off
-from flowdsl import cli_spec, cli_run, cli_redis, cli_records  # noqa: F401
+from flowdsl import cli_spec, cli_test, cli_run, cli_redis, cli_records  # noqa: F401
 # isort: on
 
 __all__ = ["_JsonChannel", "app", "main", "write_outputs"]
@@ -37,7 +37,7 @@ app.command(name="diagram")(_diagram)
 #: the reporting commands that do not take SIGTERM and SIGHUP themselves (``run`` does, and ``status --follow``,
 #: ``cancel --wait`` take them from here): they keep raising KeyboardInterrupt, so that such a command, stopped,
 #: still says so — and gives its one JSON object — instead of dying without a word
-_SAID_WHEN_STOPPED = frozenset({"show", "status", "runs", "cancel", "dead-letters", "resolve", "prune"})
+_SAID_WHEN_STOPPED = frozenset({"show", "status", "runs", "cancel", "dead-letters", "resolve", "prune", "test"})
 
 
 def main() -> None:

@@ -108,6 +108,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD602": ("error", "unknown LLM field type"),
     "FD603": ("error", "LLM demo does not match the signature"),
     "FD604": ("error", "LLM step's 'with' does not match the signature's inputs"),
+    # FD7xx: flow test files (docs/testing.md); a test file's shape is FD1xx/FD2xx as a spec's, durations FD401
+    "FD701": ("error", "test names no step of the flow"),
+    "FD702": ("error", "test script or expectation does not fit the step"),
+    "FD703": ("error", "flow or input under test cannot be used"),
 }
 
 

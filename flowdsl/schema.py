@@ -47,11 +47,20 @@ def data_file(name: str, repo_dir: str) -> Path:
     return Path(__file__).resolve().parent.parent / repo_dir / name
 
 
-@functools.lru_cache(maxsize=1)
+#: the schema files this module checks documents against: a spec, and a flow test file (docs/testing.md)
+SPEC_SCHEMA = "flowdsl.schema.json"
+TEST_SCHEMA = "flowdsl-test.schema.json"
+
+
+@functools.lru_cache(maxsize=2)
+def _schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(data_file(name, "specs").read_text(encoding="utf-8"))
+    return schema
+
+
 def spec_schema() -> dict[str, Any]:
     """The JSON Schema of a flowdsl spec (version 1)."""
-    schema: dict[str, Any] = json.loads(data_file("flowdsl.schema.json", "specs").read_text(encoding="utf-8"))
-    return schema
+    return _schema(SPEC_SCHEMA)
 
 
 _END = re.compile(r"(?<!\\)\$")
@@ -68,34 +77,35 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> A
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-@functools.lru_cache(maxsize=1)
-def _validator() -> Any:
+@functools.lru_cache(maxsize=2)
+def _validator(name: str = SPEC_SCHEMA) -> Any:
     from jsonschema import Draft202012Validator, validators
 
     cls = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})  # type: ignore[no-untyped-call,unused-ignore]
-    return cls(spec_schema())
+    return cls(_schema(name))
 
 
-@functools.lru_cache(maxsize=1)
-def _fast_validator() -> Any:
-    """jsonschema-rs: a compiled validator, ~100× faster, used to pass valid specs quickly."""
+@functools.lru_cache(maxsize=2)
+def _fast_validator(name: str = SPEC_SCHEMA) -> Any:
+    """jsonschema-rs: a compiled validator, ~100× faster, used to pass valid documents quickly."""
     import jsonschema_rs
 
-    return jsonschema_rs.Draft202012Validator(spec_schema())
+    return jsonschema_rs.Draft202012Validator(_schema(name))
 
 
-def check_schema(data: Any, *, text_syntax: bool = False) -> list[Diagnostic]:
+def check_schema(data: Any, *, text_syntax: bool = False, schema: str = SPEC_SCHEMA) -> list[Diagnostic]:
     """Every schema violation of ``data``, as diagnostics with JSON paths (positions added later).
 
     A valid document (the usual case) is recognised by jsonschema-rs alone; python-jsonschema
     runs only to explain an invalid one, since its errors carry what the messages need. ``text_syntax``:
     ``data`` was read from a ``.flow`` file, whose words some hints use (``undo`` for ``compensate``).
+    ``schema``: which document ``data`` is, :data:`SPEC_SCHEMA` or :data:`TEST_SCHEMA` (a flow test file).
     """
-    if _fast_validator().is_valid(data):
+    if _fast_validator(schema).is_valid(data):
         return []
     diags: list[Diagnostic] = []
-    for error in _validator().iter_errors(data):
-        if _version_number(error):
+    for error in _validator(schema).iter_errors(data):
+        if schema == SPEC_SCHEMA and _version_number(error):
             continue  # the model says it better, quoting the number as written (model._Builder.version)
         diags.extend(_convert(error, text_syntax))
     # a mis-indented step explains every error inside it: keep only that one
@@ -184,6 +194,8 @@ def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
         else:
             found = f"the string {_show(inst)}" if isinstance(inst, str) else _found(inst)
             yield make("FD203", f"the language version must be the number 1, found {found}", path)
+    elif v == "const":
+        yield make("FD201", f"expected {_what(error.schema)}, found {_found(inst)}", path, found=_number(inst))
     elif v == "pattern" or (v == "propertyNames" and error.context):
         yield from _pattern(error, path)
     elif v == "maxProperties" and _is_step_mapping(error):

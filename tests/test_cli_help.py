@@ -102,11 +102,12 @@ def test_exit_codes_are_listed_one_a_line(command: str) -> None:
 def test_the_list_of_commands_gives_each_a_summary_of_one_sentence_in_the_order_of_work() -> None:
     """`flowdsl --help` lists each command with the first paragraph of its help: one line at 200 columns (the
     summary of `convert` ran on into a second sentence, broken where its docstring's line ended), in the
-    order a user meets them — specs, runs, the Redis runtime, looking after finished runs, diagrams — whatever
-    module defines them."""
+    order a user meets them — specs, tests of flows, runs, the Redis runtime, looking after finished runs,
+    diagrams — whatever module defines them."""
     output = _help_at(200)
     box = [line for line in output[output.index("Commands"):].splitlines() if line.startswith("│")]
     rows = [line.strip("│ ").split(None, 1) for line in box]
     assert all(len(row) == 2 and row[0] in COMMANDS for row in rows), box  # (a continued summary: no name)
-    assert [row[0] for row in rows] == ["validate", "plan", "convert", "run", "show", "resume", "worker", "status",
-                                        "runs", "workers", "cancel", "dead-letters", "resolve", "prune", "diagram"]
+    assert [row[0] for row in rows] == ["validate", "plan", "convert", "test", "run", "show", "resume", "worker",
+                                        "status", "runs", "workers", "cancel", "dead-letters", "resolve", "prune",
+                                        "diagram"]

@@ -1,7 +1,7 @@
 """The wheel ships the grammar and the schema as real files, and an installed flowdsl reads them from there.
 
-In the source tree ``flowdsl/_data/`` holds symlinks to ``grammar/flowdsl.lark``
-and ``specs/flowdsl.schema.json``; the wheel must carry the files themselves.
+In the source tree ``flowdsl/_data/`` holds symlinks to ``grammar/flowdsl.lark`` and the schemas of ``specs/``;
+the wheel must carry the files themselves.
 Builds the wheel once (a few seconds), installs it into a temporary directory
 and runs a child interpreter that imports flowdsl from there only.
 """
@@ -23,6 +23,7 @@ DATA = {
     "flowdsl/_data/flowdsl.lark": ROOT / "grammar" / "flowdsl.lark",
     "flowdsl/_data/flowdsl.schema.json": ROOT / "specs" / "flowdsl.schema.json",
     "flowdsl/_data/plan.schema.json": ROOT / "specs" / "plan.schema.json",
+    "flowdsl/_data/flowdsl-test.schema.json": ROOT / "specs" / "flowdsl-test.schema.json",
 }
 
 pytestmark = pytest.mark.slow
