@@ -192,7 +192,8 @@ def _say_what_if(console: Any, file: str, flow: str, scenarios: list[dict[str, A
         if not s["ran"]:
             table.add_row(_escape(s["said"]), f"[dim]{_escape(s['status'])}: it never runs in this run[/]", "", "")
             continue
-        ends = s["status"] + (f" (fallback of {', '.join(s['fallbacks'])})" if s["fallbacks"] else "")
+        notes = [*(f"fallback of {k}" for k in s["fallbacks"]), *(f"{k} passed over" for k in s["passed_over"])]
+        ends = s["status"] + (f" ({', '.join(notes)})" if notes else "")
         table.add_row(_escape(s["said"]), _escape(ends), _escape(", ".join(s["compensated"]) or "—"),
                       _escape(", ".join(s["intervention"]) or "—"))
     console.print(table)

@@ -47,7 +47,9 @@ from flowdsl.model import Compensation, Flow, Node, Retry
 if TYPE_CHECKING:
     import networkx as nx
 
-PLAN_VERSION = 1
+#: the newest plan layout this compiler writes; a plan is written in the oldest layout that holds it, so that
+#: older processes read what they can: 2 added a step's ``on_failure`` (docs/plan.md)
+PLAN_VERSION = 2
 
 STEP_RETRY = Retry(attempts=1, backoff="exponential", initial_ms=1000, max_ms=30_000, multiplier=2.0,
                    jitter="none", on=None, not_on=())
@@ -378,6 +380,8 @@ class _Compiler(ReadChecks):
                 "compensate": self.compensation(n.compensate, e.flow),
                 "stage": stages.get(e.key, 0),
             })
+            if n.on_failure is not None:  # (written only when set: a plan without it is of plan_version 1)
+                out["on_failure"] = n.on_failure
             if n.kind == "task":
                 out["worker"] = n.worker
             else:
@@ -471,7 +475,7 @@ class _Compiler(ReadChecks):
             stages[stage_of[key]].append(key)
         f = self.root
         plan = {
-            "plan_version": PLAN_VERSION,
+            "plan_version": PLAN_VERSION if any("on_failure" in n for n in nodes.values()) else 1,
             "flow": {"name": f.name, "version": f.version, "description": f.description,
                      "workers": self.flows_workers, "input_schema": f.input_schema, "timeout_ms": f.timeout_ms},
             "root": root_keys,

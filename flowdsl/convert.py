@@ -38,8 +38,8 @@ from flowdsl.textsyntax import (
 
 DOC_ORDER = ("flowdsl", "name", "version", "description", "workers", "input", "timeout", "defaults", "steps")
 STEP_ORDER = (
-    "worker", "llm", "fallback", "compensate", "with", "output", "when", "fail_when", "needs", "retry",
-    "timeout", "description",
+    "worker", "llm", "fallback", "compensate", "with", "output", "when", "fail_when", "on_failure", "needs",
+    "retry", "timeout", "description",
 )  # fmt: skip
 GROUP_KEYWORDS = ("sequence", "parallel", "for_each", "switch", "flow")
 GROUP_ORDER = ("items", "as", "concurrency", "on", "path", "with", "output", "when", "needs", "timeout", "description")

@@ -36,9 +36,9 @@ from flowdsl.kernel_program import Program, prepare, retry_delay
 from flowdsl.kernel_saga import LATE_REASON
 
 __all__ = [
-    "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision", "NewerVersion",
-    "Program", "apply", "check_rules", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay",
-    "start_event", "start_run", "summary",
+    "CONTINUE_RULES", "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision",
+    "NewerVersion", "Program", "apply", "check_rules", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay",
+    "retry_delay", "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
@@ -46,9 +46,12 @@ __all__ = [
 #: late completion joins the saga when nothing it follows has been undone, 5 a late success of an undo that failed
 #: for good completes it, 6 ``$steps.<id>`` reads for_each and sub-flow nodes' results too (null before), 7 a success
 #: of an attempt given up on, of a step whose undo has begun, is a late completion (the step completed again after
-#: its undo; before, it changed nothing); a run started under an earlier version — a record or journal written
+#: its undo; before, it changed nothing), 8 a step's ``on_failure: continue`` (its failure for good does not fail
+#: the run); a run started under an earlier version — a record or journal written
 #: before — replays and goes on under that version's rules, so its decisions stay what they were
-STATE_VERSION = 7
+STATE_VERSION = 8
+#: the rules that brought ``on_failure: continue``: a run of a plan with it never starts under older ones
+CONTINUE_RULES = 8
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
 INPUT_EVENTS = ("task_started", "task_succeeded", "task_failed", "task_cancelled", "timer_fired",
                 "cancel_requested")
@@ -106,6 +109,10 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
         check_seed(seed)
     hit = _PROGRAMS.get(id(plan))
     program = hit[1] if hit is not None and hit[0] is plan else prepare(plan)
+    if program.continues and kernel < CONTINUE_RULES:  # (left, on Redis, for a worker that starts runs under 8)
+        raise NewerVersion(f"run {run_id!r}: step {min(program.continues)!r} has 'on_failure: continue', which kernel "
+                         f"rules {CONTINUE_RULES} brought; the run was to start under rules {kernel} (a worker "
+                         f"started with --rules {kernel}: start it under {CONTINUE_RULES} or later)")
     if type(at) is not int:
         at = _time(at)
     if seed is None:
@@ -207,6 +214,8 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
         if ikey in comps:
             c = comps[ikey]
             row["compensation"] = {"status": c["status"], "attempts": c["attempt"], "error": c["error"]}
+        if "continued" in rec:  # failed, and passed over (on_failure: continue)
+            row["continued"] = True
         rows.append((_sort_key(program, state, ikey), ikey, row))
     reached = {rec["node"] for rec in nodes.values()}
     for key in program.nodes:

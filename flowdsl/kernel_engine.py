@@ -265,7 +265,7 @@ class Machine(Saga):
         for dependent in self.p.dependents[rec["node"]]:
             for dep in deps[dependent]:
                 other = nodes.get(pre + dep)
-                if other is None or other["status"] not in DONE:
+                if other is None or (other["status"] not in DONE and "continued" not in other):
                     break
             else:
                 if self.queue is None:
@@ -334,9 +334,17 @@ class Machine(Saga):
                 for name, eid in rule["map"].items()}
 
     def _node_failed(self, ikey: str, err: dict[str, Any], task_id: str | None = None) -> None:
-        """A node failed for good (``task_id``: by the outcome of that attempt): record it and abort the run."""
+        """A node failed for good (``task_id``: by the outcome of that attempt): record it and abort the run — or,
+        for a step with ``on_failure: continue`` in a running run (rules 8), go on as for a step skipped: its
+        record says ``failed`` and ``continued``, and it gives no result."""
         rec = self.nodes[ikey]
         rec.update(status="failed", finished_at=self.at, error=err)
+        if rec["node"] in self.p.continues and self.s["status"] == "running" and self.s["kernel"] >= 8:
+            rec["continued"] = True
+            self.emit("step_failed", ikey, attempt=rec.get("attempt"), task_id=task_id, error=err, continued=True)
+            self.settle_late(ikey)
+            self._node_done(ikey)
+            return
         self.emit("step_failed", ikey, attempt=rec.get("attempt"), task_id=task_id, error=err)
         self.abort("failed", err, ikey)
 
@@ -484,7 +492,9 @@ class Machine(Saga):
                     item["step"] == ikey for item in self.s["late_completions"]):
                 return
         elif ended:
-            if self.s["status"] == "running" or any(item["step"] == ikey for item in self.s["late_completions"]):
+            # (a step that failed and was passed over, on_failure: continue, joins the saga when it completes late)
+            if (self.s["status"] == "running" and "continued" not in rec) or \
+                    any(item["step"] == ikey for item in self.s["late_completions"]):
                 return
         elif rec["status"] not in ("running", "retrying", "cancelling") or "late" in rec:
             return

@@ -73,6 +73,9 @@ class Program:
         self.merges: frozenset[str] = frozenset(k for k, n in self.nodes.items() if _merges(n))
         self.maps: frozenset[str] = frozenset(k for k, n in self.nodes.items()
                                               if (n.get("output") or {}).get("mode") == "map")
+        #: steps whose failure for good does not fail the run (``on_failure: continue``, kernel rules 8)
+        self.continues: frozenset[str] = frozenset(k for k, n in self.nodes.items()
+                                                   if n.get("on_failure") == "continue")
         #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``kernel_chain.chain_step``)
         self.chain: dict[str, str] = {}
         for key, node in self.nodes.items():

@@ -33,6 +33,9 @@ LATE_REASON = ("the step completed after the run had decided what to undo (a lat
 #: the ``reason`` of a late completion that joins the saga (kernel version 4+): nothing it follows was undone yet
 LATE_JOINED_REASON = ("the step completed after the run had given up on it (a late result, e.g. from an attempt that "
                       "timed out), before anything it follows was undone: it is undone with the others")
+#: the ``reason`` of a late completion of a step the run had passed over (``on_failure: continue``, version 8)
+LATE_PASSED_REASON = ("the step completed after it had failed and the run had gone on without it (on_failure: "
+                      "continue): its effect stands, and it is undone with the others if the run compensates")
 #: the ``reason`` of a step whose worker succeeded but whose output map failed, and which then failed (version 4+)
 UNMAPPED_REASON = ("the step's worker succeeded but its output map failed on the result, so the step failed: the "
                    "effect stands, and it is undone with the others")
@@ -407,7 +410,8 @@ class Saga(Core):
         status = self.s["status"]
         comps: dict[str, dict[str, Any]] = self.s["compensations"]
         joins = self.s["kernel"] >= 4 and (status == "aborting" or (status == "compensating" and all(
-            comp["status"] == "pending" or self.nodes[k]["t1"] > rec["t0"] for k, comp in comps.items())))
+            comp["status"] == "pending" or self.nodes[k]["t1"] > rec["t0"] for k, comp in comps.items())) or (
+            status == "running" and "continued" in rec))  # (passed over: on_failure: continue, rules 8)
         if not joins:
             self.record_late_completion(ikey, late)
             return
@@ -416,7 +420,9 @@ class Saga(Core):
                    late_undo={"task_id": late["task_id"], "attempt": late["attempt"], "at": self.at})
         if "out" in late:
             rec["out"] = late["out"]
-        self._emit_late(ikey, late, UNMAPPED_REASON if late.get("unmapped") else LATE_JOINED_REASON, by_hand=False)
+        reason = UNMAPPED_REASON if late.get("unmapped") else LATE_PASSED_REASON if status == "running" else \
+            LATE_JOINED_REASON
+        self._emit_late(ikey, late, reason, by_hand=False)
         if status == "compensating":  # it completed last: the next to undo, before whatever it follows
             saga = self.s["saga"]
             saga["order"].insert(saga["next"], ikey)

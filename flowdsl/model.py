@@ -258,6 +258,8 @@ class Node:
     fail_when: str | None = None
     retry: Retry | None = None
     timeout_ms: int | None = None
+    #: ``continue``: a failure for good of the step does not fail the run (``on_failure``); None: it does
+    on_failure: str | None = None
     # groups
     children: tuple[Node, ...] = ()
     items: str | None = None
@@ -507,6 +509,7 @@ class _Builder:
             with_=opts.get("with"),
             output=Output("merge") if output is None else self.output(output, join(opt_path, "output")),
             fail_when=opts.get("fail_when"),
+            on_failure="continue" if opts.get("on_failure") == "continue" else None,
             retry=None if retry is None else self.retry(retry, join(opt_path, "retry")),
             timeout_ms=None if timeout is None else self.duration(timeout, join(opt_path, "timeout")))
 

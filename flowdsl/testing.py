@@ -395,12 +395,17 @@ class _Checker:
 
     def expect(self, spec: dict[str, Any], path: str) -> dict[str, Any]:
         out = dict(spec)
-        for name in ("ran", "compensated", "intervention"):
+        for name in ("ran", "compensated", "intervention", "passed_over"):
             for i, key in enumerate(spec.get(name) or ()):
                 node = self.step(key, join(path, name, i), at_key=False)
-                if node is not None and name != "ran" and not node.get("compensate"):
+                if node is None:
+                    continue
+                if name in ("compensated", "intervention") and not node.get("compensate"):
                     self.error("FD702", f"step {quote(key)} has no compensation: it is never undone",
                                join(path, name, i))
+                elif name == "passed_over" and node.get("on_failure") != "continue":
+                    self.error("FD702", f"step {quote(key)} has no 'on_failure: continue': its failure fails the "
+                               "run, which never goes on without it", join(path, name, i))
         for key, want in (spec.get("steps") or {}).items():
             node = self.step(key, join(path, "steps", key))
             if node is not None and isinstance(want, dict) and want.get("undone") and not node.get("compensate"):
@@ -516,6 +521,10 @@ def compare(expect: Mapping[str, Any], sim: Simulation) -> Iterator[Mismatch]:
         left = [item["step"] for item in (result.intervention or {}).get("steps") or ()]
         if expect["intervention"] != left:
             yield Mismatch("intervention", expect["intervention"], left)
+    if "passed_over" in expect:
+        passed = [key for key, row in result.steps.items() if row.get("continued")]
+        if expect["passed_over"] != passed:
+            yield Mismatch("passed_over", expect["passed_over"], passed)
     for key, want in (expect.get("steps") or {}).items():
         yield from _step_mismatches(key, want, result.steps.get(key))
     if "context" in expect:
@@ -619,6 +628,7 @@ class WhatIf:
                 "compensated": result.compensated if result else None,
                 "intervention": [i["step"] for i in (result.intervention or {}).get("steps") or ()] if result else None,
                 "fallbacks": _fallbacks(sim) if sim is not None else None,
+                "passed_over": [k for k, r in result.steps.items() if r.get("continued")] if result else None,
                 "elapsed_ms": sim.elapsed_ms if sim is not None else None}
 
 

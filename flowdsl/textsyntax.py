@@ -47,7 +47,7 @@ MAX_DEPTH = 100
 #: option keywords: every key of a node's options, of ``llm:`` and of ``defaults:``
 #: (``undo`` is the text syntax's word for ``compensate``)
 OPTION_KEYS = (
-    "worker", "compensate", "with", "output", "when", "fail_when", "needs", "retry", "timeout",
+    "worker", "compensate", "with", "output", "when", "fail_when", "on_failure", "needs", "retry", "timeout",
     "fallback", "description", "llm", "signature", "instructions", "module", "lm", "demos", "redact",
     "items", "as", "concurrency", "on", "path",
 )  # fmt: skip

@@ -48,6 +48,10 @@ class StepText:
     policy: str | None
 
 
+#: the plan layouts this renderer draws (docs/plan.md; 2 added a step's ``on_failure``, drawn with its policies)
+PLAN_VERSIONS = (1, 2)
+
+
 @dataclass(frozen=True)
 class Glyphs:
     """The symbols labels use: Unicode by default, plain ASCII for ``--ascii-only``."""
@@ -130,10 +134,13 @@ def _longest_delay(retry: Mapping[str, Any], retries: int, mult: float) -> float
 
 
 def policy_text(holder: Mapping[str, Any], glyphs: Glyphs) -> str | None:
-    """Retry and timeout of a step or a compensation on one line, None when both are the plain defaults."""
+    """Retry and timeout of a step or a compensation on one line (and a step's ``on_failure: continue``), None
+    when all are the plain defaults."""
     parts = [retry_text(holder.get("retry"), glyphs)]
     if holder.get("timeout_ms"):
         parts.append(f"{glyphs.timeout}{format_ms(holder['timeout_ms'])}")
+    if holder.get("on_failure") == "continue":
+        parts.append("on failure: continue")
     kept = [p for p in parts if p]
     return glyphs.sep.join(kept) if kept else None
 
@@ -274,8 +281,9 @@ class PlanView:
         if not isinstance(plan, Mapping) or not isinstance(plan.get("nodes"), Mapping) \
                 or not isinstance(plan.get("root"), list):
             raise RenderError("not an execution plan: expected an object with 'root' and 'nodes'")
-        if plan.get("plan_version", 1) != 1:
-            raise RenderError(f"unsupported plan_version {plan.get('plan_version')!r}; this renderer draws version 1")
+        if plan.get("plan_version", 1) not in PLAN_VERSIONS:
+            raise RenderError(f"unsupported plan_version {plan.get('plan_version')!r}; this renderer draws versions "
+                              f"{PLAN_VERSIONS[0]} to {PLAN_VERSIONS[-1]}")
         self.plan = plan
         self.nodes: Mapping[str, Mapping[str, Any]] = plan["nodes"]
         self.root: tuple[str, ...] = tuple(plan["root"])

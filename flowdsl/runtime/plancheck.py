@@ -38,8 +38,9 @@ from flowdsl.schema import data_file
 
 __all__ = ["PLAN_VERSION", "PlanError", "check_plan", "checked_problem", "plan_problem", "plan_schema", "vouch"]
 
-#: the plan layout this code reads (``plan_version``; the compiler writes the same)
-PLAN_VERSION = 1
+#: the newest plan layout this code reads (``plan_version``: 1, and 2 with a step's ``on_failure``; the compiler
+#: writes the oldest that holds a plan)
+PLAN_VERSION = 2
 
 
 class PlanError(ValueError):
@@ -147,13 +148,18 @@ def plan_problem(plan: Any) -> str | None:
     if not isinstance(plan, dict):
         return (f"expected an object (the 'plan' of flowdsl.compile_spec() or flowdsl.compile_text()), "
                 f"found {type(plan).__name__}")
-    if plan.get("plan_version") != PLAN_VERSION:  # another version (or none): that explains every other error
-        return f"'plan_version' must be {PLAN_VERSION}, found {plan['plan_version']!r}" if "plan_version" in plan \
-            else f"it has no 'plan_version' (a compiled plan has plan_version {PLAN_VERSION})"
+    version = plan.get("plan_version")
+    if type(version) is not int or not 1 <= version <= PLAN_VERSION:  # (or none): that explains every other error
+        return f"'plan_version' must be 1 to {PLAN_VERSION}, found {plan['plan_version']!r}" if "plan_version" in plan \
+            else f"it has no 'plan_version' (a compiled plan has plan_version 1 to {PLAN_VERSION})"
     if not _well_shaped(plan):
         problem = _schema_problem(plan)
         if problem is not None:
             return problem
+    if version == 1:
+        later = next((key for key, node in plan["nodes"].items() if "on_failure" in node), None)
+        if later is not None:
+            return f"'nodes/{later}' has 'on_failure', which plan_version 2 brought: the plan's plan_version must be 2"
     return next(_dangling(plan), None) or _tree_problem(plan)
 
 

@@ -696,7 +696,7 @@ def newer_problem(header: dict[str, Any] | None, start: dict[str, Any] | None = 
     if _later(header.get("record_format"), RECORD_FORMAT):
         what = f"record format {header['record_format']}, this one reads {RECORD_FORMAT}"
     elif _later(plan_version, reads[0]):
-        what = f"a plan of plan_version {plan_version}, this one reads {reads[0]}"
+        what = f"a plan of plan_version {plan_version}, this one reads 1 to {reads[0]}"
     elif _later(kernel, reads[1]):
         what = f"kernel rules version {kernel}, this one knows {reads[1]}"
     if what is None:

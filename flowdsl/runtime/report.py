@@ -150,6 +150,8 @@ class RunResult:
                     "node": row["node"]}
             if "compensation" in row:
                 item["compensation"] = row["compensation"]
+            if row.get("continued"):
+                item["continued"] = True
             steps[key] = item
         stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else \
             {"stopped_in": self.status, "crashed": self.crashed} if self.crashed is not None else {}

@@ -130,7 +130,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
                 errors.append(f"  {_esc(key)} (undo): {_esc(_clip(_error_text(comp['error']), 200))}")
         if row["error"]:
             errors.append(f"  {_esc(key)}: {_esc(_clip(_error_text(row['error']), 200))}")
-        cell = _status(row["status"]) + (" [yellow](fallback)[/]" if key in fell_back else "")
+        cell = _status(row["status"]) + (" [yellow](fallback)[/]" if key in fell_back else "") + \
+            (" [yellow](passed over)[/]" if row.get("continued") else "")
         table.add_row(_esc(key), cell, str(row["attempts"] or ""), _seconds(_span(row)), undo)
     con.print()
     con.print(table)
@@ -156,6 +157,9 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         where = f" at {_esc(result.failed_step)}" if result.failed_step else ""
         headline += f"{where} — {_esc(_error_text(result.error))}"
     con.print(headline)
+    passed_over = [k for k, r in result.steps.items() if r.get("continued")]
+    if passed_over:
+        con.print(f"[yellow]failed and passed over[/] (on_failure: continue): {', '.join(map(_esc, passed_over))}")
     if result.compensated:
         undone = [f"{_esc(k)} ({_esc(_undo_worker(result, k))})" for k in result.compensated]
         con.print("compensated, in this order: " + " → ".join(undone))

@@ -174,6 +174,8 @@ class LiveView:
         if kind == "step_succeeded":
             took = _seconds(row["end"] - row["start"]) if row["start"] is not None else ""
             self.console.print(f"{at} [green]✓[/] {step} [dim]{took}[/]")
+        elif kind == "step_failed" and event.get("continued"):
+            self.console.print(f"{at} [yellow]✗ {step}[/] — {err} [dim](on_failure: continue: the run goes on)[/]")
         elif kind == "step_failed":
             self.console.print(f"{at} [red]✗ {step}[/] — {err}")
         elif kind == "step_retrying":
@@ -388,6 +390,8 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
     if kind == "step_succeeded":
         return f"[dim]{step} done[/]" if group else f"[green]✓ {step}[/] succeeded (attempt {_esc(e.get('attempt'))})"
     if kind == "step_failed":
+        if e.get("continued"):
+            return f"[yellow]✗ {step} failed[/] — {err} [dim](on_failure: continue: the run goes on without it)[/]"
         return f"[red]✗ {step} failed[/] — {err}"
     if kind == "step_retrying":
         return (f"[cyan]↻ {step}[/] attempt {_esc(e.get('attempt'))} failed ({err}); "

@@ -177,3 +177,45 @@ def test_random_flows_end_right_and_undo_exactly_what_completed(tree: Tree, data
     for d in sim.dispatches:
         if d["kind"] == "compensate":
             assert d["steps_in_flight"] == [], "compensating while steps still run"
+
+
+def _passing_over(node: Any, passed: set[str]) -> Any:
+    """The spec node with ``on_failure: continue`` on each of its steps in ``passed``."""
+    if isinstance(node, str):
+        return {node: {"on_failure": "continue"}} if node in passed else node
+    for kw, key in (("sequence", "steps"), ("parallel", "branches")):
+        if kw in node:
+            return {**node, key: [_passing_over(child, passed) for child in node[key]]}
+    (name, opts), = node.items()
+    return {name: {**opts, "on_failure": "continue"}} if name in passed else node
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees, data=st.data())
+def test_random_flows_pass_over_the_steps_that_may_fail_and_complete(tree: Tree, data: st.DataObject) -> None:
+    """Kernel rules 8: steps with ``on_failure: continue`` fail (or not), every other step succeeds — the run
+    completes, undoes nothing, and each step saw exactly the results of the steps before it that succeeded."""
+    tasks: dict[str, bool] = {}
+    _, root = build(tree, itertools.count(), tasks)
+    passed = {step for step in tasks if data.draw(st.booleans(), label=f"{step} may fail")}
+    plan = plan_of([_passing_over(root, passed)])
+    script = draw_script(tasks, data, lambda step, after: {step: after, "shared": step})
+    for step in set(tasks) - passed:
+        script[step] = ok({step: 1, "shared": step}, 5)
+    sim = Sim(plan, script).run()
+
+    assert sim.status == "completed" and not sim.of("compensation_started")
+    nodes = sim.state["nodes"]
+    completed = {s for s in tasks if nodes[s]["status"] == "succeeded"}
+    failed = {s for s in tasks if nodes[s]["status"] == "failed"}
+    assert completed | failed == set(tasks) and failed <= passed
+    assert all(nodes[s].get("continued") is True for s in failed)
+    event(f"{len(failed)} of {len(tasks)} steps passed over")
+    results = {s: nodes[s]["result"] for s in completed}
+    expected = expected_inputs(plan, results, {d["step"] for d in sim.dispatches})
+    for d in sim.dispatches:
+        assert d["input"] == expected[d["step"]], d["step"]
+    final: dict[str, Any] = {}
+    for step in sorted(completed, key=lambda k: plan["nodes"][k]["order"]):
+        final.update(results[step])
+    assert sim.state["context"] == final

@@ -230,3 +230,35 @@ def test_flowdsl_worker_rules_option(monkeypatch: pytest.MonkeyPatch) -> None:
     said = " ".join(bad.output.replace("│", " ").split())
     assert bad.exit_code == 2 and f"rules must be a kernel rules version from 1 to {STATE_VERSION}, not {NEWER}" in said
     assert given == [5]
+
+
+def test_a_plan_with_on_failure_continue_runs_under_rules_8_and_a_worker_told_7_leaves_it(
+        url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Rules 8 and plan layout 2 (docs/runtime.md, "Upgrading"): a worker started with ``--rules 7`` leaves the
+    start request of a plan with ``on_failure: continue`` pending (its rules would fail the run where the plan
+    says to go on); one under rules 8 runs it, passing over the step that fails."""
+    caplog.set_level(logging.WARNING, logger="flowdsl.redis")
+    calls: list[str] = []
+    registry = _registry(calls)
+
+    async def tell(data: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        raise ConnectionError("smtp down")
+
+    registry.register("nv_tell", tell)
+    plan = compile_text("flowdsl: 1\nname: nvc\nsteps:\n  - nv_tell: {on_failure: continue}\n  - nv_step\n")
+    assert plan["plan_version"] == 2
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            run_id = (await client.submit(plan, {})).run_id
+            pinned = worker_here(url, prefix, registry, lease_s=0.5, llm=False, rules=7)
+            await _serve_until(pinned, _said(caplog, LEFT))
+            assert calls == [] and pinned.stats.runs_started == 0 and pinned.stats.dead_letters == 0
+            newer = worker_here(url, prefix, registry, lease_s=0.5, llm=False)
+            return await asyncio.wait_for(_following(newer, client.follow(run_id)), 20)
+
+    result = asyncio.run(main())
+    assert result.status == "completed" and len(calls) == 1
+    assert result.steps["nv_tell"]["status"] == "failed" and result.steps["nv_tell"]["continued"] is True
+    warning = next(r.getMessage() for r in caplog.records if LEFT in r.getMessage())
+    assert "'on_failure: continue', which kernel rules 8 brought" in warning
