@@ -1,8 +1,8 @@
 """Resuming a local run whose process stopped before the run's end: the run goes on in this process, from its record.
 
-Stage: runtime (shared), for the local runtime's :func:`~flowdsl.runtime.local.resume_flow` and ``flowdsl resume``.
-Imports the kernel (``replay``, event names), stdlib, ``.owner`` and ``.record``; ``.rebuild``, ``.stopped`` and
-``.report`` inside the functions that use them.
+Stage: runtime: local — :func:`resume_flow` and :func:`resume` (``flowdsl resume``). Imports the kernel
+(``replay``, event names), stdlib, ``.owner`` and ``.record``; the local runtime (``.local``, ``.local_late``),
+``.rebuild``, ``.stopped`` and ``.report`` inside the functions that use them.
 
 A local run lives in its process. When that process dies (kill -9, the OOM killer, a reboot: the run is listed
 ``crashed``) or stops the run at once (a second Ctrl-C: ``aborted``), the run stands where its record left it. Its
@@ -264,7 +264,7 @@ def resume(run: str | os.PathLike[str], **options: Any) -> Any:
     (``handle_sigint`` defaults to on in the main thread)."""
     import threading
 
-    from flowdsl.runtime.local import _loop_running, run_on_new_loop
+    from flowdsl.runtime.local_late import _loop_running, run_on_new_loop
 
     if _loop_running():
         raise RuntimeError("flowdsl.resume() cannot be called from a running event loop (it runs one of its own): "
