@@ -38,7 +38,7 @@ from flowdsl.kernel_saga import LATE_REASON
 __all__ = [
     "CONTINUE_RULES", "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "Decision",
     "NewerVersion", "Program", "apply", "check_rules", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay",
-    "retry_delay", "start_event", "start_run", "summary",
+    "retry_delay", "rules_for", "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
@@ -75,6 +75,16 @@ class NewerVersion(ValueError):
     """
 
 
+def rules_for(plan: Plan, pinned: int | None = None) -> int:
+    """The rules a run of ``plan`` starts under when a runtime is told to start runs under ``pinned`` (a rolling
+    upgrade's first step, docs/runtime.md): ``pinned``, raised to the rules the plan needs — a plan with
+    ``on_failure: continue`` is of a layout only processes that know :data:`CONTINUE_RULES` read, so its runs may
+    start under them whatever the pin; None: the newest, :data:`STATE_VERSION`."""
+    if pinned is None:
+        return STATE_VERSION
+    return max(pinned, CONTINUE_RULES) if prepare(plan).continues else pinned
+
+
 def check_rules(version: int, run_id: object = None) -> None:
     """Raise :class:`NewerVersion` when ``version`` (a run state's ``kernel``) is newer than :data:`STATE_VERSION`."""
     if version > STATE_VERSION:
@@ -109,8 +119,8 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
         check_seed(seed)
     hit = _PROGRAMS.get(id(plan))
     program = hit[1] if hit is not None and hit[0] is plan else prepare(plan)
-    if program.continues and kernel < CONTINUE_RULES:  # (left, on Redis, for a worker that starts runs under 8)
-        raise NewerVersion(f"run {run_id!r}: step {min(program.continues)!r} has 'on_failure: continue', which kernel "
+    if program.continues and kernel < CONTINUE_RULES:
+        raise ValueError(f"run {run_id!r}: step {min(program.continues)!r} has 'on_failure: continue', which kernel "
                          f"rules {CONTINUE_RULES} brought; the run was to start under rules {kernel} (a worker "
                          f"started with --rules {kernel}: start it under {CONTINUE_RULES} or later)")
     if type(at) is not int:
@@ -216,6 +226,8 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
             row["compensation"] = {"status": c["status"], "attempts": c["attempt"], "error": c["error"]}
         if "continued" in rec:  # failed, and passed over (on_failure: continue)
             row["continued"] = True
+            if "late_undo" in rec:  # an attempt the run had given up on succeeded afterwards: its effect stands
+                row["completed_late"] = True
         rows.append((_sort_key(program, state, ikey), ikey, row))
     reached = {rec["node"] for rec in nodes.values()}
     for key in program.nodes:

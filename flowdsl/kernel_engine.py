@@ -341,6 +341,10 @@ class Machine(Saga):
         rec.update(status="failed", finished_at=self.at, error=err)
         if rec["node"] in self.p.continues and self.s["status"] == "running" and self.s["kernel"] >= 8:
             rec["continued"] = True
+            # its place in the logical clock, as if it had completed now: a late success of it joins the saga as
+            # completed before whatever starts after it (its dependents are undone first, as for any step)
+            self.s["clock"] += 1
+            rec["t1"] = self.s["clock"]
             self.emit("step_failed", ikey, attempt=rec.get("attempt"), task_id=task_id, error=err, continued=True)
             self.settle_late(ikey)
             self._node_done(ikey)

@@ -36,6 +36,9 @@ LATE_JOINED_REASON = ("the step completed after the run had given up on it (a la
 #: the ``reason`` of a late completion of a step the run had passed over (``on_failure: continue``, version 8)
 LATE_PASSED_REASON = ("the step completed after it had failed and the run had gone on without it (on_failure: "
                       "continue): its effect stands, and it is undone with the others if the run compensates")
+#: ... and of one that arrives once the run has completed: the run wanted the step's effect; nothing is undone
+LATE_DONE_REASON = ("the step completed after it had failed and the run had gone on without it (on_failure: "
+                    "continue), once the run had completed: its effect stands, and nothing is undone")
 #: the ``reason`` of a step whose worker succeeded but whose output map failed, and which then failed (version 4+)
 UNMAPPED_REASON = ("the step's worker succeeded but its output map failed on the result, so the step failed: the "
                    "effect stands, and it is undone with the others")
@@ -409,19 +412,22 @@ class Saga(Core):
         rec = self.nodes[ikey]
         status = self.s["status"]
         comps: dict[str, dict[str, Any]] = self.s["compensations"]
+        passed = "continued" in rec  # (passed over: on_failure: continue, rules 8)
         joins = self.s["kernel"] >= 4 and (status == "aborting" or (status == "compensating" and all(
             comp["status"] == "pending" or self.nodes[k]["t1"] > rec["t0"] for k, comp in comps.items())) or (
-            status == "running" and "continued" in rec))  # (passed over: on_failure: continue, rules 8)
+            passed and status in ("running", "completed")))
         if not joins:
             self.record_late_completion(ikey, late)
             return
-        self.s["clock"] += 1
-        rec.update(result=late["result"], t1=self.s["clock"],
+        if not (passed and status in ("running", "completed")):  # (passed over: its mark is where it was passed)
+            self.s["clock"] += 1
+            rec["t1"] = self.s["clock"]
+        rec.update(result=late["result"],
                    late_undo={"task_id": late["task_id"], "attempt": late["attempt"], "at": self.at})
         if "out" in late:
             rec["out"] = late["out"]
-        reason = UNMAPPED_REASON if late.get("unmapped") else LATE_PASSED_REASON if status == "running" else \
-            LATE_JOINED_REASON
+        reason = LATE_DONE_REASON if status == "completed" else UNMAPPED_REASON if late.get("unmapped") else \
+            LATE_PASSED_REASON if passed and status == "running" else LATE_JOINED_REASON
         self._emit_late(ikey, late, reason, by_hand=False)
         if status == "compensating":  # it completed last: the next to undo, before whatever it follows
             saga = self.s["saga"]

@@ -281,8 +281,12 @@ _GROUP_NAMES = {"sequence": "a sequence", "parallel": "a parallel group", "for_e
 
 
 def _group_hint(key: str, inst: Any, text_syntax: bool) -> str:
-    """For a ``compensate`` (``undo``) written on a group: where compensations go instead."""
+    """For a ``compensate`` (``undo``) or an ``on_failure`` written on a group: where they go instead."""
     kind = next((k for k in _GROUP_NAMES if k in inst), None) if isinstance(inst, dict) else None
+    if kind is not None and key == "on_failure":
+        inside = "of the sub-flow (in its file)" if kind == "flow" else "inside it"
+        return (f"; {_GROUP_NAMES[kind]} has no on_failure of its own: give it to the steps {inside} that the run "
+                "can do without (task and LLM steps)")
     if key != "compensate" or kind is None:
         return ""
     word = "undo" if text_syntax else "'compensate'"

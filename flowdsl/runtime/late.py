@@ -87,9 +87,12 @@ def may_complete_late(plan: Mapping[str, Any], state: Mapping[str, Any], step: s
     succeeded, or a late success of it joined the saga, and its compensation was dispatched: a success now would
     complete it again, after its undo). What the local runtime waits for after the run's end. ``any_end``: whatever
     the step's status short of ``succeeded`` (a run stopped at once, which hears nothing more: such a success would
-    have an effect nobody undoes)."""
+    have an effect nobody undoes). Not a step passed over (``on_failure: continue``) of a run that completed: its
+    success then changes nothing (docs/kernel.md, "Steps passed over")."""
     rec = state["nodes"].get(step)
     if rec is None or "late_completions" not in state:
+        return False
+    if "continued" in rec and state["status"] == "completed":  # (passed over: its effect was the run's wish)
         return False
     if rec["status"] == "succeeded" or "late_undo" in rec:
         # (before its undo began, a success of an attempt given up on is the same effect, undone with the step's)

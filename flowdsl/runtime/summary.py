@@ -21,6 +21,7 @@ through the same helpers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ _STYLE = {"completed": "green", "succeeded": "green", "compensated": "yellow", "
           "cancelling": "yellow", "skipped": "dim", "pending": "dim", "aborting": "yellow",
           "compensating": "yellow", "done": "yellow"}
 _MAX_ROWS = 40
+#: steps passed over (on_failure: continue) named on their line, at most
+_PASSED_SHOWN = 10
 
 
 _PATH_SHOWN = 12  # steps of the critical path the summary names (the JSON object has them all)
@@ -131,12 +134,16 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         if row["error"]:
             errors.append(f"  {_esc(key)}: {_esc(_clip(_error_text(row['error']), 200))}")
         cell = _status(row["status"]) + (" [yellow](fallback)[/]" if key in fell_back else "") + \
-            (" [yellow](passed over)[/]" if row.get("continued") else "")
+            (" [yellow](passed over, completed late)[/]" if row.get("completed_late") else
+             " [yellow](passed over)[/]" if row.get("continued") else "")
         table.add_row(_esc(key), cell, str(row["attempts"] or ""), _seconds(_span(row)), undo)
     con.print()
     con.print(table)
     if hidden:
-        con.print(f"[dim]… and {hidden} more steps that succeeded[/]")
+        said = {id(row) for _, row in shown}
+        left = Counter(row["status"] for _, row in rows if id(row) not in said)
+        what = ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
+        con.print(f"[dim]… and {hidden} more steps ({what})[/]")
     if errors:
         con.print("errors:")
         for line in errors:
@@ -159,7 +166,9 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     con.print(headline)
     passed_over = [k for k, r in result.steps.items() if r.get("continued")]
     if passed_over:
-        con.print(f"[yellow]failed and passed over[/] (on_failure: continue): {', '.join(map(_esc, passed_over))}")
+        more = f", … ({len(passed_over) - _PASSED_SHOWN} more)" if len(passed_over) > _PASSED_SHOWN else ""
+        con.print(f"[yellow]failed and passed over[/] (on_failure: continue): "
+                  f"{', '.join(map(_esc, passed_over[:_PASSED_SHOWN]))}{more}")
     if result.compensated:
         undone = [f"{_esc(k)} ({_esc(_undo_worker(result, k))})" for k in result.compensated]
         con.print("compensated, in this order: " + " → ".join(undone))

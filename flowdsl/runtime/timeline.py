@@ -61,6 +61,11 @@ def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False)
     if e.get("by_hand", True):
         return (f"[bold red]! {step} completed late[/] {head}: its effect stands; {_esc(e.get('compensation'))} "
                 "left to run by hand")
+    if e.get("run_status") == "completed":  # (a step passed over, once the run had completed: rules 8)
+        return f"[yellow]! {step} completed late[/] {head}, after the run completed: its effect stands"
+    if e.get("run_status") == "running":  # (a step passed over, while the run goes on: rules 8)
+        return (f"[yellow]! {step} completed late[/] {head}: its effect stands; undone by "
+                f"{_esc(e.get('compensation'))} if the run compensates")
     return f"[yellow]! {step} completed late[/] {head}: undone with the rest by {_esc(e.get('compensation'))}"
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from flowdsl.kernel import CONTINUE_RULES, replay, start_run, summary
+from flowdsl.kernel import CONTINUE_RULES, STATE_VERSION, replay, rules_for, start_run, summary
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, hang, ok
 
@@ -108,3 +108,37 @@ def test_a_plan_without_it_stays_plan_version_1_and_compensate_is_the_default():
     plan = plan_of(["a", {"b": {"on_failure": "compensate"}}])
     assert plan["plan_version"] == 1 and "on_failure" not in plan["nodes"]["b"]
     assert Sim(plan, {"b": fail()}).run().status == "failed"
+
+
+def test_a_late_success_after_the_run_completed_leaves_it_completed():
+    """The run wanted the step's effect: a success of its timed-out attempt once the run has completed changes
+    nothing — said (``late_completion``, ``by_hand: false``), never made ``needs_intervention``; whether it lands
+    just before or just after the run's end, the run ends the same."""
+    plan = plan_of([{"pay": {**GO_ON, "timeout": "1s", "compensate": "refund"}}, "ship"])
+    for ship_takes in (100, 3000):  # the late success lands after / before the run's end
+        sim = Sim(plan, {"pay": ok({"charge": "c1"}, after=2500, cancellable=False), "ship": ok(after=ship_takes)}
+                  ).run()
+        assert sim.status == "completed" and sim.state["intervention"] is None, ship_takes
+        assert len(sim.of("run_finished")) == 1 and sim.of("run_finished")[0]["status"] == "completed"
+        (event,) = sim.of("late_completion")
+        assert event["by_hand"] is False
+        row = summary(plan, sim.state)["steps"]["pay"]
+        assert row["continued"] is True and row["completed_late"] is True
+
+
+def test_a_step_passed_over_that_completes_late_is_undone_after_the_steps_that_followed_it():
+    """Every plan dependency is a precedence of the undos: ``ship`` started after ``pay`` was passed over, so
+    ``unship`` runs before ``refund``, even though ``pay``'s late success landed while ``ship`` ran."""
+    plan = plan_of([{"pay": {**GO_ON, "timeout": "1s", "compensate": "refund"}},
+                    {"ship": {"compensate": "unship"}}, "tell"])
+    sim = Sim(plan, {"pay": ok({"c": 1}, after=1800, cancellable=False), "ship": ok(after=1500),
+                     "tell": fail("Boom")}).run()
+    assert sim.status == "compensated" and sim.undone() == ["ship", "pay"]
+    refund = next(d for d in sim.dispatches if d["kind"] == "compensate" and d["step"] == "pay")
+    unshipped = sim.of("compensation_succeeded", step="ship")[0]
+    assert refund["at"] >= unshipped["at"]
+
+
+def test_a_pinned_runtime_starts_a_plan_that_needs_rules_8_under_them():
+    assert rules_for(plan_of(["a"]), None) == STATE_VERSION and rules_for(plan_of(["a"]), 5) == 5
+    assert rules_for(plan_of([{"a": GO_ON}]), 5) == CONTINUE_RULES

@@ -1231,3 +1231,35 @@ def test_only_rules_7_wait_for_an_attempt_of_a_step_whose_undo_began() -> None:
                                                                                  any_end=True)
     recorded = {**result.state, "late_completions": [{"step": "reserve"}]}
     assert not may_answer_late(REDONE, recorded, attempt)
+
+
+def test_a_run_that_completed_does_not_wait_for_a_step_it_passed_over() -> None:
+    """``on_failure: continue`` (rules 8): charge times out and is passed over, the run completes; its thread is still
+    running, but a success of it would change nothing (the run wanted its effect), so the runtime does not hold the
+    run's end for it, and nothing is in doubt — unlike a compensable step of a run that compensated."""
+    plan = compile_text(textwrap.dedent("""\
+        flowdsl: 1
+        name: passed_over
+        steps:
+          - charge: {timeout: 100ms, compensate: refund, on_failure: continue}
+          - ship
+        """))
+    go, charged, refunds = threading.Event(), threading.Event(), []
+
+    async def ship(data: Any, ctx: Any) -> dict[str, Any]:
+        return {"shipped": True}
+
+    registry = _registry(lambda data, ctx: {}, go, charged, refunds)
+    registry.register("ship", ship)
+
+    async def main() -> Any:
+        run = LocalRun(plan, {}, registry=registry, import_workers=False, record=False, late_grace=30)
+        return await asyncio.wait_for(run.run(), 10)
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        go.set()  # (the charge's thread returns now, after the run)
+    assert result.status == "completed" and result.exit_code == 0 and result.in_doubt == []
+    assert result.steps["charge"]["continued"] is True and result.steps["charge"]["error"]["type"] == "StepTimeout"
+    assert result.wall_ms is not None and result.wall_ms < 5_000 and refunds == []

@@ -85,7 +85,7 @@ class Starting:
                                        "(upgrade this one)")
                 at = self.clock.now()
                 decision = start_run(sub["plan"], run_id, sub["input"], at=at, seed=sub["seed"],
-                                     kernel=self.rules if self.rules is not None else kernel.STATE_VERSION)
+                                     kernel=kernel.rules_for(sub["plan"], self.rules))
                 start = start_event(run_id, sub["input"], at=at, seed=decision.state["seed"])
                 sts = sub["sts"] if sub["sts"] is not None else self.schedule_timeout_ms
                 record = RunRecord(run_id, decision.state, 0, sub["plan"], sts, born=sub["born"])
