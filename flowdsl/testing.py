@@ -2,8 +2,8 @@
 
 Stage: tooling over the API facade (``flowdsl.api``: the flow is compiled as ``flowdsl plan`` compiles it),
 ``flowdsl.schema`` (the test file's shape), ``flowdsl.model`` (durations) and the simulated runtime
-(``flowdsl.runtime.simulate``); only the CLI (``flowdsl test``) and applications import it. docs/testing.md is
-the reference of the file format.
+(``flowdsl.runtime.simulate``) and ``.testing_compare`` (a run against ``expect:``); only the CLI (``flowdsl
+test``) and applications import it. docs/testing.md is the reference of the file format.
 
 :func:`load_tests` reads and checks a test file — its shape against ``specs/flowdsl-test.schema.json``, then
 what only the flow can say: every step a case names exists and can be scripted so, each input is one the flow
@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from typing import Any, Literal
 from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, has_errors, join, make, quote, sort_diagnostics
 from flowdsl.render.view import format_ms
 from flowdsl.runtime.simulate import Outcome, Script, Simulation, SimulationError
+from flowdsl.testing_compare import Mismatch, compare
 
 __all__ = ["INJECTED", "CaseResult", "FlowCase", "FlowTests", "Mismatch", "WhatIf", "WorkerScope", "compare",
            "find_test_files", "load_tests", "run_case", "what_if"]
@@ -70,22 +71,6 @@ class FlowTests:
     #: the file's own ``input`` (``{}`` when it gives none) and scripts, which every case starts from
     input: dict[str, Any] = field(default_factory=dict)
     defaults: Script = field(default_factory=Script)
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """One expectation the run did not meet: which (``field``, e.g. ``status`` or ``steps.charge.attempts``),
-    what the case expected and what the run did — or, when the run has no value there, ``note`` saying so
-    (``no such key``, ``the run never ended``; ``got`` is then None)."""
-
-    field: str
-    expected: Any
-    got: Any
-    note: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """``{field, expected, got, note}``."""
-        return {"field": self.field, "expected": self.expected, "got": self.got, "note": self.note}
 
 
 @dataclass
@@ -497,97 +482,6 @@ async def run_case(tests: FlowTests, case: FlowCase, *, lm: object | str | None 
         return CaseResult(case, "error", error=f"the simulation failed: {type(exc).__name__}: {exc}")
     mismatches = list(compare(case.expect, sim))
     return CaseResult(case, "failed" if mismatches else "passed", mismatches, sim)
-
-
-def compare(expect: Mapping[str, Any], sim: Simulation) -> Iterator[Mismatch]:
-    """Each expectation of ``expect`` (as :class:`FlowCase` holds them) that ``sim`` does not meet."""
-    result = sim.result
-    status = result.status if sim.ended else "running"  # (running, aborting, compensating: it never ended)
-    if "status" in expect and expect["status"] != status:
-        yield Mismatch("status", expect["status"], status)
-    if "error" in expect:
-        got = (result.error or {}).get("type")
-        if expect["error"] != got:
-            yield Mismatch("error", expect["error"], got)
-    if "failed_step" in expect and expect["failed_step"] != result.failed_step:
-        yield Mismatch("failed_step", expect["failed_step"], result.failed_step)
-    if "ran" in expect:
-        ran = list(dict.fromkeys(c.step for c in sim.calls if c.kind in ("task", "llm", "fallback")))
-        if expect["ran"] != ran:
-            yield Mismatch("ran", expect["ran"], ran)
-    if "compensated" in expect and expect["compensated"] != result.compensated:
-        yield Mismatch("compensated", expect["compensated"], result.compensated)
-    if "intervention" in expect:
-        left = [item["step"] for item in (result.intervention or {}).get("steps") or ()]
-        if expect["intervention"] != left:
-            yield Mismatch("intervention", expect["intervention"], left)
-    if "passed_over" in expect:
-        passed = [key for key, row in result.steps.items() if row.get("continued")]
-        if expect["passed_over"] != passed:
-            yield Mismatch("passed_over", expect["passed_over"], passed)
-    for key, want in (expect.get("steps") or {}).items():
-        yield from _step_mismatches(key, want, result.steps.get(key))
-    if "context" in expect:
-        yield from _not_within(expect["context"], result.context, "context")
-    if "elapsed" in expect:
-        yield from _elapsed_mismatch(expect["elapsed"], sim.elapsed_ms)
-
-
-def _step_mismatches(key: str, want: Any, row: Mapping[str, Any] | None) -> Iterator[Mismatch]:
-    want = {"status": want} if isinstance(want, str) else want
-    where = f"steps.{key}"
-    if row is None:  # a step of a for_each instance that never started, or a node never reached
-        row = {"status": "pending", "attempts": 0, "error": None}
-    if "status" in want and want["status"] != row["status"]:
-        yield Mismatch(f"{where}.status", want["status"], row["status"])
-    if "attempts" in want and want["attempts"] != row["attempts"]:
-        yield Mismatch(f"{where}.attempts", want["attempts"], row["attempts"])
-    if "error" in want:
-        got = (row.get("error") or {}).get("type")
-        if want["error"] != got:
-            yield Mismatch(f"{where}.error", want["error"], got)
-    if "undone" in want:
-        got = (row.get("compensation") or {}).get("status") == "done"
-        if want["undone"] != got:
-            yield Mismatch(f"{where}.undone", want["undone"], got)
-
-
-def _not_within(want: Any, got: Any, where: str) -> Iterator[Mismatch]:
-    """Where ``got`` does not hold ``want``: a mapping's keys may be more than the expected ones; a list must have
-    the expected items, each held the same way; anything else must be equal (``1`` and ``1.0`` are, ``true`` and
-    ``1`` are not)."""
-    if isinstance(want, dict):
-        if not isinstance(got, dict):
-            yield Mismatch(where, want, got)
-            return
-        for key, value in want.items():
-            if key not in got:
-                yield Mismatch(f"{where}.{key}", value, None, "no such key")
-            else:
-                yield from _not_within(value, got[key], f"{where}.{key}")
-    elif isinstance(want, list):
-        if not isinstance(got, list) or len(got) != len(want):
-            yield Mismatch(where, want, got)
-            return
-        for i, (w, g) in enumerate(zip(want, got, strict=True)):
-            yield from _not_within(w, g, f"{where}[{i}]")
-    elif want != got or isinstance(want, bool) != isinstance(got, bool):
-        yield Mismatch(where, want, got)
-
-
-def _elapsed_mismatch(bounds: Mapping[str, int | None], elapsed: int | None) -> Iterator[Mismatch]:
-    low, high = bounds.get("at_least"), bounds.get("at_most")
-    if elapsed is None:
-        yield Mismatch("elapsed", _bounds_text(low, high), None, "the run never ended")
-    elif (low is not None and elapsed < low) or (high is not None and elapsed > high):
-        yield Mismatch("elapsed", _bounds_text(low, high), format_ms(elapsed))
-
-
-def _bounds_text(low: int | None, high: int | None) -> str:
-    if low == high and low is not None:
-        return format_ms(low)
-    return " and ".join(p for p in (f"at least {format_ms(low)}" if low is not None else "",
-                                     f"at most {format_ms(high)}" if high is not None else "") if p)
 
 
 # --- what if: each step failing for good -----------------------------------------------------------------------
