@@ -106,8 +106,8 @@ UNICODE = _Chars(
             "flow": _Frame("┏", "┓", "┗", "┛", "━", "┃", "┯")},
     line="│", arrow="▼", up="▲", rail_dash="┆", undo_link="┄┄▷", rail="║", rail_arrow="╟─▶ ",
     start="●", end="◉", light=_LIGHT, double=_DOUBLE,
-    marks={"succeeded": "✓", "failed": "✗", "compensated": "↺", "skipped": "⊘", "running": "▶",
-           "pending": "·", "cancelled": "⊗"},
+    marks={"succeeded": "✓", "failed": "✗", "passed_over": "↷", "compensated": "↺", "skipped": "⊘",
+           "running": "▶", "pending": "·", "cancelled": "⊗"},
 )
 ASCII = _Chars(
     step=_Frame("+", "+", "+", "+", "-", "|", "+"),
@@ -119,8 +119,8 @@ ASCII = _Chars(
             "flow": _Frame("#", "#", "#", "#", "=", "#", "+")},
     line="|", arrow="v", up="^", rail_dash=":", undo_link="..>", rail="|", rail_arrow="+-> ",
     start="*", end="@", light=None, double=None,
-    marks={"succeeded": "[ok]", "failed": "[FAILED]", "compensated": "[undone]", "skipped": "[skipped]",
-           "running": "[running]", "pending": "[pending]", "cancelled": "[cancelled]"},
+    marks={"succeeded": "[ok]", "failed": "[FAILED]", "passed_over": "[passed over]", "compensated": "[undone]",
+           "skipped": "[skipped]", "running": "[running]", "pending": "[pending]", "cancelled": "[cancelled]"},
 )
 
 
@@ -867,7 +867,7 @@ class _Ascii:
             out += ["", *wrap(clean(self.states.caption()).replace("\n", " "), self.width)]  # (read from a record)
             line = " "
             for state, mark in c.marks.items():
-                entry = f" {mark} {state}"
+                entry = f" {mark} {state.replace('_', ' ')}"
                 if width_of(line) + width_of(entry) > self.width:
                     out.append(line)
                     line = " "

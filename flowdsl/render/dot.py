@@ -54,6 +54,7 @@ _STATE_COLORS = {  # fill, border
     "running": ("#dbeafe", "#1d4ed8"),
     "succeeded": ("#dcfce7", "#15803d"),
     "failed": ("#fee2e2", "#b91c1c"),
+    "passed_over": ("#fefce8", "#a16207"),
     "compensated": ("#ede9fe", "#6d28d9"),
     "skipped": ("#f3f4f6", "#9ca3af"),
     "cancelled": ("#fef3c7", "#b45309"),
@@ -167,7 +168,7 @@ class _Writer:
             name = quote(f"legend:{state}")
             names.append(name)
             self.out.append(f'        {name} [shape=box, style="rounded,filled", fillcolor="{fill}", '
-                            f'color="{border}", fontsize=9, label={html_label(state, bold=False)}];')
+                            f'color="{border}", fontsize=9, label={html_label(state.replace("_", " "), bold=False)}];')
         self.out.append(f"        {{rank=same; {'; '.join(names)};}}")
         self.out.append(f"        {' -> '.join(names)} [style=invis];")
         self.out.append("    }")

@@ -53,6 +53,7 @@ _STATE_CLASSES = {
     "running": "fill:#dbeafe,stroke:#1d4ed8,color:#1e3a8a,stroke-width:2px",
     "succeeded": "fill:#dcfce7,stroke:#15803d,color:#14532d",
     "failed": "fill:#fee2e2,stroke:#b91c1c,color:#7f1d1d,stroke-width:2px",
+    "passed_over": "fill:#fefce8,stroke:#a16207,color:#713f12,stroke-dasharray:5 3",
     "compensated": "fill:#ede9fe,stroke:#6d28d9,color:#4c1d95",
     "skipped": "fill:#f3f4f6,stroke:#9ca3af,color:#6b7280,stroke-dasharray:3 3",
     "cancelled": "fill:#fef3c7,stroke:#b45309,color:#78350f",
@@ -157,7 +158,7 @@ class _Writer:
         self.out.append(_guard(f'    subgraph run_legend["{label(caption)}"]'))
         self.out.append("        direction LR")
         for state in STATES:
-            self.out.append(f'        legend_{state}["{text(state)}"]')
+            self.out.append(f'        legend_{state}["{text(state.replace("_", " "))}"]')
         self.out.append("    end")
 
     def styles(self) -> None:

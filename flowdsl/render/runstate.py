@@ -12,8 +12,9 @@ without a ``step``) and may end with a ``runtime_aborted`` line; both are
 understood or ignored. A step's state is its last event's: an attempt that
 failed and is retried is running again.
 Iterations of a for_each body step aggregate onto the body step's node: the
-worst state wins (failed, then cancelled, running, compensated, succeeded,
-skipped, pending).
+worst state wins (failed, then cancelled, running, passed over, compensated,
+succeeded, skipped, pending). A step that failed and that the run went on without (``on_failure: continue``,
+its ``step_failed`` event ``continued``) is ``passed_over``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ COMPENSATION_EVENTS = {
     "compensation_succeeded": "compensated", "compensation_failed": "failed",
 }
 #: aggregation order over iterations: the first state present wins
-_PRIORITY = ("failed", "cancelled", "running", "compensated", "succeeded", "skipped", "pending")
+_PRIORITY = ("failed", "cancelled", "running", "passed_over", "compensated", "succeeded", "skipped", "pending")
 _ITERATION = re.compile(r"\[\d+\]")
 
 
@@ -117,8 +118,8 @@ def derive_states(plan: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) 
         node = ev.get("node") if ev.get("node") in keys else node_of(step, keys)
         if node is None:
             continue
-        if kind in STEP_EVENTS:
-            instances.setdefault(node, {})[step] = STEP_EVENTS[kind]
+        if kind in STEP_EVENTS:  # (a step that failed and that the run went on without: on_failure: continue)
+            instances.setdefault(node, {})[step] = "passed_over" if ev.get("continued") else STEP_EVENTS[kind]
         elif kind in COMPENSATION_EVENTS:
             undo_instances.setdefault(node, {})[step] = COMPENSATION_EVENTS[kind]
             if kind == "compensation_succeeded":

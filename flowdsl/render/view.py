@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: the states a step can be drawn in (see :mod:`flowdsl.render.runstate`)
-STATES = ("pending", "running", "succeeded", "failed", "compensated", "skipped", "cancelled")
+STATES = ("pending", "running", "succeeded", "failed", "passed_over", "compensated", "skipped", "cancelled")
 STEP_KINDS = ("task", "llm")
 GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
 

@@ -150,3 +150,19 @@ def test_read_events_skips_the_header_and_reports_bad_lines(tmp_path: Path) -> N
 def test_runstates_caption() -> None:
     assert RunStates(steps={}).caption() == "run"
     assert RunStates(steps={}, run_id="r-9", status="completed").caption() == "run r-9: completed"
+
+
+def test_a_step_the_run_went_on_without_is_drawn_passed_over() -> None:
+    """``on_failure: continue``: the email that failed after the order shipped is not drawn as a failure of the
+    run — a state of its own, in every form and in the legend."""
+    plan = compile_plan(ECOMMERCE)
+    state, events = simulate(plan, fail={"notify_customer"}, run_input=VALID_ORDER)
+    assert state["status"] == "completed"
+    states = derive_states(plan, events)
+    assert states.steps["notify_customer"] == "passed_over" and states.steps["fulfill_order"] == "succeeded"
+    ascii_art = str(render(plan, "ascii", run_states=states))
+    assert "↷ notify_customer" in ascii_art and "↷ passed over" in ascii_art
+    assert "[passed over] notify_customer" in str(render(plan, "ascii", run_states=states, ascii_only=True))
+    mermaid = str(render(plan, "mermaid", run_states=states))
+    assert 'legend_passed_over["passed over"]' in mermaid and "st_passed_over" in mermaid
+    assert '"#fefce8"' in str(render(plan, "dot", run_states=states))
