@@ -69,6 +69,9 @@ def test(
         if what_if and case is not None:
             raise _fail("--what-if runs no case: leave out -k", console=console)
         given = paths or [Path(".")]
+        missing = [str(p) for p in given if not p.exists()]
+        if missing:
+            raise _fail(f"no such file or directory: {', '.join(missing)}", console=console)
         files = find_test_files(given)
         if not files:
             raise _fail(f"no test files found in {', '.join(str(p) for p in given)} (test files are named "

@@ -622,3 +622,19 @@ def test_ctrl_c_stops_the_command_and_says_so(tmp_path: Path, fmt: str) -> None:
                                                                 "message": "interrupted"}}
     else:
         assert "interrupted" in err and "Traceback" not in err
+
+
+def test_a_path_that_is_not_there_is_said_so(tmp_path: Path) -> None:
+    code, out, err = _cli(str(tmp_path / "nodir"), "examples")
+    assert code == 2 and out == "" and f"no such file or directory: {tmp_path / 'nodir'}" in err
+
+
+def test_a_step_passed_over_that_completed_late_says_so_in_the_runs_json() -> None:
+    plan = compile_text("flowdsl: 1\nname: late\nsteps:\n  - pay: {on_failure: continue, timeout: 1s, "
+                        "compensate: refund}\n  - ship\n")
+    late = Outcome.ok({"charge": "c1"}, after_ms=1500, ignores_cancel=True)
+    sim = simulate(plan, {}, registry=WorkerRegistry(), script=Script(
+        steps={"pay": [late], "ship": [Outcome.ok(after_ms=3000)]}))
+    row = sim.result.to_json()["steps"]["pay"]
+    assert sim.result.status == "completed" and row["status"] == "failed"
+    assert row["continued"] is True and row["completed_late"] is True

@@ -152,6 +152,8 @@ class RunResult:
                 item["compensation"] = row["compensation"]
             if row.get("continued"):
                 item["continued"] = True
+                if row.get("completed_late"):
+                    item["completed_late"] = True
             steps[key] = item
         stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else \
             {"stopped_in": self.status, "crashed": self.crashed} if self.crashed is not None else {}

@@ -151,7 +151,8 @@ _REAL = Outcome()
 
 @dataclass(frozen=True)
 class Call:
-    """One attempt the simulated run dispatched: when (virtual ms from the run's start), which, and what it did."""
+    """One attempt the simulated run dispatched: when (virtual ms from the run's start), which, with what ``input``
+    (as the kernel gave it: read-only, shared with the run's state) and what it did."""
 
     at_ms: int
     kind: str
@@ -252,9 +253,11 @@ class _Simulator:
     async def _dispatch(self, command: Mapping[str, Any]) -> None:
         outcome = self.script.outcome(command)
         task_id, now = command["task_id"], self.clock.now
+        # (the command's input as the kernel made it: read-only data, shared with the run's state, not copied —
+        # a wide for_each would otherwise hold a copy of its context per attempt)
         self.calls.append(Call(now - self.start, command["kind"], command["step"], command["node"],
-                               int(command["attempt"]), command.get("worker"), task_id,
-                               copy_json(command["input"]), outcome.kind))
+                               int(command["attempt"]), command.get("worker"), task_id, command["input"],
+                               outcome.kind))
         self.clock.at(now, {"type": "task_started", "task_id": task_id})
         if outcome.kind == "hang":
             self.hanging.add(task_id)
