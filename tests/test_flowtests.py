@@ -638,3 +638,12 @@ def test_a_step_passed_over_that_completed_late_says_so_in_the_runs_json() -> No
     row = sim.result.to_json()["steps"]["pay"]
     assert sim.result.status == "completed" and row["status"] == "failed"
     assert row["continued"] is True and row["completed_late"] is True
+
+
+def test_a_simulation_says_itself_in_one_short_line() -> None:
+    """asyncio formats the result of a finished task (on every asyncio.run of Python 3.11): a simulation of a wide
+    for_each printed whole, its calls' inputs with it, took a minute and gigabytes of memory."""
+    plan = compile_text('flowdsl: 1\nname: wide\nsteps:\n  - for_each: lines\n    items: "${ lines }"\n'
+                        "    steps: [charge]\n")
+    sim = simulate(plan, {"lines": list(range(2000))}, script=Script(steps={"charge": [Outcome.ok({})]}))
+    assert len(sim.calls) == 2000 and repr(sim) == "Simulation(status='completed', calls=2000, elapsed_ms=0)"

@@ -181,6 +181,12 @@ class Simulation:
         """Whether the run reached an end state."""
         return self.result.status in END_STATES
 
+    def __repr__(self) -> str:
+        # short on purpose, as RunResult's: asyncio formats a finished task's result (signal.getsignal does, on
+        # every asyncio.run in Python 3.11), and the calls of a wide run take seconds to print
+        return (f"Simulation(status={self.result.status!r}, calls={len(self.calls)}, "
+                f"elapsed_ms={self.elapsed_ms!r})")
+
 
 class SimulationError(Exception):
     """The simulation could not be carried out as scripted: an attempt left to a worker that is not registered,
