@@ -190,7 +190,7 @@ class Simulation:
 
 class SimulationError(Exception):
     """The simulation could not be carried out as scripted: an attempt left to a worker that is not registered,
-    or a flow that goes on past :data:`MAX_EVENTS` input events. The message says which."""
+    or a run still going after :data:`MAX_EVENTS` answers and timers. The message says which."""
 
 
 class _Clock:
@@ -235,9 +235,11 @@ class _Clock:
 
 
 class _Simulator:
-    def __init__(self, plan: dict[str, Any], script: Script, registry: WorkerRegistry | None, lm: object | None,
+    """Carries out a simulated run's commands: scripted answers put on the clock, real workers called."""
+
+    def __init__(self, script: Script, registry: WorkerRegistry | None, lm: object | None,
                  lms: Mapping[str, object] | None, adapter: object | None, clock: _Clock):
-        self.plan, self.script, self.clock = plan, script, clock
+        self.script, self.clock = script, clock
         self.registry = registry or default_registry
         self.lm, self.lms, self.adapter = lm, lms, adapter
         self.calls: list[Call] = []
@@ -331,7 +333,7 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
         raise ValueError(f"cancel_at_ms is a whole number of milliseconds, 0 or more; got {cancel_at_ms!r}")
     check_input(plan, run_input)
     clock = _Clock(SIM_EPOCH_MS)
-    sim = _Simulator(plan, script or Script(), registry, lm, lms, adapter, clock)
+    sim = _Simulator(script or Script(), registry, lm, lms, adapter, clock)
     decision = start_run(plan, run_id, run_input, at=clock.now, seed=seed)
     events = list(decision.events)
     if cancel_at_ms is not None:
