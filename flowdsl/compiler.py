@@ -466,6 +466,7 @@ class _Compiler(ReadChecks):
         self.check_step_refs()
         self.check_conflicts()
         self.check_unseen_reads()
+        self.check_passed_over_reads()
         if not build or any(d.severity == "error" for d in self.diags):
             return Compiled(None, self.origins(), self.diags)
         nodes = {k: self.node_json(e, stage_of) for k, e in self.entries.items()}

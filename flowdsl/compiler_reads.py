@@ -80,6 +80,49 @@ class ReadChecks(GraphChecks):
                     if found:
                         self.err(e.node, "FD314", self.unseen_message(key, fname, name, found), path)
 
+    def check_passed_over_reads(self) -> None:
+        """FD315: a top-level node reads a top-level field of the context that, of the nodes before it, only steps
+        with ``on_failure: continue`` write (and the run's input schema does not name): when they fail and are
+        passed over, it reads null. Readers inside a for_each or a sub-flow are not asked (their scope's input may
+        provide the field): a warning only where it surely applies."""
+        optional = {key for key, e in self.entries.items() if e.node.on_failure == "continue"}
+        if not optional:
+            return
+        writers: dict[str, list[str]] = {}
+        for key, e in self.entries.items():
+            if e.scope is None:
+                for name in self.writes(e.node) or []:
+                    writers.setdefault(name, []).append(key)
+        names = {name for name, keys in writers.items() if not optional.isdisjoint(keys)}
+        if not names:
+            return
+        self.read_pairs = _READ_PAIRS
+        self.inputs = {}
+        words = names if all(_WORD.fullmatch(name) for name in names) else None
+        for key, e in self.entries.items():
+            if e.scope is not None:
+                continue
+            for fname, path, read in _reads(e.node, self.writes(e.node), words):
+                for name in sorted(read & names):
+                    if name in self.input_fields(self.root):
+                        continue
+                    chain = self.chain(key)
+                    before = [w for w in writers[name] if w != key and self.relation(w, key, chain) == "before"]
+                    if self.read_pairs < 0:
+                        return
+                    if before and optional.issuperset(before) and not _guarded(e.node, path, fname, name):
+                        self.err(e.node, "FD315", self.passed_over_message(e.node, fname, name, before), path)
+
+    def passed_over_message(self, n: Node, fname: str, name: str, before: list[str]) -> str:
+        keys = sorted(before, key=lambda k: self.entries[k].order)
+        listed = self.listed(keys)
+        what = f"the input field '{name}'" if fname == "llm.signature" else f"'{name}'"
+        return (f"in '{fname}': {what} is written before '{n.id}' only by {listed}, which the run goes on without "
+                f"when {'it fails' if len(keys) == 1 else 'they fail'} (on_failure: continue): '{n.id}' then reads "
+                f"null there; read it with a default (\"${{ {name} ? {name} : ... }}\"), or leave "
+                f"on_failure out of {listed}")
+
+
     def unseen(self, key: str, name: str, writers: dict[tuple[str | None, str], list[str]]) -> list[tuple[str, str]]:
         """The writers of ``name`` that may run at the same time as ``key`` (each with the node of its scope that
         holds ``key``: itself, or a ``for_each`` or sub-flow node around it), when nothing ``key`` sees provides
@@ -319,3 +362,40 @@ def _children(node: Any) -> Iterator[tuple[str, Any]]:
 
 #: the types of a syntax node's attributes that hold no node below it
 _LEAVES = frozenset({type(None), str, int, float, bool})
+
+
+def _guarded(n: Node, path: str, fname: str, name: str) -> bool:
+    """Whether the option at ``path`` asks whether ``name`` is there before relying on it: an expression with a
+    condition (``points ? points : 0``, ``$exists(points) ? … : …``) whose test reads ``name`` (FD315's advice)."""
+    if fname == "llm.signature":
+        return False
+    text = next((t for _, t, p, _ in expression_fields(n, n.opts) if p == path), None)
+    if text is None:
+        return False
+    try:
+        if fname in ("when", "items", "on"):
+            single = expr.single_expression(text)
+            sources = [single] if single is not None else []
+        else:
+            sources = [p.source for p in expr.split_template(text) if isinstance(p, expr.Slot)]
+        trees = [expr.syntax_tree(source) for source in sources]
+    except expr.ExpressionError:
+        return False
+    stack = list(trees)
+    while stack:
+        node = stack.pop()
+        if node.type == "condition" and _names(getattr(node, "condition", None), name):
+            return True
+        stack.extend(expr.ast_children(node))
+    return False
+
+
+def _names(node: Any, name: str) -> bool:
+    """Whether the syntax tree below ``node`` names the field ``name`` (a path step of that name)."""
+    stack = [node] if node is not None else []
+    while stack:
+        current = stack.pop()
+        if current.type == "name" and current.value == name:
+            return True
+        stack.extend(expr.ast_children(current))
+    return False

@@ -95,6 +95,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD312": ("warning", "switch case that never matches the value it spells"),
     "FD313": ("warning", "retry filter that names no exception class"),
     "FD314": ("warning", "read of a value that only a concurrent node writes"),
+    "FD315": ("warning", "read of a value that only a step the run may pass over writes"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),
