@@ -103,8 +103,10 @@ class ReadChecks(GraphChecks):
             if e.scope is not None:
                 continue
             for fname, path, read in _reads(e.node, self.writes(e.node), words):
+                if fname in ("when", "on"):  # a condition that reads null is false, a switch takes its default
+                    continue
                 for name in sorted(read & names):
-                    if name in self.input_fields(self.root):
+                    if name in self.input_fields(self.root) or self.when_reads(key, name):
                         continue
                     chain = self.chain(key)
                     before = [w for w in writers[name] if w != key and self.relation(w, key, chain) == "before"]
@@ -112,6 +114,18 @@ class ReadChecks(GraphChecks):
                         return
                     if before and optional.issuperset(before) and not _guarded(e.node, path, fname, name):
                         self.err(e.node, "FD315", self.passed_over_message(e.node, fname, name, before), path)
+
+    def when_reads(self, key: str, name: str) -> bool:
+        """Whether the ``when`` of node ``key`` or of a group around it reads ``name``: what it guards runs only as
+        that condition says (``when: "${ $exists(points) }"``), so a read inside is taken as asking first."""
+        node: str | None = key
+        while node is not None:
+            n = self.entries[node].node
+            if n.when is not None and any(name in names for fname, _, names in _reads(n, None, {name})
+                                          if fname == "when"):
+                return True
+            node = self.entries[node].parent
+        return False
 
     def passed_over_message(self, n: Node, fname: str, name: str, before: list[str]) -> str:
         keys = sorted(before, key=lambda k: self.entries[k].order)

@@ -58,3 +58,11 @@ def test_a_warning_does_not_stop_the_plan():
     assert plan["nodes"]["award"]["on_failure"] == "continue"
     with pytest.raises(SpecError):
         compile_text(spec_text([BONUS, {"receipt": {"with": {"points": "${ points "}}}]))
+
+
+@pytest.mark.parametrize("when", ["${ $exists(points) }", "${ points != null }", "${ points }"])
+def test_a_when_that_reads_the_field_guards_the_step_and_what_is_inside_its_group(when: str):
+    assert _fd315([BONUS, {"receipt": {"when": when, "with": {"points": "${ points }"}}}]) == []
+    group = {"sequence": "thanks", "when": when, "steps": [{"receipt": {"with": {"points": "${ points }"}}}]}
+    assert _fd315([BONUS, group]) == []
+    assert len(_fd315([BONUS, {"receipt": {"when": "${ true }", "with": {"points": "${ points }"}}}])) == 1

@@ -141,7 +141,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     con.print(table)
     if hidden:
         said = {id(row) for _, row in shown}
-        left = Counter(row["status"] for _, row in rows if id(row) not in said)
+        left = Counter("passed over" if row.get("continued") else row["status"] for _, row in rows
+                       if id(row) not in said)
         what = ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
         con.print(f"[dim]… and {hidden} more steps ({what})[/]")
     if errors:

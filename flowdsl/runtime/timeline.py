@@ -62,7 +62,7 @@ def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False)
         return (f"[bold red]! {step} completed late[/] {head}: its effect stands; {_esc(e.get('compensation'))} "
                 "left to run by hand")
     if e.get("run_status") == "completed":  # (a step passed over, once the run had completed: rules 8)
-        return f"[yellow]! {step} completed late[/] {head}, after the run completed: its effect stands"
+        return f"[yellow]! {step} completed late[/] {head}: its effect stands, and nothing is undone"
     if e.get("run_status") == "running":  # (a step passed over, while the run goes on: rules 8)
         return (f"[yellow]! {step} completed late[/] {head}: its effect stands; undone by "
                 f"{_esc(e.get('compensation'))} if the run compensates")
