@@ -2,8 +2,10 @@
 
 For each example it validates the spec (importing its workers), prints the
 plan's shape (steps, stages, critical path) and its ASCII diagram, then runs:
-the e-commerce saga's success and payment-declined scenarios, and the order
-pipeline, each followed by its run summary. Runs are recorded under
+the e-commerce saga's success and payment-declined scenarios, the order
+pipeline, and the bank-transfer order, whose run waits for the bank's webhook
+(a signal this demo sends once the run waits for it) — each followed by its
+run summary. Runs are recorded under
 ``.flowdsl/runs`` as ``flowdsl run`` would; ``flowdsl show RUN_ID`` replays one.
 Everything runs offline (no language model: the confirmation step uses its
 template fallback unless ``FLOWDSL_LM`` names a model).
@@ -26,7 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {
     "ecommerce_order": ["success", "payment_declined"],
     "order_management": ["order"],
+    "bank_transfer": ["order"],
 }
+#: the signals a scenario's run waits for, sent as its waits start (the webhooks of the bank and the carrier)
+WEBHOOKS: dict[str, dict[str, dict[str, Any]]] = {
+    "bank_transfer": {"payment_received": {"amount": 3205.5, "reference": "ACME-1042/INV-00001"},
+                      "delivered": {"delivered_at": "2026-12-07T10:00:00Z"}},
+}
+#: how long after a wait starts its webhook comes (seconds): long enough to see the run wait
+WEBHOOK_DELAY = 0.3
 
 
 def compile_example(console: Console, name: str) -> dict[str, Any] | None:
@@ -42,8 +52,10 @@ def compile_example(console: Console, name: str) -> dict[str, Any] | None:
     plan = result.plan
     steps = [k for k, n in plan["nodes"].items() if n["kind"] in ("task", "llm")]
     compensable = [k for k in steps if plan["nodes"][k].get("compensate")]
+    waits = [k for k, n in plan["nodes"].items() if n["kind"] == "wait"]
     console.print(f"[bold]{name}[/] ({path.relative_to(ROOT)}): valid — {len(steps)} steps "
-                  f"({len(compensable)} with a compensation), {len(plan['stages'])} stages")
+                  f"({len(compensable)} with a compensation){f', {len(waits)} waits' if waits else ''}, "
+                  f"{len(plan['stages'])} stages")
     for i, stage in enumerate(plan["stages"], 1):
         console.print(f"  stage {i}: {', '.join(stage)}")
     console.print(f"  critical path ({len(plan['critical_path'])} steps): {' → '.join(plan['critical_path'])}")
@@ -67,9 +79,37 @@ def run_scenario(console: Console, name: str, plan: dict[str, Any], scenario: st
 
     run_input = json.loads((ROOT / "examples" / name / "inputs" / f"{scenario}.json").read_text())
     console.print(Rule(f"{name}: {scenario}.json", style="dim"))
-    result = asyncio.run(run_flow(plan, run_input))
+    if name in WEBHOOKS:
+        result = asyncio.run(_run_with_webhooks(console, plan, run_input, WEBHOOKS[name]))
+    else:
+        result = asyncio.run(run_flow(plan, run_input))
     print_summary(result, console)
     return result.status
+
+
+async def _run_with_webhooks(console: Console, plan: dict[str, Any], run_input: dict[str, Any],
+                             hooks: dict[str, dict[str, Any]]) -> Any:
+    """Run the flow in this process and play the webhooks: each wait's signal is sent WEBHOOK_DELAY seconds after
+    the wait starts, as a payment provider or a carrier would call an endpoint that hands it to the run."""
+    from flowdsl.runtime.local import LocalRun
+
+    loop = asyncio.get_running_loop()
+    sent: list[Any] = []
+
+    def send(signal: str) -> None:
+        outcome = run.signal(signal, hooks[signal])
+        sent.append(outcome)
+        console.print(f"  [dim]webhook → signal '{signal}'[/]")
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "step_started" and event["kind"] == "wait" and event.get("signal") in hooks:
+            loop.call_later(WEBHOOK_DELAY, send, event["signal"])
+
+    run = LocalRun(plan, run_input, on_event=on_event)
+    result = await run.run()
+    for outcome in sent:
+        await outcome
+    return result
 
 
 def main() -> int:

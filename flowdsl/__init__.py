@@ -13,7 +13,7 @@ and ``@flowdsl.worker("name")`` to register workers; ``flowdsl.run(plan, input)`
 goes on with a recorded run whose process stopped before its end;
 ``flowdsl.check_input(plan, data)`` checks a run input before anything starts (raises ``InputError``);
 ``flowdsl.simulate(plan, input, script=flowdsl.Script(...))`` runs a plan on a virtual clock, each attempt
-scripted (``flowdsl.Outcome``) or real, for tests (docs/testing.md).
+scripted (``flowdsl.Outcome``) or real, signals sent to it (``flowdsl.Signal``), for tests (docs/testing.md).
 Heavy modules load lazily.
 """
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from flowdsl.runtime.local import LocalRun as LocalRun
     from flowdsl.runtime.local import RunAborted as RunAborted
     from flowdsl.runtime.local import RunIdInUse as RunIdInUse
+    from flowdsl.runtime.local import SignalOutcome as SignalOutcome
     from flowdsl.runtime.local import WorkersMissing as WorkersMissing
     from flowdsl.runtime.local import check_input as check_input
     from flowdsl.runtime.local import run as run
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from flowdsl.runtime.resume import resume_flow as resume_flow
     from flowdsl.runtime.simulate import Outcome as Outcome
     from flowdsl.runtime.simulate import Script as Script
+    from flowdsl.runtime.simulate import Signal as Signal
     from flowdsl.runtime.simulate import Simulation as Simulation
     from flowdsl.runtime.simulate import SimulationError as SimulationError
     from flowdsl.runtime.simulate import simulate as simulate
@@ -85,6 +87,7 @@ _EXPORTS = {
     "LocalRun": "flowdsl.runtime.local",
     "RunAborted": "flowdsl.runtime.local",
     "RunIdInUse": "flowdsl.runtime.local",
+    "SignalOutcome": "flowdsl.runtime.local",
     "WorkersMissing": "flowdsl.runtime.local",
     "check_input": "flowdsl.runtime.local",
     "InputError": "flowdsl.runtime.inputs",
@@ -98,16 +101,17 @@ _EXPORTS = {
     "simulate_flow": "flowdsl.runtime.simulate",
     "Outcome": "flowdsl.runtime.simulate",
     "Script": "flowdsl.runtime.simulate",
+    "Signal": "flowdsl.runtime.simulate",
     "Simulation": "flowdsl.runtime.simulate",
     "SimulationError": "flowdsl.runtime.simulate",
 }
 
 __all__ = [
     "CompileResult", "Diagnostic", "InputError", "LocalRun", "NotResumable", "Outcome", "PlanError", "RecordError",
-    "RunAborted", "RunIdInUse", "RunResult", "Script", "Simulation", "SimulationError", "SpecError", "StepContext",
-    "StepLogger", "WorkerImportError", "WorkerRegistry", "WorkersMissing", "check_input", "compile_spec",
-    "compile_text", "load", "load_text", "plan_bytes", "registry", "resume", "resume_flow", "run", "run_flow",
-    "simulate", "simulate_flow", "validate", "worker",
+    "RunAborted", "RunIdInUse", "RunResult", "Script", "Signal", "SignalOutcome", "Simulation", "SimulationError",
+    "SpecError", "StepContext", "StepLogger", "WorkerImportError", "WorkerRegistry", "WorkersMissing", "check_input",
+    "compile_spec", "compile_text", "load", "load_text", "plan_bytes", "registry", "resume", "resume_flow", "run",
+    "run_flow", "simulate", "simulate_flow", "validate", "worker",
 ]
 
 

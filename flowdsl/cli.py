@@ -2,7 +2,7 @@
 
 Its commands are defined by topic — :mod:`flowdsl.cli_spec` (validate, plan, convert), :mod:`flowdsl.cli_test`
 (test), :mod:`flowdsl.cli_run` (run, show), :mod:`flowdsl.cli_redis` (worker, status, runs, workers, cancel,
-dead-letters), :mod:`flowdsl.cli_records` (resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the
+signal, dead-letters), :mod:`flowdsl.cli_records` (resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the
 app of :mod:`flowdsl.cli_common`, imported here in the order ``flowdsl --help`` lists them.
 
 Stage: CLI. Imports the API facade and, lazily inside each command, the stage
@@ -35,9 +35,10 @@ app.command(name="diagram")(_diagram)
 
 
 #: the reporting commands that do not take SIGTERM and SIGHUP themselves (``run`` does, and ``status --follow``,
-#: ``cancel --wait`` take them from here): they keep raising KeyboardInterrupt, so that such a command, stopped,
-#: still says so — and gives its one JSON object — instead of dying without a word
-_SAID_WHEN_STOPPED = frozenset({"show", "status", "runs", "cancel", "dead-letters", "resolve", "prune", "test"})
+#: ``cancel --wait``, ``signal`` take them from here): they keep raising KeyboardInterrupt, so that such a command,
+#: stopped, still says so — and gives its one JSON object — instead of dying without a word
+_SAID_WHEN_STOPPED = frozenset({"show", "status", "runs", "cancel", "signal", "dead-letters", "resolve", "prune",
+                                "test"})
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """The commands of the Redis runtime: ``worker``, ``status``, ``runs`` (also of local records), ``workers``,
-``cancel`` and ``dead-letters``.
+``cancel``, ``signal`` and ``dead-letters``.
 
 Stage: CLI. Imports :mod:`flowdsl.cli_common`, and ``flowdsl.runtime.redis.commands`` inside each command
 (``flowdsl.runtime.redis.listing_workers`` for ``workers``; redis-py is loaded only by a command that talks to
@@ -251,8 +251,59 @@ def cancel(
         ended=ended)))
 
 
+@app.command(name="signal", help=(
+    "Send a signal to a Redis run: the wait of its flow that takes it goes on, with the data as its result.\n\n"
+    "The signal is checked first (the run exists, a wait of its flow takes NAME, the data is a JSON object), then "
+    "handed to the worker processes, which apply it once even if one dies meanwhile. It then waits until the run "
+    "has applied it and says what became of it: received by its wait, kept until its wait starts, or rejected, "
+    "with the run's reason. Ctrl-C, SIGTERM or SIGHUP stop the waiting, not the signal; --no-wait returns once it "
+    "is sent. Sent again under the same --id, a signal is applied at most once.\n\n"
+    "Exit codes:\n"
+    "  0    its wait received it, or keeps it until it starts (with --no-wait: it was sent)\n"
+    "  1    the run rejected it (the reason is said): the run is over, or its wait received one already, timed "
+    "out or was skipped\n"
+    "  2    there is no such run, no wait of its flow takes NAME, the data is not a JSON object, or Redis cannot be "
+    "reached\n"
+    "  130  the waiting was stopped (the signal, once sent, is applied all the same)"))
+def signal_(
+    run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
+    name: Annotated[str, typer.Argument(help="the signal's name: a wait's `signal` (by default the wait's id)",
+                                        metavar="NAME", show_default=False, callback=_text)],
+    redis_url: RedisUrlOpt = None,
+    prefix: PrefixOpt = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="the signal's data, a JSON object: the wait's result \\[default: {}]", metavar="JSON",
+        callback=_text)] = None,
+    data_file: Annotated[str | None, typer.Option(
+        "--data-file", help="the signal's data from a JSON file (- for stdin)", metavar="FILE")] = None,
+    signal_id: Annotated[str | None, typer.Option(
+        "--id", help="the signal's id: sent again under the same id, it is applied at most once (a webhook's "
+        "delivery id, say) \\[default: a new one]", metavar="ID", callback=_text)] = None,
+    no_wait: Annotated[bool, typer.Option(
+        "--no-wait", help="return once the signal is sent, without waiting for the run to apply it")] = False,
+    fmt: FormatOpt = OutputFormat.text,
+) -> None:
+    as_json = fmt is OutputFormat.json
+
+    def body(commands: Any, console: Any, ended: list[int]) -> int:
+        try:
+            payload = commands.read_signal_data(data, data_file)
+        except ValueError as exc:
+            raise _fail(str(exc), console=console) from None
+        return int(commands.signal_command(run_id, name, url=redis_url, prefix=prefix, data=payload,
+                                           signal_id=signal_id, wait=not no_wait, as_json=as_json, console=console,
+                                           ended=ended))
+
+    if no_wait:
+        from flowdsl.runtime.redis import commands_signal
+
+        raise typer.Exit(_reporting(as_json, lambda console: body(commands_signal, console, [])))
+    raise typer.Exit(_following("signal", run_id, as_json, body))
+
+
 def _following(command: str, run_id: str, as_json: bool, body: Callable[[Any, Any, list[int]], int]) -> int:
-    """Run ``status --follow`` or ``cancel --wait`` (``body(commands module, console, ended)``) so that a stop signal
+    """Run ``status --follow``, ``cancel --wait`` or ``signal`` (``body(commands module, console, ended)``: for
+    ``signal`` the module is ``commands_signal``) so that a stop signal
     ends it as it ends ``run --backend redis``, whenever it comes: held while the command loads (a
     KeyboardInterrupt raised in the middle of an import would leave it half done), then raising KeyboardInterrupt
     where the command does not take it itself. ``ended`` holds the exit code once the command has said how it
@@ -266,13 +317,17 @@ def _following(command: str, run_id: str, as_json: bool, body: Callable[[Any, An
     ended: list[int] = []
     try:
         with _stopping_as_ctrl_c():
-            from flowdsl.runtime.redis import commands  # (a stop meanwhile, unheld: cli.main says it)
+            from flowdsl.runtime.redis import (
+                commands,  # (a stop meanwhile, unheld: cli.main says it)
+                commands_signal,
+            )
 
+            module: Any = commands_signal if command == "signal" else commands
             try:
                 if held is not None:  # (a signal that came meanwhile is taken here)
                     signal.pthread_sigmask(signal.SIG_SETMASK, held)
                     held = None
-                return _reporting(as_json, lambda console: body(commands, console, ended))
+                return _reporting(as_json, lambda console: body(module, console, ended))
             except KeyboardInterrupt:
                 if not ended:  # (before the command took it)
                     _reporting(as_json, lambda console: commands.stopped_following(

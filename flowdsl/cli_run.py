@@ -104,10 +104,14 @@ def run(
     retention: Annotated[float | None, typer.Option(
         "--retention", help="(redis) seconds the finished run is kept, 1 to 10 years \\[default: the workers' "
         "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
+    signals: Annotated[list[str] | None, typer.Option(
+        "--signal", help="(local) send the signal NAME to the run as it starts, with a payload: a JSON object, "
+        "inline or from a file (NAME=@FILE); kept until the wait taking it starts; repeatable",
+        metavar="NAME[=JSON]")] = None,
 ) -> None:
     raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _run(
         channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed, backend, redis_url, prefix,
-        detach, schedule_timeout, retention, late_grace)))
+        detach, schedule_timeout, retention, late_grace, signals or [])))
 
 
 def _channelled(as_json: bool, body: Callable[[_JsonChannel], int]) -> int:
@@ -189,7 +193,7 @@ class _Stopped(Exception):
 def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: list[str], run_id: str | None,
          runs_dir: Path | None, no_record: bool, lm: str | None, seed: int | None, backend: Backend,
          redis_url: str | None, prefix: str | None, detach: bool, schedule_timeout: float | None,
-         retention: float | None, late_grace: float | None) -> int:
+         retention: float | None, late_grace: float | None, signal_args: list[str]) -> int:
     """The body of ``flowdsl run``: its exit code, or :class:`_Stopped`."""
     from flowdsl.runtime.inputs import InputError, check_input, read_input
     from flowdsl.runtime.record import check_run_id
@@ -199,6 +203,9 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     if not remote and (detach or redis_url is not None or prefix is not None or schedule_timeout is not None
                        or retention is not None):
         raise _Stopped("--detach, --redis-url, --prefix, --schedule-timeout and --retention need --backend redis")
+    if remote and signal_args:
+        raise _Stopped("--signal is for --backend local: send a signal to a Redis run once it is submitted, with "
+                       "`flowdsl signal RUN_ID NAME --data JSON`")
     if not remote and (threads := _threads_problem()) is not None:
         raise _Stopped(threads)
     if no_record and runs_dir is not None:
@@ -224,6 +231,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         check_input(result.plan, data)
     except InputError as exc:
         raise _Stopped(str(exc), error_type="InputInvalid") from None
+    signals = _signals(result.plan, signal_args) if not remote else []
     if remote:
         from flowdsl.runtime.redis.commands import run_command
 
@@ -259,7 +267,23 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     return _drive_local(channel, result.plan, lambda view: LocalRun(
         result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir, on_event=view.on_event,
         on_notice=view.notice, seed=seed, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
-        spec_path=file), run_id)
+        spec_path=file, signals=signals), run_id)
+
+
+def _signals(plan: dict[str, Any], given: list[str],
+             state: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any] | None]]:
+    """The ``--signal`` options, read and checked against the plan's waits (:class:`_Stopped` when one is wrong),
+    and a note on stderr for each signal wait they leave without its signal (``state``: a resumed run's)."""
+    from flowdsl.cli_signals import read_signals, unsent_notes
+    from flowdsl.runtime.inputs import InputError
+
+    try:
+        signals = read_signals(given, plan)
+    except InputError as exc:
+        raise _Stopped(str(exc)) from None
+    for note in unsent_notes(plan, [name for name, _ in signals], state):
+        _stderr().print(f"[yellow]note[/]: {_escape(note)}", highlight=False, soft_wrap=True)
+    return signals
 
 
 def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[Any], Any], run_id: str | None,
@@ -391,6 +415,7 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
         raise _fail(f"cannot show the run record {path}: {type(exc).__name__}: {exc}", console=console) from None
     from flowdsl.runtime.resolve import resolution_json, resolution_text
     from flowdsl.runtime.stopped import settle
+    from flowdsl.shown import visible
 
     standing = settle(header, lines, outcome)  # a run whose process is gone: crashed, with what is left to undo
     resolution = lines.resolutions[-1] if lines.resolutions else None
@@ -410,9 +435,13 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
             resolve = show_command(path).replace("flowdsl show", "flowdsl resolve", 1)
             if standing.crashed or standing.stopped == "aborted":
                 resume = show_command(path).replace("flowdsl show", "flowdsl resume", 1)
+                waiting = sorted({str(w["signal"]) for w in (outcome.state.get("waits") or {}).values()
+                                  if w.get("signal") is not None})
+                send = f" — with `--signal {_escape(visible(waiting[0]))}=JSON` to send the signal it waits for" \
+                    if waiting else ""
                 console.print(f"[dim]`{_escape(resume)}` goes on with the run from where it stopped (the attempts "
-                              "it had in flight run again, with their idempotency keys); or[/]", highlight=False,
-                              soft_wrap=True)
+                              f"it had in flight run again, with their idempotency keys){send}; or[/]",
+                              highlight=False, soft_wrap=True)
             console.print(f"[dim]once it is finished by hand, `{_escape(resolve)} --note TEXT` says so (`flowdsl "
                           "runs` then lists it resolved)[/]", highlight=False, soft_wrap=True)
     if standing.process is not None and not standing.crashed and not standing.closed:
@@ -467,13 +496,17 @@ def resume(
         "--force", help="resume a run whose process cannot be told to be gone from here (another host): only once "
         "you know it is")] = False,
     fmt: FormatOpt = OutputFormat.text,
+    signals: Annotated[list[str] | None, typer.Option(
+        "--signal", help="send the signal NAME to the run as it is resumed, with a payload: a JSON object, inline or "
+        "from a file (NAME=@FILE); taken at once by its wait if it waits, else kept until it starts; repeatable",
+        metavar="NAME[=JSON]")] = None,
 ) -> None:
     raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _resume(
-        channel, run_id, runs_dir, workers_dir, lm, late_grace, force)))
+        channel, run_id, runs_dir, workers_dir, lm, late_grace, force, signals or [])))
 
 
 def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
-            late_grace: float | None, force: bool) -> int:
+            late_grace: float | None, force: bool, signal_args: list[str]) -> int:
     """The body of ``flowdsl resume``: its exit code, or :class:`_Stopped`."""
     from flowdsl.runtime.local import LocalRun
     from flowdsl.runtime.record import NewerRecord, RecordError, find_record
@@ -492,6 +525,7 @@ def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir:
     except RecordError as exc:
         raise _Stopped(str(exc), error_type="NewerRecord" if isinstance(exc, NewerRecord) else "RecordError") \
             from None
+    signals = _signals(resumption.plan, signal_args, resumption.state)
     if not channel.active:
         from flowdsl.shown import visible
 
@@ -506,4 +540,4 @@ def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir:
         resumption.plan, resumption.run_input, run_id=resumption.run_id,
         lm=lm if lm is not None else resumption.lm, runs_dir=runs_dir,
         on_event=view.on_event, on_notice=view.notice, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
-        spec_path=spec_path, resumption=resumption), resumption.run_id, resumption.events)
+        spec_path=spec_path, resumption=resumption, signals=signals), resumption.run_id, resumption.events)

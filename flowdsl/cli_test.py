@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     "Run flow test files: cases that run a flow on a simulated clock, with scripted attempts, and check how it "
     "ends.\n\n"
     "Every attempt a case scripts succeeds, fails or never answers as it says (ok, fail, hang); the others call "
-    "their real workers. Retries and timeouts take no real time (docs/testing.md).\n\n"
+    "their real workers; the signals a case sends reach the flow's waits at their times. Retries, timeouts and "
+    "timer waits take no real time (docs/testing.md).\n\n"
     "PATHS are test files, or directories searched for *.test.yaml files (default: the current directory). "
     "Imports, and so runs, the worker modules the flows name.\n\n"
     "Exit codes:\n"
@@ -58,7 +59,8 @@ def test(
         "and its fallback runs]", callback=_model)] = None,
     what_if: Annotated[bool, typer.Option(
         "--what-if", help="run no case: for each file's flow, say how it ends when each step fails for good (then "
-        "its fallback, then the undos it needs), from the file's input and scripts")] = False,
+        "its fallback, then the undos it needs) and when each wait with a timeout gets no signal, from the file's "
+        "input, scripts and signals")] = False,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     as_json = fmt is OutputFormat.json
@@ -184,7 +186,8 @@ async def _what_if_files(files: list[str], lm: str | None, as_json: bool, consol
 def _say_what_if(console: Any, file: str, flow: str, scenarios: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{file} (flow {flow}): what if a step fails for good", title_justify="left",
+    waits = " or a wait times out" if any(f["script"] == "wait" for s in scenarios for f in s["failing"]) else ""
+    table = Table(title=f"{file} (flow {flow}): what if a step fails for good{waits}", title_justify="left",
                   show_edge=False, pad_edge=False, box=None, title_style="bold")
     for column in ("if", "the run ends", "undone, in order", "left to a person"):
         table.add_column(column, overflow="fold")
@@ -203,6 +206,7 @@ def _say_what_if(console: Any, file: str, flow: str, scenarios: list[dict[str, A
 
 
 def _say_case(console: Any, result: CaseResult) -> None:
+    from flowdsl.render.view import format_ms
     from flowdsl.runtime.timeline import print_timeline
 
     name = _escape(result.case.name)
@@ -210,7 +214,7 @@ def _say_case(console: Any, result: CaseResult) -> None:
     sim = result.simulation
     if result.outcome == "passed":
         assert sim is not None
-        took = f", {sim.elapsed_ms / 1000:g}s simulated" if sim.elapsed_ms is not None else ""
+        took = f", {format_ms(sim.elapsed_ms)} simulated" if sim.elapsed_ms is not None else ""
         status = sim.result.status if sim.ended else "running"
         console.print(f"  [green]passed[/]  {name} [dim]({_escape(status)}{took})[/]")
         return
@@ -226,5 +230,9 @@ def _say_case(console: Any, result: CaseResult) -> None:
     if sim.waiting:
         console.print(f"          [yellow]the run never ended: it waits for {_escape(', '.join(sim.waiting))} "
                       "(an attempt that hangs with no timeout?)[/]")
+    for key, signal in sim.waits.items():
+        console.print(f"          [yellow]the run never ended: wait {_escape(key)} waits for signal "
+                      f"{_escape(repr(signal))}, which the case does not send (a wait with no timeout waits as long "
+                      "as it takes)[/]")
     console.print("          [dim]the simulated run (times on its virtual clock):[/]")
     print_timeline(sim.result, sim.result.events, console)

@@ -3,7 +3,7 @@
 Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model``,
 ``flowdsl.expr``, ``flowdsl.checks``, ``flowdsl.checks_retry`` (retry filters,
 checked once the worker modules are imported), ``flowdsl.compiler_checks``,
-``flowdsl.compiler_reads``,
+``flowdsl.compiler_reads``, ``flowdsl.compiler_waits``,
 ``flowdsl.runtime.plancheck`` (to vouch for the plans it makes, which runtimes
 then need not check) and, only to name a dependency cycle, networkx — networkx
 lives here and only here. The
@@ -11,13 +11,13 @@ compiler owns the dependency graph, so the graph checks are made over it:
 references in ``needs`` and cycles here, ``$steps`` references and outputs
 written by nodes that may run concurrently in ``compiler_checks``.
 
-The graph: each step is a vertex; each group ``g`` is two vertices ``g:start``
-and ``g:end`` with its children wired between them; the whole flow sits
-between ``:start`` and ``:end``. Stages and the critical path are longest-path
-computations over it where each step weighs 1. The graph is plain adjacency
-dicts (vertex -> successors/predecessors, insertion-ordered, no duplicate
-edges): building and walking it is linear, and networkx is imported only when a
-``needs`` cycle has to be reported.
+The graph: each step (and each wait) is a vertex; each group ``g`` is two
+vertices ``g:start`` and ``g:end`` with its children wired between them; the
+whole flow sits between ``:start`` and ``:end``. Stages and the critical path
+are longest-path computations over it where each step or wait weighs 1. The
+graph is plain adjacency dicts (vertex -> successors/predecessors,
+insertion-ordered, no duplicate edges): building and walking it is linear, and
+networkx is imported only when a ``needs`` cycle has to be reported.
 
 Module map: ``compiler`` (collecting the nodes, resolving ``needs``, wiring the
 graph, building the plan; :func:`compile_flow`), ``compiler_checks`` (the
@@ -25,7 +25,8 @@ order of nodes read from the tree of groups, and the graph checks that read it:
 :class:`~flowdsl.compiler_checks.GraphChecks`), ``compiler_reads`` (context
 fields read that only a node running beside the reader writes:
 :class:`~flowdsl.compiler_reads.ReadChecks`, a ``GraphChecks`` the compiler
-inherits).
+inherits), ``compiler_waits`` (signals waited for twice or inside a loop:
+:func:`~flowdsl.compiler_waits.check_signals`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flowdsl.checks import check_flow
 from flowdsl.checks_retry import check_retry_filters
 from flowdsl.compiler_checks import _Entry, _step_reads
 from flowdsl.compiler_reads import ReadChecks
+from flowdsl.compiler_waits import check_signals
 from flowdsl.diagnostics import Diagnostic, Suggestions, join, make
 from flowdsl.model import Compensation, Flow, Node, Retry
 
@@ -48,8 +50,8 @@ if TYPE_CHECKING:
     import networkx as nx
 
 #: the newest plan layout this compiler writes; a plan is written in the oldest layout that holds it, so that
-#: older processes read what they can: 2 added a step's ``on_failure`` (docs/plan.md)
-PLAN_VERSION = 2
+#: older processes read what they can: 2 added a step's ``on_failure``, 3 the ``wait`` nodes (docs/plan.md)
+PLAN_VERSION = 3
 
 STEP_RETRY = Retry(attempts=1, backoff="exponential", initial_ms=1000, max_ms=30_000, multiplier=2.0,
                    jitter="none", on=None, not_on=())
@@ -259,17 +261,17 @@ class _Compiler(ReadChecks):
             else:
                 self.add_edge(start, entry)
             self.add_edge(self.exit(key), end)
-            if not e.node.is_step:
+            if not e.node.is_leaf:
                 for kids in self.child_keys(key):
                     self.wire(kids, key + ":start", key + ":end")
                 if e.node.kind == "switch":
                     self.add_edge(key + ":start", key + ":end")
 
     def entry(self, key: str) -> str:
-        return key if self.entries[key].node.is_step else key + ":start"
+        return key if self.entries[key].node.is_leaf else key + ":start"
 
     def exit(self, key: str) -> str:
-        return key if self.entries[key].node.is_step else key + ":end"
+        return key if self.entries[key].node.is_leaf else key + ":end"
 
     def child_keys(self, key: str) -> list[list[str]]:
         node = self.entries[key].node
@@ -292,12 +294,12 @@ class _Compiler(ReadChecks):
         return order
 
     def longest_paths(self) -> tuple[dict[str, int], list[str]]:
-        """Each step's stage (the most steps on a path before it) and the critical path.
+        """Each step's (and wait's) stage (the most steps and waits on a path before it) and the critical path.
 
         Ties between equally long paths go to the predecessor written first (then by name).
         """
         order = {k: e.order for k, e in self.entries.items()}
-        weight = {v: 1 if v in self.entries and self.entries[v].node.is_step else 0 for v in self.succ}
+        weight = {v: 1 if v in self.entries and self.entries[v].node.is_leaf else 0 for v in self.succ}
         dist: dict[str, int] = {}
         best_pred: dict[str, str | None] = {}
         for v in self.topological_order():
@@ -314,7 +316,7 @@ class _Compiler(ReadChecks):
             if weight.get(back):
                 path.append(back)
             back = best_pred.get(back)
-        return {k: dist[k] for k, e in self.entries.items() if e.node.is_step}, path[::-1]
+        return {k: dist[k] for k, e in self.entries.items() if e.node.is_leaf}, path[::-1]
 
     def flow_edges(self) -> list[list[str]]:
         """The flow graph (docs/plan.md ``edges``): steps and group boundaries, linear in the plan's size."""
@@ -399,6 +401,17 @@ class _Compiler(ReadChecks):
                     "demos": list(n.llm.demos),
                     "redact": list(n.llm.redact),
                 }
+        elif n.kind == "wait":
+            out.update({
+                "signal": n.signal,
+                "delay_ms": n.delay_ms,
+                "timeout_ms": n.timeout_ms,
+                "output": self.output(n),
+                "writes": self.writes(n),
+                "stage": stages.get(e.key, 0),
+            })
+            if n.on_failure is not None:
+                out["on_failure"] = n.on_failure
         elif n.kind == "switch":
             prefix = e.key[: len(e.key) - len(n.id)]
             out["on"] = self.bare(n.on)
@@ -435,6 +448,8 @@ class _Compiler(ReadChecks):
             return sorted(k for k, _ in n.output.map)
         if n.kind == "llm" and n.llm is not None:  # a fallback's result is checked to be exactly these fields too
             return sorted(f.name for f in n.llm.outputs)
+        if n.kind == "wait" and n.signal is None:  # a timer's result is {}
+            return []
         return None
 
     def compensation(self, c: Compensation | None, flow: Flow) -> dict[str, Any] | None:
@@ -452,6 +467,7 @@ class _Compiler(ReadChecks):
         self.collect(self.root.steps, self.root, "", None, None)
         self.check_unreachable()
         self.resolve_deps()
+        self.diags.extend(check_signals(self.entries))
         if self.duplicates:
             # an id used twice makes what a name refers to ambiguous: the graph is not built, and of the
             # checks that read it only the names that no node has are reported
@@ -476,7 +492,7 @@ class _Compiler(ReadChecks):
             stages[stage_of[key]].append(key)
         f = self.root
         plan = {
-            "plan_version": PLAN_VERSION if any("on_failure" in n for n in nodes.values()) else 1,
+            "plan_version": _plan_version(nodes),
             "flow": {"name": f.name, "version": f.version, "description": f.description,
                      "workers": self.flows_workers, "input_schema": f.input_schema, "timeout_ms": f.timeout_ms},
             "root": root_keys,
@@ -490,6 +506,13 @@ class _Compiler(ReadChecks):
 
     def origins(self) -> dict[str, tuple[str | None, str]]:
         return {k: (e.node.loc.file, e.node.loc.path) for k, e in self.entries.items()}
+
+
+def _plan_version(nodes: dict[str, dict[str, Any]]) -> int:
+    """The oldest plan layout that holds ``nodes``: 3 with a wait node, 2 with a step's ``on_failure``, else 1."""
+    if any(n["kind"] == "wait" for n in nodes.values()):
+        return 3
+    return 2 if any("on_failure" in n for n in nodes.values()) else 1
 
 
 def _rank(v: str, order: dict[str, int]) -> tuple[int, str]:

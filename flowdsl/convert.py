@@ -41,8 +41,10 @@ STEP_ORDER = (
     "worker", "llm", "fallback", "compensate", "with", "output", "when", "fail_when", "on_failure", "needs",
     "retry", "timeout", "description",
 )  # fmt: skip
-GROUP_KEYWORDS = ("sequence", "parallel", "for_each", "switch", "flow")
+#: the keywords of groups, and ``wait``: a mapping holding one is that node (in the schema's order of precedence)
+GROUP_KEYWORDS = ("sequence", "parallel", "for_each", "switch", "flow", "wait")
 GROUP_ORDER = ("items", "as", "concurrency", "on", "path", "with", "output", "when", "needs", "timeout", "description")
+WAIT_ORDER = ("signal", "timeout", "for", "output", "on_failure", "when", "needs", "description")
 NODE_LISTS = ("steps", "branches", "cases", "default")
 RETRY_ORDER = ("attempts", "backoff", "initial", "max", "multiplier", "jitter", "on", "not_on")
 FORMATS = ("yaml", "flow")
@@ -66,7 +68,8 @@ def _with_retry(d: dict[Any, Any]) -> dict[Any, Any]:
 
 
 def group_keyword(node: dict[Any, Any]) -> str | None:
-    """The group keyword of a mapping node (in the schema's order of precedence), or None for a step."""
+    """The group keyword (or ``wait``) of a mapping node (in the schema's order of precedence), or None for a
+    step."""
     return next((k for k in GROUP_KEYWORDS if k in node), None)
 
 
@@ -105,6 +108,8 @@ def _canonical_node(node: Any) -> Any:
         if isinstance(opts.get("llm"), dict):
             opts["llm"] = _ordered(opts["llm"], LLM_KEYS)
         return {name: opts}
+    if kw == "wait":
+        return _ordered(node, (kw, *WAIT_ORDER))
     out = _ordered(node, (kw, *GROUP_ORDER, *NODE_LISTS))
     for key in ("steps", "branches", "default"):
         if isinstance(out.get(key), list):
@@ -399,6 +404,8 @@ def _group(node: dict[Any, Any], kw: str, indent: int, where: str) -> list[str]:
     head = f"{kw} {_name(node[kw], join(where, kw))}"
     if kw == "flow":
         return _statement(pad, head, pairs) if pairs else [f"{pad}{head} {{}}"]
+    if kw == "wait":
+        return _statement(pad, head, pairs)
     head = pad + head + "".join(f" {k} {_render(k, v, w, 0, 0)}" for k, v, w in pairs)
     if kw != "switch":
         key = BODIES[kw]

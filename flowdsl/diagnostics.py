@@ -96,6 +96,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD313": ("warning", "retry filter that names no exception class"),
     "FD314": ("warning", "read of a value that only a concurrent node writes"),
     "FD315": ("warning", "read of a value that only a step the run may pass over writes"),
+    "FD316": ("error", "signal waited for by two waits"),
+    "FD317": ("error", "signal wait inside a for_each"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),
@@ -329,8 +331,9 @@ SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compen
                        "fail_when", "version", "defaults"})
 
 
-#: group keywords, in the order the schema tries them (a mapping holding one is that group)
-_GROUPS = ("sequence", "parallel", "for_each", "switch", "flow")
+#: group keywords and ``wait``, in the order the schema tries them (a mapping holding one is that node, its other
+#: keys its options)
+_GROUPS = ("sequence", "parallel", "for_each", "switch", "flow", "wait")
 #: options that hold more options (``defaults: {compensate: {retry: ...}}``, a compensation's mapping)
 _OPTION_BLOCKS = frozenset({"defaults", "compensate"})
 
@@ -339,8 +342,8 @@ def option_positions(data: object, parts: list[str]) -> list[int]:
     """The indexes of the reference tokens ``parts`` that name an option where ``data`` has one.
 
     An option is a key of the document, of ``defaults`` (and its ``compensate``), of a step's options
-    (the mapping under its name), of a compensation's mapping, or of a group. A step's name is no option,
-    and nothing inside an option's value is one either — not a key of ``input``, ``with`` or ``output``,
+    (the mapping under its name), of a compensation's mapping, or of a group or a wait. A step's name is no
+    option, and nothing inside an option's value is one either — not a key of ``input``, ``with`` or ``output``,
     nor a label of a switch case (those belong to the user) — except the nodes of a group's ``steps``,
     ``branches``, ``cases`` and ``default``.
     """

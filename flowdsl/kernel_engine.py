@@ -21,6 +21,7 @@ from flowdsl.kernel_core import (
 )
 from flowdsl.kernel_program import STEP_KINDS, Json, _start_templates, retry_delay, retryable
 from flowdsl.kernel_saga import Saga
+from flowdsl.kernel_wait import begin_wait, receive, wait_timer_fired
 
 #: the error type of an LLM call made with no model configured: never retried, goes to the fallback
 LLM_NOT_CONFIGURED = "LLMNotConfigured"
@@ -99,6 +100,8 @@ class Machine(Saga):
         elif kind == "cancel_requested":
             reason = event.get("reason") or "cancel requested"
             self.abort("cancelled", error("Cancelled", str(reason)), None)
+        elif kind == "signal":
+            receive(self, event)
         else:
             raise ValueError(f"unknown input event type {kind!r}")
         self._pump()
@@ -153,6 +156,8 @@ class Machine(Saga):
                 self._begin_switch(ikey, node)
             elif kind == "for_each":
                 self._begin_for_each(ikey, node)
+            elif kind == "wait":
+                begin_wait(self, ikey, node)
             else:
                 self._begin_flow(ikey, node)
         except ExpressionError as exc:
@@ -627,6 +632,8 @@ class Machine(Saga):
                 node = self.p.nodes[self.nodes[ikey]["node"]]
                 self._node_failed(ikey, error(SUBFLOW_TIMEOUT, f"the sub-flow '{node['id']}' did not finish "
                                               f"within {node['timeout_ms']} ms"))
+        elif purpose in ("wait", "wait_timeout"):
+            wait_timer_fired(self, ikey, purpose)
         elif purpose == "retry":
             if timer.get("compensation"):
                 self.retry_compensation(ikey)

@@ -25,7 +25,7 @@ from flowdsl.expr import Expression, analyse, compile_expression
 #: node kinds that run a worker (or a model) and can be compensated
 STEP_KINDS = frozenset({"task", "llm"})
 #: node kinds whose outcome enters their scope's context (the rest are transparent groups)
-ATOM_KINDS = frozenset({"task", "llm", "for_each", "flow"})
+ATOM_KINDS = frozenset({"task", "llm", "for_each", "flow", "wait"})
 #: groups that are neither atoms nor scopes
 PLAIN_GROUPS = frozenset({"sequence", "parallel", "switch"})
 #: the cap on any retry delay when the policy sets none (about 24.8 days)
@@ -76,6 +76,9 @@ class Program:
         #: steps whose failure for good does not fail the run (``on_failure: continue``, kernel rules 8)
         self.continues: frozenset[str] = frozenset(k for k, n in self.nodes.items()
                                                    if n.get("on_failure") == "continue")
+        #: signal name -> the wait node taking it (rules 9); ``waits``: every wait node, signal or timer
+        self.waits: frozenset[str] = frozenset(k for k, kind in self.kind.items() if kind == "wait")
+        self.signals: dict[str, str] = self._signals()
         #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``kernel_chain.chain_step``)
         self.chain: dict[str, str] = {}
         for key, node in self.nodes.items():
@@ -130,6 +133,24 @@ class Program:
                     self.derive[key] = "dep"
                 else:
                     self.derive[key] = "full"
+
+    def _signals(self) -> dict[str, str]:
+        """Signal name -> the wait node that takes it; ValueError for a plan that the compiler would have refused
+        (FD316, FD317): two waits of one signal, or a signal wait in a for_each body (which iteration is it for?)."""
+        found: dict[str, str] = {}
+        for key in sorted(self.waits, key=self.order.__getitem__):
+            name = self.nodes[key].get("signal")
+            if name is None:
+                continue
+            if name in found:
+                raise ValueError(f"plan nodes {found[name]!r} and {key!r} both wait for signal {name!r}")
+            scope = self.scope[key]
+            while scope is not None:
+                if self.kind[scope] == "for_each":
+                    raise ValueError(f"plan node {key!r} waits for signal {name!r} inside for_each {scope!r}")
+                scope = self.scope[scope]
+            found[name] = key
+        return found
 
     def _walk(self, keys: list[str], parent: str | None, scope: str | None) -> None:
         for key in keys:

@@ -22,6 +22,7 @@ from typing import Any
 from flowdsl.expr import ExpressionError
 from flowdsl.kernel_core import END_STATES, Core, error
 from flowdsl.kernel_program import Json, retry_delay, retryable
+from flowdsl.kernel_wait import cancel_waits
 
 #: a compensation's status -> its ``status`` in ``intervention``: ``failed`` (for good, or it was waiting to
 #: retry when the run stopped), ``in_flight`` (running when the run stopped: it may or may not have taken effect)
@@ -84,6 +85,7 @@ class Saga(Core):
                 self.emit("step_cancelled", timer["step"], attempt=rec["attempt"], error=rec["error"],
                           reason="the run was aborted while the step waited to retry")
                 self.settle_late(timer["step"])
+        cancel_waits(self)
         for task_id, task in self.tasks.items():
             self.nodes[task["step"]]["status"] = "cancelling"
             self.command("cancel_task", task_id=task_id, step=task["step"])

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 _SAID = {"SIGTERM": "terminated (SIGTERM)", "SIGHUP": "hung up (SIGHUP)"}
 
 #: the commands whose ``--format json`` gives one JSON object however they end (docs/runtime.md)
-REPORTING = frozenset({"run", "resume", "show", "status", "runs", "cancel", "dead-letters", "resolve", "prune",
-                       "workers", "test"})
+REPORTING = frozenset({"run", "resume", "show", "status", "runs", "cancel", "signal", "dead-letters", "resolve",
+                       "prune", "workers", "test"})
 
 
 def wants_json(argv: Sequence[str]) -> bool:

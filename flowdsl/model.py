@@ -239,7 +239,7 @@ class LlmSpec:
 
 @dataclass(frozen=True)
 class Node:
-    """A step (``task``/``llm``) or a group. Fields that do not apply to a kind stay at their default."""
+    """A step (``task``/``llm``), a ``wait`` or a group. Fields that do not apply to a kind stay at their default."""
 
     kind: str
     id: str
@@ -257,9 +257,15 @@ class Node:
     output: Output = Output("merge")
     fail_when: str | None = None
     retry: Retry | None = None
-    timeout_ms: int | None = None
-    #: ``continue``: a failure for good of the step does not fail the run (``on_failure``); None: it does
+    timeout_ms: int | None = None  # a step's per attempt; a sub-flow node's per run; a signal wait's deadline
+    #: ``continue``: a failure for good of the step (or a wait's timeout) does not fail the run (``on_failure``);
+    #: None: it does
     on_failure: str | None = None
+    # waits
+    #: the name of the signal a signal wait takes (its ``signal:``, else its id); None for a timer wait (``for:``)
+    signal: str | None = None
+    #: a timer wait's duration (``for:``)
+    delay_ms: int | None = None
     # groups
     children: tuple[Node, ...] = ()
     items: str | None = None
@@ -275,6 +281,11 @@ class Node:
     @property
     def is_step(self) -> bool:
         return self.kind in ("task", "llm")
+
+    @property
+    def is_leaf(self) -> bool:
+        """A step or a wait: a node with no nodes inside, one vertex of the flow graph (weighing 1 on its paths)."""
+        return self.kind in ("task", "llm", "wait")
 
     def child_lists(self) -> Iterator[tuple[str, tuple[Node, ...]]]:
         """Each list of sibling nodes under this node, with its JSON-pointer suffix."""
@@ -474,6 +485,8 @@ class _Builder:
         kw = next((k for k in GROUP_KINDS if k in data), None)
         if kw is not None:
             return self.group(kw, data, path)
+        if "wait" in data:  # (the schema tells a wait from a step named 'wait': a wait's value is its id)
+            return self.wait(data, path)
         ((key, options),) = data.items()
         return self.step(key, options or {}, path, join(path, key))
 
@@ -513,6 +526,29 @@ class _Builder:
             retry=None if retry is None else self.retry(retry, join(opt_path, "retry")),
             timeout_ms=None if timeout is None else self.duration(timeout, join(opt_path, "timeout")))
 
+    def wait(self, data: dict[str, Any], path: str) -> Node:
+        """A ``wait`` node: a timer wait with ``for:``, else a signal wait (FD309 for an option that does not
+        apply to its kind)."""
+        if "for" in data:
+            for key, why in _TIMER_REFUSES.items():
+                if key in data:
+                    self.err("FD309", f"'{key}' does not go with 'for': {why}", join(path, key))
+            return Node(kind="wait", id=data["wait"], loc=self.loc(path), opts=path, **self.common(data),
+                        delay_ms=self.duration(data["for"], join(path, "for")))
+        # (a timeout set aside for a schema error is in the file still: that error says what is wrong with it)
+        timed = "timeout" in data or (self.positions is not None and join(path, "timeout") in self.positions.positions)
+        if "on_failure" in data and not timed:
+            self.err("FD309", "'on_failure' applies to a signal wait with a 'timeout' only: without one the wait "
+                     "waits as long as it takes and never fails; give it a 'timeout', or leave 'on_failure' out",
+                     join(path, "on_failure"))
+        output, timeout = data.get("output"), data.get("timeout")
+        return Node(
+            kind="wait", id=data["wait"], loc=self.loc(path), opts=path, **self.common(data),
+            signal=data.get("signal", data["wait"]),
+            timeout_ms=None if timeout is None else self.duration(timeout, join(path, "timeout")),
+            output=Output("merge") if output is None else self.output(output, join(path, "output")),
+            on_failure="continue" if data.get("on_failure") == "continue" else None)
+
     def nodes(self, items: list[Any], path: str) -> tuple[Node, ...]:
         built = (self.node(item, join(path, i)) for i, item in enumerate(items))
         return tuple(n for n in built if n is not None)
@@ -540,6 +576,16 @@ class _Builder:
         return Node(**base, path=data["path"], subflow=sub, with_=data.get("with"),
                     output=self.group_output(data, kw, path),
                     timeout_ms=None if timeout is None else self.duration(timeout, join(path, "timeout")))
+
+
+#: the options a timer wait (``for:``) refuses (FD309), and why
+_TIMER_REFUSES = {
+    "signal": "a wait with 'for' is a timer, which waits for its duration and takes no signal (to wait for a "
+              "signal, leave 'for' out)",
+    "timeout": "a timer wait ends when its duration is over ('timeout' is a signal wait's deadline)",
+    "output": "a timer wait's result is {}, with nothing to store ('output' places a signal's payload)",
+    "on_failure": "a timer wait cannot fail ('on_failure' says what a signal wait's 'timeout' does)",
+}
 
 
 def build_flow(data: dict[str, Any], file: str | None = None, load_subflow: SubflowLoader | None = None,

@@ -34,6 +34,8 @@ from flowdsl.shown import visible
 
 _ID_HINT = "ids are letters, digits and '_', starting with a letter or '_', at most 64 characters"
 _WORKER_HINT = "worker names are ids joined by dots, like 'payments.refund'"
+_SIGNAL_HINT = "signal names are written as ids: letters, digits and '_', starting with a letter or '_', at most 64 " \
+    "characters"
 _BAD_ERROR_TYPE = "invalid error type"
 _ERROR_TYPE_HINT = ("error types are exception class names as type(exc).__name__ gives them, without a module: "
                     "'TimeoutError', 'ConnectionError' (a filter also matches subclasses)")
@@ -182,8 +184,11 @@ def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
         allowed = sorted(error.schema.get("properties", {}))
         for key in sorted(set(inst) - set(allowed)):
             where = _where(error.absolute_path)
-            yield make("FD202", f"unknown field {quote(key)}{where}{did_you_mean(key, allowed)}; "
-                       f"expected one of: {', '.join(allowed)}{_group_hint(key, inst, text_syntax)}", join(path, key))
+            hint = _group_hint(key, inst, text_syntax)
+            # (a step's option on a wait is no misspelling of a wait's: 'with' does not mean 'wait')
+            meant = "" if hint and isinstance(inst, dict) and "wait" in inst else did_you_mean(key, allowed)
+            yield make("FD202", f"unknown field {quote(key)}{where}{meant}; "
+                       f"expected one of: {', '.join(allowed)}{hint}", join(path, key))
     elif v == "required":
         for key in error.validator_value:
             if key not in inst:
@@ -261,7 +266,7 @@ def _where(path: Any, inst: Any = None) -> str:
     if not parts:
         return " at the top level"
     if isinstance(inst, dict):
-        kw = next((k for k in ("sequence", "parallel", "for_each", "switch", "flow") if k in inst), None)
+        kw = next((k for k in _GROUP_NAMES if k in inst), None)
         if kw is not None and isinstance(inst[kw], str):
             return f" in {kw} {quote(inst[kw])}"
     if parts[-1] == "compensate":
@@ -275,14 +280,27 @@ def _where(path: Any, inst: Any = None) -> str:
     return ""
 
 
-#: a group's kind as a message names it
+#: a group's (or a wait's) kind as a message names it, in the schema's order of precedence
 _GROUP_NAMES = {"sequence": "a sequence", "parallel": "a parallel group", "for_each": "a for_each",
-                "switch": "a switch", "flow": "a sub-flow"}
+                "switch": "a switch", "flow": "a sub-flow", "wait": "a wait"}
+
+
+#: why a wait does not take an option a step has (or what is meant by a word for a timer)
+_WAIT_HINTS = {
+    "compensate": "; a wait changes nothing, so there is nothing to undo",
+    "retry": "; a wait is not retried: give it a longer 'timeout'",
+    **dict.fromkeys(("worker", "with", "fail_when", "fallback", "llm"), "; a wait runs no worker: that is an option "
+                    "of steps"),
+    **dict.fromkeys(("delay", "duration", "sleep"), "; a timer wait is written with 'for' and its duration"),
+}
 
 
 def _group_hint(key: str, inst: Any, text_syntax: bool) -> str:
-    """For a ``compensate`` (``undo``) or an ``on_failure`` written on a group: where they go instead."""
+    """For a ``compensate`` (``undo``) or an ``on_failure`` written on a group, and a ``compensate`` or a ``retry``
+    written on a wait: where they go instead, or why there is none."""
     kind = next((k for k in _GROUP_NAMES if k in inst), None) if isinstance(inst, dict) else None
+    if kind == "wait":
+        return _WAIT_HINTS.get(key, "")
     if kind is not None and key == "on_failure":
         inside = "of the sub-flow (in its file)" if kind == "flow" else "inside it"
         return (f"; {_GROUP_NAMES[kind]} has no on_failure of its own: give it to the steps {inside} that the run "
@@ -339,6 +357,8 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
         return
     hint = _WORKER_HINT if "\\." in error.validator_value else _ID_HINT
     kind = "worker name" if hint is _WORKER_HINT else "id"
+    if str(error.schema.get("description", "")).startswith("a signal name"):
+        kind, hint = "signal name", _SIGNAL_HINT
     a_key = "propertyNames" in error.schema_path  # a key of the mapping at ``path``, else the value there
     if hint is _WORKER_HINT and a_key:  # a step mapping's key: id or worker
         kind, hint = "step name", "a step's name is an id, or the name of its worker (ids joined by dots)"

@@ -8,7 +8,9 @@ test``) and applications import it. docs/testing.md is the reference of the file
 :func:`load_tests` reads and checks a test file — its shape against ``specs/flowdsl-test.schema.json``, then
 what only the flow can say: every step a case names exists and can be scripted so, each input is one the flow
 accepts — and returns :class:`FlowTests` or diagnostics located in the file (``file:line:col``), as ``flowdsl
-validate`` gives for a spec. :func:`run_case` simulates one case and compares the run with its ``expect``.
+validate`` gives for a spec. :func:`run_case` simulates one case and compares the run with its ``expect``. What a
+file sends to the flow's waits (``signals:``) is read by ``.testing_signals``; :func:`what_if` (``flowdsl test
+--what-if``) lives in ``.testing_what_if``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from typing import Any, Literal
 
 from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, has_errors, join, make, quote, sort_diagnostics
 from flowdsl.render.view import format_ms
-from flowdsl.runtime.simulate import Outcome, Script, Simulation, SimulationError
+from flowdsl.runtime.simulate import Outcome, Script, Signal, Simulation, SimulationError
 from flowdsl.testing_compare import Mismatch, compare
+from flowdsl.testing_signals import read_signal
+from flowdsl.testing_what_if import INJECTED, WhatIf, what_if
 
 __all__ = ["INJECTED", "CaseResult", "FlowCase", "FlowTests", "Mismatch", "WhatIf", "WorkerScope", "compare",
            "find_test_files", "load_tests", "run_case", "what_if"]
@@ -68,7 +72,8 @@ class FlowTests:
     flow_file: str
     plan: dict[str, Any]
     cases: list[FlowCase]
-    #: the file's own ``input`` (``{}`` when it gives none) and scripts, which every case starts from
+    #: the file's own ``input`` (``{}`` when it gives none) and scripts (its signals too), which every case starts
+    #: from
     input: dict[str, Any] = field(default_factory=dict)
     defaults: Script = field(default_factory=Script)
 
@@ -229,19 +234,22 @@ class _Checker:
         self.plan = compiled.plan
         default_input = self.input(self.data.get("input"), "/input") if "input" in self.data else {}
         defaults = {t: self.scripts(self.data.get(t) or {}, t, join("", t)) for t in _SCRIPT_TABLES}
-        cases = [self.case(name, spec, default_input, defaults) for name, spec in self.data["cases"].items()]
+        signals = self.signals(self.data.get("signals") or [], "/signals")
+        cases = [self.case(name, spec, default_input, defaults, signals) for name, spec in self.data["cases"].items()]
         if has_errors(self.diags):
             return None, [*flow_diags, *self.diags]
-        return FlowTests(self.file, flow_file, self.plan, cases, default_input or {}, Script(**defaults)), \
-            [*flow_diags, *self.diags]
+        return FlowTests(self.file, flow_file, self.plan, cases, default_input or {},
+                         Script(**defaults, signals=signals)), [*flow_diags, *self.diags]
 
     # -- a case
 
     def case(self, name: str, spec: dict[str, Any], default_input: dict[str, Any] | None,
-             defaults: dict[str, dict[str, list[Outcome]]]) -> FlowCase:
+             defaults: dict[str, dict[str, list[Outcome]]], file_signals: list[Signal]) -> FlowCase:
         path = join("/cases", name)
         run_input = self.input(spec["input"], join(path, "input")) if "input" in spec else default_input
         tables = {t: _merged(defaults[t], self.scripts(spec.get(t) or {}, t, join(path, t))) for t in _SCRIPT_TABLES}
+        # (a case's signals replace the file's: `signals: []` sends none)
+        signals = self.signals(spec["signals"], join(path, "signals")) if "signals" in spec else file_signals
         cancel_at, reason = None, "cancelled by the test"
         if "cancel" in spec:
             raw = spec["cancel"]
@@ -251,7 +259,7 @@ class _Checker:
             if isinstance(raw, dict) and "reason" in raw:
                 reason = raw["reason"]
         line = self.positions.find(path, key=True)[0]
-        return FlowCase(name=name, line=line, input=run_input or {}, script=Script(**tables),
+        return FlowCase(name=name, line=line, input=run_input or {}, script=Script(**tables, signals=signals),
                         expect=self.expect(spec["expect"], join(path, "expect")), run_id=_run_id(self.file, name),
                         seed=int(spec.get("seed", 0)), cancel_at_ms=cancel_at, cancel_reason=reason)
 
@@ -281,6 +289,13 @@ class _Checker:
             return None
 
     # -- scripts
+
+    def signals(self, written: list[Any], path: str) -> list[Signal]:
+        def duration(value: Any, where: str) -> int | None:
+            return self.duration(value, where, zero=True)
+
+        read = (read_signal(item, join(path, i), self.plan, self.error, duration) for i, item in enumerate(written))
+        return [s for s in read if s is not None]
 
     def scripts(self, table: dict[str, Any], kind: str, path: str) -> dict[str, list[Outcome]]:
         out: dict[str, list[Outcome]] = {}
@@ -385,7 +400,12 @@ class _Checker:
                 node = self.step(key, join(path, name, i), at_key=False)
                 if node is None:
                     continue
-                if name in ("compensated", "intervention") and not node.get("compensate"):
+                if name == "ran" and node["kind"] not in ("task", "llm"):
+                    self.error("FD702", f"{quote(key)} is a {node['kind']} node, not a step with attempts: 'ran' lists "
+                               "the steps whose attempts ran" + (f" (expect a wait under 'steps:', as {key}: "
+                                                                 "succeeded)" if node["kind"] == "wait" else ""),
+                               join(path, name, i))
+                elif name in ("compensated", "intervention") and not node.get("compensate"):
                     self.error("FD702", f"step {quote(key)} has no compensation: it is never undone",
                                join(path, name, i))
                 elif name == "passed_over" and node.get("on_failure") != "continue":
@@ -482,91 +502,3 @@ async def run_case(tests: FlowTests, case: FlowCase, *, lm: object | str | None 
         return CaseResult(case, "error", error=f"the simulation failed: {type(exc).__name__}: {exc}")
     mismatches = list(compare(case.expect, sim))
     return CaseResult(case, "failed" if mismatches else "passed", mismatches, sim)
-
-
-# --- what if: each step failing for good -----------------------------------------------------------------------
-
-#: the error type of the failures :func:`what_if` injects (no retry filter names it, unless one names ``Exception``;
-#: a retried attempt fails again, until the step's attempts run out)
-INJECTED = "InjectedFailure"
-
-
-@dataclass(frozen=True)
-class WhatIf:
-    """One scenario of :func:`what_if`: what was made to fail (``failing``: ``(table, step)`` pairs, table one of
-    ``steps``, ``fallback``, ``undo``; empty for the run as the file scripts it), in words (``said``), and how the
-    run ended — its :class:`Simulation`, or ``error`` when it could not run as scripted. ``ran``: whether the
-    attempts made to fail were dispatched at all (a step a ``when`` or a ``switch`` skips never runs)."""
-
-    failing: tuple[tuple[str, str], ...]
-    said: str
-    simulation: Simulation | None
-    error: str | None = None
-
-    @property
-    def ran(self) -> bool:
-        """Whether every step made to fail was dispatched (its attempts, fallback or undo as made to fail)."""
-        sim = self.simulation
-        if sim is None:
-            return False
-        kinds = {"steps": ("task", "llm"), "fallback": ("fallback",), "undo": ("compensate",)}
-        return all(any(c.node == step and c.kind in kinds[table] for c in sim.calls) for table, step in self.failing)
-
-    def to_json(self) -> dict[str, Any]:
-        """The scenario in ``flowdsl test --what-if -f json`` (docs/testing.md)."""
-        sim = self.simulation
-        result = sim.result if sim is not None else None
-        return {"failing": [{"script": t, "step": s} for t, s in self.failing], "said": self.said,
-                "ran": self.ran, "error": self.error, "status": result.status if result else None,
-                "failed_step": result.failed_step if result else None,
-                "compensated": result.compensated if result else None,
-                "intervention": [i["step"] for i in (result.intervention or {}).get("steps") or ()] if result else None,
-                "fallbacks": _fallbacks(sim) if sim is not None else None,
-                "passed_over": [k for k, r in result.steps.items() if r.get("continued")] if result else None,
-                "elapsed_ms": sim.elapsed_ms if sim is not None else None}
-
-
-def _fallbacks(sim: Simulation) -> list[str]:
-    """The steps whose fallback ran in ``sim``."""
-    return list(dict.fromkeys(c.step for c in sim.calls if c.kind == "fallback"))
-
-
-async def what_if(tests: FlowTests, *, lm: object | str | None = None,
-                  lms: Mapping[str, object] | None = None) -> list[WhatIf]:
-    """How the flow of ``tests`` ends when each of its task and LLM steps fails for good (every attempt, with
-    :data:`INJECTED`), then its fallback too where it has one, then — for each step with a compensation that one
-    of those runs undid — when that undo fails for good too; first, the run with nothing made to fail. Each run
-    starts from the file's ``input`` and its file-level scripts; what they leave unscripted calls the real
-    workers. Scenarios are in the flow's order. Raises :class:`~flowdsl.runtime.inputs.InputError` when the flow
-    refuses the file's input (a file whose cases each give their own)."""
-    from flowdsl.runtime.inputs import check_input
-    from flowdsl.runtime.simulate import simulate_flow
-
-    check_input(tests.plan, tests.input)
-    fail = [Outcome.fail(INJECTED, "made to fail by flowdsl test --what-if")]
-
-    async def scenario(failing: tuple[tuple[str, str], ...], said: str) -> WhatIf:
-        tables = {t: _merged(dict(getattr(tests.defaults, t)), {step: fail for table, step in failing if table == t})
-                  for t in _SCRIPT_TABLES}
-        try:
-            sim = await simulate_flow(tests.plan, tests.input, script=Script(**tables),
-                                      run_id=_run_id(tests.file, said), lm=lm, lms=lms)
-        except SimulationError as exc:
-            return WhatIf(failing, said, None, str(exc))
-        return WhatIf(failing, said, sim)
-
-    nodes = tests.plan["nodes"]
-    steps = sorted((k for k, n in nodes.items() if n["kind"] in ("task", "llm")), key=lambda k: nodes[k]["order"])
-    found = [await scenario((), "nothing fails")]
-    for step in steps:
-        found.append(await scenario((("steps", step),), f"{step} fails"))
-        if nodes[step].get("fallback"):
-            found.append(await scenario((("steps", step), ("fallback", step)), f"{step} and its fallback fail"))
-    undone: dict[str, WhatIf] = {}
-    for item in list(found):
-        for key in item.simulation.result.compensated if item.simulation is not None else ():
-            undone.setdefault(key.rsplit("]/", 1)[-1], item)
-    for key in sorted(undone, key=lambda k: nodes[k]["order"]):
-        first = undone[key]
-        found.append(await scenario((*first.failing, ("undo", key)), f"{first.said}, and undoing {key} fails"))
-    return found

@@ -49,7 +49,7 @@ MAX_DEPTH = 100
 OPTION_KEYS = (
     "worker", "compensate", "with", "output", "when", "fail_when", "on_failure", "needs", "retry", "timeout",
     "fallback", "description", "llm", "signature", "instructions", "module", "lm", "demos", "redact",
-    "items", "as", "concurrency", "on", "path",
+    "items", "as", "concurrency", "on", "path", "signal", "for",
 )  # fmt: skip
 #: header statements written ``keyword value``
 TOP_KEYS = ("flowdsl", "version", "description", "input", "timeout")
@@ -59,7 +59,7 @@ LLM_KEYS = ("signature", "instructions", "module", "lm", "demos", "redact")
 NAME_LISTS = ("needs", "redact")
 #: group keyword -> the key holding its nodes (a switch has cases, a sub-flow none)
 BODIES = {"sequence": "steps", "parallel": "branches", "for_each": "steps"}
-NODE_KEYWORDS = ("step", "llm", "sequence", "parallel", "for_each", "switch", "flow")
+NODE_KEYWORDS = ("step", "llm", "wait", "sequence", "parallel", "for_each", "switch", "flow")
 KEYWORDS = frozenset((*OPTION_KEYS, *TOP_KEYS, *NODE_KEYWORDS, "undo", "workers", "defaults", "case", "default")) | {
     "true",
     "false",
@@ -592,7 +592,7 @@ class _Builder:
     def node(self, tree: _Node, ptr: str) -> Any:
         kind, kids = tree.data, tree.children
         if kind != "step" and kind != "llm":
-            return self.group(tree, ptr)
+            return self.group(tree, ptr)  # (a wait too: its keyword, its id, its options)
         name_tok, rest = kids[0], kids[1:]
         self.pos[ptr] = at = (name_tok.line, name_tok.column)
         if kind == "step" and not rest:

@@ -260,8 +260,8 @@ def _broken(change: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("plan", "message"), [
-    ({"x": 1}, "it has no 'plan_version' (a compiled plan has plan_version 1 to 2)"),
-    ({"plan_version": 3}, "'plan_version' must be 1 to 2, found 3"),
+    ({"x": 1}, "it has no 'plan_version' (a compiled plan has plan_version 1 to 3)"),
+    ({"plan_version": 4}, "'plan_version' must be 1 to 3, found 4"),
     ({"plan_version": 1, "flow": {"name": "x"}, "root": ["ok"], "nodes": {"ok": 1}},
      "'nodes/ok': 1 is not of type 'object'"),
     (_broken(lambda p: p["nodes"].update(ok=1)), "'nodes/ok': 1 is not of type 'object'"),

@@ -72,7 +72,8 @@ def _description(command: tuple[str, ...], columns: int) -> list[str]:
 
 
 def test_every_command_is_checked() -> None:
-    assert {"run", "status", "cancel", "worker", "runs", "workers", "dead-letters", "diagram"} <= set(COMMANDS)
+    assert {"run", "status", "cancel", "signal", "worker", "runs", "workers", "dead-letters",
+            "diagram"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("columns", [80, 120, 200])
@@ -89,8 +90,8 @@ def test_help_text_breaks_a_line_only_where_it_is_full(command: tuple[str, ...],
             assert len(line) + 1 + len(after.split()[0]) > room, f"a line break inside a sentence: {line!r} / {after!r}"
 
 
-@pytest.mark.parametrize("command", ["run", "resume", "status", "cancel", "worker", "runs", "workers", "dead-letters",
-                                     "resolve", "prune"])
+@pytest.mark.parametrize("command", ["run", "resume", "status", "cancel", "signal", "worker", "runs", "workers",
+                                     "dead-letters", "resolve", "prune"])
 def test_exit_codes_are_listed_one_a_line(command: str) -> None:
     lines = _description((command,), 200)
     start = lines.index("Exit codes:") + 1
@@ -109,5 +110,5 @@ def test_the_list_of_commands_gives_each_a_summary_of_one_sentence_in_the_order_
     rows = [line.strip("│ ").split(None, 1) for line in box]
     assert all(len(row) == 2 and row[0] in COMMANDS for row in rows), box  # (a continued summary: no name)
     assert [row[0] for row in rows] == ["validate", "plan", "convert", "test", "run", "show", "resume", "worker",
-                                        "status", "runs", "workers", "cancel", "dead-letters", "resolve", "prune",
-                                        "diagram"]
+                                        "status", "runs", "workers", "cancel", "signal", "dead-letters", "resolve",
+                                        "prune", "diagram"]

@@ -647,3 +647,158 @@ def test_a_simulation_says_itself_in_one_short_line() -> None:
                         "    steps: [charge]\n")
     sim = simulate(plan, {"lines": list(range(2000))}, script=Script(steps={"charge": [Outcome.ok({})]}))
     assert len(sim.calls) == 2000 and repr(sim) == "Simulation(status='completed', calls=2000, elapsed_ms=0)"
+
+
+# --- waits and signals ------------------------------------------------------------------------------------------
+
+WAITS = CASES / "flows" / "waits.yaml"
+WAITS_SCRIPT = {"reserve": [Outcome.ok()], "charge": [Outcome.ok({"charge_id": "c1"})], "ship": [Outcome.ok()]}
+
+
+def _waits() -> dict[str, Any]:
+    result = compile_spec(str(WAITS), check_workers=False)
+    assert result.plan is not None, [d.format() for d in result.diagnostics]
+    return result.plan
+
+
+def test_a_signal_reaches_its_wait_at_its_virtual_time_and_a_second_one_is_rejected() -> None:
+    from flowdsl import Signal
+
+    sim = simulate(_waits(), {}, registry=WorkerRegistry(), script=Script(steps=WAITS_SCRIPT, signals=[
+        Signal("paid", {"ref": "P-1"}, at_ms=60_000), Signal("paid", {"ref": "P-2"}, at_ms=120_000),
+        Signal("rated", at_ms=180_000), Signal("nobody_waits", at_ms=200_000)]))
+    assert sim.result.status == "completed" and sim.result.context["payment"] == {"ref": "P-1"}
+    start = sim.result.events[0]["at"]
+    said = [(e["type"], e["signal"], e["at"] - start, e.get("step"), e.get("reason")) for e in sim.result.events
+            if e["type"].startswith("signal_")]
+    assert said == [
+        ("signal_received", "paid", 60_000, "paid", None),
+        ("signal_rejected", "paid", 120_000, None, "wait 'paid' has already received signal 'paid'"),
+        ("signal_received", "rated", 180_000, "rating", None),
+        ("signal_rejected", "nobody_waits", 200_000, None,
+         "no wait of flow 'waits' takes signal 'nobody_waits' (its signals: 'paid', 'rated')"),
+    ]
+    # the timer wait took its 2 h on the virtual clock, after the rating
+    assert sim.elapsed_ms == 180_000 + 7_200_000 and sim.waits == {}
+    assert sim.calls[-1].step == "ship" and sim.calls[-1].at_ms == sim.elapsed_ms
+    assert sim.calls[-1].input == {"ref": "P-1"}
+
+
+def test_a_signal_sent_before_its_wait_starts_is_kept_until_it_does() -> None:
+    from flowdsl import Signal
+
+    script = Script(steps={**WAITS_SCRIPT, "charge": [Outcome.ok(after_ms=5_000)]},
+                    signals=[Signal("paid", {"ref": "early"}), Signal("rated")])
+    sim = simulate(_waits(), {}, registry=WorkerRegistry(), script=script)
+    kinds = [(e["type"], e.get("buffered")) for e in sim.result.events if e["type"].startswith("signal_")]
+    assert kinds == [("signal_buffered", None), ("signal_buffered", None), ("signal_received", True),
+                     ("signal_received", True)]
+    assert sim.result.status == "completed" and sim.elapsed_ms == 5_000 + 7_200_000
+
+
+def test_a_run_whose_wait_gets_no_signal_and_has_no_timeout_waits_for_ever() -> None:
+    plan = compile_text("flowdsl: 1\nname: forever\nsteps:\n  - wait: approval\n    signal: approved\n  - go\n")
+    sim = simulate(plan, {}, registry=WorkerRegistry(), run_id="f")
+    assert sim.result.status == "running" and not sim.ended and sim.elapsed_ms is None
+    assert sim.waiting == [] and sim.waits == {"approval": "approved"}
+    assert list(compare({"status": "running", "steps": {"approval": "running", "go": "pending"}}, sim)) == []
+
+
+def test_signals_made_in_python_are_checked() -> None:
+    from datetime import datetime
+
+    from flowdsl import Signal
+
+    for bad, said in ((lambda: Signal(""), "a signal's name is a non-empty string"),
+                      (lambda: Signal("paid", at_ms=-1), "at_ms is a whole number"),
+                      (lambda: Signal("paid", [1]), "a signal's data is a mapping"),  # type: ignore[arg-type]
+                      (lambda: Signal("paid", {"at": datetime(2026, 1, 1)}), "its data is not JSON")):
+        with pytest.raises(ValueError, match=said):
+            bad()
+    assert Signal("paid").data == {} and Signal("paid", {"n": 1}, at_ms=5).data == {"n": 1}
+    with pytest.raises(ValueError, match="a script's signals are Signal objects, not str"):
+        Script(signals=["paid"])  # type: ignore[list-item]
+
+
+def test_a_case_that_sends_signals_replaces_the_files_and_names_no_wait_of_another_flow(tmp_path: Path) -> None:
+    tests, diags = load_tests(CASES / "valid" / "waits.test.yaml")
+    assert diags == [] and tests is not None
+    by_name = {c.name: c for c in tests.cases}
+    assert [(s.name, s.data, s.at_ms) for s in tests.defaults.signals] == [("paid", {"ref": "P-0"}, 0),
+                                                                           ("rated", {}, 0)]
+    assert by_name["signals sent before their waits start are kept until they do"].script.signals == \
+        tests.defaults.signals
+    assert by_name["no payment within 30 minutes undoes the charge then the reservation"].script.signals == ()
+    assert [(s.name, s.at_ms) for s in by_name["a second payment signal changes nothing"].script.signals] == [
+        ("paid", 60_000), ("paid", 120_000), ("rated", 180_000)]
+    _, diags = load_tests(_file(tmp_path / "s.test.yaml", f"flowdsl_test: 1\nflow: {SHOP}\ninput: {json.dumps(ORDER)}\n"
+                                "cases:\n  a: {signals: [paid], expect: {status: completed}}\n"))
+    assert [(d.code, d.message) for d in diags] == [
+        ("FD701", "no wait of the flow takes signal 'paid': the flow waits for no signal")]
+
+
+def test_a_failing_case_says_which_wait_still_waits_and_shows_the_signals_in_its_timeline(tmp_path: Path) -> None:
+    test = _file(tmp_path / "a.test.yaml", f"flowdsl_test: 1\nflow: {CASES / 'flows' / 'approval.yaml'}\n"
+                 "steps: {prepare: ok, go: ok}\ncases:\n"
+                 "  approved twice:\n    signals: [{signal: approved, at: 1m}, {signal: approved, at: 2m}]\n"
+                 "    expect: {status: compensated}\n"
+                 "  forgotten:\n    expect: {status: completed}\n")
+    code, out, _ = _cli(str(test))
+    assert code == 1 and "2 cases: 0 passed, 2 failed" in out
+    first, second = out.split("FAILED  forgotten")
+    assert 'status: expected "compensated", got "completed"' in first
+    # the timeline holds the signal taken, then the one refused
+    timeline = first.split("the simulated run")[1]
+    assert timeline.index("received") < timeline.index("rejected"), timeline
+    assert "never ended" not in first
+    assert 'status: expected "completed", got "running"' in second
+    assert "the run never ended: wait approval waits for signal 'approved', which the case does not send" in second
+
+
+def test_what_if_says_when_each_wait_with_a_timeout_gets_no_signal() -> None:
+    code, out, _ = _cli("tests/flowtests/valid/waits.test.yaml", "--what-if", "-f", "json")
+    assert code == 0, out
+    (entry,) = json.loads(out)["files"]
+    rows = {s["said"]: (s["ran"], s["status"], s["compensated"], s["intervention"], s["passed_over"],
+                        s["elapsed_ms"]) for s in entry["scenarios"]}
+    hours = 3_600_000
+    assert rows == {
+        "nothing fails": (True, "completed", [], [], [], 2 * hours),
+        "reserve fails": (True, "failed", [], [], [], 0),
+        "charge fails": (True, "compensated", ["reserve"], [], [], 0),
+        "wait paid times out": (True, "compensated", ["charge", "reserve"], [], [], hours // 2),
+        # without a timeout, or a timer, a wait never fails: no row for cooling_off
+        "wait rating times out": (True, "completed", [], [], ["rating"], 3 * hours),
+        "ship fails": (True, "compensated", ["charge", "reserve"], [], [], 2 * hours),
+        # (an undo is retried 5 times by default: 100 + 200 + 400 + 800 ms)
+        "charge fails, and undoing reserve fails": (True, "needs_intervention", [], ["reserve"], [], 1500),
+        "wait paid times out, and undoing charge fails":
+            (True, "needs_intervention", [], ["charge", "reserve"], [], hours // 2 + 1500),
+    }
+    failing = {s["said"]: s["failing"] for s in entry["scenarios"]}
+    assert failing["wait paid times out, and undoing charge fails"] == [{"script": "wait", "step": "paid"},
+                                                                       {"script": "undo", "step": "charge"}]
+
+
+def test_what_if_sends_the_signals_the_file_does_not_at_the_start_with_no_data(tmp_path: Path) -> None:
+    test = _file(tmp_path / "a.test.yaml", f"flowdsl_test: 1\nflow: {CASES / 'flows' / 'approval.yaml'}\n"
+                 "steps: {prepare: ok, go: ok}\ncases: {a: {expect: {status: running}}}\n")
+    code, out, _ = _cli(str(test), "--what-if", "-f", "json")
+    assert code == 0, out
+    rows = {s["said"]: (s["status"], s["elapsed_ms"]) for s in json.loads(out)["files"][0]["scenarios"]}
+    # the approval never fails (no timeout): no row; its signal, {}, is sent at the start
+    assert rows == {"nothing fails": ("completed", 0), "prepare fails": ("failed", 0), "go fails": ("failed", 0)}
+
+
+def test_what_if_says_a_wait_the_run_skips_never_runs(tmp_path: Path) -> None:
+    _file(tmp_path / "w.yaml", "flowdsl: 1\nname: w\nsteps:\n  - first\n  - wait: paid\n    timeout: 1m\n"
+          "    when: '${ $input.pay }'\n")
+    test = _file(tmp_path / "w.test.yaml", "flowdsl_test: 1\nflow: w.yaml\ninput: {pay: false}\nsteps: {first: ok}\n"
+                 "cases: {a: {expect: {status: completed, steps: {paid: skipped}}}}\n")
+    code, out, _ = _cli(str(test), "--what-if", "-f", "json")
+    rows = {s["said"]: (s["ran"], s["status"]) for s in json.loads(out)["files"][0]["scenarios"]}
+    assert code == 0 and rows == {"nothing fails": (True, "completed"), "first fails": (True, "failed"),
+                                  "wait paid times out": (False, "completed")}
+    code, out, _ = _cli(str(test), "--what-if")
+    assert "what if a step fails for good or a wait times out" in out
+    assert re.search(r"^wait paid times out +completed: it never runs in this run", out, re.MULTILINE), out

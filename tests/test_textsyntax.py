@@ -456,6 +456,19 @@ steps:
     output: wrapping
     when: "${ order.gift }"
     timeout: 2m30s
+  - wait: payment_confirmed
+    timeout: 30m
+    output: confirmation
+    description: the payment provider's webhook
+  - wait: approval
+    signal: manager_approved
+    timeout: 1h
+    output: {approved_by: "${ manager }"}
+    on_failure: continue
+    when: "${ order.total > 1000 }"
+    needs: [payment_confirmed]
+  - wait: cooling_off
+    for: 2h
   - notify_customer:
       when: "${ $not(order.notify = false) }"
       with:
@@ -581,14 +594,14 @@ def test_data_the_text_syntax_cannot_express(data: dict[str, Any], message: str)
 
 @pytest.mark.parametrize(("text", "line", "column", "message"), [
     ("flow x\nstpe a", 2, 1,
-     "unexpected 'stpe', expected one of: step, llm, sequence, parallel, for_each, switch, flow, workers, "
+     "unexpected 'stpe', expected one of: step, llm, wait, sequence, parallel, for_each, switch, flow, workers, "
      "defaults, flowdsl, version, description, input, timeout, end of input (did you mean 'step'?)"),
     ("step a tiemout 5s", 1, 8, "unexpected 'tiemout', expected one of: an option (undo, with, output, when, "
      "needs, ...), '{', end of input, end of line (did you mean 'timeout'?)"),
     ("step a timeout\nstep b", 1, 15, "unexpected end of line, expected a value"),
     ("step a timeout", 1, 15, "unexpected end of input, expected a value"),
-    ("parallel p {\n  a\n  step b\n", 4, 1, "unexpected end of input, expected one of: step, llm, sequence, "
-     "parallel, for_each, switch, flow, '}', a name, a string (the '{' on line 1 is not closed)"),
+    ("parallel p {\n  a\n  step b\n", 4, 1, "unexpected end of input, expected one of: step, llm, wait, "
+     "sequence, parallel, for_each, switch, flow, '}', a name, a string (the '{' on line 1 is not closed)"),
     ("step a with {x: [1, 2}", 1, 22, "unexpected '}', expected one of: ',', ']'"),
     ("step a with {x 1}", 1, 16, "unexpected '1', expected ':'"),
     ('step "abc', 1, 6, "unclosed string: a string is written in double quotes on one line"),
@@ -735,8 +748,9 @@ def test_ten_thousand_steps_parse_quickly() -> None:
 # --- properties ---------------------------------------------------------------------------------
 
 FRAGMENTS = st.sampled_from([
-    "step", "llm", "sequence", "parallel", "for_each", "switch", "flow", "case", "default", "workers",
-    "defaults", "timeout", "undo", "with", "needs", "retry", "on", "items", "a", "b.c", "10s", "3", "-1.5",
+    "step", "llm", "wait", "sequence", "parallel", "for_each", "switch", "flow", "case", "default", "workers",
+    "defaults", "timeout", "signal", "for", "undo", "with", "needs", "retry", "on", "items", "a", "b.c", "10s", "3",
+    "-1.5",
     '"s"', '"${ x }"', "{", "}", "[", "]", ",", ":", "\n", " ", "  ", "#c\n", "true", "null", '"', "\\", "@",
 ])  # fmt: skip
 
@@ -784,7 +798,7 @@ def _identifiers(draw: st.DrawFn) -> str:
 
 _ids = _identifiers()
 _names = st.one_of(_ids, st.sampled_from(sorted(KEYWORDS)), st.builds("{}.{}".format, _ids, _ids))
-_step_names = _names.filter(lambda n: n not in ("sequence", "parallel", "for_each", "switch", "flow"))
+_step_names = _names.filter(lambda n: n not in ("sequence", "parallel", "for_each", "switch", "flow", "wait"))
 _durations = st.one_of(st.sampled_from(["10s", "200ms", "1m30s", "5m"]), st.integers(1, 100),
                        st.floats(0.1, 100, allow_nan=False))  # fmt: skip
 
@@ -856,9 +870,14 @@ def _specs(text: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
             group("flow", {"path": text.filter(bool)}, {"with": mappings, "output": _ids, "timeout": _durations}),
         )  # fmt: skip
 
+    waits = st.builds(lambda i, d: {"wait": i, **d}, _ids, st.fixed_dictionaries({}, optional={
+        **common, "signal": _ids, "timeout": _durations, "for": _durations,
+        "output": st.one_of(_ids, st.dictionaries(_ids, text, min_size=1, max_size=2)),
+        "on_failure": st.sampled_from(["continue", "compensate"])}))  # fmt: skip
+
     return st.fixed_dictionaries(
-        {"flowdsl": st.just(1), "name": _ids, "steps": st.lists(st.recursive(steps, groups, max_leaves=8),
-                                                                min_size=1, max_size=4)},
+        {"flowdsl": st.just(1), "name": _ids, "steps": st.lists(st.recursive(st.one_of(steps, waits), groups,
+                                                                             max_leaves=8), min_size=1, max_size=4)},
         optional={
             "version": st.one_of(text, st.integers(), st.floats(allow_nan=False, allow_infinity=False)),
             "description": text, "workers": st.lists(_names, unique=True, max_size=3),

@@ -6,7 +6,8 @@ imports stdlib only.
 The layout is built bottom-up from rectangular blocks that share one axis
 column (where the flow enters and leaves):
 
-- a step is a box (an LLM step a double-lined box); a step with a
+- a step is a box (an LLM step a double-lined box, a wait node a box
+  titled ``⚐``); a step with a
   compensation has a dashed undo box beside it, reached by ``┄┄▷``; in a chain
   of steps the undo boxes line up and ``┆ ▲`` rails join them, pointing
   upwards, so the rollback path reads in reverse; a footer lists the whole
@@ -107,7 +108,7 @@ UNICODE = _Chars(
     line="│", arrow="▼", up="▲", rail_dash="┆", undo_link="┄┄▷", rail="║", rail_arrow="╟─▶ ",
     start="●", end="◉", light=_LIGHT, double=_DOUBLE,
     marks={"succeeded": "✓", "failed": "✗", "passed_over": "↷", "compensated": "↺", "skipped": "⊘",
-           "running": "▶", "pending": "·", "cancelled": "⊗"},
+           "running": "▶", "waiting": "‖", "pending": "·", "cancelled": "⊗"},
 )
 ASCII = _Chars(
     step=_Frame("+", "+", "+", "+", "-", "|", "+"),
@@ -120,7 +121,8 @@ ASCII = _Chars(
     line="|", arrow="v", up="^", rail_dash=":", undo_link="..>", rail="|", rail_arrow="+-> ",
     start="*", end="@", light=None, double=None,
     marks={"succeeded": "[ok]", "failed": "[FAILED]", "passed_over": "[passed over]", "compensated": "[undone]",
-           "skipped": "[skipped]", "running": "[running]", "pending": "[pending]", "cancelled": "[cancelled]"},
+           "skipped": "[skipped]", "running": "[running]", "waiting": "[waiting]", "pending": "[pending]",
+           "cancelled": "[cancelled]"},
 )
 
 
@@ -254,7 +256,8 @@ class _Ascii:
 
     def step_lines(self, key: str, inner_max: int, needs: bool) -> list[str]:
         text = self.view.step_text(key, self.g, needs=needs)
-        state = self.states.steps.get(key, "pending") if self.states is not None else None
+        wait = self.view.kind(key) == "wait"
+        state = self.states.state_of(key, wait=wait) if self.states is not None else None
         title = self.mark(state) + text.title
         if self.states is not None and self.states.iterations.get(key):
             title += f" ×{self.states.iterations[key]}" if self.c is UNICODE else f" x{self.states.iterations[key]}"
@@ -272,7 +275,7 @@ class _Ascii:
         frame = self.c.llm if self.view.kind(key) == "llm" else self.c.step
         undo_lines: list[str] = []
         beside = False
-        if self.view.node(key).get("compensate"):
+        if self.view.is_step(key) and self.view.node(key).get("compensate"):
             undo = self.view.undo_text(key, self.g)
             ustate = self.states.undos.get(key) if self.states is not None else None
             title = self.mark(ustate) + undo.title
@@ -511,7 +514,7 @@ class _Ascii:
     # --- nodes ---------------------------------------------------------------------------
 
     def node(self, key: str, avail: int, *, needs: bool = False, min_inner: int = 0) -> Block:
-        if self.view.is_step(key):
+        if self.view.is_leaf(key):
             return self.step(key, avail, needs=needs, min_inner=min_inner)
         block = self.group(key, avail, needs)
         block.undo_inside = any(self.view.node(k).get("compensate") for k in self.view.steps_in(key))
@@ -556,7 +559,7 @@ class _Ascii:
         view = self.view
         if view.is_chain(keys):
             inner_max = max(min(36, avail - 4), 12)
-            inner = max((width_of(s) for k in keys if view.is_step(k)
+            inner = max((width_of(s) for k in keys if view.is_leaf(k)
                          for s in self.step_lines(k, inner_max, False)), default=0)
             return self.column([self._chain_builder(k, inner) for k in keys], avail)
         graph = _Dag(view, keys)
@@ -866,7 +869,10 @@ class _Ascii:
         if self.states is not None:
             out += ["", *wrap(clean(self.states.caption()).replace("\n", " "), self.width)]  # (read from a record)
             line = " "
+            listed = self.states.legend(view.has_waits())
             for state, mark in c.marks.items():
+                if state not in listed:
+                    continue
                 entry = f" {mark} {state.replace('_', ' ')}"
                 if width_of(line) + width_of(entry) > self.width:
                     out.append(line)

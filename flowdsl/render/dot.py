@@ -7,10 +7,11 @@ Groups are clusters (``cluster:<key>``): a parallel's branches are lanes side
 by side in a dashed cluster, meeting at a ``join`` circle; a for_each opens
 with a trapezium and closes with an inverted one; a switch is a diamond whose
 edges carry the case labels; a sub-flow is a shaded cluster. LLM steps are
-purple hexagons. Each compensation is a dashed orange box kept on its step's
-rank, reached by a dashed ``undo`` edge; the ``then`` edges between undo boxes
-are laid out forwards but drawn with ``dir=back``, so the rollback path reads
-bottom to top beside the flow.
+purple hexagons; wait nodes are blue boxes with clipped corners (``diagonals``),
+a running one drawn ``waiting``. Each compensation is a dashed orange box kept
+on its step's rank, reached by a dashed ``undo`` edge; the ``then`` edges
+between undo boxes are laid out forwards but drawn with ``dir=back``, so the
+rollback path reads bottom to top beside the flow.
 
 Every id is a quoted DOT string (``"step:<key>"``, backslashes and quotes
 escaped) and every label an HTML-like label with ``&<>"`` escaped, so any
@@ -23,15 +24,17 @@ import html
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flowdsl.render.graph import STEP_ROLES, Cluster, Diagram, Edge, Vertex, VertexId, build
+from flowdsl.render.graph import STEP_ROLES, Cluster, Diagram, Edge, Vertex, VertexId, build, walk
 from flowdsl.render.runstate import RunStates
-from flowdsl.render.view import STATES, PlanView, RenderError, clean, wrap
+from flowdsl.render.view import PlanView, RenderError, clean, wrap
 
 _FONT = "Helvetica"
 _LINE = 44
 _VERTEX_ATTRS = {
     "step": 'shape=box, style="rounded,filled", fillcolor="#ffffff", color="#334155"',
     "llm": 'shape=hexagon, style="filled", fillcolor="#f3e8ff", color="#7e22ce"',
+    "wait": 'shape=box, style="filled,diagonals", fillcolor="#f0f9ff", color="#0369a1", fontcolor="#0c4a6e", '
+            'margin="0.15,0.08"',
     "undo": 'shape=box, style="rounded,dashed,filled", fillcolor="#fff7ed", color="#c2410c", fontcolor="#7c2d12"',
     "start": 'shape=box, style="rounded,filled", fillcolor="#e2e8f0", color="#475569"',
     "end": 'shape=box, style="rounded,filled", fillcolor="#e2e8f0", color="#475569"',
@@ -52,6 +55,7 @@ _CLUSTER_ATTRS = {
 _STATE_COLORS = {  # fill, border
     "pending": ("#ffffff", "#cbd5e1"),
     "running": ("#dbeafe", "#1d4ed8"),
+    "waiting": ("#ccfbf1", "#0f766e"),
     "succeeded": ("#dcfce7", "#15803d"),
     "failed": ("#fee2e2", "#b91c1c"),
     "passed_over": ("#fefce8", "#a16207"),
@@ -59,7 +63,7 @@ _STATE_COLORS = {  # fill, border
     "skipped": ("#f3f4f6", "#9ca3af"),
     "cancelled": ("#fef3c7", "#b45309"),
 }
-_ROLE_PREFIX = {"step": "step", "llm": "llm", "undo": "undo", "join": "join", "fanout": "fanout",
+_ROLE_PREFIX = {"step": "step", "llm": "llm", "wait": "wait", "undo": "undo", "join": "join", "fanout": "fanout",
                 "gather": "gather", "decision": "switch", "merge": "merge", "empty": "empty",
                 "start": "flow", "end": "flow"}
 
@@ -138,7 +142,7 @@ class _Writer:
         state = None
         if self.states is not None:
             if v.role in STEP_ROLES:
-                state = self.states.steps.get(v.key, "pending")
+                state = self.states.state_of(v.key, wait=v.role == "wait")
             elif v.role == "undo":
                 state = self.states.undos.get(v.key)
         if state is not None:
@@ -163,7 +167,8 @@ class _Writer:
         self.out.append('    subgraph "cluster:legend" {')
         self.out.append(f'        graph [style="rounded", color="#94a3b8", label={html_label(caption)}];')
         names = []
-        for state in STATES:
+        waits = any(v.role == "wait" for v in walk(self.d.items))
+        for state in self.states.legend(waits) if self.states is not None else ():
             fill, border = _STATE_COLORS[state]
             name = quote(f"legend:{state}")
             names.append(name)

@@ -6,7 +6,8 @@ imports stdlib only.
 How a plan becomes a graph:
 
 - a step is a vertex (``step`` or ``llm``); a step with a compensation gets an
-  ``undo`` vertex beside it and a dashed ``undo`` edge to it;
+  ``undo`` vertex beside it and a dashed ``undo`` edge to it; a wait node is a
+  ``wait`` vertex (never compensated);
 - every group is a cluster holding its children; a parallel's branches are
   lanes inside it, side by side, closed by a ``join`` vertex; a for_each opens
   with a ``fanout`` vertex and closes with a ``gather`` vertex; a switch opens
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 from flowdsl.render.view import Glyphs, PlanView
 
 VertexId = tuple[str, str]
-#: vertex roles that stand for a step (coloured by the step's run state)
-STEP_ROLES = ("step", "llm")
+#: vertex roles that stand for a leaf of the flow, a step or a wait (coloured by its run state)
+STEP_ROLES = ("step", "llm", "wait")
+_ROLE_OF_KIND = {"llm": "llm", "wait": "wait"}
 
 
 @dataclass
@@ -113,11 +115,11 @@ class _Builder:
 
     def build_node(self, key: str, items: list[Vertex | Cluster]) -> tuple[list[VertexId], list[VertexId]]:
         view, kind = self.view, self.view.kind(key)
-        if view.is_step(key):
+        if view.is_leaf(key):
             text = view.step_text(key, self.g)
-            v = Vertex("llm" if kind == "llm" else "step", key, text.title, text.lines, text.policy)
+            v = Vertex(_ROLE_OF_KIND.get(kind, "step"), key, text.title, text.lines, text.policy)
             items.append(v)
-            if view.node(key).get("compensate"):
+            if view.is_step(key) and view.node(key).get("compensate"):
                 undo = view.undo_text(key, self.g)
                 u = Vertex("undo", key, undo.title, undo.lines, undo.policy)
                 items.append(u)

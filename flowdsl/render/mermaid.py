@@ -6,7 +6,8 @@ imports stdlib only.
 Groups are subgraphs; a parallel's branches sit side by side inside its
 subgraph and meet at a ``join`` circle; a for_each opens with a trapezoid
 (what it iterates, how many at once) and closes with an inverted one; a switch
-is a rhombus whose edges carry the case labels. LLM steps are hexagons. Each
+is a rhombus whose edges carry the case labels. LLM steps are hexagons; wait
+nodes are blue flag shapes (``>"..."]``), a running one drawn ``waiting``. Each
 compensation is a dashed orange box reached from its step by a dashed ``undo``
 edge; dashed ``then`` edges chain the undo boxes in rollback order, from the
 last step's undo to the first's. Mermaid has no backwards edge (``<-.-`` parses
@@ -32,25 +33,27 @@ from typing import Any
 
 from flowdsl.render.graph import STEP_ROLES, Cluster, Diagram, Edge, Vertex, VertexId, build, walk
 from flowdsl.render.runstate import RunStates
-from flowdsl.render.view import STATES, PlanView, clean, fenced, wrap
+from flowdsl.render.view import PlanView, clean, fenced, wrap
 
 #: prefix of each vertex role's ids (distinct, so ids of different roles never collide)
-_PREFIX = {"step": "s_", "llm": "l_", "undo": "u_", "join": "j_", "fanout": "f_", "gather": "g_",
+_PREFIX = {"step": "s_", "llm": "l_", "wait": "w_", "undo": "u_", "join": "j_", "fanout": "f_", "gather": "g_",
            "decision": "d_", "merge": "m_", "empty": "e_", "start": "flow_start", "end": "flow_end"}
-_SHAPE = {"step": ('["', '"]'), "llm": ('{{"', '"}}'), "undo": ('["', '"]'), "join": ('(("', '"))'),
-          "fanout": ('[/"', '"\\]'), "gather": ('[\\"', '"/]'), "decision": ('{"', '"}'),
+_SHAPE = {"step": ('["', '"]'), "llm": ('{{"', '"}}'), "wait": ('>"', '"]'), "undo": ('["', '"]'),
+          "join": ('(("', '"))'), "fanout": ('[/"', '"\\]'), "gather": ('[\\"', '"/]'), "decision": ('{"', '"}'),
           "merge": ('(("', '"))'), "empty": ('["', '"]'), "start": ('(["', '"])'), "end": ('(["', '"])')}
 _ENTITIES = {'"': "#quot;", "#": "#35;", "%": "#37;", "&": "#amp;", "<": "#lt;", ">": "#gt;", "`": "#96;",
              "|": "#124;"}
 _KIND_CLASSES = {
     "step": "fill:#ffffff,stroke:#334155,color:#0f172a",
     "llm": "fill:#f3e8ff,stroke:#7e22ce,color:#3b0764",
+    "wait": "fill:#f0f9ff,stroke:#0369a1,color:#0c4a6e",
     "undo": "fill:#fff7ed,stroke:#c2410c,color:#7c2d12,stroke-dasharray:5 4",
     "control": "fill:#f1f5f9,stroke:#64748b,color:#334155",
 }
 _STATE_CLASSES = {
     "pending": "fill:#ffffff,stroke:#cbd5e1,color:#64748b",
     "running": "fill:#dbeafe,stroke:#1d4ed8,color:#1e3a8a,stroke-width:2px",
+    "waiting": "fill:#ccfbf1,stroke:#0f766e,color:#134e4a,stroke-width:2px,stroke-dasharray:6 3",
     "succeeded": "fill:#dcfce7,stroke:#15803d,color:#14532d",
     "failed": "fill:#fee2e2,stroke:#b91c1c,color:#7f1d1d,stroke-width:2px",
     "passed_over": "fill:#fefce8,stroke:#a16207,color:#713f12,stroke-dasharray:5 3",
@@ -122,6 +125,8 @@ class _Writer:
         self.d = diagram
         self.states = states
         self.out: list[str] = []
+        waits = any(v.role == "wait" for v in walk(diagram.items))
+        self.legend_states = states.legend(waits) if states is not None else ()
 
     def vertex(self, v: Vertex, indent: str) -> None:
         open_, close = _SHAPE[v.role]
@@ -149,7 +154,7 @@ class _Writer:
         for e in self.d.edges:
             self.out.append(self.edge(e))
         if self.states is not None:  # invisible links keep the legend on one row (after the edges: linkStyle counts)
-            self.out.append("    " + " ~~~ ".join(f"legend_{state}" for state in STATES))
+            self.out.append("    " + " ~~~ ".join(f"legend_{state}" for state in self.legend_states))
         self.styles()
         return "\n".join(self.out) + "\n"
 
@@ -157,7 +162,7 @@ class _Writer:
         caption = self.states.caption() if self.states is not None else "run"
         self.out.append(_guard(f'    subgraph run_legend["{label(caption)}"]'))
         self.out.append("        direction LR")
-        for state in STATES:
+        for state in self.legend_states:
             self.out.append(f'        legend_{state}["{text(state.replace("_", " "))}"]')
         self.out.append("    end")
 
@@ -167,7 +172,7 @@ class _Writer:
         for v in vertices:
             classes.setdefault(self.class_of(v), []).append(_vid(v.id))
         if self.states is not None:
-            for state in STATES:
+            for state in self.legend_states:
                 classes.setdefault("st_" + state, []).append(f"legend_{state}")
         for name, style in [*_KIND_CLASSES.items(), *(("st_" + k, s) for k, s in _STATE_CLASSES.items())]:
             if name in classes:
@@ -181,7 +186,7 @@ class _Writer:
     def class_of(self, v: Vertex) -> str:
         if self.states is not None:
             if v.role in STEP_ROLES:
-                return "st_" + self.states.steps.get(v.key, "pending")
+                return "st_" + self.states.state_of(v.key, wait=v.role == "wait")
             if v.role == "undo" and v.key in self.states.undos:
                 return "st_" + self.states.undos[v.key]
         if v.role in STEP_ROLES or v.role == "undo":

@@ -12,9 +12,12 @@ without a ``step``) and may end with a ``runtime_aborted`` line; both are
 understood or ignored. A step's state is its last event's: an attempt that
 failed and is retried is running again.
 Iterations of a for_each body step aggregate onto the body step's node: the
-worst state wins (failed, then cancelled, running, passed over, compensated,
+worst state wins (failed, then cancelled, running, waiting, passed over, compensated,
 succeeded, skipped, pending). A step that failed and that the run went on without (``on_failure: continue``,
-its ``step_failed`` event ``continued``) is ``passed_over``.
+its ``step_failed`` event ``continued``) is ``passed_over``. A wait node that has started and not ended (it
+waits for its signal or its timer) is ``waiting``; a group holding one is ``running``. The signal events
+(``signal_received``, ``signal_buffered``, ``signal_rejected``) change no state: the wait's own ``step_*``
+events do.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ COMPENSATION_EVENTS = {
     "compensation_succeeded": "compensated", "compensation_failed": "failed",
 }
 #: aggregation order over iterations: the first state present wins
-_PRIORITY = ("failed", "cancelled", "running", "passed_over", "compensated", "succeeded", "skipped", "pending")
+_PRIORITY = ("failed", "cancelled", "running", "waiting", "passed_over", "compensated", "succeeded", "skipped",
+             "pending")
 _ITERATION = re.compile(r"\[\d+\]")
 
 
@@ -59,6 +63,17 @@ class RunStates:
     run_id: str | None = None
     status: str | None = None
     iterations: dict[str, int] = field(default_factory=dict)
+
+    def state_of(self, key: str, *, wait: bool = False) -> str:
+        """The state node ``key`` is drawn in (``pending`` when none is given); a wait node (``wait``)
+        given as ``running`` is drawn ``waiting``."""
+        state = self.steps.get(key, "pending")
+        return "waiting" if wait and state == "running" else state
+
+    def legend(self, waits: bool) -> tuple[str, ...]:
+        """The states a legend lists, in :data:`~flowdsl.render.view.STATES` order: all of them, ``waiting``
+        only for a plan with wait nodes (``waits``) or when a node is given that state."""
+        return tuple(s for s in STATES if s != "waiting" or waits or "waiting" in self.steps.values())
 
     def caption(self) -> str:
         """``run r-1: compensated`` — the legend's title."""
@@ -134,11 +149,13 @@ def derive_states(plan: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) 
     for key in view.all_keys():
         states = instances.get(key, {})
         steps[key] = _worst(states.values())
+        if steps[key] == "running" and view.kind(key) == "wait":
+            steps[key] = "waiting"
         if view.node(key).get("scope") is not None and len(states) > 1:
             counts[key] = len(states)
-    for key in view.all_keys():  # groups without events of their own take their children's
-        if key not in instances and not view.is_step(key):
-            kids = [steps[k] for k in view.children(key)]
+    for key in reversed(view.all_keys()):  # groups without events of their own take their children's (inner first)
+        if key not in instances and not view.is_leaf(key):
+            kids = ["running" if steps[k] == "waiting" else steps[k] for k in view.children(key)]
             steps[key] = _worst(kids) if any(s != "pending" for s in kids) else "pending"
     undos = {key: _undo_worst(states.values()) for key, states in sorted(undo_instances.items())}
     return RunStates(steps=steps, undos=undos, run_id=run_id, status=status, iterations=counts)

@@ -17,9 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: the states a step can be drawn in (see :mod:`flowdsl.render.runstate`)
-STATES = ("pending", "running", "succeeded", "failed", "passed_over", "compensated", "skipped", "cancelled")
+#: the states a step can be drawn in (see :mod:`flowdsl.render.runstate`); ``waiting`` is a wait node's running
+STATES = ("pending", "running", "waiting", "succeeded", "failed", "passed_over", "compensated", "skipped",
+          "cancelled")
+#: the node kinds that run a worker (retries, timeouts, compensations)
 STEP_KINDS = ("task", "llm")
+#: the node kinds that are leaves of the flow graph, drawn as one box each: the steps and the wait nodes
+LEAF_KINDS = (*STEP_KINDS, "wait")
 GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
 
 
@@ -48,8 +52,9 @@ class StepText:
     policy: str | None
 
 
-#: the plan layouts this renderer draws (docs/plan.md; 2 added a step's ``on_failure``, drawn with its policies)
-PLAN_VERSIONS = (1, 2)
+#: the plan layouts this renderer draws (docs/plan.md; 2 added a step's ``on_failure``, drawn with its policies;
+#: 3 the ``wait`` nodes)
+PLAN_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,15 @@ class Glyphs:
     sep: str
     le: str
     times: str
+    wait: str
 
     @classmethod
     def pick(cls, ascii_only: bool) -> Glyphs:
         if ascii_only:
             return cls(llm="[LLM]", retry="retry ", timeout="timeout ", arrow="->", undo="undo:", sep=", ",
-                       le="<=", times="x")
-        return cls(llm="✦ LLM", retry="↻", timeout="◷", arrow="→", undo="↶", sep=" · ", le="≤", times="×")
+                       le="<=", times="x", wait="[wait]")
+        return cls(llm="✦ LLM", retry="↻", timeout="◷", arrow="→", undo="↶", sep=" · ", le="≤", times="×",
+                   wait="⚐")
 
 
 def format_ms(ms: int | float | None) -> str:
@@ -80,13 +87,12 @@ def format_ms(ms: int | float | None) -> str:
     ms = int(ms)
     if ms < 1000:
         return f"{ms}ms"
-    if ms % 1000:
+    if ms % 1000 and ms < 60_000:
         return f"{ms / 1000:g}s"
-    seconds = ms // 1000
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
-    return "".join(parts)
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:g}s" if rest else ""  # (a fraction only in the last part, as the language writes it)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + secs
 
 
 def retry_text(retry: Mapping[str, Any] | None, glyphs: Glyphs) -> str | None:
@@ -310,7 +316,16 @@ class PlanView:
         return str(self.nodes[key].get("kind"))
 
     def is_step(self, key: str) -> bool:
+        """A node that runs a worker (task, llm): the only kind with retries, timeouts and compensations."""
         return self.kind(key) in STEP_KINDS
+
+    def is_leaf(self, key: str) -> bool:
+        """A node drawn as one box, with no lists of its own: a step or a wait."""
+        return self.kind(key) in LEAF_KINDS
+
+    def has_waits(self) -> bool:
+        """Whether any node of the plan is a wait (the run-state legends show ``waiting`` only then)."""
+        return any(isinstance(n, Mapping) and n.get("kind") == "wait" for n in self.nodes.values())
 
     def lanes(self, key: str) -> list[Lane]:
         """The sibling lists of a group, in drawing order (a parallel has one lane per branch)."""
@@ -386,8 +401,11 @@ class PlanView:
 
     def step_text(self, key: str, glyphs: Glyphs, *, needs: bool = False) -> StepText:
         """Title, detail lines and policy line of a step (in every form: a ``worker:`` line when the
-        worker is not the step's id); ``needs`` lists the step's dependencies."""
+        worker is not the step's id); ``needs`` lists the step's dependencies. A wait node's are
+        :meth:`wait_text`'s."""
         node = self.nodes[key]
+        if node.get("kind") == "wait":
+            return self.wait_text(key, glyphs, needs=needs)
         title = str(node.get("id") or key)
         lines: list[str] = []
         if node.get("kind") == "llm":
@@ -406,6 +424,22 @@ class PlanView:
         if node.get("fail_when"):
             lines.append(f"fail when: {self.expr(node['fail_when'])}")
         return StepText(title, tuple(lines), policy_text(node, glyphs))
+
+    def wait_text(self, key: str, glyphs: Glyphs, *, needs: bool = False) -> StepText:
+        """A wait node's box: ``⚐ id``, then ``wait for signal 'x'`` (its deadline, ``up to 30m``, on the
+        policy line, with ``on failure: continue``) or, for a timer, ``wait 2h``; no worker, retry or undo."""
+        node = self.nodes[key]
+        policy: list[str] = []
+        if node.get("signal") is None:
+            what = f"wait {format_ms(node.get('delay_ms'))}"
+        else:
+            what = f"wait for signal '{clean(node['signal'])}'"
+            if node.get("timeout_ms"):
+                policy.append(f"up to {format_ms(node['timeout_ms'])}")
+        if node.get("on_failure") == "continue":
+            policy.append("on failure: continue")
+        title = f"{glyphs.wait} {node.get('id') or key}"
+        return StepText(title, (what, *self.common_lines(key, needs=needs)), glyphs.sep.join(policy) or None)
 
     def common_lines(self, key: str, *, needs: bool = False) -> list[str]:
         """Lines every node may carry: its description, its ``when``, its ``needs``."""
@@ -498,7 +532,7 @@ class PlanView:
         everything before the list, so nothing else counts — or, when there are none, its group's.
         """
         lists: list[tuple[str | None, tuple[str, ...]]] = [(None, self.root)]
-        lists += [(k, tuple(self.children(k))) for k in self.all_keys() if not self.is_step(k)]
+        lists += [(k, tuple(self.children(k))) for k in self.all_keys() if not self.is_leaf(k)]
         last: dict[str, tuple[str, ...]] = {
             k: (k,) for k in self.steps() if self.nodes[k].get("compensate")}
         nearest: dict[str, tuple[str, ...]] = {}

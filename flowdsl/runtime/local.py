@@ -1,13 +1,11 @@
 """The local runtime: one run, in-process, on asyncio — a thin I/O shell around the kernel.
 
-Stage: runtime backend. Imports the kernel, ``flowdsl.runtime.execute`` (to
-carry out dispatches), ``.plancheck`` (the shape of a plan handed in), ``.inputs`` (:func:`check_input`),
-``.record`` (run records), ``.report`` (the result
-object), ``.late`` (the ``late_grace`` bound), ``.signals``, ``flowdsl.workers`` and the modules of
-:class:`LocalRun` listed below (``.local_stop`` imports ``.summary``, for its ``show_command``; no rich at
-import). It decides nothing about
-the run: every decision is the kernel's (docs/kernel.md); this module turns
-its commands into asyncio work and the outcomes back into input events::
+Stage: runtime backend. Imports the kernel, ``flowdsl.runtime.execute`` (to carry out dispatches), ``.plancheck``
+(the shape of a plan handed in), ``.inputs`` (:func:`check_input`), ``.record`` (run records), ``.report`` (the
+result object), ``.late`` (the ``late_grace`` bound), ``.signals``, ``flowdsl.workers`` and the modules of
+:class:`LocalRun` listed below (``.local_stop`` imports ``.summary``, for its ``show_command``; no rich at import).
+It decides nothing about the run: every decision is the kernel's (docs/kernel.md); this module turns its commands
+into asyncio work and the outcomes back into input events::
 
     dispatch        -> an asyncio task awaiting execute(); its answer is fed back
     schedule_timer  -> loop.call_later(...) feeding timer_fired (a deadline held a few turns for an answer
@@ -26,29 +24,26 @@ its commands into asyncio work and the outcomes back into input events::
                        ``late_grace`` seconds: what has not answered then is in doubt
                        (``RunResult.in_doubt``)
 
-Input events carry ``at`` = the wall clock in integer milliseconds (a
-monotonic clock anchored at the run's start). Every input event and every
-emitted event goes to the run record (``.flowdsl/runs/<run_id>.jsonl``, after
-a header with the plan and the input), so ``kernel.replay`` over the recorded
-input events reproduces the run's decisions exactly.
+Input events carry ``at`` = the wall clock in integer milliseconds (a monotonic clock anchored at the run's start).
+Every input event — a ``signal`` sent to a wait (:meth:`LocalRun.signal`) too — and every emitted event goes to the
+run record (``.flowdsl/runs/<run_id>.jsonl``, after a header with the plan and the input), so ``kernel.replay``
+over the recorded input events reproduces the run's decisions exactly.
 
 Cancelling: :meth:`LocalRun.cancel` (and, with ``handle_sigint``, the first
 Ctrl-C; with ``handle_sigterm``, the first SIGTERM or SIGHUP) feeds ``cancel_requested``: in-flight steps are
 cancelled and every completed step with a compensation is undone, then the run ends ``cancelled``.
 :meth:`LocalRun.abort` (a second Ctrl-C or SIGTERM — a SIGHUP never counts —, or cancelling the task awaiting
-the run) stops at once, compensating nothing; the record then ends with a
-``runtime_aborted`` line. Either one asked before the run has started is
-held: a cancel is applied as the run starts (its first dispatches are held,
-never carried out, and answered ``task_cancelled``), an abort makes
-:meth:`LocalRun.run` raise at once.
+the run) stops at once, compensating nothing; the record then ends with a ``runtime_aborted`` line. Either one
+asked before the run has started is held: a cancel is applied as the run starts (its first dispatches are held,
+never carried out, and answered ``task_cancelled``), an abort makes :meth:`LocalRun.run` raise at once.
 
-A record write that fails mid-run (a full disk) closes the record and the run
-goes on unrecorded (``RunResult.record_error`` says why): a run must never
-stop half-way, its state moved on and its commands not carried out.
+A record write that fails mid-run (a full disk) closes the record and the run goes on unrecorded
+(``RunResult.record_error`` says why): a run must never stop half-way, its state moved on and its commands not
+carried out.
 
 The run is :class:`LocalRun`: here its options, :meth:`LocalRun.run` and the feeding loop (each input event
 applied through the kernel, what it decided recorded and carried out, a dispatch started), and the entry points
-(:func:`run_flow`, :func:`run`, :func:`check_input`). The rest of it is in modules of their own, four mixins of
+(:func:`run_flow`, :func:`run`, :func:`check_input`). The rest of it is in modules of their own, five mixins of
 :class:`LocalRun` and the errors they share; of one another they import only the attempt (``.local_attempts``)
 and ``RunAborted`` (``.local_errors``), and only this module puts them together:
 
@@ -59,6 +54,8 @@ and ``RunAborted`` (``.local_errors``), and only this module puts them together:
 - :mod:`.local_stop` — :meth:`LocalRun.cancel`, :meth:`LocalRun.abort`, a hard failure, and Ctrl-C, SIGTERM and
   SIGHUP;
 - :mod:`.local_record` — the run record: created whole, written, given up when a write fails;
+- :mod:`.local_waits` — signals sent to the run (:meth:`LocalRun.signal`, ``signals=``) and what the run says of
+  its waits;
 - :mod:`.local_errors` — :class:`RunAborted`, :class:`WorkersMissing` and :class:`RunIdInUse`, and the run ids
   in progress in this process.
 
@@ -110,6 +107,7 @@ from flowdsl.runtime.local_late import CANCEL_SETTLE as CANCEL_SETTLE
 from flowdsl.runtime.local_record import NOTICED as NOTICED
 from flowdsl.runtime.local_record import Recording
 from flowdsl.runtime.local_stop import Stopping
+from flowdsl.runtime.local_waits import Signalling, SignalOutcome, Signals, SignalSent
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import RunRecorder, check_records_dir, check_run_id, new_run_id, record_path
 from flowdsl.runtime.report import NOT_STARTED, RunResult
@@ -120,8 +118,8 @@ if TYPE_CHECKING:
     from flowdsl.runtime.resume import Resumption
 
 __all__ = ["ABANDON_S", "LATE_GRACE", "RECORDED_INPUTS", "TERM_SIGNALS", "InputError", "LocalRun", "RunAborted",
-           "RunIdInUse", "WorkersMissing", "check_input", "new_run_id", "run", "run_flow", "run_on_new_loop",
-           "signal_said"]
+           "RunIdInUse", "SignalOutcome", "SignalSent", "WorkersMissing", "check_input", "new_run_id", "run",
+           "run_flow", "run_on_new_loop", "signal_said"]
 
 #: the record lines that are kernel input events (``start`` first): what ``kernel.replay`` takes
 RECORDED_INPUTS = frozenset({"start", *INPUT_EVENTS})
@@ -137,17 +135,16 @@ _BURST = 64
 _log = logging.getLogger("flowdsl.local")
 
 
-class LocalRun(Attempts, LateAnswers, Stopping, Recording):
+class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
     """One run of a plan on the running event loop. Create it, then ``await run.run()`` once.
 
-    Parameters are those of :func:`run_flow`. Raises ``TypeError`` when ``plan``
-    is not a dict or ``run_input`` not a dict, ``PlanError`` (a ``ValueError``)
-    naming the field when ``plan`` is not shaped like an execution plan,
-    :class:`WorkersMissing` when a worker the plan names is not registered,
+    Parameters are those of :func:`run_flow`. Raises ``TypeError`` when ``plan`` is not a dict or ``run_input``
+    not a dict, ``PlanError`` (a ``ValueError``) naming the field when ``plan`` is not shaped like an execution
+    plan, :class:`WorkersMissing` when a worker the plan names is not registered,
     :class:`~flowdsl.runtime.inputs.InputError` (a ``ValueError``) for a run input that is not JSON, ``ValueError``
-    for a bad run id, ``FileExistsError`` when a record
-    for ``run_id`` already exists, and ``WorkerImportError`` when
-    ``import_workers`` is true and a worker module of the plan cannot be imported.
+    for a bad run id, ``FileExistsError`` when a record for ``run_id`` already exists, ``WorkerImportError`` when
+    ``import_workers`` is true and a worker module of the plan cannot be imported, and what :meth:`signal` raises
+    for one of ``signals``.
     """
 
     def __init__(self, plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
@@ -156,7 +153,8 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording):
                  seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
                  spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-                 late_grace: float | None = None, resumption: Resumption | None = None):
+                 late_grace: float | None = None, resumption: Resumption | None = None,
+                 signals: Signals | None = None):
         require_plan(plan)
         if not isinstance(run_input, dict):
             raise TypeError(f"run_input must be a dict (a JSON object); got {type(run_input).__name__}")
@@ -197,6 +195,7 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording):
         with _PREPARING:  # the kernel's indexes of the plan, built once (cached by the plan's identity) and handed
             self._program = prepare(plan)  # to every apply(): not looked up again at each event
         self.run_id = run_id if run_id is not None else new_run_id(plan)
+        self._init_signals(signals)
         if self.run_id in _LIVE:  # (checked again, and taken, as the run starts: run())
             raise RunIdInUse(self.run_id)
         #: the run read back from its record, to go on with (:func:`flowdsl.runtime.resume.resume_flow`), or None;
@@ -287,6 +286,7 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording):
             return await self._run()
         finally:
             _release_id(self.run_id)
+            self._signals_unsent()
 
     async def _run(self) -> RunResult:
         # before the run's clock starts (a cancel or abort meanwhile is one asked before the start)
@@ -335,6 +335,7 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording):
                 self._fail_hard(exc)
             finally:
                 self._draining = self._holding = False
+            self._send_held(self._resume is not None)
             if self._early is not None and not self._finished:
                 self._inbox.append({"type": "cancel_requested", "reason": self._early[1]})
             self._drain()
@@ -461,6 +462,8 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording):
             except Exception as exc:  # not only OSError: a line the encoder refuses must not stop the run either
                 self._record_failed(exc)
         self.events.extend(events)
+        if cause is not None and cause["type"] == "signal":
+            self._signal_answered(cause, events)
         hook = self.on_event
         if hook is not None:
             for event in events:
@@ -476,6 +479,8 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording):
                     break
             if self._finished:
                 return  # the hook stopped the run at once (abort()): nothing more of this decision is carried out
+        if self._program.signals:
+            self._say_waits(events)
         for command in decision.commands:
             op = command["op"]
             if op == "dispatch":
@@ -534,7 +539,7 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
                    handle_sigint: bool = False, import_workers: bool = True,
                    lms: Mapping[str, object] | None = None,
                    spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-                   late_grace: float | None = None) -> RunResult:
+                   late_grace: float | None = None, signals: Signals | None = None) -> RunResult:
     """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
 
     - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
@@ -565,6 +570,10 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       completion (the run turns ``needs_intervention``); what has not answered by then (or when a stop signal,
       ``cancel()`` or ``abort()`` ends the wait) is listed in ``RunResult.in_doubt``. Default
       ``$FLOWDSL_LATE_GRACE``, else :data:`LATE_GRACE` (30 s); 0 does not wait.
+    - ``signals``: signals sent to the run as it starts, before anything else — a mapping name -> payload (a JSON
+      object, or None), or a list of names and ``(name, payload)`` pairs —, each kept until its wait starts
+      (docs/runtime.md, "Waits and signals"); checked first, as :meth:`LocalRun.signal` checks one. To send one
+      while the run goes, create a :class:`LocalRun` and call its ``signal()``.
 
     Cancelling the task that awaits this (``asyncio.wait_for``, ``asyncio.timeout``, a shutdown) aborts the run
     at once (nothing is compensated), logs a WARNING on ``flowdsl.local`` naming the run, its record and what is
@@ -574,7 +583,8 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
     return await LocalRun(plan, run_input, run_id=run_id, lm=lm, record=record, runs_dir=runs_dir,
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
                           handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
-                          spec_path=spec_path, handle_sigterm=handle_sigterm, late_grace=late_grace).run()
+                          spec_path=spec_path, handle_sigterm=handle_sigterm, late_grace=late_grace,
+                          signals=signals).run()
 
 
 def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
@@ -583,7 +593,7 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
         seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
         handle_sigint: bool | None = None, import_workers: bool = True, lms: Mapping[str, object] | None = None,
         spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-        late_grace: float | None = None) -> RunResult:
+        late_grace: float | None = None, signals: Signals | None = None) -> RunResult:
     """:func:`run_flow` on a new event loop (:func:`run_on_new_loop`), with the same options; ``handle_sigint``
     defaults to on in the main thread, ``handle_sigterm`` to off (SIGTERM stays the application's). Inside a
     running event loop (``async`` code), ``await`` :func:`run_flow` instead: this raises ``RuntimeError``
@@ -598,4 +608,4 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
                                     on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
                                     adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
                                     lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm,
-                                    late_grace=late_grace))
+                                    late_grace=late_grace, signals=signals))

@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Attempts"]
 
-#: the timers that are deadlines: an answer already due when one fires is fed first (:meth:`LocalRun._fire`)
-_DEADLINES = frozenset({"attempt_timeout", "run_timeout", "flow_timeout"})
+#: the timers that are deadlines: an answer already due when one fires is fed first (:meth:`LocalRun._fire`); a
+#: wait's deadline fired late, likewise a signal sent before it, still in the loop's queue
+_DEADLINES = frozenset({"attempt_timeout", "run_timeout", "flow_timeout", "wait_timeout"})
 #: milliseconds past its due time after which a deadline fires late (the loop was held up): it then lets the loop
 #: turn :data:`_LATE_TURNS` times first (a timer on time fires at most a millisecond or two late)
 _LATE_MS = 20

@@ -38,9 +38,9 @@ from flowdsl.schema import data_file
 
 __all__ = ["PLAN_VERSION", "PlanError", "check_plan", "checked_problem", "plan_problem", "plan_schema", "vouch"]
 
-#: the newest plan layout this code reads (``plan_version``: 1, and 2 with a step's ``on_failure``; the compiler
-#: writes the oldest that holds a plan)
-PLAN_VERSION = 2
+#: the newest plan layout this code reads (``plan_version``: 1, 2 with a step's ``on_failure``, 3 with a ``wait``
+#: node; the compiler writes the oldest that holds a plan)
+PLAN_VERSION = 3
 
 
 class PlanError(ValueError):
@@ -156,11 +156,26 @@ def plan_problem(plan: Any) -> str | None:
         problem = _schema_problem(plan)
         if problem is not None:
             return problem
+    return _layout_problem(plan) or next(_dangling(plan), None) or _tree_problem(plan)
+
+
+def _layout_problem(plan: dict[str, Any]) -> str | None:
+    """What a plan of the schema's shape holds that its ``plan_version`` did not have yet (a wait node before 3, a
+    step's ``on_failure`` before 2), or a wait node that is neither a signal wait nor a timer wait."""
+    version = plan["plan_version"]
+    waits = [key for key, node in plan["nodes"].items() if node["kind"] == "wait"]
+    if waits and version < 3:
+        return f"'nodes/{waits[0]}' is a wait node, which plan_version 3 brought: the plan's plan_version must be 3"
+    for key in waits:
+        node = plan["nodes"][key]
+        if (node["signal"] is None) == (node["delay_ms"] is None):
+            return (f"'nodes/{key}' must have either a 'signal' (a signal wait) or a 'delay_ms' (a timer wait), "
+                    f"found {'neither' if node['signal'] is None else 'both'}")
     if version == 1:
         later = next((key for key, node in plan["nodes"].items() if "on_failure" in node), None)
         if later is not None:
             return f"'nodes/{later}' has 'on_failure', which plan_version 2 brought: the plan's plan_version must be 2"
-    return next(_dangling(plan), None) or _tree_problem(plan)
+    return None
 
 
 def _well_shaped(plan: dict[str, Any]) -> bool:
@@ -199,7 +214,7 @@ def _schema_problem(plan: dict[str, Any]) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def plan_schema() -> dict[str, Any]:
-    """The JSON Schema of an execution plan (``plan_version`` 1)."""
+    """The JSON Schema of an execution plan (``plan_version`` 1 to 3)."""
     schema: dict[str, Any] = json.loads(data_file("plan.schema.json", "specs").read_text(encoding="utf-8"))
     return schema
 

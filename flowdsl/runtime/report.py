@@ -134,6 +134,17 @@ class RunResult:
         """As :func:`exit_code` of the status; 4 (a person must look) when a step's outcome is in doubt."""
         return EXIT_CODES["needs_intervention"] if self.in_doubt else exit_code(self.status)
 
+    def _wait_fields(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """A wait's row adds the ``signal`` it takes (null for a timer) and ``wait_ms`` (its timer's delay, or its
+        signal's deadline, or null); a wait that waits is ``waiting`` (the kernel's ``running``)."""
+        node = (self.plan.get("nodes") or {}).get(row["node"]) or {}
+        signal = row.get("signal", node.get("signal"))
+        fields: dict[str, Any] = {"signal": signal,
+                                  "wait_ms": node.get("delay_ms") if signal is None else node.get("timeout_ms")}
+        if row["status"] == "running":
+            fields["status"] = "waiting"
+        return fields
+
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object: ``run_id``, ``status``, ``context``, ``steps``, ``compensated``,
         ``events``, plus ``flow``, ``error``, ``failed_step``, ``intervention``, ``in_doubt``, times, ``timing``,
@@ -142,7 +153,8 @@ class RunResult:
         (``aborted``) has ``status`` ``"aborted"``, ``stopped_in`` the state it stopped in and ``aborted`` the
         reason; its ``intervention`` lists what is left to undo by hand. So does a run whose process is gone
         (``crashed``): ``status`` ``"crashed"``, ``stopped_in``, and ``crashed`` saying which process. ``resumed``
-        lists each time another process took the run up again (``flowdsl resume``; ``[]`` when never)."""
+        lists each time another process took the run up again (``flowdsl resume``; ``[]`` when never). A wait's row
+        in ``steps`` also has ``signal`` and ``wait_ms``, and the status ``waiting`` while it waits."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -154,6 +166,8 @@ class RunResult:
                 item["continued"] = True
                 if row.get("completed_late"):
                     item["completed_late"] = True
+            if row["kind"] == "wait":
+                item.update(self._wait_fields(row))
             steps[key] = item
         stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else \
             {"stopped_in": self.status, "crashed": self.crashed} if self.crashed is not None else {}

@@ -203,9 +203,11 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
             armed[command["timer_id"]] = command
     dispatches = [dispatched[t] for t in state["tasks"] if t in dispatched]
     timers = [armed[t] for t in state["timers"] if t in armed]
-    if not dispatches and not timers:  # (the kernel never leaves a live run waiting on nothing)
-        raise RecordError(f"{path}: the run is {status} with no attempt in flight and no timer armed: its record "
-                          "does not say what the run waited for, and it cannot go on from there")
+    if not dispatches and not timers and not state.get("waits"):  # (the kernel never leaves a live run waiting on
+        # nothing but a wait for a signal, which holds no timer without its deadline)
+        raise RecordError(f"{path}: the run is {status} with no attempt in flight, no timer armed and no wait "
+                          "waiting for a signal: its record does not say what the run waited for, and it cannot go "
+                          "on from there")
     before = process if process is not None else judge(owner_of(header, lines))
     who = f" (pid {before.pid} on {before.host})" if before.pid is not None else ""
     stopped = {"crashed": f"its process{who} died", "aborted": f"the run was stopped at once in its process{who}",
@@ -233,7 +235,7 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
                       on_event: Any = None, on_notice: Any = None, registry: Any = None, adapter: object | None = None,
                       handle_sigint: bool = False, import_workers: bool = True, lms: Any = None,
                       spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-                      late_grace: float | None = None, force: bool = False) -> Any:
+                      late_grace: float | None = None, force: bool = False, signals: Any = None) -> Any:
     """Resume, on the running event loop, the local run ``run`` (its id, in ``runs_dir``, or its record's path)
     whose process stopped before the run's end — it crashed, or stopped the run at once — and return its
     :class:`~flowdsl.runtime.report.RunResult` when it ends (module docstring: what runs again).
@@ -241,10 +243,11 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
     The options are :func:`~flowdsl.runtime.local.run_flow`'s (``on_event`` is told the events emitted from here
     on; the result's ``events`` are all of the run's; ``spec_path`` defaults to the spec file the record names,
     whose directory is searched for the worker modules after the current one); ``force`` resumes a run whose
-    process cannot be told to be gone from here (another host). Raises :class:`NotResumable` (nothing was
-    written), ``RecordError`` (the record cannot be read, replayed or written), and what
-    :class:`~flowdsl.runtime.local.LocalRun` raises (its workers cannot be imported, are missing…) before anything
-    runs."""
+    process cannot be told to be gone from here (another host); ``signals`` are sent to the run as it is resumed,
+    before anything else (as :func:`~flowdsl.runtime.local.run_flow`'s are as a run starts). Raises
+    :class:`NotResumable` (nothing was written), ``RecordError`` (the record cannot be read, replayed or written),
+    and what :class:`~flowdsl.runtime.local.LocalRun` raises (its workers cannot be imported, are missing…) before
+    anything runs."""
     from flowdsl.runtime.local import LocalRun
     from flowdsl.runtime.record import find_record
 
@@ -255,7 +258,7 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
                      on_event=on_event, on_notice=on_notice, registry=registry, adapter=adapter,
                      handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
                      spec_path=spec_path if spec_path is not None else resumption.spec,
-                     handle_sigterm=handle_sigterm, late_grace=late_grace, resumption=resumption)
+                     handle_sigterm=handle_sigterm, late_grace=late_grace, resumption=resumption, signals=signals)
     return await local.run()
 
 

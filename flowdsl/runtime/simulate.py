@@ -16,6 +16,10 @@ events, byte for byte.
 The runtime contract of docs/kernel.md holds: every dispatch is answered once (or never, for ``hang``), a
 ``task_started`` follows each dispatch, timers fire at their due time unless cancelled, a cancelled attempt
 answers ``task_cancelled`` at once unless it ignores the cancel.
+
+A run's ``wait`` nodes get the :class:`Signal` events its script sends (``Script.signals``), each at its time
+from the run's start; a timer wait's timer fires on the virtual clock as any other (a wait of 2 h takes no real
+time). A run whose signal wait waits for a signal nobody sends never ends (``Simulation.waits`` names it).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from flowdsl.runtime.report import RunResult
 from flowdsl.workers import WorkerRegistry
 from flowdsl.workers import registry as default_registry
 
-__all__ = ["SIM_EPOCH_MS", "Call", "Outcome", "Script", "Simulation", "SimulationError", "error_types_of",
-           "simulate", "simulate_flow"]
+__all__ = ["SIM_EPOCH_MS", "Call", "Outcome", "Script", "Signal", "Simulation", "SimulationError",
+           "error_types_of", "simulate", "simulate_flow"]
 
 #: where a simulated run's clock starts: 2026-01-01T00:00:00Z, in ms (the kernel's times are epoch milliseconds)
 SIM_EPOCH_MS = 1_767_225_600_000
@@ -121,18 +125,54 @@ def error_types_of(error_type: str, is_a: Sequence[str] = ()) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Signal:
+    """A signal sent to a simulated run from outside (docs/kernel.md, "Waits"): its ``name``, its ``data`` (the
+    wait's result: a JSON object; None for ``{}``) and when — ``at_ms`` virtual milliseconds after the run's start
+    (0: at once, kept until its wait starts). The run's wait of that name takes it; a signal no wait can take
+    (none waits for that name, it came already, its wait has ended) is rejected, as a runtime's would be
+    (``signal_rejected``), and changes nothing else.
+    """
+
+    name: str
+    data: Mapping[str, Any] | None = None
+    at_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a signal's name is a non-empty string, not {self.name!r}")
+        if type(self.at_ms) is not int or self.at_ms < 0:
+            raise ValueError(f"at_ms is a whole number of milliseconds, 0 or more; got {self.at_ms!r}")
+        if self.data is not None and not isinstance(self.data, Mapping):
+            raise ValueError(f"a signal's data is a mapping (or None for {{}}), not {type(self.data).__name__}: "
+                             "it is its wait's result, a JSON object")
+        try:
+            object.__setattr__(self, "data", plain_json(dict(self.data or {})))
+        except NotJSON as exc:
+            raise ValueError(f"signal {self.name!r}: its data is not JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
 class Script:
-    """The scripted outcomes of a run's attempts, by step.
+    """The scripted outcomes of a run's attempts, by step, and the signals sent to it.
 
     Each table maps a step's instance key (``lines[2]/charge``) or plan key (``charge``: every instance of it)
     to the outcomes of its attempts 1, 2, …; past the end of the list its last outcome repeats. An instance key
     is looked up before its plan key. ``steps`` scripts a step's own attempts (its worker, or its model),
     ``undo`` its compensation's, ``fallback`` its fallback worker's. An attempt with no script is ``real``.
+    ``signals``: the :class:`Signal` events sent to the run, each at its time (at the same time, in this order).
     """
 
     steps: Mapping[str, Sequence[Outcome]] = field(default_factory=dict)
     undo: Mapping[str, Sequence[Outcome]] = field(default_factory=dict)
     fallback: Mapping[str, Sequence[Outcome]] = field(default_factory=dict)
+    signals: Sequence[Signal] = ()
+
+    def __post_init__(self) -> None:
+        signals = tuple(self.signals)
+        wrong = next((s for s in signals if not isinstance(s, Signal)), None)
+        if wrong is not None:
+            raise ValueError(f"a script's signals are Signal objects, not {type(wrong).__name__}")
+        object.__setattr__(self, "signals", signals)
 
     def outcome(self, command: Mapping[str, Any]) -> Outcome:
         """The outcome of the attempt a ``dispatch`` command starts."""
@@ -169,12 +209,14 @@ class Call:
 class Simulation:
     """A simulated run: its :class:`RunResult` (``status`` ``running`` when it never ended), the attempts it
     dispatched in order (``calls``), the virtual time it took (``elapsed_ms``, None when it never ended) and,
-    when it never ended, the attempts it was still waiting for (``waiting``: task ids)."""
+    when it never ended, the attempts it was still waiting for (``waiting``: task ids) and its waits still waiting
+    for a signal (``waits``: instance key -> the signal's name)."""
 
     result: RunResult
     calls: list[Call]
     elapsed_ms: int | None
     waiting: list[str]
+    waits: dict[str, str] = field(default_factory=dict)
 
     @property
     def ended(self) -> bool:
@@ -324,7 +366,8 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
     :func:`flowdsl.run_flow`); return the :class:`Simulation`.
 
     The clock starts at :data:`SIM_EPOCH_MS`; ``cancel_at_ms`` (virtual ms after the start) requests a cancel
-    of the run then, with ``cancel_reason``. ``seed`` drives retry jitter (None: derived from ``run_id``).
+    of the run then, with ``cancel_reason``; the script's signals are sent at their times (after a cancel due at
+    the same time). ``seed`` drives retry jitter (None: derived from ``run_id``).
     Raises :class:`~flowdsl.runtime.inputs.InputError` for an input the flow's schema refuses and
     :class:`SimulationError` as that class says. Runs on the running event loop; real workers are awaited
     one at a time, in the order the run dispatches them.
@@ -338,6 +381,8 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
     events = list(decision.events)
     if cancel_at_ms is not None:
         clock.at(clock.now + cancel_at_ms, {"type": "cancel_requested", "reason": cancel_reason})
+    for sent in sim.script.signals:  # (a signal after the run's end is still sent: it is rejected, as it would be)
+        clock.at(clock.now + sent.at_ms, {"type": "signal", "name": sent.name, "payload": copy_json(sent.data)})
     await sim.carry_out(decision.commands)
     state = decision.state
     applied = 0
@@ -357,7 +402,9 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
     elapsed = state["finished_at"] - state["started_at"] if ended and state.get("finished_at") is not None \
         else None
     waiting = [] if ended else sorted(state.get("tasks") or ())
-    return Simulation(result, sim.calls, elapsed, waiting)
+    waits = {} if ended else {k: w["signal"] for k, w in sorted((state.get("waits") or {}).items())
+                              if w["signal"] is not None}
+    return Simulation(result, sim.calls, elapsed, waiting, waits)
 
 
 def simulate(plan: dict[str, Any], run_input: dict[str, Any], *, script: Script | None = None,

@@ -8,6 +8,7 @@ inside the functions that use them (so ``flowdsl --help`` and library use stay l
   what was compensated in which order, wall time against the sum of step times,
   and the measured critical path.
 - :func:`fallback_text`, :func:`fallback_reason` — what an LLM step's fallback means, plainly.
+- :func:`wait_label`, :func:`wait_words` — what a wait node waits for (its signal and deadline, or its delay).
 - :func:`show_command` — the ``flowdsl show`` command that finds a record; :func:`error_console`, where errors go
   beside a command's output.
 
@@ -21,6 +22,7 @@ through the same helpers.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,15 +31,16 @@ from typing import Any
 from flowdsl.kernel import END_STATES, LLM_NOT_CONFIGURED
 from flowdsl.runtime.late import stopped_while
 from flowdsl.runtime.report import RunResult
-from flowdsl.runtime.timing import STEP_KINDS, _span, timing
+from flowdsl.runtime.timing import STEP_KINDS, _span, duration_text, timing
 
-__all__ = ["error_console", "fallback_reason", "fallback_text", "print_summary", "show_command"]
+__all__ = ["error_console", "fallback_reason", "fallback_text", "print_summary", "show_command", "wait_label",
+           "wait_words"]
 
 
 _STYLE = {"completed": "green", "succeeded": "green", "compensated": "yellow", "cancelled": "yellow",
           "failed": "red", "needs_intervention": "bold red", "running": "cyan", "retrying": "cyan",
           "cancelling": "yellow", "skipped": "dim", "pending": "dim", "aborting": "yellow",
-          "compensating": "yellow", "done": "yellow"}
+          "compensating": "yellow", "done": "yellow", "waiting": "cyan"}
 _MAX_ROWS = 40
 #: steps passed over (on_failure: continue) named on their line, at most
 _PASSED_SHOWN = 10
@@ -85,11 +88,36 @@ def _status(status: str) -> str:
     return f"[{_STYLE.get(status, 'white')}]{_esc(status)}[/]"
 
 
+#: the kernel's words for a wait's deadline (``no signal 'paid' came within 30000 ms``), said as the spec wrote it
+_WITHIN_MS = re.compile(r"within (\d+) ms\Z")
+
+
 def _error_text(err: Mapping[str, Any] | None) -> str:
     if not err:
         return ""
     message = str(err.get("message") or "")
+    if err.get("type") == "WaitTimeout":
+        message = _WITHIN_MS.sub(lambda m: f"within {duration_text(int(m.group(1)))}", message)
     return f"{err.get('type')}: {message}" if message else str(err.get("type"))
+
+
+def wait_label(node: Mapping[str, Any]) -> str:
+    """What wait ``node`` (a plan node) waits for, briefly: ``signal 'paid', up to 30s``, ``signal 'paid'``,
+    ``timer 2h`` (text of the plan's: escape it to show it)."""
+    if node.get("signal") is None:
+        return f"timer {duration_text(node.get('delay_ms'))}"
+    timeout = node.get("timeout_ms")
+    return f"signal '{node['signal']}'" + (f", up to {duration_text(timeout)}" if timeout else "")
+
+
+def wait_words(event: Mapping[str, Any]) -> str:
+    """A wait's ``step_started`` event as the live view and ``show`` say it (markup): ``waits for signal 'paid'
+    (up to 30s)``, ``waits for signal 'paid' (no deadline)``, ``waits 2h``."""
+    ms = event.get("wait_ms")
+    if event.get("signal") is None:
+        return f"waits {duration_text(ms)}"
+    deadline = f"up to {duration_text(ms)}" if ms else "no deadline"
+    return f"waits for signal '{_esc(event['signal'])}' ({deadline})"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -133,7 +161,11 @@ def print_summary(result: RunResult, console: Any = None) -> None:
                 errors.append(f"  {_esc(key)} (undo): {_esc(_clip(_error_text(comp['error']), 200))}")
         if row["error"]:
             errors.append(f"  {_esc(key)}: {_esc(_clip(_error_text(row['error']), 200))}")
-        cell = _status(row["status"]) + (" [yellow](fallback)[/]" if key in fell_back else "") + \
+        status, waits = row["status"], ""
+        if row["kind"] == "wait":  # (a wait that waits is "waiting"; what it waits for beside)
+            status = "waiting" if status == "running" else status
+            waits = f" [dim]⚐ {_esc(wait_label((result.plan.get('nodes') or {}).get(row['node']) or {}))}[/]"
+        cell = _status(status) + waits + (" [yellow](fallback)[/]" if key in fell_back else "") + \
             (" [yellow](passed over, completed late)[/]" if row.get("completed_late") else
              " [yellow](passed over)[/]" if row.get("continued") else "")
         table.add_row(_esc(key), cell, str(row["attempts"] or ""), _seconds(_span(row)), undo)

@@ -8,7 +8,8 @@ draw (so ``flowdsl --help`` and library use stay light).
   stderr when stderr is a terminal (a real one: :func:`draws_live`), plain progress lines otherwise.
 - :func:`print_timeline` — ``flowdsl show``: a recorded run, event by event, then the end summary;
   :func:`record_end_note`, what to say of a record that ends before its run did.
-- :func:`late_completion_line`, :func:`undone_after_failure` — late answers as both say them.
+- :func:`late_completion_line`, :func:`undone_after_failure` — late answers as both say them; :func:`signal_line`,
+  a signal sent to the run (a wait's own lines: ``.summary``'s :func:`~flowdsl.runtime.summary.wait_words`).
 
 Text that is not flowdsl's own goes through ``.summary``'s ``_esc``, as there.
 """
@@ -32,13 +33,15 @@ from flowdsl.runtime.summary import (
     _status,
     fallback_reason,
     print_summary,
+    wait_label,
+    wait_words,
 )
 from flowdsl.runtime.timing import STEP_KINDS
 
 if TYPE_CHECKING:
     from flowdsl.runtime.stopped import Standing
 
-__all__ = ["LiveView", "draws_live", "late_completion_line", "print_timeline", "record_end_note",
+__all__ = ["LiveView", "draws_live", "late_completion_line", "print_timeline", "record_end_note", "signal_line",
            "undone_after_failure"]
 
 
@@ -46,7 +49,24 @@ __all__ = ["LiveView", "draws_live", "late_completion_line", "print_timeline", "
 _WAS = {"crashed": "died (the run was left where it stood)", "aborted": "stopped the run at once",
         "gone": "stopped (with --force: it could not be told from here)"}
 _MARK = {"succeeded": "✓", "failed": "✗", "skipped": "–", "cancelled": "⊘", "running": "…", "retrying": "↻",
-         "pending": "·", "cancelling": "⊘"}
+         "pending": "·", "cancelling": "⊘", "waiting": "⚐"}
+#: the kernel's answers to a signal sent to the run (docs/kernel.md, "Waits")
+_SIGNAL_EVENTS = ("signal_buffered", "signal_received", "signal_rejected")
+
+
+def signal_line(e: Mapping[str, Any]) -> str | None:
+    """A signal event as the live view and ``show`` say it (markup): ``signal 'paid' received by wait 'paid'``,
+    ``signal 'paid' kept until wait 'paid' starts``, ``signal 'nope' rejected: <reason>``; None for other events."""
+    kind = e.get("type")
+    name = _esc(e.get("signal"))
+    if kind == "signal_buffered":
+        return f"[cyan]✉ signal '{name}' kept until wait '{_esc(e.get('wait'))}' starts[/]"
+    if kind == "signal_received":
+        kept = " (it had been kept until the wait started)" if e.get("buffered") else ""
+        return f"[cyan]✉ signal '{name}' received[/] by wait '{_esc(e.get('step'))}'{kept}"
+    if kind == "signal_rejected":
+        return f"[yellow]✉ signal '{name}' rejected[/]: {_esc(e.get('reason'))}"
+    return None
 
 
 def late_completion_line(e: Mapping[str, Any], *, with_run_status: bool = False) -> str:
@@ -151,6 +171,10 @@ class LiveView:
         if kind == "run_finished":
             self.status = event["status"]
             return
+        if kind in _SIGNAL_EVENTS:  # (a refusal is said in the live table too: nothing else would show it)
+            if self.mode == "lines" or (self.mode == "live" and kind == "signal_rejected"):
+                self.console.print(f"{self._at(event)} {signal_line(event)}")
+            return
         step = event["step"]
         if step is None or event["kind"] not in STEP_KINDS:
             return
@@ -159,6 +183,8 @@ class LiveView:
             row.update(status="running", attempt=event["attempt"])
             if row["start"] is None:
                 row["start"] = event["at"]
+        elif kind == "step_started" and event["kind"] == "wait":
+            row.update(status="waiting", start=event["at"], waits=wait_label(self.plan["nodes"][event["node"]]))
         elif kind in ("step_succeeded", "step_failed", "step_cancelled", "step_skipped"):
             row.update(status=kind.removeprefix("step_"), end=event["at"])
         elif kind == "step_retrying":
@@ -172,11 +198,16 @@ class LiveView:
         if self.mode == "lines":
             self._line(event, row)
 
+    def _at(self, event: dict[str, Any]) -> str:
+        return f"[dim]+{(event['at'] - (self.t0 or event['at'])) / 1000:7.3f}s[/]"
+
     def _line(self, event: dict[str, Any], row: dict[str, Any]) -> None:
         kind, step = event["type"], _esc(event["step"])
-        at = f"[dim]+{(event['at'] - (self.t0 or event['at'])) / 1000:7.3f}s[/]"
+        at = self._at(event)
         err = _esc(_clip(_error_text(event.get("error")), 160))
-        if kind == "step_succeeded":
+        if kind == "step_started" and event["kind"] == "wait":
+            self.console.print(f"{at} [cyan]⚐ {step}[/] {wait_words(event)}")
+        elif kind == "step_succeeded":
             took = _seconds(row["end"] - row["start"]) if row["start"] is not None else ""
             self.console.print(f"{at} [green]✓[/] {step} [dim]{took}[/]")
         elif kind == "step_failed" and event.get("continued"):
@@ -233,8 +264,10 @@ class LiveView:
                 took = _seconds((row["end"] if row["end"] is not None else now) - row["start"])
             undo = self.undo.get(key)
             fallback = row.get("fallback")
+            waits = row.get("waits") if row["status"] == "waiting" else None
             table.add_row(f"{_MARK.get(row['status'], ' ')} {_esc(key)}", _status(row["status"]),
                           f"#{row['attempt']}" if row["attempt"] > 1 else "", took
+                          + (f"  [cyan]{_esc(waits)}[/]" if waits else "")
                           + (f"  [yellow]fallback: {_esc(fallback)}[/]" if fallback else "")
                           + (f"  [yellow]undo: {_esc(undo)}[/]" if undo else ""))
         from rich.console import Group
@@ -383,8 +416,14 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
                 "outcome unknown")
     if kind == "cancel_requested":
         return f"[yellow]cancel requested[/]: {_esc(e.get('reason') or '')}"
-    if kind in INPUT_EVENTS or kind == "start":
+    if kind in INPUT_EVENTS or kind == "start":  # (a signal sent is said by the kernel's answer to it, below)
         return None
+    if kind in _SIGNAL_EVENTS:
+        return signal_line(e)
+    if kind == "step_started" and e.get("kind") == "wait":
+        return f"[cyan]⚐ {step}[/] {wait_words(e)}"
+    if kind == "step_succeeded" and e.get("kind") == "wait":
+        return f"[green]✓ {step}[/] done waiting"
     if kind == "step_started":
         return f"[dim]{step} started ({_esc(e.get('kind'))})[/]" if group else None
     if kind == "step_scheduled":

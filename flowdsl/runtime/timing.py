@@ -6,7 +6,10 @@ checking alone: ``.report`` imports this module for the ``timing`` object of its
 - :func:`timing` — the ``timing`` object of ``--format json`` and the timing lines of the end summary: wall time,
   the sum of step times, the saving from parallelism and the critical path.
 - :func:`critical_path` — the chain of step instances through the plan's edges that took longest in a run.
-- :data:`STEP_KINDS` — the node kinds that are steps (timed, shown as rows); groups are not.
+- :data:`STEP_KINDS` — the node kinds that are steps (timed, shown as rows): tasks, LLM steps and waits (a wait's
+  time counts as a step's: on the critical path, in the sum of step times); groups are not.
+- :func:`duration_text` — a duration as the language writes it (``250ms``, ``30s``, ``2h``): a wait's delay or
+  deadline as its spec gave it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flowdsl.runtime.report import RunResult
 
-__all__ = ["STEP_KINDS", "critical_path", "timing"]
+__all__ = ["STEP_KINDS", "critical_path", "duration_text", "timing"]
 
 
-STEP_KINDS = ("task", "llm")
+STEP_KINDS = ("task", "llm", "wait")
+
+
+def duration_text(ms: float | None) -> str:
+    """A duration in the language's own notation — ``250ms``, ``1.5s``, ``30s``, ``2m``, ``1h30m`` —, as a wait's
+    ``for:`` or ``timeout:`` is written; ``-`` for None."""
+    if ms is None:
+        return "-"
+    ms = int(ms)
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms % 1000:
+        return f"{ms / 1000:g}s"
+    hours, rest = divmod(ms // 1000, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if n)
 
 
 def _span(row: Mapping[str, Any]) -> int | None:

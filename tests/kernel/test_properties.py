@@ -219,3 +219,90 @@ def test_random_flows_pass_over_the_steps_that_may_fail_and_complete(tree: Tree,
     for step in sorted(completed, key=lambda k: plan["nodes"][k]["order"]):
         final.update(results[step])
     assert sim.state["context"] == final
+
+
+def _waiting(node: Any, waits: dict[str, dict[str, Any]]) -> Any:
+    """The spec node with each step in ``waits`` turned into that wait node (its ``needs`` kept)."""
+    if isinstance(node, str):
+        return {"wait": node, **waits[node]} if node in waits else node
+    for kw, key in (("sequence", "steps"), ("parallel", "branches")):
+        if kw in node:
+            return {**node, key: [_waiting(child, waits) for child in node[key]]}
+    (name, opts), = node.items()
+    if name not in waits:
+        return node
+    return {"wait": name, **waits[name], **({"needs": opts["needs"]} if "needs" in opts else {})}
+
+
+wait_kind = st.sampled_from(["timer", "signal", "signal", "signal with timeout", "signal with timeout"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees, data=st.data())
+def test_random_flows_with_waits_take_each_signal_once_and_stop_waiting_when_they_end(tree: Tree,
+                                                                                      data: st.DataObject) -> None:
+    """Kernel rules 9: steps turned into waits (timers, signal waits with and without a deadline), signals sent at
+    random times (some twice, some never, some unknown), random step failures and a cancel — every signal gets
+    exactly one answer, a wait ends only by its signal, its timer, its deadline or the run's abort, and a run left
+    running is one that waits for a signal nothing sent."""
+    tasks: dict[str, bool] = {}
+    _, root = build(tree, itertools.count(), tasks)
+    waits: dict[str, dict[str, Any]] = {}
+    signals: list[tuple[int, str, Any]] = []
+    for step in tasks:
+        if not data.draw(st.booleans(), label=f"{step} is a wait"):
+            continue
+        kind = data.draw(wait_kind, label=f"{step} wait")
+        if kind == "timer":
+            waits[step] = {"for": f"{data.draw(st.integers(1, 60))}ms"}
+        else:
+            deadline = {"timeout": f"{data.draw(st.integers(1, 60))}ms"} if "timeout" in kind else {}
+            waits[step] = {"output": f"got_{step}", **deadline}
+        if kind != "timer":
+            for _ in range(data.draw(st.integers(0, 2), label=f"signals for {step}")):
+                signals.append((data.draw(st.integers(1000, 1150)), step, {"n": len(signals)}))
+    if data.draw(st.booleans(), label="an unknown signal"):
+        signals.append((1050, "nobody_waits", {}))
+    for step in waits:
+        del tasks[step]
+    plan = plan_of([_waiting(root, waits)])
+    script = draw_script(tasks, data, lambda step, after: {step: after})
+    cancel_at = data.draw(st.one_of(st.none(), st.integers(1000, 1200)), label="cancel_at")
+    sim = Sim(plan, script, cancel_at=cancel_at, signals=signals).run()
+
+    answers = (sim.of("signal_buffered") + sim.of("signal_rejected")
+               + [e for e in sim.of("signal_received") if not e["buffered"]])
+    assert len(answers) == len(signals), "a signal without exactly one answer"
+    assert len(sim.of("signal_received")) == len({e["step"] for e in sim.of("signal_received")})
+    nodes = sim.state["nodes"]
+    for step, spec in waits.items():
+        rec = nodes.get(step)
+        if rec is None or rec["status"] in ("skipped", "pending"):
+            continue
+        if rec["status"] == "succeeded":
+            if "for" in spec:
+                assert rec["finished_at"] - rec["started_at"] == int(spec["for"][:-2])
+            else:
+                got = sim.of("signal_received", step=step)
+                assert len(got) == 1 and got[0]["sent_at"] <= rec["finished_at"]
+                assert sim.state["context"] is None or sim.state["context"][f"got_{step}"] == rec["result"]
+        elif rec["status"] == "failed":
+            assert rec["error"]["type"] == "WaitTimeout" and "timeout" in spec
+            assert rec["finished_at"] - rec["started_at"] == int(spec["timeout"][:-2])
+        elif rec["status"] == "running":
+            assert sim.status == "running" and "for" not in spec and "timeout" not in spec
+            assert not any(name == step for _, name, _ in signals), "a signal its wait never took"
+    if sim.status == "running":
+        event("left waiting for a signal")
+        assert sim.state["waits"] and all(w["timer"] is None for w in sim.state["waits"].values())
+        assert not sim.state["tasks"] and not sim.state["timers"] and cancel_at is None
+        return
+    assert sim.status in END_STATES
+    event(f"status: {sim.status}")
+    assert not sim.state.get("waits"), "a wait still waits after the run ended"
+    assert not sim.state["timers"]
+    undone = sim.undone()
+    assert len(undone) == len(set(undone))
+    completed = {s for s in tasks if s in nodes and nodes[s]["status"] == "succeeded" and tasks[s]}
+    if sim.status in ("compensated", "cancelled"):
+        assert set(undone) == completed

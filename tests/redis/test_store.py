@@ -202,7 +202,7 @@ def test_submit_refuses_what_is_not_a_plan_before_writing_anything(url: str, pre
     from flowdsl.runtime.plancheck import PlanError
 
     edited = _plan()
-    edited = {**edited, "plan_version": 3}
+    edited = {**edited, "plan_version": 4}
     dangling = _plan()
     dangling = {**dangling, "nodes": {**dangling["nodes"], "a": {**dangling["nodes"]["a"], "deps": ["nowhere"]}}}
 
@@ -210,7 +210,7 @@ def test_submit_refuses_what_is_not_a_plan_before_writing_anything(url: str, pre
         async with RedisClient(url, prefix=prefix) as client:
             with pytest.raises(TypeError, match=r"plan must be an execution plan: a dict.*got str"):
                 await client.submit("flow.yaml", {})  # type: ignore[arg-type]
-            for bad, said in (({}, "it has no 'plan_version'"), (edited, "'plan_version' must be 1 to 2, found 3"),
+            for bad, said in (({}, "it has no 'plan_version'"), (edited, "'plan_version' must be 1 to 3, found 4"),
                               (dangling, "nowhere")):
                 with pytest.raises(PlanError, match=said):
                     await client.submit(bad, {"script": {}}, run_id="bad")

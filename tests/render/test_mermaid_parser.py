@@ -1,13 +1,14 @@
 """Mermaid validity, proved with Mermaid's own parser (npm package ``mermaid`` under jsdom).
 
 Every diagram — each conformance spec and example, with and without run states,
-the nasty spec, a plan with weird keys and random texts, plans and a spec whose
-labels try to smuggle in Mermaid directives, the Mermaid blocks of docs/diagrams.md,
-and a deliberately broken one as a control — is parsed in one Node.js process
-(Mermaid takes a couple of seconds to load), by ``mermaid_texts.mjs`` run from
-tests/mermaid. Each must parse, set no configuration (a label holding
-``%%{init: ...}%%`` would, were ``%`` not escaped), and the hostile labels must
-read back exactly as written. Install the checker with
+a plan with wait nodes (with and without a run), the nasty spec, a plan with
+weird keys and random texts, plans and a spec whose labels try to smuggle in
+Mermaid directives, the Mermaid blocks of docs/diagrams.md, and a deliberately
+broken one as a control — is parsed in one Node.js process (Mermaid takes a
+couple of seconds to load), by ``mermaid_texts.mjs`` run from tests/mermaid.
+Each must parse, set no configuration (a label holding ``%%{init: ...}%%``
+would, were ``%`` not escaped), and the hostile labels must read back exactly
+as written; wait nodes must be read as their own shape. Install the checker with
 ``npm ci --prefix tests/mermaid`` (``.ci/run`` does); the tests skip only when
 ``node`` or the installed checker is missing.
 """
@@ -25,8 +26,10 @@ import pytest
 
 import flowdsl
 from flowdsl.render import STATES, render
+from flowdsl.render.runstate import derive_states
 from tests.render.cases import NASTY, compile_plan, conformance_specs, example_specs
 from tests.render.test_escaping import random_texts
+from tests.render.wait_plans import wait_plan, waiting_run
 from tests.render.weird import DIRECTIVE_TEXTS, empty_group_plans, weird_plan
 
 CHECKER = Path(__file__).resolve().parents[1] / "mermaid"
@@ -64,6 +67,9 @@ def _diagrams() -> dict[str, str]:
         cycling = {key: STATES[i % len(STATES)] for i, key in enumerate(keys)}
         out[name] = str(render(plan, "mermaid"))
         out[name + " +run"] = str(render(plan, "mermaid", run_states=cycling))
+    waits = wait_plan()
+    out["waits"] = str(render(waits, "mermaid"))
+    out["waits +run"] = str(render(waits, "mermaid", run_states=derive_states(waits, waiting_run())))
     out["nasty"] = str(render(flowdsl.compile_text(NASTY), "mermaid"))
     out["weird keys"] = str(render(weird_plan(), "mermaid"))
     out["random texts"] = str(render(weird_plan(random_texts(60)), "mermaid", run_states={"end": "failed"}))
@@ -117,3 +123,13 @@ def test_hostile_labels_read_back_as_written(parsed: tuple[dict[str, str], dict[
         for hostile in DIRECTIVE_TEXTS:
             want = "".join(hostile.split())
             assert any(want in t for t in shown), (name, hostile, results[name]["texts"])
+
+
+def test_wait_nodes_are_flags_steps_boxes(parsed: tuple[dict[str, str], dict[str, dict[str, Any]]]) -> None:
+    """Mermaid reads a wait node as its own shape (the flag ``>"..."]``, type ``odd``), not a step's box."""
+    _, results = parsed
+    for name in ("waits", "waits +run"):
+        shapes = results[name]["shapes"]
+        assert {k: v for k, v in shapes.items() if k.startswith("w_")} == dict.fromkeys(
+            ("w_payment__confirmed", "w_approval", "w_cooling__off", "w_settle"), "odd"), shapes
+        assert shapes["s_process__payment"] == shapes["s_ship__order"] == "square"

@@ -294,7 +294,7 @@ def test_judge_tells_each_case() -> None:
 
 @pytest.mark.parametrize(("where", "said"), [
     ("record_format", "record format 2, this one reads 1"),
-    ("plan_version", "a plan of plan_version 3, this one reads 1 to 2"),
+    ("plan_version", "a plan of plan_version 4, this one reads 1 to 3"),
     ("kernel", "kernel rules version 99"),
 ])
 def test_a_record_of_a_newer_format_is_newer_not_malformed(tmp_path: Path, where: str, said: str) -> None:
@@ -308,7 +308,7 @@ def test_a_record_of_a_newer_format_is_newer_not_malformed(tmp_path: Path, where
     if where == "record_format":
         header.update(record_format=2, flowdsl_version="9.0.0")
     elif where == "plan_version":
-        header["plan"]["plan_version"] = 3
+        header["plan"]["plan_version"] = 4
     else:
         start["kernel"] = 99
     path.write_bytes(json.dumps(header).encode() + b"\n" + json.dumps(start).encode() + b"\n" + b"".join(lines[2:]))

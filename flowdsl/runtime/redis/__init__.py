@@ -4,8 +4,9 @@ Stage: runtime: redis. A thin I/O shell around ``flowdsl.kernel``: worker
 processes (:class:`RedisWorker`, ``flowdsl worker``) run steps with
 ``flowdsl.runtime.execute`` and apply their outcomes through the kernel in
 atomic transitions; clients (:class:`RedisClient`, ``flowdsl run --backend
-redis``, ``status``, ``runs``, ``cancel``, ``dead-letters``, ``resolve``) submit and watch runs, put back the
-messages set aside as dead letters, and record a person's resolution of a run that needed one.
+redis``, ``status``, ``runs``, ``cancel``, ``signal``, ``dead-letters``, ``resolve``) submit and watch runs, send
+signals to them, put back the messages set aside as dead letters, and record a person's resolution of a run that
+needed one.
 docs/runtime.md ("Redis runtime") states the guarantees and the data model.
 
 Modules: ``keys`` (every key name), ``connection`` (URLs, backoff),
@@ -19,7 +20,8 @@ loop) and its stages: ``reading`` (stream reading, dead letters), ``control``
 ``upkeep`` (background loops), with ``serving`` (options, stats, what a worker
 holds) and ``metrics`` (a process's Prometheus metrics, served only when asked); ``client`` (submit and watch) and
 its parts: ``client_listing`` (a run's line, the runs, the live processes), ``client_follow`` (a run read and
-followed), ``client_operator`` (cancel, start requests, resolve), ``client_dead_letters``;
+followed), ``client_operator`` (cancel, start requests, resolve), ``client_signals`` (signals sent to runs),
+``client_dead_letters``;
 ``wire`` (the lean connection), ``commands`` (the CLI's Redis commands).
 """
 
@@ -35,8 +37,10 @@ from flowdsl.runtime.redis.client import (
     RunIdTaken,
     RunInfo,
     RunNotFound,
+    SignalOutcome,
     StartRequest,
     Submission,
+    UnknownSignal,
 )
 from flowdsl.runtime.redis.connection import RedisConfigError, resolve_prefix, resolve_url
 from flowdsl.runtime.redis.keys import Keys
@@ -45,5 +49,6 @@ from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker
 
 __all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "NothingToResolve", "RedisClient", "RedisConfigError",
-           "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest",
-           "Submission", "WorkerOptions", "WorkerStats", "resolve_prefix", "resolve_url"]
+           "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
+           "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "WorkerOptions", "WorkerStats",
+           "resolve_prefix", "resolve_url"]

@@ -114,7 +114,7 @@ class Committing:
                 elif op == "cancel_task":
                     ops.append({"o": "cancel", "t": command["task_id"]})
                     task_ops.append(("x", command["task_id"], ""))
-            answered = guard[0] if guard is not None else None
+            answered = guard[0] if guard is not None and guard[1] != "new" else None  # (new: a signal's id)
             for task_id in decision.ended:  # (with the dispatches above: every change to the tasks in flight)
                 # an attempt given up on (it timed out) that a worker runs keeps its lease, marked cancelled,
                 # until that worker answers: following the run knows it may still complete (RedisClient.follow)

@@ -1,14 +1,16 @@
-"""Submitting runs to the Redis runtime and watching them: submit, follow, status, list, cancel, resolve.
+"""Submitting runs to the Redis runtime and watching them: submit, follow, status, list, cancel, signal, resolve.
 
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (the seed check), ``flowdsl.runtime.execute`` (JSON
 checks), ``flowdsl.runtime.inputs``, ``flowdsl.runtime.plancheck`` (the plan's shape), ``flowdsl.runtime.record``
 (default run ids) and this package: the modules the client is made of (below), ``connection``, ``keys``,
-``scripts``, ``store`` and ``wire``. The client never advances a run: it records a submission or a cancel request and
-leaves a message on the control (or cancels) stream, which a worker process carries out::
+``scripts``, ``store`` and ``wire``. The client never advances a run: it records a submission or a cancel request, or
+sends a signal, and leaves a message on the control (or cancels, or signals) stream, which a worker process carries
+out::
 
     async with RedisClient("redis://localhost:6379/0") as client:
         sub = await client.submit(plan, {"order": {...}}, run_id="order-1042")
         result = await client.follow(sub.run_id, on_event=print)   # a RunResult, as the local runtime's
+        said = await client.signal("order-1042", "payment_confirmed", {"amount": 42})   # a SignalOutcome
 
 Submitting is idempotent by run id: a second submission of a run id already
 used starts nothing (``created`` is False); if that run had not been started
@@ -24,6 +26,7 @@ others:
   of them serves; :class:`RunNotFound`;
 - **following** (:mod:`.client_follow`) — one run's result, plan and journal, followed live to its end;
 - **operator actions** (:mod:`.client_operator`) — cancel, a start request sent again or looked for, a resolution;
+- **signals** (:mod:`.client_signals`) — a signal sent to a run, and what the run made of it;
 - **dead letters** (:mod:`.client_dead_letters`) — listed, put back, deleted.
 """
 
@@ -49,6 +52,7 @@ from flowdsl.runtime.redis.client_follow import Following, RunGone
 from flowdsl.runtime.redis.client_follow import Journal as Journal
 from flowdsl.runtime.redis.client_listing import RUN_STATES, Listing, RunInfo, RunNotFound, _text, is_live
 from flowdsl.runtime.redis.client_operator import NOTE_LIMIT, NothingToResolve, Operating, Resolution, StartRequest
+from flowdsl.runtime.redis.client_signals import SIGNAL_LIMIT, Signalling, SignalOutcome, UnknownSignal, signals_of
 from flowdsl.runtime.redis.connection import (
     TRANSIENT,
     ServerFacts,
@@ -63,9 +67,9 @@ from flowdsl.runtime.redis.store import TRANSITION_LIMIT, Store, megabytes, plan
 from flowdsl.runtime.redis.wire import WireConnection
 from flowdsl.runtime.redis.wire import supported as wire_supported
 
-__all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "DeadLetter", "DeadLetterNotFound", "NothingToResolve",
-           "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "StartRequest", "Submission",
-           "input_id", "is_live"]
+__all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "SIGNAL_LIMIT", "DeadLetter", "DeadLetterNotFound",
+           "NothingToResolve", "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
+           "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "input_id", "is_live", "signals_of"]
 
 #: the largest run input (as JSON) a submission takes: a run's first transition writes it three times (the
 #: state's ``input`` and context, and the journaled start), and one transition at most ``TRANSITION_LIMIT``
@@ -98,7 +102,7 @@ class Submission:
     # may have died before sending it)
 
 
-class RedisClient(Listing, Following, Operating, DeadLetters):
+class RedisClient(Listing, Following, Operating, Signalling, DeadLetters):
     """Submit runs to, and read runs from, one deployment (a Redis URL and a key prefix)."""
 
     def __init__(self, url: str | None = None, *, prefix: str | None = None, client: aioredis.Redis | None = None):

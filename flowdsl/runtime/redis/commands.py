@@ -1,5 +1,5 @@
 """The CLI's Redis commands: ``run --backend redis``, ``worker``, ``status``, ``runs``, ``cancel``,
-``dead-letters``, ``resolve --backend redis``.
+``dead-letters``, ``resolve --backend redis`` (``signal``: :mod:`.commands_signal`).
 
 Stage: CLI support for runtime: redis. Imports this package,
 ``flowdsl.runtime.report``, ``flowdsl.runtime.summary`` and ``flowdsl.runtime.timeline`` (the printers),
@@ -51,7 +51,7 @@ from flowdsl.runtime.redis.connection import (
 from flowdsl.runtime.redis.serving import WorkerOptions, serving_gc
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.upkeep import RESEND_AFTER_LEASES
-from flowdsl.runtime.redis.waiting import in_flight, say_in_flight
+from flowdsl.runtime.redis.waiting import in_flight, say_in_flight, say_waiting, waits
 from flowdsl.runtime.redis.worker import RedisWorker
 from flowdsl.runtime.report import EXIT_CODES
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
@@ -246,7 +246,7 @@ async def _follow(client: RedisClient, plan: dict[str, Any], run_id: str, as_jso
         out["rejected_late_results"] = journal.notes
         out["dead_letters"] = await _dead_letters_of(client, run_id)
         out["resolved"] = _resolution((await client.info(run_id)).status, journal) if journal.resolutions else None
-        out["in_flight"] = []  # (as `status` has it: the run has ended)
+        out["in_flight"] = out["waiting"] = []  # (as `status` has it: the run has ended)
     ended.append(result.exit_code)  # (before printing: a signal now changes nothing, even mid-output)
     if out is not None:
         _json_out(out)
@@ -280,11 +280,15 @@ def _following(console: Any, url: str | None, body: Callable[[], Coroutine[Any, 
 
 
 def stopped_following(command: str, run_id: str, *, as_json: bool, console: Any, ended: list[int]) -> int:
-    """Say that a following command (``status`` with ``--follow``, ``cancel`` with ``--wait``) was stopped by a
-    signal before it reached its body (while ``flowdsl.cli`` loaded this module): as it says it once running;
-    exit 130 (appended to ``ended``)."""
+    """Say that a following command (``status`` with ``--follow``, ``cancel`` with ``--wait``, ``signal`` unless
+    ``--no-wait``) was stopped by a signal before it reached its body (while ``flowdsl.cli`` loaded this module): as
+    it says it once running; exit 130 (appended to ``ended``)."""
     ended.append(EXIT_INTERRUPTED)
-    if command == "cancel":
+    if command == "signal":
+        from flowdsl.runtime.redis.commands_signal import signal_stopped
+
+        signal_stopped(console, run_id, as_json, None)
+    elif command == "cancel":
         _cancel_stopped(console, run_id, as_json, None)
     else:
         _status_stopped(console, run_id, as_json, None)
@@ -495,6 +499,8 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             live = await client.workers() if start is not None and start.state in ("queued", "unknown") else None
             going = result is not None and result.status not in EXIT_CODES
             attempts = await in_flight(client, run_id, journal) if going else []
+            waiting_now = waits(result.plan, result.state, await _server_now(client)) \
+                if result is not None and going and result.state.get("waits") else []
             modules = list((await client.plan_of(run_id)).get("flow", {}).get("workers") or ()) \
                 if any(not a.served_by and a.process is None for a in attempts) else []
         them = "it" if len(dead) == 1 else "them"
@@ -516,6 +522,7 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             out["dead_letters"] = dead
             out["resolved"] = resolved
             out["in_flight"] = [a.to_json() for a in attempts]
+            out["waiting"] = [w.to_json() for w in waiting_now]
             _json_out(out)
             return 0
         print_timeline(result, _timeline(journal), console, live=result.status not in EXIT_CODES)
@@ -529,10 +536,17 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
                  "yellow", "note")
         if result.status not in EXIT_CODES:
             say_in_flight(console, attempts, modules)
+            say_waiting(console, run_id, waiting_now)
             console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 
     return _guarded(console, url, body)
+
+
+async def _server_now(client: RedisClient) -> int:
+    """The Redis server's clock (ms): the clock of a run's times."""
+    secs, micros = await client.redis.time()
+    return int(secs) * 1000 + int(micros) // 1000
 
 
 def _say_not_started(console: Any, run_id: str, status: str, start: StartRequest | None,

@@ -1,4 +1,4 @@
-"""The worker process's start and cancel requests, and a cancel reaching a task it holds.
+"""The worker process's start and cancel requests, signals sent to runs, and a cancel reaching a task it holds.
 
 Stage: runtime: redis. Imports ``flowdsl.runtime.execute`` (whether a worker can be cancelled), this package's
 ``advance``, ``connection``, ``keys``, ``reading`` (an entry's JSON field) and ``serving``, and stdlib.
@@ -9,6 +9,10 @@ Stage: runtime: redis. Imports ``flowdsl.runtime.execute`` (whether a worker can
   served by :mod:`.tasks`), and the entry is acknowledged with the transition that ends the chain.
 - **cancel request** (control or cancels stream) — one transition (``cancel_requested``); a request naming another
   generation of the run (an expired run of the same id) is only acknowledged.
+- **signal** (signals stream) — one transition (the kernel's ``signal`` input event), guarded so that it is applied
+  once whatever happens (:meth:`Control._signal`: its id's ``sig:<id>`` field in the run's hash, set by the
+  transition that applies it, refuses it again); a signal for a run not started yet waits for its start, held
+  (and renewed) meanwhile; one for a run gone, or for another generation of it, is only acknowledged.
 - **a cancel reaching a held task** (:meth:`Control._cancel_requested`, from the cancel listener and the
   heartbeat of :mod:`.upkeep`) — the task is answered cancelled; the worker is interrupted at once when it can be
   (an async worker; a sync worker's job still waiting for a thread), else its real outcome is waited for.
@@ -21,31 +25,56 @@ is handled again, as taken over, when the process is stopping).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from flowdsl.runtime.execute import cancellable
 from flowdsl.runtime.redis.advance import Chain, Outcome
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
+from flowdsl.runtime.redis.keys import SIGNAL_FIELD, Keys
 from flowdsl.runtime.redis.reading import json_field
 from flowdsl.runtime.redis.serving import Held
 
 if TYPE_CHECKING:
     from flowdsl.runtime.redis.advance import Advancer
-    from flowdsl.runtime.redis.keys import Keys
     from flowdsl.runtime.redis.serving import WorkerStats
     from flowdsl.runtime.redis.store import Store
     from flowdsl.workers import WorkerRegistry
 
-__all__ = ["Control"]
+__all__ = ["Control", "signal_problem"]
+
+log = logging.getLogger("flowdsl.redis")
 
 
-def _control_message(fields: dict[bytes, bytes]) -> tuple[dict[str, Any] | None, str]:
-    """A control stream entry's request, or None and why the entry is not a start or cancel request."""
+def _control_message(fields: dict[bytes, bytes], stream: str, keys: Keys) -> tuple[dict[str, Any] | None, str]:
+    """The request of an entry of the control, cancels or signals stream, or None and why the entry is not one of
+    the requests that stream carries."""
     msg, problem = json_field(fields, b"c", "a control message carries its request there")
-    if msg is not None and msg.get("type") not in ("start", "cancel"):
-        return None, f"its request is of no known type ({str(msg.get('type'))[:50]!r}; expected 'start' or 'cancel')"
-    return msg, problem
+    if msg is None:
+        return msg, problem
+    kind = msg.get("type")
+    if stream == keys.signals:
+        if kind != "signal":
+            return None, "the signals stream holds signals only (a request of type 'signal')"
+        return (msg, "") if (why := signal_problem(msg)) is None else (None, why)
+    if kind not in ("start", "cancel"):
+        return None, f"its request is of no known type ({str(kind)[:50]!r}; expected 'start' or 'cancel')"
+    if stream == keys.cancels and kind != "cancel":
+        return None, "the cancels stream holds cancel requests only (a start request is sent on the control stream)"
+    return msg, ""
+
+
+def signal_problem(msg: dict[str, Any]) -> str | None:
+    """Why a signal message (``{"type": "signal", "run_id", "name", "payload", "id", "g"}``) cannot be applied, or
+    None: a name and an id that are non-empty strings, a payload that is an object or null."""
+    for name in ("name", "id"):
+        value = msg.get(name)
+        if not (isinstance(value, str) and value and len(value) <= 200):
+            return f"its signal has no '{name}' (a non-empty string of at most 200 characters)"
+    if not isinstance(msg.get("payload"), dict | None):
+        return "its signal's 'payload' is not a JSON object (nor null)"
+    return None
 
 
 class Control:
@@ -62,6 +91,7 @@ class Control:
     _nonces: Iterator[str]
     _starting: set[str]
     _cancelling: set[str]
+    _signalling: set[str]
     _stopping: bool
     _slots: asyncio.Semaphore | None
     _closed_on: Callable[[Backoff, BaseException], Coroutine[Any, Any, None]]
@@ -78,15 +108,13 @@ class Control:
 
     async def _control(self, stream: str, entry_id: str, fields: dict[bytes, bytes], recover: bool,
                        trigger: str) -> None:
-        """A start or cancel request of the control stream, or a cancel request of the cancels stream."""
-        if recover:  # a start or cancel taken over — with the steps a dead process was chaining under it
+        """A start or cancel request of the control stream, a cancel request of the cancels stream, or a signal of
+        the signals stream."""
+        if recover:  # a start, cancel or signal taken over — with the steps a dead process was chaining under it
             self.stats.reclaimed += 1
         try:
             ack = [self.store.ack_op(stream, entry_id, self.name)]
-            msg, problem = _control_message(fields)
-            if msg is not None and stream == self.keys.cancels and msg.get("type") != "cancel":
-                msg, problem = None, "the cancels stream holds cancel requests only (a start request is sent on " \
-                    "the control stream)"
+            msg, problem = _control_message(fields, stream, self.keys)
             if msg is None:
                 await self._set_aside(stream, entry_id, fields, trigger, problem)
                 return
@@ -103,6 +131,8 @@ class Control:
                             return
                         event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
                         await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
+                    else:
+                        await self._signal(run_id, msg, ack, recover, trigger)
                     return
                 except TRANSIENT as exc:
                     if self._stopping:
@@ -110,7 +140,39 @@ class Control:
                     recover = True
                     await self._closed_on(backoff, exc)
         finally:
-            (self._cancelling if stream == self.keys.cancels else self._starting).discard(entry_id)
+            (self._cancelling if stream == self.keys.cancels else self._signalling if stream == self.keys.signals
+             else self._starting).discard(entry_id)
+
+    async def _signal(self, run_id: str, msg: dict[str, Any], ack: list[dict[str, Any]], recover: bool,
+                      trigger: str) -> None:
+        """Apply a signal sent to a run (the kernel's ``signal`` input event), once: the transition's ``new`` guard
+        refuses it when the run's hash has its ``sig:<id>`` field — set by the transition that applied it — so a
+        signal taken over after its applier died between that transition and the acknowledgement, one applied by
+        a process paused past the lease, or one sent twice under one id is acknowledged without a second
+        application. A run not started yet is waited for (the entry is held and renewed meanwhile; a process
+        stopping leaves it pending, to be taken over after the lease); a run gone (expired) or of another
+        generation than the one the signal was sent to is only acknowledged."""
+        key = self.keys.run(run_id)
+        generation = str(msg.get("g") or "").encode()
+        backoff = Backoff(base=0.02, cap=1.0, floor=0.0)
+        while True:
+            submitted, version, born = await self.store.call("HMGET", key, "submitted", "v", "born")
+            if submitted is None or (generation and (born or b"") not in (b"", generation)):
+                log.warning("worker %s: signal %r for run %s dropped: the run it was sent to no longer exists "
+                            "(expired)", self.name, msg["name"], run_id, extra={"run_id": run_id})
+                await self.advancer.relay(None, None, ack)
+                return
+            if version is not None:
+                break
+            if self._stopping:
+                return  # left pending: another process takes it over after the lease
+            await backoff.wait()  # submitted, not started yet: its start is on the control stream
+        event = {"type": "signal", "name": msg["name"], "payload": msg.get("payload"), "id": msg["id"]}
+        outcome = await self.advancer.apply_event(run_id, event, guard=(SIGNAL_FIELD + msg["id"], "new", ""),
+                                                  ack=ack, recover=recover, trigger=trigger)
+        if outcome == Outcome.REJECTED:
+            log.info("worker %s: signal %r (id %s) for run %s was applied already: not applied again", self.name,
+                     msg["name"], msg["id"], run_id, extra={"run_id": run_id})
 
     async def _start(self, run_id: str, entry_id: str, trigger: str, ack: list[dict[str, Any]],
                      recover: bool) -> None:

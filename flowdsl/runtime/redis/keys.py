@@ -12,7 +12,8 @@ Redis Cluster slot and every transition script touches a single slot::
                                                (last transition token), status, flow, plan, pid (plan
                                                id), started, finished, ret (retention ms), sts
                                                (schedule-to-start ms), submitted, resolved (when a
-                                               person resolved the run, ms)
+                                               person resolved the run, ms), sig:<signal id> (the
+                                               journal entry that applied that signal: never twice)
     <prefix>:run:{<run_id>}:journal    stream  one entry per transition: v, in (the input event),
                                                ev (the emitted events), or note (a runtime record),
                                                or resolved (a person's resolution)
@@ -28,6 +29,8 @@ block on every queue and one script can move timers between the two sets)::
                                                older clients (before the cancels stream; read as ever)
     {<prefix>}:cancels                 stream  cancel requests of started runs (consumer group), read
                                                whether or not a worker has a free slot
+    {<prefix>}:signals                 stream  signals sent to runs (consumer group), read with the
+                                               cancel requests, whether or not a worker has a free slot
     {<prefix>}:task:<worker>           stream  dispatched attempts for one worker (consumer group):
                                                m (the dispatch command, JSON), v (its outbox version),
                                                g (the run's generation); t on an entry put back from
@@ -59,12 +62,15 @@ from dataclasses import dataclass
 # what a run id may be: one rule for both runtimes (no ``{``, ``}``, ``|`` or ``/`` among its characters)
 from flowdsl.runtime.record import RUN_ID_RE, check_run_id
 
-__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "Keys", "TimerMember", "check_run_id"]
+__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "SIGNAL_FIELD", "Keys", "TimerMember",
+           "check_run_id"]
 
 #: the key prefix unless configured (``--prefix``, ``$FLOWDSL_REDIS_PREFIX``)
 DEFAULT_PREFIX = "flowdsl"
 #: the consumer group every worker process joins, on every stream
 GROUP = "flowdsl"
+#: the prefix of a run hash's field that names a signal applied to the run (``sig:<signal id>``: its journal entry)
+SIGNAL_FIELD = "sig:"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 #: every command a worker process, the client and the CLI send (directly, or inside the Lua scripts), as ACL rules
 #: (docs/runtime.md, "ACL users"); the connections also send AUTH, and CLIENT SETINFO, whose refusal is ignored.
@@ -107,6 +113,7 @@ class Keys:
         tag = "{" + prefix + "}"
         self.control = f"{tag}:control"
         self.cancels = f"{tag}:cancels"
+        self.signals = f"{tag}:signals"
         self.llm = f"{tag}:llm"
         self.timers = f"{tag}:timers"
         self.timers_claimed = f"{tag}:timers:claimed"

@@ -5,13 +5,13 @@ this package's ``advance``, ``connection``, ``keys``, ``serving``, ``store`` and
 :class:`Reading` is mixed into :class:`~flowdsl.runtime.redis.worker.RedisWorker` (whose attributes it uses):
 
 - **reader** — ``XREADGROUP`` over the control stream, the LLM stream and the task stream of every registered
-  worker, no more entries than free slots; **cancel reader** — over the cancels stream, whatever the free slots,
-  at most :data:`_CANCELS_PER_READ` handled at a time. Redis unreachable, refusing work for now or having lost its
-  consumer groups is waited out (said once, and when it is over); an idle burst stops the process. Neither reads
-  while the command connection is not answering (:meth:`Reading._command_silent`): what it read could be neither
-  picked up nor renewed, and would wait a lease for another process.
-- **entries** — each entry read (or reclaimed) gets its handler (:meth:`Reading._spawn`): a start or cancel
-  request that of :mod:`.control`, a task message that of :mod:`.tasks`; an entry that cannot be read is set
+  worker, no more entries than free slots; **cancel reader** — over the cancels and signals streams, whatever the
+  free slots, at most :data:`_CANCELS_PER_READ` of each handled at a time. Redis unreachable, refusing work for now
+  or having lost its consumer groups is waited out (said once, and when it is over); an idle burst stops the
+  process. Neither reads while the command connection is not answering (:meth:`Reading._command_silent`): what it
+  read could be neither picked up nor renewed, and would wait a lease for another process.
+- **entries** — each entry read (or reclaimed) gets its handler (:meth:`Reading._spawn`): a start or cancel request,
+  or a signal, that of :mod:`.control`, a task message that of :mod:`.tasks`; an entry that cannot be read is set
   aside at once. Handlers run as tracked tasks (:meth:`Reading._track`). The entries held and their tasks are
   indexed here (:meth:`Reading._hold`: ``_held``, ``_by_task``), and :meth:`Reading._serves` says whether a
   dispatched task is run here (self-dispatch).
@@ -52,7 +52,7 @@ __all__ = ["Reading", "json_field"]
 
 log = logging.getLogger("flowdsl.redis")
 
-#: cancel requests handled at a time (they take no slot: each is one transition)
+#: cancel requests handled at a time, and signals (they take no slot: each is one transition)
 _CANCELS_PER_READ = 64
 
 #: lost connections in a row, while Redis answers other commands, after which handling an entry is a failure
@@ -131,6 +131,7 @@ class Reading:
     _by_task: dict[str, Held]
     _starting: set[str]
     _cancelling: set[str]
+    _signalling: set[str]
     _active: set[asyncio.Task[None]]
     _stopping: bool
     _room: asyncio.Event | None
@@ -158,10 +159,16 @@ class Reading:
         await self._read_loop(reader, wire, self.streams, self._free_slots, "tasks and start requests")
 
     async def _cancels_reader(self, reader: aioredis.Redis, wire: WireConnection | None) -> None:
-        """Read cancel requests, whether or not a slot is free: a chain holds its slot until its run ends, so a
-        cancel read only when a slot frees would reach a run of a busy fleet after it had completed."""
-        await self._read_loop(reader, wire, [self.keys.cancels], lambda: _CANCELS_PER_READ - len(self._cancelling),
-                              "cancel requests")
+        """Read cancel requests and signals, whether or not a slot is free: a chain holds its slot until its run
+        ends, so a cancel (or a signal) read only when a slot frees would reach a run of a busy fleet after it had
+        completed (or wait for as long as the fleet is busy). At most :data:`_CANCELS_PER_READ` of each are
+        handled at a time: a stream with as many is not read (signals held for runs not started yet never keep
+        cancel requests from being read), and ``COUNT`` (per stream) is the smaller room of the streams read."""
+        held = ((self.keys.cancels, self._cancelling), (self.keys.signals, self._signalling))
+        await self._read_loop(reader, wire, lambda: [s for s, ids in held if len(ids) < _CANCELS_PER_READ],
+                              lambda: min((_CANCELS_PER_READ - len(ids) for _, ids in held
+                                           if len(ids) < _CANCELS_PER_READ), default=0),
+                              "cancel requests and signals")
 
     def _free_slots(self) -> int:
         return self.options.concurrency - len(self._held) - len(self._starting)
@@ -179,13 +186,13 @@ class Reading:
         log.info("worker %s: Redis answers again on the command connection (it had not for %.1f s); reading new "
                  "work again", self.name, seconds)
 
-    async def _read_loop(self, reader: aioredis.Redis, wire: WireConnection | None, streams: list[str],
-                         room: Callable[[], int], what: str) -> None:
-        """Read new entries of ``streams`` (``what`` they hold, for the log; at most ``room()`` at a time; none
-        while it is 0) and give each its handler, until stopped; Redis unreachable, refusing work for now, or having
-        lost its data is waited out — said once, and when it is over. Nothing is read while the command connection
-        does not answer (``wire.stalled``): an entry read then could be neither picked up nor renewed, and would
-        wait a lease for another process to take it over."""
+    async def _read_loop(self, reader: aioredis.Redis, wire: WireConnection | None,
+                         streams: list[str] | Callable[[], list[str]], room: Callable[[], int], what: str) -> None:
+        """Read new entries of ``streams`` (or of those ``streams()`` names at each read; ``what`` they hold, for
+        the log; at most ``room()`` at a time; none while it is 0) and give each its handler, until stopped; Redis
+        unreachable, refusing work for now, or having lost its data is waited out — said once, and when it is over.
+        Nothing is read while the command connection does not answer (``wire.stalled``): an entry read then could be
+        neither picked up nor renewed, and would wait a lease for another process to take it over."""
         assert self._room is not None
         backoff = Backoff()
         block = min(self.options.block_ms, 100) if self.options.burst else self.options.block_ms
@@ -199,7 +206,7 @@ class Reading:
                 await asyncio.sleep(_SILENT_POLL_S)
                 continue
             try:
-                reply = await self._read(reader, wire, free, block, streams)
+                reply = await self._read(reader, wire, free, block, streams() if callable(streams) else streams)
             except redis.ResponseError as exc:
                 if groups_lost(exc):
                     await self._regroup()
@@ -263,6 +270,9 @@ class Reading:
                 elif stream == self.keys.cancels:
                     self._cancelling.add(entry_id)
                     coro = self._control(stream, entry_id, fields, recover, trigger)
+                elif stream == self.keys.signals:
+                    self._signalling.add(entry_id)
+                    coro = self._control(stream, entry_id, fields, recover, trigger)
                 else:
                     command, why = _task_message(fields)
                     if command is None:
@@ -279,6 +289,8 @@ class Reading:
                 self._starting.discard(entry_id)
             elif stream == self.keys.cancels:
                 self._cancelling.discard(entry_id)
+            elif stream == self.keys.signals:
+                self._signalling.discard(entry_id)
             coro = self._set_aside(stream, entry_id, fields, trigger, problem)
         self._track(self._guarded(coro, stream, entry_id, fields, trigger))
 

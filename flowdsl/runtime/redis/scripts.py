@@ -59,14 +59,15 @@ end
 """
 
 #: KEYS: run, journal, tasks, outbox (one run). ARGV: see :func:`flowdsl.runtime.redis.store.Store.transition`.
-#: ARGV[1], the header: one flat JSON array of every small argument (the client packs each argument at a cost;
-#: a flat array is also what Lua decodes cheapest): expected version, token, status, finished, has a state, has
-#: an outbox entry, then the number of input events n and, for each, ``guard task, guard mode, guard value,
-#: reporter``; then the number of task operations and each as ``op, task, value``; then the number of meta
-#: fields and each as ``field, value`` (strings); last, the run's generation the state was computed from (its
-#: ``born``; '' when unknown: not checked) — another generation's state is a version conflict. Then the blobs,
-#: in order: the state (when it has one), the outbox entry (when it has one), each input event and its events,
-#: and the message of each ``c`` operation.
+#: ARGV[1], the header: one flat JSON array of every small argument (the client packs each argument at a cost; a
+#: flat array is also what Lua decodes cheapest): expected version, token, status, finished, has a state, has an
+#: outbox entry, then the number of input events n and, for each, ``guard task, guard mode, guard value, reporter``
+#: (mode ``new``: the guard's "task" is a field of the run's hash that must not exist — an input event applied once
+#: only, a signal — which the transition sets to the event's journal entry id); then the number of task operations
+#: and each as ``op, task, value``; then the number of meta fields and each as ``field, value`` (strings); last, the
+#: run's generation the state was computed from (its ``born``; '' when unknown: not checked) — another generation's
+#: state is a version conflict. Then the blobs, in order: the state (when it has one), the outbox entry (when it has
+#: one), each input event and its events, and the message of each ``c`` operation.
 #: Task operations: ``s <task> <lease>`` (set), ``c <task> <lease>`` (a task the calling process runs
 #: itself: held at once, its dispatch message kept as outbox field ``s:<task>`` for recovery), ``d <task>``
 #: (no longer in flight: its lease, any kept message and deadline go), ``x <task>`` (mark cancelled), ``g <task>``
@@ -129,16 +130,23 @@ else
   end
 end
 local n = h[7]
+local once = {}  -- the 'new' guards of this transition (the same signal twice in one group commit: not both)
 for j = 1, n do
   local g = 4 + 4 * j  -- the guard's task; its mode, value and reporter follow
   local gid = h[g]
   if gid ~= '' then
     local mode, want = h[g + 1], h[g + 2]
-    local val = redis.call('HGET', tasks, gid)
+    local val
     local ok
-    if mode == 'eq' then
+    if mode == 'new' then
+      -- an input event applied once only (a signal): the run's hash has no field of its id yet
+      ok = not once[gid] and redis.call('HEXISTS', run, gid) == 0
+      once[gid] = true
+    elseif mode == 'eq' then
+      val = redis.call('HGET', tasks, gid)
       ok = (val == want)
     else
+      val = redis.call('HGET', tasks, gid)
       -- a result is taken under its reporter's lease; in 'lease' mode also when no one holds the task, or when
       -- the run gave up on it (a 'g:' mark: the kernel no longer has it in flight, so any answer goes to it), or
       -- when it is a success and the run asked for the attempt's cancellation (an effect made: the kernel must
@@ -173,6 +181,7 @@ for j = 1, n do
   else
     entry = redis.call('XADD', journal, '*', 'v', curv + j, 'in', ARGV[b], 'ev', ARGV[b + 1])
   end
+  if h[5 + 4 * j] == 'new' then redis.call('HSET', run, h[4 + 4 * j], entry) end  -- (applied: never again)
 end
 local newv = curv + n
 if h[5] then

@@ -493,7 +493,9 @@ class Store:
         replays the journaled input events); a :data:`JournalEntry`'s guard
         is ``(task id, mode, value)`` with mode ``lease`` (the task must be held
         under lease token ``value``, or no longer be in flight), ``strict`` (held
-        under ``value``) or ``eq`` (its lease value equals ``value``). Every guard
+        under ``value``), ``eq`` (its lease value equals ``value``) or ``new`` (an input event applied once only, a
+        signal: "task id" is a field of the run's hash that must not exist; the transition sets it to the event's
+        journal entry id). Every guard
         is checked before anything is written. When the one entry's ``lease``
         guard fails and its ``reporter`` (a worker's name) is given, a
         ``result_rejected`` note (reason ``lease_lost``) is journaled, built from

@@ -81,7 +81,7 @@ _UNREACHABLE_OR_REFUSED: tuple[type[BaseException], ...] = (*TRANSIENT, redis.Re
 #: index is in submission order: runs of one retention expire in it from the front), while a long index of
 #: runs still kept is walked 2,000 runs a minute; every process tidies
 _INDEX_PAGES = 10
-#: cancel requests taken over at a time (they take no slot)
+#: cancel requests taken over at a time, and signals (they take no slot)
 _CANCELS_PER_CLAIM = 64
 _INDEX_PAGE = 200
 #: a run submitted this many leases ago and not started, whose start request is nowhere (its submitter stopped
@@ -126,6 +126,7 @@ class Upkeep:
     _by_task: dict[str, Held]
     _starting: set[str]
     _cancelling: set[str]
+    _signalling: set[str]
     _group_streams: list[str]
     _index_size: int | None
     #: the runs not started whose start request this process's last look found waiting, and the rounds since
@@ -273,6 +274,8 @@ class Upkeep:
             renew[self.keys.control].extend(self._starting)
         if self._cancelling:
             renew[self.keys.cancels].extend(self._cancelling)
+        if self._signalling:  # (one waiting for its run's start, too)
+            renew[self.keys.signals].extend(self._signalling)
         assert self.client is not None
         for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
             await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
@@ -291,8 +294,9 @@ class Upkeep:
             if self._stopping:
                 continue
             try:
-                # cancel requests take no slot: taken over whether or not one is free
+                # cancel requests and signals take no slot: taken over whether or not one is free
                 await self._reclaim(self.keys.cancels, _CANCELS_PER_CLAIM, self._cancelling)
+                await self._reclaim(self.keys.signals, _CANCELS_PER_CLAIM, self._signalling)
                 free = self.options.concurrency - len(self._held) - len(self._starting)
                 for stream in self.streams:
                     if free <= 0:

@@ -1,5 +1,5 @@
 """``flowdsl status`` of a Redis run still going: where each attempt in flight is — queued for a worker, and
-whether any live process serves it, or running, and on which process.
+whether any live process serves it, or running, and on which process — and what each of its waits waits for.
 
 Stage: CLI support for runtime: redis. Imports this package's ``client`` (its reads) and :mod:`flowdsl.shown`;
 rich only through the console the CLI hands in.
@@ -9,6 +9,10 @@ hash (docs/runtime.md, "The Redis data model": ``q`` queued, ``r:<token>`` runni
 requested, the token naming the process that holds it) and in the worker processes' liveness records. A step
 whose worker no live process serves waits in its queue for ever (or until its schedule-to-start timeout): that is
 said plainly, with the command that would serve it.
+
+A ``wait`` node holds no attempt: while it waits, the run's state lists it under ``waits`` (docs/kernel.md,
+"Waits"), and its timer — a timer wait's end, a signal wait's deadline — is in the timer set like any other
+(:func:`waits`): said with how long it has waited and, for a signal, the command that sends it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from flowdsl.shown import visible
 if TYPE_CHECKING:
     from flowdsl.runtime.redis.client import Journal, RedisClient
 
-__all__ = ["InFlight", "in_flight", "say_in_flight"]
+__all__ = ["InFlight", "Waiting", "in_flight", "say_in_flight", "say_waiting", "waits"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,61 @@ async def in_flight(client: RedisClient, run_id: str, journal: Journal) -> list[
             age_ms=max(0, now - at) if isinstance(at, int) else None))
     found.sort(key=lambda f: order.get(f.task_id, len(order)))
     return found
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """One wait of the run that is waiting: for a signal (``signal``), or for its timer (``signal`` None)."""
+
+    step: str  # its instance key
+    signal: str | None
+    waited_ms: int | None  # since it started (None: its start time is not in the state)
+    due_in_ms: int | None  # a timer wait: until it ends; a signal wait: until its timeout (None: it has none)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "signal": self.signal, "waited_ms": self.waited_ms, "due_in_ms": self.due_in_ms}
+
+
+def waits(plan: dict[str, Any], state: dict[str, Any], now: int) -> list[Waiting]:
+    """The waits of a run (its kernel ``state``) that are waiting, in plan order, as of ``now`` (ms, the clock of
+    the run's ``at`` times: the Redis server's)."""
+    found = []
+    for key in (state.get("waits") or {}):
+        rec = state["nodes"].get(key) or {}
+        node = plan["nodes"].get(rec.get("node"), {})
+        started = rec.get("started_at")
+        waited = max(0, now - started) if isinstance(started, int) else None
+        span = node.get("delay_ms") if node.get("signal") is None else node.get("timeout_ms")
+        due = max(0, span - waited) if isinstance(span, int) and waited is not None else None
+        found.append((node.get("order", 0), Waiting(key, node.get("signal"), waited, due)))
+    return [w for _, w in sorted(found, key=lambda pair: pair[0])]
+
+
+def say_waiting(console: Any, run_id: str, items: list[Waiting]) -> None:
+    """After a running run's timeline: a line per wait that is waiting — what for, how long so far, when its timer
+    is due, and for a signal the command that sends it."""
+    from rich.markup import escape
+
+    for item in items:
+        if item.signal is None:
+            said = f"wait {visible(item.step)}: waiting for its timer{_ago(item.waited_ms)}" + (
+                f"; it ends in {_span(item.due_in_ms)}" if item.due_in_ms is not None else "")
+        else:
+            said = (f"wait {visible(item.step)}: waiting for signal '{visible(item.signal)}'{_ago(item.waited_ms)}"
+                    + (f" (it times out in {_span(item.due_in_ms)})" if item.due_in_ms is not None else "")
+                    + f" — `flowdsl signal {visible(run_id)} {visible(item.signal)} --data JSON` sends it")
+        console.print(f"[cyan]{escape(said)}[/]", highlight=False, soft_wrap=True)
+
+
+def _span(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _text(value: Any) -> str:

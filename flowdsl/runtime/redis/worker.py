@@ -7,15 +7,15 @@ it starts and stops (:meth:`RedisWorker.serve`, :meth:`RedisWorker.stop`), and w
 that failed, Redis refusing its ACL user) — and its stages are mixins, one module each:
 
 - **reader** and **cancel reader** (:mod:`.reading`) — ``XREADGROUP`` over the control stream, the LLM stream and
-  the task stream of every registered worker, no more entries than free slots; over the cancels stream, whatever
-  the free slots (a chain holds its slot until its run ends), at most 64 handled at a time. Each message gets a
-  handler; an entry that cannot be read, or whose handling fails unexpectedly ``max_failures`` times (it is
+  the task stream of every registered worker, no more entries than free slots; over the cancels and signals streams,
+  whatever the free slots (a chain holds its slot until its run ends), at most 64 handled at a time. Each message
+  gets a handler; an entry that cannot be read, or whose handling fails unexpectedly ``max_failures`` times (it is
   handled again after each lease), is set aside in the dead-letter stream with its fields and the reason
-  (:meth:`RedisWorker._guarded`; ``flowdsl dead-letters`` lists them and puts them back); it never stops the
-  process nor goes round forever.
-- **start and cancel requests** (:mod:`.control`) — a start request starts the run and runs its first step here at
-  once, under the control entry; a cancel request is a transition, and a cancel reaching a task held here
-  interrupts its worker.
+  (:meth:`RedisWorker._guarded`; ``flowdsl dead-letters`` lists them and puts them back); it never stops the process
+  nor goes round forever.
+- **start and cancel requests, signals** (:mod:`.control`) — a start request starts the run and runs its first step
+  here at once, under the control entry; a cancel request is a transition, and a cancel reaching a task held here
+  interrupts its worker; a signal is a transition, applied once.
 - **task handler** (:mod:`.tasks`) — takes the task's lease (``PICKUP``: dropped when the task is no longer in
   flight or another delivery holds it), runs it with :func:`flowdsl.runtime.execute.execute`, and applies the
   answer through the kernel with a lease guard, so a result from a worker that lost its lease is rejected and
@@ -110,8 +110,8 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self.streams = [self.keys.control] + ([self.keys.llm] if self.options.llm else []) + \
             [self.keys.queue(w) for w in sorted(self.registry.names())]
         self._task_streams = frozenset(self.streams[1:])
-        #: every stream this process reads in its consumer group: the served ones, and the cancel requests
-        self._group_streams = [*self.streams, self.keys.cancels]
+        #: every stream this process reads in its consumer group: the served ones, the cancel requests, the signals
+        self._group_streams = [*self.streams, self.keys.cancels, self.keys.signals]
         self._served: dict[Any, bool] = {}
         self.lease_ms = max(100, int(self.options.lease_s * 1000))
         self._held: dict[tuple[str, str], Held] = {}
@@ -120,6 +120,8 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self._starting: set[str] = set()
         #: entries of the cancels stream being handled (they take no slot)
         self._cancelling: set[str] = set()
+        #: entries of the signals stream being handled (they take no slot either)
+        self._signalling: set[str] = set()
         self._active: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()  # rejected successes waiting to be reported again
         self._late_wake: asyncio.Event | None = None  # set when stopping: each of them tries once more, now

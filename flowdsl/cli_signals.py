@@ -1,0 +1,115 @@
+"""``--signal NAME[=JSON]`` of ``flowdsl run`` and ``flowdsl resume`` (the local runtime): read, checked against
+the plan's waits, and the note on a signal wait that nothing will signal.
+
+Stage: CLI. Imports ``flowdsl.runtime.inputs`` (its JSON reading rules and :class:`InputError`),
+``flowdsl.runtime.execute`` (the JSON check), ``flowdsl.runtime.local_waits`` (the names a plan's waits take, the
+check of a signal), ``flowdsl.runtime.timing`` and ``flowdsl.shown``.
+
+A local run lives in its process, so a signal reaches it from the command line only as it starts (or is resumed):
+each ``--signal`` is sent then, before anything else, and kept until its wait starts (docs/runtime.md, "Waits and
+signals").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem
+from flowdsl.runtime.inputs import InputError, _distinct, _duplicate, _DuplicateKey, _kind, _not_json
+from flowdsl.runtime.local_waits import check_signal, check_signals, signal_names
+from flowdsl.runtime.timing import duration_text
+from flowdsl.shown import visible
+
+__all__ = ["read_signals", "unsent_notes"]
+
+#: the largest payload file (``--signal NAME=@FILE``) read, in bytes: a signal's payload is kept in the run's state
+#: and record, as its input is
+_FILE_LIMIT = 64 * 1024 * 1024
+
+
+def read_signals(items: Iterable[str], plan: Mapping[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """The ``--signal`` options given, read and checked against ``plan``'s waits: ``NAME`` (no payload),
+    ``NAME=JSON`` (a JSON object) or ``NAME=@FILE`` (a JSON object in a file). Raises :class:`InputError` saying
+    which option is wrong and why: not of that form, a payload that is not a JSON object, a name no wait of the
+    flow takes, a name given twice."""
+    names = signal_names(plan)
+    read: list[tuple[str, dict[str, Any] | None]] = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not name:
+            raise InputError(f"--signal {visible(item)}: expected NAME, NAME=JSON or NAME=@FILE (a signal's name, "
+                             "then its payload: a JSON object)")
+        try:
+            check_signal(plan, name, None, names)
+        except ValueError as exc:
+            raise InputError(f"--signal {visible(name)}: {exc}") from None
+        read.append((name, _payload(name, raw) if sep else None))
+    try:
+        return check_signals(plan, read)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"--signal: {exc}") from None
+
+
+def _payload(name: str, raw: str) -> dict[str, Any]:
+    where = f"--signal {visible(name)}"
+    if raw.startswith("@"):
+        path = raw[1:]
+        where = f"{where}=@{visible(path)}"
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read(_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise InputError(f"{where}: cannot read the file: {exc.strerror or exc}") from None
+        if len(data) > _FILE_LIMIT:
+            raise InputError(f"{where}: larger than {_FILE_LIMIT // (1024 * 1024)} MiB: keep large data out of runs "
+                             "(store it elsewhere and send its key)")
+        try:
+            raw = data.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    if not raw.strip():
+        raise InputError(f"{where}: the payload is empty; give a JSON object (NAME='{{\"ok\": true}}'), or NAME "
+                         "alone for none")
+    try:
+        value = json.loads(raw, object_pairs_hook=_distinct, parse_constant=_not_json)
+    except _DuplicateKey:
+        raise InputError(_duplicate(raw, where, at_line=False)) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: the payload is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                         f"{exc.msg}); expected a JSON object, e.g. NAME='{{\"ok\": true}}'") from None
+    except RecursionError:
+        raise InputError(f"{where}: the payload nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # (an integer of more digits than Python converts)
+        raise InputError(f"{where}: the payload cannot be read: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: the payload must be a JSON object, found {_kind(value)}")
+    problem = json_problem(value)
+    if problem is not None:
+        raise InputError(f"{where}: the payload is not plain JSON data: {visible(problem)}")
+    return value
+
+
+def unsent_notes(plan: Mapping[str, Any], given: Iterable[str], state: Mapping[str, Any] | None = None) -> list[str]:
+    """A note for each signal wait of ``plan`` whose signal is not among ``given`` (the ``--signal`` names): nothing
+    else can send it to this run, so it waits until its deadline, or for ever. ``state``: a resumed run's (said of
+    ``flowdsl resume``), whose waits that have started (the run says those that wait) or whose signal is kept
+    already are left out."""
+    sent = set(given)
+    if state is not None:
+        sent |= set(state.get("signals") or ())
+    notes = []
+    for name, key in sorted(signal_names(plan).items(), key=lambda item: plan["nodes"][item[1]]["order"]):
+        if name in sent or (state is not None and key in state.get("nodes", {})):
+            continue
+        node = plan["nodes"][key]
+        timeout = node.get("timeout_ms")
+        then = (f"if the run reaches it, it waits {duration_text(timeout)} and fails (WaitTimeout)" if timeout else
+                "if the run reaches it, it waits for ever (Ctrl-C cancels the run)")
+        wait = f"wait '{visible(key)}'" + (f" (signal '{visible(name)}')" if name != key else "")
+        command = "flowdsl run" if state is None else "flowdsl resume"
+        notes.append(f"{wait} waits for a signal this command does not send: a local run takes one only from "
+                     f"Python (LocalRun.signal) or as it starts (`{command} … --signal {visible(name)}=JSON`); "
+                     f"{then}")
+    return notes

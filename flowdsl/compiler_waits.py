@@ -1,0 +1,118 @@
+"""Compiler, signal checks: a signal waited for by two waits (FD316), a signal wait inside a for_each (FD317).
+
+Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model`` and ``flowdsl.compiler_checks`` (its
+``_Entry``) only; :func:`check_signals` reads the nodes the compiler collected.
+
+A signal sent to a run goes to the one wait of its plan that takes that name (docs/language.md, "Waiting:
+signals and timers"), so a name may be taken by one wait instance of a run at most. The checks read the nodes
+as the plan holds them, sub-flows expanded — a sub-flow used twice holds its waits twice — and say each
+problem where it can be fixed: at the wait, or, when the wait is fine in its own file, at the sub-flow node
+that brings it a second time, or into a loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flowdsl.compiler_checks import _Entry
+from flowdsl.diagnostics import Diagnostic, join, make, quote
+from flowdsl.model import Flow
+
+
+def check_signals(entries: dict[str, _Entry]) -> list[Diagnostic]:
+    """FD316 for each signal wait whose signal name a wait before it (in plan order) takes too; FD317 for each
+    signal wait inside a ``for_each``, directly or through sub-flows. Timer waits take no signal: never reported."""
+    diags: list[Diagnostic] = []
+    first: dict[str, _Entry] = {}
+    for e in entries.values():
+        n = e.node
+        if n.kind != "wait" or n.signal is None:
+            continue
+        loop = _loop_around(e, entries)
+        if loop is not None:
+            diags.append(_in_loop(e, loop, entries))
+        taken = first.setdefault(n.signal, e)
+        if taken is not e:
+            diags.append(_twice(taken, e, entries))
+    return diags
+
+
+def _loop_around(e: _Entry, entries: dict[str, _Entry]) -> _Entry | None:
+    """The innermost ``for_each`` that runs ``e`` once per item (its scopes, out through sub-flow nodes)."""
+    scope = e.scope
+    while scope is not None:
+        around = entries[scope]
+        if around.node.kind == "for_each":
+            return around
+        scope = around.scope
+    return None
+
+
+def _in_file(e: _Entry, flow: Flow, entries: dict[str, _Entry]) -> _Entry:
+    """``e``, or the node around it written in ``flow``'s file: the sub-flow node that brings it there."""
+    while e.flow is not flow:
+        assert e.parent is not None  # (the root's nodes are the root flow's)
+        e = entries[e.parent]
+    return e
+
+
+def _where(e: _Entry, said_in: str | None) -> str:
+    """Where ``e`` is written, for a message reported in the file ``said_in``: ``line 4``, or
+    ``line 4 of lib/approve.yaml`` when that is another file (named relative to ``said_in``'s directory)."""
+    loc = e.node.loc
+    if loc.file == said_in or loc.file is None:
+        return loc.describe()
+    base = os.path.dirname(os.path.abspath(said_in)) if said_in else os.getcwd()
+    return f"{loc.describe()} of {os.path.relpath(os.path.abspath(loc.file), base).replace(os.sep, '/')}"
+
+
+def _id_path(e: _Entry) -> str:
+    """The pointer a diagnostic about ``e`` points at: a wait's signal name (its ``signal:`` when it has another
+    name than its id, else its id); a sub-flow node's id."""
+    n = e.node
+    if n.kind == "wait":
+        return join(n.opts, "signal" if n.signal != n.id else "wait")
+    return join(n.opts, "flow") if n.kind == "flow" else n.loc.path
+
+
+def _in_loop(e: _Entry, loop: _Entry, entries: dict[str, _Entry]) -> Diagnostic:
+    n = e.node
+    why = (f"inside for_each '{loop.node.id}': every iteration would wait for it, and which iteration a signal is "
+           "meant for cannot be said; wait before or after the loop")
+    at = _in_file(e, loop.flow, entries)
+    if at is e:
+        message = f"'{n.id}' waits for signal '{n.signal}' {why} (a timer wait, with 'for', may stay inside)"
+    else:
+        message = (f"sub-flow '{at.node.id}' waits for signal '{n.signal}' (wait '{e.key[len(at.key) + 1:]}', "
+                   f"{_where(e, at.node.loc.file)}) {why}, outside the sub-flow")
+    return make("FD317", message, _id_path(at), file=at.node.loc.file)
+
+
+def _twice(first: _Entry, e: _Entry, entries: dict[str, _Entry]) -> Diagnostic:
+    """FD316 for ``e``, a signal wait whose signal ``first`` (before it in plan order) takes too."""
+    n = e.node
+    # the node where the two part: the wait itself, or the sub-flow node of a second use of the wait's file
+    # (the nodes of a sub-flow file are one model, however many times it is used)
+    above_first: set[int] = set()
+    key: str | None = first.key
+    while key is not None:
+        above_first.add(id(entries[key].node))
+        key = entries[key].parent
+    at = e
+    while id(at.node) in above_first:
+        assert at.parent is not None  # (two entries of one node differ in some sub-flow node above them)
+        at = entries[at.parent]
+    file = at.node.loc.file
+    if at is e:
+        option = "'signal <another name>'" if (file or "").endswith(".flow") else "'signal: <another name>'"
+        message = (f"signal '{n.signal}' is waited for by '{first.key}' ({_where(first, file)}) and by '{e.key}': "
+                   f"a signal goes to one wait; give one of them {option}")
+    else:
+        rest = e.key[len(at.key):]  # the same below both uses: "/<ids>/<wait id>"
+        other = entries.get(first.key[: len(first.key) - len(rest)])
+        first_use = f"'{other.key}' ({_where(other, file)}) and " if other is not None and other is not at else ""
+        message = (f"signal '{n.signal}' is waited for by '{first.key}' and by '{e.key}': both are the wait "
+                   f"'{n.id}' ({_where(e, file)}), reached through two uses of sub-flow {quote(at.node.path)}, "
+                   f"{first_use}'{at.key}'; a signal goes to one wait, so a sub-flow that waits for a signal can be "
+                   "used once in a flow")
+    return make("FD316", message, _id_path(at), file=file)

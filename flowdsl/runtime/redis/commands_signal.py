@@ -1,0 +1,139 @@
+"""The CLI's ``flowdsl signal``: a signal sent to a Redis run, and what the run made of it.
+
+Stage: CLI support for runtime: redis. Imports this package's ``client`` and ``commands`` (how a Redis command runs
+and says its errors), ``flowdsl.runtime.execute`` (the JSON check), ``flowdsl.shown`` and stdlib; rich only through
+the console the CLI hands in. ``flowdsl.cli_redis`` imports it inside the command only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem
+from flowdsl.runtime.redis.client import RedisClient, SignalOutcome
+from flowdsl.runtime.redis.commands import _following, _guarded, _json_out, _say, _stopped_json
+from flowdsl.shown import visible
+
+__all__ = ["read_signal_data", "signal_command", "signal_stopped"]
+
+#: the largest data file ``--data-file`` reads (the client refuses a larger payload anyway)
+_DATA_FILE_LIMIT = 256 * 1024 * 1024
+
+
+def read_signal_data(data: str | None, data_file: str | None) -> dict[str, Any] | None:
+    """The signal's data from ``--data`` (JSON text) or ``--data-file`` (a JSON file, ``-`` for stdin): a JSON
+    object, or None when neither is given. Raises ``ValueError`` saying what is wrong and where."""
+    if data is not None and data_file is not None:
+        raise ValueError("--data and --data-file do not go together: give the signal's data one way")
+    if data is None and data_file is None:
+        return None
+    if data is not None:
+        where, text = "--data", data
+    else:
+        assert data_file is not None
+        where = "--data-file " + ("- (stdin)" if data_file == "-" else visible(data_file))
+        try:
+            if data_file == "-":
+                raw = sys.stdin.buffer.read(_DATA_FILE_LIMIT + 1)
+            else:
+                with open(data_file, "rb") as fh:
+                    raw = fh.read(_DATA_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+        if len(raw) > _DATA_FILE_LIMIT:
+            raise ValueError(f"{where}: larger than {_DATA_FILE_LIMIT // (1024 * 1024)} MiB: keep large data out "
+                             "of runs (store it elsewhere and send its key)")
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if not text.strip():
+        raise ValueError(f"{where}: empty; the signal's data is a JSON object, e.g. '{{\"amount\": 42}}'")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: the data nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # (an integer of more digits than Python converts)
+        raise ValueError(f"{where}: {exc}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise ValueError(f"{where}: the signal's data must be a JSON object, found {kind}")
+    problem = json_problem(value)
+    if problem is not None:
+        raise ValueError(f"{where}: the data is not plain JSON data: {visible(problem)}")
+    return value
+
+
+def signal_command(run_id: str, name: str, *, url: str | None, prefix: str | None, data: dict[str, Any] | None,
+                   signal_id: str | None, wait: bool, as_json: bool, console: Any,
+                   ended: list[int] | None = None) -> int:
+    """Send signal ``name`` with ``data`` to run ``run_id`` (:meth:`RedisClient.signal`) and, with ``wait``, say what
+    the run made of it. Exit 0 received or kept for its wait (buffered; with ``wait`` False: sent); 1 rejected (the
+    kernel's reason said); 2 no such run, no wait of its flow takes ``name``, or Redis cannot be reached.
+
+    With ``wait``, a stop signal before the outcome is printed ends it as it ends ``cancel --wait``
+    (``commands._following``: exit 130, saying whether the signal was sent; it is applied all the same). ``ended``
+    gets the exit code once the outcome (or that it stopped) is printed."""
+    done: list[int] = ended if ended is not None else []
+    sent: list[SignalOutcome] = []
+
+    async def body() -> int:
+        async with RedisClient(url, prefix=prefix) as client:
+            outcome = await client.signal(run_id, name, data, signal_id=signal_id, wait=False)
+            sent.append(outcome)
+            if wait and outcome.outcome == "sent":
+                outcome = await client.signal_outcome(
+                    run_id, outcome.id, on_notice=lambda text: _say(console, text, "yellow", "note"))
+            status = (await client.info(run_id)).status
+            code = 1 if outcome.outcome == "rejected" else 0
+            done.append(code)  # (printed before the client closes, with nothing awaited in between: see _following)
+            _said(console, outcome, status, as_json)
+            return code
+
+    if not wait:
+        return _guarded(console, url, body)
+    return _following(console, url, body, done,
+                      lambda: signal_stopped(console, run_id, as_json, sent[-1] if sent else None))
+
+
+def _said(console: Any, outcome: SignalOutcome, status: str, as_json: bool) -> None:
+    """Say the signal's outcome: the JSON object, or a line (stdout; a rejection on stderr, with its reason)."""
+    from rich.markup import escape
+
+    if as_json:
+        _json_out({**outcome.to_json(), "status": status})
+        return
+    run, name = escape(visible(outcome.run_id)), escape(visible(outcome.signal))
+    wait = escape(visible(outcome.wait or "?"))
+    if outcome.outcome == "received":
+        console.print(f"signal '{name}' received by wait '{wait}' of run {run}"
+                      + (f" (the run is {escape(status)} now)" if status != "running" else ""), highlight=False)
+    elif outcome.outcome == "buffered":
+        console.print(f"signal '{name}' kept by run {run}: its wait '{wait}' has not started, and takes it when it "
+                      "starts", highlight=False)
+    elif outcome.outcome == "sent":
+        console.print(f"signal '{name}' sent to run {run} (id {escape(outcome.id)}): a worker process applies it "
+                      f"once; `flowdsl status {run}` shows it", highlight=False)
+    else:
+        _say(console, f"signal '{outcome.signal}' rejected by run {outcome.run_id}: {outcome.reason}", "yellow",
+             "note")
+
+
+def signal_stopped(console: Any, run_id: str, as_json: bool, sent: SignalOutcome | None) -> None:
+    """``signal`` stopped by a stop signal before its outcome was printed; ``sent``: what sending it said, None
+    before Redis took it (it may have been sent, or not)."""
+    if sent is not None and sent.outcome == "sent":
+        said = ("stopped waiting; the signal was sent and is applied all the same (the same command with `--id "
+                f"{sent.id}` asks again for its outcome, never applying it twice)")
+    elif sent is not None:
+        said = f"stopped; the signal was {sent.outcome}" + (f": {sent.reason}" if sent.reason else "")
+    else:
+        said = ("stopped before Redis confirmed the signal: it may not have been sent (`flowdsl status "
+                f"{run_id}` says whether the run has it)")
+    _say(console, said, "yellow", "interrupted")
+    if as_json:
+        _stopped_json(run_id, said)
