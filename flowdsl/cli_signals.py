@@ -1,9 +1,9 @@
 """``--signal NAME[=JSON]`` of ``flowdsl run`` and ``flowdsl resume`` (the local runtime): read, checked against
 the plan's waits, and the note on a signal wait that nothing will signal.
 
-Stage: CLI. Imports ``flowdsl.runtime.inputs`` (its JSON reading rules and :class:`InputError`),
-``flowdsl.runtime.execute`` (the JSON check), ``flowdsl.runtime.local_waits`` (the names a plan's waits take, the
-check of a signal), ``flowdsl.runtime.timing`` and ``flowdsl.shown``.
+Stage: CLI. Imports ``flowdsl.runtime.inputs`` (reading a JSON object, :class:`InputError`),
+``flowdsl.runtime.local_waits`` (the names a plan's waits take, the check of a signal), ``flowdsl.runtime.timing``
+and ``flowdsl.shown``.
 
 A local run lives in its process, so a signal reaches it from the command line only as it starts (or is resumed):
 each ``--signal`` is sent then, before anything else, and kept until its wait starts (docs/runtime.md, "Waits and
@@ -12,12 +12,10 @@ signals").
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem
-from flowdsl.runtime.inputs import InputError, _distinct, _duplicate, _DuplicateKey, _kind, _not_json
+from flowdsl.runtime.inputs import InputError, read_json_object
 from flowdsl.runtime.local_waits import check_signal, check_signals, signal_names
 from flowdsl.runtime.timing import duration_text
 from flowdsl.shown import visible
@@ -54,41 +52,10 @@ def read_signals(items: Iterable[str], plan: Mapping[str, Any]) -> list[tuple[st
 
 def _payload(name: str, raw: str) -> dict[str, Any]:
     where = f"--signal {visible(name)}"
+    example = "NAME='{\"ok\": true}' (or NAME alone for none)"
     if raw.startswith("@"):
-        path = raw[1:]
-        where = f"{where}=@{visible(path)}"
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(_FILE_LIMIT + 1)
-        except OSError as exc:
-            raise InputError(f"{where}: cannot read the file: {exc.strerror or exc}") from None
-        if len(data) > _FILE_LIMIT:
-            raise InputError(f"{where}: larger than {_FILE_LIMIT // (1024 * 1024)} MiB: keep large data out of runs "
-                             "(store it elsewhere and send its key)")
-        try:
-            raw = data.decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{where}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
-    if not raw.strip():
-        raise InputError(f"{where}: the payload is empty; give a JSON object (NAME='{{\"ok\": true}}'), or NAME "
-                         "alone for none")
-    try:
-        value = json.loads(raw, object_pairs_hook=_distinct, parse_constant=_not_json)
-    except _DuplicateKey:
-        raise InputError(_duplicate(raw, where, at_line=False)) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: the payload is not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                         f"{exc.msg}); expected a JSON object, e.g. NAME='{{\"ok\": true}}'") from None
-    except RecursionError:
-        raise InputError(f"{where}: the payload nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
-    except ValueError as exc:  # (an integer of more digits than Python converts)
-        raise InputError(f"{where}: the payload cannot be read: {exc}") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{where}: the payload must be a JSON object, found {_kind(value)}")
-    problem = json_problem(value)
-    if problem is not None:
-        raise InputError(f"{where}: the payload is not plain JSON data: {visible(problem)}")
-    return value
+        return read_json_object(f"{where}=@{visible(raw[1:])}", file=raw[1:], example=example, limit=_FILE_LIMIT)
+    return read_json_object(where, text=raw, example=example)
 
 
 def unsent_notes(plan: Mapping[str, Any], given: Iterable[str], state: Mapping[str, Any] | None = None) -> list[str]:

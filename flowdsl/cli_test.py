@@ -206,7 +206,7 @@ def _say_what_if(console: Any, file: str, flow: str, scenarios: list[dict[str, A
 
 
 def _say_case(console: Any, result: CaseResult) -> None:
-    from flowdsl.render.view import format_ms
+    from flowdsl.durations import duration_text
     from flowdsl.runtime.timeline import print_timeline
 
     name = _escape(result.case.name)
@@ -214,7 +214,7 @@ def _say_case(console: Any, result: CaseResult) -> None:
     sim = result.simulation
     if result.outcome == "passed":
         assert sim is not None
-        took = f", {format_ms(sim.elapsed_ms)} simulated" if sim.elapsed_ms is not None else ""
+        took = f", {duration_text(sim.elapsed_ms)} simulated" if sim.elapsed_ms is not None else ""
         status = sim.result.status if sim.ended else "running"
         console.print(f"  [green]passed[/]  {name} [dim]({_escape(status)}{took})[/]")
         return

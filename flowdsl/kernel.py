@@ -231,7 +231,7 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
         row = {"node": rec["node"], "kind": program.kind[rec["node"]], "status": rec["status"],
                "attempts": rec.get("attempts", 0), "started_at": rec["started_at"],
                "finished_at": rec["finished_at"], "error": rec["error"]}
-        if row["kind"] == "wait":  # the signal it takes, null for a timer
+        if rec["node"] in program.waits:  # the signal it takes, null for a timer
             row["signal"] = program.nodes[rec["node"]].get("signal")
         if ikey in comps:
             c = comps[ikey]
@@ -244,9 +244,11 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
     reached = {rec["node"] for rec in nodes.values()}
     for key in program.nodes:
         if key not in reached and not _in_loop(program, key):
-            rows.append(([program.order[key]], key, {"node": key, "kind": program.kind[key], "status": "pending",
-                                                     "attempts": 0, "started_at": None, "finished_at": None,
-                                                     "error": None}))
+            row = {"node": key, "kind": program.kind[key], "status": "pending", "attempts": 0, "started_at": None,
+                   "finished_at": None, "error": None}
+            if key in program.waits:
+                row["signal"] = program.nodes[key].get("signal")
+            rows.append(([program.order[key]], key, row))
     rows.sort(key=lambda r: (r[0], r[1]))
     return {
         "run_id": state["run_id"], "flow": state["flow"], "status": state["status"],

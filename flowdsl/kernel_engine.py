@@ -315,7 +315,8 @@ class Machine(Saga):
             self._launch_iterations(it["fe"])
 
     def _atom_succeeded(self, ikey: str, result: Json) -> None:
-        """A for_each or sub-flow finished: apply its output rule and record its result."""
+        """A node with no attempt of its own finished — a for_each, a sub-flow, a wait (``kernel_wait``): apply its
+        output rule (one that fails, fails the node) and record its result."""
         rec = self.nodes[ikey]
         try:
             out = self._mapped_output(ikey, result)

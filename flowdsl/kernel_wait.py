@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flowdsl.expr import ExpressionError
 from flowdsl.kernel_core import END_STATES, error
 from flowdsl.kernel_program import Json
 
@@ -131,17 +130,7 @@ def _succeed(m: Machine, ikey: str, result: dict[str, Json]) -> None:
     entry = (m.s.get("waits") or {}).pop(ikey, None)
     if entry is not None:
         m.cancel_timer(entry["timer"])
-    rec = m.nodes[ikey]
-    try:
-        out = m._mapped_output(ikey, result)
-    except ExpressionError as exc:
-        m._node_failed(ikey, error("ExpressionError", exc.message))
-        return
-    rec.update(status="succeeded", finished_at=m.at, result=result, t1=m.tick())
-    if out is not None:
-        rec["out"] = out
-    m.emit("step_succeeded", ikey)
-    m._node_done(ikey)
+    m._atom_succeeded(ikey, result)
 
 
 def _reject(m: Machine, name: str, reason: str) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, has_errors, join, make, quote, sort_diagnostics
-from flowdsl.render.view import format_ms
+from flowdsl.durations import duration_text
 from flowdsl.runtime.simulate import Outcome, Script, Signal, Simulation, SimulationError
 from flowdsl.testing_compare import Mismatch, compare
 from flowdsl.testing_signals import read_signal
@@ -425,8 +425,8 @@ class _Checker:
                                   for b in ("at_least", "at_most")}
                 low, high = out["elapsed"]["at_least"], out["elapsed"]["at_most"]
                 if low is not None and high is not None and low > high:
-                    self.error("FD201", f"at_least ({format_ms(low)}) is more than at_most ({format_ms(high)}): no run "
-                               "can take that long", join(path, "elapsed"))
+                    self.error("FD201", f"at_least ({duration_text(low)}) is more than at_most "
+                               f"({duration_text(high)}): no run can take that long", join(path, "elapsed"))
             else:
                 exact = self.duration(raw, join(path, "elapsed"), zero=True)
                 out["elapsed"] = {"at_least": exact, "at_most": exact}

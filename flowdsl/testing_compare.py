@@ -1,7 +1,7 @@
 """Flow tests: how a simulated run is compared with what a case expects (``expect:``, docs/testing.md).
 
 Stage: tooling, beside :mod:`flowdsl.testing` (which imports it); imports
-``flowdsl.render.view`` (durations as the language writes them), ``flowdsl.runtime.simulate`` and stdlib.
+``flowdsl.durations`` (durations as the language writes them), ``flowdsl.runtime.simulate`` and stdlib.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowdsl.render.view import format_ms
+from flowdsl.durations import duration_text
 from flowdsl.runtime.simulate import Simulation
 
 __all__ = ["Mismatch", "compare"]
@@ -113,11 +113,11 @@ def _elapsed_mismatch(bounds: Mapping[str, int | None], elapsed: int | None) -> 
     if elapsed is None:
         yield Mismatch("elapsed", _bounds_text(low, high), None, "the run never ended")
     elif (low is not None and elapsed < low) or (high is not None and elapsed > high):
-        yield Mismatch("elapsed", _bounds_text(low, high), format_ms(elapsed))
+        yield Mismatch("elapsed", _bounds_text(low, high), duration_text(elapsed))
 
 
 def _bounds_text(low: int | None, high: int | None) -> str:
     if low == high and low is not None:
-        return format_ms(low)
-    return " and ".join(p for p in (f"at least {format_ms(low)}" if low is not None else "",
-                                     f"at most {format_ms(high)}" if high is not None else "") if p)
+        return duration_text(low)
+    return " and ".join(p for p in (f"at least {duration_text(low)}" if low is not None else "",
+                                     f"at most {duration_text(high)}" if high is not None else "") if p)

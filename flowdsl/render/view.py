@@ -1,7 +1,7 @@
 """A renderer-neutral reading of an execution plan: labels, policies, lists, rollback order.
 
 Stage: renderer. Reads the plan (docs/plan.md) and nothing upstream of it;
-imports stdlib only. Every renderer (Mermaid, ASCII, DOT) draws from the same
+imports stdlib only (and ``flowdsl.durations``). Every renderer (Mermaid, ASCII, DOT) draws from the same
 :class:`PlanView`, so the three forms say the same things about a flow: which
 steps exist, in which lists and lanes, with which conditions, policies and
 compensations, and in which order a failed run undoes its steps.
@@ -16,6 +16,8 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from flowdsl.durations import duration_text as format_ms
 
 #: the states a step can be drawn in (see :mod:`flowdsl.render.runstate`); ``waiting`` is a wait node's running
 STATES = ("pending", "running", "waiting", "succeeded", "failed", "passed_over", "compensated", "skipped",
@@ -78,21 +80,6 @@ class Glyphs:
                        le="<=", times="x", wait="[wait]")
         return cls(llm="✦ LLM", retry="↻", timeout="◷", arrow="→", undo="↶", sep=" · ", le="≤", times="×",
                    wait="⚐")
-
-
-def format_ms(ms: int | float | None) -> str:
-    """A duration in the language's own notation: ``250ms``, ``1.5s``, ``2m``, ``1m30s``, ``2h``."""
-    if ms is None:
-        return "-"
-    ms = int(ms)
-    if ms < 1000:
-        return f"{ms}ms"
-    if ms % 1000 and ms < 60_000:
-        return f"{ms / 1000:g}s"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:g}s" if rest else ""  # (a fraction only in the last part, as the language writes it)
-    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + secs
 
 
 def retry_text(retry: Mapping[str, Any] | None, glyphs: Glyphs) -> str | None:

@@ -210,6 +210,50 @@ def _decode(raw: bytes, name: str) -> str:
                          f"{exc.start}); the run input must be JSON text in UTF-8") from None
 
 
+def read_json_object(where: str, *, text: str | None = None, file: str | None = None, what: str = "the payload",
+                     example: str = "'{\"ok\": true}'", limit: int = MAX_INPUT_BYTES) -> dict[str, Any]:
+    """A JSON object given as ``text``, or read from ``file`` (a path, ``-`` for stdin; UTF-8, a BOM allowed, at
+    most ``limit`` bytes) — a signal's payload from the command line. Raises :class:`InputError` starting with
+    ``where`` (the option, ``--data``) and saying what is wrong with ``what`` (``the payload``): a file that cannot
+    be read, too large or not UTF-8, empty text, not JSON, a key twice, nesting too deep, not an object, not plain
+    JSON data; ``example`` shows the form expected."""
+    if file is not None:
+        try:
+            if file == "-":
+                raw = sys.stdin.buffer.read(limit + 1)
+            else:
+                with open(file, "rb") as fh:
+                    raw = fh.read(limit + 1)
+        except OSError as exc:
+            raise InputError(f"{where}: cannot read the file: {exc.strerror or exc}") from None
+        if len(raw) > limit:
+            raise InputError(f"{where}: larger than {limit // (1024 * 1024)} MiB: keep large data out of runs (store "
+                             "it elsewhere and send its key)")
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if text is None or not text.strip():
+        raise InputError(f"{where}: {what} is empty; expected a JSON object, e.g. {example}")
+    try:
+        value = json.loads(text, object_pairs_hook=_distinct, parse_constant=_not_json)
+    except _DuplicateKey:
+        raise InputError(_duplicate(text, where, at_line=False)) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: {what} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                         f"expected a JSON object, e.g. {example}") from None
+    except RecursionError:
+        raise InputError(f"{where}: {what} nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # (an integer of more digits than Python converts)
+        raise InputError(f"{where}: {what} cannot be read: {exc}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: {what} must be a JSON object, found {_kind(value)}")
+    problem = json_problem(value)
+    if problem is not None:
+        raise InputError(f"{where}: {what} is not plain JSON data: {visible(problem)}")
+    return value
+
+
 class _DuplicateKey(Exception):
     """A JSON object with a key twice (not a ValueError: the json module's own errors are those)."""
 

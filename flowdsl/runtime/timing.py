@@ -1,21 +1,24 @@
 """How long a run took: wall time against the sum of step times, and the measured critical path.
 
-Stage: runtime (shared by every backend and the CLI). Imports stdlib only (``.report``'s ``RunResult`` for type
-checking alone: ``.report`` imports this module for the ``timing`` object of its JSON).
+Stage: runtime (shared by every backend and the CLI). Imports ``flowdsl.durations`` and stdlib only
+(``.report``'s ``RunResult`` for type checking alone: ``.report`` imports this module for the ``timing`` object of
+its JSON).
 
 - :func:`timing` — the ``timing`` object of ``--format json`` and the timing lines of the end summary: wall time,
   the sum of step times, the saving from parallelism and the critical path.
 - :func:`critical_path` — the chain of step instances through the plan's edges that took longest in a run.
 - :data:`STEP_KINDS` — the node kinds that are steps (timed, shown as rows): tasks, LLM steps and waits (a wait's
   time counts as a step's: on the critical path, in the sum of step times); groups are not.
-- :func:`duration_text` — a duration as the language writes it (``250ms``, ``30s``, ``2h``): a wait's delay or
-  deadline as its spec gave it.
+- :func:`duration_text` (from ``flowdsl.durations``) — a duration as the language writes it (``250ms``, ``30s``,
+  ``2h``): a wait's delay or deadline as its spec gave it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from flowdsl.durations import duration_text
 
 if TYPE_CHECKING:
     from flowdsl.runtime.report import RunResult
@@ -24,21 +27,6 @@ __all__ = ["STEP_KINDS", "critical_path", "duration_text", "timing"]
 
 
 STEP_KINDS = ("task", "llm", "wait")
-
-
-def duration_text(ms: float | None) -> str:
-    """A duration in the language's own notation — ``250ms``, ``1.5s``, ``30s``, ``2m``, ``1h30m`` —, as a wait's
-    ``for:`` or ``timeout:`` is written; ``-`` for None."""
-    if ms is None:
-        return "-"
-    ms = int(ms)
-    if ms < 1000:
-        return f"{ms}ms"
-    if ms % 1000:
-        return f"{ms / 1000:g}s"
-    hours, rest = divmod(ms // 1000, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (seconds, "s")) if n)
 
 
 def _span(row: Mapping[str, Any]) -> int | None:

@@ -61,9 +61,10 @@ def test_flowdsl_signal_says_what_the_run_made_of_it_and_exits_by_it(url: str, p
                            (("nope", "paid"), "no run 'nope'"),
                            (("w-1", "paid", "--data", "[1]"), "--data: the signal's data must be a JSON object, "
                                                              "found an array"),
-                           (("w-1", "paid", "--data", "{"), "--data: not valid JSON at line 1, column 2"),
+                           (("w-1", "paid", "--data", "{"),
+                            "--data: the signal's data is not valid JSON (line 1, column 2"),
                            (("w-1", "paid", "--data", "{}", "--data-file", "x.json"), "do not go together"),
-                           (("w-1", "paid", "--data-file", str(tmp_path / "none.json")), "cannot read it")]:
+                           (("w-1", "paid", "--data-file", str(tmp_path / "none.json")), "cannot read the file")]:
             refused = cli("signal", *args, *common)
             assert refused.exit_code == 2 and said in refused.stderr, (args, refused.output)
             assert "Traceback" not in refused.output and refused.stdout == ""

@@ -1,17 +1,15 @@
 """The CLI's ``flowdsl signal``: a signal sent to a Redis run, and what the run made of it.
 
 Stage: CLI support for runtime: redis. Imports this package's ``client`` and ``commands`` (how a Redis command runs
-and says its errors), ``flowdsl.runtime.execute`` (the JSON check), ``flowdsl.shown`` and stdlib; rich only through
+and says its errors), ``flowdsl.runtime.inputs`` (reading the data), ``flowdsl.shown`` and stdlib; rich only through
 the console the CLI hands in. ``flowdsl.cli_redis`` imports it inside the command only.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
-from flowdsl.runtime.execute import MAX_JSON_DEPTH, json_problem
+from flowdsl.runtime.inputs import read_json_object
 from flowdsl.runtime.redis.client import RedisClient, SignalOutcome
 from flowdsl.runtime.redis.commands import _following, _guarded, _json_out, _say, _stopped_json
 from flowdsl.shown import visible
@@ -29,43 +27,12 @@ def read_signal_data(data: str | None, data_file: str | None) -> dict[str, Any] 
         raise ValueError("--data and --data-file do not go together: give the signal's data one way")
     if data is None and data_file is None:
         return None
+    example = "'{\"amount\": 42}'"
     if data is not None:
-        where, text = "--data", data
-    else:
-        assert data_file is not None
-        where = "--data-file " + ("- (stdin)" if data_file == "-" else visible(data_file))
-        try:
-            if data_file == "-":
-                raw = sys.stdin.buffer.read(_DATA_FILE_LIMIT + 1)
-            else:
-                with open(data_file, "rb") as fh:
-                    raw = fh.read(_DATA_FILE_LIMIT + 1)
-        except OSError as exc:
-            raise ValueError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-        if len(raw) > _DATA_FILE_LIMIT:
-            raise ValueError(f"{where}: larger than {_DATA_FILE_LIMIT // (1024 * 1024)} MiB: keep large data out "
-                             "of runs (store it elsewhere and send its key)")
-        try:
-            text = raw.decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
-    if not text.strip():
-        raise ValueError(f"{where}: empty; the signal's data is a JSON object, e.g. '{{\"amount\": 42}}'")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise ValueError(f"{where}: the data nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
-    except ValueError as exc:  # (an integer of more digits than Python converts)
-        raise ValueError(f"{where}: {exc}") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
-        raise ValueError(f"{where}: the signal's data must be a JSON object, found {kind}")
-    problem = json_problem(value)
-    if problem is not None:
-        raise ValueError(f"{where}: the data is not plain JSON data: {visible(problem)}")
-    return value
+        return read_json_object("--data", text=data, what="the signal's data", example=example)
+    assert data_file is not None
+    where = "--data-file " + ("- (stdin)" if data_file == "-" else visible(data_file))
+    return read_json_object(where, file=data_file, what="the signal's data", example=example, limit=_DATA_FILE_LIMIT)
 
 
 def signal_command(run_id: str, name: str, *, url: str | None, prefix: str | None, data: dict[str, Any] | None,
