@@ -47,9 +47,22 @@ def check_ids(flow: Flow) -> Iterator[Diagnostic]:
         first = seen.get(node.id)
         if first is not None:
             yield _err(node, "FD301", f"duplicate id '{node.id}' (first used on {first.loc.describe()}); "
-                       "give one of them another id (for a step: '<id>: {worker: ...}')", node.loc.path)
+                       f"give one of them another id {_another_id(node)}", node.loc.path)
         else:
             seen[node.id] = node
+
+
+def _another_id(node: Node) -> str:
+    """How ``node`` (the second of two nodes of one id) takes another id and keeps what the id gave it: a step its
+    worker, a signal wait the signal it waits for (its id, unless it has ``signal:``)."""
+    if node.kind != "wait":
+        return "(for a step: '<id>: {worker: ...}')"
+    text = (node.loc.file or "").endswith(".flow")
+    how = "'wait <id>'" if text else "'wait: <id>'"
+    if node.signal != node.id:  # (a timer, or a wait with its own signal: name)
+        return f"(for a wait: {how})"
+    keep = f"'signal {node.signal}'" if text else f"'signal: {node.signal}'"
+    return f"(for a wait: {how}, with {keep} to keep waiting for the signal '{node.signal}')"
 
 
 def check_llm_with(flow: Flow) -> Iterator[Diagnostic]:

@@ -6,8 +6,9 @@ Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model`` and ``flowds
 A signal sent to a run goes to the one wait of its plan that takes that name (docs/language.md, "Waiting:
 signals and timers"), so a name may be taken by one wait instance of a run at most. The checks read the nodes
 as the plan holds them, sub-flows expanded — a sub-flow used twice holds its waits twice — and say each
-problem where it can be fixed: at the wait, or, when the wait is fine in its own file, at the sub-flow node
-that brings it a second time, or into a loop.
+problem where it can be fixed, in the innermost file that holds what clashes: at the wait, or, when the wait is
+fine in its own file, at the sub-flow node that brings it (a second time, beside another wait of that signal, or
+into a loop).
 """
 
 from __future__ import annotations
@@ -88,31 +89,54 @@ def _in_loop(e: _Entry, loop: _Entry, entries: dict[str, _Entry]) -> Diagnostic:
     return make("FD317", message, _id_path(at), file=at.node.loc.file)
 
 
-def _twice(first: _Entry, e: _Entry, entries: dict[str, _Entry]) -> Diagnostic:
-    """FD316 for ``e``, a signal wait whose signal ``first`` (before it in plan order) takes too."""
-    n = e.node
-    # the node where the two part: the wait itself, or the sub-flow node of a second use of the wait's file
-    # (the nodes of a sub-flow file are one model, however many times it is used)
-    above_first: set[int] = set()
-    key: str | None = first.key
-    while key is not None:
-        above_first.add(id(entries[key].node))
+def _use(e: _Entry, entries: dict[str, _Entry]) -> str | None:
+    """The key of the sub-flow node whose file ``e`` is written in (None: the root flow's file)."""
+    key = e.parent
+    while key is not None and entries[key].node.kind != "flow":
         key = entries[key].parent
-    at = e
-    while id(at.node) in above_first:
-        assert at.parent is not None  # (two entries of one node differ in some sub-flow node above them)
-        at = entries[at.parent]
+    return key
+
+
+def _brought(e: _Entry, use: str | None, entries: dict[str, _Entry]) -> _Entry:
+    """``e``, or the node written in the file of ``use`` (a sub-flow node's key; None: the root flow's) that holds
+    it: the sub-flow node that brings it there."""
+    while (around := _use(e, entries)) != use:
+        assert around is not None  # (``use`` is around ``e``)
+        e = entries[around]
+    return e
+
+
+def _twice(first: _Entry, e: _Entry, entries: dict[str, _Entry]) -> Diagnostic:
+    """FD316 for ``e``, a signal wait whose signal ``first`` (before it in plan order) takes too.
+
+    Said in the innermost file that holds both waits (each file inside it is fine on its own): at ``e`` when it is
+    written there, else at the sub-flow node there that brings it."""
+    n = e.node
+    uses_of_first = {first.key}
+    use = _use(first, entries)
+    while use is not None:
+        uses_of_first.add(use)
+        use = _use(entries[use], entries)
+    meet = _use(e, entries)
+    while meet is not None and meet not in uses_of_first:
+        meet = _use(entries[meet], entries)
+    at, other = _brought(e, meet, entries), _brought(first, meet, entries)
     file = at.node.loc.file
+    option = "'signal <another name>'" if (file or "").endswith(".flow") else "'signal: <another name>'"
     if at is e:
-        option = "'signal <another name>'" if (file or "").endswith(".flow") else "'signal: <another name>'"
         message = (f"signal '{n.signal}' is waited for by '{first.key}' ({_where(first, file)}) and by '{e.key}': "
                    f"a signal goes to one wait; give one of them {option}")
-    else:
-        rest = e.key[len(at.key):]  # the same below both uses: "/<ids>/<wait id>"
-        other = entries.get(first.key[: len(first.key) - len(rest)])
-        first_use = f"'{other.key}' ({_where(other, file)}) and " if other is not None and other is not at else ""
+    elif e.node is first.node:  # one wait, its file reached twice from this one
+        uses = f"two uses of sub-flow {quote(at.node.path)}, " if at.node.path == other.node.path else ""
         message = (f"signal '{n.signal}' is waited for by '{first.key}' and by '{e.key}': both are the wait "
-                   f"'{n.id}' ({_where(e, file)}), reached through two uses of sub-flow {quote(at.node.path)}, "
-                   f"{first_use}'{at.key}'; a signal goes to one wait, so a sub-flow that waits for a signal can be "
-                   "used once in a flow")
+                   f"'{n.id}' ({_where(e, file)}), reached through {uses}'{other.key}' ({_where(other, file)}) and "
+                   f"'{at.key}'; a signal goes to one wait, so a sub-flow that waits for a signal can be used once "
+                   "in a flow")
+    else:
+        through = "" if other is first else f", through sub-flow '{other.node.id}'"
+        fix = (f"give '{first.node.id}' {option}" if other is first else
+               "give one of the two waits another signal name in its own file, or use one of the sub-flows only")
+        message = (f"sub-flow '{at.node.id}' waits for signal '{n.signal}' (wait '{e.key[len(at.key) + 1:]}', "
+                   f"{_where(e, file)}), which '{first.key}' ({_where(first, file)}{through}) waits for too: a signal "
+                   f"goes to one wait; {fix}")
     return make("FD316", message, _id_path(at), file=file)

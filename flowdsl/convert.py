@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from flowdsl.diagnostics import join
+from flowdsl.diagnostics import join, node_keyword
 from flowdsl.source import WORD_VALUES, NumberError, core_resolvers, read_number
 from flowdsl.textsyntax import (
     BAD_CHAR_RE,
@@ -69,8 +69,9 @@ def _with_retry(d: dict[Any, Any]) -> dict[Any, Any]:
 
 def group_keyword(node: dict[Any, Any]) -> str | None:
     """The group keyword (or ``wait``) of a mapping node (in the schema's order of precedence), or None for a
-    step."""
-    return next((k for k in GROUP_KEYWORDS if k in node), None)
+    step — ``{wait: {worker: w}}`` and ``{wait: None}`` are steps named ``wait``
+    (:func:`flowdsl.diagnostics.node_keyword`)."""
+    return node_keyword(node)
 
 
 def canonical(doc: Any) -> Any:

@@ -13,7 +13,7 @@ import bisect
 import difflib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -332,8 +332,25 @@ SET_ASIDE = frozenset({"retry", "timeout", "concurrency", "description", "compen
 
 
 #: group keywords and ``wait``, in the order the schema tries them (a mapping holding one is that node, its other
-#: keys its options)
+#: keys its options; see :func:`node_keyword` for ``wait``)
 _GROUPS = ("sequence", "parallel", "for_each", "switch", "flow", "wait")
+
+
+def node_keyword(node: Mapping[object, object]) -> str | None:
+    """The keyword of a mapping in a list of nodes, as the schema reads it: a group's (in :data:`_GROUPS`' order of
+    precedence), ``wait``, or None for a step.
+
+    A mapping whose one key is ``wait`` and whose value is a mapping of options or nothing is a step named ``wait``
+    (``- wait: {worker: w}``, ``- wait:``), as it was before ``wait`` became a keyword; any other mapping that
+    holds ``wait`` is a wait (``- wait: approval``, with its options beside it)."""
+    for kw in _GROUPS:
+        if kw in node:
+            if kw == "wait" and len(node) == 1 and (node[kw] is None or isinstance(node[kw], dict)):
+                return None
+            return kw
+    return None
+
+
 #: options that hold more options (``defaults: {compensate: {retry: ...}}``, a compensation's mapping)
 _OPTION_BLOCKS = frozenset({"defaults", "compensate"})
 
@@ -371,7 +388,7 @@ def option_positions(data: object, parts: list[str]) -> list[int]:
                 break
             if not isinstance(value, dict):
                 break
-            state = "options" if any(k in value for k in _GROUPS) else "step"
+            state = "options" if node_keyword(value) is not None else "step"
         else:  # "step": ``t`` is a step's name; its options come next
             if not isinstance(value, dict) or t not in value:
                 break

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowdsl.diagnostics import Diagnostic, Positions, join, make
+from flowdsl.diagnostics import Diagnostic, Positions, join, make, node_keyword
 
 ID_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 GROUP_KINDS = ("sequence", "parallel", "for_each", "switch", "flow")
@@ -258,7 +258,8 @@ class Node:
     fail_when: str | None = None
     retry: Retry | None = None
     timeout_ms: int | None = None  # a step's per attempt; a sub-flow node's per run; a signal wait's deadline
-    #: ``continue``: a failure for good of the step (or a wait's timeout) does not fail the run (``on_failure``);
+    #: ``continue``: a failure for good of the step (or of a signal wait: its timeout, a when: or output map that
+    #: cannot be evaluated) does not fail the run (``on_failure``);
     #: None: it does
     on_failure: str | None = None
     # waits
@@ -482,11 +483,11 @@ class _Builder:
     def node(self, data: Any, path: str) -> Node | None:
         if isinstance(data, str):
             return self.step(data, {}, path, path)
-        kw = next((k for k in GROUP_KINDS if k in data), None)
+        kw = node_keyword(data)  # (a step named 'wait' is a step: a wait's value is its id)
+        if kw == "wait":
+            return self.wait(data, path)
         if kw is not None:
             return self.group(kw, data, path)
-        if "wait" in data:  # (the schema tells a wait from a step named 'wait': a wait's value is its id)
-            return self.wait(data, path)
         ((key, options),) = data.items()
         return self.step(key, options or {}, path, join(path, key))
 
@@ -535,12 +536,8 @@ class _Builder:
                     self.err("FD309", f"'{key}' does not go with 'for': {why}", join(path, key))
             return Node(kind="wait", id=data["wait"], loc=self.loc(path), opts=path, **self.common(data),
                         delay_ms=self.duration(data["for"], join(path, "for")))
-        # (a timeout set aside for a schema error is in the file still: that error says what is wrong with it)
-        timed = "timeout" in data or (self.positions is not None and join(path, "timeout") in self.positions.positions)
-        if "on_failure" in data and not timed:
-            self.err("FD309", "'on_failure' applies to a signal wait with a 'timeout' only: without one the wait "
-                     "waits as long as it takes and never fails; give it a 'timeout', or leave 'on_failure' out",
-                     join(path, "on_failure"))
+        # (a signal wait fails when its timeout passes, or when its when: or output map cannot be evaluated: its
+        # on_failure says what any of those does, with a timeout or without)
         output, timeout = data.get("output"), data.get("timeout")
         return Node(
             kind="wait", id=data["wait"], loc=self.loc(path), opts=path, **self.common(data),
@@ -584,7 +581,8 @@ _TIMER_REFUSES = {
               "signal, leave 'for' out)",
     "timeout": "a timer wait ends when its duration is over ('timeout' is a signal wait's deadline)",
     "output": "a timer wait's result is {}, with nothing to store ('output' places a signal's payload)",
-    "on_failure": "a timer wait cannot fail ('on_failure' says what a signal wait's 'timeout' does)",
+    "on_failure": "a timer wait has no timeout and no output map to fail ('on_failure' is a signal wait's option; a "
+                  "timer wait whose 'when:' cannot be evaluated fails the run)",
 }
 
 

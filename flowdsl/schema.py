@@ -25,6 +25,7 @@ from flowdsl.diagnostics import (
     drop_options,
     join,
     make,
+    node_keyword,
     pointer,
     quote,
     tokens,
@@ -182,13 +183,15 @@ def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
         yield from _convert(best_match(error.context), text_syntax)
     elif v == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
+        listed = _written_options(allowed, inst) if text_syntax else allowed
         for key in sorted(set(inst) - set(allowed)):
             where = _where(error.absolute_path)
             hint = _group_hint(key, inst, text_syntax)
             # (a step's option on a wait is no misspelling of a wait's: 'with' does not mean 'wait')
-            meant = "" if hint and isinstance(inst, dict) and "wait" in inst else did_you_mean(key, allowed)
-            yield make("FD202", f"unknown field {quote(key)}{where}{meant}; "
-                       f"expected one of: {', '.join(allowed)}{hint}", join(path, key))
+            meant = "" if hint and node_keyword(inst) == "wait" else did_you_mean(key, allowed)
+            written = "undo" if text_syntax and key == "compensate" else key
+            yield make("FD202", f"unknown field {quote(written)}{where}{meant}; "
+                       f"expected one of: {', '.join(listed)}{hint}", join(path, key))
     elif v == "required":
         for key in error.validator_value:
             if key not in inst:
@@ -206,8 +209,8 @@ def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
     elif v == "maxProperties" and _is_step_mapping(error):
         yield _misindented_step(inst, path)
     elif v == "type":
-        yield make("FD201", f"expected {_what(error.schema)}, found {_found(inst)}{_items_hint(error)}", path,
-                   found=_number(inst))
+        yield make("FD201", f"expected {_what(error.schema)}, found {_found(inst)}{_items_hint(error)}"
+                   f"{_wait_id_hint(error)}", path, found=_number(inst))
     elif v == "enum":
         yield make("FD201", f"expected one of {', '.join(_show(x) for x in error.validator_value)}, "
                    f"found {_found(inst)}{did_you_mean(str(inst), map(str, error.validator_value))}", path,
@@ -230,6 +233,18 @@ def _convert(error: Any, text_syntax: bool = False) -> Iterator[Diagnostic]:
         yield make("FD201", error.message, path)
 
 
+#: the keys of a group that a ``.flow`` file writes as its statement, not as options: its keyword and its body
+_BODY_KEYS = frozenset({"steps", "branches", "cases", "default"})
+
+
+def _written_options(allowed: list[str], inst: Any) -> list[str]:
+    """The fields ``allowed`` as options of the text syntax name them: ``undo`` for ``compensate``, and without a
+    node's keyword and body (``wait a``, ``sequence s { ... }`` are the statement itself)."""
+    kw = node_keyword(inst) if isinstance(inst, dict) else None
+    return sorted("undo" if key == "compensate" else key for key in allowed
+                  if kw is None or (key != kw and key not in _BODY_KEYS))
+
+
 def _number(value: Any) -> str | None:
     """How a message shows ``value`` when it is a number (which the file may have written otherwise)."""
     return _show(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
@@ -250,6 +265,16 @@ def _items_hint(error: Any) -> str:
     return ""
 
 
+def _wait_id_hint(error: Any) -> str:
+    """For a wait's id that is a mapping or nothing (``- wait:`` with other keys beside it): how a wait is written,
+    and how a step named ``wait`` is (its options under its name, the mapping's one key)."""
+    if list(error.schema_path)[-3:] != ["properties", "wait", "type"] or not (error.instance is None
+                                                                              or isinstance(error.instance, dict)):
+        return ""
+    return ("; a wait is written '- wait: <its id>', its options beside 'wait' (a step named 'wait' is a mapping "
+            "with that one key, its options under it: '- wait: {worker: ...}')")
+
+
 def _too_many(error: Any) -> str:
     """The message for a number above its schema maximum: retry attempts (the only one)."""
     parts = list(error.absolute_path)
@@ -266,7 +291,7 @@ def _where(path: Any, inst: Any = None) -> str:
     if not parts:
         return " at the top level"
     if isinstance(inst, dict):
-        kw = next((k for k in _GROUP_NAMES if k in inst), None)
+        kw = node_keyword(inst)
         if kw is not None and isinstance(inst[kw], str):
             return f" in {kw} {quote(inst[kw])}"
     if parts[-1] == "compensate":
@@ -298,7 +323,7 @@ _WAIT_HINTS = {
 def _group_hint(key: str, inst: Any, text_syntax: bool) -> str:
     """For a ``compensate`` (``undo``) or an ``on_failure`` written on a group, and a ``compensate`` or a ``retry``
     written on a wait: where they go instead, or why there is none."""
-    kind = next((k for k in _GROUP_NAMES if k in inst), None) if isinstance(inst, dict) else None
+    kind = node_keyword(inst) if isinstance(inst, dict) else None
     if kind == "wait":
         return _WAIT_HINTS.get(key, "")
     if kind is not None and key == "on_failure":
@@ -363,14 +388,16 @@ def _pattern(error: Any, path: str) -> Iterator[Diagnostic]:
     if hint is _WORKER_HINT and a_key:  # a step mapping's key: id or worker
         kind, hint = "step name", "a step's name is an id, or the name of its worker (ids joined by dots)"
     shown = quote(value) if isinstance(value, str) else _show(value)
-    yield make("FD302", f"invalid {kind} {shown}: {_too_long(value) or hint}", path, at_value=not a_key)
+    longest = "a signal name" if kind == "signal name" else "an id"
+    yield make("FD302", f"invalid {kind} {shown}: {_too_long(value, longest) or hint}", path, at_value=not a_key)
 
 
 _ID_CHARS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def _too_long(value: Any) -> str | None:
-    """Why a name made of well-formed ids is still refused: one of them is over 64 characters."""
+def _too_long(value: Any, what: str = "an id") -> str | None:
+    """Why a name made of well-formed ids is still refused: one of them is over 64 characters (``what``: what
+    the message says has at most 64, a signal name or an id)."""
     if not isinstance(value, str):
         return None
     parts = value.split(".")
@@ -380,7 +407,7 @@ def _too_long(value: Any) -> str | None:
     if long is None:
         return None
     which = "it" if long == value else f"its part '{long[:20]}...'"
-    return f"{which} has {len(long)} characters; an id has at most 64"
+    return f"{which} has {len(long)} characters; {what} has at most 64"
 
 
 # --- checking past shape errors ----------------------------------------------------

@@ -105,7 +105,12 @@ def _keyword_as_step(word: str) -> str:
     said = f"'{word}' is a keyword, not a step name here"
     if word in OPTION_KEYS or word in NAME_LISTS or word == "undo":
         said += ": a group's options go on its own line, before its '{'"
-    return said + f"; a step whose worker is named '{word}' is written `step {word}`"
+    return said + f"; {_step_named(word)}"
+
+
+def _step_named(word: str) -> str:
+    """How a step named by the keyword ``word`` (its id and its worker) is written."""
+    return f"a step whose worker is named '{word}' is written `step {word}` on a line of its own, any options after it"
 
 
 class _Problem(Exception):
@@ -234,11 +239,15 @@ class _Parser:
         self.shift_cache[key] = result
         return result
 
-    def tokens(self, text: str, stack: list[int], opened: list[tuple[str, int, bool]]) -> Any:
+    def tokens(self, text: str, stack: list[int], opened: list[tuple[str, int, bool]],
+               statement: list[str] | None = None) -> Any:
         """The tokens of ``text``, ending with ``$END``; keywords are decided against the parser's ``stack``.
 
-        ``opened`` is kept as the brackets not yet closed: (bracket, line, whether it opens a JSON value).
+        ``opened`` is kept as the brackets not yet closed: (bracket, line, whether it opens a JSON value);
+        ``statement`` (one item) as the keyword of the statement read last (``wait``…), whose options are the
+        ones a message lists.
         """
+        statement = statement if statement is not None else [""]
         keywords, punct, actions, value_keys = self.keywords, self.punct, self.actions, self.value_keys
         line, line_start, json_depth, block_depth, prev, end = 1, 0, 0, 0, "", 0
         for m in self.regex.finditer(text):
@@ -279,10 +288,12 @@ class _Parser:
                     act = actions[stack[-1]].get(kw)
                     if act is not None and (act[0] or self.can_shift(stack, kw)):
                         kind = kw
+                        if value in _STATEMENT_STARTS:
+                            statement[0] = value
             elif kind == "ERROR":
                 if value == '"':
                     raise _Problem("FD108", *_bad_string(text, start, line, col))
-                what = f"unexpected character {value!r}, expected {self.expected(stack)[0]}"
+                what = f"unexpected character {value!r}, expected {self.expected(stack, statement[0])[0]}"
                 if text.startswith("${", start):  # YAML's habit: an expression is a string in the text syntax
                     slot = _slot(text, start)
                     shown = slot if slot is not None and len(slot) <= 60 and '"' not in slot else "${ … }"
@@ -296,17 +307,22 @@ class _Parser:
         actions, stack = self.actions, [self.start]
         values: list[Any] = []
         opened: list[tuple[str, int, bool]] = []
-        tokens = self.tokens(text, stack, opened)
+        statement = [""]
+        tokens = self.tokens(text, stack, opened, statement)
         tok = next(tokens)
         while True:
             act = actions[stack[-1]].get(tok.type)
             if act is None:
-                what = self.unexpected(tok, stack)
+                what = self.unexpected(tok, stack, statement[0])
                 if tok.type == "WORD" and tok.value in ("h", "m", "s", "ms") and len(values) >= 2 and \
                         getattr(values[-1], "type", "") == "NUMBER" and getattr(values[-2], "type", "") == "TIMEOUT":
                     what = (f"unexpected '{tok.value}' after the number {values[-1].value}: a duration is written "
                             f"without spaces: '{values[-1].value}{tok.value}'")
                 after = values[-1] if values else None
+                if isinstance(after, _Tok) and after.value in NODE_KEYWORDS and after.type != "WORD" \
+                        and tok.type in ("_NL", "$END", "RBRACE"):  # (`wait` alone on its line: a statement's start)
+                    what += f"; '{after.value}' starts a statement: `{after.value} <name>`" + (
+                        f" ({_step_named(after.value)})" if after.value != "step" else "")
                 if tok.type == "COLON" and isinstance(after, _Tok) and after.type != "WORD" and after.value in KEYWORDS:
                     which = "options" if after.value in (*OPTION_KEYS, *TOP_KEYS, "undo") else "keywords"
                     what += f"; {which} take no ':' in the text syntax: write '{after.value} <value>'"
@@ -345,8 +361,9 @@ class _Parser:
             stack.append(actions[stack[-1]][origin][1])
             values.append(node)
 
-    def expected(self, stack: list[int]) -> tuple[str, set[str]]:
-        """What the parser would accept in the state ``stack``, in words; and the keywords among it."""
+    def expected(self, stack: list[int], statement: str = "") -> tuple[str, set[str]]:
+        """What the parser would accept in the state ``stack``, in words; and the keywords among it. In a wait
+        (``statement``), its options are the ones a wait has."""
         candidates = [t for t in self.actions[stack[-1]] if t.isupper() or t == "$END"]
         expected = {t for t in candidates if self.can_shift(stack, t)} or set(candidates)
         literals = self.literals
@@ -354,8 +371,12 @@ class _Parser:
         words, options = keywords - {"true", "false", "null"}, keywords & {*OPTION_KEYS, "undo"}
         if len(options) > 4:
             words -= options
+            if statement == "wait":  # (the grammar takes any option after any statement: the model says more)
+                keywords = (keywords - options) | set(WAIT_OPTIONS)
         listed = [w for w in _STATEMENTS if w in words] + sorted(words - set(_STATEMENTS))
-        if len(options) > 4:
+        if len(options) > 4 and statement == "wait":
+            listed.append("an option of a wait (" + ", ".join(WAIT_OPTIONS) + ")")
+        elif len(options) > 4:
             examples = [w for w in _OPTION_EXAMPLES if w in options][:5]
             listed.append("an option (" + ", ".join(examples) + ", ...)")
         rest = {t for t in expected if not literals.get(t, "").isidentifier()}
@@ -365,8 +386,8 @@ class _Parser:
         listed += sorted((_TERMINAL_WORDS.get(t, t) for t in rest), key=lambda w: (w.startswith("end"), w))
         return (listed[0] if len(listed) == 1 else "one of: " + ", ".join(listed)), keywords
 
-    def unexpected(self, tok: _Tok, stack: list[int]) -> str:
-        want, keywords = self.expected(stack)
+    def unexpected(self, tok: _Tok, stack: list[int], statement: str = "") -> str:
+        want, keywords = self.expected(stack, statement)
         if tok.type in ("$END", "_NL"):
             found = "end of input" if tok.type == "$END" else "end of line"
         else:
@@ -439,7 +460,11 @@ _TERMINAL_WORDS = {
 }  # fmt: skip
 _VALUE_TERMINALS = {"STRING", "WORD", "NUMBER", "TRUE", "FALSE", "NULL", "LBRACE", "LSQB"}
 _STATEMENTS = (*NODE_KEYWORDS, "workers", "defaults", *TOP_KEYS, "case", "default")
+#: the keywords that start a statement and are no option too (``timeout`` is both)
+_STATEMENT_STARTS = frozenset((*NODE_KEYWORDS, "workers", "defaults", "case", "default"))
 _OPTION_EXAMPLES = ("undo", "with", "output", "when", "needs", "retry", "timeout", "items", "on", "path")
+#: a wait's options, in the order the writer writes them (``flowdsl.convert.WAIT_ORDER``)
+WAIT_OPTIONS = ("signal", "timeout", "for", "output", "on_failure", "when", "needs", "description")
 
 
 def _scalar(tok: _Tok) -> Any:

@@ -1438,9 +1438,9 @@ def test_a_compensation_on_a_group_says_where_compensations_go(tmp_path: Path) -
                       "compensation of its own: give each step of the sub-flow (in its file) its own 'compensate' "
                       f"{tail}"),
     ]
-    # the text syntax says its own word
+    # the text syntax says its own word, and lists the options a statement can be written with
     (d,) = errors_of_flow("flow t\nsequence s undo undo_s {\n  step a undo undo_a\n}\n")
-    assert d.message == ("unknown field 'compensate'; expected one of: description, needs, sequence, steps, when; a "
+    assert d.message == ("unknown field 'undo'; expected one of: description, needs, when; a "
                          "sequence has no undo of its own: give each step inside it its own undo " + tail)
     # an unknown field of a step gets no such hint, nor another unknown field of a group
     assert "of its own" not in only(HEAD + "steps:\n  - a: {compensation: x}\n", "FD202")

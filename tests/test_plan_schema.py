@@ -162,17 +162,14 @@ def _whole_schema(plan: dict[str, Any]) -> tuple[bool, str | None]:
     """Whether the whole schema accepts ``plan`` (``_validator().is_valid``: no error from ``iter_errors``), and
     what plan_problem said before the quick check: the whole schema over every node, then the references. One
     pass of the whole schema (the slow part, ~1 ms a node) answers both."""
-    from flowdsl.runtime.plancheck import _dangling, _layout_problem, _tree_problem, _validator
+    from flowdsl.runtime.plancheck import _references_problem, _said, _validator
 
     errors = list(_validator().iter_errors(plan))
     if plan.get("plan_version") not in range(1, PLAN_VERSION + 1) or type(plan.get("plan_version")) is not int:
         return not errors, plan_problem(plan)
     if errors:
-        causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
-        error = min(causes, key=lambda e: -len(e.absolute_path))
-        where = "/".join(str(part) for part in error.absolute_path)
-        return False, f"'{where}': {error.message}" if where else error.message
-    return True, _layout_problem(plan) or next(_dangling(plan), None) or _tree_problem(plan)
+        return False, _said(errors)
+    return True, _references_problem(plan)
 
 
 def _whole_schema_problem(plan: dict[str, Any]) -> str | None:

@@ -303,9 +303,16 @@ def test_an_option_a_wait_does_not_have_is_fd202(option: str, hint: str) -> None
 
 
 def test_fd202_in_the_text_syntax_points_at_the_option() -> None:
-    assert said("flow t\nwait w timeout 1m undo u\n", "spec.flow") == [
-        f"spec.flow:2:19: error FD202: unknown field 'compensate'; expected one of: {WAIT_FIELDS}; a wait changes "
-        "nothing, so there is nothing to undo"]
+    """And names it as the text syntax writes it (`undo`), listing the options a wait statement can be written
+    with (not its keyword `wait`)."""
+    written = WAIT_FIELDS.replace(" wait,", "")
+    for text in ("flow t\nwait w timeout 1m undo u\n", "flow t\nwait w timeout 1m compensate u\n"):
+        assert said(text, "spec.flow") == [
+            f"spec.flow:2:19: error FD202: unknown field 'undo'; expected one of: {written}; a wait changes "
+            "nothing, so there is nothing to undo"]
+    assert said("flow t\nwait w {\n  retry 3\n}\n", "spec.flow") == [
+        f"spec.flow:3:3: error FD202: unknown field 'retry'; expected one of: {written}; a wait is not retried: give "
+        "it a longer 'timeout'"]
 
 
 @pytest.mark.parametrize(("yaml_text", "flow_text", "expected"), [
@@ -318,11 +325,9 @@ def test_fd202_in_the_text_syntax_points_at_the_option() -> None:
       ("output", "'output' does not go with 'for': a timer wait's result is {}, with nothing to store ('output' "
                  "places a signal's payload)")]),
     ("  - wait: w\n    for: 2h\n    on_failure: compensate\n", "wait w for 2h on_failure compensate",
-     [("on_failure", "'on_failure' does not go with 'for': a timer wait cannot fail ('on_failure' says what a signal "
-                     "wait's 'timeout' does)")]),
-    ("  - wait: w\n    on_failure: continue\n", "wait w on_failure continue",
-     [("on_failure", "'on_failure' applies to a signal wait with a 'timeout' only: without one the wait waits as "
-                     "long as it takes and never fails; give it a 'timeout', or leave 'on_failure' out")]),
+     [("on_failure", "'on_failure' does not go with 'for': a timer wait has no timeout and no output map to fail "
+                     "('on_failure' is a signal wait's option; a timer wait whose 'when:' cannot be evaluated fails "
+                     "the run)")]),
 ])  # fmt: skip
 def test_options_that_do_not_go_together_are_fd309_in_both_syntaxes(yaml_text: str, flow_text: str,
                                                                     expected: list[tuple[str, str]]) -> None:
@@ -369,7 +374,7 @@ def test_bad_values_say_where_they_are(yaml_text: str, flow_text: str, code: str
 def test_a_wait_s_bad_timeout_is_set_aside_and_the_rest_checked() -> None:
     diags = compiled(HEAD + "steps:\n  - wait: w\n    timeout: [1]\n    when: '${ $nope }'\n")[1]
     assert [(d.code, d.line) for d in diags] == [("FD201", 5), ("FD502", 6)]
-    # nothing is said of what was set aside: its on_failure had a timeout, however wrong
+    # nothing is said of what was set aside, nor of the on_failure beside it
     for text, filename in ((HEAD + "steps:\n  - wait: w\n    timeout: [1]\n    on_failure: continue\n", "spec.yaml"),
                            ("flow t\nwait w timeout [1] on_failure continue\n", "spec.flow")):
         assert [d.code for d in compiled(text, filename)[1]] == ["FD201"]
@@ -418,6 +423,39 @@ def test_a_sub_flow_s_wait_and_one_of_the_flow_s_take_one_signal(tmp_path: Path)
                                    "'again'")
 
 
+def test_fd316_is_said_in_the_file_where_the_two_waits_meet(tmp_path: Path) -> None:
+    """Not in a sub-flow file that is fine on its own (and may be used by other flows): at the sub-flow node of the
+    file that holds both waits, whichever comes first in the plan."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "approve.yaml").write_text(HEAD + "steps:\n  - ask\n  - wait: approved\n")
+    (tmp_path / "lib" / "other.yaml").write_text(HEAD + "steps:\n  - wait: second\n    signal: approved\n")
+    (tmp_path / "lib" / "mid.yaml").write_text(HEAD + "steps:\n  - flow: inner\n    path: approve.yaml\n")
+    main = tmp_path / "main.yaml"
+
+    def fd316(steps: str) -> tuple[str | None, int | None, str]:
+        main.write_text(HEAD + "steps:\n" + steps)
+        (diag,) = compile_spec(str(main)).diagnostics
+        assert diag.code == "FD316"
+        return diag.file, diag.line, diag.message
+
+    # the flow's own wait first, the sub-flow's second
+    assert fd316("  - wait: approved\n  - flow: a\n    path: lib/approve.yaml\n") == (str(main), 5, (
+        "sub-flow 'a' waits for signal 'approved' (wait 'approved', line 5 of lib/approve.yaml), which 'approved' "
+        "(line 4) waits for too: a signal goes to one wait; give 'approved' 'signal: <another name>'"))
+    # and through a sub-flow of a sub-flow
+    assert fd316("  - wait: x\n    signal: approved\n  - flow: m\n    path: lib/mid.yaml\n")[:2] == (str(main), 6)
+    # two sub-flow files that wait for one signal
+    assert fd316("  - flow: a\n    path: lib/approve.yaml\n  - flow: b\n    path: lib/other.yaml\n") == (
+        str(main), 6, "sub-flow 'b' waits for signal 'approved' (wait 'second', line 4 of lib/other.yaml), which "
+        "'a/approved' (line 5 of lib/approve.yaml, through sub-flow 'a') waits for too: a signal goes to one wait; "
+        "give one of the two waits another signal name in its own file, or use one of the sub-flows only")
+    # one file reached twice, directly and through another
+    assert fd316("  - flow: a\n    path: lib/approve.yaml\n  - flow: m\n    path: lib/mid.yaml\n") == (
+        str(main), 6, "signal 'approved' is waited for by 'a/approved' and by 'm/inner/approved': both are the wait "
+        "'approved' (line 5 of lib/approve.yaml), reached through 'a' (line 4) and 'm'; a signal goes to one wait, so "
+        "a sub-flow that waits for a signal can be used once in a flow")
+
+
 def test_a_signal_wait_in_a_for_each_is_fd317_a_timer_is_not() -> None:
     text = HEAD + ("steps:\n  - for_each: lines\n    items: '${ lines }'\n    steps:\n      - wait: pause\n"
                    "        for: 1s\n      - sequence: s\n        steps:\n          - wait: checked\n")
@@ -451,7 +489,13 @@ def test_a_for_each_inside_a_sub_flow_is_said_in_the_sub_flow(tmp_path: Path) ->
 def test_ids_and_needs_count_waits() -> None:
     assert said(HEAD + "steps:\n  - approval\n  - wait: approval\n") == [
         "spec.yaml:5:5: error FD301: duplicate id 'approval' (first used on line 4); give one of them another id "
-        "(for a step: '<id>: {worker: ...}')"]
+        "(for a wait: 'wait: <id>', with 'signal: approval' to keep waiting for the signal 'approval')"]
+    assert said(HEAD + "steps:\n  - wait: approval\n  - approval\n")[0].endswith("(for a step: '<id>: {worker: ...}')")
+    assert said("flow t\nstep approval\nwait approval signal ok\n", "spec.flow") == [
+        "spec.flow:3:1: error FD301: duplicate id 'approval' (first used on line 2); give one of them another id "
+        "(for a wait: 'wait <id>')"]
+    assert said(HEAD + "steps:\n  - approval\n  - wait: approval\n    for: 1s\n")[0].endswith(
+        "(for a wait: 'wait: <id>')")
     (message,) = said(HEAD + "steps:\n  - wait: approval\n  - ship: {needs: [aproval]}\n")
     assert "'ship' needs 'aproval', which is not a step or group (did you mean 'approval'?)" in message
     assert plan(HEAD + "steps:\n  - wait: approval\n  - other: {needs: []}\n  - ship: {needs: [approval, other]}\n"

@@ -7,8 +7,9 @@ wrong and what was expected, instead of a ``KeyError`` from deep inside the kern
 
 The shape is ``specs/plan.schema.json`` (JSON Schema 2020-12, the machine-readable twin of docs/plan.md);
 what JSON Schema cannot say — that every key a node refers to is a node, every expression id is in
-``expressions``, and the nodes form one tree under ``root`` (each listed once, by its ``parent``) — is
-checked here after it. This is not a re-run of the compiler's checks.
+``expressions``, the nodes form one tree under ``root`` (each listed once, by its ``parent``), and a signal is
+taken by one wait at most and by none inside a ``for_each`` (what the kernel's ``prepare`` refuses) — is
+checked here after it. This is not a re-run of the compiler's checks: only what the kernel relies on.
 
 Cost. The schema says a node's fields with ``if``/``then`` per kind and ``unevaluatedProperties``, which
 ``jsonschema`` evaluates slowly (about 1.2 ms a node). So the question *whether* a plan has the schema's shape
@@ -29,6 +30,7 @@ import functools
 import hashlib
 import json
 import marshal
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -156,7 +158,13 @@ def plan_problem(plan: Any) -> str | None:
         problem = _schema_problem(plan)
         if problem is not None:
             return problem
-    return _layout_problem(plan) or next(_dangling(plan), None) or _tree_problem(plan)
+    return _references_problem(plan)
+
+
+def _references_problem(plan: dict[str, Any]) -> str | None:
+    """What a plan of the schema's shape may still have wrong, which JSON Schema cannot say: the first of its
+    layout (:func:`_layout_problem`), its references, its tree and its signal waits (:func:`_signal_problem`)."""
+    return _layout_problem(plan) or next(_dangling(plan), None) or _tree_problem(plan) or _signal_problem(plan)
 
 
 def _layout_problem(plan: dict[str, Any]) -> str | None:
@@ -201,15 +209,39 @@ def _schema_problem(plan: dict[str, Any]) -> str | None:
     if isinstance(nodes, dict):
         _, kinds = _fast_validators()
         plan = {**plan, "nodes": {key: node for key, node in nodes.items() if not _node_ok(node, kinds)}}
-    errors = list(_validator().iter_errors(plan))
+    return _said(list(_validator().iter_errors(plan)))
+
+
+def _said(errors: list[Any]) -> str | None:
+    """The sentence for the whole schema's ``errors`` of a plan (None for none): the deepest error — "unevaluated
+    properties" is only a symptom when another one exists (a node whose kind-specific part failed has all its
+    kind-specific fields unevaluated) —, where it is, and why when the schema says it (the ``description`` of the
+    innermost definition on its way)."""
     if not errors:
         return None
-    # the deepest error says the most; "unevaluated properties" is only a symptom when another one exists
-    # (a node whose kind-specific part failed has all its kind-specific fields unevaluated)
     causes = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
     error = min(causes, key=lambda e: -len(e.absolute_path))
     where = "/".join(str(part) for part in error.absolute_path)
-    return f"'{where}': {error.message}" if where else error.message
+    why = _why(error.schema_path)
+    message = f"{error.message} ({why})" if why else error.message
+    return f"'{where}': {message}" if where else message
+
+
+def _why(schema_path: Any) -> str | None:
+    """The ``description`` of the innermost definition (``$defs``) along ``schema_path`` in the plan schema that
+    has one: what the rule broken is for (a timer wait's fields, a wait's durations). (``jsonschema`` leaves the
+    ``$ref`` it follows out of the path: one is followed where the next part is not in the schema at hand.)"""
+    schema = plan_schema()
+    at: Any = schema
+    why = None
+    for part in [*schema_path, None]:
+        while isinstance(at, dict) and isinstance(at.get("$ref"), str) and part not in at:
+            at = schema["$defs"][at["$ref"].removeprefix("#/$defs/")]
+            why = at.get("description", why)
+        if part is None:
+            break
+        at = at[part] if isinstance(at, dict | list) else None
+    return why
 
 
 @functools.lru_cache(maxsize=1)
@@ -245,10 +277,11 @@ def _fast_validators() -> tuple[Any, dict[str, Any]]:
         parts = [part["then"] if "if" in part else part for part in node["allOf"] if _applies(part, kind)]
         required = dict.fromkeys(node["required"])
         properties: dict[str, Any] = {"kind": {"const": kind}}
+        conditions: list[dict[str, Any]] = []
         for part in parts:
-            _flatten(_inline(part, defs), required, properties)
-        kinds[kind] = _fast_validator_class()({"type": "object", "required": list(required), "properties": properties,
-                                        "additionalProperties": False})
+            _flatten(_inline(part, defs), required, properties, conditions)
+        flat = {"type": "object", "required": list(required), "properties": properties, "additionalProperties": False}
+        kinds[kind] = _fast_validator_class()({**flat, "allOf": conditions} if conditions else flat)
     return _fast_validator_class()(top), kinds
 
 
@@ -377,15 +410,21 @@ def _applies(part: dict[str, Any], kind: str) -> bool:
     return kind in test["enum"] if "enum" in test else bool(kind == test["const"])
 
 
-def _flatten(part: dict[str, Any], required: dict[str, None], properties: dict[str, Any]) -> None:
-    """Fold a part made of ``required``, ``properties`` and ``allOf`` (of the same) into one object schema's."""
+def _flatten(part: dict[str, Any], required: dict[str, None], properties: dict[str, Any],
+             conditions: list[dict[str, Any]]) -> None:
+    """Fold a part made of ``required``, ``properties`` and ``allOf`` (of the same) into one object schema's; a
+    conditional part (``if``/``then`` on fields that are in ``properties`` already: a timer wait's) is kept as it
+    is, in ``conditions``."""
+    if set(part) <= {"if", "then", "description"} and {"if", "then"} <= set(part):
+        conditions.append(part)
+        return
     if not set(part) <= {"required", "properties", "allOf"}:
         raise AssertionError(f"plan.schema.json's node schema changed: cannot fold {sorted(part)}")
     required.update(dict.fromkeys(part.get("required", ())))
     for name, sub in part.get("properties", {}).items():
         properties[name] = sub if properties.get(name, sub) == sub else {"allOf": [properties[name], sub]}
     for sub in part.get("allOf", ()):
-        _flatten(sub, required, properties)
+        _flatten(sub, required, properties, conditions)
 
 
 def _inline(value: Any, defs: dict[str, Any]) -> Any:
@@ -459,6 +498,36 @@ def _tree_problem(plan: dict[str, Any]) -> str | None:
     left = next((key for key in nodes if key not in lister), None)
     if left is not None:
         return f"'nodes/{left}' is listed neither in 'root' nor in a group under it"
+    return None
+
+
+#: a signal name, as the language writes it (an id: ``flowdsl.model.ID_RE``); the schema's pattern says the same,
+#: but for a final newline, which Python's ``$`` lets through
+_SIGNAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
+def _signal_problem(plan: dict[str, Any]) -> str | None:
+    """What the kernel's ``prepare`` refuses of a plan's signal waits (``ValueError``, with the same words), which
+    the compiler reports as FD316 and FD317: a signal taken by two waits (a signal sent to a run is for one wait),
+    or a signal wait inside a ``for_each`` (which iteration a signal is for could not be said) — and a signal name
+    that is not one. Read after :func:`_tree_problem`: the ``parent`` of each node is the group that lists it."""
+    nodes: dict[str, Any] = plan["nodes"]
+    signals = [key for key, node in nodes.items() if node["kind"] == "wait" and node["signal"] is not None]
+    taken: dict[str, str] = {}
+    for key in sorted(signals, key=lambda k: nodes[k]["order"]):  # (in the kernel's order: it names the same pair)
+        name = nodes[key]["signal"]
+        if not _SIGNAL_NAME.match(name):
+            return f"'nodes/{key}/signal': {name!r} is not a signal name (written as an id)"
+        if name in taken:
+            return (f"'nodes/{key}/signal': plan nodes {taken[name]!r} and {key!r} both wait for signal {name!r} "
+                    "(a signal sent to a run is for one wait: FD316)")
+        around = nodes[key]["parent"]
+        while around is not None:
+            if nodes[around]["kind"] == "for_each":
+                return (f"'nodes/{key}/signal': plan node {key!r} waits for signal {name!r} inside for_each "
+                        f"{around!r} (which iteration a signal is for cannot be said: FD317)")
+            around = nodes[around]["parent"]
+        taken[name] = key
     return None
 
 
