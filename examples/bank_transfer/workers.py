@@ -30,6 +30,7 @@ class Books:
 
     reservations: dict[str, dict[str, Any]] = field(default_factory=dict)
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
     shipments: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -38,6 +39,7 @@ class Books:
         with self.lock:
             self.reservations.clear()
             self.invoices.clear()
+            self.transfers.clear()
             self.shipments.clear()
 
     def open_reservations(self) -> list[str]:
@@ -48,6 +50,11 @@ class Books:
     def open_invoices(self) -> list[str]:
         """Invoices neither paid nor voided."""
         return sorted(k for k, i in self.invoices.items() if i["status"] == "open")
+
+    def kept_transfers(self) -> list[str]:
+        """Money booked and neither refunded nor matched by a shipment: a customer's money an undone order kept."""
+        shipped = bool(self.shipments)
+        return sorted(k for k, t in self.transfers.items() if not t["refunded"] and not shipped)
 
 
 BOOKS = Books()
@@ -97,10 +104,30 @@ def void_invoice(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     return {"voided": data["invoice_id"]}
 
 
-@worker("match_payment")
-def match_payment(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    """Match the transfer against the invoice: ``paid``, or ``short`` (the flow's ``fail_when`` undoes the order)."""
-    short = round(float(data["expected"]) - float(data["received"] or 0), 2)
+@worker("book_transfer")
+def book_transfer(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Book the transfer the bank reported against the invoice: the money is the company's until refunded."""
+    with BOOKS.lock:
+        transfer = BOOKS.transfers.setdefault(ctx.idempotency_key, {
+            "transfer_id": f"TR-{len(BOOKS.transfers) + 1:05d}", "invoice_id": data["invoice_id"],
+            "amount": float(data["received"] or 0), "reference": data.get("reference"), "refunded": False})
+    return {"transfer_id": transfer["transfer_id"], "received": transfer["amount"]}
+
+
+@worker("refund_transfer")
+def refund_transfer(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """Compensation of book_transfer: send the money back to the customer (once)."""
+    with BOOKS.lock:
+        for transfer in BOOKS.transfers.values():
+            if transfer["transfer_id"] == data["transfer_id"]:
+                transfer["refunded"] = True
+    return {"refunded": data["transfer_id"]}
+
+
+@worker("check_amount")
+def check_amount(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    """The transfer against the invoice: ``paid``, or ``short`` (the flow's ``fail_when`` undoes the order)."""
+    short = round(float(data["expected"]) - float(data["received"]), 2)
     if short > 0:
         return {"payment_status": "short", "missing": short}
     with BOOKS.lock:

@@ -43,14 +43,15 @@ def test_paid_and_delivered_the_order_ships_and_nothing_is_left_open(tmp_path: P
     assert result.status == "completed" and outcomes == ["received", "received"]
     assert result.context["payment"] == PAID and result.context["review_requested"] is True
     assert result.steps["payment_received"]["kind"] == "wait"
-    assert BOOKS.open_reservations() == [] and BOOKS.open_invoices() == []
+    assert BOOKS.open_reservations() == [] and BOOKS.open_invoices() == [] and BOOKS.kept_transfers() == []
     assert [i["status"] for i in BOOKS.invoices.values()] == ["paid"] and len(BOOKS.shipments) == 1
 
 
 def test_a_short_payment_voids_the_invoice_and_releases_the_stock(tmp_path: Path) -> None:
     result, _ = _run(tmp_path, {"payment_received": {**PAID, "amount": 100}})
-    assert result.status == "compensated" and result.compensated == ["issue_invoice", "reserve_stock"]
+    assert result.status == "compensated" and result.compensated == ["book_transfer", "issue_invoice", "reserve_stock"]
     assert BOOKS.open_reservations() == [] and BOOKS.open_invoices() == [] and not BOOKS.shipments
+    assert BOOKS.kept_transfers() == [] and [t["refunded"] for t in BOOKS.transfers.values()] == [True]
     assert [i["status"] for i in BOOKS.invoices.values()] == ["void"]
 
 
