@@ -254,16 +254,18 @@ def cancel(
 @app.command(name="signal", help=(
     "Send a signal to a Redis run: the wait of its flow that takes it goes on, with the data as its result.\n\n"
     "The signal is checked first (the run exists, a wait of its flow takes NAME, the data is a JSON object), then "
-    "handed to the worker processes, which apply it once even if one dies meanwhile. It then waits until the run "
-    "has applied it and says what became of it: received by its wait, kept until its wait starts, or rejected, "
-    "with the run's reason. Ctrl-C, SIGTERM or SIGHUP stop the waiting, not the signal; --no-wait returns once it "
-    "is sent. Sent again under the same --id, a signal is applied at most once.\n\n"
+    "handed to the worker processes, which apply it once even if one dies meanwhile. It then waits (up to "
+    "--timeout) until the run has applied it and says what became of it: received by its wait, kept until its wait "
+    "starts, or rejected, with the run's reason. Ctrl-C, SIGTERM or SIGHUP stop the waiting, not the signal; "
+    "--no-wait returns once it is sent. Sent again under the same --id (with the same data), a signal is applied at "
+    "most once; another signal under an id used already is refused.\n\n"
     "Exit codes:\n"
     "  0    its wait received it, or keeps it until it starts (with --no-wait: it was sent)\n"
     "  1    the run rejected it (the reason is said): the run is over, or its wait received one already, timed "
     "out or was skipped\n"
-    "  2    there is no such run, no wait of its flow takes NAME, the data is not a JSON object, or Redis cannot be "
-    "reached\n"
+    "  2    there is no such run, no wait of its flow takes NAME, the data is not a JSON object, the --id was used "
+    "for another signal, or Redis cannot be reached\n"
+    "  5    not applied within --timeout: it was sent, and is applied once a worker process takes it\n"
     "  130  the waiting was stopped (the signal, once sent, is applied all the same)"))
 def signal_(
     run_id: Annotated[str, typer.Argument(help="the run's id", metavar="RUN_ID", show_default=False)],
@@ -277,22 +279,30 @@ def signal_(
     data_file: Annotated[str | None, typer.Option(
         "--data-file", help="the signal's data from a JSON file (- for stdin)", metavar="FILE")] = None,
     signal_id: Annotated[str | None, typer.Option(
-        "--id", help="the signal's id: sent again under the same id, it is applied at most once (a webhook's "
-        "delivery id, say) \\[default: a new one]", metavar="ID", callback=_text)] = None,
+        "--id", help="the signal's id: sent again under the same id (with the same data), it is applied at most once "
+        "(a webhook's delivery id, say); an id is one signal's \\[default: a new one]", metavar="ID",
+        callback=_text)] = None,
     no_wait: Annotated[bool, typer.Option(
         "--no-wait", help="return once the signal is sent, without waiting for the run to apply it")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="seconds to wait for the run to apply the signal, 0.1 to 365 days; past them it exits 5 "
+        "(the signal stays sent) \\[default: 60]", metavar="SECONDS",
+        callback=_seconds(0.1, 365 * 86400.0, "365 days"))] = None,
     fmt: FormatOpt = OutputFormat.text,
 ) -> None:
     as_json = fmt is OutputFormat.json
 
     def body(commands: Any, console: Any, ended: list[int]) -> int:
+        if no_wait and timeout is not None:
+            raise _fail("--timeout and --no-wait do not go together: --no-wait waits for nothing", console=console)
         try:
             payload = commands.read_signal_data(data, data_file)
         except ValueError as exc:
             raise _fail(str(exc), console=console) from None
         return int(commands.signal_command(run_id, name, url=redis_url, prefix=prefix, data=payload,
                                            signal_id=signal_id, wait=not no_wait, as_json=as_json, console=console,
-                                           ended=ended))
+                                           ended=ended, timeout_s=commands.DEFAULT_TIMEOUT_S if timeout is None
+                                           else timeout))
 
     if no_wait:
         from flowdsl.runtime.redis import commands_signal

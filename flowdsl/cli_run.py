@@ -106,7 +106,7 @@ def run(
         "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
     signals: Annotated[list[str] | None, typer.Option(
         "--signal", help="(local) send the signal NAME to the run as it starts, with a payload: a JSON object, "
-        "inline or from a file (NAME=@FILE); kept until the wait taking it starts; repeatable",
+        "inline, from a file (NAME=@FILE) or stdin (NAME=@-); kept until the wait taking it starts; repeatable",
         metavar="NAME[=JSON]")] = None,
 ) -> None:
     raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _run(
@@ -216,6 +216,13 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
             check_run_id(run_id)
         except ValueError as exc:
             raise _Stopped(f"--run-id: {exc}") from None
+    if signal_args:  # stdin is read once: refused before either reads it
+        from flowdsl.cli_signals import check_stdin
+
+        try:
+            check_stdin(signal_args, input_from_stdin=input_file == "-")
+        except InputError as exc:
+            raise _Stopped(str(exc)) from None
     result = _compile(file, no_import=remote)  # with redis, the worker processes import the workers
     if result.plan is None:
         _print_diagnostics(result.diagnostics, OutputFormat.text)
@@ -231,7 +238,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         check_input(result.plan, data)
     except InputError as exc:
         raise _Stopped(str(exc), error_type="InputInvalid") from None
-    signals = _signals(result.plan, signal_args) if not remote else []
+    signals = _signals(result.plan, signal_args, input_from_stdin=input_file == "-") if not remote else []
     if remote:
         from flowdsl.runtime.redis.commands import run_command
 
@@ -270,18 +277,27 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         spec_path=file, signals=signals), run_id)
 
 
-def _signals(plan: dict[str, Any], given: list[str],
-             state: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any] | None]]:
-    """The ``--signal`` options, read and checked against the plan's waits (:class:`_Stopped` when one is wrong),
-    and a note on stderr for each signal wait they leave without its signal (``state``: a resumed run's)."""
-    from flowdsl.cli_signals import read_signals, unsent_notes
+def _signals(plan: dict[str, Any], given: list[str], state: dict[str, Any] | None = None, *,
+             input_from_stdin: bool = False) -> list[tuple[str, dict[str, Any] | None]]:
+    """The ``--signal`` options, read and checked against the plan's waits (:class:`_Stopped` when one is wrong;
+    ``input_from_stdin``: ``--input -`` reads stdin, which a ``NAME=@-`` may then not), and a note on stderr for each
+    signal wait they leave without its signal (``state``: a resumed run's)."""
+    from flowdsl.cli_signals import read_signals, stdin_signals, unsent_notes
     from flowdsl.runtime.inputs import InputError
+    from flowdsl.shown import visible
 
     try:
-        signals = read_signals(given, plan)
+        reading = stdin_signals(given)
+        if len(reading) == 1 and not input_from_stdin and _on_terminal(sys.stdin):  # (else it waits without a word)
+            _stderr().print(f"reading the payload of --signal {visible(reading[0])} from stdin; end it with Ctrl-D",
+                            markup=False)
+        signals = read_signals(given, plan, input_from_stdin=input_from_stdin)
     except InputError as exc:
         raise _Stopped(str(exc)) from None
-    for note in unsent_notes(plan, [name for name, _ in signals], state):
+    import signal
+
+    ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # (inherited ignored: it stays so, LocalRun)
+    for note in unsent_notes(plan, [name for name, _ in signals], state, ctrl_c=ctrl_c):
         _stderr().print(f"[yellow]note[/]: {_escape(note)}", highlight=False, soft_wrap=True)
     return signals
 
@@ -497,8 +513,9 @@ def resume(
         "you know it is")] = False,
     fmt: FormatOpt = OutputFormat.text,
     signals: Annotated[list[str] | None, typer.Option(
-        "--signal", help="send the signal NAME to the run as it is resumed, with a payload: a JSON object, inline or "
-        "from a file (NAME=@FILE); taken at once by its wait if it waits, else kept until it starts; repeatable",
+        "--signal", help="send the signal NAME to the run as it is resumed, with a payload: a JSON object, inline, "
+        "from a file (NAME=@FILE) or stdin (NAME=@-); taken at once by its wait if it waits, else kept until it "
+        "starts (a deadline that passed while the run stood fires first); repeatable",
         metavar="NAME[=JSON]")] = None,
 ) -> None:
     raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _resume(

@@ -6,8 +6,9 @@ Stage: CLI. Imports ``flowdsl.runtime.inputs`` (reading a JSON object, :class:`I
 and ``flowdsl.shown``.
 
 A local run lives in its process, so a signal reaches it from the command line only as it starts (or is resumed):
-each ``--signal`` is sent then, before anything else, and kept until its wait starts (docs/runtime.md, "Waits and
-signals").
+each ``--signal`` is sent then, before anything else (a resumed run's timers that fell due while it stood fire
+first), and kept until its wait starts (docs/runtime.md, "Waits and signals"). A payload is inline, in a file
+(``NAME=@FILE``) or on stdin (``NAME=@-``), which is read once: for one ``--signal``, and not with ``--input -``.
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ from flowdsl.runtime.local_waits import check_signal, check_signals, signal_name
 from flowdsl.runtime.timing import duration_text
 from flowdsl.shown import visible
 
-__all__ = ["read_signals", "unsent_notes"]
+__all__ = ["check_stdin", "read_signals", "stdin_signals", "unsent_notes"]
 
 #: the largest payload file (``--signal NAME=@FILE``) read, in bytes: a signal's payload is kept in the run's state
 #: and record, as its input is
 _FILE_LIMIT = 64 * 1024 * 1024
 
 
-def read_signals(items: Iterable[str], plan: Mapping[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+def read_signals(items: Iterable[str], plan: Mapping[str, Any], *,
+                 input_from_stdin: bool = False) -> list[tuple[str, dict[str, Any] | None]]:
     """The ``--signal`` options given, read and checked against ``plan``'s waits: ``NAME`` (no payload),
-    ``NAME=JSON`` (a JSON object) or ``NAME=@FILE`` (a JSON object in a file). Raises :class:`InputError` saying
-    which option is wrong and why: not of that form, a payload that is not a JSON object, a name no wait of the
-    flow takes, a name given twice."""
+    ``NAME=JSON`` (a JSON object) or ``NAME=@FILE`` (a JSON object in a file, ``@-`` for stdin). Raises
+    :class:`InputError` saying which option is wrong and why: not of that form, a payload that is not a JSON
+    object, a name no wait of the flow takes, a name given twice, stdin read twice (:func:`check_stdin`;
+    ``input_from_stdin``: the run input is read from it, ``--input -``)."""
+    items = list(items)
+    check_stdin(items, input_from_stdin=input_from_stdin)
     names = signal_names(plan)
     read: list[tuple[str, dict[str, Any] | None]] = []
     for item in items:
@@ -50,19 +55,40 @@ def read_signals(items: Iterable[str], plan: Mapping[str, Any]) -> list[tuple[st
         raise InputError(f"--signal: {exc}") from None
 
 
+def stdin_signals(items: Iterable[str]) -> list[str]:
+    """The ``--signal`` options among ``items`` whose payload is read from stdin (``NAME=@-``), as given."""
+    return [item for item in items if item.partition("=")[2] == "@-" and item.partition("=")[0]]
+
+
+def check_stdin(items: Iterable[str], *, input_from_stdin: bool = False) -> None:
+    """Stdin is read once: :class:`InputError` when two ``--signal NAME=@-`` read it, or one does and the run
+    input is read from it too (``input_from_stdin``: ``--input -``) — the second reader would find it empty."""
+    readers = stdin_signals(items)
+    if input_from_stdin and readers:
+        raise InputError(f"--signal {visible(readers[0])}: stdin is read for the run input already (--input -): "
+                         "give the signal's payload inline (NAME=JSON) or from a file (NAME=@FILE)")
+    if len(readers) > 1:
+        raise InputError(f"--signal {visible(readers[1])}: stdin is read for the payload of --signal "
+                         f"{visible(readers[0])} already: give one of them inline (NAME=JSON) or from a file "
+                         "(NAME=@FILE)")
+
+
 def _payload(name: str, raw: str) -> dict[str, Any]:
     where = f"--signal {visible(name)}"
     example = "NAME='{\"ok\": true}' (or NAME alone for none)"
+    if raw == "@-":
+        return read_json_object(f"{where}=@- (stdin)", file="-", example=example, limit=_FILE_LIMIT)
     if raw.startswith("@"):
         return read_json_object(f"{where}=@{visible(raw[1:])}", file=raw[1:], example=example, limit=_FILE_LIMIT)
     return read_json_object(where, text=raw, example=example)
 
 
-def unsent_notes(plan: Mapping[str, Any], given: Iterable[str], state: Mapping[str, Any] | None = None) -> list[str]:
+def unsent_notes(plan: Mapping[str, Any], given: Iterable[str], state: Mapping[str, Any] | None = None, *,
+                 ctrl_c: bool = True) -> list[str]:
     """A note for each signal wait of ``plan`` whose signal is not among ``given`` (the ``--signal`` names): nothing
     else can send it to this run, so it waits until its deadline, or for ever. ``state``: a resumed run's (said of
     ``flowdsl resume``), whose waits that have started (the run says those that wait) or whose signal is kept
-    already are left out."""
+    already are left out. ``ctrl_c``: Ctrl-C cancels the run (not when SIGINT is inherited ignored)."""
     sent = set(given)
     if state is not None:
         sent |= set(state.get("signals") or ())
@@ -73,7 +99,7 @@ def unsent_notes(plan: Mapping[str, Any], given: Iterable[str], state: Mapping[s
         node = plan["nodes"][key]
         timeout = node.get("timeout_ms")
         then = (f"if the run reaches it, it waits {duration_text(timeout)} and fails (WaitTimeout)" if timeout else
-                "if the run reaches it, it waits for ever (Ctrl-C cancels the run)")
+                "if the run reaches it, it waits for ever" + (" (Ctrl-C cancels the run)" if ctrl_c else ""))
         wait = f"wait '{visible(key)}'" + (f" (signal '{visible(name)}')" if name != key else "")
         command = "flowdsl run" if state is None else "flowdsl resume"
         notes.append(f"{wait} waits for a signal this command does not send: a local run takes one only from "

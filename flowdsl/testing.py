@@ -387,6 +387,10 @@ class _Checker:
                 self.error("FD701", f"{quote(key)} names no run of step {quote(plan_key)}: {written}"
                            + (f"; name one as {quote(example)}" if loops else ""), path, key=at_key)
                 return None
+        if attempts and node["kind"] == "wait":
+            self.error("FD702", f"{quote(key)} is a wait, which makes no attempts: what it waits for is sent with the "
+                       "case's 'signals' (a signal wait), or passes by itself (a timer)", path, key=at_key)
+            return None
         if attempts and node["kind"] not in ("task", "llm"):
             self.error("FD702", f"{quote(key)} is a {node['kind']} node, not a step with attempts: script the task "
                        "or LLM steps inside it", path, key=at_key)

@@ -52,8 +52,8 @@ def test_a_signal_given_with_the_run_is_kept_until_its_wait_starts(tmp_path: Pat
     lines = said(text.stdout + text.stderr)
     for line in ("✉ signal 'paid' kept until wait 'paid' starts", "⚐ paid waits for signal 'paid' (no deadline)",
                  "✉ signal 'paid' received by wait 'paid' (it had been kept until the wait started)",
-                 "✓ paid done waiting", "⚐ cool waits 40ms", "paid succeeded ⚐ signal 'paid'",
-                 "cool succeeded ⚐ timer 40ms"):
+                 "✓ paid done waiting", "⚐ cool waits 40ms", "paid succeeded ⚐", "waits ⚐: paid: signal 'paid'",
+                 "cool: timer 40ms"):
         assert line in lines, line
 
 
@@ -83,6 +83,41 @@ def test_a_bad_signal_is_refused_before_the_run_starts(tmp_path: Path, value: st
     assert not (tmp_path / "runs").exists()  # nothing ran
     j = cli("run", spec(tmp_path), "--no-record", "--signal", value, "--format", "json")
     assert j.exit_code == 2 and json.loads(j.stdout)["error"]["type"] == "UsageError"
+
+
+def test_a_payload_from_stdin(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["run", spec(tmp_path), "--no-record", "--signal", "paid=@-", "--format", "json"],
+                           input='{"from": "stdin"}')
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["context"]["confirmation"] == {"from": "stdin"}
+    r = CliRunner().invoke(app, ["run", spec(tmp_path), "--no-record", "--signal", "paid=@-"], input="[1]")
+    assert r.exit_code == 2 and "--signal paid=@- (stdin): the payload must be a JSON object, found an array" in \
+        said(r.stderr)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--input", "-", "--signal", "paid=@-"], "--signal paid=@-: stdin is read for the run input already "
+                                              "(--input -): give the signal's payload inline"),
+    (["--signal", "paid=@-", "--signal", "nope=@-"], "--signal nope=@-: stdin is read for the payload of --signal "
+                                                     "paid=@- already: give one of them inline"),
+])
+def test_stdin_is_read_once(tmp_path: Path, args: list[str], message: str) -> None:
+    r = CliRunner().invoke(app, ["run", spec(tmp_path), "--runs-dir", str(tmp_path / "runs"), *args],
+                           input='{"a": 1}')
+    assert r.exit_code == 2 and message in said(r.stderr), r.stderr
+    assert not (tmp_path / "runs").exists()
+    j = CliRunner().invoke(app, ["run", spec(tmp_path), "--no-record", *args, "--format", "json"], input="{}")
+    assert j.exit_code == 2 and message in said(json.loads(j.stdout)["error"]["message"])
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("paid=\udcff", "--signal paid: the payload is not UTF-8 text (byte 0xff at offset 0); expected a JSON object"),
+    ('paid={"a": "\udcfe"}', "--signal paid: the payload is not UTF-8 text (byte 0xfe at offset 7)"),
+    ("paid=\ud800", "--signal paid: the payload is not UTF-8 text (a lone surrogate, U+D800, at character 1)"),
+])
+def test_an_inline_payload_that_is_not_utf8_is_said_so(tmp_path: Path, value: str, message: str) -> None:
+    r = cli("run", spec(tmp_path), "--no-record", "--signal", value)
+    assert r.exit_code == 2 and message in said(r.stderr), r.stderr
 
 
 def test_a_signal_given_twice_and_one_for_redis_are_refused(tmp_path: Path) -> None:
@@ -139,3 +174,53 @@ def test_a_run_stopped_while_it_waits_is_resumed_with_its_signal(tmp_path: Path)
     assert out["status"] == "completed" and out["context"]["confirmation"] == {"late": True}
     again = cli("show", "s1", "--runs-dir", str(runs), "--format", "json")
     assert json.loads(again.stdout)["steps"] == out["steps"]
+
+
+def test_a_deadline_that_passed_while_the_run_stood_beats_a_signal_sent_with_resume(tmp_path: Path) -> None:
+    import time
+
+    from flowdsl import compile_spec
+    from flowdsl.runtime.local import LocalRun, RunAborted
+
+    path = spec(tmp_path, "    timeout: 60ms\n")
+    plan = compile_spec(path).plan
+    assert plan is not None
+    runs = tmp_path / "runs"
+
+    async def stopped() -> None:
+        run: LocalRun
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == "step_started" and event["step"] == "paid":
+                asyncio.get_running_loop().call_soon(run.abort, "stopped by the test")
+
+        run = LocalRun(plan, {}, runs_dir=runs, run_id="d1", on_event=on_event, spec_path=path)
+        with pytest.raises(RunAborted):
+            await run.run()
+
+    asyncio.run(stopped())
+    time.sleep(0.12)  # past the wait's deadline, with no process running the run
+    r = cli("resume", "d1", "--runs-dir", str(runs), "--force", "--signal", 'paid={"late": true}', "--format", "json")
+    assert r.exit_code == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["status"], out["error"]["type"], out["failed_step"]) == ("compensated", "WaitTimeout", "paid")
+    assert out["error"]["message"] == "no signal 'paid' came within 60 ms"
+    assert out["compensated"] == ["a"] and "confirmation" not in (out["context"] or {})
+    told = [e["type"] for e in out["events"] if e["type"] in ("step_failed", "signal_received", "signal_rejected")]
+    assert told == ["step_failed", "signal_rejected"]
+    text = cli("show", "d1", "--runs-dir", str(runs))
+    lines = said(text.stdout + text.stderr)
+    assert "✗ paid failed — WaitTimeout: no signal 'paid' came within 60ms" in lines, lines
+    assert "✉ signal 'paid' rejected: " in lines
+    assert lines.index("✗ paid failed") < lines.index("✉ signal 'paid' rejected")
+
+
+def test_the_note_on_a_wait_nothing_signals_says_ctrl_c_only_when_it_cancels(tmp_path: Path) -> None:
+    from flowdsl import compile_spec
+    from flowdsl.cli_signals import unsent_notes
+
+    plan = compile_spec(spec(tmp_path)).plan
+    assert plan is not None
+    (taken,) = unsent_notes(plan, [])
+    (ignored,) = unsent_notes(plan, [], ctrl_c=False)
+    assert taken.endswith("it waits for ever (Ctrl-C cancels the run)") and ignored.endswith("it waits for ever")

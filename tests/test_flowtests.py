@@ -704,6 +704,50 @@ def test_a_run_whose_wait_gets_no_signal_and_has_no_timeout_waits_for_ever() -> 
     assert list(compare({"status": "running", "steps": {"approval": "running", "go": "pending"}}, sim)) == []
 
 
+def test_a_wait_that_waits_is_expected_waiting_as_every_report_says_it_or_running() -> None:
+    plan = compile_text("flowdsl: 1\nname: forever\nsteps:\n  - wait: approval\n    signal: approved\n  - go\n")
+    sim = simulate(plan, {}, registry=WorkerRegistry(), run_id="f")
+    assert sim.result.to_json()["steps"]["approval"]["status"] == "waiting"
+    for said in ("waiting", "running", {"status": "waiting", "attempts": 0}):
+        assert list(compare({"status": "running", "steps": {"approval": said}}, sim)) == [], said
+    # a wait that waits is said "waiting" where it is not what the case expected
+    assert [m.to_json() for m in compare({"steps": {"approval": "succeeded"}}, sim)] == [
+        {"field": "steps.approval.status", "expected": "succeeded", "got": "waiting", "note": None}]
+    # a step that is not a wait never waits
+    hung = simulate(compile_text("flowdsl: 1\nname: hung\nsteps:\n  - go\n"), {}, registry=WorkerRegistry(),
+                    script=Script(steps={"go": [Outcome.hang()]}))
+    assert [m.to_json() for m in compare({"steps": {"go": "waiting"}}, hung)] == [
+        {"field": "steps.go.status", "expected": "waiting", "got": "running", "note": None}]
+
+
+def test_a_case_may_expect_a_wait_waiting(tmp_path: Path) -> None:
+    test = _file(tmp_path / "a.test.yaml", f"flowdsl_test: 1\nflow: {CASES / 'flows' / 'approval.yaml'}\n"
+                 "steps: {prepare: ok, go: ok}\ncases:\n"
+                 "  forgotten:\n    expect: {status: running, steps: {approval: waiting, go: pending}}\n"
+                 "  told:\n    signals: [approved]\n    expect: {steps: {approval: waiting}}\n")
+    code, out, _ = _cli(str(test))
+    assert code == 1 and "2 cases: 1 passed, 1 failed" in out, out
+    assert 'steps.approval.status: expected "waiting", got "succeeded"' in out
+
+
+def test_a_signal_due_after_the_run_has_ended_never_reaches_it() -> None:
+    from flowdsl import Signal
+
+    plan = compile_text("flowdsl: 1\nname: late\nsteps:\n  - a: {compensate: undo_a}\n  - wait: paid\n"
+                        "    timeout: 3s\n  - b\n")
+    script = Script(steps={"a": [Outcome.ok()], "b": [Outcome.ok()]}, undo={"a": [Outcome.ok()]},
+                    signals=[Signal("paid", {}, at_ms=10**15), Signal("paid", {}, at_ms=5_000)])
+    sim = simulate(plan, {}, registry=WorkerRegistry(), script=script)
+    assert sim.result.status == "compensated" and sim.elapsed_ms == 3_000
+    assert sim.result.events[-1]["type"] == "run_finished"
+    assert not any(e["type"].startswith("signal_") for e in sim.result.events)
+    # one due before the end is still answered (here rejected: its wait has timed out, the run is compensating)
+    early = simulate(plan, {}, registry=WorkerRegistry(), script=Script(
+        steps=script.steps, undo={"a": [Outcome.ok(after_ms=2_000)]}, signals=[Signal("paid", {}, at_ms=4_000)]))
+    assert [e["type"] for e in early.result.events if e["type"].startswith("signal_")] == ["signal_rejected"]
+    assert early.result.events[-1]["type"] == "run_finished"
+
+
 def test_signals_made_in_python_are_checked() -> None:
     from datetime import datetime
 
@@ -739,8 +783,9 @@ def test_a_case_that_sends_signals_replaces_the_files_and_names_no_wait_of_anoth
 
 def test_a_failing_case_says_which_wait_still_waits_and_shows_the_signals_in_its_timeline(tmp_path: Path) -> None:
     test = _file(tmp_path / "a.test.yaml", f"flowdsl_test: 1\nflow: {CASES / 'flows' / 'approval.yaml'}\n"
-                 "steps: {prepare: ok, go: ok}\ncases:\n"
-                 "  approved twice:\n    signals: [{signal: approved, at: 1m}, {signal: approved, at: 2m}]\n"
+                 "steps: {prepare: ok, go: {ok: {}, after: 5m}}\ncases:\n"
+                 "  approved twice:\n    signals: [{signal: approved, at: 1m}, {signal: approved, at: 2m},\n"
+                 "              {signal: approved, at: 1h}]\n"
                  "    expect: {status: compensated}\n"
                  "  forgotten:\n    expect: {status: completed}\n")
     code, out, _ = _cli(str(test))
@@ -750,6 +795,8 @@ def test_a_failing_case_says_which_wait_still_waits_and_shows_the_signals_in_its
     # the timeline holds the signal taken, then the one refused
     timeline = first.split("the simulated run")[1]
     assert timeline.index("received") < timeline.index("rejected"), timeline
+    # the one due after the run's end (at 6m) never reached it
+    assert timeline.count("rejected") == 1 and "has ended" not in timeline, timeline
     assert "never ended" not in first
     assert 'status: expected "completed", got "running"' in second
     assert "the run never ended: wait approval waits for signal 'approved', which the case does not send" in second
@@ -802,3 +849,11 @@ def test_what_if_says_a_wait_the_run_skips_never_runs(tmp_path: Path) -> None:
     code, out, _ = _cli(str(test), "--what-if")
     assert "what if a step fails for good or a wait times out" in out
     assert re.search(r"^wait paid times out +completed: it never runs in this run", out, re.MULTILINE), out
+
+
+def test_a_script_of_a_wait_says_that_its_signal_is_sent_with_signals(tmp_path: Path) -> None:
+    _, diags = load_tests(_file(tmp_path / "w.test.yaml", f"flowdsl_test: 1\nflow: {WAITS}\n"
+                                "cases:\n  a: {steps: {paid: ok}, expect: {status: completed}}\n"))
+    assert [(d.code, d.message) for d in diags] == [
+        ("FD702", "'paid' is a wait, which makes no attempts: what it waits for is sent with the case's 'signals' "
+                  "(a signal wait), or passes by itself (a timer)")]

@@ -214,13 +214,14 @@ def read_json_object(where: str, *, text: str | None = None, file: str | None = 
                      example: str = "'{\"ok\": true}'", limit: int = MAX_INPUT_BYTES) -> dict[str, Any]:
     """A JSON object given as ``text``, or read from ``file`` (a path, ``-`` for stdin; UTF-8, a BOM allowed, at
     most ``limit`` bytes) — a signal's payload from the command line. Raises :class:`InputError` starting with
-    ``where`` (the option, ``--data``) and saying what is wrong with ``what`` (``the payload``): a file that cannot
-    be read, too large or not UTF-8, empty text, not JSON, a key twice, nesting too deep, not an object, not plain
-    JSON data; ``example`` shows the form expected."""
+    ``where`` (the option, ``--data``) and saying what is wrong with ``what`` (``the payload``): a file (or stdin)
+    that cannot be read, too large or not UTF-8, text that is not UTF-8 (a command-line argument's bytes that are
+    not, which Python keeps as lone surrogates), empty text, not JSON, a key twice, nesting too deep, not an object,
+    not plain JSON data; ``example`` shows the form expected."""
     if file is not None:
         try:
             if file == "-":
-                raw = sys.stdin.buffer.read(limit + 1)
+                raw = _read_stdin_bytes(where, limit)
             else:
                 with open(file, "rb") as fh:
                     raw = fh.read(limit + 1)
@@ -233,6 +234,8 @@ def read_json_object(where: str, *, text: str | None = None, file: str | None = 
             text = raw.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
             raise InputError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    elif text is not None and (bad := _not_utf8(text)) is not None:  # (json would say "Expecting value")
+        raise InputError(f"{where}: {what} is not UTF-8 text ({bad}); expected a JSON object, e.g. {example}")
     if text is None or not text.strip():
         raise InputError(f"{where}: {what} is empty; expected a JSON object, e.g. {example}")
     try:
@@ -252,6 +255,34 @@ def read_json_object(where: str, *, text: str | None = None, file: str | None = 
     if problem is not None:
         raise InputError(f"{where}: {what} is not plain JSON data: {visible(problem)}")
     return value
+
+
+def _read_stdin_bytes(where: str, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of stdin (``read_json_object``'s ``file="-"``); an InputError when this process
+    has no stdin to read (closed), an OSError when reading fails."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise InputError(f"{where}: cannot read stdin: this process has no stdin (it was closed)")
+    try:
+        raw = getattr(stdin, "buffer", stdin).read(limit + 1)
+    except ValueError as exc:  # (a stdin closed by the program itself)
+        raise InputError(f"{where}: cannot read stdin: {exc}") from None
+    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+
+
+def _not_utf8(text: str) -> str | None:
+    """Where ``text`` (a command-line argument) is not UTF-8 text — the first byte that was not UTF-8 (kept by
+    Python as a lone surrogate, ``surrogateescape``), or a lone surrogate — said as a clause; None when it is."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        at = exc.start
+    try:
+        byte = text[at].encode("utf-8", "surrogateescape")[0]
+    except UnicodeEncodeError:  # (a lone surrogate that stands for no byte)
+        return f"a lone surrogate, U+{ord(text[at]):04X}, at character {at + 1}"
+    return f"byte 0x{byte:02x} at offset {len(text[:at].encode('utf-8'))}"
 
 
 class _DuplicateKey(Exception):

@@ -404,14 +404,29 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
 
     def _carry_out_again(self, resumption: Resumption) -> None:
         """A resumed run: its state as replayed from its record, its timers armed again and the attempts it had in
-        flight carried out again (``.resume``)."""
+        flight carried out again (``.resume``). The timers that fell due while the run stood (a retry's backoff, a
+        wait's end, a signal wait's deadline, the run's timeout) fire here, in the order they fell due — before
+        anything sent to the resumed run (``signals=``, ``--signal``: applied next, :meth:`_send_held`) and before
+        the answers of the attempts run again: a deadline that passed while the process was down is never beaten
+        by a signal sent at the resume (as on Redis, where it fires as a worker takes the run up again)."""
         self.state = resumption.state
         self.events = list(resumption.events)
         self._must_answer = {command["task_id"] for command in resumption.dispatches}
+        now = self._now()
+        # (an attempt's timeout is given afresh from the resume, Resumption.begin: never overdue here)
+        overdue = sorted((c for c in resumption.timers if c["due_at"] <= now
+                          and self.state["timers"].get(c["timer_id"], {}).get("purpose") != "attempt_timeout"),
+                         key=lambda c: c["due_at"])  # (stable: timers due at once keep the kernel's order)
         for command in resumption.timers:
-            self._schedule(command)
+            if not any(command is c for c in overdue):
+                self._schedule(command)
         for command in resumption.dispatches:
             self._dispatch(command)
+        for command in overdue:
+            if self._finished:
+                return
+            if command["timer_id"] in self.state["timers"]:  # (an earlier one may have cancelled it: the run's
+                self._apply({"type": "timer_fired", "timer_id": command["timer_id"]})  # timeout, a wait's)
 
     def _feed(self, event: dict[str, Any]) -> None:
         """Queue one input event; apply it now unless a decision is being carried out (then after it)."""

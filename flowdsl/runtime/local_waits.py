@@ -8,8 +8,9 @@ attributes it uses):
 - **sending** (:meth:`Signalling.signal`) — a ``signal`` input event (docs/kernel.md, "Waits"), checked first: a
   name a wait of the plan takes, a payload that is a JSON object or None (:func:`check_signal`). Sent before the
   run has started it is held, and applied right after the run's start, before anything else (so are the run's
-  ``signals=``); sent from another thread it is handed to the run's event loop, as ``cancel()`` is. It is fed
-  like every input event, so the record holds it and ``flowdsl show`` / ``resume`` replay it.
+  ``signals=``) — a resumed run's after the timers that fell due while it stood, which fire first; sent from
+  another thread it is handed to the run's event loop, as ``cancel()`` is. It is fed like every input event, so
+  the record holds it and ``flowdsl show`` / ``resume`` replay it.
 - **its outcome** (:class:`SignalSent`, :class:`SignalOutcome`) — the kernel answers a signal in the decision it
   makes of it (``signal_received``, ``signal_buffered``, ``signal_rejected``): the future ``signal()`` returns is
   settled then. A signal the run never applied (it ended, or was stopped at once, first) is settled
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -35,6 +37,8 @@ from flowdsl.runtime.timing import duration_text
 from flowdsl.shown import visible
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from flowdsl.kernel import Program
 
 __all__ = ["SignalOutcome", "SignalSent", "Signalling", "check_signal", "check_signals", "signal_names",
@@ -164,18 +168,25 @@ def check_signals(plan: Mapping[str, Any], signals: Signals | None) -> list[tupl
     return checked
 
 
-def waiting_notice(plan: Mapping[str, Any], key: str, *, ctrl_c: bool = False) -> str:
+def waiting_notice(plan: Mapping[str, Any], key: str, *, ctrl_c: bool = False, resumed: bool = False,
+                   resume: str | None = None) -> str:
     """What a local run says as its wait ``key`` starts waiting for its signal: which, until when, and how a local
-    run is sent one (``ctrl_c``: the run takes Ctrl-C, which cancels it)."""
+    run is sent one (``ctrl_c``: the run takes Ctrl-C, which cancels it; ``resumed``: the run was resumed;
+    ``resume``: the ``flowdsl resume`` command that takes the run up again, when Ctrl-\\ (SIGQUIT) ends this process
+    leaving the run resumable)."""
     node = plan["nodes"][key]
     name = visible(node["signal"])
     wait = f"wait '{visible(key)}', " if key != node["signal"] else ""
     timeout = node.get("timeout_ms")
     until = (f"{wait}up to {duration_text(timeout)}: then it fails with WaitTimeout" if timeout else
              f"{wait}with no deadline: it waits as long as it takes")
+    command = f"when it is resumed, from `flowdsl resume --signal {name}=JSON`" if resumed else \
+        f"when it starts, from `flowdsl run --signal {name}=JSON`"
     stop = "; Ctrl-C cancels the run" if ctrl_c else ""
+    if ctrl_c and resume is not None:
+        stop += f" (Ctrl-\\ ends this process and leaves the run to `{resume} --signal {name}=JSON`)"
     return (f"the run waits for signal '{name}' ({until}); a local run takes a signal from Python "
-            f"(LocalRun.signal('{name}', payload)) or, when it starts, from `flowdsl run --signal {name}=JSON`{stop}")
+            f"(LocalRun.signal('{name}', payload)) or, {command}{stop}")
 
 
 class Signalling:
@@ -193,6 +204,10 @@ class Signalling:
     _handoff: Any
     _inbox: deque[dict[str, Any]]
     _stop_reason: str | None
+    _signals: list[int]
+    _resume: Any
+    record_path: Path | None
+    _recorder: Any
     _feed: Callable[[dict[str, Any]], None]
     _notice: Callable[[str], None]
 
@@ -217,7 +232,8 @@ class Signalling:
         Raises at once, before anything reaches the run: ``ValueError`` when no wait of the plan takes ``name``
         (naming those it has), ``TypeError`` for a name that is not a string or a payload that is neither a mapping
         nor None, :class:`~flowdsl.runtime.inputs.InputError` (a ``ValueError``) for a payload that is not JSON.
-        Sent before the run has started, it is held and applied as the run starts, before anything else; called
+        Sent before the run has started, it is held and applied as the run starts, before anything else (a resumed
+        run's timers that fell due while it stood fire first: a deadline passed then is not beaten by it); called
         from another thread than the run's, it is handed to the run's event loop (as :meth:`cancel` is); sent once
         the run is over, it is ``rejected`` and not recorded."""
         name, data = check_signal(self.plan, name, payload, self._program.signals)
@@ -252,8 +268,9 @@ class Signalling:
         self._feed(event)
 
     def _send_held(self, resumed: bool) -> None:
-        """As the run starts (or is ``resumed``): the signals held until then go first, before anything queued
-        since. A resumed run's waits that wait for a signal not among them are said, as when they started."""
+        """As the run starts (or is ``resumed``: after the timers that fell due while it stood, fired already): the
+        signals held until then go first, before anything queued since. A resumed run's waits that wait for a signal
+        not among them are said, as when they started."""
         held, self._held_signals = self._held_signals, []
         if self._finished or self.state.get("status") in END_STATES:  # (its input was refused: it ended at once)
             for _, sent in held:
@@ -311,7 +328,26 @@ class Signalling:
     def _say_waiting(self, key: str) -> None:
         if key not in self._waits_said:
             self._waits_said.add(key)
-            self._notice(waiting_notice(self.plan, self.state["nodes"][key]["node"], ctrl_c=self.handle_sigint))
+            ctrl_c = signal.SIGINT in self._signals  # (not when Ctrl-C is not the run's: inherited ignored)
+            self._notice(waiting_notice(self.plan, self.state["nodes"][key]["node"], ctrl_c=ctrl_c,
+                                        resumed=self._resume is not None, resume=self._resume_command()))
+
+    def _resume_command(self) -> str | None:
+        """``flowdsl resume RUN`` (with ``--runs-dir`` where needed) when Ctrl-\\ (SIGQUIT) would end this process
+        as it is — its default action, not ignored — leaving the run's record to ``flowdsl resume``; else None."""
+        quit_signal = getattr(signal, "SIGQUIT", None)
+        if (quit_signal is None or self.record_path is None or self._recorder is None
+                or threading.current_thread() is not threading.main_thread()):
+            return None
+        try:
+            if signal.getsignal(quit_signal) is not signal.SIG_DFL:
+                return None
+        except ValueError:
+            return None
+        from flowdsl.runtime.summary import show_command
+
+        shown = show_command(self.record_path)
+        return "flowdsl resume " + shown.removeprefix("flowdsl show ") if shown.startswith("flowdsl show ") else None
 
 
 def _event(name: str, payload: dict[str, Any] | None) -> dict[str, Any]:

@@ -13,8 +13,10 @@ record holds every input event, so replaying them through the kernel gives the r
   attempt number and idempotency key — since what they did before their process stopped is not known (at least
   once, as on the Redis runtime after a worker's crash; a worker keyed on its idempotency key does its effect once);
   such an attempt is never cancelled (the local runtime's ``_must_answer``), so that its answer says what it did;
-- the armed timers are armed again at the times they were due (a retry's wait or a run timeout that passed while
-  the run stood fires at once), but an attempt's timeout, which is given afresh to the attempt run again;
+- the armed timers are armed again at the times they were due, but an attempt's timeout, which is given afresh to
+  the attempt run again; those that fell due while the run stood (a retry's wait, a run timeout, a wait's end or
+  deadline) fire at once, in the order they fell due, before anything sent to the resumed run (``signals=``): a
+  deadline that passed while the process was down is never beaten by a signal sent at the resume;
 - attempts the run had given up on (they timed out) are not waited for: their process is gone, and they with it;
   what they did is not known, so :meth:`Resumption.in_doubt` lists the steps for which that still matters once the
   resumed run ends (``.late.died_in_doubt``).
@@ -244,7 +246,9 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
     on; the result's ``events`` are all of the run's; ``spec_path`` defaults to the spec file the record names,
     whose directory is searched for the worker modules after the current one); ``force`` resumes a run whose
     process cannot be told to be gone from here (another host); ``signals`` are sent to the run as it is resumed,
-    before anything else (as :func:`~flowdsl.runtime.local.run_flow`'s are as a run starts). Raises
+    right after the timers that fell due while it stood (which fire first, in the order they fell due: a signal
+    wait whose deadline passed then has failed, and its signal is rejected), before anything else (as
+    :func:`~flowdsl.runtime.local.run_flow`'s are as a run starts). Raises
     :class:`NotResumable` (nothing was written), ``RecordError`` (the record cannot be read, replayed or written),
     and what :class:`~flowdsl.runtime.local.LocalRun` raises (its workers cannot be imported, are missing…) before
     anything runs."""

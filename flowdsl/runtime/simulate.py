@@ -19,7 +19,9 @@ answers ``task_cancelled`` at once unless it ignores the cancel.
 
 A run's ``wait`` nodes get the :class:`Signal` events its script sends (``Script.signals``), each at its time
 from the run's start; a timer wait's timer fires on the virtual clock as any other (a wait of 2 h takes no real
-time). A run whose signal wait waits for a signal nobody sends never ends (``Simulation.waits`` names it).
+time). A run whose signal wait waits for a signal nobody sends never ends (``Simulation.waits`` names it). A signal
+due after the run has ended never reaches it, as on the local runtime (which answers one sent to a run that is
+over ``rejected`` without recording it): it is not among the run's events.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class Signal:
     wait's result: a JSON object; None for ``{}``) and when — ``at_ms`` virtual milliseconds after the run's start
     (0: at once, kept until its wait starts). The run's wait of that name takes it; a signal no wait can take
     (none waits for that name, it came already, its wait has ended) is rejected, as a runtime's would be
-    (``signal_rejected``), and changes nothing else.
+    (``signal_rejected``), and changes nothing else. One due after the run has ended never reaches it (it is not
+    among the run's events), as the local runtime feeds none to a run that is over.
     """
 
     name: str
@@ -381,7 +384,7 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
     events = list(decision.events)
     if cancel_at_ms is not None:
         clock.at(clock.now + cancel_at_ms, {"type": "cancel_requested", "reason": cancel_reason})
-    for sent in sim.script.signals:  # (a signal after the run's end is still sent: it is rejected, as it would be)
+    for sent in sim.script.signals:  # (one due after the run's end never reaches it: skipped below)
         clock.at(clock.now + sent.at_ms, {"type": "signal", "name": sent.name, "payload": copy_json(sent.data)})
     await sim.carry_out(decision.commands)
     state = decision.state
@@ -391,8 +394,10 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
         if applied > max_events:
             raise SimulationError(f"the run was still going after {max_events:,} simulated answers and timers (at "
                                   f"{(clock.now - sim.start) / 1000:g} s of virtual time)")
-        if state["status"] in END_STATES and event["type"] in ("task_started", "timer_fired", "cancel_requested"):
-            continue  # nothing left for them to change: only a late answer can
+        if state["status"] in END_STATES and event["type"] in ("task_started", "timer_fired", "cancel_requested",
+                                                                "signal"):
+            continue  # nothing left for them to change: only a late answer can (a signal sent to a run that is over
+            # never reaches it on the local runtime: it is answered rejected, and not recorded)
         decision = apply(plan, state, event)
         state = decision.state
         events.extend(decision.events)

@@ -144,6 +144,7 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     table.add_column("time", justify="right", no_wrap=True, min_width=8)
     table.add_column("undo", no_wrap=True, min_width=12)
     errors: list[str] = []
+    waited: list[str] = []  # a line per wait: what it waits for
     for key, row in shown:
         comp = row.get("compensation")
         undo = ""
@@ -162,9 +163,10 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         if row["error"]:
             errors.append(f"  {_esc(key)}: {_esc(_clip(_error_text(row['error']), 200))}")
         status, waits = row["status"], ""
-        if row["kind"] == "wait":  # (a wait that waits is "waiting"; what it waits for beside)
+        if row["kind"] == "wait":  # (a wait that waits is "waiting"; what it waits for under the table)
             status = "waiting" if status == "running" else status
-            waits = f" [dim]⚐ {_esc(wait_label((result.plan.get('nodes') or {}).get(row['node']) or {}))}[/]"
+            waits = " [dim]⚐[/]"
+            waited.append(f"  {_esc(key)}: {_esc(wait_label((result.plan.get('nodes') or {}).get(row['node']) or {}))}")
         cell = _status(status) + waits + (" [yellow](fallback)[/]" if key in fell_back else "") + \
             (" [yellow](passed over, completed late)[/]" if row.get("completed_late") else
              " [yellow](passed over)[/]" if row.get("continued") else "")
@@ -177,6 +179,10 @@ def print_summary(result: RunResult, console: Any = None) -> None:
                        if id(row) not in said)
         what = ", ".join(f"{n} {status}" for status, n in sorted(left.items()))
         con.print(f"[dim]… and {hidden} more steps ({what})[/]")
+    if waited:
+        con.print("waits ⚐:")
+        for line in waited:
+            con.print(line)
     if errors:
         con.print("errors:")
         for line in errors:

@@ -313,6 +313,40 @@ def test_the_documented_permissions_are_enough_for_the_worker_the_client_and_the
         assert r.exit_code == 0, (args, r.output)
 
 
+def test_the_documented_permissions_are_enough_for_signals(acl: MakeUser, prefix: str, server: RedisServer) -> None:
+    """Signals under an ACL user with exactly the documented rules: the id recorded before sending (a script), an
+    id used for another signal refused, why a signal is not applied yet (the pending entries, the liveness
+    records), the worker applying it, the outcome followed."""
+    user_url = acl(*documented(prefix))
+    admin = server.client()
+    plan = compile_text(HEADER.format(name="paid") + "steps:\n  - wait: paid\n    output: payment\n  - conf.b\n")
+
+    async def main() -> Any:
+        async with RedisClient(user_url, prefix=prefix) as client:
+            await client.submit(plan, {"script": {}}, run_id="s-1")
+            sent = await client.signal("s-1", "paid", {"n": 1}, signal_id="A1", wait=False)
+            why = await client._why_not_applied("s-1", sent.id)
+            with pytest.raises(ValueError, match="already used for signal 'paid' with other data"):
+                await client.signal("s-1", "paid", {"n": 2}, signal_id="A1")
+            worker = worker_here(user_url, prefix)
+            serving = asyncio.create_task(worker.serve())
+            try:
+                outcome = await asyncio.wait_for(client.signal_outcome("s-1", "A1"), 20)
+                return why, outcome, await asyncio.wait_for(client.follow("s-1"), 20)
+            finally:
+                worker.stop()
+                await asyncio.wait_for(serving, 20)
+
+    try:
+        why, outcome, result = asyncio.run(asyncio.wait_for(main(), 60))
+        user = user_url.split("//", 1)[1].split(":", 1)[0]
+        assert [e for e in admin.acl_log() if e.get("username") == user] == []
+    finally:
+        admin.close()
+    assert why is not None and why[0] == "none"
+    assert outcome.outcome == "received" and result.status == "completed" and result.context["payment"] == {"n": 1}
+
+
 def test_no_permission_is_told_apart_from_other_refusals() -> None:
     from flowdsl.runtime.redis.connection import no_permission
 

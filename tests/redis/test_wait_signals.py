@@ -18,7 +18,7 @@ import tests.runtime.workers  # noqa: F401  (registers the conf.* workers this p
 from flowdsl import compile_text
 from flowdsl.kernel import replay
 from flowdsl.runtime.codec import loads
-from flowdsl.runtime.redis import RedisClient, RunNotFound, UnknownSignal
+from flowdsl.runtime.redis import RedisClient, RunNotFound, SignalIdReused, UnknownSignal
 from flowdsl.runtime.redis.keys import GROUP
 from tests.redis.inproc import serving, worker_here
 from tests.redis.server import RedisServer
@@ -257,7 +257,7 @@ def test_a_signal_is_applied_once_however_often_it_is_delivered(url: str, prefix
                 dead.xreadgroup(GROUP, "dead-process", {client.keys.signals: ">"}, count=1)
                 assert (await asyncio.to_thread(dead.execute))[1][0][1]
                 first = await client.signal(sub.run_id, "paid", {"n": 1}, signal_id="dup-1")
-                again = await client.signal(sub.run_id, "paid", {"n": 2}, signal_id="dup-1")
+                again = await client.signal(sub.run_id, "paid", {"n": 1}, signal_id="dup-1")
                 result = await client.follow(sub.run_id)
                 for _ in range(100):  # until the dead process's copy is taken over and acknowledged
                     if not await client.store.call("XLEN", client.keys.signals):
@@ -357,33 +357,198 @@ def test_the_transition_guard_of_a_signal_writes_it_once_and_never_twice_in_one_
                ) == 1
 
 
-def test_signals_held_for_runs_not_started_never_keep_cancel_requests_from_being_read(
-        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each of the two streams read together has its own room: with as many signals held as it takes (one here)
-    — waiting for runs whose start waits for the one busy slot — a cancel request is still read and applied."""
-    monkeypatch.setattr("flowdsl.runtime.redis.reading._CANCELS_PER_READ", 1)
+def test_a_signal_id_is_one_signals_another_name_or_other_data_under_it_is_refused(url: str, prefix: str) -> None:
+    """An id used for ``paid`` {"n": 1} refuses ``shipped`` and ``paid`` {"n": 2}, nothing sent — while the first is
+    still pending (no worker yet) and once it is applied; the same signal under it again answers the first one's
+    outcome (``{}`` and no payload are the same signal: the kernel takes None as ``{}``)."""
+    plan = compile_text(HEADER.format(name="two") + "steps:\n  - wait: paid\n  - wait: shipped\n  - conf.b\n")
 
     async def main() -> Any:
         async with RedisClient(url, prefix=prefix) as client:
-            busy = await client.submit(compile_text(waits_for()), {"script": {"a": {"sleep": 3.0}}})
+            await client.submit(plan, {"script": {}}, run_id="ids")
+            sent = await client.signal("ids", "paid", {"n": 1}, signal_id="ID1", wait=False)
+            refused = []
+            for name, payload in (("shipped", {"n": 1}), ("paid", {"n": 2}), ("paid", None)):
+                with pytest.raises(SignalIdReused) as pending:
+                    await client.signal("ids", name, payload, signal_id="ID1")
+                refused.append(str(pending.value))
+            length = await client.store.call("XLEN", client.keys.signals)
+            empty = await client.signal("ids", "shipped", None, signal_id="E", wait=False)
+
+            async def body() -> Any:
+                first = await client.signal_outcome("ids", sent.id)
+                again = await client.signal("ids", "paid", {"n": 1}, signal_id="ID1")
+                with pytest.raises(SignalIdReused) as applied:
+                    await client.signal("ids", "shipped", {"s": 1}, signal_id="ID1")
+                same = await client.signal("ids", "shipped", {}, signal_id="E")
+                return first, again, str(applied.value), same, await client.follow("ids")
+
+            first, again, applied, same, result = await serving([worker_here(url, prefix)], body)
+            return refused, length, first, again, applied, empty, same, result, \
+                await journal_of(client, "ids")
+
+    refused, length, first, again, applied, empty, same, result, journal = asyncio.run(main())
+    assert refused[0] == ("signal id 'ID1' was already used for signal 'paid', not 'shipped' (run 'ids'); a new "
+                          "signal needs a new id: nothing was sent")
+    assert refused[1] == refused[2] == ("signal id 'ID1' was already used for signal 'paid' with other data (run "
+                                        "'ids'); a new signal needs a new id: nothing was sent")
+    assert length == 1  # nothing sent by the refused ones
+    assert first.outcome == "received" and again == first and "already used for signal 'paid'" in applied
+    assert same.outcome in ("received", "buffered") and same.id == empty.id  # (applied before or after 'paid')
+    assert result.status == "completed" and sorted(s["id"] for s in signals_in(journal)) == ["E", "ID1"]
+    replays(plan, journal)
+
+
+@pytest.mark.parametrize("sid", ['a"b', "c\\d", '\\"', "x{}[]:,"])
+def test_a_signal_id_with_json_special_characters_is_followed_to_its_outcome(url: str, prefix: str, sid: str) -> None:
+    """``"`` and backslash are allowed in an id (printable ASCII): the journal writes them escaped, and the outcome
+    is found all the same — followed live, and asked for again once applied."""
+    plan = compile_text(waits_for())
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, {"script": {}})
+
+            async def body() -> Any:
+                await when_waiting(client, sub.run_id)
+                got = await client.signal(sub.run_id, "paid", {"q": sid}, signal_id=sid, timeout_s=10)
+                return got, await client.signal(sub.run_id, "paid", {"q": sid}, signal_id=sid), \
+                    await client.signal_outcome(sub.run_id, sid, timeout_s=10)
+
+            return await serving([worker_here(url, prefix)], body)
+
+    got, again, asked = asyncio.run(main())
+    assert (got.outcome, got.id, got.wait) == ("received", sid, "paid") and again == got and asked == got
+
+
+def test_a_rejected_signal_names_the_wait_it_was_for(url: str, prefix: str) -> None:
+    """``wait`` is filled alike for every rejection: by the client (the run had ended) and by the kernel."""
+    plan = compile_text(waits_for())
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, {"script": {"b": {"sleep": 0.5}}})
+
+            async def body() -> Any:
+                await when_waiting(client, sub.run_id)
+                await client.signal(sub.run_id, "paid", {})
+                kernel = await client.signal(sub.run_id, "paid", {})
+                await client.follow(sub.run_id)
+                return kernel, await client.signal(sub.run_id, "paid", {})
+
+            return await serving([worker_here(url, prefix)], body)
+
+    kernel, ended = asyncio.run(main())
+    assert (kernel.outcome, kernel.wait, kernel.reason) == ("rejected", "paid",
+                                                            "wait 'paid' has already received signal 'paid'")
+    assert (ended.outcome, ended.wait) == ("rejected", "paid") and ended.to_json()["wait"] == "paid"
+
+
+def _parked_setup(url: str, prefix: str, unstarted: int, check: Any) -> Any:
+    """A worker with one slot: run ``w`` waits for ``paid`` (holding no slot), run ``busy`` holds the slot (its
+    first step sleeps), and ``unstarted`` runs stay submitted behind it, each sent a signal (not waited for): the
+    worker parks them. ``check(client, worker)`` then runs; at the end ``busy`` is cancelled and every run ends."""
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
             worker = worker_here(url, prefix, concurrency=1)
 
             async def body() -> Any:
-                await when_waiting(client, busy.run_id, "a")
-                later = await client.submit(compile_text(waits_for(first=True)), {"script": {}})
-                await client.signal(later.run_id, "paid", {}, wait=False)
-                for _ in range(100):
-                    if worker._signalling:
-                        break
-                    await asyncio.sleep(0.02)
-                held = len(worker._signalling)
-                t0 = time.monotonic()
-                assert await client.cancel(busy.run_id, "enough") == "requested"
-                result = await client.follow(busy.run_id)
-                return held, result, time.monotonic() - t0, await client.follow(later.run_id)
+                await client.submit(compile_text(waits_for(first=True)), {"script": {}}, run_id="w")
+                await when_waiting(client, "w")
+                await client.submit(compile_text(waits_for()), {"script": {"a": {"sleep": 8.0}}}, run_id="busy")
+                await when_waiting(client, "busy", "a")
+                for i in range(unstarted):
+                    await client.submit(compile_text(waits_for(first=True)), {"script": {}}, run_id=f"u{i}")
+                    await client.signal(f"u{i}", "paid", {"i": i}, wait=False)
+                checked = await check(client, worker)
+                assert await client.cancel("busy", "enough") == "requested"
+                ends = [await client.follow(run_id) for run_id in ["busy", *(f"u{i}" for i in range(unstarted))]]
+                return checked, ends
 
             return await serving([worker], body)
 
-    held, result, took, later = asyncio.run(main())
-    assert held == 1 and result.status == "cancelled" and took < 2.5
-    assert later.status == "completed"
+    return asyncio.run(main())
+
+
+async def _until(predicate: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "not in time"
+        await asyncio.sleep(0.02)
+
+
+def test_signals_parked_for_runs_not_started_keep_neither_cancels_nor_other_signals_from_being_read(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More signals parked (waiting for their runs' start) than the signals handled at a time (2 here, 64 in
+    production): a signal to a run that waits is still read and applied at once, and so is a cancel request; once
+    the runs start, each parked signal is applied."""
+    monkeypatch.setattr("flowdsl.runtime.redis.reading._CANCELS_PER_READ", 2)
+
+    async def check(client: RedisClient, worker: Any) -> Any:
+        await _until(lambda: len(worker._parked) == 5)
+        t0 = time.monotonic()
+        got = await client.signal("w", "paid", {"now": True}, timeout_s=5)
+        return len(worker._parked), len(worker._signalling), got, time.monotonic() - t0
+
+    (parked, applying, got, took), ends = _parked_setup(url, prefix, 5, check)
+    assert parked == 5 and applying == 0 and got.outcome == "received" and took < 1.5
+    assert ends[0].status == "cancelled"
+    assert [r.status for r in ends[1:]] == ["completed"] * 5
+    assert [r.context["payment"] for r in ends[1:]] == [{"i": i} for i in range(5)]
+
+
+def test_a_process_holding_as_many_parked_signals_as_it_keeps_reads_no_more_and_says_so_once(
+        url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With the bound of parked signals (3 here, 4,096 in production) reached, the signals stream is not read —
+    the others wait in it, unread — and the log says so once; they are read and applied once the runs start."""
+    monkeypatch.setattr("flowdsl.runtime.redis.reading._CANCELS_PER_READ", 2)
+    monkeypatch.setattr("flowdsl.runtime.redis.reading._PARKED_SIGNALS", 3)
+    caplog.set_level("WARNING", logger="flowdsl.redis")
+
+    async def check(client: RedisClient, worker: Any) -> Any:
+        await _until(lambda: len(worker._parked) == 3)
+        await asyncio.sleep(0.5)
+        return len(worker._parked), (await client.store.call("XPENDING", client.keys.signals, GROUP))[0], \
+            await client.store.call("XLEN", client.keys.signals)
+
+    (parked, pending, length), ends = _parked_setup(url, prefix, 5, check)
+    assert (parked, pending, length) == (3, 3, 5)
+    assert [r.status for r in ends[1:]] == ["completed"] * 5
+    said = [r.getMessage() for r in caplog.records if "signals for runs not started yet" in r.getMessage()]
+    assert len(said) == 1 and "holds 3 signals for runs not started yet, as many as it keeps" in said[0]
+
+
+def test_a_signal_for_another_generation_of_an_existing_run_is_dropped_saying_so_not_expired(
+        url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A signal whose ``g`` is not the run's generation (sent to an earlier run of the id, expired since) is only
+    acknowledged — logged as sent to another run of that id, not as one for a run that no longer exists; a signal
+    for a run gone is logged as that."""
+    plan = compile_text(waits_for())
+    caplog.set_level("WARNING", logger="flowdsl.redis")
+
+    async def main() -> Any:
+        async with RedisClient(url, prefix=prefix) as client:
+            sub = await client.submit(plan, {"script": {}})
+
+            async def body() -> Any:
+                await when_waiting(client, sub.run_id)
+                for run_id, generation in ((sub.run_id, "123"), ("gone-1", "")):
+                    message = {"type": "signal", "run_id": run_id, "name": "paid", "payload": {}, "id": "s",
+                               "g": generation}
+                    await client.store.call("XADD", client.keys.signals, "*", "c", json.dumps(message))
+                for _ in range(100):
+                    if not await client.store.call("XLEN", client.keys.signals):
+                        break
+                    await asyncio.sleep(0.05)
+                return (await client.info(sub.run_id)).status
+
+            return await serving([worker_here(url, prefix)], body)
+
+    status = asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert status == "running" and len(said) == 2, said
+    other = next(m for m in said if "run gone-1" not in m)
+    assert "dropped: it was sent to another run of that id (its generation 123; the run's is" in other
+    assert "(expired)" not in other
+    assert "run gone-1 dropped: the run it was sent to no longer exists (expired)" in \
+        next(m for m in said if "run gone-1" in m)

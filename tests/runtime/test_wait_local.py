@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def test_a_wait_whose_deadline_passes_fails_with_wait_timeout_and_the_run_compen
     print_summary(result, console)
     text = console.file.getvalue()
     assert "pay" in text and "compensated at paid — WaitTimeout: no signal 'paid' came within 60ms" in text
-    assert "failed ⚐ signal 'paid', up to 60ms" in text
+    assert "failed ⚐" in text and "waits ⚐:\n  paid: signal 'paid', up to 60ms\n" in text
 
 
 def test_a_wait_with_on_failure_continue_is_passed_over_at_its_deadline() -> None:
@@ -289,6 +290,64 @@ def test_a_run_stopped_while_its_wait_waits_is_resumed_with_the_signal(tmp_path:
     assert state["status"] == "completed" and emitted == result.events
 
 
+def stopped_waiting(flow: dict[str, Any], runs: Path, run_id: str) -> None:
+    """Run ``flow`` until its wait ``paid`` starts, then stop it at once: its record is left to resume."""
+
+    async def stopped() -> None:
+        run: LocalRun
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == "step_started" and event["step"] == "paid":
+                asyncio.get_running_loop().call_soon(run.abort, "stopped by the test")
+
+        run = LocalRun(flow, {}, runs_dir=runs, run_id=run_id, on_event=on_event)
+        with pytest.raises(RunAborted):
+            await run.run()
+
+    asyncio.run(stopped())
+
+
+def test_a_deadline_that_passed_while_the_run_stood_fires_before_a_signal_sent_at_the_resume(tmp_path: Path) -> None:
+    import time
+
+    flow = plan(extra="    timeout: 80ms\n")
+    stopped_waiting(flow, tmp_path, "late")
+    time.sleep(0.15)  # the wait's deadline passes while no process runs the run
+    notices: list[str] = []
+    result = asyncio.run(resume_flow("late", runs_dir=tmp_path, force=True, signals={"paid": {"late": 1}},
+                                     on_notice=notices.append))
+    assert result.status == "compensated" and result.compensated == ["a"]
+    assert result.steps["paid"]["status"] == "failed" and result.error is not None
+    assert result.error["type"] == "WaitTimeout"
+    # the deadline first (in the record too), then the signal, which nothing takes any more
+    after = [e for e in result.events if e["type"] in ("step_failed", "signal_rejected", "signal_received")]
+    assert [e["type"] for e in after] == ["step_failed", "signal_rejected"]
+    assert "compensating" in after[1]["reason"]
+    assert not any("waits for signal" in n for n in notices)  # (it was over before the resume said anything)
+    header, lines = read_record(tmp_path / "late.jsonl")
+    inputs = [e for e in lines if e["type"] in RECORDED_INPUTS]
+    resumed = [e["type"] for e in inputs[[e["type"] for e in inputs].index("start") + 1:]][-4:]
+    assert "timer_fired" in resumed and resumed.index("timer_fired") < resumed.index("signal")
+    state, _, emitted = replay(header["plan"], inputs)  # type: ignore[index]
+    assert state["status"] == "compensated" and emitted == result.events
+
+
+def test_timers_overdue_at_the_resume_fire_in_the_order_they_fell_due(tmp_path: Path) -> None:
+    import time
+
+    flow = plan("steps:\n  - conf.a: {compensate: undo.a}\n  - parallel: both\n    branches:\n      - wait: paid\n"
+                "        timeout: 90ms\n        on_failure: continue\n      - wait: cool\n        for: 60ms\n"
+                "  - conf.b\n")
+    stopped_waiting(flow, tmp_path, "order")
+    time.sleep(0.15)
+    result = asyncio.run(resume_flow("order", runs_dir=tmp_path, force=True, signals=["paid"]))
+    assert result.status == "completed"
+    ended = [e["step"] for e in result.events if e["type"] in ("step_succeeded", "step_failed")
+             and e["step"] in ("paid", "cool")]
+    assert ended == ["cool", "paid"] and result.steps["paid"]["status"] == "failed"
+    assert [e["type"] for e in result.events if e["type"].startswith("signal_")] == ["signal_rejected"]
+
+
 # --- what the live view says --------------------------------------------------------------------------------------
 
 
@@ -355,6 +414,35 @@ def test_a_resumed_run_says_which_signal_its_wait_waits_for(tmp_path: Path) -> N
     result = asyncio.run(run.run())
     assert result.status == "completed" and result.context["confirmation"] == {"at_last": True}
     assert sum("the run waits for signal 'paid' (up to 30s" in n for n in notices) == 1
+    assert any("or, when it is resumed, from `flowdsl resume --signal paid=JSON`" in n for n in notices), notices
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGQUIT"), reason="no SIGQUIT here")
+@pytest.mark.parametrize("quit_handler", [signal.SIG_DFL, signal.SIG_IGN])
+def test_the_waiting_notice_says_how_to_stop_the_process_and_keep_the_run(tmp_path: Path, quit_handler: Any) -> None:
+    from flowdsl.runtime.summary import show_command
+
+    notices: list[str] = []
+
+    async def main() -> Any:
+        run = LocalRun(plan(), {}, runs_dir=tmp_path, run_id="q", handle_sigint=True, on_notice=notices.append,
+                       on_event=waiting)
+        task = asyncio.ensure_future(run.run())
+        await waiting.started.wait()
+        run.signal("paid")
+        return await task
+
+    waiting = Waiting()
+    before = signal.signal(signal.SIGQUIT, quit_handler)
+    try:
+        assert asyncio.run(main()).status == "completed"
+    finally:
+        signal.signal(signal.SIGQUIT, before)
+    (said,) = [n for n in notices if "the run waits for signal 'paid'" in n]
+    resume = show_command(tmp_path / "q.jsonl").replace("flowdsl show", "flowdsl resume")
+    assert said.endswith("or, when it starts, from `flowdsl run --signal paid=JSON`; Ctrl-C cancels the run" + (
+        f" (Ctrl-\\ ends this process and leaves the run to `{resume} --signal paid=JSON`)"
+        if quit_handler is signal.SIG_DFL else "")), said
 
 
 def test_a_wait_whose_signal_is_on_its_way_as_it_starts_is_not_said_to_wait() -> None:

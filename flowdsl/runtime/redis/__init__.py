@@ -37,6 +37,7 @@ from flowdsl.runtime.redis.client import (
     RunIdTaken,
     RunInfo,
     RunNotFound,
+    SignalIdReused,
     SignalOutcome,
     StartRequest,
     Submission,
@@ -50,5 +51,5 @@ from flowdsl.runtime.redis.worker import RedisWorker
 
 __all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "NothingToResolve", "RedisClient", "RedisConfigError",
            "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
-           "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "WorkerOptions", "WorkerStats",
-           "resolve_prefix", "resolve_url"]
+           "SignalIdReused", "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "WorkerOptions",
+           "WorkerStats", "resolve_prefix", "resolve_url"]

@@ -52,7 +52,14 @@ from flowdsl.runtime.redis.client_follow import Following, RunGone
 from flowdsl.runtime.redis.client_follow import Journal as Journal
 from flowdsl.runtime.redis.client_listing import RUN_STATES, Listing, RunInfo, RunNotFound, _text, is_live
 from flowdsl.runtime.redis.client_operator import NOTE_LIMIT, NothingToResolve, Operating, Resolution, StartRequest
-from flowdsl.runtime.redis.client_signals import SIGNAL_LIMIT, Signalling, SignalOutcome, UnknownSignal, signals_of
+from flowdsl.runtime.redis.client_signals import (
+    SIGNAL_LIMIT,
+    SignalIdReused,
+    Signalling,
+    SignalOutcome,
+    UnknownSignal,
+    signals_of,
+)
 from flowdsl.runtime.redis.connection import (
     TRANSIENT,
     ServerFacts,
@@ -69,7 +76,8 @@ from flowdsl.runtime.redis.wire import supported as wire_supported
 
 __all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "SIGNAL_LIMIT", "DeadLetter", "DeadLetterNotFound",
            "NothingToResolve", "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
-           "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "input_id", "is_live", "signals_of"]
+           "SignalIdReused", "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "input_id", "is_live",
+           "signals_of"]
 
 #: the largest run input (as JSON) a submission takes: a run's first transition writes it three times (the
 #: state's ``input`` and context, and the journaled start), and one transition at most ``TRANSITION_LIMIT``
@@ -114,6 +122,7 @@ class RedisClient(Listing, Following, Operating, Signalling, DeadLetters):
         # (a reply deadline, as redis-py's socket_timeout: a connection whose path died silently is not waited on)
         self.wire = WireConnection(self._url, client_name="flowdsl-client", reply_timeout=15.0) if self._url else None
         self._readers: list[WireConnection] = []
+        self._sent_entries: dict[tuple[str, str], str] = {}
         self.store = Store(self.redis, self.keys, batcher=Batcher(self.redis, wire=self.wire))
         #: id(plan) -> (plan, its JSON, its content id): a service submits runs of a few plans, many times each
         self._plans: dict[int, tuple[dict[str, Any], bytes, str]] = {}

@@ -490,7 +490,8 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
             info = await client.info(run_id)
-            dead = await _dead_letters_of(client, run_id)  # (they need no state: said for a damaged run too)
+            letters = await client.dead_letters_of(run_id)  # (they need no state: said for a damaged run too)
+            dead = [letter.id for letter in letters]
             try:
                 result, journal = await _damage_named(client, run_id, client.result(run_id))
             except RunDamaged as exc:
@@ -501,10 +502,14 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
             attempts = await in_flight(client, run_id, journal) if going else []
             waiting_now = waits(result.plan, result.state, await _server_now(client)) \
                 if result is not None and going and result.state.get("waits") else []
+            if any(w.due_in_ms is not None and w.due_in_ms <= 0 for w in waiting_now):  # (overdue: is any process
+                live = await client.workers()  # live to fire it?)
             modules = list((await client.plan_of(run_id)).get("flow", {}).get("workers") or ()) \
                 if any(not a.served_by and a.process is None for a in attempts) else []
         them = "it" if len(dead) == 1 else "them"
         waiting = f"`flowdsl dead-letters` shows {them} and puts {them} back"
+        signals = [letter.id for letter in letters if letter.stream == client.keys.signals]
+        others = [dead_id for dead_id in dead if dead_id not in signals]
         if result is None:
             if as_json:
                 _json_out({"run_id": run_id, "status": info.status, "submitted_at": info.submitted_at,
@@ -530,13 +535,20 @@ def status_command(run_id: str, *, url: str | None, prefix: str | None, as_json:
         for note in journal.notes:
             _say(console, f"late {note.get('result_type')} for {note.get('task_id')} from {note.get('worker')} "
                  "rejected: its lease had expired and another worker held the task", "dim", "note")
-        if dead:
-            _say(console, f"{len(dead)} message(s) of this run could not be handled and were set aside as dead "
-                 f"letters ({', '.join(dead)}); the run waits for {them}: {waiting}",
+        if others:
+            them = "it" if len(others) == 1 else "them"
+            _say(console, f"{len(others)} message(s) of this run could not be handled and were set aside as dead "
+                 f"letters ({', '.join(others)}); the run waits for {them}: `flowdsl dead-letters` shows {them} and "
+                 f"puts {them} back", "yellow", "note")
+        if signals:
+            them = "it" if len(signals) == 1 else "them"
+            _say(console, f"{len(signals)} signal message(s) sent to this run could not be handled and were set aside "
+                 f"as dead letters ({', '.join(signals)}): the run did not get {them} and does not wait for {them} "
+                 f"(`flowdsl dead-letters` shows {them}, and puts {them} back once fixed)",
                  "yellow", "note")
         if result.status not in EXIT_CODES:
             say_in_flight(console, attempts, modules)
-            say_waiting(console, run_id, waiting_now)
+            say_waiting(console, run_id, waiting_now, None if live is None else len(live))
             console.print(f"[cyan]still {result.status}[/] (`flowdsl status {run_id} --follow` to see it to its end)")
         return 0
 

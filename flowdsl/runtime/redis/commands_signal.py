@@ -7,6 +7,7 @@ the console the CLI hands in. ``flowdsl.cli_redis`` imports it inside the comman
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from flowdsl.runtime.inputs import read_json_object
@@ -14,10 +15,15 @@ from flowdsl.runtime.redis.client import RedisClient, SignalOutcome
 from flowdsl.runtime.redis.commands import _following, _guarded, _json_out, _say, _stopped_json
 from flowdsl.shown import visible
 
-__all__ = ["read_signal_data", "signal_command", "signal_stopped"]
+__all__ = ["DEFAULT_TIMEOUT_S", "EXIT_NOT_APPLIED", "read_signal_data", "signal_command", "signal_stopped"]
 
 #: the largest data file ``--data-file`` reads (the client refuses a larger payload anyway)
 _DATA_FILE_LIMIT = 256 * 1024 * 1024
+#: how long ``flowdsl signal`` waits for the run to apply the signal, unless ``--timeout`` says
+DEFAULT_TIMEOUT_S = 60.0
+#: the exit code of ``flowdsl signal`` when the run has not applied the signal within ``--timeout``: it was sent,
+#: and is applied once a worker process takes it
+EXIT_NOT_APPLIED = 5
 
 
 def read_signal_data(data: str | None, data_file: str | None) -> dict[str, Any] | None:
@@ -37,10 +43,12 @@ def read_signal_data(data: str | None, data_file: str | None) -> dict[str, Any] 
 
 def signal_command(run_id: str, name: str, *, url: str | None, prefix: str | None, data: dict[str, Any] | None,
                    signal_id: str | None, wait: bool, as_json: bool, console: Any,
-                   ended: list[int] | None = None) -> int:
+                   ended: list[int] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """Send signal ``name`` with ``data`` to run ``run_id`` (:meth:`RedisClient.signal`) and, with ``wait``, say what
     the run made of it. Exit 0 received or kept for its wait (buffered; with ``wait`` False: sent); 1 rejected (the
-    kernel's reason said); 2 no such run, no wait of its flow takes ``name``, or Redis cannot be reached.
+    kernel's reason said); 2 no such run, no wait of its flow takes ``name``, its id was used for another signal, or
+    Redis cannot be reached; :data:`EXIT_NOT_APPLIED` not applied within ``timeout_s`` (sent: outcome ``sent``, with
+    a ``reason`` saying so).
 
     With ``wait``, a stop signal before the outcome is printed ends it as it ends ``cancel --wait``
     (``commands._following``: exit 130, saying whether the signal was sent; it is applied all the same). ``ended``
@@ -52,11 +60,20 @@ def signal_command(run_id: str, name: str, *, url: str | None, prefix: str | Non
         async with RedisClient(url, prefix=prefix) as client:
             outcome = await client.signal(run_id, name, data, signal_id=signal_id, wait=False)
             sent.append(outcome)
+            late = False
             if wait and outcome.outcome == "sent":
-                outcome = await client.signal_outcome(
-                    run_id, outcome.id, on_notice=lambda text: _say(console, text, "yellow", "note"))
+                try:
+                    outcome = await client.signal_outcome(
+                        run_id, outcome.id, timeout_s=timeout_s,
+                        on_notice=lambda text: _say(console, text, "yellow", "note"))
+                except TimeoutError:
+                    late = True
+                    outcome = replace(outcome, reason=(
+                        f"not applied within {timeout_s:g} s: it was sent, and a worker process applies it once it "
+                        f"takes it (the same command with `--id {outcome.id}` asks again for its outcome, never "
+                        "applying it twice)"))
             status = (await client.info(run_id)).status
-            code = 1 if outcome.outcome == "rejected" else 0
+            code = EXIT_NOT_APPLIED if late else 1 if outcome.outcome == "rejected" else 0
             done.append(code)  # (printed before the client closes, with nothing awaited in between: see _following)
             _said(console, outcome, status, as_json)
             return code
@@ -82,6 +99,8 @@ def _said(console: Any, outcome: SignalOutcome, status: str, as_json: bool) -> N
     elif outcome.outcome == "buffered":
         console.print(f"signal '{name}' kept by run {run}: its wait '{wait}' has not started, and takes it when it "
                       "starts", highlight=False)
+    elif outcome.outcome == "sent" and outcome.reason:  # (waited for, not applied in time)
+        _say(console, f"signal '{outcome.signal}' to run {outcome.run_id} {outcome.reason}", "yellow", "note")
     elif outcome.outcome == "sent":
         console.print(f"signal '{name}' sent to run {run} (id {escape(outcome.id)}): a worker process applies it "
                       f"once; `flowdsl status {run}` shows it", highlight=False)

@@ -12,7 +12,8 @@ Stage: runtime: redis. Imports ``flowdsl.runtime.execute`` (whether a worker can
 - **signal** (signals stream) — one transition (the kernel's ``signal`` input event), guarded so that it is applied
   once whatever happens (:meth:`Control._signal`: its id's ``sig:<id>`` field in the run's hash, set by the
   transition that applies it, refuses it again); a signal for a run not started yet waits for its start, held
-  (and renewed) meanwhile; one for a run gone, or for another generation of it, is only acknowledged.
+  (and renewed) meanwhile — *parked*: counted apart from the signals being applied, so that it never keeps them
+  from being read (:mod:`.reading`); one for a run gone, or for another generation of it, is only acknowledged.
 - **a cancel reaching a held task** (:meth:`Control._cancel_requested`, from the cancel listener and the
   heartbeat of :mod:`.upkeep`) — the task is answered cancelled; the worker is interrupted at once when it can be
   (an async worker; a sync worker's job still waiting for a thread), else its real outcome is waited for.
@@ -92,6 +93,8 @@ class Control:
     _starting: set[str]
     _cancelling: set[str]
     _signalling: set[str]
+    _parked: set[str]
+    _room: asyncio.Event | None
     _stopping: bool
     _slots: asyncio.Semaphore | None
     _closed_on: Callable[[Backoff, BaseException], Coroutine[Any, Any, None]]
@@ -132,7 +135,7 @@ class Control:
                         event = {"type": "cancel_requested", "reason": str(msg.get("reason") or "cancel requested")}
                         await self.advancer.apply_event(run_id, event, ack=ack, recover=recover, trigger=trigger)
                     else:
-                        await self._signal(run_id, msg, ack, recover, trigger)
+                        await self._signal(run_id, entry_id, msg, ack, recover, trigger)
                     return
                 except TRANSIENT as exc:
                     if self._stopping:
@@ -140,32 +143,50 @@ class Control:
                     recover = True
                     await self._closed_on(backoff, exc)
         finally:
-            (self._cancelling if stream == self.keys.cancels else self._signalling if stream == self.keys.signals
-             else self._starting).discard(entry_id)
+            if stream == self.keys.signals:
+                self._signalling.discard(entry_id)
+                self._parked.discard(entry_id)
+            else:
+                (self._cancelling if stream == self.keys.cancels else self._starting).discard(entry_id)
 
-    async def _signal(self, run_id: str, msg: dict[str, Any], ack: list[dict[str, Any]], recover: bool,
-                      trigger: str) -> None:
+    async def _signal(self, run_id: str, entry_id: str, msg: dict[str, Any], ack: list[dict[str, Any]],
+                      recover: bool, trigger: str) -> None:
         """Apply a signal sent to a run (the kernel's ``signal`` input event), once: the transition's ``new`` guard
         refuses it when the run's hash has its ``sig:<id>`` field — set by the transition that applied it — so a
         signal taken over after its applier died between that transition and the acknowledgement, one applied by
         a process paused past the lease, or one sent twice under one id is acknowledged without a second
-        application. A run not started yet is waited for (the entry is held and renewed meanwhile; a process
-        stopping leaves it pending, to be taken over after the lease); a run gone (expired) or of another
-        generation than the one the signal was sent to is only acknowledged."""
+        application. A run not started yet is waited for: the entry is held and renewed meanwhile, *parked*
+        (moved from ``_signalling``, the signals being applied, to ``_parked``, which has a room of its own: the
+        signals to runs going on are read all the same); a process stopping leaves it pending, to be taken over
+        after the lease. A run gone (expired) or of another generation than the one the signal was sent to is only
+        acknowledged."""
         key = self.keys.run(run_id)
         generation = str(msg.get("g") or "").encode()
         backoff = Backoff(base=0.02, cap=1.0, floor=0.0)
         while True:
             submitted, version, born = await self.store.call("HMGET", key, "submitted", "v", "born")
-            if submitted is None or (generation and (born or b"") not in (b"", generation)):
+            if submitted is None:
                 log.warning("worker %s: signal %r for run %s dropped: the run it was sent to no longer exists "
                             "(expired)", self.name, msg["name"], run_id, extra={"run_id": run_id})
+                await self.advancer.relay(None, None, ack)
+                return
+            if generation and (born or b"") not in (b"", generation):
+                log.warning("worker %s: signal %r for run %s dropped: it was sent to another run of that id (its "
+                            "generation %s; the run's is %s: the run it was sent to expired and its id was submitted "
+                            "again since, or the message is not flowdsl's)", self.name, msg["name"], run_id,
+                            generation.decode(errors="replace")[:50], (born or b"").decode(errors="replace"),
+                            extra={"run_id": run_id})
                 await self.advancer.relay(None, None, ack)
                 return
             if version is not None:
                 break
             if self._stopping:
                 return  # left pending: another process takes it over after the lease
+            if entry_id in self._signalling:  # parked: no longer counted among the signals being applied
+                self._signalling.discard(entry_id)
+                self._parked.add(entry_id)
+                if self._room is not None:
+                    self._room.set()  # (the reader may wait for room on the signals stream)
             await backoff.wait()  # submitted, not started yet: its start is on the control stream
         event = {"type": "signal", "name": msg["name"], "payload": msg.get("payload"), "id": msg["id"]}
         outcome = await self.advancer.apply_event(run_id, event, guard=(SIGNAL_FIELD + msg["id"], "new", ""),

@@ -62,8 +62,8 @@ from dataclasses import dataclass
 # what a run id may be: one rule for both runtimes (no ``{``, ``}``, ``|`` or ``/`` among its characters)
 from flowdsl.runtime.record import RUN_ID_RE, check_run_id
 
-__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "SIGNAL_FIELD", "Keys", "TimerMember",
-           "check_run_id"]
+__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "SIGNAL_FIELD", "SIGNAL_ID_FIELD", "Keys",
+           "TimerMember", "check_run_id"]
 
 #: the key prefix unless configured (``--prefix``, ``$FLOWDSL_REDIS_PREFIX``)
 DEFAULT_PREFIX = "flowdsl"
@@ -71,6 +71,9 @@ DEFAULT_PREFIX = "flowdsl"
 GROUP = "flowdsl"
 #: the prefix of a run hash's field that names a signal applied to the run (``sig:<signal id>``: its journal entry)
 SIGNAL_FIELD = "sig:"
+#: the prefix of a run hash's field that names the signal an id was used for (``sigd:<signal id>``: the digest of
+#: its name and payload, then its name), recorded by the client before it sends: a signal id is one signal's
+SIGNAL_ID_FIELD = "sigd:"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 #: every command a worker process, the client and the CLI send (directly, or inside the Lua scripts), as ACL rules
 #: (docs/runtime.md, "ACL users"); the connections also send AUTH, and CLIENT SETINFO, whose refusal is ignored.

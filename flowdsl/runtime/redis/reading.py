@@ -6,7 +6,8 @@ this package's ``advance``, ``connection``, ``keys``, ``serving``, ``store`` and
 
 - **reader** — ``XREADGROUP`` over the control stream, the LLM stream and the task stream of every registered
   worker, no more entries than free slots; **cancel reader** — over the cancels and signals streams, whatever the
-  free slots, at most :data:`_CANCELS_PER_READ` of each handled at a time. Redis unreachable, refusing work for now
+  free slots, at most :data:`_CANCELS_PER_READ` of each handled at a time (signals parked for runs not started yet
+  apart: at most :data:`_PARKED_SIGNALS` of those). Redis unreachable, refusing work for now
   or having lost its consumer groups is waited out (said once, and when it is over); an idle burst stops the
   process. Neither reads while the command connection is not answering (:meth:`Reading._command_silent`): what it
   read could be neither picked up nor renewed, and would wait a lease for another process.
@@ -52,8 +53,12 @@ __all__ = ["Reading", "json_field"]
 
 log = logging.getLogger("flowdsl.redis")
 
-#: cancel requests handled at a time, and signals (they take no slot: each is one transition)
+#: cancel requests handled at a time, and signals being applied (they take no slot: each is one transition)
 _CANCELS_PER_READ = 64
+#: signals held for runs not started yet (*parked*: each waits for its run's start, renewed meanwhile), which never
+#: count against :data:`_CANCELS_PER_READ`; with as many, no more signals are read (said once in the log) until
+#: fewer are held — so that runs that never start cannot make a process hold signals without bound
+_PARKED_SIGNALS = 4096
 
 #: lost connections in a row, while Redis answers other commands, after which handling an entry is a failure
 _CLOSED_TRIES = 6
@@ -132,6 +137,8 @@ class Reading:
     _starting: set[str]
     _cancelling: set[str]
     _signalling: set[str]
+    _parked: set[str]
+    _parked_said: bool
     _active: set[asyncio.Task[None]]
     _stopping: bool
     _room: asyncio.Event | None
@@ -162,13 +169,40 @@ class Reading:
         """Read cancel requests and signals, whether or not a slot is free: a chain holds its slot until its run
         ends, so a cancel (or a signal) read only when a slot frees would reach a run of a busy fleet after it had
         completed (or wait for as long as the fleet is busy). At most :data:`_CANCELS_PER_READ` of each are
-        handled at a time: a stream with as many is not read (signals held for runs not started yet never keep
-        cancel requests from being read), and ``COUNT`` (per stream) is the smaller room of the streams read."""
-        held = ((self.keys.cancels, self._cancelling), (self.keys.signals, self._signalling))
-        await self._read_loop(reader, wire, lambda: [s for s, ids in held if len(ids) < _CANCELS_PER_READ],
-                              lambda: min((_CANCELS_PER_READ - len(ids) for _, ids in held
-                                           if len(ids) < _CANCELS_PER_READ), default=0),
-                              "cancel requests and signals")
+        handled at a time: a stream with as many is not read, and ``COUNT`` (per stream) is the smaller room of the
+        streams read. Signals held for runs not started yet (parked, :meth:`Control._signal`) count apart: they
+        never keep cancel requests, nor signals to runs going on, from being read; with :data:`_PARKED_SIGNALS` of
+        them, the signals stream is not read (:meth:`_parked_full`)."""
+
+        def rooms() -> list[tuple[str, int]]:
+            found = []
+            if len(self._cancelling) < _CANCELS_PER_READ:
+                found.append((self.keys.cancels, _CANCELS_PER_READ - len(self._cancelling)))
+            if len(self._signalling) < _CANCELS_PER_READ and not self._parked_full() and \
+                    len(self._parked) + len(self._signalling) < _PARKED_SIGNALS:
+                # (a signal read may be one to park: never more parked than the bound)
+                found.append((self.keys.signals, min(_CANCELS_PER_READ - len(self._signalling),
+                                                     _PARKED_SIGNALS - len(self._parked) - len(self._signalling))))
+            return found
+
+        await self._read_loop(reader, wire, lambda: [stream for stream, _ in rooms()],
+                              lambda: min((room for _, room in rooms()), default=0), "cancel requests and signals")
+
+    def _parked_full(self) -> bool:
+        """Whether this process holds as many signals for runs not started yet as it keeps
+        (:data:`_PARKED_SIGNALS`): it then reads no more signals — said once, and again only once it has held half
+        as many or fewer since."""
+        parked = len(self._parked)
+        if parked >= _PARKED_SIGNALS:
+            if not self._parked_said:
+                self._parked_said = True
+                log.warning("worker %s: it holds %d signals for runs not started yet, as many as it keeps: it reads "
+                            "no more signals until fewer are held (as those runs start; runs that do not start: "
+                            "`flowdsl runs --status submitted`, `flowdsl status RUN`)", self.name, parked)
+            return True
+        if self._parked_said and parked <= _PARKED_SIGNALS // 2:
+            self._parked_said = False
+        return False
 
     def _free_slots(self) -> int:
         return self.options.concurrency - len(self._held) - len(self._starting)

@@ -28,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 __all__ = ["CANCEL", "CLAIM_TIMERS", "DEAD_LETTER", "FORGET_CONSUMERS", "LOAD", "PICKUP", "PROBE", "RECOVER", "RELAY",
-           "RELEASE", "REQUEUE", "RESOLVE", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
+           "RELEASE", "REQUEUE", "RESOLVE", "SIGNAL_ID", "SUBMIT", "TRANSITION", "UNLIST", "Batcher", "Script"]
 
 #: the start of a script that calls a command with ``redis.pcall`` (to take an error reply as an answer): whether
 #: such a reply is Redis refusing the command to the ACL user (``NOPERM``; Redis 7.0 says "The user executing the
@@ -476,6 +476,19 @@ end
 table.insert(held, ARGV[1])
 redis.call('HSET', KEYS[1], 'cancel', cjson.encode(held))
 return {2}
+"""
+
+#: KEYS: run. ARGV: the field of a signal id (``sigd:<id>``), what a signal sent under it is (the digest of its name
+#: and payload, then its name). Records the signal an id is used for, once, before the client sends it: returns what
+#: the field holds now — this signal's value (recorded now, or sent before under this id), or another signal's (the
+#: id was used for that one: the caller refuses to send) — or false when there is no such run (never creating its
+#: hash: a run that expired meanwhile stays gone).
+SIGNAL_ID = r"""
+if redis.call('HEXISTS', KEYS[1], 'submitted') == 0 then return false end
+local had = redis.call('HGET', KEYS[1], ARGV[1])
+if had then return had end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return ARGV[2]
 """
 
 #: KEYS: the run index (``{P}:runs``). ARGV: pairs of run id and score (its submission time as listed). Removes

@@ -127,6 +127,7 @@ class Upkeep:
     _starting: set[str]
     _cancelling: set[str]
     _signalling: set[str]
+    _parked: set[str]
     _group_streams: list[str]
     _index_size: int | None
     #: the runs not started whose start request this process's last look found waiting, and the rounds since
@@ -142,6 +143,7 @@ class Upkeep:
     _cancel_requested: Callable[[Held], None]
     _config_error: Callable[[BaseException, str], bool]
     _regroup: Callable[[], Awaitable[None]]
+    _parked_full: Callable[[], bool]
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less when the worker stops meanwhile (so that stopping waits for no loop).
@@ -274,8 +276,10 @@ class Upkeep:
             renew[self.keys.control].extend(self._starting)
         if self._cancelling:
             renew[self.keys.cancels].extend(self._cancelling)
-        if self._signalling:  # (one waiting for its run's start, too)
+        if self._signalling:
             renew[self.keys.signals].extend(self._signalling)
+        if self._parked:  # (signals waiting for their run's start)
+            renew[self.keys.signals].extend(self._parked)
         assert self.client is not None
         for stream, ids in renew.items():  # resets the idle time of our own entries: the stream lease
             await self.client.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
@@ -296,7 +300,8 @@ class Upkeep:
             try:
                 # cancel requests and signals take no slot: taken over whether or not one is free
                 await self._reclaim(self.keys.cancels, _CANCELS_PER_CLAIM, self._cancelling)
-                await self._reclaim(self.keys.signals, _CANCELS_PER_CLAIM, self._signalling)
+                if not self._parked_full():  # (else it reads no signals either)
+                    await self._reclaim(self.keys.signals, _CANCELS_PER_CLAIM, self._signalling | self._parked)
                 free = self.options.concurrency - len(self._held) - len(self._starting)
                 for stream in self.streams:
                     if free <= 0:

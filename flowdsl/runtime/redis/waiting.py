@@ -12,7 +12,8 @@ said plainly, with the command that would serve it.
 
 A ``wait`` node holds no attempt: while it waits, the run's state lists it under ``waits`` (docs/kernel.md,
 "Waits"), and its timer — a timer wait's end, a signal wait's deadline — is in the timer set like any other
-(:func:`waits`): said with how long it has waited and, for a signal, the command that sends it.
+(:func:`waits`): said with how long it has waited and, for a signal, the command that sends it. A timer whose time
+has passed is said to be overdue, and, when no worker process is live, that nothing fires it until one runs.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Waiting:
     step: str  # its instance key
     signal: str | None
     waited_ms: int | None  # since it started (None: its start time is not in the state)
-    due_in_ms: int | None  # a timer wait: until it ends; a signal wait: until its timeout (None: it has none)
+    # a timer wait: until it ends; a signal wait: until its timeout (None: it has none); negative: overdue by that
+    due_in_ms: int | None
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "signal": self.signal, "waited_ms": self.waited_ms, "due_in_ms": self.due_in_ms}
@@ -108,23 +110,29 @@ def waits(plan: dict[str, Any], state: dict[str, Any], now: int) -> list[Waiting
         started = rec.get("started_at")
         waited = max(0, now - started) if isinstance(started, int) else None
         span = node.get("delay_ms") if node.get("signal") is None else node.get("timeout_ms")
-        due = max(0, span - waited) if isinstance(span, int) and waited is not None else None
+        due = span - waited if isinstance(span, int) and waited is not None else None
         found.append((node.get("order", 0), Waiting(key, node.get("signal"), waited, due)))
     return [w for _, w in sorted(found, key=lambda pair: pair[0])]
 
 
-def say_waiting(console: Any, run_id: str, items: list[Waiting]) -> None:
+def say_waiting(console: Any, run_id: str, items: list[Waiting], live: int | None = None) -> None:
     """After a running run's timeline: a line per wait that is waiting — what for, how long so far, when its timer
-    is due, and for a signal the command that sends it."""
+    is due (or that it is overdue: with ``live`` 0, that no live worker process fires it), and for a signal the
+    command that sends it."""
     from rich.markup import escape
 
     for item in items:
+        due = item.due_in_ms
+        if due is not None and due <= 0:
+            late = ("its deadline passed" if item.signal is not None else "its time came") + f" {_span(-due)} ago: " + (
+                "overdue — no worker process is live to fire it: it fires as soon as one runs (`flowdsl worker`)"
+                if live == 0 else "overdue, a worker process fires it now")
         if item.signal is None:
             said = f"wait {visible(item.step)}: waiting for its timer{_ago(item.waited_ms)}" + (
-                f"; it ends in {_span(item.due_in_ms)}" if item.due_in_ms is not None else "")
+                "" if due is None else f"; it ends in {_span(due)}" if due > 0 else f"; {late}")
         else:
             said = (f"wait {visible(item.step)}: waiting for signal '{visible(item.signal)}'{_ago(item.waited_ms)}"
-                    + (f" (it times out in {_span(item.due_in_ms)})" if item.due_in_ms is not None else "")
+                    + ("" if due is None else f" (it times out in {_span(due)})" if due > 0 else f" ({late})")
                     + f" — `flowdsl signal {visible(run_id)} {visible(item.signal)} --data JSON` sends it")
         console.print(f"[cyan]{escape(said)}[/]", highlight=False, soft_wrap=True)
 

@@ -120,8 +120,11 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self._starting: set[str] = set()
         #: entries of the cancels stream being handled (they take no slot)
         self._cancelling: set[str] = set()
-        #: entries of the signals stream being handled (they take no slot either)
+        #: entries of the signals stream being handled (they take no slot either), but for those parked:
         self._signalling: set[str] = set()
+        #: entries of the signals stream held until their run starts (``reading._PARKED_SIGNALS`` at most)
+        self._parked: set[str] = set()
+        self._parked_said = False  # (said in the log that it holds as many as it keeps)
         self._active: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()  # rejected successes waiting to be reported again
         self._late_wake: asyncio.Event | None = None  # set when stopping: each of them tries once more, now
