@@ -142,26 +142,7 @@ def test_a_signal_wait_nothing_signals_is_said_and_times_out(tmp_path: Path) -> 
 
 
 def test_a_run_stopped_while_it_waits_is_resumed_with_its_signal(tmp_path: Path) -> None:
-    from flowdsl import compile_spec
-    from flowdsl.runtime.local import LocalRun, RunAborted
-
-    path = spec(tmp_path)
-    plan = compile_spec(path).plan
-    assert plan is not None
-    runs = tmp_path / "runs"
-
-    async def stopped() -> None:
-        run: LocalRun
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event["type"] == "step_started" and event["step"] == "paid":
-                asyncio.get_running_loop().call_soon(run.abort, "stopped by the test")
-
-        run = LocalRun(plan, {}, runs_dir=runs, run_id="s1", on_event=on_event, spec_path=path)
-        with pytest.raises(RunAborted):
-            await run.run()
-
-    asyncio.run(stopped())
+    runs = _stopped_as_it_waits(tmp_path, "s1")
     shown = cli("show", "s1", "--runs-dir", str(runs), "--format", "json")
     assert json.loads(shown.stdout)["steps"]["paid"]["status"] == "waiting"
     text = cli("show", "s1", "--runs-dir", str(runs))
@@ -179,26 +160,7 @@ def test_a_run_stopped_while_it_waits_is_resumed_with_its_signal(tmp_path: Path)
 def test_a_deadline_that_passed_while_the_run_stood_beats_a_signal_sent_with_resume(tmp_path: Path) -> None:
     import time
 
-    from flowdsl import compile_spec
-    from flowdsl.runtime.local import LocalRun, RunAborted
-
-    path = spec(tmp_path, "    timeout: 60ms\n")
-    plan = compile_spec(path).plan
-    assert plan is not None
-    runs = tmp_path / "runs"
-
-    async def stopped() -> None:
-        run: LocalRun
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event["type"] == "step_started" and event["step"] == "paid":
-                asyncio.get_running_loop().call_soon(run.abort, "stopped by the test")
-
-        run = LocalRun(plan, {}, runs_dir=runs, run_id="d1", on_event=on_event, spec_path=path)
-        with pytest.raises(RunAborted):
-            await run.run()
-
-    asyncio.run(stopped())
+    runs = _stopped_as_it_waits(tmp_path, "d1", "    timeout: 60ms\n")
     time.sleep(0.12)  # past the wait's deadline, with no process running the run
     r = cli("resume", "d1", "--runs-dir", str(runs), "--force", "--signal", 'paid={"late": true}', "--format", "json")
     assert r.exit_code == 1, r.stderr
@@ -224,3 +186,29 @@ def test_the_note_on_a_wait_nothing_signals_says_ctrl_c_only_when_it_cancels(tmp
     (taken,) = unsent_notes(plan, [])
     (ignored,) = unsent_notes(plan, [], ctrl_c=False)
     assert taken.endswith("it waits for ever (Ctrl-C cancels the run)") and ignored.endswith("it waits for ever")
+
+
+def _stopped_as_it_waits(tmp_path: Path, run_id: str, options: str = "") -> Path:
+    """A run of the spec (its wait given ``options``) stopped at once (``abort``: its record kept, as a process that
+    died would leave it) as its wait starts; the runs directory holding its record."""
+    from flowdsl import compile_spec
+    from flowdsl.runtime.local import LocalRun, RunAborted
+
+    path = spec(tmp_path, options)
+    plan = compile_spec(path).plan
+    assert plan is not None
+    runs = tmp_path / "runs"
+
+    async def stopped() -> None:
+        run: LocalRun
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == "step_started" and event["step"] == "paid":
+                asyncio.get_running_loop().call_soon(run.abort, "stopped by the test")
+
+        run = LocalRun(plan, {}, runs_dir=runs, run_id=run_id, on_event=on_event, spec_path=path)
+        with pytest.raises(RunAborted):
+            await run.run()
+
+    asyncio.run(stopped())
+    return runs

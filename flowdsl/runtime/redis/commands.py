@@ -51,7 +51,7 @@ from flowdsl.runtime.redis.connection import (
 from flowdsl.runtime.redis.serving import WorkerOptions, serving_gc
 from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.upkeep import RESEND_AFTER_LEASES
-from flowdsl.runtime.redis.waiting import in_flight, say_in_flight, say_waiting, waits
+from flowdsl.runtime.redis.waiting import in_flight, say_in_flight, say_waiting, span, waits
 from flowdsl.runtime.redis.worker import RedisWorker
 from flowdsl.runtime.report import EXIT_CODES
 from flowdsl.runtime.signals import TERM_SIGNALS, give_back_signal, signal_said, take_signal
@@ -597,14 +597,7 @@ def _say_not_started(console: Any, run_id: str, status: str, start: StartRequest
 
 
 def _ago(ms: int) -> str:
-    seconds = ms / 1000
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    return span(ms, tenths=False)
 
 
 def _resolution(listed: str, journal: Journal) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from flowdsl.shown import visible
 if TYPE_CHECKING:
     from flowdsl.runtime.redis.client import Journal, RedisClient
 
-__all__ = ["InFlight", "Waiting", "in_flight", "say_in_flight", "say_waiting", "waits"]
+__all__ = ["InFlight", "Waiting", "in_flight", "say_in_flight", "say_waiting", "span", "waits"]
 
 
 @dataclass(frozen=True)
@@ -124,23 +124,25 @@ def say_waiting(console: Any, run_id: str, items: list[Waiting], live: int | Non
     for item in items:
         due = item.due_in_ms
         if due is not None and due <= 0:
-            late = ("its deadline passed" if item.signal is not None else "its time came") + f" {_span(-due)} ago: " + (
+            late = ("its deadline passed" if item.signal is not None else "its time came") + f" {span(-due)} ago: " + (
                 "overdue — no worker process is live to fire it: it fires as soon as one runs (`flowdsl worker`)"
                 if live == 0 else "overdue, a worker process fires it now")
         if item.signal is None:
             said = f"wait {visible(item.step)}: waiting for its timer{_ago(item.waited_ms)}" + (
-                "" if due is None else f"; it ends in {_span(due)}" if due > 0 else f"; {late}")
+                "" if due is None else f"; it ends in {span(due)}" if due > 0 else f"; {late}")
         else:
             said = (f"wait {visible(item.step)}: waiting for signal '{visible(item.signal)}'{_ago(item.waited_ms)}"
-                    + ("" if due is None else f" (it times out in {_span(due)})" if due > 0 else f" ({late})")
+                    + ("" if due is None else f" (it times out in {span(due)})" if due > 0 else f" ({late})")
                     + f" — `flowdsl signal {visible(run_id)} {visible(item.signal)} --data JSON` sends it")
         console.print(f"[cyan]{escape(said)}[/]", highlight=False, soft_wrap=True)
 
 
-def _span(ms: int) -> str:
+def span(ms: int, *, tenths: bool = True) -> str:
+    """A duration in words for a person: ``12.5 s`` (``12 s`` without ``tenths``), ``40 min``, ``3.5 h``,
+    ``2.0 days``."""
     seconds = ms / 1000
     if seconds < 90:
-        return f"{seconds:.1f} s"
+        return f"{seconds:.1f} s" if tenths else f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     if seconds < 2 * 86400:
