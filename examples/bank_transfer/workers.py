@@ -42,6 +42,13 @@ class Books:
             self.transfers.clear()
             self.shipments.clear()
 
+    def set_invoice(self, invoice_id: str, status: str) -> None:
+        """Mark invoice ``invoice_id`` ``paid`` or ``void`` (again: no second effect)."""
+        with self.lock:
+            for invoice in self.invoices.values():
+                if invoice["invoice_id"] == invoice_id:
+                    invoice["status"] = status
+
     def open_reservations(self) -> list[str]:
         """Reservations neither released nor shipped: stock a finished run must not leave held."""
         shipped = {s["reservation_id"] for s in self.shipments.values()}
@@ -97,10 +104,7 @@ def issue_invoice(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 @worker("void_invoice")
 def void_invoice(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Compensation of issue_invoice: the invoice is void, the customer owes nothing (once)."""
-    with BOOKS.lock:
-        for invoice in BOOKS.invoices.values():
-            if invoice["invoice_id"] == data["invoice_id"]:
-                invoice["status"] = "void"
+    BOOKS.set_invoice(data["invoice_id"], "void")
     return {"voided": data["invoice_id"]}
 
 
@@ -130,10 +134,7 @@ def check_amount(data: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     short = round(float(data["expected"]) - float(data["received"]), 2)
     if short > 0:
         return {"payment_status": "short", "missing": short}
-    with BOOKS.lock:
-        for invoice in BOOKS.invoices.values():
-            if invoice["invoice_id"] == data["invoice_id"]:
-                invoice["status"] = "paid"
+    BOOKS.set_invoice(data["invoice_id"], "paid")
     return {"payment_status": "paid", "missing": 0}
 
 

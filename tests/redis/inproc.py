@@ -77,3 +77,19 @@ async def _unblock(urls: set[str], names: set[str], tasks: list[asyncio.Future[A
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+async def until_event(client: Any, run_id: str, type_: str, step: str, timeout: float = 20) -> None:
+    """Until the run (followed with ``client``, a ``RedisClient``) emits an event ``type_`` about ``step``."""
+    seen = asyncio.Event()
+
+    def watch(event: dict[str, Any]) -> None:
+        if event["type"] == type_ and event.get("step") == step:
+            seen.set()
+
+    follow = asyncio.create_task(client.follow(run_id, on_event=watch))
+    try:
+        await asyncio.wait_for(seen.wait(), timeout)
+    finally:
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)

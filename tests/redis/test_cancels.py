@@ -14,7 +14,7 @@ from flowdsl import compile_text
 from flowdsl.runtime.redis import RedisClient
 from flowdsl.runtime.redis.connection import connect
 from flowdsl.runtime.redis.keys import GROUP
-from tests.redis.inproc import serving, stopped, worker_here
+from tests.redis.inproc import serving, stopped, until_event, worker_here
 from tests.redis.server import RedisServer
 from tests.runtime.conformance import HEADER
 
@@ -23,18 +23,7 @@ SAGA = HEADER.format(name="saga") + "steps:\n  - conf.a: {compensate: undo.a}\n 
 
 async def _when_running(client: RedisClient, run_id: str, step: str) -> None:
     """Wait until ``step`` of the run is scheduled (its chain runs it at once)."""
-    seen = asyncio.Event()
-
-    def watch(event: dict[str, Any]) -> None:
-        if event["type"] == "step_scheduled" and event.get("step") == step:
-            seen.set()
-
-    follow = asyncio.create_task(client.follow(run_id, on_event=watch))
-    try:
-        await asyncio.wait_for(seen.wait(), 20)
-    finally:
-        follow.cancel()
-        await asyncio.gather(follow, return_exceptions=True)
+    await until_event(client, run_id, "step_scheduled", step)
 
 
 def test_a_cancel_reaches_a_run_of_a_worker_whose_slots_are_all_taken(url: str, prefix: str) -> None:

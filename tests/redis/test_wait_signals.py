@@ -20,7 +20,7 @@ from flowdsl.kernel import replay
 from flowdsl.runtime.codec import loads
 from flowdsl.runtime.redis import RedisClient, RunNotFound, SignalIdReused, UnknownSignal
 from flowdsl.runtime.redis.keys import GROUP
-from tests.redis.inproc import serving, worker_here
+from tests.redis.inproc import serving, until_event, worker_here
 from tests.redis.server import RedisServer
 from tests.runtime.conformance import HEADER
 
@@ -39,18 +39,7 @@ TIMER = HEADER.format(name="cool") + "steps:\n  - conf.a\n  - wait: cool\n    fo
 
 async def when_waiting(client: RedisClient, run_id: str, step: str = "paid") -> None:
     """Until wait ``step`` of the run has started (it waits)."""
-    seen = asyncio.Event()
-
-    def watch(event: dict[str, Any]) -> None:
-        if event["type"] == "step_started" and event.get("step") == step:
-            seen.set()
-
-    follow = asyncio.create_task(client.follow(run_id, on_event=watch))
-    try:
-        await asyncio.wait_for(seen.wait(), 20)
-    finally:
-        follow.cancel()
-        await asyncio.gather(follow, return_exceptions=True)
+    await until_event(client, run_id, "step_started", step)
 
 
 async def journal_of(client: RedisClient, run_id: str) -> list[dict[bytes, bytes]]:
