@@ -249,9 +249,9 @@ CASES: list[Case] = [
          "  - conf.a: {compensate: undo.a}\n"
          "  - parallel: p\n"
          "    branches:\n"
-         "      - sync.b: {compensate: undo.b, timeout: 100ms}\n"  # its thread goes on past the timeout
-         "      - sync.c\n",  # still running when b's late success comes: the run is aborting
-         {"b": {"sleep": 0.3, "result": {"rb": 1}}, "c": {"sleep": 0.9}},
+         "      - sync.b: {compensate: undo.b, timeout: 300ms}\n"  # its thread goes on past the timeout (300ms:
+         "      - sync.c\n",  # time for its thread to start on a loaded machine, else it fails uncalled); c is still
+         {"b": {"sleep": 0.6, "result": {"rb": 1}}, "c": {"sleep": 1.5}},  # running when b's late success comes
          status="compensated", succeeded=["a", "c"], compensated=["b", "a"], error="StepTimeout",
          failed_step="b"),
     Case("undo_that_timed_out_then_succeeded_is_counted",  # kernel version 5: after the run ended needs_intervention
