@@ -37,7 +37,7 @@ from flowdsl.runtime.report import RunResult
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["Following", "Journal", "RunGone"]
+__all__ = ["Following", "Journal", "RunGone", "read_journal", "reconnect"]
 
 EventHook = Callable[[dict[str, Any]], None]
 #: a follower with no news for this long checks that the run still exists (it also does after an outage)
@@ -180,7 +180,7 @@ class Following:
                         on_notice("Redis is loading its data (it was restarted); waiting for it")
                     await backoff.wait()
                 else:
-                    await _reconnect(backoff, exc, on_notice)
+                    await reconnect(backoff, exc, on_notice)
         journal = journal if journal is not None else Journal()
         journal.run_id, journal.key = run_id, self.keys.journal(run_id)
         reader = (self._readers.pop() if self._readers else WireConnection(self._url, client_name="flowdsl-follow")) \
@@ -214,7 +214,7 @@ class Following:
                     result = await self._result(run_id, journal) or result
                 backoff.reset()
             except TRANSIENT as exc:
-                await _reconnect(backoff, exc, on_notice)
+                await reconnect(backoff, exc, on_notice)
                 continue
             if held is None:
                 return result
@@ -282,11 +282,7 @@ class Following:
                 raise TimeoutError(f"run {run_id} did not finish within {timeout_s:g} s")
             reply: Any  # [(stream, [(entry id, fields)])] or None
             try:
-                if reader is None:
-                    reply = await self.redis.xread({key: journal.last_id}, count=1000, block=500)
-                else:
-                    reply = stream_entries(await reader.blocking(
-                        ("XREAD", "COUNT", 1000, "BLOCK", 500, "STREAMS", key, journal.last_id), 500))
+                reply = await read_journal(self.redis, reader, key, journal.last_id)
                 if backoff.failures or time.monotonic() - checked > _EXISTS_EVERY_S:
                     # back after an outage, or quiet for a while: a Redis that lost its data (restarted without
                     # persistence, flushed) has no such run any more, and its journal would stay silent forever
@@ -295,12 +291,12 @@ class Following:
                         raise RunGone(run_id, await self.server_facts())
                 backoff.reset()
             except TRANSIENT as exc:
-                await _reconnect(backoff, exc, on_notice)
+                await reconnect(backoff, exc, on_notice)
                 continue
             except redis.ResponseError as exc:
                 if not server_unwell(exc):  # (a failover: the server became a replica, UNBLOCKED; out of memory)
                     raise
-                await _reconnect(backoff, exc, on_notice)
+                await reconnect(backoff, exc, on_notice)
                 continue
             for _, entries in reply or ():
                 for entry_id, fields in entries:
@@ -327,15 +323,25 @@ class Following:
         return RunResult.from_state(plan, state, journal.events, wall_ms=wall, llm_calls=journal.llm_calls())
 
 
-async def _reconnect(backoff: Backoff, exc: Exception, on_notice: NoticeHook | None) -> None:
+async def read_journal(client: aioredis.Redis, reader: WireConnection | None, key: str, since: str) -> Any:
+    """One read of a run's journal after entry ``since`` (at most 1,000 entries, blocking at most 0.5 s): on the
+    client's own connection, or on ``reader`` (a connection of its own, so a blocked read holds no pool connection).
+    ``[(stream, [(entry id, fields)])]``, or None when nothing came."""
+    if reader is None:
+        return await client.xread({key: since}, count=1000, block=500)
+    return stream_entries(await reader.blocking(("XREAD", "COUNT", 1000, "BLOCK", 500, "STREAMS", key, since), 500))
+
+
+async def reconnect(backoff: Backoff, exc: Exception, on_notice: NoticeHook | None, said: str = "") -> None:
     """Following lost its connection, or Redis refuses to answer for now (a failover under way, out of memory):
-    say so the first time in a row, then wait the backoff's next delay."""
+    say so the first time in a row (``said``: what to add to a lost connection's notice), then wait the backoff's
+    next delay."""
     if backoff.failures == 0 and on_notice is not None:
         if isinstance(exc, redis.ResponseError):
             on_notice(f"Redis refuses for now ({exc}); the run goes on in the worker processes; reading it again "
                       "with backoff")
         else:
-            on_notice(f"lost the connection to Redis ({exc}); reconnecting")
+            on_notice(f"lost the connection to Redis ({exc}); reconnecting{said}")
     await backoff.wait()
 
 

@@ -34,13 +34,13 @@ import redis
 from flowdsl.kernel import END_STATES
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem
-from flowdsl.runtime.redis.client_follow import RunGone
+from flowdsl.runtime.redis.client_follow import RunGone, read_journal, reconnect
 from flowdsl.runtime.redis.client_listing import RunNotFound, _text
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, ServerFacts, server_unwell
 from flowdsl.runtime.redis.keys import GROUP, SIGNAL_FIELD, SIGNAL_ID_FIELD, Keys, check_run_id
 from flowdsl.runtime.redis.scripts import SIGNAL_ID, Script
 from flowdsl.runtime.redis.store import TRANSITION_LIMIT, RunDamaged, Store, megabytes
-from flowdsl.runtime.redis.wire import WireConnection, entry_fields, stream_entries
+from flowdsl.runtime.redis.wire import WireConnection, entry_fields
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -65,6 +65,8 @@ _HINT_EVERY_S = 5.0
 _DIGEST_CHARS = 32
 
 _SIGNAL_ID = Script("signal_id", SIGNAL_ID)
+#: what a lost connection's notice adds while the outcome of a signal sent is waited for
+_STILL_SENT = " (the signal is sent: it is applied all the same)"
 
 
 def signals_of(plan: dict[str, Any]) -> dict[str, str]:
@@ -270,11 +272,7 @@ class Signalling:
                                        f"{timeout_s:g} s; it stays sent, and is applied once a worker process "
                                        "reads it")
                 try:
-                    if reader is None:
-                        reply: Any = await self.redis.xread({key: since}, count=1000, block=500)
-                    else:
-                        reply = stream_entries(await reader.blocking(
-                            ("XREAD", "COUNT", 1000, "BLOCK", 500, "STREAMS", key, since), 500))
+                    reply: Any = await read_journal(self.redis, reader, key, since)
                     if not reply and (backoff.failures or time.monotonic() - checked > _CHECK_EVERY_S):
                         checked = time.monotonic()  # (back after an outage, or quiet: the run may be gone)
                         applied, exists = await asyncio.gather(self.store.call("HGET", run_key, field),
@@ -285,12 +283,12 @@ class Signalling:
                             raise RunGone(run_id, await self.server_facts())
                     backoff.reset()
                 except TRANSIENT as exc:
-                    await _reconnect(backoff, exc, on_notice)
+                    await reconnect(backoff, exc, on_notice, _STILL_SENT)
                     continue
                 except redis.ResponseError as exc:
                     if not server_unwell(exc):
                         raise
-                    await _reconnect(backoff, exc, on_notice)
+                    await reconnect(backoff, exc, on_notice, _STILL_SENT)
                     continue
                 for _, entries in reply or ():
                     for entry_id, fields in entries:
@@ -399,10 +397,3 @@ def _outcome_of(run_id: str, sid: str, fields: dict[bytes, bytes], takes: dict[s
     return SignalOutcome(run_id, name, sid, "rejected", takes.get(name), "the run applied it and said nothing of it",
                          at)
 
-
-async def _reconnect(backoff: Backoff, exc: Exception, on_notice: NoticeHook | None) -> None:
-    """Following lost its connection, or Redis refuses for now: said the first time in a row, then the backoff."""
-    if backoff.failures == 0 and on_notice is not None:
-        on_notice(f"lost the connection to Redis ({exc}); reconnecting (the signal is sent: it is applied all the "
-                  "same)")
-    await backoff.wait()
