@@ -25,6 +25,8 @@ from flowdsl.model import Flow, Node, walk
 BASE_VARIABLES = frozenset({"input", "steps", "run"})
 #: what fail_when and output mappings may read in addition
 RESULT_VARIABLES = frozenset({"context"})
+#: the options whose value is one expression, written as one ``${ }`` (output mappings' values are too)
+BARE_FIELDS = frozenset({"when", "fail_when", "key", "items", "on"})
 
 
 def check_flow(flow: Flow, *, check_workers: bool = False, search_path: str | None = None) -> list[Diagnostic]:
@@ -135,6 +137,8 @@ def expression_fields(node: Node, path: str) -> Iterator[tuple[str, str, str, bo
         yield "when", node.when, join(path, "when"), False
     if node.fail_when is not None:
         yield "fail_when", node.fail_when, join(path, "fail_when"), True
+    if node.signal_key is not None:
+        yield "key", node.signal_key, join(path, "key"), False
     if node.items is not None:
         yield "items", node.items, join(path, "items"), False
     if node.on is not None:
@@ -205,7 +209,7 @@ def _check_nodes(flow: Flow, nodes: tuple[Node, ...], loop_vars: frozenset[str],
     fields = _input_fields(flow)
     for node in nodes:
         for fname, text, path, reads_result in expression_fields(node, node.opts):
-            bare = fname in ("when", "fail_when", "items", "on") or fname.startswith("output.")
+            bare = fname in BARE_FIELDS or fname.startswith("output.")
             if not bare:
                 yield from _text_naming_a_field(node, fname, text, path, loop_vars, fields)
             yield from _check_one(node, fname, text, path, bare, loop_vars | (RESULT_VARIABLES if reads_result

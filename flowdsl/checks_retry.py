@@ -29,7 +29,8 @@ from flowdsl.model import Flow, Retry, walk
 
 #: the error types flowdsl records for a failure that is no exception a worker raised — the kernel's
 #: (``flowdsl.kernel_engine``: a timeout, ``fail_when``, an expression, a cancel, an input or output that breaks
-#: its schema, a signal wait's deadline; ``Error`` for a failure reported without a type), the runtimes'
+#: its schema, a signal wait's deadline, a keyed wait's key; ``Error`` for a failure reported without a type), the
+#: runtimes'
 #: (``WorkerNotFound``, the Redis ``ScheduleToStartTimeout``) — and the exception classes of ``flowdsl.llm`` that
 #: an LLM step's attempt fails with, which a process checking a spec need not have imported. A filter matches them
 #: by this name (docs/kernel.md, "Errors the kernel records"); tests/test_retry_filters.py checks that the list is
@@ -37,7 +38,7 @@ from flowdsl.model import Flow, Retry, walk
 FLOWDSL_ERROR_TYPES = frozenset({
     "Cancelled", "Error", "ExpressionError", "FailWhen", "InputInvalid", "LLMNotConfigured", "OutputInvalid",
     "RunTimeout", "ScheduleToStartTimeout", "SignatureError", "StepTimeout", "SubflowTimeout", "TaskCancelled",
-    "WaitTimeout", "WorkerNotFound",
+    "WaitKeyInvalid", "WaitKeyTaken", "WaitTimeout", "WorkerNotFound",
 })
 
 

@@ -37,7 +37,8 @@ from flowdsl.render.command import parse_directory  # (typer + stdlib only)
     "`flowdsl prune` may remove it.\n\n"
     "Exit codes:\n"
     "  0    resolved\n"
-    "  1    refused: nothing to resolve, resolved already, still running, or its process cannot be told (--force)\n"
+    "  1    refused: nothing to resolve, resolved already, still running, parked (resume it, or resume --cancel it), "
+    "or its process cannot be told (--force)\n"
     "  2    no such run, a record that cannot be read or written, or a bad option"))
 def resolve(
     run_id: Annotated[str, typer.Argument(help="a run id, or the path of a local run record (.jsonl)",
@@ -82,8 +83,9 @@ def resolve(
     "Remove old local run records, keeping every one of a run that may still go or that still needs a person.\n\n"
     "It removes the records of runs in the --status states (by default completed, failed, compensated, cancelled "
     "and resolved) last written more than --older-than ago. Whatever --status says, it keeps the record of a run "
-    "whose process still runs (or cannot be told), of a needs_intervention run or a run with a step in doubt not "
-    "resolved, of a crashed or stopped run with something left to undo, and of a newer flowdsl; it says how many "
+    "whose process still runs (or cannot be told), of a parked run (`flowdsl resume` goes on with it), of a "
+    "needs_intervention run or a run with a step in doubt not resolved, of a crashed or stopped run with something "
+    "left to undo, and of a newer flowdsl; it says how many "
     "it kept, and why. Files that are not run records are never removed.\n\n"
     "Exit codes:\n"
     "  0    done (also when nothing was old enough)\n"

@@ -147,7 +147,9 @@ def status(
 
 @app.command(help=(
     "List recent runs with their states, newest first: in Redis, or (--backend local) the local run records.\n\n"
-    "A run record that cannot be read is skipped with a warning.\n\n"
+    "A run record that cannot be read is skipped with a warning. A running Redis run whose waits wait says in its "
+    "status what for (its signals by name, timer) and when the first of their timers is due; with --format json, "
+    "in its object's waits.\n\n"
     "Exit codes:\n"
     "  0    listed (also when there are none)\n"
     "  2    a bad option, an unreadable directory of records, or Redis unreachable or refusing"))
@@ -156,8 +158,8 @@ def runs(
     prefix: PrefixOpt = None,
     status_filter: Annotated[str | None, typer.Option(
         "--status", help="only runs in this state, any case (submitted, running, completed, compensated, "
-        "needs_intervention — those not resolved yet —, resolved, ...; local records also aborted, crashed, "
-        "not_started, unrecorded, newer)")] = None,
+        "needs_intervention — those not resolved yet —, resolved, ...; local records also aborted, parked, "
+        "crashed, not_started, unrecorded, newer)")] = None,
     flow: Annotated[str | None, typer.Option("--flow", help="only runs of this flow", callback=_text)] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000, help="at most this many")] = 20,
     fmt: FormatOpt = OutputFormat.text,
@@ -253,18 +255,22 @@ def cancel(
 
 @app.command(name="signal", help=(
     "Send a signal to a Redis run: the wait of its flow that takes it goes on, with the data as its result.\n\n"
-    "The signal is checked first (the run exists, a wait of its flow takes NAME, the data is a JSON object), then "
-    "handed to the worker processes, which apply it once even if one dies meanwhile. It then waits (up to "
+    "The signal is checked first (the run exists, a wait of its flow takes NAME, --key is given when that wait is "
+    "keyed and only then, the data is a JSON object), then handed to the worker processes, which apply it once "
+    "even if one dies meanwhile. It then waits (up to "
     "--timeout) until the run has applied it and says what became of it: received by its wait, kept until its wait "
     "starts, or rejected, with the run's reason. Ctrl-C, SIGTERM or SIGHUP stop the waiting, not the signal; "
     "--no-wait returns once it is sent. Sent again under the same --id (with the same data), a signal is applied at "
     "most once; another signal under an id used already is refused.\n\n"
+    "A keyed wait (its `key:`, one instance per item of a for_each) takes its signal with --key, the key of the "
+    "instance it is for (a parcel's tracking number, say): sent before that instance has started, the run keeps it "
+    "until it starts.\n\n"
     "Exit codes:\n"
     "  0    its wait received it, or keeps it until it starts (with --no-wait: it was sent)\n"
     "  1    the run rejected it (the reason is said): the run is over, or its wait received one already, timed "
     "out or was skipped\n"
-    "  2    there is no such run, no wait of its flow takes NAME, the data is not a JSON object, the --id was used "
-    "for another signal, or Redis cannot be reached\n"
+    "  2    no such run, no wait of its flow takes NAME, --key missing (a keyed wait) or not taken, the data is "
+    "not a JSON object, the --id was used for another signal, or Redis cannot be reached\n"
     "  5    not applied within --timeout: it was sent, and is applied once a worker process takes it\n"
     "  130  the waiting was stopped (the signal, once sent, is applied all the same)"))
 def signal_(
@@ -273,6 +279,10 @@ def signal_(
                                         metavar="NAME", show_default=False, callback=_text)],
     redis_url: RedisUrlOpt = None,
     prefix: PrefixOpt = None,
+    key: Annotated[str | None, typer.Option(
+        "--key", help="the key of the keyed wait's instance the signal is for (the value its `key:` took): needed "
+        "for a keyed wait's signal, refused for any other; at most 200 characters", metavar="KEY",
+        callback=_text)] = None,
     data: Annotated[str | None, typer.Option(
         "--data", help="the signal's data, a JSON object: the wait's result \\[default: {}]", metavar="JSON",
         callback=_text)] = None,
@@ -302,7 +312,7 @@ def signal_(
         return int(commands.signal_command(run_id, name, url=redis_url, prefix=prefix, data=payload,
                                            signal_id=signal_id, wait=not no_wait, as_json=as_json, console=console,
                                            ended=ended, timeout_s=commands.DEFAULT_TIMEOUT_S if timeout is None
-                                           else timeout))
+                                           else timeout, key=key))
 
     if no_wait:
         from flowdsl.runtime.redis import commands_signal

@@ -1,5 +1,6 @@
-"""The commands on runs of either backend: ``run`` (in this process, or submitted to Redis and followed), ``show``
-(a local run's record) and ``resume`` (a local run whose process stopped before its end, from its record).
+"""The commands on runs of either backend: ``run`` (in this process — and, with ``--park``, let go once it only
+waits —, or submitted to Redis and followed), ``show`` (a local run's record) and ``resume`` (a local run whose
+process stopped before its end, or that was parked, from its record).
 
 Stage: CLI. Imports :mod:`flowdsl.cli_common`, and the runtime it drives inside each command.
 """
@@ -10,6 +11,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,8 +57,10 @@ from flowdsl.render.command import parse_directory  # (typer + stdlib only)
 @app.command(help=(
     "Run a flow and report how it ended: in this process (local) or on Redis worker processes (redis).\n\n"
     "A first Ctrl-C or SIGTERM cancels the run and undoes what completed (exit 1); a second one stops it at once. "
-    "With --backend redis, Ctrl-C, SIGTERM or SIGHUP stop following instead: the run goes on. With --format json, "
-    "stdout carries exactly one JSON object whatever happens (see docs/runtime.md).\n\n"
+    "With --backend redis, Ctrl-C, SIGTERM or SIGHUP stop following instead: the run goes on. With --park, a local "
+    "run that has nothing left but waiting (for a signal or a timer) is parked: its record says so, this process "
+    "exits 5, and `flowdsl resume` goes on with the run later. With --format json, stdout carries exactly one JSON "
+    "object whatever happens (see docs/runtime.md).\n\n"
     "Exit codes:\n"
     "  0    completed\n"
     "  1    failed, compensated or cancelled (nothing in doubt)\n"
@@ -65,6 +69,7 @@ from flowdsl.render.command import parse_directory  # (typer + stdlib only)
     "names the run\n"
     "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
     "doubt)\n"
+    "  5    parked (--park): not over; `flowdsl resume` goes on with it\n"
     "  130  stopped at once by a second Ctrl-C or SIGTERM; with --backend redis, stopped following (the run goes "
     "on)\n"
     "  141  stdout's reader went away (| head)"))
@@ -106,18 +111,23 @@ def run(
         "setting]", metavar="SECONDS", callback=_seconds(*RETENTION_RANGE))] = None,
     signals: Annotated[list[str] | None, typer.Option(
         "--signal", help="(local) send the signal NAME to the run as it starts, with a payload: a JSON object, "
-        "inline, from a file (NAME=@FILE) or stdin (NAME=@-); kept until the wait taking it starts; repeatable",
-        metavar="NAME[=JSON]")] = None,
+        "inline, from a file (NAME=@FILE) or stdin (NAME=@-); kept until the wait taking it starts; a keyed wait's "
+        "signal is NAME:KEY (the key ends at the first =); repeatable", metavar="NAME[:KEY][=JSON]")] = None,
+    park: Annotated[bool, typer.Option(
+        "--park", help="(local) once the run has nothing left but waiting for a signal or a timer, park it: its "
+        "record says what it waits for, the command exits 5, and `flowdsl resume RUN_ID` goes on with it (with "
+        "--signal NAME=JSON to send one)")] = False,
 ) -> None:
     raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _run(
         channel, file, input_file, overrides or [], run_id, runs_dir, no_record, lm, seed, backend, redis_url, prefix,
-        detach, schedule_timeout, retention, late_grace, signals or [])))
+        detach, schedule_timeout, retention, late_grace, signals or [], park)))
 
 
 def _channelled(as_json: bool, body: Callable[[_JsonChannel], int]) -> int:
-    """``body(channel)``'s exit code (``run``, ``resume``), its JSON object, if any, written once: a stop it raised
-    (:class:`_Stopped`) said on stderr and, as JSON, its payload; a Ctrl-C outside the run itself (while compiling,
-    importing) said too, exit 130, as documented."""
+    """``body(channel)``'s exit code (``run``, ``resume``), its JSON object, if any, written once (``resume --due``
+    writes one a run: JSON Lines): a stop it raised (:class:`_Stopped`) said on stderr and, as JSON, its payload
+    when nothing was written; a Ctrl-C outside the run itself (while compiling, importing) said too, exit 130, as
+    documented."""
     with _JsonChannel(as_json) as channel:
         try:
             with _stopping_as_ctrl_c():
@@ -154,6 +164,28 @@ def _said_once() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(fresh)
+
+
+@contextlib.contextmanager
+def _handlers_kept() -> Iterator[None]:
+    """While ``resume --due`` drives one of its runs: the stop signals' handlers are put back as they were before it.
+    Once a run has been reported, :class:`_HeldAfterEnd` leaves them ignored in the ``flowdsl`` process (the command
+    only exits then): the next run would take no Ctrl-C, SIGTERM or SIGHUP (a run leaves a signal ignored as it is)."""
+    import signal
+    import threading
+
+    from flowdsl.runtime.signals import TERM_SIGNALS
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *TERM_SIGNALS)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # (None: not set from Python, so it cannot be put back from here)
+                signal.signal(signum, handler)
 
 
 def _on_terminal(stream: Any) -> bool:
@@ -193,7 +225,7 @@ class _Stopped(Exception):
 def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: list[str], run_id: str | None,
          runs_dir: Path | None, no_record: bool, lm: str | None, seed: int | None, backend: Backend,
          redis_url: str | None, prefix: str | None, detach: bool, schedule_timeout: float | None,
-         retention: float | None, late_grace: float | None, signal_args: list[str]) -> int:
+         retention: float | None, late_grace: float | None, signal_args: list[str], park: bool) -> int:
     """The body of ``flowdsl run``: its exit code, or :class:`_Stopped`."""
     from flowdsl.runtime.inputs import InputError, check_input, read_input
     from flowdsl.runtime.record import check_run_id
@@ -206,11 +238,17 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     if remote and signal_args:
         raise _Stopped("--signal is for --backend local: send a signal to a Redis run once it is submitted, with "
                        "`flowdsl signal RUN_ID NAME --data JSON`")
+    if remote and park:
+        raise _Stopped("--park is for the local runtime: a Redis run's waits outlast every process already "
+                       "(--detach: print the run id and exit)")
     if not remote and (threads := _threads_problem()) is not None:
         raise _Stopped(threads)
     if no_record and runs_dir is not None:
         raise _Stopped(f"--no-record and --runs-dir {runs_dir} contradict each other: --no-record writes no record, "
                        "--runs-dir says where to write it; give one of them")
+    if no_record and park:
+        raise _Stopped("--park and --no-record contradict each other: a parked run goes on from its record (`flowdsl "
+                       "resume`), which --no-record does not write; give one of them")
     if run_id is not None:
         try:
             check_run_id(run_id)
@@ -238,7 +276,7 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
         check_input(result.plan, data)
     except InputError as exc:
         raise _Stopped(str(exc), error_type="InputInvalid") from None
-    signals = _signals(result.plan, signal_args, input_from_stdin=input_file == "-") if not remote else []
+    signals = _signals(result.plan, signal_args, input_from_stdin=input_file == "-", park=park) if not remote else []
     if remote:
         from flowdsl.runtime.redis.commands import run_command
 
@@ -274,14 +312,16 @@ def _run(channel: _JsonChannel, file: Path, input_file: str | None, overrides: l
     return _drive_local(channel, result.plan, lambda view: LocalRun(
         result.plan, data, run_id=run_id, lm=lm, record=not no_record, runs_dir=runs_dir, on_event=view.on_event,
         on_notice=view.notice, seed=seed, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
-        spec_path=file, signals=signals), run_id)
+        spec_path=file, signals=signals, park=park), run_id)
 
 
 def _signals(plan: dict[str, Any], given: list[str], state: dict[str, Any] | None = None, *,
-             input_from_stdin: bool = False) -> list[tuple[str, dict[str, Any] | None]]:
+             input_from_stdin: bool = False, park: bool = False,
+             cancel: bool = False) -> list[tuple[str, dict[str, Any] | None, str | None]]:
     """The ``--signal`` options, read and checked against the plan's waits (:class:`_Stopped` when one is wrong;
     ``input_from_stdin``: ``--input -`` reads stdin, which a ``NAME=@-`` may then not), and a note on stderr for each
-    signal wait they leave without its signal (``state``: a resumed run's)."""
+    signal wait they leave without its signal (``state``: a resumed run's; ``park``: the run is parked when it only
+    waits; none with ``cancel``: the run's waits end as it goes on)."""
     from flowdsl.cli_signals import read_signals, stdin_signals, unsent_notes
     from flowdsl.runtime.inputs import InputError
     from flowdsl.shown import visible
@@ -297,17 +337,26 @@ def _signals(plan: dict[str, Any], given: list[str], state: dict[str, Any] | Non
     import signal
 
     ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # (inherited ignored: it stays so, LocalRun)
-    for note in unsent_notes(plan, [name for name, _ in signals], state, ctrl_c=ctrl_c):
+    for note in () if cancel else unsent_notes(plan, [name for name, *_ in signals], state, ctrl_c=ctrl_c, park=park):
         _stderr().print(f"[yellow]note[/]: {_escape(note)}", highlight=False, soft_wrap=True)
     return signals
 
 
+@dataclass
+class _Went:
+    """How a run :func:`_drive_local` drove went, for ``resume --due``: its result, and the stop signals taken
+    after its end (held while it was reported)."""
+
+    outcome: Any = None
+    signals: list[int] = field(default_factory=list)
+
+
 def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[Any], Any], run_id: str | None,
-                 before: Iterable[dict[str, Any]] = ()) -> int:
+                 before: Iterable[dict[str, Any]] = (), went: _Went | None = None) -> int:
     """Run a local run to its end with the live view on stderr, and report it (``--format json``: one object on
     stdout): its exit code, or :class:`_Stopped`. ``make(view)`` builds the :class:`LocalRun` (what it raises is
     said as a usage error: nothing ran); ``before``: the events the run emitted already (a resumed run's), shown
-    first."""
+    first; ``went``: told how the run went."""
     from flowdsl.runtime.local import WorkersMissing
     from flowdsl.runtime.record import RecordError
     from flowdsl.runtime.timeline import LiveView
@@ -333,10 +382,14 @@ def _drive_local(channel: _JsonChannel, plan: dict[str, Any], make: Callable[[An
     # once the run has ended, a stop signal is held until its result is written (_HeldAfterEnd): before, one landing
     # as the loop closed raised a KeyboardInterrupt that threw a completed run's result away (exit 130)
     with _HeldAfterEnd(lambda: bool(local.ended)) as held:
-        return _report_local(channel, local, view, held)
+        try:
+            return _report_local(channel, local, view, held, went)
+        finally:
+            if went is not None:
+                went.signals = list(held.held)
 
 
-def _report_local(channel: _JsonChannel, local: Any, view: Any, held: _HeldAfterEnd) -> int:
+def _report_local(channel: _JsonChannel, local: Any, view: Any, held: _HeldAfterEnd, went: _Went | None) -> int:
     """The rest of :func:`_drive_local`: the run, then its summary or JSON object; its exit code."""
     from flowdsl.runtime.local import RunAborted, run_on_new_loop
     from flowdsl.runtime.record import RecordError, RecordWriteError
@@ -367,8 +420,11 @@ def _report_local(channel: _JsonChannel, local: Any, view: Any, held: _HeldAfter
         raise _Stopped(str(exc), error_type="RecordUnwritable", extra={"run_id": local.run_id}) from None
     except (OSError, RuntimeError) as exc:
         raise _Stopped(f"the run stopped: {exc}", EXIT_DIAGNOSTICS, error_type="RuntimeError") from None
-    how = f"ended {outcome.status}"
-    ran = f"the run {outcome.run_id} {how}" + (
+    if went is not None:
+        went.outcome = outcome
+    parked = outcome.parked is not None  # (not over: its process let it go, and `flowdsl resume` goes on with it)
+    how = "been parked" if parked else f"ended {outcome.status}"
+    ran = f"the run {outcome.run_id} {'was parked' if parked else how}" + (
         f"; its record: {outcome.record_path}" if outcome.record_path else " (not recorded)")
     held.say(how)  # a signal since the run's end changes nothing: said, and the result written whole
     try:
@@ -451,10 +507,12 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
             resolve = show_command(path).replace("flowdsl show", "flowdsl resolve", 1)
             if standing.crashed or standing.stopped == "aborted":
                 resume = show_command(path).replace("flowdsl show", "flowdsl resume", 1)
-                waiting = sorted({str(w["signal"]) for w in (outcome.state.get("waits") or {}).values()
-                                  if w.get("signal") is not None})
-                send = f" — with `--signal {_escape(visible(waiting[0]))}=JSON` to send the signal it waits for" \
-                    if waiting else ""
+                from flowdsl.runtime.parking import signal_option
+
+                waiting = sorted((str(w["signal"]), w.get("key") or "") for w in
+                                 (outcome.state.get("waits") or {}).values() if w.get("signal") is not None)
+                option = signal_option(waiting[0][0], waiting[0][1] or None) if waiting else None
+                send = f" — with `{_escape(option)}` to send the signal it waits for" if option else ""
                 console.print(f"[dim]`{_escape(resume)}` goes on with the run from where it stopped (the attempts "
                               f"it had in flight run again, with their idempotency keys){send}; or[/]",
                               highlight=False, soft_wrap=True)
@@ -476,14 +534,24 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
 
 
 @app.command(help=(
-    "Go on with a local run whose process stopped before its end, from its record, to its end.\n\n"
-    "A run whose process crashed (kill -9, out of memory, a reboot) or stopped it at once (a second Ctrl-C) goes on"
-    " in this process. The run's state is replayed from its record. The attempts it had in flight run again, as the"
-    " same attempt with the same idempotency key (what they did before is not known: a worker keyed on it does its "
-    "effect once); its timers are armed again; then the run goes on as `flowdsl run` would have gone on, and is "
-    "reported the same way. A run that ended, still runs, or was resolved by hand is refused. The worker modules "
-    "are imported from the current directory, then from the directory of the spec the run was started from (or "
+    "Go on with a local run whose process stopped before its end, or that was parked, from its record, to its end.\n\n"
+    "A run whose process crashed (kill -9, out of memory, a reboot), stopped it at once (a second Ctrl-C) or parked "
+    "it (`flowdsl run --park`: it only waited) goes on in this process. The run's state is replayed from its "
+    "record. The attempts it had in flight run again, as the same attempt with the same idempotency key (what they "
+    "did before is not known: a worker keyed on it does its effect once); its timers are armed again; then the run "
+    "goes on as `flowdsl run` would have gone on, and is reported the same way. --signal sends signals to its waits "
+    "as it goes on; --cancel cancels it instead, undoing what completed; --park parks it again once it has nothing "
+    "left but waiting. A run that ended, still runs, or was resolved by hand is refused. The worker modules are "
+    "imported from the current directory, then from the directory of the spec the run was started from (or "
     "--workers-dir).\n\n"
+    "With --due instead of RUN_ID, every parked run in the runs directory whose next timer is due — a timer wait's "
+    "end, a signal wait's deadline (the run then fails with WaitTimeout), a retry's backoff, the run's timeout — is "
+    "resumed, one after another in this process, earliest due first; each goes on to its end or, with --park, until "
+    "it is parked again at its next wait. Parked runs not yet due, and those with no timer (only a signal goes on "
+    "with them), are left alone; a run another `flowdsl resume` took meanwhile is skipped. A cron job, `* * * * * cd "
+    "/srv/app && flowdsl resume --due --park`, so makes a local run's timers durable without a daemon. --signal, "
+    "--cancel and --force are for one run. With --format json, stdout carries one line per run taken up: its JSON "
+    "object (docs/runtime.md).\n\n"
     "Exit codes:\n"
     "  0    completed\n"
     "  1    failed, compensated or cancelled (nothing in doubt); or the run cannot be resumed: it ended, still runs, "
@@ -493,10 +561,19 @@ def _show(run_id: str, runs_dir: Path | None, fmt: OutputFormat, console: Any) -
     "names the run\n"
     "  4    needs intervention (a compensation failed for good, a step completed late, or a step's outcome is in "
     "doubt)\n"
+    "  5    parked again (--park): not over; `flowdsl resume` goes on with it\n"
     "  130  stopped at once by a second Ctrl-C or SIGTERM (it can be resumed again)\n"
-    "  141  stdout's reader went away (| head)"))
+    "  141  stdout's reader went away (| head)\n\n"
+    "With --due the exit code is the gravest of the runs resumed: 4 when one needs intervention or left a step in "
+    "doubt; else 1 when one failed, was compensated or cancelled, or could not be resumed (its record cannot be read "
+    "or replayed, it is refused, a worker module cannot be imported: said on stderr, and the others go on); else 0 "
+    "— every due run completed or was parked again, or none was due. 2 is a usage error or a runs directory that "
+    "cannot be read; a run skipped as another `flowdsl resume` took it counts for nothing; 3, 130 and 141 are as "
+    "above."))
 def resume(
-    run_id: RecordArg,
+    run_id: Annotated[str | None, typer.Argument(
+        help="a run id, or the path of a run record (.jsonl); not with --due", metavar="RUN_ID",
+        show_default=False)] = None,
     runs_dir: RunsDirOpt = None,
     workers_dir: Annotated[Path | None, typer.Option(
         "--workers-dir", help="a directory to import the flow's worker modules from, after the current one "
@@ -515,26 +592,69 @@ def resume(
     signals: Annotated[list[str] | None, typer.Option(
         "--signal", help="send the signal NAME to the run as it is resumed, with a payload: a JSON object, inline, "
         "from a file (NAME=@FILE) or stdin (NAME=@-); taken at once by its wait if it waits, else kept until it "
-        "starts (a deadline that passed while the run stood fires first); repeatable",
-        metavar="NAME[=JSON]")] = None,
+        "starts (a deadline that passed while the run stood fires first); a keyed wait's signal is NAME:KEY (the "
+        "key ends at the first =); repeatable", metavar="NAME[:KEY][=JSON]")] = None,
+    park: Annotated[bool, typer.Option(
+        "--park", help="once the run has nothing left but waiting for a signal or a timer, park it again (exit 5), "
+        "as `flowdsl run --park` does")] = False,
+    cancel: Annotated[bool, typer.Option(
+        "--cancel", help="cancel the run as it is resumed (after the timers that fell due while it stood, and the "
+        "--signals): its waits end, and what completed is undone")] = False,
+    due: Annotated[bool, typer.Option(
+        "--due", help="instead of RUN_ID: resume every parked run in the runs directory whose next timer is due, one "
+        "after another, earliest due first (with --park, each until it is parked again)")] = False,
 ) -> None:
-    raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _resume(
-        channel, run_id, runs_dir, workers_dir, lm, late_grace, force, signals or [])))
+    raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _resume_command(
+        channel, run_id, due, runs_dir, workers_dir, lm, late_grace, force, signals or [], park, cancel)))
+
+
+def _resume_command(channel: _JsonChannel, run: str | None, due: bool, runs_dir: Path | None,
+                    workers_dir: Path | None, lm: str | None, late_grace: float | None, force: bool,
+                    signal_args: list[str], park: bool, cancel: bool) -> int:
+    """The body of ``flowdsl resume``: one run (``RUN_ID``) or those due (``--due``); its exit code, or
+    :class:`_Stopped`."""
+    if due and run is not None:
+        raise _Stopped("RUN_ID and --due exclude each other: give a RUN_ID to resume that run, or --due to resume "
+                       "every parked run whose next timer is due")
+    if not due:
+        if run is None:
+            raise _Stopped("missing RUN_ID: give the run to resume (its id, or the path of its record), or --due to "
+                           "resume every parked run whose next timer is due")
+        return _resume(channel, run, runs_dir, workers_dir, lm, late_grace, force, signal_args, park, cancel)
+    for given, option, what in ((signal_args, "--signal", "--signal NAME=JSON` sends a signal to that run"),
+                                (cancel, "--cancel", "--cancel` cancels that run"),
+                                (force, "--force", "--force` resumes a run whose process cannot be told to be gone "
+                                 "(a parked run needs none: its process let it go)")):
+        if given:
+            raise _Stopped(f"{option} is for one run, not with --due: `flowdsl resume RUN_ID {what}")
+    return _resume_due(channel, runs_dir, workers_dir, lm, late_grace, park)
 
 
 def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
-            late_grace: float | None, force: bool, signal_args: list[str]) -> int:
-    """The body of ``flowdsl resume``: its exit code, or :class:`_Stopped`."""
-    from flowdsl.runtime.local import LocalRun
-    from flowdsl.runtime.record import NewerRecord, RecordError, find_record
-    from flowdsl.runtime.resume import NotResumable, prepare_resumption
+            late_grace: float | None, force: bool, signal_args: list[str], park: bool = False,
+            cancel: bool = False) -> int:
+    """The body of ``flowdsl resume RUN_ID``: its exit code, or :class:`_Stopped`."""
+    from flowdsl.runtime.record import RecordError, find_record
 
     threads = _threads_problem()
     if threads is not None:
         raise _Stopped(threads)
     try:
         path = find_record(run, runs_dir)
-        resumption = prepare_resumption(path, force=force)
+    except RecordError as exc:
+        raise _Stopped(str(exc), error_type="RecordError") from None
+    resumption = _prepared(path, force)
+    return _go_on(channel, resumption, runs_dir, workers_dir, lm, late_grace, signal_args, park, cancel)
+
+
+def _prepared(path: Path, force: bool) -> Any:
+    """The run of the record ``path`` read back to be resumed (``.resume.prepare_resumption``); a refusal as
+    :class:`_Stopped`: exit 1 for a run that cannot be resumed, 2 for a record that cannot be read or replayed."""
+    from flowdsl.runtime.record import NewerRecord, RecordError
+    from flowdsl.runtime.resume import NotResumable, prepare_resumption
+
+    try:
+        return prepare_resumption(path, force=force)
     except NotResumable as exc:
         raise _Stopped(str(exc), EXIT_DIAGNOSTICS, status="refused", error_type=exc.kind,
                        extra={"run_id": path.name.removesuffix(".jsonl"), "run_status": exc.status},
@@ -542,19 +662,228 @@ def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir:
     except RecordError as exc:
         raise _Stopped(str(exc), error_type="NewerRecord" if isinstance(exc, NewerRecord) else "RecordError") \
             from None
-    signals = _signals(resumption.plan, signal_args, resumption.state)
+    except ValueError as exc:  # events that do not replay (as `show` says it)
+        raise _Stopped(f"cannot resume the run record {path}: {exc}", error_type="RecordError") from None
+
+
+def _go_on(channel: _JsonChannel, resumption: Any, runs_dir: Path | None, workers_dir: Path | None,
+           lm: str | None, late_grace: float | None, signal_args: list[str], park: bool, cancel: bool, *,
+           why: str | None = None, went: _Went | None = None) -> int:
+    """Go on with the run read back (``resumption``) to its end, or until it is parked again, reported as ``flowdsl
+    run`` reports a run: its exit code, or :class:`_Stopped`. ``why``: a clause saying why it is resumed (``--due``);
+    ``went``: told how the run went."""
+    from flowdsl.runtime.local import LocalRun
+    from flowdsl.runtime.resume import CANCELLED_AS_RESUMED
+
+    signals = _signals(resumption.plan, signal_args, resumption.state, park=park, cancel=cancel)
     if not channel.active:
         from flowdsl.shown import visible
 
         again = ", ".join(f"{c['step']} (attempt {c['attempt']})" for c in resumption.dispatches)
         _stderr().print(f"resuming run {_escape(visible(resumption.run_id))} ({resumption.was}, "
-                        f"{resumption.state['status']})" + (f"; run again: {_escape(visible(again))}" if again else ""),
-                        highlight=False, soft_wrap=True)
+                        f"{resumption.state['status']})" + (f", {_escape(why)}" if why else "")
+                        + (f"; run again: {_escape(visible(again))}" if again else "")
+                        + ("; cancelling it" if cancel else ""), highlight=False, soft_wrap=True)
     # the worker modules: from the current directory, then the directory of the spec the record names, or the one
     # given (LocalRun searches the directory a spec file is in)
     spec_path = str(workers_dir / "spec") if workers_dir is not None else resumption.spec
-    return _drive_local(channel, resumption.plan, lambda view: LocalRun(
-        resumption.plan, resumption.run_input, run_id=resumption.run_id,
-        lm=lm if lm is not None else resumption.lm, runs_dir=runs_dir,
-        on_event=view.on_event, on_notice=view.notice, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
-        spec_path=spec_path, resumption=resumption, signals=signals), resumption.run_id, resumption.events)
+
+    def make(view: Any) -> Any:
+        local = LocalRun(resumption.plan, resumption.run_input, run_id=resumption.run_id,
+                         lm=lm if lm is not None else resumption.lm, runs_dir=runs_dir, on_event=view.on_event,
+                         on_notice=view.notice, handle_sigint=True, handle_sigterm=True, late_grace=late_grace,
+                         spec_path=spec_path, resumption=resumption, signals=signals, park=park)
+        if cancel:  # (applied as the run goes on: after the timers that fell due and the signals, as resume_flow's)
+            local.cancel(CANCELLED_AS_RESUMED)
+        return local
+
+    return _drive_local(channel, resumption.plan, make, resumption.run_id, resumption.events, went)
+
+
+#: the refusals that say another ``flowdsl resume`` took a run since ``resume --due`` found it due (its record
+#: changed, its process runs it, or it ran to its end): the run is skipped
+_TAKEN = ("Changed", "StillRunning", "Ended")
+#: the exit codes of the runs ``resume --due`` resumed, least grave first (a run parked again counts as 0)
+_GRAVITY = (0, 1, 4)
+
+
+@dataclass
+class _DueTally:
+    """What ``resume --due`` did: how many runs were ``due`` and how many others are parked (``waiting``); how each
+    run resumed went (``ended``: its end state, or ``parked again``, and how many), how many were ``skipped``
+    (another resume took them) or ``failed`` to resume, how many were ``left`` as a stop signal ended the command;
+    the exit code so far (``code``) and ``stopped``, 130 once a run was stopped at once."""
+
+    due: int
+    waiting: int
+    ended: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    failed: int = 0
+    left: int = 0
+    code: int = 0
+    stopped: int | None = None
+
+    def count(self, code: int) -> None:
+        """Take a run's exit code into the command's: the gravest so far (:data:`_GRAVITY`)."""
+        if _GRAVITY.index(code) > _GRAVITY.index(self.code):
+            self.code = code
+
+    def said(self, directory: Path) -> str:
+        """The line that ends ``resume --due``: how many runs were due, how each went, how many were skipped."""
+        resumed = sum(self.ended.values())
+        how = f": {', '.join(f'{n} {state}' for state, n in self.ended.items())}" if self.ended else ""
+        parts = [f"{self.due} due", f"{resumed} resumed{how}"]
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped (taken meanwhile by another `flowdsl resume`)")
+        if self.failed:
+            parts.append(f"{self.failed} could not be resumed")
+        if self.left:
+            parts.append(f"{self.left} left parked (a stop signal ended the command: the next `flowdsl resume --due` "
+                         "takes them)")
+        if self.waiting:
+            parts.append(f"{self.waiting} other parked run(s) not due")
+        return f"parked runs in {directory}: " + "; ".join(parts)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _resume_due(channel: _JsonChannel, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
+                late_grace: float | None, park: bool) -> int:
+    """The body of ``flowdsl resume --due``: resume, one after another in this process, each parked run of the runs
+    directory whose next timer is due (earliest due first, then by run id), each as ``flowdsl resume RUN_ID``
+    would; its exit code (the gravest of the runs', :data:`_GRAVITY`), or :class:`_Stopped` for a usage error or a
+    runs directory that cannot be read."""
+    import os
+
+    from flowdsl.runtime.due import due_runs
+    from flowdsl.runtime.record import runs_dir as records_dir
+
+    threads = _threads_problem()
+    if threads is not None:
+        raise _Stopped(threads)
+    try:
+        directory = records_dir(str(runs_dir) if runs_dir is not None else None)
+    except ValueError as exc:  # $FLOWDSL_RUNS_DIR set but empty
+        raise _Stopped(str(exc)) from None
+    errors = _stderr()
+    # a cron job that finds nothing due writes nothing (cron mails what a job writes); a person is told
+    quiet = not _on_terminal(sys.stderr)
+    if not os.path.lexists(directory):
+        if not quiet:
+            errors.print(f"no parked run is due: {_escape(str(directory))} does not exist (see --runs-dir, "
+                         "$FLOWDSL_RUNS_DIR)", highlight=False, soft_wrap=True)
+        return 0
+    if not os.path.isdir(directory):
+        from flowdsl.runtime.record import broken_link
+
+        what = broken_link(directory) if os.path.islink(directory) and not os.path.exists(directory) else \
+            "it is not a directory"
+        raise _Stopped(f"{directory}: {what}; --runs-dir (or $FLOWDSL_RUNS_DIR) names the directory of run records")
+    try:
+        found = due_runs(directory, _now_ms(), on_skip=lambda text: errors.print(
+            f"[yellow]warning[/]: {_escape(text)}; skipped", highlight=False, soft_wrap=True))
+    except OSError as exc:
+        raise _Stopped(f"cannot read the directory of run records {directory}: {exc.strerror or exc}") from None
+    tally = _DueTally(due=len(found.due), waiting=found.waiting)
+    if not found.due:
+        if not quiet:
+            errors.print(f"no parked run is due in {_escape(str(directory))}"
+                         + (f" ({found.waiting} parked: not due yet, or waiting for a signal only)"
+                            if found.waiting else ""), highlight=False, soft_wrap=True)
+        return 0
+    try:
+        for n, row in enumerate(found.due):
+            if n and not channel.active:
+                errors.print()  # (a blank line between the runs' reports)
+            if not _resume_due_run(channel, row.run_id, directory, workers_dir, lm, late_grace, park, tally):
+                tally.left = len(found.due) - n - 1
+                break
+    except KeyboardInterrupt:  # (outside a run: the command stops; what it did is said first)
+        with contextlib.suppress(KeyboardInterrupt):
+            errors.print(_escape(tally.said(directory)), highlight=False, soft_wrap=True)
+        raise
+    errors.print(_escape(tally.said(directory)), highlight=False, soft_wrap=True)
+    return tally.stopped if tally.stopped is not None else tally.code
+
+
+def _resume_due_run(channel: _JsonChannel, run: str, directory: Path, workers_dir: Path | None, lm: str | None,
+                    late_grace: float | None, park: bool, tally: _DueTally) -> bool:
+    """``resume --due``'s resumption of the due parked run ``run`` (its record in ``directory``), counted in
+    ``tally``: whether the command goes on with the next one (not once a stop signal came: a run cancelled by it —
+    only a stop signal cancels a run under --due —, one held after a run's end, or a run stopped at once)."""
+    from flowdsl.runtime.due import earliest, timer_said
+    from flowdsl.runtime.parking import at_text
+    from flowdsl.runtime.report import PARKED_EXIT
+
+    try:
+        resumption = _prepared(directory / f"{run}.jsonl", force=False)
+    except _Stopped as stop:
+        if stop.error_type in _TAKEN:
+            _due_skipped(run, stop.message, tally)
+        else:
+            _due_failed(channel, run, stop, tally)
+        return True
+    timer = earliest(resumption.timers)
+    if resumption.was != "parked" or timer is None or int(timer["due_at"]) > _now_ms():
+        if resumption.was != "parked":
+            stands = f"{resumption.was}, no longer parked"
+        elif timer is None:
+            stands = "parked again, with no timer"
+        else:
+            stands = f"parked again, its next timer due at {at_text(int(timer['due_at']))}"
+        _due_skipped(run, f"since it was found due, it went on and is {stands}; nothing was resumed", tally)
+        return True
+    went = _Went()
+    try:
+        with _handlers_kept():
+            code = _go_on(channel, resumption, directory, workers_dir, lm, late_grace, [], park, False,
+                          why=f"due since {at_text(int(timer['due_at']))}: {timer_said(timer)}", went=went)
+    except _Stopped as stop:
+        if stop.error_type in _TAKEN:  # (another resume took the record between its reading and Resumption.begin)
+            _due_skipped(run, stop.message, tally)
+            return True
+        if stop.code == EXIT_ABORTED:  # a second Ctrl-C or SIGTERM stopped the run at once: so the command
+            _due_said(channel, run, stop)
+            tally.ended["stopped at once"] = tally.ended.get("stopped at once", 0) + 1
+            tally.stopped = EXIT_ABORTED
+            return False
+        _due_failed(channel, run, stop, tally)
+        return True
+    outcome = went.outcome
+    parked = outcome.parked is not None
+    state = "parked again" if parked else str(outcome.status) + (
+        " (in doubt)" if code == 4 and outcome.status != "needs_intervention" else "")
+    tally.ended[state] = tally.ended.get(state, 0) + 1
+    tally.count(0 if code == PARKED_EXIT else code)
+    if went.signals or outcome.status == "cancelled":
+        _stderr().print(f"[yellow]note[/]: a stop signal came while run {_escape(run)} went on: no further "
+                        "due run is resumed", highlight=False, soft_wrap=True)
+        return False
+    return True
+
+
+def _due_skipped(run: str, why: str, tally: _DueTally) -> None:
+    """A due run another ``flowdsl resume`` took meanwhile: said, and counted for nothing but as skipped."""
+    tally.skipped += 1
+    _stderr().print(f"[yellow]skipped[/]: run {_escape(run)}, taken meanwhile by another `flowdsl resume`: "
+                    f"{_escape(why)}", highlight=False, soft_wrap=True)
+
+
+def _due_said(channel: _JsonChannel, run: str, stop: _Stopped) -> None:
+    """Say why a due run could not be resumed, or stopped, as ``flowdsl resume RUN_ID`` says it (naming the run
+    when the message does not), and with ``--format json`` write its object, with its ``run_id``."""
+    named = "" if f"run {run}" in stop.message or f"{run}.jsonl" in stop.message else f"run {run}: "
+    _stderr().print(f"[red]{stop.label}[/]: {_escape(named + stop.message)}", highlight=False, soft_wrap=True)
+    if channel.active:
+        channel.emit({"run_id": run, **stop.payload()})
+
+
+def _due_failed(channel: _JsonChannel, run: str, stop: _Stopped, tally: _DueTally) -> None:
+    """A due run that could not be resumed: said (:func:`_due_said`), and counted as exit 1."""
+    _due_said(channel, run, stop)
+    tally.failed += 1
+    tally.count(EXIT_DIAGNOSTICS)

@@ -25,7 +25,7 @@ order of nodes read from the tree of groups, and the graph checks that read it:
 :class:`~flowdsl.compiler_checks.GraphChecks`), ``compiler_reads`` (context
 fields read that only a node running beside the reader writes:
 :class:`~flowdsl.compiler_reads.ReadChecks`, a ``GraphChecks`` the compiler
-inherits), ``compiler_waits`` (signals waited for twice or inside a loop:
+inherits), ``compiler_waits`` (signals waited for twice, or inside a loop without a key:
 :func:`~flowdsl.compiler_waits.check_signals`).
 """
 
@@ -50,8 +50,9 @@ if TYPE_CHECKING:
     import networkx as nx
 
 #: the newest plan layout this compiler writes; a plan is written in the oldest layout that holds it, so that
-#: older processes read what they can: 2 added a step's ``on_failure``, 3 the ``wait`` nodes (docs/plan.md)
-PLAN_VERSION = 3
+#: older processes read what they can: 2 added a step's ``on_failure``, 3 the ``wait`` nodes, 4 a signal wait's
+#: ``signal_key`` (docs/plan.md)
+PLAN_VERSION = 4
 
 STEP_RETRY = Retry(attempts=1, backoff="exponential", initial_ms=1000, max_ms=30_000, multiplier=2.0,
                    jitter="none", on=None, not_on=())
@@ -410,6 +411,8 @@ class _Compiler(ReadChecks):
                 "writes": self.writes(n),
                 "stage": stages.get(e.key, 0),
             })
+            if n.signal_key is not None:  # (written only when set: a plan without it is of plan_version 3)
+                out["signal_key"] = self.bare(n.signal_key)
             if n.on_failure is not None:
                 out["on_failure"] = n.on_failure
         elif n.kind == "switch":
@@ -509,9 +512,10 @@ class _Compiler(ReadChecks):
 
 
 def _plan_version(nodes: dict[str, dict[str, Any]]) -> int:
-    """The oldest plan layout that holds ``nodes``: 3 with a wait node, 2 with a step's ``on_failure``, else 1."""
+    """The oldest plan layout that holds ``nodes``: 4 with a keyed wait (its ``signal_key``), 3 with a wait node, 2
+    with a step's ``on_failure``, else 1."""
     if any(n["kind"] == "wait" for n in nodes.values()):
-        return 3
+        return 4 if any("signal_key" in n for n in nodes.values()) else 3
     return 2 if any("on_failure" in n for n in nodes.values()) else 1
 
 

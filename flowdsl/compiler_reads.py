@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from flowdsl import expr
-from flowdsl.checks import _input_fields, expression_fields
+from flowdsl.checks import BARE_FIELDS, _input_fields, expression_fields
 from flowdsl.compiler_checks import _RACE_BITS, GraphChecks
 from flowdsl.diagnostics import join
 from flowdsl.model import Node
@@ -280,15 +280,15 @@ def _named_after_what_it_reads(n: Node, name: str) -> bool:
 def _reads(n: Node, writes: list[str] | None, among: frozenset[str] | set[str] | None = None
            ) -> Iterator[tuple[str, str, frozenset[str]]]:
     """(field, JSON pointer, context fields read) for each field of ``n`` that reads its context: its conditions,
-    ``items``, ``on`` and ``with:`` values; its compensation's ``with:`` when what the step writes is known (it reads
-    the step's context and what the step wrote); an LLM step's input fields when it has no ``with:``. Not
+    ``key``, ``items``, ``on`` and ``with:`` values; its compensation's ``with:`` when what the step writes is known
+    (it reads the step's context and what the step wrote); an LLM step's input fields when it has no ``with:``. Not
     ``fail_when`` or ``output`` mappings: they read the step's result. ``among``: the only fields asked about (an
     expression whose text has none of them as a word is not parsed: the check costs nothing where no field read
     is written by a node FD307 knows the writes of)."""
     for fname, text, path, reads_result in expression_fields(n, n.opts):
         if reads_result and not (fname.startswith("compensate.") and writes is not None):
             continue
-        bare = fname in ("when", "items", "on")
+        bare = fname in BARE_FIELDS
         names = _field_names(text, bare, among)
         if fname.startswith("compensate.") and writes is not None:
             names -= frozenset(writes)
@@ -387,7 +387,7 @@ def _guarded(n: Node, path: str, fname: str, name: str) -> bool:
     if text is None:
         return False
     try:
-        if fname in ("when", "items", "on"):
+        if fname in BARE_FIELDS:
             single = expr.single_expression(text)
             sources = [single] if single is not None else []
         else:

@@ -1,10 +1,12 @@
-"""Compiler, signal checks: a signal waited for by two waits (FD316), a signal wait inside a for_each (FD317).
+"""Compiler, signal checks: a signal waited for by two waits (FD316), a signal wait inside a for_each with no
+``key:`` (FD317).
 
 Stage: compiler. Imports ``flowdsl.diagnostics``, ``flowdsl.model`` and ``flowdsl.compiler_checks`` (its
 ``_Entry``) only; :func:`check_signals` reads the nodes the compiler collected.
 
 A signal sent to a run goes to the one wait of its plan that takes that name (docs/language.md, "Waiting:
-signals and timers"), so a name may be taken by one wait instance of a run at most. The checks read the nodes
+signals and timers"), so a name may be taken by one wait node of a plan at most; and a wait that runs once per
+item of a ``for_each`` tells its instances apart by its ``key:``, which a signal names. The checks read the nodes
 as the plan holds them, sub-flows expanded — a sub-flow used twice holds its waits twice — and say each
 problem where it can be fixed, in the innermost file that holds what clashes: at the wait, or, when the wait is
 fine in its own file, at the sub-flow node that brings it (a second time, beside another wait of that signal, or
@@ -21,15 +23,16 @@ from flowdsl.model import Flow
 
 
 def check_signals(entries: dict[str, _Entry]) -> list[Diagnostic]:
-    """FD316 for each signal wait whose signal name a wait before it (in plan order) takes too; FD317 for each
-    signal wait inside a ``for_each``, directly or through sub-flows. Timer waits take no signal: never reported."""
+    """FD316 for each signal wait whose signal name a wait before it (in plan order) takes too, keyed or not; FD317
+    for each signal wait with no ``key:`` inside a ``for_each``, directly or through sub-flows. Timer waits take no
+    signal: never reported."""
     diags: list[Diagnostic] = []
     first: dict[str, _Entry] = {}
     for e in entries.values():
         n = e.node
         if n.kind != "wait" or n.signal is None:
             continue
-        loop = _loop_around(e, entries)
+        loop = _loop_around(e, entries) if n.signal_key is None else None
         if loop is not None:
             diags.append(_in_loop(e, loop, entries))
         taken = first.setdefault(n.signal, e)
@@ -77,16 +80,28 @@ def _id_path(e: _Entry) -> str:
 
 
 def _in_loop(e: _Entry, loop: _Entry, entries: dict[str, _Entry]) -> Diagnostic:
+    """FD317 for ``e``, a signal wait with no key that runs once per item of ``loop``: at ``e`` when it is written in
+    the loop's file (where the loop's variable is in its scope: the hint reads it), else at the sub-flow node there
+    that brings it (the key is then given in the sub-flow's file, from a value its ``with:`` passes)."""
     n = e.node
-    why = (f"inside for_each '{loop.node.id}': every iteration would wait for it, and which iteration a signal is "
-           "meant for cannot be said; wait before or after the loop")
     at = _in_file(e, loop.flow, entries)
+    why = (f"inside for_each '{loop.node.id}' with no key: a signal wait in a for_each body needs a "
+           f"'{_option('key', e)}' telling which iteration a signal is for")
     if at is e:
-        message = f"'{n.id}' waits for signal '{n.signal}' {why} (a timer wait, with 'for', may stay inside)"
+        example = f'{_option("key", e)} "${{ ${loop.node.as_}.id }}"'
+        message = (f"'{n.id}' waits for signal '{n.signal}' {why}, such as '{example}'; or wait before or after "
+                   "the loop (a timer wait, with 'for', may stay inside)")
     else:
         message = (f"sub-flow '{at.node.id}' waits for signal '{n.signal}' (wait '{e.key[len(at.key) + 1:]}', "
-                   f"{_where(e, at.node.loc.file)}) {why}, outside the sub-flow")
+                   f"{_where(e, at.node.loc.file)}) {why}: give that wait one in its file, from a value the sub-flow "
+                   f"node's '{_option('with', at)}' passes it; or wait before or after the loop, outside the "
+                   "sub-flow")
     return make("FD317", message, _id_path(at), file=at.node.loc.file)
+
+
+def _option(name: str, e: _Entry) -> str:
+    """An option as the file ``e`` is written in spells it: ``key:`` in YAML, ``key`` in a .flow file."""
+    return name if (e.node.loc.file or "").endswith(".flow") else f"{name}:"
 
 
 def _use(e: _Entry, entries: dict[str, _Entry]) -> str | None:

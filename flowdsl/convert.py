@@ -44,7 +44,7 @@ STEP_ORDER = (
 #: the keywords of groups, and ``wait``: a mapping holding one is that node (in the schema's order of precedence)
 GROUP_KEYWORDS = ("sequence", "parallel", "for_each", "switch", "flow", "wait")
 GROUP_ORDER = ("items", "as", "concurrency", "on", "path", "with", "output", "when", "needs", "timeout", "description")
-WAIT_ORDER = ("signal", "timeout", "for", "output", "on_failure", "when", "needs", "description")
+WAIT_ORDER = ("signal", "key", "timeout", "for", "output", "on_failure", "when", "needs", "description")
 NODE_LISTS = ("steps", "branches", "cases", "default")
 RETRY_ORDER = ("attempts", "backoff", "initial", "max", "multiplier", "jitter", "on", "not_on")
 FORMATS = ("yaml", "flow")

@@ -97,7 +97,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "FD314": ("warning", "read of a value that only a concurrent node writes"),
     "FD315": ("warning", "read of a value that only a step the run may pass over writes"),
     "FD316": ("error", "signal waited for by two waits"),
-    "FD317": ("error", "signal wait inside a for_each"),
+    "FD317": ("error", "signal wait inside a for_each without a key"),
     # FD4xx: policies
     "FD401": ("error", "invalid duration"),
     "FD402": ("error", "invalid retry policy"),

@@ -34,12 +34,13 @@ from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
 from flowdsl.kernel_program import _CACHE as _PROGRAMS
 from flowdsl.kernel_program import Program, prepare, retry_delay
 from flowdsl.kernel_saga import LATE_REASON
-from flowdsl.kernel_wait import WAIT_RULES, WAIT_TIMEOUT
+from flowdsl.kernel_wait import KEY_RULES, WAIT_KEY_INVALID, WAIT_KEY_TAKEN, WAIT_RULES, WAIT_TIMEOUT
 
 __all__ = [
-    "CONTINUE_RULES", "END_STATES", "INPUT_EVENTS", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION", "WAIT_RULES",
-    "WAIT_TIMEOUT", "Decision", "NewerVersion", "Program", "apply", "check_rules", "check_seed", "in_doubt",
-    "left_to_undo", "prepare", "replay", "retry_delay", "rules_for", "start_event", "start_run", "summary",
+    "CONTINUE_RULES", "END_STATES", "INPUT_EVENTS", "KEY_RULES", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION",
+    "WAIT_KEY_INVALID", "WAIT_KEY_TAKEN", "WAIT_RULES", "WAIT_TIMEOUT", "Decision", "NewerVersion", "Program", "apply",
+    "check_rules", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay", "rules_for",
+    "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):
@@ -48,10 +49,11 @@ __all__ = [
 #: for good completes it, 6 ``$steps.<id>`` reads for_each and sub-flow nodes' results too (null before), 7 a success
 #: of an attempt given up on, of a step whose undo has begun, is a late completion (the step completed again after
 #: its undo; before, it changed nothing), 8 a step's ``on_failure: continue`` (its failure for good does not fail
-#: the run), 9 wait nodes and the ``signal`` input event (docs/kernel.md, "Waits"); a run started under an earlier
+#: the run), 9 wait nodes and the ``signal`` input event (docs/kernel.md, "Waits"), 10 keyed waits (a signal wait's
+#: ``key``, one in a for_each body: its signal names the key of its instance); a run started under an earlier
 #: version — a record or journal written before — replays and goes on under that version's rules, so its decisions
 #: stay what they were
-STATE_VERSION = 9
+STATE_VERSION = 10
 #: the rules that brought ``on_failure: continue``: a run of a plan with it never starts under older ones
 CONTINUE_RULES = 8
 #: the input event types :func:`apply` accepts (``start`` is :func:`start_run`'s, for :func:`replay`)
@@ -81,11 +83,14 @@ def rules_for(plan: Plan, pinned: int | None = None) -> int:
     """The rules a run of ``plan`` starts under when a runtime is told to start runs under ``pinned`` (a rolling
     upgrade's first step, docs/runtime.md): ``pinned``, raised to the rules the plan needs — a plan with
     ``on_failure: continue`` is of a layout only processes that know :data:`CONTINUE_RULES` read, so its runs may
-    start under them whatever the pin, and one with a wait node likewise under :data:`WAIT_RULES`; None: the
+    start under them whatever the pin, one with a wait node likewise under :data:`WAIT_RULES`, and one with a keyed
+    wait under :data:`KEY_RULES`; None: the
     newest, :data:`STATE_VERSION`."""
     if pinned is None:
         return STATE_VERSION
     program = prepare(plan)
+    if program.keyed:
+        return max(pinned, KEY_RULES)
     if program.waits:
         return max(pinned, WAIT_RULES)
     return max(pinned, CONTINUE_RULES) if program.continues else pinned
@@ -133,6 +138,11 @@ def start_run(plan: Plan, run_id: str, input: dict[str, Any], *, at: int | float
         raise ValueError(f"run {run_id!r}: node {min(program.waits)!r} is a wait, which kernel rules {WAIT_RULES} "
                          f"brought; the run was to start under rules {kernel} (a worker started with --rules "
                          f"{kernel}: start it under {WAIT_RULES} or later)")
+    if program.keyed and kernel < KEY_RULES:
+        wait = program.signals[min(program.keyed)]
+        raise ValueError(f"run {run_id!r}: wait {wait!r} is keyed, which kernel rules {KEY_RULES} brought; the run "
+                         f"was to start under rules {kernel} (a worker started with --rules {kernel}: start it under "
+                         f"{KEY_RULES} or later)")
     if type(at) is not int:
         at = _time(at)
     if seed is None:
@@ -231,8 +241,10 @@ def summary(plan: Plan, state: dict[str, Any]) -> dict[str, Any]:
         row = {"node": rec["node"], "kind": program.kind[rec["node"]], "status": rec["status"],
                "attempts": rec.get("attempts", 0), "started_at": rec["started_at"],
                "finished_at": rec["finished_at"], "error": rec["error"]}
-        if rec["node"] in program.waits:  # the signal it takes, null for a timer
+        if rec["node"] in program.waits:  # the signal it takes, null for a timer; a keyed one's key, once it has one
             row["signal"] = program.nodes[rec["node"]].get("signal")
+            if "key" in rec:
+                row["key"] = rec["key"]
         if ikey in comps:
             c = comps[ikey]
             row["compensation"] = {"status": c["status"], "attempts": c["attempt"], "error": c["error"]}

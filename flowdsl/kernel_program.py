@@ -79,6 +79,10 @@ class Program:
         #: signal name -> the wait node taking it (rules 9); ``waits``: every wait node, signal or timer
         self.waits: frozenset[str] = frozenset(k for k, kind in self.kind.items() if kind == "wait")
         self.signals: dict[str, str] = self._signals()
+        #: the signal names whose wait is keyed (its ``signal_key`` expression, the spec's ``key:``; rules 10): a signal
+        #: of one names the key of its instance
+        self.keyed: frozenset[str] = frozenset(n for n, k in self.signals.items()
+                                               if self.nodes[k].get("signal_key") is not None)
         #: plain step -> the plain step it alone starts, or "" when nothing waits for it (``kernel_chain.chain_step``)
         self.chain: dict[str, str] = {}
         for key, node in self.nodes.items():
@@ -136,18 +140,22 @@ class Program:
 
     def _signals(self) -> dict[str, str]:
         """Signal name -> the wait node that takes it; ValueError for a plan that the compiler would have refused
-        (FD316, FD317): two waits of one signal, or a signal wait in a for_each body (which iteration is it for?)."""
+        (FD316, FD317, FD309): two waits of one signal, a signal wait in a for_each body without a ``key`` (which
+        iteration is it for?), a timer wait with one."""
         found: dict[str, str] = {}
         for key in sorted(self.waits, key=self.order.__getitem__):
             name = self.nodes[key].get("signal")
             if name is None:
+                if self.nodes[key].get("signal_key") is not None:
+                    raise ValueError(f"plan node {key!r} is a timer wait with a 'signal_key' (a signal wait's)")
                 continue
             if name in found:
                 raise ValueError(f"plan nodes {found[name]!r} and {key!r} both wait for signal {name!r}")
-            scope = self.scope[key]
+            scope = self.scope[key] if self.nodes[key].get("signal_key") is None else None
             while scope is not None:
                 if self.kind[scope] == "for_each":
-                    raise ValueError(f"plan node {key!r} waits for signal {name!r} inside for_each {scope!r}")
+                    raise ValueError(f"plan node {key!r} waits for signal {name!r} inside for_each {scope!r} with no "
+                                     "'signal_key' (which iteration would a signal be for?)")
                 scope = self.scope[scope]
             found[name] = key
         return found

@@ -265,6 +265,8 @@ class Node:
     # waits
     #: the name of the signal a signal wait takes (its ``signal:``, else its id); None for a timer wait (``for:``)
     signal: str | None = None
+    #: a signal wait's ``key:``, the expression telling which of its instances a signal is for (None: unkeyed)
+    signal_key: str | None = None
     #: a timer wait's duration (``for:``)
     delay_ms: int | None = None
     # groups
@@ -536,12 +538,12 @@ class _Builder:
                     self.err("FD309", f"'{key}' does not go with 'for': {why}", join(path, key))
             return Node(kind="wait", id=data["wait"], loc=self.loc(path), opts=path, **self.common(data),
                         delay_ms=self.duration(data["for"], join(path, "for")))
-        # (a signal wait fails when its timeout passes, or when its when: or output map cannot be evaluated: its
-        # on_failure says what any of those does, with a timeout or without)
+        # (a signal wait fails when its timeout passes, when its when:, key: or output map cannot be evaluated, or
+        # when its key is not one or is taken: its on_failure says what any of those does, with a timeout or without)
         output, timeout = data.get("output"), data.get("timeout")
         return Node(
             kind="wait", id=data["wait"], loc=self.loc(path), opts=path, **self.common(data),
-            signal=data.get("signal", data["wait"]),
+            signal=data.get("signal", data["wait"]), signal_key=data.get("key"),
             timeout_ms=None if timeout is None else self.duration(timeout, join(path, "timeout")),
             output=Output("merge") if output is None else self.output(output, join(path, "output")),
             on_failure="continue" if data.get("on_failure") == "continue" else None)
@@ -579,6 +581,8 @@ class _Builder:
 _TIMER_REFUSES = {
     "signal": "a wait with 'for' is a timer, which waits for its duration and takes no signal (to wait for a "
               "signal, leave 'for' out)",
+    "key": "a timer wait takes no signal, so it has no instances for a signal to tell apart ('key' is a signal "
+           "wait's option)",
     "timeout": "a timer wait ends when its duration is over ('timeout' is a signal wait's deadline)",
     "output": "a timer wait's result is {}, with nothing to store ('output' places a signal's payload)",
     "on_failure": "a timer wait has no timeout and no output map to fail ('on_failure' is a signal wait's option; a "

@@ -321,11 +321,15 @@ _WAIT_HINTS = {
 
 
 def _group_hint(key: str, inst: Any, text_syntax: bool) -> str:
-    """For a ``compensate`` (``undo``) or an ``on_failure`` written on a group, and a ``compensate`` or a ``retry``
-    written on a wait: where they go instead, or why there is none."""
+    """For a ``compensate`` (``undo``) or an ``on_failure`` written on a group, a ``compensate`` or a ``retry``
+    written on a wait, and a ``key`` written on a step or a group: where they go instead, or why there is none."""
     kind = node_keyword(inst) if isinstance(inst, dict) else None
     if kind == "wait":
         return _WAIT_HINTS.get(key, "")
+    if key == "key":
+        inside = ": give it to the wait inside the for_each, to tell which iteration a signal is for" \
+            if kind == "for_each" else " (which of its instances a signal is for)"
+        return f"; 'key' is an option of a signal wait{inside}"
     if kind is not None and key == "on_failure":
         inside = "of the sub-flow (in its file)" if kind == "flow" else "inside it"
         return (f"; {_GROUP_NAMES[kind]} has no on_failure of its own: give it to the steps {inside} that the run "

@@ -30,7 +30,7 @@ from flowdsl.diagnostics import Diagnostic, Positions, did_you_mean, has_errors,
 from flowdsl.durations import duration_text
 from flowdsl.runtime.simulate import Outcome, Script, Signal, Simulation, SimulationError
 from flowdsl.testing_compare import Mismatch, compare
-from flowdsl.testing_signals import read_signal
+from flowdsl.testing_signals import read_signal, wait_key
 from flowdsl.testing_what_if import INJECTED, WhatIf, what_if
 
 __all__ = ["INJECTED", "CaseResult", "FlowCase", "FlowTests", "Mismatch", "WhatIf", "WorkerScope", "compare",
@@ -420,6 +420,11 @@ class _Checker:
             if node is not None and isinstance(want, dict) and want.get("undone") and not node.get("compensate"):
                 self.error("FD702", f"step {quote(key)} has no compensation: it is never undone",
                            join(path, "steps", key, "undone"))
+            if node is not None and isinstance(want, dict) and "key" in want and wait_key(node) is None:
+                what = "takes its signal without a key" if node["kind"] == "wait" else \
+                    f"is a {node['kind']} node" if node["kind"] not in ("task", "llm") else "is a step"
+                self.error("FD702", f"{quote(key)} {what}: only a wait with 'key:' has a key to expect",
+                           join(path, "steps", key, "key"))
         if spec.get("failed_step") is not None:
             self.step(spec["failed_step"], join(path, "failed_step"), at_key=False)
         if "elapsed" in spec:

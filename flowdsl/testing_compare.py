@@ -88,6 +88,11 @@ def _step_mismatches(key: str, want: Any, row: Mapping[str, Any] | None) -> Iter
         got = (row.get("compensation") or {}).get("status") == "done"
         if want["undone"] != got:
             yield Mismatch(f"{where}.undone", want["undone"], got)
+    if "key" in want:  # (a keyed wait's, once it started: an integer is its decimal text, as the wait's key is)
+        key = want["key"]
+        key = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
+        if key != row.get("key"):
+            yield Mismatch(f"{where}.key", key, row.get("key"))
 
 
 def _not_within(want: Any, got: Any, where: str) -> Iterator[Mismatch]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowdsl.runtime.simulate import Outcome, Script, Simulation, SimulationError
-from flowdsl.testing_signals import can_time_out, what_if_signals
+from flowdsl.testing_signals import can_time_out, what_if_keyed, what_if_signals
 
 if TYPE_CHECKING:
     from flowdsl.testing import FlowTests
@@ -43,11 +43,12 @@ class WhatIf:
     @property
     def ran(self) -> bool:
         """Whether every step made to fail was dispatched (its attempts, fallback or undo as made to fail), and
-        every wait made to time out started."""
+        every wait made to time out started (an instance of it, in a for_each)."""
         sim = self.simulation
         if sim is None:
             return False
-        return all((sim.result.steps.get(step) or {}).get("status") not in (None, "skipped") if table == "wait"
+        return all(any(row.get("node") == step and row.get("status") not in (None, "skipped")
+                       for row in sim.result.steps.values()) if table == "wait"
                    else any(c.node == step and c.kind in _DISPATCHED[table] for c in sim.calls)
                    for table, step in self.failing)
 
@@ -77,10 +78,11 @@ async def what_if(tests: FlowTests, *, lm: object | str | None = None,
     no signal (it fails with ``WaitTimeout``); then — for each step with a compensation that one of those runs
     undid — when that undo fails for good too; first, the run with nothing made to fail. Each run starts from the
     file's ``input``, its file-level scripts and signals, and — for each signal wait whose signal the file does not
-    send — that signal at the run's start with ``{}`` (a wait without one would wait for ever); what they leave
-    unscripted calls the real workers. Scenarios are in the flow's order. Raises
-    :class:`~flowdsl.runtime.inputs.InputError` when the flow refuses the file's input (a file whose cases each
-    give their own)."""
+    send — that signal at the run's start with ``{}`` (a wait without one would wait for ever); a keyed wait's,
+    which needs the key the wait takes as it starts, is sent to each instance as it starts, with its key and ``{}``
+    (unless the file sends that signal with that key); what they leave unscripted calls the real workers.
+    Scenarios are in the flow's order. Raises :class:`~flowdsl.runtime.inputs.InputError` when the flow refuses the
+    file's input (a file whose cases each give their own)."""
     from flowdsl.runtime.inputs import check_input
     from flowdsl.runtime.simulate import simulate_flow
     from flowdsl.testing import _SCRIPT_TABLES, _merged, _run_id
@@ -91,9 +93,11 @@ async def what_if(tests: FlowTests, *, lm: object | str | None = None,
     async def scenario(failing: tuple[tuple[str, str], ...], said: str) -> WhatIf:
         tables = {t: _merged(dict(getattr(tests.defaults, t)), {step: fail for table, step in failing if table == t})
                   for t in _SCRIPT_TABLES}
-        signals = what_if_signals(tests.plan, tests.defaults.signals, [s for t, s in failing if t == "wait"])
+        withheld = [s for t, s in failing if t == "wait"]
+        script = Script(**tables, signals=what_if_signals(tests.plan, tests.defaults.signals, withheld),
+                        keyed_at_start=what_if_keyed(tests.plan, withheld))
         try:
-            sim = await simulate_flow(tests.plan, tests.input, script=Script(**tables, signals=signals),
+            sim = await simulate_flow(tests.plan, tests.input, script=script,
                                       run_id=_run_id(tests.file, said), lm=lm, lms=lms)
         except SimulationError as exc:
             return WhatIf(failing, said, None, str(exc))

@@ -49,7 +49,7 @@ MAX_DEPTH = 100
 OPTION_KEYS = (
     "worker", "compensate", "with", "output", "when", "fail_when", "on_failure", "needs", "retry", "timeout",
     "fallback", "description", "llm", "signature", "instructions", "module", "lm", "demos", "redact",
-    "items", "as", "concurrency", "on", "path", "signal", "for",
+    "items", "as", "concurrency", "on", "path", "signal", "key", "for",
 )  # fmt: skip
 #: header statements written ``keyword value``
 TOP_KEYS = ("flowdsl", "version", "description", "input", "timeout")
@@ -464,7 +464,7 @@ _STATEMENTS = (*NODE_KEYWORDS, "workers", "defaults", *TOP_KEYS, "case", "defaul
 _STATEMENT_STARTS = frozenset((*NODE_KEYWORDS, "workers", "defaults", "case", "default"))
 _OPTION_EXAMPLES = ("undo", "with", "output", "when", "needs", "retry", "timeout", "items", "on", "path")
 #: a wait's options, in the order the writer writes them (``flowdsl.convert.WAIT_ORDER``)
-WAIT_OPTIONS = ("signal", "timeout", "for", "output", "on_failure", "when", "needs", "description")
+WAIT_OPTIONS = ("signal", "key", "timeout", "for", "output", "on_failure", "when", "needs", "description")
 
 
 def _scalar(tok: _Tok) -> Any:

@@ -16,6 +16,7 @@ import flowdsl.api
 import flowdsl.runtime.local
 from flowdsl.api import CompileResult
 from flowdsl.diagnostics import Diagnostic, SpecError
+from flowdsl.runtime.plancheck import PLAN_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ecommerce_order" / "flow.yaml"
@@ -260,8 +261,8 @@ def _broken(change: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("plan", "message"), [
-    ({"x": 1}, "it has no 'plan_version' (a compiled plan has plan_version 1 to 3)"),
-    ({"plan_version": 4}, "'plan_version' must be 1 to 3, found 4"),
+    ({"x": 1}, f"it has no 'plan_version' (a compiled plan has plan_version 1 to {PLAN_VERSION})"),
+    ({"plan_version": PLAN_VERSION + 1}, f"'plan_version' must be 1 to {PLAN_VERSION}, found {PLAN_VERSION + 1}"),
     ({"plan_version": 1, "flow": {"name": "x"}, "root": ["ok"], "nodes": {"ok": 1}},
      "'nodes/ok': 1 is not of type 'object'"),
     (_broken(lambda p: p["nodes"].update(ok=1)), "'nodes/ok': 1 is not of type 'object'"),

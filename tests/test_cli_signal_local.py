@@ -42,7 +42,7 @@ def test_a_signal_given_with_the_run_is_kept_until_its_wait_starts(tmp_path: Pat
     assert out["status"] == "completed" and out["context"]["confirmation"] == {"amount": 42}
     assert out["steps"]["paid"] | {"started_at": 0, "finished_at": 0} == {
         "status": "succeeded", "attempts": 0, "started_at": 0, "finished_at": 0, "error": None, "kind": "wait",
-        "node": "paid", "signal": "paid", "wait_ms": None}
+        "node": "paid", "signal": "paid", "key": None, "wait_ms": None}
     assert (out["steps"]["cool"]["signal"], out["steps"]["cool"]["wait_ms"]) == (None, 40)
     assert out["timing"]["critical_path"] == ["a", "paid", "cool", "b"]
     assert "waits for a signal this command does not send" not in r.stderr

@@ -2,8 +2,8 @@
 naming the field, before a runtime takes the plan: on the local runtime (``run_flow``, ``flowdsl.run``) and on
 Redis (``RedisClient.submit``), where such a plan was a dead letter (its start failed on every worker).
 
-- a signal taken by two waits, and a signal wait inside a ``for_each`` (what ``prepare`` raises ValueError for;
-  FD316 and FD317 in the compiler);
+- a signal taken by two waits, and a signal wait with no ``signal_key`` inside a ``for_each`` (what ``prepare``
+  raises ValueError for; FD316 and FD317 in the compiler);
 - a signal name that is not one (written as an id), and a wait's duration outside 1 ms to 30 days;
 - a timer wait (a ``delay_ms``) with a ``timeout_ms``, an ``output`` other than merge, or an ``on_failure`` (FD309).
 """
@@ -63,8 +63,8 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], object], str, bool]] = [
      "'nodes/w2/signal': plan nodes 'w1' and 'w2' both wait for signal 'w1' (a signal sent to a run is for one "
      "wait: FD316)", True),
     ("signal wait in a for_each", lambda n: n["tt"].update(signal="zz", delay_ms=None),
-     "'nodes/tt/signal': plan node 'tt' waits for signal 'zz' inside for_each 'l' (which iteration a signal is for "
-     "cannot be said: FD317)", True),
+     "'nodes/tt/signal': plan node 'tt' waits for signal 'zz' inside for_each 'l' with no 'signal_key' (which "
+     "iteration would a signal be for?): FD317", True),
     ("empty signal", lambda n: n["w2"].update(signal=""),
      "'nodes/w2/signal': '' does not match '^[A-Za-z_][A-Za-z0-9_]{0,63}$' (a signal name is written as an id; a "
      "timer wait's is null)", False),
@@ -80,8 +80,8 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], object], str, bool]] = [
     ("huge timeout", lambda n: n["w1"].update(timeout_ms=10**30),
      "'nodes/w1/timeout_ms': 1000000000000000000000000000000 is greater than the maximum of 2592000000", False),
     ("timeout on a timer", lambda n: n["t"].update(timeout_ms=5),
-     "'nodes/t/timeout_ms': 5 is not of type 'null' (a timer wait, one with a delay_ms, has no deadline, no payload "
-     "to place and no on_failure: FD309)", False),
+     "'nodes/t/timeout_ms': 5 is not of type 'null' (a timer wait, one with a delay_ms, has no deadline, no key, no "
+     "payload to place and no on_failure: FD309)", False),
     ("output on a timer", lambda n: n["t"].update(output={"mode": "name", "name": "x"}),
      "'nodes/t/output/mode': 'merge' was expected (a timer wait, one with a delay_ms", False),
     ("on_failure on a timer", lambda n: n["t"].update(on_failure="continue"),

@@ -749,8 +749,8 @@ def test_ten_thousand_steps_parse_quickly() -> None:
 
 FRAGMENTS = st.sampled_from([
     "step", "llm", "wait", "sequence", "parallel", "for_each", "switch", "flow", "case", "default", "workers",
-    "defaults", "timeout", "signal", "for", "undo", "with", "needs", "retry", "on", "items", "a", "b.c", "10s", "3",
-    "-1.5",
+    "defaults", "timeout", "signal", "key", "for", "undo", "with", "needs", "retry", "on", "items", "a", "b.c", "10s",
+    "3", "-1.5",
     '"s"', '"${ x }"', "{", "}", "[", "]", ",", ":", "\n", " ", "  ", "#c\n", "true", "null", '"', "\\", "@",
 ])  # fmt: skip
 
@@ -871,7 +871,7 @@ def _specs(text: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
         )  # fmt: skip
 
     waits = st.builds(lambda i, d: {"wait": i, **d}, _ids, st.fixed_dictionaries({}, optional={
-        **common, "signal": _ids, "timeout": _durations, "for": _durations,
+        **common, "signal": _ids, "key": text, "timeout": _durations, "for": _durations,
         "output": st.one_of(_ids, st.dictionaries(_ids, text, min_size=1, max_size=2)),
         "on_failure": st.sampled_from(["continue", "compensate"])}))  # fmt: skip
 

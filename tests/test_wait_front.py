@@ -1,8 +1,9 @@
 """The front end of ``wait`` nodes (docs/language.md, "Waiting: signals and timers"): from the spec text to the plan.
 
 - YAML and the text syntax read to the same data and compile to the same bytes; ``convert`` round trips;
-- the plan node of each kind of wait, the flow graph (a wait is a vertex), the plan_version (1, 2, 3) and the
-  refusal of a plan below 3 holding a wait (flowdsl.runtime.plancheck);
+- the plan node of each kind of wait, the flow graph (a wait is a vertex), the plan_version (1, 2, 3; 4 with a
+  keyed wait, whose front end tests/test_wait_key_front.py tests) and the refusal of a plan below 3 holding a wait
+  (flowdsl.runtime.plancheck);
 - diagnostics, each with file:line:col: the schema's (FD201, FD202 with its hints, FD302), the model's (FD309,
   FD401), the compiler's (FD316, FD317; ids, needs, FD307, FD314, FD315 and FD504 with waits in them).
 """
@@ -223,6 +224,9 @@ def test_a_wait_inside_a_sub_flow_is_keyed_under_its_use(tmp_path: Path) -> None
     ("  - a\n  - wait: w\n    for: 1s\n", 3),
     ("  - a: {on_failure: continue}\n  - wait: w\n", 3),
     ("  - wait: w\n    timeout: 1s\n    on_failure: continue\n", 3),
+    ("  - wait: w\n    key: '${ order.ref }'\n", 4),
+    ("  - wait: w\n  - for_each: l\n    items: '${ xs }'\n    steps:\n      - wait: v\n"
+     "        key: '${ $index }'\n", 4),
 ])  # fmt: skip
 def test_the_plan_is_of_the_oldest_plan_version_that_holds_it(steps: str, version: int) -> None:
     assert plan(HEAD + "steps:\n" + steps)["plan_version"] == version
@@ -250,8 +254,8 @@ def test_the_plans_of_waits_do_not_depend_on_the_order_of_mappings() -> None:
 # --- plancheck ----------------------------------------------------------------------------------------------------
 
 
-def test_plancheck_reads_plan_version_3_and_refuses_a_wait_in_an_older_one() -> None:
-    assert PLAN_VERSION == 3
+def test_plancheck_reads_plan_version_4_and_refuses_a_wait_in_a_plan_older_than_3() -> None:
+    assert PLAN_VERSION == 4
     good = plan(YAML_WAITS)
     assert plan_problem(good) is None
     for older in (1, 2):
@@ -259,8 +263,8 @@ def test_plancheck_reads_plan_version_3_and_refuses_a_wait_in_an_older_one() -> 
         assert plan_problem(damaged) == ("'nodes/payment_confirmed' is a wait node, which plan_version 3 brought: "
                                          "the plan's plan_version must be 3")
     damaged = json.loads(json.dumps(good))
-    damaged["plan_version"] = 4
-    assert plan_problem(damaged) == "'plan_version' must be 1 to 3, found 4"
+    damaged["plan_version"] = 5
+    assert plan_problem(damaged) == "'plan_version' must be 1 to 4, found 5"
     assert plan_problem(plan(HEAD + "steps:\n  - a: {on_failure: continue}\n")) is None  # (version 2 still reads)
 
 
@@ -283,7 +287,7 @@ def test_plancheck_refuses_a_wait_node_of_the_wrong_shape() -> None:
 
 # --- diagnostics: the schema and the model ------------------------------------------------------------------------
 
-WAIT_FIELDS = "description, for, needs, on_failure, output, signal, timeout, wait, when"
+WAIT_FIELDS = "description, for, key, needs, on_failure, output, signal, timeout, wait, when"
 
 
 @pytest.mark.parametrize(("option", "hint"), [
@@ -319,6 +323,9 @@ def test_fd202_in_the_text_syntax_points_at_the_option() -> None:
     ("  - wait: w\n    for: 2h\n    signal: s\n", "wait w for 2h signal s",
      [("signal", "'signal' does not go with 'for': a wait with 'for' is a timer, which waits for its duration and "
                  "takes no signal (to wait for a signal, leave 'for' out)")]),
+    ("  - wait: w\n    for: 2h\n    key: '${ ref }'\n", 'wait w for 2h key "${ ref }"',
+     [("key", "'key' does not go with 'for': a timer wait takes no signal, so it has no instances for a signal to "
+              "tell apart ('key' is a signal wait's option)")]),
     ("  - wait: w\n    for: 2h\n    timeout: 3h\n    output: o\n", "wait w for 2h timeout 3h output o",
      [("timeout", "'timeout' does not go with 'for': a timer wait ends when its duration is over ('timeout' is a "
                   "signal wait's deadline)"),
@@ -460,9 +467,9 @@ def test_a_signal_wait_in_a_for_each_is_fd317_a_timer_is_not() -> None:
     text = HEAD + ("steps:\n  - for_each: lines\n    items: '${ lines }'\n    steps:\n      - wait: pause\n"
                    "        for: 1s\n      - sequence: s\n        steps:\n          - wait: checked\n")
     assert said(text) == [
-        "spec.yaml:11:19: error FD317: 'checked' waits for signal 'checked' inside for_each 'lines': every "
-        "iteration would wait for it, and which iteration a signal is meant for cannot be said; wait before or "
-        "after the loop (a timer wait, with 'for', may stay inside)"]
+        "spec.yaml:11:19: error FD317: 'checked' waits for signal 'checked' inside for_each 'lines' with no key: a "
+        "signal wait in a for_each body needs a 'key:' telling which iteration a signal is for, such as "
+        "'key: \"${ $item.id }\"'; or wait before or after the loop (a timer wait, with 'for', may stay inside)"]
 
 
 def test_a_sub_flow_that_waits_inside_a_for_each_is_fd317_at_the_sub_flow_node(tmp_path: Path) -> None:

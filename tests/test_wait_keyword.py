@@ -128,7 +128,7 @@ def test_a_bare_wait_where_a_step_name_is_expected_says_what_to_write(text: str,
     assert compiled("flow t\nsequence s {\n  a\n  step wait timeout 5s\n}\n", "ok.flow")[1] == []
 
 
-WAIT_OPTIONS = "an option of a wait (signal, timeout, for, output, on_failure, when, needs, description)"
+WAIT_OPTIONS = "an option of a wait (signal, key, timeout, for, output, on_failure, when, needs, description)"
 
 
 @pytest.mark.parametrize(("text", "column", "found"), [

@@ -55,8 +55,10 @@ class StepText:
 
 
 #: the plan layouts this renderer draws (docs/plan.md; 2 added a step's ``on_failure``, drawn with its policies;
-#: 3 the ``wait`` nodes)
-PLAN_VERSIONS = (1, 2, 3)
+#: 3 the ``wait`` nodes; 4 a signal wait's key)
+PLAN_VERSIONS = (1, 2, 3, 4)
+#: the field of a keyed wait's plan node holding its key expression's id
+WAIT_KEY = "signal_key"
 
 
 @dataclass(frozen=True)
@@ -413,20 +415,26 @@ class PlanView:
         return StepText(title, tuple(lines), policy_text(node, glyphs))
 
     def wait_text(self, key: str, glyphs: Glyphs, *, needs: bool = False) -> StepText:
-        """A wait node's box: ``⚐ id``, then ``wait for signal 'x'`` (its deadline, ``up to 30m``, on the
-        policy line, with ``on failure: continue``) or, for a timer, ``wait 2h``; no worker, retry or undo."""
+        """A wait node's box: ``⚐ id`` (``⚐ id (by key)`` for a keyed wait), then ``wait for signal 'x'`` (a
+        keyed wait's ``key: <expression>`` under it; its deadline, ``up to 30m``, on the policy line, with ``on
+        failure: continue``) or, for a timer, ``wait 2h``; no worker, retry or undo."""
         node = self.nodes[key]
         policy: list[str] = []
+        lines: list[str] = []
+        keyed = False
         if node.get("signal") is None:
-            what = f"wait {format_ms(node.get('delay_ms'))}"
+            lines.append(f"wait {format_ms(node.get('delay_ms'))}")
         else:
-            what = f"wait for signal '{clean(node['signal'])}'"
+            lines.append(f"wait for signal '{clean(node['signal'])}'")
+            keyed = node.get(WAIT_KEY) is not None
+            if keyed:
+                lines.append(f"key: {self.expr(node[WAIT_KEY])}")
             if node.get("timeout_ms"):
                 policy.append(f"up to {format_ms(node['timeout_ms'])}")
         if node.get("on_failure") == "continue":
             policy.append("on failure: continue")
-        title = f"{glyphs.wait} {node.get('id') or key}"
-        return StepText(title, (what, *self.common_lines(key, needs=needs)), glyphs.sep.join(policy) or None)
+        title = f"{glyphs.wait} {node.get('id') or key}" + (" (by key)" if keyed else "")
+        return StepText(title, (*lines, *self.common_lines(key, needs=needs)), glyphs.sep.join(policy) or None)
 
     def common_lines(self, key: str, *, needs: bool = False) -> list[str]:
         """Lines every node may carry: its description, its ``when``, its ``needs``."""

@@ -1,14 +1,16 @@
 """Listing runs: the local runtime's run records (``flowdsl runs --backend local``) and the table both backends print.
 
-Stage: runtime (shared), CLI support. Imports stdlib, orjson, ``.record``, and inside functions ``.owner``,
-``.codec``, ``.report``, ``.rebuild`` (its replay, as ``flowdsl show`` does it, for a record whose last lines do not
-give its end) and ``.summary`` (its error console); rich only inside the printing functions, through the console
-handed in. The Redis backend's ``commands`` prints its listing with :func:`print_runs` too; nothing here imports Redis.
+Stage: runtime (shared), CLI support. Imports stdlib, orjson, ``.record``, ``.parking``, and inside functions
+``.owner``, ``.codec``, ``.report``, ``.rebuild`` (its replay, as ``flowdsl show`` does it, for a record whose last
+lines do not give its end) and ``.summary`` (its error console); rich only inside the printing functions, through
+the console handed in. The Redis backend's ``commands`` prints its listing with :func:`print_runs` too; nothing here
+imports Redis.
 
 A record is read by its ends: its first two lines (the header, with the flow's name, the time the run was
 taken and the process that runs it, and the ``start`` line) and its last 64 KiB, where the run's last
-``run_finished`` line (its end state), its ``runtime_aborted`` line (stopped at once) or a ``resolved`` line
-(``flowdsl resolve``) is. Only a record that ends otherwise — its process was killed, or the run still goes, or
+``run_finished`` line (its end state), its ``runtime_aborted`` line (stopped at once), its ``runtime_parked`` line
+(parked: its process let it go as it only waited, ``.parking``) or a ``resolved`` line (``flowdsl resolve``) is.
+Only a record that ends otherwise — its process was killed, or the run still goes, or
 lines after its end are longer than that — is read whole and replayed, as ``show`` does, so that its state is the
 one ``show`` gives; and the process its header names is looked for (``.owner``): gone, the run is listed
 ``crashed`` — once the record is read again and found to hold no more than was judged (a process that is gone
@@ -38,6 +40,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from flowdsl.runtime.parking import PARKED, PARKED_STATE
 from flowdsl.runtime.record import (
     RECORD_FAILED,
     RECORD_FORMAT,
@@ -49,16 +52,18 @@ from flowdsl.runtime.record import (
     versions_read,
 )
 
-__all__ = ["CRASHED", "LOCAL_STATES", "MTIME_SLACK_MS", "NEWER", "RESOLVED_STATE", "RecordRow", "RunRow",
-           "list_records", "local_runs_command", "print_runs", "read_row"]
+__all__ = ["CRASHED", "LOCAL_STATES", "MTIME_SLACK_MS", "NEWER", "PARKED_STATE", "RESOLVED_STATE", "RecordRow",
+           "RunRow", "list_records", "local_runs_command", "print_runs", "read_row"]
 
 #: the states a local run is listed in: the kernel's (before its end, and the end states), ``aborted`` (stopped at
-#: once: its record ends with ``runtime_aborted``, as ``show`` says), ``not_started`` (a record holding only its
-#: header), ``unrecorded``, ``crashed`` (it did not end, and its process is gone), ``resolved`` (``flowdsl resolve``
-#: said what it left to do by hand is done) and ``newer`` (written by a newer flowdsl); what ``flowdsl runs
-#: --backend local --status`` takes
+#: once: its record ends with ``runtime_aborted``, as ``show`` says), ``parked`` (its record ends with
+#: ``runtime_parked``: its process let it go as it only waited, and ``flowdsl resume`` goes on with it),
+#: ``not_started`` (a record holding only its header), ``unrecorded``, ``crashed`` (it did not end, and its process is
+#: gone), ``resolved`` (``flowdsl resolve`` said what it left to do by hand is done) and ``newer`` (written by a
+#: newer flowdsl); what ``flowdsl runs --backend local --status`` takes
 LOCAL_STATES = ("not_started", "running", "aborting", "compensating", "completed", "failed", "compensated",
-                "cancelled", "needs_intervention", "aborted", "unrecorded", "crashed", "resolved", "newer")
+                "cancelled", "needs_intervention", "aborted", PARKED_STATE, "unrecorded", "crashed", "resolved",
+                "newer")
 #: the state of a run whose record ends before the run did and whose process is gone (a SIGKILL, the OOM killer, a
 #: restart): the run stopped with it, and nothing carries it on (``flowdsl show`` gives what is left to undo)
 CRASHED = "crashed"
@@ -122,16 +127,18 @@ class RunRow:
 
 @dataclass(frozen=True)
 class RecordRow(RunRow):
-    """A local run record's listing line, with what the notes of the listing and ``flowdsl prune`` need besides (none
-    of it in the JSON object): ``why``, a clause saying why it is in its state (whose process is gone, that whether
-    it still runs cannot be told, that a newer flowdsl wrote it, who resolved it); ``was``, the state a crashed run
-    stopped in, or the one a resolved run was in; ``last_at``, the time of the record's last line (ms); ``process``,
+    """A local run record's listing line, with what the notes of the listing and ``flowdsl prune`` need besides (in the
+    JSON object only ``parked``, below): ``why``, a clause saying why it is in its state (whose process is gone, that
+    whether it still runs cannot be told, that a newer flowdsl wrote it, who resolved it); ``was``, the state a crashed
+    run stopped in, or the one a resolved run was in; ``last_at``, the time of the record's last line (ms); ``process``,
     what :func:`flowdsl.runtime.owner.judge` said of the process its header names when that was asked (``live``,
-    ``gone``, ``unknown``); ``doubt``, whether its end left attempts unanswered (steps in doubt), or the record
-    ends while its runtime waited for them and its process is not known to run; ``waiting``, whether the run has
-    ended and its runtime, whose process runs, still waits for attempts it had given up on — a late answer may
-    still change the end, so ``status`` is not final yet, and ``finished_at`` is None until it is (the JSON object
-    keeps the keys of a Redis run's: it says so by its ``finished_at``)."""
+    ``gone``, ``unknown``); ``doubt``, whether its end left attempts unanswered (steps in doubt), or the record ends
+    while its runtime waited for them and its process is not known to run; ``waiting``, whether the run has ended and
+    its runtime, whose process runs, still waits for attempts it had given up on — a late answer may still change the
+    end, so ``status`` is not final yet, and ``finished_at`` is None until it is (the JSON object keeps the keys of a
+    Redis run's: it says so by its ``finished_at``); ``parked``, a parked run's ``{at, waits, due_at}`` as its
+    ``runtime_parked`` line gives them (what each wait waits for, and the earliest timer due) — the one of these the
+    JSON object has, as ``parked``, and only for a parked run."""
 
     why: str | None = None
     was: str | None = None
@@ -139,6 +146,15 @@ class RecordRow(RunRow):
     process: str | None = None
     doubt: bool = False
     waiting: bool = False
+    parked: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`RunRow.to_json`, and for a parked run ``parked``: ``{at, waits: [{wait, signal, key?, due_at}],
+        due_at}``, as ``flowdsl show --format json`` gives it."""
+        out = super().to_json()
+        if self.parked is not None:
+            out["parked"] = self.parked
+        return out
 
 
 def _loads(raw: bytes) -> Any:
@@ -288,6 +304,8 @@ def _from_ends(path: Path, fh: Any, size: int) -> RecordRow:
     if resolved is not None:
         return RecordRow(run_id, flow, RESOLVED_STATE, taken, began, end, why=_resolved_why(resolved),
                          was=str(resolved.get("status")), last_at=tail.last_at)
+    if tail.parked is not None:  # (its process let it go: it is not asked)
+        return RecordRow(run_id, flow, PARKED_STATE, taken, began, None, last_at=tail.last_at, parked=tail.parked)
     if finished is not None:
         # (the run's end waits: its process may run — and then it still waits, and nothing is in doubt yet)
         process = _judged_from_ends(header, tail, fh, size).state if tail.waiting else None
@@ -326,6 +344,8 @@ def _quickly(path: Path, fh: Any, size: int) -> RecordRow | None:
     if tail.resolved is not None:
         return RecordRow(run_id, None, RESOLVED_STATE, None, None, end, why=_resolved_why(tail.resolved),
                          was=str(tail.resolved.get("status")), last_at=tail.last_at)
+    if tail.parked is not None:
+        return RecordRow(run_id, None, PARKED_STATE, None, None, None, last_at=tail.last_at, parked=tail.parked)
     if tail.finished is not None and not tail.waiting:
         return RecordRow(run_id, None, str(tail.finished["status"]), None, None, end, last_at=tail.last_at,
                          doubt=tail.doubt)
@@ -373,9 +393,10 @@ def _first_lines(fh: Any, size: int) -> tuple[list[bytes], int, bytes]:
 @dataclass
 class _Tail:
     """What the end of a record says: its last ``run_finished`` (``finished``), or the ``runtime_aborted`` or
-    ``record_failed`` line that stopped it before its end (``stopped``); its last ``resolved`` line; the time of its
-    last line; whether it ends while its runtime waited for attempts after the run's end (``waiting``), and whether
-    attempts were left unanswered then (``doubt``)."""
+    ``record_failed`` line that stopped it before its end (``stopped``), or the ``runtime_parked`` line it ends with
+    (``parked``: its ``{at, waits, due_at}``); its last ``resolved`` line; the time of its last line; whether it ends
+    while its runtime waited for attempts after the run's end (``waiting``), and whether attempts were left
+    unanswered then (``doubt``)."""
 
     finished: dict[str, Any] | None = None
     stopped: dict[str, Any] | None = None
@@ -383,14 +404,16 @@ class _Tail:
     last_at: int | None = None
     waiting: bool = False
     doubt: bool = False
+    parked: dict[str, Any] | None = None
     #: the last ``runtime_resumed`` line, when the tail holds one (the lines before it tell of an earlier process)
     resumed: dict[str, Any] | None = None
 
 
 def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
     """From the record's last :data:`TAIL_BYTES` (never before offset ``after``): its last ``run_finished`` line
-    when it is there, else its ``runtime_aborted`` line when that says the run was stopped before its end, and a
-    ``resolved`` line after them (:class:`_Tail`); raises :class:`_Replay` when the end does not say (or a whole line
+    when it is there, else its ``runtime_aborted`` line when that says the run was stopped before its end, or its
+    ``runtime_parked`` line when it is the last (the run parked), and a ``resolved`` line after them
+    (:class:`_Tail`); raises :class:`_Replay` when the end does not say (or a whole line
     there is not JSON: ``show`` names it) and no ``resolved`` line does."""
     begin = max(after, size - TAIL_BYTES)
     first = begin - 1 if begin > after else begin
@@ -414,6 +437,7 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
     aborted: dict[str, Any] | None = None
     failed: dict[str, Any] | None = None  # the record_failed line, when it is the last
     waited = False
+    final = True  # (the record's last line: the one a parked run's record ends with)
     for piece in reversed(lines):
         if not piece.strip():
             continue
@@ -426,6 +450,12 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
         kind = item.get("type")
         if tail.last_at is None:
             tail.last_at = _ms(item.get("at"))
+        if kind == PARKED:  # (nothing is written after it but a resume's lines: a record otherwise is replayed)
+            tail.parked = _parked_of(item) if final else None
+            if tail.parked is None:
+                raise _Replay
+            return tail
+        final = False
         if kind == RESOLVED:
             tail.resolved = tail.resolved or item
             continue
@@ -455,10 +485,25 @@ def _end_lines(fh: Any, size: int, after: int, head: bytes) -> _Tail:
     return tail
 
 
+def _parked_of(line: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``runtime_parked`` line's ``{at, waits, due_at}``, or None when it is not of that shape (the replay
+    names what is wrong)."""
+    waits, due = line.get("waits"), line.get("due_at")
+    if _ms(line.get("at")) is None or not isinstance(waits, list) or (due is not None and _ms(due) is None) \
+            or not all(isinstance(w, dict) and isinstance(w.get("wait"), str)
+                       and (w.get("signal") is None or isinstance(w.get("signal"), str))
+                       and (w.get("key") is None or isinstance(w.get("key"), str))
+                       and (w.get("due_at") is None or _ms(w.get("due_at")) is not None) for w in waits):
+        return None
+    return {"at": line["at"], "waits": [{"wait": w["wait"], "signal": w.get("signal"),
+                                         **({"key": w["key"]} if w.get("key") is not None else {}),
+                                         "due_at": w.get("due_at")} for w in waits], "due_at": due}
+
+
 def _replayed(path: Path) -> tuple[RecordRow, tuple[int, int, int]]:
     """The listing line of a record whose ends do not give its state: replayed whole, and judged, as ``show`` does
-    (``.stopped.settle``: one that ends before its run did is ``crashed`` when its process is gone); and what was
-    read (:func:`_read_row`)."""
+    (``.stopped.settle``: one that ends before its run did is ``crashed`` when its process is gone, ``parked`` when
+    it ends with the run parked); and what was read (:func:`_read_row`)."""
     from dataclasses import replace
 
     from flowdsl.runtime.rebuild import record_result
@@ -484,14 +529,15 @@ def _replayed(path: Path) -> tuple[RecordRow, tuple[int, int, int]]:
     last = next((at for e in reversed(lines) if (at := _ms(e.get("at"))) is not None), submitted)
     process = standing.process if standing is not None else None
     waits = standing is not None and standing.waiting and standing.live  # (not finished until the wait is over)
+    stopped = standing.stopped if standing is not None else None
     status = "aborted" if result.aborted is not None else CRASHED if standing is not None and standing.crashed \
-        else UNRECORDED if standing is not None and standing.stopped == "unrecorded" else result.status
+        else UNRECORDED if stopped == "unrecorded" else PARKED_STATE if stopped == PARKED_STATE else result.status
     row = RecordRow(run_id=run_id, flow=result.flow, status=status,
                     submitted_at=submitted if submitted is not None else result.started_at,
                     started_at=result.started_at, finished_at=None if waits else result.finished_at, last_at=last,
                     process=process.state if process is not None else None,
                     doubt=bool(result.in_doubt) and not (standing is not None and standing.crashed),
-                    waiting=waits)
+                    waiting=waits, parked=result.parked if status == PARKED_STATE else None)
     if lines.resolutions:  # (read so, or by settle reading it again)
         said = lines.resolutions[-1]
         return replace(row, status=RESOLVED_STATE, why=_resolved_why(said), was=str(said.get("status")),
@@ -626,7 +672,7 @@ def local_runs_command(directory: Path, *, limit: int, status: str | None, flow:
 
 def _notes(rows: list[RecordRow]) -> list[str]:
     """The notes under a listing: records whose process cannot be told, runs whose runtime still waits after their
-    end, crashed runs, newer records."""
+    end, parked runs, crashed runs, newer records."""
     def named(ids: list[str]) -> str:
         return f"{len(ids)} {{}} ({', '.join(ids[:3])}{', …' if len(ids) > 3 else ''})"
 
@@ -645,6 +691,13 @@ def _notes(rows: list[RecordRow]) -> list[str]:
                     "undo makes it needs_intervention), so that state is not final yet; each is listed in the state "
                     "it ended in, marked (waiting), not finished yet (with --format json: finished_at null) — "
                     "`flowdsl show RUN_ID` tells more")
+    parked = [row.run_id for row in rows if row.status == PARKED_STATE]
+    if parked:
+        said.append(named(parked).format("run(s) parked") + ": not over, and no process runs them; each line says "
+                    "what the run waits for (a signal by its name, `timer` for a timer wait) and when its next timer "
+                    "is due. `flowdsl resume RUN_ID --signal NAME=JSON` goes on with one and sends it that signal, "
+                    "`flowdsl resume RUN_ID` goes on with it (the timers due by then fire first), `--cancel` cancels "
+                    "it; `flowdsl show RUN_ID` tells more")
     crashed = [row.run_id for row in rows if row.status == CRASHED]
     if crashed:
         said.append(named(crashed).format("run(s) crashed") + ": their process is gone, and the run stopped with it; "
@@ -666,9 +719,23 @@ def _json_out(value: Any) -> None:
     write_json(json_line(value))  # (flushed: an error writing it is said, never lost)
 
 
+def _parked_cell(parked: dict[str, Any]) -> str:
+    """What a parked run waits for, in its listing line: each signal by its name (once), ``timer`` for a timer wait,
+    then when its next timer is due (local time, as ``submitted``): ``paid, timer; due 12-05 18:30:00``."""
+    import time
+
+    names = list(dict.fromkeys(str(w["signal"]) if w.get("signal") is not None else "timer"
+                               for w in parked.get("waits") or ()))
+    due = parked.get("due_at")
+    when = f"due {time.strftime('%m-%d %H:%M:%S', time.localtime(due / 1000))}" if due is not None else ""
+    return "; ".join(part for part in (", ".join(names), when) if part)
+
+
 def print_runs(items: Iterable[Row], console: Any) -> None:
     """The table of ``flowdsl runs``: run, flow, status, submitted (local time), took (finished − started). A local
-    run whose runtime still waits after its end (:attr:`RecordRow.waiting`) has its status marked ``(waiting)``."""
+    run whose runtime still waits after its end (:attr:`RecordRow.waiting`) has its status marked ``(waiting)``; a
+    parked one (:attr:`RecordRow.parked`) says what it waits for and when its next timer is due: ``parked (paid,
+    timer; due 12-05 18:30:00)``."""
     import time
 
     from rich.markup import escape
@@ -684,6 +751,9 @@ def print_runs(items: Iterable[Row], console: Any) -> None:
             ms = i.finished_at - i.started_at
             took = f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
         status = f"{i.status} (waiting)" if getattr(i, "waiting", False) else i.status  # (not final yet)
+        parked = getattr(i, "parked", None)
+        if parked is not None:
+            status = f"{i.status} ({_parked_cell(parked)})"
         rows.append((i.run_id, i.flow or "", status, when, took))
     columns = ("run", "flow", "status", "submitted", "took")
     widest = [max(len(column), *(len(row[n]) for row in rows)) for n, column in enumerate(columns)]

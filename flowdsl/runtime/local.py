@@ -107,10 +107,11 @@ from flowdsl.runtime.local_late import CANCEL_SETTLE as CANCEL_SETTLE
 from flowdsl.runtime.local_record import NOTICED as NOTICED
 from flowdsl.runtime.local_record import Recording
 from flowdsl.runtime.local_stop import Stopping
-from flowdsl.runtime.local_waits import Signalling, SignalOutcome, Signals, SignalSent
+from flowdsl.runtime.local_waits import Signalling, SignalOutcome, SignalSent
 from flowdsl.runtime.plancheck import require_plan
 from flowdsl.runtime.record import RunRecorder, check_records_dir, check_run_id, new_run_id, record_path
 from flowdsl.runtime.report import NOT_STARTED, RunResult
+from flowdsl.runtime.signal_checks import Signals
 from flowdsl.runtime.signals import TERM_SIGNALS, signal_said
 from flowdsl.workers import WorkerImportError, WorkerRegistry, import_worker_modules
 
@@ -154,8 +155,12 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
                  handle_sigint: bool = False, import_workers: bool = True, lms: Mapping[str, object] | None = None,
                  spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
                  late_grace: float | None = None, resumption: Resumption | None = None,
-                 signals: Signals | None = None):
+                 signals: Signals | None = None, park: bool = False):
         require_plan(plan)
+        if not isinstance(park, bool):
+            raise TypeError(f"park must be a bool; got {type(park).__name__}")
+        if park and not record:
+            raise ValueError("a parked run goes on from its record: park=True needs record=True")
         if not isinstance(run_input, dict):
             raise TypeError(f"run_input must be a dict (a JSON object); got {type(run_input).__name__}")
         if run_id is not None and not isinstance(run_id, str):
@@ -256,6 +261,11 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
         #: the steps whose outcome is unknown when the runtime stopped waiting (RunResult.in_doubt)
         self.in_doubt: list[dict[str, Any]] = []
         self._stop_reason: str | None = None  # why the run was stopped at once (_stop)
+        #: park the run once it has nothing left but waiting (:meth:`_park_if_idle`); the due time of each timer
+        #: armed (kept only then: the parked line says when the run goes on); the parked line, once parked
+        self._park = park
+        self._due: dict[str, int] = {}
+        self.parked: dict[str, Any] | None = None
         self._marking: contextlib.AbstractContextManager[None] | None = None
         self._perf0 = 0.0
         self._wall0 = 0.0
@@ -374,6 +384,7 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
         result = RunResult.from_state(self.plan, self.state, self.events, wall_ms=wall_ms,
                                       record_path=self.record_path, record_error=self.record_error)
         result.in_doubt = self.in_doubt
+        result.parked = self.parked
         if self._resume is not None:
             result.resumed = self._resume.resumed
             result.in_doubt = self._resume.in_doubt(self.state, self.events, self.in_doubt)
@@ -446,6 +457,8 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
                     return
                 burst += 1
                 self._apply(self._inbox.popleft())
+            if self._park and not self._finished:
+                self._park_if_idle()
         finally:
             self._draining = False
             if self._recorder is not None:
@@ -554,7 +567,8 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
                    handle_sigint: bool = False, import_workers: bool = True,
                    lms: Mapping[str, object] | None = None,
                    spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-                   late_grace: float | None = None, signals: Signals | None = None) -> RunResult:
+                   late_grace: float | None = None, signals: Signals | None = None,
+                   park: bool = False) -> RunResult:
     """Run ``plan`` with ``run_input`` on the running event loop and return its :class:`RunResult`.
 
     - ``run_id``: default :func:`new_run_id`; it prefixes every idempotency key.
@@ -586,9 +600,15 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
       ``cancel()`` or ``abort()`` ends the wait) is listed in ``RunResult.in_doubt``. Default
       ``$FLOWDSL_LATE_GRACE``, else :data:`LATE_GRACE` (30 s); 0 does not wait.
     - ``signals``: signals sent to the run as it starts, before anything else — a mapping name -> payload (a JSON
-      object, or None), or a list of names and ``(name, payload)`` pairs —, each kept until its wait starts
+      object, or None), or a list of names, ``(name, payload)`` pairs and ``(name, payload, key)`` triples (a keyed
+      wait's signal: the key of the instance it is for) —, each kept until its wait starts
       (docs/runtime.md, "Waits and signals"); checked first, as :meth:`LocalRun.signal` checks one. To send one
       while the run goes, create a :class:`LocalRun` and call its ``signal()``.
+    - ``park``: once the run has nothing left but waiting — a wait waits for its signal or timer, no attempt runs —
+      let it go: its record gets a ``runtime_parked`` line and this returns a result whose ``parked`` says what
+      the run waits for (``status`` is the kernel's, ``running``; ``exit_code`` 5); :func:`resume_flow` (``flowdsl
+      resume``) goes on with it later, sending it signals (docs/runtime.md, "Parking a run that only waits").
+      A flow with no wait is never parked. Needs ``record`` (a ``ValueError`` without).
 
     Cancelling the task that awaits this (``asyncio.wait_for``, ``asyncio.timeout``, a shutdown) aborts the run
     at once (nothing is compensated), logs a WARNING on ``flowdsl.local`` naming the run, its record and what is
@@ -599,7 +619,7 @@ async def run_flow(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: s
                           on_event=on_event, on_notice=on_notice, seed=seed, registry=registry, adapter=adapter,
                           handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
                           spec_path=spec_path, handle_sigterm=handle_sigterm, late_grace=late_grace,
-                          signals=signals).run()
+                          signals=signals, park=park).run()
 
 
 def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None = None,
@@ -608,7 +628,7 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
         seed: int | None = None, registry: WorkerRegistry | None = None, adapter: object | None = None,
         handle_sigint: bool | None = None, import_workers: bool = True, lms: Mapping[str, object] | None = None,
         spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-        late_grace: float | None = None, signals: Signals | None = None) -> RunResult:
+        late_grace: float | None = None, signals: Signals | None = None, park: bool = False) -> RunResult:
     """:func:`run_flow` on a new event loop (:func:`run_on_new_loop`), with the same options; ``handle_sigint``
     defaults to on in the main thread, ``handle_sigterm`` to off (SIGTERM stays the application's). Inside a
     running event loop (``async`` code), ``await`` :func:`run_flow` instead: this raises ``RuntimeError``
@@ -623,4 +643,4 @@ def run(plan: dict[str, Any], run_input: dict[str, Any], *, run_id: str | None =
                                     on_event=on_event, on_notice=on_notice, seed=seed, registry=registry,
                                     adapter=adapter, handle_sigint=handle_sigint, import_workers=import_workers,
                                     lms=lms, spec_path=spec_path, handle_sigterm=handle_sigterm,
-                                    late_grace=late_grace, signals=signals))
+                                    late_grace=late_grace, signals=signals, park=park))

@@ -129,6 +129,8 @@ class Attempts:
     _timers: dict[str, asyncio.Handle]
     _held: dict[str, dict[str, Any]]
     _must_answer: set[str]
+    _park: bool
+    _due: dict[str, int]
     _lingering: dict[str, _Attempt] | None
     _clock: Callable[[], float]
     _now: Callable[[], int]
@@ -233,6 +235,8 @@ class Attempts:
         if old is not None:
             old.cancel()
         self._timers[timer_id] = self._loop.call_later(delay, self._fire, timer_id, command["due_at"])
+        if self._park:  # (what the parked line says of when the run goes on)
+            self._due[timer_id] = command["due_at"]
 
     def _fire(self, timer_id: str, due_at: float, turns: int = 0) -> None:
         """A timer is due: feed ``timer_fired`` — unless it is a deadline (:data:`_DEADLINES`) that an answer

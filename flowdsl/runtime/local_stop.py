@@ -236,8 +236,9 @@ class Stopping:
         # a SIGHUP only ever cancels: a closing terminal often sends two in a row (the tty's hangup and the shell
         # passing it on), which must not stop the run at once; only a second Ctrl-C or SIGTERM does
         hangup = name == "SIGHUP"
-        if self._finished:  # the run has ended (its handlers not yet removed): nothing is left to stop
-            self._notice(f"{verb}: the run has already ended {self.status}")
+        if self._finished:  # the run has ended, or was parked (its handlers not yet removed): nothing is left to stop
+            self._notice(f"{verb}: the run has already been parked" if getattr(self, "parked", None) is not None
+                         else f"{verb}: the run has already ended {self.status}")
             return
         if not hangup:
             self._interrupts += 1

@@ -8,7 +8,7 @@ wrong and what was expected, instead of a ``KeyError`` from deep inside the kern
 The shape is ``specs/plan.schema.json`` (JSON Schema 2020-12, the machine-readable twin of docs/plan.md);
 what JSON Schema cannot say — that every key a node refers to is a node, every expression id is in
 ``expressions``, the nodes form one tree under ``root`` (each listed once, by its ``parent``), and a signal is
-taken by one wait at most and by none inside a ``for_each`` (what the kernel's ``prepare`` refuses) — is
+taken by one wait at most, and inside a ``for_each`` only by a keyed one (what the kernel's ``prepare`` refuses) — is
 checked here after it. This is not a re-run of the compiler's checks: only what the kernel relies on.
 
 Cost. The schema says a node's fields with ``if``/``then`` per kind and ``unevaluatedProperties``, which
@@ -41,8 +41,8 @@ from flowdsl.schema import data_file
 __all__ = ["PLAN_VERSION", "PlanError", "check_plan", "checked_problem", "plan_problem", "plan_schema", "vouch"]
 
 #: the newest plan layout this code reads (``plan_version``: 1, 2 with a step's ``on_failure``, 3 with a ``wait``
-#: node; the compiler writes the oldest that holds a plan)
-PLAN_VERSION = 3
+#: node, 4 with a signal wait's ``signal_key``; the compiler writes the oldest that holds a plan)
+PLAN_VERSION = 4
 
 
 class PlanError(ValueError):
@@ -60,7 +60,7 @@ _GOOD: OrderedDict[bytes, None] = OrderedDict()
 _GOOD_SIZE = 8192
 #: held while either memory changes (threads checking plans at once)
 _LOCK = threading.Lock()
-_EXPRESSION_FIELDS = ("when", "fail_when", "items", "on")
+_EXPRESSION_FIELDS = ("when", "fail_when", "signal_key", "items", "on")
 
 
 def require_plan(plan: Any) -> None:
@@ -168,12 +168,16 @@ def _references_problem(plan: dict[str, Any]) -> str | None:
 
 
 def _layout_problem(plan: dict[str, Any]) -> str | None:
-    """What a plan of the schema's shape holds that its ``plan_version`` did not have yet (a wait node before 3, a
-    step's ``on_failure`` before 2), or a wait node that is neither a signal wait nor a timer wait."""
+    """What a plan of the schema's shape holds that its ``plan_version`` did not have yet (a ``signal_key`` before
+    4, a wait node before 3, a step's ``on_failure`` before 2), or a wait node that is neither a signal wait nor a
+    timer wait."""
     version = plan["plan_version"]
     waits = [key for key, node in plan["nodes"].items() if node["kind"] == "wait"]
     if waits and version < 3:
         return f"'nodes/{waits[0]}' is a wait node, which plan_version 3 brought: the plan's plan_version must be 3"
+    keyed = next((key for key in waits if "signal_key" in plan["nodes"][key]), None)
+    if keyed is not None and version < 4:
+        return f"'nodes/{keyed}' has 'signal_key', which plan_version 4 brought: the plan's plan_version must be 4"
     for key in waits:
         node = plan["nodes"][key]
         if (node["signal"] is None) == (node["delay_ms"] is None):
@@ -246,7 +250,7 @@ def _why(schema_path: Any) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def plan_schema() -> dict[str, Any]:
-    """The JSON Schema of an execution plan (``plan_version`` 1 to 3)."""
+    """The JSON Schema of an execution plan (``plan_version`` 1 to 4)."""
     schema: dict[str, Any] = json.loads(data_file("plan.schema.json", "specs").read_text(encoding="utf-8"))
     return schema
 
@@ -509,8 +513,9 @@ _SIGNAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 def _signal_problem(plan: dict[str, Any]) -> str | None:
     """What the kernel's ``prepare`` refuses of a plan's signal waits (``ValueError``, with the same words), which
     the compiler reports as FD316 and FD317: a signal taken by two waits (a signal sent to a run is for one wait),
-    or a signal wait inside a ``for_each`` (which iteration a signal is for could not be said) — and a signal name
-    that is not one. Read after :func:`_tree_problem`: the ``parent`` of each node is the group that lists it."""
+    or a signal wait with no ``signal_key`` inside a ``for_each`` (which iteration a signal is for could not be said)
+    — and a signal name that is not one. (A ``signal_key`` on a timer wait, FD309, the schema refuses.) Read after
+    :func:`_tree_problem`: the ``parent`` of each node is the group that lists it."""
     nodes: dict[str, Any] = plan["nodes"]
     signals = [key for key, node in nodes.items() if node["kind"] == "wait" and node["signal"] is not None]
     taken: dict[str, str] = {}
@@ -521,11 +526,11 @@ def _signal_problem(plan: dict[str, Any]) -> str | None:
         if name in taken:
             return (f"'nodes/{key}/signal': plan nodes {taken[name]!r} and {key!r} both wait for signal {name!r} "
                     "(a signal sent to a run is for one wait: FD316)")
-        around = nodes[key]["parent"]
+        around = nodes[key]["parent"] if nodes[key].get("signal_key") is None else None
         while around is not None:
             if nodes[around]["kind"] == "for_each":
                 return (f"'nodes/{key}/signal': plan node {key!r} waits for signal {name!r} inside for_each "
-                        f"{around!r} (which iteration a signal is for cannot be said: FD317)")
+                        f"{around!r} with no 'signal_key' (which iteration would a signal be for?): FD317")
             around = nodes[around]["parent"]
         taken[name] = key
     return None

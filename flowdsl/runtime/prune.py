@@ -11,7 +11,9 @@ states asked for, a record is kept when:
 
 - its run may still go: its record has no end (or its runtime waits, after the run's end, for attempts it had
   given up on) and its process runs — or whether it runs cannot be told here (another host or container, a record
-  of an earlier flowdsl): deleting the file of a live run would lose the rest of its record;
+  of an earlier flowdsl): deleting the file of a live run would lose the rest of its record; or the run is parked
+  (its record ends with ``runtime_parked``): no process runs it, and ``flowdsl resume`` goes on with it from its
+  record, the only place it is kept;
 - a person still has work to do: the run ended ``needs_intervention``, a step's outcome is in doubt, or it crashed
   or was stopped at once with something left to undo — until ``flowdsl resolve`` says it is done;
 - it was written by a newer flowdsl, or changed while prune ran (or ``flowdsl resolve`` holds it locked: a record is
@@ -39,6 +41,7 @@ from typing import Any
 from flowdsl.runtime.listing import (
     CRASHED,
     NEWER,
+    PARKED_STATE,
     RESOLVED_STATE,
     SUFFIX,
     UNRECORDED,
@@ -58,6 +61,7 @@ REASONS = {
     "recent": "last written less than {age} ago",
     "status": "in a state not pruned",
     "live": "still running: its process runs",
+    "parked": "parked: not over, and no process runs it; `flowdsl resume RUN_ID` goes on with it (or `--cancel`s it)",
     "unknown_process": "no end in the record, and whether its process still runs cannot be told here (another host, "
                        "machine or container, another user's process /proc does not show, or a record of an earlier "
                        "flowdsl): `flowdsl resolve RUN_ID --force` once you "
@@ -72,7 +76,7 @@ REASONS = {
     "changed": "changed while prune ran, or being resolved",
 }
 #: the reasons whose runs the text report names (a few of each): those that ask something of a person
-_NAMED = ("live", "unknown_process", "needs_intervention", "in_doubt", "left_to_undo", "newer", "changed")
+_NAMED = ("live", "parked", "unknown_process", "needs_intervention", "in_doubt", "left_to_undo", "newer", "changed")
 
 _AGE_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|d|h|m|s)")
 _AGE_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
@@ -288,6 +292,8 @@ def _kept_because(row: RecordRow, path: Path, statuses: tuple[str, ...], cutoff:
         return "recent"
     if row.process == "live":
         return "live"
+    if row.status == PARKED_STATE:
+        return "parked"
     not_ended = row.status in ("running", "aborting", "compensating", "not_started", UNRECORDED)
     if not_ended and row.process != "gone":
         return "unknown_process" if row.process == "unknown" else "live"

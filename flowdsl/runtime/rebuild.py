@@ -20,6 +20,7 @@ from typing import Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS, left_to_undo, replay
 from flowdsl.runtime.late import died_in_doubt, in_doubt_items, stopped_at_once, stopped_waiting
+from flowdsl.runtime.parking import PARKED
 from flowdsl.runtime.report import NOT_STARTED, RunResult
 
 __all__ = ["RUNTIME_LINES", "record_result", "result_from_record"]
@@ -27,8 +28,9 @@ __all__ = ["RUNTIME_LINES", "record_result", "result_from_record"]
 
 #: record lines that are neither kernel input nor emitted by the kernel: a hard stop; the local runtime's wait, after
 #: the run's end, for attempts the run gave up on, and its end; a write that failed; the run resumed by another
-#: process (``flowdsl resume``: the lines before it tell of the process before) (docs/runtime.md, "Run records")
-RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited", "record_failed", "runtime_resumed")
+#: process (``flowdsl resume``: the lines before it tell of the process before); the run parked, its process letting
+#: it go (``.parking``) (docs/runtime.md, "Run records")
+RUNTIME_LINES = ("runtime_aborted", "runtime_waiting", "runtime_waited", "record_failed", "runtime_resumed", PARKED)
 #: why the runtime stopped waiting, in a record whose wait has no end (its process stopped during the wait)
 _WAIT_CUT = "the record ends during the wait: its process stopped"
 
@@ -85,6 +87,9 @@ def result_from_record(header: Mapping[str, Any] | None, lines: list[dict[str, A
         result.intervention = {"steps": left_to_undo(plan, state)}  # stopped at once: what it left undone
         result.aborted = str(aborted.get("reason") or "stopped at once")
     result.in_doubt = _in_doubt_of_record(plan, state, lines, emitted, path)
+    parked = next((e for e in lines[since_resumed(lines):] if e.get("type") == PARKED), None)
+    if parked is not None and result.status not in END_STATES:  # its process let it go: `flowdsl resume` goes on
+        result.parked = {key: parked.get(key) for key in ("at", "waits", "due_at")}
     result.resumed = resumptions(lines)
     failed = lines[-1] if lines and lines[-1].get("type") == "record_failed" else None
     if failed is not None:  # writing it failed there, and the run went on unrecorded: as the run itself said
@@ -155,6 +160,14 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
         elif kind == "record_failed":
             if i != len(lines) - 1 or not isinstance(event.get("reason"), str):
                 raise refuse(i, "a 'record_failed' line is the record's last and gives a 'reason'")
+        elif kind == PARKED:
+            waits = event.get("waits")
+            if (finished is not None and i > finished) or not isinstance(event.get("at"), int) \
+                    or not isinstance(waits, list) or not all(isinstance(w, dict) for w in waits) \
+                    or not (i == len(lines) - 1 or lines[i + 1].get("type") == RESUMED):
+                raise refuse(i, "a 'runtime_parked' line comes before the run's end, gives 'at' (a time in "
+                             "milliseconds) and 'waits' (a list), and is the record's last line or followed by a "
+                             "'runtime_resumed' one")
         elif kind == "runtime_aborted":
             if not isinstance(event.get("reason"), str):
                 raise refuse(i, "a 'runtime_aborted' line gives a 'reason'")

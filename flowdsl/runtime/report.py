@@ -1,13 +1,14 @@
 """A run's outcome for people and programs: the result object and its JSON.
 
 Stage: runtime (shared by every backend and the CLI). Imports the kernel's ``summary`` and ``END_STATES``,
-``.timing`` (the ``timing`` object of the JSON) and stdlib; nothing that draws, and no runtime backend.
+``.timing`` (the ``timing`` object of the JSON), ``.parking`` (a parked run's status) and stdlib; nothing that
+draws, and no runtime backend.
 
 - :class:`RunResult` — what a runtime returns (and what ``--format json`` prints,
   via :meth:`RunResult.to_json`); ``flowdsl.runtime.rebuild.result_from_record`` rebuilds one from a
   run record by replaying its input events through the kernel.
-- :data:`EXIT_CODES` and :func:`exit_code` — a run's exit code by its end state; :data:`NOT_STARTED`, the status
-  of a run that never started.
+- :data:`EXIT_CODES` and :func:`exit_code` — a run's exit code by its end state (:data:`PARKED_EXIT` for a run
+  parked); :data:`NOT_STARTED`, the status of a run that never started.
 - :func:`llm_calls_of` — the model calls of a run, gathered from its events.
 
 What else shows a run lives beside it: ``.late`` (late answers, what is in doubt, what is left to undo by hand),
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.kernel import END_STATES, summary
+from flowdsl.runtime.parking import PARKED_STATE
 from flowdsl.runtime.timing import timing
 
 __all__ = [
     "EXIT_CODES",
     "NOT_STARTED",
+    "PARKED_EXIT",
     "RunResult",
     "exit_code",
     "llm_calls_of",
@@ -36,6 +39,8 @@ __all__ = [
 
 #: exit code of ``flowdsl run`` by end state (2 is a rejected spec, input or usage)
 EXIT_CODES = {"completed": 0, "failed": 1, "compensated": 1, "cancelled": 1, "needs_intervention": 4}
+#: the exit code of a run parked (``park=True``, ``flowdsl run --park``): not over; ``flowdsl resume`` goes on with it
+PARKED_EXIT = 5
 #: the status of a run that never started: a record holding only its header, a run aborted before its start
 NOT_STARTED = "not_started"
 
@@ -99,9 +104,13 @@ class RunResult:
     #: gone`` (``flowdsl.runtime.stopped``) —, or None; like ``aborted``, with ``intervention`` what is left to undo
     crashed: str | None = None
     #: (a local run whose process stopped before its end, resumed by another: ``flowdsl resume``) each time it was
-    #: resumed, in order: ``{at, by, was, pid, host, attempts}`` (``was``: ``crashed``, ``aborted`` or ``gone``;
-    #: ``attempts``: the task ids run again)
+    #: resumed, in order: ``{at, by, was, pid, host, attempts}`` (``was``: ``crashed``, ``aborted``, ``parked`` or
+    #: ``gone``; ``attempts``: the task ids run again)
     resumed: list[dict[str, Any]] = field(default_factory=list)
+    #: (a local run parked: ``park=True``, ``flowdsl run --park``) what its ``runtime_parked`` line says — ``at``,
+    #: ``waits`` (``{wait, signal, key?, due_at}`` each) and ``due_at``, the earliest timer
+    #: (``flowdsl.runtime.parking``) —, or None: the run is not over, and ``flowdsl resume`` goes on with it
+    parked: dict[str, Any] | None = None
 
     @classmethod
     def from_state(cls, plan: dict[str, Any], state: dict[str, Any], events: list[dict[str, Any]], *,
@@ -131,15 +140,19 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """As :func:`exit_code` of the status; 4 (a person must look) when a step's outcome is in doubt."""
+        """As :func:`exit_code` of the status; 4 (a person must look) when a step's outcome is in doubt;
+        :data:`PARKED_EXIT` when the run was parked."""
+        if self.parked is not None:
+            return PARKED_EXIT
         return EXIT_CODES["needs_intervention"] if self.in_doubt else exit_code(self.status)
 
     def _wait_fields(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """A wait's row adds the ``signal`` it takes (null for a timer) and ``wait_ms`` (its timer's delay, or its
-        signal's deadline, or null); a wait that waits is ``waiting`` (the kernel's ``running``)."""
+        """A wait's row adds the ``signal`` it takes (null for a timer), the ``key`` a keyed wait's instance takes
+        it with (null for an unkeyed wait, and for a keyed one not started) and ``wait_ms`` (its timer's delay, or
+        its signal's deadline, or null); a wait that waits is ``waiting`` (the kernel's ``running``)."""
         node = (self.plan.get("nodes") or {}).get(row["node"]) or {}
         signal = row.get("signal", node.get("signal"))
-        fields: dict[str, Any] = {"signal": signal,
+        fields: dict[str, Any] = {"signal": signal, "key": row.get("key"),
                                   "wait_ms": node.get("delay_ms") if signal is None else node.get("timeout_ms")}
         if row["status"] == "running":
             fields["status"] = "waiting"
@@ -154,7 +167,7 @@ class RunResult:
         reason; its ``intervention`` lists what is left to undo by hand. So does a run whose process is gone
         (``crashed``): ``status`` ``"crashed"``, ``stopped_in``, and ``crashed`` saying which process. ``resumed``
         lists each time another process took the run up again (``flowdsl resume``; ``[]`` when never). A wait's row
-        in ``steps`` also has ``signal`` and ``wait_ms``, and the status ``waiting`` while it waits."""
+        in ``steps`` also has ``signal``, ``key`` and ``wait_ms``, and the status ``waiting`` while it waits."""
         steps = {}
         for key, row in self.steps.items():
             item = {"status": row["status"], "attempts": row["attempts"], "started_at": row["started_at"],
@@ -170,8 +183,10 @@ class RunResult:
                 item.update(self._wait_fields(row))
             steps[key] = item
         stopped = {"stopped_in": self.status, "aborted": self.aborted} if self.aborted is not None else \
-            {"stopped_in": self.status, "crashed": self.crashed} if self.crashed is not None else {}
-        said = "aborted" if self.aborted is not None else "crashed" if stopped else self.status
+            {"stopped_in": self.status, "crashed": self.crashed} if self.crashed is not None else \
+            {"stopped_in": self.status, "parked": self.parked} if self.parked is not None else {}
+        said = "aborted" if self.aborted is not None else "crashed" if self.crashed is not None else \
+            PARKED_STATE if self.parked is not None else self.status
         return {
             "run_id": self.run_id, "flow": self.flow, "status": said, **stopped,
             "error": self.error,

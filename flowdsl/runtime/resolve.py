@@ -1,7 +1,7 @@
 """``flowdsl resolve`` of a local run: say that what a run left to do by hand is done.
 
-Stage: runtime (shared), CLI support. Imports stdlib, ``.owner``, ``.record``, and inside functions ``.rebuild``,
-``.summary``, ``.stopped`` and ``.codec``; rich only through the console handed in.
+Stage: runtime (shared), CLI support. Imports stdlib, ``.owner``, ``.parking``, ``.record``, and inside functions
+``.rebuild``, ``.summary``, ``.stopped`` and ``.codec``; rich only through the console handed in.
 
 A run that ended ``needs_intervention`` (or with a step in doubt), that was stopped at once, or that crashed (its
 process is gone, ``.stopped``) leaves work to a person: ``flowdsl show`` lists it. Once that person has done it,
@@ -13,8 +13,9 @@ process is gone, ``.stopped``) leaves work to a person: ``flowdsl show`` lists i
 (``status``: the state the run was listed in then). ``flowdsl runs --backend local`` then lists it ``resolved``
 (so ``--status needs_intervention`` lists the runs still to handle), ``show`` prints the resolution, and ``flowdsl
 prune`` may remove the record. A run that completed (or failed, was compensated or cancelled with nothing in doubt),
-one already resolved, and one whose process still runs it are refused; so is one whose process cannot be told
-(another host), unless ``force``.
+one already resolved, one whose process still runs it and one parked (``.parking``: it is not over, and nothing is
+left to do by hand — ``flowdsl resume`` goes on with it, or cancels it) are refused; so is one whose process cannot
+be told (another host), unless ``force``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.runtime.owner import UNKNOWN, by_whom
+from flowdsl.runtime.parking import PARKED_STATE
 from flowdsl.runtime.record import RESOLVED, RecordError, encode_line, find_record, locked_record
 
 __all__ = ["NotResolvable", "resolution_json", "resolution_text", "resolve_local_command", "resolve_record"]
@@ -34,7 +36,7 @@ EXIT_USAGE = 2
 
 class NotResolvable(Exception):
     """The run cannot be resolved now: ``kind`` (``NothingToResolve``, ``AlreadyResolved``, ``StillRunning``,
-    ``CannotTell``), the message, and ``status``, the state ``flowdsl runs`` lists the run in."""
+    ``Parked``, ``CannotTell``), the message, and ``status``, the state ``flowdsl runs`` lists the run in."""
 
     def __init__(self, kind: str, message: str, status: str | None = None):
         super().__init__(message)
@@ -65,7 +67,7 @@ def resolution_text(line: dict[str, Any]) -> str:
 
 def resolve_record(path: Path, *, note: str | None, force: bool = False) -> dict[str, Any]:
     """Append a ``resolved`` line to the record ``path`` and return it (what the run left is done by hand).
-    :class:`NotResolvable` when the run has nothing to resolve, is resolved already, still runs, or (unless
+    :class:`NotResolvable` when the run has nothing to resolve, is resolved already, still runs, is parked, or (unless
     ``force``) runs, for all that can be told here, elsewhere; ``RecordError`` when the record cannot be read (a
     ``NewerRecord`` too) or written. Taken under an exclusive ``flock`` of the record (``.record.locked_record``), so
     that two at once do not both resolve it; one that grew since it was read is not resolved."""
@@ -105,6 +107,14 @@ def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
         raise NotResolvable("StillRunning", f"run {run} is not over: {process.said if process else ''}, and {what}; "
                             "resolve it once it has ended (stop it with Ctrl-C or SIGTERM to its process)",
                             str(result.status))
+    if standing.stopped == PARKED_STATE:  # (before the stopped runs below: a parked run left nothing by hand)
+        from flowdsl.runtime.parking import parked_text
+        from flowdsl.runtime.summary import show_command
+
+        resume = show_command(path).replace("flowdsl show", "flowdsl resume", 1)
+        raise NotResolvable("Parked", f"run {run} is parked: it is not over, and nothing is left to do by hand; it "
+                            f"{parked_text(result.parked or {}, resume)}; or cancel it with `{resume} --cancel` "
+                            "(what completed is undone)", PARKED_STATE)
     if process is not None and process.state == UNKNOWN and not standing.closed and not force:
         raise NotResolvable("CannotTell", f"run {run} has no end in its record, and {process.said}; resolve it "
                             "there, or add --force once you know that process is gone",
@@ -124,7 +134,7 @@ def _resolvable(path: Path, header: Any, lines: Any, force: bool) -> str:
 def resolve_local_command(run: str, directory: str | Path | None, *, note: str | None, force: bool, as_json: bool,
                           console: Any) -> int:
     """``flowdsl resolve RUN_ID`` of a local run record (``run``: its id, or the path of its record): its exit code —
-    0 resolved; 1 refused (nothing to resolve, resolved already, still running, its process cannot be told
+    0 resolved; 1 refused (nothing to resolve, resolved already, still running, parked, its process cannot be told
     without ``force``); 2 no such record, one that cannot be read or written, or a record of a newer flowdsl."""
     from rich.markup import escape
 

@@ -5,7 +5,8 @@ Stage: runtime: local — :func:`resume_flow` and :func:`resume` (``flowdsl resu
 ``.rebuild``, ``.stopped`` and ``.report`` inside the functions that use them.
 
 A local run lives in its process. When that process dies (kill -9, the OOM killer, a reboot: the run is listed
-``crashed``) or stops the run at once (a second Ctrl-C: ``aborted``), the run stands where its record left it. Its
+``crashed``), stops the run at once (a second Ctrl-C: ``aborted``) or lets it go once it has nothing left but
+waiting (``park``: ``parked``), the run stands where its record left it. Its
 record holds every input event, so replaying them through the kernel gives the run's state back exactly
 (docs/kernel.md, "Replay"); :func:`prepare_resumption` does that and finds what the run waited for:
 
@@ -52,11 +53,15 @@ from flowdsl.runtime.record import (
     resumptions,
 )
 
-__all__ = ["NotResumable", "Resumption", "prepare_resumption"]
+__all__ = ["CANCELLED_AS_RESUMED", "NotResumable", "Resumption", "prepare_resumption"]
+
+#: the reason of the cancel that ``resume_flow(cancel=True)`` (``flowdsl resume --cancel``) applies as it resumes
+CANCELLED_AS_RESUMED = "cancelled as it was resumed"
 
 
 class NotResumable(Exception):
-    """The run cannot be resumed: ``kind`` (``Ended``, ``StillRunning``, ``Resolved``, ``NotStarted``,
+    """The run cannot be resumed (it may be resumed once it crashed, was stopped at once, or parked): ``kind``
+    (``Ended``, ``StillRunning``, ``Resolved``, ``NotStarted``,
     ``Unrecorded``, ``CannotTell``, ``Changed``), the message, and ``status``, the state ``flowdsl runs`` lists
     the run in."""
 
@@ -70,8 +75,8 @@ class Resumption:
     """A run read back from its record, to go on with in this process: its ``plan``, ``run_input`` and ``state``
     (replayed), the ``events`` it emitted (all of them, those the record lacked included), the ``dispatches`` to
     carry out again and the ``timers`` to arm again (commands, as the kernel gave them; an attempt's timeout due
-    afresh from :meth:`begin`), and ``was``: how its process stopped (``crashed``, ``aborted``, or ``gone`` — told
-    by ``force``)."""
+    afresh from :meth:`begin`), and ``was``: how its process stopped (``crashed``, ``aborted``, ``parked`` — its
+    process let it go, only waits being left —, or ``gone`` — told by ``force``)."""
 
     path: Path
     run_id: str
@@ -183,6 +188,8 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
                                "effect twice)", "aborted")
     if standing.crashed:
         was = "crashed"
+    elif standing.stopped == "parked":  # (its process let it go, having nothing in flight: nothing to wait for)
+        was = "parked"
     elif standing.stopped == "aborted":
         was = "aborted"
     elif process is not None and process.state == UNKNOWN and force:
@@ -213,7 +220,7 @@ def prepare_resumption(path: Path, *, force: bool = False) -> Resumption:
     before = process if process is not None else judge(owner_of(header, lines))
     who = f" (pid {before.pid} on {before.host})" if before.pid is not None else ""
     stopped = {"crashed": f"its process{who} died", "aborted": f"the run was stopped at once in its process{who}",
-               "gone": f"its process{who} stopped"}[was]
+               "gone": f"its process{who} stopped", "parked": f"its process{who} parked it"}[was]
     times = [at for e in lines if isinstance(at := e.get("at"), int) and not isinstance(at, bool)]
     named = (header or {}).get("lm")
     return Resumption(path=path, run_id=str(state["run_id"]), plan=plan, run_input=dict(inputs[0]["input"]),
@@ -237,9 +244,10 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
                       on_event: Any = None, on_notice: Any = None, registry: Any = None, adapter: object | None = None,
                       handle_sigint: bool = False, import_workers: bool = True, lms: Any = None,
                       spec_path: str | os.PathLike[str] | None = None, handle_sigterm: bool = False,
-                      late_grace: float | None = None, force: bool = False, signals: Any = None) -> Any:
+                      late_grace: float | None = None, force: bool = False, signals: Any = None,
+                      park: bool = False, cancel: bool | str = False) -> Any:
     """Resume, on the running event loop, the local run ``run`` (its id, in ``runs_dir``, or its record's path)
-    whose process stopped before the run's end — it crashed, or stopped the run at once — and return its
+    whose process stopped before the run's end — it crashed, stopped the run at once, or parked it — and return its
     :class:`~flowdsl.runtime.report.RunResult` when it ends (module docstring: what runs again).
 
     The options are :func:`~flowdsl.runtime.local.run_flow`'s (``on_event`` is told the events emitted from here
@@ -248,7 +256,9 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
     process cannot be told to be gone from here (another host); ``signals`` are sent to the run as it is resumed,
     right after the timers that fell due while it stood (which fire first, in the order they fell due: a signal
     wait whose deadline passed then has failed, and its signal is rejected), before anything else (as
-    :func:`~flowdsl.runtime.local.run_flow`'s are as a run starts). Raises
+    :func:`~flowdsl.runtime.local.run_flow`'s are as a run starts); ``park`` parks it again once it has nothing
+    left but waiting (as ``run_flow``'s); ``cancel`` (True, or the reason to give) cancels it as it is resumed,
+    right after those timers and signals: its waits end, what completed is compensated. Raises
     :class:`NotResumable` (nothing was written), ``RecordError`` (the record cannot be read, replayed or written),
     and what :class:`~flowdsl.runtime.local.LocalRun` raises (its workers cannot be imported, are missing…) before
     anything runs."""
@@ -262,7 +272,10 @@ async def resume_flow(run: str | os.PathLike[str], *, runs_dir: str | Path | Non
                      on_event=on_event, on_notice=on_notice, registry=registry, adapter=adapter,
                      handle_sigint=handle_sigint, import_workers=import_workers, lms=lms,
                      spec_path=spec_path if spec_path is not None else resumption.spec,
-                     handle_sigterm=handle_sigterm, late_grace=late_grace, resumption=resumption, signals=signals)
+                     handle_sigterm=handle_sigterm, late_grace=late_grace, resumption=resumption, signals=signals,
+                     park=park)
+    if cancel:
+        local.cancel(cancel if isinstance(cancel, str) else CANCELLED_AS_RESUMED)
     return await local.run()
 
 

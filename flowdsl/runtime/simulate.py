@@ -17,11 +17,12 @@ The runtime contract of docs/kernel.md holds: every dispatch is answered once (o
 ``task_started`` follows each dispatch, timers fire at their due time unless cancelled, a cancelled attempt
 answers ``task_cancelled`` at once unless it ignores the cancel.
 
-A run's ``wait`` nodes get the :class:`Signal` events its script sends (``Script.signals``), each at its time
-from the run's start; a timer wait's timer fires on the virtual clock as any other (a wait of 2 h takes no real
-time). A run whose signal wait waits for a signal nobody sends never ends (``Simulation.waits`` names it). A signal
-due after the run has ended never reaches it, as on the local runtime (which answers one sent to a run that is
-over ``rejected`` without recording it): it is not among the run's events.
+A run's ``wait`` nodes get the :class:`Signal` events its script sends (``Script.signals``), each at its time from
+the run's start (a keyed wait's with its key), and, for the signals ``Script.keyed_at_start`` names, each keyed
+wait's signal as it starts, with the key it took; a timer wait's timer fires on the virtual clock as any other (a
+wait of 2 h takes no real time). A run whose signal wait waits for a signal nobody sends never ends
+(``Simulation.waits`` names it). A signal due after the run has ended never reaches it, as on the local runtime
+(which answers one sent to a run that is over ``rejected`` without recording it): it is not among the run's events.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import asyncio
 import builtins
 import heapq
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -129,20 +130,28 @@ def error_types_of(error_type: str, is_a: Sequence[str] = ()) -> list[str]:
 @dataclass(frozen=True)
 class Signal:
     """A signal sent to a simulated run from outside (docs/kernel.md, "Waits"): its ``name``, its ``data`` (the
-    wait's result: a JSON object; None for ``{}``) and when — ``at_ms`` virtual milliseconds after the run's start
-    (0: at once, kept until its wait starts). The run's wait of that name takes it; a signal no wait can take
-    (none waits for that name, it came already, its wait has ended) is rejected, as a runtime's would be
-    (``signal_rejected``), and changes nothing else. One due after the run has ended never reaches it (it is not
-    among the run's events), as the local runtime feeds none to a run that is over.
+    wait's result: a JSON object; None for ``{}``), when — ``at_ms`` virtual milliseconds after the run's start
+    (0: at once, kept until its wait starts) — and, for a keyed wait's signal, its ``key`` (a non-empty string; an
+    integer is taken as its decimal text): the instance of the wait that took that key takes it. The run's wait of
+    that name takes it; a signal no wait can take (none waits for that name, it came already, its wait has ended, a
+    key missing or one the wait does not take) is rejected, as a runtime's would be (``signal_rejected``), and
+    changes nothing else. One due after the run has ended never reaches it (it is not among the run's events), as
+    the local runtime feeds none to a run that is over.
     """
 
     name: str
     data: Mapping[str, Any] | None = None
     at_ms: int = 0
+    key: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"a signal's name is a non-empty string, not {self.name!r}")
+        if isinstance(self.key, int) and not isinstance(self.key, bool):
+            object.__setattr__(self, "key", str(self.key))
+        elif self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise ValueError(f"signal {self.name!r}: its key is a non-empty string or an integer (or None for "
+                             f"none), not {self.key!r}")
         if type(self.at_ms) is not int or self.at_ms < 0:
             raise ValueError(f"at_ms is a whole number of milliseconds, 0 or more; got {self.at_ms!r}")
         if self.data is not None and not isinstance(self.data, Mapping):
@@ -163,12 +172,15 @@ class Script:
     is looked up before its plan key. ``steps`` scripts a step's own attempts (its worker, or its model),
     ``undo`` its compensation's, ``fallback`` its fallback worker's. An attempt with no script is ``real``.
     ``signals``: the :class:`Signal` events sent to the run, each at its time (at the same time, in this order).
+    ``keyed_at_start``: signal names of keyed waits, each instance of which is sent its signal as it starts (at
+    that virtual time, with ``{}`` and the key it took) — unless ``signals`` send that signal with that key.
     """
 
     steps: Mapping[str, Sequence[Outcome]] = field(default_factory=dict)
     undo: Mapping[str, Sequence[Outcome]] = field(default_factory=dict)
     fallback: Mapping[str, Sequence[Outcome]] = field(default_factory=dict)
     signals: Sequence[Signal] = ()
+    keyed_at_start: Collection[str] = frozenset()
 
     def __post_init__(self) -> None:
         signals = tuple(self.signals)
@@ -176,6 +188,9 @@ class Script:
         if wrong is not None:
             raise ValueError(f"a script's signals are Signal objects, not {type(wrong).__name__}")
         object.__setattr__(self, "signals", signals)
+        if isinstance(self.keyed_at_start, str):
+            raise ValueError("a script's keyed_at_start is a collection of signal names, not one string")
+        object.__setattr__(self, "keyed_at_start", frozenset(self.keyed_at_start))
 
     def outcome(self, command: Mapping[str, Any]) -> Outcome:
         """The outcome of the attempt a ``dispatch`` command starts."""
@@ -290,6 +305,20 @@ class _Simulator:
         self.calls: list[Call] = []
         self.start = clock.now
         self.hanging: set[str] = set()
+        #: the (signal, key) pairs the script's signals send: a keyed wait of one is not sent its signal as it starts
+        self.sent_keys = {(s.name, s.key) for s in script.signals if s.key is not None}
+
+    def keyed_started(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Send each keyed wait among ``events`` that started (``step_started`` with a key) its signal now, with
+        ``{}`` and its key, when ``Script.keyed_at_start`` names that signal and the script does not send it."""
+        names = self.script.keyed_at_start
+        if not names:
+            return
+        for event in events:
+            if event["type"] == "step_started" and event.get("key") is not None and event.get("signal") in names \
+                    and (event["signal"], event["key"]) not in self.sent_keys:
+                self.clock.at(self.clock.now, {"type": "signal", "name": event["signal"], "key": event["key"],
+                                               "payload": {}})
 
     async def carry_out(self, commands: Sequence[Mapping[str, Any]]) -> None:
         for command in commands:
@@ -385,7 +414,9 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
     if cancel_at_ms is not None:
         clock.at(clock.now + cancel_at_ms, {"type": "cancel_requested", "reason": cancel_reason})
     for sent in sim.script.signals:  # (one due after the run's end never reaches it: skipped below)
-        clock.at(clock.now + sent.at_ms, {"type": "signal", "name": sent.name, "payload": copy_json(sent.data)})
+        clock.at(clock.now + sent.at_ms, {"type": "signal", "name": sent.name, "payload": copy_json(sent.data)}
+                 | ({"key": sent.key} if sent.key is not None else {}))
+    sim.keyed_started(decision.events)
     await sim.carry_out(decision.commands)
     state = decision.state
     applied = 0
@@ -401,6 +432,7 @@ async def simulate_flow(plan: dict[str, Any], run_input: dict[str, Any], *, scri
         decision = apply(plan, state, event)
         state = decision.state
         events.extend(decision.events)
+        sim.keyed_started(decision.events)
         await sim.carry_out(decision.commands)
     result = RunResult.from_state(plan, state, events)
     ended = state["status"] in END_STATES

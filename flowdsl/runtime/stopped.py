@@ -44,8 +44,9 @@ _DISPATCHES = ("step_scheduled", "compensation_started")
 class Standing:
     """How a local run record stands, for the commands that act on it. ``ended``: the record holds the run's end (a
     ``run_finished``; or its input events give it); ``stopped``: it ends with a ``runtime_aborted`` line (stopped at
-    once) or a ``record_failed`` one (the run went on unrecorded) before the run's end; ``crashed``: neither, and
-    its process is gone (:func:`settle` gave the result its ``crashed`` reason and what is left); ``waiting``: it
+    once), a ``runtime_parked`` one (``parked``: its process let it go, only waits being left) or a
+    ``record_failed`` one (the run went on unrecorded) before the run's end; ``crashed``: neither, and its process
+    is gone (:func:`settle` gave the result its ``crashed`` reason and what is left); ``waiting``: it
     ends while its runtime waited, after the run's end, for attempts it had given up on. ``process`` is what the
     process its header names is, as far as can be told here (asked only when the record is not closed: it does not
     end the run, or it ends waiting). ``awaited``: when it ends waiting and its process still runs (so the runtime
@@ -66,8 +67,8 @@ class Standing:
     @property
     def closed(self) -> bool:
         """Whether nothing will write to the record any more (besides ``flowdsl resolve``): its run ended (and no
-        wait after the end is open), it was stopped at once, or its process is gone."""
-        return (self.ended and not self.waiting) or self.stopped == "aborted" or (
+        wait after the end is open), it was stopped at once or parked, or its process is gone."""
+        return (self.ended and not self.waiting) or self.stopped in ("aborted", "parked") or (
             self.process is not None and self.process.state == GONE)
 
 
@@ -101,9 +102,10 @@ def _settled(header: Mapping[str, Any] | None, lines: list[dict[str, Any]], resu
     ended = result.status in END_STATES
     waiting = "run_finished" in kinds and "runtime_waiting" in kinds and "runtime_waited" not in kinds
     stopped = "aborted" if result.aborted is not None else \
+        "parked" if getattr(result, "parked", None) is not None and not ended else \
         "unrecorded" if lines and lines[-1].get("type") == RECORD_FAILED and not ended else None
     process = None
-    if waiting or (not ended and stopped != "aborted"):
+    if waiting or (not ended and stopped not in ("aborted", "parked")):  # (a parked run's process let it go)
         process = judge(owner_of(header, lines))
     awaited: tuple[str, ...] = ()
     if waiting and process is not None and process.state == LIVE:

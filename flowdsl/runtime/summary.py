@@ -1,12 +1,13 @@
 """The end summary of a run, and the text helpers every display of a run shares.
 
-Stage: runtime (shared by every backend and the CLI). Imports the kernel's names, ``.report``, ``.timing``,
-``.late`` and stdlib at import time; rich, ``flowdsl.shown``, ``flowdsl.stdio``, ``flowdsl.llm`` and ``.record`` only
+Stage: runtime (shared by every backend and the CLI). Imports the kernel's names, ``.report``, ``.timing``, ``.late``,
+``.parking`` and stdlib at import time; rich, ``flowdsl.shown``, ``flowdsl.stdio``, ``flowdsl.llm`` and ``.record`` only
 inside the functions that use them (so ``flowdsl --help`` and library use stay light).
 
 - :func:`print_summary` — the end summary: per-step status, attempts and duration,
   what was compensated in which order, wall time against the sum of step times,
-  and the measured critical path.
+  and the measured critical path; for a parked run, what each wait waits for, until when, and the command that
+  goes on with it (:func:`parked_lines`).
 - :func:`fallback_text`, :func:`fallback_reason` — what an LLM step's fallback means, plainly.
 - :func:`wait_label`, :func:`wait_words` — what a wait node waits for (its signal and deadline, or its delay).
 - :func:`show_command` — the ``flowdsl show`` command that finds a record; :func:`error_console`, where errors go
@@ -30,11 +31,12 @@ from typing import Any
 
 from flowdsl.kernel import END_STATES, LLM_NOT_CONFIGURED
 from flowdsl.runtime.late import stopped_while
+from flowdsl.runtime.parking import SHOWN_WAITS, at_text, signal_named, signal_option
 from flowdsl.runtime.report import RunResult
 from flowdsl.runtime.timing import STEP_KINDS, _span, duration_text, timing
 
-__all__ = ["error_console", "fallback_reason", "fallback_text", "print_summary", "show_command", "wait_label",
-           "wait_words"]
+__all__ = ["error_console", "fallback_reason", "fallback_text", "parked_lines", "print_summary",
+           "record_resume_command", "resume_command", "show_command", "wait_label", "wait_words"]
 
 
 _STYLE = {"completed": "green", "succeeded": "green", "compensated": "yellow", "cancelled": "yellow",
@@ -101,23 +103,27 @@ def _error_text(err: Mapping[str, Any] | None) -> str:
     return f"{err.get('type')}: {message}" if message else str(err.get("type"))
 
 
-def wait_label(node: Mapping[str, Any]) -> str:
-    """What wait ``node`` (a plan node) waits for, briefly: ``signal 'paid', up to 30s``, ``signal 'paid'``,
-    ``timer 2h`` (text of the plan's: escape it to show it)."""
+def wait_label(node: Mapping[str, Any], key: str | None = None) -> str:
+    """What wait ``node`` (a plan node; ``key``: the key an instance of a keyed wait takes its signal with) waits
+    for, briefly: ``signal 'paid', up to 30s``, ``signal 'paid'``, ``signal 'delivered' key '1Z9'``, ``timer 2h``
+    (text of the plan's and the run's: escape it to show it)."""
     if node.get("signal") is None:
         return f"timer {duration_text(node.get('delay_ms'))}"
     timeout = node.get("timeout_ms")
-    return f"signal '{node['signal']}'" + (f", up to {duration_text(timeout)}" if timeout else "")
+    return f"signal '{node['signal']}'" + (f" key '{key}'" if key is not None else "") + \
+        (f", up to {duration_text(timeout)}" if timeout else "")
 
 
 def wait_words(event: Mapping[str, Any]) -> str:
     """A wait's ``step_started`` event as the live view and ``show`` say it (markup): ``waits for signal 'paid'
-    (up to 30s)``, ``waits for signal 'paid' (no deadline)``, ``waits 2h``."""
+    (up to 30s)``, ``waits for signal 'paid' (no deadline)``, ``waits for signal 'delivered' key '1Z9' (up to
+    14d)``, ``waits 2h``."""
     ms = event.get("wait_ms")
     if event.get("signal") is None:
         return f"waits {duration_text(ms)}"
     deadline = f"up to {duration_text(ms)}" if ms else "no deadline"
-    return f"waits for signal '{_esc(event['signal'])}' ({deadline})"
+    key = f" key '{_esc(event['key'])}'" if event.get("key") is not None else ""
+    return f"waits for signal '{_esc(event['signal'])}'{key} ({deadline})"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -166,7 +172,8 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         if row["kind"] == "wait":  # (a wait that waits is "waiting"; what it waits for under the table)
             status = "waiting" if status == "running" else status
             waits = " [dim]⚐[/]"
-            waited.append(f"  {_esc(key)}: {_esc(wait_label((result.plan.get('nodes') or {}).get(row['node']) or {}))}")
+            node = (result.plan.get("nodes") or {}).get(row["node"]) or {}
+            waited.append(f"  {_esc(key)}: {_esc(wait_label(node, row.get('key')))}")
         cell = _status(status) + waits + (" [yellow](fallback)[/]" if key in fell_back else "") + \
             (" [yellow](passed over, completed late)[/]" if row.get("completed_late") else
              " [yellow](passed over)[/]" if row.get("continued") else "")
@@ -198,11 +205,16 @@ def print_summary(result: RunResult, console: Any = None) -> None:
     state = f"[yellow]stopped at once {stopped_while(result.status)}[/]" if stopped else _status(result.status)
     if stopped and result.crashed is not None:  # (its process died: flowdsl.runtime.stopped)
         state = f"[bold red]crashed {stopped_while(result.status)}[/] ({_esc(result.crashed)})"
+    if result.parked is not None:  # (its process let it go: flowdsl.runtime.parking)
+        state = "[cyan]parked[/] — not over, and no process runs it"
     headline = f"[bold]{_esc(result.flow or '')}[/] {_esc(result.run_id)}: {state}"
     if result.error:
         where = f" at {_esc(result.failed_step)}" if result.failed_step else ""
         headline += f"{where} — {_esc(_error_text(result.error))}"
     con.print(headline)
+    if result.parked is not None:
+        for line in parked_lines(result):
+            con.print(line, highlight=False)
     passed_over = [k for k, r in result.steps.items() if r.get("continued")]
     if passed_over:
         more = f", … ({len(passed_over) - _PASSED_SHOWN} more)" if len(passed_over) > _PASSED_SHOWN else ""
@@ -254,6 +266,56 @@ def print_summary(result: RunResult, console: Any = None) -> None:
         con.print(f"[dim]record: {_esc(result.record_path)}  ({_esc(show)})[/]")
         if result.record_error:
             con.print(f"[yellow]the record is incomplete: {_esc(result.record_error)}[/]")
+
+
+#: the timers a parked run may hold besides its waits', in words (the kernel's ``purpose`` of each)
+_TIMERS = {"run_timeout": "the run's timeout", "flow_timeout": "a sub-flow's timeout", "retry": "a retry's wait"}
+
+
+def parked_lines(result: RunResult) -> list[str]:
+    """What the summary of a parked run (``result.parked``) says under its headline (markup): a line per wait —
+    what it waits for, until when, and the ``flowdsl resume`` command that goes on with it —, the next timer due when
+    it is none of the waits' (a retry's wait, the run's timeout), and the command that cancels the run instead."""
+    parked = result.parked or {}
+    resume = resume_command(result)
+    lines = ["its waits, and how to go on with each:"]
+    dues = set()
+    waits = list(parked.get("waits") or ())
+    for wait in waits:
+        dues.add(wait.get("due_at"))
+    for wait in waits[:SHOWN_WAITS]:
+        key, signal, due = _esc(wait.get("wait")), wait.get("signal"), wait.get("due_at")
+        if signal is None:
+            lines.append(f"  {key}: timer, until {at_text(due)} — `{_esc(resume)}` once it is due")
+            continue
+        until = f"until {at_text(due)} (then it fails with WaitTimeout)" if due is not None else "no deadline"
+        signal_key = str(wait["key"]) if wait.get("key") is not None else None
+        option = signal_option(str(signal), signal_key)
+        how = f"`{_esc(resume)} {_esc(option)}`" if option is not None else \
+            "from Python (resume_flow(..., signals=[...])): the command line cannot give its key"
+        lines.append(f"  {key}: {_esc(signal_named(str(signal), signal_key))}, {until} — {how}")
+    if len(waits) > SHOWN_WAITS:
+        lines.append(f"  … and {len(waits) - SHOWN_WAITS} more waits (`--format json` lists them all)")
+    due = parked.get("due_at")
+    if due is not None and due not in dues:
+        purposes = {str(t.get("purpose")) for t in (result.state.get("timers") or {}).values()}
+        what = " or ".join(_TIMERS[p] for p in _TIMERS if p in purposes) or "a timer"
+        lines.append(f"  next due: {what}, {at_text(due)} — `{_esc(resume)}` fires it once it is due")
+    lines.append(f"[dim]or `{_esc(resume)} --cancel` cancels the run (what completed is undone)[/]")
+    return lines
+
+
+def resume_command(result: RunResult) -> str:
+    """The ``flowdsl resume`` command that goes on with ``result``'s run, found by its record as ``flowdsl show``
+    finds it (:func:`show_command`); by its run id when it has no record."""
+    if result.record_path is None:
+        return f"flowdsl resume {result.run_id}"
+    return record_resume_command(result.record_path)
+
+
+def record_resume_command(record: Path) -> str:
+    """The ``flowdsl resume`` command that finds the record ``record``, as :func:`show_command` the ``show`` one."""
+    return "flowdsl resume " + show_command(record).removeprefix("flowdsl show ")
 
 
 def _left_text(item: Mapping[str, Any]) -> str:

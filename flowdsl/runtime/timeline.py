@@ -1,8 +1,8 @@
 """A run event by event: the live view while it goes, and the timeline of a recorded run (``flowdsl show``).
 
 Stage: runtime (shared by every backend and the CLI). Imports the kernel's event names, ``.report``, ``.timing``,
-``.summary`` (its text helpers and the end summary) and stdlib at import time; rich only inside the functions that
-draw (so ``flowdsl --help`` and library use stay light).
+``.parking``, ``.summary`` (its text helpers and the end summary) and stdlib at import time; rich only inside the
+functions that draw (so ``flowdsl --help`` and library use stay light).
 
 - :class:`LiveView` — the progress shown while a run goes: a rich ``Live`` table on
   stderr when stderr is a terminal (a real one: :func:`draws_live`), plain progress lines otherwise.
@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flowdsl.kernel import END_STATES, INPUT_EVENTS
+from flowdsl.runtime.parking import PARKED, SHOWN_WAITS, parked_text
 from flowdsl.runtime.record import RESUMED, since_resumed
 from flowdsl.runtime.report import NOT_STARTED, RunResult
 from flowdsl.runtime.summary import (
@@ -33,6 +34,7 @@ from flowdsl.runtime.summary import (
     _status,
     fallback_reason,
     print_summary,
+    resume_command,
     wait_label,
     wait_words,
 )
@@ -47,7 +49,8 @@ __all__ = ["LiveView", "draws_live", "late_completion_line", "print_timeline", "
 
 #: what a ``runtime_resumed`` line's ``was`` says of the process before
 _WAS = {"crashed": "died (the run was left where it stood)", "aborted": "stopped the run at once",
-        "gone": "stopped (with --force: it could not be told from here)"}
+        "gone": "stopped (with --force: it could not be told from here)",
+        "parked": "parked it (nothing was left but waiting)"}
 _MARK = {"succeeded": "✓", "failed": "✗", "skipped": "–", "cancelled": "⊘", "running": "…", "retrying": "↻",
          "pending": "·", "cancelling": "⊘", "waiting": "⚐"}
 #: the kernel's answers to a signal sent to the run (docs/kernel.md, "Waits")
@@ -56,16 +59,20 @@ _SIGNAL_EVENTS = ("signal_buffered", "signal_received", "signal_rejected")
 
 def signal_line(e: Mapping[str, Any]) -> str | None:
     """A signal event as the live view and ``show`` say it (markup): ``signal 'paid' received by wait 'paid'``,
-    ``signal 'paid' kept until wait 'paid' starts``, ``signal 'nope' rejected: <reason>``; None for other events."""
+    ``signal 'paid' kept until wait 'paid' starts``, ``signal 'nope' rejected: <reason>`` — with its key when it
+    has one, ``signal 'delivered' key '1Z9' received by wait 'parcels[1]/delivered'``; None for other events."""
     kind = e.get("type")
-    name = _esc(e.get("signal"))
+    key = e.get("key")
+    name = f"{_esc(e.get('signal'))}'" + (f" key '{_esc(key)}'" if key is not None else "")
     if kind == "signal_buffered":
-        return f"[cyan]✉ signal '{name}' kept until wait '{_esc(e.get('wait'))}' starts[/]"
+        wait = f"wait '{_esc(e.get('wait'))}'"
+        until = f"an instance of {wait} starts with that key" if key is not None else f"{wait} starts"
+        return f"[cyan]✉ signal '{name} kept until {until}[/]"
     if kind == "signal_received":
         kept = " (it had been kept until the wait started)" if e.get("buffered") else ""
-        return f"[cyan]✉ signal '{name}' received[/] by wait '{_esc(e.get('step'))}'{kept}"
+        return f"[cyan]✉ signal '{name} received[/] by wait '{_esc(e.get('step'))}'{kept}"
     if kind == "signal_rejected":
-        return f"[yellow]✉ signal '{name}' rejected[/]: {_esc(e.get('reason'))}"
+        return f"[yellow]✉ signal '{name} rejected[/]: {_esc(e.get('reason'))}"
     return None
 
 
@@ -184,7 +191,8 @@ class LiveView:
             if row["start"] is None:
                 row["start"] = event["at"]
         elif kind == "step_started" and event["kind"] == "wait":
-            row.update(status="waiting", start=event["at"], waits=wait_label(self.plan["nodes"][event["node"]]))
+            row.update(status="waiting", start=event["at"],
+                       waits=wait_label(self.plan["nodes"][event["node"]], event.get("key")))
         elif kind in ("step_succeeded", "step_failed", "step_cancelled", "step_skipped"):
             row.update(status=kind.removeprefix("step_"), end=event["at"])
         elif kind == "step_retrying":
@@ -306,7 +314,8 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
     early = record_end_note(result, items, standing)
     if early is not None and live and result.status != NOT_STARTED:
         con.print(f"[cyan]the run is still going: {_esc(result.status)} so far[/]")
-    elif early is not None:
+    elif early is not None and result.parked is None:  # (parked: the timeline's last line says so, and the summary
+        # what it waits for and how to go on)
         going = standing is not None and standing.live  # (its process runs: said as news, not as a warning)
         con.print(f"[{'cyan' if going else 'yellow'}]{_esc(early)}[/]")
     print_summary(result, con)
@@ -315,8 +324,9 @@ def print_timeline(result: RunResult, lines: Iterable[dict[str, Any]], console: 
 def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]],
                     standing: Standing | None = None) -> str | None:
     """What to say of a record that ends before its run did (None when it holds the run's end): the run had not
-    started, was stopped at once (its ``runtime_aborted`` reason), or its process stopped (or it still goes); or
-    of one that ends while its runtime waited, after the run's end, for attempts the run had given up on.
+    started, was stopped at once (its ``runtime_aborted`` reason), was parked (what it waits for, and the commands
+    that go on with it: ``result.parked``), or its process stopped (or it still goes); or of one that ends while its
+    runtime waited, after the run's end, for attempts the run had given up on.
 
     ``standing`` (``.stopped.settle`` of the record) says which when its process was looked at: still running, the
     run is still going (or its runtime still waits, ``Standing.awaited``: nothing is final, nor in doubt, yet); gone,
@@ -350,6 +360,10 @@ def record_end_note(result: RunResult, lines: Iterable[Mapping[str, Any]],
                 f"events give the run's end: {result.status}")
     if failed is not None:
         return f"the record ends before the run did: {stopped}; state when the record stopped: {result.status}"
+    if result.parked is not None:
+        return (f"the run is parked: not over, and no process runs it; it "
+                f"{parked_text(result.parked, resume_command(result))}; or cancel it with "
+                f"`{resume_command(result)} --cancel`")
     aborted = next((e for e in items[since_resumed(items):] if e.get("type") == "runtime_aborted"), None)
     if result.status == NOT_STARTED:
         why = f" ({aborted.get('reason')})" if aborted else ""
@@ -400,6 +414,15 @@ def _timeline_text(e: Mapping[str, Any]) -> str | None:
         return (f"[bold]resumed[/] by {_esc(e.get('by'))} (pid {_esc(process.get('pid'))} on "
                 f"{_esc(process.get('host'))}): its process had {_esc(_WAS.get(str(e.get('was')), e.get('was')))}"
                 f"{again}")
+    if kind == PARKED:
+        listed = [w for w in e.get("waits") or () if isinstance(w, Mapping)]
+        waits = [f"{_esc(w.get('wait'))} (" + ("timer" if w.get("signal") is None else f"signal '{_esc(w['signal'])}'"
+                                               + (f" key '{_esc(w['key'])}'" if w.get("key") is not None else ""))
+                 + ")" for w in listed[:SHOWN_WAITS]]
+        if len(listed) > SHOWN_WAITS:
+            waits.append(f"{len(listed) - SHOWN_WAITS} more")
+        return (f"[cyan]parked[/]: nothing was left but waiting — {', '.join(waits) or 'no wait'} — and its process "
+                "let the run go")
     if kind == "record_failed":
         return f"[yellow]the record stops here[/]: writing it failed ({_esc(e.get('reason'))}); the run went on"
     if kind == "runtime_waiting":

@@ -49,7 +49,7 @@ class Sim:
     def __init__(self, plan: dict[str, Any], script: Script | None = None, *, input: Any = None,
                  run_id: str = "r1", seed: int = 7, at: int = 1000, cancel_at: int | None = None,
                  report_started: bool = False, check_json: bool = True, reload_state: bool = False,
-                 kernel: int = STATE_VERSION, signals: list[tuple[int, str, Any]] | None = None):
+                 kernel: int = STATE_VERSION, signals: list[tuple[Any, ...]] | None = None):
         self.plan = plan
         self.script = script or {}
         self.input = {} if input is None else input
@@ -59,7 +59,7 @@ class Sim:
         self.check_json = check_json
         self.reload_state = reload_state  # feed the kernel a JSON copy of its state each time
         self.kernel = kernel  # the rules version the run starts under
-        self.signals = signals or []  # (at, name, payload): sent to the run from outside at those times
+        self.signals = signals or []  # (at, name, payload[, key]): sent to the run from outside at those times
         self.inputs: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
@@ -81,8 +81,8 @@ class Sim:
                      set())
         if self.cancel_at is not None:
             self._push(self.cancel_at, {"type": "cancel_requested", "reason": "user asked"})
-        for due, name, payload in self.signals:
-            self._push(due, {"type": "signal", "name": name, "payload": payload})
+        for due, name, payload, *key in self.signals:  # (a keyed signal: its key fourth)
+            self._push(due, {"type": "signal", "name": name, "payload": payload, **({"key": key[0]} if key else {})})
         while self._heap and limit > 0:
             limit -= 1
             due, _, event = heapq.heappop(self._heap)

@@ -178,7 +178,7 @@ def test_replay_gives_the_same_decisions_with_signals_and_timers():
 
 def test_rules_9_and_the_plan_version():
     plan = plan_of([{"wait": "paid"}])
-    assert plan["plan_version"] == 3 and STATE_VERSION == WAIT_RULES == 9
+    assert plan["plan_version"] == 3 and WAIT_RULES == 9 and STATE_VERSION >= 9
     assert rules_for(plan, 7) == 9 and rules_for(plan_of(["a"]), 7) == 7
     with pytest.raises(ValueError, match="node 'paid' is a wait, which kernel rules 9 brought"):
         start_run(plan, "r1", {}, at=1, kernel=8)

@@ -199,10 +199,10 @@ def test_a_client_encodes_a_plan_once_for_all_the_runs_it_submits_of_it(url: str
 def test_submit_refuses_what_is_not_a_plan_before_writing_anything(url: str, prefix: str, server: RedisServer) -> None:
     """A path was an AttributeError; {} or a hand-edited plan was stored, and its start request went round the
     workers as tracebacks until it became a dead letter, the run `submitted` for ever; a plan of version 2 ran."""
-    from flowdsl.runtime.plancheck import PlanError
+    from flowdsl.runtime.plancheck import PLAN_VERSION, PlanError
 
     edited = _plan()
-    edited = {**edited, "plan_version": 4}
+    edited = {**edited, "plan_version": PLAN_VERSION + 1}
     dangling = _plan()
     dangling = {**dangling, "nodes": {**dangling["nodes"], "a": {**dangling["nodes"]["a"], "deps": ["nowhere"]}}}
 
@@ -210,8 +210,8 @@ def test_submit_refuses_what_is_not_a_plan_before_writing_anything(url: str, pre
         async with RedisClient(url, prefix=prefix) as client:
             with pytest.raises(TypeError, match=r"plan must be an execution plan: a dict.*got str"):
                 await client.submit("flow.yaml", {})  # type: ignore[arg-type]
-            for bad, said in (({}, "it has no 'plan_version'"), (edited, "'plan_version' must be 1 to 3, found 4"),
-                              (dangling, "nowhere")):
+            newer = f"'plan_version' must be 1 to {PLAN_VERSION}, found {PLAN_VERSION + 1}"
+            for bad, said in (({}, "it has no 'plan_version'"), (edited, newer), (dangling, "nowhere")):
                 with pytest.raises(PlanError, match=said):
                     await client.submit(bad, {"script": {}}, run_id="bad")
 

@@ -1,7 +1,7 @@
 """Mermaid validity, proved with Mermaid's own parser (npm package ``mermaid`` under jsdom).
 
 Every diagram — each conformance spec and example, with and without run states,
-a plan with wait nodes (with and without a run), the nasty spec, a plan with
+a plan with wait nodes and one with keyed waits (each with and without a run), the nasty spec, a plan with
 weird keys and random texts, plans and a spec whose labels try to smuggle in
 Mermaid directives, the Mermaid blocks of docs/diagrams.md, and a deliberately
 broken one as a control — is parsed in one Node.js process (Mermaid takes a
@@ -29,7 +29,7 @@ from flowdsl.render import STATES, render
 from flowdsl.render.runstate import derive_states
 from tests.render.cases import NASTY, compile_plan, conformance_specs, example_specs
 from tests.render.test_escaping import random_texts
-from tests.render.wait_plans import wait_plan, waiting_run
+from tests.render.wait_plans import keyed_plan, keyed_run, wait_plan, waiting_run
 from tests.render.weird import DIRECTIVE_TEXTS, empty_group_plans, weird_plan
 
 CHECKER = Path(__file__).resolve().parents[1] / "mermaid"
@@ -70,6 +70,9 @@ def _diagrams() -> dict[str, str]:
     waits = wait_plan()
     out["waits"] = str(render(waits, "mermaid"))
     out["waits +run"] = str(render(waits, "mermaid", run_states=derive_states(waits, waiting_run())))
+    keyed = keyed_plan()
+    out["keyed waits"] = str(render(keyed, "mermaid"))
+    out["keyed waits +run"] = str(render(keyed, "mermaid", run_states=derive_states(keyed, keyed_run())))
     out["nasty"] = str(render(flowdsl.compile_text(NASTY), "mermaid"))
     out["weird keys"] = str(render(weird_plan(), "mermaid"))
     out["random texts"] = str(render(weird_plan(random_texts(60)), "mermaid", run_states={"end": "failed"}))
@@ -133,3 +136,6 @@ def test_wait_nodes_are_flags_steps_boxes(parsed: tuple[dict[str, str], dict[str
         assert {k: v for k, v in shapes.items() if k.startswith("w_")} == dict.fromkeys(
             ("w_payment__confirmed", "w_approval", "w_cooling__off", "w_settle"), "odd"), shapes
         assert shapes["s_process__payment"] == shapes["s_ship__order"] == "square"
+    for name in ("keyed waits", "keyed waits +run"):
+        shapes = results[name]["shapes"]
+        assert {k: v for k, v in shapes.items() if k.startswith("w_")} == {"w_delivered": "odd", "w_paid": "odd"}

@@ -1,4 +1,4 @@
-"""Wait nodes (plan_version 3) in every diagram form, and in a run's states.
+"""Wait nodes (plan_version 3; keyed waits, plan_version 4) in every diagram form, and in a run's states.
 
 The plans are written out by hand (:mod:`tests.render.wait_plans`). Their drawings are goldens under
 ``tests/render/goldens/``; after an intended change regenerate them, with every other golden, by
@@ -17,7 +17,7 @@ from flowdsl.render import RenderError, render
 from flowdsl.render.runstate import check_run_of, derive_states
 from flowdsl.render.view import Glyphs, PlanView
 from tests.goldens import Goldens
-from tests.render.wait_plans import ev, task, wait, wait_plan, waiting_run
+from tests.render.wait_plans import ev, keyed_plan, keyed_run, task, wait, wait_plan, waiting_run
 from tests.render.weird import weird_plan
 
 GOLDENS = Path(__file__).with_name("goldens")
@@ -31,7 +31,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "wait.run.ascii.txt": ("ascii", {"run": True}),
     "wait.run.ascii-only.txt": ("ascii", {"run": True, "ascii_only": True}),
     "wait.run.dot": ("dot", {"run": True}),
+    "keyed.mmd": ("mermaid", {}),
+    "keyed.ascii.txt": ("ascii", {}),
+    "keyed.ascii-only.txt": ("ascii", {"ascii_only": True}),
+    "keyed.dot": ("dot", {}),
+    "keyed.run.ascii.txt": ("ascii", {"run": True}),
 }
+#: the plan of each golden's name, and the run drawn over it: ``keyed.*`` draw :func:`keyed_plan` (:func:`keyed_run`)
+PLANS = {"wait": (wait_plan, waiting_run), "keyed": (keyed_plan, keyed_run)}
 
 
 def _draw(plan: dict[str, Any], fmt: str, **options: Any) -> str:
@@ -47,10 +54,11 @@ def _line(text: str, start: str) -> str:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name: str, goldens: Goldens) -> None:
     fmt, options = CASES[name]
-    plan = wait_plan()
+    make_plan, make_run = PLANS[name.split(".", 1)[0]]
+    plan = make_plan()
     options = dict(options)
     if options.pop("run", False):
-        options["run_states"] = derive_states(plan, waiting_run())
+        options["run_states"] = derive_states(plan, make_run())
     goldens.check(GOLDENS / name, _draw(plan, fmt, **options))
 
 
@@ -103,10 +111,11 @@ def test_waits_take_no_part_in_compensation() -> None:
 
 @pytest.mark.parametrize("width", [40, 50, 60, 80, 120])
 def test_waits_fit_the_width(width: int) -> None:
-    for ascii_only in (False, True):
-        for states in (None, derive_states(wait_plan(), waiting_run())):
-            art = _draw(wait_plan(), "ascii", width=width, ascii_only=ascii_only, run_states=states)
-            assert max(len(line) for line in art.splitlines()) <= width, (width, ascii_only)
+    for make_plan, make_run in PLANS.values():
+        for ascii_only in (False, True):
+            for states in (None, derive_states(make_plan(), make_run())):
+                art = _draw(make_plan(), "ascii", width=width, ascii_only=ascii_only, run_states=states)
+                assert max(len(line) for line in art.splitlines()) <= width, (width, ascii_only)
 
 
 def test_a_wait_in_a_needs_list_says_what_it_needs() -> None:
@@ -120,11 +129,39 @@ def test_a_wait_in_a_needs_list_says_what_it_needs() -> None:
     assert '"wait:confirmed" -> "step:ship";' in _draw(plan, "dot")
 
 
-def test_plan_version_3_is_drawn_and_a_later_one_refused() -> None:
-    plan = wait_plan()
-    assert _draw(plan, "mermaid")
-    with pytest.raises(RenderError, match="unsupported plan_version 4; this renderer draws versions 1 to 3"):
-        render({**plan, "plan_version": 4}, "ascii")
+def test_plan_versions_3_and_4_are_drawn_and_a_later_one_refused() -> None:
+    assert _draw(wait_plan(), "mermaid") and _draw(keyed_plan(), "mermaid")
+    with pytest.raises(RenderError, match="unsupported plan_version 5; this renderer draws versions 1 to 4"):
+        render({**keyed_plan(), "plan_version": 5}, "ascii")
+
+
+def test_a_keyed_wait_says_by_key_and_its_key() -> None:
+    view = PlanView(keyed_plan())
+    delivered = view.step_text("delivered", Glyphs.pick(False))
+    assert (delivered.title, delivered.lines, delivered.policy) == (
+        "⚐ delivered (by key)", ("wait for signal 'delivered'", "key: $parcel.tracking",
+                                 "The carrier's delivery callback"), "up to 336h")
+    paid = view.step_text("paid", Glyphs.pick(True))
+    assert (paid.title, paid.lines, paid.policy) == ("[wait] paid (by key)", ("wait for signal 'paid'",
+                                                                               "key: order.reference"), None)
+    assert '<b>⚐ delivered (by key)</b><br/>wait for signal \'delivered\'<br/>key: $parcel.tracking' in \
+        _line(_draw(keyed_plan(), "mermaid"), "w_delivered")
+    assert "label=<<B>⚐ paid (by key)</B><BR/>wait for signal &#x27;paid&#x27;<BR/>key: order.reference>" in \
+        _draw(keyed_plan(), "dot")
+    plain = _draw(keyed_plan(), "ascii", ascii_only=True)
+    assert plain.isascii() and "| [wait] delivered (by key)" in plain and "| key: $parcel.tracking" in plain
+    # a wait keyed by nothing is drawn as before
+    assert "by key" not in _draw(wait_plan(), "ascii") and "key:" not in _draw(wait_plan(), "mermaid")
+
+
+def test_a_keyed_wait_whose_instances_wait_is_waiting() -> None:
+    plan = keyed_plan()
+    events = keyed_run()
+    check_run_of(plan, events, source="r-wait")
+    states = derive_states(plan, events)
+    assert states.steps["delivered"] == "waiting" and states.steps["parcels"] == "running"
+    assert states.steps["confirm"] == "succeeded" and states.steps["paid"] == "pending"
+    assert "‖ ⚐ delivered (by key) ×2" in _draw(plan, "ascii", run_states=states)
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")

@@ -1,10 +1,12 @@
-"""Hand-written plans with ``wait`` nodes (plan_version 3, docs/plan.md), and the events of a run of one,
-for the renderer tests: written out rather than compiled, so that they draw whatever state the compiler
-is in. Each node has the fields the compiler writes for its kind."""
+"""Hand-written plans with ``wait`` nodes (plan_version 3, docs/plan.md; 4 with keyed waits), and the events of
+runs of them, for the renderer tests: written out rather than compiled, so that they draw whatever state the
+compiler is in. Each node has the fields the compiler writes for its kind."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from flowdsl.render.view import WAIT_KEY
 
 #: the plan's expressions (only their sources are drawn)
 _EXPRESSIONS = {"x0c0ffee00001": {"source": "order.watchers", "vars": ["order"], "steps": []},
@@ -30,14 +32,17 @@ def task(key: str, order: int, stage: int, *, compensate: str | None = None, **c
 
 def wait(key: str, order: int, stage: int, *, signal: str | None = None, delay_ms: int | None = None,
          timeout_ms: int | None = None, output: dict[str, Any] | None = None, on_failure: str | None = None,
-         **common: Any) -> dict[str, Any]:
-    """A wait node: for ``signal`` (with a ``timeout_ms`` deadline or none), or a timer of ``delay_ms``."""
+         key_expr: str | None = None, **common: Any) -> dict[str, Any]:
+    """A wait node: for ``signal`` (with a ``timeout_ms`` deadline or none; keyed by the expression id
+    ``key_expr``), or a timer of ``delay_ms``."""
     output = output or {"mode": "merge"}
     writes = [] if signal is None else ([output["name"]] if output["mode"] == "name" else None)
     node = {**_common(key, "wait", order, **common), "signal": signal, "delay_ms": delay_ms,
             "timeout_ms": timeout_ms, "output": output, "writes": writes, "stage": stage}
     if on_failure is not None:
         node["on_failure"] = on_failure
+    if key_expr is not None:
+        node[WAIT_KEY] = key_expr
     return node
 
 
@@ -77,6 +82,57 @@ def wait_plan() -> dict[str, Any]:
             "stages": [["process_payment"], ["payment_confirmed"], ["approval", "cooling_off"], ["ship_order"],
                        ["settle"], ["notify"]],
             "critical_path": ["process_payment", "payment_confirmed", "approval", "ship_order", "settle", "notify"]}
+
+
+def keyed_plan() -> dict[str, Any]:
+    """An order shipped in parcels (undone by recalling them) that waits, for each parcel, for the carrier's
+    delivery callback keyed by its tracking number (14 days at most), then confirms it; then for the payment
+    keyed by the order's reference (outside any for_each, no deadline), and closes the order."""
+    day = 86_400_000
+    nodes = [
+        task("ship_parcels", 0, 0, compensate="recall_parcels"),
+        {**_common("parcels", "for_each", 1, deps=["ship_parcels"]), "children": ["delivered", "confirm"],
+         "items": "x0c0ffee00011", "as": "parcel", "concurrency": None,
+         "output": {"mode": "name", "name": "deliveries"}},
+        wait("delivered", 2, 1, signal="delivered", timeout_ms=14 * day, key_expr="x0c0ffee00012",
+             output={"mode": "name", "name": "delivery"}, parent="parcels", scope="parcels",
+             description="The carrier's delivery callback"),
+        task("confirm", 3, 2, parent="parcels", scope="parcels", deps=["delivered"]),
+        wait("paid", 4, 3, signal="paid", key_expr="x0c0ffee00013", deps=["parcels"]),
+        task("close_order", 5, 4, deps=["paid"]),
+    ]
+    edges = [[":start", "ship_parcels"], ["close_order", ":end"], ["confirm", "parcels:end"],
+             ["delivered", "confirm"], ["paid", "close_order"], ["parcels:end", "paid"],
+             ["parcels:start", "delivered"], ["ship_parcels", "parcels:start"]]
+    expressions = {"x0c0ffee00011": {"source": "order.parcels", "vars": ["order"], "steps": []},
+                   "x0c0ffee00012": {"source": "$parcel.tracking", "vars": [], "steps": []},
+                   "x0c0ffee00013": {"source": "order.reference", "vars": ["order"], "steps": []}}
+    return {"plan_version": 4,
+            "flow": {"name": "parcels", "version": "1.0", "workers": [], "input_schema": None, "timeout_ms": None,
+                     "description": "Ship an order's parcels, wait for each one's delivery, then for the payment."},
+            "root": ["ship_parcels", "parcels", "paid", "close_order"],
+            "nodes": {n["key"]: n for n in nodes}, "expressions": expressions, "edges": edges,
+            "stages": [["ship_parcels"], ["delivered"], ["confirm"], ["paid"], ["close_order"]],
+            "critical_path": ["ship_parcels", "delivered", "confirm", "paid", "close_order"]}
+
+
+def keyed_run() -> list[dict[str, Any]]:
+    """A run of :func:`keyed_plan` still going: shipped; parcel 0's delivery came and was confirmed, parcel 1 still
+    waits for its key's."""
+    return [
+        ev("run_started", flow="parcels"),
+        ev("step_started", "ship_parcels"), ev("step_succeeded", "ship_parcels"),
+        ev("step_started", "parcels", items=2),
+        ev("step_started", "parcels[0]/delivered", node="delivered", signal="delivered", wait_ms=14 * 86_400_000,
+           key="1Z1"),
+        ev("step_started", "parcels[1]/delivered", node="delivered", signal="delivered", wait_ms=14 * 86_400_000,
+           key="1Z2"),
+        {"type": "signal", "name": "delivered", "key": "1Z1", "payload": {"at": "door"}, "at": 5},
+        ev("signal_received", "parcels[0]/delivered", node="delivered", signal="delivered", buffered=False, key="1Z1"),
+        ev("step_succeeded", "parcels[0]/delivered", node="delivered"),
+        ev("step_started", "parcels[0]/confirm", node="confirm"),
+        ev("step_succeeded", "parcels[0]/confirm", node="confirm"),
+    ]
 
 
 def ev(type_: str, step: str | None = None, **extra: Any) -> dict[str, Any]:

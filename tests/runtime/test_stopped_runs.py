@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from flowdsl import __version__
 from flowdsl.cli import app
 from flowdsl.runtime import owner
+from flowdsl.runtime.plancheck import PLAN_VERSION
 from flowdsl.runtime.record import RECORD_FORMAT
 from tests.runtime.conformance import HEADER
 from tests.runtime.test_local import ROOT, _wait_for
@@ -294,7 +295,7 @@ def test_judge_tells_each_case() -> None:
 
 @pytest.mark.parametrize(("where", "said"), [
     ("record_format", "record format 2, this one reads 1"),
-    ("plan_version", "a plan of plan_version 4, this one reads 1 to 3"),
+    ("plan_version", f"a plan of plan_version {PLAN_VERSION + 1}, this one reads 1 to {PLAN_VERSION}"),
     ("kernel", "kernel rules version 99"),
 ])
 def test_a_record_of_a_newer_format_is_newer_not_malformed(tmp_path: Path, where: str, said: str) -> None:
@@ -308,7 +309,7 @@ def test_a_record_of_a_newer_format_is_newer_not_malformed(tmp_path: Path, where
     if where == "record_format":
         header.update(record_format=2, flowdsl_version="9.0.0")
     elif where == "plan_version":
-        header["plan"]["plan_version"] = 4
+        header["plan"]["plan_version"] = PLAN_VERSION + 1
     else:
         start["kernel"] = 99
     path.write_bytes(json.dumps(header).encode() + b"\n" + json.dumps(start).encode() + b"\n" + b"".join(lines[2:]))

@@ -74,8 +74,8 @@ def test_a_signal_sent_from_another_task_is_taken_by_the_waiting_wait() -> None:
 
     result, outcome, notices = asyncio.run(main())
     assert (outcome.outcome, outcome.wait, outcome.reason, outcome.taken) == ("received", "paid", None, True)
-    assert outcome.to_json() == {"run_id": result.run_id, "signal": "paid", "outcome": "received", "wait": "paid",
-                                 "reason": None, "at": outcome.at}
+    assert outcome.to_json() == {"run_id": result.run_id, "signal": "paid", "key": None, "outcome": "received",
+                                 "wait": "paid", "reason": None, "at": outcome.at}
     assert result.status == "completed"
     assert result.context == {"confirmation": {"amount": 42}}
     assert result.steps["paid"]["kind"] == "wait" and result.steps["paid"]["attempts"] == 0
@@ -176,8 +176,11 @@ def test_a_signal_is_checked_before_it_reaches_the_run() -> None:
         LocalRun(plan(), {}, record=False, signals=[("paid", None), "paid"])
     with pytest.raises(TypeError, match="signals must be a mapping"):
         LocalRun(plan(), {}, record=False, signals="paid")
-    with pytest.raises(TypeError, match="a name or a \\(name, payload\\) pair; got tuple of 3 items"):
-        LocalRun(plan(), {}, record=False, signals=[("paid", None, 1)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="a name, a \\(name, payload\\) pair or a \\(name, payload, key\\) triple; "
+                                        "got tuple of 4 items"):
+        LocalRun(plan(), {}, record=False, signals=[("paid", None, 1, 2)])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"^wait 'paid' takes signal 'paid' without a key"):
+        LocalRun(plan(), {}, record=False, signals=[("paid", None, 1)])
     plain = compile_text(HEADER.format(name="plain") + "steps:\n  - conf.a\n")
     with pytest.raises(ValueError, match="no wait of flow 'plain' takes signal 'paid': the flow waits for no signal"):
         LocalRun(plain, {}, record=False, signals={"paid": None})
@@ -200,7 +203,7 @@ def test_a_timer_wait_goes_on_after_its_delay() -> None:
     assert "cool" in result.to_json()["timing"]["critical_path"]
     assert result.to_json()["steps"]["cool"] | {"started_at": 0, "finished_at": 0} == {
         "status": "succeeded", "attempts": 0, "started_at": 0, "finished_at": 0, "error": None, "kind": "wait",
-        "node": "cool", "signal": None, "wait_ms": 60}
+        "node": "cool", "signal": None, "key": None, "wait_ms": 60}
 
 
 def test_a_wait_whose_deadline_passes_fails_with_wait_timeout_and_the_run_compensates() -> None:

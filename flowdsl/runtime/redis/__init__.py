@@ -15,11 +15,12 @@ writes), ``advance`` (kernel in, atomic write out: events applied) and its parts
 start), ``advance_commit`` (the atomic write, the relay), ``advance_end`` (a run's end counted and logged), with
 ``advance_common`` (outcomes, limits, chain offers, the per-run lock); ``worker`` (the process
 loop) and its stages: ``reading`` (stream reading, dead letters), ``control``
-(start and cancel requests), ``tasks`` (held tasks: run, report, chain),
+(start and cancel requests, signals), ``tasks`` (held tasks: run, report, chain),
 ``late_results``, ``lifecycle`` (startup checks, signals, shutdown) and
 ``upkeep`` (background loops), with ``serving`` (options, stats, what a worker
 holds) and ``metrics`` (a process's Prometheus metrics, served only when asked); ``client`` (submit and watch) and
-its parts: ``client_listing`` (a run's line, the runs, the live processes), ``client_follow`` (a run read and
+its parts: ``client_listing`` (a run's line, the runs, the live processes; ``run_waits``, what a run waits for, kept
+in its hash for the listing), ``client_follow`` (a run read and
 followed), ``client_operator`` (cancel, start requests, resolve), ``client_signals`` (signals sent to runs),
 ``client_dead_letters``;
 ``wire`` (the lean connection), ``commands`` (the CLI's Redis commands).
@@ -37,6 +38,7 @@ from flowdsl.runtime.redis.client import (
     RunIdTaken,
     RunInfo,
     RunNotFound,
+    RunWaits,
     SignalIdReused,
     SignalOutcome,
     StartRequest,
@@ -50,6 +52,6 @@ from flowdsl.runtime.redis.store import RunDamaged
 from flowdsl.runtime.redis.worker import RedisWorker
 
 __all__ = ["DeadLetter", "DeadLetterNotFound", "Keys", "NothingToResolve", "RedisClient", "RedisConfigError",
-           "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
+           "RedisWorker", "Resolution", "RunDamaged", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound", "RunWaits",
            "SignalIdReused", "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "WorkerOptions",
            "WorkerStats", "resolve_prefix", "resolve_url"]

@@ -1,13 +1,15 @@
 """Committing transitions: the kernel's decisions written as one atomic transition, and its outbox relayed.
 
 Stage: runtime: redis. Imports ``flowdsl.kernel`` (end states, the decision type), ``flowdsl.runtime.codec``,
-orjson, this package's ``advance_common``, ``advance_end``, ``connection``, ``keys`` and ``store``, and stdlib.
+orjson, this package's ``advance_common``, ``advance_end``, ``connection``, ``keys``, ``run_waits`` and ``store``,
+and stdlib.
 :class:`Committing` is mixed into :class:`~flowdsl.runtime.redis.advance.Advancer` (whose attributes it uses):
 
 - **the run's state** — kept in memory, most recently used first (:meth:`Committing._record`);
 - **the write** — :meth:`Committing._commit` turns the decisions of one or more input events into one
   transition (``Store.transition``: journal entries, guards, task leases, one outbox entry, the state whole when
-  a snapshot is due, see :meth:`Committing._snapshot_due`), retried with the same payload while Redis is
+  a snapshot is due, see :meth:`Committing._snapshot_due`; the run's ``w`` field when what it waits for
+  changed, :mod:`.run_waits`), retried with the same payload while Redis is
   unreachable; :meth:`Committing._commit_step` writes a chained step's result in one straight line
   (``Store.step``). A transition that ends the run is counted and logged (:mod:`.advance_end`);
 - **the relay** — :meth:`Committing._tail` carries the outbox out (task messages, timers, cancels), answers the
@@ -29,7 +31,8 @@ from flowdsl.runtime.codec import dumps
 from flowdsl.runtime.redis.advance_common import CHAIN_REPLAY, Chain, _Applied, _RunLock
 from flowdsl.runtime.redis.advance_end import _ends, _said_refused
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff
-from flowdsl.runtime.redis.keys import Keys
+from flowdsl.runtime.redis.keys import WAITS_FIELD, Keys
+from flowdsl.runtime.redis.run_waits import waits_update
 from flowdsl.runtime.redis.store import JournalEntry, RunRecord, Store, TaskOp, TransitionResult, megabytes
 
 __all__ = ["Committing"]
@@ -137,6 +140,10 @@ class Committing:
         if len(steps) > 1:
             ops, task_ops = _unsent(run_id, ops, task_ops)
         state = record.state
+        # (what the run waits for, for `flowdsl runs`: the waits the events started or ended)
+        waits = waits_update(record, [step[1].events for step in steps]) if "waits" in state else None
+        if waits is not None:
+            meta = [*(meta or ()), (WAITS_FIELD, waits.said)]
         kept = bool(held) and len(state["tasks"]) == 1  # a chain: the run's one task in flight runs here
         snapshot = over or record.version == 0 or self._snapshot_due(record, kept, len(steps))
         state_raw = self._snapshot(record, state) if snapshot else b""
@@ -160,6 +167,8 @@ class Committing:
             result = result._replace(cancelled_queued=tuple(op[1] for op in task_ops if op[0] == "x"))
         if result.code == 1 or result.code == 4:  # (result.applied)
             self.transitions += 1
+            if waits is not None:
+                waits.written = waits.said
             if snapshot:
                 self.snapshots += 1
                 record.snapshot_size, record.since = len(state_raw), 0
@@ -202,6 +211,7 @@ class Committing:
         state = record.state
         over = state["status"] in END_STATES
         finished = over and _ends(decision)  # (as _commit)
+        waits = waits_update(record, (decision.events,)) if "waits" in state else None
         try:  # (orjson itself, as _commit)
             entry = (_orjson(event), _orjson(decision.events), guard, reporter)
         except TypeError:
@@ -221,7 +231,7 @@ class Committing:
         while True:  # (as _commit: the same payload and token until Redis answers)
             try:
                 result = await self.store.step(record, token, state["status"], event["at"] if finished else None,
-                                               state_raw, entry, held)
+                                               state_raw, entry, held, None if waits is None else waits.said)
                 break
             except TRANSIENT as exc:
                 log.warning("run %s: Redis unreachable while writing a transition (%s); retrying", record.run_id,
@@ -230,6 +240,8 @@ class Committing:
                 await backoff.wait()
         if result.code == 1 or result.code == 4:  # (the bookkeeping of _commit, for one input event)
             self.transitions += 1
+            if waits is not None:
+                waits.written = waits.said
             if snapshot:
                 self.snapshots += 1
                 record.snapshot_size, record.since = len(state_raw), 0

@@ -69,6 +69,7 @@ from flowdsl.runtime.redis.connection import (
     server_facts,
 )
 from flowdsl.runtime.redis.keys import Keys, check_run_id
+from flowdsl.runtime.redis.run_waits import RunWaits
 from flowdsl.runtime.redis.scripts import SUBMIT, Batcher, Script
 from flowdsl.runtime.redis.store import TRANSITION_LIMIT, Store, megabytes, plan_id, retrieved
 from flowdsl.runtime.redis.wire import WireConnection
@@ -76,8 +77,8 @@ from flowdsl.runtime.redis.wire import supported as wire_supported
 
 __all__ = ["INPUT_LIMIT", "NOTE_LIMIT", "RUN_STATES", "SIGNAL_LIMIT", "DeadLetter", "DeadLetterNotFound",
            "NothingToResolve", "RedisClient", "Resolution", "RunGone", "RunIdTaken", "RunInfo", "RunNotFound",
-           "SignalIdReused", "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "input_id", "is_live",
-           "signals_of"]
+           "RunWaits", "SignalIdReused", "SignalOutcome", "StartRequest", "Submission", "UnknownSignal", "input_id",
+           "is_live", "signals_of"]
 
 #: the largest run input (as JSON) a submission takes: a run's first transition writes it three times (the
 #: state's ``input`` and context, and the journaled start), and one transition at most ``TRANSITION_LIMIT``

@@ -2,10 +2,10 @@
 
 Stage: runtime: redis. Imports redis (types only), ``flowdsl.runtime.listing`` (the runs listing's line),
 ``flowdsl.runtime.execute`` (a plan's worker references), ``flowdsl.runtime.codec`` and this package's
-``connection``, ``keys`` and ``store``. :class:`Listing` is mixed into
-:class:`~flowdsl.runtime.redis.client.RedisClient` (whose attributes it uses): :meth:`Listing.info` (``flowdsl
-status``'s line of one run), :meth:`Listing.runs` (``flowdsl runs``), :meth:`Listing.workers` (the liveness
-records, :func:`is_live`) and :meth:`Listing.unserved`.
+``connection``, ``keys``, ``run_waits`` (what a running run waits for: a field of its hash) and ``store``.
+:class:`Listing` is mixed into :class:`~flowdsl.runtime.redis.client.RedisClient` (whose attributes it uses):
+:meth:`Listing.info` (``flowdsl status``'s line of one run), :meth:`Listing.runs` (``flowdsl runs``),
+:meth:`Listing.workers` (the liveness records, :func:`is_live`) and :meth:`Listing.unserved`.
 
 The other modules of the client read this one: :class:`RunNotFound`, what every read of one run raises, and
 :func:`_text` and :func:`_int`, how a field of a run's hash is read. ``client`` re-exports its public names.
@@ -22,7 +22,8 @@ from flowdsl.runtime.codec import loads
 from flowdsl.runtime.execute import worker_references
 from flowdsl.runtime.listing import RunRow
 from flowdsl.runtime.redis.connection import ServerFacts
-from flowdsl.runtime.redis.keys import Keys, check_run_id
+from flowdsl.runtime.redis.keys import WAITS_FIELD, Keys, check_run_id
+from flowdsl.runtime.redis.run_waits import RunWaits, read_waits
 from flowdsl.runtime.redis.store import Store, score_pairs
 
 if TYPE_CHECKING:
@@ -50,7 +51,18 @@ class RunNotFound(LookupError):
 @dataclass(frozen=True)
 class RunInfo(RunRow):
     """One line of ``flowdsl runs``: times are milliseconds since the epoch (None when not reached); the fields
-    and the JSON object of a local run's line (:class:`~flowdsl.runtime.listing.RunRow`)."""
+    and the JSON object of a local run's line (:class:`~flowdsl.runtime.listing.RunRow`), and ``waits``: for a
+    ``running`` run whose waits wait, what for (:class:`~flowdsl.runtime.redis.run_waits.RunWaits`, read from its
+    hash with the rest of the line), else None."""
+
+    waits: RunWaits | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`RunRow.to_json`, and for a run that waits ``waits``: ``{signals, timers, due_at}``."""
+        out = super().to_json()
+        if self.waits is not None:
+            out["waits"] = self.waits.to_json()
+        return out
 
 
 def is_live(record: dict[str, Any], now: int) -> bool:
@@ -81,7 +93,7 @@ class Listing:
     async def runs(self, *, limit: int = 20, status: str | None = None, flow: str | None = None) -> list[RunInfo]:
         """Recent runs, newest first, optionally only those with ``status`` (one of :data:`RUN_STATES`, else
         ``ValueError``; ``needs_intervention``: those not resolved yet, ``resolved``: those resolved) or of
-        ``flow``."""
+        ``flow``. What a running run waits for comes with its line (``RunInfo.waits``): no read more per run."""
         if status is not None and status not in RUN_STATES:
             raise ValueError(f"status {status!r} is not a run state: use one of {', '.join(RUN_STATES)}")
         found: list[RunInfo] = []
@@ -144,7 +156,7 @@ def _text(raw: bytes | str | None) -> str:
 
 
 #: the fields of a run's hash a listing line is made of (:func:`_info`)
-_INFO_FIELDS = ("status", "flow", "submitted", "started", "finished", "resolved")
+_INFO_FIELDS = ("status", "flow", "submitted", "started", "finished", "resolved", WAITS_FIELD)
 
 
 def _info(run_id: str, got: list[bytes | None]) -> RunInfo:
@@ -152,4 +164,5 @@ def _info(run_id: str, got: list[bytes | None]) -> RunInfo:
     said = status.decode() if status else "submitted"
     if said == "needs_intervention" and len(got) > 5 and got[5] is not None:
         said = "resolved"
-    return RunInfo(run_id, flow.decode() if flow else None, said, _int(got[2]), _int(got[3]), _int(got[4]))
+    waits = read_waits(got[6]) if said == "running" and len(got) > 6 else None
+    return RunInfo(run_id, flow.decode() if flow else None, said, _int(got[2]), _int(got[3]), _int(got[4]), waits)

@@ -1,10 +1,11 @@
 """Signals sent to runs: checked, handed to the run's worker processes, and followed to what the run made of them.
 
 Stage: runtime: redis. Imports redis, ``flowdsl.kernel`` (the end states), ``flowdsl.runtime.codec``,
-``flowdsl.runtime.execute`` (JSON and text checks) and this package's ``client_listing``, ``client_follow``,
-``connection``, ``keys``, ``store`` and ``wire``, and stdlib. :class:`Signalling` is mixed into
-:class:`~flowdsl.runtime.redis.client.RedisClient` (whose attributes it uses); ``client`` re-exports its public
-names.
+``flowdsl.runtime.execute`` (JSON and text checks), ``flowdsl.runtime.local_waits`` (the check of a signal's key,
+the one a local run makes), ``flowdsl.runtime.parking`` (how a signal is named), ``flowdsl.shown`` and this
+package's ``client_listing``, ``client_follow``, ``connection``, ``keys``, ``store`` and ``wire``, and stdlib.
+:class:`Signalling` is mixed into :class:`~flowdsl.runtime.redis.client.RedisClient` (whose attributes it uses);
+``client`` re-exports its public names.
 
 A signal travels as a cancel request does: the client checks the run and leaves a message on a stream of its own
 (``{P}:signals``), which every worker process reads whether or not it has a free slot; the process that reads it
@@ -14,8 +15,14 @@ signal has an id (made here, or the caller's own): the transition that applies i
 (``sig:<id>``, the journal entry it wrote) and refuses an id recorded already, so a signal is applied once however
 often it is delivered — taken over after a crash, applied late by a paused process, or sent again under its id by a
 caller that did not hear back (docs/runtime.md, "Signals: what a waiting run waits for"). An id is one signal's:
-before sending, the client records in the run's hash what it is sent for (``sigd:<id>``: the digest of the name and
-the payload, atomically, once), and refuses to send another signal under that id (:class:`SignalIdReused`).
+before sending, the client records in the run's hash what it is sent for (``sigd:<id>``: the digest of the name,
+the payload and the key, atomically, once), and refuses to send another signal under that id
+(:class:`SignalIdReused`).
+
+A keyed wait (``key:``, one instance per item of a for_each) takes its signal with a key, which instance it is for:
+the client requires one for such a wait's signal and refuses one for any other (the local runtime's
+:func:`~flowdsl.runtime.local_waits.check_key`), the message carries it, and the outcome is the kernel's answer of
+the same name and key.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import redis
 from flowdsl.kernel import END_STATES
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.execute import json_problem, text_problem
+from flowdsl.runtime.parking import signal_named
 from flowdsl.runtime.redis.client_follow import RunGone, read_journal, reconnect
 from flowdsl.runtime.redis.client_listing import RunNotFound, _text
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, ServerFacts, server_unwell
@@ -41,6 +49,8 @@ from flowdsl.runtime.redis.keys import GROUP, SIGNAL_FIELD, SIGNAL_ID_FIELD, Key
 from flowdsl.runtime.redis.scripts import SIGNAL_ID, Script
 from flowdsl.runtime.redis.store import TRANSITION_LIMIT, RunDamaged, Store, megabytes
 from flowdsl.runtime.redis.wire import WireConnection, entry_fields
+from flowdsl.runtime.signal_checks import check_key
+from flowdsl.shown import visible
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -61,8 +71,10 @@ NoticeHook = Callable[[str], None]
 _CHECK_EVERY_S = 2.0
 #: once told why a signal is not applied yet, how often that is looked at again (and told again when it changed)
 _HINT_EVERY_S = 5.0
-#: the digest of a signal's name and payload (hex characters), which a run's ``sigd:<id>`` field starts with
+#: the digest of a signal's name, payload and key (hex characters), which a run's ``sigd:<id>`` field starts with
 _DIGEST_CHARS = 32
+#: what separates a keyed signal's name from its key after the digest in a ``sigd:<id>`` field (a name never holds it)
+_KEY_MARK = "\x00"
 
 _SIGNAL_ID = Script("signal_id", SIGNAL_ID)
 #: what a lost connection's notice adds while the outcome of a signal sent is waited for
@@ -87,21 +99,33 @@ class UnknownSignal(ValueError):
 
 
 class SignalIdReused(ValueError):
-    """The signal id was used already, for another signal of the run (another name, or other data)
+    """The signal id was used already, for another signal of the run (another name, another key, or other data)
     (:meth:`Signalling.signal`): nothing was sent. An id is one signal's: sent again under its id, a signal is the
-    same one (answered with its outcome); a new signal needs a new id."""
+    same one (answered with its outcome); a new signal needs a new id. ``first_key`` and ``key``: the keys of the
+    first signal and of this one (None when unkeyed)."""
 
-    def __init__(self, run_id: str, signal_id: str, first: str, name: str):
-        other = f"signal '{first}' with other data" if first == name else f"signal '{first}', not '{name}'"
+    def __init__(self, run_id: str, signal_id: str, first: str, name: str, first_key: str | None = None,
+                 key: str | None = None):
+        if (first, first_key) == (name, key):
+            other = f"{signal_named(first, first_key)} with other data"
+        elif first_key is None and key is None:
+            other = f"signal '{visible(first)}', not '{visible(name)}'"
+        elif first == name and key is not None:
+            other = f"{signal_named(first, first_key)}, not key '{visible(key)}'"
+        else:
+            other = f"{signal_named(first, first_key)}, not {signal_named(name, key)}"
         super().__init__(f"signal id '{signal_id}' was already used for {other} (run '{run_id}'); a new signal "
                          "needs a new id: nothing was sent")
         self.run_id, self.signal_id, self.first, self.name = run_id, signal_id, first, name
+        self.first_key, self.key = first_key, key
 
 
-def signal_digest(name: str, payload: dict[str, Any] | None) -> str:
-    """What a signal is, for its id (:class:`SignalIdReused`): the digest of its name and its payload (None is
-    ``{}``, as the kernel takes it), keys sorted."""
-    return hashlib.sha256(dumps([name, payload or {}], sort_keys=True)).hexdigest()[:_DIGEST_CHARS]
+def signal_digest(name: str, payload: dict[str, Any] | None, key: str | None = None) -> str:
+    """What a signal is, for its id (:class:`SignalIdReused`): the digest of its name, its payload (None is ``{}``,
+    as the kernel takes it), keys sorted, and its key (an unkeyed signal's digest is that of its name and payload
+    alone, as before keys)."""
+    said: list[Any] = [name, payload or {}] if key is None else [name, payload or {}, key]
+    return hashlib.sha256(dumps(said, sort_keys=True)).hexdigest()[:_DIGEST_CHARS]
 
 
 @dataclass(frozen=True)
@@ -109,13 +133,14 @@ class SignalOutcome:
     """What became of a signal sent to a run (:meth:`RedisClient.signal`).
 
     ``outcome``: ``received`` (its wait waited and took it: the wait succeeded with the payload), ``buffered``
-    (its wait has not started: kept in the run, taken when it starts), ``rejected`` (nothing could take it —
-    ``reason``, the kernel's words: the run is over or being stopped, the wait received one already, was skipped,
-    timed out…) or ``sent`` (handed to the workers, not waited for). ``wait``: the wait that took it, or will —
-    rejected, the wait of the run's flow that takes that signal (None only when its flow has none);
-    ``at``: when the run applied it (ms, the Redis server's clock; None while not applied, or when the run had ended
-    before it was sent: then nothing was sent, and ``reason`` says what the kernel would have said); ``id``: the
-    signal's id (sending again under it is applied at most once)."""
+    (its wait has not started — for a keyed wait, no instance has started with its key —: kept in the run, taken
+    when it starts), ``rejected`` (nothing could take it — ``reason``, the kernel's words: the run is over or being
+    stopped, the wait received one already, was skipped, timed out…) or ``sent`` (handed to the workers, not waited
+    for). ``wait``: the wait that took it (its instance key, ``parcels[1]/delivered``), or will (its plan key) —
+    rejected, the wait of the run's flow that takes that signal (None only when its flow has none); ``at``: when the
+    run applied it (ms, the Redis server's clock; None while not applied, or when the run had ended before it was
+    sent: then nothing was sent, and ``reason`` says what the kernel would have said); ``id``: the signal's id
+    (sending again under it is applied at most once); ``key``: the key it was sent with (None when unkeyed)."""
 
     run_id: str
     signal: str
@@ -124,11 +149,12 @@ class SignalOutcome:
     wait: str | None = None
     reason: str | None = None
     at: int | None = None
+    key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``flowdsl signal --format json`` object, without the run's ``status``."""
-        return {"run_id": self.run_id, "signal": self.signal, "id": self.id, "outcome": self.outcome,
-                "wait": self.wait, "reason": self.reason, "at": self.at}
+        return {"run_id": self.run_id, "signal": self.signal, "key": self.key, "id": self.id,
+                "outcome": self.outcome, "wait": self.wait, "reason": self.reason, "at": self.at}
 
 
 class Signalling:
@@ -146,22 +172,27 @@ class Signalling:
     workers: Callable[..., Coroutine[Any, Any, list[dict[str, Any]]]]
 
     async def signal(self, run_id: str, name: str, payload: dict[str, Any] | None = None, *,
-                     signal_id: str | None = None, wait: bool = True, timeout_s: float | None = None,
-                     on_notice: NoticeHook | None = None, hint_after_s: float = 3.0) -> SignalOutcome:
+                     key: str | int | None = None, signal_id: str | None = None, wait: bool = True,
+                     timeout_s: float | None = None, on_notice: NoticeHook | None = None,
+                     hint_after_s: float = 3.0) -> SignalOutcome:
         """Send signal ``name`` with ``payload`` (a JSON object; None is ``{}``) to run ``run_id``, and (``wait``)
         follow the run until it has applied it: a :class:`SignalOutcome`.
 
         Checks first, sending nothing when one fails: the run exists (:class:`RunNotFound`), its flow has a wait
-        that takes ``name`` (:class:`UnknownSignal`, a ``ValueError`` naming the signals it takes), the payload
-        is a JSON object of at most :data:`SIGNAL_LIMIT` bytes as JSON (``ValueError``). A run that has ended is
-        sent nothing: the outcome is ``rejected``, with the reason the kernel gives. A run not started yet gets it
-        once it has started; one whose wait has not started keeps it (``buffered``).
+        that takes ``name`` (:class:`UnknownSignal`, a ``ValueError`` naming the signals it takes), ``key`` fits
+        that wait (:func:`~flowdsl.runtime.local_waits.check_key`: a keyed wait's signal needs one — which of its
+        instances it is for —, any other signal takes none, ``ValueError`` naming the wait; a key is a non-empty
+        string of at most 200 characters, or an integer, taken as its decimal text; another type is a
+        ``TypeError``), the payload is a JSON object of at most :data:`SIGNAL_LIMIT` bytes as JSON
+        (``ValueError``). A run that has ended is sent nothing: the outcome is ``rejected``, with the reason the
+        kernel gives. A run not started yet gets it once it has started; one whose wait has not started (a keyed
+        wait: no instance of which has started with that key) keeps it (``buffered``).
 
         ``signal_id``: the signal's id (printable ASCII, no spaces, at most 200 characters; default: a new random
         one). A signal is applied at most once per id, however often it is sent: a caller that did not hear back
         (its connection lost, its process restarted) sends it again under the same id and gets the first one's
-        outcome. An id is one signal's: another name or other data under an id used already is refused
-        (:class:`SignalIdReused`, a ``ValueError``), nothing sent.
+        outcome. An id is one signal's: another name, another key or other data under an id used already is
+        refused (:class:`SignalIdReused`, a ``ValueError``), nothing sent.
 
         ``timeout_s`` bounds the wait for the outcome (``TimeoutError``; the signal stays sent); ``on_notice`` is
         told, after ``hint_after_s``, why it has not been applied yet (no worker process live, the run not started,
@@ -199,27 +230,33 @@ class Signalling:
         takes = signals_of(plan)
         if name not in takes:
             raise UnknownSignal(run_id, name, _text(flow), sorted(takes))
+        key = check_key(plan, name, key, takes)
+        if key is not None and (problem := text_problem(key)) is not None:
+            raise ValueError(f"the key of signal '{visible(name)}' {problem}")
         # what this id is used for, recorded once (before anything is sent under it) and compared
-        this = (signal_digest(name, payload) + name).encode()
+        this = (signal_digest(name, payload, key) + name + ("" if key is None else _KEY_MARK + key)).encode()
         recorded = await _SIGNAL_ID(self.store.batcher, [self.keys.run(run_id)], [SIGNAL_ID_FIELD + sid, this])
         if recorded is None:  # (expired since it was read)
             raise RunNotFound(run_id, self.keys.prefix, await self.server_facts())
         if recorded != this:
-            raise SignalIdReused(run_id, sid, recorded[_DIGEST_CHARS:].decode(errors="replace"), name)
+            first, _, first_key = recorded[_DIGEST_CHARS:].decode(errors="replace").partition(_KEY_MARK)
+            raise SignalIdReused(run_id, sid, first, name, first_key or None, key)
         if applied is not None:  # sent before under this id, and applied: its outcome
             return await self._applied(run_id, sid, _text(applied), takes)
         said = _text(status) or "submitted"
         if said in END_STATES:  # (the kernel would say the same, in a transition of a run that is over)
             return SignalOutcome(run_id, name, sid, "rejected", takes[name],
-                                 f"the run has ended ({said}): it waits for nothing more")
+                                 f"the run has ended ({said}): it waits for nothing more", key=key)
         message = {"type": "signal", "run_id": run_id, "name": name, "payload": payload, "id": sid,
                    "g": _text(born)}
+        if key is not None:  # (an unkeyed signal's message is as before keys)
+            message["key"] = key
         entry = await self.store.call("XADD", self.keys.signals, "*", "c", dumps(message))
         if len(self._sent_entries) >= 1000:  # (only for telling why a signal is not applied yet: a few kept)
             self._sent_entries.clear()
         self._sent_entries[(run_id, sid)] = _text(entry)
         if not wait:
-            return SignalOutcome(run_id, name, sid, "sent", takes[name])
+            return SignalOutcome(run_id, name, sid, "sent", takes[name], key=key)
         since = _text(last[0][0]) if last else "0-0"
         return await self._outcome(run_id, sid, since, takes, timeout_s, on_notice, hint_after_s)
 
@@ -373,10 +410,10 @@ def _pending(item: Any) -> tuple[str, int]:
 
 def _outcome_of(run_id: str, sid: str, fields: dict[bytes, bytes], takes: dict[str, str],
                 needle: bytes | None = None) -> SignalOutcome | None:
-    """The outcome of signal ``sid`` when journal entry ``fields`` is the one that applied it, else None
-    (``takes``: :func:`signals_of` the run's plan, for the wait a rejected signal was for; ``needle``: the id as
-    JSON writes it in a string — ``"`` and backslash escaped —, looked for in the entry's input event before it is
-    decoded)."""
+    """The outcome of signal ``sid`` when journal entry ``fields`` is the one that applied it, else None: the
+    kernel's answer of the signal's name and key (``takes``: :func:`signals_of` the run's plan, for the wait a
+    rejected signal was for; ``needle``: the id as JSON writes it in a string — ``"`` and backslash escaped —,
+    looked for in the entry's input event before it is decoded)."""
     raw = fields.get(b"in")
     if not raw or (needle if needle is not None else dumps(sid)[1:-1]) not in raw:  # (most entries: not decoded)
         return None
@@ -384,16 +421,18 @@ def _outcome_of(run_id: str, sid: str, fields: dict[bytes, bytes], takes: dict[s
     if not isinstance(event, dict) or event.get("type") != "signal" or event.get("id") != sid:
         return None
     name = str(event.get("name"))
+    key = event.get("key") if isinstance(event.get("key"), str) else None
     at = event.get("at") if isinstance(event.get("at"), int) else None
     for said in loads(fields.get(b"ev") or b"[]"):
-        if said.get("signal") != name:
+        if said.get("signal") != name or said.get("key") != key:
             continue
         if said["type"] == "signal_received":
-            return SignalOutcome(run_id, name, sid, "received", said.get("step"), None, at)
+            return SignalOutcome(run_id, name, sid, "received", said.get("step"), None, at, key)
         if said["type"] == "signal_buffered":
-            return SignalOutcome(run_id, name, sid, "buffered", said.get("wait"), None, at)
+            return SignalOutcome(run_id, name, sid, "buffered", said.get("wait"), None, at, key)
         if said["type"] == "signal_rejected":
-            return SignalOutcome(run_id, name, sid, "rejected", takes.get(name), str(said.get("reason") or ""), at)
+            return SignalOutcome(run_id, name, sid, "rejected", takes.get(name), str(said.get("reason") or ""), at,
+                                 key)
     return SignalOutcome(run_id, name, sid, "rejected", takes.get(name), "the run applied it and said nothing of it",
-                         at)
+                         at, key)
 

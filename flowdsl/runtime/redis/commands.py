@@ -38,6 +38,7 @@ from flowdsl.runtime.redis.client import (
     RunIdTaken,
     RunInfo,
     RunNotFound,
+    RunWaits,
     StartRequest,
 )
 from flowdsl.runtime.redis.connection import (
@@ -715,6 +716,10 @@ def runs_command(*, url: str | None, prefix: str | None, limit: int, status: str
 
 def _print_runs(items: list[RunInfo], console: Any, where: str = "", *, status: str | None = None,
                 flow: str | None = None) -> None:
+    """The runs table (``flowdsl.runtime.listing.print_runs``), a running run that waits with what it waits for
+    in its status: ``running (paid, timer; due 12-05 18:30:00)``."""
+    from dataclasses import replace
+
     from rich.markup import escape
 
     from flowdsl.runtime.listing import print_runs
@@ -725,7 +730,18 @@ def _print_runs(items: list[RunInfo], console: Any, where: str = "", *, status: 
         console.print(f"no runs{which} in Redis at {escape(where)} (runs of the local runtime are records in "
                       f"{escape(_local_runs_dir())}: `flowdsl runs --backend local`)" if where else "no runs")
         return
-    print_runs(items, console)
+    print_runs([replace(i, status=f"{i.status} ({_waits_cell(i.waits)})") if i.waits is not None else i
+                for i in items], console)
+
+
+def _waits_cell(waits: RunWaits) -> str:
+    """What a run waits for, in its listing line: each signal by its name, ``timer`` for its timer waits (once),
+    then when the first of their timers is due (local time, as ``submitted``): ``paid, timer; due 12-05
+    18:30:00`` — as a parked local run's line says it."""
+    names = [*waits.signals, *(["timer"] if waits.timers else [])]
+    due = waits.due_at
+    when = f"due {time.strftime('%m-%d %H:%M:%S', time.localtime(due / 1000))}" if due is not None else ""
+    return "; ".join(part for part in (", ".join(names), when) if part)
 
 
 def cancel_command(run_id: str, *, url: str | None, prefix: str | None, reason: str, wait: bool, as_json: bool,

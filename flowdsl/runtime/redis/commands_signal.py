@@ -1,8 +1,9 @@
 """The CLI's ``flowdsl signal``: a signal sent to a Redis run, and what the run made of it.
 
 Stage: CLI support for runtime: redis. Imports this package's ``client`` and ``commands`` (how a Redis command runs
-and says its errors), ``flowdsl.runtime.inputs`` (reading the data), ``flowdsl.shown`` and stdlib; rich only through
-the console the CLI hands in. ``flowdsl.cli_redis`` imports it inside the command only.
+and says its errors), ``flowdsl.runtime.inputs`` (reading the data), ``flowdsl.runtime.parking`` (how a signal is
+named), ``flowdsl.shown`` and stdlib; rich only through the console the CLI hands in. ``flowdsl.cli_redis`` imports
+it inside the command only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from flowdsl.runtime.inputs import read_json_object
+from flowdsl.runtime.parking import signal_named
 from flowdsl.runtime.redis.client import RedisClient, SignalOutcome
 from flowdsl.runtime.redis.commands import _following, _guarded, _json_out, _say, _stopped_json
 from flowdsl.shown import visible
@@ -43,12 +45,14 @@ def read_signal_data(data: str | None, data_file: str | None) -> dict[str, Any] 
 
 def signal_command(run_id: str, name: str, *, url: str | None, prefix: str | None, data: dict[str, Any] | None,
                    signal_id: str | None, wait: bool, as_json: bool, console: Any,
-                   ended: list[int] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-    """Send signal ``name`` with ``data`` to run ``run_id`` (:meth:`RedisClient.signal`) and, with ``wait``, say what
-    the run made of it. Exit 0 received or kept for its wait (buffered; with ``wait`` False: sent); 1 rejected (the
-    kernel's reason said); 2 no such run, no wait of its flow takes ``name``, its id was used for another signal, or
-    Redis cannot be reached; :data:`EXIT_NOT_APPLIED` not applied within ``timeout_s`` (sent: outcome ``sent``, with
-    a ``reason`` saying so).
+                   ended: list[int] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                   key: str | None = None) -> int:
+    """Send signal ``name`` with ``data`` (and ``key``, for a keyed wait) to run ``run_id``
+    (:meth:`RedisClient.signal`) and, with ``wait``, say what the run made of it. Exit 0 received or kept for its
+    wait (buffered; with ``wait`` False: sent); 1 rejected (the kernel's reason said); 2 no such run, no wait of its
+    flow takes ``name``, a key missing for a keyed wait's signal or given for another, its id was used for another
+    signal, or Redis cannot be reached; :data:`EXIT_NOT_APPLIED` not applied within ``timeout_s`` (sent: outcome
+    ``sent``, with a ``reason`` saying so).
 
     With ``wait``, a stop signal before the outcome is printed ends it as it ends ``cancel --wait``
     (``commands._following``: exit 130, saying whether the signal was sent; it is applied all the same). ``ended``
@@ -58,7 +62,7 @@ def signal_command(run_id: str, name: str, *, url: str | None, prefix: str | Non
 
     async def body() -> int:
         async with RedisClient(url, prefix=prefix) as client:
-            outcome = await client.signal(run_id, name, data, signal_id=signal_id, wait=False)
+            outcome = await client.signal(run_id, name, data, key=key, signal_id=signal_id, wait=False)
             sent.append(outcome)
             late = False
             if wait and outcome.outcome == "sent":
@@ -91,22 +95,26 @@ def _said(console: Any, outcome: SignalOutcome, status: str, as_json: bool) -> N
     if as_json:
         _json_out({**outcome.to_json(), "status": status})
         return
-    run, name = escape(visible(outcome.run_id)), escape(visible(outcome.signal))
+    run, named = escape(visible(outcome.run_id)), escape(signal_named(outcome.signal, outcome.key))
     wait = escape(visible(outcome.wait or "?"))
     if outcome.outcome == "received":
-        console.print(f"signal '{name}' received by wait '{wait}' of run {run}"
+        console.print(f"{named} received by wait '{wait}' of run {run}"
                       + (f" (the run is {escape(status)} now)" if status != "running" else ""), highlight=False)
+    elif outcome.outcome == "buffered" and outcome.key is not None:
+        console.print(f"{named} kept by run {run}: no instance of its wait '{wait}' has started with that key yet, "
+                      "and the one that does takes it", highlight=False)
     elif outcome.outcome == "buffered":
-        console.print(f"signal '{name}' kept by run {run}: its wait '{wait}' has not started, and takes it when it "
-                      "starts", highlight=False)
+        console.print(f"{named} kept by run {run}: its wait '{wait}' has not started, and takes it when it starts",
+                      highlight=False)
     elif outcome.outcome == "sent" and outcome.reason:  # (waited for, not applied in time)
-        _say(console, f"signal '{outcome.signal}' to run {outcome.run_id} {outcome.reason}", "yellow", "note")
+        _say(console, f"{signal_named(outcome.signal, outcome.key)} to run {outcome.run_id} {outcome.reason}",
+             "yellow", "note")
     elif outcome.outcome == "sent":
-        console.print(f"signal '{name}' sent to run {run} (id {escape(outcome.id)}): a worker process applies it "
-                      f"once; `flowdsl status {run}` shows it", highlight=False)
+        console.print(f"{named} sent to run {run} (id {escape(outcome.id)}): a worker process applies it once; "
+                      f"`flowdsl status {run}` shows it", highlight=False)
     else:
-        _say(console, f"signal '{outcome.signal}' rejected by run {outcome.run_id}: {outcome.reason}", "yellow",
-             "note")
+        _say(console, f"{signal_named(outcome.signal, outcome.key)} rejected by run {outcome.run_id}: "
+             f"{outcome.reason}", "yellow", "note")
 
 
 def signal_stopped(console: Any, run_id: str, as_json: bool, sent: SignalOutcome | None) -> None:

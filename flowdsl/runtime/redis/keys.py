@@ -13,7 +13,8 @@ Redis Cluster slot and every transition script touches a single slot::
                                                id), started, finished, ret (retention ms), sts
                                                (schedule-to-start ms), submitted, resolved (when a
                                                person resolved the run, ms), sig:<signal id> (the
-                                               journal entry that applied that signal: never twice)
+                                               journal entry that applied that signal: never twice),
+                                               w (what its waits wait for, while one does: .run_waits)
     <prefix>:run:{<run_id>}:journal    stream  one entry per transition: v, in (the input event),
                                                ev (the emitted events), or note (a runtime record),
                                                or resolved (a person's resolution)
@@ -62,8 +63,8 @@ from dataclasses import dataclass
 # what a run id may be: one rule for both runtimes (no ``{``, ``}``, ``|`` or ``/`` among its characters)
 from flowdsl.runtime.record import RUN_ID_RE, check_run_id
 
-__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "SIGNAL_FIELD", "SIGNAL_ID_FIELD", "Keys",
-           "TimerMember", "check_run_id"]
+__all__ = ["ACL_COMMANDS", "DEFAULT_PREFIX", "GROUP", "RUN_ID_RE", "SIGNAL_FIELD", "SIGNAL_ID_FIELD", "WAITS_FIELD",
+           "Keys", "TimerMember", "check_run_id"]
 
 #: the key prefix unless configured (``--prefix``, ``$FLOWDSL_REDIS_PREFIX``)
 DEFAULT_PREFIX = "flowdsl"
@@ -74,6 +75,8 @@ SIGNAL_FIELD = "sig:"
 #: the prefix of a run hash's field that names the signal an id was used for (``sigd:<signal id>``: the digest of
 #: its name and payload, then its name), recorded by the client before it sends: a signal id is one signal's
 SIGNAL_ID_FIELD = "sigd:"
+#: the run hash's field that says what the run's waits wait for while one does (:mod:`.run_waits`; absent otherwise)
+WAITS_FIELD = "w"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 #: every command a worker process, the client and the CLI send (directly, or inside the Lua scripts), as ACL rules
 #: (docs/runtime.md, "ACL users"); the connections also send AUTH, and CLIENT SETINFO, whose refusal is ignored.

@@ -64,7 +64,8 @@ end
 #: outbox entry, then the number of input events n and, for each, ``guard task, guard mode, guard value, reporter``
 #: (mode ``new``: the guard's "task" is a field of the run's hash that must not exist — an input event applied once
 #: only, a signal — which the transition sets to the event's journal entry id); then the number of task operations
-#: and each as ``op, task, value``; then the number of meta fields and each as ``field, value`` (strings); last, the
+#: and each as ``op, task, value``; then the number of meta fields of the run's hash and each as ``field, value``
+#: (strings; an empty value deletes the field: the run's ``w`` once nothing waits); last, the
 #: run's generation the state was computed from (its ``born``; '' when unknown: not checked) — another generation's
 #: state is a version conflict. Then the blobs, in order: the state (when it has one), the outbox entry (when it has
 #: one), each input event and its events, and the message of each ``c`` operation.
@@ -229,7 +230,11 @@ for _ = 1, h[8 + 4 * n] do
 end
 local nmeta = h[i]
 for k = i + 1, i + 2 * nmeta, 2 do
-  redis.call('HSET', run, h[k], h[k + 1])
+  if h[k + 1] == '' then
+    redis.call('HDEL', run, h[k])
+  else
+    redis.call('HSET', run, h[k], h[k + 1])
+  end
 end
 if h[4] or meta[4] then  -- the run ends now, or had ended: its retention (see the comment above the script)
   local kept = redis.call('HMGET', run, 'ret', 'resolved')

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis.asyncio as aioredis
 from orjson import dumps as _orjson
@@ -48,7 +48,7 @@ from flowdsl import kernel
 from flowdsl.kernel import apply, check_rules
 from flowdsl.runtime.codec import dumps, loads
 from flowdsl.runtime.redis.connection import TRANSIENT, Backoff, server_unwell
-from flowdsl.runtime.redis.keys import GROUP, Keys
+from flowdsl.runtime.redis.keys import GROUP, WAITS_FIELD, Keys
 from flowdsl.runtime.redis.scripts import (
     CLAIM_TIMERS,
     DEAD_LETTER,
@@ -67,6 +67,9 @@ from flowdsl.runtime.redis.scripts import (
     Script,
 )
 from flowdsl.runtime.redis.wire import entry_fields
+
+if TYPE_CHECKING:
+    from flowdsl.runtime.redis.run_waits import WaitsKept
 
 __all__ = ["START_SCAN_LIMIT", "TRANSITION_LIMIT", "Clock", "JournalEntry", "RunDamaged", "RunRecord", "RunTooLarge",
            "Store", "TransitionResult", "cancel_reasons", "decoded", "megabytes", "plan_id", "retrieved", "score_pairs"]
@@ -231,6 +234,7 @@ class RunRecord:
     since: int = 0
     born: str = ""  # the run's generation (SUBMIT's ``born``; '' for a run submitted before it existed)
     packed: bytes = b""  # the start of its TRANSITION calls as RESP, once packed (Store.step)
+    waits: WaitsKept | None = None  # what its waits wait for, and its hash's ``w`` field (.run_waits), once known
 
 
 #: One input event a transition applies: its journal entry (the event, the events it caused, as JSON bytes),
@@ -504,7 +508,8 @@ class Store:
         cancelled, given up (a held lease is kept, marked cancelled, until its holder answers; any other
         is deleted), the attempt's deadline (its timeout timer's due time, ms: :meth:`pickup` starts no attempt
         past it); or ``(c, task id, lease, message)``: a task the caller runs
-        itself, held at once, its message kept for recovery. ``born``: the run's generation the state was
+        itself, held at once, its message kept for recovery. ``meta``: fields of the run's hash to set, ``(name,
+        value)`` — an empty value deletes the field. ``born``: the run's generation the state was
         computed from; a run of the id of another generation (the one computed from expired, the id submitted
         again) is a version conflict (code 2), so the caller loads the run again ('': not checked).
         ``record``: the run's record, if the caller has one (its keys are packed once: :meth:`packed`).
@@ -564,11 +569,13 @@ class Store:
         return packed
 
     async def step(self, record: RunRecord, token: str, status: str, finished_at: int | None, state: bytes,
-                   entry: JournalEntry, held: tuple[str, str, bytes] | None) -> TransitionResult:
+                   entry: JournalEntry, held: tuple[str, str, bytes] | None, waits: str | None = None
+                   ) -> TransitionResult:
         """:meth:`transition` of a chained step of ``record`` (from its version, of its generation), in one
         straight line: one input event ``entry`` whose guard names the task it answers, that task ended (``d``)
         and ``held`` (task id, lease, kept message), the task it dispatched to the caller (``c``), or None; no
-        outbox entry; ``finished_at``: the run ended, at that time (its ``finished`` meta field). The same
+        outbox entry; ``finished_at``: the run ended, at that time (its ``finished`` meta field); ``waits``: the
+        run's ``w`` meta field, after ``finished`` ('' deletes it; None: not written). The same
         arguments as ``transition``'s for it (tests/redis/test_hot_path.py compares them), so the same writes;
         on the lean connection, packed here (``record.packed``: its keys, packed once)."""
         input_event, events, guard, reporter = entry
@@ -583,7 +590,14 @@ class Store:
             header = [record.version, token, status, finished, bool(state), False, 1, g0, g1, g2, reporter,
                       2, "c", held[0], held[1], "d", g0, ""]
             blobs = (state, input_event, events, held[2]) if state else (input_event, events, held[2])
-        header += (0, record.born) if finished_at is None else (1, "finished", str(finished_at), record.born)
+        if finished_at is None and waits is None:
+            header += (0, record.born)
+        elif waits is None:
+            header += (1, "finished", str(finished_at), record.born)
+        elif finished_at is None:
+            header += (1, WAITS_FIELD, waits, record.born)
+        else:
+            header += (2, "finished", str(finished_at), WAITS_FIELD, waits, record.born)
         try:
             head = _orjson(header)
         except TypeError:

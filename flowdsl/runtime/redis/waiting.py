@@ -1,8 +1,8 @@
 """``flowdsl status`` of a Redis run still going: where each attempt in flight is — queued for a worker, and
 whether any live process serves it, or running, and on which process — and what each of its waits waits for.
 
-Stage: CLI support for runtime: redis. Imports this package's ``client`` (its reads) and :mod:`flowdsl.shown`;
-rich only through the console the CLI hands in.
+Stage: CLI support for runtime: redis. Imports this package's ``client`` (its reads), ``flowdsl.runtime.parking``
+(how a signal is named) and :mod:`flowdsl.shown`; rich only through the console the CLI hands in.
 
 A run's state says a step is ``running`` from its dispatch on; what became of the dispatch is in the run's tasks
 hash (docs/runtime.md, "The Redis data model": ``q`` queued, ``r:<token>`` running, ``xq``/``xr:<token>`` a cancel
@@ -12,16 +12,19 @@ said plainly, with the command that would serve it.
 
 A ``wait`` node holds no attempt: while it waits, the run's state lists it under ``waits`` (docs/kernel.md,
 "Waits"), and its timer — a timer wait's end, a signal wait's deadline — is in the timer set like any other
-(:func:`waits`): said with how long it has waited and, for a signal, the command that sends it. A timer whose time
-has passed is said to be overdue, and, when no worker process is live, that nothing fires it until one runs.
+(:func:`waits`): said with how long it has waited and, for a signal, the command that sends it — with the key of a
+keyed wait's instance (``--key``). A timer whose time has passed is said to be overdue, and, when no worker process
+is live, that nothing fires it until one runs.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flowdsl.shown import visible
+from flowdsl.runtime.parking import signal_named
+from flowdsl.shown import UNSAFE, visible
 
 if TYPE_CHECKING:
     from flowdsl.runtime.redis.client import Journal, RedisClient
@@ -88,30 +91,35 @@ async def in_flight(client: RedisClient, run_id: str, journal: Journal) -> list[
 
 @dataclass(frozen=True)
 class Waiting:
-    """One wait of the run that is waiting: for a signal (``signal``), or for its timer (``signal`` None)."""
+    """One wait of the run that is waiting: for a signal (``signal``; ``key``, the key a keyed wait's instance takes
+    it with), or for its timer (``signal`` None)."""
 
     step: str  # its instance key
     signal: str | None
     waited_ms: int | None  # since it started (None: its start time is not in the state)
     # a timer wait: until it ends; a signal wait: until its timeout (None: it has none); negative: overdue by that
     due_in_ms: int | None
+    key: str | None = None  # a keyed wait's key (None: unkeyed, or a timer wait)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "signal": self.signal, "waited_ms": self.waited_ms, "due_in_ms": self.due_in_ms}
+        return {"step": self.step, "signal": self.signal, "key": self.key, "waited_ms": self.waited_ms,
+                "due_in_ms": self.due_in_ms}
 
 
 def waits(plan: dict[str, Any], state: dict[str, Any], now: int) -> list[Waiting]:
     """The waits of a run (its kernel ``state``) that are waiting, in plan order, as of ``now`` (ms, the clock of
     the run's ``at`` times: the Redis server's)."""
     found = []
-    for key in (state.get("waits") or {}):
+    for key, wait in (state.get("waits") or {}).items():
         rec = state["nodes"].get(key) or {}
         node = plan["nodes"].get(rec.get("node"), {})
         started = rec.get("started_at")
         waited = max(0, now - started) if isinstance(started, int) else None
         span = node.get("delay_ms") if node.get("signal") is None else node.get("timeout_ms")
         due = span - waited if isinstance(span, int) and waited is not None else None
-        found.append((node.get("order", 0), Waiting(key, node.get("signal"), waited, due)))
+        taken = wait.get("key") if isinstance(wait, dict) else None
+        found.append((node.get("order", 0), Waiting(key, node.get("signal"), waited, due,
+                                                    taken if isinstance(taken, str) else None)))
     return [w for _, w in sorted(found, key=lambda pair: pair[0])]
 
 
@@ -131,10 +139,23 @@ def say_waiting(console: Any, run_id: str, items: list[Waiting], live: int | Non
             said = f"wait {visible(item.step)}: waiting for its timer{_ago(item.waited_ms)}" + (
                 "" if due is None else f"; it ends in {span(due)}" if due > 0 else f"; {late}")
         else:
-            said = (f"wait {visible(item.step)}: waiting for signal '{visible(item.signal)}'{_ago(item.waited_ms)}"
+            said = (f"wait {visible(item.step)}: waiting for {signal_named(item.signal, item.key)}"
+                    f"{_ago(item.waited_ms)}"
                     + ("" if due is None else f" (it times out in {span(due)})" if due > 0 else f" ({late})")
-                    + f" — `flowdsl signal {visible(run_id)} {visible(item.signal)} --data JSON` sends it")
+                    + " — " + _sends(run_id, item.signal, item.key))
         console.print(f"[cyan]{escape(said)}[/]", highlight=False, soft_wrap=True)
+
+
+def _sends(run_id: str, name: str, key: str | None) -> str:
+    """How a waiting wait is sent its signal: the ``flowdsl signal`` command (with ``--key``, quoted for a shell
+    when it must be, for a keyed wait), or, for a key no command line shows safely (a control or bidirectional
+    formatting character, :data:`~flowdsl.shown.UNSAFE`), the Python call."""
+    if key is None:
+        return f"`flowdsl signal {visible(run_id)} {visible(name)} --data JSON` sends it"
+    if UNSAFE.search(key) is not None:
+        return (f"its key holds a character no command line shows safely: `RedisClient.signal({visible(run_id)!r}, "
+                f"{visible(name)!r}, key=...)` sends it")
+    return f"`flowdsl signal {visible(run_id)} {visible(name)} --key {shlex.quote(key)} --data JSON` sends it"
 
 
 def span(ms: int, *, tenths: bool = True) -> str:

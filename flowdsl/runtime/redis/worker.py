@@ -15,7 +15,8 @@ that failed, Redis refusing its ACL user) — and its stages are mixins, one mod
   nor goes round forever.
 - **start and cancel requests, signals** (:mod:`.control`) — a start request starts the run and runs its first step
   here at once, under the control entry; a cancel request is a transition, and a cancel reaching a task held here
-  interrupts its worker; a signal is a transition, applied once.
+  interrupts its worker; a signal is a transition, applied once; signals for runs not started yet wait for them
+  (one loop looks for all their runs' starts together).
 - **task handler** (:mod:`.tasks`) — takes the task's lease (``PICKUP``: dropped when the task is no longer in
   flight or another delivery holds it), runs it with :func:`flowdsl.runtime.execute.execute`, and applies the
   answer through the kernel with a lease guard, so a result from a worker that lost its lease is rejected and
@@ -125,6 +126,9 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         #: entries of the signals stream held until their run starts (``reading._PARKED_SIGNALS`` at most)
         self._parked: set[str] = set()
         self._parked_said = False  # (said in the log that it holds as many as it keeps)
+        #: the runs the parked signals wait for (``control._Awaited``, by run id), and what wakes their watch
+        self._awaited: dict[str, Any] | None = None
+        self._awaited_new: asyncio.Event | None = None
         self._active: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()  # rejected successes waiting to be reported again
         self._late_wake: asyncio.Event | None = None  # set when stopping: each of them tries once more, now
@@ -166,6 +170,7 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
         self._room = asyncio.Event()
         self._timer_wake = asyncio.Event()
         self._late_wake = asyncio.Event()
+        self._awaited, self._awaited_new = {}, asyncio.Event()
         # a connection that stops answering without being closed (a path that drops packets) is given up after
         # reply_s and opened again; the command connection says so, and the readers wait for it meanwhile
         reply_s = self.options.reply_timeout_s
@@ -209,7 +214,8 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
                      asyncio.create_task(self._heartbeat(), name="heartbeat"),
                      asyncio.create_task(self._reclaimer(), name="reclaimer"),
                      asyncio.create_task(self._cancel_listener(), name="cancels"),
-                     asyncio.create_task(self._tidier(), name="tidier")]
+                     asyncio.create_task(self._tidier(), name="tidier"),
+                     asyncio.create_task(self._parked_watch(), name="parked signals")]
             for task in loops:
                 task.add_done_callback(self._loop_ended)
             log.info("worker %s serving %d stream(s) under prefix %r", self.name, len(self.streams),
@@ -304,3 +310,5 @@ class RedisWorker(Reading, Control, Tasks, LateResults, Lifecycle, Upkeep):
             self._stopped.set()
         if self._room is not None:
             self._room.set()
+        if self._awaited_new is not None:
+            self._awaited_new.set()  # (the watch of parked signals' runs ends, and wakes them: they return)
