@@ -1,9 +1,10 @@
 """The ``flowdsl`` command: a thin layer over the public API, and its entry point.
 
 Its commands are defined by topic — :mod:`flowdsl.cli_spec` (validate, plan, convert), :mod:`flowdsl.cli_test`
-(test), :mod:`flowdsl.cli_run` (run, show), :mod:`flowdsl.cli_redis` (worker, status, runs, workers, cancel,
-signal, dead-letters), :mod:`flowdsl.cli_records` (resolve, prune) and :mod:`flowdsl.render.command` (diagram) — on the
-app of :mod:`flowdsl.cli_common`, imported here in the order ``flowdsl --help`` lists them.
+(test), :mod:`flowdsl.cli_run` (run, show), :mod:`flowdsl.cli_resume` (resume), :mod:`flowdsl.cli_redis` (worker,
+status, runs, workers, cancel, signal, dead-letters), :mod:`flowdsl.cli_records` (resolve, prune) and
+:mod:`flowdsl.render.command` (diagram) — on the app of :mod:`flowdsl.cli_common`, imported here in the order
+``flowdsl --help`` lists them.
 
 Stage: CLI. Imports the API facade and, lazily inside each command, the stage
 it drives. Exit codes: 0 ok; 1 diagnostics found or run not completed; 2 usage
@@ -26,7 +27,7 @@ from flowdsl.render.command import diagram as _diagram  # (typer + stdlib only)
 
 # each module registers its commands: the order here is the order of `flowdsl --help`
 # isort: off
-from flowdsl import cli_spec, cli_test, cli_run, cli_redis, cli_records  # noqa: F401
+from flowdsl import cli_spec, cli_test, cli_run, cli_resume, cli_redis, cli_records  # noqa: F401
 # isort: on
 
 __all__ = ["_JsonChannel", "app", "main", "write_outputs"]
