@@ -71,11 +71,13 @@ def _handlers_kept() -> Iterator[None]:
     "--workers-dir).\n\n"
     "With --due instead of RUN_ID, every parked run in the runs directory whose next timer is due — a timer wait's "
     "end, a signal wait's deadline (the run then fails with WaitTimeout), a retry's backoff, the run's timeout — is "
-    "resumed, one after another in this process, earliest due first; each goes on to its end or, with --park, until "
-    "it is parked again at its next wait. Parked runs not yet due, and those with no timer (only a signal goes on "
-    "with them), are left alone; a run another `flowdsl resume` took meanwhile is skipped. A cron job, `* * * * * cd "
-    "/srv/app && flowdsl resume --due --park`, so makes a local run's timers durable without a daemon. --signal, "
-    "--cancel and --force are for one run. With --format json, stdout carries one line per run taken up: its JSON "
+    "resumed, one after another in this process, earliest due first; each goes on to its end or until it is parked "
+    "again at its next wait (--due parks, --park or not: nothing could send a signal to a run going on in the batch, "
+    "and the next --due takes up its timers). Parked runs not yet due, and those with no timer (only a signal goes "
+    "on with them), are left alone; a run another `flowdsl resume` took meanwhile is skipped, and a record that holds "
+    "another run than its name says (a copy) is not resumed. A cron job, `* * * * * cd /srv/app && flowdsl resume "
+    "--due`, so makes a local run's timers durable without a daemon. --signal, --cancel and --force are for one "
+    "run. With --format json, stdout carries one line per run taken up: its JSON "
     "object (docs/runtime.md).\n\n"
     "Exit codes:\n"
     "  0    completed\n"
@@ -127,7 +129,7 @@ def resume(
         "--signals): its waits end, and what completed is undone")] = False,
     due: Annotated[bool, typer.Option(
         "--due", help="instead of RUN_ID: resume every parked run in the runs directory whose next timer is due, one "
-        "after another, earliest due first (with --park, each until it is parked again)")] = False,
+        "after another, earliest due first, each until its end or until it is parked again")] = False,
 ) -> None:
     raise typer.Exit(_channelled(fmt is OutputFormat.json, lambda channel: _resume_command(
         channel, run_id, due, runs_dir, workers_dir, lm, late_grace, force, signals or [], park, cancel)))
@@ -152,7 +154,7 @@ def _resume_command(channel: _JsonChannel, run: str | None, due: bool, runs_dir:
                                  "(a parked run needs none: its process let it go)")):
         if given:
             raise _Stopped(f"{option} is for one run, not with --due: `flowdsl resume RUN_ID {what}")
-    return _resume_due(channel, runs_dir, workers_dir, lm, late_grace, park)
+    return _resume_due(channel, runs_dir, workers_dir, lm, late_grace)
 
 
 def _resume(channel: _JsonChannel, run: str, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
@@ -277,11 +279,12 @@ def _now_ms() -> int:
 
 
 def _resume_due(channel: _JsonChannel, runs_dir: Path | None, workers_dir: Path | None, lm: str | None,
-                late_grace: float | None, park: bool) -> int:
+                late_grace: float | None) -> int:
     """The body of ``flowdsl resume --due``: resume, one after another in this process, each parked run of the runs
     directory whose next timer is due (earliest due first, then by run id), each as ``flowdsl resume RUN_ID``
-    would; its exit code (the gravest of the runs', :data:`_GRAVITY`), or :class:`_Stopped` for a usage error or a
-    runs directory that cannot be read."""
+    would with ``--park`` (a run going on in the batch could be sent no signal: it is parked at its next wait, and a
+    later ``--due`` takes up its timers); its exit code (the gravest of the runs', :data:`_GRAVITY`), or
+    :class:`_Stopped` for a usage error or a runs directory that cannot be read."""
     import os
 
     from flowdsl.runtime.due import due_runs
@@ -308,12 +311,15 @@ def _resume_due(channel: _JsonChannel, runs_dir: Path | None, workers_dir: Path 
         what = broken_link(directory) if os.path.islink(directory) and not os.path.exists(directory) else \
             "it is not a directory"
         raise _Stopped(f"{directory}: {what}; --runs-dir (or $FLOWDSL_RUNS_DIR) names the directory of run records")
+    skipped: list[str] = []  # (files that are no run record: said when something is due, or to a person)
     try:
-        found = due_runs(directory, _now_ms(), on_skip=lambda text: errors.print(
-            f"[yellow]warning[/]: {_escape(text)}; skipped", highlight=False, soft_wrap=True))
+        found = due_runs(directory, _now_ms(), on_skip=skipped.append)
     except OSError as exc:
         raise _Stopped(f"cannot read the directory of run records {directory}: {exc.strerror or exc}") from None
     tally = _DueTally(due=len(found.due), waiting=found.waiting)
+    if found.due or not quiet:
+        for text in skipped:
+            errors.print(f"[yellow]warning[/]: {_escape(text)}; skipped", highlight=False, soft_wrap=True)
     if not found.due:
         if not quiet:
             errors.print(f"no parked run is due in {_escape(str(directory))}"
@@ -324,7 +330,7 @@ def _resume_due(channel: _JsonChannel, runs_dir: Path | None, workers_dir: Path 
         for n, row in enumerate(found.due):
             if n and not channel.active:
                 errors.print()  # (a blank line between the runs' reports)
-            if not _resume_due_run(channel, row.run_id, directory, workers_dir, lm, late_grace, park, tally):
+            if not _resume_due_run(channel, row.run_id, directory, workers_dir, lm, late_grace, tally):
                 tally.left = len(found.due) - n - 1
                 break
     except KeyboardInterrupt:  # (outside a run: the command stops; what it did is said first)
@@ -336,13 +342,14 @@ def _resume_due(channel: _JsonChannel, runs_dir: Path | None, workers_dir: Path 
 
 
 def _resume_due_run(channel: _JsonChannel, run: str, directory: Path, workers_dir: Path | None, lm: str | None,
-                    late_grace: float | None, park: bool, tally: _DueTally) -> bool:
+                    late_grace: float | None, tally: _DueTally) -> bool:
     """``resume --due``'s resumption of the due parked run ``run`` (its record in ``directory``), counted in
     ``tally``: whether the command goes on with the next one (not once a stop signal came: a run cancelled by it —
     only a stop signal cancels a run under --due —, one held after a run's end, or a run stopped at once)."""
     from flowdsl.runtime.due import earliest, timer_said
     from flowdsl.runtime.parking import at_text
     from flowdsl.runtime.report import PARKED_EXIT
+    from flowdsl.shown import visible
 
     try:
         resumption = _prepared(directory / f"{run}.jsonl", force=False)
@@ -351,6 +358,12 @@ def _resume_due_run(channel: _JsonChannel, run: str, directory: Path, workers_di
             _due_skipped(run, stop.message, tally)
         else:
             _due_failed(channel, run, stop, tally)
+        return True
+    if resumption.run_id != run:  # (a copy of another run's record: both would go on, its steps run twice)
+        _due_failed(channel, run, _Stopped(
+            f"its record holds run {visible(resumption.run_id)}, not {visible(run)} (a copy of that run's record, or "
+            "one renamed?): --due resumes a record only under its own run's name; resume it by its path if you "
+            "mean to", error_type="NotItsRun"), tally)
         return True
     timer = earliest(resumption.timers)
     if resumption.was != "parked" or timer is None or int(timer["due_at"]) > _now_ms():
@@ -365,7 +378,7 @@ def _resume_due_run(channel: _JsonChannel, run: str, directory: Path, workers_di
     went = _Went()
     try:
         with _handlers_kept():
-            code = _go_on(channel, resumption, directory, workers_dir, lm, late_grace, [], park, False,
+            code = _go_on(channel, resumption, directory, workers_dir, lm, late_grace, [], True, False,
                           why=f"due since {at_text(int(timer['due_at']))}: {timer_said(timer)}", went=went)
     except _Stopped as stop:
         if stop.error_type in _TAKEN:  # (another resume took the record between its reading and Resumption.begin)

@@ -34,13 +34,21 @@ from flowdsl.kernel_engine import LLM_NOT_CONFIGURED, Machine
 from flowdsl.kernel_program import _CACHE as _PROGRAMS
 from flowdsl.kernel_program import Program, prepare, retry_delay
 from flowdsl.kernel_saga import LATE_REASON
-from flowdsl.kernel_wait import KEY_RULES, WAIT_KEY_INVALID, WAIT_KEY_TAKEN, WAIT_RULES, WAIT_TIMEOUT
+from flowdsl.kernel_wait import (
+    KEY_LIMIT,
+    KEY_RULES,
+    WAIT_KEY_INVALID,
+    WAIT_KEY_TAKEN,
+    WAIT_RULES,
+    WAIT_TIMEOUT,
+    key_text,
+)
 
 __all__ = [
-    "CONTINUE_RULES", "END_STATES", "INPUT_EVENTS", "KEY_RULES", "LATE_REASON", "LLM_NOT_CONFIGURED", "STATE_VERSION",
-    "WAIT_KEY_INVALID", "WAIT_KEY_TAKEN", "WAIT_RULES", "WAIT_TIMEOUT", "Decision", "NewerVersion", "Program", "apply",
-    "check_rules", "check_seed", "in_doubt", "left_to_undo", "prepare", "replay", "retry_delay", "rules_for",
-    "start_event", "start_run", "summary",
+    "CONTINUE_RULES", "END_STATES", "INPUT_EVENTS", "KEY_LIMIT", "KEY_RULES", "LATE_REASON", "LLM_NOT_CONFIGURED",
+    "STATE_VERSION", "WAIT_KEY_INVALID", "WAIT_KEY_TAKEN", "WAIT_RULES", "WAIT_TIMEOUT", "Decision", "NewerVersion",
+    "Program", "apply", "check_rules", "check_seed", "in_doubt", "key_text", "left_to_undo", "prepare", "replay",
+    "retry_delay", "rules_for", "start_event", "start_run", "summary",
 ]
 
 #: version of the run-state layout and of the rules (``state["kernel"]``, and the ``start`` event's ``kernel``):

@@ -38,6 +38,9 @@ WAIT_KEY_INVALID = "WaitKeyInvalid"
 WAIT_KEY_TAKEN = "WaitKeyTaken"
 #: how many signals of one name are kept for keys no instance has taken yet: more are rejected
 KEPT_MAX = 10_000
+#: the longest key, in characters: a longer one a wait evaluates fails it (no signal could be sent with it), one a
+#: signal names is refused
+KEY_LIMIT = 200
 
 
 def begin_wait(m: Machine, ikey: str, node: dict[str, Any]) -> None:
@@ -97,17 +100,23 @@ def _begin_keyed(m: Machine, ikey: str, node: dict[str, Any], signal: Any, wait_
     m.s.setdefault("waits", {})[ikey] = {"signal": signal, "timer": _deadline(m, ikey, node), "key": key}
 
 
-def key_text(value: Json) -> str:
-    """A keyed wait's key as its expression gave it: a non-empty string as it is, an integer as its decimal text (so
-    ``42`` and ``"42"`` are one key); ValueError saying what it got otherwise."""
-    if isinstance(value, str) and value:
-        return value
+def key_text(value: Json, gave: str = "its expression gave") -> str:
+    """A keyed wait's key as its expression gave it: a non-empty string of at most :data:`KEY_LIMIT` characters as
+    it is, a whole number as its decimal text (so ``42``, ``42.0`` and ``"42"`` are one key); ValueError saying
+    what it got otherwise (``gave``: how the message says where it came from)."""
+    if isinstance(value, float) and value.is_integer():  # (JSON has one number type: 42.0 is 42)
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        value = str(value)
+    if isinstance(value, str) and value:
+        if len(value) > KEY_LIMIT:
+            raise ValueError(f"must have at most {KEY_LIMIT} characters (the longest key a signal is sent with); "
+                             f"{gave} a string of {len(value)}: {value[:40]!r}...")
+        return value
     text = json.dumps(value, ensure_ascii=False, default=str)
-    what = "an empty string" if value == "" else \
+    what = "an empty string" if value == "" else "null" if value is None else \
         f"{_JSON_TYPES.get(type(value), type(value).__name__)} {text if len(text) <= 80 else text[:77] + '...'}"
-    raise ValueError(f"must be a non-empty string or an integer; its expression gave {what}")
+    raise ValueError(f"must be a non-empty string or a whole number; {gave} {what}")
 
 
 #: how an error names what a key expression gave instead of a key
@@ -131,8 +140,9 @@ def receive(m: Machine, event: dict[str, Any]) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError("event 'signal' needs a 'name': a non-empty string")
     sent_key = event.get("key")
-    if sent_key is not None and (not isinstance(sent_key, str) or not sent_key):
-        raise ValueError("event 'signal': 'key' must be a non-empty string (or absent, or null)")
+    if sent_key is not None and (not isinstance(sent_key, str) or not sent_key or len(sent_key) > KEY_LIMIT):
+        raise ValueError(f"event 'signal': 'key' must be a non-empty string of at most {KEY_LIMIT} characters (or "
+                         "absent, or null)")
     payload = event.get("payload")
     if payload is None:
         payload = {}

@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from flowdsl.diagnostics import did_you_mean, join, quote
+from flowdsl.kernel import key_text
 from flowdsl.runtime.simulate import Signal
 
 __all__ = ["can_time_out", "read_signal", "signal_waits", "unknown_signal", "wait_key", "what_if_keyed",
@@ -73,24 +74,30 @@ def read_signal(item: Any, path: str, plan: Mapping[str, Any], report: Report,
     """The :class:`Signal` an entry of ``signals:`` sends (its shape checked by the schema already: a signal's
     name, or a mapping of ``signal``, ``key``, ``at`` and ``data``), or None after reporting what does not fit the
     flow: FD701, a name no wait takes, a key for a wait that takes its signal without one, or none for a keyed
-    wait's; FD702, data that is not a mapping."""
+    wait's; FD702, data that is not a mapping, a key that is none (neither a non-empty string of at most
+    ``KEY_LIMIT`` characters nor a whole number)."""
     written: dict[str, Any] = {"signal": item} if isinstance(item, str) else item
     name, written_key = written["signal"], written.get("key")
-    # (an integer key is its decimal text, as a wait's)
-    key = None if written_key is None else str(written_key)
     at_name = path if isinstance(item, str) else join(path, "signal")
     bad = False
+    key = None
+    if written_key is not None:  # (a whole number is its decimal text, as a wait's key: 7.0 is 7)
+        try:
+            key = key_text(written_key, "it is")
+        except ValueError as exc:
+            report("FD702", f"the key of signal {quote(name)} {exc}", join(path, "key"))
+            bad = True
     takes = signal_waits(plan)
     if name not in takes:
         report("FD701", unknown_signal(plan, name), at_name)
         bad = True
     else:
         wait = plan["nodes"][takes[name]]
-        if wait_key(wait) is not None and key is None:
+        if wait_key(wait) is not None and written_key is None:
             report("FD701", f"no wait of the flow takes signal {quote(name)} without a key: wait {quote(wait['key'])} "
                    f"tells its instances apart by key ({_key_source(plan, wait)}); give the signal its 'key'", at_name)
             bad = True
-        elif wait_key(wait) is None and key is not None:
+        elif wait_key(wait) is None and written_key is not None:
             report("FD701", f"no wait of the flow takes signal {quote(name)} with a key: wait {quote(wait['key'])} "
                    "takes it without one (only a wait with 'key:' tells its instances apart by key)",
                    join(path, "key"))

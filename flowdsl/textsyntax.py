@@ -99,6 +99,12 @@ def _bad_string(text: str, start: int, line: int, col: int) -> tuple[str, int, i
 _VALUES = frozenset({"true", "false", "null"})
 
 
+#: option keywords of wait nodes, which came after the text syntax's first version: a bare one in a line of step
+#: names is a step of that name, as it was before (files written then hold such lines; ``flowdsl convert`` now writes
+#: ``step key`` on a line of its own)
+_LATER_KEYWORDS = frozenset({"signal", "key", "for"})
+
+
 def _keyword_as_step(word: str) -> str:
     """Why a bare keyword in a line of step names is refused: it was read as a step, where the writer meant an
     option (``as line`` in a for_each's body gave steps ``as`` and ``line``)."""
@@ -658,7 +664,8 @@ class _Builder:
         out: list[Any] = []
         for item in body.children:
             sub = f"{ptr}/{len(out)}"
-            if type(item) is _Tok and item.type == "WORD" and item.value in KEYWORDS and item.value not in _VALUES:
+            if (type(item) is _Tok and item.type == "WORD" and item.value in KEYWORDS and item.value not in _VALUES
+                    and item.value not in _LATER_KEYWORDS):
                 self.diagnostics.append(make("FD108", _keyword_as_step(item.value), sub, file=self.file,
                                              line=item.line, column=item.column))
             out.append(self.node(item, sub) if type(item) is _Node else self.scalar_at(item, sub))

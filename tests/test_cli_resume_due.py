@@ -386,3 +386,45 @@ def test_a_ctrl_c_cancels_the_run_going_on_and_no_further_run_is_resumed(tmp_pat
     assert err.endswith("2 due; 1 resumed: 1 cancelled; 1 left parked (a stop signal ended the command: the next "
                         "`flowdsl resume --due` takes them)"), err
     assert parked(runs) == ["r2"]
+
+
+#: a timer wait of {t}, then the wait for signal 'paid' (no deadline), then b
+TIMER_THEN_SIGNAL = "steps:\n  - conf.a\n  - wait: cool\n    for: {t}\n  - wait: paid\n  - conf.b\n"
+
+
+def test_without_park_a_due_run_is_still_parked_at_its_next_wait(tmp_path: Path) -> None:
+    """Nothing could send a signal to a run going on in the batch: it is parked at its next wait (a cron job never
+    hangs on it), and `flowdsl resume RUN --signal` goes on with it."""
+    runs = tmp_path / "runs"
+    until(park(tmp_path, runs, "r1", TIMER_THEN_SIGNAL))
+    r = cli("resume", "--due", "--runs-dir", str(runs), "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    assert json.loads(line)["status"] == "parked" and parked(runs) == ["r1"]
+    assert "1 due; 1 resumed: 1 parked again" in said(r.stderr)
+    assert cli("resume", "r1", "--runs-dir", str(runs), "--signal", "paid").exit_code == 0
+
+
+def test_files_that_are_no_run_record_are_said_only_when_something_is_due(tmp_path: Path) -> None:
+    """A cron job mails what it writes: a stray file in the runs directory is not worth a mail a minute."""
+    runs = tmp_path / "runs"
+    park(tmp_path, runs, "r1", TIMER, "1h")
+    (runs / "README.txt").write_text("notes\n")
+    quiet = cli("resume", "--due", "--runs-dir", str(runs))  # (stderr is no terminal here)
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    until(park(tmp_path, runs, "r2", TIMER))
+    r = cli("resume", "--due", "--runs-dir", str(runs))
+    assert r.exit_code == 0, r.stderr
+    assert "README.txt is not a run record" in said(r.stderr) and "r2 r2: completed" in said(r.stderr)
+
+
+def test_a_copy_of_a_record_is_not_resumed_under_its_file_s_name(tmp_path: Path) -> None:
+    """A backup copy of a parked run's record, in the runs directory, would run the rest of that run twice."""
+    runs = tmp_path / "runs"
+    until(park(tmp_path, runs, "r1", TIMER))
+    shutil.copy(runs / "r1.jsonl", runs / "copy1.jsonl")
+    r = cli("resume", "--due", "--runs-dir", str(runs))
+    assert r.exit_code == 1, r.stderr
+    err = said(r.stderr)
+    assert "its record holds run r1, not copy1 (a copy of that run's record, or one renamed?)" in err, err
+    assert "r1 r1: completed" in err and resumed_lines(runs, "copy1") == 0 and resumed_lines(runs, "r1") == 1

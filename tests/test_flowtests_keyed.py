@@ -110,9 +110,11 @@ def test_a_keyed_signal_without_its_key_and_an_unkeyed_one_with_a_key_are_reject
 
 def test_signal_keys_made_in_python_are_checked() -> None:
     assert Signal("delivered", key=42).key == "42" and Signal("delivered", key="1Z1").key == "1Z1"
+    assert Signal("delivered", key=7.0).key == "7"  # type: ignore[arg-type]  # (as a wait's key: 7.0 is 7)
     assert Signal("delivered").key is None
-    for bad in ("", True, 1.5, ["1Z1"]):
-        with pytest.raises(ValueError, match="its key is a non-empty string or an integer"):
+    for bad in ("", True, 1.5, ["1Z1"], "x" * 201):
+        with pytest.raises(ValueError, match=r"its key (is a non-empty string|must be a non-empty string|must have at "
+                                             r"most 200 characters)"):
             Signal("delivered", key=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keyed_at_start is a collection of signal names, not one string"):
         Script(keyed_at_start="delivered")
@@ -176,6 +178,15 @@ def test_a_key_is_a_non_empty_string_or_an_integer(tmp_path: Path, key: str) -> 
                  f"    signals: [{{signal: delivered, key: {key}}}]\n    expect: {{status: completed}}\n")
     _, diags = load_tests(test)
     assert [(d.code, d.path) for d in diags] == [("FD201", "/cases/a/signals/0/key")], [d.format() for d in diags]
+
+
+def test_a_whole_number_written_as_a_float_is_its_key_and_a_key_too_long_to_send_is_fd702(tmp_path: Path) -> None:
+    head = f"flowdsl_test: 1\nflow: {PARCELS}\ncases:\n  a:\n    signals: [{{signal: delivered, key: "
+    cases, diags = load_tests(_file(tmp_path / "k.test.yaml", head + "42.0}]\n    expect: {status: completed}\n"))
+    assert diags == [] and cases is not None and [s.key for s in cases.cases[0].script.signals] == ["42"]
+    _, diags = load_tests(_file(tmp_path / "l.test.yaml", head + "x" * 201 + "}]\n    expect: {status: completed}\n"))
+    assert [(d.code, d.path) for d in diags] == [("FD702", "/cases/a/signals/0/key")], [d.format() for d in diags]
+    assert "must have at most 200 characters" in diags[0].message
 
 
 def test_a_wait_expected_with_another_key_is_a_mismatch() -> None:

@@ -113,9 +113,9 @@ STEP_WAIT = "a step whose worker is named 'wait' is written `step wait` on a lin
                                        f"statement: `wait <name>` ({STEP_WAIT})"),
     ("step", 2, 5, "unexpected end of line, expected one of: a name, a string; 'step' starts a statement: "
                    "`step <name>`"),
-    ("sequence s { a for b }", 2, 16, "'for' is a keyword, not a step name here: a group's options go on its own "
-                                      "line, before its '{'; a step whose worker is named 'for' is written `step for` "
-                                      "on a line of its own, any options after it"),
+    ("sequence s { a as b }", 2, 16, "'as' is a keyword, not a step name here: a group's options go on its own "
+                                     "line, before its '{'; a step whose worker is named 'as' is written `step as` "
+                                     "on a line of its own, any options after it"),
 ])  # fmt: skip
 def test_a_bare_wait_where_a_step_name_is_expected_says_what_to_write(text: str, line: int, column: int,
                                                                        message: str) -> None:

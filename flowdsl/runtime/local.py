@@ -241,6 +241,8 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
         self._loop_thread: int | None = None
         self._started = False
         self._interrupts = 0
+        #: the cancels and aborts asked from other threads, handed to the loop, not yet arrived (no parking till then)
+        self._stops_coming = 0
         self._signals: list[int] = []  # the stop signals this run took, in the order it took them
         #: what cancel() or abort() asked before the run started: ("cancel" | "abort", reason)
         self._early: tuple[str, str] | None = None
@@ -419,7 +421,8 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
         wait's end, a signal wait's deadline, the run's timeout) fire here, in the order they fell due — before
         anything sent to the resumed run (``signals=``, ``--signal``: applied next, :meth:`_send_held`) and before
         the answers of the attempts run again: a deadline that passed while the process was down is never beaten
-        by a signal sent at the resume (as on Redis, where it fires as a worker takes the run up again)."""
+        by a signal sent at the resume (as on Redis, where it fires as a worker takes the run up again). What they
+        dispatch is carried out once they have all fired."""
         self.state = resumption.state
         self.events = list(resumption.events)
         self._must_answer = {command["task_id"] for command in resumption.dispatches}
@@ -433,11 +436,22 @@ class LocalRun(Attempts, LateAnswers, Stopping, Recording, Signalling):
                 self._schedule(command)
         for command in resumption.dispatches:
             self._dispatch(command)
-        for command in overdue:
-            if self._finished:
-                return
-            if command["timer_id"] in self.state["timers"]:  # (an earlier one may have cancelled it: the run's
-                self._apply({"type": "timer_fired", "timer_id": command["timer_id"]})  # timeout, a wait's)
+        # what the overdue timers start waits until they have all fired: a step one of them starts is never called
+        # once a later one (the run's timeout, due before the step could have started) has stopped the run — it is
+        # answered task_cancelled, as the kernel then asks (_cancel_task)
+        self._holding = True
+        try:
+            for command in overdue:
+                if self._finished:
+                    return
+                if command["timer_id"] in self.state["timers"]:  # (an earlier one may have cancelled it: the run's
+                    self._apply({"type": "timer_fired", "timer_id": command["timer_id"]})  # timeout, a wait's)
+        finally:
+            self._holding = False
+        held, self._held = self._held, {}
+        for command in held.values():
+            if not self._finished and command["task_id"] in self.state["tasks"]:
+                self._dispatch(command)
 
     def _feed(self, event: dict[str, Any]) -> None:
         """Queue one input event; apply it now unless a decision is being carried out (then after it)."""

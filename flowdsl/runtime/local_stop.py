@@ -76,6 +76,8 @@ class Stopping:
     _tasks: dict[str, _Attempt]
     _lingering: dict[str, _Attempt] | None
     _interrupts: int
+    _stops_coming: int
+    parked: dict[str, Any] | None
     _signals: list[int]
     _early: tuple[str, str] | None
     _handoff: contextlib.AbstractContextManager[Any]
@@ -143,8 +145,24 @@ class Stopping:
         loop = self._loop
         if loop is None or self._loop_thread == threading.get_ident() or loop.is_closed():
             return False
-        loop.call_soon_threadsafe(method, reason)
+        self._stops_coming += 1  # (the run parks for none until it has arrived: _park_if_idle)
+        try:
+            loop.call_soon_threadsafe(self._stop_arrives, method, reason)
+        except RuntimeError:  # its loop closed meanwhile: the run is over
+            self._stops_coming -= 1  # (under _handoff: the callers hold it)
         return True
+
+    def _stop_arrives(self, method: Callable[[str], None], reason: str) -> None:
+        """On the run's loop: a cancel or abort asked from another thread; one that finds the run parked (it was
+        parked before it was asked) is said, with how to cancel the parked run."""
+        with self._handoff:  # (counted up under it, in the asking thread)
+            self._stops_coming -= 1
+        if self.parked is not None:
+            what = "cancel" if method == self.cancel else "abort"
+            self._notice(f"{what} asked after the run was parked ({reason}): nothing runs it; cancel it with "
+                         f"`flowdsl resume {self.run_id} --cancel` (resume_flow(..., cancel=True))")
+            return
+        method(reason)
 
     def _stopped_result(self) -> RunResult | None:
         """The run as it stands when stopped at once, with what it leaves to undo by hand as ``intervention``."""
@@ -237,7 +255,7 @@ class Stopping:
         # passing it on), which must not stop the run at once; only a second Ctrl-C or SIGTERM does
         hangup = name == "SIGHUP"
         if self._finished:  # the run has ended, or was parked (its handlers not yet removed): nothing is left to stop
-            self._notice(f"{verb}: the run has already been parked" if getattr(self, "parked", None) is not None
+            self._notice(f"{verb}: the run has already been parked" if self.parked is not None
                          else f"{verb}: the run has already ended {self.status}")
             return
         if not hangup:

@@ -123,12 +123,13 @@ class SignalSent(concurrent.futures.Future[SignalOutcome]):
 
 
 def waiting_notice(plan: Mapping[str, Any], key: str, *, ctrl_c: bool = False, resumed: bool = False,
-                   resume: str | None = None, instance: str | None = None, signal_key: str | None = None) -> str:
+                   resume: str | None = None, instance: str | None = None, signal_key: str | None = None,
+                   again: str | None = None) -> str:
     """What a local run says as its wait ``key`` (a plan key; ``instance``: the instance that waits, in a for_each)
     starts waiting for its signal: which (``signal_key``: the key a keyed wait takes it with), until when, and how
     a local run is sent one (``ctrl_c``: the run takes Ctrl-C, which cancels it; ``resumed``: the run was resumed;
     ``resume``: the ``flowdsl resume`` command that takes the run up again, when Ctrl-\\ (SIGQUIT) ends this process
-    leaving the run resumable)."""
+    leaving the run resumable; ``again``: that command whatever SIGQUIT does, named for a resumed run)."""
     node = plan["nodes"][key]
     name = visible(node["signal"])
     instance = key if instance is None else instance
@@ -138,9 +139,10 @@ def waiting_notice(plan: Mapping[str, Any], key: str, *, ctrl_c: bool = False, r
              f"{wait}with no deadline: it waits as long as it takes")
     option = signal_option(node["signal"], signal_key)
     if option is None:  # (a key the command line cannot give)
-        command = " only (its key holds '=' or a control character, which the command line cannot give)"
+        command = (" only (its key holds '=', which a command line cannot give, or a control character, which it does "
+                   "not show safely)")
     else:
-        command = f" or, when it is resumed, from `flowdsl resume {option}`" if resumed else \
+        command = f" or, when it is resumed, from `{again or 'flowdsl resume RUN_ID'} {option}`" if resumed else \
             f" or, when it starts, from `flowdsl run {option}`"
     stop = "; Ctrl-C cancels the run" if ctrl_c else ""
     if ctrl_c and resume is not None:
@@ -179,6 +181,8 @@ class Signalling:
     _tasks: dict[str, Any]
     _held: dict[str, Any]
     _park: bool
+    _record_failed: Callable[[Exception], None]
+    _stops_coming: int
     _due: dict[str, int]
     parked: dict[str, Any] | None
 
@@ -289,8 +293,12 @@ class Signalling:
         status = self.state.get("status")
         when = "before the signal reached it" if before else ""
         if self.parked is not None:  # (its process let it go: a resume goes on with it, and sends signals)
+            from flowdsl.runtime.summary import record_resume_command
+
             option = "NAME:KEY=JSON" if keyed else "NAME=JSON"
-            return (f"the run was parked {when or 'already'}: `flowdsl resume {self.run_id} --signal {option}` (or "
+            resume = record_resume_command(self.record_path) if self.record_path is not None else \
+                f"flowdsl resume {self.run_id}"
+            return (f"the run was parked {when or 'already'}: `{resume} --signal {option}` (or "
                     "resume_flow(..., signals=...)) goes on with it and sends the signal")
         if self._stop_reason is not None:
             return f"the run was stopped at once ({self._stop_reason}) {when or 'already'}".rstrip()
@@ -314,18 +322,24 @@ class Signalling:
         (``.parking``), stop the timers and return from :meth:`run`; ``flowdsl resume`` goes on with it. A run whose
         record could not be written is never parked (it could not go on): it waits in its process, said once."""
         state = self.state
-        if (self._inbox or self._tasks or self._held or self._unanswered or state.get("tasks")
+        if (self._inbox or self._tasks or self._held or self._unanswered or self._stops_coming or state.get("tasks")
                 or not state.get("waits") or state.get("status") != "running"):
             return
-        if self._recorder is None:
+        if self._recorder is not None:  # (what the burst wrote goes to disk first: a full disk is found before)
+            try:
+                self._recorder.flush()
+            except OSError as exc:
+                self._record_failed(exc)
+        if self._recorder is not None:
+            line = parked_line(self.run_id, self._now(), state, self._due)
+            self._write(line)
+        if self._recorder is None:  # (it failed: said by _record_failed) the run waits here instead, and says so
             self._park = False
             self._notice("the run cannot be parked: its record is incomplete, so it could not go on from it; it "
                          "waits in this process")
-            return
-        line = parked_line(self.run_id, self._now(), state, self._due)
-        self._write(line)
-        if self._recorder is None:  # (writing it failed: said by _record_failed; the run waits here instead)
-            self._park = False
+            for key, entry in (state.get("waits") or {}).items():
+                if entry.get("signal") is not None:
+                    self._say_waiting(key)
             return
         self.parked = {key: line[key] for key in ("at", "waits", "due_at")}
         resume = self._resume_command(any_signal=True)
@@ -348,7 +362,8 @@ class Signalling:
         ctrl_c = signal.SIGINT in self._signals  # (not when Ctrl-C is not the run's: inherited ignored)
         entry = (self.state.get("waits") or {}).get(key) or {}
         self._notice(waiting_notice(self.plan, node, ctrl_c=ctrl_c, resumed=self._resume is not None,
-                                    resume=self._resume_command(), instance=key, signal_key=entry.get("key")))
+                                    resume=self._resume_command(), instance=key, signal_key=entry.get("key"),
+                                    again=self._resume_command(any_signal=True)))
 
     def _resume_command(self, any_signal: bool = False) -> str | None:
         """``flowdsl resume RUN`` (with ``--runs-dir`` where needed) when Ctrl-\\ (SIGQUIT) would end this process

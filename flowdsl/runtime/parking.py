@@ -68,8 +68,9 @@ def at_text(ms: int | None) -> str:
 def signal_option(name: str, key: str | None = None) -> str | None:
     """The ``--signal`` option that sends signal ``name`` (with ``key``, for a keyed wait) and a payload:
     ``--signal paid=JSON``, ``--signal delivered:1Z9=JSON`` (``NAME:KEY`` quoted for a shell when it must be); None
-    for a key the command line cannot give — one holding ``=`` (where its payload starts) or a control character:
-    such a signal is sent from Python only (``LocalRun.signal``, ``resume_flow(..., signals=...)``)."""
+    for a key the command line cannot give — one holding ``=`` (where its payload starts) — or show safely — one
+    holding a control character: such a signal is said to be sent from Python (``LocalRun.signal``,
+    ``resume_flow(..., signals=...)``)."""
     if key is None:
         return f"--signal {visible(name)}=JSON"
     if "=" in key or UNSAFE.search(key) is not None:
@@ -121,8 +122,8 @@ def parked_text(parked: Mapping[str, Any], resume: str | None) -> str:
     signals = [f"`{c}`" for c in go_on_commands({"waits": waits[:SHOWN_WAITS]}, resume)]
     if any(w.get("signal") is not None and signal_option(str(w["signal"]), _key(w)) is None
            for w in waits[:SHOWN_WAITS]):
-        signals.append("from Python, resume_flow(..., signals=[(NAME, payload, KEY)]) for a key the command line "
-                       "cannot give (one holding '=' or a control character)")
+        signals.append("resume_flow(..., signals=[(NAME, payload, KEY)]) from Python, for a key a command line cannot "
+                       "give (one holding '=') or show safely (one holding a control character)")
     due_at = parked.get("due_at")
     if due_at is None:
         return f"{said}; go on with {' or '.join(signals)}" if signals else said

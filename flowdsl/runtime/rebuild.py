@@ -162,12 +162,14 @@ def _in_doubt_of_record(plan: dict[str, Any], state: dict[str, Any], lines: list
                 raise refuse(i, "a 'record_failed' line is the record's last and gives a 'reason'")
         elif kind == PARKED:
             waits = event.get("waits")
+            due = event.get("due_at")
             if (finished is not None and i > finished) or not isinstance(event.get("at"), int) \
                     or not isinstance(waits, list) or not all(isinstance(w, dict) for w in waits) \
+                    or not (due is None or (isinstance(due, int) and not isinstance(due, bool))) \
                     or not (i == len(lines) - 1 or lines[i + 1].get("type") == RESUMED):
                 raise refuse(i, "a 'runtime_parked' line comes before the run's end, gives 'at' (a time in "
-                             "milliseconds) and 'waits' (a list), and is the record's last line or followed by a "
-                             "'runtime_resumed' one")
+                             "milliseconds), 'waits' (a list) and 'due_at' (a time, or null), and is the record's "
+                             "last line or followed by a 'runtime_resumed' one")
         elif kind == "runtime_aborted":
             if not isinstance(event.get("reason"), str):
                 raise refuse(i, "a 'runtime_aborted' line gives a 'reason'")

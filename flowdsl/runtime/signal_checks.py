@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flowdsl.kernel import prepare
-from flowdsl.runtime.execute import NotJSON, plain_json
+from flowdsl.kernel import KEY_LIMIT, prepare
+from flowdsl.runtime.execute import NotJSON, plain_json, text_problem
 from flowdsl.runtime.inputs import InputError
 from flowdsl.runtime.parking import signal_named
 from flowdsl.shown import visible
@@ -26,8 +26,6 @@ from flowdsl.shown import visible
 __all__ = ["KEY_LIMIT", "Checked", "Payload", "Signals", "check_key", "check_signal", "check_signals",
            "keyed_signals", "signal_names"]
 
-#: the longest key a signal is sent with, in characters
-KEY_LIMIT = 200
 
 #: what ``signals=`` takes: a mapping name -> payload (unkeyed signals), or names, (name, payload) pairs and
 #: (name, payload, key) triples
@@ -82,8 +80,9 @@ def check_key(plan: Mapping[str, Any], name: str, key: Any, names: Mapping[str, 
     """The key signal ``name`` (one a wait of ``plan`` takes; ``names``: its :func:`signal_names`, when known) is
     sent with: None for the signal of a wait without ``key:`` — which takes none: ``ValueError`` for one —, the
     key's text for the signal of a keyed wait — which needs one: ``ValueError`` for None. A key is a non-empty
-    string of at most :data:`KEY_LIMIT` characters (``ValueError`` else) or an integer, taken as its decimal text
-    (``42`` and ``"42"`` are the same key, as for the key a wait evaluates); any other type is a ``TypeError``."""
+    string of valid Unicode of at most ``KEY_LIMIT`` characters (the kernel's: ``ValueError`` else) or a whole number,
+    taken as its decimal text (``42``, ``42.0`` and ``"42"`` are the same key, as for the key a wait evaluates); any
+    other type is a ``TypeError``."""
     names = signal_names(plan) if names is None else names
     wait = names[name]
     said = f"wait '{visible(wait)}'"
@@ -95,9 +94,11 @@ def check_key(plan: Mapping[str, Any], name: str, key: Any, names: Mapping[str, 
     if key is None:
         raise ValueError(f"{said} tells its instances apart by key: signal '{visible(name)}' needs a key (the "
                          "value of its 'key:' for the instance it is for)")
+    if isinstance(key, float) and key.is_integer():
+        key = int(key)
     if isinstance(key, bool) or not isinstance(key, str | int):
-        raise TypeError(f"the key of signal '{visible(name)}' must be a string (or an integer, taken as its decimal "
-                        f"text); got {type(key).__name__}")
+        raise TypeError(f"the key of signal '{visible(name)}' must be a string (or a whole number, taken as its "
+                        f"decimal text); got {type(key).__name__}")
     if isinstance(key, int) and key.bit_length() > 4 * KEY_LIMIT:  # (its text would be too long: never made)
         raise ValueError(f"the key of signal '{visible(name)}' is an integer of more than {KEY_LIMIT} digits: a key "
                          f"has at most {KEY_LIMIT} characters")
@@ -107,6 +108,8 @@ def check_key(plan: Mapping[str, Any], name: str, key: Any, names: Mapping[str, 
     if len(text) > KEY_LIMIT:
         raise ValueError(f"the key of signal '{visible(name)}' has {len(text)} characters: a key has at most "
                          f"{KEY_LIMIT}")
+    if not text.isascii() and (problem := text_problem(text)) is not None:  # (a lone surrogate: no run has it)
+        raise ValueError(f"the key of signal '{visible(name)}' {problem}")
     return text
 
 
@@ -124,6 +127,7 @@ def check_signals(plan: Mapping[str, Any], signals: Signals | None) -> list[Chec
     items = signals.items() if isinstance(signals, Mapping) else signals
     names = signal_names(plan)
     checked: list[Checked] = []
+    given: set[tuple[str, str | None]] = set()
     for item in items:
         if isinstance(item, str):
             item = (item, None)
@@ -132,7 +136,8 @@ def check_signals(plan: Mapping[str, Any], signals: Signals | None) -> list[Chec
                             f"triple; got {type(item).__name__}"
                             + (f" of {len(item)} items" if isinstance(item, tuple | list) else ""))
         name, payload, key = check_signal(plan, item[0], item[1], names, key=item[2] if len(item) == 3 else None)
-        if any(name == seen and key == seen_key for seen, _, seen_key in checked):
+        if (name, key) in given:
             raise ValueError(f"{signal_named(name, key)} is given twice: a signal goes to one wait, which takes one")
+        given.add((name, key))
         checked.append((name, payload, key))
     return checked

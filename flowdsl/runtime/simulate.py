@@ -35,7 +35,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flowdsl.kernel import END_STATES, apply, start_run
+from flowdsl.kernel import END_STATES, apply, key_text, start_run
 from flowdsl.runtime.execute import WORKER_KINDS, NotJSON, copy_json, error_types, execute, plain_json
 from flowdsl.runtime.inputs import check_input
 from flowdsl.runtime.report import RunResult
@@ -129,14 +129,14 @@ def error_types_of(error_type: str, is_a: Sequence[str] = ()) -> list[str]:
 
 @dataclass(frozen=True)
 class Signal:
-    """A signal sent to a simulated run from outside (docs/kernel.md, "Waits"): its ``name``, its ``data`` (the
-    wait's result: a JSON object; None for ``{}``), when — ``at_ms`` virtual milliseconds after the run's start
-    (0: at once, kept until its wait starts) — and, for a keyed wait's signal, its ``key`` (a non-empty string; an
-    integer is taken as its decimal text): the instance of the wait that took that key takes it. The run's wait of
-    that name takes it; a signal no wait can take (none waits for that name, it came already, its wait has ended, a
-    key missing or one the wait does not take) is rejected, as a runtime's would be (``signal_rejected``), and
-    changes nothing else. One due after the run has ended never reaches it (it is not among the run's events), as
-    the local runtime feeds none to a run that is over.
+    """A signal sent to a simulated run from outside (docs/kernel.md, "Waits"): its ``name``, its ``data`` (the wait's
+    result: a JSON object; None for ``{}``), when — ``at_ms`` virtual milliseconds after the run's start (0: at once,
+    kept until its wait starts) — and, for a keyed wait's signal, its ``key`` (a non-empty string of at most
+    ``KEY_LIMIT`` characters; a whole number is taken as its decimal text): the instance of the wait that took that key
+    takes it. The run's wait of that name takes it; a signal no wait can take (none waits for that name, it came
+    already, its wait has ended, a key missing or one the wait does not take) is rejected, as a runtime's would be
+    (``signal_rejected``), and changes nothing else. One due after the run has ended never reaches it (it is not among
+    the run's events), as the local runtime feeds none to a run that is over.
     """
 
     name: str
@@ -147,11 +147,14 @@ class Signal:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"a signal's name is a non-empty string, not {self.name!r}")
-        if isinstance(self.key, int) and not isinstance(self.key, bool):
-            object.__setattr__(self, "key", str(self.key))
-        elif self.key is not None and (not isinstance(self.key, str) or not self.key):
-            raise ValueError(f"signal {self.name!r}: its key is a non-empty string or an integer (or None for "
-                             f"none), not {self.key!r}")
+        if self.key is not None:  # (as a wait's key: a whole number is its decimal text, at most KEY_LIMIT long)
+            if isinstance(self.key, bool) or not isinstance(self.key, str | int | float):
+                raise ValueError(f"signal {self.name!r}: its key is a non-empty string or a whole number (or None "
+                                 f"for none), not {self.key!r}")
+            try:
+                object.__setattr__(self, "key", key_text(self.key, "it is"))
+            except ValueError as exc:
+                raise ValueError(f"signal {self.name!r}: its key {exc}") from None
         if type(self.at_ms) is not int or self.at_ms < 0:
             raise ValueError(f"at_ms is a whole number of milliseconds, 0 or more; got {self.at_ms!r}")
         if self.data is not None and not isinstance(self.data, Mapping):

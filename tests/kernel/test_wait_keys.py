@@ -28,7 +28,7 @@ from flowdsl.kernel import (
     start_run,
     summary,
 )
-from flowdsl.kernel_wait import KEPT_MAX, key_text
+from flowdsl.kernel_wait import KEPT_MAX, KEY_LIMIT, key_text
 from tests.kernel.plans import plan_of
 from tests.kernel.sim import Sim, fail, ok
 
@@ -105,19 +105,31 @@ def test_two_items_with_one_key_fail_the_second_wait_and_the_run_compensates() -
 
 
 @pytest.mark.parametrize(("value", "said"), [
-    (None, "null null"), (True, "a boolean true"), (1.5, "a number 1.5"), ("", "an empty string"),
+    (None, "null"), (True, "a boolean true"), (1.5, "a number 1.5"), ("", "an empty string"),
     ([1], "an array [1]"), ({"a": 1}, 'an object {"a": 1}')])
 def test_a_key_that_is_no_key_fails_its_wait_with_wait_key_invalid(value: Any, said: str) -> None:
     sim = Sim(parcels(key="${ $parcel.k }"), input={"parcels": [{"k": value}]}).run()
     assert sim.status == "compensated"
     assert sim.state["error"] == {"type": WAIT_KEY_INVALID, "message": "the key of wait 'each[0]/delivered' must be "
-                                  f"a non-empty string or an integer; its expression gave {said}"}
+                                  f"a non-empty string or a whole number; its expression gave {said}"}
     started = sim.of("step_started", step="each[0]/delivered")[0]
     assert "key" not in started
 
 
+def test_a_key_longer_than_a_signal_can_name_fails_its_wait() -> None:
+    """No signal could be sent with it (a sender refuses keys over KEY_LIMIT characters): the wait fails at once
+    instead of waiting for ever."""
+    sim = Sim(parcels(), input={"parcels": [{"t": "x" * (KEY_LIMIT + 1)}]}).run()
+    assert sim.status == "compensated" and sim.state["error"]["type"] == WAIT_KEY_INVALID
+    assert f"must have at most {KEY_LIMIT} characters" in sim.state["error"]["message"]
+    assert key_text("x" * KEY_LIMIT) == "x" * KEY_LIMIT
+    with pytest.raises(ValueError, match=f"'key' must be a non-empty string of at most {KEY_LIMIT} characters"):
+        apply(parcels(), start_run(parcels(), "r1", THREE, at=1).state,
+              {"type": "signal", "name": "delivered", "key": "x" * (KEY_LIMIT + 1), "at": 2})
+
+
 def test_an_integer_key_is_its_decimal_text() -> None:
-    assert key_text(42) == "42" and key_text("42") == "42"
+    assert key_text(42) == "42" and key_text("42") == "42" and key_text(42.0) == "42" and key_text(1e20) == str(10**20)
     sim = Sim(parcels(), input={"parcels": [{"t": 7}]}, signals=[(10, "delivered", {}, "7")]).run()
     assert sim.status == "completed" and sim.of("signal_received")[0]["key"] == "7"
 

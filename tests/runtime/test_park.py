@@ -9,6 +9,7 @@ tests/test_cli_park.py and tests/runtime/test_park_records.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,8 @@ def test_a_signal_sent_to_a_parked_run_is_rejected_saying_how_to_go_on(tmp_path:
 
     result, outcome = asyncio.run(main())
     assert result.parked is not None and outcome.outcome == "rejected"
-    assert outcome.reason.startswith("the run was parked already: `flowdsl resume r1 --signal NAME=JSON`")
+    assert outcome.reason.startswith(f"the run was parked already: `flowdsl resume r1 --runs-dir {tmp_path} --signal "
+                                     "NAME=JSON`")
 
 
 def test_a_parked_line_with_lines_after_it_is_refused(tmp_path: Path) -> None:
@@ -195,3 +197,83 @@ def test_the_words_on_a_parked_run_give_each_way_on() -> None:
         "waits for signal 'paid' (no deadline), and signal 'approved' (wait 'ok') (no deadline); go on with "
         "`flowdsl resume r1 --signal paid=JSON` or `flowdsl resume r1 --signal approved=JSON`")
     assert parked_text(both, None).endswith("(no deadline)")
+
+
+def test_a_cancel_asked_from_another_thread_as_the_run_would_park_is_not_lost(tmp_path: Path) -> None:
+    """The cancel is handed to the run's loop while the decision that starts the wait is carried out: the run does
+    not park before it has arrived, and is cancelled."""
+    import threading
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "step_started" and event["step"] == "paid":
+            asker = threading.Thread(target=local.cancel, args=("asked elsewhere",))
+            asker.start()
+            asker.join()
+
+    local = LocalRun(plan(), {}, run_id="r1", runs_dir=tmp_path, park=True, on_event=on_event)
+    result = asyncio.run(local.run())
+    assert result.parked is None and result.status == "cancelled" and result.compensated == ["a"]
+    assert PARKED not in {line["type"] for line in lines(tmp_path)}
+
+
+def test_a_record_that_cannot_be_written_as_the_run_would_park_keeps_the_run_waiting_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk found as the run would park: it is not parked (it could not go on from its record), says so, and
+    says what it waits for, so that it can still be sent its signal."""
+    import errno
+
+    from flowdsl.runtime.record import RunRecorder
+
+    full = False
+    real = RunRecorder.flush
+
+    def flush(self: RunRecorder) -> None:
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self)
+
+    def on_event(event: dict[str, Any]) -> None:
+        nonlocal full
+        full = full or (event["type"] == "step_started" and event["step"] == "paid")
+
+    notices: list[str] = []
+
+    def on_notice(text: str) -> None:
+        notices.append(text)
+        if text.startswith("the run waits for signal 'paid'"):
+            asyncio.get_running_loop().call_soon(local.signal, "paid", {"n": 1})
+
+    monkeypatch.setattr(RunRecorder, "flush", flush)
+    local = LocalRun(plan(), {}, run_id="r1", runs_dir=tmp_path, park=True, on_event=on_event, on_notice=on_notice)
+    result = asyncio.run(asyncio.wait_for(local.run(), 30))  # (a run that never says it waits would wait for ever)
+    assert result.parked is None and result.status == "completed" and result.record_error is not None
+    said = [n for n in notices if "cannot be parked" in n or n.startswith("the run waits for signal")]
+    assert len(said) == 2 and said[0].startswith("the run cannot be parked: its record is incomplete")
+    assert said[1].startswith("the run waits for signal 'paid' (up to 1h")
+
+
+def test_what_an_overdue_timer_starts_is_held_until_every_overdue_timer_has_fired(tmp_path: Path) -> None:
+    """Parked past both its timer wait's end and its run's timeout: on resume the wait ends, then the run times out
+    — the step after the wait, started by the first, is never called."""
+    calls = tmp_path / "calls"
+    steps = "timeout: 400ms\nsteps:\n  - conf.a: {compensate: undo.a}\n  - wait: cool\n    for: 100ms\n  - conf.b\n"
+    result = run(tmp_path, steps, {"script": {"b": {"log": str(calls)}}})
+    assert result.parked is not None
+    time.sleep(max(0.0, (result.started_at + 400 - time.time() * 1000) / 1000) + 0.05)
+    ended = resume(tmp_path)
+    assert ended.status == "compensated" and ended.error["type"] == "RunTimeout"
+    assert ended.steps["cool"]["status"] == "succeeded" and ended.steps["b"]["status"] == "cancelled"
+    assert not calls.exists(), "b was called after the run's timeout"
+
+
+def test_a_parked_line_whose_due_at_is_no_time_is_refused(tmp_path: Path) -> None:
+    """`resume --due` would never find such a run due: the record is refused as changed by hand, saying why."""
+    run(tmp_path)
+    path = tmp_path / "r1.jsonl"
+    raw = path.read_bytes().splitlines(keepends=True)
+    parked = json.loads(raw[-1])
+    parked["due_at"] = "soon"
+    path.write_bytes(b"".join([*raw[:-1], json.dumps(parked).encode() + b"\n"]))
+    header, read = read_record(path)
+    with pytest.raises(RecordError, match=r"'due_at' \(a time, or null\)"):
+        result_from_record(header, read, path)

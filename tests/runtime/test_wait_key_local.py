@@ -187,9 +187,10 @@ def test_a_keyed_signal_needs_a_key_and_an_unkeyed_one_takes_none() -> None:
 
 
 @pytest.mark.parametrize(("key", "error", "message"), [
-    (True, TypeError, r"the key of signal 'delivered' must be a string \(or an integer, taken as its decimal text\); "
-                      "got bool"),
+    (True, TypeError, r"the key of signal 'delivered' must be a string \(or a whole number, taken as its decimal "
+                      r"text\); got bool"),
     (4.2, TypeError, "must be a string .*; got float"),
+    ("\ud800x", ValueError, "^the key of signal 'delivered' holds a lone surrogate"),
     (["1Z9"], TypeError, "; got list"),
     ("", ValueError, "^the key of signal 'delivered' is empty: a key is a non-empty string$"),
     ("x" * (KEY_LIMIT + 1), ValueError, f"^the key of signal 'delivered' has {KEY_LIMIT + 1} characters: a key has "
@@ -274,7 +275,8 @@ def test_the_parked_text_and_commands_say_each_key() -> None:
     text = parked_text(parked, "flowdsl resume r1")
     assert text.startswith("waits for signal 'delivered' key '1Z9' (wait 'parcels[0]/delivered') (no deadline), "
                            "and signal 'delivered' key 'a b' (wait 'parcels[1]/delivered') (no deadline), and ")
-    assert "resume_flow(..., signals=[(NAME, payload, KEY)]) for a key the command line cannot give" in text
+    assert ("resume_flow(..., signals=[(NAME, payload, KEY)]) from Python, for a key a command line cannot give (one "
+            "holding '=') or show safely (one holding a control character)") in text
     many = {"waits": [{"wait": f"parcels[{i}]/delivered", "signal": "delivered", "key": f"T{i}", "due_at": None}
                       for i in range(25)], "due_at": None}
     text = parked_text(many, "flowdsl resume r1")

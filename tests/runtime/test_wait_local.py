@@ -417,7 +417,9 @@ def test_a_resumed_run_says_which_signal_its_wait_waits_for(tmp_path: Path) -> N
     result = asyncio.run(run.run())
     assert result.status == "completed" and result.context["confirmation"] == {"at_last": True}
     assert sum("the run waits for signal 'paid' (up to 30s" in n for n in notices) == 1
-    assert any("or, when it is resumed, from `flowdsl resume --signal paid=JSON`" in n for n in notices), notices
+    # (the command that resumes this run, with its records directory: one that can be run as it is shown)
+    assert any(f"or, when it is resumed, from `flowdsl resume said --runs-dir {tmp_path} --signal paid=JSON`" in n
+               for n in notices), notices
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGQUIT"), reason="no SIGQUIT here")

@@ -231,8 +231,6 @@ class Signalling:
         if name not in takes:
             raise UnknownSignal(run_id, name, _text(flow), sorted(takes))
         key = check_key(plan, name, key, takes)
-        if key is not None and (problem := text_problem(key)) is not None:
-            raise ValueError(f"the key of signal '{visible(name)}' {problem}")
         # what this id is used for, recorded once (before anything is sent under it) and compared
         this = (signal_digest(name, payload, key) + name + ("" if key is None else _KEY_MARK + key)).encode()
         recorded = await _SIGNAL_ID(self.store.batcher, [self.keys.run(run_id)], [SIGNAL_ID_FIELD + sid, this])
