@@ -268,7 +268,7 @@ def cancel(
     "Exit codes:\n"
     "  0    its wait received it, or keeps it until it starts (with --no-wait: it was sent)\n"
     "  1    the run rejected it (the reason is said): the run is over, or its wait received one already, timed "
-    "out or was skipped\n"
+    "out or was skipped, or (a keyed wait) a signal for that key is kept already\n"
     "  2    no such run, no wait of its flow takes NAME, --key missing (a keyed wait) or not taken, the data is "
     "not a JSON object, the --id was used for another signal, or Redis cannot be reached\n"
     "  5    not applied within --timeout: it was sent, and is applied once a worker process takes it\n"

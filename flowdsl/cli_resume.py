@@ -82,7 +82,7 @@ def _handlers_kept() -> Iterator[None]:
     "Exit codes:\n"
     "  0    completed\n"
     "  1    failed, compensated or cancelled (nothing in doubt); or the run cannot be resumed: it ended, still runs, "
-    "was resolved, or its process cannot be told to be gone (--force)\n"
+    "was resolved or had not started, went on unrecorded, or its process may run (--force)\n"
     "  2    no such record, or one that cannot be read, replayed or written; a usage error\n"
     "  3    the result could not be written to stdout (full, closed, cut short by a second stop signal): stderr "
     "names the run\n"

@@ -169,6 +169,7 @@ class Signalling:
     _handoff: Any
     _inbox: deque[dict[str, Any]]
     _stop_reason: str | None
+    _early: tuple[str, str] | None
     _signals: list[int]
     _resume: Any
     record_path: Path | None
@@ -261,7 +262,8 @@ class Signalling:
         for event, sent in reversed(held):
             self._unanswered[id(event)] = (event, sent)
             self._inbox.appendleft(event)
-        if resumed:
+        if resumed and not (self._early is not None and self._early[0] == "cancel"):  # (cancelled as it goes on:
+            # its waits end at once, and are not said)
             coming = {(sent.signal, sent.key) for _, sent in held}
             for key, entry in (self.state.get("waits") or {}).items():
                 if entry.get("signal") is not None and (entry["signal"], entry.get("key")) not in coming:

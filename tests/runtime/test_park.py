@@ -152,8 +152,10 @@ def test_a_retry_waiting_when_the_run_parks_is_armed_again_on_resume(tmp_path: P
 
 def test_a_parked_run_is_cancelled_as_it_is_resumed(tmp_path: Path) -> None:
     run(tmp_path)
-    ended = resume(tmp_path, cancel=True)
+    notices: list[str] = []
+    ended = resume(tmp_path, cancel=True, on_notice=notices.append)
     assert ended.status == "cancelled" and ended.compensated == ["a"]
+    assert not any("waits for signal" in n for n in notices), notices  # (its wait ends at once: not said)
     assert ended.steps["paid"]["status"] == "cancelled"
     assert [line.get("reason") for line in lines(tmp_path) if line["type"] == "cancel_requested"] == \
         ["cancelled as it was resumed"]
