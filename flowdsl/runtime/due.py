@@ -1,6 +1,7 @@
 """Finding the parked local runs whose next timer is due, and saying which timer it is (``flowdsl resume --due``).
 
-Stage: runtime: local (CLI support). Imports stdlib, ``.listing``, ``.parking`` and ``flowdsl.shown``.
+Stage: runtime: local (CLI support). Imports stdlib, ``.listing`` and ``.parking`` (whose :func:`timer_said`, what
+a timer is in words, is named here too).
 
 A parked run's record ends with its ``runtime_parked`` line, whose ``due_at`` is the earliest timer it has armed
 (``.parking``): a timer wait's end, a signal wait's deadline, a retry's backoff, the run's or a sub-flow's timeout.
@@ -18,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from flowdsl.runtime.listing import RecordRow, Skip, list_records
-from flowdsl.runtime.parking import PARKED_STATE
-from flowdsl.shown import visible
+from flowdsl.runtime.parking import PARKED_STATE, timer_said
 
-__all__ = ["DueRuns", "due_runs", "earliest", "timer_said"]
+__all__ = ["DueRuns", "due_runs", "earliest", "timer_said"]  # (timer_said: .parking's, used with earliest)
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,3 @@ def _due_at(row: RecordRow) -> int | None:
 def earliest(timers: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """Of a resumed run's timers (``schedule_timer`` commands: ``Resumption.timers``), the one due first, or None."""
     return min(timers, key=lambda timer: int(timer["due_at"]), default=None)
-
-
-#: what a timer is, by its ``purpose`` in the kernel's state (``{}``: the step, wait or sub-flow it is for)
-_PURPOSES = {"wait": "the end of wait '{}'", "wait_timeout": "the deadline of wait '{}' (it fails with WaitTimeout)",
-             "retry": "the retry backoff of step '{}'", "run_timeout": "the run's timeout",
-             "flow_timeout": "the timeout of sub-flow '{}'", "attempt_timeout": "the timeout of step '{}'"}
-
-
-def timer_said(timer: Mapping[str, Any]) -> str:
-    """What a timer (a ``schedule_timer`` command) is, for people: ``the end of wait 'cool'``, ``the deadline of
-    wait 'paid' (it fails with WaitTimeout)``, ``the run's timeout``."""
-    said = _PURPOSES.get(str(timer.get("purpose")), "a timer of '{}'")
-    return said.format(visible(str(timer.get("step"))))

@@ -31,8 +31,18 @@ from typing import Any
 
 from flowdsl.shown import UNSAFE, visible
 
-__all__ = ["PARKED", "PARKED_STATE", "SHOWN_WAITS", "at_text", "go_on_commands", "parked_line", "parked_text",
-           "signal_named", "signal_option"]
+__all__ = [
+    "PARKED",
+    "PARKED_STATE",
+    "SHOWN_WAITS",
+    "at_text",
+    "go_on_commands",
+    "parked_line",
+    "parked_text",
+    "signal_named",
+    "signal_option",
+    "timer_said",
+]
 
 #: the record line written as a run is parked
 PARKED = "runtime_parked"
@@ -134,3 +144,16 @@ def parked_text(parked: Mapping[str, Any], resume: str | None) -> str:
 def _key(wait: Mapping[str, Any]) -> str | None:
     key = wait.get("key")
     return str(key) if key is not None else None
+
+
+#: what a timer is, by its ``purpose`` in the kernel's state (``{}``: the step, wait or sub-flow it is for)
+_PURPOSES = {"wait": "the end of wait '{}'", "wait_timeout": "the deadline of wait '{}' (it fails with WaitTimeout)",
+             "retry": "the retry backoff of step '{}'", "run_timeout": "the run's timeout",
+             "flow_timeout": "the timeout of sub-flow '{}'", "attempt_timeout": "the timeout of step '{}'"}
+
+
+def timer_said(timer: Mapping[str, Any]) -> str:
+    """What a timer (a ``schedule_timer`` command, or a timer of the run state) is, for people: ``the end of wait
+    'cool'``, ``the deadline of wait 'paid' (it fails with WaitTimeout)``, ``the run's timeout``."""
+    said = _PURPOSES.get(str(timer.get("purpose")), "a timer of '{}'")
+    return said.format(visible(str(timer.get("step"))))

@@ -31,7 +31,7 @@ from typing import Any
 
 from flowdsl.kernel import END_STATES, LLM_NOT_CONFIGURED
 from flowdsl.runtime.late import stopped_while
-from flowdsl.runtime.parking import SHOWN_WAITS, at_text, signal_named, signal_option
+from flowdsl.runtime.parking import SHOWN_WAITS, at_text, signal_named, signal_option, timer_said
 from flowdsl.runtime.report import RunResult
 from flowdsl.runtime.timing import STEP_KINDS, _span, duration_text, timing
 
@@ -268,14 +268,10 @@ def print_summary(result: RunResult, console: Any = None) -> None:
             con.print(f"[yellow]the record is incomplete: {_esc(result.record_error)}[/]")
 
 
-#: the timers a parked run may hold besides its waits', in words (the kernel's ``purpose`` of each)
-_TIMERS = {"run_timeout": "the run's timeout", "flow_timeout": "a sub-flow's timeout", "retry": "a retry's wait"}
-
-
 def parked_lines(result: RunResult) -> list[str]:
     """What the summary of a parked run (``result.parked``) says under its headline (markup): a line per wait —
     what it waits for, until when, and the ``flowdsl resume`` command that goes on with it —, the next timer due when
-    it is none of the waits' (a retry's wait, the run's timeout), and the command that cancels the run instead."""
+    it is none of the waits' (a retry's backoff, the run's timeout), and the command that cancels the run instead."""
     parked = result.parked or {}
     resume = resume_command(result)
     lines = ["its waits, and how to go on with each:"]
@@ -298,8 +294,9 @@ def parked_lines(result: RunResult) -> list[str]:
         lines.append(f"  … and {len(waits) - SHOWN_WAITS} more waits (`--format json` lists them all)")
     due = parked.get("due_at")
     if due is not None and due not in dues:
-        purposes = {str(t.get("purpose")) for t in (result.state.get("timers") or {}).values()}
-        what = " or ".join(_TIMERS[p] for p in _TIMERS if p in purposes) or "a timer"
+        others = sorted({timer_said(t) for t in (result.state.get("timers") or {}).values()
+                         if t.get("purpose") not in ("wait", "wait_timeout")})  # (the waits' are said above)
+        what = " or ".join(others) or "a timer"
         lines.append(f"  next due: {what}, {at_text(due)} — `{_esc(resume)}` fires it once it is due")
     lines.append(f"[dim]or `{_esc(resume)} --cancel` cancels the run (what completed is undone)[/]")
     return lines

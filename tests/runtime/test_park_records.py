@@ -117,8 +117,8 @@ def test_the_summary_names_the_next_timer_when_it_is_none_of_the_waits(tmp_path:
     assert result.steps["a"]["status"] == "retrying" and due is not None
     shown = said(cli("show", "p1", "--runs-dir", str(runs)).stdout)
     assert f"paid: signal 'paid', no deadline — `flowdsl resume p1 --runs-dir {runs} --signal paid=JSON`" in shown
-    assert (f"next due: a retry's wait, {at_text(due)} — `flowdsl resume p1 --runs-dir {runs}` fires it once it is "
-            "due") in shown
+    assert (f"next due: the retry backoff of step 'a', {at_text(due)} — `flowdsl resume p1 --runs-dir {runs}` "
+            "fires it once it is due") in shown
 
 
 def test_prune_keeps_a_parked_record_whatever_status_says(tmp_path: Path) -> None:
